@@ -1,0 +1,59 @@
+import Metrics
+
+/// The flow's metric handles (contract §6), created once. Label values are fixed words only.
+public struct FlowMetrics: Sendable {
+    let factory: any MetricsFactory
+    let tokenRequests: [String: Counter]
+    let triggerAttempts: [String: Counter]
+    public let triggerRetries: Counter
+    public let roundTrip: Metrics.Timer
+    public let callerWait: Metrics.Timer
+    public let coalescedWaiters: Counter
+    public let tokensReceivedSolicited: Counter
+    public let tokensReceivedPushed: Counter
+    public let leasesHeld: Meter
+
+    public init(factory: any MetricsFactory) {
+        self.factory = factory
+        var requests: [String: Counter] = [:]
+        for source in ["cache", "trigger", "push", "none"] {
+            for outcome in FlowMetrics.outcomes {
+                requests["\(source)|\(outcome)"] = Counter(
+                    label: "token_gateway_token_requests_total", dimensions: [("source", source), ("outcome", outcome)],
+                    factory: factory)
+            }
+        }
+        self.tokenRequests = requests
+        var attempts: [String: Counter] = [:]
+        for outcome in ["success", "http_error", "transport_error", "timeout", "no_delivery"] {
+            attempts[outcome] = Counter(
+                label: "token_gateway_trigger_attempts_total", dimensions: [("outcome", outcome)], factory: factory)
+        }
+        self.triggerAttempts = attempts
+        self.triggerRetries = Counter(label: "token_gateway_trigger_retries_total", factory: factory)
+        self.roundTrip = Metrics.Timer(label: "token_gateway_trigger_round_trip_seconds", factory: factory)
+        self.callerWait = Metrics.Timer(label: "token_gateway_caller_wait_seconds", factory: factory)
+        self.coalescedWaiters = Counter(label: "token_gateway_coalesced_waiters_total", factory: factory)
+        self.tokensReceivedSolicited = Counter(
+            label: "token_gateway_tokens_received_total", dimensions: [("kind", "solicited")], factory: factory)
+        self.tokensReceivedPushed = Counter(
+            label: "token_gateway_tokens_received_total", dimensions: [("kind", "pushed")], factory: factory)
+        self.leasesHeld = Meter(label: "token_gateway_leases_held", factory: factory)
+    }
+
+    /// Outcome words of `token_gateway_token_requests_total`: `success` or a contract error code.
+    static let outcomes = [
+        "success", "installation_not_found", "installation_uninstalled", "no_trigger_url", "token_timeout",
+        "trigger_failed", "circuit_open", "store_unavailable", "cancelled", "shutting_down",
+    ]
+
+    /// Counts one answered token request.
+    public func countTokenRequest(source: TokenSource?, outcome: String) {
+        self.tokenRequests["\(source?.rawValue ?? "none")|\(outcome)"]?.increment()
+    }
+
+    func countAttempt(outcome: String, isRetry: Bool) {
+        self.triggerAttempts[outcome]?.increment()
+        if isRetry { self.triggerRetries.increment() }
+    }
+}

@@ -1,0 +1,433 @@
+import Logging
+import ServiceLifecycle
+import Synchronization
+
+/// Runs the per-installation ``TokenFlowStateMachine``s: the synchronous "get token" facade.
+///
+/// A lock guards the machines, the waiting callers' continuations and the timers; actions are
+/// performed after the lock is released, and their results come back as events. Concurrent
+/// callers for one installation share one round trip; the lease in Redis makes that one round
+/// trip across every process sharing the store. Runs as a `Service`: it listens for the
+/// notifications other processes publish and, on shutdown, answers waiting callers and releases
+/// its leases.
+public final class TokenFlow: Sendable, Service {
+    /// Options of one token request.
+    public struct Request: Sendable {
+        public var minValidity: Int64
+        public var timeout: Duration
+        public var forceRefresh: Bool
+        public init(minValidity: Int64 = 300, timeout: Duration = .seconds(10), forceRefresh: Bool = false) {
+            self.minValidity = minValidity
+            self.timeout = timeout
+            self.forceRefresh = forceRefresh
+        }
+    }
+
+    struct TimerKey: Hashable {
+        var installation: InstallationID
+        var timer: TimerID
+    }
+
+    struct State: ~Copyable {
+        var machines: [InstallationID: TokenFlowStateMachine] = [:]
+        var waiters: [WaiterID: CheckedContinuation<TokenAnswer, any Error>] = [:]
+        var waiterBaseURL: [WaiterID: String] = [:]
+        var timers: [TimerKey: Task<Void, Never>] = [:]
+        var memory: [InstallationID: AccessToken] = [:]
+        var baseURLs: [InstallationID: String] = [:]
+        var nextWaiter: UInt64 = 0
+        var nextTimerBase: UInt64 = 0
+        var leasesHeld: [InstallationID: String] = [:]
+        var shuttingDown = false
+    }
+
+    public let configuration: TokenFlowConfiguration
+    let store: GatewayStore
+    let trigger: any TriggerSender
+    let metrics: FlowMetrics
+    let logger: Logger
+    let now: @Sendable () -> FlowTime
+    /// This process's id, recorded as the owner of pending requests.
+    public let replicaID: String
+    private let state = Mutex(State())
+
+    public init(
+        configuration: TokenFlowConfiguration,
+        store: GatewayStore,
+        trigger: any TriggerSender,
+        metrics: FlowMetrics,
+        logger: Logger,
+        replicaID: String,
+        now: @escaping @Sendable () -> FlowTime = { FlowTime.now() }
+    ) {
+        self.configuration = configuration
+        self.store = store
+        self.trigger = trigger
+        self.metrics = metrics
+        self.logger = logger
+        self.replicaID = replicaID
+        self.now = now
+    }
+
+    // MARK: - The facade
+
+    /// A token for `installation` valid for at least `request.minValidity` seconds, from memory,
+    /// the store, or one (coalesced) auth-trigger round trip within `request.timeout`.
+    public func token(for installation: InstallationID, request: Request) async throws(FlowError) -> TokenAnswer {
+        let start = self.now()
+        let deadline = start + request.timeout
+        do {
+            let answer = try await self.resolve(installation, request: request, start: start, deadline: deadline)
+            self.metrics.countTokenRequest(source: answer.source, outcome: "success")
+            self.metrics.callerWait.recordNanoseconds((self.now() - start).nanoseconds)
+            return answer
+        } catch {
+            self.metrics.countTokenRequest(source: nil, outcome: error.code.rawValue)
+            self.metrics.callerWait.recordNanoseconds((self.now() - start).nanoseconds)
+            throw error
+        }
+    }
+
+    private func resolve(_ id: InstallationID, request: Request, start: FlowTime, deadline: FlowTime)
+        async throws(FlowError) -> TokenAnswer
+    {
+        let nowSeconds = start.unixSeconds
+        let (remembered, rememberedBaseURL) = self.state.withLock { ($0.memory[id], $0.baseURLs[id]) }
+        if !request.forceRefresh, let t = remembered, t.expiresAt >= nowSeconds + request.minValidity {
+            return TokenAnswer(token: t, source: .cache, apiBaseUrl: rememberedBaseURL)
+        }
+        let snapshot: GatewayStore.RequestSnapshot
+        do {
+            snapshot = try await self.store.snapshot(id, timeout: min(deadline - start, .seconds(2)))
+        } catch {
+            // Redis is unreachable: a still-valid token held in memory is served.
+            if let t = remembered, t.expiresAt > self.now().unixSeconds {
+                return TokenAnswer(token: t, source: .cache, apiBaseUrl: rememberedBaseURL)
+            }
+            self.logger.warning(
+                "store unavailable for token request", metadata: ["installation.id": "\(id)", "error": "\(error)"])
+            throw .storeUnavailable
+        }
+        guard snapshot.exists else { throw .installationNotFound }
+        guard snapshot.status == .active else {
+            self.forget(id)
+            throw .installationUninstalled
+        }
+        let baseURL = snapshot.apiBaseUrl
+        if let baseURL { self.state.withLock { $0.baseURLs[id] = baseURL } }
+        if let t = snapshot.token {
+            self.remember(id, t)
+            if !request.forceRefresh, t.expiresAt >= nowSeconds + request.minValidity {
+                return TokenAnswer(token: t, source: .cache, apiBaseUrl: baseURL)
+            }
+        }
+        guard snapshot.triggerRegistered else {
+            if !request.forceRefresh, let t = snapshot.token, t.expiresAt > nowSeconds {
+                return TokenAnswer(token: t, source: .cache, apiBaseUrl: baseURL)
+            }
+            throw .noTriggerURL
+        }
+        do {
+            return try await self.wait(
+                for: id, request: request, knownExpiry: snapshot.token?.expiresAt ?? 0, deadline: deadline,
+                apiBaseUrl: baseURL)
+        } catch let error as FlowError {
+            throw error
+        } catch {
+            throw .cancelled
+        }
+    }
+
+    private func wait(
+        for id: InstallationID, request: Request, knownExpiry: Int64, deadline: FlowTime, apiBaseUrl: String?
+    ) async throws -> TokenAnswer
+    {
+        let waiter = self.state.withLock { s -> WaiterID in
+            s.nextWaiter += 1
+            return WaiterID(s.nextWaiter)
+        }
+        return try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<TokenAnswer, any Error>) in
+                let now = self.now()
+                let requestID = Self.makeRequestID()
+                let (actions, coalesced, refused) = self.state.withLock {
+                    s -> ([FlowAction], Bool, Bool) in
+                    if s.shuttingDown { return ([], false, true) }
+                    s.waiters[waiter] = continuation
+                    if let apiBaseUrl { s.waiterBaseURL[waiter] = apiBaseUrl }
+                    var machine = s.machines[id] ?? self.makeMachine(&s)
+                    let wasActive = machine.isActive
+                    let actions = machine.tokenWasRequested(
+                        waiter: waiter, minValidity: request.minValidity, knownExpiry: knownExpiry,
+                        forced: request.forceRefresh, deadline: deadline, requestID: requestID, now: now)
+                    s.machines[id] = machine
+                    return (actions, wasActive, false)
+                }
+                if refused {
+                    continuation.resume(throwing: FlowError.shuttingDown)
+                    return
+                }
+                if coalesced { self.metrics.coalescedWaiters.increment() }
+                self.perform(actions, for: id)
+            }
+        } onCancel: {
+            self.handle(id) { $0.waiterCancelled(waiter, now: self.now()) }
+        }
+    }
+
+    private func makeMachine(_ s: inout State) -> TokenFlowStateMachine {
+        s.nextTimerBase += 1 << 32
+        return TokenFlowStateMachine(configuration: self.configuration, firstTimerID: s.nextTimerBase)
+    }
+
+    static func makeRequestID() -> String {
+        var g = SystemRandomNumberGenerator()
+        let a = g.next() as UInt64
+        let b = g.next() as UInt64
+        return "rq_" + String(a, radix: 36) + String(b, radix: 36)
+    }
+
+    // MARK: - Inputs from the rest of the gateway
+
+    /// A token was delivered to this process (auth-trigger route) and stored. Answers local waiters.
+    public func tokenDelivered(_ id: InstallationID, token: AccessToken, solicitedBy: String?) {
+        self.remember(id, token)
+        self.handle(id) { $0.tokenObserved(token, solicitedBy: solicitedBy, now: self.now()) }
+    }
+
+    /// The installation was uninstalled: forget its token and fail its waiters with 410.
+    public func installationUninstalled(_ id: InstallationID) {
+        self.forget(id)
+        self.handle(id) { $0.installationUninstalled(now: self.now()) }
+    }
+
+    /// The token this process holds in memory for `id`, if any.
+    public func rememberedToken(_ id: InstallationID) -> AccessToken? {
+        self.state.withLock { $0.memory[id] }
+    }
+
+    func remember(_ id: InstallationID, _ token: AccessToken) {
+        self.state.withLock { s in
+            if let current = s.memory[id], current.expiresAt >= token.expiresAt { return }
+            s.memory[id] = token
+        }
+    }
+
+    func forget(_ id: InstallationID) {
+        self.state.withLock {
+            $0.memory[id] = nil
+            $0.baseURLs[id] = nil
+        }
+    }
+
+    // MARK: - Running actions
+
+    /// Feeds one event to the installation's machine (if it exists) and runs the resulting actions.
+    func handle(_ id: InstallationID, _ event: (inout TokenFlowStateMachine) -> [FlowAction]) {
+        let actions = self.state.withLock { s -> [FlowAction] in
+            guard var machine = s.machines[id] else { return [] }
+            let actions = event(&machine)
+            if machine.isActive {
+                s.machines[id] = machine
+            } else {
+                s.machines[id] = nil
+            }
+            return actions
+        }
+        self.perform(actions, for: id)
+    }
+
+    func perform(_ actions: [FlowAction], for id: InstallationID) {
+        for action in actions {
+            switch action {
+            case .acquireLease(let requestID, let ttl):
+                Task { await self.acquireLease(id, requestID: requestID, ttl: ttl) }
+            case .extendLease(let requestID, let ttl):
+                Task { _ = try? await self.store.extendLease(id, owner: requestID, ttl: ttl) }
+            case .releaseLease(let requestID):
+                let held = self.state.withLock { s -> Bool in
+                    guard s.leasesHeld[id] == requestID else { return false }
+                    s.leasesHeld[id] = nil
+                    return true
+                }
+                if held {
+                    self.metrics.leasesHeld.decrement()
+                    Task { _ = try? await self.store.releaseLease(id, owner: requestID) }
+                }
+            case .sendTrigger(let requestID, let attempt, let expiresAt, let timeout):
+                Task { await self.sendTrigger(id, requestID: requestID, attempt: attempt, expiresAt: expiresAt, timeout: timeout) }
+            case .readStore(let requestID):
+                Task { await self.readStore(id, requestID: requestID) }
+            case .scheduleTimer(let timer, let deadline):
+                self.schedule(timer, for: id, at: deadline)
+            case .cancelTimer(let timer):
+                let task = self.state.withLock { $0.timers.removeValue(forKey: TimerKey(installation: id, timer: timer)) }
+                task?.cancel()
+            case .succeed(let waiters, let token, let source):
+                for (continuation, baseURL) in self.takeWaiters(waiters) {
+                    continuation.resume(returning: TokenAnswer(token: token, source: source, apiBaseUrl: baseURL))
+                }
+            case .fail(let waiters, let error):
+                for (continuation, _) in self.takeWaiters(waiters) {
+                    continuation.resume(throwing: error)
+                }
+            case .recordAttempt(let outcome, let isRetry):
+                self.metrics.countAttempt(outcome: outcome, isRetry: isRetry)
+                if outcome != "success" {
+                    self.logger.notice(
+                        "trigger attempt failed",
+                        metadata: ["installation.id": "\(id)", "trigger.outcome": "\(outcome)"])
+                }
+            }
+        }
+    }
+
+    private func takeWaiters(_ ids: [WaiterID]) -> [(CheckedContinuation<TokenAnswer, any Error>, String?)] {
+        self.state.withLock { s in
+            ids.compactMap { id in
+                guard let c = s.waiters.removeValue(forKey: id) else { return nil }
+                return (c, s.waiterBaseURL.removeValue(forKey: id))
+            }
+        }
+    }
+
+    private func schedule(_ timer: TimerID, for id: InstallationID, at deadline: FlowTime) {
+        let key = TimerKey(installation: id, timer: timer)
+        let delay = deadline - self.now()
+        let task = Task {
+            if delay > .zero {
+                do { try await Task.sleep(for: delay) } catch { return }
+            }
+            let current = self.state.withLock { $0.timers.removeValue(forKey: key) != nil }
+            guard current else { return }
+            self.handle(id) { $0.timerFired(timer, now: self.now(), jitter: Double.random(in: 0...1)) }
+        }
+        self.state.withLock { $0.timers[key] = task }
+    }
+
+    private func acquireLease(_ id: InstallationID, requestID: String, ttl: Duration) async {
+        do {
+            let won = try await self.store.acquireLease(id, owner: requestID, ttl: ttl)
+            if won {
+                try await self.store.putPending(id, requestID: requestID, owner: self.replicaID, ttl: ttl)
+                self.state.withLock { $0.leasesHeld[id] = requestID }
+                self.metrics.leasesHeld.increment()
+                self.handle(id) { $0.leaseAcquired(requestID: requestID, now: self.now()) }
+            } else {
+                self.handle(id) { $0.leaseDenied(requestID: requestID, now: self.now()) }
+            }
+        } catch {
+            self.logger.warning(
+                "store unavailable while taking the lease", metadata: ["installation.id": "\(id)", "error": "\(error)"])
+            self.handle(id) { $0.storeFailed(requestID: requestID, now: self.now()) }
+        }
+    }
+
+    private func sendTrigger(_ id: InstallationID, requestID: String, attempt: Int, expiresAt: FlowTime, timeout: Duration)
+        async
+    {
+        let started = self.now()
+        self.logger.debug(
+            "sending auth trigger",
+            metadata: ["installation.id": "\(id)", "request.id": "\(requestID)", "trigger.attempt": "\(attempt)"])
+        let result = await self.trigger.sendTrigger(
+            installation: id, requestID: requestID, attempt: attempt, issuedAt: started, expiresAt: expiresAt,
+            timeout: timeout)
+        let now = self.now()
+        switch result {
+        case .accepted:
+            self.metrics.roundTrip.recordNanoseconds((now - started).nanoseconds)
+            self.handle(id) { $0.triggerSucceeded(requestID: requestID, attempt: attempt, now: now) }
+        case .failed(let failure):
+            self.handle(id) {
+                $0.triggerFailed(
+                    requestID: requestID, attempt: attempt, failure: failure, now: now, jitter: Double.random(in: 0...1))
+            }
+        }
+    }
+
+    private func readStore(_ id: InstallationID, requestID: String) async {
+        do {
+            if let token = try await self.store.systemToken(id) {
+                self.remember(id, token)
+                let solicited = token.requestID == requestID ? requestID : nil
+                self.handle(id) { $0.tokenObserved(token, solicitedBy: solicited, now: self.now()) }
+            } else {
+                self.handle(id) { $0.storeReadEmpty(requestID: requestID, now: self.now()) }
+            }
+        } catch {
+            self.handle(id) { $0.storeFailed(requestID: requestID, now: self.now()) }
+        }
+    }
+
+    // MARK: - Service
+
+    /// Listens for the notifications of every process (token stored, installation uninstalled)
+    /// until graceful shutdown; then fails waiting callers that are still waiting and releases leases.
+    public func run() async throws {
+        let events = self.store.redis.subscribe(channels: [self.store.channel])
+        await withGracefulShutdownHandler {
+            await cancelWhenGracefulShutdown {
+                for await event in events {
+                    await self.handleNotification(event)
+                }
+            }
+        } onGracefulShutdown: {
+            self.logger.info("token flow draining")
+        }
+        await self.shutdown()
+    }
+
+    func handleNotification(_ event: RedisPubSubEvent) async {
+        switch event {
+        case .subscribed:
+            // Messages may have been lost while reconnecting: re-read the store for every round in flight.
+            let active = self.state.withLock { s in
+                s.machines.compactMap { entry in entry.value.currentRequestID.map { (entry.key, $0) } }
+            }
+            for (id, rid) in active { await self.readStore(id, requestID: rid) }
+        case .message(_, let payload):
+            let parts = payload.split(separator: " ", omittingEmptySubsequences: true)
+            guard parts.count >= 2, let id = InstallationID(String(parts[1])) else { return }
+            switch parts[0] {
+            case "token":
+                let solicited = parts.count > 2 && parts[2] != "-" ? String(parts[2]) : nil
+                let interested = self.state.withLock { $0.machines[id] != nil || $0.memory[id] != nil }
+                guard interested else { return }
+                do {
+                    if let token = try await self.store.systemToken(id) {
+                        self.remember(id, token)
+                        self.handle(id) { $0.tokenObserved(token, solicitedBy: solicited, now: self.now()) }
+                    }
+                } catch {
+                    // The polling fallback will pick it up.
+                }
+            case "uninstalled":
+                self.installationUninstalled(id)
+            default:
+                return
+            }
+        }
+    }
+
+    /// Fails every caller still waiting, cancels timers and releases the leases this process holds.
+    public func shutdown() async {
+        let (ids, held) = self.state.withLock { s -> ([InstallationID], [InstallationID: String]) in
+            s.shuttingDown = true
+            let held = s.leasesHeld
+            s.leasesHeld.removeAll()
+            return (Array(s.machines.keys), held)
+        }
+        for id in ids { self.handle(id) { $0.shutdownRequested(now: self.now()) } }
+        for (id, requestID) in held {
+            self.metrics.leasesHeld.decrement()
+            _ = try? await self.store.releaseLease(id, owner: requestID)
+        }
+        let timers = self.state.withLock { s -> [Task<Void, Never>] in
+            let t = Array(s.timers.values)
+            s.timers.removeAll()
+            return t
+        }
+        for t in timers { t.cancel() }
+    }
+}

@@ -1,0 +1,47 @@
+/// An access token as the gateway holds it: the opaque value and its expiry.
+///
+/// `description` never shows the value.
+public struct AccessToken: Hashable, Sendable, CustomStringConvertible, CustomDebugStringConvertible {
+    /// The token itself. A secret: never log it.
+    public let value: String
+    /// Unix seconds of the token's `exp` claim.
+    public let expiresAt: Int64
+    /// The trigger request id whose delivery stored this token, or nil for a push.
+    public let requestID: String?
+
+    public init(value: String, expiresAt: Int64, requestID: String? = nil) {
+        self.value = value
+        self.expiresAt = expiresAt
+        self.requestID = requestID
+    }
+
+    /// Seconds of validity left at `now` (negative when expired).
+    public func secondsLeft(at now: FlowTime) -> Int64 { self.expiresAt - now.unixSeconds }
+
+    public var description: String { "AccessToken(expiresAt: \(self.expiresAt), redacted)" }
+    public var debugDescription: String { self.description }
+}
+
+/// Where a token handed to a caller came from (contract §2 `source`).
+public enum TokenSource: String, Sendable, Hashable {
+    /// Served from the store or memory.
+    case cache
+    /// The request waited for an auth-trigger round trip and its delivery arrived.
+    case trigger
+    /// A delivery without the round trip's request id arrived while the request waited.
+    case push
+}
+
+/// A token answer for one caller.
+public struct TokenAnswer: Sendable, Hashable {
+    public let token: AccessToken
+    public let source: TokenSource
+    /// The installation's `apiBaseUrl`, when known.
+    public let apiBaseUrl: String?
+
+    public init(token: AccessToken, source: TokenSource, apiBaseUrl: String? = nil) {
+        self.token = token
+        self.source = source
+        self.apiBaseUrl = apiBaseUrl
+    }
+}

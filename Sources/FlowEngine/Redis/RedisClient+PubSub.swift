@@ -1,0 +1,235 @@
+import Logging
+import NIOCore
+import ServiceLifecycle
+import Synchronization
+
+/// An event on a subscription stream.
+public enum RedisPubSubEvent: Sendable, Hashable {
+    /// A message published to one of the subscribed channels.
+    case message(channel: String, payload: String)
+    /// The subscription is (again) in place: sent after the first `SUBSCRIBE` and after every reconnect. Messages
+    /// published while the subscriber was disconnected are lost, so re-read any state they would have announced.
+    case subscribed
+}
+
+extension RedisClient {
+    /// Subscribes to `channels` on a dedicated connection that ``run()`` keeps alive for the client's lifetime:
+    /// it is re-established with backoff after a loss, re-subscribes, and then yields
+    /// ``RedisPubSubEvent/subscribed`` again.
+    ///
+    /// Events flow only while ``run()`` runs. The stream ends on shutdown (or immediately if the client is already
+    /// shut down); ending its iteration closes the subscription. It buffers the newest 10 000 events: a consumer
+    /// that falls further behind loses the oldest messages, like any Pub/Sub subscriber.
+    public func subscribe(channels: [String]) -> AsyncStream<RedisPubSubEvent> {
+        let (stream, continuation) = AsyncStream.makeStream(
+            of: RedisPubSubEvent.self,
+            bufferingPolicy: .bufferingNewest(10_000)
+        )
+        guard !channels.isEmpty else {
+            continuation.finish()
+            return stream
+        }
+        let subscription = self.state.withLock { state -> RedisSubscription? in
+            guard !state.isShutDown else {
+                return nil
+            }
+            let subscription = RedisSubscription(
+                id: state.nextSubscriptionID,
+                channels: channels,
+                continuation: continuation
+            )
+            state.nextSubscriptionID += 1
+            state.subscriptions[subscription.id] = subscription
+            return subscription
+        }
+        guard let subscription else {
+            continuation.finish()
+            return stream
+        }
+        continuation.onTermination = { [weak self] _ in
+            subscription.terminate()
+            self?.state.withLock { state in
+                _ = state.subscriptions.removeValue(forKey: subscription.id)
+            }
+        }
+        self.registrations.yield(subscription)
+        return stream
+    }
+
+    /// Maintains the subscriptions until graceful shutdown or cancellation, then closes every connection
+    /// (``shutdown()``). Call it once.
+    public func run() async throws {
+        let registrations = self.state.withLock { state in
+            let stream = state.registrationStream
+            state.registrationStream = nil
+            return stream
+        }
+        guard let registrations else {
+            preconditionFailure("RedisClient.run() must be called only once")
+        }
+        await withGracefulShutdownHandler {
+            await withDiscardingTaskGroup { group in
+                for await subscription in registrations {
+                    group.addTask {
+                        await self.maintain(subscription)
+                    }
+                }
+                // Shutdown or cancellation: stop every subscription.
+                group.cancelAll()
+            }
+        } onGracefulShutdown: {
+            self.registrations.finish()
+        }
+        await self.shutdown()
+    }
+
+    /// Keeps one subscription connected until it is terminated or the task is cancelled.
+    private func maintain(_ subscription: RedisSubscription) async {
+        defer { subscription.terminate() }
+        var logger = self.logger
+        logger[metadataKey: "redis.subscription"] = "\(subscription.id)"
+        var failures = 0
+        while !Task.isCancelled, !subscription.isTerminated {
+            do {
+                let connection = try await self.connector.connect(
+                    on: self.eventLoopGroup.next(),
+                    pushHandler: { event in subscription.continuation.yield(event) }
+                )
+                failures = 0
+                guard subscription.attach(connection) else {
+                    connection.close()
+                    return
+                }
+                defer { subscription.detach(connection) }
+                try await self.subscribeAndWatch(connection, subscription: subscription, logger: logger)
+                if !subscription.isTerminated, !Task.isCancelled {
+                    logger.notice("Redis subscription connection down", metadata: ["redis.address": "\(connection.address)"])
+                }
+            } catch is CancellationError {
+                return
+            } catch {
+                failures += 1
+                let level: Logger.Level = failures == 1 ? .warning : .debug
+                logger.log(level: level, "Redis subscription failed", metadata: ["redis.error": "\(error)"])
+            }
+            guard !Task.isCancelled, !subscription.isTerminated else {
+                return
+            }
+            let delay = RedisBackoff.delay(
+                afterFailures: max(failures, 1),
+                base: self.configuration.reconnectBackoffBase,
+                cap: self.configuration.reconnectBackoffCap,
+                jitter: Double.random(in: 0...1)
+            )
+            do {
+                try await Task.sleep(for: delay)
+            } catch {
+                return
+            }
+        }
+    }
+
+    /// Subscribes and then waits until the connection closes, checking it with `PING` now and then.
+    private func subscribeAndWatch(
+        _ connection: RedisConnection,
+        subscription: RedisSubscription,
+        logger: Logger
+    ) async throws {
+        defer { connection.close() }
+        var payload = connection.channel.allocator.buffer(capacity: 64)
+        RedisCommandEncoder.encode(["SUBSCRIBE"] + subscription.channels, into: &payload)
+        let confirmations = try await connection.send(
+            payload,
+            replyCount: subscription.channels.count,
+            deadline: .now() + TimeAmount(self.configuration.commandTimeout),
+            onSuccess: { replies in
+                // On the event loop, before any message that follows the confirmations is pushed.
+                if replies.allSatisfy(Self.isSubscribeConfirmation) {
+                    subscription.continuation.yield(.subscribed)
+                }
+            }
+        ).awaitRedisResult()
+        if let rejection = confirmations.first(where: { !Self.isSubscribeConfirmation($0) }) {
+            if case .error(let message) = rejection {
+                throw RedisError.server(message)
+            }
+            throw RedisError.protocolError
+        }
+        logger.info(
+            "Redis subscription up",
+            metadata: ["redis.address": "\(connection.address)", "redis.channels": "\(subscription.channels.count)"]
+        )
+
+        let commandTimeout = self.configuration.commandTimeout
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask {
+                await withTaskCancellationHandler {
+                    try? await connection.closeFuture.get()
+                } onCancel: {
+                    connection.close()
+                }
+            }
+            group.addTask {
+                while true {
+                    try await Task.sleep(for: Self.pubSubHealthCheckInterval)
+                    _ = try await connection.send([["PING"]], deadline: .now() + TimeAmount(commandTimeout))
+                }
+            }
+            // Whichever ends first (the connection closed, or a health check failed) ends both.
+            defer { group.cancelAll() }
+            try await group.next()
+        }
+    }
+
+    private static func isSubscribeConfirmation(_ reply: RedisValue) -> Bool {
+        reply.array?.first?.string == "subscribe"
+    }
+}
+
+/// One `subscribe(channels:)` call: its stream and the connection currently serving it.
+final class RedisSubscription: Sendable {
+    let id: Int
+    let channels: [String]
+    let continuation: AsyncStream<RedisPubSubEvent>.Continuation
+    private let state = Mutex<(isTerminated: Bool, connection: RedisConnection?)>((false, nil))
+
+    init(id: Int, channels: [String], continuation: AsyncStream<RedisPubSubEvent>.Continuation) {
+        self.id = id
+        self.channels = channels
+        self.continuation = continuation
+    }
+
+    var isTerminated: Bool {
+        self.state.withLock { $0.isTerminated }
+    }
+
+    /// Records the serving connection; `false` if the subscription ended meanwhile.
+    func attach(_ connection: RedisConnection) -> Bool {
+        self.state.withLock { state in
+            guard !state.isTerminated else {
+                return false
+            }
+            state.connection = connection
+            return true
+        }
+    }
+
+    func detach(_ connection: RedisConnection) {
+        self.state.withLock { state in
+            if state.connection === connection {
+                state.connection = nil
+            }
+        }
+    }
+
+    /// Ends the subscription: closes its connection and finishes its stream. Idempotent.
+    func terminate() {
+        let connection = self.state.withLock { state -> RedisConnection? in
+            state.isTerminated = true
+            defer { state.connection = nil }
+            return state.connection
+        }
+        connection?.close()
+        self.continuation.finish()
+    }
+}

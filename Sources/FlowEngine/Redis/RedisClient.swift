@@ -1,0 +1,195 @@
+import Logging
+import Metrics
+import NIOCore
+import NIOPosix
+import ServiceLifecycle
+import Synchronization
+
+/// A Redis client: a pool of pipelined connections for commands, plus dedicated connections for Pub/Sub.
+///
+/// hiredis formats commands and parses replies; SwiftNIO does the I/O. Connections are opened lazily, reconnect
+/// with capped exponential backoff, and every call finishes within its timeout. With a Sentinel endpoint the
+/// client asks the sentinels for the primary on every (re)connect and follows a failover.
+///
+/// Run it as a `Service` (in a `ServiceGroup`, listed before the services that use it so it shuts down after
+/// them): ``run()`` maintains the Pub/Sub subscriptions and closes everything on graceful shutdown. Commands work
+/// without ``run()``; subscriptions need it.
+public final class RedisClient: Sendable, Service {
+    /// How often a subscriber connection is checked with `PING` (an idle half-open TCP connection is otherwise
+    /// never noticed, and its messages silently lost).
+    static let pubSubHealthCheckInterval: Duration = .seconds(5)
+
+    let configuration: RedisConfiguration
+    let logger: Logger
+    let eventLoopGroup: any EventLoopGroup
+    let connector: RedisConnector
+    private let pool: RedisConnectionPool
+    private let availability: Availability
+    private let storeErrors: Counter
+    let state: Mutex<State>
+    /// New subscriptions for ``run()`` to maintain.
+    let registrations: AsyncStream<RedisSubscription>.Continuation
+
+    struct State {
+        var isShutDown = false
+        /// Taken by the first ``run()``.
+        var registrationStream: AsyncStream<RedisSubscription>?
+        var subscriptions: [Int: RedisSubscription] = [:]
+        var nextSubscriptionID = 0
+    }
+
+    /// Whether the last command or connect attempt reached Redis.
+    private final class Availability: Sendable {
+        let isAvailable = Atomic<Bool>(false)
+    }
+
+    /// Creates a client; nothing connects until the first command.
+    ///
+    /// - Parameters:
+    ///   - configuration: endpoint, credentials, pool and timeouts.
+    ///   - eventLoopGroup: where the connections live.
+    ///   - logger: used for connection up/down and failures; its metadata gains `redis.endpoint`.
+    public init(
+        configuration: RedisConfiguration,
+        eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+        logger: Logger
+    ) {
+        var logger = logger
+        logger[metadataKey: "redis.endpoint"] = "\(configuration.endpoint)"
+        let availability = Availability()
+        let connector = RedisConnector(configuration: configuration, logger: logger)
+        self.configuration = configuration
+        self.logger = logger
+        self.eventLoopGroup = eventLoopGroup
+        self.connector = connector
+        self.availability = availability
+        self.pool = RedisConnectionPool(
+            configuration: configuration,
+            eventLoopGroup: eventLoopGroup,
+            logger: logger,
+            connector: { eventLoop in try await connector.connect(on: eventLoop) },
+            connectionStateChanged: { isUp in availability.isAvailable.store(isUp, ordering: .relaxed) }
+        )
+        self.storeErrors = Counter(label: "token_gateway_store_errors_total")
+        let (stream, continuation) = AsyncStream.makeStream(of: RedisSubscription.self)
+        self.registrations = continuation
+        self.state = Mutex(State(registrationStream: stream))
+    }
+
+    /// `true` when the last command or connect attempt reached Redis. Cheap: no I/O.
+    public var isAvailable: Bool {
+        self.availability.isAvailable.load(ordering: .relaxed)
+    }
+
+    /// Sends one command (`["SET", key, value]`) on a pooled connection and returns the reply.
+    ///
+    /// - Parameter timeout: the whole call, connecting included; default ``RedisConfiguration/commandTimeout``.
+    /// - Throws: ``RedisError/server(_:)`` for an error reply, ``RedisError/unavailable``,
+    ///   ``RedisError/timeout``, ``RedisError/protocolError``, ``RedisError/invalidCommand`` (empty command),
+    ///   or `CancellationError`.
+    public func send(_ command: [String], timeout: Duration? = nil) async throws -> RedisValue {
+        try await self.send(command, deadline: self.deadline(timeout))
+    }
+
+    /// Sends several commands pipelined on one connection; the replies come back in order. Error replies are
+    /// returned as ``RedisValue/error(_:)``, not thrown. The commands are not a transaction: wrap them in
+    /// `MULTI`/`EXEC` for that.
+    ///
+    /// - Throws: ``RedisError/unavailable``, ``RedisError/timeout``, ``RedisError/protocolError``,
+    ///   ``RedisError/invalidCommand``, or `CancellationError`.
+    public func pipeline(_ commands: [[String]], timeout: Duration? = nil) async throws -> [RedisValue] {
+        try await self.execute(commands, deadline: self.deadline(timeout))
+    }
+
+    /// Runs the script with `EVALSHA`, and with `EVAL` (which also caches it in Redis) when Redis answers
+    /// `NOSCRIPT`. Both attempts share one timeout.
+    ///
+    /// - Throws: as ``send(_:timeout:)``; a script error is ``RedisError/server(_:)``.
+    public func eval(
+        _ script: RedisScript,
+        keys: [String],
+        arguments: [String],
+        timeout: Duration? = nil
+    ) async throws -> RedisValue {
+        let deadline = self.deadline(timeout)
+        let parameters = [String(keys.count)] + keys + arguments
+        do {
+            return try await self.send(["EVALSHA", script.sha1] + parameters, deadline: deadline)
+        } catch let error as RedisError where error.serverErrorPrefix == "NOSCRIPT" {
+            return try await self.send(["EVAL", script.source] + parameters, deadline: deadline)
+        }
+    }
+
+    /// Sends `PING` and checks the answer.
+    ///
+    /// - Throws: as ``send(_:timeout:)``; ``RedisError/protocolError`` if the answer is not `PONG`.
+    public func ping(timeout: Duration? = nil) async throws {
+        let reply = try await self.send(["PING"], timeout: timeout)
+        guard reply.string == "PONG" else {
+            throw RedisError.protocolError
+        }
+    }
+
+    /// Closes every connection and ends every subscription stream. Later commands throw
+    /// ``RedisError/unavailable``. Safe to call more than once.
+    public func shutdown() async {
+        let subscriptions = self.state.withLock { state in
+            state.isShutDown = true
+            let subscriptions = Array(state.subscriptions.values)
+            state.subscriptions.removeAll()
+            return subscriptions
+        }
+        self.registrations.finish()
+        for subscription in subscriptions {
+            subscription.terminate()
+        }
+        await self.pool.shutDown()
+    }
+
+    func send(_ command: [String], deadline: NIODeadline) async throws -> RedisValue {
+        let reply = try await self.execute([command], deadline: deadline)[0]
+        if case .error(let message) = reply {
+            throw RedisError.server(message)
+        }
+        return reply
+    }
+
+    private func execute(_ commands: [[String]], deadline: NIODeadline) async throws -> [RedisValue] {
+        guard !commands.isEmpty else {
+            return []
+        }
+        guard commands.allSatisfy({ !$0.isEmpty }) else {
+            throw RedisError.invalidCommand
+        }
+        do {
+            let connection = try await self.pool.connection(deadline: deadline)
+            let replies = try await connection.send(commands, deadline: deadline)
+            self.availability.isAvailable.store(true, ordering: .relaxed)
+            if case .sentinel = self.configuration.endpoint,
+                replies.contains(where: { RedisError.isReadOnlyReply($0) })
+            {
+                // The node we write to was demoted: reconnect everything, which asks the sentinels again.
+                self.logger.notice("Redis primary became a replica; reconnecting to the new primary")
+                self.pool.closeAllConnections()
+            }
+            return replies
+        } catch let error as RedisError where error == .unavailable || error == .timeout {
+            self.availability.isAvailable.store(false, ordering: .relaxed)
+            self.storeErrors.increment()
+            throw error
+        }
+    }
+
+    private func deadline(_ timeout: Duration?) -> NIODeadline {
+        .now() + TimeAmount(timeout ?? self.configuration.commandTimeout)
+    }
+}
+
+extension RedisError {
+    static func isReadOnlyReply(_ reply: RedisValue) -> Bool {
+        if case .error(let message) = reply {
+            return message.hasPrefix("READONLY")
+        }
+        return false
+    }
+}

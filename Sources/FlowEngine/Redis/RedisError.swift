@@ -1,0 +1,80 @@
+/// An error from ``RedisClient``.
+///
+/// `==` compares the kind of error and, for ``server(_:)``, the error reply's text.
+/// The description never contains command arguments.
+public struct RedisError: Error, Hashable, CustomStringConvertible {
+    private enum Code: Hashable {
+        case unavailable
+        case timeout
+        case server
+        case protocolError
+        case invalidCommand
+    }
+
+    private let code: Code
+
+    /// The text of the error reply (for example `NOSCRIPT No matching script.`) for a ``server(_:)`` error;
+    /// `nil` for every other error.
+    public let serverMessage: String?
+
+    private init(code: Code, serverMessage: String? = nil) {
+        self.code = code
+        self.serverMessage = serverMessage
+    }
+
+    /// Redis cannot be reached: connecting failed, the connection was lost while the command was in flight,
+    /// the connection slot is waiting out its reconnect backoff, or the client was shut down.
+    public static let unavailable = RedisError(code: .unavailable)
+
+    /// No reply arrived within the command timeout (connect time included).
+    public static let timeout = RedisError(code: .timeout)
+
+    /// The server sent bytes that are not valid RESP, or a reply nobody asked for; the connection is closed.
+    public static let protocolError = RedisError(code: .protocolError)
+
+    /// The command was empty (or a pipeline contained an empty command); nothing was sent.
+    public static let invalidCommand = RedisError(code: .invalidCommand)
+
+    /// Redis answered with an error reply (`-ERR …`, `-NOSCRIPT …`, `-READONLY …`).
+    public static func server(_ message: String) -> RedisError {
+        RedisError(code: .server, serverMessage: message)
+    }
+
+    /// `true` when Redis answered with an error reply; the command reached the server.
+    public var isServerError: Bool {
+        self.code == .server
+    }
+
+    /// The first word of a server error reply (`ERR`, `NOSCRIPT`, `READONLY`, `WRONGTYPE`), if any.
+    public var serverErrorPrefix: Substring? {
+        self.serverMessage.map { $0.prefix(while: { $0 != " " }) }
+    }
+
+    public var description: String {
+        switch self.code {
+        case .unavailable:
+            return "Redis is unavailable"
+        case .timeout:
+            return "Redis did not answer in time"
+        case .protocolError:
+            return "Redis sent an invalid or unexpected reply"
+        case .invalidCommand:
+            return "empty Redis command"
+        case .server:
+            return "Redis error reply: \(Self.redacted(self.serverMessage ?? ""))"
+        }
+    }
+
+    /// Redis echoes the arguments of an unknown command (`… with args beginning with: 'a' 'b'`); those are cut off
+    /// so that a value never reaches a log line through this error.
+    private static func redacted(_ message: String) -> String {
+        var text = Substring(message)
+        if let range = text.firstRange(of: ", with args beginning with:") {
+            text = text[..<range.lowerBound]
+        }
+        if text.count > 200 {
+            return text.prefix(200) + "…"
+        }
+        return String(text)
+    }
+}

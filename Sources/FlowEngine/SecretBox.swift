@@ -1,0 +1,9 @@
+/// Encrypts secrets at rest. The gateway's implementation is an AES-GCM key ring; `context`
+/// (the Redis key name, plus `#field` for a hash field) is bound as additional authenticated
+/// data so a blob copied under another key fails to open.
+public protocol SecretBox: Sendable {
+    /// Seals `plaintext`; the result is ASCII and reveals nothing of the plaintext.
+    func seal(_ plaintext: [UInt8], context: String) throws -> String
+    /// Opens a sealed blob; throws when the key is unknown, the blob is corrupt or the context differs.
+    func open(_ sealed: String, context: String) throws -> [UInt8]
+}

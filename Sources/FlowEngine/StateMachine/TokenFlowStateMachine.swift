@@ -1,0 +1,465 @@
+/// Identifies one caller waiting for a token in one process.
+public struct WaiterID: Hashable, Sendable, CustomStringConvertible {
+    public let raw: UInt64
+    public init(_ raw: UInt64) { self.raw = raw }
+    public var description: String { "w\(self.raw)" }
+}
+
+/// Identifies a timer the state machine asked for. A timer whose id is no longer current is ignored.
+public struct TimerID: Hashable, Sendable, CustomStringConvertible {
+    public let raw: UInt64
+    public init(_ raw: UInt64) { self.raw = raw }
+    public var description: String { "t\(self.raw)" }
+}
+
+/// How one trigger attempt failed (the `outcome` label of `token_gateway_trigger_attempts_total`).
+public enum TriggerFailure: String, Sendable, Hashable {
+    /// The trigger answered non-2xx.
+    case httpError = "http_error"
+    /// Connecting or sending failed.
+    case transportError = "transport_error"
+    /// The trigger did not answer within the attempt timeout.
+    case timeout = "timeout"
+    /// The trigger answered 2xx but no token arrived within the delivery grace.
+    case noDelivery = "no_delivery"
+}
+
+/// Settings of the token flow. Every default is documented in `Docs/operations.md`.
+public struct TokenFlowConfiguration: Sendable, Hashable {
+    /// Trigger attempts per round trip (the first one included). Default 4.
+    public var maxAttempts: Int = 4
+    /// Longest wait for one trigger call to answer (bounded by the caller's deadline). Default 10 s.
+    public var attemptTimeout: Duration = .seconds(10)
+    /// How long after a 2xx from the trigger the token may still arrive before the attempt counts
+    /// as `no_delivery`. Default 3 s.
+    public var deliveryGrace: Duration = .seconds(3)
+    /// First retry delay; doubles per retry up to `backoffCap`, with jitter (see ``Backoff``). Default 100 ms.
+    public var backoffBase: Duration = .milliseconds(100)
+    /// Longest retry delay. Default 2 s.
+    public var backoffCap: Duration = .seconds(2)
+    /// How long the lease outlives the round trip's deadline. Default 2 s.
+    public var leaseGrace: Duration = .seconds(2)
+    /// While following another process's round trip (or waiting for a delivery), the store is
+    /// polled starting at this interval… Default 50 ms.
+    public var pollInitial: Duration = .milliseconds(50)
+    /// …growing to at most this one. Default 1 s.
+    public var pollCap: Duration = .seconds(1)
+    /// Deadline of a background (refresh-ahead) round trip. Default 30 s.
+    public var backgroundDeadline: Duration = .seconds(30)
+
+    public init() {}
+}
+
+/// What the owner of a ``TokenFlowStateMachine`` must do. The machine does no I/O.
+public enum FlowAction: Sendable, Hashable {
+    /// Try to take the installation's lease (`SET NX PX`) with this owner value; answer with
+    /// `leaseAcquired` / `leaseDenied` / `storeFailed`.
+    case acquireLease(requestID: String, ttl: Duration)
+    /// Extend the lease (only if still ours).
+    case extendLease(requestID: String, ttl: Duration)
+    /// Release the lease (only if still ours).
+    case releaseLease(requestID: String)
+    /// Send trigger attempt `attempt`; answer with `triggerSucceeded` / `triggerFailed`.
+    case sendTrigger(requestID: String, attempt: Int, expiresAt: FlowTime, timeout: Duration)
+    /// Read the installation's token from the store; answer with `tokenObserved` or `storeReadEmpty`.
+    case readStore(requestID: String)
+    /// Call `timerFired(id)` at `deadline`.
+    case scheduleTimer(TimerID, deadline: FlowTime)
+    /// A timer is no longer needed.
+    case cancelTimer(TimerID)
+    /// Answer these waiters with this token.
+    case succeed([WaiterID], AccessToken, TokenSource)
+    /// Fail these waiters.
+    case fail([WaiterID], FlowError)
+    /// Count this attempt outcome (metrics only).
+    case recordAttempt(outcome: String, isRetry: Bool)
+}
+
+/// The RFC-34 round trip of one installation in one process, as a value type.
+///
+/// Events go in (a caller asked, the lease was won or lost, a trigger attempt ended, a token was
+/// seen, a timer fired, a caller went away, the installation was uninstalled); actions come out.
+/// Time comes in with every event. Concurrent callers share one round (coalescing); the round
+/// retries failed trigger attempts with capped, jittered backoff inside the callers' deadline.
+///
+/// States:
+/// - `idle`: nothing in flight.
+/// - `round`: one round trip, with its request id, the waiting callers, the overall deadline and a
+///   phase: taking the lease, following another process's round trip, triggering attempt N,
+///   awaiting the delivery after a 2xx, or backing off before attempt N+1.
+public struct TokenFlowStateMachine: Sendable {
+    struct Waiter: Sendable, Hashable {
+        var deadline: FlowTime
+        var minValidity: Int64
+        /// The expiry of the token the caller found insufficient (0 if none): a token with a
+        /// later expiry is always acceptable.
+        var knownExpiry: Int64
+        /// A forced refresh accepts only a token newer than `knownExpiry`.
+        var forced: Bool
+        var timer: TimerID
+    }
+
+    enum Phase: Sendable, Hashable {
+        case acquiringLease
+        case following(poll: TimerID, delay: Duration)
+        case triggering(attempt: Int)
+        case awaitingDelivery(attempt: Int, grace: TimerID, poll: TimerID, pollDelay: Duration)
+        case backingOff(attempt: Int, timer: TimerID)
+    }
+
+    struct Round: Sendable {
+        var requestID: String
+        var waiters: [WaiterID: Waiter]
+        var deadline: FlowTime
+        var phase: Phase
+        var holdsLease: Bool
+        var lastFailure: TriggerFailure?
+        /// A refresh-ahead round: runs without waiters until a newer token arrives.
+        var background: Bool
+        var backgroundKnownExpiry: Int64
+    }
+
+    enum State: Sendable {
+        case idle
+        case round(Round)
+    }
+
+    private var state: State = .idle
+    private var nextTimer: UInt64 = 0
+    public let configuration: TokenFlowConfiguration
+
+    /// - Parameter firstTimerID: timer ids start after this value; an owner that creates many
+    ///   machines passes distinct ranges so a stale timer of one never matches another's.
+    public init(configuration: TokenFlowConfiguration, firstTimerID: UInt64 = 0) {
+        self.configuration = configuration
+        self.nextTimer = firstTimerID
+    }
+
+    /// True while a round trip is in flight (or being followed).
+    public var isActive: Bool {
+        if case .round = self.state { return true }
+        return false
+    }
+
+    /// The current round's request id, if any.
+    public var currentRequestID: String? {
+        if case .round(let r) = self.state { return r.requestID }
+        return nil
+    }
+
+    /// Number of callers currently waiting.
+    public var waiterCount: Int {
+        if case .round(let r) = self.state { return r.waiters.count }
+        return 0
+    }
+
+    private mutating func makeTimer() -> TimerID {
+        self.nextTimer += 1
+        return TimerID(self.nextTimer)
+    }
+
+    // MARK: - Events
+
+    /// A caller asked for a token and the stored one (expiry `knownExpiry`, 0 for none) did not do.
+    /// `requestID` names the round trip if this caller starts one.
+    public mutating func tokenWasRequested(
+        waiter: WaiterID,
+        minValidity: Int64,
+        knownExpiry: Int64,
+        forced: Bool,
+        deadline: FlowTime,
+        requestID: String,
+        now: FlowTime
+    ) -> [FlowAction] {
+        let timer = self.makeTimer()
+        let w = Waiter(
+            deadline: deadline, minValidity: minValidity, knownExpiry: knownExpiry, forced: forced, timer: timer)
+        switch self.state {
+        case .idle:
+            let round = Round(
+                requestID: requestID, waiters: [waiter: w], deadline: deadline, phase: .acquiringLease,
+                holdsLease: false, lastFailure: nil, background: false, backgroundKnownExpiry: 0)
+            self.state = .round(round)
+            return [
+                .scheduleTimer(timer, deadline: deadline),
+                .acquireLease(requestID: requestID, ttl: self.leaseTTL(deadline: deadline, now: now)),
+            ]
+        case .round(var round):
+            round.waiters[waiter] = w
+            var actions: [FlowAction] = [.scheduleTimer(timer, deadline: deadline)]
+            if deadline > round.deadline {
+                round.deadline = deadline
+                if round.holdsLease {
+                    actions.append(
+                        .extendLease(requestID: round.requestID, ttl: self.leaseTTL(deadline: deadline, now: now)))
+                }
+            }
+            self.state = .round(round)
+            return actions
+        }
+    }
+
+    /// A valid token sits in its refresh-ahead window: start one background round trip unless one runs.
+    public mutating func refreshAheadWasRequested(knownExpiry: Int64, requestID: String, now: FlowTime) -> [FlowAction] {
+        guard case .idle = self.state else { return [] }
+        let deadline = now + self.configuration.backgroundDeadline
+        self.state = .round(
+            Round(
+                requestID: requestID, waiters: [:], deadline: deadline, phase: .acquiringLease, holdsLease: false,
+                lastFailure: nil, background: true, backgroundKnownExpiry: knownExpiry))
+        return [.acquireLease(requestID: requestID, ttl: self.leaseTTL(deadline: deadline, now: now))]
+    }
+
+    /// This process took the lease: it runs the round trip.
+    public mutating func leaseAcquired(requestID: String, now: FlowTime) -> [FlowAction] {
+        guard case .round(var round) = self.state, round.requestID == requestID, case .acquiringLease = round.phase
+        else { return [] }
+        round.holdsLease = true
+        round.phase = .triggering(attempt: 1)
+        self.state = .round(round)
+        return [self.sendTrigger(round, attempt: 1, now: now)]
+    }
+
+    /// Another process holds the lease: follow its round trip by polling the store (notifications
+    /// also arrive as `tokenObserved`).
+    public mutating func leaseDenied(requestID: String, now: FlowTime) -> [FlowAction] {
+        guard case .round(var round) = self.state, round.requestID == requestID else { return [] }
+        let previous: Duration
+        switch round.phase {
+        case .acquiringLease: previous = .zero
+        case .following(_, let delay): previous = delay
+        default: return []
+        }
+        let delay =
+            previous == .zero
+            ? self.configuration.pollInitial : min(previous * 2, self.configuration.pollCap)
+        let timer = self.makeTimer()
+        round.phase = .following(poll: timer, delay: delay)
+        self.state = .round(round)
+        return [.scheduleTimer(timer, deadline: min(now + delay, round.deadline))]
+    }
+
+    /// The store could not be reached while taking the lease: without it there is no safe round trip.
+    public mutating func storeFailed(requestID: String, now: FlowTime) -> [FlowAction] {
+        guard case .round(let round) = self.state, round.requestID == requestID else { return [] }
+        switch round.phase {
+        case .acquiringLease:
+            return self.endRound(round, failing: .storeUnavailable)
+        case .following(let poll, let delay):
+            // Keep following: the next poll retries; the callers' deadlines bound the wait.
+            _ = poll
+            let timer = self.makeTimer()
+            var r = round
+            r.phase = .following(poll: timer, delay: delay)
+            self.state = .round(r)
+            return [.scheduleTimer(timer, deadline: min(now + delay, round.deadline))]
+        default:
+            return []
+        }
+    }
+
+    /// The trigger answered 2xx: the token should be in the store now (or arrive shortly).
+    public mutating func triggerSucceeded(requestID: String, attempt: Int, now: FlowTime) -> [FlowAction] {
+        guard case .round(var round) = self.state, round.requestID == requestID,
+            case .triggering(let current) = round.phase, current == attempt
+        else { return [] }
+        let grace = self.makeTimer()
+        let poll = self.makeTimer()
+        let pollDelay = self.configuration.pollInitial
+        round.phase = .awaitingDelivery(attempt: attempt, grace: grace, poll: poll, pollDelay: pollDelay)
+        self.state = .round(round)
+        return [
+            .recordAttempt(outcome: "success", isRetry: attempt > 1),
+            .readStore(requestID: requestID),
+            .scheduleTimer(grace, deadline: min(now + self.configuration.deliveryGrace, round.deadline)),
+            .scheduleTimer(poll, deadline: min(now + pollDelay, round.deadline)),
+        ]
+    }
+
+    /// Trigger attempt `attempt` failed.
+    public mutating func triggerFailed(
+        requestID: String, attempt: Int, failure: TriggerFailure, now: FlowTime, jitter: Double
+    ) -> [FlowAction] {
+        guard case .round(let round) = self.state, round.requestID == requestID,
+            case .triggering(let current) = round.phase, current == attempt
+        else { return [] }
+        return [.recordAttempt(outcome: failure.rawValue, isRetry: attempt > 1)]
+            + self.attemptFailed(round, attempt: attempt, failure: failure, now: now, jitter: jitter)
+    }
+
+    /// A token was seen: read from the store, delivered to this process, or announced by another
+    /// replica. `solicitedBy` is the request id whose delivery it answered, if any.
+    public mutating func tokenObserved(_ token: AccessToken, solicitedBy: String?, now: FlowTime) -> [FlowAction] {
+        guard case .round(var round) = self.state else { return [] }
+        let answersThisRound = solicitedBy != nil && solicitedBy == round.requestID
+        guard token.expiresAt > now.unixSeconds else { return [] }
+        let source: TokenSource = (solicitedBy != nil || token.requestID != nil) ? .trigger : .push
+        var answered: [WaiterID] = []
+        var actions: [FlowAction] = []
+        for (id, w) in round.waiters {
+            let newer = token.expiresAt > w.knownExpiry
+            let acceptable =
+                answersThisRound || (w.forced ? newer : (newer || token.expiresAt >= now.unixSeconds + w.minValidity))
+            if acceptable {
+                answered.append(id)
+                actions.append(.cancelTimer(w.timer))
+            }
+        }
+        for id in answered { round.waiters[id] = nil }
+        if !answered.isEmpty {
+            actions.append(.succeed(answered.sorted { $0.raw < $1.raw }, token, source))
+        }
+        let backgroundDone = round.background && (answersThisRound || token.expiresAt > round.backgroundKnownExpiry)
+        if round.waiters.isEmpty && (!round.background || backgroundDone) {
+            actions += self.finishRound(round)
+        } else {
+            self.state = .round(round)
+        }
+        return actions
+    }
+
+    /// A store read found no acceptable token.
+    public mutating func storeReadEmpty(requestID: String, now: FlowTime) -> [FlowAction] {
+        guard case .round(var round) = self.state, round.requestID == requestID else { return [] }
+        if case .following = round.phase {
+            // The leader may have died: try to take the lease over (it expires after its deadline).
+            round.phase = .acquiringLease
+            self.state = .round(round)
+            return [.acquireLease(requestID: requestID, ttl: self.leaseTTL(deadline: round.deadline, now: now))]
+        }
+        return []
+    }
+
+    /// A timer fired.
+    public mutating func timerFired(_ timer: TimerID, now: FlowTime, jitter: Double) -> [FlowAction] {
+        guard case .round(var round) = self.state else { return [] }
+        // A caller's deadline.
+        if let (id, _) = round.waiters.first(where: { $0.value.timer == timer }) {
+            round.waiters[id] = nil
+            var actions: [FlowAction] = [.fail([id], .tokenTimeout)]
+            if round.waiters.isEmpty && !round.background {
+                actions += self.finishRound(round)
+            } else {
+                self.state = .round(round)
+            }
+            return actions
+        }
+        switch round.phase {
+        case .following(let poll, _) where poll == timer:
+            return [.readStore(requestID: round.requestID)]
+        case .awaitingDelivery(let attempt, let grace, let poll, let pollDelay):
+            if grace == timer {
+                return [.recordAttempt(outcome: TriggerFailure.noDelivery.rawValue, isRetry: false)]
+                    + self.attemptFailed(round, attempt: attempt, failure: .noDelivery, now: now, jitter: jitter)
+            }
+            if poll == timer {
+                let next = self.makeTimer()
+                let delay = min(pollDelay * 2, self.configuration.pollCap)
+                round.phase = .awaitingDelivery(attempt: attempt, grace: grace, poll: next, pollDelay: delay)
+                self.state = .round(round)
+                return [
+                    .readStore(requestID: round.requestID),
+                    .scheduleTimer(next, deadline: min(now + delay, round.deadline)),
+                ]
+            }
+            return []
+        case .backingOff(let attempt, let t) where t == timer:
+            round.phase = .triggering(attempt: attempt + 1)
+            self.state = .round(round)
+            return [self.sendTrigger(round, attempt: attempt + 1, now: now)]
+        default:
+            if round.background && now >= round.deadline {
+                return self.finishRound(round)
+            }
+            return []
+        }
+    }
+
+    /// A caller went away (cancelled its request).
+    public mutating func waiterCancelled(_ waiter: WaiterID, now: FlowTime) -> [FlowAction] {
+        guard case .round(var round) = self.state, let w = round.waiters.removeValue(forKey: waiter) else { return [] }
+        var actions: [FlowAction] = [.cancelTimer(w.timer), .fail([waiter], .cancelled)]
+        if round.waiters.isEmpty && !round.background {
+            actions += self.finishRound(round)
+        } else {
+            self.state = .round(round)
+        }
+        return actions
+    }
+
+    /// The installation was uninstalled: every caller gets 410 at once.
+    public mutating func installationUninstalled(now: FlowTime) -> [FlowAction] {
+        guard case .round(let round) = self.state else { return [] }
+        return self.endRound(round, failing: .installationUninstalled)
+    }
+
+    /// The process is shutting down: callers still waiting get an error answer now.
+    public mutating func shutdownRequested(now: FlowTime) -> [FlowAction] {
+        guard case .round(let round) = self.state else { return [] }
+        return self.endRound(round, failing: .shuttingDown)
+    }
+
+    // MARK: - Helpers
+
+    private func leaseTTL(deadline: FlowTime, now: FlowTime) -> Duration {
+        max(deadline - now, .milliseconds(1)) + self.configuration.leaseGrace
+    }
+
+    private func sendTrigger(_ round: Round, attempt: Int, now: FlowTime) -> FlowAction {
+        let remaining = max(round.deadline - now, .milliseconds(1))
+        return .sendTrigger(
+            requestID: round.requestID, attempt: attempt, expiresAt: round.deadline,
+            timeout: min(self.configuration.attemptTimeout, remaining))
+    }
+
+    private mutating func attemptFailed(
+        _ round: Round, attempt: Int, failure: TriggerFailure, now: FlowTime, jitter: Double
+    ) -> [FlowAction] {
+        var round = round
+        round.lastFailure = failure
+        var actions: [FlowAction] = []
+        if case .awaitingDelivery(_, let grace, let poll, _) = round.phase {
+            actions += [.cancelTimer(grace), .cancelTimer(poll)]
+        }
+        if attempt < self.configuration.maxAttempts {
+            let delay = Backoff.delay(
+                attempt: attempt, base: self.configuration.backoffBase, cap: self.configuration.backoffCap,
+                jitter: jitter)
+            if now + delay < round.deadline {
+                let timer = self.makeTimer()
+                round.phase = .backingOff(attempt: attempt, timer: timer)
+                self.state = .round(round)
+                return actions + [.scheduleTimer(timer, deadline: now + delay)]
+            }
+        }
+        let error: FlowError
+        switch failure {
+        case .httpError, .transportError:
+            error = FlowError(code: .triggerFailed, detail: "last attempt: \(failure.rawValue)")
+        case .timeout, .noDelivery:
+            error = FlowError(code: .tokenTimeout, detail: "last attempt: \(failure.rawValue)")
+        }
+        return actions + self.endRound(round, failing: error)
+    }
+
+    private mutating func endRound(_ round: Round, failing error: FlowError) -> [FlowAction] {
+        var actions: [FlowAction] = []
+        let ids = round.waiters.keys.sorted { $0.raw < $1.raw }
+        for id in ids { actions.append(.cancelTimer(round.waiters[id]!.timer)) }
+        if !ids.isEmpty { actions.append(.fail(ids, error)) }
+        return actions + self.finishRound(round)
+    }
+
+    private mutating func finishRound(_ round: Round) -> [FlowAction] {
+        var actions: [FlowAction] = []
+        switch round.phase {
+        case .following(let poll, _): actions.append(.cancelTimer(poll))
+        case .awaitingDelivery(_, let grace, let poll, _): actions += [.cancelTimer(grace), .cancelTimer(poll)]
+        case .backingOff(_, let timer): actions.append(.cancelTimer(timer))
+        case .acquiringLease, .triggering: break
+        }
+        if round.holdsLease { actions.append(.releaseLease(requestID: round.requestID)) }
+        self.state = .idle
+        return actions
+    }
+}

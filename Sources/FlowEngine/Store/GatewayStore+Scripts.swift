@@ -1,0 +1,113 @@
+/// The Lua scripts that keep multi-key changes atomic. Every key of one installation carries
+/// the same hash tag (`{<installation ARI>}`), so the scripts stay valid on a Redis Cluster too.
+enum GatewayScripts {
+    /// Stores a delivered token if its `exp` is strictly later than the stored one's.
+    /// KEYS: installation, token, pending. ARGV: exp, sealed, now, requestId, channel, ari,
+    /// appId, apiBaseUrl, cloudId. Returns {stored(1)/notNewer(0)/uninstalled(-1), created, solicited}.
+    static let storeToken = RedisScript(
+        """
+        local status = redis.call('HGET', KEYS[1], 'status')
+        if status == 'uninstalled' then return {-1, 0, 0} end
+        local created = 0
+        if not status then
+          redis.call('HSET', KEYS[1], 'status', 'active', 'createdAt', ARGV[3], 'updatedAt', ARGV[3])
+          created = 1
+        end
+        if ARGV[7] ~= '' then redis.call('HSETNX', KEYS[1], 'appId', ARGV[7]) end
+        if ARGV[8] ~= '' then redis.call('HSETNX', KEYS[1], 'apiBaseUrl', ARGV[8]) end
+        if ARGV[9] ~= '' then redis.call('HSETNX', KEYS[1], 'cloudId', ARGV[9]) end
+        local solicited = ''
+        if ARGV[4] ~= '' and redis.call('DEL', KEYS[3]) == 1 then solicited = ARGV[4] end
+        local cur = tonumber(redis.call('HGET', KEYS[2], 'exp') or '0')
+        local exp = tonumber(ARGV[1])
+        local stored = 0
+        if exp > cur and exp > tonumber(ARGV[3]) then
+          redis.call('HSET', KEYS[2], 'exp', ARGV[1], 'v', ARGV[2], 'at', ARGV[3], 'rid', solicited)
+          redis.call('EXPIREAT', KEYS[2], exp)
+          redis.call('HSET', KEYS[1], 'lastTokenAt', ARGV[3], 'tokenExpiresAt', ARGV[1])
+          stored = 1
+        end
+        if stored == 1 or solicited ~= '' then
+          local rid = solicited
+          if rid == '' then rid = '-' end
+          redis.call('PUBLISH', ARGV[5], 'token ' .. ARGV[6] .. ' ' .. rid)
+        end
+        local s = 0
+        if solicited ~= '' then s = 1 end
+        return {stored, created, s}
+        """)
+
+    /// Creates or refreshes an installation on installed/upgraded. An uninstalled one stays so.
+    /// KEYS: installation. ARGV: now, appId, apiBaseUrl, cloudId. Returns -1 (uninstalled), 0, 1 (created).
+    static let upsertInstallation = RedisScript(
+        """
+        local status = redis.call('HGET', KEYS[1], 'status')
+        if status == 'uninstalled' then return -1 end
+        local created = 0
+        if not status then
+          redis.call('HSET', KEYS[1], 'status', 'active', 'createdAt', ARGV[1])
+          created = 1
+        end
+        redis.call('HSET', KEYS[1], 'updatedAt', ARGV[1])
+        if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'appId', ARGV[2]) end
+        if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'apiBaseUrl', ARGV[3]) end
+        if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'cloudId', ARGV[4]) end
+        return created
+        """)
+
+    /// Registers (or rotates) the trigger URL and keeps or creates the signing key.
+    /// KEYS: installation, signing keys. ARGV: now, sealed URL, candidate key id, candidate sealed
+    /// key, appId, apiBaseUrl, cloudId. Returns {-1} when uninstalled, else {created, keyId, sealedKey}.
+    static let register = RedisScript(
+        """
+        local status = redis.call('HGET', KEYS[1], 'status')
+        if status == 'uninstalled' then return {-1} end
+        local created = 0
+        if not status then
+          redis.call('HSET', KEYS[1], 'status', 'active', 'createdAt', ARGV[1])
+          created = 1
+        end
+        if ARGV[5] ~= '' then redis.call('HSETNX', KEYS[1], 'appId', ARGV[5]) end
+        if ARGV[6] ~= '' then redis.call('HSETNX', KEYS[1], 'apiBaseUrl', ARGV[6]) end
+        if ARGV[7] ~= '' then redis.call('HSETNX', KEYS[1], 'cloudId', ARGV[7]) end
+        local cur = redis.call('HGET', KEYS[2], 'current')
+        local key
+        if cur then
+          key = redis.call('HGET', KEYS[2], 'key:' .. cur)
+        else
+          cur = ARGV[3]
+          key = ARGV[4]
+          redis.call('HSET', KEYS[2], 'current', cur, 'key:' .. cur, key, 'createdAt:' .. cur, ARGV[1])
+        end
+        redis.call('HSET', KEYS[1], 'triggerUrl', ARGV[2], 'triggerKeyId', cur, 'updatedAt', ARGV[1])
+        return {created, cur, key}
+        """)
+
+    /// Marks an installation uninstalled and deletes its tokens and keys.
+    /// KEYS: installation, system token, signing keys, user-token index. ARGV: now, channel, ari.
+    static let uninstall = RedisScript(
+        """
+        redis.call('HSETNX', KEYS[1], 'createdAt', ARGV[1])
+        redis.call('HSET', KEYS[1], 'status', 'uninstalled', 'updatedAt', ARGV[1])
+        redis.call('HDEL', KEYS[1], 'triggerUrl', 'tokenExpiresAt')
+        redis.call('DEL', KEYS[2], KEYS[3])
+        local users = redis.call('SMEMBERS', KEYS[4])
+        for _, k in ipairs(users) do redis.call('DEL', k) end
+        redis.call('DEL', KEYS[4])
+        redis.call('PUBLISH', ARGV[2], 'uninstalled ' .. ARGV[3])
+        return 1
+        """)
+
+    /// Deletes or extends a key only while it still holds our value. KEYS: key. ARGV: value[, ttl ms].
+    static let releaseIfOwner = RedisScript(
+        """
+        if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+        return 0
+        """)
+
+    static let extendIfOwner = RedisScript(
+        """
+        if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+        return 0
+        """)
+}

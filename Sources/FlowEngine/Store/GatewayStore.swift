@@ -1,0 +1,297 @@
+import Logging
+
+/// The gateway's shared state in Redis (see `Docs/operations.md` for the key layout).
+///
+/// Every secret (tokens, trigger URLs, private keys) is sealed with the ``SecretBox`` using the
+/// Redis key name (plus `#field` for a hash field) as additional authenticated data. Every method
+/// throws ``RedisError`` when Redis cannot be reached in time.
+public final class GatewayStore: Sendable {
+    /// The notification channel every process subscribes to.
+    public let channel: String
+    public let redis: RedisClient
+    let box: any SecretBox
+    let prefix: String
+
+    public init(redis: RedisClient, box: any SecretBox, prefix: String = "tg") {
+        self.redis = redis
+        self.box = box
+        self.prefix = prefix
+        self.channel = "\(prefix):events"
+    }
+
+    // MARK: Keys
+
+    func tag(_ id: InstallationID) -> String { "\(self.prefix):{\(id.ari)}" }
+    public func installationKey(_ id: InstallationID) -> String { self.tag(id) + ":installation" }
+    public func systemTokenKey(_ id: InstallationID) -> String { self.tag(id) + ":token:system" }
+    func signingKeysKey(_ id: InstallationID) -> String { self.tag(id) + ":signing-keys" }
+    func leaseKey(_ id: InstallationID) -> String { self.tag(id) + ":lease" }
+    func pendingKey(_ id: InstallationID, requestID: String) -> String { self.tag(id) + ":pending:" + requestID }
+    func userTokenIndexKey(_ id: InstallationID) -> String { self.tag(id) + ":user-tokens" }
+    var installationsIndexKey: String { "\(self.prefix):installations" }
+    func seenFITKey(_ jti: String) -> String { "\(self.prefix):seen-fit:\(jti)" }
+
+    // MARK: Installations
+
+    /// Creates or refreshes an installation (lifecycle installed/upgraded). Returns false when the
+    /// installation is uninstalled (which stays so).
+    @discardableResult
+    public func upsertInstallation(_ id: InstallationID, metadata: InstallationMetadata, now: FlowTime) async throws
+        -> Bool
+    {
+        let r = try await self.redis.eval(
+            GatewayScripts.upsertInstallation, keys: [self.installationKey(id)],
+            arguments: [
+                String(now.unixSeconds), metadata.appId ?? "", metadata.apiBaseUrl ?? "", metadata.cloudId ?? "",
+            ])
+        let code = r.int ?? 0
+        if code == 1 { try await self.index(id) }
+        return code >= 0
+    }
+
+    /// The installation's metadata, or nil when it was never seen.
+    public func installation(_ id: InstallationID) async throws -> InstallationRecord? {
+        let r = try await self.redis.send(["HGETALL", self.installationKey(id)])
+        let fields = r.fieldDictionary
+        if fields.isEmpty { return nil }
+        return InstallationRecord(id: id, fields: fields)
+    }
+
+    /// Outcome of a registration.
+    public enum RegistrationOutcome: Sendable {
+        case registered(keyID: String, rawPrivateKey: [UInt8])
+        case uninstalled
+    }
+
+    /// Stores (or rotates) the sealed trigger URL; keeps the current signing key or stores the
+    /// candidate one when none exists. Returns the key in force.
+    public func register(
+        _ id: InstallationID, triggerURL: String, candidateKeyID: String, candidateKey: [UInt8],
+        metadata: InstallationMetadata, now: FlowTime
+    ) async throws -> RegistrationOutcome {
+        let installationKey = self.installationKey(id)
+        let signingKey = self.signingKeysKey(id)
+        let sealedURL = try self.box.seal(Array(triggerURL.utf8), context: installationKey + "#triggerUrl")
+        let sealedKey = try self.box.seal(candidateKey, context: signingKey + "#key:" + candidateKeyID)
+        let r = try await self.redis.eval(
+            GatewayScripts.register, keys: [installationKey, signingKey],
+            arguments: [
+                String(now.unixSeconds), sealedURL, candidateKeyID, sealedKey, metadata.appId ?? "",
+                metadata.apiBaseUrl ?? "", metadata.cloudId ?? "",
+            ])
+        guard let items = r.array, let first = items.first?.int else { throw RedisError.protocolError }
+        if first < 0 { return .uninstalled }
+        guard items.count == 3, let keyID = items[1].string, let sealed = items[2].string else {
+            throw RedisError.protocolError
+        }
+        let raw = try self.box.open(sealed, context: signingKey + "#key:" + keyID)
+        try await self.index(id)
+        return .registered(keyID: keyID, rawPrivateKey: raw)
+    }
+
+    /// What the trigger client needs: the trigger URL and the current signing key, opened.
+    public struct TriggerMaterial: Sendable {
+        public let url: String
+        public let keyID: String
+        public let rawPrivateKey: [UInt8]
+    }
+
+    /// The trigger URL and signing key, or nil when no trigger is registered.
+    public func triggerMaterial(_ id: InstallationID) async throws -> TriggerMaterial? {
+        let installationKey = self.installationKey(id)
+        let signingKey = self.signingKeysKey(id)
+        let replies = try await self.redis.pipeline([
+            ["HMGET", installationKey, "status", "triggerUrl"],
+            ["HGET", signingKey, "current"],
+        ])
+        guard replies.count == 2, let fields = replies[0].array, fields.count == 2,
+            fields[0].string == InstallationStatus.active.rawValue,
+            let sealedURL = fields[1].string, let keyID = replies[1].string
+        else { return nil }
+        guard let sealedKey = try await self.redis.send(["HGET", signingKey, "key:" + keyID]).string else {
+            return nil
+        }
+        let url = try self.box.open(sealedURL, context: installationKey + "#triggerUrl")
+        let key = try self.box.open(sealedKey, context: signingKey + "#key:" + keyID)
+        return TriggerMaterial(url: String(decoding: url, as: UTF8.self), keyID: keyID, rawPrivateKey: key)
+    }
+
+    /// Marks the installation uninstalled and deletes its tokens and keys at once; announces it.
+    public func uninstall(_ id: InstallationID, now: FlowTime) async throws {
+        _ = try await self.redis.eval(
+            GatewayScripts.uninstall,
+            keys: [
+                self.installationKey(id), self.systemTokenKey(id), self.signingKeysKey(id),
+                self.userTokenIndexKey(id),
+            ],
+            arguments: [String(now.unixSeconds), self.channel, id.ari])
+        try await self.index(id)
+    }
+
+    private func index(_ id: InstallationID) async throws {
+        _ = try await self.redis.send(["ZADD", self.installationsIndexKey, "NX", "0", id.ari])
+    }
+
+    /// One page of installations ordered by id, starting after `cursor` (an installation ARI),
+    /// keeping only ids `filter` accepts. Returns the records and the id to continue after when
+    /// more remain. Reads the ordered index (a sorted set) with ZRANGEBYLEX, never KEYS.
+    public func listInstallations(after cursor: String?, limit: Int, filter: (InstallationID) -> Bool) async throws
+        -> (records: [InstallationRecord], next: String?)
+    {
+        var ids: [InstallationID] = []
+        var start = cursor.map { "(" + $0 } ?? "-"
+        let batch = min(max(limit + 1, 64), 1001)
+        scan: while ids.count <= limit {
+            let reply = try await self.redis.send([
+                "ZRANGEBYLEX", self.installationsIndexKey, start, "+", "LIMIT", "0", String(batch),
+            ])
+            let page = (reply.array ?? []).compactMap { $0.string }
+            for raw in page {
+                if let id = InstallationID(raw), id.ari == raw, filter(id) {
+                    ids.append(id)
+                    if ids.count > limit { break scan }
+                }
+            }
+            if page.count < batch { break }
+            start = "(" + page.last!
+        }
+        let more = ids.count > limit
+        let taken = Array(ids.prefix(limit))
+        if taken.isEmpty { return ([], nil) }
+        let hashes = try await self.redis.pipeline(taken.map { ["HGETALL", self.installationKey($0)] })
+        var records: [InstallationRecord] = []
+        for (id, reply) in zip(taken, hashes) {
+            let fields = reply.fieldDictionary
+            if !fields.isEmpty { records.append(InstallationRecord(id: id, fields: fields)) }
+        }
+        return (records, more ? taken.last?.ari : nil)
+    }
+
+    // MARK: Tokens
+
+    /// What a token request needs in one round trip: the installation's state and its token.
+    public struct RequestSnapshot: Sendable {
+        public var exists: Bool
+        public var status: InstallationStatus
+        public var triggerRegistered: Bool
+        public var apiBaseUrl: String?
+        public var token: AccessToken?
+    }
+
+    /// Reads the installation's status and stored system token in one pipelined round trip.
+    public func snapshot(_ id: InstallationID, timeout: Duration? = nil) async throws -> RequestSnapshot {
+        let tokenKey = self.systemTokenKey(id)
+        let replies = try await self.redis.pipeline(
+            [
+                ["HMGET", self.installationKey(id), "status", "triggerUrl", "apiBaseUrl"],
+                ["HMGET", tokenKey, "exp", "v", "rid"],
+            ], timeout: timeout)
+        guard replies.count == 2, let inst = replies[0].array, inst.count == 3, let tok = replies[1].array,
+            tok.count == 3
+        else { throw RedisError.protocolError }
+        let statusText = inst[0].string
+        return RequestSnapshot(
+            exists: statusText != nil,
+            status: InstallationStatus(rawValue: statusText ?? "") ?? .active,
+            triggerRegistered: !(inst[1].string ?? "").isEmpty,
+            apiBaseUrl: inst[2].string.flatMap { $0.isEmpty ? nil : $0 },
+            token: try self.openToken(key: tokenKey, exp: tok[0], sealed: tok[1], rid: tok[2]))
+    }
+
+    /// The stored system token, or nil.
+    public func systemToken(_ id: InstallationID) async throws -> AccessToken? {
+        let tokenKey = self.systemTokenKey(id)
+        let r = try await self.redis.send(["HMGET", tokenKey, "exp", "v", "rid"])
+        guard let items = r.array, items.count == 3 else { throw RedisError.protocolError }
+        return try self.openToken(key: tokenKey, exp: items[0], sealed: items[1], rid: items[2])
+    }
+
+    private func openToken(key: String, exp: RedisValue, sealed: RedisValue, rid: RedisValue) throws -> AccessToken? {
+        guard let expText = exp.string, let expiresAt = Int64(expText), let sealedText = sealed.string else {
+            return nil
+        }
+        let value = try self.box.open(sealedText, context: key)
+        let requestID = rid.string.flatMap { $0.isEmpty ? nil : $0 }
+        return AccessToken(value: String(decoding: value, as: UTF8.self), expiresAt: expiresAt, requestID: requestID)
+    }
+
+    /// Result of storing a delivered token.
+    public struct DeliveryResult: Sendable {
+        public var outcome: TokenStoreOutcome
+        /// The installation record was created by this delivery.
+        public var created: Bool
+        /// The delivery answered a pending request of this installation.
+        public var solicited: Bool
+    }
+
+    /// Stores a delivered token atomically: only if its expiry is strictly later than the stored
+    /// one's; the key expires with the token; a matching pending request is consumed; every
+    /// process is notified.
+    public func storeDeliveredToken(
+        _ id: InstallationID, token: AccessToken, requestID: String?, metadata: InstallationMetadata, now: FlowTime
+    ) async throws -> DeliveryResult {
+        let tokenKey = self.systemTokenKey(id)
+        let sealed = try self.box.seal(Array(token.value.utf8), context: tokenKey)
+        let rid = requestID ?? ""
+        let r = try await self.redis.eval(
+            GatewayScripts.storeToken,
+            keys: [self.installationKey(id), tokenKey, self.pendingKey(id, requestID: rid)],
+            arguments: [
+                String(token.expiresAt), sealed, String(now.unixSeconds), rid, self.channel, id.ari,
+                metadata.appId ?? "", metadata.apiBaseUrl ?? "", metadata.cloudId ?? "",
+            ])
+        guard let items = r.array, items.count == 3, let s = items[0].int, let c = items[1].int,
+            let sol = items[2].int
+        else { throw RedisError.protocolError }
+        if c == 1 { try await self.index(id) }
+        let outcome: TokenStoreOutcome = s == 1 ? .stored : (s == 0 ? .notNewer : .uninstalled)
+        return DeliveryResult(outcome: outcome, created: c == 1, solicited: sol == 1)
+    }
+
+    // MARK: Round trips
+
+    /// Takes the installation's lease for `ttl` if nobody holds it.
+    public func acquireLease(_ id: InstallationID, owner: String, ttl: Duration) async throws -> Bool {
+        let r = try await self.redis.send([
+            "SET", self.leaseKey(id), owner, "NX", "PX", String(max(ttl.milliseconds, 1)),
+        ])
+        return r.string == "OK"
+    }
+
+    /// Extends the lease only while `owner` holds it.
+    @discardableResult
+    public func extendLease(_ id: InstallationID, owner: String, ttl: Duration) async throws -> Bool {
+        let r = try await self.redis.eval(
+            GatewayScripts.extendIfOwner, keys: [self.leaseKey(id)],
+            arguments: [owner, String(max(ttl.milliseconds, 1))])
+        return r.int == 1
+    }
+
+    /// Releases the lease only while `owner` holds it (compare, then delete).
+    @discardableResult
+    public func releaseLease(_ id: InstallationID, owner: String) async throws -> Bool {
+        let r = try await self.redis.eval(GatewayScripts.releaseIfOwner, keys: [self.leaseKey(id)], arguments: [owner])
+        return r.int == 1
+    }
+
+    /// Records a trigger request so its delivery is recognised on any replica.
+    public func putPending(_ id: InstallationID, requestID: String, owner: String, ttl: Duration) async throws {
+        _ = try await self.redis.send([
+            "SET", self.pendingKey(id, requestID: requestID), owner, "PX", String(max(ttl.milliseconds, 1)),
+        ])
+    }
+
+    // MARK: Replay guard
+
+    /// Records a FIT `jti` until `expiresAt`; false when it was already recorded.
+    public func firstUse(jti: String, expiresAtUnixSeconds: Int64, now: FlowTime) async throws -> Bool {
+        let ttl = max((expiresAtUnixSeconds - now.unixSeconds + 61) * 1000, 1000)
+        let r = try await self.redis.send(["SET", self.seenFITKey(jti), "1", "NX", "PX", String(ttl)])
+        return r.string == "OK"
+    }
+
+    /// Answers when Redis answers.
+    public func ping() async throws {
+        try await self.redis.ping(timeout: nil)
+    }
+}

@@ -1,0 +1,248 @@
+import Foundation
+import HTTPTypes
+import Hummingbird
+import NIOCore
+
+/// The request context of the emulator's routes: Hummingbird's core context plus the peer address,
+/// so the admin routes can refuse non-loopback clients.
+struct EmulatorRequestContext: RequestContext {
+    var coreContext: CoreRequestContextStorage
+    let remoteAddress: SocketAddress?
+
+    init(source: ApplicationRequestContextSource) {
+        self.coreContext = .init(source: source)
+        self.remoteAddress = source.channel.remoteAddress
+    }
+
+    /// Whether the peer is on the loopback interface (or a Unix socket).
+    var isFromLoopback: Bool {
+        guard let remoteAddress else { return false }
+        if case .unixDomainSocket = remoteAddress { return true }
+        guard let ip = remoteAddress.ipAddress else { return false }
+        return ip.hasPrefix("127.") || ip == "::1" || ip.hasPrefix("::ffff:127.")
+    }
+}
+
+/// Answers 403 to any client that is not on the loopback interface.
+struct LoopbackOnlyMiddleware: RouterMiddleware {
+    typealias Context = EmulatorRequestContext
+
+    func handle(
+        _ request: Request,
+        context: Context,
+        next: (Request, Context) async throws -> Response
+    ) async throws -> Response {
+        guard context.isFromLoopback else {
+            return EmulatorAnswer.error(403, code: "forbidden", message: "admin routes answer loopback clients only").response
+        }
+        return try await next(request, context)
+    }
+}
+
+extension EmulatorAnswer {
+    var response: Response {
+        // 1xx, 204 and 304 answers carry no body.
+        if self.status < 200 || self.status == 204 || self.status == 304 {
+            return Response(status: HTTPResponse.Status(code: self.status), headers: [.cacheControl: "no-store"])
+        }
+        return Response(
+            status: HTTPResponse.Status(code: self.status),
+            headers: [.contentType: "application/json", .cacheControl: "no-store"],
+            body: ResponseBody(byteBuffer: ByteBuffer(bytes: self.body))
+        )
+    }
+}
+
+/// An installation as the admin routes show it (never a token or a key).
+struct InstallationSummary: Codable, Sendable {
+    var id: String
+    var cloudId: String
+    var product: String
+    var apiBaseUrl: String
+    var siteARI: String
+    var triggerPath: String
+    var triggerUrl: String
+    var status: EmulatedInstallationStatus
+    var triggerKeyId: String?
+    var triggerCalls: Int
+    var fault: TriggerFault
+}
+
+struct CreateInstallationRequest: Codable, Sendable {
+    var product: String?
+}
+
+struct PushRequest: Codable, Sendable {
+    /// Seconds from now until the pushed token's `exp`; default the configured token lifetime.
+    var expiresInSeconds: Int?
+}
+
+struct PushAnswer: Codable, Sendable {
+    /// The gateway's status.
+    var status: Int
+    /// The gateway's answer body.
+    var body: String
+}
+
+struct StatsAnswer: Codable, Sendable {
+    var totalTriggerCalls: Int
+    var installations: [String: Int]
+}
+
+extension ForgeEmulator {
+    /// Largest request body the emulator reads.
+    static let maximumRequestBytes = 64 * 1024
+
+    /// The emulator's routes.
+    ///
+    /// Forge's side:
+    /// - `GET /.well-known/jwks.json` — the JWKS with the FIT signing key (RS256, `kid`, `use: sig`).
+    /// - `POST /x1/{triggerId}` — an installation's web trigger (see ``TriggerFault`` for faults).
+    ///
+    /// Admin routes, for `token-gateway emulate` driven by hand with curl. They need no
+    /// authentication and answer loopback clients only (403 otherwise); they never show a token:
+    /// - `GET /admin/installations` — every installation with its status, trigger URL and calls.
+    /// - `POST /admin/installations` — body optional `{"product": "jira"}`: makes and installs one;
+    ///   201 with it, or 502 when the gateway refused (the installation is kept as `created`).
+    /// - `POST /admin/installations/{id}/push` — body optional `{"expiresInSeconds": 7200}`: pushes a
+    ///   fresh token; 200 `{"status": <gateway status>, "body": "<gateway body>"}`.
+    /// - `POST /admin/installations/{id}/uninstall` — sends the uninstalled event; 200 with it.
+    /// - `POST /admin/installations/{id}/fault` — body a ``TriggerFault`` in JSON; 200 with it.
+    /// - `GET /admin/stats` — `{"totalTriggerCalls": n, "installations": {"<id>": n}}`.
+    ///
+    /// `{id}` is the installation's UUID or its full ARI (percent-encoded).
+    func makeRouter() -> Router<EmulatorRequestContext> {
+        let router = Router(context: EmulatorRequestContext.self)
+
+        router.get("/.well-known/jwks.json") { _, _ -> Response in
+            Response(
+                status: .ok,
+                headers: [.contentType: "application/json", .cacheControl: "public, max-age=300"],
+                body: ResponseBody(byteBuffer: ByteBuffer(bytes: self.keys.jwksDocument))
+            )
+        }
+
+        router.post("/x1/:triggerId") { request, context -> Response in
+            let triggerId = try context.parameters.require("triggerId")
+            let body = try await request.body.collect(upTo: Self.maximumRequestBytes)
+            let signatureHeader = request.headers[HTTPField.Name(TriggerSignature.headerName)!]
+            return await self.answerTrigger(
+                triggerId: triggerId,
+                signatureHeader: signatureHeader,
+                body: Data(buffer: body)
+            ).response
+        }
+
+        let admin = router.group("admin").add(middleware: LoopbackOnlyMiddleware())
+
+        admin.get("installations") { _, _ -> Response in
+            EmulatorAnswer.json(200, self.summaries()).response
+        }
+
+        admin.post("installations") { request, _ -> Response in
+            let body = try await request.body.collect(upTo: Self.maximumRequestBytes)
+            let create: CreateInstallationRequest
+            if body.readableBytes == 0 {
+                create = CreateInstallationRequest(product: nil)
+            } else if let decoded = try? JSONDecoder().decode(CreateInstallationRequest.self, from: Data(buffer: body)) {
+                create = decoded
+            } else {
+                return EmulatorAnswer.error(400, code: "invalid_request", message: "body must be {\"product\": \"…\"}").response
+            }
+            let installation = self.makeInstallation(product: create.product ?? "jira")
+            do {
+                try await self.install(installation)
+            } catch {
+                return EmulatorAnswer.error(502, code: "install_failed", message: "\(error)").response
+            }
+            return EmulatorAnswer.json(201, self.summary(of: installation)).response
+        }
+
+        admin.post("installations/:id/push") { request, context -> Response in
+            guard let installation = self.installation(in: context) else { return Self.unknownInstallation.response }
+            let body = try await request.body.collect(upTo: Self.maximumRequestBytes)
+            var expiresAt: Date?
+            if body.readableBytes > 0 {
+                guard let push = try? JSONDecoder().decode(PushRequest.self, from: Data(buffer: body)) else {
+                    return EmulatorAnswer.error(400, code: "invalid_request", message: "body must be {\"expiresInSeconds\": n}").response
+                }
+                expiresAt = push.expiresInSeconds.map { Date().addingTimeInterval(TimeInterval($0)) }
+            }
+            do {
+                let result = try await self.push(installation, expiresAt: expiresAt)
+                return EmulatorAnswer.json(200, PushAnswer(status: result.status, body: result.body)).response
+            } catch {
+                return EmulatorAnswer.error(502, code: "push_failed", message: "\(error)").response
+            }
+        }
+
+        admin.post("installations/:id/uninstall") { _, context -> Response in
+            guard let installation = self.installation(in: context) else { return Self.unknownInstallation.response }
+            do {
+                try await self.uninstall(installation)
+            } catch {
+                return EmulatorAnswer.error(502, code: "uninstall_failed", message: "\(error)").response
+            }
+            return EmulatorAnswer.json(200, self.summary(of: installation)).response
+        }
+
+        admin.post("installations/:id/fault") { request, context -> Response in
+            guard let installation = self.installation(in: context) else { return Self.unknownInstallation.response }
+            let body = try await request.body.collect(upTo: Self.maximumRequestBytes)
+            guard let fault = try? JSONDecoder().decode(TriggerFault.self, from: Data(buffer: body)) else {
+                return EmulatorAnswer.error(400, code: "invalid_request", message: "body must be a fault, such as {\"type\": \"none\"}").response
+            }
+            self.setFault(fault, for: installation)
+            return EmulatorAnswer.json(200, self.summary(of: installation)).response
+        }
+
+        admin.get("stats") { _, _ -> Response in
+            let stats = self.state.withLock { state in
+                StatsAnswer(
+                    totalTriggerCalls: state.totalTriggerCalls,
+                    installations: Dictionary(
+                        state.orderedRecords.map { ($0.installation.id, $0.triggerRecords.count) },
+                        uniquingKeysWith: { first, _ in first }
+                    )
+                )
+            }
+            return EmulatorAnswer.json(200, stats).response
+        }
+
+        return router
+    }
+
+    private static var unknownInstallation: EmulatorAnswer {
+        .error(404, code: "installation_not_found", message: "no such installation")
+    }
+
+    private func installation(in context: EmulatorRequestContext) -> EmulatedInstallation? {
+        guard let raw = context.parameters.get("id") else { return nil }
+        return self.installation(withId: raw.removingPercentEncoding ?? raw)
+    }
+
+    private func summaries() -> [InstallationSummary] {
+        self.state.withLock { $0.orderedRecords }.map(self.summary(of:))
+    }
+
+    private func summary(of installation: EmulatedInstallation) -> InstallationSummary {
+        let record = self.state.withLock { $0.record(for: installation) } ?? EmulatedInstallationRecord(installation: installation, sequence: 0)
+        return self.summary(of: record)
+    }
+
+    private func summary(of record: EmulatedInstallationRecord) -> InstallationSummary {
+        InstallationSummary(
+            id: record.installation.id,
+            cloudId: record.installation.cloudId,
+            product: record.installation.product,
+            apiBaseUrl: record.installation.apiBaseUrl,
+            siteARI: record.installation.siteARI,
+            triggerPath: record.installation.triggerPath,
+            triggerUrl: self.triggerURL(for: record.installation),
+            status: record.status,
+            triggerKeyId: record.triggerKey?.keyId,
+            triggerCalls: record.triggerRecords.count,
+            fault: record.fault
+        )
+    }
+}

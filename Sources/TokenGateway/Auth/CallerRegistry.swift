@@ -1,0 +1,312 @@
+import Crypto
+import FlowEngine
+import Foundation
+
+/// A setting that is present but unusable. The message names the setting and the problem and
+/// never contains a secret the setting carries.
+public struct ConfigurationValueError: Error, CustomStringConvertible, Hashable, Sendable {
+    /// One line naming the setting and what is wrong with it.
+    public let message: String
+
+    public init(_ message: String) { self.message = message }
+
+    public var description: String { self.message }
+}
+
+/// A set of installations or Connect `clientKey`s a caller may use: everything (`*`) or a list.
+public struct CallerScope: Sendable, Hashable {
+    private enum Kind: Hashable, Sendable {
+        case all
+        case some(Set<String>)
+    }
+
+    private let kind: Kind
+    /// Installation scopes compare installation ARIs, so a bare id and its ARI are the same entry.
+    private let normalisesInstallations: Bool
+
+    private init(kind: Kind, normalisesInstallations: Bool) {
+        self.kind = kind
+        self.normalisesInstallations = normalisesInstallations
+    }
+
+    /// Every value.
+    public static let all = CallerScope(kind: .all, normalisesInstallations: false)
+    /// No value.
+    public static let none = CallerScope(kind: .some([]), normalisesInstallations: false)
+
+    /// A scope of exactly these values (compared as they are); `*` among them means every value.
+    public init(_ values: [String]) {
+        if values.contains("*") {
+            self.init(kind: .all, normalisesInstallations: false)
+        } else {
+            self.init(kind: .some(Set(values)), normalisesInstallations: false)
+        }
+    }
+
+    /// A scope of installations given as full ARIs or bare ids (both normalise to the ARI);
+    /// `*` means every installation.
+    ///
+    /// - Throws: ``InvalidEntry`` with the position of the first value that names no installation.
+    public static func installations(_ values: [String]) throws(InvalidEntry) -> CallerScope {
+        if values.contains("*") { return CallerScope(kind: .all, normalisesInstallations: true) }
+        var set: Set<String> = []
+        for (index, value) in values.enumerated() {
+            guard let id = InstallationID(value) else { throw InvalidEntry(index: index) }
+            set.insert(id.ari)
+        }
+        return CallerScope(kind: .some(set), normalisesInstallations: true)
+    }
+
+    /// The position of a scope entry that could not be read.
+    public struct InvalidEntry: Error, Hashable, Sendable {
+        /// Zero-based position in the list.
+        public let index: Int
+    }
+
+    /// Whether the scope allows `value`. An installation scope accepts the ARI or the bare id.
+    public func contains(_ value: String) -> Bool {
+        switch self.kind {
+        case .all:
+            return true
+        case .some(let values):
+            if self.normalisesInstallations {
+                guard let id = InstallationID(value) else { return false }
+                return values.contains(id.ari)
+            }
+            return values.contains(value)
+        }
+    }
+
+    /// True when the scope allows every value.
+    public var isAll: Bool { self.kind == .all }
+
+    /// The listed values (sorted), or nil for ``all``.
+    public var values: [String]? {
+        switch self.kind {
+        case .all: return nil
+        case .some(let values): return values.sorted()
+        }
+    }
+}
+
+/// An internal service allowed to ask the gateway for tokens. Holds no secret.
+public struct Caller: Sendable, Hashable, CustomStringConvertible {
+    /// The configured name (unique; usable as OAuth `client_id` and in logs).
+    public let name: String
+    /// Installations the caller may read (normalised to installation ARIs).
+    public let installations: CallerScope
+    /// Connect `clientKey`s the caller may use on the Connect routes.
+    public let clientKeys: CallerScope
+
+    public init(name: String, installations: CallerScope, clientKeys: CallerScope) {
+        self.name = name
+        self.installations = installations
+        self.clientKeys = clientKeys
+    }
+
+    public var description: String { "Caller(\(self.name))" }
+}
+
+/// The configured callers (`TOKEN_GATEWAY_CALLERS`) and their authentication.
+///
+/// Only SHA-256 digests of caller secrets are kept; presented secrets are hashed and compared
+/// with every caller's digest in constant time.
+public struct CallerRegistry: Sendable {
+    /// The environment variable the registry is read from; used in error messages.
+    public static let settingName = "TOKEN_GATEWAY_CALLERS"
+
+    private struct Entry: Sendable {
+        let caller: Caller
+        let digest: [UInt8]
+    }
+
+    private let entries: [Entry]
+
+    /// Parses the JSON array
+    /// `[{"name": "…", "secret": "…" | "secretSha256": "<hex>", "installations": […], "clientKeys": […]}]`.
+    ///
+    /// Names are unique and non-empty; exactly one of `secret` (non-empty) and `secretSha256`
+    /// (64 hex digits) is given; `installations` (ARIs, bare ids or `*`) and `clientKeys` (or `*`)
+    /// default to none. Unknown fields are refused, so a misspelt field cannot silently widen or
+    /// narrow a caller's rights.
+    ///
+    /// - Throws: ``ConfigurationValueError`` naming the entry (position and name) and the field,
+    ///   never a secret.
+    public init(json: String) throws {
+        let setting = Self.settingName
+        let parsed: Any
+        do {
+            parsed = try JSONSerialization.jsonObject(with: Data(json.utf8), options: [])
+        } catch {
+            throw ConfigurationValueError("\(setting) is not valid JSON (expected an array of caller objects)")
+        }
+        guard let array = parsed as? [Any] else {
+            throw ConfigurationValueError("\(setting) must be a JSON array of caller objects")
+        }
+        guard !array.isEmpty else {
+            throw ConfigurationValueError("\(setting) configures no caller")
+        }
+        let knownFields: Set<String> = ["name", "secret", "secretSha256", "installations", "clientKeys"]
+        var entries: [Entry] = []
+        var names: Set<String> = []
+        for (index, element) in array.enumerated() {
+            var label = "\(setting)[\(index)]"
+            guard let object = element as? [String: Any] else {
+                throw ConfigurationValueError("\(label) must be a JSON object")
+            }
+            guard let name = object["name"] as? String,
+                !name.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty
+            else {
+                throw ConfigurationValueError("\(label): \"name\" must be a non-empty string")
+            }
+            guard name.count <= 128, !name.unicodeScalars.contains(where: { $0.properties.generalCategory == .control })
+            else {
+                throw ConfigurationValueError("\(label): \"name\" must be at most 128 printable characters")
+            }
+            label = "\(setting)[\(index)] (\"\(name)\")"
+            guard names.insert(name).inserted else {
+                throw ConfigurationValueError("\(label): the name is used by another caller")
+            }
+            if let unknown = object.keys.sorted().first(where: { !knownFields.contains($0) }) {
+                let shown = unknown.count <= 40 ? "\"\(unknown)\"" : "with a \(unknown.count)-character name"
+                throw ConfigurationValueError(
+                    "\(label): unknown field \(shown) (fields: name, secret, secretSha256, installations, clientKeys)"
+                )
+            }
+
+            let digest: [UInt8]
+            switch (object["secret"], object["secretSha256"]) {
+            case (.some, .some), (.none, .none):
+                throw ConfigurationValueError("\(label): give exactly one of \"secret\" and \"secretSha256\"")
+            case (.some(let secret), .none):
+                guard let secret = secret as? String, !secret.isEmpty else {
+                    throw ConfigurationValueError("\(label): \"secret\" must be a non-empty string")
+                }
+                digest = Array(SHA256.hash(data: Array(secret.utf8)))
+            case (.none, .some(let hex)):
+                guard let hex = hex as? String, let bytes = Self.decodeHex(hex), bytes.count == 32 else {
+                    throw ConfigurationValueError("\(label): \"secretSha256\" must be 64 hexadecimal digits")
+                }
+                digest = bytes
+            }
+
+            let installationValues = try Self.stringList(object["installations"], field: "installations", label: label)
+            let installations: CallerScope
+            do {
+                installations = try CallerScope.installations(installationValues)
+            } catch {
+                throw ConfigurationValueError(
+                    "\(label): \"installations\"[\(error.index)] is neither \"*\", "
+                        + "an installation ARI nor an installation id"
+                )
+            }
+            let clientKeyValues = try Self.stringList(object["clientKeys"], field: "clientKeys", label: label)
+            if clientKeyValues.contains(where: \.isEmpty) {
+                throw ConfigurationValueError("\(label): \"clientKeys\" contains an empty string")
+            }
+
+            let caller = Caller(name: name, installations: installations, clientKeys: CallerScope(clientKeyValues))
+            entries.append(Entry(caller: caller, digest: digest))
+        }
+        self.entries = entries
+    }
+
+    /// The callers, in configuration order.
+    public var callers: [Caller] { self.entries.map(\.caller) }
+
+    /// The caller whose secret is presented as `Authorization: Bearer <secret>`, or nil.
+    ///
+    /// The scheme is matched case-insensitively. The presented secret is hashed and its digest
+    /// compared with every caller's in constant time, without stopping at a match.
+    public func authenticate(authorization: String?) -> Caller? {
+        guard let authorization, let secret = Self.bearerCredential(authorization) else { return nil }
+        let digest = Array(SHA256.hash(data: Array(secret.utf8)))
+        var match: Caller?
+        for entry in self.entries {
+            let equal = Self.constantTimeEqual(entry.digest, digest)
+            if equal, match == nil { match = entry.caller }
+        }
+        return match
+    }
+
+    /// The caller named `name` if `secret` is its secret (OAuth client authentication), or nil.
+    /// The digest comparison runs whether or not the name exists.
+    public func authenticate(name: String, secret: String) -> Caller? {
+        let digest = Array(SHA256.hash(data: Array(secret.utf8)))
+        let entry = self.entries.first { $0.caller.name == name }
+        let expected = entry?.digest ?? Self.unmatchableDigest
+        let equal = Self.constantTimeEqual(expected, digest)
+        guard equal, let entry else { return nil }
+        return entry.caller
+    }
+
+    /// A digest no secret is known to hash to; compared against when a name is unknown.
+    private static let unmatchableDigest = [UInt8](repeating: 0, count: 32)
+
+    /// The credential of `Bearer <credential>` (scheme case-insensitive), or nil.
+    static func bearerCredential(_ header: String) -> String? {
+        let scheme = "bearer"
+        let utf8 = Array(header.utf8)
+        guard utf8.count > scheme.utf8.count + 1,
+            String(decoding: utf8[0..<scheme.utf8.count], as: UTF8.self).lowercased() == scheme,
+            utf8[scheme.utf8.count] == UInt8(ascii: " ")
+        else { return nil }
+        let credential = String(decoding: utf8[(scheme.utf8.count + 1)...], as: UTF8.self)
+            .trimmingCharacters(in: .whitespaces)
+        return credential.isEmpty ? nil : credential
+    }
+
+    static func constantTimeEqual(_ lhs: [UInt8], _ rhs: [UInt8]) -> Bool {
+        guard lhs.count == rhs.count else { return false }
+        var difference: UInt8 = 0
+        for index in lhs.indices {
+            difference |= lhs[index] ^ rhs[index]
+        }
+        return difference == 0
+    }
+
+    private static func stringList(_ value: Any?, field: String, label: String) throws -> [String] {
+        guard let value else { return [] }
+        guard let array = value as? [Any] else {
+            throw ConfigurationValueError("\(label): \"\(field)\" must be an array of strings")
+        }
+        return try array.map { element in
+            guard let string = element as? String else {
+                throw ConfigurationValueError("\(label): \"\(field)\" must be an array of strings")
+            }
+            return string
+        }
+    }
+
+    private static func decodeHex(_ hex: String) -> [UInt8]? {
+        let digits = Array(hex.utf8)
+        guard digits.count % 2 == 0 else { return nil }
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(digits.count / 2)
+        var index = 0
+        while index < digits.count {
+            guard let high = Self.hexValue(digits[index]), let low = Self.hexValue(digits[index + 1]) else {
+                return nil
+            }
+            bytes.append(high << 4 | low)
+            index += 2
+        }
+        return bytes
+    }
+
+    private static func hexValue(_ byte: UInt8) -> UInt8? {
+        switch byte {
+        case UInt8(ascii: "0")...UInt8(ascii: "9"): return byte - UInt8(ascii: "0")
+        case UInt8(ascii: "a")...UInt8(ascii: "f"): return byte - UInt8(ascii: "a") + 10
+        case UInt8(ascii: "A")...UInt8(ascii: "F"): return byte - UInt8(ascii: "A") + 10
+        default: return nil
+        }
+    }
+}
+
+extension CallerRegistry: CustomStringConvertible {
+    /// Shows caller names only.
+    public var description: String {
+        "CallerRegistry(\(self.entries.map(\.caller.name).joined(separator: ", ")))"
+    }
+}

@@ -1,0 +1,485 @@
+import AsyncHTTPClient
+import Foundation
+import JWTKit
+import Logging
+import Synchronization
+
+/// What a verified Forge Invocation Token (FIT) says about the call.
+public struct InvocationContext: Sendable, Hashable {
+    /// `app.installationId`: the installation ARI, the gateway's storage key.
+    public let installationId: String
+    /// `app.id`, or the audience the token was verified for when `app.id` is absent.
+    public let appId: String
+    /// `app.apiBaseUrl`: where the installation's tokens are used.
+    public let apiBaseUrl: String?
+    /// `app.installation.contexts[0].cloudId`, else the last segment of an
+    /// `…/ex/<product>/<cloudId>` ``apiBaseUrl``.
+    public let cloudId: String?
+    /// `app.environment.type`.
+    public let environmentType: String?
+    /// `app.environment.id`.
+    public let environmentId: String?
+    /// The token's unique id.
+    public let jti: String
+    /// The token's `exp`.
+    public let expiresAt: Date
+    /// `principal` (the user's account id, on UI calls only).
+    public let principal: String?
+
+    public init(
+        installationId: String,
+        appId: String,
+        apiBaseUrl: String?,
+        cloudId: String?,
+        environmentType: String?,
+        environmentId: String?,
+        jti: String,
+        expiresAt: Date,
+        principal: String?
+    ) {
+        self.installationId = installationId
+        self.appId = appId
+        self.apiBaseUrl = apiBaseUrl
+        self.cloudId = cloudId
+        self.environmentType = environmentType
+        self.environmentId = environmentId
+        self.jti = jti
+        self.expiresAt = expiresAt
+        self.principal = principal
+    }
+}
+
+/// Remembers FIT ids so a token is accepted once only.
+public protocol InvocationTokenReplayGuard: Sendable {
+    /// Records `jti` until `expiresAt`; returns false if it was already recorded (a replay).
+    /// Throws if the store is unreachable.
+    func firstUse(jti: String, expiresAt: Date) async throws -> Bool
+}
+
+/// Why a FIT was refused. ``reason`` is a bounded word, usable as the metric label `outcome`;
+/// the description never contains the token.
+public struct InvocationTokenError: Error, Hashable, Sendable, CustomStringConvertible {
+    /// The reason code (snake_case).
+    public let reason: String
+    /// A secret-free detail for logs (for example which claim was missing); not part of equality.
+    public let detail: String?
+
+    private init(_ reason: String, detail: String? = nil) {
+        self.reason = reason
+        self.detail = detail
+    }
+
+    /// Not a compact JWS with a JSON header and payload, or a claim of the wrong type.
+    public static let malformed = InvocationTokenError("malformed")
+    /// The header `alg` is not exactly `RS256`.
+    public static let algorithmNotAllowed = InvocationTokenError("algorithm_not_allowed")
+    /// No `kid`, or the JWKS has no usable key with that `kid`.
+    public static let unknownKey = InvocationTokenError("unknown_key")
+    /// The signature does not verify with the named key.
+    public static let badSignature = InvocationTokenError("bad_signature")
+    /// `iss` is not `forge/invocation-token`.
+    public static let wrongIssuer = InvocationTokenError("wrong_issuer")
+    /// `aud` does not name the configured app id.
+    public static let wrongAudience = InvocationTokenError("wrong_audience")
+    /// `exp` passed more than the allowed clock skew ago.
+    public static let expired = InvocationTokenError("expired")
+    /// `nbf` is later than now plus the allowed clock skew.
+    public static let notYetValid = InvocationTokenError("not_yet_valid")
+    /// `iat` is later than now plus the allowed clock skew.
+    public static let issuedInFuture = InvocationTokenError("issued_in_future")
+    /// A required claim (`iss`, `aud`, `exp`, `nbf`, `iat`, `jti`, `app.installationId`) is absent.
+    public static let missingClaim = InvocationTokenError("missing_claim")
+    /// The `jti` was seen before within the token's lifetime.
+    public static let replayed = InvocationTokenError("replayed")
+    /// The JWKS could not be fetched and no cached key applies.
+    public static let jwksUnavailable = InvocationTokenError("jwks_unavailable")
+    /// The replay guard's store could not be reached.
+    public static let storeUnavailable = InvocationTokenError("store_unavailable")
+
+    static func missingClaim(_ name: String) -> InvocationTokenError {
+        InvocationTokenError("missing_claim", detail: "missing claim \(name)")
+    }
+
+    static func malformed(_ detail: String) -> InvocationTokenError {
+        InvocationTokenError("malformed", detail: detail)
+    }
+
+    public static func == (lhs: InvocationTokenError, rhs: InvocationTokenError) -> Bool { lhs.reason == rhs.reason }
+    public func hash(into hasher: inout Hasher) { hasher.combine(self.reason) }
+
+    public var description: String {
+        if let detail { return "InvocationTokenError(\(self.reason): \(detail))" }
+        return "InvocationTokenError(\(self.reason))"
+    }
+}
+
+/// Verifies Forge Invocation Tokens (contract §3, protocol.md §2).
+///
+/// RS256 only: the header `alg` must be exactly `RS256` before any key is looked up. The key is
+/// the JWKS entry whose `kid` the header names (RSA, ≥ 2048 bits, `alg` absent or `RS256`); no
+/// other key is ever tried, and a `kid` missing from the cached JWKS refetches it at most once per
+/// ``Configuration/jwksRefreshInterval``. Then `iss`, `aud`, `exp`/`nbf`/`iat` (within
+/// ``Configuration/clockSkew``), `jti` and `app.installationId` are checked, and finally the
+/// replay guard records the `jti`.
+public final class InvocationTokenVerifier: Sendable {
+    /// Forge's production JWKS.
+    public static let productionJWKSURL = "https://forge.cdn.prod.atlassian-dev.net/.well-known/jwks.json"
+    /// Forge's staging JWKS.
+    public static let stagingJWKSURL = "https://forge.cdn.stg.atlassian-dev.net/.well-known/jwks.json"
+    /// The only accepted `iss`.
+    public static let issuer = "forge/invocation-token"
+
+    public struct Configuration: Sendable {
+        /// The expected `aud` (`ari:cloud:ecosystem::app/<uuid>`).
+        public var appId: String
+        /// The JWKS to verify with. Default: Forge production.
+        public var jwksURL: String
+        /// When set, tokens whose (unverified) `app.apiBaseUrl` host looks like Atlassian staging
+        /// (contains `.stg.` or `stg.atlassian`) are verified with this JWKS instead. It only picks
+        /// the key set; verification stays as strict. Default: nil (staging tokens are verified
+        /// against ``jwksURL`` and fail).
+        public var stagingJWKSURL: String?
+        /// Tolerance for `exp`, `nbf` and `iat`. Default 60 s.
+        public var clockSkew: Duration = .seconds(60)
+        /// An unknown `kid` refetches the JWKS at most once per this interval. Default 30 s.
+        public var jwksRefreshInterval: Duration = .seconds(30)
+        /// How long a fetched JWKS is used before it is fetched again. Default 1 h.
+        public var jwksCacheLifetime: Duration = .seconds(3600)
+        /// After a failed fetch, the next one waits at least this long (requests meanwhile use the
+        /// cached keys or fail with `jwks_unavailable`). Default 1 s.
+        public var jwksFailureRetryInterval: Duration = .seconds(1)
+        /// While the JWKS cannot be fetched, keys from the last successful fetch stay usable for
+        /// this long after it. Default 24 h.
+        public var jwksStaleIfErrorLifetime: Duration = .seconds(86_400)
+        /// Timeout of one JWKS fetch (connect, head and body). Default 5 s.
+        public var jwksFetchTimeout: Duration = .seconds(5)
+
+        public init(
+            appId: String,
+            jwksURL: String = InvocationTokenVerifier.productionJWKSURL,
+            stagingJWKSURL: String? = nil,
+            clockSkew: Duration = .seconds(60),
+            jwksRefreshInterval: Duration = .seconds(30),
+            jwksCacheLifetime: Duration = .seconds(3600)
+        ) {
+            self.appId = appId
+            self.jwksURL = jwksURL
+            self.stagingJWKSURL = stagingJWKSURL
+            self.clockSkew = clockSkew
+            self.jwksRefreshInterval = jwksRefreshInterval
+            self.jwksCacheLifetime = jwksCacheLifetime
+        }
+    }
+
+    /// Largest accepted token, in bytes (FITs are a few KB; headers are bounded anyway).
+    static let maximumTokenLength = 32 * 1024
+    /// Longest accepted `jti` (it becomes a store key).
+    static let maximumJTILength = 256
+
+    let configuration: Configuration
+    let keySource: KeySource
+    let replayGuard: (any InvocationTokenReplayGuard)?
+    let logger: Logger
+    /// Per-JWKS-URL key cache (see `InvocationTokenVerifier+JWKS.swift`).
+    let keyCache: Mutex<[String: KeyCacheEntry]>
+
+    /// A verifier that fetches the JWKS with `httpClient` (5 s timeout; concurrent fetches coalesce).
+    public init(
+        configuration: Configuration,
+        httpClient: HTTPClient,
+        replayGuard: (any InvocationTokenReplayGuard)?,
+        logger: Logger
+    ) {
+        self.configuration = configuration
+        self.keySource = .remote(httpClient)
+        self.replayGuard = replayGuard
+        self.logger = logger
+        self.keyCache = Mutex([:])
+    }
+
+    /// A verifier with a fixed key set given as JWKS JSON (no HTTP); for tests and offline use.
+    ///
+    /// - Throws: ``InvocationTokenError/jwksUnavailable`` when `jwksJSON` is not a JWKS.
+    public init(
+        configuration: Configuration,
+        jwksJSON: String,
+        replayGuard: (any InvocationTokenReplayGuard)?,
+        logger: Logger
+    ) throws {
+        self.configuration = configuration
+        self.keySource = .fixed(try Self.parseJWKS(Data(jwksJSON.utf8), logger: logger))
+        self.replayGuard = replayGuard
+        self.logger = logger
+        self.keyCache = Mutex([:])
+    }
+
+    /// Verifies `token` (the bearer value, without `Bearer `) at time `now`.
+    ///
+    /// - Returns: the claims the gateway uses.
+    /// - Throws: ``InvocationTokenError``; nothing is recorded unless every check passed.
+    public func verify(_ token: String, now: Date = Date()) async throws -> InvocationContext {
+        do {
+            return try await self.verifyChecked(token, now: now)
+        } catch {
+            self.logger.debug(
+                "Forge invocation token refused",
+                metadata: ["fit.outcome": "\(error.reason)", "fit.detail": "\(error.detail ?? "")"]
+            )
+            throw error
+        }
+    }
+
+    private func verifyChecked(_ token: String, now: Date) async throws(InvocationTokenError) -> InvocationContext {
+        // 1. Structure: three base64url parts, JSON header and payload.
+        let bytes = Array(token.utf8)
+        guard !bytes.isEmpty, bytes.count <= Self.maximumTokenLength else {
+            throw .malformed("token empty or too long")
+        }
+        let parts = bytes.split(separator: UInt8(ascii: "."), omittingEmptySubsequences: false)
+        guard parts.count == 3,
+            let headerBytes = Base64URL.decode(utf8: Array(parts[0])),
+            let payloadBytes = Base64URL.decode(utf8: Array(parts[1])),
+            Base64URL.decode(utf8: Array(parts[2])) != nil
+        else { throw .malformed("not a compact JWS") }
+        let header: Header
+        do {
+            header = try JSONDecoder().decode(Header.self, from: Data(headerBytes))
+        } catch {
+            throw .malformed("header is not a JSON object")
+        }
+
+        // 2. Algorithm, before any key lookup.
+        guard header.alg == "RS256" else { throw .algorithmNotAllowed }
+        guard header.crit == nil else { throw .malformed("critical header extensions are not supported") }
+        guard let kid = header.kid, !kid.isEmpty else { throw .unknownKey }
+
+        // 3. Which JWKS: staging only when configured and the (unverified) apiBaseUrl says so.
+        let unverified: FITClaims
+        do {
+            unverified = try JSONDecoder().decode(FITClaims.self, from: Data(payloadBytes))
+        } catch {
+            throw .malformed("payload is not a valid claims object")
+        }
+        let jwksURL = self.jwksURL(forUnverifiedAPIBaseURL: unverified.app?.apiBaseUrl)
+
+        // 4. The key named by kid, and only that key.
+        let publicKey = try await self.publicKey(kid: kid, jwksURL: jwksURL)
+
+        // 5. Signature (jwt-kit, with a collection holding exactly this key).
+        let claims: FITClaims
+        do {
+            let collection = JWTKeyCollection()
+            await collection.add(rsa: publicKey, digestAlgorithm: .sha256, kid: JWKIdentifier(string: kid))
+            claims = try await collection.verify(token, as: FITClaims.self)
+        } catch let error as JWTError where error.errorType == .signatureVerificationFailed {
+            throw .badSignature
+        } catch {
+            throw .malformed("token rejected by the JWT parser")
+        }
+
+        // 6. Claims.
+        guard let iss = claims.iss else { throw .missingClaim("iss") }
+        guard let aud = claims.aud else { throw .missingClaim("aud") }
+        guard let exp = claims.exp else { throw .missingClaim("exp") }
+        guard let nbf = claims.nbf else { throw .missingClaim("nbf") }
+        guard let iat = claims.iat else { throw .missingClaim("iat") }
+        guard let jti = claims.jti, !jti.isEmpty else { throw .missingClaim("jti") }
+        guard let installationId = claims.app?.installationId, !installationId.isEmpty else {
+            throw .missingClaim("app.installationId")
+        }
+        guard jti.utf8.count <= Self.maximumJTILength else { throw .malformed("jti too long") }
+        guard iss == Self.issuer else { throw .wrongIssuer }
+        guard aud.values.contains(self.configuration.appId) else { throw .wrongAudience }
+
+        let skew = Self.seconds(self.configuration.clockSkew)
+        let nowSeconds = now.timeIntervalSince1970
+        guard nowSeconds < exp + skew else { throw .expired }
+        guard nbf <= nowSeconds + skew else { throw .notYetValid }
+        guard iat <= nowSeconds + skew else { throw .issuedInFuture }
+
+        // 7. Replay: the jti is remembered as long as the token could still be accepted.
+        if let replayGuard = self.replayGuard {
+            let firstUse: Bool
+            do {
+                firstUse = try await replayGuard.firstUse(jti: jti, expiresAt: Date(timeIntervalSince1970: exp + skew))
+            } catch {
+                self.logger.warning(
+                    "Replay guard unavailable while verifying a Forge invocation token",
+                    metadata: ["error.type": "\(String(reflecting: type(of: error)))"]
+                )
+                throw .storeUnavailable
+            }
+            guard firstUse else { throw .replayed }
+        }
+
+        let app = claims.app
+        let apiBaseUrl = app?.apiBaseUrl
+        let cloudId =
+            app?.installation?.contexts?.first?.cloudId.flatMap { $0.isEmpty ? nil : $0 }
+            ?? apiBaseUrl.flatMap(Self.cloudId(fromAPIBaseURL:))
+        return InvocationContext(
+            installationId: installationId,
+            appId: app?.id.flatMap { $0.isEmpty ? nil : $0 } ?? self.configuration.appId,
+            apiBaseUrl: apiBaseUrl,
+            cloudId: cloudId,
+            environmentType: app?.environment?.type,
+            environmentId: app?.environment?.id,
+            jti: jti,
+            expiresAt: Date(timeIntervalSince1970: exp),
+            principal: claims.principal
+        )
+    }
+
+    func jwksURL(forUnverifiedAPIBaseURL apiBaseUrl: String?) -> String {
+        guard let staging = self.configuration.stagingJWKSURL,
+            let apiBaseUrl,
+            let host = URLComponents(string: apiBaseUrl)?.host?.lowercased(),
+            host.contains(".stg.") || host.contains("stg.atlassian")
+        else { return self.configuration.jwksURL }
+        return staging
+    }
+
+    /// The cloud id of an `…/ex/<product>/<cloudId>` API base URL.
+    static func cloudId(fromAPIBaseURL apiBaseUrl: String) -> String? {
+        guard let path = URLComponents(string: apiBaseUrl)?.path else { return nil }
+        let segments = path.split(separator: "/")
+        guard segments.count >= 3, segments[segments.count - 3] == "ex" else { return nil }
+        return String(segments[segments.count - 1])
+    }
+
+    static func seconds(_ duration: Duration) -> Double {
+        let (seconds, attoseconds) = duration.components
+        return Double(seconds) + Double(attoseconds) / 1e18
+    }
+}
+
+// MARK: - Token shapes
+
+extension InvocationTokenVerifier {
+    struct Header: Decodable {
+        var alg: String?
+        var kid: String?
+        /// Present only to refuse tokens that demand extensions this verifier does not implement.
+        var crit: [String]?
+
+        private enum CodingKeys: String, CodingKey { case alg, kid, crit }
+
+        init(from decoder: any Decoder) throws {
+            let container = try decoder.container(keyedBy: CodingKeys.self)
+            // A non-string `alg` is simply not "RS256"; a non-string `kid` names no key.
+            self.alg = try? container.decodeIfPresent(String.self, forKey: .alg)
+            self.kid = try? container.decodeIfPresent(String.self, forKey: .kid)
+            // Any `crit` value, well-formed or not, leads to refusal.
+            self.crit = container.contains(.crit) ? ((try? container.decode([String].self, forKey: .crit)) ?? []) : nil
+        }
+    }
+
+    /// `aud`: one string or an array of strings.
+    struct Audience: Codable, Sendable {
+        var values: [String]
+
+        init(from decoder: any Decoder) throws {
+            let container = try decoder.singleValueContainer()
+            if let single = try? container.decode(String.self) {
+                self.values = [single]
+            } else {
+                self.values = try container.decode([String].self)
+            }
+        }
+
+        func encode(to encoder: any Encoder) throws {
+            var container = encoder.singleValueContainer()
+            if self.values.count == 1 {
+                try container.encode(self.values[0])
+            } else {
+                try container.encode(self.values)
+            }
+        }
+    }
+
+    /// The FIT claims the gateway reads. Required claims must have the right JSON type (else the
+    /// token is malformed); informational ones are read leniently.
+    struct FITClaims: JWTPayload {
+        var iss: String?
+        var aud: Audience?
+        var exp: Double?
+        var nbf: Double?
+        var iat: Double?
+        var jti: String?
+        var app: App?
+        var principal: String?
+
+        struct App: Codable, Sendable {
+            var id: String?
+            var installationId: String?
+            var apiBaseUrl: String?
+            var environment: Environment?
+            var installation: Installation?
+
+            private enum CodingKeys: String, CodingKey {
+                case id, installationId, apiBaseUrl, environment, installation
+            }
+
+            init(from decoder: any Decoder) throws {
+                let container = try decoder.container(keyedBy: CodingKeys.self)
+                self.installationId = try container.decodeIfPresent(String.self, forKey: .installationId)
+                self.id = try? container.decodeIfPresent(String.self, forKey: .id)
+                self.apiBaseUrl = try? container.decodeIfPresent(String.self, forKey: .apiBaseUrl)
+                self.environment = try? container.decodeIfPresent(Environment.self, forKey: .environment)
+                self.installation = try? container.decodeIfPresent(Installation.self, forKey: .installation)
+            }
+        }
+
+        struct Environment: Codable, Sendable {
+            var type: String?
+            var id: String?
+
+            private enum CodingKeys: String, CodingKey { case type, id }
+
+            init(from decoder: any Decoder) throws {
+                let container = try decoder.container(keyedBy: CodingKeys.self)
+                self.type = try? container.decodeIfPresent(String.self, forKey: .type)
+                self.id = try? container.decodeIfPresent(String.self, forKey: .id)
+            }
+        }
+
+        struct Installation: Codable, Sendable {
+            var contexts: [Context]?
+
+            private enum CodingKeys: String, CodingKey { case contexts }
+
+            init(from decoder: any Decoder) throws {
+                let container = try decoder.container(keyedBy: CodingKeys.self)
+                self.contexts = try? container.decodeIfPresent([Context].self, forKey: .contexts)
+            }
+        }
+
+        struct Context: Codable, Sendable {
+            var cloudId: String?
+
+            private enum CodingKeys: String, CodingKey { case cloudId }
+
+            init(from decoder: any Decoder) throws {
+                let container = try decoder.container(keyedBy: CodingKeys.self)
+                self.cloudId = try? container.decodeIfPresent(String.self, forKey: .cloudId)
+            }
+        }
+
+        private enum CodingKeys: String, CodingKey { case iss, aud, exp, nbf, iat, jti, app, principal }
+
+        init(from decoder: any Decoder) throws {
+            let container = try decoder.container(keyedBy: CodingKeys.self)
+            self.iss = try container.decodeIfPresent(String.self, forKey: .iss)
+            self.aud = try container.decodeIfPresent(Audience.self, forKey: .aud)
+            self.exp = try container.decodeIfPresent(Double.self, forKey: .exp)
+            self.nbf = try container.decodeIfPresent(Double.self, forKey: .nbf)
+            self.iat = try container.decodeIfPresent(Double.self, forKey: .iat)
+            self.jti = try container.decodeIfPresent(String.self, forKey: .jti)
+            self.app = try container.decodeIfPresent(App.self, forKey: .app)
+            self.principal = try? container.decodeIfPresent(String.self, forKey: .principal)
+        }
+
+        /// Claims are checked by ``InvocationTokenVerifier`` against an explicit clock.
+        func verify(using algorithm: some JWTAlgorithm) async throws {}
+    }
+}

@@ -1,0 +1,227 @@
+import FlowEngine
+import Foundation
+import Logging
+
+/// A setting that is missing or malformed. `description` is one line naming the setting and
+/// never contains the value (it may be a secret).
+public struct ConfigurationError: Error, Sendable, Hashable, CustomStringConvertible {
+    public let setting: String
+    public let problem: String
+
+    public init(setting: String, problem: String) {
+        self.setting = setting
+        self.problem = problem
+    }
+
+    public var description: String { "configuration error: \(self.setting): \(self.problem)" }
+}
+
+/// One setting of the gateway: an environment variable and the command-line flag of the same meaning.
+public struct GatewaySetting: Sendable, Hashable {
+    public let environment: String
+    public let flag: String
+    public let summary: String
+    public let isSecret: Bool
+
+    public static let host = GatewaySetting("TOKEN_GATEWAY_HOST", "host", "listen address (default 127.0.0.1)")
+    public static let port = GatewaySetting("TOKEN_GATEWAY_PORT", "port", "listen port (default 8080)")
+    public static let redisURL = GatewaySetting(
+        "TOKEN_GATEWAY_REDIS_URL", "redis-url", "redis:// or redis-sentinel:// URL (default redis://127.0.0.1:6379/0)",
+        secret: true)
+    public static let forgeAppID = GatewaySetting("TOKEN_GATEWAY_FORGE_APP_ID", "forge-app-id", "expected FIT aud (required)")
+    public static let forgeJWKSURL = GatewaySetting(
+        "TOKEN_GATEWAY_FORGE_JWKS_URL", "forge-jwks-url", "JWKS URL for Forge invocation tokens")
+    public static let triggerHosts = GatewaySetting(
+        "TOKEN_GATEWAY_TRIGGER_HOSTS", "trigger-hosts", "comma-separated allow-list of trigger URL hosts")
+    public static let encryptionKeys = GatewaySetting(
+        "TOKEN_GATEWAY_ENCRYPTION_KEYS", "encryption-keys", "keyId:base64(32 bytes),… (required)", secret: true)
+    public static let callers = GatewaySetting(
+        "TOKEN_GATEWAY_CALLERS", "callers", "JSON array of callers, or @path (required)", secret: true)
+    public static let connectBaseURL = GatewaySetting(
+        "TOKEN_GATEWAY_CONNECT_BASE_URL", "connect-base-url", "the Connect app's baseUrl (unset: Connect routes off)")
+    public static let connectKeysURL = GatewaySetting(
+        "TOKEN_GATEWAY_CONNECT_KEYS_URL", "connect-keys-url", "base URL of Connect install public keys")
+    public static let forgeGraphQLURL = GatewaySetting(
+        "TOKEN_GATEWAY_FORGE_GRAPHQL_URL", "forge-graphql-url", "GraphQL endpoint for user-token exchanges")
+    public static let userExchangesPerMinute = GatewaySetting(
+        "TOKEN_GATEWAY_USER_EXCHANGES_PER_MINUTE", "user-exchanges-per-minute", "user-token exchange budget (default 1000)")
+    public static let publicURL = GatewaySetting(
+        "TOKEN_GATEWAY_PUBLIC_URL", "public-url", "the gateway's own base URL as callers reach it")
+    public static let logLevel = GatewaySetting("TOKEN_GATEWAY_LOG_LEVEL", "log-level", "trace…critical (default info)")
+    public static let logFormat = GatewaySetting("TOKEN_GATEWAY_LOG_FORMAT", "log-format", "logfmt or json (default logfmt)")
+    public static let triggerMaxAttempts = GatewaySetting(
+        "TOKEN_GATEWAY_TRIGGER_MAX_ATTEMPTS", "trigger-max-attempts", "trigger attempts per round trip (default 4)")
+    public static let triggerAttemptTimeout = GatewaySetting(
+        "TOKEN_GATEWAY_TRIGGER_ATTEMPT_TIMEOUT_MS", "trigger-attempt-timeout-ms",
+        "longest wait for one trigger call, ms (default 10000)")
+    public static let deliveryGrace = GatewaySetting(
+        "TOKEN_GATEWAY_DELIVERY_GRACE_MS", "delivery-grace-ms",
+        "how long after a 2xx trigger answer the token may still arrive, ms (default 3000)")
+
+    public static let all: [GatewaySetting] = [
+        .host, .port, .redisURL, .forgeAppID, .forgeJWKSURL, .triggerHosts, .encryptionKeys, .callers,
+        .connectBaseURL, .connectKeysURL, .forgeGraphQLURL, .userExchangesPerMinute, .publicURL, .logLevel,
+        .logFormat, .triggerMaxAttempts, .triggerAttemptTimeout, .deliveryGrace,
+    ]
+
+    init(_ environment: String, _ flag: String, _ summary: String, secret: Bool = false) {
+        self.environment = environment
+        self.flag = flag
+        self.summary = summary
+        self.isSecret = secret
+    }
+}
+
+/// How log lines are written.
+public enum LogFormat: String, Sendable, Hashable {
+    case logfmt
+    case json
+}
+
+/// Everything `token-gateway serve` needs, parsed and validated. `description` shows no secret.
+public struct GatewayConfiguration: Sendable, CustomStringConvertible {
+    public var host: String = "127.0.0.1"
+    public var port: Int = 8080
+    public var redis: RedisConfiguration
+    public var forgeAppID: String
+    public var forgeJWKSURL: String = InvocationTokenVerifier.productionJWKSURL
+    public var triggerHosts: TriggerHostAllowList = .forgeDefault
+    public var encryptionKeys: EncryptionKeyRing
+    public var callers: CallerRegistry
+    public var connectBaseURL: String? = nil
+    public var connectKeysURL: String = "https://connect-install-keys.atlassian.com"
+    public var forgeGraphQLURL: String = "https://api.atlassian.com/graphql"
+    public var userExchangesPerMinute: Int = 1000
+    public var publicURL: String? = nil
+    public var logLevel: Logger.Level = .info
+    public var logFormat: LogFormat = .logfmt
+    public var flow = TokenFlowConfiguration()
+    /// Largest request body accepted (bytes).
+    public var maxBodySize: Int = 64 * 1024
+
+    public init(
+        redis: RedisConfiguration, forgeAppID: String, encryptionKeys: EncryptionKeyRing, callers: CallerRegistry
+    ) {
+        self.redis = redis
+        self.forgeAppID = forgeAppID
+        self.encryptionKeys = encryptionKeys
+        self.callers = callers
+    }
+
+    /// The base URL used in OAuth discovery: `TOKEN_GATEWAY_PUBLIC_URL`, else `http://<host>:<port>`.
+    public var effectivePublicURL: String {
+        if let publicURL { return publicURL.hasSuffix("/") ? String(publicURL.dropLast()) : publicURL }
+        let h = self.host.contains(":") ? "[\(self.host)]" : self.host
+        return "http://\(h):\(self.port)"
+    }
+
+    public var description: String {
+        "GatewayConfiguration(listen: \(self.host):\(self.port), redis: \(self.redis), app: \(self.forgeAppID), callers: \(self.callers.callers.map(\.name)), encryption keys: \(self.encryptionKeys.keyIds))"
+    }
+
+    /// Reads every setting: a flag value (in `flags`, keyed by environment name) wins over the
+    /// environment. Throws the first missing or malformed setting.
+    public static func load(environment: [String: String], flags: [String: String] = [:]) throws(ConfigurationError)
+        -> GatewayConfiguration
+    {
+        func raw(_ s: GatewaySetting) -> String? {
+            if let v = flags[s.environment] { return v }
+            if let v = environment[s.environment], !v.isEmpty { return v }
+            return nil
+        }
+        func required(_ s: GatewaySetting) throws(ConfigurationError) -> String {
+            guard let v = raw(s), !v.trimmingCharacters(in: .whitespaces).isEmpty else {
+                throw ConfigurationError(setting: s.environment, problem: "is required but not set")
+            }
+            return v
+        }
+        func integer(_ s: GatewaySetting, range: ClosedRange<Int>) throws(ConfigurationError) -> Int? {
+            guard let v = raw(s) else { return nil }
+            guard let i = Int(v.trimmingCharacters(in: .whitespaces)), range.contains(i) else {
+                throw ConfigurationError(
+                    setting: s.environment, problem: "must be an integer in \(range.lowerBound)…\(range.upperBound)")
+            }
+            return i
+        }
+        func url(_ s: GatewaySetting, _ value: String) throws(ConfigurationError) -> String {
+            guard let c = URLComponents(string: value), let scheme = c.scheme?.lowercased(),
+                scheme == "http" || scheme == "https", let host = c.host, !host.isEmpty
+            else {
+                throw ConfigurationError(setting: s.environment, problem: "must be an absolute http(s) URL")
+            }
+            return value
+        }
+
+        let redisText = raw(.redisURL) ?? "redis://127.0.0.1:6379/0"
+        let redis: RedisConfiguration
+        do {
+            redis = try RedisConfiguration(url: redisText)
+        } catch {
+            throw ConfigurationError(setting: GatewaySetting.redisURL.environment, problem: "\(error)")
+        }
+        let appID = try required(.forgeAppID)
+        guard appID.hasPrefix("ari:cloud:ecosystem::app/"), appID.count > "ari:cloud:ecosystem::app/".count else {
+            throw ConfigurationError(
+                setting: GatewaySetting.forgeAppID.environment, problem: "must be an app ARI (ari:cloud:ecosystem::app/<uuid>)")
+        }
+        let keys: EncryptionKeyRing
+        do {
+            keys = try EncryptionKeyRing(parsing: try required(.encryptionKeys))
+        } catch let e as ConfigurationError {
+            throw e
+        } catch {
+            throw ConfigurationError(setting: GatewaySetting.encryptionKeys.environment, problem: "\(error)")
+        }
+        var callersText = try required(.callers)
+        if callersText.hasPrefix("@") {
+            let path = String(callersText.dropFirst())
+            guard let data = FileManager.default.contents(atPath: path), let text = String(data: data, encoding: .utf8)
+            else {
+                throw ConfigurationError(setting: GatewaySetting.callers.environment, problem: "cannot read file \(path)")
+            }
+            callersText = text
+        }
+        let callers: CallerRegistry
+        do {
+            callers = try CallerRegistry(json: callersText)
+        } catch {
+            throw ConfigurationError(setting: GatewaySetting.callers.environment, problem: "\(error)")
+        }
+        var config = GatewayConfiguration(redis: redis, forgeAppID: appID, encryptionKeys: keys, callers: callers)
+        if let host = raw(.host) { config.host = host }
+        if let port = try integer(.port, range: 0...65535) { config.port = port }
+        if let jwks = raw(.forgeJWKSURL) { config.forgeJWKSURL = try url(.forgeJWKSURL, jwks) }
+        if let hosts = raw(.triggerHosts) {
+            do {
+                config.triggerHosts = try TriggerHostAllowList(parsing: hosts)
+            } catch {
+                throw ConfigurationError(setting: GatewaySetting.triggerHosts.environment, problem: error.problem)
+            }
+        }
+        if let v = raw(.connectBaseURL) { config.connectBaseURL = try url(.connectBaseURL, v) }
+        if let v = raw(.connectKeysURL) { config.connectKeysURL = try url(.connectKeysURL, v) }
+        if let v = raw(.forgeGraphQLURL) { config.forgeGraphQLURL = try url(.forgeGraphQLURL, v) }
+        if let v = try integer(.userExchangesPerMinute, range: 1...1_000_000) { config.userExchangesPerMinute = v }
+        if let v = raw(.publicURL) { config.publicURL = try url(.publicURL, v) }
+        if let v = raw(.logLevel) {
+            guard let level = Logger.Level(rawValue: v.lowercased()) else {
+                throw ConfigurationError(
+                    setting: GatewaySetting.logLevel.environment,
+                    problem: "must be one of trace, debug, info, notice, warning, error, critical")
+            }
+            config.logLevel = level
+        }
+        if let v = raw(.logFormat) {
+            guard let format = LogFormat(rawValue: v.lowercased()) else {
+                throw ConfigurationError(setting: GatewaySetting.logFormat.environment, problem: "must be logfmt or json")
+            }
+            config.logFormat = format
+        }
+        if let v = try integer(.triggerMaxAttempts, range: 1...20) { config.flow.maxAttempts = v }
+        if let v = try integer(.triggerAttemptTimeout, range: 100...60_000) {
+            config.flow.attemptTimeout = .milliseconds(v)
+        }
+        if let v = try integer(.deliveryGrace, range: 0...60_000) { config.flow.deliveryGrace = .milliseconds(v) }
+        return config
+    }
+}

@@ -1,0 +1,3 @@
+import FlowEngine
+
+extension EncryptionKeyRing: SecretBox {}

@@ -1,0 +1,124 @@
+import AsyncHTTPClient
+import FlowEngine
+import Foundation
+import Hummingbird
+import Logging
+import NIOCore
+import Prometheus
+import ServiceLifecycle
+
+/// One gateway process: the Redis store, the token flow, Forge verification and the HTTP routes.
+///
+/// Build it from a ``GatewayConfiguration``, then run ``services`` in a `ServiceGroup` (or call
+/// ``run(onServerRunning:)``, which does that and handles SIGTERM/SIGINT).
+public final class Gateway: Sendable {
+    public let configuration: GatewayConfiguration
+    public let redis: RedisClient
+    public let store: GatewayStore
+    public let flow: TokenFlow
+    public let httpClient: HTTPClient
+    public let verifier: InvocationTokenVerifier
+    public let registry: PrometheusCollectorRegistry
+    public let metrics: GatewayMetrics
+    public let logger: Logger
+    public let replicaID: String
+
+    /// - Parameters:
+    ///   - configuration: the validated settings.
+    ///   - logger: the root logger; components derive their own labels' metadata from it.
+    ///   - registry: the Prometheus registry `/metrics` exposes (a new one by default).
+    public init(
+        configuration: GatewayConfiguration, logger: Logger,
+        registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()
+    ) {
+        self.configuration = configuration
+        self.logger = logger
+        self.registry = registry
+        self.metrics = GatewayMetrics(factory: PrometheusMetricsFactory(registry: registry))
+        self.replicaID = "gw_" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
+        var httpConfig = HTTPClient.Configuration()
+        httpConfig.redirectConfiguration = .disallow
+        httpConfig.timeout = .init(connect: .seconds(5), read: .seconds(30))
+        httpConfig.connectionPool = .init(idleTimeout: .seconds(60))
+        self.httpClient = HTTPClient(eventLoopGroupProvider: .singleton, configuration: httpConfig)
+        self.redis = RedisClient(configuration: configuration.redis, logger: logger)
+        self.store = GatewayStore(redis: self.redis, box: configuration.encryptionKeys)
+        let trigger = HTTPTriggerClient(
+            store: self.store, httpClient: self.httpClient, allowList: configuration.triggerHosts, logger: logger)
+        self.flow = TokenFlow(
+            configuration: configuration.flow, store: self.store, trigger: trigger, metrics: self.metrics.flow,
+            logger: logger, replicaID: self.replicaID)
+        let stagingJWKS =
+            configuration.forgeJWKSURL == InvocationTokenVerifier.productionJWKSURL
+            ? InvocationTokenVerifier.stagingJWKSURL : nil
+        self.verifier = InvocationTokenVerifier(
+            configuration: .init(
+                appId: configuration.forgeAppID, jwksURL: configuration.forgeJWKSURL, stagingJWKSURL: stagingJWKS),
+            httpClient: self.httpClient, replayGuard: StoreReplayGuard(store: self.store), logger: logger)
+    }
+
+    /// The HTTP application, bound to the configured host and port.
+    public func makeApplication(
+        onServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in }
+    ) -> some ApplicationProtocol {
+        Application(
+            router: self.makeRouter(),
+            configuration: .init(
+                address: .hostname(self.configuration.host, port: self.configuration.port),
+                serverName: "token-gateway"),
+            onServerRunning: onServerRunning,
+            logger: self.logger)
+    }
+
+    /// Every long-lived part in start order; a `ServiceGroup` shuts them down in reverse, so the
+    /// HTTP server drains first, then the flow releases its leases, then Redis and the HTTP client close.
+    public func services(
+        onServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in }
+    ) -> [any Service] {
+        [
+            HTTPClientService(client: self.httpClient), self.redis, self.flow,
+            self.makeApplication(onServerRunning: onServerRunning),
+        ]
+    }
+
+    /// Runs the gateway until SIGTERM or SIGINT, then shuts down gracefully.
+    public func run(onServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in }) async throws {
+        let group = ServiceGroup(
+            configuration: .init(
+                services: self.services(onServerRunning: onServerRunning).map { .init(service: $0) },
+                gracefulShutdownSignals: [.sigterm, .sigint],
+                logger: self.logger))
+        try await group.run()
+    }
+}
+
+/// Keeps an `HTTPClient` open while the service group runs and shuts it down at the end.
+public struct HTTPClientService: Service {
+    let client: HTTPClient
+
+    public init(client: HTTPClient) { self.client = client }
+
+    public func run() async throws {
+        try? await gracefulShutdown()
+        try await self.client.shutdown()
+    }
+}
+
+/// The FIT `jti` replay guard, kept in Redis for the token's lifetime.
+struct StoreReplayGuard: InvocationTokenReplayGuard {
+    let store: GatewayStore
+
+    func firstUse(jti: String, expiresAt: Date) async throws -> Bool {
+        try await self.store.firstUse(
+            jti: jti, expiresAtUnixSeconds: Int64(expiresAt.timeIntervalSince1970), now: FlowTime.now())
+    }
+}
+
+import Metrics
+
+extension Gateway {
+    /// Makes this gateway's Prometheus registry the process-wide metrics backend (call once, in `serve`).
+    public func bootstrapMetrics() {
+        MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: self.registry))
+    }
+}

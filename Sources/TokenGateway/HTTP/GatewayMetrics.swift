@@ -1,0 +1,48 @@
+import FlowEngine
+import Metrics
+import Synchronization
+
+/// The gateway's HTTP-level metric handles (contract §6); the flow's own are in ``FlowMetrics``.
+public final class GatewayMetrics: Sendable {
+    let factory: any MetricsFactory
+    public let flow: FlowMetrics
+    public let circuitsOpen: Meter
+    private let requestCounters = Mutex<[String: Counter]>([:])
+    private let fitCounters = Mutex<[String: Counter]>([:])
+
+    public init(factory: any MetricsFactory) {
+        self.factory = factory
+        self.flow = FlowMetrics(factory: factory)
+        self.circuitsOpen = Meter(label: "token_gateway_circuits_open", factory: factory)
+        self.circuitsOpen.set(0)
+        self.flow.leasesHeld.set(0)
+        _ = Counter(label: "token_gateway_store_errors_total", factory: factory)
+    }
+
+    /// Counts one HTTP answer; `route` is a route template (bounded), never a concrete path.
+    public func countRequest(route: String, status: Int) {
+        let key = "\(route)|\(status)"
+        let counter = self.requestCounters.withLock { cache -> Counter in
+            if let c = cache[key] { return c }
+            let c = Counter(
+                label: "token_gateway_http_requests_total", dimensions: [("route", route), ("status", String(status))],
+                factory: self.factory)
+            cache[key] = c
+            return c
+        }
+        counter.increment()
+    }
+
+    /// Counts one Forge invocation token verification by outcome (`success` or a fixed reason word).
+    public func countInvocationToken(outcome: String) {
+        let counter = self.fitCounters.withLock { cache -> Counter in
+            if let c = cache[outcome] { return c }
+            let c = Counter(
+                label: "token_gateway_invocation_token_verifications_total", dimensions: [("outcome", outcome)],
+                factory: self.factory)
+            cache[outcome] = c
+            return c
+        }
+        counter.increment()
+    }
+}

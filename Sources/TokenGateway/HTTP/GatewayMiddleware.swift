@@ -1,0 +1,86 @@
+import FlowEngine
+import HTTPTypes
+import Hummingbird
+import Logging
+
+/// Turns every error into the contract's error body: ``GatewayError``s as they are, Hummingbird's
+/// own (unknown route, body too large, …) mapped to their codes, anything else a logged 500.
+/// Also answers 405 for a known route called with the wrong method.
+struct ErrorMiddleware<Context: RequestContext>: RouterMiddleware {
+    let knownRoutes: [(segments: [Substring], methods: [HTTPRequest.Method])]
+    let logger: Logger
+
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws
+        -> Response
+    {
+        do {
+            return try await next(request, context)
+        } catch let error as GatewayError {
+            return try error.response(from: request, context: context)
+        } catch let error as HTTPError {
+            let mapped: GatewayError
+            switch error.status {
+            case .notFound:
+                if let allowed = self.allowedMethods(for: request.uri.path) {
+                    mapped = GatewayError(
+                        status: .methodNotAllowed, code: "method_not_allowed",
+                        message: "method not allowed on this route",
+                        extraHeaders: ["Allow": allowed.map(\.rawValue).joined(separator: ", ")])
+                } else {
+                    mapped = .notFound
+                }
+            case .contentTooLarge: mapped = .payloadTooLarge
+            case .badRequest: mapped = .invalidRequest("malformed request")
+            case .methodNotAllowed: mapped = .methodNotAllowed
+            case .unsupportedMediaType: mapped = .invalidRequest("unsupported content type")
+            default:
+                if error.status.code >= 500 {
+                    self.logger.error("unexpected HTTP error", metadata: ["http.status": "\(error.status.code)"])
+                    mapped = .internalError
+                } else {
+                    mapped = GatewayError(status: error.status, code: "invalid_request", message: "request refused")
+                }
+            }
+            return try mapped.response(from: request, context: context)
+        } catch {
+            self.logger.error(
+                "unhandled error", metadata: ["error.type": "\(type(of: error))", "http.path": "\(context.endpointPath ?? "-")"])
+            return try GatewayError.internalError.response(from: request, context: context)
+        }
+    }
+
+    func allowedMethods(for path: String) -> [HTTPRequest.Method]? {
+        let segments = path.split(separator: "/", omittingEmptySubsequences: true)
+        for route in self.knownRoutes where route.segments.count == segments.count {
+            if zip(route.segments, segments).allSatisfy({ $0.hasPrefix(":") || $0 == $1 }) {
+                return route.methods
+            }
+        }
+        return nil
+    }
+}
+
+/// Counts answers by route template and status, and logs each request at debug level with the
+/// Forge trace ids. Never logs headers.
+struct ObservabilityMiddleware<Context: RequestContext>: RouterMiddleware {
+    let metrics: GatewayMetrics
+    let logger: Logger
+
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws
+        -> Response
+    {
+        let response = try await next(request, context)
+        let route = context.endpointPath ?? "unmatched"
+        self.metrics.countRequest(route: route, status: Int(response.status.code))
+        if self.logger.logLevel <= .debug {
+            var metadata: Logger.Metadata = [
+                "http.method": "\(request.method.rawValue)", "http.route": "\(route)",
+                "http.status": "\(response.status.code)",
+            ]
+            if let trace = request.headers[HTTPField.Name("x-b3-traceid")!] { metadata["trace.id"] = "\(trace.prefix(64))" }
+            if let span = request.headers[HTTPField.Name("x-b3-spanid")!] { metadata["span.id"] = "\(span.prefix(64))" }
+            self.logger.debug("request", metadata: metadata)
+        }
+        return response
+    }
+}

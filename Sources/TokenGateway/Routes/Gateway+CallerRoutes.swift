@@ -1,0 +1,134 @@
+import FlowEngine
+import Foundation
+import Hummingbird
+
+extension Gateway {
+    func addCallerRoutes(to router: Router<BasicRequestContext>) {
+        router.get("/v1/installations/:id/token") { request, context in
+            try await self.tokenRoute(request, context: context, force: false)
+        }
+        router.post("/v1/installations/:id/token/refresh") { request, context in
+            try await self.tokenRoute(request, context: context, force: true)
+        }
+        router.get("/v1/installations/:id") { request, context in
+            let caller = try self.authenticateCaller(request)
+            let id = try self.installationParameter(context, caller: caller)
+            let record: InstallationRecord?
+            do {
+                record = try await self.store.installation(id)
+            } catch {
+                throw GatewayError.storeUnavailable
+            }
+            guard let record else { throw GatewayError(FlowError.installationNotFound) }
+            return Self.json(Self.metadata(record))
+        }
+        router.get("/v1/installations") { request, context in
+            let caller = try self.authenticateCaller(request)
+            let query = request.uri.queryParameters
+            var limit = 100
+            if let raw = query.get("limit") {
+                guard let v = Int(raw), (1...1000).contains(v) else {
+                    throw GatewayError.invalidParameter("limit must be an integer in 1…1000")
+                }
+                limit = v
+            }
+            var after: String? = nil
+            if let raw = query.get("cursor"), !raw.isEmpty {
+                guard let bytes = Base64URL.decode(raw), let text = String(validating: bytes, as: UTF8.self),
+                    let id = InstallationID(text), id.ari == text
+                else { throw GatewayError.invalidParameter("cursor is malformed") }
+                after = id.ari
+            }
+            let page: (records: [InstallationRecord], next: String?)
+            do {
+                page = try await self.store.listInstallations(after: after, limit: limit) {
+                    caller.installations.contains($0.ari)
+                }
+            } catch {
+                throw GatewayError.storeUnavailable
+            }
+            return Self.json(
+                .object([
+                    ("installations", .array(page.records.map(Self.metadata))),
+                    ("nextCursor", page.next.map { .string(Base64URL.encode(Array($0.utf8))) } ?? .null),
+                ]))
+        }
+    }
+
+    /// The authenticated caller, or 401.
+    func authenticateCaller(_ request: Request) throws -> Caller {
+        guard let caller = self.configuration.callers.authenticate(authorization: request.headers[.authorization]) else {
+            throw GatewayError.unauthenticated
+        }
+        return caller
+    }
+
+    /// The `{id}` path segment as an installation the caller may read: 400 when malformed, 403
+    /// when outside the caller's set (whether or not it exists).
+    func installationParameter(_ context: BasicRequestContext, caller: Caller) throws -> InstallationID {
+        guard let raw = context.parameters.get("id"), let id = InstallationID(pathSegment: raw) else {
+            throw GatewayError.invalidParameter("installation id must be an installation ARI or its id")
+        }
+        guard caller.installations.contains(id.ari) else { throw GatewayError.forbidden }
+        return id
+    }
+
+    func tokenRoute(_ request: Request, context: BasicRequestContext, force: Bool) async throws -> Response {
+        let caller = try self.authenticateCaller(request)
+        let id = try self.installationParameter(context, caller: caller)
+        let query = request.uri.queryParameters
+        var options = TokenFlow.Request(minValidity: 300, timeout: .seconds(10), forceRefresh: force)
+        if let raw = query.get("minValidity") {
+            guard let v = Int64(raw), (0...7200).contains(v) else {
+                throw GatewayError.invalidParameter("minValidity must be an integer number of seconds in 0…7200")
+            }
+            options.minValidity = v
+        }
+        if let raw = query.get("timeout") {
+            guard let v = Int64(raw), (100...30000).contains(v) else {
+                throw GatewayError.invalidParameter("timeout must be an integer number of milliseconds in 100…30000")
+            }
+            options.timeout = .milliseconds(v)
+        }
+        if query.get("asUser") != nil {
+            throw GatewayError.invalidParameter("asUser is not supported by this gateway")
+        }
+        let answer: TokenAnswer
+        do {
+            answer = try await self.flow.token(for: id, request: options)
+        } catch {
+            throw GatewayError(error)
+        }
+        self.logger.info(
+            "token handed out",
+            metadata: [
+                "caller": "\(caller.name)", "installation.id": "\(id)", "token.source": "\(answer.source.rawValue)",
+                "token.expires_at": "\(answer.token.expiresAt)",
+            ])
+        return Self.json(
+            .object([
+                ("installationId", .string(id.ari)),
+                ("tokenType", "Bearer"),
+                ("accessToken", .string(answer.token.value)),
+                ("expiresAt", .string(RFC3339.string(unixSeconds: answer.token.expiresAt))),
+                ("apiBaseUrl", .optional(answer.apiBaseUrl)),
+                ("source", .string(answer.source.rawValue)),
+            ]), noStore: true)
+    }
+
+    static func metadata(_ r: InstallationRecord) -> JSONValue {
+        .object([
+            ("installationId", .string(r.id.ari)),
+            ("appId", .optional(r.appId)),
+            ("cloudId", .optional(r.cloudId)),
+            ("apiBaseUrl", .optional(r.apiBaseUrl)),
+            ("status", .string(r.status.rawValue)),
+            ("triggerRegistered", .bool(r.triggerRegistered)),
+            ("tokenExpiresAt", r.tokenExpiresAt.map { .string(RFC3339.string(unixSeconds: $0)) } ?? .null),
+            ("lastTokenAt", r.lastTokenAt.map { .string(RFC3339.string(unixSeconds: $0)) } ?? .null),
+            ("triggerKeyId", .optional(r.triggerKeyId)),
+            ("createdAt", .string(RFC3339.string(unixSeconds: r.createdAt))),
+            ("updatedAt", .string(RFC3339.string(unixSeconds: r.updatedAt))),
+        ])
+    }
+}

@@ -1,0 +1,194 @@
+import Crypto
+import FlowEngine
+import Foundation
+import HTTPTypes
+import Hummingbird
+import Logging
+
+extension Gateway {
+    func addForgeRoutes(to router: Router<BasicRequestContext>) {
+        router.post("/forge/register") { request, context in
+            let (invocation, id) = try await self.verifyInvocation(request)
+            let body = try await self.readJSONObject(request)
+            guard let url = body["authTriggerUrl"] as? String, !url.isEmpty else {
+                throw GatewayError.invalidRequest("authTriggerUrl (a string) is required")
+            }
+            guard self.configuration.triggerHosts.allows(url) else {
+                self.logger.notice("refused trigger URL outside the allow-list", metadata: ["installation.id": "\(id)"])
+                throw GatewayError(
+                    status: .badRequest, code: "trigger_url_not_allowed",
+                    message: "authTriggerUrl is not on the gateway's allow-list of trigger hosts")
+            }
+            let pushed = try self.optionalSystemToken(request)
+            let candidate = TriggerSigningKey.generate()
+            let outcome: GatewayStore.RegistrationOutcome
+            do {
+                outcome = try await self.store.register(
+                    id, triggerURL: url, candidateKeyID: candidate.keyId, candidateKey: candidate.rawPrivateKey,
+                    metadata: invocation.metadata, now: FlowTime.now())
+            } catch {
+                throw GatewayError.storeUnavailable
+            }
+            guard case .registered(let keyID, let raw) = outcome else {
+                throw GatewayError(FlowError.installationUninstalled)
+            }
+            let key = try TriggerSigningKey(keyId: keyID, rawPrivateKey: raw)
+            if let pushed {
+                _ = try await self.storeDelivery(id, token: pushed, requestID: nil, invocation: invocation)
+            }
+            self.logger.info(
+                "auth trigger registered", metadata: ["installation.id": "\(id)", "trigger.key_id": "\(keyID)"])
+            return Self.json(
+                .object([
+                    ("installationId", .string(id.ari)), ("triggerKeyId", .string(keyID)),
+                    ("triggerPublicKey", .string(key.publicKeyBase64URL)),
+                ]))
+        }
+
+        router.post("/forge/auth-trigger") { request, context in
+            let (invocation, id) = try await self.verifyInvocation(request)
+            guard let token = try self.optionalSystemToken(request) else { throw GatewayError.missingToken }
+            let body = try await self.readJSONObject(request, emptyIsObject: true)
+            var requestID: String? = nil
+            if let raw = body["requestId"], !(raw is NSNull) {
+                guard let s = raw as? String, (1...128).contains(s.utf8.count),
+                    s.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F })
+                else { throw GatewayError.invalidRequest("requestId must be a string of 1–128 visible ASCII characters") }
+                requestID = s
+            }
+            let stored = try await self.storeDelivery(id, token: token, requestID: requestID, invocation: invocation)
+            return Self.json(.object([("stored", .bool(stored))]))
+        }
+
+        router.post("/forge/lifecycle") { request, context in
+            let (invocation, id) = try await self.verifyInvocation(request)
+            let body = try await self.readJSONObject(request)
+            guard let eventType = body["eventType"] as? String else {
+                throw GatewayError.invalidRequest("eventType (a string) is required")
+            }
+            do {
+                switch eventType {
+                case "avi:forge:installed:app", "avi:forge:upgraded:app":
+                    try await self.store.upsertInstallation(id, metadata: invocation.metadata, now: FlowTime.now())
+                    self.logger.info(
+                        "installation recorded", metadata: ["installation.id": "\(id)", "lifecycle.event": "\(eventType)"])
+                case "avi:forge:uninstalled:app":
+                    try await self.store.uninstall(id, now: FlowTime.now())
+                    self.flow.installationUninstalled(id)
+                    self.logger.info("installation uninstalled", metadata: ["installation.id": "\(id)"])
+                default:
+                    self.logger.debug("lifecycle event ignored", metadata: ["lifecycle.event": "\(eventType.prefix(64))"])
+                    return Self.json(.object([("ok", true), ("ignored", true)]))
+                }
+            } catch let error as GatewayError {
+                throw error
+            } catch {
+                throw GatewayError.storeUnavailable
+            }
+            return Self.json(.object([("ok", true)]))
+        }
+    }
+
+    /// Verifies the Forge Invocation Token of a request: 401 `invalid_invocation_token` on any failure.
+    func verifyInvocation(_ request: Request) async throws -> (InvocationContext, InstallationID) {
+        guard let header = request.headers[.authorization], header.count > 7,
+            header.prefix(7).lowercased() == "bearer "
+        else {
+            self.metrics.countInvocationToken(outcome: "missing")
+            throw GatewayError.invalidInvocationToken
+        }
+        let token = String(header.dropFirst(7)).trimmingCharacters(in: .whitespaces)
+        let invocation: InvocationContext
+        do {
+            invocation = try await self.verifier.verify(token)
+        } catch let error as InvocationTokenError {
+            self.metrics.countInvocationToken(outcome: error.reason)
+            self.logger.notice("invocation token refused", metadata: ["fit.outcome": "\(error.reason)"])
+            throw GatewayError.invalidInvocationToken
+        } catch {
+            self.metrics.countInvocationToken(outcome: "malformed")
+            throw GatewayError.invalidInvocationToken
+        }
+        guard let id = InstallationID(invocation.installationId), id.ari == invocation.installationId else {
+            self.metrics.countInvocationToken(outcome: "malformed")
+            throw GatewayError.invalidInvocationToken
+        }
+        self.metrics.countInvocationToken(outcome: "success")
+        return (invocation, id)
+    }
+
+    /// The `x-forge-oauth-system` token with its expiry, nil when absent; 400 `invalid_token`
+    /// when its `exp` cannot be read.
+    func optionalSystemToken(_ request: Request) throws -> AccessToken? {
+        guard let value = request.headers[HTTPField.Name("x-forge-oauth-system")!] else { return nil }
+        let token = value.trimmingCharacters(in: .whitespaces)
+        if token.isEmpty { throw GatewayError.missingToken }
+        guard let exp = TokenClaims.expiry(of: token) else {
+            throw GatewayError.invalidToken("the system token has no readable exp claim")
+        }
+        return AccessToken(value: token, expiresAt: exp)
+    }
+
+    /// Stores a delivered token durably, then wakes this process's waiters. Returns whether it
+    /// replaced the stored token.
+    func storeDelivery(_ id: InstallationID, token: AccessToken, requestID: String?, invocation: InvocationContext)
+        async throws -> Bool
+    {
+        let result: GatewayStore.DeliveryResult
+        do {
+            result = try await self.store.storeDeliveredToken(
+                id, token: token, requestID: requestID, metadata: invocation.metadata, now: FlowTime.now())
+        } catch {
+            self.logger.warning("could not store delivered token", metadata: ["installation.id": "\(id)"])
+            throw GatewayError.storeUnavailable
+        }
+        if result.outcome == .uninstalled { throw GatewayError(FlowError.installationUninstalled) }
+        if result.solicited {
+            self.metrics.flow.tokensReceivedSolicited.increment()
+        } else {
+            self.metrics.flow.tokensReceivedPushed.increment()
+        }
+        let solicitedBy = result.solicited ? requestID : nil
+        if result.outcome == .stored {
+            self.flow.tokenDelivered(
+                id, token: AccessToken(value: token.value, expiresAt: token.expiresAt, requestID: solicitedBy),
+                solicitedBy: solicitedBy)
+        } else if result.solicited, let current = try? await self.store.systemToken(id) {
+            self.flow.tokenDelivered(id, token: current, solicitedBy: solicitedBy)
+        }
+        self.logger.info(
+            "token received",
+            metadata: [
+                "installation.id": "\(id)", "token.kind": "\(result.solicited ? "solicited" : "pushed")",
+                "token.stored": "\(result.outcome == .stored)", "token.expires_at": "\(token.expiresAt)",
+                "request.id": "\(requestID ?? "-")",
+            ])
+        return result.outcome == .stored
+    }
+}
+
+extension InvocationContext {
+    var metadata: InstallationMetadata {
+        InstallationMetadata(appId: self.appId, apiBaseUrl: self.apiBaseUrl, cloudId: self.cloudId)
+    }
+}
+
+/// Reads the few claims the gateway needs from an access token without trusting it: tokens are
+/// opaque except for `exp`.
+public enum TokenClaims {
+    /// Largest token accepted.
+    public static let maxLength = 16 * 1024
+
+    /// The `exp` claim (unix seconds) of a JWT, or nil when it cannot be read.
+    public static func expiry(of token: String) -> Int64? {
+        guard token.utf8.count <= Self.maxLength else { return nil }
+        let parts = token.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 3 || parts.count == 5, let payload = Base64URL.decode(String(parts[1])),
+            let object = try? JSONSerialization.jsonObject(with: Data(payload)) as? [String: Any],
+            let exp = object["exp"] as? NSNumber
+        else { return nil }
+        let value = exp.doubleValue
+        guard value.isFinite, value > 0, value < 1e11 else { return nil }
+        return Int64(value)
+    }
+}

@@ -1,0 +1,26 @@
+import FlowEngine
+import Hummingbird
+import NIOCore
+
+extension Gateway {
+    func addOperationsRoutes(to router: Router<BasicRequestContext>) {
+        router.get("/health/live") { _, _ in
+            Self.json(.object([("status", "ok")]))
+        }
+        router.get("/health/ready") { _, _ in
+            do {
+                try await self.redis.ping(timeout: .milliseconds(500))
+                return Self.json(.object([("status", "ok"), ("store", "ok")]))
+            } catch {
+                throw GatewayError.storeUnavailable
+            }
+        }
+        router.get("/metrics") { _, _ in
+            var out: [UInt8] = []
+            self.registry.emit(into: &out)
+            return Response(
+                status: .ok, headers: [.contentType: "text/plain; version=0.0.4"],
+                body: .init(byteBuffer: ByteBuffer(bytes: out)))
+        }
+    }
+}

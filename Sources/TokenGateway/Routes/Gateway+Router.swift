@@ -1,0 +1,56 @@
+import FlowEngine
+import Hummingbird
+import NIOCore
+
+extension Gateway {
+    /// The routes of contract §2, §3 and §6, wrapped in the observability and error middleware.
+    public func makeRouter() -> Router<BasicRequestContext> {
+        let router = Router(context: BasicRequestContext.self)
+        router.add(middleware: ObservabilityMiddleware(metrics: self.metrics, logger: self.logger))
+        router.add(middleware: ErrorMiddleware(knownRoutes: Self.knownRoutes, logger: self.logger))
+        self.addCallerRoutes(to: router)
+        self.addForgeRoutes(to: router)
+        self.addOperationsRoutes(to: router)
+        return router
+    }
+
+    static let knownRoutes: [(segments: [Substring], methods: [HTTPRequest.Method])] = [
+        (["v1", "installations", ":id", "token"], [.get]),
+        (["v1", "installations", ":id", "token", "refresh"], [.post]),
+        (["v1", "installations", ":id"], [.get]),
+        (["v1", "installations"], [.get]),
+        (["forge", "register"], [.post]),
+        (["forge", "auth-trigger"], [.post]),
+        (["forge", "lifecycle"], [.post]),
+        (["health", "live"], [.get]),
+        (["health", "ready"], [.get]),
+        (["metrics"], [.get]),
+    ]
+
+    /// A JSON response.
+    static func json(_ value: JSONValue, status: HTTPResponse.Status = .ok, noStore: Bool = false) -> Response {
+        var headers: HTTPFields = [.contentType: "application/json"]
+        if noStore { headers[.cacheControl] = "no-store" }
+        return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(string: value.serialized())))
+    }
+
+    /// Reads the whole body, refusing more than the configured size (413).
+    func readBody(_ request: Request) async throws -> [UInt8] {
+        var buffer = try await request.body.collect(upTo: self.configuration.maxBodySize)
+        return buffer.readBytes(length: buffer.readableBytes) ?? []
+    }
+
+    /// Reads a JSON object body; a non-empty body must be `application/json`.
+    func readJSONObject(_ request: Request, emptyIsObject: Bool = false) async throws -> [String: Any] {
+        let bytes = try await self.readBody(request)
+        let blank = bytes.allSatisfy { $0 == 0x20 || $0 == 0x0A || $0 == 0x0D || $0 == 0x09 }
+        if !blank {
+            let contentType = request.headers[.contentType]?.lowercased() ?? ""
+            let mediaType = contentType.split(separator: ";").first.map { $0.trimmingCharacters(in: .whitespaces) } ?? ""
+            guard mediaType == "application/json" || mediaType.hasSuffix("+json") else {
+                throw GatewayError.invalidRequest("Content-Type must be application/json")
+            }
+        }
+        return try JSONBody.object(bytes, emptyIsObject: emptyIsObject)
+    }
+}

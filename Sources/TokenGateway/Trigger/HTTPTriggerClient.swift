@@ -1,0 +1,94 @@
+import AsyncHTTPClient
+import FlowEngine
+import Foundation
+import Logging
+import NIOCore
+
+/// Sends signed auth-trigger calls (contract §4) over HTTP.
+///
+/// Every call is signed with the installation's Ed25519 key (`X-Token-Gateway-Signature`); the
+/// URL is checked against the allow-list again right before the call, redirects are never
+/// followed, and each call ends within its timeout.
+public struct HTTPTriggerClient: TriggerSender {
+    let store: GatewayStore
+    let httpClient: HTTPClient
+    let allowList: TriggerHostAllowList
+    let logger: Logger
+
+    public init(store: GatewayStore, httpClient: HTTPClient, allowList: TriggerHostAllowList, logger: Logger) {
+        self.store = store
+        self.httpClient = httpClient
+        self.allowList = allowList
+        self.logger = logger
+    }
+
+    /// The exact body bytes of a trigger call.
+    public static func body(requestID: String, installation: InstallationID, issuedAt: Int64, expiresAt: Int64) -> [UInt8]
+    {
+        Array(
+            JSONValue.object([
+                ("requestId", .string(requestID)), ("installationId", .string(installation.ari)),
+                ("issuedAt", .int(issuedAt)), ("expiresAt", .int(expiresAt)),
+            ]).serialized().utf8)
+    }
+
+    public func sendTrigger(
+        installation: InstallationID, requestID: String, attempt: Int, issuedAt: FlowTime, expiresAt: FlowTime,
+        timeout: Duration
+    ) async -> TriggerAttemptResult {
+        var logger = self.logger
+        logger[metadataKey: "installation.id"] = "\(installation)"
+        logger[metadataKey: "request.id"] = "\(requestID)"
+        logger[metadataKey: "trigger.attempt"] = "\(attempt)"
+        let material: GatewayStore.TriggerMaterial
+        do {
+            guard let m = try await self.store.triggerMaterial(installation) else {
+                logger.warning("no trigger registered for installation")
+                return .failed(.transportError)
+            }
+            material = m
+        } catch {
+            logger.warning("could not load trigger material", metadata: ["error": "\(error)"])
+            return .failed(.transportError)
+        }
+        guard self.allowList.allows(material.url) else {
+            logger.error("stored trigger URL is not on the allow-list; not calling it")
+            return .failed(.transportError)
+        }
+        let body = Self.body(
+            requestID: requestID, installation: installation, issuedAt: issuedAt.unixSeconds,
+            expiresAt: expiresAt.unixSeconds)
+        let signature: String
+        do {
+            let key = try TriggerSigningKey(keyId: material.keyID, rawPrivateKey: material.rawPrivateKey)
+            signature = try key.signatureHeader(for: body)
+        } catch {
+            logger.error("could not sign trigger call", metadata: ["error": "\(type(of: error))"])
+            return .failed(.transportError)
+        }
+        var request = HTTPClientRequest(url: material.url)
+        request.method = .POST
+        request.headers.add(name: "content-type", value: "application/json")
+        request.headers.add(name: "x-token-gateway-signature", value: signature)
+        request.headers.add(name: "user-agent", value: "token-gateway")
+        request.body = .bytes(ByteBuffer(bytes: body))
+        do {
+            let response = try await self.httpClient.execute(request, timeout: .nanoseconds(timeout.nanoseconds))
+            _ = try? await response.body.collect(upTo: 64 * 1024)
+            if (200..<300).contains(Int(response.status.code)) {
+                logger.debug("trigger accepted", metadata: ["http.status": "\(response.status.code)"])
+                return .accepted
+            }
+            logger.notice("trigger answered an error", metadata: ["http.status": "\(response.status.code)"])
+            return .failed(.httpError)
+        } catch let error as HTTPClientError
+            where error == .deadlineExceeded || error == .readTimeout || error == .connectTimeout
+        {
+            return .failed(.timeout)
+        } catch {
+            if error is CancellationError { return .failed(.timeout) }
+            logger.notice("trigger call failed", metadata: ["error": "\(type(of: error))"])
+            return .failed(.transportError)
+        }
+    }
+}

@@ -1,0 +1,162 @@
+import ArgumentParser
+import AsyncHTTPClient
+import Crypto
+import FlowEngine
+import ForgeEmulator
+import Foundation
+import Logging
+import ServiceLifecycle
+import TokenGateway
+
+struct Demo: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run the whole RFC-34 flow once: gateway + Forge emulator on Redis, and show what happens.")
+
+    @Option(help: "Redis URL [TOKEN_GATEWAY_REDIS_URL]") var redisUrl: String?
+    @Option(help: "Installations to create") var installations = 3
+    @Option(help: "Concurrent callers in the coalescing step") var concurrency = 50
+    @Flag(help: "Show the gateway's and emulator's logs") var verbose = false
+
+    func run() async throws {
+        let redisURL = self.redisUrl ?? ProcessInfo.processInfo.environment["TOKEN_GATEWAY_REDIS_URL"] ?? "redis://127.0.0.1:6379/0"
+        let quiet = Logger(label: "demo") { _ in SwallowLogHandler() }
+        let logger = self.verbose ? makeLogger(label: "demo", format: .logfmt, level: .info) : quiet
+        let callerSecret = Base64URL.encode((0..<32).map { _ in UInt8.random(in: 0...255) })
+        let key = Base64URL.encode((0..<32).map { _ in UInt8.random(in: 0...255) })
+        let env: [String: String] = [
+            "TOKEN_GATEWAY_PORT": "0",
+            "TOKEN_GATEWAY_REDIS_URL": redisURL,
+            "TOKEN_GATEWAY_FORGE_APP_ID": ForgeEmulatorConfiguration.demoAppId,
+            "TOKEN_GATEWAY_ENCRYPTION_KEYS": "demo:\(key)",
+            "TOKEN_GATEWAY_CALLERS": #"[{"name":"demo","secret":"\#(callerSecret)","installations":["*"]}]"#,
+        ]
+        let emulator = try ForgeEmulator(
+            configuration: .init(gatewayURL: "http://127.0.0.1:1"), logger: logger)
+        let emulatorGroup = ServiceGroup(services: [emulator], logger: logger)
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await emulatorGroup.run() }
+            _ = try await emulator.waitUntilReady()
+            var settings = env
+            settings["TOKEN_GATEWAY_FORGE_JWKS_URL"] = emulator.jwksURL
+            settings["TOKEN_GATEWAY_TRIGGER_HOSTS"] = emulator.triggerHostEntry
+            let config: GatewayConfiguration
+            do {
+                config = try GatewayConfiguration.load(environment: settings)
+            } catch {
+                FileHandle.standardError.write(Data("token-gateway demo: \(error)\n".utf8))
+                throw ExitCode(2)
+            }
+            let gateway = Gateway(configuration: config, logger: logger)
+            let ready = AsyncStream<Int>.makeStream()
+            let gatewayGroup = ServiceGroup(
+                services: gateway.services { channel in
+                    ready.continuation.yield(channel.localAddress?.port ?? 0)
+                    ready.continuation.finish()
+                }, logger: logger)
+            tasks.addTask { try await gatewayGroup.run() }
+            var port = 0
+            for await p in ready.stream { port = p }
+            let gatewayURL = "http://127.0.0.1:\(port)"
+            emulator.setGatewayURL(gatewayURL)
+            do {
+                try await gateway.redis.ping(timeout: .seconds(2))
+            } catch {
+                print("Redis is not reachable at \(redisURL): start one (scripts/run.sh does) or pass --redis-url.")
+                await gatewayGroup.triggerGracefulShutdown()
+                await emulatorGroup.triggerGracefulShutdown()
+                throw ExitCode(1)
+            }
+            print("gateway  \(gatewayURL)\nemulator \(emulator.baseURL)\nredis    \(gateway.configuration.redis)\n")
+            try await DemoScript(
+                gatewayURL: gatewayURL, callerSecret: callerSecret, emulator: emulator, httpClient: gateway.httpClient,
+                installations: self.installations, concurrency: self.concurrency
+            ).run()
+            await gatewayGroup.triggerGracefulShutdown()
+            await emulatorGroup.triggerGracefulShutdown()
+            try await tasks.waitForAll()
+        }
+    }
+}
+
+/// The scripted walk through the flow that `demo` prints.
+struct DemoScript {
+    let gatewayURL: String
+    let callerSecret: String
+    let emulator: ForgeEmulator
+    let httpClient: HTTPClient
+    let installations: Int
+    let concurrency: Int
+
+    func fetch(_ id: String, refresh: Bool = false) async throws -> (status: Int, source: String, expiresAt: String, ms: Double) {
+        let path = "/v1/installations/\(id.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? id)/token"
+        var request = HTTPClientRequest(url: self.gatewayURL + path + (refresh ? "/refresh" : ""))
+        request.method = refresh ? .POST : .GET
+        request.headers.add(name: "authorization", value: "Bearer \(self.callerSecret)")
+        let started = ContinuousClock.now
+        let response = try await self.httpClient.execute(request, timeout: .seconds(30))
+        let body = try await response.body.collect(upTo: 1 << 20)
+        let elapsed = ContinuousClock.now - started
+        let object = (try? JSONSerialization.jsonObject(with: Data(buffer: body))) as? [String: Any] ?? [:]
+        let error = (object["error"] as? [String: Any])?["code"] as? String
+        return (
+            Int(response.status.code), (object["source"] as? String) ?? error ?? "?",
+            (object["expiresAt"] as? String) ?? "-", Double(elapsed.components.attoseconds) / 1e15 + Double(elapsed.components.seconds) * 1000
+        )
+    }
+
+    func run() async throws {
+        var created: [EmulatedInstallation] = []
+        for _ in 0..<self.installations {
+            let installation = self.emulator.makeInstallation()
+            try await self.emulator.install(installation)
+            created.append(installation)
+            print("installed   \(installation.id)  (lifecycle + register: Ed25519 trigger key issued)")
+        }
+        print("")
+        for installation in created {
+            let cold = try await self.fetch(installation.id)
+            print(String(format: "cold fetch  %@  → %d source=%@ expiresAt=%@ (%.1f ms, trigger calls: %d)",
+                installation.id, cold.status, cold.source, cold.expiresAt, cold.ms, self.emulator.triggerCalls(for: installation)))
+            let warm = try await self.fetch(installation.id)
+            print(String(format: "cached      %@  → %d source=%@ (%.2f ms, trigger calls: %d)",
+                installation.id, warm.status, warm.source, warm.ms, self.emulator.triggerCalls(for: installation)))
+        }
+        if let first = created.first {
+            print("")
+            let refreshing = try await self.fetch(first.id, refresh: true)
+            print(String(format: "refresh     %@  → %d source=%@ (%.1f ms, trigger calls: %d)",
+                first.id, refreshing.status, refreshing.source, refreshing.ms, self.emulator.triggerCalls(for: first)))
+        }
+        let extra = self.emulator.makeInstallation()
+        try await self.emulator.install(extra)
+        let before = self.emulator.totalTriggerCalls
+        let results = try await withThrowingTaskGroup(of: (status: Int, source: String, expiresAt: String, ms: Double).self) { group in
+            for _ in 0..<self.concurrency { group.addTask { try await self.fetch(extra.id) } }
+            var all: [(status: Int, source: String, expiresAt: String, ms: Double)] = []
+            for try await r in group { all.append(r) }
+            return all
+        }
+        let ok = results.filter { $0.status == 200 }.count
+        let distinct = Set(results.map(\.expiresAt)).count
+        print("")
+        print("\(self.concurrency) concurrent callers on a cold installation → \(ok) answered 200, \(distinct) distinct token(s), \(self.emulator.totalTriggerCalls - before) trigger call(s)")
+        let push = try await self.emulator.push(extra, expiresAt: Date().addingTimeInterval(7200))
+        print("pushed a token with 2 h left → gateway answered \(push.status) \(push.body)")
+        let afterPush = try await self.fetch(extra.id)
+        print("fetch after push → \(afterPush.status) source=\(afterPush.source) expiresAt=\(afterPush.expiresAt)")
+        try await self.emulator.uninstall(extra)
+        let gone = try await self.fetch(extra.id)
+        print("after uninstall → \(gone.status) \(gone.source)")
+    }
+}
+
+/// Drops every log record (the demo prints its own summary).
+struct SwallowLogHandler: LogHandler {
+    var metadata: Logger.Metadata = [:]
+    var logLevel: Logger.Level = .critical
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { nil }
+        set {}
+    }
+    func log(event: LogEvent) {}
+}

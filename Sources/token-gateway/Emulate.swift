@@ -1,0 +1,57 @@
+import ArgumentParser
+import ForgeEmulator
+import Foundation
+import Logging
+import ServiceLifecycle
+import TokenGateway
+
+struct Emulate: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run the Forge emulator on its own (Atlassian's side, for local development).",
+        discussion: """
+            Serves a JWKS, mints Forge invocation tokens and access tokens, runs signed web triggers \
+            that call the gateway back, and has a small admin API on loopback:
+              POST /admin/installations                  create, install and register one
+              GET  /admin/installations                  list them
+              POST /admin/installations/{uuid}/push      push a fresh token
+              POST /admin/installations/{uuid}/uninstall uninstall
+              GET  /admin/stats                          trigger calls per installation
+            """)
+
+    @Option(help: "Listen address") var host = "127.0.0.1"
+    @Option(help: "Listen port") var port = 8081
+    @Option(help: "Base URL of the gateway the emulator calls") var gatewayUrl = "http://127.0.0.1:8080"
+    @Option(help: "The app id (FIT audience)") var appId = ForgeEmulatorConfiguration.demoAppId
+    @Option(help: "Lifetime of minted access tokens, seconds") var tokenLifetime = 3600
+    @Option(help: "Push a fresh token to every installation every N seconds (0: never)") var pushInterval = 0
+    @Option(help: "Install this many installations at start (after the gateway answers)") var install = 0
+    @Option(help: "Log level") var logLevel = "info"
+
+    func run() async throws {
+        let logger = makeLogger(
+            label: "forge-emulator", format: .logfmt, level: Logger.Level(rawValue: self.logLevel) ?? .info)
+        var config = ForgeEmulatorConfiguration(appId: self.appId, gatewayURL: self.gatewayUrl)
+        config.host = self.host
+        config.port = self.port
+        config.tokenLifetime = .seconds(self.tokenLifetime)
+        if self.pushInterval > 0 { config.scheduledPushInterval = .seconds(self.pushInterval) }
+        let emulator = try ForgeEmulator(configuration: config, logger: logger)
+        let group = ServiceGroup(
+            configuration: .init(
+                services: [.init(service: emulator)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        let count = self.install
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await group.run() }
+            tasks.addTask {
+                _ = try await emulator.waitUntilReady()
+                logger.info("emulator ready", metadata: ["url": "\(emulator.baseURL)", "jwks": "\(emulator.jwksURL)"])
+                for _ in 0..<count {
+                    let installation = emulator.makeInstallation()
+                    try await emulator.install(installation)
+                    print("installed \(installation.id)")
+                }
+            }
+            try await tasks.waitForAll()
+        }
+    }
+}

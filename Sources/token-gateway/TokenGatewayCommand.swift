@@ -1,0 +1,88 @@
+import ArgumentParser
+import Foundation
+import Logging
+import TokenGateway
+
+@main
+struct TokenGatewayCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "token-gateway",
+        abstract: "Gets Atlassian access tokens for an app's remote backend whenever it needs one.",
+        subcommands: [Serve.self, Emulate.self, Demo.self],
+        defaultSubcommand: Serve.self
+    )
+}
+
+/// The settings every gateway-running command accepts; each flag overrides the environment
+/// variable of the same meaning (contract §7).
+struct SettingsOptions: ParsableArguments {
+    @Option(help: "Listen address [TOKEN_GATEWAY_HOST]") var host: String?
+    @Option(help: "Listen port [TOKEN_GATEWAY_PORT]") var port: String?
+    @Option(help: "Redis URL [TOKEN_GATEWAY_REDIS_URL]") var redisUrl: String?
+    @Option(help: "Expected FIT audience, the app ARI [TOKEN_GATEWAY_FORGE_APP_ID]") var forgeAppId: String?
+    @Option(help: "JWKS URL for Forge invocation tokens [TOKEN_GATEWAY_FORGE_JWKS_URL]") var forgeJwksUrl: String?
+    @Option(help: "Allow-list of trigger hosts [TOKEN_GATEWAY_TRIGGER_HOSTS]") var triggerHosts: String?
+    @Option(help: "Encryption key ring keyId:base64,… [TOKEN_GATEWAY_ENCRYPTION_KEYS]") var encryptionKeys: String?
+    @Option(help: "Callers: JSON array or @path [TOKEN_GATEWAY_CALLERS]") var callers: String?
+    @Option(help: "Connect app baseUrl [TOKEN_GATEWAY_CONNECT_BASE_URL]") var connectBaseUrl: String?
+    @Option(help: "Connect install keys base URL [TOKEN_GATEWAY_CONNECT_KEYS_URL]") var connectKeysUrl: String?
+    @Option(help: "GraphQL endpoint for user tokens [TOKEN_GATEWAY_FORGE_GRAPHQL_URL]") var forgeGraphqlUrl: String?
+    @Option(help: "User-token exchange budget per minute [TOKEN_GATEWAY_USER_EXCHANGES_PER_MINUTE]")
+    var userExchangesPerMinute: String?
+    @Option(help: "The gateway's public base URL [TOKEN_GATEWAY_PUBLIC_URL]") var publicUrl: String?
+    @Option(help: "Log level trace…critical [TOKEN_GATEWAY_LOG_LEVEL]") var logLevel: String?
+    @Option(help: "Log format logfmt|json [TOKEN_GATEWAY_LOG_FORMAT]") var logFormat: String?
+    @Option(help: "Trigger attempts per round trip [TOKEN_GATEWAY_TRIGGER_MAX_ATTEMPTS]") var triggerMaxAttempts: String?
+    @Option(help: "Trigger call timeout, ms [TOKEN_GATEWAY_TRIGGER_ATTEMPT_TIMEOUT_MS]") var triggerAttemptTimeoutMs: String?
+    @Option(help: "Delivery grace after a 2xx trigger answer, ms [TOKEN_GATEWAY_DELIVERY_GRACE_MS]")
+    var deliveryGraceMs: String?
+
+    /// Flag values keyed by the environment variable they override.
+    var flags: [String: String] {
+        let pairs: [(GatewaySetting, String?)] = [
+            (.host, self.host), (.port, self.port), (.redisURL, self.redisUrl), (.forgeAppID, self.forgeAppId),
+            (.forgeJWKSURL, self.forgeJwksUrl), (.triggerHosts, self.triggerHosts),
+            (.encryptionKeys, self.encryptionKeys), (.callers, self.callers), (.connectBaseURL, self.connectBaseUrl),
+            (.connectKeysURL, self.connectKeysUrl), (.forgeGraphQLURL, self.forgeGraphqlUrl),
+            (.userExchangesPerMinute, self.userExchangesPerMinute), (.publicURL, self.publicUrl),
+            (.logLevel, self.logLevel), (.logFormat, self.logFormat), (.triggerMaxAttempts, self.triggerMaxAttempts),
+            (.triggerAttemptTimeout, self.triggerAttemptTimeoutMs), (.deliveryGrace, self.deliveryGraceMs),
+        ]
+        var out: [String: String] = [:]
+        for (setting, value) in pairs { if let value { out[setting.environment] = value } }
+        return out
+    }
+
+    /// The validated configuration, or exit 2 with one line naming the bad setting.
+    func load() throws -> GatewayConfiguration {
+        do {
+            return try GatewayConfiguration.load(environment: ProcessInfo.processInfo.environment, flags: self.flags)
+        } catch {
+            FileHandle.standardError.write(Data("token-gateway: \(error)\n".utf8))
+            throw ExitCode(2)
+        }
+    }
+}
+
+func makeLogger(label: String, format: LogFormat, level: Logger.Level) -> Logger {
+    Logger(label: label) { label in GatewayLogHandler(label: label, format: format, level: level) }
+}
+
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Run the gateway.")
+
+    @OptionGroup var settings: SettingsOptions
+
+    func run() async throws {
+        let config = try self.settings.load()
+        let logger = makeLogger(label: "token-gateway", format: config.logFormat, level: config.logLevel)
+        let gateway = Gateway(configuration: config, logger: logger)
+        gateway.bootstrapMetrics()
+        logger.info(
+            "starting", metadata: ["listen": "\(config.host):\(config.port)", "callers": "\(config.callers.callers.count)"])
+        try await gateway.run { channel in
+            logger.info("ready", metadata: ["listen": "\(channel.localAddress?.description ?? "?")"])
+        }
+        logger.info("stopped")
+    }
+}

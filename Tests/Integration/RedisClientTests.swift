@@ -1,0 +1,358 @@
+import FlowEngine
+import Foundation
+import Logging
+import NIOCore
+import Synchronization
+import Testing
+
+/// Against a real redis-server: the shared one for ordinary commands (unique key prefixes per test), dedicated
+/// ones for tests that stop, pause or reconfigure the server.
+@Suite struct RedisClientTests {
+    static let logger: Logger = {
+        if ProcessInfo.processInfo.environment["REDIS_TEST_LOG"] != nil {
+            var logger = Logger(label: "redis-test")
+            logger.logLevel = .debug
+            return logger
+        }
+        return Logger(label: "redis-test", factory: { _ in SwiftLogNoOpLogHandler() })
+    }()
+
+    /// A unique key prefix (with a hash tag, like the gateway's keys).
+    static func prefix(_ test: String = #function) -> String {
+        "test:redis:{\(test.prefix(while: { $0 != "(" }))-\(UUID().uuidString.prefix(8))}:"
+    }
+
+    /// Runs `body` with a client that runs as a service, and shuts it down afterwards.
+    @discardableResult
+    static func withClient<T: Sendable>(
+        url: String,
+        _ body: (RedisClient) async throws -> T
+    ) async throws -> T {
+        try await self.withClient(configuration: RedisConfiguration(url: url), body)
+    }
+
+    /// Runs `body` with a client for `configuration` that runs as a service, and shuts it down afterwards.
+    @discardableResult
+    static func withClient<T: Sendable>(
+        configuration: RedisConfiguration,
+        _ body: (RedisClient) async throws -> T
+    ) async throws -> T {
+        let client = RedisClient(configuration: configuration, logger: Self.logger)
+        return try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await client.run() }
+            do {
+                let result = try await body(client)
+                await client.shutdown()
+                try await group.waitForAll()
+                return result
+            } catch {
+                await client.shutdown()
+                try? await group.waitForAll()
+                throw error
+            }
+        }
+    }
+
+    /// Polls `condition` until it holds or `timeout` passes (waiting for an event, with a deadline).
+    static func eventually(
+        within timeout: Duration = .seconds(10),
+        _ condition: () async -> Bool
+    ) async -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if await condition() {
+                return true
+            }
+            try? await Task.sleep(for: .milliseconds(20))
+        }
+        return await condition()
+    }
+
+    // MARK: Commands
+
+    @Test func setsAndGetsValues() async throws {
+        let prefix = Self.prefix()
+        try await Self.withClient(url: RedisServerProcess.sharedURL()) { client in
+            #expect(try await client.send(["SET", prefix + "a", "héllo"]) == .status("OK"))
+            #expect(try await client.send(["GET", prefix + "a"]).string == "héllo")
+            #expect(try await client.send(["GET", prefix + "missing"]).isNull)
+            #expect(try await client.send(["INCRBY", prefix + "n", "41"]) == .integer(41))
+            #expect(try await client.send(["INCR", prefix + "n"]).int == 42)
+            #expect(try await client.send(["DEL", prefix + "a", prefix + "n"]) == .integer(2))
+            try await client.ping()
+            #expect(client.isAvailable)
+        }
+    }
+
+    @Test func errorRepliesThrowServerErrors() async throws {
+        let prefix = Self.prefix()
+        try await Self.withClient(url: RedisServerProcess.sharedURL()) { client in
+            _ = try await client.send(["SET", prefix + "s", "text"])
+            do {
+                _ = try await client.send(["INCR", prefix + "s"])
+                Issue.record("INCR on a string succeeded")
+            } catch let error as RedisError {
+                #expect(error.isServerError)
+                #expect(error.serverMessage?.hasPrefix("ERR") == true)
+            }
+            await #expect(throws: RedisError.invalidCommand) { try await client.send([]) }
+            // The connection stays usable after an error reply.
+            #expect(try await client.send(["GET", prefix + "s"]).string == "text")
+        }
+    }
+
+    @Test func roundTripsA200KilobyteValue() async throws {
+        let prefix = Self.prefix()
+        let value = String((0..<200 * 1024).map { index in Character(UnicodeScalar(UInt8(97 + index % 26))) })
+        try await Self.withClient(url: RedisServerProcess.sharedURL()) { client in
+            _ = try await client.send(["SET", prefix + "big", value])
+            #expect(try await client.send(["GET", prefix + "big"]).string == value)
+            #expect(try await client.send(["STRLEN", prefix + "big"]) == .integer(Int64(value.utf8.count)))
+        }
+    }
+
+    @Test func pipelineRepliesComeBackInOrderWithErrorsInline() async throws {
+        let prefix = Self.prefix()
+        try await Self.withClient(url: RedisServerProcess.sharedURL()) { client in
+            var commands: [[String]] = [["SET", prefix + "s", "x"]]
+            for index in 1...100 {
+                commands.append(["INCR", prefix + "counter"])
+                commands.append(["SET", prefix + "k\(index)", "v\(index)"])
+                commands.append(["GET", prefix + "k\(index)"])
+            }
+            commands.append(["INCR", prefix + "s"])
+            commands.append(["GET", prefix + "missing"])
+            let replies = try await client.pipeline(commands)
+            #expect(replies.count == commands.count)
+            #expect(replies[0] == .status("OK"))
+            for index in 1...100 {
+                let base = 1 + (index - 1) * 3
+                #expect(replies[base] == .integer(Int64(index)))
+                #expect(replies[base + 1] == .status("OK"))
+                #expect(replies[base + 2].string == "v\(index)")
+            }
+            guard case .error(let message) = replies[replies.count - 2] else {
+                Issue.record("expected an error reply, got \(replies[replies.count - 2])")
+                return
+            }
+            #expect(message.hasPrefix("ERR"))
+            #expect(replies[replies.count - 1] == .null)
+            #expect(try await client.pipeline([]) == [])
+        }
+    }
+
+    @Test func twoHundredConcurrentSendsAllGetTheirOwnReplies() async throws {
+        let prefix = Self.prefix()
+        try await Self.withClient(url: RedisServerProcess.sharedURL()) { client in
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for index in 0..<200 {
+                    group.addTask {
+                        let key = prefix + "c\(index)"
+                        _ = try await client.send(["SET", key, "value-\(index)"])
+                        let reply = try await client.send(["GET", key])
+                        #expect(reply.string == "value-\(index)")
+                        let pipelined = try await client.pipeline([["INCR", key + ":n"], ["GET", key]])
+                        #expect(pipelined == [.integer(1), .bulk(Array("value-\(index)".utf8))])
+                    }
+                }
+                try await group.waitForAll()
+            }
+        }
+    }
+
+    // MARK: Scripts
+
+    @Test func evalFallsBackToEvalWhenTheScriptIsNotCached() async throws {
+        let prefix = Self.prefix()
+        let script = RedisScript(
+            """
+            -- \(prefix)
+            redis.call('SET', KEYS[1], ARGV[1])
+            return redis.call('GET', KEYS[1])
+            """
+        )
+        try await Self.withClient(url: RedisServerProcess.sharedURL()) { client in
+            #expect(try await client.send(["SCRIPT", "EXISTS", script.sha1]) == .array([.integer(0)]))
+            #expect(try await client.eval(script, keys: [prefix + "k"], arguments: ["first"]).string == "first")
+            #expect(try await client.send(["SCRIPT", "EXISTS", script.sha1]) == .array([.integer(1)]))
+            // The locally computed SHA-1 is the one Redis uses.
+            #expect(try await client.send(["SCRIPT", "LOAD", script.source]).string == script.sha1)
+
+            _ = try await client.send(["SCRIPT", "FLUSH"])
+            #expect(try await client.eval(script, keys: [prefix + "k"], arguments: ["second"]).string == "second")
+            #expect(try await client.eval(script, keys: [prefix + "k"], arguments: ["third"]).string == "third")
+
+            let failing = RedisScript("return redis.error_reply('NOPE \(prefix)')")
+            await #expect(throws: RedisError.server("NOPE \(prefix)")) {
+                try await client.eval(failing, keys: [], arguments: [])
+            }
+        }
+    }
+
+    // MARK: Pub/Sub
+
+    @Test func subscribersReceivePublishedMessages() async throws {
+        let channel = Self.prefix() + "channel"
+        try await Self.withClient(url: RedisServerProcess.sharedURL()) { client async throws in
+            let events = RedisPubSubRecorder(client.subscribe(channels: [channel, channel + ":other"]))
+            #expect(await events.wait { $0.contains(.subscribed) })
+            #expect(try await client.send(["PUBLISH", channel, "hello"]) == .integer(1))
+            #expect(try await client.send(["PUBLISH", channel + ":other", "world"]) == .integer(1))
+            #expect(
+                await events.wait {
+                    $0.contains(.message(channel: channel, payload: "hello"))
+                        && $0.contains(.message(channel: channel + ":other", payload: "world"))
+                }
+            )
+            #expect(events.events.first == .subscribed)
+        }
+    }
+
+    @Test func subscriptionStreamsEndOnShutdown() async throws {
+        let channel = Self.prefix() + "channel"
+        var configuration = try RedisConfiguration(url: RedisServerProcess.sharedURL())
+        configuration.poolSize = 1
+        let client = RedisClient(configuration: configuration, logger: Self.logger)
+        let runner = Task { try await client.run() }
+        let events = RedisPubSubRecorder(client.subscribe(channels: [channel]))
+        #expect(await events.wait { $0.contains(.subscribed) })
+        await client.shutdown()
+        #expect(await events.waitUntilFinished())
+        try await runner.value
+        await #expect(throws: RedisError.unavailable) { try await client.send(["PING"]) }
+        let late = RedisPubSubRecorder(client.subscribe(channels: [channel]))
+        #expect(await late.waitUntilFinished())
+    }
+
+    // MARK: Failures
+
+    @Test func failsFastWhenNothingListensAndRecoversWhenTheServerComesBack() async throws {
+        let server = try await RedisServerProcess.start()
+        let prefix = Self.prefix()
+        let channel = prefix + "events"
+        var configuration = try RedisConfiguration(url: server.url)
+        configuration.reconnectBackoffCap = .milliseconds(300)
+        try await Self.withClient(configuration: configuration) { client in
+            let events = RedisPubSubRecorder(client.subscribe(channels: [channel]))
+            #expect(await events.wait { $0.count(where: { $0 == .subscribed }) == 1 })
+            _ = try await client.send(["SET", prefix + "k", "before"])
+            #expect(client.isAvailable)
+
+            await server.kill()
+
+            // Every send fails with `unavailable`, well within its timeout: refused connects, then backoff.
+            for _ in 0..<20 {
+                let start = ContinuousClock.now
+                await #expect(throws: RedisError.unavailable) {
+                    try await client.send(["GET", prefix + "k"], timeout: .seconds(2))
+                }
+                #expect(ContinuousClock.now - start < .seconds(1))
+            }
+            #expect(!client.isAvailable)
+
+            try await server.restart()
+
+            // The same client reconnects by itself once its backoff allows.
+            #expect(
+                await Self.eventually {
+                    (try? await client.send(["SET", prefix + "k", "after"])) == .status("OK")
+                }
+            )
+            #expect(try await client.send(["GET", prefix + "k"]).string == "after")
+            #expect(client.isAvailable)
+
+            // The subscription came back too: a second `subscribed`, then messages again.
+            #expect(await events.wait { $0.count(where: { $0 == .subscribed }) == 2 })
+            #expect(try await client.send(["PUBLISH", channel, "again"]) == .integer(1))
+            #expect(await events.wait { $0.last == .message(channel: channel, payload: "again") })
+        }
+        await server.stop()
+    }
+
+    @Test func unreachableServerFailsFastWithUnavailable() async throws {
+        let port = try RedisServerProcess.freeLoopbackPort()
+        try await Self.withClient(url: "redis://127.0.0.1:\(port)/0") { client in
+            for _ in 0..<10 {
+                let start = ContinuousClock.now
+                await #expect(throws: RedisError.unavailable) { try await client.send(["PING"]) }
+                #expect(ContinuousClock.now - start < .seconds(1))
+            }
+            #expect(!client.isAvailable)
+        }
+    }
+
+    @Test func aLateReplyAfterATimeoutIsNotDeliveredToTheNextCaller() async throws {
+        let server = try await RedisServerProcess.start()
+        let prefix = Self.prefix()
+        var configuration = try RedisConfiguration(url: server.url)
+        configuration.poolSize = 1
+        try await Self.withClient(configuration: configuration) { client in
+            try await Self.withClient(url: server.url) { admin in
+                try await client.ping()
+                _ = try await admin.send(["CLIENT", "PAUSE", "700", "ALL"])
+                let start = ContinuousClock.now
+                await #expect(throws: RedisError.timeout) {
+                    try await client.send(["SET", prefix + "k", "late"], timeout: .milliseconds(150))
+                }
+                let elapsed = ContinuousClock.now - start
+                #expect(elapsed >= .milliseconds(140) && elapsed < .milliseconds(600))
+                // Same connection (pool of one): the SET's late `OK` must not be taken for this GET's reply.
+                #expect(try await client.send(["GET", prefix + "k"], timeout: .seconds(3)).string == "late")
+                #expect(try await client.send(["PING"]) == .status("PONG"))
+            }
+        }
+        await server.stop()
+    }
+
+    @Test func authenticatesAndSelectsTheDatabase() async throws {
+        let server = try await RedisServerProcess.start(extraArguments: ["--requirepass", "s3cret-pw"])
+        let prefix = Self.prefix()
+        let url = "redis://:s3cret-pw@127.0.0.1:\(server.port)/2"
+        try await Self.withClient(url: url) { client in
+            _ = try await client.send(["SET", prefix + "k", "in-db-2"])
+            #expect(try await client.send(["GET", prefix + "k"]).string == "in-db-2")
+        }
+        try await Self.withClient(url: "redis://:s3cret-pw@127.0.0.1:\(server.port)/0") { client async throws in
+            #expect(try await client.send(["GET", prefix + "k"]).isNull)
+        }
+        try await Self.withClient(url: "redis://:wrong@127.0.0.1:\(server.port)/0") { client in
+            await #expect(throws: RedisError.unavailable) { try await client.send(["PING"]) }
+        }
+        await server.stop()
+    }
+}
+
+/// Collects the events of a subscription stream (one consumer task) so tests can wait for them.
+final class RedisPubSubRecorder: Sendable {
+    private let state = Mutex<(events: [RedisPubSubEvent], finished: Bool)>(([], false))
+    private let consumer = Mutex<Task<Void, Never>?>(nil)
+
+    init(_ stream: AsyncStream<RedisPubSubEvent>) {
+        let task = Task { [weak self] in
+            for await event in stream {
+                self?.state.withLock { $0.events.append(event) }
+            }
+            self?.state.withLock { $0.finished = true }
+        }
+        self.consumer.withLock { $0 = task }
+    }
+
+    deinit {
+        self.consumer.withLock { $0?.cancel() }
+    }
+
+    /// The events received so far.
+    var events: [RedisPubSubEvent] {
+        self.state.withLock { $0.events }
+    }
+
+    /// Waits until the events received so far satisfy `condition`, for at most `timeout`.
+    func wait(within timeout: Duration = .seconds(10), _ condition: ([RedisPubSubEvent]) -> Bool) async -> Bool {
+        await RedisClientTests.eventually(within: timeout) { condition(self.events) }
+    }
+
+    /// Waits until the stream has ended, for at most `timeout`.
+    func waitUntilFinished(within timeout: Duration = .seconds(10)) async -> Bool {
+        await RedisClientTests.eventually(within: timeout) { self.state.withLock { $0.finished } }
+    }
+}

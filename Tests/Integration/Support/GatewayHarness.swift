@@ -1,0 +1,151 @@
+import AsyncHTTPClient
+import FlowEngine
+import ForgeEmulator
+import Foundation
+import Logging
+import NIOCore
+import NIOHTTP1
+import ServiceLifecycle
+import Testing
+
+@testable import TokenGateway
+
+/// Runs a real gateway (real Redis, real HTTP on loopback) with the Forge emulator playing
+/// Atlassian's side, for the length of one test.
+final class GatewayHarness: Sendable {
+    static let callerSecret = "caller-secret-0123456789abcdef-full"
+    static let scopedSecret = "caller-secret-0123456789abcdef-scoped"
+
+    let emulator: ForgeEmulator
+    let gateway: Gateway
+    let gatewayURL: String
+    let http: HTTPClient
+    let logs: LogSink
+
+    init(emulator: ForgeEmulator, gateway: Gateway, gatewayURL: String, http: HTTPClient, logs: LogSink) {
+        self.emulator = emulator
+        self.gateway = gateway
+        self.gatewayURL = gatewayURL
+        self.http = http
+        self.logs = logs
+    }
+
+    /// The Redis every integration test shares (started by the test command).
+    static var redisURL: String {
+        ProcessInfo.processInfo.environment["TOKEN_GATEWAY_TEST_REDIS_URL"] ?? "redis://127.0.0.1:6379/0"
+    }
+
+    static func settings(emulator: ForgeEmulator, redisURL: String, scopedInstallations: [String]) -> [String: String] {
+        let key = Data((0..<32).map { _ in UInt8.random(in: 0...255) }).base64EncodedString()
+        let scoped = scopedInstallations.map { "\"\($0)\"" }.joined(separator: ",")
+        return [
+            "TOKEN_GATEWAY_PORT": "0",
+            "TOKEN_GATEWAY_REDIS_URL": redisURL,
+            "TOKEN_GATEWAY_FORGE_APP_ID": ForgeEmulatorConfiguration.demoAppId,
+            "TOKEN_GATEWAY_FORGE_JWKS_URL": emulator.jwksURL,
+            "TOKEN_GATEWAY_TRIGGER_HOSTS": emulator.triggerHostEntry,
+            "TOKEN_GATEWAY_ENCRYPTION_KEYS": "k1:\(key)",
+            "TOKEN_GATEWAY_CALLERS": """
+                [{"name":"full","secret":"\(callerSecret)","installations":["*"],"clientKeys":["*"]},
+                 {"name":"scoped","secret":"\(scopedSecret)","installations":[\(scoped)]}]
+                """,
+            "TOKEN_GATEWAY_LOG_LEVEL": "debug",
+        ]
+    }
+
+    /// Starts the emulator and a gateway, runs `body`, and shuts both down gracefully.
+    static func run(
+        redisURL: String = GatewayHarness.redisURL,
+        scopedInstallations: [String] = [],
+        configure: @Sendable (inout GatewayConfiguration) -> Void = { _ in },
+        emulatorConfigure: @Sendable (inout ForgeEmulatorConfiguration) -> Void = { _ in },
+        _ body: @Sendable (GatewayHarness) async throws -> Void
+    ) async throws {
+        let logs = LogSink.memory()
+        let logger = Logger(label: "test") { GatewayLogHandler(label: $0, format: .logfmt, level: .debug, sink: logs) }
+        var emulatorConfig = ForgeEmulatorConfiguration(gatewayURL: "http://127.0.0.1:1")
+        emulatorConfig.remoteCallTimeout = .seconds(10)
+        emulatorConfigure(&emulatorConfig)
+        let emulator = try ForgeEmulator(configuration: emulatorConfig, logger: logger)
+        let emulatorGroup = ServiceGroup(services: [emulator], logger: logger)
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await emulatorGroup.run() }
+            _ = try await emulator.waitUntilReady()
+            var config = try GatewayConfiguration.load(
+                environment: Self.settings(emulator: emulator, redisURL: redisURL, scopedInstallations: scopedInstallations))
+            configure(&config)
+            let gateway = Gateway(configuration: config, logger: logger)
+            let ready = AsyncStream<Int>.makeStream()
+            let gatewayGroup = ServiceGroup(
+                services: gateway.services { channel in
+                    ready.continuation.yield(channel.localAddress?.port ?? 0)
+                    ready.continuation.finish()
+                }, logger: logger)
+            tasks.addTask { try await gatewayGroup.run() }
+            var port = 0
+            for await p in ready.stream { port = p }
+            let url = "http://127.0.0.1:\(port)"
+            emulator.setGatewayURL(url)
+            let harness = GatewayHarness(
+                emulator: emulator, gateway: gateway, gatewayURL: url, http: gateway.httpClient, logs: logs)
+            do {
+                try await body(harness)
+            } catch {
+                await gatewayGroup.triggerGracefulShutdown()
+                await emulatorGroup.triggerGracefulShutdown()
+                throw error
+            }
+            await gatewayGroup.triggerGracefulShutdown()
+            await emulatorGroup.triggerGracefulShutdown()
+            try await tasks.waitForAll()
+        }
+    }
+
+    /// A new installation, installed and registered through the emulator.
+    func installed() async throws -> EmulatedInstallation {
+        let installation = self.emulator.makeInstallation()
+        try await self.emulator.install(installation)
+        return installation
+    }
+
+    struct Answer: Sendable {
+        let status: Int
+        let headers: [String: String]
+        let body: String
+        var json: [String: Any] {
+            ((try? JSONSerialization.jsonObject(with: Data(self.body.utf8))) as? [String: Any]) ?? [:]
+        }
+        var errorCode: String? { (self.json["error"] as? [String: Any])?["code"] as? String }
+    }
+
+    /// One HTTP call to the gateway.
+    func call(
+        _ method: HTTPMethod, _ path: String, secret: String? = GatewayHarness.callerSecret,
+        headers: [String: String] = [:], body: String? = nil, timeout: Duration = .seconds(35)
+    ) async throws -> Answer {
+        var request = HTTPClientRequest(url: self.gatewayURL + path)
+        request.method = method
+        if let secret { request.headers.add(name: "authorization", value: "Bearer \(secret)") }
+        for (k, v) in headers { request.headers.replaceOrAdd(name: k, value: v) }
+        if let body { request.body = .bytes(ByteBuffer(string: body)) }
+        let response = try await self.http.execute(request, timeout: .nanoseconds(timeout.nanoseconds))
+        let bytes = try await response.body.collect(upTo: 4 << 20)
+        var headerMap: [String: String] = [:]
+        for h in response.headers { headerMap[h.name.lowercased()] = h.value }
+        return Answer(status: Int(response.status.code), headers: headerMap, body: String(buffer: bytes))
+    }
+
+    static func path(_ installation: EmulatedInstallation) -> String {
+        "/v1/installations/" + installation.id.addingPercentEncoding(withAllowedCharacters: .alphanumerics)!
+    }
+
+    func token(_ installation: EmulatedInstallation, query: String = "", secret: String = GatewayHarness.callerSecret)
+        async throws -> Answer
+    {
+        try await self.call(.GET, Self.path(installation) + "/token" + (query.isEmpty ? "" : "?" + query), secret: secret)
+    }
+}
+
+extension EmulatedInstallation {
+    var installationID: InstallationID { InstallationID(self.id)! }
+}

@@ -1,0 +1,314 @@
+import Foundation
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// A `redis-server` (or `redis-sentinel`) child process on a free loopback port, for integration tests.
+///
+/// `start` returns once the server answers `PING` (polled until a deadline). The process is killed when the
+/// value is released or the test process exits, so a failing test does not leak servers.
+final class RedisServerProcess: Sendable {
+    struct StartError: Error, CustomStringConvertible {
+        let description: String
+    }
+
+    /// The loopback port the server listens on (kept across ``restart()``).
+    let port: Int
+    /// The server's working directory (RDB/AOF files, `redis.log`, `sentinel.conf`).
+    let directory: String
+    private let executable: String
+    private let arguments: [String]
+    private let process: Mutex<Process?>
+
+    /// `redis://127.0.0.1:<port>/0`.
+    var url: String {
+        "redis://127.0.0.1:\(self.port)/0"
+    }
+
+    private init(port: Int, directory: String, executable: String, arguments: [String], process: Process) {
+        self.port = port
+        self.directory = directory
+        self.executable = executable
+        self.arguments = arguments
+        self.process = Mutex(process)
+    }
+
+    deinit {
+        if let process = self.process.withLock({ $0 }), process.isRunning {
+            signalProcess(process.processIdentifier, SIGKILL)
+        }
+    }
+
+    // MARK: Starting
+
+    /// Starts `redis-server --port N --bind 127.0.0.1 --save "" --appendonly no` plus `extraArguments`
+    /// (later arguments win, so `["--appendonly", "yes"]` turns AOF on).
+    ///
+    /// - Parameter directory: the working directory; a new temporary one by default.
+    static func start(extraArguments: [String] = [], directory: String? = nil) async throws -> RedisServerProcess {
+        let directory = try directory ?? Self.makeTemporaryDirectory()
+        return try await self.launchOnFreePort(executable: "/usr/bin/redis-server", directory: directory) { port in
+            [
+                "--port", "\(port)", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", directory, "--logfile", "\(directory)/redis.log", "--daemonize", "no",
+            ] + extraArguments
+        } prepare: { _ in
+        }
+    }
+
+    /// Starts `redis-sentinel` monitoring the primary at `127.0.0.1:primaryPort` as `masterName` (quorum 1).
+    static func startSentinel(
+        monitoringPrimaryPort primaryPort: Int,
+        masterName: String = "tg-primary",
+        downAfterMilliseconds: Int = 1000,
+        failoverTimeoutMilliseconds: Int = 5000
+    ) async throws -> RedisServerProcess {
+        let directory = try Self.makeTemporaryDirectory()
+        let configPath = "\(directory)/sentinel.conf"
+        return try await self.launchOnFreePort(executable: "/usr/bin/redis-sentinel", directory: directory) { port in
+            [configPath, "--port", "\(port)", "--daemonize", "no"]
+        } prepare: { port in
+            let config = """
+                port \(port)
+                bind 127.0.0.1
+                dir \(directory)
+                logfile \(directory)/sentinel.log
+                sentinel monitor \(masterName) 127.0.0.1 \(primaryPort) 1
+                sentinel down-after-milliseconds \(masterName) \(downAfterMilliseconds)
+                sentinel failover-timeout \(masterName) \(failoverTimeoutMilliseconds)
+                sentinel parallel-syncs \(masterName) 1
+
+                """
+            try config.write(toFile: configPath, atomically: true, encoding: .utf8)
+        }
+    }
+
+    /// The URL of a Redis shared by the whole test process: `TOKEN_GATEWAY_TEST_REDIS_URL` if set, otherwise a
+    /// server started on first use (and killed when the process exits). Use unique key prefixes per test.
+    static func sharedURL() -> String {
+        Self.shared
+    }
+
+    private static let shared: String = {
+        if let url = ProcessInfo.processInfo.environment["TOKEN_GATEWAY_TEST_REDIS_URL"], !url.isEmpty {
+            return url
+        }
+        do {
+            let directory = try makeTemporaryDirectory()
+            var lastError: (any Error)?
+            for _ in 0..<5 {
+                let port = try freeLoopbackPort()
+                let arguments = [
+                    "--port", "\(port)", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                    "--dir", directory, "--logfile", "\(directory)/redis.log", "--daemonize", "no",
+                ]
+                let process = try launch(executable: "/usr/bin/redis-server", arguments: arguments, directory: directory)
+                let deadline = ContinuousClock.now + .seconds(10)
+                while ContinuousClock.now < deadline, process.isRunning, !pingSucceeds(port: port) {
+                    usleep(10_000)
+                }
+                if pingSucceeds(port: port) {
+                    return "redis://127.0.0.1:\(port)/0"
+                }
+                signalProcess(process.processIdentifier, SIGKILL)
+                lastError = StartError(description: "redis-server on port \(port) did not answer PING")
+            }
+            throw lastError ?? StartError(description: "redis-server did not start")
+        } catch {
+            fatalError("could not start the shared test Redis: \(error)")
+        }
+    }()
+
+    private static func launchOnFreePort(
+        executable: String,
+        directory: String,
+        arguments: (Int) -> [String],
+        prepare: (Int) throws -> Void
+    ) async throws -> RedisServerProcess {
+        var lastError: (any Error)?
+        // The free port is found by binding port 0 and closing the socket; another process may take it before
+        // the server binds it, so try a few ports.
+        for _ in 0..<5 {
+            let port = try Self.freeLoopbackPort()
+            try prepare(port)
+            let args = arguments(port)
+            let process = try Self.launch(executable: executable, arguments: args, directory: directory)
+            let server = RedisServerProcess(
+                port: port,
+                directory: directory,
+                executable: executable,
+                arguments: args,
+                process: process
+            )
+            do {
+                try await server.waitUntilReady(process)
+                return server
+            } catch {
+                lastError = error
+                await server.stop()
+            }
+        }
+        throw lastError ?? StartError(description: "\(executable) did not start")
+    }
+
+    private static func launch(executable: String, arguments: [String], directory: String) throws -> Process {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        process.currentDirectoryURL = URL(fileURLWithPath: directory)
+        process.standardInput = FileHandle.nullDevice
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        liveProcesses.withLock { _ = $0.insert(process.processIdentifier) }
+        return process
+    }
+
+    private func waitUntilReady(_ process: Process) async throws {
+        let deadline = ContinuousClock.now + .seconds(10)
+        while ContinuousClock.now < deadline {
+            guard process.isRunning else {
+                throw StartError(description: "\(self.executable) on port \(self.port) exited (see \(self.directory))")
+            }
+            if Self.pingSucceeds(port: self.port) {
+                return
+            }
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        throw StartError(description: "\(self.executable) on port \(self.port) did not answer PING within 10 s")
+    }
+
+    // MARK: Stopping and restarting
+
+    /// Stops the server with SIGTERM (SIGKILL after 5 s) and waits until it has exited.
+    func stop() async {
+        await self.terminate(signal: SIGTERM)
+    }
+
+    /// Kills the server with SIGKILL (no shutdown work, sockets reset) and waits until it has exited.
+    func kill() async {
+        await self.terminate(signal: SIGKILL)
+    }
+
+    /// Starts the server again on the same port, with the same arguments and directory, after stopping it if it
+    /// still runs; returns once it answers `PING`.
+    func restart() async throws {
+        await self.stop()
+        var lastError: (any Error)?
+        // Right after a stop the port can still be briefly in use; retry within the deadline.
+        for _ in 0..<20 {
+            let process = try Self.launch(executable: self.executable, arguments: self.arguments, directory: self.directory)
+            self.process.withLock { $0 = process }
+            do {
+                try await self.waitUntilReady(process)
+                return
+            } catch {
+                lastError = error
+                await self.stop()
+                try await Task.sleep(for: .milliseconds(100))
+            }
+        }
+        throw lastError ?? StartError(description: "could not restart \(self.executable) on port \(self.port)")
+    }
+
+    private func terminate(signal: Int32) async {
+        guard let process = self.process.withLock({ $0 }) else {
+            return
+        }
+        if process.isRunning {
+            signalProcess(process.processIdentifier, signal)
+        }
+        let killDeadline = ContinuousClock.now + .seconds(5)
+        var killed = signal == SIGKILL
+        while process.isRunning {
+            if !killed, ContinuousClock.now >= killDeadline {
+                signalProcess(process.processIdentifier, SIGKILL)
+                killed = true
+            }
+            try? await Task.sleep(for: .milliseconds(5))
+        }
+        liveProcesses.withLock { _ = $0.remove(process.processIdentifier) }
+    }
+
+    // MARK: Helpers
+
+    static func makeTemporaryDirectory() throws -> String {
+        let path = FileManager.default.temporaryDirectory
+            .appendingPathComponent("tg-redis-\(UUID().uuidString.prefix(8))").path
+        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+        return path
+    }
+
+    /// A port that was free a moment ago: bind 127.0.0.1:0, read the port, close.
+    static func freeLoopbackPort() throws -> Int {
+        let socketFD = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard socketFD >= 0 else {
+            throw StartError(description: "socket() failed: \(errno)")
+        }
+        defer { close(socketFD) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = 0
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { pointer in
+                bind(socketFD, pointer, length) == 0 && getsockname(socketFD, pointer, &length) == 0
+            }
+        }
+        guard bound else {
+            throw StartError(description: "bind() failed: \(errno)")
+        }
+        return Int(UInt16(bigEndian: address.sin_port))
+    }
+
+    /// One blocking `PING` over a fresh loopback connection (connect and read are bounded by 1 s timeouts).
+    static func pingSucceeds(port: Int) -> Bool {
+        let socketFD = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard socketFD >= 0 else {
+            return false
+        }
+        defer { close(socketFD) }
+        var timeout = timeval(tv_sec: 1, tv_usec: 0)
+        setsockopt(socketFD, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(socketFD, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = UInt16(port).bigEndian
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                connect(socketFD, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0
+            }
+        }
+        guard connected else {
+            return false
+        }
+        let request = Array("PING\r\n".utf8)
+        guard send(socketFD, request, request.count, Int32(MSG_NOSIGNAL)) == request.count else {
+            return false
+        }
+        var reply = [UInt8](repeating: 0, count: 64)
+        let count = recv(socketFD, &reply, reply.count, 0)
+        return count >= 5 && reply[0..<5] == Array("+PONG".utf8)[...]
+    }
+}
+
+private func signalProcess(_ pid: Int32, _ signal: Int32) {
+    _ = kill(pid, signal)
+}
+
+/// Every server process still running, killed when the test process exits.
+private let liveProcesses: Mutex<Set<Int32>> = {
+    atexit {
+        let pids = liveProcesses.withLock { $0 }
+        for pid in pids {
+            kill(pid, SIGKILL)
+        }
+    }
+    return Mutex([])
+}()

@@ -1,0 +1,221 @@
+import Crypto
+import FlowEngine
+import ForgeEmulator
+import Foundation
+import NIOHTTP1
+import Testing
+
+@testable import TokenGateway
+
+@Suite("RFC-34 flow end to end")
+struct TokenFlowIntegrationTests {
+    @Test("a cold fetch sends one correctly signed trigger and returns the emulator's token with source trigger")
+    func coldFetch() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let answer = try await h.token(installation)
+            #expect(answer.status == 200)
+            let json = answer.json
+            #expect(json["source"] as? String == "trigger")
+            #expect(json["tokenType"] as? String == "Bearer")
+            #expect(json["installationId"] as? String == installation.id)
+            #expect(json["apiBaseUrl"] as? String == installation.apiBaseUrl)
+            #expect(json["accessToken"] as? String == h.emulator.lastDeliveredToken(for: installation))
+            #expect(answer.headers["cache-control"] == "no-store")
+            let records = h.emulator.triggerRecords(for: installation)
+            #expect(records.count == 1)
+            #expect(records.first?.signatureValid == true)
+            #expect(records.first?.answeredStatus == 200)
+
+            // Second fetch: from the cache, no trigger.
+            let again = try await h.token(installation)
+            #expect(again.status == 200)
+            #expect(again.json["source"] as? String == "cache")
+            #expect(again.json["accessToken"] as? String == json["accessToken"] as? String)
+            #expect(h.emulator.triggerCalls(for: installation) == 1)
+        }
+    }
+
+    @Test("100 concurrent callers on a cold installation cause one trigger and get one token")
+    func coalescedColdFetch() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let answers = try await withThrowingTaskGroup(of: GatewayHarness.Answer.self) { group in
+                for _ in 0..<100 { group.addTask { try await h.token(installation) } }
+                var all: [GatewayHarness.Answer] = []
+                for try await a in group { all.append(a) }
+                return all
+            }
+            #expect(answers.allSatisfy { $0.status == 200 })
+            #expect(Set(answers.compactMap { $0.json["accessToken"] as? String }).count == 1)
+            #expect(h.emulator.triggerCalls(for: installation) == 1)
+        }
+    }
+
+    @Test("a pushed token is served with no trigger")
+    func pushedTokenServed() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let push = try await h.emulator.push(installation)
+            #expect(push.status == 200)
+            #expect(push.body.contains("\"stored\":true"))
+            let answer = try await h.token(installation)
+            #expect(answer.status == 200)
+            #expect(answer.json["source"] as? String == "cache")
+            #expect(answer.json["accessToken"] as? String == push.token)
+            #expect(h.emulator.triggerCalls(for: installation) == 0)
+        }
+    }
+
+    @Test("a push for an installation never seen before creates its record")
+    func pushCreatesRecord() async throws {
+        try await GatewayHarness.run { h in
+            let installation = h.emulator.makeInstallation()
+            let push = try await h.emulator.push(installation)
+            #expect(push.status == 200)
+            let meta = try await h.call(.GET, GatewayHarness.path(installation))
+            #expect(meta.status == 200)
+            #expect(meta.json["status"] as? String == "active")
+            #expect(meta.json["triggerRegistered"] as? Bool == false)
+            let answer = try await h.token(installation)
+            #expect(answer.json["accessToken"] as? String == push.token)
+        }
+    }
+
+    @Test("an older token never replaces a newer one")
+    func olderNeverReplacesNewer() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let newer = try await h.emulator.push(installation, expiresAt: Date().addingTimeInterval(7200))
+            #expect(newer.body.contains("\"stored\":true"))
+            let older = try await h.emulator.push(installation, expiresAt: Date().addingTimeInterval(3600))
+            #expect(older.status == 200)
+            #expect(older.body.contains("\"stored\":false"))
+            let same = try await h.emulator.deliver(installation, systemToken: newer.token, requestId: nil)
+            #expect(same.body.contains("\"stored\":false"))
+            let answer = try await h.token(installation)
+            #expect(answer.json["accessToken"] as? String == newer.token)
+            let stored = try await h.gateway.store.systemToken(installation.installationID)
+            #expect(stored?.value == newer.token)
+        }
+    }
+
+    @Test("an unknown installation answers 404 installation_not_found")
+    func unknownInstallation() async throws {
+        try await GatewayHarness.run { h in
+            let answer = try await h.token(h.emulator.makeInstallation())
+            #expect(answer.status == 404)
+            #expect(answer.errorCode == "installation_not_found")
+        }
+    }
+
+    @Test("a trigger that never delivers ends in 504 token_timeout within the caller's timeout")
+    func neverDelivers() async throws {
+        try await GatewayHarness.run(configure: { $0.flow.deliveryGrace = .milliseconds(300) }) { h in
+            let installation = try await h.installed()
+            h.emulator.setFault(.acceptWithoutDelivery, for: installation)
+            let started = ContinuousClock.now
+            let answer = try await h.token(installation, query: "timeout=1500")
+            let elapsed = ContinuousClock.now - started
+            #expect(answer.status == 504)
+            #expect(answer.errorCode == "token_timeout")
+            #expect(elapsed < .milliseconds(1500) + .seconds(2))
+            #expect(h.emulator.triggerCalls(for: installation) >= 1)
+        }
+    }
+
+    @Test("a trigger answering 5xx on every attempt ends in 502 trigger_failed")
+    func triggerFails() async throws {
+        try await GatewayHarness.run(configure: { $0.flow.maxAttempts = 3 }) { h in
+            let installation = try await h.installed()
+            h.emulator.setFault(.failWith(status: 500, times: 100), for: installation)
+            let answer = try await h.token(installation)
+            #expect(answer.status == 502)
+            #expect(answer.errorCode == "trigger_failed")
+            #expect(h.emulator.triggerCalls(for: installation) == 3)
+        }
+    }
+
+    @Test("a trigger failing twice then succeeding is retried and the caller gets its token")
+    func retryThenSuccess() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            h.emulator.setFault(.failWith(status: 503, times: 2), for: installation)
+            let answer = try await h.token(installation)
+            #expect(answer.status == 200)
+            #expect(answer.json["source"] as? String == "trigger")
+            #expect(h.emulator.triggerCalls(for: installation) == 3)
+            let metrics = try await h.call(.GET, "/metrics", secret: nil)
+            #expect(metrics.body.contains("token_gateway_trigger_retries_total 2"))
+        }
+    }
+
+    @Test("a forced refresh makes a new round trip and returns a newer token")
+    func forcedRefresh() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let first = try await h.emulator.push(installation, expiresAt: Date().addingTimeInterval(1800))
+            let refreshed = try await h.call(.POST, GatewayHarness.path(installation) + "/token/refresh")
+            #expect(refreshed.status == 200)
+            #expect(refreshed.json["source"] as? String == "trigger")
+            #expect(refreshed.json["accessToken"] as? String != first.token)
+            #expect(h.emulator.triggerCalls(for: installation) == 1)
+        }
+    }
+
+    @Test("a bad invocation token gets 401 and nothing is stored")
+    func badFIT() async throws {
+        try await GatewayHarness.run { h in
+            let installation = h.emulator.makeInstallation()
+            let token = try h.emulator.mintAccessToken(for: installation)
+            var options = FITOptions()
+            options.algorithm = .none
+            let none = try await h.emulator.deliver(installation, systemToken: token, requestId: nil, fit: options)
+            #expect(none.status == 401)
+            #expect(none.body.contains("invalid_invocation_token"))
+            var wrongAud = FITOptions()
+            wrongAud.audience = "ari:cloud:ecosystem::app/00000000-0000-0000-0000-000000000000"
+            let aud = try await h.emulator.deliver(installation, systemToken: token, requestId: nil, fit: wrongAud)
+            #expect(aud.status == 401)
+            #expect(try await h.gateway.store.installation(installation.installationID) == nil)
+            #expect(try await h.gateway.store.systemToken(installation.installationID) == nil)
+            let missing = try await h.call(
+                .POST, "/forge/auth-trigger", secret: nil, headers: ["x-forge-oauth-system": token], body: "{}")
+            #expect(missing.status == 401)
+        }
+    }
+
+    @Test("uninstall answers 410 afterwards and deletes the installation's tokens")
+    func uninstall() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            #expect(try await h.token(installation).status == 200)
+            try await h.emulator.uninstall(installation)
+            let answer = try await h.token(installation)
+            #expect(answer.status == 410)
+            #expect(answer.errorCode == "installation_uninstalled")
+            #expect(try await h.gateway.store.systemToken(installation.installationID) == nil)
+            let meta = try await h.call(.GET, GatewayHarness.path(installation))
+            #expect(meta.json["status"] as? String == "uninstalled")
+            #expect(meta.json["triggerRegistered"] as? Bool == false)
+            let push = try await h.emulator.push(installation)
+            #expect(push.status == 410)
+            // Lifecycle is idempotent: a retried uninstall answers 200 again.
+            try await h.emulator.uninstall(installation)
+        }
+    }
+
+    @Test("delivery headers and bodies are validated: missing token 400, unreadable exp 400")
+    func deliveryValidation() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let noToken = try await h.emulator.deliver(installation, systemToken: nil, requestId: nil)
+            #expect(noToken.status == 400)
+            #expect(noToken.body.contains("missing_token"))
+            let opaque = try await h.emulator.deliver(installation, systemToken: "not-a-jwt", requestId: nil)
+            #expect(opaque.status == 400)
+            #expect(opaque.body.contains("invalid_token"))
+            #expect(try await h.gateway.store.systemToken(installation.installationID) == nil)
+        }
+    }
+}

@@ -1,0 +1,360 @@
+import Testing
+
+@testable import FlowEngine
+
+/// A hand-driven clock: tests move time explicitly, so hours of retries run in microseconds.
+struct ManualClock {
+    var now = FlowTime(unixSeconds: 1_763_906_400)
+    mutating func advance(_ d: Duration) { self.now = self.now + d }
+}
+
+private func config() -> TokenFlowConfiguration {
+    var c = TokenFlowConfiguration()
+    c.maxAttempts = 3
+    c.attemptTimeout = .seconds(5)
+    c.deliveryGrace = .seconds(2)
+    c.backoffBase = .milliseconds(100)
+    c.backoffCap = .seconds(1)
+    c.leaseGrace = .seconds(2)
+    return c
+}
+
+private func timers(_ actions: [FlowAction]) -> [(TimerID, FlowTime)] {
+    actions.compactMap { if case .scheduleTimer(let t, let d) = $0 { return (t, d) } else { return nil } }
+}
+
+private func token(_ exp: Int64, rid: String? = nil) -> AccessToken {
+    AccessToken(value: "tok-\(exp)", expiresAt: exp, requestID: rid)
+}
+
+@Suite("TokenFlowStateMachine")
+struct TokenFlowStateMachineTests {
+    @Test("a cold request takes the lease, triggers once and answers with the solicited token")
+    func coldSuccess() {
+        var clock = ManualClock()
+        var m = TokenFlowStateMachine(configuration: config())
+        let deadline = clock.now + .seconds(10)
+        let a1 = m.tokenWasRequested(
+            waiter: WaiterID(1), minValidity: 300, knownExpiry: 0, forced: false, deadline: deadline, requestID: "r1",
+            now: clock.now)
+        #expect(a1.contains(.acquireLease(requestID: "r1", ttl: .seconds(12))))
+        #expect(timers(a1).map(\.1) == [deadline])
+        let a2 = m.leaseAcquired(requestID: "r1", now: clock.now)
+        #expect(a2 == [.sendTrigger(requestID: "r1", attempt: 1, expiresAt: deadline, timeout: .seconds(5))])
+        clock.advance(.milliseconds(300))
+        let a3 = m.triggerSucceeded(requestID: "r1", attempt: 1, now: clock.now)
+        #expect(a3.contains(.readStore(requestID: "r1")))
+        #expect(a3.contains(.recordAttempt(outcome: "success", isRetry: false)))
+        let exp = clock.now.unixSeconds + 3600
+        let a4 = m.tokenObserved(token(exp, rid: "r1"), solicitedBy: "r1", now: clock.now)
+        #expect(a4.contains(.succeed([WaiterID(1)], token(exp, rid: "r1"), .trigger)))
+        #expect(a4.contains(.releaseLease(requestID: "r1")))
+        #expect(!m.isActive)
+    }
+
+    @Test("concurrent callers share one round trip")
+    func coalescing() {
+        let clock = ManualClock()
+        var m = TokenFlowStateMachine(configuration: config())
+        _ = m.tokenWasRequested(
+            waiter: WaiterID(1), minValidity: 300, knownExpiry: 0, forced: false, deadline: clock.now + .seconds(10),
+            requestID: "r1", now: clock.now)
+        _ = m.leaseAcquired(requestID: "r1", now: clock.now)
+        var leaseRequests = 0
+        var triggers = 0
+        for i in 2...100 {
+            let actions = m.tokenWasRequested(
+                waiter: WaiterID(UInt64(i)), minValidity: 300, knownExpiry: 0, forced: false,
+                deadline: clock.now + .seconds(10), requestID: "r\(i)", now: clock.now)
+            for a in actions {
+                if case .acquireLease = a { leaseRequests += 1 }
+                if case .sendTrigger = a { triggers += 1 }
+            }
+        }
+        #expect(leaseRequests == 0)
+        #expect(triggers == 0)
+        #expect(m.waiterCount == 100)
+        let actions = m.tokenObserved(token(clock.now.unixSeconds + 3600, rid: "r1"), solicitedBy: "r1", now: clock.now)
+        let answered = actions.compactMap { if case .succeed(let ids, _, _) = $0 { return ids.count } else { return nil } }
+        #expect(answered == [100])
+        #expect(!m.isActive)
+    }
+
+    @Test("a later caller's deadline extends the round and the lease")
+    func laterDeadlineExtendsLease() {
+        let clock = ManualClock()
+        var m = TokenFlowStateMachine(configuration: config())
+        _ = m.tokenWasRequested(
+            waiter: WaiterID(1), minValidity: 0, knownExpiry: 0, forced: false, deadline: clock.now + .seconds(1),
+            requestID: "r1", now: clock.now)
+        _ = m.leaseAcquired(requestID: "r1", now: clock.now)
+        let a = m.tokenWasRequested(
+            waiter: WaiterID(2), minValidity: 0, knownExpiry: 0, forced: false, deadline: clock.now + .seconds(20),
+            requestID: "r2", now: clock.now)
+        #expect(a.contains(.extendLease(requestID: "r1", ttl: .seconds(22))))
+    }
+
+    @Test("failed attempts are retried with capped jittered backoff, then fail with trigger_failed")
+    func retriesThenFails() {
+        var clock = ManualClock()
+        var m = TokenFlowStateMachine(configuration: config())
+        _ = m.tokenWasRequested(
+            waiter: WaiterID(1), minValidity: 300, knownExpiry: 0, forced: false, deadline: clock.now + .seconds(30),
+            requestID: "r1", now: clock.now)
+        _ = m.leaseAcquired(requestID: "r1", now: clock.now)
+        // Attempt 1 fails: backoff of attempt 1 with jitter 0 is half of 100 ms.
+        let f1 = m.triggerFailed(requestID: "r1", attempt: 1, failure: .httpError, now: clock.now, jitter: 0)
+        #expect(f1.contains(.recordAttempt(outcome: "http_error", isRetry: false)))
+        let t1 = timers(f1)
+        #expect(t1.count == 1 && t1[0].1 == clock.now + .milliseconds(50))
+        clock.advance(.milliseconds(50))
+        let s2 = m.timerFired(t1[0].0, now: clock.now, jitter: 0)
+        #expect(s2.count == 1)
+        guard case .sendTrigger(_, 2, _, _) = s2[0] else {
+            Issue.record("expected attempt 2, got \(s2)")
+            return
+        }
+        // Attempt 2 fails: with jitter 1 the full 200 ms.
+        let f2 = m.triggerFailed(requestID: "r1", attempt: 2, failure: .transportError, now: clock.now, jitter: 1)
+        #expect(f2.contains(.recordAttempt(outcome: "transport_error", isRetry: true)))
+        let t2 = timers(f2)
+        #expect(t2.count == 1 && t2[0].1 == clock.now + .milliseconds(200))
+        clock.advance(.milliseconds(200))
+        _ = m.timerFired(t2[0].0, now: clock.now, jitter: 0)
+        // Attempt 3 is the last one allowed.
+        let f3 = m.triggerFailed(requestID: "r1", attempt: 3, failure: .httpError, now: clock.now, jitter: 0)
+        #expect(f3.contains(.fail([WaiterID(1)], .triggerFailed)))
+        #expect(f3.contains(.releaseLease(requestID: "r1")))
+        #expect(!m.isActive)
+    }
+
+    @Test("a stale or duplicate attempt result is ignored")
+    func staleAttemptIgnored() {
+        let clock = ManualClock()
+        var m = TokenFlowStateMachine(configuration: config())
+        _ = m.tokenWasRequested(
+            waiter: WaiterID(1), minValidity: 300, knownExpiry: 0, forced: false, deadline: clock.now + .seconds(30),
+            requestID: "r1", now: clock.now)
+        _ = m.leaseAcquired(requestID: "r1", now: clock.now)
+        #expect(m.triggerFailed(requestID: "r1", attempt: 2, failure: .httpError, now: clock.now, jitter: 0).isEmpty)
+        #expect(m.triggerSucceeded(requestID: "other", attempt: 1, now: clock.now).isEmpty)
+    }
+
+    @Test("a retry that would not fit before the deadline is not scheduled")
+    func noRetryPastDeadline() {
+        var clock = ManualClock()
+        var m = TokenFlowStateMachine(configuration: config())
+        _ = m.tokenWasRequested(
+            waiter: WaiterID(1), minValidity: 300, knownExpiry: 0, forced: false,
+            deadline: clock.now + .milliseconds(500), requestID: "r1", now: clock.now)
+        _ = m.leaseAcquired(requestID: "r1", now: clock.now)
+        clock.advance(.milliseconds(480))
+        let f = m.triggerFailed(requestID: "r1", attempt: 1, failure: .timeout, now: clock.now, jitter: 1)
+        #expect(f.contains(.fail([WaiterID(1)], .tokenTimeout)))
+        #expect(timers(f).isEmpty)
+    }
+
+    @Test("the caller's deadline ends its wait with token_timeout and the round with it")
+    func callerTimeout() {
+        var clock = ManualClock()
+        var m = TokenFlowStateMachine(configuration: config())
+        let a = m.tokenWasRequested(
+            waiter: WaiterID(1), minValidity: 300, knownExpiry: 0, forced: false, deadline: clock.now + .seconds(2),
+            requestID: "r1", now: clock.now)
+        let deadlineTimer = timers(a)[0].0
+        _ = m.leaseAcquired(requestID: "r1", now: clock.now)
+        clock.advance(.seconds(2))
+        let t = m.timerFired(deadlineTimer, now: clock.now, jitter: 0)
+        #expect(t.contains(.fail([WaiterID(1)], .tokenTimeout)))
+        #expect(t.contains(.releaseLease(requestID: "r1")))
+        #expect(!m.isActive)
+    }
+
+    @Test("a 2xx without a delivery counts as no_delivery after the grace and is retried")
+    func noDelivery() {
+        var clock = ManualClock()
+        var m = TokenFlowStateMachine(configuration: config())
+        _ = m.tokenWasRequested(
+            waiter: WaiterID(1), minValidity: 300, knownExpiry: 0, forced: false, deadline: clock.now + .seconds(30),
+            requestID: "r1", now: clock.now)
+        _ = m.leaseAcquired(requestID: "r1", now: clock.now)
+        let s = m.triggerSucceeded(requestID: "r1", attempt: 1, now: clock.now)
+        let grace = timers(s).first { $0.1 == clock.now + .seconds(2) }!.0
+        #expect(m.storeReadEmpty(requestID: "r1", now: clock.now).isEmpty)
+        clock.advance(.seconds(2))
+        let f = m.timerFired(grace, now: clock.now, jitter: 0)
+        #expect(f.contains(.recordAttempt(outcome: "no_delivery", isRetry: false)))
+        #expect(timers(f).count == 1)
+    }
+
+    @Test("a cancelled caller gets an answer at once and the round ends when none is left")
+    func cancellation() {
+        let clock = ManualClock()
+        var m = TokenFlowStateMachine(configuration: config())
+        _ = m.tokenWasRequested(
+            waiter: WaiterID(1), minValidity: 300, knownExpiry: 0, forced: false, deadline: clock.now + .seconds(30),
+            requestID: "r1", now: clock.now)
+        _ = m.tokenWasRequested(
+            waiter: WaiterID(2), minValidity: 300, knownExpiry: 0, forced: false, deadline: clock.now + .seconds(30),
+            requestID: "r2", now: clock.now)
+        _ = m.leaseAcquired(requestID: "r1", now: clock.now)
+        let c1 = m.waiterCancelled(WaiterID(1), now: clock.now)
+        #expect(c1.contains(.fail([WaiterID(1)], .cancelled)))
+        #expect(m.isActive)
+        let c2 = m.waiterCancelled(WaiterID(2), now: clock.now)
+        #expect(c2.contains(.releaseLease(requestID: "r1")))
+        #expect(!m.isActive)
+        #expect(m.waiterCancelled(WaiterID(2), now: clock.now).isEmpty)
+    }
+
+    @Test("a delivery arriving after every caller gave up changes nothing")
+    func lateDelivery() {
+        var clock = ManualClock()
+        var m = TokenFlowStateMachine(configuration: config())
+        let a = m.tokenWasRequested(
+            waiter: WaiterID(1), minValidity: 300, knownExpiry: 0, forced: false, deadline: clock.now + .seconds(1),
+            requestID: "r1", now: clock.now)
+        _ = m.leaseAcquired(requestID: "r1", now: clock.now)
+        clock.advance(.seconds(1))
+        _ = m.timerFired(timers(a)[0].0, now: clock.now, jitter: 0)
+        #expect(m.tokenObserved(token(clock.now.unixSeconds + 3600, rid: "r1"), solicitedBy: "r1", now: clock.now).isEmpty)
+        #expect(m.triggerSucceeded(requestID: "r1", attempt: 1, now: clock.now).isEmpty)
+        #expect(!m.isActive)
+    }
+
+    @Test("a push that arrives while waiting answers with source push")
+    func pushWhileWaiting() {
+        let clock = ManualClock()
+        var m = TokenFlowStateMachine(configuration: config())
+        _ = m.tokenWasRequested(
+            waiter: WaiterID(1), minValidity: 300, knownExpiry: 0, forced: false, deadline: clock.now + .seconds(10),
+            requestID: "r1", now: clock.now)
+        _ = m.leaseAcquired(requestID: "r1", now: clock.now)
+        let exp = clock.now.unixSeconds + 3600
+        let a = m.tokenObserved(token(exp), solicitedBy: nil, now: clock.now)
+        #expect(a.contains(.succeed([WaiterID(1)], token(exp), .push)))
+    }
+
+    @Test("a forced refresh accepts only a newer token; an expired one is never handed out")
+    func forcedRefresh() {
+        let clock = ManualClock()
+        var m = TokenFlowStateMachine(configuration: config())
+        let known = clock.now.unixSeconds + 1000
+        _ = m.tokenWasRequested(
+            waiter: WaiterID(1), minValidity: 300, knownExpiry: known, forced: true, deadline: clock.now + .seconds(10),
+            requestID: "r1", now: clock.now)
+        _ = m.leaseAcquired(requestID: "r1", now: clock.now)
+        #expect(m.tokenObserved(token(known), solicitedBy: nil, now: clock.now).isEmpty)
+        #expect(m.tokenObserved(token(clock.now.unixSeconds - 1, rid: "r1"), solicitedBy: "r1", now: clock.now).isEmpty)
+        let a = m.tokenObserved(token(known + 1), solicitedBy: nil, now: clock.now)
+        #expect(a.contains(.succeed([WaiterID(1)], token(known + 1), .push)))
+    }
+
+    @Test("a follower polls the store and takes the lease over when the leader vanished")
+    func follower() {
+        var clock = ManualClock()
+        var m = TokenFlowStateMachine(configuration: config())
+        _ = m.tokenWasRequested(
+            waiter: WaiterID(1), minValidity: 300, knownExpiry: 0, forced: false, deadline: clock.now + .seconds(10),
+            requestID: "r1", now: clock.now)
+        let d = m.leaseDenied(requestID: "r1", now: clock.now)
+        let poll = timers(d)
+        #expect(poll.count == 1 && poll[0].1 == clock.now + .milliseconds(50))
+        clock.advance(.milliseconds(50))
+        #expect(m.timerFired(poll[0].0, now: clock.now, jitter: 0) == [.readStore(requestID: "r1")])
+        let retake = m.storeReadEmpty(requestID: "r1", now: clock.now)
+        guard case .acquireLease("r1", _) = retake.first else {
+            Issue.record("expected a new lease attempt, got \(retake)")
+            return
+        }
+        // Denied again: the poll interval doubles.
+        let d2 = m.leaseDenied(requestID: "r1", now: clock.now)
+        #expect(timers(d2)[0].1 == clock.now + .milliseconds(100))
+        // The leader's delivery, announced by notification, answers the follower as a trigger answer.
+        let exp = clock.now.unixSeconds + 3600
+        let a = m.tokenObserved(token(exp, rid: "leader"), solicitedBy: "leader", now: clock.now)
+        #expect(a.contains(.succeed([WaiterID(1)], token(exp, rid: "leader"), .trigger)))
+        #expect(!a.contains(.releaseLease(requestID: "r1")))
+    }
+
+    @Test("the store failing while taking the lease fails callers with store_unavailable")
+    func storeDownAtLease() {
+        let clock = ManualClock()
+        var m = TokenFlowStateMachine(configuration: config())
+        _ = m.tokenWasRequested(
+            waiter: WaiterID(1), minValidity: 300, knownExpiry: 0, forced: false, deadline: clock.now + .seconds(10),
+            requestID: "r1", now: clock.now)
+        let a = m.storeFailed(requestID: "r1", now: clock.now)
+        #expect(a.contains(.fail([WaiterID(1)], .storeUnavailable)))
+        #expect(!m.isActive)
+    }
+
+    @Test("uninstall fails every waiting caller with installation_uninstalled")
+    func uninstall() {
+        let clock = ManualClock()
+        var m = TokenFlowStateMachine(configuration: config())
+        _ = m.tokenWasRequested(
+            waiter: WaiterID(1), minValidity: 300, knownExpiry: 0, forced: false, deadline: clock.now + .seconds(10),
+            requestID: "r1", now: clock.now)
+        _ = m.leaseAcquired(requestID: "r1", now: clock.now)
+        let a = m.installationUninstalled(now: clock.now)
+        #expect(a.contains(.fail([WaiterID(1)], .installationUninstalled)))
+        #expect(a.contains(.releaseLease(requestID: "r1")))
+    }
+
+    @Test("a refresh-ahead round runs without callers until a newer token arrives")
+    func refreshAhead() {
+        let clock = ManualClock()
+        var m = TokenFlowStateMachine(configuration: config())
+        let known = clock.now.unixSeconds + 600
+        let a = m.refreshAheadWasRequested(knownExpiry: known, requestID: "bg", now: clock.now)
+        #expect(a.count == 1)
+        #expect(m.refreshAheadWasRequested(knownExpiry: known, requestID: "bg2", now: clock.now).isEmpty)
+        _ = m.leaseAcquired(requestID: "bg", now: clock.now)
+        #expect(m.tokenObserved(token(known), solicitedBy: nil, now: clock.now).isEmpty)
+        #expect(m.isActive)
+        let done = m.tokenObserved(token(known + 3000, rid: "bg"), solicitedBy: "bg", now: clock.now)
+        #expect(done.contains(.releaseLease(requestID: "bg")))
+        #expect(!m.isActive)
+    }
+}
+
+@Suite("Backoff")
+struct BackoffTests {
+    @Test("delays double, are capped, and jitter stays within half to full")
+    func bounds() {
+        let base = Duration.milliseconds(100)
+        let cap = Duration.seconds(2)
+        #expect(Backoff.delay(attempt: 1, base: base, cap: cap, jitter: 0) == .milliseconds(50))
+        #expect(Backoff.delay(attempt: 1, base: base, cap: cap, jitter: 1) == .milliseconds(100))
+        #expect(Backoff.delay(attempt: 3, base: base, cap: cap, jitter: 1) == .milliseconds(400))
+        #expect(Backoff.delay(attempt: 10, base: base, cap: cap, jitter: 1) == .seconds(2))
+        #expect(Backoff.delay(attempt: 10, base: base, cap: cap, jitter: 0) == .seconds(1))
+        #expect(Backoff.delay(attempt: 200, base: base, cap: cap, jitter: 0.5) <= cap)
+        for attempt in 1...20 {
+            for j in stride(from: 0.0, through: 1.0, by: 0.25) {
+                let d = Backoff.delay(attempt: attempt, base: base, cap: cap, jitter: j)
+                #expect(d >= .milliseconds(50) && d <= cap)
+            }
+        }
+    }
+}
+
+@Suite("InstallationID")
+struct InstallationIDTests {
+    @Test("the ARI and the bare id name the same installation; odd segments are refused")
+    func parsing() {
+        let ari = "ari:cloud:ecosystem::installation/0d6a1c4e-7f5b-4b8e-9a43-2f1e6c1d7b90"
+        #expect(InstallationID(ari)?.ari == ari)
+        #expect(InstallationID("0d6a1c4e-7f5b-4b8e-9a43-2f1e6c1d7b90")?.ari == ari)
+        #expect(InstallationID(pathSegment: "ari%3Acloud%3Aecosystem%3A%3Ainstallation%2F0d6a1c4e-7f5b-4b8e-9a43-2f1e6c1d7b90")?.ari == ari)
+        #expect(InstallationID(pathSegment: "ari:cloud:ecosystem::installation%2F0d6a1c4e-7f5b-4b8e-9a43-2f1e6c1d7b90")?.ari == ari)
+        #expect(InstallationID("") == nil)
+        #expect(InstallationID("a/b") == nil)
+        #expect(InstallationID("..") == nil)
+        #expect(InstallationID(pathSegment: "%zz") == nil)
+        #expect(InstallationID(pathSegment: "%00") == nil)
+        #expect(InstallationID(String(repeating: "a", count: 129)) == nil)
+        #expect(InstallationID("ari:cloud:ecosystem::app/123") == nil)
+    }
+}

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Runs the gateway for real on this machine: a local Redis with AOF on, the Forge emulator
+# playing Atlassian's side, and the gateway, with one installation ready for curl.
+#
+#   scripts/run.sh                 # gateway on :8080, emulator on :8081, Redis on :6390
+#   GATEWAY_PORT=9090 scripts/run.sh
+#
+# Local settings (a generated encryption key and caller secret) live in var/dev.env; Redis
+# data in var/redis. Ctrl-C stops everything.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+GATEWAY_PORT=${GATEWAY_PORT:-8080}
+EMULATOR_PORT=${EMULATOR_PORT:-8081}
+REDIS_PORT=${REDIS_PORT:-6390}
+CONFIG=${CONFIG:-release}
+
+ensure_packages redis-server redis-tools libhiredis-dev python3 curl
+
+echo "==> building token-gateway ($CONFIG; the first build takes several minutes)"
+swift build -c "$CONFIG" --product token-gateway 2>&1 | grep -v -E "_FILE_OFFSET_BITS|unhandled; explicitly declare" | tail -n 20
+[ "${PIPESTATUS[0]}" = 0 ] || { echo "build failed"; exit 1; }
+bin="$(swift build -c "$CONFIG" --show-bin-path)/token-gateway"
+
+mkdir -p var/redis
+if [ ! -f var/dev.env ]; then
+    key=$(head -c 32 /dev/urandom | base64 | tr -d '\n')
+    secret=$(head -c 24 /dev/urandom | base64 | tr -d '\n/+=')
+    umask 077
+    cat > var/dev.env <<ENV
+# Local development settings written by scripts/run.sh. Keep this file private.
+DEV_CALLER_SECRET=$secret
+TOKEN_GATEWAY_ENCRYPTION_KEYS=dev1:$key
+TOKEN_GATEWAY_CALLERS=[{"name":"dev","secret":"$secret","installations":["*"],"clientKeys":["*"]}]
+ENV
+fi
+set -a
+. var/dev.env
+set +a
+
+pids=()
+cleanup() {
+    echo
+    echo "==> stopping"
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    redis-cli -p "$REDIS_PORT" shutdown >/dev/null 2>&1 || true
+}
+trap cleanup EXIT INT TERM
+
+if ! redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --appendonly yes --dir "$PWD/var/redis" \
+        --daemonize yes --logfile "$PWD/var/redis/redis.log" --pidfile "$PWD/var/redis/redis.pid"
+fi
+wait_for_redis "$REDIS_PORT"
+echo "==> Redis on 127.0.0.1:$REDIS_PORT (AOF on, data in var/redis)"
+
+export TOKEN_GATEWAY_PORT=$GATEWAY_PORT
+export TOKEN_GATEWAY_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
+export TOKEN_GATEWAY_FORGE_APP_ID="ari:cloud:ecosystem::app/6f1a7b2e-3c4d-4e5f-8a9b-0c1d2e3f4a5b"
+export TOKEN_GATEWAY_FORGE_JWKS_URL="http://127.0.0.1:$EMULATOR_PORT/.well-known/jwks.json"
+export TOKEN_GATEWAY_TRIGGER_HOSTS="http://127.0.0.1:$EMULATOR_PORT"
+
+"$bin" emulate --port "$EMULATOR_PORT" --gateway-url "http://127.0.0.1:$GATEWAY_PORT" --app-id "$TOKEN_GATEWAY_FORGE_APP_ID" &
+pids+=($!)
+"$bin" serve &
+pids+=($!)
+wait_for_http "http://127.0.0.1:$GATEWAY_PORT/health/ready"
+wait_for_http "http://127.0.0.1:$EMULATOR_PORT/admin/stats"
+
+installation=$(curl -fsS -X POST "http://127.0.0.1:$EMULATOR_PORT/admin/installations" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+short=${installation##*/}
+
+cat <<MSG
+
+==> ready. The emulator installed $installation
+    (lifecycle + registration: the gateway issued it an Ed25519 trigger key).
+
+Fetch a token (cold: one signed trigger round trip; run it again: from the cache):
+
+  source var/dev.env
+  curl -s -H "Authorization: Bearer \$DEV_CALLER_SECRET" http://127.0.0.1:$GATEWAY_PORT/v1/installations/$short/token
+
+More:
+  curl -s -H "Authorization: Bearer \$DEV_CALLER_SECRET" http://127.0.0.1:$GATEWAY_PORT/v1/installations
+  curl -s -X POST -H "Authorization: Bearer \$DEV_CALLER_SECRET" http://127.0.0.1:$GATEWAY_PORT/v1/installations/$short/token/refresh
+  curl -s -X POST http://127.0.0.1:$EMULATOR_PORT/admin/installations      # another installation
+  curl -s http://127.0.0.1:$GATEWAY_PORT/metrics | grep token_gateway_
+
+Ctrl-C stops the gateway, the emulator and Redis.
+MSG
+wait "${pids[@]}"
