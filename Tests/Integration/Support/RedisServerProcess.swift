@@ -22,14 +22,14 @@ final class RedisServerProcess: Sendable {
     let directory: String
     private let executable: String
     private let arguments: [String]
-    private let process: Mutex<Process?>
+    private let process: Mutex<ChildProcess?>
 
     /// `redis://127.0.0.1:<port>/0`.
     var url: String {
         "redis://127.0.0.1:\(self.port)/0"
     }
 
-    private init(port: Int, directory: String, executable: String, arguments: [String], process: Process) {
+    private init(port: Int, directory: String, executable: String, arguments: [String], process: ChildProcess) {
         self.port = port
         self.directory = directory
         self.executable = executable
@@ -39,7 +39,7 @@ final class RedisServerProcess: Sendable {
 
     deinit {
         if let process = self.process.withLock({ $0 }), process.isRunning {
-            signalProcess(process.processIdentifier, SIGKILL)
+            process.signal(SIGKILL)
         }
     }
 
@@ -114,7 +114,7 @@ final class RedisServerProcess: Sendable {
                 if pingSucceeds(port: port) {
                     return "redis://127.0.0.1:\(port)/0"
                 }
-                signalProcess(process.processIdentifier, SIGKILL)
+                process.signal(SIGKILL)
                 lastError = StartError(description: "redis-server on port \(port) did not answer PING")
             }
             throw lastError ?? StartError(description: "redis-server did not start")
@@ -155,20 +155,11 @@ final class RedisServerProcess: Sendable {
         throw lastError ?? StartError(description: "\(executable) did not start")
     }
 
-    private static func launch(executable: String, arguments: [String], directory: String) throws -> Process {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: executable)
-        process.arguments = arguments
-        process.currentDirectoryURL = URL(fileURLWithPath: directory)
-        process.standardInput = FileHandle.nullDevice
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        liveProcesses.withLock { _ = $0.insert(process.processIdentifier) }
-        return process
+    private static func launch(executable: String, arguments: [String], directory: String) throws -> ChildProcess {
+        try ChildProcess(executable: executable, arguments: arguments, directory: directory)
     }
 
-    private func waitUntilReady(_ process: Process) async throws {
+    private func waitUntilReady(_ process: ChildProcess) async throws {
         let deadline = ContinuousClock.now + .seconds(10)
         while ContinuousClock.now < deadline {
             guard process.isRunning else {
@@ -219,19 +210,16 @@ final class RedisServerProcess: Sendable {
         guard let process = self.process.withLock({ $0 }) else {
             return
         }
-        if process.isRunning {
-            signalProcess(process.processIdentifier, signal)
-        }
+        process.signal(signal)
         let killDeadline = ContinuousClock.now + .seconds(5)
         var killed = signal == SIGKILL
         while process.isRunning {
             if !killed, ContinuousClock.now >= killDeadline {
-                signalProcess(process.processIdentifier, SIGKILL)
+                process.signal(SIGKILL)
                 killed = true
             }
             try? await Task.sleep(for: .milliseconds(5))
         }
-        liveProcesses.withLock { _ = $0.remove(process.processIdentifier) }
     }
 
     // MARK: Helpers
@@ -266,7 +254,8 @@ final class RedisServerProcess: Sendable {
         return Int(UInt16(bigEndian: address.sin_port))
     }
 
-    /// One blocking `PING` over a fresh loopback connection (connect and read are bounded by 1 s timeouts).
+    /// One blocking `PING` over a fresh loopback connection (connect and read are bounded by 1 s timeouts); true
+    /// when the server answers `PONG` (or `NOAUTH`, when it requires a password).
     static func pingSucceeds(port: Int) -> Bool {
         let socketFD = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         guard socketFD >= 0 else {
@@ -294,16 +283,75 @@ final class RedisServerProcess: Sendable {
         }
         var reply = [UInt8](repeating: 0, count: 64)
         let count = recv(socketFD, &reply, reply.count, 0)
-        return count >= 5 && reply[0..<5] == Array("+PONG".utf8)[...]
+        // A server with `requirepass` answers `-NOAUTH …`: it is up and serving.
+        return count >= 5 && (reply[0..<5] == Array("+PONG".utf8)[...] || reply[0..<7] == Array("-NOAUTH".utf8)[...])
     }
 }
 
-private func signalProcess(_ pid: Int32, _ signal: Int32) {
-    _ = kill(pid, signal)
+/// A child process started with `posix_spawn`, with a clean signal mask: threads of the test process block most
+/// signals, and a child started by `Foundation.Process` inherits that mask (so it would ignore SIGTERM).
+fileprivate final class ChildProcess: Sendable {
+    let pid: pid_t
+    private let exited = Mutex(false)
+
+    /// `directory` is passed to the server with `--dir`; the child keeps the test process's working directory.
+    init(executable: String, arguments: [String], directory: String) throws {
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        var noSignals = sigset_t()
+        sigemptyset(&noSignals)
+        posix_spawnattr_setsigmask(&attributes, &noSignals)
+        var defaultSignals = sigset_t()
+        sigemptyset(&defaultSignals)
+        for signal in [SIGTERM, SIGINT, SIGHUP, SIGPIPE, SIGCHLD] {
+            sigaddset(&defaultSignals, signal)
+        }
+        posix_spawnattr_setsigdefault(&attributes, &defaultSignals)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+
+        var fileActions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&fileActions)
+        defer { posix_spawn_file_actions_destroy(&fileActions) }
+        posix_spawn_file_actions_addopen(&fileActions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&fileActions, 1, "/dev/null", O_WRONLY, 0)
+        posix_spawn_file_actions_addopen(&fileActions, 2, "/dev/null", O_WRONLY, 0)
+
+        let argv: [UnsafeMutablePointer<CChar>?] = ([executable] + arguments).map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        var pid: pid_t = 0
+        let result = posix_spawn(&pid, executable, &fileActions, &attributes, argv, environ)
+        guard result == 0 else {
+            throw RedisServerProcess.StartError(description: "posix_spawn \(executable) failed: \(result)")
+        }
+        self.pid = pid
+        liveProcesses.withLock { _ = $0.insert(pid) }
+    }
+
+    /// Whether the process still runs (reaps it once it has exited).
+    var isRunning: Bool {
+        self.exited.withLock { exited in
+            if !exited {
+                var status: Int32 = 0
+                let result = waitpid(self.pid, &status, WNOHANG)
+                if result == self.pid || (result == -1 && errno == ECHILD) {
+                    exited = true
+                    liveProcesses.withLock { _ = $0.remove(self.pid) }
+                }
+            }
+            return !exited
+        }
+    }
+
+    func signal(_ signal: Int32) {
+        if self.isRunning {
+            kill(self.pid, signal)
+        }
+    }
 }
 
 /// Every server process still running, killed when the test process exits.
-private let liveProcesses: Mutex<Set<Int32>> = {
+private let liveProcesses: Mutex<Set<pid_t>> = {
     atexit {
         let pids = liveProcesses.withLock { $0 }
         for pid in pids {
