@@ -35,9 +35,10 @@ import Testing
     @discardableResult
     static func withClient<T: Sendable>(
         configuration: RedisConfiguration,
+        logger: Logger = Self.logger,
         _ body: (RedisClient) async throws -> T
     ) async throws -> T {
-        let client = RedisClient(configuration: configuration, logger: Self.logger)
+        let client = RedisClient(configuration: configuration, logger: logger)
         return try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { try await client.run() }
             do {
@@ -289,13 +290,13 @@ import Testing
         try await Self.withClient(configuration: configuration) { client in
             try await Self.withClient(url: server.url) { admin in
                 try await client.ping()
-                _ = try await admin.send(["CLIENT", "PAUSE", "700", "ALL"])
+                _ = try await admin.send(["CLIENT", "PAUSE", "1000", "ALL"])
                 let start = ContinuousClock.now
                 await #expect(throws: RedisError.timeout) {
                     try await client.send(["SET", prefix + "k", "late"], timeout: .milliseconds(150))
                 }
                 let elapsed = ContinuousClock.now - start
-                #expect(elapsed >= .milliseconds(140) && elapsed < .milliseconds(600))
+                #expect(elapsed >= .milliseconds(140) && elapsed < .milliseconds(900))
                 // Same connection (pool of one): the SET's late `OK` must not be taken for this GET's reply.
                 #expect(try await client.send(["GET", prefix + "k"], timeout: .seconds(3)).string == "late")
                 #expect(try await client.send(["PING"]) == .status("PONG"))
@@ -319,6 +320,83 @@ import Testing
             await #expect(throws: RedisError.unavailable) { try await client.send(["PING"]) }
         }
         await server.stop()
+    }
+
+    // MARK: Sentinel
+
+    @Test(.timeLimit(.minutes(1))) func followsTheNewPrimaryAfterASentinelFailover() async throws {
+        let masterName = "tg-primary"
+        let prefix = Self.prefix()
+        let primary = try await RedisServerProcess.start()
+        let replica = try await RedisServerProcess.start(
+            extraArguments: ["--replicaof", "127.0.0.1", "\(primary.port)"]
+        )
+        try await Self.withClient(url: replica.url) { replicaAdmin in
+            // The replica is in sync before the sentinel looks at the primary, so the sentinel discovers it at once.
+            #expect(
+                await Self.eventually {
+                    let role = try? await replicaAdmin.send(["ROLE"]).array
+                    return role?.first?.string == "slave" && role?[3].string == "connected"
+                }
+            )
+        }
+        let sentinel = try await RedisServerProcess.startSentinel(
+            monitoringPrimaryPort: primary.port,
+            masterName: masterName
+        )
+        let deadSentinelPort = try RedisServerProcess.freeLoopbackPort()
+        let url = "redis-sentinel://127.0.0.1:\(deadSentinelPort),127.0.0.1:\(sentinel.port)/\(masterName)/0"
+
+        let logs = RedisTestLogs()
+        let configuration = try RedisConfiguration(url: url)
+        try await Self.withClient(url: sentinel.url) { sentinelAdmin in
+            try await Self.withClient(configuration: configuration, logger: logs.logger) { client async throws in
+                // The first sentinel listed is down; the client asks the next one.
+                #expect(try await client.send(["SET", prefix + "k", "before"]) == .status("OK"))
+                #expect(try await client.send(["ROLE"]).array?.first?.string == "master")
+
+                // The sentinel needs the replica's INFO before it can promote it: retry until it accepts.
+                #expect(
+                    await Self.eventually(within: .seconds(20)) {
+                        (try? await sentinelAdmin.send(["SENTINEL", "FAILOVER", masterName])) == .status("OK")
+                    }
+                )
+                #expect(
+                    await Self.eventually(within: .seconds(20)) {
+                        let address = try? await sentinelAdmin.send(["SENTINEL", "get-master-addr-by-name", masterName])
+                        return address?.array?.last?.int == Int64(replica.port)
+                    }
+                )
+
+                // The client hears `+switch-master` from the sentinel and reconnects every pooled connection to
+                // the new primary: soon every command (one per pooled connection and more) lands there.
+                #expect(
+                    await Self.eventually(within: .seconds(30)) {
+                        for _ in 0..<8 {
+                            let info = try? await client.send(["INFO", "server"])
+                            guard info?.string?.contains("tcp_port:\(replica.port)") == true else {
+                                return false
+                            }
+                        }
+                        return true
+                    }
+                )
+                #expect(try await client.send(["SET", prefix + "k", "after"]) == .status("OK"))
+                // The client heard the sentinel's `+switch-master` announcement.
+                #expect(
+                    await Self.eventually(within: .seconds(20)) {
+                        logs.messages.contains("Redis sentinel announced a new primary")
+                    }
+                )
+            }
+        }
+        try await Self.withClient(url: replica.url) { newPrimary async throws in
+            #expect(try await newPrimary.send(["ROLE"]).array?.first?.string == "master")
+            #expect(try await newPrimary.send(["GET", prefix + "k"]).string == "after")
+        }
+        await sentinel.stop()
+        await replica.stop()
+        await primary.stop()
     }
 }
 
@@ -354,5 +432,33 @@ final class RedisPubSubRecorder: Sendable {
     /// Waits until the stream has ended, for at most `timeout`.
     func waitUntilFinished(within timeout: Duration = .seconds(10)) async -> Bool {
         await RedisClientTests.eventually(within: timeout) { self.state.withLock { $0.finished } }
+    }
+}
+
+/// Log messages of one client, for asserting on what it logged.
+final class RedisTestLogs: Sendable {
+    private let recorded = Mutex<[String]>([])
+
+    var messages: [String] {
+        self.recorded.withLock { $0 }
+    }
+
+    var logger: Logger {
+        Logger(label: "redis-test") { _ in Handler(logs: self) }
+    }
+
+    private struct Handler: LogHandler {
+        let logs: RedisTestLogs
+        var metadata: Logger.Metadata = [:]
+        var logLevel: Logger.Level = .debug
+
+        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+            get { self.metadata[key] }
+            set { self.metadata[key] = newValue }
+        }
+
+        func log(event: LogEvent) {
+            self.logs.recorded.withLock { $0.append("\(event.message)") }
+        }
     }
 }

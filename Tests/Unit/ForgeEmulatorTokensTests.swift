@@ -192,9 +192,17 @@ private struct HeaderFields: Codable {
         options.kid = "no-such-key"
         let fit = try self.emulator.mintFIT(for: self.installation, options: options)
         #expect(try jwtSegment(fit, 0, as: HeaderFields.self).kid == "no-such-key")
+        let jwks = try JSONDecoder().decode(JWKS.self, from: Data(self.emulator.jwksJSON.utf8))
+        #expect(jwks.keys.allSatisfy { $0.keyIdentifier?.string != "no-such-key" })
+        // A verifier that looks keys up strictly by kid (no default key) refuses it. (jwt-kit's
+        // collection falls back to its default key for an unknown kid, so the signature, made with
+        // the published key, would still verify there.)
+        let strict = JWTKeyCollection()
+        for jwk in jwks.keys { try await strict.add(jwk: jwk, isDefault: false) }
         await #expect(throws: (any Error).self) {
-            try await self.verifier().verify(fit, as: FITTestClaims.self)
+            try await strict.verify(fit, as: FITTestClaims.self)
         }
+        _ = try await strict.verify(try self.emulator.mintFIT(for: self.installation), as: FITTestClaims.self)
     }
 
     @Test func unpublishedKeySignsUnderThePublishedKidAndFailsVerification() async throws {

@@ -44,12 +44,25 @@ struct TokenFlowStateMachineTests {
         clock.advance(.milliseconds(300))
         let a3 = m.triggerSucceeded(requestID: "r1", attempt: 1, now: clock.now)
         #expect(a3.contains(.readStore(requestID: "r1")))
-        #expect(a3.contains(.recordAttempt(outcome: "success", isRetry: false)))
         let exp = clock.now.unixSeconds + 3600
         let a4 = m.tokenObserved(token(exp, rid: "r1"), solicitedBy: "r1", now: clock.now)
         #expect(a4.contains(.succeed([WaiterID(1)], token(exp, rid: "r1"), .trigger)))
         #expect(a4.contains(.releaseLease(requestID: "r1")))
+        #expect(a4.contains(.recordAttempt(outcome: "success")))
         #expect(!m.isActive)
+    }
+
+    @Test("a delivery that arrives before the trigger's own answer is counted as one successful attempt")
+    func deliveryBeforeTriggerAnswer() {
+        let clock = ManualClock()
+        var m = TokenFlowStateMachine(configuration: config())
+        _ = m.tokenWasRequested(
+            waiter: WaiterID(1), minValidity: 300, knownExpiry: 0, forced: false, deadline: clock.now + .seconds(10),
+            requestID: "r1", now: clock.now)
+        _ = m.leaseAcquired(requestID: "r1", now: clock.now)
+        let a = m.tokenObserved(token(clock.now.unixSeconds + 3600, rid: "r1"), solicitedBy: "r1", now: clock.now)
+        #expect(a.filter { $0 == .recordAttempt(outcome: "success") }.count == 1)
+        #expect(m.triggerSucceeded(requestID: "r1", attempt: 1, now: clock.now).isEmpty)
     }
 
     @Test("concurrent callers share one round trip")
@@ -104,19 +117,19 @@ struct TokenFlowStateMachineTests {
         _ = m.leaseAcquired(requestID: "r1", now: clock.now)
         // Attempt 1 fails: backoff of attempt 1 with jitter 0 is half of 100 ms.
         let f1 = m.triggerFailed(requestID: "r1", attempt: 1, failure: .httpError, now: clock.now, jitter: 0)
-        #expect(f1.contains(.recordAttempt(outcome: "http_error", isRetry: false)))
+        #expect(f1.contains(.recordAttempt(outcome: "http_error")))
         let t1 = timers(f1)
         #expect(t1.count == 1 && t1[0].1 == clock.now + .milliseconds(50))
         clock.advance(.milliseconds(50))
         let s2 = m.timerFired(t1[0].0, now: clock.now, jitter: 0)
-        #expect(s2.count == 1)
-        guard case .sendTrigger(_, 2, _, _) = s2[0] else {
+        #expect(s2.count == 2 && s2.first == .recordRetry)
+        guard case .sendTrigger(_, 2, _, _) = s2.last else {
             Issue.record("expected attempt 2, got \(s2)")
             return
         }
         // Attempt 2 fails: with jitter 1 the full 200 ms.
         let f2 = m.triggerFailed(requestID: "r1", attempt: 2, failure: .transportError, now: clock.now, jitter: 1)
-        #expect(f2.contains(.recordAttempt(outcome: "transport_error", isRetry: true)))
+        #expect(f2.contains(.recordAttempt(outcome: "transport_error")))
         let t2 = timers(f2)
         #expect(t2.count == 1 && t2[0].1 == clock.now + .milliseconds(200))
         clock.advance(.milliseconds(200))
@@ -183,7 +196,7 @@ struct TokenFlowStateMachineTests {
         #expect(m.storeReadEmpty(requestID: "r1", now: clock.now).isEmpty)
         clock.advance(.seconds(2))
         let f = m.timerFired(grace, now: clock.now, jitter: 0)
-        #expect(f.contains(.recordAttempt(outcome: "no_delivery", isRetry: false)))
+        #expect(f.contains(.recordAttempt(outcome: "no_delivery")))
         #expect(timers(f).count == 1)
     }
 

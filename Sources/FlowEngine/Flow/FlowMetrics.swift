@@ -52,8 +52,7 @@ public struct FlowMetrics: Sendable {
         self.tokenRequests["\(source?.rawValue ?? "none")|\(outcome)"]?.increment()
     }
 
-    func countAttempt(outcome: String, isRetry: Bool) {
+    func countAttempt(outcome: String) {
         self.triggerAttempts[outcome]?.increment()
-        if isRetry { self.triggerRetries.increment() }
     }
 }

@@ -271,8 +271,10 @@ public final class TokenFlow: Sendable, Service {
                 for (continuation, _) in self.takeWaiters(waiters) {
                     continuation.resume(throwing: error)
                 }
-            case .recordAttempt(let outcome, let isRetry):
-                self.metrics.countAttempt(outcome: outcome, isRetry: isRetry)
+            case .recordRetry:
+                self.metrics.triggerRetries.increment()
+            case .recordAttempt(let outcome):
+                self.metrics.countAttempt(outcome: outcome)
                 if outcome != "success" {
                     self.logger.notice(
                         "trigger attempt failed",

@@ -35,6 +35,7 @@ extension RedisClient {
             }
             let subscription = RedisSubscription(
                 id: state.nextSubscriptionID,
+                label: "\(state.nextSubscriptionID)",
                 channels: channels,
                 continuation: continuation
             )
@@ -69,9 +70,16 @@ extension RedisClient {
         }
         await withGracefulShutdownHandler {
             await withDiscardingTaskGroup { group in
+                if case .sentinel(_, let masterName) = self.configuration.endpoint {
+                    group.addTask {
+                        await self.followFailovers(masterName: masterName)
+                    }
+                }
                 for await subscription in registrations {
                     group.addTask {
-                        await self.maintain(subscription)
+                        await self.maintain(subscription) { eventLoop, pushHandler in
+                            try await self.connector.connect(on: eventLoop, pushHandler: pushHandler)
+                        }
                     }
                 }
                 // Shutdown or cancellation: stop every subscription.
@@ -83,18 +91,60 @@ extension RedisClient {
         await self.shutdown()
     }
 
+    /// Watches the sentinels' `+switch-master` announcements: when the primary moves, every pooled and subscriber
+    /// connection is closed, so each reconnects to the new primary at once instead of writing to the demoted one
+    /// until the sentinel reconfigures it.
+    private func followFailovers(masterName: String) async {
+        let (events, continuation) = AsyncStream.makeStream(
+            of: RedisPubSubEvent.self,
+            bufferingPolicy: .bufferingNewest(100)
+        )
+        let watch = RedisSubscription(
+            id: -1,
+            label: "sentinel",
+            channels: ["+switch-master"],
+            continuation: continuation
+        )
+        await withDiscardingTaskGroup { group in
+            group.addTask {
+                await self.maintain(watch) { eventLoop, pushHandler in
+                    try await self.connector.connectToSentinel(on: eventLoop, pushHandler: pushHandler)
+                }
+            }
+            // `<master> <old ip> <old port> <new ip> <new port>`
+            for await event in events {
+                guard case .message(_, let announcement) = event, announcement.hasPrefix(masterName + " ") else {
+                    continue
+                }
+                self.logger.notice(
+                    "Redis sentinel announced a new primary",
+                    metadata: ["redis.switch": "\(announcement)"]
+                )
+                self.pool.closeAllConnections()
+                let subscriptions = self.state.withLock { Array($0.subscriptions.values) }
+                for subscription in subscriptions {
+                    subscription.closeConnection()
+                }
+            }
+            group.cancelAll()
+        }
+    }
+
     /// Keeps one subscription connected until it is terminated or the task is cancelled.
-    private func maintain(_ subscription: RedisSubscription) async {
+    private func maintain(
+        _ subscription: RedisSubscription,
+        connect: @Sendable (any EventLoop, @escaping @Sendable (RedisPubSubEvent) -> Void) async throws
+            -> RedisConnection
+    ) async {
         defer { subscription.terminate() }
         var logger = self.logger
-        logger[metadataKey: "redis.subscription"] = "\(subscription.id)"
+        logger[metadataKey: "redis.subscription"] = "\(subscription.label)"
         var failures = 0
         while !Task.isCancelled, !subscription.isTerminated {
             do {
-                let connection = try await self.connector.connect(
-                    on: self.eventLoopGroup.next(),
-                    pushHandler: { event in subscription.continuation.yield(event) }
-                )
+                let connection = try await connect(self.eventLoopGroup.next()) { event in
+                    subscription.continuation.yield(event)
+                }
                 failures = 0
                 guard subscription.attach(connection) else {
                     connection.close()
@@ -103,7 +153,10 @@ extension RedisClient {
                 defer { subscription.detach(connection) }
                 try await self.subscribeAndWatch(connection, subscription: subscription, logger: logger)
                 if !subscription.isTerminated, !Task.isCancelled {
-                    logger.notice("Redis subscription connection down", metadata: ["redis.address": "\(connection.address)"])
+                    logger.notice(
+                        "Redis subscription connection down",
+                        metadata: ["redis.address": "\(connection.address)"]
+                    )
                 }
             } catch is CancellationError {
                 return
@@ -189,12 +242,15 @@ extension RedisClient {
 /// One `subscribe(channels:)` call: its stream and the connection currently serving it.
 final class RedisSubscription: Sendable {
     let id: Int
+    /// For logs (`redis.subscription`).
+    let label: String
     let channels: [String]
     let continuation: AsyncStream<RedisPubSubEvent>.Continuation
     private let state = Mutex<(isTerminated: Bool, connection: RedisConnection?)>((false, nil))
 
-    init(id: Int, channels: [String], continuation: AsyncStream<RedisPubSubEvent>.Continuation) {
+    init(id: Int, label: String, channels: [String], continuation: AsyncStream<RedisPubSubEvent>.Continuation) {
         self.id = id
+        self.label = label
         self.channels = channels
         self.continuation = continuation
     }
@@ -220,6 +276,11 @@ final class RedisSubscription: Sendable {
                 state.connection = nil
             }
         }
+    }
+
+    /// Closes the serving connection (if any); the subscription reconnects and subscribes again.
+    func closeConnection() {
+        self.state.withLock { $0.connection }?.close()
     }
 
     /// Ends the subscription: closes its connection and finishes its stream. Idempotent.

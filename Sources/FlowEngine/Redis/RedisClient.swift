@@ -23,7 +23,7 @@ public final class RedisClient: Sendable, Service {
     let logger: Logger
     let eventLoopGroup: any EventLoopGroup
     let connector: RedisConnector
-    private let pool: RedisConnectionPool
+    let pool: RedisConnectionPool
     private let availability: Availability
     private let storeErrors: Counter
     let state: Mutex<State>

@@ -40,7 +40,8 @@ enum RedisURLParser {
         let pathSegments: [Substring]
         if let slash = location.firstIndex(of: "/") {
             authority = location[..<slash]
-            pathSegments = location[location.index(after: slash)...].split(separator: "/", omittingEmptySubsequences: false)
+            pathSegments = location[location.index(after: slash)...]
+                .split(separator: "/", omittingEmptySubsequences: false)
         } else {
             authority = location
             pathSegments = []

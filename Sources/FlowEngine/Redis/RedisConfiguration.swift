@@ -101,7 +101,8 @@ public struct RedisConfiguration: Sendable, CustomStringConvertible, CustomDebug
             location = "redis-sentinel://\(auth)\(hosts)/\(masterName)/\(self.database)"
         }
         return "\(location) (pool \(self.poolSize), connect timeout \(self.connectTimeout), "
-            + "command timeout \(self.commandTimeout), backoff \(self.reconnectBackoffBase)…\(self.reconnectBackoffCap))"
+            + "command timeout \(self.commandTimeout), "
+            + "backoff \(self.reconnectBackoffBase)…\(self.reconnectBackoffCap))"
     }
 
     public var debugDescription: String {

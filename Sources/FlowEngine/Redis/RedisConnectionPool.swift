@@ -57,7 +57,8 @@ final class RedisConnectionPool: Sendable {
     /// - Throws: ``RedisError/unavailable`` when no connection can be had (backoff, failed connect, shut down),
     ///   ``RedisError/timeout`` when `deadline` passes while connecting, `CancellationError`.
     func connection(deadline: NIODeadline) async throws -> RedisConnection {
-        let (action, future) = self.state.withLock { state -> (Machine.LeaseAction, EventLoopFuture<RedisConnection>?) in
+        let (action, future) = self.state.withLock {
+            state -> (Machine.LeaseAction, EventLoopFuture<RedisConnection>?) in
             let action = state.machine.connectionRequested(now: .now())
             switch action {
             case .use(_, .some(let attempt)), .wait(let attempt, start: true):
@@ -110,12 +111,19 @@ final class RedisConnectionPool: Sendable {
         }
     }
 
-    private func connectAttemptFinished(_ attempt: Machine.ConnectAttempt, result: Result<RedisConnection, any Error>) {
+    private func connectAttemptFinished(
+        _ attempt: Machine.ConnectAttempt,
+        result: Result<RedisConnection, any Error>
+    ) {
         switch result {
         case .success(let connection):
-            let (kept, promise) = self.state.withLock { state in
+            let (kept, promise, outdated) = self.state.withLock { state in
                 let kept = state.machine.connectSucceeded(attempt, connection: connection)
-                return (kept, state.attempts.removeValue(forKey: attempt)?.promise)
+                // After a failover the primary has a new address: connections to the old one go, and their slots
+                // reconnect (asking the sentinels again) on their next use.
+                let outdated =
+                    kept ? state.machine.connectedConnections.filter { $0.address != connection.address } : []
+                return (kept, state.attempts.removeValue(forKey: attempt)?.promise, outdated)
             }
             guard kept else {
                 connection.close()
@@ -125,6 +133,13 @@ final class RedisConnectionPool: Sendable {
             self.logger.info("Redis connection up", metadata: ["redis.address": "\(connection.address)"])
             connection.closeFuture.whenComplete { _ in
                 self.connectionClosed(connection)
+            }
+            for outdatedConnection in outdated {
+                self.logger.notice(
+                    "Closing a Redis connection to a former primary",
+                    metadata: ["redis.address": "\(outdatedConnection.address)"]
+                )
+                outdatedConnection.close()
             }
             self.connectionStateChanged(true)
             promise?.succeed(connection)

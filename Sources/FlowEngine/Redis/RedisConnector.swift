@@ -97,6 +97,35 @@ struct RedisConnector: Sendable {
         }
     }
 
+    /// A plain connection to the first sentinel (in order) that accepts one, for watching its `+switch-master`
+    /// announcements.
+    ///
+    /// - Throws: ``RedisError/unavailable`` when no sentinel can be reached (or the endpoint is direct).
+    func connectToSentinel(
+        on eventLoop: any EventLoop,
+        pushHandler: (@Sendable (RedisPubSubEvent) -> Void)?
+    ) async throws -> RedisConnection {
+        guard case .sentinel(let sentinels, _) = self.configuration.endpoint else {
+            throw RedisError.unavailable
+        }
+        let deadline = NIODeadline.now() + TimeAmount(self.configuration.connectTimeout)
+        for sentinel in sentinels {
+            try Task.checkCancellation()
+            if let connection = try? await RedisConnection.connect(
+                host: sentinel.host,
+                port: sentinel.port,
+                eventLoop: eventLoop,
+                deadline: deadline,
+                stallTimeout: TimeAmount(self.configuration.commandTimeout),
+                logger: self.logger,
+                pushHandler: pushHandler
+            ) {
+                return connection
+            }
+        }
+        throw RedisError.unavailable
+    }
+
     /// Asks each sentinel in order for the primary's address; the first answer wins.
     private func resolvePrimary(
         sentinels: [RedisSentinelAddress],
@@ -134,7 +163,9 @@ struct RedisConnector: Sendable {
                 }
                 self.logger.notice(
                     "Redis sentinel does not know the primary",
-                    metadata: ["redis.sentinel": "\(sentinel)", "redis.reply": "\(replies.first.map(Self.kind) ?? "none")"]
+                    metadata: [
+                        "redis.sentinel": "\(sentinel)", "redis.reply": "\(replies.first.map(Self.kind) ?? "none")",
+                    ]
                 )
             } catch let error as RedisError {
                 self.logger.debug(

@@ -71,8 +71,10 @@ public enum FlowAction: Sendable, Hashable {
     case succeed([WaiterID], AccessToken, TokenSource)
     /// Fail these waiters.
     case fail([WaiterID], FlowError)
-    /// Count this attempt outcome (metrics only).
-    case recordAttempt(outcome: String, isRetry: Bool)
+    /// Count one finished trigger attempt by outcome (metrics only).
+    case recordAttempt(outcome: String)
+    /// Count one retry being sent (metrics only).
+    case recordRetry
 }
 
 /// The RFC-34 round trip of one installation in one process, as a value type.
@@ -117,6 +119,8 @@ public struct TokenFlowStateMachine: Sendable {
         /// A refresh-ahead round: runs without waiters until a newer token arrives.
         var background: Bool
         var backgroundKnownExpiry: Int64
+        /// The current poll interval while following another process's round trip.
+        var followDelay: Duration = .zero
     }
 
     enum State: Sendable {
@@ -224,15 +228,14 @@ public struct TokenFlowStateMachine: Sendable {
     /// also arrive as `tokenObserved`).
     public mutating func leaseDenied(requestID: String, now: FlowTime) -> [FlowAction] {
         guard case .round(var round) = self.state, round.requestID == requestID else { return [] }
-        let previous: Duration
         switch round.phase {
-        case .acquiringLease: previous = .zero
-        case .following(_, let delay): previous = delay
+        case .acquiringLease, .following: break
         default: return []
         }
         let delay =
-            previous == .zero
-            ? self.configuration.pollInitial : min(previous * 2, self.configuration.pollCap)
+            round.followDelay == .zero
+            ? self.configuration.pollInitial : min(round.followDelay * 2, self.configuration.pollCap)
+        round.followDelay = delay
         let timer = self.makeTimer()
         round.phase = .following(poll: timer, delay: delay)
         self.state = .round(round)
@@ -269,7 +272,6 @@ public struct TokenFlowStateMachine: Sendable {
         round.phase = .awaitingDelivery(attempt: attempt, grace: grace, poll: poll, pollDelay: pollDelay)
         self.state = .round(round)
         return [
-            .recordAttempt(outcome: "success", isRetry: attempt > 1),
             .readStore(requestID: requestID),
             .scheduleTimer(grace, deadline: min(now + self.configuration.deliveryGrace, round.deadline)),
             .scheduleTimer(poll, deadline: min(now + pollDelay, round.deadline)),
@@ -283,7 +285,7 @@ public struct TokenFlowStateMachine: Sendable {
         guard case .round(let round) = self.state, round.requestID == requestID,
             case .triggering(let current) = round.phase, current == attempt
         else { return [] }
-        return [.recordAttempt(outcome: failure.rawValue, isRetry: attempt > 1)]
+        return [.recordAttempt(outcome: failure.rawValue)]
             + self.attemptFailed(round, attempt: attempt, failure: failure, now: now, jitter: jitter)
     }
 
@@ -311,6 +313,11 @@ public struct TokenFlowStateMachine: Sendable {
         }
         let backgroundDone = round.background && (answersThisRound || token.expiresAt > round.backgroundKnownExpiry)
         if round.waiters.isEmpty && (!round.background || backgroundDone) {
+            // The attempt in flight (or just answered) delivered: count it as a success once.
+            switch round.phase {
+            case .triggering, .awaitingDelivery: actions.append(.recordAttempt(outcome: "success"))
+            default: break
+            }
             actions += self.finishRound(round)
         } else {
             self.state = .round(round)
@@ -349,7 +356,7 @@ public struct TokenFlowStateMachine: Sendable {
             return [.readStore(requestID: round.requestID)]
         case .awaitingDelivery(let attempt, let grace, let poll, let pollDelay):
             if grace == timer {
-                return [.recordAttempt(outcome: TriggerFailure.noDelivery.rawValue, isRetry: false)]
+                return [.recordAttempt(outcome: TriggerFailure.noDelivery.rawValue)]
                     + self.attemptFailed(round, attempt: attempt, failure: .noDelivery, now: now, jitter: jitter)
             }
             if poll == timer {
@@ -366,7 +373,7 @@ public struct TokenFlowStateMachine: Sendable {
         case .backingOff(let attempt, let t) where t == timer:
             round.phase = .triggering(attempt: attempt + 1)
             self.state = .round(round)
-            return [self.sendTrigger(round, attempt: attempt + 1, now: now)]
+            return [.recordRetry, self.sendTrigger(round, attempt: attempt + 1, now: now)]
         default:
             if round.background && now >= round.deadline {
                 return self.finishRound(round)

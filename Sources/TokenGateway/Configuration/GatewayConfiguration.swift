@@ -13,7 +13,11 @@ public struct ConfigurationError: Error, Sendable, Hashable, CustomStringConvert
         self.problem = problem
     }
 
-    public var description: String { "configuration error: \(self.setting): \(self.problem)" }
+    public var description: String {
+        // Messages from the parsers may already begin with the setting's name.
+        if self.problem.hasPrefix(self.setting) { return "configuration error: \(self.problem)" }
+        return "configuration error: \(self.setting): \(self.problem)"
+    }
 }
 
 /// One setting of the gateway: an environment variable and the command-line flag of the same meaning.

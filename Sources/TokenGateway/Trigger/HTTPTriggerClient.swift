@@ -57,7 +57,7 @@ public struct HTTPTriggerClient: TriggerSender {
         }
         let body = Self.body(
             requestID: requestID, installation: installation, issuedAt: issuedAt.unixSeconds,
-            expiresAt: expiresAt.unixSeconds)
+            expiresAt: (expiresAt.nanoseconds + 999_999_999) / 1_000_000_000)
         let signature: String
         do {
             let key = try TriggerSigningKey(keyId: material.keyID, rawPrivateKey: material.rawPrivateKey)

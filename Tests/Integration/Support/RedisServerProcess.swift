@@ -52,12 +52,16 @@ final class RedisServerProcess: Sendable {
     static func start(extraArguments: [String] = [], directory: String? = nil) async throws -> RedisServerProcess {
         let directory = try directory ?? Self.makeTemporaryDirectory()
         return try await self.launchOnFreePort(executable: "/usr/bin/redis-server", directory: directory) { port in
-            [
-                "--port", "\(port)", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", directory, "--logfile", "\(directory)/redis.log", "--daemonize", "no",
-            ] + extraArguments
+            Self.serverArguments(port: port, directory: directory) + extraArguments
         } prepare: { _ in
         }
+    }
+
+    private static func serverArguments(port: Int, directory: String) -> [String] {
+        [
+            "--port", "\(port)", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", directory, "--logfile", "\(directory)/redis.log", "--daemonize", "no",
+        ]
     }
 
     /// Starts `redis-sentinel` monitoring the primary at `127.0.0.1:primaryPort` as `masterName` (quorum 1).
@@ -102,11 +106,11 @@ final class RedisServerProcess: Sendable {
             var lastError: (any Error)?
             for _ in 0..<5 {
                 let port = try freeLoopbackPort()
-                let arguments = [
-                    "--port", "\(port)", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                    "--dir", directory, "--logfile", "\(directory)/redis.log", "--daemonize", "no",
-                ]
-                let process = try launch(executable: "/usr/bin/redis-server", arguments: arguments, directory: directory)
+                let process = try launch(
+                    executable: "/usr/bin/redis-server",
+                    arguments: serverArguments(port: port, directory: directory),
+                    directory: directory
+                )
                 let deadline = ContinuousClock.now + .seconds(10)
                 while ContinuousClock.now < deadline, process.isRunning, !pingSucceeds(port: port) {
                     usleep(10_000)
@@ -192,7 +196,11 @@ final class RedisServerProcess: Sendable {
         var lastError: (any Error)?
         // Right after a stop the port can still be briefly in use; retry within the deadline.
         for _ in 0..<20 {
-            let process = try Self.launch(executable: self.executable, arguments: self.arguments, directory: self.directory)
+            let process = try Self.launch(
+                executable: self.executable,
+                arguments: self.arguments,
+                directory: self.directory
+            )
             self.process.withLock { $0 = process }
             do {
                 try await self.waitUntilReady(process)

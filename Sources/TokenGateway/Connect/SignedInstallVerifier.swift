@@ -1,0 +1,200 @@
+import AsyncHTTPClient
+import Crypto
+import Foundation
+import Logging
+import Synchronization
+import _CryptoExtras
+
+/// Why a signed install was refused. ``reason`` is a bounded word for logs; the description never
+/// contains the token.
+public struct SignedInstallError: Error, Hashable, Sendable, CustomStringConvertible {
+    /// The failed check (snake_case).
+    public let reason: String
+
+    private init(_ reason: String) { self.reason = reason }
+
+    /// No `Authorization: JWT <token>` header.
+    public static let missingToken = SignedInstallError("missing_token")
+    /// Not a compact JWS with JSON header and claims.
+    public static let malformed = SignedInstallError("malformed")
+    /// The header `alg` is not exactly `RS256`, or it demands extensions (`crit`).
+    public static let algorithmNotAllowed = SignedInstallError("algorithm_not_allowed")
+    /// No usable `kid`, or no public key is published under it.
+    public static let unknownKey = SignedInstallError("unknown_key")
+    /// The key for the `kid` could not be fetched (and none is cached).
+    public static let keyUnavailable = SignedInstallError("key_unavailable")
+    /// The RS256 signature does not verify with the key named by `kid`.
+    public static let badSignature = SignedInstallError("bad_signature")
+    /// `iss` is absent or not the body's `clientKey`.
+    public static let wrongIssuer = SignedInstallError("wrong_issuer")
+    /// `aud` does not contain the app's base URL.
+    public static let wrongAudience = SignedInstallError("wrong_audience")
+    /// `exp` is absent or has passed; or `nbf` is still ahead.
+    public static let expired = SignedInstallError("expired")
+    /// `qsh` does not match the request.
+    public static let qshMismatch = SignedInstallError("qsh_mismatch")
+    /// The body is not a JSON object with a string `clientKey`.
+    public static let invalidBody = SignedInstallError("invalid_body")
+
+    public var description: String { "SignedInstallError(\(self.reason))" }
+}
+
+/// A lifecycle callback whose signed install verified.
+public struct VerifiedSignedInstall: Sendable {
+    /// The body's `clientKey`, equal to the token's `iss`.
+    public let clientKey: String
+    /// The whole body, as parsed (keys sorted).
+    public let payload: [String: JSONValue]
+}
+
+/// Verifies Connect lifecycle callbacks signed with `apiMigrations.signed-install` (contract §5,
+/// protocol.md §3): `Authorization: JWT <token>`, RS256 only, the public key fetched by `kid` from
+/// the install-keys URL and cached by `kid`; `iss` = the body's `clientKey`, `aud` contains the
+/// app's base URL (trailing `/` ignored), `qsh` matches the request, `exp` not passed.
+public final class SignedInstallVerifier: Sendable {
+    /// Atlassian's install-keys service.
+    public static let productionKeysURL = "https://connect-install-keys.atlassian.com"
+
+    public struct Configuration: Sendable {
+        /// The app's `baseUrl` from its descriptor: the `aud` the tokens must carry. Its path (if
+        /// any) is removed from request paths before the `qsh` is computed.
+        public var appBaseURL: String
+        /// Base URL of the PEM public keys; a key is fetched from `<keysURL>/<kid>`.
+        public var keysURL: String = SignedInstallVerifier.productionKeysURL
+        /// Tolerance for `exp` and `nbf`. Default 30 s.
+        public var clockSkew: Duration = .seconds(30)
+        /// Timeout of one key fetch. Default 5 s.
+        public var keyFetchTimeout: Duration = .seconds(5)
+        /// A `kid` whose fetch failed is not fetched again for this long. Default 30 s.
+        public var failedKeyRetryInterval: Duration = .seconds(30)
+        /// Keys kept in memory; the least recently used goes first. Default 64.
+        public var maximumCachedKeys: Int = 64
+        /// At most this many key fetches per minute, whatever the `kid`s: an unauthenticated
+        /// caller cannot make the gateway fetch without bound. Default 30.
+        public var keyFetchesPerMinute: Int = 30
+
+        public init(appBaseURL: String, keysURL: String = SignedInstallVerifier.productionKeysURL) {
+            self.appBaseURL = appBaseURL
+            self.keysURL = keysURL
+        }
+    }
+
+    let configuration: Configuration
+    let fetcher: any InstallKeyFetcher
+    let logger: Logger
+    let cache: Mutex<InstallKeyCache>
+    /// The app base URL without trailing `/`, compared with `aud` entries (also trimmed).
+    let audience: String
+    /// The path of the app base URL, removed from request paths for the `qsh`.
+    let basePath: String
+
+    /// A verifier that fetches keys with `httpClient`.
+    public convenience init(configuration: Configuration, httpClient: HTTPClient, logger: Logger) {
+        self.init(
+            configuration: configuration,
+            fetcher: HTTPInstallKeyFetcher(
+                httpClient: httpClient, keysURL: configuration.keysURL, timeout: configuration.keyFetchTimeout,
+                logger: logger),
+            logger: logger)
+    }
+
+    /// A verifier that gets keys from `fetcher` (tests, other transports).
+    public init(configuration: Configuration, fetcher: any InstallKeyFetcher, logger: Logger) {
+        self.configuration = configuration
+        self.fetcher = fetcher
+        self.logger = logger
+        self.cache = Mutex(InstallKeyCache(fetchesPerMinute: configuration.keyFetchesPerMinute))
+        self.audience = Self.trimmingTrailingSlashes(configuration.appBaseURL)
+        self.basePath = URLComponents(string: configuration.appBaseURL)?.percentEncodedPath ?? ""
+    }
+
+    /// Verifies one lifecycle callback.
+    ///
+    /// Cheap checks (header, algorithm, `aud`, `exp`, `qsh`, `iss` against the body) run before
+    /// any key is fetched; the signature last, with the key named by `kid` and no other.
+    ///
+    /// - Parameters:
+    ///   - authorization: the `Authorization` header value.
+    ///   - method: the request method.
+    ///   - uri: the request's path and query as received.
+    ///   - body: reads the request body; called only once the token's own claims passed.
+    /// - Throws: ``SignedInstallError``, or what `body` throws (such as a too-large body).
+    public func verify(
+        authorization: String?, method: String, uri: String, now: Date = Date(),
+        body: () async throws -> [UInt8]
+    ) async throws -> VerifiedSignedInstall {
+        guard let token = Self.jwtCredential(authorization) else { throw SignedInstallError.missingToken }
+        guard let jws = ConnectJWS(token) else { throw SignedInstallError.malformed }
+        guard jws.algorithm == "RS256", jws.header["crit"] == nil else {
+            throw SignedInstallError.algorithmNotAllowed
+        }
+        guard let kid = jws.header["kid"]?.connectString, Self.isUsableKeyID(kid) else {
+            throw SignedInstallError.unknownKey
+        }
+        guard let audience = jws.audience,
+            audience.contains(where: { Self.trimmingTrailingSlashes($0) == self.audience })
+        else { throw SignedInstallError.wrongAudience }
+        let skew = Self.seconds(self.configuration.clockSkew)
+        let nowSeconds = now.timeIntervalSince1970
+        guard let exp = jws.numericDate("exp"), nowSeconds < exp + skew else { throw SignedInstallError.expired }
+        if jws.claims["nbf"] != nil {
+            guard let nbf = jws.numericDate("nbf"), nbf <= nowSeconds + skew else { throw SignedInstallError.expired }
+        }
+        let expectedQSH = CanonicalRequest.qsh(method: method, url: uri, basePath: self.basePath)
+        guard let qsh = jws.string("qsh"), qsh == expectedQSH else { throw SignedInstallError.qshMismatch }
+        guard let issuer = jws.string("iss"), !issuer.isEmpty else { throw SignedInstallError.wrongIssuer }
+
+        let bytes = try await body()
+        guard let payload = ConnectJSON.object(bytes) else { throw SignedInstallError.invalidBody }
+        guard let clientKey = payload["clientKey"]?.connectString, !clientKey.isEmpty else {
+            throw SignedInstallError.invalidBody
+        }
+        guard issuer == clientKey else { throw SignedInstallError.wrongIssuer }
+
+        let key = try await self.publicKey(kid: kid)
+        let signature = _RSA.Signing.RSASignature(rawRepresentation: jws.signature)
+        guard key.isValidSignature(signature, for: jws.signingInput, padding: .insecurePKCS1v1_5) else {
+            throw SignedInstallError.badSignature
+        }
+        return VerifiedSignedInstall(clientKey: clientKey, payload: payload)
+    }
+
+    /// The token of `JWT <token>` (the word `JWT`, case-insensitive), or nil.
+    static func jwtCredential(_ header: String?) -> String? {
+        guard let header else { return nil }
+        let utf8 = Array(header.utf8)
+        guard utf8.count > 4, String(decoding: utf8[0..<3], as: UTF8.self).lowercased() == "jwt",
+            utf8[3] == UInt8(ascii: " ")
+        else { return nil }
+        let token = String(decoding: utf8[4...], as: UTF8.self).trimmingCharacters(in: .whitespaces)
+        return token.isEmpty ? nil : token
+    }
+
+    /// A `kid` safe to put in a URL path: 1–128 characters of letters, digits, `-`, `_` and `.`,
+    /// not only dots.
+    static func isUsableKeyID(_ kid: String) -> Bool {
+        guard (1...128).contains(kid.utf8.count), !kid.utf8.allSatisfy({ $0 == UInt8(ascii: ".") }) else {
+            return false
+        }
+        return kid.utf8.allSatisfy { byte in
+            switch byte {
+            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
+                UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "-"), UInt8(ascii: "_"), UInt8(ascii: "."):
+                return true
+            default:
+                return false
+            }
+        }
+    }
+
+    static func trimmingTrailingSlashes(_ value: String) -> String {
+        var trimmed = Substring(value)
+        while trimmed.hasSuffix("/") { trimmed = trimmed.dropLast() }
+        return String(trimmed)
+    }
+
+    static func seconds(_ duration: Duration) -> Double {
+        let (seconds, attoseconds) = duration.components
+        return Double(seconds) + Double(attoseconds) / 1e18
+    }
+}
