@@ -21,6 +21,8 @@ public final class Gateway: Sendable {
     public let registry: PrometheusCollectorRegistry
     public let metrics: GatewayMetrics
     public let logger: Logger
+    /// Audit records: every token handed out and every token received.
+    public let audit: AuditLog
     public let replicaID: String
 
     /// - Parameters:
@@ -33,6 +35,15 @@ public final class Gateway: Sendable {
     ) {
         self.configuration = configuration
         self.logger = logger
+        var auditHandler = logger.handler
+        if var structured = auditHandler as? GatewayLogHandler {
+            structured.label = AuditLog.label
+            auditHandler = structured
+        }
+        let handler = auditHandler
+        var auditLogger = Logger(label: AuditLog.label, factory: { _ in handler })
+        auditLogger.logLevel = .info
+        self.audit = AuditLog(auditLogger: auditLogger)
         self.registry = registry
         self.metrics = GatewayMetrics(factory: PrometheusMetricsFactory(registry: registry))
         self.replicaID = "gw_" + String(UInt64.random(in: 0...UInt64.max), radix: 36)

@@ -12,7 +12,7 @@ public struct GatewayLogHandler: LogHandler {
     public var metadata: Logger.Metadata = [:]
     public var logLevel: Logger.Level
     public var metadataProvider: Logger.MetadataProvider?
-    let label: String
+    var label: String
     let format: LogFormat
     let sink: LogSink
 

@@ -99,12 +99,9 @@ extension Gateway {
         } catch {
             throw GatewayError(error)
         }
-        self.logger.info(
-            "token handed out",
-            metadata: [
-                "caller": "\(caller.name)", "installation.id": "\(id)", "token.source": "\(answer.source.rawValue)",
-                "token.expires_at": "\(answer.token.expiresAt)",
-            ])
+        self.audit.tokenHandedOut(
+            caller: caller.name, installation: id, source: answer.source.rawValue, expiresAt: answer.token.expiresAt,
+            token: answer.token.value)
         return Self.json(
             .object([
                 ("installationId", .string(id.ari)),

@@ -156,13 +156,9 @@ extension Gateway {
         } else if result.solicited, let current = try? await self.store.systemToken(id) {
             self.flow.tokenDelivered(id, token: current, solicitedBy: solicitedBy)
         }
-        self.logger.info(
-            "token received",
-            metadata: [
-                "installation.id": "\(id)", "token.kind": "\(result.solicited ? "solicited" : "pushed")",
-                "token.stored": "\(result.outcome == .stored)", "token.expires_at": "\(token.expiresAt)",
-                "request.id": "\(requestID ?? "-")",
-            ])
+        self.audit.tokenReceived(
+            installation: id, kind: result.solicited ? "solicited" : "pushed", expiresAt: token.expiresAt,
+            token: token.value, stored: result.outcome == .stored, requestID: requestID)
         return result.outcome == .stored
     }
 }

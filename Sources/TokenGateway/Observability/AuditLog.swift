@@ -1,0 +1,62 @@
+import Crypto
+import FlowEngine
+import Logging
+
+/// One structured record for every token handed to a caller and every token received, on its
+/// own logger label (`token-gateway.audit`) so it can be shipped separately.
+///
+/// Records carry a short fingerprint of the token (the first 12 hex digits of its SHA-256),
+/// never the token.
+public struct AuditLog: Sendable {
+    /// The logger label audit records are written under.
+    public static let label = "token-gateway.audit"
+    let logger: Logger
+
+    /// - Parameter logger: the gateway's logger; records go to a logger of the same handler
+    ///   under ``label``.
+    public init(logger: Logger) {
+        var audit = logger
+        audit[metadataKey: "audit"] = "true"
+        self.logger = audit
+    }
+
+    public init(auditLogger: Logger) { self.logger = auditLogger }
+
+    /// A short, non-reversible fingerprint of a token.
+    public static func fingerprint(_ token: String) -> String {
+        let digest = SHA256.hash(data: Array(token.utf8))
+        return digest.prefix(6).map { b in
+            let s = String(b, radix: 16)
+            return s.count == 1 ? "0" + s : s
+        }.joined()
+    }
+
+    /// A token was handed to a caller.
+    public func tokenHandedOut(
+        caller: String, installation: InstallationID, source: String, expiresAt: Int64, token: String,
+        accountId: String? = nil, via: String = "api"
+    ) {
+        var metadata: Logger.Metadata = [
+            "audit.event": "token_handed_out", "caller": "\(caller)", "installation.id": "\(installation)",
+            "token.source": "\(source)", "token.expires_at": "\(RFC3339.string(unixSeconds: expiresAt))",
+            "token.fingerprint": "\(Self.fingerprint(token))", "audit.via": "\(via)",
+        ]
+        if let accountId { metadata["account.id"] = "\(accountId)" }
+        self.logger.info("token handed out", metadata: metadata)
+    }
+
+    /// A token was received from Forge (or exchanged for a user).
+    public func tokenReceived(
+        installation: InstallationID, kind: String, expiresAt: Int64, token: String, stored: Bool,
+        requestID: String?, accountId: String? = nil
+    ) {
+        var metadata: Logger.Metadata = [
+            "audit.event": "token_received", "installation.id": "\(installation)", "token.kind": "\(kind)",
+            "token.expires_at": "\(RFC3339.string(unixSeconds: expiresAt))",
+            "token.fingerprint": "\(Self.fingerprint(token))", "token.stored": "\(stored)",
+            "request.id": "\(requestID ?? "-")",
+        ]
+        if let accountId { metadata["account.id"] = "\(accountId)" }
+        self.logger.info("token received", metadata: metadata)
+    }
+}
