@@ -136,6 +136,8 @@ struct AccessTokenClaims: Codable, Sendable {
     var iat: Int
     var exp: Int
     var jti: String
+    /// The installation the token is for, so tests can tell tokens of different tenants apart.
+    var installationId: String
 }
 
 struct EmulatorJWTHeader: Codable, Sendable {
@@ -235,7 +237,8 @@ extension ForgeEmulator {
             aud: "api.atlassian.com",
             iat: Self.unixSeconds(now),
             exp: Self.unixSeconds(expiry),
-            jti: UUID().uuidString.lowercased()
+            jti: UUID().uuidString.lowercased(),
+            installationId: installation.id
         )
         let encoder = JSONEncoder.emulator
         let signingInput =

@@ -8,7 +8,7 @@ struct TokenGatewayCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "token-gateway",
         abstract: "Gets Atlassian access tokens for an app's remote backend whenever it needs one.",
-        subcommands: [Serve.self, Emulate.self, Demo.self],
+        subcommands: [Serve.self, Emulate.self, Demo.self, Keys.self],
         defaultSubcommand: Serve.self
     )
 }
@@ -36,6 +36,10 @@ struct SettingsOptions: ParsableArguments {
     @Option(help: "Trigger call timeout, ms [TOKEN_GATEWAY_TRIGGER_ATTEMPT_TIMEOUT_MS]") var triggerAttemptTimeoutMs: String?
     @Option(help: "Delivery grace after a 2xx trigger answer, ms [TOKEN_GATEWAY_DELIVERY_GRACE_MS]")
     var deliveryGraceMs: String?
+    @Option(help: "Refresh-ahead share of a token's lifetime [TOKEN_GATEWAY_REFRESH_AHEAD_FRACTION]")
+    var refreshAheadFraction: String?
+    @Option(help: "Failed round trips that open a circuit [TOKEN_GATEWAY_BREAKER_THRESHOLD]") var breakerThreshold: String?
+    @Option(help: "First open window of a circuit, ms [TOKEN_GATEWAY_BREAKER_OPEN_MS]") var breakerOpenMs: String?
 
     /// Flag values keyed by the environment variable they override.
     var flags: [String: String] {
@@ -47,6 +51,8 @@ struct SettingsOptions: ParsableArguments {
             (.userExchangesPerMinute, self.userExchangesPerMinute), (.publicURL, self.publicUrl),
             (.logLevel, self.logLevel), (.logFormat, self.logFormat), (.triggerMaxAttempts, self.triggerMaxAttempts),
             (.triggerAttemptTimeout, self.triggerAttemptTimeoutMs), (.deliveryGrace, self.deliveryGraceMs),
+            (.refreshAheadFraction, self.refreshAheadFraction), (.breakerThreshold, self.breakerThreshold),
+            (.breakerOpen, self.breakerOpenMs),
         ]
         var out: [String: String] = [:]
         for (setting, value) in pairs { if let value { out[setting.environment] = value } }
@@ -81,7 +87,11 @@ struct Serve: AsyncParsableCommand {
         logger.info(
             "starting", metadata: ["listen": "\(config.host):\(config.port)", "callers": "\(config.callers.callers.count)"])
         try await gateway.run { channel in
-            logger.info("ready", metadata: ["listen": "\(channel.localAddress?.description ?? "?")"])
+            logger.info(
+                "ready",
+                metadata: [
+                    "listen.host": "\(config.host)", "listen.port": "\(channel.localAddress?.port ?? config.port)",
+                ])
         }
         logger.info("stopped")
     }

@@ -49,6 +49,7 @@ struct TokenFlowStateMachineTests {
         #expect(a4.contains(.succeed([WaiterID(1)], token(exp, rid: "r1"), .trigger)))
         #expect(a4.contains(.releaseLease(requestID: "r1")))
         #expect(a4.contains(.recordAttempt(outcome: "success")))
+        #expect(a4.contains(.roundFinished(succeeded: true)))
         #expect(!m.isActive)
     }
 
@@ -137,6 +138,7 @@ struct TokenFlowStateMachineTests {
         // Attempt 3 is the last one allowed.
         let f3 = m.triggerFailed(requestID: "r1", attempt: 3, failure: .httpError, now: clock.now, jitter: 0)
         #expect(f3.contains(.fail([WaiterID(1)], .triggerFailed)))
+        #expect(f3.contains(.roundFinished(succeeded: false)))
         #expect(f3.contains(.releaseLease(requestID: "r1")))
         #expect(!m.isActive)
     }
@@ -216,6 +218,7 @@ struct TokenFlowStateMachineTests {
         #expect(m.isActive)
         let c2 = m.waiterCancelled(WaiterID(2), now: clock.now)
         #expect(c2.contains(.releaseLease(requestID: "r1")))
+        #expect(!c2.contains(.roundFinished(succeeded: false)))
         #expect(!m.isActive)
         #expect(m.waiterCancelled(WaiterID(2), now: clock.now).isEmpty)
     }
@@ -321,7 +324,7 @@ struct TokenFlowStateMachineTests {
         var m = TokenFlowStateMachine(configuration: config())
         let known = clock.now.unixSeconds + 600
         let a = m.refreshAheadWasRequested(knownExpiry: known, requestID: "bg", now: clock.now)
-        #expect(a.count == 1)
+        #expect(a.count == 2)
         #expect(m.refreshAheadWasRequested(knownExpiry: known, requestID: "bg2", now: clock.now).isEmpty)
         _ = m.leaseAcquired(requestID: "bg", now: clock.now)
         #expect(m.tokenObserved(token(known), solicitedBy: nil, now: clock.now).isEmpty)
@@ -329,6 +332,18 @@ struct TokenFlowStateMachineTests {
         let done = m.tokenObserved(token(known + 3000, rid: "bg"), solicitedBy: "bg", now: clock.now)
         #expect(done.contains(.releaseLease(requestID: "bg")))
         #expect(!m.isActive)
+    }
+}
+
+@Suite("AccessToken refresh-ahead window")
+struct RefreshWindowTests {
+    @Test("a token is stale in the last quarter of its lifetime")
+    func staleWindow() {
+        let received: Int64 = 1_000_000
+        let token = AccessToken(value: "t", expiresAt: received + 3600, receivedAt: received)
+        #expect(!token.isStale(at: FlowTime(unixSeconds: received + 2699), fraction: 0.25))
+        #expect(token.isStale(at: FlowTime(unixSeconds: received + 2700), fraction: 0.25))
+        #expect(!token.isStale(at: FlowTime(unixSeconds: received + 3599), fraction: 0))
     }
 }
 

@@ -12,6 +12,8 @@ public struct FlowMetrics: Sendable {
     public let tokensReceivedSolicited: Counter
     public let tokensReceivedPushed: Counter
     public let leasesHeld: Meter
+    /// Circuits this process opened that have not closed again.
+    public let circuitsOpen: Meter
 
     public init(factory: any MetricsFactory) {
         self.factory = factory
@@ -39,6 +41,7 @@ public struct FlowMetrics: Sendable {
         self.tokensReceivedPushed = Counter(
             label: "token_gateway_tokens_received_total", dimensions: [("kind", "pushed")], factory: factory)
         self.leasesHeld = Meter(label: "token_gateway_leases_held", factory: factory)
+        self.circuitsOpen = Meter(label: "token_gateway_circuits_open", factory: factory)
     }
 
     /// Outcome words of `token_gateway_token_requests_total`: `success` or a contract error code.

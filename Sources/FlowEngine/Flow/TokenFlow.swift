@@ -35,6 +35,12 @@ public final class TokenFlow: Sendable, Service {
         var timers: [TimerKey: Task<Void, Never>] = [:]
         var memory: [InstallationID: AccessToken] = [:]
         var baseURLs: [InstallationID: String] = [:]
+        /// Installations known to have a registered trigger (refresh-ahead needs one).
+        var triggerKnown: Set<InstallationID> = []
+        /// No refresh-ahead round before this instant (after a failed one).
+        var refreshNotBefore: [InstallationID: FlowTime] = [:]
+        /// Circuits this process opened.
+        var openCircuits: Set<InstallationID> = []
         var nextWaiter: UInt64 = 0
         var nextTimerBase: UInt64 = 0
         var leasesHeld: [InstallationID: String] = [:]
@@ -94,6 +100,7 @@ public final class TokenFlow: Sendable, Service {
         let nowSeconds = start.unixSeconds
         let (remembered, rememberedBaseURL) = self.state.withLock { ($0.memory[id], $0.baseURLs[id]) }
         if !request.forceRefresh, let t = remembered, t.expiresAt >= nowSeconds + request.minValidity {
+            self.refreshAheadIfStale(id, t, now: start)
             return TokenAnswer(token: t, source: .cache, apiBaseUrl: rememberedBaseURL)
         }
         let snapshot: GatewayStore.RequestSnapshot
@@ -114,12 +121,21 @@ public final class TokenFlow: Sendable, Service {
             throw .installationUninstalled
         }
         let baseURL = snapshot.apiBaseUrl
-        if let baseURL { self.state.withLock { $0.baseURLs[id] = baseURL } }
+        self.state.withLock {
+            if let baseURL { $0.baseURLs[id] = baseURL }
+            if snapshot.triggerRegistered { $0.triggerKnown.insert(id) } else { $0.triggerKnown.remove(id) }
+        }
         if let t = snapshot.token {
             self.remember(id, t)
             if !request.forceRefresh, t.expiresAt >= nowSeconds + request.minValidity {
+                self.refreshAheadIfStale(id, t, now: start)
                 return TokenAnswer(token: t, source: .cache, apiBaseUrl: baseURL)
             }
+        }
+        if snapshot.circuitOpenUntil > start.unixMilliseconds {
+            // Recent round trips failed: answer at once instead of adding to the storm.
+            let wait = Duration.milliseconds(snapshot.circuitOpenUntil - start.unixMilliseconds)
+            throw .circuitOpen(retryAfter: wait)
         }
         guard snapshot.triggerRegistered else {
             if !request.forceRefresh, let t = snapshot.token, t.expiresAt > nowSeconds {
@@ -187,6 +203,49 @@ public final class TokenFlow: Sendable, Service {
         return "rq_" + String(a, radix: 36) + String(b, radix: 36)
     }
 
+    /// Starts one background round trip when `token` is inside its refresh-ahead window and
+    /// nothing runs for the installation yet. Callers are never made to wait for it.
+    func refreshAheadIfStale(_ id: InstallationID, _ token: AccessToken, now: FlowTime) {
+        guard token.isStale(at: now, fraction: self.configuration.refreshAheadFraction) else { return }
+        let actions = self.state.withLock { s -> [FlowAction] in
+            guard !s.shuttingDown, s.triggerKnown.contains(id) else { return [] }
+            if let notBefore = s.refreshNotBefore[id], now < notBefore { return [] }
+            if let m = s.machines[id], m.isActive { return [] }
+            var machine = self.makeMachine(&s)
+            let actions = machine.refreshAheadWasRequested(
+                knownExpiry: token.expiresAt, requestID: Self.makeRequestID(), now: now)
+            s.machines[id] = machine
+            // Whatever its outcome, no second background round for a while.
+            s.refreshNotBefore[id] = now + self.configuration.refreshAheadCooldown
+            return actions
+        }
+        if !actions.isEmpty {
+            self.logger.debug("refresh-ahead started", metadata: ["installation.id": "\(id)"])
+            self.perform(actions, for: id)
+        }
+    }
+
+    private func recordRound(_ id: InstallationID, succeeded: Bool) async {
+        do {
+            let openUntil = try await self.store.recordRoundOutcome(
+                id, succeeded: succeeded, threshold: self.configuration.breakerThreshold,
+                openBase: self.configuration.breakerOpenBase, openCap: self.configuration.breakerOpenCap,
+                now: self.now())
+            let count = self.state.withLock { s -> Int in
+                if openUntil != nil { s.openCircuits.insert(id) } else if succeeded { s.openCircuits.remove(id) }
+                return s.openCircuits.count
+            }
+            self.metrics.circuitsOpen.set(count)
+            if let openUntil {
+                self.logger.warning(
+                    "circuit opened after consecutive failed round trips",
+                    metadata: ["installation.id": "\(id)", "circuit.open_until_ms": "\(openUntil)"])
+            }
+        } catch {
+            self.logger.warning("could not record round-trip outcome", metadata: ["installation.id": "\(id)"])
+        }
+    }
+
     // MARK: - Inputs from the rest of the gateway
 
     /// A token was delivered to this process (auth-trigger route) and stored. Answers local waiters.
@@ -217,6 +276,7 @@ public final class TokenFlow: Sendable, Service {
         self.state.withLock {
             $0.memory[id] = nil
             $0.baseURLs[id] = nil
+            $0.triggerKnown.remove(id)
         }
     }
 
@@ -273,6 +333,9 @@ public final class TokenFlow: Sendable, Service {
                 }
             case .recordRetry:
                 self.metrics.triggerRetries.increment()
+            case .roundFinished(let succeeded):
+                if succeeded { self.state.withLock { _ = $0.refreshNotBefore.removeValue(forKey: id) } }
+                Task { await self.recordRound(id, succeeded: succeeded) }
             case .recordAttempt(let outcome):
                 self.metrics.countAttempt(outcome: outcome)
                 if outcome != "success" {

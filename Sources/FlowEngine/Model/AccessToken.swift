@@ -8,11 +8,23 @@ public struct AccessToken: Hashable, Sendable, CustomStringConvertible, CustomDe
     public let expiresAt: Int64
     /// The trigger request id whose delivery stored this token, or nil for a push.
     public let requestID: String?
+    /// Unix seconds when the gateway received the token, when known (for the refresh-ahead window).
+    public let receivedAt: Int64?
 
-    public init(value: String, expiresAt: Int64, requestID: String? = nil) {
+    public init(value: String, expiresAt: Int64, requestID: String? = nil, receivedAt: Int64? = nil) {
         self.value = value
         self.expiresAt = expiresAt
         self.requestID = requestID
+        self.receivedAt = receivedAt
+    }
+
+    /// True when the token is inside the last `fraction` of its lifetime at `now` (the
+    /// refresh-ahead window). Without a known receipt time the lifetime is taken as one hour.
+    public func isStale(at now: FlowTime, fraction: Double) -> Bool {
+        guard fraction > 0 else { return false }
+        let lifetime = max(self.expiresAt - (self.receivedAt ?? (self.expiresAt - 3600)), 1)
+        let window = Int64((Double(lifetime) * min(fraction, 1)).rounded(.up))
+        return now.unixSeconds >= self.expiresAt - window
     }
 
     /// Seconds of validity left at `now` (negative when expired).

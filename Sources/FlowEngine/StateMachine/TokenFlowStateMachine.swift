@@ -46,6 +46,17 @@ public struct TokenFlowConfiguration: Sendable, Hashable {
     public var pollCap: Duration = .seconds(1)
     /// Deadline of a background (refresh-ahead) round trip. Default 30 s.
     public var backgroundDeadline: Duration = .seconds(30)
+    /// Refresh-ahead window: a token in the last `refreshAheadFraction` of its lifetime is still
+    /// served, and one background round trip fetches the next. 0 turns refresh-ahead off. Default 0.25.
+    public var refreshAheadFraction: Double = 0.25
+    /// After a background round trip failed, the next one waits at least this long. Default 10 s.
+    public var refreshAheadCooldown: Duration = .seconds(10)
+    /// Consecutive failed round trips of one installation that open its circuit. Default 5.
+    public var breakerThreshold: Int = 5
+    /// First open window of a circuit; doubles on every reopening up to `breakerOpenCap`. Default 5 s.
+    public var breakerOpenBase: Duration = .seconds(5)
+    /// Longest open window. Default 5 min.
+    public var breakerOpenCap: Duration = .seconds(300)
 
     public init() {}
 }
@@ -75,6 +86,8 @@ public enum FlowAction: Sendable, Hashable {
     case recordAttempt(outcome: String)
     /// Count one retry being sent (metrics only).
     case recordRetry
+    /// This process led a round trip that ended: record the outcome for circuit breaking.
+    case roundFinished(succeeded: Bool)
 }
 
 /// The RFC-34 round trip of one installation in one process, as a value type.
@@ -121,6 +134,15 @@ public struct TokenFlowStateMachine: Sendable {
         var backgroundKnownExpiry: Int64
         /// The current poll interval while following another process's round trip.
         var followDelay: Duration = .zero
+        /// At least one trigger attempt was sent by this process.
+        var attempted = false
+    }
+
+    enum RoundOutcome {
+        case succeeded
+        case failed
+        /// Ended without a verdict on the trigger (callers went away, store down, shutdown).
+        case abandoned
     }
 
     enum State: Sendable {
@@ -211,7 +233,10 @@ public struct TokenFlowStateMachine: Sendable {
             Round(
                 requestID: requestID, waiters: [:], deadline: deadline, phase: .acquiringLease, holdsLease: false,
                 lastFailure: nil, background: true, backgroundKnownExpiry: knownExpiry))
-        return [.acquireLease(requestID: requestID, ttl: self.leaseTTL(deadline: deadline, now: now))]
+        return [
+            .scheduleTimer(self.makeTimer(), deadline: deadline),
+            .acquireLease(requestID: requestID, ttl: self.leaseTTL(deadline: deadline, now: now)),
+        ]
     }
 
     /// This process took the lease: it runs the round trip.
@@ -219,6 +244,7 @@ public struct TokenFlowStateMachine: Sendable {
         guard case .round(var round) = self.state, round.requestID == requestID, case .acquiringLease = round.phase
         else { return [] }
         round.holdsLease = true
+        round.attempted = true
         round.phase = .triggering(attempt: 1)
         self.state = .round(round)
         return [self.sendTrigger(round, attempt: 1, now: now)]
@@ -247,7 +273,7 @@ public struct TokenFlowStateMachine: Sendable {
         guard case .round(let round) = self.state, round.requestID == requestID else { return [] }
         switch round.phase {
         case .acquiringLease:
-            return self.endRound(round, failing: .storeUnavailable)
+            return self.endRound(round, failing: .storeUnavailable, outcome: .abandoned)
         case .following(let poll, let delay):
             // Keep following: the next poll retries; the callers' deadlines bound the wait.
             _ = poll
@@ -318,7 +344,7 @@ public struct TokenFlowStateMachine: Sendable {
             case .triggering, .awaitingDelivery: actions.append(.recordAttempt(outcome: "success"))
             default: break
             }
-            actions += self.finishRound(round)
+            actions += self.finishRound(round, outcome: .succeeded)
         } else {
             self.state = .round(round)
         }
@@ -340,12 +366,15 @@ public struct TokenFlowStateMachine: Sendable {
     /// A timer fired.
     public mutating func timerFired(_ timer: TimerID, now: FlowTime, jitter: Double) -> [FlowAction] {
         guard case .round(var round) = self.state else { return [] }
+        if round.background && round.waiters.isEmpty && now >= round.deadline {
+            return self.finishRound(round, outcome: round.attempted ? .failed : .abandoned)
+        }
         // A caller's deadline.
         if let (id, _) = round.waiters.first(where: { $0.value.timer == timer }) {
             round.waiters[id] = nil
             var actions: [FlowAction] = [.fail([id], .tokenTimeout)]
             if round.waiters.isEmpty && !round.background {
-                actions += self.finishRound(round)
+                actions += self.finishRound(round, outcome: round.attempted ? .failed : .abandoned)
             } else {
                 self.state = .round(round)
             }
@@ -375,9 +404,6 @@ public struct TokenFlowStateMachine: Sendable {
             self.state = .round(round)
             return [.recordRetry, self.sendTrigger(round, attempt: attempt + 1, now: now)]
         default:
-            if round.background && now >= round.deadline {
-                return self.finishRound(round)
-            }
             return []
         }
     }
@@ -387,7 +413,7 @@ public struct TokenFlowStateMachine: Sendable {
         guard case .round(var round) = self.state, let w = round.waiters.removeValue(forKey: waiter) else { return [] }
         var actions: [FlowAction] = [.cancelTimer(w.timer), .fail([waiter], .cancelled)]
         if round.waiters.isEmpty && !round.background {
-            actions += self.finishRound(round)
+            actions += self.finishRound(round, outcome: .abandoned)
         } else {
             self.state = .round(round)
         }
@@ -397,13 +423,13 @@ public struct TokenFlowStateMachine: Sendable {
     /// The installation was uninstalled: every caller gets 410 at once.
     public mutating func installationUninstalled(now: FlowTime) -> [FlowAction] {
         guard case .round(let round) = self.state else { return [] }
-        return self.endRound(round, failing: .installationUninstalled)
+        return self.endRound(round, failing: .installationUninstalled, outcome: .abandoned)
     }
 
     /// The process is shutting down: callers still waiting get an error answer now.
     public mutating func shutdownRequested(now: FlowTime) -> [FlowAction] {
         guard case .round(let round) = self.state else { return [] }
-        return self.endRound(round, failing: .shuttingDown)
+        return self.endRound(round, failing: .shuttingDown, outcome: .abandoned)
     }
 
     // MARK: - Helpers
@@ -446,24 +472,31 @@ public struct TokenFlowStateMachine: Sendable {
         case .timeout, .noDelivery:
             error = FlowError(code: .tokenTimeout, detail: "last attempt: \(failure.rawValue)")
         }
-        return actions + self.endRound(round, failing: error)
+        return actions + self.endRound(round, failing: error, outcome: .failed)
     }
 
-    private mutating func endRound(_ round: Round, failing error: FlowError) -> [FlowAction] {
+    private mutating func endRound(_ round: Round, failing error: FlowError, outcome: RoundOutcome) -> [FlowAction] {
         var actions: [FlowAction] = []
         let ids = round.waiters.keys.sorted { $0.raw < $1.raw }
         for id in ids { actions.append(.cancelTimer(round.waiters[id]!.timer)) }
         if !ids.isEmpty { actions.append(.fail(ids, error)) }
-        return actions + self.finishRound(round)
+        return actions + self.finishRound(round, outcome: outcome)
     }
 
-    private mutating func finishRound(_ round: Round) -> [FlowAction] {
+    private mutating func finishRound(_ round: Round, outcome: RoundOutcome) -> [FlowAction] {
         var actions: [FlowAction] = []
         switch round.phase {
         case .following(let poll, _): actions.append(.cancelTimer(poll))
         case .awaitingDelivery(_, let grace, let poll, _): actions += [.cancelTimer(grace), .cancelTimer(poll)]
         case .backingOff(_, let timer): actions.append(.cancelTimer(timer))
         case .acquiringLease, .triggering: break
+        }
+        if round.holdsLease && round.attempted {
+            switch outcome {
+            case .succeeded: actions.append(.roundFinished(succeeded: true))
+            case .failed: actions.append(.roundFinished(succeeded: false))
+            case .abandoned: break
+            }
         }
         if round.holdsLease { actions.append(.releaseLease(requestID: round.requestID)) }
         self.state = .idle

@@ -110,4 +110,26 @@ enum GatewayScripts {
         if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
         return 0
         """)
+
+    /// Records the outcome of a round trip for the installation's circuit breaker.
+    /// KEYS: breaker. ARGV: succeeded (1/0), threshold, base window ms, cap ms, now ms.
+    /// Returns {opened (1/0), openUntil ms}.
+    static let recordRound = RedisScript(
+        """
+        if ARGV[1] == '1' then
+          redis.call('DEL', KEYS[1])
+          return {0, 0}
+        end
+        local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+        if failures >= tonumber(ARGV[2]) then
+          local opens = redis.call('HINCRBY', KEYS[1], 'opens', 1)
+          local window = math.min(tonumber(ARGV[3]) * math.pow(2, opens - 1), tonumber(ARGV[4]))
+          local untilMs = tonumber(ARGV[5]) + window
+          redis.call('HSET', KEYS[1], 'openUntil', string.format('%d', untilMs))
+          redis.call('PEXPIRE', KEYS[1], math.floor(window) + 3600000)
+          return {1, string.format('%d', untilMs)}
+        end
+        redis.call('PEXPIRE', KEYS[1], 3600000)
+        return {0, 0}
+        """)
 }

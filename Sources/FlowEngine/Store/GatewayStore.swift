@@ -28,6 +28,7 @@ public final class GatewayStore: Sendable {
     func leaseKey(_ id: InstallationID) -> String { self.tag(id) + ":lease" }
     func pendingKey(_ id: InstallationID, requestID: String) -> String { self.tag(id) + ":pending:" + requestID }
     func userTokenIndexKey(_ id: InstallationID) -> String { self.tag(id) + ":user-tokens" }
+    func breakerKey(_ id: InstallationID) -> String { self.tag(id) + ":breaker" }
     var installationsIndexKey: String { "\(self.prefix):installations" }
     func seenFITKey(_ jti: String) -> String { "\(self.prefix):seen-fit:\(jti)" }
 
@@ -176,6 +177,8 @@ public final class GatewayStore: Sendable {
         public var triggerRegistered: Bool
         public var apiBaseUrl: String?
         public var token: AccessToken?
+        /// Unix milliseconds until which the installation's circuit is open (0: closed).
+        public var circuitOpenUntil: Int64
     }
 
     /// Reads the installation's status and stored system token in one pipelined round trip.
@@ -184,10 +187,11 @@ public final class GatewayStore: Sendable {
         let replies = try await self.redis.pipeline(
             [
                 ["HMGET", self.installationKey(id), "status", "triggerUrl", "apiBaseUrl"],
-                ["HMGET", tokenKey, "exp", "v", "rid"],
+                ["HMGET", tokenKey, "exp", "v", "rid", "at"],
+                ["HGET", self.breakerKey(id), "openUntil"],
             ], timeout: timeout)
-        guard replies.count == 2, let inst = replies[0].array, inst.count == 3, let tok = replies[1].array,
-            tok.count == 3
+        guard replies.count == 3, let inst = replies[0].array, inst.count == 3, let tok = replies[1].array,
+            tok.count == 4
         else { throw RedisError.protocolError }
         let statusText = inst[0].string
         return RequestSnapshot(
@@ -195,24 +199,29 @@ public final class GatewayStore: Sendable {
             status: InstallationStatus(rawValue: statusText ?? "") ?? .active,
             triggerRegistered: !(inst[1].string ?? "").isEmpty,
             apiBaseUrl: inst[2].string.flatMap { $0.isEmpty ? nil : $0 },
-            token: try self.openToken(key: tokenKey, exp: tok[0], sealed: tok[1], rid: tok[2]))
+            token: try self.openToken(key: tokenKey, exp: tok[0], sealed: tok[1], rid: tok[2], at: tok[3]),
+            circuitOpenUntil: replies[2].string.flatMap { Int64($0) } ?? 0)
     }
 
     /// The stored system token, or nil.
     public func systemToken(_ id: InstallationID) async throws -> AccessToken? {
         let tokenKey = self.systemTokenKey(id)
-        let r = try await self.redis.send(["HMGET", tokenKey, "exp", "v", "rid"])
-        guard let items = r.array, items.count == 3 else { throw RedisError.protocolError }
-        return try self.openToken(key: tokenKey, exp: items[0], sealed: items[1], rid: items[2])
+        let r = try await self.redis.send(["HMGET", tokenKey, "exp", "v", "rid", "at"])
+        guard let items = r.array, items.count == 4 else { throw RedisError.protocolError }
+        return try self.openToken(key: tokenKey, exp: items[0], sealed: items[1], rid: items[2], at: items[3])
     }
 
-    private func openToken(key: String, exp: RedisValue, sealed: RedisValue, rid: RedisValue) throws -> AccessToken? {
+    private func openToken(key: String, exp: RedisValue, sealed: RedisValue, rid: RedisValue, at: RedisValue) throws
+        -> AccessToken?
+    {
         guard let expText = exp.string, let expiresAt = Int64(expText), let sealedText = sealed.string else {
             return nil
         }
         let value = try self.box.open(sealedText, context: key)
         let requestID = rid.string.flatMap { $0.isEmpty ? nil : $0 }
-        return AccessToken(value: String(decoding: value, as: UTF8.self), expiresAt: expiresAt, requestID: requestID)
+        return AccessToken(
+            value: String(decoding: value, as: UTF8.self), expiresAt: expiresAt, requestID: requestID,
+            receivedAt: at.string.flatMap { Int64($0) })
     }
 
     /// Result of storing a delivered token.
@@ -279,6 +288,23 @@ public final class GatewayStore: Sendable {
         _ = try await self.redis.send([
             "SET", self.pendingKey(id, requestID: requestID), owner, "PX", String(max(ttl.milliseconds, 1)),
         ])
+    }
+
+    // MARK: Circuit breaking
+
+    /// Records the outcome of a round trip this process led. Returns the instant (unix ms) until
+    /// which the circuit is now open, or nil when it is closed.
+    public func recordRoundOutcome(
+        _ id: InstallationID, succeeded: Bool, threshold: Int, openBase: Duration, openCap: Duration, now: FlowTime
+    ) async throws -> Int64? {
+        let r = try await self.redis.eval(
+            GatewayScripts.recordRound, keys: [self.breakerKey(id)],
+            arguments: [
+                succeeded ? "1" : "0", String(threshold), String(openBase.milliseconds), String(openCap.milliseconds),
+                String(now.unixMilliseconds),
+            ])
+        guard let items = r.array, items.count == 2, let opened = items[0].int else { throw RedisError.protocolError }
+        return opened == 1 ? items[1].int : nil
     }
 
     // MARK: Replay guard

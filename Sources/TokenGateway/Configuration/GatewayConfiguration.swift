@@ -62,10 +62,21 @@ public struct GatewaySetting: Sendable, Hashable {
         "TOKEN_GATEWAY_DELIVERY_GRACE_MS", "delivery-grace-ms",
         "how long after a 2xx trigger answer the token may still arrive, ms (default 3000)")
 
+    public static let refreshAheadFraction = GatewaySetting(
+        "TOKEN_GATEWAY_REFRESH_AHEAD_FRACTION", "refresh-ahead-fraction",
+        "share of a token's lifetime at its end in which it is refreshed in the background, 0–0.9 (default 0.25; 0 off)")
+    public static let breakerThreshold = GatewaySetting(
+        "TOKEN_GATEWAY_BREAKER_THRESHOLD", "breaker-threshold",
+        "consecutive failed round trips that open an installation's circuit (default 5)")
+    public static let breakerOpen = GatewaySetting(
+        "TOKEN_GATEWAY_BREAKER_OPEN_MS", "breaker-open-ms",
+        "first open window of a circuit, ms; doubles per reopening up to 5 min (default 5000)")
+
     public static let all: [GatewaySetting] = [
         .host, .port, .redisURL, .forgeAppID, .forgeJWKSURL, .triggerHosts, .encryptionKeys, .callers,
         .connectBaseURL, .connectKeysURL, .forgeGraphQLURL, .userExchangesPerMinute, .publicURL, .logLevel,
-        .logFormat, .triggerMaxAttempts, .triggerAttemptTimeout, .deliveryGrace,
+        .logFormat, .triggerMaxAttempts, .triggerAttemptTimeout, .deliveryGrace, .refreshAheadFraction,
+        .breakerThreshold, .breakerOpen,
     ]
 
     init(_ environment: String, _ flag: String, _ summary: String, secret: Bool = false) {
@@ -100,8 +111,18 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     public var logLevel: Logger.Level = .info
     public var logFormat: LogFormat = .logfmt
     public var flow = TokenFlowConfiguration()
-    /// Largest request body accepted (bytes).
+    /// Largest request body accepted (bytes); larger bodies get 413 `payload_too_large`.
     public var maxBodySize: Int = 64 * 1024
+    /// Largest request head accepted (bytes, request line and header fields together; also the
+    /// largest single header field). Larger heads get 400 `invalid_request` and the connection is
+    /// closed. Default 32 KiB: a FIT and a token are a few KiB each.
+    public var maxHeaderSize: Int = 32 * 1024
+    /// Most header fields accepted in one request. Default 100.
+    public var maxHeaderCount: Int = 100
+    /// How long a rotated trigger-signing key is announced before the gateway signs with it
+    /// (`POST /forge/register` with `"rotateKey": true`): the Forge side keeps both public keys
+    /// for this long. Default 5 minutes.
+    public var triggerKeyOverlap: Duration = .seconds(300)
 
     public init(
         redis: RedisConfiguration, forgeAppID: String, encryptionKeys: EncryptionKeyRing, callers: CallerRegistry
@@ -226,6 +247,18 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
             config.flow.attemptTimeout = .milliseconds(v)
         }
         if let v = try integer(.deliveryGrace, range: 0...60_000) { config.flow.deliveryGrace = .milliseconds(v) }
+        if let v = raw(.refreshAheadFraction) {
+            guard let f = Double(v.trimmingCharacters(in: .whitespaces)), f >= 0, f <= 0.9 else {
+                throw ConfigurationError(
+                    setting: GatewaySetting.refreshAheadFraction.environment, problem: "must be a number in 0…0.9")
+            }
+            config.flow.refreshAheadFraction = f
+        }
+        if let v = try integer(.breakerThreshold, range: 1...1000) { config.flow.breakerThreshold = v }
+        if let v = try integer(.breakerOpen, range: 10...3_600_000) {
+            config.flow.breakerOpenBase = .milliseconds(v)
+            config.flow.breakerOpenCap = max(.milliseconds(v), .seconds(300))
+        }
         return config
     }
 }

@@ -24,16 +24,21 @@ public struct GatewayError: HTTPResponseError, Sendable, Hashable, CustomStringC
 
     public var description: String { "GatewayError(\(self.status.code) \(self.code): \(self.message))" }
 
+    /// The contract's error body: `{"error": {"code": …, "message": …}}`.
+    public var body: ByteBuffer {
+        ByteBuffer(
+            string: JSONValue.object([
+                ("error", .object([("code", .string(self.code)), ("message", .string(self.message))]))
+            ]).serialized())
+    }
+
     public func response(from request: Request, context: some RequestContext) throws -> Response {
-        let body = JSONValue.object([
-            ("error", .object([("code", .string(self.code)), ("message", .string(self.message))]))
-        ]).serialized()
         var headers: HTTPFields = [.contentType: "application/json", .cacheControl: "no-store"]
         if let retryAfter { headers[.retryAfter] = String(retryAfter) }
         for (name, value) in self.extraHeaders {
             if let field = HTTPField.Name(name) { headers[field] = value }
         }
-        return Response(status: self.status, headers: headers, body: .init(byteBuffer: ByteBuffer(string: body)))
+        return Response(status: self.status, headers: headers, body: .init(byteBuffer: self.body))
     }
 
     public static let unauthenticated = GatewayError(

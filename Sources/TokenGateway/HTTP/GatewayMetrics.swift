@@ -6,15 +6,16 @@ import Synchronization
 public final class GatewayMetrics: Sendable {
     let factory: any MetricsFactory
     public let flow: FlowMetrics
-    public let circuitsOpen: Meter
+    /// `token_gateway_user_exchanges_total{outcome}`.
+    public let userExchanges: UserExchangeMetrics
     private let requestCounters = Mutex<[String: Counter]>([:])
     private let fitCounters = Mutex<[String: Counter]>([:])
 
     public init(factory: any MetricsFactory) {
         self.factory = factory
         self.flow = FlowMetrics(factory: factory)
-        self.circuitsOpen = Meter(label: "token_gateway_circuits_open", factory: factory)
-        self.circuitsOpen.set(0)
+        self.userExchanges = UserExchangeMetrics(factory: factory)
+        self.flow.circuitsOpen.set(0)
         self.flow.leasesHeld.set(0)
         _ = Counter(label: "token_gateway_store_errors_total", factory: factory)
     }

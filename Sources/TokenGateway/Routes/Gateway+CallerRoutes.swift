@@ -90,8 +90,8 @@ extension Gateway {
             }
             options.timeout = .milliseconds(v)
         }
-        if query.get("asUser") != nil {
-            throw GatewayError.invalidParameter("asUser is not supported by this gateway")
+        if let asUser = query.get("asUser") {
+            return try await self.userTokenRoute(caller: caller, installation: id, asUser: asUser, options: options)
         }
         let answer: TokenAnswer
         do {

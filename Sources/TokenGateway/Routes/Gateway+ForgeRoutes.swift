@@ -19,30 +19,58 @@ extension Gateway {
                     status: .badRequest, code: "trigger_url_not_allowed",
                     message: "authTriggerUrl is not on the gateway's allow-list of trigger hosts")
             }
+            var rotateKey = false
+            if let raw = body["rotateKey"], !(raw is NSNull) {
+                guard let flag = raw as? Bool else { throw GatewayError.invalidRequest("rotateKey must be a boolean") }
+                rotateKey = flag
+            }
             let pushed = try self.optionalSystemToken(request)
             let candidate = TriggerSigningKey.generate()
+            let now = FlowTime.now()
             let outcome: GatewayStore.RegistrationOutcome
+            let keys: GatewayStore.TriggerKeys?
             do {
                 outcome = try await self.store.register(
                     id, triggerURL: url, candidateKeyID: candidate.keyId, candidateKey: candidate.rawPrivateKey,
-                    metadata: invocation.metadata, now: FlowTime.now())
+                    metadata: invocation.metadata, now: now)
+                guard case .registered = outcome else { throw GatewayError(FlowError.installationUninstalled) }
+                if rotateKey {
+                    let next = TriggerSigningKey.generate()
+                    keys = try await self.store.rotateTriggerKey(
+                        id, candidateKeyID: next.keyId, candidateKey: next.rawPrivateKey,
+                        overlap: self.configuration.triggerKeyOverlap, now: now)
+                } else {
+                    keys = try await self.store.triggerKeys(id, now: now)
+                }
+            } catch let error as GatewayError {
+                throw error
             } catch {
                 throw GatewayError.storeUnavailable
             }
-            guard case .registered(let keyID, let raw) = outcome else {
-                throw GatewayError(FlowError.installationUninstalled)
-            }
-            let key = try TriggerSigningKey(keyId: keyID, rawPrivateKey: raw)
+            // Registered a moment ago, so a key exists unless an uninstall came in between.
+            guard let keys else { throw GatewayError(FlowError.installationUninstalled) }
+            let current = try TriggerSigningKey(keyId: keys.current.keyID, rawPrivateKey: keys.current.rawPrivateKey)
             if let pushed {
                 _ = try await self.storeDelivery(id, token: pushed, requestID: nil, invocation: invocation)
             }
+            var answer: [(String, JSONValue)] = [
+                ("installationId", .string(id.ari)), ("triggerKeyId", .string(current.keyId)),
+                ("triggerPublicKey", .string(current.publicKeyBase64URL)),
+            ]
+            if let nextKey = keys.next, let activatesAt = keys.nextActivatesAt {
+                let next = try TriggerSigningKey(keyId: nextKey.keyID, rawPrivateKey: nextKey.rawPrivateKey)
+                answer += [
+                    ("nextTriggerKeyId", .string(next.keyId)), ("nextTriggerPublicKey", .string(next.publicKeyBase64URL)),
+                    ("nextTriggerKeyActivatesAt", .string(RFC3339.string(unixSeconds: activatesAt))),
+                ]
+            }
             self.logger.info(
-                "auth trigger registered", metadata: ["installation.id": "\(id)", "trigger.key_id": "\(keyID)"])
-            return Self.json(
-                .object([
-                    ("installationId", .string(id.ari)), ("triggerKeyId", .string(keyID)),
-                    ("triggerPublicKey", .string(key.publicKeyBase64URL)),
-                ]))
+                "auth trigger registered",
+                metadata: [
+                    "installation.id": "\(id)", "trigger.key_id": "\(current.keyId)",
+                    "trigger.next_key_id": "\(keys.next?.keyID ?? "-")",
+                ])
+            return Self.json(.object(answer))
         }
 
         router.post("/forge/auth-trigger") { request, context in
@@ -151,7 +179,10 @@ extension Gateway {
         let solicitedBy = result.solicited ? requestID : nil
         if result.outcome == .stored {
             self.flow.tokenDelivered(
-                id, token: AccessToken(value: token.value, expiresAt: token.expiresAt, requestID: solicitedBy),
+                id,
+                token: AccessToken(
+                    value: token.value, expiresAt: token.expiresAt, requestID: solicitedBy,
+                    receivedAt: FlowTime.now().unixSeconds),
                 solicitedBy: solicitedBy)
         } else if result.solicited, let current = try? await self.store.systemToken(id) {
             self.flow.tokenDelivered(id, token: current, solicitedBy: solicitedBy)

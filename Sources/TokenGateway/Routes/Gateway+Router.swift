@@ -11,6 +11,7 @@ extension Gateway {
         self.addCallerRoutes(to: router)
         self.addForgeRoutes(to: router)
         self.addOperationsRoutes(to: router)
+        self.addConnectRoutes(to: router)
         return router
     }
 
@@ -25,6 +26,10 @@ extension Gateway {
         (["health", "live"], [.get]),
         (["health", "ready"], [.get]),
         (["metrics"], [.get]),
+        (["connect", "installed"], [.post]),
+        (["connect", "uninstalled"], [.post]),
+        (["v1", "connect", "verify"], [.post]),
+        (["v1", "connect", "sign"], [.post]),
     ]
 
     /// A JSON response.

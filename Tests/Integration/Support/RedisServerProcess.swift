@@ -23,15 +23,25 @@ final class RedisServerProcess: Sendable {
     private let executable: String
     private let arguments: [String]
     private let process: Mutex<ChildProcess?>
+    /// Whether `directory` was created here (and is removed when the value is released).
+    private let ownsDirectory: Bool
 
     /// `redis://127.0.0.1:<port>/0`.
     var url: String {
         "redis://127.0.0.1:\(self.port)/0"
     }
 
-    private init(port: Int, directory: String, executable: String, arguments: [String], process: ChildProcess) {
+    private init(
+        port: Int,
+        directory: String,
+        ownsDirectory: Bool,
+        executable: String,
+        arguments: [String],
+        process: ChildProcess
+    ) {
         self.port = port
         self.directory = directory
+        self.ownsDirectory = ownsDirectory
         self.executable = executable
         self.arguments = arguments
         self.process = Mutex(process)
@@ -40,6 +50,9 @@ final class RedisServerProcess: Sendable {
     deinit {
         if let process = self.process.withLock({ $0 }), process.isRunning {
             process.signal(SIGKILL)
+        }
+        if self.ownsDirectory {
+            try? FileManager.default.removeItem(atPath: self.directory)
         }
     }
 
@@ -50,8 +63,13 @@ final class RedisServerProcess: Sendable {
     ///
     /// - Parameter directory: the working directory; a new temporary one by default.
     static func start(extraArguments: [String] = [], directory: String? = nil) async throws -> RedisServerProcess {
+        let ownsDirectory = directory == nil
         let directory = try directory ?? Self.makeTemporaryDirectory()
-        return try await self.launchOnFreePort(executable: "/usr/bin/redis-server", directory: directory) { port in
+        return try await self.launchOnFreePort(
+            executable: "/usr/bin/redis-server",
+            directory: directory,
+            ownsDirectory: ownsDirectory
+        ) { port in
             Self.serverArguments(port: port, directory: directory) + extraArguments
         } prepare: { _ in
         }
@@ -73,7 +91,11 @@ final class RedisServerProcess: Sendable {
     ) async throws -> RedisServerProcess {
         let directory = try Self.makeTemporaryDirectory()
         let configPath = "\(directory)/sentinel.conf"
-        return try await self.launchOnFreePort(executable: "/usr/bin/redis-sentinel", directory: directory) { port in
+        return try await self.launchOnFreePort(
+            executable: "/usr/bin/redis-sentinel",
+            directory: directory,
+            ownsDirectory: true
+        ) { port in
             [configPath, "--port", "\(port)", "--daemonize", "no"]
         } prepare: { port in
             let config = """
@@ -130,6 +152,7 @@ final class RedisServerProcess: Sendable {
     private static func launchOnFreePort(
         executable: String,
         directory: String,
+        ownsDirectory: Bool,
         arguments: (Int) -> [String],
         prepare: (Int) throws -> Void
     ) async throws -> RedisServerProcess {
@@ -141,19 +164,19 @@ final class RedisServerProcess: Sendable {
             try prepare(port)
             let args = arguments(port)
             let process = try Self.launch(executable: executable, arguments: args, directory: directory)
-            let server = RedisServerProcess(
-                port: port,
-                directory: directory,
-                executable: executable,
-                arguments: args,
-                process: process
-            )
             do {
-                try await server.waitUntilReady(process)
-                return server
+                try await Self.waitUntilReady(process, port: port, executable: executable, directory: directory)
+                return RedisServerProcess(
+                    port: port,
+                    directory: directory,
+                    ownsDirectory: ownsDirectory,
+                    executable: executable,
+                    arguments: args,
+                    process: process
+                )
             } catch {
                 lastError = error
-                await server.stop()
+                await Self.terminate(process, signal: SIGKILL)
             }
         }
         throw lastError ?? StartError(description: "\(executable) did not start")
@@ -163,18 +186,23 @@ final class RedisServerProcess: Sendable {
         try ChildProcess(executable: executable, arguments: arguments, directory: directory)
     }
 
-    private func waitUntilReady(_ process: ChildProcess) async throws {
+    private static func waitUntilReady(
+        _ process: ChildProcess,
+        port: Int,
+        executable: String,
+        directory: String
+    ) async throws {
         let deadline = ContinuousClock.now + .seconds(10)
         while ContinuousClock.now < deadline {
             guard process.isRunning else {
-                throw StartError(description: "\(self.executable) on port \(self.port) exited (see \(self.directory))")
+                throw StartError(description: "\(executable) on port \(port) exited (see \(directory))")
             }
-            if Self.pingSucceeds(port: self.port) {
+            if Self.pingSucceeds(port: port) {
                 return
             }
             try await Task.sleep(for: .milliseconds(10))
         }
-        throw StartError(description: "\(self.executable) on port \(self.port) did not answer PING within 10 s")
+        throw StartError(description: "\(executable) on port \(port) did not answer PING within 10 s")
     }
 
     // MARK: Stopping and restarting
@@ -203,7 +231,12 @@ final class RedisServerProcess: Sendable {
             )
             self.process.withLock { $0 = process }
             do {
-                try await self.waitUntilReady(process)
+                try await Self.waitUntilReady(
+                    process,
+                    port: self.port,
+                    executable: self.executable,
+                    directory: self.directory
+                )
                 return
             } catch {
                 lastError = error
@@ -218,6 +251,11 @@ final class RedisServerProcess: Sendable {
         guard let process = self.process.withLock({ $0 }) else {
             return
         }
+        await Self.terminate(process, signal: signal)
+    }
+
+    /// Sends `signal`, escalates to SIGKILL after 5 s, and waits until the process has exited.
+    private static func terminate(_ process: ChildProcess, signal: Int32) async {
         process.signal(signal)
         let killDeadline = ContinuousClock.now + .seconds(5)
         var killed = signal == SIGKILL

@@ -1,0 +1,142 @@
+/// Trigger-signing key rotation with an overlap window.
+///
+/// The `signing-keys` hash of an installation holds `current` (the key id the gateway signs with),
+/// `key:<id>` (the sealed Ed25519 private key) and `createdAt:<id>`. A rotation adds a *next* key
+/// (`next`, `nextActivatesAt`): it is announced to the Forge side at once (in the answer of
+/// `/forge/register`) but signed with only from `nextActivatesAt` on, so the Forge side holds
+/// both public keys before the first call signed with the new one. When the window has passed,
+/// the next key is promoted on first use: it becomes `current`, the old private key is deleted and
+/// the installation's `triggerKeyId` follows.
+extension GatewayStore {
+    /// One trigger-signing key, opened.
+    public struct TriggerKey: Sendable {
+        public let keyID: String
+        /// The 32-byte Ed25519 private key. Never log or send it.
+        public let rawPrivateKey: [UInt8]
+    }
+
+    /// The keys of an installation: the one signed with now and, during a rotation, the announced one.
+    public struct TriggerKeys: Sendable {
+        public let current: TriggerKey
+        public let next: TriggerKey?
+        /// Unix seconds from which ``next`` signs; nil without a rotation in progress.
+        public let nextActivatesAt: Int64?
+    }
+
+    /// Promotes a due next key, then reads the installation's keys; nil when the installation has
+    /// no signing key (never registered, or uninstalled).
+    public func triggerKeys(_ id: InstallationID, now: FlowTime) async throws -> TriggerKeys? {
+        let r = try await self.redis.eval(
+            TriggerKeyScripts.read, keys: [self.installationKey(id), self.signingKeysKey(id)],
+            arguments: [String(now.unixSeconds)])
+        return try self.openTriggerKeys(id, reply: r)
+    }
+
+    /// Starts a rotation: stores a next key (`candidateKeyID`/`candidateKey`) that signs from
+    /// `now + overlap` on, unless a rotation is already in progress, whose next key is kept (so a
+    /// retried call announces the same key). A due next key is promoted first; a zero overlap
+    /// promotes the new key at once. Returns the keys in force afterwards, nil when the
+    /// installation has no signing key.
+    public func rotateTriggerKey(
+        _ id: InstallationID, candidateKeyID: String, candidateKey: [UInt8], overlap: Duration, now: FlowTime
+    ) async throws -> TriggerKeys? {
+        let signingKey = self.signingKeysKey(id)
+        let sealed = try self.box.seal(candidateKey, context: signingKey + "#key:" + candidateKeyID)
+        let activatesAt = now.unixSeconds + max(0, overlap.components.seconds)
+        let r = try await self.redis.eval(
+            TriggerKeyScripts.rotate, keys: [self.installationKey(id), signingKey],
+            arguments: [String(now.unixSeconds), candidateKeyID, sealed, String(activatesAt)])
+        return try self.openTriggerKeys(id, reply: r)
+    }
+
+    /// The trigger URL and the key to sign with now (promoting a due next key first), or nil when
+    /// no trigger is registered or the installation is uninstalled.
+    public func currentTriggerMaterial(_ id: InstallationID, now: FlowTime) async throws -> TriggerMaterial? {
+        _ = try await self.redis.eval(
+            TriggerKeyScripts.promoteIfDue, keys: [self.installationKey(id), self.signingKeysKey(id)],
+            arguments: [String(now.unixSeconds)])
+        return try await self.triggerMaterial(id)
+    }
+
+    private func openTriggerKeys(_ id: InstallationID, reply: RedisValue) throws -> TriggerKeys? {
+        guard let items = reply.array else { throw RedisError.protocolError }
+        if items.isEmpty { return nil }
+        guard items.count == 5, let currentID = items[0].string, let currentSealed = items[1].string else {
+            throw RedisError.protocolError
+        }
+        let signingKey = self.signingKeysKey(id)
+        let current = TriggerKey(
+            keyID: currentID, rawPrivateKey: try self.box.open(currentSealed, context: signingKey + "#key:" + currentID))
+        var next: TriggerKey?
+        var activatesAt: Int64?
+        if let nextID = items[2].string, !nextID.isEmpty, let nextSealed = items[3].string, !nextSealed.isEmpty {
+            next = TriggerKey(
+                keyID: nextID, rawPrivateKey: try self.box.open(nextSealed, context: signingKey + "#key:" + nextID))
+            activatesAt = items[4].int
+        }
+        return TriggerKeys(current: current, next: next, nextActivatesAt: activatesAt)
+    }
+}
+
+/// The scripts of trigger-key rotation. KEYS: installation, signing keys (same hash tag).
+enum TriggerKeyScripts {
+    /// Shared Lua: promotes the next key when due. Needs `now` in a local of that name.
+    private static let promote = """
+        local function promote()
+          local nxt = redis.call('HGET', KEYS[2], 'next')
+          if not nxt then return end
+          local at = tonumber(redis.call('HGET', KEYS[2], 'nextActivatesAt') or '0')
+          if at > now then return end
+          local old = redis.call('HGET', KEYS[2], 'current')
+          redis.call('HSET', KEYS[2], 'current', nxt)
+          redis.call('HDEL', KEYS[2], 'next', 'nextActivatesAt')
+          if old and old ~= nxt then redis.call('HDEL', KEYS[2], 'key:' .. old, 'createdAt:' .. old) end
+          if redis.call('HGET', KEYS[1], 'status') == 'active' then
+            redis.call('HSET', KEYS[1], 'triggerKeyId', nxt, 'updatedAt', ARGV[1])
+          end
+        end
+        local function answer()
+          local cur = redis.call('HGET', KEYS[2], 'current')
+          if not cur then return {} end
+          local nxt = redis.call('HGET', KEYS[2], 'next') or ''
+          local nxtKey = ''
+          if nxt ~= '' then nxtKey = redis.call('HGET', KEYS[2], 'key:' .. nxt) or '' end
+          return {cur, redis.call('HGET', KEYS[2], 'key:' .. cur) or '', nxt, nxtKey,
+                  redis.call('HGET', KEYS[2], 'nextActivatesAt') or ''}
+        end
+        """
+
+    /// ARGV: now. Returns {} or {current, sealed, next, sealed next, activatesAt}.
+    static let read = RedisScript(
+        """
+        local now = tonumber(ARGV[1])
+        \(promote)
+        promote()
+        return answer()
+        """)
+
+    /// ARGV: now. Returns 1.
+    static let promoteIfDue = RedisScript(
+        """
+        local now = tonumber(ARGV[1])
+        \(promote)
+        promote()
+        return 1
+        """)
+
+    /// ARGV: now, candidate key id, candidate sealed key, activatesAt. Returns as ``read``.
+    static let rotate = RedisScript(
+        """
+        local now = tonumber(ARGV[1])
+        \(promote)
+        if redis.call('HGET', KEYS[1], 'status') ~= 'active' then return {} end
+        if not redis.call('HGET', KEYS[2], 'current') then return {} end
+        promote()
+        if not redis.call('HGET', KEYS[2], 'next') then
+          redis.call('HSET', KEYS[2], 'next', ARGV[2], 'key:' .. ARGV[2], ARGV[3], 'createdAt:' .. ARGV[2], ARGV[1],
+            'nextActivatesAt', ARGV[4])
+          promote()
+        end
+        return answer()
+        """)
+}

@@ -1,0 +1,57 @@
+import HTTPTypes
+import NIOCore
+// NIOHTTP1 (for `HTTPParserError`) and NIOHTTPTypes (for the HTTP parts) come with Hummingbird,
+// whose HTTP/1 server pipeline this handler is part of.
+import NIOHTTP1
+import NIOHTTPTypes
+
+/// Answers a request the HTTP/1 parser refused (headers over the size limit, a malformed request
+/// line or header, …) with the contract's error body (`400 invalid_request`), then closes the
+/// connection.
+///
+/// Without it Hummingbird answers such a request with a bare `400` and no body. The handler sits
+/// after the HTTP/1 codec (Hummingbird's `additionalChannelHandlers`). It answers only when no
+/// request is in progress on the connection: a parser error in the middle of a request (after its
+/// head) is left to Hummingbird, so two answers can never interleave.
+final class MalformedRequestHandler: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPRequestPart
+    typealias InboundOut = HTTPRequestPart
+    typealias OutboundIn = HTTPResponsePart
+    typealias OutboundOut = HTTPResponsePart
+
+    /// Requests whose head arrived and whose answer has not been fully written.
+    private var requestsInProgress = 0
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if case .head = self.unwrapInboundIn(data) { self.requestsInProgress += 1 }
+        context.fireChannelRead(data)
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        if case .end = self.unwrapOutboundIn(data) { self.requestsInProgress = max(0, self.requestsInProgress - 1) }
+        context.write(data, promise: promise)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        guard let parserError = error as? HTTPParserError, self.requestsInProgress == 0 else {
+            context.fireErrorCaught(error)
+            return
+        }
+        let message =
+            parserError == .headerOverflow
+            ? "request headers are too large" : "malformed HTTP request"
+        let body = GatewayError.invalidRequest(message).body
+        let head = HTTPResponse(
+            status: .badRequest,
+            headerFields: [
+                .contentType: "application/json", .cacheControl: "no-store", .connection: "close",
+                .contentLength: String(body.readableBytes),
+            ])
+        context.write(self.wrapOutboundOut(.head(head)), promise: nil)
+        context.write(self.wrapOutboundOut(.body(body)), promise: nil)
+        let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
+        context.writeAndFlush(self.wrapOutboundOut(.end(nil))).whenComplete { _ in
+            loopBound.value.close(promise: nil)
+        }
+    }
+}

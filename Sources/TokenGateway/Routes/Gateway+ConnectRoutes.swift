@@ -1,0 +1,259 @@
+import FlowEngine
+import Foundation
+import Hummingbird
+import Logging
+
+extension Gateway {
+    /// The routes of contract §5. They answer 404 `not_found` while no Connect base URL is configured.
+    func addConnectRoutes(to router: Router<BasicRequestContext>) {
+        router.post("/connect/installed") { request, _ in
+            try await self.connectLifecycle(request, event: .installed)
+        }
+        router.post("/connect/uninstalled") { request, _ in
+            try await self.connectLifecycle(request, event: .uninstalled)
+        }
+        router.post("/v1/connect/verify") { request, _ in
+            try await self.connectVerify(request)
+        }
+        router.post("/v1/connect/sign") { request, _ in
+            try await self.connectSign(request)
+        }
+    }
+
+    enum ConnectLifecycleEvent: String {
+        case installed
+        case uninstalled
+    }
+
+    /// The signed-install verifier, or 404 when Connect is not configured.
+    private func connectVerifier() throws -> SignedInstallVerifier {
+        guard let verifier = self.connectInstallVerifier else { throw GatewayError.notFound }
+        return verifier
+    }
+
+    // MARK: Lifecycle
+
+    /// `POST /connect/installed` and `/connect/uninstalled`: authenticate the signed install first
+    /// (401 `invalid_signed_install`, nothing stored), then store; 204.
+    func connectLifecycle(_ request: Request, event: ConnectLifecycleEvent) async throws -> Response {
+        let verifier = try self.connectVerifier()
+        let verified: VerifiedSignedInstall
+        do {
+            verified = try await verifier.verify(
+                authorization: request.headers[.authorization], method: request.method.rawValue,
+                uri: request.uri.string
+            ) { try await self.readBody(request) }
+        } catch let error as SignedInstallError {
+            self.logger.notice(
+                "Connect signed install refused",
+                metadata: ["connect.event": "\(event.rawValue)", "connect.outcome": "\(error.reason)"])
+            throw GatewayError.invalidSignedInstall
+        }
+        let payload = verified.payload
+        let clientKey = verified.clientKey
+        guard Self.isStorableClientKey(clientKey) else {
+            throw GatewayError.invalidRequest(
+                "clientKey must be 1–256 visible ASCII characters without braces")
+        }
+        let installationId = self.connectInstallationLink(payload)
+        let appKey = payload["key"]?.connectString.flatMap { $0.isEmpty ? nil : $0 }
+        let baseUrl = payload["baseUrl"]?.connectString.flatMap { $0.isEmpty ? nil : $0 }
+        // The payload is kept as received, except for the secret, which is sealed on its own.
+        let payloadJSON = ConnectJSON.sortedObject(payload.filter { $0.key != "sharedSecret" }).serialized()
+
+        switch event {
+        case .installed:
+            guard let secret = payload["sharedSecret"]?.connectString, !secret.isEmpty else {
+                throw GatewayError.invalidRequest("sharedSecret (a non-empty string) is required")
+            }
+            guard let appKey else { throw GatewayError.invalidRequest("key (the app key, a string) is required") }
+            guard let baseUrl, ConnectURL.isAbsoluteHTTP(baseUrl) else {
+                throw GatewayError.invalidRequest("baseUrl (an absolute http(s) URL) is required")
+            }
+            let created: Bool
+            do {
+                created = try await self.store.storeConnectInstall(
+                    ConnectInstallation(
+                        clientKey: clientKey, appKey: appKey, baseUrl: baseUrl, payloadJSON: payloadJSON,
+                        sharedSecret: Array(secret.utf8), installationId: installationId),
+                    now: FlowTime.now())
+            } catch {
+                throw self.connectStoreError(error, clientKey: clientKey)
+            }
+            self.logger.info(
+                "Connect tenant installed",
+                metadata: [
+                    "connect.client_key": "\(clientKey)", "connect.base_url": "\(baseUrl)",
+                    "connect.reinstall": "\(!created)", "installation.id": "\(installationId?.ari ?? "-")",
+                ])
+        case .uninstalled:
+            do {
+                try await self.store.storeConnectUninstall(
+                    clientKey: clientKey, appKey: appKey, baseUrl: baseUrl, payloadJSON: payloadJSON,
+                    installationId: installationId, now: FlowTime.now())
+            } catch {
+                throw self.connectStoreError(error, clientKey: clientKey)
+            }
+            self.logger.info("Connect tenant uninstalled", metadata: ["connect.client_key": "\(clientKey)"])
+        }
+        return Response(status: .noContent, headers: [.cacheControl: "no-store"])
+    }
+
+    /// The Forge installation a payload names in `installationId` (an ARI; a bare id is accepted
+    /// too), or nil. A value that names no installation is logged and not linked: the install
+    /// itself still succeeds.
+    private func connectInstallationLink(_ payload: [String: JSONValue]) -> InstallationID? {
+        guard let raw = payload["installationId"], raw != .null else { return nil }
+        guard let text = raw.connectString, let id = InstallationID(text) else {
+            self.logger.warning("Connect payload names no valid installation; not linked")
+            return nil
+        }
+        return id
+    }
+
+    /// A `clientKey` that can be a store key: 1–256 visible ASCII characters, no `{` or `}` (which
+    /// would change the Redis Cluster hash tag).
+    static func isStorableClientKey(_ clientKey: String) -> Bool {
+        (1...256).contains(clientKey.utf8.count)
+            && clientKey.utf8.allSatisfy { $0 > 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "{") && $0 != UInt8(ascii: "}") }
+    }
+
+    /// 503 for Redis failures; anything else (a secret that does not open) is logged and a 500.
+    private func connectStoreError(_ error: any Error, clientKey: String) -> GatewayError {
+        if error is RedisError { return GatewayError.storeUnavailable }
+        self.logger.error(
+            "Connect tenant record unusable",
+            metadata: ["connect.client_key": "\(clientKey)", "error.type": "\(String(reflecting: type(of: error)))"])
+        return GatewayError.internalError
+    }
+
+    /// The tenant's record; 503 when the store is unreachable.
+    private func connectTenantRecord(_ clientKey: String) async throws -> ConnectTenantRecord? {
+        guard Self.isStorableClientKey(clientKey) else { return nil }
+        do {
+            return try await self.store.connectTenant(clientKey)
+        } catch {
+            throw self.connectStoreError(error, clientKey: clientKey)
+        }
+    }
+
+    // MARK: Verify
+
+    /// `POST /v1/connect/verify` `{"jwt", "method", "url"}`: is this inbound Connect request genuine?
+    func connectVerify(_ request: Request) async throws -> Response {
+        let verifier = try self.connectVerifier()
+        let caller = try self.authenticateCaller(request)
+        if caller.clientKeys.values?.isEmpty == true { throw GatewayError.forbidden }
+        let body = try await self.readJSONObject(request)
+        guard let jwt = body["jwt"] as? String, !jwt.isEmpty else {
+            throw GatewayError.invalidRequest("jwt (a string) is required")
+        }
+        let method = try Self.connectMethod(body)
+        guard let url = body["url"] as? String else {
+            throw GatewayError.invalidRequest("url (a string: the request's path and query) is required")
+        }
+
+        let clientKey: String
+        do {
+            clientKey = try ConnectJWT.unverifiedTenant(of: jwt)
+        } catch {
+            throw self.refusedConnectJWT(error, caller: caller)
+        }
+        guard caller.clientKeys.contains(clientKey) else { throw GatewayError.forbidden }
+        guard let record = try await self.connectTenantRecord(clientKey) else {
+            throw self.refusedConnectJWT(.unknownTenant, caller: caller)
+        }
+        guard record.status == .installed, let secret = record.sharedSecret else {
+            throw self.refusedConnectJWT(.uninstalledTenant, caller: caller)
+        }
+        let verified: VerifiedConnectJWT
+        do {
+            verified = try ConnectJWT.verify(
+                jwt, clientKey: clientKey, secret: secret.bytes, method: method, url: url,
+                basePath: verifier.basePath)
+        } catch {
+            throw self.refusedConnectJWT(error, caller: caller)
+        }
+        self.logger.debug(
+            "Connect JWT verified",
+            metadata: [
+                "caller": "\(caller.name)", "connect.client_key": "\(clientKey)",
+                "connect.context_qsh": "\(verified.isContextQSH)",
+            ])
+        return Self.json(
+            .object([
+                ("clientKey", .string(clientKey)),
+                ("accountId", .optional(verified.accountId)),
+                ("installationId", .optional(record.installationId?.ari)),
+                ("context", verified.context ?? .null),
+            ]))
+    }
+
+    private func refusedConnectJWT(_ error: ConnectJWTError, caller: Caller) -> GatewayError {
+        self.logger.notice(
+            "Connect JWT refused", metadata: ["caller": "\(caller.name)", "connect.outcome": "\(error.reason)"])
+        return GatewayError.invalidConnectJWT(error)
+    }
+
+    // MARK: Sign
+
+    /// `POST /v1/connect/sign` `{"clientKey", "method", "url"}`: a short-lived JWT for the app's own
+    /// call to the tenant's product.
+    func connectSign(_ request: Request) async throws -> Response {
+        _ = try self.connectVerifier()
+        let caller = try self.authenticateCaller(request)
+        let body = try await self.readJSONObject(request)
+        guard let clientKey = body["clientKey"] as? String, !clientKey.isEmpty else {
+            throw GatewayError.invalidRequest("clientKey (a string) is required")
+        }
+        let method = try Self.connectMethod(body)
+        guard let url = body["url"] as? String, ConnectURL.isAbsoluteHTTP(url) else {
+            throw GatewayError.invalidRequest("url (an absolute http(s) URL on the tenant's product) is required")
+        }
+        guard caller.clientKeys.contains(clientKey) else { throw GatewayError.forbidden }
+        guard let record = try await self.connectTenantRecord(clientKey), record.status == .installed,
+            let secret = record.sharedSecret, let appKey = record.appKey, let baseUrl = record.baseUrl
+        else { throw GatewayError.tenantNotFound }
+        guard ConnectURL.isURL(url, under: baseUrl) else {
+            throw GatewayError.invalidRequest("url is not under the tenant's baseUrl (scheme, host, port and path)")
+        }
+        let signed = ConnectJWT.sign(
+            appKey: appKey, method: method, url: url, basePath: ConnectURL.basePath(of: baseUrl),
+            secret: secret.bytes)
+        self.logger.info(
+            "Connect JWT signed",
+            metadata: [
+                "caller": "\(caller.name)", "connect.client_key": "\(clientKey)", "http.method": "\(method)",
+                "token.expires_at": "\(signed.expiresAt)",
+            ])
+        return Self.json(
+            .object([
+                ("jwt", .string(signed.token)),
+                ("expiresAt", .string(RFC3339.string(unixSeconds: signed.expiresAt))),
+            ]), noStore: true)
+    }
+
+    /// The body's `method`: 1–16 letters, upper-cased.
+    static func connectMethod(_ body: [String: Any]) throws -> String {
+        guard let method = body["method"] as? String, (1...16).contains(method.utf8.count),
+            method.utf8.allSatisfy({ (0x41...0x5A).contains($0) || (0x61...0x7A).contains($0) })
+        else { throw GatewayError.invalidRequest("method (an HTTP method such as GET) is required") }
+        return method.uppercased()
+    }
+}
+
+extension GatewayError {
+    /// 401 for any signed-install failure (contract §5).
+    public static let invalidSignedInstall = GatewayError(
+        status: .unauthorized, code: "invalid_signed_install",
+        message: "the signed install (Authorization: JWT, RS256) was refused",
+        extraHeaders: ["WWW-Authenticate": "JWT"])
+    /// 404 for an unknown tenant, or one that has uninstalled the app.
+    public static let tenantNotFound = GatewayError(
+        status: .notFound, code: "tenant_not_found", message: "no Connect tenant has the app installed under this clientKey")
+
+    /// 401 naming the failed check of a Connect JWT.
+    public static func invalidConnectJWT(_ error: ConnectJWTError) -> GatewayError {
+        GatewayError(status: .unauthorized, code: "invalid_connect_jwt", message: error.message)
+    }
+}

@@ -1,0 +1,89 @@
+import ArgumentParser
+import FlowEngine
+import Foundation
+import Logging
+import TokenGateway
+
+/// `token-gateway keys …`: operator commands for the keys at rest.
+struct Keys: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Operate on the encryption keys of the store.",
+        subcommands: [KeysRewrap.self])
+}
+
+/// `token-gateway keys rewrap`: re-encrypts every secret in Redis under the ring's first key.
+struct KeysRewrap: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "rewrap",
+        abstract: "Re-encrypt every secret in the store under the current (first) encryption key.",
+        discussion: """
+            Walks the store with SCAN in batches and seals every value that is not yet under the \
+            first key of TOKEN_GATEWAY_ENCRYPTION_KEYS again under it. Prints the cursor after every \
+            batch; after an interruption, run it again with --cursor <last printed cursor> (running \
+            it from the start again is harmless too). Exits 0 when everything opened, 1 when some \
+            sealed values opened with no key of the ring (they are listed in the log and left \
+            as they are), 2 on a bad setting.
+
+            Rotation: 1. put the new key first in TOKEN_GATEWAY_ENCRYPTION_KEYS on every replica \
+            (keeping the old ones); 2. run this command with the same ring; 3. remove the old key.
+            """)
+
+    @Option(help: "Redis URL [TOKEN_GATEWAY_REDIS_URL]") var redisUrl: String?
+    @Option(help: "Encryption key ring keyId:base64,…, new key first [TOKEN_GATEWAY_ENCRYPTION_KEYS]")
+    var encryptionKeys: String?
+    @Option(help: "SCAN cursor to resume from (as printed by an interrupted run)") var cursor = "0"
+    @Option(help: "Keys per SCAN batch (a hint to Redis)") var batchSize = 500
+    @Option(help: "Log level trace…critical") var logLevel = "info"
+
+    func validate() throws {
+        guard !self.cursor.isEmpty, self.cursor.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) else {
+            throw ValidationError("--cursor must be a SCAN cursor (a decimal number)")
+        }
+        guard (1...100_000).contains(self.batchSize) else {
+            throw ValidationError("--batch-size must be in 1…100000")
+        }
+    }
+
+    func run() async throws {
+        let environment = ProcessInfo.processInfo.environment
+        let redisText = self.redisUrl ?? environment["TOKEN_GATEWAY_REDIS_URL"] ?? "redis://127.0.0.1:6379/0"
+        let redisConfiguration: RedisConfiguration
+        let ring: EncryptionKeyRing
+        do {
+            redisConfiguration = try RedisConfiguration(url: redisText)
+        } catch {
+            throw Self.configurationError("configuration error: TOKEN_GATEWAY_REDIS_URL: \(error)")
+        }
+        guard let keysText = self.encryptionKeys ?? environment["TOKEN_GATEWAY_ENCRYPTION_KEYS"], !keysText.isEmpty
+        else { throw Self.configurationError("configuration error: TOKEN_GATEWAY_ENCRYPTION_KEYS: is required but not set") }
+        do {
+            ring = try EncryptionKeyRing(parsing: keysText)
+        } catch {
+            throw Self.configurationError("configuration error: \(error)")
+        }
+        let logger = makeLogger(
+            label: "token-gateway", format: .logfmt, level: Logger.Level(rawValue: self.logLevel.lowercased()) ?? .info)
+        let redis = RedisClient(configuration: redisConfiguration, logger: logger)
+        let rewrap = KeyRewrap(redis: redis, keys: ring, batchSize: self.batchSize, logger: logger)
+        print("rewrap start cursor=\(self.cursor) current_key=\(ring.currentKeyId)")
+        let totals: KeyRewrap.Counts
+        do {
+            totals = try await rewrap.run(from: self.cursor) { batch in
+                print("rewrap progress cursor=\(batch.nextCursor) \(batch.counts)")
+            }
+        } catch {
+            await redis.shutdown()
+            FileHandle.standardError.write(
+                Data("token-gateway: rewrap stopped: \(error); resume with --cursor <last printed cursor>\n".utf8))
+            throw ExitCode(1)
+        }
+        await redis.shutdown()
+        print("rewrap done \(totals)")
+        if totals.unopenable > 0 { throw ExitCode(1) }
+    }
+
+    private static func configurationError(_ line: String) -> ExitCode {
+        FileHandle.standardError.write(Data("token-gateway: \(line)\n".utf8))
+        return ExitCode(2)
+    }
+}

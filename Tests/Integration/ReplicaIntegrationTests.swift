@@ -1,0 +1,142 @@
+import FlowEngine
+import ForgeEmulator
+import Foundation
+import NIOHTTP1
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@testable import TokenGateway
+
+@Suite("Many replicas, one flow")
+struct ReplicaIntegrationTests {
+    @Test("200 concurrent callers spread over three replicas cause exactly one trigger")
+    func oneTriggerAcrossReplicas() async throws {
+        try await ReplicaHarness.run(replicas: 3) { h in
+            let installation = h.emulator.makeInstallation()
+            try await h.emulator.install(installation)
+            let answers = try await withThrowingTaskGroup(of: GatewayHarness.Answer.self) { group in
+                for i in 0..<200 { group.addTask { try await h.token(i % 3, installation) } }
+                var all: [GatewayHarness.Answer] = []
+                for try await a in group { all.append(a) }
+                return all
+            }
+            #expect(answers.allSatisfy { $0.status == 200 })
+            #expect(Set(answers.compactMap { $0.json["accessToken"] as? String }).count == 1)
+            #expect(h.emulator.triggerCalls(for: installation) == 1)
+        }
+    }
+
+    @Test("a delivery landing on another replica answers the caller waiting on the first")
+    func deliveryToOtherReplica() async throws {
+        try await ReplicaHarness.run(replicas: 2) { h in
+            let installation = h.emulator.makeInstallation()
+            try await h.emulator.install(installation)
+            h.emulator.setFault(.deliverVia(gatewayURL: h.replicas[1].url), for: installation)
+            let answer = try await h.token(0, installation)
+            #expect(answer.status == 200)
+            #expect(answer.json["source"] as? String == "trigger")
+            #expect(answer.json["accessToken"] as? String == h.emulator.lastDeliveredToken(for: installation))
+            #expect(h.emulator.triggerCalls(for: installation) == 1)
+        }
+    }
+
+    @Test("a late delivery to another replica still answers the waiter (source trigger)")
+    func lateDeliveryOtherReplica() async throws {
+        try await ReplicaHarness.run(replicas: 2) { h in
+            let installation = h.emulator.makeInstallation()
+            try await h.emulator.install(installation)
+            h.emulator.setFault(.deliverLate(.milliseconds(500)), for: installation)
+            let answer = try await h.token(1, installation)
+            #expect(answer.status == 200)
+            #expect(answer.json["source"] as? String == "trigger")
+            #expect(h.emulator.triggerCalls(for: installation) == 1)
+        }
+    }
+
+    @Test("the circuit opens after consecutive failures, is shared by replicas, and closes after a good probe")
+    func circuitBreaker() async throws {
+        try await ReplicaHarness.run(
+            replicas: 2,
+            extraSettings: [
+                "TOKEN_GATEWAY_TRIGGER_MAX_ATTEMPTS": "1", "TOKEN_GATEWAY_BREAKER_THRESHOLD": "2",
+                "TOKEN_GATEWAY_BREAKER_OPEN_MS": "300",
+            ]
+        ) { h in
+            let installation = h.emulator.makeInstallation()
+            try await h.emulator.install(installation)
+            h.emulator.setFault(.failWith(status: 500, times: 2), for: installation)
+            #expect(try await h.token(0, installation).errorCode == "trigger_failed")
+            #expect(try await h.token(0, installation).errorCode == "trigger_failed")
+            // Open: both replicas answer at once without calling the trigger.
+            let open = try await h.token(1, installation)
+            #expect(open.status == 503)
+            #expect(open.errorCode == "circuit_open")
+            #expect(Int(open.headers["retry-after"] ?? "") ?? 0 >= 1)
+            #expect(h.emulator.triggerCalls(for: installation) == 2)
+            // After the open window one probe goes through; the trigger works again, so it closes.
+            let deadline = ContinuousClock.now + .seconds(20)
+            var last = open
+            while last.status == 503, ContinuousClock.now < deadline {
+                last = try await h.token(0, installation)
+            }
+            #expect(last.status == 200)
+            #expect(h.emulator.triggerCalls(for: installation) == 3)
+            let metrics = try await h.call(0, .GET, "/metrics")
+            #expect(metrics.body.contains("token_gateway_circuits_open 0"))
+        }
+    }
+
+    @Test("SIGTERM mid-round-trip: the waiting caller gets its token through another replica, the lease is released, exit 0")
+    func gracefulShutdown() async throws {
+        try await ReplicaHarness.run(replicas: 2) { h in
+            let installation = h.emulator.makeInstallation()
+            try await h.emulator.install(installation)
+            // Forge delivers through the load balancer: here, to the replica that keeps running.
+            h.emulator.setGatewayURL(h.replicas[1].url)
+            h.emulator.setFault(.respondSlowly(.milliseconds(1500)), for: installation)
+            async let answer = h.token(0, installation)
+            // Wait until the trigger call is in flight, then ask replica 0 to stop.
+            let deadline = ContinuousClock.now + .seconds(20)
+            while h.emulator.triggerCalls(for: installation) == 0, ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(5))
+            }
+            h.replicas[0].signal(SIGTERM)
+            let result = try await answer
+            #expect(result.status == 200)
+            #expect(result.json["source"] as? String == "trigger")
+            let status = await h.replicas[0].waitForExit()
+            #expect(status == 0)
+            let lease = try await h.store.redis.send(["EXISTS", "tg:{\(installation.id)}:lease"])
+            #expect(lease.int == 0)
+        }
+    }
+
+    @Test("SIGTERM with nowhere to deliver: the caller gets an error answer within its timeout, never a reset")
+    func gracefulShutdownAlone() async throws {
+        try await ReplicaHarness.run(replicas: 1, extraSettings: ["TOKEN_GATEWAY_DELIVERY_GRACE_MS": "300"]) { h in
+            let installation = h.emulator.makeInstallation()
+            try await h.emulator.install(installation)
+            h.emulator.setFault(.respondSlowly(.milliseconds(500)), for: installation)
+            async let answer = h.token(0, installation, query: "timeout=2000")
+            let deadline = ContinuousClock.now + .seconds(20)
+            while h.emulator.triggerCalls(for: installation) == 0, ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(5))
+            }
+            h.replicas[0].signal(SIGTERM)
+            let signalled = ContinuousClock.now
+            let result = try await answer
+            let answered = ContinuousClock.now - signalled
+            #expect([200, 502, 504].contains(result.status))
+            #expect(result.status == 200 || result.errorCode != nil)
+            #expect(await h.replicas[0].waitForExit() == 0)
+            let exited = ContinuousClock.now - signalled
+            #expect(answered < .seconds(10))
+            #expect(exited < .seconds(20))
+            let lease = try await h.store.redis.send(["EXISTS", "tg:{\(installation.id)}:lease"])
+            #expect(lease.int == 0)
+        }
+    }
+}

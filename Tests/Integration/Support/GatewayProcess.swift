@@ -1,0 +1,133 @@
+import Foundation
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A real `token-gateway serve` process (the binary the test command builds), for tests that
+/// need several replicas, signals or process exits.
+final class GatewayProcess: Sendable {
+    struct StartError: Error, CustomStringConvertible {
+        let description: String
+    }
+
+    let process: Process
+    let port: Int
+    private let output: LineBox
+
+    var url: String { "http://127.0.0.1:\(self.port)" }
+
+    /// Every line the process wrote to stderr so far.
+    var lines: [String] { self.output.lines.withLock { $0 } }
+
+    final class LineBox: Sendable {
+        let lines = Mutex<[String]>([])
+    }
+
+    /// The gateway binary: `TOKEN_GATEWAY_TEST_BINARY`, else `.build/debug/token-gateway` of this checkout.
+    static var binary: String {
+        if let path = ProcessInfo.processInfo.environment["TOKEN_GATEWAY_TEST_BINARY"], !path.isEmpty { return path }
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().deletingLastPathComponent()
+        return root.appendingPathComponent(".build/debug/token-gateway").path
+    }
+
+    private init(process: Process, port: Int, output: LineBox) {
+        self.process = process
+        self.port = port
+        self.output = output
+    }
+
+    deinit {
+        if self.process.isRunning { kill(self.process.processIdentifier, SIGKILL) }
+    }
+
+    /// Starts `token-gateway serve` on an ephemeral port with `settings` as its environment and
+    /// returns once it logged that it is ready (deadline 30 s).
+    static func start(settings: [String: String]) async throws -> GatewayProcess {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: Self.binary)
+        process.arguments = ["serve"]
+        var environment = ["PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"]
+        for (k, v) in settings { environment[k] = v }
+        environment["TOKEN_GATEWAY_PORT"] = "0"
+        process.environment = environment
+        let pipe = Pipe()
+        process.standardError = pipe
+        process.standardOutput = FileHandle.nullDevice
+        let (lines, continuation) = AsyncStream<String>.makeStream(bufferingPolicy: .bufferingNewest(256))
+        let collected = LineBox()
+        let buffer = Mutex<Data>(Data())
+        pipe.fileHandleForReading.readabilityHandler = { handle in
+            let data = handle.availableData
+            if data.isEmpty {
+                continuation.finish()
+                handle.readabilityHandler = nil
+                return
+            }
+            let complete: [String] = buffer.withLock { buf in
+                buf.append(data)
+                var out: [String] = []
+                while let nl = buf.firstIndex(of: 0x0A) {
+                    out.append(String(decoding: buf[buf.startIndex..<nl], as: UTF8.self))
+                    buf.removeSubrange(buf.startIndex...nl)
+                }
+                return out
+            }
+            for line in complete {
+                collected.lines.withLock { $0.append(line) }
+                continuation.yield(line)
+            }
+        }
+        process.terminationHandler = { _ in continuation.finish() }
+        try process.run()
+        let port = try await withThrowingTaskGroup(of: Int?.self) { group in
+            group.addTask {
+                for await line in lines where line.contains("msg=ready") {
+                    if let range = line.range(of: "listen.port=") {
+                        return Int(line[range.upperBound...].prefix { $0.isNumber })
+                    }
+                }
+                return nil
+            }
+            group.addTask {
+                try await Task.sleep(for: .seconds(30))
+                return nil
+            }
+            let first = try await group.next() ?? nil
+            group.cancelAll()
+            return first
+        }
+        guard let port else {
+            if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+            let log = collected.lines.withLock { $0.suffix(20).joined(separator: "\n") }
+            throw StartError(description: "token-gateway did not become ready:\n\(log)")
+        }
+        return GatewayProcess(process: process, port: port, output: collected)
+    }
+
+    /// Sends a signal.
+    func signal(_ signal: Int32) {
+        kill(self.process.processIdentifier, signal)
+    }
+
+    /// Waits for the process to exit (deadline `timeout`, then SIGKILL) and returns its exit status.
+    func waitForExit(timeout: Duration = .seconds(30)) async -> Int32 {
+        let deadline = ContinuousClock.now + timeout
+        while self.process.isRunning {
+            if ContinuousClock.now >= deadline {
+                kill(self.process.processIdentifier, SIGKILL)
+            }
+            try? await Task.sleep(for: .milliseconds(10))
+        }
+        return self.process.terminationStatus
+    }
+
+    /// Stops the process with SIGTERM and waits for it.
+    func stop() async {
+        guard self.process.isRunning else { return }
+        self.signal(SIGTERM)
+        _ = await self.waitForExit()
+    }
+}
