@@ -61,6 +61,7 @@ export TOKEN_GATEWAY_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
 export TOKEN_GATEWAY_FORGE_APP_ID="ari:cloud:ecosystem::app/6f1a7b2e-3c4d-4e5f-8a9b-0c1d2e3f4a5b"
 export TOKEN_GATEWAY_FORGE_JWKS_URL="http://127.0.0.1:$EMULATOR_PORT/.well-known/jwks.json"
 export TOKEN_GATEWAY_TRIGGER_HOSTS="http://127.0.0.1:$EMULATOR_PORT"
+export TOKEN_GATEWAY_FORGE_GRAPHQL_URL="http://127.0.0.1:$EMULATOR_PORT/graphql"
 
 "$bin" emulate --port "$EMULATOR_PORT" --gateway-url "http://127.0.0.1:$GATEWAY_PORT" --app-id "$TOKEN_GATEWAY_FORGE_APP_ID" &
 pids+=($!)
@@ -86,6 +87,7 @@ Fetch a token (cold: one signed trigger round trip; run it again: from the cache
 More:
   curl -s -H "Authorization: Bearer \$DEV_CALLER_SECRET" http://127.0.0.1:$GATEWAY_PORT/v1/installations
   curl -s -X POST -H "Authorization: Bearer \$DEV_CALLER_SECRET" http://127.0.0.1:$GATEWAY_PORT/v1/installations/$short/token/refresh
+  curl -s -H "Authorization: Bearer \$DEV_CALLER_SECRET" "http://127.0.0.1:$GATEWAY_PORT/v1/installations/$short/token?asUser=5b10ac8d82e05b22cc7d4ef5"
   curl -s -X POST http://127.0.0.1:$EMULATOR_PORT/admin/installations      # another installation
   curl -s http://127.0.0.1:$GATEWAY_PORT/metrics | grep token_gateway_
 

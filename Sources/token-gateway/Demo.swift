@@ -39,6 +39,7 @@ struct Demo: AsyncParsableCommand {
             var settings = env
             settings["TOKEN_GATEWAY_FORGE_JWKS_URL"] = emulator.jwksURL
             settings["TOKEN_GATEWAY_TRIGGER_HOSTS"] = emulator.triggerHostEntry
+            settings["TOKEN_GATEWAY_FORGE_GRAPHQL_URL"] = emulator.baseURL + "/graphql"
             let config: GatewayConfiguration
             do {
                 config = try GatewayConfiguration.load(environment: settings)
@@ -87,9 +88,10 @@ struct DemoScript {
     let installations: Int
     let concurrency: Int
 
-    func fetch(_ id: String, refresh: Bool = false) async throws -> (status: Int, source: String, expiresAt: String, ms: Double) {
+    func fetch(_ id: String, refresh: Bool = false, asUser: String? = nil) async throws -> (status: Int, source: String, expiresAt: String, ms: Double) {
         let path = "/v1/installations/\(id.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? id)/token"
-        var request = HTTPClientRequest(url: self.gatewayURL + path + (refresh ? "/refresh" : ""))
+        var request = HTTPClientRequest(
+            url: self.gatewayURL + path + (refresh ? "/refresh" : "") + (asUser.map { "?asUser=\($0)" } ?? ""))
         request.method = refresh ? .POST : .GET
         request.headers.add(name: "authorization", value: "Bearer \(self.callerSecret)")
         let started = ContinuousClock.now
@@ -126,6 +128,13 @@ struct DemoScript {
             let refreshing = try await self.fetch(first.id, refresh: true)
             print(String(format: "refresh     %@  → %d source=%@ (%.1f ms, trigger calls: %d)",
                 first.id, refreshing.status, refreshing.source, refreshing.ms, self.emulator.triggerCalls(for: first)))
+        }
+        if let first = created.first {
+            let user = "5b10ac8d82e05b22cc7d4ef5"
+            let exchanged = try await self.fetch(first.id, asUser: user)
+            print(String(format: "user token  %@  asUser=%@ → %d source=%@ (%.1f ms)", first.id, user, exchanged.status, exchanged.source, exchanged.ms))
+            let again = try await self.fetch(first.id, asUser: user)
+            print(String(format: "user token  %@  asUser=%@ → %d source=%@ (%.2f ms)", first.id, user, again.status, again.source, again.ms))
         }
         let extra = self.emulator.makeInstallation()
         try await self.emulator.install(extra)

@@ -8,7 +8,7 @@ struct TokenGatewayCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "token-gateway",
         abstract: "Gets Atlassian access tokens for an app's remote backend whenever it needs one.",
-        subcommands: [Serve.self, Emulate.self, Demo.self, Keys.self],
+        subcommands: [Serve.self, Emulate.self, Demo.self, Installations.self, Token.self, CheckConfig.self, Keys.self],
         defaultSubcommand: Serve.self
     )
 }

@@ -68,7 +68,9 @@ extension GatewayStore {
     /// encryption key was retired) reads as absent: the next exchange replaces it.
     ///
     /// - Throws: ``RedisError`` when Redis cannot be reached in time.
-    public func userTokenSnapshot(_ id: InstallationID, accountId: String, timeout: Duration? = nil) async throws
+    public func userTokenSnapshot(
+        _ id: InstallationID, accountId: String, timeout: Duration? = nil
+    ) async throws
         -> UserTokenSnapshot
     {
         let tokenKey = self.userTokenKey(id, accountId: accountId)
@@ -115,7 +117,8 @@ extension GatewayStore {
         let r = try await self.redis.eval(
             UserTokenScripts.store,
             keys: [
-                self.installationKey(id), tokenKey, self.userTokenIndexKey(id), self.userDeniedKey(id, accountId: accountId),
+                self.installationKey(id), tokenKey, self.userTokenIndexKey(id),
+                self.userDeniedKey(id, accountId: accountId),
             ],
             arguments: [String(token.expiresAt), sealed, String(now.unixSeconds), String(cacheUntil)])
         switch r.int {
@@ -131,7 +134,8 @@ extension GatewayStore {
     ///
     /// - Throws: ``RedisError`` when Redis cannot be reached.
     @discardableResult
-    public func rememberUserDenial(_ id: InstallationID, accountId: String, for duration: Duration) async throws -> Bool {
+    public func rememberUserDenial(_ id: InstallationID, accountId: String, for duration: Duration) async throws -> Bool
+    {
         let r = try await self.redis.eval(
             UserTokenScripts.deny,
             keys: [
@@ -145,7 +149,9 @@ extension GatewayStore {
     // MARK: The exchange lease
 
     /// Takes the user's exchange lease for `ttl` if nobody holds it.
-    public func acquireUserLease(_ id: InstallationID, accountId: String, owner: String, ttl: Duration) async throws
+    public func acquireUserLease(
+        _ id: InstallationID, accountId: String, owner: String, ttl: Duration
+    ) async throws
         -> Bool
     {
         let r = try await self.redis.send([
@@ -156,7 +162,9 @@ extension GatewayStore {
 
     /// Extends the user's exchange lease only while `owner` holds it.
     @discardableResult
-    public func extendUserLease(_ id: InstallationID, accountId: String, owner: String, ttl: Duration) async throws
+    public func extendUserLease(
+        _ id: InstallationID, accountId: String, owner: String, ttl: Duration
+    ) async throws
         -> Bool
     {
         let r = try await self.redis.eval(
@@ -182,7 +190,9 @@ extension GatewayStore {
     ///   - scope: names the budget (the app id: Atlassian counts per app).
     ///   - now: the caller's clock; every replica's clock feeds one log, so keep them in sync (NTP).
     /// - Throws: ``RedisError`` when Redis cannot be reached.
-    public func admitUserExchange(scope: String, limit: Int, window: Duration, now: FlowTime) async throws
+    public func admitUserExchange(
+        scope: String, limit: Int, window: Duration, now: FlowTime
+    ) async throws
         -> UserExchangeAdmission
     {
         var generator = SystemRandomNumberGenerator()

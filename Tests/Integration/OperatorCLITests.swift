@@ -1,0 +1,110 @@
+import Foundation
+import Synchronization
+import Testing
+
+@testable import TokenGateway
+
+/// Runs the real `token-gateway` binary with arguments and environment; returns exit status and output.
+/// Output is collected by file-handle callbacks (never a blocking read on the concurrency pool,
+/// which would starve the gateway running in this process).
+func runCLI(_ arguments: [String], environment: [String: String]) async throws -> (status: Int32, out: String, err: String) {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: GatewayProcess.binary)
+    process.arguments = arguments
+    var env = ["PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"]
+    for (k, v) in environment { env[k] = v }
+    process.environment = env
+    let out = Pipe()
+    let err = Pipe()
+    process.standardOutput = out
+    process.standardError = err
+    let collected = Mutex<(out: Data, err: Data, open: Int)>((Data(), Data(), 2))
+    let (done, doneContinuation) = AsyncStream<Void>.makeStream()
+    func collect(_ handle: FileHandle, isOut: Bool) {
+        handle.readabilityHandler = { h in
+            let data = h.availableData
+            let finished = collected.withLock { c -> Bool in
+                if data.isEmpty {
+                    c.open -= 1
+                    return c.open == 0
+                }
+                if isOut { c.out.append(data) } else { c.err.append(data) }
+                return false
+            }
+            if data.isEmpty { h.readabilityHandler = nil }
+            if finished { doneContinuation.finish() }
+        }
+    }
+    collect(out.fileHandleForReading, isOut: true)
+    collect(err.fileHandleForReading, isOut: false)
+    try process.run()
+    for await _ in done {}
+    while process.isRunning { try await Task.sleep(for: .milliseconds(5)) }
+    let (o, e, _) = collected.withLock { $0 }
+    return (process.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+}
+
+@Suite("Operator command line")
+struct OperatorCLITests {
+    @Test("installations list/show and token work as a caller, with clear exit codes and no secret printed")
+    func callerCommands() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let env = ["TOKEN_GATEWAY_URL": h.gatewayURL, "TOKEN_GATEWAY_CALLER_SECRET": GatewayHarness.callerSecret]
+            let list = try await runCLI(["installations", "list", "--json", "--limit", "1000"], environment: env)
+            #expect(list.status == 0)
+            #expect(list.out.contains(installation.id))
+            let show = try await runCLI(["installations", "show", installation.id], environment: env)
+            #expect(show.status == 0)
+            #expect(show.out.contains("\"triggerRegistered\" : true"))
+            let token = try await runCLI(["token", installation.id], environment: env)
+            #expect(token.status == 0)
+            #expect(token.out.contains("\"source\" : \"trigger\""))
+            let delivered = try #require(h.emulator.lastDeliveredToken(for: installation))
+            #expect(!token.out.contains(delivered))
+            #expect(!(token.out + token.err + list.out + list.err).contains(GatewayHarness.callerSecret))
+            let shown = try await runCLI(["token", installation.id, "--show-token"], environment: env)
+            #expect(shown.out.contains(delivered))
+            let unknown = try await runCLI(["token", h.emulator.makeInstallation().id], environment: env)
+            #expect(unknown.status == 3)
+            #expect(unknown.err.contains("installation_not_found"))
+            let noSecret = try await runCLI(["token", installation.id], environment: ["TOKEN_GATEWAY_URL": h.gatewayURL])
+            #expect(noSecret.status == 2)
+            let wrongSecret = try await runCLI(
+                ["token", installation.id],
+                environment: ["TOKEN_GATEWAY_URL": h.gatewayURL, "TOKEN_GATEWAY_CALLER_SECRET": "wrong"])
+            #expect(wrongSecret.status == 3)
+        }
+    }
+
+    @Test("check-config validates settings, reaches Redis and the JWKS, and prints no secret")
+    func checkConfig() async throws {
+        try await GatewayHarness.run { h in
+            let settings = GatewayHarness.settings(
+                emulator: h.emulator, redisURL: GatewayHarness.redisURL, scopedInstallations: [])
+            let ok = try await runCLI(["check-config"], environment: settings)
+            #expect(ok.status == 0)
+            #expect(ok.out.contains("redis reachable yes"))
+            #expect(ok.out.contains("jwks reachable  yes"))
+            let key = settings["TOKEN_GATEWAY_ENCRYPTION_KEYS"]!.split(separator: ":")[1]
+            #expect(!(ok.out + ok.err).contains(String(key)))
+            #expect(!(ok.out + ok.err).contains(GatewayHarness.callerSecret))
+            var broken = settings
+            broken["TOKEN_GATEWAY_ENCRYPTION_KEYS"] = "k1:c2hvcnQ="
+            let bad = try await runCLI(["check-config"], environment: broken)
+            #expect(bad.status == 2)
+            #expect(bad.err.contains("TOKEN_GATEWAY_ENCRYPTION_KEYS"))
+            #expect(bad.err.split(separator: "\n").count == 1)
+            var missing = settings
+            missing["TOKEN_GATEWAY_FORGE_APP_ID"] = nil
+            let absent = try await runCLI(["serve"], environment: missing)
+            #expect(absent.status == 2)
+            #expect(absent.err.contains("TOKEN_GATEWAY_FORGE_APP_ID"))
+            var down = settings
+            down["TOKEN_GATEWAY_REDIS_URL"] = "redis://127.0.0.1:1/0"
+            let unreachable = try await runCLI(["check-config"], environment: down)
+            #expect(unreachable.status == 1)
+            #expect(unreachable.out.contains("redis reachable NO"))
+        }
+    }
+}
