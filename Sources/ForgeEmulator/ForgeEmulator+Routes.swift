@@ -209,6 +209,8 @@ extension ForgeEmulator {
             return EmulatorAnswer.json(200, stats).response
         }
 
+        self.addConnectRoutes(to: router)
+        self.addGraphQLRoutes(to: router)
         return router
     }
 

@@ -90,6 +90,10 @@ public final class ForgeEmulator: Sendable, Service {
     /// The account that "installs" every installation.
     let installerAccountId: String
     let state: Mutex<EmulatorState>
+    /// The Connect side's state (tenants, install keys); see `ForgeEmulator+Connect.swift`.
+    let connect: Mutex<ConnectEmulatorState>
+    /// The GraphQL gateway's state (user-token exchanges); see `ForgeEmulator+GraphQL.swift`.
+    let graphQL: Mutex<EmulatorGraphQLState>
 
     /// Creates an emulator with fresh keys (two 2048-bit RSA keys and an HMAC key).
     /// - Throws: if key generation fails.
@@ -100,6 +104,8 @@ public final class ForgeEmulator: Sendable, Service {
         self.environmentId = UUID().uuidString.lowercased()
         self.installerAccountId = "557058:" + UUID().uuidString.lowercased()
         self.state = Mutex(EmulatorState(gatewayURL: configuration.gatewayURL))
+        self.connect = Mutex(ConnectEmulatorState())
+        self.graphQL = Mutex(EmulatorGraphQLState())
     }
 
     // MARK: Service

@@ -18,6 +18,10 @@ public final class Gateway: Sendable {
     public let flow: TokenFlow
     public let httpClient: HTTPClient
     public let verifier: InvocationTokenVerifier
+    /// User tokens (`?asUser=`): the cache and the coalesced exchange.
+    public let userTokens: UserTokenExchanger
+    /// Verifies Connect signed installs; nil when no Connect base URL is configured.
+    public let connectInstallVerifier: SignedInstallVerifier?
     public let registry: PrometheusCollectorRegistry
     public let metrics: GatewayMetrics
     public let logger: Logger
@@ -66,6 +70,18 @@ public final class Gateway: Sendable {
             configuration: .init(
                 appId: configuration.forgeAppID, jwksURL: configuration.forgeJWKSURL, stagingJWKSURL: stagingJWKS),
             httpClient: self.httpClient, replayGuard: StoreReplayGuard(store: self.store), logger: logger)
+        self.userTokens = UserTokenExchanger(
+            configuration: .init(gateway: configuration), store: self.store, flow: self.flow,
+            client: OfflineUserAuthTokenClient(
+                httpClient: self.httpClient, url: configuration.forgeGraphQLURL, logger: logger),
+            metrics: self.metrics.userExchanges, audit: self.audit, logger: logger)
+        if let connectBaseURL = configuration.connectBaseURL {
+            self.connectInstallVerifier = SignedInstallVerifier(
+                configuration: .init(appBaseURL: connectBaseURL, keysURL: configuration.connectKeysURL),
+                httpClient: self.httpClient, logger: logger)
+        } else {
+            self.connectInstallVerifier = nil
+        }
     }
 
     /// The HTTP application, bound to the configured host and port.
@@ -74,6 +90,7 @@ public final class Gateway: Sendable {
     ) -> some ApplicationProtocol {
         Application(
             router: self.makeRouter(),
+            server: .http1(configuration: self.http1Configuration),
             configuration: .init(
                 address: .hostname(self.configuration.host, port: self.configuration.port),
                 serverName: "token-gateway"),

@@ -89,6 +89,42 @@ import Testing
         #expect(CanonicalRequest.canonical(method: "GET", url: "/other/x", basePath: "/wiki") == "GET&/other/x&")
     }
 
+    @Test("the cases issue #5 lists, spelled out")
+    func listedCases() {
+        // protocol.md §3 examples
+        #expect(CanonicalRequest.canonical(method: "GET", url: "/?param=foo") == "GET&/&param=foo")
+        #expect(
+            CanonicalRequest.canonical(
+                method: "GET",
+                url: "/path/to/service?zee_last=param&repeated=parameter%201&first=param&repeated=parameter%202")
+                == "GET&/path/to/service&first=param&repeated=parameter%201,parameter%202&zee_last=param")
+        #expect(CanonicalRequest.canonical(method: "POST", url: "/user") == "POST&/user&")
+        // repeated parameters: values sorted, joined with ','
+        #expect(CanonicalRequest.canonical(method: "GET", url: "/q?r=3&r=1&r=2") == "GET&/q&r=1,2,3")
+        // spaces and '+' (a '+' is a space; a literal plus is %2B)
+        #expect(CanonicalRequest.canonical(method: "GET", url: "/q?v=x+y&w=x%20y") == "GET&/q&v=x%20y&w=x%20y")
+        #expect(CanonicalRequest.canonical(method: "GET", url: "/q?plus=a%2Bb") == "GET&/q&plus=a%2Bb")
+        // '*' encoded, '~' kept
+        #expect(CanonicalRequest.canonical(method: "GET", url: "/q?s=a*b&t=a~b") == "GET&/q&s=a%2Ab&t=a~b")
+        // unicode: UTF-8 bytes percent-encoded with upper-case hex
+        #expect(CanonicalRequest.canonical(method: "GET", url: "/q?u=%C3%A9t%C3%A9") == "GET&/q&u=%C3%A9t%C3%A9")
+        #expect(CanonicalRequest.canonical(method: "GET", url: "/q?u=\u{e9}") == "GET&/q&u=%C3%A9")
+        // empty path, trailing slash, '&' in the path
+        #expect(CanonicalRequest.canonical(method: "GET", url: "?a=1") == "GET&/&a=1")
+        #expect(CanonicalRequest.canonical(method: "GET", url: "/path/") == "GET&/path&")
+        #expect(CanonicalRequest.canonical(method: "GET", url: "/") == "GET&/&")
+        #expect(CanonicalRequest.canonical(method: "GET", url: "/a&b/c") == "GET&/a%26b/c&")
+        // the jwt parameter dropped
+        #expect(CanonicalRequest.canonical(method: "GET", url: "/i?jwt=a.b.c&b=2&a=1") == "GET&/i&a=1&b=2")
+        // a base-URL path prefix removed
+        #expect(
+            CanonicalRequest.canonical(method: "GET", url: "/wiki/rest/api/content?limit=5", basePath: "/wiki")
+                == "GET&/rest/api/content&limit=5")
+        #expect(
+            CanonicalRequest.qsh(method: "GET", url: "https://x.atlassian.net/wiki/rest/api/content?limit=5&start=0", basePath: "/wiki")
+                == CanonicalRequest.qsh(method: "GET", url: "/rest/api/content?limit=5&start=0"))
+    }
+
     @Test func queryEdgeCases() {
         // jwt only → empty query; empty pieces ignored; invalid escapes kept literally (then encoded).
         #expect(CanonicalRequest.canonical(method: "GET", url: "/x?jwt=a.b.c") == "GET&/x&")

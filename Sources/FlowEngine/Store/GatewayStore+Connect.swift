@@ -45,8 +45,8 @@ public struct ConnectTenantRecord: Sendable, CustomStringConvertible {
     }
 }
 
-/// What a verified `installed` callback stores.
-public struct ConnectInstallation: Sendable {
+/// What a verified `installed` callback stores. Its printed and reflected forms leave the secret out.
+public struct ConnectInstallation: Sendable, CustomStringConvertible, CustomReflectable {
     public var clientKey: String
     public var appKey: String
     public var baseUrl: String
@@ -66,6 +66,11 @@ public struct ConnectInstallation: Sendable {
         self.payloadJSON = payloadJSON
         self.sharedSecret = sharedSecret
         self.installationId = installationId
+    }
+
+    public var description: String { "ConnectInstallation(clientKey: \(self.clientKey), baseUrl: \(self.baseUrl))" }
+    public var customMirror: Mirror {
+        Mirror(self, children: ["clientKey": self.clientKey, "appKey": self.appKey, "baseUrl": self.baseUrl])
     }
 }
 

@@ -17,7 +17,8 @@ public struct ConnectJWTError: Error, Hashable, Sendable, CustomStringConvertibl
     /// Not a compact JWS with JSON header and claims, or no tenant (`iss` / `aud[0]`) in it.
     public static let malformed = ConnectJWTError("malformed", "the JWT is malformed or names no tenant (iss or aud)")
     /// No stored tenant for the token's `clientKey`.
-    public static let unknownTenant = ConnectJWTError("unknown_tenant", "unknown tenant: no Connect installation for this clientKey")
+    public static let unknownTenant = ConnectJWTError(
+        "unknown_tenant", "unknown tenant: no Connect installation for this clientKey")
     /// The tenant has uninstalled the app.
     public static let uninstalledTenant = ConnectJWTError(
         "uninstalled_tenant", "unknown tenant: the app was uninstalled for this clientKey")
@@ -62,8 +63,9 @@ public struct VerifiedConnectJWT: Sendable, Hashable {
 public enum ConnectJWT {
     /// The literal `qsh` of context JWTs (`apiMigrations.context-qsh`).
     public static let contextQSH = "context-qsh"
-    /// Tolerance for `exp`. Default 30 s.
-    public static let defaultClockSkew: TimeInterval = 30
+    /// Tolerance for `exp`: 5 s, enough for whole-second rounding and a synchronised clock's
+    /// drift; an `exp` further in the past is expired.
+    public static let defaultClockSkew: TimeInterval = 5
     /// Longest lifetime ``sign(appKey:method:url:basePath:secret:now:lifetime:)`` hands out.
     public static let maximumLifetime: TimeInterval = 15 * 60
 

@@ -56,7 +56,8 @@ extension Duration {
 /// not fetched again for a while, concurrent lookups of one `kid` share one fetch, and fetches
 /// draw on a per-minute budget.
 struct InstallKeyCache: Sendable {
-    typealias FetchTask = Task<Result<_RSA.Signing.PublicKey, SignedInstallError>, Never>
+    typealias PublicKey = _RSA.Signing.PublicKey
+    typealias FetchTask = Task<Result<PublicKey, SignedInstallError>, Never>
 
     enum Entry: Sendable {
         case key(_RSA.Signing.PublicKey, lastUsed: UInt64)

@@ -61,8 +61,8 @@ public final class SignedInstallVerifier: Sendable {
         public var appBaseURL: String
         /// Base URL of the PEM public keys; a key is fetched from `<keysURL>/<kid>`.
         public var keysURL: String = SignedInstallVerifier.productionKeysURL
-        /// Tolerance for `exp` and `nbf`. Default 30 s.
-        public var clockSkew: Duration = .seconds(30)
+        /// Tolerance for `exp` and `nbf`. Default 5 s (whole-second rounding, clock drift).
+        public var clockSkew: Duration = .seconds(5)
         /// Timeout of one key fetch. Default 5 s.
         public var keyFetchTimeout: Duration = .seconds(5)
         /// A `kid` whose fetch failed is not fetched again for this long. Default 30 s.

@@ -115,7 +115,9 @@ extension Gateway {
     /// would change the Redis Cluster hash tag).
     static func isStorableClientKey(_ clientKey: String) -> Bool {
         (1...256).contains(clientKey.utf8.count)
-            && clientKey.utf8.allSatisfy { $0 > 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "{") && $0 != UInt8(ascii: "}") }
+            && clientKey.utf8.allSatisfy { byte in
+                byte > 0x20 && byte < 0x7F && byte != UInt8(ascii: "{") && byte != UInt8(ascii: "}")
+            }
     }
 
     /// 503 for Redis failures; anything else (a secret that does not open) is logged and a 500.
@@ -250,7 +252,8 @@ extension GatewayError {
         extraHeaders: ["WWW-Authenticate": "JWT"])
     /// 404 for an unknown tenant, or one that has uninstalled the app.
     public static let tenantNotFound = GatewayError(
-        status: .notFound, code: "tenant_not_found", message: "no Connect tenant has the app installed under this clientKey")
+        status: .notFound, code: "tenant_not_found",
+        message: "no Connect tenant has the app installed under this clientKey")
 
     /// 401 naming the failed check of a Connect JWT.
     public static func invalidConnectJWT(_ error: ConnectJWTError) -> GatewayError {

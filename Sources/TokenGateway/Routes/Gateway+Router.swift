@@ -7,11 +7,15 @@ extension Gateway {
     public func makeRouter() -> Router<BasicRequestContext> {
         let router = Router(context: BasicRequestContext.self)
         router.add(middleware: ObservabilityMiddleware(metrics: self.metrics, logger: self.logger))
+        // One span per request; the context of an incoming trace (traceparent, b3, …) is
+        // extracted by whatever instrument the operator bootstraps (OpenTelemetry, for example).
+        router.add(middleware: TracingMiddleware())
         router.add(middleware: ErrorMiddleware(knownRoutes: Self.knownRoutes, logger: self.logger))
         self.addCallerRoutes(to: router)
         self.addForgeRoutes(to: router)
         self.addOperationsRoutes(to: router)
         self.addConnectRoutes(to: router)
+        self.addOAuthRoutes(to: router)
         return router
     }
 
@@ -30,6 +34,8 @@ extension Gateway {
         (["connect", "uninstalled"], [.post]),
         (["v1", "connect", "verify"], [.post]),
         (["v1", "connect", "sign"], [.post]),
+        (["oauth", "token"], [.post]),
+        ([".well-known", "oauth-authorization-server"], [.get]),
     ]
 
     /// A JSON response.

@@ -3,6 +3,8 @@ import FlowEngine
 import Foundation
 import Logging
 import NIOCore
+import NIOHTTP1
+import Tracing
 
 /// Sends signed auth-trigger calls (contract §4) over HTTP.
 ///
@@ -36,13 +38,29 @@ public struct HTTPTriggerClient: TriggerSender {
         installation: InstallationID, requestID: String, attempt: Int, issuedAt: FlowTime, expiresAt: FlowTime,
         timeout: Duration
     ) async -> TriggerAttemptResult {
+        await withSpan("auth-trigger", ofKind: .client) { span in
+            span.attributes["token_gateway.trigger.attempt"] = attempt
+            let result = await self.send(
+                installation: installation, requestID: requestID, attempt: attempt, issuedAt: issuedAt,
+                expiresAt: expiresAt, timeout: timeout)
+            if case .failed(let failure) = result {
+                span.setStatus(SpanStatus(code: .error, message: failure.rawValue))
+            }
+            return result
+        }
+    }
+
+    func send(
+        installation: InstallationID, requestID: String, attempt: Int, issuedAt: FlowTime, expiresAt: FlowTime,
+        timeout: Duration
+    ) async -> TriggerAttemptResult {
         var logger = self.logger
         logger[metadataKey: "installation.id"] = "\(installation)"
         logger[metadataKey: "request.id"] = "\(requestID)"
         logger[metadataKey: "trigger.attempt"] = "\(attempt)"
         let material: GatewayStore.TriggerMaterial
         do {
-            guard let m = try await self.store.triggerMaterial(installation) else {
+            guard let m = try await self.store.currentTriggerMaterial(installation, now: FlowTime.now()) else {
                 logger.warning("no trigger registered for installation")
                 return .failed(.transportError)
             }
@@ -72,6 +90,9 @@ public struct HTTPTriggerClient: TriggerSender {
         request.headers.add(name: "x-token-gateway-signature", value: signature)
         request.headers.add(name: "user-agent", value: "token-gateway")
         request.body = .bytes(ByteBuffer(bytes: body))
+        // Propagate the trace context (W3C, B3, … whichever instrument the operator bootstrapped).
+        InstrumentationSystem.instrument.inject(
+            ServiceContext.current ?? .topLevel, into: &request.headers, using: HTTPHeadersInjector())
         do {
             let response = try await self.httpClient.execute(request, timeout: .nanoseconds(timeout.nanoseconds))
             _ = try? await response.body.collect(upTo: 64 * 1024)
@@ -90,5 +111,12 @@ public struct HTTPTriggerClient: TriggerSender {
             logger.notice("trigger call failed", metadata: ["error": "\(type(of: error))"])
             return .failed(.transportError)
         }
+    }
+}
+
+/// Writes trace-context headers into an outbound request.
+struct HTTPHeadersInjector: Injector {
+    func inject(_ value: String, forKey key: String, into carrier: inout HTTPHeaders) {
+        carrier.replaceOrAdd(name: key, value: value)
     }
 }

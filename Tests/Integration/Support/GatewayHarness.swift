@@ -44,6 +44,7 @@ final class GatewayHarness: Sendable {
             "TOKEN_GATEWAY_FORGE_APP_ID": ForgeEmulatorConfiguration.demoAppId,
             "TOKEN_GATEWAY_FORGE_JWKS_URL": emulator.jwksURL,
             "TOKEN_GATEWAY_TRIGGER_HOSTS": emulator.triggerHostEntry,
+            "TOKEN_GATEWAY_FORGE_GRAPHQL_URL": emulator.baseURL + "/graphql",
             "TOKEN_GATEWAY_ENCRYPTION_KEYS": "k1:\(key)",
             "TOKEN_GATEWAY_CALLERS": """
                 [{"name":"full","secret":"\(callerSecret)","installations":["*"],"clientKeys":["*"]},
@@ -57,6 +58,7 @@ final class GatewayHarness: Sendable {
     static func run(
         redisURL: String = GatewayHarness.redisURL,
         scopedInstallations: [String] = [],
+        connectBaseURL: String? = nil,
         configure: @Sendable (inout GatewayConfiguration) -> Void = { _ in },
         emulatorConfigure: @Sendable (inout ForgeEmulatorConfiguration) -> Void = { _ in },
         _ body: @Sendable (GatewayHarness) async throws -> Void
@@ -73,6 +75,12 @@ final class GatewayHarness: Sendable {
             _ = try await emulator.waitUntilReady()
             var config = try GatewayConfiguration.load(
                 environment: Self.settings(emulator: emulator, redisURL: redisURL, scopedInstallations: scopedInstallations))
+            if let connectBaseURL {
+                // Connect on: the emulator's Connect side signs installs for this app base URL.
+                config.connectBaseURL = connectBaseURL
+                config.connectKeysURL = emulator.connectKeysURL
+                emulator.setConnectAppBaseURL(connectBaseURL)
+            }
             configure(&config)
             let gateway = Gateway(configuration: config, logger: logger)
             let ready = AsyncStream<Int>.makeStream()
