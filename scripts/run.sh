@@ -18,10 +18,13 @@ CONFIG=${CONFIG:-release}
 
 ensure_packages redis-server redis-tools libhiredis-dev python3 curl
 
+# Release builds go to their own folder (shared with scripts/bench.sh) so they never wait on,
+# or invalidate, the debug build the tests use.
+SCRATCH=${SCRATCH:-.build-release}
 echo "==> building token-gateway ($CONFIG; the first build takes several minutes)"
-swift build -c "$CONFIG" --product token-gateway 2>&1 | grep -v -E "_FILE_OFFSET_BITS|unhandled; explicitly declare" | tail -n 20
+swift build -c "$CONFIG" --scratch-path "$SCRATCH" --product token-gateway 2>&1 | grep -v -E "_FILE_OFFSET_BITS|unhandled; explicitly declare" | tail -n 20
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "build failed"; exit 1; }
-bin="$(swift build -c "$CONFIG" --show-bin-path)/token-gateway"
+bin="$(swift build -c "$CONFIG" --scratch-path "$SCRATCH" --show-bin-path)/token-gateway"
 
 mkdir -p var/redis
 if [ ! -f var/dev.env ]; then

@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# The performance benchmarks of issue #7, in one command (README "Performance" explains them).
+#
+#   scripts/bench.sh               micro-benchmarks (Benchmarks/ package) + load benchmarks
+#   scripts/bench.sh --load-only   skip the micro-benchmarks
+#   scripts/bench.sh --micro-only  skip the load benchmarks
+#
+# Load benchmarks: a release build of token-gateway with its own Redis, the Forge emulator and
+# the gateway on free loopback ports; wrk against the cached GET …/token and against nginx
+# serving a static file of the same size, in the same run; the cold path (installations x
+# concurrent callers); resident memory with N tokens cached; time to ready. Everything listens
+# on 127.0.0.1 only, every loop is bounded, and everything started here is stopped on exit.
+#
+# Settings (environment): BENCH_DURATION (wrk seconds, 10), BENCH_CONNECTIONS (64),
+# BENCH_COLD_INSTALLATIONS (100), BENCH_COLD_CALLERS (10), BENCH_MEMORY_INSTALLATIONS (20000),
+# BENCH_TOKEN_BYTES (1500), BENCH_MEMORY_SECONDS (600, a deadline for making the installations),
+# BENCH_NGINX_WORKERS (2).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+. scripts/lib.sh
+
+RUN_MICRO=1
+RUN_LOAD=1
+case "${1:-}" in
+    --load-only) RUN_MICRO=0 ;;
+    --micro-only) RUN_LOAD=0 ;;
+    "") ;;
+    *) echo "usage: scripts/bench.sh [--load-only | --micro-only]" >&2; exit 2 ;;
+esac
+
+DURATION=${BENCH_DURATION:-10}
+CONNECTIONS=${BENCH_CONNECTIONS:-64}
+COLD_INSTALLATIONS=${BENCH_COLD_INSTALLATIONS:-100}
+COLD_CALLERS=${BENCH_COLD_CALLERS:-10}
+MEMORY_INSTALLATIONS=${BENCH_MEMORY_INSTALLATIONS:-20000}
+TOKEN_BYTES=${BENCH_TOKEN_BYTES:-1500}
+MEMORY_SECONDS=${BENCH_MEMORY_SECONDS:-600}
+NGINX_WORKERS=${BENCH_NGINX_WORKERS:-2}
+
+ensure_packages wrk nginx redis-server redis-tools libhiredis-dev python3 curl
+DRIVER="python3 $ROOT/Benchmarks/load_driver.py"
+quiet_build() { grep -v -E "_FILE_OFFSET_BITS|unhandled; explicitly declare"; }
+
+if [ "$RUN_MICRO" = 1 ]; then
+    echo "==> micro-benchmarks (Benchmarks/ package, release build in .build-bench; the first build takes a while)"
+    swift package --package-path Benchmarks --scratch-path "$ROOT/.build-bench" benchmark --no-progress 2>&1 | quiet_build
+    [ "${PIPESTATUS[0]}" = 0 ] || { echo "micro-benchmarks failed"; exit 1; }
+fi
+[ "$RUN_LOAD" = 1 ] || exit 0
+
+echo "==> building token-gateway (release, .build-release)"
+swift build -c release --scratch-path "$ROOT/.build-release" --product token-gateway 2>&1 | quiet_build | tail -n 5
+[ "${PIPESTATUS[0]}" = 0 ] || { echo "build failed"; exit 1; }
+BIN="$ROOT/.build-release/release/token-gateway"
+
+WORK=$(mktemp -d /tmp/token-gateway-bench.XXXXXX)
+chmod 755 "$WORK"
+pids=()
+REDIS_PORT=$(free_port)
+cleanup() {
+    set +e
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
+    [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null
+    redis-cli -h 127.0.0.1 -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1
+    rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+# Redis: no persistence, loopback only.
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
+    --dir "$WORK" --logfile "$WORK/redis.log" --pidfile "$WORK/redis.pid"
+wait_for_redis "$REDIS_PORT"
+
+GATEWAY_PORT=$(free_port)
+EMULATOR_PORT=$(free_port)
+NGINX_PORT=$(free_port)
+SECRET=$(head -c 24 /dev/urandom | base64 | tr -d '\n/+=')
+export BENCH_CALLER_SECRET=$SECRET
+export TOKEN_GATEWAY_PORT=$GATEWAY_PORT
+export TOKEN_GATEWAY_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
+export TOKEN_GATEWAY_FORGE_APP_ID="ari:cloud:ecosystem::app/6f1a7b2e-3c4d-4e5f-8a9b-0c1d2e3f4a5b"
+export TOKEN_GATEWAY_FORGE_JWKS_URL="http://127.0.0.1:$EMULATOR_PORT/.well-known/jwks.json"
+export TOKEN_GATEWAY_TRIGGER_HOSTS="http://127.0.0.1:$EMULATOR_PORT"
+export TOKEN_GATEWAY_FORGE_GRAPHQL_URL="http://127.0.0.1:$EMULATOR_PORT/graphql"
+export TOKEN_GATEWAY_ENCRYPTION_KEYS="bench:$(head -c 32 /dev/urandom | base64 | tr -d '\n')"
+export TOKEN_GATEWAY_CALLERS="[{\"name\":\"bench\",\"secret\":\"$SECRET\",\"installations\":[\"*\"]}]"
+export TOKEN_GATEWAY_LOG_LEVEL=warning
+
+"$BIN" emulate --port "$EMULATOR_PORT" --gateway-url "http://127.0.0.1:$GATEWAY_PORT" \
+    --app-id "$TOKEN_GATEWAY_FORGE_APP_ID" --log-level warning 2>"$WORK/emulator.log" &
+pids+=($!)
+
+# Start-up: from the exec until /health/ready answers 200 (polled every 5 ms, at most 60 s).
+start_ns=$(date +%s%N)
+"$BIN" serve 2>"$WORK/gateway.log" &
+GATEWAY_PID=$!
+pids+=($GATEWAY_PID)
+ready=0
+for _ in $(seq 1 12000); do
+    if curl -fsS -o /dev/null "http://127.0.0.1:$GATEWAY_PORT/health/ready" 2>/dev/null; then ready=1; break; fi
+    kill -0 "$GATEWAY_PID" 2>/dev/null || break
+    sleep 0.005
+done
+ready_ns=$(date +%s%N)
+[ "$ready" = 1 ] || { echo "the gateway did not become ready:"; tail -n 20 "$WORK/gateway.log"; exit 1; }
+STARTUP_MS=$(( (ready_ns - start_ns) / 1000000 ))
+wait_for_http "http://127.0.0.1:$EMULATOR_PORT/admin/stats"
+
+# One installation, its token fetched once (cold) so the measured GETs are hits.
+INSTALLATION=$(curl -fsS -X POST "http://127.0.0.1:$EMULATOR_PORT/admin/installations" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+TOKEN_URL="http://127.0.0.1:$GATEWAY_PORT/v1/installations/${INSTALLATION##*/}/token"
+AUTH="Authorization: Bearer $SECRET"
+curl -fsS -o /dev/null -H "$AUTH" "$TOKEN_URL"
+source=$(curl -fsS -H "$AUTH" "$TOKEN_URL" | python3 -c 'import json,sys; print(json.load(sys.stdin)["source"])')
+[ "$source" = cache ] || { echo "the warmed token did not come from the cache ($source)"; exit 1; }
+BODY_BYTES=$(curl -fsS -o /dev/null -w '%{size_download}' -H "$AUTH" "$TOKEN_URL")
+
+# nginx: a static file of the same size, its own config, loopback, no access log.
+mkdir -p "$WORK/www" "$WORK/nginx"
+head -c "$BODY_BYTES" /dev/zero | tr '\0' 'x' >"$WORK/www/token.json"
+chmod -R a+rX "$WORK/www"
+cat >"$WORK/nginx.conf" <<NGINX
+worker_processes $NGINX_WORKERS;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/nginx/body;
+    proxy_temp_path $WORK/nginx/proxy;
+    fastcgi_temp_path $WORK/nginx/fastcgi;
+    uwsgi_temp_path $WORK/nginx/uwsgi;
+    scgi_temp_path $WORK/nginx/scgi;
+    default_type application/json;
+    server {
+        listen 127.0.0.1:$NGINX_PORT;
+        root $WORK/www;
+    }
+}
+NGINX
+nginx -e "$WORK/nginx-error.log" -p "$WORK" -c "$WORK/nginx.conf"
+NGINX_URL="http://127.0.0.1:$NGINX_PORT/token.json"
+wait_for_http "$NGINX_URL"
+NGINX_BYTES=$(curl -fsS -o /dev/null -w '%{size_download}' "$NGINX_URL")
+
+run_wrk() { # name url [header]
+    local name=$1 url=$2
+    shift 2
+    wrk -t2 -c"$CONNECTIONS" -d2s "$@" "$url" >/dev/null # warm-up
+    wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency "$@" "$url" >"$WORK/wrk-$name.txt"
+    $DRIVER wrk "$WORK/wrk-$name.txt"
+}
+echo "==> wrk -t2 -c$CONNECTIONS -d${DURATION}s: cached GET …/token ($BODY_BYTES bytes) vs nginx static file ($NGINX_BYTES bytes)"
+GW=$(run_wrk gateway "$TOKEN_URL" -H "$AUTH")
+NG=$(run_wrk nginx "$NGINX_URL")
+
+echo "==> cold path: $COLD_INSTALLATIONS installations x $COLD_CALLERS concurrent callers"
+COLD_SEQ=$($DRIVER cold --gateway "http://127.0.0.1:$GATEWAY_PORT" --emulator "http://127.0.0.1:$EMULATOR_PORT" \
+    --installations "$COLD_INSTALLATIONS" --callers "$COLD_CALLERS")
+COLD_BURST=$($DRIVER cold --gateway "http://127.0.0.1:$GATEWAY_PORT" --emulator "http://127.0.0.1:$EMULATOR_PORT" \
+    --installations "$COLD_INSTALLATIONS" --callers "$COLD_CALLERS" --burst)
+
+echo "==> memory: $MEMORY_INSTALLATIONS installations, tokens of ~$TOKEN_BYTES bytes (deadline ${MEMORY_SECONDS}s)"
+MEMORY=$($DRIVER memory --gateway "http://127.0.0.1:$GATEWAY_PORT" --emulator "http://127.0.0.1:$EMULATOR_PORT" \
+    --installations "$MEMORY_INSTALLATIONS" --token-bytes "$TOKEN_BYTES" --pid "$GATEWAY_PID" \
+    --max-seconds "$MEMORY_SECONDS")
+
+GW="$GW" NG="$NG" COLD_SEQ="$COLD_SEQ" COLD_BURST="$COLD_BURST" MEMORY="$MEMORY" STARTUP_MS="$STARTUP_MS" \
+    CONNECTIONS="$CONNECTIONS" python3 - <<'PY'
+import json, os
+gw, ng = json.loads(os.environ["GW"]), json.loads(os.environ["NG"])
+seq, burst = json.loads(os.environ["COLD_SEQ"]), json.loads(os.environ["COLD_BURST"])
+mem = json.loads(os.environ["MEMORY"])
+startup = int(os.environ["STARTUP_MS"])
+c = os.environ["CONNECTIONS"]
+def verdict(ok): return "met" if ok else "NOT MET"
+ratio = gw["rps"] / ng["rps"]
+print()
+print(f"cached GET …/token, {c} connections")
+print(f"  gateway   {gw['rps']:>10.0f} req/s   p50 {gw['p50_ms']:.2f} ms   p99 {gw['p99_ms']:.2f} ms   non-2xx {gw['non2xx']}, socket errors {gw['socket_errors']}")
+print(f"  nginx     {ng['rps']:>10.0f} req/s   p50 {ng['p50_ms']:.2f} ms   p99 {ng['p99_ms']:.2f} ms")
+print(f"  ratio     {ratio:.2f} x nginx           target >= 0.6 and p99 <= 2 ms: {verdict(ratio >= 0.6 and gw['p99_ms'] <= 2)}")
+for name, r in (("sequential", seq), ("burst", burst)):
+    print(f"cold path ({name}: {r['installations']} installations x {r['callers_per_installation']} callers"
+          + (", all at once" if name == "burst" else ", one installation at a time") + ")")
+    print(f"  answers {r['answers']}, sources {r['sources']}")
+    print(f"  trigger calls {r['trigger_calls']} (target exactly {r['installations']}: {verdict(r['trigger_calls'] == r['installations'])})")
+    print(f"  end to end p50 {r['e2e_p50_ms']:.2f} ms, p99 {r['e2e_p99_ms']:.2f} ms; emulator's own time p50 {r['emulator_own_p50_ms']:.2f} ms")
+    print(f"  gateway-added p50 {r['gateway_added_p50_ms']:.2f} ms, p99 {r['gateway_added_p99_ms']:.2f} ms"
+          + (f" (target p50 <= 1 ms: {verdict(r['gateway_added_p50_ms'] <= 1)})" if name == "sequential" else "")
+          + f"; this client's own cached GET p50 {r['client_cached_get_p50_ms']:.2f} ms")
+print(f"memory ({mem['installations']} installations, {mem['fetched_from_cache']} served from the cache, mean token {mem['mean_token_bytes']:.0f} bytes)")
+print(f"  token bytes held {mem['token_bytes_held'] / 1e6:.1f} MB; RSS {mem['rss_start_kib'] / 1024:.1f} -> {mem['rss_end_kib'] / 1024:.1f} MiB")
+print(f"  RSS growth / token bytes {mem['delta_per_token_byte']:.2f}; whole RSS / token bytes {mem['rss_per_token_byte']:.2f}"
+      + f" (target <= 2 at 100k installations; extrapolated whole RSS / token bytes at 100k: "
+      + f"{(mem['rss_start_kib'] * 1024 + mem['rss_delta_bytes'] * 100000 / max(mem['installations'], 1)) / (mem['token_bytes_held'] * 100000 / max(mem['installations'], 1)):.2f})")
+print(f"start-up: ready {startup} ms after exec (target <= 1000 ms: {verdict(startup <= 1000)})")
+PY
