@@ -121,6 +121,7 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
             ],
+            exclude: ["oauth_client.py", "openapi_check.py"],
             swiftSettings: swiftSettings
         ),
     ]

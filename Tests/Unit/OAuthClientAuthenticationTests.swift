@@ -1,0 +1,122 @@
+import Foundation
+import Testing
+
+@testable import TokenGateway
+
+@Suite("OAuth client authentication (client_secret_basic, client_secret_post)")
+struct OAuthClientAuthenticationTests {
+    static let registry = try! CallerRegistry(
+        json: """
+            [{"name":"billing","secret":"s3cret-billing","installations":["*"]},
+             {"name":"odd client","secret":"a+b%zz:c é","installations":["*"]}]
+            """)
+
+    private func form(_ text: String) throws -> OAuthForm { try OAuthForm.parse(Array(text.utf8)) }
+
+    private func basic(_ id: String, _ secret: String) -> String {
+        "Basic " + Data("\(id):\(secret)".utf8).base64EncodedString()
+    }
+
+    private func encode(_ value: String) -> String {
+        var allowed = CharacterSet.alphanumerics
+        allowed.insert(charactersIn: "-._~")
+        return value.addingPercentEncoding(withAllowedCharacters: allowed)!.replacingOccurrences(of: "%20", with: "+")
+    }
+
+    @Test("HTTP Basic: the scheme is case-insensitive, padding optional, and the caller is authenticated")
+    func basicAuthentication() throws {
+        for header in [
+            self.basic("billing", "s3cret-billing"),
+            "basic " + Data("billing:s3cret-billing".utf8).base64EncodedString(),
+            "BASIC "
+                + Data("billing:s3cret-billing".utf8).base64EncodedString().replacingOccurrences(of: "=", with: ""),
+        ] {
+            let credentials = try OAuthClientCredentials.read(authorization: [header], form: try self.form(""))
+            #expect(credentials.method == .clientSecretBasic)
+            #expect(credentials.authenticate(with: Self.registry)?.name == "billing")
+        }
+    }
+
+    @Test("HTTP Basic parts are form-urlencoded (RFC 6749 §2.3.1) and decoded; the raw parts are accepted too")
+    func basicEncoding() throws {
+        let encoded = self.basic(self.encode("odd client"), self.encode("a+b%zz:c é"))
+        let raw = self.basic("odd client", "a+b%zz:c é")
+        for header in [encoded, raw] {
+            let credentials = try OAuthClientCredentials.read(authorization: [header], form: try self.form(""))
+            #expect(credentials.clientID == "odd client")
+            #expect(credentials.authenticate(with: Self.registry)?.name == "odd client")
+        }
+        // `+` in an encoded secret is a space, so a raw "+" secret also gets its literal reading.
+        let plus = try OAuthClientCredentials.read(
+            authorization: [self.basic("odd+client", "x")], form: try self.form(""))
+        #expect(plus.candidates.map(\.id) == ["odd client", "odd+client"])
+    }
+
+    @Test("client_secret_post reads client_id and client_secret from the form")
+    func post() throws {
+        let credentials = try OAuthClientCredentials.read(
+            authorization: [], form: try self.form("client_id=billing&client_secret=s3cret-billing"))
+        #expect(credentials.method == .clientSecretPost)
+        #expect(credentials.authenticate(with: Self.registry)?.name == "billing")
+        let wrong = try OAuthClientCredentials.read(
+            authorization: [], form: try self.form("client_id=billing&client_secret=nope"))
+        #expect(wrong.authenticate(with: Self.registry) == nil)
+        let unknown = try OAuthClientCredentials.read(
+            authorization: [], form: try self.form("client_id=nobody&client_secret=s3cret-billing"))
+        #expect(unknown.authenticate(with: Self.registry) == nil)
+    }
+
+    @Test("two methods at once, another client_id or a repeated Authorization are invalid_request")
+    func invalidRequests() throws {
+        let header = self.basic("billing", "s3cret-billing")
+        let cases: [([String], String)] = [
+            ([header], "client_id=billing&client_secret=s3cret-billing"),
+            ([header], "client_secret=s3cret-billing"),
+            ([header], "client_id=other"),
+            ([header, header], ""),
+        ]
+        for (authorization, body) in cases {
+            do {
+                _ = try OAuthClientCredentials.read(authorization: authorization, form: try self.form(body))
+                Issue.record("accepted \(body)")
+            } catch let error as OAuthError {
+                #expect(error.code == "invalid_request")
+            }
+        }
+        // The same client named in the body as well is fine (RFC 6749 §3.2.1).
+        let same = try OAuthClientCredentials.read(authorization: [header], form: try self.form("client_id=billing"))
+        #expect(same.authenticate(with: Self.registry)?.name == "billing")
+    }
+
+    @Test("no credentials, another scheme, a malformed Basic value or half a form pair are invalid_client")
+    func invalidClients() throws {
+        let cases: [([String], String)] = [
+            ([], ""),
+            ([], "client_id=billing"),
+            ([], "client_secret=s3cret-billing"),
+            (["Bearer s3cret-billing"], ""),
+            (["Basic"], ""),
+            (["Basic !!!not-base64"], ""),
+            (["Basic " + Data("no-colon".utf8).base64EncodedString()], ""),
+            (["Basic " + Data(":secret".utf8).base64EncodedString()], ""),
+            (["Basic " + Data([0x62, 0x3A, 0xFF]).base64EncodedString()], ""),
+        ]
+        for (authorization, body) in cases {
+            do {
+                _ = try OAuthClientCredentials.read(authorization: authorization, form: try self.form(body))
+                Issue.record("accepted \(authorization) \(body)")
+            } catch let error as OAuthError {
+                #expect(error == .invalidClient)
+                #expect(error.status == .unauthorized)
+            }
+        }
+    }
+
+    @Test("the credentials' description never shows the secret")
+    func redacted() throws {
+        let credentials = try OAuthClientCredentials.read(
+            authorization: [self.basic("billing", "s3cret-billing")], form: try self.form(""))
+        #expect(!"\(credentials)".contains("s3cret"))
+        #expect("\(credentials)".contains("billing"))
+    }
+}
