@@ -5,6 +5,7 @@ import FlowEngine
 import ForgeEmulator
 import Foundation
 import Logging
+import NIOCore
 import ServiceLifecycle
 import TokenGateway
 
@@ -40,6 +41,10 @@ struct Demo: AsyncParsableCommand {
             settings["TOKEN_GATEWAY_FORGE_JWKS_URL"] = emulator.jwksURL
             settings["TOKEN_GATEWAY_TRIGGER_HOSTS"] = emulator.triggerHostEntry
             settings["TOKEN_GATEWAY_FORGE_GRAPHQL_URL"] = emulator.baseURL + "/graphql"
+            settings["TOKEN_GATEWAY_CONNECT_KEYS_URL"] = emulator.connectKeysURL
+            settings["TOKEN_GATEWAY_CONNECT_BASE_URL"] = "https://connect-app.example.com"
+            settings["TOKEN_GATEWAY_CALLERS"] =
+                #"[{"name":"demo","secret":"\#(callerSecret)","installations":["*"],"clientKeys":["*"]}]"#
             let config: GatewayConfiguration
             do {
                 config = try GatewayConfiguration.load(environment: settings)
@@ -59,6 +64,7 @@ struct Demo: AsyncParsableCommand {
             for await p in ready.stream { port = p }
             let gatewayURL = "http://127.0.0.1:\(port)"
             emulator.setGatewayURL(gatewayURL)
+            emulator.setConnectAppBaseURL("https://connect-app.example.com")
             do {
                 try await gateway.redis.ping(timeout: .seconds(2))
             } catch {
@@ -106,6 +112,38 @@ struct DemoScript {
         )
     }
 
+    /// POSTs JSON as the caller.
+    func post(_ path: String, _ body: [String: Any]) async throws -> (status: Int, json: [String: Any]) {
+        var request = HTTPClientRequest(url: self.gatewayURL + path)
+        request.method = .POST
+        request.headers.add(name: "authorization", value: "Bearer \(self.callerSecret)")
+        request.headers.add(name: "content-type", value: "application/json")
+        request.body = .bytes(ByteBuffer(bytes: try JSONSerialization.data(withJSONObject: body)))
+        let response = try await self.httpClient.execute(request, timeout: .seconds(30))
+        let bytes = try await response.body.collect(upTo: 1 << 20)
+        let json = (try? JSONSerialization.jsonObject(with: Data(buffer: bytes))) as? [String: Any] ?? [:]
+        return (Int(response.status.code), json)
+    }
+
+    func connect(linkedTo installation: EmulatedInstallation) async throws {
+        print("")
+        let tenant = self.emulator.makeConnectTenant(linkedTo: installation)
+        let installed = try await self.emulator.connectInstall(tenant)
+        print("connect     signed install of clientKey \(tenant.clientKey) → \(installed.status)")
+        let jwt = self.emulator.mintConnectJWT(for: tenant, method: "GET", url: "/issue-panel?issueKey=DEMO-1")
+        let verified = try await self.post(
+            "/v1/connect/verify", ["jwt": jwt, "method": "GET", "url": "/issue-panel?issueKey=DEMO-1"])
+        print("connect     verify an inbound product JWT → \(verified.status) clientKey=\(verified.json["clientKey"] ?? "-") installationId=\(verified.json["installationId"] ?? "-")")
+        let signed = try await self.post(
+            "/v1/connect/sign", ["clientKey": tenant.clientKey, "method": "GET", "url": tenant.baseUrl + "/rest/api/3/myself"])
+        print("connect     sign an outbound call → \(signed.status) (a JWT valid until \(signed.json["expiresAt"] ?? "-"))")
+        let rotated = self.emulator.rotateSharedSecret(of: tenant)
+        _ = try await self.emulator.connectInstall(rotated)
+        let stale = try await self.post(
+            "/v1/connect/verify", ["jwt": jwt, "method": "GET", "url": "/issue-panel?issueKey=DEMO-1"])
+        print("connect     reinstall with a new shared secret: the old secret's JWT → \(stale.status) \((stale.json["error"] as? [String: Any])?["code"] ?? "")")
+    }
+
     func run() async throws {
         var created: [EmulatedInstallation] = []
         for _ in 0..<self.installations {
@@ -136,6 +174,7 @@ struct DemoScript {
             let again = try await self.fetch(first.id, asUser: user)
             print(String(format: "user token  %@  asUser=%@ → %d source=%@ (%.2f ms)", first.id, user, again.status, again.source, again.ms))
         }
+        if let first = created.first { try await self.connect(linkedTo: first) }
         let extra = self.emulator.makeInstallation()
         try await self.emulator.install(extra)
         let before = self.emulator.totalTriggerCalls
