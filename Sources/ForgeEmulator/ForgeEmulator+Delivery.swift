@@ -65,19 +65,41 @@ extension ForgeEmulator {
         userToken: String? = nil,
         headers: [String: String] = [:]
     ) async throws -> DeliveryResult {
+        try await self.deliver(
+            installation, systemToken: systemToken, requestId: requestId, fit: fit, to: gatewayURL, userToken: userToken,
+            headers: headers, gatewayWait: nil)
+    }
+
+    /// ``deliver(_:systemToken:requestId:fit:to:userToken:headers:)``, adding the time spent
+    /// waiting for the gateway's answer (the HTTP exchange, after the FIT is minted) to `gatewayWait`.
+    func deliver(
+        _ installation: EmulatedInstallation,
+        systemToken: String?,
+        requestId: String?,
+        fit: FITOptions = FITOptions(),
+        to gatewayURL: String? = nil,
+        userToken: String? = nil,
+        headers: [String: String] = [:],
+        gatewayWait: DeliveryStopwatch?
+    ) async throws -> DeliveryResult {
         self.state.withLock { $0.remember(installation) }
         var allHeaders: [(String, String)] = []
         if let systemToken { allHeaders.append(("x-forge-oauth-system", systemToken)) }
         if let userToken { allHeaders.append(("x-forge-oauth-user", userToken)) }
         allHeaders.append(contentsOf: headers.sorted { $0.key < $1.key }.map { ($0.key, $0.value) })
 
+        let invocationToken = try self.mintFIT(for: installation, options: fit)
+        let body = try JSONEncoder.emulator.encode(DeliveryBody(requestId: requestId))
+        let clock = ContinuousClock()
+        let sent = clock.now
         let answer = try await self.callGateway(
             path: "/forge/auth-trigger",
             gatewayURL: gatewayURL,
-            fit: try self.mintFIT(for: installation, options: fit),
+            fit: invocationToken,
             headers: allHeaders,
-            body: try JSONEncoder.emulator.encode(DeliveryBody(requestId: requestId))
+            body: body
         )
+        gatewayWait?.add(clock.now - sent)
         if answer.isSuccess, let systemToken {
             self.state.withLock { $0.update(installation) { $0.lastDeliveredToken = systemToken } }
         }

@@ -75,6 +75,9 @@ struct CreateInstallationRequest: Codable, Sendable {
 struct PushRequest: Codable, Sendable {
     /// Seconds from now until the pushed token's `exp`; default the configured token lifetime.
     var expiresInSeconds: Int?
+    /// Pad the pushed token to about this many bytes (at most 16 KiB), as real tokens carry more
+    /// claims than the emulator's; default no padding.
+    var tokenBytes: Int?
 }
 
 struct PushAnswer: Codable, Sendable {
@@ -87,11 +90,17 @@ struct PushAnswer: Codable, Sendable {
 struct StatsAnswer: Codable, Sendable {
     var totalTriggerCalls: Int
     var installations: [String: Int]
+    /// Per installation, the emulator's own time on its answered trigger calls in milliseconds,
+    /// summed: arrival to answer less the wait for the gateway's answers to the deliveries
+    /// (``TriggerRecord/ownDuration``).
+    var triggerProcessingMillis: [String: Double]
 }
 
 extension ForgeEmulator {
     /// Largest request body the emulator reads.
     static let maximumRequestBytes = 64 * 1024
+    /// Largest `tokenBytes` a push may ask for.
+    static let maximumPaddedTokenBytes = 16 * 1024
 
     /// The emulator's routes.
     ///
@@ -104,11 +113,12 @@ extension ForgeEmulator {
     /// - `GET /admin/installations` — every installation with its status, trigger URL and calls.
     /// - `POST /admin/installations` — body optional `{"product": "jira"}`: makes and installs one;
     ///   201 with it, or 502 when the gateway refused (the installation is kept as `created`).
-    /// - `POST /admin/installations/{id}/push` — body optional `{"expiresInSeconds": 7200}`: pushes a
-    ///   fresh token; 200 `{"status": <gateway status>, "body": "<gateway body>"}`.
+    /// - `POST /admin/installations/{id}/push` — body optional `{"expiresInSeconds": 7200, "tokenBytes": 1500}`:
+    ///   pushes a fresh token (padded to about `tokenBytes`); 200 `{"status": <gateway status>, "body": "<gateway body>"}`.
     /// - `POST /admin/installations/{id}/uninstall` — sends the uninstalled event; 200 with it.
     /// - `POST /admin/installations/{id}/fault` — body a ``TriggerFault`` in JSON; 200 with it.
-    /// - `GET /admin/stats` — `{"totalTriggerCalls": n, "installations": {"<id>": n}}`.
+    /// - `GET /admin/stats` — `{"totalTriggerCalls": n, "installations": {"<id>": n},
+    ///   "triggerProcessingMillis": {"<id>": ms}}` (the emulator's own time on the trigger calls).
     ///
     /// `{id}` is the installation's UUID or its full ARI (percent-encoded).
     func makeRouter() -> Router<EmulatorRequestContext> {
@@ -162,14 +172,28 @@ extension ForgeEmulator {
             guard let installation = self.installation(in: context) else { return Self.unknownInstallation.response }
             let body = try await request.body.collect(upTo: Self.maximumRequestBytes)
             var expiresAt: Date?
+            var tokenBytes = 0
             if body.readableBytes > 0 {
-                guard let push = try? JSONDecoder().decode(PushRequest.self, from: Data(buffer: body)) else {
-                    return EmulatorAnswer.error(400, code: "invalid_request", message: "body must be {\"expiresInSeconds\": n}").response
+                guard let push = try? JSONDecoder().decode(PushRequest.self, from: Data(buffer: body)),
+                    (0...Self.maximumPaddedTokenBytes).contains(push.tokenBytes ?? 0)
+                else {
+                    return EmulatorAnswer.error(
+                        400, code: "invalid_request",
+                        message: "body must be {\"expiresInSeconds\": n, \"tokenBytes\": n ≤ 16384}"
+                    ).response
                 }
                 expiresAt = push.expiresInSeconds.map { Date().addingTimeInterval(TimeInterval($0)) }
+                tokenBytes = push.tokenBytes ?? 0
             }
             do {
-                let result = try await self.push(installation, expiresAt: expiresAt)
+                let result =
+                    tokenBytes > 0
+                    ? try await self.deliver(
+                        installation,
+                        systemToken: try self.mintAccessToken(
+                            for: installation, expiresAt: expiresAt, minimumLength: tokenBytes),
+                        requestId: nil)
+                    : try await self.push(installation, expiresAt: expiresAt)
                 return EmulatorAnswer.json(200, PushAnswer(status: result.status, body: result.body)).response
             } catch {
                 return EmulatorAnswer.error(502, code: "push_failed", message: "\(error)").response
@@ -202,6 +226,14 @@ extension ForgeEmulator {
                     totalTriggerCalls: state.totalTriggerCalls,
                     installations: Dictionary(
                         state.orderedRecords.map { ($0.installation.id, $0.triggerRecords.count) },
+                        uniquingKeysWith: { first, _ in first }
+                    ),
+                    triggerProcessingMillis: Dictionary(
+                        state.orderedRecords.map { record in
+                            let own = record.triggerRecords.compactMap(\.ownDuration).reduce(Duration.zero, +)
+                            return (record.installation.id, Double(own.components.seconds) * 1000
+                                + Double(own.components.attoseconds) / 1e15)
+                        },
                         uniquingKeysWith: { first, _ in first }
                     )
                 )

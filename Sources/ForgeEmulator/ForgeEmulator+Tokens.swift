@@ -138,6 +138,8 @@ struct AccessTokenClaims: Codable, Sendable {
     var jti: String
     /// The installation the token is for, so tests can tell tokens of different tenants apart.
     var installationId: String
+    /// Filler that brings the token to a requested size (absent unless asked for).
+    var padding: String? = nil
 }
 
 struct EmulatorJWTHeader: Codable, Sendable {
@@ -226,12 +228,15 @@ extension ForgeEmulator {
 
     /// Mints an app system access token: a JWT (HS256 with a key of the emulator's) whose `exp` is
     /// `expiresAt` (default now + the configured token lifetime), unique on every call (`jti`).
-    /// The gateway treats everything but `exp` as opaque.
+    /// The gateway treats everything but `exp` as opaque. With `minimumLength`, a `padding` claim
+    /// makes the token about that many bytes long (real system tokens are 1–2 KB).
     /// - Throws: if encoding fails.
-    public func mintAccessToken(for installation: EmulatedInstallation, expiresAt: Date? = nil) throws -> String {
+    public func mintAccessToken(
+        for installation: EmulatedInstallation, expiresAt: Date? = nil, minimumLength: Int = 0
+    ) throws -> String {
         let now = Date()
         let expiry = expiresAt ?? now.addingTimeInterval(Self.seconds(self.configuration.tokenLifetime))
-        let claims = AccessTokenClaims(
+        var claims = AccessTokenClaims(
             iss: "forge-emulator",
             sub: self.configuration.appId,
             aud: "api.atlassian.com",
@@ -241,9 +246,14 @@ extension ForgeEmulator {
             installationId: installation.id
         )
         let encoder = JSONEncoder.emulator
-        let signingInput =
-            EmulatorBase64URL.encode(try encoder.encode(EmulatorJWTHeader(alg: "HS256", kid: nil, typ: "JWT"))) + "."
-            + EmulatorBase64URL.encode(try encoder.encode(claims))
+        let encodedHeader = EmulatorBase64URL.encode(try encoder.encode(EmulatorJWTHeader(alg: "HS256", kid: nil, typ: "JWT")))
+        // header.payload.signature: the HS256 signature is 43 characters of base64url.
+        let unpadded = encodedHeader.utf8.count + 1 + EmulatorBase64URL.encode(try encoder.encode(claims)).utf8.count + 44
+        if minimumLength > unpadded {
+            // Each 3 bytes of JSON become 4 of base64url; `,"padding":""` adds 14 bytes of JSON.
+            claims.padding = String(repeating: "x", count: max(0, (minimumLength - unpadded) * 3 / 4 - 14))
+        }
+        let signingInput = encodedHeader + "." + EmulatorBase64URL.encode(try encoder.encode(claims))
         let mac = HMAC<SHA256>.authenticationCode(for: Data(signingInput.utf8), using: self.keys.accessTokenKey)
         return signingInput + "." + EmulatorBase64URL.encode(Data(mac))
     }

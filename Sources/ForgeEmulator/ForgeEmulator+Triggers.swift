@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import Synchronization
 
 /// One call the gateway made to an installation's web trigger.
 public struct TriggerRecord: Sendable, Hashable {
@@ -16,6 +17,19 @@ public struct TriggerRecord: Sendable, Hashable {
     public let expiresAt: Date?
     /// The status the trigger answered; `nil` while the call is still in progress.
     public internal(set) var answeredStatus: Int?
+    /// The emulator's own time on the call: from its arrival to the answer, less the time spent
+    /// waiting for the gateway to answer the token deliveries it made (which is the gateway's
+    /// time). `nil` while the call is still in progress.
+    public internal(set) var ownDuration: Duration?
+}
+
+/// Adds up the time one trigger call spends waiting for the gateway's answers to its deliveries.
+final class DeliveryStopwatch: Sendable {
+    private let waited = Mutex<Duration>(.zero)
+
+    func add(_ duration: Duration) { self.waited.withLock { $0 += duration } }
+
+    var total: Duration { self.waited.withLock { $0 } }
 }
 
 /// The body of a trigger call (`spec/contract.md` §4).
@@ -75,6 +89,9 @@ extension ForgeEmulator {
     /// 2xx (else 502). Unknown or uninstalled triggers answer 404.
     func answerTrigger(triggerId: String, signatureHeader: String?, body: Data) async -> EmulatorAnswer {
         let receivedAt = Date()
+        let clock = ContinuousClock()
+        let started = clock.now
+        let stopwatch = DeliveryStopwatch()
         let signature = signatureHeader.flatMap(TriggerSignature.init(headerValue:))
         let callBody = try? JSONDecoder().decode(TriggerCallBody.self, from: body)
 
@@ -121,10 +138,15 @@ extension ForgeEmulator {
             admission.record,
             signatureValid: admission.signatureValid,
             callBody: callBody,
-            logger: logger
+            logger: logger,
+            stopwatch: stopwatch
         )
+        let ownDuration = (clock.now - started) - stopwatch.total
         self.state.withLock {
-            $0.updateRecord(id: installation.id) { $0.triggerRecords[admission.index].answeredStatus = answer.status }
+            $0.updateRecord(id: installation.id) {
+                $0.triggerRecords[admission.index].answeredStatus = answer.status
+                $0.triggerRecords[admission.index].ownDuration = ownDuration
+            }
         }
         logger.info("Trigger call answered", metadata: ["http.status": "\(answer.status)"])
         return answer
@@ -134,7 +156,8 @@ extension ForgeEmulator {
         _ record: EmulatedInstallationRecord,
         signatureValid: Bool,
         callBody: TriggerCallBody?,
-        logger: Logger
+        logger: Logger,
+        stopwatch: DeliveryStopwatch
     ) async -> EmulatorAnswer {
         let installation = record.installation
         guard record.status != .uninstalled else {
@@ -184,7 +207,8 @@ extension ForgeEmulator {
             return .json(200, EmulatorAnswer.TriggerBody(delivered: false))
 
         case .deliverTwice:
-            return await self.deliverForTrigger(installation, requestId: requestId, gatewayURL: nil, times: 2, logger: logger)
+            return await self.deliverForTrigger(
+                installation, requestId: requestId, gatewayURL: nil, times: 2, logger: logger, stopwatch: stopwatch)
 
         case .deliverVia(let gatewayURL):
             return await self.deliverForTrigger(
@@ -192,27 +216,32 @@ extension ForgeEmulator {
                 requestId: requestId,
                 gatewayURL: gatewayURL,
                 times: 1,
-                logger: logger
+                logger: logger,
+                stopwatch: stopwatch
             )
 
         case .none, .failWith, .respondSlowly:
-            return await self.deliverForTrigger(installation, requestId: requestId, gatewayURL: nil, times: 1, logger: logger)
+            return await self.deliverForTrigger(
+                installation, requestId: requestId, gatewayURL: nil, times: 1, logger: logger, stopwatch: stopwatch)
         }
     }
 
     /// Mints one token and delivers it `times` times; 200 when every delivery answered 2xx, else 502.
+    /// The time spent waiting for the gateway's answers is added to `stopwatch`.
     private func deliverForTrigger(
         _ installation: EmulatedInstallation,
         requestId: String,
         gatewayURL: String?,
         times: Int,
-        logger: Logger
+        logger: Logger,
+        stopwatch: DeliveryStopwatch? = nil
     ) async -> EmulatorAnswer {
         do {
             let token = try self.mintAccessToken(for: installation)
             var allSucceeded = true
             for _ in 0..<times {
-                let result = try await self.deliver(installation, systemToken: token, requestId: requestId, to: gatewayURL)
+                let result = try await self.deliver(
+                    installation, systemToken: token, requestId: requestId, to: gatewayURL, gatewayWait: stopwatch)
                 logger.info("Token delivered for trigger", metadata: ["http.status": "\(result.status)"])
                 allSucceeded = allSucceeded && result.isSuccess
             }

@@ -60,7 +60,8 @@ struct OperatorCLITests {
             let token = try await runCLI(["token", installation.id], environment: env)
             #expect(token.status == 0)
             #expect(token.out.contains("\"source\" : \"trigger\""))
-            let delivered = try #require(h.emulator.lastDeliveredToken(for: installation))
+            // The stored token (the emulator records its own copy only after the gateway answered).
+            let delivered = try #require(try await h.gateway.store.systemToken(installation.installationID)).value
             #expect(!token.out.contains(delivered))
             #expect(!(token.out + token.err + list.out + list.err).contains(GatewayHarness.callerSecret))
             let shown = try await runCLI(["token", installation.id, "--show-token"], environment: env)

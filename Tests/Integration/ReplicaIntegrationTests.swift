@@ -38,7 +38,8 @@ struct ReplicaIntegrationTests {
             let answer = try await h.token(0, installation)
             #expect(answer.status == 200)
             #expect(answer.json["source"] as? String == "trigger")
-            #expect(answer.json["accessToken"] as? String == h.emulator.lastDeliveredToken(for: installation))
+            let stored = try await h.store.systemToken(installation.installationID)
+            #expect(answer.json["accessToken"] as? String == stored?.value)
             #expect(h.emulator.triggerCalls(for: installation) == 1)
         }
     }

@@ -246,6 +246,21 @@ public struct CallerRegistry: Sendable {
     /// The credential of `Bearer <credential>` (scheme case-insensitive), or nil.
     static func bearerCredential(_ header: String) -> String? {
         let scheme = "bearer"
+        // The usual header, `Bearer <credential>` with an ASCII scheme and a credential that
+        // neither starts nor ends with a space, tab or non-ASCII byte, is read without copying or
+        // trimming (this runs on every call); anything else takes the general path below.
+        let bytes = header.utf8
+        if bytes.count > scheme.utf8.count + 1,
+            zip(bytes, scheme.utf8).allSatisfy({ $0 | 0x20 == $1 }),
+            bytes[bytes.index(bytes.startIndex, offsetBy: scheme.utf8.count)] == UInt8(ascii: " ")
+        {
+            let credential = bytes.dropFirst(scheme.utf8.count + 1)
+            if let first = credential.first, let last = credential.last,
+                !Self.mayBeTrimmed(first), !Self.mayBeTrimmed(last)
+            {
+                return String(Substring(credential))
+            }
+        }
         let utf8 = Array(header.utf8)
         guard utf8.count > scheme.utf8.count + 1,
             String(decoding: utf8[0..<scheme.utf8.count], as: UTF8.self).lowercased() == scheme,
@@ -254,6 +269,11 @@ public struct CallerRegistry: Sendable {
         let credential = String(decoding: utf8[(scheme.utf8.count + 1)...], as: UTF8.self)
             .trimmingCharacters(in: .whitespaces)
         return credential.isEmpty ? nil : credential
+    }
+
+    /// Whether `byte` may belong to a character `trimmingCharacters(in: .whitespaces)` removes.
+    private static func mayBeTrimmed(_ byte: UInt8) -> Bool {
+        byte == UInt8(ascii: " ") || byte == UInt8(ascii: "\t") || byte >= 0x80
     }
 
     static func constantTimeEqual(_ lhs: [UInt8], _ rhs: [UInt8]) -> Bool {

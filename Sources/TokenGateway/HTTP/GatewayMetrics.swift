@@ -8,7 +8,12 @@ public final class GatewayMetrics: Sendable {
     public let flow: FlowMetrics
     /// `token_gateway_user_exchanges_total{outcome}`.
     public let userExchanges: UserExchangeMetrics
-    private let requestCounters = Mutex<[String: Counter]>([:])
+    /// A route template and status: the key of the request counters (no string is built per request).
+    private struct RequestKey: Hashable {
+        let route: String
+        let status: Int
+    }
+    private let requestCounters = Mutex<[RequestKey: Counter]>([:])
     private let fitCounters = Mutex<[String: Counter]>([:])
 
     public init(factory: any MetricsFactory) {
@@ -22,7 +27,7 @@ public final class GatewayMetrics: Sendable {
 
     /// Counts one HTTP answer; `route` is a route template (bounded), never a concrete path.
     public func countRequest(route: String, status: Int) {
-        let key = "\(route)|\(status)"
+        let key = RequestKey(route: route, status: status)
         let counter = self.requestCounters.withLock { cache -> Counter in
             if let c = cache[key] { return c }
             let c = Counter(

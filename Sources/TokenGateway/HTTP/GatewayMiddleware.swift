@@ -17,7 +17,9 @@ struct ErrorMiddleware<Context: RequestContext>: RouterMiddleware {
             return try await next(request, context)
         } catch let error as GatewayError {
             return try error.response(from: request, context: context)
-        } catch let error as HTTPError {
+        } catch let error as any HTTPResponseError {
+            // Hummingbird's own errors (`HTTPError`, a body over the limit as `NIOTooManyBytesError`,
+            // …) by status; their messages are not passed on.
             let mapped: GatewayError
             switch error.status {
             case .notFound:

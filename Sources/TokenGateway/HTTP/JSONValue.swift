@@ -57,8 +57,28 @@ public indirect enum JSONValue: Sendable, Hashable, ExpressibleByStringLiteral, 
         }
     }
 
+    /// Whether `s` holds a byte JSON must escape (a control character, `"` or `\`). A branch-free
+    /// scan over the UTF-8 bytes.
+    static func needsEscaping(_ s: String) -> Bool {
+        var s = s
+        return s.withUTF8 { bytes in
+            var found: UInt8 = 0
+            for b in bytes {
+                found |= (b < 0x20 ? 1 : 0) | (b == UInt8(ascii: "\"") ? 1 : 0) | (b == UInt8(ascii: "\\") ? 1 : 0)
+            }
+            return found != 0
+        }
+    }
+
     static func writeString(_ s: String, into out: inout String) {
         out += "\""
+        // Most strings (tokens, ids, timestamps) need no escape: append them whole, which is far
+        // cheaper than scalar by scalar (this runs for every token handed out).
+        if !Self.needsEscaping(s) {
+            out += s
+            out += "\""
+            return
+        }
         for scalar in s.unicodeScalars {
             switch scalar {
             case "\"": out += "\\\""
@@ -82,9 +102,36 @@ public enum RFC3339 {
         var t = time_t(unixSeconds)
         var tm = tm()
         gmtime_r(&t, &tm)
-        return String(
-            format: "%04d-%02d-%02dT%02d:%02d:%02dZ", Int(tm.tm_year) + 1900, Int(tm.tm_mon) + 1, Int(tm.tm_mday),
-            Int(tm.tm_hour), Int(tm.tm_min), Int(tm.tm_sec))
+        let year = Int(tm.tm_year) + 1900
+        guard (0...9999).contains(year) else {
+            return String(
+                format: "%04d-%02d-%02dT%02d:%02d:%02dZ", year, Int(tm.tm_mon) + 1, Int(tm.tm_mday),
+                Int(tm.tm_hour), Int(tm.tm_min), Int(tm.tm_sec))
+        }
+        // Written digit by digit: `String(format:)` costs microseconds, and this runs for every
+        // token handed out (answer body and audit record).
+        return String(unsafeUninitializedCapacity: 20) { out in
+            func put(_ value: Int, digits: Int, at offset: Int) {
+                var v = value
+                for i in stride(from: offset + digits - 1, through: offset, by: -1) {
+                    out[i] = UInt8(ascii: "0") + UInt8(v % 10)
+                    v /= 10
+                }
+            }
+            put(year, digits: 4, at: 0)
+            out[4] = UInt8(ascii: "-")
+            put(Int(tm.tm_mon) + 1, digits: 2, at: 5)
+            out[7] = UInt8(ascii: "-")
+            put(Int(tm.tm_mday), digits: 2, at: 8)
+            out[10] = UInt8(ascii: "T")
+            put(Int(tm.tm_hour), digits: 2, at: 11)
+            out[13] = UInt8(ascii: ":")
+            put(Int(tm.tm_min), digits: 2, at: 14)
+            out[16] = UInt8(ascii: ":")
+            put(Int(tm.tm_sec), digits: 2, at: 17)
+            out[19] = UInt8(ascii: "Z")
+            return 20
+        }
     }
 }
 

@@ -22,13 +22,19 @@ public struct AuditLog: Sendable {
 
     public init(auditLogger: Logger) { self.logger = auditLogger }
 
+    private static let hexDigits = Array("0123456789abcdef".utf8)
+
     /// A short, non-reversible fingerprint of a token.
     public static func fingerprint(_ token: String) -> String {
         let digest = SHA256.hash(data: Array(token.utf8))
-        return digest.prefix(6).map { b in
-            let s = String(b, radix: 16)
-            return s.count == 1 ? "0" + s : s
-        }.joined()
+        // Lowercase hex of the first 6 bytes, written directly (this runs for every token handed out).
+        return String(unsafeUninitializedCapacity: 12) { out in
+            for (i, byte) in digest.prefix(6).enumerated() {
+                out[2 * i] = Self.hexDigits[Int(byte >> 4)]
+                out[2 * i + 1] = Self.hexDigits[Int(byte & 0x0F)]
+            }
+            return 12
+        }
     }
 
     /// A token was handed to a caller.

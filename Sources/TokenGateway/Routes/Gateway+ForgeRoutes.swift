@@ -117,7 +117,8 @@ extension Gateway {
         }
     }
 
-    /// Verifies the Forge Invocation Token of a request: 401 `invalid_invocation_token` on any failure.
+    /// Verifies the Forge Invocation Token of a request: 401 `invalid_invocation_token` on any failure, except
+    /// 503 `store_unavailable` when the replay guard cannot reach Redis.
     func verifyInvocation(_ request: Request) async throws -> (InvocationContext, InstallationID) {
         guard let header = request.headers[.authorization], header.count > 7,
             header.prefix(7).lowercased() == "bearer "
@@ -131,6 +132,8 @@ extension Gateway {
             invocation = try await self.verifier.verify(token)
         } catch let error as InvocationTokenError {
             self.metrics.countInvocationToken(outcome: error.reason)
+            // The replay guard could not reach Redis: the token was not refused, so Forge may try again.
+            if error == .storeUnavailable { throw GatewayError.storeUnavailable }
             self.logger.notice("invocation token refused", metadata: ["fit.outcome": "\(error.reason)"])
             throw GatewayError.invalidInvocationToken
         } catch {
@@ -215,7 +218,7 @@ public enum TokenClaims {
             let exp = object["exp"] as? NSNumber
         else { return nil }
         let value = exp.doubleValue
-        guard value.isFinite, value > 0, value < 1e11 else { return nil }
+        guard value.isFinite, value >= 1, value < 1e11 else { return nil }
         return Int64(value)
     }
 }

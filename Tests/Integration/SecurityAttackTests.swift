@@ -1,0 +1,211 @@
+import FlowEngine
+import ForgeEmulator
+import Foundation
+import NIOHTTP1
+import Testing
+
+@testable import TokenGateway
+
+/// Issue #4 items 1 and 2: every forged, stale or misdirected Forge Invocation Token is refused with
+/// 401 `invalid_invocation_token` on each Forge route, and nothing is stored.
+@Suite("Security: Forge invocation token attacks", .serialized)
+struct SecurityAttackTests {
+    /// One way to get a FIT wrong.
+    struct Attack: Sendable, CustomStringConvertible {
+        let description: String
+        let options: @Sendable (inout FITOptions) -> Void
+    }
+
+    static let attacks: [Attack] = [
+        Attack(description: "alg none") { $0.algorithm = .none },
+        Attack(description: "HS256 signed with the RSA public key") { $0.algorithm = .hs256WithPublicKey },
+        Attack(description: "wrong aud") { $0.audience = "ari:cloud:ecosystem::app/00000000-0000-0000-0000-000000000000" },
+        Attack(description: "wrong iss") { $0.issuer = "forge/not-an-invocation-token" },
+        Attack(description: "expired beyond the skew") {
+            $0.issuedAt = Date().addingTimeInterval(-200)
+            $0.expiresAt = Date().addingTimeInterval(-120)
+        },
+        Attack(description: "nbf in the future") { $0.notBefore = Date().addingTimeInterval(300) },
+        Attack(description: "iat in the future") { $0.issuedAt = Date().addingTimeInterval(300) },
+        Attack(description: "unknown kid") { $0.kid = "kid-nobody-published" },
+        Attack(description: "tampered payload") { $0.tamperPayload = true },
+        Attack(description: "signed with an unpublished key") { $0.signWithUnpublishedKey = true },
+    ]
+
+    /// The three Forge routes with a body each would accept from a genuine caller.
+    static func forgeCalls(_ h: GatewayHarness, _ installation: EmulatedInstallation) -> [(path: String, body: String)] {
+        [
+            ("/forge/auth-trigger", "{}"),
+            ("/forge/register", "{\"authTriggerUrl\":\"\(h.emulator.triggerURL(for: installation))\"}"),
+            (
+                "/forge/lifecycle",
+                "{\"eventType\":\"avi:forge:installed:app\",\"id\":\"\(installation.id)\",\"context\":\"\(installation.siteARI)\"}"
+            ),
+        ]
+    }
+
+    static func expectRefusedAndNothingStored(
+        _ answer: GatewayHarness.Answer, _ h: GatewayHarness, _ installation: EmulatedInstallation,
+        _ comment: Comment
+    ) async throws {
+        #expect(answer.status == 401, comment)
+        #expect(answer.errorCode == "invalid_invocation_token", comment)
+        #expect(try await h.gateway.store.installation(installation.installationID) == nil, comment)
+        #expect(try await h.gateway.store.systemToken(installation.installationID) == nil, comment)
+        #expect(try await Security.keys(of: installation, in: h.gateway.redis).isEmpty, comment)
+    }
+
+    @Test("every bad FIT is refused on every Forge route with 401 and stores nothing, not even its jti")
+    func badInvocationTokensAreRefused() async throws {
+        try await GatewayHarness.run { h in
+            for attack in Self.attacks {
+                let installation = h.emulator.makeInstallation()
+                let token = try h.emulator.mintAccessToken(for: installation)
+                for (path, body) in Self.forgeCalls(h, installation) {
+                    var options = FITOptions()
+                    attack.options(&options)
+                    let jti = "attack-" + UUID().uuidString.lowercased()
+                    options.jti = jti
+                    let fit = try h.emulator.mintFIT(for: installation, options: options)
+                    let answer = try await h.call(
+                        .POST, path, secret: nil,
+                        headers: [
+                            "authorization": "Bearer \(fit)", "content-type": "application/json",
+                            "x-forge-oauth-system": token,
+                        ], body: body)
+                    try await Self.expectRefusedAndNothingStored(answer, h, installation, "\(attack) on \(path)")
+                    let seen = try await h.gateway.redis.send(["EXISTS", "tg:seen-fit:\(jti)"])
+                    #expect(seen.int == 0, "\(attack) on \(path): the jti of a refused FIT is not recorded")
+                }
+            }
+        }
+    }
+
+    @Test("a missing, empty or non-bearer authorization is refused with 401 and stores nothing")
+    func missingBearerIsRefused() async throws {
+        try await GatewayHarness.run { h in
+            let installation = h.emulator.makeInstallation()
+            let token = try h.emulator.mintAccessToken(for: installation)
+            let fit = try h.emulator.mintFIT(for: installation)
+            let variants: [(String, String?)] = [
+                ("no authorization", nil), ("empty bearer", "Bearer "), ("basic scheme", "Basic \(fit)"),
+                ("bare token", fit), ("garbage bearer", "Bearer not.a.jwt"), ("two parts", "Bearer a.b"),
+                ("caller secret as FIT", "Bearer \(GatewayHarness.callerSecret)"),
+            ]
+            for (name, authorization) in variants {
+                for (path, body) in Self.forgeCalls(h, installation) {
+                    var headers = ["content-type": "application/json", "x-forge-oauth-system": token]
+                    if let authorization { headers["authorization"] = authorization }
+                    let answer = try await h.call(.POST, path, secret: nil, headers: headers, body: body)
+                    try await Self.expectRefusedAndNothingStored(answer, h, installation, "\(name) on \(path)")
+                }
+            }
+        }
+    }
+
+    @Test("a replayed FIT is refused the second time and does not replace the stored token")
+    func replayedJTIIsRefused() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let fit = try h.emulator.mintFIT(for: installation)
+            let first = try h.emulator.mintAccessToken(for: installation, expiresAt: Date().addingTimeInterval(3600))
+            let later = try h.emulator.mintAccessToken(for: installation, expiresAt: Date().addingTimeInterval(7200))
+            func deliver(_ fit: String, _ token: String) async throws -> GatewayHarness.Answer {
+                try await h.call(
+                    .POST, "/forge/auth-trigger", secret: nil,
+                    headers: [
+                        "authorization": "Bearer \(fit)", "content-type": "application/json", "x-forge-oauth-system": token,
+                    ], body: "{}")
+            }
+            let accepted = try await deliver(fit, first)
+            #expect(accepted.status == 200)
+            #expect(accepted.json["stored"] as? Bool == true)
+
+            // The very same FIT again, carrying a newer token: refused, nothing replaced.
+            let replay = try await deliver(fit, later)
+            #expect(replay.status == 401)
+            #expect(replay.errorCode == "invalid_invocation_token")
+            #expect(try await h.gateway.store.systemToken(installation.installationID)?.value == first)
+
+            // A fresh FIT that reuses the jti: refused too.
+            let jti = try #require(Self.claims(of: fit)["jti"] as? String)
+            var options = FITOptions()
+            options.jti = jti
+            let reused = try await h.emulator.deliver(installation, systemToken: later, requestId: nil, fit: options)
+            #expect(reused.status == 401)
+            #expect(try await h.gateway.store.systemToken(installation.installationID)?.value == first)
+
+            // The guard lives in Redis for the token's remaining lifetime (plus the skew), no longer.
+            let ttl = try await h.gateway.redis.send(["PTTL", "tg:seen-fit:\(jti)"]).int ?? -1
+            #expect(ttl > 60_000 && ttl <= (25 + 60 + 61 + 1) * 1000)
+        }
+    }
+
+    @Test("a FIT for installation B delivering A's pending request never touches A")
+    func crossInstallationRequestIDIsIgnored() async throws {
+        // One attempt that waits long enough for the delivery below, however busy the machine.
+        try await GatewayHarness.run(configure: { config in
+            config.flow.maxAttempts = 1
+            config.flow.deliveryGrace = .milliseconds(2500)
+        }) { h in
+            let a = try await h.installed()
+            let b = try await h.installed()
+            h.emulator.setFault(.acceptWithoutDelivery, for: a)
+            let waiting = Task { try await h.token(a, query: "timeout=3000") }
+            let triggered = try await Security.eventually { h.emulator.triggerRecords(for: a).first?.requestId != nil }
+            #expect(triggered)
+            let requestID = try #require(h.emulator.triggerRecords(for: a).first?.requestId)
+            let pendingA = "tg:{\(a.id)}:pending:\(requestID)"
+            #expect(try await h.gateway.redis.send(["EXISTS", pendingA]).int == 1)
+
+            let tokenB = try h.emulator.mintAccessToken(for: b)
+            let delivery = try await h.emulator.deliver(b, systemToken: tokenB, requestId: requestID)
+            #expect(delivery.status == 200)
+
+            // A: its pending request is still open, it has no token, and its caller never sees B's.
+            #expect(try await h.gateway.redis.send(["EXISTS", pendingA]).int == 1)
+            #expect(try await h.gateway.store.systemToken(a.installationID) == nil)
+            let answer = try await waiting.value
+            #expect(answer.status == 504)
+            #expect(answer.errorCode == "token_timeout")
+            #expect(!answer.body.contains(tokenB))
+            #expect(try await h.gateway.store.systemToken(a.installationID) == nil)
+
+            // B: the token is B's own, stored as a push (it answered no request of B's).
+            let storedB = try await h.gateway.store.systemToken(b.installationID)
+            #expect(storedB?.value == tokenB)
+            #expect(storedB?.requestID == nil)
+        }
+    }
+
+    @Test("the installation is taken from the FIT, never from the body")
+    func installationComesFromTheFIT() async throws {
+        try await GatewayHarness.run { h in
+            let a = h.emulator.makeInstallation()
+            let b = h.emulator.makeInstallation()
+            let fitB = try h.emulator.mintFIT(for: b)
+            let answer = try await h.call(
+                .POST, "/forge/lifecycle", secret: nil,
+                headers: ["authorization": "Bearer \(fitB)", "content-type": "application/json"],
+                body: "{\"eventType\":\"avi:forge:installed:app\",\"id\":\"\(a.id)\",\"installationId\":\"\(a.id)\"}")
+            #expect(answer.status == 200)
+            #expect(try await h.gateway.store.installation(a.installationID) == nil)
+            #expect(try await h.gateway.store.installation(b.installationID) != nil)
+
+            let fitB2 = try h.emulator.mintFIT(for: b)
+            let registered = try await h.call(
+                .POST, "/forge/register", secret: nil,
+                headers: ["authorization": "Bearer \(fitB2)", "content-type": "application/json"],
+                body: "{\"authTriggerUrl\":\"\(h.emulator.triggerURL(for: a))\",\"installationId\":\"\(a.id)\"}")
+            #expect(registered.status == 200)
+            #expect(registered.json["installationId"] as? String == b.id)
+            #expect(try await Security.keys(of: a, in: h.gateway.redis).isEmpty)
+        }
+    }
+
+    static func claims(of jwt: String) -> [String: Any] {
+        let parts = jwt.split(separator: ".")
+        guard parts.count >= 2, let bytes = Base64URL.decode(String(parts[1])) else { return [:] }
+        return ((try? JSONSerialization.jsonObject(with: Data(bytes))) as? [String: Any]) ?? [:]
+    }
+}

@@ -1,0 +1,206 @@
+import FlowEngine
+import ForgeEmulator
+import Foundation
+import NIOHTTP1
+import Testing
+
+@testable import TokenGateway
+
+/// Issue #4 item 6: oversized, malformed or odd input gets a 4xx with the contract's error body,
+/// never a 500, and changes nothing.
+@Suite("Security: bad input", .serialized)
+struct SecurityInputTests {
+    static func port(_ h: GatewayHarness) -> Int { URLComponents(string: h.gatewayURL)!.port! }
+
+    static func expectContractError(_ status: Int, _ code: String?, _ body: String, _ comment: Comment) {
+        #expect((400..<500).contains(status), comment)
+        #expect(code != nil, comment)
+        #expect(!body.contains("internal_error"), comment)
+    }
+
+    @Test("request heads over the limit and unparsable requests get 400 invalid_request with the error body")
+    func headerLimitsAndParserErrors() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let path = GatewayHarness.path(installation) + "/token"
+            #expect(try await h.call(.GET, path).status == 200)
+            let before = try await Security.snapshot(of: installation, in: h.gateway.redis)
+            let port = Self.port(h)
+
+            // One header over the limit, and too many headers. (Written by hand: AsyncHTTPClient
+            // traps when the answer arrives before it finished sending the head.)
+            let auth = ("Authorization", "Bearer \(GatewayHarness.callerSecret)")
+            let big = try await RawHTTP.request(
+                "GET", path, headers: [auth, ("X-Padding", String(repeating: "a", count: 40 * 1024))], port: port)
+            #expect(big.status == 400)
+            #expect(big.errorCode == "invalid_request")
+            #expect(big.raw.lowercased().contains("connection: close"))
+            let crowded = try await RawHTTP.request(
+                "GET", path, headers: [auth] + (0..<150).map { ("X-H\($0)", "v") }, port: port)
+            #expect(crowded.status == 400)
+            #expect(crowded.errorCode == "invalid_request")
+            // A Forge call with a huge FIT header, and a huge request line.
+            let fit = try await RawHTTP.request(
+                "POST", "/forge/auth-trigger",
+                headers: [("Authorization", "Bearer " + String(repeating: "e", count: 64 * 1024))], body: Array("{}".utf8),
+                port: port)
+            #expect(fit.status == 400)
+            #expect(fit.errorCode == "invalid_request")
+            let line = try await RawHTTP.request("GET", "/v1/" + String(repeating: "a", count: 100 * 1024), port: port)
+            #expect((400..<500).contains(line.status))
+            #expect(line.errorCode != nil)
+
+            // Just under the limit is fine.
+            let fine = try await h.call(.GET, path, headers: ["x-padding": String(repeating: "a", count: 8 * 1024)])
+            #expect(fine.status == 200)
+
+            // Requests no client would send: refused before any route runs.
+            for raw in [
+                "GARBAGE\r\n\r\n", "GET /health/live HTTP/9.9\r\n\r\n", "GET /health/live HTTP/1.1\r\nno-colon-here\r\n\r\n",
+                "GET /v1/installations/a\u{0}b/token HTTP/1.1\r\nHost: x\r\n\r\n",
+                "POST /forge/auth-trigger HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\n{}",
+                "GET /health/live HTTP/1.1\r\nHost: x\r\nX-Bad: a\u{1}b\r\n\r\n",
+            ] {
+                let answer = RawHTTP.Answer(raw: try await RawHTTP.send(Array(raw.utf8), port: port))
+                #expect(answer.status == 400, "\(raw.debugDescription)")
+                #expect(answer.errorCode == "invalid_request", "\(raw.debugDescription): \(answer.raw.debugDescription)")
+            }
+            // A body the parser refuses after a valid head: the route answers first (here: 401,
+            // the FIT is checked before the body is read), then the connection is closed.
+            let chunked = RawHTTP.Answer(
+                raw: try await RawHTTP.send(
+                    Array("POST /forge/auth-trigger HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".utf8),
+                    port: port))
+            #expect(chunked.status == 401)
+            #expect(chunked.body.hasPrefix("{\"error\":{\"code\":\"invalid_invocation_token\""))
+            #expect(try await Security.snapshot(of: installation, in: h.gateway.redis) == before)
+            // The server still answers normally afterwards.
+            #expect(try await h.call(.GET, "/health/live", secret: nil).status == 200)
+        }
+    }
+
+    @Test("malformed JSON, deep JSON, wrong content types and huge bodies get 4xx and change nothing")
+    func badBodies() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let url = h.emulator.triggerURL(for: installation)
+            // A long-lived token first: the deliveries below carry an older one, so even those the
+            // gateway accepts change nothing.
+            #expect(try await h.emulator.push(installation, expiresAt: Date().addingTimeInterval(4 * 3600)).status == 200)
+            let token = try h.emulator.mintAccessToken(for: installation)
+            let before = try await Security.snapshot(of: installation, in: h.gateway.redis)
+            let tooDeep = "{\"authTriggerUrl\":" + String(repeating: "[", count: 17) + String(repeating: "]", count: 17) + "}"
+            let recursive = String(repeating: "[", count: 30_000) + String(repeating: "]", count: 30_000)
+            // (name, content type, body, expected status and code; nil code: any contract code;
+            // `object`: a JSON object, which /forge/auth-trigger accepts as it is)
+            let cases: [(name: String, contentType: String?, body: String, status: Int, code: String?, object: Bool)] = [
+                ("truncated", "application/json", "{\"authTriggerUrl\":", 400, "invalid_request", false),
+                ("not JSON", "application/json", "authTriggerUrl=x", 400, "invalid_request", false),
+                ("array", "application/json", "[]", 400, "invalid_request", false),
+                ("string", "application/json", "\"x\"", 400, "invalid_request", false),
+                ("null", "application/json", "null", 400, "invalid_request", false),
+                ("trailing garbage", "application/json", "{\"authTriggerUrl\":\"\(url)\"}x", 400, "invalid_request", false),
+                ("wrong type", "application/json", "{\"authTriggerUrl\":17,\"eventType\":17}", 400, "invalid_request", true),
+                ("too deep", "application/json", tooDeep, 400, "invalid_request", false),
+                ("parser bomb", "application/json", recursive, 400, "invalid_request", false),
+                ("lone surrogate", "application/json", "{\"authTriggerUrl\":\"\\ud800\"}", 400, nil, true),
+                ("huge number", "application/json", "{\"authTriggerUrl\":1e999999}", 400, "invalid_request", true),
+                ("text/plain", "text/plain", "{\"authTriggerUrl\":\"\(url)\"}", 400, "invalid_request", false),
+                ("form", "application/x-www-form-urlencoded", "authTriggerUrl=\(url)", 400, "invalid_request", false),
+                ("no content type", nil, "{\"authTriggerUrl\":\"\(url)\"}", 400, "invalid_request", false),
+                ("json-ish", "application/jsonx", "{\"authTriggerUrl\":\"\(url)\"}", 400, "invalid_request", false),
+                ("too large", "application/json", "{\"x\":\"" + String(repeating: "a", count: 70 * 1024) + "\"}", 413,
+                 "payload_too_large", false),
+                ("much too large", "application/json", String(repeating: " ", count: 2 << 20), 413, "payload_too_large",
+                 false),
+            ]
+            for path in ["/forge/register", "/forge/lifecycle", "/forge/auth-trigger"] {
+                for c in cases {
+                    var headers = [
+                        "authorization": "Bearer \(try h.emulator.mintFIT(for: installation))",
+                        "x-forge-oauth-system": token,
+                    ]
+                    if let contentType = c.contentType { headers["content-type"] = contentType }
+                    let answer = try await h.call(.POST, path, secret: nil, headers: headers, body: c.body)
+                    if path == "/forge/auth-trigger" && c.object {
+                        // Accepted or refused, but never stored: the token is older than the stored one.
+                        #expect(answer.status == 200 || answer.status == 400, "\(path) \(c.name)")
+                        #expect(answer.status != 200 || answer.json["stored"] as? Bool == false, "\(path) \(c.name)")
+                    } else {
+                        #expect(answer.status == c.status, "\(path) \(c.name): \(answer.body.prefix(200))")
+                        if let code = c.code {
+                            #expect(answer.errorCode == code, "\(path) \(c.name)")
+                        } else {
+                            Self.expectContractError(answer.status, answer.errorCode, answer.body, "\(path) \(c.name)")
+                        }
+                    }
+                }
+            }
+            // A caller route given a body it does not expect: never a 500.
+            let refresh = try await h.call(
+                .GET, GatewayHarness.path(installation) + "/token", headers: ["content-type": "text/plain"],
+                body: String(repeating: "[", count: 10_000))
+            #expect(refresh.status == 200)
+            #expect(try await Security.snapshot(of: installation, in: h.gateway.redis) == before)
+            #expect(h.emulator.triggerCalls(for: installation) == 0)
+        }
+    }
+
+    @Test("odd installation ids in the path get 400 invalid_parameter (or 404 for another route), never 500")
+    func oddPathSegments() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let before = try await Security.snapshot(of: installation, in: h.gateway.redis)
+            let port = Self.port(h)
+            let auth = [("Authorization", "Bearer \(GatewayHarness.callerSecret)")]
+            let invalid = [
+                "%00", "a%00b", "..", "%2e%2e", ".hidden", String(repeating: "a", count: 129),
+                String(repeating: "%41", count: 300), "%zz", "%", "%4", "%F0%28%8C%28", "%C0%AF", "caf%C3%A9", "a%20b",
+                "a%2Fb", "ari%3Acloud%3Aecosystem%3A%3Ainstallation%2F", "ari:cloud:ecosystem::installation%2F..",
+                "%7Bx%7D", "{x}", "a*b", "a%0Ab", "a%0D%0AX-Injected:%201", "%252e%252e",
+                "ari%3Acloud%3Ajira%3A%3Asite%2F\(installation.uuid)",
+            ]
+            for segment in invalid {
+                for (method, suffix) in [("GET", "/token"), ("POST", "/token/refresh"), ("GET", "")] {
+                    let answer = try await RawHTTP.request(
+                        method, "/v1/installations/\(segment)\(suffix)", headers: auth, port: port)
+                    #expect(answer.status == 400, "\(method) \(segment)\(suffix)")
+                    #expect(answer.errorCode == "invalid_parameter", "\(method) \(segment)\(suffix): \(answer.body)")
+                    #expect(!answer.raw.contains("X-Injected"))
+                }
+            }
+            for target in [
+                "/v1/installations/../installations/x/token", "/v1/installations//token", "/v1/installations/a/b/token",
+                "/v1//installations", "/%76%31/installations", "/v1/installations/a/token/../../b",
+                "/" + String(repeating: "a/", count: 2000),
+            ] {
+                // Either the route it normalises to (`/v1//installations` is the listing) or a 4xx.
+                let answer = try await RawHTTP.request("GET", target, headers: auth, port: port)
+                if answer.status != 200 {
+                    Self.expectContractError(answer.status, answer.errorCode, answer.body, "\(target)")
+                }
+            }
+            // Unknown routes and wrong methods.
+            let unknown = try await RawHTTP.request("GET", "/forge/register", port: port)
+            #expect(unknown.status == 405)
+            #expect(unknown.errorCode == "method_not_allowed")
+            let nowhere = try await RawHTTP.request("DELETE", "/nowhere", port: port)
+            #expect(nowhere.status == 404)
+            #expect(nowhere.errorCode == "not_found")
+            // Query parameters out of range.
+            for query in ["minValidity=-1", "minValidity=7201", "minValidity=1e3", "timeout=99", "timeout=x", "timeout=30001"] {
+                let answer = try await RawHTTP.request(
+                    "GET", "/v1/installations/\(installation.uuid)/token?\(query)", headers: auth, port: port)
+                #expect(answer.status == 400, "\(query)")
+                #expect(answer.errorCode == "invalid_parameter", "\(query)")
+            }
+            for cursor in ["%zz", "not-base64!", Base64URL.encode(Array("ari:cloud:jira::site/x".utf8))] {
+                let answer = try await RawHTTP.request("GET", "/v1/installations?cursor=\(cursor)", headers: auth, port: port)
+                #expect(answer.status == 400, "cursor \(cursor)")
+                #expect(answer.errorCode == "invalid_parameter", "cursor \(cursor)")
+            }
+            #expect(try await Security.snapshot(of: installation, in: h.gateway.redis) == before)
+            #expect(h.emulator.triggerCalls(for: installation) == 0)
+        }
+    }
+}

@@ -1,0 +1,341 @@
+import Crypto
+import FlowEngine
+import ForgeEmulator
+import Foundation
+import Logging
+import NIOHTTP1
+import Testing
+
+@testable import TokenGateway
+
+/// Issue #4 item 5: secrets at rest are bound to their Redis key, the key ring rotates with
+/// `keys rewrap`, and trigger-signing keys rotate per installation with an overlap window.
+@Suite("Security: keys at rest and trigger-key rotation", .serialized)
+struct SecurityKeyTests {
+    static func ring(_ spec: [(String, [UInt8])]) throws -> EncryptionKeyRing {
+        try EncryptionKeyRing(keys: spec.map { (id: $0.0, key: SymmetricKey(data: $0.1)) })
+    }
+
+    static func randomKey() -> [UInt8] { (0..<32).map { _ in UInt8.random(in: 0...255) } }
+
+    static func redis(_ url: String = GatewayHarness.redisURL) throws -> RedisClient {
+        // A generous timeout: these tests share two cores with the whole suite.
+        var configuration = try RedisConfiguration(url: url)
+        configuration.commandTimeout = .seconds(10)
+        return RedisClient(configuration: configuration, logger: Logger(label: "security-test"))
+    }
+
+    static func installation() -> InstallationID {
+        InstallationID(UUID().uuidString.lowercased())!
+    }
+
+    /// Fills a store: two installations with trigger URLs, signing keys (one mid-rotation) and
+    /// tokens, a user token, and a Connect tenant: nine sealed values.
+    static func seed(_ store: GatewayStore) async throws -> [InstallationID] {
+        let now = FlowTime.now()
+        var ids: [InstallationID] = []
+        for n in 0..<2 {
+            let id = Self.installation()
+            let key = TriggerSigningKey.generate()
+            _ = try await store.register(
+                id, triggerURL: "https://t\(n).hello.atlassian-dev.net/x1/secret-\(n)", candidateKeyID: key.keyId,
+                candidateKey: key.rawPrivateKey, metadata: .init(appId: "app"), now: now)
+            _ = try await store.storeDeliveredToken(
+                id, token: AccessToken(value: "token-\(n)-\(UUID())", expiresAt: now.unixSeconds + 3600), requestID: nil,
+                metadata: .init(), now: now)
+            ids.append(id)
+        }
+        let next = TriggerSigningKey.generate()
+        _ = try await store.rotateTriggerKey(
+            ids[0], candidateKeyID: next.keyId, candidateKey: next.rawPrivateKey, overlap: .seconds(600), now: now)
+        _ = try await store.storeUserToken(
+            ids[1], accountId: "557058:user-1",
+            token: AccessToken(value: "user-token-\(UUID())", expiresAt: now.unixSeconds + 3600),
+            cacheUntil: now.unixSeconds + 3000, now: now)
+        try await store.storeConnectInstall(
+            ConnectInstallation(
+                clientKey: "client-\(UUID())", appKey: "app", baseUrl: "https://example.atlassian.net",
+                payloadJSON: "{}", sharedSecret: Array("shared-\(UUID())".utf8), installationId: ids[0]),
+            now: now)
+        return ids
+    }
+
+    /// Every sealed value under `prefix`: (key, field, key id).
+    static func sealedValues(prefix: String, redis: RedisClient) async throws -> [(String, String, String)] {
+        var out: [(String, String, String)] = []
+        for key in try await Security.scan(pattern: "\(prefix):*", in: redis) {
+            guard try await redis.send(["TYPE", key]).string == "hash" else { continue }
+            let items = try await redis.send(["HGETALL", key]).array ?? []
+            var i = 0
+            while i + 1 < items.count {
+                if let field = items[i].string, let value = items[i + 1].string, KeyRewrap.looksSealed(value),
+                    let keyID = EncryptionKeyRing.keyId(of: value)
+                {
+                    out.append((key, field, keyID))
+                }
+                i += 2
+            }
+        }
+        return out
+    }
+
+    static func opensEverything(_ store: GatewayStore, _ ids: [InstallationID]) async throws {
+        for id in ids {
+            #expect(try await store.systemToken(id) != nil)
+            #expect(try await store.triggerMaterial(id) != nil)
+            #expect(try await store.triggerKeys(id, now: FlowTime.now()) != nil)
+        }
+        #expect(try await store.systemToken(ids[0])?.value.hasPrefix("token-0-") == true)
+    }
+
+    @Test("a sealed value copied under another installation's key does not open")
+    func copiedBlobsFailToDecrypt() async throws {
+        let redis = try Self.redis()
+        let prefix = "tgsec-\(UUID().uuidString.prefix(8))"
+        let store = GatewayStore(redis: redis, box: try Self.ring([("k1", Self.randomKey())]), prefix: prefix)
+        let ids = try await Self.seed(store)
+        let (a, b) = (ids[0], ids[1])
+
+        // Token: A's sealed token under B's token key.
+        let tokenA = try await redis.send(["HGET", store.systemTokenKey(a), "v"]).string!
+        _ = try await redis.send(["HSET", store.systemTokenKey(b), "v", tokenA])
+        await #expect(throws: EncryptionError.authenticationFailed) { try await store.systemToken(b) }
+
+        // Trigger URL: A's under B's installation hash.
+        let urlA = try await redis.send(["HGET", store.installationKey(a), "triggerUrl"]).string!
+        _ = try await redis.send(["HSET", store.installationKey(b), "triggerUrl", urlA])
+        await #expect(throws: EncryptionError.authenticationFailed) { try await store.triggerMaterial(b) }
+
+        // Signing key: A's private key under B's hash and B's key id.
+        let keysA = "\(prefix):{\(a.ari)}:signing-keys"
+        let keysB = "\(prefix):{\(b.ari)}:signing-keys"
+        let idA = try await redis.send(["HGET", keysA, "current"]).string!
+        let idB = try await redis.send(["HGET", keysB, "current"]).string!
+        let sealedA = try await redis.send(["HGET", keysA, "key:" + idA]).string!
+        _ = try await redis.send(["HSET", keysB, "key:" + idB, sealedA])
+        await #expect(throws: EncryptionError.authenticationFailed) { try await store.triggerKeys(b, now: FlowTime.now()) }
+
+        // The same blob still opens where it belongs.
+        #expect(try await store.systemToken(a) != nil)
+        #expect(try await store.triggerMaterial(a) != nil)
+        await redis.shutdown()
+    }
+
+    @Test("a token blob copied under another installation is never served to a caller")
+    func copiedTokenIsNotServed() async throws {
+        try await GatewayHarness.run(configure: { $0.flow.maxAttempts = 1 }) { h in
+            let a = try await h.installed()
+            let b = try await h.installed()
+            let pushedA = try await h.emulator.push(a)
+            #expect(pushedA.status == 200)
+            // B's token key gets A's sealed token (and expiry), as an attacker with write access
+            // to Redis could copy it; B's gateway memory holds no token of its own.
+            let store = h.gateway.store
+            let fields = try await h.gateway.redis.send(["HGETALL", store.systemTokenKey(a.installationID)])
+            _ = try await h.gateway.redis.send(
+                ["HSET", store.systemTokenKey(b.installationID)] + (fields.array ?? []).compactMap(\.string))
+            let answer = try await h.token(b, query: "timeout=2000")
+            #expect(!answer.body.contains(pushedA.token))
+            #expect(answer.status == 503)
+            #expect(answer.errorCode == "store_unavailable")
+            #expect(h.emulator.triggerCalls(for: b) == 0)
+            // A is unaffected.
+            #expect(try await h.token(a).json["accessToken"] as? String == pushedA.token)
+        }
+    }
+
+    @Test("KeyRewrap re-seals everything under the new key, resumably and idempotently")
+    func rewrapLibrary() async throws {
+        let redis = try Self.redis()
+        let prefix = "tgsec-\(UUID().uuidString.prefix(8))"
+        let k1 = Self.randomKey()
+        let k2 = Self.randomKey()
+        let old = GatewayStore(redis: redis, box: try Self.ring([("k1", k1)]), prefix: prefix)
+        let ids = try await Self.seed(old)
+        let before = try await Self.sealedValues(prefix: prefix, redis: redis)
+        #expect(before.count == 9)
+        #expect(before.allSatisfy { $0.2 == "k1" })
+        let tokenTTL = try await redis.send(["PTTL", old.systemTokenKey(ids[0])]).int ?? -1
+
+        // One small batch, then "interrupted": resume from the reported cursor.
+        let logs = LogSink.memory()
+        let logger = Logger(label: "rewrap") { GatewayLogHandler(label: $0, format: .logfmt, level: .debug, sink: logs) }
+        let rewrap = KeyRewrap(
+            redis: redis, keys: try Self.ring([("k2", k2), ("k1", k1)]), prefix: prefix, batchSize: 2, logger: logger)
+        let first = try await rewrap.step(cursor: "0")
+        var total = first.counts
+        if first.nextCursor != "0" {
+            let rest = try await rewrap.run(from: first.nextCursor)
+            total.rewrapped += rest.rewrapped
+            total.unopenable += rest.unopenable
+        }
+        #expect(total.rewrapped == before.count)
+        #expect(total.unopenable == 0)
+
+        let after = try await Self.sealedValues(prefix: prefix, redis: redis)
+        #expect(after.count == before.count)
+        #expect(after.allSatisfy { $0.2 == "k2" })
+        // Expiries are kept.
+        let ttlAfter = try await redis.send(["PTTL", old.systemTokenKey(ids[0])]).int ?? -1
+        #expect(ttlAfter > 0 && ttlAfter <= tokenTTL)
+
+        // Everything opens with the new key alone, and says the same as before.
+        let new = GatewayStore(redis: redis, box: try Self.ring([("k2", k2)]), prefix: prefix)
+        try await Self.opensEverything(new, ids)
+        #expect(try await new.triggerMaterial(ids[1])?.url == "https://t1.hello.atlassian-dev.net/x1/secret-1")
+        let userKey = new.userTokenKey(ids[1], accountId: "557058:user-1")
+        let userSealed = try #require(try await redis.send(["HGET", userKey, "v"]).string)
+        let userToken = try Self.ring([("k2", k2)]).open(userSealed, context: userKey)
+        #expect(String(decoding: userToken, as: UTF8.self).hasPrefix("user-token-"))
+
+        // A second run changes nothing.
+        let again = try await rewrap.run()
+        #expect(again.rewrapped == 0)
+        #expect(again.alreadyCurrent == before.count)
+
+        // A ring without the old key cannot open k1 blobs: they are counted and left alone.
+        let stray = try await new.redis.send(["HSET", "\(prefix):stray", "v", try Self.ring([("k1", k1)]).seal([1, 2, 3], context: "\(prefix):stray#v")])
+        #expect(stray.int == 1)
+        let partial = try await KeyRewrap(redis: redis, keys: try Self.ring([("k2", k2)]), prefix: prefix, logger: logger).run()
+        #expect(partial.unopenable == 1)
+        #expect(try await redis.send(["HGET", "\(prefix):stray", "v"]).string?.hasPrefix("k1.") == true)
+        #expect(!logs.captured.joined().contains(Data(k1).base64EncodedString()))
+        await redis.shutdown()
+    }
+
+    @Test("token-gateway keys rewrap runs against Redis, prints its cursor, and resumes with --cursor")
+    func rewrapCommand() async throws {
+        let server = try await RedisServerProcess.start()
+        let redis = try Self.redis(server.url)
+        let k1 = Self.randomKey()
+        let k2 = Self.randomKey()
+        let old = GatewayStore(redis: redis, box: try Self.ring([("k1", k1)]))
+        let ids = try await Self.seed(old)
+        let count = try await Self.sealedValues(prefix: "tg", redis: redis).count
+        let ringText = "k2:\(Data(k2).base64EncodedString()),k1:\(Data(k1).base64EncodedString())"
+
+        let first = try Self.runCommand(
+            ["keys", "rewrap", "--batch-size", "1"],
+            environment: ["TOKEN_GATEWAY_REDIS_URL": server.url, "TOKEN_GATEWAY_ENCRYPTION_KEYS": ringText])
+        #expect(first.status == 0, "\(first.output)")
+        let progress = first.output.split(separator: "\n").filter { $0.hasPrefix("rewrap progress cursor=") }
+        #expect(progress.count >= 2)
+        #expect(first.output.contains("rewrap done keys="))
+        #expect(first.output.contains("rewrapped=\(count)"))
+        #expect(!first.output.contains(Data(k2).base64EncodedString()))
+
+        // Resume from a cursor printed mid-way: harmless, nothing left to do.
+        let cursor = String(progress[0].split(separator: " ")[2].dropFirst("cursor=".count))
+        let resumed = try Self.runCommand(
+            ["keys", "rewrap", "--cursor", cursor],
+            environment: ["TOKEN_GATEWAY_REDIS_URL": server.url, "TOKEN_GATEWAY_ENCRYPTION_KEYS": ringText])
+        #expect(resumed.status == 0)
+        #expect(resumed.output.contains("rewrapped=0"))
+
+        let new = GatewayStore(redis: redis, box: try Self.ring([("k2", k2)]))
+        try await Self.opensEverything(new, ids)
+
+        let missing = try Self.runCommand(["keys", "rewrap"], environment: ["TOKEN_GATEWAY_REDIS_URL": server.url])
+        #expect(missing.status == 2)
+        #expect(missing.output.contains("TOKEN_GATEWAY_ENCRYPTION_KEYS"))
+        await redis.shutdown()
+        await server.stop()
+    }
+
+    static func runCommand(_ arguments: [String], environment: [String: String]) throws -> (status: Int32, output: String) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: GatewayProcess.binary)
+        process.arguments = arguments
+        process.environment = environment.merging(["PATH": "/usr/bin:/bin"]) { a, _ in a }
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        process.standardError = pipe
+        try process.run()
+        let data = pipe.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return (process.terminationStatus, String(decoding: data, as: UTF8.self))
+    }
+
+    @Test("rotateKey announces a next trigger key, keeps signing with the current one, then switches")
+    func triggerKeyRotation() async throws {
+        try await GatewayHarness.run(configure: { $0.flow.maxAttempts = 1 }) { h in
+            let installation = try await h.installed()
+            let id = installation.installationID
+            let original = try #require(try await h.gateway.store.installation(id)?.triggerKeyId)
+
+            // Announce: the answer names the current key and the next one with its activation time.
+            let fit = try h.emulator.mintFIT(for: installation)
+            let rotate = try await h.call(
+                .POST, "/forge/register", secret: nil,
+                headers: ["authorization": "Bearer \(fit)", "content-type": "application/json"],
+                body: "{\"authTriggerUrl\":\"\(h.emulator.triggerURL(for: installation))\",\"rotateKey\":true}")
+            #expect(rotate.status == 200)
+            #expect(rotate.json["triggerKeyId"] as? String == original)
+            let nextID = try #require(rotate.json["nextTriggerKeyId"] as? String)
+            let nextPublic = try #require(rotate.json["nextTriggerPublicKey"] as? String)
+            #expect(nextID != original)
+            #expect(rotate.json["nextTriggerKeyActivatesAt"] is String)
+
+            // A retried rotation announces the same next key.
+            let retried = try await h.call(
+                .POST, "/forge/register", secret: nil,
+                headers: ["authorization": "Bearer \(try h.emulator.mintFIT(for: installation))", "content-type": "application/json"],
+                body: "{\"authTriggerUrl\":\"\(h.emulator.triggerURL(for: installation))\",\"rotateKey\":true}")
+            #expect(retried.json["nextTriggerKeyId"] as? String == nextID)
+
+            // During the overlap the gateway signs with the current key only.
+            #expect(try await h.token(installation).status == 200)
+            #expect(h.emulator.triggerRecords(for: installation).last?.keyId == original)
+            #expect(h.emulator.triggerRecords(for: installation).last?.signatureValid == true)
+
+            // After the window: the next key signs, the old private key is gone.
+            let later = FlowTime.now() + .seconds(3600)
+            let keys = try #require(try await h.gateway.store.triggerKeys(id, now: later))
+            #expect(keys.current.keyID == nextID)
+            #expect(keys.next == nil)
+            #expect(try TriggerSigningKey(keyId: nextID, rawPrivateKey: keys.current.rawPrivateKey).publicKeyBase64URL == nextPublic)
+            let hash = try await h.gateway.redis.send(["HKEYS", "tg:{\(installation.id)}:signing-keys"])
+            let fields = (hash.array ?? []).compactMap(\.string)
+            #expect(!fields.contains("key:" + original))
+            #expect(try await h.gateway.store.installation(id)?.triggerKeyId == nextID)
+            let material = try #require(try await h.gateway.store.currentTriggerMaterial(id, now: FlowTime.now()))
+            #expect(material.keyID == nextID)
+
+            // The trigger is now signed with the new key (the emulator, which only knows the key
+            // it was told at registration, sees the new key id).
+            _ = try await h.call(.POST, GatewayHarness.path(installation) + "/token/refresh?timeout=1500")
+            #expect(h.emulator.triggerRecords(for: installation).last?.keyId == nextID)
+
+            // A plain re-registration now answers the new key, so the Forge side can follow.
+            let reregistered = try await h.emulator.register(installation)
+            #expect(reregistered.triggerKeyId == nextID)
+            #expect(reregistered.triggerPublicKey == nextPublic)
+            let fresh = try await h.call(.POST, GatewayHarness.path(installation) + "/token/refresh")
+            #expect(fresh.status == 200)
+            #expect(h.emulator.triggerRecords(for: installation).last?.signatureValid == true)
+        }
+    }
+
+    @Test("with a zero overlap the rotated key signs at once")
+    func immediateRotation() async throws {
+        try await GatewayHarness.run(configure: { $0.triggerKeyOverlap = .zero }) { h in
+            let installation = try await h.installed()
+            let original = try await h.gateway.store.installation(installation.installationID)?.triggerKeyId
+            let fit = try h.emulator.mintFIT(for: installation)
+            let rotate = try await h.call(
+                .POST, "/forge/register", secret: nil,
+                headers: ["authorization": "Bearer \(fit)", "content-type": "application/json"],
+                body: "{\"authTriggerUrl\":\"\(h.emulator.triggerURL(for: installation))\",\"rotateKey\":true}")
+            #expect(rotate.status == 200)
+            let current = try #require(rotate.json["triggerKeyId"] as? String)
+            #expect(current != original)
+            #expect(rotate.json["nextTriggerKeyId"] == nil)
+            let bad = try await h.call(
+                .POST, "/forge/register", secret: nil,
+                headers: ["authorization": "Bearer \(try h.emulator.mintFIT(for: installation))", "content-type": "application/json"],
+                body: "{\"authTriggerUrl\":\"\(h.emulator.triggerURL(for: installation))\",\"rotateKey\":\"yes\"}")
+            #expect(bad.status == 400)
+            #expect(bad.errorCode == "invalid_request")
+        }
+    }
+}

@@ -1,0 +1,197 @@
+import FlowEngine
+import ForgeEmulator
+import Foundation
+import NIOCore
+import NIOPosix
+import Synchronization
+import Testing
+
+@testable import TokenGateway
+
+/// Helpers for the security tests.
+enum Security {
+    /// Waits until `condition` holds, checking every 10 ms, for at most `deadline`.
+    static func eventually(
+        within deadline: Duration = .seconds(10), _ condition: @Sendable () async throws -> Bool
+    ) async throws -> Bool {
+        let end = ContinuousClock.now + deadline
+        while ContinuousClock.now < end {
+            if try await condition() { return true }
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        return try await condition()
+    }
+
+    /// Every key of an installation in the store (SCAN on its hash tag, never KEYS).
+    static func keys(of installation: EmulatedInstallation, in redis: RedisClient, prefix: String = "tg") async throws
+        -> [String]
+    {
+        try await self.scan(pattern: "\(prefix):{\(installation.id)}*", in: redis)
+    }
+
+    /// Every key matching `pattern`, with SCAN.
+    static func scan(pattern: String, in redis: RedisClient) async throws -> [String] {
+        var cursor = "0"
+        var out: Set<String> = []
+        repeat {
+            let reply = try await redis.send(["SCAN", cursor, "MATCH", pattern, "COUNT", "1000"])
+            guard let parts = reply.array, parts.count == 2, let next = parts[0].string else { break }
+            for name in parts[1].array ?? [] { if let s = name.string { out.insert(s) } }
+            cursor = next
+        } while cursor != "0"
+        return out.sorted()
+    }
+
+    /// Every value held under `key` as text (strings, hash fields and values, set, sorted-set and
+    /// list members), whatever its type.
+    static func values(of key: String, in redis: RedisClient) async throws -> [String] {
+        let type = try await redis.send(["TYPE", key]).string ?? "none"
+        let reply: RedisValue
+        switch type {
+        case "string": reply = try await redis.send(["GET", key])
+        case "hash": reply = try await redis.send(["HGETALL", key])
+        case "set": reply = try await redis.send(["SMEMBERS", key])
+        case "zset": reply = try await redis.send(["ZRANGE", key, "0", "-1"])
+        case "list": reply = try await redis.send(["LRANGE", key, "0", "-1"])
+        default: return []
+        }
+        if let items = reply.array { return items.map { $0.string ?? String(decoding: $0.bytes, as: UTF8.self) } }
+        return [reply.string ?? String(decoding: reply.bytes, as: UTF8.self)]
+    }
+
+    /// The installation's state in the store, for "nothing changed" assertions: every key with its
+    /// values (sorted), excluding the lease and pending keys of round trips in flight.
+    static func snapshot(of installation: EmulatedInstallation, in redis: RedisClient) async throws -> [String: [String]] {
+        var out: [String: [String]] = [:]
+        for key in try await self.keys(of: installation, in: redis) {
+            out[key] = try await self.values(of: key, in: redis).sorted()
+        }
+        return out
+    }
+
+    /// Lowercase hex.
+    static func hex(_ bytes: [UInt8]) -> String {
+        bytes.map { String(format: "%02x", $0) }.joined()
+    }
+
+    /// Percent-encodes everything but unreserved characters.
+    static func encoded(_ s: String) -> String {
+        s.addingPercentEncoding(withAllowedCharacters: .alphanumerics.union(CharacterSet(charactersIn: "-._~")))!
+    }
+}
+
+extension RedisValue {
+    fileprivate var bytes: [UInt8] {
+        if case .bulk(let b) = self { return b }
+        return []
+    }
+}
+
+/// A TCP listener on a loopback port that counts the connections it accepts and closes each at
+/// once: proof that nothing contacted it (or that something did).
+final class ConnectionRecorder: Sendable {
+    let channel: any Channel
+    private let counter: Counter
+
+    final class Counter: Sendable {
+        let count = Atomic<Int>(0)
+    }
+
+    var port: Int { self.channel.localAddress?.port ?? 0 }
+    var connections: Int { self.counter.count.load(ordering: .relaxed) }
+    /// `http://127.0.0.1:<port>`.
+    var baseURL: String { "http://127.0.0.1:\(self.port)" }
+
+    private init(channel: any Channel, counter: Counter) {
+        self.channel = channel
+        self.counter = counter
+    }
+
+    static func start() async throws -> ConnectionRecorder {
+        let counter = Counter()
+        let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { child in
+                counter.count.add(1, ordering: .relaxed)
+                return child.close()
+            }
+            .bind(host: "127.0.0.1", port: 0)
+            .get()
+        return ConnectionRecorder(channel: channel, counter: counter)
+    }
+
+    func stop() async {
+        try? await self.channel.close()
+    }
+}
+
+/// Sends raw bytes to a loopback port and collects everything the server answers until it closes
+/// the connection (or `timeout` passes): for requests no HTTP client would send.
+enum RawHTTP {
+    final class Collector: ChannelInboundHandler, Sendable {
+        typealias InboundIn = ByteBuffer
+        let received = Mutex<[UInt8]>([])
+        let closed: EventLoopPromise<Void>
+
+        init(closed: EventLoopPromise<Void>) { self.closed = closed }
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            let buffer = self.unwrapInboundIn(data)
+            self.received.withLock { $0.append(contentsOf: buffer.readableBytesView) }
+        }
+
+        func channelInactive(context: ChannelHandlerContext) {
+            self.closed.succeed(())
+            context.fireChannelInactive()
+        }
+    }
+
+    static func send(_ bytes: [UInt8], port: Int, timeout: Duration = .seconds(10)) async throws -> String {
+        let group = MultiThreadedEventLoopGroup.singleton
+        let closed = group.next().makePromise(of: Void.self)
+        let collector = Collector(closed: closed)
+        let channel = try await ClientBootstrap(group: group)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(collector) }
+            }
+            .connect(host: "127.0.0.1", port: port).get()
+        // The server may answer and stop reading before everything is written (an oversized
+        // head): its answer still counts.
+        try? await channel.writeAndFlush(ByteBuffer(bytes: bytes))
+        let timer = channel.eventLoop.scheduleTask(in: .nanoseconds(timeout.nanoseconds)) { channel.close(promise: nil) }
+        try await closed.futureResult.get()
+        timer.cancel()
+        return String(decoding: collector.received.withLock { $0 }, as: UTF8.self)
+    }
+}
+
+extension RawHTTP {
+    /// A parsed raw answer.
+    struct Answer: Sendable {
+        let raw: String
+        var status: Int {
+            let line = self.raw.split(separator: "\r\n", maxSplits: 1).first ?? ""
+            let parts = line.split(separator: " ")
+            return parts.count >= 2 ? Int(parts[1]) ?? 0 : 0
+        }
+        var body: String {
+            guard let range = self.raw.range(of: "\r\n\r\n") else { return "" }
+            return String(self.raw[range.upperBound...])
+        }
+        var errorCode: String? {
+            let json = (try? JSONSerialization.jsonObject(with: Data(self.body.utf8))) as? [String: Any]
+            return (json?["error"] as? [String: Any])?["code"] as? String
+        }
+    }
+
+    /// One request written by hand (`Connection: close`), its answer read to the end.
+    static func request(
+        _ method: String, _ target: String, headers: [(String, String)] = [], body: [UInt8] = [], port: Int
+    ) async throws -> Answer {
+        var head = "\(method) \(target) HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        for (name, value) in headers { head += "\(name): \(value)\r\n" }
+        if !body.isEmpty { head += "Content-Length: \(body.count)\r\n" }
+        head += "\r\n"
+        return Answer(raw: try await self.send(Array(head.utf8) + body, port: port))
+    }
+}
