@@ -27,7 +27,7 @@ swift build -c "$CONFIG" --scratch-path "$SCRATCH" --product token-gateway 2>&1 
 bin="$(swift build -c "$CONFIG" --scratch-path "$SCRATCH" --show-bin-path)/token-gateway"
 
 mkdir -p var/redis
-if [ ! -f var/dev.env ]; then
+if [ ! -f var/dev.env ] || ! grep -q "^TOKEN_GATEWAY_CALLERS='" var/dev.env; then
     key=$(head -c 32 /dev/urandom | base64 | tr -d '\n')
     secret=$(head -c 24 /dev/urandom | base64 | tr -d '\n/+=')
     umask 077
@@ -35,7 +35,7 @@ if [ ! -f var/dev.env ]; then
 # Local development settings written by scripts/run.sh. Keep this file private.
 DEV_CALLER_SECRET=$secret
 TOKEN_GATEWAY_ENCRYPTION_KEYS=dev1:$key
-TOKEN_GATEWAY_CALLERS=[{"name":"dev","secret":"$secret","installations":["*"],"clientKeys":["*"]}]
+TOKEN_GATEWAY_CALLERS='[{"name":"dev","secret":"$secret","installations":["*"],"clientKeys":["*"]}]'
 ENV
 fi
 set -a
@@ -69,7 +69,13 @@ export TOKEN_GATEWAY_FORGE_GRAPHQL_URL="http://127.0.0.1:$EMULATOR_PORT/graphql"
 "$bin" emulate --port "$EMULATOR_PORT" --gateway-url "http://127.0.0.1:$GATEWAY_PORT" --app-id "$TOKEN_GATEWAY_FORGE_APP_ID" &
 pids+=($!)
 "$bin" serve &
-pids+=($!)
+gateway_pid=$!
+pids+=($gateway_pid)
+for _ in $(seq 1 600); do
+    curl -fsS -o /dev/null "http://127.0.0.1:$GATEWAY_PORT/health/ready" 2>/dev/null && break
+    kill -0 "$gateway_pid" 2>/dev/null || { echo "the gateway exited; see the line above"; exit 1; }
+    sleep 0.1
+done
 wait_for_http "http://127.0.0.1:$GATEWAY_PORT/health/ready"
 wait_for_http "http://127.0.0.1:$EMULATOR_PORT/admin/stats"
 
