@@ -21,6 +21,8 @@ redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$w
     --daemonize yes --pidfile "$workdir/redis.pid" --logfile "$workdir/redis.log"
 cleanup() {
     if [ -f "$workdir/redis.pid" ]; then kill "$(cat "$workdir/redis.pid")" 2>/dev/null || true; fi
+    # Gateway processes the integration tests started, should a crashed test have left one behind.
+    pkill -f "$PWD/.build/debug/token-gateway serve" 2>/dev/null || true
     rm -rf "$workdir"
 }
 trap cleanup EXIT
