@@ -32,22 +32,22 @@ struct StockClientAnswer: Sendable, CustomStringConvertible {
     }
 }
 
-/// Everything a child process writes to one pipe, read by the pipe's readability handler.
+/// Everything a child process writes to one pipe, read on a dedicated thread with blocking reads
+/// until end of file (FileHandle's readabilityHandler can crash libdispatch on Linux).
 final class PipeCollector: Sendable {
     private let buffer = Mutex<Data>(Data())
     private let eof = AsyncStream<Void>.makeStream()
 
     init(_ pipe: Pipe) {
-        // The handler keeps the collector alive until end of file, then lets it go.
-        pipe.fileHandleForReading.readabilityHandler = { [self] handle in
-            let chunk = handle.availableData
-            if chunk.isEmpty {
-                handle.readabilityHandler = nil
-                self.eof.continuation.finish()
-            } else {
+        let handle = pipe.fileHandleForReading
+        Thread { [self] in
+            while true {
+                let chunk = handle.availableData
+                if chunk.isEmpty { break }
                 self.buffer.withLock { $0.append(chunk) }
             }
-        }
+            self.eof.continuation.finish()
+        }.start()
     }
 
     /// Returns once the writer closed the pipe.

@@ -20,24 +20,28 @@ func runCLI(_ arguments: [String], environment: [String: String]) async throws -
     process.standardError = err
     let collected = Mutex<(out: Data, err: Data, open: Int)>((Data(), Data(), 2))
     let (done, doneContinuation) = AsyncStream<Void>.makeStream()
+    // Each pipe is read on its own thread with blocking reads until EOF (never on the concurrency
+    // pool, which would starve the gateway running in this process; never with FileHandle's
+    // readabilityHandler, which can crash libdispatch on Linux).
     func collect(_ handle: FileHandle, isOut: Bool) {
-        handle.readabilityHandler = { h in
-            let data = h.availableData
-            let finished = collected.withLock { c -> Bool in
-                if data.isEmpty {
-                    c.open -= 1
-                    return c.open == 0
+        Thread {
+            while true {
+                let data = handle.availableData
+                if data.isEmpty { break }
+                collected.withLock { c in
+                    if isOut { c.out.append(data) } else { c.err.append(data) }
                 }
-                if isOut { c.out.append(data) } else { c.err.append(data) }
-                return false
             }
-            if data.isEmpty { h.readabilityHandler = nil }
+            let finished = collected.withLock { c -> Bool in
+                c.open -= 1
+                return c.open == 0
+            }
             if finished { doneContinuation.finish() }
-        }
+        }.start()
     }
+    try process.run()
     collect(out.fileHandleForReading, isOut: true)
     collect(err.fileHandleForReading, isOut: false)
-    try process.run()
     for await _ in done {}
     while process.isRunning { try await Task.sleep(for: .milliseconds(5)) }
     let (o, e, _) = collected.withLock { $0 }

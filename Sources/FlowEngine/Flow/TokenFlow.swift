@@ -98,7 +98,16 @@ public final class TokenFlow: Sendable, Service {
         async throws(FlowError) -> TokenAnswer
     {
         let nowSeconds = start.unixSeconds
-        let (remembered, rememberedBaseURL) = self.state.withLock { ($0.memory[id], $0.baseURLs[id]) }
+        // The hot path: one lock, no Redis, no decryption. An expired token is dropped here, so
+        // memory holds no token past its expiry once it has been asked for.
+        let (remembered, rememberedBaseURL) = self.state.withLock { s -> (AccessToken?, String?) in
+            guard let t = s.memory[id] else { return (nil, s.baseURLs[id]) }
+            if t.expiresAt <= nowSeconds {
+                s.memory[id] = nil
+                return (nil, s.baseURLs[id])
+            }
+            return (t, s.baseURLs[id])
+        }
         if !request.forceRefresh, let t = remembered, t.expiresAt >= nowSeconds + request.minValidity {
             self.refreshAheadIfStale(id, t, now: start)
             return TokenAnswer(token: t, source: .cache, apiBaseUrl: rememberedBaseURL)
@@ -107,8 +116,9 @@ public final class TokenFlow: Sendable, Service {
         do {
             snapshot = try await self.store.snapshot(id, timeout: min(deadline - start, .seconds(2)))
         } catch {
-            // Redis is unreachable: a still-valid token held in memory is served.
-            if let t = remembered, t.expiresAt > self.now().unixSeconds {
+            // Redis is unreachable: a still-valid token held in memory is served, except to a forced
+            // refresh, which asks for a token other than the one it holds.
+            if !request.forceRefresh, let t = remembered, t.expiresAt > self.now().unixSeconds {
                 return TokenAnswer(token: t, source: .cache, apiBaseUrl: rememberedBaseURL)
             }
             self.logger.warning(

@@ -91,9 +91,14 @@ extension RedisClient {
         await self.shutdown()
     }
 
-    /// Watches the sentinels' `+switch-master` announcements: when the primary moves, every pooled and subscriber
+    /// Watches the sentinels' announcements that the primary moved: when it does, every pooled and subscriber
     /// connection is closed, so each reconnects to the new primary at once instead of writing to the demoted one
-    /// until the sentinel reconfigures it.
+    /// until the sentinel reconfigures it (writes acknowledged there in the meantime would be lost).
+    ///
+    /// `+promoted-slave` comes from the sentinel leading the failover at the very moment it starts naming the
+    /// promoted replica as the primary (`SENTINEL get-master-addr-by-name`); `+switch-master` comes from every
+    /// sentinel, but only once the failover has ended, which can take until the failover timeout. Both are
+    /// followed, so a reconnect asks the sentinels again as soon as they give out the new address.
     private func followFailovers(masterName: String) async {
         let (events, continuation) = AsyncStream.makeStream(
             of: RedisPubSubEvent.self,
@@ -102,7 +107,7 @@ extension RedisClient {
         let watch = RedisSubscription(
             id: -1,
             label: "sentinel",
-            channels: ["+switch-master"],
+            channels: ["+switch-master", "+promoted-slave"],
             continuation: continuation
         )
         await withDiscardingTaskGroup { group in
@@ -111,23 +116,49 @@ extension RedisClient {
                     try await self.connector.connectToSentinel(on: eventLoop, pushHandler: pushHandler)
                 }
             }
-            // `<master> <old ip> <old port> <new ip> <new port>`
             for await event in events {
-                guard case .message(_, let announcement) = event, announcement.hasPrefix(masterName + " ") else {
+                guard case .message(let channel, let announcement) = event,
+                    let newPrimary = Self.announcedPrimary(
+                        channel: channel, announcement: announcement, masterName: masterName)
+                else {
                     continue
                 }
                 self.logger.notice(
                     "Redis sentinel announced a new primary",
-                    metadata: ["redis.switch": "\(announcement)"]
+                    metadata: ["redis.sentinel.event": "\(channel)", "redis.switch": "\(announcement)"]
                 )
-                self.pool.closeAllConnections()
+                // Connections already on the new primary (a second announcement of the same failover, or a
+                // reconnect that asked the sentinels after the first) stay: closing them would fail their commands.
+                self.pool.closeConnections(notTo: newPrimary)
                 let subscriptions = self.state.withLock { Array($0.subscriptions.values) }
                 for subscription in subscriptions {
-                    subscription.closeConnection()
+                    subscription.closeConnection(unlessTo: newPrimary)
                 }
             }
             group.cancelAll()
         }
+    }
+
+    /// The new primary's `host:port` (as ``RedisConnection/address`` writes it) when a sentinel announcement says
+    /// that `masterName` has one: `+switch-master` `<master> <old ip> <old port> <new ip> <new port>`, or
+    /// `+promoted-slave` `slave <ip>:<port> <ip> <port> @ <master> <old ip> <old port>`; `nil` for anything else.
+    static func announcedPrimary(channel: String, announcement: String, masterName: String) -> String? {
+        let fields = announcement.split(separator: " ", omittingEmptySubsequences: true).map(String.init)
+        let host: String
+        let port: String
+        switch channel {
+        case "+switch-master" where fields.count == 5 && fields[0] == masterName:
+            (host, port) = (fields[3], fields[4])
+        case "+promoted-slave" where fields.count == 8 && fields[0] == "slave" && fields[4] == "@"
+            && fields[5] == masterName:
+            (host, port) = (fields[2], fields[3])
+        default:
+            return nil
+        }
+        guard let portNumber = Int(port) else {
+            return nil
+        }
+        return hostPortDescription(host: host, port: portNumber)
     }
 
     /// Keeps one subscription connected until it is terminated or the task is cancelled.
@@ -278,9 +309,13 @@ final class RedisSubscription: Sendable {
         }
     }
 
-    /// Closes the serving connection (if any); the subscription reconnects and subscribes again.
-    func closeConnection() {
-        self.state.withLock { $0.connection }?.close()
+    /// Closes the serving connection (if any) unless it is to `address` (`host:port`); the subscription then
+    /// reconnects and subscribes again.
+    func closeConnection(unlessTo address: String) {
+        guard let connection = self.state.withLock({ $0.connection }), connection.address != address else {
+            return
+        }
+        connection.close()
     }
 
     /// Ends the subscription: closes its connection and finishes its stream. Idempotent.

@@ -208,4 +208,15 @@ final class RedisConnectionPool: Sendable {
             connection.close()
         }
     }
+
+    /// Closes every pooled connection whose peer is not `address` (`host:port`, as ``RedisConnection/address``
+    /// writes it): the primary moved there. Each closed slot reconnects on its next use.
+    func closeConnections(notTo address: String) {
+        let connections = self.state.withLock { state in
+            state.machine.connectedConnections.filter { $0.address != address }
+        }
+        for connection in connections {
+            connection.close()
+        }
+    }
 }

@@ -97,8 +97,8 @@ struct RedisConnector: Sendable {
         }
     }
 
-    /// A plain connection to the first sentinel (in order) that accepts one, for watching its `+switch-master`
-    /// announcements.
+    /// A plain connection to the first sentinel (in order) that accepts one, for watching its failover
+    /// announcements (`+promoted-slave`, `+switch-master`).
     ///
     /// - Throws: ``RedisError/unavailable`` when no sentinel can be reached (or the endpoint is direct).
     func connectToSentinel(

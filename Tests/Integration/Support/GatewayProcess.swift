@@ -58,29 +58,25 @@ final class GatewayProcess: Sendable {
         process.standardOutput = FileHandle.nullDevice
         let (lines, continuation) = AsyncStream<String>.makeStream(bufferingPolicy: .bufferingNewest(256))
         let collected = LineBox()
-        let buffer = Mutex<Data>(Data())
-        pipe.fileHandleForReading.readabilityHandler = { handle in
-            let data = handle.availableData
-            if data.isEmpty {
-                continuation.finish()
-                handle.readabilityHandler = nil
-                return
-            }
-            let complete: [String] = buffer.withLock { buf in
-                buf.append(data)
-                var out: [String] = []
-                while let nl = buf.firstIndex(of: 0x0A) {
-                    out.append(String(decoding: buf[buf.startIndex..<nl], as: UTF8.self))
-                    buf.removeSubrange(buf.startIndex...nl)
+        // Read stderr on a dedicated thread with blocking reads until EOF (FileHandle's
+        // readabilityHandler can crash libdispatch's event loop on Linux).
+        let handle = pipe.fileHandleForReading
+        let reader = Thread {
+            var buffer = Data()
+            while true {
+                let data = handle.availableData
+                if data.isEmpty { break }
+                buffer.append(data)
+                while let nl = buffer.firstIndex(of: 0x0A) {
+                    let line = String(decoding: buffer[buffer.startIndex..<nl], as: UTF8.self)
+                    buffer.removeSubrange(buffer.startIndex...nl)
+                    collected.lines.withLock { $0.append(line) }
+                    continuation.yield(line)
                 }
-                return out
             }
-            for line in complete {
-                collected.lines.withLock { $0.append(line) }
-                continuation.yield(line)
-            }
+            continuation.finish()
         }
-        process.terminationHandler = { _ in continuation.finish() }
+        reader.start()
         try process.run()
         let port = try await withThrowingTaskGroup(of: Int?.self) { group in
             group.addTask {
