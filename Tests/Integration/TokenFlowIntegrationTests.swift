@@ -220,4 +220,64 @@ struct TokenFlowIntegrationTests {
             #expect(try await h.gateway.store.systemToken(installation.installationID) == nil)
         }
     }
+
+    @Test("a token in its refresh-ahead window is served at once while one background round trip fetches the next")
+    func refreshAhead() async throws {
+        try await GatewayHarness.run(configure: { $0.flow.refreshAheadFraction = 1.0 }) { h in
+            let installation = try await h.installed()
+            let pushed = try await h.emulator.push(installation, expiresAt: Date().addingTimeInterval(1800))
+            #expect(pushed.status == 200)
+            // Inside the window (here: its whole lifetime): served from the cache without waiting…
+            let first = try await h.token(installation)
+            #expect(first.status == 200)
+            #expect(first.json["source"] as? String == "cache")
+            #expect(first.json["accessToken"] as? String == pushed.token)
+            // …while exactly one background round trip stores the next token.
+            let deadline = ContinuousClock.now + .seconds(20)
+            var stored = try await h.gateway.store.systemToken(installation.installationID)
+            while stored?.value == pushed.token, ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(10))
+                stored = try await h.gateway.store.systemToken(installation.installationID)
+            }
+            #expect(stored?.value != pushed.token)
+            let second = try await h.token(installation)
+            #expect(second.json["source"] as? String == "cache")
+            #expect(second.json["accessToken"] as? String == stored?.value)
+            #expect(h.emulator.triggerCalls(for: installation) == 1)
+        }
+    }
+
+    @Test("a trigger that delivers twice stores the token once and answers the caller once")
+    func deliversTwice() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            h.emulator.setFault(.deliverTwice, for: installation)
+            let answer = try await h.token(installation)
+            #expect(answer.status == 200)
+            #expect(answer.json["source"] as? String == "trigger")
+            let stored = try await h.gateway.store.systemToken(installation.installationID)
+            #expect(answer.json["accessToken"] as? String == stored?.value)
+            #expect(h.emulator.triggerCalls(for: installation) == 1)
+        }
+    }
+
+    @Test("Forge's trace ids are carried into the audit record of a received token")
+    func traceIDsInAudit() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let token = try h.emulator.mintAccessToken(for: installation)
+            let fit = try h.emulator.mintFIT(for: installation)
+            let answer = try await h.call(
+                .POST, "/forge/auth-trigger", secret: nil,
+                headers: [
+                    "authorization": "Bearer \(fit)", "x-forge-oauth-system": token,
+                    "x-b3-traceid": "463ac35c9f6413ad48485a3953bb6124", "x-b3-spanid": "a2fb4a1d1a96d312",
+                    "content-type": "application/json",
+                ], body: "{}")
+            #expect(answer.status == 200)
+            let audit = h.logs.captured.filter { $0.contains("audit.event=token_received") && $0.contains(installation.id) }
+            #expect(audit.contains { $0.contains("trace.id=463ac35c9f6413ad48485a3953bb6124") && $0.contains("span.id=a2fb4a1d1a96d312") })
+            #expect(!h.logs.captured.joined().contains(token))
+        }
+    }
 }

@@ -37,6 +37,8 @@ public final class TokenFlow: Sendable, Service {
         var baseURLs: [InstallationID: String] = [:]
         /// Installations known to have a registered trigger (refresh-ahead needs one).
         var triggerKnown: Set<InstallationID> = []
+        /// Installations whose trigger registration this process has read from the store.
+        var triggerChecked: Set<InstallationID> = []
         /// No refresh-ahead round before this instant (after a failed one).
         var refreshNotBefore: [InstallationID: FlowTime] = [:]
         /// Circuits this process opened.
@@ -134,6 +136,7 @@ public final class TokenFlow: Sendable, Service {
         self.state.withLock {
             if let baseURL { $0.baseURLs[id] = baseURL }
             if snapshot.triggerRegistered { $0.triggerKnown.insert(id) } else { $0.triggerKnown.remove(id) }
+            $0.triggerChecked.insert(id)
         }
         if let t = snapshot.token {
             self.remember(id, t)
@@ -176,9 +179,17 @@ public final class TokenFlow: Sendable, Service {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<TokenAnswer, any Error>) in
                 let now = self.now()
                 let requestID = Self.makeRequestID()
-                let (actions, coalesced, refused) = self.state.withLock {
-                    s -> ([FlowAction], Bool, Bool) in
-                    if s.shuttingDown { return ([], false, true) }
+                let (actions, coalesced, refused, answered) = self.state.withLock {
+                    s -> ([FlowAction], Bool, Bool, TokenAnswer?) in
+                    if s.shuttingDown { return ([], false, true, nil) }
+                    // A round may have ended between this caller's store read and now (its token is
+                    // in memory, the machine gone): a token that satisfies the caller answers it,
+                    // instead of a second round trip for the same installation.
+                    if !request.forceRefresh, s.machines[id]?.isActive != true, let t = s.memory[id],
+                        t.expiresAt >= now.unixSeconds + request.minValidity, t.expiresAt > now.unixSeconds
+                    {
+                        return ([], false, false, TokenAnswer(token: t, source: .cache, apiBaseUrl: apiBaseUrl ?? s.baseURLs[id]))
+                    }
                     s.waiters[waiter] = continuation
                     if let apiBaseUrl { s.waiterBaseURL[waiter] = apiBaseUrl }
                     var machine = s.machines[id] ?? self.makeMachine(&s)
@@ -187,10 +198,14 @@ public final class TokenFlow: Sendable, Service {
                         waiter: waiter, minValidity: request.minValidity, knownExpiry: knownExpiry,
                         forced: request.forceRefresh, deadline: deadline, requestID: requestID, now: now)
                     s.machines[id] = machine
-                    return (actions, wasActive, false)
+                    return (actions, wasActive, false, nil)
                 }
                 if refused {
                     continuation.resume(throwing: FlowError.shuttingDown)
+                    return
+                }
+                if let answered {
+                    continuation.resume(returning: answered)
                     return
                 }
                 if coalesced { self.metrics.coalescedWaiters.increment() }
@@ -217,6 +232,22 @@ public final class TokenFlow: Sendable, Service {
     /// nothing runs for the installation yet. Callers are never made to wait for it.
     func refreshAheadIfStale(_ id: InstallationID, _ token: AccessToken, now: FlowTime) {
         guard token.isStale(at: now, fraction: self.configuration.refreshAheadFraction) else { return }
+        let checked = self.state.withLock { $0.triggerChecked.contains(id) }
+        if !checked {
+            // A token that reached memory without a store read (a push): learn whether a trigger
+            // is registered first, off the caller's path.
+            Task {
+                guard let snapshot = try? await self.store.snapshot(id, timeout: .seconds(2)) else { return }
+                self.state.withLock {
+                    if snapshot.triggerRegistered { $0.triggerKnown.insert(id) }
+                    $0.triggerChecked.insert(id)
+                }
+                if snapshot.status == .active, snapshot.triggerRegistered {
+                    self.refreshAheadIfStale(id, token, now: self.now())
+                }
+            }
+            return
+        }
         let actions = self.state.withLock { s -> [FlowAction] in
             guard !s.shuttingDown, s.triggerKnown.contains(id) else { return [] }
             if let notBefore = s.refreshNotBefore[id], now < notBefore { return [] }
@@ -287,6 +318,7 @@ public final class TokenFlow: Sendable, Service {
             $0.memory[id] = nil
             $0.baseURLs[id] = nil
             $0.triggerKnown.remove(id)
+            $0.triggerChecked.remove(id)
         }
     }
 

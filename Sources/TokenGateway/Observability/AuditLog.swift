@@ -54,7 +54,7 @@ public struct AuditLog: Sendable {
     /// A token was received from Forge (or exchanged for a user).
     public func tokenReceived(
         installation: InstallationID, kind: String, expiresAt: Int64, token: String, stored: Bool,
-        requestID: String?, accountId: String? = nil
+        requestID: String?, accountId: String? = nil, trace: ForgeTrace? = nil
     ) {
         var metadata: Logger.Metadata = [
             "audit.event": "token_received", "installation.id": "\(installation)", "token.kind": "\(kind)",
@@ -63,6 +63,31 @@ public struct AuditLog: Sendable {
             "request.id": "\(requestID ?? "-")",
         ]
         if let accountId { metadata["account.id"] = "\(accountId)" }
+        if let trace { metadata.merge(trace.metadata) { $1 } }
         self.logger.info("token received", metadata: metadata)
+    }
+}
+
+/// The trace ids Forge sends with every remote invocation (`x-b3-traceid`, `x-b3-spanid`), carried
+/// into the log records of the round trip.
+public struct ForgeTrace: Sendable, Hashable {
+    public var traceID: String?
+    public var spanID: String?
+
+    public init(traceID: String?, spanID: String?) {
+        // Bounded and restricted to hex, so a header cannot inject into a log line.
+        func clean(_ s: String?) -> String? {
+            guard let s, !s.isEmpty, s.count <= 64, s.allSatisfy(\.isHexDigit) else { return nil }
+            return s
+        }
+        self.traceID = clean(traceID)
+        self.spanID = clean(spanID)
+    }
+
+    public var metadata: Logger.Metadata {
+        var m: Logger.Metadata = [:]
+        if let traceID { m["trace.id"] = "\(traceID)" }
+        if let spanID { m["span.id"] = "\(spanID)" }
+        return m
     }
 }

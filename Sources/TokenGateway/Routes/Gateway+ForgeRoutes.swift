@@ -51,7 +51,8 @@ extension Gateway {
             guard let keys else { throw GatewayError(FlowError.installationUninstalled) }
             let current = try TriggerSigningKey(keyId: keys.current.keyID, rawPrivateKey: keys.current.rawPrivateKey)
             if let pushed {
-                _ = try await self.storeDelivery(id, token: pushed, requestID: nil, invocation: invocation)
+                _ = try await self.storeDelivery(
+                    id, token: pushed, requestID: nil, invocation: invocation, trace: Self.forgeTrace(request))
             }
             var answer: [(String, JSONValue)] = [
                 ("installationId", .string(id.ari)), ("triggerKeyId", .string(current.keyId)),
@@ -84,7 +85,8 @@ extension Gateway {
                 else { throw GatewayError.invalidRequest("requestId must be a string of 1–128 visible ASCII characters") }
                 requestID = s
             }
-            let stored = try await self.storeDelivery(id, token: token, requestID: requestID, invocation: invocation)
+            let stored = try await self.storeDelivery(
+                id, token: token, requestID: requestID, invocation: invocation, trace: Self.forgeTrace(request))
             return Self.json(.object([("stored", .bool(stored))]))
         }
 
@@ -162,7 +164,17 @@ extension Gateway {
 
     /// Stores a delivered token durably, then wakes this process's waiters. Returns whether it
     /// replaced the stored token.
-    func storeDelivery(_ id: InstallationID, token: AccessToken, requestID: String?, invocation: InvocationContext)
+    /// Forge's trace ids of a request.
+    static func forgeTrace(_ request: Request) -> ForgeTrace {
+        ForgeTrace(
+            traceID: request.headers[HTTPField.Name("x-b3-traceid")!],
+            spanID: request.headers[HTTPField.Name("x-b3-spanid")!])
+    }
+
+    func storeDelivery(
+        _ id: InstallationID, token: AccessToken, requestID: String?, invocation: InvocationContext,
+        trace: ForgeTrace? = nil
+    )
         async throws -> Bool
     {
         let result: GatewayStore.DeliveryResult
@@ -192,7 +204,7 @@ extension Gateway {
         }
         self.audit.tokenReceived(
             installation: id, kind: result.solicited ? "solicited" : "pushed", expiresAt: token.expiresAt,
-            token: token.value, stored: result.outcome == .stored, requestID: requestID)
+            token: token.value, stored: result.outcome == .stored, requestID: requestID, trace: trace)
         return result.outcome == .stored
     }
 }
