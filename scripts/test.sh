@@ -56,7 +56,7 @@ fi
 set -e
 # Totals over every run, as the last line.
 total=$( (grep -E "Test run with [0-9]+ tests?" "$workdir/test.log" || true) | sed -E 's/.*Test run with ([0-9]+) tests?.*/\1/' | awk '{s+=$1} END {print s+0}')
-failed=$( (grep -E "^✘ Test .* failed after" "$workdir/test.log" || true) | sed -E 's/ failed after.*//' | sort -u | wc -l)
+failed=$( (grep -E "^✘ Test .* failed after" "$workdir/test.log" | grep -v "^✘ Test run with" || true) | sed -E 's/ failed after.*//' | sort -u | wc -l)
 total=${total:-0}
 if [ "$status" != 0 ] && [ "$failed" = 0 ]; then failed=1; fi
 echo "tests: $((total - failed)) passed, $failed failed"

@@ -85,7 +85,13 @@ struct ReplicaIntegrationTests {
             }
             #expect(last.status == 200)
             #expect(h.emulator.triggerCalls(for: installation) == 3)
-            let metrics = try await h.call(0, .GET, "/metrics")
+            // The leader records the closing round right after answering: wait for the gauge.
+            let gaugeDeadline = ContinuousClock.now + .seconds(10)
+            var metrics = try await h.call(0, .GET, "/metrics")
+            while !metrics.body.contains("token_gateway_circuits_open 0"), ContinuousClock.now < gaugeDeadline {
+                try await Task.sleep(for: .milliseconds(20))
+                metrics = try await h.call(0, .GET, "/metrics")
+            }
             #expect(metrics.body.contains("token_gateway_circuits_open 0"))
         }
     }
