@@ -1,0 +1,335 @@
+#!/usr/bin/env python3
+"""Load-benchmark driver for scripts/bench.sh: bounded, loopback only, standard library only.
+
+  load_driver.py wrk FILE                 parse `wrk --latency` output: rps, p50, p99, errors (JSON)
+  load_driver.py cold  [options]          cold path: installations x concurrent callers
+  load_driver.py memory [options]         resident memory of the gateway with N tokens cached
+
+The caller secret comes from the environment (BENCH_CALLER_SECRET), never from the command line.
+Every request has a timeout, every loop a count, and the memory phase a deadline.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import re
+import statistics
+import sys
+import threading
+import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+
+REQUEST_TIMEOUT = 30.0
+
+
+# MARK: - HTTP
+
+
+def split_url(url):
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.hostname not in ("127.0.0.1", "localhost", "::1"):
+        sys.exit(f"refusing a non-loopback address: {parsed.hostname}")
+    return parsed.hostname, parsed.port
+
+
+class Client:
+    """One persistent HTTP/1.1 connection (reopened after an error)."""
+
+    def __init__(self, base):
+        self.host, self.port = split_url(base)
+        self.conn = None
+
+    def request(self, method, path, body=None, headers=None):
+        headers = dict(headers or {})
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        for attempt in (1, 2):
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=REQUEST_TIMEOUT)
+            try:
+                self.conn.request(method, path, body=data, headers=headers)
+                response = self.conn.getresponse()
+                payload = response.read()
+                return response.status, payload
+            except (http.client.HTTPException, OSError):
+                self.conn.close()
+                self.conn = None
+                if attempt == 2:
+                    raise
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
+
+
+def caller_headers():
+    secret = os.environ.get("BENCH_CALLER_SECRET")
+    if not secret:
+        sys.exit("BENCH_CALLER_SECRET is not set")
+    return {"Authorization": "Bearer " + secret}
+
+
+def short_id(ari):
+    return ari.rsplit("/", 1)[-1]
+
+
+def percentile(values, fraction):
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, int(round(fraction * (len(ordered) - 1)))))
+    return ordered[index]
+
+
+def create_installations(emulator, count, workers, deadline=None):
+    """Creates `count` installations through the emulator's admin API; returns their ARIs."""
+    local = threading.local()
+
+    def one(_):
+        if deadline is not None and time.monotonic() > deadline:
+            return None
+        if not hasattr(local, "client"):
+            local.client = Client(emulator)
+        status, body = local.client.request("POST", "/admin/installations")
+        if status != 201:
+            raise RuntimeError(f"emulator could not create an installation: HTTP {status} {body[:200]!r}")
+        return json.loads(body)["id"]
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return [i for i in pool.map(one, range(count)) if i is not None]
+
+
+def emulator_stats(emulator):
+    client = Client(emulator)
+    try:
+        status, body = client.request("GET", "/admin/stats")
+        if status != 200:
+            raise RuntimeError(f"emulator stats: HTTP {status}")
+        return json.loads(body)
+    finally:
+        client.close()
+
+
+# MARK: - wrk
+
+
+def to_ms(value, unit):
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+
+
+def parse_wrk(path):
+    text = open(path).read()
+    out = {"rps": None, "p50_ms": None, "p99_ms": None, "requests": None, "non2xx": 0, "socket_errors": 0}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    if m:
+        out["rps"] = float(m.group(1))
+    for pct, key in (("50", "p50_ms"), ("99", "p99_ms")):
+        m = re.search(r"^\s+" + pct + r"%\s+([\d.]+)(us|ms|s|m)\b", text, re.M)
+        if m:
+            out[key] = to_ms(m.group(1), m.group(2))
+    m = re.search(r"(\d+) requests in", text)
+    if m:
+        out["requests"] = int(m.group(1))
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    if m:
+        out["non2xx"] = int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if m:
+        out["socket_errors"] = sum(int(g) for g in m.groups())
+    print(json.dumps(out))
+
+
+# MARK: - Cold path
+
+
+def get_token(gateway, ari, headers, barrier=None):
+    host, port = split_url(gateway)
+    conn = http.client.HTTPConnection(host, port, timeout=REQUEST_TIMEOUT)
+    try:
+        conn.connect()
+        if barrier is not None:
+            barrier.wait(timeout=REQUEST_TIMEOUT)
+        start = time.perf_counter()
+        conn.request("GET", f"/v1/installations/{short_id(ari)}/token", headers=headers)
+        response = conn.getresponse()
+        body = response.read()
+        elapsed = (time.perf_counter() - start) * 1000.0
+        source = None
+        if response.status == 200:
+            source = json.loads(body).get("source")
+        return elapsed, response.status, source
+    finally:
+        conn.close()
+
+
+def run_round(gateway, ids, callers, headers):
+    """All callers of all `ids` at once (connections opened first, then released together)."""
+    barrier = threading.Barrier(len(ids) * callers)
+    results = {}
+    lock = threading.Lock()
+
+    def caller(ari):
+        try:
+            outcome = get_token(gateway, ari, headers, barrier)
+        except Exception as error:  # noqa: BLE001 - reported as a failed call
+            outcome = (float("nan"), 0, f"error: {type(error).__name__}")
+        with lock:
+            results.setdefault(ari, []).append(outcome)
+
+    threads = [threading.Thread(target=caller, args=(ari,)) for ari in ids for _ in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=REQUEST_TIMEOUT * 2)
+    return results
+
+
+def cold(args):
+    headers = caller_headers()
+    threading.stack_size(512 * 1024)
+    before = emulator_stats(args.emulator)
+    ids = create_installations(args.emulator, args.installations, workers=4)
+    results = {}
+    if args.burst:
+        results = run_round(args.gateway, ids, args.callers, headers)
+    else:
+        for ari in ids:
+            results.update(run_round(args.gateway, [ari], args.callers, headers))
+    after = emulator_stats(args.emulator)
+
+    triggers = sum(after["installations"].get(ari, 0) - before["installations"].get(ari, 0) for ari in ids)
+    own_ms = {ari: after.get("triggerProcessingMillis", {}).get(ari) for ari in ids}
+    latencies, added, statuses, sources = [], [], {}, {}
+    for ari, outcomes in results.items():
+        for elapsed, status, source in outcomes:
+            statuses[status] = statuses.get(status, 0) + 1
+            sources[source] = sources.get(source, 0) + 1
+            if status == 200:
+                latencies.append(elapsed)
+                if own_ms.get(ari) is not None:
+                    added.append(elapsed - own_ms[ari])
+
+    # The measuring client's own cost: sequential cached GETs of one (now warm) installation.
+    baseline = []
+    if ids:
+        for _ in range(200):
+            elapsed, status, _ = get_token(args.gateway, ids[0], headers)
+            if status == 200:
+                baseline.append(elapsed)
+
+    own = [v for v in own_ms.values() if v is not None]
+    summary = {
+        "mode": "burst" if args.burst else "sequential",
+        "installations": len(ids),
+        "callers_per_installation": args.callers,
+        "answers": statuses,
+        "sources": sources,
+        "trigger_calls": triggers,
+        "e2e_p50_ms": percentile(latencies, 0.50),
+        "e2e_p99_ms": percentile(latencies, 0.99),
+        "emulator_own_p50_ms": percentile(own, 0.50),
+        "gateway_added_p50_ms": percentile(added, 0.50),
+        "gateway_added_p99_ms": percentile(added, 0.99),
+        "client_cached_get_p50_ms": percentile(baseline, 0.50),
+    }
+    print(json.dumps(summary))
+
+
+# MARK: - Memory
+
+
+def vm_rss_kib(pid):
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def memory(args):
+    headers = caller_headers()
+    deadline = time.monotonic() + args.max_seconds
+    rss_start = vm_rss_kib(args.pid)
+    started = time.monotonic()
+    ids = create_installations(args.emulator, args.installations, workers=args.workers, deadline=deadline)
+    created_seconds = time.monotonic() - started
+    local = threading.local()
+
+    def push(ari):
+        if not hasattr(local, "emulator"):
+            local.emulator = Client(args.emulator)
+        status, body = local.emulator.request(
+            "POST", f"/admin/installations/{short_id(ari)}/push", body={"tokenBytes": args.token_bytes}
+        )
+        answer = json.loads(body) if status == 200 else {}
+        return status == 200 and answer.get("status") == 200
+
+    def fetch(ari):
+        if not hasattr(local, "gateway"):
+            local.gateway = Client(args.gateway)
+        status, body = local.gateway.request("GET", f"/v1/installations/{short_id(ari)}/token", headers=headers)
+        if status != 200:
+            return None
+        answer = json.loads(body)
+        return len(answer["accessToken"].encode()), answer.get("source")
+
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        pushed = sum(1 for ok in pool.map(push, ids) if ok)
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        fetched = [r for r in pool.map(fetch, ids) if r is not None]
+    time.sleep(1.0)
+    rss_end = vm_rss_kib(args.pid)
+    token_bytes = sum(size for size, _ in fetched)
+    from_cache = sum(1 for _, source in fetched if source == "cache")
+    delta_bytes = (rss_end - rss_start) * 1024
+    summary = {
+        "installations": len(ids),
+        "pushed": pushed,
+        "fetched": len(fetched),
+        "fetched_from_cache": from_cache,
+        "mean_token_bytes": token_bytes / len(fetched) if fetched else 0,
+        "token_bytes_held": token_bytes,
+        "rss_start_kib": rss_start,
+        "rss_end_kib": rss_end,
+        "rss_delta_bytes": delta_bytes,
+        "delta_per_token_byte": delta_bytes / token_bytes if token_bytes else float("nan"),
+        "rss_per_token_byte": rss_end * 1024 / token_bytes if token_bytes else float("nan"),
+        "seconds": time.monotonic() - started,
+        "create_seconds": created_seconds,
+    }
+    print(json.dumps(summary))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("wrk")
+    p.add_argument("file")
+    for name in ("cold", "memory"):
+        p = sub.add_parser(name)
+        p.add_argument("--gateway", required=True)
+        p.add_argument("--emulator", required=True)
+        p.add_argument("--installations", type=int, default=100)
+        if name == "cold":
+            p.add_argument("--callers", type=int, default=10)
+            p.add_argument("--burst", action="store_true")
+        else:
+            p.add_argument("--pid", type=int, required=True)
+            p.add_argument("--token-bytes", type=int, default=1500)
+            p.add_argument("--workers", type=int, default=8)
+            p.add_argument("--max-seconds", type=float, default=600.0)
+    args = parser.parse_args()
+    if args.command == "wrk":
+        parse_wrk(args.file)
+    elif args.command == "cold":
+        cold(args)
+    else:
+        memory(args)
+
+
+if __name__ == "__main__":
+    main()
