@@ -59,33 +59,6 @@ extension GatewayHarness {
             "/v1/connect/sign", ["clientKey": clientKey, "method": method, "url": url], secret: secret)
     }
 
-    /// Runs a second gateway process (its own HTTP server, Redis pool, flow and caches) against the
-    /// same Redis and the same settings, encryption keys included, as a second replica would be.
-    func withSecondGateway(_ body: @Sendable (_ url: String) async throws -> Void) async throws {
-        var configuration = self.gateway.configuration
-        configuration.port = 0
-        let second = Gateway(configuration: configuration, logger: self.gateway.logger)
-        let ready = AsyncStream<Int>.makeStream()
-        let group = ServiceGroup(
-            services: second.services { channel in
-                ready.continuation.yield(channel.localAddress?.port ?? 0)
-                ready.continuation.finish()
-            }, logger: self.gateway.logger)
-        try await withThrowingTaskGroup(of: Void.self) { tasks in
-            tasks.addTask { try await group.run() }
-            var port = 0
-            for await p in ready.stream { port = p }
-            do {
-                try await body("http://127.0.0.1:\(port)")
-            } catch {
-                await group.triggerGracefulShutdown()
-                throw error
-            }
-            await group.triggerGracefulShutdown()
-            try await tasks.waitForAll()
-        }
-    }
-
     /// Every captured log line in one string.
     var allLogs: String { self.logs.captured.joined(separator: "\n") }
 }

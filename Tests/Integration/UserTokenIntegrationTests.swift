@@ -126,7 +126,7 @@ struct UserTokenIntegrationTests {
             // Slow answers keep the exchange in flight while the other replica asks.
             h.emulator.setGraphQLFault(.respondSlowly(.milliseconds(300)))
             let account = Self.account()
-            try await h.withSecondReplica { secondURL in
+            try await h.withSecondGateway { secondURL in
                 let answers = try await withThrowingTaskGroup(of: GatewayHarness.Answer.self) { group in
                     for i in 0..<20 {
                         group.addTask {
@@ -432,33 +432,5 @@ extension GatewayHarness {
         var headerMap: [String: String] = [:]
         for h in response.headers { headerMap[h.name.lowercased()] = h.value }
         return Answer(status: Int(response.status.code), headers: headerMap, body: String(buffer: bytes))
-    }
-
-    /// Runs a second in-process gateway on the same configuration (same Redis, same keys) for
-    /// the length of `body`.
-    func withSecondReplica(_ body: @Sendable (String) async throws -> Void) async throws {
-        let logger = Logger(label: "replica-2") {
-            GatewayLogHandler(label: $0, format: .logfmt, level: .info, sink: self.logs)
-        }
-        let replica = Gateway(configuration: self.gateway.configuration, logger: logger)
-        let ready = AsyncStream<Int>.makeStream()
-        let group = ServiceGroup(
-            services: replica.services { channel in
-                ready.continuation.yield(channel.localAddress?.port ?? 0)
-                ready.continuation.finish()
-            }, logger: logger)
-        try await withThrowingTaskGroup(of: Void.self) { tasks in
-            tasks.addTask { try await group.run() }
-            var port = 0
-            for await p in ready.stream { port = p }
-            do {
-                try await body("http://127.0.0.1:\(port)")
-            } catch {
-                await group.triggerGracefulShutdown()
-                throw error
-            }
-            await group.triggerGracefulShutdown()
-            try await tasks.waitForAll()
-        }
     }
 }
