@@ -149,10 +149,24 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     public static func load(environment: [String: String], flags: [String: String] = [:]) throws(ConfigurationError)
         -> GatewayConfiguration
     {
+        // Secrets never come from the command line (every local user can read
+        // `/proc/<pid>/cmdline`): a secret setting's flag only names a file (`@path`), and a Redis
+        // URL flag may not carry a password.
+        for s in GatewaySetting.all where s.isSecret {
+            guard let v = flags[s.environment], !v.hasPrefix("@") else { continue }
+            if s == .redisURL, (try? RedisConfiguration(url: v))?.password == nil { continue }
+            throw ConfigurationError(setting: "--\(s.flag)", problem: Self.secretFlagProblem(s))
+        }
         func raw(_ s: GatewaySetting) -> String? {
             if let v = flags[s.environment] { return v }
             if let v = environment[s.environment], !v.isEmpty { return v }
             return nil
+        }
+        /// The value of a secret setting; `@path` reads it from that file (one trailing newline dropped).
+        func secretValue(_ s: GatewaySetting) throws(ConfigurationError) -> String? {
+            guard let v = raw(s) else { return nil }
+            guard v.hasPrefix("@") else { return v }
+            return try Self.readSettingFile(String(v.dropFirst()), setting: s)
         }
         func required(_ s: GatewaySetting) throws(ConfigurationError) -> String {
             guard let v = raw(s), !v.trimmingCharacters(in: .whitespaces).isEmpty else {
@@ -177,7 +191,7 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
             return value
         }
 
-        let redisText = raw(.redisURL) ?? "redis://127.0.0.1:6379/0"
+        let redisText = try secretValue(.redisURL) ?? "redis://127.0.0.1:6379/0"
         let redis: RedisConfiguration
         do {
             redis = try RedisConfiguration(url: redisText)
@@ -191,21 +205,15 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
         }
         let keys: EncryptionKeyRing
         do {
-            keys = try EncryptionKeyRing(parsing: try required(.encryptionKeys))
+            _ = try required(.encryptionKeys)
+            keys = try EncryptionKeyRing(parsing: try secretValue(.encryptionKeys) ?? "")
         } catch let e as ConfigurationError {
             throw e
         } catch {
             throw ConfigurationError(setting: GatewaySetting.encryptionKeys.environment, problem: "\(error)")
         }
-        var callersText = try required(.callers)
-        if callersText.hasPrefix("@") {
-            let path = String(callersText.dropFirst())
-            guard let data = FileManager.default.contents(atPath: path), let text = String(data: data, encoding: .utf8)
-            else {
-                throw ConfigurationError(setting: GatewaySetting.callers.environment, problem: "cannot read file \(path)")
-            }
-            callersText = text
-        }
+        _ = try required(.callers)
+        let callersText = try secretValue(.callers) ?? ""
         let callers: CallerRegistry
         do {
             callers = try CallerRegistry(json: callersText)
@@ -260,5 +268,39 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
             config.flow.breakerOpenCap = max(.milliseconds(v), .seconds(300))
         }
         return config
+    }
+
+    /// Why a secret setting's flag is refused: the secret would be readable in the process list.
+    static func secretFlagProblem(_ s: GatewaySetting) -> String {
+        let what = s == .redisURL ? "a Redis URL with a password" : "a secret"
+        return "\(what) is not accepted on the command line (it would be readable in the process list): "
+            + "set \(s.environment), or pass --\(s.flag) @/path/to/file (or \(s.environment)=@/path/to/file)"
+    }
+
+    /// The text of the file a setting names as `@path`, without one trailing newline.
+    static func readSettingFile(_ path: String, setting: GatewaySetting) throws(ConfigurationError) -> String {
+        guard !path.isEmpty, let data = FileManager.default.contents(atPath: path),
+            var text = String(data: data, encoding: .utf8)
+        else {
+            throw ConfigurationError(setting: setting.environment, problem: "cannot read file \(path)")
+        }
+        if text.last?.isNewline == true { text.removeLast() }
+        return text
+    }
+
+    /// The value of secret setting `s` for a command other than `serve`: the flag's value (which
+    /// must be `@path`, or for the Redis URL carry no password), else the environment's; `@path`
+    /// reads the file. Nil when neither is set.
+    /// - Throws: ``ConfigurationError`` naming the flag (a secret on the command line) or the
+    ///   setting (an unreadable file); never the value.
+    public static func secretSetting(
+        _ s: GatewaySetting, flag: String?, environment: [String: String]
+    ) throws(ConfigurationError) -> String? {
+        if let flag, !flag.hasPrefix("@"), !(s == .redisURL && (try? RedisConfiguration(url: flag))?.password == nil) {
+            throw ConfigurationError(setting: "--\(s.flag)", problem: Self.secretFlagProblem(s))
+        }
+        guard let v = flag ?? environment[s.environment], !v.isEmpty else { return nil }
+        guard v.hasPrefix("@") else { return v }
+        return try Self.readSettingFile(String(v.dropFirst()), setting: s)
     }
 }

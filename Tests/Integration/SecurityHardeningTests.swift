@@ -1,0 +1,102 @@
+import AsyncHTTPClient
+import FlowEngine
+import ForgeEmulator
+import Foundation
+import NIOHTTP1
+import Testing
+
+@testable import TokenGateway
+
+/// Attacks on the gateway's edges performed over real HTTP against real Redis: log injection,
+/// secrets on the command line, the operations listener, trust roots, the install-key budget,
+/// signed-install replays, per-caller limits, undecryptable and forged store data, and waiter caps.
+@Suite("Security: hardening", .serialized)
+struct SecurityHardeningTests {
+    /// Whether `line` (one log line without its newline) holds a character a terminal or a log
+    /// viewer would act on: any control character, DEL, C1, U+2028/U+2029 or a format character.
+    static func holdsControl(_ line: String) -> Bool {
+        line.unicodeScalars.contains { GatewayLogHandler.mustEscape($0) }
+    }
+
+    @Test("an event type full of control characters cannot forge or break log lines (logfmt and JSON)")
+    func logInjectionThroughEventType() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let hostile =
+                "x\u{1B}[2J\u{1B}]0;owned\u{07}\r\nts=2026-01-01T00:00:00Z level=critical msg=forged\ttab\u{2028}ls\u{2029}ps"
+                + "\u{85}nel\u{7F}del\u{9B}csi\u{202E}rtl\u{200B}zw\u{0}nul"
+            let fit = try h.emulator.mintFIT(for: installation)
+            let body = String(decoding: try JSONSerialization.data(withJSONObject: ["eventType": hostile]), as: UTF8.self)
+            let answer = try await h.call(
+                .POST, "/forge/lifecycle", secret: fit, headers: ["content-type": "application/json"], body: body)
+            #expect(answer.status == 200)
+            let lines = h.logs.captured.filter { $0.contains("lifecycle") && $0.contains("ignored") }
+            #expect(!lines.isEmpty)
+            for line in lines {
+                let text = String(line.dropLast())  // the line's own newline
+                #expect(!text.contains("\n"))
+                #expect(!Self.holdsControl(text), "control character in \(text.debugDescription)")
+                #expect(!text.contains(" level=critical"))
+                #expect(text.contains("\\u001b[2J"))
+            }
+            // The same value through the JSON format stays one parseable object that reads back as sent.
+            let json = GatewayLogHandler.format(
+                format: .json, timestamp: Date(), level: .info, label: "t", message: "m",
+                metadata: ["lifecycle.event": "\(hostile.prefix(64))"])
+            #expect(!Self.holdsControl(json))
+            let object = try #require(try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: String])
+            #expect(object["lifecycle.event"] == String(hostile.prefix(64)))
+        }
+    }
+
+    @Test("secrets on the command line are refused with exit 2 naming the variable; @file flags work")
+    func secretsAreNotTakenFromFlags() async throws {
+        try await GatewayHarness.run { h in
+            let settings = GatewayHarness.settings(
+                emulator: h.emulator, redisURL: GatewayHarness.redisURL, scopedInstallations: [])
+            let callers = settings["TOKEN_GATEWAY_CALLERS"]!
+            let keys = settings["TOKEN_GATEWAY_ENCRYPTION_KEYS"]!
+            var withoutSecrets = settings
+            withoutSecrets["TOKEN_GATEWAY_CALLERS"] = nil
+            withoutSecrets["TOKEN_GATEWAY_ENCRYPTION_KEYS"] = nil
+            let attempts: [(flags: [String], variable: String, secret: String)] = [
+                (["--callers", callers], "TOKEN_GATEWAY_CALLERS", GatewayHarness.callerSecret),
+                (["--encryption-keys", keys], "TOKEN_GATEWAY_ENCRYPTION_KEYS", String(keys.dropFirst(3))),
+                (["--redis-url", "redis://:hunter2-redis-password@127.0.0.1:1/0"], "TOKEN_GATEWAY_REDIS_URL", "hunter2"),
+            ]
+            for command in ["serve", "check-config"] {
+                for attempt in attempts {
+                    let run = try await runCLI([command] + attempt.flags, environment: settings)
+                    #expect(run.status == 2, "\(command) \(attempt.flags[0])")
+                    #expect(run.err.contains(attempt.variable), "\(run.err)")
+                    #expect(run.err.contains("@"), "\(run.err)")
+                    #expect(run.err.split(separator: "\n").count == 1)
+                    #expect(!(run.out + run.err).contains(attempt.secret))
+                }
+            }
+            let rewrap = try await runCLI(["keys", "rewrap", "--encryption-keys", keys], environment: settings)
+            #expect(rewrap.status == 2)
+            #expect(rewrap.err.contains("TOKEN_GATEWAY_ENCRYPTION_KEYS"))
+            #expect(!(rewrap.out + rewrap.err).contains(String(keys.dropFirst(3))))
+
+            // The same secrets from files named on the command line (or in the environment) are fine.
+            let directory = try RedisServerProcess.makeTemporaryDirectory()
+            defer { try? FileManager.default.removeItem(atPath: directory) }
+            try Data((callers + "\n").utf8).write(to: URL(fileURLWithPath: directory + "/callers.json"))
+            try Data((keys + "\n").utf8).write(to: URL(fileURLWithPath: directory + "/keys"))
+            let fromFiles = try await runCLI(
+                ["check-config", "--callers", "@\(directory)/callers.json", "--encryption-keys", "@\(directory)/keys"],
+                environment: withoutSecrets)
+            #expect(fromFiles.status == 0, "\(fromFiles.err)")
+            var fileEnvironment = withoutSecrets
+            fileEnvironment["TOKEN_GATEWAY_CALLERS"] = "@\(directory)/callers.json"
+            fileEnvironment["TOKEN_GATEWAY_ENCRYPTION_KEYS"] = "@\(directory)/keys"
+            let fromEnvironment = try await runCLI(["check-config"], environment: fileEnvironment)
+            #expect(fromEnvironment.status == 0, "\(fromEnvironment.err)")
+            // A Redis URL without a password is no secret: the flag stays usable.
+            let plainRedis = try await runCLI(
+                ["check-config", "--redis-url", GatewayHarness.redisURL], environment: settings)
+            #expect(plainRedis.status == 0, "\(plainRedis.err)")
+        }
+    }
+}
