@@ -98,22 +98,44 @@ public final class Gateway: Sendable {
             logger: self.logger)
     }
 
-    /// Every long-lived part in start order; a `ServiceGroup` shuts them down in reverse, so the
-    /// HTTP server drains first, then the flow releases its leases, then Redis and the HTTP client close.
-    public func services(
+    /// The operations listener (health, metrics, operator pages) when `TOKEN_GATEWAY_OPS_PORT` is
+    /// set, else nil.
+    public func makeOperationsApplication(
         onServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in }
+    ) -> (any Service)? {
+        guard let listener = self.configuration.operationsListener else { return nil }
+        return Application(
+            router: self.makeOperationsRouter(),
+            server: .http1(configuration: self.http1Configuration),
+            configuration: .init(address: .hostname(listener.host, port: listener.port), serverName: "token-gateway"),
+            onServerRunning: onServerRunning,
+            logger: self.logger)
+    }
+
+    /// Every long-lived part in start order; a `ServiceGroup` shuts them down in reverse, so the
+    /// HTTP servers drain first, then the flow releases its leases, then Redis and the HTTP client close.
+    public func services(
+        onServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in },
+        onOperationsServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in }
     ) -> [any Service] {
-        [
-            HTTPClientService(client: self.httpClient), self.redis, self.flow,
-            self.makeApplication(onServerRunning: onServerRunning),
-        ]
+        var services: [any Service] = [HTTPClientService(client: self.httpClient), self.redis, self.flow]
+        if let operations = self.makeOperationsApplication(onServerRunning: onOperationsServerRunning) {
+            services.append(operations)
+        }
+        services.append(self.makeApplication(onServerRunning: onServerRunning))
+        return services
     }
 
     /// Runs the gateway until SIGTERM or SIGINT, then shuts down gracefully.
-    public func run(onServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in }) async throws {
+    public func run(
+        onServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in },
+        onOperationsServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in }
+    ) async throws {
         let group = ServiceGroup(
             configuration: .init(
-                services: self.services(onServerRunning: onServerRunning).map { .init(service: $0) },
+                services: self.services(
+                    onServerRunning: onServerRunning, onOperationsServerRunning: onOperationsServerRunning
+                ).map { .init(service: $0) },
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: self.logger))
         try await group.run()

@@ -39,6 +39,8 @@ struct SettingsOptions: ParsableArguments {
     @Option(help: "Refresh-ahead share of a token's lifetime [TOKEN_GATEWAY_REFRESH_AHEAD_FRACTION]")
     var refreshAheadFraction: String?
     @Option(help: "Failed round trips that open a circuit [TOKEN_GATEWAY_BREAKER_THRESHOLD]") var breakerThreshold: String?
+    @Option(help: "Operations listener address [TOKEN_GATEWAY_OPS_HOST]") var opsHost: String?
+    @Option(help: "Operations listener port: health, metrics, operator pages [TOKEN_GATEWAY_OPS_PORT]") var opsPort: String?
     @Option(help: "First open window of a circuit, ms [TOKEN_GATEWAY_BREAKER_OPEN_MS]") var breakerOpenMs: String?
 
     /// Flag values keyed by the environment variable they override.
@@ -52,7 +54,7 @@ struct SettingsOptions: ParsableArguments {
             (.logLevel, self.logLevel), (.logFormat, self.logFormat), (.triggerMaxAttempts, self.triggerMaxAttempts),
             (.triggerAttemptTimeout, self.triggerAttemptTimeoutMs), (.deliveryGrace, self.deliveryGraceMs),
             (.refreshAheadFraction, self.refreshAheadFraction), (.breakerThreshold, self.breakerThreshold),
-            (.breakerOpen, self.breakerOpenMs),
+            (.breakerOpen, self.breakerOpenMs), (.opsHost, self.opsHost), (.opsPort, self.opsPort),
         ]
         var out: [String: String] = [:]
         for (setting, value) in pairs { if let value { out[setting.environment] = value } }
@@ -86,13 +88,22 @@ struct Serve: AsyncParsableCommand {
         gateway.bootstrapMetrics()
         logger.info(
             "starting", metadata: ["listen": "\(config.host):\(config.port)", "callers": "\(config.callers.callers.count)"])
-        try await gateway.run { channel in
-            logger.info(
-                "ready",
-                metadata: [
-                    "listen.host": "\(config.host)", "listen.port": "\(channel.localAddress?.port ?? config.port)",
-                ])
-        }
+        try await gateway.run(
+            onServerRunning: { channel in
+                logger.info(
+                    "ready",
+                    metadata: [
+                        "listen.host": "\(config.host)", "listen.port": "\(channel.localAddress?.port ?? config.port)",
+                    ])
+            },
+            onOperationsServerRunning: { channel in
+                logger.info(
+                    "operations listener ready",
+                    metadata: [
+                        "ops.host": "\(config.operationsListener?.host ?? "")",
+                        "ops.port": "\(channel.localAddress?.port ?? config.operationsListener?.port ?? 0)",
+                    ])
+            })
         logger.info("stopped")
     }
 }

@@ -99,4 +99,55 @@ struct SecurityHardeningTests {
             #expect(plainRedis.status == 0, "\(plainRedis.err)")
         }
     }
+
+    /// `GET url` with no credential: status and body.
+    static func get(_ h: GatewayHarness, _ url: String) async throws -> (status: Int, body: String) {
+        let response = try await h.http.execute(HTTPClientRequest(url: url), timeout: .seconds(10))
+        let body = try await response.body.collect(upTo: 1 << 22)
+        return (Int(response.status.code), String(buffer: body))
+    }
+
+    @Test("without an operations listener, health and metrics are on the main port")
+    func operationsOnTheMainPortByDefault() async throws {
+        try await GatewayHarness.run { h in
+            #expect(h.gateway.configuration.operationsListener == nil)
+            for path in ["/metrics", "/health/live", "/health/ready"] {
+                #expect(try await Self.get(h, h.gatewayURL + path).status == 200, "\(path)")
+            }
+        }
+    }
+
+    @Test("with TOKEN_GATEWAY_OPS_PORT, health and metrics are served only on the operations listener")
+    func operationsListenerKeepsMetricsOffTheMainPort() async throws {
+        let opsPort = try RedisServerProcess.freeLoopbackPort()
+        try await GatewayHarness.run(configure: { $0.operationsListener = .init(host: "127.0.0.1", port: opsPort) }) { h in
+            let opsURL = "http://127.0.0.1:\(opsPort)"
+            #expect(try await Security.eventually { (try? await Self.get(h, opsURL + "/health/live"))?.status == 200 })
+            let installation = try await h.installed()
+            #expect(try await h.token(installation).status == 200)
+            for path in ["/metrics", "/health/live", "/health/ready"] {
+                let main = try await Self.get(h, h.gatewayURL + path)
+                #expect(main.status == 404, "\(path) on the main port")
+                #expect(main.body.contains("not_found"))
+                #expect(!main.body.contains("token_gateway_"))
+                #expect(try await Self.get(h, opsURL + path).status == 200, "\(path) on the operations port")
+            }
+            let metrics = try await Self.get(h, opsURL + "/metrics")
+            #expect(metrics.body.contains("token_gateway_http_requests_total"))
+            // The operations listener serves nothing else: no caller, Forge or OAuth route.
+            #expect(try await Self.get(h, opsURL + GatewayHarness.path(installation) + "/token").status == 404)
+            #expect(try await Self.get(h, opsURL + "/.well-known/oauth-authorization-server").status == 404)
+        }
+        // The setting itself: a port turns it on, a host alone is a configuration error.
+        var environment = [
+            "TOKEN_GATEWAY_FORGE_APP_ID": "ari:cloud:ecosystem::app/00000000-0000-0000-0000-000000000001",
+            "TOKEN_GATEWAY_ENCRYPTION_KEYS": "k1:" + Data(repeating: 7, count: 32).base64EncodedString(),
+            "TOKEN_GATEWAY_CALLERS": #"[{"name":"a","secret":"0123456789abcdef0123","installations":["*"]}]"#,
+            "TOKEN_GATEWAY_OPS_PORT": "9090",
+        ]
+        #expect(try GatewayConfiguration.load(environment: environment).operationsListener == .init(host: "127.0.0.1", port: 9090))
+        environment["TOKEN_GATEWAY_OPS_PORT"] = nil
+        environment["TOKEN_GATEWAY_OPS_HOST"] = "0.0.0.0"
+        #expect(throws: ConfigurationError.self) { try GatewayConfiguration.load(environment: environment) }
+    }
 }

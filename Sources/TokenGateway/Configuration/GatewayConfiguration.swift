@@ -51,6 +51,11 @@ public struct GatewaySetting: Sendable, Hashable {
         "TOKEN_GATEWAY_USER_EXCHANGES_PER_MINUTE", "user-exchanges-per-minute", "user-token exchange budget (default 1000)")
     public static let publicURL = GatewaySetting(
         "TOKEN_GATEWAY_PUBLIC_URL", "public-url", "the gateway's own base URL as callers reach it")
+    public static let opsHost = GatewaySetting(
+        "TOKEN_GATEWAY_OPS_HOST", "ops-host", "listen address of the operations listener (default 127.0.0.1)")
+    public static let opsPort = GatewaySetting(
+        "TOKEN_GATEWAY_OPS_PORT", "ops-port",
+        "port of a separate listener for health, metrics and operator pages (unset: served on the main port)")
     public static let logLevel = GatewaySetting("TOKEN_GATEWAY_LOG_LEVEL", "log-level", "trace…critical (default info)")
     public static let logFormat = GatewaySetting("TOKEN_GATEWAY_LOG_FORMAT", "log-format", "logfmt or json (default logfmt)")
     public static let triggerMaxAttempts = GatewaySetting(
@@ -76,7 +81,7 @@ public struct GatewaySetting: Sendable, Hashable {
         .host, .port, .redisURL, .forgeAppID, .forgeJWKSURL, .triggerHosts, .encryptionKeys, .callers,
         .connectBaseURL, .connectKeysURL, .forgeGraphQLURL, .userExchangesPerMinute, .publicURL, .logLevel,
         .logFormat, .triggerMaxAttempts, .triggerAttemptTimeout, .deliveryGrace, .refreshAheadFraction,
-        .breakerThreshold, .breakerOpen,
+        .breakerThreshold, .breakerOpen, .opsHost, .opsPort,
     ]
 
     init(_ environment: String, _ flag: String, _ summary: String, secret: Bool = false) {
@@ -84,6 +89,18 @@ public struct GatewaySetting: Sendable, Hashable {
         self.flag = flag
         self.summary = summary
         self.isSecret = secret
+    }
+}
+
+/// Where the operations surface (health, metrics, operator pages) listens when it is kept off the
+/// main port.
+public struct OperationsListener: Sendable, Hashable {
+    public var host: String
+    public var port: Int
+
+    public init(host: String = "127.0.0.1", port: Int) {
+        self.host = host
+        self.port = port
     }
 }
 
@@ -97,6 +114,9 @@ public enum LogFormat: String, Sendable, Hashable {
 public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     public var host: String = "127.0.0.1"
     public var port: Int = 8080
+    /// A separate listener for health, metrics and operator pages (`TOKEN_GATEWAY_OPS_HOST` /
+    /// `TOKEN_GATEWAY_OPS_PORT`); nil (the default) serves them on the main listener.
+    public var operationsListener: OperationsListener? = nil
     public var redis: RedisConfiguration
     public var forgeAppID: String
     public var forgeJWKSURL: String = InvocationTokenVerifier.productionJWKSURL
@@ -223,6 +243,12 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
         var config = GatewayConfiguration(redis: redis, forgeAppID: appID, encryptionKeys: keys, callers: callers)
         if let host = raw(.host) { config.host = host }
         if let port = try integer(.port, range: 0...65535) { config.port = port }
+        if let opsPort = try integer(.opsPort, range: 0...65535) {
+            config.operationsListener = OperationsListener(host: raw(.opsHost) ?? "127.0.0.1", port: opsPort)
+        } else if raw(.opsHost) != nil {
+            throw ConfigurationError(
+                setting: GatewaySetting.opsHost.environment, problem: "needs TOKEN_GATEWAY_OPS_PORT as well")
+        }
         if let jwks = raw(.forgeJWKSURL) { config.forgeJWKSURL = try url(.forgeJWKSURL, jwks) }
         if let hosts = raw(.triggerHosts) {
             do {
