@@ -63,12 +63,9 @@ public final class Gateway: Sendable {
         self.flow = TokenFlow(
             configuration: configuration.flow, store: self.store, trigger: trigger, metrics: self.metrics.flow,
             logger: logger, replicaID: self.replicaID)
-        let stagingJWKS =
-            configuration.forgeJWKSURL == InvocationTokenVerifier.productionJWKSURL
-            ? InvocationTokenVerifier.stagingJWKSURL : nil
+        // Only the configured JWKS is trusted: a staging app names the staging JWKS as its JWKS.
         self.verifier = InvocationTokenVerifier(
-            configuration: .init(
-                appId: configuration.forgeAppID, jwksURL: configuration.forgeJWKSURL, stagingJWKSURL: stagingJWKS),
+            configuration: .init(appId: configuration.forgeAppID, jwksURL: configuration.forgeJWKSURL),
             httpClient: self.httpClient, replayGuard: StoreReplayGuard(store: self.store), logger: logger)
         self.userTokens = UserTokenExchanger(
             configuration: .init(gateway: configuration), store: self.store, flow: self.flow,

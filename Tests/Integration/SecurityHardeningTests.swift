@@ -150,4 +150,44 @@ struct SecurityHardeningTests {
         environment["TOKEN_GATEWAY_OPS_HOST"] = "0.0.0.0"
         #expect(throws: ConfigurationError.self) { try GatewayConfiguration.load(environment: environment) }
     }
+
+    @Test("plain-http trust roots outside loopback, and look-alike loopback hosts, stop start-up with exit 2")
+    func trustRootsMustBeHTTPSOrLoopback() async throws {
+        try await GatewayHarness.run { h in
+            let settings = GatewayHarness.settings(
+                emulator: h.emulator, redisURL: GatewayHarness.redisURL, scopedInstallations: [])
+            // The harness's own loopback URLs start fine.
+            #expect(try await runCLI(["check-config"], environment: settings).status == 0)
+            let bad: [(String, String)] = [
+                ("TOKEN_GATEWAY_FORGE_JWKS_URL", "http://127.evil.example/.well-known/jwks.json"),
+                ("TOKEN_GATEWAY_FORGE_JWKS_URL", "http://forge.example/.well-known/jwks.json"),
+                ("TOKEN_GATEWAY_CONNECT_KEYS_URL", "http://connect-install-keys.example"),
+                ("TOKEN_GATEWAY_FORGE_GRAPHQL_URL", "http://127.0.0.1.nip.io/graphql"),
+                ("TOKEN_GATEWAY_TRIGGER_HOSTS", "http://127.evil.example:8080"),
+            ]
+            for (variable, value) in bad {
+                var environment = settings
+                environment[variable] = value
+                let run = try await runCLI(["serve"], environment: environment)
+                #expect(run.status == 2, "\(variable)=\(value)")
+                #expect(run.err.contains(variable), "\(run.err)")
+            }
+        }
+    }
+
+    @Test("a gateway trusts no JWKS but the configured one, whatever a token's apiBaseUrl says")
+    func stagingJWKSIsNotTrustedBesideProduction() throws {
+        let configuration = try GatewayConfiguration.load(environment: [
+            "TOKEN_GATEWAY_FORGE_APP_ID": "ari:cloud:ecosystem::app/00000000-0000-0000-0000-000000000001",
+            "TOKEN_GATEWAY_ENCRYPTION_KEYS": "k1:" + Data(repeating: 7, count: 32).base64EncodedString(),
+            "TOKEN_GATEWAY_CALLERS": #"[{"name":"a","secret":"0123456789abcdef0123","installations":["*"]}]"#,
+        ])
+        #expect(configuration.forgeJWKSURL == InvocationTokenVerifier.productionJWKSURL)
+        let gateway = Gateway(configuration: configuration, logger: .init(label: "t") { _ in SwallowHandler() })
+        defer { try? gateway.httpClient.syncShutdown() }
+        #expect(gateway.verifier.configuration.stagingJWKSURL == nil)
+        #expect(
+            gateway.verifier.jwksURL(forUnverifiedAPIBaseURL: "https://api.stg.atlassian.com/ex/jira/x")
+                == InvocationTokenVerifier.productionJWKSURL)
+    }
 }

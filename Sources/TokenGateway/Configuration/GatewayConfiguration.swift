@@ -249,7 +249,10 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
             throw ConfigurationError(
                 setting: GatewaySetting.opsHost.environment, problem: "needs TOKEN_GATEWAY_OPS_PORT as well")
         }
-        if let jwks = raw(.forgeJWKSURL) { config.forgeJWKSURL = try url(.forgeJWKSURL, jwks) }
+        // Trust roots (contract §7): https, or http only to a loopback host written as such.
+        if let jwks = raw(.forgeJWKSURL) {
+            config.forgeJWKSURL = try TrustRoot.validate(jwks, setting: GatewaySetting.forgeJWKSURL.environment)
+        }
         if let hosts = raw(.triggerHosts) {
             do {
                 config.triggerHosts = try TriggerHostAllowList(parsing: hosts)
@@ -258,8 +261,12 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
             }
         }
         if let v = raw(.connectBaseURL) { config.connectBaseURL = try url(.connectBaseURL, v) }
-        if let v = raw(.connectKeysURL) { config.connectKeysURL = try url(.connectKeysURL, v) }
-        if let v = raw(.forgeGraphQLURL) { config.forgeGraphQLURL = try url(.forgeGraphQLURL, v) }
+        if let v = raw(.connectKeysURL) {
+            config.connectKeysURL = try TrustRoot.validate(v, setting: GatewaySetting.connectKeysURL.environment)
+        }
+        if let v = raw(.forgeGraphQLURL) {
+            config.forgeGraphQLURL = try TrustRoot.validate(v, setting: GatewaySetting.forgeGraphQLURL.environment)
+        }
         if let v = try integer(.userExchangesPerMinute, range: 1...1_000_000) { config.userExchangesPerMinute = v }
         if let v = raw(.publicURL) { config.publicURL = try url(.publicURL, v) }
         if let v = raw(.logLevel) {
