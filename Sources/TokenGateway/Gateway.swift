@@ -73,8 +73,12 @@ public final class Gateway: Sendable {
                 httpClient: self.httpClient, url: configuration.forgeGraphQLURL, logger: logger),
             metrics: self.metrics.userExchanges, audit: self.audit, logger: logger)
         if let connectBaseURL = configuration.connectBaseURL {
+            var installConfiguration = SignedInstallVerifier.Configuration(
+                appBaseURL: connectBaseURL, keysURL: configuration.connectKeysURL)
+            installConfiguration.maximumCachedKeys = configuration.connectInstallKeysCached
+            installConfiguration.keyFetchesPerMinute = configuration.connectInstallKeyFetchesPerMinute
             self.connectInstallVerifier = SignedInstallVerifier(
-                configuration: .init(appBaseURL: connectBaseURL, keysURL: configuration.connectKeysURL),
+                configuration: installConfiguration,
                 httpClient: self.httpClient, logger: logger)
         } else {
             self.connectInstallVerifier = nil

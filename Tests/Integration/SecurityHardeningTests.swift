@@ -190,4 +190,116 @@ struct SecurityHardeningTests {
             gateway.verifier.jwksURL(forUnverifiedAPIBaseURL: "https://api.stg.atlassian.com/ex/jira/x")
                 == InvocationTokenVerifier.productionJWKSURL)
     }
+
+    // MARK: Connect signed installs
+
+    /// `POST /connect/<event>` with `Authorization: JWT <token>` and `body`.
+    static func postSignedInstall(
+        _ h: GatewayHarness, token: String, body: Data, event: String = "installed"
+    ) async throws -> GatewayHarness.Answer {
+        try await h.call(
+            .POST, "/connect/\(event)", secret: nil,
+            headers: ["authorization": "JWT \(token)", "content-type": "application/json"],
+            body: String(decoding: body, as: UTF8.self))
+    }
+
+    /// The install payload of `tenant` with some fields replaced.
+    static func payload(_ h: GatewayHarness, _ tenant: EmulatedConnectTenant, _ changes: [String: Any?]) throws -> Data {
+        var object = try #require(
+            try JSONSerialization.jsonObject(with: h.emulator.connectLifecyclePayload(.installed, tenant: tenant))
+                as? [String: Any])
+        for (k, v) in changes { object[k] = v }
+        return try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
+    }
+
+    @Test("random kids cannot spend the install-key budget that keys seen before need")
+    func installKeyBudgetKeepsAShareForKnownKeys() async throws {
+        try await GatewayHarness.runConnect(configure: { $0.connectInstallKeysCached = 1 }) { h in
+            let first = try h.emulator.currentInstallKeyId()
+            #expect(try await h.emulator.connectInstall(h.emulator.makeConnectTenant()).status == 204)
+            // A rotation pushes the first key out of the (one-key) cache; it stays known by name.
+            try h.emulator.rotateInstallKey()
+            #expect(try await h.emulator.connectInstall(h.emulator.makeConnectTenant()).status == 204)
+
+            // An unauthenticated flood of random kids (nothing can be verified before the key is there).
+            var randomKids: [String] = []
+            for _ in 0..<40 {
+                var options = SignedInstallOptions()
+                options.kid = UUID().uuidString.lowercased()
+                randomKids.append(options.kid!)
+                let answer = try await h.emulator.connectInstall(h.emulator.makeConnectTenant(), options: options)
+                #expect(answer.status == 401)
+            }
+            let fetched = randomKids.reduce(0) { $0 + h.emulator.installKeyFetches(kid: $1) }
+            #expect(fetched <= 20, "random kids may spend only the open two thirds of 30 fetches a minute")
+
+            // The first key is needed again: it is fetched from the reserved share.
+            #expect(h.emulator.signInstalls(withKid: first))
+            let tenant = h.emulator.makeConnectTenant()
+            #expect(try await h.emulator.connectInstall(tenant).status == 204)
+            #expect(try await h.gateway.store.connectTenant(tenant.clientKey) != nil)
+            #expect(h.emulator.installKeyFetches(kid: first) == 2)
+
+            // One kid is fetched at most twice a minute, however often it is named.
+            var repeated = SignedInstallOptions()
+            repeated.kid = "kid-\(UUID().uuidString.lowercased())"
+            for _ in 0..<5 {
+                _ = try await h.emulator.connectInstall(h.emulator.makeConnectTenant(), options: repeated)
+            }
+            #expect(h.emulator.installKeyFetches(kid: repeated.kid!) <= 2)
+        }
+    }
+
+    @Test("a captured signed install cannot be replayed with another body, with or without a jti")
+    func signedInstallReplayIsRefused() async throws {
+        try await GatewayHarness.runConnect { h in
+            let installation = try await h.installed()
+            for withJTI in [true, false] {
+                let tenant = h.emulator.makeConnectTenant(linkedTo: installation)
+                var options = SignedInstallOptions()
+                if !withJTI { options.jti = nil }
+                let token = try h.emulator.mintSignedInstall(for: tenant, path: "/connect/installed", options: options)
+                let genuine = try await Self.postSignedInstall(
+                    h, token: token, body: h.emulator.connectLifecyclePayload(.installed, tenant: tenant))
+                #expect(genuine.status == 204)
+                let before = try #require(try await h.gateway.store.connectTenant(tenant.clientKey))
+                #expect(before.installationId?.ari == installation.id)
+
+                // The same header with the attacker's shared secret: refused, nothing changes.
+                let forged = try Self.payload(h, tenant, ["sharedSecret": "attacker-chosen-shared-secret-0123456789"])
+                let replay = try await Self.postSignedInstall(h, token: token, body: forged)
+                #expect(replay.status == 401, "jti: \(withJTI)")
+                #expect(replay.errorCode == "invalid_signed_install")
+                let after = try #require(try await h.gateway.store.connectTenant(tenant.clientKey))
+                #expect(after.sharedSecret?.bytes == Array(tenant.sharedSecret.utf8))
+                #expect(after.updatedAt == before.updatedAt)
+                // Even the very same request a second time.
+                let again = try await Self.postSignedInstall(
+                    h, token: token, body: h.emulator.connectLifecyclePayload(.installed, tenant: tenant))
+                #expect(again.status == 401)
+            }
+        }
+    }
+
+    @Test("a tenant is linked to a Forge installation only when the payload's cloudId is the installation's")
+    func connectLinkNeedsTheSameCloudId() async throws {
+        try await GatewayHarness.runConnect { h in
+            let victim = try await h.installed()
+            let cases: [(String, [String: Any?], Bool)] = [
+                ("another site's cloudId", ["cloudId": UUID().uuidString.lowercased()], false),
+                ("no cloudId", ["cloudId": nil], false),
+                ("an installation never seen", ["installationId": "ari:cloud:ecosystem::installation/\(UUID())"], false),
+                ("the installation's cloudId", [:], true),
+            ]
+            for (name, changes, links) in cases {
+                let tenant = h.emulator.makeConnectTenant(linkedTo: victim)
+                let token = try h.emulator.mintSignedInstall(for: tenant, path: "/connect/installed")
+                let answer = try await Self.postSignedInstall(h, token: token, body: try Self.payload(h, tenant, changes))
+                #expect(answer.status == 204, "\(name)")
+                let record = try #require(try await h.gateway.store.connectTenant(tenant.clientKey))
+                #expect((record.installationId != nil) == links, "\(name)")
+                if links { #expect(record.installationId?.ari == victim.id) }
+            }
+        }
+    }
 }

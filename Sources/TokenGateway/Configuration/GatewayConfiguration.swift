@@ -139,6 +139,11 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     public var maxHeaderSize: Int = 32 * 1024
     /// Most header fields accepted in one request. Default 100.
     public var maxHeaderCount: Int = 100
+    /// Connect install public keys kept in memory (least recently used dropped). Default 64.
+    public var connectInstallKeysCached: Int = 64
+    /// Connect install-key fetches a minute, a third of them kept for keys seen before; each `kid`
+    /// at most twice a minute. Default 30.
+    public var connectInstallKeyFetchesPerMinute: Int = 30
     /// How long a rotated trigger-signing key is announced before the gateway signs with it
     /// (`POST /forge/register` with `"rotateKey": true`): the Forge side keeps both public keys
     /// for this long. Default 5 minutes.
