@@ -302,4 +302,81 @@ struct SecurityHardeningTests {
             }
         }
     }
+
+    // MARK: Per-caller limits
+
+    /// One call to a gateway at `base` as the full-scope caller.
+    static func call(
+        _ h: GatewayHarness, base: String, _ method: HTTPMethod, _ path: String, secret: String = GatewayHarness.callerSecret
+    ) async throws -> GatewayHarness.Answer {
+        var request = HTTPClientRequest(url: base + path)
+        request.method = method
+        request.headers.add(name: "authorization", value: "Bearer \(secret)")
+        let response = try await h.http.execute(request, timeout: .seconds(35))
+        let bytes = try await response.body.collect(upTo: 1 << 20)
+        var headers: [String: String] = [:]
+        for header in response.headers { headers[header.name.lowercased()] = header.value }
+        return .init(status: Int(response.status.code), headers: headers, body: String(buffer: bytes))
+    }
+
+    static let limitedSecret = "caller-secret-0123456789abcdef-limited"
+
+    @Test("per-caller limits hold across two gateways sharing Redis; 429 starts no round trip or exchange")
+    func perCallerLimitsAcrossReplicas() async throws {
+        try await GatewayHarness.run(configure: { config in
+            config.callers = try! CallerRegistry(
+                json: """
+                    [{"name":"full","secret":"\(GatewayHarness.callerSecret)","installations":["*"],\(GatewayHarness.noLimits)},
+                     {"name":"limited-\(UUID().uuidString)","secret":"\(Self.limitedSecret)","installations":["*"],
+                      "limits":{"refreshesPerMinute":3,"userExchangesPerMinute":4}}]
+                    """)
+        }) { h in
+            let installation = try await h.installed()
+            let path = GatewayHarness.path(installation)
+            #expect(try await h.token(installation).status == 200)
+            try await h.withSecondGateway { second in
+                let replicas = [h.gatewayURL, second]
+                // Three forced refreshes, spread over both replicas, go through.
+                for n in 0..<3 {
+                    let answer = try await Self.call(
+                        h, base: replicas[n % 2], .POST, path + "/token/refresh", secret: Self.limitedSecret)
+                    #expect(answer.status == 200, "refresh \(n): \(answer.body)")
+                }
+                let triggers = h.emulator.triggerCalls(for: installation)
+                for base in replicas {
+                    let refused = try await Self.call(h, base: base, .POST, path + "/token/refresh", secret: Self.limitedSecret)
+                    #expect(refused.status == 429)
+                    #expect(refused.errorCode == "rate_limited")
+                    let retryAfter = try #require(refused.headers["retry-after"].flatMap { Int($0) })
+                    #expect((1...60).contains(retryAfter))
+                }
+                #expect(h.emulator.triggerCalls(for: installation) == triggers, "a refused refresh starts no round trip")
+                // Cached answers are never limited; other callers have their own limits.
+                for base in replicas {
+                    #expect(try await Self.call(h, base: base, .GET, path + "/token", secret: Self.limitedSecret).status == 200)
+                }
+                #expect(try await Self.call(h, base: second, .POST, path + "/token/refresh").status == 200)
+
+                // User tokens: four exchanges for four accounts (varying asUser), then 429 on either replica.
+                for n in 0..<4 {
+                    let answer = try await Self.call(
+                        h, base: replicas[n % 2], .GET, path + "/token?asUser=acct-\(n)", secret: Self.limitedSecret)
+                    #expect(answer.status == 200, "exchange \(n): \(answer.body)")
+                }
+                let exchanges = h.emulator.totalUserTokenExchanges
+                for base in replicas {
+                    let refused = try await Self.call(
+                        h, base: base, .GET, path + "/token?asUser=acct-new", secret: Self.limitedSecret)
+                    #expect(refused.status == 429)
+                    #expect(refused.errorCode == "rate_limited")
+                    #expect(refused.headers["retry-after"] != nil)
+                }
+                #expect(h.emulator.totalUserTokenExchanges == exchanges, "a refused request starts no exchange")
+                // A cached user token is still served.
+                let cached = try await Self.call(h, base: second, .GET, path + "/token?asUser=acct-0", secret: Self.limitedSecret)
+                #expect(cached.status == 200)
+                #expect(cached.json["source"] as? String == "cache")
+            }
+        }
+    }
 }

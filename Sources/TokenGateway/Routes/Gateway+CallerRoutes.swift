@@ -93,6 +93,10 @@ extension Gateway {
         if let asUser = query.get("asUser") {
             return try await self.userTokenRoute(caller: caller, installation: id, asUser: asUser, options: options)
         }
+        // Per-caller limits (contract §2): a forced refresh starts a round trip, so it counts.
+        if force, let wait = try await self.callerAllowance(caller, refresh: true, userExchange: false) {
+            throw Self.callerRateLimited(retryAfter: wait)
+        }
         let answer: TokenAnswer
         do {
             answer = try await self.flow.token(for: id, request: options)

@@ -170,8 +170,12 @@ public final class UserTokenExchanger: Sendable {
     ///
     /// - Throws: ``UserTokenError``: `denied` (403), `rateLimited` (429), `exchangeFailed` (502),
     ///   or the flow's errors (404, 410, 422, 502 `trigger_failed`, 503, 504).
+    ///
+    /// `admit` runs once an exchange is needed (no usable cached token), before it is started or
+    /// joined: the caller's own limits; what it throws is the answer.
     public func token(
-        for installation: InstallationID, accountId: UserAccountID, request: Request
+        for installation: InstallationID, accountId: UserAccountID, request: Request,
+        admit: @Sendable () async throws(UserTokenError) -> Void = {}
     )
         async throws(UserTokenError) -> Answer
     {
@@ -201,6 +205,7 @@ public final class UserTokenExchanger: Sendable {
                 metadata: ["installation.id": "\(installation)"])
             throw .exchangeFailed("the installation's site is unknown")
         }
+        try await admit()
         let job = Job(
             installation: installation, accountId: accountId, context: context, apiBaseUrl: snapshot.apiBaseUrl,
             ignoring: snapshot.token?.value)
