@@ -57,7 +57,10 @@ public final class Gateway: Sendable {
         httpConfig.connectionPool = .init(idleTimeout: .seconds(60))
         self.httpClient = HTTPClient(eventLoopGroupProvider: .singleton, configuration: httpConfig)
         self.redis = RedisClient(configuration: configuration.redis, logger: logger)
-        self.store = GatewayStore(redis: self.redis, box: configuration.encryptionKeys)
+        let metrics = self.metrics
+        self.store = GatewayStore(redis: self.redis, box: configuration.encryptionKeys) { kind in
+            metrics.countUndecryptable(kind)
+        }
         let trigger = HTTPTriggerClient(
             store: self.store, httpClient: self.httpClient, allowList: configuration.triggerHosts, logger: logger)
         self.flow = TokenFlow(

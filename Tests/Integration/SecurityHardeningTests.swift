@@ -379,4 +379,37 @@ struct SecurityHardeningTests {
             }
         }
     }
+
+    // MARK: Undecryptable tokens
+
+    @Test("a stored token no key of the ring opens is treated as absent: a new round trip, counted")
+    func undecryptableTokenIsFetchedAgain() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let pushed = try await h.emulator.push(installation)
+            #expect(pushed.status == 200)
+            // The stored token sealed under a key the ring no longer has (removed too early).
+            let store = h.gateway.store
+            let key = store.systemTokenKey(installation.installationID)
+            let retired = try EncryptionKeyRing(parsing: "retired:" + Data(repeating: 9, count: 32).base64EncodedString())
+            let resealed = try retired.seal(Array(pushed.token.utf8), context: key)
+            _ = try await h.gateway.redis.send(["HSET", key, "v", resealed])
+            // A replica with nothing in memory reads it.
+            try await h.withSecondGateway { second in
+                let answer = try await Self.call(h, base: second, .GET, GatewayHarness.path(installation) + "/token")
+                #expect(answer.status == 200, "\(answer.body)")
+                #expect(answer.json["source"] as? String == "trigger")
+                #expect(answer.json["accessToken"] as? String != pushed.token)
+                #expect(h.emulator.triggerCalls(for: installation) >= 1)
+                let metrics = try await Self.get(h, second + "/metrics").body
+                let line = metrics.split(separator: "\n").first {
+                    $0.hasPrefix(#"token_gateway_undecryptable_secrets_total{kind="system_token"}"#)
+                }
+                #expect((line?.split(separator: " ").last).flatMap { Double($0) }.map { $0 >= 1 } == true, "\(metrics)")
+                // The new token is readable by every replica, again from the cache.
+                let again = try await Self.call(h, base: second, .GET, GatewayHarness.path(installation) + "/token")
+                #expect(again.json["source"] as? String == "cache")
+            }
+        }
+    }
 }

@@ -11,12 +11,24 @@ public final class GatewayStore: Sendable {
     public let redis: RedisClient
     let box: any SecretBox
     let prefix: String
+    /// Told of every stored secret that does not open (for a metric).
+    let undecryptable: @Sendable (SecretKind) -> Void
 
-    public init(redis: RedisClient, box: any SecretBox, prefix: String = "tg") {
+    /// Kinds of stored secrets, for ``undecryptable``.
+    public enum SecretKind: String, Sendable, CaseIterable {
+        case systemToken = "system_token"
+        case userToken = "user_token"
+    }
+
+    public init(
+        redis: RedisClient, box: any SecretBox, prefix: String = "tg",
+        undecryptable: @escaping @Sendable (SecretKind) -> Void = { _ in }
+    ) {
         self.redis = redis
         self.box = box
         self.prefix = prefix
         self.channel = "\(prefix):events"
+        self.undecryptable = undecryptable
     }
 
     // MARK: Keys
@@ -199,7 +211,7 @@ public final class GatewayStore: Sendable {
             status: InstallationStatus(rawValue: statusText ?? "") ?? .active,
             triggerRegistered: !(inst[1].string ?? "").isEmpty,
             apiBaseUrl: inst[2].string.flatMap { $0.isEmpty ? nil : $0 },
-            token: try self.openToken(key: tokenKey, exp: tok[0], sealed: tok[1], rid: tok[2], at: tok[3]),
+            token: await self.openTokenOrDrop(key: tokenKey, exp: tok[0], sealed: tok[1], rid: tok[2], at: tok[3]),
             circuitOpenUntil: replies[2].string.flatMap { Int64($0) } ?? 0)
     }
 
@@ -208,7 +220,25 @@ public final class GatewayStore: Sendable {
         let tokenKey = self.systemTokenKey(id)
         let r = try await self.redis.send(["HMGET", tokenKey, "exp", "v", "rid", "at"])
         guard let items = r.array, items.count == 4 else { throw RedisError.protocolError }
-        return try self.openToken(key: tokenKey, exp: items[0], sealed: items[1], rid: items[2], at: items[3])
+        return await self.openTokenOrDrop(key: tokenKey, exp: items[0], sealed: items[1], rid: items[2], at: items[3])
+    }
+
+    /// The stored token, or nil when there is none or it does not open with any key of the ring
+    /// (a key removed too early, or a value copied from another installation's key). Such a token
+    /// is counted, then deleted if it is still the stored one, so the next delivery is stored
+    /// whatever its expiry: it is treated as absent and a new one is fetched.
+    private func openTokenOrDrop(key: String, exp: RedisValue, sealed: RedisValue, rid: RedisValue, at: RedisValue)
+        async -> AccessToken?
+    {
+        do {
+            return try self.openToken(key: key, exp: exp, sealed: sealed, rid: rid, at: at)
+        } catch {
+            self.undecryptable(.systemToken)
+            if let sealedText = sealed.string {
+                _ = try? await self.redis.eval(GatewayScripts.dropIfUnchanged, keys: [key], arguments: [sealedText])
+            }
+            return nil
+        }
     }
 
     private func openToken(key: String, exp: RedisValue, sealed: RedisValue, rid: RedisValue, at: RedisValue) throws
