@@ -58,7 +58,11 @@ public final class Gateway: Sendable {
         self.httpClient = HTTPClient(eventLoopGroupProvider: .singleton, configuration: httpConfig)
         self.redis = RedisClient(configuration: configuration.redis, logger: logger)
         let metrics = self.metrics
-        self.store = GatewayStore(redis: self.redis, box: configuration.encryptionKeys) { kind in
+        let prefixes = configuration.apiBaseURLPrefixes
+        self.store = GatewayStore(
+            redis: self.redis, box: configuration.encryptionKeys,
+            routing: RoutingPolicy { RoutingPolicy.hasAllowedPrefix($0, prefixes: prefixes) }
+        ) { kind in
             metrics.countUndecryptable(kind)
         }
         let trigger = HTTPTriggerClient(

@@ -412,4 +412,86 @@ struct SecurityHardeningTests {
             }
         }
     }
+
+    // MARK: Routing data in Redis
+
+    @Test("an apiBaseUrl or Connect link written into Redis without the key ring is never served")
+    func forgedRoutingDataIsRefused() async throws {
+        try await GatewayHarness.runConnect { h in
+            let victim = try await h.installed()
+            let path = GatewayHarness.path(victim)
+            let genuine = try await h.token(victim)
+            #expect(genuine.json["apiBaseUrl"] as? String == victim.apiBaseUrl)
+            let store = h.gateway.store
+            let installationKey = store.installationKey(victim.installationID)
+            let sealed = try #require(try await h.gateway.redis.send(["HGET", installationKey, "apiBaseUrl"]).string)
+            #expect(!sealed.contains("atlassian.com"), "stored sealed")
+
+            // Someone with write access to Redis points the installation at their own host.
+            _ = try await h.gateway.redis.send(["HSET", installationKey, "apiBaseUrl", "https://evil.example/ex/jira/x"])
+            try await h.withSecondGateway { second in
+                for answer in [
+                    try await Self.call(h, base: second, .GET, path + "/token"),
+                    try await Self.call(h, base: second, .GET, path),
+                ] {
+                    #expect(answer.status == 200)
+                    #expect(!answer.body.contains("evil.example"), "\(answer.body)")
+                }
+            }
+
+            // A tenant of the attacker's, linked in Redis to the victim's installation: its Connect
+            // JWT must not buy the victim's token through the OAuth token exchange.
+            let tenant = h.emulator.makeConnectTenant()
+            #expect(try await h.emulator.connectInstall(tenant).status == 204)
+            _ = try await h.gateway.redis.send(["HSET", store.connectTenantKey(tenant.clientKey), "installationId", victim.id])
+            #expect(try await store.connectTenant(tenant.clientKey)?.installationId == nil)
+            let jwt = h.emulator.mintConnectJWT(for: tenant, method: "GET", url: "/x")
+            var form = URLComponents()
+            form.queryItems = [
+                .init(name: "grant_type", value: "urn:ietf:params:oauth:grant-type:token-exchange"),
+                .init(name: "client_id", value: "full"), .init(name: "client_secret", value: GatewayHarness.callerSecret),
+                .init(name: "subject_token", value: jwt),
+                .init(name: "subject_token_type", value: "urn:ietf:params:oauth:token-type:jwt"),
+                .init(name: "connect_method", value: "GET"), .init(name: "connect_url", value: "/x"),
+            ]
+            let body = (form.percentEncodedQuery ?? "").replacingOccurrences(of: "+", with: "%2B")
+            let exchanged = try await h.call(
+                .POST, "/oauth/token", secret: nil, headers: ["content-type": "application/x-www-form-urlencoded"],
+                body: body)
+            #expect(exchanged.status == 400, "\(exchanged.body)")
+            #expect(exchanged.json["error"] as? String == "invalid_target")
+            #expect(!exchanged.body.contains(genuine.json["accessToken"] as? String ?? "-"))
+        }
+    }
+
+    @Test("apiBaseUrls outside the configured prefixes are neither stored nor served")
+    func apiBaseURLMustBeAtlassians() throws {
+        let allowed = ["https://api.atlassian.com/ex/"]
+        for url in ["https://api.atlassian.com/ex/jira/1b7c", "https://api.atlassian.com/ex/confluence/x/y"] {
+            #expect(RoutingPolicy.hasAllowedPrefix(url, prefixes: allowed), "\(url)")
+        }
+        for url in [
+            "https://evil.example/ex/jira/1", "https://api.atlassian.com.evil.example/ex/jira/1",
+            "https://api.atlassian.com/ex/", "https://api.atlassian.com/ex//evil.example", "http://api.atlassian.com/ex/jira/1",
+            "https://api.atlassian.com/ex/jira/1@evil.example", "https://api.atlassian.com/ex/../x",
+            "https://api.atlassian.com/ex/jira/%2e%2e/x", "https://api.atlassian.com/ex/jira/1?x", "https://api.atlassian.com/exx/1",
+        ] {
+            #expect(!RoutingPolicy.hasAllowedPrefix(url, prefixes: allowed), "\(url)")
+        }
+        var environment = [
+            "TOKEN_GATEWAY_FORGE_APP_ID": "ari:cloud:ecosystem::app/00000000-0000-0000-0000-000000000001",
+            "TOKEN_GATEWAY_ENCRYPTION_KEYS": "k1:" + Data(repeating: 7, count: 32).base64EncodedString(),
+            "TOKEN_GATEWAY_CALLERS": #"[{"name":"a","secret":"0123456789abcdef0123","installations":["*"]}]"#,
+            "TOKEN_GATEWAY_API_BASE_URL_PREFIXES": "https://api.stg.atlassian.com/ex/, http://127.0.0.1:9999/ex/",
+        ]
+        #expect(
+            try GatewayConfiguration.load(environment: environment).apiBaseURLPrefixes == [
+                "https://api.stg.atlassian.com/ex/", "http://127.0.0.1:9999/ex/",
+            ])
+        for bad in ["http://evil.example/ex/", "https://api.atlassian.com/ex", ""] {
+            environment["TOKEN_GATEWAY_API_BASE_URL_PREFIXES"] = bad
+            if bad.isEmpty { environment["TOKEN_GATEWAY_API_BASE_URL_PREFIXES"] = "," }
+            #expect(throws: ConfigurationError.self, "\(bad)") { try GatewayConfiguration.load(environment: environment) }
+        }
+    }
 }

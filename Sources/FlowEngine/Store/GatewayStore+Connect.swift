@@ -108,7 +108,7 @@ extension GatewayStore {
             ConnectScripts.install, keys: [key],
             arguments: [
                 String(now.unixSeconds), install.payloadJSON, sealed, install.appKey, install.baseUrl,
-                install.installationId?.ari ?? "",
+                self.sealConnectLink(install.installationId, clientKey: install.clientKey),
             ])
         guard let created = r.int else { throw RedisError.protocolError }
         return created == 1
@@ -124,7 +124,8 @@ extension GatewayStore {
         _ = try await self.redis.eval(
             ConnectScripts.uninstall, keys: [self.connectTenantKey(clientKey)],
             arguments: [
-                String(now.unixSeconds), payloadJSON, appKey ?? "", baseUrl ?? "", installationId?.ari ?? "",
+                String(now.unixSeconds), payloadJSON, appKey ?? "", baseUrl ?? "",
+                self.sealConnectLink(installationId, clientKey: clientKey),
             ])
     }
 
@@ -149,7 +150,7 @@ extension GatewayStore {
             status: status,
             appKey: nonEmpty("key"),
             baseUrl: nonEmpty("baseUrl"),
-            installationId: nonEmpty("installationId").flatMap { InstallationID($0) },
+            installationId: self.openConnectLink(fields["installationId"], clientKey: clientKey),
             payloadJSON: fields["payload"] ?? "{}",
             sharedSecret: secret,
             createdAt: seconds("createdAt") ?? 0,

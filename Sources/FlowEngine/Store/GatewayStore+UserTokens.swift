@@ -96,7 +96,7 @@ extension GatewayStore {
         return UserTokenSnapshot(
             exists: statusText != nil,
             status: InstallationStatus(rawValue: statusText ?? "") ?? .active,
-            apiBaseUrl: inst[1].string.flatMap { $0.isEmpty ? nil : $0 },
+            apiBaseUrl: self.openAPIBaseURL(inst[1].string, id),
             cloudId: inst[2].string.flatMap { $0.isEmpty ? nil : $0 },
             token: token,
             deniedFor: deniedTTL > 0 ? .milliseconds(deniedTTL) : nil,

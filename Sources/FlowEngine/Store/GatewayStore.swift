@@ -13,21 +13,26 @@ public final class GatewayStore: Sendable {
     let prefix: String
     /// Told of every stored secret that does not open (for a metric).
     let undecryptable: @Sendable (SecretKind) -> Void
+    /// Which routing values may be stored and served.
+    let routing: RoutingPolicy
 
-    /// Kinds of stored secrets, for ``undecryptable``.
+    /// Kinds of sealed values, for ``undecryptable``.
     public enum SecretKind: String, Sendable, CaseIterable {
         case systemToken = "system_token"
         case userToken = "user_token"
+        case apiBaseUrl = "api_base_url"
+        case connectLink = "connect_link"
     }
 
     public init(
-        redis: RedisClient, box: any SecretBox, prefix: String = "tg",
+        redis: RedisClient, box: any SecretBox, prefix: String = "tg", routing: RoutingPolicy = RoutingPolicy(),
         undecryptable: @escaping @Sendable (SecretKind) -> Void = { _ in }
     ) {
         self.redis = redis
         self.box = box
         self.prefix = prefix
         self.channel = "\(prefix):events"
+        self.routing = routing
         self.undecryptable = undecryptable
     }
 
@@ -55,7 +60,7 @@ public final class GatewayStore: Sendable {
         let r = try await self.redis.eval(
             GatewayScripts.upsertInstallation, keys: [self.installationKey(id)],
             arguments: [
-                String(now.unixSeconds), metadata.appId ?? "", metadata.apiBaseUrl ?? "", metadata.cloudId ?? "",
+                String(now.unixSeconds), metadata.appId ?? "", self.sealAPIBaseURL(metadata.apiBaseUrl, id), metadata.cloudId ?? "",
             ])
         let code = r.int ?? 0
         if code == 1 { try await self.index(id) }
@@ -67,7 +72,9 @@ public final class GatewayStore: Sendable {
         let r = try await self.redis.send(["HGETALL", self.installationKey(id)])
         let fields = r.fieldDictionary
         if fields.isEmpty { return nil }
-        return InstallationRecord(id: id, fields: fields)
+        var record = InstallationRecord(id: id, fields: fields)
+        record.apiBaseUrl = self.openAPIBaseURL(fields["apiBaseUrl"], id)
+        return record
     }
 
     /// Outcome of a registration.
@@ -90,7 +97,7 @@ public final class GatewayStore: Sendable {
             GatewayScripts.register, keys: [installationKey, signingKey],
             arguments: [
                 String(now.unixSeconds), sealedURL, candidateKeyID, sealedKey, metadata.appId ?? "",
-                metadata.apiBaseUrl ?? "", metadata.cloudId ?? "",
+                self.sealAPIBaseURL(metadata.apiBaseUrl, id), metadata.cloudId ?? "",
             ])
         guard let items = r.array, let first = items.first?.int else { throw RedisError.protocolError }
         if first < 0 { return .uninstalled }
@@ -175,7 +182,11 @@ public final class GatewayStore: Sendable {
         var records: [InstallationRecord] = []
         for (id, reply) in zip(taken, hashes) {
             let fields = reply.fieldDictionary
-            if !fields.isEmpty { records.append(InstallationRecord(id: id, fields: fields)) }
+            if !fields.isEmpty {
+                var record = InstallationRecord(id: id, fields: fields)
+                record.apiBaseUrl = self.openAPIBaseURL(fields["apiBaseUrl"], id)
+                records.append(record)
+            }
         }
         return (records, more ? taken.last?.ari : nil)
     }
@@ -210,7 +221,7 @@ public final class GatewayStore: Sendable {
             exists: statusText != nil,
             status: InstallationStatus(rawValue: statusText ?? "") ?? .active,
             triggerRegistered: !(inst[1].string ?? "").isEmpty,
-            apiBaseUrl: inst[2].string.flatMap { $0.isEmpty ? nil : $0 },
+            apiBaseUrl: self.openAPIBaseURL(inst[2].string, id),
             token: await self.openTokenOrDrop(key: tokenKey, exp: tok[0], sealed: tok[1], rid: tok[2], at: tok[3]),
             circuitOpenUntil: replies[2].string.flatMap { Int64($0) } ?? 0)
     }
@@ -277,7 +288,7 @@ public final class GatewayStore: Sendable {
             keys: [self.installationKey(id), tokenKey, self.pendingKey(id, requestID: rid)],
             arguments: [
                 String(token.expiresAt), sealed, String(now.unixSeconds), rid, self.channel, id.ari,
-                metadata.appId ?? "", metadata.apiBaseUrl ?? "", metadata.cloudId ?? "",
+                metadata.appId ?? "", self.sealAPIBaseURL(metadata.apiBaseUrl, id), metadata.cloudId ?? "",
             ])
         guard let items = r.array, items.count == 3, let s = items[0].int, let c = items[1].int,
             let sol = items[2].int

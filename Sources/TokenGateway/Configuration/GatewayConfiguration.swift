@@ -56,6 +56,9 @@ public struct GatewaySetting: Sendable, Hashable {
     public static let opsPort = GatewaySetting(
         "TOKEN_GATEWAY_OPS_PORT", "ops-port",
         "port of a separate listener for health, metrics and operator pages (unset: served on the main port)")
+    public static let apiBaseURLPrefixes = GatewaySetting(
+        "TOKEN_GATEWAY_API_BASE_URL_PREFIXES", "api-base-url-prefixes",
+        "comma-separated prefixes an installation's apiBaseUrl must start with (default https://api.atlassian.com/ex/)")
     public static let logLevel = GatewaySetting("TOKEN_GATEWAY_LOG_LEVEL", "log-level", "trace…critical (default info)")
     public static let logFormat = GatewaySetting("TOKEN_GATEWAY_LOG_FORMAT", "log-format", "logfmt or json (default logfmt)")
     public static let triggerMaxAttempts = GatewaySetting(
@@ -81,7 +84,7 @@ public struct GatewaySetting: Sendable, Hashable {
         .host, .port, .redisURL, .forgeAppID, .forgeJWKSURL, .triggerHosts, .encryptionKeys, .callers,
         .connectBaseURL, .connectKeysURL, .forgeGraphQLURL, .userExchangesPerMinute, .publicURL, .logLevel,
         .logFormat, .triggerMaxAttempts, .triggerAttemptTimeout, .deliveryGrace, .refreshAheadFraction,
-        .breakerThreshold, .breakerOpen, .opsHost, .opsPort,
+        .breakerThreshold, .breakerOpen, .opsHost, .opsPort, .apiBaseURLPrefixes,
     ]
 
     init(_ environment: String, _ flag: String, _ summary: String, secret: Bool = false) {
@@ -117,6 +120,10 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     /// A separate listener for health, metrics and operator pages (`TOKEN_GATEWAY_OPS_HOST` /
     /// `TOKEN_GATEWAY_OPS_PORT`); nil (the default) serves them on the main listener.
     public var operationsListener: OperationsListener? = nil
+    /// What an installation's `apiBaseUrl` (from verified FITs, handed to callers beside its
+    /// token) must start with to be stored and served. Default `https://api.atlassian.com/ex/`;
+    /// a staging app adds `https://api.stg.atlassian.com/ex/`, an emulator a loopback prefix.
+    public var apiBaseURLPrefixes: [String] = ["https://api.atlassian.com/ex/"]
     public var redis: RedisConfiguration
     public var forgeAppID: String
     public var forgeJWKSURL: String = InvocationTokenVerifier.productionJWKSURL
@@ -264,6 +271,18 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
             } catch {
                 throw ConfigurationError(setting: GatewaySetting.triggerHosts.environment, problem: error.problem)
             }
+        }
+        if let v = raw(.apiBaseURLPrefixes) {
+            let setting = GatewaySetting.apiBaseURLPrefixes.environment
+            var prefixes: [String] = []
+            for entry in v.split(separator: ",").map({ $0.trimmingCharacters(in: .whitespaces) }) where !entry.isEmpty {
+                guard entry.hasSuffix("/"), URLComponents(string: entry)?.query == nil else {
+                    throw ConfigurationError(setting: setting, problem: "each prefix must be a URL ending in /")
+                }
+                prefixes.append(try TrustRoot.validate(entry, setting: setting))
+            }
+            guard !prefixes.isEmpty else { throw ConfigurationError(setting: setting, problem: "names no prefix") }
+            config.apiBaseURLPrefixes = prefixes
         }
         if let v = raw(.connectBaseURL) { config.connectBaseURL = try url(.connectBaseURL, v) }
         if let v = raw(.connectKeysURL) {
