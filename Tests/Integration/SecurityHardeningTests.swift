@@ -494,4 +494,96 @@ struct SecurityHardeningTests {
             #expect(throws: ConfigurationError.self, "\(bad)") { try GatewayConfiguration.load(environment: environment) }
         }
     }
+
+    // MARK: Unbounded state
+
+    /// The value of an unlabelled counter in a `/metrics` answer (0 when absent).
+    static func counter(_ metrics: String, _ name: String) -> Double {
+        let line = metrics.split(separator: "\n").first { $0.hasPrefix(name + " ") }
+        return line.flatMap { $0.split(separator: " ").last }.flatMap { Double($0) } ?? 0
+    }
+
+    @Test("callers beyond the waiter caps (per installation, in total) get 503 overloaded with Retry-After at once")
+    func waiterCapsAnswerOverloaded() async throws {
+        try await GatewayHarness.run(configure: {
+            $0.flow.maxWaitersPerInstallation = 2
+            $0.flow.maxWaiters = 3
+        }) { h in
+            let (a, b, c) = (try await h.installed(), try await h.installed(), try await h.installed())
+            for installation in [a, b, c] { h.emulator.setFault(.respondSlowly(.seconds(4)), for: installation) }
+            try await withThrowingTaskGroup(of: GatewayHarness.Answer.self) { group in
+                group.addTask { try await h.token(a) }
+                #expect(try await Security.eventually { h.emulator.triggerCalls(for: a) >= 1 })
+                group.addTask { try await h.token(a) }
+                #expect(
+                    try await Security.eventually {
+                        Self.counter(try await Self.get(h, h.gatewayURL + "/metrics").body, "token_gateway_coalesced_waiters_total")
+                            >= 1
+                    })
+                // A third caller of the same installation is over the per-installation cap.
+                let third = try await h.token(a)
+                #expect(third.status == 503)
+                #expect(third.errorCode == "overloaded")
+                #expect(third.headers["retry-after"] != nil)
+
+                group.addTask { try await h.token(b) }
+                #expect(try await Security.eventually { h.emulator.triggerCalls(for: b) >= 1 })
+                // Three wait in this process: a fourth, of any installation, is over the total cap.
+                let fourth = try await h.token(c)
+                #expect(fourth.status == 503)
+                #expect(fourth.errorCode == "overloaded")
+                #expect(h.emulator.triggerCalls(for: c) == 0)
+
+                // Those that waited get their tokens.
+                for try await answer in group { #expect(answer.status == 200, "\(answer.body)") }
+            }
+            // The caps count waiters, not requests: once they are answered there is room again.
+            #expect(try await h.token(c).status == 200)
+            #expect(try await h.token(a).status == 200)
+            let metrics = try await Self.get(h, h.gatewayURL + "/metrics").body
+            #expect(Self.counter(metrics, "token_gateway_overloaded_requests_total") == 2)
+        }
+    }
+
+    @Test("a narrow-scope caller's listing costs in proportion to its scope, not to the whole index")
+    func narrowScopeListingReadsOnlyItsScope() async throws {
+        let redis = try await RedisServerProcess.start()
+        defer { Task { await redis.stop() } }
+        var scope: [String] = []
+        for _ in 0..<3 { scope.append("ari:cloud:ecosystem::installation/\(UUID().uuidString.lowercased())") }
+        try await GatewayHarness.run(redisURL: redis.url, scopedInstallations: scope) { h in
+            // Someone else's thousands of installations in the index.
+            let others = (0..<3000).map { _ in "ari:cloud:ecosystem::installation/\(UUID().uuidString.lowercased())" }
+            _ = try await h.gateway.redis.send(["ZADD", "tg:installations"] + others.flatMap { ["0", $0] })
+            // Two of the scoped installations exist.
+            for ari in scope.prefix(2) {
+                _ = try await h.gateway.store.upsertInstallation(
+                    InstallationID(ari)!, metadata: .init(appId: "app"), now: FlowTime.now())
+            }
+            func calls(_ command: String) async throws -> Int {
+                let info = try await h.gateway.redis.send(["INFO", "commandstats"]).string ?? ""
+                guard let line = info.split(separator: "\r\n").first(where: { $0.hasPrefix("cmdstat_\(command):") }),
+                    let range = line.range(of: "calls=")
+                else { return 0 }
+                return Int(line[range.upperBound...].prefix { $0.isNumber }) ?? 0
+            }
+            _ = try await h.gateway.redis.send(["CONFIG", "RESETSTAT"])
+            var seen: [String] = []
+            var cursor = ""
+            repeat {
+                let page = try await h.call(
+                    .GET, "/v1/installations?limit=1" + (cursor.isEmpty ? "" : "&cursor=\(cursor)"),
+                    secret: GatewayHarness.scopedSecret)
+                #expect(page.status == 200)
+                seen += ((page.json["installations"] as? [[String: Any]]) ?? []).compactMap { $0["installationId"] as? String }
+                cursor = page.json["nextCursor"] as? String ?? ""
+            } while !cursor.isEmpty && seen.count < 10
+            #expect(seen == scope.prefix(2).sorted())
+            #expect(try await calls("zrangebylex") == 0, "the whole index was walked")
+            #expect(try await calls("zscore") <= 3 * 3)
+            // The full-scope caller still pages the index.
+            let all = try await h.call(.GET, "/v1/installations?limit=1000")
+            #expect(all.status == 200)
+        }
+    }
 }

@@ -57,6 +57,11 @@ public struct TokenFlowConfiguration: Sendable, Hashable {
     public var breakerOpenBase: Duration = .seconds(5)
     /// Longest open window. Default 5 min.
     public var breakerOpenCap: Duration = .seconds(300)
+    /// Callers of one installation that may wait in this process for a round trip at once; more
+    /// get `overloaded` (503) at once. Default 1000.
+    public var maxWaitersPerInstallation: Int = 1000
+    /// Callers that may wait in this process at once, over all installations. Default 10,000.
+    public var maxWaiters: Int = 10_000
 
     public init() {}
 }

@@ -41,8 +41,14 @@ extension Gateway {
             }
             let page: (records: [InstallationRecord], next: String?)
             do {
-                page = try await self.store.listInstallations(after: after, limit: limit) {
-                    caller.installations.contains($0.ari)
+                if let scope = caller.installations.values {
+                    // A narrow scope pages through its own ids: the cost follows the scope, not the index.
+                    page = try await self.store.listInstallations(
+                        among: scope.compactMap { InstallationID($0) }, after: after, limit: limit)
+                } else {
+                    page = try await self.store.listInstallations(after: after, limit: limit) {
+                        caller.installations.contains($0.ari)
+                    }
                 }
             } catch {
                 throw GatewayError.storeUnavailable
