@@ -548,10 +548,19 @@ struct SecurityHardeningTests {
     @Test("a narrow-scope caller's listing costs in proportion to its scope, not to the whole index")
     func narrowScopeListingReadsOnlyItsScope() async throws {
         let redis = try await RedisServerProcess.start()
-        defer { Task { await redis.stop() } }
+        do {
+            try await Self.narrowScopeListing(redisURL: redis.url)
+        } catch {
+            await redis.stop()
+            throw error
+        }
+        await redis.stop()
+    }
+
+    static func narrowScopeListing(redisURL: String) async throws {
         var scope: [String] = []
         for _ in 0..<3 { scope.append("ari:cloud:ecosystem::installation/\(UUID().uuidString.lowercased())") }
-        try await GatewayHarness.run(redisURL: redis.url, scopedInstallations: scope) { h in
+        try await GatewayHarness.run(redisURL: redisURL, scopedInstallations: scope) { h in
             // Someone else's thousands of installations in the index.
             let others = (0..<3000).map { _ in "ari:cloud:ecosystem::installation/\(UUID().uuidString.lowercased())" }
             _ = try await h.gateway.redis.send(["ZADD", "tg:installations"] + others.flatMap { ["0", $0] })
