@@ -8,7 +8,7 @@ public struct RoutingPolicy: Sendable {
     /// Whether an `apiBaseUrl` may be stored and served: by default `https://api.atlassian.com/ex/…`.
     public var allowsAPIBaseURL: @Sendable (String) -> Bool
 
-    public init(allowsAPIBaseURL: @escaping @Sendable (String) -> Bool = RoutingPolicy.isAtlassianAPIBaseURL) {
+    public init(allowsAPIBaseURL: @escaping @Sendable (String) -> Bool = { RoutingPolicy.isAtlassianAPIBaseURL($0) }) {
         self.allowsAPIBaseURL = allowsAPIBaseURL
     }
 

@@ -151,7 +151,7 @@ public struct EncryptionKeyRing: Sendable {
         mac.update(data: Array(context.utf8))
         mac.update(data: [0])
         mac.update(data: plaintext)
-        let nonce = try AES.GCM.Nonce(data: Array(mac.finalize()).prefix(12))
+        let nonce = try AES.GCM.Nonce(data: Array(Array(mac.finalize()).prefix(12)))
         let box = try AES.GCM.seal(plaintext, using: current.key, nonce: nonce, authenticating: Array(context.utf8))
         guard let combined = box.combined else { throw EncryptionError.corrupt }
         return current.id + "." + Base64URL.encode(combined)
