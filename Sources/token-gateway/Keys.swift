@@ -28,8 +28,8 @@ struct KeysRewrap: AsyncParsableCommand {
             (keeping the old ones); 2. run this command with the same ring; 3. remove the old key.
             """)
 
-    @Option(help: "Redis URL [TOKEN_GATEWAY_REDIS_URL]") var redisUrl: String?
-    @Option(help: "Encryption key ring keyId:base64,…, new key first [TOKEN_GATEWAY_ENCRYPTION_KEYS]")
+    @Option(help: "Redis URL without a password, or @path [TOKEN_GATEWAY_REDIS_URL]") var redisUrl: String?
+    @Option(help: "@path of a file with the key ring, new key first; the ring itself only in TOKEN_GATEWAY_ENCRYPTION_KEYS")
     var encryptionKeys: String?
     @Option(help: "SCAN cursor to resume from (as printed by an interrupted run)") var cursor = "0"
     @Option(help: "Keys per SCAN batch (a hint to Redis)") var batchSize = 500
