@@ -109,7 +109,7 @@ struct SecurityHardeningTests {
 
     @Test("without an operations listener, health and metrics are on the main port")
     func operationsOnTheMainPortByDefault() async throws {
-        try await GatewayHarness.run { h in
+        try await GatewayHarness.run { h async throws in
             #expect(h.gateway.configuration.operationsListener == nil)
             for path in ["/metrics", "/health/live", "/health/ready"] {
                 #expect(try await Self.get(h, h.gatewayURL + path).status == 200, "\(path)")
@@ -558,8 +558,7 @@ struct SecurityHardeningTests {
     }
 
     static func narrowScopeListing(redisURL: String) async throws {
-        var scope: [String] = []
-        for _ in 0..<3 { scope.append("ari:cloud:ecosystem::installation/\(UUID().uuidString.lowercased())") }
+        let scope = (0..<3).map { _ in "ari:cloud:ecosystem::installation/\(UUID().uuidString.lowercased())" }
         try await GatewayHarness.run(redisURL: redisURL, scopedInstallations: scope) { h in
             // Someone else's thousands of installations in the index.
             let others = (0..<3000).map { _ in "ari:cloud:ecosystem::installation/\(UUID().uuidString.lowercased())" }

@@ -108,9 +108,9 @@ struct FuzzOutsiderParserTests {
     @Test("OAuth forms: random bodies parse or are refused with invalid_request; parsed values round-trip")
     func oauthForm() {
         var rng = SplitMix64(seed: 0x4F41_5554)
-        let alphabet: [Character] = Array("abc_=&%+2F0Az-.~ ") + ["%", "%%", "%2", "%C3%A9", "%FF", "%00", "\u{0}", "é"]
+        let alphabet: [String] = Array("abc_=&%+2F0Az-.~ ").map(String.init) + ["%%", "%2", "%C3%A9", "%FF", "%00", "\u{0}", "é"]
         for _ in 0..<1000 {
-            let text = rng.string(Int.random(in: 0..<120, using: &rng), from: alphabet)
+            let text = (0..<Int.random(in: 0..<60, using: &rng)).map { _ in rng.pick(alphabet) }.joined()
             do {
                 let form = try OAuthForm.parse(Array(text.utf8))
                 #expect(form.names.count <= OAuthForm.maximumParameterCount)
@@ -167,7 +167,6 @@ struct FuzzOutsiderParserTests {
             do {
                 let configuration = try RedisConfiguration(url: url)
                 #expect(!"\(configuration)".contains(password))
-                #expect((0...65535).contains(configuration.port))
             } catch {
                 #expect(!"\(error)".contains(password), "\(error)")
             }
