@@ -230,7 +230,7 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
             }
         }
         if let v = raw(.forgeModuleKeys) {
-            let keys = v.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
+            let keys = v.split(separator: ",", omittingEmptySubsequences: false).map { $0.trimmingCharacters(in: .whitespaces) }
             guard !keys.isEmpty, keys.allSatisfy({ !$0.isEmpty && $0.utf8.count <= 256 }) else {
                 throw ConfigurationError(
                     setting: GatewaySetting.forgeModuleKeys.environment,
