@@ -66,9 +66,11 @@ public final class Gateway: Sendable {
         let stagingJWKS =
             configuration.forgeJWKSURL == InvocationTokenVerifier.productionJWKSURL
             ? InvocationTokenVerifier.stagingJWKSURL : nil
+        var verifierConfiguration = InvocationTokenVerifier.Configuration(
+            appId: configuration.forgeAppID, jwksURL: configuration.forgeJWKSURL, stagingJWKSURL: stagingJWKS)
+        verifierConfiguration.allowedModuleKeys = configuration.forgeModuleKeys
         self.verifier = InvocationTokenVerifier(
-            configuration: .init(
-                appId: configuration.forgeAppID, jwksURL: configuration.forgeJWKSURL, stagingJWKSURL: stagingJWKS),
+            configuration: verifierConfiguration,
             httpClient: self.httpClient, replayGuard: StoreReplayGuard(store: self.store), logger: logger)
         self.userTokens = UserTokenExchanger(
             configuration: .init(gateway: configuration), store: self.store, flow: self.flow,

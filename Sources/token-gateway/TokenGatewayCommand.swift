@@ -22,6 +22,7 @@ struct SettingsOptions: ParsableArguments {
     @Option(help: "Expected FIT audience, the app ARI [TOKEN_GATEWAY_FORGE_APP_ID]") var forgeAppId: String?
     @Option(help: "JWKS URL for Forge invocation tokens [TOKEN_GATEWAY_FORGE_JWKS_URL]") var forgeJwksUrl: String?
     @Option(help: "Allow-list of trigger hosts [TOKEN_GATEWAY_TRIGGER_HOSTS]") var triggerHosts: String?
+    @Option(help: "Module keys allowed on the Forge routes [TOKEN_GATEWAY_FORGE_MODULE_KEYS]") var forgeModuleKeys: String?
     @Option(help: "Encryption key ring keyId:base64,… [TOKEN_GATEWAY_ENCRYPTION_KEYS]") var encryptionKeys: String?
     @Option(help: "Callers: JSON array or @path [TOKEN_GATEWAY_CALLERS]") var callers: String?
     @Option(help: "Connect app baseUrl [TOKEN_GATEWAY_CONNECT_BASE_URL]") var connectBaseUrl: String?
@@ -52,7 +53,7 @@ struct SettingsOptions: ParsableArguments {
             (.logLevel, self.logLevel), (.logFormat, self.logFormat), (.triggerMaxAttempts, self.triggerMaxAttempts),
             (.triggerAttemptTimeout, self.triggerAttemptTimeoutMs), (.deliveryGrace, self.deliveryGraceMs),
             (.refreshAheadFraction, self.refreshAheadFraction), (.breakerThreshold, self.breakerThreshold),
-            (.breakerOpen, self.breakerOpenMs),
+            (.breakerOpen, self.breakerOpenMs), (.forgeModuleKeys, self.forgeModuleKeys),
         ]
         var out: [String: String] = [:]
         for (setting, value) in pairs { if let value { out[setting.environment] = value } }

@@ -123,7 +123,18 @@ private final class FakeGateway: Sendable {
             guard await self.verifiedInstallation(request) != nil else { return Self.json(.unauthorized, "{}") }
             let body = try await request.body.collect(upTo: 65536)
             let object = try JSONSerialization.jsonObject(with: Data(buffer: body)) as? [String: Any]
-            self.state.withLock { $0.events.append(object?["eventType"] as? String ?? "?") }
+            // Forge's documented body has no eventType; an upgrade lists permissions.
+            let event = object?["eventType"] as? String ?? (object?["permissions"] != nil ? "upgraded" : "installed")
+            self.state.withLock { $0.events.append(event) }
+            return Self.json(.ok, "{}")
+        }
+        router.post("/forge/pre-uninstall") { request, _ -> Response in
+            guard await self.verifiedInstallation(request) != nil else { return Self.json(.unauthorized, "{}") }
+            let body = try await request.body.collect(upTo: 65536)
+            let object = try JSONSerialization.jsonObject(with: Data(buffer: body)) as? [String: Any]
+            let context = object?["context"] as? [String: Any]
+            let ok = context?["cloudId"] is String && context?["moduleKey"] is String && object?["contextToken"] is String
+            self.state.withLock { $0.events.append(ok ? "preUninstall" : "malformed preUninstall") }
             return Self.json(.ok, "{}")
         }
         router.post("/forge/register") { request, _ -> Response in
@@ -315,7 +326,7 @@ private func post(_ url: String, json: String? = nil) async throws -> (status: I
             let gateway = gateways[0]
             let installation = emulator.makeInstallation()
             try await emulator.install(installation)
-            #expect(gateway.events == ["avi:forge:installed:app"])
+            #expect(gateway.events == ["installed"])
             #expect(gateway.registeredURLs == [emulator.triggerURL(for: installation)])
             #expect(emulator.triggerURL(for: installation) == emulator.baseURL + installation.triggerPath)
 
@@ -327,7 +338,7 @@ private func post(_ url: String, json: String? = nil) async throws -> (status: I
 
             try await emulator.upgrade(installation)
             try await emulator.uninstall(installation)
-            #expect(gateway.events == ["avi:forge:installed:app", "avi:forge:upgraded:app", "avi:forge:uninstalled:app"])
+            #expect(gateway.events == ["installed", "upgraded", "preUninstall"])
             // The web trigger is gone with the app.
             #expect(try await callTrigger(emulator, installation, gateway: gateway) == 404)
             #expect(emulator.triggerRecords(for: installation).map(\.answeredStatus) == [404])
