@@ -27,8 +27,8 @@ struct EnteredToken: Sendable {
 /// One way a token enters the gateway (contract §2 *(v1.1)*: "whichever way the token entered").
 struct TokenEntry: Sendable, CustomTestStringConvertible {
     let name: String
-    /// Whether the installation is installed and its trigger registered before the entry.
-    let installFirst: Bool
+    /// Trigger calls the entry makes.
+    let triggerCalls: Int
     let enter: @Sendable (TokenEntryContext) async throws -> EnteredToken
 
     var testDescription: String { self.name }
@@ -47,7 +47,7 @@ struct TokenEntry: Sendable, CustomTestStringConvertible {
 
     /// A caller asks for more validity than the stored token has: one round trip, and the trigger's
     /// delivery (to gateway A) brings the token. The caller's own answer has source `trigger`.
-    static let triggerRoundTrip = TokenEntry(name: "trigger round-trip delivery", installFirst: true) { ctx in
+    static let triggerRoundTrip = TokenEntry(name: "trigger round-trip delivery", triggerCalls: 1) { ctx in
         let answer = try await ctx.h.token(ctx.installation, query: "minValidity=1800")
         let token = try #require(answer.json["accessToken"] as? String, "\(answer.status) \(answer.body)")
         #expect(ctx.h.emulator.triggerCalls(for: ctx.installation) == 1)
@@ -60,7 +60,7 @@ struct TokenEntry: Sendable, CustomTestStringConvertible {
         _ name: String, path: String,
         body: @escaping @Sendable (ForgeEmulator, EmulatedInstallation) -> String?
     ) -> TokenEntry {
-        TokenEntry(name: name, installFirst: false) { ctx in
+        TokenEntry(name: name, triggerCalls: 0) { ctx in
             let token = try ctx.h.emulator.mintAccessToken(for: ctx.installation)
             let fit = try ctx.h.emulator.mintFIT(for: ctx.installation)
             var headers = ["authorization": "Bearer " + fit, "x-forge-oauth-system": token]
@@ -84,9 +84,10 @@ struct TokenAnswerMatrixTests {
             let installation = h.emulator.makeInstallation()
             let id = installation.installationID
             try await h.withSecondGateway { otherURL, other in
-                // The other replica already serves an older token from its memory, so it only
-                // serves the new one once the notification has reached it.
-                if entry.installFirst { try await h.emulator.install(installation) }
+                // Installed (lifecycle event and trigger registration), so Atlassian exchanges
+                // user tokens for it. The other replica already serves an older token from its
+                // memory, so it only serves the new one once the notification has reached it.
+                try await h.emulator.install(installation)
                 let older = try await h.emulator.push(installation, expiresAt: Date().addingTimeInterval(1200), to: otherURL)
                 #expect(older.status == 200, "\(older.body)")
                 let primed = try await h.call(.GET, GatewayHarness.path(installation) + "/token", at: otherURL)
@@ -163,7 +164,7 @@ struct TokenAnswerMatrixTests {
                     Self.expectWholeAnswer(again, installation, token: entered.token, source: "cache", "fresh replica's memory")
                 }
             }
-            #expect(h.emulator.triggerCalls(for: installation) == (entry.installFirst ? 1 : 0))
+            #expect(h.emulator.triggerCalls(for: installation) == entry.triggerCalls)
         }
     }
 
