@@ -461,6 +461,31 @@ private func post(_ url: String, json: String? = nil) async throws -> (status: I
         }
     }
 
+    @Test func redeliverCachedSendsTheTokenDeliveredLastAgain() async throws {
+        try await withEmulator { emulator, gateways, _ in
+            let gateway = gateways[0]
+            let installation = emulator.makeInstallation()
+            try await emulator.install(installation)
+            let pushed = try await emulator.push(installation, expiresAt: Date().addingTimeInterval(900))
+            emulator.setFault(.redeliverCached, for: installation)
+            #expect(try await callTrigger(emulator, installation, gateway: gateway, requestId: "again") == 200)
+            #expect(try await callTrigger(emulator, installation, gateway: gateway, requestId: "once-more") == 200)
+            let deliveries = gateway.deliveries
+            #expect(deliveries.map(\.requestId) == [nil, "again", "once-more"])
+            // The same token string, so the same exp: Forge's cache handing out what it handed out before.
+            #expect(deliveries.allSatisfy { $0.systemToken == pushed.token })
+
+            // With nothing delivered yet, one token is minted and from then on re-delivered.
+            let fresh = emulator.makeInstallation()
+            try await emulator.install(fresh)
+            emulator.setFault(.redeliverCached, for: fresh)
+            #expect(try await callTrigger(emulator, fresh, gateway: gateway, requestId: "first") == 200)
+            #expect(try await callTrigger(emulator, fresh, gateway: gateway, requestId: "second") == 200)
+            let tokens = gateway.deliveries.suffix(2).map(\.systemToken)
+            #expect(tokens[0] != nil && tokens[0] == tokens[1] && tokens[0] == emulator.lastDeliveredToken(for: fresh))
+        }
+    }
+
     @Test func deliverLateAnswersFirstAndDeliversAfterTheDelay() async throws {
         try await withEmulator { emulator, gateways, _ in
             let gateway = gateways[0]

@@ -288,9 +288,20 @@ extension Gateway {
                 token: AccessToken(
                     value: token.value, expiresAt: token.expiresAt, requestID: solicitedBy,
                     receivedAt: FlowTime.now().unixSeconds),
-                solicitedBy: solicitedBy)
-        } else if result.solicited, let current = try? await self.store.systemToken(id) {
-            self.flow.tokenDelivered(id, token: current, solicitedBy: solicitedBy)
+                apiBaseUrl: result.apiBaseUrl, solicitedBy: solicitedBy)
+        } else if solicitedBy == nil {
+            // No newer token, but the FIT may name a new apiBaseUrl: answers from memory carry it.
+            self.flow.apiBaseUrlSeen(id, result.apiBaseUrl)
+        } else if let solicitedBy {
+            // The round trip brought no newer token (Forge re-delivered the one held): its callers
+            // get the newest one and round trips go on hold.
+            do {
+                let current = try await self.store.systemToken(id)
+                self.flow.deliveryBroughtNoNewerToken(
+                    id, requestID: solicitedBy, newest: current, apiBaseUrl: result.apiBaseUrl)
+            } catch {
+                // The leader learns it from the notification or its poll.
+            }
         }
         self.audit.tokenReceived(
             installation: id, kind: result.solicited ? "solicited" : "pushed", expiresAt: token.expiresAt,
