@@ -41,8 +41,10 @@ struct TokenEntry: Sendable, CustomTestStringConvertible {
         .forgeCall("/forge/register with x-forge-oauth-system", path: "/forge/register") { e, i in
             #"{"authTriggerUrl":"\#(e.triggerURL(for: i))"}"#
         },
-        // A lifecycle call carrying x-forge-oauth-system goes here, for example:
-        // .forgeCall("/forge/lifecycle installed with x-forge-oauth-system", path: "/forge/lifecycle") { e, i in <the lifecycle body> },
+        // Forge's documented lifecycle body: no eventType, handled as installed/upgraded.
+        .forgeCall("/forge/lifecycle (documented body) with x-forge-oauth-system", path: "/forge/lifecycle") { _, i in
+            #"{"id":"\#(i.id)","installerAccountId":"557058:installer","app":{"id":"\#(ForgeEmulatorConfiguration.demoAppId)","version":"2.0.0","name":"token-gateway","ownerAccountId":"557058:installer"},"environment":{"id":"env-1"}}"#
+        },
     ]
 
     /// A caller asks for more validity than the stored token has: one round trip, and the trigger's
