@@ -12,6 +12,8 @@ public struct FlowError: Error, Hashable, Sendable, CustomStringConvertible {
         case storeUnavailable = "store_unavailable"
         case cancelled = "cancelled"
         case shuttingDown = "shutting_down"
+        /// Too many callers already waiting, for this installation or in total.
+        case overloaded = "overloaded"
     }
 
     public let code: Code
@@ -33,6 +35,8 @@ public struct FlowError: Error, Hashable, Sendable, CustomStringConvertible {
     public static let triggerFailed = FlowError(code: .triggerFailed)
     public static let storeUnavailable = FlowError(code: .storeUnavailable, retryAfter: .seconds(1))
     public static let cancelled = FlowError(code: .cancelled)
+    /// Too many callers already wait (for the installation, or in this process): try again soon.
+    public static let overloaded = FlowError(code: .overloaded, retryAfter: .seconds(1))
     public static let shuttingDown = FlowError(code: .shuttingDown, retryAfter: .seconds(1))
     public static func circuitOpen(retryAfter: Duration) -> FlowError {
         FlowError(code: .circuitOpen, retryAfter: retryAfter)

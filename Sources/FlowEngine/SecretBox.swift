@@ -6,4 +6,15 @@ public protocol SecretBox: Sendable {
     func seal(_ plaintext: [UInt8], context: String) throws -> String
     /// Opens a sealed blob; throws when the key is unknown, the blob is corrupt or the context differs.
     func open(_ sealed: String, context: String) throws -> [UInt8]
+    /// Seals so that equal plaintexts under one context give equal blobs (see the extension).
+    func sealDeterministically(_ plaintext: [UInt8], context: String) throws -> String
+}
+
+extension SecretBox {
+    /// Seals `plaintext` so that the same plaintext under the same context and key gives the same
+    /// blob (for values compared in place, such as routing data; it reveals only equality). By
+    /// default the same as ``seal(_:context:)``.
+    public func sealDeterministically(_ plaintext: [UInt8], context: String) throws -> String {
+        try self.seal(plaintext, context: context)
+    }
 }

@@ -26,6 +26,8 @@ public struct SignedInstallOptions: Sendable {
     public var algorithm: Algorithm = .rs256
     /// Header `kid`; default the current install key's. Set it to one the key service does not know.
     public var kid: String? = nil
+    /// `jti`; default a fresh UUID per token. Nil leaves the claim out.
+    public var jti: String? = UUID().uuidString.lowercased()
     /// Sign with a fresh key that is never published, under the published `kid`.
     public var signWithUnpublishedKey = false
     /// `iss`; default the tenant's `clientKey`.
@@ -122,6 +124,7 @@ extension ForgeEmulator {
             productType: product,
             sharedSecret: Self.newSharedSecret(),
             installationId: installation?.id,
+            cloudId: installation?.cloudId ?? UUID().uuidString.lowercased(),
             accountId: "557058:" + UUID().uuidString.lowercased(),
             serviceEntitlementNumber: "SEN-\(Int.random(in: 1_000_000...9_999_999))")
         self.connect.withLock { $0.remember(tenant) }
@@ -156,6 +159,17 @@ extension ForgeEmulator {
                 state.tenants[tenant.clientKey]?.tenant = current
             }
             return current
+        }
+    }
+
+    /// Signs installs with the published install key `kid` again (after a rotation); false when
+    /// no key is published under it.
+    @discardableResult
+    public func signInstalls(withKid kid: String) -> Bool {
+        self.connect.withLock { state in
+            guard state.installKeys[kid] != nil else { return false }
+            state.currentKid = kid
+            return true
         }
     }
 
@@ -219,7 +233,7 @@ extension ForgeEmulator {
             displayUrl: current.baseUrl, productType: current.productType,
             description: "Atlassian \(current.productType) at \(current.baseUrl)",
             serviceEntitlementNumber: current.serviceEntitlementNumber, eventType: event.rawValue,
-            installationId: current.installationId)
+            installationId: current.installationId, cloudId: current.cloudId)
         return (try? JSONEncoder.emulator.encode(payload)) ?? Data("{}".utf8)
     }
 
@@ -241,6 +255,7 @@ extension ForgeEmulator {
             ("exp", .int(exp)),
             ("qsh", .string(options.qsh ?? ConnectCanonicalRequest.qsh(method: "POST", url: path, basePath: basePath))),
         ]
+        if let jti = options.jti { claims.append(("jti", .string(jti))) }
         claims.append(
             ("aud", options.audienceAsString ? .string(audience.first ?? "") : .array(audience.map { .string($0) })))
         let algorithmName: String
@@ -379,6 +394,7 @@ struct ConnectLifecyclePayload: Codable, Sendable {
     var serviceEntitlementNumber: String
     var eventType: String
     var installationId: String?
+    var cloudId: String?
 }
 
 /// JWT claims written in a fixed order (so tests can build odd shapes, such as `aud` as a string).
@@ -421,6 +437,7 @@ struct CreateConnectTenantRequest: Codable, Sendable {
     var product: String?
     /// A Forge installation (ARI or UUID) of this emulator to link.
     var installationId: String?
+    var cloudId: String?
 }
 
 struct MintConnectJWTRequest: Codable, Sendable {

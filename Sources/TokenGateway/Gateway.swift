@@ -57,17 +57,22 @@ public final class Gateway: Sendable {
         httpConfig.connectionPool = .init(idleTimeout: .seconds(60))
         self.httpClient = HTTPClient(eventLoopGroupProvider: .singleton, configuration: httpConfig)
         self.redis = RedisClient(configuration: configuration.redis, logger: logger)
-        self.store = GatewayStore(redis: self.redis, box: configuration.encryptionKeys)
+        let metrics = self.metrics
+        let prefixes = configuration.apiBaseURLPrefixes
+        self.store = GatewayStore(
+            redis: self.redis, box: configuration.encryptionKeys,
+            routing: RoutingPolicy { RoutingPolicy.hasAllowedPrefix($0, prefixes: prefixes) }
+        ) { kind in
+            metrics.countUndecryptable(kind)
+        }
         let trigger = HTTPTriggerClient(
             store: self.store, httpClient: self.httpClient, allowList: configuration.triggerHosts, logger: logger)
         self.flow = TokenFlow(
             configuration: configuration.flow, store: self.store, trigger: trigger, metrics: self.metrics.flow,
             logger: logger, replicaID: self.replicaID)
-        let stagingJWKS =
-            configuration.forgeJWKSURL == InvocationTokenVerifier.productionJWKSURL
-            ? InvocationTokenVerifier.stagingJWKSURL : nil
+        // Only the configured JWKS is trusted: a staging app names the staging JWKS as its JWKS.
         var verifierConfiguration = InvocationTokenVerifier.Configuration(
-            appId: configuration.forgeAppID, jwksURL: configuration.forgeJWKSURL, stagingJWKSURL: stagingJWKS)
+            appId: configuration.forgeAppID, jwksURL: configuration.forgeJWKSURL)
         verifierConfiguration.allowedModuleKeys = configuration.forgeModuleKeys
         self.verifier = InvocationTokenVerifier(
             configuration: verifierConfiguration,
@@ -78,8 +83,12 @@ public final class Gateway: Sendable {
                 httpClient: self.httpClient, url: configuration.forgeGraphQLURL, logger: logger),
             metrics: self.metrics.userExchanges, audit: self.audit, logger: logger)
         if let connectBaseURL = configuration.connectBaseURL {
+            var installConfiguration = SignedInstallVerifier.Configuration(
+                appBaseURL: connectBaseURL, keysURL: configuration.connectKeysURL)
+            installConfiguration.maximumCachedKeys = configuration.connectInstallKeysCached
+            installConfiguration.keyFetchesPerMinute = configuration.connectInstallKeyFetchesPerMinute
             self.connectInstallVerifier = SignedInstallVerifier(
-                configuration: .init(appBaseURL: connectBaseURL, keysURL: configuration.connectKeysURL),
+                configuration: installConfiguration,
                 httpClient: self.httpClient, logger: logger)
         } else {
             self.connectInstallVerifier = nil
@@ -100,22 +109,44 @@ public final class Gateway: Sendable {
             logger: self.logger)
     }
 
-    /// Every long-lived part in start order; a `ServiceGroup` shuts them down in reverse, so the
-    /// HTTP server drains first, then the flow releases its leases, then Redis and the HTTP client close.
-    public func services(
+    /// The operations listener (health, metrics, operator pages) when `TOKEN_GATEWAY_OPS_PORT` is
+    /// set, else nil.
+    public func makeOperationsApplication(
         onServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in }
+    ) -> (any Service)? {
+        guard let listener = self.configuration.operationsListener else { return nil }
+        return Application(
+            router: self.makeOperationsRouter(),
+            server: .http1(configuration: self.http1Configuration),
+            configuration: .init(address: .hostname(listener.host, port: listener.port), serverName: "token-gateway"),
+            onServerRunning: onServerRunning,
+            logger: self.logger)
+    }
+
+    /// Every long-lived part in start order; a `ServiceGroup` shuts them down in reverse, so the
+    /// HTTP servers drain first, then the flow releases its leases, then Redis and the HTTP client close.
+    public func services(
+        onServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in },
+        onOperationsServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in }
     ) -> [any Service] {
-        [
-            HTTPClientService(client: self.httpClient), self.redis, self.flow,
-            self.makeApplication(onServerRunning: onServerRunning),
-        ]
+        var services: [any Service] = [HTTPClientService(client: self.httpClient), self.redis, self.flow]
+        if let operations = self.makeOperationsApplication(onServerRunning: onOperationsServerRunning) {
+            services.append(operations)
+        }
+        services.append(self.makeApplication(onServerRunning: onServerRunning))
+        return services
     }
 
     /// Runs the gateway until SIGTERM or SIGINT, then shuts down gracefully.
-    public func run(onServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in }) async throws {
+    public func run(
+        onServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in },
+        onOperationsServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in }
+    ) async throws {
         let group = ServiceGroup(
             configuration: .init(
-                services: self.services(onServerRunning: onServerRunning).map { .init(service: $0) },
+                services: self.services(
+                    onServerRunning: onServerRunning, onOperationsServerRunning: onOperationsServerRunning
+                ).map { .init(service: $0) },
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: self.logger))
         try await group.run()

@@ -28,8 +28,8 @@ struct KeysRewrap: AsyncParsableCommand {
             (keeping the old ones); 2. run this command with the same ring; 3. remove the old key.
             """)
 
-    @Option(help: "Redis URL [TOKEN_GATEWAY_REDIS_URL]") var redisUrl: String?
-    @Option(help: "Encryption key ring keyId:base64,…, new key first [TOKEN_GATEWAY_ENCRYPTION_KEYS]")
+    @Option(help: "Redis URL without a password, or @path [TOKEN_GATEWAY_REDIS_URL]") var redisUrl: String?
+    @Option(help: "@path of a file with the key ring, new key first; the ring itself only in TOKEN_GATEWAY_ENCRYPTION_KEYS")
     var encryptionKeys: String?
     @Option(help: "SCAN cursor to resume from (as printed by an interrupted run)") var cursor = "0"
     @Option(help: "Keys per SCAN batch (a hint to Redis)") var batchSize = 500
@@ -46,7 +46,18 @@ struct KeysRewrap: AsyncParsableCommand {
 
     func run() async throws {
         let environment = ProcessInfo.processInfo.environment
-        let redisText = self.redisUrl ?? environment["TOKEN_GATEWAY_REDIS_URL"] ?? "redis://127.0.0.1:6379/0"
+        let redisText: String
+        let keysSetting: String?
+        do {
+            // Secrets only from the environment or a file (`@path`), never from a flag.
+            redisText =
+                try GatewayConfiguration.secretSetting(.redisURL, flag: self.redisUrl, environment: environment)
+                ?? "redis://127.0.0.1:6379/0"
+            keysSetting = try GatewayConfiguration.secretSetting(
+                .encryptionKeys, flag: self.encryptionKeys, environment: environment)
+        } catch {
+            throw Self.configurationError("\(error)")
+        }
         let redisConfiguration: RedisConfiguration
         let ring: EncryptionKeyRing
         do {
@@ -54,7 +65,7 @@ struct KeysRewrap: AsyncParsableCommand {
         } catch {
             throw Self.configurationError("configuration error: TOKEN_GATEWAY_REDIS_URL: \(error)")
         }
-        guard let keysText = self.encryptionKeys ?? environment["TOKEN_GATEWAY_ENCRYPTION_KEYS"], !keysText.isEmpty
+        guard let keysText = keysSetting, !keysText.isEmpty
         else { throw Self.configurationError("configuration error: TOKEN_GATEWAY_ENCRYPTION_KEYS: is required but not set") }
         do {
             ring = try EncryptionKeyRing(parsing: keysText)

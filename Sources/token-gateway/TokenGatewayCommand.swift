@@ -18,13 +18,14 @@ struct TokenGatewayCommand: AsyncParsableCommand {
 struct SettingsOptions: ParsableArguments {
     @Option(help: "Listen address [TOKEN_GATEWAY_HOST]") var host: String?
     @Option(help: "Listen port [TOKEN_GATEWAY_PORT]") var port: String?
-    @Option(help: "Redis URL [TOKEN_GATEWAY_REDIS_URL]") var redisUrl: String?
+    @Option(help: "Redis URL without a password, or @path [TOKEN_GATEWAY_REDIS_URL]") var redisUrl: String?
     @Option(help: "Expected FIT audience, the app ARI [TOKEN_GATEWAY_FORGE_APP_ID]") var forgeAppId: String?
     @Option(help: "JWKS URL for Forge invocation tokens [TOKEN_GATEWAY_FORGE_JWKS_URL]") var forgeJwksUrl: String?
     @Option(help: "Allow-list of trigger hosts [TOKEN_GATEWAY_TRIGGER_HOSTS]") var triggerHosts: String?
     @Option(help: "Module keys allowed on the Forge routes [TOKEN_GATEWAY_FORGE_MODULE_KEYS]") var forgeModuleKeys: String?
-    @Option(help: "Encryption key ring keyId:base64,… [TOKEN_GATEWAY_ENCRYPTION_KEYS]") var encryptionKeys: String?
-    @Option(help: "Callers: JSON array or @path [TOKEN_GATEWAY_CALLERS]") var callers: String?
+    @Option(help: "@path of a file with the encryption key ring; the ring itself only in TOKEN_GATEWAY_ENCRYPTION_KEYS")
+    var encryptionKeys: String?
+    @Option(help: "@path of the callers JSON file; the JSON itself only in TOKEN_GATEWAY_CALLERS") var callers: String?
     @Option(help: "Connect app baseUrl [TOKEN_GATEWAY_CONNECT_BASE_URL]") var connectBaseUrl: String?
     @Option(help: "Connect install keys base URL [TOKEN_GATEWAY_CONNECT_KEYS_URL]") var connectKeysUrl: String?
     @Option(help: "GraphQL endpoint for user tokens [TOKEN_GATEWAY_FORGE_GRAPHQL_URL]") var forgeGraphqlUrl: String?
@@ -40,6 +41,9 @@ struct SettingsOptions: ParsableArguments {
     @Option(help: "Refresh-ahead share of a token's lifetime [TOKEN_GATEWAY_REFRESH_AHEAD_FRACTION]")
     var refreshAheadFraction: String?
     @Option(help: "Failed round trips that open a circuit [TOKEN_GATEWAY_BREAKER_THRESHOLD]") var breakerThreshold: String?
+    @Option(help: "Operations listener address [TOKEN_GATEWAY_OPS_HOST]") var opsHost: String?
+    @Option(help: "Operations listener port: health, metrics, operator pages [TOKEN_GATEWAY_OPS_PORT]") var opsPort: String?
+    @Option(help: "Allowed apiBaseUrl prefixes [TOKEN_GATEWAY_API_BASE_URL_PREFIXES]") var apiBaseUrlPrefixes: String?
     @Option(help: "First open window of a circuit, ms [TOKEN_GATEWAY_BREAKER_OPEN_MS]") var breakerOpenMs: String?
 
     /// Flag values keyed by the environment variable they override.
@@ -53,7 +57,8 @@ struct SettingsOptions: ParsableArguments {
             (.logLevel, self.logLevel), (.logFormat, self.logFormat), (.triggerMaxAttempts, self.triggerMaxAttempts),
             (.triggerAttemptTimeout, self.triggerAttemptTimeoutMs), (.deliveryGrace, self.deliveryGraceMs),
             (.refreshAheadFraction, self.refreshAheadFraction), (.breakerThreshold, self.breakerThreshold),
-            (.breakerOpen, self.breakerOpenMs), (.forgeModuleKeys, self.forgeModuleKeys),
+            (.breakerOpen, self.breakerOpenMs), (.forgeModuleKeys, self.forgeModuleKeys), (.opsHost, self.opsHost),
+            (.opsPort, self.opsPort), (.apiBaseURLPrefixes, self.apiBaseUrlPrefixes),
         ]
         var out: [String: String] = [:]
         for (setting, value) in pairs { if let value { out[setting.environment] = value } }
@@ -87,13 +92,22 @@ struct Serve: AsyncParsableCommand {
         gateway.bootstrapMetrics()
         logger.info(
             "starting", metadata: ["listen": "\(config.host):\(config.port)", "callers": "\(config.callers.callers.count)"])
-        try await gateway.run { channel in
-            logger.info(
-                "ready",
-                metadata: [
-                    "listen.host": "\(config.host)", "listen.port": "\(channel.localAddress?.port ?? config.port)",
-                ])
-        }
+        try await gateway.run(
+            onServerRunning: { channel in
+                logger.info(
+                    "ready",
+                    metadata: [
+                        "listen.host": "\(config.host)", "listen.port": "\(channel.localAddress?.port ?? config.port)",
+                    ])
+            },
+            onOperationsServerRunning: { channel in
+                logger.info(
+                    "operations listener ready",
+                    metadata: [
+                        "ops.host": "\(config.operationsListener?.host ?? "")",
+                        "ops.port": "\(channel.localAddress?.port ?? config.operationsListener?.port ?? 0)",
+                    ])
+            })
         logger.info("stopped")
     }
 }

@@ -140,4 +140,67 @@ struct SecurityFuzzTests {
             #expect(try await h.call(.GET, "/health/live", secret: nil).status == 200)
         }
     }
+
+    @Test("random signed installs, Connect JWTs and OAuth forms over HTTP: never a 5xx, nothing stored")
+    func connectAndOAuthRoutes() async throws {
+        try await GatewayHarness.runConnect { h in
+            var rng = SeededRandom(state: 0x434F_4E46)
+            let installation = try await h.installed()
+            let tenant = h.emulator.makeConnectTenant(linkedTo: installation)
+            #expect(try await h.emulator.connectInstall(tenant).status == 204)
+            let tokenAlphabet = SeededRandom.pieces("eyJhbGciOiJSUzI1NiJ9._-abcXYZ019=+/ ")
+            let formAlphabet = SeededRandom.pieces("abc_=&%+2F0Az-.~:") + ["grant_type=", "client_credentials", "%zz", "&&"]
+            var strangers: [String] = []
+            for round in 0..<120 {
+                // Signed installs: a genuine token with a random body, or a random token.
+                let clientKey = "fuzz-\(round)-\(UUID().uuidString.prefix(8))"
+                strangers.append(clientKey)
+                let authorization =
+                    round % 2 == 0
+                    ? "JWT " + (try h.emulator.mintSignedInstall(for: tenant, path: "/connect/installed"))
+                    : rng.pick(["JWT ", "Bearer ", ""]) + rng.text(Int.random(in: 0..<200, using: &rng), tokenAlphabet)
+                let body = rng.pick([
+                    #"{"clientKey":"\#(clientKey)","sharedSecret":"s","key":"k","baseUrl":"https://x.atlassian.net"}"#,
+                    rng.body(triggerURL: "https://x"), "", "[]", "{",
+                ])
+                let install = try await h.call(
+                    .POST, rng.pick(["/connect/installed", "/connect/uninstalled"]), secret: nil,
+                    headers: ["authorization": authorization, "content-type": "application/json"], body: body)
+                Self.expectNoServerError(install.status, install.body, "signed install \(body.prefix(60))")
+
+                // Connect JWTs on the caller routes.
+                let jwt = rng.pick([
+                    h.emulator.mintConnectJWT(for: tenant, method: "GET", url: "/x"),
+                    rng.text(Int.random(in: 0..<160, using: &rng), tokenAlphabet),
+                ])
+                let verify = try await h.call(
+                    .POST, "/v1/connect/verify", headers: ["content-type": "application/json"],
+                    body: rng.pick([
+                        #"{"jwt":"\#(jwt)","method":"GET","url":"/x"}"#, #"{"jwt":"\#(jwt)"}"#, rng.body(triggerURL: "/x"),
+                    ]))
+                Self.expectNoServerError(verify.status, verify.body, "verify")
+                let sign = try await h.call(
+                    .POST, "/v1/connect/sign", headers: ["content-type": "application/json"],
+                    body: rng.pick([
+                        #"{"clientKey":"\#(tenant.clientKey)","method":"GET","url":"\#(tenant.baseUrl)/\#(rng.text(8, tokenAlphabet))"}"#,
+                        rng.body(triggerURL: tenant.baseUrl),
+                    ]))
+                Self.expectNoServerError(sign.status, sign.body, "sign")
+
+                // OAuth forms, with and without client authentication.
+                let form = rng.text(Int.random(in: 0..<120, using: &rng), formAlphabet)
+                let oauth = try await h.call(
+                    .POST, "/oauth/token", secret: nil,
+                    headers: ["content-type": rng.pick(["application/x-www-form-urlencoded", "text/plain"])],
+                    body: rng.pick([form, "grant_type=client_credentials&" + form, "subject_token=\(jwt)&" + form]))
+                #expect(oauth.status < 500, "oauth \(form) → \(oauth.status)")
+                if oauth.status >= 400 { #expect(oauth.json["error"] is String, "oauth \(form) → \(oauth.body)") }
+            }
+            // Nothing a refused request sent was stored.
+            for clientKey in strangers {
+                #expect(try await h.gateway.store.connectTenant(clientKey) == nil)
+            }
+            #expect(try await h.call(.GET, "/health/ready", secret: nil).status == 200)
+        }
+    }
 }

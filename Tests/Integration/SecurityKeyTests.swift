@@ -39,7 +39,8 @@ struct SecurityKeyTests {
             let key = TriggerSigningKey.generate()
             _ = try await store.register(
                 id, triggerURL: "https://t\(n).hello.atlassian-dev.net/x1/secret-\(n)", candidateKeyID: key.keyId,
-                candidateKey: key.rawPrivateKey, metadata: .init(appId: "app"), now: now)
+                candidateKey: key.rawPrivateKey,
+                metadata: .init(appId: "app", apiBaseUrl: "https://api.atlassian.com/ex/jira/\(id.shortID)"), now: now)
             _ = try await store.storeDeliveredToken(
                 id, token: AccessToken(value: "token-\(n)-\(UUID())", expiresAt: now.unixSeconds + 3600), requestID: nil,
                 metadata: .init(), now: now)
@@ -99,7 +100,16 @@ struct SecurityKeyTests {
         // Token: A's sealed token under B's token key.
         let tokenA = try await redis.send(["HGET", store.systemTokenKey(a), "v"]).string!
         _ = try await redis.send(["HSET", store.systemTokenKey(b), "v", tokenA])
-        await #expect(throws: EncryptionError.authenticationFailed) { try await store.systemToken(b) }
+        // It does not open: treated as absent (and dropped, so the next delivery is stored).
+        #expect(try await store.systemToken(b) == nil)
+        #expect(try await redis.send(["EXISTS", store.systemTokenKey(b)]).int == 0)
+
+        // Routing data: A's sealed apiBaseUrl under B's installation hash is not served.
+        let baseA = try #require(try await redis.send(["HGET", store.installationKey(a), "apiBaseUrl"]).string)
+        #expect(!baseA.contains("atlassian"), "the apiBaseUrl is sealed")
+        _ = try await redis.send(["HSET", store.installationKey(b), "apiBaseUrl", baseA])
+        #expect(try await store.installation(b)?.apiBaseUrl == nil)
+        #expect(try await store.installation(a)?.apiBaseUrl == "https://api.atlassian.com/ex/jira/\(a.shortID)")
 
         // Trigger URL: A's under B's installation hash.
         let urlA = try await redis.send(["HGET", store.installationKey(a), "triggerUrl"]).string!
@@ -134,11 +144,12 @@ struct SecurityKeyTests {
             let fields = try await h.gateway.redis.send(["HGETALL", store.systemTokenKey(a.installationID)])
             _ = try await h.gateway.redis.send(
                 ["HSET", store.systemTokenKey(b.installationID)] + (fields.array ?? []).compactMap(\.string))
-            let answer = try await h.token(b, query: "timeout=2000")
+            // It does not open under B's key: treated as absent, B gets a token of its own.
+            let answer = try await h.token(b)
             #expect(!answer.body.contains(pushedA.token))
-            #expect(answer.status == 503)
-            #expect(answer.errorCode == "store_unavailable")
-            #expect(h.emulator.triggerCalls(for: b) == 0)
+            #expect(answer.status == 200)
+            #expect(answer.json["source"] as? String == "trigger")
+            #expect(h.emulator.triggerCalls(for: b) == 1)
             // A is unaffected.
             #expect(try await h.token(a).json["accessToken"] as? String == pushedA.token)
         }
@@ -153,7 +164,9 @@ struct SecurityKeyTests {
         let old = GatewayStore(redis: redis, box: try Self.ring([("k1", k1)]), prefix: prefix)
         let ids = try await Self.seed(old)
         let before = try await Self.sealedValues(prefix: prefix, redis: redis)
-        #expect(before.count == 9)
+        // Tokens, trigger URLs, signing keys, the user token, the shared secret, and the routing
+        // data: both apiBaseUrls and the Connect link.
+        #expect(before.count == 12)
         #expect(before.allSatisfy { $0.2 == "k1" })
         let tokenTTL = try await redis.send(["PTTL", old.systemTokenKey(ids[0])]).int ?? -1
 

@@ -161,4 +161,26 @@ import Testing
         }
         #expect(registry.callers[0].description == "Caller(billing)")
     }
+
+    @Test func limitsDefaultAndParse() throws {
+        let registry = try CallerRegistry(
+            json: """
+                [{"name": "a", "secret": "a-secret-0123456789", "installations": ["*"]},
+                 {"name": "b", "secret": "b-secret-0123456789", "limits": {"refreshesPerMinute": 5, "userExchangesPerMinute": 0}},
+                 {"name": "c", "secret": "c-secret-0123456789", "limits": {"refreshesPerMinute": 7}}]
+                """)
+        #expect(registry.callers[0].limits == CallerLimits(refreshesPerMinute: 60, userExchangesPerMinute: 300))
+        #expect(registry.callers[1].limits == CallerLimits(refreshesPerMinute: 5, userExchangesPerMinute: 0))
+        #expect(registry.callers[2].limits == CallerLimits(refreshesPerMinute: 7, userExchangesPerMinute: 300))
+        #expect(registry.callers[0].storeTag.count == 24)
+        #expect(registry.callers[0].storeTag != registry.callers[1].storeTag)
+        for bad in [
+            #"{"refreshesPerMinute": -1}"#, #"{"refreshesPerMinute": 1.5}"#, #"{"refreshesPerMinute": "5"}"#,
+            #"{"refreshesPerMinute": 2000000}"#, #"{"other": 1}"#, #"[1]"#,
+        ] {
+            #expect(throws: ConfigurationValueError.self, "\(bad)") {
+                try CallerRegistry(json: #"[{"name": "a", "secret": "a-secret-0123456789", "limits": "# + bad + "}]")
+            }
+        }
+    }
 }

@@ -62,4 +62,29 @@ struct GatewayLogHandlerTests {
         #expect(!line.contains(token))
         #expect(!line.contains("c2lnbmF0dXJl"))
     }
+
+    @Test("every control character, DEL, C1, U+2028/U+2029 and format character is escaped, in logfmt and JSON")
+    func controlCharactersAreEscaped() throws {
+        var hostile: [Unicode.Scalar] = (0x00...0x1F).map { Unicode.Scalar($0)! } + (0x7F...0x9F).map { Unicode.Scalar($0)! }
+        hostile += [0x2028, 0x2029, 0x202E, 0x2066, 0x200B, 0xFEFF, 0xE000, 0xE0001].map { Unicode.Scalar($0)! }
+        for scalar in hostile {
+            let value = "a\(Character(scalar))b"
+            for format in [LogFormat.logfmt, .json] {
+                let line = GatewayLogHandler.format(
+                    format: format, timestamp: self.date, level: .info, label: "t", message: value, metadata: ["k": "\(value)"])
+                #expect(
+                    !line.unicodeScalars.contains { $0.value < 0x20 || (0x7F...0x9F).contains($0.value) || $0 == scalar },
+                    "U+\(String(scalar.value, radix: 16)) in \(format)")
+                if format == .json {
+                    let object = try #require(try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: String])
+                    #expect(object["msg"] == value)
+                    #expect(object["k"] == value)
+                }
+            }
+        }
+        // Printable text, accents and emoji stay as they are.
+        #expect(GatewayLogHandler.logfmtValue("café☕") == "café☕")
+        #expect(GatewayLogHandler.logfmtValue("a\tb") == #""a\tb""#)
+        #expect(GatewayLogHandler.logfmtValue("a\u{1B}b") == #""a\u001bb""#)
+    }
 }

@@ -626,7 +626,7 @@ private final class JWKSTestServer: Sendable {
         }
     }
 
-    @Test func stagingTokensUseTheStagingJWKSOnlyWhenConfigured() async throws {
+    @Test func theStagingJWKSIsTrustedOnlyWhenItIsTheConfiguredJWKS() async throws {
         let server = JWKSTestServer()
         server.set("/jwks.json", Self.keyOneJWKS)
         server.set("/staging.json", FITFactory.jwks([FITFactory.jwk(FITFactory.keyTwo, kid: "stg-key")]))
@@ -635,21 +635,26 @@ private final class JWKSTestServer: Sendable {
             "id": FITFactory.appId, "installationId": FITFactory.installationId,
             "apiBaseUrl": "https://api.stg.atlassian.com/ex/jira/\(FITFactory.cloudId)",
         ]
+        // A token that names a staging apiBaseUrl (an unverified claim) to pick the staging key set.
         let stagingToken = FITFactory.token(
             claims: claims,
             header: ["alg": "RS256", "kid": "stg-key"],
             signingKey: FITFactory.keyTwo
         )
         try await server.run { baseURL in
-            let withStaging = Self.verifier(baseURL: baseURL) { $0.stagingJWKSURL = baseURL + "/staging.json" }
-            let context = try await withStaging.verify(stagingToken)
-            #expect(context.cloudId == FITFactory.cloudId)
-            // Production tokens still use the production JWKS.
-            _ = try await withStaging.verify(FITFactory.token(claims: FITFactory.claims()))
-            #expect(Set(server.requests) == ["/staging.json", "/jwks.json"])
+            // Production configured (even with a staging JWKS beside it): the claim selects nothing,
+            // the staging key set is never fetched, and the token is refused.
+            let production = Self.verifier(baseURL: baseURL) { $0.stagingJWKSURL = baseURL + "/staging.json" }
+            await expectRejection(production, stagingToken, .unknownKey)
+            _ = try await production.verify(FITFactory.token(claims: FITFactory.claims()))
+            #expect(!server.requests.contains("/staging.json"))
 
-            let withoutStaging = Self.verifier(baseURL: baseURL)
-            await expectRejection(withoutStaging, stagingToken, .unknownKey)
+            // A staging app configures the staging JWKS as its JWKS: staging tokens verify, and
+            // tokens signed with production's keys do not.
+            let staging = Self.verifier(baseURL: baseURL) { $0.jwksURL = baseURL + "/staging.json" }
+            let context = try await staging.verify(stagingToken)
+            #expect(context.cloudId == FITFactory.cloudId)
+            await expectRejection(staging, FITFactory.token(claims: FITFactory.claims()), .unknownKey)
         }
     }
 }

@@ -9,6 +9,8 @@ public struct FlowMetrics: Sendable {
     public let roundTrip: Metrics.Timer
     public let callerWait: Metrics.Timer
     public let coalescedWaiters: Counter
+    /// `token_gateway_overloaded_requests_total`: callers refused because too many already wait.
+    public let overloadedRequests: Counter
     public let tokensReceivedSolicited: Counter
     public let tokensReceivedPushed: Counter
     public let leasesHeld: Meter
@@ -39,6 +41,7 @@ public struct FlowMetrics: Sendable {
         self.roundTrip = Metrics.Timer(label: "token_gateway_trigger_round_trip_seconds", factory: factory)
         self.callerWait = Metrics.Timer(label: "token_gateway_caller_wait_seconds", factory: factory)
         self.coalescedWaiters = Counter(label: "token_gateway_coalesced_waiters_total", factory: factory)
+        self.overloadedRequests = Counter(label: "token_gateway_overloaded_requests_total", factory: factory)
         self.tokensReceivedSolicited = Counter(
             label: "token_gateway_tokens_received_total", dimensions: [("kind", "solicited")], factory: factory)
         self.tokensReceivedPushed = Counter(

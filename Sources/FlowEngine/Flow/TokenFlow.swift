@@ -39,6 +39,9 @@ public final class TokenFlow: Sendable, Service {
         var machines: [InstallationID: TokenFlowStateMachine] = [:]
         var waiters: [WaiterID: CheckedContinuation<TokenAnswer, any Error>] = [:]
         var waiterBaseURL: [WaiterID: String] = [:]
+        /// Which installation each waiter waits for, and how many wait per installation (the caps).
+        var waiterInstallation: [WaiterID: InstallationID] = [:]
+        var waitersPerInstallation: [InstallationID: Int] = [:]
         var timers: [TimerKey: Task<Void, Never>] = [:]
         var memory: [InstallationID: MemoryEntry] = [:]
         /// Holds on round trips seen by this process (placed here, announced or read from the store).
@@ -217,6 +220,7 @@ public final class TokenFlow: Sendable, Service {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<TokenAnswer, any Error>) in
                 let now = self.now()
                 let requestID = Self.makeRequestID()
+                var overloaded = false
                 let (actions, coalesced, refused, answered) = self.state.withLock {
                     s -> ([FlowAction], Bool, Bool, TokenAnswer?) in
                     if s.shuttingDown { return ([], false, true, nil) }
@@ -231,7 +235,18 @@ public final class TokenFlow: Sendable, Service {
                             TokenAnswer(token: t, source: .cache, apiBaseUrl: s.memory[id]?.apiBaseUrl ?? apiBaseUrl)
                         )
                     }
+                    // Caps: a flood of callers (of one installation or of all) cannot grow memory
+                    // without bound; the excess is refused at once with `overloaded`.
+                    let waitingHere = s.waitersPerInstallation[id] ?? 0
+                    if waitingHere >= self.configuration.maxWaitersPerInstallation
+                        || s.waiters.count >= self.configuration.maxWaiters
+                    {
+                        overloaded = true
+                        return ([], false, false, nil)
+                    }
                     s.waiters[waiter] = continuation
+                    s.waiterInstallation[waiter] = id
+                    s.waitersPerInstallation[id] = waitingHere + 1
                     if let apiBaseUrl { s.waiterBaseURL[waiter] = apiBaseUrl }
                     var machine = s.machines[id] ?? self.makeMachine(&s)
                     let wasActive = machine.isActive
@@ -247,6 +262,11 @@ public final class TokenFlow: Sendable, Service {
                 }
                 if let answered {
                     continuation.resume(returning: answered)
+                    return
+                }
+                if overloaded {
+                    self.metrics.overloadedRequests.increment()
+                    continuation.resume(throwing: FlowError.overloaded)
                     return
                 }
                 if coalesced, !actions.contains(.recordHold(.requestHeld)) { self.metrics.coalescedWaiters.increment() }
@@ -503,6 +523,10 @@ public final class TokenFlow: Sendable, Service {
         self.state.withLock { s in
             ids.compactMap { id in
                 guard let c = s.waiters.removeValue(forKey: id) else { return nil }
+                if let installation = s.waiterInstallation.removeValue(forKey: id) {
+                    let left = (s.waitersPerInstallation[installation] ?? 1) - 1
+                    s.waitersPerInstallation[installation] = left > 0 ? left : nil
+                }
                 return (c, s.waiterBaseURL.removeValue(forKey: id))
             }
         }

@@ -82,6 +82,19 @@ extension GatewayStore {
     /// sealed secret copied under another tenant's key fails to open.
     func connectSecretContext(_ clientKey: String) -> String { self.connectTenantKey(clientKey) + "#sharedSecret" }
 
+    /// `tg:seen-install:<digest>`: the replay guard of one signed-install token.
+    func seenSignedInstallKey(_ digest: String) -> String { "\(self.prefix):seen-install:\(digest)" }
+
+    /// Records a signed-install token (by `digest`, a hex SHA-256 naming it) until
+    /// `expiresAtUnixSeconds` plus the clock skew; false when it was recorded already (a replay).
+    public func firstUseOfSignedInstall(
+        digest: String, expiresAtUnixSeconds: Int64, skewSeconds: Int64, now: FlowTime
+    ) async throws -> Bool {
+        let ttl = max((expiresAtUnixSeconds - now.unixSeconds + skewSeconds + 1) * 1000, 1000)
+        let r = try await self.redis.send(["SET", self.seenSignedInstallKey(digest), "1", "NX", "PX", String(ttl)])
+        return r.string == "OK"
+    }
+
     /// Replaces the tenant's record with a verified install: the whole earlier hash goes (old
     /// secret, old payload, old link), the new payload and sealed secret take its place, status
     /// `installed`. `createdAt` survives reinstalls. One script, so no reader sees a mix.
@@ -95,7 +108,7 @@ extension GatewayStore {
             ConnectScripts.install, keys: [key],
             arguments: [
                 String(now.unixSeconds), install.payloadJSON, sealed, install.appKey, install.baseUrl,
-                install.installationId?.ari ?? "",
+                self.sealConnectLink(install.installationId, clientKey: install.clientKey),
             ])
         guard let created = r.int else { throw RedisError.protocolError }
         return created == 1
@@ -111,7 +124,8 @@ extension GatewayStore {
         _ = try await self.redis.eval(
             ConnectScripts.uninstall, keys: [self.connectTenantKey(clientKey)],
             arguments: [
-                String(now.unixSeconds), payloadJSON, appKey ?? "", baseUrl ?? "", installationId?.ari ?? "",
+                String(now.unixSeconds), payloadJSON, appKey ?? "", baseUrl ?? "",
+                self.sealConnectLink(installationId, clientKey: clientKey),
             ])
     }
 
@@ -136,7 +150,7 @@ extension GatewayStore {
             status: status,
             appKey: nonEmpty("key"),
             baseUrl: nonEmpty("baseUrl"),
-            installationId: nonEmpty("installationId").flatMap { InstallationID($0) },
+            installationId: self.openConnectLink(fields["installationId"], clientKey: clientKey),
             payloadJSON: fields["payload"] ?? "{}",
             sharedSecret: secret,
             createdAt: seconds("createdAt") ?? 0,

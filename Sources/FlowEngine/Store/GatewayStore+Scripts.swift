@@ -1,6 +1,13 @@
 /// The Lua scripts that keep multi-key changes atomic. Every key of one installation carries
 /// the same hash tag (`{<installation ARI>}`), so the scripts stay valid on a Redis Cluster too.
 enum GatewayScripts {
+    /// Deletes a token hash whose sealed value (`v`) is still ARGV[1]. KEYS: the token.
+    static let dropIfUnchanged = RedisScript(
+        """
+        if redis.call('HGET', KEYS[1], 'v') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+        return 0
+        """)
+
     /// Stores a delivered token if its `exp` is strictly later than the stored one's. The FIT's
     /// apiBaseUrl and cloudId replace the recorded ones (the latest FIT wins; `base <ari>` is
     /// published when the apiBaseUrl changed).

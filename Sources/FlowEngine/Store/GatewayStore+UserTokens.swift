@@ -85,16 +85,18 @@ extension GatewayStore {
             tok.count == 2, let deniedTTL = replies[2].int, let lease = replies[3].int
         else { throw RedisError.protocolError }
         var token: AccessToken? = nil
-        if let expText = tok[0].string, let exp = Int64(expText), let sealed = tok[1].string,
-            let value = try? self.box.open(sealed, context: tokenKey)
-        {
-            token = AccessToken(value: String(decoding: value, as: UTF8.self), expiresAt: exp)
+        if let expText = tok[0].string, let exp = Int64(expText), let sealed = tok[1].string {
+            if let value = try? self.box.open(sealed, context: tokenKey) {
+                token = AccessToken(value: String(decoding: value, as: UTF8.self), expiresAt: exp)
+            } else {
+                self.undecryptable(.userToken)
+            }
         }
         let statusText = inst[0].string
         return UserTokenSnapshot(
             exists: statusText != nil,
             status: InstallationStatus(rawValue: statusText ?? "") ?? .active,
-            apiBaseUrl: inst[1].string.flatMap { $0.isEmpty ? nil : $0 },
+            apiBaseUrl: self.openAPIBaseURL(inst[1].string, id),
             cloudId: inst[2].string.flatMap { $0.isEmpty ? nil : $0 },
             token: token,
             deniedFor: deniedTTL > 0 ? .milliseconds(deniedTTL) : nil,

@@ -11,12 +11,29 @@ public final class GatewayStore: Sendable {
     public let redis: RedisClient
     let box: any SecretBox
     let prefix: String
+    /// Told of every stored secret that does not open (for a metric).
+    let undecryptable: @Sendable (SecretKind) -> Void
+    /// Which routing values may be stored and served.
+    let routing: RoutingPolicy
 
-    public init(redis: RedisClient, box: any SecretBox, prefix: String = "tg") {
+    /// Kinds of sealed values, for ``undecryptable``.
+    public enum SecretKind: String, Sendable, CaseIterable {
+        case systemToken = "system_token"
+        case userToken = "user_token"
+        case apiBaseUrl = "api_base_url"
+        case connectLink = "connect_link"
+    }
+
+    public init(
+        redis: RedisClient, box: any SecretBox, prefix: String = "tg", routing: RoutingPolicy = RoutingPolicy(),
+        undecryptable: @escaping @Sendable (SecretKind) -> Void = { _ in }
+    ) {
         self.redis = redis
         self.box = box
         self.prefix = prefix
         self.channel = "\(prefix):events"
+        self.routing = routing
+        self.undecryptable = undecryptable
     }
 
     // MARK: Keys
@@ -44,8 +61,8 @@ public final class GatewayStore: Sendable {
         let r = try await self.redis.eval(
             GatewayScripts.upsertInstallation, keys: [self.installationKey(id)],
             arguments: [
-                String(now.unixSeconds), metadata.appId ?? "", metadata.apiBaseUrl ?? "", metadata.cloudId ?? "",
-                self.channel, id.ari,
+                String(now.unixSeconds), metadata.appId ?? "", self.sealAPIBaseURL(metadata.apiBaseUrl, id),
+                metadata.cloudId ?? "", self.channel, id.ari,
             ])
         let code = r.int ?? 0
         if code == 1 { try await self.index(id) }
@@ -57,7 +74,9 @@ public final class GatewayStore: Sendable {
         let r = try await self.redis.send(["HGETALL", self.installationKey(id)])
         let fields = r.fieldDictionary
         if fields.isEmpty { return nil }
-        return InstallationRecord(id: id, fields: fields)
+        var record = InstallationRecord(id: id, fields: fields)
+        record.apiBaseUrl = self.openAPIBaseURL(fields["apiBaseUrl"], id)
+        return record
     }
 
     /// Outcome of a registration.
@@ -80,7 +99,7 @@ public final class GatewayStore: Sendable {
             GatewayScripts.register, keys: [installationKey, signingKey],
             arguments: [
                 String(now.unixSeconds), sealedURL, candidateKeyID, sealedKey, metadata.appId ?? "",
-                metadata.apiBaseUrl ?? "", metadata.cloudId ?? "", self.channel, id.ari,
+                self.sealAPIBaseURL(metadata.apiBaseUrl, id), metadata.cloudId ?? "", self.channel, id.ari,
             ])
         guard let items = r.array, let first = items.first?.int else { throw RedisError.protocolError }
         if first < 0 { return .uninstalled }
@@ -165,7 +184,11 @@ public final class GatewayStore: Sendable {
         var records: [InstallationRecord] = []
         for (id, reply) in zip(taken, hashes) {
             let fields = reply.fieldDictionary
-            if !fields.isEmpty { records.append(InstallationRecord(id: id, fields: fields)) }
+            if !fields.isEmpty {
+                var record = InstallationRecord(id: id, fields: fields)
+                record.apiBaseUrl = self.openAPIBaseURL(fields["apiBaseUrl"], id)
+                records.append(record)
+            }
         }
         return (records, more ? taken.last?.ari : nil)
     }
@@ -203,8 +226,8 @@ public final class GatewayStore: Sendable {
             exists: statusText != nil,
             status: InstallationStatus(rawValue: statusText ?? "") ?? .active,
             triggerRegistered: !(inst[1].string ?? "").isEmpty,
-            apiBaseUrl: inst[2].string.flatMap { $0.isEmpty ? nil : $0 },
-            token: try self.openToken(key: tokenKey, exp: tok[0], sealed: tok[1], rid: tok[2], at: tok[3]),
+            apiBaseUrl: self.openAPIBaseURL(inst[2].string, id),
+            token: await self.openTokenOrDrop(key: tokenKey, exp: tok[0], sealed: tok[1], rid: tok[2], at: tok[3]),
             circuitOpenUntil: replies[2].string.flatMap { Int64($0) } ?? 0,
             holdRemaining: Self.remaining(replies[3]))
     }
@@ -220,7 +243,25 @@ public final class GatewayStore: Sendable {
         let tokenKey = self.systemTokenKey(id)
         let r = try await self.redis.send(["HMGET", tokenKey, "exp", "v", "rid", "at"])
         guard let items = r.array, items.count == 4 else { throw RedisError.protocolError }
-        return try self.openToken(key: tokenKey, exp: items[0], sealed: items[1], rid: items[2], at: items[3])
+        return await self.openTokenOrDrop(key: tokenKey, exp: items[0], sealed: items[1], rid: items[2], at: items[3])
+    }
+
+    /// The stored token, or nil when there is none or it does not open with any key of the ring
+    /// (a key removed too early, or a value copied from another installation's key). Such a token
+    /// is counted, then deleted if it is still the stored one, so the next delivery is stored
+    /// whatever its expiry: it is treated as absent and a new one is fetched.
+    private func openTokenOrDrop(key: String, exp: RedisValue, sealed: RedisValue, rid: RedisValue, at: RedisValue)
+        async -> AccessToken?
+    {
+        do {
+            return try self.openToken(key: key, exp: exp, sealed: sealed, rid: rid, at: at)
+        } catch {
+            self.undecryptable(.systemToken)
+            if let sealedText = sealed.string {
+                _ = try? await self.redis.eval(GatewayScripts.dropIfUnchanged, keys: [key], arguments: [sealedText])
+            }
+            return nil
+        }
     }
 
     /// What a process waiting on a round trip reads: the stored token with the installation's
@@ -250,8 +291,8 @@ public final class GatewayStore: Sendable {
             throw RedisError.protocolError
         }
         return RoundProbe(
-            token: try self.openToken(key: tokenKey, exp: tok[0], sealed: tok[1], rid: tok[2], at: tok[3]),
-            apiBaseUrl: replies[1].string.flatMap { $0.isEmpty ? nil : $0 },
+            token: await self.openTokenOrDrop(key: tokenKey, exp: tok[0], sealed: tok[1], rid: tok[2], at: tok[3]),
+            apiBaseUrl: self.openAPIBaseURL(replies[1].string, id),
             pendingOpen: requestID != nil && replies[3].int == 1,
             holdRemaining: Self.remaining(replies[2]))
     }
@@ -303,7 +344,7 @@ public final class GatewayStore: Sendable {
             keys: [self.installationKey(id), tokenKey, self.pendingKey(id, requestID: rid)],
             arguments: [
                 String(token.expiresAt), sealed, String(now.unixSeconds), rid, self.channel, id.ari,
-                metadata.appId ?? "", metadata.apiBaseUrl ?? "", metadata.cloudId ?? "",
+                metadata.appId ?? "", self.sealAPIBaseURL(metadata.apiBaseUrl, id), metadata.cloudId ?? "",
                 String(now.unixSeconds + minimumValidity.components.seconds),
             ])
         guard let items = r.array, items.count >= 3, let s = items[0].int, let c = items[1].int,
@@ -311,7 +352,7 @@ public final class GatewayStore: Sendable {
         else { throw RedisError.protocolError }
         if c == 1 { try await self.index(id) }
         let outcome: TokenStoreOutcome = s == 1 ? .stored : (s == 0 ? .notNewer : .uninstalled)
-        let baseURL = items.count > 3 ? items[3].string.flatMap { $0.isEmpty ? nil : $0 } : nil
+        let baseURL = items.count > 3 ? self.openAPIBaseURL(items[3].string, id) : nil
         return DeliveryResult(outcome: outcome, created: c == 1, solicited: sol == 1, apiBaseUrl: baseURL)
     }
 

@@ -89,6 +89,20 @@ public struct CallerScope: Sendable, Hashable {
     }
 }
 
+/// A caller's per-minute limits (contract §2 *(v1.1)*), counted across every replica in Redis.
+public struct CallerLimits: Sendable, Hashable {
+    /// Forced refreshes (`POST …/token/refresh`, with or without `asUser`) a minute. Default 60.
+    public var refreshesPerMinute: Int = 60
+    /// User-token exchanges started for the caller a minute (a forced `asUser` refresh counts
+    /// toward both). Default 300.
+    public var userExchangesPerMinute: Int = 300
+
+    public init(refreshesPerMinute: Int = 60, userExchangesPerMinute: Int = 300) {
+        self.refreshesPerMinute = refreshesPerMinute
+        self.userExchangesPerMinute = userExchangesPerMinute
+    }
+}
+
 /// An internal service allowed to ask the gateway for tokens. Holds no secret.
 public struct Caller: Sendable, Hashable, CustomStringConvertible {
     /// The configured name (unique; usable as OAuth `client_id` and in logs).
@@ -97,11 +111,18 @@ public struct Caller: Sendable, Hashable, CustomStringConvertible {
     public let installations: CallerScope
     /// Connect `clientKey`s the caller may use on the Connect routes.
     public let clientKeys: CallerScope
+    /// Per-minute limits (`limits` in the caller's entry).
+    public var limits = CallerLimits()
 
     public init(name: String, installations: CallerScope, clientKeys: CallerScope) {
         self.name = name
         self.installations = installations
         self.clientKeys = clientKeys
+    }
+
+    /// Names the caller in store keys (its limit counters): hex SHA-256 of the name, 24 digits.
+    public var storeTag: String {
+        SHA256.hash(data: Array(self.name.utf8)).prefix(12).map { String(format: "%02x", $0) }.joined()
     }
 
     public var description: String { "Caller(\(self.name))" }
@@ -146,7 +167,8 @@ public struct CallerRegistry: Sendable {
         guard !array.isEmpty else {
             throw ConfigurationValueError("\(setting) configures no caller")
         }
-        let knownFields: Set<String> = ["name", "secret", "secretSha256", "installations", "clientKeys"]
+        var knownFields: Set<String> = ["name", "secret", "secretSha256", "installations", "clientKeys"]
+        knownFields.insert("limits")
         var entries: [Entry] = []
         var names: Set<String> = []
         for (index, element) in array.enumerated() {
@@ -205,7 +227,8 @@ public struct CallerRegistry: Sendable {
                 throw ConfigurationValueError("\(label): \"clientKeys\" contains an empty string")
             }
 
-            let caller = Caller(name: name, installations: installations, clientKeys: CallerScope(clientKeyValues))
+            var caller = Caller(name: name, installations: installations, clientKeys: CallerScope(clientKeyValues))
+            caller.limits = try Self.limits(object["limits"], label: label)
             entries.append(Entry(caller: caller, digest: digest))
         }
         self.entries = entries
@@ -283,6 +306,32 @@ public struct CallerRegistry: Sendable {
             difference |= lhs[index] ^ rhs[index]
         }
         return difference == 0
+    }
+
+    /// The `limits` object: `refreshesPerMinute` and `userExchangesPerMinute`, integers 0–1,000,000,
+    /// each defaulted when absent.
+    private static func limits(_ value: Any?, label: String) throws -> CallerLimits {
+        var limits = CallerLimits()
+        guard let value else { return limits }
+        guard let object = value as? [String: Any] else {
+            throw ConfigurationValueError("\(label): \"limits\" must be an object")
+        }
+        for (key, raw) in object.sorted(by: { $0.key < $1.key }) {
+            guard !(raw is String), let number = raw as? NSNumber,
+                let int = Int(exactly: number.doubleValue), (0...1_000_000).contains(int)
+            else {
+                throw ConfigurationValueError(
+                    "\(label): \"limits\".\(key.count <= 40 ? key : "…") must be an integer in 0…1000000")
+            }
+            switch key {
+            case "refreshesPerMinute": limits.refreshesPerMinute = int
+            case "userExchangesPerMinute": limits.userExchangesPerMinute = int
+            default:
+                throw ConfigurationValueError(
+                    "\(label): unknown field in \"limits\" (fields: refreshesPerMinute, userExchangesPerMinute)")
+            }
+        }
+        return limits
     }
 
     private static func stringList(_ value: Any?, field: String, label: String) throws -> [String] {

@@ -38,7 +38,12 @@ extension InvocationTokenVerifier {
     }
 
     /// The RSA key the JWKS at `jwksURL` holds for `kid`; never any other key.
+    ///
+    /// Only the configured JWKS (``Configuration/jwksURL``) is trusted: a token that would select
+    /// another key set (the staging JWKS, chosen by the token's own unverified `app.apiBaseUrl`) is
+    /// refused as signed by an unknown key. A staging app configures the staging JWKS as its JWKS.
     func publicKey(kid: String, jwksURL: String) async throws(InvocationTokenError) -> Insecure.RSA.PublicKey {
+        guard jwksURL == self.configuration.jwksURL else { throw .unknownKey }
         let httpClient: HTTPClient
         switch self.keySource {
         case .fixed(let keys):

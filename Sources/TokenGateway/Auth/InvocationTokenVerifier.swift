@@ -202,10 +202,9 @@ public final class InvocationTokenVerifier: Sendable {
         public var appId: String
         /// The JWKS to verify with. Default: Forge production.
         public var jwksURL: String
-        /// When set, tokens whose (unverified) `app.apiBaseUrl` host looks like Atlassian staging
-        /// (contains `.stg.` or `stg.atlassian`) are verified with this JWKS instead. It only picks
-        /// the key set; verification stays as strict. Default: nil (staging tokens are verified
-        /// against ``jwksURL`` and fail).
+        /// Not trusted: a token whose (unverified) `app.apiBaseUrl` looks like Atlassian staging and
+        /// would select this JWKS is refused (`unknownKey`). Only ``jwksURL`` is trusted; a staging
+        /// app sets it to ``InvocationTokenVerifier/stagingJWKSURL``.
         public var stagingJWKSURL: String?
         /// Tolerance for `exp`, `nbf` and `iat`. Default 60 s.
         public var clockSkew: Duration = .seconds(60)

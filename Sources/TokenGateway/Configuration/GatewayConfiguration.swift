@@ -54,6 +54,14 @@ public struct GatewaySetting: Sendable, Hashable {
         "TOKEN_GATEWAY_USER_EXCHANGES_PER_MINUTE", "user-exchanges-per-minute", "user-token exchange budget (default 1000)")
     public static let publicURL = GatewaySetting(
         "TOKEN_GATEWAY_PUBLIC_URL", "public-url", "the gateway's own base URL as callers reach it")
+    public static let opsHost = GatewaySetting(
+        "TOKEN_GATEWAY_OPS_HOST", "ops-host", "listen address of the operations listener (default 127.0.0.1)")
+    public static let opsPort = GatewaySetting(
+        "TOKEN_GATEWAY_OPS_PORT", "ops-port",
+        "port of a separate listener for health, metrics and operator pages (unset: served on the main port)")
+    public static let apiBaseURLPrefixes = GatewaySetting(
+        "TOKEN_GATEWAY_API_BASE_URL_PREFIXES", "api-base-url-prefixes",
+        "comma-separated prefixes an installation's apiBaseUrl must start with (default https://api.atlassian.com/ex/)")
     public static let logLevel = GatewaySetting("TOKEN_GATEWAY_LOG_LEVEL", "log-level", "trace…critical (default info)")
     public static let logFormat = GatewaySetting("TOKEN_GATEWAY_LOG_FORMAT", "log-format", "logfmt or json (default logfmt)")
     public static let triggerMaxAttempts = GatewaySetting(
@@ -79,7 +87,7 @@ public struct GatewaySetting: Sendable, Hashable {
         .host, .port, .redisURL, .forgeAppID, .forgeJWKSURL, .triggerHosts, .encryptionKeys, .callers,
         .connectBaseURL, .connectKeysURL, .forgeGraphQLURL, .userExchangesPerMinute, .publicURL, .logLevel,
         .logFormat, .triggerMaxAttempts, .triggerAttemptTimeout, .deliveryGrace, .refreshAheadFraction,
-        .breakerThreshold, .breakerOpen, .forgeModuleKeys,
+        .breakerThreshold, .breakerOpen, .forgeModuleKeys, .opsHost, .opsPort, .apiBaseURLPrefixes,
     ]
 
     init(_ environment: String, _ flag: String, _ summary: String, secret: Bool = false) {
@@ -87,6 +95,18 @@ public struct GatewaySetting: Sendable, Hashable {
         self.flag = flag
         self.summary = summary
         self.isSecret = secret
+    }
+}
+
+/// Where the operations surface (health, metrics, operator pages) listens when it is kept off the
+/// main port.
+public struct OperationsListener: Sendable, Hashable {
+    public var host: String
+    public var port: Int
+
+    public init(host: String = "127.0.0.1", port: Int) {
+        self.host = host
+        self.port = port
     }
 }
 
@@ -100,6 +120,13 @@ public enum LogFormat: String, Sendable, Hashable {
 public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     public var host: String = "127.0.0.1"
     public var port: Int = 8080
+    /// A separate listener for health, metrics and operator pages (`TOKEN_GATEWAY_OPS_HOST` /
+    /// `TOKEN_GATEWAY_OPS_PORT`); nil (the default) serves them on the main listener.
+    public var operationsListener: OperationsListener? = nil
+    /// What an installation's `apiBaseUrl` (from verified FITs, handed to callers beside its
+    /// token) must start with to be stored and served. Default `https://api.atlassian.com/ex/`;
+    /// a staging app adds `https://api.stg.atlassian.com/ex/`, an emulator a loopback prefix.
+    public var apiBaseURLPrefixes: [String] = ["https://api.atlassian.com/ex/"]
     public var redis: RedisConfiguration
     public var forgeAppID: String
     public var forgeJWKSURL: String = InvocationTokenVerifier.productionJWKSURL
@@ -125,6 +152,11 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     public var maxHeaderSize: Int = 32 * 1024
     /// Most header fields accepted in one request. Default 100.
     public var maxHeaderCount: Int = 100
+    /// Connect install public keys kept in memory (least recently used dropped). Default 64.
+    public var connectInstallKeysCached: Int = 64
+    /// Connect install-key fetches a minute, a third of them kept for keys seen before; each `kid`
+    /// at most twice a minute. Default 30.
+    public var connectInstallKeyFetchesPerMinute: Int = 30
     /// How long a rotated trigger-signing key is announced before the gateway signs with it
     /// (`POST /forge/register` with `"rotateKey": true`): the Forge side keeps both public keys
     /// for this long. Default 5 minutes.
@@ -155,10 +187,24 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     public static func load(environment: [String: String], flags: [String: String] = [:]) throws(ConfigurationError)
         -> GatewayConfiguration
     {
+        // Secrets never come from the command line (every local user can read
+        // `/proc/<pid>/cmdline`): a secret setting's flag only names a file (`@path`), and a Redis
+        // URL flag may not carry a password.
+        for s in GatewaySetting.all where s.isSecret {
+            guard let v = flags[s.environment], !v.hasPrefix("@") else { continue }
+            if s == .redisURL, (try? RedisConfiguration(url: v))?.password == nil { continue }
+            throw ConfigurationError(setting: "--\(s.flag)", problem: Self.secretFlagProblem(s))
+        }
         func raw(_ s: GatewaySetting) -> String? {
             if let v = flags[s.environment] { return v }
             if let v = environment[s.environment], !v.isEmpty { return v }
             return nil
+        }
+        /// The value of a secret setting; `@path` reads it from that file (one trailing newline dropped).
+        func secretValue(_ s: GatewaySetting) throws(ConfigurationError) -> String? {
+            guard let v = raw(s) else { return nil }
+            guard v.hasPrefix("@") else { return v }
+            return try Self.readSettingFile(String(v.dropFirst()), setting: s)
         }
         func required(_ s: GatewaySetting) throws(ConfigurationError) -> String {
             guard let v = raw(s), !v.trimmingCharacters(in: .whitespaces).isEmpty else {
@@ -183,7 +229,7 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
             return value
         }
 
-        let redisText = raw(.redisURL) ?? "redis://127.0.0.1:6379/0"
+        let redisText = try secretValue(.redisURL) ?? "redis://127.0.0.1:6379/0"
         let redis: RedisConfiguration
         do {
             redis = try RedisConfiguration(url: redisText)
@@ -197,21 +243,15 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
         }
         let keys: EncryptionKeyRing
         do {
-            keys = try EncryptionKeyRing(parsing: try required(.encryptionKeys))
+            _ = try required(.encryptionKeys)
+            keys = try EncryptionKeyRing(parsing: try secretValue(.encryptionKeys) ?? "")
         } catch let e as ConfigurationError {
             throw e
         } catch {
             throw ConfigurationError(setting: GatewaySetting.encryptionKeys.environment, problem: "\(error)")
         }
-        var callersText = try required(.callers)
-        if callersText.hasPrefix("@") {
-            let path = String(callersText.dropFirst())
-            guard let data = FileManager.default.contents(atPath: path), let text = String(data: data, encoding: .utf8)
-            else {
-                throw ConfigurationError(setting: GatewaySetting.callers.environment, problem: "cannot read file \(path)")
-            }
-            callersText = text
-        }
+        _ = try required(.callers)
+        let callersText = try secretValue(.callers) ?? ""
         let callers: CallerRegistry
         do {
             callers = try CallerRegistry(json: callersText)
@@ -221,7 +261,16 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
         var config = GatewayConfiguration(redis: redis, forgeAppID: appID, encryptionKeys: keys, callers: callers)
         if let host = raw(.host) { config.host = host }
         if let port = try integer(.port, range: 0...65535) { config.port = port }
-        if let jwks = raw(.forgeJWKSURL) { config.forgeJWKSURL = try url(.forgeJWKSURL, jwks) }
+        if let opsPort = try integer(.opsPort, range: 0...65535) {
+            config.operationsListener = OperationsListener(host: raw(.opsHost) ?? "127.0.0.1", port: opsPort)
+        } else if raw(.opsHost) != nil {
+            throw ConfigurationError(
+                setting: GatewaySetting.opsHost.environment, problem: "needs TOKEN_GATEWAY_OPS_PORT as well")
+        }
+        // Trust roots (contract §7): https, or http only to a loopback host written as such.
+        if let jwks = raw(.forgeJWKSURL) {
+            config.forgeJWKSURL = try TrustRoot.validate(jwks, setting: GatewaySetting.forgeJWKSURL.environment)
+        }
         if let hosts = raw(.triggerHosts) {
             do {
                 config.triggerHosts = try TriggerHostAllowList(parsing: hosts)
@@ -238,9 +287,25 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
             }
             config.forgeModuleKeys = Set(keys)
         }
+        if let v = raw(.apiBaseURLPrefixes) {
+            let setting = GatewaySetting.apiBaseURLPrefixes.environment
+            var prefixes: [String] = []
+            for entry in v.split(separator: ",").map({ $0.trimmingCharacters(in: .whitespaces) }) where !entry.isEmpty {
+                guard entry.hasSuffix("/"), URLComponents(string: entry)?.query == nil else {
+                    throw ConfigurationError(setting: setting, problem: "each prefix must be a URL ending in /")
+                }
+                prefixes.append(try TrustRoot.validate(entry, setting: setting))
+            }
+            guard !prefixes.isEmpty else { throw ConfigurationError(setting: setting, problem: "names no prefix") }
+            config.apiBaseURLPrefixes = prefixes
+        }
         if let v = raw(.connectBaseURL) { config.connectBaseURL = try url(.connectBaseURL, v) }
-        if let v = raw(.connectKeysURL) { config.connectKeysURL = try url(.connectKeysURL, v) }
-        if let v = raw(.forgeGraphQLURL) { config.forgeGraphQLURL = try url(.forgeGraphQLURL, v) }
+        if let v = raw(.connectKeysURL) {
+            config.connectKeysURL = try TrustRoot.validate(v, setting: GatewaySetting.connectKeysURL.environment)
+        }
+        if let v = raw(.forgeGraphQLURL) {
+            config.forgeGraphQLURL = try TrustRoot.validate(v, setting: GatewaySetting.forgeGraphQLURL.environment)
+        }
         if let v = try integer(.userExchangesPerMinute, range: 1...1_000_000) { config.userExchangesPerMinute = v }
         if let v = raw(.publicURL) { config.publicURL = try url(.publicURL, v) }
         if let v = raw(.logLevel) {
@@ -275,5 +340,39 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
             config.flow.breakerOpenCap = max(.milliseconds(v), .seconds(300))
         }
         return config
+    }
+
+    /// Why a secret setting's flag is refused: the secret would be readable in the process list.
+    static func secretFlagProblem(_ s: GatewaySetting) -> String {
+        let what = s == .redisURL ? "a Redis URL with a password" : "a secret"
+        return "\(what) is not accepted on the command line (it would be readable in the process list): "
+            + "set \(s.environment), or pass --\(s.flag) @/path/to/file (or \(s.environment)=@/path/to/file)"
+    }
+
+    /// The text of the file a setting names as `@path`, without one trailing newline.
+    static func readSettingFile(_ path: String, setting: GatewaySetting) throws(ConfigurationError) -> String {
+        guard !path.isEmpty, let data = FileManager.default.contents(atPath: path),
+            var text = String(data: data, encoding: .utf8)
+        else {
+            throw ConfigurationError(setting: setting.environment, problem: "cannot read file \(path)")
+        }
+        if text.last?.isNewline == true { text.removeLast() }
+        return text
+    }
+
+    /// The value of secret setting `s` for a command other than `serve`: the flag's value (which
+    /// must be `@path`, or for the Redis URL carry no password), else the environment's; `@path`
+    /// reads the file. Nil when neither is set.
+    /// - Throws: ``ConfigurationError`` naming the flag (a secret on the command line) or the
+    ///   setting (an unreadable file); never the value.
+    public static func secretSetting(
+        _ s: GatewaySetting, flag: String?, environment: [String: String]
+    ) throws(ConfigurationError) -> String? {
+        if let flag, !flag.hasPrefix("@"), !(s == .redisURL && (try? RedisConfiguration(url: flag))?.password == nil) {
+            throw ConfigurationError(setting: "--\(s.flag)", problem: Self.secretFlagProblem(s))
+        }
+        guard let v = flag ?? environment[s.environment], !v.isEmpty else { return nil }
+        guard v.hasPrefix("@") else { return v }
+        return try Self.readSettingFile(String(v.dropFirst()), setting: s)
     }
 }

@@ -54,7 +54,14 @@ extension Duration {
 /// The install public keys by `kid`. A rotated key always gets a new `kid`, so a cached key never
 /// goes stale; the least recently used one is dropped when the cache is full. A failed `kid` is
 /// not fetched again for a while, concurrent lookups of one `kid` share one fetch, and fetches
-/// draw on a per-minute budget.
+/// draw on per-minute budgets:
+///
+/// - each `kid` is fetched at most ``fetchesPerKidPerMinute`` times a minute;
+/// - every fetch takes from one shared budget of ``fetchesPerMinute``, of which a third is kept
+///   for `kid`s whose key was fetched and used before (remembered by name, even after the key
+///   left the cache). Unauthenticated requests naming random `kid`s (nothing is verified before
+///   the key is there) can spend only the other two thirds, so they cannot keep a known key from
+///   being fetched again.
 struct InstallKeyCache: Sendable {
     typealias PublicKey = _RSA.Signing.PublicKey
     typealias FetchTask = Task<Result<PublicKey, SignedInstallError>, Never>
@@ -74,14 +81,39 @@ struct InstallKeyCache: Sendable {
 
     private(set) var entries: [String: Entry] = [:]
     private var useCounter: UInt64 = 0
-    /// Token bucket of fetches: ``fetchesPerMinute`` tokens, refilled continuously.
-    private var budget: Double
+    /// Token bucket of fetches open to any `kid`: ``fetchesPerMinute`` less the reserved share.
+    private var openBudget: Double
+    /// Token bucket kept for `kid`s seen before (``reservedFetchesPerMinute``).
+    private var reservedBudget: Double
     private var budgetUpdatedAt: ContinuousClock.Instant?
     let fetchesPerMinute: Int
+    /// The share of ``fetchesPerMinute`` only `kid`s seen before may use: a third (none below 3).
+    let reservedFetchesPerMinute: Int
+    /// Fetches of one `kid` a minute.
+    let fetchesPerKidPerMinute: Int
+    /// `kid`s whose key verified before (by name, least recently seen dropped beyond ``maximumSeenKids``).
+    private(set) var seenKids: [String: UInt64] = [:]
+    static let maximumSeenKids = 1024
+    /// Fetches per `kid` in the current minute (entries older than a minute are dropped).
+    private var kidFetches: [String: (count: Int, since: ContinuousClock.Instant)] = [:]
 
-    init(fetchesPerMinute: Int) {
+    init(fetchesPerMinute: Int, fetchesPerKidPerMinute: Int = 2) {
         self.fetchesPerMinute = max(fetchesPerMinute, 1)
-        self.budget = Double(self.fetchesPerMinute)
+        self.reservedFetchesPerMinute = self.fetchesPerMinute / 3
+        self.fetchesPerKidPerMinute = max(fetchesPerKidPerMinute, 1)
+        self.openBudget = Double(self.fetchesPerMinute - self.reservedFetchesPerMinute)
+        self.reservedBudget = Double(self.reservedFetchesPerMinute)
+    }
+
+    /// Remembers that the key of `kid` verified a token: later fetches of it may use the reserved share.
+    mutating func keyWasUsed(kid: String) {
+        self.useCounter += 1
+        self.seenKids[kid] = self.useCounter
+        if self.seenKids.count > Self.maximumSeenKids,
+            let oldest = self.seenKids.min(by: { $0.value < $1.value })?.key
+        {
+            self.seenKids[oldest] = nil
+        }
     }
 
     /// Finds the key for `kid`, or decides to fetch it with `makeTask` (not started here: the
@@ -99,7 +131,7 @@ struct InstallKeyCache: Sendable {
         case .failed, nil:
             break
         }
-        guard self.takeFetchToken(now: now) else { return .fail(.keyUnavailable) }
+        guard self.takeFetchToken(kid: kid, now: now) else { return .fail(.keyUnavailable) }
         let task = makeTask()
         self.entries[kid] = .fetching(task)
         return .fetch(task)
@@ -146,15 +178,28 @@ struct InstallKeyCache: Sendable {
         }
     }
 
-    private mutating func takeFetchToken(now: ContinuousClock.Instant) -> Bool {
-        let capacity = Double(self.fetchesPerMinute)
+    private mutating func takeFetchToken(kid: String, now: ContinuousClock.Instant) -> Bool {
+        let openCapacity = Double(self.fetchesPerMinute - self.reservedFetchesPerMinute)
+        let reservedCapacity = Double(self.reservedFetchesPerMinute)
         if let last = self.budgetUpdatedAt {
-            let elapsed = SignedInstallVerifier.seconds(now - last)
-            self.budget = min(capacity, self.budget + elapsed * capacity / 60)
+            let elapsed = max(0, SignedInstallVerifier.seconds(now - last))
+            self.openBudget = min(openCapacity, self.openBudget + elapsed * openCapacity / 60)
+            self.reservedBudget = min(reservedCapacity, self.reservedBudget + elapsed * reservedCapacity / 60)
         }
         self.budgetUpdatedAt = now
-        guard self.budget >= 1 else { return false }
-        self.budget -= 1
+        // Per kid: at most `fetchesPerKidPerMinute` in any minute that began with its first fetch.
+        self.kidFetches = self.kidFetches.filter { now - $0.value.since < .seconds(60) }
+        var perKid = self.kidFetches[kid] ?? (0, now)
+        guard perKid.count < self.fetchesPerKidPerMinute else { return false }
+        if self.seenKids[kid] != nil, self.reservedBudget >= 1 {
+            self.reservedBudget -= 1
+        } else if self.openBudget >= 1 {
+            self.openBudget -= 1
+        } else {
+            return false
+        }
+        perKid.count += 1
+        self.kidFetches[kid] = perKid
         return true
     }
 }

@@ -45,6 +45,11 @@ public struct VerifiedSignedInstall: Sendable {
     public let clientKey: String
     /// The whole body, as parsed (keys sorted).
     public let payload: [String: JSONValue]
+    /// Names the token for the replay guard: hex SHA-256 of its issuer and `jti` when it carries
+    /// one, else of the whole token.
+    public let replayDigest: String
+    /// The token's `exp` (unix seconds): how long the replay guard must remember it.
+    public let expiresAt: Int64
 }
 
 /// Verifies Connect lifecycle callbacks signed with `apiMigrations.signed-install` (contract §5,
@@ -156,7 +161,16 @@ public final class SignedInstallVerifier: Sendable {
         guard key.isValidSignature(signature, for: jws.signingInput, padding: .insecurePKCS1v1_5) else {
             throw SignedInstallError.badSignature
         }
-        return VerifiedSignedInstall(clientKey: clientKey, payload: payload)
+        self.cache.withLock { $0.keyWasUsed(kid: kid) }
+        let named: String
+        if let jti = jws.string("jti"), !jti.isEmpty {
+            named = "jti\u{0}" + issuer + "\u{0}" + jti
+        } else {
+            named = "token\u{0}" + token
+        }
+        let digest = SHA256.hash(data: Array(named.utf8)).map { String(format: "%02x", $0) }.joined()
+        return VerifiedSignedInstall(
+            clientKey: clientKey, payload: payload, replayDigest: digest, expiresAt: Int64(exp.rounded(.up)))
     }
 
     /// The token of `JWT <token>` (the word `JWT`, case-insensitive), or nil.

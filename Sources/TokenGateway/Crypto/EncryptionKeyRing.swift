@@ -138,6 +138,25 @@ public struct EncryptionKeyRing: Sendable {
         return current.id + "." + Base64URL.encode(combined)
     }
 
+    /// Seals like ``seal(_:context:)``, but with a nonce derived from the key, the context and the
+    /// plaintext (HMAC-SHA256 under a key derived with HKDF, truncated to 96 bits; a synthetic IV),
+    /// so equal values under one key and context seal to the same blob and can be compared in
+    /// place (Lua scripts that keep or replace a routing field). Used only for non-secret routing
+    /// data, which needs integrity, not secrecy; it reveals equality of such values and nothing else.
+    public func sealDeterministically(_ plaintext: [UInt8], context: String) throws -> String {
+        let current = self.keys[0]
+        let nonceKey = HKDF<SHA256>.deriveKey(
+            inputKeyMaterial: current.key, info: Array("token-gateway deterministic nonce".utf8), outputByteCount: 32)
+        var mac = HMAC<SHA256>(key: nonceKey)
+        mac.update(data: Array(context.utf8))
+        mac.update(data: [0])
+        mac.update(data: plaintext)
+        let nonce = try AES.GCM.Nonce(data: Array(Array(mac.finalize()).prefix(12)))
+        let box = try AES.GCM.seal(plaintext, using: current.key, nonce: nonce, authenticating: Array(context.utf8))
+        guard let combined = box.combined else { throw EncryptionError.corrupt }
+        return current.id + "." + Base64URL.encode(combined)
+    }
+
     /// Opens a blob made by ``seal(_:context:)`` with the key it names.
     ///
     /// - Throws: ``EncryptionError/unknownKey`` when the key id is not in the ring,

@@ -98,6 +98,10 @@ public struct GatewayError: HTTPResponseError, Sendable, Hashable, CustomStringC
                 retryAfter: retry ?? 1)
         case .cancelled:
             self.init(status: .serviceUnavailable, code: "internal_error", message: "request cancelled", retryAfter: 1)
+        case .overloaded:
+            self.init(
+                status: .serviceUnavailable, code: "overloaded",
+                message: "too many callers are already waiting; try again shortly", retryAfter: retry ?? 1)
         case .shuttingDown:
             self.init(
                 status: .serviceUnavailable, code: "store_unavailable", message: "the gateway is shutting down",

@@ -15,14 +15,31 @@ public final class GatewayMetrics: Sendable {
     }
     private let requestCounters = Mutex<[RequestKey: Counter]>([:])
     private let fitCounters = Mutex<[String: Counter]>([:])
+    /// `token_gateway_undecryptable_secrets_total{kind}`: stored secrets no key of the ring opens
+    /// (a key removed too early, or a value copied under another key), by kind.
+    let undecryptableSecrets: [String: Counter]
 
     public init(factory: any MetricsFactory) {
         self.factory = factory
+        self.undecryptableSecrets = Dictionary(
+            uniqueKeysWithValues: GatewayStore.SecretKind.allCases.map { kind in
+                (
+                    kind.rawValue,
+                    Counter(
+                        label: "token_gateway_undecryptable_secrets_total", dimensions: [("kind", kind.rawValue)],
+                        factory: factory)
+                )
+            })
         self.flow = FlowMetrics(factory: factory)
         self.userExchanges = UserExchangeMetrics(factory: factory)
         self.flow.circuitsOpen.set(0)
         self.flow.leasesHeld.set(0)
         _ = Counter(label: "token_gateway_store_errors_total", factory: factory)
+    }
+
+    /// Counts one stored secret that did not open.
+    public func countUndecryptable(_ kind: GatewayStore.SecretKind) {
+        self.undecryptableSecrets[kind.rawValue]?.increment()
     }
 
     /// Counts one HTTP answer; `route` is a route template (bounded), never a concrete path.

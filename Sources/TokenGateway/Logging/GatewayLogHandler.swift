@@ -68,12 +68,18 @@ public struct GatewayLogHandler: LogHandler {
             for k in keys { out += " \(k)=\(Self.logfmtValue("\(metadata[k]!)"))" }
             return out
         case .json:
-            var fields: [(String, JSONValue)] = [
-                ("ts", .string(ts)), ("level", .string(level.rawValue)), ("logger", .string(label)),
-                ("msg", .string(message)),
-            ]
-            for k in keys { fields.append((k, .string("\(metadata[k]!)"))) }
-            return JSONValue.object(fields).serialized()
+            var out = "{\"ts\":\"\(ts)\",\"level\":\"\(level.rawValue)\",\"logger\":"
+            out.reserveCapacity(256)
+            Self.jsonString(label, into: &out)
+            out += ",\"msg\":"
+            Self.jsonString(message, into: &out)
+            for k in keys {
+                out += ","
+                Self.jsonString(k, into: &out)
+                out += ":"
+                Self.jsonString("\(metadata[k]!)", into: &out)
+            }
+            return out + "}"
         }
     }
 
@@ -85,19 +91,85 @@ public struct GatewayLogHandler: LogHandler {
         {
             return s
         }
-        let needsQuotes = s.isEmpty || s.contains(where: { $0 == " " || $0 == "=" || $0 == "\"" || $0 == "\\" || $0.isNewline })
+        let needsQuotes =
+            s.isEmpty
+            || s.unicodeScalars.contains(where: {
+                $0 == " " || $0 == "=" || $0 == "\"" || $0 == "\\" || Self.mustEscape($0)
+            })
         guard needsQuotes else { return s }
         var out = "\""
-        for c in s {
-            switch c {
+        for scalar in s.unicodeScalars {
+            switch scalar {
             case "\"": out += "\\\""
             case "\\": out += "\\\\"
             case "\n": out += "\\n"
             case "\r": out += "\\r"
-            default: out.append(c)
+            case "\t": out += "\\t"
+            case let c where Self.mustEscape(c): Self.appendUnicodeEscape(c, to: &out)
+            default: out.unicodeScalars.append(scalar)
             }
         }
         return out + "\""
+    }
+
+    /// Whether a log line writes `scalar` as an escape rather than as it is: every control
+    /// character (C0, DEL, C1 — `U+0085` NEL among them), the line and paragraph separators
+    /// `U+2028`/`U+2029`, and the invisible format characters that reorder or hide text on a
+    /// terminal or in a viewer (bidirectional overrides and isolates, zero-width characters, the
+    /// byte order mark). Attacker-chosen text (an upstream error message, an event type) then
+    /// cannot start a new line, move the cursor, recolour a terminal or disguise what it says.
+    static func mustEscape(_ scalar: Unicode.Scalar) -> Bool {
+        let v = scalar.value
+        if v < 0x20 || (0x7F...0x9F).contains(v) { return true }
+        if v < 0xA0 { return false }
+        switch scalar.properties.generalCategory {
+        case .control, .format, .lineSeparator, .paragraphSeparator, .surrogate, .privateUse, .unassigned: return true
+        default: return false
+        }
+    }
+
+    /// Appends `\uXXXX` (or `\u{XXXXX}` beyond the basic plane) for `scalar`.
+    static func appendUnicodeEscape(_ scalar: Unicode.Scalar, to out: inout String) {
+        let hex = String(scalar.value, radix: 16)
+        if scalar.value > 0xFFFF {
+            out += "\\u{" + hex + "}"
+        } else {
+            out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
+        }
+    }
+
+    /// A JSON string literal for a log line: JSON's own escapes plus a `\uXXXX` escape for every
+    /// character ``mustEscape(_:)`` names (DEL, C1, `U+2028`/`U+2029`, format characters), so a
+    /// JSON log line reads the same in a terminal, in `grep` and in a JavaScript-based viewer.
+    static func jsonString(_ s: String, into out: inout String) {
+        out += "\""
+        // Printable ASCII other than `"` and `\` is appended whole (the common case, per request).
+        if s.utf8.allSatisfy({ $0 >= 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "\"") && $0 != UInt8(ascii: "\\") }) {
+            out += s
+            out += "\""
+            return
+        }
+        for scalar in s.unicodeScalars {
+            switch scalar {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            case let c where Self.mustEscape(c):
+                if c.value > 0xFFFF {
+                    // JSON writes characters beyond the basic plane as a UTF-16 surrogate pair.
+                    for unit in String(c).utf16 {
+                        let hex = String(unit, radix: 16)
+                        out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
+                    }
+                } else {
+                    Self.appendUnicodeEscape(c, to: &out)
+                }
+            default: out.unicodeScalars.append(scalar)
+            }
+        }
+        out += "\""
     }
 
     static func timestamp(_ date: Date) -> String {

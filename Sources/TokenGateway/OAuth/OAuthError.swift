@@ -105,6 +105,8 @@ public struct OAuthError: Error, Sendable, Hashable, CustomStringConvertible {
             self = .temporarilyUnavailable("the token store is unreachable", retryAfter: hinted ?? 1)
         case .shuttingDown:
             self = .temporarilyUnavailable("the gateway is shutting down", retryAfter: hinted ?? 1)
+        case .overloaded:
+            self = .temporarilyUnavailable("too many callers are already waiting", retryAfter: hinted ?? 1)
         case .cancelled:
             self = .temporarilyUnavailable("the request was cancelled", retryAfter: hinted ?? 1)
         }

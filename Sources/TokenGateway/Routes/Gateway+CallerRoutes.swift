@@ -41,8 +41,14 @@ extension Gateway {
             }
             let page: (records: [InstallationRecord], next: String?)
             do {
-                page = try await self.store.listInstallations(after: after, limit: limit) {
-                    caller.installations.contains($0.ari)
+                if let scope = caller.installations.values {
+                    // A narrow scope pages through its own ids: the cost follows the scope, not the index.
+                    page = try await self.store.listInstallations(
+                        among: scope.compactMap { InstallationID($0) }, after: after, limit: limit)
+                } else {
+                    page = try await self.store.listInstallations(after: after, limit: limit) {
+                        caller.installations.contains($0.ari)
+                    }
                 }
             } catch {
                 throw GatewayError.storeUnavailable
@@ -92,6 +98,10 @@ extension Gateway {
         }
         if let asUser = query.get("asUser") {
             return try await self.userTokenRoute(caller: caller, installation: id, asUser: asUser, options: options)
+        }
+        // Per-caller limits (contract §2): a forced refresh starts a round trip, so it counts.
+        if force, let wait = try await self.callerAllowance(caller, refresh: true, userExchange: false) {
+            throw Self.callerRateLimited(retryAfter: wait)
         }
         let answer: TokenAnswer
         do {

@@ -55,7 +55,7 @@ extension Gateway {
             throw GatewayError.invalidRequest(
                 "clientKey must be 1–256 visible ASCII characters without braces")
         }
-        let installationId = self.connectInstallationLink(payload)
+        let installationId = try await self.connectInstallationLink(payload, clientKey: clientKey)
         let appKey = payload["key"]?.connectString.flatMap { $0.isEmpty ? nil : $0 }
         let baseUrl = payload["baseUrl"]?.connectString.flatMap { $0.isEmpty ? nil : $0 }
         // The payload is kept as received, except for the secret, which is sealed on its own.
@@ -70,6 +70,7 @@ extension Gateway {
             guard let baseUrl, ConnectURL.isAbsoluteHTTP(baseUrl) else {
                 throw GatewayError.invalidRequest("baseUrl (an absolute http(s) URL) is required")
             }
+            try await self.connectReplayGuard(verified, verifier: verifier, event: event)
             let created: Bool
             do {
                 created = try await self.store.storeConnectInstall(
@@ -87,6 +88,7 @@ extension Gateway {
                     "connect.reinstall": "\(!created)", "installation.id": "\(installationId?.ari ?? "-")",
                 ])
         case .uninstalled:
+            try await self.connectReplayGuard(verified, verifier: verifier, event: event)
             do {
                 try await self.store.storeConnectUninstall(
                     clientKey: clientKey, appKey: appKey, baseUrl: baseUrl, payloadJSON: payloadJSON,
@@ -99,13 +101,62 @@ extension Gateway {
         return Response(status: .noContent, headers: [.cacheControl: "no-store"])
     }
 
+    /// The replay guard of signed installs. The body is not signed (only the method, path and query
+    /// are, through `qsh`): a captured token must not be usable a second time, with another body,
+    /// within its lifetime. Recorded after every other check, so refused requests store nothing.
+    private func connectReplayGuard(
+        _ verified: VerifiedSignedInstall, verifier: SignedInstallVerifier, event: ConnectLifecycleEvent
+    ) async throws {
+        let first: Bool
+        do {
+            first = try await self.store.firstUseOfSignedInstall(
+                digest: verified.replayDigest, expiresAtUnixSeconds: verified.expiresAt,
+                skewSeconds: Int64(SignedInstallVerifier.seconds(verifier.configuration.clockSkew).rounded(.up)),
+                now: FlowTime.now())
+        } catch {
+            throw self.connectStoreError(error, clientKey: verified.clientKey)
+        }
+        guard first else {
+            self.logger.notice(
+                "Connect signed install refused",
+                metadata: ["connect.event": "\(event.rawValue)", "connect.outcome": "replayed"])
+            throw GatewayError.invalidSignedInstall
+        }
+    }
+
     /// The Forge installation a payload names in `installationId` (an ARI; a bare id is accepted
     /// too), or nil. A value that names no installation is logged and not linked: the install
     /// itself still succeeds.
-    private func connectInstallationLink(_ payload: [String: JSONValue]) -> InstallationID? {
+    ///
+    /// The link drives the OAuth token exchange (a tenant's JWT buys the linked installation's
+    /// token), so it is made only when the payload's `cloudId` names the same site as the Forge
+    /// installation's own record (its cloud id from verified FITs). A payload without `cloudId`, an
+    /// installation not seen yet or one of another site is not linked (logged); the install itself
+    /// still succeeds, and a later install links once both agree.
+    private func connectInstallationLink(_ payload: [String: JSONValue], clientKey: String) async throws
+        -> InstallationID?
+    {
         guard let raw = payload["installationId"], raw != .null else { return nil }
         guard let text = raw.connectString, let id = InstallationID(text) else {
             self.logger.warning("Connect payload names no valid installation; not linked")
+            return nil
+        }
+        guard let cloudId = payload["cloudId"]?.connectString, !cloudId.isEmpty else {
+            self.logger.notice(
+                "Connect payload carries no cloudId; installation not linked",
+                metadata: ["connect.client_key": "\(clientKey)", "installation.id": "\(id.ari)"])
+            return nil
+        }
+        let record: InstallationRecord?
+        do {
+            record = try await self.store.installation(id)
+        } catch {
+            throw self.connectStoreError(error, clientKey: clientKey)
+        }
+        guard let recorded = record?.cloudId, recorded == cloudId else {
+            self.logger.notice(
+                "Connect payload's cloudId does not match the installation's; not linked",
+                metadata: ["connect.client_key": "\(clientKey)", "installation.id": "\(id.ari)"])
             return nil
         }
         return id

@@ -10,13 +10,43 @@ extension Gateway {
         // One span per request; the context of an incoming trace (traceparent, b3, …) is
         // extracted by whatever instrument the operator bootstraps (OpenTelemetry, for example).
         router.add(middleware: TracingMiddleware())
-        router.add(middleware: ErrorMiddleware(knownRoutes: Self.knownRoutes, logger: self.logger))
+        let separateOperations = self.configuration.operationsListener != nil
+        let known = separateOperations ? Self.knownRoutes.filter { !Self.isOperationsRoute($0.segments) } : Self.knownRoutes
+        router.add(middleware: ErrorMiddleware(knownRoutes: known, logger: self.logger))
         self.addCallerRoutes(to: router)
         self.addForgeRoutes(to: router)
-        self.addOperationsRoutes(to: router)
+        // With a separate operations listener (`TOKEN_GATEWAY_OPS_PORT`), health, metrics and the
+        // operator pages are served there only: the port Forge and callers reach never shows them.
+        if !separateOperations { self.addOperationsSurface(to: router) }
         self.addConnectRoutes(to: router)
         self.addOAuthRoutes(to: router)
         return router
+    }
+
+    /// The router of the separate operations listener: only the operations surface.
+    public func makeOperationsRouter() -> Router<BasicRequestContext> {
+        let router = Router(context: BasicRequestContext.self)
+        router.add(middleware: ObservabilityMiddleware(metrics: self.metrics, logger: self.logger))
+        router.add(
+            middleware: ErrorMiddleware(
+                knownRoutes: Self.knownRoutes.filter { Self.isOperationsRoute($0.segments) }, logger: self.logger))
+        self.addOperationsSurface(to: router)
+        return router
+    }
+
+    /// Everything meant for operators rather than for Forge or callers: health, metrics and
+    /// operator pages. Served on the main listener, or only on the operations listener when one is
+    /// configured. Routes for operators are added here (and their first path segment to
+    /// ``operationsPathRoots``).
+    func addOperationsSurface(to router: Router<BasicRequestContext>) {
+        self.addOperationsRoutes(to: router)
+    }
+
+    /// First path segments of the operations surface.
+    static let operationsPathRoots: Set<Substring> = ["health", "metrics"]
+
+    static func isOperationsRoute(_ segments: [Substring]) -> Bool {
+        segments.first.map { Self.operationsPathRoots.contains($0) } ?? false
     }
 
     static let knownRoutes: [(segments: [Substring], methods: [HTTPRequest.Method])] = [

@@ -93,8 +93,7 @@ public struct TriggerHostAllowList: Sendable, Hashable, CustomStringConvertible 
     }
 
     static func isLoopback(_ host: String) -> Bool {
-        let h = Self.bare(host)
-        return h == "localhost" || h == "::1" || h.hasPrefix("127.")
+        TrustRoot.isLoopback(host)
     }
 
     static func isHostname(_ s: String) -> Bool {

@@ -20,7 +20,17 @@ extension Gateway {
             answer = try await self.userTokens.token(
                 for: id, accountId: account,
                 request: .init(
-                    minValidity: options.minValidity, timeout: options.timeout, forceRefresh: options.forceRefresh))
+                    minValidity: options.minValidity, timeout: options.timeout, forceRefresh: options.forceRefresh)
+            ) { () async throws(UserTokenError) in
+                // Per-caller limits: only an exchange about to start counts (a forced one also as a refresh).
+                let wait: Int?
+                do {
+                    wait = try await self.callerAllowance(caller, refresh: options.forceRefresh, userExchange: true)
+                } catch {
+                    throw UserTokenError.storeUnavailable
+                }
+                if let wait { throw UserTokenError.rateLimited(retryAfter: .seconds(wait)) }
+            }
         } catch {
             throw GatewayError(error)
         }

@@ -58,6 +58,12 @@ public final class UserTokenExchanger: Sendable {
         /// The hold after a 429 that came without a readable `Retry-After`. Default 60 s (one budget window).
         public var defaultRetryAfter: Duration = .seconds(60)
 
+        /// Callers of one installation that may wait for user tokens in this process at once;
+        /// more get `overloaded` (503). Default 1000.
+        public var maxWaitersPerInstallation: Int = 1000
+        /// Callers that may wait for user tokens in this process at once. Default 10,000.
+        public var maxWaiters: Int = 10_000
+
         public init() {}
 
         /// The settings of a gateway: its GraphQL URL, budget and app id.
@@ -65,6 +71,8 @@ public final class UserTokenExchanger: Sendable {
             self.graphQLURL = gateway.forgeGraphQLURL
             self.exchangesPerMinute = gateway.userExchangesPerMinute
             self.budgetScope = gateway.forgeAppID
+            self.maxWaitersPerInstallation = gateway.flow.maxWaitersPerInstallation
+            self.maxWaiters = gateway.flow.maxWaiters
         }
     }
 
@@ -132,6 +140,15 @@ public final class UserTokenExchanger: Sendable {
     struct State: ~Copyable {
         var flights: [FlightKey: Flight] = [:]
         var nextWaiter: UInt64 = 0
+        /// Waiters over all flights, and per installation (the caps).
+        var waiting = 0
+        var waitingPerInstallation: [InstallationID: Int] = [:]
+
+        mutating func countWaiter(_ installation: InstallationID, _ delta: Int) {
+            self.waiting += delta
+            let now = (self.waitingPerInstallation[installation] ?? 0) + delta
+            self.waitingPerInstallation[installation] = now > 0 ? now : nil
+        }
     }
 
     public let configuration: Configuration
@@ -170,8 +187,12 @@ public final class UserTokenExchanger: Sendable {
     ///
     /// - Throws: ``UserTokenError``: `denied` (403), `rateLimited` (429), `exchangeFailed` (502),
     ///   or the flow's errors (404, 410, 422, 502 `trigger_failed`, 503, 504).
+    ///
+    /// `admit` runs once an exchange is needed (no usable cached token), before it is started or
+    /// joined: the caller's own limits; what it throws is the answer.
     public func token(
-        for installation: InstallationID, accountId: UserAccountID, request: Request
+        for installation: InstallationID, accountId: UserAccountID, request: Request,
+        admit: @Sendable () async throws(UserTokenError) -> Void = {}
     )
         async throws(UserTokenError) -> Answer
     {
@@ -201,6 +222,7 @@ public final class UserTokenExchanger: Sendable {
                 metadata: ["installation.id": "\(installation)"])
             throw .exchangeFailed("the installation's site is unknown")
         }
+        try await admit()
         let job = Job(
             installation: installation, accountId: accountId, context: context, apiBaseUrl: snapshot.apiBaseUrl,
             ignoring: snapshot.token?.value)
@@ -218,7 +240,12 @@ public final class UserTokenExchanger: Sendable {
         }
         return await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<Outcome, Never>) in
-                let leads = self.state.withLock { s -> Bool in
+                let configuration = self.configuration
+                let admitted = self.state.withLock { s -> Bool? in
+                    guard s.waiting < configuration.maxWaiters,
+                        (s.waitingPerInstallation[key.installation] ?? 0) < configuration.maxWaitersPerInstallation
+                    else { return nil }
+                    s.countWaiter(key.installation, 1)
                     if var flight = s.flights[key] {
                         flight.waiters[waiterID] = Waiter(continuation: continuation)
                         flight.deadline = max(flight.deadline, deadline)
@@ -227,6 +254,10 @@ public final class UserTokenExchanger: Sendable {
                     }
                     s.flights[key] = Flight(waiters: [waiterID: Waiter(continuation: continuation)], deadline: deadline)
                     return true
+                }
+                guard let leads = admitted else {
+                    continuation.resume(returning: .failure(.flow(.overloaded)))
+                    return
                 }
                 if leads {
                     Task { self.land(key, await self.fly(job)) }
@@ -257,7 +288,9 @@ public final class UserTokenExchanger: Sendable {
     /// One waiter stops waiting (its deadline, or it went away); the flight goes on for the others.
     private func leave(_ key: FlightKey, _ waiterID: UInt64, with outcome: Outcome) {
         let waiter = self.state.withLock { s -> Waiter? in
-            s.flights[key]?.waiters.removeValue(forKey: waiterID)
+            let removed = s.flights[key]?.waiters.removeValue(forKey: waiterID)
+            if removed != nil { s.countWaiter(key.installation, -1) }
+            return removed
         }
         guard let waiter else { return }
         waiter.timer?.cancel()
@@ -268,6 +301,7 @@ public final class UserTokenExchanger: Sendable {
     private func land(_ key: FlightKey, _ outcome: Outcome) {
         let waiters = self.state.withLock { s -> [Waiter] in
             guard let flight = s.flights.removeValue(forKey: key) else { return [] }
+            s.countWaiter(key.installation, -flight.waiters.count)
             return Array(flight.waiters.values)
         }
         for waiter in waiters {

@@ -46,13 +46,16 @@ final class GatewayHarness: Sendable {
             "TOKEN_GATEWAY_TRIGGER_HOSTS": emulator.triggerHostEntry,
             "TOKEN_GATEWAY_FORGE_GRAPHQL_URL": emulator.baseURL + "/graphql",
             "TOKEN_GATEWAY_ENCRYPTION_KEYS": "k1:\(key)",
+            // Limits far above what any test asks for: every test shares one Redis and these names.
             "TOKEN_GATEWAY_CALLERS": """
-                [{"name":"full","secret":"\(callerSecret)","installations":["*"],"clientKeys":["*"]},
-                 {"name":"scoped","secret":"\(scopedSecret)","installations":[\(scoped)]}]
+                [{"name":"full","secret":"\(callerSecret)","installations":["*"],"clientKeys":["*"],\(Self.noLimits)},
+                 {"name":"scoped","secret":"\(scopedSecret)","installations":[\(scoped)],\(Self.noLimits)}]
                 """,
             "TOKEN_GATEWAY_LOG_LEVEL": "debug",
         ]
     }
+
+    static let noLimits = #""limits":{"refreshesPerMinute":1000000,"userExchangesPerMinute":1000000}"#
 
     /// Starts the emulator and a gateway, runs `body`, and shuts both down gracefully.
     static func run(

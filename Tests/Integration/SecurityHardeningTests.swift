@@ -1,0 +1,598 @@
+import AsyncHTTPClient
+import FlowEngine
+import ForgeEmulator
+import Foundation
+import NIOHTTP1
+import Testing
+
+@testable import TokenGateway
+
+/// Attacks on the gateway's edges performed over real HTTP against real Redis: log injection,
+/// secrets on the command line, the operations listener, trust roots, the install-key budget,
+/// signed-install replays, per-caller limits, undecryptable and forged store data, and waiter caps.
+@Suite("Security: hardening", .serialized)
+struct SecurityHardeningTests {
+    /// Whether `line` (one log line without its newline) holds a character a terminal or a log
+    /// viewer would act on: any control character, DEL, C1, U+2028/U+2029 or a format character.
+    static func holdsControl(_ line: String) -> Bool {
+        line.unicodeScalars.contains { GatewayLogHandler.mustEscape($0) }
+    }
+
+    @Test("an event type full of control characters cannot forge or break log lines (logfmt and JSON)")
+    func logInjectionThroughEventType() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let hostile =
+                "x\u{1B}[2J\u{1B}]0;owned\u{07}\r\nts=2026-01-01T00:00:00Z level=critical msg=forged\ttab\u{2028}ls\u{2029}ps"
+                + "\u{85}nel\u{7F}del\u{9B}csi\u{202E}rtl\u{200B}zw\u{0}nul"
+            let fit = try h.emulator.mintFIT(for: installation)
+            let body = String(decoding: try JSONSerialization.data(withJSONObject: ["eventType": hostile]), as: UTF8.self)
+            let answer = try await h.call(
+                .POST, "/forge/lifecycle", secret: fit, headers: ["content-type": "application/json"], body: body)
+            #expect(answer.status == 200)
+            let lines = h.logs.captured.filter { $0.contains("lifecycle") && $0.contains("ignored") }
+            #expect(!lines.isEmpty)
+            for line in lines {
+                let text = String(line.dropLast())  // the line's own newline
+                #expect(!text.contains("\n"))
+                #expect(!Self.holdsControl(text), "control character in \(text.debugDescription)")
+                #expect(!text.contains(" level=critical"))
+                #expect(text.contains("\\u001b[2J"))
+            }
+            // The same value through the JSON format stays one parseable object that reads back as sent.
+            let json = GatewayLogHandler.format(
+                format: .json, timestamp: Date(), level: .info, label: "t", message: "m",
+                metadata: ["lifecycle.event": "\(hostile.prefix(64))"])
+            #expect(!Self.holdsControl(json))
+            let object = try #require(try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: String])
+            #expect(object["lifecycle.event"] == String(hostile.prefix(64)))
+        }
+    }
+
+    @Test("secrets on the command line are refused with exit 2 naming the variable; @file flags work")
+    func secretsAreNotTakenFromFlags() async throws {
+        try await GatewayHarness.run { h in
+            let settings = GatewayHarness.settings(
+                emulator: h.emulator, redisURL: GatewayHarness.redisURL, scopedInstallations: [])
+            let callers = settings["TOKEN_GATEWAY_CALLERS"]!
+            let keys = settings["TOKEN_GATEWAY_ENCRYPTION_KEYS"]!
+            var withoutSecrets = settings
+            withoutSecrets["TOKEN_GATEWAY_CALLERS"] = nil
+            withoutSecrets["TOKEN_GATEWAY_ENCRYPTION_KEYS"] = nil
+            let attempts: [(flags: [String], variable: String, secret: String)] = [
+                (["--callers", callers], "TOKEN_GATEWAY_CALLERS", GatewayHarness.callerSecret),
+                (["--encryption-keys", keys], "TOKEN_GATEWAY_ENCRYPTION_KEYS", String(keys.dropFirst(3))),
+                (["--redis-url", "redis://:hunter2-redis-password@127.0.0.1:1/0"], "TOKEN_GATEWAY_REDIS_URL", "hunter2"),
+            ]
+            for command in ["serve", "check-config"] {
+                for attempt in attempts {
+                    let run = try await runCLI([command] + attempt.flags, environment: settings)
+                    #expect(run.status == 2, "\(command) \(attempt.flags[0])")
+                    #expect(run.err.contains(attempt.variable), "\(run.err)")
+                    #expect(run.err.contains("@"), "\(run.err)")
+                    #expect(run.err.split(separator: "\n").count == 1)
+                    #expect(!(run.out + run.err).contains(attempt.secret))
+                }
+            }
+            let rewrap = try await runCLI(["keys", "rewrap", "--encryption-keys", keys], environment: settings)
+            #expect(rewrap.status == 2)
+            #expect(rewrap.err.contains("TOKEN_GATEWAY_ENCRYPTION_KEYS"))
+            #expect(!(rewrap.out + rewrap.err).contains(String(keys.dropFirst(3))))
+
+            // The same secrets from files named on the command line (or in the environment) are fine.
+            let directory = try RedisServerProcess.makeTemporaryDirectory()
+            defer { try? FileManager.default.removeItem(atPath: directory) }
+            try Data((callers + "\n").utf8).write(to: URL(fileURLWithPath: directory + "/callers.json"))
+            try Data((keys + "\n").utf8).write(to: URL(fileURLWithPath: directory + "/keys"))
+            let fromFiles = try await runCLI(
+                ["check-config", "--callers", "@\(directory)/callers.json", "--encryption-keys", "@\(directory)/keys"],
+                environment: withoutSecrets)
+            #expect(fromFiles.status == 0, "\(fromFiles.err)")
+            var fileEnvironment = withoutSecrets
+            fileEnvironment["TOKEN_GATEWAY_CALLERS"] = "@\(directory)/callers.json"
+            fileEnvironment["TOKEN_GATEWAY_ENCRYPTION_KEYS"] = "@\(directory)/keys"
+            let fromEnvironment = try await runCLI(["check-config"], environment: fileEnvironment)
+            #expect(fromEnvironment.status == 0, "\(fromEnvironment.err)")
+            // A Redis URL without a password is no secret: the flag stays usable.
+            let plainRedis = try await runCLI(
+                ["check-config", "--redis-url", GatewayHarness.redisURL], environment: settings)
+            #expect(plainRedis.status == 0, "\(plainRedis.err)")
+        }
+    }
+
+    /// `GET url` with no credential: status and body.
+    static func get(_ h: GatewayHarness, _ url: String) async throws -> (status: Int, body: String) {
+        let response = try await h.http.execute(HTTPClientRequest(url: url), timeout: .seconds(10))
+        let body = try await response.body.collect(upTo: 1 << 22)
+        return (Int(response.status.code), String(buffer: body))
+    }
+
+    @Test("without an operations listener, health and metrics are on the main port")
+    func operationsOnTheMainPortByDefault() async throws {
+        try await GatewayHarness.run { h in
+            #expect(h.gateway.configuration.operationsListener == nil)
+            for path in ["/metrics", "/health/live", "/health/ready"] {
+                #expect(try await Self.get(h, h.gatewayURL + path).status == 200, "\(path)")
+            }
+        }
+    }
+
+    @Test("with TOKEN_GATEWAY_OPS_PORT, health and metrics are served only on the operations listener")
+    func operationsListenerKeepsMetricsOffTheMainPort() async throws {
+        let opsPort = try RedisServerProcess.freeLoopbackPort()
+        try await GatewayHarness.run(configure: { $0.operationsListener = .init(host: "127.0.0.1", port: opsPort) }) { h in
+            let opsURL = "http://127.0.0.1:\(opsPort)"
+            #expect(try await Security.eventually { (try? await Self.get(h, opsURL + "/health/live"))?.status == 200 })
+            let installation = try await h.installed()
+            #expect(try await h.token(installation).status == 200)
+            for path in ["/metrics", "/health/live", "/health/ready"] {
+                let main = try await Self.get(h, h.gatewayURL + path)
+                #expect(main.status == 404, "\(path) on the main port")
+                #expect(main.body.contains("not_found"))
+                #expect(!main.body.contains("token_gateway_"))
+                #expect(try await Self.get(h, opsURL + path).status == 200, "\(path) on the operations port")
+            }
+            let metrics = try await Self.get(h, opsURL + "/metrics")
+            #expect(metrics.body.contains("token_gateway_http_requests_total"))
+            // The operations listener serves nothing else: no caller, Forge or OAuth route.
+            #expect(try await Self.get(h, opsURL + GatewayHarness.path(installation) + "/token").status == 404)
+            #expect(try await Self.get(h, opsURL + "/.well-known/oauth-authorization-server").status == 404)
+        }
+        // The setting itself: a port turns it on, a host alone is a configuration error.
+        var environment = [
+            "TOKEN_GATEWAY_FORGE_APP_ID": "ari:cloud:ecosystem::app/00000000-0000-0000-0000-000000000001",
+            "TOKEN_GATEWAY_ENCRYPTION_KEYS": "k1:" + Data(repeating: 7, count: 32).base64EncodedString(),
+            "TOKEN_GATEWAY_CALLERS": #"[{"name":"a","secret":"0123456789abcdef0123","installations":["*"]}]"#,
+            "TOKEN_GATEWAY_OPS_PORT": "9090",
+        ]
+        #expect(try GatewayConfiguration.load(environment: environment).operationsListener == .init(host: "127.0.0.1", port: 9090))
+        environment["TOKEN_GATEWAY_OPS_PORT"] = nil
+        environment["TOKEN_GATEWAY_OPS_HOST"] = "0.0.0.0"
+        #expect(throws: ConfigurationError.self) { try GatewayConfiguration.load(environment: environment) }
+    }
+
+    @Test("plain-http trust roots outside loopback, and look-alike loopback hosts, stop start-up with exit 2")
+    func trustRootsMustBeHTTPSOrLoopback() async throws {
+        try await GatewayHarness.run { h in
+            let settings = GatewayHarness.settings(
+                emulator: h.emulator, redisURL: GatewayHarness.redisURL, scopedInstallations: [])
+            // The harness's own loopback URLs start fine.
+            #expect(try await runCLI(["check-config"], environment: settings).status == 0)
+            let bad: [(String, String)] = [
+                ("TOKEN_GATEWAY_FORGE_JWKS_URL", "http://127.evil.example/.well-known/jwks.json"),
+                ("TOKEN_GATEWAY_FORGE_JWKS_URL", "http://forge.example/.well-known/jwks.json"),
+                ("TOKEN_GATEWAY_CONNECT_KEYS_URL", "http://connect-install-keys.example"),
+                ("TOKEN_GATEWAY_FORGE_GRAPHQL_URL", "http://127.0.0.1.nip.io/graphql"),
+                ("TOKEN_GATEWAY_TRIGGER_HOSTS", "http://127.evil.example:8080"),
+            ]
+            for (variable, value) in bad {
+                var environment = settings
+                environment[variable] = value
+                let run = try await runCLI(["serve"], environment: environment)
+                #expect(run.status == 2, "\(variable)=\(value)")
+                #expect(run.err.contains(variable), "\(run.err)")
+            }
+        }
+    }
+
+    @Test("a gateway trusts no JWKS but the configured one, whatever a token's apiBaseUrl says")
+    func stagingJWKSIsNotTrustedBesideProduction() throws {
+        let configuration = try GatewayConfiguration.load(environment: [
+            "TOKEN_GATEWAY_FORGE_APP_ID": "ari:cloud:ecosystem::app/00000000-0000-0000-0000-000000000001",
+            "TOKEN_GATEWAY_ENCRYPTION_KEYS": "k1:" + Data(repeating: 7, count: 32).base64EncodedString(),
+            "TOKEN_GATEWAY_CALLERS": #"[{"name":"a","secret":"0123456789abcdef0123","installations":["*"]}]"#,
+        ])
+        #expect(configuration.forgeJWKSURL == InvocationTokenVerifier.productionJWKSURL)
+        let gateway = Gateway(configuration: configuration, logger: .init(label: "t") { _ in SwallowHandler() })
+        defer { try? gateway.httpClient.syncShutdown() }
+        #expect(gateway.verifier.configuration.stagingJWKSURL == nil)
+        #expect(
+            gateway.verifier.jwksURL(forUnverifiedAPIBaseURL: "https://api.stg.atlassian.com/ex/jira/x")
+                == InvocationTokenVerifier.productionJWKSURL)
+    }
+
+    // MARK: Connect signed installs
+
+    /// `POST /connect/<event>` with `Authorization: JWT <token>` and `body`.
+    static func postSignedInstall(
+        _ h: GatewayHarness, token: String, body: Data, event: String = "installed"
+    ) async throws -> GatewayHarness.Answer {
+        try await h.call(
+            .POST, "/connect/\(event)", secret: nil,
+            headers: ["authorization": "JWT \(token)", "content-type": "application/json"],
+            body: String(decoding: body, as: UTF8.self))
+    }
+
+    /// The install payload of `tenant` with some fields replaced.
+    static func payload(_ h: GatewayHarness, _ tenant: EmulatedConnectTenant, _ changes: [String: Any?]) throws -> Data {
+        var object = try #require(
+            try JSONSerialization.jsonObject(with: h.emulator.connectLifecyclePayload(.installed, tenant: tenant))
+                as? [String: Any])
+        for (k, v) in changes { object[k] = v }
+        return try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
+    }
+
+    @Test("random kids cannot spend the install-key budget that keys seen before need")
+    func installKeyBudgetKeepsAShareForKnownKeys() async throws {
+        try await GatewayHarness.runConnect(configure: { $0.connectInstallKeysCached = 1 }) { h in
+            let first = try h.emulator.currentInstallKeyId()
+            #expect(try await h.emulator.connectInstall(h.emulator.makeConnectTenant()).status == 204)
+            // A rotation pushes the first key out of the (one-key) cache; it stays known by name.
+            try h.emulator.rotateInstallKey()
+            #expect(try await h.emulator.connectInstall(h.emulator.makeConnectTenant()).status == 204)
+
+            // An unauthenticated flood of random kids (nothing can be verified before the key is there).
+            var randomKids: [String] = []
+            for _ in 0..<40 {
+                var options = SignedInstallOptions()
+                options.kid = UUID().uuidString.lowercased()
+                randomKids.append(options.kid!)
+                let answer = try await h.emulator.connectInstall(h.emulator.makeConnectTenant(), options: options)
+                #expect(answer.status == 401)
+            }
+            let fetched = randomKids.reduce(0) { $0 + h.emulator.installKeyFetches(kid: $1) }
+            #expect(fetched <= 20, "random kids may spend only the open two thirds of 30 fetches a minute")
+
+            // The first key is needed again: it is fetched from the reserved share.
+            #expect(h.emulator.signInstalls(withKid: first))
+            let tenant = h.emulator.makeConnectTenant()
+            #expect(try await h.emulator.connectInstall(tenant).status == 204)
+            #expect(try await h.gateway.store.connectTenant(tenant.clientKey) != nil)
+            #expect(h.emulator.installKeyFetches(kid: first) == 2)
+
+            // One kid is fetched at most twice a minute, however often it is named.
+            var repeated = SignedInstallOptions()
+            repeated.kid = "kid-\(UUID().uuidString.lowercased())"
+            for _ in 0..<5 {
+                _ = try await h.emulator.connectInstall(h.emulator.makeConnectTenant(), options: repeated)
+            }
+            #expect(h.emulator.installKeyFetches(kid: repeated.kid!) <= 2)
+        }
+    }
+
+    @Test("a captured signed install cannot be replayed with another body, with or without a jti")
+    func signedInstallReplayIsRefused() async throws {
+        try await GatewayHarness.runConnect { h in
+            let installation = try await h.installed()
+            for withJTI in [true, false] {
+                let tenant = h.emulator.makeConnectTenant(linkedTo: installation)
+                var options = SignedInstallOptions()
+                if !withJTI { options.jti = nil }
+                let token = try h.emulator.mintSignedInstall(for: tenant, path: "/connect/installed", options: options)
+                let genuine = try await Self.postSignedInstall(
+                    h, token: token, body: h.emulator.connectLifecyclePayload(.installed, tenant: tenant))
+                #expect(genuine.status == 204)
+                let before = try #require(try await h.gateway.store.connectTenant(tenant.clientKey))
+                #expect(before.installationId?.ari == installation.id)
+
+                // The same header with the attacker's shared secret: refused, nothing changes.
+                let forged = try Self.payload(h, tenant, ["sharedSecret": "attacker-chosen-shared-secret-0123456789"])
+                let replay = try await Self.postSignedInstall(h, token: token, body: forged)
+                #expect(replay.status == 401, "jti: \(withJTI)")
+                #expect(replay.errorCode == "invalid_signed_install")
+                let after = try #require(try await h.gateway.store.connectTenant(tenant.clientKey))
+                #expect(after.sharedSecret?.bytes == Array(tenant.sharedSecret.utf8))
+                #expect(after.updatedAt == before.updatedAt)
+                // Even the very same request a second time.
+                let again = try await Self.postSignedInstall(
+                    h, token: token, body: h.emulator.connectLifecyclePayload(.installed, tenant: tenant))
+                #expect(again.status == 401)
+            }
+        }
+    }
+
+    @Test("a tenant is linked to a Forge installation only when the payload's cloudId is the installation's")
+    func connectLinkNeedsTheSameCloudId() async throws {
+        try await GatewayHarness.runConnect { h in
+            let victim = try await h.installed()
+            let cases: [(String, [String: Any?], Bool)] = [
+                ("another site's cloudId", ["cloudId": UUID().uuidString.lowercased()], false),
+                ("no cloudId", ["cloudId": nil], false),
+                ("an installation never seen", ["installationId": "ari:cloud:ecosystem::installation/\(UUID())"], false),
+                ("the installation's cloudId", [:], true),
+            ]
+            for (name, changes, links) in cases {
+                let tenant = h.emulator.makeConnectTenant(linkedTo: victim)
+                let token = try h.emulator.mintSignedInstall(for: tenant, path: "/connect/installed")
+                let answer = try await Self.postSignedInstall(h, token: token, body: try Self.payload(h, tenant, changes))
+                #expect(answer.status == 204, "\(name)")
+                let record = try #require(try await h.gateway.store.connectTenant(tenant.clientKey))
+                #expect((record.installationId != nil) == links, "\(name)")
+                if links { #expect(record.installationId?.ari == victim.id) }
+            }
+        }
+    }
+
+    // MARK: Per-caller limits
+
+    /// One call to a gateway at `base` as the full-scope caller.
+    static func call(
+        _ h: GatewayHarness, base: String, _ method: HTTPMethod, _ path: String, secret: String = GatewayHarness.callerSecret
+    ) async throws -> GatewayHarness.Answer {
+        var request = HTTPClientRequest(url: base + path)
+        request.method = method
+        request.headers.add(name: "authorization", value: "Bearer \(secret)")
+        let response = try await h.http.execute(request, timeout: .seconds(35))
+        let bytes = try await response.body.collect(upTo: 1 << 20)
+        var headers: [String: String] = [:]
+        for header in response.headers { headers[header.name.lowercased()] = header.value }
+        return .init(status: Int(response.status.code), headers: headers, body: String(buffer: bytes))
+    }
+
+    static let limitedSecret = "caller-secret-0123456789abcdef-limited"
+
+    @Test("per-caller limits hold across two gateways sharing Redis; 429 starts no round trip or exchange")
+    func perCallerLimitsAcrossReplicas() async throws {
+        try await GatewayHarness.run(configure: { config in
+            config.callers = try! CallerRegistry(
+                json: """
+                    [{"name":"full","secret":"\(GatewayHarness.callerSecret)","installations":["*"],\(GatewayHarness.noLimits)},
+                     {"name":"limited-\(UUID().uuidString)","secret":"\(Self.limitedSecret)","installations":["*"],
+                      "limits":{"refreshesPerMinute":3,"userExchangesPerMinute":4}}]
+                    """)
+        }) { h in
+            let installation = try await h.installed()
+            let path = GatewayHarness.path(installation)
+            #expect(try await h.token(installation).status == 200)
+            try await h.withSecondGateway { second in
+                let replicas = [h.gatewayURL, second]
+                // Three forced refreshes, spread over both replicas, go through.
+                for n in 0..<3 {
+                    let answer = try await Self.call(
+                        h, base: replicas[n % 2], .POST, path + "/token/refresh", secret: Self.limitedSecret)
+                    #expect(answer.status == 200, "refresh \(n): \(answer.body)")
+                }
+                let triggers = h.emulator.triggerCalls(for: installation)
+                for base in replicas {
+                    let refused = try await Self.call(h, base: base, .POST, path + "/token/refresh", secret: Self.limitedSecret)
+                    #expect(refused.status == 429)
+                    #expect(refused.errorCode == "rate_limited")
+                    let retryAfter = try #require(refused.headers["retry-after"].flatMap { Int($0) })
+                    #expect((1...60).contains(retryAfter))
+                }
+                #expect(h.emulator.triggerCalls(for: installation) == triggers, "a refused refresh starts no round trip")
+                // Cached answers are never limited; other callers have their own limits.
+                for base in replicas {
+                    #expect(try await Self.call(h, base: base, .GET, path + "/token", secret: Self.limitedSecret).status == 200)
+                }
+                #expect(try await Self.call(h, base: second, .POST, path + "/token/refresh").status == 200)
+
+                // User tokens: four exchanges for four accounts (varying asUser), then 429 on either replica.
+                for n in 0..<4 {
+                    let answer = try await Self.call(
+                        h, base: replicas[n % 2], .GET, path + "/token?asUser=acct-\(n)", secret: Self.limitedSecret)
+                    #expect(answer.status == 200, "exchange \(n): \(answer.body)")
+                }
+                let exchanges = h.emulator.totalUserTokenExchanges
+                for base in replicas {
+                    let refused = try await Self.call(
+                        h, base: base, .GET, path + "/token?asUser=acct-new", secret: Self.limitedSecret)
+                    #expect(refused.status == 429)
+                    #expect(refused.errorCode == "rate_limited")
+                    #expect(refused.headers["retry-after"] != nil)
+                }
+                #expect(h.emulator.totalUserTokenExchanges == exchanges, "a refused request starts no exchange")
+                // A cached user token is still served.
+                let cached = try await Self.call(h, base: second, .GET, path + "/token?asUser=acct-0", secret: Self.limitedSecret)
+                #expect(cached.status == 200)
+                #expect(cached.json["source"] as? String == "cache")
+            }
+        }
+    }
+
+    // MARK: Undecryptable tokens
+
+    @Test("a stored token no key of the ring opens is treated as absent: a new round trip, counted")
+    func undecryptableTokenIsFetchedAgain() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let pushed = try await h.emulator.push(installation)
+            #expect(pushed.status == 200)
+            // The stored token sealed under a key the ring no longer has (removed too early).
+            let store = h.gateway.store
+            let key = store.systemTokenKey(installation.installationID)
+            let retired = try EncryptionKeyRing(parsing: "retired:" + Data(repeating: 9, count: 32).base64EncodedString())
+            let resealed = try retired.seal(Array(pushed.token.utf8), context: key)
+            _ = try await h.gateway.redis.send(["HSET", key, "v", resealed])
+            // A replica with nothing in memory reads it.
+            try await h.withSecondGateway { second in
+                let answer = try await Self.call(h, base: second, .GET, GatewayHarness.path(installation) + "/token")
+                #expect(answer.status == 200, "\(answer.body)")
+                #expect(answer.json["source"] as? String == "trigger")
+                #expect(answer.json["accessToken"] as? String != pushed.token)
+                #expect(h.emulator.triggerCalls(for: installation) >= 1)
+                let metrics = try await Self.get(h, second + "/metrics").body
+                let line = metrics.split(separator: "\n").first {
+                    $0.hasPrefix(#"token_gateway_undecryptable_secrets_total{kind="system_token"}"#)
+                }
+                #expect((line?.split(separator: " ").last).flatMap { Double($0) }.map { $0 >= 1 } == true, "\(metrics)")
+                // The new token is readable by every replica, again from the cache.
+                let again = try await Self.call(h, base: second, .GET, GatewayHarness.path(installation) + "/token")
+                #expect(again.json["source"] as? String == "cache")
+            }
+        }
+    }
+
+    // MARK: Routing data in Redis
+
+    @Test("an apiBaseUrl or Connect link written into Redis without the key ring is never served")
+    func forgedRoutingDataIsRefused() async throws {
+        try await GatewayHarness.runConnect { h in
+            let victim = try await h.installed()
+            let path = GatewayHarness.path(victim)
+            let genuine = try await h.token(victim)
+            #expect(genuine.json["apiBaseUrl"] as? String == victim.apiBaseUrl)
+            let store = h.gateway.store
+            let installationKey = store.installationKey(victim.installationID)
+            let sealed = try #require(try await h.gateway.redis.send(["HGET", installationKey, "apiBaseUrl"]).string)
+            #expect(!sealed.contains("atlassian.com"), "stored sealed")
+
+            // Someone with write access to Redis points the installation at their own host.
+            _ = try await h.gateway.redis.send(["HSET", installationKey, "apiBaseUrl", "https://evil.example/ex/jira/x"])
+            try await h.withSecondGateway { second in
+                for answer in [
+                    try await Self.call(h, base: second, .GET, path + "/token"),
+                    try await Self.call(h, base: second, .GET, path),
+                ] {
+                    #expect(answer.status == 200)
+                    #expect(!answer.body.contains("evil.example"), "\(answer.body)")
+                }
+            }
+
+            // A tenant of the attacker's, linked in Redis to the victim's installation: its Connect
+            // JWT must not buy the victim's token through the OAuth token exchange.
+            let tenant = h.emulator.makeConnectTenant()
+            #expect(try await h.emulator.connectInstall(tenant).status == 204)
+            _ = try await h.gateway.redis.send(["HSET", store.connectTenantKey(tenant.clientKey), "installationId", victim.id])
+            #expect(try await store.connectTenant(tenant.clientKey)?.installationId == nil)
+            let jwt = h.emulator.mintConnectJWT(for: tenant, method: "GET", url: "/x")
+            var form = URLComponents()
+            form.queryItems = [
+                .init(name: "grant_type", value: "urn:ietf:params:oauth:grant-type:token-exchange"),
+                .init(name: "client_id", value: "full"), .init(name: "client_secret", value: GatewayHarness.callerSecret),
+                .init(name: "subject_token", value: jwt),
+                .init(name: "subject_token_type", value: "urn:ietf:params:oauth:token-type:jwt"),
+                .init(name: "connect_method", value: "GET"), .init(name: "connect_url", value: "/x"),
+            ]
+            let body = (form.percentEncodedQuery ?? "").replacingOccurrences(of: "+", with: "%2B")
+            let exchanged = try await h.call(
+                .POST, "/oauth/token", secret: nil, headers: ["content-type": "application/x-www-form-urlencoded"],
+                body: body)
+            #expect(exchanged.status == 400, "\(exchanged.body)")
+            #expect(exchanged.json["error"] as? String == "invalid_target")
+            #expect(!exchanged.body.contains(genuine.json["accessToken"] as? String ?? "-"))
+        }
+    }
+
+    @Test("apiBaseUrls outside the configured prefixes are neither stored nor served")
+    func apiBaseURLMustBeAtlassians() throws {
+        let allowed = ["https://api.atlassian.com/ex/"]
+        for url in ["https://api.atlassian.com/ex/jira/1b7c", "https://api.atlassian.com/ex/confluence/x/y"] {
+            #expect(RoutingPolicy.hasAllowedPrefix(url, prefixes: allowed), "\(url)")
+        }
+        for url in [
+            "https://evil.example/ex/jira/1", "https://api.atlassian.com.evil.example/ex/jira/1",
+            "https://api.atlassian.com/ex/", "https://api.atlassian.com/ex//evil.example", "http://api.atlassian.com/ex/jira/1",
+            "https://api.atlassian.com/ex/jira/1@evil.example", "https://api.atlassian.com/ex/../x",
+            "https://api.atlassian.com/ex/jira/%2e%2e/x", "https://api.atlassian.com/ex/jira/1?x", "https://api.atlassian.com/exx/1",
+        ] {
+            #expect(!RoutingPolicy.hasAllowedPrefix(url, prefixes: allowed), "\(url)")
+        }
+        var environment = [
+            "TOKEN_GATEWAY_FORGE_APP_ID": "ari:cloud:ecosystem::app/00000000-0000-0000-0000-000000000001",
+            "TOKEN_GATEWAY_ENCRYPTION_KEYS": "k1:" + Data(repeating: 7, count: 32).base64EncodedString(),
+            "TOKEN_GATEWAY_CALLERS": #"[{"name":"a","secret":"0123456789abcdef0123","installations":["*"]}]"#,
+            "TOKEN_GATEWAY_API_BASE_URL_PREFIXES": "https://api.stg.atlassian.com/ex/, http://127.0.0.1:9999/ex/",
+        ]
+        #expect(
+            try GatewayConfiguration.load(environment: environment).apiBaseURLPrefixes == [
+                "https://api.stg.atlassian.com/ex/", "http://127.0.0.1:9999/ex/",
+            ])
+        for bad in ["http://evil.example/ex/", "https://api.atlassian.com/ex", ""] {
+            environment["TOKEN_GATEWAY_API_BASE_URL_PREFIXES"] = bad
+            if bad.isEmpty { environment["TOKEN_GATEWAY_API_BASE_URL_PREFIXES"] = "," }
+            #expect(throws: ConfigurationError.self, "\(bad)") { try GatewayConfiguration.load(environment: environment) }
+        }
+    }
+
+    // MARK: Unbounded state
+
+    /// The value of an unlabelled counter in a `/metrics` answer (0 when absent).
+    static func counter(_ metrics: String, _ name: String) -> Double {
+        let line = metrics.split(separator: "\n").first { $0.hasPrefix(name + " ") }
+        return line.flatMap { $0.split(separator: " ").last }.flatMap { Double($0) } ?? 0
+    }
+
+    @Test("callers beyond the waiter caps (per installation, in total) get 503 overloaded with Retry-After at once")
+    func waiterCapsAnswerOverloaded() async throws {
+        try await GatewayHarness.run(configure: {
+            $0.flow.maxWaitersPerInstallation = 2
+            $0.flow.maxWaiters = 3
+        }) { h in
+            let (a, b, c) = (try await h.installed(), try await h.installed(), try await h.installed())
+            for installation in [a, b, c] { h.emulator.setFault(.respondSlowly(.seconds(4)), for: installation) }
+            try await withThrowingTaskGroup(of: GatewayHarness.Answer.self) { group in
+                group.addTask { try await h.token(a) }
+                #expect(try await Security.eventually { h.emulator.triggerCalls(for: a) >= 1 })
+                group.addTask { try await h.token(a) }
+                #expect(
+                    try await Security.eventually {
+                        Self.counter(try await Self.get(h, h.gatewayURL + "/metrics").body, "token_gateway_coalesced_waiters_total")
+                            >= 1
+                    })
+                // A third caller of the same installation is over the per-installation cap.
+                let third = try await h.token(a)
+                #expect(third.status == 503)
+                #expect(third.errorCode == "overloaded")
+                #expect(third.headers["retry-after"] != nil)
+
+                group.addTask { try await h.token(b) }
+                #expect(try await Security.eventually { h.emulator.triggerCalls(for: b) >= 1 })
+                // Three wait in this process: a fourth, of any installation, is over the total cap.
+                let fourth = try await h.token(c)
+                #expect(fourth.status == 503)
+                #expect(fourth.errorCode == "overloaded")
+                #expect(h.emulator.triggerCalls(for: c) == 0)
+
+                // Those that waited get their tokens.
+                for try await answer in group { #expect(answer.status == 200, "\(answer.body)") }
+            }
+            // The caps count waiters, not requests: once they are answered there is room again.
+            #expect(try await h.token(c).status == 200)
+            #expect(try await h.token(a).status == 200)
+            let metrics = try await Self.get(h, h.gatewayURL + "/metrics").body
+            #expect(Self.counter(metrics, "token_gateway_overloaded_requests_total") == 2)
+        }
+    }
+
+    @Test("a narrow-scope caller's listing costs in proportion to its scope, not to the whole index")
+    func narrowScopeListingReadsOnlyItsScope() async throws {
+        let redis = try await RedisServerProcess.start()
+        do {
+            try await Self.narrowScopeListing(redisURL: redis.url)
+        } catch {
+            await redis.stop()
+            throw error
+        }
+        await redis.stop()
+    }
+
+    static func narrowScopeListing(redisURL: String) async throws {
+        var scope: [String] = []
+        for _ in 0..<3 { scope.append("ari:cloud:ecosystem::installation/\(UUID().uuidString.lowercased())") }
+        try await GatewayHarness.run(redisURL: redisURL, scopedInstallations: scope) { h in
+            // Someone else's thousands of installations in the index.
+            let others = (0..<3000).map { _ in "ari:cloud:ecosystem::installation/\(UUID().uuidString.lowercased())" }
+            _ = try await h.gateway.redis.send(["ZADD", "tg:installations"] + others.flatMap { ["0", $0] })
+            // Two of the scoped installations exist.
+            for ari in scope.prefix(2) {
+                _ = try await h.gateway.store.upsertInstallation(
+                    InstallationID(ari)!, metadata: .init(appId: "app"), now: FlowTime.now())
+            }
+            func calls(_ command: String) async throws -> Int {
+                let info = try await h.gateway.redis.send(["INFO", "commandstats"]).string ?? ""
+                guard let line = info.split(separator: "\r\n").first(where: { $0.hasPrefix("cmdstat_\(command):") }),
+                    let range = line.range(of: "calls=")
+                else { return 0 }
+                return Int(line[range.upperBound...].prefix { $0.isNumber }) ?? 0
+            }
+            _ = try await h.gateway.redis.send(["CONFIG", "RESETSTAT"])
+            var seen: [String] = []
+            var cursor = ""
+            repeat {
+                let page = try await h.call(
+                    .GET, "/v1/installations?limit=1" + (cursor.isEmpty ? "" : "&cursor=\(cursor)"),
+                    secret: GatewayHarness.scopedSecret)
+                #expect(page.status == 200)
+                seen += ((page.json["installations"] as? [[String: Any]]) ?? []).compactMap { $0["installationId"] as? String }
+                cursor = page.json["nextCursor"] as? String ?? ""
+            } while !cursor.isEmpty && seen.count < 10
+            #expect(seen == scope.prefix(2).sorted())
+            #expect(try await calls("zrangebylex") == 0, "the whole index was walked")
+            #expect(try await calls("zscore") <= 3 * 3)
+            // The full-scope caller still pages the index.
+            let all = try await h.call(.GET, "/v1/installations?limit=1000")
+            #expect(all.status == 200)
+        }
+    }
+}
