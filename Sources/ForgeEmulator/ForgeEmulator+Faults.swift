@@ -10,7 +10,7 @@ import Foundation
 /// `{"type": "none"}`, `{"type": "failWith", "status": 503, "times": 2}`,
 /// `{"type": "acceptWithoutDelivery"}`, `{"type": "deliverLate", "delayMs": 3000}`,
 /// `{"type": "deliverTwice"}`, `{"type": "deliverVia", "gatewayURL": "http://127.0.0.1:8081"}`,
-/// `{"type": "respondSlowly", "delayMs": 3000}`.
+/// `{"type": "respondSlowly", "delayMs": 3000}`, `{"type": "redeliverCached"}`.
 public enum TriggerFault: Sendable, Hashable {
     /// Behave normally.
     case none
@@ -26,6 +26,10 @@ public enum TriggerFault: Sendable, Hashable {
     case deliverVia(gatewayURL: String)
     /// Wait, then behave normally.
     case respondSlowly(Duration)
+    /// Deliver the token delivered last (the same token string and `exp`), as Forge's token
+    /// cache does: the gateway gets no newer token. A fresh one is minted (and then re-delivered)
+    /// only when none was delivered yet.
+    case redeliverCached
 }
 
 extension TriggerFault: Codable {
@@ -35,6 +39,7 @@ extension TriggerFault: Codable {
 
     private enum Kind: String, Codable {
         case none, failWith, acceptWithoutDelivery, deliverLate, deliverTwice, deliverVia, respondSlowly
+        case redeliverCached
     }
 
     public init(from decoder: any Decoder) throws {
@@ -62,6 +67,8 @@ extension TriggerFault: Codable {
             self = .deliverVia(gatewayURL: try container.decode(String.self, forKey: .gatewayURL))
         case .respondSlowly:
             self = .respondSlowly(try Self.decodeDelay(container))
+        case .redeliverCached:
+            self = .redeliverCached
         }
     }
 
@@ -87,6 +94,8 @@ extension TriggerFault: Codable {
         case .respondSlowly(let delay):
             try container.encode(Kind.respondSlowly, forKey: .type)
             try container.encode(Self.milliseconds(delay), forKey: .delayMs)
+        case .redeliverCached:
+            try container.encode(Kind.redeliverCached, forKey: .type)
         }
     }
 

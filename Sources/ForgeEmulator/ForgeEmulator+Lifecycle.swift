@@ -2,6 +2,11 @@ import Crypto
 import Foundation
 
 /// The Forge lifecycle events the emulator sends to `POST /forge/lifecycle`.
+///
+/// Forge documents `installed` and `upgraded` only, with a body that has no `eventType`; the
+/// emulator sends them that way. `uninstalled` is not a Forge event (Forge's uninstall signal is the
+/// `preUninstall` module, see ``ForgeEmulator/preUninstall(_:fit:)``); it is kept to exercise the
+/// gateway's older handling of an `avi:forge:uninstalled:app` body.
 public enum ForgeLifecycleEvent: String, Sendable, Hashable, CaseIterable {
     case installed = "avi:forge:installed:app"
     case upgraded = "avi:forge:upgraded:app"
@@ -20,22 +25,45 @@ public struct RegisterResult: Sendable, Hashable {
     public let body: String
 }
 
+/// A lifecycle event body as Forge documents it: `id`, `installerAccountId`, `app{id, version,
+/// name, ownerAccountId}`, `environment` and, on upgrade, `permissions`; no `eventType`.
 struct LifecycleBody: Codable, Sendable {
     struct App: Codable, Sendable {
         var id: String
         var version: String
+        var name: String
+        var ownerAccountId: String
     }
 
     struct Environment: Codable, Sendable {
         var id: String
     }
 
-    var eventType: String
+    struct Permissions: Codable, Sendable {
+        var scopes: [String]
+    }
+
+    /// Only on the undocumented `avi:forge:uninstalled:app` body.
+    var eventType: String?
     var id: String
+    var installerAccountId: String
     var app: App
     var environment: Environment
-    var context: String
-    var installerAccountId: String
+    /// On upgrade only.
+    var permissions: Permissions?
+    /// Only on the undocumented `avi:forge:uninstalled:app` body: the site ARI.
+    var context: String?
+}
+
+/// The body of a `preUninstall` invocation: `{"context": {"cloudId", "moduleKey"}, "contextToken"}`.
+struct PreUninstallBody: Codable, Sendable {
+    struct Context: Codable, Sendable {
+        var cloudId: String
+        var moduleKey: String
+    }
+
+    var context: Context
+    var contextToken: String
 }
 
 struct RegisterRequestBody: Codable, Sendable {
@@ -49,6 +77,13 @@ struct RegisterAnswerBody: Codable, Sendable {
 }
 
 extension ForgeEmulator {
+    /// The emulated app's name (lifecycle `app.name`).
+    static let appName = "Token Gateway companion"
+    /// The scopes an upgrade's `permissions` lists.
+    static let appScopes = ["read:jira-work", "write:jira-work", "read:confluence-content.all"]
+    /// The key of the emulated app's `preUninstall` module.
+    static let preUninstallModuleKey = "token-gateway-pre-uninstall"
+
     /// Installs the app: sends `avi:forge:installed:app` to `POST {gateway}/forge/lifecycle`, then
     /// registers the web trigger (`POST {gateway}/forge/register` with
     /// `{"authTriggerUrl": baseURL + triggerPath}`) and keeps the trigger key the gateway answers,
@@ -56,8 +91,12 @@ extension ForgeEmulator {
     /// - Throws: ``ForgeEmulatorError/unexpectedStatus(_:operation:)`` (operation `lifecycle` or
     ///   `register`) on a non-2xx answer, ``ForgeEmulatorError/invalidRegistrationResponse``,
     ///   ``ForgeEmulatorError/notRunning``, or the HTTP client's error.
-    public func install(_ installation: EmulatedInstallation) async throws {
-        let answer = try await self.sendLifecycleEvent(.installed, for: installation)
+    ///
+    /// With `lifecycleSystemToken`, the lifecycle call carries a fresh system token in
+    /// `x-forge-oauth-system`, as an endpoint declared with `auth.appSystemToken` gets it.
+    public func install(_ installation: EmulatedInstallation, lifecycleSystemToken: Bool = false) async throws {
+        let token = lifecycleSystemToken ? try self.mintAccessToken(for: installation) : nil
+        let answer = try await self.sendLifecycleEvent(.installed, for: installation, systemToken: token)
         guard answer.isSuccess else {
             throw ForgeEmulatorError.unexpectedStatus(answer.status, operation: "lifecycle")
         }
@@ -135,13 +174,14 @@ extension ForgeEmulator {
         self.logger.info("Installation upgraded", metadata: ["installation.id": "\(installation.id)"])
     }
 
-    /// Uninstalls the app: sends `avi:forge:uninstalled:app`; the web trigger answers 404 from then on.
-    /// - Throws: ``ForgeEmulatorError/unexpectedStatus(_:operation:)`` on a non-2xx answer, or the
-    ///   HTTP client's error.
+    /// Uninstalls the app as Forge does: invokes the `preUninstall` module's endpoint
+    /// (`POST {gateway}/forge/pre-uninstall`); the web trigger answers 404 from then on.
+    /// - Throws: ``ForgeEmulatorError/unexpectedStatus(_:operation:)`` (operation `pre-uninstall`)
+    ///   on a non-2xx answer, or the HTTP client's error.
     public func uninstall(_ installation: EmulatedInstallation) async throws {
-        let answer = try await self.sendLifecycleEvent(.uninstalled, for: installation)
+        let answer = try await self.preUninstall(installation)
         guard answer.isSuccess else {
-            throw ForgeEmulatorError.unexpectedStatus(answer.status, operation: "lifecycle")
+            throw ForgeEmulatorError.unexpectedStatus(answer.status, operation: "pre-uninstall")
         }
         self.state.withLock {
             $0.update(installation) { record in
@@ -152,28 +192,63 @@ extension ForgeEmulator {
         self.logger.info("Installation uninstalled", metadata: ["installation.id": "\(installation.id)"])
     }
 
+    /// Sends the `preUninstall` invocation to `POST {gateway}/forge/pre-uninstall` with a FIT made
+    /// with `fit` (a `core:endpoint` FIT; Forge's may also name a non-user `principal`) and the
+    /// body `{"context": {"cloudId", "moduleKey"}, "contextToken"}`, and returns the answer whatever
+    /// its status. It does not change the emulator's record of the installation.
+    /// - Throws: ``ForgeEmulatorError/notRunning`` or the HTTP client's error.
+    public func preUninstall(_ installation: EmulatedInstallation, fit: FITOptions = FITOptions()) async throws
+        -> GatewayAnswer
+    {
+        self.state.withLock { $0.remember(installation) }
+        let body = PreUninstallBody(
+            context: .init(cloudId: installation.cloudId, moduleKey: Self.preUninstallModuleKey),
+            contextToken: Self.randomHex(bytes: 32))
+        let answer = try await self.callGateway(
+            path: "/forge/pre-uninstall",
+            gatewayURL: nil,
+            fit: try self.mintFIT(for: installation, options: fit),
+            headers: [],
+            body: try JSONEncoder.emulator.encode(body)
+        )
+        self.logger.debug(
+            "preUninstall answered",
+            metadata: ["installation.id": "\(installation.id)", "http.status": "\(answer.status)"])
+        return answer
+    }
+
     /// Sends one lifecycle event to `POST {gateway}/forge/lifecycle` with a FIT made with `fit`,
-    /// and returns the answer whatever its status.
+    /// and returns the answer whatever its status. `installed` and `upgraded` carry Forge's
+    /// documented body (no `eventType`; `permissions` on upgrade); `uninstalled` carries
+    /// `"eventType": "avi:forge:uninstalled:app"` and the site ARI as `context`.
+    /// - Parameter systemToken: Sent as `x-forge-oauth-system` when set (an endpoint declared with
+    ///   `auth.appSystemToken`).
     /// - Throws: ``ForgeEmulatorError/notRunning`` or the HTTP client's error.
     public func sendLifecycleEvent(
         _ event: ForgeLifecycleEvent,
         for installation: EmulatedInstallation,
-        fit: FITOptions = FITOptions()
+        fit: FITOptions = FITOptions(),
+        systemToken: String? = nil
     ) async throws -> GatewayAnswer {
         self.state.withLock { $0.remember(installation) }
         let body = LifecycleBody(
-            eventType: event.rawValue,
+            eventType: event == .uninstalled ? event.rawValue : nil,
             id: installation.id,
-            app: .init(id: self.configuration.appId, version: Self.appVersion),
+            installerAccountId: self.installerAccountId,
+            app: .init(
+                id: self.configuration.appId, version: Self.appVersion, name: Self.appName,
+                ownerAccountId: self.installerAccountId),
             environment: .init(id: self.environmentId),
-            context: installation.siteARI,
-            installerAccountId: self.installerAccountId
+            permissions: event == .upgraded ? .init(scopes: Self.appScopes) : nil,
+            context: event == .uninstalled ? installation.siteARI : nil
         )
+        var headers: [(String, String)] = []
+        if let systemToken { headers.append(("x-forge-oauth-system", systemToken)) }
         let answer = try await self.callGateway(
             path: "/forge/lifecycle",
             gatewayURL: nil,
             fit: try self.mintFIT(for: installation, options: fit),
-            headers: [],
+            headers: headers,
             body: try JSONEncoder.emulator.encode(body)
         )
         self.logger.debug(

@@ -115,7 +115,12 @@ extension ForgeEmulator {
     ///   201 with it, or 502 when the gateway refused (the installation is kept as `created`).
     /// - `POST /admin/installations/{id}/push` — body optional `{"expiresInSeconds": 7200, "tokenBytes": 1500}`:
     ///   pushes a fresh token (padded to about `tokenBytes`); 200 `{"status": <gateway status>, "body": "<gateway body>"}`.
-    /// - `POST /admin/installations/{id}/uninstall` — sends the uninstalled event; 200 with it.
+    /// - `POST /admin/installations/{id}/uninstall` — invokes the `preUninstall` module
+    ///   (`POST {gateway}/forge/pre-uninstall`); 200 with it.
+    /// - `POST /admin/installations/{id}/ui-invoke` — body `{"path": "/forge/register", "body": {…},
+    ///   "moduleType": "xen:macro", "systemToken": true}`: calls the gateway as a UI module from a
+    ///   user's browser would (a FIT with that module type, `principal` and `context`; with
+    ///   `systemToken`, a made-up token header); 200 `{"status": <gateway status>, "body": "<gateway body>"}`.
     /// - `POST /admin/installations/{id}/fault` — body a ``TriggerFault`` in JSON; 200 with it.
     /// - `GET /admin/stats` — `{"totalTriggerCalls": n, "installations": {"<id>": n},
     ///   "triggerProcessingMillis": {"<id>": ms}}` (the emulator's own time on the trigger calls).
@@ -208,6 +213,29 @@ extension ForgeEmulator {
                 return EmulatorAnswer.error(502, code: "uninstall_failed", message: "\(error)").response
             }
             return EmulatorAnswer.json(200, self.summary(of: installation)).response
+        }
+
+        admin.post("installations/:id/ui-invoke") { request, context -> Response in
+            guard let installation = self.installation(in: context) else { return Self.unknownInstallation.response }
+            let body = try await request.body.collect(upTo: Self.maximumRequestBytes)
+            guard let call = try? JSONDecoder().decode(UIInvocationRequest.self, from: Data(buffer: body)),
+                call.path.hasPrefix("/"), !call.path.contains("://")
+            else {
+                return EmulatorAnswer.error(
+                    400, code: "invalid_request",
+                    message: "body must be {\"path\": \"/forge/…\", \"body\": {…}, \"moduleType\": \"xen:macro\", \"systemToken\": true}"
+                ).response
+            }
+            do {
+                let payload = try JSONEncoder.emulator.encode(call.body ?? [:])
+                let token = call.systemToken == true ? try self.mintAccessToken(for: installation) : nil
+                let answer = try await self.invokeFromUI(
+                    installation, path: call.path, body: payload, fit: .ui(moduleType: call.moduleType ?? "xen:macro"),
+                    systemToken: token)
+                return EmulatorAnswer.json(200, PushAnswer(status: answer.status, body: answer.body)).response
+            } catch {
+                return EmulatorAnswer.error(502, code: "ui_invoke_failed", message: "\(error)").response
+            }
         }
 
         admin.post("installations/:id/fault") { request, context -> Response in

@@ -38,9 +38,48 @@ public struct FITOptions: Sendable {
     public var signWithUnpublishedKey: Bool = false
     /// `app.apiBaseUrl` (and the context's); default the installation's.
     public var apiBaseUrl: String? = nil
+    /// `app.module.type`; default `core:endpoint`, as on every backend invocation (a function's
+    /// `invokeRemote`, a lifecycle event, a scheduled trigger, `preUninstall`).
+    public var moduleType: String = ForgeEmulator.backendModuleType
+    /// `app.module.key`; default ``ForgeEmulator/endpointModuleKey``.
+    public var moduleKey: String = ForgeEmulator.endpointModuleKey
+    /// `principal`: on UI calls the user's account id; absent by default.
+    public var principal: String? = nil
+    /// `context`: on UI calls the module's context; absent by default.
+    public var context: FITUIContext? = nil
 
     /// Options for a valid FIT.
     public init() {}
+
+    /// A FIT as a UI module's `invokeRemote`/`requestRemote` sends it from a user's browser:
+    /// `app.module.type` `moduleType`, `principal` (the user's account id) and `context`.
+    public static func ui(
+        moduleType: String = "xen:macro", moduleKey: String = "gateway-macro",
+        principal: String = "5b10ac8d82e05b22cc7d4ef5"
+    ) -> FITOptions {
+        var options = FITOptions()
+        options.moduleType = moduleType
+        options.moduleKey = moduleKey
+        options.principal = principal
+        options.context = FITUIContext(moduleKey: moduleKey)
+        return options
+    }
+}
+
+/// The `context` claim of a FIT from a UI module (the installation's cloud id and site URL are
+/// filled in when the FIT is minted).
+public struct FITUIContext: Codable, Sendable, Hashable {
+    public var cloudId: String?
+    public var moduleKey: String
+    public var siteUrl: String?
+    public var localId: String
+
+    public init(cloudId: String? = nil, moduleKey: String, siteUrl: String? = nil, localId: String = UUID().uuidString.lowercased()) {
+        self.cloudId = cloudId
+        self.moduleKey = moduleKey
+        self.siteUrl = siteUrl
+        self.localId = localId
+    }
 }
 
 /// The emulator's key material. Never logged or printed.
@@ -103,6 +142,7 @@ struct FITClaims: Codable, Sendable {
 
         struct Installation: Codable, Sendable {
             struct Context: Codable, Sendable {
+                var name: String
                 var apiBaseUrl: String
                 var cloudId: String
             }
@@ -127,6 +167,10 @@ struct FITClaims: Codable, Sendable {
     var exp: Int
     var jti: String
     var app: App
+    /// UI calls only.
+    var principal: String? = nil
+    /// UI calls only.
+    var context: FITUIContext? = nil
 }
 
 struct AccessTokenClaims: Codable, Sendable {
@@ -162,6 +206,10 @@ extension ForgeEmulator {
     static let appVersion = "1.0.0"
     /// How long a FIT lives by default.
     static let fitLifetime: TimeInterval = 25
+    /// The `app.module.type` of every backend invocation.
+    public static let backendModuleType = "core:endpoint"
+    /// The key of the app's `endpoint` module that points at the gateway (the FIT's `app.module.key`).
+    public static let endpointModuleKey = "token-gateway"
 
     /// The `kid` of the published FIT signing key.
     public var signingKeyId: String { self.keys.keyId }
@@ -188,10 +236,18 @@ extension ForgeEmulator {
                 id: self.configuration.appId,
                 appVersion: Self.appVersion,
                 environment: .init(type: "DEVELOPMENT", id: self.environmentId),
-                module: .init(type: "xis:remote", key: "token-gateway"),
-                installation: .init(id: installation.id, contexts: [.init(apiBaseUrl: apiBaseUrl, cloudId: installation.cloudId)])
-            )
+                module: .init(type: options.moduleType, key: options.moduleKey),
+                installation: .init(
+                    id: installation.id,
+                    contexts: [.init(name: installation.product, apiBaseUrl: apiBaseUrl, cloudId: installation.cloudId)])
+            ),
+            principal: options.principal
         )
+        if var context = options.context {
+            context.cloudId = context.cloudId ?? installation.cloudId
+            context.siteUrl = context.siteUrl ?? "https://\(installation.cloudId.prefix(8)).atlassian.net"
+            claims.context = context
+        }
 
         let algorithmName =
             switch options.algorithm {

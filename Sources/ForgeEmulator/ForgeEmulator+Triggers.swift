@@ -220,13 +220,19 @@ extension ForgeEmulator {
                 stopwatch: stopwatch
             )
 
+        case .redeliverCached:
+            return await self.deliverForTrigger(
+                installation, requestId: requestId, gatewayURL: nil, times: 1, logger: logger, stopwatch: stopwatch,
+                reuseLastToken: true)
+
         case .none, .failWith, .respondSlowly:
             return await self.deliverForTrigger(
                 installation, requestId: requestId, gatewayURL: nil, times: 1, logger: logger, stopwatch: stopwatch)
         }
     }
 
-    /// Mints one token and delivers it `times` times; 200 when every delivery answered 2xx, else 502.
+    /// Mints one token (or, with `reuseLastToken`, takes the one delivered last, as Forge's token
+    /// cache does) and delivers it `times` times; 200 when every delivery answered 2xx, else 502.
     /// The time spent waiting for the gateway's answers is added to `stopwatch`.
     private func deliverForTrigger(
         _ installation: EmulatedInstallation,
@@ -234,10 +240,12 @@ extension ForgeEmulator {
         gatewayURL: String?,
         times: Int,
         logger: Logger,
-        stopwatch: DeliveryStopwatch? = nil
+        stopwatch: DeliveryStopwatch? = nil,
+        reuseLastToken: Bool = false
     ) async -> EmulatorAnswer {
         do {
-            let token = try self.mintAccessToken(for: installation)
+            let cached = reuseLastToken ? self.lastDeliveredToken(for: installation) : nil
+            let token = try cached ?? self.mintAccessToken(for: installation)
             var allSucceeded = true
             for _ in 0..<times {
                 let result = try await self.deliver(

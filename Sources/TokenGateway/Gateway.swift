@@ -71,8 +71,11 @@ public final class Gateway: Sendable {
             configuration: configuration.flow, store: self.store, trigger: trigger, metrics: self.metrics.flow,
             logger: logger, replicaID: self.replicaID)
         // Only the configured JWKS is trusted: a staging app names the staging JWKS as its JWKS.
+        var verifierConfiguration = InvocationTokenVerifier.Configuration(
+            appId: configuration.forgeAppID, jwksURL: configuration.forgeJWKSURL)
+        verifierConfiguration.allowedModuleKeys = configuration.forgeModuleKeys
         self.verifier = InvocationTokenVerifier(
-            configuration: .init(appId: configuration.forgeAppID, jwksURL: configuration.forgeJWKSURL),
+            configuration: verifierConfiguration,
             httpClient: self.httpClient, replayGuard: StoreReplayGuard(store: self.store), logger: logger)
         self.userTokens = UserTokenExchanger(
             configuration: .init(gateway: configuration), store: self.store, flow: self.flow,

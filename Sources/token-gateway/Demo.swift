@@ -192,9 +192,12 @@ struct DemoScript {
         print("pushed a token with 2 h left → gateway answered \(push.status) \(push.body)")
         let afterPush = try await self.fetch(extra.id)
         print("fetch after push → \(afterPush.status) source=\(afterPush.source) expiresAt=\(afterPush.expiresAt)")
+        let fromBrowser = try await self.emulator.invokeFromUI(
+            extra, path: "/forge/register", body: Data(#"{"authTriggerUrl":"https://elsewhere.example/x1/a"}"#.utf8))
+        print("re-pointing the trigger from a UI module (xen:macro FIT) → gateway answered \(fromBrowser.status)")
         try await self.emulator.uninstall(extra)
         let gone = try await self.fetch(extra.id)
-        print("after uninstall → \(gone.status) \(gone.source)")
+        print("after preUninstall (POST /forge/pre-uninstall) → \(gone.status) \(gone.source)")
     }
 }
 

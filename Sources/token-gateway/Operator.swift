@@ -189,6 +189,7 @@ struct CheckConfig: AsyncParsableCommand {
         print("forge app id    \(config.forgeAppID)")
         print("jwks            \(config.forgeJWKSURL)")
         print("trigger hosts   \(config.triggerHosts)")
+        print("module keys     \(config.forgeModuleKeys.map { $0.sorted().joined(separator: ", ") } ?? "any (core:endpoint only)")")
         print("encryption keys \(config.encryptionKeys.keyIds.joined(separator: ", ")) (first encrypts)")
         print("callers         \(config.callers.callers.map(\.name).joined(separator: ", "))")
         print("connect         \(config.connectBaseURL ?? "off")")

@@ -22,6 +22,7 @@ struct SettingsOptions: ParsableArguments {
     @Option(help: "Expected FIT audience, the app ARI [TOKEN_GATEWAY_FORGE_APP_ID]") var forgeAppId: String?
     @Option(help: "JWKS URL for Forge invocation tokens [TOKEN_GATEWAY_FORGE_JWKS_URL]") var forgeJwksUrl: String?
     @Option(help: "Allow-list of trigger hosts [TOKEN_GATEWAY_TRIGGER_HOSTS]") var triggerHosts: String?
+    @Option(help: "Module keys allowed on the Forge routes [TOKEN_GATEWAY_FORGE_MODULE_KEYS]") var forgeModuleKeys: String?
     @Option(help: "@path of a file with the encryption key ring; the ring itself only in TOKEN_GATEWAY_ENCRYPTION_KEYS")
     var encryptionKeys: String?
     @Option(help: "@path of the callers JSON file; the JSON itself only in TOKEN_GATEWAY_CALLERS") var callers: String?
@@ -56,8 +57,8 @@ struct SettingsOptions: ParsableArguments {
             (.logLevel, self.logLevel), (.logFormat, self.logFormat), (.triggerMaxAttempts, self.triggerMaxAttempts),
             (.triggerAttemptTimeout, self.triggerAttemptTimeoutMs), (.deliveryGrace, self.deliveryGraceMs),
             (.refreshAheadFraction, self.refreshAheadFraction), (.breakerThreshold, self.breakerThreshold),
-            (.breakerOpen, self.breakerOpenMs), (.opsHost, self.opsHost), (.opsPort, self.opsPort),
-            (.apiBaseURLPrefixes, self.apiBaseUrlPrefixes),
+            (.breakerOpen, self.breakerOpenMs), (.forgeModuleKeys, self.forgeModuleKeys), (.opsHost, self.opsHost),
+            (.opsPort, self.opsPort), (.apiBaseURLPrefixes, self.apiBaseUrlPrefixes),
         ]
         var out: [String: String] = [:]
         for (setting, value) in pairs { if let value { out[setting.environment] = value } }

@@ -166,7 +166,26 @@ extension GatewayHarness {
         return headers
     }
 
-    /// A Forge lifecycle body as Forge sends it.
+    /// Forge's documented lifecycle body: no `eventType` (installed or upgraded).
+    static func documentedLifecycleBody(_ installation: EmulatedInstallation) -> String {
+        """
+        {"id":"\(installation.id)","installerAccountId":"557058:installer","app":{"id":"\(ForgeEmulatorConfiguration.demoAppId)",\
+        "version":"1.0.0","name":"Companion","ownerAccountId":"557058:owner"},"environment":{"id":"env-1"}}
+        """
+    }
+
+    /// Headers of a call from a UI module in a user's browser: a FIT with a UI module type,
+    /// `principal` and `context`, JSON, and `extra`.
+    func uiHeaders(_ installation: EmulatedInstallation, _ extra: [String: String] = [:]) throws -> [String: String] {
+        var headers = [
+            "authorization": "Bearer " + (try self.emulator.mintFIT(for: installation, options: .ui())),
+            "content-type": "application/json",
+        ]
+        headers.merge(extra) { $1 }
+        return headers
+    }
+
+    /// A Forge lifecycle body with an `eventType`.
     static func lifecycleBody(_ event: ForgeLifecycleEvent, _ installation: EmulatedInstallation) -> String {
         """
         {"eventType":"\(event.rawValue)","id":"\(installation.id)","app":{"id":"\(ForgeEmulatorConfiguration.demoAppId)","version":"1.0.0"},\
@@ -310,8 +329,20 @@ struct OpenAPIConformanceTests {
                 r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 200, note: "ignored event", secret: nil,
                 headers: try h.forgeHeaders(installation), body: #"{"eventType":"avi:forge:something:else"}"#)
             try await h.recorded(
-                r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 400, note: "no eventType", secret: nil,
-                headers: try h.forgeHeaders(installation), body: #"{"id":"x"}"#)
+                r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 200, note: "documented body, no eventType",
+                secret: nil, headers: try h.forgeHeaders(installation), body: GatewayHarness.documentedLifecycleBody(installation))
+            try await h.recorded(
+                r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 200, note: "with a system token",
+                secret: nil,
+                headers: try h.forgeHeaders(
+                    installation, ["x-forge-oauth-system": try h.emulator.mintAccessToken(for: installation)]),
+                body: GatewayHarness.documentedLifecycleBody(installation))
+            try await h.recorded(
+                r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 400, note: "eventType not a string",
+                secret: nil, headers: try h.forgeHeaders(installation), body: #"{"eventType":42}"#)
+            try await h.recorded(
+                r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 403, note: "UI module FIT", secret: nil,
+                headers: try h.uiHeaders(installation), body: GatewayHarness.documentedLifecycleBody(installation))
             try await h.recorded(
                 r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 401, note: "no FIT", secret: nil,
                 headers: ["content-type": "application/json"], body: GatewayHarness.lifecycleBody(.installed, installation))
@@ -342,6 +373,9 @@ struct OpenAPIConformanceTests {
             try await h.recorded(
                 r, .POST, "/forge/register", template: "/forge/register", status: 400, note: "wrong content type",
                 secret: nil, headers: try h.forgeHeaders(installation, ["content-type": "text/plain"]), body: register)
+            try await h.recorded(
+                r, .POST, "/forge/register", template: "/forge/register", status: 403, note: "UI module FIT", secret: nil,
+                headers: try h.uiHeaders(installation), body: register)
             try await h.recorded(
                 r, .POST, "/forge/register", template: "/forge/register", status: 401, note: "bad FIT", secret: nil,
                 headers: ["authorization": "Bearer not.a.fit", "content-type": "application/json"], body: register)
@@ -380,13 +414,48 @@ struct OpenAPIConformanceTests {
                 secret: nil, headers: try h.forgeHeaders(installation, ["x-forge-oauth-system": token]),
                 body: #"{"requestId":42}"#)
             try await h.recorded(
+                r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 400, note: "token lives > 24 h",
+                secret: nil,
+                headers: try h.forgeHeaders(
+                    installation,
+                    ["x-forge-oauth-system": try h.emulator.mintAccessToken(
+                        for: installation, expiresAt: Date().addingTimeInterval(25 * 3600))]),
+                body: "{}")
+            let nearlyExpired = try await h.recorded(
+                r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 200, note: "token < 60 s left",
+                secret: nil,
+                headers: try h.forgeHeaders(
+                    installation,
+                    ["x-forge-oauth-system": try h.emulator.mintAccessToken(
+                        for: installation, expiresAt: Date().addingTimeInterval(30))]),
+                body: "{}")
+            #expect(nearlyExpired.json["stored"] as? Bool == false)
+            try await h.recorded(
+                r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 403, note: "UI module FIT",
+                secret: nil, headers: try h.uiHeaders(installation, ["x-forge-oauth-system": token]), body: "{}")
+            try await h.recorded(
                 r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 401, note: "no FIT",
                 secret: nil, headers: ["x-forge-oauth-system": token, "content-type": "application/json"], body: "{}")
 
-            // Uninstalled: lifecycle, then 410 from delivery and registration.
+            // /forge/pre-uninstall refusals, then the uninstalled event and preUninstall; then 410
+            // from delivery and registration.
+            let preUninstallBody =
+                #"{"context":{"cloudId":"\#(installation.cloudId)","moduleKey":"pre-uninstall"},"contextToken":"ct"}"#
+            try await h.recorded(
+                r, .POST, "/forge/pre-uninstall", template: "/forge/pre-uninstall", status: 403, note: "UI module FIT",
+                secret: nil, headers: try h.uiHeaders(installation), body: preUninstallBody)
+            try await h.recorded(
+                r, .POST, "/forge/pre-uninstall", template: "/forge/pre-uninstall", status: 401, note: "no FIT",
+                secret: nil, headers: ["content-type": "application/json"], body: preUninstallBody)
+            try await h.recorded(
+                r, .POST, "/forge/pre-uninstall", template: "/forge/pre-uninstall", status: 400, note: "not JSON",
+                secret: nil, headers: try h.forgeHeaders(installation), body: "{")
             try await h.recorded(
                 r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 200, note: "uninstalled", secret: nil,
                 headers: try h.forgeHeaders(installation), body: GatewayHarness.lifecycleBody(.uninstalled, installation))
+            try await h.recorded(
+                r, .POST, "/forge/pre-uninstall", template: "/forge/pre-uninstall", status: 200, note: "preUninstall",
+                secret: nil, headers: try h.forgeHeaders(installation), body: preUninstallBody)
             try await h.recorded(
                 r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 410, note: "delivery after uninstall",
                 secret: nil,

@@ -32,10 +32,11 @@ struct SecurityAttackTests {
         Attack(description: "signed with an unpublished key") { $0.signWithUnpublishedKey = true },
     ]
 
-    /// The three Forge routes with a body each would accept from a genuine caller.
+    /// The four Forge routes with a body each would accept from a genuine caller.
     static func forgeCalls(_ h: GatewayHarness, _ installation: EmulatedInstallation) -> [(path: String, body: String)] {
         [
             ("/forge/auth-trigger", "{}"),
+            ("/forge/pre-uninstall", "{\"context\":{\"cloudId\":\"\(installation.cloudId)\",\"moduleKey\":\"m\"},\"contextToken\":\"t\"}"),
             ("/forge/register", "{\"authTriggerUrl\":\"\(h.emulator.triggerURL(for: installation))\"}"),
             (
                 "/forge/lifecycle",

@@ -17,10 +17,12 @@ import Testing
         let cases: [Case]
     }
 
+    /// The vectors in `Fixtures/qsh.json` beside this file (computed with Atlassian's atlassian-jwt
+    /// library; see `Fixtures/README.md`).
     static func loadVectors(filePath: String = #filePath) throws -> [VectorFile.Case] {
         let url = URL(fileURLWithPath: filePath)
             .deletingLastPathComponent()
-            .appendingPathComponent("../../../shared/vectors/qsh.json")
+            .appendingPathComponent("Fixtures/qsh.json")
             .standardizedFileURL
         let data = try Data(contentsOf: url)
         return try JSONDecoder().decode(VectorFile.self, from: data).cases

@@ -123,7 +123,18 @@ private final class FakeGateway: Sendable {
             guard await self.verifiedInstallation(request) != nil else { return Self.json(.unauthorized, "{}") }
             let body = try await request.body.collect(upTo: 65536)
             let object = try JSONSerialization.jsonObject(with: Data(buffer: body)) as? [String: Any]
-            self.state.withLock { $0.events.append(object?["eventType"] as? String ?? "?") }
+            // Forge's documented body has no eventType; an upgrade lists permissions.
+            let event = object?["eventType"] as? String ?? (object?["permissions"] != nil ? "upgraded" : "installed")
+            self.state.withLock { $0.events.append(event) }
+            return Self.json(.ok, "{}")
+        }
+        router.post("/forge/pre-uninstall") { request, _ -> Response in
+            guard await self.verifiedInstallation(request) != nil else { return Self.json(.unauthorized, "{}") }
+            let body = try await request.body.collect(upTo: 65536)
+            let object = try JSONSerialization.jsonObject(with: Data(buffer: body)) as? [String: Any]
+            let context = object?["context"] as? [String: Any]
+            let ok = context?["cloudId"] is String && context?["moduleKey"] is String && object?["contextToken"] is String
+            self.state.withLock { $0.events.append(ok ? "preUninstall" : "malformed preUninstall") }
             return Self.json(.ok, "{}")
         }
         router.post("/forge/register") { request, _ -> Response in
@@ -315,7 +326,7 @@ private func post(_ url: String, json: String? = nil) async throws -> (status: I
             let gateway = gateways[0]
             let installation = emulator.makeInstallation()
             try await emulator.install(installation)
-            #expect(gateway.events == ["avi:forge:installed:app"])
+            #expect(gateway.events == ["installed"])
             #expect(gateway.registeredURLs == [emulator.triggerURL(for: installation)])
             #expect(emulator.triggerURL(for: installation) == emulator.baseURL + installation.triggerPath)
 
@@ -327,7 +338,7 @@ private func post(_ url: String, json: String? = nil) async throws -> (status: I
 
             try await emulator.upgrade(installation)
             try await emulator.uninstall(installation)
-            #expect(gateway.events == ["avi:forge:installed:app", "avi:forge:upgraded:app", "avi:forge:uninstalled:app"])
+            #expect(gateway.events == ["installed", "upgraded", "preUninstall"])
             // The web trigger is gone with the app.
             #expect(try await callTrigger(emulator, installation, gateway: gateway) == 404)
             #expect(emulator.triggerRecords(for: installation).map(\.answeredStatus) == [404])
@@ -447,6 +458,31 @@ private func post(_ url: String, json: String? = nil) async throws -> (status: I
             #expect(deliveries.count == 2)
             #expect(deliveries.map(\.requestId) == ["twice", "twice"])
             #expect(deliveries[0].systemToken != nil && deliveries[0].systemToken == deliveries[1].systemToken)
+        }
+    }
+
+    @Test func redeliverCachedSendsTheTokenDeliveredLastAgain() async throws {
+        try await withEmulator { emulator, gateways, _ in
+            let gateway = gateways[0]
+            let installation = emulator.makeInstallation()
+            try await emulator.install(installation)
+            let pushed = try await emulator.push(installation, expiresAt: Date().addingTimeInterval(900))
+            emulator.setFault(.redeliverCached, for: installation)
+            #expect(try await callTrigger(emulator, installation, gateway: gateway, requestId: "again") == 200)
+            #expect(try await callTrigger(emulator, installation, gateway: gateway, requestId: "once-more") == 200)
+            let deliveries = gateway.deliveries
+            #expect(deliveries.map(\.requestId) == [nil, "again", "once-more"])
+            // The same token string, so the same exp: Forge's cache handing out what it handed out before.
+            #expect(deliveries.allSatisfy { $0.systemToken == pushed.token })
+
+            // With nothing delivered yet, one token is minted and from then on re-delivered.
+            let fresh = emulator.makeInstallation()
+            try await emulator.install(fresh)
+            emulator.setFault(.redeliverCached, for: fresh)
+            #expect(try await callTrigger(emulator, fresh, gateway: gateway, requestId: "first") == 200)
+            #expect(try await callTrigger(emulator, fresh, gateway: gateway, requestId: "second") == 200)
+            let tokens = gateway.deliveries.suffix(2).map(\.systemToken)
+            #expect(tokens[0] != nil && tokens[0] == tokens[1] && tokens[0] == emulator.lastDeliveredToken(for: fresh))
         }
     }
 

@@ -22,6 +22,7 @@ private struct FITTestClaims: JWTPayload {
 
         struct Installation: Codable, Sendable {
             struct Context: Codable, Sendable {
+                var name: String
                 var apiBaseUrl: String
                 var cloudId: String
             }
@@ -46,6 +47,8 @@ private struct FITTestClaims: JWTPayload {
     var exp: ExpirationClaim
     var jti: IDClaim
     var app: App
+    var principal: String?
+    var context: FITUIContext?
 
     func verify(using _: some JWTAlgorithm) async throws {
         try self.exp.verifyNotExpired()
@@ -141,15 +144,32 @@ private struct HeaderFields: Codable {
         #expect(claims.app.appVersion == "1.0.0")
         #expect(claims.app.environment.type == "DEVELOPMENT")
         #expect(UUID(uuidString: claims.app.environment.id) != nil)
-        #expect(claims.app.module.type == "xis:remote")
+        #expect(claims.app.module.type == "core:endpoint")
         #expect(claims.app.module.key == "token-gateway")
         #expect(claims.app.installation.id == self.installation.id)
         #expect(claims.app.installation.contexts.count == 1)
         #expect(claims.app.installation.contexts[0].apiBaseUrl == self.installation.apiBaseUrl)
         #expect(claims.app.installation.contexts[0].cloudId == self.installation.cloudId)
+        #expect(claims.app.installation.contexts[0].name == self.installation.product)
+        // A backend invocation: no principal, no context.
+        #expect(claims.principal == nil)
+        #expect(claims.context == nil)
 
         let second = try await self.verifier().verify(try self.emulator.mintFIT(for: self.installation), as: FITTestClaims.self)
         #expect(second.jti.value != claims.jti.value)
+    }
+
+    @Test func uiFITCarriesTheModuleTypePrincipalAndContext() async throws {
+        let fit = try self.emulator.mintFIT(for: self.installation, options: .ui(moduleType: "xen:macro", moduleKey: "macro-1"))
+        let claims = try await self.verifier().verify(fit, as: FITTestClaims.self)
+        #expect(claims.app.module.type == "xen:macro")
+        #expect(claims.app.module.key == "macro-1")
+        #expect(claims.principal == "5b10ac8d82e05b22cc7d4ef5")
+        let context = try #require(claims.context)
+        #expect(context.cloudId == self.installation.cloudId)
+        #expect(context.moduleKey == "macro-1")
+        #expect(context.siteUrl?.hasPrefix("https://") == true)
+        #expect(!context.localId.isEmpty)
     }
 
     @Test func algNoneHasNoSignatureAndFailsVerification() async throws {

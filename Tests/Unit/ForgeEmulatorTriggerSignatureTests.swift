@@ -79,6 +79,7 @@ import Testing
         let faults: [TriggerFault] = [
             .none, .failWith(status: 503, times: 2), .acceptWithoutDelivery, .deliverLate(.milliseconds(1500)),
             .deliverTwice, .deliverVia(gatewayURL: "http://127.0.0.1:9"), .respondSlowly(.seconds(3)),
+            .redeliverCached,
         ]
         for fault in faults {
             let data = try JSONEncoder().encode(fault)
@@ -86,6 +87,7 @@ import Testing
         }
         let decoded = try JSONDecoder().decode(TriggerFault.self, from: Data(#"{"type":"failWith","status":500}"#.utf8))
         #expect(decoded == .failWith(status: 500, times: 1))
+        #expect(try JSONDecoder().decode(TriggerFault.self, from: Data(#"{"type":"redeliverCached"}"#.utf8)) == .redeliverCached)
         #expect(throws: (any Error).self) {
             try JSONDecoder().decode(TriggerFault.self, from: Data(#"{"type":"explode"}"#.utf8))
         }

@@ -16,6 +16,9 @@ public struct FlowMetrics: Sendable {
     public let leasesHeld: Meter
     /// Circuits this process opened that have not closed again.
     public let circuitsOpen: Meter
+    /// `token_gateway_same_token_round_trips_total{outcome}` and
+    /// `token_gateway_round_trips_held_total{kind}`, by ``HoldEvent``.
+    let holdEvents: [HoldEvent: Counter]
 
     public init(factory: any MetricsFactory) {
         self.factory = factory
@@ -45,6 +48,25 @@ public struct FlowMetrics: Sendable {
             label: "token_gateway_tokens_received_total", dimensions: [("kind", "pushed")], factory: factory)
         self.leasesHeld = Meter(label: "token_gateway_leases_held", factory: factory)
         self.circuitsOpen = Meter(label: "token_gateway_circuits_open", factory: factory)
+        var holds: [HoldEvent: Counter] = [:]
+        for event in HoldEvent.allCases {
+            switch event {
+            case .sameTokenServed, .sameTokenExpiring:
+                holds[event] = Counter(
+                    label: "token_gateway_same_token_round_trips_total", dimensions: [("outcome", event.rawValue)],
+                    factory: factory)
+            case .requestHeld, .refreshAheadHeld:
+                holds[event] = Counter(
+                    label: "token_gateway_round_trips_held_total", dimensions: [("kind", event.rawValue)],
+                    factory: factory)
+            }
+        }
+        self.holdEvents = holds
+    }
+
+    /// Counts what a round-trip hold did.
+    func countHold(_ event: HoldEvent) {
+        self.holdEvents[event]?.increment()
     }
 
     /// Outcome words of `token_gateway_token_requests_total`: `success` or a contract error code.

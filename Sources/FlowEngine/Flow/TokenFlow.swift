@@ -28,6 +28,13 @@ public final class TokenFlow: Sendable, Service {
         var timer: TimerID
     }
 
+    /// What this process remembers of an installation: its newest token and its `apiBaseUrl`
+    /// (from the latest verified FIT), kept together so every answer served from memory carries both.
+    struct MemoryEntry {
+        var token: AccessToken?
+        var apiBaseUrl: String?
+    }
+
     struct State: ~Copyable {
         var machines: [InstallationID: TokenFlowStateMachine] = [:]
         var waiters: [WaiterID: CheckedContinuation<TokenAnswer, any Error>] = [:]
@@ -36,8 +43,9 @@ public final class TokenFlow: Sendable, Service {
         var waiterInstallation: [WaiterID: InstallationID] = [:]
         var waitersPerInstallation: [InstallationID: Int] = [:]
         var timers: [TimerKey: Task<Void, Never>] = [:]
-        var memory: [InstallationID: AccessToken] = [:]
-        var baseURLs: [InstallationID: String] = [:]
+        var memory: [InstallationID: MemoryEntry] = [:]
+        /// Holds on round trips seen by this process (placed here, announced or read from the store).
+        var holds: [InstallationID: FlowTime] = [:]
         /// Installations known to have a registered trigger (refresh-ahead needs one).
         var triggerKnown: Set<InstallationID> = []
         /// Installations whose trigger registration this process has read from the store.
@@ -105,17 +113,30 @@ public final class TokenFlow: Sendable, Service {
         let nowSeconds = start.unixSeconds
         // The hot path: one lock, no Redis, no decryption. An expired token is dropped here, so
         // memory holds no token past its expiry once it has been asked for.
-        let (remembered, rememberedBaseURL) = self.state.withLock { s -> (AccessToken?, String?) in
-            guard let t = s.memory[id] else { return (nil, s.baseURLs[id]) }
-            if t.expiresAt <= nowSeconds {
-                s.memory[id] = nil
-                return (nil, s.baseURLs[id])
+        let (remembered, rememberedBaseURL, localHold) = self.state.withLock {
+            s -> (AccessToken?, String?, FlowTime?) in
+            var hold = s.holds[id]
+            if let until = hold, until <= start {
+                s.holds[id] = nil
+                hold = nil
             }
-            return (t, s.baseURLs[id])
+            guard let entry = s.memory[id] else { return (nil, nil, hold) }
+            guard let t = entry.token else { return (nil, entry.apiBaseUrl, hold) }
+            if t.expiresAt <= nowSeconds {
+                s.memory[id]?.token = nil
+                return (nil, entry.apiBaseUrl, hold)
+            }
+            return (t, entry.apiBaseUrl, hold)
         }
         if !request.forceRefresh, let t = remembered, t.expiresAt >= nowSeconds + request.minValidity {
             self.refreshAheadIfStale(id, t, now: start)
             return TokenAnswer(token: t, source: .cache, apiBaseUrl: rememberedBaseURL)
+        }
+        if !request.forceRefresh, let until = localHold, let t = remembered {
+            // A hold this process knows of: answered at once from memory, no Redis, no round trip.
+            return try await self.waitCatchingCancellation(
+                for: id, request: request, knownExpiry: t.expiresAt, deadline: deadline,
+                apiBaseUrl: rememberedBaseURL, hold: RoundTripHold(until: until, newest: t))
         }
         let snapshot: GatewayStore.RequestSnapshot
         do {
@@ -135,18 +156,25 @@ public final class TokenFlow: Sendable, Service {
             self.forget(id)
             throw .installationUninstalled
         }
-        let baseURL = snapshot.apiBaseUrl
+        let baseURL = snapshot.apiBaseUrl ?? rememberedBaseURL
+        let hold = snapshot.holdRemaining.map { RoundTripHold(until: start + $0, newest: snapshot.token) }
         self.state.withLock {
-            if let baseURL { $0.baseURLs[id] = baseURL }
             if snapshot.triggerRegistered { $0.triggerKnown.insert(id) } else { $0.triggerKnown.remove(id) }
             $0.triggerChecked.insert(id)
+            if let hold { $0.holds[id] = hold.until }
         }
+        self.remember(id, snapshot.token, apiBaseUrl: snapshot.apiBaseUrl)
         if let t = snapshot.token {
-            self.remember(id, t)
             if !request.forceRefresh, t.expiresAt >= nowSeconds + request.minValidity {
                 self.refreshAheadIfStale(id, t, now: start)
                 return TokenAnswer(token: t, source: .cache, apiBaseUrl: baseURL)
             }
+        }
+        if !request.forceRefresh, let hold {
+            // A round trip brought no newer token a moment ago: answered at once, no round trip.
+            return try await self.waitCatchingCancellation(
+                for: id, request: request, knownExpiry: snapshot.token?.expiresAt ?? 0, deadline: deadline,
+                apiBaseUrl: baseURL, hold: hold)
         }
         if snapshot.circuitOpenUntil > start.unixMilliseconds {
             // Recent round trips failed: answer at once instead of adding to the storm.
@@ -159,10 +187,19 @@ public final class TokenFlow: Sendable, Service {
             }
             throw .noTriggerURL
         }
+        return try await self.waitCatchingCancellation(
+            for: id, request: request, knownExpiry: snapshot.token?.expiresAt ?? 0, deadline: deadline,
+            apiBaseUrl: baseURL, hold: nil)
+    }
+
+    private func waitCatchingCancellation(
+        for id: InstallationID, request: Request, knownExpiry: Int64, deadline: FlowTime, apiBaseUrl: String?,
+        hold: RoundTripHold?
+    ) async throws(FlowError) -> TokenAnswer {
         do {
             return try await self.wait(
-                for: id, request: request, knownExpiry: snapshot.token?.expiresAt ?? 0, deadline: deadline,
-                apiBaseUrl: baseURL)
+                for: id, request: request, knownExpiry: knownExpiry, deadline: deadline, apiBaseUrl: apiBaseUrl,
+                hold: hold)
         } catch let error as FlowError {
             throw error
         } catch {
@@ -171,7 +208,8 @@ public final class TokenFlow: Sendable, Service {
     }
 
     private func wait(
-        for id: InstallationID, request: Request, knownExpiry: Int64, deadline: FlowTime, apiBaseUrl: String?
+        for id: InstallationID, request: Request, knownExpiry: Int64, deadline: FlowTime, apiBaseUrl: String?,
+        hold: RoundTripHold?
     ) async throws -> TokenAnswer
     {
         let waiter = self.state.withLock { s -> WaiterID in
@@ -189,10 +227,13 @@ public final class TokenFlow: Sendable, Service {
                     // A round may have ended between this caller's store read and now (its token is
                     // in memory, the machine gone): a token that satisfies the caller answers it,
                     // instead of a second round trip for the same installation.
-                    if !request.forceRefresh, s.machines[id]?.isActive != true, let t = s.memory[id],
+                    if !request.forceRefresh, s.machines[id]?.isActive != true, let t = s.memory[id]?.token,
                         t.expiresAt >= now.unixSeconds + request.minValidity, t.expiresAt > now.unixSeconds
                     {
-                        return ([], false, false, TokenAnswer(token: t, source: .cache, apiBaseUrl: apiBaseUrl ?? s.baseURLs[id]))
+                        return (
+                            [], false, false,
+                            TokenAnswer(token: t, source: .cache, apiBaseUrl: s.memory[id]?.apiBaseUrl ?? apiBaseUrl)
+                        )
                     }
                     // Caps: a flood of callers (of one installation or of all) cannot grow memory
                     // without bound; the excess is refused at once with `overloaded`.
@@ -211,8 +252,8 @@ public final class TokenFlow: Sendable, Service {
                     let wasActive = machine.isActive
                     let actions = machine.tokenWasRequested(
                         waiter: waiter, minValidity: request.minValidity, knownExpiry: knownExpiry,
-                        forced: request.forceRefresh, deadline: deadline, requestID: requestID, now: now)
-                    s.machines[id] = machine
+                        forced: request.forceRefresh, deadline: deadline, requestID: requestID, hold: hold, now: now)
+                    if machine.isActive { s.machines[id] = machine }
                     return (actions, wasActive, false, nil)
                 }
                 if refused {
@@ -228,7 +269,7 @@ public final class TokenFlow: Sendable, Service {
                     continuation.resume(throwing: FlowError.overloaded)
                     return
                 }
-                if coalesced { self.metrics.coalescedWaiters.increment() }
+                if coalesced, !actions.contains(.recordHold(.requestHeld)) { self.metrics.coalescedWaiters.increment() }
                 self.perform(actions, for: id)
             }
         } onCancel: {
@@ -273,17 +314,19 @@ public final class TokenFlow: Sendable, Service {
             if let notBefore = s.refreshNotBefore[id], now < notBefore { return [] }
             if let m = s.machines[id], m.isActive { return [] }
             var machine = self.makeMachine(&s)
+            let hold = s.holds[id].map { RoundTripHold(until: $0, newest: token) }
             let actions = machine.refreshAheadWasRequested(
-                knownExpiry: token.expiresAt, requestID: Self.makeRequestID(), now: now)
+                knownExpiry: token.expiresAt, requestID: Self.makeRequestID(), hold: hold, now: now)
+            guard machine.isActive else { return actions }
             s.machines[id] = machine
             // Whatever its outcome, no second background round for a while.
             s.refreshNotBefore[id] = now + self.configuration.refreshAheadCooldown
             return actions
         }
-        if !actions.isEmpty {
+        if actions.contains(where: { if case .acquireLease = $0 { return true } else { return false } }) {
             self.logger.debug("refresh-ahead started", metadata: ["installation.id": "\(id)"])
-            self.perform(actions, for: id)
         }
+        self.perform(actions, for: id)
     }
 
     private func recordRound(_ id: InstallationID, succeeded: Bool) async {
@@ -309,10 +352,30 @@ public final class TokenFlow: Sendable, Service {
 
     // MARK: - Inputs from the rest of the gateway
 
-    /// A token was delivered to this process (auth-trigger route) and stored. Answers local waiters.
-    public func tokenDelivered(_ id: InstallationID, token: AccessToken, solicitedBy: String?) {
-        self.remember(id, token)
+    /// A token was delivered to this process (a Forge route) and stored. Remembers it with the
+    /// installation's `apiBaseUrl` (as the store holds it after the delivery: the latest FIT's)
+    /// and answers local waiters.
+    public func tokenDelivered(
+        _ id: InstallationID, token: AccessToken, apiBaseUrl: String? = nil, solicitedBy: String?
+    ) {
+        self.remember(id, token, apiBaseUrl: apiBaseUrl)
         self.handle(id) { $0.tokenObserved(token, solicitedBy: solicitedBy, now: self.now()) }
+    }
+
+    /// A delivery to this process answered round trip `requestID` but did not replace the stored
+    /// token (Forge handed out a token no newer than the one held). `newest` is the stored token.
+    /// If this process leads that round trip, its callers are answered and the hold is placed.
+    public func deliveryBroughtNoNewerToken(
+        _ id: InstallationID, requestID: String, newest: AccessToken?, apiBaseUrl: String? = nil
+    ) {
+        self.remember(id, newest, apiBaseUrl: apiBaseUrl)
+        self.handle(id) { $0.roundTripBroughtNoNewerToken(requestID: requestID, newest: newest, now: self.now()) }
+    }
+
+    /// The installation's `apiBaseUrl` as the store holds it after a verified FIT (the latest FIT's):
+    /// answers from memory carry it from now on.
+    public func apiBaseUrlSeen(_ id: InstallationID, _ apiBaseUrl: String?) {
+        self.remember(id, nil, apiBaseUrl: apiBaseUrl)
     }
 
     /// The installation was uninstalled: forget its token and fail its waiters with 410.
@@ -323,20 +386,40 @@ public final class TokenFlow: Sendable, Service {
 
     /// The token this process holds in memory for `id`, if any.
     public func rememberedToken(_ id: InstallationID) -> AccessToken? {
-        self.state.withLock { $0.memory[id] }
+        self.state.withLock { $0.memory[id]?.token }
     }
 
-    func remember(_ id: InstallationID, _ token: AccessToken) {
+    /// The token and `apiBaseUrl` this process holds in memory for `id`.
+    public func remembered(_ id: InstallationID) -> (token: AccessToken?, apiBaseUrl: String?) {
+        self.state.withLock { ($0.memory[id]?.token, $0.memory[id]?.apiBaseUrl) }
+    }
+
+    /// Until when this process knows `id`'s round trips to be on hold, if it knows of a hold.
+    public func holdUntil(_ id: InstallationID) -> FlowTime? {
+        self.state.withLock { $0.holds[id] }
+    }
+
+    /// Whether a round trip (or a refresh-ahead) for `id` is in flight in this process.
+    public func isRoundActive(_ id: InstallationID) -> Bool {
+        self.state.withLock { $0.machines[id]?.isActive == true }
+    }
+
+    /// Remembers `token` (when it is newer than the one held) and `apiBaseUrl` (when known: it is
+    /// the latest FIT's, so it replaces the one held).
+    func remember(_ id: InstallationID, _ token: AccessToken?, apiBaseUrl: String?) {
+        guard token != nil || apiBaseUrl != nil else { return }
         self.state.withLock { s in
-            if let current = s.memory[id], current.expiresAt >= token.expiresAt { return }
-            s.memory[id] = token
+            var entry = s.memory[id] ?? MemoryEntry()
+            if let apiBaseUrl { entry.apiBaseUrl = apiBaseUrl }
+            if let token, (entry.token?.expiresAt ?? Int64.min) < token.expiresAt { entry.token = token }
+            s.memory[id] = entry
         }
     }
 
     func forget(_ id: InstallationID) {
         self.state.withLock {
             $0.memory[id] = nil
-            $0.baseURLs[id] = nil
+            $0.holds[id] = nil
             $0.triggerKnown.remove(id)
             $0.triggerChecked.remove(id)
         }
@@ -363,7 +446,9 @@ public final class TokenFlow: Sendable, Service {
         for action in actions {
             switch action {
             case .acquireLease(let requestID, let ttl):
-                Task { await self.acquireLease(id, requestID: requestID, ttl: ttl) }
+                Task { await self.acquireLease(id, requestID: requestID, ttl: ttl, respectingHold: true) }
+            case .acquireLeaseIgnoringHold(let requestID, let ttl):
+                Task { await self.acquireLease(id, requestID: requestID, ttl: ttl, respectingHold: false) }
             case .extendLease(let requestID, let ttl):
                 Task { _ = try? await self.store.extendLease(id, owner: requestID, ttl: ttl) }
             case .releaseLease(let requestID):
@@ -376,6 +461,29 @@ public final class TokenFlow: Sendable, Service {
                     self.metrics.leasesHeld.decrement()
                     Task { _ = try? await self.store.releaseLease(id, owner: requestID) }
                 }
+            case .placeHold(let requestID, let duration, let releasingLease):
+                let held = self.state.withLock { s -> Bool in
+                    s.holds[id] = self.now() + duration
+                    guard releasingLease, s.leasesHeld[id] == requestID else { return false }
+                    s.leasesHeld[id] = nil
+                    return true
+                }
+                if held { self.metrics.leasesHeld.decrement() }
+                self.logger.info(
+                    "round trip brought no newer token; round trips on hold",
+                    metadata: ["installation.id": "\(id)", "hold.ms": "\(duration.milliseconds)"])
+                Task {
+                    do {
+                        try await self.store.placeHold(
+                            id, requestID: requestID, duration: duration, releasingLease: releasingLease)
+                    } catch {
+                        self.logger.warning(
+                            "could not place the round-trip hold", metadata: ["installation.id": "\(id)"])
+                        if releasingLease { _ = try? await self.store.releaseLease(id, owner: requestID) }
+                    }
+                }
+            case .recordHold(let event):
+                self.metrics.countHold(event)
             case .sendTrigger(let requestID, let attempt, let expiresAt, let timeout):
                 Task { await self.sendTrigger(id, requestID: requestID, attempt: attempt, expiresAt: expiresAt, timeout: timeout) }
             case .readStore(let requestID):
@@ -386,8 +494,10 @@ public final class TokenFlow: Sendable, Service {
                 let task = self.state.withLock { $0.timers.removeValue(forKey: TimerKey(installation: id, timer: timer)) }
                 task?.cancel()
             case .succeed(let waiters, let token, let source):
+                let current = self.state.withLock { $0.memory[id]?.apiBaseUrl }
                 for (continuation, baseURL) in self.takeWaiters(waiters) {
-                    continuation.resume(returning: TokenAnswer(token: token, source: source, apiBaseUrl: baseURL))
+                    continuation.resume(
+                        returning: TokenAnswer(token: token, source: source, apiBaseUrl: current ?? baseURL))
                 }
             case .fail(let waiters, let error):
                 for (continuation, _) in self.takeWaiters(waiters) {
@@ -436,16 +546,24 @@ public final class TokenFlow: Sendable, Service {
         self.state.withLock { $0.timers[key] = task }
     }
 
-    private func acquireLease(_ id: InstallationID, requestID: String, ttl: Duration) async {
+    private func acquireLease(_ id: InstallationID, requestID: String, ttl: Duration, respectingHold: Bool) async {
         do {
-            let won = try await self.store.acquireLease(id, owner: requestID, ttl: ttl)
-            if won {
+            switch try await self.store.takeLease(id, owner: requestID, ttl: ttl, respectingHold: respectingHold) {
+            case .taken:
                 try await self.store.putPending(id, requestID: requestID, owner: self.replicaID, ttl: ttl)
                 self.state.withLock { $0.leasesHeld[id] = requestID }
                 self.metrics.leasesHeld.increment()
                 self.handle(id) { $0.leaseAcquired(requestID: requestID, now: self.now()) }
-            } else {
+            case .busy:
                 self.handle(id) { $0.leaseDenied(requestID: requestID, now: self.now()) }
+            case .held(let remaining):
+                // Another round trip just brought no newer token: answer with the newest one.
+                let now = self.now()
+                let entry = try await self.store.systemTokenEntry(id)
+                self.remember(id, entry.token, apiBaseUrl: entry.apiBaseUrl)
+                let hold = RoundTripHold(until: now + remaining, newest: entry.token)
+                self.state.withLock { $0.holds[id] = hold.until }
+                self.handle(id) { $0.leaseHeld(requestID: requestID, hold: hold, now: self.now()) }
             }
         } catch {
             self.logger.warning(
@@ -477,14 +595,30 @@ public final class TokenFlow: Sendable, Service {
         }
     }
 
+    /// Reads the token, the round trip's pending request and the hold, and feeds what it found to
+    /// the machine: the token (solicited when this round stored it), a delivery that answered this
+    /// round without replacing the token (its pending request consumed), a hold, or nothing.
     private func readStore(_ id: InstallationID, requestID: String) async {
         do {
-            if let token = try await self.store.systemToken(id) {
-                self.remember(id, token)
-                let solicited = token.requestID == requestID ? requestID : nil
-                self.handle(id) { $0.tokenObserved(token, solicitedBy: solicited, now: self.now()) }
-            } else {
-                self.handle(id) { $0.storeReadEmpty(requestID: requestID, now: self.now()) }
+            let probe = try await self.store.roundProbe(id, requestID: requestID)
+            self.remember(id, probe.token, apiBaseUrl: probe.apiBaseUrl)
+            let now = self.now()
+            let hold = probe.holdRemaining.map { RoundTripHold(until: now + $0, newest: probe.token) }
+            if let hold { self.state.withLock { $0.holds[id] = hold.until } }
+            self.handle(id) { m in
+                var actions: [FlowAction] = []
+                if let token = probe.token {
+                    let solicited = token.requestID == requestID ? requestID : nil
+                    actions += m.tokenObserved(token, solicitedBy: solicited, now: now)
+                }
+                if !probe.pendingOpen, probe.token?.requestID != requestID, m.currentRequestID == requestID {
+                    // Consumed by a delivery that did not replace the token (ignored unless this
+                    // process leads the round trip: only the leader records a pending request).
+                    actions += m.roundTripBroughtNoNewerToken(requestID: requestID, newest: probe.token, now: now)
+                }
+                if let hold, m.isActive { actions += m.holdObserved(hold, now: now) }
+                if probe.token == nil, m.isActive { actions += m.storeReadEmpty(requestID: requestID, now: now) }
+                return actions
             }
         } catch {
             self.handle(id) { $0.storeFailed(requestID: requestID, now: self.now()) }
@@ -521,14 +655,30 @@ public final class TokenFlow: Sendable, Service {
             let parts = payload.split(separator: " ", omittingEmptySubsequences: true)
             guard parts.count >= 2, let id = InstallationID(String(parts[1])) else { return }
             switch parts[0] {
-            case "token":
-                let solicited = parts.count > 2 && parts[2] != "-" ? String(parts[2]) : nil
+            case "token", "hold", "base":
+                // `token <ari> <requestId|-> [same]`: a token was stored, or (`same`) a delivery
+                // answered that round trip without replacing the stored token. `hold <ari>`: round
+                // trips are on hold. `base <ari>`: the installation's apiBaseUrl changed.
+                let solicited = parts[0] == "token" && parts.count > 2 && parts[2] != "-" ? String(parts[2]) : nil
+                let same = parts[0] == "token" && parts.count > 3 && parts[3] == "same"
                 let interested = self.state.withLock { $0.machines[id] != nil || $0.memory[id] != nil }
                 guard interested else { return }
                 do {
-                    if let token = try await self.store.systemToken(id) {
-                        self.remember(id, token)
-                        self.handle(id) { $0.tokenObserved(token, solicitedBy: solicited, now: self.now()) }
+                    let entry = try await self.store.systemTokenEntry(id)
+                    self.remember(id, entry.token, apiBaseUrl: entry.apiBaseUrl)
+                    let now = self.now()
+                    let hold = entry.holdRemaining.map { RoundTripHold(until: now + $0, newest: entry.token) }
+                    if let hold { self.state.withLock { $0.holds[id] = hold.until } }
+                    self.handle(id) { m in
+                        var actions: [FlowAction] = []
+                        if same, let solicited {
+                            actions += m.roundTripBroughtNoNewerToken(requestID: solicited, newest: entry.token, now: now)
+                        }
+                        if let token = entry.token, m.isActive {
+                            actions += m.tokenObserved(token, solicitedBy: same ? nil : solicited, now: now)
+                        }
+                        if let hold, m.isActive { actions += m.holdObserved(hold, now: now) }
+                        return actions
                     }
                 } catch {
                     // The polling fallback will pick it up.

@@ -57,6 +57,14 @@ public struct TokenFlowConfiguration: Sendable, Hashable {
     public var breakerOpenBase: Duration = .seconds(5)
     /// Longest open window. Default 5 min.
     public var breakerOpenCap: Duration = .seconds(300)
+    /// After a round trip that brought no newer token (Forge handed out the token it had cached),
+    /// no request and no refresh-ahead starts another round trip for the installation for this
+    /// long, on any replica (the hold is kept in the store); a forced refresh still starts one.
+    /// Default 60 s.
+    public var sameTokenHold: Duration = .seconds(60)
+    /// The least validity a token must have left to be served when a round trip brought no newer
+    /// one, or while the hold lasts (less: 502 `trigger_failed`). Default 60 s.
+    public var heldTokenMinimumValidity: Duration = .seconds(60)
     /// Callers of one installation that may wait in this process for a round trip at once; more
     /// get `overloaded` (503) at once. Default 1000.
     public var maxWaitersPerInstallation: Int = 1000
@@ -66,15 +74,54 @@ public struct TokenFlowConfiguration: Sendable, Hashable {
     public init() {}
 }
 
+/// A hold on an installation's round trips: a round trip ended with a token no newer than the
+/// stored one, so until `until` requests are answered with the newest token instead of starting
+/// another round trip (contract §2, the same-token round trip).
+public struct RoundTripHold: Sendable, Hashable {
+    /// When the hold ends.
+    public var until: FlowTime
+    /// The newest valid token known for the installation (the stored one), if any.
+    public var newest: AccessToken?
+
+    public init(until: FlowTime, newest: AccessToken?) {
+        self.until = until
+        self.newest = newest
+    }
+
+    /// Whether the hold is still in force at `now`.
+    public func isActive(at now: FlowTime) -> Bool { now < self.until }
+}
+
+/// What a hold did, for metrics (`token_gateway_same_token_round_trips_total`,
+/// `token_gateway_round_trips_held_total`).
+public enum HoldEvent: String, Sendable, Hashable, CaseIterable {
+    /// A round trip this process led brought no newer token; its callers got the newest one.
+    case sameTokenServed = "served"
+    /// A round trip this process led brought no newer token and the newest has too little time
+    /// left: its callers got `trigger_failed`.
+    case sameTokenExpiring = "expiring"
+    /// A request was answered under a hold instead of starting a round trip.
+    case requestHeld = "request"
+    /// A refresh-ahead round trip was not started because of a hold.
+    case refreshAheadHeld = "refresh_ahead"
+}
+
 /// What the owner of a ``TokenFlowStateMachine`` must do. The machine does no I/O.
 public enum FlowAction: Sendable, Hashable {
-    /// Try to take the installation's lease (`SET NX PX`) with this owner value; answer with
-    /// `leaseAcquired` / `leaseDenied` / `storeFailed`.
+    /// Try to take the installation's lease (`SET NX PX`) with this owner value unless a hold is in
+    /// force; answer with `leaseAcquired` / `leaseDenied` / `leaseHeld` / `storeFailed`.
     case acquireLease(requestID: String, ttl: Duration)
+    /// Try to take the lease whether or not a hold is in force (a forced refresh); answer with
+    /// `leaseAcquired` / `leaseDenied` / `storeFailed`.
+    case acquireLeaseIgnoringHold(requestID: String, ttl: Duration)
     /// Extend the lease (only if still ours).
     case extendLease(requestID: String, ttl: Duration)
     /// Release the lease (only if still ours).
     case releaseLease(requestID: String)
+    /// Put the installation's round trips on hold for `duration` (on every replica, through the
+    /// store) and, when `releasingLease`, release the lease in the same step, so no other round
+    /// trip can start between the two.
+    case placeHold(requestID: String, duration: Duration, releasingLease: Bool)
     /// Send trigger attempt `attempt`; answer with `triggerSucceeded` / `triggerFailed`.
     case sendTrigger(requestID: String, attempt: Int, expiresAt: FlowTime, timeout: Duration)
     /// Read the installation's token from the store; answer with `tokenObserved` or `storeReadEmpty`.
@@ -93,6 +140,8 @@ public enum FlowAction: Sendable, Hashable {
     case recordRetry
     /// This process led a round trip that ended: record the outcome for circuit breaking.
     case roundFinished(succeeded: Bool)
+    /// Count what a hold did (metrics only).
+    case recordHold(HoldEvent)
 }
 
 /// The RFC-34 round trip of one installation in one process, as a value type.
@@ -101,6 +150,11 @@ public enum FlowAction: Sendable, Hashable {
 /// seen, a timer fired, a caller went away, the installation was uninstalled); actions come out.
 /// Time comes in with every event. Concurrent callers share one round (coalescing); the round
 /// retries failed trigger attempts with capped, jittered backoff inside the callers' deadline.
+///
+/// A round trip that brings no newer token (Forge caches tokens and may hand out the one the
+/// gateway holds) answers its callers with the newest token that has a minute left and puts the
+/// installation's round trips on hold: while a hold is in force, requests that do not force a
+/// refresh are answered at once and refresh-ahead starts nothing (``RoundTripHold``).
 ///
 /// States:
 /// - `idle`: nothing in flight.
@@ -141,6 +195,9 @@ public struct TokenFlowStateMachine: Sendable {
         var followDelay: Duration = .zero
         /// At least one trigger attempt was sent by this process.
         var attempted = false
+        /// The lease is taken whether or not a hold is in force (a forced refresh started the
+        /// round, or only forced callers are left).
+        var ignoresHold = false
     }
 
     enum RoundOutcome {
@@ -192,7 +249,9 @@ public struct TokenFlowStateMachine: Sendable {
     // MARK: - Events
 
     /// A caller asked for a token and the stored one (expiry `knownExpiry`, 0 for none) did not do.
-    /// `requestID` names the round trip if this caller starts one.
+    /// `requestID` names the round trip if this caller starts one. `hold` is the installation's
+    /// hold as last seen: while it is in force, a caller that does not force a refresh is answered
+    /// at once (see ``heldAnswer(for:_:source:now:)``) and no round trip starts.
     public mutating func tokenWasRequested(
         waiter: WaiterID,
         minValidity: Int64,
@@ -200,21 +259,23 @@ public struct TokenFlowStateMachine: Sendable {
         forced: Bool,
         deadline: FlowTime,
         requestID: String,
+        hold: RoundTripHold? = nil,
         now: FlowTime
     ) -> [FlowAction] {
+        if !forced, let hold, hold.isActive(at: now) {
+            return [self.heldAnswer(for: [waiter], hold.newest, source: .cache, now: now), .recordHold(.requestHeld)]
+        }
         let timer = self.makeTimer()
         let w = Waiter(
             deadline: deadline, minValidity: minValidity, knownExpiry: knownExpiry, forced: forced, timer: timer)
         switch self.state {
         case .idle:
-            let round = Round(
+            var round = Round(
                 requestID: requestID, waiters: [waiter: w], deadline: deadline, phase: .acquiringLease,
                 holdsLease: false, lastFailure: nil, background: false, backgroundKnownExpiry: 0)
+            round.ignoresHold = forced
             self.state = .round(round)
-            return [
-                .scheduleTimer(timer, deadline: deadline),
-                .acquireLease(requestID: requestID, ttl: self.leaseTTL(deadline: deadline, now: now)),
-            ]
+            return [.scheduleTimer(timer, deadline: deadline), self.leaseAction(round, now: now)]
         case .round(var round):
             round.waiters[waiter] = w
             var actions: [FlowAction] = [.scheduleTimer(timer, deadline: deadline)]
@@ -230,9 +291,13 @@ public struct TokenFlowStateMachine: Sendable {
         }
     }
 
-    /// A valid token sits in its refresh-ahead window: start one background round trip unless one runs.
-    public mutating func refreshAheadWasRequested(knownExpiry: Int64, requestID: String, now: FlowTime) -> [FlowAction] {
+    /// A valid token sits in its refresh-ahead window: start one background round trip unless one
+    /// runs or a hold (`hold`, as last seen) is in force.
+    public mutating func refreshAheadWasRequested(
+        knownExpiry: Int64, requestID: String, hold: RoundTripHold? = nil, now: FlowTime
+    ) -> [FlowAction] {
         guard case .idle = self.state else { return [] }
+        if let hold, hold.isActive(at: now) { return [.recordHold(.refreshAheadHeld)] }
         let deadline = now + self.configuration.backgroundDeadline
         self.state = .round(
             Round(
@@ -271,6 +336,77 @@ public struct TokenFlowStateMachine: Sendable {
         round.phase = .following(poll: timer, delay: delay)
         self.state = .round(round)
         return [.scheduleTimer(timer, deadline: min(now + delay, round.deadline))]
+    }
+
+    /// The lease was not taken because a hold is in force (another round trip, on any replica,
+    /// just brought no newer token). Callers that do not force a refresh are answered at once the
+    /// held way; forced ones go on and take the lease regardless of the hold. A refresh-ahead
+    /// round ends.
+    public mutating func leaseHeld(requestID: String, hold: RoundTripHold, now: FlowTime) -> [FlowAction] {
+        guard case .round(var round) = self.state, round.requestID == requestID, case .acquiringLease = round.phase
+        else { return [] }
+        var actions = self.answerHeldWaiters(&round, hold: hold, now: now)
+        if round.waiters.isEmpty {
+            if round.background { actions.append(.recordHold(.refreshAheadHeld)) }
+            return actions + self.finishRound(round, outcome: .abandoned)
+        }
+        round.ignoresHold = true
+        self.state = .round(round)
+        return actions + [self.leaseAction(round, now: now)]
+    }
+
+    /// A hold was seen (announced by the replica that placed it, or read from the store) while
+    /// this process waits for a round trip it does not lead. Callers that do not force a refresh
+    /// are answered the held way; forced ones try to take the lease regardless of the hold.
+    public mutating func holdObserved(_ hold: RoundTripHold, now: FlowTime) -> [FlowAction] {
+        guard case .round(var round) = self.state, !round.holdsLease, hold.isActive(at: now) else { return [] }
+        switch round.phase {
+        case .acquiringLease, .following: break
+        default: return []
+        }
+        var actions = self.answerHeldWaiters(&round, hold: hold, now: now)
+        if round.waiters.isEmpty {
+            if round.background { actions.append(.recordHold(.refreshAheadHeld)) }
+            return actions + self.finishRound(round, outcome: .abandoned)
+        }
+        if case .following(let poll, _) = round.phase {
+            // Only forced callers are left: the round trip followed has ended (a hold is only
+            // placed when one ends), and they still get a round trip of their own.
+            actions.append(.cancelTimer(poll))
+            round.ignoresHold = true
+            round.phase = .acquiringLease
+            self.state = .round(round)
+            return actions + [self.leaseAction(round, now: now)]
+        }
+        self.state = .round(round)
+        return actions
+    }
+
+    /// The round trip this process leads (`requestID`) was answered by a delivery that did not
+    /// replace the stored token: Forge handed out a token no newer than the one held (it caches
+    /// tokens). `newest` is the newest valid token known (the stored one). Every caller of the
+    /// round gets `newest` when it has at least ``TokenFlowConfiguration/heldTokenMinimumValidity``
+    /// left, even if less than its `minValidity` (its expiry tells the truth), else
+    /// `trigger_failed`; and the installation's round trips are put on hold for
+    /// ``TokenFlowConfiguration/sameTokenHold``.
+    public mutating func roundTripBroughtNoNewerToken(requestID: String, newest: AccessToken?, now: FlowTime)
+        -> [FlowAction]
+    {
+        guard case .round(let round) = self.state, round.requestID == requestID, round.holdsLease else { return [] }
+        var actions: [FlowAction] = []
+        switch round.phase {
+        case .triggering, .awaitingDelivery: actions.append(.recordAttempt(outcome: "success"))
+        default: break
+        }
+        let ids = round.waiters.keys.sorted { $0.raw < $1.raw }
+        for id in ids { actions.append(.cancelTimer(round.waiters[id]!.timer)) }
+        let servable = self.servable(newest, now: now)
+        // The hold first: a caller that comes back the moment it is answered finds it in force.
+        actions += self.finishRound(
+            round, outcome: servable != nil ? .succeeded : .failed, hold: self.configuration.sameTokenHold)
+        if !ids.isEmpty { actions.append(self.heldAnswer(for: ids, newest, source: .trigger, now: now)) }
+        actions.append(.recordHold(servable != nil ? .sameTokenServed : .sameTokenExpiring))
+        return actions
     }
 
     /// The store could not be reached while taking the lease: without it there is no safe round trip.
@@ -363,7 +499,7 @@ public struct TokenFlowStateMachine: Sendable {
             // The leader may have died: try to take the lease over (it expires after its deadline).
             round.phase = .acquiringLease
             self.state = .round(round)
-            return [.acquireLease(requestID: requestID, ttl: self.leaseTTL(deadline: round.deadline, now: now))]
+            return [self.leaseAction(round, now: now)]
         }
         return []
     }
@@ -439,6 +575,42 @@ public struct TokenFlowStateMachine: Sendable {
 
     // MARK: - Helpers
 
+    /// The token a caller gets when a round trip brought no newer one, or while a hold is in
+    /// force: `newest` when it has at least ``TokenFlowConfiguration/heldTokenMinimumValidity``
+    /// left at `now`, else nil.
+    public func servable(_ newest: AccessToken?, now: FlowTime) -> AccessToken? {
+        let floor = now.unixSeconds + self.configuration.heldTokenMinimumValidity.components.seconds
+        guard let token = newest, token.expiresAt >= floor else { return nil }
+        return token
+    }
+
+    /// The answer for callers `ids` when a round trip brought no newer token or a hold is in
+    /// force: the newest token if ``servable(_:now:)``, else `trigger_failed`.
+    public func heldAnswer(for ids: [WaiterID], _ newest: AccessToken?, source: TokenSource, now: FlowTime)
+        -> FlowAction
+    {
+        if let token = self.servable(newest, now: now) { return .succeed(ids, token, source) }
+        return .fail(ids, .noUsableToken)
+    }
+
+    /// Answers the callers of `round` that do not force a refresh the held way.
+    private func answerHeldWaiters(_ round: inout Round, hold: RoundTripHold, now: FlowTime) -> [FlowAction] {
+        let ids = round.waiters.filter { !$0.value.forced }.keys.sorted { $0.raw < $1.raw }
+        guard !ids.isEmpty else { return [] }
+        var actions: [FlowAction] = ids.map { .cancelTimer(round.waiters[$0]!.timer) }
+        for id in ids { round.waiters[id] = nil }
+        actions.append(self.heldAnswer(for: ids, hold.newest, source: .cache, now: now))
+        actions += ids.map { _ in .recordHold(.requestHeld) }
+        return actions
+    }
+
+    private func leaseAction(_ round: Round, now: FlowTime) -> FlowAction {
+        let ttl = self.leaseTTL(deadline: round.deadline, now: now)
+        return round.ignoresHold
+            ? .acquireLeaseIgnoringHold(requestID: round.requestID, ttl: ttl)
+            : .acquireLease(requestID: round.requestID, ttl: ttl)
+    }
+
     private func leaseTTL(deadline: FlowTime, now: FlowTime) -> Duration {
         max(deadline - now, .milliseconds(1)) + self.configuration.leaseGrace
     }
@@ -488,7 +660,7 @@ public struct TokenFlowStateMachine: Sendable {
         return actions + self.finishRound(round, outcome: outcome)
     }
 
-    private mutating func finishRound(_ round: Round, outcome: RoundOutcome) -> [FlowAction] {
+    private mutating func finishRound(_ round: Round, outcome: RoundOutcome, hold: Duration? = nil) -> [FlowAction] {
         var actions: [FlowAction] = []
         switch round.phase {
         case .following(let poll, _): actions.append(.cancelTimer(poll))
@@ -503,8 +675,18 @@ public struct TokenFlowStateMachine: Sendable {
             case .abandoned: break
             }
         }
-        if round.holdsLease { actions.append(.releaseLease(requestID: round.requestID)) }
+        if let hold {
+            actions.append(.placeHold(requestID: round.requestID, duration: hold, releasingLease: round.holdsLease))
+        } else if round.holdsLease {
+            actions.append(.releaseLease(requestID: round.requestID))
+        }
         self.state = .idle
         return actions
     }
+}
+
+extension FlowError {
+    /// A round trip brought no newer token and the newest one has too little time left to serve.
+    public static let noUsableToken = FlowError(
+        code: .triggerFailed, detail: "the auth trigger returned no newer token and the newest one expires within 60 s")
 }

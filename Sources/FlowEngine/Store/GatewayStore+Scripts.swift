@@ -8,9 +8,13 @@ enum GatewayScripts {
         return 0
         """)
 
-    /// Stores a delivered token if its `exp` is strictly later than the stored one's.
+    /// Stores a delivered token if its `exp` is strictly later than the stored one's. The FIT's
+    /// apiBaseUrl and cloudId replace the recorded ones (the latest FIT wins; `base <ari>` is
+    /// published when the apiBaseUrl changed).
     /// KEYS: installation, token, pending. ARGV: exp, sealed, now, requestId, channel, ari,
-    /// appId, apiBaseUrl, cloudId. Returns {stored(1)/notNewer(0)/uninstalled(-1), created, solicited}.
+    /// appId, apiBaseUrl, cloudId, least exp to store (unix s). Returns {stored(1)/notNewer(0)/uninstalled(-1), created,
+    /// solicited, apiBaseUrl}. Publishes `token <ari> <requestId|->`, with ` same` appended when
+    /// the delivery answered a pending request but did not replace the token.
     static let storeToken = RedisScript(
         """
         local status = redis.call('HGET', KEYS[1], 'status')
@@ -21,14 +25,18 @@ enum GatewayScripts {
           created = 1
         end
         if ARGV[7] ~= '' then redis.call('HSETNX', KEYS[1], 'appId', ARGV[7]) end
-        if ARGV[8] ~= '' then redis.call('HSETNX', KEYS[1], 'apiBaseUrl', ARGV[8]) end
-        if ARGV[9] ~= '' then redis.call('HSETNX', KEYS[1], 'cloudId', ARGV[9]) end
+        if ARGV[8] ~= '' then
+          local old = redis.call('HGET', KEYS[1], 'apiBaseUrl')
+          redis.call('HSET', KEYS[1], 'apiBaseUrl', ARGV[8])
+          if old and old ~= ARGV[8] then redis.call('PUBLISH', ARGV[5], 'base ' .. ARGV[6]) end
+        end
+        if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'cloudId', ARGV[9]) end
         local solicited = ''
         if ARGV[4] ~= '' and redis.call('DEL', KEYS[3]) == 1 then solicited = ARGV[4] end
         local cur = tonumber(redis.call('HGET', KEYS[2], 'exp') or '0')
         local exp = tonumber(ARGV[1])
         local stored = 0
-        if exp > cur and exp > tonumber(ARGV[3]) then
+        if exp > cur and exp > tonumber(ARGV[3]) and exp >= tonumber(ARGV[10] or '0') then
           redis.call('HSET', KEYS[2], 'exp', ARGV[1], 'v', ARGV[2], 'at', ARGV[3], 'rid', solicited)
           redis.call('EXPIREAT', KEYS[2], exp)
           redis.call('HSET', KEYS[1], 'lastTokenAt', ARGV[3], 'tokenExpiresAt', ARGV[1])
@@ -37,15 +45,18 @@ enum GatewayScripts {
         if stored == 1 or solicited ~= '' then
           local rid = solicited
           if rid == '' then rid = '-' end
-          redis.call('PUBLISH', ARGV[5], 'token ' .. ARGV[6] .. ' ' .. rid)
+          local same = ''
+          if stored == 0 then same = ' same' end
+          redis.call('PUBLISH', ARGV[5], 'token ' .. ARGV[6] .. ' ' .. rid .. same)
         end
         local s = 0
         if solicited ~= '' then s = 1 end
-        return {stored, created, s}
+        return {stored, created, s, redis.call('HGET', KEYS[1], 'apiBaseUrl') or ''}
         """)
 
     /// Creates or refreshes an installation on installed/upgraded. An uninstalled one stays so.
-    /// KEYS: installation. ARGV: now, appId, apiBaseUrl, cloudId. Returns -1 (uninstalled), 0, 1 (created).
+    /// KEYS: installation. ARGV: now, appId, apiBaseUrl, cloudId, channel, ari. Returns -1
+    /// (uninstalled), 0, 1 (created). Publishes `base <ari>` when the apiBaseUrl changed.
     static let upsertInstallation = RedisScript(
         """
         local status = redis.call('HGET', KEYS[1], 'status')
@@ -57,14 +68,20 @@ enum GatewayScripts {
         end
         redis.call('HSET', KEYS[1], 'updatedAt', ARGV[1])
         if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'appId', ARGV[2]) end
-        if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'apiBaseUrl', ARGV[3]) end
+        if ARGV[3] ~= '' then
+          local old = redis.call('HGET', KEYS[1], 'apiBaseUrl')
+          redis.call('HSET', KEYS[1], 'apiBaseUrl', ARGV[3])
+          if old and old ~= ARGV[3] and ARGV[5] then redis.call('PUBLISH', ARGV[5], 'base ' .. ARGV[6]) end
+        end
         if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'cloudId', ARGV[4]) end
         return created
         """)
 
     /// Registers (or rotates) the trigger URL and keeps or creates the signing key.
     /// KEYS: installation, signing keys. ARGV: now, sealed URL, candidate key id, candidate sealed
-    /// key, appId, apiBaseUrl, cloudId. Returns {-1} when uninstalled, else {created, keyId, sealedKey}.
+    /// key, appId, apiBaseUrl, cloudId, channel, ari. Returns {-1} when uninstalled, else {created,
+    /// keyId, sealedKey}. The FIT's apiBaseUrl and cloudId replace the recorded ones (`base <ari>`
+    /// is published when the apiBaseUrl changed).
     static let register = RedisScript(
         """
         local status = redis.call('HGET', KEYS[1], 'status')
@@ -75,8 +92,12 @@ enum GatewayScripts {
           created = 1
         end
         if ARGV[5] ~= '' then redis.call('HSETNX', KEYS[1], 'appId', ARGV[5]) end
-        if ARGV[6] ~= '' then redis.call('HSETNX', KEYS[1], 'apiBaseUrl', ARGV[6]) end
-        if ARGV[7] ~= '' then redis.call('HSETNX', KEYS[1], 'cloudId', ARGV[7]) end
+        if ARGV[6] ~= '' then
+          local old = redis.call('HGET', KEYS[1], 'apiBaseUrl')
+          redis.call('HSET', KEYS[1], 'apiBaseUrl', ARGV[6])
+          if old and old ~= ARGV[6] and ARGV[8] then redis.call('PUBLISH', ARGV[8], 'base ' .. ARGV[9]) end
+        end
+        if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'cloudId', ARGV[7]) end
         local cur = redis.call('HGET', KEYS[2], 'current')
         local key
         if cur then
@@ -112,10 +133,38 @@ enum GatewayScripts {
         return 0
         """)
 
+    /// KEYS: key[, a companion key extended with it]. ARGV: value, ttl ms.
     static let extendIfOwner = RedisScript(
         """
-        if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+        if redis.call('GET', KEYS[1]) == ARGV[1] then
+          if KEYS[2] then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
+          return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+        end
         return 0
+        """)
+
+    /// Takes a round trip's lease unless another holds it or (when asked) a hold is in force.
+    /// KEYS: lease, hold. ARGV: owner, ttl ms, respect hold (1/0). Returns 1 (taken), 0 (busy)
+    /// or minus the hold's remaining milliseconds.
+    static let takeLease = RedisScript(
+        """
+        if ARGV[3] == '1' then
+          local held = redis.call('PTTL', KEYS[2])
+          if held > 0 then return -held end
+        end
+        if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+        return 0
+        """)
+
+    /// Puts an installation's round trips on hold and, when asked, releases the lease if the
+    /// round trip still holds it; announces the hold.
+    /// KEYS: hold, lease. ARGV: request id, hold ms, release (1/0), channel, ari.
+    static let placeHold = RedisScript(
+        """
+        redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+        if ARGV[3] == '1' and redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+        redis.call('PUBLISH', ARGV[4], 'hold ' .. ARGV[5])
+        return 1
         """)
 
     /// Records the outcome of a round trip for the installation's circuit breaker.

@@ -46,6 +46,7 @@ public final class GatewayStore: Sendable {
     func pendingKey(_ id: InstallationID, requestID: String) -> String { self.tag(id) + ":pending:" + requestID }
     func userTokenIndexKey(_ id: InstallationID) -> String { self.tag(id) + ":user-tokens" }
     func breakerKey(_ id: InstallationID) -> String { self.tag(id) + ":breaker" }
+    func holdKey(_ id: InstallationID) -> String { self.tag(id) + ":hold" }
     var installationsIndexKey: String { "\(self.prefix):installations" }
     func seenFITKey(_ jti: String) -> String { "\(self.prefix):seen-fit:\(jti)" }
 
@@ -60,7 +61,8 @@ public final class GatewayStore: Sendable {
         let r = try await self.redis.eval(
             GatewayScripts.upsertInstallation, keys: [self.installationKey(id)],
             arguments: [
-                String(now.unixSeconds), metadata.appId ?? "", self.sealAPIBaseURL(metadata.apiBaseUrl, id), metadata.cloudId ?? "",
+                String(now.unixSeconds), metadata.appId ?? "", self.sealAPIBaseURL(metadata.apiBaseUrl, id),
+                metadata.cloudId ?? "", self.channel, id.ari,
             ])
         let code = r.int ?? 0
         if code == 1 { try await self.index(id) }
@@ -97,7 +99,7 @@ public final class GatewayStore: Sendable {
             GatewayScripts.register, keys: [installationKey, signingKey],
             arguments: [
                 String(now.unixSeconds), sealedURL, candidateKeyID, sealedKey, metadata.appId ?? "",
-                self.sealAPIBaseURL(metadata.apiBaseUrl, id), metadata.cloudId ?? "",
+                self.sealAPIBaseURL(metadata.apiBaseUrl, id), metadata.cloudId ?? "", self.channel, id.ari,
             ])
         guard let items = r.array, let first = items.first?.int else { throw RedisError.protocolError }
         if first < 0 { return .uninstalled }
@@ -202,6 +204,8 @@ public final class GatewayStore: Sendable {
         public var token: AccessToken?
         /// Unix milliseconds until which the installation's circuit is open (0: closed).
         public var circuitOpenUntil: Int64
+        /// How long the installation's round trips stay on hold (nil: no hold).
+        public var holdRemaining: Duration?
     }
 
     /// Reads the installation's status and stored system token in one pipelined round trip.
@@ -212,8 +216,9 @@ public final class GatewayStore: Sendable {
                 ["HMGET", self.installationKey(id), "status", "triggerUrl", "apiBaseUrl"],
                 ["HMGET", tokenKey, "exp", "v", "rid", "at"],
                 ["HGET", self.breakerKey(id), "openUntil"],
+                ["PTTL", self.holdKey(id)],
             ], timeout: timeout)
-        guard replies.count == 3, let inst = replies[0].array, inst.count == 3, let tok = replies[1].array,
+        guard replies.count == 4, let inst = replies[0].array, inst.count == 3, let tok = replies[1].array,
             tok.count == 4
         else { throw RedisError.protocolError }
         let statusText = inst[0].string
@@ -223,7 +228,14 @@ public final class GatewayStore: Sendable {
             triggerRegistered: !(inst[1].string ?? "").isEmpty,
             apiBaseUrl: self.openAPIBaseURL(inst[2].string, id),
             token: await self.openTokenOrDrop(key: tokenKey, exp: tok[0], sealed: tok[1], rid: tok[2], at: tok[3]),
-            circuitOpenUntil: replies[2].string.flatMap { Int64($0) } ?? 0)
+            circuitOpenUntil: replies[2].string.flatMap { Int64($0) } ?? 0,
+            holdRemaining: Self.remaining(replies[3]))
+    }
+
+    /// A PTTL reply as a duration, nil when the key is absent or has no expiry.
+    static func remaining(_ reply: RedisValue) -> Duration? {
+        guard let ms = reply.int, ms > 0 else { return nil }
+        return .milliseconds(ms)
     }
 
     /// The stored system token, or nil.
@@ -252,6 +264,44 @@ public final class GatewayStore: Sendable {
         }
     }
 
+    /// What a process waiting on a round trip reads: the stored token with the installation's
+    /// `apiBaseUrl`, whether the round trip's pending request is still open, and the hold.
+    public struct RoundProbe: Sendable {
+        public var token: AccessToken?
+        public var apiBaseUrl: String?
+        /// The pending request of the round trip is still there (no delivery answered it yet).
+        /// Always false for a request id that never had one (a follower's).
+        public var pendingOpen: Bool
+        /// How long the installation's round trips stay on hold (nil: no hold).
+        public var holdRemaining: Duration?
+    }
+
+    /// The stored token, the `apiBaseUrl`, the hold and (with `requestID`) whether that round
+    /// trip's pending request is still open, in one pipelined round trip.
+    public func roundProbe(_ id: InstallationID, requestID: String?) async throws -> RoundProbe {
+        let tokenKey = self.systemTokenKey(id)
+        var commands: [[String]] = [
+            ["HMGET", tokenKey, "exp", "v", "rid", "at"],
+            ["HGET", self.installationKey(id), "apiBaseUrl"],
+            ["PTTL", self.holdKey(id)],
+        ]
+        if let requestID { commands.append(["EXISTS", self.pendingKey(id, requestID: requestID)]) }
+        let replies = try await self.redis.pipeline(commands)
+        guard replies.count == commands.count, let tok = replies[0].array, tok.count == 4 else {
+            throw RedisError.protocolError
+        }
+        return RoundProbe(
+            token: await self.openTokenOrDrop(key: tokenKey, exp: tok[0], sealed: tok[1], rid: tok[2], at: tok[3]),
+            apiBaseUrl: self.openAPIBaseURL(replies[1].string, id),
+            pendingOpen: requestID != nil && replies[3].int == 1,
+            holdRemaining: Self.remaining(replies[2]))
+    }
+
+    /// The stored system token with the installation's `apiBaseUrl` and hold.
+    public func systemTokenEntry(_ id: InstallationID) async throws -> RoundProbe {
+        try await self.roundProbe(id, requestID: nil)
+    }
+
     private func openToken(key: String, exp: RedisValue, sealed: RedisValue, rid: RedisValue, at: RedisValue) throws
         -> AccessToken?
     {
@@ -272,13 +322,19 @@ public final class GatewayStore: Sendable {
         public var created: Bool
         /// The delivery answered a pending request of this installation.
         public var solicited: Bool
+        /// The installation's `apiBaseUrl` after the delivery (the latest FIT's), if known.
+        public var apiBaseUrl: String? = nil
     }
 
     /// Stores a delivered token atomically: only if its expiry is strictly later than the stored
     /// one's; the key expires with the token; a matching pending request is consumed; every
-    /// process is notified.
+    /// process is notified (`token <ari> <requestId|->`, with ` same` when the delivery answered a
+    /// pending request without replacing the token). The FIT's `apiBaseUrl` and `cloudId` replace
+    /// the recorded ones (the latest FIT wins). A token with less than `minimumValidity` left at
+    /// `now` is never stored (answered `notNewer`), though it still answers its pending request.
     public func storeDeliveredToken(
-        _ id: InstallationID, token: AccessToken, requestID: String?, metadata: InstallationMetadata, now: FlowTime
+        _ id: InstallationID, token: AccessToken, requestID: String?, metadata: InstallationMetadata, now: FlowTime,
+        minimumValidity: Duration = .seconds(60)
     ) async throws -> DeliveryResult {
         let tokenKey = self.systemTokenKey(id)
         let sealed = try self.box.seal(Array(token.value.utf8), context: tokenKey)
@@ -289,13 +345,15 @@ public final class GatewayStore: Sendable {
             arguments: [
                 String(token.expiresAt), sealed, String(now.unixSeconds), rid, self.channel, id.ari,
                 metadata.appId ?? "", self.sealAPIBaseURL(metadata.apiBaseUrl, id), metadata.cloudId ?? "",
+                String(now.unixSeconds + minimumValidity.components.seconds),
             ])
-        guard let items = r.array, items.count == 3, let s = items[0].int, let c = items[1].int,
+        guard let items = r.array, items.count >= 3, let s = items[0].int, let c = items[1].int,
             let sol = items[2].int
         else { throw RedisError.protocolError }
         if c == 1 { try await self.index(id) }
         let outcome: TokenStoreOutcome = s == 1 ? .stored : (s == 0 ? .notNewer : .uninstalled)
-        return DeliveryResult(outcome: outcome, created: c == 1, solicited: sol == 1)
+        let baseURL = items.count > 3 ? self.openAPIBaseURL(items[3].string, id) : nil
+        return DeliveryResult(outcome: outcome, created: c == 1, solicited: sol == 1, apiBaseUrl: baseURL)
     }
 
     // MARK: Round trips
@@ -308,11 +366,49 @@ public final class GatewayStore: Sendable {
         return r.string == "OK"
     }
 
-    /// Extends the lease only while `owner` holds it.
+    /// What ``takeLease(_:owner:ttl:respectingHold:)`` found.
+    public enum LeaseOutcome: Sendable, Hashable {
+        /// The lease is ours.
+        case taken
+        /// Another round trip holds it.
+        case busy
+        /// The installation's round trips are on hold for this long; the lease was not taken.
+        case held(remaining: Duration)
+    }
+
+    /// Takes the installation's lease for `ttl` if nobody holds it and, when `respectingHold`, no
+    /// hold is in force (one script: no round trip can slip in between the check and the take).
+    public func takeLease(_ id: InstallationID, owner: String, ttl: Duration, respectingHold: Bool) async throws
+        -> LeaseOutcome
+    {
+        let r = try await self.redis.eval(
+            GatewayScripts.takeLease, keys: [self.leaseKey(id), self.holdKey(id)],
+            arguments: [owner, String(max(ttl.milliseconds, 1)), respectingHold ? "1" : "0"])
+        guard let code = r.int else { throw RedisError.protocolError }
+        if code == 1 { return .taken }
+        if code == 0 { return .busy }
+        return .held(remaining: .milliseconds(-code))
+    }
+
+    /// Puts the installation's round trips on hold for `duration` (`tg:{id}:hold`, holding the
+    /// request id of the round trip that brought no newer token) and announces it (`hold <ari>`);
+    /// with `releasingLease`, releases the lease in the same script if `requestID` still holds it.
+    public func placeHold(_ id: InstallationID, requestID: String, duration: Duration, releasingLease: Bool)
+        async throws
+    {
+        _ = try await self.redis.eval(
+            GatewayScripts.placeHold, keys: [self.holdKey(id), self.leaseKey(id)],
+            arguments: [
+                requestID, String(max(duration.milliseconds, 1)), releasingLease ? "1" : "0", self.channel, id.ari,
+            ])
+    }
+
+    /// Extends the lease (and the round trip's pending request, named like the lease's owner)
+    /// only while `owner` holds it.
     @discardableResult
     public func extendLease(_ id: InstallationID, owner: String, ttl: Duration) async throws -> Bool {
         let r = try await self.redis.eval(
-            GatewayScripts.extendIfOwner, keys: [self.leaseKey(id)],
+            GatewayScripts.extendIfOwner, keys: [self.leaseKey(id), self.pendingKey(id, requestID: owner)],
             arguments: [owner, String(max(ttl.milliseconds, 1))])
         return r.int == 1
     }

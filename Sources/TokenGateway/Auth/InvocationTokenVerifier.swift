@@ -25,6 +25,18 @@ public struct InvocationContext: Sendable, Hashable {
     public let expiresAt: Date
     /// `principal` (the user's account id, on UI calls only).
     public let principal: String?
+    /// `app.module.type`: `core:endpoint` for every backend invocation (a function's
+    /// `invokeRemote`, a lifecycle event, a scheduled trigger, `preUninstall`), a UI module's type
+    /// (for example `xen:macro`) for calls from a user's browser.
+    public let moduleType: String?
+    /// `app.module.key`: the manifest key of the module that made the call.
+    public let moduleKey: String?
+    /// Whether the token carries a `principal` claim (of any JSON type but `null`).
+    public let hasPrincipal: Bool
+    /// Whether the token carries a `context` claim (UI calls only).
+    public let hasContext: Bool
+    /// `app.installation.contexts[].name` (for example `jira` or `confluence`), in order.
+    public let contextNames: [String]
 
     public init(
         installationId: String,
@@ -35,7 +47,12 @@ public struct InvocationContext: Sendable, Hashable {
         environmentId: String?,
         jti: String,
         expiresAt: Date,
-        principal: String?
+        principal: String?,
+        moduleType: String? = nil,
+        moduleKey: String? = nil,
+        hasPrincipal: Bool? = nil,
+        hasContext: Bool = false,
+        contextNames: [String] = []
     ) {
         self.installationId = installationId
         self.appId = appId
@@ -46,7 +63,40 @@ public struct InvocationContext: Sendable, Hashable {
         self.jti = jti
         self.expiresAt = expiresAt
         self.principal = principal
+        self.moduleType = moduleType
+        self.moduleKey = moduleKey
+        self.hasPrincipal = hasPrincipal ?? (principal != nil)
+        self.hasContext = hasContext
+        self.contextNames = contextNames
     }
+
+    /// Whether the call comes from the app's backend: `app.module.type` is `core:endpoint` and no
+    /// `context` claim; without a `principal` claim unless `allowingPrincipal`.
+    public func isBackendInvocation(allowingPrincipal: Bool) -> Bool {
+        self.moduleType == InvocationTokenVerifier.backendModuleType && !self.hasContext
+            && (allowingPrincipal || !self.hasPrincipal)
+    }
+}
+
+/// Which FITs a route accepts (contract §3 v1.1).
+public struct InvocationPolicy: Sendable, Hashable {
+    /// Only FITs from the app's backend (`core:endpoint`, no `context`); with the module-key
+    /// allow-list applied.
+    public var backendOnly: Bool
+    /// Whether a `principal` claim is accepted (`preUninstall` runs with a non-user principal).
+    public var allowsPrincipal: Bool
+
+    public init(backendOnly: Bool, allowsPrincipal: Bool) {
+        self.backendOnly = backendOnly
+        self.allowsPrincipal = allowsPrincipal
+    }
+
+    /// Any valid FIT (no kind check).
+    public static let any = InvocationPolicy(backendOnly: false, allowsPrincipal: true)
+    /// Backend invocations without a principal: every Forge route but `/forge/pre-uninstall`.
+    public static let backend = InvocationPolicy(backendOnly: true, allowsPrincipal: false)
+    /// Backend invocations that may name a (non-user) principal: `/forge/pre-uninstall`.
+    public static let backendAllowingPrincipal = InvocationPolicy(backendOnly: true, allowsPrincipal: true)
 }
 
 /// Remembers FIT ids so a token is accepted once only.
@@ -95,6 +145,22 @@ public struct InvocationTokenError: Error, Hashable, Sendable, CustomStringConve
     public static let jwksUnavailable = InvocationTokenError("jwks_unavailable")
     /// The replay guard's store could not be reached.
     public static let storeUnavailable = InvocationTokenError("store_unavailable")
+    /// A valid FIT that does not come from the app's backend (a UI module's type, a `context` or
+    /// a `principal` claim): the route refuses it with 403.
+    public static let notBackend = InvocationTokenError("not_backend")
+    /// A valid backend FIT whose `app.module.key` is not in the configured allow-list: 403.
+    public static let moduleKeyNotAllowed = InvocationTokenError("module_key_not_allowed")
+
+    /// Whether the token was valid but may not make this call (403 rather than 401).
+    public var isForbidden: Bool { self == .notBackend || self == .moduleKeyNotAllowed }
+
+    static func notBackend(_ detail: String) -> InvocationTokenError {
+        InvocationTokenError("not_backend", detail: detail)
+    }
+
+    static func moduleKeyNotAllowed(_ detail: String) -> InvocationTokenError {
+        InvocationTokenError("module_key_not_allowed", detail: detail)
+    }
 
     static func missingClaim(_ name: String) -> InvocationTokenError {
         InvocationTokenError("missing_claim", detail: "missing claim \(name)")
@@ -128,6 +194,8 @@ public final class InvocationTokenVerifier: Sendable {
     public static let stagingJWKSURL = "https://forge.cdn.stg.atlassian-dev.net/.well-known/jwks.json"
     /// The only accepted `iss`.
     public static let issuer = "forge/invocation-token"
+    /// The `app.module.type` of every backend invocation.
+    public static let backendModuleType = "core:endpoint"
 
     public struct Configuration: Sendable {
         /// The expected `aud` (`ari:cloud:ecosystem::app/<uuid>`).
@@ -152,6 +220,9 @@ public final class InvocationTokenVerifier: Sendable {
         public var jwksStaleIfErrorLifetime: Duration = .seconds(86_400)
         /// Timeout of one JWKS fetch (connect, head and body). Default 5 s.
         public var jwksFetchTimeout: Duration = .seconds(5)
+        /// With a backend-only ``InvocationPolicy``, the `app.module.key` values accepted; nil
+        /// accepts any key. Default nil.
+        public var allowedModuleKeys: Set<String>? = nil
 
         public init(
             appId: String,
@@ -214,11 +285,17 @@ public final class InvocationTokenVerifier: Sendable {
 
     /// Verifies `token` (the bearer value, without `Bearer `) at time `now`.
     ///
+    /// `policy` says which kinds of FIT are accepted; a valid FIT of another kind throws
+    /// ``InvocationTokenError/notBackend`` or ``InvocationTokenError/moduleKeyNotAllowed``
+    /// before the replay guard records its `jti`.
+    ///
     /// - Returns: the claims the gateway uses.
     /// - Throws: ``InvocationTokenError``; nothing is recorded unless every check passed.
-    public func verify(_ token: String, now: Date = Date()) async throws -> InvocationContext {
+    public func verify(_ token: String, now: Date = Date(), policy: InvocationPolicy = .any) async throws
+        -> InvocationContext
+    {
         do {
-            return try await self.verifyChecked(token, now: now)
+            return try await self.verifyChecked(token, now: now, policy: policy)
         } catch {
             self.logger.debug(
                 "Forge invocation token refused",
@@ -228,7 +305,9 @@ public final class InvocationTokenVerifier: Sendable {
         }
     }
 
-    private func verifyChecked(_ token: String, now: Date) async throws(InvocationTokenError) -> InvocationContext {
+    private func verifyChecked(_ token: String, now: Date, policy: InvocationPolicy) async throws(InvocationTokenError)
+        -> InvocationContext
+    {
         // 1. Structure: three base64url parts, JSON header and payload.
         let bytes = Array(token.utf8)
         guard !bytes.isEmpty, bytes.count <= Self.maximumTokenLength else {
@@ -296,6 +375,23 @@ public final class InvocationTokenVerifier: Sendable {
         guard nbf <= nowSeconds + skew else { throw .notYetValid }
         guard iat <= nowSeconds + skew else { throw .issuedInFuture }
 
+        // 7a. Kind: a valid FIT from a user's browser may not act for the app. Checked before the
+        // replay guard so a refused call records nothing.
+        if policy.backendOnly {
+            let moduleType = claims.app?.module?.type
+            guard moduleType == Self.backendModuleType else {
+                throw .notBackend("app.module.type is \(moduleType.map { String($0.prefix(64)) } ?? "absent")")
+            }
+            guard !claims.hasContext else { throw .notBackend("context claim present") }
+            guard policy.allowsPrincipal || !claims.hasPrincipal else { throw .notBackend("principal claim present") }
+            if let allowed = self.configuration.allowedModuleKeys {
+                guard let key = claims.app?.module?.key, allowed.contains(key) else {
+                    throw .moduleKeyNotAllowed(
+                        "app.module.key is \(claims.app?.module?.key.map { String($0.prefix(64)) } ?? "absent")")
+                }
+            }
+        }
+
         // 7. Replay: the jti is remembered as long as the token could still be accepted.
         if let replayGuard = self.replayGuard {
             let firstUse: Bool
@@ -325,7 +421,12 @@ public final class InvocationTokenVerifier: Sendable {
             environmentId: app?.environment?.id,
             jti: jti,
             expiresAt: Date(timeIntervalSince1970: exp),
-            principal: claims.principal
+            principal: claims.principal,
+            moduleType: app?.module?.type,
+            moduleKey: app?.module?.key,
+            hasPrincipal: claims.hasPrincipal,
+            hasContext: claims.hasContext,
+            contextNames: app?.installation?.contexts?.compactMap(\.name) ?? []
         )
     }
 
@@ -407,6 +508,10 @@ extension InvocationTokenVerifier {
         var jti: String?
         var app: App?
         var principal: String?
+        /// A `principal` claim of any JSON type but `null` is present.
+        var hasPrincipal = false
+        /// A `context` claim of any JSON type but `null` is present.
+        var hasContext = false
 
         struct App: Codable, Sendable {
             var id: String?
@@ -414,9 +519,10 @@ extension InvocationTokenVerifier {
             var apiBaseUrl: String?
             var environment: Environment?
             var installation: Installation?
+            var module: Module?
 
             private enum CodingKeys: String, CodingKey {
-                case id, installationId, apiBaseUrl, environment, installation
+                case id, installationId, apiBaseUrl, environment, installation, module
             }
 
             init(from decoder: any Decoder) throws {
@@ -426,6 +532,22 @@ extension InvocationTokenVerifier {
                 self.apiBaseUrl = try? container.decodeIfPresent(String.self, forKey: .apiBaseUrl)
                 self.environment = try? container.decodeIfPresent(Environment.self, forKey: .environment)
                 self.installation = try? container.decodeIfPresent(Installation.self, forKey: .installation)
+                self.module = try? container.decodeIfPresent(Module.self, forKey: .module)
+            }
+        }
+
+        /// `app.module`: `type` and `key`, read leniently (a wrong type reads as absent, which a
+        /// backend-only route refuses).
+        struct Module: Codable, Sendable {
+            var type: String?
+            var key: String?
+
+            private enum CodingKeys: String, CodingKey { case type, key }
+
+            init(from decoder: any Decoder) throws {
+                let container = try decoder.container(keyedBy: CodingKeys.self)
+                self.type = try? container.decodeIfPresent(String.self, forKey: .type)
+                self.key = try? container.decodeIfPresent(String.self, forKey: .key)
             }
         }
 
@@ -453,18 +575,29 @@ extension InvocationTokenVerifier {
             }
         }
 
+        /// One `app.installation.contexts[]` entry: `name` (Forge documents it as required),
+        /// `apiBaseUrl`, and `cloudId` (Jira, Confluence) or `workspaceId` (Bitbucket). Read
+        /// leniently: a missing or mistyped field reads as absent.
         struct Context: Codable, Sendable {
+            var name: String?
+            var apiBaseUrl: String?
             var cloudId: String?
+            var workspaceId: String?
 
-            private enum CodingKeys: String, CodingKey { case cloudId }
+            private enum CodingKeys: String, CodingKey { case name, apiBaseUrl, cloudId, workspaceId }
 
             init(from decoder: any Decoder) throws {
                 let container = try decoder.container(keyedBy: CodingKeys.self)
+                self.name = try? container.decodeIfPresent(String.self, forKey: .name)
+                self.apiBaseUrl = try? container.decodeIfPresent(String.self, forKey: .apiBaseUrl)
                 self.cloudId = try? container.decodeIfPresent(String.self, forKey: .cloudId)
+                self.workspaceId = try? container.decodeIfPresent(String.self, forKey: .workspaceId)
             }
         }
 
         private enum CodingKeys: String, CodingKey { case iss, aud, exp, nbf, iat, jti, app, principal }
+        /// Claims only checked for presence.
+        private enum PresenceKeys: String, CodingKey { case principal, context }
 
         init(from decoder: any Decoder) throws {
             let container = try decoder.container(keyedBy: CodingKeys.self)
@@ -476,6 +609,9 @@ extension InvocationTokenVerifier {
             self.jti = try container.decodeIfPresent(String.self, forKey: .jti)
             self.app = try container.decodeIfPresent(App.self, forKey: .app)
             self.principal = try? container.decodeIfPresent(String.self, forKey: .principal)
+            let presence = try decoder.container(keyedBy: PresenceKeys.self)
+            self.hasPrincipal = presence.contains(.principal) && !((try? presence.decodeNil(forKey: .principal)) ?? false)
+            self.hasContext = presence.contains(.context) && !((try? presence.decodeNil(forKey: .context)) ?? false)
         }
 
         /// Claims are checked by ``InvocationTokenVerifier`` against an explicit clock.

@@ -35,6 +35,9 @@ public struct GatewaySetting: Sendable, Hashable {
     public static let forgeAppID = GatewaySetting("TOKEN_GATEWAY_FORGE_APP_ID", "forge-app-id", "expected FIT aud (required)")
     public static let forgeJWKSURL = GatewaySetting(
         "TOKEN_GATEWAY_FORGE_JWKS_URL", "forge-jwks-url", "JWKS URL for Forge invocation tokens")
+    public static let forgeModuleKeys = GatewaySetting(
+        "TOKEN_GATEWAY_FORGE_MODULE_KEYS", "forge-module-keys",
+        "comma-separated app.module.key values allowed on the Forge routes (default any)")
     public static let triggerHosts = GatewaySetting(
         "TOKEN_GATEWAY_TRIGGER_HOSTS", "trigger-hosts", "comma-separated allow-list of trigger URL hosts")
     public static let encryptionKeys = GatewaySetting(
@@ -84,7 +87,7 @@ public struct GatewaySetting: Sendable, Hashable {
         .host, .port, .redisURL, .forgeAppID, .forgeJWKSURL, .triggerHosts, .encryptionKeys, .callers,
         .connectBaseURL, .connectKeysURL, .forgeGraphQLURL, .userExchangesPerMinute, .publicURL, .logLevel,
         .logFormat, .triggerMaxAttempts, .triggerAttemptTimeout, .deliveryGrace, .refreshAheadFraction,
-        .breakerThreshold, .breakerOpen, .opsHost, .opsPort, .apiBaseURLPrefixes,
+        .breakerThreshold, .breakerOpen, .forgeModuleKeys, .opsHost, .opsPort, .apiBaseURLPrefixes,
     ]
 
     init(_ environment: String, _ flag: String, _ summary: String, secret: Bool = false) {
@@ -128,6 +131,9 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     public var forgeAppID: String
     public var forgeJWKSURL: String = InvocationTokenVerifier.productionJWKSURL
     public var triggerHosts: TriggerHostAllowList = .forgeDefault
+    /// `app.module.key` values a FIT must name on the Forge routes; nil accepts any key (of a
+    /// `core:endpoint` FIT).
+    public var forgeModuleKeys: Set<String>? = nil
     public var encryptionKeys: EncryptionKeyRing
     public var callers: CallerRegistry
     public var connectBaseURL: String? = nil
@@ -271,6 +277,15 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
             } catch {
                 throw ConfigurationError(setting: GatewaySetting.triggerHosts.environment, problem: error.problem)
             }
+        }
+        if let v = raw(.forgeModuleKeys) {
+            let keys = v.split(separator: ",", omittingEmptySubsequences: false).map { $0.trimmingCharacters(in: .whitespaces) }
+            guard !keys.isEmpty, keys.allSatisfy({ !$0.isEmpty && $0.utf8.count <= 256 }) else {
+                throw ConfigurationError(
+                    setting: GatewaySetting.forgeModuleKeys.environment,
+                    problem: "must be a comma-separated list of non-empty module keys")
+            }
+            config.forgeModuleKeys = Set(keys)
         }
         if let v = raw(.apiBaseURLPrefixes) {
             let setting = GatewaySetting.apiBaseURLPrefixes.environment

@@ -24,7 +24,7 @@ extension Gateway {
                 guard let flag = raw as? Bool else { throw GatewayError.invalidRequest("rotateKey must be a boolean") }
                 rotateKey = flag
             }
-            let pushed = try self.optionalSystemToken(request)
+            let pushed = self.keepable(try self.optionalSystemToken(request), id: id)
             let candidate = TriggerSigningKey.generate()
             let now = FlowTime.now()
             let outcome: GatewayStore.RegistrationOutcome
@@ -85,6 +85,16 @@ extension Gateway {
                 else { throw GatewayError.invalidRequest("requestId must be a string of 1–128 visible ASCII characters") }
                 requestID = s
             }
+            switch Self.deliveredLifetime(token, now: FlowTime.now()) {
+            case .tooLong:
+                self.logger.notice("refused a delivered token that lives too long", metadata: ["installation.id": "\(id)"])
+                throw GatewayError.invalidToken("the system token's exp is more than 24 hours ahead")
+            case .nearlyExpired:
+                self.logger.notice("dropped a nearly expired delivered token", metadata: ["installation.id": "\(id)"])
+                return Self.json(.object([("stored", .bool(false))]))
+            case .acceptable:
+                break
+            }
             let stored = try await self.storeDelivery(
                 id, token: token, requestID: requestID, invocation: invocation, trace: Self.forgeTrace(request))
             return Self.json(.object([("stored", .bool(stored))]))
@@ -93,19 +103,28 @@ extension Gateway {
         router.post("/forge/lifecycle") { request, context in
             let (invocation, id) = try await self.verifyInvocation(request)
             let body = try await self.readJSONObject(request)
-            guard let eventType = body["eventType"] as? String else {
-                throw GatewayError.invalidRequest("eventType (a string) is required")
+            // Forge's documented body (id, installerAccountId, app, environment, permissions) has
+            // no eventType: such a call is installed/upgraded.
+            var eventType = "avi:forge:installed:app"
+            if let raw = body["eventType"], !(raw is NSNull) {
+                guard let value = raw as? String else { throw GatewayError.invalidRequest("eventType must be a string") }
+                eventType = value
             }
+            // Read before anything changes, so a token without a readable exp changes nothing.
+            let offered = try self.optionalSystemToken(request)
             do {
                 switch eventType {
                 case "avi:forge:installed:app", "avi:forge:upgraded:app":
-                    try await self.store.upsertInstallation(id, metadata: invocation.metadata, now: FlowTime.now())
+                    let active = try await self.store.upsertInstallation(
+                        id, metadata: invocation.metadata, now: FlowTime.now())
                     self.logger.info(
                         "installation recorded", metadata: ["installation.id": "\(id)", "lifecycle.event": "\(eventType)"])
+                    if active, let pushed = self.keepable(offered, id: id) {
+                        _ = try await self.storeDelivery(
+                            id, token: pushed, requestID: nil, invocation: invocation, trace: Self.forgeTrace(request))
+                    }
                 case "avi:forge:uninstalled:app":
-                    try await self.store.uninstall(id, now: FlowTime.now())
-                    self.flow.installationUninstalled(id)
-                    self.logger.info("installation uninstalled", metadata: ["installation.id": "\(id)"])
+                    try await self.uninstallInstallation(id, signal: eventType)
                 default:
                     self.logger.debug("lifecycle event ignored", metadata: ["lifecycle.event": "\(eventType.prefix(64))"])
                     return Self.json(.object([("ok", true), ("ignored", true)]))
@@ -117,11 +136,74 @@ extension Gateway {
             }
             return Self.json(.object([("ok", true)]))
         }
+
+        // The endpoint of the app's preUninstall module. Its body (context.cloudId,
+        // context.moduleKey, contextToken) is not trusted: the installation is the FIT's.
+        router.post("/forge/pre-uninstall") { request, context in
+            let (_, id) = try await self.verifyInvocation(request, policy: .backendAllowingPrincipal)
+            _ = try await self.readJSONObject(request, emptyIsObject: true)
+            do {
+                try await self.uninstallInstallation(id, signal: "preUninstall")
+            } catch let error as GatewayError {
+                throw error
+            } catch {
+                throw GatewayError.storeUnavailable
+            }
+            return Self.json(.object([("ok", true)]))
+        }
+    }
+
+    /// Marks an installation uninstalled and deletes its tokens, user tokens and signing keys at
+    /// once (recording it as uninstalled when it was never seen); idempotent.
+    func uninstallInstallation(_ id: InstallationID, signal: String) async throws {
+        try await self.store.uninstall(id, now: FlowTime.now())
+        self.flow.installationUninstalled(id)
+        self.logger.info("installation uninstalled", metadata: ["installation.id": "\(id)", "lifecycle.event": "\(signal)"])
+    }
+
+    /// What the lifetime rules (contract §3) make of a delivered token.
+    enum DeliveredLifetime: Sendable, Equatable {
+        case acceptable
+        /// `exp` more than ``maximumDeliveredLifetime`` ahead: refused (Forge tokens live at most 4 h).
+        case tooLong
+        /// Less than ``minimumDeliveredRemaining`` left: never stored or served.
+        case nearlyExpired
+    }
+
+    /// Longest a delivered token may still live, in seconds (24 h).
+    static let maximumDeliveredLifetime: Int64 = 24 * 3600
+    /// Shortest remaining life of a delivered token that is kept, in seconds.
+    static let minimumDeliveredRemaining: Int64 = 60
+
+    static func deliveredLifetime(_ token: AccessToken, now: FlowTime) -> DeliveredLifetime {
+        let remaining = token.expiresAt - now.unixSeconds
+        if remaining > Self.maximumDeliveredLifetime { return .tooLong }
+        if remaining < Self.minimumDeliveredRemaining { return .nearlyExpired }
+        return .acceptable
+    }
+
+    /// A token that came along with a registration or lifecycle call, or nil when the lifetime
+    /// rules drop it (the call itself proceeds).
+    func keepable(_ token: AccessToken?, id: InstallationID) -> AccessToken? {
+        guard let token else { return nil }
+        let verdict = Self.deliveredLifetime(token, now: FlowTime.now())
+        guard verdict == .acceptable else {
+            self.logger.notice(
+                "dropped a token outside the accepted lifetime",
+                metadata: ["installation.id": "\(id)", "token.verdict": "\(verdict)"])
+            return nil
+        }
+        return token
     }
 
     /// Verifies the Forge Invocation Token of a request: 401 `invalid_invocation_token` on any failure, except
-    /// 503 `store_unavailable` when the replay guard cannot reach Redis.
-    func verifyInvocation(_ request: Request) async throws -> (InvocationContext, InstallationID) {
+    /// 503 `store_unavailable` when the replay guard cannot reach Redis, and 403 `forbidden` for a
+    /// valid FIT that `policy` does not accept (one from a user's browser, or a module key outside
+    /// `TOKEN_GATEWAY_FORGE_MODULE_KEYS`). Every Forge route accepts only backend invocations; a
+    /// refused FIT records nothing, not even its `jti`.
+    func verifyInvocation(_ request: Request, policy: InvocationPolicy = .backend) async throws
+        -> (InvocationContext, InstallationID)
+    {
         guard let header = request.headers[.authorization], header.count > 7,
             header.prefix(7).lowercased() == "bearer "
         else {
@@ -131,11 +213,19 @@ extension Gateway {
         let token = String(header.dropFirst(7)).trimmingCharacters(in: .whitespaces)
         let invocation: InvocationContext
         do {
-            invocation = try await self.verifier.verify(token)
+            invocation = try await self.verifier.verify(token, policy: policy)
         } catch let error as InvocationTokenError {
             self.metrics.countInvocationToken(outcome: error.reason)
             // The replay guard could not reach Redis: the token was not refused, so Forge may try again.
             if error == .storeUnavailable { throw GatewayError.storeUnavailable }
+            if error.isForbidden {
+                self.logger.notice(
+                    "invocation token of a kind this route refuses",
+                    metadata: ["fit.outcome": "\(error.reason)", "fit.detail": "\(error.detail ?? "-")"])
+                throw GatewayError(
+                    status: .forbidden, code: "forbidden",
+                    message: "only invocations from the app's backend (core:endpoint) may call this route")
+            }
             self.logger.notice("invocation token refused", metadata: ["fit.outcome": "\(error.reason)"])
             throw GatewayError.invalidInvocationToken
         } catch {
@@ -198,9 +288,20 @@ extension Gateway {
                 token: AccessToken(
                     value: token.value, expiresAt: token.expiresAt, requestID: solicitedBy,
                     receivedAt: FlowTime.now().unixSeconds),
-                solicitedBy: solicitedBy)
-        } else if result.solicited, let current = try? await self.store.systemToken(id) {
-            self.flow.tokenDelivered(id, token: current, solicitedBy: solicitedBy)
+                apiBaseUrl: result.apiBaseUrl, solicitedBy: solicitedBy)
+        } else if solicitedBy == nil {
+            // No newer token, but the FIT may name a new apiBaseUrl: answers from memory carry it.
+            self.flow.apiBaseUrlSeen(id, result.apiBaseUrl)
+        } else if let solicitedBy {
+            // The round trip brought no newer token (Forge re-delivered the one held): its callers
+            // get the newest one and round trips go on hold.
+            do {
+                let current = try await self.store.systemToken(id)
+                self.flow.deliveryBroughtNoNewerToken(
+                    id, requestID: solicitedBy, newest: current, apiBaseUrl: result.apiBaseUrl)
+            } catch {
+                // The leader learns it from the notification or its poll.
+            }
         }
         self.audit.tokenReceived(
             installation: id, kind: result.solicited ? "solicited" : "pushed", expiresAt: token.expiresAt,

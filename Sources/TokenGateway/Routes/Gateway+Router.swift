@@ -57,6 +57,7 @@ extension Gateway {
         (["forge", "register"], [.post]),
         (["forge", "auth-trigger"], [.post]),
         (["forge", "lifecycle"], [.post]),
+        (["forge", "pre-uninstall"], [.post]),
         (["health", "live"], [.get]),
         (["health", "ready"], [.get]),
         (["metrics"], [.get]),

@@ -165,6 +165,12 @@ extension GatewayHarness {
     /// Runs a second gateway process (its own HTTP server, Redis pool, flow and caches) against the
     /// same Redis and the same settings, encryption keys included, as a second replica would be.
     func withSecondGateway(_ body: @Sendable (_ url: String) async throws -> Void) async throws {
+        try await self.withSecondGateway { url, _ in try await body(url) }
+    }
+
+    /// ``withSecondGateway(_:)``, handing the second gateway itself to `body` as well (to look
+    /// into its flow's memory).
+    func withSecondGateway(_ body: @Sendable (_ url: String, _ gateway: Gateway) async throws -> Void) async throws {
         var configuration = self.gateway.configuration
         configuration.port = 0
         let second = Gateway(configuration: configuration, logger: self.gateway.logger)
@@ -179,7 +185,7 @@ extension GatewayHarness {
             var port = 0
             for await p in ready.stream { port = p }
             do {
-                try await body("http://127.0.0.1:\(port)")
+                try await body("http://127.0.0.1:\(port)", second)
             } catch {
                 await group.triggerGracefulShutdown()
                 throw error

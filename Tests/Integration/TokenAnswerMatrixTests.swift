@@ -1,0 +1,244 @@
+import AsyncHTTPClient
+import FlowEngine
+import ForgeEmulator
+import Foundation
+import NIOCore
+import NIOHTTP1
+import Testing
+
+@testable import TokenGateway
+
+/// Where a token entry happens: the harness (gateway A, the emulator), the installation, and
+/// gateway A's base URL, which every entry delivers to.
+struct TokenEntryContext: Sendable {
+    let h: GatewayHarness
+    let installation: EmulatedInstallation
+    let gatewayURL: String
+}
+
+/// What a token entry left behind.
+struct EnteredToken: Sendable {
+    /// The token the gateway must now serve.
+    let token: String
+    /// The caller answer the entry itself produced (the trigger round trip), with its source.
+    let answer: (GatewayHarness.Answer, source: String)?
+}
+
+/// One way a token enters the gateway (contract §2 *(v1.1)*: "whichever way the token entered").
+struct TokenEntry: Sendable, CustomTestStringConvertible {
+    let name: String
+    /// Trigger calls the entry makes.
+    let triggerCalls: Int
+    let enter: @Sendable (TokenEntryContext) async throws -> EnteredToken
+
+    var testDescription: String { self.name }
+
+    /// Every way a token enters. Adding a way is one line here.
+    static let all: [TokenEntry] = [
+        .triggerRoundTrip,
+        .forgeCall("unasked push to /forge/auth-trigger with {}", path: "/forge/auth-trigger") { _, _ in "{}" },
+        .forgeCall("unasked push to /forge/auth-trigger with no body", path: "/forge/auth-trigger") { _, _ in nil },
+        .forgeCall("/forge/register with x-forge-oauth-system", path: "/forge/register") { e, i in
+            #"{"authTriggerUrl":"\#(e.triggerURL(for: i))"}"#
+        },
+        // Forge's documented lifecycle body: no eventType, handled as installed/upgraded.
+        .forgeCall("/forge/lifecycle (documented body) with x-forge-oauth-system", path: "/forge/lifecycle") { _, i in
+            #"{"id":"\#(i.id)","installerAccountId":"557058:installer","app":{"id":"\#(ForgeEmulatorConfiguration.demoAppId)","version":"2.0.0","name":"token-gateway","ownerAccountId":"557058:installer"},"environment":{"id":"env-1"}}"#
+        },
+    ]
+
+    /// A caller asks for more validity than the stored token has: one round trip, and the trigger's
+    /// delivery (to gateway A) brings the token. The caller's own answer has source `trigger`.
+    static let triggerRoundTrip = TokenEntry(name: "trigger round-trip delivery", triggerCalls: 1) { ctx in
+        let answer = try await ctx.h.token(ctx.installation, query: "minValidity=1800")
+        let token = try #require(answer.json["accessToken"] as? String, "\(answer.status) \(answer.body)")
+        #expect(ctx.h.emulator.triggerCalls(for: ctx.installation) == 1)
+        return EnteredToken(token: token, answer: (answer, source: "trigger"))
+    }
+
+    /// A Forge call to `path` with a FIT (from the emulator, naming the installation's apiBaseUrl),
+    /// a freshly minted system token in `x-forge-oauth-system`, and `body` (no body at all when nil).
+    static func forgeCall(
+        _ name: String, path: String,
+        body: @escaping @Sendable (ForgeEmulator, EmulatedInstallation) -> String?
+    ) -> TokenEntry {
+        TokenEntry(name: name, triggerCalls: 0) { ctx in
+            let token = try ctx.h.emulator.mintAccessToken(for: ctx.installation)
+            let fit = try ctx.h.emulator.mintFIT(for: ctx.installation)
+            var headers = ["authorization": "Bearer " + fit, "x-forge-oauth-system": token]
+            let text = body(ctx.h.emulator, ctx.installation)
+            if text != nil { headers["content-type"] = "application/json" }
+            let answer = try await ctx.h.call(.POST, path, at: ctx.gatewayURL, headers: headers, body: text)
+            #expect(answer.status == 200, "\(name): \(answer.status) \(answer.body)")
+            return EnteredToken(token: token, answer: nil)
+        }
+    }
+}
+
+/// Every way a token enters × every way it is served: the whole answer, `apiBaseUrl` included,
+/// on the replica that received the token, on another replica that was running, on a replica
+/// started afterwards (Redis only), through `/oauth/token` and through `?asUser=`.
+@Suite("Token answers: every entry × every serving path")
+struct TokenAnswerMatrixTests {
+    @Test("the whole answer is right whichever way the token entered and whichever way it is served", arguments: TokenEntry.all)
+    func wholeAnswer(entry: TokenEntry) async throws {
+        try await GatewayHarness.run { h in
+            let installation = h.emulator.makeInstallation()
+            let id = installation.installationID
+            try await h.withSecondGateway { otherURL, other in
+                // Installed (lifecycle event and trigger registration), so Atlassian exchanges
+                // user tokens for it. The other replica already serves an older token from its
+                // memory, so it only serves the new one once the notification has reached it.
+                try await h.emulator.install(installation)
+                let older = try await h.emulator.push(installation, expiresAt: Date().addingTimeInterval(1200), to: otherURL)
+                #expect(older.status == 200, "\(older.body)")
+                let primed = try await h.call(.GET, GatewayHarness.path(installation) + "/token", at: otherURL)
+                Self.expectWholeAnswer(primed, installation, token: older.token, source: "cache", "other replica, before")
+
+                // The entry, on gateway A.
+                let entered = try await entry.enter(
+                    TokenEntryContext(h: h, installation: installation, gatewayURL: h.gatewayURL))
+                #expect(entered.token != older.token)
+                if let first = entered.answer {
+                    Self.expectWholeAnswer(first.0, installation, token: entered.token, source: first.source, "entering answer")
+                }
+
+                // 1. Memory of the replica that received it: the entry carries token and base URL together.
+                let memory = h.gateway.flow.remembered(id)
+                #expect(memory.token?.value == entered.token)
+                #expect(memory.apiBaseUrl == installation.apiBaseUrl)
+                let fromMemory = try await h.token(installation)
+                Self.expectWholeAnswer(fromMemory, installation, token: entered.token, source: "cache", "memory")
+
+                // 2. POST /oauth/token (client_credentials with the installation as resource).
+                let oauth = try await h.call(
+                    .POST, "/oauth/token", secret: nil,
+                    headers: [
+                        "content-type": "application/x-www-form-urlencoded",
+                        "authorization": GatewayHarness.basic("full", GatewayHarness.callerSecret),
+                    ], body: "grant_type=client_credentials&resource=\(formEncoded(installation.id))")
+                #expect(oauth.status == 200, "\(oauth.body)")
+                #expect(Set(oauth.json.keys) == ["access_token", "token_type", "expires_in"])
+                #expect(oauth.json["access_token"] as? String == entered.token)
+                #expect(oauth.json["token_type"] as? String == "Bearer")
+                let exp = try #require(TokenClaims.expiry(of: entered.token))
+                let expiresIn = try #require(oauth.json["expires_in"] as? Int)
+                let left = Int(exp - Int64(Date().timeIntervalSince1970))
+                #expect(expiresIn >= left - 5 && expiresIn <= left + 1)
+                // …and what it served from leaves memory as it was.
+                #expect(h.gateway.flow.remembered(id).apiBaseUrl == installation.apiBaseUrl)
+
+                // 3. A user token (?asUser=): its answer carries the installation's apiBaseUrl too.
+                let account = "557058:" + UUID().uuidString.lowercased()
+                let user = try await h.token(installation, query: "asUser=\(account)")
+                #expect(user.status == 200, "\(user.body)")
+                #expect(
+                    Set(user.json.keys)
+                        == ["installationId", "accountId", "tokenType", "accessToken", "expiresAt", "apiBaseUrl", "source"])
+                #expect(user.json["installationId"] as? String == installation.id)
+                #expect(user.json["accountId"] as? String == account)
+                #expect(user.json["tokenType"] as? String == "Bearer")
+                let userToken = try #require(user.json["accessToken"] as? String)
+                #expect(userToken == h.emulator.lastUserToken(for: installation, accountId: account))
+                #expect(user.json["expiresAt"] as? String == TokenClaims.expiry(of: userToken).map { RFC3339.string(unixSeconds: $0) })
+                #expect(user.json["apiBaseUrl"] as? String == installation.apiBaseUrl)
+                #expect(user.json["source"] as? String == "exchange")
+
+                // 4. The other replica, which was running: told by the notification channel, it
+                // replaces the older token in its memory, base URL included.
+                let deadline = ContinuousClock.now + .seconds(10)
+                while other.flow.remembered(id).token?.value != entered.token, ContinuousClock.now < deadline {
+                    try await Task.sleep(for: .milliseconds(10))
+                }
+                #expect(other.flow.remembered(id).token?.value == entered.token)
+                #expect(other.flow.remembered(id).apiBaseUrl == installation.apiBaseUrl)
+                let fromOther = try await h.call(.GET, GatewayHarness.path(installation) + "/token", at: otherURL)
+                Self.expectWholeAnswer(fromOther, installation, token: entered.token, source: "cache", "other replica")
+
+                // 5. A replica started afterwards knows nothing but Redis.
+                try await h.withSecondGateway { freshURL, fresh in
+                    #expect(fresh.flow.remembered(id).token == nil)
+                    let fromRedis = try await h.call(.GET, GatewayHarness.path(installation) + "/token", at: freshURL)
+                    Self.expectWholeAnswer(fromRedis, installation, token: entered.token, source: "cache", "Redis")
+                    // Served from memory now: the same whole answer.
+                    #expect(fresh.flow.remembered(id).apiBaseUrl == installation.apiBaseUrl)
+                    let again = try await h.call(.GET, GatewayHarness.path(installation) + "/token", at: freshURL)
+                    Self.expectWholeAnswer(again, installation, token: entered.token, source: "cache", "fresh replica's memory")
+                }
+            }
+            #expect(h.emulator.triggerCalls(for: installation) == entry.triggerCalls)
+        }
+    }
+
+    @Test("a later FIT's apiBaseUrl replaces the earlier one in every answer, on both replicas")
+    func latestFITWins() async throws {
+        try await GatewayHarness.run { h in
+            let installation = h.emulator.makeInstallation()
+            let id = installation.installationID
+            try await h.withSecondGateway { otherURL, other in
+                let first = try await h.emulator.push(installation, expiresAt: Date().addingTimeInterval(1200))
+                #expect(first.status == 200)
+                _ = try await h.call(.GET, GatewayHarness.path(installation) + "/token", at: otherURL)
+                #expect(other.flow.remembered(id).apiBaseUrl == installation.apiBaseUrl)
+
+                // The site moved: Forge's next FIT names another apiBaseUrl (here on a push whose
+                // token is no newer, so only the base URL changes).
+                var moved = installation
+                moved.apiBaseUrl = "https://api.atlassian.com/ex/confluence/" + installation.cloudId
+                let again = try await h.emulator.deliver(moved, systemToken: first.token, requestId: nil)
+                #expect(again.status == 200)
+                #expect(again.body.contains("\"stored\":false"))
+                let here = try await h.token(moved)
+                Self.expectWholeAnswer(here, moved, token: first.token, source: "cache", "receiving replica")
+                let deadline = ContinuousClock.now + .seconds(10)
+                while other.flow.remembered(id).apiBaseUrl != moved.apiBaseUrl, ContinuousClock.now < deadline {
+                    try await Task.sleep(for: .milliseconds(10))
+                }
+                let there = try await h.call(.GET, GatewayHarness.path(moved) + "/token", at: otherURL)
+                Self.expectWholeAnswer(there, moved, token: first.token, source: "cache", "other replica")
+                let meta = try await h.call(.GET, GatewayHarness.path(moved))
+                #expect(meta.json["apiBaseUrl"] as? String == moved.apiBaseUrl)
+            }
+        }
+    }
+
+    /// The whole `GET …/token` answer: every field, nothing else.
+    static func expectWholeAnswer(
+        _ answer: GatewayHarness.Answer, _ installation: EmulatedInstallation, token: String, source: String,
+        _ what: String, sourceLocation: SourceLocation = #_sourceLocation
+    ) {
+        #expect(answer.status == 200, "\(what): \(answer.status) \(answer.body)", sourceLocation: sourceLocation)
+        let json = answer.json
+        #expect(
+            Set(json.keys) == ["installationId", "tokenType", "accessToken", "expiresAt", "apiBaseUrl", "source"],
+            "\(what)", sourceLocation: sourceLocation)
+        #expect(json["installationId"] as? String == installation.id, "\(what)", sourceLocation: sourceLocation)
+        #expect(json["tokenType"] as? String == "Bearer", "\(what)", sourceLocation: sourceLocation)
+        #expect(json["accessToken"] as? String == token, "\(what)", sourceLocation: sourceLocation)
+        #expect(
+            json["expiresAt"] as? String == TokenClaims.expiry(of: token).map { RFC3339.string(unixSeconds: $0) },
+            "\(what)", sourceLocation: sourceLocation)
+        #expect(json["apiBaseUrl"] as? String == installation.apiBaseUrl, "\(what)", sourceLocation: sourceLocation)
+        #expect(json["source"] as? String == source, "\(what)", sourceLocation: sourceLocation)
+        #expect(answer.headers["cache-control"] == "no-store", "\(what)", sourceLocation: sourceLocation)
+    }
+}
+
+extension GatewayHarness {
+    /// One HTTP call to the gateway at `baseURL` (another replica), with the full caller's
+    /// credential unless `headers` name another `authorization`.
+    func call(
+        _ method: HTTPMethod, _ path: String, at baseURL: String, headers: [String: String] = [:], body: String? = nil
+    ) async throws -> Answer {
+        var request = HTTPClientRequest(url: baseURL + path)
+        request.method = method
+        request.headers.add(name: "authorization", value: "Bearer \(GatewayHarness.callerSecret)")
+        for (k, v) in headers { request.headers.replaceOrAdd(name: k, value: v) }
+        if let body { request.body = .bytes(ByteBuffer(string: body)) }
+        let response = try await self.http.execute(request, timeout: .seconds(35))
+        let bytes = try await response.body.collect(upTo: 4 << 20)
+        var headerMap: [String: String] = [:]
+        for h in response.headers { headerMap[h.name.lowercased()] = h.value }
+        return Answer(status: Int(response.status.code), headers: headerMap, body: String(buffer: bytes))
+    }
+}
