@@ -117,6 +117,14 @@ struct ForgeRouteKindTests {
                 body: Data(#"{"authTriggerUrl":"\#(h.emulator.triggerURL(for: installation))/x"}"#.utf8),
                 systemToken: try h.emulator.mintAccessToken(for: installation))
             #expect(fromBrowser.status == 403)
+            // And so does the emulator's admin route, as `token-gateway emulate` users drive it.
+            var admin = HTTPClientRequest(url: h.emulator.baseURL + "/admin/installations/\(installation.uuid)/ui-invoke")
+            admin.method = .POST
+            admin.body = .bytes(ByteBuffer(string: #"{"path":"/forge/lifecycle","body":{"eventType":"avi:forge:uninstalled:app"},"systemToken":true}"#))
+            let adminAnswer = try await h.http.execute(admin, timeout: .seconds(30))
+            #expect(adminAnswer.status.code == 200)
+            let adminBody = String(buffer: try await adminAnswer.body.collect(upTo: 1 << 20))
+            #expect(adminBody.contains(#""status":403"#), "\(adminBody)")
 
             let after = try await Self.observe(h, installation)
             #expect(after == before)

@@ -108,6 +108,34 @@ struct SameTokenRoundTripTests {
         }
     }
 
+    @Test("the re-delivered token landing on the other replica still answers the leader's callers and places the hold")
+    func deliveryOnOtherReplica() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let held = try await h.emulator.push(installation, expiresAt: Date().addingTimeInterval(600))
+            h.emulator.setFault(.redeliverCached, for: installation)
+            try await h.withSecondGateway { otherURL, other in
+                // Gateway A sends the trigger; Forge delivers to replica B, which stores nothing
+                // (not newer) and tells A through the notification channel.
+                h.emulator.setGatewayURL(otherURL)
+                let answers = try await Self.concurrently(5) { try await h.token(installation, query: "minValidity=3600") }
+                for answer in answers {
+                    let source = answer.json["source"] as? String ?? ""
+                    #expect(source == "trigger" || source == "cache", "\(answer.body)")
+                    TokenAnswerMatrixTests.expectWholeAnswer(answer, installation, token: held.token, source: source, "leader")
+                }
+                #expect(h.emulator.triggerCalls(for: installation) == 1)
+                #expect(try await Self.hold(h, installation) != nil)
+                let there = try await h.call(
+                    .GET, GatewayHarness.path(installation) + "/token?minValidity=3600", at: otherURL)
+                TokenAnswerMatrixTests.expectWholeAnswer(there, installation, token: held.token, source: "cache", "replica B")
+                #expect(!other.flow.isRoundActive(installation.installationID))
+                #expect(h.emulator.triggerCalls(for: installation) == 1)
+                h.emulator.setGatewayURL(h.gatewayURL)
+            }
+        }
+    }
+
     @Test("when the hold ends the next request starts exactly one more round trip")
     func holdEnds() async throws {
         try await GatewayHarness.run(configure: { $0.flow.sameTokenHold = .milliseconds(500) }) { h in
