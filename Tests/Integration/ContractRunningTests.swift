@@ -63,7 +63,7 @@ struct ContractRunningTests {
         "TOKEN_GATEWAY_FORGE_JWKS_URL": "jwks",
         "TOKEN_GATEWAY_TRIGGER_HOSTS": "http://trigger.example.com",
         "TOKEN_GATEWAY_ENCRYPTION_KEYS": "k1:c2hvcnQtc2VjcmV0LWtleQ",
-        "TOKEN_GATEWAY_CALLERS": "[{\"name\":\"a\",\"secret\":\"short-secret\"}]",
+        "TOKEN_GATEWAY_CALLERS": "{\"callers\":\"not an array\"}",
         "TOKEN_GATEWAY_CONNECT_BASE_URL": "app.example.com",
         "TOKEN_GATEWAY_CONNECT_KEYS_URL": "keys",
         "TOKEN_GATEWAY_FORGE_GRAPHQL_URL": "graphql",
