@@ -7,8 +7,8 @@ import Testing
 @testable import TokenGateway
 
 /// Contract §2 `GET /v1/installations`: pages ordered by installation id, each installation
-/// exactly once, `limit` default 100 and range 1–1000, the caller's set only. Runs on a Redis of
-/// its own, so that the installations listed are exactly the ones this test created.
+/// exactly once, `limit` default 100 and range 1–1000, the caller's set only, never `KEYS`. Runs
+/// on a Redis of its own, so that the installations listed are exactly the ones this test created.
 @Suite("Contract: listing installations")
 struct ContractListingTests {
     struct Page {
@@ -29,7 +29,8 @@ struct ContractListingTests {
 
     @Test("pages are ordered by id, hold each installation exactly once, default to 100, and accept 1–1000 only")
     func paging() async throws {
-        let redis = try await RedisServerProcess.start()
+        // KEYS renamed away: listing must work without it (never backed by KEYS).
+        let redis = try await RedisServerProcess.start(extraArguments: ["--rename-command", "KEYS", "keys-is-off-\(UUID().uuidString)"])
         do {
             try await GatewayHarness.run(redisURL: redis.url) { h in
                 var created: Set<String> = []

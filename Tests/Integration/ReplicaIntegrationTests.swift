@@ -139,9 +139,11 @@ struct ReplicaIntegrationTests {
         ) { h in
             let installation = h.emulator.makeInstallation()
             try await h.emulator.install(installation)
-            // Nowhere to deliver: Forge's delivery fails, so the trigger answers 502 and the one
-            // attempt fails whatever the shutdown's timing.
-            h.emulator.setGatewayURL("http://127.0.0.1:1")
+            // Nowhere to deliver: Forge's delivery reaches a listener that closes every connection,
+            // so the trigger answers 502 and the one attempt fails whatever the shutdown's timing.
+            let nowhere = try await ConnectionRecorder.start()
+            defer { Task { await nowhere.stop() } }
+            h.emulator.setGatewayURL(nowhere.baseURL)
             h.emulator.setFault(.respondSlowly(.milliseconds(500)), for: installation)
             async let answer = h.token(0, installation, query: "timeout=30000")
             let deadline = ContinuousClock.now + .seconds(20)
