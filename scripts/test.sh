@@ -53,7 +53,8 @@ run_phase() {
     p=$( (grep -E '^✔ Test .* passed after' "$log" | grep -v -E '^✔ Test run with' || true) | wc -l)
     f=$( (grep -E '^✘ Test .* failed after' "$log" | grep -v -E '^✘ Test run with' || true) |
         sed -E 's/ failed after.*//' | sort -u | wc -l)
-    s=$( (grep -E '^[^ ]+ Test .* skipped' "$log" || true) | wc -l)
+    # A skip line ends `skipped.` or `skipped: "reason"` (test names may contain the word).
+    s=$( (grep -E '^[^ ]+ Test .* skipped(\.|: .*)$' "$log" | grep -v -E ' (started\.|passed after|failed after)' || true) | wc -l)
     total=$( (grep -E '^[^ ]+ Test run with [0-9]+ tests?' "$log" || true) | tail -n 1 |
         sed -E 's/^[^ ]+ Test run with ([0-9]+) tests?.*/\1/')
     passed=$((passed + p))
