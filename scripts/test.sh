@@ -34,30 +34,85 @@ echo "==> building (debug, with tests)"
 swift build --build-tests 2>&1 | grep -v -E "_FILE_OFFSET_BITS|unhandled; explicitly declare" | tail -n 40
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "build failed"; exit 1; }
 
+# run_phase NAME LOG [swift test arguments...]: runs one `swift test` and reads its outcome from the
+# runner's own lines (Swift Testing's `✔ Test … passed after`, `✘ Test … failed after` and the
+# `Test run with N tests` summary). A phase fails when swift test fails, when it ran zero tests,
+# when a test was skipped, or when the run ended without its summary line (a crash).
+# Adds the phase's counts to `passed` and `failed`.
+passed=0
+failed=0
+failures=()
+allow_empty=0
+run_phase() {
+    local name=$1 log=$2
+    shift 2
+    echo "==> $name: swift test $*"
+    swift test --skip-build "$@" 2>&1 | tee "$log"
+    local rc=${PIPESTATUS[0]}
+    local p f s total
+    p=$( (grep -E '^✔ Test .* passed after' "$log" | grep -v -E '^✔ Test run with' || true) | wc -l)
+    f=$( (grep -E '^✘ Test .* failed after' "$log" | grep -v -E '^✘ Test run with' || true) |
+        sed -E 's/ failed after.*//' | sort -u | wc -l)
+    # A skip line ends `skipped.` or `skipped: "reason"` (test names may contain the word).
+    s=$( (grep -E '^[^ ]+ Test .* skipped(\.|: .*)$' "$log" | grep -v -E ' (started\.|passed after|failed after)' || true) | wc -l)
+    total=$( (grep -E '^[^ ]+ Test run with [0-9]+ tests?' "$log" || true) | tail -n 1 |
+        sed -E 's/^[^ ]+ Test run with ([0-9]+) tests?.*/\1/')
+    passed=$((passed + p))
+    failed=$((failed + f))
+    if [ -z "$total" ]; then
+        echo "==> $name: CRASHED: the test run ended without its summary line (exit $rc; a signal or a crash)"
+        failures+=("$name crashed")
+        [ "$f" -gt 0 ] || failed=$((failed + 1))
+    elif [ "$total" = 0 ] && [ "$allow_empty" = 1 ]; then
+        echo "==> $name: the filter selects none of these tests"
+    elif [ "$total" = 0 ]; then
+        echo "==> $name: ran zero tests: FAILED (a filter that matches nothing, or a renamed target)"
+        failures+=("$name ran zero tests")
+    elif [ "$s" -gt 0 ]; then
+        echo "==> $name: $s test(s) skipped: FAILED (no test may be skipped)"
+        failures+=("$name skipped $s")
+    elif [ "$rc" != 0 ] || [ "$f" -gt 0 ]; then
+        echo "==> $name: $p passed, $f failed (exit $rc)"
+        failures+=("$name failed")
+        [ "$f" -gt 0 ] || failed=$((failed + 1))
+    elif [ "$((p + f))" != "$total" ]; then
+        echo "==> $name: the runner announced $total tests but reported $p passed and $f failed: FAILED"
+        failures+=("$name miscounted")
+    else
+        echo "==> $name: $p passed"
+    fi
+}
+
 set +e
-status=0
 if [ $# -gt 0 ]; then
-    echo "==> running tests: $*"
-    swift test --skip-build "$@" 2>&1 | tee "$workdir/test.log"
-    status=${PIPESTATUS[0]}
+    # `scripts/test.sh <filter>...` (or `--filter <filter>`): the same two phases, narrowed to the
+    # filter; integration tests still run one at a time. One phase may be left empty by the
+    # filter; a filter that matches nothing at all fails.
+    allow_empty=1
+    filters=()
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --filter) filters+=(--filter "$2"); shift 2 ;;
+            --filter=*) filters+=(--filter "${1#--filter=}"); shift ;;
+            *) filters+=(--filter "$1"); shift ;;
+        esac
+    done
+    run_phase "unit tests (in parallel)" "$workdir/unit.log" "${filters[@]}" --skip '^Integration\.'
+    run_phase "integration tests (one at a time)" "$workdir/integration.log" --no-parallel "${filters[@]}" --skip '^Unit\.'
+    if [ "$((passed + failed))" = 0 ]; then failures+=("the filter matches no test"); fi
 else
     # Unit tests are pure and fast: run them in parallel. Integration tests start real gateways,
-    # emulators, Redis servers and processes: one at a time keeps them independent of the
-    # machine's load (2 cores) and their timings honest.
-    echo "==> unit tests (in parallel)"
-    swift test --skip-build --filter '^Unit\.' 2>&1 | tee "$workdir/unit.log"
-    s1=${PIPESTATUS[0]}
-    echo "==> integration tests (one at a time)"
-    swift test --skip-build --no-parallel --filter '^Integration\.' 2>&1 | tee "$workdir/integration.log"
-    s2=${PIPESTATUS[0]}
-    cat "$workdir/unit.log" "$workdir/integration.log" > "$workdir/test.log"
-    [ "$s1" = 0 ] && [ "$s2" = 0 ] || status=1
+    # emulators, Redis servers and processes: one at a time keeps them independent of each other.
+    run_phase "unit tests (in parallel)" "$workdir/unit.log" --filter '^Unit\.'
+    run_phase "integration tests (one at a time)" "$workdir/integration.log" --no-parallel --filter '^Integration\.'
 fi
 set -e
-# Totals over every run, as the last line.
-total=$( (grep -E "Test run with [0-9]+ tests?" "$workdir/test.log" || true) | sed -E 's/.*Test run with ([0-9]+) tests?.*/\1/' | awk '{s+=$1} END {print s+0}')
-failed=$( (grep -E "^✘ Test .* failed after" "$workdir/test.log" | grep -v "^✘ Test run with" || true) | sed -E 's/ failed after.*//' | sort -u | wc -l)
-total=${total:-0}
-if [ "$status" != 0 ] && [ "$failed" = 0 ]; then failed=1; fi
-echo "tests: $((total - failed)) passed, $failed failed"
+status=0
+if [ ${#failures[@]} -gt 0 ]; then
+    status=1
+    echo "==> FAILED: $(IFS=';'; echo "${failures[*]}")"
+    if [ "$failed" = 0 ]; then failed=1; fi
+fi
+# Totals over every phase, as the last line (CI reads it).
+echo "tests: $passed passed, $failed failed"
 exit "$status"

@@ -625,8 +625,10 @@ struct OpenAPIConformanceTests {
         _ r: AnswerRecorder, _ h: GatewayHarness, installation: EmulatedInstallation,
         unavailable: EmulatedInstallation
     ) async throws {
+        // The OAuth face is always served (contract §8): a missing discovery document is a failure,
+        // never a reason to skip the checks below.
         let discovery = try await h.call(.GET, "/.well-known/oauth-authorization-server", secret: nil)
-        guard discovery.status != 404 else { return }
+        try #require(discovery.status == 200, "discovery answered \(discovery.status)")
         r.record(.GET, "/.well-known/oauth-authorization-server", discovery, note: "discovery")
         let form = ["content-type": "application/x-www-form-urlencoded"]
         let basic = "Basic " + Data("full:\(GatewayHarness.callerSecret)".utf8).base64EncodedString()
@@ -666,7 +668,9 @@ struct OpenAPIConformanceTests {
         _ r: AnswerRecorder, _ h: GatewayHarness, tenant: EmulatedConnectTenant
     ) async throws {
         let discovery = try await h.call(.GET, "/.well-known/oauth-authorization-server", secret: nil)
-        guard discovery.status != 404 else { return }
+        try #require(discovery.status == 200, "discovery answered \(discovery.status)")
+        let grants = discovery.json["grant_types_supported"] as? [String] ?? []
+        try #require(grants.contains(OAuthMetadata.tokenExchangeGrant), "token exchange not announced with Connect on")
         r.record(.GET, "/.well-known/oauth-authorization-server", discovery, note: "discovery with Connect")
         let url = "/gateway/issue-glance?issueKey=ABC-1"
         let jwt = h.emulator.mintConnectJWT(for: tenant, method: "GET", url: url)

@@ -241,13 +241,12 @@ import Testing
 
             await server.kill()
 
-            // Every send fails with `unavailable`, well within its timeout: refused connects, then backoff.
+            // Every send fails with `unavailable`, not by running out its (long) timeout: refused
+            // connects, then backoff. A send that waited for its timeout would throw `timeout`.
             for _ in 0..<20 {
-                let start = ContinuousClock.now
                 await #expect(throws: RedisError.unavailable) {
-                    try await client.send(["GET", prefix + "k"], timeout: .seconds(2))
+                    try await client.send(["GET", prefix + "k"], timeout: .seconds(60))
                 }
-                #expect(ContinuousClock.now - start < .seconds(1))
             }
             #expect(!client.isAvailable)
 
@@ -273,10 +272,9 @@ import Testing
     @Test func unreachableServerFailsFastWithUnavailable() async throws {
         let port = try RedisServerProcess.freeLoopbackPort()
         try await Self.withClient(url: "redis://127.0.0.1:\(port)/0") { client in
+            // `unavailable` (refused), never `timeout`: nothing waits for a server that is not there.
             for _ in 0..<10 {
-                let start = ContinuousClock.now
-                await #expect(throws: RedisError.unavailable) { try await client.send(["PING"]) }
-                #expect(ContinuousClock.now - start < .seconds(1))
+                await #expect(throws: RedisError.unavailable) { try await client.send(["PING"], timeout: .seconds(60)) }
             }
             #expect(!client.isAvailable)
         }
@@ -290,15 +288,14 @@ import Testing
         try await Self.withClient(configuration: configuration) { client in
             try await Self.withClient(url: server.url) { admin in
                 try await client.ping()
-                _ = try await admin.send(["CLIENT", "PAUSE", "1000", "ALL"])
-                let start = ContinuousClock.now
+                // The pause outlasts the SET's timeout by far: the SET times out (the event), its
+                // reply comes after the pause.
+                _ = try await admin.send(["CLIENT", "PAUSE", "5000", "ALL"])
                 await #expect(throws: RedisError.timeout) {
                     try await client.send(["SET", prefix + "k", "late"], timeout: .milliseconds(150))
                 }
-                let elapsed = ContinuousClock.now - start
-                #expect(elapsed >= .milliseconds(140) && elapsed < .milliseconds(900))
                 // Same connection (pool of one): the SET's late `OK` must not be taken for this GET's reply.
-                #expect(try await client.send(["GET", prefix + "k"], timeout: .seconds(3)).string == "late")
+                #expect(try await client.send(["GET", prefix + "k"], timeout: .seconds(60)).string == "late")
                 #expect(try await client.send(["PING"]) == .status("PONG"))
             }
         }

@@ -144,15 +144,16 @@ struct SecurityAttackTests {
 
     @Test("a FIT for installation B delivering A's pending request never touches A")
     func crossInstallationRequestIDIsIgnored() async throws {
-        // One attempt that waits long enough for the delivery below, however busy the machine.
+        // One attempt whose delivery grace outlasts the caller's deadline: A's round trip stays
+        // open for the delivery below until that deadline, however busy the machine.
         try await GatewayHarness.run(configure: { config in
             config.flow.maxAttempts = 1
-            config.flow.deliveryGrace = .milliseconds(2500)
+            config.flow.deliveryGrace = .seconds(60)
         }) { h in
             let a = try await h.installed()
             let b = try await h.installed()
             h.emulator.setFault(.acceptWithoutDelivery, for: a)
-            let waiting = Task { try await h.token(a, query: "timeout=3000") }
+            let waiting = Task { try await h.token(a, query: "timeout=15000") }
             let triggered = try await Security.eventually { h.emulator.triggerRecords(for: a).first?.requestId != nil }
             #expect(triggered)
             let requestID = try #require(h.emulator.triggerRecords(for: a).first?.requestId)

@@ -113,9 +113,17 @@ struct SecurityTriggerURLTests {
             let moved = try await h.emulator.register(installation, authTriggerUrl: recorder.baseURL + "/x1/moved")
             #expect(moved.status == 200)
             #expect(moved.triggerKeyId == keyID)
-            let refresh = try await h.call(.POST, GatewayHarness.path(installation) + "/token/refresh?timeout=2000")
-            #expect(refresh.status == 502 || refresh.status == 504)
+            // The recorder closes every connection at once: the one attempt fails as a transport
+            // error, so the answer is 502 trigger_failed (a deadline far away keeps the clock out).
+            let refresh = try await h.call(.POST, GatewayHarness.path(installation) + "/token/refresh?timeout=30000")
+            #expect(refresh.status == 502)
+            #expect(refresh.errorCode == "trigger_failed")
+            // One trigger attempt; its HTTP client may open a second connection when the first
+            // closes before the request is written, so connections are at least one.
             #expect(recorder.connections >= 1)
+            #expect(
+                sample(try await h.call(.GET, "/metrics", secret: nil).body, "token_gateway_trigger_attempts_total",
+                    ["outcome": "transport_error"]) == 1)
             #expect(h.emulator.triggerCalls(for: installation) == 1)
 
             // Rotate to a second trigger path on the emulator: it answers there.

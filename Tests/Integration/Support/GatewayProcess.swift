@@ -43,12 +43,12 @@ final class GatewayProcess: Sendable {
         if self.process.isRunning { kill(self.process.processIdentifier, SIGKILL) }
     }
 
-    /// Starts `token-gateway serve` on an ephemeral port with `settings` as its environment and
-    /// returns once it logged that it is ready (deadline 30 s).
-    static func start(settings: [String: String]) async throws -> GatewayProcess {
+    /// Starts `token-gateway serve` (plus `arguments`) on an ephemeral port with `settings` as its
+    /// environment and returns once it logged that it is ready (deadline 30 s).
+    static func start(settings: [String: String], arguments: [String] = []) async throws -> GatewayProcess {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: Self.binary)
-        process.arguments = ["serve"]
+        process.arguments = ["serve"] + arguments
         var environment = ["PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"]
         for (k, v) in settings { environment[k] = v }
         environment["TOKEN_GATEWAY_PORT"] = "0"

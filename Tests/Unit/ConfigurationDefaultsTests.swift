@@ -1,0 +1,65 @@
+import Foundation
+import Logging
+import Testing
+
+import FlowEngine
+@testable import TokenGateway
+
+/// Contract §7's defaults table, read back from a configuration loaded with only the required
+/// settings; and the defaults of §3 (trigger allow-list) and §5 (Connect install keys URL).
+@Suite struct ConfigurationDefaultsTests {
+    static let required: [String: String] = [
+        "TOKEN_GATEWAY_FORGE_APP_ID": "ari:cloud:ecosystem::app/6f1a7b2e-3c4d-4e5f-8a9b-0c1d2e3f4a5b",
+        "TOKEN_GATEWAY_ENCRYPTION_KEYS": "k1:" + Data(repeating: 7, count: 32).base64EncodedString(),
+        "TOKEN_GATEWAY_CALLERS": #"[{"name":"a","secret":"caller-secret-0123456789","installations":["*"]}]"#,
+    ]
+
+    @Test func theDefaultsTable() throws {
+        let config = try GatewayConfiguration.load(environment: Self.required)
+        #expect(config.host == "127.0.0.1")
+        #expect(config.port == 8080)
+        #expect(config.redis.endpoint == .direct(host: "127.0.0.1", port: 6379))
+        #expect(config.redis.database == 0)
+        #expect(config.redis.password == nil)
+        #expect(config.forgeJWKSURL == "https://forge.cdn.prod.atlassian-dev.net/.well-known/jwks.json")
+        #expect(config.connectBaseURL == nil)
+        #expect(config.connectKeysURL == "https://connect-install-keys.atlassian.com")
+        #expect(config.forgeGraphQLURL == "https://api.atlassian.com/graphql")
+        #expect(config.userExchangesPerMinute == 1000)
+        #expect(config.publicURL == nil)
+        #expect(config.effectivePublicURL == "http://127.0.0.1:8080")
+        #expect(config.logLevel == .info)
+    }
+
+    @Test func thePublicURLDefaultFollowsHostAndPort() throws {
+        var environment = Self.required
+        environment["TOKEN_GATEWAY_HOST"] = "10.1.2.3"
+        environment["TOKEN_GATEWAY_PORT"] = "9090"
+        #expect(try GatewayConfiguration.load(environment: environment).effectivePublicURL == "http://10.1.2.3:9090")
+    }
+
+    @Test func theDefaultTriggerAllowListIsForgesWebTriggerHostsOverHTTPS() throws {
+        let allowList = try GatewayConfiguration.load(environment: Self.required).triggerHosts
+        for url in [
+            "https://0123abcd.hello.atlassian-dev.net/x1/trigger", "https://a.b.webtrigger.atlassian.app/x",
+        ] {
+            #expect(allowList.allows(url), "\(url)")
+        }
+        for url in [
+            "http://0123abcd.hello.atlassian-dev.net/x1/trigger", "https://hello.atlassian-dev.net/x",
+            "https://0123abcd.hello.atlassian-dev.net:8443/x", "https://webtrigger.atlassian.app.example.com/x",
+            "https://example.com/x", "http://127.0.0.1:8080/x", "https://localhost/x",
+        ] {
+            #expect(!allowList.allows(url), "\(url)")
+        }
+    }
+
+    @Test func theConnectVerifierFetchesKeysFromTheDefaultURL() throws {
+        var environment = Self.required
+        environment["TOKEN_GATEWAY_CONNECT_BASE_URL"] = "https://app.example.com"
+        let config = try GatewayConfiguration.load(environment: environment)
+        #expect(config.connectKeysURL == SignedInstallVerifier.productionKeysURL)
+        #expect(SignedInstallVerifier.Configuration(appBaseURL: "https://app.example.com").keysURL
+            == "https://connect-install-keys.atlassian.com")
+    }
+}
