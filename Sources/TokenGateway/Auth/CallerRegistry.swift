@@ -97,11 +97,14 @@ public struct Caller: Sendable, Hashable, CustomStringConvertible {
     public let installations: CallerScope
     /// Connect `clientKey`s the caller may use on the Connect routes.
     public let clientKeys: CallerScope
+    /// Named-trigger keys the caller may invoke (`POST …/invoke/{key}`); none by default.
+    public let invoke: CallerScope
 
-    public init(name: String, installations: CallerScope, clientKeys: CallerScope) {
+    public init(name: String, installations: CallerScope, clientKeys: CallerScope, invoke: CallerScope = .none) {
         self.name = name
         self.installations = installations
         self.clientKeys = clientKeys
+        self.invoke = invoke
     }
 
     public var description: String { "Caller(\(self.name))" }
@@ -126,8 +129,8 @@ public struct CallerRegistry: Sendable {
     /// `[{"name": "…", "secret": "…" | "secretSha256": "<hex>", "installations": […], "clientKeys": […]}]`.
     ///
     /// Names are unique and non-empty; exactly one of `secret` (non-empty) and `secretSha256`
-    /// (64 hex digits) is given; `installations` (ARIs, bare ids or `*`) and `clientKeys` (or `*`)
-    /// default to none. Unknown fields are refused, so a misspelt field cannot silently widen or
+    /// (64 hex digits) is given; `installations` (ARIs, bare ids or `*`), `clientKeys` (or `*`) and
+    /// `invoke` (named-trigger keys or `*`) default to none. Unknown fields are refused, so a misspelt field cannot silently widen or
     /// narrow a caller's rights.
     ///
     /// - Throws: ``ConfigurationValueError`` naming the entry (position and name) and the field,
@@ -146,7 +149,7 @@ public struct CallerRegistry: Sendable {
         guard !array.isEmpty else {
             throw ConfigurationValueError("\(setting) configures no caller")
         }
-        let knownFields: Set<String> = ["name", "secret", "secretSha256", "installations", "clientKeys"]
+        let knownFields: Set<String> = ["name", "secret", "secretSha256", "installations", "clientKeys", "invoke"]
         var entries: [Entry] = []
         var names: Set<String> = []
         for (index, element) in array.enumerated() {
@@ -170,7 +173,7 @@ public struct CallerRegistry: Sendable {
             if let unknown = object.keys.sorted().first(where: { !knownFields.contains($0) }) {
                 let shown = unknown.count <= 40 ? "\"\(unknown)\"" : "with a \(unknown.count)-character name"
                 throw ConfigurationValueError(
-                    "\(label): unknown field \(shown) (fields: name, secret, secretSha256, installations, clientKeys)"
+                    "\(label): unknown field \(shown) (fields: name, secret, secretSha256, installations, clientKeys, invoke)"
                 )
             }
 
@@ -205,7 +208,16 @@ public struct CallerRegistry: Sendable {
                 throw ConfigurationValueError("\(label): \"clientKeys\" contains an empty string")
             }
 
-            let caller = Caller(name: name, installations: installations, clientKeys: CallerScope(clientKeyValues))
+            let invokeValues = try Self.stringList(object["invoke"], field: "invoke", label: label)
+            if let bad = invokeValues.firstIndex(where: { $0 != "*" && !NamedTriggerKey.isValid($0) }) {
+                throw ConfigurationValueError(
+                    "\(label): \"invoke\"[\(bad)] is neither \"*\" nor a trigger key "
+                        + "(1–64 of a–z 0–9 _ -, starting with a letter or digit)")
+            }
+
+            let caller = Caller(
+                name: name, installations: installations, clientKeys: CallerScope(clientKeyValues),
+                invoke: CallerScope(invokeValues))
             entries.append(Entry(caller: caller, digest: digest))
         }
         self.entries = entries

@@ -16,6 +16,7 @@ extension Gateway {
         self.addOperationsRoutes(to: router)
         self.addConnectRoutes(to: router)
         self.addOAuthRoutes(to: router)
+        self.addInvokeRoutes(to: router)
         return router
     }
 
@@ -23,6 +24,7 @@ extension Gateway {
         (["v1", "installations", ":id", "token"], [.get]),
         (["v1", "installations", ":id", "token", "refresh"], [.post]),
         (["v1", "installations", ":id"], [.get]),
+        (["v1", "installations", ":id", "invoke", ":key"], [.post]),
         (["v1", "installations"], [.get]),
         (["forge", "register"], [.post]),
         (["forge", "auth-trigger"], [.post]),
