@@ -245,7 +245,7 @@ extension Gateway {
                 case .inProgress:
                     // A concurrent request with the same key is calling the trigger: wait for its answer.
                     let left = ContinuousClock.now.duration(to: deadline)
-                    guard left > pause else {
+                    guard left > pause, !Task.isCancelled else {
                         trace.outcome = "timeout"
                         throw GatewayError(
                             status: .gatewayTimeout, code: "token_timeout",
