@@ -68,6 +68,8 @@ struct PreUninstallBody: Codable, Sendable {
 
 struct RegisterRequestBody: Codable, Sendable {
     var authTriggerUrl: String
+    /// Named triggers: a URL sets one, null removes it (see `ForgeEmulator+NamedTriggers.swift`).
+    var triggers: [String: String?]? = nil
 }
 
 struct RegisterAnswerBody: Codable, Sendable {
@@ -117,12 +119,14 @@ extension ForgeEmulator {
     /// - Parameters:
     ///   - authTriggerUrl: The URL to register; default ``triggerURL(for:)``.
     ///   - systemToken: When set, sent as `x-forge-oauth-system` (the gateway stores it as a push).
+    ///   - triggers: Named triggers to send (a URL sets, nil removes); default every defined one.
     /// - Throws: ``ForgeEmulatorError/invalidRegistrationResponse`` when a 2xx answer has no usable
     ///   key, ``ForgeEmulatorError/notRunning``, or the HTTP client's error.
     public func register(
         _ installation: EmulatedInstallation,
         authTriggerUrl: String? = nil,
-        systemToken: String? = nil
+        systemToken: String? = nil,
+        triggers: [String: String?]? = nil
     ) async throws -> RegisterResult {
         self.state.withLock { $0.remember(installation) }
         let url = authTriggerUrl ?? self.triggerURL(for: installation)
@@ -133,7 +137,9 @@ extension ForgeEmulator {
             gatewayURL: nil,
             fit: try self.mintFIT(for: installation),
             headers: headers,
-            body: try JSONEncoder.emulator.encode(RegisterRequestBody(authTriggerUrl: url))
+            body: try JSONEncoder.emulator.encode(
+                RegisterRequestBody(
+                    authTriggerUrl: url, triggers: triggers ?? self.namedTriggersForRegistration(installation)))
         )
         guard answer.isSuccess else {
             self.logger.info(

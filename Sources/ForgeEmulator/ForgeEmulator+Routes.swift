@@ -271,6 +271,7 @@ extension ForgeEmulator {
 
         self.addConnectRoutes(to: router)
         self.addGraphQLRoutes(to: router)
+        self.addNamedTriggerRoutes(to: router)
         return router
     }
 

@@ -28,6 +28,8 @@ public struct ForgeEmulatorConfiguration: Sendable {
     public var scheduledPushInterval: Duration? = nil
     /// Cap on each call to the gateway: the `invokeRemote` limit of 25 s by default.
     public var remoteCallTimeout: Duration = .seconds(25)
+    /// Named triggers (echoing) every registration defines and registers (`"triggers"`); default none.
+    public var namedTriggerKeys: [String] = []
 
     /// Creates a configuration.
     /// - Parameters:
@@ -94,6 +96,8 @@ public final class ForgeEmulator: Sendable, Service {
     let connect: Mutex<ConnectEmulatorState>
     /// The GraphQL gateway's state (user-token exchanges); see `ForgeEmulator+GraphQL.swift`.
     let graphQL: Mutex<EmulatorGraphQLState>
+    /// Named triggers; see `ForgeEmulator+NamedTriggers.swift`.
+    let namedTriggers = Mutex(EmulatorNamedTriggers())
 
     /// Creates an emulator with fresh keys (two 2048-bit RSA keys and an HMAC key).
     /// - Throws: if key generation fails.

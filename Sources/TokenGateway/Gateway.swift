@@ -28,6 +28,11 @@ public final class Gateway: Sendable {
     /// Audit records: every token handed out and every token received.
     public let audit: AuditLog
     public let replicaID: String
+    /// Named-trigger calls (`POST …/invoke/{key}`): the signed HTTP call, the per-installation
+    /// cap and the metrics.
+    let namedTriggerInvoker: NamedTriggerInvoker
+    let invocationLimiter: InvocationLimiter
+    let invocationMetrics: InvocationMetrics
 
     /// - Parameters:
     ///   - configuration: the validated settings.
@@ -67,6 +72,11 @@ public final class Gateway: Sendable {
         }
         let trigger = HTTPTriggerClient(
             store: self.store, httpClient: self.httpClient, allowList: configuration.triggerHosts, logger: logger)
+        self.namedTriggerInvoker = NamedTriggerInvoker(
+            httpClient: self.httpClient, allowList: configuration.triggerHosts, configuration: configuration.invoke,
+            logger: logger)
+        self.invocationLimiter = InvocationLimiter(limit: configuration.invoke.maxConcurrencyPerInstallation)
+        self.invocationMetrics = InvocationMetrics(factory: self.metrics.factory)
         self.flow = TokenFlow(
             configuration: configuration.flow, store: self.store, trigger: trigger, metrics: self.metrics.flow,
             logger: logger, replicaID: self.replicaID)

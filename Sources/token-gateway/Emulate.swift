@@ -16,6 +16,8 @@ struct Emulate: AsyncParsableCommand {
               POST /admin/installations/{uuid}/push      push a fresh token
               POST /admin/installations/{uuid}/uninstall uninstall
               GET  /admin/stats                          trigger calls per installation
+              PUT  /admin/installations/{uuid}/named-triggers/{key}  define and register a named trigger
+              POST /admin/named-triggers/release         let held named-trigger calls answer
             """)
 
     @Option(help: "Listen address") var host = "127.0.0.1"
@@ -26,6 +28,8 @@ struct Emulate: AsyncParsableCommand {
     @Option(help: "Push a fresh token to every installation every N seconds (0: never)") var pushInterval = 0
     @Option(help: "Install this many installations at start (after the gateway answers)") var install = 0
     @Option(help: "Log level") var logLevel = "info"
+    @Option(name: .customLong("named-trigger"), help: "Register an echoing named trigger with this key (repeatable)")
+    var namedTriggers: [String] = []
 
     func run() async throws {
         let logger = makeLogger(
@@ -35,6 +39,7 @@ struct Emulate: AsyncParsableCommand {
         config.port = self.port
         config.tokenLifetime = .seconds(self.tokenLifetime)
         if self.pushInterval > 0 { config.scheduledPushInterval = .seconds(self.pushInterval) }
+        config.namedTriggerKeys = self.namedTriggers
         let emulator = try ForgeEmulator(configuration: config, logger: logger)
         let group = ServiceGroup(
             configuration: .init(

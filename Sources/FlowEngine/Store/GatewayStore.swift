@@ -147,6 +147,7 @@ public final class GatewayStore: Sendable {
                 self.userTokenIndexKey(id),
             ],
             arguments: [String(now.unixSeconds), self.channel, id.ari])
+        try await self.deleteNamedTriggerState(id)
         try await self.index(id)
     }
 

@@ -113,11 +113,14 @@ public struct Caller: Sendable, Hashable, CustomStringConvertible {
     public let clientKeys: CallerScope
     /// Per-minute limits (`limits` in the caller's entry).
     public var limits = CallerLimits()
+    /// Named-trigger keys the caller may invoke (`POST …/invoke/{key}`); none by default.
+    public let invoke: CallerScope
 
-    public init(name: String, installations: CallerScope, clientKeys: CallerScope) {
+    public init(name: String, installations: CallerScope, clientKeys: CallerScope, invoke: CallerScope = .none) {
         self.name = name
         self.installations = installations
         self.clientKeys = clientKeys
+        self.invoke = invoke
     }
 
     /// Names the caller in store keys (its limit counters): hex SHA-256 of the name, 24 digits.
@@ -147,8 +150,8 @@ public struct CallerRegistry: Sendable {
     /// `[{"name": "…", "secret": "…" | "secretSha256": "<hex>", "installations": […], "clientKeys": […]}]`.
     ///
     /// Names are unique and non-empty; exactly one of `secret` (non-empty) and `secretSha256`
-    /// (64 hex digits) is given; `installations` (ARIs, bare ids or `*`) and `clientKeys` (or `*`)
-    /// default to none. Unknown fields are refused, so a misspelt field cannot silently widen or
+    /// (64 hex digits) is given; `installations` (ARIs, bare ids or `*`), `clientKeys` (or `*`) and
+    /// `invoke` (named-trigger keys or `*`) default to none. Unknown fields are refused, so a misspelt field cannot silently widen or
     /// narrow a caller's rights.
     ///
     /// - Throws: ``ConfigurationValueError`` naming the entry (position and name) and the field,
@@ -167,8 +170,7 @@ public struct CallerRegistry: Sendable {
         guard !array.isEmpty else {
             throw ConfigurationValueError("\(setting) configures no caller")
         }
-        var knownFields: Set<String> = ["name", "secret", "secretSha256", "installations", "clientKeys"]
-        knownFields.insert("limits")
+        let knownFields: Set<String> = ["name", "secret", "secretSha256", "installations", "clientKeys", "limits", "invoke"]
         var entries: [Entry] = []
         var names: Set<String> = []
         for (index, element) in array.enumerated() {
@@ -192,7 +194,7 @@ public struct CallerRegistry: Sendable {
             if let unknown = object.keys.sorted().first(where: { !knownFields.contains($0) }) {
                 let shown = unknown.count <= 40 ? "\"\(unknown)\"" : "with a \(unknown.count)-character name"
                 throw ConfigurationValueError(
-                    "\(label): unknown field \(shown) (fields: name, secret, secretSha256, installations, clientKeys)"
+                    "\(label): unknown field \(shown) (fields: name, secret, secretSha256, installations, clientKeys, invoke)"
                 )
             }
 
@@ -227,7 +229,16 @@ public struct CallerRegistry: Sendable {
                 throw ConfigurationValueError("\(label): \"clientKeys\" contains an empty string")
             }
 
-            var caller = Caller(name: name, installations: installations, clientKeys: CallerScope(clientKeyValues))
+            let invokeValues = try Self.stringList(object["invoke"], field: "invoke", label: label)
+            if let bad = invokeValues.firstIndex(where: { $0 != "*" && !NamedTriggerKey.isValid($0) }) {
+                throw ConfigurationValueError(
+                    "\(label): \"invoke\"[\(bad)] is neither \"*\" nor a trigger key "
+                        + "(1–64 of a–z 0–9 _ -, starting with a letter or digit)")
+            }
+
+            var caller = Caller(
+                name: name, installations: installations, clientKeys: CallerScope(clientKeyValues),
+                invoke: CallerScope(invokeValues))
             caller.limits = try Self.limits(object["limits"], label: label)
             entries.append(Entry(caller: caller, digest: digest))
         }

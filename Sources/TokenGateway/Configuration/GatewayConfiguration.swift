@@ -83,11 +83,16 @@ public struct GatewaySetting: Sendable, Hashable {
         "TOKEN_GATEWAY_BREAKER_OPEN_MS", "breaker-open-ms",
         "first open window of a circuit, ms; doubles per reopening up to 5 min (default 5000)")
 
+    public static let invokeMaxConcurrency = GatewaySetting(
+        "TOKEN_GATEWAY_INVOKE_MAX_CONCURRENCY", "invoke-max-concurrency",
+        "named-trigger calls of one installation in progress at once per process (default 8)")
+
     public static let all: [GatewaySetting] = [
         .host, .port, .redisURL, .forgeAppID, .forgeJWKSURL, .triggerHosts, .encryptionKeys, .callers,
         .connectBaseURL, .connectKeysURL, .forgeGraphQLURL, .userExchangesPerMinute, .publicURL, .logLevel,
         .logFormat, .triggerMaxAttempts, .triggerAttemptTimeout, .deliveryGrace, .refreshAheadFraction,
         .breakerThreshold, .breakerOpen, .forgeModuleKeys, .opsHost, .opsPort, .apiBaseURLPrefixes,
+        .invokeMaxConcurrency,
     ]
 
     init(_ environment: String, _ flag: String, _ summary: String, secret: Bool = false) {
@@ -161,6 +166,8 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     /// (`POST /forge/register` with `"rotateKey": true`): the Forge side keeps both public keys
     /// for this long. Default 5 minutes.
     public var triggerKeyOverlap: Duration = .seconds(300)
+    /// Named-trigger calls (`POST /v1/installations/{id}/invoke/{key}`).
+    public var invoke = InvokeConfiguration()
 
     public init(
         redis: RedisConfiguration, forgeAppID: String, encryptionKeys: EncryptionKeyRing, callers: CallerRegistry
@@ -338,6 +345,9 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
         if let v = try integer(.breakerOpen, range: 10...3_600_000) {
             config.flow.breakerOpenBase = .milliseconds(v)
             config.flow.breakerOpenCap = max(.milliseconds(v), .seconds(300))
+        }
+        if let v = try integer(.invokeMaxConcurrency, range: 1...10_000) {
+            config.invoke.maxConcurrencyPerInstallation = v
         }
         return config
     }

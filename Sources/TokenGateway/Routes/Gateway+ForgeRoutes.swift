@@ -25,6 +25,7 @@ extension Gateway {
                 rotateKey = flag
             }
             let pushed = self.keepable(try self.optionalSystemToken(request), id: id)
+            let namedTriggers = try await self.namedTriggerRegistration(body, installation: id)
             let candidate = TriggerSigningKey.generate()
             let now = FlowTime.now()
             let outcome: GatewayStore.RegistrationOutcome
@@ -34,6 +35,7 @@ extension Gateway {
                     id, triggerURL: url, candidateKeyID: candidate.keyId, candidateKey: candidate.rawPrivateKey,
                     metadata: invocation.metadata, now: now)
                 guard case .registered = outcome else { throw GatewayError(FlowError.installationUninstalled) }
+                try await self.storeNamedTriggers(namedTriggers, installation: id, now: now)
                 if rotateKey {
                     let next = TriggerSigningKey.generate()
                     keys = try await self.store.rotateTriggerKey(

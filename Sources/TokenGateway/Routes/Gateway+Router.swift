@@ -20,6 +20,7 @@ extension Gateway {
         if !separateOperations { self.addOperationsSurface(to: router) }
         self.addConnectRoutes(to: router)
         self.addOAuthRoutes(to: router)
+        self.addInvokeRoutes(to: router)
         return router
     }
 
@@ -53,6 +54,7 @@ extension Gateway {
         (["v1", "installations", ":id", "token"], [.get]),
         (["v1", "installations", ":id", "token", "refresh"], [.post]),
         (["v1", "installations", ":id"], [.get]),
+        (["v1", "installations", ":id", "invoke", ":key"], [.post]),
         (["v1", "installations"], [.get]),
         (["forge", "register"], [.post]),
         (["forge", "auth-trigger"], [.post]),

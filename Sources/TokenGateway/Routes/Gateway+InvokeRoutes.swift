@@ -1,0 +1,355 @@
+import Crypto
+import FlowEngine
+import Foundation
+import HTTPTypes
+import Hummingbird
+import Logging
+import NIOCore
+
+/// Named triggers: registration (`"triggers"` in `/forge/register`) and
+/// `POST /v1/installations/{id}/invoke/{key}` (see `Docs/invoke.md`).
+extension Gateway {
+    func addInvokeRoutes(to router: Router<BasicRequestContext>) {
+        router.post("/v1/installations/:id/invoke/:key") { request, context in
+            try await self.invokeRoute(request, context: context)
+        }
+    }
+
+    // MARK: Registration
+
+    /// Validates the `triggers` member of a `/forge/register` body before anything is stored:
+    /// 400 `invalid_request` or `trigger_url_not_allowed`, and 400 `invalid_request` when the
+    /// installation would end up with more than ``NamedTriggerRegistration/maxCount`` triggers.
+    func namedTriggerRegistration(_ body: [String: Any], installation id: InstallationID) async throws
+        -> NamedTriggerRegistration
+    {
+        let registration: NamedTriggerRegistration
+        do {
+            registration = try NamedTriggerRegistration(
+                parsing: body["triggers"], allowList: self.configuration.triggerHosts)
+        } catch {
+            if error.code == "trigger_url_not_allowed" {
+                self.logger.notice(
+                    "refused named-trigger URL outside the allow-list", metadata: ["installation.id": "\(id)"])
+            }
+            throw GatewayError(status: .badRequest, code: error.code, message: error.message)
+        }
+        if registration.changes.contains(where: { $0.url != nil }) {
+            let existing: [String]
+            do {
+                existing = try await self.store.namedTriggerKeys(id)
+            } catch {
+                throw GatewayError.storeUnavailable
+            }
+            var keys = Set(existing)
+            for change in registration.changes {
+                if change.url == nil { keys.remove(change.key) } else { keys.insert(change.key) }
+            }
+            if keys.count > NamedTriggerRegistration.maxCount { throw Self.tooManyNamedTriggers }
+        }
+        return registration
+    }
+
+    /// Stores validated named triggers once the registration itself succeeded.
+    func storeNamedTriggers(_ registration: NamedTriggerRegistration, installation id: InstallationID, now: FlowTime)
+        async throws
+    {
+        if registration.isEmpty { return }
+        let outcome: GatewayStore.NamedTriggerUpdate
+        do {
+            outcome = try await self.store.updateNamedTriggers(
+                id, changes: registration.changes, maxCount: NamedTriggerRegistration.maxCount, now: now)
+        } catch {
+            throw GatewayError.storeUnavailable
+        }
+        switch outcome {
+        case .updated:
+            self.logger.info(
+                "named triggers registered",
+                metadata: [
+                    "installation.id": "\(id)",
+                    "trigger.keys": "\(registration.changes.filter { $0.url != nil }.map { $0.key }.joined(separator: ","))",
+                    "trigger.removed_keys": "\(registration.changes.filter { $0.url == nil }.map { $0.key }.joined(separator: ","))",
+                ])
+        case .uninstalled:
+            throw GatewayError(FlowError.installationUninstalled)
+        case .tooMany:
+            throw Self.tooManyNamedTriggers
+        }
+    }
+
+    static let tooManyNamedTriggers = GatewayError.invalidRequest(
+        "an installation may register at most \(NamedTriggerRegistration.maxCount) named triggers")
+
+    static let overloaded = GatewayError(
+        status: .serviceUnavailable, code: "overloaded",
+        message: "too many calls to this installation's triggers are in progress", retryAfter: 1)
+
+    // MARK: Invocation
+
+    /// What one invocation did, for its metric and audit record.
+    private struct InvocationTrace {
+        var outcome = "not_found"
+        var requestID: String?
+        var attempts = 0
+        var calledFor: Duration = .zero
+    }
+
+    func invokeRoute(_ request: Request, context: BasicRequestContext) async throws -> Response {
+        let started = ContinuousClock.now
+        let caller = try self.authenticateCaller(request)
+        let id = try self.installationParameter(context, caller: caller)
+        guard let key = context.parameters.get("key"), NamedTriggerKey.isValid(key) else {
+            throw GatewayError.invalidParameter(
+                "the trigger key must be 1–64 characters of a–z 0–9 _ -, starting with a letter or digit")
+        }
+        guard caller.invoke.contains(key) else { throw GatewayError.forbidden }
+        var timeout = Duration.seconds(10)
+        if let raw = request.uri.queryParameters.get("timeout") {
+            guard let v = Int64(raw), (100...30000).contains(v) else {
+                throw GatewayError.invalidParameter("timeout must be an integer number of milliseconds in 100…30000")
+            }
+            timeout = .milliseconds(v)
+        }
+        var idempotencyKey: String?
+        if let raw = request.headers[HTTPField.Name("Idempotency-Key")!] {
+            guard (1...255).contains(raw.utf8.count), raw.utf8.allSatisfy({ $0 >= 0x20 && $0 < 0x7F }),
+                raw.first != " ", raw.last != " "
+            else {
+                throw GatewayError.invalidRequest("Idempotency-Key must be 1–255 visible ASCII characters")
+            }
+            idempotencyKey = raw
+        }
+        let payload = try await self.readInvocationPayload(request)
+
+        var trace = InvocationTrace()
+        let response: Response
+        do {
+            response = try await self.invoke(
+                id, key: key, caller: caller, payload: payload, idempotencyKey: idempotencyKey,
+                deadline: started.advanced(by: timeout), trace: &trace)
+        } catch let error as GatewayError {
+            self.finishInvocation(
+                caller: caller, id: id, key: key, trace: trace, status: Int(error.status.code),
+                idempotent: idempotencyKey != nil)
+            throw error
+        }
+        self.finishInvocation(
+            caller: caller, id: id, key: key, trace: trace, status: Int(response.status.code),
+            idempotent: idempotencyKey != nil)
+        return response
+    }
+
+    private func finishInvocation(
+        caller: Caller, id: InstallationID, key: String, trace: InvocationTrace, status: Int, idempotent: Bool
+    ) {
+        self.invocationMetrics.count(outcome: trace.outcome)
+        if trace.attempts > 0 { self.invocationMetrics.duration.recordNanoseconds(trace.calledFor.nanoseconds) }
+        self.audit.invocation(
+            caller: caller.name, installation: id, trigger: key, outcome: trace.outcome, status: status,
+            requestID: trace.requestID, idempotent: idempotent, attempts: trace.attempts,
+            durationMilliseconds: trace.calledFor.nanoseconds / 1_000_000)
+    }
+
+    /// The caller's body as the JSON to embed: any JSON value (`null` when the body is empty),
+    /// `Content-Type: application/json`, at most `invoke.maxPayloadSize` bytes (413).
+    func readInvocationPayload(_ request: Request) async throws -> [UInt8] {
+        var buffer = try await request.body.collect(upTo: self.configuration.invoke.maxPayloadSize)
+        var bytes = buffer.readBytes(length: buffer.readableBytes) ?? []
+        func isSpace(_ b: UInt8) -> Bool { b == 0x20 || b == 0x0A || b == 0x0D || b == 0x09 }
+        while let last = bytes.last, isSpace(last) { bytes.removeLast() }
+        let leading = bytes.prefix(while: isSpace).count
+        if leading > 0 { bytes.removeFirst(leading) }
+        if bytes.isEmpty { return Array("null".utf8) }
+        let contentType = request.headers[.contentType]?.lowercased() ?? ""
+        let mediaType = contentType.split(separator: ";").first.map { $0.trimmingCharacters(in: .whitespaces) } ?? ""
+        guard mediaType == "application/json" || mediaType.hasSuffix("+json") else {
+            throw GatewayError.invalidRequest("Content-Type must be application/json")
+        }
+        guard JSONBody.depth(of: bytes) <= 32 else {
+            throw GatewayError.invalidRequest("JSON body is nested too deeply (at most 32 levels)")
+        }
+        guard (try? JSONSerialization.jsonObject(with: Data(bytes), options: [.fragmentsAllowed])) != nil else {
+            throw GatewayError.invalidRequest("request body is not valid JSON")
+        }
+        return bytes
+    }
+
+    private func invoke(
+        _ id: InstallationID, key: String, caller: Caller, payload: [UInt8], idempotencyKey: String?,
+        deadline: ContinuousClock.Instant, trace: inout InvocationTrace
+    ) async throws -> Response {
+        guard self.invocationLimiter.tryAcquire(id) else {
+            trace.outcome = "overloaded"
+            throw Self.overloaded
+        }
+        defer { self.invocationLimiter.release(id) }
+
+        var logger = self.logger
+        logger[metadataKey: "installation.id"] = "\(id)"
+        logger[metadataKey: "trigger.key"] = "\(key)"
+
+        let lookup: GatewayStore.NamedTriggerLookup
+        do {
+            lookup = try await self.store.namedTriggerMaterial(id, key: key, now: FlowTime.now())
+        } catch {
+            trace.outcome = "store_unavailable"
+            throw GatewayError.storeUnavailable
+        }
+        var material: GatewayStore.TriggerMaterial?
+        var circuitOpenUntil: Int64?
+        switch lookup {
+        case .installationNotFound: throw GatewayError(FlowError.installationNotFound)
+        case .uninstalled: throw GatewayError(FlowError.installationUninstalled)
+        case .noTrigger:
+            throw GatewayError(
+                status: .unprocessableContent, code: "no_trigger_url",
+                message: "the installation registered no trigger under this key")
+        case .circuitOpen(let until): circuitOpenUntil = until
+        case .found(let m): material = m
+        }
+
+        // An Idempotency-Key: answer from the first call with it, or become that first call. Keys are
+        // scoped to the caller, so two callers never see each other's answers.
+        let requestOwner = "inv_" + Base64URL.encode((0..<12).map { _ in UInt8.random(in: .min ... .max) })
+        var claim: (digest: String, owner: String)?
+        if let idempotencyKey {
+            let digest = Self.hex(SHA256.hash(data: Array((caller.name + "\n" + idempotencyKey).utf8)))
+            let fingerprint = Self.hex(SHA256.hash(data: payload))
+            let pendingTTL = ContinuousClock.now.duration(to: deadline) + .seconds(5)
+            var pause = Duration.milliseconds(20)
+            waiting: while true {
+                let result: GatewayStore.IdempotencyClaim
+                do {
+                    result = try await self.store.claimIdempotencyKey(
+                        id, trigger: key, digest: digest, fingerprint: fingerprint, owner: requestOwner,
+                        pendingTTL: pendingTTL, retention: self.configuration.invoke.idempotencyRetention)
+                } catch {
+                    trace.outcome = "store_unavailable"
+                    throw GatewayError.storeUnavailable
+                }
+                switch result {
+                case .claimed:
+                    claim = (digest, requestOwner)
+                    break waiting
+                case .done(let bytes):
+                    guard let answer = InvocationAnswer(encoded: bytes) else {
+                        trace.outcome = "store_unavailable"
+                        throw GatewayError.storeUnavailable
+                    }
+                    trace.outcome = "replayed"
+                    return Self.relay(answer, requestID: nil, replayed: true)
+                case .payloadMismatch:
+                    trace.outcome = "not_found"
+                    throw GatewayError.invalidRequest("this Idempotency-Key was used with a different payload")
+                case .inProgress:
+                    // A concurrent request with the same key is calling the trigger: wait for its answer.
+                    let left = ContinuousClock.now.duration(to: deadline)
+                    guard left > pause, !Task.isCancelled else {
+                        trace.outcome = "timeout"
+                        throw GatewayError(
+                            status: .gatewayTimeout, code: "token_timeout",
+                            message: "an earlier request with this Idempotency-Key was still in progress at the timeout")
+                    }
+                    try? await Task.sleep(for: pause)
+                    pause = min(pause * 2, .milliseconds(250))
+                }
+            }
+        }
+
+        guard let material else {
+            if let claim {
+                try? await self.store.releaseIdempotencyKey(id, trigger: key, digest: claim.digest, owner: claim.owner)
+            }
+            trace.outcome = "circuit_open"
+            let wait = max(0, (circuitOpenUntil ?? 0) - FlowTime.now().unixMilliseconds)
+            throw GatewayError(FlowError.circuitOpen(retryAfter: .milliseconds(wait)))
+        }
+
+        let requestID = requestOwner
+        trace.requestID = requestID
+        logger[metadataKey: "request.id"] = "\(requestID)"
+        let now = FlowTime.now()
+        let expiresAt = now + ContinuousClock.now.duration(to: deadline)
+        let body = NamedTriggerInvoker.body(
+            requestID: requestID, installation: id, issuedAt: now.unixSeconds,
+            expiresAt: (expiresAt.nanoseconds + 999_999_999) / 1_000_000_000, payload: payload)
+        let callStarted = ContinuousClock.now
+        let result = await self.namedTriggerInvoker.call(
+            material: material, body: body, idempotencyKey: idempotencyKey, deadline: deadline, logger: logger)
+        trace.calledFor = callStarted.duration(to: .now)
+
+        // The trigger's circuit: transport errors, timeouts and 5xx answers count as failures.
+        do {
+            let openUntil = try await self.store.recordInvocationOutcome(
+                id, key: key, succeeded: result.succeededForBreaker,
+                threshold: self.configuration.flow.breakerThreshold, openBase: self.configuration.flow.breakerOpenBase,
+                openCap: self.configuration.flow.breakerOpenCap, now: FlowTime.now())
+            if let openUntil {
+                logger.notice(
+                    "named-trigger circuit opened after consecutive failed calls",
+                    metadata: ["circuit.open_until_ms": "\(openUntil)"])
+            }
+        } catch {
+            logger.warning("could not record the named-trigger call for its circuit")
+        }
+
+        switch result {
+        case .answered(let answer, let attempts):
+            trace.attempts = attempts
+            trace.outcome = (200..<300).contains(answer.status) ? "success" : "http_error"
+            if let claim {
+                // Answers below 500 are kept and replayed; a 5xx answer lets a later retry call again.
+                if answer.status < 500 {
+                    _ = try? await self.store.completeIdempotencyKey(
+                        id, trigger: key, digest: claim.digest, owner: claim.owner, answer: answer.encoded(),
+                        retention: self.configuration.invoke.idempotencyRetention)
+                } else {
+                    try? await self.store.releaseIdempotencyKey(
+                        id, trigger: key, digest: claim.digest, owner: claim.owner)
+                }
+            }
+            return Self.relay(answer, requestID: requestID, replayed: false)
+        case .timeout(let attempts):
+            trace.attempts = attempts
+            trace.outcome = "timeout"
+            if let claim {
+                try? await self.store.releaseIdempotencyKey(id, trigger: key, digest: claim.digest, owner: claim.owner)
+            }
+            throw GatewayError(
+                status: .gatewayTimeout, code: "token_timeout", message: "the trigger did not answer within the timeout")
+        case .transportError(let attempts), .invalidAnswer(let attempts):
+            trace.attempts = attempts
+            let invalid: Bool
+            if case .invalidAnswer = result { invalid = true } else { invalid = false }
+            trace.outcome = invalid ? "invalid_answer" : "transport_error"
+            if let claim {
+                try? await self.store.releaseIdempotencyKey(id, trigger: key, digest: claim.digest, owner: claim.owner)
+            }
+            throw GatewayError(
+                status: .badGateway, code: "trigger_failed",
+                message: invalid
+                    ? "the trigger's answer could not be relayed (too large or not a final status)"
+                    : "the trigger could not be reached")
+        }
+    }
+
+    /// The caller's answer: the trigger's status, its allow-listed headers and its body.
+    static func relay(_ answer: InvocationAnswer, requestID: String?, replayed: Bool) -> Response {
+        var headers: HTTPFields = [.cacheControl: "no-store"]
+        for (name, value) in answer.headers {
+            if let field = HTTPField.Name(name) { headers[field] = value }
+        }
+        if let requestID { headers[HTTPField.Name("X-Token-Gateway-Request-Id")!] = requestID }
+        if replayed { headers[HTTPField.Name("Idempotent-Replayed")!] = "true" }
+        let status = HTTPResponse.Status(code: answer.status)
+        if answer.status == 204 || answer.status == 304 {
+            return Response(status: status, headers: headers)
+        }
+        return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: answer.body)))
+    }
+
+    static func hex(_ digest: SHA256.Digest) -> String {
+        digest.map { String(format: "%02x", $0) }.joined()
+    }
+}
