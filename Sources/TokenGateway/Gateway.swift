@@ -56,7 +56,9 @@ public final class Gateway: Sendable {
         httpConfig.timeout = .init(connect: .seconds(5), read: .seconds(30))
         httpConfig.connectionPool = .init(idleTimeout: .seconds(60))
         self.httpClient = HTTPClient(eventLoopGroupProvider: .singleton, configuration: httpConfig)
-        self.redis = RedisClient(configuration: configuration.redis, logger: logger)
+        self.redis = RedisClient(
+            configuration: configuration.redis, logger: logger, metricsFactory: self.metrics.factory,
+            metricNames: RedisMetricNames(errors: "token_gateway_store_errors_total"))
         self.store = GatewayStore(redis: self.redis, box: configuration.encryptionKeys)
         let trigger = HTTPTriggerClient(
             store: self.store, httpClient: self.httpClient, allowList: configuration.triggerHosts, logger: logger)

@@ -25,7 +25,7 @@ public final class RedisClient: Sendable, Service {
     let connector: RedisConnector
     let pool: RedisConnectionPool
     private let availability: Availability
-    private let storeErrors: Counter
+    private let errors: Counter
     let state: Mutex<State>
     /// New subscriptions for ``run()`` to maintain.
     let registrations: AsyncStream<RedisSubscription>.Continuation
@@ -49,10 +49,14 @@ public final class RedisClient: Sendable, Service {
     ///   - configuration: endpoint, credentials, pool and timeouts.
     ///   - eventLoopGroup: where the connections live.
     ///   - logger: used for connection up/down and failures; its metadata gains `redis.endpoint`.
+    ///   - metricsFactory: where the client's metrics are created (once, here); by default nowhere.
+    ///   - metricNames: the names the client's metrics carry in the caller's system.
     public init(
         configuration: RedisConfiguration,
         eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
-        logger: Logger
+        logger: Logger,
+        metricsFactory: any MetricsFactory = NOOPMetricsHandler.instance,
+        metricNames: RedisMetricNames = RedisMetricNames()
     ) {
         var logger = logger
         logger[metadataKey: "redis.endpoint"] = "\(configuration.endpoint)"
@@ -70,7 +74,7 @@ public final class RedisClient: Sendable, Service {
             connector: { eventLoop in try await connector.connect(on: eventLoop) },
             connectionStateChanged: { isUp in availability.isAvailable.store(isUp, ordering: .relaxed) }
         )
-        self.storeErrors = Counter(label: "token_gateway_store_errors_total")
+        self.errors = Counter(label: metricNames.errors, factory: metricsFactory)
         let (stream, continuation) = AsyncStream.makeStream(of: RedisSubscription.self)
         self.registrations = continuation
         self.state = Mutex(State(registrationStream: stream))
@@ -175,13 +179,24 @@ public final class RedisClient: Sendable, Service {
             return replies
         } catch let error as RedisError where error == .unavailable || error == .timeout {
             self.availability.isAvailable.store(false, ordering: .relaxed)
-            self.storeErrors.increment()
+            self.errors.increment()
             throw error
         }
     }
 
     private func deadline(_ timeout: Duration?) -> NIODeadline {
         .now() + TimeAmount(timeout ?? self.configuration.commandTimeout)
+    }
+}
+
+/// The names of the metrics a ``RedisClient`` emits.
+public struct RedisMetricNames: Sendable, Hashable {
+    /// Counter of commands and pipelines that failed because Redis was unreachable or did not answer in time.
+    public var errors: String
+
+    /// - Parameter errors: default `redis_client_errors_total`.
+    public init(errors: String = "redis_client_errors_total") {
+        self.errors = errors
     }
 }
 
