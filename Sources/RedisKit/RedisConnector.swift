@@ -1,11 +1,16 @@
 import Logging
 import NIOCore
+import Synchronization
 
-/// Establishes ready connections: finds the primary (through the sentinels when configured), connects, and runs
-/// the handshake (`AUTH`, `SELECT`, and `ROLE` to make sure a sentinel-announced address really is the primary).
+/// Establishes ready connections: finds the primary (through the sentinels when configured), connects (with TLS
+/// when configured), and runs the handshake (`AUTH`, `SELECT`, and `ROLE` to make sure a sentinel-announced
+/// address really is the primary).
 struct RedisConnector: Sendable {
     let configuration: RedisConfiguration
     let logger: Logger
+    /// Remembers which lasting problems (refused credentials, failed TLS handshakes) were already logged, so an
+    /// outage is reported once rather than on every reconnect.
+    let problems = RedisProblemLog()
 
     /// A connection ready for commands (or for `SUBSCRIBE`, when `pushHandler` is set), within `connectTimeout`.
     ///
@@ -15,33 +20,50 @@ struct RedisConnector: Sendable {
         pushHandler: (@Sendable (RedisPubSubEvent) -> Void)? = nil
     ) async throws -> RedisConnection {
         let deadline = NIODeadline.now() + TimeAmount(self.configuration.connectTimeout)
-        let host: String
-        let port: Int
-        let checkRole: Bool
         switch self.configuration.endpoint {
-        case .direct(let directHost, let directPort):
-            (host, port, checkRole) = (directHost, directPort, false)
+        case .direct(let host, let port):
+            return try await self.connect(
+                to: RedisNodeAddress(host: host, port: port), on: eventLoop, deadline: deadline,
+                checkRole: false, pushHandler: pushHandler)
         case .sentinel(let sentinels, let masterName):
-            (host, port) = try await self.resolvePrimary(
+            let primary = try await self.resolvePrimary(
                 sentinels: sentinels,
                 masterName: masterName,
                 eventLoop: eventLoop,
                 deadline: deadline
             )
-            checkRole = true
+            return try await self.connect(
+                to: primary, on: eventLoop, deadline: deadline, checkRole: true, pushHandler: pushHandler)
+        case .cluster(let seeds):
+            // Without a node named (subscriptions, which may use any node): the first seed that answers.
+            for seed in seeds {
+                try Task.checkCancellation()
+                if let connection = try? await self.connect(
+                    to: seed, on: eventLoop, deadline: deadline, checkRole: false, pushHandler: pushHandler)
+                {
+                    return connection
+                }
+            }
+            throw RedisError.unavailable
         }
+    }
 
-        let connection = try await RedisConnection.connect(
-            host: host,
-            port: port,
-            eventLoop: eventLoop,
-            deadline: deadline,
-            stallTimeout: TimeAmount(self.configuration.commandTimeout),
-            logger: self.logger,
-            pushHandler: pushHandler
-        )
+    /// A connection to one data node (a cluster node, or a known primary): TLS, `AUTH`, `SELECT`, and with
+    /// `checkRole` a check that the node is a primary.
+    ///
+    /// - Throws: ``RedisError/unavailable`` (the reason is logged), or `CancellationError`.
+    func connect(
+        to node: RedisNodeAddress,
+        on eventLoop: any EventLoop,
+        deadline: NIODeadline? = nil,
+        checkRole: Bool = false,
+        pushHandler: (@Sendable (RedisPubSubEvent) -> Void)? = nil
+    ) async throws -> RedisConnection {
+        let deadline = deadline ?? NIODeadline.now() + TimeAmount(self.configuration.connectTimeout)
+        let connection = try await self.open(node, on: eventLoop, deadline: deadline, pushHandler: pushHandler)
         do {
             try await self.handshake(connection, checkRole: checkRole, deadline: deadline)
+            self.problems.cleared()
             return connection
         } catch {
             connection.close()
@@ -49,10 +71,42 @@ struct RedisConnector: Sendable {
         }
     }
 
+    /// Opens a TCP (and TLS) connection; logs a failed TLS handshake once per outage, at error level.
+    private func open(
+        _ node: RedisNodeAddress,
+        on eventLoop: any EventLoop,
+        deadline: NIODeadline,
+        pushHandler: (@Sendable (RedisPubSubEvent) -> Void)?
+    ) async throws -> RedisConnection {
+        do throws(RedisConnectError) {
+            return try await RedisConnection.connect(
+                host: node.host,
+                port: node.port,
+                tls: self.configuration.tls,
+                eventLoop: eventLoop,
+                deadline: deadline,
+                stallTimeout: TimeAmount(self.configuration.commandTimeout),
+                logger: self.logger,
+                pushHandler: pushHandler
+            )
+        } catch {
+            let metadata: Logger.Metadata = ["redis.address": "\(node)", "redis.error": "\(error)"]
+            if error.kind == .tls, self.problems.firstReport(of: .tlsHandshake) {
+                self.logger.error("Redis TLS handshake failed; the server is not used", metadata: metadata)
+            } else {
+                self.logger.debug("Redis connect failed", metadata: metadata)
+            }
+            throw RedisError.unavailable
+        }
+    }
+
+    /// `AUTH` (when the configuration has a password), `SELECT` (database other than 0), `ROLE` (with
+    /// `checkRole`), pipelined.
     private func handshake(_ connection: RedisConnection, checkRole: Bool, deadline: NIODeadline) async throws {
         var commands: [[String]] = []
-        if let password = self.configuration.password {
-            commands.append(["AUTH", password])
+        let authenticates = self.configuration.password != nil
+        if let auth = self.authCommand {
+            commands.append(auth)
         }
         if self.configuration.database != 0 {
             commands.append(["SELECT", String(self.configuration.database)])
@@ -73,17 +127,22 @@ struct RedisConnector: Sendable {
             )
             throw RedisError.unavailable
         }
-        for reply in replies {
-            if case .error(let message) = reply {
-                // Only the reply's description (no command arguments, so never the password) is logged.
+        for (index, reply) in replies.enumerated() {
+            guard case .error(let message) = reply else {
+                continue
+            }
+            if authenticates, index == 0 {
+                self.reportRefusedCredentials(message, address: connection.address)
+            } else {
+                // Only the reply's description (no command arguments) is logged.
                 self.logger.error(
                     "Redis rejected the connection handshake",
                     metadata: [
                         "redis.address": "\(connection.address)", "redis.error": "\(RedisError.server(message))",
                     ]
                 )
-                throw RedisError.unavailable
             }
+            throw RedisError.unavailable
         }
         if checkRole {
             let role = replies.last?.array?.first?.string
@@ -97,10 +156,52 @@ struct RedisConnector: Sendable {
         }
     }
 
+    /// `AUTH [user] password`, or `nil` without a password.
+    private var authCommand: [String]? {
+        guard let password = self.configuration.password else {
+            return nil
+        }
+        if let username = self.configuration.username {
+            return ["AUTH", username, password]
+        }
+        return ["AUTH", password]
+    }
+
+    /// Logs once per outage (until a connection succeeds) that the credentials were refused; never the password.
+    private func reportRefusedCredentials(_ message: String, address: String) {
+        let metadata: Logger.Metadata = [
+            "redis.address": "\(address)",
+            "redis.user": "\(self.configuration.username ?? "default")",
+            "redis.error": "\(RedisError.server(message))",
+        ]
+        if self.problems.firstReport(of: .credentialsRefused) {
+            self.logger.error("Redis refused the credentials; check the user and password in the Redis URL", metadata: metadata)
+        } else {
+            self.logger.debug("Redis refused the credentials again", metadata: metadata)
+        }
+    }
+
+    /// Authenticates a sentinel connection when the configuration carries credentials. A sentinel without a
+    /// password of its own answers that none is configured; it is then used without.
+    private func authenticateSentinel(_ connection: RedisConnection, deadline: NIODeadline) async throws {
+        guard let auth = self.authCommand else {
+            return
+        }
+        let reply = try await connection.send([auth], deadline: deadline).first
+        guard case .some(.error(let message)) = reply else {
+            return
+        }
+        if message.contains("without any password configured") || message.contains("no password is set") {
+            return
+        }
+        self.reportRefusedCredentials(message, address: connection.address)
+        throw RedisError.unavailable
+    }
+
     /// A plain connection to the first sentinel (in order) that accepts one, for watching its failover
     /// announcements (`+promoted-slave`, `+switch-master`).
     ///
-    /// - Throws: ``RedisError/unavailable`` when no sentinel can be reached (or the endpoint is direct).
+    /// - Throws: ``RedisError/unavailable`` when no sentinel can be reached (or the endpoint is not Sentinel).
     func connectToSentinel(
         on eventLoop: any EventLoop,
         pushHandler: (@Sendable (RedisPubSubEvent) -> Void)?
@@ -111,16 +212,15 @@ struct RedisConnector: Sendable {
         let deadline = NIODeadline.now() + TimeAmount(self.configuration.connectTimeout)
         for sentinel in sentinels {
             try Task.checkCancellation()
-            if let connection = try? await RedisConnection.connect(
-                host: sentinel.host,
-                port: sentinel.port,
-                eventLoop: eventLoop,
-                deadline: deadline,
-                stallTimeout: TimeAmount(self.configuration.commandTimeout),
-                logger: self.logger,
-                pushHandler: pushHandler
-            ) {
+            guard let connection = try? await self.open(sentinel, on: eventLoop, deadline: deadline, pushHandler: pushHandler)
+            else {
+                continue
+            }
+            do {
+                try await self.authenticateSentinel(connection, deadline: deadline)
                 return connection
+            } catch {
+                connection.close()
             }
         }
         throw RedisError.unavailable
@@ -132,22 +232,16 @@ struct RedisConnector: Sendable {
         masterName: String,
         eventLoop: any EventLoop,
         deadline: NIODeadline
-    ) async throws -> (host: String, port: Int) {
+    ) async throws -> RedisNodeAddress {
         for sentinel in sentinels {
             try Task.checkCancellation()
             guard NIODeadline.now() < deadline else {
                 break
             }
             do {
-                let connection = try await RedisConnection.connect(
-                    host: sentinel.host,
-                    port: sentinel.port,
-                    eventLoop: eventLoop,
-                    deadline: deadline,
-                    stallTimeout: TimeAmount(self.configuration.commandTimeout),
-                    logger: self.logger
-                )
+                let connection = try await self.open(sentinel, on: eventLoop, deadline: deadline, pushHandler: nil)
                 defer { connection.close() }
+                try await self.authenticateSentinel(connection, deadline: deadline)
                 let replies = try await connection.send(
                     [["SENTINEL", "get-master-addr-by-name", masterName]],
                     deadline: deadline
@@ -159,7 +253,7 @@ struct RedisConnector: Sendable {
                         "Redis sentinel named the primary",
                         metadata: ["redis.sentinel": "\(sentinel)", "redis.address": "\(host):\(port)"]
                     )
-                    return (host, port)
+                    return RedisNodeAddress(host: host, port: port)
                 }
                 self.logger.notice(
                     "Redis sentinel does not know the primary",
@@ -186,6 +280,29 @@ struct RedisConnector: Sendable {
         case .integer: "integer"
         case .bulk: "bulk"
         case .array: "array"
+        }
+    }
+}
+
+/// Which lasting connection problems have been logged since the last successful connection.
+final class RedisProblemLog: Sendable {
+    enum Problem: Int {
+        case credentialsRefused = 1
+        case tlsHandshake = 2
+    }
+
+    private let reported = Atomic<Int>(0)
+
+    /// `true` the first time `problem` is reported since the last ``cleared()``.
+    func firstReport(of problem: Problem) -> Bool {
+        let (original, _) = self.reported.bitwiseOr(problem.rawValue, ordering: .relaxed)
+        return original & problem.rawValue == 0
+    }
+
+    /// A connection succeeded: the next problem is news again.
+    func cleared() {
+        if self.reported.load(ordering: .relaxed) != 0 {
+            self.reported.store(0, ordering: .relaxed)
         }
     }
 }
