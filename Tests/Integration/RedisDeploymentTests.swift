@@ -16,7 +16,11 @@ struct RedisDeploymentTests {
     static let logger = Logger(label: "redis-deployments") { _ in SwallowHandler() }
 
     static func tlsSettings(_ files: RedisTLSFiles, ca: String? = nil, clientCertificate: Bool) -> [String: String] {
-        var settings = ["TOKEN_GATEWAY_REDIS_TLS_CA_FILE": ca ?? files.ca]
+        var settings = [
+            "TOKEN_GATEWAY_REDIS_TLS_CA_FILE": ca ?? files.ca,
+            // The server is reached by IP address; its certificate names `localhost`.
+            "TOKEN_GATEWAY_REDIS_TLS_SERVER_NAME": "localhost",
+        ]
         if clientCertificate {
             settings["TOKEN_GATEWAY_REDIS_TLS_CERT_FILE"] = files.clientCertificate
             settings["TOKEN_GATEWAY_REDIS_TLS_KEY_FILE"] = files.clientKey
@@ -119,17 +123,15 @@ struct RedisDeploymentTests {
         #expect(try await client.send(["GET", "tls-test"]).string == "v")
         await client.shutdown()
 
-        // The server's name instead of its IP address, as for a managed Redis reached by address.
-        var named = settings
-        named["TOKEN_GATEWAY_REDIS_TLS_SERVER_NAME"] = "localhost"
-        let byName = RedisClient(configuration: try Self.redisConfiguration(url, named), logger: Self.logger)
-        try await byName.ping()
-        await byName.shutdown()
-        var wrongName = settings
-        wrongName["TOKEN_GATEWAY_REDIS_TLS_SERVER_NAME"] = "redis.example.com"
-        let misnamed = RedisClient(configuration: try Self.redisConfiguration(url, wrongName), logger: Self.logger)
-        await #expect(throws: RedisError.unavailable) { try await misnamed.ping() }
-        await misnamed.shutdown()
+        // The certificate names `localhost`, not the address the URL names: without the server name setting, or
+        // with another name, the server is not used.
+        for serverName in [nil, "redis.example.com"] as [String?] {
+            var other = settings
+            other["TOKEN_GATEWAY_REDIS_TLS_SERVER_NAME"] = serverName
+            let misnamed = RedisClient(configuration: try Self.redisConfiguration(url, other), logger: Self.logger)
+            await #expect(throws: RedisError.unavailable) { try await misnamed.ping() }
+            await misnamed.shutdown()
+        }
 
         try await Self.tokenFlow(redisURL: url, settings: settings)
     }
