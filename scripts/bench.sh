@@ -16,7 +16,8 @@
 # Settings (environment): BENCH_DURATION (wrk seconds, 10), BENCH_CONNECTIONS (64),
 # BENCH_COLD_INSTALLATIONS (100), BENCH_COLD_CALLERS (10), BENCH_MEMORY_INSTALLATIONS (100000),
 # BENCH_TOKEN_BYTES (1500), BENCH_MEMORY_SECONDS (600, a deadline for making the installations),
-# BENCH_NGINX_WORKERS (2), BENCH_CLUSTER (1: also run the Redis Cluster comparison at the end).
+# BENCH_NGINX_WORKERS (2), BENCH_CLUSTER (1: also run the Redis Cluster comparison at the end),
+# BENCH_BIN (a token-gateway binary to use instead of building the release one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -56,10 +57,14 @@ if [ "$RUN_MICRO" = 1 ]; then
 fi
 [ "$RUN_LOAD" = 1 ] || exit 0
 
-echo "==> building token-gateway (release, .build-release)"
-swift build -c release --scratch-path "$ROOT/.build-release" --product token-gateway 2>&1 | quiet_build | tail -n 20
-[ "${PIPESTATUS[0]}" = 0 ] || { echo "build failed"; exit 1; }
-BIN="$ROOT/.build-release/release/token-gateway"
+if [ -n "${BENCH_BIN:-}" ]; then
+    BIN=$BENCH_BIN
+else
+    echo "==> building token-gateway (release, .build-release)"
+    swift build -c release --scratch-path "$ROOT/.build-release" --product token-gateway 2>&1 | quiet_build | tail -n 20
+    [ "${PIPESTATUS[0]}" = 0 ] || { echo "build failed"; exit 1; }
+    BIN="$ROOT/.build-release/release/token-gateway"
+fi
 
 WORK=$(mktemp -d /tmp/token-gateway-bench.XXXXXX)
 chmod 755 "$WORK"
@@ -84,7 +89,7 @@ cluster_vs_one_redis() {
         port=$(free_port)
         mkdir -p "$WORK/cluster-$port"
         redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
-            --cluster-enabled yes --cluster-node-timeout 1000 --dir "$WORK/cluster-$port" \
+            --cluster-enabled yes --cluster-port "$(free_port)" --cluster-node-timeout 1000 --dir "$WORK/cluster-$port" \
             --logfile "$WORK/cluster-$port/redis.log" --pidfile "$WORK/cluster-$port/redis.pid"
         wait_for_redis "$port"
         cluster_ports+=("$port")
@@ -127,20 +132,22 @@ cluster_vs_one_redis() {
             --emulator "http://127.0.0.1:$em_port" --installations "$COLD_INSTALLATIONS" --callers "$COLD_CALLERS")")
         kill "$gw_pid" 2>/dev/null || true
     done
-    printf '%s\n' "${lines[@]}" | CONNECTIONS="$CONNECTIONS" python3 -c '
-import json, os, sys
+    RESULTS=$(printf '%s\n' "${lines[@]}") CONNECTIONS="$CONNECTIONS" python3 - <<'PY'
+import json, os
 print()
-print(f"Redis Cluster (3 primaries + 3 replicas) vs one Redis, {os.environ[\"CONNECTIONS\"]} connections, same run")
-for line in sys.stdin:
+print(f"Redis Cluster (3 primaries + 3 replicas) vs one Redis, {os.environ['CONNECTIONS']} connections, same run")
+for line in os.environ["RESULTS"].splitlines():
     name, rest = line.split(" ", 1)
     dec = json.JSONDecoder()
-    wrk, end = dec.raw_decode(rest.strip())
-    cold, _ = dec.raw_decode(rest.strip()[end:].strip())
-    print(f"  {name:<10} cached {wrk[\"rps\"]:>9.0f} req/s p50 {wrk[\"p50_ms\"]:.2f} ms p99 {wrk[\"p99_ms\"]:.2f} ms;"
-          f" cold p50 {cold[\"e2e_p50_ms\"]:.2f} ms p99 {cold[\"e2e_p99_ms\"]:.2f} ms,"
-          f" gateway-added p50 {cold[\"gateway_added_p50_ms\"]:.2f} ms, trigger calls {cold[\"trigger_calls\"]}")
-'
+    rest = rest.strip()
+    wrk, end = dec.raw_decode(rest)
+    cold, _ = dec.raw_decode(rest[end:].strip())
+    print(f"  {name:<10} cached {wrk['rps']:>9.0f} req/s p50 {wrk['p50_ms']:.2f} ms p99 {wrk['p99_ms']:.2f} ms;"
+          f" cold p50 {cold['e2e_p50_ms']:.2f} ms p99 {cold['e2e_p99_ms']:.2f} ms,"
+          f" gateway-added p50 {cold['gateway_added_p50_ms']:.2f} ms, trigger calls {cold['trigger_calls']}")
+PY
 }
+
 
 # Redis: no persistence, loopback only.
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \

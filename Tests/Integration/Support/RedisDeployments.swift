@@ -90,7 +90,9 @@ final class RedisClusterProcesses: Sendable {
         for _ in 0..<6 {
             nodes.append(
                 try await RedisServerProcess.start(extraArguments: [
-                    "--cluster-enabled", "yes", "--cluster-node-timeout", "1000",
+                    // The bus port explicitly: the default (port + 10000) may not exist for a high free port.
+                    "--cluster-enabled", "yes", "--cluster-port", "\(try RedisServerProcess.freeLoopbackPort())",
+                    "--cluster-node-timeout", "1000",
                     // A replica may take over however long ago it last heard from its primary (in a loaded test
                     // machine the first sync can be slow).
                     "--cluster-replica-validity-factor", "0",
