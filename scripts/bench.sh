@@ -87,6 +87,7 @@ cluster_vs_one_redis() {
     local cluster_ports=() port nodes=() lines=()
     for _ in 1 2 3 4 5 6; do
         port=$(free_port)
+        CLUSTER_PORTS="${CLUSTER_PORTS:-} $port" # for cleanup, even if a later step fails
         mkdir -p "$WORK/cluster-$port"
         redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
             --cluster-enabled yes --cluster-port "$(free_port)" --cluster-node-timeout 1000 --dir "$WORK/cluster-$port" \
@@ -95,7 +96,6 @@ cluster_vs_one_redis() {
         cluster_ports+=("$port")
         nodes+=("127.0.0.1:$port")
     done
-    CLUSTER_PORTS="${cluster_ports[*]}"
     redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes >"$WORK/cluster-create.log" 2>&1
     for _ in $(seq 1 300); do
         redis-cli -p "${cluster_ports[0]}" cluster info 2>/dev/null | grep -q "cluster_state:ok" && break
