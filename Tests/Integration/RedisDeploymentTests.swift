@@ -235,6 +235,25 @@ struct RedisDeploymentTests {
         try await Self.tokenFlow(redisURL: url)
     }
 
+    @Test("Sentinel with credentials: sentinels that require the password get AUTH too; a wrong one is refused")
+    func sentinelWithCredentials() async throws {
+        let primary = try await RedisServerProcess.start(extraArguments: ["--requirepass", "sentinel-pw-3"])
+        let sentinel = try await RedisServerProcess.startSentinel(
+            monitoringPrimaryPort: primary.port,
+            extraConfiguration: "sentinel auth-pass tg-primary sentinel-pw-3\nrequirepass sentinel-pw-3")
+        let client = RedisClient(
+            configuration: try RedisConfiguration(url: "redis-sentinel://:sentinel-pw-3@127.0.0.1:\(sentinel.port)/tg-primary/0"),
+            logger: Self.logger)
+        try await client.ping()
+        _ = try await client.send(["SET", "sentinel-auth", "1"])
+        await client.shutdown()
+        let wrong = RedisClient(
+            configuration: try RedisConfiguration(url: "redis-sentinel://:nope@127.0.0.1:\(sentinel.port)/tg-primary/0"),
+            logger: Self.logger)
+        await #expect(throws: RedisError.unavailable) { try await wrong.ping() }
+        await wrong.shutdown()
+    }
+
     // MARK: Cluster
 
     @Test("Redis Cluster: keys spread over three primaries, cross-slot pipelines, SCAN of every primary, notifications across nodes, token flow, and a SIGKILLed primary")

@@ -87,7 +87,8 @@ final class RedisServerProcess: Sendable {
         monitoringPrimaryPort primaryPort: Int,
         masterName: String = "tg-primary",
         downAfterMilliseconds: Int = 1000,
-        failoverTimeoutMilliseconds: Int = 5000
+        failoverTimeoutMilliseconds: Int = 5000,
+        extraConfiguration: String = ""
     ) async throws -> RedisServerProcess {
         let directory = try Self.makeTemporaryDirectory()
         let configPath = "\(directory)/sentinel.conf"
@@ -107,6 +108,7 @@ final class RedisServerProcess: Sendable {
                 sentinel down-after-milliseconds \(masterName) \(downAfterMilliseconds)
                 sentinel failover-timeout \(masterName) \(failoverTimeoutMilliseconds)
                 sentinel parallel-syncs \(masterName) 1
+                \(extraConfiguration)
 
                 """
             try config.write(toFile: configPath, atomically: true, encoding: .utf8)
