@@ -292,6 +292,10 @@ struct RedisDeploymentTests {
                 cursor = step.cursor
             } while cursor != "0"
             #expect(found.sorted() == keys.sorted())
+            // Key rotation walks the same way: every key of every primary is visited once.
+            let ring = try EncryptionKeyRing(parsing: "k1:" + Data(repeating: 7, count: 32).base64EncodedString())
+            let rewrap = KeyRewrap(redis: client, keys: ring, prefix: "deploy", batchSize: 10, logger: Self.logger)
+            #expect(try await rewrap.run().keys == keys.count)
 
             // PUBLISH on one node reaches a subscriber connected to another.
             let events = subscriber.subscribe(channels: ["deploy:events"])
