@@ -10,6 +10,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "token-gateway", targets: ["token-gateway"]),
+        .library(name: "RedisKit", targets: ["RedisKit"]),
         .library(name: "FlowEngine", targets: ["FlowEngine"]),
         .library(name: "TokenGateway", targets: ["TokenGateway"]),
         .library(name: "ForgeEmulator", targets: ["ForgeEmulator"]),
@@ -28,6 +29,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-http-types.git", from: "1.0.0"),
         .package(url: "https://github.com/apple/swift-distributed-tracing.git", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-nio-extras.git", from: "1.20.0"),
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
     ],
     targets: [
         .systemLibrary(
@@ -36,9 +38,23 @@ let package = Package(
             providers: [.apt(["libhiredis-dev"])]
         ),
         .target(
-            name: "FlowEngine",
+            name: "RedisKit",
             dependencies: [
                 "CHiredis",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOTLS", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
+            name: "FlowEngine",
+            dependencies: [
+                "RedisKit",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
@@ -65,6 +81,7 @@ let package = Package(
                 .product(name: "Tracing", package: "swift-distributed-tracing"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "NIOHTTPTypes", package: "swift-nio-extras"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "HummingbirdCore", package: "hummingbird"),
             ],
             swiftSettings: swiftSettings
@@ -101,6 +118,7 @@ let package = Package(
         .testTarget(
             name: "Unit",
             dependencies: [
+                "RedisKit",
                 "FlowEngine",
                 "TokenGateway",
                 "ForgeEmulator",
@@ -113,6 +131,7 @@ let package = Package(
         .testTarget(
             name: "Integration",
             dependencies: [
+                "RedisKit",
                 "FlowEngine",
                 "TokenGateway",
                 "ForgeEmulator",

@@ -4,6 +4,8 @@
 #   scripts/bench.sh               micro-benchmarks (Benchmarks/ package) + load benchmarks
 #   scripts/bench.sh --load-only   skip the micro-benchmarks
 #   scripts/bench.sh --micro-only  skip the load benchmarks
+#   scripts/bench.sh --cluster-only only the Redis Cluster comparison: cached and cold path against a
+#                                   6-node Redis Cluster vs against one Redis, same run
 #
 # Load benchmarks: a release build of token-gateway with its own Redis, the Forge emulator and
 # the gateway on free loopback ports; wrk against the cached GET …/token and against nginx
@@ -14,7 +16,8 @@
 # Settings (environment): BENCH_DURATION (wrk seconds, 10), BENCH_CONNECTIONS (64),
 # BENCH_COLD_INSTALLATIONS (100), BENCH_COLD_CALLERS (10), BENCH_MEMORY_INSTALLATIONS (100000),
 # BENCH_TOKEN_BYTES (1500), BENCH_MEMORY_SECONDS (600, a deadline for making the installations),
-# BENCH_NGINX_WORKERS (2).
+# BENCH_NGINX_WORKERS (2), BENCH_CLUSTER (1: also run the Redis Cluster comparison at the end),
+# BENCH_BIN (a token-gateway binary to use instead of building the release one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -22,11 +25,14 @@ ROOT=$PWD
 
 RUN_MICRO=1
 RUN_LOAD=1
+RUN_CLUSTER=${BENCH_CLUSTER:-1}
+CLUSTER_ONLY=0
 case "${1:-}" in
     --load-only) RUN_MICRO=0 ;;
     --micro-only) RUN_LOAD=0 ;;
+    --cluster-only) RUN_MICRO=0; CLUSTER_ONLY=1; RUN_CLUSTER=1 ;;
     "") ;;
-    *) echo "usage: scripts/bench.sh [--load-only | --micro-only]" >&2; exit 2 ;;
+    *) echo "usage: scripts/bench.sh [--load-only | --micro-only | --cluster-only]" >&2; exit 2 ;;
 esac
 
 DURATION=${BENCH_DURATION:-10}
@@ -51,10 +57,14 @@ if [ "$RUN_MICRO" = 1 ]; then
 fi
 [ "$RUN_LOAD" = 1 ] || exit 0
 
-echo "==> building token-gateway (release, .build-release)"
-swift build -c release --scratch-path "$ROOT/.build-release" --product token-gateway 2>&1 | quiet_build | tail -n 20
-[ "${PIPESTATUS[0]}" = 0 ] || { echo "build failed"; exit 1; }
-BIN="$ROOT/.build-release/release/token-gateway"
+if [ -n "${BENCH_BIN:-}" ]; then
+    BIN=$BENCH_BIN
+else
+    echo "==> building token-gateway (release, .build-release)"
+    swift build -c release --scratch-path "$ROOT/.build-release" --product token-gateway 2>&1 | quiet_build | tail -n 20
+    [ "${PIPESTATUS[0]}" = 0 ] || { echo "build failed"; exit 1; }
+    BIN="$ROOT/.build-release/release/token-gateway"
+fi
 
 WORK=$(mktemp -d /tmp/token-gateway-bench.XXXXXX)
 chmod 755 "$WORK"
@@ -66,9 +76,78 @@ cleanup() {
     for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
     [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null
     redis-cli -h 127.0.0.1 -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1
+    for p in ${CLUSTER_PORTS:-}; do redis-cli -h 127.0.0.1 -p "$p" shutdown nosave >/dev/null 2>&1; done
     rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
+
+# cluster_vs_one_redis: an emulator and a gateway per Redis (one Redis, then a 6-node Redis Cluster: 3
+# primaries, 1 replica each); for each, the cached GET (wrk, BENCH_DURATION) and the cold path (sequential).
+cluster_vs_one_redis() {
+    local cluster_ports=() port nodes=() lines=()
+    for _ in 1 2 3 4 5 6; do
+        port=$(free_port)
+        CLUSTER_PORTS="${CLUSTER_PORTS:-} $port" # for cleanup, even if a later step fails
+        mkdir -p "$WORK/cluster-$port"
+        redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
+            --cluster-enabled yes --cluster-port "$(free_port)" --cluster-node-timeout 1000 --dir "$WORK/cluster-$port" \
+            --logfile "$WORK/cluster-$port/redis.log" --pidfile "$WORK/cluster-$port/redis.pid"
+        wait_for_redis "$port"
+        cluster_ports+=("$port")
+        nodes+=("127.0.0.1:$port")
+    done
+    redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes >"$WORK/cluster-create.log" 2>&1
+    for _ in $(seq 1 300); do
+        redis-cli -p "${cluster_ports[0]}" cluster info 2>/dev/null | grep -q "cluster_state:ok" && break
+        sleep 0.1
+    done
+    local name url gw_port em_port gw_pid installation token_url
+    for name in one-redis cluster; do
+        if [ "$name" = cluster ]; then
+            url="redis-cluster://127.0.0.1:${cluster_ports[0]},127.0.0.1:${cluster_ports[1]}"
+        else
+            url="redis://127.0.0.1:$REDIS_PORT/0"
+        fi
+        gw_port=$(free_port)
+        em_port=$(free_port)
+        TOKEN_GATEWAY_PORT=$gw_port TOKEN_GATEWAY_REDIS_URL=$url \
+            TOKEN_GATEWAY_FORGE_JWKS_URL="http://127.0.0.1:$em_port/.well-known/jwks.json" \
+            TOKEN_GATEWAY_TRIGGER_HOSTS="http://127.0.0.1:$em_port" \
+            TOKEN_GATEWAY_FORGE_GRAPHQL_URL="http://127.0.0.1:$em_port/graphql" \
+            "$BIN" serve 2>"$WORK/gateway-$name.log" &
+        gw_pid=$!
+        pids+=($gw_pid)
+        "$BIN" emulate --port "$em_port" --gateway-url "http://127.0.0.1:$gw_port" \
+            --app-id "$TOKEN_GATEWAY_FORGE_APP_ID" --log-level warning 2>"$WORK/emulator-$name.log" &
+        pids+=($!)
+        wait_for_http "http://127.0.0.1:$gw_port/health/ready"
+        wait_for_http "http://127.0.0.1:$em_port/admin/stats"
+        installation=$(curl -fsS -X POST "http://127.0.0.1:$em_port/admin/installations" |
+            python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+        token_url="http://127.0.0.1:$gw_port/v1/installations/${installation##*/}/token"
+        curl -fsS -o /dev/null -H "Authorization: Bearer $SECRET" "$token_url"
+        wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency -H "Authorization: Bearer $SECRET" "$token_url" \
+            >"$WORK/wrk-$name.txt"
+        lines+=("$name $($DRIVER wrk "$WORK/wrk-$name.txt") $($DRIVER cold --gateway "http://127.0.0.1:$gw_port" \
+            --emulator "http://127.0.0.1:$em_port" --installations "$COLD_INSTALLATIONS" --callers "$COLD_CALLERS")")
+        kill "$gw_pid" 2>/dev/null || true
+    done
+    RESULTS=$(printf '%s\n' "${lines[@]}") CONNECTIONS="$CONNECTIONS" python3 - <<'PY'
+import json, os
+print()
+print(f"Redis Cluster (3 primaries + 3 replicas) vs one Redis, {os.environ['CONNECTIONS']} connections, same run")
+for line in os.environ["RESULTS"].splitlines():
+    name, rest = line.split(" ", 1)
+    dec = json.JSONDecoder()
+    rest = rest.strip()
+    wrk, end = dec.raw_decode(rest)
+    cold, _ = dec.raw_decode(rest[end:].strip())
+    print(f"  {name:<10} cached {wrk['rps']:>9.0f} req/s p50 {wrk['p50_ms']:.2f} ms p99 {wrk['p99_ms']:.2f} ms;"
+          f" cold p50 {cold['e2e_p50_ms']:.2f} ms p99 {cold['e2e_p99_ms']:.2f} ms,"
+          f" gateway-added p50 {cold['gateway_added_p50_ms']:.2f} ms, trigger calls {cold['trigger_calls']}")
+PY
+}
+
 
 # Redis: no persistence, loopback only.
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
@@ -89,6 +168,11 @@ export TOKEN_GATEWAY_FORGE_GRAPHQL_URL="http://127.0.0.1:$EMULATOR_PORT/graphql"
 export TOKEN_GATEWAY_ENCRYPTION_KEYS="bench:$(head -c 32 /dev/urandom | base64 | tr -d '\n')"
 export TOKEN_GATEWAY_CALLERS="[{\"name\":\"bench\",\"secret\":\"$SECRET\",\"installations\":[\"*\"]}]"
 export TOKEN_GATEWAY_LOG_LEVEL=warning
+
+if [ "$CLUSTER_ONLY" = 1 ]; then
+    cluster_vs_one_redis
+    exit 0
+fi
 
 "$BIN" emulate --port "$EMULATOR_PORT" --gateway-url "http://127.0.0.1:$GATEWAY_PORT" \
     --app-id "$TOKEN_GATEWAY_FORGE_APP_ID" --log-level warning 2>"$WORK/emulator.log" &
@@ -201,3 +285,7 @@ print(f"  RSS growth / token bytes {mem['delta_per_token_byte']:.2f}; whole RSS 
       + f"{(mem['rss_start_kib'] * 1024 + mem['rss_delta_bytes'] * 100000 / max(mem['installations'], 1)) / (mem['token_bytes_held'] * 100000 / max(mem['installations'], 1)):.2f})")
 print(f"start-up: ready {startup} ms after exec (target <= 1000 ms: {verdict(startup <= 1000)})")
 PY
+if [ "$RUN_CLUSTER" = 1 ]; then
+    echo "==> Redis Cluster vs one Redis"
+    cluster_vs_one_redis
+fi

@@ -61,7 +61,9 @@ public final class Gateway: Sendable {
         httpConfig.timeout = .init(connect: .seconds(5), read: .seconds(30))
         httpConfig.connectionPool = .init(idleTimeout: .seconds(60))
         self.httpClient = HTTPClient(eventLoopGroupProvider: .singleton, configuration: httpConfig)
-        self.redis = RedisClient(configuration: configuration.redis, logger: logger)
+        self.redis = RedisClient(
+            configuration: configuration.redis, logger: logger, metricsFactory: self.metrics.factory,
+            metricNames: RedisMetricNames(errors: "token_gateway_store_errors_total"))
         let metrics = self.metrics
         let prefixes = configuration.apiBaseURLPrefixes
         self.store = GatewayStore(

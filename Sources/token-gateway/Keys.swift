@@ -36,8 +36,12 @@ struct KeysRewrap: AsyncParsableCommand {
     @Option(help: "Log level trace…critical") var logLevel = "info"
 
     func validate() throws {
-        guard !self.cursor.isEmpty, self.cursor.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) else {
-            throw ValidationError("--cursor must be a SCAN cursor (a decimal number)")
+        // A decimal SCAN cursor, or `<shard>:<cursor>` with Redis Cluster.
+        let parts = self.cursor.split(separator: ":", omittingEmptySubsequences: false)
+        guard (1...2).contains(parts.count),
+            parts.allSatisfy({ !$0.isEmpty && $0.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) })
+        else {
+            throw ValidationError("--cursor must be a SCAN cursor (a decimal number, or shard:number for a cluster)")
         }
         guard (1...100_000).contains(self.batchSize) else {
             throw ValidationError("--batch-size must be in 1…100000")
@@ -61,9 +65,12 @@ struct KeysRewrap: AsyncParsableCommand {
         let redisConfiguration: RedisConfiguration
         let ring: EncryptionKeyRing
         do {
-            redisConfiguration = try RedisConfiguration(url: redisText)
+            redisConfiguration = try GatewayConfiguration.redisConfiguration { setting in
+                if setting == .redisURL { return redisText }
+                return environment[setting.environment].flatMap { $0.isEmpty ? nil : $0 }
+            }
         } catch {
-            throw Self.configurationError("configuration error: TOKEN_GATEWAY_REDIS_URL: \(error)")
+            throw Self.configurationError("\(error)")
         }
         guard let keysText = keysSetting, !keysText.isEmpty
         else { throw Self.configurationError("configuration error: TOKEN_GATEWAY_ENCRYPTION_KEYS: is required but not set") }

@@ -19,6 +19,11 @@ struct SettingsOptions: ParsableArguments {
     @Option(help: "Listen address [TOKEN_GATEWAY_HOST]") var host: String?
     @Option(help: "Listen port [TOKEN_GATEWAY_PORT]") var port: String?
     @Option(help: "Redis URL without a password, or @path [TOKEN_GATEWAY_REDIS_URL]") var redisUrl: String?
+    @Option(help: "CA bundle for Redis TLS [TOKEN_GATEWAY_REDIS_TLS_CA_FILE]") var redisTlsCaFile: String?
+    @Option(help: "Client certificate for Redis TLS [TOKEN_GATEWAY_REDIS_TLS_CERT_FILE]") var redisTlsCertFile: String?
+    @Option(help: "Client key for Redis TLS [TOKEN_GATEWAY_REDIS_TLS_KEY_FILE]") var redisTlsKeyFile: String?
+    @Option(help: "Name to verify in Redis certificates [TOKEN_GATEWAY_REDIS_TLS_SERVER_NAME]")
+    var redisTlsServerName: String?
     @Option(help: "Expected FIT audience, the app ARI [TOKEN_GATEWAY_FORGE_APP_ID]") var forgeAppId: String?
     @Option(help: "JWKS URL for Forge invocation tokens [TOKEN_GATEWAY_FORGE_JWKS_URL]") var forgeJwksUrl: String?
     @Option(help: "Allow-list of trigger hosts [TOKEN_GATEWAY_TRIGGER_HOSTS]") var triggerHosts: String?
@@ -50,6 +55,8 @@ struct SettingsOptions: ParsableArguments {
     var flags: [String: String] {
         let pairs: [(GatewaySetting, String?)] = [
             (.host, self.host), (.port, self.port), (.redisURL, self.redisUrl), (.forgeAppID, self.forgeAppId),
+            (.redisTLSCAFile, self.redisTlsCaFile), (.redisTLSCertFile, self.redisTlsCertFile),
+            (.redisTLSKeyFile, self.redisTlsKeyFile), (.redisTLSServerName, self.redisTlsServerName),
             (.forgeJWKSURL, self.forgeJwksUrl), (.triggerHosts, self.triggerHosts),
             (.encryptionKeys, self.encryptionKeys), (.callers, self.callers), (.connectBaseURL, self.connectBaseUrl),
             (.connectKeysURL, self.connectKeysUrl), (.forgeGraphQLURL, self.forgeGraphqlUrl),

@@ -6,6 +6,7 @@ import Synchronization
 import Testing
 
 @testable import FlowEngine
+@testable import RedisKit
 @testable import TokenGateway
 
 /// Redis outages and failover with real gateway processes: a dedicated redis-server killed and restarted under

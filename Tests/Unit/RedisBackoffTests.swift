@@ -1,6 +1,6 @@
 import Testing
 
-@testable import FlowEngine
+@testable import RedisKit
 
 @Suite struct RedisBackoffTests {
     let base = Duration.milliseconds(50)

@@ -1,6 +1,6 @@
 import Testing
 
-@testable import FlowEngine
+@testable import RedisKit
 
 @Suite struct RedisConfigurationTests {
     @Test func parsesADirectURL() throws {
@@ -69,7 +69,8 @@ import Testing
     @Test(arguments: [
         ("http://:hunter2@h:1/0", "scheme"),
         ("hunter2", "expected redis://"),
-        ("rediss://:hunter2@h:1/0", "TLS"),
+        ("redis-cluster://:hunter2@h:1/3", "database 0"),
+        ("rediss-cluster://:hunter2@h:1,h:/0", "port"),
         ("redis://:hunter2@:6379/0", "host is missing"),
         ("redis://:hunter2@h:port/0", "port"),
         ("redis://:hunter2@h:0/0", "port"),
@@ -79,7 +80,7 @@ import Testing
         ("redis://:hunter2@h:1/0/extra", "path"),
         ("redis://:hunter2@h:1/0?timeout=3", "query"),
         ("redis://:hunter2@h1:1,h2:2/0", "redis-sentinel"),
-        ("redis://admin:hunter2@h:1/0", "user names"),
+        ("redis://admin:@h:1/0", "needs a password"),
         ("redis://hunter2@h:1/0", "colon"),
         ("redis://:hunter2%zz@h:1/0", "percent-encoding"),
         ("redis://:hunter2@h st:1/0", "invalid characters"),
@@ -100,6 +101,41 @@ import Testing
         } catch {
             Issue.record("unexpected error type \(error)")
         }
+    }
+
+    @Test func parsesACLUsersTLSAndClusters() throws {
+        let user = try RedisConfiguration(url: "redis://gateway:s%40cret@127.0.0.1:6380/2")
+        #expect(user.username == "gateway")
+        #expect(user.password == "s@cret")
+        #expect(user.tls == nil)
+        #expect(user.database == 2)
+        #expect(user.description.hasPrefix("redis://gateway:***@127.0.0.1:6380/2"))
+        #expect(!String(reflecting: user).contains("s@cret"))
+
+        let tls = try RedisConfiguration(url: "rediss://:pw@cache.example.com:6380/0")
+        #expect(tls.tls != nil)
+        #expect(tls.username == nil)
+        #expect(tls.description.hasPrefix("rediss://:***@cache.example.com:6380/0"))
+
+        let sentinel = try RedisConfiguration(url: "rediss-sentinel://u:pw@s1:26380,s2/main/1")
+        #expect(sentinel.tls != nil)
+        #expect(sentinel.username == "u")
+        #expect(
+            sentinel.endpoint
+                == .sentinel(
+                    sentinels: [RedisNodeAddress(host: "s1", port: 26380), RedisNodeAddress(host: "s2", port: 26379)],
+                    masterName: "main"))
+
+        let cluster = try RedisConfiguration(url: "redis-cluster://127.0.0.1:7000,[::1]:7001,node3")
+        #expect(
+            cluster.endpoint
+                == .cluster(seeds: [
+                    RedisNodeAddress(host: "127.0.0.1", port: 7000), RedisNodeAddress(host: "::1", port: 7001),
+                    RedisNodeAddress(host: "node3", port: 6379),
+                ]))
+        #expect(cluster.database == 0)
+        #expect(try RedisConfiguration(url: "rediss-cluster://u:pw@h:7000/0").tls != nil)
+        #expect(cluster.description.hasPrefix("redis-cluster://127.0.0.1:7000,[::1]:7001,node3:6379"))
     }
 
     @Test func printedFormsRedactThePassword() throws {

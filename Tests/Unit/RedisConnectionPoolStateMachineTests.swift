@@ -1,7 +1,7 @@
 import NIOCore
 import Testing
 
-@testable import FlowEngine
+@testable import RedisKit
 
 @Suite struct RedisConnectionPoolStateMachineTests {
     final class FakeConnection: CustomStringConvertible {

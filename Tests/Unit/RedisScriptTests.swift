@@ -1,6 +1,6 @@
 import Testing
 
-@testable import FlowEngine
+@testable import RedisKit
 
 @Suite struct RedisScriptTests {
     @Test(arguments: [

@@ -1,7 +1,7 @@
 import NIOCore
 import Testing
 
-@testable import FlowEngine
+@testable import RedisKit
 
 @Suite struct RedisValueTests {
     /// Feeds `bytes` split into the given pieces and returns every complete reply.

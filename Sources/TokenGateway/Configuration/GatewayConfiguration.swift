@@ -1,6 +1,7 @@
 import FlowEngine
 import Foundation
 import Logging
+import NIOSSL
 
 /// A setting that is missing or malformed. `description` is one line naming the setting and
 /// never contains the value (it may be a secret).
@@ -30,8 +31,19 @@ public struct GatewaySetting: Sendable, Hashable {
     public static let host = GatewaySetting("TOKEN_GATEWAY_HOST", "host", "listen address (default 127.0.0.1)")
     public static let port = GatewaySetting("TOKEN_GATEWAY_PORT", "port", "listen port (default 8080)")
     public static let redisURL = GatewaySetting(
-        "TOKEN_GATEWAY_REDIS_URL", "redis-url", "redis:// or redis-sentinel:// URL (default redis://127.0.0.1:6379/0)",
+        "TOKEN_GATEWAY_REDIS_URL", "redis-url",
+        "redis://, redis-sentinel:// or redis-cluster:// URL, rediss… for TLS (default redis://127.0.0.1:6379/0)",
         secret: true)
+    public static let redisTLSCAFile = GatewaySetting(
+        "TOKEN_GATEWAY_REDIS_TLS_CA_FILE", "redis-tls-ca-file",
+        "PEM bundle of the CAs that sign the Redis servers' certificates (default: the system's roots)")
+    public static let redisTLSCertFile = GatewaySetting(
+        "TOKEN_GATEWAY_REDIS_TLS_CERT_FILE", "redis-tls-cert-file", "client certificate (PEM) for mutual TLS with Redis")
+    public static let redisTLSKeyFile = GatewaySetting(
+        "TOKEN_GATEWAY_REDIS_TLS_KEY_FILE", "redis-tls-key-file", "client key (PEM) for mutual TLS with Redis")
+    public static let redisTLSServerName = GatewaySetting(
+        "TOKEN_GATEWAY_REDIS_TLS_SERVER_NAME", "redis-tls-server-name",
+        "name to verify in the Redis servers' certificates (default: the URL's host)")
     public static let forgeAppID = GatewaySetting("TOKEN_GATEWAY_FORGE_APP_ID", "forge-app-id", "expected FIT aud (required)")
     public static let forgeJWKSURL = GatewaySetting(
         "TOKEN_GATEWAY_FORGE_JWKS_URL", "forge-jwks-url", "JWKS URL for Forge invocation tokens")
@@ -88,7 +100,8 @@ public struct GatewaySetting: Sendable, Hashable {
         "named-trigger calls of one installation in progress at once per process (default 8)")
 
     public static let all: [GatewaySetting] = [
-        .host, .port, .redisURL, .forgeAppID, .forgeJWKSURL, .triggerHosts, .encryptionKeys, .callers,
+        .host, .port, .redisURL, .redisTLSCAFile, .redisTLSCertFile, .redisTLSKeyFile, .redisTLSServerName,
+        .forgeAppID, .forgeJWKSURL, .triggerHosts, .encryptionKeys, .callers,
         .connectBaseURL, .connectKeysURL, .forgeGraphQLURL, .userExchangesPerMinute, .publicURL, .logLevel,
         .logFormat, .triggerMaxAttempts, .triggerAttemptTimeout, .deliveryGrace, .refreshAheadFraction,
         .breakerThreshold, .breakerOpen, .forgeModuleKeys, .opsHost, .opsPort, .apiBaseURLPrefixes,
@@ -236,13 +249,9 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
             return value
         }
 
+        // The Redis URL may carry a password: from the environment or a file (`@path`) only.
         let redisText = try secretValue(.redisURL) ?? "redis://127.0.0.1:6379/0"
-        let redis: RedisConfiguration
-        do {
-            redis = try RedisConfiguration(url: redisText)
-        } catch {
-            throw ConfigurationError(setting: GatewaySetting.redisURL.environment, problem: "\(error)")
-        }
+        let redis = try Self.redisConfiguration { setting in setting == .redisURL ? redisText : raw(setting) }
         let appID = try required(.forgeAppID)
         guard appID.hasPrefix("ari:cloud:ecosystem::app/"), appID.count > "ari:cloud:ecosystem::app/".count else {
             throw ConfigurationError(
@@ -384,5 +393,80 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
         guard let v = flag ?? environment[s.environment], !v.isEmpty else { return nil }
         guard v.hasPrefix("@") else { return v }
         return try Self.readSettingFile(String(v.dropFirst()), setting: s)
+    }
+}
+
+extension GatewayConfiguration {
+    /// The Redis settings: `TOKEN_GATEWAY_REDIS_URL` and, for a `rediss` URL, the TLS files and server name. The
+    /// TLS context is made here, once. `raw` gives a setting's value (flag, then environment).
+    ///
+    /// - Throws: ``ConfigurationError`` naming the setting: a malformed URL, TLS settings without a `rediss` URL,
+    ///   a missing or unreadable file, or files that do not make a TLS context.
+    public static func redisConfiguration(raw: (GatewaySetting) -> String?) throws(ConfigurationError)
+        -> RedisConfiguration
+    {
+        var redis: RedisConfiguration
+        do {
+            redis = try RedisConfiguration(url: raw(.redisURL) ?? "redis://127.0.0.1:6379/0")
+        } catch {
+            throw ConfigurationError(setting: GatewaySetting.redisURL.environment, problem: "\(error)")
+        }
+        let tlsSettings: [GatewaySetting] = [.redisTLSCAFile, .redisTLSCertFile, .redisTLSKeyFile, .redisTLSServerName]
+        guard redis.tls != nil else {
+            if let setting = tlsSettings.first(where: { raw($0) != nil }) {
+                throw ConfigurationError(
+                    setting: setting.environment, problem: "is set, but the Redis URL is not a rediss URL (TLS)")
+            }
+            return redis
+        }
+        func readableFile(_ setting: GatewaySetting) throws(ConfigurationError) -> String? {
+            guard let path = raw(setting) else { return nil }
+            guard FileManager.default.isReadableFile(atPath: path) else {
+                throw ConfigurationError(setting: setting.environment, problem: "file is missing or unreadable")
+            }
+            return path
+        }
+        var tls = TLSConfiguration.makeClientConfiguration()
+        if let caFile = try readableFile(.redisTLSCAFile) {
+            do {
+                tls.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(caFile))
+            } catch {
+                throw ConfigurationError(
+                    setting: GatewaySetting.redisTLSCAFile.environment, problem: "is not a PEM certificate bundle")
+            }
+        }
+        let certFile = try readableFile(.redisTLSCertFile)
+        let keyFile = try readableFile(.redisTLSKeyFile)
+        switch (certFile, keyFile) {
+        case (let certFile?, let keyFile?):
+            do {
+                tls.certificateChain = try NIOSSLCertificate.fromPEMFile(certFile).map { .certificate($0) }
+            } catch {
+                throw ConfigurationError(
+                    setting: GatewaySetting.redisTLSCertFile.environment, problem: "is not a PEM certificate")
+            }
+            do {
+                tls.privateKey = .privateKey(try NIOSSLPrivateKey(file: keyFile, format: .pem))
+            } catch {
+                // Never the key's content.
+                throw ConfigurationError(setting: GatewaySetting.redisTLSKeyFile.environment, problem: "is not a PEM private key")
+            }
+        case (nil, nil):
+            break
+        case (nil, _):
+            throw ConfigurationError(
+                setting: GatewaySetting.redisTLSCertFile.environment, problem: "is required with TOKEN_GATEWAY_REDIS_TLS_KEY_FILE")
+        case (_, nil):
+            throw ConfigurationError(
+                setting: GatewaySetting.redisTLSKeyFile.environment, problem: "is required with TOKEN_GATEWAY_REDIS_TLS_CERT_FILE")
+        }
+        let serverName = raw(.redisTLSServerName)?.trimmingCharacters(in: .whitespaces)
+        do {
+            redis.tls = try RedisTLS(configuration: tls, serverName: serverName?.isEmpty == false ? serverName : nil)
+        } catch {
+            let setting: GatewaySetting = keyFile != nil ? .redisTLSKeyFile : .redisTLSCAFile
+            throw ConfigurationError(setting: setting.environment, problem: "\(error)")
+        }
+        return redis
     }
 }

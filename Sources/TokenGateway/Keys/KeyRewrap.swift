@@ -92,11 +92,8 @@ public struct KeyRewrap: Sendable {
     ///
     /// - Throws: ``RedisError`` when Redis fails or answers something unexpected.
     public func step(cursor: String) async throws -> Batch {
-        let reply = try await self.redis.send(["SCAN", cursor, "MATCH", self.pattern, "COUNT", String(self.batchSize)])
-        guard let parts = reply.array, parts.count == 2, let next = parts[0].string, let list = parts[1].array else {
-            throw RedisError.protocolError
-        }
-        let names = list.compactMap(\.string)
+        // Every primary of a cluster in turn; the cursor says which.
+        let (next, names) = try await self.redis.scan(cursor: cursor, match: self.pattern, count: self.batchSize)
         var counts = Counts()
         counts.keys = names.count
         if names.isEmpty { return Batch(nextCursor: next, counts: counts) }

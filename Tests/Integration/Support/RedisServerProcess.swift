@@ -87,7 +87,8 @@ final class RedisServerProcess: Sendable {
         monitoringPrimaryPort primaryPort: Int,
         masterName: String = "tg-primary",
         downAfterMilliseconds: Int = 1000,
-        failoverTimeoutMilliseconds: Int = 5000
+        failoverTimeoutMilliseconds: Int = 5000,
+        extraConfiguration: String = ""
     ) async throws -> RedisServerProcess {
         let directory = try Self.makeTemporaryDirectory()
         let configPath = "\(directory)/sentinel.conf"
@@ -107,6 +108,7 @@ final class RedisServerProcess: Sendable {
                 sentinel down-after-milliseconds \(masterName) \(downAfterMilliseconds)
                 sentinel failover-timeout \(masterName) \(failoverTimeoutMilliseconds)
                 sentinel parallel-syncs \(masterName) 1
+                \(extraConfiguration)
 
                 """
             try config.write(toFile: configPath, atomically: true, encoding: .utf8)
@@ -149,12 +151,35 @@ final class RedisServerProcess: Sendable {
         }
     }()
 
+    /// Starts `redis-server` with TLS only (`--port 0 --tls-port N`), its certificate signed by `files.ca`;
+    /// with `mutual`, clients must present a certificate signed by that CA (`--tls-auth-clients yes`).
+    static func startTLS(_ files: RedisTLSFiles, mutual: Bool) async throws -> RedisServerProcess {
+        let directory = try Self.makeTemporaryDirectory()
+        return try await self.launchOnFreePort(
+            executable: "/usr/bin/redis-server",
+            directory: directory,
+            ownsDirectory: true,
+            arguments: { port in
+                Self.serverArguments(port: 0, directory: directory) + [
+                    "--tls-port", "\(port)", "--tls-cert-file", files.serverCertificate, "--tls-key-file",
+                    files.serverKey, "--tls-ca-cert-file", files.ca, "--tls-auth-clients", mutual ? "yes" : "no",
+                ]
+            },
+            prepare: { _ in },
+            ready: { port in
+                (try? redisCLI(["--tls", "--cacert", files.ca, "--cert", files.clientCertificate, "--key",
+                    files.clientKey, "-p", "\(port)", "PING"])) == "PONG"
+            }
+        )
+    }
+
     private static func launchOnFreePort(
         executable: String,
         directory: String,
         ownsDirectory: Bool,
         arguments: (Int) -> [String],
-        prepare: (Int) throws -> Void
+        prepare: (Int) throws -> Void,
+        ready: @escaping @Sendable (Int) -> Bool = { RedisServerProcess.pingSucceeds(port: $0) }
     ) async throws -> RedisServerProcess {
         var lastError: (any Error)?
         // The free port is found by binding port 0 and closing the socket; another process may take it before
@@ -165,7 +190,8 @@ final class RedisServerProcess: Sendable {
             let args = arguments(port)
             let process = try Self.launch(executable: executable, arguments: args, directory: directory)
             do {
-                try await Self.waitUntilReady(process, port: port, executable: executable, directory: directory)
+                try await Self.waitUntilReady(
+                    process, port: port, executable: executable, directory: directory, ready: ready)
                 return RedisServerProcess(
                     port: port,
                     directory: directory,
@@ -190,14 +216,15 @@ final class RedisServerProcess: Sendable {
         _ process: ChildProcess,
         port: Int,
         executable: String,
-        directory: String
+        directory: String,
+        ready: @Sendable (Int) -> Bool = { RedisServerProcess.pingSucceeds(port: $0) }
     ) async throws {
         let deadline = ContinuousClock.now + .seconds(10)
         while ContinuousClock.now < deadline {
             guard process.isRunning else {
                 throw StartError(description: "\(executable) on port \(port) exited (see \(directory))")
             }
-            if Self.pingSucceeds(port: port) {
+            if ready(port) {
                 return
             }
             try await Task.sleep(for: .milliseconds(10))

@@ -5,31 +5,33 @@ enum RedisURLParser {
     static let defaultSentinelPort = 26379
 
     static func parse(_ url: String) throws(RedisConfigurationError) -> RedisConfiguration {
+        let usage = "expected redis://[[user]:password@]host:port/db, redis-sentinel://…, redis-cluster://… "
+            + "(or rediss…:// for TLS)"
         guard let schemeEnd = url.firstRange(of: "://") else {
-            throw RedisConfigurationError("expected redis://[:password@]host:port/db or redis-sentinel://…")
+            throw RedisConfigurationError(usage)
         }
         let scheme = url[..<schemeEnd.lowerBound].lowercased()
         let rest = url[schemeEnd.upperBound...]
-        let isSentinel: Bool
+        let kind: Substring
+        let usesTLS: Bool
         switch scheme {
-        case "redis":
-            isSentinel = false
-        case "redis-sentinel":
-            isSentinel = true
-        case "rediss":
-            throw RedisConfigurationError("TLS (rediss://) is not supported")
+        case "redis", "redis-sentinel", "redis-cluster":
+            (kind, usesTLS) = (scheme.dropFirst("redis".count), false)
+        case "rediss", "rediss-sentinel", "rediss-cluster":
+            (kind, usesTLS) = (scheme.dropFirst("rediss".count), true)
         default:
-            throw RedisConfigurationError("the scheme must be redis:// or redis-sentinel://")
+            throw RedisConfigurationError(
+                "the scheme must be redis://, redis-sentinel://, redis-cluster:// or their rediss variants")
         }
 
         // The password may contain "@", "/" or ":"; the host part never contains "@", so split at the last one.
-        let password: String?
+        let credentials: (username: String?, password: String?)
         let location: Substring
         if let at = rest.lastIndex(of: "@") {
-            password = try self.parsePassword(rest[..<at])
+            credentials = try self.parseUserInfo(rest[..<at])
             location = rest[rest.index(after: at)...]
         } else {
-            password = nil
+            credentials = (nil, nil)
             location = rest
         }
         if location.contains("?") || location.contains("#") {
@@ -47,49 +49,81 @@ enum RedisURLParser {
             pathSegments = []
         }
 
-        if isSentinel {
-            let sentinels = try authority.split(separator: ",", omittingEmptySubsequences: false).map {
-                host throws(RedisConfigurationError) in
-                let (host, port) = try self.parseHostPort(host, defaultPort: self.defaultSentinelPort)
-                return RedisSentinelAddress(host: host, port: port)
-            }
+        let endpoint: RedisConfiguration.Endpoint
+        let database: Int
+        switch kind {
+        case "-sentinel":
+            let sentinels = try self.parseHosts(authority, defaultPort: self.defaultSentinelPort)
             guard let masterSegment = pathSegments.first, !masterSegment.isEmpty else {
                 throw RedisConfigurationError("the master name is missing (redis-sentinel://h1:p1,h2:p2/<master>[/db])")
             }
             guard let masterName = self.percentDecoded(masterSegment), !masterName.contains(" ") else {
                 throw RedisConfigurationError("the master name is malformed")
             }
-            let database = try self.parseDatabase(pathSegments.dropFirst())
-            return RedisConfiguration(
-                endpoint: .sentinel(sentinels: sentinels, masterName: masterName),
-                password: password,
-                database: database
-            )
-        } else {
+            endpoint = .sentinel(sentinels: sentinels, masterName: masterName)
+            database = try self.parseDatabase(pathSegments.dropFirst())
+        case "-cluster":
+            endpoint = .cluster(seeds: try self.parseHosts(authority, defaultPort: self.defaultRedisPort))
+            database = try self.parseDatabase(pathSegments[...])
+            guard database == 0 else {
+                throw RedisConfigurationError("a Redis Cluster has database 0 only")
+            }
+        default:
             if authority.contains(",") {
-                throw RedisConfigurationError("several hosts need redis-sentinel://")
+                throw RedisConfigurationError("several hosts need redis-sentinel:// or redis-cluster://")
             }
             let (host, port) = try self.parseHostPort(authority, defaultPort: self.defaultRedisPort)
-            let database = try self.parseDatabase(pathSegments[...])
-            return RedisConfiguration(endpoint: .direct(host: host, port: port), password: password, database: database)
+            endpoint = .direct(host: host, port: port)
+            database = try self.parseDatabase(pathSegments[...])
+        }
+        let tls: RedisTLS? = if usesTLS { try RedisTLS() } else { nil }
+        return RedisConfiguration(
+            endpoint: endpoint,
+            username: credentials.username,
+            password: credentials.password,
+            tls: tls,
+            database: database
+        )
+    }
+
+    private static func parseHosts(
+        _ authority: Substring,
+        defaultPort: Int
+    ) throws(RedisConfigurationError) -> [RedisNodeAddress] {
+        try authority.split(separator: ",", omittingEmptySubsequences: false).map {
+            host throws(RedisConfigurationError) in
+            let (host, port) = try self.parseHostPort(host, defaultPort: defaultPort)
+            return RedisNodeAddress(host: host, port: port)
         }
     }
 
-    /// `:password` (percent-encoded); an empty user info or an empty password means none.
-    private static func parsePassword(_ userInfo: Substring) throws(RedisConfigurationError) -> String? {
+    /// `[user]:password` (percent-encoded); an empty user info or an empty password means none. A user needs a
+    /// password.
+    private static func parseUserInfo(
+        _ userInfo: Substring
+    ) throws(RedisConfigurationError) -> (username: String?, password: String?) {
         if userInfo.isEmpty {
-            return nil
+            return (nil, nil)
         }
-        guard userInfo.first == ":" else {
-            if userInfo.contains(":") {
-                throw RedisConfigurationError("user names are not supported; use redis://:password@host:port/db")
-            }
-            throw RedisConfigurationError("the password must follow a colon: redis://:password@host:port/db")
+        guard let colon = userInfo.firstIndex(of: ":") else {
+            throw RedisConfigurationError("the password must follow a colon: redis://[user]:password@host:port/db")
         }
-        guard let password = self.percentDecoded(userInfo.dropFirst()) else {
+        guard let username = self.percentDecoded(userInfo[..<colon]) else {
+            throw RedisConfigurationError("the user name has an invalid percent-encoding")
+        }
+        guard let password = self.percentDecoded(userInfo[userInfo.index(after: colon)...]) else {
             throw RedisConfigurationError("the password has an invalid percent-encoding")
         }
-        return password.isEmpty ? nil : password
+        if password.isEmpty {
+            guard username.isEmpty else {
+                throw RedisConfigurationError("a user name needs a password: redis://user:password@host:port/db")
+            }
+            return (nil, nil)
+        }
+        guard !username.contains(where: { $0 == " " || $0.isNewline }) else {
+            throw RedisConfigurationError("the user name is malformed")
+        }
+        return (username.isEmpty ? nil : username, password)
     }
 
     private static func parseHostPort(

@@ -13,7 +13,8 @@ public enum RedisPubSubEvent: Sendable, Hashable {
 }
 
 extension RedisClient {
-    /// Subscribes to `channels` on a dedicated connection that ``run()`` keeps alive for the client's lifetime:
+    /// Subscribes to `channels` on a dedicated connection that ``run()`` keeps alive for the client's lifetime
+    /// (with a cluster, to any one node: Redis Cluster delivers a `PUBLISH` on any node to subscribers on all):
     /// it is re-established with backoff after a loss, re-subscribes, and then yields
     /// ``RedisPubSubEvent/subscribed`` again.
     ///
@@ -78,7 +79,11 @@ extension RedisClient {
                 for await subscription in registrations {
                     group.addTask {
                         await self.maintain(subscription) { eventLoop, pushHandler in
-                            try await self.connector.connect(on: eventLoop, pushHandler: pushHandler)
+                            if let cluster = self.cluster {
+                                // Redis Cluster forwards every PUBLISH to every node: one node serves them all.
+                                return try await cluster.connectSubscriber(on: eventLoop, pushHandler: pushHandler)
+                            }
+                            return try await self.connector.connect(on: eventLoop, pushHandler: pushHandler)
                         }
                     }
                 }

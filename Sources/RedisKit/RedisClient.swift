@@ -23,9 +23,12 @@ public final class RedisClient: Sendable, Service {
     let logger: Logger
     let eventLoopGroup: any EventLoopGroup
     let connector: RedisConnector
+    /// The pool of the one primary (direct or Sentinel endpoint); unused with a cluster.
     let pool: RedisConnectionPool
+    /// Routes commands across a Redis Cluster; `nil` for a direct or Sentinel endpoint.
+    let cluster: RedisClusterRouter?
     private let availability: Availability
-    private let storeErrors: Counter
+    private let errors: Counter
     let state: Mutex<State>
     /// New subscriptions for ``run()`` to maintain.
     let registrations: AsyncStream<RedisSubscription>.Continuation
@@ -49,10 +52,14 @@ public final class RedisClient: Sendable, Service {
     ///   - configuration: endpoint, credentials, pool and timeouts.
     ///   - eventLoopGroup: where the connections live.
     ///   - logger: used for connection up/down and failures; its metadata gains `redis.endpoint`.
+    ///   - metricsFactory: where the client's metrics are created (once, here); by default nowhere.
+    ///   - metricNames: the names the client's metrics carry in the caller's system.
     public init(
         configuration: RedisConfiguration,
         eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
-        logger: Logger
+        logger: Logger,
+        metricsFactory: any MetricsFactory = NOOPMetricsHandler.instance,
+        metricNames: RedisMetricNames = RedisMetricNames()
     ) {
         var logger = logger
         logger[metadataKey: "redis.endpoint"] = "\(configuration.endpoint)"
@@ -70,7 +77,19 @@ public final class RedisClient: Sendable, Service {
             connector: { eventLoop in try await connector.connect(on: eventLoop) },
             connectionStateChanged: { isUp in availability.isAvailable.store(isUp, ordering: .relaxed) }
         )
-        self.storeErrors = Counter(label: "token_gateway_store_errors_total")
+        if case .cluster(let seeds) = configuration.endpoint {
+            self.cluster = RedisClusterRouter(
+                seeds: seeds,
+                configuration: configuration,
+                connector: connector,
+                eventLoopGroup: eventLoopGroup,
+                logger: logger,
+                connectionStateChanged: { isUp in availability.isAvailable.store(isUp, ordering: .relaxed) }
+            )
+        } else {
+            self.cluster = nil
+        }
+        self.errors = Counter(label: metricNames.errors, factory: metricsFactory)
         let (stream, continuation) = AsyncStream.makeStream(of: RedisSubscription.self)
         self.registrations = continuation
         self.state = Mutex(State(registrationStream: stream))
@@ -144,6 +163,64 @@ public final class RedisClient: Sendable, Service {
             subscription.terminate()
         }
         await self.pool.shutDown()
+        await self.cluster?.shutDown()
+    }
+
+    /// One step of a `SCAN` over the whole keyspace (every primary of a cluster, one after the other), from
+    /// `cursor` (`"0"` to start); returns the cursor to continue from (`"0"` when done) and the keys found.
+    ///
+    /// With a cluster the cursor is `<shard>:<node cursor>`, shards in the order of their lowest slot.
+    ///
+    /// - Throws: as ``send(_:timeout:)``; ``RedisError/invalidCommand`` for a malformed cursor.
+    public func scan(
+        cursor: String,
+        match pattern: String,
+        count: Int,
+        timeout: Duration? = nil
+    ) async throws -> (cursor: String, keys: [String]) {
+        let deadline = self.deadline(timeout)
+        guard let cluster = self.cluster else {
+            let reply = try await self.send(["SCAN", cursor, "MATCH", pattern, "COUNT", String(count)], deadline: deadline)
+            return try Self.scanReply(reply)
+        }
+        let (shard, nodeCursor): (Int, String)
+        if cursor == "0" {
+            (shard, nodeCursor) = (0, "0")
+        } else {
+            let parts = cursor.split(separator: ":", omittingEmptySubsequences: false)
+            guard parts.count == 2, let index = Int(parts[0]), index >= 0, UInt64(parts[1]) != nil else {
+                throw RedisError.invalidCommand
+            }
+            (shard, nodeCursor) = (index, String(parts[1]))
+        }
+        let primaries = try await cluster.primaries(deadline: deadline)
+        guard shard < primaries.count else {
+            return ("0", [])
+        }
+        let reply: RedisValue
+        do {
+            reply = try await cluster.send(
+                ["SCAN", nodeCursor, "MATCH", pattern, "COUNT", String(count)], to: primaries[shard], deadline: deadline)
+        } catch let error as RedisError where error == .unavailable || error == .timeout {
+            self.availability.isAvailable.store(false, ordering: .relaxed)
+            self.errors.increment()
+            throw error
+        }
+        if case .error(let message) = reply {
+            throw RedisError.server(message)
+        }
+        let (next, keys) = try Self.scanReply(reply)
+        if next != "0" {
+            return ("\(shard):\(next)", keys)
+        }
+        return (shard + 1 < primaries.count ? "\(shard + 1):0" : "0", keys)
+    }
+
+    private static func scanReply(_ reply: RedisValue) throws -> (cursor: String, keys: [String]) {
+        guard let parts = reply.array, parts.count == 2, let next = parts[0].string, let list = parts[1].array else {
+            throw RedisError.protocolError
+        }
+        return (next, list.compactMap(\.string))
     }
 
     func send(_ command: [String], deadline: NIODeadline) async throws -> RedisValue {
@@ -162,6 +239,11 @@ public final class RedisClient: Sendable, Service {
             throw RedisError.invalidCommand
         }
         do {
+            if let cluster = self.cluster {
+                let replies = try await cluster.execute(commands, deadline: deadline)
+                self.availability.isAvailable.store(true, ordering: .relaxed)
+                return replies
+            }
             let connection = try await self.pool.connection(deadline: deadline)
             let replies = try await connection.send(commands, deadline: deadline)
             self.availability.isAvailable.store(true, ordering: .relaxed)
@@ -175,13 +257,24 @@ public final class RedisClient: Sendable, Service {
             return replies
         } catch let error as RedisError where error == .unavailable || error == .timeout {
             self.availability.isAvailable.store(false, ordering: .relaxed)
-            self.storeErrors.increment()
+            self.errors.increment()
             throw error
         }
     }
 
     private func deadline(_ timeout: Duration?) -> NIODeadline {
         .now() + TimeAmount(timeout ?? self.configuration.commandTimeout)
+    }
+}
+
+/// The names of the metrics a ``RedisClient`` emits.
+public struct RedisMetricNames: Sendable, Hashable {
+    /// Counter of commands and pipelines that failed because Redis was unreachable or did not answer in time.
+    public var errors: String
+
+    /// - Parameter errors: default `redis_client_errors_total`.
+    public init(errors: String = "redis_client_errors_total") {
+        self.errors = errors
     }
 }
 

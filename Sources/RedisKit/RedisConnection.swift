@@ -1,6 +1,8 @@
 import Logging
 import NIOCore
 import NIOPosix
+import NIOSSL
+import NIOTLS
 
 /// One TCP connection to a Redis server (or sentinel), with pipelined requests.
 final class RedisConnection: Sendable {
@@ -20,43 +22,69 @@ final class RedisConnection: Sendable {
     ///   - deadline: the connect attempt fails with ``RedisError/unavailable`` if not connected by then.
     ///   - stallTimeout: how long the server may stay silent with requests outstanding before a timed-out
     ///     request closes the connection (see ``RedisChannelHandler``).
+    ///   - tls: when set, the TLS handshake (with the server's certificate verified) completes before the
+    ///     connection is returned; ``RedisChannelHandler`` sits behind the `NIOSSLClientHandler`.
     ///   - pushHandler: set for a subscriber connection; receives pushed messages on the event loop.
-    /// - Throws: ``RedisError/unavailable`` (the underlying reason is logged at debug level).
+    /// - Throws: ``RedisConnectError`` (the reason, without secrets).
     static func connect(
         host: String,
         port: Int,
+        tls: RedisTLS? = nil,
         eventLoop: any EventLoop,
         deadline: NIODeadline,
         stallTimeout: TimeAmount,
         logger: Logger,
         pushHandler: (@Sendable (RedisPubSubEvent) -> Void)? = nil
-    ) async throws -> RedisConnection {
+    ) async throws(RedisConnectError) -> RedisConnection {
         let remaining = deadline - .now()
         guard remaining > .zero else {
-            throw RedisError.unavailable
+            throw RedisConnectError(kind: .timeout, detail: "no time left to connect")
         }
         let address = hostPortDescription(host: host, port: port)
+        let handshake = eventLoop.makePromise(of: Void.self)
         let bootstrap = ClientBootstrap(group: eventLoop)
             .connectTimeout(remaining)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelOption(.socketOption(.so_keepalive), value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    if let tls {
+                        // An IP address is not a valid SNI name; then NIOSSL verifies the peer's IP address instead.
+                        let name = tls.serverName ?? host
+                        let serverHostname = Self.isIPAddress(name) ? nil : name
+                        try channel.pipeline.syncOperations.addHandler(
+                            try NIOSSLClientHandler(context: tls.context, serverHostname: serverHostname)
+                        )
+                        try channel.pipeline.syncOperations.addHandler(RedisTLSHandshakeHandler(handshake: handshake))
+                    } else {
+                        handshake.succeed()
+                    }
                     try channel.pipeline.syncOperations.addHandler(
                         RedisChannelHandler(logger: logger, stallTimeout: stallTimeout, pushHandler: pushHandler)
                     )
                 }
             }
+        let channel: any Channel
         do {
-            let channel = try await bootstrap.connect(host: host, port: port).get()
-            return RedisConnection(channel: channel, address: address)
+            channel = try await bootstrap.connect(host: host, port: port).get()
         } catch {
-            logger.debug(
-                "Redis connect failed",
-                metadata: ["redis.address": "\(address)", "redis.error": "\(error)"]
-            )
-            throw RedisError.unavailable
+            handshake.fail(error)
+            throw RedisConnectError(kind: .connect, detail: "\(error)")
         }
+        do {
+            try await handshake.futureResult.awaitRedisResult(deadline: deadline, timeoutError: .timeout)
+        } catch {
+            channel.close(promise: nil)
+            if (error as? RedisError) == RedisError.timeout {
+                throw RedisConnectError(kind: .timeout, detail: "the TLS handshake did not finish in time")
+            }
+            throw RedisConnectError(kind: .tls, detail: "\(error)")
+        }
+        return RedisConnection(channel: channel, address: address)
+    }
+
+    private static func isIPAddress(_ host: String) -> Bool {
+        (try? SocketAddress(ipAddress: host, port: 0)) != nil
     }
 
     /// Writes an encoded request; the future succeeds with `replyCount` replies in order (error replies included)
@@ -104,6 +132,59 @@ final class RedisConnection: Sendable {
     /// Completes when the connection is closed, for whatever reason.
     var closeFuture: EventLoopFuture<Void> {
         self.channel.closeFuture
+    }
+}
+
+/// Why a connection could not be opened. The detail is the network or TLS library's message; it never holds
+/// credentials.
+struct RedisConnectError: Error, CustomStringConvertible {
+    enum Kind {
+        /// TCP connect failed (refused, unreachable, name not found, timed out).
+        case connect
+        /// The TLS handshake failed (for example the server's certificate did not verify).
+        case tls
+        case timeout
+    }
+
+    let kind: Kind
+    let detail: String
+
+    var description: String {
+        switch self.kind {
+        case .connect: "connect failed: \(self.detail)"
+        case .tls: "TLS handshake failed: \(self.detail)"
+        case .timeout: "connect timed out: \(self.detail)"
+        }
+    }
+}
+
+/// Completes `handshake` when the TLS handshake has finished, or fails it with the handshake's error (or when
+/// the connection closes first). Sits right behind the `NIOSSLClientHandler`.
+final class RedisTLSHandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+
+    private let handshake: EventLoopPromise<Void>
+
+    init(handshake: EventLoopPromise<Void>) {
+        self.handshake = handshake
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let tlsEvent = event as? TLSUserEvent, case .handshakeCompleted = tlsEvent {
+            self.handshake.succeed()
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        self.handshake.fail(error)
+        context.fireErrorCaught(error)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        self.handshake.fail(RedisError.unavailable)
+        context.fireChannelInactive()
     }
 }
 

@@ -1,0 +1,378 @@
+import Logging
+import NIOCore
+import Synchronization
+
+/// The I/O around ``RedisClusterStateMachine``: one connection pool per primary, topology queries, and commands
+/// sent to the primary of their slot with redirections and failovers followed.
+final class RedisClusterRouter: Sendable {
+    /// How many times one command may be redirected or retried before the caller gets an error.
+    static let maximumRounds = 32
+    /// Pause before sending again a command that a node could not take (failover or resharding in progress).
+    static let retryPause: Duration = .milliseconds(50)
+
+    private struct State {
+        var machine: RedisClusterStateMachine
+        var pools: [RedisNodeAddress: RedisConnectionPool] = [:]
+        /// Completed when the running rediscovery ends (successfully or not).
+        var rediscovery: EventLoopPromise<Void>?
+        var isShutDown = false
+    }
+
+    private let state: Mutex<State>
+    private let configuration: RedisConfiguration
+    private let connector: RedisConnector
+    private let eventLoopGroup: any EventLoopGroup
+    private let logger: Logger
+    private let connectionStateChanged: @Sendable (_ isUp: Bool) -> Void
+
+    init(
+        seeds: [RedisNodeAddress],
+        configuration: RedisConfiguration,
+        connector: RedisConnector,
+        eventLoopGroup: any EventLoopGroup,
+        logger: Logger,
+        connectionStateChanged: @escaping @Sendable (_ isUp: Bool) -> Void
+    ) {
+        self.state = Mutex(State(machine: RedisClusterStateMachine(seeds: seeds)))
+        self.configuration = configuration
+        self.connector = connector
+        self.eventLoopGroup = eventLoopGroup
+        self.logger = logger
+        self.connectionStateChanged = connectionStateChanged
+    }
+
+    /// A command that a node did not take (it could not be reached): safe to send again elsewhere.
+    private struct NotSent: Error {
+        var error: any Error
+    }
+
+    private struct Item {
+        var index: Int
+        var asking: Bool
+    }
+
+    /// Sends `commands` (pipelined per node) and returns their replies in order. Each command goes to the
+    /// primary of its key's slot; `MOVED` and `ASK` are followed; a command that a node could not take because
+    /// of a failover (unreachable node, `CLUSTERDOWN`, `TRYAGAIN`, `READONLY`) is sent again after
+    /// rediscovery, until `deadline`. A command that may have reached a node which then failed is not repeated:
+    /// the call throws.
+    func execute(_ commands: [[String]], deadline: NIODeadline) async throws -> [RedisValue] {
+        var replies = [RedisValue?](repeating: nil, count: commands.count)
+        var redirections: [Int: (node: RedisNodeAddress, asking: Bool)] = [:]
+        var pending = Array(commands.indices)
+        var lastError: any Error = RedisError.timeout
+        // Bounded by the deadline, and by a number of rounds against redirection loops.
+        for _ in 0..<Self.maximumRounds {
+            guard !pending.isEmpty else {
+                break
+            }
+            guard NIODeadline.now() < deadline else {
+                throw lastError
+            }
+            var groups: [RedisNodeAddress: [Item]] = [:]
+            var needsMap = false
+            self.state.withLock { state in
+                for index in pending {
+                    if let redirection = redirections[index] {
+                        groups[redirection.node, default: []].append(Item(index: index, asking: redirection.asking))
+                        continue
+                    }
+                    switch state.machine.route(slot: RedisHashSlot.slot(of: commands[index])) {
+                    case .node(let node): groups[node, default: []].append(Item(index: index, asking: false))
+                    case .discover: needsMap = true
+                    }
+                }
+            }
+            if needsMap {
+                do {
+                    try await self.rediscover(deadline: deadline)
+                } catch {
+                    lastError = error
+                    try await self.pause(until: deadline)
+                }
+                continue
+            }
+
+            let results = await withTaskGroup(of: (RedisNodeAddress, [Item], Result<[RedisValue], any Error>).self) {
+                group in
+                for (node, items) in groups {
+                    group.addTask {
+                        do {
+                            return (node, items, .success(try await self.send(commands, items, to: node, deadline: deadline)))
+                        } catch {
+                            return (node, items, .failure(error))
+                        }
+                    }
+                }
+                var results: [(RedisNodeAddress, [Item], Result<[RedisValue], any Error>)] = []
+                for await result in group {
+                    results.append(result)
+                }
+                return results
+            }
+
+            pending = []
+            var shouldRediscover = false
+            var thrown: (any Error)?
+            for (node, items, result) in results {
+                switch result {
+                case .success(let nodeReplies):
+                    self.state.withLock { state in
+                        for (item, reply) in zip(items, nodeReplies) {
+                            switch state.machine.replyReceived(reply) {
+                            case .done:
+                                replies[item.index] = reply
+                                redirections[item.index] = nil
+                            case .redirect(let target, let asking):
+                                redirections[item.index] = (target, asking)
+                                pending.append(item.index)
+                            case .retryAfterRediscovery:
+                                redirections[item.index] = nil
+                                pending.append(item.index)
+                                shouldRediscover = true
+                                lastError = RedisError.server(reply.errorMessage ?? "")
+                            }
+                        }
+                    }
+                case .failure(let failure as NotSent):
+                    self.state.withLock { $0.machine.nodeUnreachable(node) }
+                    for item in items {
+                        redirections[item.index] = nil
+                        pending.append(item.index)
+                    }
+                    shouldRediscover = true
+                    lastError = failure.error
+                case .failure(let error):
+                    self.state.withLock { $0.machine.nodeUnreachable(node) }
+                    shouldRediscover = true
+                    thrown = error
+                }
+            }
+            if let thrown {
+                // Commands may have run on the failed node: not repeated. The map is looked at again in the
+                // background so that the next command goes to the right node.
+                Task { try? await self.rediscover(deadline: .now() + TimeAmount(self.configuration.connectTimeout)) }
+                throw thrown
+            }
+            if shouldRediscover, !pending.isEmpty {
+                try? await self.rediscover(deadline: deadline)
+                try await self.pause(until: deadline)
+            }
+        }
+        guard pending.isEmpty else {
+            throw lastError
+        }
+        return replies.map { $0 ?? .null }
+    }
+
+    /// Sends one node's share of a pipeline; `ASKING` precedes each command sent after an `ASK` redirection.
+    private func send(
+        _ commands: [[String]],
+        _ items: [Item],
+        to node: RedisNodeAddress,
+        deadline: NIODeadline
+    ) async throws -> [RedisValue] {
+        let connection: RedisConnection
+        do {
+            connection = try await self.pool(for: node).connection(deadline: deadline)
+        } catch let error as CancellationError {
+            throw error
+        } catch {
+            throw NotSent(error: error)
+        }
+        var batch: [[String]] = []
+        var replyPositions: [Int] = []
+        for item in items {
+            if item.asking {
+                batch.append(["ASKING"])
+            }
+            replyPositions.append(batch.count)
+            batch.append(commands[item.index])
+        }
+        let replies = try await connection.send(batch, deadline: deadline)
+        return replyPositions.map { replies[$0] }
+    }
+
+    private func pool(for node: RedisNodeAddress) throws -> RedisConnectionPool {
+        try self.state.withLock { state in
+            guard !state.isShutDown else {
+                throw RedisError.unavailable
+            }
+            if let pool = state.pools[node] {
+                return pool
+            }
+            let connector = self.connector
+            let pool = RedisConnectionPool(
+                configuration: self.configuration,
+                eventLoopGroup: self.eventLoopGroup,
+                logger: self.logger,
+                connector: { eventLoop in try await connector.connect(to: node, on: eventLoop) },
+                connectionStateChanged: self.connectionStateChanged
+            )
+            state.pools[node] = pool
+            return pool
+        }
+    }
+
+    private func pause(until deadline: NIODeadline) async throws {
+        let remaining = deadline - .now()
+        guard remaining > .zero else {
+            return
+        }
+        try await Task.sleep(for: min(Self.retryPause, Duration.nanoseconds(remaining.nanoseconds)))
+    }
+
+    /// Asks the known nodes, then the seeds, for the slot map (`CLUSTER SHARDS`, or `CLUSTER SLOTS` on servers
+    /// without it), at most every ``RedisClusterStateMachine/minimumRediscoveryInterval``; callers arriving
+    /// while one runs wait for it.
+    ///
+    /// - Throws: ``RedisError/unavailable`` when no node answered, ``RedisError/timeout``, `CancellationError`.
+    func rediscover(deadline: NIODeadline) async throws {
+        let (decision, promise) = self.state.withLock { state -> (RedisClusterStateMachine.Rediscovery, EventLoopPromise<Void>?) in
+            let decision = state.machine.rediscoveryRequested(now: .now())
+            if case .start = decision {
+                state.rediscovery = self.eventLoopGroup.any().makePromise(of: Void.self)
+            }
+            return (decision, state.rediscovery)
+        }
+        switch decision {
+        case .join:
+            guard let promise else {
+                return
+            }
+            try await promise.futureResult.awaitRedisResult(deadline: deadline, timeoutError: .timeout)
+        case .wait(let until):
+            // The map was just asked for; give the cluster a moment before asking again.
+            let pause = min(until, deadline) - .now()
+            if pause > .zero {
+                try await Task.sleep(for: .nanoseconds(pause.nanoseconds))
+            }
+        case .start(let candidates):
+            let result: Result<RedisHashSlotMap, any Error>
+            do {
+                result = .success(try await self.fetchMap(from: candidates, deadline: deadline))
+            } catch {
+                result = .failure(error)
+            }
+            let removed = self.state.withLock { state -> [RedisConnectionPool] in
+                state.rediscovery = nil
+                switch result {
+                case .success(let map):
+                    let gone = state.machine.rediscoverySucceeded(map)
+                    return gone.compactMap { state.pools.removeValue(forKey: $0) }
+                case .failure:
+                    state.machine.rediscoveryFailed()
+                    return []
+                }
+            }
+            for pool in removed {
+                Task { await pool.shutDown() }
+            }
+            switch result {
+            case .success(let map):
+                promise?.succeed()
+                self.logger.info(
+                    "Redis Cluster slot map",
+                    metadata: [
+                        "redis.cluster.primaries": "\(map.primaries.map(\.description).joined(separator: ","))",
+                        "redis.cluster.complete": "\(map.coversAllSlots)",
+                    ]
+                )
+            case .failure(let error):
+                promise?.fail(error)
+                throw error
+            }
+        }
+    }
+
+    private func fetchMap(from candidates: [RedisNodeAddress], deadline: NIODeadline) async throws -> RedisHashSlotMap {
+        let eventLoop = self.eventLoopGroup.any()
+        for node in candidates {
+            try Task.checkCancellation()
+            let connectDeadline = min(deadline, .now() + TimeAmount(self.configuration.connectTimeout))
+            guard let connection = try? await self.connector.connect(to: node, on: eventLoop, deadline: connectDeadline)
+            else {
+                continue
+            }
+            defer { connection.close() }
+            do {
+                let shards = try await connection.send([["CLUSTER", "SHARDS"]], deadline: deadline)[0]
+                let map: RedisHashSlotMap
+                if case .error = shards {
+                    let slots = try await connection.send([["CLUSTER", "SLOTS"]], deadline: deadline)[0]
+                    map = try RedisHashSlotMap.fromClusterSlots(slots)
+                } else {
+                    map = try RedisHashSlotMap.fromClusterShards(shards, tls: self.configuration.tls != nil)
+                }
+                if !map.primaries.isEmpty {
+                    return map
+                }
+            } catch let error as RedisError {
+                self.logger.debug(
+                    "Redis Cluster node did not give the slot map",
+                    metadata: ["redis.address": "\(node)", "redis.error": "\(error)"]
+                )
+            }
+        }
+        self.logger.warning("No Redis Cluster node gave the slot map")
+        throw RedisError.unavailable
+    }
+
+    /// The primaries in shard order (rediscovering first when no map is known yet).
+    func primaries(deadline: NIODeadline) async throws -> [RedisNodeAddress] {
+        if let primaries = self.state.withLock({ $0.machine.map?.primaries }), !primaries.isEmpty {
+            return primaries
+        }
+        try await self.rediscover(deadline: deadline)
+        return self.state.withLock { $0.machine.map?.primaries ?? [] }
+    }
+
+    /// Sends a keyless command (`SCAN`) to one given primary.
+    func send(_ command: [String], to node: RedisNodeAddress, deadline: NIODeadline) async throws -> RedisValue {
+        do {
+            return try await self.send([command], [Item(index: 0, asking: false)], to: node, deadline: deadline)[0]
+        } catch let notSent as NotSent {
+            self.state.withLock { $0.machine.nodeUnreachable(node) }
+            throw notSent.error
+        }
+    }
+
+    /// A connection to some node for a subscription: the known primaries first, then the other known nodes
+    /// and the seeds. In Redis Cluster a `PUBLISH` reaches the subscribers on every node.
+    func connectSubscriber(
+        on eventLoop: any EventLoop,
+        pushHandler: @escaping @Sendable (RedisPubSubEvent) -> Void
+    ) async throws -> RedisConnection {
+        let candidates = self.state.withLock { $0.machine.candidates }
+        for node in candidates {
+            try Task.checkCancellation()
+            if let connection = try? await self.connector.connect(to: node, on: eventLoop, pushHandler: pushHandler) {
+                return connection
+            }
+            self.state.withLock { $0.machine.nodeUnreachable(node) }
+        }
+        try? await self.rediscover(deadline: .now() + TimeAmount(self.configuration.connectTimeout))
+        throw RedisError.unavailable
+    }
+
+    /// Closes every pool; later commands fail with ``RedisError/unavailable``.
+    func shutDown() async {
+        let pools = self.state.withLock { state in
+            state.isShutDown = true
+            defer { state.pools.removeAll() }
+            return Array(state.pools.values)
+        }
+        for pool in pools {
+            await pool.shutDown()
+        }
+    }
+}
+
+extension RedisValue {
+    var errorMessage: String? {
+        if case .error(let message) = self {
+            return message
+        }
+        return nil
+    }
+}

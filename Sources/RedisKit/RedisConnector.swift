@@ -1,0 +1,308 @@
+import Logging
+import NIOCore
+import Synchronization
+
+/// Establishes ready connections: finds the primary (through the sentinels when configured), connects (with TLS
+/// when configured), and runs the handshake (`AUTH`, `SELECT`, and `ROLE` to make sure a sentinel-announced
+/// address really is the primary).
+struct RedisConnector: Sendable {
+    let configuration: RedisConfiguration
+    let logger: Logger
+    /// Remembers which lasting problems (refused credentials, failed TLS handshakes) were already logged, so an
+    /// outage is reported once rather than on every reconnect.
+    let problems = RedisProblemLog()
+
+    /// A connection ready for commands (or for `SUBSCRIBE`, when `pushHandler` is set), within `connectTimeout`.
+    ///
+    /// - Throws: ``RedisError/unavailable`` (the reason is logged), or `CancellationError`.
+    func connect(
+        on eventLoop: any EventLoop,
+        pushHandler: (@Sendable (RedisPubSubEvent) -> Void)? = nil
+    ) async throws -> RedisConnection {
+        let deadline = NIODeadline.now() + TimeAmount(self.configuration.connectTimeout)
+        switch self.configuration.endpoint {
+        case .direct(let host, let port):
+            return try await self.connect(
+                to: RedisNodeAddress(host: host, port: port), on: eventLoop, deadline: deadline,
+                checkRole: false, pushHandler: pushHandler)
+        case .sentinel(let sentinels, let masterName):
+            let primary = try await self.resolvePrimary(
+                sentinels: sentinels,
+                masterName: masterName,
+                eventLoop: eventLoop,
+                deadline: deadline
+            )
+            return try await self.connect(
+                to: primary, on: eventLoop, deadline: deadline, checkRole: true, pushHandler: pushHandler)
+        case .cluster(let seeds):
+            // Without a node named (subscriptions, which may use any node): the first seed that answers.
+            for seed in seeds {
+                try Task.checkCancellation()
+                if let connection = try? await self.connect(
+                    to: seed, on: eventLoop, deadline: deadline, checkRole: false, pushHandler: pushHandler)
+                {
+                    return connection
+                }
+            }
+            throw RedisError.unavailable
+        }
+    }
+
+    /// A connection to one data node (a cluster node, or a known primary): TLS, `AUTH`, `SELECT`, and with
+    /// `checkRole` a check that the node is a primary.
+    ///
+    /// - Throws: ``RedisError/unavailable`` (the reason is logged), or `CancellationError`.
+    func connect(
+        to node: RedisNodeAddress,
+        on eventLoop: any EventLoop,
+        deadline: NIODeadline? = nil,
+        checkRole: Bool = false,
+        pushHandler: (@Sendable (RedisPubSubEvent) -> Void)? = nil
+    ) async throws -> RedisConnection {
+        let deadline = deadline ?? NIODeadline.now() + TimeAmount(self.configuration.connectTimeout)
+        let connection = try await self.open(node, on: eventLoop, deadline: deadline, pushHandler: pushHandler)
+        do {
+            try await self.handshake(connection, checkRole: checkRole, deadline: deadline)
+            self.problems.cleared()
+            return connection
+        } catch {
+            connection.close()
+            throw error
+        }
+    }
+
+    /// Opens a TCP (and TLS) connection; logs a failed TLS handshake once per outage, at error level.
+    private func open(
+        _ node: RedisNodeAddress,
+        on eventLoop: any EventLoop,
+        deadline: NIODeadline,
+        pushHandler: (@Sendable (RedisPubSubEvent) -> Void)?
+    ) async throws -> RedisConnection {
+        do throws(RedisConnectError) {
+            return try await RedisConnection.connect(
+                host: node.host,
+                port: node.port,
+                tls: self.configuration.tls,
+                eventLoop: eventLoop,
+                deadline: deadline,
+                stallTimeout: TimeAmount(self.configuration.commandTimeout),
+                logger: self.logger,
+                pushHandler: pushHandler
+            )
+        } catch {
+            let metadata: Logger.Metadata = ["redis.address": "\(node)", "redis.error": "\(error)"]
+            if error.kind == .tls, self.problems.firstReport(of: .tlsHandshake) {
+                self.logger.error("Redis TLS handshake failed; the server is not used", metadata: metadata)
+            } else {
+                self.logger.debug("Redis connect failed", metadata: metadata)
+            }
+            throw RedisError.unavailable
+        }
+    }
+
+    /// `AUTH` (when the configuration has a password), `SELECT` (database other than 0), `ROLE` (with
+    /// `checkRole`), pipelined.
+    private func handshake(_ connection: RedisConnection, checkRole: Bool, deadline: NIODeadline) async throws {
+        var commands: [[String]] = []
+        let authenticates = self.configuration.password != nil
+        if let auth = self.authCommand {
+            commands.append(auth)
+        }
+        if self.configuration.database != 0 {
+            commands.append(["SELECT", String(self.configuration.database)])
+        }
+        if checkRole {
+            commands.append(["ROLE"])
+        }
+        guard !commands.isEmpty else {
+            return
+        }
+        let replies: [RedisValue]
+        do {
+            replies = try await connection.send(commands, deadline: deadline)
+        } catch let error as RedisError {
+            self.logger.debug(
+                "Redis connection handshake failed",
+                metadata: ["redis.address": "\(connection.address)", "redis.error": "\(error)"]
+            )
+            throw RedisError.unavailable
+        }
+        for (index, reply) in replies.enumerated() {
+            guard case .error(let message) = reply else {
+                continue
+            }
+            if authenticates, index == 0 {
+                self.reportRefusedCredentials(message, address: connection.address)
+            } else {
+                // Only the reply's description (no command arguments) is logged.
+                self.logger.error(
+                    "Redis rejected the connection handshake",
+                    metadata: [
+                        "redis.address": "\(connection.address)", "redis.error": "\(RedisError.server(message))",
+                    ]
+                )
+            }
+            throw RedisError.unavailable
+        }
+        if checkRole {
+            let role = replies.last?.array?.first?.string
+            guard role == "master" else {
+                self.logger.notice(
+                    "Redis node announced as primary is not a primary (failover in progress?)",
+                    metadata: ["redis.address": "\(connection.address)", "redis.role": "\(role ?? "unknown")"]
+                )
+                throw RedisError.unavailable
+            }
+        }
+    }
+
+    /// `AUTH [user] password`, or `nil` without a password.
+    private var authCommand: [String]? {
+        guard let password = self.configuration.password else {
+            return nil
+        }
+        if let username = self.configuration.username {
+            return ["AUTH", username, password]
+        }
+        return ["AUTH", password]
+    }
+
+    /// Logs once per outage (until a connection succeeds) that the credentials were refused; never the password.
+    private func reportRefusedCredentials(_ message: String, address: String) {
+        let metadata: Logger.Metadata = [
+            "redis.address": "\(address)",
+            "redis.user": "\(self.configuration.username ?? "default")",
+            "redis.error": "\(RedisError.server(message))",
+        ]
+        if self.problems.firstReport(of: .credentialsRefused) {
+            self.logger.error("Redis refused the credentials; check the user and password in the Redis URL", metadata: metadata)
+        } else {
+            self.logger.debug("Redis refused the credentials again", metadata: metadata)
+        }
+    }
+
+    /// Authenticates a sentinel connection when the configuration carries credentials. A sentinel without a
+    /// password of its own answers that none is configured; it is then used without.
+    private func authenticateSentinel(_ connection: RedisConnection, deadline: NIODeadline) async throws {
+        guard let auth = self.authCommand else {
+            return
+        }
+        let reply = try await connection.send([auth], deadline: deadline).first
+        guard case .some(.error(let message)) = reply else {
+            return
+        }
+        if message.contains("without any password configured") || message.contains("no password is set") {
+            return
+        }
+        self.reportRefusedCredentials(message, address: connection.address)
+        throw RedisError.unavailable
+    }
+
+    /// A plain connection to the first sentinel (in order) that accepts one, for watching its failover
+    /// announcements (`+promoted-slave`, `+switch-master`).
+    ///
+    /// - Throws: ``RedisError/unavailable`` when no sentinel can be reached (or the endpoint is not Sentinel).
+    func connectToSentinel(
+        on eventLoop: any EventLoop,
+        pushHandler: (@Sendable (RedisPubSubEvent) -> Void)?
+    ) async throws -> RedisConnection {
+        guard case .sentinel(let sentinels, _) = self.configuration.endpoint else {
+            throw RedisError.unavailable
+        }
+        let deadline = NIODeadline.now() + TimeAmount(self.configuration.connectTimeout)
+        for sentinel in sentinels {
+            try Task.checkCancellation()
+            guard let connection = try? await self.open(sentinel, on: eventLoop, deadline: deadline, pushHandler: pushHandler)
+            else {
+                continue
+            }
+            do {
+                try await self.authenticateSentinel(connection, deadline: deadline)
+                return connection
+            } catch {
+                connection.close()
+            }
+        }
+        throw RedisError.unavailable
+    }
+
+    /// Asks each sentinel in order for the primary's address; the first answer wins.
+    private func resolvePrimary(
+        sentinels: [RedisSentinelAddress],
+        masterName: String,
+        eventLoop: any EventLoop,
+        deadline: NIODeadline
+    ) async throws -> RedisNodeAddress {
+        for sentinel in sentinels {
+            try Task.checkCancellation()
+            guard NIODeadline.now() < deadline else {
+                break
+            }
+            do {
+                let connection = try await self.open(sentinel, on: eventLoop, deadline: deadline, pushHandler: nil)
+                defer { connection.close() }
+                try await self.authenticateSentinel(connection, deadline: deadline)
+                let replies = try await connection.send(
+                    [["SENTINEL", "get-master-addr-by-name", masterName]],
+                    deadline: deadline
+                )
+                if let address = replies.first?.array, address.count == 2, let host = address[0].string,
+                    let port = address[1].int.flatMap({ Int(exactly: $0) })
+                {
+                    self.logger.debug(
+                        "Redis sentinel named the primary",
+                        metadata: ["redis.sentinel": "\(sentinel)", "redis.address": "\(host):\(port)"]
+                    )
+                    return RedisNodeAddress(host: host, port: port)
+                }
+                self.logger.notice(
+                    "Redis sentinel does not know the primary",
+                    metadata: [
+                        "redis.sentinel": "\(sentinel)", "redis.reply": "\(replies.first.map(Self.kind) ?? "none")",
+                    ]
+                )
+            } catch let error as RedisError {
+                self.logger.debug(
+                    "Redis sentinel did not answer",
+                    metadata: ["redis.sentinel": "\(sentinel)", "redis.error": "\(error)"]
+                )
+            }
+        }
+        self.logger.warning("No Redis sentinel named the primary")
+        throw RedisError.unavailable
+    }
+
+    private static func kind(_ reply: RedisValue) -> String {
+        switch reply {
+        case .null: "null"
+        case .status: "status"
+        case .error(let message): "\(RedisError.server(message))"
+        case .integer: "integer"
+        case .bulk: "bulk"
+        case .array: "array"
+        }
+    }
+}
+
+/// Which lasting connection problems have been logged since the last successful connection.
+final class RedisProblemLog: Sendable {
+    enum Problem: Int {
+        case credentialsRefused = 1
+        case tlsHandshake = 2
+    }
+
+    private let reported = Atomic<Int>(0)
+
+    /// `true` the first time `problem` is reported since the last ``cleared()``.
+    func firstReport(of problem: Problem) -> Bool {
+        let (original, _) = self.reported.bitwiseOr(problem.rawValue, ordering: .relaxed)
+        return original & problem.rawValue == 0
+    }
+
+    /// A connection succeeded: the next problem is news again.
+    func cleared() {
+        if self.reported.load(ordering: .relaxed) != 0 {
+            self.reported.store(0, ordering: .relaxed)
+        }
+    }
+}

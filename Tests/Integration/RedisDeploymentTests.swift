@@ -1,0 +1,393 @@
+import FlowEngine
+import ForgeEmulator
+import Foundation
+import Logging
+import NIOHTTP1
+import Synchronization
+import Testing
+
+@testable import RedisKit
+@testable import TokenGateway
+
+/// The gateway against the Redis deployments of production: TLS (server-verified and mutual), ACL users and a
+/// Redis Cluster, each a real server on loopback started here.
+@Suite("Redis deployments: TLS, ACL users, Cluster", .serialized)
+struct RedisDeploymentTests {
+    static let logger = Logger(label: "redis-deployments") { _ in SwallowHandler() }
+
+    static func tlsSettings(_ files: RedisTLSFiles, ca: String? = nil, clientCertificate: Bool) -> [String: String] {
+        var settings = [
+            "TOKEN_GATEWAY_REDIS_TLS_CA_FILE": ca ?? files.ca,
+            // The server is reached by IP address; its certificate names `localhost`.
+            "TOKEN_GATEWAY_REDIS_TLS_SERVER_NAME": "localhost",
+        ]
+        if clientCertificate {
+            settings["TOKEN_GATEWAY_REDIS_TLS_CERT_FILE"] = files.clientCertificate
+            settings["TOKEN_GATEWAY_REDIS_TLS_KEY_FILE"] = files.clientKey
+        }
+        return settings
+    }
+
+    static func redisConfiguration(_ url: String, _ settings: [String: String] = [:]) throws -> RedisConfiguration {
+        try GatewayConfiguration.redisConfiguration { setting in
+            setting == .redisURL ? url : settings[setting.environment]
+        }
+    }
+
+    /// The token flow across two gateway processes sharing the Redis at `url`: 40 concurrent callers on both
+    /// make one trigger call; a delivery to the other process answers the caller on the first; several
+    /// installations (spread over a cluster's primaries); uninstall answers 410 on both. Then refresh-ahead in
+    /// one gateway. Returns the installation ids used.
+    @discardableResult
+    static func tokenFlow(redisURL: String, settings: [String: String] = [:]) async throws -> [InstallationID] {
+        let ids = Mutex<[InstallationID]>([])
+        try await ReplicaHarness.run(replicas: 2, redisURL: redisURL, extraSettings: settings) { h in
+            let coalesced = h.emulator.makeInstallation()
+            try await h.emulator.install(coalesced)
+            let answers = try await withThrowingTaskGroup(of: GatewayHarness.Answer.self) { group in
+                for i in 0..<40 { group.addTask { try await h.token(i % 2, coalesced) } }
+                var all: [GatewayHarness.Answer] = []
+                for try await a in group { all.append(a) }
+                return all
+            }
+            #expect(answers.allSatisfy { $0.status == 200 })
+            #expect(Set(answers.compactMap { $0.json["accessToken"] as? String }).count == 1)
+            #expect(h.emulator.triggerCalls(for: coalesced) == 1)
+
+            let elsewhere = h.emulator.makeInstallation()
+            try await h.emulator.install(elsewhere)
+            h.emulator.setFault(.deliverVia(gatewayURL: h.replicas[1].url), for: elsewhere)
+            let delivered = try await h.token(0, elsewhere)
+            #expect(delivered.status == 200)
+            #expect(delivered.json["source"] as? String == "trigger")
+            #expect(try await h.store.systemToken(elsewhere.installationID)?.value == delivered.json["accessToken"] as? String)
+
+            var more: [EmulatedInstallation] = []
+            for _ in 0..<6 {
+                let installation = h.emulator.makeInstallation()
+                try await h.emulator.install(installation)
+                more.append(installation)
+            }
+            for (index, installation) in more.enumerated() {
+                let answer = try await h.token(index % 2, installation)
+                #expect(answer.status == 200)
+                #expect(ReplicaHarness.installationOf(token: answer.json["accessToken"] as? String ?? "") == installation.id)
+            }
+
+            let gone = more[0]
+            try await h.emulator.uninstall(gone)
+            #expect(try await h.token(0, gone).status == 410)
+            #expect(try await h.token(1, gone).status == 410)
+            #expect(try await h.store.systemToken(gone.installationID) == nil)
+            ids.withLock { $0 = ([coalesced, elsewhere] + more).map(\.installationID) }
+        }
+
+        let redis = try Self.redisConfiguration(redisURL, settings)
+        try await GatewayHarness.run(
+            redisURL: redisURL,
+            configure: {
+                $0.redis = redis
+                $0.flow.refreshAheadFraction = 1.0
+            }
+        ) { h in
+            let installation = try await h.installed()
+            let pushed = try await h.emulator.push(installation, expiresAt: Date().addingTimeInterval(1800))
+            #expect(pushed.status == 200)
+            let first = try await h.token(installation)
+            #expect(first.json["source"] as? String == "cache")
+            #expect(first.json["accessToken"] as? String == pushed.token)
+            let deadline = ContinuousClock.now + .seconds(20)
+            var stored = try await h.gateway.store.systemToken(installation.installationID)
+            while stored?.value == pushed.token, ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(10))
+                stored = try await h.gateway.store.systemToken(installation.installationID)
+            }
+            #expect(stored != nil && stored?.value != pushed.token)
+            #expect(h.emulator.triggerCalls(for: installation) == 1)
+        }
+        return ids.withLock { $0 }
+    }
+
+    // MARK: TLS
+
+    @Test("TLS: rediss:// with the test CA, the whole token flow over TLS only (--port 0)")
+    func tls() async throws {
+        let files = try RedisTLSFiles.shared.get()
+        let server = try await RedisServerProcess.startTLS(files, mutual: false)
+        let url = "rediss://127.0.0.1:\(server.port)/0"
+        let settings = Self.tlsSettings(files, clientCertificate: false)
+
+        let client = RedisClient(configuration: try Self.redisConfiguration(url, settings), logger: Self.logger)
+        try await client.ping()
+        _ = try await client.send(["SET", "tls-test", "v"])
+        #expect(try await client.send(["GET", "tls-test"]).string == "v")
+        await client.shutdown()
+
+        // The certificate names `localhost`, not the address the URL names: without the server name setting, or
+        // with another name, the server is not used.
+        for serverName in [nil, "redis.example.com"] as [String?] {
+            var other = settings
+            other["TOKEN_GATEWAY_REDIS_TLS_SERVER_NAME"] = serverName
+            let misnamed = RedisClient(configuration: try Self.redisConfiguration(url, other), logger: Self.logger)
+            await #expect(throws: RedisError.unavailable) { try await misnamed.ping() }
+            await misnamed.shutdown()
+        }
+
+        try await Self.tokenFlow(redisURL: url, settings: settings)
+    }
+
+    @Test("mutual TLS: the client certificate is presented; without one the server refuses")
+    func mutualTLS() async throws {
+        let files = try RedisTLSFiles.shared.get()
+        let server = try await RedisServerProcess.startTLS(files, mutual: true)
+        let url = "rediss://127.0.0.1:\(server.port)/0"
+        let without = RedisClient(
+            configuration: try Self.redisConfiguration(url, Self.tlsSettings(files, clientCertificate: false)),
+            logger: Self.logger)
+        await #expect(throws: RedisError.unavailable) { try await without.ping() }
+        await without.shutdown()
+        try await Self.tokenFlow(redisURL: url, settings: Self.tlsSettings(files, clientCertificate: true))
+    }
+
+    @Test("a server certificate from another CA is never talked to: not ready (503), the log says why")
+    func untrustedCertificate() async throws {
+        let files = try RedisTLSFiles.shared.get()
+        let server = try await RedisServerProcess.startTLS(files, mutual: false)
+        let admin = [
+            "--tls", "--cacert", files.ca, "--cert", files.clientCertificate, "--key", files.clientKey, "-p",
+            "\(server.port)",
+        ]
+        try redisCLI(admin + ["CONFIG", "RESETSTAT"])
+        let url = "rediss://:not-a-secret-pw@127.0.0.1:\(server.port)/0"
+        let logs = LogSink.memory()
+        let logger = Logger(label: "test") { GatewayLogHandler(label: $0, format: .logfmt, level: .info, sink: logs) }
+        let client = RedisClient(
+            configuration: try Self.redisConfiguration(url, Self.tlsSettings(files, ca: files.otherCA, clientCertificate: false)),
+            logger: logger)
+        for _ in 0..<3 {
+            await #expect(throws: RedisError.unavailable) { try await client.ping() }
+        }
+        #expect(!client.isAvailable)
+        await client.shutdown()
+        let reports = logs.captured.filter { $0.contains("TLS handshake failed") }
+        #expect(reports.count == 1, "\(logs.captured)")
+        #expect(reports.first?.contains("CERTIFICATE_VERIFY_FAILED") == true || reports.first?.contains("certificate") == true)
+        #expect(!logs.captured.joined().contains("not-a-secret-pw"))
+        // Nothing but this test's own INFO reached the server: no AUTH, no PING.
+        let stats = try redisCLI(admin + ["INFO", "commandstats"])
+        let commands = stats.split(separator: "\n").filter { $0.hasPrefix("cmdstat_") }.map { $0.prefix(while: { $0 != ":" }) }
+        #expect(Set(commands).isSubset(of: ["cmdstat_info", "cmdstat_config"]), "\(commands)")
+
+        let untrusted = try Self.redisConfiguration(url, Self.tlsSettings(files, ca: files.otherCA, clientCertificate: false))
+        try await GatewayHarness.run(configure: { $0.redis = untrusted }) { h in
+            let ready = try await h.call(.GET, "/health/ready", secret: nil)
+            #expect(ready.status == 503)
+        }
+    }
+
+    @Test("a missing TLS file is a malformed setting naming its variable")
+    func missingTLSFile() throws {
+        #expect(throws: ConfigurationError.self) {
+            try Self.redisConfiguration("rediss://127.0.0.1:1/0", ["TOKEN_GATEWAY_REDIS_TLS_CA_FILE": "/nonexistent/ca.pem"])
+        }
+        do {
+            _ = try Self.redisConfiguration("rediss://127.0.0.1:1/0", ["TOKEN_GATEWAY_REDIS_TLS_KEY_FILE": "/nonexistent/k.pem"])
+            Issue.record("accepted a missing key file")
+        } catch {
+            #expect("\(error)".contains("TOKEN_GATEWAY_REDIS_TLS_KEY_FILE"))
+        }
+        do {
+            _ = try Self.redisConfiguration("redis://127.0.0.1:1/0", ["TOKEN_GATEWAY_REDIS_TLS_SERVER_NAME": "x"])
+            Issue.record("accepted TLS settings without rediss")
+        } catch {
+            #expect("\(error)".contains("TOKEN_GATEWAY_REDIS_TLS_SERVER_NAME"))
+        }
+    }
+
+    // MARK: ACL users
+
+    @Test("an ACL user authenticates with AUTH user password; a wrong password is reported once, never printed")
+    func aclUser() async throws {
+        let server = try await RedisServerProcess.start()
+        try redisCLI(["-p", "\(server.port)", "ACL", "SETUSER", "gateway", "on", ">gw-secret-1", "~*", "&*", "+@all"])
+        try redisCLI(["-p", "\(server.port)", "ACL", "SETUSER", "default", "off"])
+
+        let logs = LogSink.memory()
+        let logger = Logger(label: "test") { GatewayLogHandler(label: $0, format: .logfmt, level: .info, sink: logs) }
+        let wrong = RedisClient(
+            configuration: try RedisConfiguration(url: "redis://gateway:wrong-pw-2@127.0.0.1:\(server.port)/0"),
+            logger: logger)
+        for _ in 0..<3 {
+            await #expect(throws: RedisError.unavailable) { try await wrong.ping() }
+        }
+        await wrong.shutdown()
+        let reports = logs.captured.filter { $0.contains("refused the credentials") && $0.contains("level=error") }
+        #expect(reports.count == 1, "\(logs.captured)")
+        #expect(reports.first?.contains("gateway") == true)
+        #expect(!logs.captured.joined().contains("wrong-pw-2"))
+
+        let url = "redis://gateway:gw-secret-1@127.0.0.1:\(server.port)/0"
+        let refused = try RedisConfiguration(url: "redis://gateway:wrong-pw-2@127.0.0.1:\(server.port)/0")
+        try await GatewayHarness.run(configure: { $0.redis = refused }) { h in
+            let ready = try await h.call(.GET, "/health/ready", secret: nil)
+            #expect(ready.status == 503)
+        }
+        try await Self.tokenFlow(redisURL: url)
+    }
+
+    @Test("Sentinel with credentials: sentinels that require the password get AUTH too; a wrong one is refused")
+    func sentinelWithCredentials() async throws {
+        let primary = try await RedisServerProcess.start(extraArguments: ["--requirepass", "sentinel-pw-3"])
+        let sentinel = try await RedisServerProcess.startSentinel(
+            monitoringPrimaryPort: primary.port,
+            extraConfiguration: "sentinel auth-pass tg-primary sentinel-pw-3\nrequirepass sentinel-pw-3")
+        let client = RedisClient(
+            configuration: try RedisConfiguration(url: "redis-sentinel://:sentinel-pw-3@127.0.0.1:\(sentinel.port)/tg-primary/0"),
+            logger: Self.logger)
+        try await client.ping()
+        _ = try await client.send(["SET", "sentinel-auth", "1"])
+        await client.shutdown()
+        let wrong = RedisClient(
+            configuration: try RedisConfiguration(url: "redis-sentinel://:nope@127.0.0.1:\(sentinel.port)/tg-primary/0"),
+            logger: Self.logger)
+        await #expect(throws: RedisError.unavailable) { try await wrong.ping() }
+        await wrong.shutdown()
+    }
+
+    // MARK: Cluster
+
+    @Test("Redis Cluster: keys spread over three primaries, cross-slot pipelines, SCAN of every primary, notifications across nodes, token flow, and a SIGKILLed primary")
+    func cluster() async throws {
+        let cluster = try await RedisClusterProcesses.start()
+        let client = RedisClient(configuration: try RedisConfiguration(url: cluster.url), logger: Self.logger)
+        let subscriber = RedisClient(
+            configuration: try RedisConfiguration(url: "redis-cluster://127.0.0.1:\(cluster.nodes[5].port)"),
+            logger: Self.logger)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await subscriber.run() }
+            defer { group.cancelAll() }
+
+            // Keys in every shard, written and read back in one pipeline spanning slots.
+            let keys = (0..<60).map { "deploy:{k\($0)}:v" }
+            let written = try await client.pipeline(keys.map { ["SET", $0, $0] })
+            #expect(written.allSatisfy { $0.string == "OK" })
+            let read = try await client.pipeline(keys.map { ["GET", $0] })
+            #expect(read.map(\.string) == keys)
+            let primaries = try cluster.primaryPorts()
+            #expect(primaries.count == 3)
+            for port in primaries {
+                let count = Int(try redisCLI(["-p", "\(port)", "DBSIZE"])) ?? 0
+                #expect(count > 0, "primary \(port) holds no key")
+            }
+            // A script on one slot.
+            let script = RedisScript("return redis.call('GET', KEYS[1])")
+            #expect(try await client.eval(script, keys: [keys[7]], arguments: []).string == keys[7])
+
+            // SCAN visits every primary: every key is found, none twice.
+            var cursor = "0"
+            var found: [String] = []
+            repeat {
+                let step = try await client.scan(cursor: cursor, match: "deploy:*", count: 10)
+                found += step.keys
+                cursor = step.cursor
+            } while cursor != "0"
+            #expect(found.sorted() == keys.sorted())
+            // Key rotation walks the same way: every key of every primary is visited once.
+            let ring = try EncryptionKeyRing(parsing: "k1:" + Data(repeating: 7, count: 32).base64EncodedString())
+            let rewrap = KeyRewrap(redis: client, keys: ring, prefix: "deploy", batchSize: 10, logger: Self.logger)
+            #expect(try await rewrap.run().keys == keys.count)
+
+            // PUBLISH on one node reaches a subscriber connected to another.
+            let events = subscriber.subscribe(channels: ["deploy:events"])
+            var iterator = events.makeAsyncIterator()
+            let confirmation = await iterator.next()
+            #expect(confirmation == .subscribed)
+            _ = try await client.send(["PUBLISH", "deploy:events", "hello"])
+            let message = await iterator.next()
+            #expect(message == .message(channel: "deploy:events", payload: "hello"))
+        }
+        await subscriber.shutdown()
+
+        let ids = try await Self.tokenFlow(redisURL: cluster.url)
+        let slots = Set(ids.map { RedisHashSlot.slot(of: $0.ari) })
+        #expect(slots.count == ids.count)
+
+        // Failover: SIGKILL the primary of a key mid-load; its replica is promoted and every answer is right.
+        let key = "deploy:{failover}:n"
+        let slot = RedisHashSlot.slot(of: key)
+        let nodesText = try redisCLI(["-p", "\(cluster.nodes[0].port)", "CLUSTER", "NODES"])
+        let primaryPort = try #require(
+            nodesText.split(separator: "\n").compactMap { line -> Int? in
+                let fields = line.split(separator: " ")
+                guard fields.count >= 9, fields[2].contains("master") else { return nil }
+                let owns = fields[8...].contains { range in
+                    let bounds = range.split(separator: "-").compactMap { Int($0) }
+                    return bounds.count == 2 ? (bounds[0]...bounds[1]).contains(slot) : bounds.first == slot
+                }
+                return owns ? Int(fields[1].split(separator: "@")[0].split(separator: ":").last ?? "") : nil
+            }.first)
+        let victim = try #require(cluster.index(ofPort: primaryPort))
+        _ = try await client.send(["SET", key, "0"])
+        let answers = FailoverCounts()
+        let start = ContinuousClock.now
+        let recovered = try await withThrowingTaskGroup(of: Duration?.self) { group in
+            group.addTask {
+                var expected = 0
+                var lastFailure: ContinuousClock.Instant?
+                var recoveredAfter: Duration?
+                let deadline = ContinuousClock.now + .seconds(30)
+                while ContinuousClock.now < deadline {
+                    do {
+                        let value = try await client.send(["INCR", key]).int
+                        expected = Int(value ?? -1)
+                        answers.counts.withLock { $0.good += 1 }
+                        if let failedAt = lastFailure, recoveredAfter == nil {
+                            recoveredAfter = ContinuousClock.now - failedAt
+                        }
+                        if recoveredAfter != nil, ContinuousClock.now - start > .seconds(1) { break }
+                    } catch {
+                        answers.counts.withLock { $0.failed += 1 }
+                        if lastFailure == nil { lastFailure = ContinuousClock.now }
+                        try await Task.sleep(for: .milliseconds(20))
+                    }
+                    let stored = try? await client.send(["GET", key]).int
+                    if let stored, Int(stored) < expected { answers.counts.withLock { $0.wrong += 1 } }
+                }
+                return recoveredAfter
+            }
+            try await Task.sleep(for: .milliseconds(300))
+            await cluster.nodes[victim].kill()
+            var result: Duration?
+            for try await value in group { result = value }
+            return result
+        }
+        let counts = answers.counts.withLock { $0 }
+        #expect(counts.wrong == 0)
+        #expect(counts.good > 0)
+        #expect(recovered != nil, "requests did not recover after the primary was killed: \(counts)")
+        try await cluster.waitUntilHealthy(except: [victim])
+        let primariesAfter = try cluster.primaryPorts()
+        #expect(primariesAfter.count == 3)
+        #expect(!primariesAfter.contains(primaryPort))
+        // The flow works after the failover too.
+        try await Self.tokenFlowAfterFailover(redisURL: cluster.url)
+        await client.shutdown()
+        print("cluster failover: \(counts.good) answers, \(counts.failed) failed while failing over, recovered after \(recovered.map { "\($0)" } ?? "never")")
+    }
+
+    static func tokenFlowAfterFailover(redisURL: String) async throws {
+        try await ReplicaHarness.run(replicas: 2, redisURL: redisURL) { h in
+            for index in 0..<6 {
+                let installation = h.emulator.makeInstallation()
+                try await h.emulator.install(installation)
+                let answer = try await h.token(index % 2, installation)
+                #expect(answer.status == 200)
+            }
+        }
+    }
+}
+
+/// Answers seen while a primary fails over.
+final class FailoverCounts: Sendable {
+    let counts = Mutex<(good: Int, failed: Int, wrong: Int)>((0, 0, 0))
+}
