@@ -28,6 +28,10 @@ public final class Gateway: Sendable {
     /// Audit records: every token handed out and every token received.
     public let audit: AuditLog
     public let replicaID: String
+    /// Keeps this replica's heartbeat in the store (status page).
+    public let heartbeat: ReplicaHeartbeat
+    /// This build's version, shown in the replica heartbeat.
+    public static let version = "1.1.0"
 
     /// - Parameters:
     ///   - configuration: the validated settings.
@@ -62,7 +66,10 @@ public final class Gateway: Sendable {
             store: self.store, httpClient: self.httpClient, allowList: configuration.triggerHosts, logger: logger)
         self.flow = TokenFlow(
             configuration: configuration.flow, store: self.store, trigger: trigger, metrics: self.metrics.flow,
-            logger: logger, replicaID: self.replicaID)
+            logger: logger, replicaID: self.replicaID,
+            observer: RoundTripRecorder(store: self.store, replicaID: self.replicaID, logger: logger))
+        self.heartbeat = ReplicaHeartbeat(
+            store: self.store, replicaID: self.replicaID, version: Self.version, startedAt: FlowTime.now(), logger: logger)
         let stagingJWKS =
             configuration.forgeJWKSURL == InvocationTokenVerifier.productionJWKSURL
             ? InvocationTokenVerifier.stagingJWKSURL : nil
@@ -104,7 +111,7 @@ public final class Gateway: Sendable {
         onServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in }
     ) -> [any Service] {
         [
-            HTTPClientService(client: self.httpClient), self.redis, self.flow,
+            HTTPClientService(client: self.httpClient), self.redis, self.flow, self.heartbeat,
             self.makeApplication(onServerRunning: onServerRunning),
         ]
     }

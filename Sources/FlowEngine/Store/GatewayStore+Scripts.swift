@@ -3,7 +3,8 @@
 enum GatewayScripts {
     /// Stores a delivered token if its `exp` is strictly later than the stored one's.
     /// KEYS: installation, token, pending. ARGV: exp, sealed, now, requestId, channel, ari,
-    /// appId, apiBaseUrl, cloudId. Returns {stored(1)/notNewer(0)/uninstalled(-1), created, solicited}.
+    /// appId, apiBaseUrl, cloudId, how the token came when unsolicited (`push` when empty).
+    /// Returns {stored(1)/notNewer(0)/uninstalled(-1), created, solicited}.
     static let storeToken = RedisScript(
         """
         local status = redis.call('HGET', KEYS[1], 'status')
@@ -24,7 +25,9 @@ enum GatewayScripts {
         if exp > cur and exp > tonumber(ARGV[3]) then
           redis.call('HSET', KEYS[2], 'exp', ARGV[1], 'v', ARGV[2], 'at', ARGV[3], 'rid', solicited)
           redis.call('EXPIREAT', KEYS[2], exp)
-          redis.call('HSET', KEYS[1], 'lastTokenAt', ARGV[3], 'tokenExpiresAt', ARGV[1])
+          local via = ARGV[10] or ''
+          if solicited ~= '' then via = 'trigger' elseif via == '' then via = 'push' end
+          redis.call('HSET', KEYS[1], 'lastTokenAt', ARGV[3], 'tokenExpiresAt', ARGV[1], 'lastTokenVia', via)
           stored = 1
         end
         if stored == 1 or solicited ~= '' then

@@ -235,9 +235,11 @@ public final class GatewayStore: Sendable {
 
     /// Stores a delivered token atomically: only if its expiry is strictly later than the stored
     /// one's; the key expires with the token; a matching pending request is consumed; every
-    /// process is notified.
+    /// process is notified. `arrival` says how an unsolicited token came (a delivery that answers a
+    /// pending request is recorded as `trigger`).
     public func storeDeliveredToken(
-        _ id: InstallationID, token: AccessToken, requestID: String?, metadata: InstallationMetadata, now: FlowTime
+        _ id: InstallationID, token: AccessToken, requestID: String?, metadata: InstallationMetadata, now: FlowTime,
+        arrival: TokenArrival = .push
     ) async throws -> DeliveryResult {
         let tokenKey = self.systemTokenKey(id)
         let sealed = try self.box.seal(Array(token.value.utf8), context: tokenKey)
@@ -247,7 +249,7 @@ public final class GatewayStore: Sendable {
             keys: [self.installationKey(id), tokenKey, self.pendingKey(id, requestID: rid)],
             arguments: [
                 String(token.expiresAt), sealed, String(now.unixSeconds), rid, self.channel, id.ari,
-                metadata.appId ?? "", metadata.apiBaseUrl ?? "", metadata.cloudId ?? "",
+                metadata.appId ?? "", metadata.apiBaseUrl ?? "", metadata.cloudId ?? "", arrival.rawValue,
             ])
         guard let items = r.array, items.count == 3, let s = items[0].int, let c = items[1].int,
             let sol = items[2].int

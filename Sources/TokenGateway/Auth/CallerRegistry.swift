@@ -97,11 +97,14 @@ public struct Caller: Sendable, Hashable, CustomStringConvertible {
     public let installations: CallerScope
     /// Connect `clientKey`s the caller may use on the Connect routes.
     public let clientKeys: CallerScope
+    /// May read the status page and its JSON (`"operator": true`); default false.
+    public let isOperator: Bool
 
-    public init(name: String, installations: CallerScope, clientKeys: CallerScope) {
+    public init(name: String, installations: CallerScope, clientKeys: CallerScope, isOperator: Bool = false) {
         self.name = name
         self.installations = installations
         self.clientKeys = clientKeys
+        self.isOperator = isOperator
     }
 
     public var description: String { "Caller(\(self.name))" }
@@ -146,7 +149,7 @@ public struct CallerRegistry: Sendable {
         guard !array.isEmpty else {
             throw ConfigurationValueError("\(setting) configures no caller")
         }
-        let knownFields: Set<String> = ["name", "secret", "secretSha256", "installations", "clientKeys"]
+        let knownFields: Set<String> = ["name", "secret", "secretSha256", "installations", "clientKeys", "operator"]
         var entries: [Entry] = []
         var names: Set<String> = []
         for (index, element) in array.enumerated() {
@@ -170,7 +173,7 @@ public struct CallerRegistry: Sendable {
             if let unknown = object.keys.sorted().first(where: { !knownFields.contains($0) }) {
                 let shown = unknown.count <= 40 ? "\"\(unknown)\"" : "with a \(unknown.count)-character name"
                 throw ConfigurationValueError(
-                    "\(label): unknown field \(shown) (fields: name, secret, secretSha256, installations, clientKeys)"
+                    "\(label): unknown field \(shown) (fields: name, secret, secretSha256, installations, clientKeys, operator)"
                 )
             }
 
@@ -205,7 +208,15 @@ public struct CallerRegistry: Sendable {
                 throw ConfigurationValueError("\(label): \"clientKeys\" contains an empty string")
             }
 
-            let caller = Caller(name: name, installations: installations, clientKeys: CallerScope(clientKeyValues))
+            var isOperator = false
+            if let flag = object["operator"] {
+                guard let flag = flag as? Bool else {
+                    throw ConfigurationValueError("\(label): \"operator\" must be true or false")
+                }
+                isOperator = flag
+            }
+            let caller = Caller(
+                name: name, installations: installations, clientKeys: CallerScope(clientKeyValues), isOperator: isOperator)
             entries.append(Entry(caller: caller, digest: digest))
         }
         self.entries = entries
@@ -238,6 +249,16 @@ public struct CallerRegistry: Sendable {
         let equal = Self.constantTimeEqual(expected, digest)
         guard equal, let entry else { return nil }
         return entry.caller
+    }
+
+    /// The caller presenting `Authorization: Basic base64(name:secret)` (scheme case-insensitive), or nil.
+    public func authenticate(basicAuthorization header: String?) -> Caller? {
+        guard let header, header.count > 6, header.prefix(6).lowercased() == "basic " else { return nil }
+        let encoded = header.dropFirst(6).trimmingCharacters(in: .whitespaces)
+        guard let data = Data(base64Encoded: encoded), let text = String(data: data, encoding: .utf8),
+            let colon = text.firstIndex(of: ":")
+        else { return nil }
+        return self.authenticate(name: String(text[..<colon]), secret: String(text[text.index(after: colon)...]))
     }
 
     /// A digest no secret is known to hash to; compared against when a name is unknown.

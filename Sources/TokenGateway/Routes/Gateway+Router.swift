@@ -16,6 +16,7 @@ extension Gateway {
         self.addOperationsRoutes(to: router)
         self.addConnectRoutes(to: router)
         self.addOAuthRoutes(to: router)
+        self.addStatusRoutes(to: router)
         return router
     }
 
@@ -36,6 +37,10 @@ extension Gateway {
         (["v1", "connect", "sign"], [.post]),
         (["oauth", "token"], [.post]),
         ([".well-known", "oauth-authorization-server"], [.get]),
+        (["v1", "status"], [.get]),
+        (["v1", "installations", ":id", "history"], [.get]),
+        (["status"], [.get]),
+        (["status", "installations", ":id"], [.get]),
     ]
 
     /// A JSON response.
