@@ -28,6 +28,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 FAILURES = []
 
@@ -184,9 +185,20 @@ def set_width(driver, width):
                             "mobile": width < 600})
 
 
-def screenshot(driver, args, name):
+def wait_for_page(driver, url_part):
+    """Waits (at most 20 s) until the page at a URL containing `url_part` has loaded."""
+    WebDriverWait(driver, 20).until(
+        lambda d: url_part in d.current_url and d.execute_script("return document.readyState") == "complete")
+
+
+def screenshot(driver, args, name, width):
+    """Saves the whole page (the viewport made as tall as the page, at most 4000 px)."""
     path = os.path.join(args["screenshots"], name)
+    height = min(int(driver.execute_script("return document.documentElement.scrollHeight")), 4000)
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600})
     driver.save_screenshot(path)
+    set_width(driver, width)
     print(f"screenshot: {path}")
 
 
@@ -287,7 +299,7 @@ def main():
             check_structure(driver, where, args)
             check_contrast(driver, where)
             check_overview(driver, args, status, history, where)
-            screenshot(driver, args, f"status-{width}.png")
+            screenshot(driver, args, f"status-{width}.png", width)
 
             # The filter form narrows the table to the failing installation.
             where = f"/status filtered at {width} px"
@@ -295,6 +307,7 @@ def main():
             field.clear()
             field.send_keys(short_id(args["failing"]))
             driver.find_element(By.CSS_SELECTOR, "form.filters button[type=submit]").click()
+            wait_for_page(driver, "q=" + short_id(args["failing"]))
             rows = driver.find_elements(By.CSS_SELECTOR, "table#installations tbody tr[data-installation]")
             check([r.get_attribute("data-installation") for r in rows] == [args["failing"]],
                   f"{where}: filter by id shows {len(rows)} rows")
@@ -302,11 +315,12 @@ def main():
             # Open the failing installation's page from its row.
             where = f"installation page at {width} px"
             rows[0].find_element(By.CSS_SELECTOR, "a").click()
+            wait_for_page(driver, "/status/installations/" + short_id(args["failing"]))
             check(short_id(args["failing"]) in driver.current_url, f"{where}: link led to {driver.current_url}")
             check_structure(driver, where, args)
             check_contrast(driver, where)
             check_installation(driver, args, history, where)
-            screenshot(driver, args, f"installation-{width}.png")
+            screenshot(driver, args, f"installation-{width}.png", width)
     finally:
         driver.quit()
 

@@ -277,32 +277,6 @@ enum StatusPage {
         }
         body += "</section>"
 
-        body += "<section aria-labelledby=\"chart-heading\"><h2 id=\"chart-heading\">Round trips, last hour</h2>"
-        body += chart(report.roundTrips, now: now, id: "chart") + "</section>"
-
-        // Replicas and Redis.
-        body += "<section aria-labelledby=\"replicas-heading\"><h2 id=\"replicas-heading\">Replicas and Redis</h2>"
-        body += "<div class=\"table-wrap\" role=\"region\" aria-labelledby=\"replicas-heading\" tabindex=\"0\"><table id=\"replicas\">"
-        body += "<caption class=\"muted\" style=\"text-align:left;padding:.4rem .6rem\">Replicas with a live heartbeat</caption>"
-        body += "<thead><tr><th scope=\"col\">Replica</th><th scope=\"col\">Version</th><th scope=\"col\">Started</th><th scope=\"col\">Last heartbeat</th></tr></thead><tbody>"
-        for r in report.replicas {
-            body +=
-                "<tr><td class=\"id\">\(escape(r.replicaID))</td><td>\(escape(r.version))</td><td>\(escape(time(ms: r.startedAt)))</td><td>\(escape(time(ms: r.lastSeenAt)))</td></tr>"
-        }
-        body += "</tbody></table></div>"
-        var redisFacts = "<dl class=\"facts\" id=\"redis\">"
-        redisFacts += "<dt>Mode</dt><dd>\(escape(report.redis.mode))</dd>"
-        if let address = report.redis.address { redisFacts += "<dt>Address</dt><dd>\(escape(address))</dd>" }
-        if let master = report.redis.sentinelMaster {
-            redisFacts += "<dt>Sentinel primary name</dt><dd>\(escape(master))</dd>"
-            redisFacts += "<dt>Sentinels</dt><dd>\(escape(report.redis.sentinels.joined(separator: ", ")))</dd>"
-        }
-        redisFacts += "<dt>Reachable</dt><dd>\(report.redis.reachable ? "yes" : "no")</dd>"
-        if let role = report.redis.role { redisFacts += "<dt>Role</dt><dd>\(escape(role))</dd>" }
-        if let version = report.redis.version { redisFacts += "<dt>Version</dt><dd>\(escape(version))</dd>" }
-        if let n = report.redis.connectedReplicas { redisFacts += "<dt>Connected Redis replicas</dt><dd>\(n)</dd>" }
-        body += redisFacts + "</dl></section>"
-
         // Installations.
         let needle = text.lowercased()
         let matching = report.rows.filter { filter.accepts($0) && (needle.isEmpty || $0.record.id.ari.lowercased().contains(needle)) }
@@ -356,6 +330,32 @@ enum StatusPage {
             body += "<a rel=\"next\" href=\"/status?\(escape(query(base + [("page", String(current + 1))])))\">Next page</a>"
         }
         body += "</nav></section>"
+
+        body += "<section aria-labelledby=\"chart-heading\"><h2 id=\"chart-heading\">Round trips, last hour</h2>"
+        body += chart(report.roundTrips, now: now, id: "chart") + "</section>"
+
+        // Replicas and Redis.
+        body += "<section aria-labelledby=\"replicas-heading\"><h2 id=\"replicas-heading\">Replicas and Redis</h2>"
+        body += "<div class=\"table-wrap\" role=\"region\" aria-labelledby=\"replicas-heading\" tabindex=\"0\"><table id=\"replicas\">"
+        body += "<caption class=\"muted\" style=\"text-align:left;padding:.4rem .6rem\">Replicas with a live heartbeat</caption>"
+        body += "<thead><tr><th scope=\"col\">Replica</th><th scope=\"col\">Version</th><th scope=\"col\">Started</th><th scope=\"col\">Last heartbeat</th></tr></thead><tbody>"
+        for r in report.replicas {
+            body +=
+                "<tr><td class=\"id\">\(escape(r.replicaID))</td><td>\(escape(r.version))</td><td>\(escape(time(ms: r.startedAt)))</td><td>\(escape(time(ms: r.lastSeenAt)))</td></tr>"
+        }
+        body += "</tbody></table></div>"
+        var redisFacts = "<dl class=\"facts\" id=\"redis\">"
+        redisFacts += "<dt>Mode</dt><dd>\(escape(report.redis.mode))</dd>"
+        if let address = report.redis.address { redisFacts += "<dt>Address</dt><dd>\(escape(address))</dd>" }
+        if let master = report.redis.sentinelMaster {
+            redisFacts += "<dt>Sentinel primary name</dt><dd>\(escape(master))</dd>"
+            redisFacts += "<dt>Sentinels</dt><dd>\(escape(report.redis.sentinels.joined(separator: ", ")))</dd>"
+        }
+        redisFacts += "<dt>Reachable</dt><dd>\(report.redis.reachable ? "yes" : "no")</dd>"
+        if let role = report.redis.role { redisFacts += "<dt>Role</dt><dd>\(escape(role))</dd>" }
+        if let version = report.redis.version { redisFacts += "<dt>Version</dt><dd>\(escape(version))</dd>" }
+        if let n = report.redis.connectedReplicas { redisFacts += "<dt>Connected Redis replicas</dt><dd>\(n)</dd>" }
+        body += redisFacts + "</dl></section>"
         return document(title: "Status", body: body, current: "overview")
     }
 
