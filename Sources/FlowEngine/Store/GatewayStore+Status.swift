@@ -104,11 +104,10 @@ extension GatewayStore {
         ])
     }
 
-    /// Removes this replica's heartbeat (graceful shutdown).
-    public func removeHeartbeat(replicaID: String) async throws {
-        _ = try await self.redis.pipeline([
-            ["DEL", self.replicaKey(replicaID)], ["ZREM", self.replicasIndexKey, replicaID],
-        ])
+    /// Removes this replica's heartbeat (graceful shutdown), waiting at most `timeout` for Redis.
+    public func removeHeartbeat(replicaID: String, timeout: Duration? = nil) async throws {
+        _ = try await self.redis.pipeline(
+            [["DEL", self.replicaKey(replicaID)], ["ZREM", self.replicasIndexKey, replicaID]], timeout: timeout)
     }
 
     /// The replicas whose heartbeat has not expired, newest start first.

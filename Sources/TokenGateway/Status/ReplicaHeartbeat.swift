@@ -45,7 +45,8 @@ public struct ReplicaHeartbeat: Service {
             }
         }
         do {
-            try await self.store.removeHeartbeat(replicaID: self.replicaID)
+            // Shutdown must not wait long for a Redis that is down: the heartbeat expires anyway.
+            try await self.store.removeHeartbeat(replicaID: self.replicaID, timeout: .milliseconds(500))
         } catch {
             self.logger.debug("could not remove the replica heartbeat", metadata: ["replica.id": "\(self.replicaID)"])
         }
