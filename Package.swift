@@ -144,7 +144,7 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
             ],
-            exclude: ["oauth_client.py", "openapi_check.py"],
+            exclude: ["oauth_client.py", "openapi_check.py", "status_page_check.py"],
             swiftSettings: swiftSettings
         ),
     ]

@@ -35,8 +35,11 @@ if [ ! -f var/dev.env ] || ! grep -q "^TOKEN_GATEWAY_CALLERS='" var/dev.env; the
 # Local development settings written by scripts/run.sh. Keep this file private.
 DEV_CALLER_SECRET=$secret
 TOKEN_GATEWAY_ENCRYPTION_KEYS=dev1:$key
-TOKEN_GATEWAY_CALLERS='[{"name":"dev","secret":"$secret","installations":["*"],"clientKeys":["*"]}]'
+TOKEN_GATEWAY_CALLERS='[{"name":"dev","secret":"$secret","installations":["*"],"clientKeys":["*"],"operator":true}]'
 ENV
+elif ! grep -q '"operator":true' var/dev.env; then
+    # Settings from an earlier run: let the dev caller open the status page too.
+    sed -i 's/"clientKeys":\["\*"\]}\]'"'"'$/"clientKeys":["*"],"operator":true}]'"'"'/' var/dev.env
 fi
 set -a
 . var/dev.env
@@ -101,6 +104,8 @@ More:
   curl -s -X POST -d '{"path":"/forge/lifecycle","body":{}}' http://127.0.0.1:$EMULATOR_PORT/admin/installations/$short/ui-invoke   # a UI module's FIT: 403
   curl -s -X POST http://127.0.0.1:$EMULATOR_PORT/admin/installations/$short/uninstall   # preUninstall → POST /forge/pre-uninstall
   curl -s http://127.0.0.1:$GATEWAY_PORT/metrics | grep token_gateway_
+
+The status page: http://127.0.0.1:$GATEWAY_PORT/status (user "dev", password: \$DEV_CALLER_SECRET from var/dev.env)
 
 Ctrl-C stops the gateway, the emulator and Redis.
 MSG

@@ -6,6 +6,10 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 ensure_packages redis-server redis-tools redis-sentinel libhiredis-dev python3 curl openssl
+# The status-page test drives headless Chromium with Selenium (Tests/Integration/status_page_check.py).
+ensure_packages chromium chromium-driver
+python3 -c 'import selenium' 2>/dev/null || python3 -m pip install --quiet 'selenium==4.48.0' ||
+    python3 -m pip install --quiet --break-system-packages 'selenium==4.48.0'
 # The OAuth tests drive the gateway with a stock client (authlib's OAuth2Session, from PyPI).
 python3 -c 'import authlib, requests' 2>/dev/null || python3 -m pip install --quiet 'authlib==1.9.9' 'requests==2.34.2' ||
     python3 -m pip install --quiet --break-system-packages 'authlib==1.9.9' 'requests==2.34.2'

@@ -33,6 +33,10 @@ public final class Gateway: Sendable {
     let namedTriggerInvoker: NamedTriggerInvoker
     let invocationLimiter: InvocationLimiter
     let invocationMetrics: InvocationMetrics
+    /// Keeps this replica's heartbeat in the store (status page).
+    public let heartbeat: ReplicaHeartbeat
+    /// This build's version, shown in the replica heartbeat.
+    public static let version = "1.1.0"
 
     /// - Parameters:
     ///   - configuration: the validated settings.
@@ -81,7 +85,10 @@ public final class Gateway: Sendable {
         self.invocationMetrics = InvocationMetrics(factory: self.metrics.factory)
         self.flow = TokenFlow(
             configuration: configuration.flow, store: self.store, trigger: trigger, metrics: self.metrics.flow,
-            logger: logger, replicaID: self.replicaID)
+            logger: logger, replicaID: self.replicaID,
+            observer: RoundTripRecorder(store: self.store, replicaID: self.replicaID, logger: logger))
+        self.heartbeat = ReplicaHeartbeat(
+            store: self.store, replicaID: self.replicaID, version: Self.version, startedAt: FlowTime.now(), logger: logger)
         // Only the configured JWKS is trusted: a staging app names the staging JWKS as its JWKS.
         var verifierConfiguration = InvocationTokenVerifier.Configuration(
             appId: configuration.forgeAppID, jwksURL: configuration.forgeJWKSURL)
@@ -141,7 +148,7 @@ public final class Gateway: Sendable {
         onServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in },
         onOperationsServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in }
     ) -> [any Service] {
-        var services: [any Service] = [HTTPClientService(client: self.httpClient), self.redis, self.flow]
+        var services: [any Service] = [HTTPClientService(client: self.httpClient), self.redis, self.flow, self.heartbeat]
         if let operations = self.makeOperationsApplication(onServerRunning: onOperationsServerRunning) {
             services.append(operations)
         }

@@ -699,3 +699,55 @@ struct OpenAPIConformanceTests {
             headers: headers, body: form(h.emulator.mintConnectJWT(for: tenant, method: "GET", url: url, options: wrongSecret)))
     }
 }
+
+extension OpenAPIConformanceTests {
+    @Test("the operator routes answer as described: status, history, the HTML pages and their errors")
+    func statusRoutes() async throws {
+        let r = AnswerRecorder()
+        let ops = StatusPageTests.operatorSecret
+        let basic = StatusPageTests.basic(StatusPageTests.operatorName, ops)
+        try await StatusPageTests.run { h in
+            let installation = try await h.installed()
+            let path = GatewayHarness.path(installation)
+            try await h.recorded(r, .POST, path + "/token/refresh", template: Self.refresh, status: 200, note: "a round trip")
+            let history = "/v1/installations/{installationId}/history"
+            let page = "/status/installations/{installationId}"
+            try await DocumentationCheck.eventually("the round trip in the history") {
+                let a = try await h.call(.GET, path + "/history", secret: ops)
+                return (a.json["roundTrips"] as? [Any])?.count == 1
+            }
+            try await h.recorded(r, .GET, "/v1/status", template: "/v1/status", status: 200, note: "status", secret: ops)
+            try await h.recorded(r, .GET, "/v1/status", template: "/v1/status", status: 401, note: "no credential", secret: nil)
+            try await h.recorded(r, .GET, "/v1/status", template: "/v1/status", status: 403, note: "not an operator")
+            try await h.recorded(r, .GET, path + "/history", template: history, status: 200, note: "history", secret: ops)
+            try await h.recorded(r, .GET, path + "/history", template: history, status: 403, note: "not an operator")
+            try await h.recorded(r, .GET, path + "/history", template: history, status: 401, note: "no credential", secret: nil)
+            try await h.recorded(
+                r, .GET, "/v1/installations/bad%20id/history", template: history, status: 400, note: "malformed id", secret: ops)
+            try await h.recorded(
+                r, .GET, GatewayHarness.path(h.emulator.makeInstallation()) + "/history", template: history, status: 404,
+                note: "unknown installation", secret: ops)
+            try await h.recorded(r, .GET, "/status", template: "/status", status: 200, note: "page", secret: nil, headers: basic)
+            try await h.recorded(
+                r, .GET, "/status?state=attention&q=abc&page=2", template: "/status", status: 200, note: "filtered page",
+                secret: nil, headers: basic)
+            try await h.recorded(
+                r, .GET, "/status?state=bogus", template: "/status", status: 400, note: "unknown state", secret: nil, headers: basic)
+            try await h.recorded(r, .GET, "/status?page=0", template: "/status", status: 400, note: "page 0", secret: nil, headers: basic)
+            try await h.recorded(r, .GET, "/status", template: "/status", status: 401, note: "no credentials", secret: nil)
+            try await h.recorded(
+                r, .GET, "/status", template: "/status", status: 403, note: "not an operator", secret: nil,
+                headers: StatusPageTests.basic("full", GatewayHarness.callerSecret))
+            try await h.recorded(r, .GET, path.replacingOccurrences(of: "/v1/installations/", with: "/status/installations/"),
+                template: page, status: 200, note: "installation page", secret: nil, headers: basic)
+            try await h.recorded(
+                r, .GET, "/status/installations/" + h.emulator.makeInstallation().uuid, template: page, status: 404,
+                note: "unknown installation", secret: nil, headers: basic)
+            try await h.recorded(
+                r, .GET, "/status/installations/bad%20id", template: page, status: 400, note: "malformed id", secret: nil,
+                headers: basic)
+            try await h.recorded(r, .GET, "/status/installations/" + installation.uuid, template: page, status: 401, note: "no credentials", secret: nil)
+        }
+        try await r.check()
+    }
+}

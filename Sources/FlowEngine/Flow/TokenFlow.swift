@@ -68,6 +68,8 @@ public final class TokenFlow: Sendable, Service {
     let now: @Sendable () -> FlowTime
     /// This process's id, recorded as the owner of pending requests.
     public let replicaID: String
+    /// Sees the actions performed (round-trip history); nil when nothing observes the flow.
+    let observer: (any TokenFlowObserver)?
     private let state = Mutex(State())
 
     public init(
@@ -77,6 +79,7 @@ public final class TokenFlow: Sendable, Service {
         metrics: FlowMetrics,
         logger: Logger,
         replicaID: String,
+        observer: (any TokenFlowObserver)? = nil,
         now: @escaping @Sendable () -> FlowTime = { FlowTime.now() }
     ) {
         self.configuration = configuration
@@ -85,6 +88,7 @@ public final class TokenFlow: Sendable, Service {
         self.metrics = metrics
         self.logger = logger
         self.replicaID = replicaID
+        self.observer = observer
         self.now = now
     }
 
@@ -443,6 +447,7 @@ public final class TokenFlow: Sendable, Service {
     }
 
     func perform(_ actions: [FlowAction], for id: InstallationID) {
+        if let observer = self.observer, !actions.isEmpty { observer.tokenFlow(performs: actions, for: id, at: self.now()) }
         for action in actions {
             switch action {
             case .acquireLease(let requestID, let ttl):

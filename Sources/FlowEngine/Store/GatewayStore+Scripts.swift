@@ -12,9 +12,10 @@ enum GatewayScripts {
     /// apiBaseUrl and cloudId replace the recorded ones (the latest FIT wins; `base <ari>` is
     /// published when the apiBaseUrl changed).
     /// KEYS: installation, token, pending. ARGV: exp, sealed, now, requestId, channel, ari,
-    /// appId, apiBaseUrl, cloudId, least exp to store (unix s). Returns {stored(1)/notNewer(0)/uninstalled(-1), created,
-    /// solicited, apiBaseUrl}. Publishes `token <ari> <requestId|->`, with ` same` appended when
-    /// the delivery answered a pending request but did not replace the token.
+    /// appId, apiBaseUrl, cloudId, least exp to store (unix s), how the token came when unsolicited
+    /// (`push` when empty). Returns {stored(1)/notNewer(0)/uninstalled(-1), created, solicited,
+    /// apiBaseUrl}. Publishes `token <ari> <requestId|->`, with ` same` appended when the delivery
+    /// answered a pending request but did not replace the token.
     static let storeToken = RedisScript(
         """
         local status = redis.call('HGET', KEYS[1], 'status')
@@ -39,7 +40,9 @@ enum GatewayScripts {
         if exp > cur and exp > tonumber(ARGV[3]) and exp >= tonumber(ARGV[10] or '0') then
           redis.call('HSET', KEYS[2], 'exp', ARGV[1], 'v', ARGV[2], 'at', ARGV[3], 'rid', solicited)
           redis.call('EXPIREAT', KEYS[2], exp)
-          redis.call('HSET', KEYS[1], 'lastTokenAt', ARGV[3], 'tokenExpiresAt', ARGV[1])
+          local via = ARGV[11] or ''
+          if solicited ~= '' then via = 'trigger' elseif via == '' then via = 'push' end
+          redis.call('HSET', KEYS[1], 'lastTokenAt', ARGV[3], 'tokenExpiresAt', ARGV[1], 'lastTokenVia', via)
           stored = 1
         end
         if stored == 1 or solicited ~= '' then

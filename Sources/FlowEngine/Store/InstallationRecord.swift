@@ -17,6 +17,8 @@ public struct InstallationRecord: Sendable, Hashable {
     /// Unix seconds.
     public var tokenExpiresAt: Int64?
     public var lastTokenAt: Int64?
+    /// How the latest stored token came: `trigger`, `push` or `lifecycle` (nil before any).
+    public var lastTokenVia: String?
     public var createdAt: Int64
     public var updatedAt: Int64
 
@@ -30,6 +32,7 @@ public struct InstallationRecord: Sendable, Hashable {
         self.triggerKeyId = fields["triggerKeyId"].flatMap { $0.isEmpty ? nil : $0 }
         self.tokenExpiresAt = fields["tokenExpiresAt"].flatMap { Int64($0) }
         self.lastTokenAt = fields["lastTokenAt"].flatMap { Int64($0) }
+        self.lastTokenVia = fields["lastTokenVia"].flatMap { $0.isEmpty ? nil : $0 }
         self.createdAt = fields["createdAt"].flatMap { Int64($0) } ?? 0
         self.updatedAt = fields["updatedAt"].flatMap { Int64($0) } ?? self.createdAt
     }
@@ -46,6 +49,16 @@ public struct InstallationMetadata: Sendable, Hashable {
         self.apiBaseUrl = apiBaseUrl
         self.cloudId = cloudId
     }
+}
+
+/// How an unsolicited token reached the gateway (a solicited one came by `trigger`).
+public enum TokenArrival: String, Sendable, Hashable {
+    /// Answering an auth trigger the gateway sent.
+    case trigger
+    /// Pushed unasked (a scheduled trigger, a registration carrying a token).
+    case push
+    /// With a lifecycle event.
+    case lifecycle
 }
 
 /// What storing a delivered token did.

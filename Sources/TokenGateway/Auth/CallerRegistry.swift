@@ -115,12 +115,18 @@ public struct Caller: Sendable, Hashable, CustomStringConvertible {
     public var limits = CallerLimits()
     /// Named-trigger keys the caller may invoke (`POST …/invoke/{key}`); none by default.
     public let invoke: CallerScope
+    /// May read the status page and its JSON (`"operator": true`); default false.
+    public let isOperator: Bool
 
-    public init(name: String, installations: CallerScope, clientKeys: CallerScope, invoke: CallerScope = .none) {
+    public init(
+        name: String, installations: CallerScope, clientKeys: CallerScope, invoke: CallerScope = .none,
+        isOperator: Bool = false
+    ) {
         self.name = name
         self.installations = installations
         self.clientKeys = clientKeys
         self.invoke = invoke
+        self.isOperator = isOperator
     }
 
     /// Names the caller in store keys (its limit counters): hex SHA-256 of the name, 24 digits.
@@ -170,7 +176,9 @@ public struct CallerRegistry: Sendable {
         guard !array.isEmpty else {
             throw ConfigurationValueError("\(setting) configures no caller")
         }
-        let knownFields: Set<String> = ["name", "secret", "secretSha256", "installations", "clientKeys", "limits", "invoke"]
+        let knownFields: Set<String> = [
+            "name", "secret", "secretSha256", "installations", "clientKeys", "limits", "invoke", "operator",
+        ]
         var entries: [Entry] = []
         var names: Set<String> = []
         for (index, element) in array.enumerated() {
@@ -194,7 +202,8 @@ public struct CallerRegistry: Sendable {
             if let unknown = object.keys.sorted().first(where: { !knownFields.contains($0) }) {
                 let shown = unknown.count <= 40 ? "\"\(unknown)\"" : "with a \(unknown.count)-character name"
                 throw ConfigurationValueError(
-                    "\(label): unknown field \(shown) (fields: name, secret, secretSha256, installations, clientKeys, invoke)"
+                    "\(label): unknown field \(shown) (fields: name, secret, secretSha256, installations, clientKeys, "
+                        + "limits, invoke, operator)"
                 )
             }
 
@@ -229,6 +238,13 @@ public struct CallerRegistry: Sendable {
                 throw ConfigurationValueError("\(label): \"clientKeys\" contains an empty string")
             }
 
+            var isOperator = false
+            if let flag = object["operator"] {
+                guard let flag = flag as? Bool else {
+                    throw ConfigurationValueError("\(label): \"operator\" must be true or false")
+                }
+                isOperator = flag
+            }
             let invokeValues = try Self.stringList(object["invoke"], field: "invoke", label: label)
             if let bad = invokeValues.firstIndex(where: { $0 != "*" && !NamedTriggerKey.isValid($0) }) {
                 throw ConfigurationValueError(
@@ -238,7 +254,7 @@ public struct CallerRegistry: Sendable {
 
             var caller = Caller(
                 name: name, installations: installations, clientKeys: CallerScope(clientKeyValues),
-                invoke: CallerScope(invokeValues))
+                invoke: CallerScope(invokeValues), isOperator: isOperator)
             caller.limits = try Self.limits(object["limits"], label: label)
             entries.append(Entry(caller: caller, digest: digest))
         }
@@ -272,6 +288,16 @@ public struct CallerRegistry: Sendable {
         let equal = Self.constantTimeEqual(expected, digest)
         guard equal, let entry else { return nil }
         return entry.caller
+    }
+
+    /// The caller presenting `Authorization: Basic base64(name:secret)` (scheme case-insensitive), or nil.
+    public func authenticate(basicAuthorization header: String?) -> Caller? {
+        guard let header, header.count > 6, header.prefix(6).lowercased() == "basic " else { return nil }
+        let encoded = header.dropFirst(6).trimmingCharacters(in: .whitespaces)
+        guard let data = Data(base64Encoded: encoded), let text = String(data: data, encoding: .utf8),
+            let colon = text.firstIndex(of: ":")
+        else { return nil }
+        return self.authenticate(name: String(text[..<colon]), secret: String(text[text.index(after: colon)...]))
     }
 
     /// A digest no secret is known to hash to; compared against when a name is unknown.

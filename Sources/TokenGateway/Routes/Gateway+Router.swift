@@ -21,6 +21,7 @@ extension Gateway {
         self.addConnectRoutes(to: router)
         self.addOAuthRoutes(to: router)
         self.addInvokeRoutes(to: router)
+        self.addStatusRoutes(to: router)
         return router
     }
 
@@ -32,6 +33,8 @@ extension Gateway {
             middleware: ErrorMiddleware(
                 knownRoutes: Self.knownRoutes.filter { Self.isOperationsRoute($0.segments) }, logger: self.logger))
         self.addOperationsSurface(to: router)
+        // The operator pages are reachable here too (operator callers only, as on the main port).
+        self.addStatusRoutes(to: router)
         return router
     }
 
@@ -69,6 +72,10 @@ extension Gateway {
         (["v1", "connect", "sign"], [.post]),
         (["oauth", "token"], [.post]),
         ([".well-known", "oauth-authorization-server"], [.get]),
+        (["v1", "status"], [.get]),
+        (["v1", "installations", ":id", "history"], [.get]),
+        (["status"], [.get]),
+        (["status", "installations", ":id"], [.get]),
     ]
 
     /// A JSON response.
