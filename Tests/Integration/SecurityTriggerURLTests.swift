@@ -90,7 +90,7 @@ struct SecurityTriggerURLTests {
             try GatewayConfiguration.load(environment: [
                 "TOKEN_GATEWAY_FORGE_APP_ID": ForgeEmulatorConfiguration.demoAppId,
                 "TOKEN_GATEWAY_ENCRYPTION_KEYS": "k1:" + Data(repeating: 7, count: 32).base64EncodedString(),
-                "TOKEN_GATEWAY_CALLERS": "[{\"name\":\"a\",\"secret\":\"s\"}]",
+                "TOKEN_GATEWAY_CALLERS": "[{\"name\":\"a\",\"secret\":\"caller-secret-0123456789\"}]",
                 "TOKEN_GATEWAY_TRIGGER_HOSTS": "*.webtrigger.atlassian.app,http://trigger.example.com",
             ])
         }

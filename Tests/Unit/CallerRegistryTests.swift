@@ -21,7 +21,7 @@ import Testing
           {"name": "billing", "secret": "billing-secret-1", "installations": ["*"], "clientKeys": ["*"]},
           {"name": "reports", "secretSha256": "\(sha256Hex("reports-secret-2").uppercased())",
            "installations": ["\(uuidA)"]},
-          {"name": "search", "secret": "search-secret-3", "installations": ["\(ariB)"], "clientKeys": ["ck-1", "ck-2"]}
+          {"name": "search", "secret": "search-secret-3-0123", "installations": ["\(ariB)"], "clientKeys": ["ck-1", "ck-2"]}
         ]
         """
 
@@ -30,8 +30,8 @@ import Testing
         #expect(registry.callers.map(\.name) == ["billing", "reports", "search"])
         #expect(registry.authenticate(authorization: "Bearer billing-secret-1")?.name == "billing")
         #expect(registry.authenticate(authorization: "Bearer reports-secret-2")?.name == "reports")
-        #expect(registry.authenticate(authorization: "bearer search-secret-3")?.name == "search")
-        #expect(registry.authenticate(authorization: "BEARER search-secret-3")?.name == "search")
+        #expect(registry.authenticate(authorization: "bearer search-secret-3-0123")?.name == "search")
+        #expect(registry.authenticate(authorization: "BEARER search-secret-3-0123")?.name == "search")
     }
 
     @Test func refusesWrongOrMissingCredentials() throws {
@@ -50,7 +50,7 @@ import Testing
         let registry = try CallerRegistry(json: Self.registryJSON)
         #expect(registry.authenticate(name: "billing", secret: "billing-secret-1")?.name == "billing")
         #expect(registry.authenticate(name: "reports", secret: "reports-secret-2")?.name == "reports")
-        #expect(registry.authenticate(name: "billing", secret: "search-secret-3") == nil)
+        #expect(registry.authenticate(name: "billing", secret: "search-secret-3-0123") == nil)
         #expect(registry.authenticate(name: "nobody", secret: "billing-secret-1") == nil)
         #expect(registry.authenticate(name: "billing", secret: "") == nil)
     }
@@ -113,11 +113,12 @@ import Testing
                 ["\"a\"", "exactly one of"]
             ),
             ("[{\"name\": \"a\", \"secret\": \"\"}]", ["\"a\"", "\"secret\""]),
+            ("[{\"name\": \"a\", \"secret\": \"fifteen-chars-x\"}]", ["\"a\"", "at least 16 characters"]),
             ("[{\"name\": \"a\", \"secret\": 12}]", ["\"a\"", "\"secret\""]),
             ("[{\"name\": \"a\", \"secretSha256\": \"abc\"}]", ["\"a\"", "secretSha256"]),
             ("[{\"name\": \"a\", \"secretSha256\": \"\(String(repeating: "g", count: 64))\"}]", ["secretSha256"]),
             (
-                "[{\"name\": \"a\", \"secret\": \"\(secret)\"}, {\"name\": \"a\", \"secret\": \"other\"}]",
+                "[{\"name\": \"a\", \"secret\": \"\(secret)\"}, {\"name\": \"a\", \"secret\": \"other-secret-0123456789\"}]",
                 ["[1]", "\"a\"", "another caller"]
             ),
             (

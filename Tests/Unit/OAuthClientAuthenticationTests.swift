@@ -7,7 +7,7 @@ import Testing
 struct OAuthClientAuthenticationTests {
     static let registry = try! CallerRegistry(
         json: """
-            [{"name":"billing","secret":"s3cret-billing","installations":["*"]},
+            [{"name":"billing","secret":"s3cret-billing-0123456789","installations":["*"]},
              {"name":"odd client","secret":"a+b%zz:c é","installations":["*"]}]
             """)
 
@@ -26,10 +26,10 @@ struct OAuthClientAuthenticationTests {
     @Test("HTTP Basic: the scheme is case-insensitive, padding optional, and the caller is authenticated")
     func basicAuthentication() throws {
         for header in [
-            self.basic("billing", "s3cret-billing"),
-            "basic " + Data("billing:s3cret-billing".utf8).base64EncodedString(),
+            self.basic("billing", "s3cret-billing-0123456789"),
+            "basic " + Data("billing:s3cret-billing-0123456789".utf8).base64EncodedString(),
             "BASIC "
-                + Data("billing:s3cret-billing".utf8).base64EncodedString().replacingOccurrences(of: "=", with: ""),
+                + Data("billing:s3cret-billing-0123456789".utf8).base64EncodedString().replacingOccurrences(of: "=", with: ""),
         ] {
             let credentials = try OAuthClientCredentials.read(authorization: [header], form: try self.form(""))
             #expect(credentials.method == .clientSecretBasic)
@@ -55,23 +55,23 @@ struct OAuthClientAuthenticationTests {
     @Test("client_secret_post reads client_id and client_secret from the form")
     func post() throws {
         let credentials = try OAuthClientCredentials.read(
-            authorization: [], form: try self.form("client_id=billing&client_secret=s3cret-billing"))
+            authorization: [], form: try self.form("client_id=billing&client_secret=s3cret-billing-0123456789"))
         #expect(credentials.method == .clientSecretPost)
         #expect(credentials.authenticate(with: Self.registry)?.name == "billing")
         let wrong = try OAuthClientCredentials.read(
             authorization: [], form: try self.form("client_id=billing&client_secret=nope"))
         #expect(wrong.authenticate(with: Self.registry) == nil)
         let unknown = try OAuthClientCredentials.read(
-            authorization: [], form: try self.form("client_id=nobody&client_secret=s3cret-billing"))
+            authorization: [], form: try self.form("client_id=nobody&client_secret=s3cret-billing-0123456789"))
         #expect(unknown.authenticate(with: Self.registry) == nil)
     }
 
     @Test("two methods at once, another client_id or a repeated Authorization are invalid_request")
     func invalidRequests() throws {
-        let header = self.basic("billing", "s3cret-billing")
+        let header = self.basic("billing", "s3cret-billing-0123456789")
         let cases: [([String], String)] = [
-            ([header], "client_id=billing&client_secret=s3cret-billing"),
-            ([header], "client_secret=s3cret-billing"),
+            ([header], "client_id=billing&client_secret=s3cret-billing-0123456789"),
+            ([header], "client_secret=s3cret-billing-0123456789"),
             ([header], "client_id=other"),
             ([header, header], ""),
         ]
@@ -93,8 +93,8 @@ struct OAuthClientAuthenticationTests {
         let cases: [([String], String)] = [
             ([], ""),
             ([], "client_id=billing"),
-            ([], "client_secret=s3cret-billing"),
-            (["Bearer s3cret-billing"], ""),
+            ([], "client_secret=s3cret-billing-0123456789"),
+            (["Bearer s3cret-billing-0123456789"], ""),
             (["Basic"], ""),
             (["Basic !!!not-base64"], ""),
             (["Basic " + Data("no-colon".utf8).base64EncodedString()], ""),
@@ -115,7 +115,7 @@ struct OAuthClientAuthenticationTests {
     @Test("the credentials' description never shows the secret")
     func redacted() throws {
         let credentials = try OAuthClientCredentials.read(
-            authorization: [self.basic("billing", "s3cret-billing")], form: try self.form(""))
+            authorization: [self.basic("billing", "s3cret-billing-0123456789")], form: try self.form(""))
         #expect(!"\(credentials)".contains("s3cret"))
         #expect("\(credentials)".contains("billing"))
     }

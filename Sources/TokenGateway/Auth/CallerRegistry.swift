@@ -142,6 +142,9 @@ public struct Caller: Sendable, Hashable, CustomStringConvertible {
 /// Only SHA-256 digests of caller secrets are kept; presented secrets are hashed and compared
 /// with every caller's digest in constant time.
 public struct CallerRegistry: Sendable {
+    /// Shortest `secret` accepted in a caller's entry.
+    public static let minimumSecretLength = 16
+
     /// The environment variable the registry is read from; used in error messages.
     public static let settingName = "TOKEN_GATEWAY_CALLERS"
 
@@ -214,6 +217,11 @@ public struct CallerRegistry: Sendable {
             case (.some(let secret), .none):
                 guard let secret = secret as? String, !secret.isEmpty else {
                     throw ConfigurationValueError("\(label): \"secret\" must be a non-empty string")
+                }
+                // A short secret can be guessed; the length is said, never the value.
+                guard secret.count >= Self.minimumSecretLength else {
+                    throw ConfigurationValueError(
+                        "\(label): \"secret\" must be at least \(Self.minimumSecretLength) characters long")
                 }
                 digest = Array(SHA256.hash(data: Array(secret.utf8)))
             case (.none, .some(let hex)):

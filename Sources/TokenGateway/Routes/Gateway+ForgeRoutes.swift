@@ -126,7 +126,8 @@ extension Gateway {
                         "installation recorded", metadata: ["installation.id": "\(id)", "lifecycle.event": "\(eventType)"])
                     if active, let pushed = self.keepable(offered, id: id) {
                         _ = try await self.storeDelivery(
-                            id, token: pushed, requestID: nil, invocation: invocation, trace: Self.forgeTrace(request))
+                            id, token: pushed, requestID: nil, invocation: invocation, trace: Self.forgeTrace(request),
+                            arrival: .lifecycle)
                     }
                 case "avi:forge:uninstalled:app":
                     try await self.uninstallInstallation(id, signal: eventType)
@@ -268,14 +269,15 @@ extension Gateway {
 
     func storeDelivery(
         _ id: InstallationID, token: AccessToken, requestID: String?, invocation: InvocationContext,
-        trace: ForgeTrace? = nil
+        trace: ForgeTrace? = nil, arrival: TokenArrival = .push
     )
         async throws -> Bool
     {
         let result: GatewayStore.DeliveryResult
         do {
             result = try await self.store.storeDeliveredToken(
-                id, token: token, requestID: requestID, metadata: invocation.metadata, now: FlowTime.now())
+                id, token: token, requestID: requestID, metadata: invocation.metadata, now: FlowTime.now(),
+                arrival: arrival)
         } catch {
             self.logger.warning("could not store delivered token", metadata: ["installation.id": "\(id)"])
             throw GatewayError.storeUnavailable
