@@ -120,6 +120,9 @@ struct StatusReport: Sendable {
             state.mode = "sentinel"
             state.sentinelMaster = masterName
             state.sentinels = sentinels.map(\.description)
+        case .cluster(let seeds):
+            state.mode = "cluster"
+            state.address = seeds.map(\.description).joined(separator: ",")
         }
         if let info = try? await gateway.store.redisInfo() {
             state.reachable = true
