@@ -77,6 +77,16 @@ struct ContractRunningTests {
         "TOKEN_GATEWAY_REFRESH_AHEAD_FRACTION": "0.95",
         "TOKEN_GATEWAY_BREAKER_THRESHOLD": "0",
         "TOKEN_GATEWAY_BREAKER_OPEN_MS": "1",
+        "TOKEN_GATEWAY_FORGE_MODULE_KEYS": "gateway-endpoint,,other",
+        "TOKEN_GATEWAY_OPS_HOST": "127.0.0.1",  // without TOKEN_GATEWAY_OPS_PORT
+        "TOKEN_GATEWAY_OPS_PORT": "eighty",
+        "TOKEN_GATEWAY_API_BASE_URL_PREFIXES": "https://api.atlassian.com/ex",
+        "TOKEN_GATEWAY_INVOKE_MAX_CONCURRENCY": "0",
+        // The TLS settings next to a Redis URL that is not rediss://.
+        "TOKEN_GATEWAY_REDIS_TLS_CA_FILE": "/etc/token-gateway/redis-ca.pem",
+        "TOKEN_GATEWAY_REDIS_TLS_CERT_FILE": "/etc/token-gateway/redis-client.pem",
+        "TOKEN_GATEWAY_REDIS_TLS_KEY_FILE": "/etc/token-gateway/redis-client.key",
+        "TOKEN_GATEWAY_REDIS_TLS_SERVER_NAME": "redis.internal.example.com",
     ]
 
     static func expectOneLine(
