@@ -50,6 +50,8 @@ struct SettingsOptions: ParsableArguments {
     @Option(help: "Operations listener port: health, metrics, operator pages [TOKEN_GATEWAY_OPS_PORT]") var opsPort: String?
     @Option(help: "Allowed apiBaseUrl prefixes [TOKEN_GATEWAY_API_BASE_URL_PREFIXES]") var apiBaseUrlPrefixes: String?
     @Option(help: "First open window of a circuit, ms [TOKEN_GATEWAY_BREAKER_OPEN_MS]") var breakerOpenMs: String?
+    @Option(help: "Named-trigger calls of one installation at once per process [TOKEN_GATEWAY_INVOKE_MAX_CONCURRENCY]")
+    var invokeMaxConcurrency: String?
 
     /// Flag values keyed by the environment variable they override.
     var flags: [String: String] {
@@ -66,6 +68,7 @@ struct SettingsOptions: ParsableArguments {
             (.refreshAheadFraction, self.refreshAheadFraction), (.breakerThreshold, self.breakerThreshold),
             (.breakerOpen, self.breakerOpenMs), (.forgeModuleKeys, self.forgeModuleKeys), (.opsHost, self.opsHost),
             (.opsPort, self.opsPort), (.apiBaseURLPrefixes, self.apiBaseUrlPrefixes),
+            (.invokeMaxConcurrency, self.invokeMaxConcurrency),
         ]
         var out: [String: String] = [:]
         for (setting, value) in pairs { if let value { out[setting.environment] = value } }

@@ -92,11 +92,12 @@ extension Gateway {
                 self.logger.notice("refused a delivered token that lives too long", metadata: ["installation.id": "\(id)"])
                 throw GatewayError.invalidToken("the system token's exp is more than 24 hours ahead")
             case .nearlyExpired:
-                // Never stored or served (the store refuses a token with under 60 s left), but it
-                // still goes through the store: it answers the round trip that asked for it (whose
-                // callers then get `trigger_failed` at once instead of waiting out their deadline),
-                // and an uninstalled installation still answers 410.
+                // Never stored or served (the store refuses a token with under 60 s left). One that
+                // answers a round trip still goes through the store, which ends that round trip (its
+                // callers get `trigger_failed` at once instead of waiting out their deadline); an
+                // unasked one changes nothing at all.
                 self.logger.notice("dropped a nearly expired delivered token", metadata: ["installation.id": "\(id)"])
+                guard requestID != nil else { return Self.json(.object([("stored", .bool(false))])) }
             case .acceptable:
                 break
             }
