@@ -18,8 +18,14 @@ extension GatewayStore {
                 if found.count > limit { break }
             }
         }
-        let more = found.count > limit
-        let taken = Array(found.prefix(limit))
+        return try await self.loadPage(found, limit: limit)
+    }
+
+    /// The records of the first `limit` of `ids` (in order), and the cursor of the next page when
+    /// `ids` holds more than `limit` (the last id of this page).
+    func loadPage(_ ids: [InstallationID], limit: Int) async throws -> ([InstallationRecord], String?) {
+        let more = ids.count > limit
+        let taken = Array(ids.prefix(limit))
         if taken.isEmpty { return ([], nil) }
         let hashes = try await self.redis.pipeline(taken.map { ["HGETALL", self.installationKey($0)] })
         var records: [InstallationRecord] = []

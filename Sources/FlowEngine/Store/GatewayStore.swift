@@ -178,20 +178,7 @@ public final class GatewayStore: Sendable {
             if page.count < batch { break }
             start = "(" + page.last!
         }
-        let more = ids.count > limit
-        let taken = Array(ids.prefix(limit))
-        if taken.isEmpty { return ([], nil) }
-        let hashes = try await self.redis.pipeline(taken.map { ["HGETALL", self.installationKey($0)] })
-        var records: [InstallationRecord] = []
-        for (id, reply) in zip(taken, hashes) {
-            let fields = reply.fieldDictionary
-            if !fields.isEmpty {
-                var record = InstallationRecord(id: id, fields: fields)
-                record.apiBaseUrl = self.openAPIBaseURL(fields["apiBaseUrl"], id)
-                records.append(record)
-            }
-        }
-        return (records, more ? taken.last?.ari : nil)
+        return try await self.loadPage(ids, limit: limit)
     }
 
     // MARK: Tokens
