@@ -21,7 +21,7 @@
 # BENCH_NGINX_WORKERS (2), BENCH_CLUSTER (1: also run the Redis Cluster comparison at the end),
 # BENCH_BIN (a token-gateway binary to use instead of building the release one), BENCH_THREADS
 # (wrk threads, 1), BENCH_LOG_LEVEL (the gateway's log level, info: audit records are written as
-# in production).
+# in production), BENCH_STRACE (1: also count the gateway's system calls per cached answer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -265,6 +265,19 @@ print(f"cached token >= 0.6 x nginx and p99 <= 2 ms: {verdict(gw['rps'] / ng['rp
       f" /health/live >= 0.8 x nginx: {verdict(hl['rps'] / ng['rps'] >= 0.8)}")
 print(f"audit records written so far: {os.environ['AUDIT_LINES']}")
 PY
+if [ "${BENCH_STRACE:-0}" = 1 ]; then
+    # System calls per cached answer, counted by strace (which slows the gateway down a lot, so
+    # after the measured runs): 3 s of wrk with strace attached to the gateway.
+    ensure_packages strace
+    strace -f -c -e trace=write,writev,sendmsg,futex,epoll_wait -o "$WORK/strace.txt" -p "$GATEWAY_PID" 2>/dev/null &
+    STRACE_PID=$!
+    sleep 1
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d3s -H "$AUTH" "$TOKEN_URL" >"$WORK/wrk-strace.txt"
+    kill -INT "$STRACE_PID"; wait "$STRACE_PID" 2>/dev/null || true
+    requests=$(grep -Eo '^ *[0-9]+ requests' "$WORK/wrk-strace.txt" | grep -Eo '[0-9]+')
+    echo "system calls per cached answer under strace ($requests answers):"
+    awk -v n="$requests" '$NF ~ /^(write|writev|sendmsg|futex|epoll_wait)$/ { printf "  %-10s %.2f\n", $NF, $4 / n }' "$WORK/strace.txt"
+fi
 [ "$HOT_ONLY" = 1 ] && exit 0
 
 echo "==> cold path: $COLD_INSTALLATIONS installations x $COLD_CALLERS concurrent callers"

@@ -135,7 +135,8 @@ public struct Caller: Sendable, Hashable, CustomStringConvertible {
 /// The configured callers (`TOKEN_GATEWAY_CALLERS`) and their authentication.
 ///
 /// Only SHA-256 digests of caller secrets are kept; presented secrets are hashed and compared
-/// with every caller's digest in constant time.
+/// with every caller's digest in constant time. A secret that matched is remembered by a keyed
+/// tag only (``VerifiedCredentials``), so a caller's repeated requests skip the hash.
 public struct CallerRegistry: Sendable {
     /// The environment variable the registry is read from; used in error messages.
     public static let settingName = "TOKEN_GATEWAY_CALLERS"
@@ -253,8 +254,9 @@ public struct CallerRegistry: Sendable {
 
     /// The caller whose secret is presented as `Authorization: Bearer <secret>`, or nil.
     ///
-    /// The scheme is matched case-insensitively. The presented secret is hashed and its digest
-    /// compared with every caller's in constant time, without stopping at a match.
+    /// The scheme is matched case-insensitively. A secret that matched before is found by its
+    /// keyed tag; any other is hashed and its digest compared with every caller's in constant
+    /// time, without stopping at a match.
     public func authenticate(authorization: String?) -> Caller? {
         guard let authorization, let secret = Self.bearerCredential(authorization) else { return nil }
         // A secret that authenticated before is known by its keyed tag; any other goes through
