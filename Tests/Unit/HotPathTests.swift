@@ -105,6 +105,16 @@ struct AuditBufferTests {
     }
 }
 
+@Suite("Tracing costs nothing when no tracer is bootstrapped")
+struct TracingOffTests {
+    @Test("without a bootstrapped instrument the tracing middleware is left out of the router")
+    func noInstrument() {
+        // The process bootstraps no instrument in tests, so answers keep a body of known length
+        // that leaves with its head in one write.
+        #expect(!Gateway.tracingBootstrapped)
+    }
+}
+
 enum HotPathFixtures {
     static let installation = InstallationID("ari:cloud:ecosystem::installation/6f1a7b2e-3c4d-4e5f-8a9b-0c1d2e3f4a5b")!
 
