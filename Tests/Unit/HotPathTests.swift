@@ -123,7 +123,7 @@ enum HotPathFixtures {
             "TOKEN_GATEWAY_REDIS_URL": "redis://127.0.0.1:1/0",
             "TOKEN_GATEWAY_FORGE_APP_ID": "ari:cloud:ecosystem::app/6f1a7b2e-3c4d-4e5f-8a9b-0c1d2e3f4a5b",
             "TOKEN_GATEWAY_ENCRYPTION_KEYS": "k1:" + Data(repeating: 7, count: 32).base64EncodedString(),
-            "TOKEN_GATEWAY_CALLERS": #"[{"name":"billing","secret":"s3cret-value","installations":["*"]}]"#,
+            "TOKEN_GATEWAY_CALLERS": #"[{"name":"billing","secret":"s3cret-value-0123456789","installations":["*"]}]"#,
         ])
     }
 }
@@ -202,19 +202,19 @@ struct TokenAnswerBodyTests {
 @Suite("Caller authentication remembers verified secrets by keyed tag")
 struct VerifiedCredentialsTests {
     static let registry = try! CallerRegistry(
-        json: #"[{"name":"billing","secret":"billing-secret-1","installations":["*"]},"#
-            + #"{"name":"reports","secretSha256":"\#(SHA256Hex.of("reports-secret-2"))"}]"#)
+        json: #"[{"name":"billing","secret":"billing-secret-00001","installations":["*"]},"#
+            + #"{"name":"reports","secretSha256":"\#(SHA256Hex.of("reports-secret-00002"))"}]"#)
 
     @Test("a repeated secret authenticates as the same caller; wrong and near secrets never do")
     func repeated() {
         let registry = Self.registry
         for _ in 0..<3 {
-            #expect(registry.authenticate(authorization: "Bearer billing-secret-1")?.name == "billing")
-            #expect(registry.authenticate(authorization: "bearer reports-secret-2")?.name == "reports")
-            #expect(registry.authenticate(authorization: "Bearer billing-secret-2") == nil)
-            #expect(registry.authenticate(authorization: "Bearer billing-secret-") == nil)
-            #expect(registry.authenticate(authorization: "Bearer billing-secret-1x") == nil)
-            #expect(registry.authenticate(authorization: "Bearer reports-secret-2 x") == nil)
+            #expect(registry.authenticate(authorization: "Bearer billing-secret-00001")?.name == "billing")
+            #expect(registry.authenticate(authorization: "bearer reports-secret-00002")?.name == "reports")
+            #expect(registry.authenticate(authorization: "Bearer billing-secret-00002") == nil)
+            #expect(registry.authenticate(authorization: "Bearer billing-secret-0000") == nil)
+            #expect(registry.authenticate(authorization: "Bearer billing-secret-00001x") == nil)
+            #expect(registry.authenticate(authorization: "Bearer reports-secret-00002 x") == nil)
         }
     }
 
