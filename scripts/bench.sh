@@ -6,6 +6,8 @@
 #   scripts/bench.sh --micro-only  skip the load benchmarks
 #   scripts/bench.sh --cluster-only only the Redis Cluster comparison: cached and cold path against a
 #                                   6-node Redis Cluster vs against one Redis, same run
+#   scripts/bench.sh --hot-only    only the hot-path table: nginx, GET /health/live and the cached
+#                                   GET …/token under wrk in one run, ratios, p50/p99
 #
 # Load benchmarks: a release build of token-gateway with its own Redis, the Forge emulator and
 # the gateway on free loopback ports; wrk against the cached GET …/token and against nginx
@@ -17,7 +19,9 @@
 # BENCH_COLD_INSTALLATIONS (100), BENCH_COLD_CALLERS (10), BENCH_MEMORY_INSTALLATIONS (100000),
 # BENCH_TOKEN_BYTES (1500), BENCH_MEMORY_SECONDS (600, a deadline for making the installations),
 # BENCH_NGINX_WORKERS (2), BENCH_CLUSTER (1: also run the Redis Cluster comparison at the end),
-# BENCH_BIN (a token-gateway binary to use instead of building the release one).
+# BENCH_BIN (a token-gateway binary to use instead of building the release one), BENCH_THREADS
+# (wrk threads, 1), BENCH_LOG_LEVEL (the gateway's log level, info: audit records are written as
+# in production), BENCH_STRACE (1: also count the gateway's system calls per cached answer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -27,12 +31,14 @@ RUN_MICRO=1
 RUN_LOAD=1
 RUN_CLUSTER=${BENCH_CLUSTER:-1}
 CLUSTER_ONLY=0
+HOT_ONLY=0
 case "${1:-}" in
     --load-only) RUN_MICRO=0 ;;
     --micro-only) RUN_LOAD=0 ;;
     --cluster-only) RUN_MICRO=0; CLUSTER_ONLY=1; RUN_CLUSTER=1 ;;
+    --hot-only) RUN_MICRO=0; HOT_ONLY=1; RUN_CLUSTER=0 ;;
     "") ;;
-    *) echo "usage: scripts/bench.sh [--load-only | --micro-only | --cluster-only]" >&2; exit 2 ;;
+    *) echo "usage: scripts/bench.sh [--load-only | --micro-only | --cluster-only | --hot-only]" >&2; exit 2 ;;
 esac
 
 DURATION=${BENCH_DURATION:-10}
@@ -43,6 +49,7 @@ MEMORY_INSTALLATIONS=${BENCH_MEMORY_INSTALLATIONS:-100000}
 TOKEN_BYTES=${BENCH_TOKEN_BYTES:-1500}
 MEMORY_SECONDS=${BENCH_MEMORY_SECONDS:-600}
 NGINX_WORKERS=${BENCH_NGINX_WORKERS:-2}
+THREADS=${BENCH_THREADS:-1}
 
 ensure_packages wrk nginx redis-server redis-tools libhiredis-dev python3 curl
 DRIVER="python3 $ROOT/Benchmarks/load_driver.py"
@@ -167,7 +174,7 @@ export TOKEN_GATEWAY_TRIGGER_HOSTS="http://127.0.0.1:$EMULATOR_PORT"
 export TOKEN_GATEWAY_FORGE_GRAPHQL_URL="http://127.0.0.1:$EMULATOR_PORT/graphql"
 export TOKEN_GATEWAY_ENCRYPTION_KEYS="bench:$(head -c 32 /dev/urandom | base64 | tr -d '\n')"
 export TOKEN_GATEWAY_CALLERS="[{\"name\":\"bench\",\"secret\":\"$SECRET\",\"installations\":[\"*\"]}]"
-export TOKEN_GATEWAY_LOG_LEVEL=warning
+export TOKEN_GATEWAY_LOG_LEVEL=${BENCH_LOG_LEVEL:-info}
 
 if [ "$CLUSTER_ONLY" = 1 ]; then
     cluster_vs_one_redis
@@ -235,13 +242,43 @@ NGINX_BYTES=$(curl -fsS -o /dev/null -w '%{size_download}' "$NGINX_URL")
 run_wrk() { # name url [header]
     local name=$1 url=$2
     shift 2
-    wrk -t2 -c"$CONNECTIONS" -d2s "$@" "$url" >/dev/null # warm-up
-    wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency "$@" "$url" >"$WORK/wrk-$name.txt"
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d2s "$@" "$url" >/dev/null # warm-up
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency "$@" "$url" >"$WORK/wrk-$name.txt"
     $DRIVER wrk "$WORK/wrk-$name.txt"
 }
-echo "==> wrk -t2 -c$CONNECTIONS -d${DURATION}s: cached GET …/token ($BODY_BYTES bytes) vs nginx static file ($NGINX_BYTES bytes)"
-GW=$(run_wrk gateway "$TOKEN_URL" -H "$AUTH")
+echo "==> wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s: nginx static file ($NGINX_BYTES bytes), GET /health/live, cached GET …/token ($BODY_BYTES bytes)"
 NG=$(run_wrk nginx "$NGINX_URL")
+HL=$(run_wrk health "http://127.0.0.1:$GATEWAY_PORT/health/live")
+GW=$(run_wrk gateway "$TOKEN_URL" -H "$AUTH")
+GW="$GW" NG="$NG" HL="$HL" CONNECTIONS="$CONNECTIONS" THREADS="$THREADS" LEVEL="$TOKEN_GATEWAY_LOG_LEVEL" \
+    AUDIT_LINES="$(grep -c token_handed_out "$WORK/gateway.log" || true)" python3 - <<'PY'
+import json, os
+gw, ng, hl = (json.loads(os.environ[k]) for k in ("GW", "NG", "HL"))
+def verdict(ok): return "met" if ok else "NOT MET"
+print()
+print(f"hot path: wrk -t{os.environ['THREADS']} -c{os.environ['CONNECTIONS']}, gateway at log level {os.environ['LEVEL']}")
+print(f"| what | req/s | ratio to nginx | p50 | p99 | non-2xx |")
+print(f"|---|---|---|---|---|---|")
+for name, r in (("nginx, same bytes", ng), ("gateway `GET /health/live`", hl), ("gateway cached `GET …/token`", gw)):
+    print(f"| {name} | {r['rps']:.0f} | {r['rps'] / ng['rps']:.2f} | {r['p50_ms']:.2f} ms | {r['p99_ms']:.2f} ms | {r['non2xx']} |")
+print(f"cached token >= 0.6 x nginx and p99 <= 2 ms: {verdict(gw['rps'] / ng['rps'] >= 0.6 and gw['p99_ms'] <= 2)};"
+      f" /health/live >= 0.8 x nginx: {verdict(hl['rps'] / ng['rps'] >= 0.8)}")
+print(f"audit records written so far: {os.environ['AUDIT_LINES']}")
+PY
+if [ "${BENCH_STRACE:-0}" = 1 ]; then
+    # System calls per cached answer, counted by strace (which slows the gateway down a lot, so
+    # after the measured runs): 3 s of wrk with strace attached to the gateway.
+    ensure_packages strace
+    strace -f -c -e trace=write,writev,sendmsg,futex,epoll_wait -o "$WORK/strace.txt" -p "$GATEWAY_PID" 2>/dev/null &
+    STRACE_PID=$!
+    sleep 1
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d3s -H "$AUTH" "$TOKEN_URL" >"$WORK/wrk-strace.txt"
+    kill -INT "$STRACE_PID"; wait "$STRACE_PID" 2>/dev/null || true
+    requests=$(grep -Eo '^ *[0-9]+ requests' "$WORK/wrk-strace.txt" | grep -Eo '[0-9]+')
+    echo "system calls per cached answer under strace ($requests answers):"
+    awk -v n="$requests" '$NF ~ /^(write|writev|sendmsg|futex|epoll_wait)$/ { printf "  %-10s %.2f\n", $NF, $4 / n }' "$WORK/strace.txt"
+fi
+[ "$HOT_ONLY" = 1 ] && exit 0
 
 echo "==> cold path: $COLD_INSTALLATIONS installations x $COLD_CALLERS concurrent callers"
 COLD_SEQ=$($DRIVER cold --gateway "http://127.0.0.1:$GATEWAY_PORT" --emulator "http://127.0.0.1:$EMULATOR_PORT" \

@@ -27,6 +27,11 @@ public final class Gateway: Sendable {
     public let logger: Logger
     /// Audit records: every token handed out and every token received.
     public let audit: AuditLog
+    /// The buffer audit records pass through when they go to a standard stream; written by the
+    /// ``AuditFlushService`` among ``services(onServerRunning:onOperationsServerRunning:)``.
+    public let auditBuffer: AuditBuffer?
+    /// The body bytes of answers from the cache, per installation (``TokenAnswerBodies``).
+    let answerBodies = TokenAnswerBodies()
     public let replicaID: String
     /// Named-trigger calls (`POST …/invoke/{key}`): the signed HTTP call, the per-installation
     /// cap and the metrics.
@@ -42,23 +47,35 @@ public final class Gateway: Sendable {
     ///   - configuration: the validated settings.
     ///   - logger: the root logger; components derive their own labels' metadata from it.
     ///   - registry: the Prometheus registry `/metrics` exposes (a new one by default).
+    ///   - auditBufferCapacity: audit lines held at most before new ones are counted as dropped.
     public init(
         configuration: GatewayConfiguration, logger: Logger,
-        registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()
+        registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry(),
+        auditBufferCapacity: Int = AuditBuffer.defaultCapacity
     ) {
         self.configuration = configuration
         self.logger = logger
+        self.registry = registry
+        self.metrics = GatewayMetrics(factory: PrometheusMetricsFactory(registry: registry))
+        // Audit records written to a stream go through a bounded buffer that a background service
+        // writes (``AuditFlushService``), so no request waits on write(2).
         var auditHandler = logger.handler
+        var auditBuffer: AuditBuffer? = nil
         if var structured = auditHandler as? GatewayLogHandler {
             structured.label = AuditLog.label
+            if structured.sink.isStream {
+                let buffer = AuditBuffer(
+                    downstream: structured.sink, capacity: auditBufferCapacity, dropped: self.metrics.auditRecordsDropped)
+                structured.sink = .buffered(buffer)
+                auditBuffer = buffer
+            }
             auditHandler = structured
         }
+        self.auditBuffer = auditBuffer
         let handler = auditHandler
         var auditLogger = Logger(label: AuditLog.label, factory: { _ in handler })
         auditLogger.logLevel = .info
         self.audit = AuditLog(auditLogger: auditLogger)
-        self.registry = registry
-        self.metrics = GatewayMetrics(factory: PrometheusMetricsFactory(registry: registry))
         self.replicaID = "gw_" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
         var httpConfig = HTTPClient.Configuration()
         httpConfig.redirectConfiguration = .disallow
@@ -148,7 +165,10 @@ public final class Gateway: Sendable {
         onServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in },
         onOperationsServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in }
     ) -> [any Service] {
-        var services: [any Service] = [HTTPClientService(client: self.httpClient), self.redis, self.flow, self.heartbeat]
+        var services: [any Service] = []
+        // First, so it stops last: every audit record of the last requests is written.
+        if let auditBuffer = self.auditBuffer { services.append(AuditFlushService(buffer: auditBuffer)) }
+        services += [HTTPClientService(client: self.httpClient), self.redis, self.flow, self.heartbeat] as [any Service]
         if let operations = self.makeOperationsApplication(onServerRunning: onOperationsServerRunning) {
             services.append(operations)
         }

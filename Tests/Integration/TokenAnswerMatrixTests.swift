@@ -221,6 +221,18 @@ struct TokenAnswerMatrixTests {
         #expect(json["apiBaseUrl"] as? String == installation.apiBaseUrl, "\(what)", sourceLocation: sourceLocation)
         #expect(json["source"] as? String == source, "\(what)", sourceLocation: sourceLocation)
         #expect(answer.headers["cache-control"] == "no-store", "\(what)", sourceLocation: sourceLocation)
+        // Byte for byte what the general JSON writer makes of the same fields (answers from the
+        // cache are written once per token and reused).
+        if let expiry = TokenClaims.expiry(of: token), let tokenSource = TokenSource(rawValue: source) {
+            let slow = TokenAnswerBodies.slowBody(
+                installation: installation.id,
+                answer: TokenAnswer(
+                    token: AccessToken(value: token, expiresAt: expiry), source: tokenSource,
+                    apiBaseUrl: installation.apiBaseUrl))
+            #expect(answer.body == slow, "\(what)", sourceLocation: sourceLocation)
+        } else {
+            Issue.record("\(what): no expiry in the token or an unknown source \(source)", sourceLocation: sourceLocation)
+        }
     }
 }
 

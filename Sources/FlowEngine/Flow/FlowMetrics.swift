@@ -4,6 +4,9 @@ import Metrics
 public struct FlowMetrics: Sendable {
     let factory: any MetricsFactory
     let tokenRequests: [String: Counter]
+    /// The `outcome="success"` counters of ``tokenRequests`` by source, resolved once (the answer
+    /// path counts without building a key).
+    let tokenRequestSuccesses: [Counter?]
     let triggerAttempts: [String: Counter]
     public let triggerRetries: Counter
     public let roundTrip: Metrics.Timer
@@ -31,6 +34,7 @@ public struct FlowMetrics: Sendable {
             }
         }
         self.tokenRequests = requests
+        self.tokenRequestSuccesses = [TokenSource.cache, .trigger, .push].map { requests["\($0.rawValue)|success"] }
         var attempts: [String: Counter] = [:]
         for outcome in ["success", "http_error", "transport_error", "timeout", "no_delivery"] {
             attempts[outcome] = Counter(
@@ -77,6 +81,16 @@ public struct FlowMetrics: Sendable {
 
     /// Counts one answered token request.
     public func countTokenRequest(source: TokenSource?, outcome: String) {
+        if outcome == "success", let source {
+            let index: Int
+            switch source {
+            case .cache: index = 0
+            case .trigger: index = 1
+            case .push: index = 2
+            }
+            self.tokenRequestSuccesses[index]?.increment()
+            return
+        }
         self.tokenRequests["\(source?.rawValue ?? "none")|\(outcome)"]?.increment()
     }
 

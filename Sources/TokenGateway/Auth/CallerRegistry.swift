@@ -1,6 +1,7 @@
 import Crypto
 import FlowEngine
 import Foundation
+import Synchronization
 
 /// A setting that is present but unusable. The message names the setting and the problem and
 /// never contains a secret the setting carries.
@@ -140,7 +141,8 @@ public struct Caller: Sendable, Hashable, CustomStringConvertible {
 /// The configured callers (`TOKEN_GATEWAY_CALLERS`) and their authentication.
 ///
 /// Only SHA-256 digests of caller secrets are kept; presented secrets are hashed and compared
-/// with every caller's digest in constant time.
+/// with every caller's digest in constant time. A secret that matched is remembered by a keyed
+/// tag only (``VerifiedCredentials``), so a caller's repeated requests skip the hash.
 public struct CallerRegistry: Sendable {
     /// Shortest `secret` accepted in a caller's entry.
     public static let minimumSecretLength = 16
@@ -154,6 +156,8 @@ public struct CallerRegistry: Sendable {
     }
 
     private let entries: [Entry]
+    /// Secrets that authenticated already, by keyed tag (``VerifiedCredentials``).
+    private let verified = VerifiedCredentials()
 
     /// Parses the JSON array
     /// `[{"name": "…", "secret": "…" | "secretSha256": "<hex>", "installations": […], "clientKeys": […]}]`.
@@ -274,17 +278,24 @@ public struct CallerRegistry: Sendable {
 
     /// The caller whose secret is presented as `Authorization: Bearer <secret>`, or nil.
     ///
-    /// The scheme is matched case-insensitively. The presented secret is hashed and its digest
-    /// compared with every caller's in constant time, without stopping at a match.
+    /// The scheme is matched case-insensitively. A secret that matched before is found by its
+    /// keyed tag; any other is hashed and its digest compared with every caller's in constant
+    /// time, without stopping at a match.
     public func authenticate(authorization: String?) -> Caller? {
         guard let authorization, let secret = Self.bearerCredential(authorization) else { return nil }
+        // A secret that authenticated before is known by its keyed tag; any other goes through
+        // the digest comparison (and is remembered when it matches).
+        let tag = self.verified.tag(secret)
+        if let index = self.verified.caller(for: tag) { return self.entries[index].caller }
         let digest = Array(SHA256.hash(data: Array(secret.utf8)))
-        var match: Caller?
-        for entry in self.entries {
+        var match: Int?
+        for (index, entry) in self.entries.enumerated() {
             let equal = Self.constantTimeEqual(entry.digest, digest)
-            if equal, match == nil { match = entry.caller }
+            if equal, match == nil { match = index }
         }
-        return match
+        guard let match else { return nil }
+        self.verified.remember(tag, caller: match)
+        return self.entries[match].caller
     }
 
     /// The caller named `name` if `secret` is its secret (OAuth client authentication), or nil.
@@ -423,4 +434,60 @@ extension CallerRegistry: CustomStringConvertible {
     public var description: String {
         "CallerRegistry(\(self.entries.map(\.caller.name).joined(separator: ", ")))"
     }
+}
+
+/// Secrets that authenticated already, so a caller's repeated requests skip SHA-256: a bounded
+/// map from a 128-bit keyed tag of the presented secret to the caller.
+///
+/// The tag is SipHash (Swift's `Hasher`) over a 128-bit random salt drawn for this process and the
+/// secret, twice with independent salts; neither the secret nor an unkeyed hash of it is kept, so
+/// the map reveals nothing about a secret, and an attacker who cannot read the salts cannot make
+/// a wrong secret's tag equal a remembered one. Only secrets whose SHA-256 matched a caller's
+/// digest are entered, so a wrong secret always takes the constant-time digest comparison.
+final class VerifiedCredentials: Sendable {
+    struct Tag: Hashable, Sendable {
+        let high: Int
+        let low: Int
+    }
+
+    /// Tags kept at most; when full, the map is emptied and refilled by the next requests.
+    static let capacity = 1024
+
+    private let salts: (UInt64, UInt64, UInt64, UInt64)
+    private let tags = Mutex<[Tag: Int]>([:])
+
+    init() {
+        var generator = SystemRandomNumberGenerator()
+        self.salts = (generator.next(), generator.next(), generator.next(), generator.next())
+    }
+
+    func tag(_ secret: String) -> Tag {
+        var high = Hasher()
+        high.combine(self.salts.0)
+        high.combine(self.salts.1)
+        var low = Hasher()
+        low.combine(self.salts.2)
+        low.combine(self.salts.3)
+        var secret = secret
+        secret.withUTF8 { bytes in
+            high.combine(bytes: UnsafeRawBufferPointer(bytes))
+            low.combine(bytes: UnsafeRawBufferPointer(bytes))
+        }
+        return Tag(high: high.finalize(), low: low.finalize())
+    }
+
+    /// The index of the caller a remembered tag belongs to.
+    func caller(for tag: Tag) -> Int? {
+        self.tags.withLock { $0[tag] }
+    }
+
+    func remember(_ tag: Tag, caller: Int) {
+        self.tags.withLock { tags in
+            if tags.count >= Self.capacity { tags.removeAll(keepingCapacity: true) }
+            tags[tag] = caller
+        }
+    }
+
+    /// Tags remembered (for tests).
+    var count: Int { self.tags.withLock { $0.count } }
 }

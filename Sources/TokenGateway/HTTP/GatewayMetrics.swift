@@ -18,6 +18,9 @@ public final class GatewayMetrics: Sendable {
     /// `token_gateway_undecryptable_secrets_total{kind}`: stored secrets no key of the ring opens
     /// (a key removed too early, or a value copied under another key), by kind.
     let undecryptableSecrets: [String: Counter]
+    /// `token_gateway_audit_records_dropped_total`: audit records dropped because the audit
+    /// buffer was full (``AuditBuffer``).
+    public let auditRecordsDropped: Counter
 
     public init(factory: any MetricsFactory) {
         self.factory = factory
@@ -30,6 +33,7 @@ public final class GatewayMetrics: Sendable {
                         factory: factory)
                 )
             })
+        self.auditRecordsDropped = Counter(label: "token_gateway_audit_records_dropped_total", factory: factory)
         self.flow = FlowMetrics(factory: factory)
         self.userExchanges = UserExchangeMetrics(factory: factory)
         self.flow.circuitsOpen.set(0)

@@ -22,7 +22,7 @@ public struct GatewayLogHandler: LogHandler {
     public var metadataProvider: Logger.MetadataProvider?
     var label: String
     let format: LogFormat
-    let sink: LogSink
+    var sink: LogSink
 
     public init(label: String, format: LogFormat, level: Logger.Level, sink: LogSink = .standardError) {
         self.label = label
@@ -193,7 +193,11 @@ public struct GatewayLogHandler: LogHandler {
 
 /// Where log lines go: a standard stream, or memory (for tests that inspect what was logged).
 public final class LogSink: Sendable {
-    enum Target { case standardError, standardOutput, memory }
+    enum Target {
+        case standardError, standardOutput, memory
+        /// Lines go to an ``AuditBuffer``, which a background service writes to its own sink.
+        case buffered(AuditBuffer)
+    }
     let target: Target
     let lines = Mutex<[String]>([])
     let lock = Mutex(())
@@ -205,6 +209,18 @@ public final class LogSink: Sendable {
     /// A sink that keeps every line in memory.
     public static func memory() -> LogSink { LogSink(.memory) }
 
+    /// A sink that hands lines to `buffer` (written by ``AuditFlushService``), so a request never
+    /// waits on `write(2)`.
+    public static func buffered(_ buffer: AuditBuffer) -> LogSink { LogSink(.buffered(buffer)) }
+
+    /// Whether lines go to a standard stream (a system call per write).
+    var isStream: Bool {
+        switch self.target {
+        case .standardError, .standardOutput: return true
+        case .memory, .buffered: return false
+        }
+    }
+
     /// Every line written to a memory sink.
     public var captured: [String] { self.lines.withLock { $0 } }
 
@@ -213,6 +229,21 @@ public final class LogSink: Sendable {
         case .memory: self.lines.withLock { $0.append(line) }
         case .standardError: self.lock.withLock { _ in Self.writeAll(line, to: STDERR_FILENO) }
         case .standardOutput: self.lock.withLock { _ in Self.writeAll(line, to: STDOUT_FILENO) }
+        case .buffered(let buffer): buffer.append(line)
+        }
+    }
+
+    /// Writes several lines at once: one `write(2)` for a stream.
+    func write(batch lines: [String]) {
+        guard !lines.isEmpty else { return }
+        switch self.target {
+        case .memory: self.lines.withLock { $0.append(contentsOf: lines) }
+        case .standardError, .standardOutput:
+            var joined = ""
+            joined.reserveCapacity(lines.reduce(0) { $0 + $1.utf8.count })
+            for line in lines { joined += line }
+            self.write(joined)
+        case .buffered(let buffer): for line in lines { buffer.append(line) }
         }
     }
 

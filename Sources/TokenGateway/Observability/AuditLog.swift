@@ -42,10 +42,22 @@ public struct AuditLog: Sendable {
         caller: String, installation: InstallationID, source: String, expiresAt: Int64, token: String,
         accountId: String? = nil, via: String = "api"
     ) {
+        self.tokenHandedOut(
+            caller: caller, installation: installation, source: source,
+            expiresAt: RFC3339.string(unixSeconds: expiresAt), fingerprint: Self.fingerprint(token),
+            accountId: accountId, via: via)
+    }
+
+    /// A token was handed to a caller, with its expiry (RFC 3339) and ``fingerprint(_:)`` made
+    /// already.
+    func tokenHandedOut(
+        caller: String, installation: InstallationID, source: String, expiresAt: String, fingerprint: String,
+        accountId: String?, via: String
+    ) {
         var metadata: Logger.Metadata = [
             "audit.event": "token_handed_out", "caller": "\(caller)", "installation.id": "\(installation)",
-            "token.source": "\(source)", "token.expires_at": "\(RFC3339.string(unixSeconds: expiresAt))",
-            "token.fingerprint": "\(Self.fingerprint(token))", "audit.via": "\(via)",
+            "token.source": "\(source)", "token.expires_at": "\(expiresAt)",
+            "token.fingerprint": "\(fingerprint)", "audit.via": "\(via)",
         ]
         if let accountId { metadata["account.id"] = "\(accountId)" }
         self.logger.info("token handed out", metadata: metadata)

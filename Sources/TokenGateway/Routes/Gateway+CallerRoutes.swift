@@ -109,18 +109,13 @@ extension Gateway {
         } catch {
             throw GatewayError(error)
         }
+        // The body bytes and the token's fingerprint of a repeated answer from the cache are
+        // made once and reused.
+        let prepared = self.answerBodies.prepared(installation: id, answer: answer)
         self.audit.tokenHandedOut(
-            caller: caller.name, installation: id, source: answer.source.rawValue, expiresAt: answer.token.expiresAt,
-            token: answer.token.value)
-        return Self.json(
-            .object([
-                ("installationId", .string(id.ari)),
-                ("tokenType", "Bearer"),
-                ("accessToken", .string(answer.token.value)),
-                ("expiresAt", .string(RFC3339.string(unixSeconds: answer.token.expiresAt))),
-                ("apiBaseUrl", .optional(answer.apiBaseUrl)),
-                ("source", .string(answer.source.rawValue)),
-            ]), noStore: true)
+            caller: caller.name, installation: id, source: answer.source.rawValue, expiresAt: prepared.expiresAt,
+            fingerprint: prepared.fingerprint, accountId: nil, via: "api")
+        return Response(status: .ok, headers: TokenAnswerBodies.headers, body: .init(byteBuffer: prepared.body))
     }
 
     static func metadata(_ r: InstallationRecord) -> JSONValue {

@@ -1,6 +1,7 @@
 import FlowEngine
 import Hummingbird
 import NIOCore
+import Tracing
 
 extension Gateway {
     /// The routes of contract §2, §3 and §6, wrapped in the observability and error middleware.
@@ -8,8 +9,10 @@ extension Gateway {
         let router = Router(context: BasicRequestContext.self)
         router.add(middleware: ObservabilityMiddleware(metrics: self.metrics, logger: self.logger))
         // One span per request; the context of an incoming trace (traceparent, b3, …) is
-        // extracted by whatever instrument the operator bootstraps (OpenTelemetry, for example).
-        router.add(middleware: TracingMiddleware())
+        // extracted by whatever instrument the operator bootstraps (OpenTelemetry, for example)
+        // before the router is made. Without one the middleware is left out: it would cost a
+        // span per request and split every answer into three writes (head, body, end).
+        if Self.tracingBootstrapped { router.add(middleware: TracingMiddleware()) }
         let separateOperations = self.configuration.operationsListener != nil
         let known = separateOperations ? Self.knownRoutes.filter { !Self.isOperationsRoute($0.segments) } : Self.knownRoutes
         router.add(middleware: ErrorMiddleware(knownRoutes: known, logger: self.logger))
@@ -77,6 +80,12 @@ extension Gateway {
         (["status"], [.get]),
         (["status", "installations", ":id"], [.get]),
     ]
+
+    /// Whether an instrument other than the no-op one is bootstrapped (`InstrumentationSystem`).
+    static var tracingBootstrapped: Bool {
+        let instrument = InstrumentationSystem.instrument
+        return !(instrument is NoOpTracer || instrument is NoOpInstrument)
+    }
 
     /// A JSON response.
     static func json(_ value: JSONValue, status: HTTPResponse.Status = .ok, noStore: Bool = false) -> Response {
