@@ -290,7 +290,7 @@ public struct CallerRegistry: Sendable {
         let digest = Array(SHA256.hash(data: Array(secret.utf8)))
         var match: Int?
         for (index, entry) in self.entries.enumerated() {
-            let equal = Self.constantTimeEqual(entry.digest, digest)
+            let equal = ConstantTime.equal(entry.digest, digest)
             if equal, match == nil { match = index }
         }
         guard let match else { return nil }
@@ -304,7 +304,7 @@ public struct CallerRegistry: Sendable {
         let digest = Array(SHA256.hash(data: Array(secret.utf8)))
         let entry = self.entries.first { $0.caller.name == name }
         let expected = entry?.digest ?? Self.unmatchableDigest
-        let equal = Self.constantTimeEqual(expected, digest)
+        let equal = ConstantTime.equal(expected, digest)
         guard equal, let entry else { return nil }
         return entry.caller
     }
@@ -353,15 +353,6 @@ public struct CallerRegistry: Sendable {
     /// Whether `byte` may belong to a character `trimmingCharacters(in: .whitespaces)` removes.
     private static func mayBeTrimmed(_ byte: UInt8) -> Bool {
         byte == UInt8(ascii: " ") || byte == UInt8(ascii: "\t") || byte >= 0x80
-    }
-
-    static func constantTimeEqual(_ lhs: [UInt8], _ rhs: [UInt8]) -> Bool {
-        guard lhs.count == rhs.count else { return false }
-        var difference: UInt8 = 0
-        for index in lhs.indices {
-            difference |= lhs[index] ^ rhs[index]
-        }
-        return difference == 0
     }
 
     /// The `limits` object: `refreshesPerMinute` and `userExchangesPerMinute`, integers 0–1,000,000,

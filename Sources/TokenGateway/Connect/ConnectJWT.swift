@@ -113,7 +113,7 @@ public enum ConnectJWT {
         let isContextQSH = qsh == Self.contextQSH
         if !isContextQSH {
             let expected = CanonicalRequest.qsh(method: method, url: url, basePath: basePath)
-            guard Self.constantTimeEqual(Array(qsh.utf8), Array(expected.utf8)) else { throw .qshMismatch }
+            guard ConstantTime.equal(Array(qsh.utf8), Array(expected.utf8)) else { throw .qshMismatch }
         }
         let context = jws.claims["context"].flatMap { value -> JSONValue? in
             if case .object = value { return value }
@@ -150,12 +150,5 @@ public enum ConnectJWT {
         let input = header + "." + Base64URL.encode(Array(claims.serialized().utf8))
         let mac = HMAC<SHA256>.authenticationCode(for: Array(input.utf8), using: SymmetricKey(data: secret))
         return input + "." + Base64URL.encode(Array(mac))
-    }
-
-    static func constantTimeEqual(_ lhs: [UInt8], _ rhs: [UInt8]) -> Bool {
-        guard lhs.count == rhs.count else { return false }
-        var difference: UInt8 = 0
-        for index in lhs.indices { difference |= lhs[index] ^ rhs[index] }
-        return difference == 0
     }
 }
