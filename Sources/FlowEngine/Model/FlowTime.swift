@@ -56,6 +56,12 @@ extension Duration {
     /// The duration in whole milliseconds (saturating).
     public var milliseconds: Int64 { self.nanoseconds / 1_000_000 }
 
+    /// The duration as an HTTP `Retry-After` value: whole seconds, rounded up, at least 1 (a
+    /// client told to retry after 0 s would retry at once).
+    public var retryAfterSeconds: Int {
+        max(1, Int((self.nanoseconds + 999_999_999) / 1_000_000_000))
+    }
+
     /// The duration as fractional seconds.
     public var seconds: Double { Double(self.nanoseconds) / 1e9 }
 }

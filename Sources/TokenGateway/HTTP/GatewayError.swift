@@ -72,7 +72,7 @@ public struct GatewayError: HTTPResponseError, Sendable, Hashable, CustomStringC
 
     /// The contract answer for a flow failure.
     public init(_ error: FlowError) {
-        let retry = error.retryAfter.map { max(1, Int(($0.nanoseconds + 999_999_999) / 1_000_000_000)) }
+        let retry = error.retryAfter.map(\.retryAfterSeconds)
         switch error.code {
         case .installationNotFound:
             self.init(status: .notFound, code: error.code.rawValue, message: "installation not found")

@@ -83,7 +83,7 @@ public struct OAuthError: Error, Sendable, Hashable, CustomStringConvertible {
     /// `no_trigger_url` (nothing changes until the installation registers a trigger or a token is
     /// pushed), 5 s for `trigger_failed` and 1 s otherwise.
     public init(_ error: FlowError) {
-        let hinted = error.retryAfter.map { Int(($0.components.seconds) + ($0.components.attoseconds > 0 ? 1 : 0)) }
+        let hinted = error.retryAfter.map(\.retryAfterSeconds)
         switch error.code {
         case .installationNotFound, .installationUninstalled:
             self = .invalidTarget

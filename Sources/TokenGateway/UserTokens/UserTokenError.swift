@@ -80,7 +80,7 @@ extension GatewayError {
             self.init(flow)
             return
         }
-        let retry = error.retryAfter.map { max(1, Int(($0.nanoseconds + 999_999_999) / 1_000_000_000)) }
+        let retry = error.retryAfter.map(\.retryAfterSeconds)
         switch error.errorCode {
         case "user_token_denied":
             self.init(
