@@ -8,49 +8,6 @@ import Testing
 
 @testable import TokenGateway
 
-/// A TCP listener on a loopback port that accepts connections and never answers them until it is
-/// stopped: a trigger (or any upstream) whose call can only end by the caller's own timeout.
-final class HoldingServer: Sendable {
-    let channel: any Channel
-    private let held: Held
-
-    final class Held: Sendable {
-        let count = Atomic<Int>(0)
-        let channels = Mutex<[any Channel]>([])
-    }
-
-    var port: Int { self.channel.localAddress?.port ?? 0 }
-    /// `http://127.0.0.1:<port>`.
-    var baseURL: String { "http://127.0.0.1:\(self.port)" }
-    /// Connections accepted so far.
-    var connections: Int { self.held.count.load(ordering: .relaxed) }
-
-    private init(channel: any Channel, held: Held) {
-        self.channel = channel
-        self.held = held
-    }
-
-    static func start() async throws -> HoldingServer {
-        let held = Held()
-        let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelInitializer { child in
-                held.count.add(1, ordering: .relaxed)
-                held.channels.withLock { $0.append(child) }
-                return child.eventLoop.makeSucceededVoidFuture()
-            }
-            .bind(host: "127.0.0.1", port: 0)
-            .get()
-        return HoldingServer(channel: channel, held: held)
-    }
-
-    /// Closes every held connection (their callers see the connection end) and the listener.
-    func stop() async {
-        for child in self.held.channels.withLock({ $0 }) { try? await child.close() }
-        try? await self.channel.close()
-    }
-}
-
 /// Waits for events with a deadline (never a fixed sleep standing in for an event).
 enum Events {
     /// Checks `condition` every 10 ms until it holds or `deadline` passes; returns whether it held.

@@ -87,42 +87,60 @@ extension RedisValue {
     }
 }
 
-/// A TCP listener on a loopback port that counts the connections it accepts and closes each at
-/// once: proof that nothing contacted it (or that something did).
-final class ConnectionRecorder: Sendable {
+/// A TCP listener on a loopback port that counts the connections it accepts and either closes each
+/// at once (proof that something did or did not contact it) or holds each open, never answering,
+/// until it is stopped (an upstream whose call can only end by the caller's own timeout).
+final class LoopbackListener: Sendable {
     let channel: any Channel
-    private let counter: Counter
+    private let accepted: Accepted
 
-    final class Counter: Sendable {
+    final class Accepted: Sendable {
         let count = Atomic<Int>(0)
+        let held = Mutex<[any Channel]>([])
     }
 
     var port: Int { self.channel.localAddress?.port ?? 0 }
-    var connections: Int { self.counter.count.load(ordering: .relaxed) }
+    /// Connections accepted so far.
+    var connections: Int { self.accepted.count.load(ordering: .relaxed) }
     /// `http://127.0.0.1:<port>`.
     var baseURL: String { "http://127.0.0.1:\(self.port)" }
 
-    private init(channel: any Channel, counter: Counter) {
+    private init(channel: any Channel, accepted: Accepted) {
         self.channel = channel
-        self.counter = counter
+        self.accepted = accepted
     }
 
-    static func start() async throws -> ConnectionRecorder {
-        let counter = Counter()
+    /// - Parameter holding: hold every connection open (true) or close each at once (false).
+    static func start(holding: Bool) async throws -> LoopbackListener {
+        let accepted = Accepted()
         let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { child in
-                counter.count.add(1, ordering: .relaxed)
-                return child.close()
+                accepted.count.add(1, ordering: .relaxed)
+                guard holding else { return child.close() }
+                accepted.held.withLock { $0.append(child) }
+                return child.eventLoop.makeSucceededVoidFuture()
             }
             .bind(host: "127.0.0.1", port: 0)
             .get()
-        return ConnectionRecorder(channel: channel, counter: counter)
+        return LoopbackListener(channel: channel, accepted: accepted)
     }
 
+    /// Closes every held connection (their callers see the connection end) and the listener.
     func stop() async {
+        for child in self.accepted.held.withLock({ $0 }) { try? await child.close() }
         try? await self.channel.close()
     }
+}
+
+/// A listener that closes every connection at once and counts them.
+enum ConnectionRecorder {
+    static func start() async throws -> LoopbackListener { try await LoopbackListener.start(holding: false) }
+}
+
+/// A listener that holds every connection open, never answering, until it is stopped.
+enum HoldingServer {
+    static func start() async throws -> LoopbackListener { try await LoopbackListener.start(holding: true) }
 }
 
 /// Sends raw bytes to a loopback port and collects everything the server answers until it closes
