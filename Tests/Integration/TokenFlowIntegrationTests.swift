@@ -24,6 +24,12 @@ struct TokenFlowIntegrationTests {
             #expect(json["accessToken"] as? String == stored?.value)
             #expect(ReplicaHarness.installationOf(token: json["accessToken"] as? String ?? "") == installation.id)
             #expect(answer.headers["cache-control"] == "no-store")
+            // The caller is answered once the delivery is stored, which can come before the emulator
+            // has recorded its own answer to the trigger call: wait for that record.
+            let answered = try await Events.wait(within: .seconds(10)) {
+                h.emulator.triggerRecords(for: installation).first?.answeredStatus != nil
+            }
+            #expect(answered)
             let records = h.emulator.triggerRecords(for: installation)
             #expect(records.count == 1)
             #expect(records.first?.signatureValid == true)
