@@ -37,6 +37,9 @@ let package = Package(
             pkgConfig: "hiredis",
             providers: [.apt(["libhiredis-dev"])]
         ),
+        // base64url as the contract writes it; shared by the gateway and the emulator, which must not
+        // depend on the gateway it stands in front of.
+        .target(name: "Base64URLCoding", swiftSettings: swiftSettings),
         .target(
             name: "RedisKit",
             dependencies: [
@@ -67,6 +70,7 @@ let package = Package(
         .target(
             name: "TokenGateway",
             dependencies: [
+                "Base64URLCoding",
                 "FlowEngine",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
@@ -90,6 +94,7 @@ let package = Package(
         .target(
             name: "ForgeEmulator",
             dependencies: [
+                "Base64URLCoding",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "JWTKit", package: "jwt-kit"),
@@ -119,6 +124,7 @@ let package = Package(
         .testTarget(
             name: "Unit",
             dependencies: [
+                "Base64URLCoding",
                 "RedisKit",
                 "FlowEngine",
                 "TokenGateway",

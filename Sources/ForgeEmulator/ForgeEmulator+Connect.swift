@@ -1,3 +1,4 @@
+import Base64URLCoding
 import Crypto
 import Foundation
 import HTTPTypes
@@ -266,8 +267,8 @@ extension ForgeEmulator {
         }
         let header = EmulatorJWTHeader(alg: algorithmName, kid: options.kid ?? currentKid, typ: "JWT")
         let input =
-            EmulatorBase64URL.encode(try JSONEncoder.emulator.encode(header)) + "."
-            + EmulatorBase64URL.encode(Data(JWTClaimValue.object(claims).json.utf8))
+            Base64URL.encode(try JSONEncoder.emulator.encode(header)) + "."
+            + Base64URL.encode(Data(JWTClaimValue.object(claims).json.utf8))
         let signature: Data
         switch options.algorithm {
         case .rs256:
@@ -279,7 +280,7 @@ extension ForgeEmulator {
             let secret = SymmetricKey(data: Data(key.publicKey.pemRepresentation.utf8))
             signature = Data(HMAC<SHA256>.authenticationCode(for: Data(input.utf8), using: secret))
         }
-        return input + "." + EmulatorBase64URL.encode(signature)
+        return input + "." + Base64URL.encode(signature)
     }
 
     /// Mints the HS256 JWT the product puts on a request to the app: `iss` = `clientKey`, `sub` =
@@ -314,17 +315,17 @@ extension ForgeEmulator {
         if let context = options.contextJSON { claims.append(("context", .raw(context))) }
         let header = #"{"alg":"\#(options.algorithmName)","typ":"JWT"}"#
         let input =
-            EmulatorBase64URL.encode(Data(header.utf8)) + "."
-            + EmulatorBase64URL.encode(Data(JWTClaimValue.object(claims).json.utf8))
+            Base64URL.encode(Data(header.utf8)) + "."
+            + Base64URL.encode(Data(JWTClaimValue.object(claims).json.utf8))
         let secret = SymmetricKey(data: Data((options.secret ?? current.sharedSecret).utf8))
         let mac = HMAC<SHA256>.authenticationCode(for: Data(input.utf8), using: secret)
-        return input + "." + EmulatorBase64URL.encode(Data(mac))
+        return input + "." + Base64URL.encode(Data(mac))
     }
 
     // MARK: Internals
 
     static func newSharedSecret() -> String {
-        EmulatorBase64URL.encode(SymmetricKey(size: .bits256).withUnsafeBytes { Data($0) })
+        Base64URL.encode(SymmetricKey(size: .bits256).withUnsafeBytes { Data($0) })
     }
 
     /// The current install key, generated on first use (outside the lock).

@@ -1,3 +1,4 @@
+import Base64URLCoding
 import Crypto
 import Foundation
 import HTTPTypes
@@ -405,7 +406,7 @@ extension ForgeEmulator {
         -> String
     {
         guard let expiresAt else {
-            return "utk_" + EmulatorBase64URL.encode(SymmetricKey(size: .bits256).withUnsafeBytes { Data($0) })
+            return "utk_" + Base64URL.encode(SymmetricKey(size: .bits256).withUnsafeBytes { Data($0) })
         }
         let now = Date()
         let claims = UserTokenClaims(
@@ -414,10 +415,10 @@ extension ForgeEmulator {
             context: installation.siteARI)
         let encoder = JSONEncoder.emulator
         let signingInput =
-            EmulatorBase64URL.encode(try encoder.encode(EmulatorJWTHeader(alg: "HS256", kid: nil, typ: "JWT"))) + "."
-            + EmulatorBase64URL.encode(try encoder.encode(claims))
+            Base64URL.encode(try encoder.encode(EmulatorJWTHeader(alg: "HS256", kid: nil, typ: "JWT"))) + "."
+            + Base64URL.encode(try encoder.encode(claims))
         let mac = HMAC<SHA256>.authenticationCode(for: Data(signingInput.utf8), using: self.keys.accessTokenKey)
-        return signingInput + "." + EmulatorBase64URL.encode(Data(mac))
+        return signingInput + "." + Base64URL.encode(Data(mac))
     }
 
     /// The installation whose site ARI (or `ari:cloud:<product>:<cloudId>:workspace/…` form) is
@@ -437,12 +438,12 @@ extension ForgeEmulator {
         }
         let token = authorization.dropFirst(7).trimmingCharacters(in: .whitespaces)
         let parts = token.split(separator: ".", omittingEmptySubsequences: false)
-        guard parts.count == 3, let signature = EmulatorBase64URL.decode(parts[2]),
-            let headerData = EmulatorBase64URL.decode(parts[0]),
+        guard parts.count == 3, let signature = Base64URL.decode(parts[2]),
+            let headerData = Base64URL.decode(parts[0]).map({ Data($0) }),
             let header = try? JSONDecoder().decode(EmulatorJWTHeader.self, from: headerData), header.alg == "HS256",
             HMAC<SHA256>.isValidAuthenticationCode(
                 signature, authenticating: Data((parts[0] + "." + parts[1]).utf8), using: self.keys.accessTokenKey),
-            let payload = EmulatorBase64URL.decode(parts[1])
+            let payload = Base64URL.decode(parts[1]).map({ Data($0) })
         else { return nil }
         return try? JSONDecoder().decode(SystemTokenClaims.self, from: payload)
     }

@@ -1,3 +1,4 @@
+import Base64URLCoding
 import Crypto
 import Foundation
 
@@ -150,7 +151,7 @@ extension ForgeEmulator {
         }
         guard let decoded = try? JSONDecoder().decode(RegisterAnswerBody.self, from: Data(answer.body.utf8)),
             !decoded.triggerKeyId.isEmpty,
-            let rawKey = EmulatorBase64URL.decode(decoded.triggerPublicKey), rawKey.count == 32,
+            let rawKey = Base64URL.decode(decoded.triggerPublicKey), rawKey.count == 32,
             let publicKey = try? Curve25519.Signing.PublicKey(rawRepresentation: rawKey)
         else {
             throw ForgeEmulatorError.invalidRegistrationResponse

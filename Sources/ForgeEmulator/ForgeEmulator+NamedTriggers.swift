@@ -341,7 +341,7 @@ extension ForgeEmulator {
     static func namedAnswer(_ status: Int, _ object: [String: Any], retryAfter: Bool = false) -> Response {
         let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data("{}".utf8)
         var headers: HTTPFields = [.contentType: "application/json", .cacheControl: "no-store"]
-        headers[HTTPField.Name("X-Emulator-Internal")!] = "not-for-callers"
+        headers[.emulatorInternal] = "not-for-callers"
         if retryAfter { headers[.retryAfter] = "7" }
         return Response(
             status: HTTPResponse.Status(code: status), headers: headers,
@@ -362,8 +362,8 @@ extension ForgeEmulator {
             let triggerId = try context.parameters.require("triggerId")
             let body = try await request.body.collect(upTo: Self.maximumRequestBytes)
             return await self.answerNamedTrigger(
-                triggerId: triggerId, signatureHeader: request.headers[HTTPField.Name(TriggerSignature.headerName)!],
-                idempotencyKey: request.headers[HTTPField.Name("Idempotency-Key")!], body: Data(buffer: body))
+                triggerId: triggerId, signatureHeader: request.headers[.emulatorTriggerSignature],
+                idempotencyKey: request.headers[.emulatorIdempotencyKey], body: Data(buffer: body))
         }
 
         let admin = router.group("admin").add(middleware: LoopbackOnlyMiddleware())

@@ -140,7 +140,7 @@ extension ForgeEmulator {
         router.post("/x1/:triggerId") { request, context -> Response in
             let triggerId = try context.parameters.require("triggerId")
             let body = try await request.body.collect(upTo: Self.maximumRequestBytes)
-            let signatureHeader = request.headers[HTTPField.Name(TriggerSignature.headerName)!]
+            let signatureHeader = request.headers[.emulatorTriggerSignature]
             return await self.answerTrigger(
                 triggerId: triggerId,
                 signatureHeader: signatureHeader,

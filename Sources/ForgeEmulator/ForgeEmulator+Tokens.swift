@@ -1,3 +1,4 @@
+import Base64URLCoding
 import Crypto
 import Foundation
 import _CryptoExtras
@@ -105,8 +106,8 @@ struct EmulatorKeys: Sendable, CustomStringConvertible {
             kid: self.keyId,
             use: "sig",
             alg: "RS256",
-            n: EmulatorBase64URL.encode(primitives.modulus),
-            e: EmulatorBase64URL.encode(primitives.publicExponent)
+            n: Base64URL.encode(primitives.modulus),
+            e: Base64URL.encode(primitives.publicExponent)
         )
         self.jwksDocument = try JSONEncoder.emulator.encode(JWKSDocument(keys: [jwk]))
     }
@@ -257,8 +258,8 @@ extension ForgeEmulator {
             }
         let header = EmulatorJWTHeader(alg: algorithmName, kid: options.kid ?? self.keys.keyId, typ: "JWT")
         let encoder = JSONEncoder.emulator
-        let encodedHeader = EmulatorBase64URL.encode(try encoder.encode(header))
-        var encodedPayload = EmulatorBase64URL.encode(try encoder.encode(claims))
+        let encodedHeader = Base64URL.encode(try encoder.encode(header))
+        var encodedPayload = Base64URL.encode(try encoder.encode(claims))
         let signingInput = encodedHeader + "." + encodedPayload
 
         let signature: Data
@@ -277,9 +278,9 @@ extension ForgeEmulator {
             let otherInstallation = "ari:cloud:ecosystem::installation/" + UUID().uuidString.lowercased()
             claims.app.installationId = otherInstallation
             claims.app.installation.id = otherInstallation
-            encodedPayload = EmulatorBase64URL.encode(try encoder.encode(claims))
+            encodedPayload = Base64URL.encode(try encoder.encode(claims))
         }
-        return encodedHeader + "." + encodedPayload + "." + EmulatorBase64URL.encode(signature)
+        return encodedHeader + "." + encodedPayload + "." + Base64URL.encode(signature)
     }
 
     /// Mints an app system access token: a JWT (HS256 with a key of the emulator's) whose `exp` is
@@ -302,16 +303,16 @@ extension ForgeEmulator {
             installationId: installation.id
         )
         let encoder = JSONEncoder.emulator
-        let encodedHeader = EmulatorBase64URL.encode(try encoder.encode(EmulatorJWTHeader(alg: "HS256", kid: nil, typ: "JWT")))
+        let encodedHeader = Base64URL.encode(try encoder.encode(EmulatorJWTHeader(alg: "HS256", kid: nil, typ: "JWT")))
         // header.payload.signature: the HS256 signature is 43 characters of base64url.
-        let unpadded = encodedHeader.utf8.count + 1 + EmulatorBase64URL.encode(try encoder.encode(claims)).utf8.count + 44
+        let unpadded = encodedHeader.utf8.count + 1 + Base64URL.encode(try encoder.encode(claims)).utf8.count + 44
         if minimumLength > unpadded {
             // Each 3 bytes of JSON become 4 of base64url; `,"padding":""` adds 14 bytes of JSON.
             claims.padding = String(repeating: "x", count: max(0, (minimumLength - unpadded) * 3 / 4 - 14))
         }
-        let signingInput = encodedHeader + "." + EmulatorBase64URL.encode(try encoder.encode(claims))
+        let signingInput = encodedHeader + "." + Base64URL.encode(try encoder.encode(claims))
         let mac = HMAC<SHA256>.authenticationCode(for: Data(signingInput.utf8), using: self.keys.accessTokenKey)
-        return signingInput + "." + EmulatorBase64URL.encode(Data(mac))
+        return signingInput + "." + Base64URL.encode(Data(mac))
     }
 
     static func unixSeconds(_ date: Date) -> Int {

@@ -1,4 +1,5 @@
 import AsyncHTTPClient
+import Base64URLCoding
 import Crypto
 import Foundation
 import Hummingbird
@@ -302,7 +303,7 @@ public final class ForgeEmulator: Sendable, Service {
     }
 
     static func randomTriggerId() -> String {
-        EmulatorBase64URL.encode(SymmetricKey(size: .bits128).withUnsafeBytes { Data($0) })
+        Base64URL.encode(SymmetricKey(size: .bits128).withUnsafeBytes { Data($0) })
     }
 
     static func randomHex(bytes count: Int) -> String {

@@ -1,3 +1,4 @@
+import Base64URLCoding
 import Crypto
 import Foundation
 
@@ -36,13 +37,13 @@ public struct TriggerSignature: Sendable, Hashable {
         let keyId = headerValue[headerValue.index(headerValue.startIndex, offsetBy: keyIdPrefix.count)..<separatorRange.lowerBound]
         let encodedSignature = headerValue[separatorRange.upperBound...]
         guard !keyId.isEmpty, keyId.allSatisfy(Self.isKeyIdCharacter) else { return nil }
-        guard let signature = EmulatorBase64URL.decode(encodedSignature), signature.count == 64 else { return nil }
+        guard let signature = Base64URL.decode(encodedSignature), signature.count == 64 else { return nil }
         self.init(keyId: String(keyId), signature: signature)
     }
 
     /// The header value for this signature, in the exact format the gateway writes.
     public var headerValue: String {
-        "keyId=\(self.keyId), signature=\(EmulatorBase64URL.encode(self.signature))"
+        "keyId=\(self.keyId), signature=\(Base64URL.encode(self.signature))"
     }
 
     /// Signs `body` with `privateKey` the way the gateway does (for tests that play the gateway's

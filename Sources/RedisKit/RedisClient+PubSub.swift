@@ -204,8 +204,8 @@ extension RedisClient {
             guard !Task.isCancelled, !subscription.isTerminated else {
                 return
             }
-            let delay = RedisBackoff.delay(
-                afterFailures: max(failures, 1),
+            let delay = Backoff.delay(
+                attempt: max(failures, 1),
                 base: self.configuration.reconnectBackoffBase,
                 cap: self.configuration.reconnectBackoffCap,
                 jitter: Double.random(in: 0...1)

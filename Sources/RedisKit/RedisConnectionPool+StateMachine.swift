@@ -112,7 +112,7 @@ struct RedisPoolStateMachine<Connection: AnyObject> {
     /// A connect attempt failed: the slot backs off. Returns the number of consecutive failures and the
     /// instant before which the slot will not try again.
     ///
-    /// - Parameter jitter: a random number in `0...1` for ``RedisBackoff``.
+    /// - Parameter jitter: a random number in `0...1` for ``Backoff``.
     @discardableResult
     mutating func connectFailed(
         _ attempt: ConnectAttempt,
@@ -124,8 +124,8 @@ struct RedisPoolStateMachine<Connection: AnyObject> {
         }
         self.failures[attempt.slot] += 1
         let failures = self.failures[attempt.slot]
-        let delay = RedisBackoff.delay(
-            afterFailures: failures,
+        let delay = Backoff.delay(
+            attempt: failures,
             base: self.backoffBase,
             cap: self.backoffCap,
             jitter: jitter

@@ -1,4 +1,5 @@
 import AsyncHTTPClient
+import Base64URLCoding
 import Crypto
 import Foundation
 import HTTPTypes
@@ -143,7 +144,7 @@ private final class FakeGateway: Sendable {
             let object = try JSONSerialization.jsonObject(with: Data(buffer: body)) as? [String: Any]
             guard let url = object?["authTriggerUrl"] as? String else { return Self.json(.badRequest, "{}") }
             self.state.withLock { $0.registeredURLs.append(url) }
-            let publicKey = EmulatorBase64URL.encode(self.signingKey.publicKey.rawRepresentation)
+            let publicKey = Base64URL.encode(self.signingKey.publicKey.rawRepresentation)
             return Self.json(
                 .ok,
                 #"{"installationId":"\#(installationId)","triggerKeyId":"\#(self.keyId)","triggerPublicKey":"\#(publicKey)"}"#
@@ -249,7 +250,7 @@ private func callTrigger(
 }
 
 private func tokenExpiry(_ token: String) throws -> Int {
-    let payload = try #require(EmulatorBase64URL.decode(token.split(separator: ".")[1]))
+    let payload = Data(try #require(Base64URL.decode(token.split(separator: ".")[1])))
     let object = try #require(try JSONSerialization.jsonObject(with: payload) as? [String: Any])
     return try #require(object["exp"] as? Int)
 }
@@ -333,7 +334,7 @@ private func post(_ url: String, json: String? = nil) async throws -> (status: I
             let result = try await emulator.register(installation, authTriggerUrl: "https://elsewhere.example/x1/a")
             #expect(result.status == 200)
             #expect(result.triggerKeyId == gateway.keyId)
-            #expect(result.triggerPublicKey == EmulatorBase64URL.encode(gateway.signingKey.publicKey.rawRepresentation))
+            #expect(result.triggerPublicKey == Base64URL.encode(gateway.signingKey.publicKey.rawRepresentation))
             #expect(gateway.registeredURLs.last == "https://elsewhere.example/x1/a")
 
             try await emulator.upgrade(installation)

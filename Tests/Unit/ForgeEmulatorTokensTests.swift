@@ -1,3 +1,4 @@
+import Base64URLCoding
 import Crypto
 import Foundation
 import JWTKit
@@ -65,7 +66,7 @@ private struct AccessTokenTestClaims: Codable {
 /// Decodes one base64url JWT segment as JSON.
 private func jwtSegment<T: Decodable>(_ token: String, _ index: Int, as _: T.Type) throws -> T {
     let segments = token.split(separator: ".", omittingEmptySubsequences: false)
-    let data = try #require(EmulatorBase64URL.decode(segments[index]))
+    let data = Data(try #require(Base64URL.decode(segments[index])))
     return try JSONDecoder().decode(T.self, from: data)
 }
 
@@ -117,7 +118,7 @@ private struct HeaderFields: Codable {
         #expect(keys[0]["kid"] as? String == self.emulator.signingKeyId)
         #expect(keys[0]["e"] as? String == "AQAB")
         let encodedModulus = try #require(keys[0]["n"] as? String)
-        let modulus = try #require(EmulatorBase64URL.decode(encodedModulus))
+        let modulus = try #require(Base64URL.decode(encodedModulus))
         #expect(modulus.count == 256)
         #expect(!self.emulator.jwksJSON.contains("\"d\""))
     }
@@ -200,7 +201,7 @@ private struct HeaderFields: Codable {
             for: Data("\(segments[0]).\(segments[1])".utf8),
             using: SymmetricKey(data: Data(pem.utf8))
         )
-        #expect(EmulatorBase64URL.encode(Data(mac)) == String(segments[2]))
+        #expect(Base64URL.encode(Data(mac)) == String(segments[2]))
 
         await #expect(throws: (any Error).self) {
             try await self.verifier().verify(fit, as: FITTestClaims.self)
@@ -237,7 +238,7 @@ private struct HeaderFields: Codable {
         }
         // It is a real RS256 signature, by the other key.
         let segments = fit.split(separator: ".")
-        let signature = _RSA.Signing.RSASignature(rawRepresentation: try #require(EmulatorBase64URL.decode(segments[2])))
+        let signature = _RSA.Signing.RSASignature(rawRepresentation: try #require(Base64URL.decode(segments[2])))
         #expect(
             self.emulator.keys.unpublishedKey.publicKey.isValidSignature(
                 signature,

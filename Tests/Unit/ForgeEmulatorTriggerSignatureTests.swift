@@ -1,3 +1,4 @@
+import Base64URLCoding
 import Crypto
 import Foundation
 import Testing
@@ -6,7 +7,7 @@ import Testing
 
 @Suite struct ForgeEmulatorTriggerSignatureTests {
     let signature = Data((0..<64).map { UInt8($0) })
-    var encoded: String { EmulatorBase64URL.encode(self.signature) }
+    var encoded: String { Base64URL.encode(self.signature) }
 
     @Test func parsesTheExactFormat() throws {
         let parsed = try #require(TriggerSignature(headerValue: "keyId=tk_abc-123, signature=\(self.encoded)"))
@@ -46,7 +47,7 @@ import Testing
         #expect(standard.contains("+") || standard.contains("/"))
         let value = template
             .replacingOccurrences(of: "STD", with: standard)
-            .replacingOccurrences(of: "SHORT", with: EmulatorBase64URL.encode(Data(repeating: 1, count: 63)))
+            .replacingOccurrences(of: "SHORT", with: Base64URL.encode(Data(repeating: 1, count: 63)))
             .replacingOccurrences(of: "SIG", with: self.encoded)
         #expect(TriggerSignature(headerValue: value) == nil)
     }
@@ -64,15 +65,15 @@ import Testing
     @Test func base64URLRoundTripsAndRejectsOtherAlphabets() {
         for length in 0..<8 {
             let data = Data((0..<length).map { UInt8(truncatingIfNeeded: $0 &* 97 &+ 250) })
-            let encoded = EmulatorBase64URL.encode(data)
+            let encoded = Base64URL.encode(data)
             #expect(!encoded.contains("=") && !encoded.contains("+") && !encoded.contains("/"))
-            #expect(EmulatorBase64URL.decode(encoded) == data)
+            #expect(Base64URL.decode(encoded) == Array(data))
         }
-        #expect(EmulatorBase64URL.decode("a+b/") == nil)
-        #expect(EmulatorBase64URL.decode("abcde") == nil)
-        #expect(EmulatorBase64URL.decode("ab=c") == nil)
-        #expect(EmulatorBase64URL.decode("YQ==") == Data("a".utf8))
-        #expect(EmulatorBase64URL.decode("YQ") == Data("a".utf8))
+        #expect(Base64URL.decode("a+b/") == nil)
+        #expect(Base64URL.decode("abcde") == nil)
+        #expect(Base64URL.decode("ab=c") == nil)
+        #expect(Base64URL.decode("YQ==") == Array("a".utf8))
+        #expect(Base64URL.decode("YQ") == Array("a".utf8))
     }
 
     @Test func faultsRoundTripThroughTheAdminJSON() throws {

@@ -8,7 +8,6 @@ import Logging
 /// Also answers 405 for a known route called with the wrong method.
 struct ErrorMiddleware<Context: RequestContext>: RouterMiddleware {
     let knownRoutes: [(segments: [Substring], methods: [HTTPRequest.Method])]
-    let logger: Logger
 
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws
         -> Response
@@ -37,7 +36,7 @@ struct ErrorMiddleware<Context: RequestContext>: RouterMiddleware {
             case .unsupportedMediaType: mapped = .invalidRequest("unsupported content type")
             default:
                 if error.status.code >= 500 {
-                    self.logger.error("unexpected HTTP error", metadata: ["http.status": "\(error.status.code)"])
+                    context.logger.error("unexpected HTTP error", metadata: ["http.status": "\(error.status.code)"])
                     mapped = .internalError
                 } else {
                     mapped = GatewayError(status: error.status, code: "invalid_request", message: "request refused")
@@ -45,7 +44,7 @@ struct ErrorMiddleware<Context: RequestContext>: RouterMiddleware {
             }
             return try mapped.response(from: request, context: context)
         } catch {
-            self.logger.error(
+            context.logger.error(
                 "unhandled error", metadata: ["error.type": "\(type(of: error))", "http.path": "\(context.endpointPath ?? "-")"])
             return try GatewayError.internalError.response(from: request, context: context)
         }
@@ -62,11 +61,29 @@ struct ErrorMiddleware<Context: RequestContext>: RouterMiddleware {
     }
 }
 
+/// Gives every HTTP request an id: the `http.request_id` metadata of the request's logger
+/// (`context.logger`, which the routes log through) and the `X-Request-Id` header of its answer, so
+/// the log lines of an answer can be found. The id is Hummingbird's per-request id; an id the client
+/// sends is not used. (`request.id` stays the id of a trigger round trip, `rq_…`.)
+struct RequestIDMiddleware<Context: RequestContext>: RouterMiddleware {
+    static var metadataKey: String { "http.request_id" }
+
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws
+        -> Response
+    {
+        var context = context
+        let id = context.id
+        context.logger[metadataKey: Self.metadataKey] = .string(id)
+        var response = try await next(request, context)
+        response.headers[.requestID] = id
+        return response
+    }
+}
+
 /// Counts answers by route template and status, and logs each request at debug level with the
 /// Forge trace ids. Never logs headers.
 struct ObservabilityMiddleware<Context: RequestContext>: RouterMiddleware {
     let metrics: GatewayMetrics
-    let logger: Logger
 
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws
         -> Response
@@ -74,14 +91,14 @@ struct ObservabilityMiddleware<Context: RequestContext>: RouterMiddleware {
         let response = try await next(request, context)
         let route = context.endpointPath ?? "unmatched"
         self.metrics.countRequest(route: route, status: Int(response.status.code))
-        if self.logger.logLevel <= .debug {
+        if context.logger.logLevel <= .debug {
             var metadata: Logger.Metadata = [
                 "http.method": "\(request.method.rawValue)", "http.route": "\(route)",
                 "http.status": "\(response.status.code)",
             ]
-            if let trace = request.headers[HTTPField.Name("x-b3-traceid")!] { metadata["trace.id"] = "\(trace.prefix(64))" }
-            if let span = request.headers[HTTPField.Name("x-b3-spanid")!] { metadata["span.id"] = "\(span.prefix(64))" }
-            self.logger.debug("request", metadata: metadata)
+            if let trace = request.headers[.b3TraceID] { metadata["trace.id"] = "\(trace.prefix(64))" }
+            if let span = request.headers[.b3SpanID] { metadata["span.id"] = "\(span.prefix(64))" }
+            context.logger.debug("request", metadata: metadata)
         }
         return response
     }

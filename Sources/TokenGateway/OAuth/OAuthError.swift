@@ -122,7 +122,7 @@ public struct OAuthError: Error, Sendable, Hashable, CustomStringConvertible {
     /// `WWW-Authenticate: Basic realm="token-gateway"`.
     public var response: Response {
         var headers: HTTPFields = [
-            .contentType: "application/json", .cacheControl: "no-store", HTTPField.Name("Pragma")!: "no-cache",
+            .contentType: "application/json", .cacheControl: "no-store", .pragma: "no-cache",
         ]
         if let retryAfter { headers[.retryAfter] = String(retryAfter) }
         if self.status == .unauthorized { headers[.wwwAuthenticate] = "Basic realm=\"\(Self.realm)\"" }

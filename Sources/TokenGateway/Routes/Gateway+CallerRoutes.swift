@@ -83,7 +83,8 @@ extension Gateway {
         let caller = try self.authenticateCaller(request)
         let id = try self.installationParameter(context, caller: caller)
         let query = request.uri.queryParameters
-        var options = TokenFlow.Request(minValidity: 300, timeout: .seconds(10), forceRefresh: force)
+        var options = TokenFlow.Request(
+            minValidity: TokenRequestDefaults.minValidity, timeout: TokenRequestDefaults.timeout, forceRefresh: force)
         if let raw = query.get("minValidity") {
             guard let v = Int64(raw), (0...7200).contains(v) else {
                 throw GatewayError.invalidParameter("minValidity must be an integer number of seconds in 0…7200")

@@ -6,17 +6,17 @@ import Logging
 extension Gateway {
     /// The routes of contract §5. They answer 404 `not_found` while no Connect base URL is configured.
     func addConnectRoutes(to router: Router<BasicRequestContext>) {
-        router.post("/connect/installed") { request, _ in
-            try await self.connectLifecycle(request, event: .installed)
+        router.post("/connect/installed") { request, context in
+            try await self.connectLifecycle(request, event: .installed, logger: context.logger)
         }
-        router.post("/connect/uninstalled") { request, _ in
-            try await self.connectLifecycle(request, event: .uninstalled)
+        router.post("/connect/uninstalled") { request, context in
+            try await self.connectLifecycle(request, event: .uninstalled, logger: context.logger)
         }
-        router.post("/v1/connect/verify") { request, _ in
-            try await self.connectVerify(request)
+        router.post("/v1/connect/verify") { request, context in
+            try await self.connectVerify(request, logger: context.logger)
         }
-        router.post("/v1/connect/sign") { request, _ in
-            try await self.connectSign(request)
+        router.post("/v1/connect/sign") { request, context in
+            try await self.connectSign(request, logger: context.logger)
         }
     }
 
@@ -35,7 +35,7 @@ extension Gateway {
 
     /// `POST /connect/installed` and `/connect/uninstalled`: authenticate the signed install first
     /// (401 `invalid_signed_install`, nothing stored), then store; 204.
-    func connectLifecycle(_ request: Request, event: ConnectLifecycleEvent) async throws -> Response {
+    func connectLifecycle(_ request: Request, event: ConnectLifecycleEvent, logger: Logger) async throws -> Response {
         let verifier = try self.connectVerifier()
         let verified: VerifiedSignedInstall
         do {
@@ -44,7 +44,7 @@ extension Gateway {
                 uri: request.uri.string
             ) { try await self.readBody(request) }
         } catch let error as SignedInstallError {
-            self.logger.notice(
+            logger.notice(
                 "Connect signed install refused",
                 metadata: ["connect.event": "\(event.rawValue)", "connect.outcome": "\(error.reason)"])
             throw GatewayError.invalidSignedInstall
@@ -55,7 +55,7 @@ extension Gateway {
             throw GatewayError.invalidRequest(
                 "clientKey must be 1–256 visible ASCII characters without braces")
         }
-        let installationId = try await self.connectInstallationLink(payload, clientKey: clientKey)
+        let installationId = try await self.connectInstallationLink(payload, clientKey: clientKey, logger: logger)
         let appKey = payload["key"]?.connectString.flatMap { $0.isEmpty ? nil : $0 }
         let baseUrl = payload["baseUrl"]?.connectString.flatMap { $0.isEmpty ? nil : $0 }
         // The payload is kept as received, except for the secret, which is sealed on its own.
@@ -70,7 +70,7 @@ extension Gateway {
             guard let baseUrl, ConnectURL.isAbsoluteHTTP(baseUrl) else {
                 throw GatewayError.invalidRequest("baseUrl (an absolute http(s) URL) is required")
             }
-            try await self.connectReplayGuard(verified, verifier: verifier, event: event)
+            try await self.connectReplayGuard(verified, verifier: verifier, event: event, logger: logger)
             let created: Bool
             do {
                 created = try await self.store.storeConnectInstall(
@@ -79,24 +79,24 @@ extension Gateway {
                         sharedSecret: Array(secret.utf8), installationId: installationId),
                     now: FlowTime.now())
             } catch {
-                throw self.connectStoreError(error, clientKey: clientKey)
+                throw self.connectStoreError(error, clientKey: clientKey, logger: logger)
             }
-            self.logger.info(
+            logger.info(
                 "Connect tenant installed",
                 metadata: [
                     "connect.client_key": "\(clientKey)", "connect.base_url": "\(baseUrl)",
                     "connect.reinstall": "\(!created)", "installation.id": "\(installationId?.ari ?? "-")",
                 ])
         case .uninstalled:
-            try await self.connectReplayGuard(verified, verifier: verifier, event: event)
+            try await self.connectReplayGuard(verified, verifier: verifier, event: event, logger: logger)
             do {
                 try await self.store.storeConnectUninstall(
                     clientKey: clientKey, appKey: appKey, baseUrl: baseUrl, payloadJSON: payloadJSON,
                     installationId: installationId, now: FlowTime.now())
             } catch {
-                throw self.connectStoreError(error, clientKey: clientKey)
+                throw self.connectStoreError(error, clientKey: clientKey, logger: logger)
             }
-            self.logger.info("Connect tenant uninstalled", metadata: ["connect.client_key": "\(clientKey)"])
+            logger.info("Connect tenant uninstalled", metadata: ["connect.client_key": "\(clientKey)"])
         }
         return Response(status: .noContent, headers: [.cacheControl: "no-store"])
     }
@@ -105,7 +105,7 @@ extension Gateway {
     /// are, through `qsh`): a captured token must not be usable a second time, with another body,
     /// within its lifetime. Recorded after every other check, so refused requests store nothing.
     private func connectReplayGuard(
-        _ verified: VerifiedSignedInstall, verifier: SignedInstallVerifier, event: ConnectLifecycleEvent
+        _ verified: VerifiedSignedInstall, verifier: SignedInstallVerifier, event: ConnectLifecycleEvent, logger: Logger
     ) async throws {
         let first: Bool
         do {
@@ -114,10 +114,10 @@ extension Gateway {
                 skewSeconds: Int64(SignedInstallVerifier.seconds(verifier.configuration.clockSkew).rounded(.up)),
                 now: FlowTime.now())
         } catch {
-            throw self.connectStoreError(error, clientKey: verified.clientKey)
+            throw self.connectStoreError(error, clientKey: verified.clientKey, logger: logger)
         }
         guard first else {
-            self.logger.notice(
+            logger.notice(
                 "Connect signed install refused",
                 metadata: ["connect.event": "\(event.rawValue)", "connect.outcome": "replayed"])
             throw GatewayError.invalidSignedInstall
@@ -133,16 +133,16 @@ extension Gateway {
     /// installation's own record (its cloud id from verified FITs). A payload without `cloudId`, an
     /// installation not seen yet or one of another site is not linked (logged); the install itself
     /// still succeeds, and a later install links once both agree.
-    private func connectInstallationLink(_ payload: [String: JSONValue], clientKey: String) async throws
+    private func connectInstallationLink(_ payload: [String: JSONValue], clientKey: String, logger: Logger) async throws
         -> InstallationID?
     {
         guard let raw = payload["installationId"], raw != .null else { return nil }
         guard let text = raw.connectString, let id = InstallationID(text) else {
-            self.logger.warning("Connect payload names no valid installation; not linked")
+            logger.warning("Connect payload names no valid installation; not linked")
             return nil
         }
         guard let cloudId = payload["cloudId"]?.connectString, !cloudId.isEmpty else {
-            self.logger.notice(
+            logger.notice(
                 "Connect payload carries no cloudId; installation not linked",
                 metadata: ["connect.client_key": "\(clientKey)", "installation.id": "\(id.ari)"])
             return nil
@@ -151,10 +151,10 @@ extension Gateway {
         do {
             record = try await self.store.installation(id)
         } catch {
-            throw self.connectStoreError(error, clientKey: clientKey)
+            throw self.connectStoreError(error, clientKey: clientKey, logger: logger)
         }
         guard let recorded = record?.cloudId, recorded == cloudId else {
-            self.logger.notice(
+            logger.notice(
                 "Connect payload's cloudId does not match the installation's; not linked",
                 metadata: ["connect.client_key": "\(clientKey)", "installation.id": "\(id.ari)"])
             return nil
@@ -172,28 +172,28 @@ extension Gateway {
     }
 
     /// 503 for Redis failures; anything else (a secret that does not open) is logged and a 500.
-    private func connectStoreError(_ error: any Error, clientKey: String) -> GatewayError {
+    private func connectStoreError(_ error: any Error, clientKey: String, logger: Logger) -> GatewayError {
         if error is RedisError { return GatewayError.storeUnavailable }
-        self.logger.error(
+        logger.error(
             "Connect tenant record unusable",
             metadata: ["connect.client_key": "\(clientKey)", "error.type": "\(String(reflecting: type(of: error)))"])
         return GatewayError.internalError
     }
 
     /// The tenant's record; 503 when the store is unreachable.
-    private func connectTenantRecord(_ clientKey: String) async throws -> ConnectTenantRecord? {
+    private func connectTenantRecord(_ clientKey: String, logger: Logger) async throws -> ConnectTenantRecord? {
         guard Self.isStorableClientKey(clientKey) else { return nil }
         do {
             return try await self.store.connectTenant(clientKey)
         } catch {
-            throw self.connectStoreError(error, clientKey: clientKey)
+            throw self.connectStoreError(error, clientKey: clientKey, logger: logger)
         }
     }
 
     // MARK: Verify
 
     /// `POST /v1/connect/verify` `{"jwt", "method", "url"}`: is this inbound Connect request genuine?
-    func connectVerify(_ request: Request) async throws -> Response {
+    func connectVerify(_ request: Request, logger: Logger) async throws -> Response {
         let verifier = try self.connectVerifier()
         let caller = try self.authenticateCaller(request)
         if caller.clientKeys.values?.isEmpty == true { throw GatewayError.forbidden }
@@ -210,14 +210,14 @@ extension Gateway {
         do {
             clientKey = try ConnectJWT.unverifiedTenant(of: jwt)
         } catch {
-            throw self.refusedConnectJWT(error, caller: caller)
+            throw self.refusedConnectJWT(error, caller: caller, logger: logger)
         }
         guard caller.clientKeys.contains(clientKey) else { throw GatewayError.forbidden }
-        guard let record = try await self.connectTenantRecord(clientKey) else {
-            throw self.refusedConnectJWT(.unknownTenant, caller: caller)
+        guard let record = try await self.connectTenantRecord(clientKey, logger: logger) else {
+            throw self.refusedConnectJWT(.unknownTenant, caller: caller, logger: logger)
         }
         guard record.status == .installed, let secret = record.sharedSecret else {
-            throw self.refusedConnectJWT(.uninstalledTenant, caller: caller)
+            throw self.refusedConnectJWT(.uninstalledTenant, caller: caller, logger: logger)
         }
         let verified: VerifiedConnectJWT
         do {
@@ -225,9 +225,9 @@ extension Gateway {
                 jwt, clientKey: clientKey, secret: secret.bytes, method: method, url: url,
                 basePath: verifier.basePath)
         } catch {
-            throw self.refusedConnectJWT(error, caller: caller)
+            throw self.refusedConnectJWT(error, caller: caller, logger: logger)
         }
-        self.logger.debug(
+        logger.debug(
             "Connect JWT verified",
             metadata: [
                 "caller": "\(caller.name)", "connect.client_key": "\(clientKey)",
@@ -242,8 +242,8 @@ extension Gateway {
             ]))
     }
 
-    private func refusedConnectJWT(_ error: ConnectJWTError, caller: Caller) -> GatewayError {
-        self.logger.notice(
+    private func refusedConnectJWT(_ error: ConnectJWTError, caller: Caller, logger: Logger) -> GatewayError {
+        logger.notice(
             "Connect JWT refused", metadata: ["caller": "\(caller.name)", "connect.outcome": "\(error.reason)"])
         return GatewayError.invalidConnectJWT(error)
     }
@@ -252,7 +252,7 @@ extension Gateway {
 
     /// `POST /v1/connect/sign` `{"clientKey", "method", "url"}`: a short-lived JWT for the app's own
     /// call to the tenant's product.
-    func connectSign(_ request: Request) async throws -> Response {
+    func connectSign(_ request: Request, logger: Logger) async throws -> Response {
         _ = try self.connectVerifier()
         let caller = try self.authenticateCaller(request)
         let body = try await self.readJSONObject(request)
@@ -264,7 +264,7 @@ extension Gateway {
             throw GatewayError.invalidRequest("url (an absolute http(s) URL on the tenant's product) is required")
         }
         guard caller.clientKeys.contains(clientKey) else { throw GatewayError.forbidden }
-        guard let record = try await self.connectTenantRecord(clientKey), record.status == .installed,
+        guard let record = try await self.connectTenantRecord(clientKey, logger: logger), record.status == .installed,
             let secret = record.sharedSecret, let appKey = record.appKey, let baseUrl = record.baseUrl
         else { throw GatewayError.tenantNotFound }
         guard ConnectURL.isURL(url, under: baseUrl) else {
@@ -273,7 +273,7 @@ extension Gateway {
         let signed = ConnectJWT.sign(
             appKey: appKey, method: method, url: url, basePath: ConnectURL.basePath(of: baseUrl),
             secret: secret.bytes)
-        self.logger.info(
+        logger.info(
             "Connect JWT signed",
             metadata: [
                 "caller": "\(caller.name)", "connect.client_key": "\(clientKey)", "http.method": "\(method)",

@@ -8,164 +8,185 @@ import Logging
 extension Gateway {
     func addForgeRoutes(to router: Router<BasicRequestContext>) {
         router.post("/forge/register") { request, context in
-            let (invocation, id) = try await self.verifyInvocation(request)
-            let body = try await self.readJSONObject(request)
-            guard let url = body["authTriggerUrl"] as? String, !url.isEmpty else {
-                throw GatewayError.invalidRequest("authTriggerUrl (a string) is required")
-            }
-            guard self.configuration.triggerHosts.allows(url) else {
-                self.logger.notice("refused trigger URL outside the allow-list", metadata: ["installation.id": "\(id)"])
-                throw GatewayError(
-                    status: .badRequest, code: "trigger_url_not_allowed",
-                    message: "authTriggerUrl is not on the gateway's allow-list of trigger hosts")
-            }
-            var rotateKey = false
-            if let raw = body["rotateKey"], !(raw is NSNull) {
-                guard let flag = raw as? Bool else { throw GatewayError.invalidRequest("rotateKey must be a boolean") }
-                rotateKey = flag
-            }
-            let pushed = self.keepable(try self.optionalSystemToken(request), id: id)
-            let namedTriggers = try await self.namedTriggerRegistration(body, installation: id)
-            let candidate = TriggerSigningKey.generate()
-            let now = FlowTime.now()
-            let outcome: GatewayStore.RegistrationOutcome
-            let keys: GatewayStore.TriggerKeys?
-            do {
-                outcome = try await self.store.register(
-                    id, triggerURL: url, candidateKeyID: candidate.keyId, candidateKey: candidate.rawPrivateKey,
-                    metadata: invocation.metadata, now: now)
-                guard case .registered = outcome else { throw GatewayError(FlowError.installationUninstalled) }
-                try await self.storeNamedTriggers(namedTriggers, installation: id, now: now)
-                if rotateKey {
-                    let next = TriggerSigningKey.generate()
-                    keys = try await self.store.rotateTriggerKey(
-                        id, candidateKeyID: next.keyId, candidateKey: next.rawPrivateKey,
-                        overlap: self.configuration.triggerKeyOverlap, now: now)
-                } else {
-                    keys = try await self.store.triggerKeys(id, now: now)
-                }
-            } catch let error as GatewayError {
-                throw error
-            } catch {
-                throw GatewayError.storeUnavailable
-            }
-            // Registered a moment ago, so a key exists unless an uninstall came in between.
-            guard let keys else { throw GatewayError(FlowError.installationUninstalled) }
-            let current = try TriggerSigningKey(keyId: keys.current.keyID, rawPrivateKey: keys.current.rawPrivateKey)
-            if let pushed {
-                _ = try await self.storeDelivery(
-                    id, token: pushed, requestID: nil, invocation: invocation, trace: Self.forgeTrace(request))
-            }
-            var answer: [(String, JSONValue)] = [
-                ("installationId", .string(id.ari)), ("triggerKeyId", .string(current.keyId)),
-                ("triggerPublicKey", .string(current.publicKeyBase64URL)),
-            ]
-            if let nextKey = keys.next, let activatesAt = keys.nextActivatesAt {
-                let next = try TriggerSigningKey(keyId: nextKey.keyID, rawPrivateKey: nextKey.rawPrivateKey)
-                answer += [
-                    ("nextTriggerKeyId", .string(next.keyId)), ("nextTriggerPublicKey", .string(next.publicKeyBase64URL)),
-                    ("nextTriggerKeyActivatesAt", .string(RFC3339.string(unixSeconds: activatesAt))),
-                ]
-            }
-            self.logger.info(
-                "auth trigger registered",
-                metadata: [
-                    "installation.id": "\(id)", "trigger.key_id": "\(current.keyId)",
-                    "trigger.next_key_id": "\(keys.next?.keyID ?? "-")",
-                ])
-            return Self.json(.object(answer))
+            try await self.forgeRegister(request, logger: context.logger)
         }
-
         router.post("/forge/auth-trigger") { request, context in
-            let (invocation, id) = try await self.verifyInvocation(request)
-            guard let token = try self.optionalSystemToken(request) else { throw GatewayError.missingToken }
-            let body = try await self.readJSONObject(request, emptyIsObject: true)
-            var requestID: String? = nil
-            if let raw = body["requestId"], !(raw is NSNull) {
-                guard let s = raw as? String, (1...128).contains(s.utf8.count),
-                    s.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F })
-                else { throw GatewayError.invalidRequest("requestId must be a string of 1–128 visible ASCII characters") }
-                requestID = s
-            }
-            switch Self.deliveredLifetime(token, now: FlowTime.now()) {
-            case .tooLong:
-                self.logger.notice("refused a delivered token that lives too long", metadata: ["installation.id": "\(id)"])
-                throw GatewayError.invalidToken("the system token's exp is more than 24 hours ahead")
-            case .nearlyExpired:
-                // Never stored or served (the store refuses a token with under 60 s left). One that
-                // answers a round trip still goes through the store, which ends that round trip (its
-                // callers get `trigger_failed` at once instead of waiting out their deadline); an
-                // unasked one changes nothing at all.
-                self.logger.notice("dropped a nearly expired delivered token", metadata: ["installation.id": "\(id)"])
-                guard requestID != nil else { return Self.json(.object([("stored", .bool(false))])) }
-            case .acceptable:
-                break
-            }
-            let stored = try await self.storeDelivery(
-                id, token: token, requestID: requestID, invocation: invocation, trace: Self.forgeTrace(request))
-            return Self.json(.object([("stored", .bool(stored))]))
+            try await self.forgeAuthTrigger(request, logger: context.logger)
         }
-
         router.post("/forge/lifecycle") { request, context in
-            let (invocation, id) = try await self.verifyInvocation(request)
-            let body = try await self.readJSONObject(request)
-            // Forge's documented body (id, installerAccountId, app, environment, permissions) has
-            // no eventType: such a call is installed/upgraded.
-            var eventType = "avi:forge:installed:app"
-            if let raw = body["eventType"], !(raw is NSNull) {
-                guard let value = raw as? String else { throw GatewayError.invalidRequest("eventType must be a string") }
-                eventType = value
-            }
-            // Read before anything changes, so a token without a readable exp changes nothing.
-            let offered = try self.optionalSystemToken(request)
-            do {
-                switch eventType {
-                case "avi:forge:installed:app", "avi:forge:upgraded:app":
-                    let active = try await self.store.upsertInstallation(
-                        id, metadata: invocation.metadata, now: FlowTime.now())
-                    self.logger.info(
-                        "installation recorded", metadata: ["installation.id": "\(id)", "lifecycle.event": "\(eventType)"])
-                    if active, let pushed = self.keepable(offered, id: id) {
-                        _ = try await self.storeDelivery(
-                            id, token: pushed, requestID: nil, invocation: invocation, trace: Self.forgeTrace(request),
-                            arrival: .lifecycle)
-                    }
-                case "avi:forge:uninstalled:app":
-                    try await self.uninstallInstallation(id, signal: eventType)
-                default:
-                    self.logger.debug("lifecycle event ignored", metadata: ["lifecycle.event": "\(eventType.prefix(64))"])
-                    return Self.json(.object([("ok", true), ("ignored", true)]))
-                }
-            } catch let error as GatewayError {
-                throw error
-            } catch {
-                throw GatewayError.storeUnavailable
-            }
-            return Self.json(.object([("ok", true)]))
+            try await self.forgeLifecycle(request, logger: context.logger)
         }
-
-        // The endpoint of the app's preUninstall module. Its body (context.cloudId,
-        // context.moduleKey, contextToken) is not trusted: the installation is the FIT's.
         router.post("/forge/pre-uninstall") { request, context in
-            let (_, id) = try await self.verifyInvocation(request, policy: .backendAllowingPrincipal)
-            _ = try await self.readJSONObject(request, emptyIsObject: true)
-            do {
-                try await self.uninstallInstallation(id, signal: "preUninstall")
-            } catch let error as GatewayError {
-                throw error
-            } catch {
-                throw GatewayError.storeUnavailable
-            }
-            return Self.json(.object([("ok", true)]))
+            try await self.forgePreUninstall(request, logger: context.logger)
         }
+    }
+
+    /// `POST /forge/register`: records the auth trigger URL (and named triggers) of the invoking
+    /// installation and answers with its trigger signing keys.
+    func forgeRegister(_ request: Request, logger: Logger) async throws -> Response {
+        let (invocation, id) = try await self.verifyInvocation(request, logger: logger)
+        let body = try await self.readJSONObject(request)
+        guard let url = body["authTriggerUrl"] as? String, !url.isEmpty else {
+            throw GatewayError.invalidRequest("authTriggerUrl (a string) is required")
+        }
+        guard self.configuration.triggerHosts.allows(url) else {
+            logger.notice("refused trigger URL outside the allow-list", metadata: ["installation.id": "\(id)"])
+            throw GatewayError(
+                status: .badRequest, code: "trigger_url_not_allowed",
+                message: "authTriggerUrl is not on the gateway's allow-list of trigger hosts")
+        }
+        var rotateKey = false
+        if let raw = body["rotateKey"], !(raw is NSNull) {
+            guard let flag = raw as? Bool else { throw GatewayError.invalidRequest("rotateKey must be a boolean") }
+            rotateKey = flag
+        }
+        let pushed = self.keepable(try self.optionalSystemToken(request), id: id, logger: logger)
+        let namedTriggers = try await self.namedTriggerRegistration(body, installation: id, logger: logger)
+        let candidate = TriggerSigningKey.generate()
+        let now = FlowTime.now()
+        let outcome: GatewayStore.RegistrationOutcome
+        let keys: GatewayStore.TriggerKeys?
+        do {
+            outcome = try await self.store.register(
+                id, triggerURL: url, candidateKeyID: candidate.keyId, candidateKey: candidate.rawPrivateKey,
+                metadata: invocation.metadata, now: now)
+            guard case .registered = outcome else { throw GatewayError(FlowError.installationUninstalled) }
+            try await self.storeNamedTriggers(namedTriggers, installation: id, now: now, logger: logger)
+            if rotateKey {
+                let next = TriggerSigningKey.generate()
+                keys = try await self.store.rotateTriggerKey(
+                    id, candidateKeyID: next.keyId, candidateKey: next.rawPrivateKey,
+                    overlap: self.configuration.triggerKeyOverlap, now: now)
+            } else {
+                keys = try await self.store.triggerKeys(id, now: now)
+            }
+        } catch let error as GatewayError {
+            throw error
+        } catch {
+            throw GatewayError.storeUnavailable
+        }
+        // Registered a moment ago, so a key exists unless an uninstall came in between.
+        guard let keys else { throw GatewayError(FlowError.installationUninstalled) }
+        let current = try TriggerSigningKey(keyId: keys.current.keyID, rawPrivateKey: keys.current.rawPrivateKey)
+        if let pushed {
+            _ = try await self.storeDelivery(
+                id, token: pushed, requestID: nil, invocation: invocation, trace: Self.forgeTrace(request),
+                logger: logger)
+        }
+        var answer: [(String, JSONValue)] = [
+            ("installationId", .string(id.ari)), ("triggerKeyId", .string(current.keyId)),
+            ("triggerPublicKey", .string(current.publicKeyBase64URL)),
+        ]
+        if let nextKey = keys.next, let activatesAt = keys.nextActivatesAt {
+            let next = try TriggerSigningKey(keyId: nextKey.keyID, rawPrivateKey: nextKey.rawPrivateKey)
+            answer += [
+                ("nextTriggerKeyId", .string(next.keyId)), ("nextTriggerPublicKey", .string(next.publicKeyBase64URL)),
+                ("nextTriggerKeyActivatesAt", .string(RFC3339.string(unixSeconds: activatesAt))),
+            ]
+        }
+        logger.info(
+            "auth trigger registered",
+            metadata: [
+                "installation.id": "\(id)", "trigger.key_id": "\(current.keyId)",
+                "trigger.next_key_id": "\(keys.next?.keyID ?? "-")",
+            ])
+        return Self.json(.object(answer))
+    }
+
+    /// `POST /forge/auth-trigger`: a system token delivered by the app, in answer to a trigger call
+    /// (`requestId`) or pushed.
+    func forgeAuthTrigger(_ request: Request, logger: Logger) async throws -> Response {
+        let (invocation, id) = try await self.verifyInvocation(request, logger: logger)
+        guard let token = try self.optionalSystemToken(request) else { throw GatewayError.missingToken }
+        let body = try await self.readJSONObject(request, emptyIsObject: true)
+        var requestID: String? = nil
+        if let raw = body["requestId"], !(raw is NSNull) {
+            guard let s = raw as? String, (1...128).contains(s.utf8.count),
+                s.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F })
+            else { throw GatewayError.invalidRequest("requestId must be a string of 1–128 visible ASCII characters") }
+            requestID = s
+        }
+        switch Self.deliveredLifetime(token, now: FlowTime.now()) {
+        case .tooLong:
+            logger.notice("refused a delivered token that lives too long", metadata: ["installation.id": "\(id)"])
+            throw GatewayError.invalidToken("the system token's exp is more than 24 hours ahead")
+        case .nearlyExpired:
+            // Never stored or served (the store refuses a token with under 60 s left). One that
+            // answers a round trip still goes through the store, which ends that round trip (its
+            // callers get `trigger_failed` at once instead of waiting out their deadline); an
+            // unasked one changes nothing at all.
+            logger.notice("dropped a nearly expired delivered token", metadata: ["installation.id": "\(id)"])
+            guard requestID != nil else { return Self.json(.object([("stored", .bool(false))])) }
+        case .acceptable:
+            break
+        }
+        let stored = try await self.storeDelivery(
+            id, token: token, requestID: requestID, invocation: invocation, trace: Self.forgeTrace(request),
+            logger: logger)
+        return Self.json(.object([("stored", .bool(stored))]))
+    }
+
+    /// `POST /forge/lifecycle`: installed/upgraded records the installation (keeping a token that came
+    /// along), uninstalled removes it; other events are ignored.
+    func forgeLifecycle(_ request: Request, logger: Logger) async throws -> Response {
+        let (invocation, id) = try await self.verifyInvocation(request, logger: logger)
+        let body = try await self.readJSONObject(request)
+        // Forge's documented body (id, installerAccountId, app, environment, permissions) has
+        // no eventType: such a call is installed/upgraded.
+        var eventType = "avi:forge:installed:app"
+        if let raw = body["eventType"], !(raw is NSNull) {
+            guard let value = raw as? String else { throw GatewayError.invalidRequest("eventType must be a string") }
+            eventType = value
+        }
+        // Read before anything changes, so a token without a readable exp changes nothing.
+        let offered = try self.optionalSystemToken(request)
+        do {
+            switch eventType {
+            case "avi:forge:installed:app", "avi:forge:upgraded:app":
+                let active = try await self.store.upsertInstallation(
+                    id, metadata: invocation.metadata, now: FlowTime.now())
+                logger.info(
+                    "installation recorded", metadata: ["installation.id": "\(id)", "lifecycle.event": "\(eventType)"])
+                if active, let pushed = self.keepable(offered, id: id, logger: logger) {
+                    _ = try await self.storeDelivery(
+                        id, token: pushed, requestID: nil, invocation: invocation, trace: Self.forgeTrace(request),
+                        arrival: .lifecycle, logger: logger)
+                }
+            case "avi:forge:uninstalled:app":
+                try await self.uninstallInstallation(id, signal: eventType, logger: logger)
+            default:
+                logger.debug("lifecycle event ignored", metadata: ["lifecycle.event": "\(eventType.prefix(64))"])
+                return Self.json(.object([("ok", true), ("ignored", true)]))
+            }
+        } catch let error as GatewayError {
+            throw error
+        } catch {
+            throw GatewayError.storeUnavailable
+        }
+        return Self.json(.object([("ok", true)]))
+    }
+
+    /// `POST /forge/pre-uninstall`: the endpoint of the app's preUninstall module. Its body
+    /// (context.cloudId, context.moduleKey, contextToken) is not trusted: the installation is the FIT's.
+    func forgePreUninstall(_ request: Request, logger: Logger) async throws -> Response {
+        let (_, id) = try await self.verifyInvocation(request, policy: .backendAllowingPrincipal, logger: logger)
+        _ = try await self.readJSONObject(request, emptyIsObject: true)
+        do {
+            try await self.uninstallInstallation(id, signal: "preUninstall", logger: logger)
+        } catch let error as GatewayError {
+            throw error
+        } catch {
+            throw GatewayError.storeUnavailable
+        }
+        return Self.json(.object([("ok", true)]))
     }
 
     /// Marks an installation uninstalled and deletes its tokens, user tokens and signing keys at
     /// once (recording it as uninstalled when it was never seen); idempotent.
-    func uninstallInstallation(_ id: InstallationID, signal: String) async throws {
+    func uninstallInstallation(_ id: InstallationID, signal: String, logger: Logger) async throws {
         try await self.store.uninstall(id, now: FlowTime.now())
         self.flow.installationUninstalled(id)
-        self.logger.info("installation uninstalled", metadata: ["installation.id": "\(id)", "lifecycle.event": "\(signal)"])
+        logger.info("installation uninstalled", metadata: ["installation.id": "\(id)", "lifecycle.event": "\(signal)"])
     }
 
     /// What the lifetime rules (contract §3) make of a delivered token.
@@ -191,11 +212,11 @@ extension Gateway {
 
     /// A token that came along with a registration or lifecycle call, or nil when the lifetime
     /// rules drop it (the call itself proceeds).
-    func keepable(_ token: AccessToken?, id: InstallationID) -> AccessToken? {
+    func keepable(_ token: AccessToken?, id: InstallationID, logger: Logger) -> AccessToken? {
         guard let token else { return nil }
         let verdict = Self.deliveredLifetime(token, now: FlowTime.now())
         guard verdict == .acceptable else {
-            self.logger.notice(
+            logger.notice(
                 "dropped a token outside the accepted lifetime",
                 metadata: ["installation.id": "\(id)", "token.verdict": "\(verdict)"])
             return nil
@@ -208,7 +229,7 @@ extension Gateway {
     /// valid FIT that `policy` does not accept (one from a user's browser, or a module key outside
     /// `TOKEN_GATEWAY_FORGE_MODULE_KEYS`). Every Forge route accepts only backend invocations; a
     /// refused FIT records nothing, not even its `jti`.
-    func verifyInvocation(_ request: Request, policy: InvocationPolicy = .backend) async throws
+    func verifyInvocation(_ request: Request, policy: InvocationPolicy = .backend, logger: Logger) async throws
         -> (InvocationContext, InstallationID)
     {
         guard let header = request.headers[.authorization], header.count > 7,
@@ -226,14 +247,14 @@ extension Gateway {
             // The replay guard could not reach Redis: the token was not refused, so Forge may try again.
             if error == .storeUnavailable { throw GatewayError.storeUnavailable }
             if error.isForbidden {
-                self.logger.notice(
+                logger.notice(
                     "invocation token of a kind this route refuses",
                     metadata: ["fit.outcome": "\(error.reason)", "fit.detail": "\(error.detail ?? "-")"])
                 throw GatewayError(
                     status: .forbidden, code: "forbidden",
                     message: "only invocations from the app's backend (core:endpoint) may call this route")
             }
-            self.logger.notice("invocation token refused", metadata: ["fit.outcome": "\(error.reason)"])
+            logger.notice("invocation token refused", metadata: ["fit.outcome": "\(error.reason)"])
             throw GatewayError.invalidInvocationToken
         } catch {
             self.metrics.countInvocationToken(outcome: "malformed")
@@ -250,7 +271,7 @@ extension Gateway {
     /// The `x-forge-oauth-system` token with its expiry, nil when absent; 400 `invalid_token`
     /// when its `exp` cannot be read.
     func optionalSystemToken(_ request: Request) throws -> AccessToken? {
-        guard let value = request.headers[HTTPField.Name("x-forge-oauth-system")!] else { return nil }
+        guard let value = request.headers[.forgeOAuthSystem] else { return nil }
         let token = value.trimmingCharacters(in: .whitespaces)
         if token.isEmpty { throw GatewayError.missingToken }
         guard let exp = TokenClaims.expiry(of: token) else {
@@ -264,13 +285,13 @@ extension Gateway {
     /// Forge's trace ids of a request.
     static func forgeTrace(_ request: Request) -> ForgeTrace {
         ForgeTrace(
-            traceID: request.headers[HTTPField.Name("x-b3-traceid")!],
-            spanID: request.headers[HTTPField.Name("x-b3-spanid")!])
+            traceID: request.headers[.b3TraceID],
+            spanID: request.headers[.b3SpanID])
     }
 
     func storeDelivery(
         _ id: InstallationID, token: AccessToken, requestID: String?, invocation: InvocationContext,
-        trace: ForgeTrace? = nil, arrival: TokenArrival = .push
+        trace: ForgeTrace? = nil, arrival: TokenArrival = .push, logger: Logger
     )
         async throws -> Bool
     {
@@ -280,7 +301,7 @@ extension Gateway {
                 id, token: token, requestID: requestID, metadata: invocation.metadata, now: FlowTime.now(),
                 arrival: arrival)
         } catch {
-            self.logger.warning("could not store delivered token", metadata: ["installation.id": "\(id)"])
+            logger.warning("could not store delivered token", metadata: ["installation.id": "\(id)"])
             throw GatewayError.storeUnavailable
         }
         if result.outcome == .uninstalled { throw GatewayError(FlowError.installationUninstalled) }

@@ -20,7 +20,7 @@ extension Gateway {
     /// Validates the `triggers` member of a `/forge/register` body before anything is stored:
     /// 400 `invalid_request` or `trigger_url_not_allowed`, and 400 `invalid_request` when the
     /// installation would end up with more than ``NamedTriggerRegistration/maxCount`` triggers.
-    func namedTriggerRegistration(_ body: [String: Any], installation id: InstallationID) async throws
+    func namedTriggerRegistration(_ body: [String: Any], installation id: InstallationID, logger: Logger) async throws
         -> NamedTriggerRegistration
     {
         let registration: NamedTriggerRegistration
@@ -29,7 +29,7 @@ extension Gateway {
                 parsing: body["triggers"], allowList: self.configuration.triggerHosts)
         } catch {
             if error.code == "trigger_url_not_allowed" {
-                self.logger.notice(
+                logger.notice(
                     "refused named-trigger URL outside the allow-list", metadata: ["installation.id": "\(id)"])
             }
             throw GatewayError(status: .badRequest, code: error.code, message: error.message)
@@ -51,9 +51,9 @@ extension Gateway {
     }
 
     /// Stores validated named triggers once the registration itself succeeded.
-    func storeNamedTriggers(_ registration: NamedTriggerRegistration, installation id: InstallationID, now: FlowTime)
-        async throws
-    {
+    func storeNamedTriggers(
+        _ registration: NamedTriggerRegistration, installation id: InstallationID, now: FlowTime, logger: Logger
+    ) async throws {
         if registration.isEmpty { return }
         let outcome: GatewayStore.NamedTriggerUpdate
         do {
@@ -64,7 +64,7 @@ extension Gateway {
         }
         switch outcome {
         case .updated:
-            self.logger.info(
+            logger.info(
                 "named triggers registered",
                 metadata: [
                     "installation.id": "\(id)",
@@ -104,7 +104,7 @@ extension Gateway {
                 "the trigger key must be 1–64 characters of a–z 0–9 _ -, starting with a letter or digit")
         }
         guard caller.invoke.contains(key) else { throw GatewayError.forbidden }
-        var timeout = Duration.seconds(10)
+        var timeout = TokenRequestDefaults.timeout
         if let raw = request.uri.queryParameters.get("timeout") {
             guard let v = Int64(raw), (100...30000).contains(v) else {
                 throw GatewayError.invalidParameter("timeout must be an integer number of milliseconds in 100…30000")
@@ -112,7 +112,7 @@ extension Gateway {
             timeout = .milliseconds(v)
         }
         var idempotencyKey: String?
-        if let raw = request.headers[HTTPField.Name("Idempotency-Key")!] {
+        if let raw = request.headers[.idempotencyKey] {
             guard (1...255).contains(raw.utf8.count), raw.utf8.allSatisfy({ $0 >= 0x20 && $0 < 0x7F }),
                 raw.first != " ", raw.last != " "
             else {
@@ -127,7 +127,7 @@ extension Gateway {
         do {
             response = try await self.invoke(
                 id, key: key, caller: caller, payload: payload, idempotencyKey: idempotencyKey,
-                deadline: started.advanced(by: timeout), trace: &trace)
+                deadline: started.advanced(by: timeout), trace: &trace, logger: context.logger)
         } catch let error as GatewayError {
             self.finishInvocation(
                 caller: caller, id: id, key: key, trace: trace, status: Int(error.status.code),
@@ -177,7 +177,7 @@ extension Gateway {
 
     private func invoke(
         _ id: InstallationID, key: String, caller: Caller, payload: [UInt8], idempotencyKey: String?,
-        deadline: ContinuousClock.Instant, trace: inout InvocationTrace
+        deadline: ContinuousClock.Instant, trace: inout InvocationTrace, logger: Logger
     ) async throws -> Response {
         guard self.invocationLimiter.tryAcquire(id) else {
             trace.outcome = "overloaded"
@@ -185,7 +185,7 @@ extension Gateway {
         }
         defer { self.invocationLimiter.release(id) }
 
-        var logger = self.logger
+        var logger = logger
         logger[metadataKey: "installation.id"] = "\(id)"
         logger[metadataKey: "trigger.key"] = "\(key)"
 
@@ -340,8 +340,8 @@ extension Gateway {
         for (name, value) in answer.headers {
             if let field = HTTPField.Name(name) { headers[field] = value }
         }
-        if let requestID { headers[HTTPField.Name("X-Token-Gateway-Request-Id")!] = requestID }
-        if replayed { headers[HTTPField.Name("Idempotent-Replayed")!] = "true" }
+        if let requestID { headers[.tokenGatewayRequestID] = requestID }
+        if replayed { headers[.idempotentReplayed] = "true" }
         let status = HTTPResponse.Status(code: answer.status)
         if answer.status == 204 || answer.status == 304 {
             return Response(status: status, headers: headers)

@@ -11,8 +11,8 @@ extension Gateway {
     ///
     /// Every non-2xx answer of `/oauth/token` is an RFC 6749 §5.2 body, including a wrong method.
     func addOAuthRoutes(to router: Router<BasicRequestContext>) {
-        router.post(RouterPath(OAuthMetadata.tokenPath)) { request, _ in
-            await self.oauthToken(request)
+        router.post(RouterPath(OAuthMetadata.tokenPath)) { request, context in
+            await self.oauthToken(request, logger: context.logger)
         }
         for method in [HTTPRequest.Method.get, .put, .delete, .patch] {
             router.on(RouterPath(OAuthMetadata.tokenPath), method: method) { _, _ in
@@ -43,7 +43,7 @@ extension Gateway {
     }
 
     /// `POST /oauth/token`. Never throws: every failure is an RFC 6749 answer.
-    func oauthToken(_ request: Request) async -> Response {
+    func oauthToken(_ request: Request, logger: Logger) async -> Response {
         var log = OAuthRequestLog()
         do {
             return try await self.oauthTokenAnswer(request, log: &log)
@@ -53,15 +53,15 @@ extension Gateway {
                 "oauth.client_auth": "\(log.method)", "caller": "\(log.caller ?? "-")",
             ]
             if error == .serverError {
-                self.logger.error("OAuth token request failed", metadata: metadata)
+                logger.error("OAuth token request failed", metadata: metadata)
             } else if error.status == .serviceUnavailable {
-                self.logger.info("OAuth token request could not be served now", metadata: metadata)
+                logger.info("OAuth token request could not be served now", metadata: metadata)
             } else {
-                self.logger.notice("OAuth token request refused", metadata: metadata)
+                logger.notice("OAuth token request refused", metadata: metadata)
             }
             return error.response
         } catch {
-            self.logger.error(
+            logger.error(
                 "OAuth token request failed",
                 metadata: ["error.type": "\(String(reflecting: type(of: error)))", "oauth.grant_type": "\(log.grant)"])
             return OAuthError.serverError.response
@@ -193,7 +193,9 @@ extension Gateway {
         do {
             answer = try await self.flow.token(
                 for: installation,
-                request: TokenFlow.Request(minValidity: 300, timeout: .seconds(10), forceRefresh: false))
+                request: TokenFlow.Request(
+                    minValidity: TokenRequestDefaults.minValidity, timeout: TokenRequestDefaults.timeout,
+                    forceRefresh: false))
         } catch {
             throw OAuthError(error)
         }
@@ -207,7 +209,7 @@ extension Gateway {
         return Response(
             status: .ok,
             headers: [
-                .contentType: "application/json", .cacheControl: "no-store", HTTPField.Name("Pragma")!: "no-cache",
+                .contentType: "application/json", .cacheControl: "no-store", .pragma: "no-cache",
             ],
             body: .init(byteBuffer: ByteBuffer(string: JSONValue.object(fields).serialized())))
     }

@@ -7,7 +7,8 @@ extension Gateway {
     /// The routes of contract §2, §3 and §6, wrapped in the observability and error middleware.
     public func makeRouter() -> Router<BasicRequestContext> {
         let router = Router(context: BasicRequestContext.self)
-        router.add(middleware: ObservabilityMiddleware(metrics: self.metrics, logger: self.logger))
+        router.add(middleware: RequestIDMiddleware())
+        router.add(middleware: ObservabilityMiddleware(metrics: self.metrics))
         // One span per request; the context of an incoming trace (traceparent, b3, …) is
         // extracted by whatever instrument the operator bootstraps (OpenTelemetry, for example)
         // before the router is made. Without one the middleware is left out: it would cost a
@@ -15,7 +16,7 @@ extension Gateway {
         if Self.tracingBootstrapped { router.add(middleware: TracingMiddleware()) }
         let separateOperations = self.configuration.operationsListener != nil
         let known = separateOperations ? Self.knownRoutes.filter { !Self.isOperationsRoute($0.segments) } : Self.knownRoutes
-        router.add(middleware: ErrorMiddleware(knownRoutes: known, logger: self.logger))
+        router.add(middleware: ErrorMiddleware(knownRoutes: known))
         self.addCallerRoutes(to: router)
         self.addForgeRoutes(to: router)
         // With a separate operations listener (`TOKEN_GATEWAY_OPS_PORT`), health, metrics and the
@@ -31,10 +32,11 @@ extension Gateway {
     /// The router of the separate operations listener: only the operations surface.
     public func makeOperationsRouter() -> Router<BasicRequestContext> {
         let router = Router(context: BasicRequestContext.self)
-        router.add(middleware: ObservabilityMiddleware(metrics: self.metrics, logger: self.logger))
-        router.add(
-            middleware: ErrorMiddleware(
-                knownRoutes: Self.knownRoutes.filter { Self.isOperationsRoute($0.segments) }, logger: self.logger))
+        router.add(middleware: RequestIDMiddleware())
+        router.add(middleware: RequestIDMiddleware())
+        router.add(middleware: ObservabilityMiddleware(metrics: self.metrics))
+        let known = Self.knownRoutes.filter { Self.isOperationsRoute($0.segments) }
+        router.add(middleware: ErrorMiddleware(knownRoutes: known))
         self.addOperationsSurface(to: router)
         // The operator pages are reachable here too (operator callers only, as on the main port).
         self.addStatusRoutes(to: router)

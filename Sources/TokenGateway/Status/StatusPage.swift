@@ -96,7 +96,7 @@ enum StatusPage {
                 .contentType: "text/html; charset=utf-8", .cacheControl: "no-store",
                 .contentSecurityPolicy:
                     "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-                HTTPField.Name("X-Content-Type-Options")!: "nosniff", HTTPField.Name("Referrer-Policy")!: "no-referrer",
+                .xContentTypeOptions: "nosniff", .referrerPolicy: "no-referrer",
             ],
             body: .init(byteBuffer: ByteBuffer(string: html)))
     }

@@ -40,8 +40,13 @@ public enum Base64URL {
     }
 
     /// Decodes base64url with or without `=` padding; `nil` when `string` is not valid base64url.
-    public static func decode(_ string: String) -> [UInt8]? {
+    public static func decode(_ string: some StringProtocol) -> [UInt8]? {
         self.decode(utf8: Array(string.utf8))
+    }
+
+    /// Encodes the UTF-8 bytes of `string` as base64url without padding.
+    public static func encode(utf8 string: some StringProtocol) -> String {
+        self.encode(string.utf8)
     }
 
     /// Decodes base64url bytes with or without `=` padding; `nil` when they are not valid base64url.

@@ -2,12 +2,12 @@ import Testing
 
 @testable import RedisKit
 
-@Suite struct RedisBackoffTests {
+@Suite struct BackoffDelayTests {
     let base = Duration.milliseconds(50)
     let cap = Duration.seconds(2)
 
     func delay(_ failures: Int, jitter: Double) -> Duration {
-        RedisBackoff.delay(afterFailures: failures, base: self.base, cap: self.cap, jitter: jitter)
+        Backoff.delay(attempt: failures, base: self.base, cap: self.cap, jitter: jitter)
     }
 
     @Test func noFailureMeansNoDelay() {
@@ -55,6 +55,6 @@ import Testing
     }
 
     @Test func aBaseAboveTheCapIsCapped() {
-        #expect(RedisBackoff.delay(afterFailures: 1, base: .seconds(10), cap: .seconds(1), jitter: 1) == .seconds(1))
+        #expect(Backoff.delay(attempt: 1, base: .seconds(10), cap: .seconds(1), jitter: 1) == .seconds(1))
     }
 }
