@@ -77,9 +77,9 @@ enum DocumentationCheck {
         Issue.record("timed out waiting for \(what)")
     }
 
-    /// The routes the gateway's router serves, as `{"method", "path"}`.
-    static func servedRoutes() -> [[String: String]] {
-        Gateway.knownRoutes.flatMap { route in
+    /// The routes `gateway`'s routers serve, as `{"method", "path"}`.
+    static func servedRoutes(of gateway: Gateway) -> [[String: String]] {
+        gateway.knownRoutes.flatMap { route in
             route.methods.map { ["method": $0.rawValue, "path": "/" + route.segments.joined(separator: "/")] }
         }
     }
@@ -98,6 +98,15 @@ final class AnswerRecorder: Sendable {
     }
 
     private let entries = Mutex<[Entry]>([])
+    /// The routes the gateway the answers came from serves (``DocumentationCheck/servedRoutes(of:)``).
+    private let servedRoutes = Mutex<[[String: String]]>([])
+
+    /// Notes the routes `gateway` serves, for the check that each of them is described.
+    func noteServedRoutes(of gateway: Gateway) {
+        self.servedRoutes.withLock { routes in
+            if routes.isEmpty { routes = DocumentationCheck.servedRoutes(of: gateway) }
+        }
+    }
 
     /// Records `answer` as the answer to `method template`; `generic` answers (unknown route, wrong
     /// method) are checked against the common error body only.
@@ -133,7 +142,7 @@ final class AnswerRecorder: Sendable {
         let recordsFile = try DocumentationCheck.temporaryFile(
             "records.json", contents: try JSONSerialization.data(withJSONObject: records, options: [.prettyPrinted]))
         let routesFile = try DocumentationCheck.temporaryFile(
-            "routes.json", contents: try JSONSerialization.data(withJSONObject: DocumentationCheck.servedRoutes()))
+            "routes.json", contents: try JSONSerialization.data(withJSONObject: self.servedRoutes.withLock { $0 }))
         defer {
             DocumentationCheck.removeTemporaryFile(recordsFile)
             DocumentationCheck.removeTemporaryFile(routesFile)
@@ -156,6 +165,7 @@ extension GatewayHarness {
     ) async throws -> Answer {
         let answer = try await self.call(method, path, secret: secret, headers: headers, body: body)
         #expect(answer.status == status, "\(note): expected \(status), got \(answer.status) \(answer.body)", sourceLocation: sourceLocation)
+        recorder.noteServedRoutes(of: self.gateway)
         return recorder.record(method, template, answer, note: note, generic: generic)
     }
 

@@ -14,15 +14,20 @@ extension Gateway {
         router.post(RouterPath(OAuthMetadata.tokenPath)) { request, context in
             await self.oauthToken(request, logger: context.logger)
         }
+        router.get(RouterPath(OAuthMetadata.discoveryPath)) { _, _ in
+            self.oauthDiscovery()
+        }
+    }
+
+    /// `/oauth/token` called with another method: an RFC 6749 `405` body (not the gateway's error
+    /// body), with `Allow: POST`. Kept out of the route table: these are answers, not routes.
+    func addOAuthMethodGuards(to router: Router<BasicRequestContext>) {
         for method in [HTTPRequest.Method.get, .put, .delete, .patch] {
             router.on(RouterPath(OAuthMetadata.tokenPath), method: method) { _, _ in
                 var response = OAuthError.methodNotAllowed.response
                 response.headers[.allow] = "POST"
                 return response
             }
-        }
-        router.get(RouterPath(OAuthMetadata.discoveryPath)) { _, _ in
-            self.oauthDiscovery()
         }
     }
 

@@ -4,8 +4,12 @@ import NIOCore
 import Tracing
 
 extension Gateway {
-    /// The routes of contract §2, §3 and §6, wrapped in the observability and error middleware.
+    /// The routes of contract §2, §3 and §6, wrapped in the request-id, observability and error
+    /// middleware.
     public func makeRouter() -> Router<BasicRequestContext> {
+        // With a separate operations listener (`TOKEN_GATEWAY_OPS_PORT`), health, metrics and the
+        // operator pages are served there only: the port Forge and callers reach never shows them.
+        let operations = self.configuration.operationsListener == nil
         let router = Router(context: BasicRequestContext.self)
         router.add(middleware: RequestIDMiddleware())
         router.add(middleware: ObservabilityMiddleware(metrics: self.metrics))
@@ -14,18 +18,10 @@ extension Gateway {
         // before the router is made. Without one the middleware is left out: it would cost a
         // span per request and split every answer into three writes (head, body, end).
         if Self.tracingBootstrapped { router.add(middleware: TracingMiddleware()) }
-        let separateOperations = self.configuration.operationsListener != nil
-        let known = separateOperations ? Self.knownRoutes.filter { !Self.isOperationsRoute($0.segments) } : Self.knownRoutes
+        let known = Self.routeTable { self.addServedRoutes(to: $0, operations: operations) }
         router.add(middleware: ErrorMiddleware(knownRoutes: known))
-        self.addCallerRoutes(to: router)
-        self.addForgeRoutes(to: router)
-        // With a separate operations listener (`TOKEN_GATEWAY_OPS_PORT`), health, metrics and the
-        // operator pages are served there only: the port Forge and callers reach never shows them.
-        if !separateOperations { self.addOperationsSurface(to: router) }
-        self.addConnectRoutes(to: router)
-        self.addOAuthRoutes(to: router)
-        self.addInvokeRoutes(to: router)
-        self.addStatusRoutes(to: router)
+        self.addServedRoutes(to: router, operations: operations)
+        self.addOAuthMethodGuards(to: router)
         return router
     }
 
@@ -33,55 +29,60 @@ extension Gateway {
     public func makeOperationsRouter() -> Router<BasicRequestContext> {
         let router = Router(context: BasicRequestContext.self)
         router.add(middleware: RequestIDMiddleware())
-        router.add(middleware: RequestIDMiddleware())
         router.add(middleware: ObservabilityMiddleware(metrics: self.metrics))
-        let known = Self.knownRoutes.filter { Self.isOperationsRoute($0.segments) }
-        router.add(middleware: ErrorMiddleware(knownRoutes: known))
+        router.add(middleware: ErrorMiddleware(knownRoutes: Self.routeTable { self.addOperationsSurface(to: $0) }))
         self.addOperationsSurface(to: router)
         // The operator pages are reachable here too (operator callers only, as on the main port).
         self.addStatusRoutes(to: router)
         return router
     }
 
+    /// Every route of the main listener: the operations surface too when `operations` is set. The
+    /// table of known routes (for 405 answers and the documentation check) is read from these.
+    func addServedRoutes(to router: Router<BasicRequestContext>, operations: Bool) {
+        self.addCallerRoutes(to: router)
+        self.addForgeRoutes(to: router)
+        if operations { self.addOperationsSurface(to: router) }
+        self.addConnectRoutes(to: router)
+        self.addOAuthRoutes(to: router)
+        self.addInvokeRoutes(to: router)
+        self.addStatusRoutes(to: router)
+    }
+
+    /// A route table: path segments (`:name` for a parameter) and methods of every route `add`
+    /// puts on a router, in the router's order.
+    static func routeTable(
+        _ add: (Router<BasicRequestContext>) -> Void
+    ) -> [(segments: [Substring], methods: [HTTPRequest.Method])] {
+        let probe = Router(context: BasicRequestContext.self)
+        add(probe)
+        var table: [(segments: [Substring], methods: [HTTPRequest.Method])] = []
+        for route in probe.routes {
+            let segments = route.path.components.map { element -> Substring in
+                let text = element.description
+                guard text.hasPrefix("{"), text.hasSuffix("}") else { return Substring(text) }
+                return ":" + text.dropFirst().dropLast()
+            }
+            if let index = table.firstIndex(where: { $0.segments == segments }) {
+                table[index].methods.append(route.method)
+            } else {
+                table.append((segments, [route.method]))
+            }
+        }
+        return table
+    }
+
+    /// Every route the gateway serves on either listener, read from the routes themselves.
+    public var knownRoutes: [(segments: [Substring], methods: [HTTPRequest.Method])] {
+        Self.routeTable { self.addServedRoutes(to: $0, operations: true) }
+    }
+
     /// Everything meant for operators rather than for Forge or callers: health, metrics and
     /// operator pages. Served on the main listener, or only on the operations listener when one is
-    /// configured. Routes for operators are added here (and their first path segment to
-    /// ``operationsPathRoots``).
+    /// configured. Routes for operators are added here.
     func addOperationsSurface(to router: Router<BasicRequestContext>) {
         self.addOperationsRoutes(to: router)
     }
-
-    /// First path segments of the operations surface.
-    static let operationsPathRoots: Set<Substring> = ["health", "metrics"]
-
-    static func isOperationsRoute(_ segments: [Substring]) -> Bool {
-        segments.first.map { Self.operationsPathRoots.contains($0) } ?? false
-    }
-
-    static let knownRoutes: [(segments: [Substring], methods: [HTTPRequest.Method])] = [
-        (["v1", "installations", ":id", "token"], [.get]),
-        (["v1", "installations", ":id", "token", "refresh"], [.post]),
-        (["v1", "installations", ":id"], [.get]),
-        (["v1", "installations", ":id", "invoke", ":key"], [.post]),
-        (["v1", "installations"], [.get]),
-        (["forge", "register"], [.post]),
-        (["forge", "auth-trigger"], [.post]),
-        (["forge", "lifecycle"], [.post]),
-        (["forge", "pre-uninstall"], [.post]),
-        (["health", "live"], [.get]),
-        (["health", "ready"], [.get]),
-        (["metrics"], [.get]),
-        (["connect", "installed"], [.post]),
-        (["connect", "uninstalled"], [.post]),
-        (["v1", "connect", "verify"], [.post]),
-        (["v1", "connect", "sign"], [.post]),
-        (["oauth", "token"], [.post]),
-        ([".well-known", "oauth-authorization-server"], [.get]),
-        (["v1", "status"], [.get]),
-        (["v1", "installations", ":id", "history"], [.get]),
-        (["status"], [.get]),
-        (["status", "installations", ":id"], [.get]),
-    ]
 
     /// Whether an instrument other than the no-op one is bootstrapped (`InstrumentationSystem`).
     static var tracingBootstrapped: Bool {
