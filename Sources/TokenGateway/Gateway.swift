@@ -38,6 +38,8 @@ public final class Gateway: Sendable {
     let namedTriggerInvoker: NamedTriggerInvoker
     let invocationLimiter: InvocationLimiter
     let invocationMetrics: InvocationMetrics
+    /// Sends the auth-trigger calls of the flow; holds the opened trigger material.
+    let triggerClient: HTTPTriggerClient
     /// Keeps this replica's heartbeat in the store (status page).
     public let heartbeat: ReplicaHeartbeat
     /// This build's version, shown in the replica heartbeat.
@@ -95,6 +97,7 @@ public final class Gateway: Sendable {
         }
         let trigger = HTTPTriggerClient(
             store: self.store, httpClient: self.httpClient, allowList: configuration.triggerHosts, logger: logger)
+        self.triggerClient = trigger
         self.namedTriggerInvoker = NamedTriggerInvoker(
             httpClient: self.httpClient, allowList: configuration.triggerHosts, configuration: configuration.invoke,
             logger: logger)

@@ -186,6 +186,7 @@ extension Gateway {
     func uninstallInstallation(_ id: InstallationID, signal: String, logger: Logger) async throws {
         try await self.store.uninstall(id, now: FlowTime.now())
         self.flow.installationUninstalled(id)
+        self.triggerClient.installationUninstalled(id)
         logger.info("installation uninstalled", metadata: ["installation.id": "\(id)", "lifecycle.event": "\(signal)"])
     }
 

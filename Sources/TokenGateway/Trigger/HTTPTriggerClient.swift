@@ -10,18 +10,45 @@ import Tracing
 ///
 /// Every call is signed with the installation's Ed25519 key (`X-Token-Gateway-Signature`); the
 /// URL is checked against the allow-list again right before the call, redirects are never
-/// followed, and each call ends within its timeout.
+/// followed, and each call ends within its timeout. The opened URL and key are kept per
+/// installation and key id (``TriggerMaterialCache``); each attempt still reads which material is
+/// in force, so a rotation or an uninstall is honoured at the next attempt.
 public struct HTTPTriggerClient: TriggerSender {
     let store: GatewayStore
     let httpClient: HTTPClient
     let allowList: TriggerHostAllowList
     let logger: Logger
+    let materials: TriggerMaterialCache
 
     public init(store: GatewayStore, httpClient: HTTPClient, allowList: TriggerHostAllowList, logger: Logger) {
         self.store = store
         self.httpClient = httpClient
         self.allowList = allowList
         self.logger = logger
+        self.materials = TriggerMaterialCache()
+    }
+
+    /// Forgets the material held for an installation this replica saw uninstalled.
+    func installationUninstalled(_ id: InstallationID) {
+        self.materials.forget(id)
+    }
+
+    /// The trigger URL and signing key in force for `installation`, opened at most once per key id
+    /// and stored URL; nil when no trigger is registered or the installation is not active.
+    func material(for installation: InstallationID) async throws -> TriggerMaterialCache.Entry? {
+        guard let version = try await self.store.triggerMaterialVersion(installation, now: FlowTime.now()) else {
+            self.materials.forget(installation)
+            return nil
+        }
+        if let entry = self.materials.entry(installation, version: version) { return entry }
+        guard let opened = try await self.store.openTriggerMaterial(installation, version: version) else {
+            self.materials.forget(installation)
+            return nil
+        }
+        let key = try TriggerSigningKey(keyId: opened.keyID, rawPrivateKey: opened.rawPrivateKey)
+        let entry = TriggerMaterialCache.Entry(version: version, url: opened.url, key: key)
+        self.materials.store(installation, entry)
+        return entry
     }
 
     /// The exact body bytes of a trigger call.
@@ -58,13 +85,16 @@ public struct HTTPTriggerClient: TriggerSender {
         logger[metadataKey: "installation.id"] = "\(installation)"
         logger[metadataKey: "request.id"] = "\(requestID)"
         logger[metadataKey: "trigger.attempt"] = "\(attempt)"
-        let material: GatewayStore.TriggerMaterial
+        let material: TriggerMaterialCache.Entry
         do {
-            guard let m = try await self.store.currentTriggerMaterial(installation, now: FlowTime.now()) else {
+            guard let m = try await self.material(for: installation) else {
                 logger.warning("no trigger registered for installation")
                 return .failed(.transportError)
             }
             material = m
+        } catch let error as TriggerSigningError {
+            logger.error("could not sign trigger call", metadata: ["error": "\(type(of: error))"])
+            return .failed(.transportError)
         } catch {
             logger.warning("could not load trigger material", metadata: ["error": "\(error)"])
             return .failed(.transportError)
@@ -78,8 +108,7 @@ public struct HTTPTriggerClient: TriggerSender {
             expiresAt: (expiresAt.nanoseconds + 999_999_999) / 1_000_000_000)
         let signature: String
         do {
-            let key = try TriggerSigningKey(keyId: material.keyID, rawPrivateKey: material.rawPrivateKey)
-            signature = try key.signatureHeader(for: body)
+            signature = try material.key.signatureHeader(for: body)
         } catch {
             logger.error("could not sign trigger call", metadata: ["error": "\(type(of: error))"])
             return .failed(.transportError)
