@@ -155,54 +155,11 @@ extension ForgeEmulator {
         }
 
         admin.post("installations") { request, _ -> Response in
-            let body = try await request.body.collect(upTo: Self.maximumRequestBytes)
-            let create: CreateInstallationRequest
-            if body.readableBytes == 0 {
-                create = CreateInstallationRequest(product: nil)
-            } else if let decoded = try? JSONDecoder().decode(CreateInstallationRequest.self, from: Data(buffer: body)) {
-                create = decoded
-            } else {
-                return EmulatorAnswer.error(400, code: "invalid_request", message: "body must be {\"product\": \"…\"}").response
-            }
-            let installation = self.makeInstallation(product: create.product ?? "jira")
-            do {
-                try await self.install(installation)
-            } catch {
-                return EmulatorAnswer.error(502, code: "install_failed", message: "\(error)").response
-            }
-            return EmulatorAnswer.json(201, self.summary(of: installation)).response
+            try await self.adminCreateInstallation(request)
         }
 
         admin.post("installations/:id/push") { request, context -> Response in
-            guard let installation = self.installation(in: context) else { return Self.unknownInstallation.response }
-            let body = try await request.body.collect(upTo: Self.maximumRequestBytes)
-            var expiresAt: Date?
-            var tokenBytes = 0
-            if body.readableBytes > 0 {
-                guard let push = try? JSONDecoder().decode(PushRequest.self, from: Data(buffer: body)),
-                    (0...Self.maximumPaddedTokenBytes).contains(push.tokenBytes ?? 0)
-                else {
-                    return EmulatorAnswer.error(
-                        400, code: "invalid_request",
-                        message: "body must be {\"expiresInSeconds\": n, \"tokenBytes\": n ≤ 16384}"
-                    ).response
-                }
-                expiresAt = push.expiresInSeconds.map { Date().addingTimeInterval(TimeInterval($0)) }
-                tokenBytes = push.tokenBytes ?? 0
-            }
-            do {
-                let result =
-                    tokenBytes > 0
-                    ? try await self.deliver(
-                        installation,
-                        systemToken: try self.mintAccessToken(
-                            for: installation, expiresAt: expiresAt, minimumLength: tokenBytes),
-                        requestId: nil)
-                    : try await self.push(installation, expiresAt: expiresAt)
-                return EmulatorAnswer.json(200, PushAnswer(status: result.status, body: result.body)).response
-            } catch {
-                return EmulatorAnswer.error(502, code: "push_failed", message: "\(error)").response
-            }
+            try await self.adminPush(request, context: context)
         }
 
         admin.post("installations/:id/uninstall") { _, context -> Response in
@@ -216,26 +173,7 @@ extension ForgeEmulator {
         }
 
         admin.post("installations/:id/ui-invoke") { request, context -> Response in
-            guard let installation = self.installation(in: context) else { return Self.unknownInstallation.response }
-            let body = try await request.body.collect(upTo: Self.maximumRequestBytes)
-            guard let call = try? JSONDecoder().decode(UIInvocationRequest.self, from: Data(buffer: body)),
-                call.path.hasPrefix("/"), !call.path.contains("://")
-            else {
-                return EmulatorAnswer.error(
-                    400, code: "invalid_request",
-                    message: "body must be {\"path\": \"/forge/…\", \"body\": {…}, \"moduleType\": \"xen:macro\", \"systemToken\": true}"
-                ).response
-            }
-            do {
-                let payload = try JSONEncoder.emulator.encode(call.body ?? [:])
-                let token = call.systemToken == true ? try self.mintAccessToken(for: installation) : nil
-                let answer = try await self.invokeFromUI(
-                    installation, path: call.path, body: payload, fit: .ui(moduleType: call.moduleType ?? "xen:macro"),
-                    systemToken: token)
-                return EmulatorAnswer.json(200, PushAnswer(status: answer.status, body: answer.body)).response
-            } catch {
-                return EmulatorAnswer.error(502, code: "ui_invoke_failed", message: "\(error)").response
-            }
+            try await self.adminUIInvoke(request, context: context)
         }
 
         admin.post("installations/:id/fault") { request, context -> Response in
@@ -249,30 +187,112 @@ extension ForgeEmulator {
         }
 
         admin.get("stats") { _, _ -> Response in
-            let stats = self.state.withLock { state in
-                StatsAnswer(
-                    totalTriggerCalls: state.totalTriggerCalls,
-                    installations: Dictionary(
-                        state.orderedRecords.map { ($0.installation.id, $0.triggerRecords.count) },
-                        uniquingKeysWith: { first, _ in first }
-                    ),
-                    triggerProcessingMillis: Dictionary(
-                        state.orderedRecords.map { record in
-                            let own = record.triggerRecords.compactMap(\.ownDuration).reduce(Duration.zero, +)
-                            return (record.installation.id, Double(own.components.seconds) * 1000
-                                + Double(own.components.attoseconds) / 1e15)
-                        },
-                        uniquingKeysWith: { first, _ in first }
-                    )
-                )
-            }
-            return EmulatorAnswer.json(200, stats).response
+            self.adminStats()
         }
 
         self.addConnectRoutes(to: router)
         self.addGraphQLRoutes(to: router)
         self.addNamedTriggerRoutes(to: router)
         return router
+    }
+
+    /// `POST /admin/installations`: creates and installs an installation.
+    private func adminCreateInstallation(_ request: Request) async throws -> Response {
+        let body = try await request.body.collect(upTo: Self.maximumRequestBytes)
+        let create: CreateInstallationRequest
+        if body.readableBytes == 0 {
+            create = CreateInstallationRequest(product: nil)
+        } else if let decoded = try? JSONDecoder().decode(CreateInstallationRequest.self, from: Data(buffer: body)) {
+            create = decoded
+        } else {
+            return EmulatorAnswer.error(400, code: "invalid_request", message: "body must be {\"product\": \"…\"}").response
+        }
+        let installation = self.makeInstallation(product: create.product ?? "jira")
+        do {
+            try await self.install(installation)
+        } catch {
+            return EmulatorAnswer.error(502, code: "install_failed", message: "\(error)").response
+        }
+        return EmulatorAnswer.json(201, self.summary(of: installation)).response
+    }
+
+    /// `POST /admin/installations/{id}/push`: pushes a token (optionally padded) to the gateway.
+    private func adminPush(_ request: Request, context: EmulatorRequestContext) async throws -> Response {
+        guard let installation = self.installation(in: context) else { return Self.unknownInstallation.response }
+        let body = try await request.body.collect(upTo: Self.maximumRequestBytes)
+        var expiresAt: Date?
+        var tokenBytes = 0
+        if body.readableBytes > 0 {
+            guard let push = try? JSONDecoder().decode(PushRequest.self, from: Data(buffer: body)),
+                (0...Self.maximumPaddedTokenBytes).contains(push.tokenBytes ?? 0)
+            else {
+                return EmulatorAnswer.error(
+                    400, code: "invalid_request",
+                    message: "body must be {\"expiresInSeconds\": n, \"tokenBytes\": n ≤ 16384}"
+                ).response
+            }
+            expiresAt = push.expiresInSeconds.map { Date().addingTimeInterval(TimeInterval($0)) }
+            tokenBytes = push.tokenBytes ?? 0
+        }
+        do {
+            let result =
+                tokenBytes > 0
+                ? try await self.deliver(
+                    installation,
+                    systemToken: try self.mintAccessToken(
+                        for: installation, expiresAt: expiresAt, minimumLength: tokenBytes),
+                    requestId: nil)
+                : try await self.push(installation, expiresAt: expiresAt)
+            return EmulatorAnswer.json(200, PushAnswer(status: result.status, body: result.body)).response
+        } catch {
+            return EmulatorAnswer.error(502, code: "push_failed", message: "\(error)").response
+        }
+    }
+
+    /// `POST /admin/installations/{id}/ui-invoke`: calls the gateway as a UI module would.
+    private func adminUIInvoke(_ request: Request, context: EmulatorRequestContext) async throws -> Response {
+        guard let installation = self.installation(in: context) else { return Self.unknownInstallation.response }
+        let body = try await request.body.collect(upTo: Self.maximumRequestBytes)
+        guard let call = try? JSONDecoder().decode(UIInvocationRequest.self, from: Data(buffer: body)),
+            call.path.hasPrefix("/"), !call.path.contains("://")
+        else {
+            return EmulatorAnswer.error(
+                400, code: "invalid_request",
+                message: "body must be {\"path\": \"/forge/…\", \"body\": {…}, \"moduleType\": \"xen:macro\", \"systemToken\": true}"
+            ).response
+        }
+        do {
+            let payload = try JSONEncoder.emulator.encode(call.body ?? [:])
+            let token = call.systemToken == true ? try self.mintAccessToken(for: installation) : nil
+            let answer = try await self.invokeFromUI(
+                installation, path: call.path, body: payload, fit: .ui(moduleType: call.moduleType ?? "xen:macro"),
+                systemToken: token)
+            return EmulatorAnswer.json(200, PushAnswer(status: answer.status, body: answer.body)).response
+        } catch {
+            return EmulatorAnswer.error(502, code: "ui_invoke_failed", message: "\(error)").response
+        }
+    }
+
+    /// `GET /admin/stats`: trigger calls and the emulator's own time on them.
+    private func adminStats() -> Response {
+        let stats = self.state.withLock { state in
+            StatsAnswer(
+                totalTriggerCalls: state.totalTriggerCalls,
+                installations: Dictionary(
+                    state.orderedRecords.map { ($0.installation.id, $0.triggerRecords.count) },
+                    uniquingKeysWith: { first, _ in first }
+                ),
+                triggerProcessingMillis: Dictionary(
+                    state.orderedRecords.map { record in
+                        let own = record.triggerRecords.compactMap(\.ownDuration).reduce(Duration.zero, +)
+                        return (record.installation.id, Double(own.components.seconds) * 1000
+                            + Double(own.components.attoseconds) / 1e15)
+                    },
+                    uniquingKeysWith: { first, _ in first }
+                )
+            )
+        }
+        return EmulatorAnswer.json(200, stats).response
     }
 
     private static var unknownInstallation: EmulatorAnswer {

@@ -38,7 +38,7 @@ public struct TriggerSignature: Sendable, Hashable {
         let encodedSignature = headerValue[separatorRange.upperBound...]
         guard !keyId.isEmpty, keyId.allSatisfy(Self.isKeyIdCharacter) else { return nil }
         guard let signature = Base64URL.decode(encodedSignature), signature.count == 64 else { return nil }
-        self.init(keyId: String(keyId), signature: signature)
+        self.init(keyId: String(keyId), signature: Data(signature))
     }
 
     /// The header value for this signature, in the exact format the gateway writes.

@@ -57,112 +57,142 @@ final class RedisClusterRouter: Sendable {
     /// rediscovery, until `deadline`. A command that may have reached a node which then failed is not repeated:
     /// the call throws.
     func execute(_ commands: [[String]], deadline: NIODeadline) async throws -> [RedisValue] {
-        var replies = [RedisValue?](repeating: nil, count: commands.count)
-        var redirections: [Int: (node: RedisNodeAddress, asking: Bool)] = [:]
-        var pending = Array(commands.indices)
-        var lastError: any Error = RedisError.timeout
+        var progress = Progress(count: commands.count)
         // Bounded by the deadline, and by a number of rounds against redirection loops.
         for _ in 0..<Self.maximumRounds {
-            guard !pending.isEmpty else {
+            guard !progress.pending.isEmpty else {
                 break
             }
             guard NIODeadline.now() < deadline else {
-                throw lastError
+                throw progress.lastError
             }
-            var groups: [RedisNodeAddress: [Item]] = [:]
-            var needsMap = false
-            self.state.withLock { state in
-                for index in pending {
-                    if let redirection = redirections[index] {
-                        groups[redirection.node, default: []].append(Item(index: index, asking: redirection.asking))
-                        continue
-                    }
-                    switch state.machine.route(slot: RedisHashSlot.slot(of: commands[index])) {
-                    case .node(let node): groups[node, default: []].append(Item(index: index, asking: false))
-                    case .discover: needsMap = true
-                    }
-                }
-            }
-            if needsMap {
+            guard let groups = self.groupByNode(commands, progress) else {
                 do {
                     try await self.rediscover(deadline: deadline)
                 } catch {
-                    lastError = error
+                    progress.lastError = error
                     try await self.pause(until: deadline)
                 }
                 continue
             }
-
-            let results = await withTaskGroup(of: (RedisNodeAddress, [Item], Result<[RedisValue], any Error>).self) {
-                group in
-                for (node, items) in groups {
-                    group.addTask {
-                        do {
-                            return (node, items, .success(try await self.send(commands, items, to: node, deadline: deadline)))
-                        } catch {
-                            return (node, items, .failure(error))
-                        }
-                    }
-                }
-                var results: [(RedisNodeAddress, [Item], Result<[RedisValue], any Error>)] = []
-                for await result in group {
-                    results.append(result)
-                }
-                return results
-            }
-
-            pending = []
-            var shouldRediscover = false
-            var thrown: (any Error)?
-            for (node, items, result) in results {
-                switch result {
-                case .success(let nodeReplies):
-                    self.state.withLock { state in
-                        for (item, reply) in zip(items, nodeReplies) {
-                            switch state.machine.replyReceived(reply) {
-                            case .done:
-                                replies[item.index] = reply
-                                redirections[item.index] = nil
-                            case .redirect(let target, let asking):
-                                redirections[item.index] = (target, asking)
-                                pending.append(item.index)
-                            case .retryAfterRediscovery:
-                                redirections[item.index] = nil
-                                pending.append(item.index)
-                                shouldRediscover = true
-                                lastError = RedisError.server(reply.errorMessage ?? "")
-                            }
-                        }
-                    }
-                case .failure(let failure as NotSent):
-                    self.state.withLock { $0.machine.nodeUnreachable(node) }
-                    for item in items {
-                        redirections[item.index] = nil
-                        pending.append(item.index)
-                    }
-                    shouldRediscover = true
-                    lastError = failure.error
-                case .failure(let error):
-                    self.state.withLock { $0.machine.nodeUnreachable(node) }
-                    shouldRediscover = true
-                    thrown = error
-                }
-            }
-            if let thrown {
-                // Commands may have run on the failed node: not repeated. The map is looked at again in the
-                // background so that the next command goes to the right node.
-                Task { try? await self.rediscover(deadline: .now() + TimeAmount(self.configuration.connectTimeout)) }
-                throw thrown
-            }
-            if shouldRediscover, !pending.isEmpty {
+            let results = await self.send(commands, groups, deadline: deadline)
+            let shouldRediscover = try self.take(results, into: &progress)
+            if shouldRediscover, !progress.pending.isEmpty {
                 try? await self.rediscover(deadline: deadline)
                 try await self.pause(until: deadline)
             }
         }
-        guard pending.isEmpty else {
-            throw lastError
+        guard progress.pending.isEmpty else {
+            throw progress.lastError
         }
-        return replies.map { $0 ?? .null }
+        return progress.replies.map { $0 ?? .null }
+    }
+
+    /// Where a pipeline stands between rounds.
+    private struct Progress {
+        var replies: [RedisValue?]
+        var redirections: [Int: (node: RedisNodeAddress, asking: Bool)] = [:]
+        var pending: [Int]
+        var lastError: any Error = RedisError.timeout
+
+        init(count: Int) {
+            self.replies = [RedisValue?](repeating: nil, count: count)
+            self.pending = Array(0..<count)
+        }
+    }
+
+    private typealias NodeResult = (node: RedisNodeAddress, items: [Item], result: Result<[RedisValue], any Error>)
+
+    /// The pending commands by node (a redirection's target, else the primary of the slot), or nil
+    /// when the slot map must be discovered first.
+    private func groupByNode(_ commands: [[String]], _ progress: Progress) -> [RedisNodeAddress: [Item]]? {
+        var groups: [RedisNodeAddress: [Item]] = [:]
+        var needsMap = false
+        self.state.withLock { state in
+            for index in progress.pending {
+                if let redirection = progress.redirections[index] {
+                    groups[redirection.node, default: []].append(Item(index: index, asking: redirection.asking))
+                    continue
+                }
+                switch state.machine.route(slot: RedisHashSlot.slot(of: commands[index])) {
+                case .node(let node): groups[node, default: []].append(Item(index: index, asking: false))
+                case .discover: needsMap = true
+                }
+            }
+        }
+        return needsMap ? nil : groups
+    }
+
+    /// Sends each node its share, all nodes at once.
+    private func send(
+        _ commands: [[String]], _ groups: [RedisNodeAddress: [Item]], deadline: NIODeadline
+    ) async -> [NodeResult] {
+        await withTaskGroup(of: NodeResult.self) { group in
+            for (node, items) in groups {
+                group.addTask {
+                    do {
+                        return (node, items, .success(try await self.send(commands, items, to: node, deadline: deadline)))
+                    } catch {
+                        return (node, items, .failure(error))
+                    }
+                }
+            }
+            var results: [NodeResult] = []
+            for await result in group {
+                results.append(result)
+            }
+            return results
+        }
+    }
+
+    /// Takes one round's results: replies are kept, redirected and retryable commands become
+    /// pending again. Returns whether the map should be rediscovered; throws when a command may
+    /// have run on a node that then failed (it is not repeated).
+    private func take(_ results: [NodeResult], into progress: inout Progress) throws -> Bool {
+        progress.pending = []
+        var shouldRediscover = false
+        var thrown: (any Error)?
+        for (node, items, result) in results {
+            switch result {
+            case .success(let nodeReplies):
+                self.state.withLock { state in
+                    for (item, reply) in zip(items, nodeReplies) {
+                        switch state.machine.replyReceived(reply) {
+                        case .done:
+                            progress.replies[item.index] = reply
+                            progress.redirections[item.index] = nil
+                        case .redirect(let target, let asking):
+                            progress.redirections[item.index] = (target, asking)
+                            progress.pending.append(item.index)
+                        case .retryAfterRediscovery:
+                            progress.redirections[item.index] = nil
+                            progress.pending.append(item.index)
+                            shouldRediscover = true
+                            progress.lastError = RedisError.server(reply.errorMessage ?? "")
+                        }
+                    }
+                }
+            case .failure(let failure as NotSent):
+                self.state.withLock { $0.machine.nodeUnreachable(node) }
+                for item in items {
+                    progress.redirections[item.index] = nil
+                    progress.pending.append(item.index)
+                }
+                shouldRediscover = true
+                progress.lastError = failure.error
+            case .failure(let error):
+                self.state.withLock { $0.machine.nodeUnreachable(node) }
+                shouldRediscover = true
+                thrown = error
+            }
+        }
+        if let thrown {
+            // Commands may have run on the failed node: not repeated. The map is looked at again in the
+            // background so that the next command goes to the right node.
+            Task { try? await self.rediscover(deadline: .now() + TimeAmount(self.configuration.connectTimeout)) }
+            throw thrown
+        }
+        return shouldRediscover
     }
 
     /// Sends one node's share of a pipeline; `ASKING` precedes each command sent after an `ASK` redirection.

@@ -49,8 +49,22 @@ enum RedisURLParser {
             pathSegments = []
         }
 
-        let endpoint: RedisConfiguration.Endpoint
-        let database: Int
+        let (endpoint, database) = try self.parseEndpoint(kind: kind, authority: authority, path: pathSegments)
+        let tls: RedisTLS? = if usesTLS { try RedisTLS() } else { nil }
+        return RedisConfiguration(
+            endpoint: endpoint,
+            username: credentials.username,
+            password: credentials.password,
+            tls: tls,
+            database: database
+        )
+    }
+
+    /// The endpoint and database of a URL's authority and path, by the scheme's kind (`""`,
+    /// `"-sentinel"` or `"-cluster"`).
+    private static func parseEndpoint(
+        kind: Substring, authority: Substring, path pathSegments: [Substring]
+    ) throws(RedisConfigurationError) -> (RedisConfiguration.Endpoint, Int) {
         switch kind {
         case "-sentinel":
             let sentinels = try self.parseHosts(authority, defaultPort: self.defaultSentinelPort)
@@ -60,30 +74,21 @@ enum RedisURLParser {
             guard let masterName = self.percentDecoded(masterSegment), !masterName.contains(" ") else {
                 throw RedisConfigurationError("the master name is malformed")
             }
-            endpoint = .sentinel(sentinels: sentinels, masterName: masterName)
-            database = try self.parseDatabase(pathSegments.dropFirst())
+            return (.sentinel(sentinels: sentinels, masterName: masterName), try self.parseDatabase(pathSegments.dropFirst()))
         case "-cluster":
-            endpoint = .cluster(seeds: try self.parseHosts(authority, defaultPort: self.defaultRedisPort))
-            database = try self.parseDatabase(pathSegments[...])
+            let seeds = try self.parseHosts(authority, defaultPort: self.defaultRedisPort)
+            let database = try self.parseDatabase(pathSegments[...])
             guard database == 0 else {
                 throw RedisConfigurationError("a Redis Cluster has database 0 only")
             }
+            return (.cluster(seeds: seeds), database)
         default:
             if authority.contains(",") {
                 throw RedisConfigurationError("several hosts need redis-sentinel:// or redis-cluster://")
             }
             let (host, port) = try self.parseHostPort(authority, defaultPort: self.defaultRedisPort)
-            endpoint = .direct(host: host, port: port)
-            database = try self.parseDatabase(pathSegments[...])
+            return (.direct(host: host, port: port), try self.parseDatabase(pathSegments[...]))
         }
-        let tls: RedisTLS? = if usesTLS { try RedisTLS() } else { nil }
-        return RedisConfiguration(
-            endpoint: endpoint,
-            username: credentials.username,
-            password: credentials.password,
-            tls: tls,
-            database: database
-        )
     }
 
     private static func parseHosts(

@@ -59,25 +59,8 @@ public final class Gateway: Sendable {
         self.logger = logger
         self.registry = registry
         self.metrics = GatewayMetrics(factory: PrometheusMetricsFactory(registry: registry))
-        // Audit records written to a stream go through a bounded buffer that a background service
-        // writes (``AuditFlushService``), so no request waits on write(2).
-        var auditHandler = logger.handler
-        var auditBuffer: AuditBuffer? = nil
-        if var structured = auditHandler as? GatewayLogHandler {
-            structured.label = AuditLog.label
-            if structured.sink.isStream {
-                let buffer = AuditBuffer(
-                    downstream: structured.sink, capacity: auditBufferCapacity, dropped: self.metrics.auditRecordsDropped)
-                structured.sink = .buffered(buffer)
-                auditBuffer = buffer
-            }
-            auditHandler = structured
-        }
-        self.auditBuffer = auditBuffer
-        let handler = auditHandler
-        var auditLogger = Logger(label: AuditLog.label, factory: { _ in handler })
-        auditLogger.logLevel = .info
-        self.audit = AuditLog(auditLogger: auditLogger)
+        (self.audit, self.auditBuffer) = Self.makeAudit(
+            logger: logger, bufferCapacity: auditBufferCapacity, metrics: self.metrics)
         self.replicaID = "gw_" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
         var httpConfig = HTTPClient.Configuration()
         httpConfig.redirectConfiguration = .disallow
@@ -132,6 +115,30 @@ public final class Gateway: Sendable {
         } else {
             self.connectInstallVerifier = nil
         }
+    }
+
+    /// The audit log: the root logger's handler under the audit label, at info level. Records
+    /// written to a stream go through a bounded buffer that a background service writes
+    /// (``AuditFlushService``), so no request waits on write(2); that buffer is returned too.
+    private static func makeAudit(
+        logger: Logger, bufferCapacity: Int, metrics: GatewayMetrics
+    ) -> (AuditLog, AuditBuffer?) {
+        var auditHandler = logger.handler
+        var auditBuffer: AuditBuffer? = nil
+        if var structured = auditHandler as? GatewayLogHandler {
+            structured.label = AuditLog.label
+            if structured.sink.isStream {
+                let buffer = AuditBuffer(
+                    downstream: structured.sink, capacity: bufferCapacity, dropped: metrics.auditRecordsDropped)
+                structured.sink = .buffered(buffer)
+                auditBuffer = buffer
+            }
+            auditHandler = structured
+        }
+        let handler = auditHandler
+        var auditLogger = Logger(label: AuditLog.label, factory: { _ in handler })
+        auditLogger.logLevel = .info
+        return (AuditLog(auditLogger: auditLogger), auditBuffer)
     }
 
     /// The HTTP application, bound to the configured host and port.

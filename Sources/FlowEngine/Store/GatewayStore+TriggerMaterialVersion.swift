@@ -6,6 +6,11 @@ extension GatewayStore {
     public struct TriggerMaterialVersion: Sendable, Hashable {
         public let sealedURL: String
         public let keyID: String
+
+        public init(sealedURL: String, keyID: String) {
+            self.sealedURL = sealedURL
+            self.keyID = keyID
+        }
     }
 
     /// The trigger material version in force now, in one round trip, or nil when no trigger is

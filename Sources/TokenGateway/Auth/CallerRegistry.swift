@@ -183,94 +183,101 @@ public struct CallerRegistry: Sendable {
         guard !array.isEmpty else {
             throw ConfigurationValueError("\(setting) configures no caller")
         }
-        let knownFields: Set<String> = [
-            "name", "secret", "secretSha256", "installations", "clientKeys", "limits", "invoke", "operator",
-        ]
         var entries: [Entry] = []
         var names: Set<String> = []
         for (index, element) in array.enumerated() {
-            var label = "\(setting)[\(index)]"
-            guard let object = element as? [String: Any] else {
-                throw ConfigurationValueError("\(label) must be a JSON object")
-            }
-            guard let name = object["name"] as? String,
-                !name.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty
-            else {
-                throw ConfigurationValueError("\(label): \"name\" must be a non-empty string")
-            }
-            guard name.count <= 128, !name.unicodeScalars.contains(where: { $0.properties.generalCategory == .control })
-            else {
-                throw ConfigurationValueError("\(label): \"name\" must be at most 128 printable characters")
-            }
-            label = "\(setting)[\(index)] (\"\(name)\")"
-            guard names.insert(name).inserted else {
-                throw ConfigurationValueError("\(label): the name is used by another caller")
-            }
-            if let unknown = object.keys.sorted().first(where: { !knownFields.contains($0) }) {
-                let shown = unknown.count <= 40 ? "\"\(unknown)\"" : "with a \(unknown.count)-character name"
-                throw ConfigurationValueError(
-                    "\(label): unknown field \(shown) (fields: name, secret, secretSha256, installations, clientKeys, "
-                        + "limits, invoke, operator)"
-                )
-            }
-
-            let digest: [UInt8]
-            switch (object["secret"], object["secretSha256"]) {
-            case (.some, .some), (.none, .none):
-                throw ConfigurationValueError("\(label): give exactly one of \"secret\" and \"secretSha256\"")
-            case (.some(let secret), .none):
-                guard let secret = secret as? String, !secret.isEmpty else {
-                    throw ConfigurationValueError("\(label): \"secret\" must be a non-empty string")
-                }
-                // A short secret can be guessed; the length is said, never the value.
-                guard secret.count >= Self.minimumSecretLength else {
-                    throw ConfigurationValueError(
-                        "\(label): \"secret\" must be at least \(Self.minimumSecretLength) characters long")
-                }
-                digest = Array(SHA256.hash(data: Array(secret.utf8)))
-            case (.none, .some(let hex)):
-                guard let hex = hex as? String, let bytes = Self.decodeHex(hex), bytes.count == 32 else {
-                    throw ConfigurationValueError("\(label): \"secretSha256\" must be 64 hexadecimal digits")
-                }
-                digest = bytes
-            }
-
-            let installationValues = try Self.stringList(object["installations"], field: "installations", label: label)
-            let installations: CallerScope
-            do {
-                installations = try CallerScope.installations(installationValues)
-            } catch {
-                throw ConfigurationValueError(
-                    "\(label): \"installations\"[\(error.index)] is neither \"*\", "
-                        + "an installation ARI nor an installation id"
-                )
-            }
-            let clientKeyValues = try Self.stringList(object["clientKeys"], field: "clientKeys", label: label)
-            if clientKeyValues.contains(where: \.isEmpty) {
-                throw ConfigurationValueError("\(label): \"clientKeys\" contains an empty string")
-            }
-
-            var isOperator = false
-            if let flag = object["operator"] {
-                guard let flag = flag as? Bool else {
-                    throw ConfigurationValueError("\(label): \"operator\" must be true or false")
-                }
-                isOperator = flag
-            }
-            let invokeValues = try Self.stringList(object["invoke"], field: "invoke", label: label)
-            if let bad = invokeValues.firstIndex(where: { $0 != "*" && !NamedTriggerKey.isValid($0) }) {
-                throw ConfigurationValueError(
-                    "\(label): \"invoke\"[\(bad)] is neither \"*\" nor a trigger key "
-                        + "(1–64 of a–z 0–9 _ -, starting with a letter or digit)")
-            }
-
-            var caller = Caller(
-                name: name, installations: installations, clientKeys: CallerScope(clientKeyValues),
-                invoke: CallerScope(invokeValues), isOperator: isOperator)
-            caller.limits = try Self.limits(object["limits"], label: label)
-            entries.append(Entry(caller: caller, digest: digest))
+            entries.append(try Self.entry(element, label: "\(setting)[\(index)]", names: &names))
         }
         self.entries = entries
+    }
+
+    private static let knownFields: Set<String> = [
+        "name", "secret", "secretSha256", "installations", "clientKeys", "limits", "invoke", "operator",
+    ]
+
+    /// One caller object of the setting; `label` names it in errors (`…[index]`), `names` holds
+    /// the names of the entries before it.
+    private static func entry(_ element: Any, label position: String, names: inout Set<String>) throws -> Entry {
+        guard let object = element as? [String: Any] else {
+            throw ConfigurationValueError("\(position) must be a JSON object")
+        }
+        guard let name = object["name"] as? String,
+            !name.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty
+        else {
+            throw ConfigurationValueError("\(position): \"name\" must be a non-empty string")
+        }
+        guard name.count <= 128, !name.unicodeScalars.contains(where: { $0.properties.generalCategory == .control })
+        else {
+            throw ConfigurationValueError("\(position): \"name\" must be at most 128 printable characters")
+        }
+        let label = "\(position) (\"\(name)\")"
+        guard names.insert(name).inserted else {
+            throw ConfigurationValueError("\(label): the name is used by another caller")
+        }
+        if let unknown = object.keys.sorted().first(where: { !Self.knownFields.contains($0) }) {
+            let shown = unknown.count <= 40 ? "\"\(unknown)\"" : "with a \(unknown.count)-character name"
+            throw ConfigurationValueError(
+                "\(label): unknown field \(shown) (fields: name, secret, secretSha256, installations, clientKeys, "
+                    + "limits, invoke, operator)"
+            )
+        }
+        let digest = try Self.secretDigest(object, label: label)
+        let installationValues = try Self.stringList(object["installations"], field: "installations", label: label)
+        let installations: CallerScope
+        do {
+            installations = try CallerScope.installations(installationValues)
+        } catch {
+            throw ConfigurationValueError(
+                "\(label): \"installations\"[\(error.index)] is neither \"*\", "
+                    + "an installation ARI nor an installation id"
+            )
+        }
+        let clientKeyValues = try Self.stringList(object["clientKeys"], field: "clientKeys", label: label)
+        if clientKeyValues.contains(where: \.isEmpty) {
+            throw ConfigurationValueError("\(label): \"clientKeys\" contains an empty string")
+        }
+        var isOperator = false
+        if let flag = object["operator"] {
+            guard let flag = flag as? Bool else {
+                throw ConfigurationValueError("\(label): \"operator\" must be true or false")
+            }
+            isOperator = flag
+        }
+        let invokeValues = try Self.stringList(object["invoke"], field: "invoke", label: label)
+        if let bad = invokeValues.firstIndex(where: { $0 != "*" && !NamedTriggerKey.isValid($0) }) {
+            throw ConfigurationValueError(
+                "\(label): \"invoke\"[\(bad)] is neither \"*\" nor a trigger key "
+                    + "(1–64 of a–z 0–9 _ -, starting with a letter or digit)")
+        }
+        var caller = Caller(
+            name: name, installations: installations, clientKeys: CallerScope(clientKeyValues),
+            invoke: CallerScope(invokeValues), isOperator: isOperator)
+        caller.limits = try Self.limits(object["limits"], label: label)
+        return Entry(caller: caller, digest: digest)
+    }
+
+    /// The SHA-256 of a caller's secret: from exactly one of `secret` (hashed here) and
+    /// `secretSha256`. Errors say the length at most, never the value.
+    private static func secretDigest(_ object: [String: Any], label: String) throws -> [UInt8] {
+        switch (object["secret"], object["secretSha256"]) {
+        case (.some, .some), (.none, .none):
+            throw ConfigurationValueError("\(label): give exactly one of \"secret\" and \"secretSha256\"")
+        case (.some(let secret), .none):
+            guard let secret = secret as? String, !secret.isEmpty else {
+                throw ConfigurationValueError("\(label): \"secret\" must be a non-empty string")
+            }
+            // A short secret can be guessed; the length is said, never the value.
+            guard secret.count >= Self.minimumSecretLength else {
+                throw ConfigurationValueError(
+                    "\(label): \"secret\" must be at least \(Self.minimumSecretLength) characters long")
+            }
+            return Array(SHA256.hash(data: Array(secret.utf8)))
+        case (.none, .some(let hex)):
+            guard let hex = hex as? String, let bytes = Self.decodeHex(hex), bytes.count == 32 else {
+                throw ConfigurationValueError("\(label): \"secretSha256\" must be 64 hexadecimal digits")
+            }
+            return bytes
+        }
     }
 
     /// The callers, in configuration order.

@@ -308,36 +308,8 @@ public final class InvocationTokenVerifier: Sendable {
     private func verifyChecked(_ token: String, now: Date, policy: InvocationPolicy) async throws(InvocationTokenError)
         -> InvocationContext
     {
-        // 1. Structure: three base64url parts, JSON header and payload.
-        let bytes = Array(token.utf8)
-        guard !bytes.isEmpty, bytes.count <= Self.maximumTokenLength else {
-            throw .malformed("token empty or too long")
-        }
-        let parts = bytes.split(separator: UInt8(ascii: "."), omittingEmptySubsequences: false)
-        guard parts.count == 3,
-            let headerBytes = Base64URL.decode(utf8: Array(parts[0])),
-            let payloadBytes = Base64URL.decode(utf8: Array(parts[1])),
-            Base64URL.decode(utf8: Array(parts[2])) != nil
-        else { throw .malformed("not a compact JWS") }
-        let header: Header
-        do {
-            header = try JSONDecoder().decode(Header.self, from: Data(headerBytes))
-        } catch {
-            throw .malformed("header is not a JSON object")
-        }
-
-        // 2. Algorithm, before any key lookup.
-        guard header.alg == "RS256" else { throw .algorithmNotAllowed }
-        guard header.crit == nil else { throw .malformed("critical header extensions are not supported") }
-        guard let kid = header.kid, !kid.isEmpty else { throw .unknownKey }
-
-        // 3. Which JWKS: staging only when configured and the (unverified) apiBaseUrl says so.
-        let unverified: FITClaims
-        do {
-            unverified = try JSONDecoder().decode(FITClaims.self, from: Data(payloadBytes))
-        } catch {
-            throw .malformed("payload is not a valid claims object")
-        }
+        // 1–3. Structure, algorithm and which JWKS, before any key lookup.
+        let (kid, unverified) = try Self.parseUnverified(token)
         let jwksURL = self.jwksURL(forUnverifiedAPIBaseURL: unverified.app?.apiBaseUrl)
 
         // 4. The key named by kid, and only that key.
@@ -355,7 +327,52 @@ public final class InvocationTokenVerifier: Sendable {
             throw .malformed("token rejected by the JWT parser")
         }
 
-        // 6. Claims.
+        // 6, 7a. Claims and kind.
+        let checked = try self.checkClaims(claims, now: now)
+        try self.checkKind(claims, policy: policy)
+
+        // 7. Replay: the jti is remembered as long as the token could still be accepted.
+        try await self.checkReplay(jti: checked.jti, until: Date(timeIntervalSince1970: checked.exp + checked.skew))
+
+        return self.context(
+            claims, installationId: checked.installationId, jti: checked.jti, expiresAt: Date(timeIntervalSince1970: checked.exp))
+    }
+
+    /// 1. Structure: three base64url parts, JSON header and payload. 2. The algorithm and the key
+    /// id. 3. The claims as sent, unverified (they only choose the JWKS).
+    private static func parseUnverified(_ token: String) throws(InvocationTokenError) -> (kid: String, claims: FITClaims) {
+        let bytes = Array(token.utf8)
+        guard !bytes.isEmpty, bytes.count <= Self.maximumTokenLength else {
+            throw .malformed("token empty or too long")
+        }
+        let parts = bytes.split(separator: UInt8(ascii: "."), omittingEmptySubsequences: false)
+        guard parts.count == 3,
+            let headerBytes = Base64URL.decode(utf8: Array(parts[0])),
+            let payloadBytes = Base64URL.decode(utf8: Array(parts[1])),
+            Base64URL.decode(utf8: Array(parts[2])) != nil
+        else { throw .malformed("not a compact JWS") }
+        let header: Header
+        do {
+            header = try JSONDecoder().decode(Header.self, from: Data(headerBytes))
+        } catch {
+            throw .malformed("header is not a JSON object")
+        }
+
+        guard header.alg == "RS256" else { throw .algorithmNotAllowed }
+        guard header.crit == nil else { throw .malformed("critical header extensions are not supported") }
+        guard let kid = header.kid, !kid.isEmpty else { throw .unknownKey }
+
+        do {
+            return (kid, try JSONDecoder().decode(FITClaims.self, from: Data(payloadBytes)))
+        } catch {
+            throw .malformed("payload is not a valid claims object")
+        }
+    }
+
+    /// 6. The required claims, issuer, audience and times (with the configured clock skew).
+    private func checkClaims(_ claims: FITClaims, now: Date) throws(InvocationTokenError)
+        -> (jti: String, exp: Double, skew: Double, installationId: String)
+    {
         guard let iss = claims.iss else { throw .missingClaim("iss") }
         guard let aud = claims.aud else { throw .missingClaim("aud") }
         guard let exp = claims.exp else { throw .missingClaim("exp") }
@@ -374,39 +391,45 @@ public final class InvocationTokenVerifier: Sendable {
         guard nowSeconds < exp + skew else { throw .expired }
         guard nbf <= nowSeconds + skew else { throw .notYetValid }
         guard iat <= nowSeconds + skew else { throw .issuedInFuture }
+        return (jti, exp, skew, installationId)
+    }
 
-        // 7a. Kind: a valid FIT from a user's browser may not act for the app. Checked before the
-        // replay guard so a refused call records nothing.
-        if policy.backendOnly {
-            let moduleType = claims.app?.module?.type
-            guard moduleType == Self.backendModuleType else {
-                throw .notBackend("app.module.type is \(moduleType.map { String($0.prefix(64)) } ?? "absent")")
-            }
-            guard !claims.hasContext else { throw .notBackend("context claim present") }
-            guard policy.allowsPrincipal || !claims.hasPrincipal else { throw .notBackend("principal claim present") }
-            if let allowed = self.configuration.allowedModuleKeys {
-                guard let key = claims.app?.module?.key, allowed.contains(key) else {
-                    throw .moduleKeyNotAllowed(
-                        "app.module.key is \(claims.app?.module?.key.map { String($0.prefix(64)) } ?? "absent")")
-                }
+    /// 7a. Kind: a valid FIT from a user's browser may not act for the app. Checked before the
+    /// replay guard so a refused call records nothing.
+    private func checkKind(_ claims: FITClaims, policy: InvocationPolicy) throws(InvocationTokenError) {
+        guard policy.backendOnly else { return }
+        let moduleType = claims.app?.module?.type
+        guard moduleType == Self.backendModuleType else {
+            throw .notBackend("app.module.type is \(moduleType.map { String($0.prefix(64)) } ?? "absent")")
+        }
+        guard !claims.hasContext else { throw .notBackend("context claim present") }
+        guard policy.allowsPrincipal || !claims.hasPrincipal else { throw .notBackend("principal claim present") }
+        if let allowed = self.configuration.allowedModuleKeys {
+            guard let key = claims.app?.module?.key, allowed.contains(key) else {
+                throw .moduleKeyNotAllowed(
+                    "app.module.key is \(claims.app?.module?.key.map { String($0.prefix(64)) } ?? "absent")")
             }
         }
+    }
 
-        // 7. Replay: the jti is remembered as long as the token could still be accepted.
-        if let replayGuard = self.replayGuard {
-            let firstUse: Bool
-            do {
-                firstUse = try await replayGuard.firstUse(jti: jti, expiresAt: Date(timeIntervalSince1970: exp + skew))
-            } catch {
-                self.logger.warning(
-                    "Replay guard unavailable while verifying a Forge invocation token",
-                    metadata: ["error.type": "\(String(reflecting: type(of: error)))"]
-                )
-                throw .storeUnavailable
-            }
-            guard firstUse else { throw .replayed }
+    /// 7. The replay guard: refuses a `jti` seen before; remembers it until `until`.
+    private func checkReplay(jti: String, until: Date) async throws(InvocationTokenError) {
+        guard let replayGuard = self.replayGuard else { return }
+        let firstUse: Bool
+        do {
+            firstUse = try await replayGuard.firstUse(jti: jti, expiresAt: until)
+        } catch {
+            self.logger.warning(
+                "Replay guard unavailable while verifying a Forge invocation token",
+                metadata: ["error.type": "\(String(reflecting: type(of: error)))"]
+            )
+            throw .storeUnavailable
         }
+        guard firstUse else { throw .replayed }
+    }
 
+    /// What a verified token says about its invocation.
+    private func context(_ claims: FITClaims, installationId: String, jti: String, expiresAt: Date) -> InvocationContext {
         let app = claims.app
         let apiBaseUrl = app?.apiBaseUrl
         let cloudId =
@@ -420,7 +443,7 @@ public final class InvocationTokenVerifier: Sendable {
             environmentType: app?.environment?.type,
             environmentId: app?.environment?.id,
             jti: jti,
-            expiresAt: Date(timeIntervalSince1970: exp),
+            expiresAt: expiresAt,
             principal: claims.principal,
             moduleType: app?.module?.type,
             moduleKey: app?.module?.key,

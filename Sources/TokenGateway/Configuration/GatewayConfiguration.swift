@@ -215,86 +215,76 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
             if s == .redisURL, (try? RedisConfiguration(url: v))?.password == nil { continue }
             throw ConfigurationError(setting: "--\(s.flag)", problem: Self.secretFlagProblem(s))
         }
-        func raw(_ s: GatewaySetting) -> String? {
-            if let v = flags[s.environment] { return v }
-            if let v = environment[s.environment], !v.isEmpty { return v }
-            return nil
-        }
-        /// The value of a secret setting; `@path` reads it from that file (one trailing newline dropped).
-        func secretValue(_ s: GatewaySetting) throws(ConfigurationError) -> String? {
-            guard let v = raw(s) else { return nil }
-            guard v.hasPrefix("@") else { return v }
-            return try Self.readSettingFile(String(v.dropFirst()), setting: s)
-        }
-        func required(_ s: GatewaySetting) throws(ConfigurationError) -> String {
-            guard let v = raw(s), !v.trimmingCharacters(in: .whitespaces).isEmpty else {
-                throw ConfigurationError(setting: s.environment, problem: "is required but not set")
-            }
-            return v
-        }
-        func integer(_ s: GatewaySetting, range: ClosedRange<Int>) throws(ConfigurationError) -> Int? {
-            guard let v = raw(s) else { return nil }
-            guard let i = Int(v.trimmingCharacters(in: .whitespaces)), range.contains(i) else {
-                throw ConfigurationError(
-                    setting: s.environment, problem: "must be an integer in \(range.lowerBound)…\(range.upperBound)")
-            }
-            return i
-        }
-        func url(_ s: GatewaySetting, _ value: String) throws(ConfigurationError) -> String {
-            guard let c = URLComponents(string: value), let scheme = c.scheme?.lowercased(),
-                scheme == "http" || scheme == "https", let host = c.host, !host.isEmpty
-            else {
-                throw ConfigurationError(setting: s.environment, problem: "must be an absolute http(s) URL")
-            }
-            return value
-        }
+        let settings = SettingValues(environment: environment, flags: flags)
+        var config = try Self.requiredSettings(settings)
+        try Self.applyListeners(settings, to: &config)
+        try Self.applyTrustRoots(settings, to: &config)
+        try Self.applyLogging(settings, to: &config)
+        try Self.applyFlow(settings, to: &config)
+        return config
+    }
 
+    /// Redis, the app, the encryption keys and the callers: the settings without which nothing runs.
+    private static func requiredSettings(_ settings: SettingValues) throws(ConfigurationError) -> GatewayConfiguration {
         // The Redis URL may carry a password: from the environment or a file (`@path`) only.
-        let redisText = try secretValue(.redisURL) ?? "redis://127.0.0.1:6379/0"
-        let redis = try Self.redisConfiguration { setting in setting == .redisURL ? redisText : raw(setting) }
-        let appID = try required(.forgeAppID)
+        let redisText = try settings.secretValue(.redisURL) ?? "redis://127.0.0.1:6379/0"
+        let redis = try Self.redisConfiguration { setting in setting == .redisURL ? redisText : settings.raw(setting) }
+        let appID = try settings.required(.forgeAppID)
         guard appID.hasPrefix("ari:cloud:ecosystem::app/"), appID.count > "ari:cloud:ecosystem::app/".count else {
             throw ConfigurationError(
                 setting: GatewaySetting.forgeAppID.environment, problem: "must be an app ARI (ari:cloud:ecosystem::app/<uuid>)")
         }
         let keys: EncryptionKeyRing
         do {
-            _ = try required(.encryptionKeys)
-            keys = try EncryptionKeyRing(parsing: try secretValue(.encryptionKeys) ?? "")
+            _ = try settings.required(.encryptionKeys)
+            keys = try EncryptionKeyRing(parsing: try settings.secretValue(.encryptionKeys) ?? "")
         } catch let e as ConfigurationError {
             throw e
         } catch {
             throw ConfigurationError(setting: GatewaySetting.encryptionKeys.environment, problem: "\(error)")
         }
-        _ = try required(.callers)
-        let callersText = try secretValue(.callers) ?? ""
+        _ = try settings.required(.callers)
+        let callersText = try settings.secretValue(.callers) ?? ""
         let callers: CallerRegistry
         do {
             callers = try CallerRegistry(json: callersText)
         } catch {
             throw ConfigurationError(setting: GatewaySetting.callers.environment, problem: "\(error)")
         }
-        var config = GatewayConfiguration(redis: redis, forgeAppID: appID, encryptionKeys: keys, callers: callers)
-        if let host = raw(.host) { config.host = host }
-        if let port = try integer(.port, range: 0...65535) { config.port = port }
-        if let opsPort = try integer(.opsPort, range: 0...65535) {
-            config.operationsListener = OperationsListener(host: raw(.opsHost) ?? "127.0.0.1", port: opsPort)
-        } else if raw(.opsHost) != nil {
+        return GatewayConfiguration(redis: redis, forgeAppID: appID, encryptionKeys: keys, callers: callers)
+    }
+
+    /// The main and the operations listener.
+    private static func applyListeners(_ settings: SettingValues, to config: inout GatewayConfiguration)
+        throws(ConfigurationError)
+    {
+        if let host = settings.raw(.host) { config.host = host }
+        if let port = try settings.integer(.port, range: 0...65535) { config.port = port }
+        if let opsPort = try settings.integer(.opsPort, range: 0...65535) {
+            config.operationsListener = OperationsListener(host: settings.raw(.opsHost) ?? "127.0.0.1", port: opsPort)
+        } else if settings.raw(.opsHost) != nil {
             throw ConfigurationError(
                 setting: GatewaySetting.opsHost.environment, problem: "needs TOKEN_GATEWAY_OPS_PORT as well")
         }
+    }
+
+    /// Whom the gateway trusts and calls: JWKS, trigger hosts, module keys, API base URLs, Connect
+    /// and GraphQL endpoints; the user-exchange limit and the public URL.
+    private static func applyTrustRoots(_ settings: SettingValues, to config: inout GatewayConfiguration)
+        throws(ConfigurationError)
+    {
         // Trust roots (contract §7): https, or http only to a loopback host written as such.
-        if let jwks = raw(.forgeJWKSURL) {
+        if let jwks = settings.raw(.forgeJWKSURL) {
             config.forgeJWKSURL = try TrustRoot.validate(jwks, setting: GatewaySetting.forgeJWKSURL.environment)
         }
-        if let hosts = raw(.triggerHosts) {
+        if let hosts = settings.raw(.triggerHosts) {
             do {
                 config.triggerHosts = try TriggerHostAllowList(parsing: hosts)
             } catch {
                 throw ConfigurationError(setting: GatewaySetting.triggerHosts.environment, problem: error.problem)
             }
         }
-        if let v = raw(.forgeModuleKeys) {
+        if let v = settings.raw(.forgeModuleKeys) {
             let keys = v.split(separator: ",", omittingEmptySubsequences: false).map { $0.trimmingCharacters(in: .whitespaces) }
             guard !keys.isEmpty, keys.allSatisfy({ !$0.isEmpty && $0.utf8.count <= 256 }) else {
                 throw ConfigurationError(
@@ -303,7 +293,7 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
             }
             config.forgeModuleKeys = Set(keys)
         }
-        if let v = raw(.apiBaseURLPrefixes) {
+        if let v = settings.raw(.apiBaseURLPrefixes) {
             let setting = GatewaySetting.apiBaseURLPrefixes.environment
             var prefixes: [String] = []
             for entry in v.split(separator: ",").map({ $0.trimmingCharacters(in: .whitespaces) }) where !entry.isEmpty {
@@ -315,16 +305,24 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
             guard !prefixes.isEmpty else { throw ConfigurationError(setting: setting, problem: "names no prefix") }
             config.apiBaseURLPrefixes = prefixes
         }
-        if let v = raw(.connectBaseURL) { config.connectBaseURL = try url(.connectBaseURL, v) }
-        if let v = raw(.connectKeysURL) {
+        if let v = settings.raw(.connectBaseURL) { config.connectBaseURL = try settings.url(.connectBaseURL, v) }
+        if let v = settings.raw(.connectKeysURL) {
             config.connectKeysURL = try TrustRoot.validate(v, setting: GatewaySetting.connectKeysURL.environment)
         }
-        if let v = raw(.forgeGraphQLURL) {
+        if let v = settings.raw(.forgeGraphQLURL) {
             config.forgeGraphQLURL = try TrustRoot.validate(v, setting: GatewaySetting.forgeGraphQLURL.environment)
         }
-        if let v = try integer(.userExchangesPerMinute, range: 1...1_000_000) { config.userExchangesPerMinute = v }
-        if let v = raw(.publicURL) { config.publicURL = try url(.publicURL, v) }
-        if let v = raw(.logLevel) {
+        if let v = try settings.integer(.userExchangesPerMinute, range: 1...1_000_000) {
+            config.userExchangesPerMinute = v
+        }
+        if let v = settings.raw(.publicURL) { config.publicURL = try settings.url(.publicURL, v) }
+    }
+
+    /// Log level and format.
+    private static func applyLogging(_ settings: SettingValues, to config: inout GatewayConfiguration)
+        throws(ConfigurationError)
+    {
+        if let v = settings.raw(.logLevel) {
             guard let level = Logger.Level(rawValue: v.lowercased()) else {
                 throw ConfigurationError(
                     setting: GatewaySetting.logLevel.environment,
@@ -332,33 +330,83 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
             }
             config.logLevel = level
         }
-        if let v = raw(.logFormat) {
+        if let v = settings.raw(.logFormat) {
             guard let format = LogFormat(rawValue: v.lowercased()) else {
                 throw ConfigurationError(setting: GatewaySetting.logFormat.environment, problem: "must be logfmt or json")
             }
             config.logFormat = format
         }
-        if let v = try integer(.triggerMaxAttempts, range: 1...20) { config.flow.maxAttempts = v }
-        if let v = try integer(.triggerAttemptTimeout, range: 100...60_000) {
+    }
+
+    /// The flow's trigger attempts, refresh-ahead and circuit, and the named-trigger concurrency.
+    private static func applyFlow(_ settings: SettingValues, to config: inout GatewayConfiguration)
+        throws(ConfigurationError)
+    {
+        if let v = try settings.integer(.triggerMaxAttempts, range: 1...20) { config.flow.maxAttempts = v }
+        if let v = try settings.integer(.triggerAttemptTimeout, range: 100...60_000) {
             config.flow.attemptTimeout = .milliseconds(v)
         }
-        if let v = try integer(.deliveryGrace, range: 0...60_000) { config.flow.deliveryGrace = .milliseconds(v) }
-        if let v = raw(.refreshAheadFraction) {
+        if let v = try settings.integer(.deliveryGrace, range: 0...60_000) { config.flow.deliveryGrace = .milliseconds(v) }
+        if let v = settings.raw(.refreshAheadFraction) {
             guard let f = Double(v.trimmingCharacters(in: .whitespaces)), f >= 0, f <= 0.9 else {
                 throw ConfigurationError(
                     setting: GatewaySetting.refreshAheadFraction.environment, problem: "must be a number in 0…0.9")
             }
             config.flow.refreshAheadFraction = f
         }
-        if let v = try integer(.breakerThreshold, range: 1...1000) { config.flow.breakerThreshold = v }
-        if let v = try integer(.breakerOpen, range: 10...3_600_000) {
+        if let v = try settings.integer(.breakerThreshold, range: 1...1000) { config.flow.breakerThreshold = v }
+        if let v = try settings.integer(.breakerOpen, range: 10...3_600_000) {
             config.flow.breakerOpenBase = .milliseconds(v)
             config.flow.breakerOpenCap = max(.milliseconds(v), .seconds(300))
         }
-        if let v = try integer(.invokeMaxConcurrency, range: 1...10_000) {
+        if let v = try settings.integer(.invokeMaxConcurrency, range: 1...10_000) {
             config.invoke.maxConcurrencyPerInstallation = v
         }
-        return config
+    }
+
+    /// The raw values of the settings: a flag (keyed by environment name) wins over the environment;
+    /// an empty environment value counts as unset.
+    private struct SettingValues {
+        let environment: [String: String]
+        let flags: [String: String]
+
+        func raw(_ s: GatewaySetting) -> String? {
+            if let v = self.flags[s.environment] { return v }
+            if let v = self.environment[s.environment], !v.isEmpty { return v }
+            return nil
+        }
+
+        /// The value of a secret setting; `@path` reads it from that file (one trailing newline dropped).
+        func secretValue(_ s: GatewaySetting) throws(ConfigurationError) -> String? {
+            guard let v = self.raw(s) else { return nil }
+            guard v.hasPrefix("@") else { return v }
+            return try GatewayConfiguration.readSettingFile(String(v.dropFirst()), setting: s)
+        }
+
+        func required(_ s: GatewaySetting) throws(ConfigurationError) -> String {
+            guard let v = self.raw(s), !v.trimmingCharacters(in: .whitespaces).isEmpty else {
+                throw ConfigurationError(setting: s.environment, problem: "is required but not set")
+            }
+            return v
+        }
+
+        func integer(_ s: GatewaySetting, range: ClosedRange<Int>) throws(ConfigurationError) -> Int? {
+            guard let v = self.raw(s) else { return nil }
+            guard let i = Int(v.trimmingCharacters(in: .whitespaces)), range.contains(i) else {
+                throw ConfigurationError(
+                    setting: s.environment, problem: "must be an integer in \(range.lowerBound)…\(range.upperBound)")
+            }
+            return i
+        }
+
+        func url(_ s: GatewaySetting, _ value: String) throws(ConfigurationError) -> String {
+            guard let c = URLComponents(string: value), let scheme = c.scheme?.lowercased(),
+                scheme == "http" || scheme == "https", let host = c.host, !host.isEmpty
+            else {
+                throw ConfigurationError(setting: s.environment, problem: "must be an absolute http(s) URL")
+            }
+            return value
+        }
     }
 
     /// Why a secret setting's flag is refused: the secret would be readable in the process list.

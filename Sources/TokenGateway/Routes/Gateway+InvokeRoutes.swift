@@ -189,80 +189,30 @@ extension Gateway {
         logger[metadataKey: "installation.id"] = "\(id)"
         logger[metadataKey: "trigger.key"] = "\(key)"
 
-        let lookup: GatewayStore.NamedTriggerLookup
-        do {
-            lookup = try await self.store.namedTriggerMaterial(id, key: key, now: FlowTime.now())
-        } catch {
-            trace.outcome = "store_unavailable"
-            throw GatewayError.storeUnavailable
-        }
-        var material: GatewayStore.TriggerMaterial?
-        var circuitOpenUntil: Int64?
-        switch lookup {
-        case .installationNotFound: throw GatewayError(FlowError.installationNotFound)
-        case .uninstalled: throw GatewayError(FlowError.installationUninstalled)
-        case .noTrigger:
-            throw GatewayError(
-                status: .unprocessableContent, code: "no_trigger_url",
-                message: "the installation registered no trigger under this key")
-        case .circuitOpen(let until): circuitOpenUntil = until
-        case .found(let m): material = m
-        }
+        let lookup = try await self.namedTrigger(id, key: key, trace: &trace)
 
         // An Idempotency-Key: answer from the first call with it, or become that first call. Keys are
         // scoped to the caller, so two callers never see each other's answers.
         let requestOwner = "inv_" + Base64URL.encode((0..<12).map { _ in UInt8.random(in: .min ... .max) })
-        var claim: (digest: String, owner: String)?
+        var claim: IdempotencyClaimed?
         if let idempotencyKey {
-            let digest = Self.hex(SHA256.hash(data: Array((caller.name + "\n" + idempotencyKey).utf8)))
-            let fingerprint = Self.hex(SHA256.hash(data: payload))
-            let pendingTTL = ContinuousClock.now.duration(to: deadline) + .seconds(5)
-            var pause = Duration.milliseconds(20)
-            waiting: while true {
-                let result: GatewayStore.IdempotencyClaim
-                do {
-                    result = try await self.store.claimIdempotencyKey(
-                        id, trigger: key, digest: digest, fingerprint: fingerprint, owner: requestOwner,
-                        pendingTTL: pendingTTL, retention: self.configuration.invoke.idempotencyRetention)
-                } catch {
-                    trace.outcome = "store_unavailable"
-                    throw GatewayError.storeUnavailable
-                }
-                switch result {
-                case .claimed:
-                    claim = (digest, requestOwner)
-                    break waiting
-                case .done(let bytes):
-                    guard let answer = InvocationAnswer(encoded: bytes) else {
-                        trace.outcome = "store_unavailable"
-                        throw GatewayError.storeUnavailable
-                    }
-                    trace.outcome = "replayed"
-                    return Self.relay(answer, requestID: nil, replayed: true)
-                case .payloadMismatch:
-                    trace.outcome = "not_found"
-                    throw GatewayError.invalidRequest("this Idempotency-Key was used with a different payload")
-                case .inProgress:
-                    // A concurrent request with the same key is calling the trigger: wait for its answer.
-                    let left = ContinuousClock.now.duration(to: deadline)
-                    guard left > pause, !Task.isCancelled else {
-                        trace.outcome = "timeout"
-                        throw GatewayError(
-                            status: .gatewayTimeout, code: "token_timeout",
-                            message: "an earlier request with this Idempotency-Key was still in progress at the timeout")
-                    }
-                    try? await Task.sleep(for: pause)
-                    pause = min(pause * 2, .milliseconds(250))
-                }
+            switch try await self.claimIdempotencyKey(
+                idempotencyKey, id: id, key: key, caller: caller, payload: payload, owner: requestOwner,
+                deadline: deadline, trace: &trace)
+            {
+            case .claimed(let claimed): claim = claimed
+            case .replay(let response): return response
             }
         }
 
-        guard let material else {
+        guard case .found(let material) = lookup else {
             if let claim {
                 try? await self.store.releaseIdempotencyKey(id, trigger: key, digest: claim.digest, owner: claim.owner)
             }
             trace.outcome = "circuit_open"
-            let wait = max(0, (circuitOpenUntil ?? 0) - FlowTime.now().unixMilliseconds)
+            let until: Int64
+            if case .circuitOpen(let u) = lookup { until = u } else { until = 0 }
+            let wait = max(0, until - FlowTime.now().unixMilliseconds)
             throw GatewayError(FlowError.circuitOpen(retryAfter: .milliseconds(wait)))
         }
 
@@ -278,8 +228,101 @@ extension Gateway {
         let result = await self.namedTriggerInvoker.call(
             material: material, body: body, idempotencyKey: idempotencyKey, deadline: deadline, logger: logger)
         trace.calledFor = callStarted.duration(to: .now)
+        await self.recordInvocationOutcome(id, key: key, result: result, logger: logger)
+        return try await self.answer(result, id: id, key: key, requestID: requestID, claim: claim, trace: &trace)
+    }
 
-        // The trigger's circuit: transport errors, timeouts and 5xx answers count as failures.
+    /// The named trigger's material, or that its circuit is open; refusals for an unknown or
+    /// uninstalled installation or an unknown key, 503 when the store is unreachable.
+    private func namedTrigger(_ id: InstallationID, key: String, trace: inout InvocationTrace) async throws
+        -> GatewayStore.NamedTriggerLookup
+    {
+        let lookup: GatewayStore.NamedTriggerLookup
+        do {
+            lookup = try await self.store.namedTriggerMaterial(id, key: key, now: FlowTime.now())
+        } catch {
+            trace.outcome = "store_unavailable"
+            throw GatewayError.storeUnavailable
+        }
+        switch lookup {
+        case .installationNotFound: throw GatewayError(FlowError.installationNotFound)
+        case .uninstalled: throw GatewayError(FlowError.installationUninstalled)
+        case .noTrigger:
+            throw GatewayError(
+                status: .unprocessableContent, code: "no_trigger_url",
+                message: "the installation registered no trigger under this key")
+        case .circuitOpen, .found: return lookup
+        }
+    }
+
+    /// An Idempotency-Key this request owns: the digest it is stored under and the owner.
+    private struct IdempotencyClaimed {
+        let digest: String
+        let owner: String
+    }
+
+    private enum IdempotencyOutcome {
+        /// This request makes the call.
+        case claimed(IdempotencyClaimed)
+        /// An earlier request with the key finished: its answer, replayed.
+        case replay(Response)
+    }
+
+    /// Claims `idempotencyKey` for this request, or replays the answer of the first request with
+    /// it; waits (with growing pauses, until the deadline) while that request is still calling.
+    private func claimIdempotencyKey(
+        _ idempotencyKey: String, id: InstallationID, key: String, caller: Caller, payload: [UInt8], owner: String,
+        deadline: ContinuousClock.Instant, trace: inout InvocationTrace
+    ) async throws -> IdempotencyOutcome {
+        let digest = Self.hex(SHA256.hash(data: Array((caller.name + "\n" + idempotencyKey).utf8)))
+        let fingerprint = Self.hex(SHA256.hash(data: payload))
+        let pendingTTL = ContinuousClock.now.duration(to: deadline) + .seconds(5)
+        var waits = 0
+        while true {
+            let result: GatewayStore.IdempotencyClaim
+            do {
+                result = try await self.store.claimIdempotencyKey(
+                    id, trigger: key, digest: digest, fingerprint: fingerprint, owner: owner,
+                    pendingTTL: pendingTTL, retention: self.configuration.invoke.idempotencyRetention)
+            } catch {
+                trace.outcome = "store_unavailable"
+                throw GatewayError.storeUnavailable
+            }
+            switch result {
+            case .claimed:
+                return .claimed(IdempotencyClaimed(digest: digest, owner: owner))
+            case .done(let bytes):
+                guard let answer = InvocationAnswer(encoded: bytes) else {
+                    trace.outcome = "store_unavailable"
+                    throw GatewayError.storeUnavailable
+                }
+                trace.outcome = "replayed"
+                return .replay(Self.relay(answer, requestID: nil, replayed: true))
+            case .payloadMismatch:
+                trace.outcome = "not_found"
+                throw GatewayError.invalidRequest("this Idempotency-Key was used with a different payload")
+            case .inProgress:
+                // A concurrent request with the same key is calling the trigger: wait for its answer,
+                // polling at growing, jittered pauses (20–40 ms at first, at most 250 ms).
+                waits += 1
+                let pause = Backoff.delay(
+                    attempt: waits, base: .milliseconds(40), cap: .milliseconds(250), jitter: .random(in: 0...1))
+                let left = ContinuousClock.now.duration(to: deadline)
+                guard left > pause, !Task.isCancelled else {
+                    trace.outcome = "timeout"
+                    throw GatewayError(
+                        status: .gatewayTimeout, code: "token_timeout",
+                        message: "an earlier request with this Idempotency-Key was still in progress at the timeout")
+                }
+                try? await Task.sleep(for: pause)
+            }
+        }
+    }
+
+    /// The trigger's circuit: transport errors, timeouts and 5xx answers count as failures.
+    private func recordInvocationOutcome(
+        _ id: InstallationID, key: String, result: InvocationCallResult, logger: Logger
+    ) async {
         do {
             let openUntil = try await self.store.recordInvocationOutcome(
                 id, key: key, succeeded: result.succeededForBreaker,
@@ -293,7 +336,13 @@ extension Gateway {
         } catch {
             logger.warning("could not record the named-trigger call for its circuit")
         }
+    }
 
+    /// The caller's answer to a call that was made; completes or releases the Idempotency-Key.
+    private func answer(
+        _ result: InvocationCallResult, id: InstallationID, key: String, requestID: String,
+        claim: IdempotencyClaimed?, trace: inout InvocationTrace
+    ) async throws -> Response {
         switch result {
         case .answered(let answer, let attempts):
             trace.attempts = attempts

@@ -245,12 +245,23 @@ enum StatusPage {
 
     static func overview(_ report: StatusReport, filter: Filter, text: String, page: Int) -> String {
         let now = report.generatedAt
-        let recent = report.recentRoundTrips
-        let minutes = StatusReport.recentWindow.milliseconds / 60_000
         var body = "<h1>Status</h1>"
         body += "<p class=\"muted\">Generated \(escape(time(ms: now.unixMilliseconds))) by replica \(escape(report.replica)).</p>"
 
-        // Summary.
+        body += Self.summarySection(report)
+        body += Self.installationsSection(report, filter: filter, text: text, page: page)
+        body += "<section aria-labelledby=\"chart-heading\"><h2 id=\"chart-heading\">Round trips, last hour</h2>"
+        body += chart(report.roundTrips, now: now, id: "chart") + "</section>"
+
+        body += Self.replicasSection(report)
+        return document(title: "Status", body: body, current: "overview")
+    }
+
+    /// The overview's summary: cards and the round trips of the recent window by outcome.
+    private static func summarySection(_ report: StatusReport) -> String {
+        let recent = report.recentRoundTrips
+        let minutes = StatusReport.recentWindow.milliseconds / 60_000
+        var body = ""
         body += "<section aria-labelledby=\"summary-heading\"><h2 id=\"summary-heading\">Summary</h2><dl class=\"cards\">"
         body += "<div class=\"card\"><dt>Replicas seen</dt><dd id=\"summary-replicas\">\(report.replicas.count)</dd></div>"
         let redisText = report.redis.reachable ? (report.redis.role ?? "reachable") : "unreachable"
@@ -277,7 +288,13 @@ enum StatusPage {
         }
         body += "</section>"
 
-        // Installations.
+        return body
+    }
+
+    /// The overview's installations: the filter form, one page of the table and the pager.
+    private static func installationsSection(_ report: StatusReport, filter: Filter, text: String, page: Int) -> String {
+        let now = report.generatedAt
+        var body = ""
         let needle = text.lowercased()
         let matching = report.rows.filter { filter.accepts($0) && (needle.isEmpty || $0.record.id.ari.lowercased().contains(needle)) }
         let pages = max(1, (matching.count + pageSize - 1) / pageSize)
@@ -331,10 +348,12 @@ enum StatusPage {
         }
         body += "</nav></section>"
 
-        body += "<section aria-labelledby=\"chart-heading\"><h2 id=\"chart-heading\">Round trips, last hour</h2>"
-        body += chart(report.roundTrips, now: now, id: "chart") + "</section>"
+        return body
+    }
 
-        // Replicas and Redis.
+    /// The overview's replicas (live heartbeats) and the Redis facts.
+    private static func replicasSection(_ report: StatusReport) -> String {
+        var body = ""
         body += "<section aria-labelledby=\"replicas-heading\"><h2 id=\"replicas-heading\">Replicas and Redis</h2>"
         body += "<div class=\"table-wrap\" role=\"region\" aria-labelledby=\"replicas-heading\" tabindex=\"0\"><table id=\"replicas\">"
         body += "<caption class=\"muted\" style=\"text-align:left;padding:.4rem .6rem\">Replicas with a live heartbeat</caption>"
@@ -356,7 +375,7 @@ enum StatusPage {
         if let version = report.redis.version { redisFacts += "<dt>Version</dt><dd>\(escape(version))</dd>" }
         if let n = report.redis.connectedReplicas { redisFacts += "<dt>Connected Redis replicas</dt><dd>\(n)</dd>" }
         body += redisFacts + "</dl></section>"
-        return document(title: "Status", body: body, current: "overview")
+        return body
     }
 
     static func installation(_ row: StatusReport.Row, history: [RoundTripRecord], now: FlowTime) -> String {
