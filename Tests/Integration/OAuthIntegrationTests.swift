@@ -485,45 +485,7 @@ struct OAuthIntegrationTests {
                 "grant_type=client_credentials&client_id=full&resource=\(resource)", headers: basic)
             #expect(sameID.status == 200)
 
-            // invalid_request: repeated parameter, both methods, another client_id, missing grant_type, bad encoding.
-            let badRequests = [
-                ("grant_type=client_credentials&resource=\(resource)&resource=\(resource)", basic),
-                (
-                    "grant_type=client_credentials&client_id=full"
-                        + "&client_secret=\(formEncoded(GatewayHarness.callerSecret))&resource=\(resource)", basic
-                ),
-                ("grant_type=client_credentials&client_id=other&resource=\(resource)", basic),
-                ("resource=\(resource)", basic),
-                ("grant_type=client_credentials&resource=%ZZ", basic),
-            ]
-            for (body, headers) in badRequests {
-                let answer = try await h.oauthPost(body, headers: headers)
-                #expect(answer.status == 400, "\(body)")
-                #expect(answer.oauthError == "invalid_request", "\(body)")
-                expectOAuthErrorHeaders(answer.headers)
-            }
-            let json = try await h.oauthPost(
-                #"{"grant_type":"client_credentials"}"#, contentType: "application/json", headers: basic)
-            #expect(json.status == 400)
-            #expect(json.oauthError == "invalid_request")
-
-            // invalid_client: none given, a Bearer credential, a malformed Basic value, a secret without id.
-            let badClients: [(String, [String: String])] = [
-                ("grant_type=client_credentials&resource=\(resource)", [:]),
-                (
-                    "grant_type=client_credentials&resource=\(resource)",
-                    ["authorization": "Bearer \(GatewayHarness.callerSecret)"]
-                ),
-                ("grant_type=client_credentials&resource=\(resource)", ["authorization": "Basic !!!"]),
-                ("grant_type=client_credentials&client_secret=x&resource=\(resource)", [:]),
-            ]
-            for (body, headers) in badClients {
-                let answer = try await h.oauthPost(body, headers: headers)
-                #expect(answer.status == 401)
-                #expect(answer.oauthError == "invalid_client")
-                #expect(answer.headers["www-authenticate"] == "Basic realm=\"token-gateway\"")
-                expectOAuthErrorHeaders(answer.headers)
-            }
+            try await Self.expectRefusedForms(h, resource: resource, basic: basic)
 
             // Another method on the token endpoint: 405 with an RFC 6749 body.
             let get = try await h.call(.GET, "/oauth/token", secret: nil)
@@ -538,4 +500,50 @@ struct OAuthIntegrationTests {
             #expect(!metrics.body.contains(installation.id))
         }
     }
+
+    /// invalid_request (a repeated parameter, both client methods, another client_id, no
+    /// grant_type, a bad encoding, JSON) and invalid_client (none given, a Bearer credential, a
+    /// malformed Basic value, a secret without id), each with the RFC 6749 error headers.
+    static func expectRefusedForms(_ h: GatewayHarness, resource: String, basic: [String: String]) async throws {
+        // invalid_request: repeated parameter, both methods, another client_id, missing grant_type, bad encoding.
+        let badRequests = [
+            ("grant_type=client_credentials&resource=\(resource)&resource=\(resource)", basic),
+            (
+                "grant_type=client_credentials&client_id=full"
+                    + "&client_secret=\(formEncoded(GatewayHarness.callerSecret))&resource=\(resource)", basic
+            ),
+            ("grant_type=client_credentials&client_id=other&resource=\(resource)", basic),
+            ("resource=\(resource)", basic),
+            ("grant_type=client_credentials&resource=%ZZ", basic),
+        ]
+        for (body, headers) in badRequests {
+            let answer = try await h.oauthPost(body, headers: headers)
+            #expect(answer.status == 400, "\(body)")
+            #expect(answer.oauthError == "invalid_request", "\(body)")
+            expectOAuthErrorHeaders(answer.headers)
+        }
+        let json = try await h.oauthPost(
+            #"{"grant_type":"client_credentials"}"#, contentType: "application/json", headers: basic)
+        #expect(json.status == 400)
+        #expect(json.oauthError == "invalid_request")
+
+        // invalid_client: none given, a Bearer credential, a malformed Basic value, a secret without id.
+        let badClients: [(String, [String: String])] = [
+            ("grant_type=client_credentials&resource=\(resource)", [:]),
+            (
+                "grant_type=client_credentials&resource=\(resource)",
+                ["authorization": "Bearer \(GatewayHarness.callerSecret)"]
+            ),
+            ("grant_type=client_credentials&resource=\(resource)", ["authorization": "Basic !!!"]),
+            ("grant_type=client_credentials&client_secret=x&resource=\(resource)", [:]),
+        ]
+        for (body, headers) in badClients {
+            let answer = try await h.oauthPost(body, headers: headers)
+            #expect(answer.status == 401)
+            #expect(answer.oauthError == "invalid_client")
+            #expect(answer.headers["www-authenticate"] == "Basic realm=\"token-gateway\"")
+            expectOAuthErrorHeaders(answer.headers)
+        }
+    }
+
 }

@@ -247,61 +247,8 @@ struct OpenAPIConformanceTests {
             }
             try await h.recorded(r, .GET, "/v1/installations", template: Self.list, status: 200, note: "default page")
 
-            // 400 invalid_parameter.
-            try await h.recorded(r, .GET, path + "/token?minValidity=7201", template: Self.token, status: 400, note: "minValidity out of range")
-            try await h.recorded(r, .GET, path + "/token?timeout=99", template: Self.token, status: 400, note: "timeout out of range")
-            try await h.recorded(r, .GET, "/v1/installations/bad%20id/token", template: Self.token, status: 400, note: "malformed id")
-            try await h.recorded(r, .GET, "/v1/installations?limit=0", template: Self.list, status: 400, note: "limit out of range")
-            try await h.recorded(r, .GET, "/v1/installations?cursor=%21%21", template: Self.list, status: 400, note: "malformed cursor")
-
-            // 401 and 403.
-            try await h.recorded(r, .GET, path + "/token", template: Self.token, status: 401, note: "no credential", secret: nil)
-            try await h.recorded(r, .POST, path + "/token/refresh", template: Self.refresh, status: 401, note: "wrong secret", secret: "nope")
-            try await h.recorded(r, .GET, "/v1/installations", template: Self.list, status: 401, note: "list without credential", secret: nil)
-            try await h.recorded(
-                r, .GET, path + "/token", template: Self.token, status: 403, note: "outside the caller's set",
-                secret: GatewayHarness.scopedSecret)
-            try await h.recorded(
-                r, .GET, path, template: Self.installation, status: 403, note: "metadata outside the caller's set",
-                secret: GatewayHarness.scopedSecret)
-
-            // 404 installation_not_found.
-            let unknown = GatewayHarness.path(h.emulator.makeInstallation())
-            try await h.recorded(r, .GET, unknown + "/token", template: Self.token, status: 404, note: "unknown installation")
-            try await h.recorded(r, .GET, unknown, template: Self.installation, status: 404, note: "unknown metadata")
-
-            // 410 installation_uninstalled (and 200 metadata with status uninstalled).
-            let gone = try await h.installed()
-            try await h.emulator.uninstall(gone)
-            try await h.recorded(r, .GET, GatewayHarness.path(gone) + "/token", template: Self.token, status: 410, note: "uninstalled")
-            let goneMeta = try await h.recorded(
-                r, .GET, GatewayHarness.path(gone), template: Self.installation, status: 200, note: "uninstalled metadata")
-            #expect(goneMeta.json["status"] as? String == "uninstalled")
-
-            // 422 no_trigger_url: installed, never registered.
-            let unregistered = h.emulator.makeInstallation()
-            #expect(try await h.emulator.sendLifecycleEvent(.installed, for: unregistered).status == 200)
-            try await h.recorded(
-                r, .GET, GatewayHarness.path(unregistered) + "/token", template: Self.token, status: 422, note: "no trigger")
-
-            // 502 trigger_failed, then 503 circuit_open (threshold 1).
-            let failing = try await h.installed()
-            h.emulator.setFault(.failWith(status: 500, times: 100), for: failing)
-            try await h.recorded(
-                r, .GET, GatewayHarness.path(failing) + "/token", template: Self.token, status: 502, note: "trigger 5xx")
-            try await DocumentationCheck.eventually("the circuit to open") {
-                try await h.gateway.store.snapshot(failing.installationID).circuitOpenUntil > 0
-            }
-            let open = try await h.recorded(
-                r, .GET, GatewayHarness.path(failing) + "/token", template: Self.token, status: 503, note: "circuit open")
-            #expect(open.errorCode == "circuit_open")
-
-            // 504 token_timeout: the trigger answers 2xx but never delivers.
-            let silent = try await h.installed()
-            h.emulator.setFault(.acceptWithoutDelivery, for: silent)
-            try await h.recorded(
-                r, .GET, GatewayHarness.path(silent) + "/token?timeout=1500", template: Self.token, status: 504,
-                note: "never delivered")
+            try await Self.recordCallerRefusals(r, h, path: path)
+            let failing = try await Self.recordTokenFailures(r, h)
 
             // Answers every route can give.
             try await h.recorded(r, .GET, "/no/such/route", template: "/no/such/route", status: 404, note: "unknown route", generic: true)
@@ -329,155 +276,10 @@ struct OpenAPIConformanceTests {
             let installation = h.emulator.makeInstallation()
             let register = #"{"authTriggerUrl":"\#(h.emulator.triggerURL(for: installation))"}"#
 
-            try await h.recorded(
-                r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 200, note: "installed", secret: nil,
-                headers: try h.forgeHeaders(installation), body: GatewayHarness.lifecycleBody(.installed, installation))
-            try await h.recorded(
-                r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 200, note: "upgraded", secret: nil,
-                headers: try h.forgeHeaders(installation), body: GatewayHarness.lifecycleBody(.upgraded, installation))
-            try await h.recorded(
-                r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 200, note: "ignored event", secret: nil,
-                headers: try h.forgeHeaders(installation), body: #"{"eventType":"avi:forge:something:else"}"#)
-            try await h.recorded(
-                r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 200, note: "documented body, no eventType",
-                secret: nil, headers: try h.forgeHeaders(installation), body: GatewayHarness.documentedLifecycleBody(installation))
-            try await h.recorded(
-                r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 200, note: "with a system token",
-                secret: nil,
-                headers: try h.forgeHeaders(
-                    installation, ["x-forge-oauth-system": try h.emulator.mintAccessToken(for: installation)]),
-                body: GatewayHarness.documentedLifecycleBody(installation))
-            try await h.recorded(
-                r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 400, note: "eventType not a string",
-                secret: nil, headers: try h.forgeHeaders(installation), body: #"{"eventType":42}"#)
-            try await h.recorded(
-                r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 403, note: "UI module FIT", secret: nil,
-                headers: try h.uiHeaders(installation), body: GatewayHarness.documentedLifecycleBody(installation))
-            try await h.recorded(
-                r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 401, note: "no FIT", secret: nil,
-                headers: ["content-type": "application/json"], body: GatewayHarness.lifecycleBody(.installed, installation))
-
-            // /forge/register.
-            let first = try await h.recorded(
-                r, .POST, "/forge/register", template: "/forge/register", status: 200, note: "register", secret: nil,
-                headers: try h.forgeHeaders(installation), body: register)
-            try await h.recorded(
-                r, .POST, "/forge/register", template: "/forge/register", status: 200, note: "register with a pushed token",
-                secret: nil,
-                headers: try h.forgeHeaders(
-                    installation, ["x-forge-oauth-system": try h.emulator.mintAccessToken(for: installation)]),
-                body: register)
-            let rotated = try await h.recorded(
-                r, .POST, "/forge/register", template: "/forge/register", status: 200, note: "key rotation", secret: nil,
-                headers: try h.forgeHeaders(installation),
-                body: #"{"authTriggerUrl":"\#(h.emulator.triggerURL(for: installation))","rotateKey":true}"#)
-            #expect(rotated.json["triggerKeyId"] as? String == first.json["triggerKeyId"] as? String)
-            #expect(rotated.json["nextTriggerKeyId"] is String)
-            try await h.recorded(
-                r, .POST, "/forge/register", template: "/forge/register", status: 400, note: "URL off the allow-list",
-                secret: nil, headers: try h.forgeHeaders(installation),
-                body: #"{"authTriggerUrl":"https://attacker.example.com/x"}"#)
-            try await h.recorded(
-                r, .POST, "/forge/register", template: "/forge/register", status: 400, note: "no URL", secret: nil,
-                headers: try h.forgeHeaders(installation), body: "{}")
-            try await h.recorded(
-                r, .POST, "/forge/register", template: "/forge/register", status: 400, note: "wrong content type",
-                secret: nil, headers: try h.forgeHeaders(installation, ["content-type": "text/plain"]), body: register)
-            try await h.recorded(
-                r, .POST, "/forge/register", template: "/forge/register", status: 403, note: "UI module FIT", secret: nil,
-                headers: try h.uiHeaders(installation), body: register)
-            try await h.recorded(
-                r, .POST, "/forge/register", template: "/forge/register", status: 401, note: "bad FIT", secret: nil,
-                headers: ["authorization": "Bearer not.a.fit", "content-type": "application/json"], body: register)
-            try await h.recorded(
-                r, .POST, "/forge/register", template: "/forge/register", status: 413, note: "body too large",
-                secret: nil, headers: try h.forgeHeaders(installation),
-                body: #"{"authTriggerUrl":""# + String(repeating: "a", count: 70 * 1024) + #""}"#)
-
-            // /forge/auth-trigger.
-            let token = try h.emulator.mintAccessToken(for: installation, expiresAt: Date().addingTimeInterval(7200))
-            let stored = try await h.recorded(
-                r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 200, note: "push", secret: nil,
-                headers: try h.forgeHeaders(installation, ["x-forge-oauth-system": token]), body: "{}")
-            #expect(stored.json["stored"] as? Bool == true)
-            let again = try await h.recorded(
-                r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 200, note: "not newer",
-                secret: nil,
-                headers: try h.forgeHeaders(installation, ["x-forge-oauth-system": token]),
-                body: #"{"requestId":"rq_unknown"}"#)
-            #expect(again.json["stored"] as? Bool == false)
-            try await h.recorded(
-                r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 200, note: "no body",
-                secret: nil,
-                headers: [
-                    "authorization": "Bearer " + (try h.emulator.mintFIT(for: installation)),
-                    "x-forge-oauth-system": try h.emulator.mintAccessToken(for: installation),
-                ])
-            try await h.recorded(
-                r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 400, note: "no token",
-                secret: nil, headers: try h.forgeHeaders(installation), body: "{}")
-            try await h.recorded(
-                r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 400, note: "token without exp",
-                secret: nil, headers: try h.forgeHeaders(installation, ["x-forge-oauth-system": "opaque"]), body: "{}")
-            try await h.recorded(
-                r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 400, note: "malformed requestId",
-                secret: nil, headers: try h.forgeHeaders(installation, ["x-forge-oauth-system": token]),
-                body: #"{"requestId":42}"#)
-            try await h.recorded(
-                r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 400, note: "token lives > 24 h",
-                secret: nil,
-                headers: try h.forgeHeaders(
-                    installation,
-                    ["x-forge-oauth-system": try h.emulator.mintAccessToken(
-                        for: installation, expiresAt: Date().addingTimeInterval(25 * 3600))]),
-                body: "{}")
-            let nearlyExpired = try await h.recorded(
-                r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 200, note: "token < 60 s left",
-                secret: nil,
-                headers: try h.forgeHeaders(
-                    installation,
-                    ["x-forge-oauth-system": try h.emulator.mintAccessToken(
-                        for: installation, expiresAt: Date().addingTimeInterval(30))]),
-                body: "{}")
-            #expect(nearlyExpired.json["stored"] as? Bool == false)
-            try await h.recorded(
-                r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 403, note: "UI module FIT",
-                secret: nil, headers: try h.uiHeaders(installation, ["x-forge-oauth-system": token]), body: "{}")
-            try await h.recorded(
-                r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 401, note: "no FIT",
-                secret: nil, headers: ["x-forge-oauth-system": token, "content-type": "application/json"], body: "{}")
-
-            // /forge/pre-uninstall refusals, then the uninstalled event and preUninstall; then 410
-            // from delivery and registration.
-            let preUninstallBody =
-                #"{"context":{"cloudId":"\#(installation.cloudId)","moduleKey":"pre-uninstall"},"contextToken":"ct"}"#
-            try await h.recorded(
-                r, .POST, "/forge/pre-uninstall", template: "/forge/pre-uninstall", status: 403, note: "UI module FIT",
-                secret: nil, headers: try h.uiHeaders(installation), body: preUninstallBody)
-            try await h.recorded(
-                r, .POST, "/forge/pre-uninstall", template: "/forge/pre-uninstall", status: 401, note: "no FIT",
-                secret: nil, headers: ["content-type": "application/json"], body: preUninstallBody)
-            try await h.recorded(
-                r, .POST, "/forge/pre-uninstall", template: "/forge/pre-uninstall", status: 400, note: "not JSON",
-                secret: nil, headers: try h.forgeHeaders(installation), body: "{")
-            try await h.recorded(
-                r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 200, note: "uninstalled", secret: nil,
-                headers: try h.forgeHeaders(installation), body: GatewayHarness.lifecycleBody(.uninstalled, installation))
-            try await h.recorded(
-                r, .POST, "/forge/pre-uninstall", template: "/forge/pre-uninstall", status: 200, note: "preUninstall",
-                secret: nil, headers: try h.forgeHeaders(installation), body: preUninstallBody)
-            try await h.recorded(
-                r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 410, note: "delivery after uninstall",
-                secret: nil,
-                headers: try h.forgeHeaders(
-                    installation, ["x-forge-oauth-system": try h.emulator.mintAccessToken(for: installation)]),
-                body: "{}")
-            try await h.recorded(
-                r, .POST, "/forge/register", template: "/forge/register", status: 410, note: "register after uninstall",
-                secret: nil, headers: try h.forgeHeaders(installation), body: register)
-            try await h.recorded(
-                r, .GET, "/forge/register", template: "/forge/register", status: 405, note: "wrong method", secret: nil,
-                generic: true)
+            try await Self.recordForgeLifecycle(r, h, installation: installation)
+            try await Self.recordForgeRegister(r, h, installation: installation, register: register)
+            try await Self.recordForgeAuthTrigger(r, h, installation: installation)
+            try await Self.recordForgeUninstall(r, h, installation: installation, register: register)
         }
         try await r.check()
     }
@@ -505,51 +307,8 @@ struct OpenAPIConformanceTests {
                     "content-type": "application/json",
                 ], body: installBody)
 
-            let verifyTemplate = "/v1/connect/verify"
-            let url = "/gateway/issue-glance?issueKey=ABC-1"
-            let jwt = h.emulator.mintConnectJWT(for: tenant, method: "GET", url: url)
-            func verifyBody(_ jwt: String) -> String { #"{"jwt":"\#(jwt)","method":"GET","url":"\#(url)"}"# }
-            let json = ["content-type": "application/json"]
-            try await h.recorded(
-                r, .POST, verifyTemplate, template: verifyTemplate, status: 200, note: "genuine", headers: json,
-                body: verifyBody(jwt))
-            var context = ConnectJWTOptions()
-            context.contextJSON = #"{"jira":{"issue":{"key":"ABC-1"}}}"#
-            try await h.recorded(
-                r, .POST, verifyTemplate, template: verifyTemplate, status: 200, note: "with context", headers: json,
-                body: verifyBody(h.emulator.mintConnectJWT(for: tenant, method: "GET", url: url, options: context)))
-            var wrongSecret = ConnectJWTOptions()
-            wrongSecret.secret = "not-the-shared-secret"
-            try await h.recorded(
-                r, .POST, verifyTemplate, template: verifyTemplate, status: 401, note: "wrong secret", headers: json,
-                body: verifyBody(h.emulator.mintConnectJWT(for: tenant, method: "GET", url: url, options: wrongSecret)))
-            try await h.recorded(
-                r, .POST, verifyTemplate, template: verifyTemplate, status: 401, note: "no caller credential", secret: nil,
-                headers: json, body: verifyBody(jwt))
-            try await h.recorded(
-                r, .POST, verifyTemplate, template: verifyTemplate, status: 403, note: "tenant outside the caller's set",
-                secret: GatewayHarness.scopedSecret, headers: json, body: verifyBody(jwt))
-            try await h.recorded(
-                r, .POST, verifyTemplate, template: verifyTemplate, status: 400, note: "no jwt", headers: json,
-                body: #"{"method":"GET","url":"/x"}"#)
-
-            let signTemplate = "/v1/connect/sign"
-            try await h.recorded(
-                r, .POST, signTemplate, template: signTemplate, status: 200, note: "sign", headers: json,
-                body: #"{"clientKey":"\#(tenant.clientKey)","method":"GET","url":"\#(tenant.baseUrl)/rest/api/3/myself?x=1"}"#)
-            try await h.recorded(
-                r, .POST, signTemplate, template: signTemplate, status: 400, note: "URL off the tenant", headers: json,
-                body: #"{"clientKey":"\#(tenant.clientKey)","method":"GET","url":"https://elsewhere.example.com/x"}"#)
-            try await h.recorded(
-                r, .POST, signTemplate, template: signTemplate, status: 404, note: "unknown tenant", headers: json,
-                body: #"{"clientKey":"no-such-tenant","method":"GET","url":"https://x.atlassian.net/x"}"#)
-            try await h.recorded(
-                r, .POST, signTemplate, template: signTemplate, status: 401, note: "no caller credential", secret: nil,
-                headers: json, body: #"{"clientKey":"\#(tenant.clientKey)","method":"GET","url":"\#(tenant.baseUrl)/x"}"#)
-            try await h.recorded(
-                r, .POST, signTemplate, template: signTemplate, status: 403, note: "tenant outside the caller's set",
-                secret: GatewayHarness.scopedSecret, headers: json,
-                body: #"{"clientKey":"\#(tenant.clientKey)","method":"GET","url":"\#(tenant.baseUrl)/x"}"#)
+            try await Self.recordConnectVerify(r, h, tenant: tenant)
+            try await Self.recordConnectSign(r, h, tenant: tenant)
 
             // Token exchange needs a tenant linked to an installed Forge installation.
             let installation = try await h.installed()
@@ -562,7 +321,8 @@ struct OpenAPIConformanceTests {
                 secret: nil, headers: try signed("/connect/uninstalled"),
                 body: String(decoding: h.emulator.connectLifecyclePayload(.uninstalled, tenant: tenant), as: UTF8.self))
             try await h.recorded(
-                r, .POST, signTemplate, template: signTemplate, status: 404, note: "uninstalled tenant", headers: json,
+                r, .POST, "/v1/connect/sign", template: "/v1/connect/sign", status: 404, note: "uninstalled tenant",
+                headers: ["content-type": "application/json"],
                 body: #"{"clientKey":"\#(tenant.clientKey)","method":"GET","url":"\#(tenant.baseUrl)/x"}"#)
         }
         try await r.check()
@@ -671,6 +431,285 @@ struct OpenAPIConformanceTests {
             r, .POST, "/oauth/token", template: "/oauth/token", status: 503, note: "circuit open", secret: nil,
             headers: form.merging(["authorization": basic]) { $1 },
             body: "grant_type=client_credentials&resource=\(open)")
+    }
+
+    /// `POST /forge/lifecycle`: each event kind and each refusal.
+    static func recordForgeLifecycle(_ r: AnswerRecorder, _ h: GatewayHarness, installation: EmulatedInstallation) async throws {
+        try await h.recorded(
+            r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 200, note: "installed", secret: nil,
+            headers: try h.forgeHeaders(installation), body: GatewayHarness.lifecycleBody(.installed, installation))
+        try await h.recorded(
+            r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 200, note: "upgraded", secret: nil,
+            headers: try h.forgeHeaders(installation), body: GatewayHarness.lifecycleBody(.upgraded, installation))
+        try await h.recorded(
+            r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 200, note: "ignored event", secret: nil,
+            headers: try h.forgeHeaders(installation), body: #"{"eventType":"avi:forge:something:else"}"#)
+        try await h.recorded(
+            r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 200, note: "documented body, no eventType",
+            secret: nil, headers: try h.forgeHeaders(installation), body: GatewayHarness.documentedLifecycleBody(installation))
+        try await h.recorded(
+            r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 200, note: "with a system token",
+            secret: nil,
+            headers: try h.forgeHeaders(
+                installation, ["x-forge-oauth-system": try h.emulator.mintAccessToken(for: installation)]),
+            body: GatewayHarness.documentedLifecycleBody(installation))
+        try await h.recorded(
+            r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 400, note: "eventType not a string",
+            secret: nil, headers: try h.forgeHeaders(installation), body: #"{"eventType":42}"#)
+        try await h.recorded(
+            r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 403, note: "UI module FIT", secret: nil,
+            headers: try h.uiHeaders(installation), body: GatewayHarness.documentedLifecycleBody(installation))
+        try await h.recorded(
+            r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 401, note: "no FIT", secret: nil,
+            headers: ["content-type": "application/json"], body: GatewayHarness.lifecycleBody(.installed, installation))
+    }
+
+    /// `POST /forge/register`: registration, a pushed token, key rotation and each refusal.
+    static func recordForgeRegister(_ r: AnswerRecorder, _ h: GatewayHarness, installation: EmulatedInstallation, register: String) async throws {
+        // /forge/register.
+        let first = try await h.recorded(
+            r, .POST, "/forge/register", template: "/forge/register", status: 200, note: "register", secret: nil,
+            headers: try h.forgeHeaders(installation), body: register)
+        try await h.recorded(
+            r, .POST, "/forge/register", template: "/forge/register", status: 200, note: "register with a pushed token",
+            secret: nil,
+            headers: try h.forgeHeaders(
+                installation, ["x-forge-oauth-system": try h.emulator.mintAccessToken(for: installation)]),
+            body: register)
+        let rotated = try await h.recorded(
+            r, .POST, "/forge/register", template: "/forge/register", status: 200, note: "key rotation", secret: nil,
+            headers: try h.forgeHeaders(installation),
+            body: #"{"authTriggerUrl":"\#(h.emulator.triggerURL(for: installation))","rotateKey":true}"#)
+        #expect(rotated.json["triggerKeyId"] as? String == first.json["triggerKeyId"] as? String)
+        #expect(rotated.json["nextTriggerKeyId"] is String)
+        try await h.recorded(
+            r, .POST, "/forge/register", template: "/forge/register", status: 400, note: "URL off the allow-list",
+            secret: nil, headers: try h.forgeHeaders(installation),
+            body: #"{"authTriggerUrl":"https://attacker.example.com/x"}"#)
+        try await h.recorded(
+            r, .POST, "/forge/register", template: "/forge/register", status: 400, note: "no URL", secret: nil,
+            headers: try h.forgeHeaders(installation), body: "{}")
+        try await h.recorded(
+            r, .POST, "/forge/register", template: "/forge/register", status: 400, note: "wrong content type",
+            secret: nil, headers: try h.forgeHeaders(installation, ["content-type": "text/plain"]), body: register)
+        try await h.recorded(
+            r, .POST, "/forge/register", template: "/forge/register", status: 403, note: "UI module FIT", secret: nil,
+            headers: try h.uiHeaders(installation), body: register)
+        try await h.recorded(
+            r, .POST, "/forge/register", template: "/forge/register", status: 401, note: "bad FIT", secret: nil,
+            headers: ["authorization": "Bearer not.a.fit", "content-type": "application/json"], body: register)
+        try await h.recorded(
+            r, .POST, "/forge/register", template: "/forge/register", status: 413, note: "body too large",
+            secret: nil, headers: try h.forgeHeaders(installation),
+            body: #"{"authTriggerUrl":""# + String(repeating: "a", count: 70 * 1024) + #""}"#)
+    }
+
+    /// `POST /forge/auth-trigger`: stored, not newer, and each refusal or lifetime rule.
+    static func recordForgeAuthTrigger(_ r: AnswerRecorder, _ h: GatewayHarness, installation: EmulatedInstallation) async throws {
+        // /forge/auth-trigger.
+        let token = try h.emulator.mintAccessToken(for: installation, expiresAt: Date().addingTimeInterval(7200))
+        let stored = try await h.recorded(
+            r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 200, note: "push", secret: nil,
+            headers: try h.forgeHeaders(installation, ["x-forge-oauth-system": token]), body: "{}")
+        #expect(stored.json["stored"] as? Bool == true)
+        let again = try await h.recorded(
+            r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 200, note: "not newer",
+            secret: nil,
+            headers: try h.forgeHeaders(installation, ["x-forge-oauth-system": token]),
+            body: #"{"requestId":"rq_unknown"}"#)
+        #expect(again.json["stored"] as? Bool == false)
+        try await h.recorded(
+            r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 200, note: "no body",
+            secret: nil,
+            headers: [
+                "authorization": "Bearer " + (try h.emulator.mintFIT(for: installation)),
+                "x-forge-oauth-system": try h.emulator.mintAccessToken(for: installation),
+            ])
+        try await h.recorded(
+            r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 400, note: "no token",
+            secret: nil, headers: try h.forgeHeaders(installation), body: "{}")
+        try await h.recorded(
+            r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 400, note: "token without exp",
+            secret: nil, headers: try h.forgeHeaders(installation, ["x-forge-oauth-system": "opaque"]), body: "{}")
+        try await h.recorded(
+            r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 400, note: "malformed requestId",
+            secret: nil, headers: try h.forgeHeaders(installation, ["x-forge-oauth-system": token]),
+            body: #"{"requestId":42}"#)
+        try await h.recorded(
+            r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 400, note: "token lives > 24 h",
+            secret: nil,
+            headers: try h.forgeHeaders(
+                installation,
+                ["x-forge-oauth-system": try h.emulator.mintAccessToken(
+                    for: installation, expiresAt: Date().addingTimeInterval(25 * 3600))]),
+            body: "{}")
+        let nearlyExpired = try await h.recorded(
+            r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 200, note: "token < 60 s left",
+            secret: nil,
+            headers: try h.forgeHeaders(
+                installation,
+                ["x-forge-oauth-system": try h.emulator.mintAccessToken(
+                    for: installation, expiresAt: Date().addingTimeInterval(30))]),
+            body: "{}")
+        #expect(nearlyExpired.json["stored"] as? Bool == false)
+        try await h.recorded(
+            r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 403, note: "UI module FIT",
+            secret: nil, headers: try h.uiHeaders(installation, ["x-forge-oauth-system": token]), body: "{}")
+        try await h.recorded(
+            r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 401, note: "no FIT",
+            secret: nil, headers: ["x-forge-oauth-system": token, "content-type": "application/json"], body: "{}")
+    }
+
+    /// `POST /forge/pre-uninstall`, the uninstalled event, and the 410s after it.
+    static func recordForgeUninstall(_ r: AnswerRecorder, _ h: GatewayHarness, installation: EmulatedInstallation, register: String) async throws {
+        // /forge/pre-uninstall refusals, then the uninstalled event and preUninstall; then 410
+        // from delivery and registration.
+        let preUninstallBody =
+            #"{"context":{"cloudId":"\#(installation.cloudId)","moduleKey":"pre-uninstall"},"contextToken":"ct"}"#
+        try await h.recorded(
+            r, .POST, "/forge/pre-uninstall", template: "/forge/pre-uninstall", status: 403, note: "UI module FIT",
+            secret: nil, headers: try h.uiHeaders(installation), body: preUninstallBody)
+        try await h.recorded(
+            r, .POST, "/forge/pre-uninstall", template: "/forge/pre-uninstall", status: 401, note: "no FIT",
+            secret: nil, headers: ["content-type": "application/json"], body: preUninstallBody)
+        try await h.recorded(
+            r, .POST, "/forge/pre-uninstall", template: "/forge/pre-uninstall", status: 400, note: "not JSON",
+            secret: nil, headers: try h.forgeHeaders(installation), body: "{")
+        try await h.recorded(
+            r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 200, note: "uninstalled", secret: nil,
+            headers: try h.forgeHeaders(installation), body: GatewayHarness.lifecycleBody(.uninstalled, installation))
+        try await h.recorded(
+            r, .POST, "/forge/pre-uninstall", template: "/forge/pre-uninstall", status: 200, note: "preUninstall",
+            secret: nil, headers: try h.forgeHeaders(installation), body: preUninstallBody)
+        try await h.recorded(
+            r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 410, note: "delivery after uninstall",
+            secret: nil,
+            headers: try h.forgeHeaders(
+                installation, ["x-forge-oauth-system": try h.emulator.mintAccessToken(for: installation)]),
+            body: "{}")
+        try await h.recorded(
+            r, .POST, "/forge/register", template: "/forge/register", status: 410, note: "register after uninstall",
+            secret: nil, headers: try h.forgeHeaders(installation), body: register)
+        try await h.recorded(
+            r, .GET, "/forge/register", template: "/forge/register", status: 405, note: "wrong method", secret: nil,
+            generic: true)
+    }
+
+    /// The caller routes' refusals: 400 invalid_parameter, 401, 403 and 404.
+    static func recordCallerRefusals(_ r: AnswerRecorder, _ h: GatewayHarness, path: String) async throws {
+        // 400 invalid_parameter.
+        try await h.recorded(r, .GET, path + "/token?minValidity=7201", template: Self.token, status: 400, note: "minValidity out of range")
+        try await h.recorded(r, .GET, path + "/token?timeout=99", template: Self.token, status: 400, note: "timeout out of range")
+        try await h.recorded(r, .GET, "/v1/installations/bad%20id/token", template: Self.token, status: 400, note: "malformed id")
+        try await h.recorded(r, .GET, "/v1/installations?limit=0", template: Self.list, status: 400, note: "limit out of range")
+        try await h.recorded(r, .GET, "/v1/installations?cursor=%21%21", template: Self.list, status: 400, note: "malformed cursor")
+
+        // 401 and 403.
+        try await h.recorded(r, .GET, path + "/token", template: Self.token, status: 401, note: "no credential", secret: nil)
+        try await h.recorded(r, .POST, path + "/token/refresh", template: Self.refresh, status: 401, note: "wrong secret", secret: "nope")
+        try await h.recorded(r, .GET, "/v1/installations", template: Self.list, status: 401, note: "list without credential", secret: nil)
+        try await h.recorded(
+            r, .GET, path + "/token", template: Self.token, status: 403, note: "outside the caller's set",
+            secret: GatewayHarness.scopedSecret)
+        try await h.recorded(
+            r, .GET, path, template: Self.installation, status: 403, note: "metadata outside the caller's set",
+            secret: GatewayHarness.scopedSecret)
+
+        // 404 installation_not_found.
+        let unknown = GatewayHarness.path(h.emulator.makeInstallation())
+        try await h.recorded(r, .GET, unknown + "/token", template: Self.token, status: 404, note: "unknown installation")
+        try await h.recorded(r, .GET, unknown, template: Self.installation, status: 404, note: "unknown metadata")
+    }
+
+    /// The token route's failures: 410, 422, 502, 503 circuit_open and 504. Returns the installation
+    /// whose circuit is left open.
+    static func recordTokenFailures(_ r: AnswerRecorder, _ h: GatewayHarness) async throws -> EmulatedInstallation {
+        // 410 installation_uninstalled (and 200 metadata with status uninstalled).
+        let gone = try await h.installed()
+        try await h.emulator.uninstall(gone)
+        try await h.recorded(r, .GET, GatewayHarness.path(gone) + "/token", template: Self.token, status: 410, note: "uninstalled")
+        let goneMeta = try await h.recorded(
+            r, .GET, GatewayHarness.path(gone), template: Self.installation, status: 200, note: "uninstalled metadata")
+        #expect(goneMeta.json["status"] as? String == "uninstalled")
+
+        // 422 no_trigger_url: installed, never registered.
+        let unregistered = h.emulator.makeInstallation()
+        #expect(try await h.emulator.sendLifecycleEvent(.installed, for: unregistered).status == 200)
+        try await h.recorded(
+            r, .GET, GatewayHarness.path(unregistered) + "/token", template: Self.token, status: 422, note: "no trigger")
+
+        // 502 trigger_failed, then 503 circuit_open (threshold 1).
+        let failing = try await h.installed()
+        h.emulator.setFault(.failWith(status: 500, times: 100), for: failing)
+        try await h.recorded(
+            r, .GET, GatewayHarness.path(failing) + "/token", template: Self.token, status: 502, note: "trigger 5xx")
+        try await DocumentationCheck.eventually("the circuit to open") {
+            try await h.gateway.store.snapshot(failing.installationID).circuitOpenUntil > 0
+        }
+        let open = try await h.recorded(
+            r, .GET, GatewayHarness.path(failing) + "/token", template: Self.token, status: 503, note: "circuit open")
+        #expect(open.errorCode == "circuit_open")
+
+        // 504 token_timeout: the trigger answers 2xx but never delivers.
+        let silent = try await h.installed()
+        h.emulator.setFault(.acceptWithoutDelivery, for: silent)
+        try await h.recorded(
+            r, .GET, GatewayHarness.path(silent) + "/token?timeout=1500", template: Self.token, status: 504,
+            note: "never delivered")
+        return failing
+    }
+
+    /// `POST /v1/connect/verify`: genuine (with and without context) and each refusal.
+    static func recordConnectVerify(_ r: AnswerRecorder, _ h: GatewayHarness, tenant: EmulatedConnectTenant) async throws {
+        let verifyTemplate = "/v1/connect/verify"
+        let url = "/gateway/issue-glance?issueKey=ABC-1"
+        let jwt = h.emulator.mintConnectJWT(for: tenant, method: "GET", url: url)
+        func verifyBody(_ jwt: String) -> String { #"{"jwt":"\#(jwt)","method":"GET","url":"\#(url)"}"# }
+        let json = ["content-type": "application/json"]
+        try await h.recorded(
+            r, .POST, verifyTemplate, template: verifyTemplate, status: 200, note: "genuine", headers: json,
+            body: verifyBody(jwt))
+        var context = ConnectJWTOptions()
+        context.contextJSON = #"{"jira":{"issue":{"key":"ABC-1"}}}"#
+        try await h.recorded(
+            r, .POST, verifyTemplate, template: verifyTemplate, status: 200, note: "with context", headers: json,
+            body: verifyBody(h.emulator.mintConnectJWT(for: tenant, method: "GET", url: url, options: context)))
+        var wrongSecret = ConnectJWTOptions()
+        wrongSecret.secret = "not-the-shared-secret"
+        try await h.recorded(
+            r, .POST, verifyTemplate, template: verifyTemplate, status: 401, note: "wrong secret", headers: json,
+            body: verifyBody(h.emulator.mintConnectJWT(for: tenant, method: "GET", url: url, options: wrongSecret)))
+        try await h.recorded(
+            r, .POST, verifyTemplate, template: verifyTemplate, status: 401, note: "no caller credential", secret: nil,
+            headers: json, body: verifyBody(jwt))
+        try await h.recorded(
+            r, .POST, verifyTemplate, template: verifyTemplate, status: 403, note: "tenant outside the caller's set",
+            secret: GatewayHarness.scopedSecret, headers: json, body: verifyBody(jwt))
+        try await h.recorded(
+            r, .POST, verifyTemplate, template: verifyTemplate, status: 400, note: "no jwt", headers: json,
+            body: #"{"method":"GET","url":"/x"}"#)
+    }
+
+    /// `POST /v1/connect/sign`: a signed JWT and each refusal.
+    static func recordConnectSign(_ r: AnswerRecorder, _ h: GatewayHarness, tenant: EmulatedConnectTenant) async throws {
+        let json = ["content-type": "application/json"]
+        let signTemplate = "/v1/connect/sign"
+        try await h.recorded(
+            r, .POST, signTemplate, template: signTemplate, status: 200, note: "sign", headers: json,
+            body: #"{"clientKey":"\#(tenant.clientKey)","method":"GET","url":"\#(tenant.baseUrl)/rest/api/3/myself?x=1"}"#)
+        try await h.recorded(
+            r, .POST, signTemplate, template: signTemplate, status: 400, note: "URL off the tenant", headers: json,
+            body: #"{"clientKey":"\#(tenant.clientKey)","method":"GET","url":"https://elsewhere.example.com/x"}"#)
+        try await h.recorded(
+            r, .POST, signTemplate, template: signTemplate, status: 404, note: "unknown tenant", headers: json,
+            body: #"{"clientKey":"no-such-tenant","method":"GET","url":"https://x.atlassian.net/x"}"#)
+        try await h.recorded(
+            r, .POST, signTemplate, template: signTemplate, status: 401, note: "no caller credential", secret: nil,
+            headers: json, body: #"{"clientKey":"\#(tenant.clientKey)","method":"GET","url":"\#(tenant.baseUrl)/x"}"#)
+        try await h.recorded(
+            r, .POST, signTemplate, template: signTemplate, status: 403, note: "tenant outside the caller's set",
+            secret: GatewayHarness.scopedSecret, headers: json,
+            body: #"{"clientKey":"\#(tenant.clientKey)","method":"GET","url":"\#(tenant.baseUrl)/x"}"#)
     }
 
     /// Token exchange of a Connect JWT on `/oauth/token`, once the route is served.

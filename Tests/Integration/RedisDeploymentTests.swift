@@ -263,49 +263,7 @@ struct RedisDeploymentTests {
         let subscriber = RedisClient(
             configuration: try RedisConfiguration(url: "redis-cluster://127.0.0.1:\(cluster.nodes[5].port)"),
             logger: Self.logger)
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            group.addTask { try await subscriber.run() }
-            defer { group.cancelAll() }
-
-            // Keys in every shard, written and read back in one pipeline spanning slots.
-            let keys = (0..<60).map { "deploy:{k\($0)}:v" }
-            let written = try await client.pipeline(keys.map { ["SET", $0, $0] })
-            #expect(written.allSatisfy { $0.string == "OK" })
-            let read = try await client.pipeline(keys.map { ["GET", $0] })
-            #expect(read.map(\.string) == keys)
-            let primaries = try cluster.primaryPorts()
-            #expect(primaries.count == 3)
-            for port in primaries {
-                let count = Int(try redisCLI(["-p", "\(port)", "DBSIZE"])) ?? 0
-                #expect(count > 0, "primary \(port) holds no key")
-            }
-            // A script on one slot.
-            let script = RedisScript("return redis.call('GET', KEYS[1])")
-            #expect(try await client.eval(script, keys: [keys[7]], arguments: []).string == keys[7])
-
-            // SCAN visits every primary: every key is found, none twice.
-            var cursor = "0"
-            var found: [String] = []
-            repeat {
-                let step = try await client.scan(cursor: cursor, match: "deploy:*", count: 10)
-                found += step.keys
-                cursor = step.cursor
-            } while cursor != "0"
-            #expect(found.sorted() == keys.sorted())
-            // Key rotation walks the same way: every key of every primary is visited once.
-            let ring = try EncryptionKeyRing(parsing: "k1:" + Data(repeating: 7, count: 32).base64EncodedString())
-            let rewrap = KeyRewrap(redis: client, keys: ring, prefix: "deploy", batchSize: 10, logger: Self.logger)
-            #expect(try await rewrap.run().keys == keys.count)
-
-            // PUBLISH on one node reaches a subscriber connected to another.
-            let events = subscriber.subscribe(channels: ["deploy:events"])
-            var iterator = events.makeAsyncIterator()
-            let confirmation = await iterator.next()
-            #expect(confirmation == .subscribed)
-            _ = try await client.send(["PUBLISH", "deploy:events", "hello"])
-            let message = await iterator.next()
-            #expect(message == .message(channel: "deploy:events", payload: "hello"))
-        }
+        try await Self.expectClusterCommands(client: client, subscriber: subscriber, cluster: cluster)
         await subscriber.shutdown()
 
         let ids = try await Self.tokenFlow(redisURL: cluster.url)
@@ -315,17 +273,7 @@ struct RedisDeploymentTests {
         // Failover: SIGKILL the primary of a key mid-load; its replica is promoted and every answer is right.
         let key = "deploy:{failover}:n"
         let slot = RedisHashSlot.slot(of: key)
-        let nodesText = try redisCLI(["-p", "\(cluster.nodes[0].port)", "CLUSTER", "NODES"])
-        let primaryPort = try #require(
-            nodesText.split(separator: "\n").compactMap { line -> Int? in
-                let fields = line.split(separator: " ")
-                guard fields.count >= 9, fields[2].contains("master") else { return nil }
-                let owns = fields[8...].contains { range in
-                    let bounds = range.split(separator: "-").compactMap { Int($0) }
-                    return bounds.count == 2 ? (bounds[0]...bounds[1]).contains(slot) : bounds.first == slot
-                }
-                return owns ? Int(fields[1].split(separator: "@")[0].split(separator: ":").last ?? "") : nil
-            }.first)
+        let primaryPort = try #require(try Self.primaryPort(owning: slot, cluster: cluster))
         let victim = try #require(cluster.index(ofPort: primaryPort))
         _ = try await client.send(["SET", key, "0"])
         let answers = FailoverCounts()
@@ -373,6 +321,71 @@ struct RedisDeploymentTests {
         try await Self.tokenFlowAfterFailover(redisURL: cluster.url)
         await client.shutdown()
         print("cluster failover: \(counts.good) answers, \(counts.failed) failed while failing over, recovered after \(recovered.map { "\($0)" } ?? "never")")
+    }
+
+    /// Keys in every shard (one pipeline spanning slots), a script, SCAN and key rotation over
+    /// every primary, and PUBLISH on one node reaching a subscriber connected to another.
+    static func expectClusterCommands(
+        client: RedisClient, subscriber: RedisClient, cluster: RedisClusterProcesses
+    ) async throws {
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await subscriber.run() }
+            defer { group.cancelAll() }
+
+            // Keys in every shard, written and read back in one pipeline spanning slots.
+            let keys = (0..<60).map { "deploy:{k\($0)}:v" }
+            let written = try await client.pipeline(keys.map { ["SET", $0, $0] })
+            #expect(written.allSatisfy { $0.string == "OK" })
+            let read = try await client.pipeline(keys.map { ["GET", $0] })
+            #expect(read.map(\.string) == keys)
+            let primaries = try cluster.primaryPorts()
+            #expect(primaries.count == 3)
+            for port in primaries {
+                let count = Int(try redisCLI(["-p", "\(port)", "DBSIZE"])) ?? 0
+                #expect(count > 0, "primary \(port) holds no key")
+            }
+            // A script on one slot.
+            let script = RedisScript("return redis.call('GET', KEYS[1])")
+            #expect(try await client.eval(script, keys: [keys[7]], arguments: []).string == keys[7])
+
+            // SCAN visits every primary: every key is found, none twice.
+            var cursor = "0"
+            var found: [String] = []
+            repeat {
+                let step = try await client.scan(cursor: cursor, match: "deploy:*", count: 10)
+                found += step.keys
+                cursor = step.cursor
+            } while cursor != "0"
+            #expect(found.sorted() == keys.sorted())
+            // Key rotation walks the same way: every key of every primary is visited once.
+            let ring = try EncryptionKeyRing(parsing: "k1:" + Data(repeating: 7, count: 32).base64EncodedString())
+            let rewrap = KeyRewrap(redis: client, keys: ring, prefix: "deploy", batchSize: 10, logger: Self.logger)
+            #expect(try await rewrap.run().keys == keys.count)
+
+            // PUBLISH on one node reaches a subscriber connected to another.
+            let events = subscriber.subscribe(channels: ["deploy:events"])
+            var iterator = events.makeAsyncIterator()
+            let confirmation = await iterator.next()
+            #expect(confirmation == .subscribed)
+            _ = try await client.send(["PUBLISH", "deploy:events", "hello"])
+            let message = await iterator.next()
+            #expect(message == .message(channel: "deploy:events", payload: "hello"))
+        }
+    }
+
+    /// The port of the primary that owns `slot`, from `CLUSTER NODES`.
+    static func primaryPort(owning slot: Int, cluster: RedisClusterProcesses) throws -> Int? {
+        let nodesText = try redisCLI(["-p", "\(cluster.nodes[0].port)", "CLUSTER", "NODES"])
+        return
+            nodesText.split(separator: "\n").compactMap { line -> Int? in
+                let fields = line.split(separator: " ")
+                guard fields.count >= 9, fields[2].contains("master") else { return nil }
+                let owns = fields[8...].contains { range in
+                    let bounds = range.split(separator: "-").compactMap { Int($0) }
+                    return bounds.count == 2 ? (bounds[0]...bounds[1]).contains(slot) : bounds.first == slot
+                }
+                return owns ? Int(fields[1].split(separator: "@")[0].split(separator: ":").last ?? "") : nil
+            }.first
     }
 
     static func tokenFlowAfterFailover(redisURL: String) async throws {

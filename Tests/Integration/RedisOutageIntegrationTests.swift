@@ -31,28 +31,7 @@ struct RedisOutageIntegrationTests {
         let redis = try await RedisServerProcess.start(
             extraArguments: ["--appendonly", "yes", "--appendfsync", "always"])
         try await ReplicaHarness.run(replicas: 2, redisURL: redis.url) { h in
-            // Warm installations: a token fetched on every replica before the load, so each process holds one in
-            // memory. Cold ones: installed, never asked for until Redis is down.
-            var warm: [EmulatedInstallation] = []
-            for _ in 0..<4 {
-                let installation = h.emulator.makeInstallation()
-                try await h.emulator.install(installation)
-                warm.append(installation)
-            }
-            var cold: [EmulatedInstallation] = []
-            for _ in 0..<2 {
-                let installation = h.emulator.makeInstallation()
-                try await h.emulator.install(installation)
-                cold.append(installation)
-            }
-            for installation in warm {
-                for replica in 0..<2 {
-                    let answer = try await h.token(replica, installation)
-                    #expect(answer.status == 200)
-                    #expect(Self.tokenInstallation(answer) == installation.id)
-                }
-            }
-
+            let (warm, cold) = try await Self.warmAndColdInstallations(h)
             let load = OutageLoad(harness: h, warm: warm, cold: cold)
             let perPhase = OutageLoad.workers * OutageLoad.requestsPerPhase
             try await withThrowingTaskGroup(of: Void.self) { group in
@@ -62,97 +41,146 @@ struct RedisOutageIntegrationTests {
                 await redis.kill()
                 load.setPhase(.down)
 
-                for replica in 0..<2 {
-                    #expect(
-                        await Self.eventually { (try? await h.call(replica, .GET, "/health/ready"))?.status == 503 })
-                    let live = try await h.call(replica, .GET, "/health/live")
-                    #expect(live.status == 200)
-                    // A cold installation has nothing in memory: 503 store_unavailable at once, never a hang.
-                    for installation in cold {
-                        let answer = try await h.token(
-                            replica, installation, query: "timeout=\(Self.requestTimeoutMilliseconds)")
-                        Self.expectStoreUnavailable(answer)
-                    }
-                    let metadata = try await h.call(replica, .GET, GatewayHarness.path(cold[0]))
-                    Self.expectStoreUnavailable(metadata)
-                    // A warm installation's token is served from memory, but a forced refresh asks for another
-                    // one, which cannot be had without the store.
-                    let cached = try await h.token(
-                        replica, warm[0], query: "timeout=\(Self.requestTimeoutMilliseconds)")
-                    #expect(cached.status == 200)
-                    #expect(cached.json["source"] as? String == "cache")
-                    #expect(Self.tokenInstallation(cached) == warm[0].id)
-                    let refresh = try await h.call(
-                        replica, .POST,
-                        GatewayHarness.path(warm[0]) + "/token/refresh?timeout=\(Self.requestTimeoutMilliseconds)")
-                    Self.expectStoreUnavailable(refresh)
-                }
+                try await Self.expectOutageAnswers(h, warm: warm, cold: cold)
                 // The load's share for the outage is answered against the dead store.
                 #expect(await Self.eventually { load.answers(in: .down) >= perPhase })
 
                 try await redis.restart()
                 load.setPhase(.restarted)
-                // Back without restarting the gateways: the pools reconnect (with backoff) on their own.
-                for replica in 0..<2 {
-                    #expect(
-                        await Self.eventually(within: .seconds(15)) {
-                            (try? await h.call(replica, .GET, "/health/ready"))?.status == 200
-                        })
-                }
-                // Every replica serves every installation again, the cold ones through a round trip.
-                for installation in warm + cold {
-                    for replica in 0..<2 {
-                        #expect(
-                            await Self.eventually(within: .seconds(15)) {
-                                let answer = try? await h.token(
-                                    replica, installation, query: "timeout=\(Self.requestTimeoutMilliseconds)")
-                                return answer?.status == 200 && Self.tokenInstallation(answer!) == installation.id
-                            })
-                    }
-                }
+                await Self.expectRecovered(h, warm + cold)
                 #expect(await Self.eventually { load.answers(in: .restarted) >= perPhase })
                 load.stop()
                 try await group.waitForAll()
             }
 
-            let outcomes = load.outcomes
-            #expect(outcomes.count { $0.phase == .down } == perPhase)
-            for outcome in outcomes {
-                #expect(outcome.failure == nil, "\(outcome)")
-                switch outcome.status {
-                case 200:
-                    // Never another installation's token.
-                    #expect(outcome.tokenInstallation == outcome.installation, "\(outcome)")
-                case 503:
-                    #expect(outcome.errorCode == "store_unavailable", "\(outcome)")
-                    #expect((Int(outcome.retryAfter ?? "") ?? 0) >= 1, "\(outcome)")
-                default:
-                    Issue.record("unexpected answer \(outcome)")
-                }
-            }
-            // A valid token held in memory is served while Redis is down: the warm installations never failed.
-            let warmIDs = Set(warm.map(\.id))
-            #expect(outcomes.filter { warmIDs.contains($0.installation) }.allSatisfy { $0.status == 200 })
-            // Without a token in memory the answer was 503 while the store was gone.
-            #expect(outcomes.contains { $0.phase == .down && $0.status == 503 })
-
-            // Registrations and signing keys survived the restart (AOF): the metadata is intact and a forced
-            // refresh makes a signed round trip the emulator accepts.
-            for installation in warm + cold {
-                let metadata = try await h.call(0, .GET, GatewayHarness.path(installation))
-                #expect(metadata.status == 200)
-                #expect(metadata.json["status"] as? String == "active")
-                #expect(metadata.json["triggerRegistered"] as? Bool == true)
-                #expect(metadata.json["triggerKeyId"] as? String != nil)
-                let before = h.emulator.triggerCalls(for: installation)
-                let refreshed = try await h.call(1, .POST, GatewayHarness.path(installation) + "/token/refresh")
-                #expect(refreshed.status == 200)
-                #expect(refreshed.json["source"] as? String == "trigger")
-                #expect(Self.tokenInstallation(refreshed) == installation.id)
-                #expect(h.emulator.triggerCalls(for: installation) > before)
-            }
+            Self.expectOutcomes(load.outcomes, warm: warm, perPhase: perPhase)
+            try await Self.expectRegistrationsSurvived(h, warm + cold)
         }
         await redis.stop()
+    }
+
+    /// Four warm installations (a token fetched on every replica, so each process holds one in
+    /// memory) and two cold ones (installed, never asked for until Redis is down).
+    static func warmAndColdInstallations(_ h: ReplicaHarness) async throws
+        -> (warm: [EmulatedInstallation], cold: [EmulatedInstallation])
+    {
+        var warm: [EmulatedInstallation] = []
+        for _ in 0..<4 {
+            let installation = h.emulator.makeInstallation()
+            try await h.emulator.install(installation)
+            warm.append(installation)
+        }
+        var cold: [EmulatedInstallation] = []
+        for _ in 0..<2 {
+            let installation = h.emulator.makeInstallation()
+            try await h.emulator.install(installation)
+            cold.append(installation)
+        }
+        for installation in warm {
+            for replica in 0..<2 {
+                let answer = try await h.token(replica, installation)
+                #expect(answer.status == 200)
+                #expect(Self.tokenInstallation(answer) == installation.id)
+            }
+        }
+        return (warm, cold)
+    }
+
+    /// With Redis dead, on every replica: not ready but live; cold installations and metadata 503
+    /// at once, never a hang; a warm token served from memory, its forced refresh 503.
+    static func expectOutageAnswers(
+        _ h: ReplicaHarness, warm: [EmulatedInstallation], cold: [EmulatedInstallation]
+    ) async throws {
+        for replica in 0..<2 {
+            #expect(
+                await Self.eventually { (try? await h.call(replica, .GET, "/health/ready"))?.status == 503 })
+            let live = try await h.call(replica, .GET, "/health/live")
+            #expect(live.status == 200)
+            // A cold installation has nothing in memory: 503 store_unavailable at once, never a hang.
+            for installation in cold {
+                let answer = try await h.token(
+                    replica, installation, query: "timeout=\(Self.requestTimeoutMilliseconds)")
+                Self.expectStoreUnavailable(answer)
+            }
+            let metadata = try await h.call(replica, .GET, GatewayHarness.path(cold[0]))
+            Self.expectStoreUnavailable(metadata)
+            // A warm installation's token is served from memory, but a forced refresh asks for another
+            // one, which cannot be had without the store.
+            let cached = try await h.token(
+                replica, warm[0], query: "timeout=\(Self.requestTimeoutMilliseconds)")
+            #expect(cached.status == 200)
+            #expect(cached.json["source"] as? String == "cache")
+            #expect(Self.tokenInstallation(cached) == warm[0].id)
+            let refresh = try await h.call(
+                replica, .POST,
+                GatewayHarness.path(warm[0]) + "/token/refresh?timeout=\(Self.requestTimeoutMilliseconds)")
+            Self.expectStoreUnavailable(refresh)
+        }
+    }
+
+    /// Redis back, gateways not restarted: every replica is ready again and serves every
+    /// installation, the cold ones through a round trip.
+    static func expectRecovered(_ h: ReplicaHarness, _ installations: [EmulatedInstallation]) async {
+        // Back without restarting the gateways: the pools reconnect (with backoff) on their own.
+        for replica in 0..<2 {
+            #expect(
+                await Self.eventually(within: .seconds(15)) {
+                    (try? await h.call(replica, .GET, "/health/ready"))?.status == 200
+                })
+        }
+        // Every replica serves every installation again, the cold ones through a round trip.
+        for installation in installations {
+            for replica in 0..<2 {
+                #expect(
+                    await Self.eventually(within: .seconds(15)) {
+                        let answer = try? await h.token(
+                            replica, installation, query: "timeout=\(Self.requestTimeoutMilliseconds)")
+                        return answer?.status == 200 && Self.tokenInstallation(answer!) == installation.id
+                    })
+            }
+        }
+    }
+
+    /// Every answer of the load: a token of the right installation or 503 store_unavailable with
+    /// Retry-After; warm installations never failed; cold ones got 503 while the store was gone.
+    static func expectOutcomes(_ outcomes: [OutageLoad.Outcome], warm: [EmulatedInstallation], perPhase: Int) {
+        #expect(outcomes.count { $0.phase == .down } == perPhase)
+        for outcome in outcomes {
+            #expect(outcome.failure == nil, "\(outcome)")
+            switch outcome.status {
+            case 200:
+                // Never another installation's token.
+                #expect(outcome.tokenInstallation == outcome.installation, "\(outcome)")
+            case 503:
+                #expect(outcome.errorCode == "store_unavailable", "\(outcome)")
+                #expect((Int(outcome.retryAfter ?? "") ?? 0) >= 1, "\(outcome)")
+            default:
+                Issue.record("unexpected answer \(outcome)")
+            }
+        }
+        // A valid token held in memory is served while Redis is down: the warm installations never failed.
+        let warmIDs = Set(warm.map(\.id))
+        #expect(outcomes.filter { warmIDs.contains($0.installation) }.allSatisfy { $0.status == 200 })
+        // Without a token in memory the answer was 503 while the store was gone.
+        #expect(outcomes.contains { $0.phase == .down && $0.status == 503 })
+    }
+
+    /// Registrations and signing keys survived the restart (AOF): the metadata is intact and a
+    /// forced refresh makes a signed round trip the emulator accepts.
+    static func expectRegistrationsSurvived(_ h: ReplicaHarness, _ installations: [EmulatedInstallation]) async throws {
+        for installation in installations {
+            let metadata = try await h.call(0, .GET, GatewayHarness.path(installation))
+            #expect(metadata.status == 200)
+            #expect(metadata.json["status"] as? String == "active")
+            #expect(metadata.json["triggerRegistered"] as? Bool == true)
+            #expect(metadata.json["triggerKeyId"] as? String != nil)
+            let before = h.emulator.triggerCalls(for: installation)
+            let refreshed = try await h.call(1, .POST, GatewayHarness.path(installation) + "/token/refresh")
+            #expect(refreshed.status == 200)
+            #expect(refreshed.json["source"] as? String == "trigger")
+            #expect(Self.tokenInstallation(refreshed) == installation.id)
+            #expect(h.emulator.triggerCalls(for: installation) > before)
+        }
     }
 
     // MARK: Started while Redis is down
@@ -284,32 +312,8 @@ struct RedisOutageIntegrationTests {
                     #expect(metadata.json["status"] as? String == "active")
                 }
             }
-            // Forced refreshes write new tokens, and the writes land on the new primary. The gateways follow the
-            // switch within a bounded time; until then an answer may be 503 (never a wrong token).
-            // A token replaces the stored one only if it expires strictly later: wait for the next second, so the
-            // emulator's new tokens do.
-            #expect(await Self.eventually { Int64(Date().timeIntervalSince1970) > fetchedInSecond })
-            for (index, installation) in installations.enumerated() {
-                let gateway = index % 2
-                var refreshed: GatewayHarness.Answer?
-                #expect(
-                    await Self.eventually(within: .seconds(20)) {
-                        let answer = try? await h.call(
-                            gateway, .POST, GatewayHarness.path(installation) + "/token/refresh")
-                        if let answer, answer.status != 200 {
-                            Self.expectStoreUnavailable(answer)
-                        }
-                        refreshed = answer
-                        return answer?.status == 200
-                    })
-                guard let refreshed, refreshed.status == 200 else { continue }
-                #expect(Self.tokenInstallation(refreshed) == installation.id)
-                #expect(refreshed.json["source"] as? String == "trigger")
-                #expect(refreshed.json["accessToken"] as? String != tokens[installation.id])
-                let stored = try await replicaAdmin.send(["HGET", "tg:{\(installation.id)}:token:system", "exp"])
-                let expiresAt = refreshed.json["expiresAt"] as? String
-                #expect(stored.string.flatMap { Int64($0) }.map { RFC3339.string(unixSeconds: $0) } == expiresAt)
-            }
+            try await Self.expectRefreshesOnNewPrimary(
+                h, installations, previous: tokens, fetchedInSecond: fetchedInSecond, replicaAdmin: replicaAdmin)
             // New installations can be installed; their records are on the new primary and their tokens flow.
             let newcomer = h.emulator.makeInstallation()
             try await h.emulator.install(newcomer)
@@ -324,6 +328,38 @@ struct RedisOutageIntegrationTests {
             for gateway in h.replicas {
                 #expect(gateway.lines.contains { $0.contains("Redis sentinel announced a new primary") })
             }
+        }
+    }
+
+    /// Forced refreshes write new tokens, and the writes land on the new primary. The gateways follow the
+    /// switch within a bounded time; until then an answer may be 503 (never a wrong token).
+    static func expectRefreshesOnNewPrimary(
+        _ h: ReplicaHarness, _ installations: [EmulatedInstallation], previous tokens: [String: String],
+        fetchedInSecond: Int64, replicaAdmin: RedisClient
+    ) async throws {
+        // A token replaces the stored one only if it expires strictly later: wait for the next second, so the
+        // emulator's new tokens do.
+        #expect(await Self.eventually { Int64(Date().timeIntervalSince1970) > fetchedInSecond })
+        for (index, installation) in installations.enumerated() {
+            let gateway = index % 2
+            var refreshed: GatewayHarness.Answer?
+            #expect(
+                await Self.eventually(within: .seconds(20)) {
+                    let answer = try? await h.call(
+                        gateway, .POST, GatewayHarness.path(installation) + "/token/refresh")
+                    if let answer, answer.status != 200 {
+                        Self.expectStoreUnavailable(answer)
+                    }
+                    refreshed = answer
+                    return answer?.status == 200
+                })
+            guard let refreshed, refreshed.status == 200 else { continue }
+            #expect(Self.tokenInstallation(refreshed) == installation.id)
+            #expect(refreshed.json["source"] as? String == "trigger")
+            #expect(refreshed.json["accessToken"] as? String != tokens[installation.id])
+            let stored = try await replicaAdmin.send(["HGET", "tg:{\(installation.id)}:token:system", "exp"])
+            let expiresAt = refreshed.json["expiresAt"] as? String
+            #expect(stored.string.flatMap { Int64($0) }.map { RFC3339.string(unixSeconds: $0) } == expiresAt)
         }
     }
 

@@ -101,25 +101,7 @@ struct SecurityLeakTests {
             #expect(logs.contains("token handed out"))
             #expect(Self.hits(secrets, in: logs).isEmpty, "secrets in the logs: \(Self.hits(secrets, in: logs))")
 
-            // Every value in Redis, of every key (other tests' keys included: none may hold ours).
-            var scanned = 0
-            var leaks: [String] = []
-            for key in try await Security.scan(pattern: "*", in: h.gateway.redis) {
-                let values = try await Security.values(of: key, in: h.gateway.redis)
-                scanned += values.count
-                for value in values + [key] {
-                    leaks += Self.hits(secrets, in: value).map { "\($0) in \(key)" }
-                }
-            }
-            #expect(scanned > 0)
-            #expect(leaks.isEmpty, "secrets in Redis: \(leaks)")
-            // The trigger URLs are sealed at rest too.
-            for installation in [a, b] {
-                for key in try await Security.keys(of: installation, in: h.gateway.redis) {
-                    let values = try await Security.values(of: key, in: h.gateway.redis)
-                    #expect(!values.contains { $0.contains(installation.triggerPath) }, "trigger URL in \(key)")
-                }
-            }
+            try await Self.expectNothingInRedis(h, secrets, installations: [a, b])
 
             // Answers other than the token answers themselves.
             for answer in answers {
@@ -134,4 +116,30 @@ struct SecurityLeakTests {
             #expect(Self.hits(secrets, in: dumped).isEmpty)
         }
     }
+
+    /// Every value in Redis, of every key (other tests' keys included: none may hold ours), holds
+    /// none of `secrets`; the trigger URLs of `installations` are sealed at rest too.
+    static func expectNothingInRedis(
+        _ h: GatewayHarness, _ secrets: [Secret], installations: [EmulatedInstallation]
+    ) async throws {
+        var scanned = 0
+        var leaks: [String] = []
+        for key in try await Security.scan(pattern: "*", in: h.gateway.redis) {
+            let values = try await Security.values(of: key, in: h.gateway.redis)
+            scanned += values.count
+            for value in values + [key] {
+                leaks += Self.hits(secrets, in: value).map { "\($0) in \(key)" }
+            }
+        }
+        #expect(scanned > 0)
+        #expect(leaks.isEmpty, "secrets in Redis: \(leaks)")
+        // The trigger URLs are sealed at rest too.
+        for installation in installations {
+            for key in try await Security.keys(of: installation, in: h.gateway.redis) {
+                let values = try await Security.values(of: key, in: h.gateway.redis)
+                #expect(!values.contains { $0.contains(installation.triggerPath) }, "trigger URL in \(key)")
+            }
+        }
+    }
+
 }

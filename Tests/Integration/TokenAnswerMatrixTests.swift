@@ -110,39 +110,8 @@ struct TokenAnswerMatrixTests {
                 let fromMemory = try await h.token(installation)
                 Self.expectWholeAnswer(fromMemory, installation, token: entered.token, source: "cache", "memory")
 
-                // 2. POST /oauth/token (client_credentials with the installation as resource).
-                let oauth = try await h.call(
-                    .POST, "/oauth/token", secret: nil,
-                    headers: [
-                        "content-type": "application/x-www-form-urlencoded",
-                        "authorization": GatewayHarness.basic("full", GatewayHarness.callerSecret),
-                    ], body: "grant_type=client_credentials&resource=\(formEncoded(installation.id))")
-                #expect(oauth.status == 200, "\(oauth.body)")
-                #expect(Set(oauth.json.keys) == ["access_token", "token_type", "expires_in"])
-                #expect(oauth.json["access_token"] as? String == entered.token)
-                #expect(oauth.json["token_type"] as? String == "Bearer")
-                let exp = try #require(TokenClaims.expiry(of: entered.token))
-                let expiresIn = try #require(oauth.json["expires_in"] as? Int)
-                let left = Int(exp - Int64(Date().timeIntervalSince1970))
-                #expect(expiresIn >= left - 5 && expiresIn <= left + 1)
-                // …and what it served from leaves memory as it was.
-                #expect(h.gateway.flow.remembered(id).apiBaseUrl == installation.apiBaseUrl)
-
-                // 3. A user token (?asUser=): its answer carries the installation's apiBaseUrl too.
-                let account = "557058:" + UUID().uuidString.lowercased()
-                let user = try await h.token(installation, query: "asUser=\(account)")
-                #expect(user.status == 200, "\(user.body)")
-                #expect(
-                    Set(user.json.keys)
-                        == ["installationId", "accountId", "tokenType", "accessToken", "expiresAt", "apiBaseUrl", "source"])
-                #expect(user.json["installationId"] as? String == installation.id)
-                #expect(user.json["accountId"] as? String == account)
-                #expect(user.json["tokenType"] as? String == "Bearer")
-                let userToken = try #require(user.json["accessToken"] as? String)
-                #expect(userToken == h.emulator.lastUserToken(for: installation, accountId: account))
-                #expect(user.json["expiresAt"] as? String == TokenClaims.expiry(of: userToken).map { RFC3339.string(unixSeconds: $0) })
-                #expect(user.json["apiBaseUrl"] as? String == installation.apiBaseUrl)
-                #expect(user.json["source"] as? String == "exchange")
+                // 2, 3. POST /oauth/token and a user token (?asUser=).
+                try await Self.expectOAuthAndUserAnswers(h, installation, token: entered.token)
 
                 // 4. The other replica, which was running: told by the notification channel, it
                 // replaces the older token in its memory, base URL included.
@@ -168,6 +137,48 @@ struct TokenAnswerMatrixTests {
             }
             #expect(h.emulator.triggerCalls(for: installation) == entry.triggerCalls)
         }
+    }
+
+    /// 2. `POST /oauth/token` (client_credentials with the installation as resource) serves `token`,
+    /// and leaves memory as it was. 3. A user token (`?asUser=`): its answer carries the
+    /// installation's apiBaseUrl too.
+    static func expectOAuthAndUserAnswers(_ h: GatewayHarness, _ installation: EmulatedInstallation, token: String)
+        async throws
+    {
+        let id = installation.installationID
+        // 2. POST /oauth/token (client_credentials with the installation as resource).
+        let oauth = try await h.call(
+            .POST, "/oauth/token", secret: nil,
+            headers: [
+                "content-type": "application/x-www-form-urlencoded",
+                "authorization": GatewayHarness.basic("full", GatewayHarness.callerSecret),
+            ], body: "grant_type=client_credentials&resource=\(formEncoded(installation.id))")
+        #expect(oauth.status == 200, "\(oauth.body)")
+        #expect(Set(oauth.json.keys) == ["access_token", "token_type", "expires_in"])
+        #expect(oauth.json["access_token"] as? String == token)
+        #expect(oauth.json["token_type"] as? String == "Bearer")
+        let exp = try #require(TokenClaims.expiry(of: token))
+        let expiresIn = try #require(oauth.json["expires_in"] as? Int)
+        let left = Int(exp - Int64(Date().timeIntervalSince1970))
+        #expect(expiresIn >= left - 5 && expiresIn <= left + 1)
+        // …and what it served from leaves memory as it was.
+        #expect(h.gateway.flow.remembered(id).apiBaseUrl == installation.apiBaseUrl)
+
+        // 3. A user token (?asUser=): its answer carries the installation's apiBaseUrl too.
+        let account = "557058:" + UUID().uuidString.lowercased()
+        let user = try await h.token(installation, query: "asUser=\(account)")
+        #expect(user.status == 200, "\(user.body)")
+        #expect(
+            Set(user.json.keys)
+                == ["installationId", "accountId", "tokenType", "accessToken", "expiresAt", "apiBaseUrl", "source"])
+        #expect(user.json["installationId"] as? String == installation.id)
+        #expect(user.json["accountId"] as? String == account)
+        #expect(user.json["tokenType"] as? String == "Bearer")
+        let userToken = try #require(user.json["accessToken"] as? String)
+        #expect(userToken == h.emulator.lastUserToken(for: installation, accountId: account))
+        #expect(user.json["expiresAt"] as? String == TokenClaims.expiry(of: userToken).map { RFC3339.string(unixSeconds: $0) })
+        #expect(user.json["apiBaseUrl"] as? String == installation.apiBaseUrl)
+        #expect(user.json["source"] as? String == "exchange")
     }
 
     @Test("a later FIT's apiBaseUrl replaces the earlier one in every answer, on both replicas")
