@@ -74,7 +74,8 @@ enum RedisURLParser {
             guard let masterName = self.percentDecoded(masterSegment), !masterName.contains(" ") else {
                 throw RedisConfigurationError("the master name is malformed")
             }
-            return (.sentinel(sentinels: sentinels, masterName: masterName), try self.parseDatabase(pathSegments.dropFirst()))
+            let database = try self.parseDatabase(pathSegments.dropFirst())
+            return (.sentinel(sentinels: sentinels, masterName: masterName), database)
         case "-cluster":
             let seeds = try self.parseHosts(authority, defaultPort: self.defaultRedisPort)
             let database = try self.parseDatabase(pathSegments[...])

@@ -434,7 +434,9 @@ struct OpenAPIConformanceTests {
     }
 
     /// `POST /forge/lifecycle`: each event kind and each refusal.
-    static func recordForgeLifecycle(_ r: AnswerRecorder, _ h: GatewayHarness, installation: EmulatedInstallation) async throws {
+    static func recordForgeLifecycle(
+        _ r: AnswerRecorder, _ h: GatewayHarness, installation: EmulatedInstallation
+    ) async throws {
         try await h.recorded(
             r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 200, note: "installed", secret: nil,
             headers: try h.forgeHeaders(installation), body: GatewayHarness.lifecycleBody(.installed, installation))
@@ -465,7 +467,9 @@ struct OpenAPIConformanceTests {
     }
 
     /// `POST /forge/register`: registration, a pushed token, key rotation and each refusal.
-    static func recordForgeRegister(_ r: AnswerRecorder, _ h: GatewayHarness, installation: EmulatedInstallation, register: String) async throws {
+    static func recordForgeRegister(
+        _ r: AnswerRecorder, _ h: GatewayHarness, installation: EmulatedInstallation, register: String
+    ) async throws {
         // /forge/register.
         let first = try await h.recorded(
             r, .POST, "/forge/register", template: "/forge/register", status: 200, note: "register", secret: nil,
@@ -505,7 +509,9 @@ struct OpenAPIConformanceTests {
     }
 
     /// `POST /forge/auth-trigger`: stored, not newer, and each refusal or lifetime rule.
-    static func recordForgeAuthTrigger(_ r: AnswerRecorder, _ h: GatewayHarness, installation: EmulatedInstallation) async throws {
+    static func recordForgeAuthTrigger(
+        _ r: AnswerRecorder, _ h: GatewayHarness, installation: EmulatedInstallation
+    ) async throws {
         // /forge/auth-trigger.
         let token = try h.emulator.mintAccessToken(for: installation, expiresAt: Date().addingTimeInterval(7200))
         let stored = try await h.recorded(
@@ -561,7 +567,9 @@ struct OpenAPIConformanceTests {
     }
 
     /// `POST /forge/pre-uninstall`, the uninstalled event, and the 410s after it.
-    static func recordForgeUninstall(_ r: AnswerRecorder, _ h: GatewayHarness, installation: EmulatedInstallation, register: String) async throws {
+    static func recordForgeUninstall(
+        _ r: AnswerRecorder, _ h: GatewayHarness, installation: EmulatedInstallation, register: String
+    ) async throws {
         // /forge/pre-uninstall refusals, then the uninstalled event and preUninstall; then 410
         // from delivery and registration.
         let preUninstallBody =
@@ -660,7 +668,9 @@ struct OpenAPIConformanceTests {
     }
 
     /// `POST /v1/connect/verify`: genuine (with and without context) and each refusal.
-    static func recordConnectVerify(_ r: AnswerRecorder, _ h: GatewayHarness, tenant: EmulatedConnectTenant) async throws {
+    static func recordConnectVerify(
+        _ r: AnswerRecorder, _ h: GatewayHarness, tenant: EmulatedConnectTenant
+    ) async throws {
         let verifyTemplate = "/v1/connect/verify"
         let url = "/gateway/issue-glance?issueKey=ABC-1"
         let jwt = h.emulator.mintConnectJWT(for: tenant, method: "GET", url: url)
@@ -691,7 +701,9 @@ struct OpenAPIConformanceTests {
     }
 
     /// `POST /v1/connect/sign`: a signed JWT and each refusal.
-    static func recordConnectSign(_ r: AnswerRecorder, _ h: GatewayHarness, tenant: EmulatedConnectTenant) async throws {
+    static func recordConnectSign(
+        _ r: AnswerRecorder, _ h: GatewayHarness, tenant: EmulatedConnectTenant
+    ) async throws {
         let json = ["content-type": "application/json"]
         let signTemplate = "/v1/connect/sign"
         try await h.recorded(

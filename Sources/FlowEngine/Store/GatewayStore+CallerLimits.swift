@@ -49,7 +49,7 @@ extension GatewayStore {
                 + counters.map { String($0.limit) })
         guard let wait = r.int else { throw RedisError.protocolError }
         if wait <= 0 { return .admitted }
-        return .refused(retryAfterSeconds: Int(max(1, (wait + 999) / 1000)))
+        return .refused(retryAfterSeconds: Duration.milliseconds(wait).retryAfterSeconds)
     }
 }
 

@@ -335,12 +335,15 @@ public final class InvocationTokenVerifier: Sendable {
         try await self.checkReplay(jti: checked.jti, until: Date(timeIntervalSince1970: checked.exp + checked.skew))
 
         return self.context(
-            claims, installationId: checked.installationId, jti: checked.jti, expiresAt: Date(timeIntervalSince1970: checked.exp))
+            claims, installationId: checked.installationId, jti: checked.jti,
+            expiresAt: Date(timeIntervalSince1970: checked.exp))
     }
 
     /// 1. Structure: three base64url parts, JSON header and payload. 2. The algorithm and the key
     /// id. 3. The claims as sent, unverified (they only choose the JWKS).
-    private static func parseUnverified(_ token: String) throws(InvocationTokenError) -> (kid: String, claims: FITClaims) {
+    private static func parseUnverified(_ token: String) throws(InvocationTokenError)
+        -> (kid: String, claims: FITClaims)
+    {
         let bytes = Array(token.utf8)
         guard !bytes.isEmpty, bytes.count <= Self.maximumTokenLength else {
             throw .malformed("token empty or too long")
@@ -429,7 +432,9 @@ public final class InvocationTokenVerifier: Sendable {
     }
 
     /// What a verified token says about its invocation.
-    private func context(_ claims: FITClaims, installationId: String, jti: String, expiresAt: Date) -> InvocationContext {
+    private func context(
+        _ claims: FITClaims, installationId: String, jti: String, expiresAt: Date
+    ) -> InvocationContext {
         let app = claims.app
         let apiBaseUrl = app?.apiBaseUrl
         let cloudId =

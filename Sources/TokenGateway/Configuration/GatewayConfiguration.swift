@@ -346,7 +346,9 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
         if let v = try settings.integer(.triggerAttemptTimeout, range: 100...60_000) {
             config.flow.attemptTimeout = .milliseconds(v)
         }
-        if let v = try settings.integer(.deliveryGrace, range: 0...60_000) { config.flow.deliveryGrace = .milliseconds(v) }
+        if let v = try settings.integer(.deliveryGrace, range: 0...60_000) {
+            config.flow.deliveryGrace = .milliseconds(v)
+        }
         if let v = settings.raw(.refreshAheadFraction) {
             guard let f = Double(v.trimmingCharacters(in: .whitespaces)), f >= 0, f <= 0.9 else {
                 throw ConfigurationError(

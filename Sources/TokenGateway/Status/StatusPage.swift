@@ -292,7 +292,9 @@ enum StatusPage {
     }
 
     /// The overview's installations: the filter form, one page of the table and the pager.
-    private static func installationsSection(_ report: StatusReport, filter: Filter, text: String, page: Int) -> String {
+    private static func installationsSection(
+        _ report: StatusReport, filter: Filter, text: String, page: Int
+    ) -> String {
         let now = report.generatedAt
         var body = ""
         let needle = text.lowercased()
