@@ -43,3 +43,31 @@ struct RequestIDLogTests {
         }
     }
 }
+
+/// The table of known routes (405 answers with `Allow`, the documentation check) is read from the
+/// routes themselves.
+@Suite("The route table")
+struct RouteTableTests {
+    @Test("every served path appears once with its methods; the OAuth wrong-method answers are not routes")
+    func routeTableIsReadFromTheRouter() async throws {
+        try await GatewayHarness.run { h in
+            let table = h.gateway.knownRoutes
+            let paths = table.map { "/" + $0.segments.joined(separator: "/") }
+            #expect(Set(paths).count == paths.count)
+            let methods = Dictionary(uniqueKeysWithValues: zip(paths, table.map { Set($0.methods.map(\.rawValue)) }))
+            #expect(methods["/v1/installations/:id/token"] == ["GET"])
+            #expect(methods["/v1/installations/:id/token/refresh"] == ["POST"])
+            #expect(methods["/v1/installations/:id/invoke/:key"] == ["POST"])
+            #expect(methods["/oauth/token"] == ["POST"])
+            #expect(methods["/health/ready"] == ["GET"])
+            #expect(methods["/status/installations/:id"] == ["GET"])
+            #expect(paths.count == 22)
+
+            // A known path with another method: 405 with the methods the table names.
+            let wrong = try await h.call(.DELETE, "/forge/register", secret: nil)
+            #expect(wrong.status == 405)
+            #expect(wrong.headers["allow"] == "POST")
+            #expect(wrong.errorCode == "method_not_allowed")
+        }
+    }
+}
