@@ -24,10 +24,18 @@ port=$(free_port)
 redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$workdir" \
     --daemonize yes --pidfile "$workdir/redis.pid" --logfile "$workdir/redis.log"
 cleanup() {
-    if [ -f "$workdir/redis.pid" ]; then kill "$(cat "$workdir/redis.pid")" 2>/dev/null || true; fi
+    local status=$?
+    if [ -f "$workdir/redis.pid" ]; then
+        local pid
+        pid=$(cat "$workdir/redis.pid")
+        kill "$pid" 2>/dev/null || true
+        # Redis may still write into its directory while it stops: wait (at most 10 s) until it is gone.
+        for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    fi
     # Gateway processes the integration tests started, should a crashed test have left one behind.
     pkill -f "$PWD/.build/debug/token-gateway serve" 2>/dev/null || true
-    rm -rf "$workdir"
+    rm -rf "$workdir" 2>/dev/null || true
+    exit "$status"
 }
 trap cleanup EXIT
 wait_for_redis "$port"
