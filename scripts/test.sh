@@ -30,7 +30,7 @@ cleanup() {
         pid=$(cat "$workdir/redis.pid")
         kill "$pid" 2>/dev/null || true
         # Redis may still write into its directory while it stops: wait (at most 10 s) until it is gone.
-        for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        timeout 10 tail --pid="$pid" -f /dev/null 2>/dev/null || true
     fi
     # Gateway processes the integration tests started, should a crashed test have left one behind.
     pkill -f "$PWD/.build/debug/token-gateway serve" 2>/dev/null || true
