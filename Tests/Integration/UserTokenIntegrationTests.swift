@@ -48,7 +48,7 @@ struct UserTokenIntegrationTests {
             #expect(record.outcome == "token")
 
             // The cache entry is sealed (the token is not stored in the clear) and indexed for uninstall.
-            let key = h.gateway.store.userTokenKey(installation.installationID, accountId: account)
+            let key = h.gateway.userTokenStore.tokenKey(installation.installationID, accountId: account)
             let sealed = try await h.gateway.redis.send(["HGET", key, "v"]).string
             #expect(sealed != nil && sealed != token)
             // Cached until a minute before the token's expiry.
@@ -384,7 +384,7 @@ struct UserTokenIntegrationTests {
             let installation = try await h.installed()
             let account = Self.account()
             #expect(try await h.userToken(installation, account).status == 200)
-            let key = h.gateway.store.userTokenKey(installation.installationID, accountId: account)
+            let key = h.gateway.userTokenStore.tokenKey(installation.installationID, accountId: account)
             #expect(try await h.gateway.redis.send(["EXISTS", key]).int == 1)
             try await h.emulator.uninstall(installation)
             #expect(try await h.gateway.redis.send(["EXISTS", key]).int == 0)
