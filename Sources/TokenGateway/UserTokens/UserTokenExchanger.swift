@@ -599,15 +599,14 @@ public final class UserTokenExchanger: Sendable, Service {
     /// Wakes the flights a notice concerns.
     func noticed(_ notice: UserTokenNotice) {
         let concerned = self.state.withLock { s -> [(FlightKey, UInt64)] in
-            s.flights.compactMap { key, flight in
-                switch notice {
-                case .user(let id, let accountId):
-                    return key.installation == id && key.accountId == accountId ? (key, flight.id) : nil
-                case .uninstalled(let id):
-                    return key.installation == id ? (key, flight.id) : nil
-                case .resync:
-                    return (key, flight.id)
-                }
+            switch notice {
+            case .user(let id, let accountId):
+                let key = FlightKey(installation: id, accountId: accountId)
+                return s.flights[key].map { [(key, $0.id)] } ?? []
+            case .uninstalled(let id):
+                return s.flights.compactMap { key, flight in key.installation == id ? (key, flight.id) : nil }
+            case .resync:
+                return s.flights.map { key, flight in (key, flight.id) }
             }
         }
         for (key, flightID) in concerned { self.handle(key, flightID) { $0.noticed() } }
