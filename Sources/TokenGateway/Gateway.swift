@@ -103,7 +103,8 @@ public final class Gateway: Sendable {
         self.invocationLimiter = InvocationLimiter(limit: configuration.invoke.maxConcurrencyPerInstallation)
         self.invocationMetrics = InvocationMetrics(factory: self.metrics.factory)
         self.flow = TokenFlow(
-            configuration: configuration.flow, store: self.store, trigger: trigger, metrics: self.metrics.flow,
+            configuration: configuration.flow, store: RedisTokenStore(store: self.store), trigger: trigger,
+            metrics: self.metrics.flow,
             logger: logger, replicaID: self.replicaID,
             observer: RoundTripRecorder(store: self.store, replicaID: self.replicaID, logger: logger))
         self.heartbeat = ReplicaHeartbeat(
