@@ -1,8 +1,8 @@
-import FlowEngine
 import Logging
 import Metrics
 import Testing
 
+@testable import FlowEngine
 @testable import TokenGateway
 
 /// ``UserTokenExchanger`` without Redis: an in-memory store on a manual clock, a stub system-token
@@ -14,7 +14,7 @@ struct UserTokenExchangerTests {
     static let account = UserAccountID("557058:user-a")!
 
     struct Harness {
-        let clock = ManualUserTokenClock()
+        let clock = ManualFlowClock()
         let store: InMemoryUserTokenStore
         let systemTokens: StubSystemTokens
         let client: ScriptedExchangeCall
@@ -29,12 +29,11 @@ struct UserTokenExchangerTests {
             self.client = ScriptedExchangeCall(answers)
             var configuration = UserTokenExchanger.Configuration()
             configure(&configuration)
-            let clock = self.clock
             self.exchanger = UserTokenExchanger(
                 configuration: configuration, store: self.store, systemTokens: self.systemTokens, client: self.client,
                 metrics: UserExchangeMetrics(factory: NOOPMetricsHandler.instance),
                 audit: AuditLog(logger: Logger(label: "test.audit")), logger: Logger(label: "test"),
-                now: { clock.now }, sleep: { try await clock.sleep(until: $0) }, jitter: { 0.5 })
+                clock: self.clock, jitter: { 0.5 })
         }
 
         /// Runs the exchanger while `body` runs.
@@ -91,11 +90,11 @@ struct UserTokenExchangerTests {
         try await h.running { () async throws -> Void in
             async let answer = h.token()
             // The caller's own deadline and the follower's wake-up at the lease's end.
-            await h.clock.waitForSleepers(atLeast: 2)
+            await h.clock.waitForSleepers(2)
             _ = try await h.store.store(
                 Self.installation, accountId: Self.account.value,
-                token: AccessToken(value: "from-other", expiresAt: h.clock.now.unixSeconds + 3600),
-                cacheUntil: h.clock.now.unixSeconds + 3000, now: h.clock.now)
+                token: AccessToken(value: "from-other", expiresAt: h.clock.now().unixSeconds + 3600),
+                cacheUntil: h.clock.now().unixSeconds + 3000, now: h.clock.now())
             let got = try await answer.get()
             #expect(got.token.value == "from-other")
             #expect(got.source == .exchange)
@@ -109,7 +108,7 @@ struct UserTokenExchangerTests {
         h.store.holdLease(Self.installation, accountId: Self.account.value, owner: "other", ttl: .seconds(3))
         try await h.running { () async throws -> Void in
             async let answer = h.token()
-            await h.clock.waitForSleepers(atLeast: 2)
+            await h.clock.waitForSleepers(2)
             h.clock.advance(by: .seconds(3))
             let got = try await answer.get()
             #expect(got.token.value == "user-token-1")
@@ -172,7 +171,7 @@ struct UserTokenExchangerTests {
             async let answer = h.token()
             await h.client.waitForCalls(1)
             // The caller's deadline and the backoff timer.
-            await h.clock.waitForSleepers(atLeast: 2)
+            await h.clock.waitForSleepers(2)
             h.clock.advance(by: .seconds(1))
             #expect(try await answer.get().token.value == "user-token-1")
             #expect(h.client.calls.count == 2)
@@ -193,7 +192,7 @@ struct UserTokenExchangerTests {
             async let short = h.token(timeout: .seconds(1))
             async let long = h.token(timeout: .seconds(10))
             await h.client.waitForCalls(1)
-            await h.clock.waitForSleepers(atLeast: 2)
+            await h.clock.waitForSleepers(2)
             h.clock.advance(by: .seconds(1))
             #expect(await short.failure == .timeout)
             h.client.release()

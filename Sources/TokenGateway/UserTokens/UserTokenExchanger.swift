@@ -196,8 +196,7 @@ public final class UserTokenExchanger: Sendable, Service {
     let metrics: UserExchangeMetrics
     let audit: AuditLog
     let logger: Logger
-    let now: @Sendable () -> FlowTime
-    let sleep: @Sendable (FlowTime) async throws -> Void
+    let clock: any FlowClock
     let jitter: @Sendable () -> Double
     private let state = Mutex(State())
     /// Actions and timers for ``run()`` to start as child tasks.
@@ -207,13 +206,12 @@ public final class UserTokenExchanger: Sendable, Service {
     ///   - store: the user-token cache, refusals, leases and budget.
     ///   - systemTokens: where system tokens come from (the token flow).
     ///   - client: the GraphQL exchange call.
-    ///   - now: the wall clock; `sleep` waits until an instant of it; `jitter` draws from 0...1
-    ///     (all injectable for tests).
+    ///   - clock: the wall clock, and waiting for an instant of it; `jitter` draws from 0...1
+    ///     (both injectable for tests).
     public init(
         configuration: Configuration, store: any UserTokenStore, systemTokens: any SystemTokenSource,
         client: any UserTokenExchangeCall, metrics: UserExchangeMetrics, audit: AuditLog, logger: Logger,
-        now: @escaping @Sendable () -> FlowTime = { FlowTime.now() },
-        sleep: (@Sendable (FlowTime) async throws -> Void)? = nil,
+        clock: any FlowClock = SystemFlowClock(),
         jitter: @escaping @Sendable () -> Double = { Double.random(in: 0...1) }
     ) {
         self.configuration = configuration
@@ -223,12 +221,7 @@ public final class UserTokenExchanger: Sendable, Service {
         self.metrics = metrics
         self.audit = audit
         self.logger = logger
-        self.now = now
-        self.sleep =
-            sleep ?? { instant in
-                let delay = instant - now()
-                if delay > .zero { try await Task.sleep(for: delay) } else { try Task.checkCancellation() }
-            }
+        self.clock = clock
         self.jitter = jitter
         self.work = AsyncStream.makeStream(of: Work.self)
     }
@@ -249,7 +242,7 @@ public final class UserTokenExchanger: Sendable, Service {
     )
         async throws(UserTokenError) -> Answer
     {
-        let start = self.now()
+        let start = self.clock.now()
         let deadline = start + request.timeout
         let snapshot: UserTokenSnapshot
         do {
@@ -291,7 +284,7 @@ public final class UserTokenExchanger: Sendable, Service {
         return await withTaskGroup(of: Outcome?.self) { group in
             group.addTask { await self.outcome(of: waiterID) }
             group.addTask {
-                try? await self.sleep(deadline)
+                try? await self.clock.sleep(until: deadline)
                 return nil
             }
             while let next = await group.next() {
@@ -311,7 +304,7 @@ public final class UserTokenExchanger: Sendable, Service {
     private func register(_ job: Job, deadline: FlowTime) -> UInt64? {
         let key = job.key
         let configuration = self.configuration
-        let now = self.now()
+        let now = self.clock.now()
         let started = self.state.withLock { s -> (UInt64, (UInt64, [UserExchangeAction])?)? in
             guard s.waiting < configuration.maxWaiters,
                 (s.waitingPerInstallation[key.installation] ?? 0) < configuration.maxWaitersPerInstallation
@@ -422,7 +415,7 @@ public final class UserTokenExchanger: Sendable, Service {
             do {
                 let won = try await self.store.acquireLease(
                     job.installation, accountId: account, owner: flight.owner, ttl: ttl)
-                self.handle(key, flight.id) { $0.leaseAnswered(won: won, now: self.now()) }
+                self.handle(key, flight.id) { $0.leaseAnswered(won: won, now: self.clock.now()) }
             } catch {
                 self.handle(key, flight.id) { $0.storeFailed() }
             }
@@ -434,7 +427,7 @@ public final class UserTokenExchanger: Sendable, Service {
         case .readStore:
             do {
                 let snapshot = try await self.store.snapshot(job.installation, accountId: account, timeout: nil)
-                self.handle(key, flight.id) { $0.storeRead(snapshot, now: self.now()) }
+                self.handle(key, flight.id) { $0.storeRead(snapshot, now: self.clock.now()) }
             } catch {
                 self.handle(key, flight.id) { $0.storeFailed() }
             }
@@ -462,8 +455,8 @@ public final class UserTokenExchanger: Sendable, Service {
             }
             self.handle(key, flight.id) { $0.recorded() }
         case .scheduleTimer(let id, let deadline):
-            guard (try? await self.sleep(deadline)) != nil else { return }
-            self.handle(key, flight.id) { $0.timerFired(id, now: self.now()) }
+            guard (try? await self.clock.sleep(until: deadline)) != nil else { return }
+            self.handle(key, flight.id) { $0.timerFired(id, now: self.clock.now()) }
         case .finish, .recordOutcome:
             return
         }
@@ -491,20 +484,20 @@ public final class UserTokenExchanger: Sendable, Service {
                 "no system token for the exchange", metadata: ["error.code": "\(error.code.rawValue)"])
             result = .failure(error)
         }
-        self.handle(flight.job.key, flight.id) { $0.systemTokenArrived(result, now: self.now()) }
+        self.handle(flight.job.key, flight.id) { $0.systemTokenArrived(result, now: self.clock.now()) }
     }
 
     private func admit(_ flight: Flight) async {
         do {
             let admission = try await self.store.admitExchange(
                 scope: self.configuration.budgetScope, limit: self.configuration.exchangesPerMinute,
-                window: self.configuration.budgetWindow, now: self.now())
+                window: self.configuration.budgetWindow, now: self.clock.now())
             if case .refused(let retryAfter) = admission {
                 self.logger(for: flight.job).notice(
                     "user-token exchange held back by the shared budget",
                     metadata: ["retry.after_ms": "\(retryAfter.milliseconds)"])
             }
-            self.handle(flight.job.key, flight.id) { $0.admission(admission, now: self.now()) }
+            self.handle(flight.job.key, flight.id) { $0.admission(admission, now: self.clock.now()) }
         } catch {
             self.handle(flight.job.key, flight.id) { $0.storeFailed() }
         }
@@ -530,12 +523,12 @@ public final class UserTokenExchanger: Sendable, Service {
                 "user-token exchange attempt failed",
                 metadata: ["exchange.attempt": "\(attempt)", "exchange.outcome": "\(failure.outcome)"])
         }
-        self.handle(job.key, flight.id) { $0.exchanged(outcome, now: self.now(), jitter: self.jitter()) }
+        self.handle(job.key, flight.id) { $0.exchanged(outcome, now: self.clock.now(), jitter: self.jitter()) }
     }
 
     /// Caches a freshly exchanged token (best effort) and records it in the audit log.
     private func keep(_ job: Job, value: String, ttl: Int64?, logger: Logger) async -> Outcome {
-        let now = self.now()
+        let now = self.clock.now()
         let expiresAt: Int64
         if let exp = TokenClaims.expiry(of: value) {
             expiresAt = exp

@@ -1,88 +1,9 @@
-import FlowEngine
 import Synchronization
 
+@testable import FlowEngine
 @testable import TokenGateway
 
-/// A clock tests move by hand. Sleepers wake when ``advance(by:)`` passes their instant (or when
-/// their task is cancelled); ``waitForSleepers(atLeast:)`` waits, without wall-clock sleeping,
-/// until that many are asleep.
-final class ManualUserTokenClock: Sendable {
-    private struct Sleeper {
-        let until: FlowTime
-        let continuation: CheckedContinuation<Void, any Error>
-    }
-
-    private struct State {
-        var now: FlowTime
-        var sleepers: [UInt64: Sleeper] = [:]
-        var nextID: UInt64 = 0
-        var watchers: [(count: Int, continuation: CheckedContinuation<Void, Never>)] = []
-
-        mutating func readyWatchers() -> [CheckedContinuation<Void, Never>] {
-            let count = self.sleepers.count
-            let ready = self.watchers.filter { $0.count <= count }.map(\.continuation)
-            self.watchers.removeAll { $0.count <= count }
-            return ready
-        }
-    }
-
-    private let state: Mutex<State>
-
-    init(now: FlowTime = FlowTime(unixSeconds: 1_900_000_000)) {
-        self.state = Mutex(State(now: now))
-    }
-
-    var now: FlowTime { self.state.withLock { $0.now } }
-
-    func sleep(until instant: FlowTime) async throws {
-        let id = self.state.withLock { s -> UInt64 in
-            s.nextID += 1
-            return s.nextID
-        }
-        try await withTaskCancellationHandler {
-            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-                let (due, cancelled, ready) = self.state.withLock { s -> (Bool, Bool, [CheckedContinuation<Void, Never>]) in
-                    if instant <= s.now { return (true, false, []) }
-                    if Task.isCancelled { return (false, true, []) }
-                    s.sleepers[id] = Sleeper(until: instant, continuation: continuation)
-                    return (false, false, s.readyWatchers())
-                }
-                for watcher in ready { watcher.resume() }
-                if due { continuation.resume() }
-                if cancelled { continuation.resume(throwing: CancellationError()) }
-            }
-        } onCancel: {
-            let sleeper = self.state.withLock { $0.sleepers.removeValue(forKey: id) }
-            sleeper?.continuation.resume(throwing: CancellationError())
-        }
-    }
-
-    /// Moves the clock on and wakes every sleeper whose instant has come.
-    func advance(by duration: Duration) {
-        let due = self.state.withLock { s -> [Sleeper] in
-            s.now = s.now + duration
-            let now = s.now
-            let due = s.sleepers.filter { $0.value.until <= now }
-            for key in due.keys { s.sleepers[key] = nil }
-            return Array(due.values)
-        }
-        for sleeper in due { sleeper.continuation.resume() }
-    }
-
-    /// Returns once at least `count` sleepers are asleep.
-    func waitForSleepers(atLeast count: Int) async {
-        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            let ready = self.state.withLock { s -> Bool in
-                if s.sleepers.count >= count { return true }
-                s.watchers.append((count, continuation))
-                return false
-            }
-            if ready { continuation.resume() }
-        }
-    }
-}
-
-/// A ``UserTokenStore`` in memory, on a ``ManualUserTokenClock``: expiries follow the clock, and
+/// A ``UserTokenStore`` in memory, on a ``ManualFlowClock``: expiries follow the clock, and
 /// every store, refusal and lease release is announced to the watchers like the Redis store does.
 final class InMemoryUserTokenStore: UserTokenStore {
     struct Installation {
@@ -112,10 +33,10 @@ final class InMemoryUserTokenStore: UserTokenStore {
 
     struct Unreachable: Error {}
 
-    let clock: ManualUserTokenClock
+    let clock: ManualFlowClock
     private let state = Mutex(State())
 
-    init(clock: ManualUserTokenClock) {
+    init(clock: ManualFlowClock) {
         self.clock = clock
     }
 
@@ -127,12 +48,12 @@ final class InMemoryUserTokenStore: UserTokenStore {
 
     /// Another process holds the user's lease for `ttl`.
     func holdLease(_ id: InstallationID, accountId: String, owner: String, ttl: Duration) {
-        let until = self.clock.now + ttl
+        let until = self.clock.now() + ttl
         self.state.withLock { $0.leases[Key(installation: id, accountId: accountId)] = (owner, until) }
     }
 
     func leaseOwner(_ id: InstallationID, accountId: String) -> String? {
-        let now = self.clock.now
+        let now = self.clock.now()
         return self.state.withLock { s in
             s.leases[Key(installation: id, accountId: accountId)].flatMap { $0.until > now ? $0.owner : nil }
         }
@@ -169,7 +90,7 @@ final class InMemoryUserTokenStore: UserTokenStore {
 
     func snapshot(_ id: InstallationID, accountId: String, timeout: Duration?) async throws -> UserTokenSnapshot {
         try self.check()
-        let now = self.clock.now
+        let now = self.clock.now()
         let key = Key(installation: id, accountId: accountId)
         return self.state.withLock { s in
             let installation = s.installations[id]
@@ -201,7 +122,7 @@ final class InMemoryUserTokenStore: UserTokenStore {
     @discardableResult
     func rememberDenial(_ id: InstallationID, accountId: String, for duration: Duration) async throws -> Bool {
         try self.check()
-        let until = self.clock.now + duration
+        let until = self.clock.now() + duration
         let key = Key(installation: id, accountId: accountId)
         let done = self.state.withLock { s -> Bool in
             if s.installations[id]?.status == .uninstalled { return false }
@@ -215,7 +136,7 @@ final class InMemoryUserTokenStore: UserTokenStore {
 
     func acquireLease(_ id: InstallationID, accountId: String, owner: String, ttl: Duration) async throws -> Bool {
         try self.check()
-        let now = self.clock.now
+        let now = self.clock.now()
         let key = Key(installation: id, accountId: accountId)
         return self.state.withLock { s in
             s.leaseAttempts += 1
@@ -228,7 +149,7 @@ final class InMemoryUserTokenStore: UserTokenStore {
     @discardableResult
     func extendLease(_ id: InstallationID, accountId: String, owner: String, ttl: Duration) async throws -> Bool {
         try self.check()
-        let now = self.clock.now
+        let now = self.clock.now()
         let key = Key(installation: id, accountId: accountId)
         return self.state.withLock { s in
             guard let lease = s.leases[key], lease.owner == owner, lease.until > now else { return false }
@@ -265,7 +186,7 @@ final class InMemoryUserTokenStore: UserTokenStore {
 
     func blockExchanges(scope: String, for duration: Duration) async throws {
         try self.check()
-        let until = self.clock.now + duration
+        let until = self.clock.now() + duration
         self.state.withLock { s in s.blocked[scope] = max(s.blocked[scope] ?? until, until) }
     }
 
@@ -358,9 +279,9 @@ final class ScriptedExchangeCall: UserTokenExchangeCall {
 /// System tokens `sys-1`, `sys-2`, …: a new one on every forced refresh.
 final class StubSystemTokens: SystemTokenSource {
     private let state = Mutex((generation: 1, forced: 0, failure: FlowError?.none))
-    let clock: ManualUserTokenClock
+    let clock: ManualFlowClock
 
-    init(clock: ManualUserTokenClock) { self.clock = clock }
+    init(clock: ManualFlowClock) { self.clock = clock }
 
     var forcedRefreshes: Int { self.state.withLock { $0.forced } }
 
@@ -377,6 +298,6 @@ final class StubSystemTokens: SystemTokenSource {
             return (s.generation, s.failure)
         }
         if let failure { throw failure }
-        return AccessToken(value: "sys-\(generation)", expiresAt: self.clock.now.unixSeconds + 3600)
+        return AccessToken(value: "sys-\(generation)", expiresAt: self.clock.now().unixSeconds + 3600)
     }
 }
