@@ -20,6 +20,8 @@ public final class Gateway: Sendable {
     public let verifier: InvocationTokenVerifier
     /// User tokens (`?asUser=`): the cache and the coalesced exchange.
     public let userTokens: UserTokenExchanger
+    /// Where user tokens are cached and their exchanges coordinated.
+    public let userTokenStore: RedisUserTokenStore
     /// Verifies Connect signed installs; nil when no Connect base URL is configured.
     public let connectInstallVerifier: SignedInstallVerifier?
     public let registry: PrometheusCollectorRegistry
@@ -87,7 +89,8 @@ public final class Gateway: Sendable {
         self.invocationLimiter = InvocationLimiter(limit: configuration.invoke.maxConcurrencyPerInstallation)
         self.invocationMetrics = InvocationMetrics(factory: self.metrics.factory)
         self.flow = TokenFlow(
-            configuration: configuration.flow, store: self.store, trigger: trigger, metrics: self.metrics.flow,
+            configuration: configuration.flow, store: RedisTokenStore(store: self.store), trigger: trigger,
+            metrics: self.metrics.flow,
             logger: logger, replicaID: self.replicaID,
             observer: RoundTripRecorder(store: self.store, replicaID: self.replicaID, logger: logger))
         self.heartbeat = ReplicaHeartbeat(
@@ -98,9 +101,10 @@ public final class Gateway: Sendable {
         verifierConfiguration.allowedModuleKeys = configuration.forgeModuleKeys
         self.verifier = InvocationTokenVerifier(
             configuration: verifierConfiguration,
-            httpClient: self.httpClient, replayGuard: StoreReplayGuard(store: self.store), logger: logger)
+            httpClient: self.httpClient, replayGuard: RedisReplayGuard(redis: self.store.redis, prefix: self.store.prefix), logger: logger)
+        self.userTokenStore = RedisUserTokenStore(installations: self.store)
         self.userTokens = UserTokenExchanger(
-            configuration: .init(gateway: configuration), store: self.store, flow: self.flow,
+            configuration: .init(gateway: configuration), store: self.userTokenStore, systemTokens: self.flow,
             client: OfflineUserAuthTokenClient(
                 httpClient: self.httpClient, url: configuration.forgeGraphQLURL, logger: logger),
             metrics: self.metrics.userExchanges, audit: self.audit, logger: logger)
@@ -170,7 +174,8 @@ public final class Gateway: Sendable {
     }
 
     /// Every long-lived part in start order; a `ServiceGroup` shuts them down in reverse, so the
-    /// HTTP servers drain first, then the flow releases its leases, then Redis and the HTTP client close.
+    /// HTTP servers drain first, then user-token exchanges and the flow release their leases, then
+    /// Redis and the HTTP client close.
     public func services(
         onServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in },
         onOperationsServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in }
@@ -178,7 +183,8 @@ public final class Gateway: Sendable {
         var services: [any Service] = []
         // First, so it stops last: every audit record of the last requests is written.
         if let auditBuffer = self.auditBuffer { services.append(AuditFlushService(buffer: auditBuffer)) }
-        services += [HTTPClientService(client: self.httpClient), self.redis, self.flow, self.heartbeat] as [any Service]
+        services += [HTTPClientService(client: self.httpClient), self.redis, self.flow, self.userTokens, self.heartbeat]
+            as [any Service]
         if let operations = self.makeOperationsApplication(onServerRunning: onOperationsServerRunning) {
             services.append(operations)
         }
@@ -211,16 +217,6 @@ public struct HTTPClientService: Service {
     public func run() async throws {
         try? await gracefulShutdown()
         try await self.client.shutdown()
-    }
-}
-
-/// The FIT `jti` replay guard, kept in Redis for the token's lifetime.
-struct StoreReplayGuard: InvocationTokenReplayGuard {
-    let store: GatewayStore
-
-    func firstUse(jti: String, expiresAt: Date) async throws -> Bool {
-        try await self.store.firstUse(
-            jti: jti, expiresAtUnixSeconds: Int64(expiresAt.timeIntervalSince1970), now: FlowTime.now())
     }
 }
 

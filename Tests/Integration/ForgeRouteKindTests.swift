@@ -192,7 +192,7 @@ struct ForgeRouteKindTests {
             #expect(try await h.token(installation).status == 200)
             let account = "557058:" + UUID().uuidString.lowercased()
             #expect(try await h.userToken(installation, account).status == 200)
-            let userKey = h.gateway.store.userTokenKey(installation.installationID, accountId: account)
+            let userKey = h.gateway.userTokenStore.tokenKey(installation.installationID, accountId: account)
             let systemKey = h.gateway.store.systemTokenKey(installation.installationID)
             #expect(try await h.gateway.redis.send(["EXISTS", userKey]).int == 1)
             #expect(try await h.gateway.redis.send(["EXISTS", systemKey]).int == 1)

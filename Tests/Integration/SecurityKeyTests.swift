@@ -49,7 +49,7 @@ struct SecurityKeyTests {
         let next = TriggerSigningKey.generate()
         _ = try await store.rotateTriggerKey(
             ids[0], candidateKeyID: next.keyId, candidateKey: next.rawPrivateKey, overlap: .seconds(600), now: now)
-        _ = try await store.storeUserToken(
+        _ = try await RedisUserTokenStore(installations: store).store(
             ids[1], accountId: "557058:user-1",
             token: AccessToken(value: "user-token-\(UUID())", expiresAt: now.unixSeconds + 3600),
             cacheUntil: now.unixSeconds + 3000, now: now)
@@ -196,7 +196,7 @@ struct SecurityKeyTests {
         let new = GatewayStore(redis: redis, box: try Self.ring([("k2", k2)]), prefix: prefix)
         try await Self.opensEverything(new, ids)
         #expect(try await new.triggerMaterial(ids[1])?.url == "https://t1.hello.atlassian-dev.net/x1/secret-1")
-        let userKey = new.userTokenKey(ids[1], accountId: "557058:user-1")
+        let userKey = RedisUserTokenStore(installations: new).tokenKey(ids[1], accountId: "557058:user-1")
         let userSealed = try #require(try await redis.send(["HGET", userKey, "v"]).string)
         let userToken = try Self.ring([("k2", k2)]).open(userSealed, context: userKey)
         #expect(String(decoding: userToken, as: UTF8.self).hasPrefix("user-token-"))

@@ -6,6 +6,7 @@ import Logging
 import NIOCore
 import NIOHTTP1
 import ServiceLifecycle
+import Synchronization
 import Testing
 
 @testable import TokenGateway
@@ -48,7 +49,7 @@ struct UserTokenIntegrationTests {
             #expect(record.outcome == "token")
 
             // The cache entry is sealed (the token is not stored in the clear) and indexed for uninstall.
-            let key = h.gateway.store.userTokenKey(installation.installationID, accountId: account)
+            let key = h.gateway.userTokenStore.tokenKey(installation.installationID, accountId: account)
             let sealed = try await h.gateway.redis.send(["HGET", key, "v"]).string
             #expect(sealed != nil && sealed != token)
             // Cached until a minute before the token's expiry.
@@ -142,6 +143,35 @@ struct UserTokenIntegrationTests {
                 #expect(answers.allSatisfy { $0.status == 200 })
                 #expect(Set(answers.compactMap { $0.json["accessToken"] as? String }).count == 1)
                 #expect(h.emulator.userTokenExchanges(for: installation, accountId: account) == 1)
+            }
+        }
+    }
+
+    @Test("caching a user token, remembering a refusal and giving a lease up announce the user to every process")
+    func storeAnnouncesUserChanges() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let id = installation.installationID
+            let store = h.gateway.userTokenStore
+            let account = Self.account()
+            let seen = NoticeLog()
+            try await withThrowingTaskGroup(of: Void.self) { group throws -> Void in
+                group.addTask { await store.watch { notice in seen.notices.withLock { $0.append(notice) } } }
+                #expect(try await Security.eventually { seen.notices.withLock { $0.contains(.resync) } })
+                let now = FlowTime.now()
+                #expect(
+                    try await store.store(
+                        id, accountId: account, token: AccessToken(value: "user-\(UUID())", expiresAt: now.unixSeconds + 3600),
+                        cacheUntil: now.unixSeconds + 3000, now: now) == .stored)
+                #expect(try await store.rememberDenial(id, accountId: account, for: .seconds(5)))
+                #expect(try await store.acquireLease(id, accountId: account, owner: "o1", ttl: .seconds(5)))
+                #expect(try await store.snapshot(id, accountId: account, timeout: nil).exchangeInFlight)
+                #expect(try await !store.releaseLease(id, accountId: account, owner: "someone else"))
+                #expect(try await store.releaseLease(id, accountId: account, owner: "o1"))
+                let expected = UserTokenNotice.user(id, accountId: account)
+                #expect(try await Security.eventually { seen.notices.withLock { $0.filter { $0 == expected }.count >= 3 } })
+                #expect(seen.notices.withLock { $0.filter { $0 == expected }.count } == 3)
+                group.cancelAll()
             }
         }
     }
@@ -384,7 +414,7 @@ struct UserTokenIntegrationTests {
             let installation = try await h.installed()
             let account = Self.account()
             #expect(try await h.userToken(installation, account).status == 200)
-            let key = h.gateway.store.userTokenKey(installation.installationID, accountId: account)
+            let key = h.gateway.userTokenStore.tokenKey(installation.installationID, accountId: account)
             #expect(try await h.gateway.redis.send(["EXISTS", key]).int == 1)
             try await h.emulator.uninstall(installation)
             #expect(try await h.gateway.redis.send(["EXISTS", key]).int == 0)
@@ -432,4 +462,9 @@ extension GatewayHarness {
         for h in response.headers { headerMap[h.name.lowercased()] = h.value }
         return Answer(status: Int(response.status.code), headers: headerMap, body: String(buffer: bytes))
     }
+}
+
+/// The notices a test saw.
+final class NoticeLog: Sendable {
+    let notices = Mutex<[UserTokenNotice]>([])
 }

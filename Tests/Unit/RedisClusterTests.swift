@@ -34,6 +34,7 @@ import Testing
         let store = GatewayStore(
             redis: RedisClient(configuration: RedisConfiguration(endpoint: .direct(host: "127.0.0.1", port: 1)), logger: .init(label: "test")),
             box: ring)
+        let users = RedisUserTokenStore(installations: store)
         for raw in [
             "ari:cloud:ecosystem::installation/8f4c7a1e-0000-4000-8000-000000000001",
             "ari:cloud:ecosystem::installation/00000000-1111-4222-8333-444444444444",
@@ -42,8 +43,8 @@ import Testing
             let keys = [
                 store.installationKey(id), store.systemTokenKey(id), store.signingKeysKey(id), store.leaseKey(id),
                 store.pendingKey(id, requestID: "r1"), store.userTokenIndexKey(id), store.breakerKey(id),
-                store.userTokenKey(id, accountId: "557058:abc"), store.userDeniedKey(id, accountId: "557058:abc"),
-                store.userLeaseKey(id, accountId: "557058:abc"),
+                users.tokenKey(id, accountId: "557058:abc"), users.deniedKey(id, accountId: "557058:abc"),
+                users.leaseKey(id, accountId: "557058:abc"),
             ]
             let slots = Set(keys.map { RedisHashSlot.slot(of: $0) })
             #expect(slots.count == 1, "\(keys)")

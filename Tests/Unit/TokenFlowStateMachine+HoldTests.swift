@@ -31,7 +31,7 @@ struct TokenFlowStateMachineHoldTests {
                 deadline: clock.now + .seconds(10), requestID: "r\(i)", now: clock.now)
         }
         _ = m.leaseAcquired(requestID: "r1", now: clock.now)
-        _ = m.triggerSucceeded(requestID: "r1", attempt: 1, now: clock.now)
+        _ = m.attemptSucceeded(requestID: "r1", attempt: 1, now: clock.now)
         return m
     }
 
@@ -46,7 +46,7 @@ struct TokenFlowStateMachineHoldTests {
     private static func startsRoundTrip(_ actions: [FlowAction]) -> Bool {
         actions.contains {
             switch $0 {
-            case .acquireLease, .acquireLeaseIgnoringHold, .sendTrigger: true
+            case .acquireLease, .acquireLeaseIgnoringHold, .startAttempt: true
             default: false
             }
         }
@@ -181,7 +181,7 @@ struct TokenFlowStateMachineHoldTests {
         var m = TokenFlowStateMachine(configuration: Self.configuration())
         _ = m.refreshAheadWasRequested(knownExpiry: known, requestID: "bg1", now: clock.now)
         _ = m.leaseAcquired(requestID: "bg1", now: clock.now)
-        _ = m.triggerSucceeded(requestID: "bg1", attempt: 1, now: clock.now)
+        _ = m.attemptSucceeded(requestID: "bg1", attempt: 1, now: clock.now)
         let a = m.roundTripBroughtNoNewerToken(requestID: "bg1", newest: Self.token(known), now: clock.now)
         #expect(a.contains(.placeHold(requestID: "bg1", duration: .seconds(60), releasingLease: true)))
         #expect(a.contains(.recordHold(.sameTokenServed)))
@@ -216,7 +216,7 @@ struct TokenFlowStateMachineHoldTests {
         #expect(b.contains(.acquireLeaseIgnoringHold(requestID: "r1", ttl: .seconds(12))))
         #expect(m.waiterCount == 1)
         let c = m.leaseAcquired(requestID: "r1", now: clock.now)
-        #expect(c.contains { if case .sendTrigger = $0 { true } else { false } })
+        #expect(c.contains { if case .startAttempt = $0 { true } else { false } })
 
         // Only callers that do not force: the round ends without a verdict on the trigger.
         var n = TokenFlowStateMachine(configuration: Self.configuration())
@@ -251,7 +251,7 @@ struct TokenFlowStateMachineHoldTests {
         // Only the leader may decide on the round trip's delivery: a follower ignores such a report.
         #expect(m.roundTripBroughtNoNewerToken(requestID: "r1", newest: newest, now: clock.now).isEmpty)
         // The stored token is not newer and not valid long enough: no answer from it.
-        #expect(Self.succeeded(m.tokenObserved(newest, solicitedBy: nil, now: clock.now)).isEmpty)
+        #expect(Self.succeeded(m.valueObserved(newest, solicitedBy: nil, now: clock.now)).isEmpty)
         let hold = RoundTripHold(until: clock.now + .seconds(60), newest: newest)
         let a = m.holdObserved(hold, now: clock.now)
         #expect(a.contains(.succeed([WaiterID(1), WaiterID(2), WaiterID(3)], newest, .cache)))

@@ -40,12 +40,12 @@ struct TokenFlowStateMachineTests {
         #expect(a1.contains(.acquireLease(requestID: "r1", ttl: .seconds(12))))
         #expect(timers(a1).map(\.1) == [deadline])
         let a2 = m.leaseAcquired(requestID: "r1", now: clock.now)
-        #expect(a2 == [.sendTrigger(requestID: "r1", attempt: 1, expiresAt: deadline, timeout: .seconds(5))])
+        #expect(a2 == [.startAttempt(requestID: "r1", attempt: 1, expiresAt: deadline, timeout: .seconds(5))])
         clock.advance(.milliseconds(300))
-        let a3 = m.triggerSucceeded(requestID: "r1", attempt: 1, now: clock.now)
+        let a3 = m.attemptSucceeded(requestID: "r1", attempt: 1, now: clock.now)
         #expect(a3.contains(.readStore(requestID: "r1")))
         let exp = clock.now.unixSeconds + 3600
-        let a4 = m.tokenObserved(token(exp, rid: "r1"), solicitedBy: "r1", now: clock.now)
+        let a4 = m.valueObserved(token(exp, rid: "r1"), solicitedBy: "r1", now: clock.now)
         #expect(a4.contains(.succeed([WaiterID(1)], token(exp, rid: "r1"), .trigger)))
         #expect(a4.contains(.releaseLease(requestID: "r1")))
         #expect(a4.contains(.recordAttempt(outcome: "success")))
@@ -61,9 +61,9 @@ struct TokenFlowStateMachineTests {
             waiter: WaiterID(1), minValidity: 300, knownExpiry: 0, forced: false, deadline: clock.now + .seconds(10),
             requestID: "r1", now: clock.now)
         _ = m.leaseAcquired(requestID: "r1", now: clock.now)
-        let a = m.tokenObserved(token(clock.now.unixSeconds + 3600, rid: "r1"), solicitedBy: "r1", now: clock.now)
+        let a = m.valueObserved(token(clock.now.unixSeconds + 3600, rid: "r1"), solicitedBy: "r1", now: clock.now)
         #expect(a.filter { $0 == .recordAttempt(outcome: "success") }.count == 1)
-        #expect(m.triggerSucceeded(requestID: "r1", attempt: 1, now: clock.now).isEmpty)
+        #expect(m.attemptSucceeded(requestID: "r1", attempt: 1, now: clock.now).isEmpty)
     }
 
     @Test("concurrent callers share one round trip")
@@ -82,13 +82,13 @@ struct TokenFlowStateMachineTests {
                 deadline: clock.now + .seconds(10), requestID: "r\(i)", now: clock.now)
             for a in actions {
                 if case .acquireLease = a { leaseRequests += 1 }
-                if case .sendTrigger = a { triggers += 1 }
+                if case .startAttempt = a { triggers += 1 }
             }
         }
         #expect(leaseRequests == 0)
         #expect(triggers == 0)
         #expect(m.waiterCount == 100)
-        let actions = m.tokenObserved(token(clock.now.unixSeconds + 3600, rid: "r1"), solicitedBy: "r1", now: clock.now)
+        let actions = m.valueObserved(token(clock.now.unixSeconds + 3600, rid: "r1"), solicitedBy: "r1", now: clock.now)
         let answered = actions.compactMap { if case .succeed(let ids, _, _) = $0 { return ids.count } else { return nil } }
         #expect(answered == [100])
         #expect(!m.isActive)
@@ -117,26 +117,26 @@ struct TokenFlowStateMachineTests {
             requestID: "r1", now: clock.now)
         _ = m.leaseAcquired(requestID: "r1", now: clock.now)
         // Attempt 1 fails: backoff of attempt 1 with jitter 0 is half of 100 ms.
-        let f1 = m.triggerFailed(requestID: "r1", attempt: 1, failure: .httpError, now: clock.now, jitter: 0)
+        let f1 = m.attemptFailed(requestID: "r1", attempt: 1, failure: .httpError, now: clock.now, jitter: 0)
         #expect(f1.contains(.recordAttempt(outcome: "http_error")))
         let t1 = timers(f1)
         #expect(t1.count == 1 && t1[0].1 == clock.now + .milliseconds(50))
         clock.advance(.milliseconds(50))
         let s2 = m.timerFired(t1[0].0, now: clock.now, jitter: 0)
         #expect(s2.count == 2 && s2.first == .recordRetry)
-        guard case .sendTrigger(_, 2, _, _) = s2.last else {
+        guard case .startAttempt(_, 2, _, _) = s2.last else {
             Issue.record("expected attempt 2, got \(s2)")
             return
         }
         // Attempt 2 fails: with jitter 1 the full 200 ms.
-        let f2 = m.triggerFailed(requestID: "r1", attempt: 2, failure: .transportError, now: clock.now, jitter: 1)
+        let f2 = m.attemptFailed(requestID: "r1", attempt: 2, failure: .transportError, now: clock.now, jitter: 1)
         #expect(f2.contains(.recordAttempt(outcome: "transport_error")))
         let t2 = timers(f2)
         #expect(t2.count == 1 && t2[0].1 == clock.now + .milliseconds(200))
         clock.advance(.milliseconds(200))
         _ = m.timerFired(t2[0].0, now: clock.now, jitter: 0)
         // Attempt 3 is the last one allowed.
-        let f3 = m.triggerFailed(requestID: "r1", attempt: 3, failure: .httpError, now: clock.now, jitter: 0)
+        let f3 = m.attemptFailed(requestID: "r1", attempt: 3, failure: .httpError, now: clock.now, jitter: 0)
         #expect(f3.contains(.fail([WaiterID(1)], .triggerFailed)))
         #expect(f3.contains(.roundFinished(succeeded: false)))
         #expect(f3.contains(.releaseLease(requestID: "r1")))
@@ -151,8 +151,8 @@ struct TokenFlowStateMachineTests {
             waiter: WaiterID(1), minValidity: 300, knownExpiry: 0, forced: false, deadline: clock.now + .seconds(30),
             requestID: "r1", now: clock.now)
         _ = m.leaseAcquired(requestID: "r1", now: clock.now)
-        #expect(m.triggerFailed(requestID: "r1", attempt: 2, failure: .httpError, now: clock.now, jitter: 0).isEmpty)
-        #expect(m.triggerSucceeded(requestID: "other", attempt: 1, now: clock.now).isEmpty)
+        #expect(m.attemptFailed(requestID: "r1", attempt: 2, failure: .httpError, now: clock.now, jitter: 0).isEmpty)
+        #expect(m.attemptSucceeded(requestID: "other", attempt: 1, now: clock.now).isEmpty)
     }
 
     @Test("a retry that would not fit before the deadline is not scheduled")
@@ -164,7 +164,7 @@ struct TokenFlowStateMachineTests {
             deadline: clock.now + .milliseconds(500), requestID: "r1", now: clock.now)
         _ = m.leaseAcquired(requestID: "r1", now: clock.now)
         clock.advance(.milliseconds(480))
-        let f = m.triggerFailed(requestID: "r1", attempt: 1, failure: .timeout, now: clock.now, jitter: 1)
+        let f = m.attemptFailed(requestID: "r1", attempt: 1, failure: .timeout, now: clock.now, jitter: 1)
         #expect(f.contains(.fail([WaiterID(1)], .tokenTimeout)))
         #expect(timers(f).isEmpty)
     }
@@ -193,7 +193,7 @@ struct TokenFlowStateMachineTests {
             waiter: WaiterID(1), minValidity: 300, knownExpiry: 0, forced: false, deadline: clock.now + .seconds(30),
             requestID: "r1", now: clock.now)
         _ = m.leaseAcquired(requestID: "r1", now: clock.now)
-        let s = m.triggerSucceeded(requestID: "r1", attempt: 1, now: clock.now)
+        let s = m.attemptSucceeded(requestID: "r1", attempt: 1, now: clock.now)
         let grace = timers(s).first { $0.1 == clock.now + .seconds(2) }!.0
         #expect(m.storeReadEmpty(requestID: "r1", now: clock.now).isEmpty)
         clock.advance(.seconds(2))
@@ -233,8 +233,8 @@ struct TokenFlowStateMachineTests {
         _ = m.leaseAcquired(requestID: "r1", now: clock.now)
         clock.advance(.seconds(1))
         _ = m.timerFired(timers(a)[0].0, now: clock.now, jitter: 0)
-        #expect(m.tokenObserved(token(clock.now.unixSeconds + 3600, rid: "r1"), solicitedBy: "r1", now: clock.now).isEmpty)
-        #expect(m.triggerSucceeded(requestID: "r1", attempt: 1, now: clock.now).isEmpty)
+        #expect(m.valueObserved(token(clock.now.unixSeconds + 3600, rid: "r1"), solicitedBy: "r1", now: clock.now).isEmpty)
+        #expect(m.attemptSucceeded(requestID: "r1", attempt: 1, now: clock.now).isEmpty)
         #expect(!m.isActive)
     }
 
@@ -247,7 +247,7 @@ struct TokenFlowStateMachineTests {
             requestID: "r1", now: clock.now)
         _ = m.leaseAcquired(requestID: "r1", now: clock.now)
         let exp = clock.now.unixSeconds + 3600
-        let a = m.tokenObserved(token(exp), solicitedBy: nil, now: clock.now)
+        let a = m.valueObserved(token(exp), solicitedBy: nil, now: clock.now)
         #expect(a.contains(.succeed([WaiterID(1)], token(exp), .push)))
     }
 
@@ -260,9 +260,9 @@ struct TokenFlowStateMachineTests {
             waiter: WaiterID(1), minValidity: 300, knownExpiry: known, forced: true, deadline: clock.now + .seconds(10),
             requestID: "r1", now: clock.now)
         _ = m.leaseAcquired(requestID: "r1", now: clock.now)
-        #expect(m.tokenObserved(token(known), solicitedBy: nil, now: clock.now).isEmpty)
-        #expect(m.tokenObserved(token(clock.now.unixSeconds - 1, rid: "r1"), solicitedBy: "r1", now: clock.now).isEmpty)
-        let a = m.tokenObserved(token(known + 1), solicitedBy: nil, now: clock.now)
+        #expect(m.valueObserved(token(known), solicitedBy: nil, now: clock.now).isEmpty)
+        #expect(m.valueObserved(token(clock.now.unixSeconds - 1, rid: "r1"), solicitedBy: "r1", now: clock.now).isEmpty)
+        let a = m.valueObserved(token(known + 1), solicitedBy: nil, now: clock.now)
         #expect(a.contains(.succeed([WaiterID(1)], token(known + 1), .push)))
     }
 
@@ -288,7 +288,7 @@ struct TokenFlowStateMachineTests {
         #expect(timers(d2)[0].1 == clock.now + .milliseconds(100))
         // The leader's delivery, announced by notification, answers the follower as a trigger answer.
         let exp = clock.now.unixSeconds + 3600
-        let a = m.tokenObserved(token(exp, rid: "leader"), solicitedBy: "leader", now: clock.now)
+        let a = m.valueObserved(token(exp, rid: "leader"), solicitedBy: "leader", now: clock.now)
         #expect(a.contains(.succeed([WaiterID(1)], token(exp, rid: "leader"), .trigger)))
         #expect(!a.contains(.releaseLease(requestID: "r1")))
     }
@@ -327,9 +327,9 @@ struct TokenFlowStateMachineTests {
         #expect(a.count == 2)
         #expect(m.refreshAheadWasRequested(knownExpiry: known, requestID: "bg2", now: clock.now).isEmpty)
         _ = m.leaseAcquired(requestID: "bg", now: clock.now)
-        #expect(m.tokenObserved(token(known), solicitedBy: nil, now: clock.now).isEmpty)
+        #expect(m.valueObserved(token(known), solicitedBy: nil, now: clock.now).isEmpty)
         #expect(m.isActive)
-        let done = m.tokenObserved(token(known + 3000, rid: "bg"), solicitedBy: "bg", now: clock.now)
+        let done = m.valueObserved(token(known + 3000, rid: "bg"), solicitedBy: "bg", now: clock.now)
         #expect(done.contains(.releaseLease(requestID: "bg")))
         #expect(!m.isActive)
     }

@@ -57,8 +57,8 @@ let benchmarks: @Sendable () -> Void = {
                     waiter: WaiterID(UInt64(i)), minValidity: 300, knownExpiry: 0, forced: false, deadline: deadline,
                     requestID: "rq_bench", now: now))
             blackHole(machine.leaseAcquired(requestID: "rq_bench", now: now))
-            blackHole(machine.triggerSucceeded(requestID: "rq_bench", attempt: 1, now: now))
-            blackHole(machine.tokenObserved(token, solicitedBy: "rq_bench", now: now))
+            blackHole(machine.attemptSucceeded(requestID: "rq_bench", attempt: 1, now: now))
+            blackHole(machine.valueObserved(token, solicitedBy: "rq_bench", now: now))
             precondition(!machine.isActive, "the round did not finish")
         }
     }
@@ -151,7 +151,7 @@ final class Fixtures: Sendable {
             logger: logger)
         let store = GatewayStore(redis: redis, box: self.keyRing)
         self.flow = TokenFlow(
-            configuration: TokenFlowConfiguration(), store: store, trigger: RefusingTrigger(),
+            configuration: TokenFlowConfiguration(), store: RedisTokenStore(store: store), trigger: RefusingTrigger(),
             metrics: FlowMetrics(factory: NOOPMetricsHandler.instance), logger: logger, replicaID: "bench")
         let now = FlowTime.now()
         self.flow.tokenDelivered(

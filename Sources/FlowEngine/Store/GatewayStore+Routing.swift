@@ -35,8 +35,6 @@ public struct RoutingPolicy: Sendable {
 extension GatewayStore {
     /// Context of an installation's sealed `apiBaseUrl`.
     func apiBaseURLContext(_ id: InstallationID) -> String { self.installationKey(id) + "#apiBaseUrl" }
-    /// Context of a Connect tenant's sealed installation link.
-    func connectLinkContext(_ clientKey: String) -> String { self.connectTenantKey(clientKey) + "#installationId" }
 
     /// The sealed form of an `apiBaseUrl` for the store, or `""` (not stored) when there is none
     /// or the routing policy does not allow it.
@@ -47,7 +45,7 @@ extension GatewayStore {
 
     /// The `apiBaseUrl` of a stored (sealed) value, or nil when there is none, it does not open
     /// (forged, copied, or under a key no longer in the ring: counted) or the policy refuses it.
-    func openAPIBaseURL(_ stored: String?, _ id: InstallationID) -> String? {
+    public func openAPIBaseURL(_ stored: String?, _ id: InstallationID) -> String? {
         guard let stored, !stored.isEmpty else { return nil }
         guard let bytes = try? self.box.open(stored, context: self.apiBaseURLContext(id)),
             let url = String(validating: bytes, as: UTF8.self)
@@ -56,23 +54,5 @@ extension GatewayStore {
             return nil
         }
         return self.routing.allowsAPIBaseURL(url) ? url : nil
-    }
-
-    /// The sealed form of a tenant's installation link, or `""` for none.
-    func sealConnectLink(_ id: InstallationID?, clientKey: String) -> String {
-        guard let id else { return "" }
-        return (try? self.box.sealDeterministically(Array(id.ari.utf8), context: self.connectLinkContext(clientKey))) ?? ""
-    }
-
-    /// The installation a stored (sealed) link names, or nil when there is none or it does not open (counted).
-    func openConnectLink(_ stored: String?, clientKey: String) -> InstallationID? {
-        guard let stored, !stored.isEmpty else { return nil }
-        guard let bytes = try? self.box.open(stored, context: self.connectLinkContext(clientKey)),
-            let text = String(validating: bytes, as: UTF8.self), let id = InstallationID(text)
-        else {
-            self.undecryptable(.connectLink)
-            return nil
-        }
-        return id
     }
 }

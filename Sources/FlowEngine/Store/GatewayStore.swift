@@ -9,10 +9,10 @@ public final class GatewayStore: Sendable {
     /// The notification channel every process subscribes to.
     public let channel: String
     public let redis: RedisClient
-    let box: any SecretBox
-    let prefix: String
+    public let box: any SecretBox
+    public let prefix: String
     /// Told of every stored secret that does not open (for a metric).
-    let undecryptable: @Sendable (SecretKind) -> Void
+    public let undecryptable: @Sendable (SecretKind) -> Void
     /// Which routing values may be stored and served.
     let routing: RoutingPolicy
 
@@ -38,17 +38,17 @@ public final class GatewayStore: Sendable {
 
     // MARK: Keys
 
-    func tag(_ id: InstallationID) -> String { "\(self.prefix):{\(id.ari)}" }
+    /// `tg:{<installation ARI>}`: the hash-tagged stem of every key of one installation.
+    public func tag(_ id: InstallationID) -> String { "\(self.prefix):{\(id.ari)}" }
     public func installationKey(_ id: InstallationID) -> String { self.tag(id) + ":installation" }
     public func systemTokenKey(_ id: InstallationID) -> String { self.tag(id) + ":token:system" }
-    func signingKeysKey(_ id: InstallationID) -> String { self.tag(id) + ":signing-keys" }
+    public func signingKeysKey(_ id: InstallationID) -> String { self.tag(id) + ":signing-keys" }
     func leaseKey(_ id: InstallationID) -> String { self.tag(id) + ":lease" }
     func pendingKey(_ id: InstallationID, requestID: String) -> String { self.tag(id) + ":pending:" + requestID }
-    func userTokenIndexKey(_ id: InstallationID) -> String { self.tag(id) + ":user-tokens" }
-    func breakerKey(_ id: InstallationID) -> String { self.tag(id) + ":breaker" }
+    public func userTokenIndexKey(_ id: InstallationID) -> String { self.tag(id) + ":user-tokens" }
+    public func breakerKey(_ id: InstallationID) -> String { self.tag(id) + ":breaker" }
     func holdKey(_ id: InstallationID) -> String { self.tag(id) + ":hold" }
-    var installationsIndexKey: String { "\(self.prefix):installations" }
-    func seenFITKey(_ jti: String) -> String { "\(self.prefix):seen-fit:\(jti)" }
+    public var installationsIndexKey: String { "\(self.prefix):installations" }
 
     // MARK: Installations
 
@@ -116,6 +116,12 @@ public final class GatewayStore: Sendable {
         public let url: String
         public let keyID: String
         public let rawPrivateKey: [UInt8]
+
+        public init(url: String, keyID: String, rawPrivateKey: [UInt8]) {
+            self.url = url
+            self.keyID = keyID
+            self.rawPrivateKey = rawPrivateKey
+        }
     }
 
     /// The trigger URL and signing key, or nil when no trigger is registered.
@@ -147,7 +153,6 @@ public final class GatewayStore: Sendable {
                 self.userTokenIndexKey(id),
             ],
             arguments: [String(now.unixSeconds), self.channel, id.ari])
-        try await self.deleteNamedTriggerState(id)
         try await self.index(id)
     }
 
@@ -432,15 +437,6 @@ public final class GatewayStore: Sendable {
             ])
         guard let items = r.array, items.count == 2, let opened = items[0].int else { throw RedisError.protocolError }
         return opened == 1 ? items[1].int : nil
-    }
-
-    // MARK: Replay guard
-
-    /// Records a FIT `jti` until `expiresAt`; false when it was already recorded.
-    public func firstUse(jti: String, expiresAtUnixSeconds: Int64, now: FlowTime) async throws -> Bool {
-        let ttl = max((expiresAtUnixSeconds - now.unixSeconds + 61) * 1000, 1000)
-        let r = try await self.redis.send(["SET", self.seenFITKey(jti), "1", "NX", "PX", String(ttl)])
-        return r.string == "OK"
     }
 
     /// Answers when Redis answers.

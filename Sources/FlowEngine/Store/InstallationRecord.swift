@@ -73,7 +73,7 @@ public enum TokenStoreOutcome: Sendable, Hashable {
 
 extension RedisValue {
     /// Reads a flat `[field, value, field, value…]` array (HGETALL) into a dictionary.
-    var fieldDictionary: [String: String] {
+    public var fieldDictionary: [String: String] {
         guard let items = self.array else { return [:] }
         var out: [String: String] = [:]
         var i = 0

@@ -182,9 +182,10 @@ extension Gateway {
     }
 
     /// Marks an installation uninstalled and deletes its tokens, user tokens and signing keys at
-    /// once (recording it as uninstalled when it was never seen); idempotent.
+    /// once (recording it as uninstalled when it was never seen), then its named triggers; idempotent.
     func uninstallInstallation(_ id: InstallationID, signal: String, logger: Logger) async throws {
         try await self.store.uninstall(id, now: FlowTime.now())
+        try await self.store.deleteNamedTriggerState(id)
         self.flow.installationUninstalled(id)
         self.triggerClient.installationUninstalled(id)
         logger.info("installation uninstalled", metadata: ["installation.id": "\(id)", "lifecycle.event": "\(signal)"])

@@ -28,7 +28,7 @@ final class RoundTripRecorder: TokenFlowObserver {
             var finished: RoundTripRecord?
             for action in actions {
                 switch action {
-                case .sendTrigger(_, let attempt, _, _):
+                case .startAttempt(_, let attempt, _, _):
                     var round = rounds[installation] ?? OpenRound(startedAt: now, attempts: 0)
                     round.attempts = max(round.attempts, attempt)
                     rounds[installation] = round

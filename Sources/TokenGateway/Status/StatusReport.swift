@@ -88,7 +88,7 @@ struct StatusReport: Sendable {
         let now = FlowTime.now()
         let replicas = try await store.replicas(now: now)
         let roundTrips = try await store.recentRoundTrips(since: now - .seconds(3600))
-        let used = try await store.userExchangesUsed(
+        let used = try await gateway.userTokenStore.exchangesUsed(
             scope: gateway.configuration.forgeAppID, window: .seconds(60), now: now)
         let (records, truncated) = try await store.allInstallations(limit: Self.maxInstallations) {
             scope.contains($0.ari)

@@ -1,5 +1,6 @@
 import FlowEngine
 import Logging
+import ServiceLifecycle
 import Synchronization
 
 /// User tokens (offline user impersonation, contract §2 `?asUser=`): serves a cached user token
@@ -8,11 +9,12 @@ import Synchronization
 ///
 /// A request reads the cache, a remembered refusal and the installation's state in one Redis
 /// round trip. On a miss it joins this process's *flight* for that installation and user, or
-/// starts one. A flight takes the user's exchange lease in Redis (`SET NX PX`); the process that
-/// wins exchanges, the others follow by polling the cache with capped backoff until the winner
-/// stores the token, records a refusal or lets the lease go (then they try to take it
-/// themselves). The winner, per attempt: gets the system token from ``TokenFlow`` (cache or
-/// round trip), counts one exchange against the app-wide budget shared in Redis, calls the
+/// starts one. A flight takes the user's exchange lease in the ``UserTokenStore``; the process
+/// that wins exchanges, the others follow: they read the store again when it announces a change
+/// of that user (the winner stored the token, recorded a refusal or let the lease go) or when the
+/// winner's lease runs out, and take the lease themselves when it is gone without an answer. The
+/// winner, per attempt: gets the system token (``SystemTokenSource``: the token flow's cache or a
+/// round trip), counts one exchange against the app-wide budget shared in the store, calls the
 /// GraphQL endpoint, and
 /// - on a token: caches it sealed until shortly before its expiry and answers every waiter;
 /// - on a refusal: remembers it for ``Configuration/denialMemory`` (403 without a call meanwhile);
@@ -24,7 +26,10 @@ import Synchronization
 /// A flight's deadline is the latest deadline of the callers waiting on it; each caller also
 /// gives up at its own deadline (504 `token_timeout`). A caller that goes away leaves the flight
 /// running for the others.
-public final class UserTokenExchanger: Sendable {
+///
+/// The decisions of a flight are ``UserExchangeStateMachine``'s; this type runs its actions, each
+/// as a child task of ``run()`` (a `Service` of the gateway), so shutdown awaits them all.
+public final class UserTokenExchanger: Sendable, Service {
     /// Knobs of the exchange. Every default is documented.
     public struct Configuration: Sendable {
         /// The GraphQL endpoint. Default Atlassian's, `https://api.atlassian.com/graphql`.
@@ -49,10 +54,6 @@ public final class UserTokenExchanger: Sendable {
         public var cacheMargin: Duration = .seconds(60)
         /// Seconds the system token must still be valid for when it is used. Default 60.
         public var systemTokenMinValidity: Int64 = 60
-        /// First poll interval while another process exchanges for the same user. Default 25 ms.
-        public var pollInitial: Duration = .milliseconds(25)
-        /// Longest poll interval. Default 500 ms.
-        public var pollCap: Duration = .milliseconds(500)
         /// How long the exchange lease outlives the flight's deadline. Default 2 s.
         public var leaseGrace: Duration = .seconds(2)
         /// The hold after a 429 that came without a readable `Retry-After`. Default 60 s (one budget window).
@@ -65,6 +66,13 @@ public final class UserTokenExchanger: Sendable {
         public var maxWaiters: Int = 10_000
 
         public init() {}
+
+        var machine: UserExchangeStateMachine.Configuration {
+            UserExchangeStateMachine.Configuration(
+                maxAttempts: self.maxAttempts, attemptTimeout: self.attemptTimeout, backoffBase: self.backoffBase,
+                backoffCap: self.backoffCap, leaseGrace: self.leaseGrace, denialMemory: self.denialMemory,
+                defaultRetryAfter: self.defaultRetryAfter)
+        }
 
         /// The settings of a gateway: its GraphQL URL, budget and app id.
         public init(gateway: GatewayConfiguration) {
@@ -127,57 +135,95 @@ public final class UserTokenExchanger: Sendable {
 
     typealias Outcome = Result<Answer, UserTokenError>
 
-    struct Waiter {
-        let continuation: CheckedContinuation<Outcome, Never>
-        var timer: Task<Void, Never>?
+    /// One caller's place: waiting (its continuation once it is attached) or answered before it was.
+    enum WaiterSlot {
+        case waiting(CheckedContinuation<Outcome, Never>?)
+        case answered(Outcome)
     }
 
-    struct Flight {
-        var waiters: [UInt64: Waiter]
-        var deadline: FlowTime
+    struct Flight: Sendable {
+        /// Tells this flight's events from those of an earlier flight of the same user.
+        let id: UInt64
+        let job: Job
+        var machine: UserExchangeStateMachine
+        var waiters: Set<UInt64>
+        /// Unique per flight: the lease's owner in the store.
+        let owner: String
     }
 
     struct State: ~Copyable {
         var flights: [FlightKey: Flight] = [:]
-        var nextWaiter: UInt64 = 0
+        var slots: [UInt64: WaiterSlot] = [:]
+        var nextID: UInt64 = 0
         /// Waiters over all flights, and per installation (the caps).
         var waiting = 0
         var waitingPerInstallation: [InstallationID: Int] = [:]
+        var shuttingDown = false
+
+        mutating func makeID() -> UInt64 {
+            self.nextID += 1
+            return self.nextID
+        }
 
         mutating func countWaiter(_ installation: InstallationID, _ delta: Int) {
             self.waiting += delta
             let now = (self.waitingPerInstallation[installation] ?? 0) + delta
             self.waitingPerInstallation[installation] = now > 0 ? now : nil
         }
+
+        /// Answers one waiter: resumes it, or keeps the answer until it attaches. Returns the
+        /// continuation to resume (outside the lock).
+        mutating func answer(_ waiterID: UInt64, _ outcome: Outcome) -> CheckedContinuation<Outcome, Never>? {
+            switch self.slots[waiterID] {
+            case .some(.waiting(let continuation?)):
+                self.slots[waiterID] = nil
+                return continuation
+            case .some(.waiting(nil)):
+                self.slots[waiterID] = .answered(outcome)
+                return nil
+            case .some(.answered), .none:
+                return nil
+            }
+        }
     }
 
+    typealias Work = @Sendable () async -> Void
+
     public let configuration: Configuration
-    let store: GatewayStore
-    let flow: TokenFlow
-    let client: OfflineUserAuthTokenClient
+    let store: any UserTokenStore
+    let systemTokens: any SystemTokenSource
+    let client: any UserTokenExchangeCall
     let metrics: UserExchangeMetrics
     let audit: AuditLog
     let logger: Logger
-    let now: @Sendable () -> FlowTime
+    let clock: any FlowClock
+    let jitter: @Sendable () -> Double
     private let state = Mutex(State())
+    /// Actions and timers for ``run()`` to start as child tasks.
+    private let work: (stream: AsyncStream<Work>, continuation: AsyncStream<Work>.Continuation)
 
     /// - Parameters:
-    ///   - flow: where system tokens come from.
+    ///   - store: the user-token cache, refusals, leases and budget.
+    ///   - systemTokens: where system tokens come from (the token flow).
     ///   - client: the GraphQL exchange call.
-    ///   - now: the wall clock (injectable for tests).
+    ///   - clock: the wall clock, and waiting for an instant of it; `jitter` draws from 0...1
+    ///     (both injectable for tests).
     public init(
-        configuration: Configuration, store: GatewayStore, flow: TokenFlow, client: OfflineUserAuthTokenClient,
-        metrics: UserExchangeMetrics, audit: AuditLog, logger: Logger,
-        now: @escaping @Sendable () -> FlowTime = { FlowTime.now() }
+        configuration: Configuration, store: any UserTokenStore, systemTokens: any SystemTokenSource,
+        client: any UserTokenExchangeCall, metrics: UserExchangeMetrics, audit: AuditLog, logger: Logger,
+        clock: any FlowClock = SystemFlowClock(),
+        jitter: @escaping @Sendable () -> Double = { Double.random(in: 0...1) }
     ) {
         self.configuration = configuration
         self.store = store
-        self.flow = flow
+        self.systemTokens = systemTokens
         self.client = client
         self.metrics = metrics
         self.audit = audit
         self.logger = logger
-        self.now = now
+        self.clock = clock
+        self.jitter = jitter
+        self.work = AsyncStream.makeStream(of: Work.self)
     }
 
     // MARK: - The facade
@@ -196,11 +242,11 @@ public final class UserTokenExchanger: Sendable {
     )
         async throws(UserTokenError) -> Answer
     {
-        let start = self.now()
+        let start = self.clock.now()
         let deadline = start + request.timeout
         let snapshot: UserTokenSnapshot
         do {
-            snapshot = try await self.store.userTokenSnapshot(
+            snapshot = try await self.store.snapshot(
                 installation, accountId: accountId.value, timeout: min(request.timeout, .seconds(2)))
         } catch {
             self.logger.warning(
@@ -231,275 +277,258 @@ public final class UserTokenExchanger: Sendable {
 
     // MARK: - Coalescing in this process
 
-    /// Waits for the flight of `job`'s user (starting it when there is none) until `deadline`.
+    /// Waits for the flight of `job`'s user (starting it when there is none) until `deadline` or
+    /// until the calling task is cancelled; the flight goes on for the others.
     private func join(_ job: Job, deadline: FlowTime) async -> Outcome {
-        let key = job.key
-        let waiterID = self.state.withLock { s -> UInt64 in
-            s.nextWaiter += 1
-            return s.nextWaiter
-        }
-        return await withTaskCancellationHandler {
-            await withCheckedContinuation { (continuation: CheckedContinuation<Outcome, Never>) in
-                let configuration = self.configuration
-                let admitted = self.state.withLock { s -> Bool? in
-                    guard s.waiting < configuration.maxWaiters,
-                        (s.waitingPerInstallation[key.installation] ?? 0) < configuration.maxWaitersPerInstallation
-                    else { return nil }
-                    s.countWaiter(key.installation, 1)
-                    if var flight = s.flights[key] {
-                        flight.waiters[waiterID] = Waiter(continuation: continuation)
-                        flight.deadline = max(flight.deadline, deadline)
-                        s.flights[key] = flight
-                        return false
-                    }
-                    s.flights[key] = Flight(waiters: [waiterID: Waiter(continuation: continuation)], deadline: deadline)
-                    return true
-                }
-                guard let leads = admitted else {
-                    continuation.resume(returning: .failure(.flow(.overloaded)))
-                    return
-                }
-                if leads {
-                    Task { self.land(key, await self.fly(job)) }
-                }
-                if Task.isCancelled {
-                    self.leave(key, waiterID, with: .failure(.flow(.cancelled)))
-                    return
-                }
-                let delay = deadline - self.now()
-                let timer = Task {
-                    if delay > .zero {
-                        do { try await Task.sleep(for: delay) } catch { return }
-                    }
-                    self.leave(key, waiterID, with: .failure(.timeout))
-                }
-                let attached = self.state.withLock { s -> Bool in
-                    guard s.flights[key]?.waiters[waiterID] != nil else { return false }
-                    s.flights[key]!.waiters[waiterID]!.timer = timer
-                    return true
-                }
-                if !attached { timer.cancel() }
+        guard let waiterID = self.register(job, deadline: deadline) else { return .failure(.flow(.overloaded)) }
+        return await withTaskGroup(of: Outcome?.self) { group in
+            group.addTask { await self.outcome(of: waiterID) }
+            group.addTask {
+                try? await self.clock.sleep(until: deadline)
+                return nil
             }
-        } onCancel: {
-            self.leave(key, waiterID, with: .failure(.flow(.cancelled)))
+            while let next = await group.next() {
+                if let outcome = next {
+                    group.cancelAll()
+                    return outcome
+                }
+                // The deadline passed, or the caller went away: leave the flight.
+                self.leave(job.key, waiterID, with: .failure(Task.isCancelled ? .flow(.cancelled) : .timeout))
+            }
+            return .failure(.timeout)
+        }
+    }
+
+    /// Adds a waiter to the user's flight, starting the flight when there is none. Nil when the
+    /// waiter caps are reached; a waiter answered at once when the process shuts down.
+    private func register(_ job: Job, deadline: FlowTime) -> UInt64? {
+        let key = job.key
+        let configuration = self.configuration
+        let now = self.clock.now()
+        let started = self.state.withLock { s -> (UInt64, (UInt64, [UserExchangeAction])?)? in
+            guard s.waiting < configuration.maxWaiters,
+                (s.waitingPerInstallation[key.installation] ?? 0) < configuration.maxWaitersPerInstallation
+            else { return nil }
+            let waiterID = s.makeID()
+            if s.shuttingDown {
+                s.slots[waiterID] = .answered(.failure(.flow(.shuttingDown)))
+                return (waiterID, nil)
+            }
+            s.slots[waiterID] = .waiting(nil)
+            s.countWaiter(key.installation, 1)
+            if s.flights[key] != nil {
+                s.flights[key]!.waiters.insert(waiterID)
+                s.flights[key]!.machine.deadlineExtended(to: deadline)
+                return (waiterID, nil)
+            }
+            let flightID = s.makeID()
+            var machine = UserExchangeStateMachine(
+                configuration: configuration.machine, deadline: deadline, ignoring: job.ignoring,
+                apiBaseUrl: job.apiBaseUrl)
+            let actions = machine.start(now: now)
+            s.flights[key] = Flight(
+                id: flightID, job: job, machine: machine, waiters: [waiterID],
+                owner: "ux_" + String(flightID, radix: 36) + "_" + String(UInt64.random(in: 0...UInt64.max), radix: 36))
+            return (waiterID, (flightID, actions))
+        }
+        guard let (waiterID, start) = started else { return nil }
+        if let (flightID, actions) = start { self.perform(key, flightID, actions) }
+        return waiterID
+    }
+
+    /// The waiter's answer, once there is one.
+    private func outcome(of waiterID: UInt64) async -> Outcome {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Outcome, Never>) in
+            let ready = self.state.withLock { s -> Outcome? in
+                if case .answered(let outcome) = s.slots[waiterID] {
+                    s.slots[waiterID] = nil
+                    return outcome
+                }
+                s.slots[waiterID] = .waiting(continuation)
+                return nil
+            }
+            if let ready { continuation.resume(returning: ready) }
         }
     }
 
     /// One waiter stops waiting (its deadline, or it went away); the flight goes on for the others.
     private func leave(_ key: FlightKey, _ waiterID: UInt64, with outcome: Outcome) {
-        let waiter = self.state.withLock { s -> Waiter? in
-            let removed = s.flights[key]?.waiters.removeValue(forKey: waiterID)
-            if removed != nil { s.countWaiter(key.installation, -1) }
-            return removed
+        let continuation = self.state.withLock { s -> CheckedContinuation<Outcome, Never>? in
+            if s.flights[key]?.waiters.remove(waiterID) != nil { s.countWaiter(key.installation, -1) }
+            return s.answer(waiterID, outcome)
         }
-        guard let waiter else { return }
-        waiter.timer?.cancel()
-        waiter.continuation.resume(returning: outcome)
+        continuation?.resume(returning: outcome)
     }
 
     /// The flight ended: answer everyone still waiting.
-    private func land(_ key: FlightKey, _ outcome: Outcome) {
-        let waiters = self.state.withLock { s -> [Waiter] in
-            guard let flight = s.flights.removeValue(forKey: key) else { return [] }
+    private func land(_ key: FlightKey, _ flightID: UInt64, _ outcome: Outcome) {
+        let continuations = self.state.withLock { s -> [CheckedContinuation<Outcome, Never>] in
+            guard let flight = s.flights[key], flight.id == flightID else { return [] }
+            s.flights[key] = nil
             s.countWaiter(key.installation, -flight.waiters.count)
-            return Array(flight.waiters.values)
-        }
-        for waiter in waiters {
-            waiter.timer?.cancel()
-            waiter.continuation.resume(returning: outcome)
-        }
-    }
-
-    /// The flight's current deadline (the latest of its waiters').
-    private func deadline(of key: FlightKey) -> FlowTime {
-        self.state.withLock { $0.flights[key]?.deadline } ?? self.now()
-    }
-
-    // MARK: - Coalescing across processes
-
-    /// Runs one flight: takes the user's lease and exchanges, or follows the process that holds it.
-    private func fly(_ job: Job) async -> Outcome {
-        var generator = SystemRandomNumberGenerator()
-        let owner = "ux_" + String(generator.next() as UInt64, radix: 36)
-        var pollDelay = self.configuration.pollInitial
-        while true {
-            let now = self.now()
-            let deadline = self.deadline(of: job.key)
-            guard now < deadline else { return .failure(.timeout) }
-            let won: Bool
-            do {
-                won = try await self.store.acquireUserLease(
-                    job.installation, accountId: job.accountId.value, owner: owner,
-                    ttl: deadline - now + self.configuration.leaseGrace)
-            } catch {
-                return .failure(.storeUnavailable)
+            var continuations: [CheckedContinuation<Outcome, Never>] = []
+            for waiterID in flight.waiters {
+                if let continuation = s.answer(waiterID, outcome) { continuations.append(continuation) }
             }
-            if won {
-                let outcome = await self.lead(job, owner: owner)
-                _ = try? await self.store.releaseUserLease(
-                    job.installation, accountId: job.accountId.value, owner: owner)
-                return outcome
+            return continuations
+        }
+        for continuation in continuations { continuation.resume(returning: outcome) }
+    }
+
+    // MARK: - Running the machine
+
+    /// Feeds one event to the flight's machine (when it is still the flight `flightID`) and runs
+    /// what it asks for.
+    private func handle(
+        _ key: FlightKey, _ flightID: UInt64, _ event: (inout UserExchangeStateMachine) -> [UserExchangeAction]
+    ) {
+        let actions = self.state.withLock { s -> [UserExchangeAction] in
+            guard s.flights[key]?.id == flightID else { return [] }
+            return event(&s.flights[key]!.machine)
+        }
+        self.perform(key, flightID, actions)
+    }
+
+    private func perform(_ key: FlightKey, _ flightID: UInt64, _ actions: [UserExchangeAction]) {
+        guard !actions.isEmpty, let flight = self.state.withLock({ $0.flights[key] }), flight.id == flightID else {
+            return
+        }
+        for action in actions {
+            switch action {
+            case .finish(let outcome):
+                self.land(key, flightID, outcome)
+            case .recordOutcome(let outcome):
+                self.metrics.count(outcome: outcome)
+            default:
+                self.work.continuation.yield { await self.execute(action, flight) }
             }
-            if let outcome = await self.follow(job, pollDelay: &pollDelay) {
-                return outcome
-            }
-            // The other process let the lease go without an answer: take it over.
         }
     }
 
-    /// Polls while another process exchanges. Returns its outcome, or nil when the lease went
-    /// away without one.
-    private func follow(_ job: Job, pollDelay: inout Duration) async -> Outcome? {
-        while true {
-            let now = self.now()
-            let deadline = self.deadline(of: job.key)
-            guard now < deadline else { return .failure(.timeout) }
-            try? await Task.sleep(for: min(pollDelay, deadline - now))
-            pollDelay = min(pollDelay * 2, self.configuration.pollCap)
-            let snapshot: UserTokenSnapshot
-            do {
-                snapshot = try await self.store.userTokenSnapshot(job.installation, accountId: job.accountId.value)
-            } catch {
-                return .failure(.storeUnavailable)
-            }
-            if let outcome = self.settled(job, snapshot) { return outcome }
-            if !snapshot.exchangeInFlight { return nil }
-        }
-    }
-
-    /// What a snapshot taken after an exchange may have happened says, if anything.
-    private func settled(_ job: Job, _ snapshot: UserTokenSnapshot) -> Outcome? {
-        guard snapshot.exists else { return .failure(.flow(.installationNotFound)) }
-        guard snapshot.status == .active else { return .failure(.flow(.installationUninstalled)) }
-        if let token = snapshot.token, token.value != job.ignoring, token.expiresAt > self.now().unixSeconds {
-            return .success(Answer(token: token, source: .exchange, apiBaseUrl: snapshot.apiBaseUrl ?? job.apiBaseUrl))
-        }
-        if snapshot.deniedFor != nil { return .failure(.denied) }
-        return nil
-    }
-
-    // MARK: - The exchange
-
-    /// Exchanges while holding the user's lease: system token, budget, call, retries.
-    private func lead(_ job: Job, owner: String) async -> Outcome {
+    /// Runs one action of `flight` and feeds its answer back.
+    private func execute(_ action: UserExchangeAction, _ flight: Flight) async {
+        let job = flight.job
+        let key = job.key
         let account = job.accountId.value
+        switch action {
+        case .acquireLease(let ttl):
+            do {
+                let won = try await self.store.acquireLease(
+                    job.installation, accountId: account, owner: flight.owner, ttl: ttl)
+                self.handle(key, flight.id) { $0.leaseAnswered(won: won, now: self.clock.now()) }
+            } catch {
+                self.handle(key, flight.id) { $0.storeFailed() }
+            }
+        case .extendLease(let ttl):
+            _ = try? await self.store.extendLease(job.installation, accountId: account, owner: flight.owner, ttl: ttl)
+        case .releaseLease:
+            _ = try? await self.store.releaseLease(job.installation, accountId: account, owner: flight.owner)
+            self.handle(key, flight.id) { $0.leaseReleased() }
+        case .readStore:
+            do {
+                let snapshot = try await self.store.snapshot(job.installation, accountId: account, timeout: nil)
+                self.handle(key, flight.id) { $0.storeRead(snapshot, now: self.clock.now()) }
+            } catch {
+                self.handle(key, flight.id) { $0.storeFailed() }
+            }
+        case .fetchSystemToken(let forceRefresh, let timeout):
+            await self.fetchSystemToken(flight, forceRefresh: forceRefresh, timeout: timeout)
+        case .admit:
+            await self.admit(flight)
+        case .exchange(let systemToken, let attempt, let timeout):
+            await self.exchange(flight, systemToken: systemToken, attempt: attempt, timeout: timeout)
+        case .keep(let value, let ttl):
+            let outcome = await self.keep(job, value: value, ttl: ttl, logger: self.logger(for: job))
+            self.handle(key, flight.id) { $0.tokenKept(outcome) }
+        case .rememberDenial(let duration):
+            do {
+                try await self.store.rememberDenial(job.installation, accountId: account, for: duration)
+            } catch {
+                self.logger(for: job).warning("could not remember the refusal", metadata: ["error": "\(error)"])
+            }
+            self.handle(key, flight.id) { $0.recorded() }
+        case .blockExchanges(let duration):
+            do {
+                try await self.store.blockExchanges(scope: self.configuration.budgetScope, for: duration)
+            } catch {
+                self.logger(for: job).warning("could not record the rate limit", metadata: ["error": "\(error)"])
+            }
+            self.handle(key, flight.id) { $0.recorded() }
+        case .scheduleTimer(let id, let deadline):
+            guard (try? await self.clock.sleep(until: deadline)) != nil else { return }
+            self.handle(key, flight.id) { $0.timerFired(id, now: self.clock.now()) }
+        case .finish, .recordOutcome:
+            return
+        }
+    }
+
+    private func logger(for job: Job) -> Logger {
         var logger = self.logger
         logger[metadataKey: "installation.id"] = "\(job.installation)"
-        logger[metadataKey: "account.id"] = "\(account)"
-        // Another process may have finished just before this one took the lease.
+        logger[metadataKey: "account.id"] = "\(job.accountId.value)"
+        return logger
+    }
+
+    private func fetchSystemToken(_ flight: Flight, forceRefresh: Bool, timeout: Duration) async {
+        if forceRefresh {
+            self.logger(for: flight.job).notice("the exchange refused the system token; fetching a fresh one")
+        }
+        let result: Result<AccessToken, FlowError>
         do {
-            let snapshot = try await self.store.userTokenSnapshot(job.installation, accountId: account)
-            if let outcome = self.settled(job, snapshot) { return outcome }
+            result = .success(
+                try await self.systemTokens.systemToken(
+                    for: flight.job.installation, minValidity: self.configuration.systemTokenMinValidity,
+                    timeout: timeout, forceRefresh: forceRefresh))
         } catch {
-            return .failure(.storeUnavailable)
+            self.logger(for: flight.job).notice(
+                "no system token for the exchange", metadata: ["error.code": "\(error.code.rawValue)"])
+            result = .failure(error)
         }
-        var attempt = 0
-        var lastFailure: OfflineUserAuthTokenClient.Failure? = nil
-        var systemTokenRenewed = false
-        var renewSystemToken = false
-        while true {
-            let deadline = self.deadline(of: job.key)
-            var now = self.now()
-            guard now < deadline else { return .failure(self.giveUp(lastFailure)) }
+        self.handle(flight.job.key, flight.id) { $0.systemTokenArrived(result, now: self.clock.now()) }
+    }
 
-            let systemToken: AccessToken
-            do {
-                systemToken = try await self.flow.token(
-                    for: job.installation,
-                    request: .init(
-                        minValidity: self.configuration.systemTokenMinValidity, timeout: deadline - now,
-                        forceRefresh: renewSystemToken)
-                ).token
-            } catch {
-                logger.notice("no system token for the exchange", metadata: ["error.code": "\(error.code.rawValue)"])
-                return .failure(.flow(error))
+    private func admit(_ flight: Flight) async {
+        do {
+            let admission = try await self.store.admitExchange(
+                scope: self.configuration.budgetScope, limit: self.configuration.exchangesPerMinute,
+                window: self.configuration.budgetWindow, now: self.clock.now())
+            if case .refused(let retryAfter) = admission {
+                self.logger(for: flight.job).notice(
+                    "user-token exchange held back by the shared budget",
+                    metadata: ["retry.after_ms": "\(retryAfter.milliseconds)"])
             }
-            renewSystemToken = false
-
-            now = self.now()
-            do {
-                let admission = try await self.store.admitUserExchange(
-                    scope: self.configuration.budgetScope, limit: self.configuration.exchangesPerMinute,
-                    window: self.configuration.budgetWindow, now: now)
-                if case .refused(let retryAfter) = admission {
-                    self.metrics.count(outcome: "budget_exhausted")
-                    logger.notice(
-                        "user-token exchange held back by the shared budget",
-                        metadata: ["retry.after_ms": "\(retryAfter.milliseconds)"])
-                    return .failure(.rateLimited(retryAfter: retryAfter))
-                }
-            } catch {
-                return .failure(.storeUnavailable)
-            }
-
-            attempt += 1
-            now = self.now()
-            let callDeadline = self.deadline(of: job.key)
-            guard now < callDeadline else { return .failure(self.giveUp(lastFailure)) }
-            _ = try? await self.store.extendUserLease(
-                job.installation, accountId: account, owner: owner,
-                ttl: callDeadline - now + self.configuration.leaseGrace)
-            logger.debug("exchanging for a user token", metadata: ["exchange.attempt": "\(attempt)"])
-            let outcome = await self.client.exchange(
-                systemToken: systemToken.value, context: job.context, accountId: job.accountId,
-                timeout: min(self.configuration.attemptTimeout, callDeadline - now))
-            self.metrics.count(outcome: outcome.outcome)
-
-            switch outcome {
-            case .token(let value, let ttl):
-                return await self.keep(job, value: value, ttl: ttl, logger: logger)
-
-            case .denied(let message):
-                logger.notice(
-                    "Atlassian refused a user token", metadata: ["exchange.message": "\(message ?? "-")"])
-                do {
-                    try await self.store.rememberUserDenial(
-                        job.installation, accountId: account, for: self.configuration.denialMemory)
-                } catch {
-                    logger.warning("could not remember the refusal", metadata: ["error": "\(error)"])
-                }
-                return .failure(.denied)
-
-            case .systemTokenRefused:
-                guard !systemTokenRenewed else {
-                    logger.warning("the exchange refused a fresh system token too")
-                    return .failure(.exchangeFailed("the system token was refused"))
-                }
-                logger.notice("the exchange refused the system token; fetching a fresh one")
-                systemTokenRenewed = true
-                renewSystemToken = true
-
-            case .rateLimited(let retryAfter):
-                let hold = max(retryAfter ?? self.configuration.defaultRetryAfter, .seconds(1))
-                logger.warning(
-                    "Atlassian rate-limited user-token exchanges; holding every replica back",
-                    metadata: ["retry.after_ms": "\(hold.milliseconds)"])
-                do {
-                    try await self.store.blockUserExchanges(scope: self.configuration.budgetScope, for: hold)
-                } catch {
-                    logger.warning("could not record the rate limit", metadata: ["error": "\(error)"])
-                }
-                return .failure(.rateLimited(retryAfter: hold))
-
-            case .failed(let failure):
-                lastFailure = failure
-                logger.notice(
-                    "user-token exchange attempt failed",
-                    metadata: ["exchange.attempt": "\(attempt)", "exchange.outcome": "\(failure.outcome)"])
-                guard failure.isRetryable else { return .failure(.exchangeFailed(failure.detail)) }
-                guard attempt < self.configuration.maxAttempts else { return .failure(self.giveUp(failure)) }
-                let delay = Backoff.delay(
-                    attempt: attempt, base: self.configuration.backoffBase, cap: self.configuration.backoffCap,
-                    jitter: Double.random(in: 0...1))
-                guard self.now() + delay < self.deadline(of: job.key) else { return .failure(self.giveUp(failure)) }
-                try? await Task.sleep(for: delay)
-            }
+            self.handle(flight.job.key, flight.id) { $0.admission(admission, now: self.clock.now()) }
+        } catch {
+            self.handle(flight.job.key, flight.id) { $0.storeFailed() }
         }
+    }
+
+    private func exchange(_ flight: Flight, systemToken: AccessToken, attempt: Int, timeout: Duration) async {
+        let job = flight.job
+        let logger = self.logger(for: job)
+        logger.debug("exchanging for a user token", metadata: ["exchange.attempt": "\(attempt)"])
+        let outcome = await self.client.exchange(
+            systemToken: systemToken.value, context: job.context, accountId: job.accountId, timeout: timeout)
+        switch outcome {
+        case .token, .systemTokenRefused:
+            break
+        case .denied(let message):
+            logger.notice("Atlassian refused a user token", metadata: ["exchange.message": "\(message ?? "-")"])
+        case .rateLimited(let retryAfter):
+            logger.warning(
+                "Atlassian rate-limited user-token exchanges; holding every replica back",
+                metadata: ["retry.after_ms": "\(retryAfter.map { String($0.milliseconds) } ?? "-")"])
+        case .failed(let failure):
+            logger.notice(
+                "user-token exchange attempt failed",
+                metadata: ["exchange.attempt": "\(attempt)", "exchange.outcome": "\(failure.outcome)"])
+        }
+        self.handle(job.key, flight.id) { $0.exchanged(outcome, now: self.clock.now(), jitter: self.jitter()) }
     }
 
     /// Caches a freshly exchanged token (best effort) and records it in the audit log.
     private func keep(_ job: Job, value: String, ttl: Int64?, logger: Logger) async -> Outcome {
-        let now = self.now()
+        let now = self.clock.now()
         let expiresAt: Int64
         if let exp = TokenClaims.expiry(of: value) {
             expiresAt = exp
@@ -516,7 +545,7 @@ public final class UserTokenExchanger: Sendable {
         let token = AccessToken(value: value, expiresAt: expiresAt)
         var stored = false
         do {
-            let outcome = try await self.store.storeUserToken(
+            let outcome = try await self.store.store(
                 job.installation, accountId: job.accountId.value, token: token,
                 cacheUntil: expiresAt - self.configuration.cacheMargin.nanoseconds / 1_000_000_000, now: now)
             switch outcome {
@@ -534,12 +563,68 @@ public final class UserTokenExchanger: Sendable {
         return .success(Answer(token: token, source: .exchange, apiBaseUrl: job.apiBaseUrl))
     }
 
-    /// The error when no more attempts fit: 504 when the last one timed out (or none was made),
-    /// 502 when it failed.
-    private func giveUp(_ lastFailure: OfflineUserAuthTokenClient.Failure?) -> UserTokenError {
-        switch lastFailure {
-        case nil, .timeout?: return .timeout
-        case let failure?: return .exchangeFailed("last attempt: \(failure.detail)")
+    // MARK: - Service
+
+    /// Runs every action and timer of every flight as a child task, and wakes followers on the
+    /// store's notices, until graceful shutdown (or cancellation); then fails the callers still
+    /// waiting and, once every child task has ended, releases the leases this process holds.
+    public func run() async throws {
+        let held = await withDiscardingTaskGroup(returning: [Flight].self) { group in
+            group.addTask { await self.store.watch { self.noticed($0) } }
+            await withGracefulShutdownHandler {
+                for await work in self.work.stream {
+                    group.addTask { await work() }
+                }
+            } onGracefulShutdown: {
+                self.logger.info("user-token exchanges draining")
+                self.work.continuation.finish()
+            }
+            let held = self.endFlights()
+            group.cancelAll()
+            return held
         }
+        for flight in held {
+            _ = try? await self.store.releaseLease(
+                flight.job.installation, accountId: flight.job.accountId.value, owner: flight.owner)
+        }
+    }
+
+    /// Wakes the flights a notice concerns.
+    func noticed(_ notice: UserTokenNotice) {
+        let concerned = self.state.withLock { s -> [(FlightKey, UInt64)] in
+            switch notice {
+            case .user(let id, let accountId):
+                let key = FlightKey(installation: id, accountId: accountId)
+                return s.flights[key].map { [(key, $0.id)] } ?? []
+            case .uninstalled(let id):
+                return s.flights.compactMap { key, flight in key.installation == id ? (key, flight.id) : nil }
+            case .resync:
+                return s.flights.map { key, flight in (key, flight.id) }
+            }
+        }
+        for (key, flightID) in concerned { self.handle(key, flightID) { $0.noticed() } }
+    }
+
+    /// Ends every flight still in the air, answering its callers (503 `shutting_down`); later
+    /// callers get the same. Returns the flights whose lease is still to be released.
+    private func endFlights() -> [Flight] {
+        self.work.continuation.finish()
+        let ended = self.state.withLock { s -> [(Flight, [UserExchangeAction])] in
+            s.shuttingDown = true
+            var ended: [(Flight, [UserExchangeAction])] = []
+            for key in Array(s.flights.keys) {
+                let actions = s.flights[key]!.machine.shutdownRequested()
+                ended.append((s.flights[key]!, actions))
+            }
+            return ended
+        }
+        var held: [Flight] = []
+        for (flight, actions) in ended {
+            for action in actions {
+                if case .finish(let outcome) = action { self.land(flight.job.key, flight.id, outcome) }
+                if case .releaseLease = action { held.append(flight) }
+            }
+        }
+        return held
     }
 }

@@ -1,3 +1,5 @@
+import FlowEngine
+
 /// Trigger-signing key rotation with an overlap window.
 ///
 /// The `signing-keys` hash of an installation holds `current` (the key id the gateway signs with),

@@ -1,3 +1,5 @@
+import FlowEngine
+
 /// Named triggers: an installation's other web triggers, called through
 /// `POST /v1/installations/{id}/invoke/{key}` and signed with the same key as the auth trigger.
 ///

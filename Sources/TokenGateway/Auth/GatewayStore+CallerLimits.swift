@@ -1,3 +1,4 @@
+import FlowEngine
 import Foundation
 
 /// What a caller's per-minute limits allow one request to start.

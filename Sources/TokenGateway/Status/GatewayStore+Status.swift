@@ -1,3 +1,5 @@
+import FlowEngine
+
 /// One finished auth-trigger round trip, as kept for operators. Never holds a token, a URL or a
 /// request id: only when, how long, how it ended, how many attempts and which replica led it.
 public struct RoundTripRecord: Sendable, Hashable {
@@ -208,14 +210,6 @@ extension GatewayStore {
             cursor = page.next
         } while cursor != nil && records.count < limit
         return (records, cursor != nil)
-    }
-
-    /// User-token exchanges counted against the app-wide budget `scope` within `window` before `now`.
-    public func userExchangesUsed(scope: String, window: Duration, now: FlowTime) async throws -> Int {
-        let reply = try await self.redis.send([
-            "ZCOUNT", self.userExchangeLogKey(scope: scope), "(" + String(now.unixMilliseconds - window.milliseconds), "+inf",
-        ])
-        return Int(reply.int ?? 0)
     }
 
     /// The `INFO` sections `server` and `replication` of the Redis the store talks to, as fields.

@@ -1,3 +1,5 @@
+import FlowEngine
+
 /// Whether a Connect tenant has the app installed.
 public enum ConnectTenantStatus: String, Sendable, Hashable {
     case installed
@@ -84,6 +86,27 @@ extension GatewayStore {
 
     /// `tg:seen-install:<digest>`: the replay guard of one signed-install token.
     func seenSignedInstallKey(_ digest: String) -> String { "\(self.prefix):seen-install:\(digest)" }
+
+    /// Context of a Connect tenant's sealed installation link.
+    func connectLinkContext(_ clientKey: String) -> String { self.connectTenantKey(clientKey) + "#installationId" }
+
+    /// The sealed form of a tenant's installation link, or `""` for none.
+    func sealConnectLink(_ id: InstallationID?, clientKey: String) -> String {
+        guard let id else { return "" }
+        return (try? self.box.sealDeterministically(Array(id.ari.utf8), context: self.connectLinkContext(clientKey))) ?? ""
+    }
+
+    /// The installation a stored (sealed) link names, or nil when there is none or it does not open (counted).
+    func openConnectLink(_ stored: String?, clientKey: String) -> InstallationID? {
+        guard let stored, !stored.isEmpty else { return nil }
+        guard let bytes = try? self.box.open(stored, context: self.connectLinkContext(clientKey)),
+            let text = String(validating: bytes, as: UTF8.self), let id = InstallationID(text)
+        else {
+            self.undecryptable(.connectLink)
+            return nil
+        }
+        return id
+    }
 
     /// Records a signed-install token (by `digest`, a hex SHA-256 naming it) until
     /// `expiresAtUnixSeconds` plus the clock skew; false when it was recorded already (a replay).

@@ -1,0 +1,282 @@
+import Logging
+import ServiceLifecycle
+
+extension TokenFlow {
+    // MARK: - The run loop
+
+    /// Runs every piece of work the machines ask for as a child task, and reads the notifications
+    /// of every replica (tokens stored, holds, uninstalls), until graceful shutdown or
+    /// cancellation; then answers waiting callers with `shutting_down`, releases this process's
+    /// leases, and returns once every child task has ended.
+    public func run() async throws {
+        await withDiscardingTaskGroup { group in
+            group.addTask {
+                await withGracefulShutdownHandler {
+                    await cancelWhenGracefulShutdown {
+                        for await notification in self.store.notifications() {
+                            await self.handleNotification(notification)
+                        }
+                    }
+                } onGracefulShutdown: {
+                    self.logger.info("token flow draining")
+                }
+                await self.shutdown()
+            }
+            for await job in self.jobs.stream {
+                group.addTask { await job() }
+            }
+            // Shutting down: work still running (a trigger call, a timer) is cancelled and awaited.
+            group.cancelAll()
+        }
+    }
+
+    /// Hands `job` to ``run()``, which runs it as a child task. After shutdown it is dropped.
+    func submit(_ job: @escaping Job) {
+        self.jobs.continuation.yield(job)
+    }
+
+    /// Fails every caller still waiting, releases the leases this process holds, ends the timers
+    /// and stops taking work: ``run()`` returns once the work still running has ended.
+    public func shutdown() async {
+        let now = self.now()
+        let (ids, held) = self.state.withLock { s -> ([InstallationID], [InstallationID: String]) in
+            s.shuttingDown = true
+            let held = s.leasesHeld
+            s.leasesHeld.removeAll()
+            return (Array(s.machines.keys), held)
+        }
+        for id in ids { self.handle(id) { $0.shutdownRequested(now: now) } }
+        for (id, requestID) in held {
+            self.metrics.leasesHeld.decrement()
+            try? await self.store.releaseLease(id, requestID: requestID)
+        }
+        let wakes = self.state.withLock { s -> [CheckedContinuation<Void, Never>] in
+            let wakes = s.timers.values.compactMap(\.wake)
+            s.timers.removeAll()
+            return wakes
+        }
+        for wake in wakes { wake.resume() }
+        self.jobs.continuation.finish()
+    }
+
+    // MARK: - Notifications
+
+    func handleNotification(_ notification: TokenStoreNotification) async {
+        switch notification {
+        case .subscribed:
+            // Messages may have been lost while reconnecting: re-read the store for every round in flight.
+            let active = self.state.withLock { s in
+                s.machines.compactMap { entry in entry.value.currentRequestID.map { (entry.key, $0) } }
+            }
+            for (id, requestID) in active { await self.readStore(id, requestID: requestID) }
+        case .tokenStored(let id, let requestID, let same):
+            if !same, self.alreadyHandled(id, requestID: requestID) { return }
+            await self.reread(id, solicitedBy: requestID, sameToken: same)
+        case .holdPlaced(let id):
+            if self.takeOwnAnnouncement(OwnAnnouncement(installation: id, tag: "hold")) { return }
+            await self.reread(id, solicitedBy: nil, sameToken: false)
+        case .apiBaseURLChanged(let id):
+            await self.reread(id, solicitedBy: nil, sameToken: false)
+        case .uninstalled(let id):
+            self.installationUninstalled(id)
+        }
+    }
+
+    /// True when the announced token is one this process already handled: the token of round
+    /// `requestID` is the one it holds, or it stored the token itself (a push it received).
+    private func alreadyHandled(_ id: InstallationID, requestID: String?) -> Bool {
+        if let requestID, self.state.withLock({ $0.memory[id]?.token?.requestID == requestID }) {
+            _ = self.takeOwnAnnouncement(OwnAnnouncement(installation: id, tag: "token " + requestID))
+            return true
+        }
+        return self.takeOwnAnnouncement(OwnAnnouncement(installation: id, tag: "token " + (requestID ?? "-")))
+    }
+
+    /// Re-reads an installation's token, `apiBaseUrl` and hold after another replica announced a
+    /// change, and feeds what it found to the machine. `solicitedBy`: the round trip the
+    /// announcement answered; `sameToken`: that delivery did not replace the stored token.
+    private func reread(_ id: InstallationID, solicitedBy: String?, sameToken: Bool) async {
+        let interested = self.state.withLock { $0.machines[id] != nil || $0.memory[id] != nil }
+        guard interested else { return }
+        let entry: TokenStoreProbe
+        do {
+            entry = try await self.store.roundProbe(id, requestID: nil)
+        } catch {
+            // The re-read timer of a round in flight picks it up.
+            return
+        }
+        self.remember(id, entry.token, apiBaseUrl: entry.apiBaseUrl)
+        let now = self.now()
+        let hold = entry.holdRemaining.map { RoundTripHold(until: now + $0, newest: entry.token) }
+        self.handle(id, creating: hold != nil) { m in
+            var actions: [FlowAction] = []
+            if sameToken, let solicitedBy {
+                actions += m.roundTripBroughtNoNewerToken(requestID: solicitedBy, newest: entry.token, now: now)
+            }
+            if let token = entry.token, m.isActive {
+                actions += m.valueObserved(token, solicitedBy: sameToken ? nil : solicitedBy, now: now)
+            }
+            if let hold { actions += m.holdObserved(hold, now: now) }
+            return actions
+        }
+    }
+
+    // MARK: - Running actions
+
+    /// Feeds one event to the installation's machine (if it exists, or `creating` one) and runs
+    /// the resulting actions. A machine that no longer knows anything is dropped.
+    func handle(
+        _ id: InstallationID, creating: Bool = false, _ event: (inout TokenFlowStateMachine) -> [FlowAction]
+    ) {
+        let now = self.now()
+        let actions = self.state.withLock { s -> [FlowAction] in
+            guard var machine = s.machines[id] ?? (creating ? self.makeMachine(&s) : nil) else { return [] }
+            let actions = event(&machine)
+            s.machines[id] = machine.isRetained(at: now) ? machine : nil
+            return actions
+        }
+        self.perform(actions, for: id)
+    }
+
+    /// Runs the actions of one installation's machine, in order: answers and metrics at once,
+    /// store calls, trigger calls and timers as child tasks of ``run()``.
+    func perform(_ actions: [FlowAction], for id: InstallationID) {
+        guard !actions.isEmpty else { return }
+        if let observer = self.observer { observer.tokenFlow(performs: actions, for: id, at: self.now()) }
+        for action in actions {
+            switch action {
+            case .acquireLease(let requestID, let ttl):
+                self.submit { await self.acquireLease(id, requestID: requestID, ttl: ttl, respectingHold: true) }
+            case .acquireLeaseIgnoringHold(let requestID, let ttl):
+                self.submit { await self.acquireLease(id, requestID: requestID, ttl: ttl, respectingHold: false) }
+            case .extendLease(let requestID, let ttl):
+                self.submit { try? await self.store.extendLease(id, requestID: requestID, ttl: ttl) }
+            case .releaseLease(let requestID):
+                if self.dropLease(id, requestID: requestID) {
+                    self.submit { try? await self.store.releaseLease(id, requestID: requestID) }
+                }
+            case .placeHold(let requestID, let duration, let releasingLease):
+                self.placeHold(id, requestID: requestID, duration: duration, releasingLease: releasingLease)
+            case .recordHold(let event):
+                self.metrics.countHold(event)
+            case .startAttempt(let requestID, let attempt, let expiresAt, let timeout):
+                self.submit {
+                    await self.sendTrigger(
+                        id, requestID: requestID, attempt: attempt, expiresAt: expiresAt, timeout: timeout)
+                }
+            case .readStore(let requestID):
+                self.submit { await self.readStore(id, requestID: requestID) }
+            case .scheduleTimer(let timer, let deadline):
+                self.schedule(TimerKey(installation: id, timer: timer), at: deadline)
+            case .cancelTimer(let timer):
+                let wake = self.state.withLock {
+                    $0.timers.removeValue(forKey: TimerKey(installation: id, timer: timer))?.wake
+                }
+                wake?.resume()
+            case .succeed(let waiters, let token, let source):
+                let current = self.state.withLock { $0.memory[id]?.apiBaseUrl }
+                for waiter in self.takeWaiters(waiters) {
+                    waiter.continuation.resume(
+                        returning: TokenAnswer(token: token, source: source, apiBaseUrl: current ?? waiter.apiBaseUrl))
+                }
+            case .fail(let waiters, let error):
+                for waiter in self.takeWaiters(waiters) { waiter.continuation.resume(throwing: error) }
+            case .recordRetry:
+                self.metrics.triggerRetries.increment()
+            case .roundFinished(let succeeded):
+                self.submit { await self.recordRound(id, succeeded: succeeded) }
+            case .recordAttempt(let outcome):
+                self.metrics.countAttempt(outcome: outcome)
+                if outcome != "success" {
+                    self.logger.notice(
+                        "trigger attempt failed", metadata: ["installation.id": "\(id)", "trigger.outcome": "\(outcome)"])
+                }
+            }
+        }
+    }
+
+    private func takeWaiters(_ ids: [WaiterID]) -> [Waiter] {
+        self.state.withLock { s in
+            ids.compactMap { id in
+                guard let waiter = s.waiters.removeValue(forKey: id) else { return nil }
+                let left = (s.waitersPerInstallation[waiter.installation] ?? 1) - 1
+                s.waitersPerInstallation[waiter.installation] = left > 0 ? left : nil
+                return waiter
+            }
+        }
+    }
+
+    /// Forgets the lease `requestID` holds (true when this process held it).
+    private func dropLease(_ id: InstallationID, requestID: String) -> Bool {
+        let held = self.state.withLock { s -> Bool in
+            guard s.leasesHeld[id] == requestID else { return false }
+            s.leasesHeld[id] = nil
+            return true
+        }
+        if held { self.metrics.leasesHeld.decrement() }
+        return held
+    }
+
+    private func placeHold(_ id: InstallationID, requestID: String, duration: Duration, releasingLease: Bool) {
+        let released = releasingLease && self.dropLease(id, requestID: requestID)
+        self.noteOwnAnnouncement(OwnAnnouncement(installation: id, tag: "hold"))
+        self.logger.info(
+            "round trip brought no newer token; round trips on hold",
+            metadata: ["installation.id": "\(id)", "hold.ms": "\(duration.milliseconds)"])
+        self.submit {
+            do {
+                try await self.store.placeHold(
+                    id, requestID: requestID, duration: duration, releasingLease: released)
+            } catch {
+                self.logger.warning("could not place the round-trip hold", metadata: ["installation.id": "\(id)"])
+                if released { try? await self.store.releaseLease(id, requestID: requestID) }
+            }
+        }
+    }
+
+    // MARK: - Timers
+
+    /// Starts timer `key`: a child task of ``run()`` that waits for `deadline` (or for the timer
+    /// to be cancelled) and then feeds `timerFired` to the machine.
+    private func schedule(_ key: TimerKey, at deadline: FlowTime) {
+        self.state.withLock { $0.timers[key] = TimerEntry() }
+        self.submit {
+            guard await self.waitForTimer(key, deadline: deadline) else { return }
+            self.handle(key.installation) {
+                $0.timerFired(key.timer, now: self.now(), jitter: Double.random(in: 0...1))
+            }
+        }
+    }
+
+    /// Waits until `deadline` or until the timer is cancelled, whichever comes first; true when
+    /// the deadline came and the timer was still current.
+    private func waitForTimer(_ key: TimerKey, deadline: FlowTime) async -> Bool {
+        await withTaskGroup(of: Bool.self) { group in
+            group.addTask {
+                do {
+                    try await self.clock.sleep(until: deadline)
+                    return true
+                } catch {
+                    return false
+                }
+            }
+            group.addTask {
+                await withCheckedContinuation { (wake: CheckedContinuation<Void, Never>) in
+                    let gone = self.state.withLock { s -> Bool in
+                        guard s.timers[key] != nil else { return true }
+                        s.timers[key]?.wake = wake
+                        return false
+                    }
+                    if gone { wake.resume() }
+                }
+                return false
+            }
+            let deadlineCame = await group.next() ?? false
+            group.cancelAll()
+            // The timer ends here: whoever removes its entry wakes the waiting half.
+            let entry = self.state.withLock { $0.timers.removeValue(forKey: key) }
+            entry?.wake?.resume()
+            return deadlineCame && entry != nil
+        }
+    }
+}

@@ -1,0 +1,115 @@
+import Logging
+
+/// The work the machines' actions ask for: each runs as a child task of ``TokenFlow/run()`` and
+/// feeds its result back to the machine as an event.
+extension TokenFlow {
+    func acquireLease(_ id: InstallationID, requestID: String, ttl: Duration, respectingHold: Bool) async {
+        do {
+            let outcome = try await self.store.takeLease(
+                id, requestID: requestID, replicaID: self.replicaID, ttl: ttl, respectingHold: respectingHold)
+            switch outcome {
+            case .taken:
+                let kept = self.state.withLock { s -> Bool in
+                    guard !s.shuttingDown else { return false }
+                    s.leasesHeld[id] = requestID
+                    return true
+                }
+                guard kept else {
+                    try? await self.store.releaseLease(id, requestID: requestID)
+                    return
+                }
+                self.metrics.leasesHeld.increment()
+                self.handle(id) { $0.leaseAcquired(requestID: requestID, now: self.now()) }
+            case .busy:
+                self.handle(id) { $0.leaseDenied(requestID: requestID, now: self.now()) }
+            case .held(let remaining):
+                // Another round trip just brought no newer token: answer with the newest one.
+                let now = self.now()
+                let entry = try await self.store.roundProbe(id, requestID: nil)
+                self.remember(id, entry.token, apiBaseUrl: entry.apiBaseUrl)
+                let hold = RoundTripHold(until: now + remaining, newest: entry.token)
+                self.handle(id) { $0.leaseHeld(requestID: requestID, hold: hold, now: self.now()) }
+            }
+        } catch {
+            self.logger.warning(
+                "store unavailable while taking the lease", metadata: ["installation.id": "\(id)", "error": "\(error)"])
+            self.handle(id) { $0.storeFailed(requestID: requestID, now: self.now()) }
+        }
+    }
+
+    func sendTrigger(_ id: InstallationID, requestID: String, attempt: Int, expiresAt: FlowTime, timeout: Duration)
+        async
+    {
+        let started = self.now()
+        self.logger.debug(
+            "sending auth trigger",
+            metadata: ["installation.id": "\(id)", "request.id": "\(requestID)", "trigger.attempt": "\(attempt)"])
+        let result = await self.trigger.sendTrigger(
+            installation: id, requestID: requestID, attempt: attempt, issuedAt: started, expiresAt: expiresAt,
+            timeout: timeout)
+        let now = self.now()
+        switch result {
+        case .accepted:
+            self.metrics.roundTrip.recordNanoseconds((now - started).nanoseconds)
+            self.handle(id) { $0.attemptSucceeded(requestID: requestID, attempt: attempt, now: now) }
+        case .failed(let failure):
+            self.handle(id) {
+                $0.attemptFailed(
+                    requestID: requestID, attempt: attempt, failure: failure, now: now, jitter: Double.random(in: 0...1))
+            }
+        }
+    }
+
+    /// Reads the token, the round trip's pending request and the hold, and feeds what it found to
+    /// the machine: the token (solicited when this round stored it), a delivery that answered this
+    /// round without replacing the token (its pending request consumed), a hold, or nothing.
+    func readStore(_ id: InstallationID, requestID: String) async {
+        do {
+            let probe = try await self.store.roundProbe(id, requestID: requestID)
+            self.remember(id, probe.token, apiBaseUrl: probe.apiBaseUrl)
+            let now = self.now()
+            let hold = probe.holdRemaining.map { RoundTripHold(until: now + $0, newest: probe.token) }
+            self.handle(id) { m in
+                var actions: [FlowAction] = []
+                if let token = probe.token {
+                    let solicited = token.requestID == requestID ? requestID : nil
+                    actions += m.valueObserved(token, solicitedBy: solicited, now: now)
+                }
+                if !probe.pendingOpen, probe.token?.requestID != requestID, m.currentRequestID == requestID {
+                    // Consumed by a delivery that did not replace the token (ignored unless this
+                    // process leads the round trip: only the leader records a pending request).
+                    actions += m.roundTripBroughtNoNewerToken(requestID: requestID, newest: probe.token, now: now)
+                }
+                if let hold, m.isActive { actions += m.holdObserved(hold, now: now) }
+                if probe.token == nil, m.isActive { actions += m.storeReadEmpty(requestID: requestID, now: now) }
+                return actions
+            }
+        } catch {
+            self.handle(id) { $0.storeFailed(requestID: requestID, now: self.now()) }
+        }
+    }
+
+    /// Records the verdict of a round trip this process led; the circuit as the store now has it
+    /// goes to the machine.
+    func recordRound(_ id: InstallationID, succeeded: Bool) async {
+        do {
+            let now = self.now()
+            let openUntil = try await self.store.recordRoundOutcome(
+                id, succeeded: succeeded, threshold: self.configuration.breakerThreshold,
+                openBase: self.configuration.breakerOpenBase, openCap: self.configuration.breakerOpenCap, now: now)
+            let count = self.state.withLock { s -> Int in
+                if openUntil != nil { s.openCircuits.insert(id) } else if succeeded { s.openCircuits.remove(id) }
+                return s.openCircuits.count
+            }
+            self.metrics.circuitsOpen.set(count)
+            if let openUntil {
+                self.logger.warning(
+                    "circuit opened after consecutive failed round trips",
+                    metadata: ["installation.id": "\(id)", "circuit.open_until_ms": "\(openUntil.unixMilliseconds)"])
+            }
+            self.handle(id, creating: openUntil != nil) { $0.circuitObserved(openUntil: openUntil, now: self.now()) }
+        } catch {
+            self.logger.warning("could not record round-trip outcome", metadata: ["installation.id": "\(id)"])
+        }
+    }
+}

@@ -1,0 +1,254 @@
+import Synchronization
+
+/// A ``TokenStore`` in memory, with the Redis scripts' semantics and time taken from `now`: unit
+/// tests drive a ``TokenFlow`` with it and a manual clock, and play the other replicas and Forge
+/// through its extra methods (``deliver(_:token:expiresAt:requestID:)``, ``takeLease(_:requestID:replicaID:ttl:respectingHold:)``).
+///
+/// Not for production: nothing is shared between processes.
+public final class InMemoryTokenStore: TokenStore {
+    struct Installation {
+        var active: Bool
+        var triggerRegistered: Bool
+        var apiBaseUrl: String?
+    }
+
+    struct Expiring<Value> {
+        var value: Value
+        var until: FlowTime
+    }
+
+    struct Breaker {
+        var failures = 0
+        var opens = 0
+        var openUntil: FlowTime?
+    }
+
+    struct State {
+        var installations: [InstallationID: Installation] = [:]
+        var tokens: [InstallationID: AccessToken] = [:]
+        var leases: [InstallationID: Expiring<String>] = [:]
+        var pending: [String: Expiring<String>] = [:]
+        var holds: [InstallationID: Expiring<String>] = [:]
+        var breakers: [InstallationID: Breaker] = [:]
+        var subscribers: [UInt64: AsyncStream<TokenStoreNotification>.Continuation] = [:]
+        var nextSubscriber: UInt64 = 0
+        var dropsNotifications = false
+        var unavailable = false
+        var calls: [String: Int] = [:]
+    }
+
+    private let state = Mutex(State())
+    private let now: @Sendable () -> FlowTime
+
+    /// - Parameter now: the time the store's expiries are judged by (a test's manual clock).
+    public init(now: @escaping @Sendable () -> FlowTime) {
+        self.now = now
+    }
+
+    // MARK: - Playing Forge, the operator and other replicas
+
+    /// Records an active installation.
+    public func install(_ id: InstallationID, triggerRegistered: Bool = true, apiBaseUrl: String? = nil) {
+        self.state.withLock {
+            $0.installations[id] = Installation(active: true, triggerRegistered: triggerRegistered, apiBaseUrl: apiBaseUrl)
+        }
+    }
+
+    /// Marks the installation uninstalled, deletes its token and announces it.
+    public func uninstall(_ id: InstallationID) {
+        self.state.withLock {
+            $0.installations[id]?.active = false
+            $0.tokens[id] = nil
+        }
+        self.publish(.uninstalled(id))
+    }
+
+    /// Stores a delivered token as the Redis script does: when its expiry is later than the stored
+    /// one's; the round `requestID` is answered when its pending request is open. Announces it.
+    /// Returns whether it was stored and whether it answered a pending request.
+    @discardableResult
+    public func deliver(_ id: InstallationID, token value: String, expiresAt: Int64, requestID: String?)
+        -> (stored: Bool, solicited: Bool)
+    {
+        let now = self.now()
+        let (stored, solicited) = self.state.withLock { s -> (Bool, Bool) in
+            var solicited = false
+            if let requestID, let p = s.pending.removeValue(forKey: Self.pendingKey(id, requestID)), now < p.until {
+                solicited = true
+            }
+            let current = s.tokens[id]?.expiresAt ?? 0
+            guard expiresAt > current, expiresAt > now.unixSeconds else { return (false, solicited) }
+            s.tokens[id] = AccessToken(
+                value: value, expiresAt: expiresAt, requestID: solicited ? requestID : nil, receivedAt: now.unixSeconds)
+            return (true, solicited)
+        }
+        if stored || solicited {
+            self.publish(.tokenStored(id, requestID: solicited ? requestID : nil, sameToken: !stored))
+        }
+        return (stored, solicited)
+    }
+
+    /// The stored token, if any.
+    public func token(_ id: InstallationID) -> AccessToken? {
+        self.state.withLock { $0.tokens[id] }
+    }
+
+    /// The owner value of the installation's lease, if one is held.
+    public func leaseOwner(_ id: InstallationID) -> String? {
+        let now = self.now()
+        return self.state.withLock { s in s.leases[id].flatMap { now < $0.until ? $0.value : nil } }
+    }
+
+    /// The replica that owns round `requestID`'s open pending request, if it is open.
+    public func pendingOwner(_ id: InstallationID, requestID: String) -> String? {
+        let now = self.now()
+        return self.state.withLock { s in
+            s.pending[Self.pendingKey(id, requestID)].flatMap { now < $0.until ? $0.value : nil }
+        }
+    }
+
+    /// While true, announcements are lost (as while a subscriber reconnects).
+    public var dropsNotifications: Bool {
+        get { self.state.withLock { $0.dropsNotifications } }
+        set { self.state.withLock { $0.dropsNotifications = newValue } }
+    }
+
+    /// While true, every call throws (the store is unreachable).
+    public var isUnavailable: Bool {
+        get { self.state.withLock { $0.unavailable } }
+        set { self.state.withLock { $0.unavailable = newValue } }
+    }
+
+    /// How many times the flow called `method` (`snapshot`, `takeLease`, `roundProbe`, …).
+    public func calls(_ method: String) -> Int {
+        self.state.withLock { $0.calls[method] ?? 0 }
+    }
+
+    /// Announces `notification` to every subscriber (unless announcements are being lost).
+    public func publish(_ notification: TokenStoreNotification) {
+        let subscribers = self.state.withLock { s in s.dropsNotifications ? [] : Array(s.subscribers.values) }
+        for subscriber in subscribers { subscriber.yield(notification) }
+    }
+
+    // MARK: - TokenStore
+
+    struct Unavailable: Error {}
+
+    private func call(_ method: String) throws {
+        let unavailable = self.state.withLock { s -> Bool in
+            s.calls[method, default: 0] += 1
+            return s.unavailable
+        }
+        if unavailable { throw Unavailable() }
+    }
+
+    private static func pendingKey(_ id: InstallationID, _ requestID: String) -> String { id.ari + " " + requestID }
+
+    private static func remaining(_ e: Expiring<String>?, now: FlowTime) -> Duration? {
+        guard let e, now < e.until else { return nil }
+        return e.until - now
+    }
+
+    public func snapshot(_ id: InstallationID, timeout: Duration?) async throws -> TokenStoreSnapshot {
+        try self.call("snapshot")
+        let now = self.now()
+        return self.state.withLock { s in
+            let installation = s.installations[id]
+            let circuit = s.breakers[id]?.openUntil.flatMap { now < $0 ? $0 : nil }
+            return TokenStoreSnapshot(
+                exists: installation != nil, active: installation?.active ?? false,
+                triggerRegistered: installation?.triggerRegistered ?? false, apiBaseUrl: installation?.apiBaseUrl,
+                token: s.tokens[id].flatMap { $0.expiresAt > now.unixSeconds ? $0 : nil }, circuitOpenUntil: circuit,
+                holdRemaining: Self.remaining(s.holds[id], now: now))
+        }
+    }
+
+    public func takeLease(
+        _ id: InstallationID, requestID: String, replicaID: String, ttl: Duration, respectingHold: Bool
+    ) async throws -> TokenStoreLeaseOutcome {
+        try self.call("takeLease")
+        let now = self.now()
+        return self.state.withLock { s in
+            if respectingHold, let held = Self.remaining(s.holds[id], now: now) { return .held(remaining: held) }
+            if let lease = s.leases[id], now < lease.until { return .busy }
+            s.leases[id] = Expiring(value: requestID, until: now + ttl)
+            s.pending[Self.pendingKey(id, requestID)] = Expiring(value: replicaID, until: now + ttl)
+            return .taken
+        }
+    }
+
+    public func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async throws {
+        try self.call("extendLease")
+        let now = self.now()
+        self.state.withLock { s in
+            guard let lease = s.leases[id], lease.value == requestID, now < lease.until else { return }
+            s.leases[id]?.until = now + ttl
+            s.pending[Self.pendingKey(id, requestID)]?.until = now + ttl
+        }
+    }
+
+    public func releaseLease(_ id: InstallationID, requestID: String) async throws {
+        try self.call("releaseLease")
+        self.state.withLock { s in
+            if s.leases[id]?.value == requestID { s.leases[id] = nil }
+        }
+    }
+
+    public func placeHold(_ id: InstallationID, requestID: String, duration: Duration, releasingLease: Bool)
+        async throws
+    {
+        try self.call("placeHold")
+        let now = self.now()
+        self.state.withLock { s in
+            s.holds[id] = Expiring(value: requestID, until: now + duration)
+            if releasingLease, s.leases[id]?.value == requestID { s.leases[id] = nil }
+        }
+        self.publish(.holdPlaced(id))
+    }
+
+    public func roundProbe(_ id: InstallationID, requestID: String?) async throws -> TokenStoreProbe {
+        try self.call("roundProbe")
+        let now = self.now()
+        return self.state.withLock { s in
+            let pendingOpen = requestID.flatMap { s.pending[Self.pendingKey(id, $0)] }.map { now < $0.until } ?? false
+            return TokenStoreProbe(
+                token: s.tokens[id].flatMap { $0.expiresAt > now.unixSeconds ? $0 : nil },
+                apiBaseUrl: s.installations[id]?.apiBaseUrl, pendingOpen: pendingOpen,
+                holdRemaining: Self.remaining(s.holds[id], now: now))
+        }
+    }
+
+    public func recordRoundOutcome(
+        _ id: InstallationID, succeeded: Bool, threshold: Int, openBase: Duration, openCap: Duration, now: FlowTime
+    ) async throws -> FlowTime? {
+        try self.call("recordRoundOutcome")
+        return self.state.withLock { s in
+            guard !succeeded else {
+                s.breakers[id] = nil
+                return nil
+            }
+            var breaker = s.breakers[id] ?? Breaker()
+            breaker.failures += 1
+            defer { s.breakers[id] = breaker }
+            guard breaker.failures >= threshold else { return nil }
+            breaker.opens += 1
+            let window = min(openBase * (1 << min(breaker.opens - 1, 20)), openCap)
+            breaker.openUntil = now + window
+            return breaker.openUntil
+        }
+    }
+
+    public func notifications() -> AsyncStream<TokenStoreNotification> {
+        let (stream, continuation) = AsyncStream.makeStream(of: TokenStoreNotification.self)
+        let id = self.state.withLock { s -> UInt64 in
+            s.nextSubscriber += 1
+            s.subscribers[s.nextSubscriber] = continuation
+            return s.nextSubscriber
+        }
+        continuation.onTermination = { [weak self] _ in
+            _ = self?.state.withLock { $0.subscribers.removeValue(forKey: id) }
+        }
+        continuation.yield(.subscribed)
+        return stream
+    }
+}

@@ -1,0 +1,121 @@
+import RedisKit
+
+/// The ``TokenStore`` of the token flow on Redis, over the gateway's keys (``GatewayStore``).
+///
+/// The cold path before the trigger call leaves costs two round trips here: the snapshot (one
+/// pipeline) and the lease with the pending request (one script, ``RedisTokenStore/takeLeaseScript``).
+public struct RedisTokenStore: TokenStore {
+    /// The gateway's keys and sealing.
+    public let store: GatewayStore
+
+    public init(store: GatewayStore) {
+        self.store = store
+    }
+
+    public func snapshot(_ id: InstallationID, timeout: Duration?) async throws -> TokenStoreSnapshot {
+        let s = try await self.store.snapshot(id, timeout: timeout)
+        return TokenStoreSnapshot(
+            exists: s.exists, active: s.status == .active, triggerRegistered: s.triggerRegistered,
+            apiBaseUrl: s.apiBaseUrl, token: s.token,
+            circuitOpenUntil: s.circuitOpenUntil > 0
+                ? FlowTime(nanoseconds: s.circuitOpenUntil &* 1_000_000) : nil,
+            holdRemaining: s.holdRemaining)
+    }
+
+    public func takeLease(
+        _ id: InstallationID, requestID: String, replicaID: String, ttl: Duration, respectingHold: Bool
+    ) async throws -> TokenStoreLeaseOutcome {
+        let r = try await self.store.redis.eval(
+            Self.takeLeaseScript,
+            keys: [self.store.leaseKey(id), self.store.holdKey(id), self.store.pendingKey(id, requestID: requestID)],
+            arguments: [requestID, String(max(ttl.milliseconds, 1)), respectingHold ? "1" : "0", replicaID])
+        guard let code = r.int else { throw RedisError.protocolError }
+        if code == 1 { return .taken }
+        if code == 0 { return .busy }
+        return .held(remaining: .milliseconds(-code))
+    }
+
+    public func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async throws {
+        try await self.store.extendLease(id, owner: requestID, ttl: ttl)
+    }
+
+    public func releaseLease(_ id: InstallationID, requestID: String) async throws {
+        try await self.store.releaseLease(id, owner: requestID)
+    }
+
+    public func placeHold(_ id: InstallationID, requestID: String, duration: Duration, releasingLease: Bool)
+        async throws
+    {
+        try await self.store.placeHold(id, requestID: requestID, duration: duration, releasingLease: releasingLease)
+    }
+
+    public func roundProbe(_ id: InstallationID, requestID: String?) async throws -> TokenStoreProbe {
+        let p = try await self.store.roundProbe(id, requestID: requestID)
+        return TokenStoreProbe(
+            token: p.token, apiBaseUrl: p.apiBaseUrl, pendingOpen: p.pendingOpen, holdRemaining: p.holdRemaining)
+    }
+
+    public func recordRoundOutcome(
+        _ id: InstallationID, succeeded: Bool, threshold: Int, openBase: Duration, openCap: Duration, now: FlowTime
+    ) async throws -> FlowTime? {
+        let until = try await self.store.recordRoundOutcome(
+            id, succeeded: succeeded, threshold: threshold, openBase: openBase, openCap: openCap, now: now)
+        return until.map { FlowTime(nanoseconds: $0 &* 1_000_000) }
+    }
+
+    public func notifications() -> AsyncStream<TokenStoreNotification> {
+        let events = IteratorBox(self.store.redis.subscribe(channels: [self.store.channel]).makeAsyncIterator())
+        return AsyncStream(unfolding: {
+            while let event = await events.iterator.next() {
+                switch event {
+                case .subscribed: return .subscribed
+                case .message(_, let payload): if let n = Self.parse(payload) { return n }
+                }
+            }
+            return nil
+        })
+    }
+
+    /// The subscription's iterator, advanced by `AsyncStream(unfolding:)`.
+    ///
+    /// `@unchecked Sendable`: `AsyncStream(unfolding:)` calls its closure once at a time (the
+    /// next call only after the previous one returned), so the iterator is never used concurrently.
+    private final class IteratorBox: @unchecked Sendable {
+        var iterator: AsyncStream<RedisPubSubEvent>.Iterator
+        init(_ iterator: AsyncStream<RedisPubSubEvent>.Iterator) { self.iterator = iterator }
+    }
+
+    /// Parses one message of the channel: `token <ari> <requestId|-> [same]`, `hold <ari>`,
+    /// `base <ari>`, `uninstalled <ari>`; nil for anything else.
+    static func parse(_ payload: String) -> TokenStoreNotification? {
+        let parts = payload.split(separator: " ", omittingEmptySubsequences: true)
+        guard parts.count >= 2, let id = InstallationID(String(parts[1])) else { return nil }
+        switch parts[0] {
+        case "token":
+            let requestID = parts.count > 2 && parts[2] != "-" ? String(parts[2]) : nil
+            return .tokenStored(id, requestID: requestID, sameToken: parts.count > 3 && parts[3] == "same")
+        case "hold": return .holdPlaced(id)
+        case "base": return .apiBaseURLChanged(id)
+        case "uninstalled": return .uninstalled(id)
+        default: return nil
+        }
+    }
+
+    /// Takes a round's lease unless another holds it or (when asked) a hold is in force, and
+    /// records the round's pending request with it: one round trip.
+    /// KEYS: lease, hold, pending. ARGV: request id (the lease's owner value), ttl ms, respect hold
+    /// (1/0), replica id (the pending request's owner). Returns 1 (taken), 0 (busy) or minus the
+    /// hold's remaining milliseconds.
+    static let takeLeaseScript = RedisScript(
+        """
+        if ARGV[3] == '1' then
+          local held = redis.call('PTTL', KEYS[2])
+          if held > 0 then return -held end
+        end
+        if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+          redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[2])
+          return 1
+        end
+        return 0
+        """)
+}

@@ -1,0 +1,114 @@
+/// What the token flow needs from persistence, and nothing more: the seam between ``TokenFlow``
+/// and the store shared by every replica. ``RedisTokenStore`` is the production implementation,
+/// ``InMemoryTokenStore`` the one unit tests drive with a manual clock.
+///
+/// Every method may throw when the store cannot be reached; the flow then answers
+/// `store_unavailable` or falls back as the contract says. No method returns or logs a secret
+/// other than the token it was asked for.
+public protocol TokenStore: Sendable {
+    /// What a token request needs in one read: the installation's state, its token, circuit and hold.
+    func snapshot(_ id: InstallationID, timeout: Duration?) async throws -> TokenStoreSnapshot
+
+    /// Takes the installation's lease for `ttl` unless another round holds it or (when
+    /// `respectingHold`) a hold is in force, and in the same step records the round's pending
+    /// request `requestID` (owned by `replicaID`), so its delivery is recognised on any replica.
+    func takeLease(
+        _ id: InstallationID, requestID: String, replicaID: String, ttl: Duration, respectingHold: Bool
+    ) async throws -> TokenStoreLeaseOutcome
+
+    /// Extends the lease and the round's pending request, only while `requestID` holds the lease.
+    func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async throws
+
+    /// Releases the lease, only while `requestID` holds it.
+    func releaseLease(_ id: InstallationID, requestID: String) async throws
+
+    /// Puts the installation's rounds on hold for `duration`, announces it, and with
+    /// `releasingLease` releases the lease in the same step if `requestID` still holds it.
+    func placeHold(_ id: InstallationID, requestID: String, duration: Duration, releasingLease: Bool) async throws
+
+    /// The stored token with the `apiBaseUrl` and the hold, and (with `requestID`) whether that
+    /// round's pending request is still open.
+    func roundProbe(_ id: InstallationID, requestID: String?) async throws -> TokenStoreProbe
+
+    /// Records the verdict of a round this process led for the circuit breaker; returns the
+    /// instant until which the circuit is now open, or nil when it is closed.
+    func recordRoundOutcome(
+        _ id: InstallationID, succeeded: Bool, threshold: Int, openBase: Duration, openCap: Duration, now: FlowTime
+    ) async throws -> FlowTime?
+
+    /// The announcements of every replica (tokens stored, holds, uninstalls), until the task
+    /// iterating it is cancelled.
+    func notifications() -> AsyncStream<TokenStoreNotification>
+}
+
+/// What ``TokenStore/snapshot(_:timeout:)`` read.
+public struct TokenStoreSnapshot: Sendable, Hashable {
+    /// The installation is known.
+    public var exists: Bool
+    /// The installation is active (not uninstalled).
+    public var active: Bool
+    /// A trigger URL is registered (rounds can run).
+    public var triggerRegistered: Bool
+    public var apiBaseUrl: String?
+    public var token: AccessToken?
+    /// The instant until which the circuit is open (nil: closed).
+    public var circuitOpenUntil: FlowTime?
+    /// How long the installation's rounds stay on hold (nil: no hold).
+    public var holdRemaining: Duration?
+
+    public init(
+        exists: Bool, active: Bool, triggerRegistered: Bool, apiBaseUrl: String? = nil, token: AccessToken? = nil,
+        circuitOpenUntil: FlowTime? = nil, holdRemaining: Duration? = nil
+    ) {
+        self.exists = exists
+        self.active = active
+        self.triggerRegistered = triggerRegistered
+        self.apiBaseUrl = apiBaseUrl
+        self.token = token
+        self.circuitOpenUntil = circuitOpenUntil
+        self.holdRemaining = holdRemaining
+    }
+}
+
+/// What ``TokenStore/roundProbe(_:requestID:)`` read.
+public struct TokenStoreProbe: Sendable, Hashable {
+    public var token: AccessToken?
+    public var apiBaseUrl: String?
+    /// The round's pending request is still open (no delivery answered it yet). Always false for
+    /// a request id that never had one (a follower's).
+    public var pendingOpen: Bool
+    /// How long the installation's rounds stay on hold (nil: no hold).
+    public var holdRemaining: Duration?
+
+    public init(token: AccessToken?, apiBaseUrl: String?, pendingOpen: Bool, holdRemaining: Duration?) {
+        self.token = token
+        self.apiBaseUrl = apiBaseUrl
+        self.pendingOpen = pendingOpen
+        self.holdRemaining = holdRemaining
+    }
+}
+
+/// What ``TokenStore/takeLease(_:requestID:replicaID:ttl:respectingHold:)`` found.
+public enum TokenStoreLeaseOutcome: Sendable, Hashable {
+    /// The lease is ours and the pending request recorded.
+    case taken
+    /// Another round holds it.
+    case busy
+    /// The installation's rounds are on hold for this long; the lease was not taken.
+    case held(remaining: Duration)
+}
+
+/// One announcement on the store's channel.
+public enum TokenStoreNotification: Sendable, Hashable {
+    /// The subscription is (again) in place: announcements may have been lost meanwhile.
+    case subscribed
+    /// A token was stored (`requestID`: the round it answered, nil for a push), or, with
+    /// `sameToken`, a delivery answered round `requestID` without replacing the stored token.
+    case tokenStored(InstallationID, requestID: String?, sameToken: Bool)
+    /// The installation's rounds were put on hold.
+    case holdPlaced(InstallationID)
+    /// The installation's `apiBaseUrl` changed.
+    case apiBaseURLChanged(InstallationID)
+    /// The installation was uninstalled.
+    case uninstalled(InstallationID)
+}

@@ -1,0 +1,269 @@
+import Testing
+
+@testable import FlowEngine
+
+/// A value of another kind than an access token (as a user-token exchange would use): the machine
+/// is generic over what a round fetches.
+private struct Credential: LeasedRoundValue {
+    var expiresAt: Int64
+    var roundID: String?
+    func isStale(at now: FlowTime, fraction: Double) -> Bool { now.unixSeconds >= self.expiresAt - 100 }
+}
+
+private func config() -> TokenFlowConfiguration {
+    var c = TokenFlowConfiguration()
+    c.maxAttempts = 2
+    c.backoffBase = .milliseconds(100)
+    c.backoffCap = .seconds(1)
+    c.deliveryGrace = .seconds(2)
+    c.refreshAheadCooldown = .seconds(10)
+    c.sameTokenHold = .seconds(60)
+    return c
+}
+
+private typealias Machine = LeasedRoundStateMachine<Credential>
+
+private func scheduled(_ actions: [Machine.Action]) -> [TimerID] {
+    actions.compactMap { if case .scheduleTimer(let t, _) = $0 { return t } else { return nil } }
+}
+
+@Suite("LeasedRoundStateMachine")
+struct LeasedRoundStateMachineTests {
+    let start = FlowTime(unixSeconds: 1_763_906_400)
+
+    private func request(
+        _ m: inout Machine, _ w: UInt64, forced: Bool = false, current: Credential? = nil, canStart: Bool = true,
+        rid: String = "r1", at now: FlowTime
+    ) -> [Machine.Action] {
+        m.tokenWasRequested(
+            waiter: WaiterID(w), minValidity: 300, knownExpiry: current?.expiresAt ?? 0, forced: forced,
+            deadline: now + .seconds(10), requestID: rid, current: current, canStartRound: canStart, now: now)
+    }
+
+    @Test("idle: a value that satisfies the caller answers it at once, without a round")
+    func freshAnswersAtOnce() {
+        var m = Machine(configuration: config())
+        let fresh = Credential(expiresAt: self.start.unixSeconds + 3600)
+        let a = self.request(&m, 1, current: fresh, at: self.start)
+        #expect(a == [.succeed([WaiterID(1)], fresh, .cache)])
+        #expect(m.stateName(at: self.start) == .idle)
+        #expect(!m.isRetained(at: self.start))
+    }
+
+    @Test("a generic round: lease, attempt, the value returned by the work answers every caller")
+    func genericRound() {
+        var m = Machine(configuration: config())
+        let a = self.request(&m, 1, at: self.start)
+        #expect(a.contains(.acquireLease(requestID: "r1", ttl: .seconds(12))))
+        #expect(m.stateName(at: self.start) == .acquiringLease)
+        _ = self.request(&m, 2, at: self.start)
+        #expect(m.waiterCount == 2)
+        let b = m.leaseAcquired(requestID: "r1", now: self.start)
+        #expect(b == [.startAttempt(requestID: "r1", attempt: 1, expiresAt: self.start + .seconds(10), timeout: .seconds(10))])
+        #expect(m.stateName(at: self.start) == .attempting)
+        let value = Credential(expiresAt: self.start.unixSeconds + 3600, roundID: "r1")
+        let c = m.valueObserved(value, solicitedBy: "r1", now: self.start)
+        #expect(c.contains(.succeed([WaiterID(1), WaiterID(2)], value, .trigger)))
+        #expect(c.contains(.roundFinished(succeeded: true)))
+        #expect(c.contains(.releaseLease(requestID: "r1")))
+        #expect(m.stateName(at: self.start) == .idle)
+    }
+
+    @Test("attempting → awaiting delivery → (grace ends) backing off → attempting again")
+    func leadingPhases() {
+        var m = Machine(configuration: config())
+        _ = self.request(&m, 1, at: self.start)
+        _ = m.leaseAcquired(requestID: "r1", now: self.start)
+        let a = m.attemptSucceeded(requestID: "r1", attempt: 1, now: self.start)
+        #expect(a.first == .readStore(requestID: "r1"))
+        #expect(m.stateName(at: self.start) == .awaitingDelivery)
+        let timers = scheduled(a)
+        #expect(timers.count == 2)
+        // The re-read timer: another store read, a longer interval.
+        let later = self.start + .milliseconds(50)
+        let b = m.timerFired(timers[1], now: later, jitter: 0)
+        #expect(b.contains(.readStore(requestID: "r1")))
+        #expect(m.stateName(at: later) == .awaitingDelivery)
+        // The grace timer: no delivery → back off.
+        let graceEnd = self.start + .seconds(2)
+        let c = m.timerFired(timers[0], now: graceEnd, jitter: 0)
+        #expect(c.contains(.recordAttempt(outcome: "no_delivery")))
+        #expect(m.stateName(at: graceEnd) == .backingOff)
+        let backoff = scheduled(c)
+        #expect(backoff.count == 1)
+        let d = m.timerFired(backoff[0], now: graceEnd + .milliseconds(50), jitter: 0)
+        #expect(d.contains(.recordRetry))
+        #expect(m.stateName(at: graceEnd) == .attempting)
+        // Last attempt fails: the callers fail and the round's verdict is recorded.
+        let e = m.attemptFailed(requestID: "r1", attempt: 2, failure: .httpError, now: graceEnd, jitter: 0)
+        #expect(e.contains(.fail([WaiterID(1)], .triggerFailed)))
+        #expect(e.contains(.roundFinished(succeeded: false)))
+        #expect(m.stateName(at: graceEnd) == .idle)
+    }
+
+    @Test("following: woken by a value, or by the re-read timer; an empty re-read takes the lease over")
+    func following() {
+        var m = Machine(configuration: config())
+        _ = self.request(&m, 1, at: self.start)
+        let a = m.leaseDenied(requestID: "r1", now: self.start)
+        #expect(m.stateName(at: self.start) == .following)
+        let recheck = scheduled(a)[0]
+        #expect(m.timerFired(recheck, now: self.start + .milliseconds(50), jitter: 0) == [.readStore(requestID: "r1")])
+        let b = m.storeReadEmpty(requestID: "r1", now: self.start + .milliseconds(60))
+        #expect(b.contains(.acquireLease(requestID: "r1", ttl: .milliseconds(11_940))))
+        #expect(m.stateName(at: self.start) == .acquiringLease)
+        _ = m.leaseDenied(requestID: "r1", now: self.start + .milliseconds(70))
+        let value = Credential(expiresAt: self.start.unixSeconds + 3600, roundID: "other")
+        let c = m.valueObserved(value, solicitedBy: "other", now: self.start + .milliseconds(80))
+        #expect(c.contains(.succeed([WaiterID(1)], value, .trigger)))
+        // A followed round ends without a verdict of this process's own.
+        #expect(!c.contains(.roundFinished(succeeded: true)))
+        #expect(m.stateName(at: self.start) == .idle)
+    }
+
+    @Test("held: a hold puts an idle machine in `held`; requests are answered with the newest value until it ends")
+    func held() {
+        var m = Machine(configuration: config())
+        let newest = Credential(expiresAt: self.start.unixSeconds + 90)
+        #expect(m.holdObserved(Machine.Hold(until: self.start + .seconds(60), newest: newest), now: self.start).isEmpty)
+        #expect(m.stateName(at: self.start) == .held)
+        #expect(m.isRetained(at: self.start))
+        let a = self.request(&m, 1, at: self.start + .seconds(1))
+        #expect(a == [.succeed([WaiterID(1)], newest, .cache), .recordHold(.requestHeld)])
+        // Refresh-ahead does not start either.
+        #expect(m.valueServed(newest, requestID: "bg", now: self.start + .seconds(2)) == [.recordHold(.refreshAheadHeld)])
+        // A forced refresh runs a round regardless, and the hold is in force again after it.
+        let b = self.request(&m, 2, forced: true, rid: "rf", at: self.start + .seconds(3))
+        #expect(b.contains(.acquireLeaseIgnoringHold(requestID: "rf", ttl: .seconds(12))))
+        _ = m.leaseAcquired(requestID: "rf", now: self.start + .seconds(3))
+        let fresh = Credential(expiresAt: self.start.unixSeconds + 3600, roundID: "rf")
+        _ = m.valueObserved(fresh, solicitedBy: "rf", now: self.start + .seconds(4))
+        #expect(m.stateName(at: self.start + .seconds(4)) == .held)
+        // Once it ends: idle, and nothing left to remember.
+        let after = self.start + .seconds(61)
+        #expect(m.stateName(at: after) == .idle)
+        #expect(!m.isRetained(at: after))
+        #expect(self.request(&m, 3, rid: "r3", at: after).contains(.acquireLease(requestID: "r3", ttl: .seconds(12))))
+    }
+
+    @Test("a led round that brought no newer value places the hold and enters `held`")
+    func sameValuePlacesHold() {
+        var m = Machine(configuration: config())
+        _ = self.request(&m, 1, at: self.start)
+        _ = m.leaseAcquired(requestID: "r1", now: self.start)
+        let newest = Credential(expiresAt: self.start.unixSeconds + 600)
+        let a = m.roundTripBroughtNoNewerToken(requestID: "r1", newest: newest, now: self.start)
+        #expect(a.contains(.placeHold(requestID: "r1", duration: .seconds(60), releasingLease: true)))
+        #expect(a.contains(.succeed([WaiterID(1)], newest, .trigger)))
+        #expect(m.stateName(at: self.start) == .held)
+        #expect(m.hold(at: self.start)?.newest == newest)
+    }
+
+    @Test("circuit open: requests fail fast with the time left; a fresh value is still served; it closes on time")
+    func circuitOpen() {
+        var m = Machine(configuration: config())
+        #expect(m.circuitObserved(openUntil: self.start + .seconds(30), now: self.start).isEmpty)
+        #expect(m.stateName(at: self.start) == .circuitOpen)
+        let a = self.request(&m, 1, at: self.start + .seconds(10))
+        #expect(a == [.fail([WaiterID(1)], .circuitOpen(retryAfter: .seconds(20)))])
+        if case .fail(_, let error) = a.first { #expect(error.retryAfter == .seconds(20)) }
+        // A forced refresh fails fast too.
+        #expect(self.request(&m, 2, forced: true, at: self.start + .seconds(10)).count == 1)
+        let fresh = Credential(expiresAt: self.start.unixSeconds + 3600)
+        #expect(self.request(&m, 3, current: fresh, at: self.start + .seconds(10)) == [.succeed([WaiterID(3)], fresh, .cache)])
+        let stale = Credential(expiresAt: self.start.unixSeconds + 60)
+        #expect(m.valueServed(stale, requestID: "bg", now: self.start + .seconds(10)).isEmpty)
+        let after = self.start + .seconds(30)
+        #expect(m.stateName(at: after) == .idle)
+        #expect(self.request(&m, 4, rid: "r4", at: after).contains(.acquireLease(requestID: "r4", ttl: .seconds(12))))
+        // A closed circuit read from the store leaves `circuitOpen` at once.
+        var n = Machine(configuration: config())
+        _ = n.circuitObserved(openUntil: self.start + .seconds(30), now: self.start)
+        _ = n.circuitObserved(openUntil: nil, now: self.start + .seconds(1))
+        #expect(n.stateName(at: self.start + .seconds(1)) == .idle)
+    }
+
+    @Test("stale: serving a value in its refresh-ahead window starts one refresh-ahead round; a failed one cools down")
+    func staleRefreshAhead() {
+        var m = Machine(configuration: config())
+        let stale = Credential(expiresAt: self.start.unixSeconds + 50)
+        #expect(m.valueServed(Credential(expiresAt: self.start.unixSeconds + 3600), requestID: "x", now: self.start).isEmpty)
+        #expect(m.valueServed(stale, requestID: "bg", canStartRound: false, now: self.start).isEmpty)
+        let a = m.valueServed(stale, requestID: "bg", now: self.start)
+        #expect(a.contains(.acquireLease(requestID: "bg", ttl: .seconds(32))))
+        #expect(m.isRefreshingAhead)
+        #expect(m.valueServed(stale, requestID: "bg2", now: self.start).isEmpty)
+        _ = m.leaseAcquired(requestID: "bg", now: self.start)
+        let b = m.attemptFailed(requestID: "bg", attempt: 1, failure: .transportError, now: self.start, jitter: 0)
+        #expect(m.stateName(at: self.start) == .backingOff)
+        let t = scheduled(b)[0]
+        _ = m.timerFired(t, now: self.start + .milliseconds(100), jitter: 0)
+        let c = m.attemptFailed(requestID: "bg", attempt: 2, failure: .transportError, now: self.start + .seconds(1), jitter: 0)
+        #expect(c.contains(.roundFinished(succeeded: false)))
+        // Cool-down: no second refresh-ahead for 10 s, but a caller still gets a round.
+        #expect(m.isRetained(at: self.start + .seconds(5)))
+        #expect(m.valueServed(stale, requestID: "bg3", now: self.start + .seconds(5)).isEmpty)
+        #expect(!m.valueServed(stale, requestID: "bg4", now: self.start + .seconds(11)).isEmpty)
+    }
+
+    @Test("no round possible (no trigger): a valid value is served even if short, else no_trigger_url")
+    func noRoundPossible() {
+        var m = Machine(configuration: config())
+        let short = Credential(expiresAt: self.start.unixSeconds + 30)
+        #expect(self.request(&m, 1, current: short, canStart: false, at: self.start) == [.succeed([WaiterID(1)], short, .cache)])
+        #expect(self.request(&m, 2, canStart: false, at: self.start) == [.fail([WaiterID(2)], .noTriggerURL)])
+        #expect(self.request(&m, 3, forced: true, current: short, canStart: false, at: self.start) == [.fail([WaiterID(3)], .noTriggerURL)])
+        #expect(!m.isActive)
+    }
+
+    @Test("cancellation, uninstall and shutdown end the round for its callers")
+    func endings() {
+        var m = Machine(configuration: config())
+        _ = self.request(&m, 1, at: self.start)
+        _ = self.request(&m, 2, at: self.start)
+        let a = m.waiterCancelled(WaiterID(1), now: self.start)
+        #expect(a.contains(.fail([WaiterID(1)], .cancelled)))
+        #expect(m.isActive)
+        let b = m.installationUninstalled(now: self.start)
+        #expect(b.contains(.fail([WaiterID(2)], .installationUninstalled)))
+        #expect(!m.isActive)
+        _ = self.request(&m, 3, rid: "r3", at: self.start)
+        _ = m.leaseAcquired(requestID: "r3", now: self.start)
+        let c = m.shutdownRequested(now: self.start)
+        #expect(c.contains(.fail([WaiterID(3)], .shuttingDown)))
+        #expect(c.contains(.releaseLease(requestID: "r3")))
+        #expect(!c.contains(.roundFinished(succeeded: false)))
+    }
+
+    @Test("every state is reachable and named")
+    func everyStateNamed() {
+        var seen: Set<Machine.StateName> = []
+        var m = Machine(configuration: config())
+        seen.insert(m.stateName(at: self.start))
+        _ = self.request(&m, 1, at: self.start)
+        seen.insert(m.stateName(at: self.start))
+        _ = m.leaseDenied(requestID: "r1", now: self.start)
+        seen.insert(m.stateName(at: self.start))
+        _ = m.storeReadEmpty(requestID: "r1", now: self.start)
+        _ = m.leaseAcquired(requestID: "r1", now: self.start)
+        seen.insert(m.stateName(at: self.start))
+        _ = m.attemptSucceeded(requestID: "r1", attempt: 1, now: self.start)
+        seen.insert(m.stateName(at: self.start))
+        var b = m
+        _ = b.roundTripBroughtNoNewerToken(requestID: "r1", newest: nil, now: self.start)
+        seen.insert(b.stateName(at: self.start))
+        _ = m.attemptFailed(requestID: "r1", attempt: 1, failure: .timeout, now: self.start, jitter: 0)
+        var grace = m
+        _ = grace.installationUninstalled(now: self.start)
+        _ = grace.circuitObserved(openUntil: self.start + .seconds(5), now: self.start)
+        seen.insert(grace.stateName(at: self.start))
+        // attemptFailed from awaitingDelivery is ignored (only the grace timer ends it): still awaiting.
+        #expect(m.stateName(at: self.start) == .awaitingDelivery)
+        var backing = Machine(configuration: config())
+        _ = self.request(&backing, 1, at: self.start)
+        _ = backing.leaseAcquired(requestID: "r1", now: self.start)
+        _ = backing.attemptFailed(requestID: "r1", attempt: 1, failure: .timeout, now: self.start, jitter: 0)
+        seen.insert(backing.stateName(at: self.start))
+        #expect(seen == Set(Machine.StateName.allCases))
+    }
+}

@@ -1,0 +1,303 @@
+import Synchronization
+
+@testable import FlowEngine
+@testable import TokenGateway
+
+/// A ``UserTokenStore`` in memory, on a ``ManualFlowClock``: expiries follow the clock, and
+/// every store, refusal and lease release is announced to the watchers like the Redis store does.
+final class InMemoryUserTokenStore: UserTokenStore {
+    struct Installation {
+        var status: InstallationStatus = .active
+        var apiBaseUrl: String?
+        var cloudId: String?
+    }
+
+    private struct Key: Hashable {
+        let installation: InstallationID
+        let accountId: String
+    }
+
+    private struct State {
+        var installations: [InstallationID: Installation] = [:]
+        var tokens: [Key: (token: AccessToken, until: FlowTime)] = [:]
+        var denied: [Key: FlowTime] = [:]
+        var leases: [Key: (owner: String, until: FlowTime)] = [:]
+        var exchangeLog: [String: [FlowTime]] = [:]
+        var blocked: [String: FlowTime] = [:]
+        var watchers: [UInt64: AsyncStream<UserTokenNotice>.Continuation] = [:]
+        var nextWatcher: UInt64 = 0
+        var watcherWaiters: [CheckedContinuation<Void, Never>] = []
+        var leaseAttempts = 0
+        var unreachable = false
+    }
+
+    struct Unreachable: Error {}
+
+    let clock: ManualFlowClock
+    private let state = Mutex(State())
+
+    init(clock: ManualFlowClock) {
+        self.clock = clock
+    }
+
+    // MARK: Test controls
+
+    func install(_ id: InstallationID, _ installation: Installation) {
+        self.state.withLock { $0.installations[id] = installation }
+    }
+
+    /// Another process holds the user's lease for `ttl`.
+    func holdLease(_ id: InstallationID, accountId: String, owner: String, ttl: Duration) {
+        let until = self.clock.now() + ttl
+        self.state.withLock { $0.leases[Key(installation: id, accountId: accountId)] = (owner, until) }
+    }
+
+    func leaseOwner(_ id: InstallationID, accountId: String) -> String? {
+        let now = self.clock.now()
+        return self.state.withLock { s in
+            s.leases[Key(installation: id, accountId: accountId)].flatMap { $0.until > now ? $0.owner : nil }
+        }
+    }
+
+    var leaseAttempts: Int { self.state.withLock { $0.leaseAttempts } }
+
+    /// Returns once someone watches the store's notices.
+    func waitForWatcher() async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let ready = self.state.withLock { s -> Bool in
+                if !s.watchers.isEmpty { return true }
+                s.watcherWaiters.append(continuation)
+                return false
+            }
+            if ready { continuation.resume() }
+        }
+    }
+
+    func setUnreachable(_ unreachable: Bool) {
+        self.state.withLock { $0.unreachable = unreachable }
+    }
+
+    private func check() throws {
+        if self.state.withLock({ $0.unreachable }) { throw Unreachable() }
+    }
+
+    private func announce(_ notice: UserTokenNotice) {
+        let watchers = self.state.withLock { Array($0.watchers.values) }
+        for watcher in watchers { watcher.yield(notice) }
+    }
+
+    // MARK: UserTokenStore
+
+    func snapshot(_ id: InstallationID, accountId: String, timeout: Duration?) async throws -> UserTokenSnapshot {
+        try self.check()
+        let now = self.clock.now()
+        let key = Key(installation: id, accountId: accountId)
+        return self.state.withLock { s in
+            let installation = s.installations[id]
+            return UserTokenSnapshot(
+                exists: installation != nil, status: installation?.status ?? .active,
+                apiBaseUrl: installation?.apiBaseUrl, cloudId: installation?.cloudId,
+                token: s.tokens[key].flatMap { $0.until > now ? $0.token : nil },
+                deniedFor: s.denied[key].flatMap { $0 > now ? $0 - now : nil },
+                leaseRemaining: s.leases[key].flatMap { $0.until > now ? $0.until - now : nil })
+        }
+    }
+
+    func store(
+        _ id: InstallationID, accountId: String, token: AccessToken, cacheUntil: Int64, now: FlowTime
+    ) async throws -> UserTokenStoreOutcome {
+        try self.check()
+        let key = Key(installation: id, accountId: accountId)
+        let outcome = self.state.withLock { s -> UserTokenStoreOutcome in
+            if s.installations[id]?.status == .uninstalled { return .uninstalled }
+            s.denied[key] = nil
+            guard cacheUntil > now.unixSeconds else { return .tooShortLived }
+            s.tokens[key] = (token, FlowTime(unixSeconds: cacheUntil))
+            return .stored
+        }
+        if outcome == .stored { self.announce(.user(id, accountId: accountId)) }
+        return outcome
+    }
+
+    @discardableResult
+    func rememberDenial(_ id: InstallationID, accountId: String, for duration: Duration) async throws -> Bool {
+        try self.check()
+        let until = self.clock.now() + duration
+        let key = Key(installation: id, accountId: accountId)
+        let done = self.state.withLock { s -> Bool in
+            if s.installations[id]?.status == .uninstalled { return false }
+            s.denied[key] = until
+            s.tokens[key] = nil
+            return true
+        }
+        if done { self.announce(.user(id, accountId: accountId)) }
+        return done
+    }
+
+    func acquireLease(_ id: InstallationID, accountId: String, owner: String, ttl: Duration) async throws -> Bool {
+        try self.check()
+        let now = self.clock.now()
+        let key = Key(installation: id, accountId: accountId)
+        return self.state.withLock { s in
+            s.leaseAttempts += 1
+            if let lease = s.leases[key], lease.until > now { return false }
+            s.leases[key] = (owner, now + ttl)
+            return true
+        }
+    }
+
+    @discardableResult
+    func extendLease(_ id: InstallationID, accountId: String, owner: String, ttl: Duration) async throws -> Bool {
+        try self.check()
+        let now = self.clock.now()
+        let key = Key(installation: id, accountId: accountId)
+        return self.state.withLock { s in
+            guard let lease = s.leases[key], lease.owner == owner, lease.until > now else { return false }
+            s.leases[key] = (owner, now + ttl)
+            return true
+        }
+    }
+
+    @discardableResult
+    func releaseLease(_ id: InstallationID, accountId: String, owner: String) async throws -> Bool {
+        try self.check()
+        let key = Key(installation: id, accountId: accountId)
+        let released = self.state.withLock { s -> Bool in
+            guard s.leases[key]?.owner == owner else { return false }
+            s.leases[key] = nil
+            return true
+        }
+        if released { self.announce(.user(id, accountId: accountId)) }
+        return released
+    }
+
+    func admitExchange(scope: String, limit: Int, window: Duration, now: FlowTime) async throws
+        -> UserExchangeAdmission
+    {
+        try self.check()
+        return self.state.withLock { s in
+            if let blocked = s.blocked[scope], blocked > now { return .refused(retryAfter: blocked - now) }
+            let log = (s.exchangeLog[scope] ?? []).filter { $0 > now - window }
+            if log.count >= limit { return .refused(retryAfter: max(log[0] + window - now, .milliseconds(1))) }
+            s.exchangeLog[scope] = log + [now]
+            return .admitted
+        }
+    }
+
+    func blockExchanges(scope: String, for duration: Duration) async throws {
+        try self.check()
+        let until = self.clock.now() + duration
+        self.state.withLock { s in s.blocked[scope] = max(s.blocked[scope] ?? until, until) }
+    }
+
+    func exchangesUsed(scope: String, window: Duration, now: FlowTime) async throws -> Int {
+        self.state.withLock { s in (s.exchangeLog[scope] ?? []).filter { $0 > now - window }.count }
+    }
+
+    func watch(_ handle: @Sendable (UserTokenNotice) async -> Void) async {
+        let (stream, continuation) = AsyncStream.makeStream(of: UserTokenNotice.self)
+        let (id, waiting) = self.state.withLock { s -> (UInt64, [CheckedContinuation<Void, Never>]) in
+            s.nextWatcher += 1
+            s.watchers[s.nextWatcher] = continuation
+            defer { s.watcherWaiters = [] }
+            return (s.nextWatcher, s.watcherWaiters)
+        }
+        for waiter in waiting { waiter.resume() }
+        continuation.onTermination = { _ in self.state.withLock { _ = $0.watchers.removeValue(forKey: id) } }
+        for await notice in stream { await handle(notice) }
+    }
+}
+
+/// The GraphQL exchange, answered from a script; a call can be held until the test lets it go.
+final class ScriptedExchangeCall: UserTokenExchangeCall {
+    private struct State {
+        var answers: [OfflineUserAuthTokenClient.Outcome] = []
+        var calls: [String] = []
+        var holding = false
+        var held: [CheckedContinuation<Void, Never>] = []
+        var callWatchers: [(count: Int, continuation: CheckedContinuation<Void, Never>)] = []
+    }
+
+    private let state = Mutex(State())
+
+    /// Answers in order; the last one repeats.
+    init(_ answers: [OfflineUserAuthTokenClient.Outcome]) {
+        self.state.withLock { $0.answers = answers }
+    }
+
+    /// The system tokens of the calls made so far.
+    var calls: [String] { self.state.withLock { $0.calls } }
+
+    /// Calls wait in ``exchange(systemToken:context:accountId:timeout:)`` until ``release()``.
+    func hold() { self.state.withLock { $0.holding = true } }
+
+    func release() {
+        let held = self.state.withLock { s -> [CheckedContinuation<Void, Never>] in
+            s.holding = false
+            defer { s.held = [] }
+            return s.held
+        }
+        for continuation in held { continuation.resume() }
+    }
+
+    /// Returns once `count` calls have been made.
+    func waitForCalls(_ count: Int) async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let ready = self.state.withLock { s -> Bool in
+                if s.calls.count >= count { return true }
+                s.callWatchers.append((count, continuation))
+                return false
+            }
+            if ready { continuation.resume() }
+        }
+    }
+
+    func exchange(systemToken: String, context: SiteContext, accountId: UserAccountID, timeout: Duration) async
+        -> OfflineUserAuthTokenClient.Outcome
+    {
+        let ready = self.state.withLock { s -> [CheckedContinuation<Void, Never>] in
+            s.calls.append(systemToken)
+            let count = s.calls.count
+            let ready = s.callWatchers.filter { $0.count <= count }.map(\.continuation)
+            s.callWatchers.removeAll { $0.count <= count }
+            return ready
+        }
+        for watcher in ready { watcher.resume() }
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let wait = self.state.withLock { s -> Bool in
+                if s.holding { s.held.append(continuation) }
+                return s.holding
+            }
+            if !wait { continuation.resume() }
+        }
+        return self.state.withLock { s in
+            s.answers.count > 1 ? s.answers.removeFirst() : s.answers[0]
+        }
+    }
+}
+
+/// System tokens `sys-1`, `sys-2`, …: a new one on every forced refresh.
+final class StubSystemTokens: SystemTokenSource {
+    private let state = Mutex((generation: 1, forced: 0, failure: FlowError?.none))
+    let clock: ManualFlowClock
+
+    init(clock: ManualFlowClock) { self.clock = clock }
+
+    var forcedRefreshes: Int { self.state.withLock { $0.forced } }
+
+    func fail(with error: FlowError) { self.state.withLock { $0.failure = error } }
+
+    func systemToken(for installation: InstallationID, minValidity: Int64, timeout: Duration, forceRefresh: Bool)
+        async throws(FlowError) -> AccessToken
+    {
+        let (generation, failure) = self.state.withLock { s -> (Int, FlowError?) in
+            if forceRefresh {
+                s.generation += 1
+                s.forced += 1
+            }
+            return (s.generation, s.failure)
+        }
+        if let failure { throw failure }
+        return AccessToken(value: "sys-\(generation)", expiresAt: self.clock.now().unixSeconds + 3600)
+    }
+}

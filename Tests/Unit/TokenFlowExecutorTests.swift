@@ -1,0 +1,270 @@
+import Logging
+import Metrics
+import Synchronization
+import Testing
+
+@testable import FlowEngine
+
+/// A trigger that records every call (as a stream the test awaits) and answers as told.
+private final class RecordingTrigger: TriggerSender {
+    struct Call: Sendable {
+        var installation: InstallationID
+        var requestID: String
+        var attempt: Int
+    }
+
+    let calls: AsyncStream<Call>
+    private let continuation: AsyncStream<Call>.Continuation
+    private let answer = Mutex<TriggerAttemptResult>(.accepted)
+    private let count = Mutex(0)
+
+    init() {
+        (self.calls, self.continuation) = AsyncStream.makeStream(of: Call.self)
+    }
+
+    var callCount: Int { self.count.withLock { $0 } }
+
+    func answer(with result: TriggerAttemptResult) { self.answer.withLock { $0 = result } }
+
+    func sendTrigger(
+        installation: InstallationID, requestID: String, attempt: Int, issuedAt: FlowTime, expiresAt: FlowTime,
+        timeout: Duration
+    ) async -> TriggerAttemptResult {
+        self.count.withLock { $0 += 1 }
+        self.continuation.yield(Call(installation: installation, requestID: requestID, attempt: attempt))
+        return self.answer.withLock { $0 }
+    }
+}
+
+private struct Harness {
+    let flow: TokenFlow
+    let store: InMemoryTokenStore
+    let clock: ManualFlowClock
+    let trigger: RecordingTrigger
+    let id = InstallationID("ari:cloud:ecosystem::installation/3f6c2a10-7c1e-4c55-9a57-0d8f1c7b2e41")!
+
+    /// The next trigger call.
+    func nextCall() async -> RecordingTrigger.Call? {
+        var iterator = self.trigger.calls.makeAsyncIterator()
+        return await iterator.next()
+    }
+
+    /// Delivers a token as a Forge route of this process does: stores it, then hands it to the flow.
+    func deliver(_ value: String, expiresIn: Int64, requestID: String?) {
+        let expiresAt = self.clock.now().unixSeconds + expiresIn
+        let (stored, solicited) = self.store.deliver(self.id, token: value, expiresAt: expiresAt, requestID: requestID)
+        guard stored else { return }
+        let rid = solicited ? requestID : nil
+        self.flow.tokenDelivered(
+            self.id,
+            token: AccessToken(value: value, expiresAt: expiresAt, requestID: rid, receivedAt: self.clock.now().unixSeconds),
+            solicitedBy: rid)
+    }
+
+    func request(_ options: TokenFlow.Request = .init()) async -> Result<TokenAnswer, FlowError> {
+        do {
+            return .success(try await self.flow.token(for: self.id, request: options))
+        } catch {
+            return .failure(error)
+        }
+    }
+}
+
+private func withFlow(
+    _ configure: (inout TokenFlowConfiguration) -> Void = { _ in }, _ body: (Harness) async throws -> Void
+) async throws {
+    let clock = ManualFlowClock()
+    let store = InMemoryTokenStore(now: { clock.now() })
+    let trigger = RecordingTrigger()
+    var configuration = TokenFlowConfiguration()
+    configure(&configuration)
+    let flow = TokenFlow(
+        configuration: configuration, store: store, trigger: trigger,
+        metrics: FlowMetrics(factory: NOOPMetricsHandler.instance),
+        logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), replicaID: "replica-a",
+        clock: clock)
+    let harness = Harness(flow: flow, store: store, clock: clock, trigger: trigger)
+    store.install(harness.id)
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        group.addTask { try await flow.run() }
+        do {
+            try await body(harness)
+        } catch {
+            await flow.shutdown()
+            throw error
+        }
+        await flow.shutdown()
+        try await group.waitForAll()
+    }
+}
+
+@Suite("TokenFlow executor (in-memory store, manual clock)", .timeLimit(.minutes(1)))
+struct TokenFlowExecutorTests {
+    @Test("concurrent callers share one round trip: one lease, one trigger call, one token for all")
+    func coalescing() async throws {
+        try await withFlow { h in
+            try await withThrowingTaskGroup(of: Result<TokenAnswer, FlowError>.self) { group in
+                for _ in 0..<5 { group.addTask { await h.request() } }
+                let call = try #require(await h.nextCall())
+                #expect(h.store.pendingOwner(h.id, requestID: call.requestID) == "replica-a")
+                #expect(h.store.leaseOwner(h.id) == call.requestID)
+                // Every caller waits (its deadline timer armed, with the round's grace and re-read
+                // timers) before the token arrives.
+                await h.clock.waitForSleepers(7)
+                h.deliver("tok-1", expiresIn: 3600, requestID: call.requestID)
+                for try await result in group {
+                    let answer = try result.get()
+                    #expect(answer.token.value == "tok-1")
+                    #expect(answer.source == .trigger)
+                }
+            }
+            #expect(h.trigger.callCount == 1)
+            #expect(h.store.calls("takeLease") == 1)
+            // The lease is released once the round trip ended.
+            while h.store.leaseOwner(h.id) != nil { await Task.yield() }
+        }
+    }
+
+    @Test("following another replica's round trip: its announced token answers the caller, no trigger call")
+    func followByNotification() async throws {
+        try await withFlow { h in
+            _ = try await h.store.takeLease(
+                h.id, requestID: "rq_other", replicaID: "replica-b", ttl: .seconds(30), respectingHold: false)
+            async let answer = h.request()
+            // The caller's deadline and the follower's re-read timer.
+            await h.clock.waitForSleepers(2)
+            #expect(h.flow.roundState(h.id) == .following)
+            h.store.deliver(h.id, token: "tok-b", expiresAt: h.clock.now().unixSeconds + 3600, requestID: "rq_other")
+            let result = try await answer.get()
+            #expect(result.token.value == "tok-b")
+            #expect(result.source == .trigger)
+            #expect(h.trigger.callCount == 0)
+        }
+    }
+
+    @Test("a lost announcement: the follower's re-read timer finds the token")
+    func lostNotificationTimerReread() async throws {
+        try await withFlow { h in
+            _ = try await h.store.takeLease(
+                h.id, requestID: "rq_other", replicaID: "replica-b", ttl: .seconds(30), respectingHold: false)
+            async let answer = h.request()
+            await h.clock.waitForSleepers(2)
+            h.store.dropsNotifications = true
+            h.store.deliver(h.id, token: "tok-b", expiresAt: h.clock.now().unixSeconds + 3600, requestID: "rq_other")
+            let reads = h.store.calls("roundProbe")
+            h.clock.advance(by: .milliseconds(50))
+            let result = try await answer.get()
+            #expect(result.token.value == "tok-b")
+            #expect(h.store.calls("roundProbe") == reads + 1)
+        }
+    }
+
+    @Test("a hold in the store answers at once with the newest token, without a round trip")
+    func hold() async throws {
+        try await withFlow { h in
+            h.store.deliver(h.id, token: "tok-old", expiresAt: h.clock.now().unixSeconds + 600, requestID: nil)
+            try await h.store.placeHold(h.id, requestID: "rq_other", duration: .seconds(60), releasingLease: false)
+            let answer = try await h.request(.init(minValidity: 900)).get()
+            #expect(answer.token.value == "tok-old")
+            #expect(answer.source == .cache)
+            #expect(h.trigger.callCount == 0)
+            #expect(h.flow.roundState(h.id) == .held)
+            // The hold ends: the next caller starts a round trip.
+            h.clock.advance(by: .seconds(61))
+            async let next = h.request(.init(minValidity: 900))
+            let call = try #require(await h.nextCall())
+            await h.clock.waitForSleepers(1)
+            h.deliver("tok-new", expiresIn: 3600, requestID: call.requestID)
+            #expect(try await next.get().token.value == "tok-new")
+        }
+    }
+
+    @Test("failed round trips open the circuit: the next caller fails fast with the time left")
+    func circuit() async throws {
+        try await withFlow({
+            $0.maxAttempts = 1
+            $0.breakerThreshold = 1
+            $0.breakerOpenBase = .seconds(30)
+        }) { h in
+            h.trigger.answer(with: .failed(.httpError))
+            let first = await h.request()
+            #expect(throws: FlowError.triggerFailed) { try first.get() }
+            // The verdict is recorded by a child task of run(); the circuit is then open.
+            while h.flow.roundState(h.id) != .circuitOpen { await Task.yield() }
+            let second = await h.request()
+            #expect(throws: FlowError.circuitOpen(retryAfter: .zero)) { try second.get() }
+            if case .failure(let error) = second { #expect(error.retryAfter == .seconds(30)) }
+            #expect(h.trigger.callCount == 1)
+        }
+    }
+
+    @Test("shutdown fails waiting callers, releases the lease and ends run() with its child tasks")
+    func shutdown() async throws {
+        let clock = ManualFlowClock()
+        let store = InMemoryTokenStore(now: { clock.now() })
+        let trigger = RecordingTrigger()
+        let flow = TokenFlow(
+            configuration: TokenFlowConfiguration(), store: store, trigger: trigger,
+            metrics: FlowMetrics(factory: NOOPMetricsHandler.instance),
+            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), replicaID: "replica-a",
+            clock: clock)
+        let h = Harness(flow: flow, store: store, clock: clock, trigger: trigger)
+        store.install(h.id)
+        let run = Task { try await flow.run() }
+        async let answer = h.request()
+        let call = try #require(await h.nextCall())
+        // Waiting: the caller's deadline, the delivery grace and the re-read timer are armed.
+        await clock.waitForSleepers(3)
+        #expect(store.leaseOwner(h.id) == call.requestID)
+        await flow.shutdown()
+        let failed = await answer
+        #expect(throws: FlowError.shuttingDown) { try failed.get() }
+        try await run.value
+        #expect(store.leaseOwner(h.id) == nil)
+        #expect(clock.sleeperCount == 0)
+        // After shutdown a caller is refused at once.
+        let refused = await h.request()
+        #expect(throws: FlowError.shuttingDown) { try refused.get() }
+    }
+
+    @Test("a cancelled caller gets `cancelled`; the round trip it alone waited for is abandoned")
+    func cancellation() async throws {
+        try await withFlow { h in
+            let caller = Task { await h.request() }
+            let call = try #require(await h.nextCall())
+            await h.clock.waitForSleepers(3)
+            caller.cancel()
+            let cancelled = await caller.value
+            #expect(throws: FlowError.cancelled) { try cancelled.get() }
+            while h.store.leaseOwner(h.id) == call.requestID { await Task.yield() }
+            #expect(!h.flow.isRoundActive(h.id))
+        }
+    }
+
+    @Test("the echo of an announcement this process caused (a delivery it handled, a hold it placed) is not handled again")
+    func ownAnnouncementNotHandledTwice() async throws {
+        try await withFlow { h in
+            let other = InstallationID("ari:cloud:ecosystem::installation/0b7d9a35-0f5e-4a8e-9a43-71c7b0a6c2d9")!
+            h.store.install(other)
+            h.flow.apiBaseUrlSeen(other, "https://example.atlassian.net")
+            // A delivery that answered a round trip and a push, each stored and handed to the flow
+            // before its echo arrives.
+            h.store.dropsNotifications = true
+            let now = h.clock.now().unixSeconds
+            h.store.deliver(h.id, token: "tok-1", expiresAt: now + 3000, requestID: nil)
+            h.flow.tokenDelivered(
+                h.id, token: AccessToken(value: "tok-1", expiresAt: now + 3000, requestID: "rq_1"), solicitedBy: "rq_1")
+            h.deliver("tok-pushed", expiresIn: 3600, requestID: nil)
+            h.store.dropsNotifications = false
+            let probes = h.store.calls("roundProbe")
+            h.store.publish(.tokenStored(h.id, requestID: "rq_1", sameToken: false))
+            h.store.publish(.tokenStored(h.id, requestID: nil, sameToken: false))
+            // Announcements are handled in order: once the next one (for another installation) has
+            // been handled, both echoes have been seen and skipped.
+            h.store.publish(.apiBaseURLChanged(other))
+            while h.store.calls("roundProbe") == probes { await Task.yield() }
+            #expect(h.store.calls("roundProbe") == probes + 1)
+            #expect(h.flow.rememberedToken(h.id)?.value == "tok-pushed")
+        }
+    }
+}

@@ -1,0 +1,239 @@
+import Logging
+import Metrics
+import Testing
+
+@testable import FlowEngine
+@testable import TokenGateway
+
+/// ``UserTokenExchanger`` without Redis: an in-memory store on a manual clock, a stub system-token
+/// source and a scripted GraphQL exchange.
+@Suite("User-token exchanger: coalescing, following, retries and holds, without Redis")
+struct UserTokenExchangerTests {
+    static let installation = InstallationID("ari:cloud:ecosystem::installation/8f4c7a1e-0000-4000-8000-0000000000a1")!
+    static let cloud = "0f5b7c1e-2d3a-4b5c-8d9e-0a1b2c3d4e5f"
+    static let account = UserAccountID("557058:user-a")!
+
+    struct Harness {
+        let clock = ManualFlowClock()
+        let store: InMemoryUserTokenStore
+        let systemTokens: StubSystemTokens
+        let client: ScriptedExchangeCall
+        let exchanger: UserTokenExchanger
+
+        init(_ answers: [OfflineUserAuthTokenClient.Outcome], configure: (inout UserTokenExchanger.Configuration) -> Void = { _ in }) {
+            self.store = InMemoryUserTokenStore(clock: self.clock)
+            self.store.install(
+                UserTokenExchangerTests.installation,
+                .init(apiBaseUrl: "https://api.atlassian.com/ex/jira/\(UserTokenExchangerTests.cloud)", cloudId: UserTokenExchangerTests.cloud))
+            self.systemTokens = StubSystemTokens(clock: self.clock)
+            self.client = ScriptedExchangeCall(answers)
+            var configuration = UserTokenExchanger.Configuration()
+            configure(&configuration)
+            self.exchanger = UserTokenExchanger(
+                configuration: configuration, store: self.store, systemTokens: self.systemTokens, client: self.client,
+                metrics: UserExchangeMetrics(factory: NOOPMetricsHandler.instance),
+                audit: AuditLog(logger: Logger(label: "test.audit")), logger: Logger(label: "test"),
+                clock: self.clock, jitter: { 0.5 })
+        }
+
+        /// Runs the exchanger while `body` runs.
+        func running<T: Sendable>(_ body: @Sendable () async throws -> T) async throws -> T {
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { try await self.exchanger.run() }
+                defer { group.cancelAll() }
+                await self.store.waitForWatcher()
+                return try await body()
+            }
+        }
+
+        func token(timeout: Duration = .seconds(10), forceRefresh: Bool = false) async -> Result<UserTokenExchanger.Answer, UserTokenError> {
+            do {
+                return .success(
+                    try await self.exchanger.token(
+                        for: UserTokenExchangerTests.installation, accountId: UserTokenExchangerTests.account,
+                        request: .init(timeout: timeout, forceRefresh: forceRefresh)))
+            } catch {
+                return .failure(error)
+            }
+        }
+    }
+
+    static let issued = OfflineUserAuthTokenClient.Outcome.token(value: "user-token-1", ttl: 3600)
+
+    @Test("concurrent callers share one exchange; the next caller is served from the cache")
+    func coalescing() async throws {
+        let h = Harness([Self.issued])
+        h.client.hold()
+        try await h.running { () async throws -> Void in
+            try await withThrowingTaskGroup(of: Result<UserTokenExchanger.Answer, UserTokenError>.self) { group in
+                for _ in 0..<5 { group.addTask { await h.token() } }
+                await h.client.waitForCalls(1)
+                h.client.release()
+                for try await answer in group {
+                    let answer = try answer.get()
+                    #expect(answer.token.value == "user-token-1")
+                    #expect(answer.source == .exchange)
+                }
+            }
+            #expect(h.client.calls == ["sys-1"])
+            let cached = try await h.token().get()
+            #expect(cached.source == .cache)
+            #expect(h.client.calls.count == 1)
+            #expect(h.store.leaseOwner(Self.installation, accountId: Self.account.value) == nil)
+        }
+    }
+
+    @Test("while another process holds the lease, the caller follows it and takes its token when announced")
+    func followsAnotherProcess() async throws {
+        let h = Harness([Self.issued])
+        h.store.holdLease(Self.installation, accountId: Self.account.value, owner: "other", ttl: .seconds(5))
+        try await h.running { () async throws -> Void in
+            async let answer = h.token()
+            // The caller's own deadline and the follower's wake-up at the lease's end.
+            await h.clock.waitForSleepers(2)
+            _ = try await h.store.store(
+                Self.installation, accountId: Self.account.value,
+                token: AccessToken(value: "from-other", expiresAt: h.clock.now().unixSeconds + 3600),
+                cacheUntil: h.clock.now().unixSeconds + 3000, now: h.clock.now())
+            let got = try await answer.get()
+            #expect(got.token.value == "from-other")
+            #expect(got.source == .exchange)
+            #expect(h.client.calls.isEmpty)
+        }
+    }
+
+    @Test("when the other process's lease runs out without an answer, the follower takes it and exchanges")
+    func takesOverAnExpiredLease() async throws {
+        let h = Harness([Self.issued])
+        h.store.holdLease(Self.installation, accountId: Self.account.value, owner: "other", ttl: .seconds(3))
+        try await h.running { () async throws -> Void in
+            async let answer = h.token()
+            await h.clock.waitForSleepers(2)
+            h.clock.advance(by: .seconds(3))
+            let got = try await answer.get()
+            #expect(got.token.value == "user-token-1")
+            #expect(h.client.calls.count == 1)
+            #expect(h.store.leaseAttempts == 2)
+        }
+    }
+
+    @Test("a 401 fetches a fresh system token once and tries again; a second 401 fails the exchange")
+    func systemTokenRetry() async throws {
+        let h = Harness([.systemTokenRefused, Self.issued])
+        try await h.running { () async throws -> Void in
+            let got = try await h.token().get()
+            #expect(got.token.value == "user-token-1")
+            #expect(h.client.calls == ["sys-1", "sys-2"])
+            #expect(h.systemTokens.forcedRefreshes == 1)
+        }
+        let twice = Harness([.systemTokenRefused])
+        try await twice.running { () async throws -> Void in
+            let result = await twice.token()
+            #expect(result.failure == .exchangeFailed(""))
+            #expect(twice.client.calls == ["sys-1", "sys-2"])
+            #expect(twice.store.leaseOwner(Self.installation, accountId: Self.account.value) == nil)
+        }
+    }
+
+    @Test("a 429 holds every exchange back for Retry-After: the next request is refused without a call")
+    func rateLimitHold() async throws {
+        let h = Harness([.rateLimited(retryAfter: .seconds(30)), Self.issued])
+        try await h.running { () async throws -> Void in
+            let first = await h.token()
+            #expect(first.failure == .rateLimited(retryAfter: .seconds(30)))
+            #expect(first.failure?.retryAfter == .seconds(30))
+            let second = await h.token()
+            #expect(second.failure == .rateLimited(retryAfter: .zero))
+            #expect(h.client.calls.count == 1)
+            h.clock.advance(by: .seconds(31))
+            #expect(try await h.token().get().token.value == "user-token-1")
+            #expect(h.client.calls.count == 2)
+        }
+    }
+
+    @Test("a refusal is remembered: no call for that user until it is forgotten")
+    func refusalMemory() async throws {
+        let h = Harness([.denied(message: "no"), Self.issued]) { $0.denialMemory = .seconds(60) }
+        try await h.running { () async throws -> Void in
+            #expect(await h.token().failure == .denied)
+            #expect(await h.token().failure == .denied)
+            #expect(h.client.calls.count == 1)
+            h.clock.advance(by: .seconds(61))
+            #expect(try await h.token().get().token.value == "user-token-1")
+            #expect(h.client.calls.count == 2)
+        }
+    }
+
+    @Test("retryable failures back off and try again; no attempt starts past the deadline")
+    func retriesWithinTheDeadline() async throws {
+        let h = Harness([.failed(.httpError(status: 503)), Self.issued])
+        try await h.running { () async throws -> Void in
+            async let answer = h.token()
+            await h.client.waitForCalls(1)
+            // The caller's deadline and the backoff timer.
+            await h.clock.waitForSleepers(2)
+            h.clock.advance(by: .seconds(1))
+            #expect(try await answer.get().token.value == "user-token-1")
+            #expect(h.client.calls.count == 2)
+        }
+        let late = Harness([.failed(.httpError(status: 503))]) { $0.backoffBase = .seconds(4); $0.backoffCap = .seconds(4) }
+        try await late.running { () async throws -> Void in
+            let result = await late.token(timeout: .seconds(2))
+            #expect(result.failure == .exchangeFailed(""))
+            #expect(late.client.calls.count == 1)
+        }
+    }
+
+    @Test("a caller gives up at its deadline (504) while the exchange goes on for the others")
+    func deadline() async throws {
+        let h = Harness([Self.issued])
+        h.client.hold()
+        try await h.running { () async throws -> Void in
+            async let short = h.token(timeout: .seconds(1))
+            async let long = h.token(timeout: .seconds(10))
+            await h.client.waitForCalls(1)
+            await h.clock.waitForSleepers(2)
+            h.clock.advance(by: .seconds(1))
+            #expect(await short.failure == .timeout)
+            h.client.release()
+            #expect(try await long.get().token.value == "user-token-1")
+        }
+    }
+
+    @Test("a caller that goes away is answered `cancelled`; the others still get the token")
+    func cancellation() async throws {
+        let h = Harness([Self.issued])
+        h.client.hold()
+        try await h.running { () async throws -> Void in
+            let leaving = Task { await h.token() }
+            async let staying = h.token()
+            await h.client.waitForCalls(1)
+            leaving.cancel()
+            #expect(await leaving.value.failure == .flow(.cancelled))
+            h.client.release()
+            #expect(try await staying.get().token.value == "user-token-1")
+        }
+    }
+
+    @Test("shutdown fails the waiting callers and releases the lease")
+    func shutdown() async throws {
+        let h = Harness([Self.issued])
+        h.client.hold()
+        let run = Task { try await h.exchanger.run() }
+        async let waiting = h.token()
+        await h.client.waitForCalls(1)
+        #expect(h.store.leaseOwner(Self.installation, accountId: Self.account.value) != nil)
+        run.cancel()
+        #expect(await waiting.failure == .flow(.shuttingDown))
+        h.client.release()
+        _ = try? await run.value
+        #expect(h.store.leaseOwner(Self.installation, accountId: Self.account.value) == nil)
+    }
+}
+
+extension Result {
+    var failure: Failure? {
+        if case .failure(let error) = self { return error }
+        return nil
+    }
+}
