@@ -24,7 +24,7 @@ struct SecurityInputTests {
             let installation = try await h.installed()
             let path = GatewayHarness.path(installation) + "/token"
             #expect(try await h.call(.GET, path).status == 200)
-            let before = try await Security.snapshot(of: installation, in: h.gateway.redis)
+            let before = try await Security.settledSnapshot(of: installation, in: h.gateway.redis)
             let port = Self.port(h)
 
             // One header over the limit, and too many headers. (Written by hand: AsyncHTTPClient
@@ -93,7 +93,7 @@ struct SecurityInputTests {
             // gateway accepts change nothing.
             #expect(try await h.emulator.push(installation, expiresAt: Date().addingTimeInterval(4 * 3600)).status == 200)
             let token = try h.emulator.mintAccessToken(for: installation)
-            let before = try await Security.snapshot(of: installation, in: h.gateway.redis)
+            let before = try await Security.settledSnapshot(of: installation, in: h.gateway.redis)
             let tooDeep = "{\"authTriggerUrl\":" + String(repeating: "[", count: 17) + String(repeating: "]", count: 17) + "}"
             let recursive = String(repeating: "[", count: 30_000) + String(repeating: "]", count: 30_000)
             // (name, content type, body, expected status and code; nil code: any contract code;
@@ -160,7 +160,7 @@ struct SecurityInputTests {
     func oddPathSegments() async throws {
         try await GatewayHarness.run { h in
             let installation = try await h.installed()
-            let before = try await Security.snapshot(of: installation, in: h.gateway.redis)
+            let before = try await Security.settledSnapshot(of: installation, in: h.gateway.redis)
             let port = Self.port(h)
             let auth = [("Authorization", "Bearer \(GatewayHarness.callerSecret)")]
             let invalid = [

@@ -61,6 +61,18 @@ enum Security {
 
     /// The installation's state in the store, for "nothing changed" assertions: every key with its
     /// values (sorted), excluding the lease and pending keys of round trips in flight.
+    /// The installation's keys once no round trip is in flight: a caller is answered as soon as its
+    /// token is stored, and the round trip's lease and pending request are let go just after.
+    static func settledSnapshot(of installation: EmulatedInstallation, in redis: RedisClient) async throws
+        -> [String: [String]]
+    {
+        let settled = try await self.eventually {
+            try await self.keys(of: installation, in: redis).allSatisfy { !$0.hasSuffix(":lease") && !$0.contains(":pending:") }
+        }
+        #expect(settled, "a round trip of \(installation.id) is still in flight")
+        return try await self.snapshot(of: installation, in: redis)
+    }
+
     static func snapshot(of installation: EmulatedInstallation, in redis: RedisClient) async throws -> [String: [String]] {
         var out: [String: [String]] = [:]
         for key in try await self.keys(of: installation, in: redis) {
