@@ -34,6 +34,11 @@ case "${1:-}" in
         bench benchmark --no-progress "${FILTER[@]}"
         ;;
     "")
+        if [ ! -f "Benchmarks/.benchmarkBaselines/TokenGatewayBenchmarks/$BASELINE/results.json" ]; then
+            echo "==> no stored baseline \"$BASELINE\" yet: storing this run's results as it (nothing to compare with)"
+            bench --allow-writing-to-package-directory benchmark baseline update "$BASELINE" --no-progress "${FILTER[@]}"
+            exit 0
+        fi
         # Exit status: 0 within tolerance, 2 regressed, 4 improved only (treated as success here).
         set +e
         bench benchmark baseline check "$BASELINE" --no-progress "${FILTER[@]}"
