@@ -21,7 +21,8 @@
 # BENCH_NGINX_WORKERS (2), BENCH_CLUSTER (1: also run the Redis Cluster comparison at the end),
 # BENCH_BIN (a token-gateway binary to use instead of building the release one), BENCH_THREADS
 # (wrk threads, 1), BENCH_LOG_LEVEL (the gateway's log level, info: audit records are written as
-# in production), BENCH_STRACE (1: also count the gateway's system calls per cached answer).
+# in production), BENCH_STRACE (1: also count the gateway's system calls per cached answer),
+# BENCH_PERF (1: also print where the gateway's CPU goes on the cached path, from perf samples).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -247,16 +248,19 @@ run_wrk() { # name url [header]
     $DRIVER wrk "$WORK/wrk-$name.txt"
 }
 echo "==> wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s: nginx static file ($NGINX_BYTES bytes), GET /health/live, cached GET …/token ($BODY_BYTES bytes)"
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 NG=$(run_wrk nginx "$NGINX_URL")
 HL=$(run_wrk health "http://127.0.0.1:$GATEWAY_PORT/health/live")
 GW=$(run_wrk gateway "$TOKEN_URL" -H "$AUTH")
 GW="$GW" NG="$NG" HL="$HL" CONNECTIONS="$CONNECTIONS" THREADS="$THREADS" LEVEL="$TOKEN_GATEWAY_LOG_LEVEL" \
+    LOAD="$LOAD_BEFORE -> $(cut -d' ' -f1-3 /proc/loadavg)" \
     AUDIT_LINES="$(grep -c token_handed_out "$WORK/gateway.log" || true)" python3 - <<'PY'
-import json, os
+import json, os, time
 gw, ng, hl = (json.loads(os.environ[k]) for k in ("GW", "NG", "HL"))
 def verdict(ok): return "met" if ok else "NOT MET"
 print()
 print(f"hot path: wrk -t{os.environ['THREADS']} -c{os.environ['CONNECTIONS']}, gateway at log level {os.environ['LEVEL']}")
+print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, load average (1, 5, 15 min) before -> after: {os.environ['LOAD']}")
 print(f"| what | req/s | ratio to nginx | p50 | p99 | non-2xx |")
 print(f"|---|---|---|---|---|---|")
 for name, r in (("nginx, same bytes", ng), ("gateway `GET /health/live`", hl), ("gateway cached `GET …/token`", gw)):
@@ -277,6 +281,19 @@ if [ "${BENCH_STRACE:-0}" = 1 ]; then
     requests=$(grep -Eo '^ *[0-9]+ requests' "$WORK/wrk-strace.txt" | grep -Eo '[0-9]+')
     echo "system calls per cached answer under strace ($requests answers):"
     awk -v n="$requests" '$NF ~ /^(write|writev|sendmsg|futex|epoll_wait)$/ { printf "  %-10s %.2f\n", $NF, $4 / n }' "$WORK/strace.txt"
+fi
+if [ "${BENCH_PERF:-0}" = 1 ]; then
+    # Where the gateway's CPU goes on the cached path: perf samples (99 Hz per CPU) over 5 s of wrk,
+    # after the measured runs; the 25 hottest symbols, self time.
+    ensure_packages linux-perf
+    perf record -q -F 99 -g -p "$GATEWAY_PID" -o "$WORK/perf.data" -- sleep 6 >/dev/null 2>&1 &
+    PERF_PID=$!
+    sleep 0.5
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d5s -H "$AUTH" "$TOKEN_URL" >/dev/null
+    wait "$PERF_PID" 2>/dev/null || true
+    echo "gateway CPU by symbol under wrk (perf, self time, top 25):"
+    perf report -i "$WORK/perf.data" --no-children --sort symbol --stdio 2>/dev/null |
+        grep -E '^ +[0-9.]+%' | head -n 25 | cut -c1-160
 fi
 [ "$HOT_ONLY" = 1 ] && exit 0
 

@@ -235,3 +235,81 @@ enum SHA256Hex {
         SHA256.hash(data: Array(s.utf8)).map { String(format: "%02x", $0) }.joined()
     }
 }
+
+@Suite("Audit records handed out per request are written from their fields, without a metadata dictionary")
+struct AuditDirectLineTests {
+    /// The line's timestamp (`ts=…` or `"ts":"…"`).
+    static func timestamp(of line: String, format: LogFormat) -> String? {
+        switch format {
+        case .logfmt:
+            guard line.hasPrefix("ts=") else { return nil }
+            return line.dropFirst(3).split(separator: " ").first.map(String.init)
+        case .json:
+            guard line.hasPrefix(#"{"ts":""#) else { return nil }
+            return line.dropFirst(7).split(separator: "\"").first.map(String.init)
+        }
+    }
+
+    @Test(
+        "the direct line is the line the metadata path writes, for plain and odd values, with and without an account",
+        arguments: [LogFormat.logfmt, .json])
+    func sameLine(format: LogFormat) throws {
+        let sink = LogSink.memory()
+        let handler = GatewayLogHandler(label: AuditLog.label, format: format, level: .info, sink: sink)
+        let audit = AuditLog(auditLogger: Logger(label: AuditLog.label) { _ in handler })
+        #expect(audit.direct != nil)
+        let callers = ["billing", "odd \"name\" = x\\y", "ünïcødé\u{202E}"]
+        let accounts: [String?] = [nil, "5b10ac8d82e05b22cc7d4ef5", "with space"]
+        for caller in callers {
+            for account in accounts {
+                for via in ["api", "oauth"] {
+                    audit.tokenHandedOut(
+                        caller: caller, installation: HotPathFixtures.installation, source: "cache",
+                        expiresAt: "2030-03-17T17:46:40Z", fingerprint: "0123456789ab", accountId: account, via: via)
+                    let line = try #require(sink.captured.last)
+                    var metadata: Logger.Metadata = [
+                        "audit.event": "token_handed_out", "caller": "\(caller)",
+                        "installation.id": "\(HotPathFixtures.installation)", "token.source": "cache",
+                        "token.expires_at": "2030-03-17T17:46:40Z", "token.fingerprint": "0123456789ab",
+                        "audit.via": "\(via)",
+                    ]
+                    if let account { metadata["account.id"] = "\(account)" }
+                    let ts = try #require(Self.timestamp(of: line, format: format))
+                    let epoch = Date(timeIntervalSince1970: 0)
+                    let expected = GatewayLogHandler.format(
+                        format: format, timestamp: epoch, level: .info, label: AuditLog.label,
+                        message: "token handed out", metadata: metadata
+                    ).replacingOccurrences(of: GatewayLogHandler.timestamp(epoch), with: ts) + "\n"
+                    #expect(line == expected)
+                }
+            }
+        }
+        #expect(sink.captured.count == callers.count * accounts.count * 2)
+    }
+
+    @Test("a handler with metadata of its own keeps the metadata path, and its fields stay in the record")
+    func handlerMetadataKept() throws {
+        let sink = LogSink.memory()
+        let handler = GatewayLogHandler(label: AuditLog.label, format: .logfmt, level: .info, sink: sink)
+        let audit = AuditLog(logger: Logger(label: AuditLog.label) { _ in handler })
+        #expect(audit.direct == nil)
+        audit.tokenHandedOut(
+            caller: "billing", installation: HotPathFixtures.installation, source: "cache",
+            expiresAt: "2030-03-17T17:46:40Z", fingerprint: "0123456789ab", accountId: nil, via: "api")
+        let line = try #require(sink.captured.last)
+        #expect(line.contains(" audit=true "))
+        #expect(line.contains(" audit.event=token_handed_out "))
+        #expect(line.contains(" token.fingerprint=0123456789ab "))
+    }
+
+    @Test("a record below the handler's level is not written")
+    func levelRespected() {
+        let sink = LogSink.memory()
+        let handler = GatewayLogHandler(label: AuditLog.label, format: .logfmt, level: .warning, sink: sink)
+        let audit = AuditLog(auditLogger: Logger(label: AuditLog.label) { _ in handler })
+        audit.tokenHandedOut(
+            caller: "billing", installation: HotPathFixtures.installation, source: "cache",
+            expiresAt: "2030-03-17T17:46:40Z", fingerprint: "0123456789ab", accountId: nil, via: "api")
+        #expect(sink.captured.isEmpty)
+    }
+}

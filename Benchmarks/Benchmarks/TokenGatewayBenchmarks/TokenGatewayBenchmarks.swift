@@ -29,7 +29,15 @@ let benchmarks: @Sendable () -> Void = {
         timeUnits: .nanoseconds,
         warmupIterations: 10,
         maxDuration: .seconds(2),
-        maxIterations: 10_000
+        maxIterations: 10_000,
+        // Tolerances of `swift package benchmark baseline check` (scripts/bench-micro.sh): the
+        // baseline comes from a shared 2-core machine where runs differ by up to 1.5×, so time and
+        // throughput may move by half; allocations are deterministic and may not grow at all.
+        thresholds: [
+            .wallClock: .init(relative: [.p50: 50.0]),
+            .throughput: .init(relative: [.p50: 50.0]),
+            .mallocCountTotal: .init(absolute: [.p50: 0]),
+        ]
     )
 
     let fixtures: Fixtures
@@ -38,6 +46,13 @@ let benchmarks: @Sendable () -> Void = {
     } catch {
         fatalError("benchmark fixtures could not be made: \(error)")
     }
+    let hotPath: HotPathFixtures
+    do {
+        hotPath = try HotPathFixtures(tokenValue: fixtures.tokenValue, fakeRedisPort: fixtures.fakeRedis.port)
+    } catch {
+        fatalError("hot-path fixtures could not be made: \(error)")
+    }
+    hotPathBenchmarks(fixtures: hotPath)
 
     // MARK: State machine
 

@@ -53,31 +53,74 @@ public struct GatewayLogHandler: LogHandler {
         self.sink.write(line)
     }
 
+    /// Writes one record whose fields are already sorted by key, without a metadata dictionary:
+    /// the line ``log(event:)`` writes for the same fields as metadata. Only for a handler with
+    /// no metadata of its own (``writesSortedFieldsAsIs``).
+    func log(level: Logger.Level, message: String, sortedFields fields: [(key: String, value: String)]) {
+        guard level >= self.logLevel else { return }
+        var line = Self.format(
+            format: self.format, timestamp: Date(), level: level, label: self.label, message: message, sortedFields: fields)
+        line.append("\n")
+        self.sink.write(line)
+    }
+
+    /// Whether ``log(level:message:sortedFields:)`` writes what ``log(event:)`` would: nothing to
+    /// merge into a record's own fields.
+    var writesSortedFieldsAsIs: Bool { self.metadata.isEmpty && self.metadataProvider == nil }
+
     /// One formatted line (no trailing newline).
     public static func format(
         format: LogFormat, timestamp: Date, level: Logger.Level, label: String, message: String,
         metadata: Logger.Metadata
     ) -> String {
+        let fields = metadata.keys.sorted().map { (key: $0, value: "\(metadata[$0]!)") }
+        return Self.format(format: format, timestamp: timestamp, level: level, label: label, message: message, sortedFields: fields)
+    }
+
+    /// One formatted line (no trailing newline) from fields already sorted by key: the same line
+    /// ``format(format:timestamp:level:label:message:metadata:)`` writes for them as metadata.
+    /// Records written per request (the audit trail) come here directly, without a metadata
+    /// dictionary.
+    static func format(
+        format: LogFormat, timestamp: Date, level: Logger.Level, label: String, message: String,
+        sortedFields fields: [(key: String, value: String)]
+    ) -> String {
         let ts = Self.timestamp(timestamp)
-        let keys = metadata.keys.sorted()
         switch format {
         case .logfmt:
             var out = ""
             out.reserveCapacity(256)
-            out += "ts=\(ts) level=\(level.rawValue) logger=\(Self.logfmtValue(label)) msg=\(Self.logfmtValue(message))"
-            for k in keys { out += " \(k)=\(Self.logfmtValue("\(metadata[k]!)"))" }
+            out += "ts="
+            out += ts
+            out += " level="
+            out += level.rawValue
+            out += " logger="
+            out += Self.logfmtValue(label)
+            out += " msg="
+            out += Self.logfmtValue(message)
+            for field in fields {
+                out += " "
+                out += field.key
+                out += "="
+                out += Self.logfmtValue(field.value)
+            }
             return out
         case .json:
-            var out = "{\"ts\":\"\(ts)\",\"level\":\"\(level.rawValue)\",\"logger\":"
+            var out = ""
             out.reserveCapacity(256)
+            out += "{\"ts\":\""
+            out += ts
+            out += "\",\"level\":\""
+            out += level.rawValue
+            out += "\",\"logger\":"
             Self.jsonString(label, into: &out)
             out += ",\"msg\":"
             Self.jsonString(message, into: &out)
-            for k in keys {
+            for field in fields {
                 out += ","
-                Self.jsonString(k, into: &out)
+                Self.jsonString(field.key, into: &out)
                 out += ":"
-                Self.jsonString("\(metadata[k]!)", into: &out)
+                Self.jsonString(field.value, into: &out)
             }
             return out + "}"
         }

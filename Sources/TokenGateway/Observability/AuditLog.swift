@@ -11,16 +11,27 @@ public struct AuditLog: Sendable {
     /// The logger label audit records are written under.
     public static let label = "token-gateway.audit"
     let logger: Logger
+    /// The logger's handler when it is the gateway's own with nothing to merge: records handed
+    /// out per request are then formatted from their fields directly (the same line, without a
+    /// metadata dictionary).
+    let direct: GatewayLogHandler?
 
     /// - Parameter logger: the gateway's logger; records go to a logger of the same handler
     ///   under ``label``.
     public init(logger: Logger) {
         var audit = logger
         audit[metadataKey: "audit"] = "true"
-        self.logger = audit
+        self.init(auditLogger: audit)
     }
 
-    public init(auditLogger: Logger) { self.logger = auditLogger }
+    public init(auditLogger: Logger) {
+        self.logger = auditLogger
+        if let handler = auditLogger.handler as? GatewayLogHandler, handler.writesSortedFieldsAsIs {
+            self.direct = handler
+        } else {
+            self.direct = nil
+        }
+    }
 
     private static let hexDigits = Array("0123456789abcdef".utf8)
 
@@ -54,6 +65,21 @@ public struct AuditLog: Sendable {
         caller: String, installation: InstallationID, source: String, expiresAt: String, fingerprint: String,
         accountId: String?, via: String
     ) {
+        if let direct = self.direct {
+            // Keys in sorted order, as the handler writes metadata.
+            var fields: [(key: String, value: String)] = []
+            fields.reserveCapacity(8)
+            if let accountId { fields.append((key: "account.id", value: accountId)) }
+            fields.append((key: "audit.event", value: "token_handed_out"))
+            fields.append((key: "audit.via", value: via))
+            fields.append((key: "caller", value: caller))
+            fields.append((key: "installation.id", value: installation.ari))
+            fields.append((key: "token.expires_at", value: expiresAt))
+            fields.append((key: "token.fingerprint", value: fingerprint))
+            fields.append((key: "token.source", value: source))
+            direct.log(level: .info, message: "token handed out", sortedFields: fields)
+            return
+        }
         var metadata: Logger.Metadata = [
             "audit.event": "token_handed_out", "caller": "\(caller)", "installation.id": "\(installation)",
             "token.source": "\(source)", "token.expires_at": "\(expiresAt)",
