@@ -12,6 +12,12 @@ struct RedisTokenStoreTests {
         #expect(RedisTokenStore.parse("token \(self.ari) rq_1") == .tokenStored(id, requestID: "rq_1", sameToken: false))
         #expect(RedisTokenStore.parse("token \(self.ari) -") == .tokenStored(id, requestID: nil, sameToken: false))
         #expect(RedisTokenStore.parse("token \(self.ari) rq_1 same") == .tokenStored(id, requestID: "rq_1", sameToken: true))
+        #expect(
+            RedisTokenStore.parse("token \(self.ari) - @replica-a")
+                == .tokenStored(id, requestID: nil, sameToken: false, origin: "replica-a"))
+        #expect(
+            RedisTokenStore.parse("token \(self.ari) rq_1 same @replica-a")
+                == .tokenStored(id, requestID: "rq_1", sameToken: true, origin: "replica-a"))
         #expect(RedisTokenStore.parse("hold \(self.ari)") == .holdPlaced(id))
         #expect(RedisTokenStore.parse("base \(self.ari)") == .apiBaseURLChanged(id))
         #expect(RedisTokenStore.parse("uninstalled \(self.ari)") == .uninstalled(id))

@@ -265,11 +265,24 @@ struct TokenFlowExecutorTests {
             while h.store.calls("roundProbe") == probes { await Task.yield() }
             #expect(h.store.calls("roundProbe") == probes + 1)
             #expect(h.flow.rememberedToken(h.id)?.value == "tok-1")
-            // A push's echo carries no request id: it is re-read.
+            // Another replica's push carries no request id: it is re-read.
             h.deliver("tok-pushed", expiresIn: 3600, requestID: nil)
             h.store.publish(.apiBaseURLChanged(other))
             while h.store.calls("roundProbe") < probes + 3 { await Task.yield() }
             #expect(h.flow.rememberedToken(h.id)?.value == "tok-pushed")
+            // The echo of a push this process stored (named as its origin) is not re-read.
+            let later = h.clock.now().unixSeconds + 7000
+            h.store.dropsNotifications = true
+            h.store.deliver(h.id, token: "tok-own-push", expiresAt: later, requestID: nil)
+            h.flow.tokenDelivered(
+                h.id, token: AccessToken(value: "tok-own-push", expiresAt: later, requestID: nil), solicitedBy: nil)
+            h.store.dropsNotifications = false
+            let before = h.store.calls("roundProbe")
+            h.store.publish(.tokenStored(h.id, requestID: nil, sameToken: false, origin: h.flow.replicaID))
+            h.store.publish(.apiBaseURLChanged(other))
+            while h.store.calls("roundProbe") == before { await Task.yield() }
+            #expect(h.store.calls("roundProbe") == before + 1)
+            #expect(h.flow.rememberedToken(h.id)?.value == "tok-own-push")
         }
     }
 }

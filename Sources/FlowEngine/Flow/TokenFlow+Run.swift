@@ -77,7 +77,9 @@ extension TokenFlow {
                 s.machines.compactMap { entry in entry.value.currentRequestID.map { (entry.key, $0) } }
             }
             for (id, requestID) in active { await self.readStore(id, requestID: requestID) }
-        case .tokenStored(let id, let requestID, let same):
+        case .tokenStored(let id, let requestID, let same, let origin):
+            // A push this process stored was handed to it by the route that stored it.
+            if requestID == nil, !same, origin == self.replicaID { return }
             if !same, self.alreadyHandled(id, requestID: requestID) { return }
             await self.reread(id, solicitedBy: requestID, sameToken: same)
         case .holdPlaced(let id):

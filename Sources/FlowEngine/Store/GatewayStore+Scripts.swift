@@ -15,7 +15,8 @@ enum GatewayScripts {
     /// appId, apiBaseUrl, cloudId, least exp to store (unix s), how the token came when unsolicited
     /// (`push` when empty). Returns {stored(1)/notNewer(0)/uninstalled(-1), created, solicited,
     /// apiBaseUrl}. Publishes `token <ari> <requestId|->`, with ` same` appended when the delivery
-    /// answered a pending request but did not replace the token.
+    /// answered a pending request but did not replace the token, and ` @<replica>` when ARGV[12]
+    /// names the replica that stored it (so that replica does not handle its own echo again).
     static let storeToken = RedisScript(
         """
         local status = redis.call('HGET', KEYS[1], 'status')
@@ -50,7 +51,9 @@ enum GatewayScripts {
           if rid == '' then rid = '-' end
           local same = ''
           if stored == 0 then same = ' same' end
-          redis.call('PUBLISH', ARGV[5], 'token ' .. ARGV[6] .. ' ' .. rid .. same)
+          local origin = ''
+          if ARGV[12] and ARGV[12] ~= '' then origin = ' @' .. ARGV[12] end
+          redis.call('PUBLISH', ARGV[5], 'token ' .. ARGV[6] .. ' ' .. rid .. same .. origin)
         end
         local s = 0
         if solicited ~= '' then s = 1 end

@@ -326,10 +326,10 @@ public final class GatewayStore: Sendable {
     /// the recorded ones (the latest FIT wins). A token with less than `minimumValidity` left at
     /// `now` is never stored (answered `notNewer`), though it still answers its pending request.
     /// `arrival` says how an unsolicited token came (a delivery that answers a pending request is
-    /// recorded as `trigger`).
+    /// recorded as `trigger`). `origin`, the storing replica's id, is named in the announcement.
     public func storeDeliveredToken(
         _ id: InstallationID, token: AccessToken, requestID: String?, metadata: InstallationMetadata, now: FlowTime,
-        minimumValidity: Duration = .seconds(60), arrival: TokenArrival = .push
+        minimumValidity: Duration = .seconds(60), arrival: TokenArrival = .push, origin: String? = nil
     ) async throws -> DeliveryResult {
         let tokenKey = self.systemTokenKey(id)
         let sealed = try self.box.seal(Array(token.value.utf8), context: tokenKey)
@@ -340,7 +340,7 @@ public final class GatewayStore: Sendable {
             arguments: [
                 String(token.expiresAt), sealed, String(now.unixSeconds), rid, self.channel, id.ari,
                 metadata.appId ?? "", self.sealAPIBaseURL(metadata.apiBaseUrl, id), metadata.cloudId ?? "",
-                String(now.unixSeconds + minimumValidity.components.seconds), arrival.rawValue,
+                String(now.unixSeconds + minimumValidity.components.seconds), arrival.rawValue, origin ?? "",
             ])
         guard let items = r.array, items.count >= 3, let s = items[0].int, let c = items[1].int,
             let sol = items[2].int

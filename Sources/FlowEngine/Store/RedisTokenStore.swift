@@ -85,7 +85,7 @@ public struct RedisTokenStore: TokenStore {
         init(_ iterator: AsyncStream<RedisPubSubEvent>.Iterator) { self.iterator = iterator }
     }
 
-    /// Parses one message of the channel: `token <ari> <requestId|-> [same]`, `hold <ari>`,
+    /// Parses one message of the channel: `token <ari> <requestId|-> [same] [@<replica>]`, `hold <ari>`,
     /// `base <ari>`, `uninstalled <ari>`; nil for anything else.
     static func parse(_ payload: String) -> TokenStoreNotification? {
         let parts = payload.split(separator: " ", omittingEmptySubsequences: true)
@@ -93,7 +93,9 @@ public struct RedisTokenStore: TokenStore {
         switch parts[0] {
         case "token":
             let requestID = parts.count > 2 && parts[2] != "-" ? String(parts[2]) : nil
-            return .tokenStored(id, requestID: requestID, sameToken: parts.count > 3 && parts[3] == "same")
+            let rest = parts.dropFirst(3)
+            let origin = rest.first { $0.hasPrefix("@") && $0.count > 1 }.map { String($0.dropFirst()) }
+            return .tokenStored(id, requestID: requestID, sameToken: rest.contains("same"), origin: origin)
         case "hold": return .holdPlaced(id)
         case "base": return .apiBaseURLChanged(id)
         case "uninstalled": return .uninstalled(id)

@@ -104,7 +104,8 @@ public enum TokenStoreNotification: Sendable, Hashable {
     case subscribed
     /// A token was stored (`requestID`: the round it answered, nil for a push), or, with
     /// `sameToken`, a delivery answered round `requestID` without replacing the stored token.
-    case tokenStored(InstallationID, requestID: String?, sameToken: Bool)
+    /// `origin`: the replica that stored it, when the announcement names one.
+    case tokenStored(InstallationID, requestID: String?, sameToken: Bool, origin: String? = nil)
     /// The installation's rounds were put on hold.
     case holdPlaced(InstallationID)
     /// The installation's `apiBaseUrl` changed.

@@ -301,7 +301,7 @@ extension Gateway {
         do {
             result = try await self.store.storeDeliveredToken(
                 id, token: token, requestID: requestID, metadata: invocation.metadata, now: FlowTime.now(),
-                arrival: arrival)
+                arrival: arrival, origin: self.flow.replicaID)
         } catch {
             logger.warning("could not store delivered token", metadata: ["installation.id": "\(id)"])
             throw GatewayError.storeUnavailable

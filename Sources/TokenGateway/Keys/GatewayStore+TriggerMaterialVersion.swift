@@ -1,3 +1,6 @@
+import FlowEngine
+import RedisKit
+
 extension GatewayStore {
     /// Which trigger material is in force for an installation, read without opening anything: the
     /// sealed trigger URL and the id of the current signing key. A key id names one key for good
