@@ -87,6 +87,8 @@ private func withFlow(
     store.install(harness.id)
     try await withThrowingTaskGroup(of: Void.self) { group in
         group.addTask { try await flow.run() }
+        // run() listens to the store's announcements before the test publishes any.
+        while store.subscriberCount == 0 { await Task.yield() }
         do {
             try await body(harness)
         } catch {

@@ -57,6 +57,14 @@ extension TokenFlow {
         }
         for wake in wakes { wake.resume() }
         self.jobs.continuation.finish()
+        // Callers whose answer waited on work that will no longer run (a hold being placed).
+        let left = self.state.withLock { s -> [Waiter] in
+            let left = Array(s.waiters.values)
+            s.waiters.removeAll()
+            s.waitersPerInstallation.removeAll()
+            return left
+        }
+        for waiter in left { waiter.continuation.resume(throwing: FlowError.shuttingDown) }
     }
 
     // MARK: - Notifications
@@ -143,7 +151,11 @@ extension TokenFlow {
     func perform(_ actions: [FlowAction], for id: InstallationID) {
         guard !actions.isEmpty else { return }
         if let observer = self.observer { observer.tokenFlow(performs: actions, for: id, at: self.now()) }
-        for action in actions {
+        self.execute(actions[...], for: id)
+    }
+
+    private func execute(_ actions: ArraySlice<FlowAction>, for id: InstallationID) {
+        for (index, action) in zip(actions.indices, actions) {
             switch action {
             case .acquireLease(let requestID, let ttl):
                 self.submit { await self.acquireLease(id, requestID: requestID, ttl: ttl, respectingHold: true) }
@@ -156,7 +168,13 @@ extension TokenFlow {
                     self.submit { try? await self.store.releaseLease(id, requestID: requestID) }
                 }
             case .placeHold(let requestID, let duration, let releasingLease):
-                self.placeHold(id, requestID: requestID, duration: duration, releasingLease: releasingLease)
+                // The hold first: the actions after it (the callers' answers) run once it is in
+                // the store, so a caller that comes back the moment it is answered finds it.
+                let rest = actions[(index + 1)...]
+                self.placeHold(id, requestID: requestID, duration: duration, releasingLease: releasingLease) {
+                    self.execute(rest, for: id)
+                }
+                return
             case .recordHold(let event):
                 self.metrics.countHold(event)
             case .startAttempt(let requestID, let attempt, let expiresAt, let timeout):
@@ -217,7 +235,10 @@ extension TokenFlow {
         return held
     }
 
-    private func placeHold(_ id: InstallationID, requestID: String, duration: Duration, releasingLease: Bool) {
+    private func placeHold(
+        _ id: InstallationID, requestID: String, duration: Duration, releasingLease: Bool,
+        then: @escaping @Sendable () -> Void
+    ) {
         let released = releasingLease && self.dropLease(id, requestID: requestID)
         self.noteOwnAnnouncement(OwnAnnouncement(installation: id, tag: "hold"))
         self.logger.info(
@@ -231,6 +252,7 @@ extension TokenFlow {
                 self.logger.warning("could not place the round-trip hold", metadata: ["installation.id": "\(id)"])
                 if released { try? await self.store.releaseLease(id, requestID: requestID) }
             }
+            then()
         }
     }
 

@@ -119,6 +119,11 @@ public final class InMemoryTokenStore: TokenStore {
         set { self.state.withLock { $0.unavailable = newValue } }
     }
 
+    /// How many subscribers listen to the announcements now.
+    public var subscriberCount: Int {
+        self.state.withLock { $0.subscribers.count }
+    }
+
     /// How many times the flow called `method` (`snapshot`, `takeLease`, `roundProbe`, …).
     public func calls(_ method: String) -> Int {
         self.state.withLock { $0.calls[method] ?? 0 }
