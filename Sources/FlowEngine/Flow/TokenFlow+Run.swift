@@ -91,13 +91,12 @@ extension TokenFlow {
     }
 
     /// True when the announced token is one this process already handled: the token of round
-    /// `requestID` is the one it holds, or it stored the token itself (a push it received).
+    /// trip `requestID` is the one it holds, or it stored that token itself. (A push, without a
+    /// request id, is always re-read.)
     private func alreadyHandled(_ id: InstallationID, requestID: String?) -> Bool {
-        if let requestID, self.state.withLock({ $0.memory[id]?.token?.requestID == requestID }) {
-            _ = self.takeOwnAnnouncement(OwnAnnouncement(installation: id, tag: "token " + requestID))
-            return true
-        }
-        return self.takeOwnAnnouncement(OwnAnnouncement(installation: id, tag: "token " + (requestID ?? "-")))
+        guard let requestID else { return false }
+        let own = self.takeOwnAnnouncement(OwnAnnouncement(installation: id, tag: "token " + requestID))
+        return own || self.state.withLock { $0.memory[id]?.token?.requestID == requestID }
     }
 
     /// Re-reads an installation's token, `apiBaseUrl` and hold after another replica announced a

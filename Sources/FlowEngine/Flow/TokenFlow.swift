@@ -53,8 +53,9 @@ public final class TokenFlow: Sendable, Service {
         var apiBaseUrl: String?
     }
 
-    /// An announcement this process caused and has already handled itself (a token it stored and
-    /// handed to its machine, a hold it placed): its echo on the channel is not handled again.
+    /// An announcement this process caused and has already handled itself (the token of a round
+    /// trip it stored and handed to its machine, a hold it placed): its echo on the channel is not
+    /// handled again. A push carries no request id to recognise it by, so its echo is handled.
     struct OwnAnnouncement: Hashable {
         var installation: InstallationID
         /// `token <requestId|->` or `hold`.
@@ -347,7 +348,7 @@ public final class TokenFlow: Sendable, Service {
         _ id: InstallationID, token: AccessToken, apiBaseUrl: String? = nil, solicitedBy: String?
     ) {
         self.remember(id, token, apiBaseUrl: apiBaseUrl)
-        self.noteOwnAnnouncement(OwnAnnouncement(installation: id, tag: "token " + (solicitedBy ?? "-")))
+        if let solicitedBy { self.noteOwnAnnouncement(OwnAnnouncement(installation: id, tag: "token " + solicitedBy)) }
         self.handle(id) { $0.valueObserved(token, solicitedBy: solicitedBy, now: self.now()) }
     }
 
@@ -432,9 +433,8 @@ public final class TokenFlow: Sendable, Service {
     }
 
     /// True (once) when this process caused `announcement` within the last 2 s and handled it.
-    /// (An echo that overtook the note leaves it unused; it lapses after 2 s. Skipping another
-    /// replica's announcement with the same tag instead costs nothing: the echo handled in its
-    /// place re-reads the same store.)
+    /// Tags are unique (a round trip's request id, or a hold noted before it is placed); an echo
+    /// that overtook its note leaves the note unused until it lapses.
     func takeOwnAnnouncement(_ announcement: OwnAnnouncement) -> Bool {
         let now = self.now()
         return self.state.withLock { s in
