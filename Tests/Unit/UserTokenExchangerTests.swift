@@ -117,6 +117,20 @@ struct UserTokenExchangerTests {
         }
     }
 
+    @Test("the lease won after another process just finished: its token is the answer, no call, the lease goes back")
+    func wonAfterAnotherFinished() async throws {
+        let h = Harness([Self.issued])
+        h.store.finishElsewhereBeforeNextLease(
+            AccessToken(value: "from-other", expiresAt: h.clock.now().unixSeconds + 3600))
+        try await h.running { () async throws -> Void in
+            let got = try await h.token().get()
+            #expect(got.token.value == "from-other")
+            #expect(got.source == .exchange)
+            #expect(h.client.calls.isEmpty)
+            #expect(h.store.leaseOwner(Self.installation, accountId: Self.account.value) == nil)
+        }
+    }
+
     @Test("when the other process lets its lease go without an answer, the follower takes it at once and exchanges")
     func takesOverAReleasedLease() async throws {
         let h = Harness([Self.issued])
