@@ -117,6 +117,48 @@ struct UserTokenExchangerTests {
         }
     }
 
+    @Test("the lease won after another process just finished: its token is the answer, no call, the lease goes back")
+    func wonAfterAnotherFinished() async throws {
+        let h = Harness([Self.issued])
+        h.store.finishElsewhereBeforeNextLease(
+            AccessToken(value: "from-other", expiresAt: h.clock.now().unixSeconds + 3600))
+        try await h.running { () async throws -> Void in
+            let got = try await h.token().get()
+            #expect(got.token.value == "from-other")
+            #expect(got.source == .exchange)
+            #expect(h.client.calls.isEmpty)
+            #expect(h.store.leaseOwner(Self.installation, accountId: Self.account.value) == nil)
+        }
+    }
+
+    @Test("when the other process lets its lease go without an answer, the follower takes it at once and exchanges")
+    func takesOverAReleasedLease() async throws {
+        let h = Harness([Self.issued])
+        h.store.holdLease(Self.installation, accountId: Self.account.value, owner: "other", ttl: .seconds(5))
+        try await h.running { () async throws -> Void in
+            async let answer = h.token()
+            await h.clock.waitForSleepers(2)
+            try await h.store.releaseLease(Self.installation, accountId: Self.account.value, owner: "other")
+            let got = try await answer.get()
+            #expect(got.token.value == "user-token-1")
+            #expect(h.client.calls.count == 1)
+            #expect(h.store.leaseAttempts == 2)
+        }
+    }
+
+    @Test("a follower ends on the refusal the other process recorded, without a call")
+    func followerEndsOnARefusal() async throws {
+        let h = Harness([Self.issued])
+        h.store.holdLease(Self.installation, accountId: Self.account.value, owner: "other", ttl: .seconds(5))
+        try await h.running { () async throws -> Void in
+            async let answer = h.token()
+            await h.clock.waitForSleepers(2)
+            try await h.store.rememberDenial(Self.installation, accountId: Self.account.value, for: .seconds(60))
+            #expect(await answer.failure == .denied)
+            #expect(h.client.calls.isEmpty)
+        }
+    }
+
     @Test("a 401 fetches a fresh system token once and tries again; a second 401 fails the exchange")
     func systemTokenRetry() async throws {
         let h = Harness([.systemTokenRefused, Self.issued])

@@ -7,6 +7,17 @@ public protocol LeasedRoundValue: Sendable, Hashable {
     var roundID: String? { get }
     /// True when the value is inside its refresh-ahead window at `now`.
     func isStale(at now: FlowTime, fraction: Double) -> Bool
+
+    /// What a failed caller is answered with: ``FlowError`` for system tokens; a value type with
+    /// failures of its own (a refusal, a rate limit) brings its own error type.
+    associatedtype Failure: Error & Sendable & Hashable = FlowError
+    /// The answer for a failure the machine itself decides (a deadline, the store, shutdown, the
+    /// last attempt failed).
+    static func failure(_ error: FlowError) -> Failure
+}
+
+extension LeasedRoundValue where Failure == FlowError {
+    public static func failure(_ error: FlowError) -> FlowError { error }
 }
 
 /// One key's leased rounds in one process, as a value type: the state machine shared by system
@@ -82,7 +93,7 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         /// Answer these waiters with this value.
         case succeed([WaiterID], Value, TokenSource)
         /// Fail these waiters.
-        case fail([WaiterID], FlowError)
+        case fail([WaiterID], Value.Failure)
         /// Count one finished attempt by outcome (metrics only).
         case recordAttempt(outcome: String)
         /// Count one retry being sent (metrics only).
@@ -303,13 +314,13 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         }
         switch self.state {
         case .circuitOpen(let until, _):
-            return [.fail([waiter], .circuitOpen(retryAfter: until - now))]
+            return [.fail([waiter], Value.failure(.circuitOpen(retryAfter: until - now)))]
         case .idle, .held:
             guard canStartRound else {
                 if !forced, let value = current, value.expiresAt > now.unixSeconds {
                     return [.succeed([waiter], value, .cache)]
                 }
-                return [.fail([waiter], .noTriggerURL)]
+                return [.fail([waiter], Value.failure(.noTriggerURL))]
             }
         case .round:
             break
@@ -400,21 +411,31 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
 
     /// Another process holds the lease: follow its round. Its value arrives as a notification
     /// (`valueObserved`); a re-read timer, growing from ``TokenFlowConfiguration/pollInitial`` to
-    /// ``TokenFlowConfiguration/pollCap``, is the safety net for a lost one.
-    public mutating func leaseDenied(requestID: String, now: FlowTime) -> [Action] {
+    /// ``TokenFlowConfiguration/pollCap``, is the safety net for a lost one. When the owner knows
+    /// how long the other process's lease has left (`leaseRemaining`), the re-read is due when it
+    /// ends instead (again when fed while following): the follower wakes on a notification or then.
+    public mutating func leaseDenied(requestID: String, leaseRemaining: Duration? = nil, now: FlowTime) -> [Action] {
         guard case .round(var round) = self.state, round.requestID == requestID else { return [] }
+        var cancelled: [Action] = []
         switch round.phase {
-        case .acquiringLease, .following: break
+        case .acquiringLease: break
+        case .following(let recheck, _):
+            if leaseRemaining != nil { cancelled.append(.cancelTimer(recheck)) }
         default: return []
         }
-        let delay =
-            round.followDelay == .zero
-            ? self.configuration.pollInitial : min(round.followDelay * 2, self.configuration.pollCap)
-        round.followDelay = delay
+        let delay: Duration
+        if let leaseRemaining {
+            delay = max(leaseRemaining, .zero)
+        } else {
+            delay =
+                round.followDelay == .zero
+                ? self.configuration.pollInitial : min(round.followDelay * 2, self.configuration.pollCap)
+            round.followDelay = delay
+        }
         let timer = self.makeTimer()
         round.phase = .following(recheck: timer, delay: delay)
         self.state = .round(round)
-        return [.scheduleTimer(timer, deadline: min(now + delay, round.deadline))]
+        return cancelled + [.scheduleTimer(timer, deadline: min(now + delay, round.deadline))]
     }
 
     /// The lease was not taken because a hold is in force. Callers that do not force a refresh are
@@ -560,6 +581,15 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         return actions
     }
 
+    /// The round `requestID` ended with `error` for every caller, whether this process leads it
+    /// (its work ended with a failure of the value's own: a refusal, a rate limit; recorded in the
+    /// store before this event) or follows it (the other process's outcome was read). A led round
+    /// counts as failed for circuit breaking and gives the lease up.
+    public mutating func roundEnded(requestID: String, failing error: Value.Failure, now: FlowTime) -> [Action] {
+        guard case .round(let round) = self.state, round.requestID == requestID else { return [] }
+        return self.endRound(round, failingWith: error, outcome: round.phase.leads ? .failed : .abandoned, now: now)
+    }
+
     // MARK: - Events: holds, circuits, timers, callers
 
     /// A hold was seen (announced by the process that placed it, or read from the store). Without a
@@ -635,7 +665,7 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         // A caller's deadline.
         if let (id, _) = round.waiters.first(where: { $0.value.timer == timer }) {
             round.waiters[id] = nil
-            var actions: [Action] = [.fail([id], .tokenTimeout)]
+            var actions: [Action] = [.fail([id], Value.failure(.tokenTimeout))]
             if round.waiters.isEmpty, case .requested = round.kind {
                 actions += self.finishRound(round, outcome: round.phase.leads ? .failed : .abandoned, now: now)
             } else {
@@ -672,7 +702,7 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
     /// A caller went away (cancelled its request).
     public mutating func waiterCancelled(_ waiter: WaiterID, now: FlowTime) -> [Action] {
         guard case .round(var round) = self.state, let w = round.waiters.removeValue(forKey: waiter) else { return [] }
-        var actions: [Action] = [.cancelTimer(w.timer), .fail([waiter], .cancelled)]
+        var actions: [Action] = [.cancelTimer(w.timer), .fail([waiter], Value.failure(.cancelled))]
         if round.waiters.isEmpty, case .requested = round.kind {
             actions += self.finishRound(round, outcome: .abandoned, now: now)
         } else {
@@ -712,7 +742,7 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
     /// `trigger_failed`.
     public func heldAnswer(for ids: [WaiterID], _ newest: Value?, source: TokenSource, now: FlowTime) -> Action {
         if let value = self.servable(newest, now: now) { return .succeed(ids, value, source) }
-        return .fail(ids, .noUsableToken)
+        return .fail(ids, Value.failure(.noUsableToken))
     }
 
     private func answerHeldWaiters(_ round: inout Round, hold: Hold, now: FlowTime) -> [Action] {
@@ -775,6 +805,12 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
     private mutating func endRound(_ round: Round, failing error: FlowError, outcome: RoundOutcome, now: FlowTime)
         -> [Action]
     {
+        self.endRound(round, failingWith: Value.failure(error), outcome: outcome, now: now)
+    }
+
+    private mutating func endRound(
+        _ round: Round, failingWith error: Value.Failure, outcome: RoundOutcome, now: FlowTime
+    ) -> [Action] {
         var actions: [Action] = []
         let ids = round.waiters.keys.sorted { $0.raw < $1.raw }
         for id in ids { actions.append(.cancelTimer(round.waiters[id]!.timer)) }
@@ -795,7 +831,7 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         case .backingOff(_, let timer): actions.append(.cancelTimer(timer))
         case .acquiringLease, .attempting: break
         }
-        if round.phase.leads {
+        if round.phase.leads, self.configuration.circuitBreaking {
             switch outcome {
             case .succeeded: actions.append(.roundFinished(succeeded: true))
             case .failed: actions.append(.roundFinished(succeeded: false))

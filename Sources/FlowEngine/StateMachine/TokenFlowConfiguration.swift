@@ -53,6 +53,9 @@ public struct TokenFlowConfiguration: Sendable, Hashable {
     public var refreshAheadCooldown: Duration = .seconds(10)
     /// Consecutive failed round trips of one installation that open its circuit. Default 5.
     public var breakerThreshold: Int = 5
+    /// Whether a led round's verdict is reported for circuit breaking (`roundFinished`). Default
+    /// true; an owner without a circuit (user-token exchanges) turns it off.
+    public var circuitBreaking: Bool = true
     /// First open window of a circuit; doubles on every reopening up to `breakerOpenCap`. Default 5 s.
     public var breakerOpenBase: Duration = .seconds(5)
     /// Longest open window. Default 5 min.

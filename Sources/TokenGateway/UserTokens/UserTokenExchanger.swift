@@ -8,8 +8,8 @@ import Synchronization
 /// on however many processes.
 ///
 /// A request reads the cache, a remembered refusal and the installation's state in one Redis
-/// round trip. On a miss it joins this process's *flight* for that installation and user, or
-/// starts one. A flight takes the user's exchange lease in the ``UserTokenStore``; the process
+/// round trip. On a miss it joins this process's *round* for that installation and user, or
+/// starts one. A round takes the user's exchange lease in the ``UserTokenStore``; the process
 /// that wins exchanges, the others follow: they read the store again when it announces a change
 /// of that user (the winner stored the token, recorded a refusal or let the lease go) or when the
 /// winner's lease runs out, and take the lease themselves when it is gone without an answer. The
@@ -21,14 +21,16 @@ import Synchronization
 /// - on 401: fetches a fresh system token once and tries again once;
 /// - on 429: holds every replica back for Atlassian's `Retry-After` (429 `rate_limited`);
 /// - on 5xx, a transport error or a timeout: retries with capped, jittered backoff (``Backoff``)
-///   while the flight's deadline allows.
+///   while the round's deadline allows.
 ///
-/// A flight's deadline is the latest deadline of the callers waiting on it; each caller also
-/// gives up at its own deadline (504 `token_timeout`). A caller that goes away leaves the flight
+/// A round's deadline is the latest deadline of the callers waiting on it; each caller also
+/// gives up at its own deadline (504 `token_timeout`). A caller that goes away leaves the round
 /// running for the others.
 ///
-/// The decisions of a flight are ``UserExchangeStateMachine``'s; this type runs its actions, each
-/// as a child task of ``run()`` (a `Service` of the gateway), so shutdown awaits them all.
+/// The decisions are those of the leased-round machine system tokens use too
+/// (``UserRoundMachine``, one per installation and user); this type runs its actions, each as a
+/// child task of ``run()`` (a `Service` of the gateway), so shutdown awaits them all. The round's
+/// work, one attempt, is the exchange (``attempt(_:requestID:attempt:deadline:timeout:)``).
 public final class UserTokenExchanger: Sendable, Service {
     /// Knobs of the exchange. Every default is documented.
     public struct Configuration: Sendable {
@@ -40,7 +42,8 @@ public final class UserTokenExchanger: Sendable, Service {
         public var budgetWindow: Duration = .seconds(60)
         /// Names the shared budget in Redis; the app id (Atlassian counts per app). Default `app`.
         public var budgetScope: String = "app"
-        /// Exchange calls per flight, retries included (a fresh-system-token retry included). Default 4.
+        /// Attempts per round, retries included; an attempt answered 401 makes one more call with a
+        /// fresh system token. Default 4.
         public var maxAttempts: Int = 4
         /// Longest wait for one exchange call (bounded by the deadline). Default 10 s.
         public var attemptTimeout: Duration = .seconds(10)
@@ -54,7 +57,7 @@ public final class UserTokenExchanger: Sendable, Service {
         public var cacheMargin: Duration = .seconds(60)
         /// Seconds the system token must still be valid for when it is used. Default 60.
         public var systemTokenMinValidity: Int64 = 60
-        /// How long the exchange lease outlives the flight's deadline. Default 2 s.
+        /// How long the exchange lease outlives the round's deadline. Default 2 s.
         public var leaseGrace: Duration = .seconds(2)
         /// The hold after a 429 that came without a readable `Retry-After`. Default 60 s (one budget window).
         public var defaultRetryAfter: Duration = .seconds(60)
@@ -67,11 +70,18 @@ public final class UserTokenExchanger: Sendable, Service {
 
         public init() {}
 
-        var machine: UserExchangeStateMachine.Configuration {
-            UserExchangeStateMachine.Configuration(
-                maxAttempts: self.maxAttempts, attemptTimeout: self.attemptTimeout, backoffBase: self.backoffBase,
-                backoffCap: self.backoffCap, leaseGrace: self.leaseGrace, denialMemory: self.denialMemory,
-                defaultRetryAfter: self.defaultRetryAfter)
+        /// The settings of the round machine: attempts, backoff and lease as above; no circuit
+        /// breaking, no refresh-ahead, no delivery (the exchange call returns the token).
+        var rounds: TokenFlowConfiguration {
+            var rounds = TokenFlowConfiguration()
+            rounds.maxAttempts = self.maxAttempts
+            rounds.attemptTimeout = self.attemptTimeout
+            rounds.backoffBase = self.backoffBase
+            rounds.backoffCap = self.backoffCap
+            rounds.leaseGrace = self.leaseGrace
+            rounds.refreshAheadFraction = 0
+            rounds.circuitBreaking = false
+            return rounds
         }
 
         /// The settings of a gateway: its GraphQL URL, budget and app id.
@@ -121,14 +131,14 @@ public final class UserTokenExchanger: Sendable, Service {
         let accountId: String
     }
 
-    /// What a flight needs to know, fixed by the caller that started it.
+    /// What a round needs to know, fixed by the caller that started it.
     struct Job: Sendable {
         let installation: InstallationID
         let accountId: UserAccountID
         let context: SiteContext
         let apiBaseUrl: String?
         /// The cached token the starting caller refused (stale or forced away): not an answer.
-        let ignoring: String?
+        let ignoring: AccessToken?
 
         var key: FlightKey { FlightKey(installation: self.installation, accountId: self.accountId.value) }
     }
@@ -136,24 +146,30 @@ public final class UserTokenExchanger: Sendable, Service {
     typealias Outcome = Result<Answer, UserTokenError>
 
     /// One caller's place: waiting (its continuation once it is attached) or answered before it was.
-    enum WaiterSlot {
-        case waiting(CheckedContinuation<Outcome, Never>?)
-        case answered(Outcome)
+    struct WaiterSlot {
+        let installation: InstallationID
+        var continuation: CheckedContinuation<Outcome, Never>?
+        var answer: Outcome?
     }
 
+    /// One user's rounds in this process: the machine, and the job of the round it runs.
     struct Flight: Sendable {
-        /// Tells this flight's events from those of an earlier flight of the same user.
-        let id: UInt64
-        let job: Job
-        var machine: UserExchangeStateMachine
-        var waiters: Set<UInt64>
-        /// Unique per flight: the lease's owner in the store.
-        let owner: String
+        var job: Job
+        var machine: UserRoundMachine
+    }
+
+    struct TimerKey: Hashable, Sendable {
+        let flight: FlightKey
+        let timer: TimerID
     }
 
     struct State: ~Copyable {
         var flights: [FlightKey: Flight] = [:]
         var slots: [UInt64: WaiterSlot] = [:]
+        /// Timers in flight; `wake` ends the wait of one cancelled.
+        var timers: [TimerKey: CheckedContinuation<Void, Never>?] = [:]
+        /// The round (lease owner) of each user whose exchange lease this process holds.
+        var leasesHeld: [FlightKey: String] = [:]
         var nextID: UInt64 = 0
         /// Waiters over all flights, and per installation (the caps).
         var waiting = 0
@@ -174,16 +190,15 @@ public final class UserTokenExchanger: Sendable, Service {
         /// Answers one waiter: resumes it, or keeps the answer until it attaches. Returns the
         /// continuation to resume (outside the lock).
         mutating func answer(_ waiterID: UInt64, _ outcome: Outcome) -> CheckedContinuation<Outcome, Never>? {
-            switch self.slots[waiterID] {
-            case .some(.waiting(let continuation?)):
-                self.slots[waiterID] = nil
-                return continuation
-            case .some(.waiting(nil)):
-                self.slots[waiterID] = .answered(outcome)
-                return nil
-            case .some(.answered), .none:
+            guard var slot = self.slots[waiterID], slot.answer == nil else { return nil }
+            self.countWaiter(slot.installation, -1)
+            guard let continuation = slot.continuation else {
+                slot.answer = outcome
+                self.slots[waiterID] = slot
                 return nil
             }
+            self.slots[waiterID] = nil
+            return continuation
         }
     }
 
@@ -198,9 +213,9 @@ public final class UserTokenExchanger: Sendable, Service {
     let logger: Logger
     let clock: any FlowClock
     let jitter: @Sendable () -> Double
-    private let state = Mutex(State())
+    let state = Mutex(State())
     /// Actions and timers for ``run()`` to start as child tasks.
-    private let work: (stream: AsyncStream<Work>, continuation: AsyncStream<Work>.Continuation)
+    let work: (stream: AsyncStream<Work>, continuation: AsyncStream<Work>.Continuation)
 
     /// - Parameters:
     ///   - store: the user-token cache, refusals, leases and budget.
@@ -271,68 +286,57 @@ public final class UserTokenExchanger: Sendable, Service {
         try await admit()
         let job = Job(
             installation: installation, accountId: accountId, context: context, apiBaseUrl: snapshot.apiBaseUrl,
-            ignoring: snapshot.token?.value)
-        return try await self.join(job, deadline: deadline).get()
+            ignoring: snapshot.token)
+        return try await self.join(job, request: request, deadline: deadline).get()
     }
 
     // MARK: - Coalescing in this process
 
-    /// Waits for the flight of `job`'s user (starting it when there is none) until `deadline` or
-    /// until the calling task is cancelled; the flight goes on for the others.
-    private func join(_ job: Job, deadline: FlowTime) async -> Outcome {
-        guard let waiterID = self.register(job, deadline: deadline) else { return .failure(.flow(.overloaded)) }
-        return await withTaskGroup(of: Outcome?.self) { group in
-            group.addTask { await self.outcome(of: waiterID) }
-            group.addTask {
-                try? await self.clock.sleep(until: deadline)
-                return nil
-            }
-            while let next = await group.next() {
-                if let outcome = next {
-                    group.cancelAll()
-                    return outcome
-                }
-                // The deadline passed, or the caller went away: leave the flight.
-                self.leave(job.key, waiterID, with: .failure(Task.isCancelled ? .flow(.cancelled) : .timeout))
-            }
-            return .failure(.timeout)
+    /// Waits for the round of `job`'s user (starting one when none runs) until its answer: the
+    /// round's value or failure, the caller's deadline (the machine's timer), or the calling task
+    /// being cancelled; the round goes on for the others.
+    private func join(_ job: Job, request: Request, deadline: FlowTime) async -> Outcome {
+        guard let waiterID = self.register(job, request: request, deadline: deadline) else {
+            return .failure(.flow(.overloaded))
+        }
+        return await withTaskCancellationHandler {
+            await self.outcome(of: waiterID)
+        } onCancel: {
+            self.handle(job.key) { $0.waiterCancelled(WaiterID(waiterID), now: self.clock.now()) }
         }
     }
 
-    /// Adds a waiter to the user's flight, starting the flight when there is none. Nil when the
-    /// waiter caps are reached; a waiter answered at once when the process shuts down.
-    private func register(_ job: Job, deadline: FlowTime) -> UInt64? {
+    /// Adds a waiter to the user's machine (creating it when there is none), which joins it to the
+    /// round in flight or starts one. Nil when the waiter caps are reached; a waiter answered at
+    /// once when the process shuts down.
+    private func register(_ job: Job, request: Request, deadline: FlowTime) -> UInt64? {
         let key = job.key
         let configuration = self.configuration
         let now = self.clock.now()
-        let started = self.state.withLock { s -> (UInt64, (UInt64, [UserExchangeAction])?)? in
+        let registered = self.state.withLock { s -> (UInt64, Job, [UserRoundMachine.Action])? in
             guard s.waiting < configuration.maxWaiters,
                 (s.waitingPerInstallation[key.installation] ?? 0) < configuration.maxWaitersPerInstallation
             else { return nil }
             let waiterID = s.makeID()
-            if s.shuttingDown {
-                s.slots[waiterID] = .answered(.failure(.flow(.shuttingDown)))
-                return (waiterID, nil)
-            }
-            s.slots[waiterID] = .waiting(nil)
+            s.slots[waiterID] = WaiterSlot(installation: key.installation)
             s.countWaiter(key.installation, 1)
-            if s.flights[key] != nil {
-                s.flights[key]!.waiters.insert(waiterID)
-                s.flights[key]!.machine.deadlineExtended(to: deadline)
-                return (waiterID, nil)
+            if s.shuttingDown {
+                _ = s.answer(waiterID, .failure(.flow(.shuttingDown)))
+                return (waiterID, job, [])
             }
-            let flightID = s.makeID()
-            var machine = UserExchangeStateMachine(
-                configuration: configuration.machine, deadline: deadline, ignoring: job.ignoring,
-                apiBaseUrl: job.apiBaseUrl)
-            let actions = machine.start(now: now)
-            s.flights[key] = Flight(
-                id: flightID, job: job, machine: machine, waiters: [waiterID],
-                owner: "ux_" + String(flightID, radix: 36) + "_" + String(UInt64.random(in: 0...UInt64.max), radix: 36))
-            return (waiterID, (flightID, actions))
+            var flight =
+                s.flights[key]
+                ?? Flight(job: job, machine: UserRoundMachine(configuration: configuration.rounds, firstTimerID: waiterID << 20))
+            if !flight.machine.isActive { flight.job = job }
+            let requestID = "ux_" + String(waiterID, radix: 36) + "_" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
+            let actions = flight.machine.tokenWasRequested(
+                waiter: WaiterID(waiterID), minValidity: request.minValidity, knownExpiry: job.ignoring?.expiresAt ?? 0,
+                forced: request.forceRefresh, deadline: deadline, requestID: requestID, now: now)
+            s.flights[key] = flight.machine.isRetained(at: now) ? flight : nil
+            return (waiterID, flight.job, actions)
         }
-        guard let (waiterID, start) = started else { return nil }
-        if let (flightID, actions) = start { self.perform(key, flightID, actions) }
+        guard let (waiterID, roundJob, actions) = registered else { return nil }
+        self.perform(roundJob, actions)
         return waiterID
     }
 
@@ -340,236 +344,32 @@ public final class UserTokenExchanger: Sendable, Service {
     private func outcome(of waiterID: UInt64) async -> Outcome {
         await withCheckedContinuation { (continuation: CheckedContinuation<Outcome, Never>) in
             let ready = self.state.withLock { s -> Outcome? in
-                if case .answered(let outcome) = s.slots[waiterID] {
+                guard var slot = s.slots[waiterID] else { return .failure(.flow(.shuttingDown)) }
+                if let answer = slot.answer {
                     s.slots[waiterID] = nil
-                    return outcome
+                    return answer
                 }
-                s.slots[waiterID] = .waiting(continuation)
+                slot.continuation = continuation
+                s.slots[waiterID] = slot
                 return nil
             }
             if let ready { continuation.resume(returning: ready) }
         }
     }
 
-    /// One waiter stops waiting (its deadline, or it went away); the flight goes on for the others.
-    private func leave(_ key: FlightKey, _ waiterID: UInt64, with outcome: Outcome) {
-        let continuation = self.state.withLock { s -> CheckedContinuation<Outcome, Never>? in
-            if s.flights[key]?.waiters.remove(waiterID) != nil { s.countWaiter(key.installation, -1) }
-            return s.answer(waiterID, outcome)
-        }
-        continuation?.resume(returning: outcome)
-    }
-
-    /// The flight ended: answer everyone still waiting.
-    private func land(_ key: FlightKey, _ flightID: UInt64, _ outcome: Outcome) {
-        let continuations = self.state.withLock { s -> [CheckedContinuation<Outcome, Never>] in
-            guard let flight = s.flights[key], flight.id == flightID else { return [] }
-            s.flights[key] = nil
-            s.countWaiter(key.installation, -flight.waiters.count)
-            var continuations: [CheckedContinuation<Outcome, Never>] = []
-            for waiterID in flight.waiters {
-                if let continuation = s.answer(waiterID, outcome) { continuations.append(continuation) }
-            }
-            return continuations
-        }
+    /// Answers these waiters.
+    func answer(_ waiters: [WaiterID], _ outcome: Outcome) {
+        let continuations = self.state.withLock { s in waiters.compactMap { s.answer($0.raw, outcome) } }
         for continuation in continuations { continuation.resume(returning: outcome) }
-    }
-
-    // MARK: - Running the machine
-
-    /// Feeds one event to the flight's machine (when it is still the flight `flightID`) and runs
-    /// what it asks for.
-    private func handle(
-        _ key: FlightKey, _ flightID: UInt64, _ event: (inout UserExchangeStateMachine) -> [UserExchangeAction]
-    ) {
-        let actions = self.state.withLock { s -> [UserExchangeAction] in
-            guard s.flights[key]?.id == flightID else { return [] }
-            return event(&s.flights[key]!.machine)
-        }
-        self.perform(key, flightID, actions)
-    }
-
-    private func perform(_ key: FlightKey, _ flightID: UInt64, _ actions: [UserExchangeAction]) {
-        guard !actions.isEmpty, let flight = self.state.withLock({ $0.flights[key] }), flight.id == flightID else {
-            return
-        }
-        for action in actions {
-            switch action {
-            case .finish(let outcome):
-                self.land(key, flightID, outcome)
-            case .recordOutcome(let outcome):
-                self.metrics.count(outcome: outcome)
-            default:
-                self.work.continuation.yield { await self.execute(action, flight) }
-            }
-        }
-    }
-
-    /// Runs one action of `flight` and feeds its answer back.
-    private func execute(_ action: UserExchangeAction, _ flight: Flight) async {
-        let job = flight.job
-        let key = job.key
-        let account = job.accountId.value
-        switch action {
-        case .acquireLease(let ttl):
-            do {
-                let won = try await self.store.acquireLease(
-                    job.installation, accountId: account, owner: flight.owner, ttl: ttl)
-                self.handle(key, flight.id) { $0.leaseAnswered(won: won, now: self.clock.now()) }
-            } catch {
-                self.handle(key, flight.id) { $0.storeFailed() }
-            }
-        case .extendLease(let ttl):
-            _ = try? await self.store.extendLease(job.installation, accountId: account, owner: flight.owner, ttl: ttl)
-        case .releaseLease:
-            _ = try? await self.store.releaseLease(job.installation, accountId: account, owner: flight.owner)
-            self.handle(key, flight.id) { $0.leaseReleased() }
-        case .readStore:
-            do {
-                let snapshot = try await self.store.snapshot(job.installation, accountId: account, timeout: nil)
-                self.handle(key, flight.id) { $0.storeRead(snapshot, now: self.clock.now()) }
-            } catch {
-                self.handle(key, flight.id) { $0.storeFailed() }
-            }
-        case .fetchSystemToken(let forceRefresh, let timeout):
-            await self.fetchSystemToken(flight, forceRefresh: forceRefresh, timeout: timeout)
-        case .admit:
-            await self.admit(flight)
-        case .exchange(let systemToken, let attempt, let timeout):
-            await self.exchange(flight, systemToken: systemToken, attempt: attempt, timeout: timeout)
-        case .keep(let value, let ttl):
-            let outcome = await self.keep(job, value: value, ttl: ttl, logger: self.logger(for: job))
-            self.handle(key, flight.id) { $0.tokenKept(outcome) }
-        case .rememberDenial(let duration):
-            do {
-                try await self.store.rememberDenial(job.installation, accountId: account, for: duration)
-            } catch {
-                self.logger(for: job).warning("could not remember the refusal", metadata: ["error": "\(error)"])
-            }
-            self.handle(key, flight.id) { $0.recorded() }
-        case .blockExchanges(let duration):
-            do {
-                try await self.store.blockExchanges(scope: self.configuration.budgetScope, for: duration)
-            } catch {
-                self.logger(for: job).warning("could not record the rate limit", metadata: ["error": "\(error)"])
-            }
-            self.handle(key, flight.id) { $0.recorded() }
-        case .scheduleTimer(let id, let deadline):
-            guard (try? await self.clock.sleep(until: deadline)) != nil else { return }
-            self.handle(key, flight.id) { $0.timerFired(id, now: self.clock.now()) }
-        case .finish, .recordOutcome:
-            return
-        }
-    }
-
-    private func logger(for job: Job) -> Logger {
-        var logger = self.logger
-        logger[metadataKey: "installation.id"] = "\(job.installation)"
-        logger[metadataKey: "account.id"] = "\(job.accountId.value)"
-        return logger
-    }
-
-    private func fetchSystemToken(_ flight: Flight, forceRefresh: Bool, timeout: Duration) async {
-        if forceRefresh {
-            self.logger(for: flight.job).notice("the exchange refused the system token; fetching a fresh one")
-        }
-        let result: Result<AccessToken, FlowError>
-        do {
-            result = .success(
-                try await self.systemTokens.systemToken(
-                    for: flight.job.installation, minValidity: self.configuration.systemTokenMinValidity,
-                    timeout: timeout, forceRefresh: forceRefresh))
-        } catch {
-            self.logger(for: flight.job).notice(
-                "no system token for the exchange", metadata: ["error.code": "\(error.code.rawValue)"])
-            result = .failure(error)
-        }
-        self.handle(flight.job.key, flight.id) { $0.systemTokenArrived(result, now: self.clock.now()) }
-    }
-
-    private func admit(_ flight: Flight) async {
-        do {
-            let admission = try await self.store.admitExchange(
-                scope: self.configuration.budgetScope, limit: self.configuration.exchangesPerMinute,
-                window: self.configuration.budgetWindow, now: self.clock.now())
-            if case .refused(let retryAfter) = admission {
-                self.logger(for: flight.job).notice(
-                    "user-token exchange held back by the shared budget",
-                    metadata: ["retry.after_ms": "\(retryAfter.milliseconds)"])
-            }
-            self.handle(flight.job.key, flight.id) { $0.admission(admission, now: self.clock.now()) }
-        } catch {
-            self.handle(flight.job.key, flight.id) { $0.storeFailed() }
-        }
-    }
-
-    private func exchange(_ flight: Flight, systemToken: AccessToken, attempt: Int, timeout: Duration) async {
-        let job = flight.job
-        let logger = self.logger(for: job)
-        logger.debug("exchanging for a user token", metadata: ["exchange.attempt": "\(attempt)"])
-        let outcome = await self.client.exchange(
-            systemToken: systemToken.value, context: job.context, accountId: job.accountId, timeout: timeout)
-        switch outcome {
-        case .token, .systemTokenRefused:
-            break
-        case .denied(let message):
-            logger.notice("Atlassian refused a user token", metadata: ["exchange.message": "\(message ?? "-")"])
-        case .rateLimited(let retryAfter):
-            logger.warning(
-                "Atlassian rate-limited user-token exchanges; holding every replica back",
-                metadata: ["retry.after_ms": "\(retryAfter.map { String($0.milliseconds) } ?? "-")"])
-        case .failed(let failure):
-            logger.notice(
-                "user-token exchange attempt failed",
-                metadata: ["exchange.attempt": "\(attempt)", "exchange.outcome": "\(failure.outcome)"])
-        }
-        self.handle(job.key, flight.id) { $0.exchanged(outcome, now: self.clock.now(), jitter: self.jitter()) }
-    }
-
-    /// Caches a freshly exchanged token (best effort) and records it in the audit log.
-    private func keep(_ job: Job, value: String, ttl: Int64?, logger: Logger) async -> Outcome {
-        let now = self.clock.now()
-        let expiresAt: Int64
-        if let exp = TokenClaims.expiry(of: value) {
-            expiresAt = exp
-        } else if let ttl {
-            expiresAt = now.unixSeconds + ttl
-        } else {
-            logger.warning("the exchange answered a token with neither exp nor ttl")
-            return .failure(.exchangeFailed("malformed answer"))
-        }
-        guard expiresAt > now.unixSeconds else {
-            logger.warning("the exchange answered an expired token")
-            return .failure(.exchangeFailed("malformed answer"))
-        }
-        let token = AccessToken(value: value, expiresAt: expiresAt)
-        var stored = false
-        do {
-            let outcome = try await self.store.store(
-                job.installation, accountId: job.accountId.value, token: token,
-                cacheUntil: expiresAt - self.configuration.cacheMargin.nanoseconds / 1_000_000_000, now: now)
-            switch outcome {
-            case .stored: stored = true
-            case .tooShortLived: stored = false
-            case .uninstalled: return .failure(.flow(.installationUninstalled))
-            }
-        } catch {
-            // The caller still gets its token; the next request exchanges again.
-            logger.warning("could not cache the user token", metadata: ["error": "\(error)"])
-        }
-        self.audit.tokenReceived(
-            installation: job.installation, kind: "user_exchange", expiresAt: expiresAt, token: value, stored: stored,
-            requestID: nil, accountId: job.accountId.value)
-        return .success(Answer(token: token, source: .exchange, apiBaseUrl: job.apiBaseUrl))
     }
 
     // MARK: - Service
 
-    /// Runs every action and timer of every flight as a child task, and wakes followers on the
+    /// Runs every action and timer of every round as a child task, and wakes followers on the
     /// store's notices, until graceful shutdown (or cancellation); then fails the callers still
     /// waiting and, once every child task has ended, releases the leases this process holds.
     public func run() async throws {
-        let held = await withDiscardingTaskGroup(returning: [Flight].self) { group in
+        let held = await withDiscardingTaskGroup(returning: [FlightKey: String].self) { group in
             group.addTask { await self.store.watch { self.noticed($0) } }
             await withGracefulShutdownHandler {
                 for await work in self.work.stream {
@@ -583,48 +383,56 @@ public final class UserTokenExchanger: Sendable, Service {
             group.cancelAll()
             return held
         }
-        for flight in held {
-            _ = try? await self.store.releaseLease(
-                flight.job.installation, accountId: flight.job.accountId.value, owner: flight.owner)
+        for (key, owner) in held {
+            _ = try? await self.store.releaseLease(key.installation, accountId: key.accountId, owner: owner)
         }
     }
 
-    /// Wakes the flights a notice concerns.
+    /// Wakes the followers a notice concerns: they read the store again.
     func noticed(_ notice: UserTokenNotice) {
-        let concerned = self.state.withLock { s -> [(FlightKey, UInt64)] in
-            switch notice {
-            case .user(let id, let accountId):
-                let key = FlightKey(installation: id, accountId: accountId)
-                return s.flights[key].map { [(key, $0.id)] } ?? []
-            case .uninstalled(let id):
-                return s.flights.compactMap { key, flight in key.installation == id ? (key, flight.id) : nil }
-            case .resync:
-                return s.flights.map { key, flight in (key, flight.id) }
+        let now = self.clock.now()
+        let concerned = self.state.withLock { s -> [(Job, String)] in
+            s.flights.compactMap { (key, flight) -> (Job, String)? in
+                guard flight.machine.stateName(at: now) == .following, let requestID = flight.machine.currentRequestID
+                else { return nil }
+                switch notice {
+                case .user(let id, let accountId):
+                    guard key == FlightKey(installation: id, accountId: accountId) else { return nil }
+                case .uninstalled(let id):
+                    guard key.installation == id else { return nil }
+                case .resync:
+                    break
+                }
+                return (flight.job, requestID)
             }
         }
-        for (key, flightID) in concerned { self.handle(key, flightID) { $0.noticed() } }
+        for (job, requestID) in concerned { self.submit { await self.readStore(job, requestID: requestID) } }
     }
 
-    /// Ends every flight still in the air, answering its callers (503 `shutting_down`); later
-    /// callers get the same. Returns the flights whose lease is still to be released.
-    private func endFlights() -> [Flight] {
+    /// Ends every round still in flight, answering its callers (503 `shutting_down`); later
+    /// callers get the same. Returns the leases still to be released.
+    private func endFlights() -> [FlightKey: String] {
         self.work.continuation.finish()
-        let ended = self.state.withLock { s -> [(Flight, [UserExchangeAction])] in
+        let now = self.clock.now()
+        let (ended, held, timers) = self.state.withLock {
+            s -> ([UserRoundMachine.Action], [FlightKey: String], [CheckedContinuation<Void, Never>]) in
             s.shuttingDown = true
-            var ended: [(Flight, [UserExchangeAction])] = []
-            for key in Array(s.flights.keys) {
-                let actions = s.flights[key]!.machine.shutdownRequested()
-                ended.append((s.flights[key]!, actions))
-            }
-            return ended
+            var ended: [UserRoundMachine.Action] = []
+            for key in Array(s.flights.keys) { ended += s.flights[key]!.machine.shutdownRequested(now: now) }
+            s.flights.removeAll()
+            let held = s.leasesHeld
+            s.leasesHeld.removeAll()
+            let timers = s.timers.values.compactMap { $0 }
+            s.timers.removeAll()
+            return (ended, held, timers)
         }
-        var held: [Flight] = []
-        for (flight, actions) in ended {
-            for action in actions {
-                if case .finish(let outcome) = action { self.land(flight.job.key, flight.id, outcome) }
-                if case .releaseLease = action { held.append(flight) }
-            }
+        for timer in timers { timer.resume() }
+        for action in ended {
+            if case .fail(let waiters, let error) = action { self.answer(waiters, .failure(error)) }
         }
+        // Callers whose answer waited on work that will no longer run (a lease being released).
+        let left = self.state.withLock { s in Array(s.slots.keys) }
+        self.answer(left.map(WaiterID.init), .failure(.flow(.shuttingDown)))
         return held
     }
 }

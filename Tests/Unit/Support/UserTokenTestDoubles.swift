@@ -29,6 +29,8 @@ final class InMemoryUserTokenStore: UserTokenStore {
         var watcherWaiters: [CheckedContinuation<Void, Never>] = []
         var leaseAttempts = 0
         var unreachable = false
+        /// Stored just before the next lease is taken, without a notice: another process finished.
+        var finishedElsewhere: AccessToken?
     }
 
     struct Unreachable: Error {}
@@ -71,6 +73,11 @@ final class InMemoryUserTokenStore: UserTokenStore {
             }
             if ready { continuation.resume() }
         }
+    }
+
+    /// Another process stores `token` (and lets its lease go) just before this one takes the lease.
+    func finishElsewhereBeforeNextLease(_ token: AccessToken) {
+        self.state.withLock { $0.finishedElsewhere = token }
     }
 
     func setUnreachable(_ unreachable: Bool) {
@@ -140,6 +147,10 @@ final class InMemoryUserTokenStore: UserTokenStore {
         let key = Key(installation: id, accountId: accountId)
         return self.state.withLock { s in
             s.leaseAttempts += 1
+            if let token = s.finishedElsewhere {
+                s.tokens[key] = (token, FlowTime(unixSeconds: token.expiresAt))
+                s.finishedElsewhere = nil
+            }
             if let lease = s.leases[key], lease.until > now { return false }
             s.leases[key] = (owner, now + ttl)
             return true

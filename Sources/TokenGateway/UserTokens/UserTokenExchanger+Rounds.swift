@@ -1,0 +1,119 @@
+import FlowEngine
+
+/// Running the round machines: events in under the lock, their actions out as answers at once and
+/// as store calls, exchange attempts and timers in child tasks of ``UserTokenExchanger/run()``.
+extension UserTokenExchanger {
+    /// Hands `work` to ``run()``, which runs it as a child task; false once it no longer takes any.
+    @discardableResult
+    func submit(_ work: @escaping Work) -> Bool {
+        if case .terminated = self.work.continuation.yield(work) { return false }
+        return true
+    }
+
+    /// Feeds one event to the user's machine (if it exists) and runs the resulting actions. A
+    /// machine that no longer knows anything is dropped.
+    func handle(_ key: FlightKey, _ event: (inout UserRoundMachine) -> [UserRoundMachine.Action]) {
+        let now = self.clock.now()
+        let result = self.state.withLock { s -> (Job, [UserRoundMachine.Action])? in
+            guard var flight = s.flights[key] else { return nil }
+            let actions = event(&flight.machine)
+            s.flights[key] = flight.machine.isRetained(at: now) ? flight : nil
+            return (flight.job, actions)
+        }
+        if let (job, actions) = result { self.perform(job, actions) }
+    }
+
+    /// Runs the actions of the round of `job`. A lease to give up goes first: the callers are
+    /// answered once it is released, so one that asks again at once finds the user free.
+    func perform(_ job: Job, _ actions: [UserRoundMachine.Action]) {
+        guard !actions.isEmpty else { return }
+        let key = job.key
+        var rest = actions
+        for case .releaseLease(let requestID) in actions {
+            rest.removeAll { $0 == .releaseLease(requestID: requestID) }
+            guard self.state.withLock({ $0.leasesHeld[key] == requestID }) else { continue }
+            let later = rest
+            let submitted = self.submit {
+                _ = try? await self.store.releaseLease(key.installation, accountId: key.accountId, owner: requestID)
+                self.state.withLock { s in if s.leasesHeld[key] == requestID { s.leasesHeld[key] = nil } }
+                self.execute(job, later)
+            }
+            // Shutting down: ``run()`` releases the lease once its work has ended.
+            if !submitted { self.execute(job, later) }
+            return
+        }
+        self.execute(job, rest)
+    }
+
+    private func execute(_ job: Job, _ actions: [UserRoundMachine.Action]) {
+        let key = job.key
+        for action in actions {
+            switch action {
+            case .acquireLease(let requestID, let ttl), .acquireLeaseIgnoringHold(let requestID, let ttl):
+                self.submit { await self.acquireLease(job, requestID: requestID, ttl: ttl) }
+            case .extendLease(let requestID, let ttl):
+                guard self.state.withLock({ $0.leasesHeld[key] == requestID }) else { continue }
+                self.submit {
+                    _ = try? await self.store.extendLease(
+                        key.installation, accountId: key.accountId, owner: requestID, ttl: ttl)
+                }
+            case .startAttempt(let requestID, let attempt, let expiresAt, let timeout):
+                self.submit {
+                    await self.attempt(job, requestID: requestID, attempt: attempt, deadline: expiresAt, timeout: timeout)
+                }
+            case .readStore(let requestID):
+                self.submit { await self.readStore(job, requestID: requestID) }
+            case .scheduleTimer(let timer, let deadline):
+                self.schedule(TimerKey(flight: key, timer: timer), at: deadline)
+            case .cancelTimer(let timer):
+                let wake = self.state.withLock { $0.timers.removeValue(forKey: TimerKey(flight: key, timer: timer)) }
+                wake??.resume()
+            case .succeed(let waiters, let value, _):
+                self.answer(waiters, .success(Answer(token: value.token, source: .exchange, apiBaseUrl: value.apiBaseUrl)))
+            case .fail(let waiters, let error):
+                self.answer(waiters, .failure(error))
+            case .releaseLease, .placeHold, .recordAttempt, .recordRetry, .roundFinished, .recordHold:
+                // User rounds place no holds and open no circuit; each exchange call is counted
+                // by the attempt that made it.
+                continue
+            }
+        }
+    }
+
+    // MARK: - Timers
+
+    /// Starts timer `key`: a child task of ``run()`` that waits for `deadline` (or for the timer
+    /// to be cancelled) and then feeds `timerFired` to the machine.
+    private func schedule(_ key: TimerKey, at deadline: FlowTime) {
+        self.state.withLock { $0.timers[key] = .some(nil) }
+        self.submit {
+            guard await self.waitForTimer(key, deadline: deadline) else { return }
+            self.handle(key.flight) { $0.timerFired(key.timer, now: self.clock.now(), jitter: self.jitter()) }
+        }
+    }
+
+    /// Waits until `deadline` or until the timer is cancelled, whichever comes first; true when
+    /// the deadline came and the timer was still current.
+    private func waitForTimer(_ key: TimerKey, deadline: FlowTime) async -> Bool {
+        await withTaskGroup(of: Bool.self) { group in
+            group.addTask { (try? await self.clock.sleep(until: deadline)) != nil }
+            group.addTask {
+                await withCheckedContinuation { (wake: CheckedContinuation<Void, Never>) in
+                    let gone = self.state.withLock { s -> Bool in
+                        guard s.timers[key] != nil else { return true }
+                        s.timers[key] = .some(wake)
+                        return false
+                    }
+                    if gone { wake.resume() }
+                }
+                return false
+            }
+            let deadlineCame = await group.next() ?? false
+            group.cancelAll()
+            // The timer ends here: whoever removes its entry wakes the waiting half.
+            let entry = self.state.withLock { $0.timers.removeValue(forKey: key) }
+            entry??.resume()
+            return deadlineCame && entry != nil
+        }
+    }
+}

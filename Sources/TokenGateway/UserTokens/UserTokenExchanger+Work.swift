@@ -1,0 +1,279 @@
+import FlowEngine
+import Logging
+
+/// The work the round machines' actions ask for: each runs as a child task of
+/// ``UserTokenExchanger/run()`` and feeds its result back to the machine as an event.
+extension UserTokenExchanger {
+    /// What the store says of a user while a round runs.
+    enum Finding {
+        /// A token the round may answer with (another process exchanged it, or this one just did).
+        case value(UserToken)
+        /// An answer that ends the round: a remembered refusal, the installation gone.
+        case failure(UserTokenError)
+        /// Nothing yet; the exchange lease has this long left (nil: nobody holds it).
+        case nothing(leaseRemaining: Duration?)
+    }
+
+    func finding(_ snapshot: UserTokenSnapshot, job: Job, now: FlowTime) -> Finding {
+        guard snapshot.exists else { return .failure(.flow(.installationNotFound)) }
+        guard snapshot.status == .active else { return .failure(.flow(.installationUninstalled)) }
+        if let token = snapshot.token, token.value != job.ignoring?.value, token.expiresAt > now.unixSeconds {
+            return .value(UserToken(token: token, apiBaseUrl: snapshot.apiBaseUrl ?? job.apiBaseUrl, roundID: nil))
+        }
+        if snapshot.deniedFor != nil { return .failure(.denied) }
+        return .nothing(leaseRemaining: snapshot.leaseRemaining)
+    }
+
+    /// The event a finding is for round `requestID`: its value or failure ends it. With nothing
+    /// yet, a round whose lease was refused (`leaseRefused`) follows until the other process's
+    /// lease ends; a follower waits for that again, or takes the lease when it is gone. A finding
+    /// that no longer fits the round's phase (it moved on meanwhile) is dropped.
+    func event(for finding: Finding, requestID: String, leaseRefused: Bool, now: FlowTime)
+        -> (inout UserRoundMachine) -> [UserRoundMachine.Action]
+    {
+        { m in
+            switch finding {
+            case .value(let value):
+                return m.valueObserved(value, solicitedBy: requestID, now: now)
+            case .failure(let error):
+                return m.roundEnded(requestID: requestID, failing: error, now: now)
+            case .nothing(let remaining):
+                let phase: UserRoundMachine.StateName = leaseRefused ? .acquiringLease : .following
+                guard m.stateName(at: now) == phase else { return [] }
+                guard let remaining else {
+                    if leaseRefused { return m.leaseDenied(requestID: requestID, leaseRemaining: .zero, now: now) }
+                    return m.storeReadEmpty(requestID: requestID, now: now)
+                }
+                return m.leaseDenied(requestID: requestID, leaseRemaining: remaining, now: now)
+            }
+        }
+    }
+
+    func acquireLease(_ job: Job, requestID: String, ttl: Duration) async {
+        let key = job.key
+        let won: Bool
+        do {
+            won = try await self.store.acquireLease(key.installation, accountId: key.accountId, owner: requestID, ttl: ttl)
+        } catch {
+            self.logger(for: job).warning("store unavailable while taking the exchange lease", metadata: ["error": "\(error)"])
+            self.handle(key) { $0.storeFailed(requestID: requestID, now: self.clock.now()) }
+            return
+        }
+        guard won else {
+            await self.readStore(job, requestID: requestID, leaseRefused: true)
+            return
+        }
+        let kept = self.state.withLock { s -> Bool in
+            guard !s.shuttingDown else { return false }
+            s.leasesHeld[key] = requestID
+            return true
+        }
+        guard kept else {
+            _ = try? await self.store.releaseLease(key.installation, accountId: key.accountId, owner: requestID)
+            return
+        }
+        self.handle(key) { $0.leaseAcquired(requestID: requestID, now: self.clock.now()) }
+    }
+
+    /// Reads what the store says of the user and feeds it to the round `requestID`, which does
+    /// not lead (its lease was refused, or it follows).
+    func readStore(_ job: Job, requestID: String, leaseRefused: Bool = false) async {
+        do {
+            let snapshot = try await self.store.snapshot(job.installation, accountId: job.accountId.value, timeout: nil)
+            let now = self.clock.now()
+            let finding = self.finding(snapshot, job: job, now: now)
+            self.handle(job.key, self.event(for: finding, requestID: requestID, leaseRefused: leaseRefused, now: now))
+        } catch {
+            let now = self.clock.now()
+            self.handle(job.key) { m in
+                let follows: Set<UserRoundMachine.StateName> = [.acquiringLease, .following]
+                guard follows.contains(m.stateName(at: now)) else { return [] }
+                return m.roundEnded(requestID: requestID, failing: .storeUnavailable, now: now)
+            }
+        }
+    }
+
+    // MARK: - One attempt
+
+    /// How one attempt ended, as the machine hears it.
+    enum AttemptEnd {
+        case value(UserToken)
+        case failure(UserTokenError)
+        case retryable(TriggerFailure)
+        /// The exchange refused the system token (401).
+        case systemTokenRefused
+    }
+
+    /// Attempt `attempt` of the round `requestID`, which this process leads: first the store once
+    /// more (another process may have just finished), then one exchange call, and one more with a
+    /// fresh system token when the first was answered 401. Outcomes are recorded in the store
+    /// (the token cached, a refusal or a rate limit remembered) before the machine hears of them.
+    func attempt(_ job: Job, requestID: String, attempt: Int, deadline: FlowTime, timeout: Duration) async {
+        var end: AttemptEnd
+        if attempt == 1, let settled = await self.recheck(job) {
+            end = settled
+        } else {
+            end = await self.exchange(job, requestID: requestID, attempt: attempt, deadline: deadline, forceRefresh: false)
+            if case .systemTokenRefused = end {
+                end = await self.exchange(job, requestID: requestID, attempt: attempt, deadline: deadline, forceRefresh: true)
+            }
+        }
+        let now = self.clock.now()
+        self.handle(job.key) { m in
+            switch end {
+            case .value(let value):
+                return m.valueObserved(value, solicitedBy: requestID, now: now)
+            case .failure(let error):
+                return m.roundEnded(requestID: requestID, failing: error, now: now)
+            case .systemTokenRefused:
+                return m.roundEnded(
+                    requestID: requestID, failing: .exchangeFailed("the system token was refused"), now: now)
+            case .retryable(let failure):
+                return m.attemptFailed(
+                    requestID: requestID, attempt: attempt, failure: failure, now: now, jitter: self.jitter())
+            }
+        }
+    }
+
+    /// The store read again by the leader before its first call: an answer another process left.
+    private func recheck(_ job: Job) async -> AttemptEnd? {
+        do {
+            let snapshot = try await self.store.snapshot(job.installation, accountId: job.accountId.value, timeout: nil)
+            switch self.finding(snapshot, job: job, now: self.clock.now()) {
+            case .value(let value): return .value(value)
+            case .failure(let error): return .failure(error)
+            case .nothing: return nil
+            }
+        } catch {
+            return .failure(.storeUnavailable)
+        }
+    }
+
+    /// One exchange call: the system token (a fresh one when `forceRefresh`), one exchange
+    /// counted against the shared budget, the call, and its outcome recorded in the store.
+    private func exchange(_ job: Job, requestID: String, attempt: Int, deadline: FlowTime, forceRefresh: Bool) async
+        -> AttemptEnd
+    {
+        let logger = self.logger(for: job)
+        if forceRefresh { logger.notice("the exchange refused the system token; fetching a fresh one") }
+        let systemToken: AccessToken
+        do {
+            systemToken = try await self.systemTokens.systemToken(
+                for: job.installation, minValidity: self.configuration.systemTokenMinValidity,
+                timeout: max(deadline - self.clock.now(), .zero), forceRefresh: forceRefresh)
+        } catch {
+            logger.notice("no system token for the exchange", metadata: ["error.code": "\(error.code.rawValue)"])
+            return .failure(.flow(error))
+        }
+        if let refused = await self.admit(job) { return refused }
+        let remaining = deadline - self.clock.now()
+        guard remaining > .zero else { return .retryable(.timeout) }
+        logger.debug("exchanging for a user token", metadata: ["exchange.attempt": "\(attempt)"])
+        let outcome = await self.client.exchange(
+            systemToken: systemToken.value, context: job.context, accountId: job.accountId,
+            timeout: min(self.configuration.attemptTimeout, remaining))
+        self.metrics.count(outcome: outcome.outcome)
+        return await self.record(outcome, job: job, requestID: requestID, attempt: attempt, renewed: forceRefresh)
+    }
+
+    /// Counts one exchange against the app-wide budget; the answer when it is spent (or unknown).
+    private func admit(_ job: Job) async -> AttemptEnd? {
+        do {
+            let admission = try await self.store.admitExchange(
+                scope: self.configuration.budgetScope, limit: self.configuration.exchangesPerMinute,
+                window: self.configuration.budgetWindow, now: self.clock.now())
+            guard case .refused(let retryAfter) = admission else { return nil }
+            self.logger(for: job).notice(
+                "user-token exchange held back by the shared budget",
+                metadata: ["retry.after_ms": "\(retryAfter.milliseconds)"])
+            self.metrics.count(outcome: "budget_exhausted")
+            return .failure(.rateLimited(retryAfter: retryAfter))
+        } catch {
+            return .failure(.storeUnavailable)
+        }
+    }
+
+    /// Records what the exchange call answered (in the store and the log) and says how the
+    /// attempt ended.
+    private func record(
+        _ outcome: OfflineUserAuthTokenClient.Outcome, job: Job, requestID: String, attempt: Int, renewed: Bool
+    ) async -> AttemptEnd {
+        let logger = self.logger(for: job)
+        switch outcome {
+        case .token(let value, let ttl):
+            return await self.keep(job, value: value, ttl: ttl, requestID: requestID, logger: logger)
+        case .systemTokenRefused:
+            return renewed ? .failure(.exchangeFailed("the system token was refused")) : .systemTokenRefused
+        case .denied(let message):
+            logger.notice("Atlassian refused a user token", metadata: ["exchange.message": "\(message ?? "-")"])
+            do {
+                _ = try await self.store.rememberDenial(
+                    job.installation, accountId: job.accountId.value, for: self.configuration.denialMemory)
+            } catch {
+                logger.warning("could not remember the refusal", metadata: ["error": "\(error)"])
+            }
+            return .failure(.denied)
+        case .rateLimited(let retryAfter):
+            let hold = max(retryAfter ?? self.configuration.defaultRetryAfter, .seconds(1))
+            logger.warning(
+                "Atlassian rate-limited user-token exchanges; holding every replica back",
+                metadata: ["retry.after_ms": "\(retryAfter.map { String($0.milliseconds) } ?? "-")"])
+            do {
+                try await self.store.blockExchanges(scope: self.configuration.budgetScope, for: hold)
+            } catch {
+                logger.warning("could not record the rate limit", metadata: ["error": "\(error)"])
+            }
+            return .failure(.rateLimited(retryAfter: hold))
+        case .failed(let failure):
+            logger.notice(
+                "user-token exchange attempt failed",
+                metadata: ["exchange.attempt": "\(attempt)", "exchange.outcome": "\(failure.outcome)"])
+            guard failure.isRetryable else { return .failure(.exchangeFailed(failure.detail)) }
+            return .retryable(TriggerFailure(failure))
+        }
+    }
+
+    /// Caches a freshly exchanged token (best effort) and records it in the audit log.
+    private func keep(_ job: Job, value: String, ttl: Int64?, requestID: String, logger: Logger) async -> AttemptEnd {
+        let now = self.clock.now()
+        let expiresAt: Int64
+        if let exp = TokenClaims.expiry(of: value) {
+            expiresAt = exp
+        } else if let ttl {
+            expiresAt = now.unixSeconds + ttl
+        } else {
+            logger.warning("the exchange answered a token with neither exp nor ttl")
+            return .failure(.exchangeFailed("malformed answer"))
+        }
+        guard expiresAt > now.unixSeconds else {
+            logger.warning("the exchange answered an expired token")
+            return .failure(.exchangeFailed("malformed answer"))
+        }
+        let token = AccessToken(value: value, expiresAt: expiresAt)
+        var stored = false
+        do {
+            let outcome = try await self.store.store(
+                job.installation, accountId: job.accountId.value, token: token,
+                cacheUntil: expiresAt - self.configuration.cacheMargin.nanoseconds / 1_000_000_000, now: now)
+            switch outcome {
+            case .stored: stored = true
+            case .tooShortLived: stored = false
+            case .uninstalled: return .failure(.flow(.installationUninstalled))
+            }
+        } catch {
+            // The caller still gets its token; the next request exchanges again.
+            logger.warning("could not cache the user token", metadata: ["error": "\(error)"])
+        }
+        self.audit.tokenReceived(
+            installation: job.installation, kind: "user_exchange", expiresAt: expiresAt, token: value, stored: stored,
+            requestID: nil, accountId: job.accountId.value)
+        return .value(UserToken(token: token, apiBaseUrl: job.apiBaseUrl, roundID: requestID))
+    }
+
+    func logger(for job: Job) -> Logger {
+        var logger = self.logger
+        logger[metadataKey: "installation.id"] = "\(job.installation)"
+        logger[metadataKey: "account.id"] = "\(job.accountId.value)"
+        return logger
+    }
+}
