@@ -42,6 +42,9 @@ wait_for_redis "$port"
 export TOKEN_GATEWAY_TEST_REDIS_URL="redis://127.0.0.1:$port/0"
 echo "==> test Redis on 127.0.0.1:$port"
 
+echo "==> lint: swift format (.swift-format) and the 80-line function limit"
+bash scripts/lint.sh || { echo "lint failed: run 'swift format format --in-place --recursive Sources Tests Package.swift' and split long functions"; exit 1; }
+
 echo "==> building (debug, with tests)"
 swift build --build-tests 2>&1 | grep -v -E "_FILE_OFFSET_BITS|unhandled; explicitly declare" | tail -n 40
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "build failed"; exit 1; }

@@ -66,7 +66,8 @@ extension ForgeEmulator {
         headers: [String: String] = [:]
     ) async throws -> DeliveryResult {
         try await self.deliver(
-            installation, systemToken: systemToken, requestId: requestId, fit: fit, to: gatewayURL, userToken: userToken,
+            installation, systemToken: systemToken, requestId: requestId, fit: fit, to: gatewayURL,
+            userToken: userToken,
             headers: headers, gatewayWait: nil)
     }
 

@@ -50,7 +50,8 @@ extension TriggerFault: Codable {
         case .failWith:
             let status = try container.decode(Int.self, forKey: .status)
             guard (100...599).contains(status) else {
-                throw DecodingError.dataCorruptedError(forKey: .status, in: container, debugDescription: "not an HTTP status")
+                throw DecodingError.dataCorruptedError(
+                    forKey: .status, in: container, debugDescription: "not an HTTP status")
             }
             let times = try container.decodeIfPresent(Int.self, forKey: .times) ?? 1
             guard times >= 0 else {

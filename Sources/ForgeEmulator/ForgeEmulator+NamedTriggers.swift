@@ -40,7 +40,8 @@ extension NamedTriggerBehaviour: Codable {
         case .fail:
             let status = try container.decode(Int.self, forKey: .status)
             guard (200...599).contains(status) else {
-                throw DecodingError.dataCorruptedError(forKey: .status, in: container, debugDescription: "not a final HTTP status")
+                throw DecodingError.dataCorruptedError(
+                    forKey: .status, in: container, debugDescription: "not a final HTTP status")
             }
             let times = try container.decodeIfPresent(Int.self, forKey: .times)
             if let times, times < 0 {
@@ -50,7 +51,8 @@ extension NamedTriggerBehaviour: Codable {
         case .delay:
             let ms = try container.decode(Int.self, forKey: .delayMs)
             guard (0...600_000).contains(ms) else {
-                throw DecodingError.dataCorruptedError(forKey: .delayMs, in: container, debugDescription: "out of range")
+                throw DecodingError.dataCorruptedError(
+                    forKey: .delayMs, in: container, debugDescription: "out of range")
             }
             self = .delay(.milliseconds(ms))
         case .hang:
@@ -174,7 +176,9 @@ extension ForgeEmulator {
     }
 
     /// Changes what a defined named trigger does.
-    public func setNamedTriggerBehaviour(_ behaviour: NamedTriggerBehaviour, for installation: EmulatedInstallation, key: String) {
+    public func setNamedTriggerBehaviour(
+        _ behaviour: NamedTriggerBehaviour, for installation: EmulatedInstallation, key: String
+    ) {
         self.namedTriggers.withLock { state in
             guard var trigger = state.trigger(installationId: installation.id, key: key) else { return }
             trigger.behaviour = behaviour
@@ -274,7 +278,8 @@ extension ForgeEmulator {
         }
         guard signatureValid else {
             return Self.namedAnswer(
-                401, ["error": ["code": "invalid_signature", "message": "missing or invalid X-Token-Gateway-Signature"]])
+                401,
+                ["error": ["code": "invalid_signature", "message": "missing or invalid X-Token-Gateway-Signature"]])
         }
         guard let callBody,
             let object = try? JSONSerialization.jsonObject(with: body, options: [.fragmentsAllowed]) as? [String: Any],
@@ -282,11 +287,17 @@ extension ForgeEmulator {
         else {
             return Self.namedAnswer(
                 400,
-                ["error": ["code": "invalid_request", "message": "body must be {requestId, installationId, issuedAt, expiresAt, payload}"]])
+                [
+                    "error": [
+                        "code": "invalid_request",
+                        "message": "body must be {requestId, installationId, issuedAt, expiresAt, payload}",
+                    ]
+                ])
         }
         guard callBody.installationId == trigger.installationId else {
             return Self.namedAnswer(
-                400, ["error": ["code": "invalid_request", "message": "installationId is not this trigger's installation"]])
+                400,
+                ["error": ["code": "invalid_request", "message": "installationId is not this trigger's installation"]])
         }
         guard callBody.expiresAt >= Date().timeIntervalSince1970 else {
             return Self.namedAnswer(400, ["error": ["code": "expired", "message": "expiresAt has passed"]])
@@ -371,7 +382,8 @@ extension ForgeEmulator {
             guard let installation = self.namedTriggerInstallation(context) else { return Self.noInstallation }
             let list = self.namedTriggers.withLock { $0.triggers(of: installation.id) }.map {
                 NamedTriggerSummary(
-                    key: $0.key, url: self.baseURL + "/x2/" + $0.triggerId, behaviour: $0.behaviour, calls: $0.calls.count)
+                    key: $0.key, url: self.baseURL + "/x2/" + $0.triggerId, behaviour: $0.behaviour,
+                    calls: $0.calls.count)
             }
             return EmulatorAnswer.json(200, list).response
         }
@@ -381,7 +393,8 @@ extension ForgeEmulator {
             let body = try await request.body.collect(upTo: Self.maximumRequestBytes)
             var behaviour = NamedTriggerBehaviour.echo
             if body.readableBytes > 0 {
-                guard let decoded = try? JSONDecoder().decode(NamedTriggerBehaviour.self, from: Data(buffer: body)) else {
+                guard let decoded = try? JSONDecoder().decode(NamedTriggerBehaviour.self, from: Data(buffer: body))
+                else {
                     return EmulatorAnswer.error(
                         400, code: "invalid_request", message: "body must be a behaviour, such as {\"type\": \"echo\"}"
                     ).response

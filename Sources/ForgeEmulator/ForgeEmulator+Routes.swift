@@ -33,7 +33,8 @@ struct LoopbackOnlyMiddleware: RouterMiddleware {
         next: (Request, Context) async throws -> Response
     ) async throws -> Response {
         guard context.isFromLoopback else {
-            return EmulatorAnswer.error(403, code: "forbidden", message: "admin routes answer loopback clients only").response
+            return EmulatorAnswer.error(403, code: "forbidden", message: "admin routes answer loopback clients only")
+                .response
         }
         return try await next(request, context)
     }
@@ -180,7 +181,9 @@ extension ForgeEmulator {
             guard let installation = self.installation(in: context) else { return Self.unknownInstallation.response }
             let body = try await request.body.collect(upTo: Self.maximumRequestBytes)
             guard let fault = try? JSONDecoder().decode(TriggerFault.self, from: Data(buffer: body)) else {
-                return EmulatorAnswer.error(400, code: "invalid_request", message: "body must be a fault, such as {\"type\": \"none\"}").response
+                return EmulatorAnswer.error(
+                    400, code: "invalid_request", message: "body must be a fault, such as {\"type\": \"none\"}"
+                ).response
             }
             self.setFault(fault, for: installation)
             return EmulatorAnswer.json(200, self.summary(of: installation)).response
@@ -205,7 +208,8 @@ extension ForgeEmulator {
         } else if let decoded = try? JSONDecoder().decode(CreateInstallationRequest.self, from: Data(buffer: body)) {
             create = decoded
         } else {
-            return EmulatorAnswer.error(400, code: "invalid_request", message: "body must be {\"product\": \"…\"}").response
+            return EmulatorAnswer.error(400, code: "invalid_request", message: "body must be {\"product\": \"…\"}")
+                .response
         }
         let installation = self.makeInstallation(product: create.product ?? "jira")
         do {
@@ -258,7 +262,8 @@ extension ForgeEmulator {
         else {
             return EmulatorAnswer.error(
                 400, code: "invalid_request",
-                message: "body must be {\"path\": \"/forge/…\", \"body\": {…}, \"moduleType\": \"xen:macro\", \"systemToken\": true}"
+                message:
+                    "body must be {\"path\": \"/forge/…\", \"body\": {…}, \"moduleType\": \"xen:macro\", \"systemToken\": true}"
             ).response
         }
         do {
@@ -285,8 +290,11 @@ extension ForgeEmulator {
                 triggerProcessingMillis: Dictionary(
                     state.orderedRecords.map { record in
                         let own = record.triggerRecords.compactMap(\.ownDuration).reduce(Duration.zero, +)
-                        return (record.installation.id, Double(own.components.seconds) * 1000
-                            + Double(own.components.attoseconds) / 1e15)
+                        return (
+                            record.installation.id,
+                            Double(own.components.seconds) * 1000
+                                + Double(own.components.attoseconds) / 1e15
+                        )
                     },
                     uniquingKeysWith: { first, _ in first }
                 )
@@ -309,7 +317,9 @@ extension ForgeEmulator {
     }
 
     private func summary(of installation: EmulatedInstallation) -> InstallationSummary {
-        let record = self.state.withLock { $0.record(for: installation) } ?? EmulatedInstallationRecord(installation: installation, sequence: 0)
+        let record =
+            self.state.withLock { $0.record(for: installation) }
+            ?? EmulatedInstallationRecord(installation: installation, sequence: 0)
         return self.summary(of: record)
     }
 

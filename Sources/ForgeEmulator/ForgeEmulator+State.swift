@@ -134,7 +134,8 @@ struct EmulatorState: Sendable {
             record.installation = installation
             self.records[installation.id] = record
         } else {
-            self.records[installation.id] = EmulatedInstallationRecord(installation: installation, sequence: self.nextSequence)
+            self.records[installation.id] = EmulatedInstallationRecord(
+                installation: installation, sequence: self.nextSequence)
             self.nextSequence += 1
         }
         self.triggers[Self.triggerId(of: installation.triggerPath)] = installation.id

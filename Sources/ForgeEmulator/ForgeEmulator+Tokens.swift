@@ -75,7 +75,10 @@ public struct FITUIContext: Codable, Sendable, Hashable {
     public var siteUrl: String?
     public var localId: String
 
-    public init(cloudId: String? = nil, moduleKey: String, siteUrl: String? = nil, localId: String = UUID().uuidString.lowercased()) {
+    public init(
+        cloudId: String? = nil, moduleKey: String, siteUrl: String? = nil,
+        localId: String = UUID().uuidString.lowercased()
+    ) {
         self.cloudId = cloudId
         self.moduleKey = moduleKey
         self.siteUrl = siteUrl
@@ -240,7 +243,8 @@ extension ForgeEmulator {
                 module: .init(type: options.moduleType, key: options.moduleKey),
                 installation: .init(
                     id: installation.id,
-                    contexts: [.init(name: installation.product, apiBaseUrl: apiBaseUrl, cloudId: installation.cloudId)])
+                    contexts: [.init(name: installation.product, apiBaseUrl: apiBaseUrl, cloudId: installation.cloudId)]
+                )
             ),
             principal: options.principal
         )

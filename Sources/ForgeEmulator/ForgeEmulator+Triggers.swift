@@ -178,7 +178,8 @@ extension ForgeEmulator {
             return .error(401, code: "invalid_signature", message: "missing or invalid X-Token-Gateway-Signature")
         }
         guard let callBody else {
-            return .error(400, code: "invalid_request", message: "body must be {requestId, installationId, issuedAt, expiresAt}")
+            return .error(
+                400, code: "invalid_request", message: "body must be {requestId, installationId, issuedAt, expiresAt}")
         }
         guard callBody.installationId == installation.id else {
             return .error(400, code: "invalid_request", message: "installationId is not this trigger's installation")
@@ -201,7 +202,8 @@ extension ForgeEmulator {
                     } catch {
                         return
                     }
-                    _ = await self.deliverForTrigger(installation, requestId: requestId, gatewayURL: nil, times: 1, logger: logger)
+                    _ = await self.deliverForTrigger(
+                        installation, requestId: requestId, gatewayURL: nil, times: 1, logger: logger)
                 }
             )
             return .json(200, EmulatorAnswer.TriggerBody(delivered: false))

@@ -59,7 +59,8 @@ public struct EmulatedInstallation: Sendable, Hashable {
 
     /// Creates an installation value from its parts. Most code wants
     /// ``ForgeEmulator/makeInstallation(product:)`` instead.
-    public init(id: String, cloudId: String, product: String, apiBaseUrl: String, siteARI: String, triggerPath: String) {
+    public init(id: String, cloudId: String, product: String, apiBaseUrl: String, siteARI: String, triggerPath: String)
+    {
         self.id = id
         self.cloudId = cloudId
         self.product = product
@@ -268,7 +269,9 @@ public final class ForgeEmulator: Sendable, Service {
     private func runScheduledPushes(every interval: Duration) async throws {
         while true {
             try await Task.sleep(for: interval)
-            let installed = self.state.withLock { $0.orderedRecords.filter { $0.status == .installed }.map(\.installation) }
+            let installed = self.state.withLock {
+                $0.orderedRecords.filter { $0.status == .installed }.map(\.installation)
+            }
             await withDiscardingTaskGroup { group in
                 for installation in installed {
                     group.addTask {
@@ -308,7 +311,8 @@ public final class ForgeEmulator: Sendable, Service {
 
     static func randomHex(bytes count: Int) -> String {
         var generator = SystemRandomNumberGenerator()
-        return (0..<count).map { _ in String(format: "%02x", UInt8.random(in: .min ... .max, using: &generator)) }.joined()
+        return (0..<count).map { _ in String(format: "%02x", UInt8.random(in: .min ... .max, using: &generator)) }
+            .joined()
     }
 }
 

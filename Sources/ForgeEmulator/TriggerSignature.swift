@@ -34,7 +34,8 @@ public struct TriggerSignature: Sendable, Hashable {
         guard headerValue.hasPrefix(keyIdPrefix),
             let separatorRange = headerValue.range(of: separator)
         else { return nil }
-        let keyId = headerValue[headerValue.index(headerValue.startIndex, offsetBy: keyIdPrefix.count)..<separatorRange.lowerBound]
+        let keyId = headerValue[
+            headerValue.index(headerValue.startIndex, offsetBy: keyIdPrefix.count)..<separatorRange.lowerBound]
         let encodedSignature = headerValue[separatorRange.upperBound...]
         guard !keyId.isEmpty, keyId.allSatisfy(Self.isKeyIdCharacter) else { return nil }
         guard let signature = Base64URL.decode(encodedSignature), signature.count == 64 else { return nil }

@@ -81,12 +81,13 @@ final class RedisReplyParser {
             guard let elements = reply.element else {
                 return .array([])
             }
-            return .array((0..<reply.elements).map { index in
-                guard let element = elements[index] else {
-                    return .null
-                }
-                return Self.value(of: element)
-            })
+            return .array(
+                (0..<reply.elements).map { index in
+                    guard let element = elements[index] else {
+                        return .null
+                    }
+                    return Self.value(of: element)
+                })
         default:
             // REDIS_REPLY_NIL: a null bulk string or a null array.
             return .null

@@ -154,7 +154,8 @@ extension RedisClient {
         switch channel {
         case "+switch-master" where fields.count == 5 && fields[0] == masterName:
             (host, port) = (fields[3], fields[4])
-        case "+promoted-slave" where fields.count == 8 && fields[0] == "slave" && fields[4] == "@"
+        case "+promoted-slave"
+        where fields.count == 8 && fields[0] == "slave" && fields[4] == "@"
             && fields[5] == masterName:
             (host, port) = (fields[2], fields[3])
         default:
@@ -169,7 +170,8 @@ extension RedisClient {
     /// Keeps one subscription connected until it is terminated or the task is cancelled.
     private func maintain(
         _ subscription: RedisSubscription,
-        connect: @Sendable (any EventLoop, @escaping @Sendable (RedisPubSubEvent) -> Void) async throws
+        connect:
+            @Sendable (any EventLoop, @escaping @Sendable (RedisPubSubEvent) -> Void) async throws
             -> RedisConnection
     ) async {
         defer { subscription.terminate() }

@@ -180,7 +180,8 @@ public final class RedisClient: Sendable, Service {
     ) async throws -> (cursor: String, keys: [String]) {
         let deadline = self.deadline(timeout)
         guard let cluster = self.cluster else {
-            let reply = try await self.send(["SCAN", cursor, "MATCH", pattern, "COUNT", String(count)], deadline: deadline)
+            let reply = try await self.send(
+                ["SCAN", cursor, "MATCH", pattern, "COUNT", String(count)], deadline: deadline)
             return try Self.scanReply(reply)
         }
         let (shard, nodeCursor): (Int, String)
@@ -200,7 +201,8 @@ public final class RedisClient: Sendable, Service {
         let reply: RedisValue
         do {
             reply = try await cluster.send(
-                ["SCAN", nodeCursor, "MATCH", pattern, "COUNT", String(count)], to: primaries[shard], deadline: deadline)
+                ["SCAN", nodeCursor, "MATCH", pattern, "COUNT", String(count)], to: primaries[shard], deadline: deadline
+            )
         } catch let error as RedisError where error == .unavailable || error == .timeout {
             self.availability.isAvailable.store(false, ordering: .relaxed)
             self.errors.increment()

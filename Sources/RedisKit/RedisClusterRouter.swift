@@ -131,7 +131,9 @@ final class RedisClusterRouter: Sendable {
             for (node, items) in groups {
                 group.addTask {
                     do {
-                        return (node, items, .success(try await self.send(commands, items, to: node, deadline: deadline)))
+                        return (
+                            node, items, .success(try await self.send(commands, items, to: node, deadline: deadline))
+                        )
                     } catch {
                         return (node, items, .failure(error))
                     }
@@ -258,7 +260,8 @@ final class RedisClusterRouter: Sendable {
     ///
     /// - Throws: ``RedisError/unavailable`` when no node answered, ``RedisError/timeout``, `CancellationError`.
     func rediscover(deadline: NIODeadline) async throws {
-        let (decision, promise) = self.state.withLock { state -> (RedisClusterStateMachine.Rediscovery, EventLoopPromise<Void>?) in
+        let (decision, promise) = self.state.withLock {
+            state -> (RedisClusterStateMachine.Rediscovery, EventLoopPromise<Void>?) in
             let decision = state.machine.rediscoveryRequested(now: .now())
             if case .start = decision {
                 state.rediscovery = self.eventLoopGroup.any().makePromise(of: Void.self)

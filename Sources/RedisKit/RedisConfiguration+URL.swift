@@ -5,7 +5,8 @@ enum RedisURLParser {
     static let defaultSentinelPort = 26379
 
     static func parse(_ url: String) throws(RedisConfigurationError) -> RedisConfiguration {
-        let usage = "expected redis://[[user]:password@]host:port/db, redis-sentinel://…, redis-cluster://… "
+        let usage =
+            "expected redis://[[user]:password@]host:port/db, redis-sentinel://…, redis-cluster://… "
             + "(or rediss…:// for TLS)"
         guard let schemeEnd = url.firstRange(of: "://") else {
             throw RedisConfigurationError(usage)

@@ -175,7 +175,8 @@ struct RedisConnector: Sendable {
             "redis.error": "\(RedisError.server(message))",
         ]
         if self.problems.firstReport(of: .credentialsRefused) {
-            self.logger.error("Redis refused the credentials; check the user and password in the Redis URL", metadata: metadata)
+            self.logger.error(
+                "Redis refused the credentials; check the user and password in the Redis URL", metadata: metadata)
         } else {
             self.logger.debug("Redis refused the credentials again", metadata: metadata)
         }
@@ -212,7 +213,9 @@ struct RedisConnector: Sendable {
         let deadline = NIODeadline.now() + TimeAmount(self.configuration.connectTimeout)
         for sentinel in sentinels {
             try Task.checkCancellation()
-            guard let connection = try? await self.open(sentinel, on: eventLoop, deadline: deadline, pushHandler: pushHandler)
+            guard
+                let connection = try? await self.open(
+                    sentinel, on: eventLoop, deadline: deadline, pushHandler: pushHandler)
             else {
                 continue
             }

@@ -55,4 +55,3 @@ public enum RedisValue: Sendable, Hashable {
         return false
     }
 }
-

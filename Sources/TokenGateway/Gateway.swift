@@ -3,6 +3,7 @@ import FlowEngine
 import Foundation
 import Hummingbird
 import Logging
+import Metrics
 import NIOCore
 import Prometheus
 import ServiceLifecycle
@@ -94,14 +95,16 @@ public final class Gateway: Sendable {
             logger: logger, replicaID: self.replicaID,
             observer: RoundTripRecorder(store: self.store, replicaID: self.replicaID, logger: logger))
         self.heartbeat = ReplicaHeartbeat(
-            store: self.store, replicaID: self.replicaID, version: Self.version, startedAt: FlowTime.now(), logger: logger)
+            store: self.store, replicaID: self.replicaID, version: Self.version, startedAt: FlowTime.now(),
+            logger: logger)
         // Only the configured JWKS is trusted: a staging app names the staging JWKS as its JWKS.
         var verifierConfiguration = InvocationTokenVerifier.Configuration(
             appId: configuration.forgeAppID, jwksURL: configuration.forgeJWKSURL)
         verifierConfiguration.allowedModuleKeys = configuration.forgeModuleKeys
         self.verifier = InvocationTokenVerifier(
             configuration: verifierConfiguration,
-            httpClient: self.httpClient, replayGuard: RedisReplayGuard(redis: self.store.redis, prefix: self.store.prefix), logger: logger)
+            httpClient: self.httpClient,
+            replayGuard: RedisReplayGuard(redis: self.store.redis, prefix: self.store.prefix), logger: logger)
         self.userTokenStore = RedisUserTokenStore(installations: self.store)
         self.userTokens = UserTokenExchanger(
             configuration: .init(gateway: configuration), store: self.userTokenStore, systemTokens: self.flow,
@@ -183,7 +186,8 @@ public final class Gateway: Sendable {
         var services: [any Service] = []
         // First, so it stops last: every audit record of the last requests is written.
         if let auditBuffer = self.auditBuffer { services.append(AuditFlushService(buffer: auditBuffer)) }
-        services += [HTTPClientService(client: self.httpClient), self.redis, self.flow, self.userTokens, self.heartbeat]
+        services +=
+            [HTTPClientService(client: self.httpClient), self.redis, self.flow, self.userTokens, self.heartbeat]
             as [any Service]
         if let operations = self.makeOperationsApplication(onServerRunning: onOperationsServerRunning) {
             services.append(operations)
@@ -219,8 +223,6 @@ public struct HTTPClientService: Service {
         try await self.client.shutdown()
     }
 }
-
-import Metrics
 
 extension Gateway {
     /// Makes this gateway's Prometheus registry the process-wide metrics backend (call once, in `serve`).

@@ -19,7 +19,9 @@ struct Demo: AsyncParsableCommand {
     @Flag(help: "Show the gateway's and emulator's logs") var verbose = false
 
     func run() async throws {
-        let redisURL = self.redisUrl ?? ProcessInfo.processInfo.environment["TOKEN_GATEWAY_REDIS_URL"] ?? "redis://127.0.0.1:6379/0"
+        let redisURL =
+            self.redisUrl ?? ProcessInfo.processInfo.environment["TOKEN_GATEWAY_REDIS_URL"]
+            ?? "redis://127.0.0.1:6379/0"
         let quiet = Logger(label: "demo") { _ in SwallowLogHandler() }
         let logger = self.verbose ? makeLogger(label: "demo", format: .logfmt, level: .info) : quiet
         let callerSecret = Base64URL.encode((0..<32).map { _ in UInt8.random(in: 0...255) })
@@ -94,7 +96,9 @@ struct DemoScript {
     let installations: Int
     let concurrency: Int
 
-    func fetch(_ id: String, refresh: Bool = false, asUser: String? = nil) async throws -> (status: Int, source: String, expiresAt: String, ms: Double) {
+    func fetch(_ id: String, refresh: Bool = false, asUser: String? = nil) async throws -> (
+        status: Int, source: String, expiresAt: String, ms: Double
+    ) {
         let path = "/v1/installations/\(id.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? id)/token"
         var request = HTTPClientRequest(
             url: self.gatewayURL + path + (refresh ? "/refresh" : "") + (asUser.map { "?asUser=\($0)" } ?? ""))
@@ -108,7 +112,8 @@ struct DemoScript {
         let error = (object["error"] as? [String: Any])?["code"] as? String
         return (
             Int(response.status.code), (object["source"] as? String) ?? error ?? "?",
-            (object["expiresAt"] as? String) ?? "-", Double(elapsed.components.attoseconds) / 1e15 + Double(elapsed.components.seconds) * 1000
+            (object["expiresAt"] as? String) ?? "-",
+            Double(elapsed.components.attoseconds) / 1e15 + Double(elapsed.components.seconds) * 1000
         )
     }
 
@@ -133,15 +138,22 @@ struct DemoScript {
         let jwt = self.emulator.mintConnectJWT(for: tenant, method: "GET", url: "/issue-panel?issueKey=DEMO-1")
         let verified = try await self.post(
             "/v1/connect/verify", ["jwt": jwt, "method": "GET", "url": "/issue-panel?issueKey=DEMO-1"])
-        print("connect     verify an inbound product JWT → \(verified.status) clientKey=\(verified.json["clientKey"] ?? "-") installationId=\(verified.json["installationId"] ?? "-")")
+        print(
+            "connect     verify an inbound product JWT → \(verified.status) clientKey=\(verified.json["clientKey"] ?? "-") installationId=\(verified.json["installationId"] ?? "-")"
+        )
         let signed = try await self.post(
-            "/v1/connect/sign", ["clientKey": tenant.clientKey, "method": "GET", "url": tenant.baseUrl + "/rest/api/3/myself"])
-        print("connect     sign an outbound call → \(signed.status) (a JWT valid until \(signed.json["expiresAt"] ?? "-"))")
+            "/v1/connect/sign",
+            ["clientKey": tenant.clientKey, "method": "GET", "url": tenant.baseUrl + "/rest/api/3/myself"])
+        print(
+            "connect     sign an outbound call → \(signed.status) (a JWT valid until \(signed.json["expiresAt"] ?? "-"))"
+        )
         let rotated = self.emulator.rotateSharedSecret(of: tenant)
         _ = try await self.emulator.connectInstall(rotated)
         let stale = try await self.post(
             "/v1/connect/verify", ["jwt": jwt, "method": "GET", "url": "/issue-panel?issueKey=DEMO-1"])
-        print("connect     reinstall with a new shared secret: the old secret's JWT → \(stale.status) \((stale.json["error"] as? [String: Any])?["code"] ?? "")")
+        print(
+            "connect     reinstall with a new shared secret: the old secret's JWT → \(stale.status) \((stale.json["error"] as? [String: Any])?["code"] ?? "")"
+        )
     }
 
     func run() async throws {
@@ -155,30 +167,46 @@ struct DemoScript {
         print("")
         for installation in created {
             let cold = try await self.fetch(installation.id)
-            print(String(format: "cold fetch  %@  → %d source=%@ expiresAt=%@ (%.1f ms, trigger calls: %d)",
-                installation.id, cold.status, cold.source, cold.expiresAt, cold.ms, self.emulator.triggerCalls(for: installation)))
+            print(
+                String(
+                    format: "cold fetch  %@  → %d source=%@ expiresAt=%@ (%.1f ms, trigger calls: %d)",
+                    installation.id, cold.status, cold.source, cold.expiresAt, cold.ms,
+                    self.emulator.triggerCalls(for: installation)))
             let warm = try await self.fetch(installation.id)
-            print(String(format: "cached      %@  → %d source=%@ (%.2f ms, trigger calls: %d)",
-                installation.id, warm.status, warm.source, warm.ms, self.emulator.triggerCalls(for: installation)))
+            print(
+                String(
+                    format: "cached      %@  → %d source=%@ (%.2f ms, trigger calls: %d)",
+                    installation.id, warm.status, warm.source, warm.ms, self.emulator.triggerCalls(for: installation)))
         }
         if let first = created.first {
             print("")
             let refreshing = try await self.fetch(first.id, refresh: true)
-            print(String(format: "refresh     %@  → %d source=%@ (%.1f ms, trigger calls: %d)",
-                first.id, refreshing.status, refreshing.source, refreshing.ms, self.emulator.triggerCalls(for: first)))
+            print(
+                String(
+                    format: "refresh     %@  → %d source=%@ (%.1f ms, trigger calls: %d)",
+                    first.id, refreshing.status, refreshing.source, refreshing.ms,
+                    self.emulator.triggerCalls(for: first)))
         }
         if let first = created.first {
             let user = "5b10ac8d82e05b22cc7d4ef5"
             let exchanged = try await self.fetch(first.id, asUser: user)
-            print(String(format: "user token  %@  asUser=%@ → %d source=%@ (%.1f ms)", first.id, user, exchanged.status, exchanged.source, exchanged.ms))
+            print(
+                String(
+                    format: "user token  %@  asUser=%@ → %d source=%@ (%.1f ms)", first.id, user, exchanged.status,
+                    exchanged.source, exchanged.ms))
             let again = try await self.fetch(first.id, asUser: user)
-            print(String(format: "user token  %@  asUser=%@ → %d source=%@ (%.2f ms)", first.id, user, again.status, again.source, again.ms))
+            print(
+                String(
+                    format: "user token  %@  asUser=%@ → %d source=%@ (%.2f ms)", first.id, user, again.status,
+                    again.source, again.ms))
         }
         if let first = created.first { try await self.connect(linkedTo: first) }
         let extra = self.emulator.makeInstallation()
         try await self.emulator.install(extra)
         let before = self.emulator.totalTriggerCalls
-        let results = try await withThrowingTaskGroup(of: (status: Int, source: String, expiresAt: String, ms: Double).self) { group in
+        let results = try await withThrowingTaskGroup(
+            of: (status: Int, source: String, expiresAt: String, ms: Double).self
+        ) { group in
             for _ in 0..<self.concurrency { group.addTask { try await self.fetch(extra.id) } }
             var all: [(status: Int, source: String, expiresAt: String, ms: Double)] = []
             for try await r in group { all.append(r) }
@@ -187,7 +215,9 @@ struct DemoScript {
         let ok = results.filter { $0.status == 200 }.count
         let distinct = Set(results.map(\.expiresAt)).count
         print("")
-        print("\(self.concurrency) concurrent callers on a cold installation → \(ok) answered 200, \(distinct) distinct token(s), \(self.emulator.totalTriggerCalls - before) trigger call(s)")
+        print(
+            "\(self.concurrency) concurrent callers on a cold installation → \(ok) answered 200, \(distinct) distinct token(s), \(self.emulator.totalTriggerCalls - before) trigger call(s)"
+        )
         let push = try await self.emulator.push(extra, expiresAt: Date().addingTimeInterval(7200))
         print("pushed a token with 2 h left → gateway answered \(push.status) \(push.body)")
         let afterPush = try await self.fetch(extra.id)

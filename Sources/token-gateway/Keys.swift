@@ -29,7 +29,8 @@ struct KeysRewrap: AsyncParsableCommand {
             """)
 
     @Option(help: "Redis URL without a password, or @path [TOKEN_GATEWAY_REDIS_URL]") var redisUrl: String?
-    @Option(help: "@path of a file with the key ring, new key first; the ring itself only in TOKEN_GATEWAY_ENCRYPTION_KEYS")
+    @Option(
+        help: "@path of a file with the key ring, new key first; the ring itself only in TOKEN_GATEWAY_ENCRYPTION_KEYS")
     var encryptionKeys: String?
     @Option(help: "SCAN cursor to resume from (as printed by an interrupted run)") var cursor = "0"
     @Option(help: "Keys per SCAN batch (a hint to Redis)") var batchSize = 500
@@ -73,7 +74,9 @@ struct KeysRewrap: AsyncParsableCommand {
             throw Self.configurationError("\(error)")
         }
         guard let keysText = keysSetting, !keysText.isEmpty
-        else { throw Self.configurationError("configuration error: TOKEN_GATEWAY_ENCRYPTION_KEYS: is required but not set") }
+        else {
+            throw Self.configurationError("configuration error: TOKEN_GATEWAY_ENCRYPTION_KEYS: is required but not set")
+        }
         do {
             ring = try EncryptionKeyRing(parsing: keysText)
         } catch {

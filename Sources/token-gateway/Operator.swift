@@ -60,12 +60,15 @@ enum NIOHTTP1Method {
 }
 
 extension String {
-    func trimmingSuffix(_ suffix: String) -> String { self.hasSuffix(suffix) ? String(self.dropLast(suffix.count)) : self }
+    func trimmingSuffix(_ suffix: String) -> String {
+        self.hasSuffix(suffix) ? String(self.dropLast(suffix.count)) : self
+    }
 }
 
 func printJSON(_ value: Any?) {
     guard let value, JSONSerialization.isValidJSONObject(value),
-        let data = try? JSONSerialization.data(withJSONObject: value, options: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes])
+        let data = try? JSONSerialization.data(
+            withJSONObject: value, options: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes])
     else {
         print(value.map { "\($0)" } ?? "")
         return
@@ -120,14 +123,17 @@ struct Installations: AsyncParsableCommand {
                 printJSON(all)
                 return
             }
-            print("INSTALLATION                                                          STATUS       TRIGGER  TOKEN EXPIRES")
+            print(
+                "INSTALLATION                                                          STATUS       TRIGGER  TOKEN EXPIRES"
+            )
             for i in all {
                 let id = i["installationId"] as? String ?? "?"
                 let status = i["status"] as? String ?? "?"
                 let trigger = (i["triggerRegistered"] as? Bool ?? false) ? "yes" : "no"
                 let expires = i["tokenExpiresAt"] as? String ?? "-"
                 print(
-                    id.padding(toLength: 70, withPad: " ", startingAt: 0) + status.padding(toLength: 13, withPad: " ", startingAt: 0)
+                    id.padding(toLength: 70, withPad: " ", startingAt: 0)
+                        + status.padding(toLength: 13, withPad: " ", startingAt: 0)
                         + trigger.padding(toLength: 9, withPad: " ", startingAt: 0) + expires)
             }
             print("\(all.count) installation(s)")
@@ -189,7 +195,9 @@ struct CheckConfig: AsyncParsableCommand {
         print("forge app id    \(config.forgeAppID)")
         print("jwks            \(config.forgeJWKSURL)")
         print("trigger hosts   \(config.triggerHosts)")
-        print("module keys     \(config.forgeModuleKeys.map { $0.sorted().joined(separator: ", ") } ?? "any (core:endpoint only)")")
+        print(
+            "module keys     \(config.forgeModuleKeys.map { $0.sorted().joined(separator: ", ") } ?? "any (core:endpoint only)")"
+        )
         print("encryption keys \(config.encryptionKeys.keyIds.joined(separator: ", ")) (first encrypts)")
         print("callers         \(config.callers.callers.map(\.name).joined(separator: ", "))")
         print("connect         \(config.connectBaseURL ?? "off")")

@@ -8,7 +8,9 @@ struct TokenGatewayCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "token-gateway",
         abstract: "Gets Atlassian access tokens for an app's remote backend whenever it needs one.",
-        subcommands: [Serve.self, Emulate.self, Demo.self, Installations.self, Token.self, CheckConfig.self, Keys.self],
+        subcommands: [
+            Serve.self, Emulate.self, Demo.self, Installations.self, Token.self, CheckConfig.self, Keys.self,
+        ],
         defaultSubcommand: Serve.self
     )
 }
@@ -27,7 +29,8 @@ struct SettingsOptions: ParsableArguments {
     @Option(help: "Expected FIT audience, the app ARI [TOKEN_GATEWAY_FORGE_APP_ID]") var forgeAppId: String?
     @Option(help: "JWKS URL for Forge invocation tokens [TOKEN_GATEWAY_FORGE_JWKS_URL]") var forgeJwksUrl: String?
     @Option(help: "Allow-list of trigger hosts [TOKEN_GATEWAY_TRIGGER_HOSTS]") var triggerHosts: String?
-    @Option(help: "Module keys allowed on the Forge routes [TOKEN_GATEWAY_FORGE_MODULE_KEYS]") var forgeModuleKeys: String?
+    @Option(help: "Module keys allowed on the Forge routes [TOKEN_GATEWAY_FORGE_MODULE_KEYS]") var forgeModuleKeys:
+        String?
     @Option(help: "@path of a file with the encryption key ring; the ring itself only in TOKEN_GATEWAY_ENCRYPTION_KEYS")
     var encryptionKeys: String?
     @Option(help: "@path of the callers JSON file; the JSON itself only in TOKEN_GATEWAY_CALLERS") var callers: String?
@@ -39,15 +42,19 @@ struct SettingsOptions: ParsableArguments {
     @Option(help: "The gateway's public base URL [TOKEN_GATEWAY_PUBLIC_URL]") var publicUrl: String?
     @Option(help: "Log level trace…critical [TOKEN_GATEWAY_LOG_LEVEL]") var logLevel: String?
     @Option(help: "Log format logfmt|json [TOKEN_GATEWAY_LOG_FORMAT]") var logFormat: String?
-    @Option(help: "Trigger attempts per round trip [TOKEN_GATEWAY_TRIGGER_MAX_ATTEMPTS]") var triggerMaxAttempts: String?
-    @Option(help: "Trigger call timeout, ms [TOKEN_GATEWAY_TRIGGER_ATTEMPT_TIMEOUT_MS]") var triggerAttemptTimeoutMs: String?
+    @Option(help: "Trigger attempts per round trip [TOKEN_GATEWAY_TRIGGER_MAX_ATTEMPTS]") var triggerMaxAttempts:
+        String?
+    @Option(help: "Trigger call timeout, ms [TOKEN_GATEWAY_TRIGGER_ATTEMPT_TIMEOUT_MS]") var triggerAttemptTimeoutMs:
+        String?
     @Option(help: "Delivery grace after a 2xx trigger answer, ms [TOKEN_GATEWAY_DELIVERY_GRACE_MS]")
     var deliveryGraceMs: String?
     @Option(help: "Refresh-ahead share of a token's lifetime [TOKEN_GATEWAY_REFRESH_AHEAD_FRACTION]")
     var refreshAheadFraction: String?
-    @Option(help: "Failed round trips that open a circuit [TOKEN_GATEWAY_BREAKER_THRESHOLD]") var breakerThreshold: String?
+    @Option(help: "Failed round trips that open a circuit [TOKEN_GATEWAY_BREAKER_THRESHOLD]") var breakerThreshold:
+        String?
     @Option(help: "Operations listener address [TOKEN_GATEWAY_OPS_HOST]") var opsHost: String?
-    @Option(help: "Operations listener port: health, metrics, operator pages [TOKEN_GATEWAY_OPS_PORT]") var opsPort: String?
+    @Option(help: "Operations listener port: health, metrics, operator pages [TOKEN_GATEWAY_OPS_PORT]") var opsPort:
+        String?
     @Option(help: "Allowed apiBaseUrl prefixes [TOKEN_GATEWAY_API_BASE_URL_PREFIXES]") var apiBaseUrlPrefixes: String?
     @Option(help: "First open window of a circuit, ms [TOKEN_GATEWAY_BREAKER_OPEN_MS]") var breakerOpenMs: String?
     @Option(help: "Named-trigger calls of one installation at once per process [TOKEN_GATEWAY_INVOKE_MAX_CONCURRENCY]")
@@ -101,7 +108,8 @@ struct Serve: AsyncParsableCommand {
         let gateway = Gateway(configuration: config, logger: logger)
         gateway.bootstrapMetrics()
         logger.info(
-            "starting", metadata: ["listen": "\(config.host):\(config.port)", "callers": "\(config.callers.callers.count)"])
+            "starting",
+            metadata: ["listen": "\(config.host):\(config.port)", "callers": "\(config.callers.callers.count)"])
         try await gateway.run(
             onServerRunning: { channel in
                 logger.info(

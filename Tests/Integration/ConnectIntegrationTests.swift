@@ -105,7 +105,9 @@ struct ConnectIntegrationTests {
             let jwt = h.emulator.mintConnectJWT(
                 for: tenant, method: "GET", url: url,
                 options: {
-                    var o = ConnectJWTOptions(); o.contextJSON = #"{"jira":{"issue":{"key":"ABC-1"}}}"#; return o
+                    var o = ConnectJWTOptions()
+                    o.contextJSON = #"{"jira":{"issue":{"key":"ABC-1"}}}"#
+                    return o
                 }())
             let answer = try await h.verifyConnect(jwt, url: url + "&jwt=" + jwt)
             #expect(answer.status == 200)

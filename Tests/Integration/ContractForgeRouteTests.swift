@@ -33,7 +33,8 @@ struct ContractForgeRouteTests {
             let installation = try await h.installed()
             let system = try h.emulator.mintAccessToken(for: installation)
             let user = try h.emulator.mintAccessToken(for: installation)
-            let answer = try await h.emulator.deliver(installation, systemToken: system, requestId: nil, userToken: user)
+            let answer = try await h.emulator.deliver(
+                installation, systemToken: system, requestId: nil, userToken: user)
             #expect(answer.status == 200)
             #expect(answer.body == #"{"stored":true}"#)
             #expect(try await h.gateway.store.systemToken(installation.installationID)?.value == system)

@@ -16,11 +16,14 @@ struct ContractListingTests {
         let nextCursor: String?
     }
 
-    static func page(_ h: GatewayHarness, _ query: String, secret: String = GatewayHarness.callerSecret) async throws -> Page {
+    static func page(_ h: GatewayHarness, _ query: String, secret: String = GatewayHarness.callerSecret) async throws
+        -> Page
+    {
         let answer = try await h.call(.GET, "/v1/installations" + (query.isEmpty ? "" : "?" + query), secret: secret)
         #expect(answer.status == 200, "\(query): \(answer.body.prefix(300))")
         let items = answer.json["installations"] as? [[String: Any]] ?? []
-        return Page(ids: items.compactMap { $0["installationId"] as? String }, nextCursor: answer.json["nextCursor"] as? String)
+        return Page(
+            ids: items.compactMap { $0["installationId"] as? String }, nextCursor: answer.json["nextCursor"] as? String)
     }
 
     static func encoded(_ cursor: String) -> String {
@@ -30,7 +33,9 @@ struct ContractListingTests {
     @Test("pages are ordered by id, hold each installation exactly once, default to 100, and accept 1–1000 only")
     func paging() async throws {
         // KEYS renamed away: listing must work without it (never backed by KEYS).
-        let redis = try await RedisServerProcess.start(extraArguments: ["--rename-command", "KEYS", "keys-is-off-\(UUID().uuidString)"])
+        let redis = try await RedisServerProcess.start(extraArguments: [
+            "--rename-command", "KEYS", "keys-is-off-\(UUID().uuidString)",
+        ])
         do {
             try await GatewayHarness.run(redisURL: redis.url) { h in
                 var created: Set<String> = []
@@ -94,14 +99,17 @@ struct ContractListingTests {
                     #expect(try await h.emulator.sendLifecycleEvent(.installed, for: installation).status == 200)
                 }
                 for _ in 0..<4 {
-                    #expect(try await h.emulator.sendLifecycleEvent(.installed, for: h.emulator.makeInstallation()).status == 200)
+                    #expect(
+                        try await h.emulator.sendLifecycleEvent(.installed, for: h.emulator.makeInstallation()).status
+                            == 200)
                 }
                 var seen: [String] = []
                 var cursor: String? = nil
                 var pages = 0
                 repeat {
                     let page = try await Self.page(
-                        h, "limit=2" + (cursor.map { "&cursor=" + Self.encoded($0) } ?? ""), secret: GatewayHarness.scopedSecret)
+                        h, "limit=2" + (cursor.map { "&cursor=" + Self.encoded($0) } ?? ""),
+                        secret: GatewayHarness.scopedSecret)
                     seen += page.ids
                     cursor = page.nextCursor
                     pages += 1

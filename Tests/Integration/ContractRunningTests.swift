@@ -7,11 +7,11 @@ import NIOHTTP1
 import NIOPosix
 import Testing
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 @testable import TokenGateway
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Contract §7 with the real binary: every flag means what its variable means, `CALLERS=@path`,
 /// a malformed setting stops `serve` with exit 2 and one line naming it, and SIGTERM/SIGINT stop
@@ -31,7 +31,8 @@ struct ContractRunningTests {
 
     /// Runs `token-gateway serve` with `arguments` and `environment` and returns its exit status
     /// and stderr; a process still running after 60 s (it did not stop at its settings) is killed.
-    static func serve(_ arguments: [String], environment: [String: String]) async throws -> (status: Int32, err: String) {
+    static func serve(_ arguments: [String], environment: [String: String]) async throws -> (status: Int32, err: String)
+    {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: GatewayProcess.binary)
         process.arguments = ["serve"] + arguments
@@ -94,7 +95,8 @@ struct ContractRunningTests {
         sourceLocation: SourceLocation = #_sourceLocation
     ) {
         let lines = outcome.err.split(separator: "\n").filter { !$0.trimmingCharacters(in: .whitespaces).isEmpty }
-        #expect(outcome.status == 2, "\(variable): exit \(outcome.status): \(outcome.err)", sourceLocation: sourceLocation)
+        #expect(
+            outcome.status == 2, "\(variable): exit \(outcome.status): \(outcome.err)", sourceLocation: sourceLocation)
         #expect(lines.count == 1, "\(variable): \(outcome.err)", sourceLocation: sourceLocation)
         #expect(lines.first?.contains(variable) == true, "\(variable): \(outcome.err)", sourceLocation: sourceLocation)
         if let secret {
@@ -153,7 +155,8 @@ struct ContractRunningTests {
         settings["TOKEN_GATEWAY_CALLERS"] = "@" + file.path
         let process = try await GatewayProcess.start(settings: settings)
         #expect(try await Self.status(process.url + "/v1/installations?limit=1", bearer: secret) == 200)
-        #expect(try await Self.status(process.url + "/v1/installations?limit=1", bearer: "caller-secret-0123456789") == 401)
+        #expect(
+            try await Self.status(process.url + "/v1/installations?limit=1", bearer: "caller-secret-0123456789") == 401)
         await process.stop()
         #expect(!process.lines.joined().contains(secret))
     }
@@ -195,7 +198,9 @@ struct ContractRunningTests {
             ) { h in
                 let installation = h.emulator.makeInstallation()
                 #expect(try await h.emulator.sendLifecycleEvent(.installed, for: installation).status == 200)
-                #expect(try await h.emulator.register(installation, authTriggerUrl: holder.baseURL + "/x1/held").status == 200)
+                #expect(
+                    try await h.emulator.register(installation, authTriggerUrl: holder.baseURL + "/x1/held").status
+                        == 200)
                 let gateway = h.replicas[0]
                 let inFlight = Task { try await h.token(0, installation, query: "timeout=30000") }
                 // The trigger call is in flight (held, unanswered): the caller is waiting.

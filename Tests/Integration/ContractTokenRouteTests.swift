@@ -163,7 +163,8 @@ struct ContractTokenRouteTests {
             let m = try await h.metricsText()
             #expect(sample(m, "token_gateway_trigger_attempts_total", ["outcome": "transport_error"]) == 3)
             #expect(sample(m, "token_gateway_trigger_retries_total") == 2)
-            #expect(sample(m, "token_gateway_token_requests_total", ["source": "none", "outcome": "trigger_failed"]) == 1)
+            #expect(
+                sample(m, "token_gateway_token_requests_total", ["source": "none", "outcome": "trigger_failed"]) == 1)
         }
     }
 
@@ -177,7 +178,9 @@ struct ContractTokenRouteTests {
                 $0.flow.attemptTimeout = .milliseconds(300)
             }) { h in
                 let installation = try await h.installed()
-                #expect(try await h.emulator.register(installation, authTriggerUrl: holder.baseURL + "/x1/held").status == 200)
+                #expect(
+                    try await h.emulator.register(installation, authTriggerUrl: holder.baseURL + "/x1/held").status
+                        == 200)
                 let answer = try await h.token(installation, query: "timeout=30000")
                 #expect(answer.status == 504)
                 #expect(answer.errorCode == "token_timeout")

@@ -44,7 +44,8 @@ struct DashboardConsistencyTests {
                 .POST, "/forge/auth-trigger", secret: nil,
                 headers: ["authorization": "Bearer not.a.fit", "content-type": "application/json"], body: "{}")
             #expect(refused.status == 401)
-            #expect(try await h.call(.GET, GatewayHarness.path(installation) + "/token?asUser=557058:dash").status == 200)
+            #expect(
+                try await h.call(.GET, GatewayHarness.path(installation) + "/token?asUser=557058:dash").status == 200)
             #expect(try await h.token(h.emulator.makeInstallation()).status == 404)
             // A trigger that keeps failing: 502 trigger_failed.
             let broken = try await h.installed()

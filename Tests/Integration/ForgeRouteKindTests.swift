@@ -93,7 +93,9 @@ struct ForgeRouteKindTests {
         #expect(answer.status == 403, "\(path) \(note): \(answer.body)", sourceLocation: sourceLocation)
         #expect(answer.errorCode == "forbidden", "\(path) \(note)", sourceLocation: sourceLocation)
         #expect(!answer.body.contains(later), sourceLocation: sourceLocation)
-        #expect(try await !Self.seen(h, jti: jti), "\(path) \(note): the refused FIT's jti was recorded", sourceLocation: sourceLocation)
+        #expect(
+            try await !Self.seen(h, jti: jti), "\(path) \(note): the refused FIT's jti was recorded",
+            sourceLocation: sourceLocation)
     }
 
     @Test("a FIT from a user's browser is refused with 403 on every Forge route and changes nothing")
@@ -108,7 +110,8 @@ struct ForgeRouteKindTests {
 
             for (path, body) in Self.routes(h, installation) {
                 for kind in Self.refusedKinds() where path != "/forge/pre-uninstall" || kind.refusedOnPreUninstall {
-                    try await Self.expectRefused(h, installation, path: path, body: body, options: kind.options, note: kind.name)
+                    try await Self.expectRefused(
+                        h, installation, path: path, body: body, options: kind.options, note: kind.name)
                 }
             }
             // The emulator's admin route plays the same browser call.
@@ -118,9 +121,14 @@ struct ForgeRouteKindTests {
                 systemToken: try h.emulator.mintAccessToken(for: installation))
             #expect(fromBrowser.status == 403)
             // And so does the emulator's admin route, as `token-gateway emulate` users drive it.
-            var admin = HTTPClientRequest(url: h.emulator.baseURL + "/admin/installations/\(installation.uuid)/ui-invoke")
+            var admin = HTTPClientRequest(
+                url: h.emulator.baseURL + "/admin/installations/\(installation.uuid)/ui-invoke")
             admin.method = .POST
-            admin.body = .bytes(ByteBuffer(string: #"{"path":"/forge/lifecycle","body":{"eventType":"avi:forge:uninstalled:app"},"systemToken":true}"#))
+            admin.body = .bytes(
+                ByteBuffer(
+                    string:
+                        #"{"path":"/forge/lifecycle","body":{"eventType":"avi:forge:uninstalled:app"},"systemToken":true}"#
+                ))
             let adminAnswer = try await h.http.execute(admin, timeout: .seconds(30))
             #expect(adminAnswer.status.code == 200)
             let adminBody = String(buffer: try await adminAnswer.body.collect(upTo: 1 << 20))
@@ -149,21 +157,24 @@ struct ForgeRouteKindTests {
 
     @Test("with TOKEN_GATEWAY_FORGE_MODULE_KEYS set, another module key gets 403 on every route and changes nothing")
     func moduleKeyAllowList() async throws {
-        try await GatewayHarness.run(configure: { $0.forgeModuleKeys = [ForgeEmulator.endpointModuleKey, "other-ok"] }) { h in
+        try await GatewayHarness.run(configure: { $0.forgeModuleKeys = [ForgeEmulator.endpointModuleKey, "other-ok"] })
+        { h in
             let installation = try await h.installed()
             #expect(try await h.token(installation).status == 200)
             let before = try await Self.observe(h, installation)
             var otherKey = FITOptions()
             otherKey.moduleKey = "some-other-endpoint"
             for (path, body) in Self.routes(h, installation) {
-                try await Self.expectRefused(h, installation, path: path, body: body, options: otherKey, note: "module key")
+                try await Self.expectRefused(
+                    h, installation, path: path, body: body, options: otherKey, note: "module key")
             }
             #expect(try await Self.observe(h, installation) == before)
             // A listed key is accepted.
             var listed = FITOptions()
             listed.moduleKey = "other-ok"
             let push = try await h.emulator.deliver(
-                installation, systemToken: try h.emulator.mintAccessToken(for: installation), requestId: nil, fit: listed)
+                installation, systemToken: try h.emulator.mintAccessToken(for: installation), requestId: nil,
+                fit: listed)
             #expect(push.status == 200)
         }
     }
@@ -177,7 +188,10 @@ struct ForgeRouteKindTests {
         ]
         #expect(try GatewayConfiguration.load(environment: environment).forgeModuleKeys == nil)
         environment["TOKEN_GATEWAY_FORGE_MODULE_KEYS"] = "token-gateway, lifecycle-endpoint"
-        #expect(try GatewayConfiguration.load(environment: environment).forgeModuleKeys == ["token-gateway", "lifecycle-endpoint"])
+        #expect(
+            try GatewayConfiguration.load(environment: environment).forgeModuleKeys == [
+                "token-gateway", "lifecycle-endpoint",
+            ])
         #expect(
             try GatewayConfiguration.load(environment: environment, flags: ["TOKEN_GATEWAY_FORGE_MODULE_KEYS": "x"])
                 .forgeModuleKeys == ["x"])
@@ -196,7 +210,10 @@ struct ForgeRouteKindTests {
             let systemKey = h.gateway.store.systemTokenKey(installation.installationID)
             #expect(try await h.gateway.redis.send(["EXISTS", userKey]).int == 1)
             #expect(try await h.gateway.redis.send(["EXISTS", systemKey]).int == 1)
-            #expect(try await Security.keys(of: installation, in: h.gateway.redis).contains { $0.hasSuffix(":signing-keys") })
+            #expect(
+                try await Security.keys(of: installation, in: h.gateway.redis).contains {
+                    $0.hasSuffix(":signing-keys")
+                })
 
             // Forge runs preUninstall with a principal that is not a user: accepted here.
             var fit = FITOptions()
@@ -206,20 +223,25 @@ struct ForgeRouteKindTests {
 
             // Left: the record (marked uninstalled) and the round-trip history the status page shows
             // (outcomes and durations, no token, no URL).
-            let keys = try await Security.keys(of: installation, in: h.gateway.redis).filter { !$0.hasSuffix(":history") }
+            let keys = try await Security.keys(of: installation, in: h.gateway.redis).filter {
+                !$0.hasSuffix(":history")
+            }
             #expect(keys == [h.gateway.store.installationKey(installation.installationID)], "\(keys)")
             #expect(try await h.gateway.redis.send(["EXISTS", userKey]).int == 0)
             let token = try await h.token(installation)
             #expect(token.status == 410)
             #expect(token.errorCode == "installation_uninstalled")
             #expect(try await h.userToken(installation, account).status == 410)
-            #expect(try await h.call(.GET, GatewayHarness.path(installation)).json["status"] as? String == "uninstalled")
+            #expect(
+                try await h.call(.GET, GatewayHarness.path(installation)).json["status"] as? String == "uninstalled")
             #expect(try await h.emulator.push(installation).status == 410)
 
             // Idempotent: again through the emulator's uninstall, and nothing comes back.
             try await h.emulator.uninstall(installation)
             #expect(try await h.emulator.preUninstall(installation).status == 200)
-            #expect(try await Security.keys(of: installation, in: h.gateway.redis).filter { !$0.hasSuffix(":history") } == keys)
+            #expect(
+                try await Security.keys(of: installation, in: h.gateway.redis).filter { !$0.hasSuffix(":history") }
+                    == keys)
             #expect(try await h.token(installation).status == 410)
         }
     }
@@ -278,7 +300,9 @@ struct ForgeRouteKindTests {
                 #expect(served.json["tokenType"] as? String == "Bearer")
                 #expect(served.json["installationId"] as? String == installation.id)
                 #expect(served.json["apiBaseUrl"] as? String == installation.apiBaseUrl)
-                #expect(served.json["expiresAt"] as? String == RFC3339.string(unixSeconds: Int64(expiresAt.timeIntervalSince1970)))
+                #expect(
+                    served.json["expiresAt"] as? String
+                        == RFC3339.string(unixSeconds: Int64(expiresAt.timeIntervalSince1970)))
             }
             check(try await h.token(installation))
             try await h.withSecondGateway { url in
@@ -294,20 +318,24 @@ struct ForgeRouteKindTests {
         }
     }
 
-    @Test("auth-trigger: a token more than 24 h ahead is 400 and stores nothing; under 60 s is stored:false and never served")
+    @Test(
+        "auth-trigger: a token more than 24 h ahead is 400 and stores nothing; under 60 s is stored:false and never served"
+    )
     func deliveryLifetime() async throws {
         try await GatewayHarness.run { h in
             let installation = try await h.installed()
             #expect(try await h.token(installation).status == 200)
             let before = try await Self.observe(h, installation)
 
-            let tooLong = try h.emulator.mintAccessToken(for: installation, expiresAt: Date().addingTimeInterval(25 * 3600))
+            let tooLong = try h.emulator.mintAccessToken(
+                for: installation, expiresAt: Date().addingTimeInterval(25 * 3600))
             let refused = try await h.emulator.deliver(installation, systemToken: tooLong, requestId: nil)
             #expect(refused.status == 400)
             #expect(refused.body.contains("invalid_token"))
             #expect(try await Self.observe(h, installation) == before)
 
-            let nearlyExpired = try h.emulator.mintAccessToken(for: installation, expiresAt: Date().addingTimeInterval(30))
+            let nearlyExpired = try h.emulator.mintAccessToken(
+                for: installation, expiresAt: Date().addingTimeInterval(30))
             let dropped = try await h.emulator.deliver(installation, systemToken: nearlyExpired, requestId: nil)
             #expect(dropped.status == 200)
             #expect(dropped.body == #"{"stored":false}"#)
@@ -316,7 +344,8 @@ struct ForgeRouteKindTests {
             // An installation never seen: the short token creates nothing and is not served.
             let unknown = h.emulator.makeInstallation()
             let short = try h.emulator.mintAccessToken(for: unknown, expiresAt: Date().addingTimeInterval(30))
-            #expect(try await h.emulator.deliver(unknown, systemToken: short, requestId: nil).body == #"{"stored":false}"#)
+            #expect(
+                try await h.emulator.deliver(unknown, systemToken: short, requestId: nil).body == #"{"stored":false}"#)
             #expect(try await Security.keys(of: unknown, in: h.gateway.redis).isEmpty)
             #expect(try await h.token(unknown).status == 404)
             let long = try h.emulator.mintAccessToken(for: unknown, expiresAt: Date().addingTimeInterval(48 * 3600))
@@ -348,7 +377,9 @@ struct ForgeRouteKindTests {
                 let registered = try await h.emulator.register(installation, systemToken: registerToken)
                 #expect(registered.status == 200, "\(name): \(registered.body)")
                 #expect(registered.triggerKeyId != nil)
-                #expect(try await h.call(.GET, GatewayHarness.path(installation)).json["triggerRegistered"] as? Bool == true)
+                #expect(
+                    try await h.call(.GET, GatewayHarness.path(installation)).json["triggerRegistered"] as? Bool == true
+                )
                 #expect(try await h.gateway.redis.send(["EXISTS", systemKey]).int == 0, "\(name)")
 
                 // Neither is served: the first request makes a round trip for a fresh token.

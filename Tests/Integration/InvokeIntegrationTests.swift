@@ -107,7 +107,8 @@ struct InvokeIntegrationTests {
                 return Int(response.status.code)
             }
             #expect(try await send(call.body) == 200)
-            let tampered = Data(String(decoding: call.body, as: UTF8.self).replacingOccurrences(of: "KEY-1", with: "KEY-2").utf8)
+            let tampered = Data(
+                String(decoding: call.body, as: UTF8.self).replacingOccurrences(of: "KEY-1", with: "KEY-2").utf8)
             #expect(try await send(tampered) == 401)
             #expect(h.emulator.namedTriggerCalls(for: installation, key: "echo").last?.signatureValid == false)
 
@@ -118,7 +119,9 @@ struct InvokeIntegrationTests {
         }
     }
 
-    @Test("scope: no invoke list, a key not listed, an installation outside the set → 403; bad key → 400; no credential → 401")
+    @Test(
+        "scope: no invoke list, a key not listed, an installation outside the set → 403; bad key → 400; no credential → 401"
+    )
     func scope() async throws {
         try await Self.run { h in
             let installation = h.emulator.makeInstallation()
@@ -226,7 +229,8 @@ struct InvokeIntegrationTests {
         let recorder = try await ConnectionRecorder.start()
         defer { Task { await recorder.stop() } }
         try await Self.run(configure: { config in
-            config.triggerHosts = try! TriggerHostAllowList(parsing: config.triggerHosts.description + "," + recorder.baseURL)
+            config.triggerHosts = try! TriggerHostAllowList(
+                parsing: config.triggerHosts.description + "," + recorder.baseURL)
             config.flow.breakerThreshold = 100
         }) { h in
             let installation = try await h.installed()
@@ -253,7 +257,9 @@ struct InvokeIntegrationTests {
             #expect(down.status == 200)
             func attempts() -> [String] {
                 h.logs.captured.filter { $0.contains("trigger_invoked") && $0.contains("trigger.key=down") }
-                    .compactMap { line in line.split(separator: " ").first { $0.hasPrefix("trigger.attempts=") }.map(String.init) }
+                    .compactMap { line in
+                        line.split(separator: " ").first { $0.hasPrefix("trigger.attempts=") }.map(String.init)
+                    }
             }
             let failed = try await Self.invoke(h, installation, "down")
             #expect(failed.status == 502)
@@ -266,7 +272,10 @@ struct InvokeIntegrationTests {
             #expect(try await Self.invoke(h, installation, "down", headers: ["idempotency-key": "k"]).status == 502)
             #expect(recorder.connections > before)
             let maxAttempts = h.gateway.configuration.invoke.maxAttempts
-            #expect(attempts() == ["trigger.attempts=1", "trigger.attempts=\(maxAttempts)", "trigger.attempts=\(maxAttempts)"])
+            #expect(
+                attempts() == [
+                    "trigger.attempts=1", "trigger.attempts=\(maxAttempts)", "trigger.attempts=\(maxAttempts)",
+                ])
         }
     }
 
@@ -416,7 +425,8 @@ struct InvokeIntegrationTests {
     func metricsAndAudit() async throws {
         try await Self.run { h in
             let installation = try await h.installed()
-            #expect(try await Self.invoke(h, installation, "echo", body: #"{"secretish":"payload-marker"}"#).status == 200)
+            #expect(
+                try await Self.invoke(h, installation, "echo", body: #"{"secretish":"payload-marker"}"#).status == 200)
             #expect(try await Self.invoke(h, installation, "nope").status == 422)
             let metrics = try await h.call(.GET, "/metrics", secret: nil).body
             #expect(metrics.contains(#"token_gateway_invocations_total{outcome="success"} 1"#))
@@ -443,60 +453,108 @@ struct InvokeIntegrationTests {
             let path = GatewayHarness.path(installation) + "/invoke/"
             let json = ["content-type": "application/json"]
             try await h.recorded(
-                r, .POST, path + "echo", template: template, status: 200, note: "echo", headers: json, body: #"{"a":1}"#)
+                r, .POST, path + "echo", template: template, status: 200, note: "echo", headers: json, body: #"{"a":1}"#
+            )
             for note in ["kept", "replayed"] {
                 try await h.recorded(
                     r, .POST, path + "echo?timeout=5000", template: template, status: 200, note: note,
                     headers: json.merging(["idempotency-key": "conf"]) { $1 }, body: #"{"a":2}"#)
             }
-            try await h.recorded(r, .POST, path + "Bad", template: template, status: 400, note: "bad key", headers: json, body: "{}")
-            try await h.recorded(r, .POST, path + "echo", template: template, status: 400, note: "not JSON", headers: json, body: "{")
-            try await h.recorded(r, .POST, path + "echo", template: template, status: 401, note: "no credential", secret: nil, headers: json, body: "{}")
             try await h.recorded(
-                r, .POST, path + "echo", template: template, status: 403, note: "no invoke list", secret: Self.noInvokeSecret,
+                r, .POST, path + "Bad", template: template, status: 400, note: "bad key", headers: json, body: "{}")
+            try await h.recorded(
+                r, .POST, path + "echo", template: template, status: 400, note: "not JSON", headers: json, body: "{")
+            try await h.recorded(
+                r, .POST, path + "echo", template: template, status: 401, note: "no credential", secret: nil,
                 headers: json, body: "{}")
             try await h.recorded(
-                r, .POST, GatewayHarness.path(h.emulator.makeInstallation()) + "/invoke/echo", template: template, status: 404,
+                r, .POST, path + "echo", template: template, status: 403, note: "no invoke list",
+                secret: Self.noInvokeSecret,
+                headers: json, body: "{}")
+            try await h.recorded(
+                r, .POST, GatewayHarness.path(h.emulator.makeInstallation()) + "/invoke/echo", template: template,
+                status: 404,
                 note: "unknown installation", headers: json, body: "{}")
             try await h.recorded(
                 r, .POST, path + "echo", template: template, status: 413, note: "payload too large", headers: json,
                 body: "\"" + String(repeating: "a", count: 70 * 1024) + "\"")
-            try await h.recorded(r, .POST, path + "nope", template: template, status: 422, note: "no such trigger", headers: json, body: "{}")
-
-            // Relayed errors, then the circuit (threshold 2).
-            h.emulator.setNamedTriggerBehaviour(.fail(status: 409, times: 1), for: installation, key: "echo")
-            try await h.recorded(r, .POST, path + "echo", template: template, status: 409, note: "relayed 409", headers: json, body: "{}")
-            h.emulator.setNamedTriggerBehaviour(.fail(status: 503, times: 1), for: installation, key: "echo")
-            try await h.recorded(r, .POST, path + "echo", template: template, status: 503, note: "relayed 503", headers: json, body: "{}")
-            h.emulator.setNamedTriggerBehaviour(.fail(status: 500, times: nil), for: installation, key: "echo")
-            try await h.recorded(r, .POST, path + "echo", template: template, status: 500, note: "relayed 500", headers: json, body: "{}")
-            let open = try await h.recorded(
-                r, .POST, path + "echo", template: template, status: 503, note: "circuit open", headers: json, body: "{}")
-            #expect(open.errorCode == "circuit_open")
-
-            // 504, then 410.
-            let other = try await h.installed()
-            h.emulator.setNamedTriggerBehaviour(.hang(maximum: .seconds(20)), for: other, key: "echo")
-            let otherPath = GatewayHarness.path(other) + "/invoke/echo"
             try await h.recorded(
-                r, .POST, otherPath + "?timeout=300", template: template, status: 504, note: "timeout", headers: json, body: "{}")
-            h.emulator.releaseHeldNamedTriggerCalls()
-            try await h.emulator.uninstall(other)
-            try await h.recorded(r, .POST, otherPath, template: template, status: 410, note: "uninstalled", headers: json, body: "{}")
+                r, .POST, path + "nope", template: template, status: 422, note: "no such trigger", headers: json,
+                body: "{}")
 
-            // The register body with named triggers, and its refusal.
-            let url = h.emulator.namedTriggerURL(for: installation, key: "echo")!
-            try await h.recorded(
-                r, .POST, "/forge/register", template: "/forge/register", status: 200, note: "with triggers", secret: nil,
-                headers: try h.forgeHeaders(installation),
-                body: #"{"authTriggerUrl":"\#(h.emulator.triggerURL(for: installation))","triggers":{"echo":"\#(url)","gone":null}}"#)
-            try await h.recorded(
-                r, .POST, "/forge/register", template: "/forge/register", status: 400, note: "trigger off the allow-list",
-                secret: nil, headers: try h.forgeHeaders(installation),
-                body: #"{"authTriggerUrl":"\#(h.emulator.triggerURL(for: installation))","triggers":{"x":"https://evil.example.com/x"}}"#)
+            try await Self.recordRelayedErrors(h, r, installation)
+            try await Self.recordTimeoutAndGone(h, r, installation)
+            try await Self.recordRegister(h, r, installation)
         }
         #expect(r.count >= 18)
         try await r.check()
     }
-}
 
+    /// Relayed errors of a named trigger, then its circuit (threshold 2), recorded for the conformance check.
+    private static func recordRelayedErrors(
+        _ h: GatewayHarness, _ r: AnswerRecorder, _ installation: EmulatedInstallation
+    ) async throws {
+        let template = "/v1/installations/{installationId}/invoke/{key}"
+        let path = GatewayHarness.path(installation) + "/invoke/"
+        let json = ["content-type": "application/json"]
+        // Relayed errors, then the circuit (threshold 2).
+        h.emulator.setNamedTriggerBehaviour(.fail(status: 409, times: 1), for: installation, key: "echo")
+        try await h.recorded(
+            r, .POST, path + "echo", template: template, status: 409, note: "relayed 409", headers: json, body: "{}"
+        )
+        h.emulator.setNamedTriggerBehaviour(.fail(status: 503, times: 1), for: installation, key: "echo")
+        try await h.recorded(
+            r, .POST, path + "echo", template: template, status: 503, note: "relayed 503", headers: json, body: "{}"
+        )
+        h.emulator.setNamedTriggerBehaviour(.fail(status: 500, times: nil), for: installation, key: "echo")
+        try await h.recorded(
+            r, .POST, path + "echo", template: template, status: 500, note: "relayed 500", headers: json, body: "{}"
+        )
+        let open = try await h.recorded(
+            r, .POST, path + "echo", template: template, status: 503, note: "circuit open", headers: json,
+            body: "{}")
+        #expect(open.errorCode == "circuit_open")
+    }
+
+    /// A named-trigger call that times out (504), then one to an uninstalled installation (410).
+    private static func recordTimeoutAndGone(
+        _ h: GatewayHarness, _ r: AnswerRecorder, _ installation: EmulatedInstallation
+    ) async throws {
+        let template = "/v1/installations/{installationId}/invoke/{key}"
+        let json = ["content-type": "application/json"]
+        // 504, then 410.
+        let other = try await h.installed()
+        h.emulator.setNamedTriggerBehaviour(.hang(maximum: .seconds(20)), for: other, key: "echo")
+        let otherPath = GatewayHarness.path(other) + "/invoke/echo"
+        try await h.recorded(
+            r, .POST, otherPath + "?timeout=300", template: template, status: 504, note: "timeout", headers: json,
+            body: "{}")
+        h.emulator.releaseHeldNamedTriggerCalls()
+        try await h.emulator.uninstall(other)
+        try await h.recorded(
+            r, .POST, otherPath, template: template, status: 410, note: "uninstalled", headers: json, body: "{}")
+    }
+
+    /// The register body with named triggers, and its refusal.
+    private static func recordRegister(_ h: GatewayHarness, _ r: AnswerRecorder, _ installation: EmulatedInstallation)
+        async throws
+    {
+        // The register body with named triggers, and its refusal.
+        let url = h.emulator.namedTriggerURL(for: installation, key: "echo")!
+        try await h.recorded(
+            r, .POST, "/forge/register", template: "/forge/register", status: 200, note: "with triggers",
+            secret: nil,
+            headers: try h.forgeHeaders(installation),
+            body:
+                #"{"authTriggerUrl":"\#(h.emulator.triggerURL(for: installation))","triggers":{"echo":"\#(url)","gone":null}}"#
+        )
+        try await h.recorded(
+            r, .POST, "/forge/register", template: "/forge/register", status: 400,
+            note: "trigger off the allow-list",
+            secret: nil, headers: try h.forgeHeaders(installation),
+            body:
+                #"{"authTriggerUrl":"\#(h.emulator.triggerURL(for: installation))","triggers":{"x":"https://evil.example.com/x"}}"#
+        )
+    }
+
+}

@@ -17,7 +17,9 @@ func sample(_ text: String, _ name: String, _ labels: [String: String] = [:]) ->
             while let eq = inner.firstIndex(of: "=") {
                 let key = String(inner[..<eq]).trimmingCharacters(in: CharacterSet(charactersIn: ", "))
                 let afterQuote = inner.index(eq, offsetBy: 2)
-                guard afterQuote <= inner.endIndex, let endQuote = inner[afterQuote...].firstIndex(of: "\"") else { break }
+                guard afterQuote <= inner.endIndex, let endQuote = inner[afterQuote...].firstIndex(of: "\"") else {
+                    break
+                }
                 found[key] = String(inner[afterQuote..<endQuote])
                 inner = inner[inner.index(after: endQuote)...]
             }
@@ -46,7 +48,8 @@ struct MetricsIntegrationTests {
             #expect(try await h.emulator.push(b, expiresAt: Date().addingTimeInterval(7200)).status == 200)
             var bad = FITOptions()
             bad.audience = "ari:cloud:ecosystem::app/00000000-0000-0000-0000-000000000000"
-            _ = try await h.emulator.deliver(a, systemToken: try h.emulator.mintAccessToken(for: a), requestId: nil, fit: bad)
+            _ = try await h.emulator.deliver(
+                a, systemToken: try h.emulator.mintAccessToken(for: a), requestId: nil, fit: bad)
             #expect(try await h.token(h.emulator.makeInstallation()).status == 404)
             let text = try await h.call(.GET, "/metrics", secret: nil)
             #expect(text.status == 200)
@@ -55,7 +58,9 @@ struct MetricsIntegrationTests {
             #expect(sample(m, "token_gateway_token_requests_total", ["source": "trigger", "outcome": "success"]) == 2)
             #expect(sample(m, "token_gateway_token_requests_total", ["source": "cache", "outcome": "success"]) == 1)
             #expect(
-                sample(m, "token_gateway_token_requests_total", ["source": "none", "outcome": "installation_not_found"]) == 1)
+                sample(
+                    m, "token_gateway_token_requests_total", ["source": "none", "outcome": "installation_not_found"])
+                    == 1)
             #expect(sample(m, "token_gateway_trigger_attempts_total", ["outcome": "success"]) == 2)
             #expect(sample(m, "token_gateway_trigger_attempts_total", ["outcome": "http_error"]) == 1)
             #expect(sample(m, "token_gateway_trigger_retries_total") == 1)
@@ -70,7 +75,9 @@ struct MetricsIntegrationTests {
             #expect(sample(m, "token_gateway_store_errors_total") == 0)
             #expect(sample(m, "token_gateway_coalesced_waiters_total") == 0)
             #expect(
-                sample(m, "token_gateway_http_requests_total", ["route": "/v1/installations/{id}/token", "status": "200"]) == 3)
+                sample(
+                    m, "token_gateway_http_requests_total", ["route": "/v1/installations/{id}/token", "status": "200"])
+                    == 3)
             #expect(
                 sample(m, "token_gateway_http_requests_total", ["route": "/forge/auth-trigger", "status": "401"]) == 1)
             // Bounded labels: no installation id ever appears in a label.

@@ -151,7 +151,9 @@ final class AnswerRecorder: Sendable {
             "responses", DocumentationCheck.path("Docs/openapi.yaml"), recordsFile, "--routes", routesFile,
         ])
         if outcome.status == 0 { print(outcome.output) }
-        #expect(outcome.status == 0, "Docs/openapi.yaml does not describe what the gateway answered:\n\(outcome.output)", sourceLocation: sourceLocation)
+        #expect(
+            outcome.status == 0, "Docs/openapi.yaml does not describe what the gateway answered:\n\(outcome.output)",
+            sourceLocation: sourceLocation)
     }
 }
 
@@ -164,14 +166,20 @@ extension GatewayHarness {
         generic: Bool = false, sourceLocation: SourceLocation = #_sourceLocation
     ) async throws -> Answer {
         let answer = try await self.call(method, path, secret: secret, headers: headers, body: body)
-        #expect(answer.status == status, "\(note): expected \(status), got \(answer.status) \(answer.body)", sourceLocation: sourceLocation)
+        #expect(
+            answer.status == status, "\(note): expected \(status), got \(answer.status) \(answer.body)",
+            sourceLocation: sourceLocation)
         recorder.noteServedRoutes(of: self.gateway)
         return recorder.record(method, template, answer, note: note, generic: generic)
     }
 
     /// Headers of a call Forge makes through `invokeRemote`: a fresh FIT, JSON, and `extra`.
-    func forgeHeaders(_ installation: EmulatedInstallation, _ extra: [String: String] = [:]) throws -> [String: String] {
-        var headers = ["authorization": "Bearer " + (try self.emulator.mintFIT(for: installation)), "content-type": "application/json"]
+    func forgeHeaders(_ installation: EmulatedInstallation, _ extra: [String: String] = [:]) throws -> [String: String]
+    {
+        var headers = [
+            "authorization": "Bearer " + (try self.emulator.mintFIT(for: installation)),
+            "content-type": "application/json",
+        ]
         headers.merge(extra) { $1 }
         return headers
     }
@@ -233,17 +241,22 @@ struct OpenAPIConformanceTests {
 
             // 200: cold (trigger), cached, forced refresh, by bare id.
             try await h.recorded(r, .GET, path + "/token", template: Self.token, status: 200, note: "cold fetch")
-            try await h.recorded(r, .GET, path + "/token?minValidity=60&timeout=5000", template: Self.token, status: 200, note: "cached")
-            try await h.recorded(r, .POST, path + "/token/refresh", template: Self.refresh, status: 200, note: "forced refresh")
             try await h.recorded(
-                r, .GET, "/v1/installations/\(installation.uuid)/token", template: Self.token, status: 200, note: "bare id")
+                r, .GET, path + "/token?minValidity=60&timeout=5000", template: Self.token, status: 200, note: "cached")
+            try await h.recorded(
+                r, .POST, path + "/token/refresh", template: Self.refresh, status: 200, note: "forced refresh")
+            try await h.recorded(
+                r, .GET, "/v1/installations/\(installation.uuid)/token", template: Self.token, status: 200,
+                note: "bare id")
 
             // Metadata and pages.
             try await h.recorded(r, .GET, path, template: Self.installation, status: 200, note: "metadata")
-            let page = try await h.recorded(r, .GET, "/v1/installations?limit=1", template: Self.list, status: 200, note: "first page")
+            let page = try await h.recorded(
+                r, .GET, "/v1/installations?limit=1", template: Self.list, status: 200, note: "first page")
             if let cursor = page.json["nextCursor"] as? String {
                 try await h.recorded(
-                    r, .GET, "/v1/installations?limit=2&cursor=\(cursor)", template: Self.list, status: 200, note: "next page")
+                    r, .GET, "/v1/installations?limit=2&cursor=\(cursor)", template: Self.list, status: 200,
+                    note: "next page")
             }
             try await h.recorded(r, .GET, "/v1/installations", template: Self.list, status: 200, note: "default page")
 
@@ -251,16 +264,22 @@ struct OpenAPIConformanceTests {
             let failing = try await Self.recordTokenFailures(r, h)
 
             // Answers every route can give.
-            try await h.recorded(r, .GET, "/no/such/route", template: "/no/such/route", status: 404, note: "unknown route", generic: true)
-            try await h.recorded(r, .DELETE, path + "/token", template: Self.token, status: 405, note: "wrong method", generic: true)
+            try await h.recorded(
+                r, .GET, "/no/such/route", template: "/no/such/route", status: 404, note: "unknown route", generic: true
+            )
+            try await h.recorded(
+                r, .DELETE, path + "/token", template: Self.token, status: 405, note: "wrong method", generic: true)
             // Connect is off in this harness: its routes answer 404 not_found, as described.
             try await h.recorded(
                 r, .POST, "/v1/connect/sign", template: "/v1/connect/sign", status: 404, note: "Connect off",
-                headers: ["content-type": "application/json"], body: #"{"clientKey":"c","method":"GET","url":"https://x.test/"}"#)
+                headers: ["content-type": "application/json"],
+                body: #"{"clientKey":"c","method":"GET","url":"https://x.test/"}"#)
 
             // Operations.
-            try await h.recorded(r, .GET, "/health/live", template: "/health/live", status: 200, note: "live", secret: nil)
-            try await h.recorded(r, .GET, "/health/ready", template: "/health/ready", status: 200, note: "ready", secret: nil)
+            try await h.recorded(
+                r, .GET, "/health/live", template: "/health/live", status: 200, note: "live", secret: nil)
+            try await h.recorded(
+                r, .GET, "/health/ready", template: "/health/ready", status: 200, note: "ready", secret: nil)
             try await h.recorded(r, .GET, "/metrics", template: "/metrics", status: 200, note: "metrics", secret: nil)
 
             try await Self.recordOAuth(r, h, installation: installation, unavailable: failing)
@@ -289,12 +308,17 @@ struct OpenAPIConformanceTests {
         let r = AnswerRecorder()
         try await GatewayHarness.runConnect { h in
             let tenant = h.emulator.makeConnectTenant()
-            let installBody = String(decoding: h.emulator.connectLifecyclePayload(.installed, tenant: tenant), as: UTF8.self)
+            let installBody = String(
+                decoding: h.emulator.connectLifecyclePayload(.installed, tenant: tenant), as: UTF8.self)
             func signed(_ path: String) throws -> [String: String] {
-                ["authorization": "JWT " + (try h.emulator.mintSignedInstall(for: tenant, path: path)), "content-type": "application/json"]
+                [
+                    "authorization": "JWT " + (try h.emulator.mintSignedInstall(for: tenant, path: path)),
+                    "content-type": "application/json",
+                ]
             }
             try await h.recorded(
-                r, .POST, "/connect/installed", template: "/connect/installed", status: 204, note: "installed", secret: nil,
+                r, .POST, "/connect/installed", template: "/connect/installed", status: 204, note: "installed",
+                secret: nil,
                 headers: try signed("/connect/installed"), body: installBody)
             var unpublished = SignedInstallOptions()
             unpublished.signWithUnpublishedKey = true
@@ -303,7 +327,8 @@ struct OpenAPIConformanceTests {
                 secret: nil,
                 headers: [
                     "authorization": "JWT "
-                        + (try h.emulator.mintSignedInstall(for: tenant, path: "/connect/installed", options: unpublished)),
+                        + (try h.emulator.mintSignedInstall(
+                            for: tenant, path: "/connect/installed", options: unpublished)),
                     "content-type": "application/json",
                 ], body: installBody)
 
@@ -335,16 +360,20 @@ struct OpenAPIConformanceTests {
         try await GatewayHarness.run(redisURL: "redis://127.0.0.1:1/0") { h in
             let installation = h.emulator.makeInstallation()
             let path = GatewayHarness.path(installation)
-            try await h.recorded(r, .GET, "/health/ready", template: "/health/ready", status: 503, note: "not ready", secret: nil)
-            try await h.recorded(r, .GET, "/health/live", template: "/health/live", status: 200, note: "still live", secret: nil)
+            try await h.recorded(
+                r, .GET, "/health/ready", template: "/health/ready", status: 503, note: "not ready", secret: nil)
+            try await h.recorded(
+                r, .GET, "/health/live", template: "/health/live", status: 200, note: "still live", secret: nil)
             try await h.recorded(r, .GET, path + "/token", template: Self.token, status: 503, note: "token, store down")
             try await h.recorded(
                 r, .POST, path + "/token/refresh", template: Self.refresh, status: 503, note: "refresh, store down")
             try await h.recorded(r, .GET, path, template: Self.installation, status: 503, note: "metadata, store down")
-            try await h.recorded(r, .GET, "/v1/installations", template: Self.list, status: 503, note: "list, store down")
+            try await h.recorded(
+                r, .GET, "/v1/installations", template: Self.list, status: 503, note: "list, store down")
             // The FIT replay guard needs Redis too: Forge's calls get 503 (Forge may retry), nothing is stored.
             try await h.recorded(
-                r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 503, note: "delivery, store down",
+                r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 503,
+                note: "delivery, store down",
                 secret: nil,
                 headers: try h.forgeHeaders(
                     installation, ["x-forge-oauth-system": try h.emulator.mintAccessToken(for: installation)]),
@@ -359,16 +388,22 @@ struct OpenAPIConformanceTests {
         try await GatewayHarness.run { h in
             let installation = try await h.installed()
             let path = GatewayHarness.path(installation) + "/token"
-            try await h.recorded(r, .GET, path + "?asUser=557058:alice", template: Self.token, status: 200, note: "exchange")
-            try await h.recorded(r, .GET, path + "?asUser=557058:alice", template: Self.token, status: 200, note: "cached user token")
             try await h.recorded(
-                r, .POST, GatewayHarness.path(installation) + "/token/refresh?asUser=557058:alice", template: Self.refresh,
+                r, .GET, path + "?asUser=557058:alice", template: Self.token, status: 200, note: "exchange")
+            try await h.recorded(
+                r, .GET, path + "?asUser=557058:alice", template: Self.token, status: 200, note: "cached user token")
+            try await h.recorded(
+                r, .POST, GatewayHarness.path(installation) + "/token/refresh?asUser=557058:alice",
+                template: Self.refresh,
                 status: 200, note: "forced exchange")
-            try await h.recorded(r, .GET, path + "?asUser=bad%20account", template: Self.token, status: 400, note: "malformed account")
+            try await h.recorded(
+                r, .GET, path + "?asUser=bad%20account", template: Self.token, status: 400, note: "malformed account")
             h.emulator.refuseUserTokens(for: "557058:bob")
-            try await h.recorded(r, .GET, path + "?asUser=557058:bob", template: Self.token, status: 403, note: "refused user")
+            try await h.recorded(
+                r, .GET, path + "?asUser=557058:bob", template: Self.token, status: 403, note: "refused user")
             h.emulator.setGraphQLFault(.failWith(status: 503, times: 100))
-            try await h.recorded(r, .GET, path + "?asUser=557058:carol", template: Self.token, status: 502, note: "exchange fails")
+            try await h.recorded(
+                r, .GET, path + "?asUser=557058:carol", template: Self.token, status: 502, note: "exchange fails")
             h.emulator.setGraphQLFault(.none)
         }
         // A budget of one exchange a minute (counted in Redis per app, so a fresh app id keeps it
@@ -383,8 +418,10 @@ struct OpenAPIConformanceTests {
         ) { h in
             let installation = try await h.installed()
             let path = GatewayHarness.path(installation) + "/token"
-            try await h.recorded(r, .GET, path + "?asUser=557058:budget-1", template: Self.token, status: 200, note: "within budget")
-            try await h.recorded(r, .GET, path + "?asUser=557058:budget-2", template: Self.token, status: 429, note: "budget spent")
+            try await h.recorded(
+                r, .GET, path + "?asUser=557058:budget-1", template: Self.token, status: 200, note: "within budget")
+            try await h.recorded(
+                r, .GET, path + "?asUser=557058:budget-2", template: Self.token, status: 429, note: "budget spent")
         }
         try await r.check()
     }
@@ -414,7 +451,8 @@ struct OpenAPIConformanceTests {
             body: "grant_type=client_credentials&client_id=full&client_secret=\(secret)&resource=\(resource)")
         try await h.recorded(
             r, .POST, "/oauth/token", template: "/oauth/token", status: 401, note: "invalid client", secret: nil,
-            headers: form, body: "grant_type=client_credentials&client_id=full&client_secret=wrong&resource=\(resource)")
+            headers: form, body: "grant_type=client_credentials&client_id=full&client_secret=wrong&resource=\(resource)"
+        )
         try await h.recorded(
             r, .POST, "/oauth/token", template: "/oauth/token", status: 400, note: "unsupported grant", secret: nil,
             headers: form.merging(["authorization": basic]) { $1 }, body: "grant_type=password&resource=\(resource)")
@@ -447,8 +485,10 @@ struct OpenAPIConformanceTests {
             r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 200, note: "ignored event", secret: nil,
             headers: try h.forgeHeaders(installation), body: #"{"eventType":"avi:forge:something:else"}"#)
         try await h.recorded(
-            r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 200, note: "documented body, no eventType",
-            secret: nil, headers: try h.forgeHeaders(installation), body: GatewayHarness.documentedLifecycleBody(installation))
+            r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 200,
+            note: "documented body, no eventType",
+            secret: nil, headers: try h.forgeHeaders(installation),
+            body: GatewayHarness.documentedLifecycleBody(installation))
         try await h.recorded(
             r, .POST, "/forge/lifecycle", template: "/forge/lifecycle", status: 200, note: "with a system token",
             secret: nil,
@@ -546,16 +586,20 @@ struct OpenAPIConformanceTests {
             secret: nil,
             headers: try h.forgeHeaders(
                 installation,
-                ["x-forge-oauth-system": try h.emulator.mintAccessToken(
-                    for: installation, expiresAt: Date().addingTimeInterval(25 * 3600))]),
+                [
+                    "x-forge-oauth-system": try h.emulator.mintAccessToken(
+                        for: installation, expiresAt: Date().addingTimeInterval(25 * 3600))
+                ]),
             body: "{}")
         let nearlyExpired = try await h.recorded(
             r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 200, note: "token < 60 s left",
             secret: nil,
             headers: try h.forgeHeaders(
                 installation,
-                ["x-forge-oauth-system": try h.emulator.mintAccessToken(
-                    for: installation, expiresAt: Date().addingTimeInterval(30))]),
+                [
+                    "x-forge-oauth-system": try h.emulator.mintAccessToken(
+                        for: installation, expiresAt: Date().addingTimeInterval(30))
+                ]),
             body: "{}")
         #expect(nearlyExpired.json["stored"] as? Bool == false)
         try await h.recorded(
@@ -590,7 +634,8 @@ struct OpenAPIConformanceTests {
             r, .POST, "/forge/pre-uninstall", template: "/forge/pre-uninstall", status: 200, note: "preUninstall",
             secret: nil, headers: try h.forgeHeaders(installation), body: preUninstallBody)
         try await h.recorded(
-            r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 410, note: "delivery after uninstall",
+            r, .POST, "/forge/auth-trigger", template: "/forge/auth-trigger", status: 410,
+            note: "delivery after uninstall",
             secret: nil,
             headers: try h.forgeHeaders(
                 installation, ["x-forge-oauth-system": try h.emulator.mintAccessToken(for: installation)]),
@@ -606,16 +651,27 @@ struct OpenAPIConformanceTests {
     /// The caller routes' refusals: 400 invalid_parameter, 401, 403 and 404.
     static func recordCallerRefusals(_ r: AnswerRecorder, _ h: GatewayHarness, path: String) async throws {
         // 400 invalid_parameter.
-        try await h.recorded(r, .GET, path + "/token?minValidity=7201", template: Self.token, status: 400, note: "minValidity out of range")
-        try await h.recorded(r, .GET, path + "/token?timeout=99", template: Self.token, status: 400, note: "timeout out of range")
-        try await h.recorded(r, .GET, "/v1/installations/bad%20id/token", template: Self.token, status: 400, note: "malformed id")
-        try await h.recorded(r, .GET, "/v1/installations?limit=0", template: Self.list, status: 400, note: "limit out of range")
-        try await h.recorded(r, .GET, "/v1/installations?cursor=%21%21", template: Self.list, status: 400, note: "malformed cursor")
+        try await h.recorded(
+            r, .GET, path + "/token?minValidity=7201", template: Self.token, status: 400,
+            note: "minValidity out of range")
+        try await h.recorded(
+            r, .GET, path + "/token?timeout=99", template: Self.token, status: 400, note: "timeout out of range")
+        try await h.recorded(
+            r, .GET, "/v1/installations/bad%20id/token", template: Self.token, status: 400, note: "malformed id")
+        try await h.recorded(
+            r, .GET, "/v1/installations?limit=0", template: Self.list, status: 400, note: "limit out of range")
+        try await h.recorded(
+            r, .GET, "/v1/installations?cursor=%21%21", template: Self.list, status: 400, note: "malformed cursor")
 
         // 401 and 403.
-        try await h.recorded(r, .GET, path + "/token", template: Self.token, status: 401, note: "no credential", secret: nil)
-        try await h.recorded(r, .POST, path + "/token/refresh", template: Self.refresh, status: 401, note: "wrong secret", secret: "nope")
-        try await h.recorded(r, .GET, "/v1/installations", template: Self.list, status: 401, note: "list without credential", secret: nil)
+        try await h.recorded(
+            r, .GET, path + "/token", template: Self.token, status: 401, note: "no credential", secret: nil)
+        try await h.recorded(
+            r, .POST, path + "/token/refresh", template: Self.refresh, status: 401, note: "wrong secret", secret: "nope"
+        )
+        try await h.recorded(
+            r, .GET, "/v1/installations", template: Self.list, status: 401, note: "list without credential", secret: nil
+        )
         try await h.recorded(
             r, .GET, path + "/token", template: Self.token, status: 403, note: "outside the caller's set",
             secret: GatewayHarness.scopedSecret)
@@ -625,7 +681,8 @@ struct OpenAPIConformanceTests {
 
         // 404 installation_not_found.
         let unknown = GatewayHarness.path(h.emulator.makeInstallation())
-        try await h.recorded(r, .GET, unknown + "/token", template: Self.token, status: 404, note: "unknown installation")
+        try await h.recorded(
+            r, .GET, unknown + "/token", template: Self.token, status: 404, note: "unknown installation")
         try await h.recorded(r, .GET, unknown, template: Self.installation, status: 404, note: "unknown metadata")
     }
 
@@ -635,7 +692,8 @@ struct OpenAPIConformanceTests {
         // 410 installation_uninstalled (and 200 metadata with status uninstalled).
         let gone = try await h.installed()
         try await h.emulator.uninstall(gone)
-        try await h.recorded(r, .GET, GatewayHarness.path(gone) + "/token", template: Self.token, status: 410, note: "uninstalled")
+        try await h.recorded(
+            r, .GET, GatewayHarness.path(gone) + "/token", template: Self.token, status: 410, note: "uninstalled")
         let goneMeta = try await h.recorded(
             r, .GET, GatewayHarness.path(gone), template: Self.installation, status: 200, note: "uninstalled metadata")
         #expect(goneMeta.json["status"] as? String == "uninstalled")
@@ -644,7 +702,8 @@ struct OpenAPIConformanceTests {
         let unregistered = h.emulator.makeInstallation()
         #expect(try await h.emulator.sendLifecycleEvent(.installed, for: unregistered).status == 200)
         try await h.recorded(
-            r, .GET, GatewayHarness.path(unregistered) + "/token", template: Self.token, status: 422, note: "no trigger")
+            r, .GET, GatewayHarness.path(unregistered) + "/token", template: Self.token, status: 422, note: "no trigger"
+        )
 
         // 502 trigger_failed, then 503 circuit_open (threshold 1).
         let failing = try await h.installed()
@@ -708,7 +767,9 @@ struct OpenAPIConformanceTests {
         let signTemplate = "/v1/connect/sign"
         try await h.recorded(
             r, .POST, signTemplate, template: signTemplate, status: 200, note: "sign", headers: json,
-            body: #"{"clientKey":"\#(tenant.clientKey)","method":"GET","url":"\#(tenant.baseUrl)/rest/api/3/myself?x=1"}"#)
+            body:
+                #"{"clientKey":"\#(tenant.clientKey)","method":"GET","url":"\#(tenant.baseUrl)/rest/api/3/myself?x=1"}"#
+        )
         try await h.recorded(
             r, .POST, signTemplate, template: signTemplate, status: 400, note: "URL off the tenant", headers: json,
             body: #"{"clientKey":"\#(tenant.clientKey)","method":"GET","url":"https://elsewhere.example.com/x"}"#)
@@ -740,7 +801,8 @@ struct OpenAPIConformanceTests {
             return [
                 "grant_type=" + OAuthMetadata.tokenExchangeGrant.addingPercentEncoding(withAllowedCharacters: allowed)!,
                 "subject_token=" + subject,
-                "subject_token_type=" + OAuthMetadata.jwtTokenType.addingPercentEncoding(withAllowedCharacters: allowed)!,
+                "subject_token_type=" + OAuthMetadata.jwtTokenType.addingPercentEncoding(
+                    withAllowedCharacters: allowed)!,
                 "connect_method=GET",
                 "connect_url=" + url.addingPercentEncoding(withAllowedCharacters: allowed)!,
             ].joined(separator: "&")
@@ -757,7 +819,8 @@ struct OpenAPIConformanceTests {
         wrongSecret.secret = "not-the-shared-secret"
         try await h.recorded(
             r, .POST, "/oauth/token", template: "/oauth/token", status: 400, note: "subject token refused", secret: nil,
-            headers: headers, body: form(h.emulator.mintConnectJWT(for: tenant, method: "GET", url: url, options: wrongSecret)))
+            headers: headers,
+            body: form(h.emulator.mintConnectJWT(for: tenant, method: "GET", url: url, options: wrongSecret)))
     }
 }
 
@@ -770,44 +833,61 @@ extension OpenAPIConformanceTests {
         try await StatusPageTests.run { h in
             let installation = try await h.installed()
             let path = GatewayHarness.path(installation)
-            try await h.recorded(r, .POST, path + "/token/refresh", template: Self.refresh, status: 200, note: "a round trip")
+            try await h.recorded(
+                r, .POST, path + "/token/refresh", template: Self.refresh, status: 200, note: "a round trip")
             let history = "/v1/installations/{installationId}/history"
             let page = "/status/installations/{installationId}"
             try await DocumentationCheck.eventually("the round trip in the history") {
                 let a = try await h.call(.GET, path + "/history", secret: ops)
                 return (a.json["roundTrips"] as? [Any])?.count == 1
             }
-            try await h.recorded(r, .GET, "/v1/status", template: "/v1/status", status: 200, note: "status", secret: ops)
-            try await h.recorded(r, .GET, "/v1/status", template: "/v1/status", status: 401, note: "no credential", secret: nil)
+            try await h.recorded(
+                r, .GET, "/v1/status", template: "/v1/status", status: 200, note: "status", secret: ops)
+            try await h.recorded(
+                r, .GET, "/v1/status", template: "/v1/status", status: 401, note: "no credential", secret: nil)
             try await h.recorded(r, .GET, "/v1/status", template: "/v1/status", status: 403, note: "not an operator")
-            try await h.recorded(r, .GET, path + "/history", template: history, status: 200, note: "history", secret: ops)
+            try await h.recorded(
+                r, .GET, path + "/history", template: history, status: 200, note: "history", secret: ops)
             try await h.recorded(r, .GET, path + "/history", template: history, status: 403, note: "not an operator")
-            try await h.recorded(r, .GET, path + "/history", template: history, status: 401, note: "no credential", secret: nil)
             try await h.recorded(
-                r, .GET, "/v1/installations/bad%20id/history", template: history, status: 400, note: "malformed id", secret: ops)
+                r, .GET, path + "/history", template: history, status: 401, note: "no credential", secret: nil)
             try await h.recorded(
-                r, .GET, GatewayHarness.path(h.emulator.makeInstallation()) + "/history", template: history, status: 404,
+                r, .GET, "/v1/installations/bad%20id/history", template: history, status: 400, note: "malformed id",
+                secret: ops)
+            try await h.recorded(
+                r, .GET, GatewayHarness.path(h.emulator.makeInstallation()) + "/history", template: history,
+                status: 404,
                 note: "unknown installation", secret: ops)
-            try await h.recorded(r, .GET, "/status", template: "/status", status: 200, note: "page", secret: nil, headers: basic)
             try await h.recorded(
-                r, .GET, "/status?state=attention&q=abc&page=2", template: "/status", status: 200, note: "filtered page",
+                r, .GET, "/status", template: "/status", status: 200, note: "page", secret: nil, headers: basic)
+            try await h.recorded(
+                r, .GET, "/status?state=attention&q=abc&page=2", template: "/status", status: 200,
+                note: "filtered page",
                 secret: nil, headers: basic)
             try await h.recorded(
-                r, .GET, "/status?state=bogus", template: "/status", status: 400, note: "unknown state", secret: nil, headers: basic)
-            try await h.recorded(r, .GET, "/status?page=0", template: "/status", status: 400, note: "page 0", secret: nil, headers: basic)
-            try await h.recorded(r, .GET, "/status", template: "/status", status: 401, note: "no credentials", secret: nil)
+                r, .GET, "/status?state=bogus", template: "/status", status: 400, note: "unknown state", secret: nil,
+                headers: basic)
+            try await h.recorded(
+                r, .GET, "/status?page=0", template: "/status", status: 400, note: "page 0", secret: nil, headers: basic
+            )
+            try await h.recorded(
+                r, .GET, "/status", template: "/status", status: 401, note: "no credentials", secret: nil)
             try await h.recorded(
                 r, .GET, "/status", template: "/status", status: 403, note: "not an operator", secret: nil,
                 headers: StatusPageTests.basic("full", GatewayHarness.callerSecret))
-            try await h.recorded(r, .GET, path.replacingOccurrences(of: "/v1/installations/", with: "/status/installations/"),
+            try await h.recorded(
+                r, .GET, path.replacingOccurrences(of: "/v1/installations/", with: "/status/installations/"),
                 template: page, status: 200, note: "installation page", secret: nil, headers: basic)
             try await h.recorded(
                 r, .GET, "/status/installations/" + h.emulator.makeInstallation().uuid, template: page, status: 404,
                 note: "unknown installation", secret: nil, headers: basic)
             try await h.recorded(
-                r, .GET, "/status/installations/bad%20id", template: page, status: 400, note: "malformed id", secret: nil,
+                r, .GET, "/status/installations/bad%20id", template: page, status: 400, note: "malformed id",
+                secret: nil,
                 headers: basic)
-            try await h.recorded(r, .GET, "/status/installations/" + installation.uuid, template: page, status: 401, note: "no credentials", secret: nil)
+            try await h.recorded(
+                r, .GET, "/status/installations/" + installation.uuid, template: page, status: 401,
+                note: "no credentials", secret: nil)
         }
         try await r.check()
     }

@@ -7,7 +7,9 @@ import Testing
 /// Runs the real `token-gateway` binary with arguments and environment; returns exit status and output.
 /// Output is collected by file-handle callbacks (never a blocking read on the concurrency pool,
 /// which would starve the gateway running in this process).
-func runCLI(_ arguments: [String], environment: [String: String]) async throws -> (status: Int32, out: String, err: String) {
+func runCLI(_ arguments: [String], environment: [String: String]) async throws -> (
+    status: Int32, out: String, err: String
+) {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: GatewayProcess.binary)
     process.arguments = arguments
@@ -73,7 +75,8 @@ struct OperatorCLITests {
             let unknown = try await runCLI(["token", h.emulator.makeInstallation().id], environment: env)
             #expect(unknown.status == 3)
             #expect(unknown.err.contains("installation_not_found"))
-            let noSecret = try await runCLI(["token", installation.id], environment: ["TOKEN_GATEWAY_URL": h.gatewayURL])
+            let noSecret = try await runCLI(
+                ["token", installation.id], environment: ["TOKEN_GATEWAY_URL": h.gatewayURL])
             #expect(noSecret.status == 2)
             let wrongSecret = try await runCLI(
                 ["token", installation.id],

@@ -60,7 +60,9 @@ struct RedisDeploymentTests {
             let delivered = try await h.token(0, elsewhere)
             #expect(delivered.status == 200)
             #expect(delivered.json["source"] as? String == "trigger")
-            #expect(try await h.store.systemToken(elsewhere.installationID)?.value == delivered.json["accessToken"] as? String)
+            #expect(
+                try await h.store.systemToken(elsewhere.installationID)?.value == delivered.json["accessToken"]
+                    as? String)
 
             var more: [EmulatedInstallation] = []
             for _ in 0..<6 {
@@ -71,7 +73,9 @@ struct RedisDeploymentTests {
             for (index, installation) in more.enumerated() {
                 let answer = try await h.token(index % 2, installation)
                 #expect(answer.status == 200)
-                #expect(ReplicaHarness.installationOf(token: answer.json["accessToken"] as? String ?? "") == installation.id)
+                #expect(
+                    ReplicaHarness.installationOf(token: answer.json["accessToken"] as? String ?? "") == installation.id
+                )
             }
 
             let gone = more[0]
@@ -162,7 +166,8 @@ struct RedisDeploymentTests {
         let logs = LogSink.memory()
         let logger = Logger(label: "test") { GatewayLogHandler(label: $0, format: .logfmt, level: .info, sink: logs) }
         let client = RedisClient(
-            configuration: try Self.redisConfiguration(url, Self.tlsSettings(files, ca: files.otherCA, clientCertificate: false)),
+            configuration: try Self.redisConfiguration(
+                url, Self.tlsSettings(files, ca: files.otherCA, clientCertificate: false)),
             logger: logger)
         for _ in 0..<3 {
             await #expect(throws: RedisError.unavailable) { try await client.ping() }
@@ -171,14 +176,19 @@ struct RedisDeploymentTests {
         await client.shutdown()
         let reports = logs.captured.filter { $0.contains("TLS handshake failed") }
         #expect(reports.count == 1, "\(logs.captured)")
-        #expect(reports.first?.contains("CERTIFICATE_VERIFY_FAILED") == true || reports.first?.contains("certificate") == true)
+        #expect(
+            reports.first?.contains("CERTIFICATE_VERIFY_FAILED") == true
+                || reports.first?.contains("certificate") == true)
         #expect(!logs.captured.joined().contains("not-a-secret-pw"))
         // Nothing but this test's own INFO reached the server: no AUTH, no PING.
         let stats = try redisCLI(admin + ["INFO", "commandstats"])
-        let commands = stats.split(separator: "\n").filter { $0.hasPrefix("cmdstat_") }.map { $0.prefix(while: { $0 != ":" }) }
+        let commands = stats.split(separator: "\n").filter { $0.hasPrefix("cmdstat_") }.map {
+            $0.prefix(while: { $0 != ":" })
+        }
         #expect(Set(commands).isSubset(of: ["cmdstat_info", "cmdstat_config"]), "\(commands)")
 
-        let untrusted = try Self.redisConfiguration(url, Self.tlsSettings(files, ca: files.otherCA, clientCertificate: false))
+        let untrusted = try Self.redisConfiguration(
+            url, Self.tlsSettings(files, ca: files.otherCA, clientCertificate: false))
         try await GatewayHarness.run(configure: { $0.redis = untrusted }) { h in
             let ready = try await h.call(.GET, "/health/ready", secret: nil)
             #expect(ready.status == 503)
@@ -188,10 +198,12 @@ struct RedisDeploymentTests {
     @Test("a missing TLS file is a malformed setting naming its variable")
     func missingTLSFile() throws {
         #expect(throws: ConfigurationError.self) {
-            try Self.redisConfiguration("rediss://127.0.0.1:1/0", ["TOKEN_GATEWAY_REDIS_TLS_CA_FILE": "/nonexistent/ca.pem"])
+            try Self.redisConfiguration(
+                "rediss://127.0.0.1:1/0", ["TOKEN_GATEWAY_REDIS_TLS_CA_FILE": "/nonexistent/ca.pem"])
         }
         do {
-            _ = try Self.redisConfiguration("rediss://127.0.0.1:1/0", ["TOKEN_GATEWAY_REDIS_TLS_KEY_FILE": "/nonexistent/k.pem"])
+            _ = try Self.redisConfiguration(
+                "rediss://127.0.0.1:1/0", ["TOKEN_GATEWAY_REDIS_TLS_KEY_FILE": "/nonexistent/k.pem"])
             Issue.record("accepted a missing key file")
         } catch {
             #expect("\(error)".contains("TOKEN_GATEWAY_REDIS_TLS_KEY_FILE"))
@@ -242,13 +254,15 @@ struct RedisDeploymentTests {
             monitoringPrimaryPort: primary.port,
             extraConfiguration: "sentinel auth-pass tg-primary sentinel-pw-3\nrequirepass sentinel-pw-3")
         let client = RedisClient(
-            configuration: try RedisConfiguration(url: "redis-sentinel://:sentinel-pw-3@127.0.0.1:\(sentinel.port)/tg-primary/0"),
+            configuration: try RedisConfiguration(
+                url: "redis-sentinel://:sentinel-pw-3@127.0.0.1:\(sentinel.port)/tg-primary/0"),
             logger: Self.logger)
         try await client.ping()
         _ = try await client.send(["SET", "sentinel-auth", "1"])
         await client.shutdown()
         let wrong = RedisClient(
-            configuration: try RedisConfiguration(url: "redis-sentinel://:nope@127.0.0.1:\(sentinel.port)/tg-primary/0"),
+            configuration: try RedisConfiguration(
+                url: "redis-sentinel://:nope@127.0.0.1:\(sentinel.port)/tg-primary/0"),
             logger: Self.logger)
         await #expect(throws: RedisError.unavailable) { try await wrong.ping() }
         await wrong.shutdown()
@@ -256,7 +270,9 @@ struct RedisDeploymentTests {
 
     // MARK: Cluster
 
-    @Test("Redis Cluster: keys spread over three primaries, cross-slot pipelines, SCAN of every primary, notifications across nodes, token flow, and a SIGKILLed primary")
+    @Test(
+        "Redis Cluster: keys spread over three primaries, cross-slot pipelines, SCAN of every primary, notifications across nodes, token flow, and a SIGKILLed primary"
+    )
     func cluster() async throws {
         let cluster = try await RedisClusterProcesses.start()
         let client = RedisClient(configuration: try RedisConfiguration(url: cluster.url), logger: Self.logger)
@@ -320,7 +336,9 @@ struct RedisDeploymentTests {
         // The flow works after the failover too.
         try await Self.tokenFlowAfterFailover(redisURL: cluster.url)
         await client.shutdown()
-        print("cluster failover: \(counts.good) answers, \(counts.failed) failed while failing over, recovered after \(recovered.map { "\($0)" } ?? "never")")
+        print(
+            "cluster failover: \(counts.good) answers, \(counts.failed) failed while failing over, recovered after \(recovered.map { "\($0)" } ?? "never")"
+        )
     }
 
     /// Keys in every shard (one pipeline spanning slots), a script, SCAN and key rotation over

@@ -300,7 +300,8 @@ struct RedisOutageIntegrationTests {
             // the gateway switches is allowed (Forge retries), a lost registration is not.
             let early = h.emulator.makeInstallation()
             #expect(await Self.eventually { (try? await h.emulator.install(early)) != nil })
-            #expect(try await replicaAdmin.send(["HGET", "tg:{\(early.id)}:installation", "status"]).string == "active")
+            #expect(
+                try await replicaAdmin.send(["HGET", "tg:{\(early.id)}:installation", "status"]).string == "active")
             #expect(try await replicaAdmin.send(["HGET", "tg:{\(early.id)}:installation", "triggerUrl"]).string != nil)
 
             // Every registration is still there, on both replicas.

@@ -4,11 +4,11 @@ import Foundation
 import NIOHTTP1
 import Testing
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 @testable import TokenGateway
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 @Suite("Many replicas, one flow")
 struct ReplicaIntegrationTests {
@@ -106,7 +106,9 @@ struct ReplicaIntegrationTests {
         }
     }
 
-    @Test("SIGTERM mid-round-trip: the waiting caller gets its token through another replica, the lease is released, exit 0")
+    @Test(
+        "SIGTERM mid-round-trip: the waiting caller gets its token through another replica, the lease is released, exit 0"
+    )
     func gracefulShutdown() async throws {
         try await ReplicaHarness.run(replicas: 2) { h in
             let installation = h.emulator.makeInstallation()

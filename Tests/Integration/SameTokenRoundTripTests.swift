@@ -45,7 +45,9 @@ struct SameTokenRoundTripTests {
         }
     }
 
-    @Test("ten callers asking for more validity than Forge gives cause one trigger call; for the hold every request on every replica is answered at once; a forced refresh still triggers")
+    @Test(
+        "ten callers asking for more validity than Forge gives cause one trigger call; for the hold every request on every replica is answered at once; a forced refresh still triggers"
+    )
     func tenCallersOneTrigger() async throws {
         try await GatewayHarness.run { h in
             let installation = try await h.installed()
@@ -62,7 +64,8 @@ struct SameTokenRoundTripTests {
                 // Every caller: the same token with its true expiry, although it asked for an hour.
                 let source = answer.json["source"] as? String ?? ""
                 #expect(source == "trigger" || source == "cache", "\(answer.body)")
-                TokenAnswerMatrixTests.expectWholeAnswer(answer, installation, token: held.token, source: source, "first ten")
+                TokenAnswerMatrixTests.expectWholeAnswer(
+                    answer, installation, token: held.token, source: source, "first ten")
             }
             #expect(first.contains { $0.json["source"] as? String == "trigger" })
             #expect(first.allSatisfy { $0.json["expiresAt"] as? String == RFC3339.string(unixSeconds: exp) })
@@ -76,7 +79,8 @@ struct SameTokenRoundTripTests {
             // Within the hold: answered at once from the cache, no trigger call.
             for _ in 0..<10 {
                 let answer = try await h.token(installation, query: "minValidity=3600")
-                TokenAnswerMatrixTests.expectWholeAnswer(answer, installation, token: held.token, source: "cache", "held")
+                TokenAnswerMatrixTests.expectWholeAnswer(
+                    answer, installation, token: held.token, source: "cache", "held")
             }
             #expect(h.emulator.triggerCalls(for: installation) == 1)
 
@@ -86,19 +90,24 @@ struct SameTokenRoundTripTests {
                     try await h.call(.GET, path + "?minValidity=3600", at: otherURL)
                 }
                 for answer in there {
-                    TokenAnswerMatrixTests.expectWholeAnswer(answer, installation, token: held.token, source: "cache", "second replica")
+                    TokenAnswerMatrixTests.expectWholeAnswer(
+                        answer, installation, token: held.token, source: "cache", "second replica")
                 }
                 #expect(h.emulator.triggerCalls(for: installation) == 1)
                 #expect(!other.flow.isRoundActive(installation.installationID))
-                #expect(try await Self.sample(h, #"token_gateway_round_trips_held_total{kind="request"}"#, at: otherURL) == 10)
+                #expect(
+                    try await Self.sample(h, #"token_gateway_round_trips_held_total{kind="request"}"#, at: otherURL)
+                        == 10)
             }
 
             // A forced refresh still starts one round trip (Forge again hands out the same token).
             let forced = try await h.call(.POST, path + "/refresh")
-            TokenAnswerMatrixTests.expectWholeAnswer(forced, installation, token: held.token, source: "trigger", "forced")
+            TokenAnswerMatrixTests.expectWholeAnswer(
+                forced, installation, token: held.token, source: "trigger", "forced")
             #expect(h.emulator.triggerCalls(for: installation) == 2)
             let after = try await h.token(installation, query: "minValidity=3600")
-            TokenAnswerMatrixTests.expectWholeAnswer(after, installation, token: held.token, source: "cache", "after forced")
+            TokenAnswerMatrixTests.expectWholeAnswer(
+                after, installation, token: held.token, source: "cache", "after forced")
             #expect(h.emulator.triggerCalls(for: installation) == 2)
 
             #expect(try await Self.sample(h, #"token_gateway_same_token_round_trips_total{outcome="served"}"#) == 2)
@@ -118,17 +127,21 @@ struct SameTokenRoundTripTests {
                 // Gateway A sends the trigger; Forge delivers to replica B, which stores nothing
                 // (not newer) and tells A through the notification channel.
                 h.emulator.setGatewayURL(otherURL)
-                let answers = try await Self.concurrently(5) { try await h.token(installation, query: "minValidity=3600") }
+                let answers = try await Self.concurrently(5) {
+                    try await h.token(installation, query: "minValidity=3600")
+                }
                 for answer in answers {
                     let source = answer.json["source"] as? String ?? ""
                     #expect(source == "trigger" || source == "cache", "\(answer.body)")
-                    TokenAnswerMatrixTests.expectWholeAnswer(answer, installation, token: held.token, source: source, "leader")
+                    TokenAnswerMatrixTests.expectWholeAnswer(
+                        answer, installation, token: held.token, source: source, "leader")
                 }
                 #expect(h.emulator.triggerCalls(for: installation) == 1)
                 #expect(try await Self.hold(h, installation) != nil)
                 let there = try await h.call(
                     .GET, GatewayHarness.path(installation) + "/token?minValidity=3600", at: otherURL)
-                TokenAnswerMatrixTests.expectWholeAnswer(there, installation, token: held.token, source: "cache", "replica B")
+                TokenAnswerMatrixTests.expectWholeAnswer(
+                    there, installation, token: held.token, source: "cache", "replica B")
                 #expect(!other.flow.isRoundActive(installation.installationID))
                 #expect(h.emulator.triggerCalls(for: installation) == 1)
                 h.emulator.setGatewayURL(h.gatewayURL)
@@ -155,12 +168,15 @@ struct SameTokenRoundTripTests {
                 try await Task.sleep(for: .milliseconds(20))
             }
             let next = try await h.token(installation, query: "minValidity=3600")
-            TokenAnswerMatrixTests.expectWholeAnswer(next, installation, token: held.token, source: "trigger", "after the hold")
+            TokenAnswerMatrixTests.expectWholeAnswer(
+                next, installation, token: held.token, source: "trigger", "after the hold")
             #expect(h.emulator.triggerCalls(for: installation) == 2)
         }
     }
 
-    @Test("a token with under 60 s left is not served after a same-token round trip nor during the hold: 502 trigger_failed")
+    @Test(
+        "a token with under 60 s left is not served after a same-token round trip nor during the hold: 502 trigger_failed"
+    )
     func tooShortToServe() async throws {
         try await GatewayHarness.run { h in
             let installation = try await h.installed()
@@ -200,11 +216,15 @@ struct SameTokenRoundTripTests {
             }
             #expect(h.emulator.triggerCalls(for: installation) == 1)
             #expect(try await Self.sample(h, #"token_gateway_same_token_round_trips_total{outcome="expiring"}"#) == 1)
-            #expect(try await Self.sample(h, #"token_gateway_token_requests_total{source="none",outcome="trigger_failed"}"#) == 6)
+            #expect(
+                try await Self.sample(h, #"token_gateway_token_requests_total{source="none",outcome="trigger_failed"}"#)
+                    == 6)
         }
     }
 
-    @Test("a refresh-ahead that brings the same token does not loop: one trigger call, then none during the hold, on either replica")
+    @Test(
+        "a refresh-ahead that brings the same token does not loop: one trigger call, then none during the hold, on either replica"
+    )
     func refreshAheadDoesNotLoop() async throws {
         try await GatewayHarness.run(configure: { $0.flow.refreshAheadFraction = 1.0 }) { h in
             let installation = try await h.installed()
@@ -229,13 +249,15 @@ struct SameTokenRoundTripTests {
             // Every later answer is still in the window, and starts nothing.
             for _ in 0..<20 {
                 let answer = try await h.token(installation)
-                TokenAnswerMatrixTests.expectWholeAnswer(answer, installation, token: held.token, source: "cache", "later")
+                TokenAnswerMatrixTests.expectWholeAnswer(
+                    answer, installation, token: held.token, source: "cache", "later")
                 #expect(!h.gateway.flow.isRoundActive(id))
             }
             try await h.withSecondGateway { otherURL, other in
                 for _ in 0..<5 {
                     let answer = try await h.call(.GET, path, at: otherURL)
-                    TokenAnswerMatrixTests.expectWholeAnswer(answer, installation, token: held.token, source: "cache", "second replica")
+                    TokenAnswerMatrixTests.expectWholeAnswer(
+                        answer, installation, token: held.token, source: "cache", "second replica")
                     #expect(!other.flow.isRoundActive(id))
                 }
             }

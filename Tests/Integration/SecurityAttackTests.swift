@@ -19,7 +19,9 @@ struct SecurityAttackTests {
     static let attacks: [Attack] = [
         Attack(description: "alg none") { $0.algorithm = .none },
         Attack(description: "HS256 signed with the RSA public key") { $0.algorithm = .hs256WithPublicKey },
-        Attack(description: "wrong aud") { $0.audience = "ari:cloud:ecosystem::app/00000000-0000-0000-0000-000000000000" },
+        Attack(description: "wrong aud") {
+            $0.audience = "ari:cloud:ecosystem::app/00000000-0000-0000-0000-000000000000"
+        },
         Attack(description: "wrong iss") { $0.issuer = "forge/not-an-invocation-token" },
         Attack(description: "expired beyond the skew") {
             $0.issuedAt = Date().addingTimeInterval(-200)
@@ -33,10 +35,14 @@ struct SecurityAttackTests {
     ]
 
     /// The four Forge routes with a body each would accept from a genuine caller.
-    static func forgeCalls(_ h: GatewayHarness, _ installation: EmulatedInstallation) -> [(path: String, body: String)] {
+    static func forgeCalls(_ h: GatewayHarness, _ installation: EmulatedInstallation) -> [(path: String, body: String)]
+    {
         [
             ("/forge/auth-trigger", "{}"),
-            ("/forge/pre-uninstall", "{\"context\":{\"cloudId\":\"\(installation.cloudId)\",\"moduleKey\":\"m\"},\"contextToken\":\"t\"}"),
+            (
+                "/forge/pre-uninstall",
+                "{\"context\":{\"cloudId\":\"\(installation.cloudId)\",\"moduleKey\":\"m\"},\"contextToken\":\"t\"}"
+            ),
             ("/forge/register", "{\"authTriggerUrl\":\"\(h.emulator.triggerURL(for: installation))\"}"),
             (
                 "/forge/lifecycle",
@@ -115,7 +121,8 @@ struct SecurityAttackTests {
                 try await h.call(
                     .POST, "/forge/auth-trigger", secret: nil,
                     headers: [
-                        "authorization": "Bearer \(fit)", "content-type": "application/json", "x-forge-oauth-system": token,
+                        "authorization": "Bearer \(fit)", "content-type": "application/json",
+                        "x-forge-oauth-system": token,
                     ], body: "{}")
             }
             let accepted = try await deliver(fit, first)

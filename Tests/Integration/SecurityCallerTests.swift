@@ -54,7 +54,9 @@ struct SecurityCallerTests {
 
             // The listing shows only the caller's installations.
             let list = try await h.call(.GET, "/v1/installations?limit=1000", secret: scoped)
-            let ids = (list.json["installations"] as? [[String: Any]] ?? []).compactMap { $0["installationId"] as? String }
+            let ids = (list.json["installations"] as? [[String: Any]] ?? []).compactMap {
+                $0["installationId"] as? String
+            }
             #expect(ids == [allowed.id])
         }
     }

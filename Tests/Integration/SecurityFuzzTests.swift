@@ -51,7 +51,9 @@ struct SeededRandom: RandomNumberGenerator {
                 }
                 return "{" + fields.joined(separator: ",") + "}"
             default:
-                return "[" + (0..<Int.random(in: 0..<4, using: &self)).map { _ in value(depth - 1) }.joined(separator: ",") + "]"
+                return "["
+                    + (0..<Int.random(in: 0..<4, using: &self)).map { _ in value(depth - 1) }.joined(separator: ",")
+                    + "]"
             }
         }
         switch Int.random(in: 0..<10, using: &self) {
@@ -60,7 +62,8 @@ struct SeededRandom: RandomNumberGenerator {
         case 2: return String(repeating: "[", count: Int.random(in: 10..<5000, using: &self))
         default:
             let fields = (0..<Int.random(in: 0..<5, using: &self)).map { _ in
-                "\"" + self.pick(["authTriggerUrl", "eventType", "requestId", "rotateKey", "id", "x"]) + "\":" + value(3)
+                "\"" + self.pick(["authTriggerUrl", "eventType", "requestId", "rotateKey", "id", "x"]) + "\":"
+                    + value(3)
             }
             return "{" + fields.joined(separator: ",") + "}"
         }
@@ -91,15 +94,20 @@ struct SecurityFuzzTests {
                     let body = rng.body(triggerURL: triggerURL)
                     var headers = [
                         "authorization": "Bearer \(try h.emulator.mintFIT(for: installation))",
-                        "content-type": rng.pick(["application/json", "application/json", "text/plain", "application/json; charset=utf-8"]),
+                        "content-type": rng.pick([
+                            "application/json", "application/json", "text/plain", "application/json; charset=utf-8",
+                        ]),
                     ]
                     switch round % 4 {
                     case 0: headers["x-forge-oauth-system"] = try h.emulator.mintAccessToken(for: installation)
-                    case 1: headers["x-forge-oauth-system"] = rng.text(Int.random(in: 1..<80, using: &rng), SeededRandom.pieces("abc.XYZ_-=09 "))
+                    case 1:
+                        headers["x-forge-oauth-system"] = rng.text(
+                            Int.random(in: 1..<80, using: &rng), SeededRandom.pieces("abc.XYZ_-=09 "))
                     case 2:
                         let exp = rng.pick(["1", "-5", "\"x\"", "1e300", "null", "9999999999", "{}"])
                         headers["x-forge-oauth-system"] =
-                            "e30." + Base64URL.encode(Array("{\"exp\":\(exp)}".utf8)) + "." + rng.text(8, SeededRandom.pieces("abc"))
+                            "e30." + Base64URL.encode(Array("{\"exp\":\(exp)}".utf8)) + "."
+                            + rng.text(8, SeededRandom.pieces("abc"))
                     default: break
                     }
                     let answer = try await h.call(.POST, path, secret: nil, headers: headers, body: body)
@@ -120,7 +128,8 @@ struct SecurityFuzzTests {
             let auth = [("Authorization", "Bearer \(GatewayHarness.callerSecret)")]
             let queryAlphabet = SeededRandom.pieces("minValidtyoeurslcLmi=&%0123456789-+.eE;,xyz")
             for _ in 0..<100 {
-                let query = rng.pick(["minValidity=", "timeout=", "limit=", "cursor=", ""])
+                let query =
+                    rng.pick(["minValidity=", "timeout=", "limit=", "cursor=", ""])
                     + rng.text(Int.random(in: 0..<24, using: &rng), queryAlphabet)
                 let answer = try await RawHTTP.request(
                     "GET", "/v1/installations/\(installation.uuid)/token?\(query)", headers: auth, port: port)
@@ -128,7 +137,8 @@ struct SecurityFuzzTests {
                 let list = try await RawHTTP.request("GET", "/v1/installations?\(query)", headers: auth, port: port)
                 Self.expectNoServerError(list.status, list.body, "list query \(query)")
             }
-            let segmentAlphabet = SeededRandom.pieces("abcXYZ019-_.:%2F3Aa{}~*!$'()+,;=@") + ["%00", "%zz", "%C3%A9", "%2e%2e", "%25"]
+            let segmentAlphabet =
+                SeededRandom.pieces("abcXYZ019-_.:%2F3Aa{}~*!$'()+,;=@") + ["%00", "%zz", "%C3%A9", "%2e%2e", "%25"]
             for _ in 0..<150 {
                 let segment = rng.text(Int.random(in: 0..<40, using: &rng), segmentAlphabet)
                 let method = rng.pick(["GET", "POST", "PUT", "DELETE", "PATCH"])
@@ -149,7 +159,8 @@ struct SecurityFuzzTests {
             let tenant = h.emulator.makeConnectTenant(linkedTo: installation)
             #expect(try await h.emulator.connectInstall(tenant).status == 204)
             let tokenAlphabet = SeededRandom.pieces("eyJhbGciOiJSUzI1NiJ9._-abcXYZ019=+/ ")
-            let formAlphabet = SeededRandom.pieces("abc_=&%+2F0Az-.~:") + ["grant_type=", "client_credentials", "%zz", "&&"]
+            let formAlphabet =
+                SeededRandom.pieces("abc_=&%+2F0Az-.~:") + ["grant_type=", "client_credentials", "%zz", "&&"]
             var strangers: [String] = []
             for round in 0..<120 {
                 // Signed installs: a genuine token with a random body, or a random token.
@@ -176,7 +187,8 @@ struct SecurityFuzzTests {
                 let verify = try await h.call(
                     .POST, "/v1/connect/verify", headers: ["content-type": "application/json"],
                     body: rng.pick([
-                        #"{"jwt":"\#(jwt)","method":"GET","url":"/x"}"#, #"{"jwt":"\#(jwt)"}"#, rng.body(triggerURL: "/x"),
+                        #"{"jwt":"\#(jwt)","method":"GET","url":"/x"}"#, #"{"jwt":"\#(jwt)"}"#,
+                        rng.body(triggerURL: "/x"),
                     ]))
                 Self.expectNoServerError(verify.status, verify.body, "verify")
                 let sign = try await h.call(

@@ -26,7 +26,8 @@ struct SecurityHardeningTests {
                 "x\u{1B}[2J\u{1B}]0;owned\u{07}\r\nts=2026-01-01T00:00:00Z level=critical msg=forged\ttab\u{2028}ls\u{2029}ps"
                 + "\u{85}nel\u{7F}del\u{9B}csi\u{202E}rtl\u{200B}zw\u{0}nul"
             let fit = try h.emulator.mintFIT(for: installation)
-            let body = String(decoding: try JSONSerialization.data(withJSONObject: ["eventType": hostile]), as: UTF8.self)
+            let body = String(
+                decoding: try JSONSerialization.data(withJSONObject: ["eventType": hostile]), as: UTF8.self)
             let answer = try await h.call(
                 .POST, "/forge/lifecycle", secret: fit, headers: ["content-type": "application/json"], body: body)
             #expect(answer.status == 200)
@@ -64,7 +65,10 @@ struct SecurityHardeningTests {
             let attempts: [(flags: [String], variable: String, secret: String)] = [
                 (["--callers", callers], "TOKEN_GATEWAY_CALLERS", GatewayHarness.callerSecret),
                 (["--encryption-keys", keys], "TOKEN_GATEWAY_ENCRYPTION_KEYS", String(keys.dropFirst(3))),
-                (["--redis-url", "redis://:hunter2-redis-password@127.0.0.1:1/0"], "TOKEN_GATEWAY_REDIS_URL", "hunter2"),
+                (
+                    ["--redis-url", "redis://:hunter2-redis-password@127.0.0.1:1/0"], "TOKEN_GATEWAY_REDIS_URL",
+                    "hunter2"
+                ),
             ]
             for command in ["serve", "check-config"] {
                 for attempt in attempts {
@@ -122,7 +126,8 @@ struct SecurityHardeningTests {
     @Test("with TOKEN_GATEWAY_OPS_PORT, health and metrics are served only on the operations listener")
     func operationsListenerKeepsMetricsOffTheMainPort() async throws {
         let opsPort = try RedisServerProcess.freeLoopbackPort()
-        try await GatewayHarness.run(configure: { $0.operationsListener = .init(host: "127.0.0.1", port: opsPort) }) { h in
+        try await GatewayHarness.run(configure: { $0.operationsListener = .init(host: "127.0.0.1", port: opsPort) }) {
+            h in
             let opsURL = "http://127.0.0.1:\(opsPort)"
             #expect(try await Security.eventually { (try? await Self.get(h, opsURL + "/health/live"))?.status == 200 })
             let installation = try await h.installed()
@@ -147,7 +152,9 @@ struct SecurityHardeningTests {
             "TOKEN_GATEWAY_CALLERS": #"[{"name":"a","secret":"0123456789abcdef0123","installations":["*"]}]"#,
             "TOKEN_GATEWAY_OPS_PORT": "9090",
         ]
-        #expect(try GatewayConfiguration.load(environment: environment).operationsListener == .init(host: "127.0.0.1", port: 9090))
+        #expect(
+            try GatewayConfiguration.load(environment: environment).operationsListener
+                == .init(host: "127.0.0.1", port: 9090))
         environment["TOKEN_GATEWAY_OPS_PORT"] = nil
         environment["TOKEN_GATEWAY_OPS_HOST"] = "0.0.0.0"
         #expect(throws: ConfigurationError.self) { try GatewayConfiguration.load(environment: environment) }
@@ -206,7 +213,8 @@ struct SecurityHardeningTests {
     }
 
     /// The install payload of `tenant` with some fields replaced.
-    static func payload(_ h: GatewayHarness, _ tenant: EmulatedConnectTenant, _ changes: [String: Any?]) throws -> Data {
+    static func payload(_ h: GatewayHarness, _ tenant: EmulatedConnectTenant, _ changes: [String: Any?]) throws -> Data
+    {
         var object = try #require(
             try JSONSerialization.jsonObject(with: h.emulator.connectLifecyclePayload(.installed, tenant: tenant))
                 as? [String: Any])
@@ -290,13 +298,17 @@ struct SecurityHardeningTests {
             let cases: [(String, [String: Any?], Bool)] = [
                 ("another site's cloudId", ["cloudId": UUID().uuidString.lowercased()], false),
                 ("no cloudId", ["cloudId": nil], false),
-                ("an installation never seen", ["installationId": "ari:cloud:ecosystem::installation/\(UUID())"], false),
+                (
+                    "an installation never seen", ["installationId": "ari:cloud:ecosystem::installation/\(UUID())"],
+                    false
+                ),
                 ("the installation's cloudId", [:], true),
             ]
             for (name, changes, links) in cases {
                 let tenant = h.emulator.makeConnectTenant(linkedTo: victim)
                 let token = try h.emulator.mintSignedInstall(for: tenant, path: "/connect/installed")
-                let answer = try await Self.postSignedInstall(h, token: token, body: try Self.payload(h, tenant, changes))
+                let answer = try await Self.postSignedInstall(
+                    h, token: token, body: try Self.payload(h, tenant, changes))
                 #expect(answer.status == 204, "\(name)")
                 let record = try #require(try await h.gateway.store.connectTenant(tenant.clientKey))
                 #expect((record.installationId != nil) == links, "\(name)")
@@ -309,7 +321,8 @@ struct SecurityHardeningTests {
 
     /// One call to a gateway at `base` as the full-scope caller.
     static func call(
-        _ h: GatewayHarness, base: String, _ method: HTTPMethod, _ path: String, secret: String = GatewayHarness.callerSecret
+        _ h: GatewayHarness, base: String, _ method: HTTPMethod, _ path: String,
+        secret: String = GatewayHarness.callerSecret
     ) async throws -> GatewayHarness.Answer {
         var request = HTTPClientRequest(url: base + path)
         request.method = method
@@ -346,16 +359,20 @@ struct SecurityHardeningTests {
                 }
                 let triggers = h.emulator.triggerCalls(for: installation)
                 for base in replicas {
-                    let refused = try await Self.call(h, base: base, .POST, path + "/token/refresh", secret: Self.limitedSecret)
+                    let refused = try await Self.call(
+                        h, base: base, .POST, path + "/token/refresh", secret: Self.limitedSecret)
                     #expect(refused.status == 429)
                     #expect(refused.errorCode == "rate_limited")
                     let retryAfter = try #require(refused.headers["retry-after"].flatMap { Int($0) })
                     #expect((1...60).contains(retryAfter))
                 }
-                #expect(h.emulator.triggerCalls(for: installation) == triggers, "a refused refresh starts no round trip")
+                #expect(
+                    h.emulator.triggerCalls(for: installation) == triggers, "a refused refresh starts no round trip")
                 // Cached answers are never limited; other callers have their own limits.
                 for base in replicas {
-                    #expect(try await Self.call(h, base: base, .GET, path + "/token", secret: Self.limitedSecret).status == 200)
+                    #expect(
+                        try await Self.call(h, base: base, .GET, path + "/token", secret: Self.limitedSecret).status
+                            == 200)
                 }
                 #expect(try await Self.call(h, base: second, .POST, path + "/token/refresh").status == 200)
 
@@ -375,7 +392,8 @@ struct SecurityHardeningTests {
                 }
                 #expect(h.emulator.totalUserTokenExchanges == exchanges, "a refused request starts no exchange")
                 // A cached user token is still served.
-                let cached = try await Self.call(h, base: second, .GET, path + "/token?asUser=acct-0", secret: Self.limitedSecret)
+                let cached = try await Self.call(
+                    h, base: second, .GET, path + "/token?asUser=acct-0", secret: Self.limitedSecret)
                 #expect(cached.status == 200)
                 #expect(cached.json["source"] as? String == "cache")
             }
@@ -393,7 +411,8 @@ struct SecurityHardeningTests {
             // The stored token sealed under a key the ring no longer has (removed too early).
             let store = h.gateway.store
             let key = store.systemTokenKey(installation.installationID)
-            let retired = try EncryptionKeyRing(parsing: "retired:" + Data(repeating: 9, count: 32).base64EncodedString())
+            let retired = try EncryptionKeyRing(
+                parsing: "retired:" + Data(repeating: 9, count: 32).base64EncodedString())
             let resealed = try retired.seal(Array(pushed.token.utf8), context: key)
             _ = try await h.gateway.redis.send(["HSET", key, "v", resealed])
             // A replica with nothing in memory reads it.
@@ -430,7 +449,9 @@ struct SecurityHardeningTests {
             #expect(!sealed.contains("atlassian.com"), "stored sealed")
 
             // Someone with write access to Redis points the installation at their own host.
-            _ = try await h.gateway.redis.send(["HSET", installationKey, "apiBaseUrl", "https://evil.example/ex/jira/x"])
+            _ = try await h.gateway.redis.send([
+                "HSET", installationKey, "apiBaseUrl", "https://evil.example/ex/jira/x",
+            ])
             try await h.withSecondGateway { second in
                 for answer in [
                     try await Self.call(h, base: second, .GET, path + "/token"),
@@ -445,13 +466,16 @@ struct SecurityHardeningTests {
             // JWT must not buy the victim's token through the OAuth token exchange.
             let tenant = h.emulator.makeConnectTenant()
             #expect(try await h.emulator.connectInstall(tenant).status == 204)
-            _ = try await h.gateway.redis.send(["HSET", store.connectTenantKey(tenant.clientKey), "installationId", victim.id])
+            _ = try await h.gateway.redis.send([
+                "HSET", store.connectTenantKey(tenant.clientKey), "installationId", victim.id,
+            ])
             #expect(try await store.connectTenant(tenant.clientKey)?.installationId == nil)
             let jwt = h.emulator.mintConnectJWT(for: tenant, method: "GET", url: "/x")
             var form = URLComponents()
             form.queryItems = [
                 .init(name: "grant_type", value: "urn:ietf:params:oauth:grant-type:token-exchange"),
-                .init(name: "client_id", value: "full"), .init(name: "client_secret", value: GatewayHarness.callerSecret),
+                .init(name: "client_id", value: "full"),
+                .init(name: "client_secret", value: GatewayHarness.callerSecret),
                 .init(name: "subject_token", value: jwt),
                 .init(name: "subject_token_type", value: "urn:ietf:params:oauth:token-type:jwt"),
                 .init(name: "connect_method", value: "GET"), .init(name: "connect_url", value: "/x"),
@@ -474,9 +498,11 @@ struct SecurityHardeningTests {
         }
         for url in [
             "https://evil.example/ex/jira/1", "https://api.atlassian.com.evil.example/ex/jira/1",
-            "https://api.atlassian.com/ex/", "https://api.atlassian.com/ex//evil.example", "http://api.atlassian.com/ex/jira/1",
+            "https://api.atlassian.com/ex/", "https://api.atlassian.com/ex//evil.example",
+            "http://api.atlassian.com/ex/jira/1",
             "https://api.atlassian.com/ex/jira/1@evil.example", "https://api.atlassian.com/ex/../x",
-            "https://api.atlassian.com/ex/jira/%2e%2e/x", "https://api.atlassian.com/ex/jira/1?x", "https://api.atlassian.com/exx/1",
+            "https://api.atlassian.com/ex/jira/%2e%2e/x", "https://api.atlassian.com/ex/jira/1?x",
+            "https://api.atlassian.com/exx/1",
         ] {
             #expect(!RoutingPolicy.hasAllowedPrefix(url, prefixes: allowed), "\(url)")
         }
@@ -493,7 +519,9 @@ struct SecurityHardeningTests {
         for bad in ["http://evil.example/ex/", "https://api.atlassian.com/ex", ""] {
             environment["TOKEN_GATEWAY_API_BASE_URL_PREFIXES"] = bad
             if bad.isEmpty { environment["TOKEN_GATEWAY_API_BASE_URL_PREFIXES"] = "," }
-            #expect(throws: ConfigurationError.self, "\(bad)") { try GatewayConfiguration.load(environment: environment) }
+            #expect(throws: ConfigurationError.self, "\(bad)") {
+                try GatewayConfiguration.load(environment: environment)
+            }
         }
     }
 
@@ -519,7 +547,9 @@ struct SecurityHardeningTests {
                 group.addTask { try await h.token(a) }
                 #expect(
                     try await Security.eventually {
-                        Self.counter(try await Self.get(h, h.gatewayURL + "/metrics").body, "token_gateway_coalesced_waiters_total")
+                        Self.counter(
+                            try await Self.get(h, h.gatewayURL + "/metrics").body,
+                            "token_gateway_coalesced_waiters_total")
                             >= 1
                     })
                 // A third caller of the same installation is over the per-installation cap.
@@ -585,7 +615,9 @@ struct SecurityHardeningTests {
                     .GET, "/v1/installations?limit=1" + (cursor.isEmpty ? "" : "&cursor=\(cursor)"),
                     secret: GatewayHarness.scopedSecret)
                 #expect(page.status == 200)
-                seen += ((page.json["installations"] as? [[String: Any]]) ?? []).compactMap { $0["installationId"] as? String }
+                seen += ((page.json["installations"] as? [[String: Any]]) ?? []).compactMap {
+                    $0["installationId"] as? String
+                }
                 cursor = page.json["nextCursor"] as? String ?? ""
             } while !cursor.isEmpty && seen.count < 10
             #expect(seen == scope.prefix(2).sorted())

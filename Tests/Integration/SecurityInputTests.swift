@@ -42,7 +42,8 @@ struct SecurityInputTests {
             // A Forge call with a huge FIT header, and a huge request line.
             let fit = try await RawHTTP.request(
                 "POST", "/forge/auth-trigger",
-                headers: [("Authorization", "Bearer " + String(repeating: "e", count: 64 * 1024))], body: Array("{}".utf8),
+                headers: [("Authorization", "Bearer " + String(repeating: "e", count: 64 * 1024))],
+                body: Array("{}".utf8),
                 port: port)
             #expect(fit.status == 400)
             #expect(fit.errorCode == "invalid_request")
@@ -56,20 +57,23 @@ struct SecurityInputTests {
 
             // Requests no client would send: refused before any route runs.
             for raw in [
-                "GARBAGE\r\n\r\n", "GET /health/live HTTP/9.9\r\n\r\n", "GET /health/live HTTP/1.1\r\nno-colon-here\r\n\r\n",
+                "GARBAGE\r\n\r\n", "GET /health/live HTTP/9.9\r\n\r\n",
+                "GET /health/live HTTP/1.1\r\nno-colon-here\r\n\r\n",
                 "GET /v1/installations/a\u{0}b/token HTTP/1.1\r\nHost: x\r\n\r\n",
                 "POST /forge/auth-trigger HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\n{}",
                 "GET /health/live HTTP/1.1\r\nHost: x\r\nX-Bad: a\u{1}b\r\n\r\n",
             ] {
                 let answer = RawHTTP.Answer(raw: try await RawHTTP.send(Array(raw.utf8), port: port))
                 #expect(answer.status == 400, "\(raw.debugDescription)")
-                #expect(answer.errorCode == "invalid_request", "\(raw.debugDescription): \(answer.raw.debugDescription)")
+                #expect(
+                    answer.errorCode == "invalid_request", "\(raw.debugDescription): \(answer.raw.debugDescription)")
             }
             // A body the parser refuses after a valid head: the route answers first (here: 401,
             // the FIT is checked before the body is read), then the connection is closed.
             let chunked = RawHTTP.Answer(
                 raw: try await RawHTTP.send(
-                    Array("POST /forge/auth-trigger HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".utf8),
+                    Array(
+                        "POST /forge/auth-trigger HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".utf8),
                     port: port))
             #expect(chunked.status == 401)
             #expect(chunked.body.hasPrefix("{\"error\":{\"code\":\"invalid_invocation_token\""))
@@ -84,6 +88,54 @@ struct SecurityInputTests {
     /// JSON text is 400 `invalid_request`.
     static let authTriggerObjectStatus: [String: Int] = ["wrong type": 200, "lone surrogate": 400, "huge number": 400]
 
+    /// One malformed body for the Forge routes: name, content type, body, expected status and code
+    /// (nil code: any contract code), and whether it is a JSON object (which /forge/auth-trigger
+    /// accepts as it is).
+    typealias BadBody = (name: String, contentType: String?, body: String, status: Int, code: String?, object: Bool)
+
+    /// The malformed bodies ``badBodies()`` sends to every Forge route.
+    static func badBodyCases(triggerURL url: String) -> [BadBody] {
+        let tooDeep =
+            "{\"authTriggerUrl\":" + String(repeating: "[", count: 17) + String(repeating: "]", count: 17) + "}"
+        let recursive = String(repeating: "[", count: 30_000) + String(repeating: "]", count: 30_000)
+        return [
+            ("truncated", "application/json", "{\"authTriggerUrl\":", 400, "invalid_request", false),
+            ("not JSON", "application/json", "authTriggerUrl=x", 400, "invalid_request", false),
+            ("array", "application/json", "[]", 400, "invalid_request", false),
+            ("string", "application/json", "\"x\"", 400, "invalid_request", false),
+            ("null", "application/json", "null", 400, "invalid_request", false),
+            (
+                "trailing garbage", "application/json", "{\"authTriggerUrl\":\"\(url)\"}x", 400,
+                "invalid_request", false
+            ),
+            (
+                "wrong type", "application/json", "{\"authTriggerUrl\":17,\"eventType\":17}", 400,
+                "invalid_request", true
+            ),
+            ("too deep", "application/json", tooDeep, 400, "invalid_request", false),
+            ("parser bomb", "application/json", recursive, 400, "invalid_request", false),
+            ("lone surrogate", "application/json", "{\"authTriggerUrl\":\"\\ud800\"}", 400, nil, true),
+            ("huge number", "application/json", "{\"authTriggerUrl\":1e999999}", 400, "invalid_request", true),
+            ("text/plain", "text/plain", "{\"authTriggerUrl\":\"\(url)\"}", 400, "invalid_request", false),
+            (
+                "form", "application/x-www-form-urlencoded", "authTriggerUrl=\(url)", 400, "invalid_request",
+                false
+            ),
+            ("no content type", nil, "{\"authTriggerUrl\":\"\(url)\"}", 400, "invalid_request", false),
+            ("json-ish", "application/jsonx", "{\"authTriggerUrl\":\"\(url)\"}", 400, "invalid_request", false),
+            (
+                "too large", "application/json", "{\"x\":\"" + String(repeating: "a", count: 70 * 1024) + "\"}",
+                413,
+                "payload_too_large", false
+            ),
+            (
+                "much too large", "application/json", String(repeating: " ", count: 2 << 20), 413,
+                "payload_too_large",
+                false
+            ),
+        ]
+    }
+
     @Test("malformed JSON, deep JSON, wrong content types and huge bodies get 4xx and change nothing")
     func badBodies() async throws {
         try await GatewayHarness.run { h in
@@ -91,34 +143,11 @@ struct SecurityInputTests {
             let url = h.emulator.triggerURL(for: installation)
             // A long-lived token first: the deliveries below carry an older one, so even those the
             // gateway accepts change nothing.
-            #expect(try await h.emulator.push(installation, expiresAt: Date().addingTimeInterval(4 * 3600)).status == 200)
+            #expect(
+                try await h.emulator.push(installation, expiresAt: Date().addingTimeInterval(4 * 3600)).status == 200)
             let token = try h.emulator.mintAccessToken(for: installation)
             let before = try await Security.settledSnapshot(of: installation, in: h.gateway.redis)
-            let tooDeep = "{\"authTriggerUrl\":" + String(repeating: "[", count: 17) + String(repeating: "]", count: 17) + "}"
-            let recursive = String(repeating: "[", count: 30_000) + String(repeating: "]", count: 30_000)
-            // (name, content type, body, expected status and code; nil code: any contract code;
-            // `object`: a JSON object, which /forge/auth-trigger accepts as it is)
-            let cases: [(name: String, contentType: String?, body: String, status: Int, code: String?, object: Bool)] = [
-                ("truncated", "application/json", "{\"authTriggerUrl\":", 400, "invalid_request", false),
-                ("not JSON", "application/json", "authTriggerUrl=x", 400, "invalid_request", false),
-                ("array", "application/json", "[]", 400, "invalid_request", false),
-                ("string", "application/json", "\"x\"", 400, "invalid_request", false),
-                ("null", "application/json", "null", 400, "invalid_request", false),
-                ("trailing garbage", "application/json", "{\"authTriggerUrl\":\"\(url)\"}x", 400, "invalid_request", false),
-                ("wrong type", "application/json", "{\"authTriggerUrl\":17,\"eventType\":17}", 400, "invalid_request", true),
-                ("too deep", "application/json", tooDeep, 400, "invalid_request", false),
-                ("parser bomb", "application/json", recursive, 400, "invalid_request", false),
-                ("lone surrogate", "application/json", "{\"authTriggerUrl\":\"\\ud800\"}", 400, nil, true),
-                ("huge number", "application/json", "{\"authTriggerUrl\":1e999999}", 400, "invalid_request", true),
-                ("text/plain", "text/plain", "{\"authTriggerUrl\":\"\(url)\"}", 400, "invalid_request", false),
-                ("form", "application/x-www-form-urlencoded", "authTriggerUrl=\(url)", 400, "invalid_request", false),
-                ("no content type", nil, "{\"authTriggerUrl\":\"\(url)\"}", 400, "invalid_request", false),
-                ("json-ish", "application/jsonx", "{\"authTriggerUrl\":\"\(url)\"}", 400, "invalid_request", false),
-                ("too large", "application/json", "{\"x\":\"" + String(repeating: "a", count: 70 * 1024) + "\"}", 413,
-                 "payload_too_large", false),
-                ("much too large", "application/json", String(repeating: " ", count: 2 << 20), 413, "payload_too_large",
-                 false),
-            ]
+            let cases = Self.badBodyCases(triggerURL: url)
             for path in ["/forge/register", "/forge/lifecycle", "/forge/auth-trigger"] {
                 for c in cases {
                     var headers = [
@@ -198,14 +227,17 @@ struct SecurityInputTests {
             #expect(nowhere.status == 404)
             #expect(nowhere.errorCode == "not_found")
             // Query parameters out of range.
-            for query in ["minValidity=-1", "minValidity=7201", "minValidity=1e3", "timeout=99", "timeout=x", "timeout=30001"] {
+            for query in [
+                "minValidity=-1", "minValidity=7201", "minValidity=1e3", "timeout=99", "timeout=x", "timeout=30001",
+            ] {
                 let answer = try await RawHTTP.request(
                     "GET", "/v1/installations/\(installation.uuid)/token?\(query)", headers: auth, port: port)
                 #expect(answer.status == 400, "\(query)")
                 #expect(answer.errorCode == "invalid_parameter", "\(query)")
             }
             for cursor in ["%zz", "not-base64!", Base64URL.encode(Array("ari:cloud:jira::site/x".utf8))] {
-                let answer = try await RawHTTP.request("GET", "/v1/installations?cursor=\(cursor)", headers: auth, port: port)
+                let answer = try await RawHTTP.request(
+                    "GET", "/v1/installations?cursor=\(cursor)", headers: auth, port: port)
                 #expect(answer.status == 400, "cursor \(cursor)")
                 #expect(answer.errorCode == "invalid_parameter", "cursor \(cursor)")
             }

@@ -42,7 +42,8 @@ struct SecurityKeyTests {
                 candidateKey: key.rawPrivateKey,
                 metadata: .init(appId: "app", apiBaseUrl: "https://api.atlassian.com/ex/jira/\(id.shortID)"), now: now)
             _ = try await store.storeDeliveredToken(
-                id, token: AccessToken(value: "token-\(n)-\(UUID())", expiresAt: now.unixSeconds + 3600), requestID: nil,
+                id, token: AccessToken(value: "token-\(n)-\(UUID())", expiresAt: now.unixSeconds + 3600),
+                requestID: nil,
                 metadata: .init(), now: now)
             ids.append(id)
         }
@@ -123,7 +124,9 @@ struct SecurityKeyTests {
         let idB = try await redis.send(["HGET", keysB, "current"]).string!
         let sealedA = try await redis.send(["HGET", keysA, "key:" + idA]).string!
         _ = try await redis.send(["HSET", keysB, "key:" + idB, sealedA])
-        await #expect(throws: EncryptionError.authenticationFailed) { try await store.triggerKeys(b, now: FlowTime.now()) }
+        await #expect(throws: EncryptionError.authenticationFailed) {
+            try await store.triggerKeys(b, now: FlowTime.now())
+        }
 
         // The same blob still opens where it belongs.
         #expect(try await store.systemToken(a) != nil)
@@ -172,7 +175,9 @@ struct SecurityKeyTests {
 
         // One small batch, then "interrupted": resume from the reported cursor.
         let logs = LogSink.memory()
-        let logger = Logger(label: "rewrap") { GatewayLogHandler(label: $0, format: .logfmt, level: .debug, sink: logs) }
+        let logger = Logger(label: "rewrap") {
+            GatewayLogHandler(label: $0, format: .logfmt, level: .debug, sink: logs)
+        }
         let rewrap = KeyRewrap(
             redis: redis, keys: try Self.ring([("k2", k2), ("k1", k1)]), prefix: prefix, batchSize: 2, logger: logger)
         let first = try await rewrap.step(cursor: "0")
@@ -207,9 +212,13 @@ struct SecurityKeyTests {
         #expect(again.alreadyCurrent == before.count)
 
         // A ring without the old key cannot open k1 blobs: they are counted and left alone.
-        let stray = try await new.redis.send(["HSET", "\(prefix):stray", "v", try Self.ring([("k1", k1)]).seal([1, 2, 3], context: "\(prefix):stray#v")])
+        let stray = try await new.redis.send([
+            "HSET", "\(prefix):stray", "v", try Self.ring([("k1", k1)]).seal([1, 2, 3], context: "\(prefix):stray#v"),
+        ])
         #expect(stray.int == 1)
-        let partial = try await KeyRewrap(redis: redis, keys: try Self.ring([("k2", k2)]), prefix: prefix, logger: logger).run()
+        let partial = try await KeyRewrap(
+            redis: redis, keys: try Self.ring([("k2", k2)]), prefix: prefix, logger: logger
+        ).run()
         #expect(partial.unopenable == 1)
         #expect(try await redis.send(["HGET", "\(prefix):stray", "v"]).string?.hasPrefix("k1.") == true)
         #expect(!logs.captured.joined().contains(Data(k1).base64EncodedString()))
@@ -255,7 +264,9 @@ struct SecurityKeyTests {
         await server.stop()
     }
 
-    static func runCommand(_ arguments: [String], environment: [String: String]) throws -> (status: Int32, output: String) {
+    static func runCommand(_ arguments: [String], environment: [String: String]) throws -> (
+        status: Int32, output: String
+    ) {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: GatewayProcess.binary)
         process.arguments = arguments
@@ -292,7 +303,10 @@ struct SecurityKeyTests {
             // A retried rotation announces the same next key.
             let retried = try await h.call(
                 .POST, "/forge/register", secret: nil,
-                headers: ["authorization": "Bearer \(try h.emulator.mintFIT(for: installation))", "content-type": "application/json"],
+                headers: [
+                    "authorization": "Bearer \(try h.emulator.mintFIT(for: installation))",
+                    "content-type": "application/json",
+                ],
                 body: "{\"authTriggerUrl\":\"\(h.emulator.triggerURL(for: installation))\",\"rotateKey\":true}")
             #expect(retried.json["nextTriggerKeyId"] as? String == nextID)
 
@@ -306,7 +320,9 @@ struct SecurityKeyTests {
             let keys = try #require(try await h.gateway.store.triggerKeys(id, now: later))
             #expect(keys.current.keyID == nextID)
             #expect(keys.next == nil)
-            #expect(try TriggerSigningKey(keyId: nextID, rawPrivateKey: keys.current.rawPrivateKey).publicKeyBase64URL == nextPublic)
+            #expect(
+                try TriggerSigningKey(keyId: nextID, rawPrivateKey: keys.current.rawPrivateKey).publicKeyBase64URL
+                    == nextPublic)
             let hash = try await h.gateway.redis.send(["HKEYS", "tg:{\(installation.id)}:signing-keys"])
             let fields = (hash.array ?? []).compactMap(\.string)
             #expect(!fields.contains("key:" + original))
@@ -345,7 +361,10 @@ struct SecurityKeyTests {
             #expect(rotate.json["nextTriggerKeyId"] == nil)
             let bad = try await h.call(
                 .POST, "/forge/register", secret: nil,
-                headers: ["authorization": "Bearer \(try h.emulator.mintFIT(for: installation))", "content-type": "application/json"],
+                headers: [
+                    "authorization": "Bearer \(try h.emulator.mintFIT(for: installation))",
+                    "content-type": "application/json",
+                ],
                 body: "{\"authTriggerUrl\":\"\(h.emulator.triggerURL(for: installation))\",\"rotateKey\":\"yes\"}")
             #expect(bad.status == 400)
             #expect(bad.errorCode == "invalid_request")

@@ -25,7 +25,8 @@ struct SecurityLeakTests {
             self.name = name
             let data = Data(bytes)
             self.forms = [
-                data.base64EncodedString(), Base64URL.encode(bytes), Security.hex(bytes), Security.hex(bytes).uppercased(),
+                data.base64EncodedString(), Base64URL.encode(bytes), Security.hex(bytes),
+                Security.hex(bytes).uppercased(),
                 String(data.base64EncodedString().dropLast(2)),  // unpadded standard base64
             ]
         }
@@ -33,6 +34,32 @@ struct SecurityLeakTests {
 
     static func hits(_ secrets: [Secret], in haystack: String) -> [String] {
         secrets.flatMap { secret in secret.forms.filter { haystack.contains($0) }.map { _ in secret.name } }
+    }
+
+    /// None of `secrets` in the logs, in Redis, in `answers` or in the printed configuration.
+    static func expectNothingLeaked(
+        _ h: GatewayHarness, _ secrets: [Secret], answers: [String], installations: [EmulatedInstallation]
+    ) async throws {
+        // The logs (gateway and emulator share the sink; debug level).
+        let logs = h.logs.captured.joined(separator: "\n")
+        #expect(logs.contains("token handed out"))
+        #expect(Self.hits(secrets, in: logs).isEmpty, "secrets in the logs: \(Self.hits(secrets, in: logs))")
+
+        try await Self.expectNothingInRedis(h, secrets, installations: installations)
+
+        // Answers other than the token answers themselves.
+        for answer in answers {
+            #expect(
+                Self.hits(secrets, in: answer).isEmpty, "secrets in an answer: \(Self.hits(secrets, in: answer))")
+        }
+
+        // And nothing secret in the printed forms of the configuration.
+        let printed =
+            "\(h.gateway.configuration) \(h.gateway.configuration.encryptionKeys) \(h.gateway.configuration.callers)"
+        #expect(Self.hits(secrets, in: printed).isEmpty)
+        var dumped = ""
+        dump(h.gateway.configuration.encryptionKeys, to: &dumped)
+        #expect(Self.hits(secrets, in: dumped).isEmpty)
     }
 
     @Test("a whole flow leaves no token, key, or secret in the logs, Redis, metrics or answers")
@@ -68,7 +95,13 @@ struct SecurityLeakTests {
             let pushed = try await h.emulator.push(a, expiresAt: Date().addingTimeInterval(7200))
             let refreshed = try await h.call(.POST, GatewayHarness.path(a) + "/token/refresh", secret: digestSecret)
             #expect(refreshed.status == 200)
-            let badFIT = try h.emulator.mintFIT(for: a, options: { var o = FITOptions(); o.audience = "x"; return o }())
+            let badFIT = try h.emulator.mintFIT(
+                for: a,
+                options: {
+                    var o = FITOptions()
+                    o.audience = "x"
+                    return o
+                }())
             secrets.append(Secret("refused FIT", badFIT))
             let refusedToken = try h.emulator.mintAccessToken(for: a)
             secrets.append(Secret("token of a refused delivery", refusedToken))
@@ -96,24 +129,7 @@ struct SecurityLeakTests {
             answers.append(try await h.call(.GET, "/metrics", secret: nil).body)
             #expect(secrets.count >= 12)
 
-            // The logs (gateway and emulator share the sink; debug level).
-            let logs = h.logs.captured.joined(separator: "\n")
-            #expect(logs.contains("token handed out"))
-            #expect(Self.hits(secrets, in: logs).isEmpty, "secrets in the logs: \(Self.hits(secrets, in: logs))")
-
-            try await Self.expectNothingInRedis(h, secrets, installations: [a, b])
-
-            // Answers other than the token answers themselves.
-            for answer in answers {
-                #expect(Self.hits(secrets, in: answer).isEmpty, "secrets in an answer: \(Self.hits(secrets, in: answer))")
-            }
-
-            // And nothing secret in the printed forms of the configuration.
-            let printed = "\(h.gateway.configuration) \(h.gateway.configuration.encryptionKeys) \(h.gateway.configuration.callers)"
-            #expect(Self.hits(secrets, in: printed).isEmpty)
-            var dumped = ""
-            dump(h.gateway.configuration.encryptionKeys, to: &dumped)
-            #expect(Self.hits(secrets, in: dumped).isEmpty)
+            try await Self.expectNothingLeaked(h, secrets, answers: answers, installations: [a, b])
         }
     }
 

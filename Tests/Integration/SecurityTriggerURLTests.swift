@@ -102,7 +102,8 @@ struct SecurityTriggerURLTests {
         defer { Task { await recorder.stop() } }
         try await GatewayHarness.run(configure: { config in
             config.flow.maxAttempts = 1
-            config.triggerHosts = try! TriggerHostAllowList(parsing: config.triggerHosts.description + "," + recorder.baseURL)
+            config.triggerHosts = try! TriggerHostAllowList(
+                parsing: config.triggerHosts.description + "," + recorder.baseURL)
         }) { h in
             let installation = try await h.installed()
             let keyID = try await h.gateway.store.installation(installation.installationID)?.triggerKeyId
@@ -122,7 +123,8 @@ struct SecurityTriggerURLTests {
             // closes before the request is written, so connections are at least one.
             #expect(recorder.connections >= 1)
             #expect(
-                sample(try await h.call(.GET, "/metrics", secret: nil).body, "token_gateway_trigger_attempts_total",
+                sample(
+                    try await h.call(.GET, "/metrics", secret: nil).body, "token_gateway_trigger_attempts_total",
                     ["outcome": "transport_error"]) == 1)
             #expect(h.emulator.triggerCalls(for: installation) == 1)
 

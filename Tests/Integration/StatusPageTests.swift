@@ -67,7 +67,8 @@ enum StatusPageBrowser {
         let out = String(decoding: stdout.data, as: UTF8.self)
         let err = String(decoding: stderr.data, as: UTF8.self)
         guard status == 0 else {
-            throw Failure(description: "status_page_check.py exited \(status):\n\(out.suffix(6000))\n\(err.suffix(3000))")
+            throw Failure(
+                description: "status_page_check.py exited \(status):\n\(out.suffix(6000))\n\(err.suffix(3000))")
         }
         return out
     }
@@ -118,12 +119,15 @@ struct StatusPageTests {
             let page = try await h.call(.GET, "/status", secret: nil)
             #expect(page.status == 401)
             #expect(page.headers["www-authenticate"] == "Basic realm=\"token-gateway\"")
-            let wrong = try await h.call(.GET, "/status", secret: nil, headers: Self.basic(Self.operatorName, "not-the-secret"))
+            let wrong = try await h.call(
+                .GET, "/status", secret: nil, headers: Self.basic(Self.operatorName, "not-the-secret"))
             #expect(wrong.status == 401)
-            let notOperator = try await h.call(.GET, "/status", secret: nil, headers: Self.basic("full", GatewayHarness.callerSecret))
+            let notOperator = try await h.call(
+                .GET, "/status", secret: nil, headers: Self.basic("full", GatewayHarness.callerSecret))
             #expect(notOperator.status == 403)
             #expect(notOperator.errorCode == "forbidden")
-            let ok = try await h.call(.GET, "/status", secret: nil, headers: Self.basic(Self.operatorName, Self.operatorSecret))
+            let ok = try await h.call(
+                .GET, "/status", secret: nil, headers: Self.basic(Self.operatorName, Self.operatorSecret))
             #expect(ok.status == 200)
             #expect(ok.headers["content-type"] == "text/html; charset=utf-8")
             #expect(ok.headers["content-security-policy"]?.contains("default-src 'none'") == true)
@@ -138,7 +142,8 @@ struct StatusPageTests {
             let history = GatewayHarness.path(installation) + "/history"
             #expect(try await h.call(.GET, history).status == 403)
             #expect(try await h.call(.GET, history, secret: Self.operatorSecret).status == 200)
-            #expect(try await h.call(.GET, "/v1/installations/bad%20id/history", secret: Self.operatorSecret).status == 400)
+            #expect(
+                try await h.call(.GET, "/v1/installations/bad%20id/history", secret: Self.operatorSecret).status == 400)
             let unknown = h.emulator.makeInstallation()
             let missing = try await h.call(.GET, GatewayHarness.path(unknown) + "/history", secret: Self.operatorSecret)
             #expect(missing.status == 404)
@@ -157,7 +162,8 @@ struct StatusPageTests {
             h.emulator.setFault(.failWith(status: 500, times: 1000), for: failing)
             let failed = try await h.call(.POST, GatewayHarness.path(failing) + "/token/refresh")
             #expect(failed.status == 502)
-            #expect(try await h.call(.POST, GatewayHarness.path(failing) + "/token/refresh").errorCode == "circuit_open")
+            #expect(
+                try await h.call(.POST, GatewayHarness.path(failing) + "/token/refresh").errorCode == "circuit_open")
 
             // The history is written after the answer: wait for it.
             try await DocumentationCheck.eventually("both round trips in the history") {
@@ -198,7 +204,9 @@ struct StatusPageTests {
                 let s = try await h.call(.GET, "/v1/status", secret: Self.operatorSecret)
                 return (s.json["replicas"] as? [[String: Any]] ?? []).compactMap { $0["id"] as? String }
             }
-            try await DocumentationCheck.eventually("this replica's heartbeat") { try await replicas() == [h.gateway.replicaID] }
+            try await DocumentationCheck.eventually("this replica's heartbeat") {
+                try await replicas() == [h.gateway.replicaID]
+            }
             try await h.withSecondGateway { _ in
                 try await DocumentationCheck.eventually("two replicas") { try await replicas().count == 2 }
             }
@@ -206,7 +214,9 @@ struct StatusPageTests {
         }
     }
 
-    @Test("the status page in headless Chromium: failing installation first, numbers equal the API's, accessible at 1280 and 390 px")
+    @Test(
+        "the status page in headless Chromium: failing installation first, numbers equal the API's, accessible at 1280 and 390 px"
+    )
     func browser() async throws {
         try await Self.run { h in
             let healthy = try await h.installed()

@@ -80,7 +80,9 @@ struct TokenEntry: Sendable, CustomTestStringConvertible {
 /// started afterwards (Redis only), through `/oauth/token` and through `?asUser=`.
 @Suite("Token answers: every entry × every serving path")
 struct TokenAnswerMatrixTests {
-    @Test("the whole answer is right whichever way the token entered and whichever way it is served", arguments: TokenEntry.all)
+    @Test(
+        "the whole answer is right whichever way the token entered and whichever way it is served",
+        arguments: TokenEntry.all)
     func wholeAnswer(entry: TokenEntry) async throws {
         try await GatewayHarness.run { h in
             let installation = h.emulator.makeInstallation()
@@ -90,17 +92,20 @@ struct TokenAnswerMatrixTests {
                 // user tokens for it. The other replica already serves an older token from its
                 // memory, so it only serves the new one once the notification has reached it.
                 try await h.emulator.install(installation)
-                let older = try await h.emulator.push(installation, expiresAt: Date().addingTimeInterval(1200), to: otherURL)
+                let older = try await h.emulator.push(
+                    installation, expiresAt: Date().addingTimeInterval(1200), to: otherURL)
                 #expect(older.status == 200, "\(older.body)")
                 let primed = try await h.call(.GET, GatewayHarness.path(installation) + "/token", at: otherURL)
-                Self.expectWholeAnswer(primed, installation, token: older.token, source: "cache", "other replica, before")
+                Self.expectWholeAnswer(
+                    primed, installation, token: older.token, source: "cache", "other replica, before")
 
                 // The entry, on gateway A.
                 let entered = try await entry.enter(
                     TokenEntryContext(h: h, installation: installation, gatewayURL: h.gatewayURL))
                 #expect(entered.token != older.token)
                 if let first = entered.answer {
-                    Self.expectWholeAnswer(first.0, installation, token: entered.token, source: first.source, "entering answer")
+                    Self.expectWholeAnswer(
+                        first.0, installation, token: entered.token, source: first.source, "entering answer")
                 }
 
                 // 1. Memory of the replica that received it: the entry carries token and base URL together.
@@ -132,7 +137,8 @@ struct TokenAnswerMatrixTests {
                     // Served from memory now: the same whole answer.
                     #expect(fresh.flow.remembered(id).apiBaseUrl == installation.apiBaseUrl)
                     let again = try await h.call(.GET, GatewayHarness.path(installation) + "/token", at: freshURL)
-                    Self.expectWholeAnswer(again, installation, token: entered.token, source: "cache", "fresh replica's memory")
+                    Self.expectWholeAnswer(
+                        again, installation, token: entered.token, source: "cache", "fresh replica's memory")
                 }
             }
             #expect(h.emulator.triggerCalls(for: installation) == entry.triggerCalls)
@@ -176,7 +182,9 @@ struct TokenAnswerMatrixTests {
         #expect(user.json["tokenType"] as? String == "Bearer")
         let userToken = try #require(user.json["accessToken"] as? String)
         #expect(userToken == h.emulator.lastUserToken(for: installation, accountId: account))
-        #expect(user.json["expiresAt"] as? String == TokenClaims.expiry(of: userToken).map { RFC3339.string(unixSeconds: $0) })
+        #expect(
+            user.json["expiresAt"] as? String
+                == TokenClaims.expiry(of: userToken).map { RFC3339.string(unixSeconds: $0) })
         #expect(user.json["apiBaseUrl"] as? String == installation.apiBaseUrl)
         #expect(user.json["source"] as? String == "exchange")
     }
@@ -242,7 +250,8 @@ struct TokenAnswerMatrixTests {
                     apiBaseUrl: installation.apiBaseUrl))
             #expect(answer.body == slow, "\(what)", sourceLocation: sourceLocation)
         } else {
-            Issue.record("\(what): no expiry in the token or an unknown source \(source)", sourceLocation: sourceLocation)
+            Issue.record(
+                "\(what): no expiry in the token or an unknown source \(source)", sourceLocation: sourceLocation)
         }
     }
 }

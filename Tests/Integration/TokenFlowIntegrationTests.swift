@@ -284,8 +284,13 @@ struct TokenFlowIntegrationTests {
                     "content-type": "application/json",
                 ], body: "{}")
             #expect(answer.status == 200)
-            let audit = h.logs.captured.filter { $0.contains("audit.event=token_received") && $0.contains(installation.id) }
-            #expect(audit.contains { $0.contains("trace.id=463ac35c9f6413ad48485a3953bb6124") && $0.contains("span.id=a2fb4a1d1a96d312") })
+            let audit = h.logs.captured.filter {
+                $0.contains("audit.event=token_received") && $0.contains(installation.id)
+            }
+            #expect(
+                audit.contains {
+                    $0.contains("trace.id=463ac35c9f6413ad48485a3953bb6124") && $0.contains("span.id=a2fb4a1d1a96d312")
+                })
             #expect(!h.logs.captured.joined().contains(token))
         }
     }

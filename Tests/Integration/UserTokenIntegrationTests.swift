@@ -161,7 +161,8 @@ struct UserTokenIntegrationTests {
                 let now = FlowTime.now()
                 #expect(
                     try await store.store(
-                        id, accountId: account, token: AccessToken(value: "user-\(UUID())", expiresAt: now.unixSeconds + 3600),
+                        id, accountId: account,
+                        token: AccessToken(value: "user-\(UUID())", expiresAt: now.unixSeconds + 3600),
                         cacheUntil: now.unixSeconds + 3000, now: now) == .stored)
                 #expect(try await store.rememberDenial(id, accountId: account, for: .seconds(5)))
                 #expect(try await store.acquireLease(id, accountId: account, owner: "o1", ttl: .seconds(5)))
@@ -169,7 +170,8 @@ struct UserTokenIntegrationTests {
                 #expect(try await !store.releaseLease(id, accountId: account, owner: "someone else"))
                 #expect(try await store.releaseLease(id, accountId: account, owner: "o1"))
                 let expected = UserTokenNotice.user(id, accountId: account)
-                #expect(try await Security.eventually { seen.notices.withLock { $0.filter { $0 == expected }.count >= 3 } })
+                #expect(
+                    try await Security.eventually { seen.notices.withLock { $0.filter { $0 == expected }.count >= 3 } })
                 #expect(seen.notices.withLock { $0.filter { $0 == expected }.count } == 3)
                 group.cancelAll()
             }

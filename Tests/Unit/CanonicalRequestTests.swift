@@ -123,7 +123,8 @@ import Testing
             CanonicalRequest.canonical(method: "GET", url: "/wiki/rest/api/content?limit=5", basePath: "/wiki")
                 == "GET&/rest/api/content&limit=5")
         #expect(
-            CanonicalRequest.qsh(method: "GET", url: "https://x.atlassian.net/wiki/rest/api/content?limit=5&start=0", basePath: "/wiki")
+            CanonicalRequest.qsh(
+                method: "GET", url: "https://x.atlassian.net/wiki/rest/api/content?limit=5&start=0", basePath: "/wiki")
                 == CanonicalRequest.qsh(method: "GET", url: "/rest/api/content?limit=5&start=0"))
     }
 

@@ -1,8 +1,8 @@
+import FlowEngine
 import Foundation
 import Logging
 import Testing
 
-import FlowEngine
 @testable import TokenGateway
 
 /// Contract §7's defaults table, read back from a configuration loaded with only the required
@@ -59,7 +59,8 @@ import FlowEngine
         environment["TOKEN_GATEWAY_CONNECT_BASE_URL"] = "https://app.example.com"
         let config = try GatewayConfiguration.load(environment: environment)
         #expect(config.connectKeysURL == SignedInstallVerifier.productionKeysURL)
-        #expect(SignedInstallVerifier.Configuration(appBaseURL: "https://app.example.com").keysURL
-            == "https://connect-install-keys.atlassian.com")
+        #expect(
+            SignedInstallVerifier.Configuration(appBaseURL: "https://app.example.com").keysURL
+                == "https://connect-install-keys.atlassian.com")
     }
 }

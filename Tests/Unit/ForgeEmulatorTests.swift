@@ -27,7 +27,9 @@ private struct FakeGatewayFITClaims: JWTPayload {
 
     func verify(using _: some JWTAlgorithm) async throws {
         try self.exp.verifyNotExpired()
-        guard self.iss.value == "forge/invocation-token" else { throw JWTError.claimVerificationFailure(failedClaim: self.iss, reason: "iss") }
+        guard self.iss.value == "forge/invocation-token" else {
+            throw JWTError.claimVerificationFailure(failedClaim: self.iss, reason: "iss")
+        }
     }
 }
 
@@ -93,7 +95,8 @@ private final class FakeGateway: Sendable {
                 if ready { continuation.resume() }
             }
         } onCancel: {
-            self.state.withLock { $0.waiters.removeValue(forKey: id) }?.continuation.resume(throwing: CancellationError())
+            self.state.withLock { $0.waiters.removeValue(forKey: id) }?.continuation.resume(
+                throwing: CancellationError())
         }
         return self.deliveries
     }
@@ -110,12 +113,17 @@ private final class FakeGateway: Sendable {
     }
 
     private func verifiedInstallation(_ request: Request) async -> String? {
-        guard let authorization = request.headers[.authorization], authorization.hasPrefix("Bearer ") else { return nil }
-        return try? await self.verifier.verify(String(authorization.dropFirst(7)), as: FakeGatewayFITClaims.self).app.installationId
+        guard let authorization = request.headers[.authorization], authorization.hasPrefix("Bearer ") else {
+            return nil
+        }
+        return try? await self.verifier.verify(String(authorization.dropFirst(7)), as: FakeGatewayFITClaims.self).app
+            .installationId
     }
 
     private static func json(_ status: HTTPResponse.Status, _ text: String) -> Response {
-        Response(status: status, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(string: text)))
+        Response(
+            status: status, headers: [.contentType: "application/json"],
+            body: .init(byteBuffer: ByteBuffer(string: text)))
     }
 
     func makeRouter() -> Router<BasicRequestContext> {
@@ -134,12 +142,15 @@ private final class FakeGateway: Sendable {
             let body = try await request.body.collect(upTo: 65536)
             let object = try JSONSerialization.jsonObject(with: Data(buffer: body)) as? [String: Any]
             let context = object?["context"] as? [String: Any]
-            let ok = context?["cloudId"] is String && context?["moduleKey"] is String && object?["contextToken"] is String
+            let ok =
+                context?["cloudId"] is String && context?["moduleKey"] is String && object?["contextToken"] is String
             self.state.withLock { $0.events.append(ok ? "preUninstall" : "malformed preUninstall") }
             return Self.json(.ok, "{}")
         }
         router.post("/forge/register") { request, _ -> Response in
-            guard let installationId = await self.verifiedInstallation(request) else { return Self.json(.unauthorized, "{}") }
+            guard let installationId = await self.verifiedInstallation(request) else {
+                return Self.json(.unauthorized, "{}")
+            }
             let body = try await request.body.collect(upTo: 65536)
             let object = try JSONSerialization.jsonObject(with: Data(buffer: body)) as? [String: Any]
             guard let url = object?["authTriggerUrl"] as? String else { return Self.json(.badRequest, "{}") }
@@ -151,7 +162,9 @@ private final class FakeGateway: Sendable {
             )
         }
         router.post("/forge/auth-trigger") { request, _ -> Response in
-            guard let installationId = await self.verifiedInstallation(request) else { return Self.json(.unauthorized, "{}") }
+            guard let installationId = await self.verifiedInstallation(request) else {
+                return Self.json(.unauthorized, "{}")
+            }
             let body = try await request.body.collect(upTo: 65536)
             let object = try JSONSerialization.jsonObject(with: Data(buffer: body)) as? [String: Any]
             let status = self.record(
@@ -400,7 +413,9 @@ private func post(_ url: String, json: String? = nil) async throws -> (status: I
             #expect(try await callTrigger(emulator, installation, gateway: gateway, signingKey: .init()) == 401)
             #expect(try await callTrigger(emulator, installation, gateway: gateway, keyId: "tk_other") == 401)
             #expect(try await callTrigger(emulator, installation, gateway: gateway, header: .some(nil)) == 401)
-            #expect(try await callTrigger(emulator, installation, gateway: gateway, header: "keyId=\(gateway.keyId),signature=AAAA") == 401)
+            #expect(
+                try await callTrigger(
+                    emulator, installation, gateway: gateway, header: "keyId=\(gateway.keyId),signature=AAAA") == 401)
             #expect(try await callTrigger(emulator, installation, gateway: gateway, expiresIn: -5) == 400)
             #expect(try await callTrigger(emulator, installation, gateway: gateway, installationId: other.id) == 400)
             #expect(try await callTrigger(emulator, installation, gateway: gateway, path: "/x1/unknown") == 404)
@@ -570,7 +585,9 @@ private func post(_ url: String, json: String? = nil) async throws -> (status: I
             )
             #expect(fault.status == 200)
             #expect(emulator.fault(for: installation) == .failWith(status: 500, times: 1))
-            #expect(try await post(emulator.baseURL + "/admin/installations/\(installation.uuid)/fault", json: "{}").status == 400)
+            #expect(
+                try await post(emulator.baseURL + "/admin/installations/\(installation.uuid)/fault", json: "{}").status
+                    == 400)
             #expect(try await callTrigger(emulator, installation, gateway: gateways[0]) == 500)
 
             let push = try await post(

@@ -109,7 +109,8 @@ private struct HeaderFields: Codable {
     }
 
     @Test func jwksPublishesOneRS256SigningKey() throws {
-        let object = try #require(try JSONSerialization.jsonObject(with: Data(self.emulator.jwksJSON.utf8)) as? [String: Any])
+        let object = try #require(
+            try JSONSerialization.jsonObject(with: Data(self.emulator.jwksJSON.utf8)) as? [String: Any])
         let keys = try #require(object["keys"] as? [[String: Any]])
         #expect(keys.count == 1)
         #expect(keys[0]["kty"] as? String == "RSA")
@@ -156,12 +157,14 @@ private struct HeaderFields: Codable {
         #expect(claims.principal == nil)
         #expect(claims.context == nil)
 
-        let second = try await self.verifier().verify(try self.emulator.mintFIT(for: self.installation), as: FITTestClaims.self)
+        let second = try await self.verifier().verify(
+            try self.emulator.mintFIT(for: self.installation), as: FITTestClaims.self)
         #expect(second.jti.value != claims.jti.value)
     }
 
     @Test func uiFITCarriesTheModuleTypePrincipalAndContext() async throws {
-        let fit = try self.emulator.mintFIT(for: self.installation, options: .ui(moduleType: "xen:macro", moduleKey: "macro-1"))
+        let fit = try self.emulator.mintFIT(
+            for: self.installation, options: .ui(moduleType: "xen:macro", moduleKey: "macro-1"))
         let claims = try await self.verifier().verify(fit, as: FITTestClaims.self)
         #expect(claims.app.module.type == "xen:macro")
         #expect(claims.app.module.key == "macro-1")
@@ -287,7 +290,8 @@ private struct HeaderFields: Codable {
         }
         var fresh = FITOptions()
         fresh.audience = "ari:cloud:ecosystem::app/other"
-        let claims = try await self.verifier().verify(try self.emulator.mintFIT(for: self.installation, options: fresh), as: FITTestClaims.self)
+        let claims = try await self.verifier().verify(
+            try self.emulator.mintFIT(for: self.installation, options: fresh), as: FITTestClaims.self)
         #expect(throws: (any Error).self) { try claims.aud.verifyIntendedAudience(includes: self.appId) }
     }
 
@@ -314,10 +318,12 @@ private struct HeaderFields: Codable {
     @Test func accessTokensDefaultToTheConfiguredLifetime() throws {
         var configuration = ForgeEmulatorConfiguration(gatewayURL: "http://127.0.0.1:1")
         configuration.tokenLifetime = .seconds(7200)
-        let emulator = try ForgeEmulator(configuration: configuration, logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }))
+        let emulator = try ForgeEmulator(
+            configuration: configuration, logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }))
         #expect(configuration.appId == ForgeEmulatorConfiguration.demoAppId)
         let now = Int(Date().timeIntervalSince1970)
-        let claims = try jwtSegment(try emulator.mintAccessToken(for: emulator.makeInstallation()), 1, as: AccessTokenTestClaims.self)
+        let claims = try jwtSegment(
+            try emulator.mintAccessToken(for: emulator.makeInstallation()), 1, as: AccessTokenTestClaims.self)
         #expect(claims.exp - now >= 7199 && claims.exp - now <= 7201)
     }
 

@@ -45,7 +45,8 @@ import Testing
     func rejectsVariants(_ template: String) {
         let standard = Data(repeating: 0xFB, count: 64).base64EncodedString()
         #expect(standard.contains("+") || standard.contains("/"))
-        let value = template
+        let value =
+            template
             .replacingOccurrences(of: "STD", with: standard)
             .replacingOccurrences(of: "SHORT", with: Base64URL.encode(Data(repeating: 1, count: 63)))
             .replacingOccurrences(of: "SIG", with: self.encoded)
@@ -88,7 +89,9 @@ import Testing
         }
         let decoded = try JSONDecoder().decode(TriggerFault.self, from: Data(#"{"type":"failWith","status":500}"#.utf8))
         #expect(decoded == .failWith(status: 500, times: 1))
-        #expect(try JSONDecoder().decode(TriggerFault.self, from: Data(#"{"type":"redeliverCached"}"#.utf8)) == .redeliverCached)
+        #expect(
+            try JSONDecoder().decode(TriggerFault.self, from: Data(#"{"type":"redeliverCached"}"#.utf8))
+                == .redeliverCached)
         #expect(throws: (any Error).self) {
             try JSONDecoder().decode(TriggerFault.self, from: Data(#"{"type":"explode"}"#.utf8))
         }

@@ -30,27 +30,41 @@ struct FuzzOutsiderParserTests {
         let valid = Self.hs256(
             header: ["alg": "HS256", "typ": "JWT"],
             claims: ["iss": "tenant-1", "exp": now.timeIntervalSince1970 + 60, "qsh": qsh, "sub": "acct"])
-        #expect((try? ConnectJWT.verify(valid, clientKey: "tenant-1", secret: Self.secret, method: "GET", url: "/x?a=1")) != nil)
+        #expect(
+            (try? ConnectJWT.verify(valid, clientKey: "tenant-1", secret: Self.secret, method: "GET", url: "/x?a=1"))
+                != nil)
         for _ in 0..<400 {
             let mutated = rng.mutate(valid, alphabet: SplitMix64.base64URLAlphabet + SplitMix64.nasty)
             if mutated == valid { continue }
-            let result = try? ConnectJWT.verify(mutated, clientKey: "tenant-1", secret: Self.secret, method: "GET", url: "/x?a=1")
+            let result = try? ConnectJWT.verify(
+                mutated, clientKey: "tenant-1", secret: Self.secret, method: "GET", url: "/x?a=1")
             // A mutation may only pass when it decodes to the very same header, claims and signature.
             if result != nil {
-                #expect(mutated.split(separator: ".").map { Base64URL.decode(String($0)) } == valid.split(separator: ".").map { Base64URL.decode(String($0)) })
+                #expect(
+                    mutated.split(separator: ".").map { Base64URL.decode(String($0)) }
+                        == valid.split(separator: ".").map { Base64URL.decode(String($0)) })
             }
             _ = try? ConnectJWT.unverifiedTenant(of: mutated)
         }
         for _ in 0..<300 {
-            let header = rng.chance(0.7) ? ["alg": rng.pick(["HS256", "none", "RS256", "hs256"])] as Any : rng.jsonValue(depth: 2)
+            let header =
+                rng.chance(0.7)
+                ? ["alg": rng.pick(["HS256", "none", "RS256", "hs256"])] as Any : rng.jsonValue(depth: 2)
             var claims: [String: Any] = [:]
             if rng.chance(0.8) { claims["iss"] = rng.pick(["tenant-1", "tenant-2", ""]) as Any }
-            if rng.chance(0.3) { claims["aud"] = rng.pick([["tenant-1"], ["tenant-2"], "tenant-1", [] as [String]]) as Any }
-            if rng.chance(0.8) { claims["exp"] = rng.pick([now.timeIntervalSince1970 + 60, now.timeIntervalSince1970 - 60, 0, -1]) as Any }
+            if rng.chance(0.3) {
+                claims["aud"] = rng.pick([["tenant-1"], ["tenant-2"], "tenant-1", [] as [String]]) as Any
+            }
+            if rng.chance(0.8) {
+                claims["exp"] =
+                    rng.pick([now.timeIntervalSince1970 + 60, now.timeIntervalSince1970 - 60, 0, -1]) as Any
+            }
             if rng.chance(0.8) { claims["qsh"] = rng.pick([qsh, "context-qsh", "", "x"]) as Any }
             if rng.chance(0.2) { claims["context"] = rng.jsonValue(depth: 2) }
             let token = Self.hs256(header: header, claims: claims, secret: rng.chance(0.9) ? Self.secret : [1, 2, 3])
-            guard let verified = try? ConnectJWT.verify(token, clientKey: "tenant-1", secret: Self.secret, method: "GET", url: "/x?a=1")
+            guard
+                let verified = try? ConnectJWT.verify(
+                    token, clientKey: "tenant-1", secret: Self.secret, method: "GET", url: "/x?a=1")
             else { continue }
             #expect((header as? [String: String])?["alg"] == "HS256")
             #expect((claims["exp"] as? Double ?? 0) > now.timeIntervalSince1970)
@@ -67,10 +81,12 @@ struct FuzzOutsiderParserTests {
     func signedInstall() async throws {
         var rng = SplitMix64(seed: 0x5349_4E53)
         let key = try _RSA.Signing.PrivateKey(keySize: .bits2048)
-        var configuration = SignedInstallVerifier.Configuration(appBaseURL: "https://app.example.com", keysURL: "https://keys.example")
+        var configuration = SignedInstallVerifier.Configuration(
+            appBaseURL: "https://app.example.com", keysURL: "https://keys.example")
         configuration.keyFetchesPerMinute = 1000
         let verifier = SignedInstallVerifier(
-            configuration: configuration, fetcher: NoKeys(key: key.publicKey), logger: Logger(label: "fuzz") { _ in SwallowLogs() })
+            configuration: configuration, fetcher: NoKeys(key: key.publicKey),
+            logger: Logger(label: "fuzz") { _ in SwallowLogs() })
         let now = Date()
         let claims: [String: Any] = [
             "iss": "tenant-1", "aud": ["https://app.example.com"], "exp": now.timeIntervalSince1970 + 60,
@@ -83,23 +99,31 @@ struct FuzzOutsiderParserTests {
             return h + "." + c + "." + Base64URL.encode(sig.rawRepresentation)
         }
         let valid = sign(["alg": "RS256", "kid": "k1"], claims)
-        let body = Array(#"{"clientKey":"tenant-1","sharedSecret":"s","key":"app","baseUrl":"https://x.atlassian.net"}"#.utf8)
-        let genuine = try await verifier.verify(authorization: "JWT " + valid, method: "POST", uri: "/connect/installed") { body }
+        let body = Array(
+            #"{"clientKey":"tenant-1","sharedSecret":"s","key":"app","baseUrl":"https://x.atlassian.net"}"#.utf8)
+        let genuine = try await verifier.verify(
+            authorization: "JWT " + valid, method: "POST", uri: "/connect/installed"
+        ) { body }
         #expect(genuine.clientKey == "tenant-1")
         for round in 0..<300 {
             let token: String
             switch round % 3 {
             case 0: token = rng.mutate(valid, alphabet: SplitMix64.base64URLAlphabet + SplitMix64.nasty)
             case 1: token = sign(rng.jsonValue(depth: 2), rng.jsonValue(depth: 3))
-            default: token = rng.string(Int.random(in: 0..<200, using: &rng), from: SplitMix64.base64URLAlphabet + ["."])
+            default:
+                token = rng.string(Int.random(in: 0..<200, using: &rng), from: SplitMix64.base64URLAlphabet + ["."])
             }
             if token == valid { continue }
             let randomBody: [UInt8] = rng.chance(0.5) ? body : Array(rng.jsonText(rng.jsonValue(depth: 3)).utf8)
             let header = rng.pick(["JWT ", "jwt ", "Bearer ", "", "JWT  "]) + token
-            let result = try? await verifier.verify(authorization: header, method: "POST", uri: "/connect/installed") { randomBody }
+            let result = try? await verifier.verify(authorization: header, method: "POST", uri: "/connect/installed") {
+                randomBody
+            }
             if let result {
                 // Only a token that decodes to the genuine one's parts can verify.
-                #expect(token.split(separator: ".").map { Base64URL.decode(String($0)) } == valid.split(separator: ".").map { Base64URL.decode(String($0)) })
+                #expect(
+                    token.split(separator: ".").map { Base64URL.decode(String($0)) }
+                        == valid.split(separator: ".").map { Base64URL.decode(String($0)) })
                 #expect(result.clientKey == "tenant-1")
             }
         }
@@ -108,7 +132,8 @@ struct FuzzOutsiderParserTests {
     @Test("OAuth forms: random bodies parse or are refused with invalid_request; parsed values round-trip")
     func oauthForm() {
         var rng = SplitMix64(seed: 0x4F41_5554)
-        let alphabet: [String] = Array("abc_=&%+2F0Az-.~ ").map(String.init) + ["%%", "%2", "%C3%A9", "%FF", "%00", "\u{0}", "é"]
+        let alphabet: [String] =
+            Array("abc_=&%+2F0Az-.~ ").map(String.init) + ["%%", "%2", "%C3%A9", "%FF", "%00", "\u{0}", "é"]
         for _ in 0..<1000 {
             let text = (0..<Int.random(in: 0..<60, using: &rng)).map { _ in rng.pick(alphabet) }.joined()
             do {
@@ -119,7 +144,8 @@ struct FuzzOutsiderParserTests {
                 #expect(error.code == "invalid_request")
             }
         }
-        let parsed = try? OAuthForm.parse(Array("grant_type=client_credentials&resource=ari%3Acloud%3Aecosystem%3A%3Ainstallation%2F1&x=a+b".utf8))
+        let parsed = try? OAuthForm.parse(
+            Array("grant_type=client_credentials&resource=ari%3Acloud%3Aecosystem%3A%3Ainstallation%2F1&x=a+b".utf8))
         #expect(parsed?["resource"] == "ari:cloud:ecosystem::installation/1")
         #expect(parsed?["x"] == "a b")
     }
@@ -130,19 +156,25 @@ struct FuzzOutsiderParserTests {
         let secret = "fuzz-caller-secret-do-not-print"
         for _ in 0..<500 {
             var entry: [String: Any] = [:]
-            for key in ["name", "secret", "secretSha256", "installations", "clientKeys", "limits", "x"] where rng.chance(0.5) {
+            for key in ["name", "secret", "secretSha256", "installations", "clientKeys", "limits", "x"]
+            where rng.chance(0.5) {
                 switch key {
                 case "secret": entry[key] = rng.chance(0.7) ? secret : rng.jsonValue(depth: 1)
                 case "limits":
-                    entry[key] = rng.chance(0.5)
-                        ? ["refreshesPerMinute": rng.pick([0, 5, -1, 2_000_000]) as Any, "userExchangesPerMinute": rng.jsonValue(depth: 0)]
+                    entry[key] =
+                        rng.chance(0.5)
+                        ? [
+                            "refreshesPerMinute": rng.pick([0, 5, -1, 2_000_000]) as Any,
+                            "userExchangesPerMinute": rng.jsonValue(depth: 0),
+                        ]
                         : rng.jsonValue(depth: 2)
                 case "installations": entry[key] = rng.chance(0.5) ? ["*"] : rng.jsonValue(depth: 2)
                 default: entry[key] = rng.jsonValue(depth: 2)
                 }
             }
             let document: Any = rng.chance(0.8) ? [entry] : rng.jsonValue(depth: 3)
-            let text = rng.chance(0.9) ? rng.jsonText(document) : rng.mutate(rng.jsonText([entry]), alphabet: SplitMix64.nasty)
+            let text =
+                rng.chance(0.9) ? rng.jsonText(document) : rng.mutate(rng.jsonText([entry]), alphabet: SplitMix64.nasty)
             do {
                 let registry = try CallerRegistry(json: text)
                 #expect(!registry.callers.isEmpty)
@@ -159,8 +191,10 @@ struct FuzzOutsiderParserTests {
         var rng = SplitMix64(seed: 0x5245_4449)
         let password = "fuzz-redis-password"
         let pieces = [
-            "redis://", "redis-sentinel://", "rediss://", "redis-cluster://", "http://", ":", "@", password, "user", "127.0.0.1",
-            "[::1]", "host", ":6379", ":0", ":99999", "/", "0", "15", "16", "-1", "master", ",", "%", "%41", "?", "#", " ", "\u{0}",
+            "redis://", "redis-sentinel://", "rediss://", "redis-cluster://", "http://", ":", "@", password, "user",
+            "127.0.0.1",
+            "[::1]", "host", ":6379", ":0", ":99999", "/", "0", "15", "16", "-1", "master", ",", "%", "%41", "?", "#",
+            " ", "\u{0}",
         ]
         for _ in 0..<1000 {
             let url = (0..<Int.random(in: 1..<9, using: &rng)).map { _ in rng.pick(pieces) }.joined()
@@ -176,7 +210,9 @@ struct FuzzOutsiderParserTests {
     @Test("trust roots and loopback: no random host is taken for loopback unless written as such")
     func trustRootHosts() {
         var rng = SplitMix64(seed: 0x5452_5553)
-        let pieces = ["127", ".", "0", "1", "255", "256", "localhost", "evil", "example", "[", "]", "::1", "x", "-", "00", "0x7f"]
+        let pieces = [
+            "127", ".", "0", "1", "255", "256", "localhost", "evil", "example", "[", "]", "::1", "x", "-", "00", "0x7f",
+        ]
         for _ in 0..<2000 {
             let host = (0..<Int.random(in: 1..<8, using: &rng)).map { _ in rng.pick(pieces) }.joined()
             guard TrustRoot.isLoopback(host) else { continue }
@@ -188,22 +224,27 @@ struct FuzzOutsiderParserTests {
         }
     }
 
-    @Test("log lines: random text never yields a control character or a second line, and JSON lines read back as written")
+    @Test(
+        "log lines: random text never yields a control character or a second line, and JSON lines read back as written")
     func logLines() throws {
         var rng = SplitMix64(seed: 0x4C4F_4753)
         for _ in 0..<500 {
             let scalars = (0..<Int.random(in: 0..<40, using: &rng)).map { _ -> Character in
-                let value = rng.pick([UInt32.random(in: 0..<0x80, using: &rng), UInt32.random(in: 0x80..<0xA0, using: &rng),
-                    UInt32.random(in: 0x2000..<0x2070, using: &rng), UInt32.random(in: 0..<0x11_0000, using: &rng)])
+                let value = rng.pick([
+                    UInt32.random(in: 0..<0x80, using: &rng), UInt32.random(in: 0x80..<0xA0, using: &rng),
+                    UInt32.random(in: 0x2000..<0x2070, using: &rng), UInt32.random(in: 0..<0x11_0000, using: &rng),
+                ])
                 return Character(Unicode.Scalar(value) ?? "?")
             }
             let text = String(scalars)
             for format in [LogFormat.logfmt, .json] {
                 let line = GatewayLogHandler.format(
-                    format: format, timestamp: Date(), level: .info, label: "t", message: text, metadata: ["k": "\(text)"])
+                    format: format, timestamp: Date(), level: .info, label: "t", message: text,
+                    metadata: ["k": "\(text)"])
                 #expect(!line.unicodeScalars.contains { GatewayLogHandler.mustEscape($0) }, "\(text.debugDescription)")
                 if format == .json {
-                    let object = try #require(try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: String])
+                    let object = try #require(
+                        try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: String])
                     #expect(object["msg"] == text)
                 }
             }

@@ -50,7 +50,9 @@ extension SplitMix64 {
         case 6, 7:
             var object: [String: Any] = [:]
             for _ in 0..<Int.random(in: 0..<4, using: &self) {
-                let key = self.pick(["exp", "iss", "aud", "app", "installationId", "requestId", "authTriggerUrl", "eventType", "x"])
+                let key = self.pick([
+                    "exp", "iss", "aud", "app", "installationId", "requestId", "authTriggerUrl", "eventType", "x",
+                ])
                 object[key] = self.jsonValue(depth: depth - 1)
             }
             return object
@@ -120,7 +122,9 @@ struct FuzzParserTests {
     static func validClaims(now: Double) -> [String: Any] {
         [
             "iss": "forge/invocation-token", "aud": appId, "iat": now, "nbf": now, "exp": now + 25, "jti": "jti-fuzz",
-            "app": ["id": appId, "installationId": installationId, "apiBaseUrl": "https://api.atlassian.com/ex/jira/c"],
+            "app": [
+                "id": appId, "installationId": installationId, "apiBaseUrl": "https://api.atlassian.com/ex/jira/c",
+            ],
         ]
     }
 
@@ -156,7 +160,9 @@ struct FuzzParserTests {
                 // A random header or payload glued to the valid signature.
                 let parts = valid.split(separator: ".").map(String.init)
                 let random = Base64URL.encode(Array(rng.jsonText(rng.jsonValue(depth: 4)).utf8))
-                token = rng.chance(0.5) ? random + "." + parts[1] + "." + parts[2] : parts[0] + "." + random + "." + parts[2]
+                token =
+                    rng.chance(0.5)
+                    ? random + "." + parts[1] + "." + parts[2] : parts[0] + "." + random + "." + parts[2]
             }
             if token == valid { continue }
             do {
@@ -181,7 +187,8 @@ struct FuzzParserTests {
         let now = Date().timeIntervalSince1970.rounded(.down)
         for _ in 0..<250 {
             var header: [String: Any] = ["typ": "JWT"]
-            let alg = rng.pick(["RS256", "RS256", "rs256", "none", "HS256", "RS512", "PS256", "", "RS256 "] as [String])
+            let alg = rng.pick(
+                ["RS256", "RS256", "rs256", "none", "HS256", "RS512", "PS256", "", "RS256 "] as [String])
             if rng.chance(0.9) { header["alg"] = alg }
             let kid: Any = rng.pick(["k1", "k1", "k2", "", 1, NSNull(), ["k1"]] as [Any])
             if rng.chance(0.9) { header["kid"] = kid }
@@ -193,7 +200,8 @@ struct FuzzParserTests {
                 if rng.chance(0.3) { claims[key] = nil } else { claims[key] = rng.jsonValue(depth: 2) }
             }
             let token = Self.sign(header: header, claims: claims)
-            let headerValid = header["alg"] as? String == "RS256" && header["kid"] as? String == "k1" && header["crit"] == nil
+            let headerValid =
+                header["alg"] as? String == "RS256" && header["kid"] as? String == "k1" && header["crit"] == nil
             do {
                 let context = try await verifier.verify(token, now: Date(timeIntervalSince1970: now))
                 #expect(headerValid, "accepted with header \(header)")
@@ -213,7 +221,8 @@ struct FuzzParserTests {
             var segments: [String] = []
             for _ in 0..<Int.random(in: 1...6, using: &rng) {
                 switch Int.random(in: 0..<4, using: &rng) {
-                case 0: segments.append(rng.string(Int.random(in: 0..<40, using: &rng), from: SplitMix64.base64URLAlphabet))
+                case 0:
+                    segments.append(rng.string(Int.random(in: 0..<40, using: &rng), from: SplitMix64.base64URLAlphabet))
                 case 1: segments.append(Base64URL.encode(rng.bytes(Int.random(in: 0..<40, using: &rng))))
                 case 2:
                     var payload: [String: Any] = [:]
@@ -267,7 +276,9 @@ struct FuzzParserTests {
             #expect(forge.keyId == header.keyId)
             #expect(Array(forge.signature) == header.signature)
             // A re-formatted header parses to the same value.
-            #expect(try TriggerSignatureHeader(parsing: TriggerSignatureHeader.format(keyId: header.keyId, signature: header.signature)) == header)
+            #expect(
+                try TriggerSignatureHeader(
+                    parsing: TriggerSignatureHeader.format(keyId: header.keyId, signature: header.signature)) == header)
             if header.keyId == key.keyId && header.signature != parsed.signature {
                 #expect(!header.verify(body: body, publicKey: key.publicKey))
             }
@@ -290,7 +301,9 @@ struct FuzzParserTests {
                 let close = open.reversed().map { $0 == "[" ? "]" : "}" }
                 bytes = Array((open.joined() + "1" + close.joined()).utf8)
             case 2:
-                bytes = Array(rng.mutate(rng.jsonText(rng.jsonValue(depth: 3)), alphabet: SplitMix64.nasty + Array("{}[]\",:0e-")).utf8)
+                bytes = Array(
+                    rng.mutate(rng.jsonText(rng.jsonValue(depth: 3)), alphabet: SplitMix64.nasty + Array("{}[]\",:0e-"))
+                        .utf8)
             default:
                 bytes = rng.bytes(Int.random(in: 0..<64, using: &rng))
             }
@@ -313,15 +326,19 @@ struct FuzzParserTests {
         var parsed = 0
         for _ in 0..<5000 {
             var segment = rng.string(Int.random(in: 0..<40, using: &rng), from: alphabet)
-            if rng.chance(0.3) { segment = rng.pick([prefix, "ari%3Acloud%3Aecosystem%3A%3Ainstallation%2F"]) + segment }
+            if rng.chance(0.3) {
+                segment = rng.pick([prefix, "ari%3Acloud%3Aecosystem%3A%3Ainstallation%2F"]) + segment
+            }
             guard let id = InstallationID(pathSegment: segment) else { continue }
             parsed += 1
             #expect(id.ari.hasPrefix(prefix))
             #expect((1...128).contains(id.shortID.utf8.count))
-            #expect(id.shortID.utf8.allSatisfy { b in
-                (b >= 0x30 && b <= 0x39) || (b >= 0x41 && b <= 0x5A) || (b >= 0x61 && b <= 0x7A) || b == 0x2D || b == 0x5F
-                    || b == 0x2E
-            })
+            #expect(
+                id.shortID.utf8.allSatisfy { b in
+                    (b >= 0x30 && b <= 0x39) || (b >= 0x41 && b <= 0x5A) || (b >= 0x61 && b <= 0x7A) || b == 0x2D
+                        || b == 0x5F
+                        || b == 0x2E
+                })
             #expect(!id.shortID.hasPrefix("."))
             #expect(InstallationID(id.ari) == id)
             #expect(InstallationID(pathSegment: FuzzSupport.encodedSegment(id.ari)) == id)
@@ -335,7 +352,8 @@ struct FuzzParserTests {
         for _ in 0..<3000 {
             let bytes = rng.bytes(Int.random(in: 0..<48, using: &rng))
             #expect(Base64URL.decode(Base64URL.encode(bytes)) == bytes)
-            let text = rng.string(Int.random(in: 0..<24, using: &rng), from: SplitMix64.base64URLAlphabet + Array("=+/ "))
+            let text = rng.string(
+                Int.random(in: 0..<24, using: &rng), from: SplitMix64.base64URLAlphabet + Array("=+/ "))
             if let decoded = Base64URL.decode(text) {
                 var unpadded = Substring(text)
                 while unpadded.hasSuffix("=") { unpadded = unpadded.dropLast() }
@@ -347,11 +365,13 @@ struct FuzzParserTests {
     @Test("trigger URL allow-list: whatever it allows, the HTTP client's URL parser reads as the same allowed host")
     func triggerURLAllowList() throws {
         var rng = SplitMix64(seed: 0x5552_4C53)
-        let list = try TriggerHostAllowList(parsing: "*.hello.atlassian-dev.net,exact.example.com,http://127.0.0.1:8081")
+        let list = try TriggerHostAllowList(
+            parsing: "*.hello.atlassian-dev.net,exact.example.com,http://127.0.0.1:8081")
         let schemes = ["https://", "http://", "HTTPS://", "ftp://", "//", "https:/", "https:\\\\", ""]
         let hosts = [
             "abc.hello.atlassian-dev.net", "hello.atlassian-dev.net", "exact.example.com", "127.0.0.1", "evil.test",
-            "abc.hello.atlassian-dev.net.evil.test", "ABC.HELLO.atlassian-dev.net", "[::1]", "localhost", "127.0.0.1.nip.io",
+            "abc.hello.atlassian-dev.net.evil.test", "ABC.HELLO.atlassian-dev.net", "[::1]", "localhost",
+            "127.0.0.1.nip.io",
         ]
         let extras = ["@", "#", "?", "\\", ":", ":443", ":8081", ":80", "%2e", "%40", "/", " ", "\t", ".", ""]
         var allowed = 0

@@ -1,6 +1,6 @@
+import FlowEngine
 import Foundation
 import Logging
-import FlowEngine
 import Testing
 
 @testable import TokenGateway
@@ -13,7 +13,9 @@ struct GatewayLogHandlerTests {
     func logfmt() {
         let line = GatewayLogHandler.format(
             format: .logfmt, timestamp: self.date, level: .info, label: "token-gateway", message: "token handed out",
-            metadata: ["installation.id": "ari:cloud:ecosystem::installation/1", "caller": "billing", "note": "a \"b\" c"])
+            metadata: [
+                "installation.id": "ari:cloud:ecosystem::installation/1", "caller": "billing", "note": "a \"b\" c",
+            ])
         #expect(
             line
                 == #"ts=2025-11-23T14:00:00.123Z level=info logger=token-gateway msg="token handed out" caller=billing installation.id=ari:cloud:ecosystem::installation/1 note="a \"b\" c""#
@@ -49,7 +51,9 @@ struct GatewayLogHandlerTests {
     @Test("audit records carry a fingerprint, never the token")
     func audit() {
         let sink = LogSink.memory()
-        let logger = Logger(label: AuditLog.label) { GatewayLogHandler(label: $0, format: .logfmt, level: .info, sink: sink) }
+        let logger = Logger(label: AuditLog.label) {
+            GatewayLogHandler(label: $0, format: .logfmt, level: .info, sink: sink)
+        }
         let audit = AuditLog(auditLogger: logger)
         let token = "eyJhbGciOiJIUzI1NiJ9.eyJleHAiOjE3NjM5MTAwMDB9.c2lnbmF0dXJl"
         audit.tokenHandedOut(
@@ -65,18 +69,23 @@ struct GatewayLogHandlerTests {
 
     @Test("every control character, DEL, C1, U+2028/U+2029 and format character is escaped, in logfmt and JSON")
     func controlCharactersAreEscaped() throws {
-        var hostile: [Unicode.Scalar] = (0x00...0x1F).map { Unicode.Scalar($0)! } + (0x7F...0x9F).map { Unicode.Scalar($0)! }
+        var hostile: [Unicode.Scalar] =
+            (0x00...0x1F).map { Unicode.Scalar($0)! } + (0x7F...0x9F).map { Unicode.Scalar($0)! }
         hostile += [0x2028, 0x2029, 0x202E, 0x2066, 0x200B, 0xFEFF, 0xE000, 0xE0001].map { Unicode.Scalar($0)! }
         for scalar in hostile {
             let value = "a\(Character(scalar))b"
             for format in [LogFormat.logfmt, .json] {
                 let line = GatewayLogHandler.format(
-                    format: format, timestamp: self.date, level: .info, label: "t", message: value, metadata: ["k": "\(value)"])
+                    format: format, timestamp: self.date, level: .info, label: "t", message: value,
+                    metadata: ["k": "\(value)"])
                 #expect(
-                    !line.unicodeScalars.contains { $0.value < 0x20 || (0x7F...0x9F).contains($0.value) || $0 == scalar },
+                    !line.unicodeScalars.contains {
+                        $0.value < 0x20 || (0x7F...0x9F).contains($0.value) || $0 == scalar
+                    },
                     "U+\(String(scalar.value, radix: 16)) in \(format)")
                 if format == .json {
-                    let object = try #require(try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: String])
+                    let object = try #require(
+                        try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: String])
                     #expect(object["msg"] == value)
                     #expect(object["k"] == value)
                 }

@@ -170,20 +170,28 @@ struct TokenAnswerBodyTests {
             return prepared
         }
         let base = "https://api.atlassian.com/ex/jira/a"
-        let first = TokenAnswer(token: AccessToken(value: "t1", expiresAt: 1_900_000_000), source: .cache, apiBaseUrl: base)
+        let first = TokenAnswer(
+            token: AccessToken(value: "t1", expiresAt: 1_900_000_000), source: .cache, apiBaseUrl: base)
         let a = check(first)
         let b = check(first)
         // The same storage: written once.
         #expect(a.body.withUnsafeReadableBytes { $0.baseAddress } == b.body.withUnsafeReadableBytes { $0.baseAddress })
         #expect(bodies.count == 1)
-        _ = check(TokenAnswer(token: AccessToken(value: "t1", expiresAt: 1_900_000_000), source: .cache, apiBaseUrl: nil))
-        _ = check(TokenAnswer(token: AccessToken(value: "t1", expiresAt: 1_900_000_000), source: .cache, apiBaseUrl: base + "x"))
-        _ = check(TokenAnswer(token: AccessToken(value: "t2", expiresAt: 1_900_000_000), source: .cache, apiBaseUrl: base))
-        _ = check(TokenAnswer(token: AccessToken(value: "t2", expiresAt: 1_900_000_001), source: .cache, apiBaseUrl: base))
+        _ = check(
+            TokenAnswer(token: AccessToken(value: "t1", expiresAt: 1_900_000_000), source: .cache, apiBaseUrl: nil))
+        _ = check(
+            TokenAnswer(
+                token: AccessToken(value: "t1", expiresAt: 1_900_000_000), source: .cache, apiBaseUrl: base + "x"))
+        _ = check(
+            TokenAnswer(token: AccessToken(value: "t2", expiresAt: 1_900_000_000), source: .cache, apiBaseUrl: base))
+        _ = check(
+            TokenAnswer(token: AccessToken(value: "t2", expiresAt: 1_900_000_001), source: .cache, apiBaseUrl: base))
         // Other sources are written for their answer and not kept.
-        let trigger = TokenAnswer(token: AccessToken(value: "t3", expiresAt: 1_900_000_000), source: .trigger, apiBaseUrl: base)
+        let trigger = TokenAnswer(
+            token: AccessToken(value: "t3", expiresAt: 1_900_000_000), source: .trigger, apiBaseUrl: base)
         _ = check(trigger)
-        _ = check(TokenAnswer(token: AccessToken(value: "t3", expiresAt: 1_900_000_000), source: .cache, apiBaseUrl: base))
+        _ = check(
+            TokenAnswer(token: AccessToken(value: "t3", expiresAt: 1_900_000_000), source: .cache, apiBaseUrl: base))
         #expect(bodies.count == 1)
     }
 
@@ -276,10 +284,11 @@ struct AuditDirectLineTests {
                     if let account { metadata["account.id"] = "\(account)" }
                     let ts = try #require(Self.timestamp(of: line, format: format))
                     let epoch = Date(timeIntervalSince1970: 0)
-                    let expected = GatewayLogHandler.format(
-                        format: format, timestamp: epoch, level: .info, label: AuditLog.label,
-                        message: "token handed out", metadata: metadata
-                    ).replacingOccurrences(of: GatewayLogHandler.timestamp(epoch), with: ts) + "\n"
+                    let expected =
+                        GatewayLogHandler.format(
+                            format: format, timestamp: epoch, level: .info, label: AuditLog.label,
+                            message: "token handed out", metadata: metadata
+                        ).replacingOccurrences(of: GatewayLogHandler.timestamp(epoch), with: ts) + "\n"
                     #expect(line == expected)
                 }
             }

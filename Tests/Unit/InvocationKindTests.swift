@@ -49,7 +49,9 @@ import _CryptoExtras
             "module": ["type": "core:endpoint", "key": "token-gateway"],
             "installation": [
                 "id": Self.installationId,
-                "contexts": [["name": "jira", "apiBaseUrl": "https://api.atlassian.com/ex/jira/cloud-1", "cloudId": "cloud-1"]],
+                "contexts": [
+                    ["name": "jira", "apiBaseUrl": "https://api.atlassian.com/ex/jira/cloud-1", "cloudId": "cloud-1"]
+                ],
             ],
         ]
         var claims: [String: Any] = [
@@ -97,7 +99,12 @@ import _CryptoExtras
             app["apiBaseUrl"] = "https://api.atlassian.com/ex/bitbucket/ws-1"
             app["installation"] = [
                 "id": Self.installationId,
-                "contexts": [["name": "bitbucket", "apiBaseUrl": "https://api.atlassian.com/ex/bitbucket/ws-1", "workspaceId": "ws-1"]],
+                "contexts": [
+                    [
+                        "name": "bitbucket", "apiBaseUrl": "https://api.atlassian.com/ex/bitbucket/ws-1",
+                        "workspaceId": "ws-1",
+                    ]
+                ],
             ]
         }
         let context = try await Self.verifier().verify(token, policy: .backend)

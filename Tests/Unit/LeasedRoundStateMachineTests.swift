@@ -59,7 +59,10 @@ struct LeasedRoundStateMachineTests {
         _ = self.request(&m, 2, at: self.start)
         #expect(m.waiterCount == 2)
         let b = m.leaseAcquired(requestID: "r1", now: self.start)
-        #expect(b == [.startAttempt(requestID: "r1", attempt: 1, expiresAt: self.start + .seconds(10), timeout: .seconds(10))])
+        #expect(
+            b == [
+                .startAttempt(requestID: "r1", attempt: 1, expiresAt: self.start + .seconds(10), timeout: .seconds(10))
+            ])
         #expect(m.stateName(at: self.start) == .attempting)
         let value = Credential(expiresAt: self.start.unixSeconds + 3600, roundID: "r1")
         let c = m.valueObserved(value, solicitedBy: "r1", now: self.start)
@@ -131,7 +134,8 @@ struct LeasedRoundStateMachineTests {
         let a = self.request(&m, 1, at: self.start + .seconds(1))
         #expect(a == [.succeed([WaiterID(1)], newest, .cache), .recordHold(.requestHeld)])
         // Refresh-ahead does not start either.
-        #expect(m.valueServed(newest, requestID: "bg", now: self.start + .seconds(2)) == [.recordHold(.refreshAheadHeld)])
+        #expect(
+            m.valueServed(newest, requestID: "bg", now: self.start + .seconds(2)) == [.recordHold(.refreshAheadHeld)])
         // A forced refresh runs a round regardless, and the hold is in force again after it.
         let b = self.request(&m, 2, forced: true, rid: "rf", at: self.start + .seconds(3))
         #expect(b.contains(.acquireLeaseIgnoringHold(requestID: "rf", ttl: .seconds(12))))
@@ -170,7 +174,10 @@ struct LeasedRoundStateMachineTests {
         // A forced refresh fails fast too.
         #expect(self.request(&m, 2, forced: true, at: self.start + .seconds(10)).count == 1)
         let fresh = Credential(expiresAt: self.start.unixSeconds + 3600)
-        #expect(self.request(&m, 3, current: fresh, at: self.start + .seconds(10)) == [.succeed([WaiterID(3)], fresh, .cache)])
+        #expect(
+            self.request(&m, 3, current: fresh, at: self.start + .seconds(10)) == [
+                .succeed([WaiterID(3)], fresh, .cache)
+            ])
         let stale = Credential(expiresAt: self.start.unixSeconds + 60)
         #expect(m.valueServed(stale, requestID: "bg", now: self.start + .seconds(10)).isEmpty)
         let after = self.start + .seconds(30)
@@ -187,7 +194,9 @@ struct LeasedRoundStateMachineTests {
     func staleRefreshAhead() {
         var m = Machine(configuration: config())
         let stale = Credential(expiresAt: self.start.unixSeconds + 50)
-        #expect(m.valueServed(Credential(expiresAt: self.start.unixSeconds + 3600), requestID: "x", now: self.start).isEmpty)
+        #expect(
+            m.valueServed(Credential(expiresAt: self.start.unixSeconds + 3600), requestID: "x", now: self.start).isEmpty
+        )
         #expect(m.valueServed(stale, requestID: "bg", canStartRound: false, now: self.start).isEmpty)
         let a = m.valueServed(stale, requestID: "bg", now: self.start)
         #expect(a.contains(.acquireLease(requestID: "bg", ttl: .seconds(32))))
@@ -198,7 +207,8 @@ struct LeasedRoundStateMachineTests {
         #expect(m.stateName(at: self.start) == .backingOff)
         let t = scheduled(b)[0]
         _ = m.timerFired(t, now: self.start + .milliseconds(100), jitter: 0)
-        let c = m.attemptFailed(requestID: "bg", attempt: 2, failure: .transportError, now: self.start + .seconds(1), jitter: 0)
+        let c = m.attemptFailed(
+            requestID: "bg", attempt: 2, failure: .transportError, now: self.start + .seconds(1), jitter: 0)
         #expect(c.contains(.roundFinished(succeeded: false)))
         // Cool-down: no second refresh-ahead for 10 s, but a caller still gets a round.
         #expect(m.isRetained(at: self.start + .seconds(5)))
@@ -210,9 +220,15 @@ struct LeasedRoundStateMachineTests {
     func noRoundPossible() {
         var m = Machine(configuration: config())
         let short = Credential(expiresAt: self.start.unixSeconds + 30)
-        #expect(self.request(&m, 1, current: short, canStart: false, at: self.start) == [.succeed([WaiterID(1)], short, .cache)])
+        #expect(
+            self.request(&m, 1, current: short, canStart: false, at: self.start) == [
+                .succeed([WaiterID(1)], short, .cache)
+            ])
         #expect(self.request(&m, 2, canStart: false, at: self.start) == [.fail([WaiterID(2)], .noTriggerURL)])
-        #expect(self.request(&m, 3, forced: true, current: short, canStart: false, at: self.start) == [.fail([WaiterID(3)], .noTriggerURL)])
+        #expect(
+            self.request(&m, 3, forced: true, current: short, canStart: false, at: self.start) == [
+                .fail([WaiterID(3)], .noTriggerURL)
+            ])
         #expect(!m.isActive)
     }
 

@@ -98,13 +98,30 @@ import Testing
         let answer500 = InvocationCallResult.answered(InvocationAnswer(status: 500, headers: [], body: []), attempts: 1)
         let plenty = Duration.seconds(5)
         let pause = Duration.milliseconds(100)
-        #expect(InvocationRetryPolicy.shouldRetry(after: answer503, attempt: 1, maxAttempts: 3, idempotent: true, remaining: plenty, pause: pause))
-        #expect(InvocationRetryPolicy.shouldRetry(after: .transportError(attempts: 1), attempt: 2, maxAttempts: 3, idempotent: true, remaining: plenty, pause: pause))
-        #expect(!InvocationRetryPolicy.shouldRetry(after: answer503, attempt: 1, maxAttempts: 3, idempotent: false, remaining: plenty, pause: pause))
-        #expect(!InvocationRetryPolicy.shouldRetry(after: answer500, attempt: 1, maxAttempts: 3, idempotent: true, remaining: plenty, pause: pause))
-        #expect(!InvocationRetryPolicy.shouldRetry(after: .timeout(attempts: 1), attempt: 1, maxAttempts: 3, idempotent: true, remaining: plenty, pause: pause))
-        #expect(!InvocationRetryPolicy.shouldRetry(after: answer503, attempt: 3, maxAttempts: 3, idempotent: true, remaining: plenty, pause: pause))
-        #expect(!InvocationRetryPolicy.shouldRetry(after: answer503, attempt: 1, maxAttempts: 3, idempotent: true, remaining: .milliseconds(120), pause: pause))
+        #expect(
+            InvocationRetryPolicy.shouldRetry(
+                after: answer503, attempt: 1, maxAttempts: 3, idempotent: true, remaining: plenty, pause: pause))
+        #expect(
+            InvocationRetryPolicy.shouldRetry(
+                after: .transportError(attempts: 1), attempt: 2, maxAttempts: 3, idempotent: true, remaining: plenty,
+                pause: pause))
+        #expect(
+            !InvocationRetryPolicy.shouldRetry(
+                after: answer503, attempt: 1, maxAttempts: 3, idempotent: false, remaining: plenty, pause: pause))
+        #expect(
+            !InvocationRetryPolicy.shouldRetry(
+                after: answer500, attempt: 1, maxAttempts: 3, idempotent: true, remaining: plenty, pause: pause))
+        #expect(
+            !InvocationRetryPolicy.shouldRetry(
+                after: .timeout(attempts: 1), attempt: 1, maxAttempts: 3, idempotent: true, remaining: plenty,
+                pause: pause))
+        #expect(
+            !InvocationRetryPolicy.shouldRetry(
+                after: answer503, attempt: 3, maxAttempts: 3, idempotent: true, remaining: plenty, pause: pause))
+        #expect(
+            !InvocationRetryPolicy.shouldRetry(
+                after: answer503, attempt: 1, maxAttempts: 3, idempotent: true, remaining: .milliseconds(120),
+                pause: pause))
         #expect(InvocationRetryPolicy.pause(after: 1, base: .milliseconds(100), jitter: 0) == .milliseconds(100))
         #expect(InvocationRetryPolicy.pause(after: 2, base: .milliseconds(100), jitter: 0) == .milliseconds(200))
         #expect(InvocationRetryPolicy.pause(after: 9, base: .milliseconds(100), jitter: 0) == .seconds(1))

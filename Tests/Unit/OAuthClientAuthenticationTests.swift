@@ -29,7 +29,8 @@ struct OAuthClientAuthenticationTests {
             self.basic("billing", "s3cret-billing-0123456789"),
             "basic " + Data("billing:s3cret-billing-0123456789".utf8).base64EncodedString(),
             "BASIC "
-                + Data("billing:s3cret-billing-0123456789".utf8).base64EncodedString().replacingOccurrences(of: "=", with: ""),
+                + Data("billing:s3cret-billing-0123456789".utf8).base64EncodedString().replacingOccurrences(
+                    of: "=", with: ""),
         ] {
             let credentials = try OAuthClientCredentials.read(authorization: [header], form: try self.form(""))
             #expect(credentials.method == .clientSecretBasic)

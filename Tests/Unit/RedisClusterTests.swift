@@ -32,7 +32,9 @@ import Testing
     @Test func everyKeyOfAnInstallationSharesOneSlot() throws {
         let ring = try EncryptionKeyRing(keys: [(id: "k1", key: SymmetricKey(size: .bits256))])
         let store = GatewayStore(
-            redis: RedisClient(configuration: RedisConfiguration(endpoint: .direct(host: "127.0.0.1", port: 1)), logger: .init(label: "test")),
+            redis: RedisClient(
+                configuration: RedisConfiguration(endpoint: .direct(host: "127.0.0.1", port: 1)),
+                logger: .init(label: "test")),
             box: ring)
         let users = RedisUserTokenStore(installations: store)
         for raw in [
@@ -196,7 +198,9 @@ import Testing
 
     @Test func rediscoveryIsRateLimitedAndReplacesPrimaries() {
         var machine = Self.known()
-        #expect(machine.rediscoveryRequested(now: Self.now + .milliseconds(50)) == .wait(until: Self.now + .milliseconds(200)))
+        #expect(
+            machine.rediscoveryRequested(now: Self.now + .milliseconds(50))
+                == .wait(until: Self.now + .milliseconds(200)))
         let start = machine.rediscoveryRequested(now: Self.now + .milliseconds(200))
         #expect(start == .start(askingInOrder: [Self.a, Self.b, Self.replicaOfA, Self.seed]))
         // The replica of a was promoted.

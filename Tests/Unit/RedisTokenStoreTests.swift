@@ -9,9 +9,12 @@ struct RedisTokenStoreTests {
     @Test("the channel's messages parse into notifications; anything else is ignored")
     func parse() throws {
         let id = try #require(InstallationID(self.ari))
-        #expect(RedisTokenStore.parse("token \(self.ari) rq_1") == .tokenStored(id, requestID: "rq_1", sameToken: false))
+        #expect(
+            RedisTokenStore.parse("token \(self.ari) rq_1") == .tokenStored(id, requestID: "rq_1", sameToken: false))
         #expect(RedisTokenStore.parse("token \(self.ari) -") == .tokenStored(id, requestID: nil, sameToken: false))
-        #expect(RedisTokenStore.parse("token \(self.ari) rq_1 same") == .tokenStored(id, requestID: "rq_1", sameToken: true))
+        #expect(
+            RedisTokenStore.parse("token \(self.ari) rq_1 same") == .tokenStored(id, requestID: "rq_1", sameToken: true)
+        )
         #expect(
             RedisTokenStore.parse("token \(self.ari) - @replica-a")
                 == .tokenStored(id, requestID: nil, sameToken: false, origin: "replica-a"))

@@ -1,7 +1,7 @@
-@testable import FlowEngine
 import Foundation
 import Testing
 
+@testable import FlowEngine
 @testable import TokenGateway
 
 @Suite("Status page: operators, escaping, ordering, round-trip records")
@@ -26,7 +26,9 @@ struct StatusPageUnitTests {
         let registry = try CallerRegistry(json: #"[{"name":"ops","secret":"\#(Self.secret)","operator":true}]"#)
         func basic(_ text: String) -> String { "Basic " + Data(text.utf8).base64EncodedString() }
         #expect(registry.authenticate(basicAuthorization: basic("ops:\(Self.secret)"))?.name == "ops")
-        #expect(registry.authenticate(basicAuthorization: "basic " + Data("ops:\(Self.secret)".utf8).base64EncodedString())?.name == "ops")
+        #expect(
+            registry.authenticate(basicAuthorization: "basic " + Data("ops:\(Self.secret)".utf8).base64EncodedString())?
+                .name == "ops")
         #expect(registry.authenticate(basicAuthorization: basic("ops:wrong")) == nil)
         #expect(registry.authenticate(basicAuthorization: basic("other:\(Self.secret)")) == nil)
         #expect(registry.authenticate(basicAuthorization: basic("ops")) == nil)
@@ -37,14 +39,16 @@ struct StatusPageUnitTests {
 
     @Test("interpolated text is HTML-escaped")
     func escaping() {
-        #expect(StatusPage.escape(#"<script>alert("x")</script> & 'y'"#)
-            == "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &#39;y&#39;")
+        #expect(
+            StatusPage.escape(#"<script>alert("x")</script> & 'y'"#)
+                == "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &#39;y&#39;")
         #expect(StatusPage.escape("a\u{1}b") == "a\u{FFFD}b")
     }
 
     @Test("round-trip records keep only numbers and words, and read back")
     func recordEncoding() {
-        let record = RoundTripRecord(startedAt: 1_700_000_000_123, durationMs: 250, outcome: "http error", attempts: 2, replica: "gw_1")
+        let record = RoundTripRecord(
+            startedAt: 1_700_000_000_123, durationMs: 250, outcome: "http error", attempts: 2, replica: "gw_1")
         let copy = RoundTripRecord(encoded: record.encoded)
         #expect(copy?.outcome == "httperror")
         #expect(copy?.startedAt == 1_700_000_000_123)
@@ -58,9 +62,15 @@ struct StatusPageUnitTests {
     func chart() {
         let now = FlowTime(unixSeconds: 1_800_000_000)
         let records = [
-            RoundTripRecord(startedAt: now.unixMilliseconds - 60_000, durationMs: 120, outcome: "success", attempts: 1, replica: "a"),
-            RoundTripRecord(startedAt: now.unixMilliseconds - 120_000, durationMs: 4_000, outcome: "timeout", attempts: 2, replica: "a"),
-            RoundTripRecord(startedAt: now.unixMilliseconds - 7_200_000, durationMs: 10, outcome: "success", attempts: 1, replica: "a"),
+            RoundTripRecord(
+                startedAt: now.unixMilliseconds - 60_000, durationMs: 120, outcome: "success", attempts: 1, replica: "a"
+            ),
+            RoundTripRecord(
+                startedAt: now.unixMilliseconds - 120_000, durationMs: 4_000, outcome: "timeout", attempts: 2,
+                replica: "a"),
+            RoundTripRecord(
+                startedAt: now.unixMilliseconds - 7_200_000, durationMs: 10, outcome: "success", attempts: 1,
+                replica: "a"),
         ]
         let svg = StatusPage.chart(records, now: now, id: "c")
         #expect(svg.contains("role=\"img\""))

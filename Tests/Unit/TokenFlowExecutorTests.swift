@@ -57,7 +57,8 @@ private struct Harness {
         let rid = solicited ? requestID : nil
         self.flow.tokenDelivered(
             self.id,
-            token: AccessToken(value: value, expiresAt: expiresAt, requestID: rid, receivedAt: self.clock.now().unixSeconds),
+            token: AccessToken(
+                value: value, expiresAt: expiresAt, requestID: rid, receivedAt: self.clock.now().unixSeconds),
             solicitedBy: rid)
     }
 

@@ -52,7 +52,9 @@ struct TokenFlowStateMachineHoldTests {
         }
     }
 
-    @Test("a round trip that brings no newer token answers every caller with the newest token, below their minValidity, and places the hold while releasing the lease")
+    @Test(
+        "a round trip that brings no newer token answers every caller with the newest token, below their minValidity, and places the hold while releasing the lease"
+    )
     func sameTokenServesEveryCaller() throws {
         let clock = ManualClock()
         let known = clock.now.unixSeconds + 600
@@ -112,7 +114,9 @@ struct TokenFlowStateMachineHoldTests {
         #expect(Self.failed(c).first?.1.code == .triggerFailed)
     }
 
-    @Test("during the hold a request is answered at once with source cache and starts nothing; after it, one round trip starts")
+    @Test(
+        "during the hold a request is answered at once with source cache and starts nothing; after it, one round trip starts"
+    )
     func requestsDuringHold() {
         var clock = ManualClock()
         let newest = Self.token(clock.now.unixSeconds + 600)
@@ -198,7 +202,9 @@ struct TokenFlowStateMachineHoldTests {
         #expect(c.contains(.acquireLease(requestID: "bg3", ttl: .seconds(32))))
     }
 
-    @Test("a lease refused because of a hold answers the callers that do not force and lets forced ones take it regardless")
+    @Test(
+        "a lease refused because of a hold answers the callers that do not force and lets forced ones take it regardless"
+    )
     func leaseHeld() {
         let clock = ManualClock()
         let newest = Self.token(clock.now.unixSeconds + 600)

@@ -89,7 +89,9 @@ struct TokenFlowStateMachineTests {
         #expect(triggers == 0)
         #expect(m.waiterCount == 100)
         let actions = m.valueObserved(token(clock.now.unixSeconds + 3600, rid: "r1"), solicitedBy: "r1", now: clock.now)
-        let answered = actions.compactMap { if case .succeed(let ids, _, _) = $0 { return ids.count } else { return nil } }
+        let answered = actions.compactMap {
+            if case .succeed(let ids, _, _) = $0 { return ids.count } else { return nil }
+        }
         #expect(answered == [100])
         #expect(!m.isActive)
     }
@@ -233,7 +235,8 @@ struct TokenFlowStateMachineTests {
         _ = m.leaseAcquired(requestID: "r1", now: clock.now)
         clock.advance(.seconds(1))
         _ = m.timerFired(timers(a)[0].0, now: clock.now, jitter: 0)
-        #expect(m.valueObserved(token(clock.now.unixSeconds + 3600, rid: "r1"), solicitedBy: "r1", now: clock.now).isEmpty)
+        #expect(
+            m.valueObserved(token(clock.now.unixSeconds + 3600, rid: "r1"), solicitedBy: "r1", now: clock.now).isEmpty)
         #expect(m.attemptSucceeded(requestID: "r1", attempt: 1, now: clock.now).isEmpty)
         #expect(!m.isActive)
     }
@@ -375,8 +378,13 @@ struct InstallationIDTests {
         let ari = "ari:cloud:ecosystem::installation/0d6a1c4e-7f5b-4b8e-9a43-2f1e6c1d7b90"
         #expect(InstallationID(ari)?.ari == ari)
         #expect(InstallationID("0d6a1c4e-7f5b-4b8e-9a43-2f1e6c1d7b90")?.ari == ari)
-        #expect(InstallationID(pathSegment: "ari%3Acloud%3Aecosystem%3A%3Ainstallation%2F0d6a1c4e-7f5b-4b8e-9a43-2f1e6c1d7b90")?.ari == ari)
-        #expect(InstallationID(pathSegment: "ari:cloud:ecosystem::installation%2F0d6a1c4e-7f5b-4b8e-9a43-2f1e6c1d7b90")?.ari == ari)
+        #expect(
+            InstallationID(
+                pathSegment: "ari%3Acloud%3Aecosystem%3A%3Ainstallation%2F0d6a1c4e-7f5b-4b8e-9a43-2f1e6c1d7b90")?.ari
+                == ari)
+        #expect(
+            InstallationID(pathSegment: "ari:cloud:ecosystem::installation%2F0d6a1c4e-7f5b-4b8e-9a43-2f1e6c1d7b90")?.ari
+                == ari)
         #expect(InstallationID("") == nil)
         #expect(InstallationID("a/b") == nil)
         #expect(InstallationID("..") == nil)

@@ -20,11 +20,16 @@ struct UserTokenExchangerTests {
         let client: ScriptedExchangeCall
         let exchanger: UserTokenExchanger
 
-        init(_ answers: [OfflineUserAuthTokenClient.Outcome], configure: (inout UserTokenExchanger.Configuration) -> Void = { _ in }) {
+        init(
+            _ answers: [OfflineUserAuthTokenClient.Outcome],
+            configure: (inout UserTokenExchanger.Configuration) -> Void = { _ in }
+        ) {
             self.store = InMemoryUserTokenStore(clock: self.clock)
             self.store.install(
                 UserTokenExchangerTests.installation,
-                .init(apiBaseUrl: "https://api.atlassian.com/ex/jira/\(UserTokenExchangerTests.cloud)", cloudId: UserTokenExchangerTests.cloud))
+                .init(
+                    apiBaseUrl: "https://api.atlassian.com/ex/jira/\(UserTokenExchangerTests.cloud)",
+                    cloudId: UserTokenExchangerTests.cloud))
             self.systemTokens = StubSystemTokens(clock: self.clock)
             self.client = ScriptedExchangeCall(answers)
             var configuration = UserTokenExchanger.Configuration()
@@ -46,7 +51,9 @@ struct UserTokenExchangerTests {
             }
         }
 
-        func token(timeout: Duration = .seconds(10), forceRefresh: Bool = false) async -> Result<UserTokenExchanger.Answer, UserTokenError> {
+        func token(timeout: Duration = .seconds(10), forceRefresh: Bool = false) async -> Result<
+            UserTokenExchanger.Answer, UserTokenError
+        > {
             do {
                 return .success(
                     try await self.exchanger.token(
@@ -218,7 +225,10 @@ struct UserTokenExchangerTests {
             #expect(try await answer.get().token.value == "user-token-1")
             #expect(h.client.calls.count == 2)
         }
-        let late = Harness([.failed(.httpError(status: 503))]) { $0.backoffBase = .seconds(4); $0.backoffCap = .seconds(4) }
+        let late = Harness([.failed(.httpError(status: 503))]) {
+            $0.backoffBase = .seconds(4)
+            $0.backoffCap = .seconds(4)
+        }
         try await late.running { () async throws -> Void in
             let result = await late.token(timeout: .seconds(2))
             #expect(result.failure == .exchangeFailed(""))

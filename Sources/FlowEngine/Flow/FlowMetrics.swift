@@ -29,7 +29,8 @@ public struct FlowMetrics: Sendable {
         for source in ["cache", "trigger", "push", "none"] {
             for outcome in FlowMetrics.outcomes {
                 requests["\(source)|\(outcome)"] = Counter(
-                    label: "token_gateway_token_requests_total", dimensions: [("source", source), ("outcome", outcome)],
+                    label: "token_gateway_token_requests_total",
+                    dimensions: [("source", source), ("outcome", outcome)],
                     factory: factory)
             }
         }

@@ -208,7 +208,8 @@ extension TokenFlow {
                 self.metrics.countAttempt(outcome: outcome)
                 if outcome != "success" {
                     self.logger.notice(
-                        "trigger attempt failed", metadata: ["installation.id": "\(id)", "trigger.outcome": "\(outcome)"])
+                        "trigger attempt failed",
+                        metadata: ["installation.id": "\(id)", "trigger.outcome": "\(outcome)"])
                 }
             }
         }

@@ -55,7 +55,8 @@ extension TokenFlow {
         case .failed(let failure):
             self.handle(id) {
                 $0.attemptFailed(
-                    requestID: requestID, attempt: attempt, failure: failure, now: now, jitter: Double.random(in: 0...1))
+                    requestID: requestID, attempt: attempt, failure: failure, now: now, jitter: Double.random(in: 0...1)
+                )
             }
         }
     }

@@ -232,7 +232,8 @@ public final class TokenFlow: Sendable, Service {
         }
         do {
             return try await withTaskCancellationHandler {
-                try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<TokenAnswer, any Error>) in
+                try await withCheckedThrowingContinuation {
+                    (continuation: CheckedContinuation<TokenAnswer, any Error>) in
                     self.admit(
                         waiter, continuation, for: id, request: request, knownExpiry: knownExpiry, deadline: deadline,
                         apiBaseUrl: apiBaseUrl, hold: hold, current: current, canStartRound: canStartRound)

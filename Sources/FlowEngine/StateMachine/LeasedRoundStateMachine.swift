@@ -272,7 +272,11 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         case .held(let hold) where !hold.isActive(at: now):
             self.state = .idle(refreshNotBefore: nil)
         case .circuitOpen(let until, let hold) where now >= until:
-            if let hold, hold.isActive(at: now) { self.state = .held(hold) } else { self.state = .idle(refreshNotBefore: nil) }
+            if let hold, hold.isActive(at: now) {
+                self.state = .held(hold)
+            } else {
+                self.state = .idle(refreshNotBefore: nil)
+            }
         default:
             break
         }

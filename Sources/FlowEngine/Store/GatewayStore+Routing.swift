@@ -22,7 +22,9 @@ public struct RoutingPolicy: Sendable {
     /// whitespace, control characters, `..` or percent-encoded dots and slashes).
     public static func hasAllowedPrefix(_ url: String, prefixes: [String]) -> Bool {
         guard url.utf8.count <= 512,
-            url.unicodeScalars.allSatisfy({ $0.value > 0x20 && $0.value < 0x7F && !"@\\?#%".unicodeScalars.contains($0) }),
+            url.unicodeScalars.allSatisfy({
+                $0.value > 0x20 && $0.value < 0x7F && !"@\\?#%".unicodeScalars.contains($0)
+            }),
             !url.contains("/../"), !url.hasSuffix("/..")
         else { return false }
         return prefixes.contains { prefix in

@@ -50,7 +50,8 @@ public final class InMemoryTokenStore: TokenStore {
     /// Records an active installation.
     public func install(_ id: InstallationID, triggerRegistered: Bool = true, apiBaseUrl: String? = nil) {
         self.state.withLock {
-            $0.installations[id] = Installation(active: true, triggerRegistered: triggerRegistered, apiBaseUrl: apiBaseUrl)
+            $0.installations[id] = Installation(
+                active: true, triggerRegistered: triggerRegistered, apiBaseUrl: apiBaseUrl)
         }
     }
 

@@ -638,7 +638,8 @@ extension InvocationTokenVerifier {
             self.app = try container.decodeIfPresent(App.self, forKey: .app)
             self.principal = try? container.decodeIfPresent(String.self, forKey: .principal)
             let presence = try decoder.container(keyedBy: PresenceKeys.self)
-            self.hasPrincipal = presence.contains(.principal) && !((try? presence.decodeNil(forKey: .principal)) ?? false)
+            self.hasPrincipal =
+                presence.contains(.principal) && !((try? presence.decodeNil(forKey: .principal)) ?? false)
             self.hasContext = presence.contains(.context) && !((try? presence.decodeNil(forKey: .context)) ?? false)
         }
 

@@ -38,13 +38,15 @@ public struct GatewaySetting: Sendable, Hashable {
         "TOKEN_GATEWAY_REDIS_TLS_CA_FILE", "redis-tls-ca-file",
         "PEM bundle of the CAs that sign the Redis servers' certificates (default: the system's roots)")
     public static let redisTLSCertFile = GatewaySetting(
-        "TOKEN_GATEWAY_REDIS_TLS_CERT_FILE", "redis-tls-cert-file", "client certificate (PEM) for mutual TLS with Redis")
+        "TOKEN_GATEWAY_REDIS_TLS_CERT_FILE", "redis-tls-cert-file", "client certificate (PEM) for mutual TLS with Redis"
+    )
     public static let redisTLSKeyFile = GatewaySetting(
         "TOKEN_GATEWAY_REDIS_TLS_KEY_FILE", "redis-tls-key-file", "client key (PEM) for mutual TLS with Redis")
     public static let redisTLSServerName = GatewaySetting(
         "TOKEN_GATEWAY_REDIS_TLS_SERVER_NAME", "redis-tls-server-name",
         "name to verify in the Redis servers' certificates (default: the URL's host)")
-    public static let forgeAppID = GatewaySetting("TOKEN_GATEWAY_FORGE_APP_ID", "forge-app-id", "expected FIT aud (required)")
+    public static let forgeAppID = GatewaySetting(
+        "TOKEN_GATEWAY_FORGE_APP_ID", "forge-app-id", "expected FIT aud (required)")
     public static let forgeJWKSURL = GatewaySetting(
         "TOKEN_GATEWAY_FORGE_JWKS_URL", "forge-jwks-url", "JWKS URL for Forge invocation tokens")
     public static let forgeModuleKeys = GatewaySetting(
@@ -63,7 +65,8 @@ public struct GatewaySetting: Sendable, Hashable {
     public static let forgeGraphQLURL = GatewaySetting(
         "TOKEN_GATEWAY_FORGE_GRAPHQL_URL", "forge-graphql-url", "GraphQL endpoint for user-token exchanges")
     public static let userExchangesPerMinute = GatewaySetting(
-        "TOKEN_GATEWAY_USER_EXCHANGES_PER_MINUTE", "user-exchanges-per-minute", "user-token exchange budget (default 1000)")
+        "TOKEN_GATEWAY_USER_EXCHANGES_PER_MINUTE", "user-exchanges-per-minute",
+        "user-token exchange budget (default 1000)")
     public static let publicURL = GatewaySetting(
         "TOKEN_GATEWAY_PUBLIC_URL", "public-url", "the gateway's own base URL as callers reach it")
     public static let opsHost = GatewaySetting(
@@ -75,7 +78,8 @@ public struct GatewaySetting: Sendable, Hashable {
         "TOKEN_GATEWAY_API_BASE_URL_PREFIXES", "api-base-url-prefixes",
         "comma-separated prefixes an installation's apiBaseUrl must start with (default https://api.atlassian.com/ex/)")
     public static let logLevel = GatewaySetting("TOKEN_GATEWAY_LOG_LEVEL", "log-level", "trace…critical (default info)")
-    public static let logFormat = GatewaySetting("TOKEN_GATEWAY_LOG_FORMAT", "log-format", "logfmt or json (default logfmt)")
+    public static let logFormat = GatewaySetting(
+        "TOKEN_GATEWAY_LOG_FORMAT", "log-format", "logfmt or json (default logfmt)")
     public static let triggerMaxAttempts = GatewaySetting(
         "TOKEN_GATEWAY_TRIGGER_MAX_ATTEMPTS", "trigger-max-attempts", "trigger attempts per round trip (default 4)")
     public static let triggerAttemptTimeout = GatewaySetting(
@@ -87,7 +91,8 @@ public struct GatewaySetting: Sendable, Hashable {
 
     public static let refreshAheadFraction = GatewaySetting(
         "TOKEN_GATEWAY_REFRESH_AHEAD_FRACTION", "refresh-ahead-fraction",
-        "share of a token's lifetime at its end in which it is refreshed in the background, 0–0.9 (default 0.25; 0 off)")
+        "share of a token's lifetime at its end in which it is refreshed in the background, 0–0.9 (default 0.25; 0 off)"
+    )
     public static let breakerThreshold = GatewaySetting(
         "TOKEN_GATEWAY_BREAKER_THRESHOLD", "breaker-threshold",
         "consecutive failed round trips that open an installation's circuit (default 5)")
@@ -232,7 +237,8 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
         let appID = try settings.required(.forgeAppID)
         guard appID.hasPrefix("ari:cloud:ecosystem::app/"), appID.count > "ari:cloud:ecosystem::app/".count else {
             throw ConfigurationError(
-                setting: GatewaySetting.forgeAppID.environment, problem: "must be an app ARI (ari:cloud:ecosystem::app/<uuid>)")
+                setting: GatewaySetting.forgeAppID.environment,
+                problem: "must be an app ARI (ari:cloud:ecosystem::app/<uuid>)")
         }
         let keys: EncryptionKeyRing
         do {
@@ -285,7 +291,9 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
             }
         }
         if let v = settings.raw(.forgeModuleKeys) {
-            let keys = v.split(separator: ",", omittingEmptySubsequences: false).map { $0.trimmingCharacters(in: .whitespaces) }
+            let keys = v.split(separator: ",", omittingEmptySubsequences: false).map {
+                $0.trimmingCharacters(in: .whitespaces)
+            }
             guard !keys.isEmpty, keys.allSatisfy({ !$0.isEmpty && $0.utf8.count <= 256 }) else {
                 throw ConfigurationError(
                     setting: GatewaySetting.forgeModuleKeys.environment,
@@ -332,7 +340,8 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
         }
         if let v = settings.raw(.logFormat) {
             guard let format = LogFormat(rawValue: v.lowercased()) else {
-                throw ConfigurationError(setting: GatewaySetting.logFormat.environment, problem: "must be logfmt or json")
+                throw ConfigurationError(
+                    setting: GatewaySetting.logFormat.environment, problem: "must be logfmt or json")
             }
             config.logFormat = format
         }
@@ -499,16 +508,19 @@ extension GatewayConfiguration {
                 tls.privateKey = .privateKey(try NIOSSLPrivateKey(file: keyFile, format: .pem))
             } catch {
                 // Never the key's content.
-                throw ConfigurationError(setting: GatewaySetting.redisTLSKeyFile.environment, problem: "is not a PEM private key")
+                throw ConfigurationError(
+                    setting: GatewaySetting.redisTLSKeyFile.environment, problem: "is not a PEM private key")
             }
         case (nil, nil):
             break
         case (nil, _):
             throw ConfigurationError(
-                setting: GatewaySetting.redisTLSCertFile.environment, problem: "is required with TOKEN_GATEWAY_REDIS_TLS_KEY_FILE")
+                setting: GatewaySetting.redisTLSCertFile.environment,
+                problem: "is required with TOKEN_GATEWAY_REDIS_TLS_KEY_FILE")
         case (_, nil):
             throw ConfigurationError(
-                setting: GatewaySetting.redisTLSKeyFile.environment, problem: "is required with TOKEN_GATEWAY_REDIS_TLS_CERT_FILE")
+                setting: GatewaySetting.redisTLSKeyFile.environment,
+                problem: "is required with TOKEN_GATEWAY_REDIS_TLS_CERT_FILE")
         }
         let serverName = raw(.redisTLSServerName)?.trimmingCharacters(in: .whitespaces)
         do {

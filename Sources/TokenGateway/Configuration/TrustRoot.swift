@@ -29,7 +29,8 @@ public enum TrustRoot {
         guard let c = URLComponents(string: value), let scheme = c.scheme?.lowercased(), let host = c.host,
             !host.isEmpty, c.user == nil, c.password == nil
         else {
-            throw ConfigurationError(setting: setting, problem: "must be an absolute https URL without user information")
+            throw ConfigurationError(
+                setting: setting, problem: "must be an absolute https URL without user information")
         }
         switch scheme {
         case "https": return value

@@ -93,7 +93,8 @@ extension GatewayStore {
     /// The sealed form of a tenant's installation link, or `""` for none.
     func sealConnectLink(_ id: InstallationID?, clientKey: String) -> String {
         guard let id else { return "" }
-        return (try? self.box.sealDeterministically(Array(id.ari.utf8), context: self.connectLinkContext(clientKey))) ?? ""
+        return (try? self.box.sealDeterministically(Array(id.ari.utf8), context: self.connectLinkContext(clientKey)))
+            ?? ""
     }
 
     /// The installation a stored (sealed) link names, or nil when there is none or it does not open (counted).

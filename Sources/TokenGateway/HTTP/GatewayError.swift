@@ -58,7 +58,8 @@ public struct GatewayError: HTTPResponseError, Sendable, Hashable, CustomStringC
     public static let missingToken = GatewayError(
         status: .badRequest, code: "missing_token", message: "the x-forge-oauth-system header is required")
     public static let storeUnavailable = GatewayError(
-        status: .serviceUnavailable, code: "store_unavailable", message: "the token store is unreachable", retryAfter: 1)
+        status: .serviceUnavailable, code: "store_unavailable", message: "the token store is unreachable", retryAfter: 1
+    )
 
     public static func invalidRequest(_ message: String) -> GatewayError {
         GatewayError(status: .badRequest, code: "invalid_request", message: message)
@@ -77,13 +78,15 @@ public struct GatewayError: HTTPResponseError, Sendable, Hashable, CustomStringC
         case .installationNotFound:
             self.init(status: .notFound, code: error.code.rawValue, message: "installation not found")
         case .installationUninstalled:
-            self.init(status: .gone, code: error.code.rawValue, message: "the app was uninstalled from this installation")
+            self.init(
+                status: .gone, code: error.code.rawValue, message: "the app was uninstalled from this installation")
         case .noTriggerURL:
             self.init(
                 status: .unprocessableContent, code: error.code.rawValue,
                 message: "the installation registered no auth trigger and no valid token is stored")
         case .tokenTimeout:
-            self.init(status: .gatewayTimeout, code: error.code.rawValue, message: "no token arrived within the timeout")
+            self.init(
+                status: .gatewayTimeout, code: error.code.rawValue, message: "no token arrived within the timeout")
         case .triggerFailed:
             self.init(
                 status: .badGateway, code: error.code.rawValue,

@@ -45,7 +45,8 @@ struct ErrorMiddleware<Context: RequestContext>: RouterMiddleware {
             return try mapped.response(from: request, context: context)
         } catch {
             context.logger.error(
-                "unhandled error", metadata: ["error.type": "\(type(of: error))", "http.path": "\(context.endpointPath ?? "-")"])
+                "unhandled error",
+                metadata: ["error.type": "\(type(of: error))", "http.path": "\(context.endpointPath ?? "-")"])
             return try GatewayError.internalError.response(from: request, context: context)
         }
     }

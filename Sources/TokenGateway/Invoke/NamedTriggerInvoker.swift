@@ -144,7 +144,8 @@ public struct NamedTriggerInvoker: Sendable {
     /// Calls the trigger at `material` with `body` until it answers, the attempts are spent or
     /// `deadline` passes. `idempotencyKey` (when the caller sent one) is passed on and allows retries.
     public func call(
-        material: GatewayStore.TriggerMaterial, body: [UInt8], idempotencyKey: String?, deadline: ContinuousClock.Instant,
+        material: GatewayStore.TriggerMaterial, body: [UInt8], idempotencyKey: String?,
+        deadline: ContinuousClock.Instant,
         logger: Logger
     ) async -> InvocationCallResult {
         guard self.allowList.allows(material.url) else {
@@ -204,11 +205,13 @@ public struct NamedTriggerInvoker: Sendable {
             do {
                 buffer = try await response.body.collect(upTo: self.configuration.maxAnswerSize)
             } catch is NIOTooManyBytesError {
-                logger.notice("named trigger answered more than the relay limit", metadata: ["http.status": "\(status)"])
+                logger.notice(
+                    "named trigger answered more than the relay limit", metadata: ["http.status": "\(status)"])
                 return .invalidAnswer(attempts: attempt)
             }
             guard InvocationAnswer.isRelayable(status: status) else {
-                logger.notice("named trigger answered a status that is not relayed", metadata: ["http.status": "\(status)"])
+                logger.notice(
+                    "named trigger answered a status that is not relayed", metadata: ["http.status": "\(status)"])
                 return .invalidAnswer(attempts: attempt)
             }
             var headers: [(name: String, value: String)] = []
@@ -217,9 +220,11 @@ public struct NamedTriggerInvoker: Sendable {
                     headers.append((name, value))
                 }
             }
-            logger.debug("named trigger answered", metadata: ["http.status": "\(status)", "trigger.attempt": "\(attempt)"])
+            logger.debug(
+                "named trigger answered", metadata: ["http.status": "\(status)", "trigger.attempt": "\(attempt)"])
             return .answered(
-                InvocationAnswer(status: status, headers: headers, body: buffer.readBytes(length: buffer.readableBytes) ?? []),
+                InvocationAnswer(
+                    status: status, headers: headers, body: buffer.readBytes(length: buffer.readableBytes) ?? []),
                 attempts: attempt)
         } catch let error as HTTPClientError
             where error == .deadlineExceeded || error == .readTimeout || error == .connectTimeout

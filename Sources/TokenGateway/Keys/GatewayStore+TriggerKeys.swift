@@ -68,7 +68,8 @@ extension GatewayStore {
         }
         let signingKey = self.signingKeysKey(id)
         let current = TriggerKey(
-            keyID: currentID, rawPrivateKey: try self.box.open(currentSealed, context: signingKey + "#key:" + currentID))
+            keyID: currentID, rawPrivateKey: try self.box.open(currentSealed, context: signingKey + "#key:" + currentID)
+        )
         var next: TriggerKey?
         var activatesAt: Int64?
         if let nextID = items[2].string, !nextID.isEmpty, let nextSealed = items[3].string, !nextSealed.isEmpty {

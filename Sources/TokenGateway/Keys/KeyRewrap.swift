@@ -62,7 +62,9 @@ public struct KeyRewrap: Sendable {
     ///   - prefix: the store's key prefix (`tg`); only keys under `<prefix>:` are visited.
     ///   - batchSize: the `SCAN` `COUNT` hint (keys per batch, roughly). Default 500.
     ///   - logger: values that cannot be opened are logged with their key name and field (never the value).
-    public init(redis: RedisClient, keys: EncryptionKeyRing, prefix: String = "tg", batchSize: Int = 500, logger: Logger) {
+    public init(
+        redis: RedisClient, keys: EncryptionKeyRing, prefix: String = "tg", batchSize: Int = 500, logger: Logger
+    ) {
         self.redis = redis
         self.keys = keys
         self.pattern = Self.globEscaped(prefix) + ":*"
@@ -177,7 +179,8 @@ public struct KeyRewrap: Sendable {
                 self.logUnopenable(name, field: nil)
                 return counts
             case .rewrapped(let sealed):
-                let written = try await self.redis.eval(Self.compareAndSet, keys: [name], arguments: ["", value, sealed])
+                let written = try await self.redis.eval(
+                    Self.compareAndSet, keys: [name], arguments: ["", value, sealed])
                 if written.int == 1 {
                     counts.rewrapped += 1
                     return counts
@@ -199,7 +202,8 @@ public struct KeyRewrap: Sendable {
         let payload = value[value.index(after: dot)...]
         return payload.utf8.count >= 38
             && payload.utf8.allSatisfy { b in
-                (b >= 0x30 && b <= 0x39) || (b >= 0x41 && b <= 0x5A) || (b >= 0x61 && b <= 0x7A) || b == 0x2D || b == 0x5F
+                (b >= 0x30 && b <= 0x39) || (b >= 0x41 && b <= 0x5A) || (b >= 0x61 && b <= 0x7A) || b == 0x2D
+                    || b == 0x5F
             }
     }
 

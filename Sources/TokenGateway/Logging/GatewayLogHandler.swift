@@ -3,11 +3,11 @@ import Logging
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #elseif canImport(Darwin)
-import Darwin
+    import Darwin
 #endif
 
 /// Writes one structured line per log record, as logfmt (default) or JSON.
@@ -59,7 +59,8 @@ public struct GatewayLogHandler: LogHandler {
     func log(level: Logger.Level, message: String, sortedFields fields: [(key: String, value: String)]) {
         guard level >= self.logLevel else { return }
         var line = Self.format(
-            format: self.format, timestamp: Date(), level: level, label: self.label, message: message, sortedFields: fields)
+            format: self.format, timestamp: Date(), level: level, label: self.label, message: message,
+            sortedFields: fields)
         line.append("\n")
         self.sink.write(line)
     }
@@ -74,7 +75,8 @@ public struct GatewayLogHandler: LogHandler {
         metadata: Logger.Metadata
     ) -> String {
         let fields = metadata.keys.sorted().map { (key: $0, value: "\(metadata[$0]!)") }
-        return Self.format(format: format, timestamp: timestamp, level: level, label: label, message: message, sortedFields: fields)
+        return Self.format(
+            format: format, timestamp: timestamp, level: level, label: label, message: message, sortedFields: fields)
     }
 
     /// One formatted line (no trailing newline) from fields already sorted by key: the same line
@@ -130,7 +132,10 @@ public struct GatewayLogHandler: LogHandler {
         // Plain ASCII without space, `=`, `"`, `\` or control characters is written as it is; the
         // byte scan is much cheaper than walking characters (audit records are written per request).
         if !s.isEmpty,
-            s.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "=") && $0 != UInt8(ascii: "\"") && $0 != UInt8(ascii: "\\") })
+            s.utf8.allSatisfy({
+                $0 > 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "=") && $0 != UInt8(ascii: "\"")
+                    && $0 != UInt8(ascii: "\\")
+            })
         {
             return s
         }
@@ -299,11 +304,11 @@ public final class LogSink: Sendable {
             var left = bytes.count
             while left > 0 {
                 #if canImport(Glibc)
-                let written = Glibc.write(descriptor, next, left)
+                    let written = Glibc.write(descriptor, next, left)
                 #elseif canImport(Musl)
-                let written = Musl.write(descriptor, next, left)
+                    let written = Musl.write(descriptor, next, left)
                 #else
-                let written = Darwin.write(descriptor, next, left)
+                    let written = Darwin.write(descriptor, next, left)
                 #endif
                 if written < 0 {
                     if errno == EINTR { continue }

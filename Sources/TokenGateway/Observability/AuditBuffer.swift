@@ -46,7 +46,10 @@ public final class AuditBuffer: Sendable {
 
     /// Queues one line (written directly once the buffer is closed; counted when it is full).
     func append(_ line: String) {
-        enum Outcome { case queued(CheckedContinuation<Void, Never>?), dropped, closed }
+        enum Outcome {
+            case queued(CheckedContinuation<Void, Never>?)
+            case dropped, closed
+        }
         let outcome = self.state.withLock { state -> Outcome in
             if state.closed { return .closed }
             guard state.lines.count < self.capacity else {
@@ -68,7 +71,10 @@ public final class AuditBuffer: Sendable {
     /// The lines queued so far, waiting for one if none is; nil once closed and empty.
     func next() async -> [String]? {
         while true {
-            enum Take { case lines([String]), finished, wait }
+            enum Take {
+                case lines([String])
+                case finished, wait
+            }
             let take = self.state.withLock { state -> Take in
                 if !state.lines.isEmpty {
                     var taken: [String] = []

@@ -63,7 +63,8 @@ extension Gateway {
 
     /// The authenticated caller, or 401.
     func authenticateCaller(_ request: Request) throws -> Caller {
-        guard let caller = self.configuration.callers.authenticate(authorization: request.headers[.authorization]) else {
+        guard let caller = self.configuration.callers.authenticate(authorization: request.headers[.authorization])
+        else {
             throw GatewayError.unauthenticated
         }
         return caller

@@ -68,8 +68,10 @@ extension Gateway {
                 "named triggers registered",
                 metadata: [
                     "installation.id": "\(id)",
-                    "trigger.keys": "\(registration.changes.filter { $0.url != nil }.map { $0.key }.joined(separator: ","))",
-                    "trigger.removed_keys": "\(registration.changes.filter { $0.url == nil }.map { $0.key }.joined(separator: ","))",
+                    "trigger.keys":
+                        "\(registration.changes.filter { $0.url != nil }.map { $0.key }.joined(separator: ","))",
+                    "trigger.removed_keys":
+                        "\(registration.changes.filter { $0.url == nil }.map { $0.key }.joined(separator: ","))",
                 ])
         case .uninstalled:
             throw GatewayError(FlowError.installationUninstalled)
@@ -366,7 +368,8 @@ extension Gateway {
                 try? await self.store.releaseIdempotencyKey(id, trigger: key, digest: claim.digest, owner: claim.owner)
             }
             throw GatewayError(
-                status: .gatewayTimeout, code: "token_timeout", message: "the trigger did not answer within the timeout")
+                status: .gatewayTimeout, code: "token_timeout", message: "the trigger did not answer within the timeout"
+            )
         case .transportError(let attempts), .invalidAnswer(let attempts):
             trace.attempts = attempts
             let invalid: Bool

@@ -94,7 +94,8 @@ extension Gateway {
     static func json(_ value: JSONValue, status: HTTPResponse.Status = .ok, noStore: Bool = false) -> Response {
         var headers: HTTPFields = [.contentType: "application/json"]
         if noStore { headers[.cacheControl] = "no-store" }
-        return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(string: value.serialized())))
+        return Response(
+            status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(string: value.serialized())))
     }
 
     /// Reads the whole body, refusing more than the configured size (413).
@@ -109,7 +110,8 @@ extension Gateway {
         let blank = bytes.allSatisfy { $0 == 0x20 || $0 == 0x0A || $0 == 0x0D || $0 == 0x09 }
         if !blank {
             let contentType = request.headers[.contentType]?.lowercased() ?? ""
-            let mediaType = contentType.split(separator: ";").first.map { $0.trimmingCharacters(in: .whitespaces) } ?? ""
+            let mediaType =
+                contentType.split(separator: ";").first.map { $0.trimmingCharacters(in: .whitespaces) } ?? ""
             guard mediaType == "application/json" || mediaType.hasSuffix("+json") else {
                 throw GatewayError.invalidRequest("Content-Type must be application/json")
             }

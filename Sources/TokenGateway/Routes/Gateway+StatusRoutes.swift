@@ -66,7 +66,8 @@ extension Gateway {
         guard let caller else {
             if basic {
                 throw GatewayError(
-                    status: .unauthorized, code: "unauthenticated", message: "an operator's name and secret are required",
+                    status: .unauthorized, code: "unauthenticated",
+                    message: "an operator's name and secret are required",
                     extraHeaders: ["WWW-Authenticate": "Basic realm=\"token-gateway\""])
             }
             throw GatewayError.unauthenticated

@@ -81,7 +81,8 @@ final class TokenAnswerBodies: Sendable {
     /// The answer's JSON body, written field by field in the contract's order.
     static func encode(installation: String, answer: TokenAnswer) -> ByteBuffer {
         var out = ""
-        out.reserveCapacity(answer.token.value.utf8.count + installation.utf8.count + (answer.apiBaseUrl?.utf8.count ?? 0) + 128)
+        out.reserveCapacity(
+            answer.token.value.utf8.count + installation.utf8.count + (answer.apiBaseUrl?.utf8.count ?? 0) + 128)
         out += "{\"installationId\":"
         JSONValue.writeString(installation, into: &out)
         out += ",\"tokenType\":\"Bearer\",\"accessToken\":"

@@ -136,7 +136,8 @@ extension GatewayStore {
             let parts = text.split(separator: " ")
             guard parts.count == 2, let started = Int64(parts[1]) else { continue }
             out.append(
-                ReplicaHeartbeatRecord(replicaID: id, version: String(parts[0]), startedAt: started, lastSeenAt: lastSeen))
+                ReplicaHeartbeatRecord(
+                    replicaID: id, version: String(parts[0]), startedAt: started, lastSeenAt: lastSeen))
         }
         return out.sorted { ($0.startedAt, $0.replicaID) > ($1.startedAt, $1.replicaID) }
     }
@@ -205,7 +206,8 @@ extension GatewayStore {
         var records: [InstallationRecord] = []
         var cursor: String? = nil
         repeat {
-            let page = try await self.listInstallations(after: cursor, limit: min(1000, limit - records.count), filter: filter)
+            let page = try await self.listInstallations(
+                after: cursor, limit: min(1000, limit - records.count), filter: filter)
             records += page.records
             cursor = page.next
         } while cursor != nil && records.count < limit

@@ -37,7 +37,8 @@ public struct ReplicaHeartbeat: Service {
                     failing = false
                 } catch {
                     if !failing {
-                        self.logger.notice("could not write the replica heartbeat", metadata: ["replica.id": "\(self.replicaID)"])
+                        self.logger.notice(
+                            "could not write the replica heartbeat", metadata: ["replica.id": "\(self.replicaID)"])
                     }
                     failing = true
                 }

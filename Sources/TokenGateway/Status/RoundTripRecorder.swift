@@ -39,7 +39,8 @@ final class RoundTripRecorder: TokenFlowObserver {
                     finished = RoundTripRecord(
                         startedAt: round.startedAt.unixMilliseconds,
                         durationMs: max(0, (now - round.startedAt).milliseconds),
-                        outcome: succeeded ? "success" : (round.lastOutcome.flatMap { $0 == "success" ? nil : $0 } ?? "failed"),
+                        outcome: succeeded
+                            ? "success" : (round.lastOutcome.flatMap { $0 == "success" ? nil : $0 } ?? "failed"),
                         attempts: max(round.attempts, 1), replica: self.replicaID)
                 case .releaseLease:
                     // The round ended (with or without a verdict): nothing of it stays open.

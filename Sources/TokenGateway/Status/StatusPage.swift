@@ -13,7 +13,12 @@ enum StatusPage {
 
     /// The filters of the installations table.
     enum Filter: String, CaseIterable, Sendable {
-        case all, attention, circuit, failing, noTrigger = "no-trigger", uninstalled
+        case all
+        case attention
+        case circuit
+        case failing
+        case noTrigger = "no-trigger"
+        case uninstalled
 
         var label: String {
             switch self {
@@ -218,12 +223,14 @@ enum StatusPage {
             let value = scale * Int64(step) / 4
             let yy = y(value)
             svg += "<line x1=\"\(left)\" x2=\"\(width - right)\" y1=\"\(yy)\" y2=\"\(yy)\" stroke=\"#e3e6ea\"/>"
-            svg += "<text x=\"\(left - 6)\" y=\"\(yy + 4)\" text-anchor=\"end\" font-size=\"11\" fill=\"#1b1f24\">\(value) ms</text>"
+            svg +=
+                "<text x=\"\(left - 6)\" y=\"\(yy + 4)\" text-anchor=\"end\" font-size=\"11\" fill=\"#1b1f24\">\(value) ms</text>"
         }
         for minutes in stride(from: 60, through: 0, by: -15) {
             let xx = x(now.unixMilliseconds - Int64(minutes) * 60_000)
             let label = minutes == 0 ? "now" : "−\(minutes) min"
-            svg += "<text x=\"\(xx)\" y=\"\(height - bottom + 16)\" text-anchor=\"middle\" font-size=\"11\" fill=\"#1b1f24\">\(label)</text>"
+            svg +=
+                "<text x=\"\(xx)\" y=\"\(height - bottom + 16)\" text-anchor=\"middle\" font-size=\"11\" fill=\"#1b1f24\">\(label)</text>"
         }
         for r in inHour {
             let cx = x(r.startedAt)
@@ -246,7 +253,8 @@ enum StatusPage {
     static func overview(_ report: StatusReport, filter: Filter, text: String, page: Int) -> String {
         let now = report.generatedAt
         var body = "<h1>Status</h1>"
-        body += "<p class=\"muted\">Generated \(escape(time(ms: now.unixMilliseconds))) by replica \(escape(report.replica)).</p>"
+        body +=
+            "<p class=\"muted\">Generated \(escape(time(ms: now.unixMilliseconds))) by replica \(escape(report.replica)).</p>"
 
         body += Self.summarySection(report)
         body += Self.installationsSection(report, filter: filter, text: text, page: page)
@@ -262,13 +270,16 @@ enum StatusPage {
         let recent = report.recentRoundTrips
         let minutes = StatusReport.recentWindow.milliseconds / 60_000
         var body = ""
-        body += "<section aria-labelledby=\"summary-heading\"><h2 id=\"summary-heading\">Summary</h2><dl class=\"cards\">"
-        body += "<div class=\"card\"><dt>Replicas seen</dt><dd id=\"summary-replicas\">\(report.replicas.count)</dd></div>"
+        body +=
+            "<section aria-labelledby=\"summary-heading\"><h2 id=\"summary-heading\">Summary</h2><dl class=\"cards\">"
+        body +=
+            "<div class=\"card\"><dt>Replicas seen</dt><dd id=\"summary-replicas\">\(report.replicas.count)</dd></div>"
         let redisText = report.redis.reachable ? (report.redis.role ?? "reachable") : "unreachable"
         body += "<div class=\"card\"><dt>Redis</dt><dd id=\"summary-redis\">\(escape(redisText))</dd></div>"
         body +=
             "<div class=\"card\"><dt>Round trips, last \(minutes) min</dt><dd id=\"summary-round-trips\">\(recent.count)</dd></div>"
-        body += "<div class=\"card\"><dt>Open circuits</dt><dd id=\"summary-open-circuits\">\(report.openCircuits.count)</dd></div>"
+        body +=
+            "<div class=\"card\"><dt>Open circuits</dt><dd id=\"summary-open-circuits\">\(report.openCircuits.count)</dd></div>"
         body +=
             "<div class=\"card\"><dt>User exchanges, last minute</dt><dd><span id=\"summary-exchanges-used\">\(report.userExchangesUsed)</span> <small>of \(report.userExchangesLimit)</small></dd></div>"
         body +=
@@ -282,7 +293,8 @@ enum StatusPage {
         } else {
             body += "<ul class=\"legend\" id=\"outcomes\">"
             for (outcome, count) in counts {
-                body += "<li data-outcome=\"\(escape(outcome))\">\(outcomeBadge(outcome)) <span class=\"count\">\(count)</span></li>"
+                body +=
+                    "<li data-outcome=\"\(escape(outcome))\">\(outcomeBadge(outcome)) <span class=\"count\">\(count)</span></li>"
             }
             body += "</ul>"
         }
@@ -298,13 +310,17 @@ enum StatusPage {
         let now = report.generatedAt
         var body = ""
         let needle = text.lowercased()
-        let matching = report.rows.filter { filter.accepts($0) && (needle.isEmpty || $0.record.id.ari.lowercased().contains(needle)) }
+        let matching = report.rows.filter {
+            filter.accepts($0) && (needle.isEmpty || $0.record.id.ari.lowercased().contains(needle))
+        }
         let pages = max(1, (matching.count + pageSize - 1) / pageSize)
         let current = min(max(page, 1), pages)
         let shown = matching.dropFirst((current - 1) * pageSize).prefix(pageSize)
         body += "<section aria-labelledby=\"installations-heading\"><h2 id=\"installations-heading\">Installations</h2>"
-        body += "<form class=\"filters\" method=\"get\" action=\"/status\" role=\"search\" aria-label=\"Filter installations\">"
-        body += "<label for=\"filter-q\">Installation id contains<input id=\"filter-q\" name=\"q\" type=\"search\" value=\"\(escape(text))\"></label>"
+        body +=
+            "<form class=\"filters\" method=\"get\" action=\"/status\" role=\"search\" aria-label=\"Filter installations\">"
+        body +=
+            "<label for=\"filter-q\">Installation id contains<input id=\"filter-q\" name=\"q\" type=\"search\" value=\"\(escape(text))\"></label>"
         body += "<label for=\"filter-state\">Show<select id=\"filter-state\" name=\"state\">"
         for f in Filter.allCases {
             body += "<option value=\"\(f.rawValue)\"\(f == filter ? " selected" : "")>\(escape(f.label))</option>"
@@ -312,7 +328,8 @@ enum StatusPage {
         body += "</select></label><button type=\"submit\">Filter</button></form>"
         body +=
             "<p class=\"muted\" id=\"installations-count\">\(matching.count) of \(report.rows.count) installations, most urgent first\(report.truncated ? " (only the first \(StatusReport.maxInstallations) read)" : "").</p>"
-        body += "<div class=\"table-wrap\" role=\"region\" aria-labelledby=\"installations-heading\" tabindex=\"0\"><table id=\"installations\">"
+        body +=
+            "<div class=\"table-wrap\" role=\"region\" aria-labelledby=\"installations-heading\" tabindex=\"0\"><table id=\"installations\">"
         body += "<thead><tr>"
         for h in [
             "Installation", "Attention", "Status", "Trigger", "Token expires in", "Last token", "Last round trip",
@@ -329,12 +346,15 @@ enum StatusPage {
             let lastRound = h.lastRoundTrip.map { "\(outcomeBadge($0.outcome)) \($0.durationMs) ms" } ?? "—"
             let circuit = h.circuitOpenUntil > now.unixMilliseconds ? time(ms: h.circuitOpenUntil) : "—"
             body += "<tr data-installation=\"\(escape(r.id.ari))\">"
-            body += "<th scope=\"row\" class=\"id\"><a href=\"\(escape(installationLink(r.id)))\">\(escape(String(r.id.shortID)))</a></th>"
+            body +=
+                "<th scope=\"row\" class=\"id\"><a href=\"\(escape(installationLink(r.id)))\">\(escape(String(r.id.shortID)))</a></th>"
             body += "<td>\(badge(row))</td><td data-field=\"status\">\(escape(r.status.rawValue))</td>"
             body += "<td data-field=\"trigger\">\(r.triggerRegistered ? "registered" : "none")</td>"
-            body += "<td data-field=\"expires\">\(escape(expires))</td><td data-field=\"last-token\">\(escape(lastToken))</td>"
+            body +=
+                "<td data-field=\"expires\">\(escape(expires))</td><td data-field=\"last-token\">\(escape(lastToken))</td>"
             body += "<td data-field=\"last-round-trip\">\(lastRound)</td>"
-            body += "<td data-field=\"failures\">\(h.consecutiveFailures)</td><td data-field=\"circuit\">\(escape(circuit))</td>"
+            body +=
+                "<td data-field=\"failures\">\(h.consecutiveFailures)</td><td data-field=\"circuit\">\(escape(circuit))</td>"
             body += "<td data-field=\"key\" class=\"id\">\(escape(r.triggerKeyId ?? "—"))</td></tr>"
         }
         if shown.isEmpty { body += "<tr><td colspan=\"10\">No installation matches.</td></tr>" }
@@ -342,11 +362,13 @@ enum StatusPage {
         body += "<nav class=\"pager\" aria-label=\"Installation pages\">"
         let base: [(String, String)] = [("q", text), ("state", filter == .all ? "" : filter.rawValue)]
         if current > 1 {
-            body += "<a rel=\"prev\" href=\"/status?\(escape(query(base + [("page", String(current - 1))])))\">Previous page</a>"
+            body +=
+                "<a rel=\"prev\" href=\"/status?\(escape(query(base + [("page", String(current - 1))])))\">Previous page</a>"
         }
         body += "<span>Page \(current) of \(pages)</span>"
         if current < pages {
-            body += "<a rel=\"next\" href=\"/status?\(escape(query(base + [("page", String(current + 1))])))\">Next page</a>"
+            body +=
+                "<a rel=\"next\" href=\"/status?\(escape(query(base + [("page", String(current + 1))])))\">Next page</a>"
         }
         body += "</nav></section>"
 
@@ -357,9 +379,12 @@ enum StatusPage {
     private static func replicasSection(_ report: StatusReport) -> String {
         var body = ""
         body += "<section aria-labelledby=\"replicas-heading\"><h2 id=\"replicas-heading\">Replicas and Redis</h2>"
-        body += "<div class=\"table-wrap\" role=\"region\" aria-labelledby=\"replicas-heading\" tabindex=\"0\"><table id=\"replicas\">"
-        body += "<caption class=\"muted\" style=\"text-align:left;padding:.4rem .6rem\">Replicas with a live heartbeat</caption>"
-        body += "<thead><tr><th scope=\"col\">Replica</th><th scope=\"col\">Version</th><th scope=\"col\">Started</th><th scope=\"col\">Last heartbeat</th></tr></thead><tbody>"
+        body +=
+            "<div class=\"table-wrap\" role=\"region\" aria-labelledby=\"replicas-heading\" tabindex=\"0\"><table id=\"replicas\">"
+        body +=
+            "<caption class=\"muted\" style=\"text-align:left;padding:.4rem .6rem\">Replicas with a live heartbeat</caption>"
+        body +=
+            "<thead><tr><th scope=\"col\">Replica</th><th scope=\"col\">Version</th><th scope=\"col\">Started</th><th scope=\"col\">Last heartbeat</th></tr></thead><tbody>"
         for r in report.replicas {
             body +=
                 "<tr><td class=\"id\">\(escape(r.replicaID))</td><td>\(escape(r.version))</td><td>\(escape(time(ms: r.startedAt)))</td><td>\(escape(time(ms: r.lastSeenAt)))</td></tr>"
@@ -384,8 +409,10 @@ enum StatusPage {
         let r = row.record
         let h = row.health
         var body = "<p><a href=\"/status\">← All installations</a></p>"
-        body += "<h1>Installation <span class=\"id\" style=\"overflow-wrap:anywhere\">\(escape(String(r.id.shortID)))</span></h1>"
-        body += "<section aria-labelledby=\"state-heading\"><h2 id=\"state-heading\">State</h2><dl class=\"facts\" id=\"facts\">"
+        body +=
+            "<h1>Installation <span class=\"id\" style=\"overflow-wrap:anywhere\">\(escape(String(r.id.shortID)))</span></h1>"
+        body +=
+            "<section aria-labelledby=\"state-heading\"><h2 id=\"state-heading\">State</h2><dl class=\"facts\" id=\"facts\">"
         func fact(_ name: String, _ field: String, _ value: String) {
             body += "<dt>\(escape(name))</dt><dd data-field=\"\(field)\">\(escape(value))</dd>"
         }
@@ -396,12 +423,16 @@ enum StatusPage {
         fact(
             "Token expires", "expires",
             r.tokenExpiresAt.map { time(seconds: $0) + " (" + relative($0 - now.unixSeconds) + ")" } ?? "—")
-        fact("Last token", "last-token", r.lastTokenAt.map { time(seconds: $0) + " (" + (r.lastTokenVia ?? "unknown") + ")" } ?? "—")
+        fact(
+            "Last token", "last-token",
+            r.lastTokenAt.map { time(seconds: $0) + " (" + (r.lastTokenVia ?? "unknown") + ")" } ?? "—")
         fact(
             "Last round trip", "last-round-trip",
             h.lastRoundTrip.map { "\($0.outcome), \($0.durationMs) ms, \(time(ms: $0.startedAt))" } ?? "—")
         fact("Consecutive failures", "failures", String(h.consecutiveFailures))
-        fact("Circuit open until", "circuit", h.circuitOpenUntil > now.unixMilliseconds ? time(ms: h.circuitOpenUntil) : "—")
+        fact(
+            "Circuit open until", "circuit",
+            h.circuitOpenUntil > now.unixMilliseconds ? time(ms: h.circuitOpenUntil) : "—")
         fact("Trigger key id", "key", r.triggerKeyId ?? "—")
         fact("App id", "app", r.appId ?? "—")
         fact("Cloud id", "cloud", r.cloudId ?? "—")
@@ -411,7 +442,8 @@ enum StatusPage {
         body += "<section aria-labelledby=\"history-heading\"><h2 id=\"history-heading\">Recent round trips</h2>"
         body +=
             "<p class=\"muted\">The latest \(GatewayStore.historyLength) round trips any replica led for this installation, newest first.</p>"
-        body += "<div class=\"table-wrap\" role=\"region\" aria-labelledby=\"history-heading\" tabindex=\"0\"><table id=\"round-trips\">"
+        body +=
+            "<div class=\"table-wrap\" role=\"region\" aria-labelledby=\"history-heading\" tabindex=\"0\"><table id=\"round-trips\">"
         body +=
             "<thead><tr><th scope=\"col\">Started</th><th scope=\"col\">Outcome</th><th scope=\"col\">Duration</th><th scope=\"col\">Attempts</th><th scope=\"col\">Replica</th></tr></thead><tbody>"
         for e in history {

@@ -166,9 +166,9 @@ struct StatusReport: Sendable {
         ])
     }
 
-    var json: JSONValue {
-        let recent = self.recentRoundTrips
-        let redis: JSONValue = .object([
+    /// The `redis` part of ``json``.
+    private var redisJSON: JSONValue {
+        .object([
             ("reachable", .bool(self.redis.reachable)),
             ("mode", .string(self.redis.mode)),
             ("address", .optional(self.redis.address)),
@@ -184,6 +184,11 @@ struct StatusReport: Sendable {
                     ]) : .null
             ),
         ])
+    }
+
+    var json: JSONValue {
+        let recent = self.recentRoundTrips
+        let redis = self.redisJSON
         let active = self.rows.filter { $0.record.status == .active }.count
         return .object([
             ("generatedAt", Self.time(ms: self.generatedAt.unixMilliseconds)),
@@ -231,7 +236,10 @@ struct StatusReport: Sendable {
                     self.expiringWithoutTrigger.map {
                         .object([
                             ("installationId", .string($0.record.id.ari)),
-                            ("tokenExpiresAt", $0.record.tokenExpiresAt.map { .string(RFC3339.string(unixSeconds: $0)) } ?? .null),
+                            (
+                                "tokenExpiresAt",
+                                $0.record.tokenExpiresAt.map { .string(RFC3339.string(unixSeconds: $0)) } ?? .null
+                            ),
                         ])
                     })
             ),

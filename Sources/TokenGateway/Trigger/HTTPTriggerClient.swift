@@ -52,7 +52,8 @@ public struct HTTPTriggerClient: TriggerSender {
     }
 
     /// The exact body bytes of a trigger call.
-    public static func body(requestID: String, installation: InstallationID, issuedAt: Int64, expiresAt: Int64) -> [UInt8]
+    public static func body(requestID: String, installation: InstallationID, issuedAt: Int64, expiresAt: Int64)
+        -> [UInt8]
     {
         Array(
             JSONValue.object([

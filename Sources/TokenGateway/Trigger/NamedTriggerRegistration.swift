@@ -74,7 +74,8 @@ public struct NamedTriggerRegistration: Sendable, CustomStringConvertible {
                 throw Refusal(code: "invalid_request", message: "triggers.\(key) must be a URL string or null")
             }
             guard url.utf8.count <= Self.maxURLLength else {
-                throw Refusal(code: "invalid_request", message: "triggers.\(key) is longer than \(Self.maxURLLength) bytes")
+                throw Refusal(
+                    code: "invalid_request", message: "triggers.\(key) is longer than \(Self.maxURLLength) bytes")
             }
             guard allowList.allows(url) else {
                 throw Refusal(

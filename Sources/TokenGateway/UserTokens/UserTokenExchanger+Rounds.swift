@@ -59,7 +59,8 @@ extension UserTokenExchanger {
                 }
             case .startAttempt(let requestID, let attempt, let expiresAt, let timeout):
                 self.submit {
-                    await self.attempt(job, requestID: requestID, attempt: attempt, deadline: expiresAt, timeout: timeout)
+                    await self.attempt(
+                        job, requestID: requestID, attempt: attempt, deadline: expiresAt, timeout: timeout)
                 }
             case .readStore(let requestID):
                 self.submit { await self.readStore(job, requestID: requestID) }
@@ -69,7 +70,8 @@ extension UserTokenExchanger {
                 let wake = self.state.withLock { $0.timers.removeValue(forKey: TimerKey(flight: key, timer: timer)) }
                 wake??.resume()
             case .succeed(let waiters, let value, _):
-                self.answer(waiters, .success(Answer(token: value.token, source: .exchange, apiBaseUrl: value.apiBaseUrl)))
+                self.answer(
+                    waiters, .success(Answer(token: value.token, source: .exchange, apiBaseUrl: value.apiBaseUrl)))
             case .fail(let waiters, let error):
                 self.answer(waiters, .failure(error))
             case .releaseLease, .placeHold, .recordAttempt, .recordRetry, .roundFinished, .recordHold:

@@ -53,9 +53,11 @@ extension UserTokenExchanger {
         let key = job.key
         let won: Bool
         do {
-            won = try await self.store.acquireLease(key.installation, accountId: key.accountId, owner: requestID, ttl: ttl)
+            won = try await self.store.acquireLease(
+                key.installation, accountId: key.accountId, owner: requestID, ttl: ttl)
         } catch {
-            self.logger(for: job).warning("store unavailable while taking the exchange lease", metadata: ["error": "\(error)"])
+            self.logger(for: job).warning(
+                "store unavailable while taking the exchange lease", metadata: ["error": "\(error)"])
             self.handle(key) { $0.storeFailed(requestID: requestID, now: self.clock.now()) }
             return
         }
@@ -113,9 +115,11 @@ extension UserTokenExchanger {
         if attempt == 1, let settled = await self.recheck(job) {
             end = settled
         } else {
-            end = await self.exchange(job, requestID: requestID, attempt: attempt, deadline: deadline, forceRefresh: false)
+            end = await self.exchange(
+                job, requestID: requestID, attempt: attempt, deadline: deadline, forceRefresh: false)
             if case .systemTokenRefused = end {
-                end = await self.exchange(job, requestID: requestID, attempt: attempt, deadline: deadline, forceRefresh: true)
+                end = await self.exchange(
+                    job, requestID: requestID, attempt: attempt, deadline: deadline, forceRefresh: true)
             }
         }
         let now = self.clock.now()

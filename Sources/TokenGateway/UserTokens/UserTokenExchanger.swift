@@ -326,9 +326,12 @@ public final class UserTokenExchanger: Sendable, Service {
             }
             var flight =
                 s.flights[key]
-                ?? Flight(job: job, machine: UserRoundMachine(configuration: configuration.rounds, firstTimerID: waiterID << 20))
+                ?? Flight(
+                    job: job,
+                    machine: UserRoundMachine(configuration: configuration.rounds, firstTimerID: waiterID << 20))
             if !flight.machine.isActive { flight.job = job }
-            let requestID = "ux_" + String(waiterID, radix: 36) + "_" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
+            let requestID =
+                "ux_" + String(waiterID, radix: 36) + "_" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
             let actions = flight.machine.tokenWasRequested(
                 waiter: WaiterID(waiterID), minValidity: request.minValidity, knownExpiry: job.ignoring?.expiresAt ?? 0,
                 forced: request.forceRefresh, deadline: deadline, requestID: requestID, now: now)

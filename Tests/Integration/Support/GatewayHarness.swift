@@ -48,9 +48,9 @@ final class GatewayHarness: Sendable {
             "TOKEN_GATEWAY_ENCRYPTION_KEYS": "k1:\(key)",
             // Limits far above what any test asks for: every test shares one Redis and these names.
             "TOKEN_GATEWAY_CALLERS": """
-                [{"name":"full","secret":"\(callerSecret)","installations":["*"],"clientKeys":["*"],\(Self.noLimits)},
-                 {"name":"scoped","secret":"\(scopedSecret)","installations":[\(scoped)],\(Self.noLimits)}]
-                """,
+            [{"name":"full","secret":"\(callerSecret)","installations":["*"],"clientKeys":["*"],\(Self.noLimits)},
+             {"name":"scoped","secret":"\(scopedSecret)","installations":[\(scoped)],\(Self.noLimits)}]
+            """,
             "TOKEN_GATEWAY_LOG_LEVEL": "debug",
         ]
     }
@@ -77,7 +77,8 @@ final class GatewayHarness: Sendable {
             tasks.addTask { try await emulatorGroup.run() }
             _ = try await emulator.waitUntilReady()
             var config = try GatewayConfiguration.load(
-                environment: Self.settings(emulator: emulator, redisURL: redisURL, scopedInstallations: scopedInstallations))
+                environment: Self.settings(
+                    emulator: emulator, redisURL: redisURL, scopedInstallations: scopedInstallations))
             if let connectBaseURL {
                 // Connect on: the emulator's Connect side signs installs for this app base URL.
                 config.connectBaseURL = connectBaseURL
@@ -153,7 +154,8 @@ final class GatewayHarness: Sendable {
     func token(_ installation: EmulatedInstallation, query: String = "", secret: String = GatewayHarness.callerSecret)
         async throws -> Answer
     {
-        try await self.call(.GET, Self.path(installation) + "/token" + (query.isEmpty ? "" : "?" + query), secret: secret)
+        try await self.call(
+            .GET, Self.path(installation) + "/token" + (query.isEmpty ? "" : "?" + query), secret: secret)
     }
 }
 

@@ -50,7 +50,10 @@ struct RedisTLSFiles: Sendable {
         let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
         for ca in ["ca", "other-ca"] {
             try runTool(
-                openssl, ["req", "-x509"] + ec + ["-keyout", "\(ca).key", "-out", "\(ca).crt", "-days", "2", "-subj", "/CN=tg-test-\(ca)"],
+                openssl,
+                ["req", "-x509"] + ec + [
+                    "-keyout", "\(ca).key", "-out", "\(ca).crt", "-days", "2", "-subj", "/CN=tg-test-\(ca)",
+                ],
                 directory: directory)
         }
         for (name, extensions) in [
@@ -59,12 +62,19 @@ struct RedisTLSFiles: Sendable {
         ] {
             try extensions.write(toFile: "\(directory)/\(name).ext", atomically: true, encoding: .utf8)
             try runTool(
-                openssl, ["req"] + ec + ["-keyout", "\(name).key", "-out", "\(name).csr", "-subj", "/CN=\(name == "server" ? "localhost" : "tg-gateway")"],
+                openssl,
+                ["req"] + ec + [
+                    "-keyout", "\(name).key", "-out", "\(name).csr", "-subj",
+                    "/CN=\(name == "server" ? "localhost" : "tg-gateway")",
+                ],
                 directory: directory)
             try runTool(
                 openssl,
-                ["x509", "-req", "-in", "\(name).csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
-                 "\(name).crt", "-days", "2", "-extfile", "\(name).ext"],
+                [
+                    "x509", "-req", "-in", "\(name).csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                    "-out",
+                    "\(name).crt", "-days", "2", "-extfile", "\(name).ext",
+                ],
                 directory: directory)
         }
         return RedisTLSFiles(directory: directory)
@@ -99,7 +109,9 @@ final class RedisClusterProcesses: Sendable {
                 ]))
         }
         try redisCLI(
-            ["--cluster", "create"] + nodes.map { "127.0.0.1:\($0.port)" } + ["--cluster-replicas", "1", "--cluster-yes"])
+            ["--cluster", "create"] + nodes.map { "127.0.0.1:\($0.port)" } + [
+                "--cluster-replicas", "1", "--cluster-yes",
+            ])
         let cluster = RedisClusterProcesses(nodes: nodes)
         try await cluster.waitUntilHealthy()
         return cluster

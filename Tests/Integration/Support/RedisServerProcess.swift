@@ -2,9 +2,9 @@ import Foundation
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Darwin)
-import Darwin
+    import Darwin
 #endif
 
 /// A `redis-server` (or `redis-sentinel`) child process on a free loopback port, for integration tests.
@@ -167,8 +167,10 @@ final class RedisServerProcess: Sendable {
             },
             prepare: { _ in },
             ready: { port in
-                (try? redisCLI(["--tls", "--cacert", files.ca, "--cert", files.clientCertificate, "--key",
-                    files.clientKey, "-p", "\(port)", "PING"])) == "PONG"
+                (try? redisCLI([
+                    "--tls", "--cacert", files.ca, "--cert", files.clientCertificate, "--key",
+                    files.clientKey, "-p", "\(port)", "PING",
+                ])) == "PONG"
             }
         )
     }
@@ -363,7 +365,7 @@ final class RedisServerProcess: Sendable {
 
 /// A child process started with `posix_spawn`, with a clean signal mask: threads of the test process block most
 /// signals, and a child started by `Foundation.Process` inherits that mask (so it would ignore SIGTERM).
-fileprivate final class ChildProcess: Sendable {
+private final class ChildProcess: Sendable {
     let pid: pid_t
     private let exited = Mutex(false)
 
@@ -391,7 +393,7 @@ fileprivate final class ChildProcess: Sendable {
         posix_spawn_file_actions_addopen(&fileActions, 2, "/dev/null", O_WRONLY, 0)
 
         let argv: [UnsafeMutablePointer<CChar>?] = ([executable] + arguments).map { strdup($0) } + [nil]
-        defer { argv.forEach { free($0) } }
+        defer { for pointer in argv { free(pointer) } }
         var pid: pid_t = 0
         let result = posix_spawn(&pid, executable, &fileActions, &attributes, argv, environ)
         guard result == 0 else {

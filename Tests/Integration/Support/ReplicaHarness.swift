@@ -19,7 +19,10 @@ final class ReplicaHarness: Sendable {
     /// A store on the same Redis and key ring, for inspecting what the replicas wrote.
     let store: GatewayStore
 
-    init(emulator: ForgeEmulator, replicas: [GatewayProcess], settings: [String: String], http: HTTPClient, store: GatewayStore) {
+    init(
+        emulator: ForgeEmulator, replicas: [GatewayProcess], settings: [String: String], http: HTTPClient,
+        store: GatewayStore
+    ) {
         self.emulator = emulator
         self.replicas = replicas
         self.settings = settings
@@ -82,8 +85,11 @@ final class ReplicaHarness: Sendable {
         return GatewayHarness.Answer(status: Int(response.status.code), headers: headers, body: String(buffer: bytes))
     }
 
-    func token(_ replica: Int, _ installation: EmulatedInstallation, query: String = "") async throws -> GatewayHarness.Answer {
-        try await self.call(replica, .GET, GatewayHarness.path(installation) + "/token" + (query.isEmpty ? "" : "?" + query))
+    func token(_ replica: Int, _ installation: EmulatedInstallation, query: String = "") async throws
+        -> GatewayHarness.Answer
+    {
+        try await self.call(
+            replica, .GET, GatewayHarness.path(installation) + "/token" + (query.isEmpty ? "" : "?" + query))
     }
 
     /// The installation id an emulator access token was minted for.

@@ -67,13 +67,17 @@ enum Security {
         -> [String: [String]]
     {
         let settled = try await self.eventually {
-            try await self.keys(of: installation, in: redis).allSatisfy { !$0.hasSuffix(":lease") && !$0.contains(":pending:") }
+            try await self.keys(of: installation, in: redis).allSatisfy {
+                !$0.hasSuffix(":lease") && !$0.contains(":pending:")
+            }
         }
         #expect(settled, "a round trip of \(installation.id) is still in flight")
         return try await self.snapshot(of: installation, in: redis)
     }
 
-    static func snapshot(of installation: EmulatedInstallation, in redis: RedisClient) async throws -> [String: [String]] {
+    static func snapshot(of installation: EmulatedInstallation, in redis: RedisClient) async throws -> [String:
+        [String]]
+    {
         var out: [String: [String]] = [:]
         for key in try await self.keys(of: installation, in: redis) {
             out[key] = try await self.values(of: key, in: redis).sorted()
@@ -188,7 +192,9 @@ enum RawHTTP {
         // The server may answer and stop reading before everything is written (an oversized
         // head): its answer still counts.
         try? await channel.writeAndFlush(ByteBuffer(bytes: bytes))
-        let timer = channel.eventLoop.scheduleTask(in: .nanoseconds(timeout.nanoseconds)) { channel.close(promise: nil) }
+        let timer = channel.eventLoop.scheduleTask(in: .nanoseconds(timeout.nanoseconds)) {
+            channel.close(promise: nil)
+        }
         try await closed.futureResult.get()
         timer.cancel()
         return String(decoding: collector.received.withLock { $0 }, as: UTF8.self)

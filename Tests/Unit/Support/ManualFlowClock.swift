@@ -36,7 +36,8 @@ final class ManualFlowClock: FlowClock {
         }
         try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-                let (outcome, ready) = self.state.withLock { s -> (Result<Void, any Error>?, [CheckedContinuation<Void, Never>]) in
+                let (outcome, ready) = self.state.withLock {
+                    s -> (Result<Void, any Error>?, [CheckedContinuation<Void, Never>]) in
                     if s.cancelled.remove(id) != nil { return (.failure(CancellationError()), []) }
                     if deadline <= s.now { return (.success(()), []) }
                     s.sleepers[id] = Sleeper(deadline: deadline, continuation: continuation)
