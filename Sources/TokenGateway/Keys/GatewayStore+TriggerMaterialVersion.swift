@@ -20,42 +20,71 @@ extension GatewayStore {
     /// registered or the installation is not active. A next key whose activation time has come is
     /// promoted first (a second and third round trip, once per rotation).
     public func triggerMaterialVersion(_ id: InstallationID, now: FlowTime) async throws -> TriggerMaterialVersion? {
+        try await self.readTriggerMaterial(id, now: now, cachedKeyID: nil)?.version
+    }
+
+    /// The trigger material version in force now and, unless its key id is `cachedKeyID`, the
+    /// sealed signing key of that version, in one round trip (one script), so material not held
+    /// yet is opened without a second round trip. Nil when no trigger is registered or the
+    /// installation is not active. A due next key is promoted first, as in
+    /// ``triggerMaterialVersion(_:now:)``.
+    public func readTriggerMaterial(_ id: InstallationID, now: FlowTime, cachedKeyID: String?) async throws
+        -> (version: TriggerMaterialVersion, sealedKey: String?)?
+    {
         let installationKey = self.installationKey(id)
         let signingKey = self.signingKeysKey(id)
         var promoted = false
         while true {
-            let replies = try await self.redis.pipeline([
-                ["HMGET", installationKey, "status", "triggerUrl"],
-                ["HMGET", signingKey, "current", "nextActivatesAt"],
-            ])
-            guard replies.count == 2, let installation = replies[0].array, installation.count == 2,
-                let keys = replies[1].array, keys.count == 2
-            else { throw RedisError.protocolError }
-            if !promoted, let due = keys[1].string.flatMap({ Int64($0) }), due <= now.unixSeconds {
+            let reply = try await self.redis.eval(
+                TriggerMaterialScripts.read, keys: [installationKey, signingKey], arguments: [cachedKeyID ?? ""])
+            guard let items = reply.array, items.count == 5 else { throw RedisError.protocolError }
+            if !promoted, let due = items[3].string.flatMap({ Int64($0) }), due <= now.unixSeconds {
                 _ = try await self.redis.eval(
                     TriggerKeyScripts.promoteIfDue, keys: [installationKey, signingKey],
                     arguments: [String(now.unixSeconds)])
                 promoted = true
                 continue
             }
-            guard installation[0].string == InstallationStatus.active.rawValue,
-                let sealedURL = installation[1].string, let keyID = keys[0].string
+            guard items[0].string == InstallationStatus.active.rawValue,
+                let sealedURL = items[1].string, let keyID = items[2].string
             else { return nil }
-            return TriggerMaterialVersion(sealedURL: sealedURL, keyID: keyID)
+            return (TriggerMaterialVersion(sealedURL: sealedURL, keyID: keyID), items[4].string)
         }
     }
 
-    /// Opens the trigger material of `version`: reads the sealed signing key (one round trip) and
-    /// opens it and the URL. Nil when the key is gone (rotated away or uninstalled since).
-    public func openTriggerMaterial(_ id: InstallationID, version: TriggerMaterialVersion) async throws
-        -> TriggerMaterial?
+    /// Opens the trigger material of `version`: reads the sealed signing key (one round trip, none
+    /// when `read` is the one ``readTriggerMaterial(_:now:cachedKeyID:)`` returned) and opens it
+    /// and the URL. Nil when the key is gone (rotated away or uninstalled since).
+    public func openTriggerMaterial(
+        _ id: InstallationID, version: TriggerMaterialVersion, sealedKey read: String? = nil
+    )
+        async throws -> TriggerMaterial?
     {
         let signingKey = self.signingKeysKey(id)
-        guard let sealedKey = try await self.redis.send(["HGET", signingKey, "key:" + version.keyID]).string else {
-            return nil
+        let found: String?
+        if let read {
+            found = read
+        } else {
+            found = try await self.redis.send(["HGET", signingKey, "key:" + version.keyID]).string
         }
+        guard let sealedKey = found else { return nil }
         let url = try self.box.open(version.sealedURL, context: self.installationKey(id) + "#triggerUrl")
         let key = try self.box.open(sealedKey, context: signingKey + "#key:" + version.keyID)
         return TriggerMaterial(url: String(decoding: url, as: UTF8.self), keyID: version.keyID, rawPrivateKey: key)
     }
+}
+
+/// The script behind ``GatewayStore/readTriggerMaterial(_:now:cachedKeyID:)``. KEYS: the
+/// installation, its signing keys. ARGV: the key id whose material the caller holds ("" for none).
+/// Returns status, sealed trigger URL, current key id, next key's activation time, and the sealed
+/// current key unless its id is ARGV[1].
+enum TriggerMaterialScripts {
+    static let read = RedisScript(
+        """
+        local i = redis.call('HMGET', KEYS[1], 'status', 'triggerUrl')
+        local k = redis.call('HMGET', KEYS[2], 'current', 'nextActivatesAt')
+        local sealed = false
+        if k[1] and k[1] ~= ARGV[1] then sealed = redis.call('HGET', KEYS[2], 'key:' .. k[1]) end
+        return {i[1], i[2], k[1], k[2], sealed}
+        """)
 }

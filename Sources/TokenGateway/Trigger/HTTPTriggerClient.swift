@@ -36,12 +36,19 @@ public struct HTTPTriggerClient: TriggerSender {
     /// The trigger URL and signing key in force for `installation`, opened at most once per key id
     /// and stored URL; nil when no trigger is registered or the installation is not active.
     func material(for installation: InstallationID) async throws -> TriggerMaterialCache.Entry? {
-        guard let version = try await self.store.triggerMaterialVersion(installation, now: FlowTime.now()) else {
+        guard
+            let read = try await self.store.readTriggerMaterial(
+                installation, now: FlowTime.now(), cachedKeyID: self.materials.keyID(for: installation))
+        else {
             self.materials.forget(installation)
             return nil
         }
+        let version = read.version
         if let entry = self.materials.entry(installation, version: version) { return entry }
-        guard let opened = try await self.store.openTriggerMaterial(installation, version: version) else {
+        guard
+            let opened = try await self.store.openTriggerMaterial(
+                installation, version: version, sealedKey: read.sealedKey)
+        else {
             self.materials.forget(installation)
             return nil
         }
