@@ -149,19 +149,6 @@ enum GatewayScripts {
         return 0
         """)
 
-    /// Takes a round trip's lease unless another holds it or (when asked) a hold is in force.
-    /// KEYS: lease, hold. ARGV: owner, ttl ms, respect hold (1/0). Returns 1 (taken), 0 (busy)
-    /// or minus the hold's remaining milliseconds.
-    static let takeLease = RedisScript(
-        """
-        if ARGV[3] == '1' then
-          local held = redis.call('PTTL', KEYS[2])
-          if held > 0 then return -held end
-        end
-        if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-        return 0
-        """)
-
     /// Puts an installation's round trips on hold and, when asked, releases the lease if the
     /// round trip still holds it; announces the hold.
     /// KEYS: hold, lease. ARGV: request id, hold ms, release (1/0), channel, ari.

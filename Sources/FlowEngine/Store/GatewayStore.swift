@@ -353,38 +353,6 @@ public final class GatewayStore: Sendable {
 
     // MARK: Round trips
 
-    /// Takes the installation's lease for `ttl` if nobody holds it.
-    public func acquireLease(_ id: InstallationID, owner: String, ttl: Duration) async throws -> Bool {
-        let r = try await self.redis.send([
-            "SET", self.leaseKey(id), owner, "NX", "PX", String(max(ttl.milliseconds, 1)),
-        ])
-        return r.string == "OK"
-    }
-
-    /// What ``takeLease(_:owner:ttl:respectingHold:)`` found.
-    public enum LeaseOutcome: Sendable, Hashable {
-        /// The lease is ours.
-        case taken
-        /// Another round trip holds it.
-        case busy
-        /// The installation's round trips are on hold for this long; the lease was not taken.
-        case held(remaining: Duration)
-    }
-
-    /// Takes the installation's lease for `ttl` if nobody holds it and, when `respectingHold`, no
-    /// hold is in force (one script: no round trip can slip in between the check and the take).
-    public func takeLease(_ id: InstallationID, owner: String, ttl: Duration, respectingHold: Bool) async throws
-        -> LeaseOutcome
-    {
-        let r = try await self.redis.eval(
-            GatewayScripts.takeLease, keys: [self.leaseKey(id), self.holdKey(id)],
-            arguments: [owner, String(max(ttl.milliseconds, 1)), respectingHold ? "1" : "0"])
-        guard let code = r.int else { throw RedisError.protocolError }
-        if code == 1 { return .taken }
-        if code == 0 { return .busy }
-        return .held(remaining: .milliseconds(-code))
-    }
-
     /// Puts the installation's round trips on hold for `duration` (`tg:{id}:hold`, holding the
     /// request id of the round trip that brought no newer token) and announces it (`hold <ari>`);
     /// with `releasingLease`, releases the lease in the same script if `requestID` still holds it.
@@ -413,13 +381,6 @@ public final class GatewayStore: Sendable {
     public func releaseLease(_ id: InstallationID, owner: String) async throws -> Bool {
         let r = try await self.redis.eval(GatewayScripts.releaseIfOwner, keys: [self.leaseKey(id)], arguments: [owner])
         return r.int == 1
-    }
-
-    /// Records a trigger request so its delivery is recognised on any replica.
-    public func putPending(_ id: InstallationID, requestID: String, owner: String, ttl: Duration) async throws {
-        _ = try await self.redis.send([
-            "SET", self.pendingKey(id, requestID: requestID), owner, "PX", String(max(ttl.milliseconds, 1)),
-        ])
     }
 
     // MARK: Circuit breaking
