@@ -7,6 +7,7 @@ import Metrics
 import NIOCore
 import Prometheus
 import ServiceLifecycle
+import Synchronization
 
 /// One gateway process: the Redis store, the token flow, Forge verification and the HTTP routes.
 ///
@@ -35,6 +36,8 @@ public final class Gateway: Sendable {
     public let auditBuffer: AuditBuffer?
     /// The body bytes of answers from the cache, per installation (``TokenAnswerBodies``).
     let answerBodies = TokenAnswerBodies()
+    /// Requests answered by ``FastAnswerHandler`` (for tests: which path answered).
+    let fastAnswerCount = Atomic<Int>(0)
     public let replicaID: String
     /// Named-trigger calls (`POST …/invoke/{key}`): the signed HTTP call, the per-installation
     /// cap and the metrics.
@@ -154,10 +157,12 @@ public final class Gateway: Sendable {
     ) -> some ApplicationProtocol {
         Application(
             router: self.makeRouter(),
-            server: .http1(configuration: self.http1Configuration),
+            server: .http1(
+                configuration: self.http1Configuration(
+                    health: self.configuration.operationsListener == nil, token: true)),
             configuration: .init(
                 address: .hostname(self.configuration.host, port: self.configuration.port),
-                serverName: "token-gateway"),
+                serverName: Self.serverName),
             onServerRunning: onServerRunning,
             logger: self.logger)
     }
@@ -170,8 +175,8 @@ public final class Gateway: Sendable {
         guard let listener = self.configuration.operationsListener else { return nil }
         return Application(
             router: self.makeOperationsRouter(),
-            server: .http1(configuration: self.http1Configuration),
-            configuration: .init(address: .hostname(listener.host, port: listener.port), serverName: "token-gateway"),
+            server: .http1(configuration: self.http1Configuration(health: true, token: false)),
+            configuration: .init(address: .hostname(listener.host, port: listener.port), serverName: Self.serverName),
             onServerRunning: onServerRunning,
             logger: self.logger)
     }

@@ -146,15 +146,32 @@ public final class TokenFlow: Sendable, Service {
         }
     }
 
-    private func resolve(_ id: InstallationID, request: Request, start: FlowTime, deadline: FlowTime)
-        async throws(FlowError) -> TokenAnswer
-    {
-        let nowSeconds = start.unixSeconds
-        // The hot path: one lock, no store, no decryption. An expired token is dropped here, so
-        // memory holds no token past its expiry once it has been asked for.
-        let (remembered, rememberedBaseURL, localHold) = self.state.withLock {
-            s -> (AccessToken?, String?, RoundTripHold?) in
-            let hold = s.machines[id]?.hold(at: start)
+    /// The answer memory gives at once: a token this process holds that is valid for at least
+    /// `minValidity` seconds, counted and timed like any answer of ``token(for:request:)``
+    /// (refresh-ahead starts in the background when the token is in its window). Nil when the
+    /// request needs the store or a round trip; a forced refresh never comes here.
+    ///
+    /// It takes one lock and touches neither the store nor a task, so it can be called from an
+    /// event loop (the gateway's fast answers).
+    public func tokenFromMemory(for id: InstallationID, minValidity: Int64) -> TokenAnswer? {
+        let start = self.now()
+        let memory = self.lookUpMemory(id, now: start)
+        guard let t = memory.token, t.expiresAt >= start.unixSeconds + minValidity else { return nil }
+        self.refreshAheadIfStale(id, t, now: start)
+        self.metrics.countTokenRequest(source: .cache, outcome: "success")
+        self.metrics.callerWait.recordNanoseconds((self.now() - start).nanoseconds)
+        return TokenAnswer(token: t, source: .cache, apiBaseUrl: memory.apiBaseUrl)
+    }
+
+    /// What this process remembers of `id` (one lock): its token unless expired (an expired token
+    /// is dropped here, so memory holds no token past its expiry once it has been asked for), its
+    /// `apiBaseUrl`, and the hold its machine knows of.
+    private func lookUpMemory(_ id: InstallationID, now: FlowTime) -> (
+        token: AccessToken?, apiBaseUrl: String?, hold: RoundTripHold?
+    ) {
+        let nowSeconds = now.unixSeconds
+        return self.state.withLock { s -> (AccessToken?, String?, RoundTripHold?) in
+            let hold = s.machines[id]?.hold(at: now)
             guard let entry = s.memory[id] else { return (nil, nil, hold) }
             guard let t = entry.token else { return (nil, entry.apiBaseUrl, hold) }
             if t.expiresAt <= nowSeconds {
@@ -163,6 +180,14 @@ public final class TokenFlow: Sendable, Service {
             }
             return (t, entry.apiBaseUrl, hold)
         }
+    }
+
+    private func resolve(_ id: InstallationID, request: Request, start: FlowTime, deadline: FlowTime)
+        async throws(FlowError) -> TokenAnswer
+    {
+        let nowSeconds = start.unixSeconds
+        // The hot path: one lock, no store, no decryption.
+        let (remembered, rememberedBaseURL, localHold) = self.lookUpMemory(id, now: start)
         if !request.forceRefresh, let t = remembered, t.expiresAt >= nowSeconds + request.minValidity {
             self.refreshAheadIfStale(id, t, now: start)
             return TokenAnswer(token: t, source: .cache, apiBaseUrl: rememberedBaseURL)

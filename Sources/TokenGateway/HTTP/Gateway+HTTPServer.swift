@@ -2,12 +2,25 @@
 import HummingbirdCore
 
 extension Gateway {
+    /// The `Server` header of every answer.
+    static let serverName = "token-gateway"
+
     /// The HTTP/1 server settings: the header limits of the configuration, and parser errors
     /// answered with the contract's error body (``MalformedRequestHandler``).
-    var http1Configuration: HTTP1Channel.Configuration {
+    ///
+    /// `health` and `token`: the routes this listener answers on the event loop when it can
+    /// (``FastAnswerHandler``), if fast answers are enabled.
+    func http1Configuration(health: Bool, token: Bool) -> HTTP1Channel.Configuration {
         let limit = self.configuration.maxHeaderSize
+        let fast = self.fastAnswersEnabled && (health || token)
         return HTTP1Channel.Configuration(
-            additionalChannelHandlers: [MalformedRequestHandler()],
+            additionalChannelHandlers: fast
+                ? [
+                    MalformedRequestHandler(),
+                    FastAnswerHandler(serverName: Self.serverName, logger: self.logger) {
+                        self.fastAnswer($0, health: health, token: token)
+                    },
+                ] : [MalformedRequestHandler()],
             httpDecoderConfiguration: .init(
                 maxHeaderFieldSize: limit, maxHeaderListSize: limit,
                 maxHeaderFieldCount: self.configuration.maxHeaderCount))

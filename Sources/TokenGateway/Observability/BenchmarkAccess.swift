@@ -37,4 +37,11 @@ import NIOCore
     public static func takeLines(_ buffer: AuditBuffer) async -> [String]? {
         await buffer.next()
     }
+
+    /// The ``FastAnswerHandler`` of `gateway`'s main listener, for a connection's pipeline.
+    public static func fastAnswerHandler(_ gateway: Gateway) -> any ChannelHandler {
+        FastAnswerHandler(serverName: Gateway.serverName, logger: gateway.logger) {
+            gateway.fastAnswer($0, health: true, token: true)
+        }
+    }
 }

@@ -111,13 +111,8 @@ extension Gateway {
         } catch {
             throw GatewayError(error)
         }
-        // The body bytes and the token's fingerprint of a repeated answer from the cache are
-        // made once and reused.
-        let prepared = self.answerBodies.prepared(installation: id, answer: answer)
-        self.audit.tokenHandedOut(
-            caller: caller.name, installation: id, source: answer.source.rawValue, expiresAt: prepared.expiresAt,
-            fingerprint: prepared.fingerprint, accountId: nil, via: "api")
-        return Response(status: .ok, headers: TokenAnswerBodies.headers, body: .init(byteBuffer: prepared.body))
+        let body = self.handOut(answer, caller: caller, installation: id)
+        return Response(status: .ok, headers: TokenAnswerBodies.headers, body: .init(byteBuffer: body))
     }
 
     static func metadata(_ r: InstallationRecord) -> JSONValue {
