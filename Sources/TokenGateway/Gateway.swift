@@ -157,9 +157,7 @@ public final class Gateway: Sendable {
     ) -> some ApplicationProtocol {
         Application(
             router: self.makeRouter(),
-            server: .http1(
-                configuration: self.http1Configuration(
-                    health: self.configuration.operationsListener == nil, token: true)),
+            server: self.httpServer(health: self.configuration.operationsListener == nil, token: true),
             configuration: .init(
                 address: .hostname(self.configuration.host, port: self.configuration.port),
                 serverName: Self.serverName),
@@ -175,7 +173,7 @@ public final class Gateway: Sendable {
         guard let listener = self.configuration.operationsListener else { return nil }
         return Application(
             router: self.makeOperationsRouter(),
-            server: .http1(configuration: self.http1Configuration(health: true, token: false)),
+            server: self.httpServer(health: true, token: false),
             configuration: .init(address: .hostname(listener.host, port: listener.port), serverName: Self.serverName),
             onServerRunning: onServerRunning,
             logger: self.logger)

@@ -44,13 +44,13 @@ struct FastAnswerTests {
         try #require(Int(url.split(separator: ":").last ?? ""))
     }
 
-    static func get(_ target: String, close: Bool = false) -> String {
+    static func get(_ target: String, close: Bool = false, keepAlive: Bool = false) -> String {
         "GET \(target) HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \(GatewayHarness.callerSecret)\r\n"
-            + (close ? "Connection: close\r\n" : "") + "\r\n"
+            + (close ? "Connection: close\r\n" : "") + (keepAlive ? "Connection: keep-alive\r\n" : "") + "\r\n"
     }
 
     /// The token requests of `installation` that the fast answer takes (its bare id, its
-    /// percent-encoded ARI) and one the router takes (a query parameter the fast answer does not
+    /// percent-encoded ARI with `Connection: keep-alive`) and one the router takes (a query parameter the fast answer does not
     /// read, which the route ignores), pipelined on one connection: the three answers are the
     /// same but for their request ids, and each is counted, audited and logged once.
     static func expectFastEqualsRouter(
@@ -63,7 +63,8 @@ struct FastAnswerTests {
         let auditedBefore = Self.audited(h, installation)
         let raw = try await RawHTTP.send(
             Array(
-                (Self.get("/v1/installations/\(bare)/token") + Self.get(GatewayHarness.path(installation) + "/token")
+                (Self.get("/v1/installations/\(bare)/token")
+                    + Self.get(GatewayHarness.path(installation) + "/token", keepAlive: true)
                     + Self.get("/v1/installations/\(bare)/token?minValidity=300&unknown=1")
                     + Self.get("/health/live", close: true)).utf8), port: try Self.port(url))
         let answers = try Self.answers(in: raw)
@@ -129,6 +130,31 @@ struct FastAnswerTests {
                 #expect(first.json["accessToken"] as? String == entered.token)
                 try await Self.expectFastEqualsRouter(h, gateway: other, url: url, installation, token: entered.token)
             }
+        }
+    }
+
+    @Test("GET /health/live answered fast is the router's answer but for its request id")
+    func healthSameAsRouter() async throws {
+        try await GatewayHarness.run { h in
+            let before = h.gateway.fastAnswerCount.load(ordering: .relaxed)
+            // Two Authorization fields: a request the fast answer leaves to the router.
+            let routed =
+                "GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: a\r\nAuthorization: b\r\n\r\n"
+            let raw = try await RawHTTP.send(
+                Array((Self.get("/health/live") + routed + Self.get("/health/ready", close: true)).utf8),
+                port: try Self.port(h.gatewayURL))
+            let answers = try Self.answers(in: raw)
+            try #require(answers.count == 3, "\(raw.prefix(400))")
+            #expect(h.gateway.fastAnswerCount.load(ordering: .relaxed) - before == 1)
+            let (fast, router) = (answers[0], answers[1])
+            #expect(fast.statusLine == router.statusLine)
+            #expect(fast.body == router.body)
+            #expect(fast.body == #"{"status":"ok"}"#)
+            #expect(fast.fields.map(\.name) == router.fields.map(\.name))
+            let varying: Set<String> = ["x-request-id", "date"]
+            #expect(
+                fast.fields.filter { !varying.contains($0.name.lowercased()) }.map(\.value)
+                    == router.fields.filter { !varying.contains($0.name.lowercased()) }.map(\.value))
         }
     }
 

@@ -1,6 +1,7 @@
 import FlowEngine
 import Foundation
-import HTTPTypes
+import Logging
+import NIOHTTP1
 import Testing
 
 @testable import TokenGateway
@@ -64,17 +65,66 @@ struct FastAnswerParsingTests {
         }
     }
 
-    @Test("only bodiless requests without connection handling of their own are answered fast")
+    @Test("only bodiless GETs over HTTP/1.1 without connection handling of their own are answered fast")
     func bodiless() {
-        func request(_ fields: HTTPFields) -> HTTPRequest {
-            HTTPRequest(method: .get, scheme: nil, authority: nil, path: "/health/live", headerFields: fields)
+        func request(
+            _ headers: HTTPHeaders, method: HTTPMethod = .GET, version: HTTPVersion = .http1_1,
+            uri: String = "/health/live"
+        ) -> FastRequest? {
+            FastAnswerHandler.fastRequest(HTTPRequestHead(version: version, method: method, uri: uri, headers: headers))
         }
-        #expect(Gateway.hasNoBody(request([:])))
-        #expect(Gateway.hasNoBody(request([.contentLength: "0"])))
-        #expect(!Gateway.hasNoBody(request([.contentLength: "2"])))
-        #expect(!Gateway.hasNoBody(request([.transferEncoding: "chunked"])))
-        #expect(!Gateway.hasNoBody(request([.connection: "close"])))
-        #expect(!Gateway.hasNoBody(request([.connection: "keep-alive"])))
-        #expect(!Gateway.hasNoBody(request([.expect: "100-continue"])))
+        #expect(request([:])?.target == "/health/live")
+        #expect(request(["Content-Length": "0"]) != nil)
+        #expect(request(["Authorization": "Bearer a"])?.authorization == "Bearer a")
+        #expect(request(["AUTHORIZATION": "Bearer a"])?.authorization == "Bearer a")
+        #expect(request(["Authorization": "Bearer a", "authorization": "Bearer b"]) == nil)
+        #expect(request(["Content-Length": "2"]) == nil)
+        #expect(request(["Transfer-Encoding": "chunked"]) == nil)
+        #expect(request(["Connection": "close"]) == nil)
+        #expect(request(["connection": "Keep-Alive"]) != nil)
+        #expect(request(["Connection": "upgrade"]) == nil)
+        #expect(request(["Expect": "100-continue"]) == nil)
+        #expect(request([:], method: .HEAD) == nil)
+        #expect(request([:], method: .POST) == nil)
+        #expect(request([:], version: .http1_0) == nil)
+        #expect(request([:], uri: "http://127.0.0.1/health/live") == nil)
+        #expect(request([:], uri: "*") == nil)
+    }
+}
+
+@Suite("Audit records of repeated answers: fields formatted once")
+struct AuditFormattedFieldsTests {
+    @Test(
+        "a record from fields formatted once is the line the field-by-field record writes",
+        arguments: [LogFormat.logfmt, .json])
+    func sameLine(format: LogFormat) throws {
+        let sink = LogSink.memory()
+        let handler = GatewayLogHandler(label: AuditLog.label, format: format, level: .info, sink: sink)
+        let audit = AuditLog(auditLogger: Logger(label: AuditLog.label) { _ in handler })
+        for caller in ["billing", "odd \"name\" = x\\y", "ünïcødé\u{202E}"] {
+            audit.tokenHandedOut(
+                caller: caller, installation: HotPathFixtures.installation, source: "cache",
+                expiresAt: "2030-03-17T17:46:40Z", fingerprint: "0123456789ab", accountId: nil, via: "api")
+            let fields = try #require(
+                audit.handedOutFields(
+                    caller: caller, installation: HotPathFixtures.installation, source: "cache",
+                    expiresAt: "2030-03-17T17:46:40Z", fingerprint: "0123456789ab", via: "api"))
+            audit.tokenHandedOut(fields)
+            let lines = sink.captured.suffix(2).map(Self.withoutTimestamp)
+            #expect(lines.count == 2 && lines[0] == lines[1], "\(lines)")
+        }
+    }
+
+    static func withoutTimestamp(_ line: String) -> String {
+        line.replacing(/\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z/, with: "TS")
+    }
+
+    @Test("a handler other than the gateway's own gets no formatted fields: records keep the metadata path")
+    func otherHandler() {
+        let audit = AuditLog(auditLogger: Logger(label: AuditLog.label) { _ in SwiftLogNoOpLogHandler() })
+        #expect(
+            audit.handedOutFields(
+                caller: "billing", installation: HotPathFixtures.installation, source: "cache",
+                expiresAt: "2030-03-17T17:46:40Z", fingerprint: "0123456789ab", via: "api") == nil)
     }
 }

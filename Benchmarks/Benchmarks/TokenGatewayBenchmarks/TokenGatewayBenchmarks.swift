@@ -53,6 +53,7 @@ let benchmarks: @Sendable () -> Void = {
         fatalError("hot-path fixtures could not be made: \(error)")
     }
     hotPathBenchmarks(fixtures: hotPath)
+    fastAnswerBenchmarks(fixtures: hotPath)
 
     // MARK: State machine
 

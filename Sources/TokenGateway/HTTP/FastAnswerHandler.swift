@@ -1,43 +1,49 @@
 import Foundation
-import HTTPTypes
 import Hummingbird
+import HummingbirdCore
 import Logging
 import NIOCore
-import NIOHTTPTypes
+import NIOHTTP1
+import NIOHTTPTypesHTTP1
+
+/// A request the fast answers look at: its target and the few header fields they read.
+struct FastRequest: Sendable {
+    /// The request target as sent (origin form).
+    var target: String
+    /// The `Authorization` field, when the request has exactly one.
+    var authorization: String?
+}
 
 /// An answer the gateway can give as soon as a request's head has arrived, with no task and no
 /// store: a cached token, or `GET /health/live`. ``FastAnswerHandler`` writes it.
 struct FastAnswer: Sendable {
-    /// The header fields of the route (`Content-Type`, `Cache-Control`); the handler adds
+    /// The route's header fields (`Content-Type`, `Cache-Control`); the handler adds
     /// `Content-Length`, `X-Request-Id`, `Date` and `Server` as every other answer has them.
-    var fields: HTTPFields
+    var fields: [(String, String)]
     var body: ByteBuffer
     /// The route's template, as the router's metrics and request log name it.
     var route: String
-    /// The request's Forge trace ids (`x-b3-traceid`, `x-b3-spanid`), for the request log.
-    var traceID: String? = nil
-    var spanID: String? = nil
 }
 
 /// Answers the requests ``FastAnswer``s exist for on the connection's event loop, in the HTTP/1
-/// pipeline, before they reach Hummingbird's request loop (which hands each request to a task and
-/// its answer back to the event loop). Every other request, and every request a fast answer cannot
-/// serve in full (an error, a token not held, a query it does not know), goes on to the router
-/// untouched, which answers it as before.
+/// pipeline between the HTTP/1 decoder and Hummingbird's codec, before they reach Hummingbird's
+/// request loop (which hands each request to a task and its answer back to the event loop).
+/// Every other request, and every request a fast answer cannot serve in full (an error, a token
+/// not held, a query it does not read, a header it does not handle), goes on untouched, and the
+/// router answers it as before.
 ///
 /// The answer is byte for byte the router's: the same body, the same header fields in the same
-/// order, the same metrics and audit record (``Gateway/fastAnswer(_:health:token:)`` makes it from the
-/// functions the routes use). Answers stay in request order: a request is answered here only
-/// when no request passed on to the router is still being answered on this connection.
-///
-/// The handler sits after the HTTP/1 codec (Hummingbird's `additionalChannelHandlers`).
+/// order, the same metrics, audit record and debug request log (``Gateway/fastAnswer(_:health:token:)``
+/// makes it from the functions the routes use). Answers stay in request order: a request is
+/// answered here only when no request passed on to the router is still being answered on this
+/// connection.
 final class FastAnswerHandler: ChannelDuplexHandler, RemovableChannelHandler {
-    typealias InboundIn = HTTPRequestPart
-    typealias InboundOut = HTTPRequestPart
-    typealias OutboundIn = HTTPResponsePart
-    typealias OutboundOut = HTTPResponsePart
+    typealias InboundIn = HTTPServerRequestPart
+    typealias InboundOut = HTTPServerRequestPart
+    typealias OutboundIn = HTTPServerResponsePart
+    typealias OutboundOut = HTTPServerResponsePart
 
-    typealias Answerer = @Sendable (HTTPRequest) -> FastAnswer?
+    typealias Answerer = @Sendable (FastRequest) -> FastAnswer?
 
     private let answerer: Answerer
     private let serverName: String
@@ -48,7 +54,7 @@ final class FastAnswerHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var requestsInProgress = 0
     /// The request being read is answered here: its body parts are dropped, and at its end this
     /// answer is written.
-    private var pending: FastAnswer?
+    private var pending: (answer: FastAnswer, head: HTTPRequestHead)?
     /// Answers written since the last flush (flushed when the read burst ends).
     private var unflushed = false
     private var date = HTTPDate()
@@ -62,8 +68,10 @@ final class FastAnswerHandler: ChannelDuplexHandler, RemovableChannelHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch self.unwrapInboundIn(data) {
         case .head(let head):
-            if self.requestsInProgress == 0, self.pending == nil, let answer = self.answerer(head) {
-                self.pending = answer
+            if self.requestsInProgress == 0, self.pending == nil, let request = Self.fastRequest(head),
+                let answer = self.answerer(request)
+            {
+                self.pending = (answer, head)
                 return
             }
             self.requestsInProgress += 1
@@ -72,12 +80,12 @@ final class FastAnswerHandler: ChannelDuplexHandler, RemovableChannelHandler {
             if self.pending != nil { return }
             context.fireChannelRead(data)
         case .end:
-            guard let answer = self.pending else {
+            guard let pending = self.pending else {
                 context.fireChannelRead(data)
                 return
             }
             self.pending = nil
-            self.write(answer, context: context)
+            self.write(pending.answer, for: pending.head, context: context)
         }
     }
 
@@ -94,16 +102,41 @@ final class FastAnswerHandler: ChannelDuplexHandler, RemovableChannelHandler {
         context.write(data, promise: promise)
     }
 
-    private func write(_ answer: FastAnswer, context: ChannelHandlerContext) {
-        var fields = answer.fields
-        fields.reserveCapacity(fields.count + 4)
-        fields.append(HTTPField(name: .contentLength, value: String(answer.body.readableBytes)))
+    /// The request when it is one a fast answer may take: `GET` over HTTP/1.1 in origin form,
+    /// without a body and without connection handling of its own (`Expect`, a `Connection` other
+    /// than `keep-alive`), with at most one `Authorization` field.
+    static func fastRequest(_ head: HTTPRequestHead) -> FastRequest? {
+        guard head.method == .GET, head.version == .http1_1, head.uri.utf8.first == UInt8(ascii: "/") else {
+            return nil
+        }
+        var authorization: String?
+        for field in head.headers {
+            switch field.name.utf8.count {
+            case 6 where field.name.lowercased() == "expect": return nil
+            case 10 where field.name.lowercased() == "connection":
+                // Keep-alive is what the router does anyway; `close`, `upgrade` and the rest are its own.
+                if field.value.lowercased() != "keep-alive" { return nil }
+            case 13 where field.name.lowercased() == "authorization":
+                if authorization != nil { return nil }
+                authorization = field.value
+            case 14 where field.name.lowercased() == "content-length": if field.value != "0" { return nil }
+            case 17 where field.name.lowercased() == "transfer-encoding": return nil
+            default: break
+            }
+        }
+        return FastRequest(target: head.uri, authorization: authorization)
+    }
+
+    private func write(_ answer: FastAnswer, for head: HTTPRequestHead, context: ChannelHandlerContext) {
+        var headers = HTTPHeaders(answer.fields)
         let requestID = RequestID().description
-        fields.append(HTTPField(name: .requestID, value: requestID))
-        fields.append(HTTPField(name: .date, value: self.date.now()))
-        fields.append(HTTPField(name: .server, value: self.serverName))
-        context.write(self.wrapOutboundOut(.head(HTTPResponse(status: .ok, headerFields: fields))), promise: nil)
-        context.write(self.wrapOutboundOut(.body(answer.body)), promise: nil)
+        headers.add(name: "Content-Length", value: String(answer.body.readableBytes))
+        headers.add(name: "X-Request-Id", value: requestID)
+        headers.add(name: "Date", value: self.date.now())
+        headers.add(name: "Server", value: self.serverName)
+        let responseHead = HTTPResponseHead(version: .http1_1, status: .ok, headers: headers)
+        context.write(self.wrapOutboundOut(.head(responseHead)), promise: nil)
+        context.write(self.wrapOutboundOut(.body(.byteBuffer(answer.body))), promise: nil)
         context.write(self.wrapOutboundOut(.end(nil)), promise: nil)
         self.unflushed = true
         if let logger = self.requestLogger {
@@ -111,10 +144,38 @@ final class FastAnswerHandler: ChannelDuplexHandler, RemovableChannelHandler {
                 "hb.request.id": .string(requestID), "http.request_id": .string(requestID), "http.method": "GET",
                 "http.route": .string(answer.route), "http.status": "200",
             ]
-            if let trace = answer.traceID { metadata["trace.id"] = .string(String(trace.prefix(64))) }
-            if let span = answer.spanID { metadata["span.id"] = .string(String(span.prefix(64))) }
+            if let trace = head.headers.first(name: "x-b3-traceid") {
+                metadata["trace.id"] = .string(String(trace.prefix(64)))
+            }
+            if let span = head.headers.first(name: "x-b3-spanid") {
+                metadata["span.id"] = .string(String(span.prefix(64)))
+            }
             logger.debug("request", metadata: metadata)
         }
+    }
+}
+
+/// Hummingbird's HTTP/1 child channel with a ``FastAnswerHandler`` put into each connection's
+/// pipeline right before Hummingbird's codec (`HTTP1ToHTTPServerCodec`), so fast answers skip the
+/// conversion of every request and answer to HTTP types too. The rest of the pipeline is
+/// Hummingbird's own.
+struct FastAnswerHTTP1Channel: ServerChildChannel {
+    typealias Value = HTTP1Channel.Value
+
+    let http1: HTTP1Channel
+    let makeHandler: @Sendable () -> FastAnswerHandler
+
+    func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
+        self.http1.setup(channel: channel, logger: logger).flatMapThrowing { value in
+            let pipeline = channel.pipeline.syncOperations
+            let codec = try pipeline.handler(type: HTTP1ToHTTPServerCodec.self)
+            try pipeline.addHandler(self.makeHandler(), position: .before(codec))
+            return value
+        }
+    }
+
+    func handle(value: Value, logger: Logger) async {
+        await self.http1.handle(value: value, logger: logger)
     }
 }
 

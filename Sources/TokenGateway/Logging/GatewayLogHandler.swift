@@ -65,6 +65,17 @@ public struct GatewayLogHandler: LogHandler {
         self.sink.write(line)
     }
 
+    /// Writes one record whose fields were formatted by this handler's format already
+    /// (``formattedFields(format:sortedFields:)``): the line ``log(level:message:sortedFields:)``
+    /// writes for the same fields.
+    func log(level: Logger.Level, message: String, formattedFields fields: FormattedFields) {
+        guard level >= self.logLevel else { return }
+        var line = Self.format(
+            format: self.format, timestamp: Date(), level: level, label: self.label, message: message, fields: fields)
+        line.append("\n")
+        self.sink.write(line)
+    }
+
     /// Whether ``log(level:message:sortedFields:)`` writes what ``log(event:)`` would: nothing to
     /// merge into a record's own fields.
     var writesSortedFieldsAsIs: Bool { self.metadata.isEmpty && self.metadataProvider == nil }
@@ -87,11 +98,52 @@ public struct GatewayLogHandler: LogHandler {
         format: LogFormat, timestamp: Date, level: Logger.Level, label: String, message: String,
         sortedFields fields: [(key: String, value: String)]
     ) -> String {
+        Self.format(
+            format: format, timestamp: timestamp, level: level, label: label, message: message,
+            fields: Self.formattedFields(format: format, sortedFields: fields))
+    }
+
+    /// A record's fields, formatted once (``formattedFields(format:sortedFields:)``) and written
+    /// with any number of records (``log(level:message:formattedFields:)``).
+    struct FormattedFields: Sendable {
+        let format: LogFormat
+        /// What follows the message: ` key=value…` (logfmt) or `,"key":"value"…` (JSON).
+        let text: String
+    }
+
+    /// The fields part of a line, from fields sorted by key.
+    static func formattedFields(format: LogFormat, sortedFields fields: [(key: String, value: String)])
+        -> FormattedFields
+    {
+        var out = ""
+        out.reserveCapacity(192)
+        for field in fields {
+            switch format {
+            case .logfmt:
+                out += " "
+                out += field.key
+                out += "="
+                out += Self.logfmtValue(field.value)
+            case .json:
+                out += ","
+                Self.jsonString(field.key, into: &out)
+                out += ":"
+                Self.jsonString(field.value, into: &out)
+            }
+        }
+        return FormattedFields(format: format, text: out)
+    }
+
+    /// One formatted line (no trailing newline) with fields formatted already.
+    static func format(
+        format: LogFormat, timestamp: Date, level: Logger.Level, label: String, message: String,
+        fields: FormattedFields
+    ) -> String {
         let ts = Self.timestamp(timestamp)
+        var out = ""
+        out.reserveCapacity(64 + message.utf8.count + fields.text.utf8.count)
         switch format {
         case .logfmt:
-            var out = ""
-            out.reserveCapacity(256)
             out += "ts="
             out += ts
             out += " level="
@@ -100,16 +152,8 @@ public struct GatewayLogHandler: LogHandler {
             out += Self.logfmtValue(label)
             out += " msg="
             out += Self.logfmtValue(message)
-            for field in fields {
-                out += " "
-                out += field.key
-                out += "="
-                out += Self.logfmtValue(field.value)
-            }
-            return out
+            out += fields.text
         case .json:
-            var out = ""
-            out.reserveCapacity(256)
             out += "{\"ts\":\""
             out += ts
             out += "\",\"level\":\""
@@ -118,14 +162,10 @@ public struct GatewayLogHandler: LogHandler {
             Self.jsonString(label, into: &out)
             out += ",\"msg\":"
             Self.jsonString(message, into: &out)
-            for field in fields {
-                out += ","
-                Self.jsonString(field.key, into: &out)
-                out += ":"
-                Self.jsonString(field.value, into: &out)
-            }
-            return out + "}"
+            out += fields.text
+            out += "}"
         }
+        return out
     }
 
     static func logfmtValue(_ s: String) -> String {

@@ -66,18 +66,11 @@ public struct AuditLog: Sendable {
         accountId: String?, via: String
     ) {
         if let direct = self.direct {
-            // Keys in sorted order, as the handler writes metadata.
-            var fields: [(key: String, value: String)] = []
-            fields.reserveCapacity(8)
-            if let accountId { fields.append((key: "account.id", value: accountId)) }
-            fields.append((key: "audit.event", value: "token_handed_out"))
-            fields.append((key: "audit.via", value: via))
-            fields.append((key: "caller", value: caller))
-            fields.append((key: "installation.id", value: installation.ari))
-            fields.append((key: "token.expires_at", value: expiresAt))
-            fields.append((key: "token.fingerprint", value: fingerprint))
-            fields.append((key: "token.source", value: source))
-            direct.log(level: .info, message: "token handed out", sortedFields: fields)
+            direct.log(
+                level: .info, message: Self.handedOutMessage,
+                sortedFields: Self.handedOutFields(
+                    caller: caller, installation: installation, source: source, expiresAt: expiresAt,
+                    fingerprint: fingerprint, accountId: accountId, via: via))
             return
         }
         var metadata: Logger.Metadata = [
@@ -86,7 +79,48 @@ public struct AuditLog: Sendable {
             "token.fingerprint": "\(fingerprint)", "audit.via": "\(via)",
         ]
         if let accountId { metadata["account.id"] = "\(accountId)" }
-        self.logger.info("token handed out", metadata: metadata)
+        self.logger.info("\(Self.handedOutMessage)", metadata: metadata)
+    }
+
+    static let handedOutMessage = "token handed out"
+
+    /// The fields of a "token handed out" record, sorted by key as the handler writes metadata.
+    static func handedOutFields(
+        caller: String, installation: InstallationID, source: String, expiresAt: String, fingerprint: String,
+        accountId: String?, via: String
+    ) -> [(key: String, value: String)] {
+        var fields: [(key: String, value: String)] = []
+        fields.reserveCapacity(8)
+        if let accountId { fields.append((key: "account.id", value: accountId)) }
+        fields.append((key: "audit.event", value: "token_handed_out"))
+        fields.append((key: "audit.via", value: via))
+        fields.append((key: "caller", value: caller))
+        fields.append((key: "installation.id", value: installation.ari))
+        fields.append((key: "token.expires_at", value: expiresAt))
+        fields.append((key: "token.fingerprint", value: fingerprint))
+        fields.append((key: "token.source", value: source))
+        return fields
+    }
+
+    /// The fields of a "token handed out" record formatted once, for a record repeated for every
+    /// answer from the cache (``tokenHandedOut(_:)``); nil when records go through the logger's
+    /// metadata (a handler other than the gateway's own).
+    func handedOutFields(
+        caller: String, installation: InstallationID, source: String, expiresAt: String, fingerprint: String,
+        via: String
+    ) -> GatewayLogHandler.FormattedFields? {
+        guard let direct = self.direct else { return nil }
+        return GatewayLogHandler.formattedFields(
+            format: direct.format,
+            sortedFields: Self.handedOutFields(
+                caller: caller, installation: installation, source: source, expiresAt: expiresAt,
+                fingerprint: fingerprint, accountId: nil, via: via))
+    }
+
+    /// A token was handed to a caller: the record whose fields ``handedOutFields(caller:installation:source:expiresAt:fingerprint:via:)``
+    /// formatted. The same line as ``tokenHandedOut(caller:installation:source:expiresAt:token:accountId:via:)``.
+    func tokenHandedOut(_ fields: GatewayLogHandler.FormattedFields) {
+        self.direct?.log(level: .info, message: Self.handedOutMessage, formattedFields: fields)
     }
 
     /// A token was received from Forge (or exchanged for a user).

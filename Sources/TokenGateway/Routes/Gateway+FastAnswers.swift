@@ -18,12 +18,11 @@ extension Gateway {
     /// `GET /health/live` (when `health`), and `GET /v1/installations/{id}/token` (when `token`)
     /// from an authenticated caller for a token this process holds. Nil for everything else, which
     /// the router answers (errors included).
-    func fastAnswer(_ request: HTTPRequest, health: Bool, token: Bool) -> FastAnswer? {
-        guard request.method == .get, let target = request.path, Self.hasNoBody(request) else { return nil }
-        var answer: FastAnswer
-        if health, target == FastRoute.healthLive {
+    func fastAnswer(_ request: FastRequest, health: Bool, token: Bool) -> FastAnswer? {
+        let answer: FastAnswer
+        if health, request.target == FastRoute.healthLive {
             answer = FastAnswer(fields: Self.healthFields, body: Self.healthBody, route: FastRoute.healthLive)
-        } else if token, let (segment, query) = Self.tokenTarget(target),
+        } else if token, let (segment, query) = Self.tokenTarget(request.target),
             let tokenAnswer = self.fastTokenAnswer(request, segment: segment, query: query)
         {
             answer = tokenAnswer
@@ -32,21 +31,17 @@ extension Gateway {
         }
         self.metrics.countRequest(route: answer.route, status: 200)
         self.fastAnswerCount.add(1, ordering: .relaxed)
-        if self.logger.logLevel <= .debug {
-            answer.traceID = request.headerFields[.b3TraceID]
-            answer.spanID = request.headerFields[.b3SpanID]
-        }
         return answer
     }
 
-    private func fastTokenAnswer(_ request: HTTPRequest, segment: Substring, query: Substring?) -> FastAnswer? {
+    private func fastTokenAnswer(_ request: FastRequest, segment: Substring, query: Substring?) -> FastAnswer? {
         guard let minValidity = Self.fastMinValidity(query),
-            let caller = self.configuration.callers.authenticate(authorization: request.headerFields[.authorization]),
+            let caller = self.configuration.callers.authenticate(authorization: request.authorization),
             let id = InstallationID(pathSegment: String(segment)), caller.installations.contains(id.ari),
             let answer = self.flow.tokenFromMemory(for: id, minValidity: minValidity)
         else { return nil }
         let body = self.handOut(answer, caller: caller, installation: id)
-        return FastAnswer(fields: TokenAnswerBodies.headers, body: body, route: FastRoute.token)
+        return FastAnswer(fields: Self.tokenFields, body: body, route: FastRoute.token)
     }
 
     /// The body of a token answer, its audit record written: the one way a token leaves through
@@ -55,23 +50,31 @@ extension Gateway {
         // The body bytes and the token's fingerprint of a repeated answer from the cache are
         // made once and reused.
         let prepared = self.answerBodies.prepared(installation: id, answer: answer)
-        self.audit.tokenHandedOut(
-            caller: caller.name, installation: id, source: answer.source.rawValue, expiresAt: prepared.expiresAt,
-            fingerprint: prepared.fingerprint, accountId: nil, via: "api")
+        let source = answer.source.rawValue
+        // An answer from the cache repeats its audit record's fields for each caller: formatted once.
+        if answer.source == .cache,
+            let fields = prepared.auditFields.fields(
+                for: caller.name,
+                make: {
+                    self.audit.handedOutFields(
+                        caller: caller.name, installation: id, source: source, expiresAt: prepared.expiresAt,
+                        fingerprint: prepared.fingerprint, via: "api")
+                })
+        {
+            self.audit.tokenHandedOut(fields)
+        } else {
+            self.audit.tokenHandedOut(
+                caller: caller.name, installation: id, source: source, expiresAt: prepared.expiresAt,
+                fingerprint: prepared.fingerprint, accountId: nil, via: "api")
+        }
         return prepared.body
     }
 
     static let healthBody = ByteBuffer(string: JSONValue.object([("status", "ok")]).serialized())
-    static let healthFields: HTTPFields = [.contentType: "application/json"]
-
-    /// A request without a body and without connection handling of its own (`Connection`,
-    /// `Expect`): only those are answered fast.
-    static func hasNoBody(_ request: HTTPRequest) -> Bool {
-        let fields = request.headerFields
-        if fields[.connection] != nil || fields[.expect] != nil || fields[.transferEncoding] != nil { return false }
-        if let length = fields[.contentLength], length != "0" { return false }
-        return true
-    }
+    /// The header fields of the router's answers, as it writes them (``json(_:status:noStore:)``,
+    /// ``TokenAnswerBodies/headers``).
+    static let healthFields = Gateway.jsonFields.map { ($0.name.rawName, $0.value) }
+    static let tokenFields = TokenAnswerBodies.headers.map { ($0.name.rawName, $0.value) }
 
     /// The `{id}` segment (as sent: the router's parameter is the same text, percent escapes
     /// included) and the query of `/v1/installations/{id}/token[?query]`. Read byte by byte: this

@@ -90,9 +90,12 @@ extension Gateway {
         return !(instrument is NoOpTracer || instrument is NoOpInstrument)
     }
 
+    /// The header fields of a JSON response.
+    static let jsonFields: HTTPFields = [.contentType: "application/json"]
+
     /// A JSON response.
     static func json(_ value: JSONValue, status: HTTPResponse.Status = .ok, noStore: Bool = false) -> Response {
-        var headers: HTTPFields = [.contentType: "application/json"]
+        var headers = Self.jsonFields
         if noStore { headers[.cacheControl] = "no-store" }
         return Response(
             status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(string: value.serialized())))

@@ -30,11 +30,33 @@ final class TokenAnswerBodies: Sendable {
         let fingerprint: String
         /// The expiry as RFC 3339.
         let expiresAt: String
+        /// The audit record's fields per caller, formatted once for repeated answers.
+        let auditFields = AuditFieldsByCaller()
 
         init(installation: String, answer: TokenAnswer) {
             self.body = TokenAnswerBodies.encode(installation: installation, answer: answer)
             self.fingerprint = AuditLog.fingerprint(answer.token.value)
             self.expiresAt = RFC3339.string(unixSeconds: answer.token.expiresAt)
+        }
+    }
+
+    /// The formatted fields of one kept answer's audit record, per caller name (at most
+    /// ``capacity`` callers; when full they are formatted again).
+    final class AuditFieldsByCaller: Sendable {
+        static let capacity = 64
+        private let fields = Mutex<[String: GatewayLogHandler.FormattedFields]>([:])
+
+        /// The fields kept for `caller`, or those `make` formats (then kept); nil when `make` gives none.
+        func fields(for caller: String, make: () -> GatewayLogHandler.FormattedFields?)
+            -> GatewayLogHandler.FormattedFields?
+        {
+            if let kept = self.fields.withLock({ $0[caller] }) { return kept }
+            guard let made = make() else { return nil }
+            self.fields.withLock { fields in
+                if fields.count >= Self.capacity { fields.removeAll() }
+                fields[caller] = made
+            }
+            return made
         }
     }
 
