@@ -129,6 +129,9 @@ final class HotPathFixtures: Sendable {
     let tokenRequestHead: HTTPRequest
     let channel: EmbeddedChannel
     let logger: Logger
+    let requestLogger = Logger(label: "token-gateway") { label in
+        GatewayLogHandler(label: label, format: .logfmt, level: .critical, sink: .memory())
+    }
 
     init(tokenValue: String, fakeRedisPort: Int) throws {
         let quiet = Logger(label: "bench", factory: { _ in SwiftLogNoOpLogHandler() })
@@ -177,7 +180,11 @@ final class HotPathFixtures: Sendable {
         self.channel = EmbeddedChannel()
     }
 
+    /// A request's context as Hummingbird's server makes it: its logger (the gateway's handler,
+    /// writing nothing below critical) carries the request id.
     func context() -> BasicRequestContext {
-        BasicRequestContext(source: ApplicationRequestContextSource(channel: self.channel, logger: self.logger))
+        var logger = self.requestLogger
+        logger[metadataKey: "hb.request.id"] = .string(RequestID().description)
+        return BasicRequestContext(source: ApplicationRequestContextSource(channel: self.channel, logger: logger))
     }
 }
