@@ -331,7 +331,8 @@ for name, r in (("sequential", seq), ("burst", burst)):
     print(f"  end to end p50 {r['e2e_p50_ms']:.2f} ms, p99 {r['e2e_p99_ms']:.2f} ms; emulator's own time p50 {r['emulator_own_p50_ms']:.2f} ms")
     print(f"  gateway-added p50 {r['gateway_added_p50_ms']:.2f} ms, p99 {r['gateway_added_p99_ms']:.2f} ms"
           + (f" (target p50 <= 1 ms: {verdict(r['gateway_added_p50_ms'] <= 1)})" if name == "sequential" else "")
-          + f"; this client's own cached GET p50 {r['client_cached_get_p50_ms']:.2f} ms")
+          + f"; this client's own cached GET p50 {r['client_cached_get_p50_ms']:.2f} ms,"
+          + f" {r['callers_per_installation']} concurrent cached GETs p50 {r['client_concurrent_cached_p50_ms']:.2f} ms")
 print(f"memory ({mem['installations']} installations, {mem['fetched_from_cache']} served from the cache, mean token {mem['mean_token_bytes']:.0f} bytes)")
 print(f"  token bytes held {mem['token_bytes_held'] / 1e6:.1f} MB; RSS {mem['rss_start_kib'] / 1024:.1f} -> {mem['rss_end_kib'] / 1024:.1f} MiB")
 print(f"  RSS growth / token bytes {mem['delta_per_token_byte']:.2f}; whole RSS / token bytes {mem['rss_per_token_byte']:.2f}"
