@@ -87,13 +87,13 @@ extension Gateway {
         var options = TokenFlow.Request(
             minValidity: TokenRequestDefaults.minValidity, timeout: TokenRequestDefaults.timeout, forceRefresh: force)
         if let raw = query.get("minValidity") {
-            guard let v = Int64(raw), (0...7200).contains(v) else {
+            guard let v = Int64(raw), TokenRequestDefaults.minValidityRange.contains(v) else {
                 throw GatewayError.invalidParameter("minValidity must be an integer number of seconds in 0…7200")
             }
             options.minValidity = v
         }
         if let raw = query.get("timeout") {
-            guard let v = Int64(raw), (100...30000).contains(v) else {
+            guard let v = Int64(raw), TokenRequestDefaults.timeoutMillisecondsRange.contains(v) else {
                 throw GatewayError.invalidParameter("timeout must be an integer number of milliseconds in 100…30000")
             }
             options.timeout = .milliseconds(v)

@@ -111,9 +111,13 @@ extension Gateway {
                 value = value * 10 + Int64(byte - UInt8(ascii: "0"))
             }
             let key = pair[..<equals]
-            if key.elementsEqual("minValidity".utf8), minValidity == nil, (0...7200).contains(value) {
+            if key.elementsEqual("minValidity".utf8), minValidity == nil,
+                TokenRequestDefaults.minValidityRange.contains(value)
+            {
                 minValidity = value
-            } else if key.elementsEqual("timeout".utf8), timeout == nil, (100...30000).contains(value) {
+            } else if key.elementsEqual("timeout".utf8), timeout == nil,
+                TokenRequestDefaults.timeoutMillisecondsRange.contains(value)
+            {
                 timeout = value
             } else {
                 return nil

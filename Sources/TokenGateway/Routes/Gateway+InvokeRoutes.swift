@@ -108,7 +108,7 @@ extension Gateway {
         guard caller.invoke.contains(key) else { throw GatewayError.forbidden }
         var timeout = TokenRequestDefaults.timeout
         if let raw = request.uri.queryParameters.get("timeout") {
-            guard let v = Int64(raw), (100...30000).contains(v) else {
+            guard let v = Int64(raw), TokenRequestDefaults.timeoutMillisecondsRange.contains(v) else {
                 throw GatewayError.invalidParameter("timeout must be an integer number of milliseconds in 100…30000")
             }
             timeout = .milliseconds(v)
