@@ -37,6 +37,8 @@ let package = Package(
             pkgConfig: "hiredis",
             providers: [.apt(["libhiredis-dev"])]
         ),
+        // CPU affinity of threads (GNU extensions Swift's Glibc module does not export).
+        .target(name: "CThreadAffinity"),
         // base64url as the contract writes it; shared by the gateway and the emulator, which must not
         // depend on the gateway it stands in front of.
         .target(name: "Base64URLCoding", swiftSettings: swiftSettings),
@@ -71,6 +73,7 @@ let package = Package(
             name: "TokenGateway",
             dependencies: [
                 "Base64URLCoding",
+                "CThreadAffinity",
                 "FlowEngine",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
@@ -89,6 +92,7 @@ let package = Package(
                 .product(name: "NIOHTTPTypesHTTP1", package: "swift-nio-extras"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "HummingbirdCore", package: "hummingbird"),
+                .product(name: "NIOPosix", package: "swift-nio"),
             ],
             swiftSettings: swiftSettings
         ),

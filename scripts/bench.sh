@@ -22,7 +22,9 @@
 # BENCH_BIN (a token-gateway binary to use instead of building the release one), BENCH_THREADS
 # (wrk threads, 1), BENCH_LOG_LEVEL (the gateway's log level, info: audit records are written as
 # in production), BENCH_STRACE (1: also count the gateway's system calls per cached answer),
-# BENCH_PERF (1: also print where the gateway's CPU goes on the cached path, from perf samples).
+# BENCH_PERF (1: also print where the gateway's CPU goes on the cached path, from perf samples),
+# BENCH_AFFINITY (shared, or pinned: the gateway runs with TOKEN_GATEWAY_EVENT_LOOP_AFFINITY=pinned and
+# nginx with worker_cpu_affinity auto, so both keep each event loop / worker on one CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -51,6 +53,12 @@ TOKEN_BYTES=${BENCH_TOKEN_BYTES:-1500}
 MEMORY_SECONDS=${BENCH_MEMORY_SECONDS:-600}
 NGINX_WORKERS=${BENCH_NGINX_WORKERS:-2}
 THREADS=${BENCH_THREADS:-1}
+AFFINITY=${BENCH_AFFINITY:-shared}
+case "$AFFINITY" in
+    shared) NGINX_AFFINITY="" ;;
+    pinned) NGINX_AFFINITY="worker_cpu_affinity auto;" ;;
+    *) echo "BENCH_AFFINITY must be shared or pinned" >&2; exit 2 ;;
+esac
 
 ensure_packages wrk nginx redis-server redis-tools libhiredis-dev python3 curl
 DRIVER="python3 $ROOT/Benchmarks/load_driver.py"
@@ -176,6 +184,7 @@ export TOKEN_GATEWAY_FORGE_GRAPHQL_URL="http://127.0.0.1:$EMULATOR_PORT/graphql"
 export TOKEN_GATEWAY_ENCRYPTION_KEYS="bench:$(head -c 32 /dev/urandom | base64 | tr -d '\n')"
 export TOKEN_GATEWAY_CALLERS="[{\"name\":\"bench\",\"secret\":\"$SECRET\",\"installations\":[\"*\"]}]"
 export TOKEN_GATEWAY_LOG_LEVEL=${BENCH_LOG_LEVEL:-info}
+export TOKEN_GATEWAY_EVENT_LOOP_AFFINITY=$AFFINITY
 
 if [ "$CLUSTER_ONLY" = 1 ]; then
     cluster_vs_one_redis
@@ -218,6 +227,7 @@ head -c "$BODY_BYTES" /dev/zero | tr '\0' 'x' >"$WORK/www/token.json"
 chmod -R a+rX "$WORK/www"
 cat >"$WORK/nginx.conf" <<NGINX
 worker_processes $NGINX_WORKERS;
+$NGINX_AFFINITY
 pid $WORK/nginx.pid;
 error_log $WORK/nginx-error.log warn;
 events { worker_connections 1024; }
@@ -252,14 +262,15 @@ LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 NG=$(run_wrk nginx "$NGINX_URL")
 HL=$(run_wrk health "http://127.0.0.1:$GATEWAY_PORT/health/live")
 GW=$(run_wrk gateway "$TOKEN_URL" -H "$AUTH")
-GW="$GW" NG="$NG" HL="$HL" CONNECTIONS="$CONNECTIONS" THREADS="$THREADS" LEVEL="$TOKEN_GATEWAY_LOG_LEVEL" \
+GW="$GW" NG="$NG" HL="$HL" CONNECTIONS="$CONNECTIONS" THREADS="$THREADS" LEVEL="$TOKEN_GATEWAY_LOG_LEVEL" AFFINITY="$AFFINITY" \
     LOAD="$LOAD_BEFORE -> $(cut -d' ' -f1-3 /proc/loadavg)" \
     AUDIT_LINES="$(grep -c token_handed_out "$WORK/gateway.log" || true)" python3 - <<'PY'
 import json, os, time
 gw, ng, hl = (json.loads(os.environ[k]) for k in ("GW", "NG", "HL"))
 def verdict(ok): return "met" if ok else "NOT MET"
 print()
-print(f"hot path: wrk -t{os.environ['THREADS']} -c{os.environ['CONNECTIONS']}, gateway at log level {os.environ['LEVEL']}")
+print(f"hot path: wrk -t{os.environ['THREADS']} -c{os.environ['CONNECTIONS']}, gateway at log level {os.environ['LEVEL']},"
+      f" event loops and nginx workers {os.environ['AFFINITY']}")
 print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, load average (1, 5, 15 min) before -> after: {os.environ['LOAD']}")
 print(f"| what | req/s | ratio to nginx | p50 | p99 | non-2xx |")
 print(f"|---|---|---|---|---|---|")

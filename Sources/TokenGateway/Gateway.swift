@@ -5,6 +5,7 @@ import Hummingbird
 import Logging
 import Metrics
 import NIOCore
+import NIOPosix
 import Prometheus
 import ServiceLifecycle
 import Synchronization
@@ -199,11 +200,21 @@ public final class Gateway: Sendable {
         return services
     }
 
+    /// Pins the threads of the event loops (the process-wide group that serves HTTP, Redis and the
+    /// HTTP client) when `TOKEN_GATEWAY_EVENT_LOOP_AFFINITY` is `pinned`.
+    func placeEventLoops() async throws {
+        guard self.configuration.eventLoopAffinity == .pinned else { return }
+        let cpus = try await EventLoopPinning.pin(MultiThreadedEventLoopGroup.singleton)
+        self.logger.info(
+            "event loops pinned", metadata: ["event_loops": "\(cpus.count)", "event_loops.cpus": "\(cpus)"])
+    }
+
     /// Runs the gateway until SIGTERM or SIGINT, then shuts down gracefully.
     public func run(
         onServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in },
         onOperationsServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in }
     ) async throws {
+        try await self.placeEventLoops()
         let group = ServiceGroup(
             configuration: .init(
                 services: self.services(

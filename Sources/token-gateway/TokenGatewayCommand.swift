@@ -59,6 +59,8 @@ struct SettingsOptions: ParsableArguments {
     @Option(help: "First open window of a circuit, ms [TOKEN_GATEWAY_BREAKER_OPEN_MS]") var breakerOpenMs: String?
     @Option(help: "Named-trigger calls of one installation at once per process [TOKEN_GATEWAY_INVOKE_MAX_CONCURRENCY]")
     var invokeMaxConcurrency: String?
+    @Option(help: "Event-loop threads: shared|pinned (one CPU each) [TOKEN_GATEWAY_EVENT_LOOP_AFFINITY]")
+    var eventLoopAffinity: String?
 
     /// Flag values keyed by the environment variable they override.
     var flags: [String: String] {
@@ -75,7 +77,7 @@ struct SettingsOptions: ParsableArguments {
             (.refreshAheadFraction, self.refreshAheadFraction), (.breakerThreshold, self.breakerThreshold),
             (.breakerOpen, self.breakerOpenMs), (.forgeModuleKeys, self.forgeModuleKeys), (.opsHost, self.opsHost),
             (.opsPort, self.opsPort), (.apiBaseURLPrefixes, self.apiBaseUrlPrefixes),
-            (.invokeMaxConcurrency, self.invokeMaxConcurrency),
+            (.invokeMaxConcurrency, self.invokeMaxConcurrency), (.eventLoopAffinity, self.eventLoopAffinity),
         ]
         var out: [String: String] = [:]
         for (setting, value) in pairs { if let value { out[setting.environment] = value } }

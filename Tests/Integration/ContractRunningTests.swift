@@ -83,6 +83,7 @@ struct ContractRunningTests {
         "TOKEN_GATEWAY_OPS_PORT": "eighty",
         "TOKEN_GATEWAY_API_BASE_URL_PREFIXES": "https://api.atlassian.com/ex",
         "TOKEN_GATEWAY_INVOKE_MAX_CONCURRENCY": "0",
+        "TOKEN_GATEWAY_EVENT_LOOP_AFFINITY": "sometimes",
         // The TLS settings next to a Redis URL that is not rediss://.
         "TOKEN_GATEWAY_REDIS_TLS_CA_FILE": "/etc/token-gateway/redis-ca.pem",
         "TOKEN_GATEWAY_REDIS_TLS_CERT_FILE": "/etc/token-gateway/redis-client.pem",
@@ -143,6 +144,52 @@ struct ContractRunningTests {
         let process = try await GatewayProcess.start(settings: settings, arguments: ["--host=127.0.0.1"])
         #expect(try await Self.status(process.url + "/health/live") == 200)
         await process.stop()
+    }
+
+    @Test("--event-loop-affinity=pinned keeps each event-loop thread on one CPU of those the process may use")
+    func pinnedEventLoops() async throws {
+        let process = try await GatewayProcess.start(
+            settings: Self.validEnvironment(), arguments: ["--event-loop-affinity=pinned"])
+        #expect(try await Self.status(process.url + "/health/live") == 200)
+        let allowed = try EventLoopPinning.allowedCPUs()
+        // NIO names its event-loop threads NIO-ELT-… (NIO-SGLTN-… for the process-wide group).
+        let loops = Self.threads(of: process.process.processIdentifier).filter { $0.name.hasPrefix("NIO-") }
+        #expect(!loops.isEmpty)
+        for thread in loops {
+            #expect(thread.cpus.count == 1, "\(thread.name) may run on \(thread.cpus)")
+            #expect(Set(thread.cpus).isSubset(of: Set(allowed)), "\(thread.name) on \(thread.cpus)")
+        }
+        #expect(Set(loops.flatMap(\.cpus)) == Set(allowed.prefix(loops.count)))
+        #expect(process.lines.contains { $0.contains("msg=\"event loops pinned\"") })
+        await process.stop()
+    }
+
+    /// The threads of process `pid` with their names and the CPUs each may run on (from /proc).
+    static func threads(of pid: Int32) -> [(name: String, cpus: [Int])] {
+        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+        return tasks.compactMap { tid in
+            guard let status = try? String(contentsOfFile: "/proc/\(pid)/task/\(tid)/status", encoding: .utf8) else {
+                return nil
+            }
+            var name = ""
+            var cpus: [Int] = []
+            for line in status.split(separator: "\n") {
+                if line.hasPrefix("Name:") { name = line.dropFirst(5).trimmingCharacters(in: .whitespaces) }
+                if line.hasPrefix("Cpus_allowed_list:") {
+                    cpus = Self.cpuList(line.dropFirst(18).trimmingCharacters(in: .whitespaces))
+                }
+            }
+            return (name, cpus)
+        }
+    }
+
+    /// `0-2,5` → [0, 1, 2, 5].
+    static func cpuList(_ text: String) -> [Int] {
+        text.split(separator: ",").flatMap { part -> [Int] in
+            let bounds = part.split(separator: "-").compactMap { Int($0) }
+            guard let first = bounds.first else { return [] }
+            return Array(first...(bounds.last ?? first))
+        }
     }
 
     @Test("TOKEN_GATEWAY_CALLERS=@path reads the callers from that file")

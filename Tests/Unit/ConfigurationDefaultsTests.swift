@@ -29,6 +29,23 @@ import Testing
         #expect(config.publicURL == nil)
         #expect(config.effectivePublicURL == "http://127.0.0.1:8080")
         #expect(config.logLevel == .info)
+        #expect(config.eventLoopAffinity == .shared)
+    }
+
+    @Test func theEventLoopAffinityIsSharedOrPinned() throws {
+        for (value, expected) in [("shared", EventLoopAffinity.shared), ("pinned", .pinned), ("PINNED", .pinned)] {
+            var environment = Self.required
+            environment["TOKEN_GATEWAY_EVENT_LOOP_AFFINITY"] = value
+            #expect(try GatewayConfiguration.load(environment: environment).eventLoopAffinity == expected)
+        }
+        var environment = Self.required
+        environment["TOKEN_GATEWAY_EVENT_LOOP_AFFINITY"] = "sometimes"
+        #expect(
+            throws: ConfigurationError(
+                setting: "TOKEN_GATEWAY_EVENT_LOOP_AFFINITY", problem: "must be shared or pinned")
+        ) {
+            try GatewayConfiguration.load(environment: environment)
+        }
     }
 
     @Test func thePublicURLDefaultFollowsHostAndPort() throws {

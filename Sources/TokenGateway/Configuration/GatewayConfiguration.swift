@@ -104,13 +104,17 @@ public struct GatewaySetting: Sendable, Hashable {
         "TOKEN_GATEWAY_INVOKE_MAX_CONCURRENCY", "invoke-max-concurrency",
         "named-trigger calls of one installation in progress at once per process (default 8)")
 
+    public static let eventLoopAffinity = GatewaySetting(
+        "TOKEN_GATEWAY_EVENT_LOOP_AFFINITY", "event-loop-affinity",
+        "shared (the scheduler places the event loops' threads) or pinned (one CPU each) (default shared)")
+
     public static let all: [GatewaySetting] = [
         .host, .port, .redisURL, .redisTLSCAFile, .redisTLSCertFile, .redisTLSKeyFile, .redisTLSServerName,
         .forgeAppID, .forgeJWKSURL, .triggerHosts, .encryptionKeys, .callers,
         .connectBaseURL, .connectKeysURL, .forgeGraphQLURL, .userExchangesPerMinute, .publicURL, .logLevel,
         .logFormat, .triggerMaxAttempts, .triggerAttemptTimeout, .deliveryGrace, .refreshAheadFraction,
         .breakerThreshold, .breakerOpen, .forgeModuleKeys, .opsHost, .opsPort, .apiBaseURLPrefixes,
-        .invokeMaxConcurrency,
+        .invokeMaxConcurrency, .eventLoopAffinity,
     ]
 
     init(_ environment: String, _ flag: String, _ summary: String, secret: Bool = false) {
@@ -166,6 +170,8 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     public var publicURL: String? = nil
     public var logLevel: Logger.Level = .info
     public var logFormat: LogFormat = .logfmt
+    /// Where the event loops' threads run: `shared` (default) or `pinned`, one CPU each.
+    public var eventLoopAffinity: EventLoopAffinity = .shared
     public var flow = TokenFlowConfiguration()
     /// Largest request body accepted (bytes); larger bodies get 413 `payload_too_large`.
     public var maxBodySize: Int = 64 * 1024
@@ -372,6 +378,13 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
         }
         if let v = try settings.integer(.invokeMaxConcurrency, range: 1...10_000) {
             config.invoke.maxConcurrencyPerInstallation = v
+        }
+        if let v = settings.raw(.eventLoopAffinity) {
+            guard let affinity = EventLoopAffinity(rawValue: v.lowercased()) else {
+                throw ConfigurationError(
+                    setting: GatewaySetting.eventLoopAffinity.environment, problem: "must be shared or pinned")
+            }
+            config.eventLoopAffinity = affinity
         }
     }
 
