@@ -128,6 +128,33 @@ struct TokenFlowExecutorTests {
         }
     }
 
+    @Test("callers arriving while this process's round trip is in flight join it: no store read, no lease extension")
+    func joinersSkipTheStore() async throws {
+        try await withFlow { h in
+            try await withThrowingTaskGroup(of: Result<TokenAnswer, FlowError>.self) { group in
+                group.addTask { await h.request() }
+                let call = try #require(await h.nextCall())
+                // The first caller's deadline timer and the round's grace and re-read timers.
+                await h.clock.waitForSleepers(3)
+                #expect(h.store.calls("snapshot") == 1)
+                for _ in 0..<4 { group.addTask { await h.request() } }
+                await h.clock.waitForSleepers(7)
+                #expect(h.store.calls("snapshot") == 1)
+                #expect(h.store.calls("extendLease") == 0)
+                h.deliver("tok-1", expiresIn: 3600, requestID: call.requestID)
+                var answers = 0
+                for try await result in group {
+                    let answer = try result.get()
+                    #expect(answer.token.value == "tok-1")
+                    #expect(answer.source == .trigger)
+                    answers += 1
+                }
+                #expect(answers == 5)
+            }
+            #expect(h.trigger.callCount == 1)
+        }
+    }
+
     @Test("following another replica's round trip: its announced token answers the caller, no trigger call")
     func followByNotification() async throws {
         try await withFlow { h in

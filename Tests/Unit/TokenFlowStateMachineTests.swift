@@ -110,6 +110,33 @@ struct TokenFlowStateMachineTests {
         #expect(a.contains(.extendLease(requestID: "r1", ttl: .seconds(22))))
     }
 
+    @Test("callers joining within half the lease grace of the lease's deadline do not extend it; a later one does")
+    func burstJoinersDoNotExtendTheLease() {
+        let clock = ManualClock()
+        var m = TokenFlowStateMachine(configuration: config())
+        _ = m.tokenWasRequested(
+            waiter: WaiterID(1), minValidity: 0, knownExpiry: 0, forced: false, deadline: clock.now + .seconds(10),
+            requestID: "r1", now: clock.now)
+        _ = m.leaseAcquired(requestID: "r1", now: clock.now)
+        // The lease runs until its deadline plus the grace (2 s); joiners up to 1 s later ride on it,
+        // each judged against the deadline the lease was set for, not against the last joiner's.
+        for (waiter, later) in [(2, 400), (3, 800), (4, 1000)] {
+            let actions = m.tokenWasRequested(
+                waiter: WaiterID(UInt64(waiter)), minValidity: 0, knownExpiry: 0, forced: false,
+                deadline: clock.now + .seconds(10) + .milliseconds(later), requestID: "r\(waiter)", now: clock.now)
+            #expect(!actions.contains { if case .extendLease = $0 { true } else { false } }, "joiner +\(later) ms")
+        }
+        let late = m.tokenWasRequested(
+            waiter: WaiterID(5), minValidity: 0, knownExpiry: 0, forced: false,
+            deadline: clock.now + .seconds(10) + .milliseconds(1001), requestID: "r5", now: clock.now)
+        #expect(late.contains(.extendLease(requestID: "r1", ttl: .milliseconds(13_001))))
+        // The extension moved the lease's deadline: the next joiner is judged against it.
+        let next = m.tokenWasRequested(
+            waiter: WaiterID(6), minValidity: 0, knownExpiry: 0, forced: false,
+            deadline: clock.now + .seconds(11) + .milliseconds(900), requestID: "r6", now: clock.now)
+        #expect(!next.contains { if case .extendLease = $0 { true } else { false } })
+    }
+
     @Test("failed attempts are retried with capped jittered backoff, then fail with trigger_failed")
     func retriesThenFails() {
         var clock = ManualClock()

@@ -163,22 +163,36 @@ public final class TokenFlow: Sendable, Service {
         return TokenAnswer(token: t, source: .cache, apiBaseUrl: memory.apiBaseUrl)
     }
 
-    /// What this process remembers of `id` (one lock): its token unless expired (an expired token
-    /// is dropped here, so memory holds no token past its expiry once it has been asked for), its
-    /// `apiBaseUrl`, and the hold its machine knows of.
-    private func lookUpMemory(_ id: InstallationID, now: FlowTime) -> (
-        token: AccessToken?, apiBaseUrl: String?, hold: RoundTripHold?
-    ) {
+    /// What this process remembers of `id` (one lock).
+    struct Remembered {
+        /// Its token unless expired (an expired token is dropped on lookup, so memory holds no
+        /// token past its expiry once it has been asked for).
+        var token: AccessToken?
+        var apiBaseUrl: String?
+        /// The hold its machine knows of.
+        var hold: RoundTripHold?
+        /// A round trip of this process is in flight for it.
+        var roundActive = false
+        /// Its trigger is known to be registered.
+        var triggerKnown = false
+    }
+
+    private func lookUpMemory(_ id: InstallationID, now: FlowTime) -> Remembered {
         let nowSeconds = now.unixSeconds
-        return self.state.withLock { s -> (AccessToken?, String?, RoundTripHold?) in
-            let hold = s.machines[id]?.hold(at: now)
-            guard let entry = s.memory[id] else { return (nil, nil, hold) }
-            guard let t = entry.token else { return (nil, entry.apiBaseUrl, hold) }
-            if t.expiresAt <= nowSeconds {
+        return self.state.withLock { s -> Remembered in
+            let machine = s.machines[id]
+            let roundActive = machine?.isActive ?? false
+            var found = Remembered(
+                hold: machine?.hold(at: now), roundActive: roundActive,
+                triggerKnown: roundActive && s.triggerKnown.contains(id))
+            guard let entry = s.memory[id] else { return found }
+            found.apiBaseUrl = entry.apiBaseUrl
+            if let t = entry.token, t.expiresAt <= nowSeconds {
                 s.memory[id]?.token = nil
-                return (nil, entry.apiBaseUrl, hold)
+            } else {
+                found.token = entry.token
             }
-            return (t, entry.apiBaseUrl, hold)
+            return found
         }
     }
 
@@ -187,7 +201,8 @@ public final class TokenFlow: Sendable, Service {
     {
         let nowSeconds = start.unixSeconds
         // The hot path: one lock, no store, no decryption.
-        let (remembered, rememberedBaseURL, localHold) = self.lookUpMemory(id, now: start)
+        let memory = self.lookUpMemory(id, now: start)
+        let (remembered, rememberedBaseURL, localHold) = (memory.token, memory.apiBaseUrl, memory.hold)
         if !request.forceRefresh, let t = remembered, t.expiresAt >= nowSeconds + request.minValidity {
             self.refreshAheadIfStale(id, t, now: start)
             return TokenAnswer(token: t, source: .cache, apiBaseUrl: rememberedBaseURL)
@@ -197,6 +212,15 @@ public final class TokenFlow: Sendable, Service {
             return try await self.wait(
                 for: id, request: request, knownExpiry: t.expiresAt, deadline: deadline,
                 apiBaseUrl: rememberedBaseURL, hold: hold, current: t, canStartRound: true)
+        }
+        if memory.roundActive {
+            // A round trip of this process is in flight (its first caller read the store a moment
+            // ago): this caller joins it without reading the store again. A token another replica
+            // stores meanwhile reaches the round by its announcement.
+            return try await self.wait(
+                for: id, request: request, knownExpiry: remembered?.expiresAt ?? 0, deadline: deadline,
+                apiBaseUrl: rememberedBaseURL, hold: localHold, current: remembered,
+                canStartRound: memory.triggerKnown)
         }
         let snapshot: TokenStoreSnapshot
         do {

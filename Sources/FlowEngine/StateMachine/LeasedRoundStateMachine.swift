@@ -155,6 +155,9 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         var kind: Kind
         var waiters: [WaiterID: Waiter]
         var deadline: FlowTime
+        /// The round's deadline when its lease was last set; the lease runs at least until this
+        /// instant plus ``TokenFlowConfiguration/leaseGrace``.
+        var leaseDeadline: FlowTime
         var phase: Phase
         /// The round takes the lease whether or not a hold is in force (a forced refresh started
         /// it, or only forced callers are left).
@@ -336,12 +339,13 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         case .round(var round):
             round.waiters[waiter] = w
             var actions: [Action] = [.scheduleTimer(timer, deadline: deadline)]
-            if deadline > round.deadline {
-                round.deadline = deadline
-                if round.phase.leads {
-                    actions.append(
-                        .extendLease(requestID: round.requestID, ttl: self.leaseTTL(deadline: deadline, now: now)))
-                }
+            round.deadline = max(round.deadline, deadline)
+            // The lease outlives the deadline it was set for by `leaseGrace`: callers that join
+            // within half of that (a burst) need no extension; a later one extends it.
+            if round.phase.leads, deadline > round.leaseDeadline + self.configuration.leaseGrace / 2 {
+                round.leaseDeadline = round.deadline
+                actions.append(
+                    .extendLease(requestID: round.requestID, ttl: self.leaseTTL(deadline: round.deadline, now: now)))
             }
             self.state = .round(round)
             return actions
@@ -349,6 +353,7 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
             return self.startRound(
                 Round(
                     requestID: requestID, kind: .requested, waiters: [waiter: w], deadline: deadline,
+                    leaseDeadline: deadline,
                     phase: .acquiringLease, ignoresHold: forced, refreshNotBefore: notBefore),
                 timer: timer, now: now)
         case .held(let hold):
@@ -356,6 +361,7 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
             return self.startRound(
                 Round(
                     requestID: requestID, kind: .requested, waiters: [waiter: w], deadline: deadline,
+                    leaseDeadline: deadline,
                     phase: .acquiringLease, ignoresHold: true, hold: hold),
                 timer: timer, now: now)
         case .circuitOpen:
@@ -397,7 +403,7 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         let deadline = now + self.configuration.backgroundDeadline
         let round = Round(
             requestID: requestID, kind: .refreshAhead(knownExpiry: knownExpiry), waiters: [:], deadline: deadline,
-            phase: .acquiringLease, ignoresHold: false,
+            leaseDeadline: deadline, phase: .acquiringLease, ignoresHold: false,
             refreshNotBefore: now + self.configuration.refreshAheadCooldown)
         return self.startRound(round, timer: self.makeTimer(), now: now)
     }
