@@ -23,8 +23,9 @@
 # (wrk threads, 1), BENCH_LOG_LEVEL (the gateway's log level, info: audit records are written as
 # in production), BENCH_STRACE (1: also count the gateway's system calls per cached answer),
 # BENCH_PERF (1: also print where the gateway's CPU goes on the cached path, from perf samples),
-# BENCH_AFFINITY (shared, or pinned: the gateway runs with TOKEN_GATEWAY_EVENT_LOOP_AFFINITY=pinned and
-# nginx with worker_cpu_affinity auto, so both keep each event loop / worker on one CPU).
+# BENCH_AFFINITY (pinned, the default: the gateway runs with TOKEN_GATEWAY_EVENT_LOOP_AFFINITY=pinned and
+# nginx with worker_cpu_affinity auto, so both keep each event loop / worker on one CPU; shared: both
+# leave their threads to the scheduler).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -53,7 +54,7 @@ TOKEN_BYTES=${BENCH_TOKEN_BYTES:-1500}
 MEMORY_SECONDS=${BENCH_MEMORY_SECONDS:-600}
 NGINX_WORKERS=${BENCH_NGINX_WORKERS:-2}
 THREADS=${BENCH_THREADS:-1}
-AFFINITY=${BENCH_AFFINITY:-shared}
+AFFINITY=${BENCH_AFFINITY:-pinned}
 case "$AFFINITY" in
     shared) NGINX_AFFINITY="" ;;
     pinned) NGINX_AFFINITY="worker_cpu_affinity auto;" ;;
