@@ -110,6 +110,35 @@ struct TokenFlowStateMachineTests {
         #expect(a.contains(.extendLease(requestID: "r1", ttl: .seconds(22))))
     }
 
+    @Test("a caller joining a round judges values against what the round's callers knew, not only its own")
+    func joinerInheritsTheRoundsKnownExpiry() {
+        let clock = ManualClock()
+        var m = TokenFlowStateMachine(configuration: config())
+        let known = clock.now.unixSeconds + 100
+        _ = m.tokenWasRequested(
+            waiter: WaiterID(1), minValidity: 300, knownExpiry: known, forced: true, deadline: clock.now + .seconds(10),
+            requestID: "r1", now: clock.now)
+        _ = m.leaseAcquired(requestID: "r1", now: clock.now)
+        // Joins knowing of no value (it did not read the store), with a forced refresh and without.
+        _ = m.tokenWasRequested(
+            waiter: WaiterID(2), minValidity: 300, knownExpiry: 0, forced: true, deadline: clock.now + .seconds(10),
+            requestID: "r2", now: clock.now)
+        _ = m.tokenWasRequested(
+            waiter: WaiterID(3), minValidity: 300, knownExpiry: 0, forced: false, deadline: clock.now + .seconds(10),
+            requestID: "r3", now: clock.now)
+        // A re-read finds the value the round's first caller found insufficient: nobody takes it.
+        let reread = m.valueObserved(token(known), solicitedBy: nil, now: clock.now)
+        #expect(!reread.contains { if case .succeed = $0 { true } else { false } })
+        #expect(m.waiterCount == 3)
+        // A newer one answers all three.
+        let newer = m.valueObserved(token(known + 3600), solicitedBy: nil, now: clock.now)
+        let answered = newer.compactMap { action -> [UInt64]? in
+            if case .succeed(let ids, _, _) = action { return ids.map(\.raw) }
+            return nil
+        }.flatMap { $0 }
+        #expect(answered.sorted() == [1, 2, 3])
+    }
+
     @Test("callers joining within half the lease grace of the lease's deadline do not extend it; a later one does")
     func burstJoinersDoNotExtendTheLease() {
         let clock = ManualClock()

@@ -169,6 +169,14 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         var refreshNotBefore: FlowTime?
         /// A hold seen during the round, in force again once it ends.
         var hold: Hold?
+
+        /// The latest expiry its callers (or its refresh-ahead) found insufficient: the value the
+        /// round is to improve on.
+        var knownExpiry: Int64 {
+            var known = self.waiters.values.map(\.knownExpiry).max() ?? 0
+            if case .refreshAhead(let expiry) = self.kind { known = max(known, expiry) }
+            return known
+        }
     }
 
     enum RoundOutcome {
@@ -337,7 +345,12 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
             deadline: deadline, minValidity: minValidity, knownExpiry: knownExpiry, forced: forced, timer: timer)
         switch self.state {
         case .round(var round):
-            round.waiters[waiter] = w
+            // A caller joining without having read the store (it knew of no value) judges values
+            // against what the round's callers knew: the round's own re-read of a value they
+            // found insufficient does not count as newer for it.
+            var joined = w
+            joined.knownExpiry = max(knownExpiry, round.knownExpiry)
+            round.waiters[waiter] = joined
             var actions: [Action] = [.scheduleTimer(timer, deadline: deadline)]
             round.deadline = max(round.deadline, deadline)
             // The lease outlives the deadline it was set for by `leaseGrace`: callers that join
