@@ -342,7 +342,7 @@ public struct CallerRegistry: Sendable {
         {
             let credential = bytes.dropFirst(scheme.utf8.count + 1)
             if let first = credential.first, let last = credential.last,
-                !Self.mayBeTrimmed(first), !Self.mayBeTrimmed(last)
+                !HeaderValue.mayBeTrimmed(first), !HeaderValue.mayBeTrimmed(last)
             {
                 return String(Substring(credential))
             }
@@ -355,11 +355,6 @@ public struct CallerRegistry: Sendable {
         let credential = String(decoding: utf8[(scheme.utf8.count + 1)...], as: UTF8.self)
             .trimmingCharacters(in: .whitespaces)
         return credential.isEmpty ? nil : credential
-    }
-
-    /// Whether `byte` may belong to a character `trimmingCharacters(in: .whitespaces)` removes.
-    private static func mayBeTrimmed(_ byte: UInt8) -> Bool {
-        byte == UInt8(ascii: " ") || byte == UInt8(ascii: "\t") || byte >= 0x80
     }
 
     /// The `limits` object: `refreshesPerMinute` and `userExchangesPerMinute`, integers 0–1,000,000,

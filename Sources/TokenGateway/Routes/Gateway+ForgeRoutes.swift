@@ -234,13 +234,13 @@ extension Gateway {
     func verifyInvocation(_ request: Request, policy: InvocationPolicy = .backend, logger: Logger) async throws
         -> (InvocationContext, InstallationID)
     {
-        guard let header = request.headers[.authorization], header.count > 7,
+        guard let header = request.headers[.authorization], header.utf8.count > 7,
             header.prefix(7).lowercased() == "bearer "
         else {
             self.metrics.countInvocationToken(outcome: "missing")
             throw GatewayError.invalidInvocationToken
         }
-        let token = String(header.dropFirst(7)).trimmingCharacters(in: .whitespaces)
+        let token = HeaderValue.trimmed(header.dropFirst(7))
         let invocation: InvocationContext
         do {
             invocation = try await self.verifier.verify(token, policy: policy)
@@ -274,7 +274,7 @@ extension Gateway {
     /// when its `exp` cannot be read.
     func optionalSystemToken(_ request: Request) throws -> AccessToken? {
         guard let value = request.headers[.forgeOAuthSystem] else { return nil }
-        let token = value.trimmingCharacters(in: .whitespaces)
+        let token = HeaderValue.trimmed(value)
         if token.isEmpty { throw GatewayError.missingToken }
         guard let exp = TokenClaims.expiry(of: token) else {
             throw GatewayError.invalidToken("the system token has no readable exp claim")
