@@ -357,7 +357,12 @@ struct RedisOutageIntegrationTests {
             guard let refreshed, refreshed.status == 200 else { continue }
             #expect(Self.tokenInstallation(refreshed) == installation.id)
             #expect(refreshed.json["source"] as? String == "trigger")
-            #expect(refreshed.json["accessToken"] as? String != tokens[installation.id])
+            // Should this fail: the answer's expiry against the stored one's tells a token that was
+            // not newer (minted in the same second) from an old one served by mistake.
+            #expect(
+                refreshed.json["accessToken"] as? String != tokens[installation.id],
+                "the forced refresh answered the previous token: expiresAt \(refreshed.json["expiresAt"] ?? "-"), source \(refreshed.json["source"] ?? "-"), fetched in second \(fetchedInSecond), now \(Int64(Date().timeIntervalSince1970))"
+            )
             let stored = try await replicaAdmin.send(["HGET", "tg:{\(installation.id)}:token:system", "exp"])
             let expiresAt = refreshed.json["expiresAt"] as? String
             #expect(stored.string.flatMap { Int64($0) }.map { RFC3339.string(unixSeconds: $0) } == expiresAt)
