@@ -311,7 +311,7 @@ fi
 
 echo "==> cold path: $COLD_INSTALLATIONS installations x $COLD_CALLERS concurrent callers"
 COLD_SEQ=$($DRIVER cold --gateway "http://127.0.0.1:$GATEWAY_PORT" --emulator "http://127.0.0.1:$EMULATOR_PORT" \
-    --installations "$COLD_INSTALLATIONS" --callers "$COLD_CALLERS")
+    --installations "$COLD_INSTALLATIONS" --callers "$COLD_CALLERS" --pid "$GATEWAY_PID")
 COLD_BURST=$($DRIVER cold --gateway "http://127.0.0.1:$GATEWAY_PORT" --emulator "http://127.0.0.1:$EMULATOR_PORT" \
     --installations "$COLD_INSTALLATIONS" --callers "$COLD_CALLERS" --burst)
 
@@ -345,6 +345,9 @@ for name, r in (("sequential", seq), ("burst", burst)):
           + (f" (target p50 <= 1 ms: {verdict(r['gateway_added_p50_ms'] <= 1)})" if name == "sequential" else "")
           + f"; this client's own cached GET p50 {r['client_cached_get_p50_ms']:.2f} ms,"
           + f" {r['callers_per_installation']} concurrent cached GETs p50 {r['client_concurrent_cached_p50_ms']:.2f} ms")
+    if r.get("gateway_cpu_ms_per_installation") is not None:
+        print(f"  gateway CPU time per installation served cold (all {r['callers_per_installation']} callers, the"
+              f" trigger round trip and the delivery): {r['gateway_cpu_ms_per_installation']:.2f} ms")
 print(f"memory ({mem['installations']} installations, {mem['fetched_from_cache']} served from the cache, mean token {mem['mean_token_bytes']:.0f} bytes)")
 print(f"  token bytes held {mem['token_bytes_held'] / 1e6:.1f} MB; RSS {mem['rss_start_kib'] / 1024:.1f} -> {mem['rss_end_kib'] / 1024:.1f} MiB")
 print(f"  RSS growth / token bytes {mem['delta_per_token_byte']:.2f}; whole RSS / token bytes {mem['rss_per_token_byte']:.2f}"
