@@ -169,14 +169,9 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         var refreshNotBefore: FlowTime?
         /// A hold seen during the round, in force again once it ends.
         var hold: Hold?
-
         /// The latest expiry its callers (or its refresh-ahead) found insufficient: the value the
-        /// round is to improve on.
-        var knownExpiry: Int64 {
-            var known = self.waiters.values.map(\.knownExpiry).max() ?? 0
-            if case .refreshAhead(let expiry) = self.kind { known = max(known, expiry) }
-            return known
-        }
+        /// round is to improve on. Kept as callers join, so a join costs no pass over the waiters.
+        var knownExpiry: Int64 = 0
     }
 
     enum RoundOutcome {
@@ -350,6 +345,7 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
             // found insufficient does not count as newer for it.
             var joined = w
             joined.knownExpiry = max(knownExpiry, round.knownExpiry)
+            round.knownExpiry = joined.knownExpiry
             round.waiters[waiter] = joined
             var actions: [Action] = [.scheduleTimer(timer, deadline: deadline)]
             round.deadline = max(round.deadline, deadline)
@@ -367,7 +363,8 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
                 Round(
                     requestID: requestID, kind: .requested, waiters: [waiter: w], deadline: deadline,
                     leaseDeadline: deadline,
-                    phase: .acquiringLease, ignoresHold: forced, refreshNotBefore: notBefore),
+                    phase: .acquiringLease, ignoresHold: forced, refreshNotBefore: notBefore,
+                    knownExpiry: knownExpiry),
                 timer: timer, now: now)
         case .held(let hold):
             // Only a forced refresh gets here: it runs a round regardless of the hold.
@@ -375,7 +372,7 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
                 Round(
                     requestID: requestID, kind: .requested, waiters: [waiter: w], deadline: deadline,
                     leaseDeadline: deadline,
-                    phase: .acquiringLease, ignoresHold: true, hold: hold),
+                    phase: .acquiringLease, ignoresHold: true, hold: hold, knownExpiry: knownExpiry),
                 timer: timer, now: now)
         case .circuitOpen:
             return []
@@ -417,7 +414,7 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         let round = Round(
             requestID: requestID, kind: .refreshAhead(knownExpiry: knownExpiry), waiters: [:], deadline: deadline,
             leaseDeadline: deadline, phase: .acquiringLease, ignoresHold: false,
-            refreshNotBefore: now + self.configuration.refreshAheadCooldown)
+            refreshNotBefore: now + self.configuration.refreshAheadCooldown, knownExpiry: knownExpiry)
         return self.startRound(round, timer: self.makeTimer(), now: now)
     }
 
