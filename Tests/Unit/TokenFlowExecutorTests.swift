@@ -52,6 +52,7 @@ private struct Harness {
     /// Delivers a token as a Forge route of this process does: stores it, then hands it to the flow.
     func deliver(_ value: String, expiresIn: Int64, requestID: String?) {
         let expiresAt = self.clock.now().unixSeconds + expiresIn
+        if let requestID { self.flow.deliveryArriving(self.id, requestID: requestID) }
         let (stored, solicited) = self.store.deliver(self.id, token: value, expiresAt: expiresAt, requestID: requestID)
         guard stored else { return }
         let rid = solicited ? requestID : nil
@@ -268,6 +269,46 @@ struct TokenFlowExecutorTests {
             #expect(throws: FlowError.cancelled) { try cancelled.get() }
             while h.store.leaseOwner(h.id) == call.requestID { await Task.yield() }
             #expect(!h.flow.isRoundActive(h.id))
+        }
+    }
+
+    @Test("the echo of a delivery this process is storing is not read back, even when it overtakes the store's answer")
+    func ownDeliveryEchoAheadOfTheStoresAnswer() async throws {
+        try await withFlow { h in
+            let other = InstallationID("ari:cloud:ecosystem::installation/0b7d9a35-0f5e-4a8e-9a43-71c7b0a6c2d9")!
+            h.store.install(other)
+            h.flow.apiBaseUrlSeen(other, "https://example.atlassian.net")
+            let caller = Task { await h.request() }
+            let call = try #require(await h.nextCall())
+            // The caller's deadline timer and the round's grace and re-read timers.
+            await h.clock.waitForSleepers(3)
+            // The route: noted, then stored; the store's echo reaches the flow and is handled
+            // before the route hands the token over.
+            h.flow.deliveryArriving(h.id, requestID: call.requestID)
+            let expiresAt = h.clock.now().unixSeconds + 3600
+            h.store.dropsNotifications = true
+            let (stored, solicited) = h.store.deliver(
+                h.id, token: "tok-1", expiresAt: expiresAt, requestID: call.requestID)
+            h.store.dropsNotifications = false
+            #expect(stored && solicited)
+            let probes = h.store.calls("roundProbe")
+            h.store.publish(.tokenStored(h.id, requestID: call.requestID, sameToken: false, origin: h.flow.replicaID))
+            h.store.publish(.apiBaseURLChanged(other))
+            while h.store.calls("roundProbe") == probes { await Task.yield() }
+            // Only the other installation's announcement was read back.
+            #expect(h.store.calls("roundProbe") == probes + 1)
+            #expect(h.flow.isRoundActive(h.id))
+            h.flow.tokenDelivered(
+                h.id,
+                token: AccessToken(
+                    value: "tok-1", expiresAt: expiresAt, requestID: call.requestID,
+                    receivedAt: h.clock.now().unixSeconds),
+                solicitedBy: call.requestID)
+            let answer = try await caller.value.get()
+            #expect(answer.token.value == "tok-1")
+            #expect(answer.source == .trigger)
+            #expect(h.store.calls("roundProbe") == probes + 1)
+            #expect(h.trigger.callCount == 1)
         }
     }
 

@@ -151,8 +151,11 @@ extension TokenFlow {
     /// store calls, trigger calls and timers as child tasks of ``run()``.
     func perform(_ actions: [FlowAction], for id: InstallationID) {
         guard !actions.isEmpty else { return }
-        if let observer = self.observer { observer.tokenFlow(performs: actions, for: id, at: self.now()) }
+        // The actions first (callers' answers among them), then the observer: what it records
+        // comes after what the callers wait for.
+        let now = self.now()
         self.execute(actions[...], for: id)
+        if let observer = self.observer { observer.tokenFlow(performs: actions, for: id, at: now) }
     }
 
     private func execute(_ actions: ArraySlice<FlowAction>, for id: InstallationID) {

@@ -402,6 +402,13 @@ public final class TokenFlow: Sendable, Service {
         self.handle(id) { $0.valueObserved(token, solicitedBy: solicitedBy, now: self.now()) }
     }
 
+    /// This process is about to store a token Forge delivered for round trip `requestID`: the
+    /// store's announcement of it, which may reach this process before the store's own answer
+    /// does, is then known as this process's own and not read back from the store.
+    public func deliveryArriving(_ id: InstallationID, requestID: String) {
+        self.noteOwnAnnouncement(OwnAnnouncement(installation: id, tag: "token " + requestID))
+    }
+
     /// A delivery to this process answered round trip `requestID` but did not replace the stored
     /// token (Forge handed out a token no newer than the one held). `newest` is the stored token.
     /// If this process leads that round trip, its callers are answered and the hold is placed.

@@ -298,6 +298,7 @@ extension Gateway {
         async throws -> Bool
     {
         let result: GatewayStore.DeliveryResult
+        if let requestID { self.flow.deliveryArriving(id, requestID: requestID) }
         do {
             result = try await self.store.storeDeliveredToken(
                 id, token: token, requestID: requestID, metadata: invocation.metadata, now: FlowTime.now(),
