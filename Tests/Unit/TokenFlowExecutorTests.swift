@@ -11,6 +11,8 @@ private final class RecordingTrigger: TriggerSender {
         var installation: InstallationID
         var requestID: String
         var attempt: Int
+        /// What the store read for the call along with the round's lease.
+        var material: TriggerMaterialRead?
     }
 
     let calls: AsyncStream<Call>
@@ -26,12 +28,26 @@ private final class RecordingTrigger: TriggerSender {
 
     func answer(with result: TriggerAttemptResult) { self.answer.withLock { $0 = result } }
 
+    func triggerMaterialQuery(for installation: InstallationID) -> TriggerMaterialQuery? {
+        TriggerMaterialQuery(heldKeyID: "key-held")
+    }
+
     func sendTrigger(
         installation: InstallationID, requestID: String, attempt: Int, issuedAt: FlowTime, expiresAt: FlowTime,
         timeout: Duration
     ) async -> TriggerAttemptResult {
+        await self.sendTrigger(
+            installation: installation, requestID: requestID, attempt: attempt, issuedAt: issuedAt,
+            expiresAt: expiresAt, timeout: timeout, material: nil)
+    }
+
+    func sendTrigger(
+        installation: InstallationID, requestID: String, attempt: Int, issuedAt: FlowTime, expiresAt: FlowTime,
+        timeout: Duration, material: TriggerMaterialRead?
+    ) async -> TriggerAttemptResult {
         self.count.withLock { $0 += 1 }
-        self.continuation.yield(Call(installation: installation, requestID: requestID, attempt: attempt))
+        self.continuation.yield(
+            Call(installation: installation, requestID: requestID, attempt: attempt, material: material))
         return self.answer.withLock { $0 }
     }
 }
@@ -153,6 +169,53 @@ struct TokenFlowExecutorTests {
                 #expect(answers == 5)
             }
             #expect(h.trigger.callCount == 1)
+        }
+    }
+
+    @Test("the trigger material read with the round's lease goes to its first trigger call only; a retry reads anew")
+    func leaseMaterialServesTheFirstAttempt() async throws {
+        try await withFlow({ $0.maxAttempts = 2 }) { h in
+            let read = TriggerMaterialRead(
+                status: "active", sealedURL: "sealed-url", keyID: "key-2", nextActivatesAt: nil, sealedKey: "sealed-key"
+            )
+            h.store.setTriggerMaterial(read, for: h.id)
+            h.trigger.answer(with: .failed(.httpError))
+            async let answer = h.request()
+            var calls = h.trigger.calls.makeAsyncIterator()
+            let first = try #require(await calls.next())
+            #expect(first.attempt == 1)
+            #expect(first.material == read)
+            #expect(h.store.calls("takeLease") == 1)
+            // The first call failed: the retry waits out its backoff (at most 100 ms for the first
+            // retry), then reads its own material.
+            h.trigger.answer(with: .accepted)
+            // The caller's deadline timer and the backoff timer.
+            await h.clock.waitForSleepers(2)
+            h.clock.advance(by: .milliseconds(100))
+            let second = await calls.next()
+            #expect(second?.attempt == 2)
+            #expect(second?.material == nil)
+            h.deliver("tok-1", expiresIn: 3600, requestID: first.requestID)
+            #expect(try await answer.get().token.value == "tok-1")
+            #expect(h.store.calls("takeLease") == 1)
+        }
+    }
+
+    @Test("the store leaves out the sealed key the trigger sender says it holds")
+    func leaseMaterialSparesTheHeldKey() async throws {
+        try await withFlow { h in
+            let read = TriggerMaterialRead(
+                status: "active", sealedURL: "sealed-url", keyID: "key-held", nextActivatesAt: nil,
+                sealedKey: "sealed-key")
+            h.store.setTriggerMaterial(read, for: h.id)
+            async let answer = h.request()
+            let call = try #require(await h.nextCall())
+            var expected = read
+            expected.sealedKey = nil
+            #expect(call.material == expected)
+            await h.clock.waitForSleepers(3)
+            h.deliver("tok-1", expiresIn: 3600, requestID: call.requestID)
+            #expect(try await answer.get().token.value == "tok-1")
         }
     }
 

@@ -43,6 +43,7 @@ extension TokenFlow {
             s.shuttingDown = true
             let held = s.leasesHeld
             s.leasesHeld.removeAll()
+            s.leaseMaterial.removeAll()
             return (Array(s.machines.keys), held)
         }
         for id in ids { self.handle(id) { $0.shutdownRequested(now: now) } }
@@ -234,6 +235,7 @@ extension TokenFlow {
         let held = self.state.withLock { s -> Bool in
             guard s.leasesHeld[id] == requestID else { return false }
             s.leasesHeld[id] = nil
+            s.leaseMaterial[id] = nil
             return true
         }
         if held { self.metrics.leasesHeld.decrement() }

@@ -5,13 +5,15 @@ import Logging
 extension TokenFlow {
     func acquireLease(_ id: InstallationID, requestID: String, ttl: Duration, respectingHold: Bool) async {
         do {
-            let outcome = try await self.store.takeLease(
-                id, requestID: requestID, replicaID: self.replicaID, ttl: ttl, respectingHold: respectingHold)
+            let (outcome, material) = try await self.store.takeLease(
+                id, requestID: requestID, replicaID: self.replicaID, ttl: ttl, respectingHold: respectingHold,
+                material: self.trigger.triggerMaterialQuery(for: id))
             switch outcome {
             case .taken:
                 let kept = self.state.withLock { s -> Bool in
                     guard !s.shuttingDown else { return false }
                     s.leasesHeld[id] = requestID
+                    s.leaseMaterial[id] = material.map { LeaseMaterial(requestID: requestID, read: $0) }
                     return true
                 }
                 guard kept else {
@@ -44,9 +46,15 @@ extension TokenFlow {
         self.logger.debug(
             "sending auth trigger",
             metadata: ["installation.id": "\(id)", "request.id": "\(requestID)", "trigger.attempt": "\(attempt)"])
+        // The material read with the round's lease serves its first call; later attempts read anew.
+        let material = self.state.withLock { s -> TriggerMaterialRead? in
+            guard let kept = s.leaseMaterial[id], kept.requestID == requestID else { return nil }
+            s.leaseMaterial[id] = nil
+            return attempt == 1 ? kept.read : nil
+        }
         let result = await self.trigger.sendTrigger(
             installation: id, requestID: requestID, attempt: attempt, issuedAt: started, expiresAt: expiresAt,
-            timeout: timeout)
+            timeout: timeout, material: material)
         let now = self.now()
         switch result {
         case .accepted:

@@ -62,6 +62,11 @@ public final class TokenFlow: Sendable, Service {
         var tag: String
     }
 
+    struct LeaseMaterial {
+        var requestID: String
+        var read: TriggerMaterialRead
+    }
+
     struct State: ~Copyable {
         var machines: [InstallationID: TokenFlowStateMachine] = [:]
         var waiters: [WaiterID: Waiter] = [:]
@@ -79,6 +84,9 @@ public final class TokenFlow: Sendable, Service {
         var nextWaiter: UInt64 = 0
         var nextTimerBase: UInt64 = 0
         var leasesHeld: [InstallationID: String] = [:]
+        /// The trigger material read with a lease this process took, kept for that round's first
+        /// trigger call (keyed by installation, with the round's request id).
+        var leaseMaterial: [InstallationID: LeaseMaterial] = [:]
         var shuttingDown = false
     }
 

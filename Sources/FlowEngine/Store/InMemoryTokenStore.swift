@@ -33,6 +33,7 @@ public final class InMemoryTokenStore: TokenStore {
         var subscribers: [UInt64: AsyncStream<TokenStoreNotification>.Continuation] = [:]
         var nextSubscriber: UInt64 = 0
         var dropsNotifications = false
+        var triggerMaterial: [InstallationID: TriggerMaterialRead] = [:]
         var unavailable = false
         var calls: [String: Int] = [:]
     }
@@ -114,6 +115,12 @@ public final class InMemoryTokenStore: TokenStore {
         set { self.state.withLock { $0.dropsNotifications = newValue } }
     }
 
+    /// Sets the trigger material a taken lease reads for `id` when the sender asks for it (as the
+    /// Redis lease script does); nil: none is read.
+    public func setTriggerMaterial(_ read: TriggerMaterialRead?, for id: InstallationID) {
+        self.state.withLock { $0.triggerMaterial[id] = read }
+    }
+
     /// While true, every call throws (the store is unreachable).
     public var isUnavailable: Bool {
         get { self.state.withLock { $0.unavailable } }
@@ -181,6 +188,18 @@ public final class InMemoryTokenStore: TokenStore {
             s.pending[Self.pendingKey(id, requestID)] = Expiring(value: replicaID, until: now + ttl)
             return .taken
         }
+    }
+
+    public func takeLease(
+        _ id: InstallationID, requestID: String, replicaID: String, ttl: Duration, respectingHold: Bool,
+        material: TriggerMaterialQuery?
+    ) async throws -> (outcome: TokenStoreLeaseOutcome, material: TriggerMaterialRead?) {
+        let outcome = try await self.takeLease(
+            id, requestID: requestID, replicaID: replicaID, ttl: ttl, respectingHold: respectingHold)
+        guard outcome == .taken, let material else { return (outcome, nil) }
+        var read = self.state.withLock { $0.triggerMaterial[id] }
+        if read?.keyID == material.heldKeyID { read?.sealedKey = nil }
+        return (outcome, read)
     }
 
     public func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async throws {

@@ -3,7 +3,8 @@ import RedisKit
 /// The ``TokenStore`` of the token flow on Redis, over the gateway's keys (``GatewayStore``).
 ///
 /// The cold path before the trigger call leaves costs two round trips here: the snapshot (one
-/// pipeline) and the lease with the pending request (one script, ``RedisTokenStore/takeLeaseScript``).
+/// pipeline) and the lease with the pending request and the trigger material the first call
+/// needs (one script, ``RedisTokenStore/takeLeaseScript``).
 public struct RedisTokenStore: TokenStore {
     /// The gateway's keys and sealing.
     public let store: GatewayStore
@@ -25,14 +26,37 @@ public struct RedisTokenStore: TokenStore {
     public func takeLease(
         _ id: InstallationID, requestID: String, replicaID: String, ttl: Duration, respectingHold: Bool
     ) async throws -> TokenStoreLeaseOutcome {
+        try await self.takeLease(
+            id, requestID: requestID, replicaID: replicaID, ttl: ttl, respectingHold: respectingHold, material: nil
+        ).outcome
+    }
+
+    public func takeLease(
+        _ id: InstallationID, requestID: String, replicaID: String, ttl: Duration, respectingHold: Bool,
+        material: TriggerMaterialQuery?
+    ) async throws -> (outcome: TokenStoreLeaseOutcome, material: TriggerMaterialRead?) {
         let r = try await self.store.redis.eval(
             Self.takeLeaseScript,
-            keys: [self.store.leaseKey(id), self.store.holdKey(id), self.store.pendingKey(id, requestID: requestID)],
-            arguments: [requestID, String(max(ttl.milliseconds, 1)), respectingHold ? "1" : "0", replicaID])
+            keys: [
+                self.store.leaseKey(id), self.store.holdKey(id), self.store.pendingKey(id, requestID: requestID),
+                self.store.installationKey(id), self.store.signingKeysKey(id),
+            ],
+            arguments: [
+                requestID, String(max(ttl.milliseconds, 1)), respectingHold ? "1" : "0", replicaID,
+                material == nil ? "0" : "1", material?.heldKeyID ?? "",
+            ])
+        if let items = r.array {
+            // Taken, with the trigger material: 1, status, sealed URL, key id, next activation, sealed key.
+            guard items.count == 6, items[0].int == 1 else { throw RedisError.protocolError }
+            let read = TriggerMaterialRead(
+                status: items[1].string, sealedURL: items[2].string, keyID: items[3].string,
+                nextActivatesAt: items[4].string.flatMap { Int64($0) }, sealedKey: items[5].string)
+            return (.taken, read)
+        }
         guard let code = r.int else { throw RedisError.protocolError }
-        if code == 1 { return .taken }
-        if code == 0 { return .busy }
-        return .held(remaining: .milliseconds(-code))
+        if code == 1 { return (.taken, nil) }
+        if code == 0 { return (.busy, nil) }
+        return (.held(remaining: .milliseconds(-code)), nil)
     }
 
     public func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async throws {
@@ -104,10 +128,14 @@ public struct RedisTokenStore: TokenStore {
     }
 
     /// Takes a round's lease unless another holds it or (when asked) a hold is in force, and
-    /// records the round's pending request with it: one round trip.
-    /// KEYS: lease, hold, pending. ARGV: request id (the lease's owner value), ttl ms, respect hold
-    /// (1/0), replica id (the pending request's owner). Returns 1 (taken), 0 (busy) or minus the
-    /// hold's remaining milliseconds.
+    /// records the round's pending request with it; when the lease is taken and ARGV[5] asks for
+    /// it, also reads the trigger material the round's first trigger call needs: one round trip.
+    /// KEYS: lease, hold, pending, installation, signing keys (one hash slot). ARGV: request id (the
+    /// lease's owner value), ttl ms, respect hold (1/0), replica id (the pending request's owner),
+    /// read the trigger material (1/0), the key id whose sealed key the caller holds ("" for none).
+    /// Returns 1 (taken) or {1, status, sealed trigger URL, current key id, next key's activation
+    /// time, sealed current key unless its id is ARGV[6]} (taken, with the material), 0 (busy) or
+    /// minus the hold's remaining milliseconds.
     static let takeLeaseScript = RedisScript(
         """
         if ARGV[3] == '1' then
@@ -116,7 +144,12 @@ public struct RedisTokenStore: TokenStore {
         end
         if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
           redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[2])
-          return 1
+          if ARGV[5] ~= '1' then return 1 end
+          local i = redis.call('HMGET', KEYS[4], 'status', 'triggerUrl')
+          local k = redis.call('HMGET', KEYS[5], 'current', 'nextActivatesAt')
+          local sealed = false
+          if k[1] and k[1] ~= ARGV[6] then sealed = redis.call('HGET', KEYS[5], 'key:' .. k[1]) end
+          return {1, i[1], i[2], k[1], k[2], sealed}
         end
         return 0
         """)

@@ -16,6 +16,14 @@ public protocol TokenStore: Sendable {
         _ id: InstallationID, requestID: String, replicaID: String, ttl: Duration, respectingHold: Bool
     ) async throws -> TokenStoreLeaseOutcome
 
+    /// Takes the lease as ``takeLease(_:requestID:replicaID:ttl:respectingHold:)`` does and, when
+    /// it is taken and `material` asks for it, reads the installation's trigger material in the
+    /// same round trip (for the round's first trigger call).
+    func takeLease(
+        _ id: InstallationID, requestID: String, replicaID: String, ttl: Duration, respectingHold: Bool,
+        material: TriggerMaterialQuery?
+    ) async throws -> (outcome: TokenStoreLeaseOutcome, material: TriggerMaterialRead?)
+
     /// Extends the lease and the round's pending request, only while `requestID` holds the lease.
     func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async throws
 
@@ -39,6 +47,18 @@ public protocol TokenStore: Sendable {
     /// The announcements of every replica (tokens stored, holds, uninstalls), until the task
     /// iterating it is cancelled.
     func notifications() -> AsyncStream<TokenStoreNotification>
+}
+
+extension TokenStore {
+    /// A store that reads no trigger material with the lease: the sender reads its own.
+    public func takeLease(
+        _ id: InstallationID, requestID: String, replicaID: String, ttl: Duration, respectingHold: Bool,
+        material: TriggerMaterialQuery?
+    ) async throws -> (outcome: TokenStoreLeaseOutcome, material: TriggerMaterialRead?) {
+        let outcome = try await self.takeLease(
+            id, requestID: requestID, replicaID: replicaID, ttl: ttl, respectingHold: respectingHold)
+        return (outcome, nil)
+    }
 }
 
 /// What ``TokenStore/snapshot(_:timeout:)`` read.

@@ -38,18 +38,33 @@ extension GatewayStore {
             let reply = try await self.redis.eval(
                 TriggerMaterialScripts.read, keys: [installationKey, signingKey], arguments: [cachedKeyID ?? ""])
             guard let items = reply.array, items.count == 5 else { throw RedisError.protocolError }
-            if !promoted, let due = items[3].string.flatMap({ Int64($0) }), due <= now.unixSeconds {
+            let read = TriggerMaterialRead(
+                status: items[0].string, sealedURL: items[1].string, keyID: items[2].string,
+                nextActivatesAt: items[3].string.flatMap { Int64($0) }, sealedKey: items[4].string)
+            if !promoted, Self.nextKeyIsDue(read, now: now) {
                 _ = try await self.redis.eval(
                     TriggerKeyScripts.promoteIfDue, keys: [installationKey, signingKey],
                     arguments: [String(now.unixSeconds)])
                 promoted = true
                 continue
             }
-            guard items[0].string == InstallationStatus.active.rawValue,
-                let sealedURL = items[1].string, let keyID = items[2].string
-            else { return nil }
-            return (TriggerMaterialVersion(sealedURL: sealedURL, keyID: keyID), items[4].string)
+            return Self.materialInForce(read)
         }
+    }
+
+    /// True when `read` shows a next signing key whose activation time has come: it is promoted
+    /// before any material is used.
+    static func nextKeyIsDue(_ read: TriggerMaterialRead, now: FlowTime) -> Bool {
+        read.nextActivatesAt.map { $0 <= now.unixSeconds } ?? false
+    }
+
+    /// The version in force and the sealed key that `read` found, or nil when no trigger is
+    /// registered or the installation is not active.
+    static func materialInForce(_ read: TriggerMaterialRead) -> (version: TriggerMaterialVersion, sealedKey: String?)? {
+        guard read.status == InstallationStatus.active.rawValue, let sealedURL = read.sealedURL,
+            let keyID = read.keyID
+        else { return nil }
+        return (TriggerMaterialVersion(sealedURL: sealedURL, keyID: keyID), read.sealedKey)
     }
 
     /// Opens the trigger material of `version`: reads the sealed signing key (one round trip, none

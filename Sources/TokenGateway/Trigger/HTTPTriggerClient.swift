@@ -33,13 +33,30 @@ public struct HTTPTriggerClient: TriggerSender {
         self.materials.forget(id)
     }
 
+    /// What the store reads with a round's lease for the round's first call: the material in
+    /// force, and its sealed key unless the one held is still current.
+    public func triggerMaterialQuery(for installation: InstallationID) -> TriggerMaterialQuery? {
+        TriggerMaterialQuery(heldKeyID: self.materials.keyID(for: installation))
+    }
+
     /// The trigger URL and signing key in force for `installation`, opened at most once per key id
     /// and stored URL; nil when no trigger is registered or the installation is not active.
-    func material(for installation: InstallationID) async throws -> TriggerMaterialCache.Entry? {
-        guard
-            let read = try await self.store.readTriggerMaterial(
-                installation, now: FlowTime.now(), cachedKeyID: self.materials.keyID(for: installation))
-        else {
+    /// `leaseRead`: what the store read with the round's lease, used instead of a read of its own
+    /// unless a next key is due (the read then promotes it).
+    func material(for installation: InstallationID, leaseRead: TriggerMaterialRead? = nil) async throws
+        -> TriggerMaterialCache.Entry?
+    {
+        let now = FlowTime.now()
+        let read: (version: GatewayStore.TriggerMaterialVersion, sealedKey: String?)?
+        if let leaseRead, !GatewayStore.nextKeyIsDue(leaseRead, now: now),
+            leaseRead.sealedKey != nil || leaseRead.keyID == self.materials.keyID(for: installation)
+        {
+            read = GatewayStore.materialInForce(leaseRead)
+        } else {
+            read = try await self.store.readTriggerMaterial(
+                installation, now: now, cachedKeyID: self.materials.keyID(for: installation))
+        }
+        guard let read else {
             self.materials.forget(installation)
             return nil
         }
@@ -73,11 +90,20 @@ public struct HTTPTriggerClient: TriggerSender {
         installation: InstallationID, requestID: String, attempt: Int, issuedAt: FlowTime, expiresAt: FlowTime,
         timeout: Duration
     ) async -> TriggerAttemptResult {
+        await self.sendTrigger(
+            installation: installation, requestID: requestID, attempt: attempt, issuedAt: issuedAt,
+            expiresAt: expiresAt, timeout: timeout, material: nil)
+    }
+
+    public func sendTrigger(
+        installation: InstallationID, requestID: String, attempt: Int, issuedAt: FlowTime, expiresAt: FlowTime,
+        timeout: Duration, material: TriggerMaterialRead?
+    ) async -> TriggerAttemptResult {
         await withSpan("auth-trigger", ofKind: .client) { span in
             span.attributes["token_gateway.trigger.attempt"] = attempt
             let result = await self.send(
                 installation: installation, requestID: requestID, attempt: attempt, issuedAt: issuedAt,
-                expiresAt: expiresAt, timeout: timeout)
+                expiresAt: expiresAt, timeout: timeout, leaseRead: material)
             if case .failed(let failure) = result {
                 span.setStatus(SpanStatus(code: .error, message: failure.rawValue))
             }
@@ -87,7 +113,7 @@ public struct HTTPTriggerClient: TriggerSender {
 
     func send(
         installation: InstallationID, requestID: String, attempt: Int, issuedAt: FlowTime, expiresAt: FlowTime,
-        timeout: Duration
+        timeout: Duration, leaseRead: TriggerMaterialRead? = nil
     ) async -> TriggerAttemptResult {
         var logger = self.logger
         logger[metadataKey: "installation.id"] = "\(installation)"
@@ -95,7 +121,7 @@ public struct HTTPTriggerClient: TriggerSender {
         logger[metadataKey: "trigger.attempt"] = "\(attempt)"
         let material: TriggerMaterialCache.Entry
         do {
-            guard let m = try await self.material(for: installation) else {
+            guard let m = try await self.material(for: installation, leaseRead: leaseRead) else {
                 logger.warning("no trigger registered for installation")
                 return .failed(.transportError)
             }
