@@ -44,6 +44,47 @@ struct TokenFlowIntegrationTests {
         }
     }
 
+    @Test("a round's verdict and its lease's release are one step: the lease goes only with its owner")
+    func verdictReleasesTheLease() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let id = installation.installationID
+            let store = RedisTokenStore(store: h.gateway.store)
+            let now = FlowTime.now()
+            let leaseKey = "tg:{\(installation.id)}:lease"
+            func failure(releasing owner: String) async throws -> FlowTime? {
+                try await store.recordRoundOutcome(
+                    id, succeeded: false, threshold: 2, openBase: .seconds(30), openCap: .seconds(300), now: now,
+                    releasingLease: owner)
+            }
+            #expect(
+                try await store.takeLease(
+                    id, requestID: "rq_verdict_1", replicaID: "replica-t", ttl: .seconds(30), respectingHold: false)
+                    == .taken)
+            // Another round's verdict leaves this lease alone; its failure counts.
+            #expect(try await failure(releasing: "rq_other") == nil)
+            #expect(try await h.gateway.redis.send(["GET", leaseKey]).string == "rq_verdict_1")
+            // The owner's verdict releases it; the second failure opens the circuit.
+            let openUntil = try #require(try await failure(releasing: "rq_verdict_1"))
+            #expect(openUntil.unixMilliseconds == (now + .seconds(30)).unixMilliseconds)
+            #expect(try await h.gateway.redis.send(["GET", leaseKey]).isNull)
+            #expect(
+                try await store.snapshot(id, timeout: nil).circuitOpenUntil?.unixMilliseconds
+                    == openUntil.unixMilliseconds)
+            // A success closes it, and releases the next lease with it.
+            #expect(
+                try await store.takeLease(
+                    id, requestID: "rq_verdict_2", replicaID: "replica-t", ttl: .seconds(30), respectingHold: false)
+                    == .taken)
+            #expect(
+                try await store.recordRoundOutcome(
+                    id, succeeded: true, threshold: 2, openBase: .seconds(30), openCap: .seconds(300), now: now,
+                    releasingLease: "rq_verdict_2") == nil)
+            #expect(try await h.gateway.redis.send(["GET", leaseKey]).isNull)
+            #expect(try await store.snapshot(id, timeout: nil).circuitOpenUntil == nil)
+        }
+    }
+
     @Test("100 concurrent callers on a cold installation cause one trigger and get one token")
     func coalescedColdFetch() async throws {
         try await GatewayHarness.run { h in

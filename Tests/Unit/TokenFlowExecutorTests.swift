@@ -140,8 +140,11 @@ struct TokenFlowExecutorTests {
             }
             #expect(h.trigger.callCount == 1)
             #expect(h.store.calls("takeLease") == 1)
-            // The lease is released once the round trip ended.
+            // The lease is released once the round trip ended, in the same step as its verdict.
             while h.store.leaseOwner(h.id) != nil { await Task.yield() }
+            #expect(h.store.calls("recordRoundOutcomeReleasingLease") == 1)
+            #expect(h.store.calls("releaseLease") == 0)
+            #expect(h.store.calls("recordRoundOutcome") == 0)
         }
     }
 
@@ -285,6 +288,10 @@ struct TokenFlowExecutorTests {
             #expect(throws: FlowError.triggerFailed) { try first.get() }
             // The verdict is recorded by a child task of run(); the circuit is then open.
             while h.flow.roundState(h.id) != .circuitOpen { await Task.yield() }
+            // The failed round's verdict and its lease's release were one step.
+            #expect(h.store.leaseOwner(h.id) == nil)
+            #expect(h.store.calls("recordRoundOutcomeReleasingLease") == 1)
+            #expect(h.store.calls("releaseLease") == 0)
             let second = await h.request()
             #expect(throws: FlowError.circuitOpen(retryAfter: .zero)) { try second.get() }
             if case .failure(let error) = second { #expect(error.retryAfter == .seconds(30)) }

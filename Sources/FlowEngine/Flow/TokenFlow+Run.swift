@@ -160,6 +160,8 @@ extension TokenFlow {
     }
 
     private func execute(_ actions: ArraySlice<FlowAction>, for id: InstallationID) {
+        // A round's verdict and its lease's release go to the store in one step.
+        var releasedWithVerdict: String?
         for (index, action) in zip(actions.indices, actions) {
             switch action {
             case .acquireLease(let requestID, let ttl):
@@ -169,6 +171,7 @@ extension TokenFlow {
             case .extendLease(let requestID, let ttl):
                 self.submit { try? await self.store.extendLease(id, requestID: requestID, ttl: ttl) }
             case .releaseLease(let requestID):
+                if requestID == releasedWithVerdict { continue }
                 if self.dropLease(id, requestID: requestID) {
                     self.submit { try? await self.store.releaseLease(id, requestID: requestID) }
                 }
@@ -207,7 +210,13 @@ extension TokenFlow {
             case .recordRetry:
                 self.metrics.triggerRetries.increment()
             case .roundFinished(let succeeded):
-                self.submit { await self.recordRound(id, succeeded: succeeded) }
+                let release = actions[index...].lazy.compactMap { action -> String? in
+                    if case .releaseLease(let requestID) = action { return requestID }
+                    return nil
+                }.first
+                let releasing = release.flatMap { self.dropLease(id, requestID: $0) ? $0 : nil }
+                releasedWithVerdict = release
+                self.submit { await self.recordRound(id, succeeded: succeeded, releasingLease: releasing) }
             case .recordAttempt(let outcome):
                 self.metrics.countAttempt(outcome: outcome)
                 if outcome != "success" {

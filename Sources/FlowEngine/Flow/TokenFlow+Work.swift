@@ -98,14 +98,22 @@ extension TokenFlow {
         }
     }
 
-    /// Records the verdict of a round trip this process led; the circuit as the store now has it
-    /// goes to the machine.
-    func recordRound(_ id: InstallationID, succeeded: Bool) async {
+    /// Records the verdict of a round trip this process led (releasing its lease in the same step
+    /// when `releasingLease` names it); the circuit as the store now has it goes to the machine.
+    func recordRound(_ id: InstallationID, succeeded: Bool, releasingLease requestID: String? = nil) async {
         do {
             let now = self.now()
-            let openUntil = try await self.store.recordRoundOutcome(
-                id, succeeded: succeeded, threshold: self.configuration.breakerThreshold,
-                openBase: self.configuration.breakerOpenBase, openCap: self.configuration.breakerOpenCap, now: now)
+            let c = self.configuration
+            let openUntil =
+                if let requestID {
+                    try await self.store.recordRoundOutcome(
+                        id, succeeded: succeeded, threshold: c.breakerThreshold, openBase: c.breakerOpenBase,
+                        openCap: c.breakerOpenCap, now: now, releasingLease: requestID)
+                } else {
+                    try await self.store.recordRoundOutcome(
+                        id, succeeded: succeeded, threshold: c.breakerThreshold, openBase: c.breakerOpenBase,
+                        openCap: c.breakerOpenCap, now: now)
+                }
             let count = self.state.withLock { s -> Int in
                 if openUntil != nil { s.openCircuits.insert(id) } else if succeeded { s.openCircuits.remove(id) }
                 return s.openCircuits.count

@@ -160,11 +160,13 @@ enum GatewayScripts {
         return 1
         """)
 
-    /// Records the outcome of a round trip for the installation's circuit breaker.
-    /// KEYS: breaker. ARGV: succeeded (1/0), threshold, base window ms, cap ms, now ms.
-    /// Returns {opened (1/0), openUntil ms}.
+    /// Records the outcome of a round trip for the installation's circuit breaker and, when
+    /// ARGV[6] is not empty, releases the round's lease in the same step while ARGV[6] holds it.
+    /// KEYS: breaker, lease (one hash slot). ARGV: succeeded (1/0), threshold, base window ms, cap
+    /// ms, now ms, the lease's owner ("" to leave the lease). Returns {opened (1/0), openUntil ms}.
     static let recordRound = RedisScript(
         """
+        if ARGV[6] ~= '' and redis.call('GET', KEYS[2]) == ARGV[6] then redis.call('DEL', KEYS[2]) end
         if ARGV[1] == '1' then
           redis.call('DEL', KEYS[1])
           return {0, 0}

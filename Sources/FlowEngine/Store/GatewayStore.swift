@@ -385,16 +385,18 @@ public final class GatewayStore: Sendable {
 
     // MARK: Circuit breaking
 
-    /// Records the outcome of a round trip this process led. Returns the instant (unix ms) until
-    /// which the circuit is now open, or nil when it is closed.
+    /// Records the outcome of a round trip this process led and, with `owner`, releases the lease
+    /// in the same step while `owner` holds it. Returns the instant (unix ms) until which the
+    /// circuit is now open, or nil when it is closed.
     public func recordRoundOutcome(
-        _ id: InstallationID, succeeded: Bool, threshold: Int, openBase: Duration, openCap: Duration, now: FlowTime
+        _ id: InstallationID, succeeded: Bool, threshold: Int, openBase: Duration, openCap: Duration, now: FlowTime,
+        releasingLease owner: String? = nil
     ) async throws -> Int64? {
         let r = try await self.redis.eval(
-            GatewayScripts.recordRound, keys: [self.breakerKey(id)],
+            GatewayScripts.recordRound, keys: [self.breakerKey(id), self.leaseKey(id)],
             arguments: [
                 succeeded ? "1" : "0", String(threshold), String(openBase.milliseconds), String(openCap.milliseconds),
-                String(now.unixMilliseconds),
+                String(now.unixMilliseconds), owner ?? "",
             ])
         guard let items = r.array, items.count == 2, let opened = items[0].int else { throw RedisError.protocolError }
         return opened == 1 ? items[1].int : nil

@@ -248,19 +248,40 @@ public final class InMemoryTokenStore: TokenStore {
     ) async throws -> FlowTime? {
         try self.call("recordRoundOutcome")
         return self.state.withLock { s in
-            guard !succeeded else {
-                s.breakers[id] = nil
-                return nil
-            }
-            var breaker = s.breakers[id] ?? Breaker()
-            breaker.failures += 1
-            defer { s.breakers[id] = breaker }
-            guard breaker.failures >= threshold else { return nil }
-            breaker.opens += 1
-            let window = min(openBase * (1 << min(breaker.opens - 1, 20)), openCap)
-            breaker.openUntil = now + window
-            return breaker.openUntil
+            Self.record(
+                &s, id, succeeded: succeeded, threshold: threshold, openBase: openBase, openCap: openCap, now: now)
         }
+    }
+
+    /// One step, as the Redis script does (counted as `recordRoundOutcomeReleasingLease`).
+    public func recordRoundOutcome(
+        _ id: InstallationID, succeeded: Bool, threshold: Int, openBase: Duration, openCap: Duration, now: FlowTime,
+        releasingLease requestID: String
+    ) async throws -> FlowTime? {
+        try self.call("recordRoundOutcomeReleasingLease")
+        return self.state.withLock { s in
+            if s.leases[id]?.value == requestID { s.leases[id] = nil }
+            return Self.record(
+                &s, id, succeeded: succeeded, threshold: threshold, openBase: openBase, openCap: openCap, now: now)
+        }
+    }
+
+    private static func record(
+        _ s: inout State, _ id: InstallationID, succeeded: Bool, threshold: Int, openBase: Duration,
+        openCap: Duration, now: FlowTime
+    ) -> FlowTime? {
+        guard !succeeded else {
+            s.breakers[id] = nil
+            return nil
+        }
+        var breaker = s.breakers[id] ?? Breaker()
+        breaker.failures += 1
+        defer { s.breakers[id] = breaker }
+        guard breaker.failures >= threshold else { return nil }
+        breaker.opens += 1
+        let window = min(openBase * (1 << min(breaker.opens - 1, 20)), openCap)
+        breaker.openUntil = now + window
+        return breaker.openUntil
     }
 
     public func notifications() -> AsyncStream<TokenStoreNotification> {

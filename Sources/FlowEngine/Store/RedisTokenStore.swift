@@ -87,6 +87,16 @@ public struct RedisTokenStore: TokenStore {
         return until.map { FlowTime(nanoseconds: $0 &* 1_000_000) }
     }
 
+    public func recordRoundOutcome(
+        _ id: InstallationID, succeeded: Bool, threshold: Int, openBase: Duration, openCap: Duration, now: FlowTime,
+        releasingLease requestID: String
+    ) async throws -> FlowTime? {
+        let until = try await self.store.recordRoundOutcome(
+            id, succeeded: succeeded, threshold: threshold, openBase: openBase, openCap: openCap, now: now,
+            releasingLease: requestID)
+        return until.map { FlowTime(nanoseconds: $0 &* 1_000_000) }
+    }
+
     public func notifications() -> AsyncStream<TokenStoreNotification> {
         let events = IteratorBox(self.store.redis.subscribe(channels: [self.store.channel]).makeAsyncIterator())
         return AsyncStream(unfolding: {

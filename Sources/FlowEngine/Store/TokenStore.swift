@@ -44,6 +44,13 @@ public protocol TokenStore: Sendable {
         _ id: InstallationID, succeeded: Bool, threshold: Int, openBase: Duration, openCap: Duration, now: FlowTime
     ) async throws -> FlowTime?
 
+    /// Records the verdict as ``recordRoundOutcome(_:succeeded:threshold:openBase:openCap:now:)``
+    /// does and, in the same step, releases the lease while `requestID` holds it (the round ended).
+    func recordRoundOutcome(
+        _ id: InstallationID, succeeded: Bool, threshold: Int, openBase: Duration, openCap: Duration, now: FlowTime,
+        releasingLease requestID: String
+    ) async throws -> FlowTime?
+
     /// The announcements of every replica (tokens stored, holds, uninstalls), until the task
     /// iterating it is cancelled.
     func notifications() -> AsyncStream<TokenStoreNotification>
@@ -58,6 +65,18 @@ extension TokenStore {
         let outcome = try await self.takeLease(
             id, requestID: requestID, replicaID: replicaID, ttl: ttl, respectingHold: respectingHold)
         return (outcome, nil)
+    }
+}
+
+extension TokenStore {
+    /// A store without a combined step: the lease is released, then the verdict recorded.
+    public func recordRoundOutcome(
+        _ id: InstallationID, succeeded: Bool, threshold: Int, openBase: Duration, openCap: Duration, now: FlowTime,
+        releasingLease requestID: String
+    ) async throws -> FlowTime? {
+        try? await self.releaseLease(id, requestID: requestID)
+        return try await self.recordRoundOutcome(
+            id, succeeded: succeeded, threshold: threshold, openBase: openBase, openCap: openCap, now: now)
     }
 }
 
