@@ -493,7 +493,11 @@ struct SecurityHardeningTests {
     @Test("apiBaseUrls outside the configured prefixes are neither stored nor served")
     func apiBaseURLMustBeAtlassians() throws {
         let allowed = ["https://api.atlassian.com/ex/"]
-        for url in ["https://api.atlassian.com/ex/jira/1b7c", "https://api.atlassian.com/ex/confluence/x/y"] {
+        for url in [
+            "https://api.atlassian.com/ex/jira/1b7c", "https://api.atlassian.com/ex/confluence/x/y",
+            "https://api.atlassian.com/ex/jira/..x", "https://api.atlassian.com/ex/jira/x..",
+            "https://api.atlassian.com/ex/" + String(repeating: "a", count: 483),
+        ] {
             #expect(RoutingPolicy.hasAllowedPrefix(url, prefixes: allowed), "\(url)")
         }
         for url in [
@@ -502,7 +506,11 @@ struct SecurityHardeningTests {
             "http://api.atlassian.com/ex/jira/1",
             "https://api.atlassian.com/ex/jira/1@evil.example", "https://api.atlassian.com/ex/../x",
             "https://api.atlassian.com/ex/jira/%2e%2e/x", "https://api.atlassian.com/ex/jira/1?x",
-            "https://api.atlassian.com/exx/1",
+            "https://api.atlassian.com/exx/1", "https://api.atlassian.com/ex/jira/..",
+            "https://api.atlassian.com/ex/jira/a b", "https://api.atlassian.com/ex/jira/\u{7}",
+            "https://api.atlassian.com/ex/jira/\u{e9}", "https://api.atlassian.com/ex/jira\\x",
+            "https://api.atlassian.com/ex/jira/1#x",
+            "https://api.atlassian.com/ex/" + String(repeating: "a", count: 484),
         ] {
             #expect(!RoutingPolicy.hasAllowedPrefix(url, prefixes: allowed), "\(url)")
         }

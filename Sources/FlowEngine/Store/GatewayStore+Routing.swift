@@ -21,15 +21,36 @@ public struct RoutingPolicy: Sendable {
     /// it, and holds nothing a URL could hide another host or path in (no `@`, `\`, `?`, `#`,
     /// whitespace, control characters, `..` or percent-encoded dots and slashes).
     public static func hasAllowedPrefix(_ url: String, prefixes: [String]) -> Bool {
-        guard url.utf8.count <= 512,
-            url.unicodeScalars.allSatisfy({
-                $0.value > 0x20 && $0.value < 0x7F && !"@\\?#%".unicodeScalars.contains($0)
-            }),
-            !url.contains("/../"), !url.hasSuffix("/..")
-        else { return false }
+        // Byte by byte: only visible ASCII passes, so bytes and characters are the same here.
+        var url = url
+        url.makeContiguousUTF8()
+        return url.utf8.withContiguousStorageIfAvailable { Self.hasAllowedPrefix(bytes: $0, prefixes: prefixes) }
+            ?? false
+    }
+
+    private static func hasAllowedPrefix(bytes: UnsafeBufferPointer<UInt8>, prefixes: [String]) -> Bool {
+        guard bytes.count <= 512 else { return false }
+        for byte in bytes {
+            switch byte {
+            case 0...0x20, 0x7F...0xFF: return false
+            case UInt8(ascii: "@"), UInt8(ascii: "\\"), UInt8(ascii: "?"), UInt8(ascii: "#"), UInt8(ascii: "%"):
+                return false
+            default: continue
+            }
+        }
+        let dotDot: [UInt8] = Array("/..".utf8)
+        var index = 0
+        while index + 3 <= bytes.count {
+            if bytes[index] == dotDot[0], bytes[index + 1] == dotDot[1], bytes[index + 2] == dotDot[2],
+                index + 3 == bytes.count || bytes[index + 3] == UInt8(ascii: "/")
+            {
+                return false
+            }
+            index += 1
+        }
         return prefixes.contains { prefix in
-            url.hasPrefix(prefix) && url.utf8.count > prefix.utf8.count
-                && !url.dropFirst(prefix.count).hasPrefix("/")
+            let p = prefix.utf8
+            return bytes.count > p.count && bytes.starts(with: p) && bytes[p.count] != UInt8(ascii: "/")
         }
     }
 }

@@ -334,12 +334,13 @@ public final class GatewayStore: Sendable {
         let tokenKey = self.systemTokenKey(id)
         let sealed = try self.box.seal(Array(token.value.utf8), context: tokenKey)
         let rid = requestID ?? ""
+        let sealedBaseURL = self.sealAPIBaseURL(metadata.apiBaseUrl, id)
         let r = try await self.redis.eval(
             GatewayScripts.storeToken,
             keys: [self.installationKey(id), tokenKey, self.pendingKey(id, requestID: rid)],
             arguments: [
                 String(token.expiresAt), sealed, String(now.unixSeconds), rid, self.channel, id.ari,
-                metadata.appId ?? "", self.sealAPIBaseURL(metadata.apiBaseUrl, id), metadata.cloudId ?? "",
+                metadata.appId ?? "", sealedBaseURL, metadata.cloudId ?? "",
                 String(now.unixSeconds + minimumValidity.components.seconds), arrival.rawValue, origin ?? "",
             ])
         guard let items = r.array, items.count >= 3, let s = items[0].int, let c = items[1].int,
@@ -347,7 +348,12 @@ public final class GatewayStore: Sendable {
         else { throw RedisError.protocolError }
         if c == 1 { try await self.index(id) }
         let outcome: TokenStoreOutcome = s == 1 ? .stored : (s == 0 ? .notNewer : .uninstalled)
-        let baseURL = items.count > 3 ? self.openAPIBaseURL(items[3].string, id) : nil
+        // The stored value is most often the one just sent (sealed deterministically): its
+        // plaintext is known without opening it.
+        let stored = items.count > 3 ? items[3].string : nil
+        let baseURL =
+            stored != nil && stored == sealedBaseURL && !sealedBaseURL.isEmpty
+            ? metadata.apiBaseUrl : self.openAPIBaseURL(stored, id)
         return DeliveryResult(outcome: outcome, created: c == 1, solicited: sol == 1, apiBaseUrl: baseURL)
     }
 

@@ -39,6 +39,8 @@ public struct EncryptionKeyRing: Sendable {
 
     private let keys: [(id: String, key: SymmetricKey)]
     private let byId: [String: SymmetricKey]
+    /// The deterministic nonces' HMAC key, derived once from the sealing key.
+    private let nonceKey: SymmetricKey
 
     /// Parses `TOKEN_GATEWAY_ENCRYPTION_KEYS`: comma-separated `keyId:base64(32 bytes)` entries
     /// (standard or url-safe base64, padding optional, blanks around entries ignored). A key id is
@@ -111,6 +113,12 @@ public struct EncryptionKeyRing: Sendable {
         }
         self.keys = keys
         self.byId = byId
+        self.nonceKey = Self.deriveNonceKey(keys[0].key)
+    }
+
+    private static func deriveNonceKey(_ key: SymmetricKey) -> SymmetricKey {
+        HKDF<SHA256>.deriveKey(
+            inputKeyMaterial: key, info: Array("token-gateway deterministic nonce".utf8), outputByteCount: 32)
     }
 
     /// The id of the key that seals.
@@ -145,9 +153,7 @@ public struct EncryptionKeyRing: Sendable {
     /// data, which needs integrity, not secrecy; it reveals equality of such values and nothing else.
     public func sealDeterministically(_ plaintext: [UInt8], context: String) throws -> String {
         let current = self.keys[0]
-        let nonceKey = HKDF<SHA256>.deriveKey(
-            inputKeyMaterial: current.key, info: Array("token-gateway deterministic nonce".utf8), outputByteCount: 32)
-        var mac = HMAC<SHA256>(key: nonceKey)
+        var mac = HMAC<SHA256>(key: self.nonceKey)
         mac.update(data: Array(context.utf8))
         mac.update(data: [0])
         mac.update(data: plaintext)
