@@ -12,7 +12,8 @@ import Tracing
 /// URL is checked against the allow-list again right before the call, redirects are never
 /// followed, and each call ends within its timeout. The opened URL and key are kept per
 /// installation and key id (``TriggerMaterialCache``); each attempt still reads which material is
-/// in force, so a rotation or an uninstall is honoured at the next attempt.
+/// in force (a round's first attempt in the same round trip as its lease, later ones on their
+/// own), so a rotation or an uninstall is honoured at the next attempt.
 public struct HTTPTriggerClient: TriggerSender {
     let store: GatewayStore
     let httpClient: HTTPClient
