@@ -222,6 +222,60 @@ struct TokenFlowExecutorTests {
         }
     }
 
+    @Test("callers arriving while a store read for their installation is in flight share it: one snapshot")
+    func callersShareASnapshotInFlight() async throws {
+        try await withFlow { h in
+            h.store.holdSnapshots()
+            try await withThrowingTaskGroup(of: Result<TokenAnswer, FlowError>.self) { group in
+                group.addTask { await h.request() }
+                while h.store.snapshotsHeld < 1 { await Task.yield() }
+                for _ in 0..<4 { group.addTask { await h.request() } }
+                // The four wait for the read in flight: no snapshot of their own, no round yet.
+                while h.flow.snapshotFollowers(h.id) + h.store.snapshotsHeld < 5 { await Task.yield() }
+                #expect(h.flow.snapshotFollowers(h.id) == 4)
+                #expect(h.store.snapshotsHeld == 1)
+                #expect(!h.flow.isRoundActive(h.id))
+                h.store.releaseSnapshots()
+                let call = try #require(await h.nextCall())
+                // Every caller's deadline timer and the round's grace and re-read timers.
+                await h.clock.waitForSleepers(7)
+                h.deliver("tok-1", expiresIn: 3600, requestID: call.requestID)
+                var answers = 0
+                for try await result in group {
+                    #expect(try result.get().token.value == "tok-1")
+                    answers += 1
+                }
+                #expect(answers == 5)
+            }
+            #expect(h.store.calls("snapshot") == 1)
+            #expect(h.store.calls("takeLease") == 1)
+            #expect(h.trigger.callCount == 1)
+        }
+    }
+
+    @Test("a store read that fails fails the callers that shared it; the next caller reads again")
+    func sharedSnapshotFailure() async throws {
+        try await withFlow { h in
+            h.store.holdSnapshots()
+            async let first = h.request()
+            while h.store.snapshotsHeld < 1 { await Task.yield() }
+            async let second = h.request()
+            while h.flow.snapshotFollowers(h.id) + h.store.snapshotsHeld < 2 { await Task.yield() }
+            #expect(h.flow.snapshotFollowers(h.id) == 1)
+            h.store.isUnavailable = true
+            h.store.releaseSnapshots()
+            let (a, b) = await (first, second)
+            #expect(throws: FlowError.storeUnavailable) { try a.get() }
+            #expect(throws: FlowError.storeUnavailable) { try b.get() }
+            #expect(h.store.calls("snapshot") == 1)
+            h.store.isUnavailable = false
+            h.store.deliver(h.id, token: "tok-1", expiresAt: h.clock.now().unixSeconds + 3600, requestID: nil)
+            let third = try await h.request().get()
+            #expect(third.token.value == "tok-1")
+            #expect(h.store.calls("snapshot") == 2)
+        }
+    }
+
     @Test("following another replica's round trip: its announced token answers the caller, no trigger call")
     func followByNotification() async throws {
         try await withFlow { h in

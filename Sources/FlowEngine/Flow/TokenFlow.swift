@@ -62,6 +62,8 @@ public final class TokenFlow: Sendable, Service {
         var tag: String
     }
 
+    typealias SnapshotFollower = CheckedContinuation<Result<TokenStoreSnapshot, any Error>?, Never>
+
     struct LeaseMaterial {
         var requestID: String
         var read: TriggerMaterialRead
@@ -87,6 +89,9 @@ public final class TokenFlow: Sendable, Service {
         /// The trigger material read with a lease this process took, kept for that round's first
         /// trigger call (keyed by installation, with the round's request id).
         var leaseMaterial: [InstallationID: LeaseMaterial] = [:]
+        /// The store snapshots this process is reading, per installation, with the callers that
+        /// arrived meanwhile and wait for the same answer.
+        var snapshotsInFlight: [InstallationID: [SnapshotFollower]] = [:]
         var shuttingDown = false
     }
 
@@ -232,7 +237,7 @@ public final class TokenFlow: Sendable, Service {
         }
         let snapshot: TokenStoreSnapshot
         do {
-            snapshot = try await self.store.snapshot(id, timeout: min(deadline - start, .seconds(2)))
+            snapshot = try await self.sharedSnapshot(id, timeout: min(deadline - start, .seconds(2)))
         } catch {
             // The store is unreachable: a still-valid token held in memory is served, except to a
             // forced refresh, which asks for a token other than the one it holds.
@@ -261,6 +266,41 @@ public final class TokenFlow: Sendable, Service {
         return try await self.wait(
             for: id, request: request, knownExpiry: snapshot.token?.expiresAt ?? 0, deadline: deadline,
             apiBaseUrl: baseURL, hold: hold, current: snapshot.token, canStartRound: snapshot.triggerRegistered)
+    }
+
+    /// The installation's snapshot, read once for every caller that needs it while a read is in
+    /// flight: the first reads the store, callers arriving meanwhile get its answer (a read as
+    /// recent as their own would be). A caller whose reader was cancelled reads for itself.
+    private func sharedSnapshot(_ id: InstallationID, timeout: Duration) async throws -> TokenStoreSnapshot {
+        let leads = self.state.withLock { s -> Bool in
+            guard s.snapshotsInFlight[id] == nil else { return false }
+            s.snapshotsInFlight[id] = []
+            return true
+        }
+        guard leads else {
+            let shared = await withCheckedContinuation { (follower: SnapshotFollower) in
+                let joined = self.state.withLock { s -> Bool in
+                    guard s.snapshotsInFlight[id] != nil else { return false }
+                    s.snapshotsInFlight[id]?.append(follower)
+                    return true
+                }
+                if !joined { follower.resume(returning: nil) }
+            }
+            switch shared {
+            case .some(.success(let snapshot)): return snapshot
+            case .some(.failure(let error)) where !(error is CancellationError): throw error
+            default: return try await self.store.snapshot(id, timeout: timeout)
+            }
+        }
+        let result: Result<TokenStoreSnapshot, any Error>
+        do {
+            result = .success(try await self.store.snapshot(id, timeout: timeout))
+        } catch {
+            result = .failure(Task.isCancelled ? CancellationError() : error)
+        }
+        let followers = self.state.withLock { $0.snapshotsInFlight.removeValue(forKey: id) ?? [] }
+        for follower in followers { follower.resume(returning: result) }
+        return try result.get()
     }
 
     /// Feeds what a snapshot said about the installation (trigger, hold, circuit) to this process.
@@ -437,6 +477,11 @@ public final class TokenFlow: Sendable, Service {
     public func installationUninstalled(_ id: InstallationID) {
         self.forget(id)
         self.handle(id) { $0.installationUninstalled(now: self.now()) }
+    }
+
+    /// How many callers wait for a store read of `id` another caller has in flight.
+    public func snapshotFollowers(_ id: InstallationID) -> Int {
+        self.state.withLock { $0.snapshotsInFlight[id]?.count ?? 0 }
     }
 
     /// The token this process holds in memory for `id`, if any.

@@ -34,6 +34,8 @@ public final class InMemoryTokenStore: TokenStore {
         var nextSubscriber: UInt64 = 0
         var dropsNotifications = false
         var triggerMaterial: [InstallationID: TriggerMaterialRead] = [:]
+        /// While not nil, snapshots wait here (reads in flight) until released.
+        var snapshotGate: [CheckedContinuation<Void, Never>]?
         var unavailable = false
         var calls: [String: Int] = [:]
     }
@@ -121,6 +123,25 @@ public final class InMemoryTokenStore: TokenStore {
         self.state.withLock { $0.triggerMaterial[id] = read }
     }
 
+    /// Snapshots from now on wait, as reads in flight, until ``releaseSnapshots()``.
+    public func holdSnapshots() {
+        self.state.withLock { s in if s.snapshotGate == nil { s.snapshotGate = [] } }
+    }
+
+    /// Lets the snapshots held by ``holdSnapshots()`` answer, and those after them at once.
+    public func releaseSnapshots() {
+        let held = self.state.withLock { s -> [CheckedContinuation<Void, Never>] in
+            defer { s.snapshotGate = nil }
+            return s.snapshotGate ?? []
+        }
+        for snapshot in held { snapshot.resume() }
+    }
+
+    /// How many snapshots wait for ``releaseSnapshots()``.
+    public var snapshotsHeld: Int {
+        self.state.withLock { $0.snapshotGate?.count ?? 0 }
+    }
+
     /// While true, every call throws (the store is unreachable).
     public var isUnavailable: Bool {
         get { self.state.withLock { $0.unavailable } }
@@ -163,6 +184,16 @@ public final class InMemoryTokenStore: TokenStore {
     }
 
     public func snapshot(_ id: InstallationID, timeout: Duration?) async throws -> TokenStoreSnapshot {
+        if self.state.withLock({ $0.snapshotGate != nil }) {
+            await withCheckedContinuation { (gate: CheckedContinuation<Void, Never>) in
+                let waits = self.state.withLock { s -> Bool in
+                    guard s.snapshotGate != nil else { return false }
+                    s.snapshotGate?.append(gate)
+                    return true
+                }
+                if !waits { gate.resume() }
+            }
+        }
         try self.call("snapshot")
         let now = self.now()
         return self.state.withLock { s in
