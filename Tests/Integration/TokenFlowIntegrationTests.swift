@@ -44,6 +44,68 @@ struct TokenFlowIntegrationTests {
         }
     }
 
+    @Test("a token request's snapshot takes the lease when a round is needed and can run, and only then")
+    func snapshotTakesTheLease() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let id = installation.installationID
+            let store = RedisTokenStore(store: h.gateway.store)
+            let leaseKey = "tg:{\(installation.id)}:lease"
+            var round = 0
+            func intent(minValidity: Int64 = 60, forced: Bool = false) -> SnapshotLeaseIntent {
+                round += 1
+                return SnapshotLeaseIntent(
+                    requestID: "rq_ahead_\(round)", replicaID: "replica-t", ttl: .seconds(30), minValidity: minValidity,
+                    forced: forced, now: FlowTime.now(), material: TriggerMaterialQuery(heldKeyID: nil))
+            }
+            func owner() async throws -> String? { try await h.gateway.redis.send(["GET", leaseKey]).string }
+            func release() async throws { _ = try await h.gateway.redis.send(["DEL", leaseKey]) }
+
+            // No token: taken, with the pending request and the trigger material.
+            let first = try await store.snapshot(id, timeout: nil, takingLease: intent())
+            #expect(first.snapshot.token == nil && first.snapshot.active && first.snapshot.triggerRegistered)
+            let lease = try #require(first.lease)
+            #expect(lease.requestID == "rq_ahead_1")
+            #expect(try await owner() == "rq_ahead_1")
+            #expect(try await store.roundProbe(id, requestID: "rq_ahead_1").pendingOpen)
+            #expect(lease.material?.status == "active" && lease.material?.sealedKey != nil)
+            // Held by that round: the next snapshot takes nothing.
+            #expect(try await store.snapshot(id, timeout: nil, takingLease: intent()).lease == nil)
+            #expect(try await owner() == "rq_ahead_1")
+            try await release()
+
+            // A token valid for the caller: nothing taken; a longer minValidity or a forced refresh takes it.
+            let expiresAt = FlowTime.now().unixSeconds + 3600
+            _ = try await h.gateway.store.storeDeliveredToken(
+                id, token: AccessToken(value: "tok-held", expiresAt: expiresAt), requestID: nil,
+                metadata: .init(appId: nil), now: FlowTime.now())
+            let valid = try await store.snapshot(id, timeout: nil, takingLease: intent(minValidity: 60))
+            #expect(valid.snapshot.token?.value == "tok-held")
+            #expect(valid.lease == nil)
+            #expect(try await owner() == nil)
+            #expect(try await store.snapshot(id, timeout: nil, takingLease: intent(minValidity: 7200)).lease != nil)
+            try await release()
+            #expect(try await store.snapshot(id, timeout: nil, takingLease: intent(forced: true)).lease != nil)
+            try await release()
+
+            // A hold or an open circuit: nothing taken.
+            try await h.gateway.store.placeHold(id, requestID: "rq_hold", duration: .seconds(30), releasingLease: false)
+            #expect(try await store.snapshot(id, timeout: nil, takingLease: intent(forced: true)).lease == nil)
+            _ = try await h.gateway.redis.send(["DEL", "tg:{\(installation.id)}:hold"])
+            _ = try await store.recordRoundOutcome(
+                id, succeeded: false, threshold: 1, openBase: .seconds(30), openCap: .seconds(30), now: FlowTime.now())
+            #expect(try await store.snapshot(id, timeout: nil, takingLease: intent(forced: true)).lease == nil)
+            #expect(try await owner() == nil)
+
+            // Uninstalled: nothing taken.
+            let other = try await h.installed()
+            try await h.gateway.store.uninstall(other.installationID, now: FlowTime.now())
+            let gone = try await store.snapshot(other.installationID, timeout: nil, takingLease: intent())
+            #expect(!gone.snapshot.active)
+            #expect(gone.lease == nil)
+        }
+    }
+
     @Test("a round's verdict and its lease's release are one step: the lease goes only with its owner")
     func verdictReleasesTheLease() async throws {
         try await GatewayHarness.run { h in

@@ -139,7 +139,8 @@ struct TokenFlowExecutorTests {
                 }
             }
             #expect(h.trigger.callCount == 1)
-            #expect(h.store.calls("takeLease") == 1)
+            #expect(h.store.calls("leaseWithSnapshot") == 1)
+            #expect(h.store.calls("takeLease") == 0)
             // The lease is released once the round trip ended, in the same step as its verdict.
             while h.store.leaseOwner(h.id) != nil { await Task.yield() }
             #expect(h.store.calls("recordRoundOutcomeReleasingLease") == 1)
@@ -188,7 +189,8 @@ struct TokenFlowExecutorTests {
             let first = try #require(await calls.next())
             #expect(first.attempt == 1)
             #expect(first.material == read)
-            #expect(h.store.calls("takeLease") == 1)
+            #expect(h.store.calls("leaseWithSnapshot") == 1)
+            #expect(h.store.calls("takeLease") == 0)
             // The first call failed: the retry waits out its backoff (at most 100 ms for the first
             // retry), then reads its own material.
             h.trigger.answer(with: .accepted)
@@ -200,7 +202,8 @@ struct TokenFlowExecutorTests {
             #expect(second?.material == nil)
             h.deliver("tok-1", expiresIn: 3600, requestID: first.requestID)
             #expect(try await answer.get().token.value == "tok-1")
-            #expect(h.store.calls("takeLease") == 1)
+            #expect(h.store.calls("leaseWithSnapshot") == 1)
+            #expect(h.store.calls("takeLease") == 0)
         }
     }
 
@@ -248,8 +251,31 @@ struct TokenFlowExecutorTests {
                 #expect(answers == 5)
             }
             #expect(h.store.calls("snapshot") == 1)
-            #expect(h.store.calls("takeLease") == 1)
+            #expect(h.store.calls("leaseWithSnapshot") == 1)
+            #expect(h.store.calls("takeLease") == 0)
             #expect(h.trigger.callCount == 1)
+        }
+    }
+
+    @Test("a lease the snapshot took ahead that no round takes over is given back")
+    func leaseTakenAheadIsGivenBack() async throws {
+        try await withFlow { h in
+            h.store.holdSnapshots()
+            async let answer = h.request()
+            while h.store.snapshotsHeld < 1 { await Task.yield() }
+            // While the store is read (it holds no token), this process learns of one.
+            let expiresAt = h.clock.now().unixSeconds + 3600
+            h.flow.tokenDelivered(
+                h.id, token: AccessToken(value: "tok-pushed", expiresAt: expiresAt, requestID: nil), solicitedBy: nil)
+            h.store.releaseSnapshots()
+            let got = try await answer.get()
+            #expect(got.token.value == "tok-pushed")
+            // The snapshot took the lease for a round no caller needed any more: given back.
+            #expect(h.store.calls("leaseWithSnapshot") == 1)
+            while h.store.leaseOwner(h.id) != nil { await Task.yield() }
+            #expect(h.store.calls("releaseLease") == 1)
+            #expect(h.trigger.callCount == 0)
+            #expect(!h.flow.isRoundActive(h.id))
         }
     }
 

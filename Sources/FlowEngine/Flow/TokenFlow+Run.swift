@@ -39,18 +39,22 @@ extension TokenFlow {
     /// and stops taking work: ``run()`` returns once the work still running has ended.
     public func shutdown() async {
         let now = self.now()
-        let (ids, held) = self.state.withLock { s -> ([InstallationID], [InstallationID: String]) in
+        let (ids, held, ahead) = self.state.withLock {
+            s -> ([InstallationID], [InstallationID: String], [InstallationID: SnapshotLease]) in
             s.shuttingDown = true
             let held = s.leasesHeld
+            let ahead = s.leaseAhead
             s.leasesHeld.removeAll()
             s.leaseMaterial.removeAll()
-            return (Array(s.machines.keys), held)
+            s.leaseAhead.removeAll()
+            return (Array(s.machines.keys), held, ahead)
         }
         for id in ids { self.handle(id) { $0.shutdownRequested(now: now) } }
         for (id, requestID) in held {
             self.metrics.leasesHeld.decrement()
             try? await self.store.releaseLease(id, requestID: requestID)
         }
+        for (id, lease) in ahead { try? await self.store.releaseLease(id, requestID: lease.requestID) }
         let wakes = self.state.withLock { s -> [CheckedContinuation<Void, Never>] in
             let wakes = s.timers.values.compactMap(\.wake)
             s.timers.removeAll()
@@ -162,8 +166,16 @@ extension TokenFlow {
     private func execute(_ actions: ArraySlice<FlowAction>, for id: InstallationID) {
         // A round's verdict and its lease's release go to the store in one step.
         var releasedWithVerdict: String?
+        // A lease the snapshot took ahead: the round has it once this step's actions are done.
+        var takenAhead: String?
+        defer {
+            if let takenAhead { self.handle(id) { $0.leaseAcquired(requestID: takenAhead, now: self.now()) } }
+        }
         for (index, action) in zip(actions.indices, actions) {
             switch action {
+            case .acquireLease(let requestID, _) where self.takeOverLeaseAhead(id, requestID: requestID),
+                .acquireLeaseIgnoringHold(let requestID, _) where self.takeOverLeaseAhead(id, requestID: requestID):
+                takenAhead = requestID
             case .acquireLease(let requestID, let ttl):
                 self.submit { await self.acquireLease(id, requestID: requestID, ttl: ttl, respectingHold: true) }
             case .acquireLeaseIgnoringHold(let requestID, let ttl):

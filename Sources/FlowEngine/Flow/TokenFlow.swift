@@ -92,6 +92,9 @@ public final class TokenFlow: Sendable, Service {
         /// The store snapshots this process is reading, per installation, with the callers that
         /// arrived meanwhile and wait for the same answer.
         var snapshotsInFlight: [InstallationID: [SnapshotFollower]] = [:]
+        /// A lease a snapshot of this process took for the round its caller would start, until
+        /// that round takes it over (or it is given back).
+        var leaseAhead: [InstallationID: SnapshotLease] = [:]
         var shuttingDown = false
     }
 
@@ -236,8 +239,13 @@ public final class TokenFlow: Sendable, Service {
                 canStartRound: memory.triggerKnown)
         }
         let snapshot: TokenStoreSnapshot
+        let intent = SnapshotLeaseIntent(
+            requestID: Self.makeRequestID(), replicaID: self.replicaID,
+            ttl: max(deadline - start, .milliseconds(1)) + self.configuration.leaseGrace,
+            minValidity: request.minValidity, forced: request.forceRefresh, now: start,
+            material: self.trigger.triggerMaterialQuery(for: id))
         do {
-            snapshot = try await self.sharedSnapshot(id, timeout: min(deadline - start, .seconds(2)))
+            snapshot = try await self.sharedSnapshot(id, timeout: min(deadline - start, .seconds(2)), intent: intent)
         } catch {
             // The store is unreachable: a still-valid token held in memory is served, except to a
             // forced refresh, which asks for a token other than the one it holds.
@@ -248,8 +256,9 @@ public final class TokenFlow: Sendable, Service {
                 "store unavailable for token request", metadata: ["installation.id": "\(id)", "error": "\(error)"])
             throw .storeUnavailable
         }
-        guard snapshot.exists else { throw .installationNotFound }
-        guard snapshot.active else {
+        guard snapshot.exists, snapshot.active else {
+            self.giveBackLeaseAhead(id)
+            guard snapshot.exists else { throw .installationNotFound }
             self.forget(id)
             throw .installationUninstalled
         }
@@ -258,6 +267,7 @@ public final class TokenFlow: Sendable, Service {
         self.observe(id, snapshot, hold: hold, now: start)
         self.remember(id, snapshot.token, apiBaseUrl: snapshot.apiBaseUrl)
         if let t = snapshot.token, !request.forceRefresh, t.expiresAt >= nowSeconds + request.minValidity {
+            self.giveBackLeaseAhead(id)
             self.refreshAheadIfStale(id, t, now: start)
             return TokenAnswer(token: t, source: .cache, apiBaseUrl: baseURL)
         }
@@ -271,7 +281,11 @@ public final class TokenFlow: Sendable, Service {
     /// The installation's snapshot, read once for every caller that needs it while a read is in
     /// flight: the first reads the store, callers arriving meanwhile get its answer (a read as
     /// recent as their own would be). A caller whose reader was cancelled reads for itself.
-    private func sharedSnapshot(_ id: InstallationID, timeout: Duration) async throws -> TokenStoreSnapshot {
+    /// The reader's snapshot may take the lease for the round its caller would start (`intent`):
+    /// it is kept as ``State/leaseAhead`` before anyone is answered, for the first round started.
+    private func sharedSnapshot(_ id: InstallationID, timeout: Duration, intent: SnapshotLeaseIntent)
+        async throws -> TokenStoreSnapshot
+    {
         let leads = self.state.withLock { s -> Bool in
             guard s.snapshotsInFlight[id] == nil else { return false }
             s.snapshotsInFlight[id] = []
@@ -293,11 +307,20 @@ public final class TokenFlow: Sendable, Service {
             }
         }
         let result: Result<TokenStoreSnapshot, any Error>
+        var replaced: SnapshotLease?
         do {
-            result = .success(try await self.store.snapshot(id, timeout: timeout))
+            let (snapshot, lease) = try await self.store.snapshot(id, timeout: timeout, takingLease: intent)
+            if let lease {
+                replaced = self.state.withLock { s in
+                    defer { s.leaseAhead[id] = s.shuttingDown ? nil : lease }
+                    return s.shuttingDown ? lease : s.leaseAhead[id]
+                }
+            }
+            result = .success(snapshot)
         } catch {
             result = .failure(Task.isCancelled ? CancellationError() : error)
         }
+        if let replaced { self.submit { try? await self.store.releaseLease(id, requestID: replaced.requestID) } }
         let followers = self.state.withLock { $0.snapshotsInFlight.removeValue(forKey: id) ?? [] }
         for follower in followers { follower.resume(returning: result) }
         return try result.get()
@@ -356,9 +379,12 @@ public final class TokenFlow: Sendable, Service {
             case admitted([FlowAction], coalesced: Bool)
         }
         let now = self.now()
-        let requestID = Self.makeRequestID()
+        let fresh = Self.makeRequestID()
+        var requestID = fresh
         let admission = self.state.withLock { s -> Admission in
             if s.shuttingDown { return .refused(.shuttingDown) }
+            // A lease a snapshot took ahead names the round this caller would start.
+            requestID = s.leaseAhead[id]?.requestID ?? fresh
             // Caps: a flood of callers (of one installation or of all) cannot grow memory
             // without bound; the excess is refused at once with `overloaded`.
             let waitingHere = s.waitersPerInstallation[id] ?? 0
@@ -390,6 +416,33 @@ public final class TokenFlow: Sendable, Service {
             if coalesced, !actions.contains(.recordHold(.requestHeld)) { self.metrics.coalescedWaiters.increment() }
             self.perform(actions, for: id)
         }
+        // The lease taken ahead went to the round this caller started, or to none: given back.
+        self.giveBackLeaseAhead(id, named: requestID)
+    }
+
+    /// Gives back the lease a snapshot took ahead for `id` (only the one named `requestID`, when
+    /// given) unless a round has taken it over.
+    func giveBackLeaseAhead(_ id: InstallationID, named requestID: String? = nil) {
+        let unused = self.state.withLock { s -> SnapshotLease? in
+            guard let ahead = s.leaseAhead[id], requestID == nil || ahead.requestID == requestID else { return nil }
+            return s.leaseAhead.removeValue(forKey: id)
+        }
+        guard let unused else { return }
+        self.submit { try? await self.store.releaseLease(id, requestID: unused.requestID) }
+    }
+
+    /// Takes over the lease a snapshot took ahead when it is the one named `requestID`: this
+    /// process now holds it for that round, with the trigger material read with it.
+    func takeOverLeaseAhead(_ id: InstallationID, requestID: String) -> Bool {
+        let taken = self.state.withLock { s -> Bool in
+            guard !s.shuttingDown, let ahead = s.leaseAhead[id], ahead.requestID == requestID else { return false }
+            s.leaseAhead[id] = nil
+            s.leasesHeld[id] = requestID
+            s.leaseMaterial[id] = ahead.material.map { LeaseMaterial(requestID: requestID, read: $0) }
+            return true
+        }
+        if taken { self.metrics.leasesHeld.increment() }
+        return taken
     }
 
     func makeMachine(_ s: inout State) -> TokenFlowStateMachine {

@@ -211,10 +211,17 @@ public final class GatewayStore: Sendable {
                 ["HGET", self.breakerKey(id), "openUntil"],
                 ["PTTL", self.holdKey(id)],
             ], timeout: timeout)
+        return try await self.requestSnapshot(id, replies: replies)
+    }
+
+    /// Decodes the four replies of a snapshot (installation, token, circuit, hold), in the order
+    /// ``snapshot(_:timeout:)`` reads them.
+    func requestSnapshot(_ id: InstallationID, replies: [RedisValue]) async throws -> RequestSnapshot {
         guard replies.count == 4, let inst = replies[0].array, inst.count == 3, let tok = replies[1].array,
             tok.count == 4
         else { throw RedisError.protocolError }
         let statusText = inst[0].string
+        let tokenKey = self.systemTokenKey(id)
         return RequestSnapshot(
             exists: statusText != nil,
             status: InstallationStatus(rawValue: statusText ?? "") ?? .active,

@@ -207,6 +207,38 @@ public final class InMemoryTokenStore: TokenStore {
         }
     }
 
+    /// The snapshot and, as the Redis script does, the lease when the caller needs a round and one
+    /// can run (counted as `snapshot`, and `leaseWithSnapshot` when the lease is taken).
+    public func snapshot(_ id: InstallationID, timeout: Duration?, takingLease intent: SnapshotLeaseIntent?)
+        async throws -> (snapshot: TokenStoreSnapshot, lease: SnapshotLease?)
+    {
+        let snapshot = try await self.snapshot(id, timeout: timeout)
+        guard let intent else { return (snapshot, nil) }
+        let stored = self.state.withLock { $0.tokens[id] }
+        let needed =
+            intent.forced || stored.map { $0.expiresAt < intent.now.unixSeconds + intent.minValidity } ?? true
+        let possible =
+            snapshot.active && snapshot.triggerRegistered && snapshot.holdRemaining == nil
+            && (snapshot.circuitOpenUntil.map { $0 <= intent.now } ?? true)
+        guard needed, possible else { return (snapshot, nil) }
+        let now = self.now()
+        let taken = self.state.withLock { s -> Bool in
+            if let lease = s.leases[id], now < lease.until { return false }
+            s.leases[id] = Expiring(value: intent.requestID, until: now + intent.ttl)
+            s.pending[Self.pendingKey(id, intent.requestID)] = Expiring(
+                value: intent.replicaID, until: now + intent.ttl)
+            s.calls["leaseWithSnapshot", default: 0] += 1
+            return true
+        }
+        guard taken else { return (snapshot, nil) }
+        var material: TriggerMaterialRead?
+        if let query = intent.material {
+            material = self.state.withLock { $0.triggerMaterial[id] }
+            if material?.keyID == query.heldKeyID { material?.sealedKey = nil }
+        }
+        return (snapshot, SnapshotLease(requestID: intent.requestID, material: material))
+    }
+
     public func takeLease(
         _ id: InstallationID, requestID: String, replicaID: String, ttl: Duration, respectingHold: Bool
     ) async throws -> TokenStoreLeaseOutcome {

@@ -23,6 +23,39 @@ public struct RedisTokenStore: TokenStore {
             holdRemaining: s.holdRemaining)
     }
 
+    public func snapshot(_ id: InstallationID, timeout: Duration?, takingLease intent: SnapshotLeaseIntent?)
+        async throws -> (snapshot: TokenStoreSnapshot, lease: SnapshotLease?)
+    {
+        guard let intent else { return (try await self.snapshot(id, timeout: timeout), nil) }
+        let g = self.store
+        let r = try await g.redis.eval(
+            Self.snapshotTakingLeaseScript,
+            keys: [
+                g.installationKey(id), g.systemTokenKey(id), g.breakerKey(id), g.holdKey(id), g.leaseKey(id),
+                g.pendingKey(id, requestID: intent.requestID), g.signingKeysKey(id),
+            ],
+            arguments: [
+                String(intent.now.unixSeconds), String(intent.now.unixMilliseconds), String(intent.minValidity),
+                intent.forced ? "1" : "0", intent.requestID, String(max(intent.ttl.milliseconds, 1)),
+                intent.replicaID, intent.material == nil ? "0" : "1", intent.material?.heldKeyID ?? "",
+            ], timeout: timeout)
+        guard let items = r.array, items.count == 6 else { throw RedisError.protocolError }
+        let s = try await g.requestSnapshot(id, replies: Array(items[0..<4]))
+        let snapshot = TokenStoreSnapshot(
+            exists: s.exists, active: s.status == .active, triggerRegistered: s.triggerRegistered,
+            apiBaseUrl: s.apiBaseUrl, token: s.token,
+            circuitOpenUntil: s.circuitOpenUntil > 0 ? FlowTime(nanoseconds: s.circuitOpenUntil &* 1_000_000) : nil,
+            holdRemaining: s.holdRemaining)
+        guard items[4].int == 1 else { return (snapshot, nil) }
+        var material: TriggerMaterialRead?
+        if let m = items[5].array, m.count == 5 {
+            material = TriggerMaterialRead(
+                status: m[0].string, sealedURL: m[1].string, keyID: m[2].string,
+                nextActivatesAt: m[3].string.flatMap { Int64($0) }, sealedKey: m[4].string)
+        }
+        return (snapshot, SnapshotLease(requestID: intent.requestID, material: material))
+    }
+
     public func takeLease(
         _ id: InstallationID, requestID: String, replicaID: String, ttl: Duration, respectingHold: Bool
     ) async throws -> TokenStoreLeaseOutcome {
@@ -136,6 +169,35 @@ public struct RedisTokenStore: TokenStore {
         default: return nil
         }
     }
+
+    /// The snapshot (what ``GatewayStore/snapshot(_:timeout:)`` reads, in its order) and, when it
+    /// shows that the caller needs a round and one can run, the lease with the pending request and
+    /// (ARGV[8]) the trigger material, as ``takeLeaseScript`` takes them: one round trip.
+    /// KEYS: installation, token, breaker, hold, lease, pending, signing keys (one hash slot).
+    /// ARGV: now (s), now (ms), minValidity (s), forced (1/0), request id, ttl ms, replica id, read
+    /// the trigger material (1/0), the key id whose sealed key the caller holds.
+    /// Returns {installation fields, token fields, circuit's openUntil, hold's PTTL, lease taken
+    /// (1/0), the trigger material (as ``takeLeaseScript``'s, without its leading 1) or false}.
+    static let snapshotTakingLeaseScript = RedisScript(
+        """
+        local i = redis.call('HMGET', KEYS[1], 'status', 'triggerUrl', 'apiBaseUrl')
+        local t = redis.call('HMGET', KEYS[2], 'exp', 'v', 'rid', 'at')
+        local b = redis.call('HGET', KEYS[3], 'openUntil')
+        local h = redis.call('PTTL', KEYS[4])
+        local needed = ARGV[4] == '1' or not t[1] or not t[2]
+          or tonumber(t[1]) < tonumber(ARGV[1]) + tonumber(ARGV[3])
+        local possible = i[1] == 'active' and i[2] and i[2] ~= '' and h <= 0
+          and (not b or tonumber(b) <= tonumber(ARGV[2]))
+        if not (needed and possible) then return {i, t, b, h, 0, false} end
+        if not redis.call('SET', KEYS[5], ARGV[5], 'NX', 'PX', ARGV[6]) then return {i, t, b, h, 0, false} end
+        redis.call('SET', KEYS[6], ARGV[7], 'PX', ARGV[6])
+        if ARGV[8] ~= '1' then return {i, t, b, h, 1, false} end
+        local m = redis.call('HMGET', KEYS[1], 'status', 'triggerUrl')
+        local k = redis.call('HMGET', KEYS[7], 'current', 'nextActivatesAt')
+        local sealed = false
+        if k[1] and k[1] ~= ARGV[9] then sealed = redis.call('HGET', KEYS[7], 'key:' .. k[1]) end
+        return {i, t, b, h, 1, {m[1], m[2], k[1], k[2], sealed}}
+        """)
 
     /// Takes a round's lease unless another holds it or (when asked) a hold is in force, and
     /// records the round's pending request with it; when the lease is taken and ARGV[5] asks for

@@ -9,6 +9,14 @@ public protocol TokenStore: Sendable {
     /// What a token request needs in one read: the installation's state, its token, circuit and hold.
     func snapshot(_ id: InstallationID, timeout: Duration?) async throws -> TokenStoreSnapshot
 
+    /// The snapshot and, in the same round trip, the installation's lease when the read shows that
+    /// `intent`'s caller needs a round (no token valid for it, or a forced refresh) and one can run
+    /// (the installation active, a trigger registered, the circuit closed, no hold): taken as
+    /// ``takeLease(_:requestID:replicaID:ttl:respectingHold:material:)`` takes it. Nil lease: not
+    /// taken (not needed, not possible, or held by another round).
+    func snapshot(_ id: InstallationID, timeout: Duration?, takingLease intent: SnapshotLeaseIntent?)
+        async throws -> (snapshot: TokenStoreSnapshot, lease: SnapshotLease?)
+
     /// Takes the installation's lease for `ttl` unless another round holds it or (when
     /// `respectingHold`) a hold is in force, and in the same step records the round's pending
     /// request `requestID` (owned by `replicaID`), so its delivery is recognised on any replica.
@@ -57,6 +65,13 @@ public protocol TokenStore: Sendable {
 }
 
 extension TokenStore {
+    /// A store that takes no lease with its snapshot: the round takes it in a step of its own.
+    public func snapshot(_ id: InstallationID, timeout: Duration?, takingLease intent: SnapshotLeaseIntent?)
+        async throws -> (snapshot: TokenStoreSnapshot, lease: SnapshotLease?)
+    {
+        (try await self.snapshot(id, timeout: timeout), nil)
+    }
+
     /// A store that reads no trigger material with the lease: the sender reads its own.
     public func takeLease(
         _ id: InstallationID, requestID: String, replicaID: String, ttl: Duration, respectingHold: Bool,
@@ -77,6 +92,49 @@ extension TokenStore {
         try? await self.releaseLease(id, requestID: requestID)
         return try await self.recordRoundOutcome(
             id, succeeded: succeeded, threshold: threshold, openBase: openBase, openCap: openCap, now: now)
+    }
+}
+
+/// A lease a token request's snapshot may take in its round trip (for the round the request
+/// would start), and what decides whether it is needed.
+public struct SnapshotLeaseIntent: Sendable, Hashable {
+    /// The round's request id (the lease's owner value and the pending request's name).
+    public var requestID: String
+    /// The replica that would lead the round (the pending request's owner).
+    public var replicaID: String
+    public var ttl: Duration
+    /// The caller's `minValidity`: a stored token valid for less needs a round.
+    public var minValidity: Int64
+    /// A forced refresh: a round is needed whatever the stored token.
+    public var forced: Bool
+    /// The instant the token's validity and the circuit are judged at.
+    public var now: FlowTime
+    /// The trigger material to read with the lease, as for ``TokenStore/takeLease(_:requestID:replicaID:ttl:respectingHold:material:)``.
+    public var material: TriggerMaterialQuery?
+
+    public init(
+        requestID: String, replicaID: String, ttl: Duration, minValidity: Int64, forced: Bool, now: FlowTime,
+        material: TriggerMaterialQuery?
+    ) {
+        self.requestID = requestID
+        self.replicaID = replicaID
+        self.ttl = ttl
+        self.minValidity = minValidity
+        self.forced = forced
+        self.now = now
+        self.material = material
+    }
+}
+
+/// A lease a snapshot took (``TokenStore/snapshot(_:timeout:takingLease:)``).
+public struct SnapshotLease: Sendable, Hashable {
+    public var requestID: String
+    /// The trigger material read with it, when it was asked for.
+    public var material: TriggerMaterialRead?
+
+    public init(requestID: String, material: TriggerMaterialRead?) {
+        self.requestID = requestID
+        self.material = material
     }
 }
 
