@@ -173,13 +173,15 @@ extension TokenFlow {
         }
         for (index, action) in zip(actions.indices, actions) {
             switch action {
-            case .acquireLease(let requestID, _) where self.takeOverLeaseAhead(id, requestID: requestID),
-                .acquireLeaseIgnoringHold(let requestID, _) where self.takeOverLeaseAhead(id, requestID: requestID):
-                takenAhead = requestID
-            case .acquireLease(let requestID, let ttl):
-                self.submit { await self.acquireLease(id, requestID: requestID, ttl: ttl, respectingHold: true) }
-            case .acquireLeaseIgnoringHold(let requestID, let ttl):
-                self.submit { await self.acquireLease(id, requestID: requestID, ttl: ttl, respectingHold: false) }
+            case .acquireLease(let requestID, let ttl), .acquireLeaseIgnoringHold(let requestID, let ttl):
+                if self.takeOverLeaseAhead(id, requestID: requestID) {
+                    takenAhead = requestID
+                    continue
+                }
+                let respectingHold = if case .acquireLease = action { true } else { false }
+                self.submit {
+                    await self.acquireLease(id, requestID: requestID, ttl: ttl, respectingHold: respectingHold)
+                }
             case .extendLease(let requestID, let ttl):
                 self.submit { try? await self.store.extendLease(id, requestID: requestID, ttl: ttl) }
             case .releaseLease(let requestID):

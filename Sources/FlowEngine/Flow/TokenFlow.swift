@@ -256,8 +256,9 @@ public final class TokenFlow: Sendable, Service {
                 "store unavailable for token request", metadata: ["installation.id": "\(id)", "error": "\(error)"])
             throw .storeUnavailable
         }
+        // A lease this caller's snapshot took but no round will need is given back at once.
         guard snapshot.exists, snapshot.active else {
-            self.giveBackLeaseAhead(id)
+            self.giveBackLeaseAhead(id, named: intent.requestID)
             guard snapshot.exists else { throw .installationNotFound }
             self.forget(id)
             throw .installationUninstalled
@@ -267,7 +268,7 @@ public final class TokenFlow: Sendable, Service {
         self.observe(id, snapshot, hold: hold, now: start)
         self.remember(id, snapshot.token, apiBaseUrl: snapshot.apiBaseUrl)
         if let t = snapshot.token, !request.forceRefresh, t.expiresAt >= nowSeconds + request.minValidity {
-            self.giveBackLeaseAhead(id)
+            self.giveBackLeaseAhead(id, named: intent.requestID)
             self.refreshAheadIfStale(id, t, now: start)
             return TokenAnswer(token: t, source: .cache, apiBaseUrl: baseURL)
         }
@@ -420,11 +421,11 @@ public final class TokenFlow: Sendable, Service {
         self.giveBackLeaseAhead(id, named: requestID)
     }
 
-    /// Gives back the lease a snapshot took ahead for `id` (only the one named `requestID`, when
-    /// given) unless a round has taken it over.
-    func giveBackLeaseAhead(_ id: InstallationID, named requestID: String? = nil) {
+    /// Gives back the lease a snapshot took ahead for `id`, if it is the one named `requestID` and
+    /// no round has taken it over.
+    func giveBackLeaseAhead(_ id: InstallationID, named requestID: String) {
         let unused = self.state.withLock { s -> SnapshotLease? in
-            guard let ahead = s.leaseAhead[id], requestID == nil || ahead.requestID == requestID else { return nil }
+            guard let ahead = s.leaseAhead[id], ahead.requestID == requestID else { return nil }
             return s.leaseAhead.removeValue(forKey: id)
         }
         guard let unused else { return }

@@ -231,12 +231,15 @@ public final class InMemoryTokenStore: TokenStore {
             return true
         }
         guard taken else { return (snapshot, nil) }
-        var material: TriggerMaterialRead?
-        if let query = intent.material {
-            material = self.state.withLock { $0.triggerMaterial[id] }
-            if material?.keyID == query.heldKeyID { material?.sealedKey = nil }
-        }
+        let material = intent.material.flatMap { self.triggerMaterial(id, $0) }
         return (snapshot, SnapshotLease(requestID: intent.requestID, material: material))
+    }
+
+    /// The trigger material set for `id`, without the sealed key the query says is held.
+    private func triggerMaterial(_ id: InstallationID, _ query: TriggerMaterialQuery) -> TriggerMaterialRead? {
+        var read = self.state.withLock { $0.triggerMaterial[id] }
+        if read?.keyID == query.heldKeyID { read?.sealedKey = nil }
+        return read
     }
 
     public func takeLease(
@@ -260,9 +263,7 @@ public final class InMemoryTokenStore: TokenStore {
         let outcome = try await self.takeLease(
             id, requestID: requestID, replicaID: replicaID, ttl: ttl, respectingHold: respectingHold)
         guard outcome == .taken, let material else { return (outcome, nil) }
-        var read = self.state.withLock { $0.triggerMaterial[id] }
-        if read?.keyID == material.heldKeyID { read?.sealedKey = nil }
-        return (outcome, read)
+        return (outcome, self.triggerMaterial(id, material))
     }
 
     public func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async throws {
