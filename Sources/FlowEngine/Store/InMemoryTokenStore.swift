@@ -223,10 +223,10 @@ public final class InMemoryTokenStore: TokenStore {
         guard needed, possible else { return (snapshot, nil) }
         let now = self.now()
         let taken = self.state.withLock { s -> Bool in
-            if let lease = s.leases[id], now < lease.until { return false }
-            s.leases[id] = Expiring(value: intent.requestID, until: now + intent.ttl)
-            s.pending[Self.pendingKey(id, intent.requestID)] = Expiring(
-                value: intent.replicaID, until: now + intent.ttl)
+            guard
+                Self.setLease(
+                    &s, id, requestID: intent.requestID, replicaID: intent.replicaID, ttl: intent.ttl, now: now)
+            else { return false }
             s.calls["leaseWithSnapshot", default: 0] += 1
             return true
         }
@@ -249,11 +249,19 @@ public final class InMemoryTokenStore: TokenStore {
         let now = self.now()
         return self.state.withLock { s in
             if respectingHold, let held = Self.remaining(s.holds[id], now: now) { return .held(remaining: held) }
-            if let lease = s.leases[id], now < lease.until { return .busy }
-            s.leases[id] = Expiring(value: requestID, until: now + ttl)
-            s.pending[Self.pendingKey(id, requestID)] = Expiring(value: replicaID, until: now + ttl)
-            return .taken
+            return Self.setLease(&s, id, requestID: requestID, replicaID: replicaID, ttl: ttl, now: now)
+                ? .taken : .busy
         }
+    }
+
+    /// Takes the lease with its pending request unless another holds it, as the scripts do.
+    private static func setLease(
+        _ s: inout State, _ id: InstallationID, requestID: String, replicaID: String, ttl: Duration, now: FlowTime
+    ) -> Bool {
+        if let lease = s.leases[id], now < lease.until { return false }
+        s.leases[id] = Expiring(value: requestID, until: now + ttl)
+        s.pending[Self.pendingKey(id, requestID)] = Expiring(value: replicaID, until: now + ttl)
+        return true
     }
 
     public func takeLease(

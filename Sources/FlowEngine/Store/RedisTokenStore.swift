@@ -14,12 +14,14 @@ public struct RedisTokenStore: TokenStore {
     }
 
     public func snapshot(_ id: InstallationID, timeout: Duration?) async throws -> TokenStoreSnapshot {
-        let s = try await self.store.snapshot(id, timeout: timeout)
-        return TokenStoreSnapshot(
+        Self.tokenStoreSnapshot(try await self.store.snapshot(id, timeout: timeout))
+    }
+
+    private static func tokenStoreSnapshot(_ s: GatewayStore.RequestSnapshot) -> TokenStoreSnapshot {
+        TokenStoreSnapshot(
             exists: s.exists, active: s.status == .active, triggerRegistered: s.triggerRegistered,
             apiBaseUrl: s.apiBaseUrl, token: s.token,
-            circuitOpenUntil: s.circuitOpenUntil > 0
-                ? FlowTime(nanoseconds: s.circuitOpenUntil &* 1_000_000) : nil,
+            circuitOpenUntil: s.circuitOpenUntil > 0 ? FlowTime(nanoseconds: s.circuitOpenUntil &* 1_000_000) : nil,
             holdRemaining: s.holdRemaining)
     }
 
@@ -40,19 +42,9 @@ public struct RedisTokenStore: TokenStore {
                 intent.replicaID, intent.material == nil ? "0" : "1", intent.material?.heldKeyID ?? "",
             ], timeout: timeout)
         guard let items = r.array, items.count == 6 else { throw RedisError.protocolError }
-        let s = try await g.requestSnapshot(id, replies: Array(items[0..<4]))
-        let snapshot = TokenStoreSnapshot(
-            exists: s.exists, active: s.status == .active, triggerRegistered: s.triggerRegistered,
-            apiBaseUrl: s.apiBaseUrl, token: s.token,
-            circuitOpenUntil: s.circuitOpenUntil > 0 ? FlowTime(nanoseconds: s.circuitOpenUntil &* 1_000_000) : nil,
-            holdRemaining: s.holdRemaining)
+        let snapshot = Self.tokenStoreSnapshot(try await g.requestSnapshot(id, replies: Array(items[0..<4])))
         guard items[4].int == 1 else { return (snapshot, nil) }
-        var material: TriggerMaterialRead?
-        if let m = items[5].array, m.count == 5 {
-            material = TriggerMaterialRead(
-                status: m[0].string, sealedURL: m[1].string, keyID: m[2].string,
-                nextActivatesAt: m[3].string.flatMap { Int64($0) }, sealedKey: m[4].string)
-        }
+        let material = items[5].array.flatMap { TriggerMaterialRead(reply: $0[...]) }
         return (snapshot, SnapshotLease(requestID: intent.requestID, material: material))
     }
 
@@ -79,11 +71,10 @@ public struct RedisTokenStore: TokenStore {
                 material == nil ? "0" : "1", material?.heldKeyID ?? "",
             ])
         if let items = r.array {
-            // Taken, with the trigger material: 1, status, sealed URL, key id, next activation, sealed key.
-            guard items.count == 6, items[0].int == 1 else { throw RedisError.protocolError }
-            let read = TriggerMaterialRead(
-                status: items[1].string, sealedURL: items[2].string, keyID: items[3].string,
-                nextActivatesAt: items[4].string.flatMap { Int64($0) }, sealedKey: items[5].string)
+            // Taken, with the trigger material: 1, then the material's five fields.
+            guard items.first?.int == 1, let read = TriggerMaterialRead(reply: items.dropFirst()) else {
+                throw RedisError.protocolError
+            }
             return (.taken, read)
         }
         guard let code = r.int else { throw RedisError.protocolError }
@@ -192,12 +183,19 @@ public struct RedisTokenStore: TokenStore {
         if not redis.call('SET', KEYS[5], ARGV[5], 'NX', 'PX', ARGV[6]) then return {i, t, b, h, 0, false} end
         redis.call('SET', KEYS[6], ARGV[7], 'PX', ARGV[6])
         if ARGV[8] ~= '1' then return {i, t, b, h, 1, false} end
-        local m = redis.call('HMGET', KEYS[1], 'status', 'triggerUrl')
-        local k = redis.call('HMGET', KEYS[7], 'current', 'nextActivatesAt')
-        local sealed = false
-        if k[1] and k[1] ~= ARGV[9] then sealed = redis.call('HGET', KEYS[7], 'key:' .. k[1]) end
-        return {i, t, b, h, 1, {m[1], m[2], k[1], k[2], sealed}}
+        \(Self.signingKeyRead(keys: 7, heldKeyID: 9))
+        return {i, t, b, h, 1, {i[1], i[2], k[1], k[2], sealed}}
         """)
+
+    /// Lua that reads the signing keys at KEYS[`keys`]: `k` (current key id, next key's activation
+    /// time) and `sealed`, the current sealed key unless its id is ARGV[`heldKeyID`] (then false).
+    private static func signingKeyRead(keys: Int, heldKeyID: Int) -> String {
+        """
+        local k = redis.call('HMGET', KEYS[\(keys)], 'current', 'nextActivatesAt')
+        local sealed = false
+        if k[1] and k[1] ~= ARGV[\(heldKeyID)] then sealed = redis.call('HGET', KEYS[\(keys)], 'key:' .. k[1]) end
+        """
+    }
 
     /// Takes a round's lease unless another holds it or (when asked) a hold is in force, and
     /// records the round's pending request with it; when the lease is taken and ARGV[5] asks for
@@ -218,9 +216,7 @@ public struct RedisTokenStore: TokenStore {
           redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[2])
           if ARGV[5] ~= '1' then return 1 end
           local i = redis.call('HMGET', KEYS[4], 'status', 'triggerUrl')
-          local k = redis.call('HMGET', KEYS[5], 'current', 'nextActivatesAt')
-          local sealed = false
-          if k[1] and k[1] ~= ARGV[6] then sealed = redis.call('HGET', KEYS[5], 'key:' .. k[1]) end
+          \(Self.signingKeyRead(keys: 5, heldKeyID: 6))
           return {1, i[1], i[2], k[1], k[2], sealed}
         end
         return 0

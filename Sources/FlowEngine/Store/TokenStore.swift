@@ -1,3 +1,5 @@
+import RedisKit
+
 /// What the token flow needs from persistence, and nothing more: the seam between ``TokenFlow``
 /// and the store shared by every replica. ``RedisTokenStore`` is the production implementation,
 /// ``InMemoryTokenStore`` the one unit tests drive with a manual clock.
@@ -123,6 +125,19 @@ public struct SnapshotLeaseIntent: Sendable, Hashable {
         self.forced = forced
         self.now = now
         self.material = material
+    }
+}
+
+extension TriggerMaterialRead {
+    /// The material as the store's scripts return it: status, sealed trigger URL, key id, next
+    /// key's activation time, sealed key (nil entries where the store has none). Nil unless there
+    /// are exactly five.
+    public init?(reply: ArraySlice<RedisValue>) {
+        guard reply.count == 5 else { return nil }
+        let f = Array(reply)
+        self.init(
+            status: f[0].string, sealedURL: f[1].string, keyID: f[2].string,
+            nextActivatesAt: f[3].string.flatMap { Int64($0) }, sealedKey: f[4].string)
     }
 }
 

@@ -37,10 +37,9 @@ extension GatewayStore {
         while true {
             let reply = try await self.redis.eval(
                 TriggerMaterialScripts.read, keys: [installationKey, signingKey], arguments: [cachedKeyID ?? ""])
-            guard let items = reply.array, items.count == 5 else { throw RedisError.protocolError }
-            let read = TriggerMaterialRead(
-                status: items[0].string, sealedURL: items[1].string, keyID: items[2].string,
-                nextActivatesAt: items[3].string.flatMap { Int64($0) }, sealedKey: items[4].string)
+            guard let items = reply.array, let read = TriggerMaterialRead(reply: items[...]) else {
+                throw RedisError.protocolError
+            }
             if !promoted, Self.nextKeyIsDue(read, now: now) {
                 _ = try await self.redis.eval(
                     TriggerKeyScripts.promoteIfDue, keys: [installationKey, signingKey],
