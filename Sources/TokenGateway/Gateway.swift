@@ -45,6 +45,8 @@ public final class Gateway: Sendable {
     let namedTriggerInvoker: NamedTriggerInvoker
     let invocationLimiter: InvocationLimiter
     let invocationMetrics: InvocationMetrics
+    /// Claims the `jti` of a Forge call's FIT when the call changes state.
+    let replayGuard: InvocationReplayGuard
     /// Sends the auth-trigger calls of the flow; holds the opened trigger material.
     let triggerClient: HTTPTriggerClient
     /// Keeps this replica's heartbeat in the store (status page).
@@ -107,8 +109,8 @@ public final class Gateway: Sendable {
         verifierConfiguration.allowedModuleKeys = configuration.forgeModuleKeys
         self.verifier = InvocationTokenVerifier(
             configuration: verifierConfiguration,
-            httpClient: self.httpClient,
-            replayGuard: RedisReplayGuard(redis: self.store.redis, prefix: self.store.prefix), logger: logger)
+            httpClient: self.httpClient, logger: logger)
+        self.replayGuard = InvocationReplayGuard(store: self.store)
         self.userTokenStore = RedisUserTokenStore(installations: self.store)
         self.userTokens = UserTokenExchanger(
             configuration: .init(gateway: configuration), store: self.userTokenStore, systemTokens: self.flow,

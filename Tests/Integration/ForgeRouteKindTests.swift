@@ -68,8 +68,9 @@ struct ForgeRouteKindTests {
     }
 
     /// Whether the replay guard recorded `jti`.
-    static func seen(_ h: GatewayHarness, jti: String) async throws -> Bool {
-        try await h.gateway.redis.send(["EXISTS", "tg:seen-fit:" + jti]).int == 1
+    static func seen(_ h: GatewayHarness, _ installation: EmulatedInstallation, jti: String) async throws -> Bool {
+        try await h.gateway.redis.send(["EXISTS", h.gateway.replayGuard.seenKey(installation.installationID, jti: jti)])
+            .int == 1
     }
 
     /// Sends `body` to `path` with a FIT made with `options` (a fresh `jti`, a different
@@ -94,7 +95,7 @@ struct ForgeRouteKindTests {
         #expect(answer.errorCode == "forbidden", "\(path) \(note)", sourceLocation: sourceLocation)
         #expect(!answer.body.contains(later), sourceLocation: sourceLocation)
         #expect(
-            try await !Self.seen(h, jti: jti), "\(path) \(note): the refused FIT's jti was recorded",
+            try await !Self.seen(h, installation, jti: jti), "\(path) \(note): the refused FIT's jti was recorded",
             sourceLocation: sourceLocation)
     }
 
@@ -221,11 +222,10 @@ struct ForgeRouteKindTests {
             let answer = try await h.emulator.preUninstall(installation, fit: fit)
             #expect(answer.status == 200, "\(answer.body)")
 
-            // Left: the record (marked uninstalled) and the round-trip history the status page shows
-            // (outcomes and durations, no token, no URL).
-            let keys = try await Security.keys(of: installation, in: h.gateway.redis).filter {
-                !$0.hasSuffix(":history")
-            }
+            // Left: the record (marked uninstalled), the round-trip history the status page shows
+            // (outcomes and durations, no token, no URL) and the replay guard's note of each FIT
+            // the installation's calls used (until that FIT could no longer be accepted).
+            let keys = try await Self.keysLeft(installation, h)
             #expect(keys == [h.gateway.store.installationKey(installation.installationID)], "\(keys)")
             #expect(try await h.gateway.redis.send(["EXISTS", userKey]).int == 0)
             let token = try await h.token(installation)
@@ -239,10 +239,15 @@ struct ForgeRouteKindTests {
             // Idempotent: again through the emulator's uninstall, and nothing comes back.
             try await h.emulator.uninstall(installation)
             #expect(try await h.emulator.preUninstall(installation).status == 200)
-            #expect(
-                try await Security.keys(of: installation, in: h.gateway.redis).filter { !$0.hasSuffix(":history") }
-                    == keys)
+            #expect(try await Self.keysLeft(installation, h) == keys)
             #expect(try await h.token(installation).status == 410)
+        }
+    }
+
+    /// An installation's keys but its round-trip history and the replay guard's notes.
+    static func keysLeft(_ installation: EmulatedInstallation, _ h: GatewayHarness) async throws -> [String] {
+        try await Security.keys(of: installation, in: h.gateway.redis).filter {
+            !$0.hasSuffix(":history") && !$0.contains(":seen-fit:")
         }
     }
 

@@ -81,8 +81,8 @@ struct SecurityAttackTests {
                             "x-forge-oauth-system": token,
                         ], body: body)
                     try await Self.expectRefusedAndNothingStored(answer, h, installation, "\(attack) on \(path)")
-                    let seen = try await h.gateway.redis.send(["EXISTS", "tg:seen-fit:\(jti)"])
-                    #expect(seen.int == 0, "\(attack) on \(path): the jti of a refused FIT is not recorded")
+                    let seen = try await Security.scan(pattern: "tg:*seen-fit:\(jti)", in: h.gateway.redis)
+                    #expect(seen.isEmpty, "\(attack) on \(path): the jti of a refused FIT is not recorded")
                 }
             }
         }
@@ -144,8 +144,58 @@ struct SecurityAttackTests {
             #expect(try await h.gateway.store.systemToken(installation.installationID)?.value == first)
 
             // The guard lives in Redis for the token's remaining lifetime (plus the skew), no longer.
-            let ttl = try await h.gateway.redis.send(["PTTL", "tg:seen-fit:\(jti)"]).int ?? -1
+            let ttl =
+                try await h.gateway.redis.send([
+                    "PTTL", h.gateway.replayGuard.seenKey(installation.installationID, jti: jti),
+                ]).int ?? -1
             #expect(ttl > 60_000 && ttl <= (25 + 60 + 61 + 1) * 1000)
+        }
+    }
+
+    @Test("a Forge call refused for its body uses up nothing: the same FIT then goes through, once, on every route")
+    func callRefusedForItsBodyKeepsItsFIT() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let id = installation.installationID
+            let later = try h.emulator.mintAccessToken(for: installation, expiresAt: Date().addingTimeInterval(7200))
+            let triggerURL = h.emulator.triggerURL(for: installation)
+            let calls: [(path: String, refused: String, accepted: String)] = [
+                ("/forge/auth-trigger", "{\"requestId\":\"\(String(repeating: "r", count: 129))\"}", "{}"),
+                ("/forge/register", "{\"authTriggerUrl\":7}", "{\"authTriggerUrl\":\"\(triggerURL)\"}"),
+                ("/forge/lifecycle", "{\"eventType\":[]}", "{\"eventType\":\"avi:forge:upgraded:app\"}"),
+                ("/forge/pre-uninstall", "[not json", "{}"),
+            ]
+            for call in calls {
+                let fit = try h.emulator.mintFIT(for: installation)
+                let jti = try #require(Self.claims(of: fit)["jti"] as? String)
+                func send(_ body: String) async throws -> GatewayHarness.Answer {
+                    try await h.call(
+                        .POST, call.path, secret: nil,
+                        headers: [
+                            "authorization": "Bearer \(fit)", "content-type": "application/json",
+                            "x-forge-oauth-system": later,
+                        ], body: body)
+                }
+                let before = try await Security.snapshot(of: installation, in: h.gateway.redis)
+                let refused = try await send(call.refused)
+                #expect(refused.status == 400, "\(call.path): \(refused.status)")
+                #expect(try await Security.snapshot(of: installation, in: h.gateway.redis) == before, "\(call.path)")
+                #expect(
+                    try await h.gateway.redis.send(["EXISTS", h.gateway.replayGuard.seenKey(id, jti: jti)]).int == 0,
+                    "\(call.path): the refused call recorded the jti")
+
+                let accepted = try await send(call.accepted)
+                #expect(accepted.status == 200, "\(call.path): \(accepted.status) \(accepted.errorCode ?? "")")
+                #expect(
+                    try await h.gateway.redis.send(["EXISTS", h.gateway.replayGuard.seenKey(id, jti: jti)]).int == 1,
+                    "\(call.path): the accepted call claimed the jti")
+                let again = try await send(call.accepted)
+                #expect(again.status == 401, "\(call.path): a second use is a replay")
+                #expect(again.errorCode == "invalid_invocation_token")
+            }
+            // What went through went through: the delivery stored its token, then pre-uninstall
+            // uninstalled the installation.
+            #expect(try await h.gateway.store.installation(id)?.status == .uninstalled)
         }
     }
 

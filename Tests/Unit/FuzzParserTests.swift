@@ -132,7 +132,7 @@ struct FuzzParserTests {
     func invocationTokenMutations() async throws {
         var rng = SplitMix64(seed: 0x4649_5431)
         let verifier = try InvocationTokenVerifier(
-            configuration: .init(appId: Self.appId), jwksJSON: Self.jwks, replayGuard: nil,
+            configuration: .init(appId: Self.appId), jwksJSON: Self.jwks,
             logger: Logger(label: "fuzz", factory: { _ in SwiftLogNoOpLogHandler() }))
         let now = Date().timeIntervalSince1970.rounded(.down)
         let valid = Self.sign(header: ["alg": "RS256", "kid": "k1", "typ": "JWT"], claims: Self.validClaims(now: now))
@@ -182,7 +182,7 @@ struct FuzzParserTests {
     func invocationTokenSignedGarbage() async throws {
         var rng = SplitMix64(seed: 0x4649_5432)
         let verifier = try InvocationTokenVerifier(
-            configuration: .init(appId: Self.appId), jwksJSON: Self.jwks, replayGuard: nil,
+            configuration: .init(appId: Self.appId), jwksJSON: Self.jwks,
             logger: Logger(label: "fuzz", factory: { _ in SwiftLogNoOpLogHandler() }))
         let now = Date().timeIntervalSince1970.rounded(.down)
         for _ in 0..<250 {

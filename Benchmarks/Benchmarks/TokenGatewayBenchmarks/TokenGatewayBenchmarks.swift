@@ -182,7 +182,7 @@ final class Fixtures: Sendable {
         self.fit = try emulator.mintFIT(for: emulator.makeInstallation())
         self.verifier = try InvocationTokenVerifier(
             configuration: .init(appId: ForgeEmulatorConfiguration.demoAppId), jwksJSON: emulator.jwksJSON,
-            replayGuard: nil, logger: logger)
+            logger: logger)
     }
 }
 

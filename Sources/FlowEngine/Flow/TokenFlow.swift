@@ -511,6 +511,13 @@ public final class TokenFlow: Sendable, Service {
         self.noteOwnAnnouncement(OwnAnnouncement(installation: id, tag: "token " + requestID))
     }
 
+    /// The delivery announced by ``deliveryArriving(_:requestID:)`` was not stored (refused, or
+    /// the store failed): no announcement of it comes, and one for `requestID` from elsewhere is
+    /// not this process's own.
+    public func deliveryNotStored(_ id: InstallationID, requestID: String) {
+        _ = self.takeOwnAnnouncement(OwnAnnouncement(installation: id, tag: "token " + requestID))
+    }
+
     /// A delivery to this process answered round trip `requestID` but did not replace the stored
     /// token (Forge handed out a token no newer than the one held). `newest` is the stored token.
     /// If this process leads that round trip, its callers are answered and the hold is placed.

@@ -17,10 +17,13 @@ enum GatewayScripts {
     /// apiBaseUrl}. Publishes `token <ari> <requestId|->`, with ` same` appended when the delivery
     /// answered a pending request but did not replace the token, and ` @<replica>` when ARGV[12]
     /// names the replica that stored it (so that replica does not handle its own echo again).
+    /// With KEYS[4] (a first-use key) and ARGV[13] (its lifetime in ms), nothing happens when that
+    /// key exists ({-2, 0, 0}); otherwise it is set with the delivery, in the same step.
     static let storeToken = RedisScript(
         """
         local status = redis.call('HGET', KEYS[1], 'status')
         if status == 'uninstalled' then return {-1, 0, 0} end
+        if KEYS[4] and not redis.call('SET', KEYS[4], '1', 'NX', 'PX', ARGV[13]) then return {-2, 0, 0} end
         local created = 0
         if not status then
           redis.call('HSET', KEYS[1], 'status', 'active', 'createdAt', ARGV[3], 'updatedAt', ARGV[3])

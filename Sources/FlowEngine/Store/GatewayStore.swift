@@ -315,6 +315,21 @@ public final class GatewayStore: Sendable {
             receivedAt: at.string.flatMap { Int64($0) })
     }
 
+    /// A key that a change may make only once: set with `NX` in the change's own step, expiring
+    /// after `lifetime`. It must carry the installation's hash tag (``tag(_:)``).
+    public struct FirstUseKey: Sendable, Hashable {
+        public var key: String
+        public var lifetime: Duration
+
+        public init(key: String, lifetime: Duration) {
+            self.key = key
+            self.lifetime = lifetime
+        }
+    }
+
+    /// The change's ``FirstUseKey`` existed already: nothing was changed.
+    public struct FirstUseKeyTaken: Error, Sendable, Hashable {}
+
     /// Result of storing a delivered token.
     public struct DeliveryResult: Sendable {
         public var outcome: TokenStoreOutcome
@@ -334,25 +349,33 @@ public final class GatewayStore: Sendable {
     /// `now` is never stored (answered `notNewer`), though it still answers its pending request.
     /// `arrival` says how an unsolicited token came (a delivery that answers a pending request is
     /// recorded as `trigger`). `origin`, the storing replica's id, is named in the announcement.
+    ///
+    /// With `firstUse`, a key in the installation's hash slot that must not exist yet: it is set in
+    /// the same step, and when it exists nothing at all changes and ``FirstUseKeyTaken`` is thrown.
     public func storeDeliveredToken(
         _ id: InstallationID, token: AccessToken, requestID: String?, metadata: InstallationMetadata, now: FlowTime,
-        minimumValidity: Duration = .seconds(60), arrival: TokenArrival = .push, origin: String? = nil
+        minimumValidity: Duration = .seconds(60), arrival: TokenArrival = .push, origin: String? = nil,
+        firstUse: FirstUseKey? = nil
     ) async throws -> DeliveryResult {
         let tokenKey = self.systemTokenKey(id)
         let sealed = try self.box.seal(Array(token.value.utf8), context: tokenKey)
         let rid = requestID ?? ""
         let sealedBaseURL = self.sealAPIBaseURL(metadata.apiBaseUrl, id)
-        let r = try await self.redis.eval(
-            GatewayScripts.storeToken,
-            keys: [self.installationKey(id), tokenKey, self.pendingKey(id, requestID: rid)],
-            arguments: [
-                String(token.expiresAt), sealed, String(now.unixSeconds), rid, self.channel, id.ari,
-                metadata.appId ?? "", sealedBaseURL, metadata.cloudId ?? "",
-                String(now.unixSeconds + minimumValidity.components.seconds), arrival.rawValue, origin ?? "",
-            ])
+        var keys = [self.installationKey(id), tokenKey, self.pendingKey(id, requestID: rid)]
+        var arguments = [
+            String(token.expiresAt), sealed, String(now.unixSeconds), rid, self.channel, id.ari,
+            metadata.appId ?? "", sealedBaseURL, metadata.cloudId ?? "",
+            String(now.unixSeconds + minimumValidity.components.seconds), arrival.rawValue, origin ?? "",
+        ]
+        if let firstUse {
+            keys.append(firstUse.key)
+            arguments.append(String(max(firstUse.lifetime.milliseconds, 1)))
+        }
+        let r = try await self.redis.eval(GatewayScripts.storeToken, keys: keys, arguments: arguments)
         guard let items = r.array, items.count >= 3, let s = items[0].int, let c = items[1].int,
             let sol = items[2].int
         else { throw RedisError.protocolError }
+        if s == -2 { throw FirstUseKeyTaken() }
         if c == 1 { try await self.index(id) }
         let outcome: TokenStoreOutcome = s == 1 ? .stored : (s == 0 ? .notNewer : .uninstalled)
         // The stored value is most often the one just sent (sealed deterministically): its

@@ -23,6 +23,9 @@ public struct InvocationContext: Sendable, Hashable {
     public let jti: String
     /// The token's `exp`.
     public let expiresAt: Date
+    /// The last instant at which the token is still accepted: `exp` plus the clock skew. Its
+    /// `jti` has to be remembered until then (the gateway does it when the call changes state).
+    public let acceptedUntil: Date
     /// `principal` (the user's account id, on UI calls only).
     public let principal: String?
     /// `app.module.type`: `core:endpoint` for every backend invocation (a function's
@@ -47,6 +50,7 @@ public struct InvocationContext: Sendable, Hashable {
         environmentId: String?,
         jti: String,
         expiresAt: Date,
+        acceptedUntil: Date? = nil,
         principal: String?,
         moduleType: String? = nil,
         moduleKey: String? = nil,
@@ -62,6 +66,7 @@ public struct InvocationContext: Sendable, Hashable {
         self.environmentId = environmentId
         self.jti = jti
         self.expiresAt = expiresAt
+        self.acceptedUntil = acceptedUntil ?? expiresAt
         self.principal = principal
         self.moduleType = moduleType
         self.moduleKey = moduleKey
@@ -99,13 +104,6 @@ public struct InvocationPolicy: Sendable, Hashable {
     public static let backendAllowingPrincipal = InvocationPolicy(backendOnly: true, allowsPrincipal: true)
 }
 
-/// Remembers FIT ids so a token is accepted once only.
-public protocol InvocationTokenReplayGuard: Sendable {
-    /// Records `jti` until `expiresAt`; returns false if it was already recorded (a replay).
-    /// Throws if the store is unreachable.
-    func firstUse(jti: String, expiresAt: Date) async throws -> Bool
-}
-
 /// Why a FIT was refused. ``reason`` is a bounded word, usable as the metric label `outcome`;
 /// the description never contains the token.
 public struct InvocationTokenError: Error, Hashable, Sendable, CustomStringConvertible {
@@ -139,11 +137,11 @@ public struct InvocationTokenError: Error, Hashable, Sendable, CustomStringConve
     public static let issuedInFuture = InvocationTokenError("issued_in_future")
     /// A required claim (`iss`, `aud`, `exp`, `nbf`, `iat`, `jti`, `app.installationId`) is absent.
     public static let missingClaim = InvocationTokenError("missing_claim")
-    /// The `jti` was seen before within the token's lifetime.
+    /// The `jti` was used before within the token's lifetime (found when the call claims it).
     public static let replayed = InvocationTokenError("replayed")
     /// The JWKS could not be fetched and no cached key applies.
     public static let jwksUnavailable = InvocationTokenError("jwks_unavailable")
-    /// The replay guard's store could not be reached.
+    /// The store could not be reached to claim the `jti`.
     public static let storeUnavailable = InvocationTokenError("store_unavailable")
     /// A valid FIT that does not come from the app's backend (a UI module's type, a `context` or
     /// a `principal` claim): the route refuses it with 403.
@@ -185,8 +183,11 @@ public struct InvocationTokenError: Error, Hashable, Sendable, CustomStringConve
 /// the JWKS entry whose `kid` the header names (RSA, ≥ 2048 bits, `alg` absent or `RS256`); no
 /// other key is ever tried, and a `kid` missing from the cached JWKS refetches it at most once per
 /// ``Configuration/jwksRefreshInterval``. Then `iss`, `aud`, `exp`/`nbf`/`iat` (within
-/// ``Configuration/clockSkew``), `jti` and `app.installationId` are checked, and finally the
-/// replay guard records the `jti`.
+/// ``Configuration/clockSkew``), `jti` and `app.installationId` are checked.
+///
+/// The verifier records nothing: a token is accepted once only because the call that changes
+/// state claims its `jti` (``InvocationContext/jti``, until ``InvocationContext/acceptedUntil``)
+/// in the same step as its change, after its body was checked, so a refused call uses nothing up.
 public final class InvocationTokenVerifier: Sendable {
     /// Forge's production JWKS.
     public static let productionJWKSURL = "https://forge.cdn.prod.atlassian-dev.net/.well-known/jwks.json"
@@ -248,7 +249,6 @@ public final class InvocationTokenVerifier: Sendable {
 
     let configuration: Configuration
     let keySource: KeySource
-    let replayGuard: (any InvocationTokenReplayGuard)?
     let logger: Logger
     /// Per-JWKS-URL key cache (see `InvocationTokenVerifier+JWKS.swift`).
     let keyCache: Mutex<[String: KeyCacheEntry]>
@@ -257,12 +257,10 @@ public final class InvocationTokenVerifier: Sendable {
     public init(
         configuration: Configuration,
         httpClient: HTTPClient,
-        replayGuard: (any InvocationTokenReplayGuard)?,
         logger: Logger
     ) {
         self.configuration = configuration
         self.keySource = .remote(httpClient)
-        self.replayGuard = replayGuard
         self.logger = logger
         self.keyCache = Mutex([:])
     }
@@ -273,12 +271,10 @@ public final class InvocationTokenVerifier: Sendable {
     public init(
         configuration: Configuration,
         jwksJSON: String,
-        replayGuard: (any InvocationTokenReplayGuard)?,
         logger: Logger
     ) throws {
         self.configuration = configuration
         self.keySource = .fixed(try Self.parseJWKS(Data(jwksJSON.utf8), logger: logger))
-        self.replayGuard = replayGuard
         self.logger = logger
         self.keyCache = Mutex([:])
     }
@@ -286,11 +282,10 @@ public final class InvocationTokenVerifier: Sendable {
     /// Verifies `token` (the bearer value, without `Bearer `) at time `now`.
     ///
     /// `policy` says which kinds of FIT are accepted; a valid FIT of another kind throws
-    /// ``InvocationTokenError/notBackend`` or ``InvocationTokenError/moduleKeyNotAllowed``
-    /// before the replay guard records its `jti`.
+    /// ``InvocationTokenError/notBackend`` or ``InvocationTokenError/moduleKeyNotAllowed``.
     ///
     /// - Returns: the claims the gateway uses.
-    /// - Throws: ``InvocationTokenError``; nothing is recorded unless every check passed.
+    /// - Throws: ``InvocationTokenError``. Nothing is recorded either way.
     public func verify(_ token: String, now: Date = Date(), policy: InvocationPolicy = .any) async throws
         -> InvocationContext
     {
@@ -327,16 +322,14 @@ public final class InvocationTokenVerifier: Sendable {
             throw .malformed("token rejected by the JWT parser")
         }
 
-        // 6, 7a. Claims and kind.
+        // 6, 7. Claims and kind.
         let checked = try self.checkClaims(claims, now: now)
         try self.checkKind(claims, policy: policy)
 
-        // 7. Replay: the jti is remembered as long as the token could still be accepted.
-        try await self.checkReplay(jti: checked.jti, until: Date(timeIntervalSince1970: checked.exp + checked.skew))
-
         return self.context(
             claims, installationId: checked.installationId, jti: checked.jti,
-            expiresAt: Date(timeIntervalSince1970: checked.exp))
+            expiresAt: Date(timeIntervalSince1970: checked.exp),
+            acceptedUntil: Date(timeIntervalSince1970: checked.exp + checked.skew))
     }
 
     /// 1. Structure: three base64url parts, JSON header and payload. 2. The algorithm and the key
@@ -397,8 +390,7 @@ public final class InvocationTokenVerifier: Sendable {
         return (jti, exp, skew, installationId)
     }
 
-    /// 7a. Kind: a valid FIT from a user's browser may not act for the app. Checked before the
-    /// replay guard so a refused call records nothing.
+    /// 7. Kind: a valid FIT from a user's browser may not act for the app.
     private func checkKind(_ claims: FITClaims, policy: InvocationPolicy) throws(InvocationTokenError) {
         guard policy.backendOnly else { return }
         let moduleType = claims.app?.module?.type
@@ -415,25 +407,9 @@ public final class InvocationTokenVerifier: Sendable {
         }
     }
 
-    /// 7. The replay guard: refuses a `jti` seen before; remembers it until `until`.
-    private func checkReplay(jti: String, until: Date) async throws(InvocationTokenError) {
-        guard let replayGuard = self.replayGuard else { return }
-        let firstUse: Bool
-        do {
-            firstUse = try await replayGuard.firstUse(jti: jti, expiresAt: until)
-        } catch {
-            self.logger.warning(
-                "Replay guard unavailable while verifying a Forge invocation token",
-                metadata: ["error.type": "\(String(reflecting: type(of: error)))"]
-            )
-            throw .storeUnavailable
-        }
-        guard firstUse else { throw .replayed }
-    }
-
     /// What a verified token says about its invocation.
     private func context(
-        _ claims: FITClaims, installationId: String, jti: String, expiresAt: Date
+        _ claims: FITClaims, installationId: String, jti: String, expiresAt: Date, acceptedUntil: Date
     ) -> InvocationContext {
         let app = claims.app
         let apiBaseUrl = app?.apiBaseUrl
@@ -449,6 +425,7 @@ public final class InvocationTokenVerifier: Sendable {
             environmentId: app?.environment?.id,
             jti: jti,
             expiresAt: expiresAt,
+            acceptedUntil: acceptedUntil,
             principal: claims.principal,
             moduleType: app?.module?.type,
             moduleKey: app?.module?.key,

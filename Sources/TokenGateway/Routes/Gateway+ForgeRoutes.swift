@@ -8,23 +8,61 @@ import Logging
 extension Gateway {
     func addForgeRoutes(to router: Router<BasicRequestContext>) {
         router.post("/forge/register") { request, context in
-            try await self.forgeRegister(request, logger: context.logger)
+            try await self.forgeCall(request, logger: context.logger) { invocation, id in
+                try await self.forgeRegister(request, invocation: invocation, id: id, logger: context.logger)
+            }
         }
         router.post("/forge/auth-trigger") { request, context in
-            try await self.forgeAuthTrigger(request, logger: context.logger)
+            try await self.forgeCall(request, logger: context.logger) { invocation, id in
+                try await self.forgeAuthTrigger(request, invocation: invocation, id: id, logger: context.logger)
+            }
         }
         router.post("/forge/lifecycle") { request, context in
-            try await self.forgeLifecycle(request, logger: context.logger)
+            try await self.forgeCall(request, logger: context.logger) { invocation, id in
+                try await self.forgeLifecycle(request, invocation: invocation, id: id, logger: context.logger)
+            }
         }
         router.post("/forge/pre-uninstall") { request, context in
-            try await self.forgePreUninstall(request, logger: context.logger)
+            try await self.forgeCall(request, policy: .backendAllowingPrincipal, logger: context.logger) {
+                invocation, id in
+                try await self.forgePreUninstall(request, invocation: invocation, id: id, logger: context.logger)
+            }
+        }
+    }
+
+    /// One Forge call: its FIT verified (``verifyInvocation(_:policy:logger:)``), then `handle`,
+    /// which claims the FIT's `jti` (``InvocationReplayGuard``) once the call's body was checked
+    /// and before it changes state. Counts the FIT's outcome once: a refusal's reason, `replayed`
+    /// (401, the `jti` was claimed before), `store_unavailable` (503, the claim could not be
+    /// made), else `success`.
+    func forgeCall(
+        _ request: Request, policy: InvocationPolicy = .backend, logger: Logger,
+        _ handle: (InvocationContext, InstallationID) async throws -> Response
+    ) async throws -> Response {
+        let (invocation, id) = try await self.verifyInvocation(request, policy: policy, logger: logger)
+        do {
+            let response = try await handle(invocation, id)
+            self.metrics.countInvocationToken(outcome: "success")
+            return response
+        } catch let error as InvocationTokenError {
+            self.metrics.countInvocationToken(outcome: error.reason)
+            if error == .storeUnavailable {
+                logger.warning("could not claim a Forge invocation token's jti", metadata: ["installation.id": "\(id)"])
+                throw GatewayError.storeUnavailable
+            }
+            logger.notice("invocation token refused", metadata: ["fit.outcome": "\(error.reason)"])
+            throw GatewayError.invalidInvocationToken
+        } catch {
+            self.metrics.countInvocationToken(outcome: "success")
+            throw error
         }
     }
 
     /// `POST /forge/register`: records the auth trigger URL (and named triggers) of the invoking
     /// installation and answers with its trigger signing keys.
-    func forgeRegister(_ request: Request, logger: Logger) async throws -> Response {
-        let (invocation, id) = try await self.verifyInvocation(request, logger: logger)
+    func forgeRegister(_ request: Request, invocation: InvocationContext, id: InstallationID, logger: Logger)
+        async throws -> Response
+    {
         let body = try await self.readJSONObject(request)
         guard let url = body["authTriggerUrl"] as? String, !url.isEmpty else {
             throw GatewayError.invalidRequest("authTriggerUrl (a string) is required")
@@ -46,6 +84,7 @@ extension Gateway {
         let now = FlowTime.now()
         let outcome: GatewayStore.RegistrationOutcome
         let keys: GatewayStore.TriggerKeys?
+        try await self.replayGuard.claim(id, invocation)
         do {
             outcome = try await self.store.register(
                 id, triggerURL: url, candidateKeyID: candidate.keyId, candidateKey: candidate.rawPrivateKey,
@@ -95,8 +134,9 @@ extension Gateway {
 
     /// `POST /forge/auth-trigger`: a system token delivered by the app, in answer to a trigger call
     /// (`requestId`) or pushed.
-    func forgeAuthTrigger(_ request: Request, logger: Logger) async throws -> Response {
-        let (invocation, id) = try await self.verifyInvocation(request, logger: logger)
+    func forgeAuthTrigger(_ request: Request, invocation: InvocationContext, id: InstallationID, logger: Logger)
+        async throws -> Response
+    {
         guard let token = try self.optionalSystemToken(request) else { throw GatewayError.missingToken }
         let body = try await self.readJSONObject(request, emptyIsObject: true)
         var requestID: String? = nil
@@ -116,20 +156,22 @@ extension Gateway {
             // callers get `trigger_failed` at once instead of waiting out their deadline); an
             // unasked one changes nothing at all.
             logger.notice("dropped a nearly expired delivered token", metadata: ["installation.id": "\(id)"])
+            // (Changing nothing, it claims no jti: a replay of it changes nothing either.)
             guard requestID != nil else { return Self.json(.object([("stored", .bool(false))])) }
         case .acceptable:
             break
         }
         let stored = try await self.storeDelivery(
             id, token: token, requestID: requestID, invocation: invocation, trace: Self.forgeTrace(request),
-            logger: logger)
+            claimingInvocation: true, logger: logger)
         return Self.json(.object([("stored", .bool(stored))]))
     }
 
     /// `POST /forge/lifecycle`: installed/upgraded records the installation (keeping a token that came
     /// along), uninstalled removes it; other events are ignored.
-    func forgeLifecycle(_ request: Request, logger: Logger) async throws -> Response {
-        let (invocation, id) = try await self.verifyInvocation(request, logger: logger)
+    func forgeLifecycle(_ request: Request, invocation: InvocationContext, id: InstallationID, logger: Logger)
+        async throws -> Response
+    {
         let body = try await self.readJSONObject(request)
         // Forge's documented body (id, installerAccountId, app, environment, permissions) has
         // no eventType: such a call is installed/upgraded.
@@ -140,6 +182,7 @@ extension Gateway {
         }
         // Read before anything changes, so a token without a readable exp changes nothing.
         let offered = try self.optionalSystemToken(request)
+        if Self.lifecycleEventsApplied.contains(eventType) { try await self.replayGuard.claim(id, invocation) }
         do {
             switch eventType {
             case "avi:forge:installed:app", "avi:forge:upgraded:app":
@@ -166,11 +209,18 @@ extension Gateway {
         return Self.json(.object([("ok", true)]))
     }
 
+    /// The lifecycle events that change state; others are answered and ignored (claiming no `jti`).
+    static let lifecycleEventsApplied: Set<String> = [
+        "avi:forge:installed:app", "avi:forge:upgraded:app", "avi:forge:uninstalled:app",
+    ]
+
     /// `POST /forge/pre-uninstall`: the endpoint of the app's preUninstall module. Its body
     /// (context.cloudId, context.moduleKey, contextToken) is not trusted: the installation is the FIT's.
-    func forgePreUninstall(_ request: Request, logger: Logger) async throws -> Response {
-        let (_, id) = try await self.verifyInvocation(request, policy: .backendAllowingPrincipal, logger: logger)
+    func forgePreUninstall(_ request: Request, invocation: InvocationContext, id: InstallationID, logger: Logger)
+        async throws -> Response
+    {
         _ = try await self.readJSONObject(request, emptyIsObject: true)
+        try await self.replayGuard.claim(id, invocation)
         do {
             try await self.uninstallInstallation(id, signal: "preUninstall", logger: logger)
         } catch let error as GatewayError {
@@ -226,11 +276,11 @@ extension Gateway {
         return token
     }
 
-    /// Verifies the Forge Invocation Token of a request: 401 `invalid_invocation_token` on any failure, except
-    /// 503 `store_unavailable` when the replay guard cannot reach Redis, and 403 `forbidden` for a
-    /// valid FIT that `policy` does not accept (one from a user's browser, or a module key outside
-    /// `TOKEN_GATEWAY_FORGE_MODULE_KEYS`). Every Forge route accepts only backend invocations; a
-    /// refused FIT records nothing, not even its `jti`.
+    /// Verifies the Forge Invocation Token of a request: 401 `invalid_invocation_token` on any
+    /// failure, and 403 `forbidden` for a valid FIT that `policy` does not accept (one from a user's
+    /// browser, or a module key outside `TOKEN_GATEWAY_FORGE_MODULE_KEYS`). Every Forge route
+    /// accepts only backend invocations. Records nothing: the call claims the `jti` later.
+    /// Counts refusals; ``forgeCall(_:policy:logger:_:)`` counts the rest.
     func verifyInvocation(_ request: Request, policy: InvocationPolicy = .backend, logger: Logger) async throws
         -> (InvocationContext, InstallationID)
     {
@@ -246,8 +296,6 @@ extension Gateway {
             invocation = try await self.verifier.verify(token, policy: policy)
         } catch let error as InvocationTokenError {
             self.metrics.countInvocationToken(outcome: error.reason)
-            // The replay guard could not reach Redis: the token was not refused, so Forge may try again.
-            if error == .storeUnavailable { throw GatewayError.storeUnavailable }
             if error.isForbidden {
                 logger.notice(
                     "invocation token of a kind this route refuses",
@@ -266,7 +314,6 @@ extension Gateway {
             self.metrics.countInvocationToken(outcome: "malformed")
             throw GatewayError.invalidInvocationToken
         }
-        self.metrics.countInvocationToken(outcome: "success")
         return (invocation, id)
     }
 
@@ -291,9 +338,11 @@ extension Gateway {
             spanID: request.headers[.b3SpanID])
     }
 
+    /// With `claimingInvocation`, the FIT's `jti` is claimed in the same store step: a replayed
+    /// one changes nothing and throws ``InvocationTokenError/replayed``.
     func storeDelivery(
         _ id: InstallationID, token: AccessToken, requestID: String?, invocation: InvocationContext,
-        trace: ForgeTrace? = nil, arrival: TokenArrival = .push, logger: Logger
+        trace: ForgeTrace? = nil, arrival: TokenArrival = .push, claimingInvocation: Bool = false, logger: Logger
     )
         async throws -> Bool
     {
@@ -302,12 +351,21 @@ extension Gateway {
         do {
             result = try await self.store.storeDeliveredToken(
                 id, token: token, requestID: requestID, metadata: invocation.metadata, now: FlowTime.now(),
-                arrival: arrival, origin: self.flow.replicaID)
+                arrival: arrival, origin: self.flow.replicaID,
+                firstUse: claimingInvocation ? self.replayGuard.firstUseKey(id, invocation) : nil)
+        } catch is GatewayStore.FirstUseKeyTaken {
+            if let requestID { self.flow.deliveryNotStored(id, requestID: requestID) }
+            throw InvocationTokenError.replayed
         } catch {
+            if let requestID { self.flow.deliveryNotStored(id, requestID: requestID) }
             logger.warning("could not store delivered token", metadata: ["installation.id": "\(id)"])
+            if claimingInvocation { throw InvocationTokenError.storeUnavailable }
             throw GatewayError.storeUnavailable
         }
-        if result.outcome == .uninstalled { throw GatewayError(FlowError.installationUninstalled) }
+        if result.outcome == .uninstalled {
+            if let requestID { self.flow.deliveryNotStored(id, requestID: requestID) }
+            throw GatewayError(FlowError.installationUninstalled)
+        }
         if result.solicited {
             self.metrics.flow.tokensReceivedSolicited.increment()
         } else {
