@@ -147,6 +147,44 @@ struct TokenFlowIntegrationTests {
         }
     }
 
+    @Test("a delivery whose first-use key exists changes nothing; otherwise the key is set with it, in one step")
+    func deliveryClaimsItsFirstUseKey() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let id = installation.installationID
+            let store = RedisTokenStore(store: h.gateway.store)
+            #expect(
+                try await store.takeLease(
+                    id, requestID: "rq_claim", replicaID: "replica-t", ttl: .seconds(30), respectingHold: false)
+                    == .taken)
+            let token = AccessToken(
+                value: try h.emulator.mintAccessToken(for: installation, expiresAt: Date().addingTimeInterval(3600)),
+                expiresAt: Int64(Date().timeIntervalSince1970) + 3600)
+            let claim = GatewayStore.FirstUseKey(
+                key: h.gateway.store.tag(id) + ":seen-fit:claim-1", lifetime: .seconds(120))
+            func deliver() async throws -> GatewayStore.DeliveryResult {
+                try await h.gateway.store.storeDeliveredToken(
+                    id, token: token, requestID: "rq_claim", metadata: InstallationMetadata(), now: FlowTime.now(),
+                    firstUse: claim)
+            }
+
+            // Taken already: nothing at all changes (the token, the pending request, the record).
+            _ = try await h.gateway.redis.send(["SET", claim.key, "1", "PX", "60000"])
+            let before = try await Security.snapshot(of: installation, in: h.gateway.redis)
+            await #expect(throws: GatewayStore.FirstUseKeyTaken.self) { try await deliver() }
+            #expect(try await Security.snapshot(of: installation, in: h.gateway.redis) == before)
+            #expect(try await store.roundProbe(id, requestID: "rq_claim").pendingOpen)
+
+            // Free: stored, the pending request answered, the key set for its lifetime.
+            _ = try await h.gateway.redis.send(["DEL", claim.key])
+            let result = try await deliver()
+            #expect(result.outcome == .stored && result.solicited)
+            let ttl = try await h.gateway.redis.send(["PTTL", claim.key]).int ?? -1
+            #expect(ttl > 60_000 && ttl <= 120_000)
+            #expect(try await h.gateway.store.systemToken(id)?.value == token.value)
+        }
+    }
+
     @Test("100 concurrent callers on a cold installation cause one trigger and get one token")
     func coalescedColdFetch() async throws {
         try await GatewayHarness.run { h in
