@@ -6,7 +6,7 @@ import Foundation
 ///
 /// A Forge call claims its token's `jti` when it is about to change state, after its body was
 /// checked: a call refused for its body uses nothing up. A delivery claims it inside the store
-/// script that stores its token ( ``firstUseKey(_:_:)``), so the claim costs no round trip of its
+/// script that stores its token (``firstUseKey(_:_:)``), so the claim costs no round trip of its
 /// own and a replay changes nothing at all.
 struct InvocationReplayGuard: Sendable {
     let store: GatewayStore
@@ -17,7 +17,7 @@ struct InvocationReplayGuard: Sendable {
         self.now = now
     }
 
-    /// The key that remembers `invocation`'s `jti` for installation `id`.
+    /// The key that remembers FIT id `jti` for installation `id`.
     func seenKey(_ id: InstallationID, jti: String) -> String { self.store.tag(id) + ":seen-fit:" + jti }
 
     /// The key and lifetime that claim `invocation`'s `jti` inside a store script.
