@@ -310,12 +310,13 @@ public final class InvocationTokenVerifier: Sendable {
         // 4. The key named by kid, and only that key.
         let publicKey = try await self.publicKey(kid: kid, jwksURL: jwksURL)
 
-        // 5. Signature (jwt-kit, with a collection holding exactly this key).
-        let claims: FITClaims
+        // 5. Signature (jwt-kit, with a collection holding exactly this key), over the exact header
+        // and payload bytes the claims were decoded from in step 3: once it holds, those claims are
+        // the verified ones, and jwt-kit need not decode them a second time (``SignedPayload``).
         do {
             let collection = JWTKeyCollection()
             await collection.add(rsa: publicKey, digestAlgorithm: .sha256, kid: JWKIdentifier(string: kid))
-            claims = try await collection.verify(token, as: FITClaims.self)
+            _ = try await collection.verify(token, as: SignedPayload.self)
         } catch let error as JWTError where error.errorType == .signatureVerificationFailed {
             throw .badSignature
         } catch {
@@ -323,6 +324,7 @@ public final class InvocationTokenVerifier: Sendable {
         }
 
         // 6, 7. Claims and kind.
+        let claims = unverified
         let checked = try self.checkClaims(claims, now: now)
         try self.checkKind(claims, policy: policy)
 
@@ -333,7 +335,8 @@ public final class InvocationTokenVerifier: Sendable {
     }
 
     /// 1. Structure: three base64url parts, JSON header and payload. 2. The algorithm and the key
-    /// id. 3. The claims as sent, unverified (they only choose the JWKS).
+    /// id. 3. The claims as sent, decoded once: unverified, they only choose the JWKS; once step 5
+    /// has verified the signature over these bytes, they are the verified claims.
     private static func parseUnverified(_ token: String) throws(InvocationTokenError)
         -> (kid: String, claims: FITClaims)
     {
@@ -477,6 +480,15 @@ extension InvocationTokenVerifier {
             // Any `crit` value, well-formed or not, leads to refusal.
             self.crit = container.contains(.crit) ? ((try? container.decode([String].self, forKey: .crit)) ?? []) : nil
         }
+    }
+
+    /// The payload type jwt-kit verifies the signature for: it reads nothing, since the verifier has
+    /// decoded the claims (``FITClaims``) from the same bytes before.
+    struct SignedPayload: JWTPayload {
+        init() {}
+        init(from decoder: any Decoder) throws {}
+        func encode(to encoder: any Encoder) throws {}
+        func verify(using algorithm: some JWTAlgorithm) async throws {}
     }
 
     /// `aud`: one string or an array of strings.
