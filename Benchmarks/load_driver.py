@@ -167,13 +167,15 @@ def get_token(gateway, ari, headers):
         conn.close()
 
 
-def run_round(gateway, ids, callers, headers):
+def run_round(gateway, ids, callers, headers, warm=False):
     """All callers of all `ids` at once, from one thread: the connections are opened first, then
     every request is written and the answers are read as they come (non-blocking sockets and a
     selector), each timed from its own write to the end of its own answer. One thread keeps the
     client's own cost small and steady: with a thread per caller, waking ten threads to read ten
     answers took this client about a millisecond (the hand-offs of Python's threads), which the
-    figures would have counted as the gateway's."""
+    figures would have counted as the gateway's. With `warm`, each connection first carries one
+    `GET /health/live` to its answer, untimed: the measured request then finds a connection the
+    gateway has already accepted and set up, as a caller's kept-alive connection would."""
     host, port = split_url(gateway)
     request_head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     results = {}
@@ -190,6 +192,8 @@ def run_round(gateway, ids, callers, headers):
                     + "\r\n"
                 ).encode()
                 calls.append(_Call(ari, sock, request))
+                if warm:
+                    _warm_up(sock, host, port)
         for call in calls:
             call.sock.setblocking(False)
             selector.register(call.sock, selectors.EVENT_READ, call)
@@ -212,6 +216,16 @@ def run_round(gateway, ids, callers, headers):
         for call in calls:
             call.sock.close()
     return results
+
+
+def _warm_up(sock, host, port):
+    """One `GET /health/live` on a new (blocking) connection, read to the end of its answer."""
+    warm = _Call(None, sock, f"GET /health/live HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+    _send_all(sock, warm.request)
+    while not warm.read():
+        pass
+    if warm.error is not None or warm.status != 200:
+        sys.exit(f"the warm-up request failed: {warm.error or warm.status}")
 
 
 def _send_all(sock, data):
@@ -286,10 +300,10 @@ def cold(args):
     results = {}
     cpu_before = cpu_seconds(args.pid) if args.pid else None
     if args.burst:
-        results = run_round(args.gateway, ids, args.callers, headers)
+        results = run_round(args.gateway, ids, args.callers, headers, warm=args.kept_alive)
     else:
         for ari in ids:
-            results.update(run_round(args.gateway, [ari], args.callers, headers))
+            results.update(run_round(args.gateway, [ari], args.callers, headers, warm=args.kept_alive))
     cpu_after = cpu_seconds(args.pid) if args.pid else None
     after = emulator_stats(args.emulator)
 
@@ -319,12 +333,13 @@ def cold(args):
     concurrent = []
     if ids:
         for _ in range(50):
-            for outcomes in run_round(args.gateway, [ids[0]], args.callers, headers).values():
+            for outcomes in run_round(args.gateway, [ids[0]], args.callers, headers, warm=args.kept_alive).values():
                 concurrent += [elapsed for elapsed, status, _ in outcomes if status == 200]
 
     own = [v for v in own_ms.values() if v is not None]
     summary = {
         "mode": "burst" if args.burst else "sequential",
+        "connections": "kept alive" if args.kept_alive else "new",
         "installations": len(ids),
         "callers_per_installation": args.callers,
         "answers": statuses,
@@ -424,6 +439,11 @@ def main():
         if name == "cold":
             p.add_argument("--callers", type=int, default=10)
             p.add_argument("--burst", action="store_true")
+            p.add_argument(
+                "--kept-alive",
+                action="store_true",
+                help="each caller's connection carries one untimed GET /health/live first",
+            )
             p.add_argument("--pid", type=int, help="the gateway's pid: also report its CPU time per installation")
         else:
             p.add_argument("--pid", type=int, required=True)

@@ -312,6 +312,10 @@ fi
 echo "==> cold path: $COLD_INSTALLATIONS installations x $COLD_CALLERS concurrent callers"
 COLD_SEQ=$($DRIVER cold --gateway "http://127.0.0.1:$GATEWAY_PORT" --emulator "http://127.0.0.1:$EMULATOR_PORT" \
     --installations "$COLD_INSTALLATIONS" --callers "$COLD_CALLERS" --pid "$GATEWAY_PID")
+# The same with kept-alive connections (each caller's connection carries one untimed GET /health/live
+# first), as a caller with a connection pool would: what accepting and setting up a new connection adds.
+COLD_KEPT=$($DRIVER cold --gateway "http://127.0.0.1:$GATEWAY_PORT" --emulator "http://127.0.0.1:$EMULATOR_PORT" \
+    --installations "$COLD_INSTALLATIONS" --callers "$COLD_CALLERS" --pid "$GATEWAY_PID" --kept-alive)
 COLD_BURST=$($DRIVER cold --gateway "http://127.0.0.1:$GATEWAY_PORT" --emulator "http://127.0.0.1:$EMULATOR_PORT" \
     --installations "$COLD_INSTALLATIONS" --callers "$COLD_CALLERS" --burst)
 
@@ -320,11 +324,12 @@ MEMORY=$($DRIVER memory --gateway "http://127.0.0.1:$GATEWAY_PORT" --emulator "h
     --installations "$MEMORY_INSTALLATIONS" --token-bytes "$TOKEN_BYTES" --pid "$GATEWAY_PID" \
     --max-seconds "$MEMORY_SECONDS")
 
-GW="$GW" NG="$NG" COLD_SEQ="$COLD_SEQ" COLD_BURST="$COLD_BURST" MEMORY="$MEMORY" STARTUP_MS="$STARTUP_MS" \
+GW="$GW" NG="$NG" COLD_SEQ="$COLD_SEQ" COLD_KEPT="$COLD_KEPT" COLD_BURST="$COLD_BURST" MEMORY="$MEMORY" STARTUP_MS="$STARTUP_MS" \
     CONNECTIONS="$CONNECTIONS" python3 - <<'PY'
 import json, os
 gw, ng = json.loads(os.environ["GW"]), json.loads(os.environ["NG"])
 seq, burst = json.loads(os.environ["COLD_SEQ"]), json.loads(os.environ["COLD_BURST"])
+kept = json.loads(os.environ["COLD_KEPT"])
 mem = json.loads(os.environ["MEMORY"])
 startup = int(os.environ["STARTUP_MS"])
 c = os.environ["CONNECTIONS"]
@@ -335,7 +340,7 @@ print(f"cached GET …/token, {c} connections")
 print(f"  gateway   {gw['rps']:>10.0f} req/s   p50 {gw['p50_ms']:.2f} ms   p99 {gw['p99_ms']:.2f} ms   non-2xx {gw['non2xx']}, socket errors {gw['socket_errors']}")
 print(f"  nginx     {ng['rps']:>10.0f} req/s   p50 {ng['p50_ms']:.2f} ms   p99 {ng['p99_ms']:.2f} ms")
 print(f"  ratio     {ratio:.2f} x nginx           target >= 0.6 and p99 <= 2 ms: {verdict(ratio >= 0.6 and gw['p99_ms'] <= 2)}")
-for name, r in (("sequential", seq), ("burst", burst)):
+for name, r in (("sequential", seq), ("sequential, kept-alive connections", kept), ("burst", burst)):
     print(f"cold path ({name}: {r['installations']} installations x {r['callers_per_installation']} callers"
           + (", all at once" if name == "burst" else ", one installation at a time") + ")")
     print(f"  answers {r['answers']}, sources {r['sources']}")
