@@ -242,6 +242,10 @@ struct FuzzParserTests {
             #expect(TokenClaims.expiry(of: token) == exp)
         }
         #expect(TokenClaims.expiry(of: "e30." + Base64URL.encode(Array("{\"exp\":1e11}".utf8)) + ".x") == nil)
+        // Only a JSON number is an exp: not a boolean, a string or null.
+        for value in ["true", "\"1763906400\"", "null"] {
+            #expect(TokenClaims.expiry(of: "e30." + Base64URL.encode(Array("{\"exp\":\(value)}".utf8)) + ".x") == nil)
+        }
         #expect(TokenClaims.expiry(of: String(repeating: "a", count: TokenClaims.maxLength + 1)) == nil)
     }
 

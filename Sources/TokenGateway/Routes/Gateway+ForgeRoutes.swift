@@ -417,11 +417,20 @@ public enum TokenClaims {
         guard token.utf8.count <= Self.maxLength else { return nil }
         let parts = token.split(separator: ".", omittingEmptySubsequences: false)
         guard parts.count == 3 || parts.count == 5, let payload = Base64URL.decode(String(parts[1])),
-            let object = try? JSONSerialization.jsonObject(with: Data(payload)) as? [String: Any],
-            let exp = object["exp"] as? NSNumber
+            let value = (try? JSONDecoder().decode(ExpiryClaim.self, from: Data(payload)))?.exp
         else { return nil }
-        let value = exp.doubleValue
         guard value.isFinite, value >= 1, value < 1e11 else { return nil }
         return Int64(value)
+    }
+
+    /// A JSON object's `exp`, when it is a number; its other members are not read.
+    private struct ExpiryClaim: Decodable {
+        var exp: Double?
+
+        private enum CodingKeys: String, CodingKey { case exp }
+
+        init(from decoder: any Decoder) throws {
+            self.exp = try? decoder.container(keyedBy: CodingKeys.self).decodeIfPresent(Double.self, forKey: .exp)
+        }
     }
 }
