@@ -51,6 +51,8 @@ public final class Gateway: Sendable {
     let triggerClient: HTTPTriggerClient
     /// Keeps this replica's heartbeat in the store (status page).
     public let heartbeat: ReplicaHeartbeat
+    /// Gives freed heap memory back to the system now and then (``HeapTrimService``).
+    public let heapTrim: HeapTrimService
     /// This build's version, shown in the replica heartbeat.
     public static let version = "1.1.0"
 
@@ -103,6 +105,7 @@ public final class Gateway: Sendable {
         self.heartbeat = ReplicaHeartbeat(
             store: self.store, replicaID: self.replicaID, version: Self.version, startedAt: FlowTime.now(),
             logger: logger)
+        self.heapTrim = HeapTrimService(factory: self.metrics.factory, logger: logger)
         // Only the configured JWKS is trusted: a staging app names the staging JWKS as its JWKS.
         var verifierConfiguration = InvocationTokenVerifier.Configuration(
             appId: configuration.forgeAppID, jwksURL: configuration.forgeJWKSURL)
@@ -193,8 +196,10 @@ public final class Gateway: Sendable {
         // First, so it stops last: every audit record of the last requests is written.
         if let auditBuffer = self.auditBuffer { services.append(AuditFlushService(buffer: auditBuffer)) }
         services +=
-            [HTTPClientService(client: self.httpClient), self.redis, self.flow, self.userTokens, self.heartbeat]
-            as [any Service]
+            [
+                HTTPClientService(client: self.httpClient), self.redis, self.flow, self.userTokens, self.heartbeat,
+                self.heapTrim,
+            ] as [any Service]
         if let operations = self.makeOperationsApplication(onServerRunning: onOperationsServerRunning) {
             services.append(operations)
         }
