@@ -485,7 +485,6 @@ extension InvocationTokenVerifier {
     /// The payload type jwt-kit verifies the signature for: it reads nothing, since the verifier has
     /// decoded the claims (``FITClaims``) from the same bytes before.
     struct SignedPayload: JWTPayload {
-        init() {}
         init(from decoder: any Decoder) throws {}
         func encode(to encoder: any Encoder) throws {}
         func verify(using algorithm: some JWTAlgorithm) async throws {}

@@ -1,3 +1,4 @@
+import Foundation
 import Logging
 import Metrics
 import ServiceLifecycle
@@ -43,12 +44,8 @@ public struct HeapTrimService: Service {
     @discardableResult
     func trim() -> Int {
         let before = HeapTrim.residentBytes()
-        guard HeapTrim.releaseFreeMemory() else {
-            self.updateResident()
-            return 0
-        }
-        let after = HeapTrim.residentBytes()
-        self.resident.record(after ?? 0)
+        let after = HeapTrim.releaseFreeMemory() ? HeapTrim.residentBytes() : before
+        if let after { self.resident.record(after) }
         guard let before, let after, before > after else { return 0 }
         self.returned.increment(by: before - after)
         self.logger.debug(
@@ -88,15 +85,10 @@ enum HeapTrim {
     /// The process's resident memory (`/proc/self/statm`), or nil where there is no such file.
     static func residentBytes() -> Int? {
         #if canImport(Glibc)
-            let fd = open("/proc/self/statm", O_RDONLY)
-            guard fd >= 0 else { return nil }
-            defer { close(fd) }
-            var buffer = [UInt8](repeating: 0, count: 128)
-            let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-            guard count > 0 else { return nil }
             // "size resident shared text lib data dt", in pages.
-            let fields = buffer[..<count].split(separator: UInt8(ascii: " "))
-            guard fields.count >= 2, let pages = Int(String(decoding: fields[1], as: UTF8.self)) else { return nil }
+            guard let statm = try? String(contentsOfFile: "/proc/self/statm", encoding: .utf8) else { return nil }
+            let fields = statm.split(separator: " ")
+            guard fields.count >= 2, let pages = Int(fields[1]) else { return nil }
             return pages * Int(sysconf(Int32(_SC_PAGESIZE)))
         #else
             return nil
