@@ -147,6 +147,44 @@ struct TokenFlowIntegrationTests {
         }
     }
 
+    @Test("a lease take stops at a stored token later than the round's: nothing taken, nothing recorded")
+    func leaseTakeStopsAtANewerToken() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let id = installation.installationID
+            let store = RedisTokenStore(store: h.gateway.store)
+            let leaseKey = "tg:{\(installation.id)}:lease"
+            func take(_ requestID: String, unlessNewerThan: Int64?) async throws -> TokenStoreLeaseOutcome {
+                try await store.takeLease(
+                    id, requestID: requestID, replicaID: "replica-t", ttl: .seconds(30), respectingHold: true,
+                    unlessNewerThan: unlessNewerThan)
+            }
+            // No token stored: taken.
+            #expect(try await take("rq_newer_1", unlessNewerThan: 0) == .taken)
+            _ = try await store.releaseLease(id, requestID: "rq_newer_1")
+            let expiresAt = Int64(Date().timeIntervalSince1970) + 3600
+            let token = AccessToken(
+                value: try h.emulator.mintAccessToken(
+                    for: installation, expiresAt: Date(timeIntervalSince1970: TimeInterval(expiresAt))),
+                expiresAt: expiresAt)
+            _ = try await h.gateway.store.storeDeliveredToken(
+                id, token: token, requestID: nil, metadata: InstallationMetadata(), now: FlowTime.now())
+            let before = try await Security.snapshot(of: installation, in: h.gateway.redis)
+            // A token later than the round's: no lease, no pending request, nothing else changed.
+            #expect(try await take("rq_newer_2", unlessNewerThan: expiresAt - 1) == .newerStored)
+            #expect(try await h.gateway.redis.send(["GET", leaseKey]).isNull)
+            #expect(try await !store.roundProbe(id, requestID: "rq_newer_2").pendingOpen)
+            #expect(try await Security.snapshot(of: installation, in: h.gateway.redis) == before)
+            // The round's own token (not later), or no check asked for: taken.
+            #expect(try await take("rq_newer_3", unlessNewerThan: expiresAt) == .taken)
+            _ = try await store.releaseLease(id, requestID: "rq_newer_3")
+            #expect(try await take("rq_newer_4", unlessNewerThan: nil) == .taken)
+            // Held by another round: a later token still says so first.
+            #expect(try await take("rq_newer_5", unlessNewerThan: expiresAt - 1) == .newerStored)
+            #expect(try await take("rq_newer_6", unlessNewerThan: expiresAt) == .busy)
+        }
+    }
+
     @Test("a delivery whose first-use key exists changes nothing; otherwise the key is set with it, in one step")
     func deliveryClaimsItsFirstUseKey() async throws {
         try await GatewayHarness.run { h in

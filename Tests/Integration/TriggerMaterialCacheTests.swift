@@ -83,7 +83,7 @@ struct TriggerMaterialCacheTests {
             // No key held yet: the lease brings the sealed key with the URL.
             let taken = try await store.takeLease(
                 id, requestID: "rq_lease_1", replicaID: "replica-t", ttl: .seconds(5), respectingHold: true,
-                material: client.triggerMaterialQuery(for: id))
+                unlessNewerThan: nil, material: client.triggerMaterialQuery(for: id))
             #expect(taken.outcome == .taken)
             let read = try #require(taken.material)
             #expect(read.status == "active")
@@ -101,14 +101,14 @@ struct TriggerMaterialCacheTests {
             try await store.releaseLease(id, requestID: "rq_lease_1")
             let again = try await store.takeLease(
                 id, requestID: "rq_lease_2", replicaID: "replica-t", ttl: .seconds(5), respectingHold: true,
-                material: client.triggerMaterialQuery(for: id))
+                unlessNewerThan: nil, material: client.triggerMaterialQuery(for: id))
             #expect(again.outcome == .taken)
             #expect(again.material?.keyID == current)
             #expect(again.material?.sealedURL == inForce.version.sealedURL)
             #expect(again.material != nil && again.material?.sealedKey == nil)
             let busy = try await store.takeLease(
                 id, requestID: "rq_lease_3", replicaID: "replica-t", ttl: .seconds(5), respectingHold: true,
-                material: client.triggerMaterialQuery(for: id))
+                unlessNewerThan: nil, material: client.triggerMaterialQuery(for: id))
             #expect(busy.outcome == .busy)
             #expect(busy.material == nil)
             let held = try await scriptCalls()

@@ -92,7 +92,7 @@ struct LeasedRoundStateMachineOwnFailureTests {
         #expect(scheduled(b)[0].1 == self.start + .seconds(10))
         // Gone without an answer: take it.
         let c = m.storeReadEmpty(requestID: "r1", now: at)
-        #expect(c.contains(.acquireLease(requestID: "r1", ttl: .seconds(9))))
+        #expect(c.contains(.acquireLease(requestID: "r1", ttl: .seconds(9), unlessNewerThan: 0)))
     }
 
     @Test("circuit breaking off: a led round's verdict is not reported")

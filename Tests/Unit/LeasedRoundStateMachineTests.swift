@@ -54,7 +54,7 @@ struct LeasedRoundStateMachineTests {
     func genericRound() {
         var m = Machine(configuration: config())
         let a = self.request(&m, 1, at: self.start)
-        #expect(a.contains(.acquireLease(requestID: "r1", ttl: .seconds(12))))
+        #expect(a.contains(.acquireLease(requestID: "r1", ttl: .seconds(12), unlessNewerThan: 0)))
         #expect(m.stateName(at: self.start) == .acquiringLease)
         _ = self.request(&m, 2, at: self.start)
         #expect(m.waiterCount == 2)
@@ -113,7 +113,7 @@ struct LeasedRoundStateMachineTests {
         let recheck = scheduled(a)[0]
         #expect(m.timerFired(recheck, now: self.start + .milliseconds(50), jitter: 0) == [.readStore(requestID: "r1")])
         let b = m.storeReadEmpty(requestID: "r1", now: self.start + .milliseconds(60))
-        #expect(b.contains(.acquireLease(requestID: "r1", ttl: .milliseconds(11_940))))
+        #expect(b.contains(.acquireLease(requestID: "r1", ttl: .milliseconds(11_940), unlessNewerThan: 0)))
         #expect(m.stateName(at: self.start) == .acquiringLease)
         _ = m.leaseDenied(requestID: "r1", now: self.start + .milliseconds(70))
         let value = Credential(expiresAt: self.start.unixSeconds + 3600, roundID: "other")
@@ -138,7 +138,7 @@ struct LeasedRoundStateMachineTests {
             m.valueServed(newest, requestID: "bg", now: self.start + .seconds(2)) == [.recordHold(.refreshAheadHeld)])
         // A forced refresh runs a round regardless, and the hold is in force again after it.
         let b = self.request(&m, 2, forced: true, rid: "rf", at: self.start + .seconds(3))
-        #expect(b.contains(.acquireLeaseIgnoringHold(requestID: "rf", ttl: .seconds(12))))
+        #expect(b.contains(.acquireLeaseIgnoringHold(requestID: "rf", ttl: .seconds(12), unlessNewerThan: 0)))
         _ = m.leaseAcquired(requestID: "rf", now: self.start + .seconds(3))
         let fresh = Credential(expiresAt: self.start.unixSeconds + 3600, roundID: "rf")
         _ = m.valueObserved(fresh, solicitedBy: "rf", now: self.start + .seconds(4))
@@ -147,7 +147,9 @@ struct LeasedRoundStateMachineTests {
         let after = self.start + .seconds(61)
         #expect(m.stateName(at: after) == .idle)
         #expect(!m.isRetained(at: after))
-        #expect(self.request(&m, 3, rid: "r3", at: after).contains(.acquireLease(requestID: "r3", ttl: .seconds(12))))
+        #expect(
+            self.request(&m, 3, rid: "r3", at: after).contains(
+                .acquireLease(requestID: "r3", ttl: .seconds(12), unlessNewerThan: 0)))
     }
 
     @Test("a led round that brought no newer value places the hold and enters `held`")
@@ -182,7 +184,9 @@ struct LeasedRoundStateMachineTests {
         #expect(m.valueServed(stale, requestID: "bg", now: self.start + .seconds(10)).isEmpty)
         let after = self.start + .seconds(30)
         #expect(m.stateName(at: after) == .idle)
-        #expect(self.request(&m, 4, rid: "r4", at: after).contains(.acquireLease(requestID: "r4", ttl: .seconds(12))))
+        #expect(
+            self.request(&m, 4, rid: "r4", at: after).contains(
+                .acquireLease(requestID: "r4", ttl: .seconds(12), unlessNewerThan: 0)))
         // A closed circuit read from the store leaves `circuitOpen` at once.
         var n = Machine(configuration: config())
         _ = n.circuitObserved(openUntil: self.start + .seconds(30), now: self.start)
@@ -199,7 +203,7 @@ struct LeasedRoundStateMachineTests {
         )
         #expect(m.valueServed(stale, requestID: "bg", canStartRound: false, now: self.start).isEmpty)
         let a = m.valueServed(stale, requestID: "bg", now: self.start)
-        #expect(a.contains(.acquireLease(requestID: "bg", ttl: .seconds(32))))
+        #expect(a.contains(.acquireLease(requestID: "bg", ttl: .seconds(32), unlessNewerThan: stale.expiresAt)))
         #expect(m.isRefreshingAhead)
         #expect(m.valueServed(stale, requestID: "bg2", now: self.start).isEmpty)
         _ = m.leaseAcquired(requestID: "bg", now: self.start)

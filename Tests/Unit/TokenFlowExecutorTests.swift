@@ -336,6 +336,60 @@ struct TokenFlowExecutorTests {
         }
     }
 
+    @Test(
+        "a round another replica ends between the follower's re-read and its lease take starts no second round trip"
+    )
+    func followerTakeAfterTheOtherRoundEnded() async throws {
+        try await withFlow { h in
+            _ = try await h.store.takeLease(
+                h.id, requestID: "rq_other", replicaID: "replica-b", ttl: .seconds(30), respectingHold: false)
+            async let answer = h.request()
+            await h.clock.waitForSleepers(2)
+            #expect(h.flow.roundState(h.id) == .following)
+            // The re-read finds nothing yet; the lease take that follows it is in flight …
+            h.store.hold(.takeLease)
+            h.clock.advance(by: .milliseconds(50))
+            while h.store.held(.takeLease) < 1 { await Task.yield() }
+            // … when the other replica's round ends: its token stored (the announcement still on
+            // its way) and its lease released.
+            h.store.dropsNotifications = true
+            h.store.deliver(h.id, token: "tok-b", expiresAt: h.clock.now().unixSeconds + 3600, requestID: "rq_other")
+            try await h.store.releaseLease(h.id, requestID: "rq_other")
+            h.store.release(.takeLease)
+            let result = try await answer.get()
+            #expect(result.token.value == "tok-b")
+            #expect(result.source == .trigger)
+            #expect(h.trigger.callCount == 0)
+            #expect(h.store.leaseOwner(h.id) == nil)
+            #expect(!h.flow.isRoundActive(h.id))
+        }
+    }
+
+    @Test("a lease taken after its round ended (its only caller went away meanwhile) is given back, not kept")
+    func leaseTakenForAnEndedRoundIsGivenBack() async throws {
+        try await withFlow { h in
+            _ = try await h.store.takeLease(
+                h.id, requestID: "rq_other", replicaID: "replica-b", ttl: .seconds(30), respectingHold: false)
+            let caller = Task { await h.request() }
+            await h.clock.waitForSleepers(2)
+            h.store.hold(.takeLease)
+            h.clock.advance(by: .milliseconds(50))
+            while h.store.held(.takeLease) < 1 { await Task.yield() }
+            // The other replica's round ends without a token; this one's caller goes away.
+            try await h.store.releaseLease(h.id, requestID: "rq_other")
+            caller.cancel()
+            let cancelled = await caller.value
+            #expect(throws: FlowError.cancelled) { try cancelled.get() }
+            #expect(!h.flow.isRoundActive(h.id))
+            let releases = h.store.calls("releaseLease")
+            h.store.release(.takeLease)
+            // The take succeeds for a round that no longer runs: the lease goes straight back.
+            while h.store.calls("releaseLease") == releases { await Task.yield() }
+            #expect(h.store.leaseOwner(h.id) == nil)
+            #expect(h.trigger.callCount == 0)
+        }
+    }
+
     @Test("a hold in the store answers at once with the newest token, without a round trip")
     func hold() async throws {
         try await withFlow { h in

@@ -135,7 +135,7 @@ struct TokenFlowStateMachineHoldTests {
         let after = m.tokenWasRequested(
             waiter: WaiterID(99), minValidity: 3600, knownExpiry: newest.expiresAt, forced: false,
             deadline: clock.now + .seconds(10), requestID: "r99", hold: hold, now: clock.now)
-        #expect(after.contains(.acquireLease(requestID: "r99", ttl: .seconds(12))))
+        #expect(after.contains(.acquireLease(requestID: "r99", ttl: .seconds(12), unlessNewerThan: newest.expiresAt)))
         #expect(m.isActive)
     }
 
@@ -162,7 +162,9 @@ struct TokenFlowStateMachineHoldTests {
             waiter: WaiterID(1), minValidity: 300, knownExpiry: newest.expiresAt, forced: true,
             deadline: clock.now + .seconds(10), requestID: "r1",
             hold: RoundTripHold(until: clock.now + .seconds(60), newest: newest), now: clock.now)
-        #expect(a.contains(.acquireLeaseIgnoringHold(requestID: "r1", ttl: .seconds(12))))
+        #expect(
+            a.contains(.acquireLeaseIgnoringHold(requestID: "r1", ttl: .seconds(12), unlessNewerThan: newest.expiresAt))
+        )
         #expect(m.isActive)
         // A caller that does not force, arriving meanwhile, is answered at once.
         let b = m.tokenWasRequested(
@@ -199,7 +201,7 @@ struct TokenFlowStateMachineHoldTests {
         }
         clock.advance(.seconds(1))
         let c = m.refreshAheadWasRequested(knownExpiry: known, requestID: "bg3", hold: hold, now: clock.now)
-        #expect(c.contains(.acquireLease(requestID: "bg3", ttl: .seconds(32))))
+        #expect(c.contains(.acquireLease(requestID: "bg3", ttl: .seconds(32), unlessNewerThan: known)))
     }
 
     @Test(
@@ -212,14 +214,16 @@ struct TokenFlowStateMachineHoldTests {
         let a = m.tokenWasRequested(
             waiter: WaiterID(1), minValidity: 3600, knownExpiry: newest.expiresAt, forced: false,
             deadline: clock.now + .seconds(10), requestID: "r1", now: clock.now)
-        #expect(a.contains(.acquireLease(requestID: "r1", ttl: .seconds(12))))
+        #expect(a.contains(.acquireLease(requestID: "r1", ttl: .seconds(12), unlessNewerThan: newest.expiresAt)))
         _ = m.tokenWasRequested(
             waiter: WaiterID(2), minValidity: 300, knownExpiry: newest.expiresAt, forced: true,
             deadline: clock.now + .seconds(10), requestID: "r2", now: clock.now)
         let hold = RoundTripHold(until: clock.now + .seconds(45), newest: newest)
         let b = m.leaseHeld(requestID: "r1", hold: hold, now: clock.now)
         #expect(b.contains(.succeed([WaiterID(1)], newest, .cache)))
-        #expect(b.contains(.acquireLeaseIgnoringHold(requestID: "r1", ttl: .seconds(12))))
+        #expect(
+            b.contains(.acquireLeaseIgnoringHold(requestID: "r1", ttl: .seconds(12), unlessNewerThan: newest.expiresAt))
+        )
         #expect(m.waiterCount == 1)
         let c = m.leaseAcquired(requestID: "r1", now: clock.now)
         #expect(c.contains { if case .startAttempt = $0 { true } else { false } })
@@ -273,7 +277,9 @@ struct TokenFlowStateMachineHoldTests {
             deadline: clock.now + .seconds(10), requestID: "f1", now: clock.now)
         _ = f.leaseDenied(requestID: "f1", now: clock.now)
         let g = f.holdObserved(hold, now: clock.now)
-        #expect(g.contains(.acquireLeaseIgnoringHold(requestID: "f1", ttl: .seconds(12))))
+        #expect(
+            g.contains(.acquireLeaseIgnoringHold(requestID: "f1", ttl: .seconds(12), unlessNewerThan: newest.expiresAt))
+        )
         #expect(Self.succeeded(g).isEmpty)
         #expect(f.isActive)
     }

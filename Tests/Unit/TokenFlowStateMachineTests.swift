@@ -37,7 +37,7 @@ struct TokenFlowStateMachineTests {
         let a1 = m.tokenWasRequested(
             waiter: WaiterID(1), minValidity: 300, knownExpiry: 0, forced: false, deadline: deadline, requestID: "r1",
             now: clock.now)
-        #expect(a1.contains(.acquireLease(requestID: "r1", ttl: .seconds(12))))
+        #expect(a1.contains(.acquireLease(requestID: "r1", ttl: .seconds(12), unlessNewerThan: 0)))
         #expect(timers(a1).map(\.1) == [deadline])
         let a2 = m.leaseAcquired(requestID: "r1", now: clock.now)
         #expect(a2 == [.startAttempt(requestID: "r1", attempt: 1, expiresAt: deadline, timeout: .seconds(5))])
@@ -338,7 +338,7 @@ struct TokenFlowStateMachineTests {
         clock.advance(.milliseconds(50))
         #expect(m.timerFired(poll[0].0, now: clock.now, jitter: 0) == [.readStore(requestID: "r1")])
         let retake = m.storeReadEmpty(requestID: "r1", now: clock.now)
-        guard case .acquireLease("r1", _) = retake.first else {
+        guard case .acquireLease("r1", _, 0) = retake.first else {
             Issue.record("expected a new lease attempt, got \(retake)")
             return
         }

@@ -173,14 +173,16 @@ extension TokenFlow {
         }
         for (index, action) in zip(actions.indices, actions) {
             switch action {
-            case .acquireLease(let requestID, let ttl), .acquireLeaseIgnoringHold(let requestID, let ttl):
+            case .acquireLease(let requestID, let ttl, let newerThan),
+                .acquireLeaseIgnoringHold(let requestID, let ttl, let newerThan):
                 if self.takeOverLeaseAhead(id, requestID: requestID) {
                     takenAhead = requestID
                     continue
                 }
                 let respectingHold = if case .acquireLease = action { true } else { false }
                 self.submit {
-                    await self.acquireLease(id, requestID: requestID, ttl: ttl, respectingHold: respectingHold)
+                    await self.acquireLease(
+                        id, requestID: requestID, ttl: ttl, respectingHold: respectingHold, unlessNewerThan: newerThan)
                 }
             case .extendLease(let requestID, let ttl):
                 self.submit { try? await self.store.extendLease(id, requestID: requestID, ttl: ttl) }
@@ -254,7 +256,7 @@ extension TokenFlow {
     }
 
     /// Forgets the lease `requestID` holds (true when this process held it).
-    private func dropLease(_ id: InstallationID, requestID: String) -> Bool {
+    func dropLease(_ id: InstallationID, requestID: String) -> Bool {
         let held = self.state.withLock { s -> Bool in
             guard s.leasesHeld[id] == requestID else { return false }
             s.leasesHeld[id] = nil

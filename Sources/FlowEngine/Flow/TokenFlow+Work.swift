@@ -3,11 +3,13 @@ import Logging
 /// The work the machines' actions ask for: each runs as a child task of ``TokenFlow/run()`` and
 /// feeds its result back to the machine as an event.
 extension TokenFlow {
-    func acquireLease(_ id: InstallationID, requestID: String, ttl: Duration, respectingHold: Bool) async {
+    func acquireLease(
+        _ id: InstallationID, requestID: String, ttl: Duration, respectingHold: Bool, unlessNewerThan: Int64
+    ) async {
         do {
             let (outcome, material) = try await self.store.takeLease(
                 id, requestID: requestID, replicaID: self.replicaID, ttl: ttl, respectingHold: respectingHold,
-                material: self.trigger.triggerMaterialQuery(for: id))
+                unlessNewerThan: unlessNewerThan, material: self.trigger.triggerMaterialQuery(for: id))
             switch outcome {
             case .taken:
                 let kept = self.state.withLock { s -> Bool in
@@ -21,9 +23,24 @@ extension TokenFlow {
                     return
                 }
                 self.metrics.leasesHeld.increment()
-                self.handle(id) { $0.leaseAcquired(requestID: requestID, now: self.now()) }
+                var led = false
+                self.handle(id) { m in
+                    let actions = m.leaseAcquired(requestID: requestID, now: self.now())
+                    led = !actions.isEmpty
+                    return actions
+                }
+                // The round ended while the lease was being taken (its callers were answered by
+                // another round's token, or went away): nobody leads with it, so it goes back.
+                if !led, self.dropLease(id, requestID: requestID) {
+                    try? await self.store.releaseLease(id, requestID: requestID)
+                }
             case .busy:
                 self.handle(id) { $0.leaseDenied(requestID: requestID, now: self.now()) }
+            case .newerStored:
+                // Another round stored a token after this process last read: the callers follow
+                // it, and the re-read hands it to them.
+                self.handle(id) { $0.leaseDenied(requestID: requestID, now: self.now()) }
+                await self.readStore(id, requestID: requestID)
             case .held(let remaining):
                 // Another round trip just brought no newer token: answer with the newest one.
                 let now = self.now()

@@ -69,11 +69,14 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
 
     /// What the owner must do.
     public enum Action: Sendable, Hashable {
-        /// Try to take the key's lease with this owner value unless a hold is in force; answer with
-        /// `leaseAcquired` / `leaseDenied` / `leaseHeld` / `storeFailed`.
-        case acquireLease(requestID: String, ttl: Duration)
+        /// Try to take the key's lease with this owner value unless a hold is in force, or a value
+        /// expiring after `unlessNewerThan` is stored (the round's callers would take it: read it
+        /// instead); answer with `leaseAcquired` / `leaseDenied` / `leaseHeld` / `storeFailed`,
+        /// or the value read. The check and the take are one step in the store: a round another
+        /// process ends between this process's last read and its take starts no second round.
+        case acquireLease(requestID: String, ttl: Duration, unlessNewerThan: Int64)
         /// Try to take the lease whether or not a hold is in force (a forced refresh).
-        case acquireLeaseIgnoringHold(requestID: String, ttl: Duration)
+        case acquireLeaseIgnoringHold(requestID: String, ttl: Duration, unlessNewerThan: Int64)
         /// Extend the lease (only if still ours).
         case extendLease(requestID: String, ttl: Duration)
         /// Release the lease (only if still ours).
@@ -778,8 +781,8 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
     private func leaseAction(_ round: Round, now: FlowTime) -> Action {
         let ttl = self.leaseTTL(deadline: round.deadline, now: now)
         return round.ignoresHold
-            ? .acquireLeaseIgnoringHold(requestID: round.requestID, ttl: ttl)
-            : .acquireLease(requestID: round.requestID, ttl: ttl)
+            ? .acquireLeaseIgnoringHold(requestID: round.requestID, ttl: ttl, unlessNewerThan: round.knownExpiry)
+            : .acquireLease(requestID: round.requestID, ttl: ttl, unlessNewerThan: round.knownExpiry)
     }
 
     private func leaseTTL(deadline: FlowTime, now: FlowTime) -> Duration {

@@ -2,7 +2,7 @@ import Synchronization
 
 /// A ``TokenStore`` in memory, with the Redis scripts' semantics and time taken from `now`: unit
 /// tests drive a ``TokenFlow`` with it and a manual clock, and play the other replicas and Forge
-/// through its extra methods (``deliver(_:token:expiresAt:requestID:)``, ``takeLease(_:requestID:replicaID:ttl:respectingHold:)``).
+/// through its extra methods (``deliver(_:token:expiresAt:requestID:)``, ``takeLease(_:requestID:replicaID:ttl:respectingHold:unlessNewerThan:)``).
 ///
 /// Not for production: nothing is shared between processes.
 public final class InMemoryTokenStore: TokenStore {
@@ -34,8 +34,8 @@ public final class InMemoryTokenStore: TokenStore {
         var nextSubscriber: UInt64 = 0
         var dropsNotifications = false
         var triggerMaterial: [InstallationID: TriggerMaterialRead] = [:]
-        /// While not nil, snapshots wait here (reads in flight) until released.
-        var snapshotGate: [CheckedContinuation<Void, Never>]?
+        /// The calls held in flight, per kind, until released (``hold(_:)``).
+        var gates: [Gate: [CheckedContinuation<Void, Never>]] = [:]
         var unavailable = false
         var calls: [String: Int] = [:]
     }
@@ -123,23 +123,50 @@ public final class InMemoryTokenStore: TokenStore {
         self.state.withLock { $0.triggerMaterial[id] = read }
     }
 
-    /// Snapshots from now on wait, as reads in flight, until ``releaseSnapshots()``.
-    public func holdSnapshots() {
-        self.state.withLock { s in if s.snapshotGate == nil { s.snapshotGate = [] } }
+    /// A kind of call a test can hold in flight.
+    public enum Gate: Hashable, Sendable {
+        /// Snapshots (reads of a token request).
+        case snapshot
+        /// Lease takes of a round (``takeLease(_:requestID:replicaID:ttl:respectingHold:unlessNewerThan:)``).
+        case takeLease
     }
+
+    /// Calls of this kind from now on wait, as calls in flight, until ``release(_:)``.
+    public func hold(_ gate: Gate) {
+        self.state.withLock { s in if s.gates[gate] == nil { s.gates[gate] = [] } }
+    }
+
+    /// Lets the calls held by ``hold(_:)`` go on, and those after them at once.
+    public func release(_ gate: Gate) {
+        let held = self.state.withLock { $0.gates.removeValue(forKey: gate) ?? [] }
+        for call in held { call.resume() }
+    }
+
+    /// How many calls of this kind wait for ``release(_:)``.
+    public func held(_ gate: Gate) -> Int {
+        self.state.withLock { $0.gates[gate]?.count ?? 0 }
+    }
+
+    /// Snapshots from now on wait, as reads in flight, until ``releaseSnapshots()``.
+    public func holdSnapshots() { self.hold(.snapshot) }
 
     /// Lets the snapshots held by ``holdSnapshots()`` answer, and those after them at once.
-    public func releaseSnapshots() {
-        let held = self.state.withLock { s -> [CheckedContinuation<Void, Never>] in
-            defer { s.snapshotGate = nil }
-            return s.snapshotGate ?? []
-        }
-        for snapshot in held { snapshot.resume() }
-    }
+    public func releaseSnapshots() { self.release(.snapshot) }
 
     /// How many snapshots wait for ``releaseSnapshots()``.
-    public var snapshotsHeld: Int {
-        self.state.withLock { $0.snapshotGate?.count ?? 0 }
+    public var snapshotsHeld: Int { self.held(.snapshot) }
+
+    /// Waits while calls of this kind are held.
+    private func pass(_ gate: Gate) async {
+        guard self.state.withLock({ $0.gates[gate] != nil }) else { return }
+        await withCheckedContinuation { (call: CheckedContinuation<Void, Never>) in
+            let waits = self.state.withLock { s -> Bool in
+                guard s.gates[gate] != nil else { return false }
+                s.gates[gate]?.append(call)
+                return true
+            }
+            if !waits { call.resume() }
+        }
     }
 
     /// While true, every call throws (the store is unreachable).
@@ -184,16 +211,7 @@ public final class InMemoryTokenStore: TokenStore {
     }
 
     public func snapshot(_ id: InstallationID, timeout: Duration?) async throws -> TokenStoreSnapshot {
-        if self.state.withLock({ $0.snapshotGate != nil }) {
-            await withCheckedContinuation { (gate: CheckedContinuation<Void, Never>) in
-                let waits = self.state.withLock { s -> Bool in
-                    guard s.snapshotGate != nil else { return false }
-                    s.snapshotGate?.append(gate)
-                    return true
-                }
-                if !waits { gate.resume() }
-            }
-        }
+        await self.pass(.snapshot)
         try self.call("snapshot")
         let now = self.now()
         return self.state.withLock { s in
@@ -243,12 +261,19 @@ public final class InMemoryTokenStore: TokenStore {
     }
 
     public func takeLease(
-        _ id: InstallationID, requestID: String, replicaID: String, ttl: Duration, respectingHold: Bool
+        _ id: InstallationID, requestID: String, replicaID: String, ttl: Duration, respectingHold: Bool,
+        unlessNewerThan: Int64?
     ) async throws -> TokenStoreLeaseOutcome {
+        await self.pass(.takeLease)
         try self.call("takeLease")
         let now = self.now()
         return self.state.withLock { s in
             if respectingHold, let held = Self.remaining(s.holds[id], now: now) { return .held(remaining: held) }
+            if let unlessNewerThan, let t = s.tokens[id], t.expiresAt > now.unixSeconds,
+                t.expiresAt > unlessNewerThan
+            {
+                return .newerStored
+            }
             return Self.setLease(&s, id, requestID: requestID, replicaID: replicaID, ttl: ttl, now: now)
                 ? .taken : .busy
         }
@@ -266,10 +291,11 @@ public final class InMemoryTokenStore: TokenStore {
 
     public func takeLease(
         _ id: InstallationID, requestID: String, replicaID: String, ttl: Duration, respectingHold: Bool,
-        material: TriggerMaterialQuery?
+        unlessNewerThan: Int64?, material: TriggerMaterialQuery?
     ) async throws -> (outcome: TokenStoreLeaseOutcome, material: TriggerMaterialRead?) {
         let outcome = try await self.takeLease(
-            id, requestID: requestID, replicaID: replicaID, ttl: ttl, respectingHold: respectingHold)
+            id, requestID: requestID, replicaID: replicaID, ttl: ttl, respectingHold: respectingHold,
+            unlessNewerThan: unlessNewerThan)
         guard outcome == .taken, let material else { return (outcome, nil) }
         return (outcome, self.triggerMaterial(id, material))
     }

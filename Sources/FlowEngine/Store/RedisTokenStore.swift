@@ -49,26 +49,29 @@ public struct RedisTokenStore: TokenStore {
     }
 
     public func takeLease(
-        _ id: InstallationID, requestID: String, replicaID: String, ttl: Duration, respectingHold: Bool
+        _ id: InstallationID, requestID: String, replicaID: String, ttl: Duration, respectingHold: Bool,
+        unlessNewerThan: Int64?
     ) async throws -> TokenStoreLeaseOutcome {
         try await self.takeLease(
-            id, requestID: requestID, replicaID: replicaID, ttl: ttl, respectingHold: respectingHold, material: nil
+            id, requestID: requestID, replicaID: replicaID, ttl: ttl, respectingHold: respectingHold,
+            unlessNewerThan: unlessNewerThan, material: nil
         ).outcome
     }
 
     public func takeLease(
         _ id: InstallationID, requestID: String, replicaID: String, ttl: Duration, respectingHold: Bool,
-        material: TriggerMaterialQuery?
+        unlessNewerThan: Int64?, material: TriggerMaterialQuery?
     ) async throws -> (outcome: TokenStoreLeaseOutcome, material: TriggerMaterialRead?) {
-        let r = try await self.store.redis.eval(
+        let g = self.store
+        let r = try await g.redis.eval(
             Self.takeLeaseScript,
             keys: [
-                self.store.leaseKey(id), self.store.holdKey(id), self.store.pendingKey(id, requestID: requestID),
-                self.store.installationKey(id), self.store.signingKeysKey(id),
+                g.leaseKey(id), g.holdKey(id), g.pendingKey(id, requestID: requestID), g.installationKey(id),
+                g.signingKeysKey(id), g.systemTokenKey(id),
             ],
             arguments: [
                 requestID, String(max(ttl.milliseconds, 1)), respectingHold ? "1" : "0", replicaID,
-                material == nil ? "0" : "1", material?.heldKeyID ?? "",
+                material == nil ? "0" : "1", material?.heldKeyID ?? "", unlessNewerThan.map(String.init) ?? "",
             ])
         if let items = r.array {
             // Taken, with the trigger material: 1, then the material's five fields.
@@ -78,9 +81,12 @@ public struct RedisTokenStore: TokenStore {
             return (.taken, read)
         }
         guard let code = r.int else { throw RedisError.protocolError }
-        if code == 1 { return (.taken, nil) }
-        if code == 0 { return (.busy, nil) }
-        return (.held(remaining: .milliseconds(-code)), nil)
+        switch code {
+        case 1: return (.taken, nil)
+        case 0: return (.busy, nil)
+        case 2: return (.newerStored, nil)
+        default: return (.held(remaining: .milliseconds(-code)), nil)
+        }
     }
 
     public func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async throws {
@@ -197,20 +203,26 @@ public struct RedisTokenStore: TokenStore {
         """
     }
 
-    /// Takes a round's lease unless another holds it or (when asked) a hold is in force, and
-    /// records the round's pending request with it; when the lease is taken and ARGV[5] asks for
-    /// it, also reads the trigger material the round's first trigger call needs: one round trip.
-    /// KEYS: lease, hold, pending, installation, signing keys (one hash slot). ARGV: request id (the
-    /// lease's owner value), ttl ms, respect hold (1/0), replica id (the pending request's owner),
-    /// read the trigger material (1/0), the key id whose sealed key the caller holds ("" for none).
-    /// Returns 1 (taken) or {1, status, sealed trigger URL, current key id, next key's activation
-    /// time, sealed current key unless its id is ARGV[6]} (taken, with the material), 0 (busy) or
-    /// minus the hold's remaining milliseconds.
+    /// Takes a round's lease unless another holds it, (when asked) a hold is in force or (when
+    /// ARGV[7] is set) the stored token expires after ARGV[7], and records the round's pending
+    /// request with it; when the lease is taken and ARGV[5] asks for it, also reads the trigger
+    /// material the round's first trigger call needs: one round trip. (The token's key expires
+    /// with the token: a stored one is valid.)
+    /// KEYS: lease, hold, pending, installation, signing keys, token (one hash slot). ARGV: request
+    /// id (the lease's owner value), ttl ms, respect hold (1/0), replica id (the pending request's
+    /// owner), read the trigger material (1/0), the key id whose sealed key the caller holds (""
+    /// for none), the expiry (Unix s) a stored token must be later than to stop the take ("" for
+    /// none). Returns 1 (taken) or {1, status, sealed trigger URL, current key id, next key's
+    /// activation time, sealed current key unless its id is ARGV[6]} (taken, with the material),
+    /// 0 (busy), 2 (a later token is stored) or minus the hold's remaining milliseconds.
     static let takeLeaseScript = RedisScript(
         """
         if ARGV[3] == '1' then
           local held = redis.call('PTTL', KEYS[2])
           if held > 0 then return -held end
+        end
+        if ARGV[7] ~= '' and (tonumber(redis.call('HGET', KEYS[6], 'exp')) or 0) > tonumber(ARGV[7]) then
+          return 2
         end
         if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
           redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[2])

@@ -14,24 +14,28 @@ public protocol TokenStore: Sendable {
     /// The snapshot and, in the same round trip, the installation's lease when the read shows that
     /// `intent`'s caller needs a round (no token valid for it, or a forced refresh) and one can run
     /// (the installation active, a trigger registered, the circuit closed, no hold): taken as
-    /// ``takeLease(_:requestID:replicaID:ttl:respectingHold:material:)`` takes it. Nil lease: not
+    /// ``takeLease(_:requestID:replicaID:ttl:respectingHold:unlessNewerThan:material:)`` takes it. Nil lease: not
     /// taken (not needed, not possible, or held by another round).
     func snapshot(_ id: InstallationID, timeout: Duration?, takingLease intent: SnapshotLeaseIntent?)
         async throws -> (snapshot: TokenStoreSnapshot, lease: SnapshotLease?)
 
-    /// Takes the installation's lease for `ttl` unless another round holds it or (when
-    /// `respectingHold`) a hold is in force, and in the same step records the round's pending
-    /// request `requestID` (owned by `replicaID`), so its delivery is recognised on any replica.
-    func takeLease(
-        _ id: InstallationID, requestID: String, replicaID: String, ttl: Duration, respectingHold: Bool
-    ) async throws -> TokenStoreLeaseOutcome
-
-    /// Takes the lease as ``takeLease(_:requestID:replicaID:ttl:respectingHold:)`` does and, when
-    /// it is taken and `material` asks for it, reads the installation's trigger material in the
-    /// same round trip (for the round's first trigger call).
+    /// Takes the installation's lease for `ttl` unless another round holds it, (when
+    /// `respectingHold`) a hold is in force, or (with `unlessNewerThan`) a token expiring after
+    /// that instant (Unix seconds) and still valid is stored; in the same step it records the
+    /// round's pending request `requestID` (owned by `replicaID`), so its delivery is recognised
+    /// on any replica. The check and the take are one step: a round that another replica ends
+    /// between this replica's last read and its take (token stored, lease released) is seen.
     func takeLease(
         _ id: InstallationID, requestID: String, replicaID: String, ttl: Duration, respectingHold: Bool,
-        material: TriggerMaterialQuery?
+        unlessNewerThan: Int64?
+    ) async throws -> TokenStoreLeaseOutcome
+
+    /// Takes the lease as ``takeLease(_:requestID:replicaID:ttl:respectingHold:unlessNewerThan:)``
+    /// does and, when it is taken and `material` asks for it, reads the installation's trigger
+    /// material in the same round trip (for the round's first trigger call).
+    func takeLease(
+        _ id: InstallationID, requestID: String, replicaID: String, ttl: Duration, respectingHold: Bool,
+        unlessNewerThan: Int64?, material: TriggerMaterialQuery?
     ) async throws -> (outcome: TokenStoreLeaseOutcome, material: TriggerMaterialRead?)
 
     /// Extends the lease and the round's pending request, only while `requestID` holds the lease.
@@ -77,11 +81,21 @@ extension TokenStore {
     /// A store that reads no trigger material with the lease: the sender reads its own.
     public func takeLease(
         _ id: InstallationID, requestID: String, replicaID: String, ttl: Duration, respectingHold: Bool,
-        material: TriggerMaterialQuery?
+        unlessNewerThan: Int64?, material: TriggerMaterialQuery?
     ) async throws -> (outcome: TokenStoreLeaseOutcome, material: TriggerMaterialRead?) {
         let outcome = try await self.takeLease(
-            id, requestID: requestID, replicaID: replicaID, ttl: ttl, respectingHold: respectingHold)
+            id, requestID: requestID, replicaID: replicaID, ttl: ttl, respectingHold: respectingHold,
+            unlessNewerThan: unlessNewerThan)
         return (outcome, nil)
+    }
+
+    /// Takes the lease whatever token is stored (an operator's or a test's take).
+    public func takeLease(
+        _ id: InstallationID, requestID: String, replicaID: String, ttl: Duration, respectingHold: Bool
+    ) async throws -> TokenStoreLeaseOutcome {
+        try await self.takeLease(
+            id, requestID: requestID, replicaID: replicaID, ttl: ttl, respectingHold: respectingHold,
+            unlessNewerThan: nil)
     }
 }
 
@@ -111,7 +125,7 @@ public struct SnapshotLeaseIntent: Sendable, Hashable {
     public var forced: Bool
     /// The instant the token's validity and the circuit are judged at.
     public var now: FlowTime
-    /// The trigger material to read with the lease, as for ``TokenStore/takeLease(_:requestID:replicaID:ttl:respectingHold:material:)``.
+    /// The trigger material to read with the lease, as for ``TokenStore/takeLease(_:requestID:replicaID:ttl:respectingHold:unlessNewerThan:material:)``.
     public var material: TriggerMaterialQuery?
 
     public init(
@@ -200,7 +214,7 @@ public struct TokenStoreProbe: Sendable, Hashable {
     }
 }
 
-/// What ``TokenStore/takeLease(_:requestID:replicaID:ttl:respectingHold:)`` found.
+/// What ``TokenStore/takeLease(_:requestID:replicaID:ttl:respectingHold:unlessNewerThan:)`` found.
 public enum TokenStoreLeaseOutcome: Sendable, Hashable {
     /// The lease is ours and the pending request recorded.
     case taken
@@ -208,6 +222,9 @@ public enum TokenStoreLeaseOutcome: Sendable, Hashable {
     case busy
     /// The installation's rounds are on hold for this long; the lease was not taken.
     case held(remaining: Duration)
+    /// A token expiring later than the round's `unlessNewerThan` is stored (another round ended
+    /// meanwhile): the lease was not taken; the round's callers read it.
+    case newerStored
 }
 
 /// One announcement on the store's channel.

@@ -49,7 +49,9 @@ extension UserTokenExchanger {
         let key = job.key
         for action in actions {
             switch action {
-            case .acquireLease(let requestID, let ttl), .acquireLeaseIgnoringHold(let requestID, let ttl):
+            case .acquireLease(let requestID, let ttl, _), .acquireLeaseIgnoringHold(let requestID, let ttl, _):
+                // The first attempt re-reads the user's token once the lease is won: a token another
+                // process stored meanwhile is the answer, without an exchange.
                 self.submit { await self.acquireLease(job, requestID: requestID, ttl: ttl) }
             case .extendLease(let requestID, let ttl):
                 guard self.state.withLock({ $0.leasesHeld[key] == requestID }) else { continue }
