@@ -138,6 +138,33 @@ struct UserTokenExchangerTests {
         }
     }
 
+    @Test("a lease won after its round ended (the only caller went away meanwhile) goes straight back")
+    func leaseWonForAnEndedRoundGoesBack() async throws {
+        let h = Harness([Self.issued])
+        h.store.holdLease(Self.installation, accountId: Self.account.value, owner: "other", ttl: .seconds(5))
+        try await h.running { () async throws -> Void in
+            let caller = Task { await h.token() }
+            await h.clock.waitForSleepers(2)
+            // The other process lets its lease go: the follower's take is in flight …
+            h.store.holdLeaseTakes()
+            try await h.store.releaseLease(Self.installation, accountId: Self.account.value, owner: "other")
+            while h.store.leaseTakesHeld < 1 { await Task.yield() }
+            // … when its only caller goes away.
+            caller.cancel()
+            if case .success = await caller.value { Issue.record("a cancelled caller was answered") }
+            h.store.releaseLeaseTakes()
+            // The take succeeds for a round that no longer runs: the lease goes back at once.
+            while h.store.leaseAttempts < 2 { await Task.yield() }
+            var spins = 0
+            while h.store.leaseOwner(Self.installation, accountId: Self.account.value) != nil, spins < 100_000 {
+                await Task.yield()
+                spins += 1
+            }
+            #expect(h.store.leaseOwner(Self.installation, accountId: Self.account.value) == nil)
+            #expect(h.client.calls.isEmpty)
+        }
+    }
+
     @Test("when the other process lets its lease go without an answer, the follower takes it at once and exchanges")
     func takesOverAReleasedLease() async throws {
         let h = Harness([Self.issued])

@@ -74,7 +74,24 @@ extension UserTokenExchanger {
             _ = try? await self.store.releaseLease(key.installation, accountId: key.accountId, owner: requestID)
             return
         }
-        self.handle(key) { $0.leaseAcquired(requestID: requestID, now: self.clock.now()) }
+        var led = false
+        self.handle(key) { m in
+            let actions = m.leaseAcquired(requestID: requestID, now: self.clock.now())
+            led = !actions.isEmpty
+            return actions
+        }
+        // The round ended while the lease was being taken (its callers answered or gone): nobody
+        // leads with it, so it goes back instead of keeping the user's next exchange waiting.
+        let unused =
+            !led
+            && self.state.withLock { s -> Bool in
+                guard s.leasesHeld[key] == requestID else { return false }
+                s.leasesHeld[key] = nil
+                return true
+            }
+        if unused {
+            _ = try? await self.store.releaseLease(key.installation, accountId: key.accountId, owner: requestID)
+        }
     }
 
     /// Reads what the store says of the user and feeds it to the round `requestID`, which does

@@ -31,6 +31,8 @@ final class InMemoryUserTokenStore: UserTokenStore {
         var unreachable = false
         /// Stored just before the next lease is taken, without a notice: another process finished.
         var finishedElsewhere: AccessToken?
+        /// While not nil, lease takes wait here (in flight) until released.
+        var leaseGate: [CheckedContinuation<Void, Never>]?
     }
 
     struct Unreachable: Error {}
@@ -62,6 +64,23 @@ final class InMemoryUserTokenStore: UserTokenStore {
     }
 
     var leaseAttempts: Int { self.state.withLock { $0.leaseAttempts } }
+
+    /// Lease takes from now on wait, as calls in flight, until ``releaseLeaseTakes()``.
+    func holdLeaseTakes() {
+        self.state.withLock { s in if s.leaseGate == nil { s.leaseGate = [] } }
+    }
+
+    /// Lets the lease takes held by ``holdLeaseTakes()`` go on, and those after them at once.
+    func releaseLeaseTakes() {
+        let held = self.state.withLock { s -> [CheckedContinuation<Void, Never>] in
+            defer { s.leaseGate = nil }
+            return s.leaseGate ?? []
+        }
+        for take in held { take.resume() }
+    }
+
+    /// How many lease takes wait for ``releaseLeaseTakes()``.
+    var leaseTakesHeld: Int { self.state.withLock { $0.leaseGate?.count ?? 0 } }
 
     /// Returns once someone watches the store's notices.
     func waitForWatcher() async {
@@ -142,6 +161,14 @@ final class InMemoryUserTokenStore: UserTokenStore {
     }
 
     func acquireLease(_ id: InstallationID, accountId: String, owner: String, ttl: Duration) async throws -> Bool {
+        await withCheckedContinuation { (take: CheckedContinuation<Void, Never>) in
+            let waits = self.state.withLock { s -> Bool in
+                guard s.leaseGate != nil else { return false }
+                s.leaseGate?.append(take)
+                return true
+            }
+            if !waits { take.resume() }
+        }
         try self.check()
         let now = self.clock.now()
         let key = Key(installation: id, accountId: accountId)
