@@ -79,6 +79,20 @@ private struct Harness {
             solicitedBy: rid)
     }
 
+    /// Another replica takes the installation's lease: its round trip is in flight.
+    func otherReplicaLeads() async throws {
+        _ = try await self.store.takeLease(
+            self.id, requestID: "rq_other", replicaID: "replica-b", ttl: .seconds(30), respectingHold: false)
+    }
+
+    /// Fires the follower's re-read timer (the re-read finds nothing) and holds the lease take
+    /// that follows it in flight, until ``InMemoryTokenStore/release(_:)``.
+    func holdTheTakeAfterAnEmptyReread() async {
+        self.store.hold(.takeLease)
+        self.clock.advance(by: .milliseconds(50))
+        while self.store.held(.takeLease) < 1 { await Task.yield() }
+    }
+
     func request(_ options: TokenFlow.Request = .init()) async -> Result<TokenAnswer, FlowError> {
         do {
             return .success(try await self.flow.token(for: self.id, request: options))
@@ -305,8 +319,7 @@ struct TokenFlowExecutorTests {
     @Test("following another replica's round trip: its announced token answers the caller, no trigger call")
     func followByNotification() async throws {
         try await withFlow { h in
-            _ = try await h.store.takeLease(
-                h.id, requestID: "rq_other", replicaID: "replica-b", ttl: .seconds(30), respectingHold: false)
+            try await h.otherReplicaLeads()
             async let answer = h.request()
             // The caller's deadline and the follower's re-read timer.
             await h.clock.waitForSleepers(2)
@@ -322,8 +335,7 @@ struct TokenFlowExecutorTests {
     @Test("a lost announcement: the follower's re-read timer finds the token")
     func lostNotificationTimerReread() async throws {
         try await withFlow { h in
-            _ = try await h.store.takeLease(
-                h.id, requestID: "rq_other", replicaID: "replica-b", ttl: .seconds(30), respectingHold: false)
+            try await h.otherReplicaLeads()
             async let answer = h.request()
             await h.clock.waitForSleepers(2)
             h.store.dropsNotifications = true
@@ -341,15 +353,12 @@ struct TokenFlowExecutorTests {
     )
     func followerTakeAfterTheOtherRoundEnded() async throws {
         try await withFlow { h in
-            _ = try await h.store.takeLease(
-                h.id, requestID: "rq_other", replicaID: "replica-b", ttl: .seconds(30), respectingHold: false)
+            try await h.otherReplicaLeads()
             async let answer = h.request()
             await h.clock.waitForSleepers(2)
             #expect(h.flow.roundState(h.id) == .following)
             // The re-read finds nothing yet; the lease take that follows it is in flight …
-            h.store.hold(.takeLease)
-            h.clock.advance(by: .milliseconds(50))
-            while h.store.held(.takeLease) < 1 { await Task.yield() }
+            await h.holdTheTakeAfterAnEmptyReread()
             // … when the other replica's round ends: its token stored (the announcement still on
             // its way) and its lease released.
             h.store.dropsNotifications = true
@@ -368,13 +377,10 @@ struct TokenFlowExecutorTests {
     @Test("a lease taken after its round ended (its only caller went away meanwhile) is given back, not kept")
     func leaseTakenForAnEndedRoundIsGivenBack() async throws {
         try await withFlow { h in
-            _ = try await h.store.takeLease(
-                h.id, requestID: "rq_other", replicaID: "replica-b", ttl: .seconds(30), respectingHold: false)
+            try await h.otherReplicaLeads()
             let caller = Task { await h.request() }
             await h.clock.waitForSleepers(2)
-            h.store.hold(.takeLease)
-            h.clock.advance(by: .milliseconds(50))
-            while h.store.held(.takeLease) < 1 { await Task.yield() }
+            await h.holdTheTakeAfterAnEmptyReread()
             // The other replica's round ends without a token; this one's caller goes away.
             try await h.store.releaseLease(h.id, requestID: "rq_other")
             caller.cancel()
