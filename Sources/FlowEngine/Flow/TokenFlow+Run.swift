@@ -55,12 +55,7 @@ extension TokenFlow {
             try? await self.store.releaseLease(id, requestID: requestID)
         }
         for (id, lease) in ahead { try? await self.store.releaseLease(id, requestID: lease.requestID) }
-        let wakes = self.state.withLock { s -> [CheckedContinuation<Void, Never>] in
-            let wakes = s.timers.values.compactMap(\.wake)
-            s.timers.removeAll()
-            return wakes
-        }
-        for wake in wakes { wake.resume() }
+        self.timers.cancelAll()
         self.jobs.continuation.finish()
         // Callers whose answer waited on work that will no longer run (a hold being placed).
         let left = self.state.withLock { s -> [Waiter] in
@@ -211,10 +206,7 @@ extension TokenFlow {
             case .scheduleTimer(let timer, let deadline):
                 self.schedule(TimerKey(installation: id, timer: timer), at: deadline)
             case .cancelTimer(let timer):
-                let wake = self.state.withLock {
-                    $0.timers.removeValue(forKey: TimerKey(installation: id, timer: timer))?.wake
-                }
-                wake?.resume()
+                self.timers.cancel(TimerKey(installation: id, timer: timer))
             case .succeed(let waiters, let token, let source):
                 let current = self.state.withLock { $0.memory[id]?.apiBaseUrl }
                 for waiter in self.takeWaiters(waiters) {
@@ -293,44 +285,12 @@ extension TokenFlow {
     /// Starts timer `key`: a child task of ``run()`` that waits for `deadline` (or for the timer
     /// to be cancelled) and then feeds `timerFired` to the machine.
     private func schedule(_ key: TimerKey, at deadline: FlowTime) {
-        self.state.withLock { $0.timers[key] = TimerEntry() }
+        self.timers.arm(key)
         self.submit {
-            guard await self.waitForTimer(key, deadline: deadline) else { return }
+            guard await self.timers.wait(key, until: deadline) else { return }
             self.handle(key.installation) {
                 $0.timerFired(key.timer, now: self.now(), jitter: Double.random(in: 0...1))
             }
-        }
-    }
-
-    /// Waits until `deadline` or until the timer is cancelled, whichever comes first; true when
-    /// the deadline came and the timer was still current.
-    private func waitForTimer(_ key: TimerKey, deadline: FlowTime) async -> Bool {
-        await withTaskGroup(of: Bool.self) { group in
-            group.addTask {
-                do {
-                    try await self.clock.sleep(until: deadline)
-                    return true
-                } catch {
-                    return false
-                }
-            }
-            group.addTask {
-                await withCheckedContinuation { (wake: CheckedContinuation<Void, Never>) in
-                    let gone = self.state.withLock { s -> Bool in
-                        guard s.timers[key] != nil else { return true }
-                        s.timers[key]?.wake = wake
-                        return false
-                    }
-                    if gone { wake.resume() }
-                }
-                return false
-            }
-            let deadlineCame = await group.next() ?? false
-            group.cancelAll()
-            // The timer ends here: whoever removes its entry wakes the waiting half.
-            let entry = self.state.withLock { $0.timers.removeValue(forKey: key) }
-            entry?.wake?.resume()
-            return deadlineCame && entry != nil
         }
     }
 }

@@ -4,7 +4,7 @@ import Synchronization
 
 /// Runs the per-installation ``TokenFlowStateMachine``s: the synchronous "get token" facade.
 ///
-/// A lock guards the machines, the waiting callers' continuations, the timers and the tokens held
+/// A lock guards the machines, the waiting callers' continuations and the tokens held
 /// in memory; actions are performed after the lock is released, and their results come back as
 /// events. Concurrent callers for one installation share one round trip; the lease in the store
 /// makes that one round trip across every replica sharing it.
@@ -29,14 +29,9 @@ public final class TokenFlow: Sendable, Service {
         }
     }
 
-    struct TimerKey: Hashable {
+    struct TimerKey: Hashable, Sendable {
         var installation: InstallationID
         var timer: TimerID
-    }
-
-    /// A timer's entry while it is current; `wake` ends its wait early when it is cancelled.
-    struct TimerEntry {
-        var wake: CheckedContinuation<Void, Never>?
     }
 
     /// What this process remembers of an installation: its newest token and its `apiBaseUrl`
@@ -74,7 +69,6 @@ public final class TokenFlow: Sendable, Service {
         var waiters: [WaiterID: Waiter] = [:]
         /// How many callers wait per installation (the caps).
         var waitersPerInstallation: [InstallationID: Int] = [:]
-        var timers: [TimerKey: TimerEntry] = [:]
         var memory: [InstallationID: MemoryEntry] = [:]
         /// Installations known to have a registered trigger (refresh-ahead needs one).
         var triggerKnown: Set<InstallationID> = []
@@ -113,6 +107,8 @@ public final class TokenFlow: Sendable, Service {
     let observer: (any TokenFlowObserver)?
     let state = Mutex(State())
     let jobs: (stream: AsyncStream<Job>, continuation: AsyncStream<Job>.Continuation)
+    /// The machines' timers, each waited for by a child task of ``run()``.
+    let timers: RoundTimers<TimerKey>
 
     /// - Parameters:
     ///   - store: the shared store (``RedisTokenStore`` in production).
@@ -139,6 +135,7 @@ public final class TokenFlow: Sendable, Service {
         self.observer = observer
         self.clock = clock
         self.jobs = AsyncStream.makeStream(of: Job.self)
+        self.timers = RoundTimers(clock: clock)
     }
 
     func now() -> FlowTime { self.clock.now() }

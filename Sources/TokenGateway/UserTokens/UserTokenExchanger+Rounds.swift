@@ -69,8 +69,7 @@ extension UserTokenExchanger {
             case .scheduleTimer(let timer, let deadline):
                 self.schedule(TimerKey(flight: key, timer: timer), at: deadline)
             case .cancelTimer(let timer):
-                let wake = self.state.withLock { $0.timers.removeValue(forKey: TimerKey(flight: key, timer: timer)) }
-                wake??.resume()
+                self.timers.cancel(TimerKey(flight: key, timer: timer))
             case .succeed(let waiters, let value, _):
                 self.answer(
                     waiters, .success(Answer(token: value.token, source: .exchange, apiBaseUrl: value.apiBaseUrl)))
@@ -89,35 +88,10 @@ extension UserTokenExchanger {
     /// Starts timer `key`: a child task of ``run()`` that waits for `deadline` (or for the timer
     /// to be cancelled) and then feeds `timerFired` to the machine.
     private func schedule(_ key: TimerKey, at deadline: FlowTime) {
-        self.state.withLock { $0.timers[key] = .some(nil) }
+        self.timers.arm(key)
         self.submit {
-            guard await self.waitForTimer(key, deadline: deadline) else { return }
+            guard await self.timers.wait(key, until: deadline) else { return }
             self.handle(key.flight) { $0.timerFired(key.timer, now: self.clock.now(), jitter: self.jitter()) }
-        }
-    }
-
-    /// Waits until `deadline` or until the timer is cancelled, whichever comes first; true when
-    /// the deadline came and the timer was still current.
-    private func waitForTimer(_ key: TimerKey, deadline: FlowTime) async -> Bool {
-        await withTaskGroup(of: Bool.self) { group in
-            group.addTask { (try? await self.clock.sleep(until: deadline)) != nil }
-            group.addTask {
-                await withCheckedContinuation { (wake: CheckedContinuation<Void, Never>) in
-                    let gone = self.state.withLock { s -> Bool in
-                        guard s.timers[key] != nil else { return true }
-                        s.timers[key] = .some(wake)
-                        return false
-                    }
-                    if gone { wake.resume() }
-                }
-                return false
-            }
-            let deadlineCame = await group.next() ?? false
-            group.cancelAll()
-            // The timer ends here: whoever removes its entry wakes the waiting half.
-            let entry = self.state.withLock { $0.timers.removeValue(forKey: key) }
-            entry??.resume()
-            return deadlineCame && entry != nil
         }
     }
 }

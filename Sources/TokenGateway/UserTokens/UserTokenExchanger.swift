@@ -166,8 +166,6 @@ public final class UserTokenExchanger: Sendable, Service {
     struct State: ~Copyable {
         var flights: [FlightKey: Flight] = [:]
         var slots: [UInt64: WaiterSlot] = [:]
-        /// Timers in flight; `wake` ends the wait of one cancelled.
-        var timers: [TimerKey: CheckedContinuation<Void, Never>?] = [:]
         /// The round (lease owner) of each user whose exchange lease this process holds.
         var leasesHeld: [FlightKey: String] = [:]
         var nextID: UInt64 = 0
@@ -216,6 +214,8 @@ public final class UserTokenExchanger: Sendable, Service {
     let state = Mutex(State())
     /// Actions and timers for ``run()`` to start as child tasks.
     let work: (stream: AsyncStream<Work>, continuation: AsyncStream<Work>.Continuation)
+    /// The machines' timers, each waited for by a child task of ``run()``.
+    let timers: RoundTimers<TimerKey>
 
     /// - Parameters:
     ///   - store: the user-token cache, refusals, leases and budget.
@@ -239,6 +239,7 @@ public final class UserTokenExchanger: Sendable, Service {
         self.clock = clock
         self.jitter = jitter
         self.work = AsyncStream.makeStream(of: Work.self)
+        self.timers = RoundTimers(clock: clock)
     }
 
     // MARK: - The facade
@@ -417,19 +418,16 @@ public final class UserTokenExchanger: Sendable, Service {
     private func endFlights() -> [FlightKey: String] {
         self.work.continuation.finish()
         let now = self.clock.now()
-        let (ended, held, timers) = self.state.withLock {
-            s -> ([UserRoundMachine.Action], [FlightKey: String], [CheckedContinuation<Void, Never>]) in
+        let (ended, held) = self.state.withLock { s -> ([UserRoundMachine.Action], [FlightKey: String]) in
             s.shuttingDown = true
             var ended: [UserRoundMachine.Action] = []
             for key in Array(s.flights.keys) { ended += s.flights[key]!.machine.shutdownRequested(now: now) }
             s.flights.removeAll()
             let held = s.leasesHeld
             s.leasesHeld.removeAll()
-            let timers = s.timers.values.compactMap { $0 }
-            s.timers.removeAll()
-            return (ended, held, timers)
+            return (ended, held)
         }
-        for timer in timers { timer.resume() }
+        self.timers.cancelAll()
         for action in ended {
             if case .fail(let waiters, let error) = action { self.answer(waiters, .failure(error)) }
         }
