@@ -11,7 +11,7 @@ import ServiceLifecycle
 /// `token_gateway_resident_memory_bytes` up to date.
 ///
 /// glibc's allocator keeps memory freed in the middle of its heaps (a burst of a thousand
-/// connections leaves tens of MiB behind, measured in README "Performance") and hands it back
+/// connections leaves tens of MiB behind, measured in `Docs/performance.md`) and hands it back
 /// only when asked (`malloc_trim`). Without that, a replica's resident memory after a burst stays
 /// at the burst's high-water mark. Every ``interval`` the service asks, and counts what the
 /// resident memory fell by in `token_gateway_memory_returned_bytes_total`. Where the C library has
