@@ -40,10 +40,19 @@ case "${1:-}" in
             exit 0
         fi
         # Exit status: 0 within tolerance, 2 regressed, 4 improved only (treated as success here).
+        # Through `swift package` the plugin's outcome arrives as a thrown error (exit status 1 and
+        # "error: benchmarkThreshold…" on stderr), so it is read from the output too.
+        out=$(mktemp)
         set +e
-        bench benchmark baseline check "$BASELINE" --no-progress "${FILTER[@]}"
-        status=$?
+        bench benchmark baseline check "$BASELINE" --no-progress "${FILTER[@]}" 2>&1 | tee "$out"
+        status=${PIPESTATUS[0]}
         set -e
+        if grep -q 'error: benchmarkThresholdRegression' "$out"; then
+            status=2
+        elif grep -q 'error: benchmarkThresholdImprovement' "$out"; then
+            status=4
+        fi
+        rm -f "$out"
         if [ "$status" = 4 ]; then
             echo "micro-benchmarks: improvements only; 'scripts/bench-micro.sh --update' stores them as the baseline"
             exit 0
