@@ -38,6 +38,8 @@ public final class InMemoryTokenStore: TokenStore {
         var gates: [Gate: [CheckedContinuation<Void, Never>]] = [:]
         var unavailable = false
         var calls: [String: Int] = [:]
+        var callTurns = 0
+        var turnsDrawn: UInt64 = 0
     }
 
     private let state = Mutex(State())
@@ -169,6 +171,24 @@ public final class InMemoryTokenStore: TokenStore {
         }
     }
 
+    /// At most how many scheduling turns each call of the flow takes before it acts (0 by default):
+    /// a round trip to a store elsewhere, during which other work runs. Each call draws its own
+    /// number from 0 up to this, from a fixed sequence (the same for every run).
+    public var callTurns: Int {
+        get { self.state.withLock { $0.callTurns } }
+        set { self.state.withLock { $0.callTurns = newValue } }
+    }
+
+    /// Lets other work run for up to ``callTurns`` scheduling turns.
+    private func travel() async {
+        let turns = self.state.withLock { s -> Int in
+            guard s.callTurns > 0 else { return 0 }
+            s.turnsDrawn = s.turnsDrawn &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+            return Int((s.turnsDrawn >> 33) % UInt64(s.callTurns + 1))
+        }
+        for _ in 0..<turns { await Task.yield() }
+    }
+
     /// While true, every call throws (the store is unreachable).
     public var isUnavailable: Bool {
         get { self.state.withLock { $0.unavailable } }
@@ -212,6 +232,7 @@ public final class InMemoryTokenStore: TokenStore {
 
     public func snapshot(_ id: InstallationID, timeout: Duration?) async throws -> TokenStoreSnapshot {
         await self.pass(.snapshot)
+        await self.travel()
         try self.call("snapshot")
         let now = self.now()
         return self.state.withLock { s in
@@ -265,6 +286,7 @@ public final class InMemoryTokenStore: TokenStore {
         unlessNewerThan: Int64?
     ) async throws -> TokenStoreLeaseOutcome {
         await self.pass(.takeLease)
+        await self.travel()
         try self.call("takeLease")
         let now = self.now()
         return self.state.withLock { s in
@@ -301,6 +323,7 @@ public final class InMemoryTokenStore: TokenStore {
     }
 
     public func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async throws {
+        await self.travel()
         try self.call("extendLease")
         let now = self.now()
         self.state.withLock { s in
@@ -311,6 +334,7 @@ public final class InMemoryTokenStore: TokenStore {
     }
 
     public func releaseLease(_ id: InstallationID, requestID: String) async throws {
+        await self.travel()
         try self.call("releaseLease")
         self.state.withLock { s in
             if s.leases[id]?.value == requestID { s.leases[id] = nil }
@@ -320,6 +344,7 @@ public final class InMemoryTokenStore: TokenStore {
     public func placeHold(_ id: InstallationID, requestID: String, duration: Duration, releasingLease: Bool)
         async throws
     {
+        await self.travel()
         try self.call("placeHold")
         let now = self.now()
         self.state.withLock { s in
@@ -330,6 +355,7 @@ public final class InMemoryTokenStore: TokenStore {
     }
 
     public func roundProbe(_ id: InstallationID, requestID: String?) async throws -> TokenStoreProbe {
+        await self.travel()
         try self.call("roundProbe")
         let now = self.now()
         return self.state.withLock { s in
@@ -344,6 +370,7 @@ public final class InMemoryTokenStore: TokenStore {
     public func recordRoundOutcome(
         _ id: InstallationID, succeeded: Bool, threshold: Int, openBase: Duration, openCap: Duration, now: FlowTime
     ) async throws -> FlowTime? {
+        await self.travel()
         try self.call("recordRoundOutcome")
         return self.state.withLock { s in
             Self.record(
@@ -356,6 +383,7 @@ public final class InMemoryTokenStore: TokenStore {
         _ id: InstallationID, succeeded: Bool, threshold: Int, openBase: Duration, openCap: Duration, now: FlowTime,
         releasingLease requestID: String
     ) async throws -> FlowTime? {
+        await self.travel()
         try self.call("recordRoundOutcomeReleasingLease")
         return self.state.withLock { s in
             if s.leases[id]?.value == requestID { s.leases[id] = nil }
