@@ -374,6 +374,27 @@ struct TokenFlowExecutorTests {
         }
     }
 
+    @Test("a forced refresh following a round that ends without a token newer than its own takes the lease then")
+    func forcedFollowerTakesOverAfterTheRoundItFollowed() async throws {
+        try await withFlow { h in
+            let known = h.clock.now().unixSeconds + 3600
+            h.store.deliver(h.id, token: "tok-known", expiresAt: known, requestID: nil)
+            try await h.otherReplicaLeads()
+            async let answer = h.request(.init(forceRefresh: true))
+            await h.clock.waitForSleepers(2)
+            #expect(h.flow.roundState(h.id) == .following)
+            // The other replica's round ends without storing a newer token (its callers took the
+            // stored one): the lease is free, and the re-read finds only the token this caller knew.
+            try await h.store.releaseLease(h.id, requestID: "rq_other")
+            h.clock.advance(by: .milliseconds(50))
+            let call = try #require(await h.nextCall())
+            h.deliver("tok-new", expiresIn: 7200, requestID: call.requestID)
+            let result = try await answer.get()
+            #expect(result.token.value == "tok-new")
+            #expect(h.trigger.callCount == 1)
+        }
+    }
+
     @Test("a lease taken after its round ended (its only caller went away meanwhile) is given back, not kept")
     func leaseTakenForAnEndedRoundIsGivenBack() async throws {
         try await withFlow { h in

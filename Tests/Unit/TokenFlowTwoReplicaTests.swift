@@ -33,7 +33,8 @@ private final class DeliveringTrigger: TriggerSender {
         let replicas = self.replicas.withLock { $0 }
         let flow = replicas[Int.random(in: 0..<replicas.count, using: &random)]
         // The delivery route of that replica: noted, stored (and announced), handed to its flow.
-        let expiresAt = self.clock.now().unixSeconds + 3600
+        // Each round trip's token expires later than the one before it.
+        let expiresAt = self.clock.now().unixSeconds + 3600 + Int64(call)
         flow.deliveryArriving(installation, requestID: requestID)
         let value = "tok-\(call)"
         let (stored, solicited) = self.store.deliver(
@@ -51,61 +52,110 @@ private final class DeliveringTrigger: TriggerSender {
     }
 }
 
-/// Two replicas on one store, callers on both arriving at scattered moments while the round runs:
-/// however the steps interleave, one trigger call serves them all, and no lease is left behind.
-@Suite("Two replicas, one store: one round trip whatever the interleaving", .timeLimit(.minutes(1)))
+/// Replicas on one store, callers on each arriving at scattered moments while rounds run: however
+/// the steps interleave, the callers are answered, one trigger call serves plain callers, and no
+/// lease is left behind.
+@Suite("Replicas on one store: whatever the interleaving", .timeLimit(.minutes(1)))
 struct TokenFlowTwoReplicaTests {
     static let id = InstallationID("ari:cloud:ecosystem::installation/5d2e8f41-3b6a-4c8e-9f10-2a7b3c4d5e6f")!
 
+    /// One caller: when it starts (scheduling turns after the test's start) and what it asks.
+    struct Caller: Sendable {
+        var delay: Int
+        var request: TokenFlow.Request
+    }
+
     @Test("callers on two replicas, scattered in time: one trigger call, one token, no lease left", arguments: 0..<200)
     func oneRoundTrip(seed: Int) async throws {
+        var random = SplitMix64(seed: UInt64(seed))
+        let callers = (0..<12).map { _ in Caller(delay: Int.random(in: 0..<60, using: &random), request: .init()) }
+        let run = try await Self.run(replicas: 2, callers: callers, seed: seed)
+        #expect(run.failures.isEmpty)
+        #expect(run.tokens.count == 12)
+        #expect(Set(run.tokens).count == 1)
+        #expect(run.triggerCalls == 1)
+        #expect(run.leaseLeft == nil)
+    }
+
+    @Test(
+        "forced refreshes and long minValidity among the callers of three replicas: every caller answered, no lease left",
+        arguments: 0..<200)
+    func everyCallerAnswered(seed: Int) async throws {
+        var random = SplitMix64(seed: UInt64(seed) &+ 0x5EED)
+        let callers = (0..<18).map { _ in
+            Caller(
+                delay: Int.random(in: 0..<300, using: &random),
+                request: .init(minValidity: random.pick([0, 60, 300, 3500]), forceRefresh: random.chance(0.2)))
+        }
+        let run = try await Self.run(replicas: 3, callers: callers, seed: seed)
+        #expect(run.failures.isEmpty)
+        #expect(run.tokens.count == 18)
+        #expect(run.leaseLeft == nil)
+    }
+
+    enum Answer: Sendable {
+        case token(String)
+        case failed(String)
+    }
+
+    struct Run {
+        var tokens: [String]
+        var failures: [String]
+        var triggerCalls: Int
+        var leaseLeft: String?
+    }
+
+    /// `replicas` flows on one in-memory store and a manual clock. Odd seeds lose every
+    /// announcement (as while the replicas' subscriptions reconnect), so followers learn of tokens
+    /// only by their re-reads; each store call is a round trip of up to 0–30 scheduling turns.
+    static func run(replicas: Int, callers: [Caller], seed: Int) async throws -> Run {
         let clock = ManualFlowClock()
         let store = InMemoryTokenStore(now: { clock.now() })
         store.install(Self.id)
-        // Odd seeds lose every announcement (as while the replicas' subscriptions reconnect): the
-        // followers learn of the token only by their re-reads.
         store.dropsNotifications = seed % 2 == 1
-        // Each store call is a round trip of up to 0–30 scheduling turns, other work running meanwhile.
         store.callTurns = (seed / 2) % 31
         let trigger = DeliveringTrigger(store: store, clock: clock, seed: UInt64(seed) &* 7919)
-        let flows = ["replica-a", "replica-b"].map { name in
+        let flows = (0..<replicas).map { index in
             TokenFlow(
                 configuration: TokenFlowConfiguration(), store: store, trigger: trigger,
                 metrics: FlowMetrics(factory: NOOPMetricsHandler.instance),
-                logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), replicaID: name,
+                logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }),
+                replicaID: "replica-\(index)",
                 clock: clock)
         }
         trigger.replicas.withLock { $0 = flows }
-        try await withThrowingTaskGroup(of: Void.self) { running in
+        return try await withThrowingTaskGroup(of: Void.self) { running in
             for flow in flows { running.addTask { try await flow.run() } }
-            while store.subscriberCount < 2 { await Task.yield() }
-            let tokens = await Self.callers(flows, clock: clock, seed: UInt64(seed))
-            #expect(tokens.count == 12)
-            #expect(Set(tokens).count == 1)
-            #expect(trigger.calls.withLock { $0 } == 1)
+            while store.subscriberCount < replicas { await Task.yield() }
+            var run = await Self.answers(flows, callers, clock: clock, seed: UInt64(seed))
             for flow in flows { await flow.shutdown() }
             try await running.waitForAll()
+            run.triggerCalls = trigger.calls.withLock { $0 }
+            run.leaseLeft = store.leaseOwner(Self.id)
+            return run
         }
-        #expect(store.leaseOwner(Self.id) == nil)
     }
 
-    /// Six callers on each replica, each starting after a random number of scheduling turns; the
-    /// clock moves on in 50 ms steps (the followers' re-reads) until all are answered. Returns the
-    /// tokens they got.
-    private static func callers(_ flows: [TokenFlow], clock: ManualFlowClock, seed: UInt64) async -> [String] {
-        await withTaskGroup(of: String?.self) { group in
-            var random = SplitMix64(seed: seed)
-            for i in 0..<12 {
-                let flow = flows[i % 2]
-                let delay = Int.random(in: 0..<60, using: &random)
+    /// Starts each caller on replica `index % replicas` after its delay; the clock moves on in 50 ms
+    /// steps (the followers' re-reads) until all are answered, bounded well below the callers' 10 s
+    /// deadline.
+    private static func answers(_ flows: [TokenFlow], _ callers: [Caller], clock: ManualFlowClock, seed: UInt64)
+        async -> Run
+    {
+        await withTaskGroup(of: Answer?.self) { group in
+            for (index, caller) in callers.enumerated() {
+                let flow = flows[index % flows.count]
                 group.addTask {
-                    for _ in 0..<delay { await Task.yield() }
-                    return try? await flow.token(for: Self.id, request: .init()).token.value
+                    for _ in 0..<caller.delay { await Task.yield() }
+                    do {
+                        return .token(try await flow.token(for: Self.id, request: caller.request).token.value)
+                    } catch {
+                        return .failed("\(error)")
+                    }
                 }
             }
-            let pending = Mutex(12)
+            let pending = Mutex(callers.count)
             group.addTask {
-                // Follower re-reads come by the clock; bounded well below the callers' 10 s deadline.
                 var turns = SplitMix64(seed: seed &+ 1)
                 for _ in 0..<150 where pending.withLock({ $0 }) > 0 {
                     for _ in 0..<(1 + Int.random(in: 0..<30, using: &turns)) { await Task.yield() }
@@ -113,13 +163,16 @@ struct TokenFlowTwoReplicaTests {
                 }
                 return nil
             }
-            var tokens: [String] = []
-            for await token in group {
-                guard let token else { continue }
-                tokens.append(token)
+            var run = Run(tokens: [], failures: [], triggerCalls: 0, leaseLeft: nil)
+            for await answer in group {
+                guard let answer else { continue }
                 pending.withLock { $0 -= 1 }
+                switch answer {
+                case .token(let token): run.tokens.append(token)
+                case .failed(let error): run.failures.append(error)
+                }
             }
-            return tokens
+            return run
         }
     }
 }

@@ -107,7 +107,9 @@ extension TokenFlow {
                     actions += m.roundTripBroughtNoNewerToken(requestID: requestID, newest: probe.token, now: now)
                 }
                 if let hold, m.isActive { actions += m.holdObserved(hold, now: now) }
-                if probe.token == nil, m.isActive { actions += m.storeReadEmpty(requestID: requestID, now: now) }
+                // Callers still waiting (no token, or none they accept) while following: the round
+                // followed may be over, so the lease is tried (busy while another round runs).
+                if m.isActive { actions += m.storeReadEmpty(requestID: requestID, now: now) }
                 return actions
             }
         } catch {

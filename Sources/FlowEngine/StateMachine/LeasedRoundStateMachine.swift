@@ -567,8 +567,9 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         return actions + self.finishRound(round, outcome: .succeeded, now: now)
     }
 
-    /// A store re-read found no acceptable value. A follower then tries to take the lease over (the
-    /// leader may have died; its lease expires after its deadline).
+    /// A store re-read left callers waiting: no value, or none they accept (a forced refresh's own).
+    /// A follower then tries to take the lease over (the round followed may be over, or its leader
+    /// dead; its lease expires after its deadline); the take is refused while that round runs.
     public mutating func storeReadEmpty(requestID: String, now: FlowTime) -> [Action] {
         guard case .round(var round) = self.state, round.requestID == requestID, case .following = round.phase
         else { return [] }
