@@ -193,6 +193,104 @@ struct UserTokenExchangerTests {
         }
     }
 
+    // MARK: A forced refresh in a round started for another token
+
+    /// The user's cached token that started the round: too short-lived for the first caller's
+    /// default `minValidity` (300 s).
+    static func shortLived(_ h: Harness) -> AccessToken {
+        AccessToken(value: "short-lived", expiresAt: h.clock.now().unixSeconds + 100)
+    }
+
+    /// A token another process exchanged: long-lived, and the one the forced caller refreshes away.
+    static func fromOther(_ h: Harness) -> AccessToken {
+        AccessToken(value: "from-other", expiresAt: h.clock.now().unixSeconds + 3600)
+    }
+
+    @Test(
+        "the leader's re-read finds another process's token: it answers the caller that started the round, and a forced refresh of that token waits for the exchange"
+    )
+    func leaderRecheckKeepsAForcedRefresh() async throws {
+        let h = Harness([Self.issued])
+        _ = try await h.store.store(
+            Self.installation, accountId: Self.account.value, token: Self.shortLived(h),
+            cacheUntil: h.clock.now().unixSeconds + 90, now: h.clock.now())
+        try await h.running { () async throws -> Void in
+            h.store.holdLeaseTakes()
+            async let first = h.token()
+            while h.store.leaseTakesHeld < 1 { await Task.yield() }
+            // While the round's lease take is in flight, another process stores its token, and a
+            // caller that already has that token forces a refresh: it joins the round.
+            _ = try await h.store.store(
+                Self.installation, accountId: Self.account.value, token: Self.fromOther(h),
+                cacheUntil: h.clock.now().unixSeconds + 3000, now: h.clock.now())
+            async let forced = h.token(forceRefresh: true)
+            await h.clock.waitForSleepers(2)
+            h.store.releaseLeaseTakes()
+            #expect(try await first.get().token.value == "from-other")
+            let refreshed = try await forced.get()
+            #expect(refreshed.token.value == "user-token-1")
+            #expect(refreshed.source == .exchange)
+            #expect(h.client.calls.count == 1)
+            #expect(h.store.leaseOwner(Self.installation, accountId: Self.account.value) == nil)
+        }
+    }
+
+    @Test(
+        "a follower's re-read finds a token a forced refresh in its round refuses: the others get it, the lease is taken and the forced caller gets a new one"
+    )
+    func followerRereadKeepsAForcedRefresh() async throws {
+        let h = Harness([Self.issued])
+        _ = try await h.store.store(
+            Self.installation, accountId: Self.account.value, token: Self.shortLived(h),
+            cacheUntil: h.clock.now().unixSeconds + 90, now: h.clock.now())
+        h.store.holdLease(Self.installation, accountId: Self.account.value, owner: "other", ttl: .seconds(3))
+        try await h.running { () async throws -> Void in
+            async let first = h.token()
+            // The first caller's deadline and its wake-up at the other lease's end.
+            await h.clock.waitForSleepers(2)
+            h.store.storeWithoutNotice(Self.installation, accountId: Self.account.value, token: Self.fromOther(h))
+            async let forced = h.token(forceRefresh: true)
+            await h.clock.waitForSleepers(3)
+            // The other process's lease runs out: the follower reads the store again.
+            h.clock.advance(by: .seconds(3))
+            #expect(try await first.get().token.value == "from-other")
+            #expect(try await forced.get().token.value == "user-token-1")
+            #expect(h.client.calls.count == 1)
+            #expect(h.store.leaseAttempts == 2)
+            #expect(h.store.leaseOwner(Self.installation, accountId: Self.account.value) == nil)
+        }
+    }
+
+    @Test(
+        "a refused lease take whose read finds a token a forced refresh refuses: the others get it, the forced caller follows to the next token"
+    )
+    func refusedTakeKeepsAForcedRefresh() async throws {
+        let h = Harness([Self.issued])
+        _ = try await h.store.store(
+            Self.installation, accountId: Self.account.value, token: Self.shortLived(h),
+            cacheUntil: h.clock.now().unixSeconds + 90, now: h.clock.now())
+        h.store.holdLease(Self.installation, accountId: Self.account.value, owner: "other", ttl: .seconds(5))
+        try await h.running { () async throws -> Void in
+            h.store.holdLeaseTakes()
+            async let first = h.token()
+            while h.store.leaseTakesHeld < 1 { await Task.yield() }
+            h.store.storeWithoutNotice(Self.installation, accountId: Self.account.value, token: Self.fromOther(h))
+            async let forced = h.token(forceRefresh: true)
+            await h.clock.waitForSleepers(2)
+            h.store.releaseLeaseTakes()
+            #expect(try await first.get().token.value == "from-other")
+            // The forced caller follows the other process's lease (its deadline and the wake-up
+            // at the lease's end), and takes that process's next token.
+            await h.clock.waitForSleepers(2)
+            _ = try await h.store.store(
+                Self.installation, accountId: Self.account.value,
+                token: AccessToken(value: "from-other-2", expiresAt: h.clock.now().unixSeconds + 3601),
+                cacheUntil: h.clock.now().unixSeconds + 3000, now: h.clock.now())
+            #expect(try await forced.get().token.value == "from-other-2")
+            #expect(h.client.calls.isEmpty)
+        }
+    }
+
     @Test("a 401 fetches a fresh system token once and tries again; a second 401 fails the exchange")
     func systemTokenRetry() async throws {
         let h = Harness([.systemTokenRefused, Self.issued])

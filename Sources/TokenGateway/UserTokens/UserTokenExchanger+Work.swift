@@ -6,8 +6,10 @@ import Logging
 extension UserTokenExchanger {
     /// What the store says of a user while a round runs.
     enum Finding {
-        /// A token the round may answer with (another process exchanged it, or this one just did).
-        case value(UserToken)
+        /// A token other than the one the round started to replace (another process exchanged
+        /// it): it answers the callers that accept it (``LeasedRoundStateMachine/valueObserved(_:solicitedBy:now:)``).
+        /// The exchange lease has `leaseRemaining` left (nil: nobody holds it).
+        case value(UserToken, leaseRemaining: Duration?)
         /// An answer that ends the round: a remembered refusal, the installation gone.
         case failure(UserTokenError)
         /// Nothing yet; the exchange lease has this long left (nil: nobody holds it).
@@ -18,34 +20,44 @@ extension UserTokenExchanger {
         guard snapshot.exists else { return .failure(.flow(.installationNotFound)) }
         guard snapshot.status == .active else { return .failure(.flow(.installationUninstalled)) }
         if let token = snapshot.token, token.value != job.ignoring?.value, token.expiresAt > now.unixSeconds {
-            return .value(UserToken(token: token, apiBaseUrl: snapshot.apiBaseUrl ?? job.apiBaseUrl, roundID: nil))
+            return .value(
+                UserToken(token: token, apiBaseUrl: snapshot.apiBaseUrl ?? job.apiBaseUrl, roundID: nil),
+                leaseRemaining: snapshot.leaseRemaining)
         }
         if snapshot.deniedFor != nil { return .failure(.denied) }
         return .nothing(leaseRemaining: snapshot.leaseRemaining)
     }
 
-    /// The event a finding is for round `requestID`: its value or failure ends it. With nothing
-    /// yet, a round whose lease was refused (`leaseRefused`) follows until the other process's
-    /// lease ends; a follower waits for that again, or takes the lease when it is gone. A finding
-    /// that no longer fits the round's phase (it moved on meanwhile) is dropped.
+    /// The event a finding is for round `requestID`, which does not lead: a value answers the
+    /// callers that accept it (a forced refresh does not accept the token it was sent to replace,
+    /// even when the round started for another one), a failure ends the round. With callers left,
+    /// a round whose lease was refused (`leaseRefused`) follows until the other process's lease
+    /// ends; a follower waits for that again, or takes the lease when it is gone. A finding that no
+    /// longer fits the round's phase (it moved on meanwhile) changes nothing more.
     func event(for finding: Finding, requestID: String, leaseRefused: Bool, now: FlowTime)
         -> (inout UserRoundMachine) -> [UserRoundMachine.Action]
     {
         { m in
+            var actions: [UserRoundMachine.Action] = []
+            let remaining: Duration?
             switch finding {
-            case .value(let value):
-                return m.valueObserved(value, solicitedBy: requestID, now: now)
+            case .value(let value, let leaseRemaining):
+                actions = m.valueObserved(value, solicitedBy: nil, now: now)
+                remaining = leaseRemaining
             case .failure(let error):
                 return m.roundEnded(requestID: requestID, failing: error, now: now)
-            case .nothing(let remaining):
-                let phase: UserRoundMachine.StateName = leaseRefused ? .acquiringLease : .following
-                guard m.stateName(at: now) == phase else { return [] }
-                guard let remaining else {
-                    if leaseRefused { return m.leaseDenied(requestID: requestID, leaseRemaining: .zero, now: now) }
-                    return m.storeReadEmpty(requestID: requestID, now: now)
-                }
-                return m.leaseDenied(requestID: requestID, leaseRemaining: remaining, now: now)
+            case .nothing(let leaseRemaining):
+                remaining = leaseRemaining
             }
+            let phase: UserRoundMachine.StateName = leaseRefused ? .acquiringLease : .following
+            guard m.currentRequestID == requestID, m.stateName(at: now) == phase else { return actions }
+            guard let remaining else {
+                if leaseRefused {
+                    return actions + m.leaseDenied(requestID: requestID, leaseRemaining: .zero, now: now)
+                }
+                return actions + m.storeReadEmpty(requestID: requestID, now: now)
+            }
+            return actions + m.leaseDenied(requestID: requestID, leaseRemaining: remaining, now: now)
         }
     }
 
@@ -129,9 +141,12 @@ extension UserTokenExchanger {
     /// (the token cached, a refusal or a rate limit remembered) before the machine hears of them.
     func attempt(_ job: Job, requestID: String, attempt: Int, deadline: FlowTime, timeout: Duration) async {
         var end: AttemptEnd
-        if attempt == 1, let settled = await self.recheck(job) {
+        switch attempt == 1 ? await self.recheck(job, requestID: requestID) : .exchange {
+        case .answered:
+            return
+        case .settled(let settled):
             end = settled
-        } else {
+        case .exchange:
             end = await self.exchange(
                 job, requestID: requestID, attempt: attempt, deadline: deadline, forceRefresh: false)
             if case .systemTokenRefused = end {
@@ -156,17 +171,41 @@ extension UserTokenExchanger {
         }
     }
 
+    /// What the leader's re-read before its first call decided.
+    enum Recheck {
+        /// Nothing to answer with: the exchange call goes ahead.
+        case exchange
+        /// The attempt ends without a call (a remembered refusal, the installation gone).
+        case settled(AttemptEnd)
+        /// A token another process left answered every caller; the round is over.
+        case answered
+    }
+
     /// The store read again by the leader before its first call: an answer another process left.
-    private func recheck(_ job: Job) async -> AttemptEnd? {
+    /// A token goes to the callers that accept it; the exchange goes ahead for those left (a
+    /// forced refresh of that very token).
+    private func recheck(_ job: Job, requestID: String) async -> Recheck {
+        let finding: Finding
         do {
             let snapshot = try await self.store.snapshot(job.installation, accountId: job.accountId.value, timeout: nil)
-            switch self.finding(snapshot, job: job, now: self.clock.now()) {
-            case .value(let value): return .value(value)
-            case .failure(let error): return .failure(error)
-            case .nothing: return nil
-            }
+            finding = self.finding(snapshot, job: job, now: self.clock.now())
         } catch {
-            return .failure(.storeUnavailable)
+            return .settled(.failure(.storeUnavailable))
+        }
+        switch finding {
+        case .failure(let error):
+            return .settled(.failure(error))
+        case .nothing:
+            return .exchange
+        case .value(let value, _):
+            let now = self.clock.now()
+            var left = false
+            self.handle(job.key) { m in
+                let actions = m.valueObserved(value, solicitedBy: nil, now: now)
+                left = m.currentRequestID == requestID && m.stateName(at: now) == .attempting
+                return actions
+            }
+            return left ? .exchange : .answered
         }
     }
 

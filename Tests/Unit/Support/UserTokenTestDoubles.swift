@@ -99,6 +99,13 @@ final class InMemoryUserTokenStore: UserTokenStore {
         self.state.withLock { $0.finishedElsewhere = token }
     }
 
+    /// Another process stores `token` and its notice is lost (Redis pub/sub drops messages on a
+    /// reconnect): only a later read sees it.
+    func storeWithoutNotice(_ id: InstallationID, accountId: String, token: AccessToken) {
+        let key = Key(installation: id, accountId: accountId)
+        self.state.withLock { $0.tokens[key] = (token, FlowTime(unixSeconds: token.expiresAt)) }
+    }
+
     func setUnreachable(_ unreachable: Bool) {
         self.state.withLock { $0.unreachable = unreachable }
     }
