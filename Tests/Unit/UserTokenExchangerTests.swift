@@ -51,6 +51,20 @@ struct UserTokenExchangerTests {
             }
         }
 
+        /// Another process stores the user's token `value`, valid for `seconds` (cached 10 s less);
+        /// with `notice` false, the store's notice of it is lost.
+        func storeElsewhere(_ value: String, validFor seconds: Int64, notice: Bool = true) async throws {
+            let now = self.clock.now()
+            let token = AccessToken(value: value, expiresAt: now.unixSeconds + seconds)
+            let (id, account) = (UserTokenExchangerTests.installation, UserTokenExchangerTests.account.value)
+            guard notice else {
+                self.store.storeWithoutNotice(id, accountId: account, token: token, cacheUntil: token.expiresAt - 10)
+                return
+            }
+            _ = try await self.store.store(
+                id, accountId: account, token: token, cacheUntil: token.expiresAt - 10, now: now)
+        }
+
         func token(timeout: Duration = .seconds(10), forceRefresh: Bool = false) async -> Result<
             UserTokenExchanger.Answer, UserTokenError
         > {
@@ -194,35 +208,24 @@ struct UserTokenExchangerTests {
     }
 
     // MARK: A forced refresh in a round started for another token
-
-    /// The user's cached token that started the round: too short-lived for the first caller's
-    /// default `minValidity` (300 s).
-    static func shortLived(_ h: Harness) -> AccessToken {
-        AccessToken(value: "short-lived", expiresAt: h.clock.now().unixSeconds + 100)
-    }
-
-    /// A token another process exchanged: long-lived, and the one the forced caller refreshes away.
-    static func fromOther(_ h: Harness) -> AccessToken {
-        AccessToken(value: "from-other", expiresAt: h.clock.now().unixSeconds + 3600)
-    }
+    //
+    // The user's cached token, "short-lived" (100 s), is too short for the first caller's default
+    // `minValidity` (300 s): its round starts to replace it. Another process then stores
+    // "from-other", and a caller that already has that one forces a refresh and joins the round.
 
     @Test(
         "the leader's re-read finds another process's token: it answers the caller that started the round, and a forced refresh of that token waits for the exchange"
     )
     func leaderRecheckKeepsAForcedRefresh() async throws {
         let h = Harness([Self.issued])
-        _ = try await h.store.store(
-            Self.installation, accountId: Self.account.value, token: Self.shortLived(h),
-            cacheUntil: h.clock.now().unixSeconds + 90, now: h.clock.now())
+        try await h.storeElsewhere("short-lived", validFor: 100)
         try await h.running { () async throws -> Void in
             h.store.holdLeaseTakes()
             async let first = h.token()
             while h.store.leaseTakesHeld < 1 { await Task.yield() }
             // While the round's lease take is in flight, another process stores its token, and a
             // caller that already has that token forces a refresh: it joins the round.
-            _ = try await h.store.store(
-                Self.installation, accountId: Self.account.value, token: Self.fromOther(h),
-                cacheUntil: h.clock.now().unixSeconds + 3000, now: h.clock.now())
+            try await h.storeElsewhere("from-other", validFor: 3600)
             async let forced = h.token(forceRefresh: true)
             await h.clock.waitForSleepers(2)
             h.store.releaseLeaseTakes()
@@ -240,15 +243,13 @@ struct UserTokenExchangerTests {
     )
     func followerRereadKeepsAForcedRefresh() async throws {
         let h = Harness([Self.issued])
-        _ = try await h.store.store(
-            Self.installation, accountId: Self.account.value, token: Self.shortLived(h),
-            cacheUntil: h.clock.now().unixSeconds + 90, now: h.clock.now())
+        try await h.storeElsewhere("short-lived", validFor: 100)
         h.store.holdLease(Self.installation, accountId: Self.account.value, owner: "other", ttl: .seconds(3))
         try await h.running { () async throws -> Void in
             async let first = h.token()
             // The first caller's deadline and its wake-up at the other lease's end.
             await h.clock.waitForSleepers(2)
-            h.store.storeWithoutNotice(Self.installation, accountId: Self.account.value, token: Self.fromOther(h))
+            try await h.storeElsewhere("from-other", validFor: 3600, notice: false)
             async let forced = h.token(forceRefresh: true)
             await h.clock.waitForSleepers(3)
             // The other process's lease runs out: the follower reads the store again.
@@ -266,15 +267,13 @@ struct UserTokenExchangerTests {
     )
     func refusedTakeKeepsAForcedRefresh() async throws {
         let h = Harness([Self.issued])
-        _ = try await h.store.store(
-            Self.installation, accountId: Self.account.value, token: Self.shortLived(h),
-            cacheUntil: h.clock.now().unixSeconds + 90, now: h.clock.now())
+        try await h.storeElsewhere("short-lived", validFor: 100)
         h.store.holdLease(Self.installation, accountId: Self.account.value, owner: "other", ttl: .seconds(5))
         try await h.running { () async throws -> Void in
             h.store.holdLeaseTakes()
             async let first = h.token()
             while h.store.leaseTakesHeld < 1 { await Task.yield() }
-            h.store.storeWithoutNotice(Self.installation, accountId: Self.account.value, token: Self.fromOther(h))
+            try await h.storeElsewhere("from-other", validFor: 3600, notice: false)
             async let forced = h.token(forceRefresh: true)
             await h.clock.waitForSleepers(2)
             h.store.releaseLeaseTakes()
@@ -282,10 +281,7 @@ struct UserTokenExchangerTests {
             // The forced caller follows the other process's lease (its deadline and the wake-up
             // at the lease's end), and takes that process's next token.
             await h.clock.waitForSleepers(2)
-            _ = try await h.store.store(
-                Self.installation, accountId: Self.account.value,
-                token: AccessToken(value: "from-other-2", expiresAt: h.clock.now().unixSeconds + 3601),
-                cacheUntil: h.clock.now().unixSeconds + 3000, now: h.clock.now())
+            try await h.storeElsewhere("from-other-2", validFor: 3601)
             #expect(try await forced.get().token.value == "from-other-2")
             #expect(h.client.calls.isEmpty)
         }

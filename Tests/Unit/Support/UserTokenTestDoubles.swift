@@ -101,9 +101,9 @@ final class InMemoryUserTokenStore: UserTokenStore {
 
     /// Another process stores `token` and its notice is lost (Redis pub/sub drops messages on a
     /// reconnect): only a later read sees it.
-    func storeWithoutNotice(_ id: InstallationID, accountId: String, token: AccessToken) {
+    func storeWithoutNotice(_ id: InstallationID, accountId: String, token: AccessToken, cacheUntil: Int64) {
         let key = Key(installation: id, accountId: accountId)
-        self.state.withLock { $0.tokens[key] = (token, FlowTime(unixSeconds: token.expiresAt)) }
+        self.state.withLock { $0.tokens[key] = (token, FlowTime(unixSeconds: cacheUntil)) }
     }
 
     func setUnreachable(_ unreachable: Bool) {
