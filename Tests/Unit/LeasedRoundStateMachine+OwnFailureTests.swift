@@ -77,22 +77,32 @@ struct LeasedRoundStateMachineOwnFailureTests {
         #expect(c.contains(.fail([WaiterID(2)], Pass.Refusal(code: "store_unavailable"))))
     }
 
-    @Test("following a lease with known time left: one re-read when it ends (capped by the deadline), none before")
+    @Test(
+        "following a lease with known time left: a re-read when it ends, or after pollCap if sooner (a lost notice), capped by the deadline"
+    )
     func followsToTheLeaseEnd() {
         var m = self.machine()
         _ = self.request(&m, 1, at: self.start)
-        let a = m.leaseDenied(requestID: "r1", leaseRemaining: .seconds(3), now: self.start)
+        // Less than pollCap (1 s) left: the re-read is due when the lease ends.
+        let a = m.leaseDenied(requestID: "r1", leaseRemaining: .milliseconds(600), now: self.start)
         #expect(m.stateName(at: self.start) == .following)
         let (wake, at) = scheduled(a)[0]
-        #expect(at == self.start + .seconds(3))
+        #expect(at == self.start + .milliseconds(600))
         #expect(m.timerFired(wake, now: at, jitter: 0) == [.readStore(requestID: "r1")])
-        // The lease was extended meanwhile: the old re-read goes, a new one waits for the new end.
+        // The lease was extended meanwhile: the old re-read goes, a new one is due after pollCap
+        // (the other round may end early and its notice be lost), not at the lease's new end.
         let b = m.leaseDenied(requestID: "r1", leaseRemaining: .seconds(30), now: at)
         #expect(b.contains(.cancelTimer(wake)))
-        #expect(scheduled(b)[0].1 == self.start + .seconds(10))
+        let (wake2, at2) = scheduled(b)[0]
+        #expect(at2 == at + .seconds(1))
+        #expect(m.timerFired(wake2, now: at2, jitter: 0) == [.readStore(requestID: "r1")])
+        // Near the callers' deadline: the re-read is due then at the latest.
+        let late = self.start + .milliseconds(9_500)
+        let c = m.leaseDenied(requestID: "r1", leaseRemaining: .seconds(30), now: late)
+        #expect(scheduled(c)[0].1 == self.start + .seconds(10))
         // Gone without an answer: take it.
-        let c = m.storeReadEmpty(requestID: "r1", now: at)
-        #expect(c.contains(.acquireLease(requestID: "r1", ttl: .seconds(9), unlessNewerThan: 0)))
+        let d = m.storeReadEmpty(requestID: "r1", now: late)
+        #expect(d.contains(.acquireLease(requestID: "r1", ttl: .milliseconds(2_500), unlessNewerThan: 0)))
     }
 
     @Test("circuit breaking off: a led round's verdict is not reported")

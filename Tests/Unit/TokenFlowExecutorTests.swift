@@ -395,6 +395,33 @@ struct TokenFlowExecutorTests {
         }
     }
 
+    @Test(
+        "a forced refresh that reads the token this process's round stored, before the round heard of it, gets a newer one from a round of its own"
+    )
+    func forcedRefreshOfTheRoundsOwnToken() async throws {
+        try await withFlow { h in
+            // The round's token is delivered to another replica, and its announcement is lost.
+            h.store.dropsNotifications = true
+            async let first = h.request()
+            let call = try #require(await h.nextCall())
+            // The first caller's deadline timer and the round's grace and re-read timers.
+            await h.clock.waitForSleepers(3)
+            h.store.deliver(
+                h.id, token: "tok-1", expiresAt: h.clock.now().unixSeconds + 3600, requestID: call.requestID)
+            // A caller that already has tok-1 (from the other replica) forces a refresh here: its
+            // read of the store ends the round with tok-1 first, and it does not get tok-1 back.
+            async let forced = h.request(.init(forceRefresh: true))
+            #expect(try await first.get().token.value == "tok-1")
+            let second = try #require(await h.nextCall())
+            #expect(second.requestID != call.requestID)
+            h.deliver("tok-2", expiresIn: 3601, requestID: second.requestID)
+            let refreshed = try await forced.get()
+            #expect(refreshed.token.value == "tok-2")
+            #expect(refreshed.source == .trigger)
+            #expect(h.trigger.callCount == 2)
+        }
+    }
+
     @Test("a lease taken after its round ended (its only caller went away meanwhile) is given back, not kept")
     func leaseTakenForAnEndedRoundIsGivenBack() async throws {
         try await withFlow { h in

@@ -67,16 +67,11 @@ private final class DeliveringTrigger: TriggerSender {
 struct TokenFlowTwoReplicaTests {
     static let id = InstallationID("ari:cloud:ecosystem::installation/5d2e8f41-3b6a-4c8e-9f10-2a7b3c4d5e6f")!
 
-    /// One caller: when it starts (scheduling turns after the test's start) and what it asks.
-    struct Caller: Sendable {
-        var delay: Int
-        var request: TokenFlow.Request
-    }
+    typealias Caller = Interleaving.Caller
 
     @Test("callers on two replicas, scattered in time: one trigger call, one token, no lease left", arguments: 0..<200)
     func oneRoundTrip(seed: Int) async throws {
-        var random = SplitMix64(seed: UInt64(seed))
-        let callers = (0..<12).map { _ in Caller(delay: Int.random(in: 0..<60, using: &random), request: .init()) }
+        let callers = Interleaving.plainCallers(12, seed: UInt64(seed), spread: 60)
         let run = try await Self.run(replicas: 2, callers: callers, seed: seed)
         #expect(run.failures.isEmpty)
         #expect(run.tokens.count == 12)
@@ -89,10 +84,14 @@ struct TokenFlowTwoReplicaTests {
         "forced refreshes and long minValidity among the callers of three replicas: every caller answered, no lease left",
         arguments: 0..<200)
     func everyCallerAnswered(seed: Int) async throws {
-        let callers = Self.mixedCallers(seed: UInt64(seed) &+ 0x5EED)
+        let callers = Interleaving.mixedCallers(seed: UInt64(seed) &+ 0x5EED)
         let run = try await Self.run(replicas: 3, callers: callers, seed: seed)
         #expect(run.failures.isEmpty)
         #expect(run.tokens.count == 18)
+        // A forced refresh never gets back the token the store held when it asked.
+        for answer in run.forced {
+            #expect(answer.token != answer.replaced, "a forced refresh got back \(answer.token)")
+        }
         #expect(run.leaseLeft == nil)
     }
 
@@ -100,7 +99,7 @@ struct TokenFlowTwoReplicaTests {
         "Forge failing, not delivering or handing out the stored token at random: every caller gets its answer by its deadline",
         arguments: 0..<200)
     func everyCallerAnsweredByItsDeadline(seed: Int) async throws {
-        let callers = Self.mixedCallers(seed: UInt64(seed) &+ 0xF0F0)
+        let callers = Interleaving.mixedCallers(seed: UInt64(seed) &+ 0xF0F0)
         let run = try await Self.run(replicas: 3, callers: callers, seed: seed, misbehaving: true)
         #expect(run.tokens.count + run.failures.count == 18)
         // Forge's misbehaviour is all a caller can see: no store error, no cancellation.
@@ -109,32 +108,25 @@ struct TokenFlowTwoReplicaTests {
         #expect(run.leaseLeft == nil)
     }
 
-    /// Eighteen callers: one in five forces a refresh, and their `minValidity` ranges up to nearly
-    /// the tokens' whole lifetime.
-    static func mixedCallers(seed: UInt64) -> [Caller] {
-        var random = SplitMix64(seed: seed)
-        return (0..<18).map { _ in
-            Caller(
-                delay: Int.random(in: 0..<300, using: &random),
-                request: .init(minValidity: random.pick([0, 60, 300, 3500]), forceRefresh: random.chance(0.2)))
-        }
-    }
-
-    enum Answer: Sendable {
-        case token(String)
-        case failed(FlowError)
+    /// A caller's token, and for a forced refresh the token the store held when it asked.
+    struct Answer: Sendable {
+        var token: String
+        var forced: Bool
+        var replaced: String?
     }
 
     struct Run {
-        var tokens: [String]
-        var failures: [FlowError]
-        var triggerCalls: Int
+        var tokens: [String] = []
+        var forced: [Answer] = []
+        var failures: [FlowError] = []
+        var triggerCalls = 0
         var leaseLeft: String?
     }
 
-    /// `replicas` flows on one in-memory store and a manual clock. Odd seeds lose every
-    /// announcement (as while the replicas' subscriptions reconnect), so followers learn of tokens
-    /// only by their re-reads; each store call is a round trip of up to 0–30 scheduling turns.
+    /// `replicas` flows on one in-memory store and a manual clock, caller `i` on replica
+    /// `i % replicas`. Odd seeds lose every announcement (as while the replicas' subscriptions
+    /// reconnect), so followers learn of tokens only by their re-reads; each store call is a round
+    /// trip of up to 0–30 scheduling turns.
     static func run(replicas: Int, callers: [Caller], seed: Int, misbehaving: Bool = false) async throws -> Run {
         let clock = ManualFlowClock()
         let store = InMemoryTokenStore(now: { clock.now() })
@@ -155,54 +147,33 @@ struct TokenFlowTwoReplicaTests {
         return try await withThrowingTaskGroup(of: Void.self) { running in
             for flow in flows { running.addTask { try await flow.run() } }
             while store.subscriberCount < replicas { await Task.yield() }
-            var run = await Self.answers(
-                flows, callers, clock: clock, seed: UInt64(seed), steps: misbehaving ? 400 : 150)
+            let answers = await Interleaving.answers(
+                callers, clock: clock, seed: UInt64(seed), steps: misbehaving ? 400 : 150
+            ) { index, caller -> Result<Answer, FlowError> in
+                let stored = store.token(Self.id)?.value
+                let request = TokenFlow.Request(minValidity: caller.minValidity ?? 300, forceRefresh: caller.forced)
+                do {
+                    let token = try await flows[index % flows.count].token(for: Self.id, request: request).token
+                    return .success(Answer(token: token.value, forced: caller.forced, replaced: stored))
+                } catch let error as FlowError {
+                    return .failure(error)
+                } catch {
+                    return .failure(FlowError(code: .cancelled, detail: "\(error)"))
+                }
+            }
+            var run = Run()
+            for answer in answers {
+                switch answer {
+                case .success(let answer):
+                    run.tokens.append(answer.token)
+                    if answer.forced { run.forced.append(answer) }
+                case .failure(let error): run.failures.append(error)
+                }
+            }
             for flow in flows { await flow.shutdown() }
             try await running.waitForAll()
             run.triggerCalls = trigger.calls.withLock { $0 }
             run.leaseLeft = store.leaseOwner(Self.id)
-            return run
-        }
-    }
-
-    /// Starts each caller on replica `index % replicas` after its delay; the clock moves on in 50 ms
-    /// steps (the followers' re-reads, the retries' backoff) until all are answered, at most `steps`
-    /// of them: 150 (7.5 s) stay below the callers' 10 s deadline, 400 (20 s) go past it.
-    private static func answers(
-        _ flows: [TokenFlow], _ callers: [Caller], clock: ManualFlowClock, seed: UInt64, steps: Int
-    ) async -> Run {
-        await withTaskGroup(of: Answer?.self) { group in
-            for (index, caller) in callers.enumerated() {
-                let flow = flows[index % flows.count]
-                group.addTask {
-                    for _ in 0..<caller.delay { await Task.yield() }
-                    do {
-                        return .token(try await flow.token(for: Self.id, request: caller.request).token.value)
-                    } catch let error as FlowError {
-                        return .failed(error)
-                    } catch {
-                        return .failed(FlowError(code: .cancelled, detail: "\(error)"))
-                    }
-                }
-            }
-            let pending = Mutex(callers.count)
-            group.addTask {
-                var turns = SplitMix64(seed: seed &+ 1)
-                for _ in 0..<steps where pending.withLock({ $0 }) > 0 {
-                    for _ in 0..<(1 + Int.random(in: 0..<30, using: &turns)) { await Task.yield() }
-                    clock.advance(by: .milliseconds(50))
-                }
-                return nil
-            }
-            var run = Run(tokens: [], failures: [], triggerCalls: 0, leaseLeft: nil)
-            for await answer in group {
-                guard let answer else { continue }
-                pending.withLock { $0 -= 1 }
-                switch answer {
-                case .token(let token): run.tokens.append(token)
-                case .failed(let error): run.failures.append(error)
-                }
-            }
             return run
         }
     }

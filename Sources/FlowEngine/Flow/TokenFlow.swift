@@ -226,10 +226,12 @@ public final class TokenFlow: Sendable, Service {
                 for: id, request: request, knownExpiry: t.expiresAt, deadline: deadline,
                 apiBaseUrl: rememberedBaseURL, hold: hold, current: t, canStartRound: true)
         }
-        if memory.roundActive {
+        if memory.roundActive, !request.forceRefresh {
             // A round trip of this process is in flight (its first caller read the store a moment
             // ago): this caller joins it without reading the store again. A token another replica
-            // stores meanwhile reaches the round by its announcement.
+            // stores meanwhile reaches the round by its announcement. A forced refresh reads the
+            // store first: the token it replaces may be one another replica stored that this
+            // process has not heard of yet, and it must not be handed back as the new one.
             return try await self.wait(
                 for: id, request: request, knownExpiry: remembered?.expiresAt ?? 0, deadline: deadline,
                 apiBaseUrl: rememberedBaseURL, hold: localHold, current: remembered,
@@ -324,7 +326,11 @@ public final class TokenFlow: Sendable, Service {
         return try result.get()
     }
 
-    /// Feeds what a snapshot said about the installation (trigger, hold, circuit) to this process.
+    /// Feeds what a snapshot said about the installation (trigger, hold, circuit) to this process,
+    /// and the token a round of this process stored to that round when it has not heard of it yet
+    /// (its announcement is late or lost): the round ends before the caller that read the snapshot
+    /// joins, so a forced refresh of that token starts a round of its own instead of being
+    /// answered with it.
     private func observe(_ id: InstallationID, _ snapshot: TokenStoreSnapshot, hold: RoundTripHold?, now: FlowTime) {
         let actions = self.state.withLock { s -> [FlowAction] in
             if snapshot.triggerRegistered { s.triggerKnown.insert(id) } else { s.triggerKnown.remove(id) }
@@ -332,6 +338,9 @@ public final class TokenFlow: Sendable, Service {
             guard hold != nil || snapshot.circuitOpenUntil != nil || s.machines[id] != nil else { return [] }
             var machine = s.machines[id] ?? self.makeMachine(&s)
             var actions: [FlowAction] = []
+            if let token = snapshot.token, let round = machine.currentRequestID, token.requestID == round {
+                actions += machine.valueObserved(token, solicitedBy: round, now: now)
+            }
             if let hold { actions += machine.holdObserved(hold, now: now) }
             actions += machine.circuitObserved(openUntil: snapshot.circuitOpenUntil, now: now)
             s.machines[id] = machine.isRetained(at: now) ? machine : nil

@@ -436,7 +436,9 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
     /// (`valueObserved`); a re-read timer, growing from ``TokenFlowConfiguration/pollInitial`` to
     /// ``TokenFlowConfiguration/pollCap``, is the safety net for a lost one. When the owner knows
     /// how long the other process's lease has left (`leaseRemaining`), the re-read is due when it
-    /// ends instead (again when fed while following): the follower wakes on a notification or then.
+    /// ends instead (again when fed while following), or after `pollCap` if that is sooner: the
+    /// follower wakes on a notification, or then. A notification lost while the other round ends
+    /// early (pub/sub delivers at most once) costs at most `pollCap`, not the rest of the lease.
     public mutating func leaseDenied(requestID: String, leaseRemaining: Duration? = nil, now: FlowTime) -> [Action] {
         guard case .round(var round) = self.state, round.requestID == requestID else { return [] }
         var cancelled: [Action] = []
@@ -448,7 +450,7 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         }
         let delay: Duration
         if let leaseRemaining {
-            delay = max(leaseRemaining, .zero)
+            delay = min(max(leaseRemaining, .zero), self.configuration.pollCap)
         } else {
             delay =
                 round.followDelay == .zero

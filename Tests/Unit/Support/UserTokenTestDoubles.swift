@@ -33,6 +33,9 @@ final class InMemoryUserTokenStore: UserTokenStore {
         var finishedElsewhere: AccessToken?
         /// While not nil, lease takes wait here (in flight) until released.
         var leaseGate: [CheckedContinuation<Void, Never>]?
+        var callTurns = 0
+        var turnsDrawn: UInt64 = 0
+        var dropsNotices = false
     }
 
     struct Unreachable: Error {}
@@ -64,6 +67,14 @@ final class InMemoryUserTokenStore: UserTokenStore {
     }
 
     var leaseAttempts: Int { self.state.withLock { $0.leaseAttempts } }
+
+    /// The user's token as a snapshot would read it now.
+    func storedToken(_ id: InstallationID, accountId: String) -> AccessToken? {
+        let now = self.clock.now()
+        return self.state.withLock { s in
+            s.tokens[Key(installation: id, accountId: accountId)].flatMap { $0.until > now ? $0.token : nil }
+        }
+    }
 
     /// Lease takes from now on wait, as calls in flight, until ``releaseLeaseTakes()``.
     func holdLeaseTakes() {
@@ -110,19 +121,43 @@ final class InMemoryUserTokenStore: UserTokenStore {
         self.state.withLock { $0.unreachable = unreachable }
     }
 
-    private func check() throws {
+    /// At most how many scheduling turns each store call takes before it acts (0 by default): a
+    /// round trip to a store elsewhere, during which other work runs. Each call draws its own
+    /// number from a fixed sequence (the same for every run).
+    var callTurns: Int {
+        get { self.state.withLock { $0.callTurns } }
+        set { self.state.withLock { $0.callTurns = newValue } }
+    }
+
+    /// While true, no notice reaches the watchers (as while their subscriptions reconnect).
+    var dropsNotices: Bool {
+        get { self.state.withLock { $0.dropsNotices } }
+        set { self.state.withLock { $0.dropsNotices = newValue } }
+    }
+
+    /// How many watch the store's notices now.
+    var watcherCount: Int { self.state.withLock { $0.watchers.count } }
+
+    /// Checks the store is reachable, after up to ``callTurns`` scheduling turns of travel.
+    private func check() async throws {
+        let turns = self.state.withLock { s -> Int in
+            guard s.callTurns > 0 else { return 0 }
+            s.turnsDrawn = s.turnsDrawn &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+            return Int((s.turnsDrawn >> 33) % UInt64(s.callTurns + 1))
+        }
+        for _ in 0..<turns { await Task.yield() }
         if self.state.withLock({ $0.unreachable }) { throw Unreachable() }
     }
 
     private func announce(_ notice: UserTokenNotice) {
-        let watchers = self.state.withLock { Array($0.watchers.values) }
+        let watchers = self.state.withLock { $0.dropsNotices ? [] : Array($0.watchers.values) }
         for watcher in watchers { watcher.yield(notice) }
     }
 
     // MARK: UserTokenStore
 
     func snapshot(_ id: InstallationID, accountId: String, timeout: Duration?) async throws -> UserTokenSnapshot {
-        try self.check()
+        try await self.check()
         let now = self.clock.now()
         let key = Key(installation: id, accountId: accountId)
         return self.state.withLock { s in
@@ -139,7 +174,7 @@ final class InMemoryUserTokenStore: UserTokenStore {
     func store(
         _ id: InstallationID, accountId: String, token: AccessToken, cacheUntil: Int64, now: FlowTime
     ) async throws -> UserTokenStoreOutcome {
-        try self.check()
+        try await self.check()
         let key = Key(installation: id, accountId: accountId)
         let outcome = self.state.withLock { s -> UserTokenStoreOutcome in
             if s.installations[id]?.status == .uninstalled { return .uninstalled }
@@ -154,7 +189,7 @@ final class InMemoryUserTokenStore: UserTokenStore {
 
     @discardableResult
     func rememberDenial(_ id: InstallationID, accountId: String, for duration: Duration) async throws -> Bool {
-        try self.check()
+        try await self.check()
         let until = self.clock.now() + duration
         let key = Key(installation: id, accountId: accountId)
         let done = self.state.withLock { s -> Bool in
@@ -176,7 +211,7 @@ final class InMemoryUserTokenStore: UserTokenStore {
             }
             if !waits { take.resume() }
         }
-        try self.check()
+        try await self.check()
         let now = self.clock.now()
         let key = Key(installation: id, accountId: accountId)
         return self.state.withLock { s in
@@ -193,7 +228,7 @@ final class InMemoryUserTokenStore: UserTokenStore {
 
     @discardableResult
     func extendLease(_ id: InstallationID, accountId: String, owner: String, ttl: Duration) async throws -> Bool {
-        try self.check()
+        try await self.check()
         let now = self.clock.now()
         let key = Key(installation: id, accountId: accountId)
         return self.state.withLock { s in
@@ -205,7 +240,7 @@ final class InMemoryUserTokenStore: UserTokenStore {
 
     @discardableResult
     func releaseLease(_ id: InstallationID, accountId: String, owner: String) async throws -> Bool {
-        try self.check()
+        try await self.check()
         let key = Key(installation: id, accountId: accountId)
         let released = self.state.withLock { s -> Bool in
             guard s.leases[key]?.owner == owner else { return false }
@@ -219,7 +254,7 @@ final class InMemoryUserTokenStore: UserTokenStore {
     func admitExchange(scope: String, limit: Int, window: Duration, now: FlowTime) async throws
         -> UserExchangeAdmission
     {
-        try self.check()
+        try await self.check()
         return self.state.withLock { s in
             if let blocked = s.blocked[scope], blocked > now { return .refused(retryAfter: blocked - now) }
             let log = (s.exchangeLog[scope] ?? []).filter { $0 > now - window }
@@ -230,7 +265,7 @@ final class InMemoryUserTokenStore: UserTokenStore {
     }
 
     func blockExchanges(scope: String, for duration: Duration) async throws {
-        try self.check()
+        try await self.check()
         let until = self.clock.now() + duration
         self.state.withLock { s in s.blocked[scope] = max(s.blocked[scope] ?? until, until) }
     }

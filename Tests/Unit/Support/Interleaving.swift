@@ -1,0 +1,66 @@
+import Synchronization
+
+@testable import FlowEngine
+
+/// The callers of the seeded interleaving tests (``TokenFlowTwoReplicaTests``,
+/// ``UserTokenReplicaTests``) and the run that starts them while a manual clock moves on.
+enum Interleaving {
+    /// One caller: when it starts (scheduling turns after the test's start) and what it asks
+    /// (nil `minValidity`: the request's default).
+    struct Caller: Sendable {
+        var delay: Int
+        var minValidity: Int64?
+        var forced = false
+    }
+
+    /// `count` callers with the default request, starting within `spread` turns.
+    static func plainCallers(_ count: Int, seed: UInt64, spread: Int) -> [Caller] {
+        var random = SplitMix64(seed: seed)
+        return (0..<count).map { _ in Caller(delay: Int.random(in: 0..<spread, using: &random)) }
+    }
+
+    /// Eighteen callers: one in five forces a refresh, and their `minValidity` ranges up to nearly
+    /// the tokens' whole lifetime.
+    static func mixedCallers(seed: UInt64) -> [Caller] {
+        var random = SplitMix64(seed: seed)
+        return (0..<18).map { _ in
+            Caller(
+                delay: Int.random(in: 0..<300, using: &random), minValidity: random.pick([0, 60, 300, 3500]),
+                forced: random.chance(0.2))
+        }
+    }
+
+    /// Starts `ask(index, caller)` for each caller after its delay; the clock moves on in 50 ms
+    /// steps (the followers' re-reads, the retries' backoff) until all are answered, at most `steps`
+    /// of them: 150 (7.5 s) stay below the callers' 10 s deadline, 400 (20 s) go past it. The
+    /// answers come in the order they arrived.
+    static func answers<Answer: Sendable>(
+        _ callers: [Caller], clock: ManualFlowClock, seed: UInt64, steps: Int,
+        ask: @escaping @Sendable (Int, Caller) async -> Answer
+    ) async -> [Answer] {
+        await withTaskGroup(of: Answer?.self) { group in
+            for (index, caller) in callers.enumerated() {
+                group.addTask {
+                    for _ in 0..<caller.delay { await Task.yield() }
+                    return await ask(index, caller)
+                }
+            }
+            let pending = Mutex(callers.count)
+            group.addTask {
+                var turns = SplitMix64(seed: seed &+ 1)
+                for _ in 0..<steps where pending.withLock({ $0 }) > 0 {
+                    for _ in 0..<(1 + Int.random(in: 0..<30, using: &turns)) { await Task.yield() }
+                    clock.advance(by: .milliseconds(50))
+                }
+                return nil
+            }
+            var answers: [Answer] = []
+            for await answer in group {
+                guard let answer else { continue }
+                pending.withLock { $0 -= 1 }
+                answers.append(answer)
+            }
+            return answers
+        }
+    }
+}
