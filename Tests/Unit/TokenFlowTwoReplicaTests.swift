@@ -108,6 +108,23 @@ struct TokenFlowTwoReplicaTests {
         #expect(run.leaseLeft == nil)
     }
 
+    @Test(
+        "callers going away at random moments among the callers of three replicas: the others answered, no lease left",
+        arguments: 0..<200)
+    func callersLeaving(seed: Int) async throws {
+        let callers = Interleaving.leavingCallers(seed: UInt64(seed) &+ 0xC0DE)
+        let run = try await Self.run(replicas: 3, callers: callers, seed: seed)
+        // A caller that went away got `cancelled` (or its token, when that came first); the others
+        // got a token.
+        #expect(run.tokens.count + run.failures.count == 18)
+        #expect(run.failures.count <= callers.filter { $0.leavesAfter != nil }.count)
+        #expect(run.failures.allSatisfy { $0.code == .cancelled }, "\(run.failures)")
+        for answer in run.forced {
+            #expect(answer.token != answer.replaced, "a forced refresh got back \(answer.token)")
+        }
+        #expect(run.leaseLeft == nil)
+    }
+
     /// A caller's token, and for a forced refresh the token the store held when it asked.
     struct Answer: Sendable {
         var token: String
@@ -170,10 +187,14 @@ struct TokenFlowTwoReplicaTests {
                 case .failure(let error): run.failures.append(error)
                 }
             }
+            // Every caller is answered: the lease goes back (with the round's verdict, or at once
+            // when a take won it for a round already over). Shutting down would release a lease
+            // left, so it is read before.
+            for _ in 0..<20_000 where store.leaseOwner(Self.id) != nil { await Task.yield() }
+            run.leaseLeft = store.leaseOwner(Self.id)
             for flow in flows { await flow.shutdown() }
             try await running.waitForAll()
             run.triggerCalls = trigger.calls.withLock { $0 }
-            run.leaseLeft = store.leaseOwner(Self.id)
             return run
         }
     }

@@ -86,6 +86,24 @@ struct UserTokenReplicaTests {
         #expect(run.leaseLeft == nil)
     }
 
+    @Test(
+        "callers going away at random moments among the callers of three replicas: the others answered, no lease left",
+        arguments: 0..<200)
+    func callersLeaving(seed: Int) async throws {
+        let callers = Interleaving.leavingCallers(seed: UInt64(seed) &+ 0xC0DE)
+        let run = try await Self.run(replicas: 3, callers: callers, seed: seed)
+        // A caller that went away got `cancelled` (or its token, when that came first); the others
+        // got a token.
+        #expect(run.answers.count + run.failures.count == 18)
+        #expect(run.failures.count <= callers.filter { $0.leavesAfter != nil }.count)
+        let cancelled = UserTokenError.flow(FlowError(code: .cancelled, detail: nil))
+        #expect(run.failures.allSatisfy { $0 == cancelled }, "\(run.failures)")
+        for answer in run.answers where answer.forced {
+            #expect(answer.token != answer.storedWhenAsked, "a forced refresh got back \(answer.token)")
+        }
+        #expect(run.leaseLeft == nil)
+    }
+
     struct Answer: Sendable {
         var token: String
         var forced: Bool

@@ -11,6 +11,8 @@ enum Interleaving {
         var delay: Int
         var minValidity: Int64?
         var forced = false
+        /// Goes away (its task cancelled) this many scheduling turns after it asked, if set.
+        var leavesAfter: Int?
     }
 
     /// `count` callers with the default request, starting within `spread` turns.
@@ -30,6 +32,16 @@ enum Interleaving {
         }
     }
 
+    /// The mixed callers, of which about one in four goes away 0–200 turns after it asked.
+    static func leavingCallers(seed: UInt64) -> [Caller] {
+        var random = SplitMix64(seed: seed &+ 0x1EAF)
+        return Self.mixedCallers(seed: seed).map { caller in
+            var caller = caller
+            if random.chance(0.25) { caller.leavesAfter = Int.random(in: 0..<200, using: &random) }
+            return caller
+        }
+    }
+
     /// Starts `ask(index, caller)` for each caller after its delay; the clock moves on in 50 ms
     /// steps (the followers' re-reads, the retries' backoff) until all are answered, at most `steps`
     /// of them: 150 (7.5 s) stay below the callers' 10 s deadline, 400 (20 s) go past it. The
@@ -42,7 +54,11 @@ enum Interleaving {
             for (index, caller) in callers.enumerated() {
                 group.addTask {
                     for _ in 0..<caller.delay { await Task.yield() }
-                    return await ask(index, caller)
+                    guard let leavesAfter = caller.leavesAfter else { return await ask(index, caller) }
+                    let asking = Task { await ask(index, caller) }
+                    for _ in 0..<leavesAfter { await Task.yield() }
+                    asking.cancel()
+                    return await asking.value
                 }
             }
             let pending = Mutex(callers.count)
