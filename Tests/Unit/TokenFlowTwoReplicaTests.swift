@@ -43,20 +43,41 @@ private final class DeliveringTrigger: TriggerSender {
         // the stored one again.
         let again = behaviour == 3 ? self.store.token(installation) : nil
         let expiresAt = again?.expiresAt ?? self.clock.now().unixSeconds + 3600 + Int64(call)
-        flow.deliveryArriving(installation, requestID: requestID)
-        let value = again?.value ?? "tok-\(call)"
-        let (stored, solicited) = self.store.deliver(
-            installation, token: value, expiresAt: expiresAt, requestID: requestID)
-        if stored {
-            let rid = solicited ? requestID : nil
-            flow.tokenDelivered(
-                installation,
-                token: AccessToken(
-                    value: value, expiresAt: expiresAt, requestID: rid, receivedAt: self.clock.now().unixSeconds),
-                solicitedBy: rid)
-        }
+        self.deliver(
+            again?.value ?? "tok-\(call)", expiresAt: expiresAt, to: flow, installation: installation,
+            requestID: requestID)
         for _ in 0..<Int.random(in: 0..<10, using: &random) { await Task.yield() }
         return .accepted
+    }
+
+    /// `pushes` tokens pushed unasked (a scheduled trigger), each to a random replica at a random
+    /// moment, and each expiring later than any round trip's.
+    func push(_ pushes: Int, installation: InstallationID) async {
+        var random = SplitMix64(seed: self.seed &+ 0x9054)
+        for k in 0..<pushes {
+            for _ in 0..<Int.random(in: 0..<150, using: &random) { await Task.yield() }
+            let replicas = self.replicas.withLock { $0 }
+            let flow = replicas[Int.random(in: 0..<replicas.count, using: &random)]
+            self.deliver(
+                "push-\(k)", expiresAt: self.clock.now().unixSeconds + 5000 + Int64(k), to: flow,
+                installation: installation, requestID: nil)
+        }
+    }
+
+    /// The delivery route of `flow`'s replica: noted, stored (and announced), handed to its flow.
+    private func deliver(
+        _ value: String, expiresAt: Int64, to flow: TokenFlow, installation: InstallationID, requestID: String?
+    ) {
+        if let requestID { flow.deliveryArriving(installation, requestID: requestID) }
+        let (stored, solicited) = self.store.deliver(
+            installation, token: value, expiresAt: expiresAt, requestID: requestID)
+        guard stored else { return }
+        let rid = solicited ? requestID : nil
+        flow.tokenDelivered(
+            installation,
+            token: AccessToken(
+                value: value, expiresAt: expiresAt, requestID: rid, receivedAt: self.clock.now().unixSeconds),
+            solicitedBy: rid)
     }
 }
 
@@ -125,6 +146,19 @@ struct TokenFlowTwoReplicaTests {
         #expect(run.leaseLeft == nil)
     }
 
+    @Test(
+        "tokens pushed unasked at random moments, later than any round trip's, among the callers of three replicas: every caller answered, no lease left",
+        arguments: 0..<200)
+    func pushesAmongRounds(seed: Int) async throws {
+        let callers = Interleaving.mixedCallers(seed: UInt64(seed) &+ 0x9054)
+        let run = try await Self.run(replicas: 3, callers: callers, seed: seed, pushes: 3)
+        // A round trip that ends after a push brings no newer token: its callers get the pushed
+        // one (a forced refresh too, as the contract says), so no forced-refresh check here.
+        #expect(run.failures.isEmpty, "\(run.failures)")
+        #expect(run.tokens.count == 18)
+        #expect(run.leaseLeft == nil)
+    }
+
     /// A caller's token, and for a forced refresh the token the store held when it asked.
     struct Answer: Sendable {
         var token: String
@@ -144,7 +178,9 @@ struct TokenFlowTwoReplicaTests {
     /// `i % replicas`. Odd seeds lose every announcement (as while the replicas' subscriptions
     /// reconnect), so followers learn of tokens only by their re-reads; each store call is a round
     /// trip of up to 0–30 scheduling turns.
-    static func run(replicas: Int, callers: [Caller], seed: Int, misbehaving: Bool = false) async throws -> Run {
+    static func run(replicas: Int, callers: [Caller], seed: Int, misbehaving: Bool = false, pushes: Int = 0)
+        async throws -> Run
+    {
         let clock = ManualFlowClock()
         let store = InMemoryTokenStore(now: { clock.now() })
         store.install(Self.id)
@@ -164,6 +200,7 @@ struct TokenFlowTwoReplicaTests {
         return try await withThrowingTaskGroup(of: Void.self) { running in
             for flow in flows { running.addTask { try await flow.run() } }
             while store.subscriberCount < replicas { await Task.yield() }
+            running.addTask { await trigger.push(pushes, installation: Self.id) }
             let answers = await Interleaving.answers(
                 callers, clock: clock, seed: UInt64(seed), steps: misbehaving ? 400 : 150
             ) { index, caller -> Result<Answer, FlowError> in
