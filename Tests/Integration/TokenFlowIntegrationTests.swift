@@ -147,6 +147,21 @@ struct TokenFlowIntegrationTests {
         }
     }
 
+    @Test("a round's re-read says whether the installation was uninstalled")
+    func roundProbeReadsTheUninstall() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let id = installation.installationID
+            let store = RedisTokenStore(store: h.gateway.store)
+            #expect(try await !store.roundProbe(id, requestID: nil).uninstalled)
+            try await h.gateway.store.uninstall(id, now: FlowTime.now())
+            let probe = try await store.roundProbe(id, requestID: "rq_gone")
+            #expect(probe.uninstalled)
+            #expect(probe.token == nil)
+            #expect(!probe.pendingOpen)
+        }
+    }
+
     @Test("a lease take stops at a stored token later than the round's: nothing taken, nothing recorded")
     func leaseTakeStopsAtANewerToken() async throws {
         try await GatewayHarness.run { h in

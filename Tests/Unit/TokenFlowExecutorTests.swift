@@ -422,6 +422,25 @@ struct TokenFlowExecutorTests {
         }
     }
 
+    @Test("a follower that missed the uninstall notice learns of it by its re-read: 410, and no trigger call")
+    func followerLearnsOfAnUninstallByItsReread() async throws {
+        try await withFlow { h in
+            try await h.otherReplicaLeads()
+            async let answer = h.request()
+            await h.clock.waitForSleepers(2)
+            #expect(h.flow.roundState(h.id) == .following)
+            // The installation is uninstalled and the other replica's round ends; this process
+            // hears of neither.
+            h.store.dropsNotifications = true
+            h.store.uninstall(h.id)
+            try await h.store.releaseLease(h.id, requestID: "rq_other")
+            h.clock.advance(by: .milliseconds(50))
+            #expect(await answer.failure?.code == .installationUninstalled)
+            #expect(h.trigger.callCount == 0)
+            #expect(h.store.leaseOwner(h.id) == nil)
+        }
+    }
+
     @Test("a lease taken after its round ended (its only caller went away meanwhile) is given back, not kept")
     func leaseTakenForAnEndedRoundIsGivenBack() async throws {
         try await withFlow { h in

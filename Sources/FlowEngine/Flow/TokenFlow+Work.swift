@@ -92,6 +92,12 @@ extension TokenFlow {
     func readStore(_ id: InstallationID, requestID: String) async {
         do {
             let probe = try await self.store.roundProbe(id, requestID: requestID)
+            // Uninstalled, and this process missed the notice: its callers get 410 as they would
+            // have on the notice, and no round trip is tried for an installation that is gone.
+            guard !probe.uninstalled else {
+                self.installationUninstalled(id)
+                return
+            }
             self.remember(id, probe.token, apiBaseUrl: probe.apiBaseUrl)
             let now = self.now()
             let hold = probe.holdRemaining.map { RoundTripHold(until: now + $0, newest: probe.token) }

@@ -274,27 +274,32 @@ public final class GatewayStore: Sendable {
         public var pendingOpen: Bool
         /// How long the installation's round trips stay on hold (nil: no hold).
         public var holdRemaining: Duration?
+        /// The installation was uninstalled.
+        public var uninstalled = false
     }
 
-    /// The stored token, the `apiBaseUrl`, the hold and (with `requestID`) whether that round
-    /// trip's pending request is still open, in one pipelined round trip.
+    /// The stored token, the `apiBaseUrl`, the hold, whether the installation was uninstalled and
+    /// (with `requestID`) whether that round trip's pending request is still open, in one
+    /// pipelined round trip.
     public func roundProbe(_ id: InstallationID, requestID: String?) async throws -> RoundProbe {
         let tokenKey = self.systemTokenKey(id)
         var commands: [[String]] = [
             ["HMGET", tokenKey, "exp", "v", "rid", "at"],
-            ["HGET", self.installationKey(id), "apiBaseUrl"],
+            ["HMGET", self.installationKey(id), "apiBaseUrl", "status"],
             ["PTTL", self.holdKey(id)],
         ]
         if let requestID { commands.append(["EXISTS", self.pendingKey(id, requestID: requestID)]) }
         let replies = try await self.redis.pipeline(commands)
-        guard replies.count == commands.count, let tok = replies[0].array, tok.count == 4 else {
+        guard replies.count == commands.count, let tok = replies[0].array, tok.count == 4,
+            let installation = replies[1].array, installation.count == 2
+        else {
             throw RedisError.protocolError
         }
         return RoundProbe(
             token: await self.openTokenOrDrop(key: tokenKey, exp: tok[0], sealed: tok[1], rid: tok[2], at: tok[3]),
-            apiBaseUrl: self.openAPIBaseURL(replies[1].string, id),
+            apiBaseUrl: self.openAPIBaseURL(installation[0].string, id),
             pendingOpen: requestID != nil && replies[3].int == 1,
-            holdRemaining: Self.remaining(replies[2]))
+            holdRemaining: Self.remaining(replies[2]), uninstalled: installation[1].string == "uninstalled")
     }
 
     /// The stored system token with the installation's `apiBaseUrl` and hold.

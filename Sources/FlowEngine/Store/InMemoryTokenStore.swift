@@ -363,7 +363,7 @@ public final class InMemoryTokenStore: TokenStore {
             return TokenStoreProbe(
                 token: s.tokens[id].flatMap { $0.expiresAt > now.unixSeconds ? $0 : nil },
                 apiBaseUrl: s.installations[id]?.apiBaseUrl, pendingOpen: pendingOpen,
-                holdRemaining: Self.remaining(s.holds[id], now: now))
+                holdRemaining: Self.remaining(s.holds[id], now: now), uninstalled: s.installations[id]?.active == false)
         }
     }
 

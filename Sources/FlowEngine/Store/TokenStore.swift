@@ -205,12 +205,17 @@ public struct TokenStoreProbe: Sendable, Hashable {
     public var pendingOpen: Bool
     /// How long the installation's rounds stay on hold (nil: no hold).
     public var holdRemaining: Duration?
+    /// The installation was uninstalled (a follower whose notice of it was lost learns it here).
+    public var uninstalled: Bool
 
-    public init(token: AccessToken?, apiBaseUrl: String?, pendingOpen: Bool, holdRemaining: Duration?) {
+    public init(
+        token: AccessToken?, apiBaseUrl: String?, pendingOpen: Bool, holdRemaining: Duration?, uninstalled: Bool = false
+    ) {
         self.token = token
         self.apiBaseUrl = apiBaseUrl
         self.pendingOpen = pendingOpen
         self.holdRemaining = holdRemaining
+        self.uninstalled = uninstalled
     }
 }
 
