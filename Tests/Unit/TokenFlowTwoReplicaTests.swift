@@ -97,7 +97,7 @@ struct TokenFlowTwoReplicaTests {
         #expect(run.failures.isEmpty)
         #expect(run.tokens.count == 12)
         #expect(Set(run.tokens).count == 1)
-        #expect(run.triggerCalls == 1)
+        #expect(run.calls == 1)
         #expect(run.leaseLeft == nil)
     }
 
@@ -110,9 +110,7 @@ struct TokenFlowTwoReplicaTests {
         #expect(run.failures.isEmpty)
         #expect(run.tokens.count == 18)
         // A forced refresh never gets back the token the store held when it asked.
-        for answer in run.forced {
-            #expect(answer.token != answer.replaced, "a forced refresh got back \(answer.token)")
-        }
+        run.expectForcedRefreshesGotNewTokens()
         #expect(run.leaseLeft == nil)
     }
 
@@ -140,9 +138,7 @@ struct TokenFlowTwoReplicaTests {
         #expect(run.tokens.count + run.failures.count == 18)
         #expect(run.failures.count <= callers.filter { $0.leavesAfter != nil }.count)
         #expect(run.failures.allSatisfy { $0.code == .cancelled }, "\(run.failures)")
-        for answer in run.forced {
-            #expect(answer.token != answer.replaced, "a forced refresh got back \(answer.token)")
-        }
+        run.expectForcedRefreshesGotNewTokens()
         #expect(run.leaseLeft == nil)
     }
 
@@ -159,20 +155,8 @@ struct TokenFlowTwoReplicaTests {
         #expect(run.leaseLeft == nil)
     }
 
-    /// A caller's token, and for a forced refresh the token the store held when it asked.
-    struct Answer: Sendable {
-        var token: String
-        var forced: Bool
-        var replaced: String?
-    }
-
-    struct Run {
-        var tokens: [String] = []
-        var forced: [Answer] = []
-        var failures: [FlowError] = []
-        var triggerCalls = 0
-        var leaseLeft: String?
-    }
+    typealias Answer = Interleaving.Answer
+    typealias Run = Interleaving.Run<FlowError>
 
     /// `replicas` flows on one in-memory store and a manual clock, caller `i` on replica
     /// `i % replicas`. Odd seeds lose every announcement (as while the replicas' subscriptions
@@ -215,15 +199,7 @@ struct TokenFlowTwoReplicaTests {
                     return .failure(FlowError(code: .cancelled, detail: "\(error)"))
                 }
             }
-            var run = Run()
-            for answer in answers {
-                switch answer {
-                case .success(let answer):
-                    run.tokens.append(answer.token)
-                    if answer.forced { run.forced.append(answer) }
-                case .failure(let error): run.failures.append(error)
-                }
-            }
+            var run = Run(answers)
             // Every caller is answered: the lease goes back (with the round's verdict, or at once
             // when a take won it for a round already over). Shutting down would release a lease
             // left, so it is read before.
@@ -231,7 +207,7 @@ struct TokenFlowTwoReplicaTests {
             run.leaseLeft = store.leaseOwner(Self.id)
             for flow in flows { await flow.shutdown() }
             try await running.waitForAll()
-            run.triggerCalls = trigger.calls.withLock { $0 }
+            run.calls = trigger.calls.withLock { $0 }
             return run
         }
     }

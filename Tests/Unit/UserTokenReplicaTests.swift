@@ -53,8 +53,8 @@ struct UserTokenReplicaTests {
         let run = try await Self.run(replicas: 2, callers: callers, seed: seed)
         #expect(run.failures.isEmpty, "\(run.failures)")
         #expect(run.answers.count == 12)
-        #expect(Set(run.answers.map(\.token)).count == 1)
-        #expect(run.exchanges == 1)
+        #expect(Set(run.tokens).count == 1)
+        #expect(run.calls == 1)
         #expect(run.leaseLeft == nil)
     }
 
@@ -67,9 +67,7 @@ struct UserTokenReplicaTests {
         #expect(run.failures.isEmpty, "\(run.failures)")
         #expect(run.answers.count == 18)
         // A forced refresh never gets back the token the store held when it asked.
-        for answer in run.answers where answer.forced {
-            #expect(answer.token != answer.storedWhenAsked, "a forced refresh got back \(answer.token)")
-        }
+        run.expectForcedRefreshesGotNewTokens()
         #expect(run.leaseLeft == nil)
     }
 
@@ -98,25 +96,12 @@ struct UserTokenReplicaTests {
         #expect(run.failures.count <= callers.filter { $0.leavesAfter != nil }.count)
         let cancelled = UserTokenError.flow(FlowError(code: .cancelled, detail: nil))
         #expect(run.failures.allSatisfy { $0 == cancelled }, "\(run.failures)")
-        for answer in run.answers where answer.forced {
-            #expect(answer.token != answer.storedWhenAsked, "a forced refresh got back \(answer.token)")
-        }
+        run.expectForcedRefreshesGotNewTokens()
         #expect(run.leaseLeft == nil)
     }
 
-    struct Answer: Sendable {
-        var token: String
-        var forced: Bool
-        /// The user's token in the store just before the caller asked.
-        var storedWhenAsked: String?
-    }
-
-    struct Run {
-        var answers: [Answer] = []
-        var failures: [UserTokenError] = []
-        var exchanges = 0
-        var leaseLeft: String?
-    }
+    typealias Answer = Interleaving.Answer
+    typealias Run = Interleaving.Run<UserTokenError>
 
     /// `replicas` exchangers on one in-memory store, one system-token source and a manual clock.
     /// Odd seeds lose every notice (pub/sub delivers at most once), so followers learn of tokens
@@ -152,20 +137,14 @@ struct UserTokenReplicaTests {
                     let answer = try await exchangers[index % exchangers.count].token(
                         for: Self.installation, accountId: Self.account, request: request)
                     return .success(
-                        Answer(token: answer.token.value, forced: caller.forced, storedWhenAsked: stored?.value))
+                        Answer(token: answer.token.value, forced: caller.forced, replaced: stored?.value))
                 } catch let error as UserTokenError {
                     return .failure(error)
                 } catch {
                     return .failure(.flow(FlowError(code: .cancelled, detail: "\(error)")))
                 }
             }
-            var run = Run()
-            for outcome in outcomes {
-                switch outcome {
-                case .success(let answer): run.answers.append(answer)
-                case .failure(let error): run.failures.append(error)
-                }
-            }
+            var run = Run(outcomes)
             // Every caller is answered: the leases go back (a lease given up goes before its
             // callers' answers; one won for a round already over, just after). Shutting down would
             // release any lease left, so it is read before.
@@ -175,7 +154,7 @@ struct UserTokenReplicaTests {
             run.leaseLeft = store.leaseOwner(Self.installation, accountId: Self.account.value)
             running.cancelAll()
             try await running.waitForAll()
-            run.exchanges = client.calls.withLock { $0 }
+            run.calls = client.calls.withLock { $0 }
             return run
         }
     }

@@ -1,4 +1,5 @@
 import Synchronization
+import Testing
 
 @testable import FlowEngine
 
@@ -77,6 +78,44 @@ enum Interleaving {
                 answers.append(answer)
             }
             return answers
+        }
+    }
+}
+
+extension Interleaving {
+    /// A caller's token, whether it forced a refresh, and the token the store held when it asked.
+    struct Answer: Sendable {
+        var token: String
+        var forced: Bool
+        var replaced: String?
+    }
+
+    /// What a run ended with: the callers' tokens and failures (in the order they came), the calls
+    /// made to Atlassian (trigger calls or exchanges), and a lease left once all were answered.
+    struct Run<Failure: Error & Sendable> {
+        var answers: [Answer] = []
+        var failures: [Failure] = []
+        var calls = 0
+        var leaseLeft: String?
+
+        init(_ outcomes: [Result<Answer, Failure>]) {
+            for outcome in outcomes {
+                switch outcome {
+                case .success(let answer): self.answers.append(answer)
+                case .failure(let error): self.failures.append(error)
+                }
+            }
+        }
+
+        var tokens: [String] { self.answers.map(\.token) }
+
+        /// No forced refresh got back the token the store held when it asked.
+        func expectForcedRefreshesGotNewTokens(sourceLocation: SourceLocation = #_sourceLocation) {
+            for answer in self.answers where answer.forced {
+                #expect(
+                    answer.token != answer.replaced, "a forced refresh got back \(answer.token)",
+                    sourceLocation: sourceLocation)
+            }
         }
     }
 }
