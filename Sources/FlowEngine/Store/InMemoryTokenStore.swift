@@ -38,8 +38,7 @@ public final class InMemoryTokenStore: TokenStore {
         var gates: [Gate: [CheckedContinuation<Void, Never>]] = [:]
         var unavailable = false
         var calls: [String: Int] = [:]
-        var callTurns = 0
-        var turnsDrawn: UInt64 = 0
+        var turns = CallTurns()
     }
 
     private let state = Mutex(State())
@@ -171,21 +170,15 @@ public final class InMemoryTokenStore: TokenStore {
         }
     }
 
-    /// At most how many scheduling turns each call of the flow takes before it acts (0 by default):
-    /// a round trip to a store elsewhere, during which other work runs. Each call draws its own
-    /// number from 0 up to this, from a fixed sequence (the same for every run).
+    /// At most how many scheduling turns each call of the flow takes before it acts (``CallTurns``).
     public var callTurns: Int {
-        get { self.state.withLock { $0.callTurns } }
-        set { self.state.withLock { $0.callTurns = newValue } }
+        get { self.state.withLock { $0.turns.limit } }
+        set { self.state.withLock { $0.turns.limit = newValue } }
     }
 
     /// Lets other work run for up to ``callTurns`` scheduling turns.
     private func travel() async {
-        let turns = self.state.withLock { s -> Int in
-            guard s.callTurns > 0 else { return 0 }
-            s.turnsDrawn = s.turnsDrawn &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
-            return Int((s.turnsDrawn >> 33) % UInt64(s.callTurns + 1))
-        }
+        let turns = self.state.withLock { $0.turns.next() }
         for _ in 0..<turns { await Task.yield() }
     }
 

@@ -33,8 +33,7 @@ final class InMemoryUserTokenStore: UserTokenStore {
         var finishedElsewhere: AccessToken?
         /// While not nil, lease takes wait here (in flight) until released.
         var leaseGate: [CheckedContinuation<Void, Never>]?
-        var callTurns = 0
-        var turnsDrawn: UInt64 = 0
+        var turns = CallTurns()
         var dropsNotices = false
     }
 
@@ -121,15 +120,13 @@ final class InMemoryUserTokenStore: UserTokenStore {
         self.state.withLock { $0.unreachable = unreachable }
     }
 
-    /// At most how many scheduling turns each store call takes before it acts (0 by default): a
-    /// round trip to a store elsewhere, during which other work runs. Each call draws its own
-    /// number from a fixed sequence (the same for every run).
+    /// At most how many scheduling turns each store call takes before it acts (``CallTurns``).
     var callTurns: Int {
-        get { self.state.withLock { $0.callTurns } }
-        set { self.state.withLock { $0.callTurns = newValue } }
+        get { self.state.withLock { $0.turns.limit } }
+        set { self.state.withLock { $0.turns.limit = newValue } }
     }
 
-    /// While true, no notice reaches the watchers (as while their subscriptions reconnect).
+    /// While true, no notice reaches the watchers (pub/sub delivers at most once).
     var dropsNotices: Bool {
         get { self.state.withLock { $0.dropsNotices } }
         set { self.state.withLock { $0.dropsNotices = newValue } }
@@ -140,11 +137,7 @@ final class InMemoryUserTokenStore: UserTokenStore {
 
     /// Checks the store is reachable, after up to ``callTurns`` scheduling turns of travel.
     private func check() async throws {
-        let turns = self.state.withLock { s -> Int in
-            guard s.callTurns > 0 else { return 0 }
-            s.turnsDrawn = s.turnsDrawn &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
-            return Int((s.turnsDrawn >> 33) % UInt64(s.callTurns + 1))
-        }
+        let turns = self.state.withLock { $0.turns.next() }
         for _ in 0..<turns { await Task.yield() }
         if self.state.withLock({ $0.unreachable }) { throw Unreachable() }
     }
