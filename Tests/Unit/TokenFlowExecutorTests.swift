@@ -271,6 +271,34 @@ struct TokenFlowExecutorTests {
         }
     }
 
+    @Test(
+        "a forced refresh arriving while a store read is on its way back reads for itself: the token it replaces may be newer than that read"
+    )
+    func forcedRefreshDoesNotShareAnEarlierRead() async throws {
+        try await withFlow { h in
+            h.store.deliver(h.id, token: "tok-0", expiresAt: h.clock.now().unixSeconds + 3600, requestID: nil)
+            h.store.hold(.snapshotAnswer)
+            async let first = h.request()
+            while h.store.held(.snapshotAnswer) < 1 { await Task.yield() }
+            // Meanwhile another replica stores tok-1 (its announcement lost), and a caller that got
+            // tok-1 there forces a refresh here.
+            h.store.dropsNotifications = true
+            h.store.deliver(h.id, token: "tok-1", expiresAt: h.clock.now().unixSeconds + 3601, requestID: nil)
+            async let forced = h.request(.init(forceRefresh: true))
+            while h.flow.snapshotFollowers(h.id) + h.store.held(.snapshotAnswer) < 2 { await Task.yield() }
+            #expect(h.flow.snapshotFollowers(h.id) == 0)
+            h.store.release(.snapshotAnswer)
+            #expect(try await first.get().token.value == "tok-0")
+            let call = try #require(await h.nextCall())
+            h.deliver("tok-2", expiresIn: 3602, requestID: call.requestID)
+            let refreshed = try await forced.get()
+            #expect(refreshed.token.value == "tok-2")
+            #expect(refreshed.source == .trigger)
+            #expect(h.trigger.callCount == 1)
+            #expect(h.store.calls("snapshot") == 2)
+        }
+    }
+
     @Test("a lease the snapshot took ahead that no round takes over is given back")
     func leaseTakenAheadIsGivenBack() async throws {
         try await withFlow { h in

@@ -280,7 +280,8 @@ public final class TokenFlow: Sendable, Service {
 
     /// The installation's snapshot, read once for every caller that needs it while a read is in
     /// flight: the first reads the store, callers arriving meanwhile get its answer (a read as
-    /// recent as their own would be). A caller whose reader was cancelled reads for itself.
+    /// recent as their own would be). A caller whose reader was cancelled reads for itself, and so
+    /// does a forced refresh.
     /// The reader's snapshot may take the lease for the round its caller would start (`intent`):
     /// it is kept as ``State/leaseAhead`` before anyone is answered, for the first round started.
     private func sharedSnapshot(_ id: InstallationID, timeout: Duration, intent: SnapshotLeaseIntent)
@@ -292,6 +293,9 @@ public final class TokenFlow: Sendable, Service {
             return true
         }
         guard leads else {
+            // A forced refresh reads for itself: a read in flight may have left before the token it
+            // replaces was stored (by another replica), and that token would then count as newer.
+            if intent.forced { return try await self.store.snapshot(id, timeout: timeout) }
             let shared = await withCheckedContinuation { (follower: SnapshotFollower) in
                 let joined = self.state.withLock { s -> Bool in
                     guard s.snapshotsInFlight[id] != nil else { return false }

@@ -128,6 +128,9 @@ public final class InMemoryTokenStore: TokenStore {
     public enum Gate: Hashable, Sendable {
         /// Snapshots (reads of a token request).
         case snapshot
+        /// Snapshots' answers, after their read of the store (and the lease it took): an answer on
+        /// its way back while the store changes, as a Redis reply in flight.
+        case snapshotAnswer
         /// Lease takes of a round (``takeLease(_:requestID:replicaID:ttl:respectingHold:unlessNewerThan:)``).
         case takeLease
     }
@@ -227,6 +230,12 @@ public final class InMemoryTokenStore: TokenStore {
         await self.pass(.snapshot)
         await self.travel()
         try self.call("snapshot")
+        let snapshot = self.readSnapshot(id)
+        await self.pass(.snapshotAnswer)
+        return snapshot
+    }
+
+    private func readSnapshot(_ id: InstallationID) -> TokenStoreSnapshot {
         let now = self.now()
         return self.state.withLock { s in
             let installation = s.installations[id]
@@ -244,7 +253,18 @@ public final class InMemoryTokenStore: TokenStore {
     public func snapshot(_ id: InstallationID, timeout: Duration?, takingLease intent: SnapshotLeaseIntent?)
         async throws -> (snapshot: TokenStoreSnapshot, lease: SnapshotLease?)
     {
-        let snapshot = try await self.snapshot(id, timeout: timeout)
+        await self.pass(.snapshot)
+        await self.travel()
+        try self.call("snapshot")
+        let (snapshot, lease) = self.readSnapshot(id, takingLease: intent)
+        await self.pass(.snapshotAnswer)
+        return (snapshot, lease)
+    }
+
+    private func readSnapshot(_ id: InstallationID, takingLease intent: SnapshotLeaseIntent?)
+        -> (snapshot: TokenStoreSnapshot, lease: SnapshotLease?)
+    {
+        let snapshot = self.readSnapshot(id)
         guard let intent else { return (snapshot, nil) }
         let stored = self.state.withLock { $0.tokens[id] }
         let needed =
