@@ -119,8 +119,9 @@ private func withFlow(
     store.install(harness.id)
     try await withThrowingTaskGroup(of: Void.self) { group in
         group.addTask { try await flow.run() }
-        // run() listens to the store's announcements before the test publishes any.
-        while store.subscriberCount == 0 { await Task.yield() }
+        // run() listens to the store's announcements before the test publishes any (and has
+        // handled its subscription's start, which drops what it remembers).
+        while flow.subscriptionsHandled == 0 { await Task.yield() }
         do {
             try await body(harness)
         } catch {
@@ -466,6 +467,46 @@ struct TokenFlowExecutorTests {
             #expect(await answer.failure?.code == .installationUninstalled)
             #expect(h.trigger.callCount == 0)
             #expect(h.store.leaseOwner(h.id) == nil)
+        }
+    }
+
+    @Test(
+        "an uninstall announced while this process's subscription was down: once it is back, callers get 410, not the token remembered"
+    )
+    func uninstallMissedWhileUnsubscribed() async throws {
+        try await withFlow { h in
+            h.store.deliver(h.id, token: "tok-1", expiresAt: h.clock.now().unixSeconds + 3600, requestID: nil)
+            let first = try await h.request().get()
+            #expect(first.token.value == "tok-1")
+            #expect(h.flow.rememberedToken(h.id)?.value == "tok-1")
+            // The subscription drops; the installation is uninstalled meanwhile; it comes back.
+            h.store.dropsNotifications = true
+            h.store.uninstall(h.id)
+            h.store.dropsNotifications = false
+            h.store.resubscribe()
+            while h.flow.subscriptionsHandled < 2 { await Task.yield() }
+            #expect(h.flow.rememberedToken(h.id) == nil)
+            #expect(await h.request().failure?.code == .installationUninstalled)
+            #expect(h.trigger.callCount == 0)
+        }
+    }
+
+    @Test("a token another replica stored while this process's subscription was down is served once it is back")
+    func newerTokenMissedWhileUnsubscribed() async throws {
+        try await withFlow { h in
+            h.store.deliver(h.id, token: "tok-1", expiresAt: h.clock.now().unixSeconds + 3600, requestID: nil)
+            let first = try await h.request().get()
+            #expect(first.token.value == "tok-1")
+            h.store.dropsNotifications = true
+            h.store.deliver(h.id, token: "tok-2", expiresAt: h.clock.now().unixSeconds + 3601, requestID: nil)
+            h.store.dropsNotifications = false
+            h.store.resubscribe()
+            while h.flow.subscriptionsHandled < 2 { await Task.yield() }
+            let answer = try await h.request().get()
+            #expect(answer.token.value == "tok-2")
+            #expect(answer.source == .cache)
+            #expect(h.store.calls("snapshot") == 2)
+            #expect(h.trigger.callCount == 0)
         }
     }
 

@@ -183,7 +183,7 @@ struct TokenFlowTwoReplicaTests {
         trigger.replicas.withLock { $0 = flows }
         return try await withThrowingTaskGroup(of: Void.self) { running in
             for flow in flows { running.addTask { try await flow.run() } }
-            while store.subscriberCount < replicas { await Task.yield() }
+            while flows.contains(where: { $0.subscriptionsHandled == 0 }) { await Task.yield() }
             running.addTask { await trigger.push(pushes, installation: Self.id) }
             let answers = await Interleaving.answers(
                 callers, clock: clock, seed: UInt64(seed), steps: misbehaving ? 400 : 150

@@ -72,9 +72,21 @@ extension TokenFlow {
     func handleNotification(_ notification: TokenStoreNotification) async {
         switch notification {
         case .subscribed:
-            // Messages may have been lost while reconnecting: re-read the store for every round in flight.
-            let active = self.state.withLock { s in
-                s.machines.compactMap { entry in entry.value.currentRequestID.map { (entry.key, $0) } }
+            // Announcements may have been lost while not subscribed (an uninstall, a new
+            // `apiBaseUrl`, a hold, a newer token): what this process remembers is dropped, so each
+            // installation's next caller reads the store, and every round in flight re-reads it now.
+            let (dropped, active) = self.state.withLock { s in
+                s.subscriptions += 1
+                let dropped = s.memory.count
+                s.memory.removeAll()
+                s.triggerChecked.removeAll()
+                let active = s.machines.compactMap { entry in entry.value.currentRequestID.map { (entry.key, $0) } }
+                return (dropped, active)
+            }
+            if dropped > 0 {
+                self.logger.info(
+                    "store announcements subscribed again: remembered tokens dropped, each read from the store on its next request",
+                    metadata: ["installations": "\(dropped)"])
             }
             for (id, requestID) in active { await self.readStore(id, requestID: requestID) }
         case .tokenStored(let id, let requestID, let same, let origin):

@@ -89,6 +89,8 @@ public final class TokenFlow: Sendable, Service {
         /// A lease a snapshot of this process took for the round its caller would start, until
         /// that round takes it over (or it is given back).
         var leaseAhead: [InstallationID: SnapshotLease] = [:]
+        /// How many times the store's announcements were (re)subscribed to.
+        var subscriptions = 0
         var shuttingDown = false
     }
 
@@ -479,7 +481,7 @@ public final class TokenFlow: Sendable, Service {
             self.submit {
                 guard let snapshot = try? await self.store.snapshot(id, timeout: .seconds(2)) else { return }
                 self.state.withLock {
-                    if snapshot.triggerRegistered { $0.triggerKnown.insert(id) }
+                    if snapshot.triggerRegistered { $0.triggerKnown.insert(id) } else { $0.triggerKnown.remove(id) }
                     $0.triggerChecked.insert(id)
                 }
                 if snapshot.active, snapshot.triggerRegistered {
@@ -553,6 +555,12 @@ public final class TokenFlow: Sendable, Service {
     /// How many callers wait for a store read of `id` another caller has in flight.
     public func snapshotFollowers(_ id: InstallationID) -> Int {
         self.state.withLock { $0.snapshotsInFlight[id]?.count ?? 0 }
+    }
+
+    /// How many times this process's subscription to the store's announcements came up (the
+    /// first time, then after each reconnection), as handled by ``run()``.
+    public var subscriptionsHandled: Int {
+        self.state.withLock { $0.subscriptions }
     }
 
     /// The token this process holds in memory for `id`, if any.

@@ -201,6 +201,13 @@ public final class InMemoryTokenStore: TokenStore {
         self.state.withLock { $0.calls[method] ?? 0 }
     }
 
+    /// Tells every subscriber its subscription came up again, as the Redis client does after a
+    /// reconnection (announcements made meanwhile are lost: see ``dropsNotifications``).
+    public func resubscribe() {
+        let subscribers = self.state.withLock { s in Array(s.subscribers.values) }
+        for subscriber in subscribers { subscriber.yield(.subscribed) }
+    }
+
     /// Announces `notification` to every subscriber (unless announcements are being lost).
     public func publish(_ notification: TokenStoreNotification) {
         let subscribers = self.state.withLock { s in s.dropsNotifications ? [] : Array(s.subscribers.values) }
