@@ -8,6 +8,8 @@ import Testing
 /// Forge as the replicas see it: a trigger call delivers the token to one replica (at random, after
 /// a random number of scheduling turns), then answers 2xx. A misbehaving Forge also fails calls
 /// (2 in 10), answers 2xx without delivering (1 in 10), or delivers the stored token again (1 in 10).
+/// An installation uninstalled has no trigger material: the call fails before it leaves, as the
+/// gateway's trigger client's does, and a delivery already on its way is refused by the store.
 private final class DeliveringTrigger: TriggerSender {
     let store: InMemoryTokenStore
     let clock: ManualFlowClock
@@ -31,6 +33,7 @@ private final class DeliveringTrigger: TriggerSender {
             c += 1
             return c
         }
+        guard self.store.isActive(installation) else { return .failed(.transportError) }
         var random = SplitMix64(seed: self.seed &+ UInt64(call))
         for _ in 0..<Int.random(in: 0..<200, using: &random) { await Task.yield() }
         let replicas = self.replicas.withLock { $0 }
@@ -155,6 +158,26 @@ struct TokenFlowTwoReplicaTests {
         #expect(run.leaseLeft == nil)
     }
 
+    @Test(
+        "the installation uninstalled at a random moment among the callers of three replicas: a token or 410 for each, no lease left, 410 on every replica after",
+        arguments: 0..<200)
+    func uninstallAmongRounds(seed: Int) async throws {
+        let callers = Interleaving.mixedCallers(seed: UInt64(seed) &+ 0x0410)
+        var random = SplitMix64(seed: UInt64(seed) &+ 0x0411)
+        let run = try await Self.run(
+            replicas: 3, callers: callers, seed: seed, uninstallAfter: Int.random(in: 0..<400, using: &random))
+        // A caller answered before its replica heard of the uninstall gets a token; the others 410
+        // (a round in flight ends with it too: by the notice, or by its re-read when that was lost).
+        #expect(run.tokens.count + run.failures.count == 18)
+        #expect(run.failures.allSatisfy { $0.code == .installationUninstalled }, "\(run.failures)")
+        #expect(run.leaseLeft == nil)
+        // Once each replica's subscription is up again (with notices lost, after the reconnection
+        // that ends the loss), every replica answers 410 and calls nobody.
+        #expect(run.afterward.count == 3)
+        #expect(run.afterward.allSatisfy { $0?.code == .installationUninstalled }, "\(run.afterward)")
+        #expect(run.callsAfterward == 0)
+    }
+
     typealias Answer = Interleaving.Answer
     typealias Run = Interleaving.Run<FlowError>
 
@@ -162,9 +185,13 @@ struct TokenFlowTwoReplicaTests {
     /// `i % replicas`. Odd seeds lose every announcement (as while the replicas' subscriptions
     /// reconnect), so followers learn of tokens only by their re-reads; each store call is a round
     /// trip of up to 0–30 scheduling turns.
-    static func run(replicas: Int, callers: [Caller], seed: Int, misbehaving: Bool = false, pushes: Int = 0)
-        async throws -> Run
-    {
+    /// `uninstallAfter`: the installation is uninstalled this many scheduling turns after the
+    /// start; once the callers are answered, the replicas' subscriptions come up again (ending any
+    /// loss of announcements) and each replica is asked once more (``Run/afterward``).
+    static func run(
+        replicas: Int, callers: [Caller], seed: Int, misbehaving: Bool = false, pushes: Int = 0,
+        uninstallAfter: Int? = nil
+    ) async throws -> Run {
         let clock = ManualFlowClock()
         let store = InMemoryTokenStore(now: { clock.now() })
         store.install(Self.id)
@@ -185,6 +212,11 @@ struct TokenFlowTwoReplicaTests {
             for flow in flows { running.addTask { try await flow.run() } }
             while flows.contains(where: { $0.subscriptionsHandled == 0 }) { await Task.yield() }
             running.addTask { await trigger.push(pushes, installation: Self.id) }
+            let uninstalling = Task {
+                guard let uninstallAfter else { return }
+                for _ in 0..<uninstallAfter { await Task.yield() }
+                store.uninstall(Self.id)
+            }
             let answers = await Interleaving.answers(
                 callers, clock: clock, seed: UInt64(seed), steps: misbehaving ? 400 : 150
             ) { index, caller -> Result<Answer, FlowError> in
@@ -205,6 +237,22 @@ struct TokenFlowTwoReplicaTests {
             // left, so it is read before.
             for _ in 0..<20_000 where store.leaseOwner(Self.id) != nil { await Task.yield() }
             run.leaseLeft = store.leaseOwner(Self.id)
+            await uninstalling.value
+            if uninstallAfter != nil {
+                store.dropsNotifications = false
+                store.resubscribe()
+                while flows.contains(where: { $0.subscriptionsHandled < 2 }) { await Task.yield() }
+                let calls = trigger.calls.withLock { $0 }
+                for flow in flows {
+                    do {
+                        _ = try await flow.token(for: Self.id, request: TokenFlow.Request())
+                        run.afterward.append(nil)
+                    } catch {
+                        run.afterward.append(error as? FlowError)
+                    }
+                }
+                run.callsAfterward = trigger.calls.withLock { $0 } - calls
+            }
             for flow in flows { await flow.shutdown() }
             try await running.waitForAll()
             run.calls = trigger.calls.withLock { $0 }

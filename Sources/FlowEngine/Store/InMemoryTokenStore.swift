@@ -70,6 +70,7 @@ public final class InMemoryTokenStore: TokenStore {
 
     /// Stores a delivered token as the Redis script does: when its expiry is later than the stored
     /// one's; the round `requestID` is answered when its pending request is open. Announces it.
+    /// Like the script, refuses every delivery for an installation uninstalled (nothing changes).
     /// Returns whether it was stored and whether it answered a pending request.
     @discardableResult
     public func deliver(_ id: InstallationID, token value: String, expiresAt: Int64, requestID: String?)
@@ -77,6 +78,7 @@ public final class InMemoryTokenStore: TokenStore {
     {
         let now = self.now()
         let (stored, solicited) = self.state.withLock { s -> (Bool, Bool) in
+            guard s.installations[id]?.active != false else { return (false, false) }
             var solicited = false
             if let requestID, let p = s.pending.removeValue(forKey: Self.pendingKey(id, requestID)), now < p.until {
                 solicited = true
@@ -91,6 +93,11 @@ public final class InMemoryTokenStore: TokenStore {
             self.publish(.tokenStored(id, requestID: solicited ? requestID : nil, sameToken: !stored))
         }
         return (stored, solicited)
+    }
+
+    /// Whether the installation is recorded and active.
+    public func isActive(_ id: InstallationID) -> Bool {
+        self.state.withLock { $0.installations[id]?.active ?? false }
     }
 
     /// The stored token, if any.

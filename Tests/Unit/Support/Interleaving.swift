@@ -97,6 +97,11 @@ extension Interleaving {
         var failures: [Failure] = []
         var calls = 0
         var leaseLeft: String?
+        /// One more request on each replica once the callers are answered, where a test makes
+        /// them: its failure, or nil for a token.
+        var afterward: [Failure?] = []
+        /// The calls made to Atlassian by those requests.
+        var callsAfterward = 0
 
         init(_ outcomes: [Result<Answer, Failure>]) {
             for outcome in outcomes {
