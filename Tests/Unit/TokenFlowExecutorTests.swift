@@ -510,6 +510,42 @@ struct TokenFlowExecutorTests {
         }
     }
 
+    @Test(
+        "a trigger attempt that finds no trigger in force because the installation was uninstalled (notice lost): 410 at once, no retry, no failure counted"
+    )
+    func attemptFindsTheInstallationUninstalled() async throws {
+        try await withFlow({ $0.breakerThreshold = 1 }) { h in
+            h.trigger.answer(with: .notSent)
+            // The installation is uninstalled while the caller's snapshot (which took the lease) is
+            // on its way back; this process never hears of it.
+            h.store.hold(.snapshotAnswer)
+            async let answer = h.request()
+            while h.store.held(.snapshotAnswer) < 1 { await Task.yield() }
+            h.store.dropsNotifications = true
+            h.store.uninstall(h.id)
+            h.store.release(.snapshotAnswer)
+            #expect(await answer.failure?.code == .installationUninstalled)
+            #expect(h.trigger.callCount == 1)
+            while h.store.leaseOwner(h.id) != nil { await Task.yield() }
+            #expect(h.store.calls("recordRoundOutcomeReleasingLease") == 0)
+            #expect(h.flow.roundState(h.id) != .circuitOpen)
+        }
+    }
+
+    @Test("a trigger attempt not sent for an installation still active counts as a failed attempt")
+    func attemptNotSentForAnActiveInstallation() async throws {
+        try await withFlow({
+            $0.maxAttempts = 1
+            $0.breakerThreshold = 1
+        }) { h in
+            h.trigger.answer(with: .notSent)
+            #expect(await h.request().failure?.code == .triggerFailed)
+            while h.flow.roundState(h.id) != .circuitOpen { await Task.yield() }
+            #expect(h.store.calls("roundProbe") == 1)
+            #expect(h.trigger.callCount == 1)
+        }
+    }
+
     @Test("a lease taken after its round ended (its only caller went away meanwhile) is given back, not kept")
     func leaseTakenForAnEndedRoundIsGivenBack() async throws {
         try await withFlow { h in

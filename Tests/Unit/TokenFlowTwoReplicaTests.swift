@@ -8,8 +8,8 @@ import Testing
 /// Forge as the replicas see it: a trigger call delivers the token to one replica (at random, after
 /// a random number of scheduling turns), then answers 2xx. A misbehaving Forge also fails calls
 /// (2 in 10), answers 2xx without delivering (1 in 10), or delivers the stored token again (1 in 10).
-/// An installation uninstalled has no trigger material: the call fails before it leaves, as the
-/// gateway's trigger client's does, and a delivery already on its way is refused by the store.
+/// An installation uninstalled has no trigger material: nothing is sent, as with the gateway's
+/// trigger client, and a delivery already on its way is refused by the store.
 private final class DeliveringTrigger: TriggerSender {
     let store: InMemoryTokenStore
     let clock: ManualFlowClock
@@ -33,7 +33,7 @@ private final class DeliveringTrigger: TriggerSender {
             c += 1
             return c
         }
-        guard self.store.isActive(installation) else { return .failed(.transportError) }
+        guard self.store.isActive(installation) else { return .notSent }
         var random = SplitMix64(seed: self.seed &+ UInt64(call))
         for _ in 0..<Int.random(in: 0..<200, using: &random) { await Task.yield() }
         let replicas = self.replicas.withLock { $0 }

@@ -100,13 +100,37 @@ struct UserTokenReplicaTests {
         #expect(run.leaseLeft == nil)
     }
 
+    @Test(
+        "the installation uninstalled at a random moment among the callers of three replicas: a token or 410 for each, no lease left, 410 on every replica after",
+        arguments: 0..<200)
+    func uninstallAmongRounds(seed: Int) async throws {
+        let callers = Interleaving.mixedCallers(seed: UInt64(seed) &+ 0x0410)
+        var random = SplitMix64(seed: UInt64(seed) &+ 0x0411)
+        let run = try await Self.run(
+            replicas: 3, callers: callers, seed: seed, uninstallAfter: Int.random(in: 0..<400, using: &random))
+        // A caller answered before the uninstall reached the store's reads gets a token; the
+        // others 410 (an exchange in flight too: its token is not stored for a gone installation).
+        let gone = UserTokenError.flow(.installationUninstalled)
+        #expect(run.answers.count + run.failures.count == 18)
+        #expect(run.failures.allSatisfy { $0 == gone }, "\(run.failures)")
+        #expect(run.leaseLeft == nil)
+        // Afterwards every replica answers 410 and calls nobody.
+        #expect(run.afterward.count == 3)
+        #expect(run.afterward.allSatisfy { $0 == gone }, "\(run.afterward)")
+        #expect(run.callsAfterward == 0)
+    }
+
     typealias Answer = Interleaving.Answer
     typealias Run = Interleaving.Run<UserTokenError>
 
     /// `replicas` exchangers on one in-memory store, one system-token source and a manual clock.
     /// Odd seeds lose every notice (pub/sub delivers at most once), so followers learn of tokens
     /// only by their re-reads; each store call is a round trip of 0–30 scheduling turns.
-    static func run(replicas: Int, callers: [Caller], seed: Int, misbehaving: Bool = false) async throws -> Run {
+    /// `uninstallAfter`: the installation is uninstalled this many scheduling turns after the
+    /// start; once the callers are answered, each replica is asked once more (``Run/afterward``).
+    static func run(
+        replicas: Int, callers: [Caller], seed: Int, misbehaving: Bool = false, uninstallAfter: Int? = nil
+    ) async throws -> Run {
         let clock = ManualFlowClock()
         let store = InMemoryUserTokenStore(clock: clock)
         store.install(
@@ -127,6 +151,11 @@ struct UserTokenReplicaTests {
         return try await withThrowingTaskGroup(of: Void.self) { running in
             for exchanger in exchangers { running.addTask { try await exchanger.run() } }
             while store.watcherCount < replicas { await Task.yield() }
+            let uninstalling = Task {
+                guard let uninstallAfter else { return }
+                for _ in 0..<uninstallAfter { await Task.yield() }
+                store.uninstall(Self.installation)
+            }
             let outcomes = await Interleaving.answers(
                 callers, clock: clock, seed: UInt64(seed), steps: misbehaving ? 400 : 150
             ) { index, caller -> Result<Answer, UserTokenError> in
@@ -152,6 +181,20 @@ struct UserTokenReplicaTests {
                 await Task.yield()
             }
             run.leaseLeft = store.leaseOwner(Self.installation, accountId: Self.account.value)
+            await uninstalling.value
+            if uninstallAfter != nil {
+                let calls = client.calls.withLock { $0 }
+                for exchanger in exchangers {
+                    do {
+                        _ = try await exchanger.token(
+                            for: Self.installation, accountId: Self.account, request: .init())
+                        run.afterward.append(nil)
+                    } catch {
+                        run.afterward.append(error as? UserTokenError)
+                    }
+                }
+                run.callsAfterward = client.calls.withLock { $0 } - calls
+            }
             running.cancelAll()
             try await running.waitForAll()
             run.calls = client.calls.withLock { $0 }

@@ -78,11 +78,23 @@ extension TokenFlow {
             self.metrics.roundTrip.recordNanoseconds((now - started).nanoseconds)
             self.handle(id) { $0.attemptSucceeded(requestID: requestID, attempt: attempt, now: now) }
         case .failed(let failure):
-            self.handle(id) {
-                $0.attemptFailed(
-                    requestID: requestID, attempt: attempt, failure: failure, now: now, jitter: Double.random(in: 0...1)
-                )
+            self.attemptFailed(id, requestID: requestID, attempt: attempt, failure: failure)
+        case .notSent:
+            // Uninstalled, and this process missed the notice (as a re-read finds it): 410 for the
+            // callers, no retries, no failure counted against the installation's circuit.
+            if let probe = try? await self.store.roundProbe(id, requestID: nil), probe.uninstalled {
+                self.installationUninstalled(id)
+                return
             }
+            self.attemptFailed(id, requestID: requestID, attempt: attempt, failure: .transportError)
+        }
+    }
+
+    private func attemptFailed(_ id: InstallationID, requestID: String, attempt: Int, failure: TriggerFailure) {
+        self.handle(id) {
+            $0.attemptFailed(
+                requestID: requestID, attempt: attempt, failure: failure, now: self.now(),
+                jitter: Double.random(in: 0...1))
         }
     }
 

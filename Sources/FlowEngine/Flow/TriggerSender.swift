@@ -73,4 +73,9 @@ public enum TriggerAttemptResult: Sendable, Hashable {
     /// 2xx: the Forge side says the token has been delivered.
     case accepted
     case failed(TriggerFailure)
+    /// Nothing was sent: no trigger is in force for the installation (it is not active, or has no
+    /// trigger registered). The flow reads the store to learn which: an installation uninstalled
+    /// ends its rounds with `installation_uninstalled`; anything else counts as a failed attempt
+    /// (`transport_error`).
+    case notSent
 }

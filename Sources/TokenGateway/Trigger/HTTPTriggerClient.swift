@@ -123,8 +123,8 @@ public struct HTTPTriggerClient: TriggerSender {
         let material: TriggerMaterialCache.Entry
         do {
             guard let m = try await self.material(for: installation, leaseRead: leaseRead) else {
-                logger.warning("no trigger registered for installation")
-                return .failed(.transportError)
+                logger.warning("no trigger in force for installation (uninstalled, or none registered); not calling")
+                return .notSent
             }
             material = m
         } catch let error as TriggerSigningError {

@@ -52,6 +52,17 @@ final class InMemoryUserTokenStore: UserTokenStore {
         self.state.withLock { $0.installations[id] = installation }
     }
 
+    /// Marks the installation uninstalled and deletes its users' tokens and refusals, then
+    /// announces it, as the gateway's uninstall script does.
+    func uninstall(_ id: InstallationID) {
+        self.state.withLock { s in
+            s.installations[id, default: Installation()].status = .uninstalled
+            s.tokens = s.tokens.filter { $0.key.installation != id }
+            s.denied = s.denied.filter { $0.key.installation != id }
+        }
+        self.announce(.uninstalled(id))
+    }
+
     /// Another process holds the user's lease for `ttl`.
     func holdLease(_ id: InstallationID, accountId: String, owner: String, ttl: Duration) {
         let until = self.clock.now() + ttl
