@@ -359,6 +359,37 @@ struct ForgeRouteKindTests {
         }
     }
 
+    @Test(
+        "auth-trigger: a user token (x-forge-oauth-user) more than 24 h ahead or without a readable exp refuses the delivery with 400 and stores nothing; a nearly expired one changes nothing"
+    )
+    func deliveredUserTokenLifetime() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            #expect(try await h.token(installation).status == 200)
+            let before = try await Self.observe(h, installation)
+            let newer = try h.emulator.mintAccessToken(for: installation, expiresAt: Date().addingTimeInterval(7000))
+            let tooLong = try h.emulator.mintAccessToken(
+                for: installation, expiresAt: Date().addingTimeInterval(25 * 3600))
+            for (name, user) in [("more than 24 h", tooLong), ("no readable exp", "opaque-user-token")] {
+                let refused = try await h.emulator.deliver(
+                    installation, systemToken: newer, requestId: nil, userToken: user)
+                #expect(refused.status == 400, "\(name)")
+                #expect(refused.body.contains("invalid_token"), "\(name)")
+                #expect(!refused.body.contains(user), "\(name)")
+                #expect(try await Self.observe(h, installation) == before, "\(name)")
+            }
+            // A nearly expired user token is never kept (nor any user token of a delivery): the
+            // system token it came with is stored and served.
+            let short = try h.emulator.mintAccessToken(for: installation, expiresAt: Date().addingTimeInterval(30))
+            let kept = try await h.emulator.deliver(installation, systemToken: newer, requestId: nil, userToken: short)
+            #expect(kept.status == 200)
+            #expect(kept.body == #"{"stored":true}"#)
+            let served = try await h.token(installation)
+            #expect(served.json["accessToken"] as? String == newer)
+            #expect(served.json["source"] as? String == "cache")
+        }
+    }
+
     @Test("register and lifecycle drop a token outside the lifetime rules and still apply the call")
     func registerAndLifecycleDropTokens() async throws {
         try await GatewayHarness.run { h in

@@ -4,6 +4,8 @@ import HTTPTypes
 extension HTTPField.Name {
     /// The Forge system token pushed with an invocation (`x-forge-oauth-system`).
     static let forgeOAuthSystem = HTTPField.Name("x-forge-oauth-system")!
+    /// The Forge user token sent with an invocation made with a user in session (`x-forge-oauth-user`).
+    static let forgeOAuthUser = HTTPField.Name("x-forge-oauth-user")!
     /// Forge's B3 trace id, logged as `trace.id`.
     static let b3TraceID = HTTPField.Name("x-b3-traceid")!
     /// Forge's B3 span id, logged as `span.id`.

@@ -146,6 +146,7 @@ extension Gateway {
             else { throw GatewayError.invalidRequest("requestId must be a string of 1–128 visible ASCII characters") }
             requestID = s
         }
+        try self.checkDeliveredUserToken(request, id: id, logger: logger)
         switch Self.deliveredLifetime(token, now: FlowTime.now()) {
         case .tooLong:
             logger.notice("refused a delivered token that lives too long", metadata: ["installation.id": "\(id)"])
@@ -260,6 +261,24 @@ extension Gateway {
         if remaining > Self.maximumDeliveredLifetime { return .tooLong }
         if remaining < Self.minimumDeliveredRemaining { return .nearlyExpired }
         return .acceptable
+    }
+
+    /// The user token a delivery may carry (`x-forge-oauth-user`) is held to the same lifetime
+    /// rules as the system token: without a readable `exp`, or with one more than 24 h ahead, the
+    /// whole delivery is refused (400 `invalid_token`, nothing stored). The gateway keeps no user
+    /// token from a delivery (user tokens come from the exchange), so a nearly expired one changes
+    /// nothing.
+    func checkDeliveredUserToken(_ request: Request, id: InstallationID, logger: Logger) throws {
+        guard let value = request.headers[.forgeOAuthUser] else { return }
+        let token = HeaderValue.trimmed(value)
+        guard !token.isEmpty else { return }
+        guard let exp = TokenClaims.expiry(of: token) else {
+            throw GatewayError.invalidToken("the user token has no readable exp claim")
+        }
+        if Self.deliveredLifetime(AccessToken(value: token, expiresAt: exp), now: FlowTime.now()) == .tooLong {
+            logger.notice("refused a delivered user token that lives too long", metadata: ["installation.id": "\(id)"])
+            throw GatewayError.invalidToken("the user token's exp is more than 24 hours ahead")
+        }
     }
 
     /// A token that came along with a registration or lifecycle call, or nil when the lifetime
