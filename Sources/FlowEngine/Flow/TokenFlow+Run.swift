@@ -72,15 +72,18 @@ extension TokenFlow {
     func handleNotification(_ notification: TokenStoreNotification) async {
         switch notification {
         case .subscribed:
-            // Announcements may have been lost while not subscribed (an uninstall, a new
-            // `apiBaseUrl`, a hold, a newer token): what this process remembers is dropped, so each
-            // installation's next caller reads the store, and every round in flight re-reads it now.
+            // Announcements may have been lost while the subscription was down (an uninstall, a
+            // new `apiBaseUrl`, a hold, a newer token): when it comes back, what this process
+            // remembers is dropped, so each installation's next caller reads the store, and every
+            // round in flight re-reads it now. (The first subscription comes up as the process
+            // starts: what it remembers by then was read moments ago, and is kept.)
             let (dropped, active) = self.state.withLock { s in
                 s.subscriptions += 1
+                let active = s.machines.compactMap { entry in entry.value.currentRequestID.map { (entry.key, $0) } }
+                guard s.subscriptions > 1 else { return (0, active) }
                 let dropped = s.memory.count
                 s.memory.removeAll()
                 s.triggerChecked.removeAll()
-                let active = s.machines.compactMap { entry in entry.value.currentRequestID.map { (entry.key, $0) } }
                 return (dropped, active)
             }
             if dropped > 0 {
