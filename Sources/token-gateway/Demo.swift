@@ -70,7 +70,10 @@ struct Demo: AsyncParsableCommand {
             do {
                 try await gateway.redis.ping(timeout: .seconds(2))
             } catch {
-                print("Redis is not reachable at \(redisURL): start one (scripts/run.sh does) or pass --redis-url.")
+                // The configuration's description, never the URL given: it may hold a password.
+                print(
+                    "Redis is not reachable at \(gateway.configuration.redis): start one (scripts/run.sh does) or pass --redis-url."
+                )
                 await gatewayGroup.triggerGracefulShutdown()
                 await emulatorGroup.triggerGracefulShutdown()
                 throw ExitCode(1)

@@ -52,6 +52,16 @@ func runCLI(_ arguments: [String], environment: [String: String]) async throws -
 
 @Suite("Operator command line")
 struct OperatorCLITests {
+    @Test("demo with Redis unreachable: exit 1 and a clear line, without the password of the Redis URL")
+    func demoNeverPrintsTheRedisPassword() async throws {
+        let port = try RedisServerProcess.freeLoopbackPort()
+        let result = try await runCLI(
+            ["demo", "--redis-url", "redis://:hunter2-demo-password@127.0.0.1:\(port)/0"], environment: [:])
+        #expect(result.status == 1)
+        #expect(result.out.contains("Redis is not reachable at redis://:***@127.0.0.1:\(port)/0"), "\(result.out)")
+        #expect(!result.out.contains("hunter2") && !result.err.contains("hunter2"))
+    }
+
     @Test("installations list/show and token work as a caller, with clear exit codes and no secret printed")
     func callerCommands() async throws {
         try await GatewayHarness.run { h in
