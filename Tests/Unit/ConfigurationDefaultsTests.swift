@@ -32,6 +32,43 @@ import Testing
         #expect(config.eventLoopAffinity == .shared)
     }
 
+    @Test(
+        "listen hosts: IP literals and host names are taken, anything else is a configuration error naming the setting")
+    func listenHosts() throws {
+        let good = [
+            ("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "0.0.0.0"), ("::", "::"), ("::1", "::1"), ("[::1]", "::1"),
+            ("localhost", "localhost"), ("gateway-1.internal.example.com", "gateway-1.internal.example.com"),
+        ]
+        for (raw, expected) in good {
+            for variable in ["TOKEN_GATEWAY_HOST", "TOKEN_GATEWAY_OPS_HOST"] {
+                var environment = Self.required
+                environment[variable] = raw
+                environment["TOKEN_GATEWAY_OPS_PORT"] = "9090"
+                let config = try GatewayConfiguration.load(environment: environment)
+                let host = variable == "TOKEN_GATEWAY_HOST" ? config.host : config.operationsListener?.host
+                #expect(host == expected, "\(variable)=\(raw)")
+            }
+        }
+        let bad = [
+            "gateway host", "-gateway.example.com", "gateway..example.com", "gate_way.example.com",
+            "http://127.0.0.1", "127.0.0.1:8080", String(repeating: "a", count: 64) + ".example.com",
+        ]
+        for raw in bad {
+            for variable in ["TOKEN_GATEWAY_HOST", "TOKEN_GATEWAY_OPS_HOST"] {
+                var environment = Self.required
+                environment[variable] = raw
+                environment["TOKEN_GATEWAY_OPS_PORT"] = "9090"
+                do {
+                    _ = try GatewayConfiguration.load(environment: environment)
+                    Issue.record("\(variable)=\(raw) was taken")
+                } catch {
+                    #expect(error.setting == variable, "\(variable)=\(raw)")
+                    #expect(!error.description.contains(raw), "\(error)")
+                }
+            }
+        }
+    }
+
     @Test func theEventLoopAffinityIsSharedOrPinned() throws {
         for (value, expected) in [("shared", EventLoopAffinity.shared), ("pinned", .pinned), ("PINNED", .pinned)] {
             var environment = Self.required

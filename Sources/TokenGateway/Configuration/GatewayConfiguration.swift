@@ -1,6 +1,7 @@
 import FlowEngine
 import Foundation
 import Logging
+import NIOCore
 import NIOSSL
 
 /// A setting that is missing or malformed. `description` is one line naming the setting and
@@ -270,14 +271,38 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     private static func applyListeners(_ settings: SettingValues, to config: inout GatewayConfiguration)
         throws(ConfigurationError)
     {
-        if let host = settings.raw(.host) { config.host = host }
+        if let host = settings.raw(.host) { config.host = try Self.listenHost(host, setting: .host) }
         if let port = try settings.integer(.port, range: 0...65535) { config.port = port }
         if let opsPort = try settings.integer(.opsPort, range: 0...65535) {
-            config.operationsListener = OperationsListener(host: settings.raw(.opsHost) ?? "127.0.0.1", port: opsPort)
+            var opsHost = "127.0.0.1"
+            if let raw = settings.raw(.opsHost) { opsHost = try Self.listenHost(raw, setting: .opsHost) }
+            config.operationsListener = OperationsListener(host: opsHost, port: opsPort)
         } else if settings.raw(.opsHost) != nil {
             throw ConfigurationError(
                 setting: GatewaySetting.opsHost.environment, problem: "needs TOKEN_GATEWAY_OPS_PORT as well")
         }
+    }
+
+    /// A listen address: an IPv4 or IPv6 literal (`0.0.0.0`, `::`, `[::1]`), or a host name
+    /// (letters, digits and hyphens in dot-separated labels of at most 63 characters, 253 in all).
+    static func listenHost(_ raw: String, setting: GatewaySetting) throws(ConfigurationError) -> String {
+        var host = raw
+        if host.hasPrefix("["), host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        if (try? SocketAddress(ipAddress: host, port: 0)) != nil { return host }
+        let labels = host.split(separator: ".", omittingEmptySubsequences: false)
+        let isName =
+            !host.isEmpty && host.utf8.count <= 253
+            && labels.allSatisfy { label in
+                (1...63).contains(label.utf8.count) && label.first != "-" && label.last != "-"
+                    && label.utf8.allSatisfy { c in
+                        (0x30...0x39).contains(c) || (0x41...0x5A).contains(c) || (0x61...0x7A).contains(c) || c == 0x2D
+                    }
+            }
+        guard isName else {
+            throw ConfigurationError(
+                setting: setting.environment, problem: "not an IP address or host name to listen on")
+        }
+        return host
     }
 
     /// Whom the gateway trusts and calls: JWKS, trigger hosts, module keys, API base URLs, Connect
