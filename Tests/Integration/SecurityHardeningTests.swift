@@ -582,6 +582,12 @@ struct SecurityHardeningTests {
             #expect(try await h.token(a).status == 200)
             let metrics = try await Self.get(h, h.gatewayURL + "/metrics").body
             #expect(Self.counter(metrics, "token_gateway_overloaded_requests_total") == 2)
+            // Counted among the answered token requests too, under their outcome.
+            let overloaded = metrics.split(separator: "\n").first {
+                $0.hasPrefix("token_gateway_token_requests_total{") && $0.contains(#"outcome="overloaded""#)
+                    && $0.contains(#"source="none""#)
+            }
+            #expect(overloaded.flatMap { $0.split(separator: " ").last }.flatMap { Double($0) } == 2)
         }
     }
 

@@ -77,7 +77,7 @@ public struct FlowMetrics: Sendable {
     /// Outcome words of `token_gateway_token_requests_total`: `success` or a contract error code.
     static let outcomes = [
         "success", "installation_not_found", "installation_uninstalled", "no_trigger_url", "token_timeout",
-        "trigger_failed", "circuit_open", "store_unavailable", "cancelled", "shutting_down",
+        "trigger_failed", "circuit_open", "store_unavailable", "cancelled", "shutting_down", "overloaded",
     ]
 
     /// Counts one answered token request.
