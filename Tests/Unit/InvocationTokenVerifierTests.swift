@@ -209,6 +209,18 @@ private struct FITFactory {
         }
     }
 
+    @Test("a FIT from an Isolated Cloud (an icLabel claim) is refused: not supported, so it fails closed")
+    func isolatedCloudFailsClosed() async throws {
+        for label: Any in ["ic-eu-1", "", 7] {
+            var claims = FITFactory.claims()
+            claims["icLabel"] = label
+            try await expectRejection(FITFactory.token(claims: claims), .isolatedCloud)
+        }
+        var claims = FITFactory.claims()
+        claims["icLabel"] = NSNull()
+        _ = try await Self.verifier().verify(FITFactory.token(claims: claims))
+    }
+
     @Test func wrongIssuerIsRefused() async throws {
         var claims = FITFactory.claims()
         claims["iss"] = "forge/other-token"
@@ -366,6 +378,7 @@ private struct FITFactory {
         let all: [InvocationTokenError] = [
             .malformed, .algorithmNotAllowed, .unknownKey, .badSignature, .wrongIssuer, .wrongAudience, .expired,
             .notYetValid, .issuedInFuture, .missingClaim, .replayed, .jwksUnavailable, .storeUnavailable,
+            .isolatedCloud,
         ]
         #expect(Set(all.map(\.reason)).count == all.count)
         for error in all {

@@ -143,6 +143,9 @@ public struct InvocationTokenError: Error, Hashable, Sendable, CustomStringConve
     public static let jwksUnavailable = InvocationTokenError("jwks_unavailable")
     /// The store could not be reached to claim the `jti`.
     public static let storeUnavailable = InvocationTokenError("store_unavailable")
+    /// An `icLabel` claim: a FIT from an Isolated Cloud, whose keys come from a JWKS of its own.
+    /// Not supported yet, so such FITs are refused (fail closed).
+    public static let isolatedCloud = InvocationTokenError("isolated_cloud")
     /// A valid FIT that does not come from the app's backend (a UI module's type, a `context` or
     /// a `principal` claim): the route refuses it with 403.
     public static let notBackend = InvocationTokenError("not_backend")
@@ -372,6 +375,7 @@ public final class InvocationTokenVerifier: Sendable {
     private func checkClaims(_ claims: FITClaims, now: Date) throws(InvocationTokenError)
         -> (jti: String, exp: Double, skew: Double, installationId: String)
     {
+        guard !claims.hasICLabel else { throw .isolatedCloud }
         guard let iss = claims.iss else { throw .missingClaim("iss") }
         guard let aud = claims.aud else { throw .missingClaim("aud") }
         guard let exp = claims.exp else { throw .missingClaim("exp") }
@@ -528,6 +532,8 @@ extension InvocationTokenVerifier {
         var hasPrincipal = false
         /// A `context` claim of any JSON type but `null` is present.
         var hasContext = false
+        /// An `icLabel` claim of any JSON type but `null` is present (an Isolated Cloud's FIT).
+        var hasICLabel = false
 
         struct App: Codable, Sendable {
             var id: String?
@@ -613,7 +619,7 @@ extension InvocationTokenVerifier {
 
         private enum CodingKeys: String, CodingKey { case iss, aud, exp, nbf, iat, jti, app, principal }
         /// Claims only checked for presence.
-        private enum PresenceKeys: String, CodingKey { case principal, context }
+        private enum PresenceKeys: String, CodingKey { case principal, context, icLabel }
 
         init(from decoder: any Decoder) throws {
             let container = try decoder.container(keyedBy: CodingKeys.self)
@@ -629,6 +635,7 @@ extension InvocationTokenVerifier {
             self.hasPrincipal =
                 presence.contains(.principal) && !((try? presence.decodeNil(forKey: .principal)) ?? false)
             self.hasContext = presence.contains(.context) && !((try? presence.decodeNil(forKey: .context)) ?? false)
+            self.hasICLabel = presence.contains(.icLabel) && !((try? presence.decodeNil(forKey: .icLabel)) ?? false)
         }
 
         /// Claims are checked by ``InvocationTokenVerifier`` against an explicit clock.
