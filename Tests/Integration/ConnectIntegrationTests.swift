@@ -197,6 +197,8 @@ struct ConnectIntegrationTests {
                 #expect(try await h.gateway.store.connectTenant(tenant.clientKey) == nil, "\(name)")
             }
 
+            try await Self.expectIncompletePayloadsRefused(h)
+
             // The token names one tenant, the body another: neither is stored.
             let attacker = h.emulator.makeConnectTenant()
             let victim = h.emulator.makeConnectTenant()
@@ -214,6 +216,28 @@ struct ConnectIntegrationTests {
             expired.expiresAt = Date().addingTimeInterval(-300)
             #expect(try await h.emulator.connectUninstall(installed, options: expired).status == 401)
             #expect(try await h.gateway.store.connectTenant(installed.clientKey)?.status == .installed)
+        }
+    }
+
+    /// A payload, signed and verified, without what an install needs: the same 401, naming it,
+    /// and nothing stored.
+    static func expectIncompletePayloadsRefused(_ h: GatewayHarness) async throws {
+        for missing in ["sharedSecret", "key", "baseUrl"] {
+            let tenant = h.emulator.makeConnectTenant()
+            var payload: [String: String] = [
+                "clientKey": tenant.clientKey, "sharedSecret": tenant.sharedSecret, "key": "connect-app",
+                "baseUrl": "https://connect-tenant.example.test", "eventType": "installed",
+            ]
+            payload[missing] = nil
+            var options = SignedInstallOptions()
+            options.rawBody = String(
+                decoding: try JSONSerialization.data(withJSONObject: payload, options: [.sortedKeys]), as: UTF8.self)
+            let answer = try await h.emulator.connectInstall(tenant, options: options)
+            #expect(answer.status == 401, "without \(missing)")
+            #expect(connectErrorCode(answer.body) == "invalid_signed_install", "without \(missing)")
+            #expect(answer.body.contains(missing), "without \(missing): \(answer.body)")
+            #expect(!answer.body.contains(tenant.sharedSecret))
+            #expect(try await h.gateway.store.connectTenant(tenant.clientKey) == nil, "without \(missing)")
         }
     }
 

@@ -52,8 +52,7 @@ extension Gateway {
         let payload = verified.payload
         let clientKey = verified.clientKey
         guard Self.isStorableClientKey(clientKey) else {
-            throw GatewayError.invalidRequest(
-                "clientKey must be 1–256 visible ASCII characters without braces")
+            throw GatewayError.invalidSignedInstall("clientKey must be 1–256 visible ASCII characters without braces")
         }
         let installationId = try await self.connectInstallationLink(payload, clientKey: clientKey, logger: logger)
         let appKey = payload["key"]?.connectString.flatMap { $0.isEmpty ? nil : $0 }
@@ -64,11 +63,11 @@ extension Gateway {
         switch event {
         case .installed:
             guard let secret = payload["sharedSecret"]?.connectString, !secret.isEmpty else {
-                throw GatewayError.invalidRequest("sharedSecret (a non-empty string) is required")
+                throw GatewayError.invalidSignedInstall("sharedSecret (a non-empty string) is required")
             }
-            guard let appKey else { throw GatewayError.invalidRequest("key (the app key, a string) is required") }
+            guard let appKey else { throw GatewayError.invalidSignedInstall("key (the app key, a string) is required") }
             guard let baseUrl, ConnectURL.isAbsoluteHTTP(baseUrl) else {
-                throw GatewayError.invalidRequest("baseUrl (an absolute http(s) URL) is required")
+                throw GatewayError.invalidSignedInstall("baseUrl (an absolute http(s) URL) is required")
             }
             try await self.connectReplayGuard(verified, verifier: verifier, event: event, logger: logger)
             let created: Bool
@@ -301,6 +300,15 @@ extension GatewayError {
         status: .unauthorized, code: "invalid_signed_install",
         message: "the signed install (Authorization: JWT, RS256) was refused",
         extraHeaders: ["WWW-Authenticate": "JWT"])
+    /// 401 for a signed install whose signature checked out but whose payload cannot be installed
+    /// (contract §5: any failure is `invalid_signed_install`): `problem` says what is missing.
+    static func invalidSignedInstall(_ problem: String) -> GatewayError {
+        GatewayError(
+            status: .unauthorized, code: "invalid_signed_install",
+            message: "the signed install was refused: \(problem)",
+            extraHeaders: ["WWW-Authenticate": "JWT"])
+    }
+
     /// 404 for an unknown tenant, or one that has uninstalled the app.
     public static let tenantNotFound = GatewayError(
         status: .notFound, code: "tenant_not_found",
