@@ -475,6 +475,8 @@ struct TokenFlowExecutorTests {
     )
     func uninstallMissedWhileUnsubscribed() async throws {
         try await withFlow { h in
+            // Stored by another replica; its announcement is lost.
+            h.store.dropsNotifications = true
             h.store.deliver(h.id, token: "tok-1", expiresAt: h.clock.now().unixSeconds + 3600, requestID: nil)
             let first = try await h.request().get()
             #expect(first.token.value == "tok-1")
@@ -487,6 +489,7 @@ struct TokenFlowExecutorTests {
             while h.flow.subscriptionsHandled < 2 { await Task.yield() }
             #expect(h.flow.rememberedToken(h.id) == nil)
             #expect(await h.request().failure?.code == .installationUninstalled)
+            #expect(h.flow.unverifiedToken(h.id) == nil)
             #expect(h.trigger.callCount == 0)
         }
     }
@@ -494,6 +497,8 @@ struct TokenFlowExecutorTests {
     @Test("a token another replica stored while this process's subscription was down is served once it is back")
     func newerTokenMissedWhileUnsubscribed() async throws {
         try await withFlow { h in
+            // Stored by another replica; its announcement is lost.
+            h.store.dropsNotifications = true
             h.store.deliver(h.id, token: "tok-1", expiresAt: h.clock.now().unixSeconds + 3600, requestID: nil)
             let first = try await h.request().get()
             #expect(first.token.value == "tok-1")
@@ -507,6 +512,59 @@ struct TokenFlowExecutorTests {
             #expect(answer.source == .cache)
             #expect(h.store.calls("snapshot") == 2)
             #expect(h.trigger.callCount == 0)
+        }
+    }
+
+    @Test(
+        "after a resubscription, a remembered token is still served while the store cannot be read, and verified once it can"
+    )
+    func unverifiedTokenServedInAnOutage() async throws {
+        try await withFlow { h in
+            // Stored by another replica; its announcement is lost.
+            h.store.dropsNotifications = true
+            h.store.deliver(h.id, token: "tok-1", expiresAt: h.clock.now().unixSeconds + 3600, requestID: nil)
+            let first = try await h.request().get()
+            #expect(first.token.value == "tok-1")
+            h.store.dropsNotifications = false
+            h.store.resubscribe()
+            while h.flow.subscriptionsHandled < 2 { await Task.yield() }
+            h.store.isUnavailable = true
+            let during = try await h.request().get()
+            #expect(during.token.value == "tok-1")
+            #expect(during.source == .cache)
+            #expect(h.flow.rememberedToken(h.id) == nil)
+            h.store.isUnavailable = false
+            let after = try await h.request().get()
+            #expect(after.token.value == "tok-1")
+            // That read verified it: memory answers again, without the store.
+            #expect(h.flow.rememberedToken(h.id)?.value == "tok-1")
+            let snapshots = h.store.calls("snapshot")
+            let cached = try await h.request().get()
+            #expect(cached.token.value == "tok-1")
+            #expect(h.store.calls("snapshot") == snapshots)
+        }
+    }
+
+    @Test(
+        "a store read that began before this process forgot the installation (uninstalled) does not put its token back")
+    func readOlderThanAnUninstallIsNotRemembered() async throws {
+        try await withFlow { h in
+            // Stored by another replica; its announcement is lost.
+            h.store.dropsNotifications = true
+            h.store.deliver(h.id, token: "tok-1", expiresAt: h.clock.now().unixSeconds + 3600, requestID: nil)
+            h.store.hold(.snapshotAnswer)
+            async let first = h.request()
+            while h.store.held(.snapshotAnswer) < 1 { await Task.yield() }
+            // The uninstall reaches this process (its route, or the notice) while the read that
+            // found tok-1 is on its way back.
+            h.store.dropsNotifications = true
+            h.store.uninstall(h.id)
+            h.flow.installationUninstalled(h.id)
+            h.store.release(.snapshotAnswer)
+            let answered = try await first.get()
+            #expect(answered.token.value == "tok-1")
+            #expect(h.flow.rememberedToken(h.id) == nil)
+            #expect(await h.request().failure?.code == .installationUninstalled)
         }
     }
 

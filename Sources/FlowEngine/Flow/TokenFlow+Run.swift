@@ -72,24 +72,33 @@ extension TokenFlow {
     func handleNotification(_ notification: TokenStoreNotification) async {
         switch notification {
         case .subscribed:
-            // Announcements may have been lost while the subscription was down (an uninstall, a
-            // new `apiBaseUrl`, a hold, a newer token): when it comes back, what this process
-            // remembers is dropped, so each installation's next caller reads the store, and every
-            // round in flight re-reads it now. (The first subscription comes up as the process
-            // starts: what it remembers by then was read moments ago, and is kept.)
-            let (dropped, active) = self.state.withLock { s in
+            // Announcements may have been lost while not subscribed (an uninstall, a new
+            // `apiBaseUrl`, a hold, a newer token): what this process remembered until now is
+            // marked unverified, so each installation's next caller reads the store before it is
+            // served (the token is kept for a store outage), and every round in flight re-reads
+            // the store now.
+            let (marked, active, waiters) = self.state.withLock { s in
                 s.subscriptions += 1
                 let active = s.machines.compactMap { entry in entry.value.currentRequestID.map { (entry.key, $0) } }
-                guard s.subscriptions > 1 else { return (0, active) }
-                let dropped = s.memory.count
-                s.memory.removeAll()
+                let waiters = s.subscriptionWaiters
+                s.subscriptionWaiters = []
+                let marked = s.memory.count
+                if marked > 0 {
+                    s.memory = s.memory.mapValues { entry in
+                        var entry = entry
+                        entry.unverified = true
+                        return entry
+                    }
+                    s.memoryGeneration &+= 1
+                }
                 s.triggerChecked.removeAll()
-                return (dropped, active)
+                return (marked, active, waiters)
             }
-            if dropped > 0 {
+            for waiter in waiters { waiter.resume() }
+            if marked > 0 {
                 self.logger.info(
-                    "store announcements subscribed again: remembered tokens dropped, each read from the store on its next request",
-                    metadata: ["installations": "\(dropped)"])
+                    "store announcements subscribed: remembered tokens are read from the store again before they are served",
+                    metadata: ["installations": "\(marked)"])
             }
             for (id, requestID) in active { await self.readStore(id, requestID: requestID) }
         case .tokenStored(let id, let requestID, let same, let origin):
@@ -122,6 +131,7 @@ extension TokenFlow {
     private func reread(_ id: InstallationID, solicitedBy: String?, sameToken: Bool) async {
         let interested = self.state.withLock { $0.machines[id] != nil || $0.memory[id] != nil }
         guard interested else { return }
+        let generation = self.memoryGenerationNow()
         let entry: TokenStoreProbe
         do {
             entry = try await self.store.roundProbe(id, requestID: nil)
@@ -129,7 +139,12 @@ extension TokenFlow {
             // The re-read timer of a round in flight picks it up.
             return
         }
-        self.remember(id, entry.token, apiBaseUrl: entry.apiBaseUrl)
+        guard !entry.uninstalled else {
+            // Its notice may have been lost: the read says as much.
+            self.installationUninstalled(id)
+            return
+        }
+        self.remember(id, entry.token, apiBaseUrl: entry.apiBaseUrl, readAt: generation)
         let now = self.now()
         let hold = entry.holdRemaining.map { RoundTripHold(until: now + $0, newest: entry.token) }
         self.handle(id, creating: hold != nil) { m in

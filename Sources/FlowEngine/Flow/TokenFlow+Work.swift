@@ -44,8 +44,13 @@ extension TokenFlow {
             case .held(let remaining):
                 // Another round trip just brought no newer token: answer with the newest one.
                 let now = self.now()
+                let generation = self.memoryGenerationNow()
                 let entry = try await self.store.roundProbe(id, requestID: nil)
-                self.remember(id, entry.token, apiBaseUrl: entry.apiBaseUrl)
+                guard !entry.uninstalled else {
+                    self.installationUninstalled(id)
+                    return
+                }
+                self.remember(id, entry.token, apiBaseUrl: entry.apiBaseUrl, readAt: generation)
                 let hold = RoundTripHold(until: now + remaining, newest: entry.token)
                 self.handle(id) { $0.leaseHeld(requestID: requestID, hold: hold, now: self.now()) }
             }
@@ -103,6 +108,7 @@ extension TokenFlow {
     /// round without replacing the token (its pending request consumed), a hold, or nothing.
     func readStore(_ id: InstallationID, requestID: String) async {
         do {
+            let generation = self.memoryGenerationNow()
             let probe = try await self.store.roundProbe(id, requestID: requestID)
             // Uninstalled, and this process missed the notice: its callers get 410 as they would
             // have on the notice, and no round trip is tried for an installation that is gone.
@@ -110,7 +116,7 @@ extension TokenFlow {
                 self.installationUninstalled(id)
                 return
             }
-            self.remember(id, probe.token, apiBaseUrl: probe.apiBaseUrl)
+            self.remember(id, probe.token, apiBaseUrl: probe.apiBaseUrl, readAt: generation)
             let now = self.now()
             let hold = probe.holdRemaining.map { RoundTripHold(until: now + $0, newest: probe.token) }
             self.handle(id) { m in

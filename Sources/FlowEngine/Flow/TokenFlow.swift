@@ -39,6 +39,10 @@ public final class TokenFlow: Sendable, Service {
     struct MemoryEntry {
         var token: AccessToken?
         var apiBaseUrl: String?
+        /// Remembered before the subscription to the store's announcements last came up, so an
+        /// announcement about it (an uninstall, a new `apiBaseUrl`, a hold) may have been lost:
+        /// its token is not served while the store can be read, and the next store read verifies it.
+        var unverified = false
     }
 
     /// A caller waiting in this process.
@@ -91,6 +95,11 @@ public final class TokenFlow: Sendable, Service {
         var leaseAhead: [InstallationID: SnapshotLease] = [:]
         /// How many times the store's announcements were (re)subscribed to.
         var subscriptions = 0
+        /// Callers of ``subscribed()`` waiting for the first subscription.
+        var subscriptionWaiters: [CheckedContinuation<Void, Never>] = []
+        /// Bumped whenever memory is forgotten or marked unverified: a store read that began
+        /// before (``remember(_:_:apiBaseUrl:readAt:)``) is older than what memory now says.
+        var memoryGeneration: UInt64 = 0
         var shuttingDown = false
     }
 
@@ -181,8 +190,11 @@ public final class TokenFlow: Sendable, Service {
     /// What this process remembers of `id` (one lock).
     struct Remembered {
         /// Its token unless expired (an expired token is dropped on lookup, so memory holds no
-        /// token past its expiry once it has been asked for).
+        /// token past its expiry once it has been asked for) or unverified.
         var token: AccessToken?
+        /// Its token while unverified (``MemoryEntry/unverified``): served only when the store
+        /// cannot be read.
+        var unverifiedToken: AccessToken?
         var apiBaseUrl: String?
         /// The hold its machine knows of.
         var hold: RoundTripHold?
@@ -204,6 +216,8 @@ public final class TokenFlow: Sendable, Service {
             found.apiBaseUrl = entry.apiBaseUrl
             if let t = entry.token, t.expiresAt <= nowSeconds {
                 s.memory[id]?.token = nil
+            } else if entry.unverified {
+                found.unverifiedToken = entry.token
             } else {
                 found.token = entry.token
             }
@@ -245,12 +259,15 @@ public final class TokenFlow: Sendable, Service {
             ttl: max(deadline - start, .milliseconds(1)) + self.configuration.leaseGrace,
             minValidity: request.minValidity, forced: request.forceRefresh, now: start,
             material: self.trigger.triggerMaterialQuery(for: id))
+        let generation = self.memoryGenerationNow()
         do {
             snapshot = try await self.sharedSnapshot(id, timeout: min(deadline - start, .seconds(2)), intent: intent)
         } catch {
-            // The store is unreachable: a still-valid token held in memory is served, except to a
-            // forced refresh, which asks for a token other than the one it holds.
-            if !request.forceRefresh, let t = remembered, t.expiresAt > self.now().unixSeconds {
+            // The store is unreachable: a still-valid token held in memory is served (unverified
+            // too: nothing better can be known now), except to a forced refresh, which asks for a
+            // token other than the one it holds.
+            if !request.forceRefresh, let t = remembered ?? memory.unverifiedToken, t.expiresAt > self.now().unixSeconds
+            {
                 return TokenAnswer(token: t, source: .cache, apiBaseUrl: rememberedBaseURL)
             }
             self.logger.warning(
@@ -267,7 +284,7 @@ public final class TokenFlow: Sendable, Service {
         let baseURL = snapshot.apiBaseUrl ?? rememberedBaseURL
         let hold = snapshot.holdRemaining.map { RoundTripHold(until: start + $0, newest: snapshot.token) }
         self.observe(id, snapshot, hold: hold, now: start)
-        self.remember(id, snapshot.token, apiBaseUrl: snapshot.apiBaseUrl)
+        self.remember(id, snapshot.token, apiBaseUrl: snapshot.apiBaseUrl, readAt: generation)
         if let t = snapshot.token, !request.forceRefresh, t.expiresAt >= nowSeconds + request.minValidity {
             self.giveBackLeaseAhead(id, named: intent.requestID)
             self.refreshAheadIfStale(id, t, now: start)
@@ -411,7 +428,11 @@ public final class TokenFlow: Sendable, Service {
             // A round may have ended between this caller's store read and now: the newest token
             // in memory is the one the machine judges.
             var newest = current
-            if let t = s.memory[id]?.token, t.expiresAt > (newest?.expiresAt ?? .min) { newest = t }
+            if let entry = s.memory[id], !entry.unverified, let t = entry.token,
+                t.expiresAt > (newest?.expiresAt ?? .min)
+            {
+                newest = t
+            }
             var machine = s.machines[id] ?? self.makeMachine(&s)
             let wasActive = machine.isActive
             let actions = machine.tokenWasRequested(
@@ -563,9 +584,28 @@ public final class TokenFlow: Sendable, Service {
         self.state.withLock { $0.subscriptions }
     }
 
-    /// The token this process holds in memory for `id`, if any.
+    /// The token this process holds in memory for `id` and would answer with, if any (nil while
+    /// it is unverified: see ``unverifiedToken(_:)``).
     public func rememberedToken(_ id: InstallationID) -> AccessToken? {
-        self.state.withLock { $0.memory[id]?.token }
+        self.state.withLock { s in s.memory[id].flatMap { $0.unverified ? nil : $0.token } }
+    }
+
+    /// The token this process holds for `id` while it is unverified (kept for store outages).
+    public func unverifiedToken(_ id: InstallationID) -> AccessToken? {
+        self.state.withLock { s in s.memory[id].flatMap { $0.unverified ? $0.token : nil } }
+    }
+
+    /// Returns once this process's subscription to the store's announcements has come up (and
+    /// been handled) for the first time.
+    public func subscribed() async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let now = self.state.withLock { s -> Bool in
+                guard s.subscriptions == 0 else { return true }
+                s.subscriptionWaiters.append(continuation)
+                return false
+            }
+            if now { continuation.resume() }
+        }
     }
 
     /// The token and `apiBaseUrl` this process holds in memory for `id`.
@@ -591,20 +631,32 @@ public final class TokenFlow: Sendable, Service {
     }
 
     /// Remembers `token` (when it is newer than the one held) and `apiBaseUrl` (when known: it is
-    /// the latest FIT's, so it replaces the one held).
-    func remember(_ id: InstallationID, _ token: AccessToken?, apiBaseUrl: String?) {
-        guard token != nil || apiBaseUrl != nil else { return }
+    /// the latest FIT's, so it replaces the one held). `readAt`: the ``State/memoryGeneration``
+    /// when the store read that found them began; a read older than memory's last drop or mark
+    /// is not remembered, and a current one verifies the entry (as does a token the store has just
+    /// taken, from a delivery).
+    func remember(_ id: InstallationID, _ token: AccessToken?, apiBaseUrl: String?, readAt: UInt64? = nil) {
+        guard token != nil || apiBaseUrl != nil || readAt != nil else { return }
         self.state.withLock { s in
+            if let readAt, readAt != s.memoryGeneration { return }
+            guard token != nil || apiBaseUrl != nil || s.memory[id] != nil else { return }
             var entry = s.memory[id] ?? MemoryEntry()
             if let apiBaseUrl { entry.apiBaseUrl = apiBaseUrl }
             if let token, (entry.token?.expiresAt ?? Int64.min) < token.expiresAt { entry.token = token }
+            if readAt != nil || token != nil { entry.unverified = false }
             s.memory[id] = entry
         }
+    }
+
+    /// The ``State/memoryGeneration`` a store read beginning now is remembered at.
+    func memoryGenerationNow() -> UInt64 {
+        self.state.withLock { $0.memoryGeneration }
     }
 
     func forget(_ id: InstallationID) {
         self.state.withLock {
             $0.memory[id] = nil
+            $0.memoryGeneration &+= 1
             $0.triggerKnown.remove(id)
             $0.triggerChecked.remove(id)
         }

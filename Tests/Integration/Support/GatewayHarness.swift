@@ -96,6 +96,7 @@ final class GatewayHarness: Sendable {
             tasks.addTask { try await gatewayGroup.run() }
             var port = 0
             for await p in ready.stream { port = p }
+            await Self.subscribed(gateway)
             let url = "http://127.0.0.1:\(port)"
             emulator.setGatewayURL(url)
             let harness = GatewayHarness(
@@ -111,6 +112,15 @@ final class GatewayHarness: Sendable {
             await emulatorGroup.triggerGracefulShutdown()
             try await tasks.waitForAll()
         }
+    }
+
+    /// Returns once `gateway` has subscribed to the store's announcements, as a replica has
+    /// shortly after it starts (what it remembers before that is read again before it is served,
+    /// which tests counting store reads or fast answers would see). At once when Redis does not
+    /// answer: a test of an outage has no subscription to wait for.
+    static func subscribed(_ gateway: Gateway) async {
+        guard (try? await gateway.redis.ping(timeout: .seconds(2))) != nil else { return }
+        await gateway.flow.subscribed()
     }
 
     /// A new installation, installed and registered through the emulator.
@@ -186,6 +196,7 @@ extension GatewayHarness {
             tasks.addTask { try await group.run() }
             var port = 0
             for await p in ready.stream { port = p }
+            await Self.subscribed(second)
             do {
                 try await body("http://127.0.0.1:\(port)", second)
             } catch {
