@@ -410,6 +410,30 @@ struct TokenFlowIntegrationTests {
         }
     }
 
+    @Test(
+        "an uninstall whose announcement was lost: once the replica's subscription drops and comes back, its next request reads the store and answers 410"
+    )
+    func uninstallAnnouncementLostThenResubscribed() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let id = installation.installationID
+            #expect(try await h.token(installation).status == 200)
+            // The installation goes as the uninstall script leaves it, but without its announcement.
+            let store = h.gateway.store
+            _ = try await h.gateway.redis.send(["HSET", store.installationKey(id), "status", "uninstalled"])
+            _ = try await h.gateway.redis.send(["DEL", store.systemTokenKey(id)])
+            // Memory, which heard nothing, still answers.
+            #expect(try await h.token(installation).status == 200)
+            // The subscription drops (as on a network blip or a failover) and comes back.
+            _ = try await h.gateway.redis.send(["CLIENT", "KILL", "TYPE", "pubsub"])
+            await h.gateway.flow.subscribed(times: 2)
+            let answer = try await h.token(installation)
+            #expect(answer.status == 410)
+            #expect(answer.errorCode == "installation_uninstalled")
+            #expect(h.emulator.triggerCalls(for: installation) == 1)
+        }
+    }
+
     @Test("delivery headers and bodies are validated: missing token 400, unreadable exp 400")
     func deliveryValidation() async throws {
         try await GatewayHarness.run { h in

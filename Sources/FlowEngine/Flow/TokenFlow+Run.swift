@@ -80,8 +80,8 @@ extension TokenFlow {
             let (marked, active, waiters) = self.state.withLock { s in
                 s.subscriptions += 1
                 let active = s.machines.compactMap { entry in entry.value.currentRequestID.map { (entry.key, $0) } }
-                let waiters = s.subscriptionWaiters
-                s.subscriptionWaiters = []
+                let waiters = s.subscriptionWaiters.filter { $0.times <= s.subscriptions }.map(\.continuation)
+                s.subscriptionWaiters.removeAll { $0.times <= s.subscriptions }
                 let marked = s.memory.count
                 if marked > 0 {
                     s.memory = s.memory.mapValues { entry in

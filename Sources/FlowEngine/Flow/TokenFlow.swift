@@ -95,8 +95,8 @@ public final class TokenFlow: Sendable, Service {
         var leaseAhead: [InstallationID: SnapshotLease] = [:]
         /// How many times the store's announcements were (re)subscribed to.
         var subscriptions = 0
-        /// Callers of ``subscribed()`` waiting for the first subscription.
-        var subscriptionWaiters: [CheckedContinuation<Void, Never>] = []
+        /// Callers of ``subscribed(times:)`` waiting, with the count each waits for.
+        var subscriptionWaiters: [(times: Int, continuation: CheckedContinuation<Void, Never>)] = []
         /// Bumped whenever memory is forgotten or marked unverified: a store read that began
         /// before (``remember(_:_:apiBaseUrl:readAt:)``) is older than what memory now says.
         var memoryGeneration: UInt64 = 0
@@ -596,12 +596,12 @@ public final class TokenFlow: Sendable, Service {
     }
 
     /// Returns once this process's subscription to the store's announcements has come up (and
-    /// been handled) for the first time.
-    public func subscribed() async {
+    /// been handled) `times` times: the first at start-up, then once after each reconnection.
+    public func subscribed(times: Int = 1) async {
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
             let now = self.state.withLock { s -> Bool in
-                guard s.subscriptions == 0 else { return true }
-                s.subscriptionWaiters.append(continuation)
+                guard s.subscriptions < times else { return true }
+                s.subscriptionWaiters.append((times, continuation))
                 return false
             }
             if now { continuation.resume() }
