@@ -569,6 +569,30 @@ struct TokenFlowExecutorTests {
     }
 
     @Test(
+        "a caller that shares a store read begun before this process forgot the installation does not put its token back"
+    )
+    func sharedReadOlderThanAnUninstallIsNotRemembered() async throws {
+        try await withFlow { h in
+            // Stored by another replica; its announcement is lost.
+            h.store.dropsNotifications = true
+            h.store.deliver(h.id, token: "tok-1", expiresAt: h.clock.now().unixSeconds + 3600, requestID: nil)
+            h.store.hold(.snapshotAnswer)
+            async let first = h.request()
+            while h.store.held(.snapshotAnswer) < 1 { await Task.yield() }
+            // The uninstall reaches this process while that read is on its way back; a caller
+            // arriving now shares the read, which began before.
+            h.store.uninstall(h.id)
+            h.flow.installationUninstalled(h.id)
+            async let second = h.request()
+            while h.flow.snapshotFollowers(h.id) < 1 { await Task.yield() }
+            h.store.release(.snapshotAnswer)
+            _ = await (first, second)
+            #expect(h.flow.rememberedToken(h.id) == nil)
+            #expect(await h.request().failure?.code == .installationUninstalled)
+        }
+    }
+
+    @Test(
         "a trigger attempt that finds no trigger in force because the installation was uninstalled (notice lost): 410 at once, no retry, no failure counted"
     )
     func attemptFindsTheInstallationUninstalled() async throws {

@@ -61,7 +61,14 @@ public final class TokenFlow: Sendable, Service {
         var tag: String
     }
 
-    typealias SnapshotFollower = CheckedContinuation<Result<TokenStoreSnapshot, any Error>?, Never>
+    typealias SnapshotFollower = CheckedContinuation<Result<SharedRead, any Error>?, Never>
+
+    /// A snapshot, with the ``State/memoryGeneration`` at which its read began (for every caller
+    /// that shares it: the read may be older than a caller's arrival).
+    struct SharedRead: Sendable {
+        var snapshot: TokenStoreSnapshot
+        var readAt: UInt64
+    }
 
     struct LeaseMaterial {
         var requestID: String
@@ -253,15 +260,14 @@ public final class TokenFlow: Sendable, Service {
                 apiBaseUrl: rememberedBaseURL, hold: localHold, current: remembered,
                 canStartRound: memory.triggerKnown)
         }
-        let snapshot: TokenStoreSnapshot
+        let read: SharedRead
         let intent = SnapshotLeaseIntent(
             requestID: Self.makeRequestID(), replicaID: self.replicaID,
             ttl: max(deadline - start, .milliseconds(1)) + self.configuration.leaseGrace,
             minValidity: request.minValidity, forced: request.forceRefresh, now: start,
             material: self.trigger.triggerMaterialQuery(for: id))
-        let generation = self.memoryGenerationNow()
         do {
-            snapshot = try await self.sharedSnapshot(id, timeout: min(deadline - start, .seconds(2)), intent: intent)
+            read = try await self.sharedSnapshot(id, timeout: min(deadline - start, .seconds(2)), intent: intent)
         } catch {
             // The store is unreachable: a still-valid token held in memory is served (unverified
             // too: nothing better can be known now), except to a forced refresh, which asks for a
@@ -274,6 +280,7 @@ public final class TokenFlow: Sendable, Service {
                 "store unavailable for token request", metadata: ["installation.id": "\(id)", "error": "\(error)"])
             throw .storeUnavailable
         }
+        let snapshot = read.snapshot
         // A lease this caller's snapshot took but no round will need is given back at once.
         guard snapshot.exists, snapshot.active else {
             self.giveBackLeaseAhead(id, named: intent.requestID)
@@ -284,7 +291,7 @@ public final class TokenFlow: Sendable, Service {
         let baseURL = snapshot.apiBaseUrl ?? rememberedBaseURL
         let hold = snapshot.holdRemaining.map { RoundTripHold(until: start + $0, newest: snapshot.token) }
         self.observe(id, snapshot, hold: hold, now: start)
-        self.remember(id, snapshot.token, apiBaseUrl: snapshot.apiBaseUrl, readAt: generation)
+        self.remember(id, snapshot.token, apiBaseUrl: snapshot.apiBaseUrl, readAt: read.readAt)
         if let t = snapshot.token, !request.forceRefresh, t.expiresAt >= nowSeconds + request.minValidity {
             self.giveBackLeaseAhead(id, named: intent.requestID)
             self.refreshAheadIfStale(id, t, now: start)
@@ -304,8 +311,12 @@ public final class TokenFlow: Sendable, Service {
     /// The reader's snapshot may take the lease for the round its caller would start (`intent`):
     /// it is kept as ``State/leaseAhead`` before anyone is answered, for the first round started.
     private func sharedSnapshot(_ id: InstallationID, timeout: Duration, intent: SnapshotLeaseIntent)
-        async throws -> TokenStoreSnapshot
+        async throws -> SharedRead
     {
+        let ownRead = { () async throws -> SharedRead in
+            let readAt = self.memoryGenerationNow()
+            return SharedRead(snapshot: try await self.store.snapshot(id, timeout: timeout), readAt: readAt)
+        }
         let leads = self.state.withLock { s -> Bool in
             guard s.snapshotsInFlight[id] == nil else { return false }
             s.snapshotsInFlight[id] = []
@@ -314,7 +325,7 @@ public final class TokenFlow: Sendable, Service {
         guard leads else {
             // A forced refresh reads for itself: a read in flight may have left before the token it
             // replaces was stored (by another replica), and that token would then count as newer.
-            if intent.forced { return try await self.store.snapshot(id, timeout: timeout) }
+            if intent.forced { return try await ownRead() }
             let shared = await withCheckedContinuation { (follower: SnapshotFollower) in
                 let joined = self.state.withLock { s -> Bool in
                     guard s.snapshotsInFlight[id] != nil else { return false }
@@ -324,13 +335,14 @@ public final class TokenFlow: Sendable, Service {
                 if !joined { follower.resume(returning: nil) }
             }
             switch shared {
-            case .some(.success(let snapshot)): return snapshot
+            case .some(.success(let read)): return read
             case .some(.failure(let error)) where !(error is CancellationError): throw error
-            default: return try await self.store.snapshot(id, timeout: timeout)
+            default: return try await ownRead()
             }
         }
-        let result: Result<TokenStoreSnapshot, any Error>
+        let result: Result<SharedRead, any Error>
         var replaced: SnapshotLease?
+        let readAt = self.memoryGenerationNow()
         do {
             let (snapshot, lease) = try await self.store.snapshot(id, timeout: timeout, takingLease: intent)
             if let lease {
@@ -339,7 +351,7 @@ public final class TokenFlow: Sendable, Service {
                     return s.shuttingDown ? lease : s.leaseAhead[id]
                 }
             }
-            result = .success(snapshot)
+            result = .success(SharedRead(snapshot: snapshot, readAt: readAt))
         } catch {
             result = .failure(Task.isCancelled ? CancellationError() : error)
         }
