@@ -79,6 +79,13 @@ private struct Harness {
             solicitedBy: rid)
     }
 
+    /// Another replica stores `value` (valid for an hour); its announcement, and every one after
+    /// it until the test lets them through again, is lost.
+    func storeElsewhereUnannounced(_ value: String) {
+        self.store.dropsNotifications = true
+        self.store.deliver(self.id, token: value, expiresAt: self.clock.now().unixSeconds + 3600, requestID: nil)
+    }
+
     /// Another replica takes the installation's lease: its round trip is in flight.
     func otherReplicaLeads() async throws {
         _ = try await self.store.takeLease(
@@ -475,9 +482,7 @@ struct TokenFlowExecutorTests {
     )
     func uninstallMissedWhileUnsubscribed() async throws {
         try await withFlow { h in
-            // Stored by another replica; its announcement is lost.
-            h.store.dropsNotifications = true
-            h.store.deliver(h.id, token: "tok-1", expiresAt: h.clock.now().unixSeconds + 3600, requestID: nil)
+            h.storeElsewhereUnannounced("tok-1")
             let first = try await h.request().get()
             #expect(first.token.value == "tok-1")
             #expect(h.flow.rememberedToken(h.id)?.value == "tok-1")
@@ -497,9 +502,7 @@ struct TokenFlowExecutorTests {
     @Test("a token another replica stored while this process's subscription was down is served once it is back")
     func newerTokenMissedWhileUnsubscribed() async throws {
         try await withFlow { h in
-            // Stored by another replica; its announcement is lost.
-            h.store.dropsNotifications = true
-            h.store.deliver(h.id, token: "tok-1", expiresAt: h.clock.now().unixSeconds + 3600, requestID: nil)
+            h.storeElsewhereUnannounced("tok-1")
             let first = try await h.request().get()
             #expect(first.token.value == "tok-1")
             h.store.dropsNotifications = true
@@ -520,9 +523,7 @@ struct TokenFlowExecutorTests {
     )
     func unverifiedTokenServedInAnOutage() async throws {
         try await withFlow { h in
-            // Stored by another replica; its announcement is lost.
-            h.store.dropsNotifications = true
-            h.store.deliver(h.id, token: "tok-1", expiresAt: h.clock.now().unixSeconds + 3600, requestID: nil)
+            h.storeElsewhereUnannounced("tok-1")
             let first = try await h.request().get()
             #expect(first.token.value == "tok-1")
             h.store.dropsNotifications = false
@@ -549,9 +550,7 @@ struct TokenFlowExecutorTests {
         "a store read that began before this process forgot the installation (uninstalled) does not put its token back")
     func readOlderThanAnUninstallIsNotRemembered() async throws {
         try await withFlow { h in
-            // Stored by another replica; its announcement is lost.
-            h.store.dropsNotifications = true
-            h.store.deliver(h.id, token: "tok-1", expiresAt: h.clock.now().unixSeconds + 3600, requestID: nil)
+            h.storeElsewhereUnannounced("tok-1")
             h.store.hold(.snapshotAnswer)
             async let first = h.request()
             while h.store.held(.snapshotAnswer) < 1 { await Task.yield() }
@@ -573,9 +572,7 @@ struct TokenFlowExecutorTests {
     )
     func sharedReadOlderThanAnUninstallIsNotRemembered() async throws {
         try await withFlow { h in
-            // Stored by another replica; its announcement is lost.
-            h.store.dropsNotifications = true
-            h.store.deliver(h.id, token: "tok-1", expiresAt: h.clock.now().unixSeconds + 3600, requestID: nil)
+            h.storeElsewhereUnannounced("tok-1")
             h.store.hold(.snapshotAnswer)
             async let first = h.request()
             while h.store.held(.snapshotAnswer) < 1 { await Task.yield() }
