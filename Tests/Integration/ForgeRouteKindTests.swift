@@ -324,7 +324,7 @@ struct ForgeRouteKindTests {
     }
 
     @Test(
-        "auth-trigger: a token more than 24 h ahead is 400 and stores nothing; under 60 s is stored:false and never served"
+        "auth-trigger: a token more than 24 h ahead is 400 and stores nothing; under 60 s is stored:false and never served (410 once uninstalled)"
     )
     func deliveryLifetime() async throws {
         try await GatewayHarness.run { h in
@@ -356,6 +356,17 @@ struct ForgeRouteKindTests {
             let long = try h.emulator.mintAccessToken(for: unknown, expiresAt: Date().addingTimeInterval(48 * 3600))
             #expect(try await h.emulator.deliver(unknown, systemToken: long, requestId: nil).status == 400)
             #expect(try await Security.keys(of: unknown, in: h.gateway.redis).isEmpty)
+
+            // An uninstalled installation: the short token is refused like any delivery (410), and
+            // nothing changes.
+            try await h.emulator.uninstall(installation)
+            let afterUninstall = try await Security.snapshot(of: installation, in: h.gateway.redis)
+            let late = try h.emulator.mintAccessToken(for: installation, expiresAt: Date().addingTimeInterval(30))
+            let gone = try await h.emulator.deliver(installation, systemToken: late, requestId: nil)
+            #expect(gone.status == 410, "\(gone.body)")
+            #expect(gone.body.contains("installation_uninstalled"))
+            #expect(try await Security.snapshot(of: installation, in: h.gateway.redis) == afterUninstall)
+            #expect(try await h.token(installation).status == 410)
         }
     }
 

@@ -157,8 +157,12 @@ extension Gateway {
             // callers get `trigger_failed` at once instead of waiting out their deadline); an
             // unasked one changes nothing at all.
             logger.notice("dropped a nearly expired delivered token", metadata: ["installation.id": "\(id)"])
-            // (Changing nothing, it claims no jti: a replay of it changes nothing either.)
-            guard requestID != nil else { return Self.json(.object([("stored", .bool(false))])) }
+            // (Changing nothing, it claims no jti: a replay of it changes nothing either.) Like any
+            // delivery, one for an uninstalled installation is 410.
+            guard requestID != nil else {
+                try await self.refuseIfUninstalled(id)
+                return Self.json(.object([("stored", .bool(false))]))
+            }
         case .acceptable:
             break
         }
@@ -166,6 +170,18 @@ extension Gateway {
             id, token: token, requestID: requestID, invocation: invocation, trace: Self.forgeTrace(request),
             claimingInvocation: true, logger: logger)
         return Self.json(.object([("stored", .bool(stored))]))
+    }
+
+    /// 410 `installation_uninstalled` when the store records the installation as uninstalled; an
+    /// installation never seen passes.
+    func refuseIfUninstalled(_ id: InstallationID) async throws {
+        let record: InstallationRecord?
+        do {
+            record = try await self.store.installation(id)
+        } catch {
+            throw GatewayError.storeUnavailable
+        }
+        if record?.status == .uninstalled { throw GatewayError(FlowError.installationUninstalled) }
     }
 
     /// `POST /forge/lifecycle`: installed/upgraded records the installation (keeping a token that came
