@@ -294,8 +294,11 @@ struct RedisDeploymentTests {
         _ = try await client.send(["SET", key, "0"])
         let answers = FailoverCounts()
         let start = ContinuousClock.now
+        // The writer says when the load is under way (20 answers), and the primary dies then.
+        let (underLoad, loadStarted) = AsyncStream<Void>.makeStream()
         let recovered = try await withThrowingTaskGroup(of: Duration?.self) { group in
             group.addTask {
+                defer { loadStarted.finish() }
                 var expected = 0
                 var lastFailure: ContinuousClock.Instant?
                 var recoveredAfter: Duration?
@@ -304,7 +307,12 @@ struct RedisDeploymentTests {
                     do {
                         let value = try await client.send(["INCR", key]).int
                         expected = Int(value ?? -1)
-                        answers.counts.withLock { $0.good += 1 }
+                        if answers.counts.withLock({
+                            $0.good += 1
+                            return $0.good
+                        }) == 20 {
+                            loadStarted.finish()
+                        }
                         if let failedAt = lastFailure, recoveredAfter == nil {
                             recoveredAfter = ContinuousClock.now - failedAt
                         }
@@ -319,7 +327,7 @@ struct RedisDeploymentTests {
                 }
                 return recoveredAfter
             }
-            try await Task.sleep(for: .milliseconds(300))
+            for await _ in underLoad {}
             await cluster.nodes[victim].kill()
             var result: Duration?
             for try await value in group { result = value }
