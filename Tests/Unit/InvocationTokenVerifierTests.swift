@@ -505,6 +505,24 @@ private final class JWKSTestServer: Sendable {
         }
     }
 
+    @Test(
+        "an Isolated Cloud FIT signed by a key this JWKS lacks is refused as isolated_cloud, with no JWKS fetch"
+    )
+    func isolatedCloudNeedsNoKeyLookup() async throws {
+        let server = JWKSTestServer()
+        server.set("/jwks.json", Self.keyOneJWKS)
+        try await server.run { baseURL in
+            let verifier = Self.verifier(baseURL: baseURL) { $0.jwksRefreshInterval = .zero }
+            var claims = FITFactory.claims()
+            claims["icLabel"] = "ic-eu-1"
+            let isolated = FITFactory.token(
+                claims: claims, header: ["alg": "RS256", "kid": "ic-key-1"], signingKey: FITFactory.keyTwo)
+            await expectRejection(verifier, isolated, .isolatedCloud)
+            await expectRejection(verifier, isolated, .isolatedCloud)
+            #expect(server.requestCount == 0)
+        }
+    }
+
     @Test func concurrentVerificationsShareOneFetch() async throws {
         let server = JWKSTestServer()
         server.set("/jwks.json", Self.keyOneJWKS)

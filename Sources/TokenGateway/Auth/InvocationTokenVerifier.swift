@@ -308,6 +308,10 @@ public final class InvocationTokenVerifier: Sendable {
     {
         // 1–3. Structure, algorithm and which JWKS, before any key lookup.
         let (kid, unverified) = try Self.parseUnverified(token)
+        // An Isolated Cloud's FIT is signed by a key of that cloud's own JWKS, which is not
+        // supported: refused before any key lookup, so it neither reads as an unknown key nor
+        // refetches the JWKS. (Refusing on a claim not yet verified can only refuse.)
+        guard !unverified.hasICLabel else { throw .isolatedCloud }
         let jwksURL = self.jwksURL(forUnverifiedAPIBaseURL: unverified.app?.apiBaseUrl)
 
         // 4. The key named by kid, and only that key.
@@ -375,7 +379,6 @@ public final class InvocationTokenVerifier: Sendable {
     private func checkClaims(_ claims: FITClaims, now: Date) throws(InvocationTokenError)
         -> (jti: String, exp: Double, skew: Double, installationId: String)
     {
-        guard !claims.hasICLabel else { throw .isolatedCloud }
         guard let iss = claims.iss else { throw .missingClaim("iss") }
         guard let aud = claims.aud else { throw .missingClaim("aud") }
         guard let exp = claims.exp else { throw .missingClaim("exp") }
