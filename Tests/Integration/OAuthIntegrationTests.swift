@@ -487,12 +487,14 @@ struct OAuthIntegrationTests {
 
             try await Self.expectRefusedForms(h, resource: resource, basic: basic)
 
-            // Another method on the token endpoint: 405 with an RFC 6749 body.
-            let get = try await h.call(.GET, "/oauth/token", secret: nil)
-            #expect(get.status == 405)
-            #expect(get.headers["allow"] == "POST")
-            #expect(get.oauthError == "invalid_request")
-            expectOAuthErrorHeaders(get.headers)
+            // Any other method on the token endpoint: 405 with an RFC 6749 body.
+            for method: HTTPMethod in [.GET, .HEAD, .PUT, .DELETE, .PATCH, .OPTIONS, .TRACE, .RAW(value: "PURGE")] {
+                let other = try await h.call(method, "/oauth/token", secret: nil)
+                #expect(other.status == 405, "\(method)")
+                #expect(other.headers["allow"] == "POST", "\(method)")
+                if method != .HEAD { #expect(other.oauthError == "invalid_request", "\(method): \(other.body)") }
+                expectOAuthErrorHeaders(other.headers)
+            }
 
             // Metrics see the route template, never an installation id.
             let metrics = try await h.call(.GET, "/metrics", secret: nil)

@@ -22,6 +22,8 @@ struct ErrorMiddleware<Context: RequestContext>: RouterMiddleware {
             let mapped: GatewayError
             switch error.status {
             case .notFound:
+                // Every non-2xx answer of the OAuth token endpoint is an RFC 6749 body (contract §1).
+                if request.uri.path == OAuthMetadata.tokenPath { return OAuthError.methodNotAllowedResponse }
                 if let allowed = self.allowedMethods(for: request.uri.path) {
                     mapped = GatewayError(
                         status: .methodNotAllowed, code: "method_not_allowed",

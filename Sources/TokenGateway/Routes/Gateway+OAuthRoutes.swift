@@ -19,18 +19,6 @@ extension Gateway {
         }
     }
 
-    /// `/oauth/token` called with another method: an RFC 6749 `405` body (not the gateway's error
-    /// body), with `Allow: POST`. Kept out of the route table: these are answers, not routes.
-    func addOAuthMethodGuards(to router: Router<BasicRequestContext>) {
-        for method in [HTTPRequest.Method.get, .put, .delete, .patch] {
-            router.on(RouterPath(OAuthMetadata.tokenPath), method: method) { _, _ in
-                var response = OAuthError.methodNotAllowed.response
-                response.headers[.allow] = "POST"
-                return response
-            }
-        }
-    }
-
     /// `GET /.well-known/oauth-authorization-server`: public, cacheable for five minutes.
     func oauthDiscovery() -> Response {
         let document = OAuthMetadata.document(
@@ -234,7 +222,16 @@ extension Gateway {
 }
 
 extension OAuthError {
-    /// 405 for a method other than POST on the token endpoint (the route adds `Allow: POST`).
+    /// 405 for a method other than POST on the token endpoint (``ErrorMiddleware`` answers it,
+    /// whatever the method, with `Allow: POST`).
     static let methodNotAllowed = OAuthError(
         code: "invalid_request", status: .methodNotAllowed, description: "the token endpoint takes POST")
+
+    /// The answer to `/oauth/token` called with any method but POST: an RFC 6749 body, not the
+    /// gateway's.
+    static var methodNotAllowedResponse: Response {
+        var response = OAuthError.methodNotAllowed.response
+        response.headers[.allow] = "POST"
+        return response
+    }
 }

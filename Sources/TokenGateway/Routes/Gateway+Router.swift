@@ -21,7 +21,6 @@ extension Gateway {
         let known = Self.routeTable { self.addServedRoutes(to: $0, operations: operations) }
         router.add(middleware: ErrorMiddleware(knownRoutes: known))
         self.addServedRoutes(to: router, operations: operations)
-        self.addOAuthMethodGuards(to: router)
         return router
     }
 
