@@ -85,6 +85,34 @@ import Testing
         }
     }
 
+    @Test("base URL settings take scheme, host, port and path; a query, fragment or credentials is refused")
+    func baseURLSettings() throws {
+        for variable in ["TOKEN_GATEWAY_PUBLIC_URL", "TOKEN_GATEWAY_CONNECT_BASE_URL"] {
+            for good in [
+                "https://tokens.example.com", "https://tokens.example.com:8443/gateway", "http://127.0.0.1:8080/",
+            ] {
+                var environment = Self.required
+                environment[variable] = good
+                _ = try GatewayConfiguration.load(environment: environment)
+            }
+            for bad in [
+                "https://tokens.example.com/?a=b", "https://tokens.example.com#top",
+                "https://user:pw@tokens.example.com",
+                "ftp://tokens.example.com", "tokens.example.com",
+            ] {
+                var environment = Self.required
+                environment[variable] = bad
+                do {
+                    _ = try GatewayConfiguration.load(environment: environment)
+                    Issue.record("\(variable)=\(bad) was taken")
+                } catch {
+                    #expect(error.setting == variable, "\(variable)=\(bad)")
+                    #expect(!error.description.contains("pw"), "\(error)")
+                }
+            }
+        }
+    }
+
     @Test func thePublicURLDefaultFollowsHostAndPort() throws {
         var environment = Self.required
         environment["TOKEN_GATEWAY_HOST"] = "10.1.2.3"

@@ -454,6 +454,15 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
             else {
                 throw ConfigurationError(setting: s.environment, problem: "must be an absolute http(s) URL")
             }
+            // A base URL that other URLs are built on (`<url>/oauth/token`, the OAuth issuer, the
+            // Connect `aud`) has no query, fragment or credentials.
+            guard c.query == nil, c.fragment == nil, c.user == nil, c.password == nil else {
+                throw ConfigurationError(
+                    setting: s.environment,
+                    problem:
+                        "must be a base URL: scheme, host, optional port and path, with no query, fragment or credentials"
+                )
+            }
             return value
         }
     }
