@@ -183,13 +183,16 @@ extension RedisClient {
                 let connection = try await connect(self.eventLoopGroup.next()) { event in
                     subscription.continuation.yield(event)
                 }
-                failures = 0
                 guard subscription.attach(connection) else {
                     connection.close()
                     return
                 }
                 defer { subscription.detach(connection) }
-                try await self.subscribeAndWatch(connection, subscription: subscription, logger: logger)
+                // Failures count until the server confirms the subscription: a SUBSCRIBE it refuses
+                // (an ACL user without the channel, `NOPERM`) backs off like a failed connect.
+                try await self.subscribeAndWatch(connection, subscription: subscription, logger: logger) {
+                    failures = 0
+                }
                 if !subscription.isTerminated, !Task.isCancelled {
                     logger.notice(
                         "Redis subscription connection down",
@@ -224,7 +227,8 @@ extension RedisClient {
     private func subscribeAndWatch(
         _ connection: RedisConnection,
         subscription: RedisSubscription,
-        logger: Logger
+        logger: Logger,
+        subscribed: () -> Void
     ) async throws {
         defer { connection.close() }
         var payload = connection.channel.allocator.buffer(capacity: 64)
@@ -246,6 +250,7 @@ extension RedisClient {
             }
             throw RedisError.protocolError
         }
+        subscribed()
         logger.info(
             "Redis subscription up",
             metadata: ["redis.address": "\(connection.address)", "redis.channels": "\(subscription.channels.count)"]

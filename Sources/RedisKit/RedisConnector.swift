@@ -101,7 +101,9 @@ struct RedisConnector: Sendable {
     }
 
     /// `AUTH` (when the configuration has a password), `SELECT` (database other than 0), `ROLE` (with
-    /// `checkRole`), pipelined.
+    /// `checkRole`), pipelined; `PING` when none of them applies. A connection counts as up only once
+    /// the server has answered: one that accepts and then refuses every client (`maxclients` reached,
+    /// protected mode) fails here, and its slot backs off instead of reconnecting at once.
     private func handshake(_ connection: RedisConnection, checkRole: Bool, deadline: NIODeadline) async throws {
         var commands: [[String]] = []
         let authenticates = self.configuration.password != nil
@@ -114,8 +116,8 @@ struct RedisConnector: Sendable {
         if checkRole {
             commands.append(["ROLE"])
         }
-        guard !commands.isEmpty else {
-            return
+        if commands.isEmpty {
+            commands.append(["PING"])
         }
         let replies: [RedisValue]
         do {
@@ -134,13 +136,16 @@ struct RedisConnector: Sendable {
             if authenticates, index == 0 {
                 self.reportRefusedCredentials(message, address: connection.address)
             } else {
-                // Only the reply's description (no command arguments) is logged.
-                self.logger.error(
-                    "Redis rejected the connection handshake",
-                    metadata: [
-                        "redis.address": "\(connection.address)", "redis.error": "\(RedisError.server(message))",
-                    ]
-                )
+                // Only the reply's description (no command arguments) is logged; once per outage at
+                // error level (a server at `maxclients` refuses every reconnect the same way).
+                let metadata: Logger.Metadata = [
+                    "redis.address": "\(connection.address)", "redis.error": "\(RedisError.server(message))",
+                ]
+                if self.problems.firstReport(of: .handshakeRejected) {
+                    self.logger.error("Redis rejected the connection handshake", metadata: metadata)
+                } else {
+                    self.logger.debug("Redis rejected the connection handshake again", metadata: metadata)
+                }
             }
             throw RedisError.unavailable
         }
@@ -292,6 +297,7 @@ final class RedisProblemLog: Sendable {
     enum Problem: Int {
         case credentialsRefused = 1
         case tlsHandshake = 2
+        case handshakeRejected = 4
     }
 
     private let reported = Atomic<Int>(0)

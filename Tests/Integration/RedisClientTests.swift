@@ -4,6 +4,7 @@ import Logging
 import NIOCore
 import Synchronization
 import Testing
+import TokenGateway
 
 /// Against a real redis-server: the shared one for ordinary commands (unique key prefixes per test), dedicated
 /// ones for tests that stop, pause or reconfigure the server.
@@ -278,6 +279,69 @@ import Testing
             }
             #expect(!client.isAvailable)
         }
+    }
+
+    @Test(
+        "a server that accepts and then refuses every client (maxclients reached): sends fail with unavailable, never with its error as their reply, and each pool slot backs off instead of reconnecting per send"
+    )
+    func aServerRefusingEveryClientIsBackedOff() async throws {
+        let server = try await RedisServerProcess.start(extraArguments: ["--maxclients", "1"])
+        var admin = try RedisConfiguration(url: server.url)
+        admin.poolSize = 1
+        var configuration = try RedisConfiguration(url: server.url)
+        configuration.poolSize = 2
+        // A first retry no sooner than 30 s: the loop below ends long before any slot may try again.
+        configuration.reconnectBackoffBase = .seconds(60)
+        configuration.reconnectBackoffCap = .seconds(60)
+        try await Self.withClient(configuration: admin) { admin in
+            try await admin.ping()  // the one client the server takes
+            _ = try await admin.send(["CONFIG", "RESETSTAT"])
+            try await Self.withClient(configuration: configuration) { client in
+                for _ in 0..<50 {
+                    await #expect(throws: RedisError.unavailable) { try await client.send(["PING"]) }
+                }
+                #expect(!client.isAvailable)
+            }
+            let stats = try await admin.send(["INFO", "stats"]).string ?? ""
+            let rejected = stats.split(separator: "\r\n").first { $0.hasPrefix("rejected_connections:") }
+            // One refused connection per slot, not one per send.
+            #expect(rejected.flatMap { Int($0.split(separator: ":")[1]) } ?? -1 <= 2, "\(rejected ?? "none")")
+        }
+        await server.stop()
+    }
+
+    @Test(
+        "a SUBSCRIBE the server refuses (an ACL user without the channel) backs off like a failed connect: the delays between attempts double instead of staying at the base"
+    )
+    func aRefusedSubscriptionBacksOff() async throws {
+        let server = try await RedisServerProcess.start()
+        try await Self.withClient(url: server.url) { admin in
+            _ = try await admin.send([
+                "ACL", "SETUSER", "limited", "on", ">limited-password-1", "~*", "+@all", "resetchannels",
+            ])
+        }
+        var configuration = try RedisConfiguration(url: "redis://limited:limited-password-1@127.0.0.1:\(server.port)/0")
+        configuration.reconnectBackoffBase = .milliseconds(200)
+        configuration.reconnectBackoffCap = .seconds(60)
+        let logs = LogSink.memory()
+        let logger = Logger(label: "test") { GatewayLogHandler(label: $0, format: .logfmt, level: .debug, sink: logs) }
+        @Sendable func refusals() -> Int { logs.captured.filter { $0.contains("Redis subscription failed") }.count }
+        try await Self.withClient(configuration: configuration, logger: logger) { client in
+            let events = RedisPubSubRecorder(client.subscribe(channels: ["refused-channel"]))
+            let pong = try await client.send(["PING"])
+            #expect(pong == .status("PONG"))
+            // After refusals 1…4 the waits are at least 0.1, 0.2, 0.4 and 0.8 s (half of a doubling
+            // delay): the fifth refusal comes 1.5 s or more after the first. At the base delay
+            // (0.1–0.2 s each) it would come within 0.8 s.
+            #expect(await Self.eventually(within: .seconds(30)) { refusals() >= 1 })
+            let first = ContinuousClock.now
+            #expect(await Self.eventually(within: .seconds(30)) { refusals() >= 5 })
+            #expect(ContinuousClock.now - first >= .milliseconds(1400))
+            #expect(!events.events.contains(.subscribed))
+            #expect(logs.captured.contains { $0.contains("NOPERM") })
+            #expect(!logs.captured.joined().contains("limited-password-1"))
+        }
+        await server.stop()
     }
 
     @Test func aLateReplyAfterATimeoutIsNotDeliveredToTheNextCaller() async throws {
