@@ -122,19 +122,36 @@ extension RedisClient {
                 }
             }
             for await event in events {
-                guard case .message(let channel, let announcement) = event,
-                    let newPrimary = Self.announcedPrimary(
-                        channel: channel, announcement: announcement, masterName: masterName)
-                else {
-                    continue
+                let newPrimary: String
+                switch event {
+                case .subscribed:
+                    // Announcements made while the watch was down are lost for good: each time it is
+                    // (re)subscribed, the sentinels are asked which node is the primary now.
+                    guard let named = await self.connector.currentPrimary(on: self.eventLoopGroup.next()) else {
+                        continue
+                    }
+                    newPrimary = named.description
+                case .message(let channel, let announcement):
+                    guard
+                        let announced = Self.announcedPrimary(
+                            channel: channel, announcement: announcement, masterName: masterName)
+                    else {
+                        continue
+                    }
+                    self.logger.notice(
+                        "Redis sentinel announced a new primary",
+                        metadata: ["redis.sentinel.event": "\(channel)", "redis.switch": "\(announcement)"]
+                    )
+                    newPrimary = announced
                 }
-                self.logger.notice(
-                    "Redis sentinel announced a new primary",
-                    metadata: ["redis.sentinel.event": "\(channel)", "redis.switch": "\(announcement)"]
-                )
                 // Connections already on the new primary (a second announcement of the same failover, or a
                 // reconnect that asked the sentinels after the first) stay: closing them would fail their commands.
-                self.pool.closeConnections(notTo: newPrimary)
+                let closed = self.pool.closeConnections(notTo: newPrimary)
+                if event == .subscribed, closed > 0 {
+                    self.logger.notice(
+                        "Redis sentinels name another primary than the pool's connections: reconnecting",
+                        metadata: ["redis.address": "\(newPrimary)", "redis.connections": "\(closed)"])
+                }
                 let subscriptions = self.state.withLock { Array($0.subscriptions.values) }
                 for subscription in subscriptions {
                     subscription.closeConnection(unlessTo: newPrimary)

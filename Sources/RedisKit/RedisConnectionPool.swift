@@ -211,12 +211,14 @@ final class RedisConnectionPool: Sendable {
 
     /// Closes every pooled connection whose peer is not `address` (`host:port`, as ``RedisConnection/address``
     /// writes it): the primary moved there. Each closed slot reconnects on its next use.
-    func closeConnections(notTo address: String) {
+    @discardableResult
+    func closeConnections(notTo address: String) -> Int {
         let connections = self.state.withLock { state in
             state.machine.connectedConnections.filter { $0.address != address }
         }
         for connection in connections {
             connection.close()
         }
+        return connections.count
     }
 }

@@ -234,6 +234,17 @@ struct RedisConnector: Sendable {
         throw RedisError.unavailable
     }
 
+    /// The primary the sentinels name now (the first that answers, as for a new connection); `nil`
+    /// when none answers or the endpoint is not Sentinel.
+    func currentPrimary(on eventLoop: any EventLoop) async -> RedisNodeAddress? {
+        guard case .sentinel(let sentinels, let masterName) = self.configuration.endpoint else {
+            return nil
+        }
+        let deadline = NIODeadline.now() + TimeAmount(self.configuration.connectTimeout)
+        return try? await self.resolvePrimary(
+            sentinels: sentinels, masterName: masterName, eventLoop: eventLoop, deadline: deadline)
+    }
+
     /// Asks each sentinel in order for the primary's address; the first answer wins.
     private func resolvePrimary(
         sentinels: [RedisSentinelAddress],

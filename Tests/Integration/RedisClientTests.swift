@@ -385,15 +385,15 @@ import TokenGateway
 
     // MARK: Sentinel
 
-    @Test(.timeLimit(.minutes(1))) func followsTheNewPrimaryAfterASentinelFailover() async throws {
-        let masterName = "tg-primary"
-        let prefix = Self.prefix()
-        let primary = try await RedisServerProcess.start()
+    /// A primary and a replica of it, in sync: a sentinel started after this discovers the replica at once.
+    static func primaryAndReplica(
+        primaryArguments: [String] = []
+    ) async throws -> (primary: RedisServerProcess, replica: RedisServerProcess) {
+        let primary = try await RedisServerProcess.start(extraArguments: primaryArguments)
         let replica = try await RedisServerProcess.start(
             extraArguments: ["--replicaof", "127.0.0.1", "\(primary.port)"]
         )
         try await Self.withClient(url: replica.url) { replicaAdmin in
-            // The replica is in sync before the sentinel looks at the primary, so the sentinel discovers it at once.
             #expect(
                 await Self.eventually {
                     let role = try? await replicaAdmin.send(["ROLE"]).array
@@ -401,6 +401,24 @@ import TokenGateway
                 }
             )
         }
+        return (primary, replica)
+    }
+
+    /// Whether every one of eight commands (one per pooled connection and more) lands on `port`.
+    static func everyCommandLands(on port: Int, _ client: RedisClient) async -> Bool {
+        for _ in 0..<8 {
+            let info = try? await client.send(["INFO", "server"])
+            guard info?.string?.contains("tcp_port:\(port)") == true else {
+                return false
+            }
+        }
+        return true
+    }
+
+    @Test(.timeLimit(.minutes(1))) func followsTheNewPrimaryAfterASentinelFailover() async throws {
+        let masterName = "tg-primary"
+        let prefix = Self.prefix()
+        let (primary, replica) = try await Self.primaryAndReplica()
         let sentinel = try await RedisServerProcess.startSentinel(
             monitoringPrimaryPort: primary.port,
             masterName: masterName
@@ -433,15 +451,8 @@ import TokenGateway
                 // the new primary: soon every command (one per pooled connection and more) lands there.
                 #expect(
                     await Self.eventually(within: .seconds(30)) {
-                        for _ in 0..<8 {
-                            let info = try? await client.send(["INFO", "server"])
-                            guard info?.string?.contains("tcp_port:\(replica.port)") == true else {
-                                return false
-                            }
-                        }
-                        return true
-                    }
-                )
+                        await Self.everyCommandLands(on: replica.port, client)
+                    })
                 #expect(try await client.send(["SET", prefix + "k", "after"]) == .status("OK"))
                 // The client heard the sentinel's `+switch-master` announcement.
                 #expect(
@@ -454,6 +465,70 @@ import TokenGateway
         try await Self.withClient(url: replica.url) { newPrimary async throws in
             #expect(try await newPrimary.send(["ROLE"]).array?.first?.string == "master")
             #expect(try await newPrimary.send(["GET", prefix + "k"]).string == "after")
+        }
+        await sentinel.stop()
+        await replica.stop()
+        await primary.stop()
+    }
+}
+
+extension RedisClientTests {
+    @Test(
+        "a failover the sentinel watch missed (its connection was down meanwhile): once resubscribed, the client asks the sentinels and moves to the new primary",
+        .timeLimit(.minutes(2))
+    )
+    func followsAFailoverMissedWhileTheSentinelWatchWasDown() async throws {
+        let masterName = "tg-primary"
+        // The old primary cannot be turned into a replica (as when the sentinels cannot reach it): it
+        // keeps its clients and goes on answering as a primary, so only the sentinels can tell the
+        // client where the primary is now.
+        let (primary, replica) = try await Self.primaryAndReplica(primaryArguments: [
+            "--rename-command", "REPLICAOF", "replicaof-renamed-by-test", "--rename-command", "SLAVEOF",
+            "slaveof-renamed-by-test",
+        ])
+        let sentinel = try await RedisServerProcess.startSentinel(
+            monitoringPrimaryPort: primary.port, masterName: masterName)
+        let logs = RedisTestLogs()
+        var configuration = try RedisConfiguration(url: "redis-sentinel://127.0.0.1:\(sentinel.port)/\(masterName)/0")
+        // Once its connection is killed, the watch waits 10–20 s before it reconnects: the whole
+        // failover happens meanwhile, unannounced to this client.
+        configuration.reconnectBackoffBase = .seconds(20)
+        configuration.reconnectBackoffCap = .seconds(20)
+        try await Self.withClient(url: sentinel.url) { sentinelAdmin in
+            // The sentinel knows the replica before the watch goes down, so the failover is taken at once.
+            #expect(
+                await Self.eventually(within: .seconds(20)) {
+                    let replicas = try? await sentinelAdmin.send(["SENTINEL", "REPLICAS", masterName])
+                    return replicas?.array?.isEmpty == false
+                })
+            try await Self.withClient(configuration: configuration, logger: logs.logger) { client async throws in
+                #expect(await Self.everyCommandLands(on: primary.port, client))
+                #expect(await Self.eventually { logs.messages.contains("Redis subscription up") })
+                let killed = try await sentinelAdmin.send(["CLIENT", "KILL", "TYPE", "pubsub"])
+                #expect(killed.int == 1)
+                #expect(await Self.eventually { logs.messages.contains("Redis subscription connection down") })
+                #expect(
+                    await Self.eventually(within: .seconds(20)) {
+                        (try? await sentinelAdmin.send(["SENTINEL", "FAILOVER", masterName])) == .status("OK")
+                    })
+                #expect(
+                    await Self.eventually(within: .seconds(20)) {
+                        let address = try? await sentinelAdmin.send(["SENTINEL", "get-master-addr-by-name", masterName])
+                        return address?.array?.last?.int == Int64(replica.port)
+                    })
+                // The old primary still answers as one…
+                #expect(await Self.everyCommandLands(on: primary.port, client))
+                // …and nothing told the client; the resubscribed watch asks the sentinels and the pool moves.
+                #expect(
+                    await Self.eventually(within: .seconds(40)) {
+                        await Self.everyCommandLands(on: replica.port, client)
+                    })
+                #expect(logs.messages.filter { $0 == "Redis subscription up" }.count >= 2)
+                #expect(
+                    logs.messages.contains(
+                        "Redis sentinels name another primary than the pool's connections: reconnecting"))
+                #expect(!logs.messages.contains("Redis sentinel announced a new primary"))
+            }
         }
         await sentinel.stop()
         await replica.stop()
