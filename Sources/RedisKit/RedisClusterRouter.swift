@@ -153,6 +153,7 @@ final class RedisClusterRouter: Sendable {
     private func take(_ results: [NodeResult], into progress: inout Progress) throws -> Bool {
         progress.pending = []
         var shouldRediscover = false
+        var moved = false
         var thrown: (any Error)?
         for (node, items, result) in results {
             switch result {
@@ -166,6 +167,7 @@ final class RedisClusterRouter: Sendable {
                         case .redirect(let target, let asking):
                             progress.redirections[item.index] = (target, asking)
                             progress.pending.append(item.index)
+                            moved = moved || !asking
                         case .retryAfterRediscovery:
                             progress.redirections[item.index] = nil
                             progress.pending.append(item.index)
@@ -193,6 +195,11 @@ final class RedisClusterRouter: Sendable {
             // background so that the next command goes to the right node.
             Task { try? await self.rediscover(deadline: .now() + TimeAmount(self.configuration.connectTimeout)) }
             throw thrown
+        }
+        // A slot moved: the redirected commands follow it now; the rest of the map is refreshed in the
+        // background (at most every minimum interval), so other moved slots do not each cost a `MOVED`.
+        if moved, self.state.withLock({ $0.machine.backgroundRediscoveryDue(now: .now()) }) {
+            Task { try? await self.rediscover(deadline: .now() + TimeAmount(self.configuration.connectTimeout)) }
         }
         return shouldRediscover
     }
@@ -349,6 +356,11 @@ final class RedisClusterRouter: Sendable {
         }
         self.logger.warning("No Redis Cluster node gave the slot map")
         throw RedisError.unavailable
+    }
+
+    /// The primary the slot map names for `slot` (nil without a map).
+    func primary(forSlot slot: Int) -> RedisNodeAddress? {
+        self.state.withLock { $0.machine.map?.primary(forSlot: slot) }
     }
 
     /// The primaries in shard order (rediscovering first when no map is known yet).

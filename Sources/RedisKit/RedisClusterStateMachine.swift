@@ -87,6 +87,19 @@ struct RedisClusterStateMachine: Sendable {
         }
     }
 
+    /// Whether the map should be asked for again in the background now: something made it stale (a
+    /// `MOVED` above all: after a failover or a resharding every slot that moved would otherwise cost a
+    /// redirection of its own), no rediscovery is running, and the last one started long enough ago.
+    func backgroundRediscoveryDue(now: NIODeadline) -> Bool {
+        guard self.isStale, !self.isRediscovering else {
+            return false
+        }
+        guard let last = self.lastRediscoveryStart else {
+            return true
+        }
+        return now >= last + self.minimumRediscoveryInterval
+    }
+
     /// A node could not be reached (connect failed, or the connection was lost).
     mutating func nodeUnreachable(_ node: RedisNodeAddress) {
         self.isStale = true

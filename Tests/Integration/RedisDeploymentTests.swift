@@ -349,6 +349,67 @@ struct RedisDeploymentTests {
         )
     }
 
+    @Test(
+        "Redis Cluster: after a failover the first MOVED refreshes the whole slot map, so the primary's other slots cost no redirection"
+    )
+    func clusterMovedRefreshesTheMap() async throws {
+        let cluster = try await RedisClusterProcesses.start()
+        let client = RedisClient(configuration: try RedisConfiguration(url: cluster.url), logger: Self.logger)
+        let router = try #require(client.cluster)
+        _ = try await client.send(["GET", "moved:{0}"])
+        let old = try #require(router.primary(forSlot: RedisHashSlot.slot(of: "moved:{0}")))
+        // Keys of 100 slots of that primary.
+        var slots: Set<Int> = []
+        let keys = (0..<20_000).map { "moved:{\($0)}" }.filter { key in
+            let slot = RedisHashSlot.slot(of: key)
+            return router.primary(forSlot: slot) == old && slots.insert(slot).inserted
+        }.prefix(100)
+        #expect(keys.count == 100)
+
+        // Its replica takes over (a manual failover: the old primary becomes its replica).
+        let nodes = try redisCLI(["-p", "\(old.port)", "CLUSTER", "NODES"]).split(separator: "\n")
+        let oldID = try #require(nodes.first { $0.contains("myself") }?.split(separator: " ").first)
+        let replicaLine = try #require(nodes.first { $0.split(separator: " ").dropFirst(3).first == oldID })
+        let replicaPort = try #require(
+            Int(replicaLine.split(separator: " ")[1].split(separator: "@")[0].split(separator: ":").last ?? ""))
+        #expect(try redisCLI(["-p", "\(replicaPort)", "CLUSTER", "FAILOVER"]).contains("OK"))
+        let deadline = ContinuousClock.now + .seconds(30)
+        // Every node's view has the new primary (so that whichever node the client asks gives the new map).
+        @Sendable func everyNodeSeesTheFailover() -> Bool {
+            cluster.nodes.allSatisfy { node in
+                let lines = (try? redisCLI(["-p", "\(node.port)", "CLUSTER", "NODES"]))?.split(separator: "\n") ?? []
+                let newLine = lines.first { $0.contains("127.0.0.1:\(replicaPort)@") }
+                let oldLine = lines.first { $0.contains("127.0.0.1:\(old.port)@") }
+                return newLine?.contains("master") == true && oldLine?.contains("slave") == true
+            }
+        }
+        while !everyNodeSeesTheFailover(), ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        #expect(everyNodeSeesTheFailover())
+        try await cluster.waitUntilHealthy()
+        try redisCLI(["-p", "\(old.port)", "CONFIG", "RESETSTAT"])
+
+        // The first key is redirected (one MOVED) and answered…
+        #expect(try await client.send(["SET", keys[keys.startIndex], "v"]) == .status("OK"))
+        // …and the map is refreshed in the background: every slot of the old primary is the new one's.
+        let refreshDeadline = ContinuousClock.now + .seconds(10)
+        while router.primary(forSlot: RedisHashSlot.slot(of: keys[keys.startIndex + 1]))?.port != replicaPort,
+            ContinuousClock.now < refreshDeadline
+        {
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        #expect(router.primary(forSlot: RedisHashSlot.slot(of: keys[keys.startIndex + 1]))?.port == replicaPort)
+        for key in keys.dropFirst() {
+            #expect(try await client.send(["SET", key, "v"]) == .status("OK"))
+        }
+        let errors = try redisCLI(["-p", "\(old.port)", "INFO", "errorstats"])
+        #expect(
+            errors.split(whereSeparator: \.isNewline).contains("errorstat_MOVED:count=1"), "\(errors)")
+        await client.shutdown()
+        for node in cluster.nodes { await node.stop() }
+    }
+
     /// Keys in every shard (one pipeline spanning slots), a script, SCAN and key rotation over
     /// every primary, and PUBLISH on one node reaching a subscriber connected to another.
     static func expectClusterCommands(

@@ -175,6 +175,24 @@ import Testing
         #expect(machine.isStale)
     }
 
+    @Test("after a MOVED the whole map is due for a background refresh, once per minimum interval")
+    func movedMakesABackgroundRediscoveryDue() {
+        var machine = Self.known()
+        #expect(!machine.backgroundRediscoveryDue(now: Self.now + .milliseconds(300)))
+        _ = machine.replyReceived(.error("MOVED 5 127.0.0.1:7002"))
+        // Too soon after the last rediscovery (at `now`): not yet.
+        #expect(!machine.backgroundRediscoveryDue(now: Self.now + .milliseconds(100)))
+        #expect(machine.backgroundRediscoveryDue(now: Self.now + .milliseconds(200)))
+        #expect(machine.rediscoveryRequested(now: Self.now + .milliseconds(200)) != .join)
+        // One is running: not another.
+        #expect(!machine.backgroundRediscoveryDue(now: Self.now + .milliseconds(500)))
+        _ = machine.rediscoverySucceeded(Self.map)
+        #expect(!machine.backgroundRediscoveryDue(now: Self.now + .seconds(5)))
+        // An ASK moves nothing for good.
+        _ = machine.replyReceived(.error("ASK 5 127.0.0.1:7002"))
+        #expect(!machine.backgroundRediscoveryDue(now: Self.now + .seconds(5)))
+    }
+
     @Test func askRedirectsOnceAndKeepsTheMap() {
         var machine = Self.known()
         #expect(machine.replyReceived(.error("ASK 5 127.0.0.1:7002")) == .redirect(to: Self.b, asking: true))
