@@ -98,7 +98,10 @@ extension ForgeEmulator {
             gatewayURL: gatewayURL,
             fit: invocationToken,
             headers: allHeaders,
-            body: body
+            body: body,
+            // Unasked, a delivery is a scheduled trigger's call; one that answers a trigger call is
+            // the web trigger's `invokeRemote`.
+            asEvent: requestId == nil
         )
         gatewayWait?.add(clock.now - sent)
         if answer.isSuccess, let systemToken {

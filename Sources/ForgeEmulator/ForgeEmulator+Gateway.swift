@@ -18,7 +18,8 @@ extension ForgeEmulator {
     static let maximumAnswerBytes = 1 << 20
 
     /// `POST {gateway}{path}` as Forge's `invokeRemote` does: `authorization: Bearer <FIT>`, fresh
-    /// `x-b3-traceid`/`x-b3-spanid`, a JSON body, capped at the configured remote-call timeout.
+    /// `x-b3-traceid`/`x-b3-spanid`, a JSON body, capped at the configured remote-call timeout (or,
+    /// for an event or a scheduled trigger, `asEvent`, at the event-call timeout).
     /// - Parameters:
     ///   - path: Path on the gateway, starting with `/`.
     ///   - gatewayURL: Base URL; default ``gatewayURL``.
@@ -30,7 +31,8 @@ extension ForgeEmulator {
         gatewayURL: String?,
         fit: String?,
         headers: [(String, String)],
-        body: Data
+        body: Data,
+        asEvent: Bool = false
     ) async throws -> GatewayAnswer {
         let client = try self.httpClient()
         var request = HTTPClientRequest(url: try Self.gatewayEndpoint(gatewayURL ?? self.gatewayURL, path: path))
@@ -46,7 +48,8 @@ extension ForgeEmulator {
         }
         request.body = .bytes(ByteBuffer(bytes: body))
 
-        let response = try await client.execute(request, timeout: TimeAmount(self.configuration.remoteCallTimeout))
+        let timeout = asEvent ? self.configuration.eventCallTimeout : self.configuration.remoteCallTimeout
+        let response = try await client.execute(request, timeout: TimeAmount(timeout))
         let answerBody = try await response.body.collect(upTo: Self.maximumAnswerBytes)
         return GatewayAnswer(status: Int(response.status.code), body: String(buffer: answerBody))
     }

@@ -216,7 +216,8 @@ extension ForgeEmulator {
             gatewayURL: nil,
             fit: try self.mintFIT(for: installation, options: fit),
             headers: [],
-            body: try JSONEncoder.emulator.encode(body)
+            body: try JSONEncoder.emulator.encode(body),
+            asEvent: true
         )
         self.logger.debug(
             "preUninstall answered",
@@ -256,7 +257,8 @@ extension ForgeEmulator {
             gatewayURL: nil,
             fit: try self.mintFIT(for: installation, options: fit),
             headers: headers,
-            body: try JSONEncoder.emulator.encode(body)
+            body: try JSONEncoder.emulator.encode(body),
+            asEvent: true
         )
         self.logger.debug(
             "Lifecycle event answered",

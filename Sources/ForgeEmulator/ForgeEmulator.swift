@@ -22,13 +22,27 @@ public struct ForgeEmulatorConfiguration: Sendable {
     public var appId: String
     /// Base URL of the gateway, such as `http://127.0.0.1:8080`. A trailing `/` is ignored.
     public var gatewayURL: String
-    /// Lifetime of the access tokens the emulator mints when none is asked for. Default 1 h.
+    /// Lifetime of the access tokens the emulator mints when none is asked for. Default 1 h (Forge
+    /// tokens live at most ``maximumTokenLifetime``). Scheduled pushes mint theirs with at least
+    /// ``scheduledPushMinimumLifetime`` left, as Forge guarantees.
     public var tokenLifetime: Duration = .seconds(3600)
+    /// The longest a Forge token lives: 4 h.
+    public static let maximumTokenLifetime: Duration = .seconds(4 * 3600)
+    /// What a scheduled trigger's token has left at least: Forge guarantees 2 h.
+    public static let scheduledPushMinimumLifetime: Duration = .seconds(2 * 3600)
     /// When set, `run()` pushes a fresh token to every installed installation on this period.
     /// Default `nil`: no scheduled pushes.
     public var scheduledPushInterval: Duration? = nil
-    /// Cap on each call to the gateway: the `invokeRemote` limit of 25 s by default.
+    /// Cap on each call to the gateway made as an `invokeRemote` (a registration, a delivery that
+    /// answers a trigger call, a UI module's call): 25 s by default, Forge's limit.
     public var remoteCallTimeout: Duration = .seconds(25)
+    /// Cap on each event and scheduled-trigger call (lifecycle events, `preUninstall`, pushes):
+    /// 5 s by default, Forge's limit for them.
+    public var eventCallTimeout: Duration = .seconds(5)
+    /// How often Forge retries a scheduled push that failed (non-2xx, timeout or 401): 4.
+    public var eventRetries: Int = 4
+    /// The wait between those retries: 60 s by default, as Forge waits.
+    public var eventRetryInterval: Duration = .seconds(60)
     /// Named triggers (echoing) every registration defines and registers (`"triggers"`); default none.
     public var namedTriggerKeys: [String] = []
 
@@ -266,29 +280,47 @@ public final class ForgeEmulator: Sendable, Service {
         for waiter in waiters { waiter.resume(returning: port) }
     }
 
+    /// Every `interval`, a push to every installed installation, each on its own (a push being
+    /// retried does not hold up the next round).
     private func runScheduledPushes(every interval: Duration) async throws {
-        while true {
-            try await Task.sleep(for: interval)
-            let installed = self.state.withLock {
-                $0.orderedRecords.filter { $0.status == .installed }.map(\.installation)
-            }
-            await withDiscardingTaskGroup { group in
-                for installation in installed {
-                    group.addTask {
-                        do {
-                            let result = try await self.push(installation)
-                            self.logger.debug(
-                                "Scheduled push answered",
-                                metadata: ["installation.id": "\(installation.id)", "http.status": "\(result.status)"]
-                            )
-                        } catch {
-                            self.logger.warning(
-                                "Scheduled push failed",
-                                metadata: ["installation.id": "\(installation.id)", "error": "\(error)"]
-                            )
-                        }
-                    }
+        try await withThrowingDiscardingTaskGroup { group in
+            while true {
+                try await Task.sleep(for: interval)
+                let installed = self.state.withLock {
+                    $0.orderedRecords.filter { $0.status == .installed }.map(\.installation)
                 }
+                for installation in installed {
+                    group.addTask { await self.scheduledPush(installation) }
+                }
+            }
+        }
+    }
+
+    /// One scheduled trigger's call, as Forge makes it: a token with at least 2 h left (whatever the
+    /// lifetime of the tokens minted for round trips), retried with the same token up to
+    /// ``ForgeEmulatorConfiguration/eventRetries`` times, ``ForgeEmulatorConfiguration/eventRetryInterval``
+    /// apart, on a non-2xx answer (401 included) or a failed call (a timeout included).
+    func scheduledPush(_ installation: EmulatedInstallation) async {
+        let lifetime = max(self.configuration.tokenLifetime, ForgeEmulatorConfiguration.scheduledPushMinimumLifetime)
+        guard
+            let token = try? self.mintAccessToken(
+                for: installation, expiresAt: Date().addingTimeInterval(Self.seconds(lifetime)))
+        else { return }
+        for attempt in 0...max(self.configuration.eventRetries, 0) {
+            let metadata: Logger.Metadata = ["installation.id": "\(installation.id)", "attempt": "\(attempt + 1)"]
+            do {
+                let result = try await self.deliver(installation, systemToken: token, requestId: nil)
+                self.logger.debug(
+                    "Scheduled push answered", metadata: metadata.merging(["http.status": "\(result.status)"]) { $1 })
+                if (200..<300).contains(result.status) { return }
+            } catch {
+                self.logger.warning("Scheduled push failed", metadata: metadata.merging(["error": "\(error)"]) { $1 })
+            }
+            guard attempt < self.configuration.eventRetries else { return }
+            do {
+                try await Task.sleep(for: self.configuration.eventRetryInterval)
+            } catch {
+                return
             }
         }
     }

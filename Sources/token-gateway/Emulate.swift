@@ -24,12 +24,19 @@ struct Emulate: AsyncParsableCommand {
     @Option(help: "Listen port") var port = 8081
     @Option(help: "Base URL of the gateway the emulator calls") var gatewayUrl = "http://127.0.0.1:8080"
     @Option(help: "The app id (FIT audience)") var appId = ForgeEmulatorConfiguration.demoAppId
-    @Option(help: "Lifetime of minted access tokens, seconds") var tokenLifetime = 3600
+    @Option(help: "Lifetime of minted access tokens, seconds (60…14400: Forge tokens live at most 4 h)")
+    var tokenLifetime = 3600
     @Option(help: "Push a fresh token to every installation every N seconds (0: never)") var pushInterval = 0
     @Option(help: "Install this many installations at start (after the gateway answers)") var install = 0
     @Option(help: "Log level") var logLevel = "info"
     @Option(name: .customLong("named-trigger"), help: "Register an echoing named trigger with this key (repeatable)")
     var namedTriggers: [String] = []
+
+    func validate() throws {
+        guard (60...14400).contains(self.tokenLifetime) else {
+            throw ValidationError("--token-lifetime must be in 60…14400 seconds (Forge tokens live at most 4 h)")
+        }
+    }
 
     func run() async throws {
         let logger = makeLogger(

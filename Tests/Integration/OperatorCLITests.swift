@@ -62,6 +62,15 @@ struct OperatorCLITests {
         #expect(!result.out.contains("hunter2") && !result.err.contains("hunter2"))
     }
 
+    @Test("emulate refuses a token lifetime Forge never gives (over 4 h, or under a minute): exit 64, a clear line")
+    func emulateRefusesAnUnrealTokenLifetime() async throws {
+        for lifetime in ["14401", "59"] {
+            let result = try await runCLI(["emulate", "--token-lifetime", lifetime, "--port", "0"], environment: [:])
+            #expect(result.status == 64, "\(lifetime): \(result.err)")
+            #expect(result.err.contains("--token-lifetime must be in 60…14400 seconds"), "\(result.err)")
+        }
+    }
+
     @Test("installations list/show and token work as a caller, with clear exit codes and no secret printed")
     func callerCommands() async throws {
         try await GatewayHarness.run { h in

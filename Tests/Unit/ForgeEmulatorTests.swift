@@ -66,6 +66,7 @@ private final class FakeGateway: Sendable {
         var events: [String] = []
         var registeredURLs: [String] = []
         var deliveryStatus = 200
+        var hangDeliveries = false
         var waiters: [UUID: (count: Int, continuation: CheckedContinuation<Void, any Error>)] = [:]
     }
 
@@ -80,6 +81,18 @@ private final class FakeGateway: Sendable {
 
     func setDeliveryStatus(_ status: Int) {
         self.state.withLock { $0.deliveryStatus = status }
+    }
+
+    /// Deliveries are held unanswered until ``releaseHeldDeliveries()``.
+    private let held = AsyncStream<Void>.makeStream()
+
+    func holdDeliveries() {
+        self.state.withLock { $0.hangDeliveries = true }
+    }
+
+    func releaseHeldDeliveries() {
+        self.state.withLock { $0.hangDeliveries = false }
+        self.held.continuation.finish()
     }
 
     /// Waits until at least `count` deliveries arrived.
@@ -164,6 +177,9 @@ private final class FakeGateway: Sendable {
         router.post("/forge/auth-trigger") { request, _ -> Response in
             guard let installationId = await self.verifiedInstallation(request) else {
                 return Self.json(.unauthorized, "{}")
+            }
+            if self.state.withLock({ $0.hangDeliveries }) {
+                for await _ in self.held.stream {}
             }
             let body = try await request.body.collect(upTo: 65536)
             let object = try JSONSerialization.jsonObject(with: Data(buffer: body)) as? [String: Any]
@@ -554,13 +570,64 @@ private func post(_ url: String, json: String? = nil) async throws -> (status: I
         }
     }
 
-    @Test func scheduledPushesReachEveryInstalledInstallation() async throws {
-        try await withEmulator(configure: { $0.scheduledPushInterval = .milliseconds(50) }) { emulator, gateways, _ in
+    @Test(
+        "scheduled pushes reach every installed installation, each token with at least 2 h left (Forge's guarantee) even when minted tokens live shorter"
+    )
+    func scheduledPushesReachEveryInstalledInstallation() async throws {
+        try await withEmulator(configure: {
+            $0.scheduledPushInterval = .milliseconds(50)
+            $0.tokenLifetime = .seconds(600)
+        }) { emulator, gateways, _ in
             let installed = emulator.makeInstallation()
             try await emulator.install(installed)
             _ = emulator.makeInstallation()  // never installed: no pushes
             let deliveries = try await withDeadline { try await gateways[0].waitForDeliveries(3) }
             #expect(deliveries.allSatisfy { $0.installationId == installed.id && $0.requestId == nil })
+            let now = Int(Date().timeIntervalSince1970)
+            for delivery in deliveries {
+                let left = try tokenExpiry(try #require(delivery.systemToken)) - now
+                #expect(left >= 2 * 3600 - 60 && left <= 4 * 3600, "\(left) s left")
+            }
+        }
+    }
+
+    @Test(
+        "a scheduled push that fails is retried with the same token, eventRetries times; a new scheduled push brings a new token"
+    )
+    func scheduledPushesAreRetriedLikeForgeEvents() async throws {
+        try await withEmulator(configure: {
+            $0.eventRetries = 2
+            $0.eventRetryInterval = .milliseconds(10)
+        }) { emulator, gateways, _ in
+            let installation = emulator.makeInstallation()
+            try await emulator.install(installation)
+            gateways[0].setDeliveryStatus(500)
+            await emulator.scheduledPush(installation)
+            let failed = gateways[0].deliveries
+            #expect(failed.count == 3)
+            #expect(Set(failed.map(\.systemToken)).count == 1)
+            gateways[0].setDeliveryStatus(200)
+            await emulator.scheduledPush(installation)
+            let all = gateways[0].deliveries
+            #expect(all.count == 4)
+            #expect(all[3].systemToken != failed[0].systemToken)
+        }
+    }
+
+    @Test(
+        "events and scheduled pushes are capped at the event-call timeout (Forge's 5 s), not the 25 s of an invokeRemote",
+        .timeLimit(.minutes(1))
+    )
+    func eventCallsHaveTheirOwnTimeout() async throws {
+        try await withEmulator(configure: {
+            $0.eventCallTimeout = .milliseconds(300)
+            $0.remoteCallTimeout = .seconds(120)
+        }) { emulator, gateways, _ in
+            let installation = emulator.makeInstallation()
+            try await emulator.install(installation)
+            gateways[0].holdDeliveries()
+            defer { gateways[0].releaseHeldDeliveries() }
+            await #expect(throws: (any Error).self) { try await emulator.push(installation) }
         }
     }
 
