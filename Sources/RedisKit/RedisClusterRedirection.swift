@@ -6,11 +6,23 @@ public enum RedisClusterRedirection: Sendable, Hashable {
     case ask(slot: Int, to: RedisNodeAddress)
 
     /// Parses an error reply's text; `nil` when it is not a well-formed redirection.
-    public init?(errorMessage: String) {
+    ///
+    /// - Parameter replier: the node that sent the reply. A redirection without a host
+    ///   (`-MOVED 3999 :6380`, sent by a node whose `cluster-preferred-endpoint-type` is
+    ///   `unknown-endpoint`) means "the host of the node you asked, this port" (cluster
+    ///   specification); without `replier` such a reply is not taken.
+    public init?(errorMessage: String, replier: RedisNodeAddress? = nil) {
         let fields = errorMessage.split(separator: " ", omittingEmptySubsequences: true)
-        guard fields.count == 3, let slot = Int(fields[1]), (0..<RedisHashSlot.count).contains(slot),
-            let address = RedisNodeAddress(hostPort: fields[2])
-        else {
+        guard fields.count == 3, let slot = Int(fields[1]), (0..<RedisHashSlot.count).contains(slot) else {
+            return nil
+        }
+        let address: RedisNodeAddress
+        if let parsed = RedisNodeAddress(hostPort: fields[2]) {
+            address = parsed
+        } else if let replier, fields[2].first == ":", let port = Int(fields[2].dropFirst()), (1...65535).contains(port)
+        {
+            address = RedisNodeAddress(host: replier.host, port: port)
+        } else {
             return nil
         }
         switch fields[0] {

@@ -160,7 +160,7 @@ final class RedisClusterRouter: Sendable {
             case .success(let nodeReplies):
                 self.state.withLock { state in
                     for (item, reply) in zip(items, nodeReplies) {
-                        switch state.machine.replyReceived(reply) {
+                        switch state.machine.replyReceived(reply, from: node) {
                         case .done:
                             progress.replies[item.index] = reply
                             progress.redirections[item.index] = nil
@@ -168,6 +168,8 @@ final class RedisClusterRouter: Sendable {
                             progress.redirections[item.index] = (target, asking)
                             progress.pending.append(item.index)
                             moved = moved || !asking
+                            // What the caller gets if redirections never end (a loop between nodes).
+                            progress.lastError = RedisError.server(reply.errorMessage ?? "")
                         case .retryAfterRediscovery:
                             progress.redirections[item.index] = nil
                             progress.pending.append(item.index)

@@ -61,12 +61,13 @@ struct RedisClusterStateMachine: Sendable {
         return node.map(Route.node) ?? .discover
     }
 
-    /// Interprets a reply from a node.
-    mutating func replyReceived(_ reply: RedisValue) -> ReplyAction {
+    /// Interprets a reply from a node (`node`: the one that sent it, for a redirection that names
+    /// no host).
+    mutating func replyReceived(_ reply: RedisValue, from node: RedisNodeAddress? = nil) -> ReplyAction {
         guard case .error(let message) = reply else {
             return .done
         }
-        if let redirection = RedisClusterRedirection(errorMessage: message) {
+        if let redirection = RedisClusterRedirection(errorMessage: message, replier: node) {
             switch redirection {
             case .moved(let slot, let target):
                 // Use the new owner at once; the whole map is probably outdated too (failover, resharding).

@@ -67,6 +67,16 @@ import Testing
         #expect(RedisClusterRedirection(errorMessage: "MOVED 1 h:port") == nil)
         #expect(RedisClusterRedirection(errorMessage: "ERR MOVED 1 h:1") == nil)
         #expect(RedisClusterRedirection(errorMessage: "MOVED 1 :6379") == nil)
+        // No host: the replier's host, this port (a node with cluster-preferred-endpoint-type unknown-endpoint).
+        let replier = RedisNodeAddress(host: "10.0.0.7", port: 6379)
+        #expect(
+            RedisClusterRedirection(errorMessage: "MOVED 1 :6380", replier: replier)
+                == .moved(slot: 1, to: RedisNodeAddress(host: "10.0.0.7", port: 6380)))
+        #expect(
+            RedisClusterRedirection(errorMessage: "ASK 2 :6381", replier: replier)
+                == .ask(slot: 2, to: RedisNodeAddress(host: "10.0.0.7", port: 6381)))
+        #expect(RedisClusterRedirection(errorMessage: "MOVED 1 :0", replier: replier) == nil)
+        #expect(RedisClusterRedirection(errorMessage: "MOVED 1 :port", replier: replier) == nil)
     }
 }
 
