@@ -54,10 +54,14 @@ enum ConnectCanonicalRequest {
             if name == "jwt" { continue }
             parameters[name, default: []].append(pair.count > 1 ? self.decode(pair[1]) : "")
         }
-        return parameters.keys.sorted { Array($0.utf8).lexicographicallyPrecedes(Array($1.utf8)) }.map { name in
-            let values = parameters[name]!.sorted { Array($0.utf8).lexicographicallyPrecedes(Array($1.utf8)) }
-            return self.encode(name) + "=" + values.map(self.encode).joined(separator: ",")
-        }.joined(separator: "&")
+        // Names sorted by their percent-encoded form, values of a repeated name by their decoded form
+        // (as Atlassian's libraries do).
+        return parameters.keys.map { (name: $0, encoded: self.encode($0)) }
+            .sorted { Array($0.encoded.utf8).lexicographicallyPrecedes(Array($1.encoded.utf8)) }
+            .map { name, encoded in
+                let values = parameters[name]!.sorted { Array($0.utf8).lexicographicallyPrecedes(Array($1.utf8)) }
+                return encoded + "=" + values.map(self.encode).joined(separator: ",")
+            }.joined(separator: "&")
     }
 
     private static func decode(_ value: Substring) -> String {

@@ -93,11 +93,14 @@ public enum CanonicalRequest {
             if name == Array("jwt".utf8) { continue }
             parameters[name, default: []].append(value)
         }
-        let names = parameters.keys.sorted(by: { $0.lexicographicallyPrecedes($1) })
+        // Names sorted by their percent-encoded form (`filter%5Bx%5D` before `filterBy`), as
+        // Atlassian's libraries sort them; the values of a repeated name by their decoded form.
+        let names = parameters.keys.map { (name: $0, encoded: self.percentEncode($0)) }
+            .sorted(by: { $0.encoded.lexicographicallyPrecedes($1.encoded) })
         var output: [UInt8] = []
-        for (position, name) in names.enumerated() {
+        for (position, (name, encoded)) in names.enumerated() {
             if position > 0 { output.append(UInt8(ascii: "&")) }
-            output += self.percentEncode(name)
+            output += encoded
             output.append(UInt8(ascii: "="))
             let values = parameters[name, default: []].sorted(by: { $0.lexicographicallyPrecedes($1) })
             for (valuePosition, value) in values.enumerated() {
