@@ -56,6 +56,8 @@ struct EmulatorState: Sendable {
     private var triggers: [String: String] = [:]
     private var nextSequence = 0
     private(set) var totalTriggerCalls = 0
+    /// Installations with a scheduled push in flight (its retries included): later rounds skip them.
+    var retryingPushes: Set<String> = []
     /// The gateway base URL outbound calls go to by default.
     var gatewayURL: String
 

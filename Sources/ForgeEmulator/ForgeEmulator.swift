@@ -286,11 +286,18 @@ public final class ForgeEmulator: Sendable, Service {
         try await withThrowingDiscardingTaskGroup { group in
             while true {
                 try await Task.sleep(for: interval)
-                let installed = self.state.withLock {
-                    $0.orderedRecords.filter { $0.status == .installed }.map(\.installation)
+                // One push at a time per installation: one still being retried is skipped.
+                let due = self.state.withLock { state in
+                    let installed = state.orderedRecords.filter { $0.status == .installed }.map(\.installation)
+                    let due = installed.filter { !state.retryingPushes.contains($0.id) }
+                    state.retryingPushes.formUnion(due.map(\.id))
+                    return due
                 }
-                for installation in installed {
-                    group.addTask { await self.scheduledPush(installation) }
+                for installation in due {
+                    group.addTask {
+                        await self.scheduledPush(installation)
+                        _ = self.state.withLock { $0.retryingPushes.remove(installation.id) }
+                    }
                 }
             }
         }
@@ -307,6 +314,8 @@ public final class ForgeEmulator: Sendable, Service {
                 for: installation, expiresAt: Date().addingTimeInterval(Self.seconds(lifetime)))
         else { return }
         for attempt in 0...max(self.configuration.eventRetries, 0) {
+            // Forge stops calling an installation once the app is uninstalled (a retry included).
+            guard self.state.withLock({ $0.record(for: installation)?.status == .installed }) else { return }
             let metadata: Logger.Metadata = ["installation.id": "\(installation.id)", "attempt": "\(attempt + 1)"]
             do {
                 let result = try await self.deliver(installation, systemToken: token, requestId: nil)
@@ -322,6 +331,7 @@ public final class ForgeEmulator: Sendable, Service {
             } catch {
                 return
             }
+
         }
     }
 

@@ -128,6 +128,11 @@ final class RedisChannelHandler: ChannelDuplexHandler {
                     return
                 }
             }
+        } catch let error where error.isServerError {
+            // An error nobody asked for: the server refuses the connection as it closes it
+            // (`maxclients` reached, protected mode). Its text says why; it holds no command argument.
+            self.logger.warning("Redis refused the connection", metadata: ["redis.error": "\(error)"])
+            self.close(context: context, failingWith: .unavailable)
         } catch {
             self.logger.warning("Redis sent an invalid or unexpected reply; closing the connection")
             self.close(context: context, failingWith: .protocolError)
@@ -140,6 +145,7 @@ final class RedisChannelHandler: ChannelDuplexHandler {
             return
         }
         guard var request = self.pending.first else {
+            if case .error(let message) = reply { throw .server(message) }
             throw .protocolError
         }
         request.replies.append(reply)

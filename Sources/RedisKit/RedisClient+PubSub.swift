@@ -196,6 +196,7 @@ extension RedisClient {
         logger[metadataKey: "redis.subscription"] = "\(subscription.label)"
         var failures = 0
         while !Task.isCancelled, !subscription.isTerminated {
+            var failure: (any Error)?
             do {
                 let connection = try await connect(self.eventLoopGroup.next()) { event in
                     subscription.continuation.yield(event)
@@ -219,19 +220,27 @@ extension RedisClient {
             } catch is CancellationError {
                 return
             } catch {
-                failures += 1
-                let level: Logger.Level = failures == 1 ? .warning : .debug
-                logger.log(level: level, "Redis subscription failed", metadata: ["redis.error": "\(error)"])
+                failure = error
             }
             guard !Task.isCancelled, !subscription.isTerminated else {
                 return
             }
+            if failure != nil { failures += 1 }
             let delay = Backoff.delay(
                 attempt: max(failures, 1),
                 base: self.configuration.reconnectBackoffBase,
                 cap: self.configuration.reconnectBackoffCap,
                 jitter: Double.random(in: 0...1)
             )
+            if let error = failure {
+                logger.log(
+                    level: failures == 1 ? .warning : .debug, "Redis subscription failed",
+                    metadata: [
+                        "redis.error": "\(error)", "redis.subscription.failures": "\(failures)",
+                        "redis.retry_in_ms":
+                            "\(delay.components.seconds * 1000 + delay.components.attoseconds / 1_000_000_000_000_000)",
+                    ])
+            }
             do {
                 try await Task.sleep(for: delay)
             } catch {

@@ -15,6 +15,8 @@ final class RedisClusterRouter: Sendable {
         var pools: [RedisNodeAddress: RedisConnectionPool] = [:]
         /// Completed when the running rediscovery ends (successfully or not).
         var rediscovery: EventLoopPromise<Void>?
+        /// Pools of nodes that left the map, closed once commands already sent to them are answered.
+        var retiring: [ObjectIdentifier: RedisConnectionPool] = [:]
         var isShutDown = false
     }
 
@@ -83,6 +85,13 @@ final class RedisClusterRouter: Sendable {
             }
         }
         guard progress.pending.isEmpty else {
+            if let redirection = progress.pending.lazy.compactMap({ progress.redirections[$0] }).first {
+                // Redirected round after round (nodes that disagree on a slot's owner): the caller gets
+                // the timeout it would get from a node that never answers; the log says why.
+                self.logger.warning(
+                    "Redis Cluster redirections did not settle",
+                    metadata: ["redis.address": "\(redirection.node)", "redis.cluster.rounds": "\(Self.maximumRounds)"])
+            }
             throw progress.lastError
         }
         return progress.replies.map { $0 ?? .null }
@@ -168,8 +177,6 @@ final class RedisClusterRouter: Sendable {
                             progress.redirections[item.index] = (target, asking)
                             progress.pending.append(item.index)
                             moved = moved || !asking
-                            // What the caller gets if redirections never end (a loop between nodes).
-                            progress.lastError = RedisError.server(reply.errorMessage ?? "")
                         case .retryAfterRediscovery:
                             progress.redirections[item.index] = nil
                             progress.pending.append(item.index)
@@ -307,9 +314,7 @@ final class RedisClusterRouter: Sendable {
                     return []
                 }
             }
-            for pool in removed {
-                Task { await pool.shutDown() }
-            }
+            self.retire(removed)
             switch result {
             case .success(let map):
                 promise?.succeed()
@@ -323,6 +328,26 @@ final class RedisClusterRouter: Sendable {
             case .failure(let error):
                 promise?.fail(error)
                 throw error
+            }
+        }
+    }
+
+    /// Closes the pools of nodes that are no longer primaries, after a grace of one command timeout:
+    /// commands already sent to such a node (a demoted primary, in an orderly failover) get their
+    /// answer (a `MOVED`, followed) instead of a closed connection.
+    private func retire(_ pools: [RedisConnectionPool]) {
+        guard !pools.isEmpty else {
+            return
+        }
+        self.state.withLock { state in
+            for pool in pools { state.retiring[ObjectIdentifier(pool)] = pool }
+        }
+        let grace = self.configuration.commandTimeout
+        Task {
+            try? await Task.sleep(for: grace)
+            for pool in pools {
+                let retired = self.state.withLock { $0.retiring.removeValue(forKey: ObjectIdentifier(pool)) }
+                if retired != nil { await pool.shutDown() }
             }
         }
     }
@@ -406,8 +431,11 @@ final class RedisClusterRouter: Sendable {
     func shutDown() async {
         let pools = self.state.withLock { state in
             state.isShutDown = true
-            defer { state.pools.removeAll() }
-            return Array(state.pools.values)
+            defer {
+                state.pools.removeAll()
+                state.retiring.removeAll()
+            }
+            return Array(state.pools.values) + Array(state.retiring.values)
         }
         for pool in pools {
             await pool.shutDown()

@@ -133,7 +133,7 @@ struct RedisConnector: Sendable {
             guard case .error(let message) = reply else {
                 continue
             }
-            if authenticates, index == 0 {
+            if authenticates, index == 0, Self.refusesCredentials(message) {
                 self.reportRefusedCredentials(message, address: connection.address)
             } else {
                 // Only the reply's description (no command arguments) is logged; once per outage at
@@ -159,6 +159,15 @@ struct RedisConnector: Sendable {
                 throw RedisError.unavailable
             }
         }
+    }
+
+    /// Whether an error reply to `AUTH` is about the credentials (`WRONGPASS`, `NOPERM`, a password
+    /// the server does not take) rather than the server itself (`maxclients` reached, protected
+    /// mode, loading), which the handshake reports as such.
+    static func refusesCredentials(_ message: String) -> Bool {
+        let code = message.prefix(while: { $0 != " " })
+        return code == "WRONGPASS" || code == "NOPERM" || code == "NOAUTH"
+            || message.lowercased().contains("password")
     }
 
     /// `AUTH [user] password`, or `nil` without a password.

@@ -495,6 +495,10 @@ struct OAuthIntegrationTests {
                 if method != .HEAD { #expect(other.oauthError == "invalid_request", "\(method): \(other.body)") }
                 expectOAuthErrorHeaders(other.headers)
             }
+            // The path as the router reads it (a trailing slash aside): the same answer.
+            let slashed = try await h.call(.GET, "/oauth/token/", secret: nil)
+            #expect(slashed.status == 405)
+            #expect(slashed.oauthError == "invalid_request", "\(slashed.body)")
 
             // Metrics see the route template, never an installation id.
             let metrics = try await h.call(.GET, "/metrics", secret: nil)

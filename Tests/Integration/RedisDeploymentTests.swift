@@ -350,7 +350,7 @@ struct RedisDeploymentTests {
     }
 
     @Test(
-        "Redis Cluster: after a failover the first MOVED refreshes the whole slot map, so the primary's other slots cost no redirection"
+        "Redis Cluster: after a failover the first MOVED refreshes the whole slot map, so the primary's other slots cost no redirection; a failover under load loses no command"
     )
     func clusterMovedRefreshesTheMap() async throws {
         let cluster = try await RedisClusterProcesses.start()
@@ -360,10 +360,11 @@ struct RedisDeploymentTests {
         let old = try #require(router.primary(forSlot: RedisHashSlot.slot(of: "moved:{0}")))
         // Keys of 100 slots of that primary.
         var slots: Set<Int> = []
-        let keys = (0..<20_000).map { "moved:{\($0)}" }.filter { key in
-            let slot = RedisHashSlot.slot(of: key)
-            return router.primary(forSlot: slot) == old && slots.insert(slot).inserted
-        }.prefix(100)
+        let keys = Array(
+            (0..<20_000).map { "moved:{\($0)}" }.filter { key in
+                let slot = RedisHashSlot.slot(of: key)
+                return router.primary(forSlot: slot) == old && slots.insert(slot).inserted
+            }.prefix(100))
         #expect(keys.count == 100)
 
         // Its replica takes over (a manual failover: the old primary becomes its replica).
@@ -372,42 +373,75 @@ struct RedisDeploymentTests {
         let replicaLine = try #require(nodes.first { $0.split(separator: " ").dropFirst(3).first == oldID })
         let replicaPort = try #require(
             Int(replicaLine.split(separator: " ")[1].split(separator: "@")[0].split(separator: ":").last ?? ""))
-        #expect(try redisCLI(["-p", "\(replicaPort)", "CLUSTER", "FAILOVER"]).contains("OK"))
-        let deadline = ContinuousClock.now + .seconds(30)
-        // Every node's view has the new primary (so that whichever node the client asks gives the new map).
-        @Sendable func everyNodeSeesTheFailover() -> Bool {
-            cluster.nodes.allSatisfy { node in
-                let lines = (try? redisCLI(["-p", "\(node.port)", "CLUSTER", "NODES"]))?.split(separator: "\n") ?? []
-                let newLine = lines.first { $0.contains("127.0.0.1:\(replicaPort)@") }
-                let oldLine = lines.first { $0.contains("127.0.0.1:\(old.port)@") }
-                return newLine?.contains("master") == true && oldLine?.contains("slave") == true
-            }
-        }
-        while !everyNodeSeesTheFailover(), ContinuousClock.now < deadline {
-            try await Task.sleep(for: .milliseconds(50))
-        }
-        #expect(everyNodeSeesTheFailover())
-        try await cluster.waitUntilHealthy()
+        try await Self.failOver(to: replicaPort, from: old.port, cluster: cluster)
         try redisCLI(["-p", "\(old.port)", "CONFIG", "RESETSTAT"])
 
         // The first key is redirected (one MOVED) and answered…
-        #expect(try await client.send(["SET", keys[keys.startIndex], "v"]) == .status("OK"))
+        #expect(try await client.send(["SET", keys[0], "v"]) == .status("OK"))
         // …and the map is refreshed in the background: every slot of the old primary is the new one's.
-        let refreshDeadline = ContinuousClock.now + .seconds(10)
-        while router.primary(forSlot: RedisHashSlot.slot(of: keys[keys.startIndex + 1]))?.port != replicaPort,
-            ContinuousClock.now < refreshDeadline
-        {
-            try await Task.sleep(for: .milliseconds(10))
-        }
-        #expect(router.primary(forSlot: RedisHashSlot.slot(of: keys[keys.startIndex + 1]))?.port == replicaPort)
+        #expect(await Self.mapNames(replicaPort, forSlotOf: keys[1], router))
         for key in keys.dropFirst() {
             #expect(try await client.send(["SET", key, "v"]) == .status("OK"))
         }
         let errors = try redisCLI(["-p", "\(old.port)", "INFO", "errorstats"])
         #expect(
             errors.split(whereSeparator: \.isNewline).contains("errorstat_MOVED:count=1"), "\(errors)")
+
+        // Back again while eight callers write to those slots: the demoted node's connections stay
+        // until what was sent to it is answered (a MOVED, followed), so every write succeeds.
+        let load = FailoverLoad()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for worker in 0..<8 {
+                group.addTask {
+                    var index = worker
+                    while !load.stop.load(ordering: .relaxed) {
+                        do {
+                            _ = try await client.send(["SET", keys[index % keys.count], "w"])
+                        } catch {
+                            load.failures.withLock { $0 += 1 }
+                        }
+                        index += 8
+                    }
+                }
+            }
+            defer { load.stop.store(true, ordering: .relaxed) }
+            try await Self.failOver(to: old.port, from: replicaPort, cluster: cluster)
+            #expect(await Self.mapNames(old.port, forSlotOf: keys[1], router))
+            // A while longer: the retired connections close (one command timeout) under load.
+            for key in keys { _ = try await client.send(["SET", key, "after"]) }
+        }
+        #expect(load.failures.withLock { $0 } == 0)
         await client.shutdown()
         for node in cluster.nodes { await node.stop() }
+    }
+
+    /// A manual failover to the replica at `newPort`, waited for until every node sees it (so that
+    /// whichever node the client asks gives the new map).
+    static func failOver(to newPort: Int, from oldPort: Int, cluster: RedisClusterProcesses) async throws {
+        #expect(try redisCLI(["-p", "\(newPort)", "CLUSTER", "FAILOVER"]).contains("OK"))
+        @Sendable func everyNodeSeesTheFailover() -> Bool {
+            cluster.nodes.allSatisfy { node in
+                let lines = (try? redisCLI(["-p", "\(node.port)", "CLUSTER", "NODES"]))?.split(separator: "\n") ?? []
+                let newLine = lines.first { $0.contains("127.0.0.1:\(newPort)@") }
+                let oldLine = lines.first { $0.contains("127.0.0.1:\(oldPort)@") }
+                return newLine?.contains("master") == true && oldLine?.contains("slave") == true
+            }
+        }
+        let deadline = ContinuousClock.now + .seconds(30)
+        while !everyNodeSeesTheFailover(), ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        #expect(everyNodeSeesTheFailover())
+        try await cluster.waitUntilHealthy()
+    }
+
+    /// Whether the client's slot map comes to name the node at `port` for `key`'s slot (within 10 s).
+    static func mapNames(_ port: Int, forSlotOf key: String, _ router: RedisClusterRouter) async -> Bool {
+        let deadline = ContinuousClock.now + .seconds(10)
+        while router.primary(forSlot: RedisHashSlot.slot(of: key))?.port != port, ContinuousClock.now < deadline {
+            try? await Task.sleep(for: .milliseconds(10))
+        }
+        return router.primary(forSlot: RedisHashSlot.slot(of: key))?.port == port
     }
 
     /// Keys in every shard (one pipeline spanning slots), a script, SCAN and key rotation over
@@ -488,6 +522,12 @@ struct RedisDeploymentTests {
 }
 
 /// Answers seen while a primary fails over.
+/// Writers under load during a failover: when to stop, and how many writes failed.
+final class FailoverLoad: Sendable {
+    let stop = Atomic(false)
+    let failures = Mutex(0)
+}
+
 final class FailoverCounts: Sendable {
     let counts = Mutex<(good: Int, failed: Int, wrong: Int)>((0, 0, 0))
 }

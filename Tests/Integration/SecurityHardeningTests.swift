@@ -144,6 +144,12 @@ struct SecurityHardeningTests {
             // The operations listener serves nothing else: no caller, Forge or OAuth route.
             #expect(try await Self.get(h, opsURL + GatewayHarness.path(installation) + "/token").status == 404)
             #expect(try await Self.get(h, opsURL + "/.well-known/oauth-authorization-server").status == 404)
+            let token = try await h.call(
+                .POST, "/oauth/token", at: opsURL, headers: ["content-type": "application/x-www-form-urlencoded"],
+                body: "grant_type=client_credentials")
+            #expect(token.status == 404, "\(token.body)")
+            #expect(token.body.contains("not_found"))
+            #expect(token.headers["allow"] == nil)
         }
         // The setting itself: a port turns it on, a host alone is a configuration error.
         var environment = [

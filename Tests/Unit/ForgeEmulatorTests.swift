@@ -611,6 +611,10 @@ private func post(_ url: String, json: String? = nil) async throws -> (status: I
             let all = gateways[0].deliveries
             #expect(all.count == 4)
             #expect(all[3].systemToken != failed[0].systemToken)
+            // Once uninstalled, no push and no retry.
+            try await emulator.uninstall(installation)
+            await emulator.scheduledPush(installation)
+            #expect(gateways[0].deliveries.count == 4)
         }
     }
 

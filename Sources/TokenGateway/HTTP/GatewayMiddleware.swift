@@ -22,9 +22,9 @@ struct ErrorMiddleware<Context: RequestContext>: RouterMiddleware {
             let mapped: GatewayError
             switch error.status {
             case .notFound:
-                // Every non-2xx answer of the OAuth token endpoint is an RFC 6749 body (contract §1).
-                if request.uri.path == OAuthMetadata.tokenPath { return OAuthError.methodNotAllowedResponse }
                 if let allowed = self.allowedMethods(for: request.uri.path) {
+                    // Every non-2xx answer of the OAuth token endpoint is an RFC 6749 body (contract §1).
+                    if Self.isOAuthTokenPath(request.uri.path) { return OAuthError.methodNotAllowedResponse }
                     mapped = GatewayError(
                         status: .methodNotAllowed, code: "method_not_allowed",
                         message: "method not allowed on this route",
@@ -51,6 +51,13 @@ struct ErrorMiddleware<Context: RequestContext>: RouterMiddleware {
                 metadata: ["error.type": "\(type(of: error))", "http.path": "\(context.endpointPath ?? "-")"])
             return try GatewayError.internalError.response(from: request, context: context)
         }
+    }
+
+    /// Whether `path` is the OAuth token endpoint's (a trailing `/` or doubled `/` aside, as the
+    /// route table reads paths).
+    static func isOAuthTokenPath(_ path: String) -> Bool {
+        path.split(separator: "/", omittingEmptySubsequences: true)
+            .elementsEqual(OAuthMetadata.tokenPath.split(separator: "/", omittingEmptySubsequences: true))
     }
 
     func allowedMethods(for path: String) -> [HTTPRequest.Method]? {
