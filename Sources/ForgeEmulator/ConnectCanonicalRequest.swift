@@ -47,16 +47,17 @@ enum ConnectCanonicalRequest {
     }
 
     private static func canonicalQuery(_ query: String) -> String {
-        var parameters: [String: [String]] = [:]
+        // Keyed by bytes: names that are only Unicode-equivalent are two parameters.
+        var parameters: [[UInt8]: [String]] = [:]
         for piece in query.split(separator: "&") {
             let pair = piece.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
             let name = self.decode(pair[0])
             if name == "jwt" { continue }
-            parameters[name, default: []].append(pair.count > 1 ? self.decode(pair[1]) : "")
+            parameters[Array(name.utf8), default: []].append(pair.count > 1 ? self.decode(pair[1]) : "")
         }
         // Names sorted by their percent-encoded form, values of a repeated name by their decoded form
         // (as Atlassian's libraries do).
-        return parameters.keys.map { (name: $0, encoded: self.encode($0)) }
+        return parameters.keys.map { (name: $0, encoded: self.encode(String(decoding: $0, as: UTF8.self))) }
             .sorted { Array($0.encoded.utf8).lexicographicallyPrecedes(Array($1.encoded.utf8)) }
             .map { name, encoded in
                 let values = parameters[name]!.sorted { Array($0.utf8).lexicographicallyPrecedes(Array($1.utf8)) }
@@ -64,9 +65,36 @@ enum ConnectCanonicalRequest {
             }.joined(separator: "&")
     }
 
+    /// `+` is a space, `%XX` a byte (an invalid escape stays literal), and the bytes are read as
+    /// UTF-8 (a sequence that is not becomes U+FFFD), as Atlassian's libraries decode a query.
     private static func decode(_ value: Substring) -> String {
-        let spaced = value.replacingOccurrences(of: "+", with: " ")
-        return spaced.removingPercentEncoding ?? spaced
+        let input = Array(value.utf8)
+        var bytes: [UInt8] = []
+        var index = 0
+        while index < input.count {
+            if input[index] == UInt8(ascii: "+") {
+                bytes.append(UInt8(ascii: " "))
+                index += 1
+            } else if input[index] == UInt8(ascii: "%"), index + 2 < input.count,
+                let high = Self.hexDigit(input[index + 1]), let low = Self.hexDigit(input[index + 2])
+            {
+                bytes.append(high << 4 | low)
+                index += 3
+            } else {
+                bytes.append(input[index])
+                index += 1
+            }
+        }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    private static func hexDigit(_ byte: UInt8) -> UInt8? {
+        switch byte {
+        case UInt8(ascii: "0")...UInt8(ascii: "9"): byte - UInt8(ascii: "0")
+        case UInt8(ascii: "a")...UInt8(ascii: "f"): byte - UInt8(ascii: "a") + 10
+        case UInt8(ascii: "A")...UInt8(ascii: "F"): byte - UInt8(ascii: "A") + 10
+        default: nil
+        }
     }
 
     private static let unreserved = CharacterSet(

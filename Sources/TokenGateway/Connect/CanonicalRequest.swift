@@ -91,7 +91,9 @@ public enum CanonicalRequest {
                 value = []
             }
             if name == Array("jwt".utf8) { continue }
-            parameters[name, default: []].append(value)
+            // Decoded bytes are read as UTF-8, a byte that is not becoming U+FFFD, as Atlassian's
+            // libraries read them (`%E9` alone hashes as `%EF%BF%BD`).
+            parameters[Self.asUTF8(name), default: []].append(Self.asUTF8(value))
         }
         // Names sorted by their percent-encoded form (`filter%5Bx%5D` before `filterBy`), as
         // Atlassian's libraries sort them; the values of a repeated name by their decoded form.
@@ -109,6 +111,11 @@ public enum CanonicalRequest {
             }
         }
         return String(decoding: output, as: UTF8.self)
+    }
+
+    /// `bytes` as UTF-8, each sequence that is not replaced by U+FFFD.
+    static func asUTF8(_ bytes: [UInt8]) -> [UInt8] {
+        Array(String(decoding: bytes, as: UTF8.self).utf8)
     }
 
     /// Percent-decoding as a query parser reads it: `+` is a space; an invalid escape stays literal.
