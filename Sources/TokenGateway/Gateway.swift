@@ -73,11 +73,8 @@ public final class Gateway: Sendable {
         (self.audit, self.auditBuffer) = Self.makeAudit(
             logger: logger, bufferCapacity: auditBufferCapacity, metrics: self.metrics)
         self.replicaID = "gw_" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
-        var httpConfig = HTTPClient.Configuration()
-        httpConfig.redirectConfiguration = .disallow
-        httpConfig.timeout = .init(connect: .seconds(5), read: .seconds(30))
-        httpConfig.connectionPool = .init(idleTimeout: .seconds(60))
-        self.httpClient = HTTPClient(eventLoopGroupProvider: .singleton, configuration: httpConfig)
+        self.httpClient = HTTPClient(
+            eventLoopGroupProvider: .singleton, configuration: Self.outboundHTTPConfiguration())
         self.redis = RedisClient(
             configuration: configuration.redis, logger: logger, metricsFactory: self.metrics.factory,
             metricNames: RedisMetricNames(errors: "token_gateway_store_errors_total"))
@@ -249,5 +246,20 @@ extension Gateway {
     /// Makes this gateway's Prometheus registry the process-wide metrics backend (call once, in `serve`).
     public func bootstrapMetrics() {
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: self.registry))
+    }
+}
+
+extension Gateway {
+    /// The outbound HTTP client's configuration: no redirect is followed, and no client span is
+    /// made even when a tracer is bootstrapped. Such a span records the full URL (`url.full`), and a
+    /// trigger URL is a secret (whoever has it can call the trigger); the trace context is still
+    /// passed on by hand on every trigger call.
+    static func outboundHTTPConfiguration() -> HTTPClient.Configuration {
+        var configuration = HTTPClient.Configuration()
+        configuration.redirectConfiguration = .disallow
+        configuration.timeout = .init(connect: .seconds(5), read: .seconds(30))
+        configuration.connectionPool = .init(idleTimeout: .seconds(60))
+        configuration.tracing.tracer = nil
+        return configuration
     }
 }

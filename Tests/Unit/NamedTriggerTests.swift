@@ -1,3 +1,4 @@
+import AsyncHTTPClient
 import Crypto
 import FlowEngine
 import ForgeEmulator
@@ -9,6 +10,16 @@ import Testing
 @Suite struct NamedTriggerTests {
     static let allowList = try! TriggerHostAllowList(parsing: "*.webtrigger.atlassian.app,http://127.0.0.1:9999")
     static let good = "https://abc.webtrigger.atlassian.app/x1/fn"
+
+    @Test(
+        "the outbound HTTP client makes no client span (it would record a trigger URL, a secret) and follows no redirect"
+    )
+    func outboundClientKeepsTriggerURLsOutOfTraces() {
+        let configuration = Gateway.outboundHTTPConfiguration()
+        #expect(configuration.tracing.tracer == nil)
+        #expect(
+            "\(configuration.redirectConfiguration)" == "\(HTTPClient.Configuration.RedirectConfiguration.disallow)")
+    }
 
     @Test func triggerKeysAreBounded() {
         for key in ["a", "0", "sync-issue", "job_2", String(repeating: "z", count: 64)] {
