@@ -11,7 +11,8 @@ import Synchronization
 /// In JSON: `{"type": "echo"}`, `{"type": "fail", "status": 503, "times": 1}` (`times` absent:
 /// always), `{"type": "delay", "delayMs": 200}` (then echo), `{"type": "hang", "maxMs": 30000}`
 /// (never answer until ``ForgeEmulator/releaseHeldNamedTriggerCalls()``, the admin release route or
-/// `maxMs`, default 30 s).
+/// `maxMs`, default 30 s), `{"type": "hangBody", "maxMs": 30000}` (the same, after sending the answer's
+/// status and headers: a body that does not come).
 public enum NamedTriggerBehaviour: Sendable, Hashable {
     /// Answer 200 `{"echo": <payload>, "requestId": …, "trigger": <key>, "idempotencyKey": … | null}`.
     case echo
@@ -21,6 +22,8 @@ public enum NamedTriggerBehaviour: Sendable, Hashable {
     case delay(Duration)
     /// Hold the call without answering until released or `maximum` passed, then echo.
     case hang(maximum: Duration)
+    /// Answer 200 and its headers at once, then hold the body until released or `maximum` passed.
+    case hangBody(maximum: Duration)
 }
 
 extension NamedTriggerBehaviour: Codable {
@@ -29,7 +32,7 @@ extension NamedTriggerBehaviour: Codable {
     }
 
     private enum Kind: String, Codable {
-        case echo, fail, delay, hang
+        case echo, fail, delay, hang, hangBody
     }
 
     public init(from decoder: any Decoder) throws {
@@ -61,6 +64,12 @@ extension NamedTriggerBehaviour: Codable {
                 throw DecodingError.dataCorruptedError(forKey: .maxMs, in: container, debugDescription: "out of range")
             }
             self = .hang(maximum: .milliseconds(ms))
+        case .hangBody:
+            let ms = try container.decodeIfPresent(Int.self, forKey: .maxMs) ?? 30_000
+            guard (0...600_000).contains(ms) else {
+                throw DecodingError.dataCorruptedError(forKey: .maxMs, in: container, debugDescription: "out of range")
+            }
+            self = .hangBody(maximum: .milliseconds(ms))
         }
     }
 
@@ -78,6 +87,9 @@ extension NamedTriggerBehaviour: Codable {
             try container.encode(Self.milliseconds(delay), forKey: .delayMs)
         case .hang(let maximum):
             try container.encode(Kind.hang, forKey: .type)
+            try container.encode(Self.milliseconds(maximum), forKey: .maxMs)
+        case .hangBody(let maximum):
+            try container.encode(Kind.hangBody, forKey: .type)
             try container.encode(Self.milliseconds(maximum), forKey: .maxMs)
         }
     }
@@ -313,6 +325,14 @@ extension ForgeEmulator {
             try? await Task.sleep(for: delay)
         case .hang(let maximum):
             await self.holdUntilReleased(maximum: maximum)
+        case .hangBody(let maximum):
+            return Response(
+                status: .ok, headers: [.contentType: "application/json"],
+                body: ResponseBody { writer in
+                    await self.holdUntilReleased(maximum: maximum)
+                    try await writer.write(ByteBuffer(string: #"{"late":true}"#))
+                    try await writer.finish(nil)
+                })
         }
         return Self.namedAnswer(
             200,

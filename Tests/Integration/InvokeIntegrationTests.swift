@@ -205,6 +205,21 @@ struct InvokeIntegrationTests {
         }
     }
 
+    @Test(
+        "the caller's timeout covers the trigger's whole answer: a head at once and a body that does not come is 504 at the deadline"
+    )
+    func timeoutCoversTheAnswerBody() async throws {
+        try await Self.run { h in
+            let installation = try await h.installed()
+            h.emulator.setNamedTriggerBehaviour(.hangBody(maximum: .seconds(60)), for: installation, key: "echo")
+            defer { h.emulator.releaseHeldNamedTriggerCalls() }
+            let answer = try await Self.invoke(h, installation, "echo", body: #"{"n":1}"#, query: "timeout=500")
+            #expect(answer.status == 504, "\(answer.body)")
+            #expect(answer.errorCode == "token_timeout", "\(answer.body)")
+            #expect(h.emulator.namedTriggerCalls(for: installation, key: "echo").count == 1)
+        }
+    }
+
     @Test("a concurrent duplicate waits for the first call's answer; the trigger runs once")
     func concurrentDuplicateWaits() async throws {
         try await Self.run { h in

@@ -154,7 +154,7 @@ import Testing
     @Test func emulatorBehavioursRoundTripAsJSON() throws {
         let behaviours: [NamedTriggerBehaviour] = [
             .echo, .fail(status: 503, times: 2), .fail(status: 500, times: nil), .delay(.milliseconds(250)),
-            .hang(maximum: .seconds(5)),
+            .hang(maximum: .seconds(5)), .hangBody(maximum: .seconds(5)),
         ]
         for behaviour in behaviours {
             let data = try JSONEncoder().encode(behaviour)

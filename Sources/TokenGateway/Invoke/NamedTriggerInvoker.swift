@@ -203,7 +203,7 @@ public struct NamedTriggerInvoker: Sendable {
             let status = Int(response.status.code)
             var buffer: ByteBuffer
             do {
-                buffer = try await response.body.collect(upTo: self.configuration.maxAnswerSize)
+                buffer = try await response.body.collect(upTo: self.configuration.maxAnswerSize, before: deadline)
             } catch is NIOTooManyBytesError {
                 logger.notice(
                     "named trigger answered more than the relay limit", metadata: ["http.status": "\(status)"])
