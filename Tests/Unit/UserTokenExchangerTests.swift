@@ -81,6 +81,19 @@ struct UserTokenExchangerTests {
 
     static let issued = OfflineUserAuthTokenClient.Outcome.token(value: "user-token-1", ttl: 3600)
 
+    @Test("a token said to live more than 24 h (a ttl in milliseconds) is refused, not cached past its death")
+    func aTokenLivingTooLongIsRefused() async throws {
+        let h = Harness([.token(value: "opaque-user-token", ttl: 3_600_000)])
+        try await h.running { () async throws -> Void in
+            guard case .failure(let error) = await h.token() else {
+                Issue.record("the token was answered")
+                return
+            }
+            #expect("\(error)".contains("malformed answer"), "\(error)")
+            #expect(h.store.storedToken(Self.installation, accountId: Self.account.value) == nil)
+        }
+    }
+
     @Test("concurrent callers share one exchange; the next caller is served from the cache")
     func coalescing() async throws {
         let h = Harness([Self.issued])

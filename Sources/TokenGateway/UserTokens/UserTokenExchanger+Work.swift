@@ -309,6 +309,12 @@ extension UserTokenExchanger {
             logger.warning("the exchange answered an expired token")
             return .failure(.exchangeFailed("malformed answer"))
         }
+        // Forge tokens live at most 4 h: one said to live more than 24 h (a `ttl` in milliseconds,
+        // say) is refused, as a delivered system token would be, rather than cached past its death.
+        guard expiresAt - now.unixSeconds <= Gateway.maximumDeliveredLifetime else {
+            logger.warning("the exchange answered a token said to live more than 24 hours")
+            return .failure(.exchangeFailed("malformed answer"))
+        }
         let token = AccessToken(value: value, expiresAt: expiresAt)
         var stored = false
         do {
