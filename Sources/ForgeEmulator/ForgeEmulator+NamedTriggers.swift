@@ -281,6 +281,9 @@ extension ForgeEmulator {
         return response
     }
 
+    /// Largest named-trigger call the emulator reads (1 MiB).
+    static let maximumNamedTriggerCallBytes = 1 << 20
+
     private func runNamedTrigger(
         _ trigger: EmulatorNamedTriggers.Trigger, installationActive: Bool, signatureValid: Bool,
         callBody: NamedTriggerCallBody?, body: Data, idempotencyKey: String?, behaviour: NamedTriggerBehaviour
@@ -391,7 +394,9 @@ extension ForgeEmulator {
     func addNamedTriggerRoutes(to router: Router<EmulatorRequestContext>) {
         router.post("/x2/:triggerId") { request, context -> Response in
             let triggerId = try context.parameters.require("triggerId")
-            let body = try await request.body.collect(upTo: Self.maximumRequestBytes)
+            // A call carries the caller's payload (up to the gateway's limit) inside the signed
+            // envelope, so it may be larger than the admin routes' bodies.
+            let body = try await request.body.collect(upTo: Self.maximumNamedTriggerCallBytes)
             return await self.answerNamedTrigger(
                 triggerId: triggerId, signatureHeader: request.headers[.emulatorTriggerSignature],
                 idempotencyKey: request.headers[.emulatorIdempotencyKey], body: Data(buffer: body))

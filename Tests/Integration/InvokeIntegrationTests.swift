@@ -220,6 +220,19 @@ struct InvokeIntegrationTests {
         }
     }
 
+    @Test("a payload at the size limit reaches the trigger whole: the signed envelope around it is no obstacle")
+    func payloadAtTheLimitIsEchoed() async throws {
+        try await Self.run { h in
+            let installation = try await h.installed()
+            let filler = String(repeating: "x", count: 64 * 1024 - 16)
+            let payload = #"{"s":"\#(filler)"}"#
+            #expect(payload.utf8.count <= 64 * 1024)
+            let answer = try await Self.invoke(h, installation, "echo", body: payload)
+            #expect(answer.status == 200, "\(answer.body.prefix(200))")
+            #expect(answer.body.contains(filler))
+        }
+    }
+
     @Test("a concurrent duplicate waits for the first call's answer; the trigger runs once")
     func concurrentDuplicateWaits() async throws {
         try await Self.run { h in
