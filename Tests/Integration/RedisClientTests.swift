@@ -420,6 +420,20 @@ import TokenGateway
         return (primary, replica)
     }
 
+    /// Asks the sentinel to fail `masterName` over (retried until it accepts: it needs the replica's
+    /// INFO first) and waits until it names the node at `port` as the primary; whether it did
+    /// within 30 s each.
+    static func sentinelFailover(_ sentinelAdmin: RedisClient, _ masterName: String, to port: Int) async -> Bool {
+        let accepted = await Self.eventually(within: .seconds(30)) {
+            (try? await sentinelAdmin.send(["SENTINEL", "FAILOVER", masterName])) == .status("OK")
+        }
+        guard accepted else { return false }
+        return await Self.eventually(within: .seconds(30)) {
+            let address = try? await sentinelAdmin.send(["SENTINEL", "get-master-addr-by-name", masterName])
+            return address?.array?.last?.int == Int64(port)
+        }
+    }
+
     /// Whether every one of eight commands (one per pooled connection and more) lands on `port`.
     static func everyCommandLands(on port: Int, _ client: RedisClient) async -> Bool {
         for _ in 0..<8 {
@@ -450,18 +464,7 @@ import TokenGateway
                 #expect(try await client.send(["SET", prefix + "k", "before"]) == .status("OK"))
                 #expect(try await client.send(["ROLE"]).array?.first?.string == "master")
 
-                // The sentinel needs the replica's INFO before it can promote it: retry until it accepts.
-                #expect(
-                    await Self.eventually(within: .seconds(20)) {
-                        (try? await sentinelAdmin.send(["SENTINEL", "FAILOVER", masterName])) == .status("OK")
-                    }
-                )
-                #expect(
-                    await Self.eventually(within: .seconds(20)) {
-                        let address = try? await sentinelAdmin.send(["SENTINEL", "get-master-addr-by-name", masterName])
-                        return address?.array?.last?.int == Int64(replica.port)
-                    }
-                )
+                #expect(await Self.sentinelFailover(sentinelAdmin, masterName, to: replica.port))
 
                 // The client hears `+switch-master` from the sentinel and reconnects every pooled connection to
                 // the new primary: soon every command (one per pooled connection and more) lands there.
@@ -516,16 +519,7 @@ extension RedisClientTests {
                 #expect(await Self.eventually { logs.messages.contains("Redis subscription up") })
                 proxy.hold()
                 #expect(await Self.eventually { logs.messages.contains("Redis subscription connection down") })
-                // The sentinel needs the replica's INFO before it can promote it: retry until it accepts.
-                #expect(
-                    await Self.eventually(within: .seconds(30)) {
-                        (try? await sentinelAdmin.send(["SENTINEL", "FAILOVER", masterName])) == .status("OK")
-                    })
-                #expect(
-                    await Self.eventually(within: .seconds(30)) {
-                        let address = try? await sentinelAdmin.send(["SENTINEL", "get-master-addr-by-name", masterName])
-                        return address?.array?.last?.int == Int64(replica.port)
-                    })
+                #expect(await Self.sentinelFailover(sentinelAdmin, masterName, to: replica.port))
                 // The old primary still answers as one, and nothing told the client.
                 #expect(await Self.everyCommandLands(on: primary.port, client))
                 #expect(logs.messages.filter { $0 == "Redis subscription up" }.count == 1)
