@@ -284,16 +284,7 @@ struct RedisOutageIntegrationTests {
             // Everything written so far has reached the replica before it is promoted.
             #expect(try await primaryAdmin.send(["WAIT", "1", "5000"]).int == 1)
 
-            // The sentinel needs the replica's INFO before it can promote it: retry until it accepts.
-            #expect(
-                await Self.eventually(within: .seconds(20)) {
-                    (try? await sentinelAdmin.send(["SENTINEL", "FAILOVER", masterName])) == .status("OK")
-                })
-            #expect(
-                await Self.eventually(within: .seconds(20)) {
-                    let address = try? await sentinelAdmin.send(["SENTINEL", "get-master-addr-by-name", masterName])
-                    return address?.array?.last?.int == Int64(replicaPort)
-                })
+            #expect(await RedisClientTests.sentinelFailover(sentinelAdmin, masterName, to: replicaPort))
             #expect(try await replicaAdmin.send(["ROLE"]).array?.first?.string == "master")
             // Once the sentinel names the new primary, writes go there: an installation registered right now is on
             // it (a write acknowledged by the old primary would be lost when the sentinel demotes it). A 503 while
