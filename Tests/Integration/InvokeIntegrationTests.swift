@@ -449,6 +449,38 @@ struct InvokeIntegrationTests {
         }
     }
 
+    @Test("registrations racing for the last places: one wins, the refused ones store no auth-trigger URL")
+    func registrationRace() async throws {
+        try await Self.run { h in
+            let installation = try await h.installed()
+            let id = installation.installationID
+            let good = h.emulator.namedTriggerURL(for: installation, key: "echo")!
+            // Each adds 20 triggers to the one there: each passes the count check on its own (21),
+            // any two together would not (41 > 32).
+            let contenders = 8
+            let answers = try await withThrowingTaskGroup(of: (Int, Int).self) { group in
+                for i in 0..<contenders {
+                    group.addTask {
+                        let triggers = Dictionary(
+                            uniqueKeysWithValues: (0..<20).map { ("r\(i)-\($0)", Optional(good)) })
+                        let answer = try await h.emulator.register(
+                            installation, authTriggerUrl: h.emulator.baseURL + "/x1/race-\(i)", triggers: triggers)
+                        return (i, answer.status)
+                    }
+                }
+                return try await group.reduce(into: [Int: Int]()) { $0[$1.0] = $1.1 }
+            }
+            let winners = answers.filter { $0.value == 200 }.map(\.key)
+            #expect(winners.count == 1, "\(answers)")
+            #expect(answers.values.allSatisfy { $0 == 200 || $0 == 400 }, "\(answers)")
+            guard let winner = winners.first else { return }
+            // What is stored is the winner's registration only, whichever order the requests ran in.
+            #expect(try await h.gateway.store.triggerMaterial(id)?.url == h.emulator.baseURL + "/x1/race-\(winner)")
+            let expected = (["echo"] + (0..<20).map { "r\(winner)-\($0)" }).sorted()
+            #expect(try await h.gateway.store.namedTriggerKeys(id) == expected)
+        }
+    }
+
     @Test("metrics per outcome and a duration histogram; an audit record per call without payload or URL")
     func metricsAndAudit() async throws {
         try await Self.run { h in

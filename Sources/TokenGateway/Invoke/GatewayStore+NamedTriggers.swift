@@ -28,8 +28,11 @@ extension GatewayStore {
         case tooMany
     }
 
-    /// Sets (URL) or removes (nil) named triggers atomically, only while the installation is
-    /// active and only if at most `maxCount` triggers remain afterwards.
+    /// Sets (URL) or removes (nil) named triggers atomically, unless the installation is
+    /// uninstalled, and only if at most `maxCount` triggers remain afterwards.
+    ///
+    /// `/forge/register` runs it before the registration itself (which creates an installation
+    /// seen for the first time), so a change refused here leaves the auth trigger untouched.
     public func updateNamedTriggers(
         _ id: InstallationID, changes: [(key: String, url: String?)], maxCount: Int, now: FlowTime
     ) async throws -> NamedTriggerUpdate {
@@ -190,10 +193,12 @@ extension GatewayStore {
 /// The scripts of named triggers.
 enum NamedTriggerScripts {
     /// KEYS: installation, named triggers. ARGV: now, max count, then pairs of trigger key and
-    /// sealed URL ('' removes). Returns 1, -1 (not active) or -2 (too many).
+    /// sealed URL ('' removes). Returns 1, -1 (uninstalled) or -2 (too many). An installation not
+    /// yet recorded is allowed: its registration follows in the same request.
     static let update = RedisScript(
         """
-        if redis.call('HGET', KEYS[1], 'status') ~= 'active' then return -1 end
+        local status = redis.call('HGET', KEYS[1], 'status')
+        if status == 'uninstalled' then return -1 end
         local count = redis.call('HLEN', KEYS[2])
         local seen = {}
         for i = 3, #ARGV, 2 do
@@ -216,7 +221,7 @@ enum NamedTriggerScripts {
             redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
           end
         end
-        redis.call('HSET', KEYS[1], 'updatedAt', ARGV[1])
+        if status then redis.call('HSET', KEYS[1], 'updatedAt', ARGV[1]) end
         return 1
         """)
 

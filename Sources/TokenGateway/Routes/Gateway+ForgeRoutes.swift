@@ -86,11 +86,13 @@ extension Gateway {
         let keys: GatewayStore.TriggerKeys?
         try await self.replayGuard.claim(id, invocation)
         do {
+            // Named triggers first: their count is checked in the same step that stores them, so a
+            // change refused there (another registration took the room meanwhile) stores nothing.
+            try await self.storeNamedTriggers(namedTriggers, installation: id, now: now, logger: logger)
             outcome = try await self.store.register(
                 id, triggerURL: url, candidateKeyID: candidate.keyId, candidateKey: candidate.rawPrivateKey,
                 metadata: invocation.metadata, now: now)
             guard case .registered = outcome else { throw GatewayError(FlowError.installationUninstalled) }
-            try await self.storeNamedTriggers(namedTriggers, installation: id, now: now, logger: logger)
             if rotateKey {
                 let next = TriggerSigningKey.generate()
                 keys = try await self.store.rotateTriggerKey(

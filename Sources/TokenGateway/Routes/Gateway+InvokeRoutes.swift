@@ -50,7 +50,7 @@ extension Gateway {
         return registration
     }
 
-    /// Stores validated named triggers once the registration itself succeeded.
+    /// Stores validated named triggers, before the registration itself (see `forgeRegister`).
     func storeNamedTriggers(
         _ registration: NamedTriggerRegistration, installation id: InstallationID, now: FlowTime, logger: Logger
     ) async throws {
