@@ -20,7 +20,7 @@ public struct EmulatedConnectTenant: Sendable, Hashable, CustomStringConvertible
     public internal(set) var sharedSecret: String
     /// The Forge installation this tenant's payload names (Connect on Forge), if any.
     public let installationId: String?
-    /// The site's cloud id, sent as the install payload's `cloudId`: the linked installation's.
+    /// The site's cloud id (the linked installation's). The install payload does not carry it.
     public let cloudId: String
     /// The account that makes the tenant's requests (`sub` of its JWTs).
     public let accountId: String

@@ -37,6 +37,8 @@ public struct SignedInstallOptions: Sendable {
     public var audience: [String]? = nil
     /// `aud` as a single string rather than an array.
     public var audienceAsString = false
+    /// `iat`; default now. An earlier one makes a callback issued before another.
+    public var issuedAt: Date? = nil
     /// `exp`; default `iat` + 180 s.
     public var expiresAt: Date? = nil
     /// `qsh`; default the hash of `POST` and the lifecycle path.
@@ -225,7 +227,9 @@ extension ForgeEmulator {
         try await self.sendConnectLifecycle(.uninstalled, tenant: tenant, options: options, gatewayURL: gatewayURL)
     }
 
-    /// The lifecycle body the product sends (protocol.md §3), as JSON.
+    /// The lifecycle body the product sends (protocol.md §3), as JSON: the fields Atlassian
+    /// documents, with `installationId` for a tenant linked to a Forge installation and no
+    /// `cloudId` (Atlassian's example payload carries none).
     public func connectLifecyclePayload(_ event: ConnectLifecycleEvent, tenant: EmulatedConnectTenant) -> Data {
         let current = self.connectTenant(clientKey: tenant.clientKey) ?? tenant
         let payload = ConnectLifecyclePayload(
@@ -234,7 +238,7 @@ extension ForgeEmulator {
             displayUrl: current.baseUrl, productType: current.productType,
             description: "Atlassian \(current.productType) at \(current.baseUrl)",
             serviceEntitlementNumber: current.serviceEntitlementNumber, eventType: event.rawValue,
-            installationId: current.installationId, cloudId: current.cloudId)
+            installationId: current.installationId, cloudId: nil)
         return (try? JSONEncoder.emulator.encode(payload)) ?? Data("{}".utf8)
     }
 
@@ -246,7 +250,7 @@ extension ForgeEmulator {
         let (currentKid, key) = try self.currentInstallKey()
         let appBaseURL = self.connectAppBaseURL
         let basePath = URLComponents(string: appBaseURL)?.percentEncodedPath ?? ""
-        let iat = Self.unixSeconds(Date())
+        let iat = Self.unixSeconds(options.issuedAt ?? Date())
         let exp = options.expiresAt.map(Self.unixSeconds) ?? iat + 180
         let audience = options.audience ?? [appBaseURL]
         var claims: [(String, JWTClaimValue)] = [
@@ -366,7 +370,8 @@ extension ForgeEmulator {
         }
         let answer = try await self.callGateway(
             path: path, gatewayURL: gatewayURL, fit: nil, headers: headers, body: body)
-        if answer.isSuccess {
+        // Atlassian counts an install as done on 200 or 204 only (protocol.md §3).
+        if answer.status == 200 || answer.status == 204 {
             self.connect.withLock { state in
                 state.tenants[tenant.clientKey]?.status = event == .installed ? .installed : .uninstalled
             }

@@ -289,37 +289,80 @@ struct SecurityHardeningTests {
                 let after = try #require(try await h.gateway.store.connectTenant(tenant.clientKey))
                 #expect(after.sharedSecret?.bytes == Array(tenant.sharedSecret.utf8))
                 #expect(after.updatedAt == before.updatedAt)
-                // Even the very same request a second time.
+                // The very same request a second time (a retry whose answer was lost): 204, and
+                // nothing changes either.
                 let again = try await Self.postSignedInstall(
                     h, token: token, body: h.emulator.connectLifecyclePayload(.installed, tenant: tenant))
-                #expect(again.status == 401)
+                #expect(again.status == 204)
+                let last = try #require(try await h.gateway.store.connectTenant(tenant.clientKey))
+                #expect(last.sharedSecret?.bytes == Array(tenant.sharedSecret.utf8))
+                #expect(last.updatedAt == before.updatedAt)
+                // And the forged body still after it.
+                #expect(try await Self.postSignedInstall(h, token: token, body: forged).status == 401)
             }
         }
     }
 
-    @Test("a tenant is linked to a Forge installation only when the payload's cloudId is the installation's")
-    func connectLinkNeedsTheSameCloudId() async throws {
+    @Test("a tenant is linked to the installation its payload names, unless the payload's cloudId is another site's")
+    func connectLinkNeedsNoOtherSite() async throws {
         try await GatewayHarness.runConnect { h in
             let victim = try await h.installed()
-            let cases: [(String, [String: Any?], Bool)] = [
-                ("another site's cloudId", ["cloudId": UUID().uuidString.lowercased()], false),
-                ("no cloudId", ["cloudId": nil], false),
-                (
-                    "an installation never seen", ["installationId": "ari:cloud:ecosystem::installation/\(UUID())"],
-                    false
-                ),
-                ("the installation's cloudId", [:], true),
+            let victimCloudId = try #require(try await h.gateway.store.installation(victim.installationID)?.cloudId)
+            let neverSeen = "ari:cloud:ecosystem::installation/\(UUID().uuidString.lowercased())"
+            let cases: [(String, [String: Any?], String?)] = [
+                ("another site's cloudId", ["cloudId": UUID().uuidString.lowercased()], nil),
+                ("no cloudId (Atlassian's payload)", [:], victim.id),
+                ("the installation's cloudId", ["cloudId": victimCloudId], victim.id),
+                ("an installation not seen yet", ["installationId": neverSeen], neverSeen),
+                ("no installationId", ["installationId": nil], nil),
             ]
-            for (name, changes, links) in cases {
+            for (name, changes, linked) in cases {
                 let tenant = h.emulator.makeConnectTenant(linkedTo: victim)
                 let token = try h.emulator.mintSignedInstall(for: tenant, path: "/connect/installed")
                 let answer = try await Self.postSignedInstall(
                     h, token: token, body: try Self.payload(h, tenant, changes))
                 #expect(answer.status == 204, "\(name)")
                 let record = try #require(try await h.gateway.store.connectTenant(tenant.clientKey))
-                #expect((record.installationId != nil) == links, "\(name)")
-                if links { #expect(record.installationId?.ari == victim.id) }
+                #expect(record.installationId?.ari == linked, "\(name)")
             }
+        }
+    }
+
+    @Test("lifecycle callbacks that arrive out of order: the one issued last decides, whatever the arrival order")
+    func connectCallbacksOutOfOrder() async throws {
+        try await GatewayHarness.runConnect { h in
+            let now = Date()
+            // An uninstall issued before a reinstall, arriving after it: the tenant stays installed
+            // with the reinstall's secret.
+            let tenant = h.emulator.makeConnectTenant()
+            #expect(try await h.emulator.connectInstall(tenant).status == 204)
+            var early = SignedInstallOptions()
+            early.issuedAt = now.addingTimeInterval(-10)
+            let uninstallToken = try h.emulator.mintSignedInstall(
+                for: tenant, path: "/connect/uninstalled", options: early)
+            let uninstallBody = h.emulator.connectLifecyclePayload(.uninstalled, tenant: tenant)
+            let rotated = h.emulator.rotateSharedSecret(of: tenant)
+            #expect(try await h.emulator.connectInstall(rotated).status == 204)
+            let late = try await Self.postSignedInstall(
+                h, token: uninstallToken, body: uninstallBody, event: "uninstalled")
+            #expect(late.status == 204)
+            let record = try #require(try await h.gateway.store.connectTenant(tenant.clientKey))
+            #expect(record.status == .installed)
+            #expect(record.sharedSecret?.bytes == Array(rotated.sharedSecret.utf8))
+
+            // An install issued before the current one, arriving after it, keeps the newer secret.
+            var older = SignedInstallOptions()
+            older.issuedAt = now.addingTimeInterval(-5)
+            let stale = try h.emulator.mintSignedInstall(for: tenant, path: "/connect/installed", options: older)
+            let staleBody = try Self.payload(h, rotated, ["sharedSecret": "an-older-shared-secret-0123456789abcdef"])
+            #expect(try await Self.postSignedInstall(h, token: stale, body: staleBody).status == 204)
+            let after = try #require(try await h.gateway.store.connectTenant(tenant.clientKey))
+            #expect(after.sharedSecret?.bytes == Array(rotated.sharedSecret.utf8))
+            #expect(after.updatedAt == record.updatedAt)
+
+            // In order, an uninstall still applies.
+            #expect(try await h.emulator.connectUninstall(rotated).status == 204)
+            #expect(try await h.gateway.store.connectTenant(tenant.clientKey)?.status == .uninstalled)
         }
     }
 

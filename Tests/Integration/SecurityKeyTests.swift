@@ -54,10 +54,13 @@ struct SecurityKeyTests {
             ids[1], accountId: "557058:user-1",
             token: AccessToken(value: "user-token-\(UUID())", expiresAt: now.unixSeconds + 3600),
             cacheUntil: now.unixSeconds + 3000, now: now)
-        try await store.storeConnectInstall(
+        _ = try await store.storeConnectInstall(
             ConnectInstallation(
                 clientKey: "client-\(UUID())", appKey: "app", baseUrl: "https://example.atlassian.net",
                 payloadJSON: "{}", sharedSecret: Array("shared-\(UUID())".utf8), installationId: ids[0]),
+            mark: .init(
+                tokenDigest: "token-\(UUID())", bodyDigest: "body", expiresAtUnixSeconds: now.unixSeconds + 180,
+                skewSeconds: 5, issuedAt: now.unixSeconds),
             now: now)
         return ids
     }

@@ -174,6 +174,34 @@ struct ConnectSignedInstallTests {
         await self.expectRefused(.expired, options)
     }
 
+    @Test("an exp more than a day ahead is refused before anything is remembered for it")
+    func lifetimeTooLong() async throws {
+        var options = SignedInstallOptions()
+        options.expiresAt = Date().addingTimeInterval(2 * 86_400)
+        await self.expectRefused(.lifetimeTooLong, options)
+        options.expiresAt = Date(timeIntervalSince1970: 1e13)
+        await self.expectRefused(.lifetimeTooLong, options)
+        options.expiresAt = Date().addingTimeInterval(3600)
+        #expect(try await self.verify(options).expiresAt > 0)
+    }
+
+    @Test("the verified install carries iat and digests of token and body; its printed forms hold no secret")
+    func verifiedInstallFields() async throws {
+        var options = SignedInstallOptions()
+        options.issuedAt = Date(timeIntervalSince1970: Date().timeIntervalSince1970.rounded(.down) - 30)
+        let verified = try await self.verify(options)
+        #expect(verified.issuedAt == Int64(options.issuedAt!.timeIntervalSince1970))
+        let body = self.emulator.connectLifecyclePayload(.installed, tenant: self.tenant)
+        #expect(verified.bodyDigest == SHA256.hash(data: body).map { String(format: "%02x", $0) }.joined())
+        #expect(verified.replayDigest.count == 64)
+        var dumped = ""
+        dump(verified, to: &dumped)
+        for printed in [String(describing: verified), String(reflecting: verified), dumped] {
+            #expect(!printed.contains(self.tenant.sharedSecret))
+            #expect(printed.contains(self.tenant.clientKey))
+        }
+    }
+
     @Test("a qsh for another request is refused")
     func qsh() async {
         var options = SignedInstallOptions()

@@ -84,8 +84,11 @@ extension GatewayStore {
     /// sealed secret copied under another tenant's key fails to open.
     func connectSecretContext(_ clientKey: String) -> String { self.connectTenantKey(clientKey) + "#sharedSecret" }
 
-    /// `tg:seen-install:<digest>`: the replay guard of one signed-install token.
-    func seenSignedInstallKey(_ digest: String) -> String { "\(self.prefix):seen-install:\(digest)" }
+    /// `tg:connect:{<clientKey>}:seen-install:<digest>`: the replay guard of one signed-install
+    /// token (in the tenant's hash slot, so the lifecycle scripts check and record it).
+    func seenSignedInstallKey(_ clientKey: String, digest: String) -> String {
+        self.connectTenantKey(clientKey) + ":seen-install:" + digest
+    }
 
     /// Context of a Connect tenant's sealed installation link.
     func connectLinkContext(_ clientKey: String) -> String { self.connectTenantKey(clientKey) + "#installationId" }
@@ -109,48 +112,100 @@ extension GatewayStore {
         return id
     }
 
-    /// Records a signed-install token (by `digest`, a hex SHA-256 naming it) until
-    /// `expiresAtUnixSeconds` plus the clock skew; false when it was recorded already (a replay).
-    public func firstUseOfSignedInstall(
-        digest: String, expiresAtUnixSeconds: Int64, skewSeconds: Int64, now: FlowTime
-    ) async throws -> Bool {
-        let ttl = max((expiresAtUnixSeconds - now.unixSeconds + skewSeconds + 1) * 1000, 1000)
-        let r = try await self.redis.send(["SET", self.seenSignedInstallKey(digest), "1", "NX", "PX", String(ttl)])
-        return r.string == "OK"
+    /// What a verified lifecycle callback did to the tenant's record.
+    public enum ConnectCallbackOutcome: Sendable, Hashable {
+        /// Stored; `created` when the tenant was not known before.
+        case stored(created: Bool)
+        /// The same token with the same body again (a retry whose first answer was lost): nothing
+        /// changed.
+        case repeated
+        /// The same token with another body: refused, nothing changed.
+        case replayed
+        /// A callback issued before the one the record holds (it arrived late): nothing changed.
+        case superseded
+    }
+
+    /// How a lifecycle callback's signed-install token is remembered (the replay guard) and
+    /// ordered among the tenant's callbacks.
+    public struct SignedInstallMark: Sendable, Hashable {
+        /// Names the token (``VerifiedSignedInstall/replayDigest``).
+        public var tokenDigest: String
+        /// Names the body (``VerifiedSignedInstall/bodyDigest``).
+        public var bodyDigest: String
+        /// How long the guard remembers the token: until its `exp` plus the clock skew.
+        public var expiresAtUnixSeconds: Int64
+        public var skewSeconds: Int64
+        /// The token's `iat`; a callback issued before the last one applied changes nothing.
+        public var issuedAt: Int64?
+
+        public init(
+            tokenDigest: String, bodyDigest: String, expiresAtUnixSeconds: Int64, skewSeconds: Int64, issuedAt: Int64?
+        ) {
+            self.tokenDigest = tokenDigest
+            self.bodyDigest = bodyDigest
+            self.expiresAtUnixSeconds = expiresAtUnixSeconds
+            self.skewSeconds = skewSeconds
+            self.issuedAt = issuedAt
+        }
+
+        func ttlMilliseconds(now: FlowTime) -> Int64 {
+            max((self.expiresAtUnixSeconds - now.unixSeconds + self.skewSeconds + 1) * 1000, 1000)
+        }
     }
 
     /// Replaces the tenant's record with a verified install: the whole earlier hash goes (old
     /// secret, old payload, old link), the new payload and sealed secret take its place, status
-    /// `installed`. `createdAt` survives reinstalls. One script, so no reader sees a mix.
-    ///
-    /// - Returns: true when the tenant was not known before.
-    @discardableResult
-    public func storeConnectInstall(_ install: ConnectInstallation, now: FlowTime) async throws -> Bool {
+    /// `installed`. `createdAt` survives reinstalls. One script with the replay guard's check and
+    /// record, so no reader sees a mix and a callback refused or failed here uses up nothing.
+    public func storeConnectInstall(_ install: ConnectInstallation, mark: SignedInstallMark, now: FlowTime)
+        async throws -> ConnectCallbackOutcome
+    {
         let key = self.connectTenantKey(install.clientKey)
         let sealed = try self.box.seal(install.sharedSecret, context: self.connectSecretContext(install.clientKey))
         let r = try await self.redis.eval(
-            ConnectScripts.install, keys: [key],
-            arguments: [
-                String(now.unixSeconds), install.payloadJSON, sealed, install.appKey, install.baseUrl,
+            ConnectScripts.install,
+            keys: [key, self.seenSignedInstallKey(install.clientKey, digest: mark.tokenDigest)],
+            arguments: self.markArguments(mark, now: now) + [
+                install.payloadJSON, sealed, install.appKey, install.baseUrl,
                 self.sealConnectLink(install.installationId, clientKey: install.clientKey),
             ])
-        guard let created = r.int else { throw RedisError.protocolError }
-        return created == 1
+        return try self.connectOutcome(r)
     }
 
     /// Marks the tenant uninstalled and drops its shared secret; the record stays so a late request
     /// can be told apart from an unknown tenant. A tenant never seen is recorded as uninstalled with
-    /// `payloadJSON` (already without its secret).
+    /// `payloadJSON` (already without its secret). The replay guard as for
+    /// ``storeConnectInstall(_:mark:now:)``.
     public func storeConnectUninstall(
         clientKey: String, appKey: String?, baseUrl: String?, payloadJSON: String, installationId: InstallationID?,
-        now: FlowTime
-    ) async throws {
-        _ = try await self.redis.eval(
-            ConnectScripts.uninstall, keys: [self.connectTenantKey(clientKey)],
-            arguments: [
-                String(now.unixSeconds), payloadJSON, appKey ?? "", baseUrl ?? "",
-                self.sealConnectLink(installationId, clientKey: clientKey),
+        mark: SignedInstallMark, now: FlowTime
+    ) async throws -> ConnectCallbackOutcome {
+        let r = try await self.redis.eval(
+            ConnectScripts.uninstall,
+            keys: [self.connectTenantKey(clientKey), self.seenSignedInstallKey(clientKey, digest: mark.tokenDigest)],
+            arguments: self.markArguments(mark, now: now) + [
+                payloadJSON, appKey ?? "", baseUrl ?? "", self.sealConnectLink(installationId, clientKey: clientKey),
             ])
+        return try self.connectOutcome(r)
+    }
+
+    /// ARGV[1...4] of both scripts: now, the guard's value (the body digest), its TTL in ms, `iat` or ''.
+    private func markArguments(_ mark: SignedInstallMark, now: FlowTime) -> [String] {
+        [
+            String(now.unixSeconds), mark.bodyDigest, String(mark.ttlMilliseconds(now: now)),
+            mark.issuedAt.map { String($0) } ?? "",
+        ]
+    }
+
+    private func connectOutcome(_ reply: RedisValue) throws -> ConnectCallbackOutcome {
+        switch reply.int {
+        case 1: return .stored(created: true)
+        case 0: return .stored(created: false)
+        case -1: return .replayed
+        case -2: return .repeated
+        case -3: return .superseded
+        default: throw RedisError.protocolError
+        }
     }
 
     /// The tenant's record with its shared secret opened, or nil when the `clientKey` was never seen.
@@ -184,35 +239,56 @@ extension GatewayStore {
     }
 }
 
-/// The scripts of the Connect tenant hash. Each touches one key only.
+/// The scripts of the Connect tenant hash. KEYS: the tenant, the token's replay-guard key (same
+/// hash slot). ARGV[1...4]: now, body digest, guard TTL (ms), `iat` or ''. Both begin with
+/// ``guardPrelude``: -1 for the same token with another body (a replay), -2 for the same token and
+/// body (a retry), -3 for a callback issued before the last one applied (`eventIat`, kept across
+/// reinstalls); otherwise the guard is recorded and the change applied.
 enum ConnectScripts {
-    /// KEYS: tenant. ARGV: now, payload, sealed secret, app key, baseUrl, installation ARI or ''.
-    /// Returns 1 when the tenant is new, else 0.
-    static let install = RedisScript(
-        """
-        local created = redis.call('HGET', KEYS[1], 'createdAt')
-        redis.call('DEL', KEYS[1])
-        redis.call('HSET', KEYS[1], 'status', 'installed', 'payload', ARGV[2], 'sharedSecret', ARGV[3],
-          'key', ARGV[4], 'baseUrl', ARGV[5], 'createdAt', created or ARGV[1], 'updatedAt', ARGV[1],
-          'installedAt', ARGV[1])
-        if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'installationId', ARGV[6]) end
-        if created then return 0 end
-        return 1
-        """)
-
-    /// KEYS: tenant. ARGV: now, payload, app key, baseUrl, installation ARI or ''. A known tenant
-    /// keeps its payload and link; its secret goes.
-    static let uninstall = RedisScript(
-        """
-        local created = redis.call('HGET', KEYS[1], 'createdAt')
-        if created then
-          redis.call('HDEL', KEYS[1], 'sharedSecret')
-          redis.call('HSET', KEYS[1], 'status', 'uninstalled', 'updatedAt', ARGV[1], 'uninstalledAt', ARGV[1])
-          return 0
+    static let guardPrelude = """
+        local seen = redis.call('GET', KEYS[2])
+        if seen then
+          if seen == ARGV[2] then return -2 end
+          return -1
         end
-        redis.call('HSET', KEYS[1], 'status', 'uninstalled', 'payload', ARGV[2], 'key', ARGV[3], 'baseUrl', ARGV[4],
-          'createdAt', ARGV[1], 'updatedAt', ARGV[1], 'uninstalledAt', ARGV[1])
-        if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'installationId', ARGV[5]) end
-        return 1
-        """)
+        local last = redis.call('HGET', KEYS[1], 'eventIat')
+        if ARGV[4] ~= '' and last and tonumber(ARGV[4]) < tonumber(last) then return -3 end
+        redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+        local eventIat = last
+        if ARGV[4] ~= '' then eventIat = ARGV[4] end
+
+        """
+
+    /// ARGV[5...]: payload, sealed secret, app key, baseUrl, sealed installation link or ''.
+    /// Returns 1 when the tenant is new, else 0 (or the guard's answer).
+    static let install = RedisScript(
+        guardPrelude + """
+            local created = redis.call('HGET', KEYS[1], 'createdAt')
+            redis.call('DEL', KEYS[1])
+            redis.call('HSET', KEYS[1], 'status', 'installed', 'payload', ARGV[5], 'sharedSecret', ARGV[6],
+              'key', ARGV[7], 'baseUrl', ARGV[8], 'createdAt', created or ARGV[1], 'updatedAt', ARGV[1],
+              'installedAt', ARGV[1])
+            if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'installationId', ARGV[9]) end
+            if eventIat then redis.call('HSET', KEYS[1], 'eventIat', eventIat) end
+            if created then return 0 end
+            return 1
+            """)
+
+    /// ARGV[5...]: payload, app key, baseUrl, sealed installation link or ''. A known tenant keeps
+    /// its payload and link; its secret goes. Returns 1 when the tenant is new, else 0 (or the
+    /// guard's answer).
+    static let uninstall = RedisScript(
+        guardPrelude + """
+            local created = redis.call('HGET', KEYS[1], 'createdAt')
+            if eventIat then redis.call('HSET', KEYS[1], 'eventIat', eventIat) end
+            if created then
+              redis.call('HDEL', KEYS[1], 'sharedSecret')
+              redis.call('HSET', KEYS[1], 'status', 'uninstalled', 'updatedAt', ARGV[1], 'uninstalledAt', ARGV[1])
+              return 0
+            end
+            redis.call('HSET', KEYS[1], 'status', 'uninstalled', 'payload', ARGV[5], 'key', ARGV[6], 'baseUrl', ARGV[7],
+              'createdAt', ARGV[1], 'updatedAt', ARGV[1], 'uninstalledAt', ARGV[1])
+            if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'installationId', ARGV[8]) end
+            return 1
+            """)
 }

@@ -31,6 +31,8 @@ public struct SignedInstallError: Error, Hashable, Sendable, CustomStringConvert
     public static let wrongAudience = SignedInstallError("wrong_audience")
     /// `exp` is absent or has passed; or `nbf` is still ahead.
     public static let expired = SignedInstallError("expired")
+    /// `exp` lies more than ``SignedInstallVerifier/maximumLifetimeSeconds`` ahead.
+    public static let lifetimeTooLong = SignedInstallError("lifetime_too_long")
     /// `qsh` does not match the request.
     public static let qshMismatch = SignedInstallError("qsh_mismatch")
     /// The body is not a JSON object with a string `clientKey`.
@@ -39,8 +41,11 @@ public struct SignedInstallError: Error, Hashable, Sendable, CustomStringConvert
     public var description: String { "SignedInstallError(\(self.reason))" }
 }
 
-/// A lifecycle callback whose signed install verified.
-public struct VerifiedSignedInstall: Sendable {
+/// A lifecycle callback whose signed install verified. Its printed and reflected forms leave the
+/// payload out: it holds the tenant's `sharedSecret`.
+public struct VerifiedSignedInstall: Sendable, CustomStringConvertible, CustomDebugStringConvertible,
+    CustomReflectable
+{
     /// The body's `clientKey`, equal to the token's `iss`.
     public let clientKey: String
     /// The whole body, as parsed (keys sorted).
@@ -48,8 +53,22 @@ public struct VerifiedSignedInstall: Sendable {
     /// Names the token for the replay guard: hex SHA-256 of its issuer and `jti` when it carries
     /// one, else of the whole token.
     public let replayDigest: String
+    /// Names the body: hex SHA-256 of its bytes. The same token sent again with the same body is a
+    /// retry; with another body, a replay.
+    public let bodyDigest: String
     /// The token's `exp` (unix seconds): how long the replay guard must remember it.
     public let expiresAt: Int64
+    /// The token's `iat` (unix seconds), when it carries one: orders callbacks that arrive out of
+    /// order.
+    public let issuedAt: Int64?
+
+    public var description: String {
+        "VerifiedSignedInstall(clientKey: \(self.clientKey), expiresAt: \(self.expiresAt))"
+    }
+    public var debugDescription: String { self.description }
+    public var customMirror: Mirror {
+        Mirror(self, children: ["clientKey": self.clientKey, "expiresAt": self.expiresAt])
+    }
 }
 
 /// Verifies Connect lifecycle callbacks signed with `apiMigrations.signed-install` (contract §5,
@@ -142,6 +161,7 @@ public final class SignedInstallVerifier: Sendable {
         let skew = Self.seconds(self.configuration.clockSkew)
         let nowSeconds = now.timeIntervalSince1970
         guard let exp = jws.numericDate("exp"), nowSeconds < exp + skew else { throw SignedInstallError.expired }
+        guard exp - nowSeconds <= Self.maximumLifetimeSeconds else { throw SignedInstallError.lifetimeTooLong }
         if jws.claims["nbf"] != nil {
             guard let nbf = jws.numericDate("nbf"), nbf <= nowSeconds + skew else { throw SignedInstallError.expired }
         }
@@ -168,9 +188,19 @@ public final class SignedInstallVerifier: Sendable {
         } else {
             named = "token\u{0}" + token
         }
-        let digest = SHA256.hash(data: Array(named.utf8)).map { String(format: "%02x", $0) }.joined()
+        // An `iat` after the `exp` (or before 1970) orders nothing; it is left out.
+        let issuedAt = jws.numericDate("iat").flatMap { (0...exp).contains($0) ? Int64($0.rounded(.down)) : nil }
         return VerifiedSignedInstall(
-            clientKey: clientKey, payload: payload, replayDigest: digest, expiresAt: Int64(exp.rounded(.up)))
+            clientKey: clientKey, payload: payload, replayDigest: Self.hex(SHA256.hash(data: Array(named.utf8))),
+            bodyDigest: Self.hex(SHA256.hash(data: bytes)), expiresAt: Int64(exp.rounded(.up)), issuedAt: issuedAt)
+    }
+
+    /// Longest a signed-install token may still be valid, in seconds (24 h). Atlassian's live
+    /// minutes; a later `exp` is refused rather than remembered by the replay guard for as long.
+    public static let maximumLifetimeSeconds: Double = 86_400
+
+    private static func hex(_ digest: SHA256.Digest) -> String {
+        digest.map { String(format: "%02x", $0) }.joined()
     }
 
     /// The token of `JWT <token>` (the word `JWT`, case-insensitive), or nil.

@@ -59,7 +59,12 @@ extension Gateway {
         let baseUrl = payload["baseUrl"]?.connectString.flatMap { $0.isEmpty ? nil : $0 }
         // The payload is kept as received, except for the secret, which is sealed on its own.
         let payloadJSON = ConnectJSON.sortedObject(payload.filter { $0.key != "sharedSecret" }).serialized()
-
+        let mark = GatewayStore.SignedInstallMark(
+            tokenDigest: verified.replayDigest, bodyDigest: verified.bodyDigest,
+            expiresAtUnixSeconds: verified.expiresAt,
+            skewSeconds: Int64(SignedInstallVerifier.seconds(verifier.configuration.clockSkew).rounded(.up)),
+            issuedAt: verified.issuedAt)
+        let outcome: GatewayStore.ConnectCallbackOutcome
         switch event {
         case .installed:
             guard let secret = payload["sharedSecret"]?.connectString, !secret.isEmpty else {
@@ -69,56 +74,56 @@ extension Gateway {
             guard let baseUrl, ConnectURL.isAbsoluteHTTP(baseUrl) else {
                 throw GatewayError.invalidSignedInstall("baseUrl (an absolute http(s) URL) is required")
             }
-            try await self.connectReplayGuard(verified, verifier: verifier, event: event, logger: logger)
-            let created: Bool
             do {
-                created = try await self.store.storeConnectInstall(
+                outcome = try await self.store.storeConnectInstall(
                     ConnectInstallation(
                         clientKey: clientKey, appKey: appKey, baseUrl: baseUrl, payloadJSON: payloadJSON,
                         sharedSecret: Array(secret.utf8), installationId: installationId),
-                    now: FlowTime.now())
+                    mark: mark, now: FlowTime.now())
             } catch {
                 throw self.connectStoreError(error, clientKey: clientKey, logger: logger)
             }
-            logger.info(
-                "Connect tenant installed",
-                metadata: [
-                    "connect.client_key": "\(clientKey)", "connect.base_url": "\(baseUrl)",
-                    "connect.reinstall": "\(!created)", "installation.id": "\(installationId?.ari ?? "-")",
-                ])
         case .uninstalled:
-            try await self.connectReplayGuard(verified, verifier: verifier, event: event, logger: logger)
             do {
-                try await self.store.storeConnectUninstall(
+                outcome = try await self.store.storeConnectUninstall(
                     clientKey: clientKey, appKey: appKey, baseUrl: baseUrl, payloadJSON: payloadJSON,
-                    installationId: installationId, now: FlowTime.now())
+                    installationId: installationId, mark: mark, now: FlowTime.now())
             } catch {
                 throw self.connectStoreError(error, clientKey: clientKey, logger: logger)
             }
-            logger.info("Connect tenant uninstalled", metadata: ["connect.client_key": "\(clientKey)"])
         }
+        try Self.logConnectOutcome(
+            outcome, event: event, clientKey: clientKey, baseUrl: baseUrl, installationId: installationId,
+            logger: logger)
         return Response(status: .noContent, headers: [.cacheControl: "no-store"])
     }
 
-    /// The replay guard of signed installs. The body is not signed (only the method, path and query
-    /// are, through `qsh`): a captured token must not be usable a second time, with another body,
-    /// within its lifetime. Recorded after every other check, so refused requests store nothing.
-    private func connectReplayGuard(
-        _ verified: VerifiedSignedInstall, verifier: SignedInstallVerifier, event: ConnectLifecycleEvent, logger: Logger
-    ) async throws {
-        let first: Bool
-        do {
-            first = try await self.store.firstUseOfSignedInstall(
-                digest: verified.replayDigest, expiresAtUnixSeconds: verified.expiresAt,
-                skewSeconds: Int64(SignedInstallVerifier.seconds(verifier.configuration.clockSkew).rounded(.up)),
-                now: FlowTime.now())
-        } catch {
-            throw self.connectStoreError(error, clientKey: verified.clientKey, logger: logger)
-        }
-        guard first else {
+    /// Logs what a verified lifecycle callback did; throws 401 for a replay (the same token with
+    /// another body: only the method, path and query are signed, not the body).
+    private static func logConnectOutcome(
+        _ outcome: GatewayStore.ConnectCallbackOutcome, event: ConnectLifecycleEvent, clientKey: String,
+        baseUrl: String?, installationId: InstallationID?, logger: Logger
+    ) throws {
+        let tenant: Logger.Metadata = ["connect.client_key": "\(clientKey)", "connect.event": "\(event.rawValue)"]
+        switch outcome {
+        case .stored(let created) where event == .installed:
+            logger.info(
+                "Connect tenant installed",
+                metadata: tenant.merging(
+                    [
+                        "connect.base_url": "\(baseUrl ?? "-")", "connect.reinstall": "\(!created)",
+                        "installation.id": "\(installationId?.ari ?? "-")",
+                    ], uniquingKeysWith: { $1 }))
+        case .stored:
+            logger.info("Connect tenant uninstalled", metadata: tenant)
+        case .repeated:
+            logger.info("Connect callback repeated with the same token and body; nothing changed", metadata: tenant)
+        case .superseded:
             logger.notice(
-                "Connect signed install refused",
-                metadata: ["connect.event": "\(event.rawValue)", "connect.outcome": "replayed"])
+                "Connect callback issued before the last one applied arrived late; nothing changed", metadata: tenant)
+        case .replayed:
+            logger.notice(
+                "Connect signed install refused", metadata: tenant.merging(["connect.outcome": "replayed"]) { $1 })
             throw GatewayError.invalidSignedInstall
         }
     }
@@ -128,10 +133,9 @@ extension Gateway {
     /// itself still succeeds.
     ///
     /// The link drives the OAuth token exchange (a tenant's JWT buys the linked installation's
-    /// token), so it is made only when the payload's `cloudId` names the same site as the Forge
-    /// installation's own record (its cloud id from verified FITs). A payload without `cloudId`, an
-    /// installation not seen yet or one of another site is not linked (logged); the install itself
-    /// still succeeds, and a later install links once both agree.
+    /// token). It is refused only when the payload's `cloudId` and the cloud id the installation's
+    /// own record holds (from its verified FITs) are both known and differ: the payload then names
+    /// an installation of another site.
     private func connectInstallationLink(_ payload: [String: JSONValue], clientKey: String, logger: Logger) async throws
         -> InstallationID?
     {
@@ -140,21 +144,16 @@ extension Gateway {
             logger.warning("Connect payload names no valid installation; not linked")
             return nil
         }
-        guard let cloudId = payload["cloudId"]?.connectString, !cloudId.isEmpty else {
-            logger.notice(
-                "Connect payload carries no cloudId; installation not linked",
-                metadata: ["connect.client_key": "\(clientKey)", "installation.id": "\(id.ari)"])
-            return nil
-        }
+        guard let cloudId = payload["cloudId"]?.connectString, !cloudId.isEmpty else { return id }
         let record: InstallationRecord?
         do {
             record = try await self.store.installation(id)
         } catch {
             throw self.connectStoreError(error, clientKey: clientKey, logger: logger)
         }
-        guard let recorded = record?.cloudId, recorded == cloudId else {
+        if let recorded = record?.cloudId, recorded != cloudId {
             logger.notice(
-                "Connect payload's cloudId does not match the installation's; not linked",
+                "Connect payload's cloudId is not the installation's; not linked",
                 metadata: ["connect.client_key": "\(clientKey)", "installation.id": "\(id.ari)"])
             return nil
         }
