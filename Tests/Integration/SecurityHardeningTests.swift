@@ -123,7 +123,9 @@ struct SecurityHardeningTests {
         }
     }
 
-    @Test("with TOKEN_GATEWAY_OPS_PORT, health and metrics are served only on the operations listener")
+    @Test(
+        "with TOKEN_GATEWAY_OPS_PORT, health, metrics and the operator pages are served only on the operations listener"
+    )
     func operationsListenerKeepsMetricsOffTheMainPort() async throws {
         let opsPort = try RedisServerProcess.freeLoopbackPort()
         try await GatewayHarness.run(configure: { $0.operationsListener = .init(host: "127.0.0.1", port: opsPort) }) {
@@ -141,6 +143,18 @@ struct SecurityHardeningTests {
             }
             let metrics = try await Self.get(h, opsURL + "/metrics")
             #expect(metrics.body.contains("token_gateway_http_requests_total"))
+            // The operator pages too: not even their login is offered on the main port.
+            let history = GatewayHarness.path(installation) + "/history"
+            let page = GatewayHarness.path(installation).replacingOccurrences(
+                of: "/v1/installations/", with: "/status/installations/")
+            for path in ["/status", "/v1/status", page, history] {
+                let main = try await h.call(.GET, path, at: h.gatewayURL)
+                #expect(main.status == 404, "\(path) on the main port")
+                #expect(main.errorCode == "not_found", "\(path) on the main port")
+                #expect(main.headers["www-authenticate"] == nil, "\(path) on the main port")
+                let ops = try await h.call(.GET, path, at: opsURL)
+                #expect(ops.status != 404, "\(path) on the operations port")
+            }
             // The operations listener serves nothing else: no caller, Forge or OAuth route.
             #expect(try await Self.get(h, opsURL + GatewayHarness.path(installation) + "/token").status == 404)
             #expect(try await Self.get(h, opsURL + "/.well-known/oauth-authorization-server").status == 404)

@@ -39,6 +39,11 @@ public final class GatewayMetrics: Sendable {
         self.flow.circuitsOpen.set(0)
         self.flow.leasesHeld.set(0)
         _ = Counter(label: "token_gateway_store_errors_total", factory: factory)
+        // Every contract family is on the first scrape (contract §6): one series of each labelled
+        // family that is otherwise made on first use, the one the first scrape and the first Forge
+        // call move.
+        self.countRequest(route: "/metrics", status: 200, by: 0)
+        self.countInvocationToken(outcome: "success", by: 0)
     }
 
     /// Counts one stored secret that did not open.
@@ -47,7 +52,7 @@ public final class GatewayMetrics: Sendable {
     }
 
     /// Counts one HTTP answer; `route` is a route template (bounded), never a concrete path.
-    public func countRequest(route: String, status: Int) {
+    public func countRequest(route: String, status: Int, by amount: Int64 = 1) {
         let key = RequestKey(route: route, status: status)
         let counter = self.requestCounters.withLock { cache -> Counter in
             if let c = cache[key] { return c }
@@ -57,11 +62,11 @@ public final class GatewayMetrics: Sendable {
             cache[key] = c
             return c
         }
-        counter.increment()
+        if amount > 0 { counter.increment(by: amount) }
     }
 
     /// Counts one Forge invocation token verification by outcome (`success` or a fixed reason word).
-    public func countInvocationToken(outcome: String) {
+    public func countInvocationToken(outcome: String, by amount: Int64 = 1) {
         let counter = self.fitCounters.withLock { cache -> Counter in
             if let c = cache[outcome] { return c }
             let c = Counter(
@@ -70,6 +75,6 @@ public final class GatewayMetrics: Sendable {
             cache[outcome] = c
             return c
         }
-        counter.increment()
+        if amount > 0 { counter.increment(by: amount) }
     }
 }

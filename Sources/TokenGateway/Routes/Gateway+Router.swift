@@ -31,8 +31,6 @@ extension Gateway {
         router.add(middleware: ObservabilityMiddleware(metrics: self.metrics))
         router.add(middleware: ErrorMiddleware(knownRoutes: Self.routeTable { self.addOperationsSurface(to: $0) }))
         self.addOperationsSurface(to: router)
-        // The operator pages are reachable here too (operator callers only, as on the main port).
-        self.addStatusRoutes(to: router)
         return router
     }
 
@@ -45,7 +43,6 @@ extension Gateway {
         self.addConnectRoutes(to: router)
         self.addOAuthRoutes(to: router)
         self.addInvokeRoutes(to: router)
-        self.addStatusRoutes(to: router)
     }
 
     /// A route table: path segments (`:name` for a parameter) and methods of every route `add`
@@ -81,6 +78,7 @@ extension Gateway {
     /// configured. Routes for operators are added here.
     func addOperationsSurface(to router: Router<BasicRequestContext>) {
         self.addOperationsRoutes(to: router)
+        self.addStatusRoutes(to: router)
     }
 
     /// Whether an instrument other than the no-op one is bootstrapped (`InstrumentationSystem`).
