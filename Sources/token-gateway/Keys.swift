@@ -28,9 +28,10 @@ struct KeysRewrap: AsyncParsableCommand {
             (keeping the old ones); 2. run this command with the same ring; 3. remove the old key.
             """)
 
-    @Option(help: "Redis URL without a password, or @path [TOKEN_GATEWAY_REDIS_URL]") var redisUrl: String?
+    @Option(help: "Redis URL, or @path (a password here shows in the process list) [TOKEN_GATEWAY_REDIS_URL]")
+    var redisUrl: String?
     @Option(
-        help: "@path of a file with the key ring, new key first; the ring itself only in TOKEN_GATEWAY_ENCRYPTION_KEYS")
+        help: "Key ring, new key first; better @path of a file with it [TOKEN_GATEWAY_ENCRYPTION_KEYS]")
     var encryptionKeys: String?
     @Option(help: "SCAN cursor to resume from (as printed by an interrupted run)") var cursor = "0"
     @Option(help: "Keys per SCAN batch (a hint to Redis)") var batchSize = 500
@@ -54,7 +55,13 @@ struct KeysRewrap: AsyncParsableCommand {
         let redisText: String
         let keysSetting: String?
         do {
-            // Secrets only from the environment or a file (`@path`), never from a flag.
+            // Secrets inline on the command line are used, with a warning (the process list shows them).
+            for (setting, flag) in [(GatewaySetting.redisURL, self.redisUrl), (.encryptionKeys, self.encryptionKeys)] {
+                if let flag, GatewayConfiguration.isInlineSecret(setting, flagValue: flag) {
+                    FileHandle.standardError.write(
+                        Data("warning: \(GatewayConfiguration.commandLineSecretWarning(setting.environment))\n".utf8))
+                }
+            }
             redisText =
                 try GatewayConfiguration.secretSetting(.redisURL, flag: self.redisUrl, environment: environment)
                 ?? "redis://127.0.0.1:6379/0"

@@ -189,6 +189,10 @@ struct CheckConfig: AsyncParsableCommand {
 
     func run() async throws {
         let config = try self.settings.load()
+        for name in config.secretsFromCommandLine {
+            FileHandle.standardError.write(
+                Data("warning: \(GatewayConfiguration.commandLineSecretWarning(name))\n".utf8))
+        }
         print("settings        ok")
         print("listen          \(config.host):\(config.port)")
         print("redis           \(config.redis)")

@@ -20,7 +20,8 @@ struct TokenGatewayCommand: AsyncParsableCommand {
 struct SettingsOptions: ParsableArguments {
     @Option(help: "Listen address [TOKEN_GATEWAY_HOST]") var host: String?
     @Option(help: "Listen port [TOKEN_GATEWAY_PORT]") var port: String?
-    @Option(help: "Redis URL without a password, or @path [TOKEN_GATEWAY_REDIS_URL]") var redisUrl: String?
+    @Option(help: "Redis URL, or @path (a password here shows in the process list) [TOKEN_GATEWAY_REDIS_URL]")
+    var redisUrl: String?
     @Option(help: "CA bundle for Redis TLS [TOKEN_GATEWAY_REDIS_TLS_CA_FILE]") var redisTlsCaFile: String?
     @Option(help: "Client certificate for Redis TLS [TOKEN_GATEWAY_REDIS_TLS_CERT_FILE]") var redisTlsCertFile: String?
     @Option(help: "Client key for Redis TLS [TOKEN_GATEWAY_REDIS_TLS_KEY_FILE]") var redisTlsKeyFile: String?
@@ -31,9 +32,9 @@ struct SettingsOptions: ParsableArguments {
     @Option(help: "Allow-list of trigger hosts [TOKEN_GATEWAY_TRIGGER_HOSTS]") var triggerHosts: String?
     @Option(help: "Module keys allowed on the Forge routes [TOKEN_GATEWAY_FORGE_MODULE_KEYS]") var forgeModuleKeys:
         String?
-    @Option(help: "@path of a file with the encryption key ring; the ring itself only in TOKEN_GATEWAY_ENCRYPTION_KEYS")
+    @Option(help: "Encryption key ring, better @path of a file with it [TOKEN_GATEWAY_ENCRYPTION_KEYS]")
     var encryptionKeys: String?
-    @Option(help: "@path of the callers JSON file; the JSON itself only in TOKEN_GATEWAY_CALLERS") var callers: String?
+    @Option(help: "Callers JSON, better @path of a file with it [TOKEN_GATEWAY_CALLERS]") var callers: String?
     @Option(help: "Connect app baseUrl [TOKEN_GATEWAY_CONNECT_BASE_URL]") var connectBaseUrl: String?
     @Option(help: "Connect install keys base URL [TOKEN_GATEWAY_CONNECT_KEYS_URL]") var connectKeysUrl: String?
     @Option(help: "GraphQL endpoint for user tokens [TOKEN_GATEWAY_FORGE_GRAPHQL_URL]") var forgeGraphqlUrl: String?
@@ -107,6 +108,11 @@ struct Serve: AsyncParsableCommand {
     func run() async throws {
         let config = try self.settings.load()
         let logger = makeLogger(label: "token-gateway", format: config.logFormat, level: config.logLevel)
+        for name in config.secretsFromCommandLine {
+            logger.warning(
+                "secret setting given on the command line",
+                metadata: ["setting": "\(name)", "advice": "\(GatewayConfiguration.commandLineSecretWarning(name))"])
+        }
         let gateway = Gateway(configuration: config, logger: logger)
         gateway.bootstrapMetrics()
         logger.info(

@@ -155,6 +155,10 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     /// token) must start with to be stored and served. Default `https://api.atlassian.com/ex/`;
     /// a staging app adds `https://api.stg.atlassian.com/ex/`, an emulator a loopback prefix.
     public var apiBaseURLPrefixes: [String] = ["https://api.atlassian.com/ex/"]
+    /// Secret settings whose value was given inline on the command line (not as `@path`): used as
+    /// given (contract §7: every setting is a flag too), and warned about at start-up, since every
+    /// local user can read a process's arguments.
+    public var secretsFromCommandLine: [String] = []
     public var redis: RedisConfiguration
     public var forgeAppID: String
     public var forgeJWKSURL: String = InvocationTokenVerifier.productionJWKSURL
@@ -219,16 +223,13 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     public static func load(environment: [String: String], flags: [String: String] = [:]) throws(ConfigurationError)
         -> GatewayConfiguration
     {
-        // Secrets never come from the command line (every local user can read
-        // `/proc/<pid>/cmdline`): a secret setting's flag only names a file (`@path`), and a Redis
-        // URL flag may not carry a password.
-        for s in GatewaySetting.all where s.isSecret {
-            guard let v = flags[s.environment], !v.hasPrefix("@") else { continue }
-            if s == .redisURL, (try? RedisConfiguration(url: v))?.password == nil { continue }
-            throw ConfigurationError(setting: "--\(s.flag)", problem: Self.secretFlagProblem(s))
-        }
         let settings = SettingValues(environment: environment, flags: flags)
         var config = try Self.requiredSettings(settings)
+        // A secret given inline as a flag is used, and noted: every local user can read
+        // `/proc/<pid>/cmdline`. `@path` flags and a Redis URL without a password are no secret.
+        config.secretsFromCommandLine = GatewaySetting.all.filter { s in
+            s.isSecret && flags[s.environment].map { Self.isInlineSecret(s, flagValue: $0) } == true
+        }.map(\.environment)
         try Self.applyListeners(settings, to: &config)
         try Self.applyTrustRoots(settings, to: &config)
         try Self.applyLogging(settings, to: &config)
@@ -467,11 +468,19 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
         }
     }
 
-    /// Why a secret setting's flag is refused: the secret would be readable in the process list.
-    static func secretFlagProblem(_ s: GatewaySetting) -> String {
-        let what = s == .redisURL ? "a Redis URL with a password" : "a secret"
-        return "\(what) is not accepted on the command line (it would be readable in the process list): "
-            + "set \(s.environment), or pass --\(s.flag) @/path/to/file (or \(s.environment)=@/path/to/file)"
+    /// Whether `flagValue`, given for secret setting `s` on the command line, carries the secret
+    /// itself (not `@path`; for the Redis URL, one with a password).
+    public static func isInlineSecret(_ s: GatewaySetting, flagValue: String) -> Bool {
+        guard s.isSecret, !flagValue.hasPrefix("@") else { return false }
+        if s == .redisURL { return (try? RedisConfiguration(url: flagValue))?.password != nil }
+        return true
+    }
+
+    /// The warning for a secret given inline on the command line (names the setting, never the value).
+    public static func commandLineSecretWarning(_ environmentName: String) -> String {
+        let flag = GatewaySetting.all.first { $0.environment == environmentName }.map { "--" + $0.flag } ?? "its flag"
+        return "\(environmentName) was given on the command line (\(flag)), where every local user can read it in "
+            + "the process list; set \(environmentName) in the environment, or pass \(flag) @/path/to/file"
     }
 
     /// The text of the file a setting names as `@path`, without one trailing newline.
@@ -485,17 +494,13 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
         return text
     }
 
-    /// The value of secret setting `s` for a command other than `serve`: the flag's value (which
-    /// must be `@path`, or for the Redis URL carry no password), else the environment's; `@path`
-    /// reads the file. Nil when neither is set.
-    /// - Throws: ``ConfigurationError`` naming the flag (a secret on the command line) or the
-    ///   setting (an unreadable file); never the value.
+    /// The value of secret setting `s` for a command other than `serve`: the flag's value, else
+    /// the environment's; `@path` reads the file. Nil when neither is set. (The caller warns about
+    /// an inline secret flag: ``isInlineSecret(_:flagValue:)``.)
+    /// - Throws: ``ConfigurationError`` naming the setting (an unreadable file); never the value.
     public static func secretSetting(
         _ s: GatewaySetting, flag: String?, environment: [String: String]
     ) throws(ConfigurationError) -> String? {
-        if let flag, !flag.hasPrefix("@"), !(s == .redisURL && (try? RedisConfiguration(url: flag))?.password == nil) {
-            throw ConfigurationError(setting: "--\(s.flag)", problem: Self.secretFlagProblem(s))
-        }
         guard let v = flag ?? environment[s.environment], !v.isEmpty else { return nil }
         guard v.hasPrefix("@") else { return v }
         return try Self.readSettingFile(String(v.dropFirst()), setting: s)
