@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 ensure_packages redis-server redis-tools redis-sentinel libhiredis-dev python3 curl openssl
+# The Python checks below come from PyPI; a Debian python3 has no pip of its own.
+python3 -m pip --version >/dev/null 2>&1 || ensure_packages python3-pip
 # The status-page test drives headless Chromium with Selenium (Tests/Integration/status_page_check.py).
 ensure_packages chromium chromium-driver
 python3 -c 'import selenium' 2>/dev/null || python3 -m pip install --quiet 'selenium==4.48.0' ||
