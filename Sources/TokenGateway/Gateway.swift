@@ -81,7 +81,7 @@ public final class Gateway: Sendable {
         let metrics = self.metrics
         let prefixes = configuration.apiBaseURLPrefixes
         self.store = GatewayStore(
-            redis: self.redis, box: configuration.encryptionKeys,
+            redis: self.redis, box: configuration.encryptionKeys, prefix: configuration.storePrefix,
             routing: RoutingPolicy { RoutingPolicy.hasAllowedPrefix($0, prefixes: prefixes) }
         ) { kind in
             metrics.countUndecryptable(kind)

@@ -25,31 +25,20 @@ struct Demo: AsyncParsableCommand {
         let quiet = Logger(label: "demo") { _ in SwallowLogHandler() }
         let logger = self.verbose ? makeLogger(label: "demo", format: .logfmt, level: .info) : quiet
         let callerSecret = Base64URL.encode((0..<32).map { _ in UInt8.random(in: 0...255) })
-        let key = Base64URL.encode((0..<32).map { _ in UInt8.random(in: 0...255) })
-        let env: [String: String] = [
-            "TOKEN_GATEWAY_PORT": "0",
-            "TOKEN_GATEWAY_REDIS_URL": redisURL,
-            "TOKEN_GATEWAY_FORGE_APP_ID": ForgeEmulatorConfiguration.demoAppId,
-            "TOKEN_GATEWAY_ENCRYPTION_KEYS": "demo:\(key)",
-            "TOKEN_GATEWAY_CALLERS": #"[{"name":"demo","secret":"\#(callerSecret)","installations":["*"]}]"#,
-        ]
         let emulator = try ForgeEmulator(
             configuration: .init(gatewayURL: "http://127.0.0.1:1"), logger: logger)
         let emulatorGroup = ServiceGroup(services: [emulator], logger: logger)
-        try await withThrowingTaskGroup(of: Void.self) { tasks in
+        // Its own keys, deleted when it is done: the Redis it is pointed at (a running gateway's,
+        // say) keeps nothing of the demo.
+        let storePrefix = "tgdemo" + String(UInt32.random(in: 0...UInt32.max), radix: 16)
+        let ran = try await withThrowingTaskGroup(of: Void.self) { tasks in
             tasks.addTask { try await emulatorGroup.run() }
             _ = try await emulator.waitUntilReady()
-            var settings = env
-            settings["TOKEN_GATEWAY_FORGE_JWKS_URL"] = emulator.jwksURL
-            settings["TOKEN_GATEWAY_TRIGGER_HOSTS"] = emulator.triggerHostEntry
-            settings["TOKEN_GATEWAY_FORGE_GRAPHQL_URL"] = emulator.baseURL + "/graphql"
-            settings["TOKEN_GATEWAY_CONNECT_KEYS_URL"] = emulator.connectKeysURL
-            settings["TOKEN_GATEWAY_CONNECT_BASE_URL"] = "https://connect-app.example.com"
-            settings["TOKEN_GATEWAY_CALLERS"] =
-                #"[{"name":"demo","secret":"\#(callerSecret)","installations":["*"],"clientKeys":["*"]}]"#
-            let config: GatewayConfiguration
+            var config: GatewayConfiguration
             do {
-                config = try GatewayConfiguration.load(environment: settings)
+                config = try GatewayConfiguration.load(
+                    environment: Self.settings(redisURL: redisURL, callerSecret: callerSecret, emulator: emulator))
+                config.storePrefix = storePrefix
             } catch {
                 FileHandle.standardError.write(Data("token-gateway demo: \(error)\n".utf8))
                 throw ExitCode(2)
@@ -79,14 +68,58 @@ struct Demo: AsyncParsableCommand {
                 throw ExitCode(1)
             }
             print("gateway  \(gatewayURL)\nemulator \(emulator.baseURL)\nredis    \(gateway.configuration.redis)\n")
-            try await DemoScript(
-                gatewayURL: gatewayURL, callerSecret: callerSecret, emulator: emulator, httpClient: gateway.httpClient,
-                installations: self.installations, concurrency: self.concurrency
-            ).run()
+            var failure: (any Error)?
+            do {
+                try await DemoScript(
+                    gatewayURL: gatewayURL, callerSecret: callerSecret, emulator: emulator,
+                    httpClient: gateway.httpClient, installations: self.installations, concurrency: self.concurrency
+                ).run()
+            } catch {
+                failure = error
+            }
             await gatewayGroup.triggerGracefulShutdown()
             await emulatorGroup.triggerGracefulShutdown()
             try await tasks.waitForAll()
+            return (redis: config.redis, failure: failure)
         }
+        let redis = RedisClient(configuration: ran.redis, logger: quiet)
+        let removed = await Self.deleteKeys(prefix: storePrefix, redis: redis)
+        await redis.shutdown()
+        print("\nremoved the demo's \(removed) keys (\(storePrefix):*) from Redis")
+        if let failure = ran.failure { throw failure }
+    }
+}
+
+extension Demo {
+    /// The demo gateway's settings: a fresh key ring, one caller, the emulator as Forge.
+    static func settings(redisURL: String, callerSecret: String, emulator: ForgeEmulator) -> [String: String] {
+        let key = Base64URL.encode((0..<32).map { _ in UInt8.random(in: 0...255) })
+        return [
+            "TOKEN_GATEWAY_PORT": "0",
+            "TOKEN_GATEWAY_REDIS_URL": redisURL,
+            "TOKEN_GATEWAY_FORGE_APP_ID": ForgeEmulatorConfiguration.demoAppId,
+            "TOKEN_GATEWAY_ENCRYPTION_KEYS": "demo:\(key)",
+            "TOKEN_GATEWAY_CALLERS":
+                #"[{"name":"demo","secret":"\#(callerSecret)","installations":["*"],"clientKeys":["*"]}]"#,
+            "TOKEN_GATEWAY_FORGE_JWKS_URL": emulator.jwksURL,
+            "TOKEN_GATEWAY_TRIGGER_HOSTS": emulator.triggerHostEntry,
+            "TOKEN_GATEWAY_FORGE_GRAPHQL_URL": emulator.baseURL + "/graphql",
+            "TOKEN_GATEWAY_CONNECT_KEYS_URL": emulator.connectKeysURL,
+            "TOKEN_GATEWAY_CONNECT_BASE_URL": "https://connect-app.example.com",
+        ]
+    }
+
+    /// Deletes every key under `prefix` (bounded: at most 10 000 SCAN steps); returns how many.
+    static func deleteKeys(prefix: String, redis: RedisClient) async -> Int {
+        var cursor = "0"
+        var removed = 0
+        for _ in 0..<10_000 {
+            guard let step = try? await redis.scan(cursor: cursor, match: prefix + ":*", count: 500) else { break }
+            for key in step.keys where (try? await redis.send(["DEL", key])) != nil { removed += 1 }
+            cursor = step.cursor
+            if cursor == "0" { break }
+        }
+        return removed
     }
 }
 
@@ -239,8 +272,8 @@ struct SwallowLogHandler: LogHandler {
     var metadata: Logger.Metadata = [:]
     var logLevel: Logger.Level = .critical
     subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-        get { nil }
-        set {}
+        get { self.metadata[key] }
+        set { self.metadata[key] = newValue }
     }
     func log(event: LogEvent) {}
 }

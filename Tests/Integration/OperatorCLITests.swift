@@ -62,6 +62,22 @@ struct OperatorCLITests {
         #expect(!result.out.contains("hunter2") && !result.err.contains("hunter2"))
     }
 
+    @Test("demo runs the whole flow on the Redis it is given and leaves nothing of its own there")
+    func demoLeavesNoKeys() async throws {
+        try await GatewayHarness.run { h in
+            let before = Set(try await Security.scan(pattern: "*", in: h.gateway.redis))
+            let result = try await runCLI(
+                ["demo", "--redis-url", GatewayHarness.redisURL, "--installations", "2", "--concurrency", "5"],
+                environment: [:])
+            #expect(result.status == 0, "\(result.out)\n\(result.err)")
+            #expect(result.out.contains("removed the demo's"), "\(result.out)")
+            #expect(try await Security.scan(pattern: "tgdemo*", in: h.gateway.redis).isEmpty)
+            // Nothing under the gateway's own prefix either (what expired meanwhile is gone, no more).
+            let after = Set(try await Security.scan(pattern: "*", in: h.gateway.redis))
+            #expect(after.subtracting(before).isEmpty, "\(after.subtracting(before).sorted())")
+        }
+    }
+
     @Test("emulate refuses a token lifetime Forge never gives (over 4 h, or under a minute): exit 64, a clear line")
     func emulateRefusesAnUnrealTokenLifetime() async throws {
         for lifetime in ["14401", "59"] {

@@ -159,6 +159,9 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     /// given (contract §7: every setting is a flag too), and warned about at start-up, since every
     /// local user can read a process's arguments.
     public var secretsFromCommandLine: [String] = []
+    /// The first part of every Redis key the gateway writes (`tg`). Not a setting: replicas of one
+    /// deployment share it; `token-gateway demo` uses its own and deletes its keys when done.
+    public var storePrefix = "tg"
     public var redis: RedisConfiguration
     public var forgeAppID: String
     public var forgeJWKSURL: String = InvocationTokenVerifier.productionJWKSURL

@@ -82,11 +82,20 @@ struct RequestIDMiddleware<Context: RequestContext>: RouterMiddleware {
         -> Response
     {
         var context = context
-        let id = context.id
+        // Hummingbird's id lives in its request logger's metadata (`context.id` force-unwraps it);
+        // a log handler that keeps no metadata would leave it out, so one is made here instead.
+        let id = context.logger[metadataKey: "hb.request.id"]?.description ?? Self.makeID()
         context.logger[metadataKey: Self.metadataKey] = .string(id)
         var response = try await next(request, context)
         response.headers[.requestID] = id
         return response
+    }
+
+    /// A request id of its own: 16 hex digits.
+    static func makeID() -> String {
+        let value = UInt64.random(in: 0...UInt64.max)
+        let digits = String(value, radix: 16)
+        return String(repeating: "0", count: 16 - digits.count) + digits
     }
 }
 
