@@ -139,13 +139,28 @@ public final class RedisClient: Sendable, Service {
         }
     }
 
-    /// Sends `PING` and checks the answer.
+    /// Sends `PING` and checks the answer. With a cluster, to every primary of the slot map at
+    /// once, and the map must assign every hash slot: the store answers only when every key does.
     ///
-    /// - Throws: as ``send(_:timeout:)``; ``RedisError/protocolError`` if the answer is not `PONG`.
+    /// - Throws: as ``send(_:timeout:)``; ``RedisError/protocolError`` if an answer is not `PONG`;
+    ///   ``RedisError/unavailable`` if the cluster leaves a slot without a primary.
     public func ping(timeout: Duration? = nil) async throws {
-        let reply = try await self.send(["PING"], timeout: timeout)
-        guard reply.string == "PONG" else {
-            throw RedisError.protocolError
+        guard let cluster = self.cluster else {
+            let reply = try await self.send(["PING"], timeout: timeout)
+            guard reply.string == "PONG" else { throw RedisError.protocolError }
+            return
+        }
+        let deadline = self.deadline(timeout)
+        let primaries = try await cluster.primaries(deadline: deadline)
+        guard !primaries.isEmpty, cluster.coversAllSlots else { throw RedisError.unavailable }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for primary in primaries {
+                group.addTask {
+                    let reply = try await cluster.send(["PING"], to: primary, deadline: deadline)
+                    guard reply.string == "PONG" else { throw RedisError.protocolError }
+                }
+            }
+            try await group.waitForAll()
         }
     }
 

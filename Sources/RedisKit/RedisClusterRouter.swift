@@ -399,6 +399,11 @@ final class RedisClusterRouter: Sendable {
         return self.state.withLock { $0.machine.map?.primaries ?? [] }
     }
 
+    /// Whether the slot map assigns every hash slot to a primary (false without a map).
+    var coversAllSlots: Bool {
+        self.state.withLock { $0.machine.map?.coversAllSlots ?? false }
+    }
+
     /// Sends a keyless command (`SCAN`) to one given primary.
     func send(_ command: [String], to node: RedisNodeAddress, deadline: NIODeadline) async throws -> RedisValue {
         do {

@@ -350,13 +350,14 @@ struct RedisDeploymentTests {
     }
 
     @Test(
-        "Redis Cluster: after a failover the first MOVED refreshes the whole slot map, so the primary's other slots cost no redirection; a failover under load loses no command"
+        "Redis Cluster: readiness asks every primary; after a failover the first MOVED refreshes the whole slot map, so the primary's other slots cost no redirection; a failover under load loses no command"
     )
     func clusterMovedRefreshesTheMap() async throws {
         let cluster = try await RedisClusterProcesses.start()
         let client = RedisClient(configuration: try RedisConfiguration(url: cluster.url), logger: Self.logger)
         let router = try #require(client.cluster)
         _ = try await client.send(["GET", "moved:{0}"])
+        try await Self.expectPingAsksEveryPrimary(client, cluster: cluster)
         let old = try #require(router.primary(forSlot: RedisHashSlot.slot(of: "moved:{0}")))
         // Keys of 100 slots of that primary.
         var slots: Set<Int> = []
@@ -413,6 +414,22 @@ struct RedisDeploymentTests {
         #expect(load.failures.withLock { $0 } == 0)
         await client.shutdown()
         for node in cluster.nodes { await node.stop() }
+    }
+
+    /// Readiness (`ping`) answers for the whole cluster: a primary that does not answer (paused,
+    /// without a failover) makes it fail, whichever primary that is; it answers again after.
+    static func expectPingAsksEveryPrimary(_ client: RedisClient, cluster: RedisClusterProcesses) async throws {
+        try await client.ping(timeout: .seconds(2))
+        let primaries = try cluster.primaryPorts()
+        #expect(primaries.count == 3)
+        for port in primaries {
+            try redisCLI(["-p", "\(port)", "CLIENT", "PAUSE", "3000", "ALL"])
+            await #expect(throws: RedisError.self, "primary \(port) paused") {
+                try await client.ping(timeout: .milliseconds(300))
+            }
+            try redisCLI(["-p", "\(port)", "CLIENT", "UNPAUSE"])
+            try await client.ping(timeout: .seconds(2))
+        }
     }
 
     /// A manual failover to the replica at `newPort`, waited for until every node sees it (so that
