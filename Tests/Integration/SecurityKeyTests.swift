@@ -4,6 +4,7 @@ import ForgeEmulator
 import Foundation
 import Logging
 import NIOHTTP1
+import Synchronization
 import Testing
 
 @testable import TokenGateway
@@ -93,11 +94,14 @@ struct SecurityKeyTests {
         #expect(try await store.systemToken(ids[0])?.value.hasPrefix("token-0-") == true)
     }
 
-    @Test("a sealed value copied under another installation's key does not open")
+    @Test("a sealed value copied under another installation's key does not open, and is counted by kind")
     func copiedBlobsFailToDecrypt() async throws {
         let redis = try Self.redis()
         let prefix = "tgsec-\(UUID().uuidString.prefix(8))"
-        let store = GatewayStore(redis: redis, box: try Self.ring([("k1", Self.randomKey())]), prefix: prefix)
+        let counted = Mutex<[GatewayStore.SecretKind]>([])
+        let store = GatewayStore(
+            redis: redis, box: try Self.ring([("k1", Self.randomKey())]), prefix: prefix,
+            undecryptable: { kind in counted.withLock { $0.append(kind) } })
         let ids = try await Self.seed(store)
         let (a, b) = (ids[0], ids[1])
 
@@ -130,6 +134,18 @@ struct SecurityKeyTests {
         await #expect(throws: EncryptionError.authenticationFailed) {
             try await store.triggerKeys(b, now: FlowTime.now())
         }
+
+        // A Connect shared secret under another tenant's key.
+        let tenants = try await Security.scan(pattern: "\(prefix):connect:*", in: redis)
+        let tenantKey = try #require(tenants.first)
+        let sealedSecret = try #require(try await redis.send(["HGET", tenantKey, "sharedSecret"]).string)
+        _ = try await redis.send([
+            "HSET", store.connectTenantKey("other-tenant"), "status", "installed", "sharedSecret", sealedSecret,
+        ])
+        await #expect(throws: EncryptionError.authenticationFailed) { try await store.connectTenant("other-tenant") }
+        // Each kind that did not open was counted (for token_gateway_undecryptable_secrets_total).
+        let kinds = Set(counted.withLock { $0 })
+        #expect(kinds == [.systemToken, .apiBaseUrl, .triggerUrl, .signingKey, .sharedSecret], "\(kinds)")
 
         // The same blob still opens where it belongs.
         #expect(try await store.systemToken(a) != nil)

@@ -22,6 +22,25 @@ public final class GatewayStore: Sendable {
         case userToken = "user_token"
         case apiBaseUrl = "api_base_url"
         case connectLink = "connect_link"
+        /// The auth trigger's URL: the round trip cannot start (`keys rewrap` before removing a key).
+        case triggerUrl = "trigger_url"
+        /// A trigger-signing private key.
+        case signingKey = "signing_key"
+        /// A named trigger's URL.
+        case namedTriggerUrl = "named_trigger_url"
+        /// A Connect tenant's shared secret.
+        case sharedSecret = "shared_secret"
+    }
+
+    /// Opens `sealed` (sealed with `context`); a value no key of the ring opens is told to
+    /// ``undecryptable`` as `kind` before the error is thrown on.
+    public func open(_ sealed: String, context: String, kind: SecretKind) throws -> [UInt8] {
+        do {
+            return try self.box.open(sealed, context: context)
+        } catch {
+            self.undecryptable(kind)
+            throw error
+        }
     }
 
     public init(
@@ -106,7 +125,7 @@ public final class GatewayStore: Sendable {
         guard items.count == 3, let keyID = items[1].string, let sealed = items[2].string else {
             throw RedisError.protocolError
         }
-        let raw = try self.box.open(sealed, context: signingKey + "#key:" + keyID)
+        let raw = try self.open(sealed, context: signingKey + "#key:" + keyID, kind: .signingKey)
         try await self.index(id)
         return .registered(keyID: keyID, rawPrivateKey: raw)
     }
@@ -139,8 +158,8 @@ public final class GatewayStore: Sendable {
         guard let sealedKey = try await self.redis.send(["HGET", signingKey, "key:" + keyID]).string else {
             return nil
         }
-        let url = try self.box.open(sealedURL, context: installationKey + "#triggerUrl")
-        let key = try self.box.open(sealedKey, context: signingKey + "#key:" + keyID)
+        let url = try self.open(sealedURL, context: installationKey + "#triggerUrl", kind: .triggerUrl)
+        let key = try self.open(sealedKey, context: signingKey + "#key:" + keyID, kind: .signingKey)
         return TriggerMaterial(url: String(decoding: url, as: UTF8.self), keyID: keyID, rawPrivateKey: key)
     }
 

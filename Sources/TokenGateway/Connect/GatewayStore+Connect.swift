@@ -220,7 +220,8 @@ extension GatewayStore {
         }
         var secret: ConnectSharedSecret?
         if status == .installed, let sealed = fields["sharedSecret"], !sealed.isEmpty {
-            secret = ConnectSharedSecret(try self.box.open(sealed, context: self.connectSecretContext(clientKey)))
+            secret = ConnectSharedSecret(
+                try self.open(sealed, context: self.connectSecretContext(clientKey), kind: .sharedSecret))
         }
         func nonEmpty(_ name: String) -> String? { fields[name].flatMap { $0.isEmpty ? nil : $0 } }
         func seconds(_ name: String) -> Int64? { fields[name].flatMap { Int64($0) } }

@@ -98,8 +98,8 @@ extension GatewayStore {
         guard let sealedKey = try await self.redis.send(["HGET", signingKey, "key:" + keyID]).string else {
             return .noTrigger
         }
-        let url = try self.box.open(sealedURL, context: hashKey + "#" + key)
-        let raw = try self.box.open(sealedKey, context: signingKey + "#key:" + keyID)
+        let url = try self.open(sealedURL, context: hashKey + "#" + key, kind: .namedTriggerUrl)
+        let raw = try self.open(sealedKey, context: signingKey + "#key:" + keyID, kind: .signingKey)
         return .found(TriggerMaterial(url: String(decoding: url, as: UTF8.self), keyID: keyID, rawPrivateKey: raw))
     }
 

@@ -68,13 +68,15 @@ extension GatewayStore {
         }
         let signingKey = self.signingKeysKey(id)
         let current = TriggerKey(
-            keyID: currentID, rawPrivateKey: try self.box.open(currentSealed, context: signingKey + "#key:" + currentID)
+            keyID: currentID,
+            rawPrivateKey: try self.open(currentSealed, context: signingKey + "#key:" + currentID, kind: .signingKey)
         )
         var next: TriggerKey?
         var activatesAt: Int64?
         if let nextID = items[2].string, !nextID.isEmpty, let nextSealed = items[3].string, !nextSealed.isEmpty {
             next = TriggerKey(
-                keyID: nextID, rawPrivateKey: try self.box.open(nextSealed, context: signingKey + "#key:" + nextID))
+                keyID: nextID,
+                rawPrivateKey: try self.open(nextSealed, context: signingKey + "#key:" + nextID, kind: .signingKey))
             activatesAt = items[4].int
         }
         return TriggerKeys(current: current, next: next, nextActivatesAt: activatesAt)

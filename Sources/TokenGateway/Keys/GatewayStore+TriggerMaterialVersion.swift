@@ -82,8 +82,8 @@ extension GatewayStore {
             found = try await self.redis.send(["HGET", signingKey, "key:" + version.keyID]).string
         }
         guard let sealedKey = found else { return nil }
-        let url = try self.box.open(version.sealedURL, context: self.installationKey(id) + "#triggerUrl")
-        let key = try self.box.open(sealedKey, context: signingKey + "#key:" + version.keyID)
+        let url = try self.open(version.sealedURL, context: self.installationKey(id) + "#triggerUrl", kind: .triggerUrl)
+        let key = try self.open(sealedKey, context: signingKey + "#key:" + version.keyID, kind: .signingKey)
         return TriggerMaterial(url: String(decoding: url, as: UTF8.self), keyID: version.keyID, rawPrivateKey: key)
     }
 }
