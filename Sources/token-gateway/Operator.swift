@@ -82,6 +82,7 @@ func failOnError(_ status: Int, _ json: Any?) throws {
     let code = error?["code"] as? String ?? "http_\(status)"
     let message = error?["message"] as? String ?? ""
     FileHandle.standardError.write(Data("token-gateway: \(status) \(code): \(message)\n".utf8))
+    if status == 400 { throw OperatorExit.usage }  // an argument the gateway refused (invalid_parameter)
     throw [401, 403, 404, 410].contains(status) ? OperatorExit.refused : OperatorExit.failure
 }
 

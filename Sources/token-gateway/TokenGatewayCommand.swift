@@ -13,6 +13,25 @@ struct TokenGatewayCommand: AsyncParsableCommand {
         ],
         defaultSubcommand: Serve.self
     )
+
+    /// Runs the command. A usage error (an unknown flag, a missing or malformed value, a failed
+    /// validation) exits 2, as a bad setting does; ArgumentParser's own code for it is 64.
+    static func main() async {
+        do {
+            var command = try parseAsRoot()
+            if var asyncCommand = command as? AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                try command.run()
+            }
+        } catch {
+            if exitCode(for: error) == .validationFailure {
+                FileHandle.standardError.write(Data((fullMessage(for: error) + "\n").utf8))
+                Foundation.exit(2)
+            }
+            exit(withError: error)
+        }
+    }
 }
 
 /// The settings every gateway-running command accepts; each flag overrides the environment

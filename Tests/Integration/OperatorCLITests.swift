@@ -78,11 +78,30 @@ struct OperatorCLITests {
         }
     }
 
-    @Test("emulate refuses a token lifetime Forge never gives (over 4 h, or under a minute): exit 64, a clear line")
+    @Test("bad arguments exit 2 with the reason, as bad settings do; help still exits 0")
+    func badArgumentsExitTwo() async throws {
+        let cases: [([String], String)] = [
+            (["keys", "rewrap", "--batch-size", "0"], "--batch-size must be in 1…100000"),
+            (["keys", "rewrap", "--cursor", "x"], "--cursor must be a SCAN cursor"),
+            (["serve", "--no-such-flag"], "Unknown option '--no-such-flag'"),
+            (["serve", "--port"], "Missing value for '--port"),
+            (["no-such-command"], "Unexpected argument 'no-such-command'"),
+        ]
+        for (arguments, reason) in cases {
+            let result = try await runCLI(arguments, environment: [:])
+            #expect(result.status == 2, "\(arguments): \(result.err)")
+            #expect(result.err.contains(reason), "\(arguments): \(result.err)")
+        }
+        let help = try await runCLI(["keys", "rewrap", "--help"], environment: [:])
+        #expect(help.status == 0)
+        #expect(help.out.contains("USAGE"), "\(help.out)")
+    }
+
+    @Test("emulate refuses a token lifetime Forge never gives (over 4 h, or under a minute): exit 2, a clear line")
     func emulateRefusesAnUnrealTokenLifetime() async throws {
         for lifetime in ["14401", "59"] {
             let result = try await runCLI(["emulate", "--token-lifetime", lifetime, "--port", "0"], environment: [:])
-            #expect(result.status == 64, "\(lifetime): \(result.err)")
+            #expect(result.status == 2, "\(lifetime): \(result.err)")
             #expect(result.err.contains("--token-lifetime must be in 60…14400 seconds"), "\(result.err)")
         }
     }
@@ -117,6 +136,10 @@ struct OperatorCLITests {
                 ["token", installation.id],
                 environment: ["TOKEN_GATEWAY_URL": h.gatewayURL, "TOKEN_GATEWAY_CALLER_SECRET": "wrong"])
             #expect(wrongSecret.status == 3)
+            // A value the gateway refuses (400 invalid_parameter) is a bad argument too.
+            let tooMany = try await runCLI(["installations", "list", "--limit", "5000"], environment: env)
+            #expect(tooMany.status == 2, "\(tooMany.err)")
+            #expect(tooMany.err.contains("invalid_parameter"), "\(tooMany.err)")
         }
     }
 
