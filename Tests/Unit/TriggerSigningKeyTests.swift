@@ -1,4 +1,5 @@
 import Crypto
+import FlowEngine
 import Testing
 
 @testable import TokenGateway
@@ -108,6 +109,26 @@ import Testing
             #expect(text.contains(key.keyId))
             #expect(!text.contains(secret))
             #expect(!text.contains("rawRepresentation"))
+        }
+    }
+
+    @Test func triggerMaterialAndKeysPrintNoURLOrKey() {
+        let key = TriggerSigningKey.generate()
+        let url = "https://secret-trigger.hello.atlassian-dev.net/x1/abcdef"
+        let bytes = "\(key.rawPrivateKey)"
+        let material = GatewayStore.TriggerMaterial(url: url, keyID: key.keyId, rawPrivateKey: key.rawPrivateKey)
+        let stored = GatewayStore.TriggerKey(keyID: key.keyId, rawPrivateKey: key.rawPrivateKey)
+        let entry = TriggerMaterialCache.Entry(
+            version: .init(sealedURL: "sealed", keyID: key.keyId), url: url, key: key)
+        let values: [Any] = [material, stored, entry]
+        for value in values {
+            var dumped = ""
+            dump(value, to: &dumped)
+            for text in [String(describing: value), String(reflecting: value), dumped] {
+                #expect(text.contains(key.keyId))
+                #expect(!text.contains("secret-trigger"), "\(text)")
+                #expect(!text.contains(bytes), "\(text)")
+            }
         }
     }
 }

@@ -131,7 +131,10 @@ public final class GatewayStore: Sendable {
     }
 
     /// What the trigger client needs: the trigger URL and the current signing key, opened.
-    public struct TriggerMaterial: Sendable {
+    /// Its printed and reflected forms show the key id only: the URL and the key are credentials.
+    public struct TriggerMaterial: Sendable, CustomStringConvertible, CustomDebugStringConvertible,
+        CustomReflectable
+    {
         public let url: String
         public let keyID: String
         public let rawPrivateKey: [UInt8]
@@ -141,6 +144,10 @@ public final class GatewayStore: Sendable {
             self.keyID = keyID
             self.rawPrivateKey = rawPrivateKey
         }
+
+        public var description: String { "TriggerMaterial(keyID: \(self.keyID), url and key redacted)" }
+        public var debugDescription: String { self.description }
+        public var customMirror: Mirror { Mirror(self, children: ["keyID": self.keyID]) }
     }
 
     /// The trigger URL and signing key, or nil when no trigger is registered.

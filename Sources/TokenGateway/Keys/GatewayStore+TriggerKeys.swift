@@ -10,11 +10,15 @@ import FlowEngine
 /// the next key is promoted on first use: it becomes `current`, the old private key is deleted and
 /// the installation's `triggerKeyId` follows.
 extension GatewayStore {
-    /// One trigger-signing key, opened.
-    public struct TriggerKey: Sendable {
+    /// One trigger-signing key, opened. Its printed and reflected forms show the key id only.
+    public struct TriggerKey: Sendable, CustomStringConvertible, CustomDebugStringConvertible, CustomReflectable {
         public let keyID: String
         /// The 32-byte Ed25519 private key. Never log or send it.
         public let rawPrivateKey: [UInt8]
+
+        public var description: String { "TriggerKey(keyID: \(self.keyID), key redacted)" }
+        public var debugDescription: String { self.description }
+        public var customMirror: Mirror { Mirror(self, children: ["keyID": self.keyID]) }
     }
 
     /// The keys of an installation: the one signed with now and, during a rotation, the announced one.

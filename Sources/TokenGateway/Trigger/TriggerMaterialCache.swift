@@ -10,10 +10,15 @@ import Synchronization
 /// through this replica drops it at once (``forget(_:)``). At most ``capacity`` installations are
 /// held; beyond that the cache starts over.
 final class TriggerMaterialCache: Sendable {
-    struct Entry: Sendable {
+    /// Its printed and reflected forms show the key id only: the URL is a credential.
+    struct Entry: Sendable, CustomStringConvertible, CustomDebugStringConvertible, CustomReflectable {
         let version: GatewayStore.TriggerMaterialVersion
         let url: String
         let key: TriggerSigningKey
+
+        var description: String { "TriggerMaterialCache.Entry(keyID: \(self.key.keyId), url redacted)" }
+        var debugDescription: String { self.description }
+        var customMirror: Mirror { Mirror(self, children: ["keyID": self.key.keyId]) }
     }
 
     /// Installations held at most.
