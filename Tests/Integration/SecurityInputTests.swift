@@ -68,6 +68,11 @@ struct SecurityInputTests {
                 #expect(
                     answer.errorCode == "invalid_request", "\(raw.debugDescription): \(answer.raw.debugDescription)")
             }
+            // Each of those ten answers is counted, under no route.
+            let metrics = try await h.call(.GET, "/metrics")
+            let unmatched = sample(
+                metrics.body, "token_gateway_http_requests_total", ["route": "unmatched", "status": "400"])
+            #expect((unmatched ?? 0) >= 10, "\(unmatched ?? -1)")
             // A body the parser refuses after a valid head: the route answers first (here: 401,
             // the FIT is checked before the body is read), then the connection is closed.
             let chunked = RawHTTP.Answer(

@@ -9,8 +9,11 @@ extension Gateway {
     /// answered with the contract's error body (``MalformedRequestHandler``).
     var http1Configuration: HTTP1Channel.Configuration {
         let limit = self.configuration.maxHeaderSize
+        let metrics = self.metrics
         return HTTP1Channel.Configuration(
-            additionalChannelHandlers: [MalformedRequestHandler()],
+            additionalChannelHandlers: [
+                MalformedRequestHandler { metrics.countRequest(route: "unmatched", status: 400) }
+            ],
             httpDecoderConfiguration: .init(
                 maxHeaderFieldSize: limit, maxHeaderListSize: limit,
                 maxHeaderFieldCount: self.configuration.maxHeaderCount))

@@ -27,10 +27,16 @@ final class MalformedRequestHandler: ChannelDuplexHandler, RemovableChannelHandl
     /// Longest time input is drained after the answer.
     static let lingerTime: TimeAmount = .seconds(2)
 
+    /// Told of each answer given here (for `token_gateway_http_requests_total`, route `unmatched`).
+    private let answeredOne: @Sendable () -> Void
     /// Requests whose head arrived and whose answer has not been fully written.
     private var requestsInProgress = 0
     /// The connection was answered here and is being closed: everything inbound is dropped.
     private var answered = false
+
+    init(answered: @escaping @Sendable () -> Void = {}) {
+        self.answeredOne = answered
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         if self.answered { return }
@@ -60,6 +66,7 @@ final class MalformedRequestHandler: ChannelDuplexHandler, RemovableChannelHandl
             return
         }
         self.answered = true
+        self.answeredOne()
         let message =
             parserError == .headerOverflow
             ? "request headers are too large" : "malformed HTTP request"
