@@ -99,9 +99,10 @@ public final class Gateway: Sendable {
             metrics: self.metrics.flow,
             logger: logger, replicaID: self.replicaID,
             observer: RoundTripRecorder(store: self.store, replicaID: self.replicaID, logger: logger))
+        let flow = self.flow
         self.heartbeat = ReplicaHeartbeat(
             store: self.store, replicaID: self.replicaID, version: Self.version, startedAt: FlowTime.now(),
-            logger: logger)
+            logger: logger, onTick: { flow.refreshOpenCircuits() })
         self.heapTrim = HeapTrimService(factory: self.metrics.factory, logger: logger)
         // Only the configured JWKS is trusted: a staging app names the staging JWKS as its JWKS.
         var verifierConfiguration = InvocationTokenVerifier.Configuration(

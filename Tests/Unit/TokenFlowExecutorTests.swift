@@ -1,5 +1,6 @@
 import Logging
 import Metrics
+import Prometheus
 import Synchronization
 import Testing
 
@@ -110,7 +111,8 @@ private struct Harness {
 }
 
 private func withFlow(
-    _ configure: (inout TokenFlowConfiguration) -> Void = { _ in }, _ body: (Harness) async throws -> Void
+    _ configure: (inout TokenFlowConfiguration) -> Void = { _ in },
+    metrics: FlowMetrics = FlowMetrics(factory: NOOPMetricsHandler.instance), _ body: (Harness) async throws -> Void
 ) async throws {
     let clock = ManualFlowClock()
     let store = InMemoryTokenStore(now: { clock.now() })
@@ -118,8 +120,7 @@ private func withFlow(
     var configuration = TokenFlowConfiguration()
     configure(&configuration)
     let flow = TokenFlow(
-        configuration: configuration, store: store, trigger: trigger,
-        metrics: FlowMetrics(factory: NOOPMetricsHandler.instance),
+        configuration: configuration, store: store, trigger: trigger, metrics: metrics,
         logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), replicaID: "replica-a",
         clock: clock)
     let harness = Harness(flow: flow, store: store, clock: clock, trigger: trigger)
@@ -687,6 +688,42 @@ struct TokenFlowExecutorTests {
             #expect(throws: FlowError.circuitOpen(retryAfter: .zero)) { try second.get() }
             if case .failure(let error) = second { #expect(error.retryAfter == .seconds(30)) }
             #expect(h.trigger.callCount == 1)
+        }
+    }
+
+    @Test("the open-circuits gauge counts a circuit until its window ends or its installation is uninstalled")
+    func openCircuitsGauge() async throws {
+        let registry = PrometheusCollectorRegistry()
+        func gauge() -> Double? {
+            var bytes: [UInt8] = []
+            registry.emit(into: &bytes)
+            let line = String(decoding: bytes, as: UTF8.self).split(separator: "\n").first {
+                $0.hasPrefix("token_gateway_circuits_open ")
+            }
+            return line.flatMap { Double($0.split(separator: " ").last ?? "") }
+        }
+        try await withFlow(
+            {
+                $0.maxAttempts = 1
+                $0.breakerThreshold = 1
+                $0.breakerOpenBase = .seconds(30)
+            }, metrics: FlowMetrics(factory: PrometheusMetricsFactory(registry: registry))
+        ) { h in
+            h.trigger.answer(with: .failed(.httpError))
+            _ = await h.request()
+            while gauge() != 1 { await Task.yield() }
+            // Nobody asks again: the window lapses, and the periodic refresh stops counting it.
+            h.clock.advance(by: .seconds(29))
+            h.flow.refreshOpenCircuits()
+            #expect(gauge() == 1)
+            h.clock.advance(by: .seconds(2))
+            h.flow.refreshOpenCircuits()
+            #expect(gauge() == 0)
+            // Open again (a 60 s window now), then uninstalled: not counted any more.
+            _ = await h.request()
+            while gauge() != 1 { await Task.yield() }
+            h.flow.installationUninstalled(h.id)
+            #expect(gauge() == 0)
         }
     }
 

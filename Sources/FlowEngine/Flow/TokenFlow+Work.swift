@@ -157,11 +157,9 @@ extension TokenFlow {
                         id, succeeded: succeeded, threshold: c.breakerThreshold, openBase: c.breakerOpenBase,
                         openCap: c.breakerOpenCap, now: now)
                 }
-            let count = self.state.withLock { s -> Int in
-                if openUntil != nil { s.openCircuits.insert(id) } else if succeeded { s.openCircuits.remove(id) }
-                return s.openCircuits.count
+            self.updateOpenCircuits { circuits in
+                if let openUntil { circuits[id] = openUntil } else if succeeded { circuits.removeValue(forKey: id) }
             }
-            self.metrics.circuitsOpen.set(count)
             if let openUntil {
                 self.logger.warning(
                     "circuit opened after consecutive failed round trips",

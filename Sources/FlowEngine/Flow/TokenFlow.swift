@@ -86,7 +86,8 @@ public final class TokenFlow: Sendable, Service {
         /// Installations whose trigger registration this process has read from the store.
         var triggerChecked: Set<InstallationID> = []
         /// Circuits this process opened (the `circuitsOpen` gauge).
-        var openCircuits: Set<InstallationID> = []
+        /// Circuits this process opened, with the end of their open window.
+        var openCircuits: [InstallationID: FlowTime] = [:]
         var ownAnnouncements: [OwnAnnouncement: FlowTime] = [:]
         var nextWaiter: UInt64 = 0
         var nextTimerBase: UInt64 = 0
@@ -583,6 +584,25 @@ public final class TokenFlow: Sendable, Service {
     public func installationUninstalled(_ id: InstallationID) {
         self.forget(id)
         self.handle(id) { $0.installationUninstalled(now: self.now()) }
+        self.updateOpenCircuits { $0.removeValue(forKey: id) }
+    }
+
+    /// Sets `token_gateway_circuits_open` to the circuits this process opened whose open window
+    /// has not ended (called periodically: a window that lapses with no later round trip, or a
+    /// circuit another replica closed, stops counting when its window ends).
+    public func refreshOpenCircuits() {
+        self.updateOpenCircuits { _ in }
+    }
+
+    /// Changes the open circuits, drops those whose window has ended, and sets the gauge.
+    func updateOpenCircuits(_ change: (inout [InstallationID: FlowTime]) -> Void) {
+        let now = self.now()
+        let count = self.state.withLock { s -> Int in
+            change(&s.openCircuits)
+            s.openCircuits = s.openCircuits.filter { $0.value > now }
+            return s.openCircuits.count
+        }
+        self.metrics.circuitsOpen.set(count)
     }
 
     /// How many callers wait for a store read of `id` another caller has in flight.

@@ -15,19 +15,26 @@ public struct ReplicaHeartbeat: Service {
     let version: String
     let startedAt: FlowTime
     let logger: Logger
+    /// Runs at every tick too (the replica's periodic gauges).
+    let onTick: @Sendable () -> Void
 
-    public init(store: GatewayStore, replicaID: String, version: String, startedAt: FlowTime, logger: Logger) {
+    public init(
+        store: GatewayStore, replicaID: String, version: String, startedAt: FlowTime, logger: Logger,
+        onTick: @escaping @Sendable () -> Void = {}
+    ) {
         self.store = store
         self.replicaID = replicaID
         self.version = version
         self.startedAt = startedAt
         self.logger = logger
+        self.onTick = onTick
     }
 
     public func run() async throws {
         await cancelWhenGracefulShutdown {
             var failing = false
             while !Task.isCancelled {
+                self.onTick()
                 do {
                     try await self.store.writeHeartbeat(
                         ReplicaHeartbeatRecord(
