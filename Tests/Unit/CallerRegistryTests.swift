@@ -135,6 +135,16 @@ import Testing
                 "[{\"name\": \"a\", \"secret\": \"\(secret)\", \"installation\": [\"*\"]}]",
                 ["unknown field", "\"installation\""]
             ),
+            // One secret for two callers, in either form: Bearer would always find the first.
+            (
+                "[{\"name\": \"a\", \"secret\": \"\(secret)\"}, {\"name\": \"b\", \"secret\": \"\(secret)\"}]",
+                ["[1]", "\"b\"", "[0]", "\"a\"", "its own"]
+            ),
+            (
+                "[{\"name\": \"a\", \"secret\": \"\(secret)\"}, {\"name\": \"b\", \"secretSha256\": \"\(Self.sha256Hex(secret))\"}]",
+                ["[1]", "\"b\"", "its own"]
+            ),
+            ("[{\"name\": \"a:b\", \"secret\": \"\(secret)\"}]", ["[0]", "\":\""]),
         ]
         for (json, mentions) in cases {
             do {

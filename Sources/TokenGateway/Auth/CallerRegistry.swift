@@ -186,7 +186,15 @@ public struct CallerRegistry: Sendable {
         var entries: [Entry] = []
         var names: Set<String> = []
         for (index, element) in array.enumerated() {
-            entries.append(try Self.entry(element, label: "\(setting)[\(index)]", names: &names))
+            let entry = try Self.entry(element, label: "\(setting)[\(index)]", names: &names)
+            // A Bearer secret finds its caller by the secret alone: two callers with one secret
+            // would both act as the first.
+            if let other = entries.firstIndex(where: { $0.digest == entry.digest }) {
+                throw ConfigurationValueError(
+                    "\(setting)[\(index)] (\"\(entry.caller.name)\"): the secret is the one of \(setting)[\(other)] "
+                        + "(\"\(entries[other].caller.name)\"); every caller needs its own")
+            }
+            entries.append(entry)
         }
         self.entries = entries
     }
@@ -209,6 +217,10 @@ public struct CallerRegistry: Sendable {
         guard name.count <= 128, !name.unicodeScalars.contains(where: { $0.properties.generalCategory == .control })
         else {
             throw ConfigurationValueError("\(position): \"name\" must be at most 128 printable characters")
+        }
+        // HTTP Basic (OAuth client authentication, the status page) splits at the first colon.
+        guard !name.contains(":") else {
+            throw ConfigurationValueError("\(position): \"name\" must not contain \":\" (HTTP Basic could not name it)")
         }
         let label = "\(position) (\"\(name)\")"
         guard names.insert(name).inserted else {
