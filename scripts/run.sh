@@ -46,18 +46,26 @@ set -a
 set +a
 
 pids=()
+started_redis=no
 cleanup() {
     echo
     echo "==> stopping"
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    redis-cli -p "$REDIS_PORT" shutdown >/dev/null 2>&1 || true
+    # Only a Redis this run started: one that was already there (another run's, another
+    # project's) keeps running.
+    if [ "$started_redis" = yes ]; then
+        redis-cli -p "$REDIS_PORT" shutdown >/dev/null 2>&1 || true
+    fi
 }
 trap cleanup EXIT INT TERM
 
-if ! redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
+if redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
+    echo "==> a Redis already answers on 127.0.0.1:$REDIS_PORT: using it (and leaving it running)"
+else
     redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --appendonly yes --dir "$PWD/var/redis" \
         --daemonize yes --logfile "$PWD/var/redis/redis.log" --pidfile "$PWD/var/redis/redis.pid"
+    started_redis=yes
 fi
 wait_for_redis "$REDIS_PORT"
 echo "==> Redis on 127.0.0.1:$REDIS_PORT (AOF on, data in var/redis)"

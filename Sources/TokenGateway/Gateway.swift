@@ -255,7 +255,7 @@ extension Gateway {
     /// made even when a tracer is bootstrapped. Such a span records the full URL (`url.full`), and a
     /// trigger URL is a secret (whoever has it can call the trigger); the trace context is still
     /// passed on by hand on every trigger call.
-    static func outboundHTTPConfiguration() -> HTTPClient.Configuration {
+    public static func outboundHTTPConfiguration() -> HTTPClient.Configuration {
         var configuration = HTTPClient.Configuration()
         configuration.redirectConfiguration = .disallow
         configuration.timeout = .init(connect: .seconds(5), read: .seconds(30))

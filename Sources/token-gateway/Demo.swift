@@ -18,6 +18,13 @@ struct Demo: AsyncParsableCommand {
     @Option(help: "Concurrent callers in the coalescing step") var concurrency = 50
     @Flag(help: "Show the gateway's and emulator's logs") var verbose = false
 
+    func validate() throws {
+        guard (1...1000).contains(self.installations) else {
+            throw ValidationError("--installations must be in 1…1000")
+        }
+        guard (1...10_000).contains(self.concurrency) else { throw ValidationError("--concurrency must be in 1…10000") }
+    }
+
     func run() async throws {
         let redisURL =
             self.redisUrl ?? ProcessInfo.processInfo.environment["TOKEN_GATEWAY_REDIS_URL"]

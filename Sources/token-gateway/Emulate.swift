@@ -36,11 +36,17 @@ struct Emulate: AsyncParsableCommand {
         guard (60...14400).contains(self.tokenLifetime) else {
             throw ValidationError("--token-lifetime must be in 60…14400 seconds (Forge tokens live at most 4 h)")
         }
+        guard (0...100_000).contains(self.install) else { throw ValidationError("--install must be in 0…100000") }
+        guard self.pushInterval >= 0 else { throw ValidationError("--push-interval must be 0 (never) or more") }
+        guard Logger.Level(rawValue: self.logLevel.lowercased()) != nil else {
+            throw ValidationError("--log-level must be trace, debug, info, notice, warning, error or critical")
+        }
     }
 
     func run() async throws {
         let logger = makeLogger(
-            label: "forge-emulator", format: .logfmt, level: Logger.Level(rawValue: self.logLevel) ?? .info)
+            label: "forge-emulator", format: .logfmt, level: Logger.Level(rawValue: self.logLevel.lowercased()) ?? .info
+        )
         var config = ForgeEmulatorConfiguration(appId: self.appId, gatewayURL: self.gatewayUrl)
         config.host = self.host
         config.port = self.port

@@ -48,6 +48,9 @@ struct KeysRewrap: AsyncParsableCommand {
         guard (1...100_000).contains(self.batchSize) else {
             throw ValidationError("--batch-size must be in 1…100000")
         }
+        guard Logger.Level(rawValue: self.logLevel.lowercased()) != nil else {
+            throw ValidationError("--log-level must be trace, debug, info, notice, warning, error or critical")
+        }
     }
 
     func run() async throws {

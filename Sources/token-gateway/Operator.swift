@@ -219,7 +219,8 @@ struct CheckConfig: AsyncParsableCommand {
         }
         await redis.shutdown()
         FileHandle.standardError.write(Data("fetching the JWKS…\n".utf8))
-        let client = HTTPClient.shared
+        // The gateway's own client settings (no redirect followed), so "reachable" means what serve sees.
+        let client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: Gateway.outboundHTTPConfiguration())
         do {
             let response = try await client.execute(HTTPClientRequest(url: config.forgeJWKSURL), timeout: .seconds(5))
             let body = try await response.body.collect(upTo: 1 << 20)
@@ -235,6 +236,7 @@ struct CheckConfig: AsyncParsableCommand {
             print("jwks reachable  NO (\(error))")
             failed = true
         }
+        try? await client.shutdown()
         if failed { throw OperatorExit.failure }
     }
 }

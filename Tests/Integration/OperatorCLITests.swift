@@ -86,6 +86,11 @@ struct OperatorCLITests {
             (["serve", "--no-such-flag"], "Unknown option '--no-such-flag'"),
             (["serve", "--port"], "Missing value for '--port"),
             (["no-such-command"], "Unexpected argument 'no-such-command'"),
+            (["emulate", "--install=-1"], "--install must be in 0…100000"),
+            (["emulate", "--push-interval=-5"], "--push-interval must be 0 (never) or more"),
+            (["emulate", "--log-level", "loud"], "--log-level must be trace"),
+            (["demo", "--installations=-1"], "--installations must be in 1…1000"),
+            (["demo", "--concurrency", "0"], "--concurrency must be in 1…10000"),
         ]
         for (arguments, reason) in cases {
             let result = try await runCLI(arguments, environment: [:])
@@ -155,6 +160,17 @@ struct OperatorCLITests {
             let key = settings["TOKEN_GATEWAY_ENCRYPTION_KEYS"]!.split(separator: ":")[1]
             #expect(!(ok.out + ok.err).contains(String(key)))
             #expect(!(ok.out + ok.err).contains(GatewayHarness.callerSecret))
+            // A JWKS URL that redirects (here to the real JWKS): serve would not follow it, so
+            // check-config does not call it reachable either.
+            let redirect = try await LoopbackListener.start(
+                answering: "HTTP/1.1 301 Moved Permanently\r\nLocation: \(h.emulator.jwksURL)\r\n"
+                    + "Content-Length: 0\r\nConnection: close\r\n\r\n")
+            var redirected = settings
+            redirected["TOKEN_GATEWAY_FORGE_JWKS_URL"] = redirect.baseURL + "/jwks.json"
+            let moved = try await runCLI(["check-config"], environment: redirected)
+            await redirect.stop()
+            #expect(moved.status == 1, "\(moved.out)")
+            #expect(moved.out.contains("jwks reachable  NO (HTTP 301"), "\(moved.out)")
             var broken = settings
             broken["TOKEN_GATEWAY_ENCRYPTION_KEYS"] = "k1:c2hvcnQ="
             let bad = try await runCLI(["check-config"], environment: broken)

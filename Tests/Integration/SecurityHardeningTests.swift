@@ -200,6 +200,17 @@ struct SecurityHardeningTests {
         #expect(
             try GatewayConfiguration.load(environment: environment).operationsListener
                 == .init(host: "127.0.0.1", port: 9090))
+        // The main port again: refused at once, naming the setting (it could never bind).
+        environment["TOKEN_GATEWAY_PORT"] = "9090"
+        #expect(throws: ConfigurationError.self) { try GatewayConfiguration.load(environment: environment) }
+        do {
+            _ = try GatewayConfiguration.load(environment: environment)
+        } catch {
+            #expect("\(error)".contains("TOKEN_GATEWAY_OPS_PORT"), "\(error)")
+        }
+        environment["TOKEN_GATEWAY_PORT"] = "0"
+        environment["TOKEN_GATEWAY_OPS_PORT"] = "0"
+        #expect(try GatewayConfiguration.load(environment: environment).operationsListener?.port == 0)
         environment["TOKEN_GATEWAY_OPS_PORT"] = nil
         environment["TOKEN_GATEWAY_OPS_HOST"] = "0.0.0.0"
         #expect(throws: ConfigurationError.self) { try GatewayConfiguration.load(environment: environment) }

@@ -149,6 +149,38 @@ final class LoopbackListener: Sendable {
     }
 }
 
+extension LoopbackListener {
+    /// Writes `answer` once the first bytes of a request arrived, then closes.
+    final class FixedAnswer: ChannelInboundHandler, Sendable {
+        typealias InboundIn = ByteBuffer
+        let answer: String
+        init(_ answer: String) { self.answer = answer }
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
+            context.writeAndFlush(NIOAny(ByteBuffer(string: self.answer))).whenComplete { _ in
+                loopBound.value.close(promise: nil)
+            }
+        }
+    }
+
+    /// A listener that answers every request with `answer` (a whole HTTP/1.1 answer) and closes.
+    static func start(answering answer: String) async throws -> LoopbackListener {
+        let accepted = Accepted()
+        let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { child in
+                accepted.count.add(1, ordering: .relaxed)
+                return child.eventLoop.makeCompletedFuture {
+                    try child.pipeline.syncOperations.addHandler(FixedAnswer(answer))
+                }
+            }
+            .bind(host: "127.0.0.1", port: 0)
+            .get()
+        return LoopbackListener(channel: channel, accepted: accepted)
+    }
+}
+
 /// A listener that closes every connection at once and counts them.
 enum ConnectionRecorder {
     static func start() async throws -> LoopbackListener { try await LoopbackListener.start(holding: false) }
