@@ -79,10 +79,10 @@ public final class Gateway: Sendable {
             configuration: configuration.redis, logger: logger, metricsFactory: self.metrics.factory,
             metricNames: RedisMetricNames(errors: "token_gateway_store_errors_total"))
         let metrics = self.metrics
-        let prefixes = configuration.apiBaseURLPrefixes
+        let refusedOrigins = RefusedAPIBaseURLOrigins(prefixes: configuration.apiBaseURLPrefixes, logger: logger)
         self.store = GatewayStore(
             redis: self.redis, box: configuration.encryptionKeys, prefix: configuration.storePrefix,
-            routing: RoutingPolicy { RoutingPolicy.hasAllowedPrefix($0, prefixes: prefixes) }
+            routing: RoutingPolicy { refusedOrigins.allows($0) }
         ) { kind in
             metrics.countUndecryptable(kind)
         }
@@ -262,5 +262,38 @@ extension Gateway {
         configuration.connectionPool = .init(idleTimeout: .seconds(60))
         configuration.tracing.tracer = nil
         return configuration
+    }
+}
+
+/// The routing policy's check of an `apiBaseUrl` against `TOKEN_GATEWAY_API_BASE_URL_PREFIXES`,
+/// with a warning the first time an origin (scheme and host, never the path) is refused: a staging
+/// app or an emulator whose prefix is missing would otherwise see `apiBaseUrl: null` and no reason.
+final class RefusedAPIBaseURLOrigins: Sendable {
+    let prefixes: [String]
+    let logger: Logger
+    private let warned = Mutex<Set<String>>([])
+
+    init(prefixes: [String], logger: Logger) {
+        self.prefixes = prefixes
+        self.logger = logger
+    }
+
+    func allows(_ url: String) -> Bool {
+        if RoutingPolicy.hasAllowedPrefix(url, prefixes: self.prefixes) { return true }
+        let components = URLComponents(string: url)
+        let origin = "\(components?.scheme ?? "?")://\(components?.host ?? "?")"
+        let first = self.warned.withLock { warned in
+            guard warned.count < 100 else { return false }
+            return warned.insert(origin).inserted
+        }
+        if first {
+            self.logger.warning(
+                "an installation's apiBaseUrl is outside TOKEN_GATEWAY_API_BASE_URL_PREFIXES: not stored or handed to callers",
+                metadata: [
+                    "api_base_url.origin": "\(origin)",
+                    "api_base_url.prefixes": "\(self.prefixes.joined(separator: ","))",
+                ])
+        }
+        return false
     }
 }

@@ -1,0 +1,26 @@
+import Logging
+import Testing
+
+@testable import TokenGateway
+
+/// `TOKEN_GATEWAY_API_BASE_URL_PREFIXES` at work: an `apiBaseUrl` outside them is refused, and the
+/// operator is told once per origin why installations answer `apiBaseUrl: null`.
+@Suite("apiBaseUrl policy")
+struct APIBaseURLPolicyTests {
+    @Test("a refused apiBaseUrl is logged once per origin, with its origin and never its path")
+    func refusedOriginsAreLoggedOnce() {
+        let sink = LogSink.memory()
+        let logger = Logger(label: "t") { GatewayLogHandler(label: $0, format: .logfmt, level: .info, sink: sink) }
+        let policy = RefusedAPIBaseURLOrigins(prefixes: ["https://api.atlassian.com/ex/"], logger: logger)
+        #expect(policy.allows("https://api.atlassian.com/ex/jira/1b7c"))
+        #expect(sink.captured.isEmpty)
+        #expect(!policy.allows("https://api.stg.atlassian.com/ex/jira/site-one"))
+        #expect(!policy.allows("https://api.stg.atlassian.com/ex/jira/site-two"))
+        #expect(!policy.allows("http://127.0.0.1:9999/ex/jira/x"))
+        #expect(sink.captured.count == 2, "\(sink.captured)")
+        #expect(sink.captured[0].contains("https://api.stg.atlassian.com"))
+        #expect(sink.captured[0].contains("TOKEN_GATEWAY_API_BASE_URL_PREFIXES"))
+        #expect(sink.captured[1].contains("http://127.0.0.1"))
+        #expect(!sink.captured.joined().contains("site-one"))
+    }
+}
