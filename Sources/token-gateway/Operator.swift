@@ -190,6 +190,10 @@ struct CheckConfig: AsyncParsableCommand {
 
     func run() async throws {
         let config = try self.settings.load()
+        for name in config.unknownEnvironmentNames {
+            FileHandle.standardError.write(
+                Data("warning: \(name) is no setting of the gateway and is ignored (misspelt?)\n".utf8))
+        }
         for name in config.secretsFromCommandLine {
             FileHandle.standardError.write(
                 Data("warning: \(GatewayConfiguration.commandLineSecretWarning(name))\n".utf8))

@@ -127,6 +127,11 @@ struct Serve: AsyncParsableCommand {
     func run() async throws {
         let config = try self.settings.load()
         let logger = makeLogger(label: "token-gateway", format: config.logFormat, level: config.logLevel)
+        for name in config.unknownEnvironmentNames {
+            logger.warning(
+                "unknown setting in the environment, ignored (misspelt?)",
+                metadata: ["setting": "\(name)", "advice": "token-gateway serve --help lists every setting"])
+        }
         for name in config.secretsFromCommandLine {
             logger.warning(
                 "secret setting given on the command line",

@@ -171,6 +171,13 @@ struct OperatorCLITests {
             await redirect.stop()
             #expect(moved.status == 1, "\(moved.out)")
             #expect(moved.out.contains("jwks reachable  NO (HTTP 301"), "\(moved.out)")
+            // A misspelt setting is named (its value never), and the rest still checks out.
+            var misspelt = settings
+            misspelt["TOKEN_GATEWAY_FORGE_JWKS_URI"] = "https://secret-looking.example/jwks"
+            let typo = try await runCLI(["check-config"], environment: misspelt)
+            #expect(typo.status == 0, "\(typo.err)")
+            #expect(typo.err.contains("warning: TOKEN_GATEWAY_FORGE_JWKS_URI is no setting"), "\(typo.err)")
+            #expect(!(typo.out + typo.err).contains("secret-looking"))
             var broken = settings
             broken["TOKEN_GATEWAY_ENCRYPTION_KEYS"] = "k1:c2hvcnQ="
             let bad = try await runCLI(["check-config"], environment: broken)

@@ -159,6 +159,9 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     /// given (contract §7: every setting is a flag too), and warned about at start-up, since every
     /// local user can read a process's arguments.
     public var secretsFromCommandLine: [String] = []
+    /// `TOKEN_GATEWAY_*` environment variables the gateway does not know (a misspelt setting
+    /// would otherwise fall back to its default without a word); warned about at start-up.
+    public var unknownEnvironmentNames: [String] = []
     /// The first part of every Redis key the gateway writes (`tg`). Not a setting: replicas of one
     /// deployment share it; `token-gateway demo` uses its own and deletes its keys when done.
     public var storePrefix = "tg"
@@ -230,6 +233,7 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
         var config = try Self.requiredSettings(settings)
         // A secret given inline as a flag is used, and noted: every local user can read
         // `/proc/<pid>/cmdline`. `@path` flags and a Redis URL without a password are no secret.
+        config.unknownEnvironmentNames = Self.unknownEnvironmentNames(environment)
         config.secretsFromCommandLine = GatewaySetting.all.filter { s in
             s.isSecret && flags[s.environment].map { Self.isInlineSecret(s, flagValue: $0) } == true
         }.map(\.environment)
@@ -475,6 +479,19 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
             }
             return value
         }
+    }
+
+    /// Variables of the `TOKEN_GATEWAY_` family that are no setting: the caller commands' own
+    /// (`TOKEN_GATEWAY_URL`, `TOKEN_GATEWAY_CALLER_SECRET`) and the test suite's (`TOKEN_GATEWAY_TEST_*`).
+    static let otherEnvironmentNames: Set<String> = ["TOKEN_GATEWAY_URL", "TOKEN_GATEWAY_CALLER_SECRET"]
+
+    /// The `TOKEN_GATEWAY_*` names in `environment` that are neither a setting nor one of
+    /// ``otherEnvironmentNames``, sorted.
+    public static func unknownEnvironmentNames(_ environment: [String: String]) -> [String] {
+        let known = Set(GatewaySetting.all.map(\.environment)).union(Self.otherEnvironmentNames)
+        return environment.keys.filter { name in
+            name.hasPrefix("TOKEN_GATEWAY_") && !name.hasPrefix("TOKEN_GATEWAY_TEST_") && !known.contains(name)
+        }.sorted()
     }
 
     /// Whether `flagValue`, given for secret setting `s` on the command line, carries the secret
