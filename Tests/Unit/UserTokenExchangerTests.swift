@@ -1,5 +1,6 @@
 import Logging
 import Metrics
+import Synchronization
 import Testing
 
 @testable import FlowEngine
@@ -65,14 +66,15 @@ struct UserTokenExchangerTests {
                 id, accountId: account, token: token, cacheUntil: token.expiresAt - 10, now: now)
         }
 
-        func token(timeout: Duration = .seconds(10), forceRefresh: Bool = false) async -> Result<
-            UserTokenExchanger.Answer, UserTokenError
-        > {
+        func token(
+            timeout: Duration = .seconds(10), forceRefresh: Bool = false,
+            admit: @Sendable () async throws(UserTokenError) -> Void = {}
+        ) async -> Result<UserTokenExchanger.Answer, UserTokenError> {
             do {
                 return .success(
                     try await self.exchanger.token(
                         for: UserTokenExchangerTests.installation, accountId: UserTokenExchangerTests.account,
-                        request: .init(timeout: timeout, forceRefresh: forceRefresh)))
+                        request: .init(timeout: timeout, forceRefresh: forceRefresh), admit: admit))
             } catch {
                 return .failure(error)
             }
@@ -114,6 +116,28 @@ struct UserTokenExchangerTests {
             #expect(cached.source == .cache)
             #expect(h.client.calls.count == 1)
             #expect(h.store.leaseOwner(Self.installation, accountId: Self.account.value) == nil)
+        }
+    }
+
+    @Test("only the caller that starts an exchange is admitted (charged); callers joining it are not")
+    func onlyTheStarterIsAdmitted() async throws {
+        let h = Harness([Self.issued, .token(value: "user-token-2", ttl: 3600)])
+        let admitted = Mutex(0)
+        let admit: @Sendable () async throws(UserTokenError) -> Void = { admitted.withLock { $0 += 1 } }
+        h.client.hold()
+        try await h.running { () async throws -> Void in
+            let first = Task { await h.token(admit: admit) }
+            await h.client.waitForCalls(1)
+            let joiners = (0..<4).map { _ in Task { await h.token(admit: admit) } }
+            while h.exchanger.waiting(Self.installation) < 5 { await Task.yield() }
+            #expect(admitted.withLock { $0 } == 1)
+            h.client.release()
+            #expect(try await first.value.get().token.value == "user-token-1")
+            for joiner in joiners { #expect(try await joiner.value.get().token.value == "user-token-1") }
+            // A forced refresh starts an exchange of its own: admitted.
+            #expect(try await h.token(forceRefresh: true, admit: admit).get().token.value == "user-token-2")
+            #expect(admitted.withLock { $0 } == 2)
+            #expect(h.client.calls.count == 2)
         }
     }
 

@@ -250,8 +250,9 @@ public final class UserTokenExchanger: Sendable, Service {
     /// - Throws: ``UserTokenError``: `denied` (403), `rateLimited` (429), `exchangeFailed` (502),
     ///   or the flow's errors (404, 410, 422, 502 `trigger_failed`, 503, 504).
     ///
-    /// `admit` runs once an exchange is needed (no usable cached token), before it is started or
-    /// joined: the caller's own limits; what it throws is the answer.
+    /// `admit` runs once an exchange is needed (no usable cached token), before one is started:
+    /// the caller's own limits; what it throws is the answer. A caller that joins a round already
+    /// in flight in this process (no forced refresh) starts no exchange and is not admitted.
     public func token(
         for installation: InstallationID, accountId: UserAccountID, request: Request,
         admit: @Sendable () async throws(UserTokenError) -> Void = {}
@@ -284,7 +285,9 @@ public final class UserTokenExchanger: Sendable, Service {
                 metadata: ["installation.id": "\(installation)"])
             throw .exchangeFailed("the installation's site is unknown")
         }
-        try await admit()
+        let key = FlightKey(installation: installation, accountId: accountId.value)
+        let joining = !request.forceRefresh && self.state.withLock { $0.flights[key]?.machine.isActive == true }
+        if !joining { try await admit() }
         let job = Job(
             installation: installation, accountId: accountId, context: context, apiBaseUrl: snapshot.apiBaseUrl,
             ignoring: snapshot.token)
@@ -342,6 +345,11 @@ public final class UserTokenExchanger: Sendable, Service {
         guard let (waiterID, roundJob, actions) = registered else { return nil }
         self.perform(roundJob, actions)
         return waiterID
+    }
+
+    /// Callers of `installation` waiting for a round now (for tests).
+    func waiting(_ installation: InstallationID) -> Int {
+        self.state.withLock { $0.waitingPerInstallation[installation] ?? 0 }
     }
 
     /// The waiter's answer, once there is one.
