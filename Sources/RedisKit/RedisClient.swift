@@ -151,6 +151,19 @@ public final class RedisClient: Sendable, Service {
             return
         }
         let deadline = self.deadline(timeout)
+        do {
+            try await Self.pingEveryPrimary(cluster, deadline: deadline)
+        } catch let error as RedisError where error != .timeout {
+            // The map may still name a primary that has failed over (nothing else asked since):
+            // ask the cluster for it once more, then ping the primaries it names now.
+            try await cluster.rediscover(deadline: deadline)
+            try await Self.pingEveryPrimary(cluster, deadline: deadline)
+        }
+    }
+
+    /// `PING` to every primary of the cluster's slot map at once; ``RedisError/unavailable`` when
+    /// the map leaves a slot without a primary.
+    private static func pingEveryPrimary(_ cluster: RedisClusterRouter, deadline: NIODeadline) async throws {
         let primaries = try await cluster.primaries(deadline: deadline)
         guard !primaries.isEmpty, cluster.coversAllSlots else { throw RedisError.unavailable }
         try await withThrowingTaskGroup(of: Void.self) { group in

@@ -292,6 +292,9 @@ struct RedisDeploymentTests {
         let primaryPort = try #require(try Self.primaryPort(owning: slot, cluster: cluster))
         let victim = try #require(cluster.index(ofPort: primaryPort))
         _ = try await client.send(["SET", key, "0"])
+        // A client that knows the map from before and sends nothing during the failover.
+        let idle = RedisClient(configuration: try RedisConfiguration(url: cluster.url), logger: Self.logger)
+        try await idle.ping(timeout: .seconds(2))
         let answers = FailoverCounts()
         let start = ContinuousClock.now
         // The writer says when the load is under way (20 answers), and the primary dies then.
@@ -337,10 +340,7 @@ struct RedisDeploymentTests {
         #expect(counts.wrong == 0)
         #expect(counts.good > 0)
         #expect(recovered != nil, "requests did not recover after the primary was killed: \(counts)")
-        try await cluster.waitUntilHealthy(except: [victim])
-        let primariesAfter = try cluster.primaryPorts()
-        #expect(primariesAfter.count == 3)
-        #expect(!primariesAfter.contains(primaryPort))
+        try await Self.expectFailedOver(cluster, victim: victim, primaryPort: primaryPort, idle: idle)
         // The flow works after the failover too.
         try await Self.tokenFlowAfterFailover(redisURL: cluster.url)
         await client.shutdown()
@@ -414,6 +414,20 @@ struct RedisDeploymentTests {
         #expect(load.failures.withLock { $0 } == 0)
         await client.shutdown()
         for node in cluster.nodes { await node.stop() }
+    }
+
+    /// After the primary at `primaryPort` (node `victim`) was killed: three primaries without it,
+    /// and the readiness of `idle` (whose map still named the dead primary: the failed PING asks
+    /// the cluster again, and the new primary answers).
+    static func expectFailedOver(
+        _ cluster: RedisClusterProcesses, victim: Int, primaryPort: Int, idle: RedisClient
+    ) async throws {
+        try await cluster.waitUntilHealthy(except: [victim])
+        let primariesAfter = try cluster.primaryPorts()
+        #expect(primariesAfter.count == 3)
+        #expect(!primariesAfter.contains(primaryPort))
+        try await idle.ping(timeout: .seconds(2))
+        await idle.shutdown()
     }
 
     /// Readiness (`ping`) answers for the whole cluster: a primary that does not answer (paused,
