@@ -74,19 +74,20 @@ struct Demo: AsyncParsableCommand {
                 await emulatorGroup.triggerGracefulShutdown()
                 throw ExitCode(1)
             }
-            print("gateway  \(gatewayURL)\nemulator \(emulator.baseURL)\nredis    \(gateway.configuration.redis)\n")
-            var failure: (any Error)?
-            do {
-                try await DemoScript(
-                    gatewayURL: gatewayURL, callerSecret: callerSecret, emulator: emulator,
-                    httpClient: gateway.httpClient, installations: self.installations, concurrency: self.concurrency
-                ).run()
-            } catch {
-                failure = error
-            }
+            print(
+                "gateway  \(gatewayURL)\nemulator \(emulator.baseURL)\nredis    \(gateway.configuration.redis)"
+                    + " (keys \(storePrefix):*, deleted at the end)\n")
+            let script = DemoScript(
+                gatewayURL: gatewayURL, callerSecret: callerSecret, emulator: emulator,
+                httpClient: gateway.httpClient, installations: self.installations, concurrency: self.concurrency)
+            var failure = await Self.runInterruptibly { try await script.run() }
             await gatewayGroup.triggerGracefulShutdown()
             await emulatorGroup.triggerGracefulShutdown()
-            try await tasks.waitForAll()
+            do {
+                try await tasks.waitForAll()
+            } catch {
+                failure = failure ?? error
+            }
             return (redis: config.redis, failure: failure)
         }
         let redis = RedisClient(configuration: ran.redis, logger: quiet)
@@ -98,6 +99,29 @@ struct Demo: AsyncParsableCommand {
 }
 
 extension Demo {
+    /// Runs `body`, cancelled by Ctrl-C (SIGINT) or SIGTERM, so the demo still deletes its keys
+    /// and stops its servers; returns what it threw.
+    static func runInterruptibly(_ body: @escaping @Sendable () async throws -> Void) async -> (any Error)? {
+        let task = Task { try await body() }
+        let sources = [SIGINT, SIGTERM].map { number in
+            signal(number, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: number)
+            source.setEventHandler {
+                FileHandle.standardError.write(Data("\ninterrupted: stopping and deleting the demo's keys\n".utf8))
+                task.cancel()
+            }
+            source.resume()
+            return source
+        }
+        defer { for source in sources { source.cancel() } }
+        do {
+            try await task.value
+            return nil
+        } catch {
+            return error
+        }
+    }
+
     /// The demo gateway's settings: a fresh key ring, one caller, the emulator as Forge.
     static func settings(redisURL: String, callerSecret: String, emulator: ForgeEmulator) -> [String: String] {
         let key = Base64URL.encode((0..<32).map { _ in UInt8.random(in: 0...255) })

@@ -208,6 +208,12 @@ struct SecurityHardeningTests {
         } catch {
             #expect("\(error)".contains("TOKEN_GATEWAY_OPS_PORT"), "\(error)")
         }
+        // Two specific addresses may share a port number.
+        environment["TOKEN_GATEWAY_HOST"] = "10.0.0.5"
+        #expect(try GatewayConfiguration.load(environment: environment).operationsListener?.port == 9090)
+        environment["TOKEN_GATEWAY_HOST"] = "0.0.0.0"
+        #expect(throws: ConfigurationError.self) { try GatewayConfiguration.load(environment: environment) }
+        environment["TOKEN_GATEWAY_HOST"] = nil
         environment["TOKEN_GATEWAY_PORT"] = "0"
         environment["TOKEN_GATEWAY_OPS_PORT"] = "0"
         #expect(try GatewayConfiguration.load(environment: environment).operationsListener?.port == 0)

@@ -284,11 +284,17 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
         if let opsPort = try settings.integer(.opsPort, range: 0...65535) {
             var opsHost = "127.0.0.1"
             if let raw = settings.raw(.opsHost) { opsHost = try Self.listenHost(raw, setting: .opsHost) }
-            // Port 0 asks for any free port, twice is fine; the same fixed port twice can never bind.
-            if opsPort != 0, opsPort == config.port {
+            // Port 0 asks for any free port, twice is fine; the same fixed port twice binds only on
+            // two different specific addresses.
+            let wildcard: Set<String> = ["0.0.0.0", "::"]
+            if opsPort != 0, opsPort == config.port,
+                opsHost == config.host || wildcard.contains(opsHost) || wildcard.contains(config.host)
+            {
                 throw ConfigurationError(
                     setting: GatewaySetting.opsPort.environment,
-                    problem: "must differ from TOKEN_GATEWAY_PORT (\(opsPort)): a second listener needs its own port")
+                    problem:
+                        "must differ from TOKEN_GATEWAY_PORT (\(opsPort)) on the same address: a second listener needs its own port"
+                )
             }
             config.operationsListener = OperationsListener(host: opsHost, port: opsPort)
         } else if settings.raw(.opsHost) != nil {

@@ -130,14 +130,14 @@ public struct HTTPTriggerClient: TriggerSender {
         } catch let error as TriggerSigningError {
             logger.error("could not sign trigger call", metadata: ["error": "\(type(of: error))"])
             return .failed(.transportError)
-        } catch let error as RedisError {
-            logger.warning("could not load trigger material", metadata: ["error": "\(error)"])
-            return .failed(.transportError)
-        } catch {
+        } catch let error as EncryptionError {
             // Counted in token_gateway_undecryptable_secrets_total (trigger_url / signing_key).
             logger.error(
                 "trigger material does not open with the key ring (a key removed before keys rewrap finished?); not calling",
-                metadata: ["error": "\(type(of: error))"])
+                metadata: ["error": "\(error)"])
+            return .failed(.transportError)
+        } catch {
+            logger.warning("could not load trigger material", metadata: ["error": "\(error)"])
             return .failed(.transportError)
         }
         guard self.allowList.allows(material.url) else {
