@@ -153,6 +153,48 @@ struct SecurityKeyTests {
         await redis.shutdown()
     }
 
+    @Test(
+        "signed-install guard in the store: a retry, a replay, a late callback, an earlier build's record; no plain body hash kept"
+    )
+    func connectLifecycleGuard() async throws {
+        let redis = try Self.redis()
+        let prefix = "tgsec-\(UUID().uuidString.prefix(8))"
+        let store = GatewayStore(redis: redis, box: try Self.ring([("k1", Self.randomKey())]), prefix: prefix)
+        let now = FlowTime.now()
+        func install(_ secret: String) -> ConnectInstallation {
+            ConnectInstallation(
+                clientKey: "tenant-1", appKey: "app", baseUrl: "https://t.atlassian.net", payloadJSON: "{}",
+                sharedSecret: Array(secret.utf8), installationId: nil)
+        }
+        func mark(_ token: String, body: String, iat: Int64?) -> GatewayStore.SignedInstallMark {
+            .init(
+                tokenDigest: token, bodyDigest: body, expiresAtUnixSeconds: now.unixSeconds + 180, skewSeconds: 5,
+                issuedAt: iat)
+        }
+        let first = mark("token-a", body: "body-a", iat: now.unixSeconds)
+        #expect(
+            try await store.storeConnectInstall(install("secret-a-0123456789"), mark: first, now: now)
+                == .stored(created: true))
+        #expect(try await store.storeConnectInstall(install("secret-a-0123456789"), mark: first, now: now) == .repeated)
+        let forged = mark("token-a", body: "body-b", iat: now.unixSeconds)
+        #expect(try await store.storeConnectInstall(install("forged-0123456789"), mark: forged, now: now) == .replayed)
+        let late = mark("token-old", body: "body-c", iat: now.unixSeconds - 10)
+        #expect(try await store.storeConnectInstall(install("older-0123456789"), mark: late, now: now) == .superseded)
+        #expect(try await store.connectTenant("tenant-1")?.sharedSecret?.bytes == Array("secret-a-0123456789".utf8))
+        // The guard holds a keyed digest, not the body's plain hash.
+        let guardValue = try await redis.send(["GET", store.seenSignedInstallKey("tenant-1", digest: "token-a")]).string
+        #expect(guardValue != nil && guardValue != "body-a")
+        // A token a replica of an earlier build accepted (its key, tg:seen-install:<digest>) is
+        // refused here too, and changes nothing; one this build accepted sets that key as well.
+        _ = try await redis.send(["SET", "\(prefix):seen-install:token-e", "1", "PX", "60000"])
+        let earlier = mark("token-e", body: "body-e", iat: now.unixSeconds + 1)
+        #expect(
+            try await store.storeConnectInstall(install("earlier-0123456789"), mark: earlier, now: now) == .replayed)
+        #expect(try await store.connectTenant("tenant-1")?.sharedSecret?.bytes == Array("secret-a-0123456789".utf8))
+        #expect(try await redis.send(["EXISTS", "\(prefix):seen-install:token-a"]).int == 1)
+        await redis.shutdown()
+    }
+
     @Test("a token blob copied under another installation is never served to a caller")
     func copiedTokenIsNotServed() async throws {
         try await GatewayHarness.run(configure: { $0.flow.maxAttempts = 1 }) { h in

@@ -191,6 +191,9 @@ struct ConnectSignedInstallTests {
         options.issuedAt = Date(timeIntervalSince1970: Date().timeIntervalSince1970.rounded(.down) - 30)
         let verified = try await self.verify(options)
         #expect(verified.issuedAt == Int64(options.issuedAt!.timeIntervalSince1970))
+        // An iat ahead of now orders nothing: left out.
+        options.issuedAt = Date().addingTimeInterval(600)
+        #expect(try await self.verify(options).issuedAt == nil)
         let body = self.emulator.connectLifecyclePayload(.installed, tenant: self.tenant)
         #expect(verified.bodyDigest == SHA256.hash(data: body).map { String(format: "%02x", $0) }.joined())
         #expect(verified.replayDigest.count == 64)

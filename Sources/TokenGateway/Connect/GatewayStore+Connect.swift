@@ -1,3 +1,4 @@
+import Crypto
 import FlowEngine
 
 /// Whether a Connect tenant has the app installed.
@@ -160,16 +161,13 @@ extension GatewayStore {
     public func storeConnectInstall(_ install: ConnectInstallation, mark: SignedInstallMark, now: FlowTime)
         async throws -> ConnectCallbackOutcome
     {
-        let key = self.connectTenantKey(install.clientKey)
         let sealed = try self.box.seal(install.sharedSecret, context: self.connectSecretContext(install.clientKey))
-        let r = try await self.redis.eval(
-            ConnectScripts.install,
-            keys: [key, self.seenSignedInstallKey(install.clientKey, digest: mark.tokenDigest)],
-            arguments: self.markArguments(mark, now: now) + [
+        return try await self.runLifecycleScript(
+            ConnectScripts.install, clientKey: install.clientKey, mark: mark,
+            arguments: [
                 install.payloadJSON, sealed, install.appKey, install.baseUrl,
                 self.sealConnectLink(install.installationId, clientKey: install.clientKey),
-            ])
-        return try self.connectOutcome(r)
+            ], now: now)
     }
 
     /// Marks the tenant uninstalled and drops its shared secret; the record stays so a late request
@@ -180,21 +178,53 @@ extension GatewayStore {
         clientKey: String, appKey: String?, baseUrl: String?, payloadJSON: String, installationId: InstallationID?,
         mark: SignedInstallMark, now: FlowTime
     ) async throws -> ConnectCallbackOutcome {
-        let r = try await self.redis.eval(
-            ConnectScripts.uninstall,
-            keys: [self.connectTenantKey(clientKey), self.seenSignedInstallKey(clientKey, digest: mark.tokenDigest)],
-            arguments: self.markArguments(mark, now: now) + [
+        try await self.runLifecycleScript(
+            ConnectScripts.uninstall, clientKey: clientKey, mark: mark,
+            arguments: [
                 payloadJSON, appKey ?? "", baseUrl ?? "", self.sealConnectLink(installationId, clientKey: clientKey),
-            ])
-        return try self.connectOutcome(r)
+            ], now: now)
     }
 
-    /// ARGV[1...4] of both scripts: now, the guard's value (the body digest), its TTL in ms, `iat` or ''.
-    private func markArguments(_ mark: SignedInstallMark, now: FlowTime) -> [String] {
-        [
-            String(now.unixSeconds), mark.bodyDigest, String(mark.ttlMilliseconds(now: now)),
+    /// ARGV[1...4] of both scripts: now, the guard's value, its TTL in ms, `iat` or ''. The
+    /// guard's value is the body digest keyed with the key ring (sealed deterministically, then
+    /// hashed): the body holds the shared secret, so its plain hash is not left in Redis.
+    private func markArguments(_ mark: SignedInstallMark, clientKey: String, now: FlowTime) throws -> [String] {
+        let sealed = try self.box.sealDeterministically(
+            Array(mark.bodyDigest.utf8), context: self.connectTenantKey(clientKey) + "#install-body")
+        let keyed = SHA256.hash(data: Array(sealed.utf8)).map { String(format: "%02x", $0) }.joined()
+        return [
+            String(now.unixSeconds), keyed, String(mark.ttlMilliseconds(now: now)),
             mark.issuedAt.map { String($0) } ?? "",
         ]
+    }
+
+    /// The replay guard's key of builds before the guard moved into the tenant's hash slot
+    /// (`tg:seen-install:<digest>`). While replicas of both run (a rolling upgrade), a token one
+    /// of them accepted must be refused by the other: this build reads it before its script and
+    /// sets it after a stored callback, as those builds do.
+    func legacySeenSignedInstallKey(_ digest: String) -> String { "\(self.prefix):seen-install:\(digest)" }
+
+    /// Runs a lifecycle script with the replay guard of both builds (``legacySeenSignedInstallKey(_:)``).
+    private func runLifecycleScript(
+        _ script: RedisScript, clientKey: String, mark: SignedInstallMark, arguments: [String], now: FlowTime
+    ) async throws -> ConnectCallbackOutcome {
+        let legacy = self.legacySeenSignedInstallKey(mark.tokenDigest)
+        let guardKey = self.seenSignedInstallKey(clientKey, digest: mark.tokenDigest)
+        // Accepted by a replica of an earlier build (its key set, ours not): refused here as there.
+        // (Ours set too: this build accepted it, and the script tells a retry from a replay.)
+        if try await self.redis.send(["EXISTS", legacy]).int == 1,
+            try await self.redis.send(["EXISTS", guardKey]).int == 0
+        {
+            return .replayed
+        }
+        let r = try await self.redis.eval(
+            script, keys: [self.connectTenantKey(clientKey), guardKey],
+            arguments: try self.markArguments(mark, clientKey: clientKey, now: now) + arguments)
+        let outcome = try self.connectOutcome(r)
+        if case .stored = outcome {
+            _ = try await self.redis.send(["SET", legacy, "1", "NX", "PX", String(mark.ttlMilliseconds(now: now))])
+        }
+        return outcome
     }
 
     private func connectOutcome(_ reply: RedisValue) throws -> ConnectCallbackOutcome {

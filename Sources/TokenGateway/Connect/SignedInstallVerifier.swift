@@ -188,8 +188,11 @@ public final class SignedInstallVerifier: Sendable {
         } else {
             named = "token\u{0}" + token
         }
-        // An `iat` after the `exp` (or before 1970) orders nothing; it is left out.
-        let issuedAt = jws.numericDate("iat").flatMap { (0...exp).contains($0) ? Int64($0.rounded(.down)) : nil }
+        // An `iat` ahead of now (beyond the skew), after the `exp` or before 1970 orders nothing: it
+        // is left out, so one odd token cannot hold back the tenant's later callbacks.
+        let issuedAt = jws.numericDate("iat").flatMap {
+            (0...min(exp, nowSeconds + skew)).contains($0) ? Int64($0.rounded(.down)) : nil
+        }
         return VerifiedSignedInstall(
             clientKey: clientKey, payload: payload, replayDigest: Self.hex(SHA256.hash(data: Array(named.utf8))),
             bodyDigest: Self.hex(SHA256.hash(data: bytes)), expiresAt: Int64(exp.rounded(.up)), issuedAt: issuedAt)
