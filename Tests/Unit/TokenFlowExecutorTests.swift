@@ -691,6 +691,15 @@ struct TokenFlowExecutorTests {
         }
     }
 
+    /// Yields until `condition` holds, at most 100 000 times (a bound, not a timing).
+    static func yield(until condition: () -> Bool) async {
+        var spins = 0
+        while !condition(), spins < 100_000 {
+            spins += 1
+            await Task.yield()
+        }
+    }
+
     @Test("the open-circuits gauge counts a circuit until its window ends or its installation is uninstalled")
     func openCircuitsGauge() async throws {
         let registry = PrometheusCollectorRegistry()
@@ -711,7 +720,8 @@ struct TokenFlowExecutorTests {
         ) { h in
             h.trigger.answer(with: .failed(.httpError))
             _ = await h.request()
-            while gauge() != 1 { await Task.yield() }
+            await Self.yield(until: { gauge() == 1 })
+            #expect(gauge() == 1)
             // Nobody asks again: the window lapses, and the periodic refresh stops counting it.
             h.clock.advance(by: .seconds(29))
             h.flow.refreshOpenCircuits()
@@ -721,7 +731,8 @@ struct TokenFlowExecutorTests {
             #expect(gauge() == 0)
             // Open again (a 60 s window now), then uninstalled: not counted any more.
             _ = await h.request()
-            while gauge() != 1 { await Task.yield() }
+            await Self.yield(until: { gauge() == 1 })
+            #expect(gauge() == 1)
             h.flow.installationUninstalled(h.id)
             #expect(gauge() == 0)
         }
