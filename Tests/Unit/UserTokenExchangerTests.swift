@@ -349,9 +349,12 @@ struct UserTokenExchangerTests {
             let first = await h.token()
             #expect(first.failure == .rateLimited(retryAfter: .seconds(30)))
             #expect(first.failure?.retryAfter == .seconds(30))
+            let systemTokensBefore = h.systemTokens.requests
             let second = await h.token()
             #expect(second.failure == .rateLimited(retryAfter: .zero))
             #expect(h.client.calls.count == 1)
+            // Held back before the system token is fetched: no trigger round trip for nothing.
+            #expect(h.systemTokens.requests == systemTokensBefore)
             h.clock.advance(by: .seconds(31))
             #expect(try await h.token().get().token.value == "user-token-1")
             #expect(h.client.calls.count == 2)

@@ -209,12 +209,15 @@ extension UserTokenExchanger {
         }
     }
 
-    /// One exchange call: the system token (a fresh one when `forceRefresh`), one exchange
-    /// counted against the shared budget, the call, and its outcome recorded in the store.
+    /// One exchange call: one exchange counted against the shared budget (first, so that a spent
+    /// budget or Atlassian's hold costs no system token, which may take a trigger round trip),
+    /// the system token (a fresh one when `forceRefresh`), the call, and its outcome recorded in
+    /// the store.
     private func exchange(_ job: Job, requestID: String, attempt: Int, deadline: FlowTime, forceRefresh: Bool) async
         -> AttemptEnd
     {
         let logger = self.logger(for: job)
+        if let refused = await self.admit(job) { return refused }
         if forceRefresh { logger.notice("the exchange refused the system token; fetching a fresh one") }
         let systemToken: AccessToken
         do {
@@ -225,7 +228,6 @@ extension UserTokenExchanger {
             logger.notice("no system token for the exchange", metadata: ["error.code": "\(error.code.rawValue)"])
             return .failure(.flow(error))
         }
-        if let refused = await self.admit(job) { return refused }
         let remaining = deadline - self.clock.now()
         guard remaining > .zero else { return .retryable(.timeout) }
         logger.debug("exchanging for a user token", metadata: ["exchange.attempt": "\(attempt)"])

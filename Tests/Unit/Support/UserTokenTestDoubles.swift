@@ -362,12 +362,14 @@ final class ScriptedExchangeCall: UserTokenExchangeCall {
 
 /// System tokens `sys-1`, `sys-2`, …: a new one on every forced refresh.
 final class StubSystemTokens: SystemTokenSource {
-    private let state = Mutex((generation: 1, forced: 0, failure: FlowError?.none))
+    private let state = Mutex((generation: 1, forced: 0, requests: 0, failure: FlowError?.none))
     let clock: ManualFlowClock
 
     init(clock: ManualFlowClock) { self.clock = clock }
 
     var forcedRefreshes: Int { self.state.withLock { $0.forced } }
+    /// System tokens asked for so far (each may cost a trigger round trip in the gateway).
+    var requests: Int { self.state.withLock { $0.requests } }
 
     func fail(with error: FlowError) { self.state.withLock { $0.failure = error } }
 
@@ -375,6 +377,7 @@ final class StubSystemTokens: SystemTokenSource {
         async throws(FlowError) -> AccessToken
     {
         let (generation, failure) = self.state.withLock { s -> (Int, FlowError?) in
+            s.requests += 1
             if forceRefresh {
                 s.generation += 1
                 s.forced += 1
