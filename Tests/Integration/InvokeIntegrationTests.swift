@@ -190,6 +190,9 @@ struct InvokeIntegrationTests {
             #expect(again.body == first.body)
             #expect(again.headers["content-type"] == "application/json")
             #expect(again.headers["idempotent-replayed"] == "true")
+            // The replay names the call that got the answer, as the first answer did.
+            #expect(first.headers["x-token-gateway-request-id"] != nil)
+            #expect(again.headers["x-token-gateway-request-id"] == first.headers["x-token-gateway-request-id"])
             let calls = h.emulator.namedTriggerCalls(for: installation, key: "echo")
             #expect(calls.count == 1)
             #expect(calls.first?.idempotencyKey == "order-42")
@@ -488,13 +491,20 @@ struct InvokeIntegrationTests {
             #expect(
                 try await Self.invoke(h, installation, "echo", body: #"{"secretish":"payload-marker"}"#).status == 200)
             #expect(try await Self.invoke(h, installation, "nope").status == 422)
+            // Refused for its parameters or payload after the scope checks: counted and audited too.
+            #expect(try await Self.invoke(h, installation, "echo", query: "timeout=5").status == 400)
+            let tooLarge = "\"" + String(repeating: "a", count: 70 * 1024) + "\""
+            #expect(try await Self.invoke(h, installation, "echo", body: tooLarge).status == 413)
             let metrics = try await h.call(.GET, "/metrics", secret: nil).body
             #expect(metrics.contains(#"token_gateway_invocations_total{outcome="success"} 1"#))
             #expect(metrics.contains(#"token_gateway_invocations_total{outcome="not_found"} 1"#))
+            #expect(metrics.contains(#"token_gateway_invocations_total{outcome="invalid_request"} 2"#))
             #expect(metrics.contains("token_gateway_invocation_duration_seconds_count 1"))
             #expect(!metrics.contains("echo"))
             let audit = h.logs.captured.filter { $0.contains("trigger_invoked") }
-            #expect(audit.count == 2)
+            #expect(audit.count == 4)
+            #expect(
+                audit.contains { $0.contains("invocation.outcome=invalid_request") && $0.contains("http.status=413") })
             #expect(audit.contains { $0.contains("invocation.outcome=success") && $0.contains("trigger.key=echo") })
             #expect(!h.logs.captured.contains { $0.contains("payload-marker") })
             #expect(!h.logs.captured.contains { $0.contains("/x2/") })

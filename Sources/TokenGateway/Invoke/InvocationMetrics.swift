@@ -8,10 +8,12 @@ public struct InvocationMetrics: Sendable {
     /// - `replayed`: the stored answer of an earlier call with the same `Idempotency-Key`;
     /// - `timeout`, `transport_error`, `invalid_answer`: the call failed (504, 502, 502);
     /// - `circuit_open`, `overloaded`, `not_found` (unknown or uninstalled installation, or no
-    ///   trigger under the key), `store_unavailable`: refused before any call.
+    ///   trigger under the key), `store_unavailable`: refused before any call;
+    /// - `invalid_request`: a bad `timeout`, `Idempotency-Key` or payload (400, 413), after the
+    ///   caller's scope checks.
     public static let outcomes = [
         "success", "http_error", "replayed", "timeout", "transport_error", "invalid_answer", "circuit_open",
-        "overloaded", "not_found", "store_unavailable",
+        "overloaded", "not_found", "store_unavailable", "invalid_request",
     ]
 
     private let counters: [String: Counter]

@@ -14,11 +14,15 @@ public struct InvocationAnswer: Sendable, Hashable {
     public var status: Int
     public var headers: [(name: String, value: String)]
     public var body: [UInt8]
+    /// The `requestId` of the call that got this answer, once kept for replays (so a replay
+    /// carries it as the first answer did); nil in answers kept by earlier builds.
+    public var requestID: String?
 
-    public init(status: Int, headers: [(name: String, value: String)], body: [UInt8]) {
+    public init(status: Int, headers: [(name: String, value: String)], body: [UInt8], requestID: String? = nil) {
         self.status = status
         self.headers = headers
         self.body = body
+        self.requestID = requestID
     }
 
     public static func == (lhs: InvocationAnswer, rhs: InvocationAnswer) -> Bool {
@@ -38,10 +42,11 @@ public struct InvocationAnswer: Sendable, Hashable {
 
     /// The serialized form kept (sealed) for idempotent replays.
     public func encoded() -> [UInt8] {
-        let object: [String: Any] = [
+        var object: [String: Any] = [
             "s": self.status, "h": self.headers.map { [$0.name, $0.value] },
             "b": Data(self.body).base64EncodedString(),
         ]
+        if let requestID = self.requestID { object["r"] = requestID }
         return Array((try? JSONSerialization.data(withJSONObject: object)) ?? Data())
     }
 
@@ -56,7 +61,7 @@ public struct InvocationAnswer: Sendable, Hashable {
             headers: headers.compactMap { pair -> (name: String, value: String)? in
                 pair.count == 2 ? (name: pair[0], value: pair[1]) : nil
             },
-            body: Array(body))
+            body: Array(body), requestID: object["r"] as? String)
     }
 }
 

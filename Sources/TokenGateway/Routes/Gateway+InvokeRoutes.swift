@@ -106,23 +106,21 @@ extension Gateway {
                 "the trigger key must be 1–64 characters of a–z 0–9 _ -, starting with a letter or digit")
         }
         guard caller.invoke.contains(key) else { throw GatewayError.forbidden }
-        var timeout = TokenRequestDefaults.timeout
-        if let raw = request.uri.queryParameters.get("timeout") {
-            guard let v = Int64(raw), TokenRequestDefaults.timeoutMillisecondsRange.contains(v) else {
-                throw GatewayError.invalidParameter("timeout must be an integer number of milliseconds in 100…30000")
-            }
-            timeout = .milliseconds(v)
+        let parameters: (timeout: Duration, idempotencyKey: String?, payload: [UInt8])
+        do {
+            parameters = try await self.invocationParameters(request)
+        } catch {
+            // Past the scope checks, so counted and audited like every other invocation (400, or
+            // 413 for a payload over the limit, which Hummingbird reports as its own error).
+            var refused = InvocationTrace()
+            refused.outcome = "invalid_request"
+            let status = (error as? any HTTPResponseError)?.status.code ?? 400
+            self.finishInvocation(
+                caller: caller, id: id, key: key, trace: refused, status: Int(status),
+                idempotent: request.headers[.idempotencyKey] != nil)
+            throw error
         }
-        var idempotencyKey: String?
-        if let raw = request.headers[.idempotencyKey] {
-            guard (1...255).contains(raw.utf8.count), raw.utf8.allSatisfy({ $0 >= 0x20 && $0 < 0x7F }),
-                raw.first != " ", raw.last != " "
-            else {
-                throw GatewayError.invalidRequest("Idempotency-Key must be 1–255 visible ASCII characters")
-            }
-            idempotencyKey = raw
-        }
-        let payload = try await self.readInvocationPayload(request)
+        let (timeout, idempotencyKey, payload) = parameters
 
         var trace = InvocationTrace()
         let response: Response
@@ -140,6 +138,30 @@ extension Gateway {
             caller: caller, id: id, key: key, trace: trace, status: Int(response.status.code),
             idempotent: idempotencyKey != nil)
         return response
+    }
+
+    /// The invocation's `timeout`, `Idempotency-Key` and payload, validated (400, or 413 for a
+    /// payload over the limit).
+    private func invocationParameters(_ request: Request) async throws -> (
+        timeout: Duration, idempotencyKey: String?, payload: [UInt8]
+    ) {
+        var timeout = TokenRequestDefaults.timeout
+        if let raw = request.uri.queryParameters.get("timeout") {
+            guard let v = Int64(raw), TokenRequestDefaults.timeoutMillisecondsRange.contains(v) else {
+                throw GatewayError.invalidParameter("timeout must be an integer number of milliseconds in 100…30000")
+            }
+            timeout = .milliseconds(v)
+        }
+        var idempotencyKey: String?
+        if let raw = request.headers[.idempotencyKey] {
+            guard (1...255).contains(raw.utf8.count), raw.utf8.allSatisfy({ $0 >= 0x20 && $0 < 0x7F }),
+                raw.first != " ", raw.last != " "
+            else {
+                throw GatewayError.invalidRequest("Idempotency-Key must be 1–255 visible ASCII characters")
+            }
+            idempotencyKey = raw
+        }
+        return (timeout, idempotencyKey, try await self.readInvocationPayload(request))
     }
 
     private func finishInvocation(
@@ -299,7 +321,8 @@ extension Gateway {
                     throw GatewayError.storeUnavailable
                 }
                 trace.outcome = "replayed"
-                return .replay(Self.relay(answer, requestID: nil, replayed: true))
+                trace.requestID = answer.requestID
+                return .replay(Self.relay(answer, requestID: answer.requestID, replayed: true))
             case .payloadMismatch:
                 trace.outcome = "not_found"
                 throw GatewayError.invalidRequest("this Idempotency-Key was used with a different payload")
@@ -352,8 +375,10 @@ extension Gateway {
             if let claim {
                 // Answers below 500 are kept and replayed; a 5xx answer lets a later retry call again.
                 if answer.status < 500 {
+                    var kept = answer
+                    kept.requestID = requestID
                     _ = try? await self.store.completeIdempotencyKey(
-                        id, trigger: key, digest: claim.digest, owner: claim.owner, answer: answer.encoded(),
+                        id, trigger: key, digest: claim.digest, owner: claim.owner, answer: kept.encoded(),
                         retention: self.configuration.invoke.idempotencyRetention)
                 } else {
                     try? await self.store.releaseIdempotencyKey(
