@@ -322,40 +322,58 @@ struct SecurityHardeningTests {
         }
     }
 
-    @Test("a captured signed install cannot be replayed with another body, with or without a jti")
+    @Test(
+        "a captured signed install cannot be replayed with another body; a retry, or a same-second reinstall without jti, is stored"
+    )
     func signedInstallReplayIsRefused() async throws {
         try await GatewayHarness.runConnect { h in
             let installation = try await h.installed()
+            let attacker = "attacker-chosen-shared-secret-0123456789"
             for withJTI in [true, false] {
                 let tenant = h.emulator.makeConnectTenant(linkedTo: installation)
                 var options = SignedInstallOptions()
                 if !withJTI { options.jti = nil }
                 let token = try h.emulator.mintSignedInstall(for: tenant, path: "/connect/installed", options: options)
-                let genuine = try await Self.postSignedInstall(
-                    h, token: token, body: h.emulator.connectLifecyclePayload(.installed, tenant: tenant))
-                #expect(genuine.status == 204)
+                let body = h.emulator.connectLifecyclePayload(.installed, tenant: tenant)
+                #expect(try await Self.postSignedInstall(h, token: token, body: body).status == 204)
                 let before = try #require(try await h.gateway.store.connectTenant(tenant.clientKey))
                 #expect(before.installationId?.ari == installation.id)
-
+                // The very same request again (a retry whose answer was lost): 204, the same record.
+                #expect(try await Self.postSignedInstall(h, token: token, body: body).status == 204)
+                #expect(
+                    try await h.gateway.store.connectTenant(tenant.clientKey)?.sharedSecret?.bytes
+                        == before.sharedSecret?.bytes)
+                if !withJTI {
+                    // Without a jti, a reinstall signed in the same second has the very same token:
+                    // its new secret is stored (contract §5: every verified install overwrites).
+                    let reinstall = try Self.payload(h, tenant, ["sharedSecret": "reinstalled-secret-0123456789abcdef"])
+                    #expect(try await Self.postSignedInstall(h, token: token, body: reinstall).status == 204)
+                    let now = try await h.gateway.store.connectTenant(tenant.clientKey)?.sharedSecret?.bytes
+                    #expect(now == Array("reinstalled-secret-0123456789abcdef".utf8))
+                    // …but not a second after the token was first seen: the guard's first-seen
+                    // time is moved back (instead of waiting) to show it.
+                    try await Self.ageSignedInstallGuard(of: tenant.clientKey, by: 10, redis: h.gateway.redis)
+                }
                 // The same header with the attacker's shared secret: refused, nothing changes.
-                let forged = try Self.payload(h, tenant, ["sharedSecret": "attacker-chosen-shared-secret-0123456789"])
-                let replay = try await Self.postSignedInstall(h, token: token, body: forged)
+                let kept = try await h.gateway.store.connectTenant(tenant.clientKey)
+                let replay = try await Self.postSignedInstall(
+                    h, token: token, body: try Self.payload(h, tenant, ["sharedSecret": attacker]))
                 #expect(replay.status == 401, "jti: \(withJTI)")
                 #expect(replay.errorCode == "invalid_signed_install")
                 let after = try #require(try await h.gateway.store.connectTenant(tenant.clientKey))
-                #expect(after.sharedSecret?.bytes == Array(tenant.sharedSecret.utf8))
-                #expect(after.updatedAt == before.updatedAt)
-                // The very same request a second time (a retry whose answer was lost): 204, and
-                // nothing changes either.
-                let again = try await Self.postSignedInstall(
-                    h, token: token, body: h.emulator.connectLifecyclePayload(.installed, tenant: tenant))
-                #expect(again.status == 204)
-                let last = try #require(try await h.gateway.store.connectTenant(tenant.clientKey))
-                #expect(last.sharedSecret?.bytes == Array(tenant.sharedSecret.utf8))
-                #expect(last.updatedAt == before.updatedAt)
-                // And the forged body still after it.
-                #expect(try await Self.postSignedInstall(h, token: token, body: forged).status == 401)
+                #expect(after.sharedSecret?.bytes == kept?.sharedSecret?.bytes)
+                #expect(after.updatedAt == kept?.updatedAt)
             }
+        }
+    }
+
+    /// Moves the first-seen time of `clientKey`'s signed-install guard keys `seconds` back.
+    static func ageSignedInstallGuard(of clientKey: String, by seconds: Int64, redis: RedisClient) async throws {
+        for key in try await Security.scan(pattern: "tg:connect:{\(clientKey)}:seen-install:*", in: redis) {
+            let value = try #require(try await redis.send(["GET", key]).string)
+            let parts = value.split(separator: ":")
+            let firstSeen = try #require(parts.last.flatMap { Int64($0) })
+            _ = try await redis.send(["SET", key, "\(parts[0]):\(firstSeen - seconds)", "KEEPTTL"])
         }
     }
 

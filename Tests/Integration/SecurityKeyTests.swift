@@ -175,7 +175,22 @@ struct SecurityKeyTests {
         #expect(
             try await store.storeConnectInstall(install("secret-a-0123456789"), mark: first, now: now)
                 == .stored(created: true))
-        #expect(try await store.storeConnectInstall(install("secret-a-0123456789"), mark: first, now: now) == .repeated)
+        // A retry (the same token and body) is stored again.
+        #expect(
+            try await store.storeConnectInstall(install("secret-a-0123456789"), mark: first, now: now)
+                == .stored(created: false))
+        // Without a jti: another body is taken within a second of the first sight, refused after.
+        var quick = mark("token-q", body: "body-q1", iat: now.unixSeconds)
+        quick.namesOneCallback = false
+        _ = try await store.storeConnectInstall(install("secret-q-0123456789"), mark: quick, now: now)
+        quick.bodyDigest = "body-q2"
+        #expect(
+            try await store.storeConnectInstall(install("secret-a-0123456789"), mark: quick, now: now + .seconds(1))
+                == .stored(created: false))
+        quick.bodyDigest = "body-q3"
+        #expect(
+            try await store.storeConnectInstall(install("forged-0123456789"), mark: quick, now: now + .seconds(2))
+                == .replayed)
         let forged = mark("token-a", body: "body-b", iat: now.unixSeconds)
         #expect(try await store.storeConnectInstall(install("forged-0123456789"), mark: forged, now: now) == .replayed)
         let late = mark("token-old", body: "body-c", iat: now.unixSeconds - 10)

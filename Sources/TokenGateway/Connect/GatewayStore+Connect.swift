@@ -115,12 +115,11 @@ extension GatewayStore {
 
     /// What a verified lifecycle callback did to the tenant's record.
     public enum ConnectCallbackOutcome: Sendable, Hashable {
-        /// Stored; `created` when the tenant was not known before.
+        /// Stored (a retry or an identical new token with the same body is stored again); `created`
+        /// when the tenant was not known before.
         case stored(created: Bool)
-        /// The same token with the same body again (a retry whose first answer was lost): nothing
-        /// changed.
-        case repeated
-        /// The same token with another body: refused, nothing changed.
+        /// A token seen before with another body: with a `jti`, at any time; without one, more
+        /// than a second after it was first seen. Refused, nothing changed.
         case replayed
         /// A callback issued before the one the record holds (it arrived late): nothing changed.
         case superseded
@@ -138,15 +137,22 @@ extension GatewayStore {
         public var skewSeconds: Int64
         /// The token's `iat`; a callback issued before the last one applied changes nothing.
         public var issuedAt: Int64?
+        /// The token carries a `jti`: it names one callback, so another body is always a replay.
+        /// Without one, two callbacks signed in the same second by a signer that adds none have
+        /// the same token (RS256 is deterministic): another body is taken within a second of the
+        /// first (a reinstall with a new secret), refused after.
+        public var namesOneCallback: Bool
 
         public init(
-            tokenDigest: String, bodyDigest: String, expiresAtUnixSeconds: Int64, skewSeconds: Int64, issuedAt: Int64?
+            tokenDigest: String, bodyDigest: String, expiresAtUnixSeconds: Int64, skewSeconds: Int64, issuedAt: Int64?,
+            namesOneCallback: Bool = true
         ) {
             self.tokenDigest = tokenDigest
             self.bodyDigest = bodyDigest
             self.expiresAtUnixSeconds = expiresAtUnixSeconds
             self.skewSeconds = skewSeconds
             self.issuedAt = issuedAt
+            self.namesOneCallback = namesOneCallback
         }
 
         func ttlMilliseconds(now: FlowTime) -> Int64 {
@@ -185,7 +191,8 @@ extension GatewayStore {
             ], now: now)
     }
 
-    /// ARGV[1...4] of both scripts: now, the guard's value, its TTL in ms, `iat` or ''. The
+    /// ARGV[1...5] of both scripts: now, the guard's value, its TTL in ms, `iat` or '', and '1'
+    /// when the token names one callback (``SignedInstallMark/namesOneCallback``). The
     /// guard's value is the body digest keyed with the key ring (sealed deterministically, then
     /// hashed): the body holds the shared secret, so its plain hash is not left in Redis.
     private func markArguments(_ mark: SignedInstallMark, clientKey: String, now: FlowTime) throws -> [String] {
@@ -194,7 +201,7 @@ extension GatewayStore {
         let keyed = SHA256.hash(data: Array(sealed.utf8)).map { String(format: "%02x", $0) }.joined()
         return [
             String(now.unixSeconds), keyed, String(mark.ttlMilliseconds(now: now)),
-            mark.issuedAt.map { String($0) } ?? "",
+            mark.issuedAt.map { String($0) } ?? "", mark.namesOneCallback ? "1" : "0",
         ]
     }
 
@@ -212,7 +219,7 @@ extension GatewayStore {
         let guardKey = self.seenSignedInstallKey(clientKey, digest: mark.tokenDigest)
         // Accepted by a replica of an earlier build (its key set, ours not): refused here as there.
         // (Ours set too: this build accepted it, and the script tells a retry from a replay.)
-        if try await self.redis.send(["EXISTS", legacy]).int == 1,
+        if mark.namesOneCallback, try await self.redis.send(["EXISTS", legacy]).int == 1,
             try await self.redis.send(["EXISTS", guardKey]).int == 0
         {
             return .replayed
@@ -232,7 +239,6 @@ extension GatewayStore {
         case 1: return .stored(created: true)
         case 0: return .stored(created: false)
         case -1: return .replayed
-        case -2: return .repeated
         case -3: return .superseded
         default: throw RedisError.protocolError
         }
@@ -271,41 +277,52 @@ extension GatewayStore {
 }
 
 /// The scripts of the Connect tenant hash. KEYS: the tenant, the token's replay-guard key (same
-/// hash slot). ARGV[1...4]: now, body digest, guard TTL (ms), `iat` or ''. Both begin with
-/// ``guardPrelude``: -1 for the same token with another body (a replay), -2 for the same token and
-/// body (a retry), -3 for a callback issued before the last one applied (`eventIat`, kept across
-/// reinstalls); otherwise the guard is recorded and the change applied.
+/// hash slot). ARGV[1...5]: now (s), body digest, guard TTL (ms), `iat` or '', '1' when the token
+/// names one callback. Both begin with ``guardPrelude``: -1 for a token seen before with another
+/// body (with a `jti`; without one, more than a second after it was first seen), -3 for a callback
+/// issued before the last one applied (`eventIat`, kept across reinstalls); otherwise the guard is
+/// recorded (`<body digest>:<first seen>`, keeping the first-seen time) and the change applied.
 enum ConnectScripts {
     static let guardPrelude = """
         local seen = redis.call('GET', KEYS[2])
+        local firstSeen = tonumber(ARGV[1])
         if seen then
-          if seen == ARGV[2] then return -2 end
-          return -1
+          local sep = string.find(seen, ':', 1, true)
+          local body = seen
+          if sep then
+            body = string.sub(seen, 1, sep - 1)
+            firstSeen = tonumber(string.sub(seen, sep + 1)) or 0
+          end
+          if body ~= ARGV[2] and (ARGV[5] == '1' or tonumber(ARGV[1]) - firstSeen > 1) then return -1 end
         end
         local last = redis.call('HGET', KEYS[1], 'eventIat')
         if ARGV[4] ~= '' and last and tonumber(ARGV[4]) < tonumber(last) then return -3 end
-        redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+        if seen then
+          redis.call('SET', KEYS[2], ARGV[2] .. ':' .. firstSeen, 'KEEPTTL')
+        else
+          redis.call('SET', KEYS[2], ARGV[2] .. ':' .. ARGV[1], 'PX', ARGV[3])
+        end
         local eventIat = last
         if ARGV[4] ~= '' then eventIat = ARGV[4] end
 
         """
 
-    /// ARGV[5...]: payload, sealed secret, app key, baseUrl, sealed installation link or ''.
+    /// ARGV[6...]: payload, sealed secret, app key, baseUrl, sealed installation link or ''.
     /// Returns 1 when the tenant is new, else 0 (or the guard's answer).
     static let install = RedisScript(
         guardPrelude + """
             local created = redis.call('HGET', KEYS[1], 'createdAt')
             redis.call('DEL', KEYS[1])
-            redis.call('HSET', KEYS[1], 'status', 'installed', 'payload', ARGV[5], 'sharedSecret', ARGV[6],
-              'key', ARGV[7], 'baseUrl', ARGV[8], 'createdAt', created or ARGV[1], 'updatedAt', ARGV[1],
+            redis.call('HSET', KEYS[1], 'status', 'installed', 'payload', ARGV[6], 'sharedSecret', ARGV[7],
+              'key', ARGV[8], 'baseUrl', ARGV[9], 'createdAt', created or ARGV[1], 'updatedAt', ARGV[1],
               'installedAt', ARGV[1])
-            if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'installationId', ARGV[9]) end
+            if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'installationId', ARGV[10]) end
             if eventIat then redis.call('HSET', KEYS[1], 'eventIat', eventIat) end
             if created then return 0 end
             return 1
             """)
 
-    /// ARGV[5...]: payload, app key, baseUrl, sealed installation link or ''. A known tenant keeps
+    /// ARGV[6...]: payload, app key, baseUrl, sealed installation link or ''. A known tenant keeps
     /// its payload and link; its secret goes. Returns 1 when the tenant is new, else 0 (or the
     /// guard's answer).
     static let uninstall = RedisScript(
@@ -317,9 +334,9 @@ enum ConnectScripts {
               redis.call('HSET', KEYS[1], 'status', 'uninstalled', 'updatedAt', ARGV[1], 'uninstalledAt', ARGV[1])
               return 0
             end
-            redis.call('HSET', KEYS[1], 'status', 'uninstalled', 'payload', ARGV[5], 'key', ARGV[6], 'baseUrl', ARGV[7],
+            redis.call('HSET', KEYS[1], 'status', 'uninstalled', 'payload', ARGV[6], 'key', ARGV[7], 'baseUrl', ARGV[8],
               'createdAt', ARGV[1], 'updatedAt', ARGV[1], 'uninstalledAt', ARGV[1])
-            if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'installationId', ARGV[8]) end
+            if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'installationId', ARGV[9]) end
             return 1
             """)
 }

@@ -61,6 +61,8 @@ public struct VerifiedSignedInstall: Sendable, CustomStringConvertible, CustomDe
     /// The token's `iat` (unix seconds), when it carries one: orders callbacks that arrive out of
     /// order.
     public let issuedAt: Int64?
+    /// The token carries a `jti` (so it names one callback).
+    public let namesOneCallback: Bool
 
     public var description: String {
         "VerifiedSignedInstall(clientKey: \(self.clientKey), expiresAt: \(self.expiresAt))"
@@ -183,7 +185,8 @@ public final class SignedInstallVerifier: Sendable {
         }
         self.cache.withLock { $0.keyWasUsed(kid: kid) }
         let named: String
-        if let jti = jws.string("jti"), !jti.isEmpty {
+        let jti = jws.string("jti").flatMap { $0.isEmpty ? nil : $0 }
+        if let jti {
             named = "jti\u{0}" + issuer + "\u{0}" + jti
         } else {
             named = "token\u{0}" + token
@@ -195,7 +198,8 @@ public final class SignedInstallVerifier: Sendable {
         }
         return VerifiedSignedInstall(
             clientKey: clientKey, payload: payload, replayDigest: Self.hex(SHA256.hash(data: Array(named.utf8))),
-            bodyDigest: Self.hex(SHA256.hash(data: bytes)), expiresAt: Int64(exp.rounded(.up)), issuedAt: issuedAt)
+            bodyDigest: Self.hex(SHA256.hash(data: bytes)), expiresAt: Int64(exp.rounded(.up)), issuedAt: issuedAt,
+            namesOneCallback: jti != nil)
     }
 
     /// Longest a signed-install token may still be valid, in seconds (24 h). Atlassian's live

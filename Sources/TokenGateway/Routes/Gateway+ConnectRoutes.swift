@@ -63,7 +63,7 @@ extension Gateway {
             tokenDigest: verified.replayDigest, bodyDigest: verified.bodyDigest,
             expiresAtUnixSeconds: verified.expiresAt,
             skewSeconds: Int64(SignedInstallVerifier.seconds(verifier.configuration.clockSkew).rounded(.up)),
-            issuedAt: verified.issuedAt)
+            issuedAt: verified.issuedAt, namesOneCallback: verified.namesOneCallback)
         let outcome: GatewayStore.ConnectCallbackOutcome
         switch event {
         case .installed:
@@ -116,8 +116,6 @@ extension Gateway {
                     ], uniquingKeysWith: { $1 }))
         case .stored:
             logger.info("Connect tenant uninstalled", metadata: tenant)
-        case .repeated:
-            logger.info("Connect callback repeated with the same token and body; nothing changed", metadata: tenant)
         case .superseded:
             logger.notice(
                 "Connect callback issued before the last one applied arrived late; nothing changed", metadata: tenant)
