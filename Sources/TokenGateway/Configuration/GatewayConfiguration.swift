@@ -250,10 +250,16 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
         let redisText = try settings.secretValue(.redisURL) ?? "redis://127.0.0.1:6379/0"
         let redis = try Self.redisConfiguration { setting in setting == .redisURL ? redisText : settings.raw(setting) }
         let appID = try settings.required(.forgeAppID)
-        guard appID.hasPrefix("ari:cloud:ecosystem::app/"), appID.count > "ari:cloud:ecosystem::app/".count else {
+        // Forge's FITs carry the app ARI (`ari:cloud:ecosystem::app/<uuid>`); any audience a FIT can
+        // carry is taken (contract §7: the expected `aud`), but no whitespace or braces (the value
+        // names Redis keys and their Cluster hash tags).
+        guard (1...256).contains(appID.utf8.count),
+            appID.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "{") && $0 != UInt8(ascii: "}") })
+        else {
             throw ConfigurationError(
                 setting: GatewaySetting.forgeAppID.environment,
-                problem: "must be an app ARI (ari:cloud:ecosystem::app/<uuid>)")
+                problem: "must be the FITs' audience, the app ARI (ari:cloud:ecosystem::app/<uuid>): "
+                    + "1–256 visible ASCII characters without braces")
         }
         let keys: EncryptionKeyRing
         do {

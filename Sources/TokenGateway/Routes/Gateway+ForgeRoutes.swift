@@ -78,7 +78,7 @@ extension Gateway {
             guard let flag = raw as? Bool else { throw GatewayError.invalidRequest("rotateKey must be a boolean") }
             rotateKey = flag
         }
-        let pushed = self.keepable(try self.optionalSystemToken(request), id: id, logger: logger)
+        let pushed = self.keepable(self.tokenAlongside(request, id: id, logger: logger), id: id, logger: logger)
         let namedTriggers = try await self.namedTriggerRegistration(body, installation: id, logger: logger)
         let candidate = TriggerSigningKey.generate()
         let now = FlowTime.now()
@@ -199,8 +199,7 @@ extension Gateway {
             guard let value = raw as? String else { throw GatewayError.invalidRequest("eventType must be a string") }
             eventType = value
         }
-        // Read before anything changes, so a token without a readable exp changes nothing.
-        let offered = try self.optionalSystemToken(request)
+        let offered = self.tokenAlongside(request, id: id, logger: logger)
         if Self.lifecycleEventsApplied.contains(eventType) { try await self.replayGuard.claim(id, invocation) }
         do {
             switch eventType {
@@ -281,18 +280,15 @@ extension Gateway {
         return .acceptable
     }
 
-    /// The user token a delivery may carry (`x-forge-oauth-user`) is held to the same lifetime
-    /// rules as the system token: without a readable `exp`, or with one more than 24 h ahead, the
-    /// whole delivery is refused (400 `invalid_token`, nothing stored). The gateway keeps no user
-    /// token from a delivery (user tokens come from the exchange), so a nearly expired one changes
-    /// nothing.
+    /// The user token a delivery may carry (`x-forge-oauth-user`) is held to the system token's
+    /// 24 h rule (contract §3): one whose `exp` is more than 24 h ahead refuses the whole delivery
+    /// (400 `invalid_token`, nothing stored). The gateway keeps no user token from a delivery (user
+    /// tokens come from the exchange), so one without a readable `exp`, or nearly expired, changes
+    /// nothing and is ignored.
     func checkDeliveredUserToken(_ request: Request, id: InstallationID, logger: Logger) throws {
         guard let value = request.headers[.forgeOAuthUser] else { return }
         let token = HeaderValue.trimmed(value)
-        guard !token.isEmpty else { return }
-        guard let exp = TokenClaims.expiry(of: token) else {
-            throw GatewayError.invalidToken("the user token has no readable exp claim")
-        }
+        guard !token.isEmpty, let exp = TokenClaims.expiry(of: token) else { return }
         if Self.deliveredLifetime(AccessToken(value: token, expiresAt: exp), now: FlowTime.now()) == .tooLong {
             logger.notice("refused a delivered user token that lives too long", metadata: ["installation.id": "\(id)"])
             throw GatewayError.invalidToken("the user token's exp is more than 24 hours ahead")
@@ -354,8 +350,22 @@ extension Gateway {
         return (invocation, id)
     }
 
-    /// The `x-forge-oauth-system` token with its expiry, nil when absent; 400 `invalid_token`
-    /// when its `exp` cannot be read.
+    /// The system token that came along with a registration or lifecycle call, or nil: absent,
+    /// empty or without a readable `exp`, it is dropped (logged) and the call proceeds (contract §3:
+    /// on these routes a token is optional, and one the rules refuse is dropped).
+    func tokenAlongside(_ request: Request, id: InstallationID, logger: Logger) -> AccessToken? {
+        do {
+            return try self.optionalSystemToken(request)
+        } catch {
+            logger.notice(
+                "dropped a system token without a readable exp; the call proceeds",
+                metadata: ["installation.id": "\(id)"])
+            return nil
+        }
+    }
+
+    /// The `x-forge-oauth-system` token with its expiry, nil when absent; 400 `missing_token` when
+    /// empty and `invalid_token` when its `exp` cannot be read.
     func optionalSystemToken(_ request: Request) throws -> AccessToken? {
         guard let value = request.headers[.forgeOAuthSystem] else { return nil }
         let token = HeaderValue.trimmed(value)
