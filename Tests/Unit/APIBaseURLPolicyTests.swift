@@ -23,4 +23,24 @@ struct APIBaseURLPolicyTests {
         #expect(sink.captured[1].contains("http://127.0.0.1"))
         #expect(!sink.captured.joined().contains("site-one"))
     }
+
+    @Test("by default a FIT's apiBaseUrl is taken as it is: any plain https URL, or http to loopback")
+    func defaultTakesTheFITsValue() {
+        let sink = LogSink.memory()
+        let logger = Logger(label: "t") { GatewayLogHandler(label: $0, format: .logfmt, level: .info, sink: sink) }
+        let policy = RefusedAPIBaseURLOrigins(prefixes: GatewayConfiguration.anyAPIBaseURL, logger: logger)
+        for url in [
+            "https://api.atlassian.com/ex/jira/1b7c", "https://api.stg.atlassian.com/ex/confluence/x",
+            "http://127.0.0.1:9999/ex/jira/x", "http://localhost:8081/ex/jira/x",
+        ] {
+            #expect(policy.allows(url), "\(url)")
+        }
+        for url in [
+            "http://api.atlassian.com/ex/jira/1", "https://api.atlassian.com/ex/jira/1@evil.example",
+            "https://api.atlassian.com/ex/../x", "https:///ex/jira", "ftp://api.atlassian.com/ex/jira/1",
+            "http://127.0.0.1.evil.example/ex", "",
+        ] {
+            #expect(!policy.allows(url), "\(url)")
+        }
+    }
 }

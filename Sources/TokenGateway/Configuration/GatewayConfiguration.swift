@@ -154,7 +154,11 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     /// What an installation's `apiBaseUrl` (from verified FITs, handed to callers beside its
     /// token) must start with to be stored and served. Default `https://api.atlassian.com/ex/`;
     /// a staging app adds `https://api.stg.atlassian.com/ex/`, an emulator a loopback prefix.
-    public var apiBaseURLPrefixes: [String] = ["https://api.atlassian.com/ex/"]
+    public var apiBaseURLPrefixes: [String] = GatewayConfiguration.anyAPIBaseURL
+    /// The default of ``apiBaseURLPrefixes``: any `https` URL, or `http` to loopback. A FIT is
+    /// signed by Forge, so the `apiBaseUrl` it carries is taken as it is (contract §2: `null` only
+    /// while no FIT carried one); the setting narrows it (`https://api.atlassian.com/ex/`, say).
+    public static let anyAPIBaseURL = ["https://", "http://127.0.0.1:", "http://localhost:", "http://[::1]:"]
     /// Secret settings whose value was given inline on the command line (not as `@path`): used as
     /// given (contract §7: every setting is a flag too), and warned about at start-up, since every
     /// local user can read a process's arguments.
