@@ -61,7 +61,7 @@ struct ContractRunningTests {
         "TOKEN_GATEWAY_HOST": "gateway host",
         "TOKEN_GATEWAY_PORT": "eighty",
         "TOKEN_GATEWAY_REDIS_URL": "ftp://127.0.0.1:6379/0",
-        "TOKEN_GATEWAY_FORGE_APP_ID": "not an app",
+        "TOKEN_GATEWAY_FORGE_APP_ID": "not-an-app",
         "TOKEN_GATEWAY_FORGE_JWKS_URL": "jwks",
         "TOKEN_GATEWAY_TRIGGER_HOSTS": "http://trigger.example.com",
         "TOKEN_GATEWAY_ENCRYPTION_KEYS": "k1:c2hvcnQtc2VjcmV0LWtleQ",

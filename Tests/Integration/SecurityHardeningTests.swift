@@ -333,6 +333,8 @@ struct SecurityHardeningTests {
                 let tenant = h.emulator.makeConnectTenant(linkedTo: installation)
                 var options = SignedInstallOptions()
                 if !withJTI { options.jti = nil }
+                let issuedAt = Date(timeIntervalSince1970: Date().timeIntervalSince1970.rounded(.down))
+                options.issuedAt = issuedAt
                 let token = try h.emulator.mintSignedInstall(for: tenant, path: "/connect/installed", options: options)
                 let body = h.emulator.connectLifecyclePayload(.installed, tenant: tenant)
                 #expect(try await Self.postSignedInstall(h, token: token, body: body).status == 204)
@@ -344,6 +346,21 @@ struct SecurityHardeningTests {
                     try await h.gateway.store.connectTenant(tenant.clientKey)?.sharedSecret?.bytes
                         == before.sharedSecret?.bytes)
                 if !withJTI {
+                    // Install, uninstall and install again within one second, the first token used
+                    // twice (a signer without jti): the tenant ends installed.
+                    var sameSecond = SignedInstallOptions()
+                    sameSecond.jti = nil
+                    sameSecond.issuedAt = issuedAt
+                    let uninstallToken = try h.emulator.mintSignedInstall(
+                        for: tenant, path: "/connect/uninstalled", options: sameSecond)
+                    let uninstalled = try await Self.postSignedInstall(
+                        h, token: uninstallToken,
+                        body: h.emulator.connectLifecyclePayload(.uninstalled, tenant: tenant),
+                        event: "uninstalled")
+                    #expect(uninstalled.status == 204)
+                    #expect(try await h.gateway.store.connectTenant(tenant.clientKey)?.status == .uninstalled)
+                    #expect(try await Self.postSignedInstall(h, token: token, body: body).status == 204)
+                    #expect(try await h.gateway.store.connectTenant(tenant.clientKey)?.status == .installed)
                     // Without a jti, a reinstall signed in the same second has the very same token:
                     // its new secret is stored (contract §5: every verified install overwrites).
                     let reinstall = try Self.payload(h, tenant, ["sharedSecret": "reinstalled-secret-0123456789abcdef"])

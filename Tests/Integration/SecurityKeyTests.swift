@@ -175,14 +175,16 @@ struct SecurityKeyTests {
         #expect(
             try await store.storeConnectInstall(install("secret-a-0123456789"), mark: first, now: now)
                 == .stored(created: true))
-        // A retry (the same token and body) is stored again.
-        #expect(
-            try await store.storeConnectInstall(install("secret-a-0123456789"), mark: first, now: now)
-                == .stored(created: false))
-        // Without a jti: another body is taken within a second of the first sight, refused after.
+        // A retry (the same token, with a jti, and the same body) changes nothing.
+        #expect(try await store.storeConnectInstall(install("secret-a-0123456789"), mark: first, now: now) == .repeated)
+        // Without a jti: the same body is stored again; another body is taken within a second of
+        // the first sight, refused after.
         var quick = mark("token-q", body: "body-q1", iat: now.unixSeconds)
         quick.namesOneCallback = false
         _ = try await store.storeConnectInstall(install("secret-q-0123456789"), mark: quick, now: now)
+        #expect(
+            try await store.storeConnectInstall(install("secret-q-0123456789"), mark: quick, now: now)
+                == .stored(created: false))
         quick.bodyDigest = "body-q2"
         #expect(
             try await store.storeConnectInstall(install("secret-a-0123456789"), mark: quick, now: now + .seconds(1))
@@ -196,6 +198,12 @@ struct SecurityKeyTests {
         let late = mark("token-old", body: "body-c", iat: now.unixSeconds - 10)
         #expect(try await store.storeConnectInstall(install("older-0123456789"), mark: late, now: now) == .superseded)
         #expect(try await store.connectTenant("tenant-1")?.sharedSecret?.bytes == Array("secret-a-0123456789".utf8))
+        // A guard value without its first-seen time (an earlier build's) counts as seen long ago.
+        let quickKey = store.seenSignedInstallKey("tenant-1", digest: "token-q")
+        let quickValue = try #require(try await redis.send(["GET", quickKey]).string)
+        _ = try await redis.send(["SET", quickKey, String(quickValue.split(separator: ":")[0]), "KEEPTTL"])
+        quick.bodyDigest = "body-q4"
+        #expect(try await store.storeConnectInstall(install("forged-0123456789"), mark: quick, now: now) == .replayed)
         // The guard holds a keyed digest, not the body's plain hash.
         let guardValue = try await redis.send(["GET", store.seenSignedInstallKey("tenant-1", digest: "token-a")]).string
         #expect(guardValue != nil && guardValue != "body-a")

@@ -361,6 +361,18 @@ struct UserTokenExchangerTests {
         }
     }
 
+    @Test("no system token, no exchange: the shared budget is not charged")
+    func failedSystemTokenChargesNothing() async throws {
+        let h = Harness([Self.issued])
+        h.systemTokens.fail(with: .noTriggerURL)
+        try await h.running { () async throws -> Void in
+            #expect(await h.token().failure != nil)
+            let used = try await h.store.exchangesUsed(scope: "app", window: .seconds(60), now: h.clock.now())
+            #expect(used == 0)
+            #expect(h.client.calls.isEmpty)
+        }
+    }
+
     @Test("a refusal is remembered: no call for that user until it is forgotten")
     func refusalMemory() async throws {
         let h = Harness([.denied(message: "no"), Self.issued]) { $0.denialMemory = .seconds(60) }

@@ -77,7 +77,8 @@ public struct GatewaySetting: Sendable, Hashable {
         "port of a separate listener for health, metrics and operator pages (unset: served on the main port)")
     public static let apiBaseURLPrefixes = GatewaySetting(
         "TOKEN_GATEWAY_API_BASE_URL_PREFIXES", "api-base-url-prefixes",
-        "comma-separated prefixes an installation's apiBaseUrl must start with (default https://api.atlassian.com/ex/)")
+        "comma-separated prefixes an installation's apiBaseUrl must start with (default: any https URL or loopback http)"
+    )
     public static let logLevel = GatewaySetting("TOKEN_GATEWAY_LOG_LEVEL", "log-level", "trace…critical (default info)")
     public static let logFormat = GatewaySetting(
         "TOKEN_GATEWAY_LOG_FORMAT", "log-format", "logfmt or json (default logfmt)")
@@ -152,8 +153,8 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     /// `TOKEN_GATEWAY_OPS_PORT`); nil (the default) serves them on the main listener.
     public var operationsListener: OperationsListener? = nil
     /// What an installation's `apiBaseUrl` (from verified FITs, handed to callers beside its
-    /// token) must start with to be stored and served. Default `https://api.atlassian.com/ex/`;
-    /// a staging app adds `https://api.stg.atlassian.com/ex/`, an emulator a loopback prefix.
+    /// token) must start with to be stored and served. Default ``anyAPIBaseURL``; a production app
+    /// may narrow it to `https://api.atlassian.com/ex/`.
     public var apiBaseURLPrefixes: [String] = GatewayConfiguration.anyAPIBaseURL
     /// The default of ``apiBaseURLPrefixes``: any `https` URL, or `http` to loopback. A FIT is
     /// signed by Forge, so the `apiBaseUrl` it carries is taken as it is (contract §2: `null` only
@@ -254,16 +255,15 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
         let redisText = try settings.secretValue(.redisURL) ?? "redis://127.0.0.1:6379/0"
         let redis = try Self.redisConfiguration { setting in setting == .redisURL ? redisText : settings.raw(setting) }
         let appID = try settings.required(.forgeAppID)
-        // Forge's FITs carry the app ARI (`ari:cloud:ecosystem::app/<uuid>`); any audience a FIT can
-        // carry is taken (contract §7: the expected `aud`), but no whitespace or braces (the value
-        // names Redis keys and their Cluster hash tags).
-        guard (1...256).contains(appID.utf8.count),
+        // Forge's FITs carry the app ARI as their audience; anything else would refuse every FIT.
+        // No whitespace or braces either (the value names Redis keys and their Cluster hash tags).
+        let prefix = "ari:cloud:ecosystem::app/"
+        guard appID.hasPrefix(prefix), (prefix.utf8.count + 1...256).contains(appID.utf8.count),
             appID.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "{") && $0 != UInt8(ascii: "}") })
         else {
             throw ConfigurationError(
                 setting: GatewaySetting.forgeAppID.environment,
-                problem: "must be the FITs' audience, the app ARI (ari:cloud:ecosystem::app/<uuid>): "
-                    + "1–256 visible ASCII characters without braces")
+                problem: "must be an app ARI (ari:cloud:ecosystem::app/<uuid>), the audience of the app's FITs")
         }
         let keys: EncryptionKeyRing
         do {

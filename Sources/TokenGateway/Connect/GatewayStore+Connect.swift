@@ -115,11 +115,15 @@ extension GatewayStore {
 
     /// What a verified lifecycle callback did to the tenant's record.
     public enum ConnectCallbackOutcome: Sendable, Hashable {
-        /// Stored (a retry or an identical new token with the same body is stored again); `created`
-        /// when the tenant was not known before.
+        /// Stored; `created` when the tenant was not known before. A token without `jti` seen before
+        /// with the same body (a retry, or an identical new token) is stored again.
         case stored(created: Bool)
+        /// A token with a `jti` seen before with the same body (a retry whose first answer was
+        /// lost): nothing changed, so a later callback already applied stays applied.
+        case repeated
         /// A token seen before with another body: with a `jti`, at any time; without one, more
-        /// than a second after it was first seen. Refused, nothing changed.
+        /// than a second after it was first seen (whole seconds: within up to two). Refused,
+        /// nothing changed.
         case replayed
         /// A callback issued before the one the record holds (it arrived late): nothing changed.
         case superseded
@@ -219,7 +223,7 @@ extension GatewayStore {
         let guardKey = self.seenSignedInstallKey(clientKey, digest: mark.tokenDigest)
         // Accepted by a replica of an earlier build (its key set, ours not): refused here as there.
         // (Ours set too: this build accepted it, and the script tells a retry from a replay.)
-        if mark.namesOneCallback, try await self.redis.send(["EXISTS", legacy]).int == 1,
+        if try await self.redis.send(["EXISTS", legacy]).int == 1,
             try await self.redis.send(["EXISTS", guardKey]).int == 0
         {
             return .replayed
@@ -239,6 +243,7 @@ extension GatewayStore {
         case 1: return .stored(created: true)
         case 0: return .stored(created: false)
         case -1: return .replayed
+        case -2: return .repeated
         case -3: return .superseded
         default: throw RedisError.protocolError
         }
@@ -279,7 +284,8 @@ extension GatewayStore {
 /// The scripts of the Connect tenant hash. KEYS: the tenant, the token's replay-guard key (same
 /// hash slot). ARGV[1...5]: now (s), body digest, guard TTL (ms), `iat` or '', '1' when the token
 /// names one callback. Both begin with ``guardPrelude``: -1 for a token seen before with another
-/// body (with a `jti`; without one, more than a second after it was first seen), -3 for a callback
+/// body (with a `jti`; without one, more than a second after it was first seen), -2 for a token
+/// with a `jti` seen before with the same body (a retry: nothing to do), -3 for a callback
 /// issued before the last one applied (`eventIat`, kept across reinstalls); otherwise the guard is
 /// recorded (`<body digest>:<first seen>`, keeping the first-seen time) and the change applied.
 enum ConnectScripts {
@@ -287,12 +293,16 @@ enum ConnectScripts {
         local seen = redis.call('GET', KEYS[2])
         local firstSeen = tonumber(ARGV[1])
         if seen then
+          -- `<body digest>:<first seen>`; a value without the time (an earlier build's) counts as
+          -- seen long ago.
           local sep = string.find(seen, ':', 1, true)
           local body = seen
+          firstSeen = 0
           if sep then
             body = string.sub(seen, 1, sep - 1)
             firstSeen = tonumber(string.sub(seen, sep + 1)) or 0
           end
+          if body == ARGV[2] and ARGV[5] == '1' then return -2 end
           if body ~= ARGV[2] and (ARGV[5] == '1' or tonumber(ARGV[1]) - firstSeen > 1) then return -1 end
         end
         local last = redis.call('HGET', KEYS[1], 'eventIat')

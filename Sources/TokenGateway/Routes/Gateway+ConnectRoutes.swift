@@ -116,6 +116,8 @@ extension Gateway {
                     ], uniquingKeysWith: { $1 }))
         case .stored:
             logger.info("Connect tenant uninstalled", metadata: tenant)
+        case .repeated:
+            logger.info("Connect callback repeated with the same token and body; nothing changed", metadata: tenant)
         case .superseded:
             logger.notice(
                 "Connect callback issued before the last one applied arrived late; nothing changed", metadata: tenant)

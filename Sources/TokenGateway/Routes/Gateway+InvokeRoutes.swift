@@ -109,14 +109,14 @@ extension Gateway {
         let parameters: (timeout: Duration, idempotencyKey: String?, payload: [UInt8])
         do {
             parameters = try await self.invocationParameters(request)
-        } catch {
+        } catch let error as any HTTPResponseError {
             // Past the scope checks, so counted and audited like every other invocation (400, or
-            // 413 for a payload over the limit, which Hummingbird reports as its own error).
+            // 413 for a payload over the limit, which Hummingbird reports as its own error). A
+            // client gone while its body was read is no answer, and is not counted.
             var refused = InvocationTrace()
             refused.outcome = "invalid_request"
-            let status = (error as? any HTTPResponseError)?.status.code ?? 400
             self.finishInvocation(
-                caller: caller, id: id, key: key, trace: refused, status: Int(status),
+                caller: caller, id: id, key: key, trace: refused, status: Int(error.status.code),
                 idempotent: request.headers[.idempotencyKey] != nil)
             throw error
         }

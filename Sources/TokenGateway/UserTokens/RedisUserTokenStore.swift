@@ -152,12 +152,27 @@ public struct RedisUserTokenStore: UserTokenStore {
     public func admitExchange(scope: String, limit: Int, window: Duration, now: FlowTime) async throws
         -> UserExchangeAdmission
     {
+        try await self.admission(scope: scope, limit: limit, window: window, now: now, recording: true)
+    }
+
+    public func peekExchange(scope: String, limit: Int, window: Duration, now: FlowTime) async throws
+        -> UserExchangeAdmission
+    {
+        try await self.admission(scope: scope, limit: limit, window: window, now: now, recording: false)
+    }
+
+    private func admission(scope: String, limit: Int, window: Duration, now: FlowTime, recording: Bool)
+        async throws -> UserExchangeAdmission
+    {
         var generator = SystemRandomNumberGenerator()
         let member = String(now.unixMilliseconds) + "-" + String(generator.next() as UInt64, radix: 36)
         let r = try await self.redis.eval(
             UserTokenScripts.admit,
             keys: [self.exchangeLogKey(scope: scope), self.exchangeBlockedKey(scope: scope)],
-            arguments: [String(now.unixMilliseconds), String(max(window.milliseconds, 1)), String(limit), member])
+            arguments: [
+                String(now.unixMilliseconds), String(max(window.milliseconds, 1)), String(limit), member,
+                recording ? "1" : "0",
+            ])
         guard let items = r.array, items.count == 2, let admitted = items[0].int, let wait = items[1].int else {
             throw RedisError.protocolError
         }
@@ -257,8 +272,9 @@ enum UserTokenScripts {
         return 0
         """)
 
-    /// A sliding-log rate limiter. KEYS: log, blocked. ARGV: now ms, window ms, limit, member.
-    /// Returns {1, 0} when admitted, {0, ms to wait} otherwise.
+    /// A sliding-log rate limiter. KEYS: log, blocked. ARGV: now ms, window ms, limit, member,
+    /// '1' to record the exchange ('0': only say whether it would be admitted). Returns {1, 0}
+    /// when admitted, {0, ms to wait} otherwise.
     static let admit = RedisScript(
         """
         local blocked = redis.call('PTTL', KEYS[2])
@@ -273,6 +289,7 @@ enum UserTokenScripts {
           if wait < 1 then wait = 1 end
           return {0, math.ceil(wait)}
         end
+        if ARGV[5] == '0' then return {1, 0} end
         redis.call('ZADD', KEYS[1], now, ARGV[4])
         redis.call('PEXPIRE', KEYS[1], window)
         return {1, 0}

@@ -209,15 +209,15 @@ extension UserTokenExchanger {
         }
     }
 
-    /// One exchange call: one exchange counted against the shared budget (first, so that a spent
-    /// budget or Atlassian's hold costs no system token, which may take a trigger round trip),
-    /// the system token (a fresh one when `forceRefresh`), the call, and its outcome recorded in
-    /// the store.
+    /// One exchange call: a look at the shared budget and Atlassian's hold (so that either costs no
+    /// system token, which may take a trigger round trip), the system token (a fresh one when
+    /// `forceRefresh`), one exchange counted against the budget, the call, and its outcome recorded
+    /// in the store. Only a call about to be made is counted.
     private func exchange(_ job: Job, requestID: String, attempt: Int, deadline: FlowTime, forceRefresh: Bool) async
         -> AttemptEnd
     {
         let logger = self.logger(for: job)
-        if let refused = await self.admit(job) { return refused }
+        if let refused = await self.admit(job, recording: false) { return refused }
         if forceRefresh { logger.notice("the exchange refused the system token; fetching a fresh one") }
         let systemToken: AccessToken
         do {
@@ -228,6 +228,7 @@ extension UserTokenExchanger {
             logger.notice("no system token for the exchange", metadata: ["error.code": "\(error.code.rawValue)"])
             return .failure(.flow(error))
         }
+        if let refused = await self.admit(job, recording: true) { return refused }
         let remaining = deadline - self.clock.now()
         guard remaining > .zero else { return .retryable(.timeout) }
         logger.debug("exchanging for a user token", metadata: ["exchange.attempt": "\(attempt)"])
@@ -238,12 +239,17 @@ extension UserTokenExchanger {
         return await self.record(outcome, job: job, requestID: requestID, attempt: attempt, renewed: forceRefresh)
     }
 
-    /// Counts one exchange against the app-wide budget; the answer when it is spent (or unknown).
-    private func admit(_ job: Job) async -> AttemptEnd? {
+    /// Counts one exchange against the app-wide budget (only looks, without `recording`); the
+    /// answer when it is spent or held (or unknown).
+    private func admit(_ job: Job, recording: Bool) async -> AttemptEnd? {
         do {
-            let admission = try await self.store.admitExchange(
-                scope: self.configuration.budgetScope, limit: self.configuration.exchangesPerMinute,
-                window: self.configuration.budgetWindow, now: self.clock.now())
+            let c = self.configuration
+            let admission =
+                recording
+                ? try await self.store.admitExchange(
+                    scope: c.budgetScope, limit: c.exchangesPerMinute, window: c.budgetWindow, now: self.clock.now())
+                : try await self.store.peekExchange(
+                    scope: c.budgetScope, limit: c.exchangesPerMinute, window: c.budgetWindow, now: self.clock.now())
             guard case .refused(let retryAfter) = admission else { return nil }
             self.logger(for: job).notice(
                 "user-token exchange held back by the shared budget",

@@ -98,6 +98,11 @@ public protocol UserTokenStore: Sendable {
     func admitExchange(scope: String, limit: Int, window: Duration, now: FlowTime) async throws
         -> UserExchangeAdmission
 
+    /// What ``admitExchange(scope:limit:window:now:)`` would answer now, counting nothing: a
+    /// round checks it before it fetches a system token (which may take a trigger round trip).
+    func peekExchange(scope: String, limit: Int, window: Duration, now: FlowTime) async throws
+        -> UserExchangeAdmission
+
     /// Holds every exchange of every process back for `duration`; a longer hold is kept.
     func blockExchanges(scope: String, for duration: Duration) async throws
 

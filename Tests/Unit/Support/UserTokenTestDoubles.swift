@@ -268,6 +268,18 @@ final class InMemoryUserTokenStore: UserTokenStore {
         }
     }
 
+    func peekExchange(scope: String, limit: Int, window: Duration, now: FlowTime) async throws
+        -> UserExchangeAdmission
+    {
+        try await self.check()
+        return self.state.withLock { s in
+            if let blocked = s.blocked[scope], blocked > now { return .refused(retryAfter: blocked - now) }
+            let log = (s.exchangeLog[scope] ?? []).filter { $0 > now - window }
+            if log.count >= limit { return .refused(retryAfter: max(log[0] + window - now, .milliseconds(1))) }
+            return .admitted
+        }
+    }
+
     func blockExchanges(scope: String, for duration: Duration) async throws {
         try await self.check()
         let until = self.clock.now() + duration
