@@ -258,24 +258,25 @@ final class InMemoryUserTokenStore: UserTokenStore {
     func admitExchange(scope: String, limit: Int, window: Duration, now: FlowTime) async throws
         -> UserExchangeAdmission
     {
-        try await self.check()
-        return self.state.withLock { s in
-            if let blocked = s.blocked[scope], blocked > now { return .refused(retryAfter: blocked - now) }
-            let log = (s.exchangeLog[scope] ?? []).filter { $0 > now - window }
-            if log.count >= limit { return .refused(retryAfter: max(log[0] + window - now, .milliseconds(1))) }
-            s.exchangeLog[scope] = log + [now]
-            return .admitted
-        }
+        try await self.admission(scope: scope, limit: limit, window: window, now: now, recording: true)
     }
 
     func peekExchange(scope: String, limit: Int, window: Duration, now: FlowTime) async throws
         -> UserExchangeAdmission
+    {
+        try await self.admission(scope: scope, limit: limit, window: window, now: now, recording: false)
+    }
+
+    /// The sliding-log budget, as the Redis script keeps it; `recording` counts the exchange.
+    private func admission(scope: String, limit: Int, window: Duration, now: FlowTime, recording: Bool)
+        async throws -> UserExchangeAdmission
     {
         try await self.check()
         return self.state.withLock { s in
             if let blocked = s.blocked[scope], blocked > now { return .refused(retryAfter: blocked - now) }
             let log = (s.exchangeLog[scope] ?? []).filter { $0 > now - window }
             if log.count >= limit { return .refused(retryAfter: max(log[0] + window - now, .milliseconds(1))) }
+            if recording { s.exchangeLog[scope] = log + [now] }
             return .admitted
         }
     }
