@@ -69,7 +69,7 @@ public final class Gateway: Sendable {
         self.configuration = configuration
         self.logger = logger
         self.registry = registry
-        self.metrics = GatewayMetrics(factory: PrometheusMetricsFactory(registry: registry))
+        self.metrics = GatewayMetrics(factory: GatewayMetricsFactory(registry: registry))
         (self.audit, self.auditBuffer) = Self.makeAudit(
             logger: logger, bufferCapacity: auditBufferCapacity, metrics: self.metrics)
         self.replicaID = "gw_" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
@@ -246,7 +246,7 @@ public struct HTTPClientService: Service {
 extension Gateway {
     /// Makes this gateway's Prometheus registry the process-wide metrics backend (call once, in `serve`).
     public func bootstrapMetrics() {
-        MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: self.registry))
+        MetricsSystem.bootstrap(GatewayMetricsFactory(registry: self.registry))
     }
 }
 

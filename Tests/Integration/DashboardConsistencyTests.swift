@@ -59,6 +59,12 @@ struct DashboardConsistencyTests {
             for family in Self.contractFamilies {
                 #expect(metrics.body.contains("# TYPE \(family) "), "\(family) is missing from /metrics")
             }
+            // Every family of the gateway's own has a `# HELP` line.
+            let lines = metrics.body.split(separator: "\n")
+            for line in lines where line.hasPrefix("# TYPE token_gateway_") {
+                let family = line.split(separator: " ")[2]
+                #expect(lines.contains { $0.hasPrefix("# HELP \(family) ") }, "\(family) has no help text")
+            }
             let file = try DocumentationCheck.temporaryFile("metrics.txt", contents: Data(metrics.body.utf8))
             defer { DocumentationCheck.removeTemporaryFile(file) }
             let outcome = try await DocumentationCheck.run(

@@ -20,7 +20,7 @@ struct MetricsFamiliesTests {
     @Test("a fresh process's first scrape lists every contract family")
     func everyFamilyFromTheStart() {
         let registry = PrometheusCollectorRegistry()
-        let metrics = GatewayMetrics(factory: PrometheusMetricsFactory(registry: registry))
+        let metrics = GatewayMetrics(factory: GatewayMetricsFactory(registry: registry))
         var bytes: [UInt8] = []
         registry.emit(into: &bytes)
         let text = String(decoding: bytes, as: UTF8.self)
@@ -40,5 +40,23 @@ struct MetricsFamiliesTests {
         #expect(
             lines.contains { $0.hasPrefix("token_gateway_invocation_token_verifications_total{") && $0.hasSuffix(" 1") }
         )
+    }
+
+    @Test("every family has help text, and duration histograms have buckets up to 60 s")
+    func helpTextAndBuckets() {
+        let registry = PrometheusCollectorRegistry()
+        let metrics = GatewayMetrics(factory: GatewayMetricsFactory(registry: registry))
+        metrics.flow.roundTrip.recordSeconds(45)
+        var bytes: [UInt8] = []
+        registry.emit(into: &bytes)
+        let lines = String(decoding: bytes, as: UTF8.self).split(separator: "\n").map(String.init)
+        let typed = lines.filter { $0.hasPrefix("# TYPE ") }.map { $0.split(separator: " ")[2] }
+        #expect(typed.count >= Self.contractFamilies.count)
+        for family in typed {
+            #expect(lines.contains { $0.hasPrefix("# HELP \(family) ") && $0.count > "# HELP \(family) ".count })
+        }
+        // A 45 s round trip lands in the 60 s bucket, not only in +Inf.
+        #expect(lines.contains("token_gateway_trigger_round_trip_seconds_bucket{le=\"30.0\"} 0"))
+        #expect(lines.contains("token_gateway_trigger_round_trip_seconds_bucket{le=\"60.0\"} 1"))
     }
 }
