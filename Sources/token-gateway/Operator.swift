@@ -198,6 +198,9 @@ struct CheckConfig: AsyncParsableCommand {
             FileHandle.standardError.write(
                 Data("warning: \(GatewayConfiguration.commandLineSecretWarning(name))\n".utf8))
         }
+        if let warning = config.publicURLWarning {
+            FileHandle.standardError.write(Data("warning: \(warning)\n".utf8))
+        }
         print("settings        ok")
         print("listen          \(config.host):\(config.port)")
         print("redis           \(config.redis)")

@@ -137,6 +137,9 @@ struct Serve: AsyncParsableCommand {
                 "secret setting given on the command line",
                 metadata: ["setting": "\(name)", "advice": "\(GatewayConfiguration.commandLineSecretWarning(name))"])
         }
+        if let warning = config.publicURLWarning {
+            logger.warning("OAuth discovery names an unreachable address", metadata: ["advice": "\(warning)"])
+        }
         let gateway = Gateway(configuration: config, logger: logger)
         gateway.bootstrapMetrics()
         logger.info(

@@ -480,6 +480,19 @@ struct OAuthIntegrationTests {
                 "grant_type=client_credentials&client_id=\(formEncoded("odd client"))"
                     + "&client_secret=\(formEncoded(oddSecret))&resource=\(resource)")
             #expect(formOdd.status == 200, "\(formOdd.body)")
+            // ISO-8859-1 (Apache HttpClient's form label; Python requests' Basic encoding of a str).
+            let latin1 = { (text: String) in text.unicodeScalars.map { UInt8($0.value) } }
+            let latin1Encoded = latin1(oddSecret).map { byte in
+                byte.isASCIIAlphanumeric ? String(UnicodeScalar(byte)) : "%" + String(format: "%02X", byte)
+            }.joined()
+            let latin1Form = try await h.oauthPost(
+                "grant_type=client_credentials&client_id=odd+client&client_secret=\(latin1Encoded)&resource=\(resource)",
+                contentType: "application/x-www-form-urlencoded; charset=ISO-8859-1")
+            #expect(latin1Form.status == 200, "\(latin1Form.body)")
+            let latin1Basic = "Basic " + Data(latin1("odd client:" + oddSecret)).base64EncodedString()
+            let viaLatin1Basic = try await h.oauthPost(
+                "grant_type=client_credentials&resource=\(resource)", headers: ["authorization": latin1Basic])
+            #expect(viaLatin1Basic.status == 200, "\(viaLatin1Basic.body)")
             // Basic plus the same client_id in the body is allowed (RFC 6749 §3.2.1).
             let sameID = try await h.oauthPost(
                 "grant_type=client_credentials&client_id=full&resource=\(resource)", headers: basic)
@@ -552,4 +565,11 @@ struct OAuthIntegrationTests {
         }
     }
 
+}
+
+extension UInt8 {
+    fileprivate var isASCIIAlphanumeric: Bool {
+        (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(self) || (UInt8(ascii: "A")...UInt8(ascii: "Z")).contains(self)
+            || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(self)
+    }
 }

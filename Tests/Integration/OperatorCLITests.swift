@@ -178,6 +178,16 @@ struct OperatorCLITests {
             #expect(typo.status == 0, "\(typo.err)")
             #expect(typo.err.contains("warning: TOKEN_GATEWAY_FORGE_JWKS_URI is no setting"), "\(typo.err)")
             #expect(!(typo.out + typo.err).contains("secret-looking"))
+            #expect(!typo.err.contains("TOKEN_GATEWAY_PUBLIC_URL"), "\(typo.err)")
+            // Listening on every address without a public URL: OAuth discovery would name 0.0.0.0.
+            var everywhere = settings
+            everywhere["TOKEN_GATEWAY_HOST"] = "0.0.0.0"
+            let wildcard = try await runCLI(["check-config"], environment: everywhere)
+            #expect(wildcard.status == 0, "\(wildcard.err)")
+            #expect(wildcard.err.contains("warning: TOKEN_GATEWAY_PUBLIC_URL is unset"), "\(wildcard.err)")
+            everywhere["TOKEN_GATEWAY_PUBLIC_URL"] = "https://tokens.example.com"
+            let named = try await runCLI(["check-config"], environment: everywhere)
+            #expect(!named.err.contains("TOKEN_GATEWAY_PUBLIC_URL"), "\(named.err)")
             var broken = settings
             broken["TOKEN_GATEWAY_ENCRYPTION_KEYS"] = "k1:c2hvcnQ="
             let bad = try await runCLI(["check-config"], environment: broken)

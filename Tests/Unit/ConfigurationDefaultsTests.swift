@@ -32,6 +32,20 @@ import Testing
         #expect(config.eventLoopAffinity == .shared)
     }
 
+    @Test("listening on every address without a public URL is warned about (OAuth discovery would name it)")
+    func publicURLWarning() throws {
+        for (host, publicURL, warned) in [
+            ("0.0.0.0", nil, true), ("::", nil, true), ("0:0:0:0:0:0:0:0", nil, true), ("127.0.0.1", nil, false),
+            ("gateway-1.internal.example.com", nil, false), ("0.0.0.0", "https://tokens.example.com", false),
+        ] as [(String, String?, Bool)] {
+            var environment = Self.required
+            environment["TOKEN_GATEWAY_HOST"] = host
+            environment["TOKEN_GATEWAY_PUBLIC_URL"] = publicURL
+            let config = try GatewayConfiguration.load(environment: environment)
+            #expect((config.publicURLWarning != nil) == warned, "\(host) \(publicURL ?? "-")")
+        }
+    }
+
     @Test(
         "listen hosts: IP literals and host names are taken, anything else is a configuration error naming the setting")
     func listenHosts() throws {

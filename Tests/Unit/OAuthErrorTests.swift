@@ -60,7 +60,7 @@ struct OAuthErrorTests {
         #expect(without.contains(#""grant_types_supported":["client_credentials"]"#))
     }
 
-    @Test("only form bodies are read, with a UTF-8 charset at most")
+    @Test("only form bodies are read, with a UTF-8, US-ASCII or ISO-8859-1 charset")
     func contentTypes() {
         #expect(Gateway.isFormContentType("application/x-www-form-urlencoded"))
         #expect(Gateway.isFormContentType("Application/X-WWW-Form-Urlencoded; charset=UTF-8"))
@@ -68,6 +68,18 @@ struct OAuthErrorTests {
         #expect(!Gateway.isFormContentType(nil))
         #expect(!Gateway.isFormContentType("application/json"))
         #expect(!Gateway.isFormContentType("multipart/form-data; boundary=x"))
-        #expect(!Gateway.isFormContentType("application/x-www-form-urlencoded; charset=iso-8859-1"))
+        #expect(!Gateway.isFormContentType("application/x-www-form-urlencoded; charset=utf-16"))
+        #expect(Gateway.formCharset("application/x-www-form-urlencoded; charset=US-ASCII") == .utf8)
+        #expect(Gateway.formCharset("application/x-www-form-urlencoded; charset=ISO-8859-1") == .latin1)
+        #expect(Gateway.formCharset("application/x-www-form-urlencoded") == .utf8)
+    }
+
+    @Test("an ISO-8859-1 form body is read as ISO-8859-1; the same bytes as UTF-8 are refused")
+    func latin1Form() throws {
+        let body = Array("grant_type=client_credentials&client_id=odd+client&client_secret=c+%E9-1".utf8)
+        let form = try OAuthForm.parse(body, charset: .latin1)
+        #expect(form["client_secret"] == "c é-1")
+        #expect(form["client_id"] == "odd client")
+        #expect(throws: OAuthError.self) { try OAuthForm.parse(body, charset: .utf8) }
     }
 }

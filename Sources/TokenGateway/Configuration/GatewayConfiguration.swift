@@ -225,6 +225,16 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
         return "http://\(h):\(self.port)"
     }
 
+    /// A start-up warning when OAuth discovery would name an address no client can reach: no
+    /// `TOKEN_GATEWAY_PUBLIC_URL` while the gateway listens on every address (`0.0.0.0`, `::`).
+    public var publicURLWarning: String? {
+        guard self.publicURL == nil, let address = try? SocketAddress(ipAddress: self.host, port: 0),
+            address.ipAddress == "0.0.0.0" || address.ipAddress == "::"
+        else { return nil }
+        return
+            "TOKEN_GATEWAY_PUBLIC_URL is unset while TOKEN_GATEWAY_HOST is \(self.host): the OAuth discovery document names \(self.effectivePublicURL), which no client can reach; set TOKEN_GATEWAY_PUBLIC_URL to the URL callers use"
+    }
+
     public var description: String {
         "GatewayConfiguration(listen: \(self.host):\(self.port), redis: \(self.redis), app: \(self.forgeAppID), callers: \(self.callers.callers.map(\.name)), encryption keys: \(self.encryptionKeys.keyIds))"
     }

@@ -74,14 +74,17 @@ public struct OAuthClientCredentials: Sendable, Hashable, CustomStringConvertibl
     }
 
     /// The readings of an `Authorization: Basic …` value, or nil when it is not Basic or is malformed
-    /// (not base64, not UTF-8, no `:`, or an empty client id).
+    /// (not base64, no `:`, or an empty client id).
     static func basicCredentials(_ header: String) -> [(id: String, secret: String)]? {
         let trimmed = header.trimmingCharacters(in: .whitespaces)
         guard let space = trimmed.firstIndex(of: " "), trimmed[..<space].lowercased() == "basic" else { return nil }
         var encoded = trimmed[trimmed.index(after: space)...].trimmingCharacters(in: .whitespaces)
         guard !encoded.isEmpty, encoded.utf8.count <= 4096 else { return nil }
         while encoded.utf8.count % 4 != 0 { encoded += "=" }
-        guard let data = Data(base64Encoded: encoded), let text = String(validating: Array(data), as: UTF8.self),
+        // RFC 7617 leaves the charset to the client: UTF-8 when it is valid UTF-8, else ISO-8859-1
+        // (Python requests' HTTPBasicAuth encodes a str as Latin-1).
+        guard let data = Data(base64Encoded: encoded),
+            let text = OAuthForm.Charset.utf8.string(Array(data)) ?? OAuthForm.Charset.latin1.string(Array(data)),
             let colon = text.firstIndex(of: ":")
         else { return nil }
         let rawID = String(text[..<colon])

@@ -1,7 +1,8 @@
 /// An `application/x-www-form-urlencoded` request body as the token endpoint reads it
 /// (RFC 6749 §3.2, Appendix B).
 ///
-/// - Names and values are percent-decoded, `+` is a space, and the result must be UTF-8.
+/// - Names and values are percent-decoded, `+` is a space, and the result must be UTF-8 (or is read
+///   as ISO-8859-1 when the body's charset says so).
 /// - A parameter given more than once is refused (RFC 6749 §3.2: "MUST NOT be included more than
 ///   once"), even if one of the copies is empty.
 /// - A parameter sent without a value counts as omitted (RFC 6749 §3.2).
@@ -17,12 +18,27 @@ public struct OAuthForm: Sendable, Hashable {
     /// Most parameters read from one body; more is refused as malformed.
     public static let maximumParameterCount = 64
 
+    /// How the percent-decoded bytes of a body are read (its `Content-Type` charset).
+    public enum Charset: Sendable {
+        /// UTF-8 (also for US-ASCII, a subset): a byte sequence that is not UTF-8 is refused.
+        case utf8
+        /// ISO-8859-1: every byte is the character of the same code point.
+        case latin1
+
+        func string(_ bytes: [UInt8]) -> String? {
+            switch self {
+            case .utf8: return String(validating: bytes, as: UTF8.self)
+            case .latin1: return String(String.UnicodeScalarView(bytes.map { Unicode.Scalar($0) }))
+            }
+        }
+    }
+
     /// Parses `bytes`.
     ///
     /// - Throws: ``OAuthError/invalidRequest(_:)`` for an invalid percent escape, a name or value
     ///   that is not UTF-8, an empty name, a repeated parameter or too many parameters. The
     ///   description names the parameter (names are never secret), never a value.
-    public static func parse(_ bytes: [UInt8]) throws(OAuthError) -> OAuthForm {
+    public static func parse(_ bytes: [UInt8], charset: Charset = .utf8) throws(OAuthError) -> OAuthForm {
         var values: [String: String] = [:]
         var seen: Set<String> = []
         let pairs = bytes.split(separator: UInt8(ascii: "&"), omittingEmptySubsequences: true)
@@ -39,13 +55,13 @@ public struct OAuthForm: Sendable, Hashable {
                 rawName = pair
                 rawValue = []
             }
-            guard let nameBytes = Self.decode(rawName), let name = String(validating: nameBytes, as: UTF8.self),
+            guard let nameBytes = Self.decode(rawName), let name = charset.string(nameBytes),
                 !name.isEmpty
             else {
                 throw .invalidRequest(
                     "the form body is malformed (a parameter name is empty or not percent-encoded UTF-8)")
             }
-            guard let valueBytes = Self.decode(rawValue), let value = String(validating: valueBytes, as: UTF8.self)
+            guard let valueBytes = Self.decode(rawValue), let value = charset.string(valueBytes)
             else {
                 throw .invalidRequest("parameter \(Self.shown(name)) is not percent-encoded UTF-8")
             }

@@ -69,10 +69,11 @@ extension Gateway {
             throw OAuthError.invalidRequest(
                 "the request body could not be read (at most \(self.configuration.maxBodySize) bytes)")
         }
-        guard Self.isFormContentType(request.headers[.contentType]) else {
-            throw OAuthError.invalidRequest("Content-Type must be application/x-www-form-urlencoded")
+        guard let charset = Self.formCharset(request.headers[.contentType]) else {
+            throw OAuthError.invalidRequest(
+                "Content-Type must be application/x-www-form-urlencoded (charset UTF-8, US-ASCII or ISO-8859-1)")
         }
-        let form = try OAuthForm.parse(bytes)
+        let form = try OAuthForm.parse(bytes, charset: charset)
 
         let credentials = try OAuthClientCredentials.read(
             authorization: request.headers[values: .authorization], form: form)
@@ -208,16 +209,26 @@ extension Gateway {
     }
 
     /// `application/x-www-form-urlencoded`, with at most a UTF-8 (or US-ASCII) charset parameter.
-    static func isFormContentType(_ value: String?) -> Bool {
-        guard let value else { return false }
+    static func isFormContentType(_ value: String?) -> Bool { Self.formCharset(value) != nil }
+
+    /// The charset of an `application/x-www-form-urlencoded` body: UTF-8 unless the `charset`
+    /// parameter says US-ASCII (read as UTF-8, of which it is a subset) or ISO-8859-1 (Apache
+    /// HttpClient's default label for forms). Nil for another media type or charset.
+    static func formCharset(_ value: String?) -> OAuthForm.Charset? {
+        guard let value else { return nil }
         let parts = value.split(separator: ";").map { $0.trimmingCharacters(in: .whitespaces).lowercased() }
-        guard parts.first == "application/x-www-form-urlencoded" else { return false }
+        guard parts.first == "application/x-www-form-urlencoded" else { return nil }
+        var charset = OAuthForm.Charset.utf8
         for parameter in parts.dropFirst() where !parameter.isEmpty {
             guard parameter.hasPrefix("charset=") else { continue }
-            let charset = parameter.dropFirst("charset=".count).trimmingCharacters(in: CharacterSet(charactersIn: "\""))
-            guard charset == "utf-8" || charset == "utf8" || charset == "us-ascii" else { return false }
+            let name = parameter.dropFirst("charset=".count).trimmingCharacters(in: CharacterSet(charactersIn: "\""))
+            switch name {
+            case "utf-8", "utf8", "us-ascii": charset = .utf8
+            case "iso-8859-1", "iso_8859-1", "latin1", "l1": charset = .latin1
+            default: return nil
+            }
         }
-        return true
+        return charset
     }
 }
 
