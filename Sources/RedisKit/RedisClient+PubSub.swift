@@ -19,12 +19,14 @@ extension RedisClient {
     /// ``RedisPubSubEvent/subscribed`` again.
     ///
     /// Events flow only while ``run()`` runs. The stream ends on shutdown (or immediately if the client is already
-    /// shut down); ending its iteration closes the subscription. It buffers the newest 10 000 events: a consumer
-    /// that falls further behind loses the oldest messages, like any Pub/Sub subscriber.
-    public func subscribe(channels: [String]) -> AsyncStream<RedisPubSubEvent> {
+    /// shut down); ending its iteration closes the subscription. It buffers the newest `bufferSize` events: a
+    /// consumer that falls further behind loses the oldest messages, and then, as a subscriber Redis disconnects
+    /// for its output buffer would, gets the subscription made again and a ``RedisPubSubEvent/subscribed``
+    /// after the messages still buffered, on which it re-reads what it may have missed.
+    public func subscribe(channels: [String], bufferSize: Int = 10_000) -> AsyncStream<RedisPubSubEvent> {
         let (stream, continuation) = AsyncStream.makeStream(
             of: RedisPubSubEvent.self,
-            bufferingPolicy: .bufferingNewest(10_000)
+            bufferingPolicy: .bufferingNewest(max(bufferSize, 1))
         )
         guard !channels.isEmpty else {
             continuation.finish()
@@ -198,8 +200,12 @@ extension RedisClient {
         while !Task.isCancelled, !subscription.isTerminated {
             var failure: (any Error)?
             do {
-                let connection = try await connect(self.eventLoopGroup.next()) { event in
-                    subscription.continuation.yield(event)
+                let connection = try await connect(self.eventLoopGroup.next()) { [logger] event in
+                    if subscription.deliver(event) {
+                        logger.warning(
+                            "Redis subscription consumer fell behind: messages dropped; subscribing again",
+                            metadata: ["redis.channels": "\(subscription.channels.count)"])
+                    }
                 }
                 guard subscription.attach(connection) else {
                     connection.close()
@@ -257,8 +263,12 @@ extension RedisClient {
         subscribed: () -> Void
     ) async throws {
         defer { connection.close() }
-        var payload = connection.channel.allocator.buffer(capacity: 64)
-        RedisCommandEncoder.encode(["SUBSCRIBE"] + subscription.channels, into: &payload)
+        // One SUBSCRIBE per channel: each gets exactly one reply, a confirmation or (refused, `NOPERM`) an
+        // error, where a refused SUBSCRIBE of several channels would answer one error for all of them.
+        var payload = connection.channel.allocator.buffer(capacity: 64 * subscription.channels.count)
+        for channel in subscription.channels {
+            RedisCommandEncoder.encode(["SUBSCRIBE", channel], into: &payload)
+        }
         let confirmations = try await connection.send(
             payload,
             replyCount: subscription.channels.count,
@@ -315,7 +325,8 @@ final class RedisSubscription: Sendable {
     let label: String
     let channels: [String]
     let continuation: AsyncStream<RedisPubSubEvent>.Continuation
-    private let state = Mutex<(isTerminated: Bool, connection: RedisConnection?)>((false, nil))
+    private let state = Mutex<(isTerminated: Bool, connection: RedisConnection?, overflowed: Bool)>(
+        (false, nil, false))
 
     init(id: Int, label: String, channels: [String], continuation: AsyncStream<RedisPubSubEvent>.Continuation) {
         self.id = id
@@ -335,8 +346,25 @@ final class RedisSubscription: Sendable {
                 return false
             }
             state.connection = connection
+            state.overflowed = false
             return true
         }
+    }
+
+    /// Hands one event to the stream. When its buffer was full (the consumer fell behind), the oldest
+    /// event was dropped, and the serving connection is closed: the subscription is made again and ends
+    /// with ``RedisPubSubEvent/subscribed``, as after any reconnect. `true` for the first drop on the
+    /// serving connection (to be logged once).
+    func deliver(_ event: RedisPubSubEvent) -> Bool {
+        guard case .dropped = self.continuation.yield(event) else {
+            return false
+        }
+        let (connection, first) = self.state.withLock { state in
+            defer { state.overflowed = true }
+            return (state.connection, !state.overflowed)
+        }
+        connection?.close()
+        return first
     }
 
     func detach(_ connection: RedisConnection) {

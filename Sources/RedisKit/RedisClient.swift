@@ -197,9 +197,14 @@ public final class RedisClient: Sendable, Service {
     /// One step of a `SCAN` over the whole keyspace (every primary of a cluster, one after the other), from
     /// `cursor` (`"0"` to start); returns the cursor to continue from (`"0"` when done) and the keys found.
     ///
-    /// With a cluster the cursor is `<shard>:<node cursor>`, shards in the order of their lowest slot.
+    /// With a cluster the cursor is `<slot>:<node cursor>:<primary>`: the lowest slot of the shard being walked
+    /// (shards go in the order of their lowest slot), its `SCAN` cursor, and the primary that cursor belongs to.
+    /// A node's cursor means nothing to another node, so when a failover gave the shard another primary, its walk
+    /// starts again on the new one (keys of that shard may come twice; none is skipped).
     ///
-    /// - Throws: as ``send(_:timeout:)``; ``RedisError/invalidCommand`` for a malformed cursor.
+    /// - Throws: as ``send(_:timeout:)``; ``RedisError/invalidCommand`` for a malformed cursor;
+    ///   ``RedisError/topologyChanged`` when no shard starts at the cursor's slot any more (the slots were
+    ///   moved between shards during the walk: start again from `"0"`).
     public func scan(
         cursor: String,
         match pattern: String,
@@ -212,24 +217,23 @@ public final class RedisClient: Sendable, Service {
                 ["SCAN", cursor, "MATCH", pattern, "COUNT", String(count)], deadline: deadline)
             return try Self.scanReply(reply)
         }
-        let (shard, nodeCursor): (Int, String)
-        if cursor == "0" {
-            (shard, nodeCursor) = (0, "0")
-        } else {
-            let parts = cursor.split(separator: ":", omittingEmptySubsequences: false)
-            guard parts.count == 2, let index = Int(parts[0]), index >= 0, UInt64(parts[1]) != nil else {
+        let shards = try await cluster.shards(deadline: deadline)
+        guard let first = shards.first else { return ("0", []) }
+        var (shard, nodeCursor) = (first, "0")
+        if cursor != "0" {
+            let parts = cursor.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
+            guard parts.count == 3, let slot = Int(parts[0]), UInt64(parts[1]) != nil, !parts[2].isEmpty else {
                 throw RedisError.invalidCommand
             }
-            (shard, nodeCursor) = (index, String(parts[1]))
-        }
-        let primaries = try await cluster.primaries(deadline: deadline)
-        guard shard < primaries.count else {
-            return ("0", [])
+            guard let current = shards.first(where: { $0.lowestSlot == slot }) else {
+                throw RedisError.topologyChanged
+            }
+            (shard, nodeCursor) = (current, current.primary.description == parts[2] ? String(parts[1]) : "0")
         }
         let reply: RedisValue
         do {
             reply = try await cluster.send(
-                ["SCAN", nodeCursor, "MATCH", pattern, "COUNT", String(count)], to: primaries[shard], deadline: deadline
+                ["SCAN", nodeCursor, "MATCH", pattern, "COUNT", String(count)], to: shard.primary, deadline: deadline
             )
         } catch let error as RedisError where error == .unavailable || error == .timeout {
             self.availability.isAvailable.store(false, ordering: .relaxed)
@@ -241,9 +245,12 @@ public final class RedisClient: Sendable, Service {
         }
         let (next, keys) = try Self.scanReply(reply)
         if next != "0" {
-            return ("\(shard):\(next)", keys)
+            return ("\(shard.lowestSlot):\(next):\(shard.primary)", keys)
         }
-        return (shard + 1 < primaries.count ? "\(shard + 1):0" : "0", keys)
+        guard let following = shards.first(where: { $0.lowestSlot > shard.lowestSlot }) else {
+            return ("0", keys)
+        }
+        return ("\(following.lowestSlot):0:\(following.primary)", keys)
     }
 
     private static func scanReply(_ reply: RedisValue) throws -> (cursor: String, keys: [String]) {
@@ -309,9 +316,12 @@ public struct RedisMetricNames: Sendable, Hashable {
 }
 
 extension RedisError {
+    /// A write refused by a replica: `READONLY …`, or (Redis 6) that error raised inside a script,
+    /// `ERR Error running script (call to f_…): @user_script:1: -READONLY …`.
     static func isReadOnlyReply(_ reply: RedisValue) -> Bool {
         if case .error(let message) = reply {
             return message.hasPrefix("READONLY")
+                || (message.hasPrefix("ERR Error running script") && message.contains("-READONLY "))
         }
         return false
     }

@@ -352,8 +352,12 @@ final class RedisClusterRouter: Sendable {
         }
     }
 
+    /// The slot map as the first node that gives a complete one tells it; `CLUSTER SLOTS` when `CLUSTER SHARDS`
+    /// is refused or leaves slots without a primary (some Redis 7 releases report a failed-over shard with no
+    /// slots). When no node gives a complete map, the one covering most slots.
     private func fetchMap(from candidates: [RedisNodeAddress], deadline: NIODeadline) async throws -> RedisHashSlotMap {
         let eventLoop = self.eventLoopGroup.any()
+        var best: RedisHashSlotMap?
         for node in candidates {
             try Task.checkCancellation()
             let connectDeadline = min(deadline, .now() + TimeAmount(self.configuration.connectTimeout))
@@ -364,15 +368,21 @@ final class RedisClusterRouter: Sendable {
             defer { connection.close() }
             do {
                 let shards = try await connection.send([["CLUSTER", "SHARDS"]], deadline: deadline)[0]
-                let map: RedisHashSlotMap
-                if case .error = shards {
-                    let slots = try await connection.send([["CLUSTER", "SLOTS"]], deadline: deadline)[0]
-                    map = try RedisHashSlotMap.fromClusterSlots(slots)
-                } else {
-                    map = try RedisHashSlotMap.fromClusterShards(shards, tls: self.configuration.tls != nil)
+                var map: RedisHashSlotMap?
+                switch shards {
+                case .error: map = nil  // before Redis 7: CLUSTER SLOTS only
+                default: map = try RedisHashSlotMap.fromClusterShards(shards, tls: self.configuration.tls != nil)
                 }
-                if !map.primaries.isEmpty {
+                if map?.coversAllSlots != true {
+                    let slots = try await connection.send([["CLUSTER", "SLOTS"]], deadline: deadline)[0]
+                    let fromSlots = try RedisHashSlotMap.fromClusterSlots(slots)
+                    if fromSlots.coveredSlotCount > map?.coveredSlotCount ?? -1 { map = fromSlots }
+                }
+                if let map, map.coversAllSlots {
                     return map
+                }
+                if let map, !map.primaries.isEmpty, map.coveredSlotCount > best?.coveredSlotCount ?? 0 {
+                    best = map
                 }
             } catch let error as RedisError {
                 self.logger.debug(
@@ -380,6 +390,12 @@ final class RedisClusterRouter: Sendable {
                     metadata: ["redis.address": "\(node)", "redis.error": "\(error)"]
                 )
             }
+        }
+        if let best {
+            self.logger.warning(
+                "Redis Cluster slot map leaves slots without a primary",
+                metadata: ["redis.slots.covered": "\(best.coveredSlotCount)"])
+            return best
         }
         self.logger.warning("No Redis Cluster node gave the slot map")
         throw RedisError.unavailable
@@ -397,6 +413,15 @@ final class RedisClusterRouter: Sendable {
         }
         try await self.rediscover(deadline: deadline)
         return self.state.withLock { $0.machine.map?.primaries ?? [] }
+    }
+
+    /// The shards of the slot map, in the order of their lowest slot (rediscovering first when no map is known yet).
+    func shards(deadline: NIODeadline) async throws -> [RedisHashSlotMap.Shard] {
+        if let shards = self.state.withLock({ $0.machine.map?.shards }), !shards.isEmpty {
+            return shards
+        }
+        try await self.rediscover(deadline: deadline)
+        return self.state.withLock { $0.machine.map?.shards ?? [] }
     }
 
     /// Whether the slot map assigns every hash slot to a primary (false without a map).

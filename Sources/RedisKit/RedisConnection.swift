@@ -65,10 +65,17 @@ final class RedisConnection: Sendable {
                 }
             }
         let channel: any Channel
+        let connecting = bootstrap.connect(host: host, port: port)
         do {
-            channel = try await bootstrap.connect(host: host, port: port).get()
+            // Cancellable: a connect to a host that drops packets would otherwise hold its caller until the
+            // connect timeout. A connection that completes after its caller gave up is closed.
+            channel = try await connecting.awaitRedisResult()
         } catch {
             handshake.fail(error)
+            if error is CancellationError {
+                connecting.whenSuccess { $0.close(promise: nil) }
+                throw RedisConnectError(kind: .connect, detail: "cancelled")
+            }
             throw RedisConnectError(kind: .connect, detail: "\(error)")
         }
         do {

@@ -26,20 +26,32 @@ struct RedisConnector: Sendable {
                 to: RedisNodeAddress(host: host, port: port), on: eventLoop, deadline: deadline,
                 checkRole: false, pushHandler: pushHandler)
         case .sentinel(let sentinels, let masterName):
-            let primary = try await self.resolvePrimary(
-                sentinels: sentinels,
-                masterName: masterName,
-                eventLoop: eventLoop,
-                deadline: deadline
-            )
-            return try await self.connect(
-                to: primary, on: eventLoop, deadline: deadline, checkRole: true, pushHandler: pushHandler)
+            // The address most sentinels name first; when it is no primary (a stale sentinel, a failover
+            // under way), the next one named, within the same deadline.
+            let named = await self.primaryCandidates(
+                sentinels: sentinels, masterName: masterName, eventLoop: eventLoop, deadline: deadline)
+            guard !named.isEmpty else {
+                self.logger.warning("No Redis sentinel named the primary")
+                throw RedisError.unavailable
+            }
+            var failure: any Error = RedisError.unavailable
+            for primary in named {
+                try Task.checkCancellation()
+                do {
+                    return try await self.connect(
+                        to: primary, on: eventLoop, deadline: deadline, checkRole: true, pushHandler: pushHandler)
+                } catch let error as RedisError {
+                    failure = error
+                }
+            }
+            throw failure
         case .cluster(let seeds):
-            // Without a node named (subscriptions, which may use any node): the first seed that answers.
+            // Without a node named (subscriptions, which may use any node): the first seed that answers,
+            // each with a connect timeout of its own (one that drops packets does not use up the others').
             for seed in seeds {
                 try Task.checkCancellation()
                 if let connection = try? await self.connect(
-                    to: seed, on: eventLoop, deadline: deadline, checkRole: false, pushHandler: pushHandler)
+                    to: seed, on: eventLoop, deadline: nil, checkRole: false, pushHandler: pushHandler)
                 {
                     return connection
                 }
@@ -213,10 +225,11 @@ struct RedisConnector: Sendable {
         throw RedisError.unavailable
     }
 
-    /// A plain connection to the first sentinel (in order) that accepts one, for watching its failover
-    /// announcements (`+promoted-slave`, `+switch-master`).
+    /// A plain connection to a sentinel, for watching its failover announcements (`+promoted-slave`,
+    /// `+switch-master`): every sentinel is tried at once and the first that answers a `PING` wins,
+    /// so one that is down, drops packets or never answers does not keep the watch from the others.
     ///
-    /// - Throws: ``RedisError/unavailable`` when no sentinel can be reached (or the endpoint is not Sentinel).
+    /// - Throws: ``RedisError/unavailable`` when no sentinel answers (or the endpoint is not Sentinel).
     func connectToSentinel(
         on eventLoop: any EventLoop,
         pushHandler: (@Sendable (RedisPubSubEvent) -> Void)?
@@ -225,79 +238,159 @@ struct RedisConnector: Sendable {
             throw RedisError.unavailable
         }
         let deadline = NIODeadline.now() + TimeAmount(self.configuration.connectTimeout)
-        for sentinel in sentinels {
-            try Task.checkCancellation()
-            guard
-                let connection = try? await self.open(
+        let winner = await Self.firstSuccess(
+            of: sentinels,
+            attempt: { sentinel in
+                let connection = try await self.open(
                     sentinel, on: eventLoop, deadline: deadline, pushHandler: pushHandler)
-            else {
-                continue
-            }
-            do {
-                try await self.authenticateSentinel(connection, deadline: deadline)
-                return connection
-            } catch {
-                connection.close()
-            }
-        }
-        throw RedisError.unavailable
+                do {
+                    try await self.authenticateSentinel(connection, deadline: deadline)
+                    guard case .some(.status) = try await connection.send([["PING"]], deadline: deadline).first else {
+                        throw RedisError.unavailable
+                    }
+                    return connection
+                } catch {
+                    connection.close()
+                    throw error
+                }
+            },
+            discard: { $0.close() })
+        try Task.checkCancellation()
+        guard let winner else { throw RedisError.unavailable }
+        return winner
     }
 
-    /// The primary the sentinels name now (the first that answers, as for a new connection); `nil`
-    /// when none answers or the endpoint is not Sentinel.
+    /// The primary the sentinels name now (see ``primaryCandidates``), checked with `ROLE`: the first named
+    /// address that is a primary, so a sentinel that missed a failover cannot send the pool back to a
+    /// replica. `nil` when none answers, none named is a primary, or the endpoint is not Sentinel.
     func currentPrimary(on eventLoop: any EventLoop) async -> RedisNodeAddress? {
         guard case .sentinel(let sentinels, let masterName) = self.configuration.endpoint else {
             return nil
         }
         let deadline = NIODeadline.now() + TimeAmount(self.configuration.connectTimeout)
-        return try? await self.resolvePrimary(
+        let named = await self.primaryCandidates(
             sentinels: sentinels, masterName: masterName, eventLoop: eventLoop, deadline: deadline)
+        for address in named {
+            guard
+                let connection = try? await self.connect(
+                    to: address, on: eventLoop, deadline: deadline, checkRole: true)
+            else { continue }
+            connection.close()
+            return address
+        }
+        return nil
     }
 
-    /// Asks each sentinel in order for the primary's address; the first answer wins.
-    private func resolvePrimary(
+    /// How long, after the first sentinel named the primary, the others' answers are waited for (they
+    /// break a disagreement); a sentinel that is down or silent costs no more than this.
+    static let sentinelGrace = TimeAmount.milliseconds(100)
+
+    /// The primary's addresses as the sentinels name them, asked all at once: the address named most
+    /// often first (a sentinel that has not seen a failover yet is outvoted), ties in the order the
+    /// answers came. Waits for every sentinel, a majority naming one address, or ``sentinelGrace``
+    /// after the first answer, whichever comes first; empty when none answered by `deadline`.
+    func primaryCandidates(
         sentinels: [RedisSentinelAddress],
         masterName: String,
         eventLoop: any EventLoop,
         deadline: NIODeadline
-    ) async throws -> RedisNodeAddress {
-        for sentinel in sentinels {
-            try Task.checkCancellation()
-            guard NIODeadline.now() < deadline else {
-                break
-            }
-            do {
-                let connection = try await self.open(sentinel, on: eventLoop, deadline: deadline, pushHandler: nil)
-                defer { connection.close() }
-                try await self.authenticateSentinel(connection, deadline: deadline)
-                let replies = try await connection.send(
-                    [["SENTINEL", "get-master-addr-by-name", masterName]],
-                    deadline: deadline
-                )
-                if let address = replies.first?.array, address.count == 2, let host = address[0].string,
-                    let port = address[1].int.flatMap({ Int(exactly: $0) })
-                {
-                    self.logger.debug(
-                        "Redis sentinel named the primary",
-                        metadata: ["redis.sentinel": "\(sentinel)", "redis.address": "\(host):\(port)"]
-                    )
-                    return RedisNodeAddress(host: host, port: port)
-                }
-                self.logger.notice(
-                    "Redis sentinel does not know the primary",
-                    metadata: [
-                        "redis.sentinel": "\(sentinel)", "redis.reply": "\(replies.first.map(Self.kind) ?? "none")",
-                    ]
-                )
-            } catch let error as RedisError {
-                self.logger.debug(
-                    "Redis sentinel did not answer",
-                    metadata: ["redis.sentinel": "\(sentinel)", "redis.error": "\(error)"]
-                )
-            }
+    ) async -> [RedisNodeAddress] {
+        enum Event: Sendable {
+            case answer(RedisNodeAddress?)
+            case graceOver
         }
-        self.logger.warning("No Redis sentinel named the primary")
-        throw RedisError.unavailable
+        let answers = await withTaskGroup(of: Event.self) { group -> [RedisNodeAddress] in
+            for sentinel in sentinels {
+                group.addTask {
+                    .answer(
+                        await self.askSentinel(
+                            sentinel, masterName: masterName, eventLoop: eventLoop, deadline: deadline))
+                }
+            }
+            var answers: [RedisNodeAddress] = []
+            var outstanding = sentinels.count
+            while outstanding > 0, let event = await group.next() {
+                guard case .answer(let answer) = event else { break }
+                outstanding -= 1
+                guard let answer else { continue }
+                answers.append(answer)
+                if answers.count(where: { $0 == answer }) * 2 > sentinels.count { break }
+                if answers.count == 1, outstanding > 0 {
+                    group.addTask {
+                        try? await Task.sleep(for: .nanoseconds(Self.sentinelGrace.nanoseconds))
+                        return .graceOver
+                    }
+                }
+            }
+            group.cancelAll()
+            return answers
+        }
+        var votes: [RedisNodeAddress: Int] = [:]
+        var order: [RedisNodeAddress] = []
+        for answer in answers {
+            if votes[answer] == nil { order.append(answer) }
+            votes[answer, default: 0] += 1
+        }
+        // A stable sort: equal votes keep the order of the first answers.
+        return order.enumerated().sorted { a, b in
+            votes[a.element]! != votes[b.element]! ? votes[a.element]! > votes[b.element]! : a.offset < b.offset
+        }.map(\.element)
+    }
+
+    /// One sentinel's answer to `SENTINEL get-master-addr-by-name`; nil when it does not answer (by
+    /// `deadline`, or before the asking task is cancelled) or does not know the primary.
+    private func askSentinel(
+        _ sentinel: RedisSentinelAddress, masterName: String, eventLoop: any EventLoop, deadline: NIODeadline
+    ) async -> RedisNodeAddress? {
+        do {
+            let connection = try await self.open(sentinel, on: eventLoop, deadline: deadline, pushHandler: nil)
+            defer { connection.close() }
+            try await self.authenticateSentinel(connection, deadline: deadline)
+            let replies = try await connection.send(
+                [["SENTINEL", "get-master-addr-by-name", masterName]], deadline: deadline)
+            if let address = replies.first?.array, address.count == 2, let host = address[0].string,
+                let port = address[1].int.flatMap({ Int(exactly: $0) })
+            {
+                self.logger.debug(
+                    "Redis sentinel named the primary",
+                    metadata: ["redis.sentinel": "\(sentinel)", "redis.address": "\(host):\(port)"])
+                return RedisNodeAddress(host: host, port: port)
+            }
+            self.logger.notice(
+                "Redis sentinel does not know the primary",
+                metadata: [
+                    "redis.sentinel": "\(sentinel)", "redis.reply": "\(replies.first.map(Self.kind) ?? "none")",
+                ])
+        } catch {
+            self.logger.debug(
+                "Redis sentinel did not answer", metadata: ["redis.sentinel": "\(sentinel)", "redis.error": "\(error)"])
+        }
+        return nil
+    }
+
+    /// Runs `attempt` for every candidate at once and returns the first success (nil when none
+    /// succeeds); the other attempts are cancelled, and whatever they still produce is `discard`ed.
+    static func firstSuccess<Candidate: Sendable, Result: Sendable>(
+        of candidates: [Candidate],
+        attempt: @escaping @Sendable (Candidate) async throws -> Result,
+        discard: @escaping @Sendable (Result) -> Void
+    ) async -> Result? {
+        await withTaskGroup(of: Result?.self) { group in
+            for candidate in candidates {
+                group.addTask { try? await attempt(candidate) }
+            }
+            var winner: Result?
+            for await result in group {
+                guard let result else { continue }
+                if winner == nil {
+                    winner = result
+                    group.cancelAll()
+                } else {
+                    discard(result)
+                }
+            }
+            return winner
+        }
     }
 
     private static func kind(_ reply: RedisValue) -> String {

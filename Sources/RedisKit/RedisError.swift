@@ -9,6 +9,7 @@ public struct RedisError: Error, Hashable, CustomStringConvertible {
         case server
         case protocolError
         case invalidCommand
+        case topologyChanged
     }
 
     private let code: Code
@@ -35,6 +36,10 @@ public struct RedisError: Error, Hashable, CustomStringConvertible {
     /// The command was empty (or a pipeline contained an empty command); nothing was sent.
     public static let invalidCommand = RedisError(code: .invalidCommand)
 
+    /// A cluster-wide walk (``RedisClient/scan(cursor:match:count:timeout:)``) cannot go on from its cursor: the
+    /// cluster's slots were moved between shards since the cursor was made. Start again from the beginning.
+    public static let topologyChanged = RedisError(code: .topologyChanged)
+
     /// Redis answered with an error reply (`-ERR …`, `-NOSCRIPT …`, `-READONLY …`).
     public static func server(_ message: String) -> RedisError {
         RedisError(code: .server, serverMessage: message)
@@ -60,6 +65,8 @@ public struct RedisError: Error, Hashable, CustomStringConvertible {
             return "Redis sent an invalid or unexpected reply"
         case .invalidCommand:
             return "empty Redis command"
+        case .topologyChanged:
+            return "the Redis Cluster's slots moved during the walk; start it again from the beginning"
         case .server:
             return "Redis error reply: \(Self.redacted(self.serverMessage ?? ""))"
         }

@@ -14,6 +14,11 @@ public struct RedisHashSlotMap: Sendable, Hashable {
             self.replicas = replicas
             self.slots = slots
         }
+
+        /// The lowest slot this shard serves: what orders the shards, and names one across failovers.
+        public var lowestSlot: Int {
+            self.slots.map(\.lowerBound).min() ?? 0
+        }
     }
 
     /// The shards, ordered by their lowest slot (a stable order across failovers, used by the cluster-wide
@@ -24,9 +29,7 @@ public struct RedisHashSlotMap: Sendable, Hashable {
 
     /// - Precondition: slot ranges lie within 0…16383.
     public init(shards: [Shard]) {
-        let shards = shards.filter { !$0.slots.isEmpty }.sorted {
-            ($0.slots.map(\.lowerBound).min() ?? 0) < ($1.slots.map(\.lowerBound).min() ?? 0)
-        }
+        let shards = shards.filter { !$0.slots.isEmpty }.sorted { $0.lowestSlot < $1.lowestSlot }
         var owners = [Int16](repeating: -1, count: RedisHashSlot.count)
         for (index, shard) in shards.enumerated() {
             for range in shard.slots {
@@ -58,6 +61,11 @@ public struct RedisHashSlotMap: Sendable, Hashable {
         !self.owners.contains(-1)
     }
 
+    /// How many slots have a primary.
+    public var coveredSlotCount: Int {
+        self.owners.count(where: { $0 >= 0 })
+    }
+
     /// Records what a `MOVED` reply said: `slot` is now served by `primary` (until the next full map).
     public mutating func assign(slot: Int, to primary: RedisNodeAddress) {
         guard (0..<RedisHashSlot.count).contains(slot) else {
@@ -74,7 +82,9 @@ public struct RedisHashSlotMap: Sendable, Hashable {
 
 extension RedisHashSlotMap {
     /// Parses a `CLUSTER SHARDS` reply (Redis 7): per shard its `slots` (start/end pairs) and `nodes`; the node
-    /// whose `role` is `master` is the primary. With `tls`, a node's `tls-port` is used when it reports one.
+    /// whose `role` is `master` is the primary. After a failover the failed former primary may still be listed
+    /// as `master` (with `health` `fail`): a healthy one is taken, `online` before `loading`, and a shard whose
+    /// only primary failed has none. With `tls`, a node's `tls-port` is used when it reports one.
     ///
     /// - Throws: ``RedisError/protocolError`` when the reply does not have that shape.
     public static func fromClusterShards(_ reply: RedisValue, tls: Bool) throws(RedisError) -> RedisHashSlotMap {
@@ -100,20 +110,24 @@ extension RedisHashSlotMap {
                 slots.append(low...high)
                 index += 2
             }
-            var primary: RedisNodeAddress?
+            var primary: (address: RedisNodeAddress, online: Bool)?
             var replicas: [RedisNodeAddress] = []
             for node in nodes {
                 let nodeFields = try Self.fields(node)
                 guard let address = Self.address(nodeFields, tls: tls) else {
                     continue
                 }
+                let health = nodeFields["health"]?.string
                 if nodeFields["role"]?.string == "master" {
-                    primary = address
-                } else {
+                    let online = health == nil || health == "online"
+                    if health != "fail", primary == nil || (online && primary?.online == false) {
+                        primary = (address, online)
+                    }
+                } else if health != "fail" {
                     replicas.append(address)
                 }
             }
-            if let primary, !slots.isEmpty {
+            if let primary = primary?.address, !slots.isEmpty {
                 shards.append(Shard(primary: primary, replicas: replicas, slots: slots))
             }
         }

@@ -38,12 +38,16 @@ struct KeysRewrap: AsyncParsableCommand {
     @Option(help: "Log level trace…critical") var logLevel = "info"
 
     func validate() throws {
-        // A decimal SCAN cursor, or `<shard>:<cursor>` with Redis Cluster.
-        let parts = self.cursor.split(separator: ":", omittingEmptySubsequences: false)
-        guard (1...2).contains(parts.count),
-            parts.allSatisfy({ !$0.isEmpty && $0.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) })
+        // A decimal SCAN cursor, or `<slot>:<cursor>:<primary host:port>` with Redis Cluster.
+        let parts = self.cursor.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
+        let decimal = { (part: Substring) in !part.isEmpty && part.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) }
+        guard
+            parts.count == 1
+                ? decimal(parts[0]) : parts.count == 3 && decimal(parts[0]) && decimal(parts[1]) && !parts[2].isEmpty
         else {
-            throw ValidationError("--cursor must be a SCAN cursor (a decimal number, or shard:number for a cluster)")
+            throw ValidationError(
+                "--cursor must be a SCAN cursor as a run printed it (a decimal number, or slot:number:host:port for a cluster)"
+            )
         }
         guard (1...100_000).contains(self.batchSize) else {
             throw ValidationError("--batch-size must be in 1…100000")

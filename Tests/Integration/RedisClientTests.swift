@@ -210,6 +210,42 @@ import TokenGateway
         }
     }
 
+    @Test(
+        "a consumer that falls behind its buffer loses the oldest messages and gets the subscription made again",
+        .timeLimit(.minutes(1)))
+    func aConsumerThatFallsBehindIsResubscribed() async throws {
+        let channel = Self.prefix() + "channel"
+        let logs = RedisTestLogs()
+        let configuration = try RedisConfiguration(url: RedisServerProcess.sharedURL())
+        try await Self.withClient(configuration: configuration, logger: logs.logger) { client async throws in
+            let stream = client.subscribe(channels: [channel], bufferSize: 4)
+            var iterator = stream.makeAsyncIterator()
+            #expect(await iterator.next() == .subscribed)
+            // Ten messages while nobody reads: the fifth finds the buffer full, and the subscription is made
+            // again (messages published meanwhile reach nobody, as after any reconnect).
+            for index in 0..<10 {
+                _ = try await client.send(["PUBLISH", channel, "m\(index)"])
+            }
+            #expect(
+                await Self.eventually {
+                    logs.messages.contains(
+                        "Redis subscription consumer fell behind: messages dropped; subscribing again")
+                })
+            // What is left of the messages, then the new subscription's event: the cue to re-read state.
+            var messages: [RedisPubSubEvent] = []
+            while let event = await iterator.next(), event != .subscribed { messages.append(event) }
+            #expect(messages.count < 10 && !messages.contains(.message(channel: channel, payload: "m0")))
+            #expect(
+                logs.messages.filter {
+                    $0 == "Redis subscription consumer fell behind: messages dropped; subscribing again"
+                }
+                .count == 1)
+            // The subscription works again.
+            #expect(try await client.send(["PUBLISH", channel, "again"]) == .integer(1))
+            #expect(await iterator.next() == .message(channel: channel, payload: "again"))
+        }
+    }
+
     @Test func subscriptionStreamsEndOnShutdown() async throws {
         let channel = Self.prefix() + "channel"
         var configuration = try RedisConfiguration(url: RedisServerProcess.sharedURL())
@@ -338,7 +374,8 @@ import TokenGateway
         let logger = Logger(label: "test") { GatewayLogHandler(label: $0, format: .logfmt, level: .debug, sink: logs) }
         @Sendable func refusals() -> [String] { logs.captured.filter { $0.contains("Redis subscription failed") } }
         try await Self.withClient(configuration: configuration, logger: logger) { client in
-            let events = RedisPubSubRecorder(client.subscribe(channels: ["refused-channel"]))
+            // Two channels: the refusal is read as such, not waited out as a missing second reply.
+            let events = RedisPubSubRecorder(client.subscribe(channels: ["refused-channel", "refused-channel-2"]))
             let pong = try await client.send(["PING"])
             #expect(pong == .status("PONG"))
             #expect(await Self.eventually(within: .seconds(30)) { refusals().count >= 4 })
@@ -454,13 +491,18 @@ import TokenGateway
             masterName: masterName
         )
         let deadSentinelPort = try RedisServerProcess.freeLoopbackPort()
-        let url = "redis-sentinel://127.0.0.1:\(deadSentinelPort),127.0.0.1:\(sentinel.port)/\(masterName)/0"
+        // A sentinel that accepts connections and never answers (a hung process, a full backlog).
+        let silentSentinel = try await HoldingServer.start()
+        let url =
+            "redis-sentinel://127.0.0.1:\(deadSentinelPort),127.0.0.1:\(silentSentinel.port),127.0.0.1:\(sentinel.port)"
+            + "/\(masterName)/0"
 
         let logs = RedisTestLogs()
         let configuration = try RedisConfiguration(url: url)
         try await Self.withClient(url: sentinel.url) { sentinelAdmin in
             try await Self.withClient(configuration: configuration, logger: logs.logger) { client async throws in
-                // The first sentinel listed is down; the client asks the next one.
+                // The first sentinel listed is down and the second never answers: the client asks them
+                // all at once, and the third's answer is enough.
                 #expect(try await client.send(["SET", prefix + "k", "before"]) == .status("OK"))
                 #expect(try await client.send(["ROLE"]).array?.first?.string == "master")
 
@@ -485,6 +527,32 @@ import TokenGateway
             #expect(try await newPrimary.send(["ROLE"]).array?.first?.string == "master")
             #expect(try await newPrimary.send(["GET", prefix + "k"]).string == "after")
         }
+        await silentSentinel.stop()
+        await sentinel.stop()
+        await replica.stop()
+        await primary.stop()
+    }
+
+    @Test(
+        "a sentinel that names a replica as the primary (it missed a failover) does not keep the client from the primary",
+        .timeLimit(.minutes(1)))
+    func aStaleSentinelIsNotFollowed() async throws {
+        let masterName = "tg-primary"
+        let (primary, replica) = try await Self.primaryAndReplica()
+        let sentinel = try await RedisServerProcess.startSentinel(
+            monitoringPrimaryPort: primary.port, masterName: masterName)
+        // Answers every request with the replica's address, as a sentinel that has not seen a failover does.
+        let port = "\(replica.port)"
+        let stale = try await LoopbackListener.start(
+            answering: "*2\r\n$9\r\n127.0.0.1\r\n$\(port.utf8.count)\r\n\(port)\r\n")
+        let url = "redis-sentinel://127.0.0.1:\(stale.port),127.0.0.1:\(sentinel.port)/\(masterName)/0"
+        try await Self.withClient(configuration: try RedisConfiguration(url: url)) { client async throws in
+            #expect(await Self.everyCommandLands(on: primary.port, client))
+            #expect(try await client.send(["SET", Self.prefix() + "k", "v"]) == .status("OK"))
+            // The stale sentinel was asked; whichever answer came first, a replica is never used as the primary.
+            #expect(stale.connections > 0)
+        }
+        await stale.stop()
         await sentinel.stop()
         await replica.stop()
         await primary.stop()
@@ -513,6 +581,9 @@ extension RedisClientTests {
         let logs = RedisTestLogs()
         var configuration = try RedisConfiguration(url: "redis-sentinel://127.0.0.1:\(proxy.port)/\(masterName)/0")
         configuration.reconnectBackoffCap = .milliseconds(500)
+        // One pooled connection, made before the watch goes down: a slot connecting later would ask the
+        // sentinels itself and move the pool before the watch does.
+        configuration.poolSize = 1
         try await Self.withClient(url: sentinel.url) { sentinelAdmin in
             try await Self.withClient(configuration: configuration, logger: logs.logger) { client async throws in
                 #expect(await Self.everyCommandLands(on: primary.port, client))

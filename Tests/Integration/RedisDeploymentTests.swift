@@ -2,6 +2,7 @@ import FlowEngine
 import ForgeEmulator
 import Foundation
 import Logging
+import NIOCore
 import NIOHTTP1
 import Synchronization
 import Testing
@@ -368,6 +369,16 @@ struct RedisDeploymentTests {
             }.prefix(100))
         #expect(keys.count == 100)
 
+        // A SCAN walk stopped halfway through that primary's keys, to be resumed after the failover.
+        for key in keys { #expect(try await client.send(["SET", key, "v0"]) == .status("OK")) }
+        var found: [String] = []
+        var cursor = "0"
+        repeat {
+            let step = try await client.scan(cursor: cursor, match: "moved:*", count: 10)
+            (cursor, found) = (step.cursor, found + step.keys)
+        } while !(cursor.hasSuffix(":127.0.0.1:\(old.port)") && !cursor.contains(":0:")) && cursor != "0"
+        #expect(cursor != "0", "the walk ended before reaching the primary's keys")
+
         // Its replica takes over (a manual failover: the old primary becomes its replica).
         let nodes = try redisCLI(["-p", "\(old.port)", "CLUSTER", "NODES"]).split(separator: "\n")
         let oldID = try #require(nodes.first { $0.contains("myself") }?.split(separator: " ").first)
@@ -381,6 +392,13 @@ struct RedisDeploymentTests {
         #expect(try await client.send(["SET", keys[0], "v"]) == .status("OK"))
         // …and the map is refreshed in the background: every slot of the old primary is the new one's.
         #expect(await Self.mapNames(replicaPort, forSlotOf: keys[1], router))
+        // The walk goes on: the old node's cursor means nothing to the new primary, whose walk starts
+        // again; every key is found (some twice), none is skipped.
+        while cursor != "0" {
+            let step = try await client.scan(cursor: cursor, match: "moved:*", count: 10)
+            (cursor, found) = (step.cursor, found + step.keys)
+        }
+        #expect(Set(keys).isSubset(of: Set(found)))
         for key in keys.dropFirst() {
             #expect(try await client.send(["SET", key, "v"]) == .status("OK"))
         }
@@ -427,6 +445,12 @@ struct RedisDeploymentTests {
         #expect(primariesAfter.count == 3)
         #expect(!primariesAfter.contains(primaryPort))
         try await idle.ping(timeout: .seconds(2))
+        // The map the failed PING asked for names live primaries only: the killed one, still listed by
+        // CLUSTER SHARDS as a master (health fail), is not taken for its shard.
+        let router = try #require(idle.cluster)
+        let known = try await router.primaries(deadline: .now() + .seconds(2))
+        #expect(!known.contains { $0.port == primaryPort }, "\(known)")
+        #expect(router.primary(forSlot: 0) != nil && router.primary(forSlot: 16383) != nil)
         await idle.shutdown()
     }
 

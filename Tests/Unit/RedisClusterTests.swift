@@ -85,14 +85,16 @@ import Testing
     static let b = RedisNodeAddress(host: "10.0.0.2", port: 7001)
     static let r = RedisNodeAddress(host: "10.0.0.3", port: 7002)
 
-    static func node(_ address: RedisNodeAddress, role: String, tlsPort: Int? = nil) -> RedisValue {
+    static func node(
+        _ address: RedisNodeAddress, role: String, tlsPort: Int? = nil, health: String = "online"
+    ) -> RedisValue {
         var fields: [RedisValue] = [
             .bulk(Array("id".utf8)), .bulk(Array("abc".utf8)),
             .bulk(Array("port".utf8)), .integer(Int64(address.port)),
             .bulk(Array("ip".utf8)), .bulk(Array(address.host.utf8)),
             .bulk(Array("endpoint".utf8)), .bulk(Array(address.host.utf8)),
             .bulk(Array("role".utf8)), .bulk(Array(role.utf8)),
-            .bulk(Array("health".utf8)), .bulk(Array("online".utf8)),
+            .bulk(Array("health".utf8)), .bulk(Array(health.utf8)),
         ]
         if let tlsPort {
             fields += [.bulk(Array("tls-port".utf8)), .integer(Int64(tlsPort))]
@@ -123,6 +125,35 @@ import Testing
         let tls = try RedisHashSlotMap.fromClusterShards(reply, tls: true)
         #expect(tls.primaries.first == RedisNodeAddress(host: "10.0.0.1", port: 7443))
         #expect(throws: RedisError.protocolError) { try RedisHashSlotMap.fromClusterShards(.integer(1), tls: false) }
+    }
+
+    @Test("after a failover the failed former primary, still listed as master, is not taken (either order)")
+    func failedPrimaryIsSkipped() throws {
+        let failed = Self.node(Self.a, role: "master", health: "fail")
+        let promoted = Self.node(Self.r, role: "master")
+        for nodes in [[failed, promoted], [promoted, failed]] {
+            let reply = RedisValue.array([
+                Self.shard([0, 8191], nodes), Self.shard([8192, 16383], [Self.node(Self.b, role: "master")]),
+            ])
+            let map = try RedisHashSlotMap.fromClusterShards(reply, tls: false)
+            #expect(map.primary(forSlot: 0) == Self.r)
+            #expect(map.shards[0].replicas.isEmpty)
+            #expect(map.coversAllSlots)
+        }
+        // A loading primary is taken only when no online one is listed.
+        let loading = Self.node(Self.a, role: "master", health: "loading")
+        let reply = RedisValue.array([Self.shard([0, 16383], [loading, promoted])])
+        #expect(try RedisHashSlotMap.fromClusterShards(reply, tls: false).primary(forSlot: 0) == Self.r)
+        let alone = RedisValue.array([Self.shard([0, 16383], [loading])])
+        #expect(try RedisHashSlotMap.fromClusterShards(alone, tls: false).primary(forSlot: 0) == Self.a)
+        // A shard reported with no slots (some Redis 7 releases, after a failover) leaves its slots uncovered:
+        // the router then asks CLUSTER SLOTS.
+        let emptied = RedisValue.array([
+            Self.shard([], [promoted]), Self.shard([8192, 16383], [Self.node(Self.b, role: "master")]),
+        ])
+        let partial = try RedisHashSlotMap.fromClusterShards(emptied, tls: false)
+        #expect(!partial.coversAllSlots)
+        #expect(partial.coveredSlotCount == 8192)
     }
 
     @Test func parsesClusterSlots() throws {

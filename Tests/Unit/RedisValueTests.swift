@@ -148,3 +148,20 @@ import Testing
         #expect(echoed.serverMessage?.contains("secret-token") == true)
     }
 }
+
+@Suite struct RedisReadOnlyReplyTests {
+    @Test("a replica's refusal is recognised as such, also raised inside a script (Redis 6)")
+    func readOnly() {
+        let refusals = [
+            "READONLY You can't write against a read only replica.",
+            "ERR Error running script (call to f_0123456789abcdef0123456789abcdef01234567): @user_script:3: "
+                + "@user_script: 3: -READONLY You can't write against a read only replica.",
+        ]
+        for message in refusals { #expect(RedisError.isReadOnlyReply(.error(message)), "\(message)") }
+        let others: [RedisValue] = [
+            .error("ERR unknown command"), .error("ERR Error running script (call to f_x): @user_script:1: boom"),
+            .error("WRONGTYPE READONLY-looking value"), .status("READONLY"), .bulk(Array("READONLY".utf8)),
+        ]
+        for reply in others { #expect(!RedisError.isReadOnlyReply(reply), "\(reply)") }
+    }
+}
