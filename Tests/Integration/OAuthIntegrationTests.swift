@@ -439,6 +439,11 @@ struct OAuthIntegrationTests {
             #expect(answer.status == 200)
             #expect(answer.json["issuer"] as? String == "https://tokens.example.test/gw")
             #expect(answer.json["token_endpoint"] as? String == "https://tokens.example.test/gw/oauth/token")
+            // RFC 8414 §3.1's location for an issuer with a path: the same document.
+            let suffixed = try await h.call(.GET, "/.well-known/oauth-authorization-server/gw", secret: nil)
+            #expect(suffixed.status == 200)
+            #expect(suffixed.body == answer.body)
+            #expect(try await h.call(.GET, "/.well-known/oauth-authorization-server/other", secret: nil).status == 404)
         }
     }
 

@@ -60,6 +60,17 @@ struct OAuthErrorTests {
         #expect(without.contains(#""grant_types_supported":["client_credentials"]"#))
     }
 
+    @Test("the discovery path suffix is the public URL's path, when it is plain")
+    func discoverySuffix() {
+        #expect(OAuthMetadata.discoveryPathSuffix(publicURL: "https://example.com/tokens") == "/tokens")
+        #expect(OAuthMetadata.discoveryPathSuffix(publicURL: "https://example.com/a/b-c_d.e~f") == "/a/b-c_d.e~f")
+        for none in [
+            "https://example.com", "https://example.com/", "http://127.0.0.1:8080", "https://x/{id}", "https://x/a:b",
+        ] {
+            #expect(OAuthMetadata.discoveryPathSuffix(publicURL: none) == nil, "\(none)")
+        }
+    }
+
     @Test("only form bodies are read, with a UTF-8, US-ASCII or ISO-8859-1 charset")
     func contentTypes() {
         #expect(Gateway.isFormContentType("application/x-www-form-urlencoded"))

@@ -1,3 +1,5 @@
+import Foundation
+
 /// The names of the token endpoint's protocol (RFC 6749, RFC 8693) and its discovery document
 /// (RFC 8414).
 public enum OAuthMetadata {
@@ -14,6 +16,21 @@ public enum OAuthMetadata {
     public static let jwtTokenType = "urn:ietf:params:oauth:token-type:jwt"
     /// `issued_token_type` (and the only `requested_token_type` accepted) of an exchange (RFC 8693 §3).
     public static let accessTokenType = "urn:ietf:params:oauth:token-type:access_token"
+
+    /// The path of `publicURL` (no trailing slash), where RFC 8414 §3.1 puts it after the discovery
+    /// path; nil when it has none, or when a segment holds anything but unreserved characters (RFC 3986).
+    public static func discoveryPathSuffix(publicURL: String) -> String? {
+        guard let path = URLComponents(string: publicURL)?.path, path != "", path != "/" else { return nil }
+        let segments = path.split(separator: "/", omittingEmptySubsequences: false).dropFirst()
+        let unreserved = { (c: UInt8) in
+            (0x30...0x39).contains(c) || (0x41...0x5A).contains(c) || (0x61...0x7A).contains(c)
+                || c == UInt8(ascii: "-") || c == UInt8(ascii: ".") || c == UInt8(ascii: "_") || c == UInt8(ascii: "~")
+        }
+        guard path.hasPrefix("/"), segments.allSatisfy({ !$0.isEmpty && $0.utf8.allSatisfy(unreserved) }) else {
+            return nil
+        }
+        return path
+    }
 
     /// The grant types this gateway serves: token exchange only while Connect is configured.
     public static func grantTypes(tokenExchange: Bool) -> [String] {

@@ -17,6 +17,13 @@ extension Gateway {
         router.get(RouterPath(OAuthMetadata.discoveryPath)) { _, _ in
             self.oauthDiscovery()
         }
+        // RFC 8414 §3.1: an issuer with a path (`https://example.com/tokens`) is discovered at
+        // `/.well-known/oauth-authorization-server/tokens`; served too, for a proxy that forwards it.
+        if let suffix = OAuthMetadata.discoveryPathSuffix(publicURL: self.configuration.effectivePublicURL) {
+            router.get(RouterPath(OAuthMetadata.discoveryPath + suffix)) { _, _ in
+                self.oauthDiscovery()
+            }
+        }
     }
 
     /// `GET /.well-known/oauth-authorization-server`: public, cacheable for five minutes.
