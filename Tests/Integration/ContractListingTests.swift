@@ -2,6 +2,7 @@ import FlowEngine
 import ForgeEmulator
 import Foundation
 import NIOHTTP1
+import RedisKit
 import Testing
 
 @testable import TokenGateway
@@ -28,6 +29,49 @@ struct ContractListingTests {
 
     static func encoded(_ cursor: String) -> String {
         cursor.addingPercentEncoding(withAllowedCharacters: .alphanumerics.union(CharacterSet(charactersIn: "-._~")))!
+    }
+
+    @Test(
+        "an installation whose first write was stored but not indexed (the index key refused) is indexed by its next write"
+    )
+    func indexRepairedByTheNextWrite() async throws {
+        let server = try await RedisServerProcess.start()
+        let prefix = "tgidx"
+        let admin = try SecurityKeyTests.redis(server.url)
+        // A user that may write the installations' own keys but not the listing index.
+        _ = try await admin.send([
+            "ACL", "SETUSER", "writer", "on", ">writer-password-1", "~\(prefix):{*", "&*", "+@all",
+        ])
+        let redis = try SecurityKeyTests.redis("redis://writer:writer-password-1@127.0.0.1:\(server.port)/0")
+        let store = GatewayStore(
+            redis: redis, box: try SecurityKeyTests.ring([("k1", SecurityKeyTests.randomKey())]), prefix: prefix)
+        let now = FlowTime.now()
+        let (pushed, installed) = (SecurityKeyTests.installation(), SecurityKeyTests.installation())
+        let token = AccessToken(value: "token-\(UUID())", expiresAt: now.unixSeconds + 3600)
+        // The scripts run (the token and the record are stored); the index write is refused.
+        await #expect(throws: RedisError.self) {
+            try await store.storeDeliveredToken(pushed, token: token, requestID: nil, metadata: .init(), now: now)
+        }
+        await #expect(throws: RedisError.self) {
+            try await store.upsertInstallation(installed, metadata: .init(), now: now)
+        }
+        #expect(try await store.systemToken(pushed)?.value == token.value)
+        #expect(try await store.installation(installed) != nil)
+        #expect(try await admin.send(["ZCARD", "\(prefix):installations"]).int == 0)
+
+        // Once the index can be written, the next write of each (not a creation any more) indexes it.
+        _ = try await admin.send(["ACL", "SETUSER", "writer", "~*"])
+        let again = try await store.storeDeliveredToken(
+            pushed, token: token, requestID: nil, metadata: .init(), now: now)
+        #expect(again.outcome == .notNewer)
+        #expect(try await store.upsertInstallation(installed, metadata: .init(), now: now))
+        let indexed = try await admin.send(["ZRANGE", "\(prefix):installations", "0", "-1"]).array?.compactMap(\.string)
+        #expect(Set(indexed ?? []) == [pushed.ari, installed.ari])
+        // Marked: later writes do not write the index again.
+        _ = try await admin.send(["ACL", "SETUSER", "writer", "resetkeys", "~\(prefix):{*"])
+        _ = try await store.storeDeliveredToken(pushed, token: token, requestID: nil, metadata: .init(), now: now)
+        #expect(try await store.upsertInstallation(installed, metadata: .init(), now: now))
+        await server.stop()
     }
 
     @Test("pages are ordered by id, hold each installation exactly once, default to 100, and accept 1–1000 only")

@@ -591,6 +591,17 @@ extension RedisClientTests {
                 proxy.hold()
                 #expect(await Self.eventually { logs.messages.contains("Redis subscription connection down") })
                 #expect(await Self.sentinelFailover(sentinelAdmin, masterName, to: replica.port))
+                // The failover is over (`+switch-master` announced while the watch was down): the sentinel's
+                // own record of the primary moves only then, after it already names the promoted replica.
+                #expect(
+                    await Self.eventually(within: .seconds(30)) {
+                        let fields = (try? await sentinelAdmin.send(["SENTINEL", "MASTER", masterName]))?.array ?? []
+                        let pairs = stride(from: 0, to: fields.count - 1, by: 2).map {
+                            (fields[$0].string ?? "", fields[$0 + 1].string ?? "")
+                        }
+                        let record = Dictionary(pairs, uniquingKeysWith: { a, _ in a })
+                        return record["port"] == "\(replica.port)" && record["flags"] == "master"
+                    })
                 // The old primary still answers as one, and nothing told the client.
                 #expect(await Self.everyCommandLands(on: primary.port, client))
                 #expect(logs.messages.filter { $0 == "Redis subscription up" }.count == 1)

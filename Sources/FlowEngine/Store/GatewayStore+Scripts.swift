@@ -14,7 +14,7 @@ enum GatewayScripts {
     /// KEYS: installation, token, pending. ARGV: exp, sealed, now, requestId, channel, ari,
     /// appId, apiBaseUrl, cloudId, least exp to store (unix s), how the token came when unsolicited
     /// (`push` when empty). Returns {stored(1)/notNewer(0)/uninstalled(-1), created, solicited,
-    /// apiBaseUrl}. Publishes `token <ari> <requestId|->`, with ` same` appended when the delivery
+    /// apiBaseUrl, indexed (1 once the listing index is known to hold the installation)}. Publishes `token <ari> <requestId|->`, with ` same` appended when the delivery
     /// answered a pending request but did not replace the token, and ` @<replica>` when ARGV[12]
     /// names the replica that stored it (so that replica does not handle its own echo again).
     /// With KEYS[4] (a first-use key) and ARGV[13] (its lifetime in ms), nothing happens when that
@@ -60,12 +60,13 @@ enum GatewayScripts {
         end
         local s = 0
         if solicited ~= '' then s = 1 end
-        return {stored, created, s, redis.call('HGET', KEYS[1], 'apiBaseUrl') or ''}
+        return {stored, created, s, redis.call('HGET', KEYS[1], 'apiBaseUrl') or '', redis.call('HEXISTS', KEYS[1], 'indexed')}
         """)
 
     /// Creates or refreshes an installation on installed/upgraded. An uninstalled one stays so.
     /// KEYS: installation. ARGV: now, appId, apiBaseUrl, cloudId, channel, ari. Returns -1
-    /// (uninstalled), 0, 1 (created). Publishes `base <ari>` when the apiBaseUrl changed.
+    /// (uninstalled), 0, 1 (created, or not yet known to be in the listing index). Publishes
+    /// `base <ari>` when the apiBaseUrl changed.
     static let upsertInstallation = RedisScript(
         """
         local status = redis.call('HGET', KEYS[1], 'status')
@@ -83,6 +84,7 @@ enum GatewayScripts {
           if old and old ~= ARGV[3] and ARGV[5] then redis.call('PUBLISH', ARGV[5], 'base ' .. ARGV[6]) end
         end
         if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'cloudId', ARGV[4]) end
+        if redis.call('HEXISTS', KEYS[1], 'indexed') == 0 then created = 1 end
         return created
         """)
 

@@ -182,8 +182,13 @@ public final class GatewayStore: Sendable {
         try await self.index(id)
     }
 
+    /// Adds the installation to the listing index, then marks its record `indexed` (the index is
+    /// another key, in another slot with Redis Cluster: not in the scripts' step). A write whose
+    /// script ran but whose indexing failed leaves the mark unset, so the next write of the
+    /// installation indexes it again.
     private func index(_ id: InstallationID) async throws {
         _ = try await self.redis.send(["ZADD", self.installationsIndexKey, "NX", "0", id.ari])
+        _ = try await self.redis.send(["HSET", self.installationKey(id), "indexed", "1"])
     }
 
     /// One page of installations ordered by id, starting after `cursor` (an installation ARI),
@@ -407,7 +412,7 @@ public final class GatewayStore: Sendable {
             let sol = items[2].int
         else { throw RedisError.protocolError }
         if s == -2 { throw FirstUseKeyTaken() }
-        if c == 1 { try await self.index(id) }
+        if c == 1 || (s >= 0 && items.count > 4 && items[4].int == 0) { try await self.index(id) }
         let outcome: TokenStoreOutcome = s == 1 ? .stored : (s == 0 ? .notNewer : .uninstalled)
         // The stored value is most often the one just sent (sealed deterministically): its
         // plaintext is known without opening it.
