@@ -72,6 +72,30 @@ struct LeasedRoundStateMachineTests {
         #expect(m.stateName(at: self.start) == .idle)
     }
 
+    @Test("a lease taken for an earlier deadline than the round's is extended once acquired")
+    func leaseExtendedOnAcquire() {
+        // A caller that joins (deadline 30 s) while the lease for the first (10 s) is being taken.
+        var m = Machine(configuration: config())
+        _ = self.request(&m, 1, at: self.start)
+        _ = m.tokenWasRequested(
+            waiter: WaiterID(2), minValidity: 300, knownExpiry: 0, forced: false, deadline: self.start + .seconds(30),
+            requestID: "r1", current: nil, canStartRound: true, now: self.start)
+        let a = m.leaseAcquired(requestID: "r1", now: self.start + .seconds(1))
+        #expect(a.first == .extendLease(requestID: "r1", ttl: .seconds(31)))
+        #expect(a.contains { if case .startAttempt = $0 { true } else { false } })
+        // A lease a snapshot took for its reader's deadline (1 s), taken over by a round whose
+        // caller waits 10 s.
+        var n = Machine(configuration: config())
+        _ = self.request(&n, 1, at: self.start)
+        let b = n.leaseAcquired(requestID: "r1", leaseDeadline: self.start + .seconds(1), now: self.start)
+        #expect(b.first == .extendLease(requestID: "r1", ttl: .seconds(12)))
+        // Within half the grace of the lease's own deadline: no extension.
+        var o = Machine(configuration: config())
+        _ = self.request(&o, 1, at: self.start)
+        let c = o.leaseAcquired(requestID: "r1", leaseDeadline: self.start + .milliseconds(9500), now: self.start)
+        #expect(!c.contains { if case .extendLease = $0 { true } else { false } })
+    }
+
     @Test("attempting → awaiting delivery → (grace ends) backing off → attempting again")
     func leadingPhases() {
         var m = Machine(configuration: config())

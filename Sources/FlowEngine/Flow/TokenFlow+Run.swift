@@ -192,16 +192,23 @@ extension TokenFlow {
         // A round's verdict and its lease's release go to the store in one step.
         var releasedWithVerdict: String?
         // A lease the snapshot took ahead: the round has it once this step's actions are done.
-        var takenAhead: String?
+        var takenAhead: SnapshotLease?
         defer {
-            if let takenAhead { self.handle(id) { $0.leaseAcquired(requestID: takenAhead, now: self.now()) } }
+            if let takenAhead {
+                // The lease runs out for the deadline of the caller whose read took it; the round's
+                // may be later (the machine extends it then).
+                let leaseDeadline = takenAhead.expires - self.configuration.leaseGrace
+                self.handle(id) {
+                    $0.leaseAcquired(requestID: takenAhead.requestID, leaseDeadline: leaseDeadline, now: self.now())
+                }
+            }
         }
         for (index, action) in zip(actions.indices, actions) {
             switch action {
             case .acquireLease(let requestID, let ttl, let newerThan),
                 .acquireLeaseIgnoringHold(let requestID, let ttl, let newerThan):
-                if self.takeOverLeaseAhead(id, requestID: requestID) {
-                    takenAhead = requestID
+                if let ahead = self.takeOverLeaseAhead(id, requestID: requestID) {
+                    takenAhead = ahead
                     continue
                 }
                 let respectingHold = if case .acquireLease = action { true } else { false }

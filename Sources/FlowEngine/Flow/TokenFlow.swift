@@ -479,16 +479,17 @@ public final class TokenFlow: Sendable, Service {
     }
 
     /// Takes over the lease a snapshot took ahead when it is the one named `requestID`: this
-    /// process now holds it for that round, with the trigger material read with it.
-    func takeOverLeaseAhead(_ id: InstallationID, requestID: String) -> Bool {
-        let taken = self.state.withLock { s -> Bool in
-            guard !s.shuttingDown, let ahead = s.leaseAhead[id], ahead.requestID == requestID else { return false }
+    /// process now holds it for that round, with the trigger material read with it. Returns it
+    /// (its expiry was set for the deadline of the caller whose read took it), or nil.
+    func takeOverLeaseAhead(_ id: InstallationID, requestID: String) -> SnapshotLease? {
+        let taken = self.state.withLock { s -> SnapshotLease? in
+            guard !s.shuttingDown, let ahead = s.leaseAhead[id], ahead.requestID == requestID else { return nil }
             s.leaseAhead[id] = nil
             s.leasesHeld[id] = requestID
             s.leaseMaterial[id] = ahead.material.map { LeaseMaterial(requestID: requestID, read: $0) }
-            return true
+            return ahead
         }
-        if taken { self.metrics.leasesHeld.increment() }
+        if taken != nil { self.metrics.leasesHeld.increment() }
         return taken
     }
 

@@ -423,13 +423,24 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
 
     // MARK: - Events: the lease
 
-    /// This process took the lease: it leads the round and starts attempt 1.
-    public mutating func leaseAcquired(requestID: String, now: FlowTime) -> [Action] {
+    /// This process took the lease: it leads the round and starts attempt 1. `leaseDeadline` is the
+    /// deadline the lease was taken for when that was not the round's own (a lease a snapshot took
+    /// for its reader's deadline). The lease is extended to the round's deadline when that is later
+    /// by more than half of ``TokenFlowConfiguration/leaseGrace``: callers that joined while it was
+    /// being taken, or a round led for a caller that waits longer than the one that took it.
+    public mutating func leaseAcquired(requestID: String, leaseDeadline: FlowTime? = nil, now: FlowTime) -> [Action] {
         guard case .round(var round) = self.state, round.requestID == requestID, case .acquiringLease = round.phase
         else { return [] }
         round.phase = .attempting(attempt: 1)
+        if let leaseDeadline { round.leaseDeadline = leaseDeadline }
+        var actions: [Action] = []
+        if round.deadline > round.leaseDeadline + self.configuration.leaseGrace / 2 {
+            round.leaseDeadline = round.deadline
+            actions.append(
+                .extendLease(requestID: round.requestID, ttl: self.leaseTTL(deadline: round.deadline, now: now)))
+        }
         self.state = .round(round)
-        return [self.startAttempt(round, attempt: 1, now: now)]
+        return actions + [self.startAttempt(round, attempt: 1, now: now)]
     }
 
     /// Another process holds the lease: follow its round. Its value arrives as a notification

@@ -298,7 +298,9 @@ public final class InMemoryTokenStore: TokenStore {
         }
         guard taken else { return (snapshot, nil) }
         let material = intent.material.flatMap { self.triggerMaterial(id, $0) }
-        return (snapshot, SnapshotLease(requestID: intent.requestID, material: material))
+        return (
+            snapshot, SnapshotLease(requestID: intent.requestID, material: material, expires: intent.now + intent.ttl)
+        )
     }
 
     /// The trigger material set for `id`, without the sealed key the query says is held.

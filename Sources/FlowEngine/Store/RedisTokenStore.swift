@@ -45,7 +45,9 @@ public struct RedisTokenStore: TokenStore {
         let snapshot = Self.tokenStoreSnapshot(try await g.requestSnapshot(id, replies: Array(items[0..<4])))
         guard items[4].int == 1 else { return (snapshot, nil) }
         let material = items[5].array.flatMap { TriggerMaterialRead(reply: $0[...]) }
-        return (snapshot, SnapshotLease(requestID: intent.requestID, material: material))
+        return (
+            snapshot, SnapshotLease(requestID: intent.requestID, material: material, expires: intent.now + intent.ttl)
+        )
     }
 
     public func takeLease(

@@ -160,10 +160,13 @@ public struct SnapshotLease: Sendable, Hashable {
     public var requestID: String
     /// The trigger material read with it, when it was asked for.
     public var material: TriggerMaterialRead?
+    /// When the lease runs out (the intent's `now` plus its `ttl`), unless extended.
+    public var expires: FlowTime
 
-    public init(requestID: String, material: TriggerMaterialRead?) {
+    public init(requestID: String, material: TriggerMaterialRead?, expires: FlowTime) {
         self.requestID = requestID
         self.material = material
+        self.expires = expires
     }
 }
 
