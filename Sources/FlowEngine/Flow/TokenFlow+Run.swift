@@ -188,21 +188,20 @@ extension TokenFlow {
         if let observer = self.observer { observer.tokenFlow(performs: actions, for: id, at: now) }
     }
 
+    /// The round named by a lease a snapshot took ahead has it: the machine leads. The lease runs
+    /// out for the deadline of the caller whose read took it; the round's may be later (the machine
+    /// extends it then).
+    private func lead(_ id: InstallationID, withLeaseAhead lease: SnapshotLease) {
+        let leaseDeadline = lease.expires - self.configuration.leaseGrace
+        self.handle(id) { $0.leaseAcquired(requestID: lease.requestID, leaseDeadline: leaseDeadline, now: self.now()) }
+    }
+
     private func execute(_ actions: ArraySlice<FlowAction>, for id: InstallationID) {
         // A round's verdict and its lease's release go to the store in one step.
         var releasedWithVerdict: String?
         // A lease the snapshot took ahead: the round has it once this step's actions are done.
         var takenAhead: SnapshotLease?
-        defer {
-            if let takenAhead {
-                // The lease runs out for the deadline of the caller whose read took it; the round's
-                // may be later (the machine extends it then).
-                let leaseDeadline = takenAhead.expires - self.configuration.leaseGrace
-                self.handle(id) {
-                    $0.leaseAcquired(requestID: takenAhead.requestID, leaseDeadline: leaseDeadline, now: self.now())
-                }
-            }
-        }
+        defer { if let takenAhead { self.lead(id, withLeaseAhead: takenAhead) } }
         for (index, action) in zip(actions.indices, actions) {
             switch action {
             case .acquireLease(let requestID, let ttl, let newerThan),
