@@ -308,6 +308,24 @@ struct TokenFlowExecutorTests {
         }
     }
 
+    @Test("a token stored just before an uninstall that this process handled first is not remembered")
+    func deliveryOvertakenByUninstall() async throws {
+        try await withFlow { h in
+            let expiresAt = h.clock.now().unixSeconds + 3600
+            let token = AccessToken(value: "tok-late", expiresAt: expiresAt, requestID: nil)
+            // The delivery's route took the generation, then the store took the token; meanwhile
+            // the uninstall was handled here.
+            let generation = h.flow.deliveryGeneration()
+            h.flow.installationUninstalled(h.id)
+            h.flow.tokenDelivered(h.id, token: token, solicitedBy: nil, storedAt: generation)
+            #expect(h.flow.rememberedToken(h.id) == nil)
+            #expect(h.flow.remembered(h.id).token == nil)
+            // Without an uninstall in between it is remembered as before.
+            h.flow.tokenDelivered(h.id, token: token, solicitedBy: nil, storedAt: h.flow.deliveryGeneration())
+            #expect(h.flow.rememberedToken(h.id)?.value == "tok-late")
+        }
+    }
+
     @Test("a lease the snapshot took ahead that no round takes over is given back")
     func leaseTakenAheadIsGivenBack() async throws {
         try await withFlow { h in

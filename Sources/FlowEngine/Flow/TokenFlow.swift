@@ -543,10 +543,14 @@ public final class TokenFlow: Sendable, Service {
     /// A token was delivered to this process (a Forge route) and stored. Remembers it with the
     /// installation's `apiBaseUrl` (as the store holds it after the delivery: the latest FIT's)
     /// and answers local waiters. The store's announcement of it is not handled again.
+    ///
+    /// `storedAt`: ``deliveryGeneration()`` taken before the store was asked; the token is then not
+    /// remembered when memory was dropped since (an uninstall handled while it was being stored).
     public func tokenDelivered(
-        _ id: InstallationID, token: AccessToken, apiBaseUrl: String? = nil, solicitedBy: String?
+        _ id: InstallationID, token: AccessToken, apiBaseUrl: String? = nil, solicitedBy: String?,
+        storedAt: UInt64? = nil
     ) {
-        self.remember(id, token, apiBaseUrl: apiBaseUrl)
+        self.remember(id, token, apiBaseUrl: apiBaseUrl, readAt: storedAt)
         if let solicitedBy { self.noteOwnAnnouncement(OwnAnnouncement(installation: id, tag: "token " + solicitedBy)) }
         self.handle(id) { $0.valueObserved(token, solicitedBy: solicitedBy, now: self.now()) }
     }
@@ -569,9 +573,10 @@ public final class TokenFlow: Sendable, Service {
     /// token (Forge handed out a token no newer than the one held). `newest` is the stored token.
     /// If this process leads that round trip, its callers are answered and the hold is placed.
     public func deliveryBroughtNoNewerToken(
-        _ id: InstallationID, requestID: String, newest: AccessToken?, apiBaseUrl: String? = nil
+        _ id: InstallationID, requestID: String, newest: AccessToken?, apiBaseUrl: String? = nil,
+        storedAt: UInt64? = nil
     ) {
-        self.remember(id, newest, apiBaseUrl: apiBaseUrl)
+        self.remember(id, newest, apiBaseUrl: apiBaseUrl, readAt: storedAt)
         self.handle(id) { $0.roundTripBroughtNoNewerToken(requestID: requestID, newest: newest, now: self.now()) }
     }
 
@@ -679,6 +684,12 @@ public final class TokenFlow: Sendable, Service {
             if readAt != nil || token != nil { entry.unverified = false }
             s.memory[id] = entry
         }
+    }
+
+    /// What a Forge route takes before storing a delivery, for ``tokenDelivered(_:token:apiBaseUrl:solicitedBy:storedAt:)``:
+    /// memory dropped meanwhile (an uninstall) is not filled again with the token stored before it.
+    public func deliveryGeneration() -> UInt64 {
+        self.memoryGenerationNow()
     }
 
     /// The ``State/memoryGeneration`` a store read beginning now is remembered at.

@@ -395,6 +395,7 @@ extension Gateway {
     {
         let result: GatewayStore.DeliveryResult
         if let requestID { self.flow.deliveryArriving(id, requestID: requestID) }
+        let generation = self.flow.deliveryGeneration()
         do {
             result = try await self.store.storeDeliveredToken(
                 id, token: token, requestID: requestID, metadata: invocation.metadata, now: FlowTime.now(),
@@ -425,7 +426,7 @@ extension Gateway {
                 token: AccessToken(
                     value: token.value, expiresAt: token.expiresAt, requestID: solicitedBy,
                     receivedAt: FlowTime.now().unixSeconds),
-                apiBaseUrl: result.apiBaseUrl, solicitedBy: solicitedBy)
+                apiBaseUrl: result.apiBaseUrl, solicitedBy: solicitedBy, storedAt: generation)
         } else if solicitedBy == nil {
             // No newer token, but the FIT may name a new apiBaseUrl: answers from memory carry it.
             self.flow.apiBaseUrlSeen(id, result.apiBaseUrl)
@@ -435,7 +436,7 @@ extension Gateway {
             do {
                 let current = try await self.store.systemToken(id)
                 self.flow.deliveryBroughtNoNewerToken(
-                    id, requestID: solicitedBy, newest: current, apiBaseUrl: result.apiBaseUrl)
+                    id, requestID: solicitedBy, newest: current, apiBaseUrl: result.apiBaseUrl, storedAt: generation)
             } catch {
                 // The leader learns it from the notification or its poll.
             }
