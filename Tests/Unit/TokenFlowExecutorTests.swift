@@ -308,6 +308,26 @@ struct TokenFlowExecutorTests {
         }
     }
 
+    @Test("a lease whose take ran but whose answer was lost (a timeout) is given back, not left to run out")
+    func lostLeaseAnswerIsGivenBack() async throws {
+        try await withFlow { h in
+            h.store.loseAnswer(of: "snapshot")
+            await #expect(throws: FlowError.storeUnavailable) { try await h.request().get() }
+            #expect(h.store.calls("leaseWithSnapshot") == 1)
+            var turns = 0
+            while h.store.leaseOwner(h.id) != nil, turns < 100_000 {
+                await Task.yield()
+                turns += 1
+            }
+            #expect(h.store.leaseOwner(h.id) == nil)
+            // The next caller leads a round at once (no lease of nobody's to wait out).
+            async let answer = h.request()
+            let call = try #require(await h.nextCall())
+            h.deliver("tok-1", expiresIn: 3600, requestID: call.requestID)
+            #expect(try await answer.get().token.value == "tok-1")
+        }
+    }
+
     @Test("a token stored just before an uninstall that this process handled first is not remembered")
     func deliveryOvertakenByUninstall() async throws {
         try await withFlow { h in

@@ -58,6 +58,10 @@ extension TokenFlow {
             self.logger.warning(
                 "store unavailable while taking the lease", metadata: ["installation.id": "\(id)", "error": "\(error)"])
             self.handle(id) { $0.storeFailed(requestID: requestID, now: self.now()) }
+            // The take may have happened with its answer lost (a timeout): a lease no round of this
+            // process goes on with is given back (the release script compares the owner).
+            let goesOn = self.state.withLock { $0.machines[id]?.currentRequestID == requestID }
+            if !goesOn { try? await self.store.releaseLease(id, requestID: requestID) }
         }
     }
 

@@ -355,6 +355,9 @@ public final class TokenFlow: Sendable, Service {
             result = .success(SharedRead(snapshot: snapshot, readAt: readAt))
         } catch {
             result = .failure(Task.isCancelled ? CancellationError() : error)
+            // The script may have run with its answer lost (a timeout) or unread (cancelled): the
+            // lease it may have taken is given back (the release script compares the owner).
+            self.submit { try? await self.store.releaseLease(id, requestID: intent.requestID) }
         }
         if let replaced { self.submit { try? await self.store.releaseLease(id, requestID: replaced.requestID) } }
         let followers = self.state.withLock { $0.snapshotsInFlight.removeValue(forKey: id) ?? [] }

@@ -37,6 +37,7 @@ public final class InMemoryTokenStore: TokenStore {
         /// The calls held in flight, per kind, until released (``hold(_:)``).
         var gates: [Gate: [CheckedContinuation<Void, Never>]] = [:]
         var unavailable = false
+        var answersLost: Set<String> = []
         var calls: [String: Int] = [:]
         var turns = CallTurns()
     }
@@ -198,6 +199,16 @@ public final class InMemoryTokenStore: TokenStore {
         set { self.state.withLock { $0.unavailable = newValue } }
     }
 
+    /// The next `method` call (`snapshot`, `takeLease`) takes effect and then throws, as a Redis
+    /// script whose answer is lost (a timeout after it ran).
+    public func loseAnswer(of method: String) {
+        self.state.withLock { _ = $0.answersLost.insert(method) }
+    }
+
+    private func answer(_ method: String) throws {
+        if self.state.withLock({ $0.answersLost.remove(method) }) != nil { throw Unavailable() }
+    }
+
     /// How many subscribers listen to the announcements now.
     public var subscriberCount: Int {
         self.state.withLock { $0.subscribers.count }
@@ -271,6 +282,7 @@ public final class InMemoryTokenStore: TokenStore {
         await self.travel()
         try self.call("snapshot")
         let (snapshot, lease) = self.readSnapshot(id, takingLease: intent)
+        try self.answer("snapshot")
         await self.pass(.snapshotAnswer)
         return (snapshot, lease)
     }
@@ -347,6 +359,7 @@ public final class InMemoryTokenStore: TokenStore {
         let outcome = try await self.takeLease(
             id, requestID: requestID, replicaID: replicaID, ttl: ttl, respectingHold: respectingHold,
             unlessNewerThan: unlessNewerThan)
+        try self.answer("takeLease")
         guard outcome == .taken, let material else { return (outcome, nil) }
         return (outcome, self.triggerMaterial(id, material))
     }
