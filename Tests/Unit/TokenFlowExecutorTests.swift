@@ -328,6 +328,23 @@ struct TokenFlowExecutorTests {
         }
     }
 
+    @Test("a caller cancelled before it is admitted is answered cancelled, and its round is abandoned")
+    func cancelledBeforeAdmission() async throws {
+        try await withFlow { h in
+            let result = await Task { () -> Result<TokenAnswer, FlowError> in
+                withUnsafeCurrentTask { $0?.cancel() }
+                return await h.request()
+            }.value
+            #expect(throws: FlowError.cancelled) { try result.get() }
+            var turns = 0
+            while h.flow.isRoundActive(h.id), turns < 100_000 {
+                await Task.yield()
+                turns += 1
+            }
+            #expect(!h.flow.isRoundActive(h.id))
+        }
+    }
+
     @Test("a token stored just before an uninstall that this process handled first is not remembered")
     func deliveryOvertakenByUninstall() async throws {
         try await withFlow { h in

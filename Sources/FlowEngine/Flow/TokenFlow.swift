@@ -403,6 +403,9 @@ public final class TokenFlow: Sendable, Service {
                     self.admit(
                         waiter, continuation, for: id, request: request, knownExpiry: knownExpiry, deadline: deadline,
                         apiBaseUrl: apiBaseUrl, hold: hold, current: current, canStartRound: canStartRound)
+                    // Cancelled before it was admitted: the cancellation handler ran when there was no
+                    // waiter yet to drop, so it is dropped now.
+                    if Task.isCancelled { self.handle(id) { $0.waiterCancelled(waiter, now: self.now()) } }
                 }
             } onCancel: {
                 self.handle(id) { $0.waiterCancelled(waiter, now: self.now()) }

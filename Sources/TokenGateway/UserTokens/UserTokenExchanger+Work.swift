@@ -228,6 +228,8 @@ extension UserTokenExchanger {
             logger.notice("no system token for the exchange", metadata: ["error.code": "\(error.code.rawValue)"])
             return .failure(.flow(error))
         }
+        // No time left after the system token: no call, so nothing is counted.
+        guard deadline > self.clock.now() else { return .retryable(.timeout) }
         if let refused = await self.admit(job, recording: true) { return refused }
         let remaining = deadline - self.clock.now()
         guard remaining > .zero else { return .retryable(.timeout) }
