@@ -373,6 +373,18 @@ struct UserTokenExchangerTests {
         }
     }
 
+    @Test("a system token that comes after the caller's deadline: no exchange, and the budget is not charged")
+    func lateSystemTokenChargesNothing() async throws {
+        let h = Harness([Self.issued])
+        h.systemTokens.fetchTime.withLock { $0 = .seconds(2) }
+        try await h.running { () async throws -> Void in
+            #expect(await h.token(timeout: .seconds(1)).failure != nil)
+            let used = try await h.store.exchangesUsed(scope: "app", window: .seconds(60), now: h.clock.now())
+            #expect(used == 0)
+            #expect(h.client.calls.isEmpty)
+        }
+    }
+
     @Test("a refusal is remembered: no call for that user until it is forgotten")
     func refusalMemory() async throws {
         let h = Harness([.denied(message: "no"), Self.issued]) { $0.denialMemory = .seconds(60) }

@@ -386,6 +386,9 @@ final class StubSystemTokens: SystemTokenSource {
 
     func fail(with error: FlowError) { self.state.withLock { $0.failure = error } }
 
+    /// How long each fetch takes on the manual clock (it is advanced by that much).
+    let fetchTime = Mutex<Duration>(.zero)
+
     func systemToken(for installation: InstallationID, minValidity: Int64, timeout: Duration, forceRefresh: Bool)
         async throws(FlowError) -> AccessToken
     {
@@ -398,6 +401,8 @@ final class StubSystemTokens: SystemTokenSource {
             return (s.generation, s.failure)
         }
         if let failure { throw failure }
+        let fetchTime = self.fetchTime.withLock { $0 }
+        if fetchTime > .zero { self.clock.advance(by: fetchTime) }
         return AccessToken(value: "sys-\(generation)", expiresAt: self.clock.now().unixSeconds + 3600)
     }
 }
