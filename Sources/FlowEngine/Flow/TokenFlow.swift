@@ -63,6 +63,13 @@ public final class TokenFlow: Sendable, Service {
 
     typealias SnapshotFollower = CheckedContinuation<Result<SharedRead, any Error>?, Never>
 
+    /// A store snapshot being read: when its read gives up at the latest, and the callers waiting
+    /// for its answer.
+    struct SnapshotInFlight {
+        let deadline: FlowTime
+        var followers: [SnapshotFollower] = []
+    }
+
     /// A snapshot, with the ``State/memoryGeneration`` at which its read began (for every caller
     /// that shares it: the read may be older than a caller's arrival).
     struct SharedRead: Sendable {
@@ -97,7 +104,7 @@ public final class TokenFlow: Sendable, Service {
         var leaseMaterial: [InstallationID: LeaseMaterial] = [:]
         /// The store snapshots this process is reading, per installation, with the callers that
         /// arrived meanwhile and wait for the same answer.
-        var snapshotsInFlight: [InstallationID: [SnapshotFollower]] = [:]
+        var snapshotsInFlight: [InstallationID: SnapshotInFlight] = [:]
         /// A lease a snapshot of this process took for the round its caller would start, until
         /// that round takes it over (or it is given back).
         var leaseAhead: [InstallationID: SnapshotLease] = [:]
@@ -318,9 +325,10 @@ public final class TokenFlow: Sendable, Service {
             let readAt = self.memoryGenerationNow()
             return SharedRead(snapshot: try await self.store.snapshot(id, timeout: timeout), readAt: readAt)
         }
+        let readDeadline = self.now() + timeout
         let leads = self.state.withLock { s -> Bool in
             guard s.snapshotsInFlight[id] == nil else { return false }
-            s.snapshotsInFlight[id] = []
+            s.snapshotsInFlight[id] = SnapshotInFlight(deadline: readDeadline)
             return true
         }
         guard leads else {
@@ -328,9 +336,11 @@ public final class TokenFlow: Sendable, Service {
             // replaces was stored (by another replica), and that token would then count as newer.
             if intent.forced { return try await ownRead() }
             let shared = await withCheckedContinuation { (follower: SnapshotFollower) in
+                // Joined only when the read in flight ends (answered or timed out) by this caller's
+                // own deadline: a caller in a hurry reads for itself rather than wait past it.
                 let joined = self.state.withLock { s -> Bool in
-                    guard s.snapshotsInFlight[id] != nil else { return false }
-                    s.snapshotsInFlight[id]?.append(follower)
+                    guard let read = s.snapshotsInFlight[id], read.deadline <= readDeadline else { return false }
+                    s.snapshotsInFlight[id]?.followers.append(follower)
                     return true
                 }
                 if !joined { follower.resume(returning: nil) }
@@ -360,7 +370,7 @@ public final class TokenFlow: Sendable, Service {
             self.submit { try? await self.store.releaseLease(id, requestID: intent.requestID) }
         }
         if let replaced { self.submit { try? await self.store.releaseLease(id, requestID: replaced.requestID) } }
-        let followers = self.state.withLock { $0.snapshotsInFlight.removeValue(forKey: id) ?? [] }
+        let followers = self.state.withLock { $0.snapshotsInFlight.removeValue(forKey: id)?.followers ?? [] }
         for follower in followers { follower.resume(returning: result) }
         return try result.get()
     }
@@ -619,7 +629,7 @@ public final class TokenFlow: Sendable, Service {
 
     /// How many callers wait for a store read of `id` another caller has in flight.
     public func snapshotFollowers(_ id: InstallationID) -> Int {
-        self.state.withLock { $0.snapshotsInFlight[id]?.count ?? 0 }
+        self.state.withLock { $0.snapshotsInFlight[id]?.followers.count ?? 0 }
     }
 
     /// How many times this process's subscription to the store's announcements came up (the
