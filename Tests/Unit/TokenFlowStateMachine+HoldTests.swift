@@ -52,6 +52,26 @@ struct TokenFlowStateMachineHoldTests {
         }
     }
 
+    @Test("during a hold, a later token (pushed since it began) is what held callers get")
+    func holdServesALaterPush() throws {
+        let clock = ManualClock()
+        let known = clock.now.unixSeconds + 100
+        var m = Self.leading(callers: 1, known: known, clock: clock)
+        _ = m.roundTripBroughtNoNewerToken(requestID: "r1", newest: Self.token(known), now: clock.now)
+        // Known to the caller (from memory): answered with it, not the hold's.
+        let pushed = Self.token(known + 3000)
+        let a = m.tokenWasRequested(
+            waiter: WaiterID(20), minValidity: 3600, knownExpiry: pushed.expiresAt, forced: false,
+            deadline: clock.now + .seconds(10), requestID: "r20", current: pushed, now: clock.now)
+        #expect(Self.succeeded(a).first?.1 == pushed)
+        // Observed by the machine: answered with it even by a caller that knew of none.
+        _ = m.valueObserved(pushed, solicitedBy: nil, now: clock.now)
+        let b = m.tokenWasRequested(
+            waiter: WaiterID(21), minValidity: 3600, knownExpiry: 0, forced: false,
+            deadline: clock.now + .seconds(10), requestID: "r21", now: clock.now)
+        #expect(Self.succeeded(b).first?.1 == pushed)
+    }
+
     @Test(
         "a round trip that brings no newer token answers every caller with the newest token, below their minValidity, and places the hold while releasing the lease"
     )

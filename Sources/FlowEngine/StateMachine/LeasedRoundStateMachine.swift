@@ -318,7 +318,9 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         if let hold, hold.isActive(at: now) { _ = self.holdObserved(hold, now: now) }
         self.settle(now: now)
         if !forced, let active = self.hold(at: now) {
-            return [self.heldAnswer(for: [waiter], active.newest, source: .cache, now: now), .recordHold(.requestHeld)]
+            // The hold's value, or a later one the caller knows of (pushed since the hold began).
+            let newest = (current?.expiresAt ?? .min) > (active.newest?.expiresAt ?? .min) ? current : active.newest
+            return [self.heldAnswer(for: [waiter], newest, source: .cache, now: now), .recordHold(.requestHeld)]
         }
         if !self.isActive, !forced, let value = current, value.expiresAt > now.unixSeconds,
             value.expiresAt >= now.unixSeconds + minValidity
@@ -544,6 +546,11 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
     /// if any. Callers it satisfies are answered; the round ends when none is left (a refresh-ahead
     /// round: once a value later than the one it refreshes arrived).
     public mutating func valueObserved(_ value: Value, solicitedBy: String?, now: FlowTime) -> [Action] {
+        if case .held(var hold) = self.state, value.expiresAt > (hold.newest?.expiresAt ?? .min) {
+            // A later value (a push) during a hold: held callers get it from now on.
+            hold.newest = value
+            self.state = .held(hold)
+        }
         guard case .round(var round) = self.state else { return [] }
         let answersThisRound = solicitedBy != nil && solicitedBy == round.requestID
         guard value.expiresAt > now.unixSeconds else { return [] }
