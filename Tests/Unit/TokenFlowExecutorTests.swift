@@ -366,6 +366,26 @@ struct TokenFlowExecutorTests {
         }
     }
 
+    @Test("a pushed token in its refresh-ahead window: one store read learns of the trigger, however many are served")
+    func oneTriggerCheckPerInstallation() async throws {
+        try await withFlow { h in
+            let now = h.clock.now().unixSeconds
+            // Pushed (no store read yet), in the last quarter of its lifetime.
+            let pushed = AccessToken(value: "tok-pushed", expiresAt: now + 600, requestID: nil, receivedAt: now - 3000)
+            h.flow.tokenDelivered(h.id, token: pushed, solicitedBy: nil)
+            h.store.holdSnapshots()
+            for _ in 0..<20 {
+                let answer = try await h.request(.init(minValidity: 60)).get()
+                #expect(answer.token.value == "tok-pushed")
+            }
+            while h.store.snapshotsHeld < 1 { await Task.yield() }
+            // Time for any other read to reach the store (none should).
+            for _ in 0..<1000 { await Task.yield() }
+            #expect(h.store.snapshotsHeld == 1)
+            h.store.releaseSnapshots()
+        }
+    }
+
     @Test("a token stored just before an uninstall that this process handled first is not remembered")
     func deliveryOvertakenByUninstall() async throws {
         try await withFlow { h in

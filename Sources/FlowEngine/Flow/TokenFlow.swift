@@ -105,6 +105,8 @@ public final class TokenFlow: Sendable, Service {
         /// The store snapshots this process is reading, per installation, with the callers that
         /// arrived meanwhile and wait for the same answer.
         var snapshotsInFlight: [InstallationID: SnapshotInFlight] = [:]
+        /// Installations whose trigger registration a refresh-ahead is reading (one read at a time).
+        var triggerChecksInFlight: Set<InstallationID> = []
         /// A lease a snapshot of this process took for the round its caller would start, until
         /// that round takes it over (or it is given back).
         var leaseAhead: [InstallationID: SnapshotLease] = [:]
@@ -525,11 +527,16 @@ public final class TokenFlow: Sendable, Service {
     /// machine allows one. Callers are never made to wait for it.
     func refreshAheadIfStale(_ id: InstallationID, _ token: AccessToken, now: FlowTime) {
         guard token.isStale(at: now, fraction: self.configuration.refreshAheadFraction) else { return }
-        let checked = self.state.withLock { $0.triggerChecked.contains(id) }
+        let (checked, starts) = self.state.withLock { s in
+            s.triggerChecked.contains(id) ? (true, false) : (false, s.triggerChecksInFlight.insert(id).inserted)
+        }
         if !checked {
             // A token that reached memory without a store read (a push): learn whether a trigger
-            // is registered first, off the caller's path.
+            // is registered first, off the caller's path; one read at a time per installation,
+            // however many callers are served meanwhile.
+            guard starts else { return }
             self.submit {
+                defer { self.state.withLock { _ = $0.triggerChecksInFlight.remove(id) } }
                 guard let snapshot = try? await self.store.snapshot(id, timeout: .seconds(2)) else { return }
                 self.state.withLock {
                     if snapshot.triggerRegistered { $0.triggerKnown.insert(id) } else { $0.triggerKnown.remove(id) }
