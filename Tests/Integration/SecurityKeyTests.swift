@@ -371,6 +371,20 @@ struct SecurityKeyTests {
             let id = installation.installationID
             let original = try #require(try await h.gateway.store.installation(id)?.triggerKeyId)
 
+            // A number is no boolean: refused (400), and no key is rotated.
+            for value in ["1", "0", "\"true\""] {
+                let refused = try await h.call(
+                    .POST, "/forge/register", secret: nil,
+                    headers: [
+                        "authorization": "Bearer \(try h.emulator.mintFIT(for: installation))",
+                        "content-type": "application/json",
+                    ],
+                    body: "{\"authTriggerUrl\":\"\(h.emulator.triggerURL(for: installation))\",\"rotateKey\":\(value)}")
+                #expect(refused.status == 400, "rotateKey \(value)")
+                #expect(refused.errorCode == "invalid_request")
+            }
+            #expect(try await h.gateway.store.triggerKeys(id, now: FlowTime.now())?.next == nil)
+
             // Announce: the answer names the current key and the next one with its activation time.
             let fit = try h.emulator.mintFIT(for: installation)
             let rotate = try await h.call(

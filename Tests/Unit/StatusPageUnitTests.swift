@@ -19,6 +19,10 @@ struct StatusPageUnitTests {
         #expect(throws: ConfigurationValueError.self) {
             try CallerRegistry(json: #"[{"name":"ops","secret":"\#(Self.secret)","operator":"yes"}]"#)
         }
+        // A number is no boolean (Foundation's `as? Bool` would take 1 as true).
+        #expect(throws: ConfigurationValueError.self) {
+            try CallerRegistry(json: #"[{"name":"ops","secret":"\#(Self.secret)","operator":1}]"#)
+        }
     }
 
     @Test("HTTP Basic credentials name the caller; a wrong secret, name or encoding does not")

@@ -250,7 +250,7 @@ public struct CallerRegistry: Sendable {
         }
         var isOperator = false
         if let flag = object["operator"] {
-            guard let flag = flag as? Bool else {
+            guard let flag = JSONValue.strictBool(flag) else {
                 throw ConfigurationValueError("\(label): \"operator\" must be true or false")
             }
             isOperator = flag

@@ -192,3 +192,12 @@ public enum JSONBody {
         return maxDepth
     }
 }
+
+extension JSONValue {
+    /// A JSON `true` or `false` as `JSONSerialization` read it, or nil for anything else. A number
+    /// (`1`, `0`) is no boolean, though Foundation's `as? Bool` takes one as such.
+    static func strictBool(_ raw: Any) -> Bool? {
+        guard let number = raw as? NSNumber, String(cString: number.objCType) == "c" else { return nil }
+        return number.boolValue
+    }
+}

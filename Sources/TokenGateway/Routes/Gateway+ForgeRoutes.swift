@@ -75,7 +75,9 @@ extension Gateway {
         }
         var rotateKey = false
         if let raw = body["rotateKey"], !(raw is NSNull) {
-            guard let flag = raw as? Bool else { throw GatewayError.invalidRequest("rotateKey must be a boolean") }
+            guard let flag = JSONValue.strictBool(raw) else {
+                throw GatewayError.invalidRequest("rotateKey must be a boolean")
+            }
             rotateKey = flag
         }
         let pushed = self.keepable(self.tokenAlongside(request, id: id, logger: logger), id: id, logger: logger)
