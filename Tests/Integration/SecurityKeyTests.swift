@@ -364,6 +364,29 @@ struct SecurityKeyTests {
         return (process.terminationStatus, String(decoding: data, as: UTF8.self))
     }
 
+    @Test("a registration whose stored signing key does not open with the key ring is 500 internal_error, not 503")
+    func unopenableSigningKeyIsNotRetryable() async throws {
+        try await GatewayHarness.run { h in
+            let (a, b) = (try await h.installed(), try await h.installed())
+            let store = h.gateway.store
+            let keysA = store.signingKeysKey(a.installationID)
+            let keysB = store.signingKeysKey(b.installationID)
+            let idA = try #require(try await h.gateway.redis.send(["HGET", keysA, "current"]).string)
+            let idB = try #require(try await h.gateway.redis.send(["HGET", keysB, "current"]).string)
+            let sealedA = try #require(try await h.gateway.redis.send(["HGET", keysA, "key:" + idA]).string)
+            _ = try await h.gateway.redis.send(["HSET", keysB, "key:" + idB, sealedA])
+            let answer = try await h.call(
+                .POST, "/forge/register", secret: nil,
+                headers: [
+                    "authorization": "Bearer \(try h.emulator.mintFIT(for: b))", "content-type": "application/json",
+                ],
+                body: "{\"authTriggerUrl\":\"\(h.emulator.triggerURL(for: b))\"}")
+            #expect(answer.status == 500, "\(answer.body)")
+            #expect(answer.errorCode == "internal_error")
+            #expect(answer.headers["retry-after"] == nil)
+        }
+    }
+
     @Test("rotateKey announces a next trigger key, keeps signing with the current one, then switches")
     func triggerKeyRotation() async throws {
         try await GatewayHarness.run(configure: { $0.flow.maxAttempts = 1 }) { h in

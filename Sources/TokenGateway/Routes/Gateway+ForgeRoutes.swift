@@ -58,6 +58,15 @@ extension Gateway {
         }
     }
 
+    /// `rotateKey` of a registration: absent or null is false; anything but a JSON boolean is 400.
+    static func rotateKeyFlag(_ body: [String: Any]) throws -> Bool {
+        guard let raw = body["rotateKey"], !(raw is NSNull) else { return false }
+        guard let flag = JSONValue.strictBool(raw) else {
+            throw GatewayError.invalidRequest("rotateKey must be a boolean")
+        }
+        return flag
+    }
+
     /// `POST /forge/register`: records the auth trigger URL (and named triggers) of the invoking
     /// installation and answers with its trigger signing keys.
     func forgeRegister(_ request: Request, invocation: InvocationContext, id: InstallationID, logger: Logger)
@@ -73,13 +82,7 @@ extension Gateway {
                 status: .badRequest, code: "trigger_url_not_allowed",
                 message: "authTriggerUrl is not on the gateway's allow-list of trigger hosts")
         }
-        var rotateKey = false
-        if let raw = body["rotateKey"], !(raw is NSNull) {
-            guard let flag = JSONValue.strictBool(raw) else {
-                throw GatewayError.invalidRequest("rotateKey must be a boolean")
-            }
-            rotateKey = flag
-        }
+        let rotateKey = try Self.rotateKeyFlag(body)
         let pushed = self.keepable(self.tokenAlongside(request, id: id, logger: logger), id: id, logger: logger)
         let namedTriggers = try await self.namedTriggerRegistration(body, installation: id, logger: logger)
         let candidate = TriggerSigningKey.generate()
@@ -105,6 +108,13 @@ extension Gateway {
             }
         } catch let error as GatewayError {
             throw error
+        } catch is EncryptionError {
+            // The stored signing key does not open with the key ring (a key removed before `keys
+            // rewrap` finished): retrying cannot help, so no 503.
+            logger.error(
+                "the installation's signing key does not open with the key ring", metadata: ["installation.id": "\(id)"]
+            )
+            throw GatewayError.internalError
         } catch {
             throw GatewayError.storeUnavailable
         }
