@@ -2,7 +2,7 @@
 ///
 /// Descriptions never contain a secret.
 public struct FlowError: Error, Hashable, Sendable, CustomStringConvertible {
-    public enum Code: String, Sendable, Hashable {
+    public enum Code: String, Sendable, Hashable, CaseIterable {
         case installationNotFound = "installation_not_found"
         case installationUninstalled = "installation_uninstalled"
         case noTriggerURL = "no_trigger_url"

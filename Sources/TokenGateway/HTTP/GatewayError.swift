@@ -100,7 +100,9 @@ public struct GatewayError: HTTPResponseError, Sendable, Hashable, CustomStringC
                 status: .serviceUnavailable, code: error.code.rawValue, message: "the token store is unreachable",
                 retryAfter: retry ?? 1)
         case .cancelled:
-            self.init(status: .serviceUnavailable, code: "internal_error", message: "request cancelled", retryAfter: 1)
+            // The request was cancelled under way (its caller went away): contract §1's
+            // `internal_error` is a 500.
+            self.init(status: .internalServerError, code: "internal_error", message: "request cancelled")
         case .overloaded:
             self.init(
                 status: .serviceUnavailable, code: "overloaded",
