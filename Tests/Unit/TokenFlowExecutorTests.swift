@@ -248,27 +248,6 @@ struct TokenFlowExecutorTests {
         }
     }
 
-    @Test("a caller whose deadline comes before the read in flight could end reads for itself, not wait past it")
-    func hurriedCallerReadsForItself() async throws {
-        try await withFlow { h in
-            h.store.holdSnapshots()
-            try await withThrowingTaskGroup(of: Result<TokenAnswer, FlowError>.self) { group in
-                group.addTask { await h.request() }
-                while h.store.snapshotsHeld < 1 { await Task.yield() }
-                // The read in flight may take 2 s; this caller waits 100 ms at most.
-                group.addTask { await h.request(.init(timeout: .milliseconds(100))) }
-                while h.store.snapshotsHeld < 2 { await Task.yield() }
-                #expect(h.flow.snapshotFollowers(h.id) == 0)
-                h.store.releaseSnapshots()
-                let call = try #require(await h.nextCall())
-                await h.clock.waitForSleepers(4)
-                h.deliver("tok-1", expiresIn: 3600, requestID: call.requestID)
-                for try await result in group { #expect(try result.get().token.value == "tok-1") }
-            }
-            #expect(h.store.calls("snapshot") == 2)
-        }
-    }
-
     @Test("callers arriving while a store read for their installation is in flight share it: one snapshot")
     func callersShareASnapshotInFlight() async throws {
         try await withFlow { h in

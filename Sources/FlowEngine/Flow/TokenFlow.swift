@@ -63,13 +63,6 @@ public final class TokenFlow: Sendable, Service {
 
     typealias SnapshotFollower = CheckedContinuation<Result<SharedRead, any Error>?, Never>
 
-    /// A store snapshot being read: when its read gives up at the latest, and the callers waiting
-    /// for its answer.
-    struct SnapshotInFlight {
-        let deadline: FlowTime
-        var followers: [SnapshotFollower] = []
-    }
-
     /// A snapshot, with the ``State/memoryGeneration`` at which its read began (for every caller
     /// that shares it: the read may be older than a caller's arrival).
     struct SharedRead: Sendable {
@@ -104,7 +97,7 @@ public final class TokenFlow: Sendable, Service {
         var leaseMaterial: [InstallationID: LeaseMaterial] = [:]
         /// The store snapshots this process is reading, per installation, with the callers that
         /// arrived meanwhile and wait for the same answer.
-        var snapshotsInFlight: [InstallationID: SnapshotInFlight] = [:]
+        var snapshotsInFlight: [InstallationID: [SnapshotFollower]] = [:]
         /// Installations whose trigger registration a refresh-ahead is reading (one read at a time).
         var triggerChecksInFlight: Set<InstallationID> = []
         /// A lease a snapshot of this process took for the round its caller would start, until
@@ -327,10 +320,9 @@ public final class TokenFlow: Sendable, Service {
             let readAt = self.memoryGenerationNow()
             return SharedRead(snapshot: try await self.store.snapshot(id, timeout: timeout), readAt: readAt)
         }
-        let readDeadline = self.now() + timeout
         let leads = self.state.withLock { s -> Bool in
             guard s.snapshotsInFlight[id] == nil else { return false }
-            s.snapshotsInFlight[id] = SnapshotInFlight(deadline: readDeadline)
+            s.snapshotsInFlight[id] = []
             return true
         }
         guard leads else {
@@ -338,11 +330,9 @@ public final class TokenFlow: Sendable, Service {
             // replaces was stored (by another replica), and that token would then count as newer.
             if intent.forced { return try await ownRead() }
             let shared = await withCheckedContinuation { (follower: SnapshotFollower) in
-                // Joined only when the read in flight ends (answered or timed out) by this caller's
-                // own deadline: a caller in a hurry reads for itself rather than wait past it.
                 let joined = self.state.withLock { s -> Bool in
-                    guard let read = s.snapshotsInFlight[id], read.deadline <= readDeadline else { return false }
-                    s.snapshotsInFlight[id]?.followers.append(follower)
+                    guard s.snapshotsInFlight[id] != nil else { return false }
+                    s.snapshotsInFlight[id]?.append(follower)
                     return true
                 }
                 if !joined { follower.resume(returning: nil) }
@@ -372,7 +362,7 @@ public final class TokenFlow: Sendable, Service {
             self.submit { try? await self.store.releaseLease(id, requestID: intent.requestID) }
         }
         if let replaced { self.submit { try? await self.store.releaseLease(id, requestID: replaced.requestID) } }
-        let followers = self.state.withLock { $0.snapshotsInFlight.removeValue(forKey: id)?.followers ?? [] }
+        let followers = self.state.withLock { $0.snapshotsInFlight.removeValue(forKey: id) ?? [] }
         for follower in followers { follower.resume(returning: result) }
         return try result.get()
     }
@@ -636,7 +626,7 @@ public final class TokenFlow: Sendable, Service {
 
     /// How many callers wait for a store read of `id` another caller has in flight.
     public func snapshotFollowers(_ id: InstallationID) -> Int {
-        self.state.withLock { $0.snapshotsInFlight[id]?.followers.count ?? 0 }
+        self.state.withLock { $0.snapshotsInFlight[id]?.count ?? 0 }
     }
 
     /// How many times this process's subscription to the store's announcements came up (the
