@@ -85,6 +85,8 @@ final class RedisConnection: Sendable {
             if (error as? RedisError) == RedisError.timeout {
                 throw RedisConnectError(kind: .timeout, detail: "the TLS handshake did not finish in time")
             }
+            // The caller gave up (a sentinel outrun by another): no TLS problem to report.
+            if error is CancellationError { throw RedisConnectError(kind: .connect, detail: "cancelled") }
             throw RedisConnectError(kind: .tls, detail: "\(error)")
         }
         return RedisConnection(channel: channel, address: address)

@@ -255,7 +255,10 @@ struct RedisConnector: Sendable {
                 }
             },
             discard: { $0.close() })
-        try Task.checkCancellation()
+        if Task.isCancelled {
+            winner?.close()
+            throw CancellationError()
+        }
         guard let winner else { throw RedisError.unavailable }
         return winner
     }

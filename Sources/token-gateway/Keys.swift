@@ -108,8 +108,11 @@ struct KeysRewrap: AsyncParsableCommand {
             }
         } catch {
             await redis.shutdown()
-            FileHandle.standardError.write(
-                Data("token-gateway: rewrap stopped: \(error); resume with --cursor <last printed cursor>\n".utf8))
+            // Slots moved between shards: no cursor of this walk leads on; only a new walk does.
+            let advice =
+                (error as? RedisError) == .topologyChanged
+                ? "run it again without --cursor" : "resume with --cursor <last printed cursor>"
+            FileHandle.standardError.write(Data("token-gateway: rewrap stopped: \(error); \(advice)\n".utf8))
             throw ExitCode(1)
         }
         await redis.shutdown()

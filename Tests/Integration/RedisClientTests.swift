@@ -216,7 +216,11 @@ import TokenGateway
     func aConsumerThatFallsBehindIsResubscribed() async throws {
         let channel = Self.prefix() + "channel"
         let logs = RedisTestLogs()
-        let configuration = try RedisConfiguration(url: RedisServerProcess.sharedURL())
+        var configuration = try RedisConfiguration(url: RedisServerProcess.sharedURL())
+        // The subscription is made again no sooner than 0.5 s after the overflow: every message below
+        // is published by then, so only the fifth finds the buffer full.
+        configuration.reconnectBackoffBase = .seconds(1)
+        configuration.reconnectBackoffCap = .seconds(1)
         try await Self.withClient(configuration: configuration, logger: logs.logger) { client async throws in
             let stream = client.subscribe(channels: [channel], bufferSize: 4)
             var iterator = stream.makeAsyncIterator()

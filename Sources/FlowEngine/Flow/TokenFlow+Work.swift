@@ -61,7 +61,9 @@ extension TokenFlow {
             // The take may have happened with its answer lost (a timeout): a lease no round of this
             // process goes on with is given back (the release script compares the owner).
             let goesOn = self.state.withLock { $0.machines[id]?.currentRequestID == requestID }
-            if !goesOn { try? await self.store.releaseLease(id, requestID: requestID) }
+            if !goesOn, self.store.mayHaveRun(failingWith: error) {
+                try? await self.store.releaseLease(id, requestID: requestID)
+            }
         }
     }
 

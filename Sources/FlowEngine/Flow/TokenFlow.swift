@@ -358,8 +358,11 @@ public final class TokenFlow: Sendable, Service {
         } catch {
             result = .failure(Task.isCancelled ? CancellationError() : error)
             // The script may have run with its answer lost (a timeout) or unread (cancelled): the
-            // lease it may have taken is given back (the release script compares the owner).
-            self.submit { try? await self.store.releaseLease(id, requestID: intent.requestID) }
+            // lease it may have taken is given back (the release script compares the owner). Not
+            // when the store could not be reached: the script did not run.
+            if self.store.mayHaveRun(failingWith: error) {
+                self.submit { try? await self.store.releaseLease(id, requestID: intent.requestID) }
+            }
         }
         if let replaced { self.submit { try? await self.store.releaseLease(id, requestID: replaced.requestID) } }
         let followers = self.state.withLock { $0.snapshotsInFlight.removeValue(forKey: id) ?? [] }

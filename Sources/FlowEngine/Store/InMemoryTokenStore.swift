@@ -206,7 +206,7 @@ public final class InMemoryTokenStore: TokenStore {
     }
 
     private func answer(_ method: String) throws {
-        if self.state.withLock({ $0.answersLost.remove(method) }) != nil { throw Unavailable() }
+        if self.state.withLock({ $0.answersLost.remove(method) }) != nil { throw LostAnswer() }
     }
 
     /// How many subscribers listen to the announcements now.
@@ -235,6 +235,13 @@ public final class InMemoryTokenStore: TokenStore {
     // MARK: - TokenStore
 
     struct Unavailable: Error {}
+    /// The call took effect but its answer was lost (``loseAnswer(of:)``).
+    struct LostAnswer: Error {}
+
+    /// A call refused while the store is unavailable never ran; one whose answer was lost did.
+    public func mayHaveRun(failingWith error: any Error) -> Bool {
+        !(error is Unavailable)
+    }
 
     private func call(_ method: String) throws {
         let unavailable = self.state.withLock { s -> Bool in

@@ -6,6 +6,12 @@ import RedisKit
 /// pipeline) and the lease with the pending request and the trigger material the first call
 /// needs (one script, ``RedisTokenStore/takeLeaseScript``).
 public struct RedisTokenStore: TokenStore {
+    /// Redis could not be reached (``RedisError/unavailable``: no connection, or the client shut
+    /// down): the command was never sent. Any other failure may have run.
+    public func mayHaveRun(failingWith error: any Error) -> Bool {
+        (error as? RedisError) != .unavailable
+    }
+
     /// The gateway's keys and sealing.
     public let store: GatewayStore
 

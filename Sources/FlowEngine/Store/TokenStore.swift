@@ -68,9 +68,16 @@ public protocol TokenStore: Sendable {
     /// The announcements of every replica (tokens stored, holds, uninstalls), until the task
     /// iterating it is cancelled.
     func notifications() -> AsyncStream<TokenStoreNotification>
+
+    /// Whether a call that failed with `error` may still have changed the store (a timeout after
+    /// the command was sent, a cancelled wait); false when it certainly never reached it.
+    func mayHaveRun(failingWith error: any Error) -> Bool
 }
 
 extension TokenStore {
+    /// Without knowing better: any failed call may have run.
+    public func mayHaveRun(failingWith error: any Error) -> Bool { true }
+
     /// A store that takes no lease with its snapshot: the round takes it in a step of its own.
     public func snapshot(_ id: InstallationID, timeout: Duration?, takingLease intent: SnapshotLeaseIntent?)
         async throws -> (snapshot: TokenStoreSnapshot, lease: SnapshotLease?)

@@ -76,7 +76,9 @@ public struct KeyRewrap: Sendable {
     /// to resume from and the batch's counts.
     ///
     /// - Returns: the totals.
-    /// - Throws: ``RedisError`` when Redis fails; the walk can be resumed from the last reported cursor.
+    /// - Throws: ``RedisError`` when Redis fails; the walk can be resumed from the last reported cursor,
+    ///   except after ``RedisError/topologyChanged`` (slots moved between a cluster's shards), when only
+    ///   a new walk from `"0"` can go on.
     @discardableResult
     public func run(from cursor: String = "0", progress: (Batch) -> Void = { _ in }) async throws -> Counts {
         var cursor = cursor
