@@ -31,34 +31,38 @@ public struct GatewayMetricsFactory: MetricsFactory {
     /// The help text of a family, empty when it has none.
     static func help(_ name: String) -> String { Self.helpTexts[name] ?? "" }
 
+    /// The family `label` with its help text (the whole label is the name: no unit is appended).
+    private static func family(_ label: String) -> MetricNameDescriptor {
+        MetricNameDescriptor(metricName: label, unitName: "", helpText: Self.help(label))
+    }
+
     public func makeCounter(label: String, dimensions: [(String, String)]) -> any CounterHandler {
-        self.registry.makeCounter(name: label, labels: dimensions, help: Self.help(label))
+        self.registry.makeCounter(descriptor: Self.family(label), labels: dimensions)
     }
 
     public func makeFloatingPointCounter(label: String, dimensions: [(String, String)])
         -> any FloatingPointCounterHandler
     {
-        self.registry.makeCounter(name: label, labels: dimensions, help: Self.help(label))
+        self.registry.makeCounter(descriptor: Self.family(label), labels: dimensions)
     }
 
     public func makeRecorder(label: String, dimensions: [(String, String)], aggregate: Bool)
         -> any RecorderHandler
     {
         guard aggregate else {
-            return self.registry.makeGauge(name: label, labels: dimensions, help: Self.help(label))
+            return self.registry.makeGauge(descriptor: Self.family(label), labels: dimensions)
         }
         return self.registry.makeValueHistogram(
-            name: label, labels: dimensions, buckets: self.base.defaultValueHistogramBuckets,
-            help: Self.help(label))
+            descriptor: Self.family(label), labels: dimensions, buckets: self.base.defaultValueHistogramBuckets)
     }
 
     public func makeMeter(label: String, dimensions: [(String, String)]) -> any MeterHandler {
-        self.registry.makeGauge(name: label, labels: dimensions, help: Self.help(label))
+        self.registry.makeGauge(descriptor: Self.family(label), labels: dimensions)
     }
 
     public func makeTimer(label: String, dimensions: [(String, String)]) -> any TimerHandler {
         self.registry.makeDurationHistogram(
-            name: label, labels: dimensions, buckets: Self.durationBuckets, help: Self.help(label))
+            descriptor: Self.family(label), labels: dimensions, buckets: Self.durationBuckets)
     }
 
     public func destroyCounter(_ handler: any CounterHandler) { self.base.destroyCounter(handler) }
