@@ -428,6 +428,32 @@ struct TokenFlowExecutorTests {
         }
     }
 
+    @Test("a caller sharing a slow store read gives up when its own read would have timed out; the reader goes on")
+    func sharedSnapshotFollowerDeadline() async throws {
+        try await withFlow { h in
+            h.store.holdSnapshots()
+            async let first = h.request()
+            while h.store.snapshotsHeld < 1 { await Task.yield() }
+            // A caller with the shortest timeout joins the read in flight (the reader's runs 2 s).
+            async let second = h.request(.init(timeout: .milliseconds(100)))
+            while h.flow.snapshotFollowers(h.id) < 1 { await Task.yield() }
+            await h.clock.waitForSleepers(1)
+            h.clock.advance(by: .milliseconds(100))
+            // Answered at its deadline while the read is still held: as a read of its own that
+            // timed out would be (nothing valid in memory).
+            let late = await second
+            #expect(throws: FlowError.storeUnavailable) { try late.get() }
+            #expect(h.flow.snapshotFollowers(h.id) == 0)
+            #expect(h.store.snapshotsHeld == 1)
+            // The reader's read goes on, and answers it.
+            h.store.deliver(h.id, token: "tok-1", expiresAt: h.clock.now().unixSeconds + 3600, requestID: nil)
+            h.store.releaseSnapshots()
+            let read = try await first.get()
+            #expect(read.token.value == "tok-1")
+            #expect(h.store.calls("snapshot") == 1)
+        }
+    }
+
     @Test("following another replica's round trip: its announced token answers the caller, no trigger call")
     func followByNotification() async throws {
         try await withFlow { h in

@@ -56,6 +56,7 @@ extension TokenFlow {
         }
         for (id, lease) in ahead { try? await self.store.releaseLease(id, requestID: lease.requestID) }
         self.timers.cancelAll()
+        self.followerTimers.cancelAll()
         self.jobs.continuation.finish()
         // Callers whose answer waited on work that will no longer run (a hold being placed).
         let left = self.state.withLock { s -> [Waiter] in

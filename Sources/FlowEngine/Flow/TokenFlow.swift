@@ -63,6 +63,13 @@ public final class TokenFlow: Sendable, Service {
 
     typealias SnapshotFollower = CheckedContinuation<Result<SharedRead, any Error>?, Never>
 
+    /// What a caller that shares another caller's store read gets when that read has not answered
+    /// by the time its own read would have timed out: the same as a store read of its own that
+    /// timed out.
+    struct SharedReadTimedOut: Error, CustomStringConvertible {
+        var description: String { "the store read this request shared did not answer within its timeout" }
+    }
+
     /// A snapshot, with the ``State/memoryGeneration`` at which its read began (for every caller
     /// that shares it: the read may be older than a caller's arrival).
     struct SharedRead: Sendable {
@@ -97,7 +104,8 @@ public final class TokenFlow: Sendable, Service {
         var leaseMaterial: [InstallationID: LeaseMaterial] = [:]
         /// The store snapshots this process is reading, per installation, with the callers that
         /// arrived meanwhile and wait for the same answer.
-        var snapshotsInFlight: [InstallationID: [SnapshotFollower]] = [:]
+        var snapshotsInFlight: [InstallationID: [UInt64: SnapshotFollower]] = [:]
+        var nextSnapshotFollower: UInt64 = 0
         /// Installations whose trigger registration a refresh-ahead is reading (one read at a time).
         var triggerChecksInFlight: Set<InstallationID> = []
         /// A lease a snapshot of this process took for the round its caller would start, until
@@ -130,6 +138,8 @@ public final class TokenFlow: Sendable, Service {
     let jobs: (stream: AsyncStream<Job>, continuation: AsyncStream<Job>.Continuation)
     /// The machines' timers, each waited for by a child task of ``run()``.
     let timers: RoundTimers<TimerKey>
+    /// The deadlines of callers sharing another caller's store read, keyed by follower number.
+    let followerTimers: RoundTimers<UInt64>
 
     /// - Parameters:
     ///   - store: the shared store (``RedisTokenStore`` in production).
@@ -157,6 +167,7 @@ public final class TokenFlow: Sendable, Service {
         self.clock = clock
         self.jobs = AsyncStream.makeStream(of: Job.self)
         self.timers = RoundTimers(clock: clock)
+        self.followerTimers = RoundTimers(clock: clock)
     }
 
     func now() -> FlowTime { self.clock.now() }
@@ -270,7 +281,8 @@ public final class TokenFlow: Sendable, Service {
             minValidity: request.minValidity, forced: request.forceRefresh, now: start,
             material: self.trigger.triggerMaterialQuery(for: id))
         do {
-            read = try await self.sharedSnapshot(id, timeout: min(deadline - start, .seconds(2)), intent: intent)
+            let timeout = min(deadline - start, .seconds(2))
+            read = try await self.sharedSnapshot(id, timeout: timeout, until: start + timeout, intent: intent)
         } catch {
             // The store is unreachable: a still-valid token held in memory is served (unverified
             // too: nothing better can be known now), except to a forced refresh, which asks for a
@@ -309,35 +321,28 @@ public final class TokenFlow: Sendable, Service {
 
     /// The installation's snapshot, read once for every caller that needs it while a read is in
     /// flight: the first reads the store, callers arriving meanwhile get its answer (a read as
-    /// recent as their own would be). A caller whose reader was cancelled reads for itself, and so
-    /// does a forced refresh.
+    /// recent as their own would be), or ``SharedReadTimedOut`` at `readDeadline` (when a read of
+    /// their own would have timed out) if it has not come by then. A caller whose reader was
+    /// cancelled reads for itself, and so does a forced refresh.
     /// The reader's snapshot may take the lease for the round its caller would start (`intent`):
     /// it is kept as ``State/leaseAhead`` before anyone is answered, for the first round started.
-    private func sharedSnapshot(_ id: InstallationID, timeout: Duration, intent: SnapshotLeaseIntent)
-        async throws -> SharedRead
-    {
+    private func sharedSnapshot(
+        _ id: InstallationID, timeout: Duration, until readDeadline: FlowTime, intent: SnapshotLeaseIntent
+    ) async throws -> SharedRead {
         let ownRead = { () async throws -> SharedRead in
             let readAt = self.memoryGenerationNow()
             return SharedRead(snapshot: try await self.store.snapshot(id, timeout: timeout), readAt: readAt)
         }
         let leads = self.state.withLock { s -> Bool in
             guard s.snapshotsInFlight[id] == nil else { return false }
-            s.snapshotsInFlight[id] = []
+            s.snapshotsInFlight[id] = [:]
             return true
         }
         guard leads else {
             // A forced refresh reads for itself: a read in flight may have left before the token it
             // replaces was stored (by another replica), and that token would then count as newer.
             if intent.forced { return try await ownRead() }
-            let shared = await withCheckedContinuation { (follower: SnapshotFollower) in
-                let joined = self.state.withLock { s -> Bool in
-                    guard s.snapshotsInFlight[id] != nil else { return false }
-                    s.snapshotsInFlight[id]?.append(follower)
-                    return true
-                }
-                if !joined { follower.resume(returning: nil) }
-            }
-            switch shared {
+            switch await self.followSnapshot(id, until: readDeadline) {
             case .some(.success(let read)): return read
             case .some(.failure(let error)) where !(error is CancellationError): throw error
             default: return try await ownRead()
@@ -365,9 +370,39 @@ public final class TokenFlow: Sendable, Service {
             }
         }
         if let replaced { self.submit { try? await self.store.releaseLease(id, requestID: replaced.requestID) } }
-        let followers = self.state.withLock { $0.snapshotsInFlight.removeValue(forKey: id) ?? [] }
-        for follower in followers { follower.resume(returning: result) }
+        let followers = self.state.withLock { $0.snapshotsInFlight.removeValue(forKey: id) ?? [:] }
+        for (number, follower) in followers {
+            self.followerTimers.cancel(number)
+            follower.resume(returning: result)
+        }
         return try result.get()
+    }
+
+    /// Waits for the store read of `id` in flight: its answer, ``SharedReadTimedOut`` when it has
+    /// not come by `readDeadline` (a timer, a child task of ``run()``), or nil when the read
+    /// ended before this caller joined.
+    private func followSnapshot(_ id: InstallationID, until readDeadline: FlowTime) async
+        -> Result<SharedRead, any Error>?
+    {
+        let number = self.state.withLock { s -> UInt64 in
+            s.nextSnapshotFollower += 1
+            return s.nextSnapshotFollower
+        }
+        self.followerTimers.arm(number)
+        defer { self.followerTimers.cancel(number) }
+        return await withCheckedContinuation { (follower: SnapshotFollower) in
+            let joined = self.state.withLock { s -> Bool in
+                guard s.snapshotsInFlight[id] != nil else { return false }
+                s.snapshotsInFlight[id]?[number] = follower
+                return true
+            }
+            guard joined else { return follower.resume(returning: nil) }
+            self.submit {
+                guard await self.followerTimers.wait(number, until: readDeadline) else { return }
+                let late = self.state.withLock { $0.snapshotsInFlight[id]?.removeValue(forKey: number) }
+                late?.resume(returning: .failure(SharedReadTimedOut()))
+            }
+        }
     }
 
     /// Feeds what a snapshot said about the installation (trigger, hold, circuit) to this process,
