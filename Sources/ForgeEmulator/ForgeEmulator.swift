@@ -134,7 +134,11 @@ public final class ForgeEmulator: Sendable, Service {
     /// scheduled pushes and late deliveries; shuts the HTTP client down before returning.
     /// - Throws: ``ForgeEmulatorError/alreadyRunning``, or the server's error (such as a bind failure).
     public func run() async throws {
-        let client = HTTPClient(eventLoopGroupProvider: .singleton)
+        // Forge counts a redirect as an error (protocol: "Redirects count as errors"): a 3xx
+        // is answered as it is, never followed.
+        var clientConfiguration = HTTPClient.Configuration()
+        clientConfiguration.redirectConfiguration = .disallow
+        let client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: clientConfiguration)
         let (jobs, jobsContinuation) = AsyncStream.makeStream(of: DeferredJob.self)
         do {
             try self.state.withLock { try $0.start(client: client, jobs: jobsContinuation) }

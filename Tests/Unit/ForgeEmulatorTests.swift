@@ -174,6 +174,10 @@ private final class FakeGateway: Sendable {
                 #"{"installationId":"\#(installationId)","triggerKeyId":"\#(self.keyId)","triggerPublicKey":"\#(publicKey)"}"#
             )
         }
+        // A proxy that redirects to the real route (Forge does not follow it).
+        router.post("/moved/forge/auth-trigger") { _, _ -> Response in
+            Response(status: .temporaryRedirect, headers: [.location: "/forge/auth-trigger"])
+        }
         router.post("/forge/auth-trigger") { request, _ -> Response in
             guard let installationId = await self.verifiedInstallation(request) else {
                 return Self.json(.unauthorized, "{}")
@@ -615,6 +619,20 @@ private func post(_ url: String, json: String? = nil) async throws -> (status: I
             try await emulator.uninstall(installation)
             await emulator.scheduledPush(installation)
             #expect(gateways[0].deliveries.count == 4)
+        }
+    }
+
+    @Test("a redirect is an error, as Forge counts it: the 307 is answered as it is, not followed")
+    func redirectsAreNotFollowed() async throws {
+        try await withEmulator { emulator, gateways, urls in
+            let installation = emulator.makeInstallation()
+            try await emulator.install(installation)
+            let moved = try await emulator.push(installation, to: urls[0] + "/moved")
+            #expect(moved.status == 307)
+            #expect(gateways[0].deliveries.isEmpty)
+            // Straight to the route, the same push arrives.
+            #expect(try await emulator.push(installation).status == 200)
+            #expect(gateways[0].deliveries.count == 1)
         }
     }
 
