@@ -209,6 +209,45 @@ struct InvokeIntegrationTests {
     }
 
     @Test(
+        "kept answers are indexed until they expire; a failed call's claim leaves the index at once, so it holds only live entries"
+    )
+    func idempotencyIndexHoldsLiveEntries() async throws {
+        try await Self.run(configure: { config in
+            config.flow.breakerThreshold = 100
+            config.invoke.maxAttempts = 1
+        }) { h in
+            let installation = try await h.installed()
+            let index = "tg:{\(installation.id)}:invoke-idem-index"
+            h.emulator.setNamedTriggerBehaviour(.fail(status: 503, times: nil), for: installation, key: "echo")
+            for n in 0..<5 {
+                let failed = try await Self.invoke(h, installation, "echo", headers: ["idempotency-key": "failed-\(n)"])
+                #expect(failed.status == 503)
+            }
+            #expect(try await h.gateway.redis.send(["EXISTS", index]).int == 0)
+            h.emulator.setNamedTriggerBehaviour(.echo, for: installation, key: "echo")
+            let before = Int64(Date().timeIntervalSince1970 * 1000)
+            for n in 0..<3 {
+                let kept = try await Self.invoke(h, installation, "echo", headers: ["idempotency-key": "kept-\(n)"])
+                #expect(kept.status == 200)
+            }
+            let after = Int64(Date().timeIntervalSince1970 * 1000)
+            let entries = try await h.gateway.redis.send(["ZRANGE", index, "0", "-1", "WITHSCORES"]).array ?? []
+            #expect(entries.count == 6)
+            let retention = h.gateway.configuration.invoke.idempotencyRetention.milliseconds
+            for pair in stride(from: 0, to: entries.count - 1, by: 2) {
+                let key = entries[pair].string ?? ""
+                #expect(key.hasPrefix("tg:{\(installation.id)}:invoke-idem:echo:"))
+                // Indexed until the kept answer expires.
+                let score = Int64(entries[pair + 1].string.flatMap { Double($0) } ?? 0)
+                #expect(score >= before + retention && score <= after + retention)
+                // The entry expires then too (set by the server's clock, the score by the gateway's).
+                let expiresAt = try await h.gateway.redis.send(["PEXPIRETIME", key]).int ?? 0
+                #expect(abs(expiresAt - score) <= 1000)
+            }
+        }
+    }
+
+    @Test(
         "the caller's timeout covers the trigger's whole answer: a head at once and a body that does not come is 504 at the deadline"
     )
     func timeoutCoversTheAnswerBody() async throws {

@@ -56,10 +56,12 @@ struct UserTokenIntegrationTests {
             let ttl = try await h.gateway.redis.send(["TTL", key]).int ?? 0
             let left = exp - Int64(Date().timeIntervalSince1970)
             #expect(ttl >= left - 62 && ttl <= left - 55)
-            let indexed = try await h.gateway.redis.send([
-                "SISMEMBER", "tg:{\(installation.id)}:user-tokens", key,
-            ]).int
-            #expect(indexed == 1)
+            // Indexed until the cache entry expires (unix ms).
+            let indexedUntil = try await h.gateway.redis.send([
+                "ZSCORE", "tg:{\(installation.id)}:user-keys", key,
+            ]).string.flatMap { Double($0) }
+            let entryExpiry = try await h.gateway.redis.send(["PEXPIRETIME", key]).int
+            #expect(indexedUntil.map { Int64($0) } == entryExpiry)
 
             // Audit: one record of the exchange and one of the hand-out, with the account, never the token.
             let lines = h.logs.captured
@@ -423,6 +425,47 @@ struct UserTokenIntegrationTests {
             let answer = try await h.userToken(installation, account)
             #expect(answer.status == 410)
             #expect(answer.errorCode == "installation_uninstalled")
+        }
+    }
+
+    @Test(
+        "the index of user keys holds only live ones: entries past their time are dropped on every write; uninstall deletes what it and the earlier builds' set name"
+    )
+    func userKeyIndexIsTrimmed() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let id = installation.installationID
+            let users = h.gateway.userTokenStore
+            let index = h.gateway.store.userKeysIndexKey(id)
+            let now = FlowTime.now()
+            let token = AccessToken(value: "user-token", expiresAt: now.unixSeconds + 3600)
+            for n in 0..<20 {
+                let outcome = try await users.store(
+                    id, accountId: "557058:a\(n)", token: token, cacheUntil: now.unixSeconds + 3540, now: now)
+                #expect(outcome == .stored)
+            }
+            for n in 0..<5 { try await users.rememberDenial(id, accountId: "557058:d\(n)", for: .seconds(60)) }
+            #expect(try await h.gateway.redis.send(["ZCARD", index]).int == 25)
+            // An hour later (as the writer's clock says) every entry above has run out: the next
+            // write drops them all, and the index expires with its one live entry.
+            let later = now + .seconds(3600)
+            let fresh = AccessToken(value: "user-token-2", expiresAt: later.unixSeconds + 3600)
+            _ = try await users.store(
+                id, accountId: "557058:late", token: fresh, cacheUntil: later.unixSeconds + 3540, now: later)
+            let lateKey = users.tokenKey(id, accountId: "557058:late")
+            #expect(
+                try await h.gateway.redis.send(["ZRANGE", index, "0", "-1"]).array?.compactMap(\.string) == [lateKey])
+            #expect(
+                try await h.gateway.redis.send(["PEXPIRETIME", index]).int
+                    == (later.unixSeconds + 3540) * 1000)
+            // A key named by the set earlier builds kept is deleted by the uninstall too.
+            let legacyKey = users.tokenKey(id, accountId: "557058:legacy")
+            _ = try await h.gateway.redis.send(["HSET", legacyKey, "exp", "1"])
+            _ = try await h.gateway.redis.send(["SADD", h.gateway.store.legacyUserTokenIndexKey(id), legacyKey])
+            try await h.emulator.uninstall(installation)
+            for key in [lateKey, legacyKey, index, h.gateway.store.legacyUserTokenIndexKey(id)] {
+                #expect(try await h.gateway.redis.send(["EXISTS", key]).int == 0, "\(key)")
+            }
         }
     }
 

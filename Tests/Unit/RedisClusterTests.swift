@@ -44,7 +44,8 @@ import Testing
             let id = try #require(InstallationID(raw))
             let keys = [
                 store.installationKey(id), store.systemTokenKey(id), store.signingKeysKey(id), store.leaseKey(id),
-                store.pendingKey(id, requestID: "r1"), store.userTokenIndexKey(id), store.breakerKey(id),
+                store.pendingKey(id, requestID: "r1"), store.userKeysIndexKey(id), store.legacyUserTokenIndexKey(id),
+                store.breakerKey(id),
                 users.tokenKey(id, accountId: "557058:abc"), users.deniedKey(id, accountId: "557058:abc"),
                 users.leaseKey(id, accountId: "557058:abc"),
             ]

@@ -123,16 +123,17 @@ enum GatewayScripts {
         """)
 
     /// Marks an installation uninstalled and deletes its tokens and keys.
-    /// KEYS: installation, system token, signing keys, user-token index. ARGV: now, channel, ari.
+    /// KEYS: installation, system token, signing keys, earlier builds' user-token set, user-key
+    /// index (sorted set). ARGV: now, channel, ari.
     static let uninstall = RedisScript(
         """
         redis.call('HSETNX', KEYS[1], 'createdAt', ARGV[1])
         redis.call('HSET', KEYS[1], 'status', 'uninstalled', 'updatedAt', ARGV[1])
         redis.call('HDEL', KEYS[1], 'triggerUrl', 'tokenExpiresAt')
         redis.call('DEL', KEYS[2], KEYS[3])
-        local users = redis.call('SMEMBERS', KEYS[4])
-        for _, k in ipairs(users) do redis.call('DEL', k) end
-        redis.call('DEL', KEYS[4])
+        for _, k in ipairs(redis.call('SMEMBERS', KEYS[4])) do redis.call('DEL', k) end
+        for _, k in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do redis.call('DEL', k) end
+        redis.call('DEL', KEYS[4], KEYS[5])
         redis.call('PUBLISH', ARGV[2], 'uninstalled ' .. ARGV[3])
         return 1
         """)

@@ -64,7 +64,13 @@ public final class GatewayStore: Sendable {
     public func signingKeysKey(_ id: InstallationID) -> String { self.tag(id) + ":signing-keys" }
     func leaseKey(_ id: InstallationID) -> String { self.tag(id) + ":lease" }
     func pendingKey(_ id: InstallationID, requestID: String) -> String { self.tag(id) + ":pending:" + requestID }
-    public func userTokenIndexKey(_ id: InstallationID) -> String { self.tag(id) + ":user-tokens" }
+    /// The sorted set of the installation's user-token and refusal key names, scored by when each
+    /// expires (unix ms): entries past their time are dropped on every write, so it holds only live
+    /// keys (uninstall deletes them).
+    public func userKeysIndexKey(_ id: InstallationID) -> String { self.tag(id) + ":user-keys" }
+    /// The set of user-token key names earlier builds kept (never trimmed; it expires with its
+    /// longest-lived member). Uninstall still deletes what it names.
+    public func legacyUserTokenIndexKey(_ id: InstallationID) -> String { self.tag(id) + ":user-tokens" }
     public func breakerKey(_ id: InstallationID) -> String { self.tag(id) + ":breaker" }
     func holdKey(_ id: InstallationID) -> String { self.tag(id) + ":hold" }
     public var installationsIndexKey: String { "\(self.prefix):installations" }
@@ -176,7 +182,7 @@ public final class GatewayStore: Sendable {
             GatewayScripts.uninstall,
             keys: [
                 self.installationKey(id), self.systemTokenKey(id), self.signingKeysKey(id),
-                self.userTokenIndexKey(id),
+                self.legacyUserTokenIndexKey(id), self.userKeysIndexKey(id),
             ],
             arguments: [String(now.unixSeconds), self.channel, id.ari])
         try await self.index(id)

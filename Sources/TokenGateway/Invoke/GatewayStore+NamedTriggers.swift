@@ -8,13 +8,17 @@ import FlowEngine
 /// - `invoke-breaker` — hash: `<trigger key>:failures`, `<trigger key>:opens`,
 ///   `<trigger key>:openUntil` (unix ms); one circuit per trigger key.
 /// - `invoke-idem:<trigger key>:<digest>` — hash: `state` (`pending`/`done`), `owner`, `fp`
-///   (payload fingerprint), `answer` (sealed); its index `invoke-idem` (a set of those key names).
+///   (payload fingerprint), `answer` (sealed); its index `invoke-idem-index` (a sorted set of those
+///   key names scored by when each expires, unix ms: every claim drops the entries past their time,
+///   a released claim leaves it at once). Earlier builds kept an untrimmed set, `invoke-idem`;
+///   uninstall still deletes what it names.
 ///
 /// Uninstall deletes all of them (``deleteNamedTriggerState(_:)``).
 extension GatewayStore {
     func namedTriggersKey(_ id: InstallationID) -> String { self.tag(id) + ":named-triggers" }
     func invokeBreakerKey(_ id: InstallationID) -> String { self.tag(id) + ":invoke-breaker" }
-    func invokeIdempotencyIndexKey(_ id: InstallationID) -> String { self.tag(id) + ":invoke-idem" }
+    func invokeIdempotencyIndexKey(_ id: InstallationID) -> String { self.tag(id) + ":invoke-idem-index" }
+    func legacyInvokeIdempotencyIndexKey(_ id: InstallationID) -> String { self.tag(id) + ":invoke-idem" }
     func invokeIdempotencyKey(_ id: InstallationID, trigger: String, digest: String) -> String {
         self.tag(id) + ":invoke-idem:" + trigger + ":" + digest
     }
@@ -137,14 +141,13 @@ extension GatewayStore {
     /// earlier request with the same key left.
     public func claimIdempotencyKey(
         _ id: InstallationID, trigger: String, digest: String, fingerprint: String, owner: String,
-        pendingTTL: Duration, retention: Duration
+        pendingTTL: Duration
     ) async throws -> IdempotencyClaim {
         let key = self.invokeIdempotencyKey(id, trigger: trigger, digest: digest)
         let r = try await self.redis.eval(
             NamedTriggerScripts.claim, keys: [key, self.invokeIdempotencyIndexKey(id)],
             arguments: [
-                owner, fingerprint, String(max(pendingTTL.milliseconds, 1)),
-                String(max(retention.milliseconds, 1) + 3_600_000),
+                owner, fingerprint, String(max(pendingTTL.milliseconds, 1)), String(FlowTime.now().unixMilliseconds),
             ])
         guard let items = r.array, let first = items.first?.string else { throw RedisError.protocolError }
         switch first {
@@ -167,8 +170,8 @@ extension GatewayStore {
         let key = self.invokeIdempotencyKey(id, trigger: trigger, digest: digest)
         let sealed = try self.box.seal(answer, context: key + "#answer")
         let r = try await self.redis.eval(
-            NamedTriggerScripts.complete, keys: [key],
-            arguments: [owner, sealed, String(max(retention.milliseconds, 1))])
+            NamedTriggerScripts.complete, keys: [key, self.invokeIdempotencyIndexKey(id)],
+            arguments: [owner, sealed, String(max(retention.milliseconds, 1)), String(FlowTime.now().unixMilliseconds)])
         return r.int == 1
     }
 
@@ -177,7 +180,10 @@ extension GatewayStore {
         async throws
     {
         _ = try await self.redis.eval(
-            NamedTriggerScripts.release, keys: [self.invokeIdempotencyKey(id, trigger: trigger, digest: digest)],
+            NamedTriggerScripts.release,
+            keys: [
+                self.invokeIdempotencyKey(id, trigger: trigger, digest: digest), self.invokeIdempotencyIndexKey(id),
+            ],
             arguments: [owner])
     }
 
@@ -185,7 +191,10 @@ extension GatewayStore {
     public func deleteNamedTriggerState(_ id: InstallationID) async throws {
         _ = try await self.redis.eval(
             NamedTriggerScripts.deleteAll,
-            keys: [self.namedTriggersKey(id), self.invokeBreakerKey(id), self.invokeIdempotencyIndexKey(id)],
+            keys: [
+                self.namedTriggersKey(id), self.invokeBreakerKey(id), self.legacyInvokeIdempotencyIndexKey(id),
+                self.invokeIdempotencyIndexKey(id),
+            ],
             arguments: [])
     }
 }
@@ -247,48 +256,51 @@ enum NamedTriggerScripts {
         return {0, 0}
         """)
 
-    /// KEYS: entry, index. ARGV: owner, fingerprint, pending ttl ms, index ttl ms.
+    /// KEYS: entry, index. ARGV: owner, fingerprint, pending ttl ms, now (unix ms).
     /// Returns {'claimed'}, {'pending'}, {'mismatch'} or {'done', sealed answer}.
     static let claim = RedisScript(
-        """
-        local state = redis.call('HGET', KEYS[1], 'state')
-        if not state then
-          redis.call('HSET', KEYS[1], 'state', 'pending', 'owner', ARGV[1], 'fp', ARGV[2])
-          redis.call('PEXPIRE', KEYS[1], ARGV[3])
-          redis.call('SADD', KEYS[2], KEYS[1])
-          redis.call('PEXPIRE', KEYS[2], ARGV[4])
-          return {'claimed'}
-        end
-        if redis.call('HGET', KEYS[1], 'fp') ~= ARGV[2] then return {'mismatch'} end
-        if state == 'done' then return {'done', redis.call('HGET', KEYS[1], 'answer')} end
-        return {'pending'}
-        """)
+        ExpiringKeyIndex.luaFunction + """
+            local state = redis.call('HGET', KEYS[1], 'state')
+            if not state then
+              redis.call('HSET', KEYS[1], 'state', 'pending', 'owner', ARGV[1], 'fp', ARGV[2])
+              redis.call('PEXPIRE', KEYS[1], ARGV[3])
+              index(KEYS[2], KEYS[1], tonumber(ARGV[4]) + tonumber(ARGV[3]), tonumber(ARGV[4]))
+              return {'claimed'}
+            end
+            if redis.call('HGET', KEYS[1], 'fp') ~= ARGV[2] then return {'mismatch'} end
+            if state == 'done' then return {'done', redis.call('HGET', KEYS[1], 'answer')} end
+            return {'pending'}
+            """)
 
-    /// KEYS: entry. ARGV: owner, sealed answer, retention ms. Returns 1 when stored.
+    /// KEYS: entry, index. ARGV: owner, sealed answer, retention ms, now (unix ms). Returns 1 when
+    /// stored.
     static let complete = RedisScript(
-        """
-        if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
-        if redis.call('HGET', KEYS[1], 'state') ~= 'pending' then return 0 end
-        redis.call('HSET', KEYS[1], 'state', 'done', 'answer', ARGV[2])
-        redis.call('PEXPIRE', KEYS[1], ARGV[3])
-        return 1
-        """)
+        ExpiringKeyIndex.luaFunction + """
+            if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+            if redis.call('HGET', KEYS[1], 'state') ~= 'pending' then return 0 end
+            redis.call('HSET', KEYS[1], 'state', 'done', 'answer', ARGV[2])
+            redis.call('PEXPIRE', KEYS[1], ARGV[3])
+            index(KEYS[2], KEYS[1], tonumber(ARGV[4]) + tonumber(ARGV[3]), tonumber(ARGV[4]))
+            return 1
+            """)
 
-    /// KEYS: entry. ARGV: owner. Deletes a pending entry this owner holds.
+    /// KEYS: entry, index. ARGV: owner. Deletes a pending entry this owner holds, and its index entry.
     static let release = RedisScript(
         """
         if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] and redis.call('HGET', KEYS[1], 'state') == 'pending' then
+          redis.call('ZREM', KEYS[2], KEYS[1])
           return redis.call('DEL', KEYS[1])
         end
         return 0
         """)
 
-    /// KEYS: named triggers, breaker, idempotency index. Deletes them and every indexed entry.
+    /// KEYS: named triggers, breaker, earlier builds' idempotency set, idempotency index. Deletes
+    /// them and every entry they name.
     static let deleteAll = RedisScript(
         """
-        local entries = redis.call('SMEMBERS', KEYS[3])
-        for _, k in ipairs(entries) do redis.call('DEL', k) end
-        redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+        for _, k in ipairs(redis.call('SMEMBERS', KEYS[3])) do redis.call('DEL', k) end
+        for _, k in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do redis.call('DEL', k) end
+        redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
         return 1
         """)
 }

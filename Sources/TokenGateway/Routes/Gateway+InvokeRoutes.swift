@@ -307,7 +307,7 @@ extension Gateway {
             do {
                 result = try await self.store.claimIdempotencyKey(
                     id, trigger: key, digest: digest, fingerprint: fingerprint, owner: owner,
-                    pendingTTL: pendingTTL, retention: self.configuration.invoke.idempotencyRetention)
+                    pendingTTL: pendingTTL)
             } catch {
                 trace.outcome = "store_unavailable"
                 throw GatewayError.storeUnavailable

@@ -7,8 +7,11 @@ import FlowEngine
 ///   context), `at`; expires shortly before the token does;
 /// - `tg:{<installation>}:user-denied:<accountId>` — a remembered refusal, expiring on its own;
 /// - `tg:{<installation>}:user-lease:<accountId>` — the owner of the one exchange in flight;
-/// - `tg:{<installation>}:user-tokens` — the set of the above token and refusal keys, which
-///   uninstall deletes with the installation's other keys; it expires with its longest-lived member.
+/// - `tg:{<installation>}:user-keys` — the sorted set of the above token and refusal keys, scored
+///   by when each expires (unix ms); every write drops the entries past their time, so it names
+///   only live keys, which uninstall deletes with the installation's other keys. It expires with
+///   its longest-lived member. (Earlier builds kept an untrimmed set, `user-tokens`; uninstall
+///   still deletes what it names.)
 ///
 /// The app-wide exchange budget lives under its own hash tag: `tg:{user-exchanges:<scope>}:log`
 /// (a sorted set of the exchanges of the last window, scored by unix milliseconds) and
@@ -91,7 +94,7 @@ public struct RedisUserTokenStore: UserTokenStore {
         let r = try await self.redis.eval(
             UserTokenScripts.store,
             keys: [
-                self.installations.installationKey(id), tokenKey, self.installations.userTokenIndexKey(id),
+                self.installations.installationKey(id), tokenKey, self.installations.userKeysIndexKey(id),
                 self.deniedKey(id, accountId: accountId),
             ],
             arguments: [String(token.expiresAt), sealed, String(now.unixSeconds), String(cacheUntil)]
@@ -110,9 +113,10 @@ public struct RedisUserTokenStore: UserTokenStore {
             UserTokenScripts.deny,
             keys: [
                 self.installations.installationKey(id), self.deniedKey(id, accountId: accountId),
-                self.installations.userTokenIndexKey(id), self.tokenKey(id, accountId: accountId),
+                self.installations.userKeysIndexKey(id), self.tokenKey(id, accountId: accountId),
             ],
-            arguments: [String(max(duration.milliseconds, 1))] + self.announcement(id, accountId: accountId))
+            arguments: [String(max(duration.milliseconds, 1))] + self.announcement(id, accountId: accountId)
+                + [String(FlowTime.now().unixMilliseconds)])
         return r.int == 1
     }
 
@@ -225,33 +229,32 @@ enum UserTokenScripts {
     /// KEYS: installation, user token, index, refusal. ARGV: exp, sealed, now, cacheUntil, channel,
     /// message. Returns -1 (uninstalled), 0 (too short-lived to cache), 1 (stored, announced).
     static let store = RedisScript(
-        """
-        if redis.call('HGET', KEYS[1], 'status') == 'uninstalled' then return -1 end
-        redis.call('DEL', KEYS[4])
-        local now = tonumber(ARGV[3])
-        local untilAt = tonumber(ARGV[4])
-        if untilAt <= now then return 0 end
-        redis.call('HSET', KEYS[2], 'exp', ARGV[1], 'v', ARGV[2], 'at', ARGV[3])
-        redis.call('EXPIREAT', KEYS[2], untilAt)
-        redis.call('SADD', KEYS[3], KEYS[2])
-        local want = untilAt - now
-        if redis.call('TTL', KEYS[3]) < want then redis.call('EXPIRE', KEYS[3], want) end
-        redis.call('PUBLISH', ARGV[5], ARGV[6])
-        return 1
-        """)
+        ExpiringKeyIndex.luaFunction + """
+            if redis.call('HGET', KEYS[1], 'status') == 'uninstalled' then return -1 end
+            redis.call('DEL', KEYS[4])
+            redis.call('ZREM', KEYS[3], KEYS[4])
+            local now = tonumber(ARGV[3])
+            local untilAt = tonumber(ARGV[4])
+            if untilAt <= now then return 0 end
+            redis.call('HSET', KEYS[2], 'exp', ARGV[1], 'v', ARGV[2], 'at', ARGV[3])
+            redis.call('EXPIREAT', KEYS[2], untilAt)
+            index(KEYS[3], KEYS[2], untilAt * 1000, now * 1000)
+            redis.call('PUBLISH', ARGV[5], ARGV[6])
+            return 1
+            """)
 
-    /// KEYS: installation, refusal, index, user token. ARGV: ms, channel, message. Returns -1
-    /// (uninstalled) or 1 (remembered, announced).
+    /// KEYS: installation, refusal, index, user token. ARGV: ms, channel, message, now (unix ms).
+    /// Returns -1 (uninstalled) or 1 (remembered, announced).
     static let deny = RedisScript(
-        """
-        if redis.call('HGET', KEYS[1], 'status') == 'uninstalled' then return -1 end
-        redis.call('SET', KEYS[2], '1', 'PX', ARGV[1])
-        redis.call('DEL', KEYS[4])
-        redis.call('SADD', KEYS[3], KEYS[2])
-        if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[3], ARGV[1]) end
-        redis.call('PUBLISH', ARGV[2], ARGV[3])
-        return 1
-        """)
+        ExpiringKeyIndex.luaFunction + """
+            if redis.call('HGET', KEYS[1], 'status') == 'uninstalled' then return -1 end
+            redis.call('SET', KEYS[2], '1', 'PX', ARGV[1])
+            redis.call('DEL', KEYS[4])
+            redis.call('ZREM', KEYS[3], KEYS[4])
+            index(KEYS[3], KEYS[2], tonumber(ARGV[4]) + tonumber(ARGV[1]), tonumber(ARGV[4]))
+            redis.call('PUBLISH', ARGV[2], ARGV[3])
+            return 1
+            """)
 
     /// KEYS: lease. ARGV: owner, channel, message. Deletes the lease while `owner` holds it and
     /// announces it; returns 1 then, else 0.
