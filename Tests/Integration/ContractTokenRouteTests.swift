@@ -196,6 +196,36 @@ struct ContractTokenRouteTests {
         await holder.stop()
     }
 
+    @Test(
+        "a trigger that answers 2xx at once and then holds its body: each attempt still ends at its own timeout, and the next is made"
+    )
+    func triggerBodyHeldPastTheAttemptTimeout() async throws {
+        let holder = try await LoopbackListener.start(
+            answering: "HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n{", hold: true)
+        do {
+            try await GatewayHarness.run(configure: {
+                GatewayHarness.allowing(holder.baseURL, in: &$0)
+                $0.flow.maxAttempts = 2
+                $0.flow.attemptTimeout = .milliseconds(300)
+            }) { h in
+                let installation = try await h.installed()
+                #expect(
+                    try await h.emulator.register(installation, authTriggerUrl: holder.baseURL + "/x1/held").status
+                        == 200)
+                // Accepted (2xx) twice, delivered never: the caller's deadline is far off, so only
+                // attempts that end by their own timeout reach the second one.
+                let answer = try await h.token(installation, query: "timeout=30000")
+                #expect(answer.status == 504)
+                #expect(answer.errorCode == "token_timeout")
+                #expect(holder.connections == 2)
+            }
+        } catch {
+            await holder.stop()
+            throw error
+        }
+        await holder.stop()
+    }
+
     @Test("the default trigger allow-list: https on *.hello.atlassian-dev.net and *.webtrigger.atlassian.app only")
     func defaultTriggerAllowList() async throws {
         try await GatewayHarness.run(configure: { $0.triggerHosts = .forgeDefault }) { h in

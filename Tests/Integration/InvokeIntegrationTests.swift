@@ -248,6 +248,33 @@ struct InvokeIntegrationTests {
     }
 
     @Test(
+        "a trigger's 429 (come back later) is relayed but not kept: a retry with the same key calls the trigger again")
+    func comeBackLaterIsNotKept() async throws {
+        try await Self.run(configure: { $0.flow.breakerThreshold = 100 }) { h in
+            let installation = try await h.installed()
+            for status in [429, 408] {
+                h.emulator.setNamedTriggerBehaviour(.fail(status: status, times: 1), for: installation, key: "echo")
+                let later = try await Self.invoke(
+                    h, installation, "echo", body: #"{"n":1}"#, headers: ["idempotency-key": "later-\(status)"])
+                #expect(later.status == status)
+                let again = try await Self.invoke(
+                    h, installation, "echo", body: #"{"n":1}"#, headers: ["idempotency-key": "later-\(status)"])
+                #expect(again.status == 200)
+                #expect(again.headers["idempotent-replayed"] == nil)
+            }
+            #expect(h.emulator.namedTriggerCalls(for: installation, key: "echo").count == 4)
+            // A final 4xx is kept as before.
+            h.emulator.setNamedTriggerBehaviour(.fail(status: 409, times: 1), for: installation, key: "echo")
+            let conflict = try await Self.invoke(h, installation, "echo", headers: ["idempotency-key": "final"])
+            #expect(conflict.status == 409)
+            let replay = try await Self.invoke(h, installation, "echo", headers: ["idempotency-key": "final"])
+            #expect(replay.status == 409)
+            #expect(replay.headers["idempotent-replayed"] == "true")
+            #expect(h.emulator.namedTriggerCalls(for: installation, key: "echo").count == 5)
+        }
+    }
+
+    @Test(
         "the caller's timeout covers the trigger's whole answer: a head at once and a body that does not come is 504 at the deadline"
     )
     func timeoutCoversTheAnswerBody() async throws {

@@ -334,6 +334,24 @@ struct UserTokenIntegrationTests {
         }
     }
 
+    @Test(
+        "an exchange call answering its head at once and then holding its body ends at its timeout (timeout)",
+        .timeLimit(.minutes(1)))
+    func exchangeBodyHeldPastTheCallTimeout() async throws {
+        let holder = try await LoopbackListener.start(
+            answering: "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{", hold: true)
+        let httpClient = HTTPClient(eventLoopGroupProvider: .singleton)
+        let client = OfflineUserAuthTokenClient(
+            httpClient: httpClient, url: holder.baseURL + "/graphql", logger: Logger(label: "test"))
+        let outcome = await client.exchange(
+            systemToken: "system-token", context: try #require(SiteContext(product: "jira", cloudId: "cloud-1")),
+            accountId: try #require(UserAccountID("557058:user-1")), timeout: .milliseconds(300))
+        #expect(outcome == .failed(.timeout))
+        #expect(holder.connections == 1)
+        await holder.stop()
+        try await httpClient.shutdown()
+    }
+
     @Test("a system token refused mid-exchange is replaced once by a fresh round trip and the exchange retried")
     func expiredSystemToken() async throws {
         try await GatewayHarness.run { h in

@@ -30,6 +30,8 @@ struct HTTPInstallKeyFetcher: InstallKeyFetcher {
         var request = HTTPClientRequest(url: SignedInstallVerifier.trimmingTrailingSlashes(self.keysURL) + "/" + kid)
         request.method = .GET
         request.headers.add(name: "Accept", value: "application/x-pem-file, text/plain, */*")
+        // The timeout covers the key's body too (the client's own ends with the head).
+        let deadline = ContinuousClock.now + self.timeout
         let response = try await self.httpClient.execute(
             request, timeout: .nanoseconds(self.timeout.nanosecondsClamped), logger: self.logger)
         if response.status == .notFound {
@@ -38,7 +40,7 @@ struct HTTPInstallKeyFetcher: InstallKeyFetcher {
         guard response.status == .ok else {
             throw FetchError(description: "install key service answered HTTP \(response.status.code)")
         }
-        let body = try await response.body.collect(upTo: Self.maximumKeyBytes)
+        let body = try await response.body.collect(upTo: Self.maximumKeyBytes, before: deadline)
         return String(buffer: body)
     }
 }

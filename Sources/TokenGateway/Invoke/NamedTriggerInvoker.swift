@@ -40,6 +40,13 @@ public struct InvocationAnswer: Sendable, Hashable {
         (200..<300).contains(status) || (400..<600).contains(status)
     }
 
+    /// Whether an answer with `status` is kept for idempotent replays: a final one, below 500,
+    /// and not one that asks to come back later (408 Request Timeout, 425 Too Early, 429 Too Many
+    /// Requests), which a retry with the same key should try again.
+    public static func isKept(status: Int) -> Bool {
+        status < 500 && ![408, 425, 429].contains(status)
+    }
+
     /// The serialized form kept (sealed) for idempotent replays.
     public func encoded() -> [UInt8] {
         var object: [String: Any] = [

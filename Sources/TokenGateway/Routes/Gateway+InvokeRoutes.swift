@@ -373,8 +373,9 @@ extension Gateway {
             trace.attempts = attempts
             trace.outcome = (200..<300).contains(answer.status) ? "success" : "http_error"
             if let claim {
-                // Answers below 500 are kept and replayed; a 5xx answer lets a later retry call again.
-                if answer.status < 500 {
+                // Final answers are kept and replayed; a 5xx (or a "come back later") answer lets a
+                // later retry call again.
+                if InvocationAnswer.isKept(status: answer.status) {
                     var kept = answer
                     kept.requestID = requestID
                     _ = try? await self.store.completeIdempotencyKey(

@@ -163,9 +163,12 @@ public struct HTTPTriggerClient: TriggerSender {
         // Propagate the trace context (W3C, B3, … whichever instrument the operator bootstrapped).
         InstrumentationSystem.instrument.inject(
             ServiceContext.current ?? .topLevel, into: &request.headers, using: HTTPHeadersInjector())
+        // The attempt ends within its timeout, body included (the client's own ends with the head):
+        // the status decides, and a body still coming at the deadline is cut off.
+        let deadline = ContinuousClock.now + timeout
         do {
             let response = try await self.httpClient.execute(request, timeout: .nanoseconds(timeout.nanoseconds))
-            _ = try? await response.body.collect(upTo: 64 * 1024)
+            _ = try? await response.body.collect(upTo: 64 * 1024, before: deadline)
             if (200..<300).contains(Int(response.status.code)) {
                 logger.debug("trigger accepted", metadata: ["http.status": "\(response.status.code)"])
                 return .accepted

@@ -140,11 +140,13 @@ public struct OfflineUserAuthTokenClient: Sendable {
         request.headers.add(name: "authorization", value: "Bearer " + systemToken)
         request.headers.add(name: "user-agent", value: "token-gateway")
         request.body = .bytes(ByteBuffer(bytes: Self.body(context: context, accountId: accountId)))
+        // The call's timeout covers the answer's body too (the client's own ends with its head).
+        let deadline = ContinuousClock.now + timeout
         do {
             let response = try await self.httpClient.execute(request, timeout: .nanoseconds(timeout.nanoseconds))
             let status = Int(response.status.code)
             let retryAfter = response.headers.first(name: "retry-after")
-            let buffer = try await response.body.collect(upTo: Self.maxAnswerBytes)
+            let buffer = try await response.body.collect(upTo: Self.maxAnswerBytes, before: deadline)
             return Self.classify(
                 status: status, retryAfter: retryAfter, body: Array(buffer.readableBytesView), now: Date())
         } catch let error as HTTPClientError

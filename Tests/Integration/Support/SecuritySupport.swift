@@ -150,29 +150,40 @@ final class LoopbackListener: Sendable {
 }
 
 extension LoopbackListener {
-    /// Writes `answer` once the first bytes of a request arrived, then closes.
+    /// Writes `answer` once the first bytes of a request arrived, then closes (or, with `hold`,
+    /// keeps the connection open without another byte).
     final class FixedAnswer: ChannelInboundHandler, Sendable {
         typealias InboundIn = ByteBuffer
         let answer: String
-        init(_ answer: String) { self.answer = answer }
+        let hold: Bool
+        let answered = Atomic<Bool>(false)
+        init(_ answer: String, hold: Bool = false) {
+            self.answer = answer
+            self.hold = hold
+        }
 
         func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            guard !self.answered.exchange(true, ordering: .relaxed) else { return }
             let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
+            let hold = self.hold
             context.writeAndFlush(NIOAny(ByteBuffer(string: self.answer))).whenComplete { _ in
-                loopBound.value.close(promise: nil)
+                if !hold { loopBound.value.close(promise: nil) }
             }
         }
     }
 
-    /// A listener that answers every request with `answer` (a whole HTTP/1.1 answer) and closes.
-    static func start(answering answer: String) async throws -> LoopbackListener {
+    /// A listener that answers every request with `answer` (a whole HTTP/1.1 answer) and closes;
+    /// with `hold`, `answer` is the start of an answer (a head promising more body than it sends)
+    /// and the connection stays open, sending nothing more, until the listener is stopped.
+    static func start(answering answer: String, hold: Bool = false) async throws -> LoopbackListener {
         let accepted = Accepted()
         let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { child in
                 accepted.count.add(1, ordering: .relaxed)
+                if hold { accepted.held.withLock { $0.append(child) } }
                 return child.eventLoop.makeCompletedFuture {
-                    try child.pipeline.syncOperations.addHandler(FixedAnswer(answer))
+                    try child.pipeline.syncOperations.addHandler(FixedAnswer(answer, hold: hold))
                 }
             }
             .bind(host: "127.0.0.1", port: 0)
