@@ -222,6 +222,8 @@ struct OAuthIntegrationTests {
             #expect((basic.token["token_type"] as? String)?.lowercased() == "bearer")
             let expiresIn = try #require(basic.token["expires_in"] as? Int)
             #expect(expiresIn > 300 && expiresIn <= 7200)
+            // The installation's apiBaseUrl comes along (an extra member the library keeps).
+            #expect(basic.token["apiBaseUrl"] as? String == installation.apiBaseUrl)
             #expect(basic.headers["cache-control"] == "no-store")
             #expect(basic.headers["content-type"]?.hasPrefix("application/json") == true)
             #expect(h.emulator.triggerCalls(for: installation) == 1)
@@ -330,6 +332,7 @@ struct OAuthIntegrationTests {
             let viaAPI = try await h.apiToken(installation)
             #expect(exchanged.accessToken == viaAPI)
             #expect(exchanged.token["issued_token_type"] as? String == "urn:ietf:params:oauth:token-type:access_token")
+            #expect(exchanged.token["apiBaseUrl"] as? String == installation.apiBaseUrl)
             #expect((exchanged.token["token_type"] as? String)?.lowercased() == "bearer")
             #expect((exchanged.token["expires_in"] as? Int ?? 0) > 300)
             #expect(exchanged.headers["cache-control"] == "no-store")
@@ -447,6 +450,25 @@ struct OAuthIntegrationTests {
         }
     }
 
+    @Test("apiBaseUrl is null on /oauth/token as on GET …/token while no FIT carried one the gateway keeps")
+    func oauthAPIBaseURLNullWhileUnknown() async throws {
+        // The emulator's FITs name https://api.atlassian.com/ex/…, outside these prefixes: never kept.
+        try await GatewayHarness.run(configure: { $0.apiBaseURLPrefixes = ["https://api.stg.atlassian.com/ex/"] }) {
+            h in
+            let installation = try await h.installed()
+            let viaAPI = try await h.token(installation)
+            #expect(viaAPI.status == 200)
+            #expect(viaAPI.json["apiBaseUrl"] is NSNull)
+            let oauth = try await h.oauthPost(
+                "grant_type=client_credentials&resource=\(formEncoded(installation.id))",
+                headers: ["authorization": GatewayHarness.basic("full", GatewayHarness.callerSecret)])
+            #expect(oauth.status == 200, "\(oauth.body)")
+            #expect(Set(oauth.json.keys) == ["access_token", "token_type", "expires_in", "apiBaseUrl"])
+            #expect(oauth.json["apiBaseUrl"] is NSNull)
+            #expect(oauth.json["access_token"] as? String == viaAPI.json["accessToken"] as? String)
+        }
+    }
+
     @Test("the token endpoint reads forms strictly: encodings, repeats, two client methods, content type, method")
     func handBuiltRequests() async throws {
         let oddSecret = "odd secret+with%reserved:chars&=é"
@@ -471,7 +493,8 @@ struct OAuthIntegrationTests {
             let viaAPI = try await h.apiToken(installation)
             #expect(post.json["access_token"] as? String == viaAPI)
             #expect(post.headers["cache-control"] == "no-store")
-            #expect(Set(post.json.keys) == ["access_token", "token_type", "expires_in"])
+            #expect(Set(post.json.keys) == ["access_token", "token_type", "expires_in", "apiBaseUrl"])
+            #expect(post.json["apiBaseUrl"] as? String == installation.apiBaseUrl)
 
             // RFC 6749 §2.3.1: Basic credentials form-encoded before base64; also accepted as sent.
             let encodedBasic = GatewayHarness.basic(formEncoded("odd client"), formEncoded(oddSecret))

@@ -160,7 +160,8 @@ struct TokenAnswerMatrixTests {
                 "authorization": GatewayHarness.basic("full", GatewayHarness.callerSecret),
             ], body: "grant_type=client_credentials&resource=\(formEncoded(installation.id))")
         #expect(oauth.status == 200, "\(oauth.body)")
-        #expect(Set(oauth.json.keys) == ["access_token", "token_type", "expires_in"])
+        #expect(Set(oauth.json.keys) == ["access_token", "token_type", "expires_in", "apiBaseUrl"])
+        #expect(oauth.json["apiBaseUrl"] as? String == installation.apiBaseUrl)
         #expect(oauth.json["access_token"] as? String == token)
         #expect(oauth.json["token_type"] as? String == "Bearer")
         let exp = try #require(TokenClaims.expiry(of: token))

@@ -188,7 +188,8 @@ extension Gateway {
     }
 
     /// The installation's token through the same flow as `GET /v1/installations/{id}/token`
-    /// (cache, one coalesced round trip, the default 300 s validity and 10 s deadline), audited.
+    /// (cache, one coalesced round trip, the default 300 s validity and 10 s deadline), audited,
+    /// with the installation's `apiBaseUrl`.
     private func oauthIssue(_ installation: InstallationID, caller: Caller, exchange: Bool) async throws -> Response {
         let answer: TokenAnswer
         do {
@@ -207,6 +208,9 @@ extension Gateway {
         var fields: [(String, JSONValue)] = [("access_token", .string(answer.token.value))]
         if exchange { fields.append(("issued_token_type", .string(OAuthMetadata.accessTokenType))) }
         fields += [("token_type", "Bearer"), ("expires_in", .int(expiresIn))]
+        // Contract §2 (v1.1): the installation's apiBaseUrl whichever way its token is served, this
+        // one included (an extra member, as RFC 6749 §5.1 allows); null while no FIT carried one.
+        fields.append(("apiBaseUrl", answer.apiBaseUrl.map { .string($0) } ?? .null))
         return Response(
             status: .ok,
             headers: [
