@@ -91,27 +91,60 @@ extension ForgeEmulator {
     /// registers the web trigger (`POST {gateway}/forge/register` with
     /// `{"authTriggerUrl": baseURL + triggerPath}`) and keeps the trigger key the gateway answers,
     /// to verify trigger calls with.
+    ///
+    /// As Forge does, the lifecycle event is delivered again on a non-2xx answer (401 included), a
+    /// timeout or a failed call, up to ``ForgeEmulatorConfiguration/eventRetries`` times,
+    /// ``ForgeEmulatorConfiguration/eventRetryInterval`` apart; the registration (the companion's
+    /// install handler) is made again the same way when the gateway answered 5xx (the handler asks
+    /// Forge for a retry then; a 4xx is a configuration problem it only logs).
     /// - Throws: ``ForgeEmulatorError/unexpectedStatus(_:operation:)`` (operation `lifecycle` or
-    ///   `register`) on a non-2xx answer, ``ForgeEmulatorError/invalidRegistrationResponse``,
-    ///   ``ForgeEmulatorError/notRunning``, or the HTTP client's error.
+    ///   `register`) when the last delivery got a non-2xx answer,
+    ///   ``ForgeEmulatorError/invalidRegistrationResponse``, ``ForgeEmulatorError/notRunning``, or
+    ///   the HTTP client's error of the last delivery.
     ///
     /// With `lifecycleSystemToken`, the lifecycle call carries a fresh system token in
     /// `x-forge-oauth-system`, as an endpoint declared with `auth.appSystemToken` gets it.
     public func install(_ installation: EmulatedInstallation, lifecycleSystemToken: Bool = false) async throws {
         let token = lifecycleSystemToken ? try self.mintAccessToken(for: installation) : nil
-        let answer = try await self.sendLifecycleEvent(.installed, for: installation, systemToken: token)
-        guard answer.isSuccess else {
-            throw ForgeEmulatorError.unexpectedStatus(answer.status, operation: "lifecycle")
+        let answer = try await self.deliveredAsEvent(retryingWhen: { !(200..<300).contains($0) }) {
+            try await self.sendLifecycleEvent(.installed, for: installation, systemToken: token).status
+        }
+        guard (200..<300).contains(answer) else {
+            throw ForgeEmulatorError.unexpectedStatus(answer, operation: "lifecycle")
         }
         self.state.withLock { $0.update(installation) { $0.status = .installed } }
-        let registration = try await self.register(installation)
-        guard (200..<300).contains(registration.status) else {
-            throw ForgeEmulatorError.unexpectedStatus(registration.status, operation: "register")
+        let registered = try await self.deliveredAsEvent(retryingWhen: { $0 >= 500 }) {
+            try await self.register(installation).status
         }
+        guard (200..<300).contains(registered) else {
+            throw ForgeEmulatorError.unexpectedStatus(registered, operation: "register")
+        }
+        let keyId = self.state.withLock { $0.record(for: installation)?.triggerKey?.keyId }
         self.logger.info(
             "Installation installed",
-            metadata: ["installation.id": "\(installation.id)", "trigger.key.id": "\(registration.triggerKeyId ?? "")"]
+            metadata: ["installation.id": "\(installation.id)", "trigger.key.id": "\(keyId ?? "")"]
         )
+    }
+
+    /// Runs `call` (one delivery of an event, answering its HTTP status) as Forge delivers events:
+    /// again after ``ForgeEmulatorConfiguration/eventRetryInterval`` while `retryingWhen` says so
+    /// of its status or it failed (a timeout, a refused connection), up to
+    /// ``ForgeEmulatorConfiguration/eventRetries`` more times. Returns the last status, or throws
+    /// the last failure. A ``ForgeEmulatorError`` (not running, an unusable answer) ends it at once.
+    func deliveredAsEvent(retryingWhen retry: (Int) -> Bool, _ call: () async throws -> Int) async throws -> Int {
+        var attempt = 0
+        while true {
+            do {
+                let status = try await call()
+                if !retry(status) || attempt >= self.configuration.eventRetries { return status }
+            } catch let error as ForgeEmulatorError {
+                throw error  // not a failed delivery (not running, an unusable answer)
+            } catch {
+                if attempt >= self.configuration.eventRetries { throw error }
+            }
+            attempt += 1
+            try await Task.sleep(for: self.configuration.eventRetryInterval)
+        }
     }
 
     /// Sends `POST {gateway}/forge/register` with `{"authTriggerUrl": …}` (default: this emulator's
@@ -170,25 +203,31 @@ extension ForgeEmulator {
         )
     }
 
-    /// Sends `avi:forge:upgraded:app`.
-    /// - Throws: ``ForgeEmulatorError/unexpectedStatus(_:operation:)`` on a non-2xx answer, or the
-    ///   HTTP client's error.
+    /// Sends `avi:forge:upgraded:app`, delivered again as Forge delivers events (see
+    /// ``install(_:lifecycleSystemToken:)``).
+    /// - Throws: ``ForgeEmulatorError/unexpectedStatus(_:operation:)`` when the last delivery got a
+    ///   non-2xx answer, or the HTTP client's error of the last delivery.
     public func upgrade(_ installation: EmulatedInstallation) async throws {
-        let answer = try await self.sendLifecycleEvent(.upgraded, for: installation)
-        guard answer.isSuccess else {
-            throw ForgeEmulatorError.unexpectedStatus(answer.status, operation: "lifecycle")
+        let answer = try await self.deliveredAsEvent(retryingWhen: { !(200..<300).contains($0) }) {
+            try await self.sendLifecycleEvent(.upgraded, for: installation).status
+        }
+        guard (200..<300).contains(answer) else {
+            throw ForgeEmulatorError.unexpectedStatus(answer, operation: "lifecycle")
         }
         self.logger.info("Installation upgraded", metadata: ["installation.id": "\(installation.id)"])
     }
 
     /// Uninstalls the app as Forge does: invokes the `preUninstall` module's endpoint
-    /// (`POST {gateway}/forge/pre-uninstall`); the web trigger answers 404 from then on.
+    /// (`POST {gateway}/forge/pre-uninstall`), delivered again as Forge delivers events (see
+    /// ``install(_:lifecycleSystemToken:)``); the web trigger answers 404 from then on.
     /// - Throws: ``ForgeEmulatorError/unexpectedStatus(_:operation:)`` (operation `pre-uninstall`)
-    ///   on a non-2xx answer, or the HTTP client's error.
+    ///   when the last delivery got a non-2xx answer, or the HTTP client's error of the last delivery.
     public func uninstall(_ installation: EmulatedInstallation) async throws {
-        let answer = try await self.preUninstall(installation)
-        guard answer.isSuccess else {
-            throw ForgeEmulatorError.unexpectedStatus(answer.status, operation: "pre-uninstall")
+        let answer = try await self.deliveredAsEvent(retryingWhen: { !(200..<300).contains($0) }) {
+            try await self.preUninstall(installation).status
+        }
+        guard (200..<300).contains(answer) else {
+            throw ForgeEmulatorError.unexpectedStatus(answer, operation: "pre-uninstall")
         }
         self.state.withLock {
             $0.update(installation) { record in

@@ -39,7 +39,10 @@ public struct ForgeEmulatorConfiguration: Sendable {
     /// Cap on each event and scheduled-trigger call (lifecycle events, `preUninstall`, pushes):
     /// 5 s by default, Forge's limit for them.
     public var eventCallTimeout: Duration = .seconds(5)
-    /// How often Forge retries a scheduled push that failed (non-2xx, timeout or 401): 4.
+    /// How often Forge delivers again an event or scheduled push that failed (non-2xx, timeout or
+    /// 401): 4. Lifecycle events, `preUninstall` and the install handler's registration (on a 5xx)
+    /// are retried so by ``ForgeEmulator/install(_:lifecycleSystemToken:)``,
+    /// ``ForgeEmulator/upgrade(_:)`` and ``ForgeEmulator/uninstall(_:)``.
     public var eventRetries: Int = 4
     /// The wait between those retries: 60 s by default, as Forge waits.
     public var eventRetryInterval: Duration = .seconds(60)

@@ -67,6 +67,9 @@ private final class FakeGateway: Sendable {
         var registeredURLs: [String] = []
         var deliveryStatus = 200
         var hangDeliveries = false
+        /// Per route (`lifecycle`, `register`, `pre-uninstall`): statuses to answer first, in order.
+        var failures: [String: [Int]] = [:]
+        var calls: [String: Int] = [:]
         var waiters: [UUID: (count: Int, continuation: CheckedContinuation<Void, any Error>)] = [:]
     }
 
@@ -81,6 +84,26 @@ private final class FakeGateway: Sendable {
 
     func setDeliveryStatus(_ status: Int) {
         self.state.withLock { $0.deliveryStatus = status }
+    }
+
+    /// The next calls of `route` (`lifecycle`, `register`, `pre-uninstall`) answer these statuses.
+    func fail(_ route: String, with statuses: [Int]) {
+        self.state.withLock { $0.failures[route] = statuses }
+    }
+
+    /// How many calls `route` got.
+    func calls(_ route: String) -> Int { self.state.withLock { $0.calls[route, default: 0] } }
+
+    /// Counts a call of `route` and answers the failure status queued for it, if any.
+    private func failure(_ route: String) -> Response? {
+        let status = self.state.withLock { s -> Int? in
+            s.calls[route, default: 0] += 1
+            guard var queued = s.failures[route], !queued.isEmpty else { return nil }
+            let status = queued.removeFirst()
+            s.failures[route] = queued
+            return status
+        }
+        return status.map { Self.json(HTTPResponse.Status(code: $0), "{}") }
     }
 
     /// Deliveries are held unanswered until ``releaseHeldDeliveries()``.
@@ -143,6 +166,7 @@ private final class FakeGateway: Sendable {
         let router = Router()
         router.post("/forge/lifecycle") { request, _ -> Response in
             guard await self.verifiedInstallation(request) != nil else { return Self.json(.unauthorized, "{}") }
+            if let failure = self.failure("lifecycle") { return failure }
             let body = try await request.body.collect(upTo: 65536)
             let object = try JSONSerialization.jsonObject(with: Data(buffer: body)) as? [String: Any]
             // Forge's documented body has no eventType; an upgrade lists permissions.
@@ -152,6 +176,7 @@ private final class FakeGateway: Sendable {
         }
         router.post("/forge/pre-uninstall") { request, _ -> Response in
             guard await self.verifiedInstallation(request) != nil else { return Self.json(.unauthorized, "{}") }
+            if let failure = self.failure("pre-uninstall") { return failure }
             let body = try await request.body.collect(upTo: 65536)
             let object = try JSONSerialization.jsonObject(with: Data(buffer: body)) as? [String: Any]
             let context = object?["context"] as? [String: Any]
@@ -164,6 +189,7 @@ private final class FakeGateway: Sendable {
             guard let installationId = await self.verifiedInstallation(request) else {
                 return Self.json(.unauthorized, "{}")
             }
+            if let failure = self.failure("register") { return failure }
             let body = try await request.body.collect(upTo: 65536)
             let object = try JSONSerialization.jsonObject(with: Data(buffer: body)) as? [String: Any]
             guard let url = object?["authTriggerUrl"] as? String else { return Self.json(.badRequest, "{}") }
@@ -633,6 +659,46 @@ private func post(_ url: String, json: String? = nil) async throws -> (status: I
             // Straight to the route, the same push arrives.
             #expect(try await emulator.push(installation).status == 200)
             #expect(gateways[0].deliveries.count == 1)
+        }
+    }
+
+    @Test(
+        "lifecycle events and preUninstall are delivered again on a non-2xx answer, as Forge does; the registration again on a 5xx only"
+    )
+    func eventsAreDeliveredAgain() async throws {
+        try await withEmulator(configure: {
+            $0.eventRetries = 2
+            $0.eventRetryInterval = .milliseconds(10)
+        }) { emulator, gateways, _ in
+            let gateway = gateways[0]
+            let installation = emulator.makeInstallation()
+            // The lifecycle event is refused twice (503, then 401), the registration once (503).
+            gateway.fail("lifecycle", with: [503, 401])
+            gateway.fail("register", with: [503])
+            try await emulator.install(installation)
+            #expect(gateway.calls("lifecycle") == 3)
+            #expect(gateway.calls("register") == 2)
+            #expect(gateway.registeredURLs.count == 1)
+
+            // Refused every time: eventRetries more deliveries, then the failure is reported.
+            gateway.fail("lifecycle", with: [500, 500, 500])
+            await #expect(throws: ForgeEmulatorError.unexpectedStatus(500, operation: "lifecycle")) {
+                try await emulator.upgrade(installation)
+            }
+            #expect(gateway.calls("lifecycle") == 6)
+
+            // A 4xx registration is not retried: a configuration problem the handler only logs.
+            let other = emulator.makeInstallation()
+            gateway.fail("register", with: [400])
+            await #expect(throws: ForgeEmulatorError.unexpectedStatus(400, operation: "register")) {
+                try await emulator.install(other)
+            }
+            #expect(gateway.calls("register") == 3)
+
+            gateway.fail("pre-uninstall", with: [503])
+            try await emulator.uninstall(installation)
+            #expect(gateway.calls("pre-uninstall") == 2)
+            #expect(gateway.events.suffix(1) == ["preUninstall"])
         }
     }
 

@@ -70,6 +70,8 @@ final class GatewayHarness: Sendable {
         let logger = Logger(label: "test") { GatewayLogHandler(label: $0, format: .logfmt, level: .debug, sink: logs) }
         var emulatorConfig = ForgeEmulatorConfiguration(gatewayURL: "http://127.0.0.1:1")
         emulatorConfig.remoteCallTimeout = .seconds(10)
+        // Forge's redeliveries of a failed event, 100 ms apart instead of 60 s.
+        emulatorConfig.eventRetryInterval = .milliseconds(100)
         emulatorConfigure(&emulatorConfig)
         let emulator = try ForgeEmulator(configuration: emulatorConfig, logger: logger)
         let emulatorGroup = ServiceGroup(services: [emulator], logger: logger)

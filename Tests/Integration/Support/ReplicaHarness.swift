@@ -37,8 +37,10 @@ final class ReplicaHarness: Sendable {
         _ body: @Sendable (ReplicaHarness) async throws -> Void
     ) async throws {
         let logger = Logger(label: "replica-test") { _ in SwallowHandler() }
-        let emulator = try ForgeEmulator(
-            configuration: ForgeEmulatorConfiguration(gatewayURL: "http://127.0.0.1:1"), logger: logger)
+        var emulatorConfig = ForgeEmulatorConfiguration(gatewayURL: "http://127.0.0.1:1")
+        // Forge's redeliveries of a failed event, 100 ms apart instead of 60 s.
+        emulatorConfig.eventRetryInterval = .milliseconds(100)
+        let emulator = try ForgeEmulator(configuration: emulatorConfig, logger: logger)
         let emulatorGroup = ServiceGroup(services: [emulator], logger: logger)
         let http = HTTPClient(eventLoopGroupProvider: .singleton)
         try await withThrowingTaskGroup(of: Void.self) { tasks in
