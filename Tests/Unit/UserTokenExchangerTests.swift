@@ -68,12 +68,13 @@ struct UserTokenExchangerTests {
 
         func token(
             timeout: Duration = .seconds(10), forceRefresh: Bool = false,
+            account: UserAccountID = UserTokenExchangerTests.account,
             admit: @Sendable () async throws(UserTokenError) -> Void = {}
         ) async -> Result<UserTokenExchanger.Answer, UserTokenError> {
             do {
                 return .success(
                     try await self.exchanger.token(
-                        for: UserTokenExchangerTests.installation, accountId: UserTokenExchangerTests.account,
+                        for: UserTokenExchangerTests.installation, accountId: account,
                         request: .init(timeout: timeout, forceRefresh: forceRefresh), admit: admit))
             } catch {
                 return .failure(error)
@@ -339,6 +340,44 @@ struct UserTokenExchangerTests {
             #expect(result.failure == .exchangeFailed(""))
             #expect(twice.client.calls == ["sys-1", "sys-2"])
             #expect(twice.store.leaseOwner(Self.installation, accountId: Self.account.value) == nil)
+        }
+    }
+
+    @Test(
+        "a system token Atlassian keeps refusing: one forced refresh a minute per installation, and no call with a token refused a moment ago"
+    )
+    func refusedSystemTokenIsNotRetriedPerUser() async throws {
+        let h = Harness([.systemTokenRefused])
+        try await h.running { () async throws -> Void in
+            // The first user: sys-1 refused, a fresh sys-2 forced, refused too.
+            #expect(await h.token().failure == .exchangeFailed(""))
+            #expect(h.client.calls == ["sys-1", "sys-2"])
+            #expect(h.systemTokens.forcedRefreshes == 1)
+            // Other users within the minute: sys-2 was just refused and no fresh one is forced
+            // again, so no call and no round trip.
+            for n in 0..<3 {
+                let other = try #require(UserAccountID("557058:other-\(n)"))
+                #expect(await h.token(account: other).failure == .exchangeFailed(""))
+            }
+            #expect(h.client.calls == ["sys-1", "sys-2"])
+            #expect(h.systemTokens.forcedRefreshes == 1)
+            // A minute later: sys-2 is tried once more, then one more forced refresh.
+            h.clock.advance(by: .seconds(61))
+            let later = try #require(UserAccountID("557058:later"))
+            #expect(await h.token(account: later).failure == .exchangeFailed(""))
+            #expect(h.client.calls == ["sys-1", "sys-2", "sys-2", "sys-3"])
+            #expect(h.systemTokens.forcedRefreshes == 2)
+        }
+        // A token another process renewed meanwhile is used at once, without a forced refresh.
+        let renewed = Harness([.systemTokenRefused, .systemTokenRefused, Self.issued])
+        try await renewed.running { () async throws -> Void in
+            #expect(await renewed.token().failure == .exchangeFailed(""))
+            #expect(renewed.systemTokens.forcedRefreshes == 1)
+            renewed.systemTokens.renewElsewhere()
+            let other = try #require(UserAccountID("557058:other"))
+            #expect(try await renewed.token(account: other).get().token.value == "user-token-1")
+            #expect(renewed.client.calls == ["sys-1", "sys-2", "sys-3"])
+            #expect(renewed.systemTokens.forcedRefreshes == 1)
         }
     }
 

@@ -150,8 +150,14 @@ extension UserTokenExchanger {
             end = await self.exchange(
                 job, requestID: requestID, attempt: attempt, deadline: deadline, forceRefresh: false)
             if case .systemTokenRefused = end {
+                // A fresh system token (maybe a trigger round trip) at most once a window per
+                // installation: a token Atlassian keeps refusing costs one, not one per user.
+                let force = self.state.withLock {
+                    $0.refusals.mayForceRefresh(job.installation, now: self.clock.now())
+                }
                 end = await self.exchange(
-                    job, requestID: requestID, attempt: attempt, deadline: deadline, forceRefresh: true)
+                    job, requestID: requestID, attempt: attempt, deadline: deadline, forceRefresh: force,
+                    renewing: true)
             }
         }
         let now = self.clock.now()
@@ -213,9 +219,12 @@ extension UserTokenExchanger {
     /// system token, which may take a trigger round trip), the system token (a fresh one when
     /// `forceRefresh`), one exchange counted against the budget, the call, and its outcome recorded
     /// in the store. Only a call about to be made is counted.
-    private func exchange(_ job: Job, requestID: String, attempt: Int, deadline: FlowTime, forceRefresh: Bool) async
-        -> AttemptEnd
-    {
+    /// A system token the exchange refused within the last window is not used again: the attempt
+    /// ends as refused without a call (`renewing`: the call after a refusal, which may not come
+    /// round again).
+    private func exchange(
+        _ job: Job, requestID: String, attempt: Int, deadline: FlowTime, forceRefresh: Bool, renewing: Bool = false
+    ) async -> AttemptEnd {
         let logger = self.logger(for: job)
         if let refused = await self.admit(job, recording: false) { return refused }
         if forceRefresh { logger.notice("the exchange refused the system token; fetching a fresh one") }
@@ -228,6 +237,12 @@ extension UserTokenExchanger {
             logger.notice("no system token for the exchange", metadata: ["error.code": "\(error.code.rawValue)"])
             return .failure(.flow(error))
         }
+        if self.state.withLock({
+            $0.refusals.isRefused(systemToken.value, for: job.installation, now: self.clock.now())
+        }) {
+            logger.notice("the system token was refused by an exchange a moment ago; not calling with it again")
+            return renewing ? .failure(.exchangeFailed("the system token was refused")) : .systemTokenRefused
+        }
         // No time left after the system token: no call, so nothing is counted.
         guard deadline > self.clock.now() else { return .retryable(.timeout) }
         if let refused = await self.admit(job, recording: true) { return refused }
@@ -238,7 +253,11 @@ extension UserTokenExchanger {
             systemToken: systemToken.value, context: job.context, accountId: job.accountId,
             timeout: min(self.configuration.attemptTimeout, remaining))
         self.metrics.count(outcome: outcome.outcome)
-        return await self.record(outcome, job: job, requestID: requestID, attempt: attempt, renewed: forceRefresh)
+        if case .systemTokenRefused = outcome {
+            let now = self.clock.now()
+            self.state.withLock { $0.refusals.refused(systemToken.value, for: job.installation, now: now) }
+        }
+        return await self.record(outcome, job: job, requestID: requestID, attempt: attempt, renewed: renewing)
     }
 
     /// Counts one exchange against the app-wide budget (only looks, without `recording`); the

@@ -173,6 +173,9 @@ public final class UserTokenExchanger: Sendable, Service {
         var waiting = 0
         var waitingPerInstallation: [InstallationID: Int] = [:]
         var shuttingDown = false
+        /// Per installation, the system token the exchange last refused (401) and when a fresh one
+        /// was last forced for such a refusal (see ``SystemTokenRefusals``).
+        var refusals = SystemTokenRefusals()
 
         mutating func makeID() -> UInt64 {
             self.nextID += 1

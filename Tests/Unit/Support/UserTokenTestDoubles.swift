@@ -386,6 +386,9 @@ final class StubSystemTokens: SystemTokenSource {
 
     func fail(with error: FlowError) { self.state.withLock { $0.failure = error } }
 
+    /// Another process got a fresh system token: the next fetch answers it without being forced.
+    func renewElsewhere() { self.state.withLock { $0.generation += 1 } }
+
     /// How long each fetch takes on the manual clock (it is advanced by that much).
     let fetchTime = Mutex<Duration>(.zero)
 
