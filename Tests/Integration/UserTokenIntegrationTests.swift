@@ -352,27 +352,36 @@ struct UserTokenIntegrationTests {
         try await httpClient.shutdown()
     }
 
-    @Test("a system token refused mid-exchange is replaced once by a fresh round trip and the exchange retried")
+    @Test(
+        "a system token refused mid-exchange is replaced once by a fresh round trip and the exchange retried; a refused token is not used again"
+    )
     func expiredSystemToken() async throws {
         try await GatewayHarness.run { h in
             let installation = try await h.installed()
-            #expect(try await h.token(installation).status == 200)
-            #expect(h.emulator.triggerCalls(for: installation) == 1)
+            // The system token in hand expires before any the emulator mints now (a fresh one is newer).
+            let pushed = try await h.emulator.push(installation, expiresAt: Date().addingTimeInterval(1800))
+            #expect(pushed.status == 200)
             h.emulator.setGraphQLFault(.rejectSystemToken(times: 1))
             let account = Self.account()
             let answer = try await h.userToken(installation, account)
             #expect(answer.status == 200)
             #expect(answer.json["source"] as? String == "exchange")
-            #expect(h.emulator.triggerCalls(for: installation) == 2)
+            #expect(h.emulator.triggerCalls(for: installation) == 1)
             #expect(h.emulator.userTokenExchanges(for: installation, accountId: account) == 2)
 
-            // Refused again after the fresh one: 502, no third call.
+            // The fresh one refused too, for another user within the minute: 502 after that one
+            // call. No second forced refresh, and no call with the token just refused.
             h.emulator.setGraphQLFault(.rejectSystemToken(times: 2))
             let other = Self.account()
             let failed = try await h.userToken(installation, other)
             #expect(failed.status == 502)
             #expect(failed.errorCode == "exchange_failed")
-            #expect(h.emulator.userTokenExchanges(for: installation, accountId: other) == 2)
+            #expect(h.emulator.userTokenExchanges(for: installation, accountId: other) == 1)
+            #expect(h.emulator.triggerCalls(for: installation) == 1)
+            // Nor for a third user: no call at all.
+            let third = Self.account()
+            #expect(try await h.userToken(installation, third).status == 502)
+            #expect(h.emulator.userTokenExchanges(for: installation, accountId: third) == 0)
         }
     }
 
