@@ -168,9 +168,11 @@ struct ContractTokenRouteTests {
         }
     }
 
-    @Test("a trigger that never answers: each attempt ends at its own timeout, counted as timeout, then 504")
-    func triggerAttemptTimeout() async throws {
-        let holder = try await HoldingServer.start()
+    /// Runs `body` against a gateway whose installation's trigger is `holder` (allow-listed), with
+    /// two attempts of 300 ms each; stops `holder` afterwards.
+    static func withTrigger(
+        _ holder: LoopbackListener, _ body: @Sendable (GatewayHarness, EmulatedInstallation) async throws -> Void
+    ) async throws {
         do {
             try await GatewayHarness.run(configure: {
                 GatewayHarness.allowing(holder.baseURL, in: &$0)
@@ -181,13 +183,7 @@ struct ContractTokenRouteTests {
                 #expect(
                     try await h.emulator.register(installation, authTriggerUrl: holder.baseURL + "/x1/held").status
                         == 200)
-                let answer = try await h.token(installation, query: "timeout=30000")
-                #expect(answer.status == 504)
-                #expect(answer.errorCode == "token_timeout")
-                #expect(holder.connections == 2)
-                let m = try await h.metricsText()
-                #expect(sample(m, "token_gateway_trigger_attempts_total", ["outcome": "timeout"]) == 2)
-                #expect(sample(m, "token_gateway_trigger_attempts_total", ["outcome": "success"]) == 0)
+                try await body(h, installation)
             }
         } catch {
             await holder.stop()
@@ -196,34 +192,34 @@ struct ContractTokenRouteTests {
         await holder.stop()
     }
 
+    @Test("a trigger that never answers: each attempt ends at its own timeout, counted as timeout, then 504")
+    func triggerAttemptTimeout() async throws {
+        let holder = try await HoldingServer.start()
+        try await Self.withTrigger(holder) { h, installation in
+            let answer = try await h.token(installation, query: "timeout=30000")
+            #expect(answer.status == 504)
+            #expect(answer.errorCode == "token_timeout")
+            #expect(holder.connections == 2)
+            let m = try await h.metricsText()
+            #expect(sample(m, "token_gateway_trigger_attempts_total", ["outcome": "timeout"]) == 2)
+            #expect(sample(m, "token_gateway_trigger_attempts_total", ["outcome": "success"]) == 0)
+        }
+    }
+
     @Test(
         "a trigger that answers 2xx at once and then holds its body: each attempt still ends at its own timeout, and the next is made"
     )
     func triggerBodyHeldPastTheAttemptTimeout() async throws {
         let holder = try await LoopbackListener.start(
             answering: "HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n{", hold: true)
-        do {
-            try await GatewayHarness.run(configure: {
-                GatewayHarness.allowing(holder.baseURL, in: &$0)
-                $0.flow.maxAttempts = 2
-                $0.flow.attemptTimeout = .milliseconds(300)
-            }) { h in
-                let installation = try await h.installed()
-                #expect(
-                    try await h.emulator.register(installation, authTriggerUrl: holder.baseURL + "/x1/held").status
-                        == 200)
-                // Accepted (2xx) twice, delivered never: the caller's deadline is far off, so only
-                // attempts that end by their own timeout reach the second one.
-                let answer = try await h.token(installation, query: "timeout=30000")
-                #expect(answer.status == 504)
-                #expect(answer.errorCode == "token_timeout")
-                #expect(holder.connections == 2)
-            }
-        } catch {
-            await holder.stop()
-            throw error
+        try await Self.withTrigger(holder) { h, installation in
+            // Accepted (2xx) twice, delivered never: the caller's deadline is far off, so only
+            // attempts that end by their own timeout reach the second one.
+            let answer = try await h.token(installation, query: "timeout=30000")
+            #expect(answer.status == 504)
+            #expect(answer.errorCode == "token_timeout")
+            #expect(holder.connections == 2)
         }
-        await holder.stop()
     }
 
     @Test("the default trigger allow-list: https on *.hello.atlassian-dev.net and *.webtrigger.atlassian.app only")

@@ -229,6 +229,12 @@ private final class FakeGateway: Sendable {
 
 private let silentLogger = Logger(label: "forge-emulator-test", factory: { _ in SwiftLogNoOpLogHandler() })
 
+/// Two redeliveries of a failed event or push, 10 ms apart (Forge: four, 60 s apart).
+private let fastEventRetries: @Sendable (inout ForgeEmulatorConfiguration) -> Void = {
+    $0.eventRetries = 2
+    $0.eventRetryInterval = .milliseconds(10)
+}
+
 /// Starts `count` fake gateways and an emulator pointed at the first, runs `body`, then stops all.
 private func withEmulator(
     gateways count: Int = 1,
@@ -625,10 +631,7 @@ private func post(_ url: String, json: String? = nil) async throws -> (status: I
         "a scheduled push that fails is retried with the same token, eventRetries times; a new scheduled push brings a new token"
     )
     func scheduledPushesAreRetriedLikeForgeEvents() async throws {
-        try await withEmulator(configure: {
-            $0.eventRetries = 2
-            $0.eventRetryInterval = .milliseconds(10)
-        }) { emulator, gateways, _ in
+        try await withEmulator(configure: fastEventRetries) { emulator, gateways, _ in
             let installation = emulator.makeInstallation()
             try await emulator.install(installation)
             gateways[0].setDeliveryStatus(500)
@@ -666,10 +669,7 @@ private func post(_ url: String, json: String? = nil) async throws -> (status: I
         "lifecycle events and preUninstall are delivered again on a non-2xx answer, as Forge does; the registration again on a 5xx only"
     )
     func eventsAreDeliveredAgain() async throws {
-        try await withEmulator(configure: {
-            $0.eventRetries = 2
-            $0.eventRetryInterval = .milliseconds(10)
-        }) { emulator, gateways, _ in
+        try await withEmulator(configure: fastEventRetries) { emulator, gateways, _ in
             let gateway = gateways[0]
             let installation = emulator.makeInstallation()
             // The lifecycle event is refused twice (503, then 401), the registration once (503).
