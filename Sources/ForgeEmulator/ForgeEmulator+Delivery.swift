@@ -23,8 +23,11 @@ struct DeliveryBody: Codable, Sendable {
 }
 
 extension ForgeEmulator {
-    /// Pushes a freshly minted system token unasked, as a scheduled trigger does:
-    /// `POST {gateway}/forge/auth-trigger` with a FIT, `x-forge-oauth-system` and the body `{}`.
+    /// Pushes a freshly minted system token unasked, the way a scheduled trigger delivers one:
+    /// `POST {gateway}/forge/auth-trigger` with a FIT, `x-forge-oauth-system` and the body `{}`,
+    /// once (no redelivery) and with a token of the configured lifetime unless `expiresAt` says
+    /// otherwise. ``scheduledPush(_:)`` is the faithful one: a token with at least 2 h left, and
+    /// redeliveries.
     /// - Parameters:
     ///   - expiresAt: The token's `exp`; default now + the configured token lifetime.
     ///   - gatewayURL: Another base URL (another replica); default ``gatewayURL``.

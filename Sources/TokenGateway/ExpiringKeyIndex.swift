@@ -11,7 +11,7 @@ enum ExpiringKeyIndex {
           redis.call('ZREMRANGEBYSCORE', idx, '-inf', nowMs)
           redis.call('ZADD', idx, untilMs, key)
           local last = redis.call('ZRANGE', idx, -1, -1, 'WITHSCORES')
-          redis.call('PEXPIREAT', idx, last[2])
+          redis.call('PEXPIREAT', idx, string.format('%d', tonumber(last[2])))
         end
 
         """
