@@ -454,6 +454,28 @@ struct TokenFlowExecutorTests {
         }
     }
 
+    @Test(
+        "a shared store read that timed out by its reader's shorter deadline: a caller with time left reads for itself")
+    func sharedSnapshotReaderTimedOutFirst() async throws {
+        try await withFlow { h in
+            h.store.deliver(h.id, token: "tok-1", expiresAt: h.clock.now().unixSeconds + 3600, requestID: nil)
+            h.store.holdSnapshots()
+            // The reader asks with the shortest timeout; its read will time out (its answer lost).
+            async let first = h.request(.init(timeout: .milliseconds(100)))
+            while h.store.snapshotsHeld < 1 { await Task.yield() }
+            async let second = h.request()
+            while h.flow.snapshotFollowers(h.id) < 1 { await Task.yield() }
+            h.store.loseAnswer(of: "snapshot")
+            h.store.releaseSnapshots()
+            let (a, b) = await (first, second)
+            #expect(throws: FlowError.storeUnavailable) { try a.get() }
+            // The second caller's own read had 2 s: it read again, and got the token.
+            let got = try b.get()
+            #expect(got.token.value == "tok-1")
+            #expect(h.store.calls("snapshot") == 2)
+        }
+    }
+
     @Test("following another replica's round trip: its announced token answers the caller, no trigger call")
     func followByNotification() async throws {
         try await withFlow { h in

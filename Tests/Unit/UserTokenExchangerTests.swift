@@ -381,6 +381,32 @@ struct UserTokenExchangerTests {
         }
     }
 
+    @Test(
+        "a user whose exchange is refused while a fresh system token is being fetched forces too, and gets a token",
+        .timeLimit(.minutes(1)))
+    func refusalDuringAForcedRefresh() async throws {
+        let h = Harness([.systemTokenRefused, Self.issued])
+        try await h.running { () async throws -> Void in
+            h.systemTokens.holdForced()
+            // The first user's call is refused; its fresh system token is on its way.
+            async let first = h.token()
+            while h.systemTokens.forcedHeld < 1 { await Task.yield() }
+            // Another user's call with the same token is refused meanwhile: it forces too (in the
+            // gateway it joins the same round trip) instead of failing.
+            let other = try #require(UserAccountID("557058:other"))
+            async let second = h.token(account: other)
+            while h.systemTokens.forcedHeld < 2 { await Task.yield() }
+            h.systemTokens.releaseForced()
+            let (a, b) = await (first, second)
+            #expect(try a.get().token.value == "user-token-1")
+            #expect(try b.get().token.value == "user-token-1")
+            // The second user made no call with the token just refused.
+            #expect(h.client.calls.count == 3)
+            #expect(h.client.calls.first == "sys-1")
+            #expect(!h.client.calls.dropFirst().contains("sys-1"))
+        }
+    }
+
     @Test("a 429 holds every exchange back for Retry-After: the next request is refused without a call")
     func rateLimitHold() async throws {
         let h = Harness([.rateLimited(retryAfter: .seconds(30)), Self.issued])

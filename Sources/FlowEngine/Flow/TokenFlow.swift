@@ -323,13 +323,14 @@ public final class TokenFlow: Sendable, Service {
     /// flight: the first reads the store, callers arriving meanwhile get its answer (a read as
     /// recent as their own would be), or ``SharedReadTimedOut`` at `readDeadline` (when a read of
     /// their own would have timed out) if it has not come by then. A caller whose reader was
-    /// cancelled reads for itself, and so does a forced refresh.
+    /// cancelled or timed out (by a shorter deadline) reads for itself in the time it has left, and
+    /// a forced refresh reads for itself.
     /// The reader's snapshot may take the lease for the round its caller would start (`intent`):
     /// it is kept as ``State/leaseAhead`` before anyone is answered, for the first round started.
     private func sharedSnapshot(
         _ id: InstallationID, timeout: Duration, until readDeadline: FlowTime, intent: SnapshotLeaseIntent
     ) async throws -> SharedRead {
-        let ownRead = { () async throws -> SharedRead in
+        let ownRead = { (timeout: Duration) async throws -> SharedRead in
             let readAt = self.memoryGenerationNow()
             return SharedRead(snapshot: try await self.store.snapshot(id, timeout: timeout), readAt: readAt)
         }
@@ -341,11 +342,21 @@ public final class TokenFlow: Sendable, Service {
         guard leads else {
             // A forced refresh reads for itself: a read in flight may have left before the token it
             // replaces was stored (by another replica), and that token would then count as newer.
-            if intent.forced { return try await ownRead() }
+            if intent.forced { return try await ownRead(timeout) }
             switch await self.followSnapshot(id, until: readDeadline) {
-            case .some(.success(let read)): return read
-            case .some(.failure(let error)) where !(error is CancellationError): throw error
-            default: return try await ownRead()
+            case .some(.success(let read)):
+                return read
+            case .some(.failure(let error))
+            where error is SharedReadTimedOut || !self.store.mayHaveRun(failingWith: error):
+                // This caller's own time is up, or the store cannot be reached: as a read of its own.
+                throw error
+            default:
+                // The read in flight ended before it answered (its reader cancelled, or timed out by
+                // a shorter deadline than this caller's): this caller reads for itself, in the time
+                // its own read has left.
+                let left = readDeadline - self.now()
+                guard left > .zero else { throw SharedReadTimedOut() }
+                return try await ownRead(left)
             }
         }
         let result: Result<SharedRead, any Error>

@@ -16,6 +16,8 @@ struct SystemTokenRefusals {
         var refusedDigest: SHA256.Digest?
         var refusedAt: FlowTime?
         var forcedAt: FlowTime?
+        /// Forced fetches under way.
+        var forcing = 0
     }
 
     /// How long a refusal and a forced refresh are remembered.
@@ -40,20 +42,32 @@ struct SystemTokenRefusals {
         self.entries[installation] = entry
     }
 
-    /// True, and recorded, when no fresh system token was forced for `installation` because of a
-    /// refusal within the window; false otherwise (the current token is used as it is).
-    mutating func mayForceRefresh(_ installation: InstallationID, now: FlowTime) -> Bool {
+    /// True when a fresh system token may be forced for `installation` because of a refusal: none
+    /// was within the window, or one is still being fetched (a caller forcing too joins that
+    /// round). Then the fetch counts as under way until ``forcedRefreshEnded(_:)``. False
+    /// otherwise: the current token is used as it is.
+    mutating func beginForcedRefresh(_ installation: InstallationID, now: FlowTime) -> Bool {
         self.prune(now: now)
         var entry = self.entries[installation] ?? Entry()
-        if let forcedAt = entry.forcedAt, now - forcedAt < Self.window { return false }
-        entry.forcedAt = now
+        if entry.forcing == 0 {
+            if let forcedAt = entry.forcedAt, now - forcedAt < Self.window { return false }
+            entry.forcedAt = now
+        }
+        entry.forcing += 1
         self.entries[installation] = entry
         return true
     }
 
+    /// A forced fetch begun by ``beginForcedRefresh(_:now:)`` has ended.
+    mutating func forcedRefreshEnded(_ installation: InstallationID) {
+        guard let forcing = self.entries[installation]?.forcing, forcing > 0 else { return }
+        self.entries[installation]?.forcing = forcing - 1
+    }
+
     private mutating func prune(now: FlowTime) {
         self.entries = self.entries.filter { _, entry in
-            [entry.refusedAt, entry.forcedAt].contains { $0.map { now - $0 < Self.window } ?? false }
+            entry.forcing > 0
+                || [entry.refusedAt, entry.forcedAt].contains { $0.map { now - $0 < Self.window } ?? false }
         }
     }
 }

@@ -147,17 +147,10 @@ extension UserTokenExchanger {
         case .settled(let settled):
             end = settled
         case .exchange:
-            end = await self.exchange(
-                job, requestID: requestID, attempt: attempt, deadline: deadline, forceRefresh: false)
+            end = await self.exchange(job, requestID: requestID, attempt: attempt, deadline: deadline)
             if case .systemTokenRefused = end {
-                // A fresh system token (maybe a trigger round trip) at most once a window per
-                // installation: a token Atlassian keeps refusing costs one, not one per user.
-                let force = self.state.withLock {
-                    $0.refusals.mayForceRefresh(job.installation, now: self.clock.now())
-                }
                 end = await self.exchange(
-                    job, requestID: requestID, attempt: attempt, deadline: deadline, forceRefresh: force,
-                    renewing: true)
+                    job, requestID: requestID, attempt: attempt, deadline: deadline, renewing: true)
             }
         }
         let now = self.clock.now()
@@ -219,17 +212,22 @@ extension UserTokenExchanger {
     /// system token, which may take a trigger round trip), the system token (a fresh one when
     /// `forceRefresh`), one exchange counted against the budget, the call, and its outcome recorded
     /// in the store. Only a call about to be made is counted.
-    /// A system token the exchange refused within the last window is not used again: the attempt
-    /// ends as refused without a call (`renewing`: the call after a refusal, which may not come
-    /// round again).
+    /// `renewing`: the call after a refusal, with a fresh system token (maybe a trigger round trip)
+    /// when ``SystemTokenRefusals`` allows one: at most once a window per installation (callers
+    /// renewing while that fetch is under way force too, and join its round), so a token Atlassian
+    /// keeps refusing costs one, not one per user. A system token the exchange refused within the
+    /// last window is not used again: the attempt ends as refused without a call.
     private func exchange(
-        _ job: Job, requestID: String, attempt: Int, deadline: FlowTime, forceRefresh: Bool, renewing: Bool = false
+        _ job: Job, requestID: String, attempt: Int, deadline: FlowTime, renewing: Bool = false
     ) async -> AttemptEnd {
         let logger = self.logger(for: job)
         if let refused = await self.admit(job, recording: false) { return refused }
+        let forceRefresh =
+            renewing && self.state.withLock { $0.refusals.beginForcedRefresh(job.installation, now: self.clock.now()) }
         if forceRefresh { logger.notice("the exchange refused the system token; fetching a fresh one") }
         let systemToken: AccessToken
         do {
+            defer { if forceRefresh { self.state.withLock { $0.refusals.forcedRefreshEnded(job.installation) } } }
             systemToken = try await self.systemTokens.systemToken(
                 for: job.installation, minValidity: self.configuration.systemTokenMinValidity,
                 timeout: max(deadline - self.clock.now(), .zero), forceRefresh: forceRefresh)

@@ -389,12 +389,38 @@ final class StubSystemTokens: SystemTokenSource {
     /// Another process got a fresh system token: the next fetch answers it without being forced.
     func renewElsewhere() { self.state.withLock { $0.generation += 1 } }
 
+    /// Forced fetches wait (before they renew the token) until ``releaseForced()``.
+    private let forcedGate = Mutex((holding: false, held: [CheckedContinuation<Void, Never>]()))
+
+    func holdForced() { self.forcedGate.withLock { $0.holding = true } }
+
+    func releaseForced() {
+        let held = self.forcedGate.withLock { gate -> [CheckedContinuation<Void, Never>] in
+            gate.holding = false
+            defer { gate.held = [] }
+            return gate.held
+        }
+        for continuation in held { continuation.resume() }
+    }
+
+    /// Forced fetches waiting at the gate.
+    var forcedHeld: Int { self.forcedGate.withLock { $0.held.count } }
+
     /// How long each fetch takes on the manual clock (it is advanced by that much).
     let fetchTime = Mutex<Duration>(.zero)
 
     func systemToken(for installation: InstallationID, minValidity: Int64, timeout: Duration, forceRefresh: Bool)
         async throws(FlowError) -> AccessToken
     {
+        if forceRefresh {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let wait = self.forcedGate.withLock { gate -> Bool in
+                    if gate.holding { gate.held.append(continuation) }
+                    return gate.holding
+                }
+                if !wait { continuation.resume() }
+            }
+        }
         let (generation, failure) = self.state.withLock { s -> (Int, FlowError?) in
             s.requests += 1
             if forceRefresh {
