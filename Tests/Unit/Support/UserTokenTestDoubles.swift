@@ -305,17 +305,48 @@ final class InMemoryUserTokenStore: UserTokenStore {
     }
 }
 
+/// Calls that pass it wait while it is held, until the test lets them go.
+final class TestGate: Sendable {
+    private let state = Mutex((holding: false, held: [CheckedContinuation<Void, Never>]()))
+
+    /// Calls that pass from now on wait until ``release()``.
+    func hold() { self.state.withLock { $0.holding = true } }
+
+    /// Lets the waiting calls go on, and those after them pass at once.
+    func release() {
+        let held = self.state.withLock { gate -> [CheckedContinuation<Void, Never>] in
+            gate.holding = false
+            defer { gate.held = [] }
+            return gate.held
+        }
+        for continuation in held { continuation.resume() }
+    }
+
+    /// Calls waiting now.
+    var heldCount: Int { self.state.withLock { $0.held.count } }
+
+    /// Returns at once, or when released while held.
+    func pass() async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let wait = self.state.withLock { gate -> Bool in
+                if gate.holding { gate.held.append(continuation) }
+                return gate.holding
+            }
+            if !wait { continuation.resume() }
+        }
+    }
+}
+
 /// The GraphQL exchange, answered from a script; a call can be held until the test lets it go.
 final class ScriptedExchangeCall: UserTokenExchangeCall {
     private struct State {
         var answers: [OfflineUserAuthTokenClient.Outcome] = []
         var calls: [String] = []
-        var holding = false
-        var held: [CheckedContinuation<Void, Never>] = []
         var callWatchers: [(count: Int, continuation: CheckedContinuation<Void, Never>)] = []
     }
 
     private let state = Mutex(State())
+    private let gate = TestGate()
 
     /// Answers in order; the last one repeats.
     init(_ answers: [OfflineUserAuthTokenClient.Outcome]) {
@@ -326,16 +357,9 @@ final class ScriptedExchangeCall: UserTokenExchangeCall {
     var calls: [String] { self.state.withLock { $0.calls } }
 
     /// Calls wait in ``exchange(systemToken:context:accountId:timeout:)`` until ``release()``.
-    func hold() { self.state.withLock { $0.holding = true } }
+    func hold() { self.gate.hold() }
 
-    func release() {
-        let held = self.state.withLock { s -> [CheckedContinuation<Void, Never>] in
-            s.holding = false
-            defer { s.held = [] }
-            return s.held
-        }
-        for continuation in held { continuation.resume() }
-    }
+    func release() { self.gate.release() }
 
     /// Returns once `count` calls have been made.
     func waitForCalls(_ count: Int) async {
@@ -360,13 +384,7 @@ final class ScriptedExchangeCall: UserTokenExchangeCall {
             return ready
         }
         for watcher in ready { watcher.resume() }
-        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            let wait = self.state.withLock { s -> Bool in
-                if s.holding { s.held.append(continuation) }
-                return s.holding
-            }
-            if !wait { continuation.resume() }
-        }
+        await self.gate.pass()
         return self.state.withLock { s in
             s.answers.count > 1 ? s.answers.removeFirst() : s.answers[0]
         }
@@ -390,21 +408,14 @@ final class StubSystemTokens: SystemTokenSource {
     func renewElsewhere() { self.state.withLock { $0.generation += 1 } }
 
     /// Forced fetches wait (before they renew the token) until ``releaseForced()``.
-    private let forcedGate = Mutex((holding: false, held: [CheckedContinuation<Void, Never>]()))
+    private let forcedGate = TestGate()
 
-    func holdForced() { self.forcedGate.withLock { $0.holding = true } }
+    func holdForced() { self.forcedGate.hold() }
 
-    func releaseForced() {
-        let held = self.forcedGate.withLock { gate -> [CheckedContinuation<Void, Never>] in
-            gate.holding = false
-            defer { gate.held = [] }
-            return gate.held
-        }
-        for continuation in held { continuation.resume() }
-    }
+    func releaseForced() { self.forcedGate.release() }
 
     /// Forced fetches waiting at the gate.
-    var forcedHeld: Int { self.forcedGate.withLock { $0.held.count } }
+    var forcedHeld: Int { self.forcedGate.heldCount }
 
     /// How long each fetch takes on the manual clock (it is advanced by that much).
     let fetchTime = Mutex<Duration>(.zero)
@@ -412,15 +423,7 @@ final class StubSystemTokens: SystemTokenSource {
     func systemToken(for installation: InstallationID, minValidity: Int64, timeout: Duration, forceRefresh: Bool)
         async throws(FlowError) -> AccessToken
     {
-        if forceRefresh {
-            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-                let wait = self.forcedGate.withLock { gate -> Bool in
-                    if gate.holding { gate.held.append(continuation) }
-                    return gate.holding
-                }
-                if !wait { continuation.resume() }
-            }
-        }
+        if forceRefresh { await self.forcedGate.pass() }
         let (generation, failure) = self.state.withLock { s -> (Int, FlowError?) in
             s.requests += 1
             if forceRefresh {
