@@ -110,6 +110,7 @@ More:
   curl -s -H "Authorization: Bearer \$DEV_CALLER_SECRET" "http://127.0.0.1:$GATEWAY_PORT/v1/installations/$short/token?asUser=5b10ac8d82e05b22cc7d4ef5"
   curl -s -X POST http://127.0.0.1:$EMULATOR_PORT/admin/installations      # another installation
   curl -s -X POST -d '{"path":"/forge/lifecycle","body":{}}' http://127.0.0.1:$EMULATOR_PORT/admin/installations/$short/ui-invoke   # a UI module's FIT: 403
+  curl -s -X POST http://127.0.0.1:$EMULATOR_PORT/admin/installations/$short/upgrade     # avi:forge:upgraded:app, then registers again
   curl -s -X POST http://127.0.0.1:$EMULATOR_PORT/admin/installations/$short/uninstall   # preUninstall → POST /forge/pre-uninstall
   curl -s http://127.0.0.1:$GATEWAY_PORT/metrics | grep token_gateway_
 

@@ -113,17 +113,25 @@ extension ForgeEmulator {
             throw ForgeEmulatorError.unexpectedStatus(answer, operation: "lifecycle")
         }
         self.state.withLock { $0.update(installation) { $0.status = .installed } }
+        let keyId = try await self.runInstallHandler(installation)
+        self.logger.info(
+            "Installation installed",
+            metadata: ["installation.id": "\(installation.id)", "trigger.key.id": "\(keyId ?? "")"]
+        )
+    }
+
+    /// The companion's install handler, which runs on `installed` and `upgraded` alike
+    /// (`Docs/forge-companion.md`): registers the web trigger, made again as Forge delivers events
+    /// when the gateway answered 5xx (a 4xx is a configuration problem the handler only logs).
+    /// Returns the trigger key id the gateway answered.
+    private func runInstallHandler(_ installation: EmulatedInstallation) async throws -> String? {
         let registered = try await self.deliveredAsEvent(retryingWhen: { $0 >= 500 }) {
             try await self.register(installation).status
         }
         guard (200..<300).contains(registered) else {
             throw ForgeEmulatorError.unexpectedStatus(registered, operation: "register")
         }
-        let keyId = self.state.withLock { $0.record(for: installation)?.triggerKey?.keyId }
-        self.logger.info(
-            "Installation installed",
-            metadata: ["installation.id": "\(installation.id)", "trigger.key.id": "\(keyId ?? "")"]
-        )
+        return self.state.withLock { $0.record(for: installation)?.triggerKey?.keyId }
     }
 
     /// Runs `call` (one delivery of an event, answering its HTTP status) as Forge delivers events:
@@ -204,17 +212,29 @@ extension ForgeEmulator {
     }
 
     /// Sends `avi:forge:upgraded:app`, delivered again as Forge delivers events (see
-    /// ``install(_:lifecycleSystemToken:)``).
-    /// - Throws: ``ForgeEmulatorError/unexpectedStatus(_:operation:)`` when the last delivery got a
-    ///   non-2xx answer, or the HTTP client's error of the last delivery.
-    public func upgrade(_ installation: EmulatedInstallation) async throws {
+    /// ``install(_:lifecycleSystemToken:)``), then runs the companion's install handler as Forge
+    /// does on a major upgrade: it registers the web trigger again, which repairs a lost or
+    /// replaced registration (the gateway keeps the installation's key and takes the URL).
+    /// - Throws: ``ForgeEmulatorError/unexpectedStatus(_:operation:)`` (operation `lifecycle` or
+    ///   `register`) when the last delivery got a non-2xx answer,
+    ///   ``ForgeEmulatorError/invalidRegistrationResponse``, or the HTTP client's error of the last
+    ///   delivery.
+    ///
+    /// With `lifecycleSystemToken`, the lifecycle call carries a fresh system token in
+    /// `x-forge-oauth-system`, as an endpoint declared with `auth.appSystemToken` gets it.
+    public func upgrade(_ installation: EmulatedInstallation, lifecycleSystemToken: Bool = false) async throws {
+        let token = lifecycleSystemToken ? try self.mintAccessToken(for: installation) : nil
         let answer = try await self.deliveredAsEvent(retryingWhen: { !(200..<300).contains($0) }) {
-            try await self.sendLifecycleEvent(.upgraded, for: installation).status
+            try await self.sendLifecycleEvent(.upgraded, for: installation, systemToken: token).status
         }
         guard (200..<300).contains(answer) else {
             throw ForgeEmulatorError.unexpectedStatus(answer, operation: "lifecycle")
         }
-        self.logger.info("Installation upgraded", metadata: ["installation.id": "\(installation.id)"])
+        let keyId = try await self.runInstallHandler(installation)
+        self.logger.info(
+            "Installation upgraded",
+            metadata: ["installation.id": "\(installation.id)", "trigger.key.id": "\(keyId ?? "")"]
+        )
     }
 
     /// Uninstalls the app as Forge does: invokes the `preUninstall` module's endpoint

@@ -116,6 +116,9 @@ extension ForgeEmulator {
     ///   201 with it, or 502 when the gateway refused (the installation is kept as `created`).
     /// - `POST /admin/installations/{id}/push` — body optional `{"expiresInSeconds": 7200, "tokenBytes": 1500}`:
     ///   pushes a fresh token (padded to about `tokenBytes`); 200 `{"status": <gateway status>, "body": "<gateway body>"}`.
+    /// - `POST /admin/installations/{id}/upgrade` — sends `avi:forge:upgraded:app`, then registers
+    ///   the web trigger again as the companion's install handler does; 200 with it, 502 when the
+    ///   gateway refused.
     /// - `POST /admin/installations/{id}/uninstall` — invokes the `preUninstall` module
     ///   (`POST {gateway}/forge/pre-uninstall`); 200 with it.
     /// - `POST /admin/installations/{id}/ui-invoke` — body `{"path": "/forge/register", "body": {…},
@@ -149,6 +152,15 @@ extension ForgeEmulator {
             ).response
         }
 
+        self.addAdminRoutes(to: router)
+        self.addConnectRoutes(to: router)
+        self.addGraphQLRoutes(to: router)
+        self.addNamedTriggerRoutes(to: router)
+        return router
+    }
+
+    /// The admin routes of ``makeRouter()``'s list, loopback clients only.
+    private func addAdminRoutes(to router: Router<EmulatorRequestContext>) {
         let admin = router.group("admin").add(middleware: LoopbackOnlyMiddleware())
 
         admin.get("installations") { _, _ -> Response in
@@ -161,6 +173,16 @@ extension ForgeEmulator {
 
         admin.post("installations/:id/push") { request, context -> Response in
             try await self.adminPush(request, context: context)
+        }
+
+        admin.post("installations/:id/upgrade") { _, context -> Response in
+            guard let installation = self.installation(in: context) else { return Self.unknownInstallation.response }
+            do {
+                try await self.upgrade(installation)
+            } catch {
+                return EmulatorAnswer.error(502, code: "upgrade_failed", message: "\(error)").response
+            }
+            return EmulatorAnswer.json(200, self.summary(of: installation)).response
         }
 
         admin.post("installations/:id/uninstall") { _, context -> Response in
@@ -192,11 +214,6 @@ extension ForgeEmulator {
         admin.get("stats") { _, _ -> Response in
             self.adminStats()
         }
-
-        self.addConnectRoutes(to: router)
-        self.addGraphQLRoutes(to: router)
-        self.addNamedTriggerRoutes(to: router)
-        return router
     }
 
     /// `POST /admin/installations`: creates and installs an installation.

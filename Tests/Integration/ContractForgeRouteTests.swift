@@ -116,6 +116,31 @@ struct ContractForgeRouteTests {
         }
     }
 
+    @Test(
+        "a major upgrade runs the install handler again: a registration replaced by a dead URL is repaired, the key kept"
+    )
+    func upgradeRepairsTheRegistration() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            // The registration now names a web trigger that does not exist (an allowed host).
+            let replaced = try await h.emulator.register(
+                installation, authTriggerUrl: h.emulator.baseURL + "/x1/" + UUID().uuidString.lowercased())
+            #expect(replaced.status == 200)
+            let failed = try await h.token(installation)
+            #expect(failed.status != 200)
+            #expect(h.emulator.triggerCalls(for: installation) == 0)
+
+            try await h.emulator.upgrade(installation)
+            let answer = try await h.token(installation)
+            #expect(answer.status == 200)
+            #expect(answer.json["source"] as? String == "trigger")
+            #expect(h.emulator.triggerCalls(for: installation) == 1)
+            let records = h.emulator.triggerRecords(for: installation)
+            #expect(records.map(\.keyId) == [replaced.triggerKeyId])
+            #expect(records.allSatisfy { $0.signatureValid })
+        }
+    }
+
     @Test("the lifecycle event's metadata comes from the FIT: cloudId and apiBaseUrl, not the body")
     func lifecycleMetadataFromFIT() async throws {
         try await GatewayHarness.run { h in

@@ -402,13 +402,24 @@ private func post(_ url: String, json: String? = nil) async throws -> (status: I
             #expect(result.triggerPublicKey == Base64URL.encode(gateway.signingKey.publicKey.rawRepresentation))
             #expect(gateway.registeredURLs.last == "https://elsewhere.example/x1/a")
 
+            // An upgrade runs the install handler again: the registration points at the web
+            // trigger once more (a lost or replaced registration is repaired), and it works.
             try await emulator.upgrade(installation)
+            #expect(gateway.events == ["installed", "upgraded"])
+            #expect(
+                gateway.registeredURLs == [
+                    emulator.triggerURL(for: installation), "https://elsewhere.example/x1/a",
+                    emulator.triggerURL(for: installation),
+                ])
+            #expect(try await callTrigger(emulator, installation, gateway: gateway) == 200)
+            #expect(gateway.deliveries.count == 1)
+
             try await emulator.uninstall(installation)
             #expect(gateway.events == ["installed", "upgraded", "preUninstall"])
             // The web trigger is gone with the app.
             #expect(try await callTrigger(emulator, installation, gateway: gateway) == 404)
-            #expect(emulator.triggerRecords(for: installation).map(\.answeredStatus) == [404])
-            #expect(gateway.deliveries.isEmpty)
+            #expect(emulator.triggerRecords(for: installation).map(\.answeredStatus) == [200, 404])
+            #expect(gateway.deliveries.count == 1)
         }
     }
 
@@ -760,6 +771,13 @@ private func post(_ url: String, json: String? = nil) async throws -> (status: I
             let stats = try await get(emulator.baseURL + "/admin/stats")
             #expect(stats.status == 200)
             #expect(stats.body.contains(#""totalTriggerCalls":1"#))
+
+            let upgraded = try await post(emulator.baseURL + "/admin/installations/\(installation.uuid)/upgrade")
+            #expect(upgraded.status == 200)
+            #expect(upgraded.body.contains(#""status":"installed""#))
+            #expect(gateways[0].events.suffix(1) == ["upgraded"])
+            #expect(gateways[0].registeredURLs.count == 2)
+            #expect(try await post(emulator.baseURL + "/admin/installations/nope/upgrade").status == 404)
 
             let encodedId = id.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? id
             let uninstalled = try await post(emulator.baseURL + "/admin/installations/\(encodedId)/uninstall")
