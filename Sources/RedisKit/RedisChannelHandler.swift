@@ -19,7 +19,7 @@ struct RedisRequest: Sendable {
 /// A request that times out keeps its place in the FIFO, so a late reply is consumed by it and never delivered
 /// to a later caller. When a request times out and the server has been silent for `stallTimeout` while requests
 /// were outstanding, the connection is considered dead (a half-open TCP connection is otherwise only noticed
-/// after many minutes) and closed; every pending request then fails with `unavailable`. A server that is merely
+/// after many minutes) and closed; every pending request then fails with `connectionLost` (it may have run). A server that is merely
 /// slow for a while (a blocking command, a long script) keeps the connection.
 ///
 /// With a `pushHandler`, the connection is a subscriber: `message` pushes go to the handler and everything else
@@ -194,8 +194,11 @@ final class RedisChannelHandler: ChannelDuplexHandler {
         context.close(promise: nil)
     }
 
-    private func failAll(with error: RedisError) {
+    /// Fails every pending request. Those were written, so a lost connection fails them with
+    /// ``RedisError/connectionLost`` (they may have run), not ``RedisError/unavailable``.
+    private func failAll(with reason: RedisError) {
         self.isClosed = true
+        let error = reason == .unavailable ? RedisError.connectionLost : reason
         while let request = self.pending.popFirst() {
             request.timeout?.cancel()
             if !request.abandoned {

@@ -235,7 +235,7 @@ public final class RedisClient: Sendable, Service {
             reply = try await cluster.send(
                 ["SCAN", nodeCursor, "MATCH", pattern, "COUNT", String(count)], to: shard.primary, deadline: deadline
             )
-        } catch let error as RedisError where error == .unavailable || error == .timeout {
+        } catch let error as RedisError where error.isConnectionFailure || error == .timeout {
             self.availability.isAvailable.store(false, ordering: .relaxed)
             self.errors.increment()
             throw error
@@ -292,7 +292,7 @@ public final class RedisClient: Sendable, Service {
                 self.pool.closeAllConnections()
             }
             return replies
-        } catch let error as RedisError where error == .unavailable || error == .timeout {
+        } catch let error as RedisError where error.isConnectionFailure || error == .timeout {
             self.availability.isAvailable.store(false, ordering: .relaxed)
             self.errors.increment()
             throw error

@@ -193,11 +193,17 @@ final class RedisClusterRouter: Sendable {
                 }
                 shouldRediscover = true
                 progress.lastError = failure.error
+            case .failure(let error) where error is CancellationError:
+                // The caller went away; the node did not fail.
+                thrown = thrown ?? error
             case .failure(let error):
                 self.state.withLock { $0.machine.nodeUnreachable(node) }
                 shouldRediscover = true
                 thrown = error
             }
+        }
+        if let thrown, !shouldRediscover {
+            throw thrown
         }
         if let thrown {
             // Commands may have run on the failed node: not repeated. The map is looked at again in the
@@ -422,6 +428,12 @@ final class RedisClusterRouter: Sendable {
         }
         try await self.rediscover(deadline: deadline)
         return self.state.withLock { $0.machine.map?.shards ?? [] }
+    }
+
+    /// Whether the slot map is known to be out of date (a node failed, a slot moved) and is due to be
+    /// asked for again.
+    var isMapStale: Bool {
+        self.state.withLock { $0.machine.isStale }
     }
 
     /// Whether the slot map assigns every hash slot to a primary (false without a map).

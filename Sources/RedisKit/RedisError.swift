@@ -5,6 +5,7 @@
 public struct RedisError: Error, Hashable, CustomStringConvertible {
     private enum Code: Hashable {
         case unavailable
+        case connectionLost
         case timeout
         case server
         case protocolError
@@ -23,9 +24,18 @@ public struct RedisError: Error, Hashable, CustomStringConvertible {
         self.serverMessage = serverMessage
     }
 
-    /// Redis cannot be reached: connecting failed, the connection was lost while the command was in flight,
-    /// the connection slot is waiting out its reconnect backoff, or the client was shut down.
+    /// Redis cannot be reached and the command was not sent: connecting failed, the connection was already
+    /// closed, the connection slot is waiting out its reconnect backoff, or the client was shut down.
     public static let unavailable = RedisError(code: .unavailable)
+
+    /// The connection was lost, or closed as dead (silent past the stall timeout, or closed by the client on
+    /// a failover), after the command was written: the command may have run, its reply was not read.
+    public static let connectionLost = RedisError(code: .connectionLost)
+
+    /// `true` for ``unavailable`` and ``connectionLost``: Redis could not be reached, or not to the end.
+    public var isConnectionFailure: Bool {
+        self.code == .unavailable || self.code == .connectionLost
+    }
 
     /// No reply arrived within the command timeout (connect time included).
     public static let timeout = RedisError(code: .timeout)
@@ -59,6 +69,8 @@ public struct RedisError: Error, Hashable, CustomStringConvertible {
         switch self.code {
         case .unavailable:
             return "Redis is unavailable"
+        case .connectionLost:
+            return "the Redis connection was lost with the command in flight (it may have run)"
         case .timeout:
             return "Redis did not answer in time"
         case .protocolError:

@@ -1,3 +1,4 @@
+import Crypto
 import FlowEngine
 import Foundation
 import Logging
@@ -244,7 +245,12 @@ import TokenGateway
                     $0 == "Redis subscription consumer fell behind: messages dropped; subscribing again"
                 }
                 .count == 1)
-            // The subscription works again.
+            // The subscription works again, on one connection: the one given up is closed (the server
+            // may read its close after the new subscription's, so that is waited for).
+            #expect(
+                await Self.eventually {
+                    (try? await client.send(["PUBSUB", "NUMSUB", channel]))?.array?.last == .integer(1)
+                })
             #expect(try await client.send(["PUBLISH", channel, "again"]) == .integer(1))
             #expect(await iterator.next() == .message(channel: channel, payload: "again"))
         }
@@ -268,6 +274,32 @@ import TokenGateway
 
     // MARK: Failures
 
+    @Test("a command whose connection is lost after it was written fails with connectionLost (it may have run)")
+    func aCommandLostInFlightMayHaveRun() async throws {
+        let server = try await RedisServerProcess.start()
+        let prefix = Self.prefix()
+        var configuration = try RedisConfiguration(url: server.url)
+        configuration.poolSize = 1
+        try await Self.withClient(configuration: configuration) { client in
+            // Redis closes a client whose reply outgrows its output buffer limit: the script below
+            // runs (its SET stays), then its 64 KiB answer costs the connection.
+            _ = try await client.send(["CONFIG", "SET", "client-output-buffer-limit", "normal 4096 0 0"])
+            let script = "redis.call('SET', KEYS[1], 'ran'); return string.rep('x', 65536)"
+            let error = await #expect(throws: RedisError.self) {
+                try await client.send(["EVAL", script, "1", prefix + "lease"])
+            }
+            #expect(error == .connectionLost)
+            #expect(error?.isConnectionFailure == true)
+            let ring = try EncryptionKeyRing(keys: [(id: "k1", key: SymmetricKey(size: .bits256))])
+            let store = RedisTokenStore(store: GatewayStore(redis: client, box: ring, prefix: prefix))
+            #expect(store.mayHaveRun(failingWith: try #require(error)))
+            #expect(!store.mayHaveRun(failingWith: RedisError.unavailable))
+            // It ran, and the client reconnects for the next command.
+            #expect(try await client.send(["GET", prefix + "lease"]).string == "ran")
+        }
+        await server.stop()
+    }
+
     @Test func failsFastWhenNothingListensAndRecoversWhenTheServerComesBack() async throws {
         let server = try await RedisServerProcess.start()
         let prefix = Self.prefix()
@@ -284,10 +316,13 @@ import TokenGateway
 
             // Every send fails with `unavailable`, not by running out its (long) timeout: refused
             // connects, then backoff. A send that waited for its timeout would throw `timeout`.
+            // (The first may have been written to the connection before its loss was read: that one
+            // fails with `connectionLost`, as it may have run.)
             for _ in 0..<20 {
-                await #expect(throws: RedisError.unavailable) {
+                let error = await #expect(throws: RedisError.self) {
                     try await client.send(["GET", prefix + "k"], timeout: .seconds(60))
                 }
+                #expect(error?.isConnectionFailure == true)
             }
             #expect(!client.isAvailable)
 

@@ -282,6 +282,7 @@ struct RedisDeploymentTests {
             logger: Self.logger)
         try await Self.expectClusterCommands(client: client, subscriber: subscriber, cluster: cluster)
         await subscriber.shutdown()
+        try await Self.expectACancelledCallerFailsNoNode(client, try #require(client.cluster))
 
         let ids = try await Self.tokenFlow(redisURL: cluster.url)
         let slots = Set(ids.map { RedisHashSlot.slot(of: $0.ari) })
@@ -432,6 +433,26 @@ struct RedisDeploymentTests {
         #expect(load.failures.withLock { $0 } == 0)
         await client.shutdown()
         for node in cluster.nodes { await node.stop() }
+    }
+
+    /// A caller cancelled while its command is in flight (a `BLPOP` that waits) gets
+    /// `CancellationError`, and its node does not count as failed: the map stays as it is.
+    static func expectACancelledCallerFailsNoNode(_ client: RedisClient, _ router: RedisClusterRouter) async throws {
+        let key = "cancelled:{0}"
+        let owner = try #require(router.primary(forSlot: RedisHashSlot.slot(of: key)))
+        let blockedClients = {
+            (try? redisCLI(["-p", "\(owner.port)", "CLIENT", "LIST"]))?.split(whereSeparator: \.isNewline)
+                .filter { $0.contains(" flags=b ") }.count
+        }
+        #expect(!router.isMapStale)
+        let blocked = Task { try await client.send(["BLPOP", key, "0"]) }
+        #expect(await RedisClientTests.eventually { blockedClients() == 1 })
+        blocked.cancel()
+        await #expect(throws: CancellationError.self) { try await blocked.value }
+        #expect(!router.isMapStale)
+        // The BLPOP is answered (and its reply dropped), which frees its connection.
+        _ = try redisCLI(["-p", "\(owner.port)", "LPUSH", key, "x"])
+        #expect(await RedisClientTests.eventually { blockedClients() == 0 })
     }
 
     /// After the primary at `primaryPort` (node `victim`) was killed: three primaries without it,

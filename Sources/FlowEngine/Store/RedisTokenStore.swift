@@ -7,7 +7,8 @@ import RedisKit
 /// needs (one script, ``RedisTokenStore/takeLeaseScript``).
 public struct RedisTokenStore: TokenStore {
     /// Redis could not be reached (``RedisError/unavailable``: no connection, or the client shut
-    /// down): the command was never sent. Any other failure may have run.
+    /// down): the command was never sent. Any other failure may have run, a connection lost with the
+    /// command in flight (``RedisError/connectionLost``) included.
     public func mayHaveRun(failingWith error: any Error) -> Bool {
         (error as? RedisError) != .unavailable
     }
