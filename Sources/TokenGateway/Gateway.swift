@@ -39,6 +39,11 @@ public final class Gateway: Sendable {
     let answerBodies = TokenAnswerBodies()
     /// Requests answered by ``FastAnswerHandler`` (for tests: which path answered).
     let fastAnswerCount = Atomic<Int>(0)
+    /// Set when a graceful shutdown begins (``ShutdownNotice``): `/health/ready` answers 503 from
+    /// then on, so a probe of the operations listener sees the replica going while it drains.
+    let draining = Atomic<Bool>(false)
+    /// When the graceful shutdown began (nil before).
+    let drainBegan = Mutex<ContinuousClock.Instant?>(nil)
     public let replicaID: String
     /// Named-trigger calls (`POST …/invoke/{key}`): the signed HTTP call, the per-installation
     /// cap and the metrics.
@@ -202,6 +207,8 @@ public final class Gateway: Sendable {
             services.append(operations)
         }
         services.append(self.makeApplication(onServerRunning: onServerRunning))
+        // Last, so it is told first: readiness fails before the listeners drain.
+        services.append(ShutdownNotice(gateway: self))
         return services
     }
 
@@ -220,14 +227,48 @@ public final class Gateway: Sendable {
         onOperationsServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in }
     ) async throws {
         try await self.placeEventLoops()
-        let group = ServiceGroup(
-            configuration: .init(
-                services: self.services(
-                    onServerRunning: onServerRunning, onOperationsServerRunning: onOperationsServerRunning
-                ).map { .init(service: $0) },
-                gracefulShutdownSignals: [.sigterm, .sigint],
-                logger: self.logger))
-        try await group.run()
+        var configuration = ServiceGroupConfiguration(
+            services: self.services(
+                onServerRunning: onServerRunning, onOperationsServerRunning: onOperationsServerRunning
+            ).map { .init(service: $0) },
+            gracefulShutdownSignals: [.sigterm, .sigint],
+            logger: self.logger)
+        // A drain that outlasts the timeout (a client that never sends the rest of its body) is
+        // cut off: every service is cancelled, and still closes what it holds (the audit records
+        // are written, the leases given back while Redis is there), and the process exits 0.
+        configuration.maximumGracefulShutdownDuration = self.configuration.shutdownTimeout
+        configuration.maximumCancellationDuration = .seconds(5)
+        do {
+            try await ServiceGroup(configuration: configuration).run()
+        } catch  where self.drainTimedOut {
+            // A service cancelled at the cut-off may end with an error of its own; the shutdown
+            // itself went as configured.
+            self.logger.debug("service ended with an error at the shutdown cut-off", metadata: ["error": "\(error)"])
+        }
+        if self.drainTimedOut {
+            self.logger.warning(
+                "graceful shutdown took longer than allowed; what was left was cut off",
+                metadata: ["shutdown.timeout_ms": "\(Int(self.configuration.shutdownTimeout / .milliseconds(1)))"])
+        }
+    }
+
+    /// Whether a graceful shutdown began and ran into ``GatewayConfiguration/shutdownTimeout``.
+    private var drainTimedOut: Bool {
+        guard let began = self.drainBegan.withLock({ $0 }) else { return false }
+        return ContinuousClock.now - began >= self.configuration.shutdownTimeout
+    }
+}
+
+/// Marks the gateway as shutting down when a graceful shutdown begins: the last of
+/// ``Gateway/services(onServerRunning:onOperationsServerRunning:)``, so it is told first.
+struct ShutdownNotice: Service {
+    let gateway: Gateway
+
+    func run() async throws {
+        try await gracefulShutdown()
+        self.gateway.drainBegan.withLock { $0 = .now }
+        self.gateway.draining.store(true, ordering: .relaxed)
+        self.gateway.logger.info("shutting down: draining the requests in flight")
     }
 }
 

@@ -81,6 +81,7 @@ struct SettingsOptions: ParsableArguments {
     var invokeMaxConcurrency: String?
     @Option(help: "Event-loop threads: shared|pinned (one CPU each) [TOKEN_GATEWAY_EVENT_LOOP_AFFINITY]")
     var eventLoopAffinity: String?
+    @Option(help: "Longest graceful shutdown, ms [TOKEN_GATEWAY_SHUTDOWN_TIMEOUT_MS]") var shutdownTimeoutMs: String?
 
     /// Flag values keyed by the environment variable they override.
     var flags: [String: String] {
@@ -98,6 +99,7 @@ struct SettingsOptions: ParsableArguments {
             (.breakerOpen, self.breakerOpenMs), (.forgeModuleKeys, self.forgeModuleKeys), (.opsHost, self.opsHost),
             (.opsPort, self.opsPort), (.apiBaseURLPrefixes, self.apiBaseUrlPrefixes),
             (.invokeMaxConcurrency, self.invokeMaxConcurrency), (.eventLoopAffinity, self.eventLoopAffinity),
+            (.shutdownTimeout, self.shutdownTimeoutMs),
         ]
         var out: [String: String] = [:]
         for (setting, value) in pairs { if let value { out[setting.environment] = value } }

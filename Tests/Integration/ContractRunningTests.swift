@@ -85,6 +85,7 @@ struct ContractRunningTests {
         "TOKEN_GATEWAY_API_BASE_URL_PREFIXES": "https://api.atlassian.com/ex",
         "TOKEN_GATEWAY_INVOKE_MAX_CONCURRENCY": "0",
         "TOKEN_GATEWAY_EVENT_LOOP_AFFINITY": "sometimes",
+        "TOKEN_GATEWAY_SHUTDOWN_TIMEOUT_MS": "500",
         // The TLS settings next to a Redis URL that is not rediss://.
         "TOKEN_GATEWAY_REDIS_TLS_CA_FILE": "/etc/token-gateway/redis-ca.pem",
         "TOKEN_GATEWAY_REDIS_TLS_CERT_FILE": "/etc/token-gateway/redis-client.pem",
@@ -219,6 +220,61 @@ struct ContractRunningTests {
     }
 
     /// Whether a new TCP connection to `port` on the loopback is refused.
+    @Test(
+        "a drain longer than TOKEN_GATEWAY_SHUTDOWN_TIMEOUT_MS is cut off and the process exits 0; the operations listener's readiness answers 503 during the drain"
+    )
+    func shutdownTimeout() async throws {
+        let holder = try await HoldingServer.start()
+        let opsPort = try RedisServerProcess.freeLoopbackPort()
+        do {
+            try await ReplicaHarness.run(
+                replicas: 1,
+                extraSettings: [
+                    "TOKEN_GATEWAY_TRIGGER_HOSTS": holder.baseURL, "TOKEN_GATEWAY_TRIGGER_MAX_ATTEMPTS": "1",
+                    "TOKEN_GATEWAY_TRIGGER_ATTEMPT_TIMEOUT_MS": "60000", "TOKEN_GATEWAY_OPS_HOST": "127.0.0.1",
+                    "TOKEN_GATEWAY_OPS_PORT": "\(opsPort)", "TOKEN_GATEWAY_SHUTDOWN_TIMEOUT_MS": "8000",
+                ]
+            ) { h in
+                let installation = h.emulator.makeInstallation()
+                #expect(try await h.emulator.sendLifecycleEvent(.installed, for: installation).status == 200)
+                #expect(
+                    try await h.emulator.register(installation, authTriggerUrl: holder.baseURL + "/x1/held").status
+                        == 200)
+                let gateway = h.replicas[0]
+                let ready = HTTPClientRequest(url: "http://127.0.0.1:\(opsPort)/health/ready")
+                #expect(try await h.http.execute(ready, timeout: .seconds(5)).status == .ok)
+                // A client that never sends the rest of its body…
+                let stalled = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                    .connect(host: "127.0.0.1", port: gateway.port).get()
+                try await stalled.writeAndFlush(
+                    ByteBuffer(
+                        string:
+                            "POST /oauth/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded"
+                            + "\r\nContent-Length: 100\r\n\r\ngrant_type"))
+                // …and a caller that waits up to 30 s for a trigger call that is never answered.
+                let inFlight = Task { try? await h.token(0, installation, query: "timeout=30000") }
+                #expect(try await Events.wait { holder.connections == 1 })
+                gateway.signal(SIGTERM)
+                #expect(try await Events.wait { await Self.refused(port: gateway.port) })
+                // Draining: the operations listener still answers, and says the replica is going.
+                let draining = try await h.http.execute(ready, timeout: .seconds(5))
+                #expect(draining.status == .serviceUnavailable)
+                let body = String(buffer: try await draining.body.collect(upTo: 1 << 16))
+                #expect(body.contains(#""code":"store_unavailable""#) && body.contains("shutting down"), "\(body)")
+                // The caller's 30 s are not waited out: after 8 s what is left is cut off, and the
+                // process exits 0 (without the limit it would still run when this gives up at 25 s).
+                #expect(await gateway.waitForExit(timeout: .seconds(25)) == 0)
+                #expect(gateway.lines.contains { $0.contains("graceful shutdown took longer than allowed") })
+                _ = await inFlight.value
+                try? await stalled.close()
+                await holder.stop()
+            }
+        } catch {
+            await holder.stop()
+            throw error
+        }
+    }
+
     static func refused(port: Int) async -> Bool {
         do {
             let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)

@@ -110,13 +110,17 @@ public struct GatewaySetting: Sendable, Hashable {
         "TOKEN_GATEWAY_EVENT_LOOP_AFFINITY", "event-loop-affinity",
         "shared (the scheduler places the event loops' threads) or pinned (one CPU each) (default shared)")
 
+    public static let shutdownTimeout = GatewaySetting(
+        "TOKEN_GATEWAY_SHUTDOWN_TIMEOUT_MS", "shutdown-timeout-ms",
+        "longest graceful shutdown after SIGTERM/SIGINT, ms; then what is left is cut off (default 35000)")
+
     public static let all: [GatewaySetting] = [
         .host, .port, .redisURL, .redisTLSCAFile, .redisTLSCertFile, .redisTLSKeyFile, .redisTLSServerName,
         .forgeAppID, .forgeJWKSURL, .triggerHosts, .encryptionKeys, .callers,
         .connectBaseURL, .connectKeysURL, .forgeGraphQLURL, .userExchangesPerMinute, .publicURL, .logLevel,
         .logFormat, .triggerMaxAttempts, .triggerAttemptTimeout, .deliveryGrace, .refreshAheadFraction,
         .breakerThreshold, .breakerOpen, .forgeModuleKeys, .opsHost, .opsPort, .apiBaseURLPrefixes,
-        .invokeMaxConcurrency, .eventLoopAffinity,
+        .invokeMaxConcurrency, .eventLoopAffinity, .shutdownTimeout,
     ]
 
     init(_ environment: String, _ flag: String, _ summary: String, secret: Bool = false) {
@@ -188,6 +192,10 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     public var logFormat: LogFormat = .logfmt
     /// Where the event loops' threads run: `shared` (default) or `pinned`, one CPU each.
     public var eventLoopAffinity: EventLoopAffinity = .shared
+    /// The longest graceful shutdown: after SIGTERM/SIGINT, requests in flight have this long to
+    /// finish (each within its own deadline, at most 30 s); then what is left (a client that never
+    /// sends the rest of its body) is cancelled, so the process always exits.
+    public var shutdownTimeout: Duration = .seconds(35)
     public var flow = TokenFlowConfiguration()
     /// Largest request body accepted (bytes); larger bodies get 413 `payload_too_large`.
     public var maxBodySize: Int = 64 * 1024
@@ -450,6 +458,9 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
                     setting: GatewaySetting.eventLoopAffinity.environment, problem: "must be shared or pinned")
             }
             config.eventLoopAffinity = affinity
+        }
+        if let v = try settings.integer(.shutdownTimeout, range: 1000...600_000) {
+            config.shutdownTimeout = .milliseconds(v)
         }
     }
 

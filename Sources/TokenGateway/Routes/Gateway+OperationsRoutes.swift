@@ -8,6 +8,8 @@ extension Gateway {
             Self.json(.object([("status", "ok")]))
         }
         router.get("/health/ready") { _, _ in
+            // Shutting down: out of the load balancer while the requests in flight drain.
+            guard !self.draining.load(ordering: .relaxed) else { throw GatewayError(FlowError.shuttingDown) }
             do {
                 try await self.redis.ping(timeout: .milliseconds(500))
                 return Self.json(.object([("status", "ok"), ("store", "ok")]))
