@@ -218,6 +218,35 @@ struct SecurityKeyTests {
         await redis.shutdown()
     }
 
+    @Test(
+        "the documented rotation rolls out in two steps: a replica still on [old, new] opens what one on [new, old] sealed, and drops nothing"
+    )
+    func twoStepRollout() async throws {
+        let redis = try Self.redis()
+        let prefix = "tgsec-\(UUID().uuidString.prefix(8))"
+        let (old, new) = (("k-old", Self.randomKey()), ("k-new", Self.randomKey()))
+        let counted = Mutex(0)
+        // Step 1 everywhere: the new key is known but not used to seal.
+        let stepOne = GatewayStore(
+            redis: redis, box: try Self.ring([old, new]), prefix: prefix,
+            undecryptable: { _ in counted.withLock { $0 += 1 } })
+        let ids = try await Self.seed(stepOne)
+        // Step 2 on one replica: it seals with the new key…
+        let stepTwo = GatewayStore(redis: redis, box: try Self.ring([new, old]), prefix: prefix)
+        let now = FlowTime.now()
+        let fresh = AccessToken(value: "token-0-rolled-\(UUID())", expiresAt: now.unixSeconds + 7200)
+        _ = try await stepTwo.storeDeliveredToken(ids[0], token: fresh, requestID: nil, metadata: .init(), now: now)
+        let sealed = try await Self.sealedValues(prefix: prefix, redis: redis)
+        #expect(sealed.contains { $0.0 == stepOne.systemTokenKey(ids[0]) && $0.2 == "k-new" })
+        // …and a replica still on step 1 opens it, and everything else, and drops nothing.
+        #expect(try await stepOne.systemToken(ids[0])?.value == fresh.value)
+        try await Self.opensEverything(stepOne, ids)
+        try await Self.opensEverything(stepTwo, ids)
+        #expect(counted.withLock { $0 } == 0)
+        #expect(try await stepTwo.systemToken(ids[0])?.value == fresh.value)
+        await redis.shutdown()
+    }
+
     @Test("a token blob copied under another installation is never served to a caller")
     func copiedTokenIsNotServed() async throws {
         try await GatewayHarness.run(configure: { $0.flow.maxAttempts = 1 }) { h in
