@@ -41,4 +41,19 @@ struct TrustRootTests {
         #expect(throws: (any Error).self) { try TriggerHostAllowList(parsing: "http://127.0.0.1.nip.io:80") }
         _ = try TriggerHostAllowList(parsing: "http://127.0.0.1:8080,http://localhost:9,http://[::1]:7")
     }
+
+    @Test("a trigger URL whose host is percent-encoded is refused: the decoded name could hide another address")
+    func triggerAllowListRefusesEncodedHosts() throws {
+        let list = try TriggerHostAllowList(parsing: "*.hello.atlassian-dev.net,exact.example.com,http://127.0.0.1:9")
+        for url in [
+            "https://10.0.0.5%00.hello.atlassian-dev.net/x1/a", "https://10.0.0.5%2F.hello.atlassian-dev.net/x1/a",
+            "https://evil%2Etest.hello.atlassian-dev.net/x1/a", "https://ab%63.hello.atlassian-dev.net/x1/a",
+            "https://exact%2Eexample.com/x", "http://127.0.0.%31:9/x",
+        ] {
+            #expect(!list.allows(url), "\(url)")
+        }
+        #expect(list.allows("https://abc.hello.atlassian-dev.net/x1/a"))
+        #expect(list.allows("https://exact.example.com/x"))
+        #expect(list.allows("http://127.0.0.1:9/x"))
+    }
 }

@@ -58,17 +58,24 @@ public struct TriggerHostAllowList: Sendable, Hashable, CustomStringConvertible 
         self.entries = entries
     }
 
-    /// True when `url` is an absolute URL that some entry allows (no user info, no fragment).
+    /// True when `url` is an absolute URL that some entry allows (no user info, no fragment, no
+    /// percent-encoding in the host: `URLComponents` decodes it, and a decoded NUL or `/` would let
+    /// the name checked here differ from the address connected to).
     public func allows(_ url: String) -> Bool {
         guard url.count <= 2048, let c = URLComponents(string: url), let scheme = c.scheme?.lowercased(),
-            let rawHost = c.host?.lowercased(), !rawHost.isEmpty, c.user == nil, c.password == nil, c.fragment == nil
+            let rawHost = c.host?.lowercased(), !rawHost.isEmpty, c.percentEncodedHost?.contains("%") == false,
+            c.user == nil, c.password == nil, c.fragment == nil
         else { return false }
         let host = Self.bare(rawHost)
         let port = c.port ?? (scheme == "https" ? 443 : (scheme == "http" ? 80 : -1))
         for entry in self.entries {
             switch entry {
             case .suffix(let suffix):
-                if scheme == "https", port == 443, host.hasSuffix(suffix), host.count > suffix.count { return true }
+                if scheme == "https", port == 443, host.hasSuffix(suffix), host.count > suffix.count,
+                    Self.isHostname(host)
+                {
+                    return true
+                }
             case .host(let h):
                 if scheme == "https", port == 443, host == h { return true }
             case .exact(let s, let h, let p):
