@@ -44,7 +44,12 @@ public final class RedisClient: Sendable, Service {
     /// Whether the last command or connect attempt reached Redis.
     private final class Availability: Sendable {
         let isAvailable = Atomic<Bool>(false)
+        /// When a direct endpoint's connections were last closed for a `READONLY` reply (uptime ns).
+        let lastDemotionReconnect = Atomic<UInt64>(0)
     }
+
+    /// At most this often, a direct endpoint that answers `READONLY` is connected to again.
+    static let demotionReconnectInterval: TimeAmount = .seconds(1)
 
     /// Creates a client; nothing connects until the first command.
     ///
@@ -260,6 +265,26 @@ public final class RedisClient: Sendable, Service {
         return (next, list.compactMap(\.string))
     }
 
+    /// The node written to answered `READONLY`: it was demoted. With Sentinel every connection is
+    /// closed at once, so the next ones ask the sentinels for the new primary. A direct endpoint is
+    /// reconnected too, at most once per ``demotionReconnectInterval``: a name that follows the
+    /// primary (a managed service's DNS name after a failover) is looked up again, while a fixed
+    /// address that stays a replica is not reconnected to on every write. Redis keeps a client's
+    /// connection through a demotion, so without this every write would fail until a restart.
+    private func primaryDemoted() {
+        if case .direct = self.configuration.endpoint {
+            let now = NIODeadline.now().uptimeNanoseconds
+            let last = self.availability.lastDemotionReconnect.load(ordering: .relaxed)
+            guard now &- last >= UInt64(Self.demotionReconnectInterval.nanoseconds),
+                self.availability.lastDemotionReconnect.compareExchange(
+                    expected: last, desired: now, ordering: .relaxed
+                ).exchanged
+            else { return }
+        }
+        self.logger.notice("Redis primary became a replica; reconnecting to the new primary")
+        self.pool.closeAllConnections()
+    }
+
     func send(_ command: [String], deadline: NIODeadline) async throws -> RedisValue {
         let reply = try await self.execute([command], deadline: deadline)[0]
         if case .error(let message) = reply {
@@ -284,12 +309,8 @@ public final class RedisClient: Sendable, Service {
             let connection = try await self.pool.connection(deadline: deadline)
             let replies = try await connection.send(commands, deadline: deadline)
             self.availability.isAvailable.store(true, ordering: .relaxed)
-            if case .sentinel = self.configuration.endpoint,
-                replies.contains(where: { RedisError.isReadOnlyReply($0) })
-            {
-                // The node we write to was demoted: reconnect everything, which asks the sentinels again.
-                self.logger.notice("Redis primary became a replica; reconnecting to the new primary")
-                self.pool.closeAllConnections()
+            if replies.contains(where: { RedisError.isReadOnlyReply($0) }) {
+                self.primaryDemoted()
             }
             return replies
         } catch let error as RedisError where error.isConnectionFailure || error == .timeout {

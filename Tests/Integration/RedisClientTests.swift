@@ -300,6 +300,33 @@ import TokenGateway
         await server.stop()
     }
 
+    @Test(
+        "a direct endpoint whose server is demoted (READONLY) is connected to again, so a name that now names the new primary is followed"
+    )
+    func aDemotedDirectEndpointIsConnectedToAgain() async throws {
+        let (a, b) = (try await RedisServerProcess.start(), try await RedisServerProcess.start())
+        // The proxy stands for a DNS name: after the failover it names the new primary, while the
+        // connections made before stay with the old one (Redis keeps them through a demotion).
+        let proxy = try await TCPProxy.start(forwardingTo: a.port)
+        let key = Self.prefix() + "k"
+        var configuration = try RedisConfiguration(url: "redis://127.0.0.1:\(proxy.port)/0")
+        configuration.poolSize = 2
+        try await Self.withClient(configuration: configuration) { client in
+            #expect(try await client.send(["SET", key, "a"]) == .status("OK"))
+            _ = try redisCLI(["-p", "\(b.port)", "SET", key, "b0"])
+            _ = try redisCLI(["-p", "\(a.port)", "REPLICAOF", "127.0.0.1", "\(b.port)"])
+            proxy.retarget(to: b.port)
+            let demoted = await #expect(throws: RedisError.self) { try await client.send(["SET", key, "x"]) }
+            #expect(demoted?.serverErrorPrefix == "READONLY")
+            #expect(
+                await Self.eventually { (try? await client.send(["SET", key, "b1"])) == .status("OK") })
+            #expect(try redisCLI(["-p", "\(b.port)", "GET", key]).contains("b1"))
+        }
+        await proxy.stop()
+        await a.stop()
+        await b.stop()
+    }
+
     @Test func failsFastWhenNothingListensAndRecoversWhenTheServerComesBack() async throws {
         let server = try await RedisServerProcess.start()
         let prefix = Self.prefix()

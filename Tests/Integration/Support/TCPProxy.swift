@@ -8,17 +8,19 @@ import Synchronization
 final class TCPProxy: Sendable {
     let port: Int
     private let server: any Channel
+    private let box: ProxyState
     private let state: Mutex<(held: Bool, open: [ObjectIdentifier: any Channel])>
 
-    private init(port: Int, server: any Channel) {
+    private init(port: Int, server: any Channel, box: ProxyState) {
         self.port = port
         self.server = server
+        self.box = box
         self.state = Mutex((false, [:]))
     }
 
     /// Starts a proxy on a free loopback port, forwarding to `target`.
     static func start(forwardingTo target: Int) async throws -> TCPProxy {
-        let box = ProxyState()
+        let box = ProxyState(target: target)
         let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.autoRead, value: false)
@@ -28,7 +30,7 @@ final class TCPProxy: Sendable {
                     .channelInitializer { outbound in
                         outbound.pipeline.addHandler(ProxyForward(to: inbound))
                     }
-                    .connect(host: "127.0.0.1", port: target)
+                    .connect(host: "127.0.0.1", port: box.target.withLock { $0 })
                     .flatMap { outbound in
                         box.track(outbound)
                         return inbound.pipeline.addHandler(ProxyForward(to: outbound)).flatMap {
@@ -38,7 +40,7 @@ final class TCPProxy: Sendable {
             }
             .bind(host: "127.0.0.1", port: 0).get()
         let port = server.localAddress?.port ?? 0
-        let proxy = TCPProxy(port: port, server: server)
+        let proxy = TCPProxy(port: port, server: server, box: box)
         box.proxy.withLock { $0 = proxy }
         return proxy
     }
@@ -51,6 +53,12 @@ final class TCPProxy: Sendable {
             return Array(state.open.values)
         }
         for channel in open { channel.close(promise: nil) }
+    }
+
+    /// Forwards new connections to `target` from now on; the open ones stay where they are (a
+    /// DNS name that now names another server).
+    func retarget(to target: Int) {
+        self.box.target.withLock { $0 = target }
     }
 
     /// Forwards new connections again.
@@ -87,6 +95,12 @@ final class TCPProxy: Sendable {
 /// The proxy as its connection initializer sees it (set once the server is bound).
 private final class ProxyState: Sendable {
     let proxy = Mutex<TCPProxy?>(nil)
+    /// The port new connections are forwarded to.
+    let target: Mutex<Int>
+
+    init(target: Int) {
+        self.target = Mutex(target)
+    }
 
     func accept(_ channel: any Channel) -> Bool {
         self.proxy.withLock { $0 }?.accept(channel) ?? false
