@@ -209,7 +209,8 @@ struct RedisConnector: Sendable {
     }
 
     /// Authenticates a sentinel connection when the configuration carries credentials. A sentinel without a
-    /// password of its own answers that none is configured; it is then used without.
+    /// password of its own is then used without: it answers that none is configured (`AUTH password`), or
+    /// refuses the unknown user (`AUTH user password`: `WRONGPASS`) and then answers a `PING` unauthenticated.
     private func authenticateSentinel(_ connection: RedisConnection, deadline: NIODeadline) async throws {
         guard let auth = self.authCommand else {
             return
@@ -220,6 +221,11 @@ struct RedisConnector: Sendable {
         }
         if message.contains("without any password configured") || message.contains("no password is set") {
             return
+        }
+        if self.configuration.username != nil,
+            case .some(.status("PONG")) = try await connection.send([["PING"]], deadline: deadline).first
+        {
+            return  // the credentials are the data nodes'; this sentinel asks for none
         }
         self.reportRefusedCredentials(message, address: connection.address)
         throw RedisError.unavailable

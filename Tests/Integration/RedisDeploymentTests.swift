@@ -269,6 +269,33 @@ struct RedisDeploymentTests {
         await wrong.shutdown()
     }
 
+    @Test(
+        "Sentinel with an ACL user: sentinels without a password are used without, the primary gets AUTH user password")
+    func sentinelWithAnACLUser() async throws {
+        let primary = try await RedisServerProcess.start()
+        try redisCLI(["-p", "\(primary.port)", "ACL", "SETUSER", "gateway", "on", ">gw-acl-4", "~*", "&*", "+@all"])
+        try redisCLI(["-p", "\(primary.port)", "ACL", "SETUSER", "default", "off"])
+        let sentinel = try await RedisServerProcess.startSentinel(
+            monitoringPrimaryPort: primary.port,
+            extraConfiguration: "sentinel auth-user tg-primary gateway\nsentinel auth-pass tg-primary gw-acl-4")
+        let client = RedisClient(
+            configuration: try RedisConfiguration(
+                url: "redis-sentinel://gateway:gw-acl-4@127.0.0.1:\(sentinel.port)/tg-primary/0"),
+            logger: Self.logger)
+        try await client.ping(timeout: .seconds(5))
+        #expect(try await client.send(["SET", "sentinel-acl", "1"]) == .status("OK"))
+        await client.shutdown()
+        // A wrong password still fails, at the primary.
+        let wrong = RedisClient(
+            configuration: try RedisConfiguration(
+                url: "redis-sentinel://gateway:nope@127.0.0.1:\(sentinel.port)/tg-primary/0"),
+            logger: Self.logger)
+        await #expect(throws: RedisError.unavailable) { try await wrong.ping() }
+        await wrong.shutdown()
+        await sentinel.stop()
+        await primary.stop()
+    }
+
     // MARK: Cluster
 
     @Test(
