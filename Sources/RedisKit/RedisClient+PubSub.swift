@@ -10,6 +10,10 @@ public enum RedisPubSubEvent: Sendable, Hashable {
     /// The subscription is (again) in place: sent after the first `SUBSCRIBE` and after every reconnect. Messages
     /// published while the subscriber was disconnected are lost, so re-read any state they would have announced.
     case subscribed
+    /// The subscription is not in place: its connection was lost, or subscribing failed (a refused connect, a
+    /// `SUBSCRIBE` the server refused). Sent once per loss, before the next ``subscribed``; until then messages
+    /// are missed.
+    case unsubscribed
 }
 
 extension RedisClient {
@@ -145,6 +149,8 @@ extension RedisClient {
                         metadata: ["redis.sentinel.event": "\(channel)", "redis.switch": "\(announcement)"]
                     )
                     newPrimary = announced
+                case .unsubscribed:
+                    continue  // asked again on the next `subscribed`
                 }
                 // Connections already on the new primary (a second announcement of the same failover, or a
                 // reconnect that asked the sentinels after the first) stay: closing them would fail their commands.
@@ -197,6 +203,7 @@ extension RedisClient {
         var logger = self.logger
         logger[metadataKey: "redis.subscription"] = "\(subscription.label)"
         var failures = 0
+        var announcedDown = false
         while !Task.isCancelled, !subscription.isTerminated {
             var failure: (any Error)?
             do {
@@ -216,6 +223,7 @@ extension RedisClient {
                 // (an ACL user without the channel, `NOPERM`) backs off like a failed connect.
                 try await self.subscribeAndWatch(connection, subscription: subscription, logger: logger) {
                     failures = 0
+                    announcedDown = false
                 }
                 if !subscription.isTerminated, !Task.isCancelled {
                     logger.notice(
@@ -230,6 +238,10 @@ extension RedisClient {
             }
             guard !Task.isCancelled, !subscription.isTerminated else {
                 return
+            }
+            if !announcedDown {
+                subscription.continuation.yield(.unsubscribed)
+                announcedDown = true
             }
             if failure != nil { failures += 1 }
             let delay = Backoff.delay(

@@ -29,6 +29,38 @@ struct ReplicaIntegrationTests {
         }
     }
 
+    @Test(
+        "replicas whose subscription is refused hear nothing from each other, so each reads the store: an uninstall through one is 410 on the other"
+    )
+    func replicasWithoutAnnouncementsReadTheStore() async throws {
+        let server = try await RedisServerProcess.start()
+        // A user that may publish but not subscribe: every SUBSCRIBE is refused (`NOPERM`).
+        try redisCLI([
+            "-p", "\(server.port)", "ACL", "SETUSER", "nochannels", "on", ">nochannels-pw-5", "~*", "&*", "+@all",
+            "-subscribe",
+        ])
+        try await ReplicaHarness.run(
+            replicas: 2, redisURL: "redis://nochannels:nochannels-pw-5@127.0.0.1:\(server.port)/0"
+        ) { h in
+            for replica in h.replicas {
+                #expect(
+                    try await Events.wait { replica.lines.contains { $0.contains("store announcements not heard") } })
+            }
+            let installation = h.emulator.makeInstallation()
+            try await h.emulator.install(installation)
+            let first = try await h.token(0, installation)
+            #expect(first.status == 200)
+            #expect(try await h.token(0, installation).json["source"] as? String == "cache")
+            // Uninstalled through the other replica: its announcement reaches nobody.
+            h.emulator.setGatewayURL(h.replicas[1].url)
+            try await h.emulator.uninstall(installation)
+            let after = try await h.token(0, installation)
+            #expect(after.status == 410, "\(after.body)")
+            #expect(h.emulator.triggerCalls(for: installation) == 1)
+        }
+        await server.stop()
+    }
+
     @Test("a delivery landing on another replica answers the caller waiting on the first")
     func deliveryToOtherReplica() async throws {
         try await ReplicaHarness.run(replicas: 2) { h in

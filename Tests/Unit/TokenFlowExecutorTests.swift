@@ -623,6 +623,41 @@ struct TokenFlowExecutorTests {
         }
     }
 
+    @Test(
+        "while the store's announcements are not heard (the subscription lost or refused), every caller reads the store, and an unannounced uninstall is seen at once"
+    )
+    func everyCallerReadsTheStoreWhileUnsubscribed() async throws {
+        try await withFlow { h in
+            h.storeElsewhereUnannounced("tok-1")
+            #expect(try await h.request().get().token.value == "tok-1")
+            #expect(h.flow.rememberedToken(h.id)?.value == "tok-1")
+            h.store.unsubscribe()
+            while h.flow.hearsAnnouncements { await Task.yield() }
+            #expect(h.flow.rememberedToken(h.id) == nil)
+            // Each caller reads the store; what it read is not taken as verified.
+            let snapshots = h.store.calls("snapshot")
+            for _ in 0..<2 {
+                let answer = try await h.request().get()
+                #expect(answer.token.value == "tok-1" && answer.source == .cache)
+            }
+            #expect(h.store.calls("snapshot") == snapshots + 2)
+            #expect(h.flow.rememberedToken(h.id) == nil)
+            // Back: one read verifies, then memory answers.
+            h.store.resubscribe()
+            while h.flow.subscriptionsHandled < 2 { await Task.yield() }
+            #expect(try await h.request().get().token.value == "tok-1")
+            #expect(try await h.request().get().token.value == "tok-1")
+            #expect(h.store.calls("snapshot") == snapshots + 3)
+            // Down again: an uninstall nobody announced reaches the next caller.
+            h.store.unsubscribe()
+            while h.flow.hearsAnnouncements { await Task.yield() }
+            h.store.dropsNotifications = true
+            h.store.uninstall(h.id)
+            #expect(await h.request().failure?.code == .installationUninstalled)
+            #expect(h.trigger.callCount == 0)
+        }
+    }
+
     @Test("a token another replica stored while this process's subscription was down is served once it is back")
     func newerTokenMissedWhileUnsubscribed() async throws {
         try await withFlow { h in

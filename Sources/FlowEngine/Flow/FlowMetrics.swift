@@ -19,6 +19,9 @@ public struct FlowMetrics: Sendable {
     public let leasesHeld: Meter
     /// Circuits this process opened that have not closed again.
     public let circuitsOpen: Meter
+    /// `token_gateway_store_announcements_heard`: 1 while the store's announcements are
+    /// subscribed to, 0 while the subscription is lost or refused (every caller reads the store).
+    public let announcementsHeard: Meter
     /// `token_gateway_same_token_round_trips_total{outcome}` and
     /// `token_gateway_round_trips_held_total{kind}`, by ``HoldEvent``.
     let holdEvents: [HoldEvent: Counter]
@@ -53,6 +56,7 @@ public struct FlowMetrics: Sendable {
             label: "token_gateway_tokens_received_total", dimensions: [("kind", "pushed")], factory: factory)
         self.leasesHeld = Meter(label: "token_gateway_leases_held", factory: factory)
         self.circuitsOpen = Meter(label: "token_gateway_circuits_open", factory: factory)
+        self.announcementsHeard = Meter(label: "token_gateway_store_announcements_heard", factory: factory)
         var holds: [HoldEvent: Counter] = [:]
         for event in HoldEvent.allCases {
             switch event {

@@ -80,28 +80,34 @@ extension TokenFlow {
             // the store now.
             let (marked, active, waiters) = self.state.withLock { s in
                 s.subscriptions += 1
+                s.announcementsDown = false
                 let active = s.machines.compactMap { entry in entry.value.currentRequestID.map { (entry.key, $0) } }
                 let waiters = s.subscriptionWaiters.filter { $0.times <= s.subscriptions }.map(\.continuation)
                 s.subscriptionWaiters.removeAll { $0.times <= s.subscriptions }
-                let marked = s.memory.count
-                if marked > 0 {
-                    s.memory = s.memory.mapValues { entry in
-                        var entry = entry
-                        entry.unverified = true
-                        return entry
-                    }
-                    s.memoryGeneration &+= 1
-                }
+                let marked = Self.markMemoryUnverified(&s)
                 s.triggerChecked.removeAll()
                 return (marked, active, waiters)
             }
             for waiter in waiters { waiter.resume() }
+            self.metrics.announcementsHeard.set(1)
             if marked > 0 {
                 self.logger.info(
                     "store announcements subscribed: remembered tokens are read from the store again before they are served",
                     metadata: ["installations": "\(marked)"])
             }
             for (id, requestID) in active { await self.readStore(id, requestID: requestID) }
+        case .unsubscribed:
+            // Until the subscription is back, another replica's uninstall or newer token would go
+            // unheard: every caller reads the store (a token is still served from memory while
+            // the store itself cannot be reached).
+            let marked = self.state.withLock { s in
+                s.announcementsDown = true
+                return Self.markMemoryUnverified(&s)
+            }
+            self.metrics.announcementsHeard.set(0)
+            self.logger.warning(
+                "store announcements not heard: every token is read from the store before it is served until they are",
+                metadata: ["installations": "\(marked)"])
         case .tokenStored(let id, let requestID, let same, let origin):
             // A push this process stored was handed to it by the route that stored it.
             if requestID == nil, !same, origin == self.replicaID { return }
@@ -115,6 +121,21 @@ extension TokenFlow {
         case .uninstalled(let id):
             self.installationUninstalled(id)
         }
+    }
+
+    /// Marks every remembered token unverified (read from the store before it is served again);
+    /// returns how many installations memory holds.
+    static func markMemoryUnverified(_ s: inout State) -> Int {
+        let marked = s.memory.count
+        if marked > 0 {
+            s.memory = s.memory.mapValues { entry in
+                var entry = entry
+                entry.unverified = true
+                return entry
+            }
+            s.memoryGeneration &+= 1
+        }
+        return marked
     }
 
     /// True when the announced token is one this process already handled: the token of round

@@ -113,6 +113,10 @@ public final class TokenFlow: Sendable, Service {
         var leaseAhead: [InstallationID: SnapshotLease] = [:]
         /// How many times the store's announcements were (re)subscribed to.
         var subscriptions = 0
+        /// The store's announcements are not being heard (the subscription was lost or refused):
+        /// what memory holds stays unverified, so every caller reads the store, until the next
+        /// ``TokenStoreNotification/subscribed``.
+        var announcementsDown = false
         /// Callers of ``subscribed(times:)`` waiting, with the count each waits for.
         var subscriptionWaiters: [(times: Int, continuation: CheckedContinuation<Void, Never>)] = []
         /// Bumped whenever memory is forgotten or marked unverified: a store read that began
@@ -684,6 +688,12 @@ public final class TokenFlow: Sendable, Service {
         self.state.withLock { $0.subscriptions }
     }
 
+    /// Whether the store's announcements are heard (false after a lost or refused subscription,
+    /// until it is back): while they are not, every caller reads the store.
+    public var hearsAnnouncements: Bool {
+        self.state.withLock { !$0.announcementsDown }
+    }
+
     /// The token this process holds in memory for `id` and would answer with, if any (nil while
     /// it is unverified: see ``unverifiedToken(_:)``).
     public func rememberedToken(_ id: InstallationID) -> AccessToken? {
@@ -743,7 +753,7 @@ public final class TokenFlow: Sendable, Service {
             var entry = s.memory[id] ?? MemoryEntry()
             if let apiBaseUrl { entry.apiBaseUrl = apiBaseUrl }
             if let token, (entry.token?.expiresAt ?? Int64.min) < token.expiresAt { entry.token = token }
-            if readAt != nil || token != nil { entry.unverified = false }
+            if readAt != nil || token != nil { entry.unverified = s.announcementsDown }
             s.memory[id] = entry
         }
     }

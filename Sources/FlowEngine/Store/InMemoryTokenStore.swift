@@ -219,6 +219,13 @@ public final class InMemoryTokenStore: TokenStore {
         self.state.withLock { $0.calls[method] ?? 0 }
     }
 
+    /// Tells every subscriber its subscription is down, as the Redis client does when the
+    /// connection is lost or subscribing is refused.
+    public func unsubscribe() {
+        let subscribers = self.state.withLock { s in Array(s.subscribers.values) }
+        for subscriber in subscribers { subscriber.yield(.unsubscribed) }
+    }
+
     /// Tells every subscriber its subscription came up again, as the Redis client does after a
     /// reconnection (announcements made meanwhile are lost: see ``dropsNotifications``).
     public func resubscribe() {

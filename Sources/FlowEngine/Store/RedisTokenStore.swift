@@ -143,6 +143,7 @@ public struct RedisTokenStore: TokenStore {
             while let event = await events.iterator.next() {
                 switch event {
                 case .subscribed: return .subscribed
+                case .unsubscribed: return .unsubscribed
                 case .message(_, let payload): if let n = Self.parse(payload) { return n }
                 }
             }

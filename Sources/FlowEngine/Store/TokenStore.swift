@@ -246,6 +246,9 @@ public enum TokenStoreLeaseOutcome: Sendable, Hashable {
 public enum TokenStoreNotification: Sendable, Hashable {
     /// The subscription is (again) in place: announcements may have been lost meanwhile.
     case subscribed
+    /// The subscription is not in place (lost, or refused): announcements are missed until the
+    /// next ``subscribed``.
+    case unsubscribed
     /// A token was stored (`requestID`: the round it answered, nil for a push), or, with
     /// `sameToken`, a delivery answered round `requestID` without replacing the stored token.
     /// `origin`: the replica that stored it, when the announcement names one.

@@ -38,6 +38,7 @@ public final class GatewayMetrics: Sendable {
         self.userExchanges = UserExchangeMetrics(factory: factory)
         self.flow.circuitsOpen.set(0)
         self.flow.leasesHeld.set(0)
+        self.flow.announcementsHeard.set(0)
         _ = Counter(label: "token_gateway_store_errors_total", factory: factory)
         // Every contract family is on the first scrape (contract §6): one series of each labelled
         // family that is otherwise made on first use, the one the first scrape and the first Forge

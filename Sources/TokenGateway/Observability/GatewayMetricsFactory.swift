@@ -92,6 +92,8 @@ public struct GatewayMetricsFactory: MetricsFactory {
             "Audit records dropped because the audit buffer was full. Should stay 0.",
         "token_gateway_circuits_open": "Circuits this replica opened whose open window has not ended.",
         "token_gateway_leases_held": "Round-trip leases this replica holds (round trips it leads now).",
+        "token_gateway_store_announcements_heard":
+            "1 while this replica hears the other replicas' announcements through Redis, 0 while not (every caller then reads Redis).",
         "token_gateway_same_token_round_trips_total":
             "Round trips whose delivery was not newer than the stored token, by what the callers got.",
         "token_gateway_round_trips_held_total": "Round trips a same-token hold kept from starting, by kind.",

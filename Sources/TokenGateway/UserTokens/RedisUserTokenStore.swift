@@ -212,6 +212,8 @@ public struct RedisUserTokenStore: UserTokenStore {
         switch event {
         case .subscribed:
             return .resync
+        case .unsubscribed:
+            return nil  // a resync follows the next `subscribed`
         case .message(_, let payload):
             let parts = payload.split(separator: " ", omittingEmptySubsequences: true)
             guard parts.count >= 2, let id = InstallationID(String(parts[1])) else { return nil }
