@@ -393,8 +393,10 @@ struct SecurityKeyTests {
         return (process.terminationStatus, String(decoding: data, as: UTF8.self))
     }
 
-    @Test("a registration whose stored signing key does not open with the key ring is 500 internal_error, not 503")
-    func unopenableSigningKeyIsNotRetryable() async throws {
+    @Test(
+        "a registration whose stored signing key does not open with the key ring issues a new key, and the installation's round trips work again"
+    )
+    func unopenableSigningKeyIsReplacedByARegistration() async throws {
         try await GatewayHarness.run { h in
             let (a, b) = (try await h.installed(), try await h.installed())
             let store = h.gateway.store
@@ -404,15 +406,24 @@ struct SecurityKeyTests {
             let idB = try #require(try await h.gateway.redis.send(["HGET", keysB, "current"]).string)
             let sealedA = try #require(try await h.gateway.redis.send(["HGET", keysA, "key:" + idA]).string)
             _ = try await h.gateway.redis.send(["HSET", keysB, "key:" + idB, sealedA])
-            let answer = try await h.call(
-                .POST, "/forge/register", secret: nil,
-                headers: [
-                    "authorization": "Bearer \(try h.emulator.mintFIT(for: b))", "content-type": "application/json",
-                ],
-                body: "{\"authTriggerUrl\":\"\(h.emulator.triggerURL(for: b))\"}")
-            #expect(answer.status == 500, "\(answer.body)")
-            #expect(answer.errorCode == "internal_error")
-            #expect(answer.headers["retry-after"] == nil)
+            // B's key does not open: no round trip can be signed.
+            #expect(try await h.token(b).status == 502)
+            #expect(h.emulator.triggerCalls(for: b) == 0)
+            // The Forge side registers again (its install or upgrade handler): a new key, answered to it.
+            let registered = try await h.emulator.register(b)
+            #expect(registered.status == 200, "\(registered.body)")
+            let newID = try #require(registered.triggerKeyId)
+            #expect(newID != idB)
+            #expect(try await h.gateway.redis.send(["HGET", keysB, "current"]).string == newID)
+            #expect(try await h.gateway.redis.send(["HEXISTS", keysB, "key:" + idB]).int == 0)
+            let answer = try await h.token(b)
+            #expect(answer.status == 200, "\(answer.body)")
+            #expect(answer.json["source"] as? String == "trigger")
+            let records = h.emulator.triggerRecords(for: b)
+            #expect(records.map(\.keyId) == [newID])
+            #expect(records.allSatisfy { $0.signatureValid })
+            // A's key is untouched.
+            #expect(try await h.gateway.redis.send(["HGET", keysA, "current"]).string == idA)
         }
     }
 

@@ -122,6 +122,20 @@ enum GatewayScripts {
         return {created, cur, key}
         """)
 
+    /// Replaces a signing key that does not open (and any pending rotation) with a new one, if the
+    /// key is still the current one. KEYS: installation, signing keys. ARGV: now, the unopenable
+    /// key id, the new key id, the new key sealed. Returns 1 when replaced, 0 when uninstalled, -1
+    /// when the current key is another one now.
+    static let replaceSigningKey = RedisScript(
+        """
+        if redis.call('HGET', KEYS[1], 'status') == 'uninstalled' then return 0 end
+        if redis.call('HGET', KEYS[2], 'current') ~= ARGV[2] then return -1 end
+        redis.call('DEL', KEYS[2])
+        redis.call('HSET', KEYS[2], 'current', ARGV[3], 'key:' .. ARGV[3], ARGV[4], 'createdAt:' .. ARGV[3], ARGV[1])
+        redis.call('HSET', KEYS[1], 'triggerKeyId', ARGV[3], 'updatedAt', ARGV[1])
+        return 1
+        """)
+
     /// Marks an installation uninstalled and deletes its tokens and keys.
     /// KEYS: installation, system token, signing keys, earlier builds' user-token set, user-key
     /// index (sorted set). ARGV: now, channel, ari.

@@ -106,12 +106,17 @@ public final class GatewayStore: Sendable {
 
     /// Outcome of a registration.
     public enum RegistrationOutcome: Sendable {
-        case registered(keyID: String, rawPrivateKey: [UInt8])
+        /// `replacedUnopenableKey`: the kept signing key did not open with the key ring (a key
+        /// removed before `keys rewrap` finished), so the candidate replaced it.
+        case registered(keyID: String, rawPrivateKey: [UInt8], replacedUnopenableKey: Bool = false)
         case uninstalled
     }
 
     /// Stores (or rotates) the sealed trigger URL; keeps the current signing key or stores the
-    /// candidate one when none exists. Returns the key in force.
+    /// candidate one when none exists. Returns the key in force. A kept key that does not open
+    /// with the key ring is replaced by the candidate (a pending rotation is dropped with it): the
+    /// registration's answer hands the Forge side the new public key, so the installation's round
+    /// trips work again.
     public func register(
         _ id: InstallationID, triggerURL: String, candidateKeyID: String, candidateKey: [UInt8],
         metadata: InstallationMetadata, now: FlowTime
@@ -131,7 +136,21 @@ public final class GatewayStore: Sendable {
         guard items.count == 3, let keyID = items[1].string, let sealed = items[2].string else {
             throw RedisError.protocolError
         }
-        let raw = try self.open(sealed, context: signingKey + "#key:" + keyID, kind: .signingKey)
+        let raw: [UInt8]
+        do {
+            raw = try self.open(sealed, context: signingKey + "#key:" + keyID, kind: .signingKey)
+        } catch {
+            let replaced = try await self.redis.eval(
+                GatewayScripts.replaceSigningKey, keys: [installationKey, signingKey],
+                arguments: [String(now.unixSeconds), keyID, candidateKeyID, sealedKey])
+            switch replaced.int {
+            case 1: raw = candidateKey
+            case 0: return .uninstalled
+            default: throw error  // another registration changed the key meanwhile: retried by Forge
+            }
+            try await self.index(id)
+            return .registered(keyID: candidateKeyID, rawPrivateKey: raw, replacedUnopenableKey: true)
+        }
         try await self.index(id)
         return .registered(keyID: keyID, rawPrivateKey: raw)
     }

@@ -97,7 +97,14 @@ extension Gateway {
             outcome = try await self.store.register(
                 id, triggerURL: url, candidateKeyID: candidate.keyId, candidateKey: candidate.rawPrivateKey,
                 metadata: invocation.metadata, now: now)
-            guard case .registered = outcome else { throw GatewayError(FlowError.installationUninstalled) }
+            guard case .registered(_, _, let replaced) = outcome else {
+                throw GatewayError(FlowError.installationUninstalled)
+            }
+            if replaced {
+                logger.error(
+                    "the installation's signing key did not open with the key ring: a new key was issued to the Forge side",
+                    metadata: ["installation.id": "\(id)", "trigger.key.id": "\(candidate.keyId)"])
+            }
             if rotateKey {
                 let next = TriggerSigningKey.generate()
                 keys = try await self.store.rotateTriggerKey(
@@ -120,12 +127,24 @@ extension Gateway {
         }
         // Registered a moment ago, so a key exists unless an uninstall came in between.
         guard let keys else { throw GatewayError(FlowError.installationUninstalled) }
-        let current = try TriggerSigningKey(keyId: keys.current.keyID, rawPrivateKey: keys.current.rawPrivateKey)
         if let pushed {
             _ = try await self.storeDelivery(
                 id, token: pushed, requestID: nil, invocation: invocation, trace: Self.forgeTrace(request),
                 logger: logger)
         }
+        logger.info(
+            "auth trigger registered",
+            metadata: [
+                "installation.id": "\(id)", "trigger.key_id": "\(keys.current.keyID)",
+                "trigger.next_key_id": "\(keys.next?.keyID ?? "-")",
+            ])
+        return Self.json(.object(try Self.registrationAnswer(id, keys: keys)))
+    }
+
+    /// The members of a registration's answer: the key in force and, during a rotation, the next.
+    static func registrationAnswer(_ id: InstallationID, keys: GatewayStore.TriggerKeys) throws -> [(String, JSONValue)]
+    {
+        let current = try TriggerSigningKey(keyId: keys.current.keyID, rawPrivateKey: keys.current.rawPrivateKey)
         var answer: [(String, JSONValue)] = [
             ("installationId", .string(id.ari)), ("triggerKeyId", .string(current.keyId)),
             ("triggerPublicKey", .string(current.publicKeyBase64URL)),
@@ -137,13 +156,7 @@ extension Gateway {
                 ("nextTriggerKeyActivatesAt", .string(RFC3339.string(unixSeconds: activatesAt))),
             ]
         }
-        logger.info(
-            "auth trigger registered",
-            metadata: [
-                "installation.id": "\(id)", "trigger.key_id": "\(current.keyId)",
-                "trigger.next_key_id": "\(keys.next?.keyID ?? "-")",
-            ])
-        return Self.json(.object(answer))
+        return answer
     }
 
     /// `POST /forge/auth-trigger`: a system token delivered by the app, in answer to a trigger call
