@@ -67,15 +67,35 @@ public struct RedisHashSlotMap: Sendable, Hashable {
     }
 
     /// Records what a `MOVED` reply said: `slot` is now served by `primary` (until the next full map).
+    /// The shards' slot ranges follow, and they stay in the order of their lowest slot (a shard
+    /// whose lowest slot moved away is named by another one now, so a cluster-wide `SCAN` walking it
+    /// reports ``RedisError/topologyChanged`` instead of skipping a shard).
     public mutating func assign(slot: Int, to primary: RedisNodeAddress) {
         guard (0..<RedisHashSlot.count).contains(slot) else {
             return
         }
-        if let index = self.shards.firstIndex(where: { $0.primary == primary }) {
-            self.owners[slot] = Int16(index)
+        var shards = self.shards
+        let owner = Int(self.owners[slot])
+        if owner >= 0 {
+            if shards[owner].primary == primary { return }
+            shards[owner].slots = Self.removing(slot, from: shards[owner].slots)
+        }
+        if let index = shards.firstIndex(where: { $0.primary == primary }) {
+            shards[index].slots.append(slot...slot)
         } else {
-            self.shards.append(Shard(primary: primary, slots: [slot...slot]))
-            self.owners[slot] = Int16(self.shards.count - 1)
+            shards.append(Shard(primary: primary, slots: [slot...slot]))
+        }
+        self = RedisHashSlotMap(shards: shards)
+    }
+
+    /// `ranges` without `slot` (a range holding it is split in two).
+    static func removing(_ slot: Int, from ranges: [ClosedRange<Int>]) -> [ClosedRange<Int>] {
+        ranges.flatMap { range -> [ClosedRange<Int>] in
+            guard range.contains(slot) else { return [range] }
+            var parts: [ClosedRange<Int>] = []
+            if range.lowerBound < slot { parts.append(range.lowerBound...(slot - 1)) }
+            if slot < range.upperBound { parts.append((slot + 1)...range.upperBound) }
+            return parts
         }
     }
 }

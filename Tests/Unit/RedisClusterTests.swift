@@ -217,6 +217,33 @@ import Testing
         #expect(machine.isStale)
     }
 
+    @Test("a MOVED slot leaves its old shard's ranges; the shards stay in the order of their lowest slot")
+    func movedSlotsKeepTheShardOrder() {
+        let (a, b, c, d) = (
+            RedisNodeAddress(host: "10.0.0.1", port: 6379), RedisNodeAddress(host: "10.0.0.2", port: 6379),
+            RedisNodeAddress(host: "10.0.0.3", port: 6379), RedisNodeAddress(host: "10.0.0.4", port: 6379)
+        )
+        var map = RedisHashSlotMap(shards: [
+            .init(primary: a, slots: [0...5460]), .init(primary: b, slots: [5461...10922]),
+            .init(primary: c, slots: [10923...16383]),
+        ])
+        // A new node takes slot 100: it is walked between a and b, not after c.
+        map.assign(slot: 100, to: d)
+        #expect(map.shards.map(\.primary) == [a, d, b, c])
+        #expect(map.shards.map(\.lowestSlot) == [0, 100, 5461, 10923])
+        #expect(map.primary(forSlot: 99) == a && map.primary(forSlot: 100) == d && map.primary(forSlot: 101) == a)
+        #expect(map.shards[0].slots == [0...99, 101...5460])
+        // b's lowest slot moves to a: b is now named by its next slot.
+        map.assign(slot: 5461, to: a)
+        #expect(map.shards.map(\.lowestSlot) == [0, 100, 5462, 10923])
+        #expect(map.primary(forSlot: 5461) == a)
+        #expect(map.coversAllSlots)
+        // A shard whose every slot moved away is gone; c, now serving slot 100, is walked second.
+        map.assign(slot: 100, to: c)
+        #expect(map.shards.map(\.primary) == [a, c, b])
+        #expect(map.coveredSlotCount == RedisHashSlot.count)
+    }
+
     @Test("after a MOVED the whole map is due for a background refresh, once per minimum interval")
     func movedMakesABackgroundRediscoveryDue() {
         var machine = Self.known()
