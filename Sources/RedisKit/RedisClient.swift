@@ -108,7 +108,8 @@ public final class RedisClient: Sendable, Service {
     /// Sends one command (`["SET", key, value]`) on a pooled connection and returns the reply.
     ///
     /// - Parameter timeout: the whole call, connecting included; default ``RedisConfiguration/commandTimeout``.
-    /// - Throws: ``RedisError/server(_:)`` for an error reply, ``RedisError/unavailable``,
+    /// - Throws: ``RedisError/server(_:)`` for an error reply, ``RedisError/unavailable`` (not sent),
+    ///   ``RedisError/connectionLost`` (sent, then the connection was lost: it may have run),
     ///   ``RedisError/timeout``, ``RedisError/protocolError``, ``RedisError/invalidCommand`` (empty command),
     ///   or `CancellationError`.
     public func send(_ command: [String], timeout: Duration? = nil) async throws -> RedisValue {
@@ -119,8 +120,8 @@ public final class RedisClient: Sendable, Service {
     /// returned as ``RedisValue/error(_:)``, not thrown. The commands are not a transaction: wrap them in
     /// `MULTI`/`EXEC` for that.
     ///
-    /// - Throws: ``RedisError/unavailable``, ``RedisError/timeout``, ``RedisError/protocolError``,
-    ///   ``RedisError/invalidCommand``, or `CancellationError`.
+    /// - Throws: ``RedisError/unavailable``, ``RedisError/connectionLost``, ``RedisError/timeout``,
+    ///   ``RedisError/protocolError``, ``RedisError/invalidCommand``, or `CancellationError`.
     public func pipeline(_ commands: [[String]], timeout: Duration? = nil) async throws -> [RedisValue] {
         try await self.execute(commands, deadline: self.deadline(timeout))
     }
@@ -269,8 +270,9 @@ public final class RedisClient: Sendable, Service {
     /// closed at once, so the next ones ask the sentinels for the new primary. A direct endpoint is
     /// reconnected too, at most once per ``demotionReconnectInterval``: a name that follows the
     /// primary (a managed service's DNS name after a failover) is looked up again, while a fixed
-    /// address that stays a replica is not reconnected to on every write. Redis keeps a client's
-    /// connection through a demotion, so without this every write would fail until a restart.
+    /// address that stays a replica is not reconnected to on every write. A server (or a proxy in
+    /// front of it) that keeps a client's connection through a demotion would otherwise fail every
+    /// write until a restart (Redis 7.0 itself closes it soon after).
     private func primaryDemoted() {
         if case .direct = self.configuration.endpoint {
             let now = NIODeadline.now().uptimeNanoseconds

@@ -237,13 +237,12 @@ public final class Gateway: Sendable {
         // cut off: every service is cancelled, and still closes what it holds (the audit records
         // are written, the leases given back while Redis is there), and the process exits 0.
         configuration.maximumGracefulShutdownDuration = self.configuration.shutdownTimeout
-        configuration.maximumCancellationDuration = .seconds(5)
         do {
             try await ServiceGroup(configuration: configuration).run()
-        } catch  where self.drainTimedOut {
-            // A service cancelled at the cut-off may end with an error of its own; the shutdown
-            // itself went as configured.
-            self.logger.debug("service ended with an error at the shutdown cut-off", metadata: ["error": "\(error)"])
+        } catch  where self.draining.load(ordering: .relaxed) {
+            // A service cancelled at the cut-off (or failing while it drained) ends with an error
+            // of its own; the shutdown itself went on to the end.
+            self.logger.notice("a service ended with an error during shutdown", metadata: ["error": "\(error)"])
         }
         if self.drainTimedOut {
             self.logger.warning(
@@ -255,7 +254,8 @@ public final class Gateway: Sendable {
     /// Whether a graceful shutdown began and ran into ``GatewayConfiguration/shutdownTimeout``.
     private var drainTimedOut: Bool {
         guard let began = self.drainBegan.withLock({ $0 }) else { return false }
-        return ContinuousClock.now - began >= self.configuration.shutdownTimeout
+        // The notice is told a moment after the service group starts its own timer.
+        return ContinuousClock.now - began >= self.configuration.shutdownTimeout - .milliseconds(100)
     }
 }
 

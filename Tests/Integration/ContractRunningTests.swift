@@ -219,7 +219,6 @@ struct ContractRunningTests {
         return Int(response.status.code)
     }
 
-    /// Whether a new TCP connection to `port` on the loopback is refused.
     @Test(
         "a drain longer than TOKEN_GATEWAY_SHUTDOWN_TIMEOUT_MS is cut off and the process exits 0; the operations listener's readiness answers 503 during the drain"
     )
@@ -275,6 +274,7 @@ struct ContractRunningTests {
         }
     }
 
+    /// Whether a new TCP connection to `port` on the loopback is refused.
     static func refused(port: Int) async -> Bool {
         do {
             let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)

@@ -3,6 +3,7 @@ import FlowEngine
 import Foundation
 import Logging
 import NIOCore
+import NIOPosix
 import Synchronization
 import Testing
 import TokenGateway
@@ -325,6 +326,34 @@ import TokenGateway
         await proxy.stop()
         await a.stop()
         await b.stop()
+    }
+
+    @Test("a direct endpoint that answers READONLY and keeps the connection is connected to again")
+    func aReadOnlyServerThatKeepsTheConnectionIsReconnectedTo() async throws {
+        // A stand-in for a demoted primary (or a proxy before one) that keeps its clients: it
+        // answers PING, and READONLY to everything else, on every connection.
+        let connections = Atomic<Int>(0)
+        let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelInitializer { channel in
+                connections.add(1, ordering: .relaxed)
+                return channel.pipeline.addHandler(ReadOnlyReplica())
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        let port = try #require(server.localAddress?.port)
+        var configuration = try RedisConfiguration(url: "redis://127.0.0.1:\(port)/0")
+        configuration.poolSize = 1
+        try await Self.withClient(configuration: configuration) { client in
+            let refused = await #expect(throws: RedisError.self) { try await client.send(["SET", "k", "v"]) }
+            #expect(refused?.serverErrorPrefix == "READONLY")
+            #expect(connections.load(ordering: .relaxed) == 1)
+            // The connection is given up, and the next command connects again.
+            #expect(
+                await Self.eventually {
+                    _ = try? await client.send(["SET", "k", "v"])
+                    return connections.load(ordering: .relaxed) >= 2
+                })
+        }
+        try await server.close()
     }
 
     @Test func failsFastWhenNothingListensAndRecoversWhenTheServerComesBack() async throws {
@@ -757,5 +786,18 @@ final class RedisTestLogs: Sendable {
         func log(event: LogEvent) {
             self.logs.recorded.withLock { $0.append("\(event.message)") }
         }
+    }
+}
+
+/// Answers `PING` with `PONG` and every other command with a `READONLY` error, keeping the
+/// connection (one command per read: the client under test sends them one at a time).
+private final class ReadOnlyReplica: ChannelInboundHandler, Sendable {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let text = String(buffer: self.unwrapInboundIn(data))
+        let reply = text.contains("PING") ? "+PONG\r\n" : "-READONLY You can't write against a read only replica.\r\n"
+        context.writeAndFlush(self.wrapOutboundOut(ByteBuffer(string: reply)), promise: nil)
     }
 }

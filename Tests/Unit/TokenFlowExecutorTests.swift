@@ -642,6 +642,10 @@ struct TokenFlowExecutorTests {
             }
             #expect(h.store.calls("snapshot") == snapshots + 2)
             #expect(h.flow.rememberedToken(h.id) == nil)
+            // Those reads only verify a token in hand: they get a short time (then it is served, as
+            // when the store cannot be reached), not the 2 s of a read that decides a round trip.
+            #expect(h.store.snapshotTimeouts.suffix(2) == [.milliseconds(250), .milliseconds(250)])
+            #expect(h.store.snapshotTimeouts.first == .seconds(2))
             // Back: one read verifies, then memory answers.
             h.store.resubscribe()
             while h.flow.subscriptionsHandled < 2 { await Task.yield() }

@@ -285,7 +285,12 @@ public final class TokenFlow: Sendable, Service {
             minValidity: request.minValidity, forced: request.forceRefresh, now: start,
             material: self.trigger.triggerMaterialQuery(for: id))
         do {
-            let timeout = min(deadline - start, .seconds(2))
+            // A token held in memory but not verified (announcements lost, or just back) is
+            // served if the store does not answer soon: the read only checks it.
+            let verifying =
+                !request.forceRefresh
+                && (memory.unverifiedToken.map { $0.expiresAt >= nowSeconds + request.minValidity } ?? false)
+            let timeout = min(deadline - start, verifying ? self.configuration.verifyReadTimeout : .seconds(2))
             read = try await self.sharedSnapshot(id, timeout: timeout, until: start + timeout, intent: intent)
         } catch {
             // The store is unreachable: a still-valid token held in memory is served (unverified
@@ -350,8 +355,7 @@ public final class TokenFlow: Sendable, Service {
             switch await self.followSnapshot(id, until: readDeadline) {
             case .some(.success(let read)):
                 return read
-            case .some(.failure(let error))
-            where error is SharedReadTimedOut || !self.store.mayHaveRun(failingWith: error):
+            case .some(.failure(let error)) where error is SharedReadTimedOut || self.store.isUnreachable(error):
                 // This caller's own time is up, or the store cannot be reached: as a read of its own.
                 throw error
             default:

@@ -39,6 +39,10 @@ public struct TokenFlowConfiguration: Sendable, Hashable {
     public var backoffCap: Duration = .seconds(2)
     /// How long the lease outlives the round trip's deadline. Default 2 s.
     public var leaseGrace: Duration = .seconds(2)
+    /// How long a caller waits for the store read that verifies a token held in memory but not
+    /// verified (while the store's announcements are not heard, or right after they are back);
+    /// then that token is served, as when the store cannot be reached.
+    public var verifyReadTimeout: Duration = .milliseconds(250)
     /// While following another process's round trip (or waiting for a delivery), a timer re-reads
     /// the store first after this interval, a safety net for a lost notification… Default 50 ms.
     public var pollInitial: Duration = .milliseconds(50)

@@ -121,6 +121,17 @@ public final class GatewayStore: Sendable {
         _ id: InstallationID, triggerURL: String, candidateKeyID: String, candidateKey: [UInt8],
         metadata: InstallationMetadata, now: FlowTime
     ) async throws -> RegistrationOutcome {
+        try await self.register(
+            id, triggerURL: triggerURL, candidateKeyID: candidateKeyID, candidateKey: candidateKey, metadata: metadata,
+            now: now, again: true)
+    }
+
+    /// ``register(_:triggerURL:candidateKeyID:candidateKey:metadata:now:)``, once more (`again`)
+    /// when another registration replaced an unopenable key meanwhile: its key is then answered.
+    private func register(
+        _ id: InstallationID, triggerURL: String, candidateKeyID: String, candidateKey: [UInt8],
+        metadata: InstallationMetadata, now: FlowTime, again: Bool
+    ) async throws -> RegistrationOutcome {
         let installationKey = self.installationKey(id)
         let signingKey = self.signingKeysKey(id)
         let sealedURL = try self.box.seal(Array(triggerURL.utf8), context: installationKey + "#triggerUrl")
@@ -146,7 +157,12 @@ public final class GatewayStore: Sendable {
             switch replaced.int {
             case 1: raw = candidateKey
             case 0: return .uninstalled
-            default: throw error  // another registration changed the key meanwhile: retried by Forge
+            default:
+                // Another registration replaced it meanwhile: its key is the one in force.
+                guard again else { throw error }
+                return try await self.register(
+                    id, triggerURL: triggerURL, candidateKeyID: candidateKeyID, candidateKey: candidateKey,
+                    metadata: metadata, now: now, again: false)
             }
             try await self.index(id)
             return .registered(keyID: candidateKeyID, rawPrivateKey: raw, replacedUnopenableKey: true)

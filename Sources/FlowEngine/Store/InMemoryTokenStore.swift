@@ -39,6 +39,8 @@ public final class InMemoryTokenStore: TokenStore {
         var unavailable = false
         var answersLost: Set<String> = []
         var calls: [String: Int] = [:]
+        /// The `timeout` each snapshot was asked with, in order.
+        var snapshotTimeouts: [Duration?] = []
         var turns = CallTurns()
     }
 
@@ -214,6 +216,11 @@ public final class InMemoryTokenStore: TokenStore {
         self.state.withLock { $0.subscribers.count }
     }
 
+    /// The `timeout` each snapshot (taking a lease or not) was asked with, in order.
+    public var snapshotTimeouts: [Duration?] {
+        self.state.withLock { $0.snapshotTimeouts }
+    }
+
     /// How many times the flow called `method` (`snapshot`, `takeLease`, `roundProbe`, …).
     public func calls(_ method: String) -> Int {
         self.state.withLock { $0.calls[method] ?? 0 }
@@ -266,6 +273,7 @@ public final class InMemoryTokenStore: TokenStore {
     }
 
     public func snapshot(_ id: InstallationID, timeout: Duration?) async throws -> TokenStoreSnapshot {
+        self.state.withLock { $0.snapshotTimeouts.append(timeout) }
         await self.pass(.snapshot)
         await self.travel()
         try self.call("snapshot")
@@ -292,6 +300,7 @@ public final class InMemoryTokenStore: TokenStore {
     public func snapshot(_ id: InstallationID, timeout: Duration?, takingLease intent: SnapshotLeaseIntent?)
         async throws -> (snapshot: TokenStoreSnapshot, lease: SnapshotLease?)
     {
+        self.state.withLock { $0.snapshotTimeouts.append(timeout) }
         await self.pass(.snapshot)
         await self.travel()
         try self.call("snapshot")

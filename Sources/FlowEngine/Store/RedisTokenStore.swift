@@ -13,6 +13,11 @@ public struct RedisTokenStore: TokenStore {
         (error as? RedisError) != .unavailable
     }
 
+    /// ``RedisError/unavailable`` and ``RedisError/connectionLost``.
+    public func isUnreachable(_ error: any Error) -> Bool {
+        (error as? RedisError)?.isConnectionFailure == true
+    }
+
     /// The gateway's keys and sealing.
     public let store: GatewayStore
 

@@ -72,11 +72,18 @@ public protocol TokenStore: Sendable {
     /// Whether a call that failed with `error` may still have changed the store (a timeout after
     /// the command was sent, a cancelled wait); false when it certainly never reached it.
     func mayHaveRun(failingWith error: any Error) -> Bool
+
+    /// Whether `error` says the store cannot be reached (not reached at all, or the connection
+    /// lost under way), as opposed to one call running out of its own time or being cancelled.
+    func isUnreachable(_ error: any Error) -> Bool
 }
 
 extension TokenStore {
     /// Without knowing better: any failed call may have run.
     public func mayHaveRun(failingWith error: any Error) -> Bool { true }
+
+    /// Without knowing better: what certainly never ran could not reach the store.
+    public func isUnreachable(_ error: any Error) -> Bool { !self.mayHaveRun(failingWith: error) }
 
     /// A store that takes no lease with its snapshot: the round takes it in a step of its own.
     public func snapshot(_ id: InstallationID, timeout: Duration?, takingLease intent: SnapshotLeaseIntent?)
