@@ -159,6 +159,21 @@ extension ForgeEmulator {
         return router
     }
 
+    /// An admin route that runs a lifecycle step on the named installation: 404 for an unknown
+    /// one, 502 `failureCode` when the gateway refused, else 200 with the installation.
+    private func adminLifecycle(
+        _ context: EmulatorRequestContext, failureCode: String,
+        _ step: (EmulatedInstallation) async throws -> Void
+    ) async -> Response {
+        guard let installation = self.installation(in: context) else { return Self.unknownInstallation.response }
+        do {
+            try await step(installation)
+        } catch {
+            return EmulatorAnswer.error(502, code: failureCode, message: "\(error)").response
+        }
+        return EmulatorAnswer.json(200, self.summary(of: installation)).response
+    }
+
     /// The admin routes of ``makeRouter()``'s list, loopback clients only.
     private func addAdminRoutes(to router: Router<EmulatorRequestContext>) {
         let admin = router.group("admin").add(middleware: LoopbackOnlyMiddleware())
@@ -176,23 +191,11 @@ extension ForgeEmulator {
         }
 
         admin.post("installations/:id/upgrade") { _, context -> Response in
-            guard let installation = self.installation(in: context) else { return Self.unknownInstallation.response }
-            do {
-                try await self.upgrade(installation)
-            } catch {
-                return EmulatorAnswer.error(502, code: "upgrade_failed", message: "\(error)").response
-            }
-            return EmulatorAnswer.json(200, self.summary(of: installation)).response
+            await self.adminLifecycle(context, failureCode: "upgrade_failed") { try await self.upgrade($0) }
         }
 
         admin.post("installations/:id/uninstall") { _, context -> Response in
-            guard let installation = self.installation(in: context) else { return Self.unknownInstallation.response }
-            do {
-                try await self.uninstall(installation)
-            } catch {
-                return EmulatorAnswer.error(502, code: "uninstall_failed", message: "\(error)").response
-            }
-            return EmulatorAnswer.json(200, self.summary(of: installation)).response
+            await self.adminLifecycle(context, failureCode: "uninstall_failed") { try await self.uninstall($0) }
         }
 
         admin.post("installations/:id/ui-invoke") { request, context -> Response in

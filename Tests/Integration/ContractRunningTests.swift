@@ -234,11 +234,7 @@ struct ContractRunningTests {
                     "TOKEN_GATEWAY_OPS_PORT": "\(opsPort)", "TOKEN_GATEWAY_SHUTDOWN_TIMEOUT_MS": "8000",
                 ]
             ) { h in
-                let installation = h.emulator.makeInstallation()
-                #expect(try await h.emulator.sendLifecycleEvent(.installed, for: installation).status == 200)
-                #expect(
-                    try await h.emulator.register(installation, authTriggerUrl: holder.baseURL + "/x1/held").status
-                        == 200)
+                let installation = try await Self.installedWithHeldTrigger(h, holder)
                 let gateway = h.replicas[0]
                 let ready = HTTPClientRequest(url: "http://127.0.0.1:\(opsPort)/health/ready")
                 #expect(try await h.http.execute(ready, timeout: .seconds(5)).status == .ok)
@@ -274,6 +270,16 @@ struct ContractRunningTests {
         }
     }
 
+    /// An installation whose trigger URL is `holder`'s (which never answers).
+    static func installedWithHeldTrigger(_ h: ReplicaHarness, _ holder: LoopbackListener) async throws
+        -> EmulatedInstallation
+    {
+        let installation = h.emulator.makeInstallation()
+        #expect(try await h.emulator.sendLifecycleEvent(.installed, for: installation).status == 200)
+        #expect(try await h.emulator.register(installation, authTriggerUrl: holder.baseURL + "/x1/held").status == 200)
+        return installation
+    }
+
     /// Whether a new TCP connection to `port` on the loopback is refused.
     static func refused(port: Int) async -> Bool {
         do {
@@ -300,11 +306,7 @@ struct ContractRunningTests {
                     "TOKEN_GATEWAY_TRIGGER_ATTEMPT_TIMEOUT_MS": "60000",
                 ]
             ) { h in
-                let installation = h.emulator.makeInstallation()
-                #expect(try await h.emulator.sendLifecycleEvent(.installed, for: installation).status == 200)
-                #expect(
-                    try await h.emulator.register(installation, authTriggerUrl: holder.baseURL + "/x1/held").status
-                        == 200)
+                let installation = try await Self.installedWithHeldTrigger(h, holder)
                 let gateway = h.replicas[0]
                 let inFlight = Task { try await h.token(0, installation, query: "timeout=30000") }
                 // The trigger call is in flight (held, unanswered): the caller is waiting.
