@@ -427,6 +427,37 @@ struct SecurityKeyTests {
         }
     }
 
+    @Test(
+        "a next trigger key that does not open with the key ring is given up: a registration answers without it, a new rotation starts afresh"
+    )
+    func unopenableNextKeyIsGivenUp() async throws {
+        try await GatewayHarness.run { h in
+            let (a, b) = (try await h.installed(), try await h.installed())
+            let store = h.gateway.store
+            let (keysA, keysB) = (store.signingKeysKey(a.installationID), store.signingKeysKey(b.installationID))
+            let idA = try #require(try await h.gateway.redis.send(["HGET", keysA, "current"]).string)
+            let sealedA = try #require(try await h.gateway.redis.send(["HGET", keysA, "key:" + idA]).string)
+            let candidate = TriggerSigningKey.generate()
+            let rotating = try await store.rotateTriggerKey(
+                b.installationID, candidateKeyID: candidate.keyId, candidateKey: candidate.rawPrivateKey,
+                overlap: .seconds(600), now: FlowTime.now())
+            let nextID = try #require(rotating?.next?.keyID)
+            _ = try await h.gateway.redis.send(["HSET", keysB, "key:" + nextID, sealedA])
+            // A plain registration: 200 with the key in force, the broken rotation given up.
+            let registered = try await h.emulator.register(b)
+            #expect(registered.status == 200, "\(registered.body)")
+            #expect(!registered.body.contains("nextTriggerKeyId"))
+            #expect(try await h.gateway.redis.send(["HGET", keysB, "next"]).isNull)
+            // A new rotation announces a next key that opens.
+            let again = TriggerSigningKey.generate()
+            let rotated = try await store.rotateTriggerKey(
+                b.installationID, candidateKeyID: again.keyId, candidateKey: again.rawPrivateKey,
+                overlap: .seconds(600), now: FlowTime.now())
+            #expect(rotated?.next?.keyID == again.keyId)
+            #expect(try await h.token(b).status == 200)
+        }
+    }
+
     @Test("rotateKey announces a next trigger key, keeps signing with the current one, then switches")
     func triggerKeyRotation() async throws {
         try await GatewayHarness.run(configure: { $0.flow.maxAttempts = 1 }) { h in

@@ -35,7 +35,7 @@ extension GatewayStore {
         let r = try await self.redis.eval(
             TriggerKeyScripts.read, keys: [self.installationKey(id), self.signingKeysKey(id)],
             arguments: [String(now.unixSeconds)])
-        return try self.openTriggerKeys(id, reply: r)
+        return try await self.openTriggerKeysDroppingNext(id, reply: r).keys
     }
 
     /// Starts a rotation: stores a next key (`candidateKeyID`/`candidateKey`) that signs from
@@ -49,10 +49,29 @@ extension GatewayStore {
         let signingKey = self.signingKeysKey(id)
         let sealed = try self.box.seal(candidateKey, context: signingKey + "#key:" + candidateKeyID)
         let activatesAt = now.unixSeconds + max(0, overlap.components.seconds)
-        let r = try await self.redis.eval(
-            TriggerKeyScripts.rotate, keys: [self.installationKey(id), signingKey],
-            arguments: [String(now.unixSeconds), candidateKeyID, sealed, String(activatesAt)])
-        return try self.openTriggerKeys(id, reply: r)
+        let arguments = [String(now.unixSeconds), candidateKeyID, sealed, String(activatesAt)]
+        let keys = [self.installationKey(id), signingKey]
+        let first = try await self.openTriggerKeysDroppingNext(
+            id, reply: try await self.redis.eval(TriggerKeyScripts.rotate, keys: keys, arguments: arguments))
+        guard first.droppedNext else { return first.keys }
+        // The rotation in progress had a next key that does not open: it is gone, so this one starts.
+        return try await self.openTriggerKeysDroppingNext(
+            id, reply: try await self.redis.eval(TriggerKeyScripts.rotate, keys: keys, arguments: arguments)
+        ).keys
+    }
+
+    /// ``openTriggerKeys(_:reply:)``; a next key that does not open with the key ring (an
+    /// encryption key removed before `keys rewrap` finished) is deleted, its rotation given up,
+    /// and the keys are answered without it.
+    private func openTriggerKeysDroppingNext(_ id: InstallationID, reply: RedisValue) async throws -> (
+        keys: TriggerKeys?, droppedNext: Bool
+    ) {
+        let (keys, unopenableNext) = try self.openTriggerKeys(id, reply: reply)
+        guard let unopenableNext else { return (keys, false) }
+        _ = try await self.redis.eval(
+            TriggerKeyScripts.dropNext, keys: [self.installationKey(id), self.signingKeysKey(id)],
+            arguments: [unopenableNext])
+        return (keys, true)
     }
 
     /// The trigger URL and the key to sign with now (promoting a due next key first), or nil when
@@ -64,9 +83,12 @@ extension GatewayStore {
         return try await self.triggerMaterial(id)
     }
 
-    private func openTriggerKeys(_ id: InstallationID, reply: RedisValue) throws -> TriggerKeys? {
+    /// The keys of a reply, opened; a next key that does not open is left out and its id returned.
+    private func openTriggerKeys(_ id: InstallationID, reply: RedisValue) throws -> (
+        keys: TriggerKeys?, unopenableNext: String?
+    ) {
         guard let items = reply.array else { throw RedisError.protocolError }
-        if items.isEmpty { return nil }
+        if items.isEmpty { return (nil, nil) }
         guard items.count == 5, let currentID = items[0].string, let currentSealed = items[1].string else {
             throw RedisError.protocolError
         }
@@ -75,15 +97,16 @@ extension GatewayStore {
             keyID: currentID,
             rawPrivateKey: try self.open(currentSealed, context: signingKey + "#key:" + currentID, kind: .signingKey)
         )
-        var next: TriggerKey?
-        var activatesAt: Int64?
         if let nextID = items[2].string, !nextID.isEmpty, let nextSealed = items[3].string, !nextSealed.isEmpty {
-            next = TriggerKey(
-                keyID: nextID,
-                rawPrivateKey: try self.open(nextSealed, context: signingKey + "#key:" + nextID, kind: .signingKey))
-            activatesAt = items[4].int
+            guard
+                let raw = try? self.open(nextSealed, context: signingKey + "#key:" + nextID, kind: .signingKey)
+            else {
+                return (TriggerKeys(current: current, next: nil, nextActivatesAt: nil), nextID)
+            }
+            let next = TriggerKey(keyID: nextID, rawPrivateKey: raw)
+            return (TriggerKeys(current: current, next: next, nextActivatesAt: items[4].int), nil)
         }
-        return TriggerKeys(current: current, next: next, nextActivatesAt: activatesAt)
+        return (TriggerKeys(current: current, next: nil, nextActivatesAt: nil), nil)
     }
 }
 
@@ -116,6 +139,15 @@ enum TriggerKeyScripts {
         """
 
     /// ARGV: now. Returns {} or {current, sealed, next, sealed next, activatesAt}.
+    /// Gives up a rotation whose next key does not open: deletes it if it is still the next one.
+    /// ARGV: the next key's id.
+    static let dropNext = RedisScript(
+        """
+        if redis.call('HGET', KEYS[2], 'next') ~= ARGV[1] then return 0 end
+        redis.call('HDEL', KEYS[2], 'next', 'nextActivatesAt', 'key:' .. ARGV[1], 'createdAt:' .. ARGV[1])
+        return 1
+        """)
+
     static let read = RedisScript(
         """
         local now = tonumber(ARGV[1])
