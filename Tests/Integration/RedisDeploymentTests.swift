@@ -254,17 +254,18 @@ struct RedisDeploymentTests {
         let sentinel = try await RedisServerProcess.startSentinel(
             monitoringPrimaryPort: primary.port,
             extraConfiguration: "sentinel auth-pass tg-primary sentinel-pw-3\nrequirepass sentinel-pw-3")
-        let client = RedisClient(
-            configuration: try RedisConfiguration(
-                url: "redis-sentinel://:sentinel-pw-3@127.0.0.1:\(sentinel.port)/tg-primary/0"),
-            logger: Self.logger)
-        try await client.ping()
-        _ = try await client.send(["SET", "sentinel-auth", "1"])
+        try await Self.expectSentinelAccess(
+            url: "redis-sentinel://:sentinel-pw-3@127.0.0.1:\(sentinel.port)/tg-primary/0",
+            refused: "redis-sentinel://:nope@127.0.0.1:\(sentinel.port)/tg-primary/0")
+    }
+
+    /// A client for `url` reaches the primary and writes; one for `refused` is refused.
+    static func expectSentinelAccess(url: String, refused: String) async throws {
+        let client = RedisClient(configuration: try RedisConfiguration(url: url), logger: Self.logger)
+        try await client.ping(timeout: .seconds(5))
+        #expect(try await client.send(["SET", "sentinel-auth", "1"]) == .status("OK"))
         await client.shutdown()
-        let wrong = RedisClient(
-            configuration: try RedisConfiguration(
-                url: "redis-sentinel://:nope@127.0.0.1:\(sentinel.port)/tg-primary/0"),
-            logger: Self.logger)
+        let wrong = RedisClient(configuration: try RedisConfiguration(url: refused), logger: Self.logger)
         await #expect(throws: RedisError.unavailable) { try await wrong.ping() }
         await wrong.shutdown()
     }
@@ -278,20 +279,10 @@ struct RedisDeploymentTests {
         let sentinel = try await RedisServerProcess.startSentinel(
             monitoringPrimaryPort: primary.port,
             extraConfiguration: "sentinel auth-user tg-primary gateway\nsentinel auth-pass tg-primary gw-acl-4")
-        let client = RedisClient(
-            configuration: try RedisConfiguration(
-                url: "redis-sentinel://gateway:gw-acl-4@127.0.0.1:\(sentinel.port)/tg-primary/0"),
-            logger: Self.logger)
-        try await client.ping(timeout: .seconds(5))
-        #expect(try await client.send(["SET", "sentinel-acl", "1"]) == .status("OK"))
-        await client.shutdown()
         // A wrong password still fails, at the primary.
-        let wrong = RedisClient(
-            configuration: try RedisConfiguration(
-                url: "redis-sentinel://gateway:nope@127.0.0.1:\(sentinel.port)/tg-primary/0"),
-            logger: Self.logger)
-        await #expect(throws: RedisError.unavailable) { try await wrong.ping() }
-        await wrong.shutdown()
+        try await Self.expectSentinelAccess(
+            url: "redis-sentinel://gateway:gw-acl-4@127.0.0.1:\(sentinel.port)/tg-primary/0",
+            refused: "redis-sentinel://gateway:nope@127.0.0.1:\(sentinel.port)/tg-primary/0")
         await sentinel.stop()
         await primary.stop()
     }

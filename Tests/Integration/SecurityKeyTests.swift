@@ -393,18 +393,26 @@ struct SecurityKeyTests {
         return (process.terminationStatus, String(decoding: data, as: UTF8.self))
     }
 
+    /// Two installed installations, their signing-key hashes, A's current key id and A's sealed
+    /// key (a value that does not open under B's key names).
+    static func twoInstallations(_ h: GatewayHarness) async throws -> (
+        a: EmulatedInstallation, b: EmulatedInstallation, keysA: String, keysB: String, idA: String, sealedA: String
+    ) {
+        let (a, b) = (try await h.installed(), try await h.installed())
+        let store = h.gateway.store
+        let (keysA, keysB) = (store.signingKeysKey(a.installationID), store.signingKeysKey(b.installationID))
+        let idA = try #require(try await h.gateway.redis.send(["HGET", keysA, "current"]).string)
+        let sealedA = try #require(try await h.gateway.redis.send(["HGET", keysA, "key:" + idA]).string)
+        return (a, b, keysA, keysB, idA, sealedA)
+    }
+
     @Test(
         "a registration whose stored signing key does not open with the key ring issues a new key, and the installation's round trips work again"
     )
     func unopenableSigningKeyIsReplacedByARegistration() async throws {
         try await GatewayHarness.run { h in
-            let (a, b) = (try await h.installed(), try await h.installed())
-            let store = h.gateway.store
-            let keysA = store.signingKeysKey(a.installationID)
-            let keysB = store.signingKeysKey(b.installationID)
-            let idA = try #require(try await h.gateway.redis.send(["HGET", keysA, "current"]).string)
+            let (_, b, keysA, keysB, idA, sealedA) = try await Self.twoInstallations(h)
             let idB = try #require(try await h.gateway.redis.send(["HGET", keysB, "current"]).string)
-            let sealedA = try #require(try await h.gateway.redis.send(["HGET", keysA, "key:" + idA]).string)
             _ = try await h.gateway.redis.send(["HSET", keysB, "key:" + idB, sealedA])
             // B's key does not open: no round trip can be signed.
             #expect(try await h.token(b).status == 502)
@@ -432,11 +440,8 @@ struct SecurityKeyTests {
     )
     func unopenableNextKeyIsGivenUp() async throws {
         try await GatewayHarness.run { h in
-            let (a, b) = (try await h.installed(), try await h.installed())
+            let (_, b, _, keysB, _, sealedA) = try await Self.twoInstallations(h)
             let store = h.gateway.store
-            let (keysA, keysB) = (store.signingKeysKey(a.installationID), store.signingKeysKey(b.installationID))
-            let idA = try #require(try await h.gateway.redis.send(["HGET", keysA, "current"]).string)
-            let sealedA = try #require(try await h.gateway.redis.send(["HGET", keysA, "key:" + idA]).string)
             let candidate = TriggerSigningKey.generate()
             let rotating = try await store.rotateTriggerKey(
                 b.installationID, candidateKeyID: candidate.keyId, candidateKey: candidate.rawPrivateKey,
