@@ -338,6 +338,60 @@ struct SecurityKeyTests {
         await redis.shutdown()
     }
 
+    @Test("KeyRewrap counts a value that changes on every attempt to write it as busy, and a later walk rewraps it")
+    func rewrapCountsBusyValues() async throws {
+        let redis = try Self.redis()
+        let prefix = "tgsec-\(UUID().uuidString.prefix(8))"
+        let (k1, k2) = (Self.randomKey(), Self.randomKey())
+        let oldRing = try Self.ring([("k1", k1)])
+        let (stringKey, hashKey) = ("\(prefix):s", "\(prefix):h")
+        // A string, a hash field that keeps changing and one that does not: all under k1.
+        _ = try await redis.send(["SET", stringKey, try oldRing.seal([1], context: stringKey), "PX", "600000"])
+        _ = try await redis.send([
+            "HSET", hashKey, "busy", try oldRing.seal([2], context: hashKey + "#busy"),
+            "calm", try oldRing.seal([3], context: hashKey + "#calm"),
+        ])
+        // Someone else writes a new k1 value before each of the walk's writes to the busy ones.
+        let writes = Mutex(0)
+        let logs = LogSink.memory()
+        var rewrap = KeyRewrap(
+            redis: redis, keys: try Self.ring([("k2", k2), ("k1", k1)]), prefix: prefix,
+            logger: Logger(label: "rewrap") { GatewayLogHandler(label: $0, format: .logfmt, level: .debug, sink: logs) }
+        )
+        rewrap.beforeCompareAndSet = { name in
+            let n = writes.withLock {
+                $0 += 1
+                return $0
+            }
+            let plaintext: [UInt8] = [UInt8(n), 9]
+            if name == stringKey {
+                _ = try await redis.send(["SET", name, try oldRing.seal(plaintext, context: name), "KEEPTTL"])
+            } else {
+                _ = try await redis.send(["HSET", name, "busy", try oldRing.seal(plaintext, context: name + "#busy")])
+            }
+        }
+        let busy = try await rewrap.run()
+        #expect(busy.busy == 2)
+        #expect(busy.rewrapped == 1)  // the calm field
+        #expect(busy.unopenable == 0)
+        #expect(!busy.allCurrent)
+        #expect(busy.description.hasSuffix("busy=2"))
+        let warnings = logs.captured.filter { $0.contains("changed on every attempt to rewrap it") }
+        #expect(warnings.count == 2)
+        #expect(warnings.contains { $0.contains(stringKey) } && warnings.contains { $0.contains("redis.field=busy") })
+        // What the other writer wrote last is what is stored: the walk overwrote nothing.
+        let stored = try #require(try await redis.send(["HGET", hashKey, "busy"]).string)
+        #expect(EncryptionKeyRing.keyId(of: stored) == "k1")
+
+        // Once the values stop changing, a walk rewraps them and reports everything current.
+        rewrap.beforeCompareAndSet = { _ in }
+        let calm = try await rewrap.run()
+        #expect(calm.rewrapped == 2 && calm.busy == 0 && calm.alreadyCurrent == 1 && calm.allCurrent)
+        #expect(try await redis.send(["PTTL", stringKey]).int ?? -1 > 0)
+        _ = try await redis.send(["DEL", stringKey, hashKey])
+        await redis.shutdown()
+    }
+
     @Test("token-gateway keys rewrap runs against Redis, prints its cursor, and resumes with --cursor")
     func rewrapCommand() async throws {
         let server = try await RedisServerProcess.start()

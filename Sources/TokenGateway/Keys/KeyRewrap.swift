@@ -26,8 +26,14 @@ public struct KeyRewrap: Sendable {
         /// Values in the sealed form that no key of the ring opens under their context (a key id
         /// missing from the ring, or a blob copied from elsewhere). They are left as they are.
         public var unopenable = 0
+        /// Sealed values not under the current key that changed between every read and write of
+        /// three attempts (a value rewritten all the time). They are left for another walk.
+        public var busy = 0
 
         public init() {}
+
+        /// Every value the walk met is under the current key, or not sealed at all.
+        public var allCurrent: Bool { self.unopenable == 0 && self.busy == 0 }
 
         static func + (lhs: Counts, rhs: Counts) -> Counts {
             var out = lhs
@@ -35,11 +41,12 @@ public struct KeyRewrap: Sendable {
             out.rewrapped += rhs.rewrapped
             out.alreadyCurrent += rhs.alreadyCurrent
             out.unopenable += rhs.unopenable
+            out.busy += rhs.busy
             return out
         }
 
         public var description: String {
-            "keys=\(self.keys) rewrapped=\(self.rewrapped) current=\(self.alreadyCurrent) unopenable=\(self.unopenable)"
+            "keys=\(self.keys) rewrapped=\(self.rewrapped) current=\(self.alreadyCurrent) unopenable=\(self.unopenable) busy=\(self.busy)"
         }
     }
 
@@ -55,6 +62,9 @@ public struct KeyRewrap: Sendable {
     let pattern: String
     let batchSize: Int
     let logger: Logger
+    /// Runs before each compare-and-set, with the Redis key about to be written (tests write the
+    /// value there to race the walk).
+    var beforeCompareAndSet: @Sendable (String) async throws -> Void = { _ in }
 
     /// - Parameters:
     ///   - redis: the store's Redis.
@@ -136,18 +146,24 @@ public struct KeyRewrap: Sendable {
     private func rewrapHash(_ name: String) async throws -> Counts {
         var counts = Counts()
         var fields = try await self.redis.send(["HGETALL", name]).pairs
-        var attempts = 0
-        while !fields.isEmpty, attempts < 3 {
-            attempts += 1
+        for attempt in 1...Self.attempts {
             var changed: [(String, String)] = []
             for (field, value) in fields {
-                switch self.verdict(value, contexts: [name + "#" + field, name]) {
+                let verdict = self.verdict(value, contexts: [name + "#" + field, name])
+                if attempt == Self.attempts, case .rewrapped = verdict {
+                    // Changed on every earlier attempt: not written again in this walk.
+                    counts.busy += 1
+                    self.logBusy(name, field: field)
+                    continue
+                }
+                switch verdict {
                 case .notSealed: continue
                 case .current: counts.alreadyCurrent += 1
                 case .unopenable:
                     counts.unopenable += 1
                     self.logUnopenable(name, field: field)
                 case .rewrapped(let sealed):
+                    try await self.beforeCompareAndSet(name)
                     let written = try await self.redis.eval(
                         Self.compareAndSet, keys: [name], arguments: [field, value, sealed])
                     if written.int == 1 {
@@ -169,7 +185,7 @@ public struct KeyRewrap: Sendable {
 
     private func rewrapString(_ name: String) async throws -> Counts {
         var counts = Counts()
-        for _ in 0..<3 {
+        for attempt in 1...Self.attempts {
             guard let value = try await self.redis.send(["GET", name]).string else { return counts }
             switch self.verdict(value, contexts: [name]) {
             case .notSealed: return counts
@@ -181,6 +197,13 @@ public struct KeyRewrap: Sendable {
                 self.logUnopenable(name, field: nil)
                 return counts
             case .rewrapped(let sealed):
+                if attempt == Self.attempts {
+                    // Changed on every earlier attempt: not written again in this walk.
+                    counts.busy += 1
+                    self.logBusy(name, field: nil)
+                    return counts
+                }
+                try await self.beforeCompareAndSet(name)
                 let written = try await self.redis.eval(
                     Self.compareAndSet, keys: [name], arguments: ["", value, sealed])
                 if written.int == 1 {
@@ -190,6 +213,16 @@ public struct KeyRewrap: Sendable {
             }
         }
         return counts
+    }
+
+    /// Reads of a value, each followed by a write when it is not under the current key: a value
+    /// that changed after each of the first `attempts - 1` is counted as busy on the last read.
+    static let attempts = 4
+
+    private func logBusy(_ name: String, field: String?) {
+        self.logger.warning(
+            "sealed value changed on every attempt to rewrap it; left for another walk",
+            metadata: ["redis.key": "\(name)", "redis.field": "\(field ?? "-")"])
     }
 
     private func logUnopenable(_ name: String, field: String?) {
