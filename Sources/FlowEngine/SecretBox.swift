@@ -8,6 +8,10 @@ public protocol SecretBox: Sendable {
     func open(_ sealed: String, context: String) throws -> [UInt8]
     /// Seals so that equal plaintexts under one context give equal blobs (see the extension).
     func sealDeterministically(_ plaintext: [UInt8], context: String) throws -> String
+    /// What ``sealDeterministically(_:context:)`` gives under each key that could have sealed it
+    /// (the sealing key first): a value compared in place that was written before a key rotation
+    /// still matches one of them.
+    func sealDeterministicallyUnderEveryKey(_ plaintext: [UInt8], context: String) throws -> [String]
 }
 
 extension SecretBox {
@@ -16,5 +20,10 @@ extension SecretBox {
     /// default the same as ``seal(_:context:)``.
     public func sealDeterministically(_ plaintext: [UInt8], context: String) throws -> String {
         try self.seal(plaintext, context: context)
+    }
+
+    /// By default the one blob of ``sealDeterministically(_:context:)``.
+    public func sealDeterministicallyUnderEveryKey(_ plaintext: [UInt8], context: String) throws -> [String] {
+        [try self.sealDeterministically(plaintext, context: context)]
     }
 }

@@ -218,6 +218,45 @@ struct SecurityKeyTests {
         await redis.shutdown()
     }
 
+    @Test("a signed install retried across an encryption-key rotation is a retry, and another body still a replay")
+    func connectGuardAcrossRotation() async throws {
+        let redis = try Self.redis()
+        let prefix = "tgsec-\(UUID().uuidString.prefix(8))"
+        let (k1, k2) = (Self.randomKey(), Self.randomKey())
+        // The replica that took the first delivery, and one whose ring already seals with k2.
+        let before = GatewayStore(redis: redis, box: try Self.ring([("k1", k1)]), prefix: prefix)
+        let after = GatewayStore(redis: redis, box: try Self.ring([("k2", k2), ("k1", k1)]), prefix: prefix)
+        let now = FlowTime.now()
+        func install(_ secret: String) -> ConnectInstallation {
+            ConnectInstallation(
+                clientKey: "tenant-r", appKey: "app", baseUrl: "https://t.atlassian.net", payloadJSON: "{}",
+                sharedSecret: Array(secret.utf8), installationId: nil)
+        }
+        let mark = GatewayStore.SignedInstallMark(
+            tokenDigest: "token-r", bodyDigest: "body-r", expiresAtUnixSeconds: now.unixSeconds + 180, skewSeconds: 5,
+            issuedAt: now.unixSeconds)
+        #expect(
+            try await before.storeConnectInstall(install("secret-r-0123456789"), mark: mark, now: now)
+                == .stored(created: true))
+        #expect(try await after.storeConnectInstall(install("secret-r-0123456789"), mark: mark, now: now) == .repeated)
+        var forged = mark
+        forged.bodyDigest = "body-forged"
+        #expect(try await after.storeConnectInstall(install("forged-0123456789"), mark: forged, now: now) == .replayed)
+        // The other way round, in step 2 of the documented rollout: a replica not yet restarted
+        // holds [k1, k2] from step 1.
+        let stepOne = GatewayStore(redis: redis, box: try Self.ring([("k1", k1), ("k2", k2)]), prefix: prefix)
+        var second = mark
+        second.tokenDigest = "token-s"
+        second.issuedAt = now.unixSeconds + 1
+        #expect(
+            try await after.storeConnectInstall(install("secret-s-0123456789"), mark: second, now: now)
+                == .stored(created: false))
+        #expect(
+            try await stepOne.storeConnectInstall(install("secret-s-0123456789"), mark: second, now: now) == .repeated)
+        #expect(try await after.connectTenant("tenant-r")?.sharedSecret?.bytes == Array("secret-s-0123456789".utf8))
+        await redis.shutdown()
+    }
+
     @Test(
         "the documented rotation rolls out in two steps: a replica still on [old, new] opens what one on [new, old] sealed, and drops nothing"
     )

@@ -195,16 +195,20 @@ extension GatewayStore {
             ], now: now)
     }
 
-    /// ARGV[1...5] of both scripts: now, the guard's value, its TTL in ms, `iat` or '', and '1'
+    /// ARGV[1...5] of both scripts: now, the guard's values, its TTL in ms, `iat` or '', and '1'
     /// when the token names one callback (``SignedInstallMark/namesOneCallback``). The
     /// guard's value is the body digest keyed with the key ring (sealed deterministically, then
-    /// hashed): the body holds the shared secret, so its plain hash is not left in Redis.
+    /// hashed): the body holds the shared secret, so its plain hash is not left in Redis. ARGV[2]
+    /// holds it under each key of the ring, comma-separated, the sealing key's first (the one
+    /// stored): a retry that straddles an encryption-key rotation is still told from a replay.
     private func markArguments(_ mark: SignedInstallMark, clientKey: String, now: FlowTime) throws -> [String] {
-        let sealed = try self.box.sealDeterministically(
+        let sealed = try self.box.sealDeterministicallyUnderEveryKey(
             Array(mark.bodyDigest.utf8), context: self.connectTenantKey(clientKey) + "#install-body")
-        let keyed = SHA256.hash(data: Array(sealed.utf8)).map { String(format: "%02x", $0) }.joined()
+        let keyed = sealed.map { blob in
+            SHA256.hash(data: Array(blob.utf8)).map { String(format: "%02x", $0) }.joined()
+        }
         return [
-            String(now.unixSeconds), keyed, String(mark.ttlMilliseconds(now: now)),
+            String(now.unixSeconds), keyed.joined(separator: ","), String(mark.ttlMilliseconds(now: now)),
             mark.issuedAt.map { String($0) } ?? "", mark.namesOneCallback ? "1" : "0",
         ]
     }
@@ -282,8 +286,8 @@ extension GatewayStore {
 }
 
 /// The scripts of the Connect tenant hash. KEYS: the tenant, the token's replay-guard key (same
-/// hash slot). ARGV[1...5]: now (s), body digest, guard TTL (ms), `iat` or '', '1' when the token
-/// names one callback. Both begin with ``guardPrelude``: -1 for a token seen before with another
+/// hash slot). ARGV[1...5]: now (s), the body digest under each key (comma-separated, the one to
+/// store first), guard TTL (ms), `iat` or '', '1' when the token names one callback. Both begin with ``guardPrelude``: -1 for a token seen before with another
 /// body (with a `jti`; without one, more than a second after it was first seen), -2 for a token
 /// with a `jti` seen before with the same body (a retry: nothing to do), -3 for a callback
 /// issued before the last one applied (`eventIat`, kept across reinstalls); otherwise the guard is
@@ -292,6 +296,9 @@ enum ConnectScripts {
     static let guardPrelude = """
         local seen = redis.call('GET', KEYS[2])
         local firstSeen = tonumber(ARGV[1])
+        local mine = ARGV[2]
+        local comma = string.find(ARGV[2], ',', 1, true)
+        if comma then mine = string.sub(ARGV[2], 1, comma - 1) end
         if seen then
           -- `<body digest>:<first seen>`; a value without the time (an earlier build's) counts as
           -- seen long ago.
@@ -302,15 +309,16 @@ enum ConnectScripts {
             body = string.sub(seen, 1, sep - 1)
             firstSeen = tonumber(string.sub(seen, sep + 1)) or 0
           end
-          if body == ARGV[2] and ARGV[5] == '1' then return -2 end
-          if body ~= ARGV[2] and (ARGV[5] == '1' or tonumber(ARGV[1]) - firstSeen > 1) then return -1 end
+          local same = string.find(',' .. ARGV[2] .. ',', ',' .. body .. ',', 1, true) ~= nil
+          if same and ARGV[5] == '1' then return -2 end
+          if not same and (ARGV[5] == '1' or tonumber(ARGV[1]) - firstSeen > 1) then return -1 end
         end
         local last = redis.call('HGET', KEYS[1], 'eventIat')
         if ARGV[4] ~= '' and last and tonumber(ARGV[4]) < tonumber(last) then return -3 end
         if seen then
-          redis.call('SET', KEYS[2], ARGV[2] .. ':' .. firstSeen, 'KEEPTTL')
+          redis.call('SET', KEYS[2], mine .. ':' .. firstSeen, 'KEEPTTL')
         else
-          redis.call('SET', KEYS[2], ARGV[2] .. ':' .. ARGV[1], 'PX', ARGV[3])
+          redis.call('SET', KEYS[2], mine .. ':' .. ARGV[1], 'PX', ARGV[3])
         end
         local eventIat = last
         if ARGV[4] ~= '' then eventIat = ARGV[4] end

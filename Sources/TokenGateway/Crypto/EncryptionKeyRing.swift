@@ -152,15 +152,33 @@ public struct EncryptionKeyRing: Sendable {
     /// place (Lua scripts that keep or replace a routing field). Used only for non-secret routing
     /// data, which needs integrity, not secrecy; it reveals equality of such values and nothing else.
     public func sealDeterministically(_ plaintext: [UInt8], context: String) throws -> String {
-        let current = self.keys[0]
-        var mac = HMAC<SHA256>(key: self.nonceKey)
+        try Self.sealDeterministically(plaintext, context: context, key: self.keys[0], nonceKey: self.nonceKey)
+    }
+
+    /// ``sealDeterministically(_:context:)`` under each key of the ring, the sealing key first: what
+    /// a ring that had that key first gave. A keyed digest stored before a rotation (the Connect
+    /// replay guard's) is recognised after it.
+    public func sealDeterministicallyUnderEveryKey(_ plaintext: [UInt8], context: String) throws -> [String] {
+        var out = [try self.sealDeterministically(plaintext, context: context)]
+        for entry in self.keys.dropFirst() {
+            out.append(
+                try Self.sealDeterministically(
+                    plaintext, context: context, key: entry, nonceKey: Self.deriveNonceKey(entry.key)))
+        }
+        return out
+    }
+
+    private static func sealDeterministically(
+        _ plaintext: [UInt8], context: String, key: (id: String, key: SymmetricKey), nonceKey: SymmetricKey
+    ) throws -> String {
+        var mac = HMAC<SHA256>(key: nonceKey)
         mac.update(data: Array(context.utf8))
         mac.update(data: [0])
         mac.update(data: plaintext)
         let nonce = try AES.GCM.Nonce(data: Array(Array(mac.finalize()).prefix(12)))
-        let box = try AES.GCM.seal(plaintext, using: current.key, nonce: nonce, authenticating: Array(context.utf8))
+        let box = try AES.GCM.seal(plaintext, using: key.key, nonce: nonce, authenticating: Array(context.utf8))
         guard let combined = box.combined else { throw EncryptionError.corrupt }
-        return current.id + "." + Base64URL.encode(combined)
+        return key.id + "." + Base64URL.encode(combined)
     }
 
     /// Opens a blob made by ``seal(_:context:)`` with the key it names.
