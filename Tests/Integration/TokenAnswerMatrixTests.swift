@@ -222,6 +222,48 @@ struct TokenAnswerMatrixTests {
         }
     }
 
+    @Test(
+        "a first apiBaseUrl, from a lifecycle call or a registration, reaches answers from memory on both replicas",
+        arguments: ["lifecycle", "register"])
+    func firstAPIBaseURLReachesMemory(_ route: String) async throws {
+        try await GatewayHarness.run { h in
+            let installation = h.emulator.makeInstallation()
+            let id = installation.installationID
+            try await h.withSecondGateway { otherURL, other in
+                // A token stored while no FIT of the installation had named an apiBaseUrl yet.
+                let token = try h.emulator.mintAccessToken(
+                    for: installation, expiresAt: Date().addingTimeInterval(1200))
+                let stored = try await h.gateway.store.storeDeliveredToken(
+                    id, token: AccessToken(value: token, expiresAt: try #require(TokenClaims.expiry(of: token))),
+                    requestID: nil, metadata: InstallationMetadata(appId: nil, apiBaseUrl: nil, cloudId: nil),
+                    now: FlowTime.now())
+                #expect(stored.outcome == .stored)
+                let path = GatewayHarness.path(installation) + "/token"
+                for url in [h.gatewayURL, otherURL] {
+                    let before = try await h.call(.GET, path, at: url)
+                    #expect(before.status == 200)
+                    #expect(before.json["apiBaseUrl"] is NSNull, "\(before.body)")
+                }
+                #expect(h.gateway.flow.remembered(id).token != nil && other.flow.remembered(id).token != nil)
+
+                // Then a FIT names it, on a call that brings no token.
+                if route == "lifecycle" {
+                    #expect(try await h.emulator.sendLifecycleEvent(.installed, for: installation).status == 200)
+                } else {
+                    #expect(try await h.emulator.register(installation).status == 200)
+                }
+                let here = try await h.call(.GET, path)
+                Self.expectWholeAnswer(here, installation, token: token, source: "cache", "receiving replica")
+                let deadline = ContinuousClock.now + .seconds(10)
+                while other.flow.remembered(id).apiBaseUrl != installation.apiBaseUrl, ContinuousClock.now < deadline {
+                    try await Task.sleep(for: .milliseconds(10))
+                }
+                let there = try await h.call(.GET, path, at: otherURL)
+                Self.expectWholeAnswer(there, installation, token: token, source: "cache", "other replica")
+            }
+        }
+    }
+
     /// The whole `GET …/token` answer: every field, nothing else.
     static func expectWholeAnswer(
         _ answer: GatewayHarness.Answer, _ installation: EmulatedInstallation, token: String, source: String,

@@ -59,6 +59,12 @@ extension GatewayStore {
     /// Context of an installation's sealed `apiBaseUrl`.
     func apiBaseURLContext(_ id: InstallationID) -> String { self.installationKey(id) + "#apiBaseUrl" }
 
+    /// The `apiBaseUrl` a FIT's `url` sets in the store (the routing policy allows it), or nil.
+    public func storableAPIBaseURL(_ url: String?) -> String? {
+        guard let url, !url.isEmpty, self.routing.allowsAPIBaseURL(url) else { return nil }
+        return url
+    }
+
     /// The sealed form of an `apiBaseUrl` for the store, or `""` (not stored) when there is none
     /// or the routing policy does not allow it.
     func sealAPIBaseURL(_ url: String?, _ id: InstallationID) -> String {

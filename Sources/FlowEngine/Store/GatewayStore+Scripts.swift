@@ -10,7 +10,7 @@ enum GatewayScripts {
 
     /// Stores a delivered token if its `exp` is strictly later than the stored one's. The FIT's
     /// apiBaseUrl and cloudId replace the recorded ones (the latest FIT wins; `base <ari>` is
-    /// published when the apiBaseUrl changed).
+    /// published when the apiBaseUrl changed, a first one included).
     /// KEYS: installation, token, pending. ARGV: exp, sealed, now, requestId, channel, ari,
     /// appId, apiBaseUrl, cloudId, least exp to store (unix s), how the token came when unsolicited
     /// (`push` when empty). Returns {stored(1)/notNewer(0)/uninstalled(-1), created, solicited,
@@ -33,7 +33,7 @@ enum GatewayScripts {
         if ARGV[8] ~= '' then
           local old = redis.call('HGET', KEYS[1], 'apiBaseUrl')
           redis.call('HSET', KEYS[1], 'apiBaseUrl', ARGV[8])
-          if old and old ~= ARGV[8] then redis.call('PUBLISH', ARGV[5], 'base ' .. ARGV[6]) end
+          if old ~= ARGV[8] then redis.call('PUBLISH', ARGV[5], 'base ' .. ARGV[6]) end
         end
         if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'cloudId', ARGV[9]) end
         local solicited = ''
@@ -81,7 +81,7 @@ enum GatewayScripts {
         if ARGV[3] ~= '' then
           local old = redis.call('HGET', KEYS[1], 'apiBaseUrl')
           redis.call('HSET', KEYS[1], 'apiBaseUrl', ARGV[3])
-          if old and old ~= ARGV[3] and ARGV[5] then redis.call('PUBLISH', ARGV[5], 'base ' .. ARGV[6]) end
+          if old ~= ARGV[3] and ARGV[5] then redis.call('PUBLISH', ARGV[5], 'base ' .. ARGV[6]) end
         end
         if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'cloudId', ARGV[4]) end
         if redis.call('HEXISTS', KEYS[1], 'indexed') == 0 then created = 1 end
@@ -106,7 +106,7 @@ enum GatewayScripts {
         if ARGV[6] ~= '' then
           local old = redis.call('HGET', KEYS[1], 'apiBaseUrl')
           redis.call('HSET', KEYS[1], 'apiBaseUrl', ARGV[6])
-          if old and old ~= ARGV[6] and ARGV[8] then redis.call('PUBLISH', ARGV[8], 'base ' .. ARGV[9]) end
+          if old ~= ARGV[6] and ARGV[8] then redis.call('PUBLISH', ARGV[8], 'base ' .. ARGV[9]) end
         end
         if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'cloudId', ARGV[7]) end
         local cur = redis.call('HGET', KEYS[2], 'current')

@@ -127,6 +127,7 @@ extension Gateway {
         }
         // Registered a moment ago, so a key exists unless an uninstall came in between.
         guard let keys else { throw GatewayError(FlowError.installationUninstalled) }
+        self.apiBaseUrlRecorded(id, invocation)
         if let pushed {
             _ = try await self.storeDelivery(
                 id, token: pushed, requestID: nil, invocation: invocation, trace: Self.forgeTrace(request),
@@ -231,6 +232,7 @@ extension Gateway {
             case "avi:forge:installed:app", "avi:forge:upgraded:app":
                 let active = try await self.store.upsertInstallation(
                     id, metadata: invocation.metadata, now: FlowTime.now())
+                if active { self.apiBaseUrlRecorded(id, invocation) }
                 logger.info(
                     "installation recorded", metadata: ["installation.id": "\(id)", "lifecycle.event": "\(eventType)"])
                 if active, let pushed = self.keepable(offered, id: id, logger: logger) {
@@ -250,6 +252,13 @@ extension Gateway {
             throw GatewayError.storeUnavailable
         }
         return Self.json(.object([("ok", true)]))
+    }
+
+    /// The FIT's `apiBaseUrl` was just recorded for `id` (a registration or a lifecycle event):
+    /// this process's answers from memory carry it at once, as the other replicas' do once the
+    /// store's announcement reaches them.
+    func apiBaseUrlRecorded(_ id: InstallationID, _ invocation: InvocationContext) {
+        if let url = self.store.storableAPIBaseURL(invocation.apiBaseUrl) { self.flow.apiBaseUrlSeen(id, url) }
     }
 
     /// The lifecycle events that change state; others are answered and ignored (claiming no `jti`).
