@@ -212,10 +212,20 @@ extension TokenFlow {
 
     /// The round named by a lease a snapshot took ahead has it: the machine leads. The lease runs
     /// out for the deadline of the caller whose read took it; the round's may be later (the machine
-    /// extends it then).
+    /// extends it then). When that round ended meanwhile (a token from elsewhere answered its
+    /// callers, or the installation went, between the take-over and this step), nobody leads with
+    /// the lease, so it goes back, as after a take of ``acquireLease(_:requestID:ttl:respectingHold:unlessNewerThan:)``.
     private func lead(_ id: InstallationID, withLeaseAhead lease: SnapshotLease) {
         let leaseDeadline = lease.expires - self.configuration.leaseGrace
-        self.handle(id) { $0.leaseAcquired(requestID: lease.requestID, leaseDeadline: leaseDeadline, now: self.now()) }
+        var led = false
+        self.handle(id) { m in
+            let actions = m.leaseAcquired(requestID: lease.requestID, leaseDeadline: leaseDeadline, now: self.now())
+            led = !actions.isEmpty
+            return actions
+        }
+        if !led, self.dropLease(id, requestID: lease.requestID) {
+            self.submit { try? await self.store.releaseLease(id, requestID: lease.requestID) }
+        }
     }
 
     private func execute(_ actions: ArraySlice<FlowAction>, for id: InstallationID) {
