@@ -304,6 +304,47 @@ struct TokenFlowStateMachineHoldTests {
         #expect(f.isActive)
     }
 
+    @Test(
+        "a caller that brings a hold to a following round: the forced round takes the lease, plain callers are answered held"
+    )
+    func callerBringsHoldToFollower() {
+        let clock = ManualClock()
+        let newest = Self.token(clock.now.unixSeconds + 600)
+        let hold = RoundTripHold(until: clock.now + .seconds(60), newest: newest)
+        // A forced caller follows another process's round; a second forced caller's store read
+        // found the hold that round placed when it ended.
+        var f = TokenFlowStateMachine(configuration: Self.configuration())
+        _ = f.tokenWasRequested(
+            waiter: WaiterID(1), minValidity: 300, knownExpiry: newest.expiresAt, forced: true,
+            deadline: clock.now + .seconds(10), requestID: "f1", now: clock.now)
+        _ = f.leaseDenied(requestID: "f1", now: clock.now)
+        let joined = f.tokenWasRequested(
+            waiter: WaiterID(2), minValidity: 300, knownExpiry: newest.expiresAt, forced: true,
+            deadline: clock.now + .seconds(10), requestID: "f2", hold: hold, now: clock.now)
+        // The round takes the lease (its re-read timer goes): it is not left waiting for a re-read
+        // that was cancelled, with no lease asked for.
+        #expect(
+            joined.contains(
+                .acquireLeaseIgnoringHold(requestID: "f1", ttl: .seconds(12), unlessNewerThan: newest.expiresAt)))
+        #expect(joined.contains { if case .cancelTimer = $0 { true } else { false } })
+        #expect(f.stateName(at: clock.now) == .acquiringLease)
+        #expect(f.waiterCount == 2)
+
+        // Plain callers following a round are answered the held way when a caller brings the hold.
+        var p = TokenFlowStateMachine(configuration: Self.configuration())
+        _ = p.tokenWasRequested(
+            waiter: WaiterID(1), minValidity: 3600, knownExpiry: newest.expiresAt, forced: false,
+            deadline: clock.now + .seconds(10), requestID: "p1", now: clock.now)
+        _ = p.leaseDenied(requestID: "p1", now: clock.now)
+        let held = p.tokenWasRequested(
+            waiter: WaiterID(2), minValidity: 3600, knownExpiry: newest.expiresAt, forced: false,
+            deadline: clock.now + .seconds(10), requestID: "p2", hold: hold, now: clock.now)
+        let answered = Self.succeeded(held).flatMap(\.0)
+        #expect(Set(answered) == [WaiterID(1), WaiterID(2)])
+        #expect(!Self.startsRoundTrip(held))
+        #expect(!p.isActive)
+    }
+
     @Test("the leader ignores a hold it sees while its own trigger is in flight, and an ended hold changes nothing")
     func holdIgnoredByLeader() {
         var clock = ManualClock()

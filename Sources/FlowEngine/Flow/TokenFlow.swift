@@ -250,6 +250,26 @@ public final class TokenFlow: Sendable, Service {
         }
     }
 
+    /// A round trip of this process is in flight (its first caller read the store a moment ago):
+    /// the caller joins it without reading the store again. A token another replica stores
+    /// meanwhile reaches the round by its announcement. (A forced refresh reads the store first:
+    /// the token it replaces may be one another replica stored that this process has not heard of
+    /// yet, and it must not be handed back as the new one.) Nil when the round ended before the
+    /// caller joined and no trigger is known now: the store says why (an uninstall answers 410),
+    /// as for a caller that read it.
+    private func joinRound(_ id: InstallationID, request: Request, memory: Remembered, deadline: FlowTime)
+        async throws(FlowError) -> TokenAnswer?
+    {
+        do {
+            return try await self.wait(
+                for: id, request: request, knownExpiry: memory.token?.expiresAt ?? 0, deadline: deadline,
+                apiBaseUrl: memory.apiBaseUrl, hold: memory.hold, current: memory.token,
+                canStartRound: memory.triggerKnown)
+        } catch  where error.code == .noTriggerURL {
+            return nil
+        }
+    }
+
     private func resolve(_ id: InstallationID, request: Request, start: FlowTime, deadline: FlowTime)
         async throws(FlowError) -> TokenAnswer
     {
@@ -267,16 +287,10 @@ public final class TokenFlow: Sendable, Service {
                 for: id, request: request, knownExpiry: t.expiresAt, deadline: deadline,
                 apiBaseUrl: rememberedBaseURL, hold: hold, current: t, canStartRound: true)
         }
-        if memory.roundActive, !request.forceRefresh {
-            // A round trip of this process is in flight (its first caller read the store a moment
-            // ago): this caller joins it without reading the store again. A token another replica
-            // stores meanwhile reaches the round by its announcement. A forced refresh reads the
-            // store first: the token it replaces may be one another replica stored that this
-            // process has not heard of yet, and it must not be handed back as the new one.
-            return try await self.wait(
-                for: id, request: request, knownExpiry: remembered?.expiresAt ?? 0, deadline: deadline,
-                apiBaseUrl: rememberedBaseURL, hold: localHold, current: remembered,
-                canStartRound: memory.triggerKnown)
+        if memory.roundActive, !request.forceRefresh,
+            let answer = try await self.joinRound(id, request: request, memory: memory, deadline: deadline)
+        {
+            return answer
         }
         let read: SharedRead
         let intent = SnapshotLeaseIntent(

@@ -315,7 +315,20 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         canStartRound: Bool = true,
         now: FlowTime
     ) -> [Action] {
-        if let hold, hold.isActive(at: now) { _ = self.holdObserved(hold, now: now) }
+        // The hold the caller found is observed first, with what it asks for: a round following
+        // another process's takes the lease for its forced callers (the round followed has
+        // ended), and its other callers are answered the held way.
+        let observed = hold.map { $0.isActive(at: now) ? self.holdObserved($0, now: now) : [] } ?? []
+        return observed
+            + self.request(
+                waiter: waiter, minValidity: minValidity, knownExpiry: knownExpiry, forced: forced, deadline: deadline,
+                requestID: requestID, current: current, canStartRound: canStartRound, now: now)
+    }
+
+    private mutating func request(
+        waiter: WaiterID, minValidity: Int64, knownExpiry: Int64, forced: Bool, deadline: FlowTime,
+        requestID: String, current: Value?, canStartRound: Bool, now: FlowTime
+    ) -> [Action] {
         self.settle(now: now)
         if !forced, let active = self.hold(at: now) {
             // The hold's value, or a later one the caller knows of (pushed since the hold began).
