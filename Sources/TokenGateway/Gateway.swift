@@ -130,7 +130,7 @@ public final class Gateway: Sendable {
             installConfiguration.keyFetchesPerMinute = configuration.connectInstallKeyFetchesPerMinute
             self.connectInstallVerifier = SignedInstallVerifier(
                 configuration: installConfiguration,
-                httpClient: self.httpClient, logger: logger)
+                httpClient: self.httpClient, registry: self.store, logger: logger)
         } else {
             self.connectInstallVerifier = nil
         }

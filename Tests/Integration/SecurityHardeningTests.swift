@@ -3,6 +3,7 @@ import FlowEngine
 import ForgeEmulator
 import Foundation
 import NIOHTTP1
+import Synchronization
 import Testing
 
 @testable import TokenGateway
@@ -319,6 +320,39 @@ struct SecurityHardeningTests {
                 _ = try await h.emulator.connectInstall(h.emulator.makeConnectTenant(), options: repeated)
             }
             #expect(h.emulator.installKeyFetches(kid: repeated.kid!) <= 2)
+        }
+    }
+
+    @Test(
+        "a replica that just started fetches a key id another replica verified with from the reserved share, whatever a flood of made-up key ids spent"
+    )
+    func installKeyIdsKnownAcrossReplicas() async throws {
+        try await GatewayHarness.runConnect { h in
+            let known = try h.emulator.currentInstallKeyId()
+            #expect(try await h.emulator.connectInstall(h.emulator.makeConnectTenant()).status == 204)
+            #expect(try await h.gateway.store.isKnownInstallKeyID(known))
+            let madeUpKids = Mutex<[String]>([])
+            try await h.withSecondGateway { otherURL in
+                var madeUp: [String] = []
+                defer { madeUpKids.withLock { $0 = madeUp } }
+                // The new replica has verified nothing yet; made-up key ids spend its open share.
+                for _ in 0..<25 {
+                    var options = SignedInstallOptions()
+                    options.kid = UUID().uuidString.lowercased()
+                    madeUp.append(options.kid!)
+                    let answer = try await h.emulator.connectInstall(
+                        h.emulator.makeConnectTenant(), options: options, gatewayURL: otherURL)
+                    #expect(answer.status == 401)
+                }
+                let tenant = h.emulator.makeConnectTenant()
+                let answer = try await h.emulator.connectInstall(tenant, gatewayURL: otherURL)
+                #expect(answer.status == 204, "\(answer.body)")
+                #expect(try await h.gateway.store.connectTenant(tenant.clientKey)?.status == .installed)
+            }
+            // Made-up key ids are never recorded.
+            for kid in madeUpKids.withLock({ $0 }) {
+                #expect(try await !h.gateway.store.isKnownInstallKeyID(kid))
+            }
         }
     }
 

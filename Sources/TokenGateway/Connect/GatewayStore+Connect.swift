@@ -358,3 +358,31 @@ enum ConnectScripts {
             return 1
             """)
 }
+
+extension GatewayStore: InstallKeyIDRegistry {
+    /// `tg:connect:install-kids`: the `kid`s whose key verified a signed install (a sorted set
+    /// scored by when that was last recorded; the newest ``maximumInstallKeyIDs`` kept).
+    var installKeyIDsKey: String { "\(self.prefix):connect:install-kids" }
+
+    static let maximumInstallKeyIDs = 1024
+
+    public func isKnownInstallKeyID(_ kid: String) async throws -> Bool {
+        try await self.redis.send(["ZSCORE", self.installKeyIDsKey, kid]).string != nil
+    }
+
+    public func rememberInstallKeyID(_ kid: String) async throws {
+        _ = try await self.redis.eval(
+            ConnectScripts.rememberInstallKeyID, keys: [self.installKeyIDsKey],
+            arguments: [kid, String(FlowTime.now().unixMilliseconds), String(Self.maximumInstallKeyIDs)])
+    }
+}
+
+extension ConnectScripts {
+    /// KEYS: the set of install key ids. ARGV: the kid, now (ms), how many to keep.
+    static let rememberInstallKeyID = RedisScript(
+        """
+        redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+        redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -tonumber(ARGV[3]) - 1)
+        return 1
+        """)
+}

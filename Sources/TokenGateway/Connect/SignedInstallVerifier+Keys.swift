@@ -107,6 +107,17 @@ struct InstallKeyCache: Sendable {
         self.reservedBudget = Double(self.reservedFetchesPerMinute)
     }
 
+    /// Whether `kid` is neither held, nor being fetched or refused for now, nor known to have
+    /// verified before (a fetch of it would take the open share).
+    func isUnknown(kid: String, now: ContinuousClock.Instant) -> Bool {
+        guard self.seenKids[kid] == nil else { return false }
+        switch self.entries[kid] {
+        case .key, .fetching: return false
+        case .failed(_, let retryAt): return now >= retryAt
+        case nil: return true
+        }
+    }
+
     /// Remembers that the key of `kid` verified a token: later fetches of it may use the reserved share.
     mutating func keyWasUsed(kid: String) {
         self.useCounter += 1
@@ -206,9 +217,45 @@ struct InstallKeyCache: Sendable {
     }
 }
 
+/// Remembers the `kid`s whose key verified a signed install, for every replica and across
+/// restarts: a replica that has not verified one itself yet (it just started) still fetches a
+/// known `kid` from the reserved share, which a flood of made-up `kid`s cannot spend.
+public protocol InstallKeyIDRegistry: Sendable {
+    /// Whether the key of `kid` verified a signed install before.
+    func isKnownInstallKeyID(_ kid: String) async throws -> Bool
+    /// Records that the key of `kid` verified a signed install.
+    func rememberInstallKeyID(_ kid: String) async throws
+}
+
 extension SignedInstallVerifier {
+    /// Records that the key of `kid` verified a token, in this process and, the first time, in the
+    /// registry (a failure there only costs the reserved share to replicas that start meanwhile).
+    func keyVerified(kid: String) async {
+        let first = self.cache.withLock { cache in
+            defer { cache.keyWasUsed(kid: kid) }
+            return cache.seenKids[kid] == nil
+        }
+        guard first, let registry = self.registry else { return }
+        do {
+            try await registry.rememberInstallKeyID(kid)
+        } catch {
+            self.logger.notice(
+                "could not record a Connect install key id", metadata: ["connect.kid": "\(kid)"])
+        }
+    }
+
+    /// Before a fetch from the open share: a `kid` another replica (or an earlier run) verified
+    /// with is known here too.
+    private func learnFromRegistry(kid: String) async {
+        guard let registry = self.registry, self.cache.withLock({ $0.isUnknown(kid: kid, now: .now) }) else { return }
+        if (try? await registry.isKnownInstallKeyID(kid)) == true {
+            self.cache.withLock { $0.keyWasUsed(kid: kid) }
+        }
+    }
+
     /// The RSA public key published under `kid`; never any other key.
     func publicKey(kid: String) async throws(SignedInstallError) -> _RSA.Signing.PublicKey {
+        await self.learnFromRegistry(kid: kid)
         let lookup = self.cache.withLock { cache in
             cache.lookup(kid: kid, now: .now) {
                 // Created under the lock, but it only runs (and awaits the fetch) once the lock is released.

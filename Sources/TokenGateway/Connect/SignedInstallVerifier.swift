@@ -107,6 +107,8 @@ public final class SignedInstallVerifier: Sendable {
 
     let configuration: Configuration
     let fetcher: any InstallKeyFetcher
+    /// Where `kid`s whose key verified are remembered for every replica and across restarts.
+    let registry: (any InstallKeyIDRegistry)?
     let logger: Logger
     let cache: Mutex<InstallKeyCache>
     /// The app base URL without trailing `/`, compared with `aud` entries (also trimmed).
@@ -115,19 +117,26 @@ public final class SignedInstallVerifier: Sendable {
     let basePath: String
 
     /// A verifier that fetches keys with `httpClient`.
-    public convenience init(configuration: Configuration, httpClient: HTTPClient, logger: Logger) {
+    public convenience init(
+        configuration: Configuration, httpClient: HTTPClient, registry: (any InstallKeyIDRegistry)? = nil,
+        logger: Logger
+    ) {
         self.init(
             configuration: configuration,
             fetcher: HTTPInstallKeyFetcher(
                 httpClient: httpClient, keysURL: configuration.keysURL, timeout: configuration.keyFetchTimeout,
                 logger: logger),
-            logger: logger)
+            registry: registry, logger: logger)
     }
 
     /// A verifier that gets keys from `fetcher` (tests, other transports).
-    public init(configuration: Configuration, fetcher: any InstallKeyFetcher, logger: Logger) {
+    public init(
+        configuration: Configuration, fetcher: any InstallKeyFetcher, registry: (any InstallKeyIDRegistry)? = nil,
+        logger: Logger
+    ) {
         self.configuration = configuration
         self.fetcher = fetcher
+        self.registry = registry
         self.logger = logger
         self.cache = Mutex(InstallKeyCache(fetchesPerMinute: configuration.keyFetchesPerMinute))
         self.audience = Self.trimmingTrailingSlashes(configuration.appBaseURL)
@@ -183,7 +192,7 @@ public final class SignedInstallVerifier: Sendable {
         guard key.isValidSignature(signature, for: jws.signingInput, padding: .insecurePKCS1v1_5) else {
             throw SignedInstallError.badSignature
         }
-        self.cache.withLock { $0.keyWasUsed(kid: kid) }
+        await self.keyVerified(kid: kid)
         let named: String
         let jti = jws.string("jti").flatMap { $0.isEmpty ? nil : $0 }
         if let jti {
