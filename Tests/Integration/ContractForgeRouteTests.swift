@@ -57,6 +57,15 @@ struct ContractForgeRouteTests {
             #expect(served.json["accessToken"] as? String == newer)
             #expect(served.json["source"] as? String == "cache")
             #expect(h.emulator.triggerCalls(for: installation) == 1)
+            // Request ids the gateway never sends (too long, not visible ASCII) are unknown ones too.
+            for (n, requestId) in [String(repeating: "r", count: 200), "rq with spaces", "rq-\u{7}"].enumerated() {
+                let later = try h.emulator.mintAccessToken(
+                    for: installation, expiresAt: Date().addingTimeInterval(7100 + Double(n) * 10))
+                let stored = try await h.emulator.deliver(installation, systemToken: later, requestId: requestId)
+                #expect(stored.status == 200, "\(stored.body)")
+                #expect(stored.body == #"{"stored":true}"#)
+                #expect(try await h.token(installation).json["accessToken"] as? String == later)
+            }
         }
     }
 

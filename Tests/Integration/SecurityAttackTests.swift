@@ -160,7 +160,7 @@ struct SecurityAttackTests {
             let later = try h.emulator.mintAccessToken(for: installation, expiresAt: Date().addingTimeInterval(7200))
             let triggerURL = h.emulator.triggerURL(for: installation)
             let calls: [(path: String, refused: String, accepted: String)] = [
-                ("/forge/auth-trigger", "{\"requestId\":\"\(String(repeating: "r", count: 129))\"}", "{}"),
+                ("/forge/auth-trigger", "{\"requestId\":7}", "{}"),
                 ("/forge/register", "{\"authTriggerUrl\":7}", "{\"authTriggerUrl\":\"\(triggerURL)\"}"),
                 ("/forge/lifecycle", "{\"eventType\":[]}", "{\"eventType\":\"avi:forge:upgraded:app\"}"),
                 ("/forge/pre-uninstall", "[not json", "{}"),

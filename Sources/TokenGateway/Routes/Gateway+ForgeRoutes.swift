@@ -169,10 +169,10 @@ extension Gateway {
         let body = try await self.readJSONObject(request, emptyIsObject: true)
         var requestID: String? = nil
         if let raw = body["requestId"], !(raw is NSNull) {
-            guard let s = raw as? String, (1...128).contains(s.utf8.count),
-                s.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F })
-            else { throw GatewayError.invalidRequest("requestId must be a string of 1–128 visible ASCII characters") }
-            requestID = s
+            guard let s = raw as? String else { throw GatewayError.invalidRequest("requestId must be a string") }
+            // One the gateway never sends (too long, or not visible ASCII) is an unknown request
+            // id, which is not an error (contract §3): the token is taken as pushed.
+            if (1...128).contains(s.utf8.count), s.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) { requestID = s }
         }
         try self.checkDeliveredUserToken(request, id: id, logger: logger)
         switch Self.deliveredLifetime(token, now: FlowTime.now()) {
