@@ -475,19 +475,41 @@ struct SecurityHardeningTests {
             #expect(record.status == .installed)
             #expect(record.sharedSecret?.bytes == Array(rotated.sharedSecret.utf8))
 
-            // An install issued before the current one, arriving after it, keeps the newer secret.
+            // An install issued before the current one, arriving after it, keeps the newer secret,
+            // and is answered as a failed install: Atlassian must not count on its secret.
             var older = SignedInstallOptions()
             older.issuedAt = now.addingTimeInterval(-5)
             let stale = try h.emulator.mintSignedInstall(for: tenant, path: "/connect/installed", options: older)
             let staleBody = try Self.payload(h, rotated, ["sharedSecret": "an-older-shared-secret-0123456789abcdef"])
-            #expect(try await Self.postSignedInstall(h, token: stale, body: staleBody).status == 204)
+            let refused = try await Self.postSignedInstall(h, token: stale, body: staleBody)
+            #expect(refused.status == 401)
+            #expect(refused.errorCode == "invalid_signed_install")
+            #expect(!refused.body.contains("an-older-shared-secret"))
             let after = try #require(try await h.gateway.store.connectTenant(tenant.clientKey))
             #expect(after.sharedSecret?.bytes == Array(rotated.sharedSecret.utf8))
             #expect(after.updatedAt == record.updatedAt)
 
             // In order, an uninstall still applies.
-            #expect(try await h.emulator.connectUninstall(rotated).status == 204)
+            var inOrder = SignedInstallOptions()
+            let uninstalledAt = Date()
+            inOrder.issuedAt = uninstalledAt
+            #expect(try await h.emulator.connectUninstall(rotated, options: inOrder).status == 204)
             #expect(try await h.gateway.store.connectTenant(tenant.clientKey)?.status == .uninstalled)
+
+            // A reinstall signed a second before that uninstall (the signer's clock behind) is
+            // refused, not answered 204 with nothing kept; installing again then works.
+            var skewed = SignedInstallOptions()
+            skewed.issuedAt = uninstalledAt.addingTimeInterval(-1)
+            let again = h.emulator.rotateSharedSecret(of: rotated)
+            let skewedToken = try h.emulator.mintSignedInstall(for: again, path: "/connect/installed", options: skewed)
+            let skewedAnswer = try await Self.postSignedInstall(
+                h, token: skewedToken, body: h.emulator.connectLifecyclePayload(.installed, tenant: again))
+            #expect(skewedAnswer.status == 401)
+            #expect(try await h.gateway.store.connectTenant(tenant.clientKey)?.status == .uninstalled)
+            #expect(try await h.emulator.connectInstall(again).status == 204)
+            #expect(
+                try await h.gateway.store.connectTenant(tenant.clientKey)?.sharedSecret?.bytes
+                    == Array(again.sharedSecret.utf8))
         }
     }
 

@@ -118,6 +118,15 @@ extension Gateway {
             logger.info("Connect tenant uninstalled", metadata: tenant)
         case .repeated:
             logger.info("Connect callback repeated with the same token and body; nothing changed", metadata: tenant)
+        case .superseded where event == .installed:
+            // Answered as a failed install, not 204: Atlassian must not take the tenant as
+            // installed with a secret the gateway did not keep (an install signed a moment before
+            // an uninstall by a host whose clock is behind); installing again sends a later one.
+            logger.notice(
+                "Connect install issued before the last callback applied arrived late; refused, nothing changed",
+                metadata: tenant)
+            throw GatewayError.invalidSignedInstall(
+                "a lifecycle callback of this tenant issued later (iat) was already applied; install again")
         case .superseded:
             logger.notice(
                 "Connect callback issued before the last one applied arrived late; nothing changed", metadata: tenant)
