@@ -27,8 +27,9 @@ public struct SignedInstallOptions: Sendable {
     public var algorithm: Algorithm = .rs256
     /// Header `kid`; default the current install key's. Set it to one the key service does not know.
     public var kid: String? = nil
-    /// `jti`; default a fresh UUID per token. Nil leaves the claim out.
-    public var jti: String? = UUID().uuidString.lowercased()
+    /// `jti`; default none, as in the lifecycle tokens Atlassian's products send (their claims are
+    /// `iss`, `sub`, `qsh`, `context`, `iat`, `exp` and, signed, `aud`). Set one to send it.
+    public var jti: String? = nil
     /// Sign with a fresh key that is never published, under the published `kid`.
     public var signWithUnpublishedKey = false
     /// `iss`; default the tenant's `clientKey`.
@@ -259,6 +260,7 @@ extension ForgeEmulator {
             ("iat", .int(iat)),
             ("exp", .int(exp)),
             ("qsh", .string(options.qsh ?? ConnectCanonicalRequest.qsh(method: "POST", url: path, basePath: basePath))),
+            ("context", .object([])),
         ]
         if let jti = options.jti { claims.append(("jti", .string(jti))) }
         claims.append(

@@ -366,7 +366,7 @@ struct SecurityHardeningTests {
             for withJTI in [true, false] {
                 let tenant = h.emulator.makeConnectTenant(linkedTo: installation)
                 var options = SignedInstallOptions()
-                if !withJTI { options.jti = nil }
+                options.jti = withJTI ? UUID().uuidString.lowercased() : nil
                 let issuedAt = Date(timeIntervalSince1970: Date().timeIntervalSince1970.rounded(.down))
                 options.issuedAt = issuedAt
                 let token = try h.emulator.mintSignedInstall(for: tenant, path: "/connect/installed", options: options)
