@@ -146,6 +146,19 @@ private struct FITFactory {
         #expect(context.environmentType == nil)
     }
 
+    @Test("a null principal or context counts as absent; any other value as present")
+    func nullPrincipalAndContextAreAbsent() async throws {
+        var claims = FITFactory.claims()
+        claims["principal"] = NSNull()
+        claims["context"] = NSNull()
+        let absent = try await Self.verifier().verify(FITFactory.token(claims: claims))
+        #expect(!absent.hasPrincipal && !absent.hasContext)
+        claims["principal"] = "557058:account"
+        claims["context"] = [String: Any]()
+        let present = try await Self.verifier().verify(FITFactory.token(claims: claims))
+        #expect(present.hasPrincipal && present.hasContext)
+    }
+
     @Test func tokensWithinClockSkewPass() async throws {
         let now = Date()
         // Expired 50 s ago, issued/valid from 50 s in the future: both inside the 60 s skew.
