@@ -499,6 +499,50 @@ struct ConnectIntegrationTests {
         }
     }
 
+    @Test(
+        "with Redis down the Connect routes answer 503 store_unavailable with Retry-After, and a refused install sent again is stored"
+    )
+    func storeDown() async throws {
+        let server = try await RedisServerProcess.start()
+        try await GatewayHarness.run(redisURL: server.url, connectBaseURL: connectTestAppBaseURL) { h in
+            let tenant = h.emulator.makeConnectTenant()
+            #expect(try await h.emulator.connectInstall(tenant).status == 204)
+            let jwt = h.emulator.mintConnectJWT(for: tenant, url: "/x")
+            #expect(try await h.verifyConnect(jwt, url: "/x").status == 200)
+            // A reinstall with a new secret, signed while Redis is down.
+            let rotated = h.emulator.rotateSharedSecret(of: tenant)
+            let token = try h.emulator.mintSignedInstall(for: rotated, path: "/connect/installed")
+            let body = String(
+                decoding: h.emulator.connectLifecyclePayload(.installed, tenant: rotated), as: UTF8.self)
+            func install() async throws -> GatewayHarness.Answer {
+                try await h.call(
+                    .POST, "/connect/installed", secret: nil,
+                    headers: ["authorization": "JWT \(token)", "content-type": "application/json"], body: body)
+            }
+            await server.stop()
+            let answers: [(String, GatewayHarness.Answer)] = [
+                ("installed", try await install()),
+                ("verify", try await h.verifyConnect(jwt, url: "/x")),
+                ("sign", try await h.signConnect(tenant.clientKey, url: tenant.baseUrl + "/rest/api/3/myself")),
+            ]
+            for (name, answer) in answers {
+                #expect(answer.status == 503, "\(name): \(answer.status) \(answer.body)")
+                #expect(answer.errorCode == "store_unavailable", "\(name)")
+                #expect(answer.headers["retry-after"].flatMap(Int.init) != nil, "\(name)")
+                #expect(!answer.body.contains(rotated.sharedSecret), "\(name)")
+            }
+            // Back up (empty: the server keeps nothing on disk): the same install, sent again, is stored.
+            try await server.restart()
+            #expect(try await Security.eventually { (try? await h.gateway.redis.ping(timeout: .seconds(1))) != nil })
+            let again = try await install()
+            #expect(again.status == 204, "\(again.body)")
+            let record = try #require(try await h.gateway.store.connectTenant(tenant.clientKey))
+            #expect(record.sharedSecret?.bytes == Array(rotated.sharedSecret.utf8))
+            #expect(!h.allLogs.contains(rotated.sharedSecret))
+        }
+        await server.stop()
+    }
+
     @Test("without a Connect base URL the Connect routes answer 404 not_found")
     func disabled() async throws {
         try await GatewayHarness.run { h in

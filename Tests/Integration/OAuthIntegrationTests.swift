@@ -389,6 +389,24 @@ struct OAuthIntegrationTests {
                 #expect(answer.error == "invalid_target")
                 #expect(answer.errorDescription == noLink.errorDescription)
             }
+
+            // A context JWT (qsh `context-qsh`) is exchanged whatever method and URL it came with.
+            var contextOptions = ConnectJWTOptions()
+            contextOptions.qsh = .context
+            let contextJWT = h.emulator.mintConnectJWT(for: tenant, options: contextOptions)
+            let viaContext = try await h.stockClient(
+                "token_exchange", subjectToken: contextJWT, connectMethod: "DELETE", connectURL: "/anything?x=1")
+            #expect(viaContext.status == 200, "\(viaContext)")
+            #expect(viaContext.accessToken == exchanged.accessToken)
+
+            // Once the linked installation is uninstalled: invalid_target, the same description.
+            try await h.emulator.uninstall(installation)
+            let gone = try await h.stockClient(
+                "token_exchange", subjectToken: jwt, connectMethod: "POST", connectURL: url)
+            #expect(gone.status == 400, "\(gone)")
+            #expect(gone.error == "invalid_target")
+            #expect(gone.errorDescription == noLink.errorDescription)
+            #expect(gone.accessToken == nil)
         }
     }
 
