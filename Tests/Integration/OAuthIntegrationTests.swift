@@ -389,7 +389,27 @@ struct OAuthIntegrationTests {
                 #expect(answer.error == "invalid_target")
                 #expect(answer.errorDescription == noLink.errorDescription)
             }
+        }
+    }
 
+    @Test(
+        "token exchange: a context-qsh JWT is exchanged for any method and URL; an uninstalled link is invalid_target")
+    func tokenExchangeContextAndUninstalled() async throws {
+        try await GatewayHarness.runConnect { h in
+            let installation = try await h.installed()
+            let tenant = h.emulator.makeConnectTenant(linkedTo: installation)
+            #expect(try await h.emulator.connectInstall(tenant).status == 204)
+            let url = "/gateway/issue-glance?issueKey=ABC-1"
+            let jwt = h.emulator.mintConnectJWT(for: tenant, method: "POST", url: url)
+            let exchanged = try await h.stockClient(
+                "token_exchange", subjectToken: jwt, connectMethod: "POST", connectURL: url)
+            #expect(exchanged.status == 200, "\(exchanged)")
+            let unlinked = h.emulator.makeConnectTenant()
+            #expect(try await h.emulator.connectInstall(unlinked).status == 204)
+            let noLink = try await h.stockClient(
+                "token_exchange", subjectToken: h.emulator.mintConnectJWT(for: unlinked, url: "/x"),
+                connectMethod: "GET", connectURL: "/x")
+            #expect(noLink.error == "invalid_target")
             // A context JWT (qsh `context-qsh`) is exchanged whatever method and URL it came with.
             var contextOptions = ConnectJWTOptions()
             contextOptions.qsh = .context
