@@ -445,7 +445,6 @@ struct CreateConnectTenantRequest: Codable, Sendable {
     var product: String?
     /// A Forge installation (ARI or UUID) of this emulator to link.
     var installationId: String?
-    var cloudId: String?
 }
 
 struct MintConnectJWTRequest: Codable, Sendable {
