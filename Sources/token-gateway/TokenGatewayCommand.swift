@@ -82,6 +82,9 @@ struct SettingsOptions: ParsableArguments {
     @Option(help: "Event-loop threads: shared|pinned (one CPU each) [TOKEN_GATEWAY_EVENT_LOOP_AFFINITY]")
     var eventLoopAffinity: String?
     @Option(help: "Longest graceful shutdown, ms [TOKEN_GATEWAY_SHUTDOWN_TIMEOUT_MS]") var shutdownTimeoutMs: String?
+    @Option(
+        help: "Close a client connection silent this long with no answer due, ms [TOKEN_GATEWAY_HTTP_IDLE_TIMEOUT_MS]")
+    var httpIdleTimeoutMs: String?
 
     /// Flag values keyed by the environment variable they override.
     var flags: [String: String] {
@@ -99,7 +102,7 @@ struct SettingsOptions: ParsableArguments {
             (.breakerOpen, self.breakerOpenMs), (.forgeModuleKeys, self.forgeModuleKeys), (.opsHost, self.opsHost),
             (.opsPort, self.opsPort), (.apiBaseURLPrefixes, self.apiBaseUrlPrefixes),
             (.invokeMaxConcurrency, self.invokeMaxConcurrency), (.eventLoopAffinity, self.eventLoopAffinity),
-            (.shutdownTimeout, self.shutdownTimeoutMs),
+            (.shutdownTimeout, self.shutdownTimeoutMs), (.httpIdleTimeout, self.httpIdleTimeoutMs),
         ]
         var out: [String: String] = [:]
         for (setting, value) in pairs { if let value { out[setting.environment] = value } }

@@ -114,13 +114,17 @@ public struct GatewaySetting: Sendable, Hashable {
         "TOKEN_GATEWAY_SHUTDOWN_TIMEOUT_MS", "shutdown-timeout-ms",
         "longest graceful shutdown after SIGTERM/SIGINT, ms; then what is left is cut off (default 35000)")
 
+    public static let httpIdleTimeout = GatewaySetting(
+        "TOKEN_GATEWAY_HTTP_IDLE_TIMEOUT_MS", "http-idle-timeout-ms",
+        "a client connection that sends nothing this long, ms, while no answer is due, is closed (default 60000)")
+
     public static let all: [GatewaySetting] = [
         .host, .port, .redisURL, .redisTLSCAFile, .redisTLSCertFile, .redisTLSKeyFile, .redisTLSServerName,
         .forgeAppID, .forgeJWKSURL, .triggerHosts, .encryptionKeys, .callers,
         .connectBaseURL, .connectKeysURL, .forgeGraphQLURL, .userExchangesPerMinute, .publicURL, .logLevel,
         .logFormat, .triggerMaxAttempts, .triggerAttemptTimeout, .deliveryGrace, .refreshAheadFraction,
         .breakerThreshold, .breakerOpen, .forgeModuleKeys, .opsHost, .opsPort, .apiBaseURLPrefixes,
-        .invokeMaxConcurrency, .eventLoopAffinity, .shutdownTimeout,
+        .invokeMaxConcurrency, .eventLoopAffinity, .shutdownTimeout, .httpIdleTimeout,
     ]
 
     init(_ environment: String, _ flag: String, _ summary: String, secret: Bool = false) {
@@ -196,6 +200,10 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     /// finish (each within its own deadline, at most 30 s); then what is left (a client that never
     /// sends the rest of its body) is cancelled, so the process always exits.
     public var shutdownTimeout: Duration = .seconds(35)
+    /// How long a client connection may send nothing while no answer is due to it (between
+    /// requests, or in the middle of one's head or body) before it is closed: a client that
+    /// opens connections and never finishes its requests cannot hold them.
+    public var httpIdleTimeout: Duration = .seconds(60)
     public var flow = TokenFlowConfiguration()
     /// Largest request body accepted (bytes); larger bodies get 413 `payload_too_large`.
     public var maxBodySize: Int = 64 * 1024
@@ -461,6 +469,9 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
         }
         if let v = try settings.integer(.shutdownTimeout, range: 1000...600_000) {
             config.shutdownTimeout = .milliseconds(v)
+        }
+        if let v = try settings.integer(.httpIdleTimeout, range: 1000...3_600_000) {
+            config.httpIdleTimeout = .milliseconds(v)
         }
     }
 

@@ -155,21 +155,28 @@ final class FastAnswerHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 }
 
-/// Hummingbird's HTTP/1 child channel with a ``FastAnswerHandler`` put into each connection's
-/// pipeline right before Hummingbird's codec (`HTTP1ToHTTPServerCodec`), so fast answers skip the
-/// conversion of every request and answer to HTTP types too. The rest of the pipeline is
-/// Hummingbird's own.
-struct FastAnswerHTTP1Channel: ServerChildChannel {
+/// Hummingbird's HTTP/1 child channel with the gateway's handlers put into each connection's
+/// pipeline right before Hummingbird's codec (`HTTP1ToHTTPServerCodec`): an ``IdleClientHandler``
+/// (with NIO's `IdleStateHandler` first in the pipeline), then, when fast answers are on, a
+/// ``FastAnswerHandler``, so fast answers skip the conversion of every request and answer to HTTP
+/// types too. The rest of the pipeline is Hummingbird's own.
+struct GatewayHTTP1Channel: ServerChildChannel {
     typealias Value = HTTP1Channel.Value
 
     let http1: HTTP1Channel
-    let makeHandler: @Sendable () -> FastAnswerHandler
+    let idleTimeout: Duration
+    let makeIdleHandler: @Sendable () -> IdleClientHandler
+    let makeFastHandler: (@Sendable () -> FastAnswerHandler)?
 
     func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
         self.http1.setup(channel: channel, logger: logger).flatMapThrowing { value in
             let pipeline = channel.pipeline.syncOperations
             let codec = try pipeline.handler(type: HTTP1ToHTTPServerCodec.self)
-            try pipeline.addHandler(self.makeHandler(), position: .before(codec))
+            try pipeline.addHandler(IdleStateHandler(readTimeout: TimeAmount(self.idleTimeout)), position: .first)
+            try pipeline.addHandler(self.makeIdleHandler(), position: .before(codec))
+            if let makeFastHandler = self.makeFastHandler {
+                try pipeline.addHandler(makeFastHandler(), position: .before(codec))
+            }
             return value
         }
     }

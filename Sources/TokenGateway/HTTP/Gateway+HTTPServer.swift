@@ -19,19 +19,28 @@ extension Gateway {
                 maxHeaderFieldCount: self.configuration.maxHeaderCount))
     }
 
-    /// The HTTP/1 server of a listener: ``http1Configuration``, and the routes this listener
-    /// answers on the event loop when it can (`health`, `token`: ``FastAnswerHandler``) if fast
-    /// answers are enabled.
+    /// The HTTP/1 server of a listener: ``http1Configuration``, client connections silent for
+    /// `httpIdleTimeout` with no answer due closed (``IdleClientHandler``), and the routes this
+    /// listener answers on the event loop when it can (`health`, `token`: ``FastAnswerHandler``)
+    /// if fast answers are enabled.
     func httpServer(health: Bool, token: Bool) -> HTTPServerBuilder {
         let configuration = self.http1Configuration
-        guard self.fastAnswersEnabled, health || token else { return .http1(configuration: configuration) }
         let logger = self.logger
-        return HTTPServerBuilder { responder in
-            FastAnswerHTTP1Channel(http1: HTTP1Channel(responder: responder, configuration: configuration)) {
+        let closed = self.metrics.idleConnectionsClosed
+        var fast: (@Sendable () -> FastAnswerHandler)?
+        if self.fastAnswersEnabled, health || token {
+            fast = { @Sendable in
                 FastAnswerHandler(serverName: Self.serverName, logger: logger) {
                     self.fastAnswer($0, health: health, token: token)
                 }
             }
+        }
+        let fastHandler = fast
+        return HTTPServerBuilder { responder in
+            GatewayHTTP1Channel(
+                http1: HTTP1Channel(responder: responder, configuration: configuration),
+                idleTimeout: self.configuration.httpIdleTimeout,
+                makeIdleHandler: { IdleClientHandler(closed: closed, logger: logger) }, makeFastHandler: fastHandler)
         }
     }
 }

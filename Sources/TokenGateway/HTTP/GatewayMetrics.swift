@@ -21,6 +21,9 @@ public final class GatewayMetrics: Sendable {
     /// `token_gateway_audit_records_dropped_total`: audit records dropped because the audit
     /// buffer was full (``AuditBuffer``).
     public let auditRecordsDropped: Counter
+    /// `token_gateway_http_idle_connections_closed_total`: client connections closed because they
+    /// sent nothing for `TOKEN_GATEWAY_HTTP_IDLE_TIMEOUT_MS` while no answer was due to them.
+    public let idleConnectionsClosed: Counter
 
     public init(factory: any MetricsFactory) {
         self.factory = factory
@@ -34,6 +37,8 @@ public final class GatewayMetrics: Sendable {
                 )
             })
         self.auditRecordsDropped = Counter(label: "token_gateway_audit_records_dropped_total", factory: factory)
+        self.idleConnectionsClosed = Counter(
+            label: "token_gateway_http_idle_connections_closed_total", factory: factory)
         self.flow = FlowMetrics(factory: factory)
         self.userExchanges = UserExchangeMetrics(factory: factory)
         self.flow.circuitsOpen.set(0)

@@ -107,6 +107,8 @@ public struct GatewayMetricsFactory: MetricsFactory {
         "token_gateway_invocations_total": "Named-trigger calls, by how they ended.",
         "token_gateway_invocation_duration_seconds": "Time spent calling a named trigger (all attempts).",
         "token_gateway_memory_returned_bytes_total": "Resident memory given back to the system by the heap trim.",
+        "token_gateway_http_idle_connections_closed_total":
+            "Client connections closed because they sent nothing for the idle timeout while no answer was due.",
         "token_gateway_resident_memory_bytes": "The replica's resident memory, updated at each heap trim.",
     ]
 }

@@ -224,6 +224,14 @@ enum RawHTTP {
     }
 
     static func send(_ bytes: [UInt8], port: Int, timeout: Duration = .seconds(10)) async throws -> String {
+        try await self.exchange(bytes, port: port, timeout: timeout).received
+    }
+
+    /// ``send(_:port:timeout:)``, also telling whether the server closed the connection (false
+    /// when `timeout` passed first and this side closed it).
+    static func exchange(_ bytes: [UInt8], port: Int, timeout: Duration = .seconds(10)) async throws -> (
+        received: String, closedByServer: Bool
+    ) {
         let group = MultiThreadedEventLoopGroup.singleton
         let closed = group.next().makePromise(of: Void.self)
         let collector = Collector(closed: closed)
@@ -235,12 +243,16 @@ enum RawHTTP {
         // The server may answer and stop reading before everything is written (an oversized
         // head): its answer still counts.
         try? await channel.writeAndFlush(ByteBuffer(bytes: bytes))
+        let timedOut = Mutex(false)
         let timer = channel.eventLoop.scheduleTask(in: .nanoseconds(timeout.nanoseconds)) {
+            timedOut.withLock { $0 = true }
             channel.close(promise: nil)
         }
         try await closed.futureResult.get()
         timer.cancel()
-        return String(decoding: collector.received.withLock { $0 }, as: UTF8.self)
+        return (
+            String(decoding: collector.received.withLock { $0 }, as: UTF8.self), !timedOut.withLock { $0 }
+        )
     }
 }
 
