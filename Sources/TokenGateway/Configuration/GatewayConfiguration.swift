@@ -116,7 +116,7 @@ public struct GatewaySetting: Sendable, Hashable {
 
     public static let httpIdleTimeout = GatewaySetting(
         "TOKEN_GATEWAY_HTTP_IDLE_TIMEOUT_MS", "http-idle-timeout-ms",
-        "a client connection that sends nothing this long, ms, while no answer is due, is closed (default 60000)")
+        "a client connection that sends nothing this long, ms, while no answer is due, is closed (default 75000)")
 
     public static let all: [GatewaySetting] = [
         .host, .port, .redisURL, .redisTLSCAFile, .redisTLSCertFile, .redisTLSKeyFile, .redisTLSServerName,
@@ -203,7 +203,7 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     /// How long a client connection may send nothing while no answer is due to it (between
     /// requests, or in the middle of one's head or body) before it is closed: a client that
     /// opens connections and never finishes its requests cannot hold them.
-    public var httpIdleTimeout: Duration = .seconds(60)
+    public var httpIdleTimeout: Duration = .seconds(75)
     public var flow = TokenFlowConfiguration()
     /// Largest request body accepted (bytes); larger bodies get 413 `payload_too_large`.
     public var maxBodySize: Int = 64 * 1024
