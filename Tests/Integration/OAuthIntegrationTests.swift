@@ -320,11 +320,7 @@ struct OAuthIntegrationTests {
     @Test("token exchange: a Connect JWT becomes the linked installation's access token; refusals per RFC 8693")
     func tokenExchange() async throws {
         try await GatewayHarness.runConnect { h in
-            let installation = try await h.installed()
-            let tenant = h.emulator.makeConnectTenant(linkedTo: installation)
-            #expect(try await h.emulator.connectInstall(tenant).status == 204)
-            let url = "/gateway/issue-glance?issueKey=ABC-1"
-            let jwt = h.emulator.mintConnectJWT(for: tenant, method: "POST", url: url)
+            let (installation, tenant, url, jwt) = try await Self.linkedTenant(h)
 
             let exchanged = try await h.stockClient(
                 "token_exchange", auth: "post", subjectToken: jwt, connectMethod: "POST", connectURL: url)
@@ -396,11 +392,7 @@ struct OAuthIntegrationTests {
         "token exchange: a context-qsh JWT is exchanged for any method and URL; an uninstalled link is invalid_target")
     func tokenExchangeContextAndUninstalled() async throws {
         try await GatewayHarness.runConnect { h in
-            let installation = try await h.installed()
-            let tenant = h.emulator.makeConnectTenant(linkedTo: installation)
-            #expect(try await h.emulator.connectInstall(tenant).status == 204)
-            let url = "/gateway/issue-glance?issueKey=ABC-1"
-            let jwt = h.emulator.mintConnectJWT(for: tenant, method: "POST", url: url)
+            let (installation, tenant, url, jwt) = try await Self.linkedTenant(h)
             let exchanged = try await h.stockClient(
                 "token_exchange", subjectToken: jwt, connectMethod: "POST", connectURL: url)
             #expect(exchanged.status == 200, "\(exchanged)")
@@ -428,6 +420,18 @@ struct OAuthIntegrationTests {
             #expect(gone.errorDescription == noLink.errorDescription)
             #expect(gone.accessToken == nil)
         }
+    }
+
+    /// An installed installation, a Connect tenant linked to it, a request URL and the tenant's
+    /// JWT for `POST` to it.
+    static func linkedTenant(_ h: GatewayHarness) async throws -> (
+        EmulatedInstallation, EmulatedConnectTenant, String, String
+    ) {
+        let installation = try await h.installed()
+        let tenant = h.emulator.makeConnectTenant(linkedTo: installation)
+        #expect(try await h.emulator.connectInstall(tenant).status == 204)
+        let url = "/gateway/issue-glance?issueKey=ABC-1"
+        return (installation, tenant, url, h.emulator.mintConnectJWT(for: tenant, method: "POST", url: url))
     }
 
     @Test("token exchange is not offered without Connect")

@@ -35,6 +35,18 @@ struct TokenFlowStateMachineHoldTests {
         return m
     }
 
+    /// A machine whose one caller (`forced` or not) follows another process's round trip `r1`.
+    private static func following(
+        forced: Bool, minValidity: Int64, known: Int64, clock: ManualClock, requestID: String = "r1"
+    ) -> TokenFlowStateMachine {
+        var m = TokenFlowStateMachine(configuration: configuration())
+        _ = m.tokenWasRequested(
+            waiter: WaiterID(1), minValidity: minValidity, knownExpiry: known, forced: forced,
+            deadline: clock.now + .seconds(10), requestID: requestID, now: clock.now)
+        _ = m.leaseDenied(requestID: requestID, now: clock.now)
+        return m
+    }
+
     private static func succeeded(_ actions: [FlowAction]) -> [([WaiterID], AccessToken, TokenSource)] {
         actions.compactMap { if case .succeed(let ids, let t, let s) = $0 { return (ids, t, s) } else { return nil } }
     }
@@ -291,11 +303,7 @@ struct TokenFlowStateMachineHoldTests {
         #expect(!m.isActive)
 
         // A forced follower goes on to a round trip of its own, regardless of the hold.
-        var f = TokenFlowStateMachine(configuration: Self.configuration())
-        _ = f.tokenWasRequested(
-            waiter: WaiterID(1), minValidity: 300, knownExpiry: newest.expiresAt, forced: true,
-            deadline: clock.now + .seconds(10), requestID: "f1", now: clock.now)
-        _ = f.leaseDenied(requestID: "f1", now: clock.now)
+        var f = Self.following(forced: true, minValidity: 300, known: newest.expiresAt, clock: clock, requestID: "f1")
         let g = f.holdObserved(hold, now: clock.now)
         #expect(
             g.contains(.acquireLeaseIgnoringHold(requestID: "f1", ttl: .seconds(12), unlessNewerThan: newest.expiresAt))
@@ -313,11 +321,7 @@ struct TokenFlowStateMachineHoldTests {
         let hold = RoundTripHold(until: clock.now + .seconds(60), newest: newest)
         // A forced caller follows another process's round; a second forced caller's store read
         // found the hold that round placed when it ended.
-        var f = TokenFlowStateMachine(configuration: Self.configuration())
-        _ = f.tokenWasRequested(
-            waiter: WaiterID(1), minValidity: 300, knownExpiry: newest.expiresAt, forced: true,
-            deadline: clock.now + .seconds(10), requestID: "f1", now: clock.now)
-        _ = f.leaseDenied(requestID: "f1", now: clock.now)
+        var f = Self.following(forced: true, minValidity: 300, known: newest.expiresAt, clock: clock, requestID: "f1")
         let joined = f.tokenWasRequested(
             waiter: WaiterID(2), minValidity: 300, knownExpiry: newest.expiresAt, forced: true,
             deadline: clock.now + .seconds(10), requestID: "f2", hold: hold, now: clock.now)
@@ -331,11 +335,7 @@ struct TokenFlowStateMachineHoldTests {
         #expect(f.waiterCount == 2)
 
         // Plain callers following a round are answered the held way when a caller brings the hold.
-        var p = TokenFlowStateMachine(configuration: Self.configuration())
-        _ = p.tokenWasRequested(
-            waiter: WaiterID(1), minValidity: 3600, knownExpiry: newest.expiresAt, forced: false,
-            deadline: clock.now + .seconds(10), requestID: "p1", now: clock.now)
-        _ = p.leaseDenied(requestID: "p1", now: clock.now)
+        var p = Self.following(forced: false, minValidity: 3600, known: newest.expiresAt, clock: clock, requestID: "p1")
         let held = p.tokenWasRequested(
             waiter: WaiterID(2), minValidity: 3600, knownExpiry: newest.expiresAt, forced: false,
             deadline: clock.now + .seconds(10), requestID: "p2", hold: hold, now: clock.now)
@@ -352,11 +352,7 @@ struct TokenFlowStateMachineHoldTests {
         var m = Self.leading(callers: 1, known: newest.expiresAt, clock: clock)
         #expect(m.holdObserved(RoundTripHold(until: clock.now + .seconds(60), newest: newest), now: clock.now).isEmpty)
         #expect(m.waiterCount == 1)
-        var follower = TokenFlowStateMachine(configuration: Self.configuration())
-        _ = follower.tokenWasRequested(
-            waiter: WaiterID(1), minValidity: 3600, knownExpiry: newest.expiresAt, forced: false,
-            deadline: clock.now + .seconds(10), requestID: "r1", now: clock.now)
-        _ = follower.leaseDenied(requestID: "r1", now: clock.now)
+        var follower = Self.following(forced: false, minValidity: 3600, known: newest.expiresAt, clock: clock)
         let ended = RoundTripHold(until: clock.now, newest: newest)
         clock.advance(.milliseconds(1))
         #expect(follower.holdObserved(ended, now: clock.now).isEmpty)
