@@ -156,15 +156,14 @@ final class FastAnswerHandler: ChannelDuplexHandler, RemovableChannelHandler {
 }
 
 /// Hummingbird's HTTP/1 child channel with the gateway's handlers put into each connection's
-/// pipeline right before Hummingbird's codec (`HTTP1ToHTTPServerCodec`): an ``IdleClientHandler``
-/// (with NIO's `IdleStateHandler` first in the pipeline), then, when fast answers are on, a
+/// pipeline right before Hummingbird's codec (`HTTP1ToHTTPServerCodec`): an ``IdleClientHandler``,
+/// then, when fast answers are on, a
 /// ``FastAnswerHandler``, so fast answers skip the conversion of every request and answer to HTTP
 /// types too. The rest of the pipeline is Hummingbird's own.
 struct GatewayHTTP1Channel: ServerChildChannel {
     typealias Value = HTTP1Channel.Value
 
     let http1: HTTP1Channel
-    let idleTimeout: Duration
     let makeIdleHandler: @Sendable () -> IdleClientHandler
     let makeFastHandler: (@Sendable () -> FastAnswerHandler)?
 
@@ -172,7 +171,6 @@ struct GatewayHTTP1Channel: ServerChildChannel {
         self.http1.setup(channel: channel, logger: logger).flatMapThrowing { value in
             let pipeline = channel.pipeline.syncOperations
             let codec = try pipeline.handler(type: HTTP1ToHTTPServerCodec.self)
-            try pipeline.addHandler(IdleStateHandler(readTimeout: TimeAmount(self.idleTimeout)), position: .first)
             try pipeline.addHandler(self.makeIdleHandler(), position: .before(codec))
             if let makeFastHandler = self.makeFastHandler {
                 try pipeline.addHandler(makeFastHandler(), position: .before(codec))

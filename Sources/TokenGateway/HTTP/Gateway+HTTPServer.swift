@@ -1,5 +1,6 @@
 // HummingbirdCore comes with Hummingbird; it holds the HTTP/1 server's configuration types.
 import HummingbirdCore
+import NIOCore
 
 extension Gateway {
     /// The `Server` header of every answer.
@@ -36,11 +37,12 @@ extension Gateway {
             }
         }
         let fastHandler = fast
+        let idleTimeout = TimeAmount(self.configuration.httpIdleTimeout)
         return HTTPServerBuilder { responder in
             GatewayHTTP1Channel(
                 http1: HTTP1Channel(responder: responder, configuration: configuration),
-                idleTimeout: self.configuration.httpIdleTimeout,
-                makeIdleHandler: { IdleClientHandler(closed: closed, logger: logger) }, makeFastHandler: fastHandler)
+                makeIdleHandler: { IdleClientHandler(timeout: idleTimeout, closed: closed, logger: logger) },
+                makeFastHandler: fastHandler)
         }
     }
 }

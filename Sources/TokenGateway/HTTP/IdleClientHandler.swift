@@ -4,32 +4,52 @@ import NIOCore
 import NIOHTTP1
 
 /// Closes a client connection that has sent nothing for the idle timeout while no answer is due
-/// to it: between requests (a kept-alive connection left open), or in the middle of a request's
-/// head or body (a client that never finishes it). A connection whose request is complete and
-/// being answered (a caller waiting for a token) is left alone however long that takes.
+/// to it: between requests (a kept-alive connection left open; counted from the end of the last
+/// answer), or in the middle of a request's head or body (a client that never finishes it). A
+/// connection with a complete request being answered (a caller waiting for its token) is left
+/// alone however long that takes.
 ///
 /// It sits in the HTTP/1 pipeline between the decoder and the request handlers (the fast answers
-/// and Hummingbird's codec), so it sees every request and every answer; NIO's `IdleStateHandler`,
-/// first in the pipeline, tells it when no byte has been read for the timeout.
+/// and Hummingbird's codec), so it sees every request and every answer. (Hummingbird's own idle
+/// timeout sits behind its codec and would not see the fast answers.)
 final class IdleClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias InboundOut = HTTPServerRequestPart
     typealias OutboundIn = HTTPServerResponsePart
     typealias OutboundOut = HTTPServerResponsePart
 
+    private let timeout: TimeAmount
     private let closed: Counter
     private let logger: Logger
     /// Requests whose head has come and whose answer has not been fully written.
     private var answersDue = 0
     /// A request's head has come but not yet its end.
     private var reading = false
+    /// The last request part read or answer ended: idleness counts from there.
+    private var lastActivity = NIODeadline.now()
+    private var check: Scheduled<Void>?
 
-    init(closed: Counter, logger: Logger) {
+    init(timeout: TimeAmount, closed: Counter, logger: Logger) {
+        self.timeout = timeout
         self.closed = closed
         self.logger = logger
     }
 
+    /// No complete request waits for its answer: only a request still being read, if any.
+    private var nothingToAnswer: Bool { self.answersDue == 0 || (self.reading && self.answersDue == 1) }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.lastActivity = .now()
+        self.schedule(context, at: self.lastActivity + self.timeout)
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.check?.cancel()
+        self.check = nil
+    }
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        self.lastActivity = .now()
         switch self.unwrapInboundIn(data) {
         case .head:
             self.answersDue += 1
@@ -43,16 +63,30 @@ final class IdleClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        if case .end = self.unwrapOutboundIn(data) { self.answersDue = max(0, self.answersDue - 1) }
+        if case .end = self.unwrapOutboundIn(data) {
+            self.answersDue = max(0, self.answersDue - 1)
+            self.lastActivity = .now()
+            if self.nothingToAnswer { self.schedule(context, at: self.lastActivity + self.timeout) }
+        }
         context.write(data, promise: promise)
     }
 
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        guard let idle = event as? IdleStateHandler.IdleStateEvent, idle == .read else {
-            return context.fireUserInboundEventTriggered(event)
+    /// Checks at `deadline` (one check pending at a time; a later activity moves the next one).
+    private func schedule(_ context: ChannelHandlerContext, at deadline: NIODeadline) {
+        guard self.check == nil else { return }
+        self.check = context.eventLoop.assumeIsolatedUnsafeUnchecked().scheduleTask(deadline: deadline) {
+            self.check = nil
+            self.timeUp(context)
         }
-        // Silent while an answer is being worked on: the client waits, as it should.
-        guard self.reading || self.answersDue == 0 else { return }
+    }
+
+    private func timeUp(_ context: ChannelHandlerContext) {
+        guard context.channel.isActive else { return }
+        // A complete request is being answered: the client waits, as it should. The answer's end
+        // schedules the next check.
+        guard self.nothingToAnswer else { return }
+        let due = self.lastActivity + self.timeout
+        guard NIODeadline.now() >= due else { return self.schedule(context, at: due) }
         self.closed.increment()
         self.logger.debug(
             "closed a client connection that sent nothing for the idle timeout",
