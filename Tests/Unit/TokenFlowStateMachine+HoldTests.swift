@@ -333,6 +333,17 @@ struct TokenFlowStateMachineHoldTests {
         #expect(joined.contains { if case .cancelTimer = $0 { true } else { false } })
         #expect(f.stateName(at: clock.now) == .acquiringLease)
         #expect(f.waiterCount == 2)
+        // The lease is busy (another forced round took it): the round follows that one. The same
+        // hold brought again (a caller served from memory hands back the machine's own) is nothing
+        // new: no second take-over, the re-read timer kept.
+        _ = f.leaseDenied(requestID: "f1", now: clock.now)
+        #expect(f.holdObserved(hold, now: clock.now).isEmpty)
+        let again = f.tokenWasRequested(
+            waiter: WaiterID(3), minValidity: 300, knownExpiry: newest.expiresAt, forced: true,
+            deadline: clock.now + .seconds(10), requestID: "f3", hold: hold, now: clock.now)
+        #expect(!Self.startsRoundTrip(again))
+        #expect(!again.contains { if case .cancelTimer = $0 { true } else { false } })
+        #expect(f.stateName(at: clock.now) == .following)
 
         // Plain callers following a round are answered the held way when a caller brings the hold.
         var p = Self.following(forced: false, minValidity: 3600, known: newest.expiresAt, clock: clock, requestID: "p1")

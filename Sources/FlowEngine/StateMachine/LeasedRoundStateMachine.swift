@@ -666,8 +666,12 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
             self.state = .circuitOpen(until: until, hold: hold)
             return []
         case .round(var round):
-            round.hold = hold
-            guard !round.phase.leads else {
+            // A hold the round knows already (its own, handed back by a caller served from
+            // memory, or the same one read again by another caller) is nothing new: what it asked
+            // for was done when it first came.
+            let known = round.hold.map { $0.isActive(at: now) && hold.until <= $0.until + .seconds(1) } ?? false
+            if hold.until > (round.hold?.until ?? hold.until - .seconds(1)) { round.hold = hold }
+            guard !round.phase.leads, !known else {
                 self.state = .round(round)
                 return []
             }
