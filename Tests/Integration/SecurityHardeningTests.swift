@@ -596,49 +596,6 @@ struct SecurityHardeningTests {
         }
     }
 
-    @Test("a user-token caller at its limit that follows another replica's exchange is answered, not refused")
-    func followingAnotherReplicasExchangeIsNotCharged() async throws {
-        try await GatewayHarness.run(configure: { config in
-            config.callers = try! CallerRegistry(
-                json: """
-                    [{"name":"full","secret":"\(GatewayHarness.callerSecret)","installations":["*"],\(GatewayHarness.noLimits)},
-                     {"name":"limited-\(UUID().uuidString)","secret":"\(Self.limitedSecret)","installations":["*"],
-                      "limits":{"userExchangesPerMinute":1}}]
-                    """)
-        }) { h in
-            let installation = try await h.installed()
-            let id = installation.installationID
-            let path = GatewayHarness.path(installation) + "/token?asUser="
-            // The caller's one exchange of the minute.
-            let first = try await Self.call(h, base: h.gatewayURL, .GET, path + "acct-0", secret: Self.limitedSecret)
-            #expect(first.status == 200)
-            // Another replica exchanges for acct-1: it holds the exchange's lease.
-            let store = h.gateway.userTokenStore
-            #expect(try await store.acquireLease(id, accountId: "acct-1", owner: "other-replica", ttl: .seconds(30)))
-            let exchanges = h.emulator.totalUserTokenExchanges
-            let asking = Task {
-                try await Self.call(h, base: h.gatewayURL, .GET, path + "acct-1", secret: Self.limitedSecret)
-            }
-            #expect(try await Security.eventually { h.gateway.userTokens.waitingCallers == 1 })
-            // That replica stores its token and lets go of the lease.
-            let value = try h.emulator.mintUserToken(
-                for: installation, accountId: "acct-1", expiresAt: Date().addingTimeInterval(3600))
-            let stored = try await store.store(
-                id, accountId: "acct-1",
-                token: AccessToken(value: value, expiresAt: Int64(Date().timeIntervalSince1970) + 3600),
-                cacheUntil: Int64(Date().timeIntervalSince1970) + 3000, now: FlowTime.now())
-            #expect(stored == .stored)
-            _ = try await store.releaseLease(id, accountId: "acct-1", owner: "other-replica")
-            let answer = try await asking.value
-            #expect(answer.status == 200, "\(answer.body)")
-            #expect(answer.json["accessToken"] as? String == value)
-            #expect(h.emulator.totalUserTokenExchanges == exchanges, "the caller started no exchange")
-            // Its limit still holds for an exchange of its own.
-            let refused = try await Self.call(h, base: h.gatewayURL, .GET, path + "acct-2", secret: Self.limitedSecret)
-            #expect(refused.status == 429)
-        }
-    }
-
     // MARK: Undecryptable tokens
 
     @Test("a stored token no key of the ring opens is treated as absent: a new round trip, counted")

@@ -254,9 +254,8 @@ public final class UserTokenExchanger: Sendable, Service {
     ///   or the flow's errors (404, 410, 422, 502 `trigger_failed`, 503, 504).
     ///
     /// `admit` runs once an exchange is needed (no usable cached token), before one is started:
-    /// the caller's own limits; what it throws is the answer. A caller that joins an exchange
-    /// already in flight, in this process or another (no forced refresh), starts none and is not
-    /// admitted.
+    /// the caller's own limits; what it throws is the answer. A caller that joins a round already
+    /// in flight in this process (no forced refresh) starts no exchange and is not admitted.
     public func token(
         for installation: InstallationID, accountId: UserAccountID, request: Request,
         admit: @Sendable () async throws(UserTokenError) -> Void = {}
@@ -290,20 +289,13 @@ public final class UserTokenExchanger: Sendable, Service {
             throw .exchangeFailed("the installation's site is unknown")
         }
         let key = FlightKey(installation: installation, accountId: accountId.value)
-        // An exchange in flight, here or on another replica (its lease is held), answers this
-        // caller: it starts none, so it is not counted against its limits.
-        let joining =
-            !request.forceRefresh
-            && (snapshot.exchangeInFlight || self.state.withLock { $0.flights[key]?.machine.isActive == true })
+        let joining = !request.forceRefresh && self.state.withLock { $0.flights[key]?.machine.isActive == true }
         if !joining { try await admit() }
         let job = Job(
             installation: installation, accountId: accountId, context: context, apiBaseUrl: snapshot.apiBaseUrl,
             ignoring: snapshot.token)
         return try await self.join(job, request: request, deadline: deadline).get()
     }
-
-    /// How many callers wait for an exchange in this process.
-    var waitingCallers: Int { self.state.withLock { $0.waiting } }
 
     // MARK: - Coalescing in this process
 
