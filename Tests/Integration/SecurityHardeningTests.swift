@@ -327,7 +327,8 @@ struct SecurityHardeningTests {
         "a replica that just started fetches a key id another replica verified with from the reserved share, whatever a flood of made-up key ids spent"
     )
     func installKeyIdsKnownAcrossReplicas() async throws {
-        try await GatewayHarness.runConnect { h in
+        // Three fetches a minute: one kept for key ids seen before, two open (one more every 30 s).
+        try await GatewayHarness.runConnect(configure: { $0.connectInstallKeyFetchesPerMinute = 3 }) { h in
             let known = try h.emulator.currentInstallKeyId()
             #expect(try await h.emulator.connectInstall(h.emulator.makeConnectTenant()).status == 204)
             #expect(try await h.gateway.store.isKnownInstallKeyID(known))
@@ -336,7 +337,7 @@ struct SecurityHardeningTests {
                 var madeUp: [String] = []
                 defer { madeUpKids.withLock { $0 = madeUp } }
                 // The new replica has verified nothing yet; made-up key ids spend its open share.
-                for _ in 0..<25 {
+                for _ in 0..<6 {
                     var options = SignedInstallOptions()
                     options.kid = UUID().uuidString.lowercased()
                     madeUp.append(options.kid!)

@@ -370,6 +370,11 @@ extension GatewayStore: InstallKeyIDRegistry {
         try await self.redis.send(["ZSCORE", self.installKeyIDsKey, kid]).string != nil
     }
 
+    public func knownInstallKeyIDs() async throws -> Set<String> {
+        let reply = try await self.redis.send(["ZRANGE", self.installKeyIDsKey, "0", "-1"])
+        return Set((reply.array ?? []).compactMap(\.string))
+    }
+
     public func rememberInstallKeyID(_ kid: String) async throws {
         _ = try await self.redis.eval(
             ConnectScripts.rememberInstallKeyID, keys: [self.installKeyIDsKey],

@@ -221,8 +221,8 @@ struct InstallKeyCache: Sendable {
 /// restarts: a replica that has not verified one itself yet (it just started) still fetches a
 /// known `kid` from the reserved share, which a flood of made-up `kid`s cannot spend.
 public protocol InstallKeyIDRegistry: Sendable {
-    /// Whether the key of `kid` verified a signed install before.
-    func isKnownInstallKeyID(_ kid: String) async throws -> Bool
+    /// Every `kid` whose key verified a signed install before (a bounded set).
+    func knownInstallKeyIDs() async throws -> Set<String>
     /// Records that the key of `kid` verified a signed install.
     func rememberInstallKeyID(_ kid: String) async throws
 }
@@ -245,13 +245,26 @@ extension SignedInstallVerifier {
     }
 
     /// Before a fetch from the open share: a `kid` another replica (or an earlier run) verified
-    /// with is known here too.
+    /// with is known here too. The registry is read at most once per
+    /// ``registryRefreshInterval`` (a flood of made-up `kid`s costs Redis nothing more).
     private func learnFromRegistry(kid: String) async {
         guard let registry = self.registry, self.cache.withLock({ $0.isUnknown(kid: kid, now: .now) }) else { return }
-        if (try? await registry.isKnownInstallKeyID(kid)) == true {
+        let now = ContinuousClock.now
+        var known = self.registryKids.withLock { read in
+            read.flatMap { now - $0.at < Self.registryRefreshInterval ? $0.kids : nil }
+        }
+        if known == nil {
+            let kids = (try? await registry.knownInstallKeyIDs()) ?? []
+            self.registryKids.withLock { $0 = (kids, now) }
+            known = kids
+        }
+        if known?.contains(kid) == true {
             self.cache.withLock { $0.keyWasUsed(kid: kid) }
         }
     }
+
+    /// How long a read of the registry is used before it is read again.
+    static let registryRefreshInterval: Duration = .seconds(30)
 
     /// The RSA public key published under `kid`; never any other key.
     func publicKey(kid: String) async throws(SignedInstallError) -> _RSA.Signing.PublicKey {

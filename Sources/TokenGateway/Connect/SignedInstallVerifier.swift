@@ -109,6 +109,8 @@ public final class SignedInstallVerifier: Sendable {
     let fetcher: any InstallKeyFetcher
     /// Where `kid`s whose key verified are remembered for every replica and across restarts.
     let registry: (any InstallKeyIDRegistry)?
+    /// The registry's `kid`s as last read, and when.
+    let registryKids = Mutex<(kids: Set<String>, at: ContinuousClock.Instant)?>(nil)
     let logger: Logger
     let cache: Mutex<InstallKeyCache>
     /// The app base URL without trailing `/`, compared with `aud` entries (also trimmed).
