@@ -1,6 +1,9 @@
 import FlowEngine
 import ForgeEmulator
 import Foundation
+import NIOCore
+import NIOPosix
+import Synchronization
 import Testing
 
 @testable import TokenGateway
@@ -48,5 +51,72 @@ struct IdleConnectionTests {
             #expect(waited.received.hasPrefix("HTTP/1.1 200"), "\(waited.received.prefix(300))")
             #expect(waited.received.contains(#""source":"trigger""#))
         }
+    }
+
+    @Test("the idle time counts from the end of an answer: a request sent right after a long answer is answered")
+    func idleCountsFromTheAnswer() async throws {
+        try await GatewayHarness.run(configure: { $0.httpIdleTimeout = .seconds(1) }) { h in
+            let installation = try await h.installed()
+            // The token takes 2 s, twice the idle timeout; the client asks again on the same
+            // connection the moment it has the answer.
+            h.emulator.setFault(.deliverLate(.seconds(2)), for: installation)
+            let first = FastAnswerTests.get(GatewayHarness.path(installation) + "/token", keepAlive: true)
+            let received = try await Self.askAgainOnAnswer(
+                first, then: FastAnswerTests.get("/health/live", close: true),
+                port: try FastAnswerTests.port(h.gatewayURL))
+            let answers = received.components(separatedBy: "HTTP/1.1 ").filter { !$0.isEmpty }
+            #expect(answers.count == 2, "\(received.prefix(600))")
+            #expect(answers.first?.hasPrefix("200") == true)
+            #expect(answers.last?.hasPrefix("200") == true)
+        }
+    }
+
+    /// Writes `first`, and `second` on the same connection as soon as the answer to `first` is in
+    /// (its head and `Content-Length` bytes of body); returns everything received once the server
+    /// closed the connection (or 30 s passed).
+    static func askAgainOnAnswer(_ first: String, then second: String, port: Int) async throws -> String {
+        final class Asker: ChannelInboundHandler, Sendable {
+            typealias InboundIn = ByteBuffer
+            typealias OutboundOut = ByteBuffer
+            let second: String
+            let received = Mutex<[UInt8]>([])
+            let sent = Mutex(false)
+            let closed: EventLoopPromise<Void>
+            init(second: String, closed: EventLoopPromise<Void>) {
+                self.second = second
+                self.closed = closed
+            }
+            func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+                let bytes = Array(self.unwrapInboundIn(data).readableBytesView)
+                let text = self.received.withLock { all -> String in
+                    all.append(contentsOf: bytes)
+                    return String(decoding: all, as: UTF8.self)
+                }
+                guard !self.sent.withLock({ $0 }), let end = text.range(of: "\r\n\r\n") else { return }
+                let length =
+                    text[..<end.lowerBound].split(separator: "\r\n")
+                    .first { $0.lowercased().hasPrefix("content-length:") }
+                    .flatMap { Int($0.split(separator: ":")[1].trimmingCharacters(in: .whitespaces)) } ?? 0
+                guard text[end.upperBound...].utf8.count >= length else { return }
+                self.sent.withLock { $0 = true }
+                context.writeAndFlush(self.wrapOutboundOut(ByteBuffer(string: self.second)), promise: nil)
+            }
+            func channelInactive(context: ChannelHandlerContext) {
+                self.closed.succeed(())
+            }
+        }
+        let group = MultiThreadedEventLoopGroup.singleton
+        let closed = group.next().makePromise(of: Void.self)
+        let asker = Asker(second: second, closed: closed)
+        let channel = try await ClientBootstrap(group: group)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(asker) }
+            }
+            .connect(host: "127.0.0.1", port: port).get()
+        try await channel.writeAndFlush(ByteBuffer(string: first))
+        let timer = channel.eventLoop.scheduleTask(in: .seconds(30)) { channel.close(promise: nil) }
+        try await closed.futureResult.get()
+        timer.cancel()
+        return String(decoding: asker.received.withLock { $0 }, as: UTF8.self)
     }
 }
