@@ -58,6 +58,8 @@ public final class Gateway: Sendable {
     public let heartbeat: ReplicaHeartbeat
     /// Gives freed heap memory back to the system now and then (``HeapTrimService``).
     public let heapTrim: HeapTrimService
+    /// Logs `ready` once the listener is up and the store answers (``ReadinessNotice``).
+    public let readiness: ReadinessNotice
     /// This build's version, shown in the replica heartbeat.
     public static let version = "1.1.0"
 
@@ -109,6 +111,7 @@ public final class Gateway: Sendable {
             store: self.store, replicaID: self.replicaID, version: Self.version, startedAt: FlowTime.now(),
             logger: logger, onTick: { flow.refreshOpenCircuits() })
         self.heapTrim = HeapTrimService(factory: self.metrics.factory, logger: logger)
+        self.readiness = ReadinessNotice(redis: self.redis, logger: logger)
         // Only the configured JWKS is trusted: a staging app names the staging JWKS as its JWKS.
         var verifierConfiguration = InvocationTokenVerifier.Configuration(
             appId: configuration.forgeAppID, jwksURL: configuration.forgeJWKSURL)
@@ -206,7 +209,15 @@ public final class Gateway: Sendable {
         if let operations = self.makeOperationsApplication(onServerRunning: onOperationsServerRunning) {
             services.append(operations)
         }
-        services.append(self.makeApplication(onServerRunning: onServerRunning))
+        let readiness = self.readiness
+        let host = self.configuration.host
+        services.append(
+            self.makeApplication { channel in
+                await onServerRunning(channel)
+                readiness.listenerUp(host: host, port: channel.localAddress?.port ?? 0)
+            })
+        // Logs `ready` once the listener is up and the store answers.
+        services.append(readiness)
         // Last, so it is told first: readiness fails before the listeners drain.
         services.append(ShutdownNotice(gateway: self))
         return services

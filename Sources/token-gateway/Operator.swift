@@ -5,6 +5,7 @@ import Foundation
 import Logging
 import NIOCore
 import NIOHTTP1
+import Synchronization
 import TokenGateway
 
 /// Exit codes of the operator commands: 0 success, 1 the gateway or a dependency failed,
@@ -214,14 +215,17 @@ struct CheckConfig: AsyncParsableCommand {
         print("callers         \(config.callers.callers.map(\.name).joined(separator: ", "))")
         print("connect         \(config.connectBaseURL ?? "off")")
         var failed = false
-        let logger = Logger(label: "check-config") { _ in SwallowLogHandler() }
+        // The Redis client's warnings say why it could not connect (credentials refused, a TLS
+        // handshake that failed, …): the first is printed with the answer. They never hold a secret.
+        let reasons = ReasonCollector()
+        let logger = Logger(label: "check-config") { _ in reasons.handler() }
         let redis = RedisClient(configuration: config.redis, logger: logger)
         FileHandle.standardError.write(Data("reaching Redis…\n".utf8))
         do {
             try await redis.ping(timeout: .seconds(3))
             print("redis reachable yes")
         } catch {
-            print("redis reachable NO (\(error))")
+            print("redis reachable NO (\(error)\(reasons.first.map { ": " + $0 } ?? ""))")
             failed = true
         }
         await redis.shutdown()
@@ -245,5 +249,33 @@ struct CheckConfig: AsyncParsableCommand {
         }
         try? await client.shutdown()
         if failed { throw OperatorExit.failure }
+    }
+}
+
+/// Keeps the first warning (or worse) logged through its handlers: what `check-config` prints as
+/// the reason Redis could not be reached.
+final class ReasonCollector: Sendable {
+    private let reasons = Mutex<[String]>([])
+
+    /// The first reason logged, with the `redis.error` it named.
+    var first: String? { self.reasons.withLock { $0.first } }
+
+    func handler() -> some LogHandler { Handler(collector: self) }
+
+    struct Handler: LogHandler {
+        let collector: ReasonCollector
+        var metadata: Logger.Metadata = [:]
+        var logLevel: Logger.Level = .warning
+
+        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+            get { self.metadata[key] }
+            set { self.metadata[key] = newValue }
+        }
+
+        func log(event: LogEvent) {
+            var reason = "\(event.message)"
+            if let error = event.metadata?["redis.error"] { reason += " (\(error))" }
+            self.collector.reasons.withLock { $0.append(reason) }
+        }
     }
 }

@@ -151,16 +151,10 @@ struct Serve: AsyncParsableCommand {
             "starting",
             metadata: ["listen": "\(config.host):\(config.port)", "callers": "\(config.callers.callers.count)"])
         try await gateway.run(
-            onServerRunning: { channel in
-                logger.info(
-                    "ready",
-                    metadata: [
-                        "listen.host": "\(config.host)", "listen.port": "\(channel.localAddress?.port ?? config.port)",
-                    ])
-            },
+            // `ready` is logged by the gateway's readiness notice, once the store answers too.
             onOperationsServerRunning: { channel in
                 logger.info(
-                    "operations listener ready",
+                    "operations listener up",
                     metadata: [
                         "ops.host": "\(config.operationsListener?.host ?? "")",
                         "ops.port": "\(channel.localAddress?.port ?? config.operationsListener?.port ?? 0)",

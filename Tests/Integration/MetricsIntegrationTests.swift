@@ -84,4 +84,59 @@ struct MetricsIntegrationTests {
             #expect(!m.contains("installation/"))
         }
     }
+
+    @Test("unknown paths and wrong methods are counted under route unmatched")
+    func unmatchedRoutes() async throws {
+        try await GatewayHarness.run { h in
+            #expect(try await h.call(.GET, "/nope").status == 404)
+            #expect(try await h.call(.GET, "/v1/nope/deeper", secret: nil).status == 404)
+            #expect(try await h.call(.POST, "/health/live", secret: nil).status == 405)
+            let m = try await h.call(.GET, "/metrics", secret: nil).body
+            #expect(sample(m, "token_gateway_http_requests_total", ["route": "unmatched", "status": "404"]) == 2)
+            #expect(sample(m, "token_gateway_http_requests_total", ["route": "unmatched", "status": "405"]) == 1)
+            #expect(!m.contains("NotFound"))
+        }
+    }
+
+    @Test("token_gateway_leases_held counts the lease of a round trip in flight, and drops when it ends")
+    func leaseHeldWhileRoundTripRuns() async throws {
+        try await GatewayHarness.run(configure: { $0.flow.deliveryGrace = .seconds(60) }) { h in
+            let installation = try await h.installed()
+            h.emulator.setFault(.acceptWithoutDelivery, for: installation)
+            let waiting = Task { try await h.token(installation, query: "timeout=30000") }
+            #expect(try await Events.wait { h.emulator.triggerCalls(for: installation) == 1 })
+            #expect(try await h.metric("token_gateway_leases_held") == 1)
+            let requestId = try #require(h.emulator.triggerRecords(for: installation).first?.requestId)
+            let token = try h.emulator.mintAccessToken(for: installation)
+            #expect(try await h.emulator.deliver(installation, systemToken: token, requestId: requestId).status == 200)
+            let answer = try await waiting.value
+            #expect(answer.status == 200)
+            #expect(answer.json["accessToken"] as? String == token)
+            #expect(try await Events.wait { try await h.metric("token_gateway_leases_held") == 0 })
+        }
+    }
+
+    @Test("a Redis outage moves token_gateway_store_errors_total and token_gateway_store_announcements_heard")
+    func storeOutageMetrics() async throws {
+        // Written to disk at once, so the installation is still there after the restart.
+        let redis = try await RedisServerProcess.start(extraArguments: [
+            "--appendonly", "yes", "--appendfsync", "always",
+        ])
+        try await GatewayHarness.run(redisURL: redis.url) { h in
+            let installation = try await h.installed()
+            #expect(try await h.metric("token_gateway_store_announcements_heard") == 1)
+            #expect(try await h.metric("token_gateway_store_errors_total") == 0)
+            await redis.kill()
+            let details = try await h.call(.GET, GatewayHarness.path(installation))
+            #expect(details.status == 503)
+            #expect(details.errorCode == "store_unavailable")
+            #expect(try await h.metric("token_gateway_store_errors_total") >= 1)
+            #expect(try await Events.wait { try await h.metric("token_gateway_store_announcements_heard") == 0 })
+            try await redis.restart()
+            await h.gateway.flow.subscribed(times: 2)
+            #expect(try await h.metric("token_gateway_store_announcements_heard") == 1)
+            #expect(try await h.token(installation).status == 200)
+        }
+        await redis.stop()
+    }
 }

@@ -209,6 +209,16 @@ struct OperatorCLITests {
             let unreachable = try await runCLI(["check-config"], environment: down)
             #expect(unreachable.status == 1)
             #expect(unreachable.out.contains("redis reachable NO"))
+            // A password the server does not take: the reason is printed, never the password.
+            var refused = settings
+            refused["TOKEN_GATEWAY_REDIS_URL"] = GatewayHarness.redisURL.replacingOccurrences(
+                of: "redis://", with: "redis://:check-config-wrong-pw@")
+            let wrong = try await runCLI(["check-config"], environment: refused)
+            #expect(wrong.status == 1)
+            #expect(
+                wrong.out.contains("redis reachable NO (Redis is unavailable: Redis refused the credentials"),
+                "\(wrong.out)")
+            #expect(!(wrong.out + wrong.err).contains("check-config-wrong-pw"))
         }
     }
 }

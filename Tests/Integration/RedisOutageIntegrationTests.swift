@@ -194,6 +194,12 @@ struct RedisOutageIntegrationTests {
         await redis.kill()
         try await ReplicaHarness.run(replicas: 1, redisURL: redis.url) { h in
             #expect(try await h.call(0, .GET, "/health/live").status == 200)
+            // It says so: one warning naming the store, and no `ready` line.
+            let replica = h.replicas[0]
+            #expect(replica.lines.filter { $0.contains(GatewayProcess.notReadyMessage) }.count == 1)
+            #expect(
+                replica.lines.contains { $0.contains("listen.port=\(replica.port)") && $0.contains("store.error=") })
+            #expect(!replica.lines.contains { $0.contains("msg=ready") })
             let ready = try await h.call(0, .GET, "/health/ready")
             Self.expectStoreUnavailable(ready)
 
@@ -217,6 +223,11 @@ struct RedisOutageIntegrationTests {
                 await Self.eventually(within: .seconds(15)) {
                     (try? await h.call(0, .GET, "/health/ready"))?.status == 200
                 })
+            // Once the store answers, `ready` is logged (once) with the address it listens on.
+            #expect(await Self.eventually { replica.lines.contains { $0.contains("msg=ready") } })
+            #expect(
+                replica.lines.filter { $0.contains("msg=ready") && $0.contains("listen.port=\(replica.port)") }.count
+                    == 1)
             try await h.emulator.install(installation)
             let answer = try await h.token(0, installation, query: "timeout=\(Self.requestTimeoutMilliseconds)")
             #expect(answer.status == 200)

@@ -108,7 +108,7 @@ struct ObservabilityMiddleware<Context: RequestContext>: RouterMiddleware {
         -> Response
     {
         let response = try await next(request, context)
-        let route = context.endpointPath ?? "unmatched"
+        let route = Self.routeLabel(context.endpointPath)
         self.metrics.countRequest(route: route, status: Int(response.status.code))
         if context.logger.logLevel <= .debug {
             var metadata: Logger.Metadata = [
@@ -120,5 +120,12 @@ struct ObservabilityMiddleware<Context: RequestContext>: RouterMiddleware {
             context.logger.debug("request", metadata: metadata)
         }
         return response
+    }
+
+    /// The `route` label: the route template, or `unmatched` when no route matched (Hummingbird's
+    /// not-found responder names its path `NotFound`; a wrong method on a known path lands there too).
+    static func routeLabel(_ endpointPath: String?) -> String {
+        guard let endpointPath, endpointPath != "NotFound" else { return "unmatched" }
+        return endpointPath
     }
 }

@@ -43,8 +43,12 @@ final class GatewayProcess: Sendable {
         if self.process.isRunning { kill(self.process.processIdentifier, SIGKILL) }
     }
 
+    /// The start of the warning a replica logs when it listens but the store does not answer.
+    static let notReadyMessage = "msg=\"listening but not ready"
+
     /// Starts `token-gateway serve` (plus `arguments`) on an ephemeral port with `settings` as its
-    /// environment and returns once it logged that it is ready (deadline 30 s).
+    /// environment and returns once it logged that it is ready, or that it listens but the store
+    /// does not answer (deadline 30 s).
     static func start(settings: [String: String], arguments: [String] = []) async throws -> GatewayProcess {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: Self.binary)
@@ -80,7 +84,8 @@ final class GatewayProcess: Sendable {
         try process.run()
         let port = try await withThrowingTaskGroup(of: Int?.self) { group in
             group.addTask {
-                for await line in lines where line.contains("msg=ready") {
+                // `ready`, or the warning that it listens while the store does not answer.
+                for await line in lines where line.contains("msg=ready") || line.contains(Self.notReadyMessage) {
                     if let range = line.range(of: "listen.port=") {
                         return Int(line[range.upperBound...].prefix { $0.isNumber })
                     }
