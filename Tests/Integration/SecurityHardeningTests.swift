@@ -585,6 +585,8 @@ struct SecurityHardeningTests {
                         h, base: base, .GET, path + "/token?asUser=acct-new", secret: Self.limitedSecret)
                     #expect(refused.status == 429)
                     #expect(refused.errorCode == "rate_limited")
+                    // The message names the caller's own limit, not the app's exchange budget.
+                    #expect(refused.errorMessage.contains("this caller's per-minute limit"), "\(refused.body)")
                     #expect(refused.headers["retry-after"] != nil)
                 }
                 #expect(h.emulator.totalUserTokenExchanges == exchanges, "a refused request starts no exchange")
@@ -594,6 +596,49 @@ struct SecurityHardeningTests {
                 #expect(cached.status == 200)
                 #expect(cached.json["source"] as? String == "cache")
             }
+        }
+    }
+
+    static let refreshLimitedSecret = "caller-secret-0123456789abcdef-refresh-1"
+    static let exchangeLimitedSecret = "caller-secret-0123456789abcdef-exchange-1"
+
+    @Test("a forced asUser refresh counts toward both the caller's refresh and exchange limits")
+    func forcedUserRefreshCountsTwice() async throws {
+        try await GatewayHarness.run(configure: { config in
+            config.callers = try! CallerRegistry(
+                json: """
+                    [{"name":"refresh-1-\(UUID().uuidString)","secret":"\(Self.refreshLimitedSecret)","installations":["*"],
+                      "limits":{"refreshesPerMinute":1,"userExchangesPerMinute":5}},
+                     {"name":"exchange-1-\(UUID().uuidString)","secret":"\(Self.exchangeLimitedSecret)","installations":["*"],
+                      "limits":{"refreshesPerMinute":5,"userExchangesPerMinute":1}}]
+                    """)
+        }) { h in
+            let installation = try await h.installed()
+            let path = GatewayHarness.path(installation)
+            let base = h.gatewayURL
+            // Refreshes limited to one: the forced user-token refresh takes it.
+            let forced = try await Self.call(
+                h, base: base, .POST, path + "/token/refresh?asUser=acct-a", secret: Self.refreshLimitedSecret)
+            #expect(forced.status == 200, "\(forced.body)")
+            #expect(forced.json["source"] as? String == "exchange")
+            let (triggers, exchanges) = (h.emulator.triggerCalls(for: installation), h.emulator.totalUserTokenExchanges)
+            let refresh = try await Self.call(
+                h, base: base, .POST, path + "/token/refresh", secret: Self.refreshLimitedSecret)
+            #expect(refresh.status == 429)
+            #expect(refresh.errorCode == "rate_limited")
+            // Exchanges limited to one: the forced user-token refresh takes it.
+            let again = try await Self.call(
+                h, base: base, .POST, path + "/token/refresh?asUser=acct-b", secret: Self.exchangeLimitedSecret)
+            #expect(again.status == 200, "\(again.body)")
+            let exchangesNow = h.emulator.totalUserTokenExchanges
+            let user = try await Self.call(
+                h, base: base, .GET, path + "/token?asUser=acct-c", secret: Self.exchangeLimitedSecret)
+            #expect(user.status == 429)
+            #expect(user.errorCode == "rate_limited")
+            // Refused requests started nothing.
+            #expect(h.emulator.triggerCalls(for: installation) == triggers)
+            #expect(h.emulator.totalUserTokenExchanges == exchangesNow)
+            #expect(exchangesNow == exchanges + 1)
         }
     }
 

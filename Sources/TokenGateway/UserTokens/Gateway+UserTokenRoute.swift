@@ -29,7 +29,7 @@ extension Gateway {
                 } catch {
                     throw UserTokenError.storeUnavailable
                 }
-                if let wait { throw UserTokenError.rateLimited(retryAfter: .seconds(wait)) }
+                if let wait { throw UserTokenError.callerLimited(retryAfter: .seconds(wait)) }
             }
         } catch {
             throw GatewayError(error)

@@ -38,6 +38,17 @@ public struct UserTokenError: Error, Sendable, Hashable, CustomStringConvertible
         UserTokenError(.rateLimited, retryAfter: retryAfter)
     }
 
+    /// The caller's own `userExchangesPerMinute` (or, for a forced refresh, `refreshesPerMinute`)
+    /// is spent: no exchange was started for it.
+    public static func callerLimited(retryAfter: Duration) -> UserTokenError {
+        UserTokenError(.rateLimited, retryAfter: retryAfter, detail: Self.callerLimitDetail)
+    }
+
+    static let callerLimitDetail = "caller limit"
+
+    /// Whether this is ``callerLimited(retryAfter:)`` (the caller's limit, not the app's budget).
+    public var isCallerLimit: Bool { self.code == .rateLimited && self.detail == Self.callerLimitDetail }
+
     /// A failure of the system-token flow (or of the store, or the caller's deadline).
     public static func flow(_ error: FlowError) -> UserTokenError {
         UserTokenError(.flow(error.code), retryAfter: error.retryAfter, detail: error.detail)
@@ -86,6 +97,8 @@ extension GatewayError {
             self.init(
                 status: .forbidden, code: error.errorCode,
                 message: "Atlassian refused a user token for this account")
+        case "rate_limited" where error.isCallerLimit:
+            self = Gateway.callerRateLimited(retryAfter: retry ?? 1)
         case "rate_limited":
             self.init(
                 status: .tooManyRequests, code: error.errorCode,
