@@ -288,42 +288,68 @@ public final class UserTokenExchanger: Sendable, Service {
                 metadata: ["installation.id": "\(installation)"])
             throw .exchangeFailed("the installation's site is unknown")
         }
-        let key = FlightKey(installation: installation, accountId: accountId.value)
-        let joining = !request.forceRefresh && self.state.withLock { $0.flights[key]?.machine.isActive == true }
-        if !joining { try await admit() }
         let job = Job(
             installation: installation, accountId: accountId, context: context, apiBaseUrl: snapshot.apiBaseUrl,
             ignoring: snapshot.token)
-        return try await self.join(job, request: request, deadline: deadline).get()
+        // A forced refresh starts an exchange of its own: admitted first. Any other caller joins the
+        // round in flight unadmitted; whether one is in flight is decided under the same lock that
+        // registers the caller, so a round that ends meanwhile cannot let one start uncounted.
+        var admitted = false
+        if request.forceRefresh {
+            try await admit()
+            admitted = true
+        }
+        while true {
+            switch self.join(job, request: request, deadline: deadline, admitted: admitted) {
+            case .waiting(let waiterID):
+                return try await self.outcome(of: waiterID, key: job.key).get()
+            case .needsAdmission:
+                try await admit()
+                admitted = true
+            case .overloaded:
+                throw .flow(.overloaded)
+            }
+        }
     }
 
     // MARK: - Coalescing in this process
 
-    /// Waits for the round of `job`'s user (starting one when none runs) until its answer: the
-    /// round's value or failure, the caller's deadline (the machine's timer), or the calling task
-    /// being cancelled; the round goes on for the others.
-    private func join(_ job: Job, request: Request, deadline: FlowTime) async -> Outcome {
-        guard let waiterID = self.register(job, request: request, deadline: deadline) else {
-            return .failure(.flow(.overloaded))
-        }
-        return await withTaskCancellationHandler {
+    /// What ``join(_:request:deadline:admitted:)`` made of a caller.
+    enum Registration {
+        /// Registered: the waiter's id.
+        case waiting(UInt64)
+        /// No round is in flight, so the caller would start one: it must be admitted first.
+        case needsAdmission
+        /// The waiter caps are reached.
+        case overloaded
+    }
+
+    /// Waits for `waiterID`'s answer: the round's value or failure, the caller's deadline (the
+    /// machine's timer), or the calling task being cancelled; the round goes on for the others.
+    private func outcome(of waiterID: UInt64, key: FlightKey) async -> Outcome {
+        await withTaskCancellationHandler {
             await self.outcome(of: waiterID)
         } onCancel: {
-            self.handle(job.key) { $0.waiterCancelled(WaiterID(waiterID), now: self.clock.now()) }
+            self.handle(key) { $0.waiterCancelled(WaiterID(waiterID), now: self.clock.now()) }
         }
     }
 
     /// Adds a waiter to the user's machine (creating it when there is none), which joins it to the
-    /// round in flight or starts one. Nil when the waiter caps are reached; a waiter answered at
-    /// once when the process shuts down.
-    private func register(_ job: Job, request: Request, deadline: FlowTime) -> UInt64? {
+    /// round in flight or starts one; a caller not `admitted` is added only when it joins a round
+    /// in flight. A waiter is answered at once when the process shuts down.
+    private func join(_ job: Job, request: Request, deadline: FlowTime, admitted: Bool) -> Registration {
         let key = job.key
         let configuration = self.configuration
         let now = self.clock.now()
+        var needsAdmission = false
         let registered = self.state.withLock { s -> (UInt64, Job, [UserRoundMachine.Action])? in
             guard s.waiting < configuration.maxWaiters,
                 (s.waitingPerInstallation[key.installation] ?? 0) < configuration.maxWaitersPerInstallation
             else { return nil }
+            guard admitted || s.flights[key]?.machine.isActive == true else {
+                needsAdmission = true
+                return nil
+            }
             let waiterID = s.makeID()
             s.slots[waiterID] = WaiterSlot(installation: key.installation)
             s.countWaiter(key.installation, 1)
@@ -345,9 +371,11 @@ public final class UserTokenExchanger: Sendable, Service {
             s.flights[key] = flight.machine.isRetained(at: now) ? flight : nil
             return (waiterID, flight.job, actions)
         }
-        guard let (waiterID, roundJob, actions) = registered else { return nil }
+        guard let (waiterID, roundJob, actions) = registered else {
+            return needsAdmission ? .needsAdmission : .overloaded
+        }
         self.perform(roundJob, actions)
-        return waiterID
+        return .waiting(waiterID)
     }
 
     /// Callers of `installation` waiting for a round now (for tests).
