@@ -71,6 +71,62 @@ struct IdleConnectionTests {
         }
     }
 
+    @Test("a body trickled a byte at a time is cut off once the idle timeout has passed since its head")
+    func trickledBodyIsCutOff() async throws {
+        try await GatewayHarness.run(configure: { $0.httpIdleTimeout = .seconds(1) }) { h in
+            let head =
+                "POST /oauth/token HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                + "Content-Length: 100\r\n\r\n"
+            // One byte every 200 ms: each comes well within the idle timeout of the one before.
+            let trickle = try await Self.trickle(
+                head: head, body: Array(repeating: UInt8(ascii: "a"), count: 100), every: .milliseconds(200),
+                port: try FastAnswerTests.port(h.gatewayURL))
+            #expect(trickle.closedByServer)
+            #expect(trickle.bodyBytesSent < 100, "\(trickle.bodyBytesSent)")
+            #expect(trickle.received.isEmpty, "\(String(decoding: trickle.received, as: UTF8.self))")
+            let logged = h.allLogs.split(separator: "\n").filter {
+                $0.contains("sent nothing for the idle timeout") && $0.contains("http.request_incomplete=true")
+            }
+            #expect(logged.count == 1)
+        }
+    }
+
+    /// Sends `head` at once, then `body` one byte every `every` until it is all sent or the server
+    /// closes the connection (a bounded loop: one byte per step).
+    static func trickle(head: String, body: [UInt8], every: Duration, port: Int) async throws
+        -> (closedByServer: Bool, bodyBytesSent: Int, received: [UInt8])
+    {
+        final class Watcher: ChannelInboundHandler, Sendable {
+            typealias InboundIn = ByteBuffer
+            let received = Mutex<[UInt8]>([])
+            let closed = Atomic(false)
+            func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+                let bytes = Array(self.unwrapInboundIn(data).readableBytesView)
+                self.received.withLock { $0.append(contentsOf: bytes) }
+            }
+            func channelInactive(context: ChannelHandlerContext) {
+                self.closed.store(true, ordering: .sequentiallyConsistent)
+            }
+        }
+        let watcher = Watcher()
+        let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(watcher) }
+            }
+            .connect(host: "127.0.0.1", port: port).get()
+        try await channel.writeAndFlush(ByteBuffer(string: head))
+        var sent = 0
+        for byte in body {
+            try await Task.sleep(for: every)
+            if watcher.closed.load(ordering: .sequentiallyConsistent) { break }
+            try? await channel.writeAndFlush(ByteBuffer(bytes: [byte]))
+            sent += 1
+        }
+        let closedByServer = watcher.closed.load(ordering: .sequentiallyConsistent)
+        try? await channel.close()
+        return (closedByServer, sent, watcher.received.withLock { $0 })
+    }
+
     /// Writes `first`, and `second` on the same connection as soon as the answer to `first` is in
     /// (its head and `Content-Length` bytes of body); returns everything received once the server
     /// closed the connection (or 30 s passed).

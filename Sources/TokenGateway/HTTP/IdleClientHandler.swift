@@ -6,8 +6,11 @@ import NIOHTTP1
 /// Closes a client connection that has sent nothing for the idle timeout while no answer is due
 /// to it: between requests (a kept-alive connection left open; counted from the end of the last
 /// answer), or in the middle of a request's head or body (a client that never finishes it). A
-/// connection with a complete request being answered (a caller waiting for its token) is left
-/// alone however long that takes.
+/// request's head must also arrive whole within the idle timeout of the connection's opening or
+/// the last answer's end, and its body within the idle timeout of its head: a client that trickles
+/// them a byte now and then is cut off too. (The decoder hands on a head only once it is complete, so a head's bytes never count
+/// as activity.) A connection with a complete request being answered (a caller waiting for its
+/// token) is left alone however long that takes.
 ///
 /// It sits in the HTTP/1 pipeline between the decoder and the request handlers (the fast answers
 /// and Hummingbird's codec), so it sees every request and every answer. (Hummingbird's own idle
@@ -27,6 +30,8 @@ final class IdleClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var reading = false
     /// The last request part read or answer ended: idleness counts from there.
     private var lastActivity = NIODeadline.now()
+    /// When the head of the request being read came: its body must be in by the timeout after it.
+    private var requestBegan = NIODeadline.now()
     private var check: Scheduled<Void>?
 
     init(timeout: TimeAmount, closed: Counter, logger: Logger) {
@@ -38,9 +43,15 @@ final class IdleClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// No complete request waits for its answer: only a request still being read, if any.
     private var nothingToAnswer: Bool { self.answersDue == 0 || (self.reading && self.answersDue == 1) }
 
+    /// When the connection is closed unless something happens first (while no answer is due): the
+    /// idle timeout after the last activity, and for a request being read, after its head.
+    private var due: NIODeadline {
+        (self.reading ? self.requestBegan : self.lastActivity) + self.timeout
+    }
+
     func handlerAdded(context: ChannelHandlerContext) {
         self.lastActivity = .now()
-        self.schedule(context, at: self.lastActivity + self.timeout)
+        self.schedule(context, at: self.due)
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
@@ -54,6 +65,7 @@ final class IdleClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
         case .head:
             self.answersDue += 1
             self.reading = true
+            self.requestBegan = self.lastActivity
         case .body:
             break
         case .end:
@@ -66,7 +78,7 @@ final class IdleClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
         if case .end = self.unwrapOutboundIn(data) {
             self.answersDue = max(0, self.answersDue - 1)
             self.lastActivity = .now()
-            if self.nothingToAnswer { self.schedule(context, at: self.lastActivity + self.timeout) }
+            if self.nothingToAnswer { self.schedule(context, at: self.due) }
         }
         context.write(data, promise: promise)
     }
@@ -85,7 +97,7 @@ final class IdleClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
         // A complete request is being answered: the client waits, as it should. The answer's end
         // schedules the next check.
         guard self.nothingToAnswer else { return }
-        let due = self.lastActivity + self.timeout
+        let due = self.due
         guard NIODeadline.now() >= due else { return self.schedule(context, at: due) }
         self.closed.increment()
         self.logger.debug(
