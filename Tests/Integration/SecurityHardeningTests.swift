@@ -642,6 +642,44 @@ struct SecurityHardeningTests {
         }
     }
 
+    @Test("while the app's exchanges are held back (Atlassian's 429), refused asUser requests cost the caller nothing")
+    func heldBackExchangesAreNotCharged() async throws {
+        try await GatewayHarness.run(configure: { config in
+            config.callers = try! CallerRegistry(
+                json: """
+                    [{"name":"exchange-3-\(UUID().uuidString)","secret":"\(Self.exchangeLimitedSecret)","installations":["*"],
+                      "limits":{"refreshesPerMinute":5,"userExchangesPerMinute":3}}]
+                    """)
+        }) { h in
+            let installation = try await h.installed()
+            let path = GatewayHarness.path(installation)
+            let scope = h.gateway.userTokens.configuration.budgetScope
+            try await h.gateway.userTokenStore.blockExchanges(scope: scope, for: .seconds(60))
+            let exchanges = h.emulator.totalUserTokenExchanges
+            for n in 0..<4 {
+                let refused = try await Self.call(
+                    h, base: h.gatewayURL, .GET, path + "/token?asUser=held-\(n)", secret: Self.exchangeLimitedSecret)
+                #expect(refused.status == 429)
+                #expect(refused.errorCode == "rate_limited")
+                #expect(refused.errorMessage.contains("the app's user-token exchange budget"), "\(refused.body)")
+            }
+            #expect(h.emulator.totalUserTokenExchanges == exchanges)
+            // The hold ends: the caller still has its whole allowance (three exchanges).
+            _ = try await h.gateway.redis.send(["DEL", h.gateway.userTokenStore.exchangeBlockedKey(scope: scope)])
+            for n in 0..<3 {
+                let answer = try await Self.call(
+                    h, base: h.gatewayURL, .GET, path + "/token?asUser=after-\(n)", secret: Self.exchangeLimitedSecret)
+                #expect(answer.status == 200, "\(answer.body)")
+                #expect(answer.json["source"] as? String == "exchange")
+            }
+            let over = try await Self.call(
+                h, base: h.gatewayURL, .GET, path + "/token?asUser=after-3", secret: Self.exchangeLimitedSecret)
+            #expect(over.status == 429)
+            #expect(over.errorMessage.contains("this caller's per-minute limit"), "\(over.body)")
+            #expect(h.emulator.totalUserTokenExchanges == exchanges + 3)
+        }
+    }
+
     // MARK: Undecryptable tokens
 
     @Test("a stored token no key of the ring opens is treated as absent: a new round trip, counted")

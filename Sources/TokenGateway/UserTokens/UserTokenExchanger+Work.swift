@@ -260,7 +260,7 @@ extension UserTokenExchanger {
 
     /// Counts one exchange against the app-wide budget (only looks, without `recording`); the
     /// answer when it is spent or held (or unknown).
-    private func admit(_ job: Job, recording: Bool) async -> AttemptEnd? {
+    func admit(_ job: Job, recording: Bool) async -> AttemptEnd? {
         do {
             let c = self.configuration
             let admission =

@@ -255,7 +255,8 @@ public final class UserTokenExchanger: Sendable, Service {
     ///
     /// `admit` runs once an exchange is needed (no usable cached token), before one is started:
     /// the caller's own limits; what it throws is the answer. A caller that joins a round already
-    /// in flight in this process (no forced refresh) starts no exchange and is not admitted.
+    /// in flight in this process (no forced refresh) starts no exchange and is not admitted; nor is
+    /// one refused because the app's shared budget is spent or Atlassian's 429 hold is in force.
     public func token(
         for installation: InstallationID, accountId: UserAccountID, request: Request,
         admit: @Sendable () async throws(UserTokenError) -> Void = {}
@@ -296,7 +297,7 @@ public final class UserTokenExchanger: Sendable, Service {
         // registers the caller, so a round that ends meanwhile cannot let one start uncounted.
         var admitted = false
         if request.forceRefresh {
-            try await admit()
+            try await self.admitCaller(job, admit)
             admitted = true
         }
         while true {
@@ -304,7 +305,7 @@ public final class UserTokenExchanger: Sendable, Service {
             case .waiting(let waiterID):
                 return try await self.outcome(of: waiterID, key: job.key).get()
             case .needsAdmission:
-                try await admit()
+                try await self.admitCaller(job, admit)
                 admitted = true
             case .overloaded:
                 throw .flow(.overloaded)
@@ -313,6 +314,16 @@ public final class UserTokenExchanger: Sendable, Service {
     }
 
     // MARK: - Coalescing in this process
+
+    /// Charges the caller (`admit`: its own limits) for the exchange it is about to start, unless
+    /// the app's shared budget or Atlassian's hold would refuse that exchange now: then it is
+    /// refused (429) without being charged, since it starts nothing.
+    private func admitCaller(_ job: Job, _ admit: @Sendable () async throws(UserTokenError) -> Void)
+        async throws(UserTokenError)
+    {
+        if case .failure(let error) = await self.admit(job, recording: false) { throw error }
+        try await admit()
+    }
 
     /// What ``join(_:request:deadline:admitted:)`` made of a caller.
     enum Registration {
