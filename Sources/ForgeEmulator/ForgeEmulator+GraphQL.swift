@@ -106,8 +106,8 @@ struct EmulatorGraphQLState: Sendable {
     var refusedAccounts: Set<String> = []
     var userTokenLifetime: Duration = .seconds(3600)
     var opaqueUserTokens = false
-    /// The emulator's own rate limit (calls per minute); nil for none.
-    var rateLimitPerMinute: Int?
+    /// The rate limit (calls per minute); nil for none. Atlassian's: 1,000 a minute per app.
+    var rateLimitPerMinute: Int? = 1000
     /// Arrival times of the calls of the last minute, for the rate limit.
     var recentCalls: [Date] = []
     var records: [UserTokenExchangeRecord] = []
@@ -273,7 +273,8 @@ extension ForgeEmulator {
         _ = self.graphQL.withLock { $0.refusedAccounts.remove(accountId) }
     }
 
-    /// Calls per minute after which the endpoint answers 429 with `Retry-After`; nil for no limit.
+    /// Calls per minute after which the endpoint answers 429 with `Retry-After` (default 1,000, as
+    /// Atlassian's); nil for no limit.
     public func setGraphQLRateLimit(perMinute: Int?) {
         self.graphQL.withLock {
             $0.rateLimitPerMinute = perMinute

@@ -122,7 +122,8 @@ extension ForgeEmulator {
 
     /// The companion's install handler, which runs on `installed` and `upgraded` alike
     /// (`Docs/forge-companion.md`): registers the web trigger, made again as Forge delivers events
-    /// when the gateway answered 5xx (a 4xx is a configuration problem the handler only logs).
+    /// when the gateway answered 5xx or could not be reached (the companion returns an
+    /// `InvocationError` for both; a 4xx is a configuration problem the handler only logs).
     /// Returns the trigger key id the gateway answered.
     private func runInstallHandler(_ installation: EmulatedInstallation) async throws -> String? {
         let registered = try await self.deliveredAsEvent(retryingWhen: { $0 >= 500 }) {

@@ -20,12 +20,15 @@ struct KeysRewrap: AsyncParsableCommand {
             Walks the store with SCAN in batches and seals every value that is not yet under the \
             first key of TOKEN_GATEWAY_ENCRYPTION_KEYS again under it. Prints the cursor after every \
             batch; after an interruption, run it again with --cursor <last printed cursor> (running \
-            it from the start again is harmless too). Exits 0 when everything opened, 1 when some \
-            sealed values opened with no key of the ring (they are listed in the log and left \
-            as they are), 2 on a bad setting.
+            it from the start again is harmless too). Exits 0 when everything opened and was written, \
+            1 when some sealed values opened with no key of the ring (they are listed in the log and \
+            left as they are) or changed on every attempt to write them (busy: run it again), 2 on \
+            a bad setting.
 
-            Rotation: 1. put the new key first in TOKEN_GATEWAY_ENCRYPTION_KEYS on every replica \
-            (keeping the old ones); 2. run this command with the same ring; 3. remove the old key.
+            Rotation (two roll-outs, so that during a rolling restart every replica can open what \
+            the others seal): 1. add the new key last in TOKEN_GATEWAY_ENCRYPTION_KEYS on every \
+            replica; 2. move it first on every replica; 3. run this command with that ring; \
+            4. remove the old key. Docs/operations.md "Key rotation" has the details.
             """)
 
     @Option(help: "Redis URL, or @path (a password here shows in the process list) [TOKEN_GATEWAY_REDIS_URL]")

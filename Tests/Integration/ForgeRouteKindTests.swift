@@ -353,6 +353,11 @@ struct ForgeRouteKindTests {
                 try await h.emulator.deliver(unknown, systemToken: short, requestId: nil).body == #"{"stored":false}"#)
             #expect(try await Security.keys(of: unknown, in: h.gateway.redis).isEmpty)
             #expect(try await h.token(unknown).status == 404)
+            // Nor with a request id (no round trip of this gateway asked for it).
+            let answering = try await h.emulator.deliver(unknown, systemToken: short, requestId: "rq_unknown")
+            #expect(answering.body == #"{"stored":false}"#, "\(answering.body)")
+            #expect(try await Security.keys(of: unknown, in: h.gateway.redis).isEmpty)
+            #expect(try await h.call(.GET, GatewayHarness.path(unknown)).status == 404)
             let long = try h.emulator.mintAccessToken(for: unknown, expiresAt: Date().addingTimeInterval(48 * 3600))
             #expect(try await h.emulator.deliver(unknown, systemToken: long, requestId: nil).status == 400)
             #expect(try await Security.keys(of: unknown, in: h.gateway.redis).isEmpty)
@@ -367,6 +372,40 @@ struct ForgeRouteKindTests {
             #expect(gone.body.contains("installation_uninstalled"))
             #expect(try await Security.snapshot(of: installation, in: h.gateway.redis) == afterUninstall)
             #expect(try await h.token(installation).status == 410)
+        }
+    }
+
+    @Test(
+        "auth-trigger: x-forge-oauth-system given twice, or not a three-part JWT, is 400 invalid_token and changes nothing"
+    )
+    func systemTokenHeaderMustBeOneJWT() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            #expect(try await h.token(installation).status == 200)
+            // The round trip's history is written after its callers are answered: wait for it, so
+            // the snapshot taken next is the settled state.
+            let history = h.gateway.store.historyKey(installation.installationID)
+            #expect(try await Events.wait { try await h.gateway.redis.send(["EXISTS", history]).int == 1 })
+            let before = try await Self.observe(h, installation)
+            let later = try h.emulator.mintAccessToken(for: installation, expiresAt: Date().addingTimeInterval(7000))
+            let other = try h.emulator.mintAccessToken(for: installation, expiresAt: Date().addingTimeInterval(7100))
+            let payload = later.split(separator: ".")[1]
+            for tokens in [[later, other], ["e30.\(payload).c2ln.a.b"]] {
+                var request = HTTPClientRequest(url: h.gatewayURL + "/forge/auth-trigger")
+                request.method = .POST
+                request.headers.add(
+                    name: "authorization", value: "Bearer " + (try h.emulator.mintFIT(for: installation)))
+                request.headers.add(name: "content-type", value: "application/json")
+                for token in tokens { request.headers.add(name: "x-forge-oauth-system", value: token) }
+                request.body = .bytes(ByteBuffer(string: "{}"))
+                let response = try await h.http.execute(request, timeout: .seconds(30))
+                let body = String(buffer: try await response.body.collect(upTo: 1 << 16))
+                #expect(response.status.code == 400, "\(body)")
+                #expect(body.contains("invalid_token"))
+                #expect(!body.contains(later) && !body.contains(payload))
+                #expect(try await Self.observe(h, installation) == before)
+            }
+            #expect(try await h.token(installation).json["accessToken"] as? String != later)
         }
     }
 

@@ -247,6 +247,14 @@ struct FuzzParserTests {
             #expect(TokenClaims.expiry(of: "e30." + Base64URL.encode(Array("{\"exp\":\(value)}".utf8)) + ".x") == nil)
         }
         #expect(TokenClaims.expiry(of: String(repeating: "a", count: TokenClaims.maxLength + 1)) == nil)
+        // Only a compact JWT of three base64url parts: not five parts (whose second is no payload),
+        // not two tokens joined as a repeated header reads (`a, b`), not padded.
+        let jwt = "e30." + Base64URL.encode(Array("{\"exp\":1763906400}".utf8)) + ".c2ln"
+        #expect(TokenClaims.expiry(of: jwt) == 1_763_906_400)
+        #expect(TokenClaims.expiry(of: jwt + ".a.b") == nil)
+        #expect(TokenClaims.expiry(of: jwt + ", " + jwt) == nil)
+        #expect(TokenClaims.expiry(of: jwt + "=") == nil)
+        #expect(TokenClaims.expiry(of: " " + jwt) == nil)
     }
 
     @Test("trigger signature header: only the exact format parses, and the Forge side reads what the gateway writes")

@@ -302,6 +302,15 @@ struct UserTokenExchangeTests {
         #expect(emulator.totalUserTokenExchanges == 9)
     }
 
+    @Test("the emulator's exchange is limited to 1,000 calls a minute by default, as Atlassian's is")
+    func emulatorRateLimitDefault() {
+        var state = EmulatorGraphQLState()
+        let now = Date()
+        for _ in 0..<1000 { #expect(state.admit(at: now) == nil) }
+        #expect(state.admit(at: now) == 60)
+        #expect(state.admit(at: now.addingTimeInterval(60)) == nil)
+    }
+
     @Test("the emulator can answer opaque user tokens, whose expiry only the ttl tells")
     func emulatorOpaqueTokens() async throws {
         let emulator = try Self.emulator()

@@ -8,7 +8,9 @@ enum GatewayScripts {
         return 0
         """)
 
-    /// Stores a delivered token if its `exp` is strictly later than the stored one's. The FIT's
+    /// Stores a delivered token if its `exp` is strictly later than the stored one's. For an
+    /// installation never seen, a token that would not be stored changes nothing at all (and
+    /// answers `indexed` 1: there is nothing to index). The FIT's
     /// apiBaseUrl and cloudId replace the recorded ones (the latest FIT wins; `base <ari>` is
     /// published when the apiBaseUrl changed, a first one included).
     /// KEYS: installation, token, pending. ARGV: exp, sealed, now, requestId, channel, ari,
@@ -23,6 +25,10 @@ enum GatewayScripts {
         """
         local status = redis.call('HGET', KEYS[1], 'status')
         if status == 'uninstalled' then return {-1, 0, 0} end
+        if not status then
+          local e = tonumber(ARGV[1])
+          if not (e > tonumber(ARGV[3]) and e >= tonumber(ARGV[10] or '0')) then return {0, 0, 0, '', 1} end
+        end
         if KEYS[4] and not redis.call('SET', KEYS[4], '1', 'NX', 'PX', ARGV[13]) then return {-2, 0, 0} end
         local created = 0
         if not status then

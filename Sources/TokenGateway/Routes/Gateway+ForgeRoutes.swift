@@ -402,6 +402,10 @@ extension Gateway {
     /// empty and `invalid_token` when its `exp` cannot be read.
     func optionalSystemToken(_ request: Request) throws -> AccessToken? {
         guard let value = request.headers[.forgeOAuthSystem] else { return nil }
+        // Repeated, the header's values would be read joined (`a, b`): one token only.
+        guard request.headers[values: .forgeOAuthSystem].count == 1 else {
+            throw GatewayError.invalidToken("x-forge-oauth-system must be given once")
+        }
         let token = HeaderValue.trimmed(value)
         if token.isEmpty { throw GatewayError.missingToken }
         guard let exp = TokenClaims.expiry(of: token) else {
@@ -494,15 +498,26 @@ public enum TokenClaims {
     /// Largest token accepted.
     public static let maxLength = 16 * 1024
 
-    /// The `exp` claim (unix seconds) of a JWT, or nil when it cannot be read.
+    /// The `exp` claim (unix seconds) of a JWT (three base64url parts), or nil when it cannot be read.
     public static func expiry(of token: String) -> Int64? {
-        guard token.utf8.count <= Self.maxLength else { return nil }
+        guard token.utf8.count <= Self.maxLength, token.utf8.allSatisfy(Self.isJWTByte) else { return nil }
         let parts = token.split(separator: ".", omittingEmptySubsequences: false)
-        guard parts.count == 3 || parts.count == 5, let payload = Base64URL.decode(String(parts[1])),
+        guard parts.count == 3, let payload = Base64URL.decode(String(parts[1])),
             let value = (try? JSONDecoder().decode(ExpiryClaim.self, from: Data(payload)))?.exp
         else { return nil }
         guard value.isFinite, value >= 1, value < 1e11 else { return nil }
         return Int64(value)
+    }
+
+    /// A byte of a compact JWT: the base64url alphabet and `.`.
+    static func isJWTByte(_ byte: UInt8) -> Bool {
+        switch byte {
+        case UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "a")...UInt8(ascii: "z"),
+            UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "-"), UInt8(ascii: "_"), UInt8(ascii: "."):
+            return true
+        default:
+            return false
+        }
     }
 
     /// A JSON object's `exp`, when it is a number; its other members are not read.
