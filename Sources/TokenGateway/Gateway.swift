@@ -99,7 +99,8 @@ public final class Gateway: Sendable {
         self.namedTriggerInvoker = NamedTriggerInvoker(
             httpClient: self.httpClient, allowList: configuration.triggerHosts, configuration: configuration.invoke,
             logger: logger)
-        self.invocationLimiter = InvocationLimiter(limit: configuration.invoke.maxConcurrencyPerInstallation)
+        self.invocationLimiter = InvocationLimiter(
+            limit: configuration.invoke.maxConcurrencyPerInstallation, total: configuration.invoke.maxConcurrencyTotal)
         self.invocationMetrics = InvocationMetrics(factory: self.metrics.factory)
         self.flow = TokenFlow(
             configuration: configuration.flow, store: RedisTokenStore(store: self.store), trigger: trigger,

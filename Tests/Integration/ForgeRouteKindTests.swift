@@ -376,7 +376,7 @@ struct ForgeRouteKindTests {
     }
 
     @Test(
-        "auth-trigger: x-forge-oauth-system given twice, or not a three-part JWT, is 400 invalid_token and changes nothing"
+        "auth-trigger: x-forge-oauth-system or x-forge-oauth-user given twice, or not a three-part JWT, is 400 invalid_token and changes nothing"
     )
     func systemTokenHeaderMustBeOneJWT() async throws {
         try await GatewayHarness.run { h in
@@ -390,13 +390,21 @@ struct ForgeRouteKindTests {
             let later = try h.emulator.mintAccessToken(for: installation, expiresAt: Date().addingTimeInterval(7000))
             let other = try h.emulator.mintAccessToken(for: installation, expiresAt: Date().addingTimeInterval(7100))
             let payload = later.split(separator: ".")[1]
-            for tokens in [[later, other], ["e30.\(payload).c2ln.a.b"]] {
+            let tooLong = try h.emulator.mintAccessToken(
+                for: installation, expiresAt: Date().addingTimeInterval(48 * 3600))
+            // (system tokens, user tokens): twice, a five-part token, and a user token twice (the
+            // first more than 24 h ahead, which alone refuses the delivery).
+            let cases: [([String], [String])] = [
+                ([later, other], []), (["e30.\(payload).c2ln.a.b"], []), ([later], [tooLong, other]),
+            ]
+            for (tokens, userTokens) in cases {
                 var request = HTTPClientRequest(url: h.gatewayURL + "/forge/auth-trigger")
                 request.method = .POST
                 request.headers.add(
                     name: "authorization", value: "Bearer " + (try h.emulator.mintFIT(for: installation)))
                 request.headers.add(name: "content-type", value: "application/json")
                 for token in tokens { request.headers.add(name: "x-forge-oauth-system", value: token) }
+                for token in userTokens { request.headers.add(name: "x-forge-oauth-user", value: token) }
                 request.body = .bytes(ByteBuffer(string: "{}"))
                 let response = try await h.http.execute(request, timeout: .seconds(30))
                 let body = String(buffer: try await response.body.collect(upTo: 1 << 16))

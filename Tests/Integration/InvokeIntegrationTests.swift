@@ -169,6 +169,22 @@ struct InvokeIntegrationTests {
             let wrongType = try await Self.invoke(
                 h, installation, "echo", body: "{}", headers: ["content-type": "text/plain"])
             #expect(wrongType.status == 400)
+            // JSON in another encoding than UTF-8 (a byte-order mark, UTF-16): 400, as it would be
+            // embedded in the signed body as it is.
+            for bytes in [
+                [0xEF, 0xBB, 0xBF, 0x7B, 0x7D], [0xFF, 0xFE, 0x7B, 0x00, 0x7D, 0x00], [0x7B, 0x00, 0x7D, 0x00],
+            ]
+                as [[UInt8]]
+            {
+                let status = try await Self.rawInvoke(h, installation, body: bytes)
+                #expect(status.status == 400, "\(bytes)")
+                #expect(status.body.contains("invalid_request"))
+            }
+            // Idempotency-Key given twice: 400 (read joined, it would be another key).
+            let twice = try await Self.rawInvoke(
+                h, installation, body: Array("{}".utf8), headers: [("idempotency-key", "a"), ("idempotency-key", "b")])
+            #expect(twice.status == 400, "\(twice.body)")
+            #expect(twice.body.contains("Idempotency-Key must be given once"))
             #expect(h.emulator.namedTriggerCalls(for: installation, key: "echo").isEmpty)
             // Just under the limit passes.
             let fits = "{\"x\":\"" + String(repeating: "a", count: 60 * 1024) + "\"}"
@@ -317,6 +333,48 @@ struct InvokeIntegrationTests {
             #expect(a.status == 200)
             #expect(b.status == 200)
             #expect(a.body == b.body)
+            #expect(h.emulator.namedTriggerCalls(for: installation, key: "echo").count == 1)
+        }
+    }
+
+    /// `POST …/invoke/echo` with exactly these body bytes and extra headers (repeated names kept).
+    static func rawInvoke(
+        _ h: GatewayHarness, _ installation: EmulatedInstallation, body: [UInt8], headers: [(String, String)] = []
+    ) async throws -> (status: Int, body: String) {
+        var request = HTTPClientRequest(url: h.gatewayURL + GatewayHarness.path(installation) + "/invoke/echo")
+        request.method = .POST
+        request.headers.add(name: "authorization", value: "Bearer \(GatewayHarness.callerSecret)")
+        request.headers.add(name: "content-type", value: "application/json")
+        for (name, value) in headers { request.headers.add(name: name, value: value) }
+        request.body = .bytes(ByteBuffer(bytes: body))
+        let response = try await h.http.execute(request, timeout: .seconds(30))
+        return (Int(response.status.code), String(buffer: try await response.body.collect(upTo: 1 << 20)))
+    }
+
+    @Test("a duplicate that waited for a call whose failure opened the circuit gets 503 circuit_open, without a call")
+    func duplicateWaitingWhileTheCircuitOpens() async throws {
+        try await Self.run(configure: { config in
+            config.flow.breakerThreshold = 1
+            config.flow.breakerOpenBase = .seconds(30)
+            config.flow.breakerOpenCap = .seconds(30)
+        }) { h in
+            let installation = try await h.installed()
+            h.emulator.setNamedTriggerBehaviour(.hang(maximum: .seconds(20)), for: installation, key: "echo")
+            // The first call times out after 1 s (a failure: the circuit opens); the second, with
+            // the same key, waits for it meanwhile.
+            async let first = Self.invoke(
+                h, installation, "echo", body: #"{"n":1}"#, query: "timeout=1000", headers: ["idempotency-key": "circ"])
+            #expect(try await Security.eventually { h.emulator.heldNamedTriggerCalls == 1 })
+            async let second = Self.invoke(
+                h, installation, "echo", body: #"{"n":1}"#, query: "timeout=15000", headers: ["idempotency-key": "circ"]
+            )
+            let a = try await first
+            #expect(a.status == 504, "\(a.body)")
+            let b = try await second
+            #expect(b.status == 503, "\(b.body)")
+            #expect(b.errorCode == "circuit_open")
+            #expect(b.errorMessage.contains("named trigger"))
+            h.emulator.releaseHeldNamedTriggerCalls()
             #expect(h.emulator.namedTriggerCalls(for: installation, key: "echo").count == 1)
         }
     }

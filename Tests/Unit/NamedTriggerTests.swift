@@ -177,4 +177,18 @@ import Testing
         #expect(limiter.tryAcquire(a))
         #expect(limiter.inProgress(a) == 2)
     }
+
+    @Test func limiterCapsAllInstallationsTogether() {
+        let limiter = InvocationLimiter(limit: 2, total: 3)
+        let ids = ["a1", "b1", "c1", "d1"].map { InstallationID($0)! }
+        #expect(limiter.tryAcquire(ids[0]))
+        #expect(limiter.tryAcquire(ids[1]))
+        #expect(limiter.tryAcquire(ids[2]))
+        #expect(!limiter.tryAcquire(ids[3]))
+        limiter.release(ids[0])
+        #expect(limiter.tryAcquire(ids[3]))
+        // A release without a slot taken changes nothing.
+        limiter.release(ids[0])
+        #expect(!limiter.tryAcquire(ids[0]))
+    }
 }

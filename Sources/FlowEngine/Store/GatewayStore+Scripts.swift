@@ -20,7 +20,8 @@ enum GatewayScripts {
     /// answered a pending request but did not replace the token, and ` @<replica>` when ARGV[12]
     /// names the replica that stored it (so that replica does not handle its own echo again).
     /// With KEYS[4] (a first-use key) and ARGV[13] (its lifetime in ms), nothing happens when that
-    /// key exists ({-2, 0, 0}); otherwise it is set with the delivery, in the same step.
+    /// key exists ({-2, 0, 0}); otherwise it is set with the delivery, in the same step (not for a
+    /// never-seen installation whose token would not be stored: that changes nothing).
     static let storeToken = RedisScript(
         """
         local status = redis.call('HGET', KEYS[1], 'status')

@@ -423,7 +423,8 @@ public final class GatewayStore: Sendable {
     /// process is notified (`token <ari> <requestId|->`, with ` same` when the delivery answered a
     /// pending request without replacing the token). The FIT's `apiBaseUrl` and `cloudId` replace
     /// the recorded ones (the latest FIT wins). A token with less than `minimumValidity` left at
-    /// `now` is never stored (answered `notNewer`), though it still answers its pending request.
+    /// `now` is never stored (answered `notNewer`), though it still answers its pending request;
+    /// for an installation never seen it changes nothing at all (no record, no first-use key).
     /// `arrival` says how an unsolicited token came (a delivery that answers a pending request is
     /// recorded as `trigger`). `origin`, the storing replica's id, is named in the announcement.
     ///

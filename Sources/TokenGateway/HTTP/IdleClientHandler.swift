@@ -78,6 +78,8 @@ final class IdleClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
         if case .end = self.unwrapOutboundIn(data) {
             self.answersDue = max(0, self.answersDue - 1)
             self.lastActivity = .now()
+            // A pipelined request read meanwhile has its whole timeout from here, when it is next.
+            if self.reading { self.requestBegan = max(self.requestBegan, self.lastActivity) }
             if self.nothingToAnswer { self.schedule(context, at: self.due) }
         }
         context.write(data, promise: promise)

@@ -10,10 +10,11 @@ public struct InvocationMetrics: Sendable {
     /// - `circuit_open`, `overloaded`, `not_found` (unknown or uninstalled installation, or no
     ///   trigger under the key), `store_unavailable`: refused before any call;
     /// - `invalid_request`: a bad `timeout`, `Idempotency-Key` or payload (400, 413), after the
-    ///   caller's scope checks.
+    ///   caller's scope checks;
+    /// - `internal_error`: a stored secret of the trigger (or a kept answer) that does not open.
     public static let outcomes = [
         "success", "http_error", "replayed", "timeout", "transport_error", "invalid_answer", "circuit_open",
-        "overloaded", "not_found", "store_unavailable", "invalid_request",
+        "overloaded", "not_found", "store_unavailable", "invalid_request", "internal_error",
     ]
 
     private let counters: [String: Counter]

@@ -4,6 +4,10 @@ public struct InvokeConfiguration: Sendable, Hashable {
     /// Most invocations of one installation in progress at once on one gateway process; more get
     /// 503 `overloaded` with `Retry-After`. Default 8 (`TOKEN_GATEWAY_INVOKE_MAX_CONCURRENCY`).
     public var maxConcurrencyPerInstallation: Int = 8
+    /// Most invocations in progress at once on one gateway process, all installations together
+    /// (each may hold its payload and the trigger's answer in memory); more get 503 `overloaded`.
+    /// Default 256.
+    public var maxConcurrencyTotal: Int = 256
     /// Largest caller body (the payload) accepted; larger gets 413 `payload_too_large`. Default 64 KiB.
     public var maxPayloadSize: Int = 64 * 1024
     /// Largest trigger answer body relayed; a larger one is 502 `trigger_failed`. Default 1 MiB.

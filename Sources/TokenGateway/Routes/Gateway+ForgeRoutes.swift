@@ -321,6 +321,10 @@ extension Gateway {
     /// nothing and is ignored.
     func checkDeliveredUserToken(_ request: Request, id: InstallationID, logger: Logger) throws {
         guard let value = request.headers[.forgeOAuthUser] else { return }
+        // Repeated, the header's values would be read joined (`a, b`) and no `exp` read at all.
+        guard request.headers[values: .forgeOAuthUser].count == 1 else {
+            throw GatewayError.invalidToken("x-forge-oauth-user must be given once")
+        }
         let token = HeaderValue.trimmed(value)
         guard !token.isEmpty, let exp = TokenClaims.expiry(of: token) else { return }
         if Self.deliveredLifetime(AccessToken(value: token, expiresAt: exp), now: FlowTime.now()) == .tooLong {

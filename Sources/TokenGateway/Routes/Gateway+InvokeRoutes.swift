@@ -154,6 +154,10 @@ extension Gateway {
         }
         var idempotencyKey: String?
         if let raw = request.headers[.idempotencyKey] {
+            // Repeated, the header's values would be read joined (`a, b`).
+            guard request.headers[values: .idempotencyKey].count == 1 else {
+                throw GatewayError.invalidRequest("Idempotency-Key must be given once")
+            }
             guard (1...255).contains(raw.utf8.count), raw.utf8.allSatisfy({ $0 >= 0x20 && $0 < 0x7F }),
                 raw.first != " ", raw.last != " "
             else {
@@ -190,6 +194,13 @@ extension Gateway {
         guard mediaType == "application/json" || mediaType.hasSuffix("+json") else {
             throw GatewayError.invalidRequest("Content-Type must be application/json")
         }
+        // UTF-8 only (RFC 8259 §8.1; the bytes are embedded in the signed body as they are): no
+        // byte-order mark, no UTF-16 or UTF-32.
+        guard bytes.first != 0xEF, bytes.first != 0x00, bytes.count < 2 || bytes[1] != 0x00,
+            String(validating: bytes, as: UTF8.self) != nil
+        else {
+            throw GatewayError.invalidRequest("request body is not UTF-8 JSON")
+        }
         guard JSONBody.depth(of: bytes) <= 32 else {
             throw GatewayError.invalidRequest("JSON body is nested too deeply (at most 32 levels)")
         }
@@ -213,7 +224,7 @@ extension Gateway {
         logger[metadataKey: "installation.id"] = "\(id)"
         logger[metadataKey: "trigger.key"] = "\(key)"
 
-        let lookup = try await self.namedTrigger(id, key: key, trace: &trace)
+        var lookup = try await self.namedTrigger(id, key: key, trace: &trace)
 
         // An Idempotency-Key: answer from the first call with it, or become that first call. Keys are
         // scoped to the caller, so two callers never see each other's answers.
@@ -224,7 +235,19 @@ extension Gateway {
                 idempotencyKey, id: id, key: key, caller: caller, payload: payload, owner: requestOwner,
                 deadline: deadline, trace: &trace)
             {
-            case .claimed(let claimed): claim = claimed
+            case .claimed(let claimed):
+                claim = claimed
+                // The trigger may have changed while this request waited for an earlier one with
+                // the key (its circuit opened, the installation was uninstalled): read it again.
+                if claimed.waited {
+                    do {
+                        lookup = try await self.namedTrigger(id, key: key, trace: &trace)
+                    } catch {
+                        try? await self.store.releaseIdempotencyKey(
+                            id, trigger: key, digest: claimed.digest, owner: claimed.owner)
+                        throw error
+                    }
+                }
             case .replay(let response): return response
             }
         }
@@ -237,7 +260,10 @@ extension Gateway {
             let until: Int64
             if case .circuitOpen(let u) = lookup { until = u } else { until = 0 }
             let wait = max(0, until - FlowTime.now().unixMilliseconds)
-            throw GatewayError(FlowError.circuitOpen(retryAfter: .milliseconds(wait)))
+            throw GatewayError(
+                status: .serviceUnavailable, code: "circuit_open",
+                message: "recent consecutive calls to this named trigger failed; try again later",
+                retryAfter: max(1, Duration.milliseconds(wait).retryAfterSeconds))
         }
 
         let requestID = requestOwner
@@ -264,6 +290,13 @@ extension Gateway {
         let lookup: GatewayStore.NamedTriggerLookup
         do {
             lookup = try await self.store.namedTriggerMaterial(id, key: key, now: FlowTime.now())
+        } catch is EncryptionError {
+            // Retrying cannot help: a key was removed from the ring before `keys rewrap` finished.
+            self.logger.error(
+                "the named trigger's URL or signing key does not open with the key ring",
+                metadata: ["installation.id": "\(id)", "trigger.key": "\(key)"])
+            trace.outcome = "internal_error"
+            throw GatewayError.internalError
         } catch {
             trace.outcome = "store_unavailable"
             throw GatewayError.storeUnavailable
@@ -283,6 +316,8 @@ extension Gateway {
     private struct IdempotencyClaimed {
         let digest: String
         let owner: String
+        /// The claim came after waiting for an earlier request with the key.
+        var waited = false
     }
 
     private enum IdempotencyOutcome {
@@ -308,13 +343,19 @@ extension Gateway {
                 result = try await self.store.claimIdempotencyKey(
                     id, trigger: key, digest: digest, fingerprint: fingerprint, owner: owner,
                     pendingTTL: pendingTTL)
+            } catch is EncryptionError {
+                self.logger.error(
+                    "the answer kept for an Idempotency-Key does not open with the key ring",
+                    metadata: ["installation.id": "\(id)", "trigger.key": "\(key)"])
+                trace.outcome = "internal_error"
+                throw GatewayError.internalError
             } catch {
                 trace.outcome = "store_unavailable"
                 throw GatewayError.storeUnavailable
             }
             switch result {
             case .claimed:
-                return .claimed(IdempotencyClaimed(digest: digest, owner: owner))
+                return .claimed(IdempotencyClaimed(digest: digest, owner: owner, waited: waits > 0))
             case .done(let bytes):
                 guard let answer = InvocationAnswer(encoded: bytes) else {
                     trace.outcome = "store_unavailable"

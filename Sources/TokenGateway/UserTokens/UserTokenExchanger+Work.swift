@@ -259,8 +259,9 @@ extension UserTokenExchanger {
     }
 
     /// Counts one exchange against the app-wide budget (only looks, without `recording`); the
-    /// answer when it is spent or held (or unknown).
-    func admit(_ job: Job, recording: Bool) async -> AttemptEnd? {
+    /// answer when it is spent or held (or unknown). Without `counting`, a refusal is neither
+    /// logged nor counted in `budget_exhausted` (a caller's request looked before it is admitted).
+    func admit(_ job: Job, recording: Bool, counting: Bool = true) async -> AttemptEnd? {
         do {
             let c = self.configuration
             let admission =
@@ -270,6 +271,7 @@ extension UserTokenExchanger {
                 : try await self.store.peekExchange(
                     scope: c.budgetScope, limit: c.exchangesPerMinute, window: c.budgetWindow, now: self.clock.now())
             guard case .refused(let retryAfter) = admission else { return nil }
+            guard counting else { return .failure(.rateLimited(retryAfter: retryAfter)) }
             self.logger(for: job).notice(
                 "user-token exchange held back by the shared budget",
                 metadata: ["retry.after_ms": "\(retryAfter.milliseconds)"])
