@@ -254,10 +254,10 @@ public final class ForgeEmulator: Sendable, Service {
 
     /// Creates a new installation on a new site (fresh UUIDs and trigger path) and remembers it, so
     /// its web trigger answers. Nothing is sent to the gateway; see ``install(_:)``.
-    public func makeInstallation(product: String = "jira") -> EmulatedInstallation {
+    public func makeInstallation(product: String = "jira", uuid: String? = nil) -> EmulatedInstallation {
         let cloudId = UUID().uuidString.lowercased()
         let installation = EmulatedInstallation(
-            id: "ari:cloud:ecosystem::installation/" + UUID().uuidString.lowercased(),
+            id: "ari:cloud:ecosystem::installation/" + (uuid ?? UUID().uuidString.lowercased()),
             cloudId: cloudId,
             product: product,
             apiBaseUrl: "https://api.atlassian.com/ex/\(product)/\(cloudId)",

@@ -78,13 +78,17 @@ enum StatusPageBrowser {
 struct StatusPageTests {
     static let operatorName = "ops"
     static let operatorSecret = "operator-secret-0123456789abcdef"
+    /// An operator whose set is one installation, of this id.
+    static let scopedOperatorSecret = "operator-secret-scoped-0123456789"
+    static let scopedUUID = "0f0f0f0f-0000-4000-8000-00000000abcd"
 
     /// The harness's callers plus an operator.
     static func callers() -> CallerRegistry {
         try! CallerRegistry(
             json: """
                 [{"name":"full","secret":"\(GatewayHarness.callerSecret)","installations":["*"],"clientKeys":["*"]},
-                 {"name":"\(operatorName)","secret":"\(operatorSecret)","installations":["*"],"operator":true}]
+                 {"name":"\(operatorName)","secret":"\(operatorSecret)","installations":["*"],"operator":true},
+                 {"name":"ops-scoped","secret":"\(scopedOperatorSecret)","installations":["\(scopedUUID)"],"operator":true}]
                 """)
     }
 
@@ -148,6 +152,40 @@ struct StatusPageTests {
             let missing = try await h.call(.GET, GatewayHarness.path(unknown) + "/history", secret: Self.operatorSecret)
             #expect(missing.status == 404)
             #expect(missing.errorCode == "installation_not_found")
+        }
+    }
+
+    @Test(
+        "an operator scoped to some installations sees only those: other ids are 403, the overviews list none of them")
+    func scopedOperator() async throws {
+        try await Self.run { h in
+            let mine = h.emulator.makeInstallation(uuid: Self.scopedUUID)
+            try await h.emulator.install(mine)
+            let other = try await h.installed()
+            #expect(try await h.token(mine).status == 200)
+            #expect(try await h.token(other).status == 200)
+            let basic = Self.basic("ops-scoped", Self.scopedOperatorSecret)
+            for (installation, expected) in [(mine, 200), (other, 403)] {
+                let history = try await h.call(
+                    .GET, GatewayHarness.path(installation) + "/history", secret: Self.scopedOperatorSecret)
+                #expect(history.status == expected, "\(history.body.prefix(200))")
+                let page = try await h.call(
+                    .GET, "/status/installations/\(installation.uuid)", secret: nil, headers: basic)
+                #expect(page.status == expected, "\(page.body.prefix(200))")
+            }
+            let status = try await h.call(.GET, "/v1/status", secret: Self.scopedOperatorSecret)
+            #expect(status.status == 200)
+            #expect((status.json["installations"] as? [String: Any])?["total"] as? Int == 1, "\(status.body)")
+            let overview = try await h.call(.GET, "/status", secret: nil, headers: basic)
+            #expect(overview.status == 200)
+            #expect(overview.body.contains(mine.uuid))
+            #expect(!overview.body.contains(other.uuid))
+            // The unscoped operator sees both.
+            let all = try await h.call(.GET, "/v1/status", secret: Self.operatorSecret)
+            #expect((all.json["installations"] as? [String: Any])?["total"] as? Int == 2, "\(all.body)")
+            let everything = try await h.call(
+                .GET, "/status", secret: nil, headers: Self.basic(Self.operatorName, Self.operatorSecret))
+            #expect(everything.body.contains(mine.uuid) && everything.body.contains(other.uuid))
         }
     }
 
