@@ -351,6 +351,23 @@ struct InvokeIntegrationTests {
         return (Int(response.status.code), String(buffer: try await response.body.collect(upTo: 1 << 20)))
     }
 
+    @Test("a named trigger's URL that no key of the ring opens is 500 internal_error and logged, not a 503 to retry")
+    func unopenableTriggerURL() async throws {
+        try await Self.run { h in
+            let installation = try await h.installed()
+            #expect(try await Self.invoke(h, installation, "echo").status == 200)
+            // The sealed URL replaced by one sealed under a key id the ring does not have.
+            let hash = h.gateway.store.namedTriggersKey(installation.installationID)
+            _ = try await h.gateway.redis.send(["HSET", hash, "echo", "gone-key:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"])
+            let answer = try await Self.invoke(h, installation, "echo")
+            #expect(answer.status == 500, "\(answer.body)")
+            #expect(answer.errorCode == "internal_error")
+            #expect(answer.headers["retry-after"] == nil)
+            #expect(h.allLogs.contains("the named trigger's URL or signing key does not open with the key ring"))
+            #expect(h.emulator.namedTriggerCalls(for: installation, key: "echo").count == 1)
+        }
+    }
+
     @Test("a duplicate that waited for a call whose failure opened the circuit gets 503 circuit_open, without a call")
     func duplicateWaitingWhileTheCircuitOpens() async throws {
         try await Self.run(configure: { config in

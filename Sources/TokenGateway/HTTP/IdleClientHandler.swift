@@ -7,8 +7,9 @@ import NIOHTTP1
 /// to it: between requests (a kept-alive connection left open; counted from the end of the last
 /// answer), or in the middle of a request's head or body (a client that never finishes it). A
 /// request's head must also arrive whole within the idle timeout of the connection's opening or
-/// the last answer's end, and its body within the idle timeout of its head: a client that trickles
-/// them a byte now and then is cut off too. (The decoder hands on a head only once it is complete, so a head's bytes never count
+/// the last answer's end, and its body within the idle timeout of its head (of the end of the
+/// answer before it, for a pipelined request read while that answer was due): a client that
+/// trickles them a byte now and then is cut off too. (The decoder hands on a head only once it is complete, so a head's bytes never count
 /// as activity.) A connection with a complete request being answered (a caller waiting for its
 /// token) is left alone however long that takes.
 ///
@@ -79,7 +80,8 @@ final class IdleClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
             self.answersDue = max(0, self.answersDue - 1)
             self.lastActivity = .now()
             // A pipelined request read meanwhile has its whole timeout from here, when it is next.
-            if self.reading { self.requestBegan = max(self.requestBegan, self.lastActivity) }
+            // (Not when the answer was to that very request, given before its body was in.)
+            if self.reading && self.answersDue > 0 { self.requestBegan = max(self.requestBegan, self.lastActivity) }
             if self.nothingToAnswer { self.schedule(context, at: self.due) }
         }
         context.write(data, promise: promise)

@@ -16,17 +16,29 @@ public final class InvocationLimiter: Sendable {
         self.totalLimit = max(1, total)
     }
 
-    /// Takes a slot for `id`; false when `limit` calls of that installation, or `total` calls in
-    /// all, are already in progress.
-    public func tryAcquire(_ id: InstallationID) -> Bool {
+    /// Why ``acquire(_:)`` took no slot.
+    public enum Refusal: Sendable, Equatable {
+        /// `limit` calls of that installation are in progress.
+        case installationBusy
+        /// `total` calls are in progress in all.
+        case processBusy
+    }
+
+    /// Takes a slot for `id`; nil when taken, else why not.
+    public func acquire(_ id: InstallationID) -> Refusal? {
         self.inFlight.withLock { state in
             let current = state.counts[id.ari, default: 0]
-            guard current < self.limit, state.total < self.totalLimit else { return false }
+            guard current < self.limit else { return .installationBusy }
+            guard state.total < self.totalLimit else { return .processBusy }
             state.counts[id.ari] = current + 1
             state.total += 1
-            return true
+            return nil
         }
     }
+
+    /// Takes a slot for `id`; false when `limit` calls of that installation, or `total` calls in
+    /// all, are already in progress.
+    public func tryAcquire(_ id: InstallationID) -> Bool { self.acquire(id) == nil }
 
     /// Gives back a slot taken with ``tryAcquire(_:)``.
     public func release(_ id: InstallationID) {

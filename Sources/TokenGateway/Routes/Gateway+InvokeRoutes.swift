@@ -87,6 +87,10 @@ extension Gateway {
         status: .serviceUnavailable, code: "overloaded",
         message: "too many calls to this installation's triggers are in progress", retryAfter: 1)
 
+    static let processOverloaded = GatewayError(
+        status: .serviceUnavailable, code: "overloaded",
+        message: "too many named-trigger calls are in progress on this gateway", retryAfter: 1)
+
     // MARK: Invocation
 
     /// What one invocation did, for its metric and audit record.
@@ -214,9 +218,9 @@ extension Gateway {
         _ id: InstallationID, key: String, caller: Caller, payload: [UInt8], idempotencyKey: String?,
         deadline: ContinuousClock.Instant, trace: inout InvocationTrace, logger: Logger
     ) async throws -> Response {
-        guard self.invocationLimiter.tryAcquire(id) else {
+        if let refusal = self.invocationLimiter.acquire(id) {
             trace.outcome = "overloaded"
-            throw Self.overloaded
+            throw refusal == .installationBusy ? Self.overloaded : Self.processOverloaded
         }
         defer { self.invocationLimiter.release(id) }
 

@@ -259,9 +259,10 @@ extension UserTokenExchanger {
     }
 
     /// Counts one exchange against the app-wide budget (only looks, without `recording`); the
-    /// answer when it is spent or held (or unknown). Without `counting`, a refusal is neither
-    /// logged nor counted in `budget_exhausted` (a caller's request looked before it is admitted).
-    func admit(_ job: Job, recording: Bool, counting: Bool = true) async -> AttemptEnd? {
+    /// answer when it is spent or held (or unknown). A refusal counts in `budget_exhausted`; it is
+    /// logged unless `logging` is false (a caller's request looked at before it is admitted: one
+    /// line per refused request would flood the log while the budget is spent).
+    func admit(_ job: Job, recording: Bool, logging: Bool = true) async -> AttemptEnd? {
         do {
             let c = self.configuration
             let admission =
@@ -271,10 +272,11 @@ extension UserTokenExchanger {
                 : try await self.store.peekExchange(
                     scope: c.budgetScope, limit: c.exchangesPerMinute, window: c.budgetWindow, now: self.clock.now())
             guard case .refused(let retryAfter) = admission else { return nil }
-            guard counting else { return .failure(.rateLimited(retryAfter: retryAfter)) }
-            self.logger(for: job).notice(
-                "user-token exchange held back by the shared budget",
-                metadata: ["retry.after_ms": "\(retryAfter.milliseconds)"])
+            if logging {
+                self.logger(for: job).notice(
+                    "user-token exchange held back by the shared budget",
+                    metadata: ["retry.after_ms": "\(retryAfter.milliseconds)"])
+            }
             self.metrics.count(outcome: "budget_exhausted")
             return .failure(.rateLimited(retryAfter: retryAfter))
         } catch {

@@ -321,7 +321,7 @@ public final class UserTokenExchanger: Sendable, Service {
     private func admitCaller(_ job: Job, _ admit: @Sendable () async throws(UserTokenError) -> Void)
         async throws(UserTokenError)
     {
-        if case .failure(let error) = await self.admit(job, recording: false, counting: false) { throw error }
+        if case .failure(let error) = await self.admit(job, recording: false, logging: false) { throw error }
         try await admit()
     }
 
