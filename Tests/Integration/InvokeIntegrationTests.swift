@@ -337,6 +337,13 @@ struct InvokeIntegrationTests {
         }
     }
 
+    /// A circuit that opens after `threshold` failed calls, for 30 s.
+    static func breaker(threshold: Int, in config: inout GatewayConfiguration) {
+        config.flow.breakerThreshold = threshold
+        config.flow.breakerOpenBase = .seconds(30)
+        config.flow.breakerOpenCap = .seconds(30)
+    }
+
     /// `POST …/invoke/echo` with exactly these body bytes and extra headers (repeated names kept).
     static func rawInvoke(
         _ h: GatewayHarness, _ installation: EmulatedInstallation, body: [UInt8], headers: [(String, String)] = []
@@ -370,11 +377,7 @@ struct InvokeIntegrationTests {
 
     @Test("a duplicate that waited for a call whose failure opened the circuit gets 503 circuit_open, without a call")
     func duplicateWaitingWhileTheCircuitOpens() async throws {
-        try await Self.run(configure: { config in
-            config.flow.breakerThreshold = 1
-            config.flow.breakerOpenBase = .seconds(30)
-            config.flow.breakerOpenCap = .seconds(30)
-        }) { h in
+        try await Self.run(configure: { Self.breaker(threshold: 1, in: &$0) }) { h in
             let installation = try await h.installed()
             h.emulator.setNamedTriggerBehaviour(.hang(maximum: .seconds(20)), for: installation, key: "echo")
             // The first call times out after 1 s (a failure: the circuit opens); the second, with
@@ -466,11 +469,7 @@ struct InvokeIntegrationTests {
 
     @Test("consecutive failures open the trigger's circuit: 503 circuit_open without a call; tokens are unaffected")
     func breaker() async throws {
-        try await Self.run(configure: { config in
-            config.flow.breakerThreshold = 2
-            config.flow.breakerOpenBase = .seconds(30)
-            config.flow.breakerOpenCap = .seconds(30)
-        }) { h in
+        try await Self.run(configure: { Self.breaker(threshold: 2, in: &$0) }) { h in
             let installation = try await h.installed()
             h.emulator.setNamedTriggerBehaviour(.fail(status: 500, times: nil), for: installation, key: "echo")
             #expect(try await Self.invoke(h, installation, "echo").status == 500)
@@ -655,11 +654,7 @@ struct InvokeIntegrationTests {
     func openAPIConformance() async throws {
         let r = AnswerRecorder()
         let template = "/v1/installations/{installationId}/invoke/{key}"
-        try await Self.run(configure: { config in
-            config.flow.breakerThreshold = 2
-            config.flow.breakerOpenBase = .seconds(30)
-            config.flow.breakerOpenCap = .seconds(30)
-        }) { h in
+        try await Self.run(configure: { Self.breaker(threshold: 2, in: &$0) }) { h in
             let installation = try await h.installed()
             let path = GatewayHarness.path(installation) + "/invoke/"
             let json = ["content-type": "application/json"]

@@ -295,12 +295,7 @@ extension Gateway {
         do {
             lookup = try await self.store.namedTriggerMaterial(id, key: key, now: FlowTime.now())
         } catch is EncryptionError {
-            // Retrying cannot help: a key was removed from the ring before `keys rewrap` finished.
-            self.logger.error(
-                "the named trigger's URL or signing key does not open with the key ring",
-                metadata: ["installation.id": "\(id)", "trigger.key": "\(key)"])
-            trace.outcome = "internal_error"
-            throw GatewayError.internalError
+            throw self.unopenable("the named trigger's URL or signing key", id: id, key: key, trace: &trace)
         } catch {
             trace.outcome = "store_unavailable"
             throw GatewayError.storeUnavailable
@@ -314,6 +309,18 @@ extension Gateway {
                 message: "the installation registered no trigger under this key")
         case .circuitOpen, .found: return lookup
         }
+    }
+
+    /// 500 `internal_error` for a stored secret of the trigger (`what`) that does not open with the
+    /// key ring, logged: a key was removed from the ring before `keys rewrap` finished, so retrying
+    /// cannot help (no 503).
+    private func unopenable(_ what: String, id: InstallationID, key: String, trace: inout InvocationTrace)
+        -> GatewayError
+    {
+        self.logger.error(
+            "\(what) does not open with the key ring", metadata: ["installation.id": "\(id)", "trigger.key": "\(key)"])
+        trace.outcome = "internal_error"
+        return GatewayError.internalError
     }
 
     /// An Idempotency-Key this request owns: the digest it is stored under and the owner.
@@ -348,11 +355,7 @@ extension Gateway {
                     id, trigger: key, digest: digest, fingerprint: fingerprint, owner: owner,
                     pendingTTL: pendingTTL)
             } catch is EncryptionError {
-                self.logger.error(
-                    "the answer kept for an Idempotency-Key does not open with the key ring",
-                    metadata: ["installation.id": "\(id)", "trigger.key": "\(key)"])
-                trace.outcome = "internal_error"
-                throw GatewayError.internalError
+                throw self.unopenable("the answer kept for an Idempotency-Key", id: id, key: key, trace: &trace)
             } catch {
                 trace.outcome = "store_unavailable"
                 throw GatewayError.storeUnavailable
