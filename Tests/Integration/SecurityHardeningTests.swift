@@ -533,16 +533,20 @@ struct SecurityHardeningTests {
 
     static let limitedSecret = "caller-secret-0123456789abcdef-limited"
 
+    /// A gateway (and the emulator) whose callers are `json` (`TOKEN_GATEWAY_CALLERS`).
+    static func run(callers json: String, _ body: @Sendable (GatewayHarness) async throws -> Void) async throws {
+        try await GatewayHarness.run(configure: { $0.callers = try! CallerRegistry(json: json) }, body)
+    }
+
     @Test("per-caller limits hold across two gateways sharing Redis; 429 starts no round trip or exchange")
     func perCallerLimitsAcrossReplicas() async throws {
-        try await GatewayHarness.run(configure: { config in
-            config.callers = try! CallerRegistry(
-                json: """
-                    [{"name":"full","secret":"\(GatewayHarness.callerSecret)","installations":["*"],\(GatewayHarness.noLimits)},
-                     {"name":"limited-\(UUID().uuidString)","secret":"\(Self.limitedSecret)","installations":["*"],
-                      "limits":{"refreshesPerMinute":3,"userExchangesPerMinute":4}}]
-                    """)
-        }) { h in
+        try await Self.run(
+            callers: """
+                [{"name":"full","secret":"\(GatewayHarness.callerSecret)","installations":["*"],\(GatewayHarness.noLimits)},
+                 {"name":"limited-\(UUID().uuidString)","secret":"\(Self.limitedSecret)","installations":["*"],
+                  "limits":{"refreshesPerMinute":3,"userExchangesPerMinute":4}}]
+                """
+        ) { h in
             let installation = try await h.installed()
             let path = GatewayHarness.path(installation)
             #expect(try await h.token(installation).status == 200)
@@ -604,15 +608,14 @@ struct SecurityHardeningTests {
 
     @Test("a forced asUser refresh counts toward both the caller's refresh and exchange limits")
     func forcedUserRefreshCountsTwice() async throws {
-        try await GatewayHarness.run(configure: { config in
-            config.callers = try! CallerRegistry(
-                json: """
-                    [{"name":"refresh-1-\(UUID().uuidString)","secret":"\(Self.refreshLimitedSecret)","installations":["*"],
-                      "limits":{"refreshesPerMinute":1,"userExchangesPerMinute":5}},
-                     {"name":"exchange-1-\(UUID().uuidString)","secret":"\(Self.exchangeLimitedSecret)","installations":["*"],
-                      "limits":{"refreshesPerMinute":5,"userExchangesPerMinute":1}}]
-                    """)
-        }) { h in
+        try await Self.run(
+            callers: """
+                [{"name":"refresh-1-\(UUID().uuidString)","secret":"\(Self.refreshLimitedSecret)","installations":["*"],
+                  "limits":{"refreshesPerMinute":1,"userExchangesPerMinute":5}},
+                 {"name":"exchange-1-\(UUID().uuidString)","secret":"\(Self.exchangeLimitedSecret)","installations":["*"],
+                  "limits":{"refreshesPerMinute":5,"userExchangesPerMinute":1}}]
+                """
+        ) { h in
             let installation = try await h.installed()
             let path = GatewayHarness.path(installation)
             let base = h.gatewayURL
@@ -644,13 +647,12 @@ struct SecurityHardeningTests {
 
     @Test("while the app's exchanges are held back (Atlassian's 429), refused asUser requests cost the caller nothing")
     func heldBackExchangesAreNotCharged() async throws {
-        try await GatewayHarness.run(configure: { config in
-            config.callers = try! CallerRegistry(
-                json: """
-                    [{"name":"exchange-3-\(UUID().uuidString)","secret":"\(Self.exchangeLimitedSecret)","installations":["*"],
-                      "limits":{"refreshesPerMinute":5,"userExchangesPerMinute":3}}]
-                    """)
-        }) { h in
+        try await Self.run(
+            callers: """
+                [{"name":"exchange-3-\(UUID().uuidString)","secret":"\(Self.exchangeLimitedSecret)","installations":["*"],
+                  "limits":{"refreshesPerMinute":5,"userExchangesPerMinute":3}}]
+                """
+        ) { h in
             let installation = try await h.installed()
             let path = GatewayHarness.path(installation)
             let scope = h.gateway.userTokens.configuration.budgetScope
