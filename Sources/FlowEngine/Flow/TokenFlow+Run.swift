@@ -88,8 +88,9 @@ extension TokenFlow {
                 s.triggerChecked.removeAll()
                 return (marked, active, waiters)
             }
-            for waiter in waiters { waiter.resume() }
+            // The gauge first: whoever waits for the subscription may read it at once.
             self.metrics.announcementsHeard.set(1)
+            for waiter in waiters { waiter.resume() }
             if marked > 0 {
                 self.logger.info(
                     "store announcements subscribed: remembered tokens are read from the store again before they are served",
