@@ -158,12 +158,19 @@ public final class RedisClient: Sendable, Service {
         }
         let deadline = self.deadline(timeout)
         do {
-            try await Self.pingEveryPrimary(cluster, deadline: deadline)
-        } catch let error as RedisError where error != .timeout {
-            // The map may still name a primary that has failed over (nothing else asked since):
-            // ask the cluster for it once more, then ping the primaries it names now.
-            try await cluster.rediscover(deadline: deadline)
-            try await Self.pingEveryPrimary(cluster, deadline: deadline)
+            do {
+                try await Self.pingEveryPrimary(cluster, deadline: deadline)
+            } catch let error as RedisError where error != .timeout {
+                // The map may still name a primary that has failed over (nothing else asked since):
+                // ask the cluster for it once more, then ping the primaries it names now.
+                try await cluster.rediscover(deadline: deadline)
+                try await Self.pingEveryPrimary(cluster, deadline: deadline)
+            }
+        } catch let error as RedisError where error.isConnectionFailure || error == .timeout {
+            // Counted as a failed command is: a readiness probe that fails is a store error.
+            self.availability.isAvailable.store(false, ordering: .relaxed)
+            self.errors.increment()
+            throw error
         }
     }
 

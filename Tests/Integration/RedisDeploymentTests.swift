@@ -4,6 +4,7 @@ import Foundation
 import Logging
 import NIOCore
 import NIOHTTP1
+import Prometheus
 import Synchronization
 import Testing
 
@@ -377,7 +378,7 @@ struct RedisDeploymentTests {
         let client = RedisClient(configuration: try RedisConfiguration(url: cluster.url), logger: Self.logger)
         let router = try #require(client.cluster)
         _ = try await client.send(["GET", "moved:{0}"])
-        try await Self.expectPingAsksEveryPrimary(client, cluster: cluster)
+        try await Self.expectPingAsksEveryPrimary(cluster: cluster)
         let old = try #require(router.primary(forSlot: RedisHashSlot.slot(of: "moved:{0}")))
         // Keys of 100 slots of that primary.
         var slots: Set<Int> = []
@@ -495,7 +496,13 @@ struct RedisDeploymentTests {
 
     /// Readiness (`ping`) answers for the whole cluster: a primary that does not answer (paused,
     /// without a failover) makes it fail, whichever primary that is; it answers again after.
-    static func expectPingAsksEveryPrimary(_ client: RedisClient, cluster: RedisClusterProcesses) async throws {
+    /// Each failed ping counts as a store error, as a failed command does.
+    static func expectPingAsksEveryPrimary(cluster: RedisClusterProcesses) async throws {
+        let registry = PrometheusCollectorRegistry()
+        let client = RedisClient(
+            configuration: try RedisConfiguration(url: cluster.url), logger: Self.logger,
+            metricsFactory: PrometheusMetricsFactory(registry: registry),
+            metricNames: RedisMetricNames(errors: "store_errors_total"))
         try await client.ping(timeout: .seconds(2))
         let primaries = try cluster.primaryPorts()
         #expect(primaries.count == 3)
@@ -507,6 +514,10 @@ struct RedisDeploymentTests {
             try redisCLI(["-p", "\(port)", "CLIENT", "UNPAUSE"])
             try await client.ping(timeout: .seconds(2))
         }
+        var text: [UInt8] = []
+        registry.emit(into: &text)
+        #expect(sample(String(decoding: text, as: UTF8.self), "store_errors_total") == 3)
+        await client.shutdown()
     }
 
     /// A manual failover to the replica at `newPort`, waited for until every node sees it (so that
