@@ -82,6 +82,9 @@ public enum Base64URL {
         return out
     }
 
+    /// Whether `byte` is one of the 64 characters of the base64url alphabet (`A–Z a–z 0–9 - _`).
+    public static func isAlphabetByte(_ byte: UInt8) -> Bool { Self.value(of: byte) != nil }
+
     private static func value(of byte: UInt8) -> UInt8? {
         switch byte {
         case UInt8(ascii: "A")...UInt8(ascii: "Z"): return byte - UInt8(ascii: "A")

@@ -238,15 +238,8 @@ public final class SignedInstallVerifier: Sendable {
         guard (1...128).contains(kid.utf8.count), !kid.utf8.allSatisfy({ $0 == UInt8(ascii: ".") }) else {
             return false
         }
-        return kid.utf8.allSatisfy { byte in
-            switch byte {
-            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
-                UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "-"), UInt8(ascii: "_"), UInt8(ascii: "."):
-                return true
-            default:
-                return false
-            }
-        }
+        // The characters of a JWT: the base64url alphabet and `.`.
+        return kid.utf8.allSatisfy(TokenClaims.isJWTByte)
     }
 
     static func trimmingTrailingSlashes(_ value: String) -> String {

@@ -514,15 +514,7 @@ public enum TokenClaims {
     }
 
     /// A byte of a compact JWT: the base64url alphabet and `.`.
-    static func isJWTByte(_ byte: UInt8) -> Bool {
-        switch byte {
-        case UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "a")...UInt8(ascii: "z"),
-            UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "-"), UInt8(ascii: "_"), UInt8(ascii: "."):
-            return true
-        default:
-            return false
-        }
-    }
+    static func isJWTByte(_ byte: UInt8) -> Bool { byte == UInt8(ascii: ".") || Base64URL.isAlphabetByte(byte) }
 
     /// A JSON object's `exp`, when it is a number; its other members are not read.
     private struct ExpiryClaim: Decodable {
