@@ -255,10 +255,10 @@ struct CheckConfig: AsyncParsableCommand {
 /// Keeps the first warning (or worse) logged through its handlers: what `check-config` prints as
 /// the reason Redis could not be reached.
 final class ReasonCollector: Sendable {
-    private let reasons = Mutex<[String]>([])
+    private let reason = Mutex<String?>(nil)
 
     /// The first reason logged, with the `redis.error` it named.
-    var first: String? { self.reasons.withLock { $0.first } }
+    var first: String? { self.reason.withLock { $0 } }
 
     func handler() -> some LogHandler { Handler(collector: self) }
 
@@ -275,7 +275,7 @@ final class ReasonCollector: Sendable {
         func log(event: LogEvent) {
             var reason = "\(event.message)"
             if let error = event.metadata?["redis.error"] { reason += " (\(error))" }
-            self.collector.reasons.withLock { $0.append(reason) }
+            self.collector.reason.withLock { if $0 == nil { $0 = reason } }
         }
     }
 }

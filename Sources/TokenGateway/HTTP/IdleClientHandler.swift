@@ -9,8 +9,8 @@ import NIOHTTP1
 /// request's head must also arrive whole within the idle timeout of the connection's opening or
 /// the last answer's end, and its body within the idle timeout of its head (of the end of the
 /// answer before it, for a pipelined request read while that answer was due): a client that
-/// trickles them a byte now and then is cut off too. (The decoder hands on a head only once it is complete, so a head's bytes never count
-/// as activity.) A connection with a complete request being answered (a caller waiting for its
+/// trickles them a byte now and then is cut off too. (The decoder hands on a head only once it is
+/// complete, so a head's bytes never count as activity.) A connection with a complete request being answered (a caller waiting for its
 /// token) is left alone however long that takes.
 ///
 /// It sits in the HTTP/1 pipeline between the decoder and the request handlers (the fast answers
