@@ -406,17 +406,48 @@ struct SecurityHardeningTests {
                     // time is moved back (instead of waiting) to show it.
                     try await Self.ageSignedInstallGuard(of: tenant.clientKey, by: 10, redis: h.gateway.redis)
                 }
-                // The same header with the attacker's shared secret: refused, nothing changes.
+                // The same header with the attacker's shared secret: refused, nothing changes. So
+                // is the same token spelt with `=` padding (read with or without it, contract §1),
+                // which a guard keyed by the token's text would take for another token.
                 let kept = try await h.gateway.store.connectTenant(tenant.clientKey)
-                let replay = try await Self.postSignedInstall(
-                    h, token: token, body: try Self.payload(h, tenant, ["sharedSecret": attacker]))
-                #expect(replay.status == 401, "jti: \(withJTI)")
-                #expect(replay.errorCode == "invalid_signed_install")
+                #expect(Self.padded(token) != token)
+                for spelling in [token, Self.padded(token)] {
+                    let replay = try await Self.postSignedInstall(
+                        h, token: spelling, body: try Self.payload(h, tenant, ["sharedSecret": attacker]))
+                    #expect(replay.status == 401, "jti: \(withJTI)")
+                    #expect(replay.errorCode == "invalid_signed_install")
+                }
                 let after = try #require(try await h.gateway.store.connectTenant(tenant.clientKey))
                 #expect(after.sharedSecret?.bytes == kept?.sharedSecret?.bytes)
                 #expect(after.updatedAt == kept?.updatedAt)
             }
         }
+    }
+
+    @Test("a signed lifecycle callback whose body is over the size limit is 401 invalid_signed_install; nothing stored")
+    func oversizedSignedInstallBody() async throws {
+        try await GatewayHarness.runConnect { h in
+            let tenant = h.emulator.makeConnectTenant()
+            let token = try h.emulator.mintSignedInstall(for: tenant, path: "/connect/installed", options: .init())
+            // Contract §5: "Any failure: 401 `invalid_signed_install` and nothing stored."
+            let padding = String(repeating: "x", count: h.gateway.configuration.maxBodySize)
+            let body = try Self.payload(h, tenant, ["padding": padding])
+            let answer = try await Self.postSignedInstall(h, token: token, body: body)
+            #expect(answer.status == 401)
+            #expect(answer.errorCode == "invalid_signed_install")
+            #expect(try await h.gateway.store.connectTenant(tenant.clientKey) == nil)
+            // The same token with the payload as Atlassian sends it is stored.
+            let stored = try await Self.postSignedInstall(
+                h, token: token, body: h.emulator.connectLifecyclePayload(.installed, tenant: tenant))
+            #expect(stored.status == 204)
+            #expect(try await h.gateway.store.connectTenant(tenant.clientKey)?.status == .installed)
+        }
+    }
+
+    /// `token` with its signature padded with `=` to a multiple of four characters (an RSA-2048
+    /// signature, 256 bytes, is 342 characters unpadded).
+    static func padded(_ token: String) -> String {
+        token + String(repeating: "=", count: (4 - token.split(separator: ".").last!.count % 4) % 4)
     }
 
     /// Moves the first-seen time of `clientKey`'s signed-install guard keys `seconds` back.

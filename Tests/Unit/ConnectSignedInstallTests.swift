@@ -205,6 +205,26 @@ struct ConnectSignedInstallTests {
         }
     }
 
+    @Test("the replay guard names a token as signed: the same token with `=` padding has the same digest")
+    func replayDigestIgnoresPadding() async throws {
+        let token = try self.emulator.mintSignedInstall(for: self.tenant, path: Self.path, options: .init())
+        let signature = try #require(token.split(separator: ".").last)
+        let padded = token + String(repeating: "=", count: (4 - signature.count % 4) % 4)
+        #expect(padded != token)
+        let bytes = Array(self.emulator.connectLifecyclePayload(.installed, tenant: self.tenant))
+        let plain = try await self.verifier.verify(authorization: "JWT " + token, method: "POST", uri: Self.path) {
+            bytes
+        }
+        let spelt = try await self.verifier.verify(authorization: "JWT " + padded, method: "POST", uri: Self.path) {
+            bytes
+        }
+        #expect(plain.replayDigest == spelt.replayDigest)
+        // Another token (another iat) has another digest.
+        var later = SignedInstallOptions()
+        later.issuedAt = Date().addingTimeInterval(-60)
+        #expect(try await self.verify(later).replayDigest != plain.replayDigest)
+    }
+
     @Test("a qsh for another request is refused")
     func qsh() async {
         var options = SignedInstallOptions()

@@ -237,7 +237,9 @@ extension GatewayStore {
             arguments: try self.markArguments(mark, clientKey: clientKey, now: now) + arguments)
         let outcome = try self.connectOutcome(r)
         if case .stored = outcome {
-            _ = try await self.redis.send(["SET", legacy, "1", "NX", "PX", String(mark.ttlMilliseconds(now: now))])
+            // The callback is stored: a failure to leave the earlier builds' mark does not undo
+            // that, so it is not answered as a failure (Atlassian would retry a change made).
+            _ = try? await self.redis.send(["SET", legacy, "1", "NX", "PX", String(mark.ttlMilliseconds(now: now))])
         }
         return outcome
     }

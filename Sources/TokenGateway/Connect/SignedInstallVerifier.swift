@@ -37,6 +37,8 @@ public struct SignedInstallError: Error, Hashable, Sendable, CustomStringConvert
     public static let qshMismatch = SignedInstallError("qsh_mismatch")
     /// The body is not a JSON object with a string `clientKey`.
     public static let invalidBody = SignedInstallError("invalid_body")
+    /// The body is larger than the gateway takes (64 KiB).
+    public static let bodyTooLarge = SignedInstallError("body_too_large")
 
     public var description: String { "SignedInstallError(\(self.reason))" }
 }
@@ -51,7 +53,7 @@ public struct VerifiedSignedInstall: Sendable, CustomStringConvertible, CustomDe
     /// The whole body, as parsed (keys sorted).
     public let payload: [String: JSONValue]
     /// Names the token for the replay guard: hex SHA-256 of its issuer and `jti` when it carries
-    /// one, else of the whole token.
+    /// one, else of its signed parts and decoded signature (however its base64url is spelt).
     public let replayDigest: String
     /// Names the body: hex SHA-256 of its bytes. The same token sent again with the same body is a
     /// retry; with another body, a replay.
@@ -195,12 +197,14 @@ public final class SignedInstallVerifier: Sendable {
             throw SignedInstallError.badSignature
         }
         await self.keyVerified(kid: kid)
-        let named: String
+        let named: [UInt8]
         let jti = jws.string("jti").flatMap { $0.isEmpty ? nil : $0 }
         if let jti {
-            named = "jti\u{0}" + issuer + "\u{0}" + jti
+            named = Array(("jti\u{0}" + issuer + "\u{0}" + jti).utf8)
         } else {
-            named = "token\u{0}" + token
+            // The token as signed, not as written: the same token with `=` padding added to a part
+            // (base64url is read with or without it) is the same token to the guard.
+            named = Array("token\u{0}".utf8) + jws.signingInput + [0] + jws.signature
         }
         // An `iat` ahead of now (beyond the skew), after the `exp` or before 1970 orders nothing: it
         // is left out, so one odd token cannot hold back the tenant's later callbacks.
@@ -208,7 +212,7 @@ public final class SignedInstallVerifier: Sendable {
             (0...min(exp, nowSeconds + skew)).contains($0) ? Int64($0.rounded(.down)) : nil
         }
         return VerifiedSignedInstall(
-            clientKey: clientKey, payload: payload, replayDigest: Self.hex(SHA256.hash(data: Array(named.utf8))),
+            clientKey: clientKey, payload: payload, replayDigest: Self.hex(SHA256.hash(data: named)),
             bodyDigest: Self.hex(SHA256.hash(data: bytes)), expiresAt: Int64(exp.rounded(.up)), issuedAt: issuedAt,
             namesOneCallback: jti != nil)
     }

@@ -2,6 +2,7 @@ import FlowEngine
 import Foundation
 import Hummingbird
 import Logging
+import NIOCore
 
 extension Gateway {
     /// The routes of contract §5. They answer 404 `not_found` while no Connect base URL is configured.
@@ -42,7 +43,12 @@ extension Gateway {
             verified = try await verifier.verify(
                 authorization: request.headers[.authorization], method: request.method.rawValue,
                 uri: request.uri.string
-            ) { try await self.readBody(request) }
+            ) {
+                // Contract §5: any failure of a lifecycle callback is 401, an oversized body too.
+                do { return try await self.readBody(request) } catch is NIOTooManyBytesError {
+                    throw SignedInstallError.bodyTooLarge
+                }
+            }
         } catch let error as SignedInstallError {
             logger.notice(
                 "Connect signed install refused",
