@@ -42,6 +42,9 @@ public final class Gateway: Sendable {
     /// Set when a graceful shutdown begins (``ShutdownNotice``): `/health/ready` answers 503 from
     /// then on, so a probe of the operations listener sees the replica going while it drains.
     let draining = Atomic<Bool>(false)
+    /// The main listener's port once it is up (0 before): what OAuth discovery names when the
+    /// configured port is 0 (any free port).
+    let boundPort = Atomic<Int>(0)
     /// When the graceful shutdown began (nil before).
     let drainBegan = Mutex<ContinuousClock.Instant?>(nil)
     public let replicaID: String
@@ -213,7 +216,8 @@ public final class Gateway: Sendable {
         let readiness = self.readiness
         let host = self.configuration.host
         services.append(
-            self.makeApplication { channel in
+            self.makeApplication { [self] channel in
+                self.boundPort.store(channel.localAddress?.port ?? 0, ordering: .relaxed)
                 await onServerRunning(channel)
                 readiness.listenerUp(host: host, port: channel.localAddress?.port ?? 0)
             })

@@ -477,6 +477,18 @@ struct OAuthIntegrationTests {
         }
     }
 
+    @Test("with port 0 (any free port) and no public URL, discovery names the port the listener got")
+    func discoveryBoundPort() async throws {
+        try await GatewayHarness.run { h in
+            #expect(h.gateway.configuration.port == 0)
+            #expect(h.gateway.configuration.publicURL == nil)
+            let answer = try await h.call(.GET, "/.well-known/oauth-authorization-server", secret: nil)
+            #expect(answer.status == 200)
+            #expect(answer.json["issuer"] as? String == h.gatewayURL)
+            #expect(answer.json["token_endpoint"] as? String == h.gatewayURL + "/oauth/token")
+        }
+    }
+
     @Test("a configured public URL is the issuer and the base of the token endpoint")
     func discoveryPublicURL() async throws {
         try await GatewayHarness.run(configure: { $0.publicURL = "https://tokens.example.test/gw/" }) { h in

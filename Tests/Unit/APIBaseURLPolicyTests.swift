@@ -31,14 +31,16 @@ struct APIBaseURLPolicyTests {
         let policy = RefusedAPIBaseURLOrigins(prefixes: GatewayConfiguration.anyAPIBaseURL, logger: logger)
         for url in [
             "https://api.atlassian.com/ex/jira/1b7c", "https://api.stg.atlassian.com/ex/confluence/x",
-            "http://127.0.0.1:9999/ex/jira/x", "http://localhost:8081/ex/jira/x",
+            "http://127.0.0.1:9999/ex/jira/x", "http://localhost:8081/ex/jira/x", "http://[::1]:80/ex/jira/x",
+            // Loopback on the default port.
+            "http://localhost/ex/jira/c1", "http://127.0.0.1/ex/jira/c1", "http://[::1]/ex/jira/c1",
         ] {
             #expect(policy.allows(url), "\(url)")
         }
         for url in [
             "http://api.atlassian.com/ex/jira/1", "https://api.atlassian.com/ex/jira/1@evil.example",
             "https://api.atlassian.com/ex/../x", "https:///ex/jira", "ftp://api.atlassian.com/ex/jira/1",
-            "http://127.0.0.1.evil.example/ex", "",
+            "http://127.0.0.1.evil.example/ex", "http://localhost.evil.example/ex", "http://localhost//ex", "",
         ] {
             #expect(!policy.allows(url), "\(url)")
         }

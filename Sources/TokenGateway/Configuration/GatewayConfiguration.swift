@@ -167,7 +167,10 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     /// The default of ``apiBaseURLPrefixes``: any `https` URL, or `http` to loopback. A FIT is
     /// signed by Forge, so the `apiBaseUrl` it carries is taken as it is (contract §2: `null` only
     /// while no FIT carried one); the setting narrows it (`https://api.atlassian.com/ex/`, say).
-    public static let anyAPIBaseURL = ["https://", "http://127.0.0.1:", "http://localhost:", "http://[::1]:"]
+    public static let anyAPIBaseURL = [
+        "https://", "http://127.0.0.1:", "http://localhost:", "http://[::1]:", "http://127.0.0.1/",
+        "http://localhost/", "http://[::1]/",
+    ]
     /// Secret settings whose value was given inline on the command line (not as `@path`): used as
     /// given (contract §7: every setting is a flag too), and warned about at start-up, since every
     /// local user can read a process's arguments.
@@ -235,10 +238,15 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     }
 
     /// The base URL used in OAuth discovery: `TOKEN_GATEWAY_PUBLIC_URL`, else `http://<host>:<port>`.
-    public var effectivePublicURL: String {
+    public var effectivePublicURL: String { self.effectivePublicURL(boundPort: nil) }
+
+    /// ``effectivePublicURL`` once the listener is up: with `port` 0 (any free port), the port it
+    /// was given (`boundPort`) stands in the default URL.
+    public func effectivePublicURL(boundPort: Int?) -> String {
         if let publicURL { return publicURL.hasSuffix("/") ? String(publicURL.dropLast()) : publicURL }
         let h = self.host.contains(":") ? "[\(self.host)]" : self.host
-        return "http://\(h):\(self.port)"
+        let port = self.port == 0 ? (boundPort ?? 0) : self.port
+        return "http://\(h):\(port)"
     }
 
     /// A start-up warning when OAuth discovery would name an address no client can reach: no

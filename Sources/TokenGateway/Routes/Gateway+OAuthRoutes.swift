@@ -28,8 +28,10 @@ extension Gateway {
 
     /// `GET /.well-known/oauth-authorization-server`: public, cacheable for five minutes.
     func oauthDiscovery() -> Response {
+        let bound = self.boundPort.load(ordering: .relaxed)
         let document = OAuthMetadata.document(
-            publicURL: self.configuration.effectivePublicURL, tokenExchange: self.connectInstallVerifier != nil)
+            publicURL: self.configuration.effectivePublicURL(boundPort: bound == 0 ? nil : bound),
+            tokenExchange: self.connectInstallVerifier != nil)
         return Response(
             status: .ok, headers: [.contentType: "application/json", .cacheControl: "public, max-age=300"],
             body: .init(byteBuffer: ByteBuffer(string: document.serialized())))
