@@ -133,7 +133,23 @@ struct TokenFlowIntegrationTests {
             #expect(
                 try await store.snapshot(id, timeout: nil).circuitOpenUntil?.unixMilliseconds
                     == openUntil.unixMilliseconds)
-            // A success closes it, and releases the next lease with it.
+            // While it is open no round takes the lease (a follower of the round that opened it
+            // included), with or without a hold to respect, and nothing is written.
+            for respectingHold in [true, false] {
+                #expect(
+                    try await store.takeLease(
+                        id, requestID: "rq_verdict_2", replicaID: "replica-t", ttl: .seconds(30),
+                        respectingHold: respectingHold) == .circuitOpen(until: openUntil))
+            }
+            #expect(try await h.gateway.redis.send(["GET", leaseKey]).isNull)
+            #expect(
+                try await h.gateway.redis.send(["EXISTS", "tg:{\(installation.id)}:pending:rq_verdict_2"]).int == 0)
+            // A success (a trial round's) closes it; the next lease is taken and released with the
+            // next verdict.
+            #expect(
+                try await store.recordRoundOutcome(
+                    id, succeeded: true, threshold: 2, openBase: .seconds(30), openCap: .seconds(300), now: now,
+                    releasingLease: "rq_none") == nil)
             #expect(
                 try await store.takeLease(
                     id, requestID: "rq_verdict_2", replicaID: "replica-t", ttl: .seconds(30), respectingHold: false)

@@ -492,6 +492,36 @@ struct TokenFlowExecutorTests {
         }
     }
 
+    @Test(
+        "following a round another replica ends by opening the circuit: the followers get circuit_open, no trigger call"
+    )
+    func followedRoundOpensTheCircuit() async throws {
+        try await withFlow({ $0.breakerThreshold = 1 }) { h in
+            try await h.otherReplicaLeads()
+            async let answer = h.request(.init(timeout: .seconds(20)))
+            await h.clock.waitForSleepers(2)
+            #expect(h.flow.roundState(h.id) == .following)
+            // The other replica's round fails: its verdict opens the circuit and releases its lease
+            // in one step. (Circuits are not announced: the follower finds out by its re-read.)
+            let openUntil = try await h.store.recordRoundOutcome(
+                h.id, succeeded: false, threshold: 1, openBase: .seconds(30), openCap: .seconds(300),
+                now: h.clock.now(), releasingLease: "rq_other")
+            #expect(openUntil != nil)
+            // The re-read finds no token; the lease is free, but the circuit is open.
+            h.clock.advance(by: .milliseconds(50))
+            let followed = await answer
+            #expect(throws: FlowError.circuitOpen(retryAfter: .zero)) { try followed.get() }
+            if case .failure(let error) = followed { #expect(error.retryAfter == .seconds(30) - .milliseconds(50)) }
+            #expect(h.trigger.callCount == 0)
+            #expect(h.store.leaseOwner(h.id) == nil)
+            #expect(h.flow.roundState(h.id) == .circuitOpen)
+            // Callers arriving now are failed fast the same way, still without a call.
+            let next = await h.request()
+            #expect(throws: FlowError.circuitOpen(retryAfter: .zero)) { try next.get() }
+            #expect(h.trigger.callCount == 0)
+        }
+    }
+
     @Test("a lost announcement: the follower's re-read timer finds the token")
     func lostNotificationTimerReread() async throws {
         try await withFlow { h in

@@ -352,6 +352,54 @@ struct TokenFlowStateMachineTests {
         #expect(!a.contains(.releaseLease(requestID: "r1")))
     }
 
+    @Test(
+        "a lease refused for an open circuit fails the round's callers, forced ones too, with circuit_open; none is taken"
+    )
+    func leaseRefusedByOpenCircuit() {
+        var clock = ManualClock()
+        var m = TokenFlowStateMachine(configuration: config())
+        let deadline = clock.now + .seconds(10)
+        _ = m.tokenWasRequested(
+            waiter: WaiterID(1), minValidity: 300, knownExpiry: 0, forced: false, deadline: deadline, requestID: "r1",
+            now: clock.now)
+        _ = m.tokenWasRequested(
+            waiter: WaiterID(2), minValidity: 300, knownExpiry: 0, forced: true, deadline: deadline, requestID: "r2",
+            now: clock.now)
+        let openUntil = clock.now + .seconds(30)
+        // Another round's answer, or a stale one, changes nothing.
+        #expect(m.leaseRefusedByOpenCircuit(requestID: "other", openUntil: openUntil, now: clock.now).isEmpty)
+        let a = m.leaseRefusedByOpenCircuit(requestID: "r1", openUntil: openUntil, now: clock.now)
+        #expect(a.contains(.fail([WaiterID(1), WaiterID(2)], .circuitOpen(retryAfter: .seconds(30)))))
+        #expect(!a.contains(.releaseLease(requestID: "r1")))
+        #expect(!a.contains { if case .roundFinished = $0 { return true } else { return false } })
+        #expect(m.stateName(at: clock.now) == .circuitOpen)
+        // Callers that come now fail fast; once the window ends a round starts again.
+        let next = m.tokenWasRequested(
+            waiter: WaiterID(3), minValidity: 300, knownExpiry: 0, forced: true, deadline: deadline, requestID: "r3",
+            now: clock.now)
+        #expect(next == [.fail([WaiterID(3)], .circuitOpen(retryAfter: .seconds(30)))])
+        clock.advance(.seconds(30))
+        let later = m.tokenWasRequested(
+            waiter: WaiterID(4), minValidity: 300, knownExpiry: 0, forced: false, deadline: clock.now + .seconds(10),
+            requestID: "r4", now: clock.now)
+        #expect(later.contains { if case .acquireLease("r4", _, _) = $0 { return true } else { return false } })
+    }
+
+    @Test("a lease refused for a circuit whose window has ended meanwhile is tried again")
+    func leaseRefusedByACircuitSinceClosed() {
+        var clock = ManualClock()
+        var m = TokenFlowStateMachine(configuration: config())
+        _ = m.tokenWasRequested(
+            waiter: WaiterID(1), minValidity: 300, knownExpiry: 0, forced: false, deadline: clock.now + .seconds(10),
+            requestID: "r1", now: clock.now)
+        let openUntil = clock.now + .milliseconds(10)
+        clock.advance(.milliseconds(10))
+        let a = m.leaseRefusedByOpenCircuit(requestID: "r1", openUntil: openUntil, now: clock.now)
+        #expect(a.count == 1)
+        #expect(a.contains { if case .acquireLease("r1", _, _) = $0 { return true } else { return false } })
+        #expect(m.isActive)
+    }
+
     @Test("the store failing while taking the lease fails callers with store_unavailable")
     func storeDownAtLease() {
         let clock = ManualClock()

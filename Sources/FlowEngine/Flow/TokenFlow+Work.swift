@@ -41,6 +41,10 @@ extension TokenFlow {
                 // it, and the re-read hands it to them.
                 self.handle(id) { $0.leaseDenied(requestID: requestID, now: self.now()) }
                 await self.readStore(id, requestID: requestID)
+            case .circuitOpen(let until):
+                self.handle(id) {
+                    $0.leaseRefusedByOpenCircuit(requestID: requestID, openUntil: until, now: self.now())
+                }
             case .held(let remaining):
                 // Another round trip just brought no newer token: answer with the newest one.
                 let now = self.now()

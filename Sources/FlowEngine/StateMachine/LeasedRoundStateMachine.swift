@@ -506,6 +506,26 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         return actions + [self.leaseAction(round, now: now)]
     }
 
+    /// The lease was not taken because the key's circuit is open until `openUntil` (a round led by
+    /// another process opened it while this one followed, or before this process read it). The
+    /// round's callers get `circuit_open`, as callers arriving now do, and the machine enters
+    /// `circuitOpen`: no process calls a trigger whose circuit is open.
+    public mutating func leaseRefusedByOpenCircuit(requestID: String, openUntil: FlowTime, now: FlowTime) -> [Action] {
+        guard case .round(let round) = self.state, round.requestID == requestID, case .acquiringLease = round.phase
+        else { return [] }
+        guard now < openUntil else {
+            // Closed again meanwhile: try the lease again.
+            return [self.leaseAction(round, now: now)]
+        }
+        let actions = self.endRound(
+            round, failingWith: Value.failure(.circuitOpen(retryAfter: openUntil - now)), outcome: .abandoned, now: now)
+        switch self.state {
+        case .held(let hold): self.state = .circuitOpen(until: openUntil, hold: hold)
+        default: self.state = .circuitOpen(until: openUntil, hold: nil)
+        }
+        return actions
+    }
+
     /// The store could not be reached while taking the lease (the round fails with
     /// `store_unavailable`) or while following (the next re-read retries).
     public mutating func storeFailed(requestID: String, now: FlowTime) -> [Action] {

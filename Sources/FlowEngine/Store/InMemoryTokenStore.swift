@@ -355,6 +355,7 @@ public final class InMemoryTokenStore: TokenStore {
         let now = self.now()
         return self.state.withLock { s in
             if respectingHold, let held = Self.remaining(s.holds[id], now: now) { return .held(remaining: held) }
+            if let openUntil = s.breakers[id]?.openUntil, now < openUntil { return .circuitOpen(until: openUntil) }
             if let unlessNewerThan, let t = s.tokens[id], t.expiresAt > now.unixSeconds,
                 t.expiresAt > unlessNewerThan
             {

@@ -81,12 +81,20 @@ public struct RedisTokenStore: TokenStore {
             Self.takeLeaseScript,
             keys: [
                 g.leaseKey(id), g.holdKey(id), g.pendingKey(id, requestID: requestID), g.installationKey(id),
-                g.signingKeysKey(id), g.systemTokenKey(id),
+                g.signingKeysKey(id), g.systemTokenKey(id), g.breakerKey(id),
             ],
             arguments: [
                 requestID, String(max(ttl.milliseconds, 1)), respectingHold ? "1" : "0", replicaID,
                 material == nil ? "0" : "1", material?.heldKeyID ?? "", unlessNewerThan.map(String.init) ?? "",
+                String(FlowTime.now().unixMilliseconds),
             ])
+        if let items = r.array, items.count == 2, items[0].int == 3 {
+            // The circuit is open: 3 and its openUntil (ms).
+            guard let openUntil = items[1].string.flatMap({ Int64($0) }) ?? items[1].int else {
+                throw RedisError.protocolError
+            }
+            return (.circuitOpen(until: FlowTime(nanoseconds: openUntil &* 1_000_000)), nil)
+        }
         if let items = r.array {
             // Taken, with the trigger material: 1, then the material's five fields.
             guard items.first?.int == 1, let read = TriggerMaterialRead(reply: items.dropFirst()) else {
@@ -224,19 +232,22 @@ public struct RedisTokenStore: TokenStore {
     /// request with it; when the lease is taken and ARGV[5] asks for it, also reads the trigger
     /// material the round's first trigger call needs: one round trip. (The token's key expires
     /// with the token: a stored one is valid.)
-    /// KEYS: lease, hold, pending, installation, signing keys, token (one hash slot). ARGV: request
-    /// id (the lease's owner value), ttl ms, respect hold (1/0), replica id (the pending request's
-    /// owner), read the trigger material (1/0), the key id whose sealed key the caller holds (""
-    /// for none), the expiry (Unix s) a stored token must be later than to stop the take ("" for
-    /// none). Returns 1 (taken) or {1, status, sealed trigger URL, current key id, next key's
-    /// activation time, sealed current key unless its id is ARGV[6]} (taken, with the material),
-    /// 0 (busy), 2 (a later token is stored) or minus the hold's remaining milliseconds.
+    /// KEYS: lease, hold, pending, installation, signing keys, token, breaker (one hash slot).
+    /// ARGV: request id (the lease's owner value), ttl ms, respect hold (1/0), replica id (the
+    /// pending request's owner), read the trigger material (1/0), the key id whose sealed key the
+    /// caller holds ("" for none), the expiry (Unix s) a stored token must be later than to stop
+    /// the take ("" for none), now (ms). Returns 1 (taken) or {1, status, sealed trigger URL,
+    /// current key id, next key's activation time, sealed current key unless its id is ARGV[6]}
+    /// (taken, with the material), 0 (busy), 2 (a later token is stored), {3, the circuit's
+    /// openUntil ms} (the circuit is open) or minus the hold's remaining milliseconds.
     static let takeLeaseScript = RedisScript(
         """
         if ARGV[3] == '1' then
           local held = redis.call('PTTL', KEYS[2])
           if held > 0 then return -held end
         end
+        local b = tonumber(redis.call('HGET', KEYS[7], 'openUntil') or '')
+        if b and b > tonumber(ARGV[8]) then return {3, string.format('%d', b)} end
         if ARGV[7] ~= '' and (tonumber(redis.call('HGET', KEYS[6], 'exp')) or 0) > tonumber(ARGV[7]) then
           return 2
         end

@@ -19,9 +19,9 @@ public protocol TokenStore: Sendable {
     func snapshot(_ id: InstallationID, timeout: Duration?, takingLease intent: SnapshotLeaseIntent?)
         async throws -> (snapshot: TokenStoreSnapshot, lease: SnapshotLease?)
 
-    /// Takes the installation's lease for `ttl` unless another round holds it, (when
-    /// `respectingHold`) a hold is in force, or (with `unlessNewerThan`) a token expiring after
-    /// that instant (Unix seconds) and still valid is stored; in the same step it records the
+    /// Takes the installation's lease for `ttl` unless another round holds it, its circuit is open,
+    /// (when `respectingHold`) a hold is in force, or (with `unlessNewerThan`) a token expiring
+    /// after that instant (Unix seconds) and still valid is stored; in the same step it records the
     /// round's pending request `requestID` (owned by `replicaID`), so its delivery is recognised
     /// on any replica. The check and the take are one step: a round that another replica ends
     /// between this replica's last read and its take (token stored, lease released) is seen.
@@ -247,6 +247,9 @@ public enum TokenStoreLeaseOutcome: Sendable, Hashable {
     /// A token expiring later than the round's `unlessNewerThan` is stored (another round ended
     /// meanwhile): the lease was not taken; the round's callers read it.
     case newerStored
+    /// The installation's circuit is open until this instant (a round led elsewhere opened it
+    /// while this one followed): the lease was not taken; the round's callers get `circuit_open`.
+    case circuitOpen(until: FlowTime)
 }
 
 /// One announcement on the store's channel.
