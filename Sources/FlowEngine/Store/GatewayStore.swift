@@ -355,23 +355,27 @@ public final class GatewayStore: Sendable {
     /// pipelined round trip.
     public func roundProbe(_ id: InstallationID, requestID: String?) async throws -> RoundProbe {
         let tokenKey = self.systemTokenKey(id)
-        var commands: [[String]] = [
+        // The pending request first: a pipeline is not one step, and a delivery that lands between
+        // two of its commands must not look like one that consumed the request without storing
+        // its token (read the other way round, the old token and no pending request).
+        var commands: [[String]] = requestID.map { [["EXISTS", self.pendingKey(id, requestID: $0)]] } ?? []
+        let first = commands.count
+        commands += [
             ["HMGET", tokenKey, "exp", "v", "rid", "at"],
             ["HMGET", self.installationKey(id), "apiBaseUrl", "status"],
             ["PTTL", self.holdKey(id)],
         ]
-        if let requestID { commands.append(["EXISTS", self.pendingKey(id, requestID: requestID)]) }
         let replies = try await self.redis.pipeline(commands)
-        guard replies.count == commands.count, let tok = replies[0].array, tok.count == 4,
-            let installation = replies[1].array, installation.count == 2
+        guard replies.count == commands.count, let tok = replies[first].array, tok.count == 4,
+            let installation = replies[first + 1].array, installation.count == 2
         else {
             throw RedisError.protocolError
         }
         return RoundProbe(
             token: await self.openTokenOrDrop(key: tokenKey, exp: tok[0], sealed: tok[1], rid: tok[2], at: tok[3]),
             apiBaseUrl: self.openAPIBaseURL(installation[0].string, id),
-            pendingOpen: requestID != nil && replies[3].int == 1,
-            holdRemaining: Self.remaining(replies[2]), uninstalled: installation[1].string == "uninstalled")
+            pendingOpen: requestID != nil && replies[0].int == 1,
+            holdRemaining: Self.remaining(replies[first + 2]), uninstalled: installation[1].string == "uninstalled")
     }
 
     /// The stored system token with the installation's `apiBaseUrl` and hold.
