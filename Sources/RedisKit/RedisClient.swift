@@ -110,15 +110,16 @@ public final class RedisClient: Sendable, Service {
     /// - Parameter timeout: the whole call, connecting included; default ``RedisConfiguration/commandTimeout``.
     /// - Throws: ``RedisError/server(_:)`` for an error reply, ``RedisError/unavailable`` (not sent),
     ///   ``RedisError/connectionLost`` (sent, then the connection was lost: it may have run),
-    ///   ``RedisError/timeout``, ``RedisError/protocolError``, ``RedisError/invalidCommand`` (empty command),
+    ///   ``RedisError/timeout``, ``RedisError/protocolError``, ``RedisError/invalidCommand`` (empty, or one
+    ///   that changes a shared connection's state: `MULTI`, `SELECT`, `SUBSCRIBE`, `CLIENT REPLY`, …),
     ///   or `CancellationError`.
     public func send(_ command: [String], timeout: Duration? = nil) async throws -> RedisValue {
         try await self.send(command, deadline: self.deadline(timeout))
     }
 
     /// Sends several commands pipelined on one connection; the replies come back in order. Error replies are
-    /// returned as ``RedisValue/error(_:)``, not thrown. The commands are not a transaction: wrap them in
-    /// `MULTI`/`EXEC` for that.
+    /// returned as ``RedisValue/error(_:)``, not thrown. The commands are not a transaction (another
+    /// client's commands may run between them): a script (``eval(_:keys:arguments:timeout:)``) is one step.
     ///
     /// - Throws: ``RedisError/unavailable``, ``RedisError/connectionLost``, ``RedisError/timeout``,
     ///   ``RedisError/protocolError``, ``RedisError/invalidCommand``, or `CancellationError`.
@@ -294,6 +295,27 @@ public final class RedisClient: Sendable, Service {
         self.pool.closeAllConnections()
     }
 
+    /// Commands that change the state of the connection they run on, or what it answers: the
+    /// pool's connections are shared by every caller and replies are matched in order, so such a
+    /// command would hand other callers' replies to the wrong caller (`CLIENT REPLY`, `SUBSCRIBE`,
+    /// `MONITOR`), queue their commands in its transaction (`MULTI`), or move them to another
+    /// database or user (`SELECT`, `AUTH`). Refused with ``RedisError/invalidCommand``; atomic
+    /// groups of commands are scripts (``eval(_:keys:arguments:timeout:)``).
+    static let connectionStateCommands: Set<String> = [
+        "MULTI", "EXEC", "DISCARD", "WATCH", "UNWATCH", "SELECT", "AUTH", "HELLO", "RESET", "QUIT", "SUBSCRIBE",
+        "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE", "SUNSUBSCRIBE", "MONITOR", "SYNC", "PSYNC",
+        "READONLY", "READWRITE", "ASKING",
+    ]
+
+    static func changesConnectionState(_ command: [String]) -> Bool {
+        let name = command[0].uppercased()
+        if name == "CLIENT", command.count > 1 {
+            let subcommand = command[1].uppercased()
+            return subcommand == "REPLY" || subcommand == "TRACKING"
+        }
+        return Self.connectionStateCommands.contains(name)
+    }
+
     func send(_ command: [String], deadline: NIODeadline) async throws -> RedisValue {
         let reply = try await self.execute([command], deadline: deadline)[0]
         if case .error(let message) = reply {
@@ -306,7 +328,7 @@ public final class RedisClient: Sendable, Service {
         guard !commands.isEmpty else {
             return []
         }
-        guard commands.allSatisfy({ !$0.isEmpty }) else {
+        guard commands.allSatisfy({ !$0.isEmpty && !Self.changesConnectionState($0) }) else {
             throw RedisError.invalidCommand
         }
         do {

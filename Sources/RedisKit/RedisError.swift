@@ -43,7 +43,8 @@ public struct RedisError: Error, Hashable, CustomStringConvertible {
     /// The server sent bytes that are not valid RESP, or a reply nobody asked for; the connection is closed.
     public static let protocolError = RedisError(code: .protocolError)
 
-    /// The command was empty (or a pipeline contained an empty command); nothing was sent.
+    /// The command was empty (or a pipeline contained an empty command), or it would change the
+    /// state of a shared connection (`MULTI`, `SELECT`, `SUBSCRIBE`, `CLIENT REPLY`, …); nothing was sent.
     public static let invalidCommand = RedisError(code: .invalidCommand)
 
     /// A cluster-wide walk (``RedisClient/scan(cursor:match:count:timeout:)``) cannot go on from its cursor: the
@@ -76,7 +77,7 @@ public struct RedisError: Error, Hashable, CustomStringConvertible {
         case .protocolError:
             return "Redis sent an invalid or unexpected reply"
         case .invalidCommand:
-            return "empty Redis command"
+            return "empty Redis command, or one that would change a shared connection's state"
         case .topologyChanged:
             return "the Redis Cluster's slots moved during the walk; start it again from the beginning"
         case .server:

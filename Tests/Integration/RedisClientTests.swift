@@ -105,6 +105,37 @@ import TokenGateway
         }
     }
 
+    @Test(
+        "commands that would change a shared connection's state are refused unsent; other callers' replies stay theirs"
+    )
+    func connectionStateCommandsAreRefused() async throws {
+        let prefix = Self.prefix()
+        var configuration = try RedisConfiguration(url: RedisServerProcess.sharedURL())
+        configuration.poolSize = 1
+        try await Self.withClient(configuration: configuration) { client in
+            for key in ["a", "b", "c"] { _ = try await client.send(["SET", prefix + key, key]) }
+            for command in [
+                ["CLIENT", "REPLY", "SKIP"], ["client", "reply", "off"], ["MULTI"], ["multi"], ["EXEC"],
+                ["WATCH", prefix + "a"],
+                ["SELECT", "1"], ["SUBSCRIBE", "x", "y"], ["PSUBSCRIBE", "x*"], ["MONITOR"], ["AUTH", "nobody"],
+                ["HELLO", "3"], ["RESET"], ["READONLY"], ["CLIENT", "TRACKING", "on"],
+            ] {
+                await #expect(throws: RedisError.invalidCommand, "\(command[0])") { try await client.send(command) }
+                await #expect(throws: RedisError.invalidCommand, "\(command[0])") {
+                    try await client.pipeline([["GET", prefix + "a"], command])
+                }
+            }
+            // Nothing of them reached the connection: every caller still gets its own reply, from
+            // database 0, outside any transaction.
+            async let a = client.send(["GET", prefix + "a"])
+            async let b = client.send(["GET", prefix + "b"])
+            async let c = client.send(["GET", prefix + "c"])
+            #expect(try await [a, b, c].map(\.string) == ["a", "b", "c"])
+            // Read-only CLIENT subcommands are fine.
+            #expect(try await client.send(["CLIENT", "ID"]).int != nil)
+        }
+    }
+
     @Test func roundTripsA200KilobyteValue() async throws {
         let prefix = Self.prefix()
         let value = String((0..<200 * 1024).map { index in Character(UnicodeScalar(UInt8(97 + index % 26))) })
