@@ -217,6 +217,30 @@ struct UserTokenExchangerTests {
         }
     }
 
+    @Test(
+        "a lease take whose answer is lost fails its caller and gives the lease back: the next caller exchanges at once"
+    )
+    func leaseTakeWithItsAnswerLost() async throws {
+        let h = Harness([Self.issued])
+        try await h.running { () async throws -> Void in
+            h.store.loseNextLeaseAnswer()
+            let first = await h.token()
+            #expect(throws: UserTokenError.storeUnavailable) { try first.get() }
+            // The take happened; the lease does not stay behind for the rest of its time.
+            var spins = 0
+            while h.store.leaseOwner(Self.installation, accountId: Self.account.value) != nil, spins < 100_000 {
+                await Task.yield()
+                spins += 1
+            }
+            // (Required: with the lease left, the next caller would follow it until it expires.)
+            try #require(h.store.leaseOwner(Self.installation, accountId: Self.account.value) == nil)
+            // The next caller takes the lease and exchanges, without the clock moving.
+            let second = try await h.token().get()
+            #expect(second.token.value == "user-token-1")
+            #expect(h.client.calls.count == 1)
+        }
+    }
+
     @Test("when the other process lets its lease go without an answer, the follower takes it at once and exchanges")
     func takesOverAReleasedLease() async throws {
         let h = Harness([Self.issued])

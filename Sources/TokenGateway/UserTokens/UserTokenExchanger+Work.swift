@@ -71,6 +71,13 @@ extension UserTokenExchanger {
             self.logger(for: job).warning(
                 "store unavailable while taking the exchange lease", metadata: ["error": "\(error)"])
             self.handle(key) { $0.storeFailed(requestID: requestID, now: self.clock.now()) }
+            // The take may have happened with its answer lost (a timeout): a lease no round of this
+            // process goes on with is given back (the release compares the owner), so the user's
+            // next exchange, on any replica, does not wait for it to expire.
+            let goesOn = self.state.withLock { $0.flights[key]?.machine.currentRequestID == requestID }
+            if !goesOn {
+                _ = try? await self.store.releaseLease(key.installation, accountId: key.accountId, owner: requestID)
+            }
             return
         }
         guard won else {

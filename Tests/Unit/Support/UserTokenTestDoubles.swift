@@ -35,6 +35,8 @@ final class InMemoryUserTokenStore: UserTokenStore {
         var leaseGate: [CheckedContinuation<Void, Never>]?
         var turns = CallTurns()
         var dropsNotices = false
+        /// The next lease take happens, then its answer is lost (a timeout after the command ran).
+        var losesNextLeaseAnswer = false
     }
 
     struct Unreachable: Error {}
@@ -143,6 +145,11 @@ final class InMemoryUserTokenStore: UserTokenStore {
         set { self.state.withLock { $0.dropsNotices = newValue } }
     }
 
+    /// The next lease take is made, then throws as if its answer were lost.
+    func loseNextLeaseAnswer() {
+        self.state.withLock { $0.losesNextLeaseAnswer = true }
+    }
+
     /// How many watch the store's notices now.
     var watcherCount: Int { self.state.withLock { $0.watchers.count } }
 
@@ -218,16 +225,20 @@ final class InMemoryUserTokenStore: UserTokenStore {
         try await self.check()
         let now = self.clock.now()
         let key = Key(installation: id, accountId: accountId)
-        return self.state.withLock { s in
+        let (won, lost) = self.state.withLock { s -> (Bool, Bool) in
             s.leaseAttempts += 1
             if let token = s.finishedElsewhere {
                 s.tokens[key] = (token, FlowTime(unixSeconds: token.expiresAt))
                 s.finishedElsewhere = nil
             }
-            if let lease = s.leases[key], lease.until > now { return false }
+            let lost = s.losesNextLeaseAnswer
+            s.losesNextLeaseAnswer = false
+            if let lease = s.leases[key], lease.until > now { return (false, lost) }
             s.leases[key] = (owner, now + ttl)
-            return true
+            return (true, lost)
         }
+        if lost { throw Unreachable() }
+        return won
     }
 
     @discardableResult
