@@ -522,6 +522,37 @@ struct TokenFlowExecutorTests {
         }
     }
 
+    @Test(
+        "a forced refresh's snapshot that reads the token of the round a replica follows answers the followers at once"
+    )
+    func snapshotAnswersFollowers() async throws {
+        try await withFlow { h in
+            try await h.otherReplicaLeads()
+            let first = Task { await h.request() }
+            await h.clock.waitForSleepers(2)
+            #expect(h.flow.roundState(h.id) == .following)
+            // The other replica's token is stored; its announcement comes late.
+            h.store.dropsNotifications = true
+            h.store.deliver(h.id, token: "tok-b", expiresAt: h.clock.now().unixSeconds + 3600, requestID: "rq_other")
+            // A forced refresh on this replica reads the store (it does not join the round): it
+            // reads that token, and keeps it in memory.
+            let reads = h.store.calls("snapshot")
+            let forced = Task { await h.request(.init(forceRefresh: true)) }
+            await TokenFlowExecutorTests.yield { h.store.calls("snapshot") > reads }
+            // The follower's caller is answered without its re-read timer (the clock stays put).
+            await TokenFlowExecutorTests.yield { h.flow.roundState(h.id) != .following }
+            try #require(h.flow.roundState(h.id) != .following)
+            #expect(try await first.value.get().token.value == "tok-b")
+            // The announcement, late: already handled, it answers nobody twice.
+            h.store.dropsNotifications = false
+            h.store.publish(.tokenStored(h.id, requestID: "rq_other", sameToken: false))
+            #expect(h.trigger.callCount == 0)
+            // (The forced refresh follows the other replica's lease; shutdown answers it.)
+            forced.cancel()
+            _ = await forced.value
+        }
+    }
+
     @Test("a lost announcement: the follower's re-read timer finds the token")
     func lostNotificationTimerReread() async throws {
         try await withFlow { h in

@@ -439,10 +439,12 @@ public final class TokenFlow: Sendable, Service {
     }
 
     /// Feeds what a snapshot said about the installation (trigger, hold, circuit) to this process,
-    /// and the token a round of this process stored to that round when it has not heard of it yet
-    /// (its announcement is late or lost): the round ends before the caller that read the snapshot
-    /// joins, so a forced refresh of that token starts a round of its own instead of being
-    /// answered with it.
+    /// and the token it read to a round in flight: to a round of this process that stored it and
+    /// has not heard of it yet (its announcement is late or lost), as its own, so the round ends
+    /// before the caller that read the snapshot joins (a forced refresh of that token then starts a
+    /// round of its own instead of being answered with it); to a round following another
+    /// replica's, as any value read, so its callers do not wait for a re-read: the snapshot put
+    /// the token in memory, and the announcement of that token is then taken as already handled.
     private func observe(_ id: InstallationID, _ snapshot: TokenStoreSnapshot, hold: RoundTripHold?, now: FlowTime) {
         let actions = self.state.withLock { s -> [FlowAction] in
             if snapshot.triggerRegistered { s.triggerKnown.insert(id) } else { s.triggerKnown.remove(id) }
@@ -450,8 +452,8 @@ public final class TokenFlow: Sendable, Service {
             guard hold != nil || snapshot.circuitOpenUntil != nil || s.machines[id] != nil else { return [] }
             var machine = s.machines[id] ?? self.makeMachine(&s)
             var actions: [FlowAction] = []
-            if let token = snapshot.token, let round = machine.currentRequestID, token.requestID == round {
-                actions += machine.valueObserved(token, solicitedBy: round, now: now)
+            if let token = snapshot.token, let round = machine.currentRequestID {
+                actions += machine.valueObserved(token, solicitedBy: token.requestID == round ? round : nil, now: now)
             }
             if let hold { actions += machine.holdObserved(hold, now: now) }
             actions += machine.circuitObserved(openUntil: snapshot.circuitOpenUntil, now: now)
