@@ -185,6 +185,23 @@ import Testing
         #expect(registry.callers[2].limits == CallerLimits(refreshesPerMinute: 7, userExchangesPerMinute: 300))
         #expect(registry.callers[0].storeTag.count == 24)
         #expect(registry.callers[0].storeTag != registry.callers[1].storeTag)
+        // An optional field given as null is left out: its default.
+        let nulls = try CallerRegistry(
+            json: """
+                [{"name": "n", "secret": "n-secret-0123456789", "secretSha256": null, "installations": null,
+                  "clientKeys": null, "invoke": null, "operator": null, "limits": null},
+                 {"name": "m", "secret": "m-secret-0123456789", "limits": {"refreshesPerMinute": null, "userExchangesPerMinute": 4}}]
+                """)
+        #expect(nulls.callers[0].limits == CallerLimits(refreshesPerMinute: 60, userExchangesPerMinute: 300))
+        #expect(nulls.callers[0].clientKeys == CallerScope([]))
+        #expect(!nulls.callers[0].isOperator)
+        #expect(nulls.callers[1].limits == CallerLimits(refreshesPerMinute: 60, userExchangesPerMinute: 4))
+        // A required one given as null is missing.
+        for missing in [#"{"name": null, "secret": "n-secret-0123456789"}"#, #"{"name": "n", "secret": null}"#] {
+            #expect(throws: ConfigurationValueError.self, "\(missing)") {
+                try CallerRegistry(json: "[" + missing + "]")
+            }
+        }
         for bad in [
             #"{"refreshesPerMinute": -1}"#, #"{"refreshesPerMinute": 1.5}"#, #"{"refreshesPerMinute": "5"}"#,
             #"{"refreshesPerMinute": 2000000}"#, #"{"other": 1}"#, #"[1]"#,

@@ -206,9 +206,11 @@ public struct CallerRegistry: Sendable {
     /// One caller object of the setting; `label` names it in errors (`…[index]`), `names` holds
     /// the names of the entries before it.
     private static func entry(_ element: Any, label position: String, names: inout Set<String>) throws -> Entry {
-        guard let object = element as? [String: Any] else {
+        guard let given = element as? [String: Any] else {
             throw ConfigurationValueError("\(position) must be a JSON object")
         }
+        // A field given as null is a field left out (its default; a required one is then missing).
+        let object = given.filter { !($0.value is NSNull) }
         guard let name = object["name"] as? String,
             !name.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty
         else {
@@ -373,11 +375,11 @@ public struct CallerRegistry: Sendable {
     /// each defaulted when absent.
     private static func limits(_ value: Any?, label: String) throws -> CallerLimits {
         var limits = CallerLimits()
-        guard let value else { return limits }
+        guard let value, !(value is NSNull) else { return limits }
         guard let object = value as? [String: Any] else {
             throw ConfigurationValueError("\(label): \"limits\" must be an object")
         }
-        for (key, raw) in object.sorted(by: { $0.key < $1.key }) {
+        for (key, raw) in object.sorted(by: { $0.key < $1.key }) where !(raw is NSNull) {
             guard !(raw is String), let number = raw as? NSNumber,
                 let int = Int(exactly: number.doubleValue), (0...1_000_000).contains(int)
             else {
