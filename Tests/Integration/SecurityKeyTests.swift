@@ -635,6 +635,36 @@ struct SecurityKeyTests {
         }
     }
 
+    @Test(
+        "a rotation whose token sent along cannot be stored still answers its keys: the Forge side learns the next key"
+    )
+    func rotationAnswersWhenItsPushedTokenIsNotStored() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let id = installation.installationID
+            // The token key holds something the store script cannot write over (WRONGTYPE): the
+            // pushed token's store step fails after the rotation is saved.
+            let tokenKey = "tg:{\(installation.id)}:token:system"
+            _ = try await h.gateway.redis.send(["DEL", tokenKey])
+            _ = try await h.gateway.redis.send(["SET", tokenKey, "not-a-hash"])
+            let pushed = try h.emulator.mintAccessToken(for: installation)
+            let rotate = try await h.call(
+                .POST, "/forge/register", secret: nil,
+                headers: [
+                    "authorization": "Bearer \(try h.emulator.mintFIT(for: installation))",
+                    "content-type": "application/json", "x-forge-oauth-system": pushed,
+                ],
+                body: "{\"authTriggerUrl\":\"\(h.emulator.triggerURL(for: installation))\",\"rotateKey\":true}")
+            #expect(rotate.status == 200, "\(rotate.body)")
+            let nextID = try #require(rotate.json["nextTriggerKeyId"] as? String)
+            #expect(try await h.gateway.store.triggerKeys(id, now: FlowTime.now())?.next?.keyID == nextID)
+            #expect(!rotate.body.contains(pushed))
+            #expect(h.logs.captured.contains { $0.contains("the token sent with the registration was not stored") })
+            #expect(!h.logs.captured.joined().contains(pushed))
+            _ = try await h.gateway.redis.send(["DEL", tokenKey])
+        }
+    }
+
     @Test("with a zero overlap the rotated key signs at once")
     func immediateRotation() async throws {
         try await GatewayHarness.run(configure: { $0.triggerKeyOverlap = .zero }) { h in

@@ -128,11 +128,7 @@ extension Gateway {
         // Registered a moment ago, so a key exists unless an uninstall came in between.
         guard let keys else { throw GatewayError(FlowError.installationUninstalled) }
         self.apiBaseUrlRecorded(id, invocation)
-        if let pushed {
-            _ = try await self.storeDelivery(
-                id, token: pushed, requestID: nil, invocation: invocation, trace: Self.forgeTrace(request),
-                logger: logger)
-        }
+        if let pushed { await self.storeTokenSentWithRegistration(pushed, id: id, request, invocation, logger: logger) }
         logger.info(
             "auth trigger registered",
             metadata: [
@@ -140,6 +136,27 @@ extension Gateway {
                 "trigger.next_key_id": "\(keys.next?.keyID ?? "-")",
             ])
         return Self.json(.object(try Self.registrationAnswer(id, keys: keys)))
+    }
+
+    /// Stores the token a registration sent along. The registration (a rotation's next key
+    /// included) is stored by then: its answer carries the keys the Forge side must learn, so a
+    /// token that cannot be stored now does not turn it into a failure (a rotation answered 503
+    /// after its next key was saved would leave the Forge side without the key that soon signs).
+    /// The token is an extra: the next request that needs one triggers a round trip.
+    private func storeTokenSentWithRegistration(
+        _ token: AccessToken, id: InstallationID, _ request: Request, _ invocation: InvocationContext, logger: Logger
+    ) async {
+        do {
+            _ = try await self.storeDelivery(
+                id, token: token, requestID: nil, invocation: invocation, trace: Self.forgeTrace(request),
+                logger: logger)
+        } catch {
+            logger.warning(
+                "the token sent with the registration was not stored; the registration stands",
+                metadata: [
+                    "installation.id": "\(id)", "error.code": "\((error as? GatewayError)?.code ?? "internal_error")",
+                ])
+        }
     }
 
     /// The members of a registration's answer: the key in force and, during a rotation, the next.
