@@ -57,7 +57,8 @@ struct SecurityKeyTests {
             cacheUntil: now.unixSeconds + 3000, now: now)
         _ = try await store.storeConnectInstall(
             ConnectInstallation(
-                clientKey: "client-\(UUID())", appKey: "app", baseUrl: "https://example.atlassian.net",
+                clientKey: "client-\(UUID())", appKey: Self.sealedLookingAppKey,
+                baseUrl: "https://example.atlassian.net",
                 payloadJSON: "{}", sharedSecret: Array("shared-\(UUID())".utf8), installationId: ids[0]),
             mark: .init(
                 tokenDigest: "token-\(UUID())", bodyDigest: "body", expiresAtUnixSeconds: now.unixSeconds + 180,
@@ -75,6 +76,7 @@ struct SecurityKeyTests {
             var i = 0
             while i + 1 < items.count {
                 if let field = items[i].string, let value = items[i + 1].string, KeyRewrap.looksSealed(value),
+                    !KeyRewrap.isPlainField(field, of: key, prefix: prefix),
                     let keyID = EncryptionKeyRing.keyId(of: value)
                 {
                     out.append((key, field, keyID))
@@ -309,6 +311,10 @@ struct SecurityKeyTests {
             #expect(try await h.token(a).json["accessToken"] as? String == pushedA.token)
         }
     }
+
+    /// A Connect app key with the shape of a sealed value (`<key id>.<38+ base64url characters>`):
+    /// plain text all the same, which the rewrap must leave alone and not count as unopenable.
+    static let sealedLookingAppKey = "acme.jira-servicedesk-approvals-automation-cloud"
 
     @Test("KeyRewrap re-seals everything under the new key, resumably and idempotently")
     func rewrapLibrary() async throws {

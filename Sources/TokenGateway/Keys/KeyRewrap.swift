@@ -60,6 +60,8 @@ public struct KeyRewrap: Sendable {
     let redis: RedisClient
     let keys: EncryptionKeyRing
     let pattern: String
+    /// The start of a Connect tenant hash's name (`<prefix>:connect:{<clientKey>}`).
+    let connectTenantPrefix: String
     let batchSize: Int
     let logger: Logger
     /// Runs before each compare-and-set, with the Redis key about to be written (tests write the
@@ -78,6 +80,7 @@ public struct KeyRewrap: Sendable {
         self.redis = redis
         self.keys = keys
         self.pattern = Self.globEscaped(prefix) + ":*"
+        self.connectTenantPrefix = prefix + ":connect:{"
         self.batchSize = max(1, batchSize)
         self.logger = logger
     }
@@ -148,7 +151,7 @@ public struct KeyRewrap: Sendable {
         var fields = try await self.redis.send(["HGETALL", name]).pairs
         for attempt in 1...Self.attempts {
             var changed: [(String, String)] = []
-            for (field, value) in fields {
+            for (field, value) in fields where !self.isPlainField(field, of: name) {
                 let verdict = self.verdict(value, contexts: [name + "#" + field, name])
                 if attempt == Self.attempts, case .rewrapped = verdict {
                     // Changed on every earlier attempt: not written again in this walk.
@@ -230,6 +233,21 @@ public struct KeyRewrap: Sendable {
             "sealed value does not open with any key of the ring; left as it is",
             metadata: ["redis.key": "\(name)", "redis.field": "\(field ?? "-")"])
     }
+
+    /// Fields known to hold plain text whatever they look like: a Connect tenant's app `key`, base
+    /// URL, payload and status are the install payload's own values, and an app key such as
+    /// `acme.<38 or more letters, digits and dashes>` has the shape of a sealed value (which would
+    /// then count as one that does not open, on every walk).
+    func isPlainField(_ field: String, of name: String) -> Bool {
+        name.hasPrefix(self.connectTenantPrefix) && name.hasSuffix("}") && Self.connectTenantPlainFields.contains(field)
+    }
+
+    /// ``isPlainField(_:of:)`` for the store's key prefix `prefix`.
+    public static func isPlainField(_ field: String, of name: String, prefix: String) -> Bool {
+        name.hasPrefix(prefix + ":connect:{") && name.hasSuffix("}") && Self.connectTenantPlainFields.contains(field)
+    }
+
+    static let connectTenantPlainFields: Set<String> = ["key", "baseUrl", "payload", "status"]
 
     /// Sealed blobs are `<keyId>.<base64url>` of at least a nonce and a tag (28 bytes → 38 characters).
     static func looksSealed(_ value: String) -> Bool {
