@@ -364,6 +364,21 @@ struct SecurityKeyTests {
         let userToken = try Self.ring([("k2", k2)]).open(userSealed, context: userKey)
         #expect(String(decoding: userToken, as: UTF8.self).hasPrefix("user-token-"))
 
+        // Routing data is sealed again deterministically, as the store writes it: the store's
+        // scripts compare it in place.
+        let k2Ring = try Self.ring([("k2", k2)])
+        var routing: [(key: String, field: String)] = ids.map { (new.installationKey($0), "apiBaseUrl") }
+        for tenant in try await Security.scan(pattern: "\(prefix):connect:{*}", in: redis) {
+            routing.append((tenant, "installationId"))
+        }
+        var checked = 0
+        for (key, field) in routing {
+            guard let sealed = try await redis.send(["HGET", key, field]).string, !sealed.isEmpty else { continue }
+            let plaintext = try k2Ring.open(sealed, context: key + "#" + field)
+            #expect(sealed == (try k2Ring.sealDeterministically(plaintext, context: key + "#" + field)), "\(field)")
+            checked += 1
+        }
+        #expect(checked == 3)
         // A second run changes nothing.
         let again = try await rewrap.run()
         #expect(again.rewrapped == 0)

@@ -62,6 +62,8 @@ public struct KeyRewrap: Sendable {
     let pattern: String
     /// The start of a Connect tenant hash's name (`<prefix>:connect:{<clientKey>}`).
     let connectTenantPrefix: String
+    /// The start of an installation's keys (`<prefix>:{<ari>}`).
+    let installationPrefix: String
     let batchSize: Int
     let logger: Logger
     /// Runs before each compare-and-set, with the Redis key about to be written (tests write the
@@ -81,6 +83,7 @@ public struct KeyRewrap: Sendable {
         self.keys = keys
         self.pattern = Self.globEscaped(prefix) + ":*"
         self.connectTenantPrefix = prefix + ":connect:{"
+        self.installationPrefix = prefix + ":{"
         self.batchSize = max(1, batchSize)
         self.logger = logger
     }
@@ -134,16 +137,31 @@ public struct KeyRewrap: Sendable {
         case rewrapped(String)
     }
 
-    /// What to do with one value found under `contexts` (tried in order).
-    private func verdict(_ value: String, contexts: [String]) -> Verdict {
+    /// What to do with one value found under `contexts` (tried in order). A `deterministic` value
+    /// is sealed again the way it was written, deterministically (scripts compare it in place).
+    private func verdict(_ value: String, contexts: [String], deterministic: Bool = false) -> Verdict {
         guard let keyID = EncryptionKeyRing.keyId(of: value), Self.looksSealed(value) else { return .notSealed }
         for context in contexts {
             guard let plaintext = try? self.keys.open(value, context: context) else { continue }
             if keyID == self.keys.currentKeyId { return .current }
-            guard let sealed = try? self.keys.seal(plaintext, context: context) else { return .unopenable }
+            let resealed =
+                deterministic
+                ? try? self.keys.sealDeterministically(plaintext, context: context)
+                : try? self.keys.seal(plaintext, context: context)
+            guard let sealed = resealed else { return .unopenable }
             return .rewrapped(sealed)
         }
         return .unopenable
+    }
+
+    /// Routing data sealed deterministically (``GatewayStore``'s `apiBaseUrl` of an installation,
+    /// a Connect tenant's `installationId` link).
+    func isDeterministicField(_ field: String, of name: String) -> Bool {
+        switch field {
+        case "apiBaseUrl": return name.hasPrefix(self.installationPrefix) && name.hasSuffix("}:installation")
+        case "installationId": return name.hasPrefix(self.connectTenantPrefix) && name.hasSuffix("}")
+        default: return false
+        }
     }
 
     private func rewrapHash(_ name: String) async throws -> Counts {
@@ -152,7 +170,9 @@ public struct KeyRewrap: Sendable {
         for attempt in 1...Self.attempts {
             var changed: [(String, String)] = []
             for (field, value) in fields where !self.isPlainField(field, of: name) {
-                let verdict = self.verdict(value, contexts: [name + "#" + field, name])
+                let verdict = self.verdict(
+                    value, contexts: [name + "#" + field, name],
+                    deterministic: self.isDeterministicField(field, of: name))
                 if attempt == Self.attempts, case .rewrapped = verdict {
                     // Changed on every earlier attempt: not written again in this walk.
                     counts.busy += 1
