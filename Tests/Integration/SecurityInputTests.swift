@@ -88,6 +88,59 @@ struct SecurityInputTests {
         }
     }
 
+    @Test(
+        "HTTP framing: HTTP/1.0 and Connection: close end the connection; a malformed body or a malformed request after one gets one JSON 400 each"
+    )
+    func framingEdgeCases() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let port = Self.port(h)
+            func answers(_ raw: String) -> [RawHTTP.Answer] {
+                raw.components(separatedBy: "HTTP/1.1 ").dropFirst().map { RawHTTP.Answer(raw: "HTTP/1.1 " + $0) }
+            }
+            // HTTP/1.0 without keep-alive, and `Connection: Close` in any case: answered, then closed
+            // (RFC 9112 §9.3, §9.6), the answer saying so.
+            for raw in [
+                "GET /health/live HTTP/1.0\r\n\r\n", "GET /health/live?x=1 HTTP/1.0\r\n\r\n",
+                "GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: Close\r\n\r\n",
+                "GET /nope HTTP/1.1\r\nHost: x\r\nConnection: CLOSE\r\n\r\n",
+            ] {
+                let (received, closed) = try await RawHTTP.exchange(Array(raw.utf8), port: port, timeout: .seconds(5))
+                #expect(closed, "\(raw.debugDescription)")
+                let all = answers(received)
+                #expect(all.count == 1, "\(raw.debugDescription): \(received.debugDescription)")
+                #expect(received.lowercased().contains("\r\nconnection: close\r\n"), "\(raw.debugDescription)")
+            }
+            // A malformed request right behind a well-formed one: each gets its JSON answer, in order.
+            let pipelined = try await RawHTTP.send(
+                Array("GET /nope HTTP/1.1\r\nHost: x\r\n\r\nFOO\r\n\r\n".utf8), port: port)
+            let pair = answers(pipelined)
+            #expect(pair.map(\.status) == [404, 400], "\(pipelined.debugDescription)")
+            #expect(pair.map(\.errorCode) == ["not_found", "invalid_request"], "\(pipelined.debugDescription)")
+            // A chunked body whose framing is malformed, on a route that reads its body: one answer,
+            // 400 invalid_request (not 500), then the connection closes.
+            let fit = try h.emulator.mintFIT(for: installation)
+            let delivery = try await RawHTTP.send(
+                Array(
+                    ("POST /forge/auth-trigger HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \(fit)\r\n"
+                        + "x-forge-oauth-system: \(try h.emulator.mintAccessToken(for: installation))\r\n"
+                        + "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").utf8),
+                port: port)
+            let refused = answers(delivery)
+            #expect(refused.map(\.status) == [400], "\(delivery.debugDescription)")
+            #expect(refused.first?.errorCode == "invalid_request")
+            // …and on a route that does not read it: one answer, then the connection closes.
+            let token = try await RawHTTP.send(
+                Array(
+                    ("GET \(GatewayHarness.path(installation))/token HTTP/1.1\r\nHost: x\r\n"
+                        + "Authorization: Bearer \(GatewayHarness.callerSecret)\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+                        .utf8), port: port)
+            #expect(answers(token).count == 1, "\(token.debugDescription)")
+            // The server still answers normally afterwards.
+            #expect(try await h.call(.GET, "/health/live", secret: nil).status == 200)
+        }
+    }
+
     /// What `/forge/auth-trigger` answers the bodies that are JSON objects: one without a string
     /// `requestId` is an unasked push (200, not stored: its token is older), one that is not valid
     /// JSON text is 400 `invalid_request`.

@@ -171,6 +171,7 @@ struct GatewayHTTP1Channel: ServerChildChannel {
         self.http1.setup(channel: channel, logger: logger).flatMapThrowing { value in
             let pipeline = channel.pipeline.syncOperations
             let codec = try pipeline.handler(type: HTTP1ToHTTPServerCodec.self)
+            try pipeline.addHandler(ConnectionCloseHandler(), position: .before(codec))
             try pipeline.addHandler(self.makeIdleHandler(), position: .before(codec))
             if let makeFastHandler = self.makeFastHandler {
                 try pipeline.addHandler(makeFastHandler(), position: .before(codec))

@@ -2,6 +2,7 @@ import FlowEngine
 import HTTPTypes
 import Hummingbird
 import Logging
+import NIOHTTP1
 
 /// Turns every error into the contract's error body: ``GatewayError``s as they are, Hummingbird's
 /// own (unknown route, body too large, …) mapped to their codes, anything else a logged 500.
@@ -45,6 +46,9 @@ struct ErrorMiddleware<Context: RequestContext>: RouterMiddleware {
                 }
             }
             return try mapped.response(from: request, context: context)
+        } catch is HTTPParserError {
+            // The request's body did not parse (a chunked body's framing): the client's fault.
+            return try GatewayError.invalidRequest("malformed request body").response(from: request, context: context)
         } catch {
             context.logger.error(
                 "unhandled error",

@@ -1,0 +1,51 @@
+import NIOCore
+import NIOHTTP1
+
+/// Ends a connection after the answer to a request that asks for it (RFC 9112 §9.3, §9.6): an
+/// HTTP/1.0 request without `keep-alive`, or a `Connection: close` in any letter case. Hummingbird
+/// closes only on a field that reads exactly `close` and cannot tell HTTP/1.0 from HTTP/1.1, so
+/// such a request's `Connection` field is written as `close` on its way in, and its answer says
+/// `Connection: close` on its way out.
+///
+/// Sits in the HTTP/1 pipeline right after the codec's decoder and encoder, before every other
+/// handler of the gateway's, so it sees every request head and every answer head, in order.
+final class ConnectionCloseHandler: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias InboundOut = HTTPServerRequestPart
+    typealias OutboundIn = HTTPServerResponsePart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    /// One entry per request whose answer's head is not written yet: whether it closes the connection.
+    private var closes: [Bool] = []
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard case .head(var head) = self.unwrapInboundIn(data) else {
+            context.fireChannelRead(data)
+            return
+        }
+        let closes = !head.isKeepAlive
+        self.closes.append(closes)
+        if closes, head.headers["connection"] != ["close"] {
+            head.headers.replaceOrAdd(name: "connection", value: "close")
+            context.fireChannelRead(self.wrapInboundOut(.head(head)))
+            return
+        }
+        context.fireChannelRead(data)
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        // An interim answer (1xx) is not the request's answer; an answer to no request (a parser
+        // error's) closes the connection on its own.
+        guard case .head(var head) = self.unwrapOutboundIn(data), head.status.code >= 200, !self.closes.isEmpty
+        else {
+            context.write(data, promise: promise)
+            return
+        }
+        if self.closes.removeFirst(), !head.headers.contains(name: "connection") {
+            head.headers.add(name: "Connection", value: "close")
+            context.write(self.wrapOutboundOut(.head(head)), promise: promise)
+            return
+        }
+        context.write(data, promise: promise)
+    }
+}
