@@ -144,6 +144,12 @@ struct TokenFlowIntegrationTests {
             #expect(try await h.gateway.redis.send(["GET", leaseKey]).isNull)
             #expect(
                 try await h.gateway.redis.send(["EXISTS", "tg:{\(installation.id)}:pending:rq_verdict_2"]).int == 0)
+            // A token later than the one the round's callers found beats the open circuit: they take it.
+            #expect(try await h.emulator.push(installation).status == 200)
+            #expect(
+                try await store.takeLease(
+                    id, requestID: "rq_verdict_2", replicaID: "replica-t", ttl: .seconds(30), respectingHold: true,
+                    unlessNewerThan: now.unixSeconds) == .newerStored)
             // A success (a trial round's) closes it; the next lease is taken and released with the
             // next verdict.
             #expect(

@@ -553,6 +553,26 @@ struct TokenFlowExecutorTests {
         }
     }
 
+    @Test("a lease take finds a later token before an open circuit: the round's callers take the token")
+    func laterTokenBeatsAnOpenCircuit() async throws {
+        try await withFlow { h in
+            _ = try await h.store.recordRoundOutcome(
+                h.id, succeeded: false, threshold: 1, openBase: .seconds(30), openCap: .seconds(300),
+                now: h.clock.now())
+            let now = h.clock.now().unixSeconds
+            #expect(
+                try await h.store.takeLease(
+                    h.id, requestID: "rq_x", replicaID: "replica-b", ttl: .seconds(5), respectingHold: true,
+                    unlessNewerThan: now) == .circuitOpen(until: h.clock.now() + .seconds(30)))
+            h.store.deliver(h.id, token: "tok-later", expiresAt: now + 3600, requestID: nil)
+            #expect(
+                try await h.store.takeLease(
+                    h.id, requestID: "rq_x", replicaID: "replica-b", ttl: .seconds(5), respectingHold: true,
+                    unlessNewerThan: now) == .newerStored)
+            #expect(h.store.leaseOwner(h.id) == nil)
+        }
+    }
+
     @Test("a lost announcement: the follower's re-read timer finds the token")
     func lostNotificationTimerReread() async throws {
         try await withFlow { h in

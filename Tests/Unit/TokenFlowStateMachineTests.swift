@@ -385,7 +385,7 @@ struct TokenFlowStateMachineTests {
         #expect(later.contains { if case .acquireLease("r4", _, _) = $0 { return true } else { return false } })
     }
 
-    @Test("a lease refused for a circuit whose window has ended meanwhile is tried again")
+    @Test("a lease refused for a circuit whose window has ended by this clock: follow, the re-read tries again")
     func leaseRefusedByACircuitSinceClosed() {
         var clock = ManualClock()
         var m = TokenFlowStateMachine(configuration: config())
@@ -394,10 +394,16 @@ struct TokenFlowStateMachineTests {
             requestID: "r1", now: clock.now)
         let openUntil = clock.now + .milliseconds(10)
         clock.advance(.milliseconds(10))
+        // No take at once (the store's clock may still see the circuit open: no loop), a re-read timer.
         let a = m.leaseRefusedByOpenCircuit(requestID: "r1", openUntil: openUntil, now: clock.now)
-        #expect(a.count == 1)
-        #expect(a.contains { if case .acquireLease("r1", _, _) = $0 { return true } else { return false } })
-        #expect(m.isActive)
+        #expect(!a.contains { if case .acquireLease = $0 { return true } else { return false } })
+        let poll = timers(a)
+        #expect(poll.count == 1 && poll[0].1 == clock.now + .milliseconds(50))
+        #expect(m.stateName(at: clock.now) == .following)
+        clock.advance(.milliseconds(50))
+        #expect(m.timerFired(poll[0].0, now: clock.now, jitter: 0) == [.readStore(requestID: "r1")])
+        let retake = m.storeReadEmpty(requestID: "r1", now: clock.now)
+        #expect(retake.contains { if case .acquireLease("r1", _, _) = $0 { return true } else { return false } })
     }
 
     @Test("the store failing while taking the lease fails callers with store_unavailable")

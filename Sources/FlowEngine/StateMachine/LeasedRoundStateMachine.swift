@@ -514,8 +514,9 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         guard case .round(let round) = self.state, round.requestID == requestID, case .acquiringLease = round.phase
         else { return [] }
         guard now < openUntil else {
-            // Closed again meanwhile: try the lease again.
-            return [self.leaseAction(round, now: now)]
+            // Closed by this process's clock, not by the store's (two clocks apart, or the window
+            // ending in between): follow, and the re-read tries the lease again, without a loop.
+            return self.leaseDenied(requestID: requestID, now: now)
         }
         let actions = self.endRound(
             round, failingWith: Value.failure(.circuitOpen(retryAfter: openUntil - now)), outcome: .abandoned, now: now)

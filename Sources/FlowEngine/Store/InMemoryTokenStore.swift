@@ -355,12 +355,12 @@ public final class InMemoryTokenStore: TokenStore {
         let now = self.now()
         return self.state.withLock { s in
             if respectingHold, let held = Self.remaining(s.holds[id], now: now) { return .held(remaining: held) }
-            if let openUntil = s.breakers[id]?.openUntil, now < openUntil { return .circuitOpen(until: openUntil) }
             if let unlessNewerThan, let t = s.tokens[id], t.expiresAt > now.unixSeconds,
                 t.expiresAt > unlessNewerThan
             {
                 return .newerStored
             }
+            if let openUntil = s.breakers[id]?.openUntil, now < openUntil { return .circuitOpen(until: openUntil) }
             return Self.setLease(&s, id, requestID: requestID, replicaID: replicaID, ttl: ttl, now: now)
                 ? .taken : .busy
         }

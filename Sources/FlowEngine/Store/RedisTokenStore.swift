@@ -246,11 +246,11 @@ public struct RedisTokenStore: TokenStore {
           local held = redis.call('PTTL', KEYS[2])
           if held > 0 then return -held end
         end
-        local b = tonumber(redis.call('HGET', KEYS[7], 'openUntil') or '')
-        if b and b > tonumber(ARGV[8]) then return {3, string.format('%d', b)} end
         if ARGV[7] ~= '' and (tonumber(redis.call('HGET', KEYS[6], 'exp')) or 0) > tonumber(ARGV[7]) then
           return 2
         end
+        local b = tonumber(redis.call('HGET', KEYS[7], 'openUntil') or '')
+        if b and b > tonumber(ARGV[8]) then return {3, string.format('%d', b)} end
         if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
           redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[2])
           if ARGV[5] ~= '1' then return 1 end
