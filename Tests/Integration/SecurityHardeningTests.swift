@@ -436,6 +436,17 @@ struct SecurityHardeningTests {
             #expect(answer.status == 401)
             #expect(answer.errorCode == "invalid_signed_install")
             #expect(try await h.gateway.store.connectTenant(tenant.clientKey) == nil)
+            // So is a body whose chunked framing is malformed.
+            let port = try #require(URLComponents(string: h.gatewayURL)?.port)
+            let malformed = RawHTTP.Answer(
+                raw: try await RawHTTP.send(
+                    Array(
+                        ("POST /connect/installed HTTP/1.1\r\nHost: x\r\nAuthorization: JWT \(token)\r\n"
+                            + "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").utf8),
+                    port: port))
+            #expect(malformed.status == 401, "\(malformed.raw.debugDescription)")
+            #expect(malformed.errorCode == "invalid_signed_install")
+            #expect(try await h.gateway.store.connectTenant(tenant.clientKey) == nil)
             // The same token with the payload as Atlassian sends it is stored.
             let stored = try await Self.postSignedInstall(
                 h, token: token, body: h.emulator.connectLifecyclePayload(.installed, tenant: tenant))

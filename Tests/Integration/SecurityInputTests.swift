@@ -129,6 +129,7 @@ struct SecurityInputTests {
             let refused = answers(delivery)
             #expect(refused.map(\.status) == [400], "\(delivery.debugDescription)")
             #expect(refused.first?.errorCode == "invalid_request")
+            #expect(delivery.lowercased().contains("\r\nconnection: close\r\n"))
             // …and on a route that does not read it: one answer, then the connection closes.
             let token = try await RawHTTP.send(
                 Array(

@@ -16,7 +16,7 @@ final class ConnectionCloseHandler: ChannelDuplexHandler, RemovableChannelHandle
     typealias OutboundOut = HTTPServerResponsePart
 
     /// One entry per request whose answer's head is not written yet: whether it closes the connection.
-    private var closes: [Bool] = []
+    private var closes = CircularBuffer<Bool>(initialCapacity: 4)
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard case .head(var head) = self.unwrapInboundIn(data) else {

@@ -48,7 +48,11 @@ struct ErrorMiddleware<Context: RequestContext>: RouterMiddleware {
             return try mapped.response(from: request, context: context)
         } catch is HTTPParserError {
             // The request's body did not parse (a chunked body's framing): the client's fault.
-            return try GatewayError.invalidRequest("malformed request body").response(from: request, context: context)
+            // The connection ends after this answer (nothing after the error can be read): said so.
+            return try GatewayError(
+                status: .badRequest, code: "invalid_request", message: "malformed request body",
+                extraHeaders: ["Connection": "close"]
+            ).response(from: request, context: context)
         } catch {
             context.logger.error(
                 "unhandled error",

@@ -106,9 +106,11 @@ final class MalformedRequestHandler: ChannelDuplexHandler, RemovableChannelHandl
         }
     }
 
-    /// Hummingbird's answer to a parser error: 400, no body, `connection: close`.
+    /// Hummingbird's answer to a parser error: 400, no body, `connection: close` (no route's
+    /// answer has that shape: every error of the gateway's has a body).
     private static func isBare(_ head: HTTPResponse) -> Bool {
         head.status == .badRequest && head.headerFields[.contentLength] == "0" && head.headerFields[.contentType] == nil
+            && head.headerFields[.connection] == "close"
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {

@@ -3,6 +3,7 @@ import Foundation
 import Hummingbird
 import Logging
 import NIOCore
+import NIOHTTP1
 
 extension Gateway {
     /// The routes of contract §5. They answer 404 `not_found` while no Connect base URL is configured.
@@ -47,6 +48,8 @@ extension Gateway {
                 // Contract §5: any failure of a lifecycle callback is 401, an oversized body too.
                 do { return try await self.readBody(request) } catch is NIOTooManyBytesError {
                     throw SignedInstallError.bodyTooLarge
+                } catch is HTTPParserError {
+                    throw SignedInstallError.invalidBody
                 }
             }
         } catch let error as SignedInstallError {
