@@ -1,4 +1,5 @@
 import AsyncHTTPClient
+import Crypto
 import FlowEngine
 import ForgeEmulator
 import Foundation
@@ -421,6 +422,44 @@ struct SecurityHardeningTests {
                 #expect(after.sharedSecret?.bytes == kept?.sharedSecret?.bytes)
                 #expect(after.updatedAt == kept?.updatedAt)
             }
+        }
+    }
+
+    @Test(
+        "a token without jti that a replica of the build before accepted is refused with another body here, and the other way round"
+    )
+    func signedInstallGuardAcrossBuilds() async throws {
+        try await GatewayHarness.runConnect { h in
+            let tenant = h.emulator.makeConnectTenant()
+            var options = SignedInstallOptions()
+            options.jti = nil
+            let token = try h.emulator.mintSignedInstall(for: tenant, path: "/connect/installed", options: options)
+            // How the build before named the token: a digest of its text, in the tenant's slot.
+            let earlier = SHA256.hash(data: Array(("token\u{0}" + token).utf8)).map { String(format: "%02x", $0) }
+                .joined()
+            let earlierKey = "tg:connect:{\(tenant.clientKey)}:seen-install:\(earlier)"
+            // That build accepted it ten seconds ago.
+            let tenSecondsAgo = Int64(Date().timeIntervalSince1970) - 10
+            _ = try await h.gateway.redis.send(["SET", earlierKey, "earlier-body:\(tenSecondsAgo)", "PX", "600000"])
+            let replay = try await Self.postSignedInstall(
+                h, token: token, body: try Self.payload(h, tenant, ["sharedSecret": "attacker-secret-0123456789abcdef"])
+            )
+            #expect(replay.status == 401)
+            #expect(replay.errorCode == "invalid_signed_install")
+            #expect(try await h.gateway.store.connectTenant(tenant.clientKey) == nil)
+            // A token this build accepts is recorded under both names, so the build before refuses
+            // it with another body as well.
+            let other = h.emulator.makeConnectTenant()
+            let second = try h.emulator.mintSignedInstall(for: other, path: "/connect/installed", options: options)
+            let accepted = try await Self.postSignedInstall(
+                h, token: second, body: h.emulator.connectLifecyclePayload(.installed, tenant: other))
+            #expect(accepted.status == 204)
+            let secondEarlier = SHA256.hash(data: Array(("token\u{0}" + second).utf8))
+                .map { String(format: "%02x", $0) }.joined()
+            let recorded = "tg:connect:{\(other.clientKey)}:seen-install:\(secondEarlier)"
+            #expect(try await h.gateway.redis.send(["EXISTS", recorded]).int == 1)
+            #expect(try await h.gateway.redis.send(["PTTL", recorded]).int ?? -1 > 0)
+            _ = try await h.gateway.redis.send(["DEL", earlierKey])
         }
     }
 

@@ -146,11 +146,16 @@ extension GatewayStore {
         /// the same token (RS256 is deterministic): another body is taken within a second of the
         /// first (a reinstall with a new secret), refused after.
         public var namesOneCallback: Bool
+        /// How builds before the guard named the token as signed named it (a digest of its text):
+        /// checked and recorded too, so replicas of both builds refuse each other's tokens during a
+        /// rolling upgrade. Nil when it is `tokenDigest` (a token with a `jti`).
+        public var earlierTokenDigest: String?
 
         public init(
             tokenDigest: String, bodyDigest: String, expiresAtUnixSeconds: Int64, skewSeconds: Int64, issuedAt: Int64?,
-            namesOneCallback: Bool = true
+            namesOneCallback: Bool = true, earlierTokenDigest: String? = nil
         ) {
+            self.earlierTokenDigest = earlierTokenDigest
             self.tokenDigest = tokenDigest
             self.bodyDigest = bodyDigest
             self.expiresAtUnixSeconds = expiresAtUnixSeconds
@@ -223,23 +228,26 @@ extension GatewayStore {
     private func runLifecycleScript(
         _ script: RedisScript, clientKey: String, mark: SignedInstallMark, arguments: [String], now: FlowTime
     ) async throws -> ConnectCallbackOutcome {
-        let legacy = self.legacySeenSignedInstallKey(mark.tokenDigest)
-        let guardKey = self.seenSignedInstallKey(clientKey, digest: mark.tokenDigest)
+        let digests = [mark.tokenDigest] + (mark.earlierTokenDigest.map { [$0] } ?? [])
+        let legacy = digests.map { self.legacySeenSignedInstallKey($0) }
+        let guardKeys = digests.map { self.seenSignedInstallKey(clientKey, digest: $0) }
         // Accepted by a replica of an earlier build (its key set, ours not): refused here as there.
         // (Ours set too: this build accepted it, and the script tells a retry from a replay.)
-        if try await self.redis.send(["EXISTS", legacy]).int == 1,
-            try await self.redis.send(["EXISTS", guardKey]).int == 0
+        if try await self.redis.send(["EXISTS"] + legacy).int ?? 0 > 0,
+            try await self.redis.send(["EXISTS"] + guardKeys).int == 0
         {
             return .replayed
         }
         let r = try await self.redis.eval(
-            script, keys: [self.connectTenantKey(clientKey), guardKey],
+            script, keys: [self.connectTenantKey(clientKey), guardKeys[0], guardKeys.last!],
             arguments: try self.markArguments(mark, clientKey: clientKey, now: now) + arguments)
         let outcome = try self.connectOutcome(r)
         if case .stored = outcome {
             // The callback is stored: a failure to leave the earlier builds' mark does not undo
             // that, so it is not answered as a failure (Atlassian would retry a change made).
-            _ = try? await self.redis.send(["SET", legacy, "1", "NX", "PX", String(mark.ttlMilliseconds(now: now))])
+            for key in legacy {
+                _ = try? await self.redis.send(["SET", key, "1", "NX", "PX", String(mark.ttlMilliseconds(now: now))])
+            }
         }
         return outcome
     }
@@ -287,8 +295,9 @@ extension GatewayStore {
     }
 }
 
-/// The scripts of the Connect tenant hash. KEYS: the tenant, the token's replay-guard key (same
-/// hash slot). ARGV[1...5]: now (s), the body digest under each key (comma-separated, the one to
+/// The scripts of the Connect tenant hash. KEYS: the tenant, the token's replay-guard key, and its
+/// guard key as builds before named tokens as signed named it (the same key for a token with a
+/// `jti`); all in one hash slot. A guard found under either is the token's; both are recorded. ARGV[1...5]: now (s), the body digest under each key (comma-separated, the one to
 /// store first), guard TTL (ms), `iat` or '', '1' when the token names one callback. Both begin with ``guardPrelude``: -1 for a token seen before with another
 /// body (with a `jti`; without one, more than a second after it was first seen), -2 for a token
 /// with a `jti` seen before with the same body (a retry: nothing to do), -3 for a callback
@@ -296,7 +305,7 @@ extension GatewayStore {
 /// recorded (`<body digest>:<first seen>`, keeping the first-seen time) and the change applied.
 enum ConnectScripts {
     static let guardPrelude = """
-        local seen = redis.call('GET', KEYS[2])
+        local seen = redis.call('GET', KEYS[2]) or redis.call('GET', KEYS[3])
         local firstSeen = tonumber(ARGV[1])
         local mine = ARGV[2]
         local comma = string.find(ARGV[2], ',', 1, true)
@@ -317,10 +326,14 @@ enum ConnectScripts {
         end
         local last = redis.call('HGET', KEYS[1], 'eventIat')
         if ARGV[4] ~= '' and last and tonumber(ARGV[4]) < tonumber(last) then return -3 end
-        if seen then
-          redis.call('SET', KEYS[2], mine .. ':' .. firstSeen, 'KEEPTTL')
-        else
-          redis.call('SET', KEYS[2], mine .. ':' .. ARGV[1], 'PX', ARGV[3])
+        if not seen then firstSeen = tonumber(ARGV[1]) end
+        for _, k in ipairs({KEYS[2], KEYS[3]}) do
+          local ttl = redis.call('PTTL', k)
+          if ttl > 0 then
+            redis.call('SET', k, mine .. ':' .. firstSeen, 'PX', ttl)
+          else
+            redis.call('SET', k, mine .. ':' .. firstSeen, 'PX', ARGV[3])
+          end
         end
         local eventIat = last
         if ARGV[4] ~= '' then eventIat = ARGV[4] end

@@ -55,6 +55,9 @@ public struct VerifiedSignedInstall: Sendable, CustomStringConvertible, CustomDe
     /// Names the token for the replay guard: hex SHA-256 of its issuer and `jti` when it carries
     /// one, else of its signed parts and decoded signature (however its base64url is spelt).
     public let replayDigest: String
+    /// How earlier builds named a token without `jti` (hex SHA-256 of its text), for the replay
+    /// guard during a rolling upgrade; nil for a token with a `jti` (named the same way by both).
+    public let earlierReplayDigest: String?
     /// Names the body: hex SHA-256 of its bytes. The same token sent again with the same body is a
     /// retry; with another body, a replay.
     public let bodyDigest: String
@@ -213,6 +216,7 @@ public final class SignedInstallVerifier: Sendable {
         }
         return VerifiedSignedInstall(
             clientKey: clientKey, payload: payload, replayDigest: Self.hex(SHA256.hash(data: named)),
+            earlierReplayDigest: jti == nil ? Self.hex(SHA256.hash(data: Array(("token\u{0}" + token).utf8))) : nil,
             bodyDigest: Self.hex(SHA256.hash(data: bytes)), expiresAt: Int64(exp.rounded(.up)), issuedAt: issuedAt,
             namesOneCallback: jti != nil)
     }

@@ -72,7 +72,8 @@ extension Gateway {
             tokenDigest: verified.replayDigest, bodyDigest: verified.bodyDigest,
             expiresAtUnixSeconds: verified.expiresAt,
             skewSeconds: Int64(SignedInstallVerifier.seconds(verifier.configuration.clockSkew).rounded(.up)),
-            issuedAt: verified.issuedAt, namesOneCallback: verified.namesOneCallback)
+            issuedAt: verified.issuedAt, namesOneCallback: verified.namesOneCallback,
+            earlierTokenDigest: verified.earlierReplayDigest)
         let outcome: GatewayStore.ConnectCallbackOutcome
         switch event {
         case .installed:
