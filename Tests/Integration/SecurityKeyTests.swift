@@ -316,6 +316,40 @@ struct SecurityKeyTests {
     /// plain text all the same, which the rewrap must leave alone and not count as unopenable.
     static let sealedLookingAppKey = "acme.jira-servicedesk-approvals-automation-cloud"
 
+    /// Routing data is sealed again deterministically by `rewrap`, as the store writes it (the
+    /// store's scripts compare it in place), also a value an earlier walk sealed with a random nonce.
+    static func expectRoutingDataDeterministic(
+        redis: RedisClient, ring k2Ring: EncryptionKeyRing, store new: GatewayStore, ids: [InstallationID],
+        prefix: String, rewrap: KeyRewrap
+    ) async throws {
+        var routing: [(key: String, field: String)] = ids.map { (new.installationKey($0), "apiBaseUrl") }
+        for tenant in try await Security.scan(pattern: "\(prefix):connect:{*}", in: redis) {
+            routing.append((tenant, "installationId"))
+        }
+        var checked = 0
+        for (key, field) in routing {
+            guard let sealed = try await redis.send(["HGET", key, field]).string, !sealed.isEmpty else { continue }
+            let plaintext = try k2Ring.open(sealed, context: key + "#" + field)
+            #expect(sealed == (try k2Ring.sealDeterministically(plaintext, context: key + "#" + field)), "\(field)")
+            checked += 1
+        }
+        #expect(checked == 3)
+        // One that an earlier build's walk sealed with a random nonce under the current key is
+        // written again deterministically.
+        let (randomKey, randomField) = routing[0]
+        let plain = try k2Ring.open(
+            try #require(try await redis.send(["HGET", randomKey, randomField]).string),
+            context: randomKey + "#" + randomField)
+        _ = try await redis.send([
+            "HSET", randomKey, randomField, try k2Ring.seal(plain, context: randomKey + "#" + randomField),
+        ])
+        let fix = try await rewrap.run()
+        #expect(fix.rewrapped == 1)
+        #expect(
+            try await redis.send(["HGET", randomKey, randomField]).string
+                == (try k2Ring.sealDeterministically(plain, context: randomKey + "#" + randomField)))
+    }
+
     @Test("KeyRewrap re-seals everything under the new key, resumably and idempotently")
     func rewrapLibrary() async throws {
         let redis = try Self.redis()
@@ -364,21 +398,8 @@ struct SecurityKeyTests {
         let userToken = try Self.ring([("k2", k2)]).open(userSealed, context: userKey)
         #expect(String(decoding: userToken, as: UTF8.self).hasPrefix("user-token-"))
 
-        // Routing data is sealed again deterministically, as the store writes it: the store's
-        // scripts compare it in place.
-        let k2Ring = try Self.ring([("k2", k2)])
-        var routing: [(key: String, field: String)] = ids.map { (new.installationKey($0), "apiBaseUrl") }
-        for tenant in try await Security.scan(pattern: "\(prefix):connect:{*}", in: redis) {
-            routing.append((tenant, "installationId"))
-        }
-        var checked = 0
-        for (key, field) in routing {
-            guard let sealed = try await redis.send(["HGET", key, field]).string, !sealed.isEmpty else { continue }
-            let plaintext = try k2Ring.open(sealed, context: key + "#" + field)
-            #expect(sealed == (try k2Ring.sealDeterministically(plaintext, context: key + "#" + field)), "\(field)")
-            checked += 1
-        }
-        #expect(checked == 3)
+        try await Self.expectRoutingDataDeterministic(
+            redis: redis, ring: try Self.ring([("k2", k2)]), store: new, ids: ids, prefix: prefix, rewrap: rewrap)
         // A second run changes nothing.
         let again = try await rewrap.run()
         #expect(again.rewrapped == 0)

@@ -143,7 +143,14 @@ public struct KeyRewrap: Sendable {
         guard let keyID = EncryptionKeyRing.keyId(of: value), Self.looksSealed(value) else { return .notSealed }
         for context in contexts {
             guard let plaintext = try? self.keys.open(value, context: context) else { continue }
-            if keyID == self.keys.currentKeyId { return .current }
+            if keyID == self.keys.currentKeyId {
+                // A deterministic value a walk of an earlier build sealed with a random nonce is
+                // written again as the store writes it.
+                guard deterministic, let wanted = try? self.keys.sealDeterministically(plaintext, context: context),
+                    wanted != value
+                else { return .current }
+                return .rewrapped(wanted)
+            }
             let resealed =
                 deterministic
                 ? try? self.keys.sealDeterministically(plaintext, context: context)
