@@ -297,12 +297,14 @@ extension GatewayStore {
 
 /// The scripts of the Connect tenant hash. KEYS: the tenant, the token's replay-guard key, and its
 /// guard key as builds before named tokens as signed named it (the same key for a token with a
-/// `jti`); all in one hash slot. A guard found under either is the token's; both are recorded. ARGV[1...5]: now (s), the body digest under each key (comma-separated, the one to
-/// store first), guard TTL (ms), `iat` or '', '1' when the token names one callback. Both begin with ``guardPrelude``: -1 for a token seen before with another
-/// body (with a `jti`; without one, more than a second after it was first seen), -2 for a token
-/// with a `jti` seen before with the same body (a retry: nothing to do), -3 for a callback
-/// issued before the last one applied (`eventIat`, kept across reinstalls); otherwise the guard is
-/// recorded (`<body digest>:<first seen>`, keeping the first-seen time) and the change applied.
+/// `jti`); all in one hash slot. A guard found under either is the token's; both are recorded.
+/// ARGV[1...5]: now (s), the body digest under each key (comma-separated, the one to store
+/// first), guard TTL (ms), `iat` or '', '1' when the token names one callback. Both begin with
+/// ``guardPrelude``: -1 for a token seen before with another body (with a `jti`; without one, more
+/// than a second after it was first seen), -2 for a token with a `jti` seen before with the same
+/// body (a retry: nothing to do), -3 for a callback issued before the last one applied
+/// (`eventIat`, kept across reinstalls); otherwise the guard is recorded (`<body digest>:<first
+/// seen>`, keeping the first-seen time) and the change applied.
 enum ConnectScripts {
     static let guardPrelude = """
         local seen = redis.call('GET', KEYS[2]) or redis.call('GET', KEYS[3])
