@@ -134,7 +134,7 @@ cluster_vs_one_redis() {
             "$BIN" serve 2>"$WORK/gateway-$name.log" &
         gw_pid=$!
         pids+=($gw_pid)
-        "$BIN" emulate --port "$em_port" --gateway-url "http://127.0.0.1:$gw_port" \
+        "$BIN" emulate --no-install-tokens --port "$em_port" --gateway-url "http://127.0.0.1:$gw_port" \
             --app-id "$TOKEN_GATEWAY_FORGE_APP_ID" --log-level warning 2>"$WORK/emulator-$name.log" &
         pids+=($!)
         wait_for_http "http://127.0.0.1:$gw_port/health/ready"
@@ -192,7 +192,7 @@ if [ "$CLUSTER_ONLY" = 1 ]; then
     exit 0
 fi
 
-"$BIN" emulate --port "$EMULATOR_PORT" --gateway-url "http://127.0.0.1:$GATEWAY_PORT" \
+"$BIN" emulate --no-install-tokens --port "$EMULATOR_PORT" --gateway-url "http://127.0.0.1:$GATEWAY_PORT" \
     --app-id "$TOKEN_GATEWAY_FORGE_APP_ID" --log-level warning 2>"$WORK/emulator.log" &
 pids+=($!)
 

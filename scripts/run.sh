@@ -97,16 +97,18 @@ short=${installation##*/}
 cat <<MSG
 
 ==> ready. The emulator installed $installation
-    (lifecycle + registration: the gateway issued it an Ed25519 trigger key).
+    (lifecycle + registration: the gateway issued it an Ed25519 trigger key and stored the system
+    token Forge sends with them).
 
-Fetch a token (cold: one signed trigger round trip; run it again: from the cache):
+Fetch a token (from the cache: the one delivered at install), then force a fresh one (one signed
+trigger round trip):
 
   source var/dev.env
   curl -s -H "Authorization: Bearer \$DEV_CALLER_SECRET" http://127.0.0.1:$GATEWAY_PORT/v1/installations/$short/token
+  curl -s -X POST -H "Authorization: Bearer \$DEV_CALLER_SECRET" http://127.0.0.1:$GATEWAY_PORT/v1/installations/$short/token/refresh
 
 More:
   curl -s -H "Authorization: Bearer \$DEV_CALLER_SECRET" http://127.0.0.1:$GATEWAY_PORT/v1/installations
-  curl -s -X POST -H "Authorization: Bearer \$DEV_CALLER_SECRET" http://127.0.0.1:$GATEWAY_PORT/v1/installations/$short/token/refresh
   curl -s -H "Authorization: Bearer \$DEV_CALLER_SECRET" "http://127.0.0.1:$GATEWAY_PORT/v1/installations/$short/token?asUser=5b10ac8d82e05b22cc7d4ef5"
   curl -s -X POST http://127.0.0.1:$EMULATOR_PORT/admin/installations      # another installation
   curl -s -X POST -d '{"path":"/forge/lifecycle","body":{}}' http://127.0.0.1:$EMULATOR_PORT/admin/installations/$short/ui-invoke   # a UI module's FIT: 403

@@ -22,6 +22,8 @@ public struct RegisterResult: Sendable, Hashable {
     public let triggerKeyId: String?
     /// `triggerPublicKey` of a 2xx answer: base64url of the raw 32-byte Ed25519 public key.
     public let triggerPublicKey: String?
+    /// `nextTriggerKeyId` of a 2xx answer during a key rotation.
+    public var nextTriggerKeyId: String? = nil
     /// The answer's body.
     public let body: String
 }
@@ -69,6 +71,8 @@ struct PreUninstallBody: Codable, Sendable {
 
 struct RegisterRequestBody: Codable, Sendable {
     var authTriggerUrl: String
+    /// `true` starts a trigger-key rotation; left out otherwise.
+    var rotateKey: Bool? = nil
     /// Named triggers: a URL sets one, null removes it (see `ForgeEmulator+NamedTriggers.swift`).
     var triggers: [String: String?]? = nil
 }
@@ -77,6 +81,8 @@ struct RegisterAnswerBody: Codable, Sendable {
     var installationId: String?
     var triggerKeyId: String
     var triggerPublicKey: String
+    var nextTriggerKeyId: String?
+    var nextTriggerPublicKey: String?
 }
 
 extension ForgeEmulator {
@@ -102,10 +108,12 @@ extension ForgeEmulator {
     ///   ``ForgeEmulatorError/invalidRegistrationResponse``, ``ForgeEmulatorError/notRunning``, or
     ///   the HTTP client's error of the last delivery.
     ///
-    /// With `lifecycleSystemToken`, the lifecycle call carries a fresh system token in
-    /// `x-forge-oauth-system`, as an endpoint declared with `auth.appSystemToken` gets it.
-    public func install(_ installation: EmulatedInstallation, lifecycleSystemToken: Bool = false) async throws {
-        let token = lifecycleSystemToken ? try self.mintAccessToken(for: installation) : nil
+    /// With `lifecycleSystemToken` (default: ``ForgeEmulatorConfiguration/endpointsCarrySystemToken``),
+    /// the lifecycle call and the registration each carry a fresh system token in
+    /// `x-forge-oauth-system`, as an endpoint and a remote declared with `auth.appSystemToken` get it.
+    public func install(_ installation: EmulatedInstallation, lifecycleSystemToken: Bool? = nil) async throws {
+        let carriesToken = lifecycleSystemToken ?? self.configuration.endpointsCarrySystemToken
+        let token = carriesToken ? try self.mintAccessToken(for: installation) : nil
         let answer = try await self.deliveredAsEvent(retryingWhen: { !(200..<300).contains($0) }) {
             try await self.sendLifecycleEvent(.installed, for: installation, systemToken: token).status
         }
@@ -113,7 +121,7 @@ extension ForgeEmulator {
             throw ForgeEmulatorError.unexpectedStatus(answer, operation: "lifecycle")
         }
         self.state.withLock { $0.update(installation) { $0.status = .installed } }
-        let keyId = try await self.runInstallHandler(installation)
+        let keyId = try await self.runInstallHandler(installation, systemToken: carriesToken)
         self.logger.info(
             "Installation installed",
             metadata: ["installation.id": "\(installation.id)", "trigger.key.id": "\(keyId ?? "")"]
@@ -124,10 +132,12 @@ extension ForgeEmulator {
     /// (`Docs/forge-companion.md`): registers the web trigger, made again as Forge delivers events
     /// when the gateway answered 5xx or could not be reached (the companion returns an
     /// `InvocationError` for both; a 4xx is a configuration problem the handler only logs).
-    /// Returns the trigger key id the gateway answered.
-    private func runInstallHandler(_ installation: EmulatedInstallation) async throws -> String? {
+    /// Its `invokeRemote` carries a fresh system token when `systemToken` is set (a remote declared
+    /// with `auth.appSystemToken`). Returns the trigger key id the gateway answered.
+    private func runInstallHandler(_ installation: EmulatedInstallation, systemToken: Bool) async throws -> String? {
         let registered = try await self.deliveredAsEvent(retryingWhen: { $0 >= 500 }) {
-            try await self.register(installation).status
+            let token = systemToken ? try self.mintAccessToken(for: installation) : nil
+            return try await self.register(installation, systemToken: token).status
         }
         guard (200..<300).contains(registered) else {
             throw ForgeEmulatorError.unexpectedStatus(registered, operation: "register")
@@ -157,10 +167,13 @@ extension ForgeEmulator {
     }
 
     /// Sends `POST {gateway}/forge/register` with `{"authTriggerUrl": …}` (default: this emulator's
-    /// trigger URL for the installation). On 2xx it keeps the answered Ed25519 key to verify later
-    /// trigger calls. A non-2xx answer is returned, not thrown.
+    /// trigger URL for the installation). On 2xx it keeps the keys the answer names (the current
+    /// one and, during a rotation, the next one), as the companion does, to verify later trigger
+    /// calls with either. A non-2xx answer is returned, not thrown.
     /// - Parameters:
     ///   - authTriggerUrl: The URL to register; default ``triggerURL(for:)``.
+    ///   - rotateKey: Sends `"rotateKey": true`, which starts a trigger-key rotation (the
+    ///     companion's weekly `rotate` function).
     ///   - systemToken: When set, sent as `x-forge-oauth-system` (the gateway stores it as a push).
     ///   - triggers: Named triggers to send (a URL sets, nil removes); default every defined one.
     /// - Throws: ``ForgeEmulatorError/invalidRegistrationResponse`` when a 2xx answer has no usable
@@ -168,6 +181,7 @@ extension ForgeEmulator {
     public func register(
         _ installation: EmulatedInstallation,
         authTriggerUrl: String? = nil,
+        rotateKey: Bool = false,
         systemToken: String? = nil,
         triggers: [String: String?]? = nil
     ) async throws -> RegisterResult {
@@ -182,7 +196,8 @@ extension ForgeEmulator {
             headers: headers,
             body: try JSONEncoder.emulator.encode(
                 RegisterRequestBody(
-                    authTriggerUrl: url, triggers: triggers ?? self.namedTriggersForRegistration(installation)))
+                    authTriggerUrl: url, rotateKey: rotateKey ? true : nil,
+                    triggers: triggers ?? self.namedTriggersForRegistration(installation)))
         )
         guard answer.isSuccess else {
             self.logger.info(
@@ -192,14 +207,23 @@ extension ForgeEmulator {
             return RegisterResult(status: answer.status, triggerKeyId: nil, triggerPublicKey: nil, body: answer.body)
         }
         guard let decoded = try? JSONDecoder().decode(RegisterAnswerBody.self, from: Data(answer.body.utf8)),
-            !decoded.triggerKeyId.isEmpty,
-            let rawKey = Base64URL.decode(decoded.triggerPublicKey), rawKey.count == 32,
-            let publicKey = try? Curve25519.Signing.PublicKey(rawRepresentation: rawKey)
+            let key = Self.registeredKey(id: decoded.triggerKeyId, publicKey: decoded.triggerPublicKey)
         else {
             throw ForgeEmulatorError.invalidRegistrationResponse
         }
-        let key = RegisteredTriggerKey(keyId: decoded.triggerKeyId, publicKey: publicKey)
-        self.state.withLock { $0.update(installation) { $0.triggerKey = key } }
+        var next: RegisteredTriggerKey?
+        if let nextID = decoded.nextTriggerKeyId {
+            guard let nextKey = Self.registeredKey(id: nextID, publicKey: decoded.nextTriggerPublicKey ?? "") else {
+                throw ForgeEmulatorError.invalidRegistrationResponse
+            }
+            next = nextKey
+        }
+        self.state.withLock {
+            $0.update(installation) {
+                $0.triggerKey = key
+                $0.nextTriggerKey = next
+            }
+        }
         self.logger.info(
             "Trigger registered",
             metadata: ["installation.id": "\(installation.id)", "trigger.key.id": "\(key.keyId)"]
@@ -208,8 +232,17 @@ extension ForgeEmulator {
             status: answer.status,
             triggerKeyId: decoded.triggerKeyId,
             triggerPublicKey: decoded.triggerPublicKey,
+            nextTriggerKeyId: decoded.nextTriggerKeyId,
             body: answer.body
         )
+    }
+
+    /// An answered key: a non-empty id and a base64url raw 32-byte Ed25519 public key, else nil.
+    private static func registeredKey(id: String, publicKey: String) -> RegisteredTriggerKey? {
+        guard !id.isEmpty, let raw = Base64URL.decode(publicKey), raw.count == 32,
+            let key = try? Curve25519.Signing.PublicKey(rawRepresentation: raw)
+        else { return nil }
+        return RegisteredTriggerKey(keyId: id, publicKey: key)
     }
 
     /// Sends `avi:forge:upgraded:app`, delivered again as Forge delivers events (see
@@ -221,17 +254,19 @@ extension ForgeEmulator {
     ///   ``ForgeEmulatorError/invalidRegistrationResponse``, or the HTTP client's error of the last
     ///   delivery.
     ///
-    /// With `lifecycleSystemToken`, the lifecycle call carries a fresh system token in
-    /// `x-forge-oauth-system`, as an endpoint declared with `auth.appSystemToken` gets it.
-    public func upgrade(_ installation: EmulatedInstallation, lifecycleSystemToken: Bool = false) async throws {
-        let token = lifecycleSystemToken ? try self.mintAccessToken(for: installation) : nil
+    /// With `lifecycleSystemToken` (default: ``ForgeEmulatorConfiguration/endpointsCarrySystemToken``),
+    /// the lifecycle call and the registration each carry a fresh system token in
+    /// `x-forge-oauth-system`, as an endpoint and a remote declared with `auth.appSystemToken` get it.
+    public func upgrade(_ installation: EmulatedInstallation, lifecycleSystemToken: Bool? = nil) async throws {
+        let carriesToken = lifecycleSystemToken ?? self.configuration.endpointsCarrySystemToken
+        let token = carriesToken ? try self.mintAccessToken(for: installation) : nil
         let answer = try await self.deliveredAsEvent(retryingWhen: { !(200..<300).contains($0) }) {
             try await self.sendLifecycleEvent(.upgraded, for: installation, systemToken: token).status
         }
         guard (200..<300).contains(answer) else {
             throw ForgeEmulatorError.unexpectedStatus(answer, operation: "lifecycle")
         }
-        let keyId = try await self.runInstallHandler(installation)
+        let keyId = try await self.runInstallHandler(installation, systemToken: carriesToken)
         self.logger.info(
             "Installation upgraded",
             metadata: ["installation.id": "\(installation.id)", "trigger.key.id": "\(keyId ?? "")"]
@@ -254,6 +289,7 @@ extension ForgeEmulator {
             $0.update(installation) { record in
                 record.status = .uninstalled
                 record.triggerKey = nil
+                record.nextTriggerKey = nil
             }
         }
         self.logger.info("Installation uninstalled", metadata: ["installation.id": "\(installation.id)"])

@@ -251,10 +251,7 @@ extension ForgeEmulator {
             return Self.namedAnswer(404, ["error": ["code": "not_found", "message": "no web trigger at this path"]])
         }
         let record = self.state.withLock { $0.record(matching: trigger.installationId) }
-        var signatureValid = false
-        if let signature, let key = record?.triggerKey, signature.keyId == key.keyId {
-            signatureValid = signature.isValid(for: body, publicKey: key.publicKey)
-        }
+        let signatureValid = record?.verifies(signature, body: body) ?? false
         let call = NamedTriggerCall(
             receivedAt: Date(), signatureValid: signatureValid, requestId: callBody?.requestId,
             idempotencyKey: idempotencyKey, body: body, signatureHeader: signatureHeader, answeredStatus: nil)

@@ -23,12 +23,27 @@ struct EmulatedInstallationRecord: Sendable {
     var installation: EmulatedInstallation
     let sequence: Int
     var status: EmulatedInstallationStatus = .created
+    /// The current key of the last registration's answer.
     var triggerKey: RegisteredTriggerKey?
+    /// The next key that answer announced (a rotation in progress), kept beside the current one as
+    /// the companion keeps both (`Docs/forge-companion.md`, "Trigger-key rotation").
+    var nextTriggerKey: RegisteredTriggerKey?
     var fault: TriggerFault = .none
     /// Answers left for `.failWith`.
     var remainingFailures: Int = 0
     var triggerRecords: [TriggerRecord] = []
     var lastDeliveredToken: String?
+
+    /// Whether `signature` is valid for `body` under one of the registered keys (the one its key id
+    /// names), as the companion's web-trigger function checks it.
+    func verifies(_ signature: TriggerSignature?, body: Data) -> Bool {
+        guard let signature,
+            let key = [self.triggerKey, self.nextTriggerKey].compactMap({ $0 }).first(where: {
+                $0.keyId == signature.keyId
+            })
+        else { return false }
+        return signature.isValid(for: body, publicKey: key.publicKey)
+    }
 }
 
 /// The emulator's mutable state, kept in a `Mutex`. No I/O happens under the lock: the methods

@@ -48,6 +48,9 @@ public struct FITOptions: Sendable {
     public var principal: String? = nil
     /// `context`: on UI calls the module's context; absent by default.
     public var context: FITUIContext? = nil
+    /// `icLabel`: set on FITs from an Isolated Cloud (whose keys come from a JWKS of its own);
+    /// absent by default.
+    public var icLabel: String? = nil
 
     /// Options for a valid FIT.
     public init() {}
@@ -175,6 +178,8 @@ struct FITClaims: Codable, Sendable {
     var principal: String? = nil
     /// UI calls only.
     var context: FITUIContext? = nil
+    /// Isolated Cloud only.
+    var icLabel: String? = nil
 }
 
 struct AccessTokenClaims: Codable, Sendable {
@@ -246,7 +251,8 @@ extension ForgeEmulator {
                     contexts: [.init(name: installation.product, apiBaseUrl: apiBaseUrl, cloudId: installation.cloudId)]
                 )
             ),
-            principal: options.principal
+            principal: options.principal,
+            icLabel: options.icLabel
         )
         if var context = options.context {
             context.cloudId = context.cloudId ?? installation.cloudId

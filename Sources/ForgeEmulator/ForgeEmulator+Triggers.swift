@@ -103,10 +103,7 @@ extension ForgeEmulator {
         let admission: Admission? = self.state.withLock { state in
             state.countTriggerCall()
             guard let record = state.recordForTrigger(id: triggerId) else { return nil }
-            var signatureValid = false
-            if let signature, let key = record.triggerKey, signature.keyId == key.keyId {
-                signatureValid = signature.isValid(for: body, publicKey: key.publicKey)
-            }
+            let signatureValid = record.verifies(signature, body: body)
             let index = record.triggerRecords.count
             state.updateRecord(id: record.installation.id) {
                 $0.triggerRecords.append(

@@ -48,6 +48,12 @@ public struct ForgeEmulatorConfiguration: Sendable {
     public var eventRetryInterval: Duration = .seconds(60)
     /// Named triggers (echoing) every registration defines and registers (`"triggers"`); default none.
     public var namedTriggerKeys: [String] = []
+    /// Whether the app's lifecycle endpoint and its remote are declared with `auth.appSystemToken`,
+    /// as the manifest of `Docs/forge-companion.md` declares them. Default `true`: lifecycle events
+    /// (`installed`, `upgraded`) and the install handler's registration (an `invokeRemote`) carry a
+    /// fresh system token in `x-forge-oauth-system`, so the gateway starts off with one, as Forge
+    /// does. `false` models an app declared without it: an installation then starts with no token.
+    public var endpointsCarrySystemToken = true
 
     /// Creates a configuration.
     /// - Parameters:

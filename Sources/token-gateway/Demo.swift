@@ -229,15 +229,17 @@ struct DemoScript {
             let installation = self.emulator.makeInstallation()
             try await self.emulator.install(installation)
             created.append(installation)
-            print("installed   \(installation.id)  (lifecycle + register: Ed25519 trigger key issued)")
+            print(
+                "installed   \(installation.id)  (lifecycle + register: Ed25519 trigger key issued, a system token delivered)"
+            )
         }
         print("")
         for installation in created {
-            let cold = try await self.fetch(installation.id)
+            let first = try await self.fetch(installation.id)
             print(
                 String(
-                    format: "cold fetch  %@  → %d source=%@ expiresAt=%@ (%.1f ms, trigger calls: %d)",
-                    installation.id, cold.status, cold.source, cold.expiresAt, cold.ms,
+                    format: "first fetch %@  → %d source=%@ expiresAt=%@ (%.1f ms, trigger calls: %d)",
+                    installation.id, first.status, first.source, first.expiresAt, first.ms,
                     self.emulator.triggerCalls(for: installation)))
             let warm = try await self.fetch(installation.id)
             print(
@@ -268,8 +270,9 @@ struct DemoScript {
                     again.source, again.ms))
         }
         if let first = created.first { try await self.connect(linkedTo: first) }
+        // An installation whose install brought no token: its first callers make the round trip.
         let extra = self.emulator.makeInstallation()
-        try await self.emulator.install(extra)
+        try await self.emulator.install(extra, lifecycleSystemToken: false)
         let before = self.emulator.totalTriggerCalls
         let results = try await withThrowingTaskGroup(
             of: (status: Int, source: String, expiresAt: String, ms: Double).self
@@ -283,7 +286,7 @@ struct DemoScript {
         let distinct = Set(results.map(\.expiresAt)).count
         print("")
         print(
-            "\(self.concurrency) concurrent callers on a cold installation → \(ok) answered 200, \(distinct) distinct token(s), \(self.emulator.totalTriggerCalls - before) trigger call(s)"
+            "\(self.concurrency) concurrent callers on an installation without a token yet → \(ok) answered 200, \(distinct) distinct token(s), \(self.emulator.totalTriggerCalls - before) trigger call(s)"
         )
         let push = try await self.emulator.push(extra, expiresAt: Date().addingTimeInterval(7200))
         print("pushed a token with 2 h left → gateway answered \(push.status) \(push.body)")

@@ -29,6 +29,14 @@ struct Emulate: AsyncParsableCommand {
     @Option(help: "Push a fresh token to every installation every N seconds (0: never)") var pushInterval = 0
     @Option(help: "Install this many installations at start (after the gateway answers)") var install = 0
     @Option(help: "Log level") var logLevel = "info"
+    @Flag(
+        inversion: .prefixedNo,
+        help: """
+            Lifecycle events and the install handler's registration carry a fresh system token, as \
+            Forge sends them with the companion's manifest (--no-install-tokens: an installation \
+            starts without a token, so its first request makes the round trip)
+            """)
+    var installTokens = true
     @Option(name: .customLong("named-trigger"), help: "Register an echoing named trigger with this key (repeatable)")
     var namedTriggers: [String] = []
 
@@ -53,6 +61,7 @@ struct Emulate: AsyncParsableCommand {
         config.tokenLifetime = .seconds(self.tokenLifetime)
         if self.pushInterval > 0 { config.scheduledPushInterval = .seconds(self.pushInterval) }
         config.namedTriggerKeys = self.namedTriggers
+        config.endpointsCarrySystemToken = self.installTokens
         let emulator = try ForgeEmulator(configuration: config, logger: logger)
         let group = ServiceGroup(
             configuration: .init(

@@ -41,6 +41,9 @@ final class ReplicaHarness: Sendable {
         // No redelivery of a failed event: a test sees the gateway's first answer (the emulator's
         // redeliveries are tested on their own).
         emulatorConfig.eventRetries = 0
+        // Installations start without a token, so a test's first request makes the round trip.
+        // Forge sends one with the install (the emulator's default): tests of that path turn it on.
+        emulatorConfig.endpointsCarrySystemToken = false
         let emulator = try ForgeEmulator(configuration: emulatorConfig, logger: logger)
         let emulatorGroup = ServiceGroup(services: [emulator], logger: logger)
         let http = HTTPClient(eventLoopGroupProvider: .singleton)
