@@ -103,6 +103,19 @@ struct OAuthClientAuthenticationTests {
         #expect(same.authenticate(with: Self.registry)?.name == "billing")
     }
 
+    @Test("a body client_id picks the Basic reading that names it: the other reading does not authenticate")
+    func bodyClientIDPicksTheReading() throws {
+        let registry = try CallerRegistry(
+            json: #"[{"name":"a b","secret":"plain-secret-0123456789","installations":["*"]}]"#)
+        // `a+b` reads as "a b" (form-decoded) and as "a+b" (as sent).
+        let header = self.basic("a+b", "plain-secret-0123456789")
+        let decoded = try OAuthClientCredentials.read(authorization: [header], form: try self.form("client_id=a+b"))
+        #expect(decoded.authenticate(with: registry)?.name == "a b")
+        let raw = try OAuthClientCredentials.read(authorization: [header], form: try self.form("client_id=a%2Bb"))
+        #expect(raw.candidates.map(\.id) == ["a+b"])
+        #expect(raw.authenticate(with: registry) == nil)
+    }
+
     @Test("no credentials, another scheme, a malformed Basic value or half a form pair are invalid_client")
     func invalidClients() throws {
         let cases: [([String], String)] = [

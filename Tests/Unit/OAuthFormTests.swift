@@ -41,8 +41,23 @@ struct OAuthFormTests {
                 _ = try self.parse(body)
             } catch {
                 #expect(error.code == "invalid_request")
-                #expect(error.errorDescription.contains("\"resource\" is repeated"))
+                #expect(error.errorDescription.contains("'resource' is repeated"))
                 #expect(!error.errorDescription.contains("a&"))
+            }
+        }
+    }
+
+    @Test("a description names a parameter only with the characters RFC 6749 §5.2 allows")
+    func descriptionCharacters() {
+        let allowed = { (c: Unicode.Scalar) in
+            (0x20...0x21).contains(c.value) || (0x23...0x5B).contains(c.value) || (0x5D...0x7E).contains(c.value)
+        }
+        for body in ["a%22b=1&a%22b=2", "a%5Cb=1&a%5Cb=2", "x%27y=1&x%27y=2", "resource=a&resource=b", "q%22=%FF"] {
+            do {
+                _ = try self.parse(body)
+                Issue.record("accepted \(body)")
+            } catch {
+                #expect(error.errorDescription.unicodeScalars.allSatisfy(allowed), "\(error.errorDescription)")
             }
         }
     }

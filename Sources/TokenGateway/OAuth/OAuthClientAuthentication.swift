@@ -63,9 +63,14 @@ public struct OAuthClientCredentials: Sendable, Hashable, CustomStringConvertibl
                 throw .invalidRequest(
                     "the client authenticated twice (HTTP Basic and client_secret); use exactly one method")
             }
-            // RFC 6749 §3.2.1 lets a client name itself in the body as well; it must be the same client.
-            if let formID = form["client_id"], !basic.contains(where: { $0.id == formID }) {
-                throw .invalidRequest("client_id in the body differs from the HTTP Basic client")
+            // RFC 6749 §3.2.1 lets a client name itself in the body as well; it must be the same
+            // client, so only the Basic readings that name it authenticate.
+            if let formID = form["client_id"] {
+                let named = basic.filter { $0.id == formID }
+                guard !named.isEmpty else {
+                    throw .invalidRequest("client_id in the body differs from the HTTP Basic client")
+                }
+                return OAuthClientCredentials(method: .clientSecretBasic, candidates: named)
             }
             return OAuthClientCredentials(method: .clientSecretBasic, candidates: basic)
         }

@@ -94,11 +94,15 @@ public struct OAuthForm: Sendable, Hashable {
         return output
     }
 
-    /// A parameter name for a description: quoted, at most 40 characters of printable ASCII.
+    /// A parameter name for a description: in single quotes, at most 40 characters of printable
+    /// ASCII other than `"`, `'` and `\` (RFC 6749 §5.2 allows no `"` or `\` in
+    /// `error_description`); any other name is described by its length.
     static func shown(_ name: String) -> String {
-        let printable = name.unicodeScalars.allSatisfy { $0.value >= 0x20 && $0.value < 0x7F }
+        let printable = name.unicodeScalars.allSatisfy {
+            $0.value >= 0x20 && $0.value < 0x7F && !"\"'\\".unicodeScalars.contains($0)
+        }
         guard printable, name.count <= 40 else { return "(a \(name.count)-character name)" }
-        return "\"\(name)\""
+        return "'\(name)'"
     }
 
     private static func hexValue(_ byte: UInt8) -> UInt8? {
