@@ -5,6 +5,7 @@ import Foundation
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import ServiceLifecycle
 import Testing
 
 @testable import TokenGateway
@@ -218,6 +219,40 @@ struct ContractRunningTests {
         let response = try await HTTPClient.shared.execute(request, timeout: .seconds(30))
         _ = try await response.body.collect(upTo: 1 << 20)
         return Int(response.status.code)
+    }
+
+    @Test("on a separate operations port, readiness answers 503 until the main listener is up, though Redis answers")
+    func readyWaitsForTheMainListener() async throws {
+        try await GatewayHarness.run { h in
+            // A second gateway on the same Redis of which only Redis and the operations listener run.
+            var configuration = h.gateway.configuration
+            configuration.port = 0
+            let opsPort = try RedisServerProcess.freeLoopbackPort()
+            configuration.operationsListener = OperationsListener(port: opsPort)
+            let starting = Gateway(configuration: configuration, logger: h.gateway.logger)
+            let up = AsyncStream<Void>.makeStream()
+            let operations = try #require(
+                starting.makeOperationsApplication { _ in
+                    up.continuation.yield()
+                    up.continuation.finish()
+                })
+            let group = ServiceGroup(
+                services: [HTTPClientService(client: starting.httpClient), starting.redis, operations],
+                logger: h.gateway.logger)
+            try await withThrowingTaskGroup(of: Void.self) { tasks in
+                tasks.addTask { try await group.run() }
+                for await _ in up.stream {}
+                try await starting.redis.ping(timeout: .seconds(5))
+                let answer = try await h.http.execute(
+                    HTTPClientRequest(url: "http://127.0.0.1:\(opsPort)/health/ready"), timeout: .seconds(5))
+                #expect(answer.status == .serviceUnavailable)
+                #expect(answer.headers.first(name: "Retry-After") == "1")
+                let body = String(buffer: try await answer.body.collect(upTo: 1 << 16))
+                #expect(body.contains(#""code":"store_unavailable""#) && body.contains("starting"), "\(body)")
+                await group.triggerGracefulShutdown()
+                try await tasks.waitForAll()
+            }
+        }
     }
 
     @Test(

@@ -647,6 +647,12 @@ struct SecurityHardeningTests {
                     #expect(refused.errorCode == "rate_limited")
                     let retryAfter = try #require(refused.headers["retry-after"].flatMap { Int($0) })
                     #expect((1...60).contains(retryAfter))
+                    // The refusal's log line is the request's: it names the answer's request id.
+                    let requestID = try #require(refused.headers["x-request-id"])
+                    #expect(
+                        h.logs.captured.contains {
+                            $0.contains("caller limit reached") && $0.contains("http.request_id=\(requestID)")
+                        })
                 }
                 #expect(
                     h.emulator.triggerCalls(for: installation) == triggers, "a refused refresh starts no round trip")

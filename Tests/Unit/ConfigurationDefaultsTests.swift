@@ -32,11 +32,16 @@ import Testing
         #expect(config.eventLoopAffinity == .shared)
     }
 
-    @Test("listening on every address without a public URL is warned about (OAuth discovery would name it)")
+    @Test(
+        "listening on every address without a public URL, or an http public URL off loopback, is warned about (OAuth discovery would name it)"
+    )
     func publicURLWarning() throws {
         for (host, publicURL, warned) in [
             ("0.0.0.0", nil, true), ("::", nil, true), ("0:0:0:0:0:0:0:0", nil, true), ("127.0.0.1", nil, false),
             ("gateway-1.internal.example.com", nil, false), ("0.0.0.0", "https://tokens.example.com", false),
+            // An http public URL: warned about unless it is loopback.
+            ("127.0.0.1", "http://tokens.example.com", true), ("0.0.0.0", "HTTP://10.0.0.5:8080/gw", true),
+            ("127.0.0.1", "http://127.0.0.1:8080", false), ("127.0.0.1", "http://localhost:8080", false),
         ] as [(String, String?, Bool)] {
             var environment = Self.required
             environment["TOKEN_GATEWAY_HOST"] = host

@@ -525,3 +525,19 @@ public final class GatewayStore: Sendable {
         try await self.redis.ping(timeout: nil)
     }
 }
+
+extension GatewayStore.RegistrationOutcome: CustomStringConvertible, CustomDebugStringConvertible, CustomReflectable {
+    /// Names the key id, never the private key.
+    public var description: String {
+        switch self {
+        case .registered(let keyID, _, let replaced):
+            "registered(keyID: \(keyID), rawPrivateKey: <redacted>, replacedUnopenableKey: \(replaced))"
+        case .uninstalled:
+            "uninstalled"
+        }
+    }
+
+    public var debugDescription: String { self.description }
+
+    public var customMirror: Mirror { Mirror(self, children: ["description": self.description]) }
+}

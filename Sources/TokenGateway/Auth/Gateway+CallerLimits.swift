@@ -1,14 +1,18 @@
 import FlowEngine
 import Foundation
 import Hummingbird
+import Logging
 
 extension Gateway {
     /// Counts one request of `caller` against its per-minute limits (contract §2 *(v1.1)*), in
-    /// Redis so every replica shares them: a forced refresh, a user-token exchange, or both.
+    /// Redis so every replica shares them: a forced refresh, a user-token exchange, or both. A
+    /// refusal is logged to `logger` (the request's, so the line carries its request id).
     ///
     /// - Returns: nil when admitted (and counted), else the seconds to wait; then nothing was counted.
     /// - Throws: ``GatewayError/storeUnavailable`` when Redis cannot be reached.
-    func callerAllowance(_ caller: Caller, refresh: Bool, userExchange: Bool) async throws(GatewayError) -> Int? {
+    func callerAllowance(_ caller: Caller, refresh: Bool, userExchange: Bool, logger: Logger) async throws(GatewayError)
+        -> Int?
+    {
         var counters: [CallerLimitCounter] = []
         if refresh { counters.append(.init(kind: "refresh", limit: caller.limits.refreshesPerMinute)) }
         if userExchange { counters.append(.init(kind: "user-exchange", limit: caller.limits.userExchangesPerMinute)) }
@@ -23,7 +27,7 @@ extension Gateway {
         case .admitted:
             return nil
         case .refused(let seconds):
-            self.logger.notice(
+            logger.notice(
                 "caller limit reached",
                 metadata: [
                     "caller": "\(caller.name)", "limit.kind": "\(counters.map(\.kind).joined(separator: ","))",

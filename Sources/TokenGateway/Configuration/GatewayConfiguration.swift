@@ -249,9 +249,17 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
         return "http://\(h):\(port)"
     }
 
-    /// A start-up warning when OAuth discovery would name an address no client can reach: no
-    /// `TOKEN_GATEWAY_PUBLIC_URL` while the gateway listens on every address (`0.0.0.0`, `::`).
+    /// A start-up warning when OAuth discovery would name an address no client can reach (no
+    /// `TOKEN_GATEWAY_PUBLIC_URL` while the gateway listens on every address, `0.0.0.0` or `::`),
+    /// or an `http` URL on a host other than loopback (RFC 8414 asks for an `https` issuer: a stock
+    /// client that follows it sends its secret unencrypted).
     public var publicURLWarning: String? {
+        if let publicURL, let c = URLComponents(string: publicURL), c.scheme?.lowercased() == "http",
+            let host = c.host, !TrustRoot.isLoopback(host)
+        {
+            return
+                "TOKEN_GATEWAY_PUBLIC_URL is http on \(host): the OAuth discovery document names an http issuer and token endpoint, so clients that follow it send their client secrets unencrypted; put TLS in front of the gateway and name its https URL"
+        }
         guard self.publicURL == nil, let address = try? SocketAddress(ipAddress: self.host, port: 0),
             address.ipAddress == "0.0.0.0" || address.ipAddress == "::"
         else { return nil }

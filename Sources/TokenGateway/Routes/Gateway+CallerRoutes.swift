@@ -99,10 +99,14 @@ extension Gateway {
             options.timeout = .milliseconds(v)
         }
         if let asUser = query.get("asUser") {
-            return try await self.userTokenRoute(caller: caller, installation: id, asUser: asUser, options: options)
+            return try await self.userTokenRoute(
+                caller: caller, installation: id, asUser: asUser, options: options, logger: context.logger)
         }
         // Per-caller limits (contract §2): a forced refresh starts a round trip, so it counts.
-        if force, let wait = try await self.callerAllowance(caller, refresh: true, userExchange: false) {
+        if force,
+            let wait = try await self.callerAllowance(
+                caller, refresh: true, userExchange: false, logger: context.logger)
+        {
             throw Self.callerRateLimited(retryAfter: wait)
         }
         let answer: TokenAnswer

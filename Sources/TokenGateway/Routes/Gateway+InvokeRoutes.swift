@@ -95,6 +95,8 @@ extension Gateway {
 
     /// What one invocation did, for its metric and audit record.
     private struct InvocationTrace {
+        /// The request's logger: its lines carry the request id.
+        let logger: Logger
         var outcome = "not_found"
         var requestID: String?
         var attempts = 0
@@ -117,7 +119,7 @@ extension Gateway {
             // Past the scope checks, so counted and audited like every other invocation (400, or
             // 413 for a payload over the limit, which Hummingbird reports as its own error). A
             // client gone while its body was read is no answer, and is not counted.
-            var refused = InvocationTrace()
+            var refused = InvocationTrace(logger: context.logger)
             refused.outcome = "invalid_request"
             self.finishInvocation(
                 caller: caller, id: id, key: key, trace: refused, status: Int(error.status.code),
@@ -126,7 +128,7 @@ extension Gateway {
         }
         let (timeout, idempotencyKey, payload) = parameters
 
-        var trace = InvocationTrace()
+        var trace = InvocationTrace(logger: context.logger)
         let response: Response
         do {
             response = try await self.invoke(
@@ -317,7 +319,7 @@ extension Gateway {
     private func unopenable(_ what: String, id: InstallationID, key: String, trace: inout InvocationTrace)
         -> GatewayError
     {
-        self.logger.error(
+        trace.logger.error(
             "\(what) does not open with the key ring", metadata: ["installation.id": "\(id)", "trigger.key": "\(key)"])
         trace.outcome = "internal_error"
         return GatewayError.internalError

@@ -10,6 +10,13 @@ extension Gateway {
         router.get("/health/ready") { _, _ in
             // Shutting down: out of the load balancer while the requests in flight drain.
             guard !self.draining.load(ordering: .relaxed) else { throw GatewayError(FlowError.shuttingDown) }
+            // Starting: on a separate operations port this answers before the main listener is up,
+            // and the replica must not be sent callers and Forge's calls yet.
+            guard self.boundPort.load(ordering: .relaxed) != 0 else {
+                throw GatewayError(
+                    status: .serviceUnavailable, code: "store_unavailable",
+                    message: "the gateway is starting: its listener is not up yet", retryAfter: 1)
+            }
             do {
                 try await self.redis.ping(timeout: .milliseconds(500))
                 return Self.json(.object([("status", "ok"), ("store", "ok")]))

@@ -1,5 +1,6 @@
 import FlowEngine
 import Hummingbird
+import Logging
 
 extension Gateway {
     /// `GET /v1/installations/{id}/token?asUser=<accountId>` and `POST …/token/refresh?asUser=…`
@@ -7,7 +8,8 @@ extension Gateway {
     /// `minValidity`, `timeout` and whether a refresh is forced. The caller is authenticated and
     /// allowed to read the installation.
     func userTokenRoute(
-        caller: Caller, installation id: InstallationID, asUser raw: String, options: TokenFlow.Request
+        caller: Caller, installation id: InstallationID, asUser raw: String, options: TokenFlow.Request,
+        logger: Logger
     )
         async throws -> Response
     {
@@ -25,7 +27,8 @@ extension Gateway {
                 // Per-caller limits: only an exchange about to start counts (a forced one also as a refresh).
                 let wait: Int?
                 do {
-                    wait = try await self.callerAllowance(caller, refresh: options.forceRefresh, userExchange: true)
+                    wait = try await self.callerAllowance(
+                        caller, refresh: options.forceRefresh, userExchange: true, logger: logger)
                 } catch {
                     throw UserTokenError.storeUnavailable
                 }

@@ -247,3 +247,20 @@ public struct OfflineUserAuthTokenClient: Sendable {
         return String(message.prefix(200))
     }
 }
+
+extension OfflineUserAuthTokenClient.Outcome: CustomStringConvertible, CustomDebugStringConvertible, CustomReflectable {
+    /// The outcome without the user token itself.
+    public var description: String {
+        switch self {
+        case .token(_, let ttl): "token(value: <redacted>, ttl: \(ttl.map(String.init) ?? "nil"))"
+        case .denied(let message): "denied(message: \(message ?? "nil"))"
+        case .systemTokenRefused: "systemTokenRefused"
+        case .rateLimited(let retryAfter): "rateLimited(retryAfter: \(retryAfter.map { "\($0)" } ?? "nil"))"
+        case .failed(let failure): "failed(\(failure.outcome))"
+        }
+    }
+
+    public var debugDescription: String { self.description }
+
+    public var customMirror: Mirror { Mirror(self, children: ["description": self.description]) }
+}
