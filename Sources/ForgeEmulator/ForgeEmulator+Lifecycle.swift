@@ -275,15 +275,20 @@ extension ForgeEmulator {
 
     /// Uninstalls the app as Forge does: invokes the `preUninstall` module's endpoint
     /// (`POST {gateway}/forge/pre-uninstall`), delivered again as Forge delivers events (see
-    /// ``install(_:lifecycleSystemToken:)``); the web trigger answers 404 from then on.
+    /// ``install(_:lifecycleSystemToken:)``); the web trigger answers 404 from then on. As on
+    /// Forge, the `preUninstall` call does not block the uninstall: the app (and its web trigger)
+    /// is gone whatever the gateway answered, and a failure is thrown afterwards.
     /// - Throws: ``ForgeEmulatorError/unexpectedStatus(_:operation:)`` (operation `pre-uninstall`)
     ///   when the last delivery got a non-2xx answer, or the HTTP client's error of the last delivery.
     public func uninstall(_ installation: EmulatedInstallation) async throws {
-        let answer = try await self.deliveredAsEvent(retryingWhen: { !(200..<300).contains($0) }) {
-            try await self.preUninstall(installation).status
-        }
-        guard (200..<300).contains(answer) else {
-            throw ForgeEmulatorError.unexpectedStatus(answer, operation: "pre-uninstall")
+        let answer: Result<Int, any Error>
+        do {
+            answer = .success(
+                try await self.deliveredAsEvent(retryingWhen: { !(200..<300).contains($0) }) {
+                    try await self.preUninstall(installation).status
+                })
+        } catch {
+            answer = .failure(error)
         }
         self.state.withLock {
             $0.update(installation) { record in
@@ -293,6 +298,10 @@ extension ForgeEmulator {
             }
         }
         self.logger.info("Installation uninstalled", metadata: ["installation.id": "\(installation.id)"])
+        let status = try answer.get()
+        guard (200..<300).contains(status) else {
+            throw ForgeEmulatorError.unexpectedStatus(status, operation: "pre-uninstall")
+        }
     }
 
     /// Sends the `preUninstall` invocation to `POST {gateway}/forge/pre-uninstall` with a FIT made

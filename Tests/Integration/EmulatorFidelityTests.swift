@@ -122,4 +122,31 @@ struct EmulatorFidelityTests {
             #expect(try await ForgeRouteKindTests.observe(h, installation) == before)
         }
     }
+
+    @Test(
+        "a preUninstall the gateway never got does not keep the app installed: its web trigger answers 404, so round trips fail while the stored token is still served"
+    )
+    func failedPreUninstallStillUninstalls() async throws {
+        try await GatewayHarness.run(configure: { $0.flow.maxAttempts = 1 }) { h in
+            let installation = try await h.installed()
+            #expect(try await h.token(installation).status == 200)
+            // The preUninstall call fails: it goes to a server without the route (the emulator's
+            // own), which answers 404, and the harness sends no retries.
+            h.emulator.setGatewayURL(h.emulator.baseURL)
+            await #expect(throws: ForgeEmulatorError.unexpectedStatus(404, operation: "pre-uninstall")) {
+                try await h.emulator.uninstall(installation)
+            }
+            h.emulator.setGatewayURL(h.gatewayURL)
+
+            // The gateway still knows the installation and serves its stored token…
+            let cached = try await h.token(installation)
+            #expect(cached.status == 200)
+            #expect(cached.json["source"] as? String == "cache")
+            // …but the web trigger went with the app.
+            let refreshed = try await h.call(.POST, GatewayHarness.path(installation) + "/token/refresh")
+            #expect(refreshed.status == 502, "\(refreshed.body)")
+            #expect(refreshed.errorCode == "trigger_failed")
+            #expect(h.emulator.triggerRecords(for: installation).last?.answeredStatus == 404)
+        }
+    }
 }
