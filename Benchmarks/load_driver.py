@@ -2,7 +2,8 @@
 """Load-benchmark driver for scripts/bench.sh: bounded, loopback only, standard library only.
 
   load_driver.py wrk FILE                 parse `wrk --latency` output: rps, p50, p99, errors (JSON)
-  load_driver.py cold  [options]          cold path: installations x concurrent callers
+  load_driver.py cold  [options]          cold path: installations x concurrent callers (the
+                                          emulator must run with --no-install-tokens)
   load_driver.py memory [options]         resident memory of the gateway with N tokens cached
 
 The caller secret comes from the environment (BENCH_CALLER_SECRET), never from the command line.
@@ -336,6 +337,13 @@ def cold(args):
             for outcomes in run_round(args.gateway, [ids[0]], args.callers, headers, warm=args.kept_alive).values():
                 concurrent += [elapsed for elapsed, status, _ in outcomes if status == 200]
 
+    if triggers < len(ids) or sources.get("cache", 0) >= len(ids):
+        # Installations that came with a token (an emulator started without --no-install-tokens)
+        # are served from the cache: what this measured is no cold path.
+        sys.exit(
+            f"cold: {triggers} trigger calls for {len(ids)} installations, {sources.get('cache', 0)} answers"
+            " from the cache: start the emulator with --no-install-tokens"
+        )
     own = [v for v in own_ms.values() if v is not None]
     summary = {
         "mode": "burst" if args.burst else "sequential",

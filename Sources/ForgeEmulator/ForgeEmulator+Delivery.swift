@@ -107,9 +107,7 @@ extension ForgeEmulator {
             asEvent: requestId == nil
         )
         gatewayWait?.add(clock.now - sent)
-        if answer.isSuccess, let systemToken {
-            self.state.withLock { $0.update(installation) { $0.lastDeliveredToken = systemToken } }
-        }
+        if answer.isSuccess, let systemToken { self.rememberDelivered(systemToken, for: installation) }
         self.logger.debug(
             "Delivery answered",
             metadata: [
@@ -120,7 +118,14 @@ extension ForgeEmulator {
         return DeliveryResult(status: answer.status, body: answer.body, token: systemToken ?? "")
     }
 
-    /// The last system token a delivery of this installation got a 2xx answer for.
+    /// Keeps `token` as the last one delivered (Forge's token cache, which the `redeliverCached`
+    /// fault hands out again): a delivery, a lifecycle event or a registration answered 2xx.
+    func rememberDelivered(_ token: String, for installation: EmulatedInstallation) {
+        self.state.withLock { $0.update(installation) { $0.lastDeliveredToken = token } }
+    }
+
+    /// The last system token a delivery, lifecycle event or registration of this installation got a
+    /// 2xx answer for.
     public func lastDeliveredToken(for installation: EmulatedInstallation) -> String? {
         self.state.withLock { $0.record(for: installation)?.lastDeliveredToken }
     }

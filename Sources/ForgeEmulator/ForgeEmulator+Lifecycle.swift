@@ -199,6 +199,7 @@ extension ForgeEmulator {
                     authTriggerUrl: url, rotateKey: rotateKey ? true : nil,
                     triggers: triggers ?? self.namedTriggersForRegistration(installation)))
         )
+        if answer.isSuccess, let systemToken { self.rememberDelivered(systemToken, for: installation) }
         guard answer.isSuccess else {
             self.logger.info(
                 "Registration refused",
@@ -365,6 +366,7 @@ extension ForgeEmulator {
             body: try JSONEncoder.emulator.encode(body),
             asEvent: true
         )
+        if answer.isSuccess, let systemToken { self.rememberDelivered(systemToken, for: installation) }
         self.logger.debug(
             "Lifecycle event answered",
             metadata: [

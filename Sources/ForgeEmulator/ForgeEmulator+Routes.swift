@@ -112,13 +112,15 @@ extension ForgeEmulator {
     /// Admin routes, for `token-gateway emulate` driven by hand with curl. They need no
     /// authentication and answer loopback clients only (403 otherwise); they never show a token:
     /// - `GET /admin/installations` — every installation with its status, trigger URL and calls.
-    /// - `POST /admin/installations` — body optional `{"product": "jira"}`: makes and installs one;
+    /// - `POST /admin/installations` — body optional `{"product": "jira"}`: makes and installs one
+    ///   (with a system token on the lifecycle event and the registration unless the emulator runs
+    ///   with ``ForgeEmulatorConfiguration/endpointsCarrySystemToken`` off, `--no-install-tokens`);
     ///   201 with it, or 502 when the gateway refused (the installation is kept as `created`).
     /// - `POST /admin/installations/{id}/push` — body optional `{"expiresInSeconds": 7200, "tokenBytes": 1500}`:
     ///   pushes a fresh token (padded to about `tokenBytes`); 200 `{"status": <gateway status>, "body": "<gateway body>"}`.
     /// - `POST /admin/installations/{id}/upgrade` — sends `avi:forge:upgraded:app`, then registers
-    ///   the web trigger again as the companion's install handler does; 200 with it, 502 when the
-    ///   gateway refused.
+    ///   the web trigger again as the companion's install handler does (both with a system token,
+    ///   as on install); 200 with it, 502 when the gateway refused.
     /// - `POST /admin/installations/{id}/uninstall` — invokes the `preUninstall` module
     ///   (`POST {gateway}/forge/pre-uninstall`); 200 with it.
     /// - `POST /admin/installations/{id}/ui-invoke` — body `{"path": "/forge/register", "body": {…},

@@ -85,6 +85,35 @@ struct MetricsIntegrationTests {
         }
     }
 
+    @Test("caller authentication failures are counted by route; a Connect tenant's JWT refused is not")
+    func callerAuthenticationFailures() async throws {
+        try await GatewayHarness.run(connectBaseURL: connectTestAppBaseURL) { h in
+            let installation = try await h.installed()
+            #expect(try await h.token(installation, secret: "wrong-secret-0123456789").status == 401)
+            #expect(try await h.call(.GET, GatewayHarness.path(installation) + "/token", secret: nil).status == 401)
+            let oauth = try await h.call(
+                .POST, "/oauth/token", secret: nil, headers: ["content-type": "application/x-www-form-urlencoded"],
+                body: "grant_type=client_credentials&client_id=nobody&client_secret=wrong-0123456789")
+            #expect(oauth.status == 401)
+            #expect(try await h.call(.GET, "/status", secret: nil).status == 401)
+            // A caller with a good secret forwarding a tenant's JWT that fails: 401, not the caller's.
+            let verify = try await h.call(
+                .POST, "/v1/connect/verify", headers: ["content-type": "application/json"],
+                body: #"{"jwt":"a.b.c","method":"GET","url":"/issue-panel"}"#)
+            #expect(verify.status == 401)
+            #expect(verify.errorCode == "invalid_connect_jwt")
+
+            let m = try await h.call(.GET, "/metrics", secret: nil).body
+            let family = "token_gateway_caller_authentication_failures_total"
+            #expect(sample(m, family, ["route": "/v1/installations/{id}/token"]) == 2)
+            #expect(sample(m, family, ["route": "/oauth/token"]) == 1)
+            #expect(sample(m, family, ["route": "/status"]) == 1)
+            #expect(sample(m, family, ["route": "/v1/connect/verify"]) == nil)
+            #expect(
+                sample(m, "token_gateway_http_requests_total", ["route": "/v1/connect/verify", "status": "401"]) == 1)
+        }
+    }
+
     @Test("unknown paths and wrong methods are counted under route unmatched")
     func unmatchedRoutes() async throws {
         try await GatewayHarness.run { h in

@@ -38,8 +38,10 @@ import Testing
     func publicURLWarning() throws {
         for (host, publicURL, warned) in [
             ("0.0.0.0", nil, true), ("::", nil, true), ("0:0:0:0:0:0:0:0", nil, true), ("127.0.0.1", nil, false),
-            ("gateway-1.internal.example.com", nil, false), ("0.0.0.0", "https://tokens.example.com", false),
-            // An http public URL: warned about unless it is loopback.
+            ("0.0.0.0", "https://tokens.example.com", false),
+            // An http public URL, set or the default: warned about unless it is loopback.
+            ("gateway-1.internal.example.com", nil, true), ("10.0.0.5", nil, true), ("::1", nil, false),
+            ("localhost", nil, false),
             ("127.0.0.1", "http://tokens.example.com", true), ("0.0.0.0", "HTTP://10.0.0.5:8080/gw", true),
             ("127.0.0.1", "http://127.0.0.1:8080", false), ("127.0.0.1", "http://localhost:8080", false),
         ] as [(String, String?, Bool)] {

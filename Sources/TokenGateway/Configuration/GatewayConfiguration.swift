@@ -254,17 +254,22 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     /// or an `http` URL on a host other than loopback (RFC 8414 asks for an `https` issuer: a stock
     /// client that follows it sends its secret unencrypted).
     public var publicURLWarning: String? {
-        if let publicURL, let c = URLComponents(string: publicURL), c.scheme?.lowercased() == "http",
-            let host = c.host, !TrustRoot.isLoopback(host)
-        {
-            return
-                "TOKEN_GATEWAY_PUBLIC_URL is http on \(host): the OAuth discovery document names an http issuer and token endpoint, so clients that follow it send their client secrets unencrypted; put TLS in front of the gateway and name its https URL"
-        }
         guard self.publicURL == nil, let address = try? SocketAddress(ipAddress: self.host, port: 0),
             address.ipAddress == "0.0.0.0" || address.ipAddress == "::"
-        else { return nil }
+        else { return self.plainHTTPWarning }
         return
             "TOKEN_GATEWAY_PUBLIC_URL is unset while TOKEN_GATEWAY_HOST is \(self.host): the OAuth discovery document names \(self.effectivePublicURL), which no client can reach; set TOKEN_GATEWAY_PUBLIC_URL to the URL callers use"
+    }
+
+    /// The warning of ``publicURLWarning`` for an `http` URL on a host other than loopback, set or
+    /// the default.
+    private var plainHTTPWarning: String? {
+        let url = self.effectivePublicURL
+        guard let c = URLComponents(string: url), c.scheme?.lowercased() == "http", let host = c.host,
+            !TrustRoot.isLoopback(host)
+        else { return nil }
+        return
+            "the OAuth discovery document names \(url): an http issuer and token endpoint off loopback, so clients that follow it send their client secrets unencrypted; put TLS in front of the gateway and set TOKEN_GATEWAY_PUBLIC_URL to its https URL"
     }
 
     public var description: String {

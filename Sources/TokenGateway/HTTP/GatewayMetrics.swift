@@ -15,6 +15,7 @@ public final class GatewayMetrics: Sendable {
     }
     private let requestCounters = Mutex<[RequestKey: Counter]>([:])
     private let fitCounters = Mutex<[String: Counter]>([:])
+    private let callerAuthenticationCounters = Mutex<[String: Counter]>([:])
     /// `token_gateway_undecryptable_secrets_total{kind}`: stored secrets no key of the ring opens
     /// (a key removed too early, or a value copied under another key), by kind.
     let undecryptableSecrets: [String: Counter]
@@ -50,6 +51,7 @@ public final class GatewayMetrics: Sendable {
         // call move.
         self.countRequest(route: "/metrics", status: 200, by: 0)
         self.countInvocationToken(outcome: "success", by: 0)
+        self.countCallerAuthenticationFailure(route: "/v1/installations/{id}/token", by: 0)
     }
 
     /// Counts one stored secret that did not open.
@@ -66,6 +68,21 @@ public final class GatewayMetrics: Sendable {
                 label: "token_gateway_http_requests_total", dimensions: [("route", route), ("status", String(status))],
                 factory: self.factory)
             cache[key] = c
+            return c
+        }
+        if amount > 0 { counter.increment(by: amount) }
+    }
+
+    /// Counts one answer 401 to a caller credential (`token_gateway_caller_authentication_failures_total{route}`):
+    /// a caller route's Bearer secret, `/oauth/token`'s client authentication or the status page's
+    /// Basic credential was missing or wrong. `route` is a route template.
+    public func countCallerAuthenticationFailure(route: String, by amount: Int64 = 1) {
+        let counter = self.callerAuthenticationCounters.withLock { cache -> Counter in
+            if let c = cache[route] { return c }
+            let c = Counter(
+                label: "token_gateway_caller_authentication_failures_total", dimensions: [("route", route)],
+                factory: self.factory)
+            cache[route] = c
             return c
         }
         if amount > 0 { counter.increment(by: amount) }

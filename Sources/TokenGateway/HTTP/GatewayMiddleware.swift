@@ -118,6 +118,9 @@ struct ObservabilityMiddleware<Context: RequestContext>: RouterMiddleware {
         let response = try await next(request, context)
         let route = Self.routeLabel(context.endpointPath)
         self.metrics.countRequest(route: route, status: Int(response.status.code))
+        if response.status == .unauthorized, Self.challengesACaller(response.headers[.wwwAuthenticate]) {
+            self.metrics.countCallerAuthenticationFailure(route: route)
+        }
         if context.logger.logLevel <= .debug {
             var metadata: Logger.Metadata = [
                 "http.method": "\(request.method.rawValue)", "http.route": "\(route)",
@@ -128,6 +131,14 @@ struct ObservabilityMiddleware<Context: RequestContext>: RouterMiddleware {
             context.logger.debug("request", metadata: metadata)
         }
         return response
+    }
+
+    /// Whether a 401's challenge asks for a caller credential: `Bearer` (the caller routes) or
+    /// `Basic` (`/oauth/token`, the status page) in the gateway's realm. A Connect tenant's JWT or a
+    /// Forge invocation token refused is answered without it (or with `JWT`), and is not counted.
+    static func challengesACaller(_ challenge: String?) -> Bool {
+        guard let challenge else { return false }
+        return challenge.hasSuffix(#"realm="token-gateway""#)
     }
 
     /// The `route` label: the route template, or `unmatched` when no route matched (Hummingbird's

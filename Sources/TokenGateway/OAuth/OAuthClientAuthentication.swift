@@ -10,15 +10,19 @@ public enum OAuthClientAuthenticationMethod: String, Sendable, Hashable, CaseIte
 
 /// The client credentials of one token request, read but not yet checked.
 ///
-/// Holds a secret: its `description` shows the method and the client id only.
-public struct OAuthClientCredentials: Sendable, Hashable, CustomStringConvertible {
+/// Holds a secret: its `description`, `debugDescription` and mirror show the method and the client
+/// id only.
+public struct OAuthClientCredentials: Sendable, Hashable, CustomStringConvertible, CustomDebugStringConvertible,
+    CustomReflectable
+{
     /// How they were presented.
     public let method: OAuthClientAuthenticationMethod
     /// `(client_id, client_secret)` readings to try, in order. For HTTP Basic the first is the
     /// RFC 6749 §2.3.1 reading (each part form-urlencoded, so decoded here); the second, present
     /// only when it differs, is the parts as sent, because many stock clients (Python's
     /// `requests`, authlib, curl's `-u`) do not encode them. Both are checked against the same
-    /// configured secret, so accepting either grants nothing a client could not already do.
+    /// configured secret; when the form also names a `client_id`, only the reading with that id
+    /// is kept, so the body never names a client other than the one that authenticated.
     let candidates: [(id: String, secret: String)]
 
     init(method: OAuthClientAuthenticationMethod, candidates: [(id: String, secret: String)]) {
@@ -30,6 +34,10 @@ public struct OAuthClientCredentials: Sendable, Hashable, CustomStringConvertibl
     public var clientID: String { self.candidates.first?.id ?? "" }
 
     public var description: String { "OAuthClientCredentials(\(self.method.rawValue), client_id: \(self.clientID))" }
+
+    public var debugDescription: String { self.description }
+
+    public var customMirror: Mirror { Mirror(self, children: ["description": self.description]) }
 
     public static func == (lhs: OAuthClientCredentials, rhs: OAuthClientCredentials) -> Bool {
         lhs.method == rhs.method && lhs.candidates.elementsEqual(rhs.candidates, by: { $0 == $1 })

@@ -110,5 +110,7 @@ public struct GatewayMetricsFactory: MetricsFactory {
         "token_gateway_http_idle_connections_closed_total":
             "Client connections closed because they sent nothing for the idle timeout while no answer was due.",
         "token_gateway_resident_memory_bytes": "The replica's resident memory, updated at each heap trim.",
+        "token_gateway_caller_authentication_failures_total":
+            "Answers 401 to a missing or wrong caller credential (caller routes, /oauth/token, the status page), by route.",
     ]
 }
