@@ -14,7 +14,8 @@ import Synchronization
 /// `maxMs`, default 30 s), `{"type": "hangBody", "maxMs": 30000}` (the same, after sending the answer's
 /// status and headers: a body that does not come).
 public enum NamedTriggerBehaviour: Sendable, Hashable {
-    /// Answer 200 `{"echo": <payload>, "requestId": …, "trigger": <key>, "idempotencyKey": … | null}`.
+    /// Answer 200 `{"echo": <payload>, "requestId": …, "trigger": <key>, "idempotencyKey": … | null}`
+    /// (the signed body's `idempotencyKey`).
     case echo
     /// Answer `status` (with `Retry-After: 7`) the next `times` calls (nil: every call), then echo.
     case fail(status: Int, times: Int?)
@@ -109,6 +110,9 @@ public struct NamedTriggerCall: Sendable, Hashable {
     public let requestId: String?
     /// The `Idempotency-Key` header, if any.
     public let idempotencyKey: String?
+    /// The body's `idempotencyKey` (signed with the rest), if any: what the echo answers with, as
+    /// the companion deduplicates on it, never on the unsigned header.
+    public let signedIdempotencyKey: String?
     /// The exact body bytes and signature header, so tests can replay or tamper with them.
     public let body: Data
     public let signatureHeader: String?
@@ -147,6 +151,7 @@ struct NamedTriggerCallBody: Decodable, Sendable {
     var installationId: String
     var issuedAt: Double
     var expiresAt: Double
+    var idempotencyKey: String?
 }
 
 struct NamedTriggerSummary: Codable, Sendable {
@@ -254,7 +259,8 @@ extension ForgeEmulator {
         let signatureValid = record?.verifies(signature, body: body) ?? false
         let call = NamedTriggerCall(
             receivedAt: Date(), signatureValid: signatureValid, requestId: callBody?.requestId,
-            idempotencyKey: idempotencyKey, body: body, signatureHeader: signatureHeader, answeredStatus: nil)
+            idempotencyKey: idempotencyKey, signedIdempotencyKey: callBody?.idempotencyKey, body: body,
+            signatureHeader: signatureHeader, answeredStatus: nil)
         let (index, behaviour) = self.namedTriggers.withLock { state -> (Int, NamedTriggerBehaviour) in
             state.triggers[triggerId]?.calls.append(call)
             let behaviour = state.triggers[triggerId]?.behaviour ?? .echo
@@ -338,7 +344,7 @@ extension ForgeEmulator {
             200,
             [
                 "echo": object["payload"] ?? NSNull(), "requestId": callBody.requestId, "trigger": trigger.key,
-                "idempotencyKey": idempotencyKey.map { $0 as Any } ?? NSNull(),
+                "idempotencyKey": callBody.idempotencyKey.map { $0 as Any } ?? NSNull(),
             ])
     }
 

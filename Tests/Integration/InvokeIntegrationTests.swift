@@ -80,6 +80,7 @@ struct InvokeIntegrationTests {
             let call = calls[0]
             #expect(call.signatureValid)
             #expect(call.idempotencyKey == nil)
+            #expect(call.signedIdempotencyKey == nil)
             // The body: exactly the four fields of §4 and the payload, byte for byte.
             let body = try #require(Self.json(String(decoding: call.body, as: UTF8.self)) as? [String: Any])
             #expect(Set(body.keys) == ["requestId", "installationId", "issuedAt", "expiresAt", "payload"])
@@ -212,6 +213,9 @@ struct InvokeIntegrationTests {
             let calls = h.emulator.namedTriggerCalls(for: installation, key: "echo")
             #expect(calls.count == 1)
             #expect(calls.first?.idempotencyKey == "order-42")
+            // The key is signed with the body: a replayer cannot run the call again under another.
+            #expect(calls.first?.signedIdempotencyKey == "order-42")
+            #expect(calls.first?.signatureValid == true)
 
             let otherPayload = try await Self.invoke(
                 h, installation, "echo", body: #"{"n":2}"#, headers: ["idempotency-key": "order-42"])
@@ -481,6 +485,33 @@ struct InvokeIntegrationTests {
             #expect(h.emulator.namedTriggerCalls(for: installation, key: "echo").count == 2)
             // The auth trigger has its own circuit.
             #expect(try await h.token(installation).status == 200)
+        }
+    }
+
+    @Test(
+        "failures of calls in flight when the circuit opened are no reopenings: the window stays, the next opening doubles it"
+    )
+    func breakerWindowWithCallsInFlight() async throws {
+        try await Self.run { h in
+            let installation = try await h.installed()
+            let id = installation.installationID
+            let now = FlowTime.now()
+            @Sendable func failure(at instant: FlowTime) async throws -> Int64? {
+                try await h.gateway.store.recordInvocationOutcome(
+                    id, key: "echo", succeeded: false, threshold: 2, openBase: .seconds(1), openCap: .seconds(60),
+                    now: instant)
+            }
+            #expect(try await failure(at: now) == nil)
+            #expect(try await failure(at: now) == now.unixMilliseconds + 1000)
+            // Four more calls that were under way end failing while the circuit is open.
+            for _ in 0..<4 { #expect(try await failure(at: now) == nil) }
+            let stored = try await h.gateway.redis.send([
+                "HGET", "tg:{\(installation.id)}:invoke-breaker", "echo:openUntil",
+            ])
+            #expect(stored.string == String(now.unixMilliseconds + 1000))
+            // After the window, a failed probe reopens it for twice as long (the second opening).
+            let later = now + .seconds(2)
+            #expect(try await failure(at: later) == later.unixMilliseconds + 2000)
         }
     }
 

@@ -104,6 +104,37 @@ import Testing
         #expect(!parsed.isValid(for: body + [0x20], publicKey: key.publicKey))
     }
 
+    @Test("a relayed 503 or 429 always carries Retry-After in seconds; other answers get none added")
+    func relayedRetryAfter() {
+        let now = Date(timeIntervalSince1970: 1_763_906_400)
+        func relayed(_ status: Int, _ retryAfter: String?) -> String? {
+            let headers = retryAfter.map { [(name: "retry-after", value: $0)] } ?? []
+            let answer = InvocationAnswer(status: status, headers: headers, body: [])
+            return Gateway.relay(answer, requestID: "inv_1", replayed: false, now: now).headers[.retryAfter]
+        }
+        #expect(relayed(503, nil) == "1")
+        #expect(relayed(429, nil) == "1")
+        #expect(relayed(503, "7") == "7")
+        #expect(relayed(429, "Sun, 23 Nov 2025 14:00:30 GMT") == "30")
+        #expect(relayed(503, "soon") == "1")
+        #expect(relayed(503, "0") == "1")
+        #expect(relayed(500, nil) == nil)
+        #expect(relayed(200, nil) == nil)
+        #expect(relayed(500, "7") == "7")
+    }
+
+    @Test("a caller's Idempotency-Key is in the signed body, before the payload, JSON-escaped")
+    func signedBodyNamesTheIdempotencyKey() {
+        let id = InstallationID("ari:cloud:ecosystem::installation/1b7c3c5e-6a3b-4d4f-9e57-2f4d8c1a0b11")!
+        let body = NamedTriggerInvoker.body(
+            requestID: "inv_1", installation: id, issuedAt: 1, expiresAt: 2, idempotencyKey: #"order "42""#,
+            payload: Array("[]".utf8))
+        #expect(
+            String(decoding: body, as: UTF8.self)
+                == #"{"requestId":"inv_1","installationId":"ari:cloud:ecosystem::installation/1b7c3c5e-6a3b-4d4f-9e57-2f4d8c1a0b11","issuedAt":1,"expiresAt":2,"idempotencyKey":"order \"42\"","payload":[]}"#
+        )
+    }
+
     @Test func retriesOnlyIdempotentTransientFailuresWithinTheBudget() {
         let answer503 = InvocationCallResult.answered(InvocationAnswer(status: 503, headers: [], body: []), attempts: 1)
         let answer500 = InvocationCallResult.answered(InvocationAnswer(status: 500, headers: [], body: []), attempts: 1)

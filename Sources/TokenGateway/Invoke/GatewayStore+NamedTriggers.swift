@@ -235,7 +235,8 @@ enum NamedTriggerScripts {
         """)
 
     /// KEYS: breaker. ARGV: trigger key, succeeded (1/0), threshold, base window ms, cap ms, now ms.
-    /// Returns {opened (1/0), openUntil ms}.
+    /// Returns {opened (1/0), openUntil ms}. A failure while the circuit is open (a call that was
+    /// in flight when it opened) is counted but is no reopening: the window stays as it is.
     static let recordOutcome = RedisScript(
         """
         local f, o, u = ARGV[1] .. ':failures', ARGV[1] .. ':opens', ARGV[1] .. ':openUntil'
@@ -244,6 +245,7 @@ enum NamedTriggerScripts {
           return {0, 0}
         end
         local failures = redis.call('HINCRBY', KEYS[1], f, 1)
+        if tonumber(redis.call('HGET', KEYS[1], u) or '0') > tonumber(ARGV[6]) then return {0, 0} end
         if failures >= tonumber(ARGV[3]) then
           local opens = redis.call('HINCRBY', KEYS[1], o, 1)
           local window = math.min(tonumber(ARGV[4]) * math.pow(2, opens - 1), tonumber(ARGV[5]))

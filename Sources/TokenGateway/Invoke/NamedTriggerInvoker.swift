@@ -137,15 +137,19 @@ public struct NamedTriggerInvoker: Sendable {
     }
 
     /// The exact body bytes of a named-trigger call: `{"requestId", "installationId", "issuedAt",
-    /// "expiresAt", "payload"}` with `payload` the caller's JSON, byte for byte.
+    /// "expiresAt", "idempotencyKey" (when the caller sent one), "payload"}` with `payload` the
+    /// caller's JSON, byte for byte. The key is signed with the rest, so a function that
+    /// deduplicates on it cannot be made to run a captured call again under another key.
     public static func body(
-        requestID: String, installation: InstallationID, issuedAt: Int64, expiresAt: Int64, payload: [UInt8]
+        requestID: String, installation: InstallationID, issuedAt: Int64, expiresAt: Int64,
+        idempotencyKey: String? = nil, payload: [UInt8]
     ) -> [UInt8] {
-        var head = Array(
-            JSONValue.object([
-                ("requestId", .string(requestID)), ("installationId", .string(installation.ari)),
-                ("issuedAt", .int(issuedAt)), ("expiresAt", .int(expiresAt)),
-            ]).serialized().utf8)
+        var fields: [(String, JSONValue)] = [
+            ("requestId", .string(requestID)), ("installationId", .string(installation.ari)),
+            ("issuedAt", .int(issuedAt)), ("expiresAt", .int(expiresAt)),
+        ]
+        if let idempotencyKey { fields.append(("idempotencyKey", .string(idempotencyKey))) }
+        var head = Array(JSONValue.object(fields).serialized().utf8)
         head.removeLast()  // the closing brace
         head += Array(",\"payload\":".utf8)
         head += payload

@@ -279,7 +279,8 @@ extension Gateway {
         let expiresAt = now + ContinuousClock.now.duration(to: deadline)
         let body = NamedTriggerInvoker.body(
             requestID: requestID, installation: id, issuedAt: now.unixSeconds,
-            expiresAt: (expiresAt.nanoseconds + 999_999_999) / 1_000_000_000, payload: payload)
+            expiresAt: (expiresAt.nanoseconds + 999_999_999) / 1_000_000_000, idempotencyKey: idempotencyKey,
+            payload: payload)
         let callStarted = ContinuousClock.now
         let result = await self.namedTriggerInvoker.call(
             material: material, body: body, idempotencyKey: idempotencyKey, deadline: deadline, logger: logger)
@@ -348,9 +349,11 @@ extension Gateway {
     ) async throws -> IdempotencyOutcome {
         let digest = Self.hex(SHA256.hash(data: Array((caller.name + "\n" + idempotencyKey).utf8)))
         let fingerprint = Self.hex(SHA256.hash(data: payload))
-        let pendingTTL = ContinuousClock.now.duration(to: deadline) + .seconds(5)
         var waits = 0
         while true {
+            // A claim whose holder dies expires 5 s after the holder's deadline: measured at each
+            // try, so a request that waited first claims only for what is left of its time.
+            let pendingTTL = ContinuousClock.now.duration(to: deadline) + .seconds(5)
             let result: GatewayStore.IdempotencyClaim
             do {
                 result = try await self.store.claimIdempotencyKey(
@@ -463,10 +466,16 @@ extension Gateway {
     }
 
     /// The caller's answer: the trigger's status, its allow-listed headers and its body.
-    static func relay(_ answer: InvocationAnswer, requestID: String?, replayed: Bool) -> Response {
+    static func relay(_ answer: InvocationAnswer, requestID: String?, replayed: Bool, now: Date = Date()) -> Response {
         var headers: HTTPFields = [.cacheControl: "no-store"]
         for (name, value) in answer.headers {
             if let field = HTTPField.Name(name) { headers[field] = value }
+        }
+        // Contract §1: a 503 or 429 carries Retry-After in seconds. The trigger's own is kept as
+        // seconds (an HTTP date becomes the seconds until it); none, or an unreadable one, is 1.
+        if answer.status == 503 || answer.status == 429 {
+            let wait = OfflineUserAuthTokenClient.retryAfter(headers[.retryAfter], now: now)
+            headers[.retryAfter] = String(wait?.retryAfterSeconds ?? 1)
         }
         if let requestID { headers[.tokenGatewayRequestID] = requestID }
         if replayed { headers[.idempotentReplayed] = "true" }
