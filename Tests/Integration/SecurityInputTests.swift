@@ -297,11 +297,18 @@ struct SecurityInputTests {
             // Query parameters out of range.
             for query in [
                 "minValidity=-1", "minValidity=7201", "minValidity=1e3", "timeout=99", "timeout=x", "timeout=30001",
+                // Given twice, even with the same value.
+                "minValidity=60&minValidity=60", "timeout=500&timeout=600", "asUser=557058:a&asUser=557058:b",
             ] {
                 let answer = try await RawHTTP.request(
                     "GET", "/v1/installations/\(installation.uuid)/token?\(query)", headers: auth, port: port)
                 #expect(answer.status == 400, "\(query)")
                 #expect(answer.errorCode == "invalid_parameter", "\(query)")
+            }
+            for twice in ["limit=1&limit=2", "cursor=&cursor="] {
+                let answer = try await RawHTTP.request("GET", "/v1/installations?\(twice)", headers: auth, port: port)
+                #expect(answer.status == 400, "\(twice)")
+                #expect(answer.errorCode == "invalid_parameter", "\(twice)")
             }
             for cursor in ["%zz", "not-base64!", Base64URL.encode(Array("ari:cloud:jira::site/x".utf8))] {
                 let answer = try await RawHTTP.request(

@@ -353,6 +353,32 @@ struct UserTokenIntegrationTests {
     }
 
     @Test(
+        "an error answer is read by its status line: a 429 or 401 whose body is large or never comes keeps its meaning",
+        .timeLimit(.minutes(1)))
+    func errorAnswersAreDecidedByTheirStatus() async throws {
+        let cases: [(head: String, expected: OfflineUserAuthTokenClient.Outcome)] = [
+            ("HTTP/1.1 429 Too Many Requests\r\nretry-after: 30\r\n", .rateLimited(retryAfter: .seconds(30))),
+            ("HTTP/1.1 401 Unauthorized\r\n", .systemTokenRefused),
+            ("HTTP/1.1 503 Service Unavailable\r\n", .failed(.httpError(status: 503))),
+            ("HTTP/1.1 403 Forbidden\r\n", .denied(message: nil)),
+        ]
+        let httpClient = HTTPClient(eventLoopGroupProvider: .singleton)
+        for (head, expected) in cases {
+            // A body announced at 1 MB, of which one byte comes: the answer's head says it all.
+            let holder = try await LoopbackListener.start(
+                answering: head + "content-type: application/json\r\ncontent-length: 1000000\r\n\r\n{", hold: true)
+            let client = OfflineUserAuthTokenClient(
+                httpClient: httpClient, url: holder.baseURL + "/graphql", logger: Logger(label: "test"))
+            let outcome = await client.exchange(
+                systemToken: "system-token", context: try #require(SiteContext(product: "jira", cloudId: "cloud-1")),
+                accountId: try #require(UserAccountID("557058:user-1")), timeout: .milliseconds(300))
+            #expect(outcome == expected, "\(head)")
+            await holder.stop()
+        }
+        try await httpClient.shutdown()
+    }
+
+    @Test(
         "a system token refused mid-exchange is replaced once by a fresh round trip and the exchange retried; a refused token is not used again"
     )
     func expiredSystemToken() async throws {

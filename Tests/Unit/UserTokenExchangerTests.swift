@@ -487,6 +487,19 @@ struct UserTokenExchangerTests {
         }
     }
 
+    @Test("a refusal answered for an installation uninstalled meanwhile is 410, not 403, and nothing is remembered")
+    func refusalAfterAnUnheardUninstall() async throws {
+        let h = Harness([.denied(message: "no")])
+        try await h.running { () async throws -> Void in
+            h.client.hold()
+            async let answer = h.token()
+            await h.client.waitForCalls(1)
+            h.store.uninstallUnannounced(Self.installation)
+            h.client.release()
+            #expect(await answer.failure == .flow(.installationUninstalled))
+        }
+    }
+
     @Test("retryable failures back off and try again; no attempt starts past the deadline")
     func retriesWithinTheDeadline() async throws {
         let h = Harness([.failed(.httpError(status: 503)), Self.issued])

@@ -25,6 +25,7 @@ extension Gateway {
         router.get("/v1/installations") { request, context in
             let caller = try self.authenticateCaller(request)
             let query = request.uri.queryParameters
+            try Self.refuseRepeated(["limit", "cursor"], in: query)
             var limit = 100
             if let raw = query.get("limit") {
                 guard let v = Int(raw), (1...1000).contains(v) else {
@@ -80,10 +81,21 @@ extension Gateway {
         return id
     }
 
+    /// 400 `invalid_parameter` when one of `names` is in the query more than once.
+    static func refuseRepeated<Query: Collection>(_ names: [String], in query: Query) throws
+    where Query.Element == (key: Substring, value: Substring) {
+        for name in names where query.lazy.filter({ $0.key == name }).count > 1 {
+            throw GatewayError.invalidParameter("\(name) is given more than once")
+        }
+    }
+
     func tokenRoute(_ request: Request, context: BasicRequestContext, force: Bool) async throws -> Response {
         let caller = try self.authenticateCaller(request)
         let id = try self.installationParameter(context, caller: caller)
         let query = request.uri.queryParameters
+        // One value each: a proxy in front that reads another copy of a repeated `asUser` would
+        // judge one account while another's token is served.
+        try Self.refuseRepeated(["minValidity", "timeout", "asUser"], in: query)
         var options = TokenFlow.Request(
             minValidity: TokenRequestDefaults.minValidity, timeout: TokenRequestDefaults.timeout, forceRefresh: force)
         if let raw = query.get("minValidity") {

@@ -146,9 +146,20 @@ public struct OfflineUserAuthTokenClient: Sendable {
             let response = try await self.httpClient.execute(request, timeout: .nanoseconds(timeout.nanoseconds))
             let status = Int(response.status.code)
             let retryAfter = response.headers.first(name: "retry-after")
-            let buffer = try await response.body.collect(upTo: Self.maxAnswerBytes, before: deadline)
-            return Self.classify(
-                status: status, retryAfter: retryAfter, body: Array(buffer.readableBytesView), now: Date())
+            // An error answer is decided by its status line: its body (large, or slow to come)
+            // must not turn a 429 or a 401 into a failure of another kind. Only a 2xx (the GraphQL
+            // answer) and a 403 (its message, for the log) are read.
+            guard (200..<300).contains(status) || status == 403 else {
+                return Self.classify(status: status, retryAfter: retryAfter, body: [], now: Date())
+            }
+            let body: [UInt8]
+            do {
+                body = Array(
+                    try await response.body.collect(upTo: Self.maxAnswerBytes, before: deadline).readableBytesView)
+            } catch  where status == 403 {
+                return .denied(message: nil)
+            }
+            return Self.classify(status: status, retryAfter: retryAfter, body: body, now: Date())
         } catch let error as HTTPClientError
             where error == .deadlineExceeded || error == .readTimeout
         {

@@ -305,8 +305,10 @@ extension UserTokenExchanger {
         case .denied(let message):
             logger.notice("Atlassian refused a user token", metadata: ["exchange.message": "\(message ?? "-")"])
             do {
-                _ = try await self.store.rememberDenial(
+                let remembered = try await self.store.rememberDenial(
                     job.installation, accountId: job.accountId.value, for: self.configuration.denialMemory)
+                // Nothing is written for an installation uninstalled meanwhile: it answers 410.
+                if !remembered { return .failure(.flow(.installationUninstalled)) }
             } catch {
                 logger.warning("could not remember the refusal", metadata: ["error": "\(error)"])
             }

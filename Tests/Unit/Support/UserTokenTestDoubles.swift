@@ -65,6 +65,12 @@ final class InMemoryUserTokenStore: UserTokenStore {
         self.announce(.uninstalled(id))
     }
 
+    /// Marks the installation uninstalled without announcing it: an uninstall whose announcement
+    /// this process has not heard (yet).
+    func uninstallUnannounced(_ id: InstallationID) {
+        self.state.withLock { s in s.installations[id, default: Installation()].status = .uninstalled }
+    }
+
     /// Another process holds the user's lease for `ttl`.
     func holdLease(_ id: InstallationID, accountId: String, owner: String, ttl: Duration) {
         let until = self.clock.now() + ttl
