@@ -165,6 +165,14 @@ struct StatusPageTests {
             #expect(try await h.token(mine).status == 200)
             #expect(try await h.token(other).status == 200)
             let basic = Self.basic("ops-scoped", Self.scopedOperatorSecret)
+            // The scoped overviews read the scope's own ids, never the whole installation index.
+            @Sendable func indexReads() async throws -> Int {
+                let info = try await h.gateway.redis.send(["INFO", "commandstats"]).string ?? ""
+                let line = info.split(whereSeparator: \.isNewline).first { $0.hasPrefix("cmdstat_zrangebylex:") }
+                return line.flatMap { $0.split(separator: "=").dropFirst().first?.split(separator: ",").first }
+                    .flatMap { Int($0) } ?? 0
+            }
+            let readsBefore = try await indexReads()
             for (installation, expected) in [(mine, 200), (other, 403)] {
                 let history = try await h.call(
                     .GET, GatewayHarness.path(installation) + "/history", secret: Self.scopedOperatorSecret)
@@ -180,6 +188,7 @@ struct StatusPageTests {
             #expect(overview.status == 200)
             #expect(overview.body.contains(mine.uuid))
             #expect(!overview.body.contains(other.uuid))
+            #expect(try await indexReads() == readsBefore)
             // The unscoped operator sees both.
             let all = try await h.call(.GET, "/v1/status", secret: Self.operatorSecret)
             #expect((all.json["installations"] as? [String: Any])?["total"] as? Int == 2, "\(all.body)")

@@ -425,6 +425,9 @@ struct TokenFlowIntegrationTests {
             let meta = try await h.call(.GET, GatewayHarness.path(installation))
             #expect(meta.json["status"] as? String == "uninstalled")
             #expect(meta.json["triggerRegistered"] as? Bool == false)
+            // Its signing keys are gone, and so is the id the metadata named.
+            #expect(meta.json["triggerKeyId"] is NSNull, "\(meta.body)")
+            #expect(meta.json["tokenExpiresAt"] is NSNull, "\(meta.body)")
             let push = try await h.emulator.push(installation)
             #expect(push.status == 410)
             // Lifecycle is idempotent: a retried uninstall answers 200 again.

@@ -150,7 +150,7 @@ enum GatewayScripts {
         """
         redis.call('HSETNX', KEYS[1], 'createdAt', ARGV[1])
         redis.call('HSET', KEYS[1], 'status', 'uninstalled', 'updatedAt', ARGV[1])
-        redis.call('HDEL', KEYS[1], 'triggerUrl', 'tokenExpiresAt')
+        redis.call('HDEL', KEYS[1], 'triggerUrl', 'tokenExpiresAt', 'triggerKeyId')
         redis.call('DEL', KEYS[2], KEYS[3])
         for _, k in ipairs(redis.call('SMEMBERS', KEYS[4])) do redis.call('DEL', k) end
         for _, k in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do redis.call('DEL', k) end

@@ -199,15 +199,22 @@ extension GatewayStore {
         }
     }
 
-    /// Every installation record (ordered by id), at most `limit` of them, read page by page.
-    public func allInstallations(limit: Int, filter: (InstallationID) -> Bool) async throws
+    /// Every installation record in `scope` (ordered by id), at most `limit` of them, read page by
+    /// page. A narrow scope pages through its own ids, so the cost follows the scope, not the index.
+    public func allInstallations(limit: Int, scope: CallerScope) async throws
         -> (records: [InstallationRecord], truncated: Bool)
     {
+        let among = scope.values.map { $0.compactMap { InstallationID($0) } }
         var records: [InstallationRecord] = []
         var cursor: String? = nil
         repeat {
-            let page = try await self.listInstallations(
-                after: cursor, limit: min(1000, limit - records.count), filter: filter)
+            let size = min(1000, limit - records.count)
+            let page =
+                if let among {
+                    try await self.listInstallations(among: among, after: cursor, limit: size)
+                } else {
+                    try await self.listInstallations(after: cursor, limit: size) { scope.contains($0.ari) }
+                }
             records += page.records
             cursor = page.next
         } while cursor != nil && records.count < limit

@@ -2,56 +2,90 @@ import FlowEngine
 import Logging
 import Synchronization
 
-/// Keeps the round trips this replica leads in the store's per-installation history: watches the
-/// token flow's actions (first trigger attempt sent, attempt verdicts, round finished) and writes
-/// one ``RoundTripRecord`` when a round trip ends with a verdict. Writes nothing secret.
-final class RoundTripRecorder: TokenFlowObserver {
+/// The round trips of one replica's token flow as its actions show them: pure, so the order in
+/// which batches of actions reach it can be tested. Rounds are told apart by their request id,
+/// because a round's first `startAttempt` can reach the log after the batch that ended it (the
+/// trigger call is a child task started before the observer hears of the batch that started it).
+struct RoundTripLog {
     private struct OpenRound {
+        var requestID: String
         var startedAt: FlowTime
         var attempts: Int
         var lastOutcome: String?
     }
 
+    private var open: [InstallationID: OpenRound] = [:]
+    /// The last round of each installation that ended: a `startAttempt` of it arriving late opens
+    /// nothing.
+    private var ended: [InstallationID: String] = [:]
+    let replicaID: String
+
+    init(replicaID: String) {
+        self.replicaID = replicaID
+    }
+
+    /// Takes one batch of actions of `installation`'s machine; returns the record of a round trip
+    /// that ended with a verdict in it.
+    mutating func observe(_ actions: [FlowAction], for installation: InstallationID, at now: FlowTime)
+        -> RoundTripRecord?
+    {
+        var finished: RoundTripRecord?
+        // The round a batch ends is named by its lease's release (or the hold placed with it).
+        let ending = actions.lazy.compactMap { action -> String? in
+            switch action {
+            case .releaseLease(let requestID), .placeHold(let requestID, _, _): return requestID
+            default: return nil
+            }
+        }.first
+        for action in actions {
+            switch action {
+            case .startAttempt(let requestID, let attempt, _, _):
+                if var round = self.open[installation], round.requestID == requestID {
+                    round.attempts = max(round.attempts, attempt)
+                    self.open[installation] = round
+                } else if self.ended[installation] != requestID {
+                    self.open[installation] = OpenRound(requestID: requestID, startedAt: now, attempts: attempt)
+                }
+            case .recordAttempt(let outcome):
+                self.open[installation]?.lastOutcome = outcome
+            case .roundFinished(let succeeded):
+                guard let round = self.open[installation], ending == nil || ending == round.requestID else { break }
+                self.open[installation] = nil
+                self.ended[installation] = round.requestID
+                finished = RoundTripRecord(
+                    startedAt: round.startedAt.unixMilliseconds,
+                    durationMs: max(0, (now - round.startedAt).milliseconds),
+                    outcome: succeeded
+                        ? "success" : (round.lastOutcome.flatMap { $0 == "success" ? nil : $0 } ?? "failed"),
+                    attempts: max(round.attempts, 1), replica: self.replicaID)
+            case .releaseLease(let requestID), .placeHold(let requestID, _, _):
+                // The round ended (with or without a verdict): nothing of it stays open.
+                if self.open[installation]?.requestID == requestID { self.open[installation] = nil }
+                self.ended[installation] = requestID
+            default:
+                break
+            }
+        }
+        return finished
+    }
+}
+
+/// Keeps the round trips this replica leads in the store's per-installation history: watches the
+/// token flow's actions (first trigger attempt sent, attempt verdicts, round finished) and writes
+/// one ``RoundTripRecord`` when a round trip ends with a verdict. Writes nothing secret.
+final class RoundTripRecorder: TokenFlowObserver {
     private let store: GatewayStore
-    private let replicaID: String
     private let logger: Logger
-    private let rounds = Mutex<[InstallationID: OpenRound]>([:])
+    private let log: Mutex<RoundTripLog>
 
     init(store: GatewayStore, replicaID: String, logger: Logger) {
         self.store = store
-        self.replicaID = replicaID
         self.logger = logger
+        self.log = Mutex(RoundTripLog(replicaID: replicaID))
     }
 
     func tokenFlow(performs actions: [FlowAction], for installation: InstallationID, at now: FlowTime) {
-        let finished = self.rounds.withLock { rounds -> RoundTripRecord? in
-            var finished: RoundTripRecord?
-            for action in actions {
-                switch action {
-                case .startAttempt(_, let attempt, _, _):
-                    var round = rounds[installation] ?? OpenRound(startedAt: now, attempts: 0)
-                    round.attempts = max(round.attempts, attempt)
-                    rounds[installation] = round
-                case .recordAttempt(let outcome):
-                    rounds[installation]?.lastOutcome = outcome
-                case .roundFinished(let succeeded):
-                    guard let round = rounds.removeValue(forKey: installation) else { break }
-                    finished = RoundTripRecord(
-                        startedAt: round.startedAt.unixMilliseconds,
-                        durationMs: max(0, (now - round.startedAt).milliseconds),
-                        outcome: succeeded
-                            ? "success" : (round.lastOutcome.flatMap { $0 == "success" ? nil : $0 } ?? "failed"),
-                        attempts: max(round.attempts, 1), replica: self.replicaID)
-                case .releaseLease:
-                    // The round ended (with or without a verdict): nothing of it stays open.
-                    rounds[installation] = nil
-                default:
-                    break
-                }
-            }
-            return finished
-        }
-        guard let finished else { return }
+        guard let finished = self.log.withLock({ $0.observe(actions, for: installation, at: now) }) else { return }
         Task {
             do {
                 try await self.store.recordRoundTrip(installation, finished, now: now)

@@ -90,9 +90,7 @@ struct StatusReport: Sendable {
         let roundTrips = try await store.recentRoundTrips(since: now - .seconds(3600))
         let used = try await gateway.userTokenStore.exchangesUsed(
             scope: gateway.configuration.forgeAppID, window: .seconds(60), now: now)
-        let (records, truncated) = try await store.allInstallations(limit: Self.maxInstallations) {
-            scope.contains($0.ari)
-        }
+        let (records, truncated) = try await store.allInstallations(limit: Self.maxInstallations, scope: scope)
         var healths: [InstallationHealth] = []
         var start = 0
         while start < records.count {
