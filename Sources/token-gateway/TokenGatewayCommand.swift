@@ -143,7 +143,8 @@ struct Serve: AsyncParsableCommand {
                 metadata: ["setting": "\(name)", "advice": "\(GatewayConfiguration.commandLineSecretWarning(name))"])
         }
         if let warning = config.publicURLWarning {
-            logger.warning("OAuth discovery names an unreachable address", metadata: ["advice": "\(warning)"])
+            logger.warning(
+                "OAuth discovery names an address clients should not use", metadata: ["advice": "\(warning)"])
         }
         let gateway = Gateway(configuration: config, logger: logger)
         gateway.bootstrapMetrics()

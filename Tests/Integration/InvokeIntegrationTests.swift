@@ -213,8 +213,10 @@ struct InvokeIntegrationTests {
             let calls = h.emulator.namedTriggerCalls(for: installation, key: "echo")
             #expect(calls.count == 1)
             #expect(calls.first?.idempotencyKey == "order-42")
-            // The key is signed with the body: a replayer cannot run the call again under another.
-            #expect(calls.first?.signedIdempotencyKey == "order-42")
+            // The key, scoped to the caller ("full"), is signed with the body: a replayer cannot run
+            // the call again under another key, and two callers' keys never meet.
+            let scoped = SHA256.hash(data: Array("full\norder-42".utf8)).map { String(format: "%02x", $0) }.joined()
+            #expect(calls.first?.signedIdempotencyKey == scoped)
             #expect(calls.first?.signatureValid == true)
 
             let otherPayload = try await Self.invoke(

@@ -299,6 +299,7 @@ struct SecurityInputTests {
                 "minValidity=-1", "minValidity=7201", "minValidity=1e3", "timeout=99", "timeout=x", "timeout=30001",
                 // Given twice, even with the same value.
                 "minValidity=60&minValidity=60", "timeout=500&timeout=600", "asUser=557058:a&asUser=557058:b",
+                "as%55ser=557058:a&asUser=557058:b", "min%56alidity=-1",
             ] {
                 let answer = try await RawHTTP.request(
                     "GET", "/v1/installations/\(installation.uuid)/token?\(query)", headers: auth, port: port)

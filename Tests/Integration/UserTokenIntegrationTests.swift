@@ -352,6 +352,18 @@ struct UserTokenIntegrationTests {
         try await httpClient.shutdown()
     }
 
+    @Test("a percent-encoded parameter name is read as a proxy in front reads it: as%55ser asks for a user token")
+    func percentEncodedParameterName() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let account = Self.account()
+            let answer = try await h.call(.GET, GatewayHarness.path(installation) + "/token?as%55ser=\(account)")
+            #expect(answer.status == 200, "\(answer.body)")
+            #expect(answer.json["accountId"] as? String == account)
+            #expect(answer.json["source"] as? String == "exchange")
+        }
+    }
+
     @Test(
         "an error answer is read by its status line: a 429 or 401 whose body is large or never comes keeps its meaning",
         .timeLimit(.minutes(1)))

@@ -557,9 +557,11 @@ private func post(_ url: String, json: String? = nil) async throws -> (status: I
             // The same token string, so the same exp: Forge's cache handing out what it handed out before.
             #expect(deliveries.allSatisfy { $0.systemToken == pushed.token })
 
-            // With nothing delivered yet, one token is minted and from then on re-delivered.
+            // With nothing delivered yet (an install without a token), one token is minted and from
+            // then on re-delivered.
             let fresh = emulator.makeInstallation()
-            try await emulator.install(fresh)
+            try await emulator.install(fresh, lifecycleSystemToken: false)
+            #expect(emulator.lastDeliveredToken(for: fresh) == nil)
             emulator.setFault(.redeliverCached, for: fresh)
             #expect(try await callTrigger(emulator, fresh, gateway: gateway, requestId: "first") == 200)
             #expect(try await callTrigger(emulator, fresh, gateway: gateway, requestId: "second") == 200)

@@ -118,6 +118,7 @@ import Testing
         #expect(relayed(429, "Sun, 23 Nov 2025 14:00:30 GMT") == "30")
         #expect(relayed(503, "soon") == "1")
         #expect(relayed(503, "0") == "1")
+        #expect(relayed(503, "100000") == "86400")
         #expect(relayed(500, nil) == nil)
         #expect(relayed(200, nil) == nil)
         #expect(relayed(500, "7") == "7")

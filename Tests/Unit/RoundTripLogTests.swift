@@ -59,3 +59,34 @@ struct RoundTripLogTests {
         #expect(record?.attempts == 1)
     }
 }
+
+extension RoundTripLogTests {
+    @Test("an ended round is remembered for a while, then forgotten: the log does not grow with every installation")
+    func endedRoundsAreForgotten() {
+        var log = RoundTripLog(replicaID: "r1")
+        for n in 0..<300 {
+            let id = InstallationID(
+                "ari:cloud:ecosystem::installation/00000000-0000-4000-8000-\(String(format: "%012d", n))")!
+            let at = self.start + .seconds(Int64(n))
+            _ = log.observe([Self.attempt("rq_\(n)", 1)], for: id, at: at)
+            _ = log.observe([.roundFinished(succeeded: true), .releaseLease(requestID: "rq_\(n)")], for: id, at: at)
+        }
+        // The last two minutes' worth: 121 of 300.
+        #expect(log.rememberedEnds == 121)
+    }
+
+    @Test("a round ending with a hold placed is recorded, and a later attempt seen first does not move its start")
+    func holdAndAttemptsOutOfOrder() {
+        var log = RoundTripLog(replicaID: "r1")
+        _ = log.observe([Self.attempt("rq_1", 2)], for: Self.installation, at: self.start + .seconds(1))
+        _ = log.observe([Self.attempt("rq_1", 1)], for: Self.installation, at: self.start + .seconds(2))
+        let record = log.observe(
+            [
+                .roundFinished(succeeded: true),
+                .placeHold(requestID: "rq_1", duration: .seconds(60), releasingLease: true),
+            ], for: Self.installation, at: self.start + .seconds(4))
+        #expect(record?.startedAt == (self.start + .seconds(1)).unixMilliseconds)
+        #expect(record?.durationMs == 3000)
+        #expect(record?.attempts == 2)
+    }
+}

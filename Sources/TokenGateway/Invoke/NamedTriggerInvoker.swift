@@ -137,9 +137,11 @@ public struct NamedTriggerInvoker: Sendable {
     }
 
     /// The exact body bytes of a named-trigger call: `{"requestId", "installationId", "issuedAt",
-    /// "expiresAt", "idempotencyKey" (when the caller sent one), "payload"}` with `payload` the
-    /// caller's JSON, byte for byte. The key is signed with the rest, so a function that
-    /// deduplicates on it cannot be made to run a captured call again under another key.
+    /// "expiresAt", "idempotencyKey" (when the caller sent an `Idempotency-Key`), "payload"}` with
+    /// `payload` the caller's JSON, byte for byte. `idempotencyKey` is the caller's key scoped to
+    /// the caller (hex SHA-256 of its name, a newline and the key: what the gateway keeps answers
+    /// under), signed with the rest, so a function that deduplicates on it can neither be made to
+    /// run a captured call again under another key nor mix up two callers' keys.
     public static func body(
         requestID: String, installation: InstallationID, issuedAt: Int64, expiresAt: Int64,
         idempotencyKey: String? = nil, payload: [UInt8]

@@ -24,8 +24,7 @@ extension Gateway {
         }
         router.get("/v1/installations") { request, context in
             let caller = try self.authenticateCaller(request)
-            let query = request.uri.queryParameters
-            try Self.refuseRepeated(["limit", "cursor"], in: query)
+            let query = try CallerQuery(request.uri.queryParameters, once: ["limit", "cursor"])
             var limit = 100
             if let raw = query.get("limit") {
                 guard let v = Int(raw), (1...1000).contains(v) else {
@@ -81,21 +80,13 @@ extension Gateway {
         return id
     }
 
-    /// 400 `invalid_parameter` when one of `names` is in the query more than once.
-    static func refuseRepeated<Query: Collection>(_ names: [String], in query: Query) throws
-    where Query.Element == (key: Substring, value: Substring) {
-        for name in names where query.lazy.filter({ $0.key == name }).count > 1 {
-            throw GatewayError.invalidParameter("\(name) is given more than once")
-        }
-    }
-
     func tokenRoute(_ request: Request, context: BasicRequestContext, force: Bool) async throws -> Response {
         let caller = try self.authenticateCaller(request)
         let id = try self.installationParameter(context, caller: caller)
-        let query = request.uri.queryParameters
-        // One value each: a proxy in front that reads another copy of a repeated `asUser` would
-        // judge one account while another's token is served.
-        try Self.refuseRepeated(["minValidity", "timeout", "asUser"], in: query)
+        // One value each: a proxy in front that reads another copy of a repeated `asUser` (or that
+        // decodes `as%55ser`, which the gateway reads as `asUser` too) would judge one account
+        // while another's token is served.
+        let query = try CallerQuery(request.uri.queryParameters, once: ["minValidity", "timeout", "asUser"])
         var options = TokenFlow.Request(
             minValidity: TokenRequestDefaults.minValidity, timeout: TokenRequestDefaults.timeout, forceRefresh: force)
         if let raw = query.get("minValidity") {
@@ -145,5 +136,25 @@ extension Gateway {
             ("createdAt", .string(RFC3339.string(unixSeconds: r.createdAt))),
             ("updatedAt", .string(RFC3339.string(unixSeconds: r.updatedAt))),
         ])
+    }
+}
+
+/// A caller route's query, its parameter names percent-decoded as their values are (Hummingbird
+/// decodes values only), so `as%55ser` is `asUser`, as any proxy in front reads it.
+struct CallerQuery {
+    private let pairs: [(name: String, value: String)]
+
+    /// - Throws: 400 `invalid_parameter` when one of `once` is given more than once.
+    init<Query: Collection>(_ query: Query, once names: [String]) throws
+    where Query.Element == (key: Substring, value: Substring) {
+        self.pairs = query.map { (String($0.key).removingPercentEncoding ?? String($0.key), String($0.value)) }
+        for name in names where self.pairs.lazy.filter({ $0.name == name }).count > 1 {
+            throw GatewayError.invalidParameter("\(name) is given more than once")
+        }
+    }
+
+    /// The value of the first parameter named `name`.
+    func get(_ name: String) -> String? {
+        self.pairs.first { $0.name == name }?.value
     }
 }

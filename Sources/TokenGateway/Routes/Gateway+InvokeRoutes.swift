@@ -279,7 +279,7 @@ extension Gateway {
         let expiresAt = now + ContinuousClock.now.duration(to: deadline)
         let body = NamedTriggerInvoker.body(
             requestID: requestID, installation: id, issuedAt: now.unixSeconds,
-            expiresAt: (expiresAt.nanoseconds + 999_999_999) / 1_000_000_000, idempotencyKey: idempotencyKey,
+            expiresAt: (expiresAt.nanoseconds + 999_999_999) / 1_000_000_000, idempotencyKey: claim?.digest,
             payload: payload)
         let callStarted = ContinuousClock.now
         let result = await self.namedTriggerInvoker.call(
@@ -472,10 +472,15 @@ extension Gateway {
             if let field = HTTPField.Name(name) { headers[field] = value }
         }
         // Contract §1: a 503 or 429 carries Retry-After in seconds. The trigger's own is kept as
-        // seconds (an HTTP date becomes the seconds until it); none, or an unreadable one, is 1.
+        // seconds (an HTTP date becomes the seconds until it; a day or more is a day); none, or an
+        // unreadable one, is 1.
         if answer.status == 503 || answer.status == 429 {
-            let wait = OfflineUserAuthTokenClient.retryAfter(headers[.retryAfter], now: now)
-            headers[.retryAfter] = String(wait?.retryAfterSeconds ?? 1)
+            let given = headers[.retryAfter]
+            var seconds = OfflineUserAuthTokenClient.retryAfter(given, now: now)?.retryAfterSeconds
+            if seconds == nil, let given, let n = Int64(given.trimmingCharacters(in: .whitespaces)), n >= 86_400 {
+                seconds = 86_400
+            }
+            headers[.retryAfter] = String(seconds ?? 1)
         }
         if let requestID { headers[.tokenGatewayRequestID] = requestID }
         if replayed { headers[.idempotentReplayed] = "true" }

@@ -15,9 +15,13 @@ struct RoundTripLog {
     }
 
     private var open: [InstallationID: OpenRound] = [:]
-    /// The last round of each installation that ended: a `startAttempt` of it arriving late opens
-    /// nothing.
+    /// The last round of each installation that ended in the last ``endedMemory``: a
+    /// `startAttempt` of it arriving late opens nothing. Forgotten oldest first.
     private var ended: [InstallationID: String] = [:]
+    private var endedOrder: [(id: InstallationID, requestID: String, at: FlowTime)] = []
+    private var endedHead = 0
+    /// How long an ended round is remembered: far longer than a batch of actions can be late.
+    static let endedMemory: Duration = .seconds(120)
     let replicaID: String
 
     init(replicaID: String) {
@@ -42,6 +46,7 @@ struct RoundTripLog {
             case .startAttempt(let requestID, let attempt, _, _):
                 if var round = self.open[installation], round.requestID == requestID {
                     round.attempts = max(round.attempts, attempt)
+                    round.startedAt = min(round.startedAt, now)
                     self.open[installation] = round
                 } else if self.ended[installation] != requestID {
                     self.open[installation] = OpenRound(requestID: requestID, startedAt: now, attempts: attempt)
@@ -51,7 +56,7 @@ struct RoundTripLog {
             case .roundFinished(let succeeded):
                 guard let round = self.open[installation], ending == nil || ending == round.requestID else { break }
                 self.open[installation] = nil
-                self.ended[installation] = round.requestID
+                self.markEnded(installation, round.requestID, at: now)
                 finished = RoundTripRecord(
                     startedAt: round.startedAt.unixMilliseconds,
                     durationMs: max(0, (now - round.startedAt).milliseconds),
@@ -61,13 +66,31 @@ struct RoundTripLog {
             case .releaseLease(let requestID), .placeHold(let requestID, _, _):
                 // The round ended (with or without a verdict): nothing of it stays open.
                 if self.open[installation]?.requestID == requestID { self.open[installation] = nil }
-                self.ended[installation] = requestID
+                self.markEnded(installation, requestID, at: now)
             default:
                 break
             }
         }
         return finished
     }
+
+    /// Remembers that `requestID` ended, and forgets the rounds that ended before the memory.
+    private mutating func markEnded(_ installation: InstallationID, _ requestID: String, at now: FlowTime) {
+        self.ended[installation] = requestID
+        self.endedOrder.append((installation, requestID, now))
+        while self.endedHead < self.endedOrder.count, now - self.endedOrder[self.endedHead].at > Self.endedMemory {
+            let old = self.endedOrder[self.endedHead]
+            if self.ended[old.id] == old.requestID { self.ended[old.id] = nil }
+            self.endedHead += 1
+        }
+        if self.endedHead > 256, self.endedHead * 2 > self.endedOrder.count {
+            self.endedOrder.removeFirst(self.endedHead)
+            self.endedHead = 0
+        }
+    }
+
+    /// The installations with an ended round still remembered (for tests).
+    var rememberedEnds: Int { self.ended.count }
 }
 
 /// Keeps the round trips this replica leads in the store's per-installation history: watches the
