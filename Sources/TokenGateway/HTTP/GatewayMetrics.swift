@@ -77,25 +77,28 @@ public final class GatewayMetrics: Sendable {
     /// a caller route's Bearer secret, `/oauth/token`'s client authentication or the status page's
     /// Basic credential was missing or wrong. `route` is a route template.
     public func countCallerAuthenticationFailure(route: String, by amount: Int64 = 1) {
-        let counter = self.callerAuthenticationCounters.withLock { cache -> Counter in
-            if let c = cache[route] { return c }
-            let c = Counter(
-                label: "token_gateway_caller_authentication_failures_total", dimensions: [("route", route)],
-                factory: self.factory)
-            cache[route] = c
-            return c
-        }
-        if amount > 0 { counter.increment(by: amount) }
+        Self.count(
+            in: self.callerAuthenticationCounters, "token_gateway_caller_authentication_failures_total",
+            ("route", route), by: amount, factory: self.factory)
     }
 
     /// Counts one Forge invocation token verification by outcome (`success` or a fixed reason word).
     public func countInvocationToken(outcome: String, by amount: Int64 = 1) {
-        let counter = self.fitCounters.withLock { cache -> Counter in
-            if let c = cache[outcome] { return c }
-            let c = Counter(
-                label: "token_gateway_invocation_token_verifications_total", dimensions: [("outcome", outcome)],
-                factory: self.factory)
-            cache[outcome] = c
+        Self.count(
+            in: self.fitCounters, "token_gateway_invocation_token_verifications_total", ("outcome", outcome),
+            by: amount, factory: self.factory)
+    }
+
+    /// Adds `amount` to the counter `label{dimension}`, made on first use and kept in `cache` by the
+    /// dimension's value (bounded: route templates, fixed words).
+    private static func count(
+        in cache: borrowing Mutex<[String: Counter]>, _ label: String, _ dimension: (String, String), by amount: Int64,
+        factory: any MetricsFactory
+    ) {
+        let counter = cache.withLock { cache -> Counter in
+            if let c = cache[dimension.1] { return c }
+            let c = Counter(label: label, dimensions: [dimension], factory: factory)
+            cache[dimension.1] = c
             return c
         }
         if amount > 0 { counter.increment(by: amount) }
