@@ -246,6 +246,19 @@ extension ForgeEmulator {
         return RegisteredTriggerKey(keyId: id, publicKey: key)
     }
 
+    /// Rotates the installation's web-trigger URL as `webTrigger.getUrl(key, forceCreate)` does
+    /// (protocol §2a): a new URL, the old one answering 404 from now on. Then the companion
+    /// registers the new URL with the gateway (with a system token, as on install, unless
+    /// ``ForgeEmulatorConfiguration/endpointsCarrySystemToken`` is off). Returns that registration.
+    /// - Throws: as ``register(_:authTriggerUrl:rotateKey:systemToken:triggers:)``.
+    public func rotateTriggerURL(_ installation: EmulatedInstallation) async throws -> RegisterResult {
+        self.state.withLock { $0.rotateTrigger(of: installation, to: "/x1/" + Self.randomTriggerId()) }
+        let token = self.configuration.endpointsCarrySystemToken ? try self.mintAccessToken(for: installation) : nil
+        let result = try await self.register(installation, systemToken: token)
+        self.logger.info("Trigger URL rotated", metadata: ["installation.id": "\(installation.id)"])
+        return result
+    }
+
     /// Sends `avi:forge:upgraded:app`, delivered again as Forge delivers events (see
     /// ``install(_:lifecycleSystemToken:)``), then runs the companion's install handler as Forge
     /// does on a major upgrade: it registers the web trigger again, which repairs a lost or

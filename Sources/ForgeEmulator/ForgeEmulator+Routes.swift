@@ -341,7 +341,8 @@ extension ForgeEmulator {
     private func summary(of installation: EmulatedInstallation) -> InstallationSummary {
         let record =
             self.state.withLock { $0.record(for: installation) }
-            ?? EmulatedInstallationRecord(installation: installation, sequence: 0)
+            ?? EmulatedInstallationRecord(
+                installation: installation, sequence: 0, triggerPath: installation.triggerPath)
         return self.summary(of: record)
     }
 
@@ -352,7 +353,7 @@ extension ForgeEmulator {
             product: record.installation.product,
             apiBaseUrl: record.installation.apiBaseUrl,
             siteARI: record.installation.siteARI,
-            triggerPath: record.installation.triggerPath,
+            triggerPath: record.triggerPath,
             triggerUrl: self.triggerURL(for: record.installation),
             status: record.status,
             triggerKeyId: record.triggerKey?.keyId,

@@ -22,6 +22,8 @@ struct RegisteredTriggerKey: Sendable {
 struct EmulatedInstallationRecord: Sendable {
     var installation: EmulatedInstallation
     let sequence: Int
+    /// The path of its web trigger now: the installation's own until it is rotated.
+    var triggerPath: String
     var status: EmulatedInstallationStatus = .created
     /// The current key of the last registration's answer.
     var triggerKey: RegisteredTriggerKey?
@@ -152,10 +154,20 @@ struct EmulatorState: Sendable {
             self.records[installation.id] = record
         } else {
             self.records[installation.id] = EmulatedInstallationRecord(
-                installation: installation, sequence: self.nextSequence)
+                installation: installation, sequence: self.nextSequence, triggerPath: installation.triggerPath)
             self.nextSequence += 1
+            self.triggers[Self.triggerId(of: installation.triggerPath)] = installation.id
         }
-        self.triggers[Self.triggerId(of: installation.triggerPath)] = installation.id
+    }
+
+    /// Moves the installation's web trigger to `path`: the old path answers 404 from now on.
+    mutating func rotateTrigger(of installation: EmulatedInstallation, to path: String) {
+        self.remember(installation)
+        guard var record = self.records[installation.id] else { return }
+        self.triggers[Self.triggerId(of: record.triggerPath)] = nil
+        record.triggerPath = path
+        self.records[installation.id] = record
+        self.triggers[Self.triggerId(of: path)] = installation.id
     }
 
     var orderedRecords: [EmulatedInstallationRecord] {

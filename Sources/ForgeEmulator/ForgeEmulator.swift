@@ -251,9 +251,10 @@ public final class ForgeEmulator: Sendable, Service {
         self.logger.info("Gateway URL set", metadata: ["forge.emulator.gateway.url": "\(gatewayURL)"])
     }
 
-    /// The full web-trigger URL of an installation on this emulator.
+    /// The full web-trigger URL of an installation on this emulator (the rotated one after
+    /// ``rotateTriggerURL(_:)``).
     public func triggerURL(for installation: EmulatedInstallation) -> String {
-        self.baseURL + installation.triggerPath
+        self.baseURL + (self.state.withLock { $0.record(for: installation)?.triggerPath } ?? installation.triggerPath)
     }
 
     // MARK: Installations

@@ -1,6 +1,8 @@
+import AsyncHTTPClient
 import FlowEngine
 import ForgeEmulator
 import Foundation
+import NIOCore
 import Testing
 
 @testable import TokenGateway
@@ -149,6 +151,35 @@ struct EmulatorFidelityTests {
             #expect(refreshed.status == 502, "\(refreshed.body)")
             #expect(refreshed.errorCode == "trigger_failed")
             #expect(h.emulator.triggerRecords(for: installation).last?.answeredStatus == 404)
+        }
+    }
+
+    @Test(
+        "a web-trigger URL rotated on the Forge side (getUrl with forceCreate) and registered again: the old URL answers 404, the gateway calls the new one"
+    )
+    func triggerURLRotation() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            #expect(try await h.token(installation).status == 200)
+            let oldURL = h.emulator.triggerURL(for: installation)
+            let rotation = try await h.emulator.rotateTriggerURL(installation)
+            #expect(rotation.status == 200)
+            let newURL = h.emulator.triggerURL(for: installation)
+            #expect(newURL != oldURL)
+
+            // The old URL is revoked: whoever still holds it reaches nothing.
+            var stale = HTTPClientRequest(url: oldURL)
+            stale.method = .POST
+            stale.body = .bytes(ByteBuffer(string: "{}"))
+            #expect(try await h.http.execute(stale, timeout: .seconds(5)).status == .notFound)
+
+            // The gateway's next round trip goes to the new URL, signed as before.
+            let calls = h.emulator.triggerCalls(for: installation)
+            let refreshed = try await h.call(.POST, GatewayHarness.path(installation) + "/token/refresh")
+            #expect(refreshed.status == 200, "\(refreshed.body)")
+            #expect(refreshed.json["source"] as? String == "trigger")
+            #expect(h.emulator.triggerCalls(for: installation) == calls + 1)
+            #expect(h.emulator.triggerRecords(for: installation).last?.signatureValid == true)
         }
     }
 }
