@@ -131,13 +131,16 @@ extension ForgeEmulator {
             logger[metadataKey: "trigger.request.id"] = "\(requestId)"
         }
 
-        let answer = await self.runTrigger(
-            admission.record,
-            signatureValid: admission.signatureValid,
-            callBody: callBody,
-            logger: logger,
-            stopwatch: stopwatch
-        )
+        let invocationLogger = logger
+        let answer = await self.withinRuntimeLimit(logger: logger) {
+            await self.runTrigger(
+                admission.record,
+                signatureValid: admission.signatureValid,
+                callBody: callBody,
+                logger: invocationLogger,
+                stopwatch: stopwatch
+            )
+        }
         let ownDuration = (clock.now - started) - stopwatch.total
         self.state.withLock {
             $0.updateRecord(id: installation.id) {
@@ -147,6 +150,28 @@ extension ForgeEmulator {
         }
         logger.info("Trigger call answered", metadata: ["http.status": "\(answer.status)"])
         return answer
+    }
+
+    /// Runs a web trigger's invocation within ``ForgeEmulatorConfiguration/webTriggerRuntimeLimit``
+    /// (Forge's 55 s): past it the invocation is cut off (cancelled) and the caller gets 500.
+    private func withinRuntimeLimit(
+        logger: Logger, _ invocation: @escaping @Sendable () async -> EmulatorAnswer
+    ) async -> EmulatorAnswer {
+        let limit = self.configuration.webTriggerRuntimeLimit
+        return await withTaskGroup(of: EmulatorAnswer?.self) { group in
+            group.addTask { await invocation() }
+            group.addTask {
+                try? await Task.sleep(for: limit)
+                return nil
+            }
+            let first = await group.next() ?? nil
+            group.cancelAll()
+            guard let first else {
+                logger.info("Trigger invocation cut off at the runtime limit")
+                return .error(500, code: "runtime_limit", message: "the web trigger's function ran past its time limit")
+            }
+            return first
+        }
     }
 
     private func runTrigger(

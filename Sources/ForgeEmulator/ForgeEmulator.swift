@@ -36,6 +36,9 @@ public struct ForgeEmulatorConfiguration: Sendable {
     /// Cap on each call to the gateway made as an `invokeRemote` (a registration, a delivery that
     /// answers a trigger call, a UI module's call): 25 s by default, Forge's limit.
     public var remoteCallTimeout: Duration = .seconds(25)
+    /// How long a web trigger's function may run (Forge's runtime limit: 55 s). An invocation still
+    /// running then is cut off, and the web trigger answers 500.
+    public var webTriggerRuntimeLimit: Duration = .seconds(55)
     /// Cap on each event and scheduled-trigger call (lifecycle events, `preUninstall`, pushes):
     /// 5 s by default, Forge's limit for them.
     public var eventCallTimeout: Duration = .seconds(5)

@@ -182,4 +182,30 @@ struct EmulatorFidelityTests {
             #expect(h.emulator.triggerRecords(for: installation).last?.signatureValid == true)
         }
     }
+
+    @Test(
+        "a web trigger whose function runs past Forge's runtime limit is cut off with 500, and the round trip fails as a trigger error"
+    )
+    func webTriggerRuntimeLimit() async throws {
+        // The function's invokeRemote goes to a server that never answers: only the limit ends it.
+        let silent = try await LoopbackListener.start(holding: true)
+        do {
+            try await GatewayHarness.run(
+                configure: { $0.flow.maxAttempts = 1 },
+                emulatorConfigure: { $0.webTriggerRuntimeLimit = .milliseconds(300) }
+            ) { h in
+                let installation = try await h.installed()
+                h.emulator.setFault(.deliverVia(gatewayURL: silent.baseURL), for: installation)
+                let answer = try await h.call(
+                    .POST, GatewayHarness.path(installation) + "/token/refresh?timeout=5000")
+                #expect(answer.status == 502, "\(answer.body)")
+                #expect(answer.errorCode == "trigger_failed")
+                #expect(h.emulator.triggerRecords(for: installation).last?.answeredStatus == 500)
+            }
+        } catch {
+            await silent.stop()
+            throw error
+        }
+        await silent.stop()
+    }
 }
