@@ -150,6 +150,11 @@ struct EmulatorState: Sendable {
     /// given value's mutable fields replace the stored ones).
     mutating func remember(_ installation: EmulatedInstallation) {
         if var record = self.records[installation.id] {
+            if installation.triggerPath != record.installation.triggerPath {
+                // A value made with another path: the trigger answers there from now on.
+                record.triggerPath = installation.triggerPath
+                self.triggers[Self.triggerId(of: installation.triggerPath)] = installation.id
+            }
             record.installation = installation
             self.records[installation.id] = record
         } else {

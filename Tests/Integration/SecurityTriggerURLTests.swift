@@ -135,6 +135,7 @@ struct SecurityTriggerURLTests {
                 triggerPath: "/x1/rotated-" + UUID().uuidString.lowercased())
             let back = try await h.emulator.register(secondPath)
             #expect(back.status == 200)
+            #expect(h.emulator.triggerURL(for: secondPath).hasSuffix(secondPath.triggerPath))
             let contacted = recorder.connections
             let again = try await h.call(.POST, GatewayHarness.path(installation) + "/token/refresh")
             #expect(again.status == 200)
