@@ -732,6 +732,42 @@ struct SecurityHardeningTests {
         }
     }
 
+    @Test("a forced refresh refused with 404 or 410 starts nothing and costs the caller nothing")
+    func refusedRefreshIsNotCharged() async throws {
+        try await Self.run(
+            callers: """
+                [{"name":"refresh-0-\(UUID().uuidString)","secret":"\(Self.refreshLimitedSecret)","installations":["*"],
+                  "limits":{"refreshesPerMinute":1,"userExchangesPerMinute":5}}]
+                """
+        ) { h in
+            let gone = try await h.installed()
+            try await h.emulator.uninstall(gone)
+            let unknown = GatewayHarness.path(h.emulator.makeInstallation())
+            for (path, status, code) in [
+                (unknown, 404, "installation_not_found"),
+                (GatewayHarness.path(gone), 410, "installation_uninstalled"),
+            ] {
+                for query in ["", "?asUser=acct-a"] {
+                    let refused = try await Self.call(
+                        h, base: h.gatewayURL, .POST, path + "/token/refresh" + query, secret: Self.refreshLimitedSecret
+                    )
+                    #expect(refused.status == status, "\(path)\(query): \(refused.body)")
+                    #expect(refused.errorCode == code)
+                }
+            }
+            // The caller's one refresh is still there: taken now, then spent.
+            let installation = try await h.installed()
+            let path = GatewayHarness.path(installation)
+            let refresh = try await Self.call(
+                h, base: h.gatewayURL, .POST, path + "/token/refresh", secret: Self.refreshLimitedSecret)
+            #expect(refresh.status == 200, "\(refresh.body)")
+            #expect(refresh.json["source"] as? String == "trigger")
+            let spent = try await Self.call(
+                h, base: h.gatewayURL, .POST, path + "/token/refresh", secret: Self.refreshLimitedSecret)
+            #expect(spent.status == 429)
+        }
+    }
+
     @Test("while the app's exchanges are held back (Atlassian's 429), refused asUser requests cost the caller nothing")
     func heldBackExchangesAreNotCharged() async throws {
         try await Self.run(

@@ -104,6 +104,14 @@ public final class GatewayStore: Sendable {
         return record
     }
 
+    /// The installation's status alone (one `HGET`), or nil when it was never seen.
+    public func installationStatus(_ id: InstallationID) async throws -> InstallationStatus? {
+        guard let text = try await self.redis.send(["HGET", self.installationKey(id), "status"]).string else {
+            return nil
+        }
+        return InstallationStatus(rawValue: text) ?? .active
+    }
+
     /// Outcome of a registration.
     public enum RegistrationOutcome: Sendable {
         /// `replacedUnopenableKey`: the kept signing key did not open with the key ring (a key

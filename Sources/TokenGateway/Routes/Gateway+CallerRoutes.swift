@@ -105,12 +105,15 @@ extension Gateway {
             return try await self.userTokenRoute(
                 caller: caller, installation: id, asUser: asUser, options: options, logger: context.logger)
         }
-        // Per-caller limits (contract §2): a forced refresh starts a round trip, so it counts.
-        if force,
-            let wait = try await self.callerAllowance(
+        // Per-caller limits (contract §2): a forced refresh starts a round trip, so it counts; one
+        // refused for an installation unknown or uninstalled starts none and changes nothing.
+        if force {
+            try await self.requireInstalled(id)
+            if let wait = try await self.callerAllowance(
                 caller, refresh: true, userExchange: false, logger: context.logger)
-        {
-            throw Self.callerRateLimited(retryAfter: wait)
+            {
+                throw Self.callerRateLimited(retryAfter: wait)
+            }
         }
         let answer: TokenAnswer
         do {
@@ -120,6 +123,21 @@ extension Gateway {
         }
         let body = self.handOut(answer, caller: caller, installation: id)
         return Response(status: .ok, headers: TokenAnswerBodies.headers, body: .init(byteBuffer: body))
+    }
+
+    /// 404 `installation_not_found` or 410 `installation_uninstalled` unless the installation is active.
+    private func requireInstalled(_ id: InstallationID) async throws(GatewayError) {
+        let status: InstallationStatus?
+        do {
+            status = try await self.store.installationStatus(id)
+        } catch {
+            throw GatewayError.storeUnavailable
+        }
+        switch status {
+        case nil: throw GatewayError(FlowError.installationNotFound)
+        case .uninstalled: throw GatewayError(FlowError.installationUninstalled)
+        case .active: return
+        }
     }
 
     static func metadata(_ r: InstallationRecord) -> JSONValue {
