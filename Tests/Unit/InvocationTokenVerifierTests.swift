@@ -414,9 +414,24 @@ private final class JWKSTestServer: Sendable {
         var status: HTTPResponse.Status = .ok
         var requests: [String] = []
         var latency: Duration = .zero
+        /// While true, requests wait (in `waiting`) until ``release()``.
+        var held = false
+        var waiting: [CheckedContinuation<Void, Never>] = []
     }
 
     let state = Mutex(State())
+
+    /// Requests from now on wait for ``release()``.
+    func hold() { self.state.withLock { $0.held = true } }
+    /// Lets every waiting request (and later ones) be answered.
+    func release() {
+        let waiting = self.state.withLock { state in
+            state.held = false
+            defer { state.waiting = [] }
+            return state.waiting
+        }
+        for continuation in waiting { continuation.resume() }
+    }
 
     func set(_ path: String, _ jwks: String) { self.state.withLock { $0.documents[path] = jwks } }
     func set(status: HTTPResponse.Status) { self.state.withLock { $0.status = status } }
@@ -433,6 +448,13 @@ private final class JWKSTestServer: Sendable {
                 return (state.documents[path], state.status, state.latency)
             }
             if latency > .zero { try await Task.sleep(for: latency) }
+            await withCheckedContinuation { continuation in
+                let wait = self.state.withLock { state in
+                    if state.held { state.waiting.append(continuation) }
+                    return state.held
+                }
+                if !wait { continuation.resume() }
+            }
             guard status == .ok, let document else { return Response(status: status == .ok ? .notFound : status) }
             return Response(
                 status: .ok,
@@ -626,9 +648,41 @@ private final class JWKSTestServer: Sendable {
             _ = try await verifier.verify(FITFactory.token(claims: FITFactory.claims()))
             server.set(status: .internalServerError)
             _ = try await verifier.verify(FITFactory.token(claims: FITFactory.claims()))
+            // The stale key served at once; the refetch it started fails, and the key still serves.
+            if let refetch = verifier.jwksFetchInFlight(baseURL + "/jwks.json") { _ = await refetch.value }
             #expect(server.requestCount == 2)
+            _ = try await verifier.verify(FITFactory.token(claims: FITFactory.claims()))
             // Stale keys never make an unknown kid valid.
             await expectRejection(verifier, Self.keyTwoToken(), .jwksUnavailable)
+        }
+    }
+
+    @Test("a stale key set serves its keys at once while it is fetched again", .timeLimit(.minutes(1)))
+    func staleKeysServeWhileRevalidating() async throws {
+        let server = JWKSTestServer()
+        server.set("/jwks.json", Self.keyOneJWKS)
+        try await server.run { baseURL in
+            let verifier = Self.verifier(baseURL: baseURL) {
+                $0.jwksCacheLifetime = .zero
+                $0.jwksRefreshInterval = .zero
+                $0.jwksFetchTimeout = .seconds(10)
+            }
+            let jwksURL = baseURL + "/jwks.json"
+            _ = try await verifier.verify(FITFactory.token(claims: FITFactory.claims()))
+            // The JWKS now hangs and no longer holds key-1. The stale key still verifies, without
+            // waiting for the fetch it starts (still in flight when the answer comes).
+            server.hold()
+            server.set("/jwks.json", FITFactory.jwks([FITFactory.jwk(FITFactory.keyTwo, kid: "key-2")]))
+            _ = try await verifier.verify(FITFactory.token(claims: FITFactory.claims()))
+            let refetch = verifier.jwksFetchInFlight(jwksURL)
+            #expect(refetch != nil, "the refetch is still in flight")
+            _ = try? await verifier.verify(FITFactory.token(claims: FITFactory.claims()))
+            server.release()
+            if case .failure(let error) = await refetch?.value { Issue.record("refetch failed: \(error)") }
+            #expect(server.requestCount == 2, "one refetch for the two lookups")
+            // The fetched set is used from then on: key-2 verifies, key-1 no longer does.
+            #expect(try await verifier.verify(Self.keyTwoToken()).appId == FITFactory.appId)
+            await expectRejection(verifier, FITFactory.token(claims: FITFactory.claims()), .unknownKey)
         }
     }
 

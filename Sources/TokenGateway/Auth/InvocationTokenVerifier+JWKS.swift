@@ -62,13 +62,17 @@ extension InvocationTokenVerifier {
             let cachedKey = entry.keys[kid]
             let isFresh = entry.fetchedAt.map { now - $0 < configuration.jwksCacheLifetime } ?? false
             if isFresh, let cachedKey { return .found(cachedKey) }
-            if let inFlight = entry.inFlight { return .wait(inFlight) }
+            // Stale while revalidating: a key the last fetch held serves at once (within the
+            // stale-if-error lifetime) while a fetch brings the set up to date, so a slow JWKS
+            // never holds up Forge's calls (which time out after 5 s). Only a kid not held waits.
+            let staleKey = cachedKey.flatMap { self.isUsableWhileStale(entry, now: now) ? $0 : nil }
+            if let inFlight = entry.inFlight { return staleKey.map { .found($0) } ?? .wait(inFlight) }
 
             let minimumGap =
                 entry.lastAttemptFailed ? configuration.jwksFailureRetryInterval : configuration.jwksRefreshInterval
             let mayFetch = entry.lastAttempt.map { now - $0 >= minimumGap } ?? true
             guard mayFetch else {
-                if let cachedKey, self.isUsableWhileStale(entry, now: now) { return .found(cachedKey) }
+                if let staleKey { return .found(staleKey) }
                 // The kid cannot be checked against a current key set because the JWKS is failing.
                 if entry.lastAttemptFailed { return .fail(.jwksUnavailable) }
                 return .fail(.unknownKey)
@@ -76,7 +80,7 @@ extension InvocationTokenVerifier {
             entry.lastAttempt = now
             let task = FetchTask { await self.fetchAndCache(jwksURL: jwksURL, httpClient: httpClient) }
             entry.inFlight = task
-            return .wait(task)
+            return staleKey.map { .found($0) } ?? .wait(task)
         }
 
         switch lookup {
@@ -101,6 +105,11 @@ extension InvocationTokenVerifier {
                 throw error
             }
         }
+    }
+
+    /// The JWKS fetch in flight for `jwksURL`, if any (tests await it).
+    func jwksFetchInFlight(_ jwksURL: String) -> FetchTask? {
+        self.keyCache.withLock { $0[jwksURL]?.inFlight }
     }
 
     private func isUsableWhileStale(_ entry: KeyCacheEntry, now: ContinuousClock.Instant) -> Bool {

@@ -214,7 +214,8 @@ public final class InvocationTokenVerifier: Sendable {
         public var clockSkew: Duration = .seconds(60)
         /// An unknown `kid` refetches the JWKS at most once per this interval. Default 30 s.
         public var jwksRefreshInterval: Duration = .seconds(30)
-        /// How long a fetched JWKS is used before it is fetched again. Default 1 h.
+        /// How long a fetched JWKS is used before it is fetched again. Its keys keep verifying while
+        /// the refetch runs (a token naming another `kid` waits for it). Default 1 h.
         public var jwksCacheLifetime: Duration = .seconds(3600)
         /// After a failed fetch, the next one waits at least this long (requests meanwhile use the
         /// cached keys or fail with `jwks_unavailable`). Default 1 s.

@@ -30,9 +30,10 @@ final class GatewayHarness: Sendable {
         self.logs = logs
     }
 
-    /// The Redis every integration test shares (started by the test command).
+    /// The Redis every integration test shares: the test command's, or one the tests start on a
+    /// free port (never a Redis that happens to run on this machine).
     static var redisURL: String {
-        ProcessInfo.processInfo.environment["TOKEN_GATEWAY_TEST_REDIS_URL"] ?? "redis://127.0.0.1:6379/0"
+        RedisServerProcess.sharedURL()
     }
 
     static func settings(emulator: ForgeEmulator, redisURL: String, scopedInstallations: [String]) -> [String: String] {
