@@ -119,6 +119,10 @@ struct ContractForgeRouteTests {
             #expect(refused.body.contains("\"installation_uninstalled\""))
             #expect(try await h.gateway.store.systemToken(id) == nil)
             #expect(try await Security.snapshot(of: installation, in: h.gateway.redis) == before)
+            // A registration refused for it stores nothing either, not even its FIT's `jti`.
+            let registration = try await h.emulator.register(installation)
+            #expect(registration.status == 410)
+            #expect(try await Security.snapshot(of: installation, in: h.gateway.redis) == before)
             let answer = try await h.token(installation)
             #expect(answer.status == 410)
             #expect(answer.errorCode == "installation_uninstalled")

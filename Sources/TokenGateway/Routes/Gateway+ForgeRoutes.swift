@@ -114,6 +114,8 @@ extension Gateway {
                 keys = try await self.store.triggerKeys(id, now: now)
             }
         } catch let error as GatewayError {
+            // 410 (uninstalled) or 400 (too many named triggers): refused before anything was stored.
+            await self.replayGuard.release(id, invocation)
             throw error
         } catch is EncryptionError {
             // The stored signing key does not open with the key ring (a key removed before `keys
