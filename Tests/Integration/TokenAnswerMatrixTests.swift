@@ -8,12 +8,13 @@ import Testing
 
 @testable import TokenGateway
 
-/// Where a token entry happens: the harness (gateway A, the emulator), the installation, and
-/// gateway A's base URL, which every entry delivers to.
+/// Where a token entry happens: the harness (gateway A, the emulator), the installation, gateway
+/// A's base URL, which every entry delivers to unless it says otherwise, and the other replica's.
 struct TokenEntryContext: Sendable {
     let h: GatewayHarness
     let installation: EmulatedInstallation
     let gatewayURL: String
+    let otherURL: String
 }
 
 /// What a token entry left behind.
@@ -36,6 +37,12 @@ struct TokenEntry: Sendable, CustomTestStringConvertible {
     /// Every way a token enters. Adding a way is one line here.
     static let all: [TokenEntry] = [
         .triggerRoundTrip,
+        .deliveredToTheOtherReplica,
+        .forcedRefresh,
+        .pushWhileACallerWaits,
+        .forgeCall("delivery naming an unknown requestId", path: "/forge/auth-trigger") { _, _ in
+            #"{"requestId":"\#(UUID().uuidString)"}"#
+        },
         .forgeCall("unasked push to /forge/auth-trigger with {}", path: "/forge/auth-trigger") { _, _ in "{}" },
         .forgeCall("unasked push to /forge/auth-trigger with no body", path: "/forge/auth-trigger") { _, _ in nil },
         .forgeCall("/forge/register with x-forge-oauth-system", path: "/forge/register") { e, i in
@@ -45,7 +52,43 @@ struct TokenEntry: Sendable, CustomTestStringConvertible {
         .forgeCall("/forge/lifecycle (documented body) with x-forge-oauth-system", path: "/forge/lifecycle") { _, i in
             #"{"id":"\#(i.id)","installerAccountId":"557058:installer","app":{"id":"\#(ForgeEmulatorConfiguration.demoAppId)","version":"2.0.0","name":"token-gateway","ownerAccountId":"557058:installer"},"environment":{"id":"env-1"}}"#
         },
+        .forgeCall("/forge/lifecycle avi:forge:upgraded:app with x-forge-oauth-system", path: "/forge/lifecycle") {
+            _, i in
+            #"{"eventType":"avi:forge:upgraded:app","id":"\#(i.id)","app":{"id":"\#(ForgeEmulatorConfiguration.demoAppId)","version":"3.0.0"}}"#
+        },
     ]
+
+    /// The trigger round trip, its delivery landing on the other replica (the caller waits on A).
+    static let deliveredToTheOtherReplica = TokenEntry(
+        name: "trigger round trip delivered to the other replica", triggerCalls: 1
+    ) { ctx in
+        ctx.h.emulator.setFault(.deliverVia(gatewayURL: ctx.otherURL), for: ctx.installation)
+        defer { ctx.h.emulator.setFault(.none, for: ctx.installation) }
+        let answer = try await ctx.h.token(ctx.installation, query: "minValidity=1800")
+        let token = try #require(answer.json["accessToken"] as? String, "\(answer.status) \(answer.body)")
+        return EnteredToken(token: token, answer: (answer, source: "trigger"))
+    }
+
+    /// `POST …/token/refresh`: a round trip although the stored token is valid.
+    static let forcedRefresh = TokenEntry(name: "forced refresh", triggerCalls: 1) { ctx in
+        let answer = try await ctx.h.call(
+            .POST, GatewayHarness.path(ctx.installation) + "/token/refresh", at: ctx.gatewayURL)
+        let token = try #require(answer.json["accessToken"] as? String, "\(answer.status) \(answer.body)")
+        return EnteredToken(token: token, answer: (answer, source: "trigger"))
+    }
+
+    /// A caller waits on a round trip whose trigger delivers nothing; Forge pushes a token unasked
+    /// meanwhile, which answers the caller (source `push`).
+    static let pushWhileACallerWaits = TokenEntry(name: "unasked push while a caller waits", triggerCalls: 1) { ctx in
+        ctx.h.emulator.setFault(.acceptWithoutDelivery, for: ctx.installation)
+        defer { ctx.h.emulator.setFault(.none, for: ctx.installation) }
+        let (h, installation) = (ctx.h, ctx.installation)
+        let waiting = Task { try await h.token(installation, query: "minValidity=1800&timeout=30000") }
+        #expect(try await Events.wait { h.emulator.triggerCalls(for: installation) == 1 })
+        let pushed = try await h.emulator.push(installation, to: ctx.gatewayURL)
+        #expect(pushed.status == 200, "\(pushed.body)")
+        return EnteredToken(token: pushed.token, answer: (try await waiting.value, source: "push"))
+    }
 
     /// A caller asks for more validity than the stored token has: one round trip, and the trigger's
     /// delivery (to gateway A) brings the token. The caller's own answer has source `trigger`.
@@ -77,14 +120,16 @@ struct TokenEntry: Sendable, CustomTestStringConvertible {
 
 /// Every way a token enters × every way it is served: the whole answer, `apiBaseUrl` included,
 /// on the replica that received the token, on another replica that was running, on a replica
-/// started afterwards (Redis only), through `/oauth/token` and through `?asUser=`.
+/// started afterwards (Redis only), through `GET …/token`, `/oauth/token`, `?asUser=` and the
+/// installation's metadata.
 @Suite("Token answers: every entry × every serving path")
 struct TokenAnswerMatrixTests {
     @Test(
         "the whole answer is right whichever way the token entered and whichever way it is served",
         arguments: TokenEntry.all)
     func wholeAnswer(entry: TokenEntry) async throws {
-        try await GatewayHarness.run { h in
+        // A round trip whose trigger delivers nothing waits for a push, not for the grace to end.
+        try await GatewayHarness.run(configure: { $0.flow.deliveryGrace = .seconds(60) }) { h in
             let installation = h.emulator.makeInstallation()
             let id = installation.installationID
             try await h.withSecondGateway { otherURL, other in
@@ -101,7 +146,7 @@ struct TokenAnswerMatrixTests {
 
                 // The entry, on gateway A.
                 let entered = try await entry.enter(
-                    TokenEntryContext(h: h, installation: installation, gatewayURL: h.gatewayURL))
+                    TokenEntryContext(h: h, installation: installation, gatewayURL: h.gatewayURL, otherURL: otherURL))
                 #expect(entered.token != older.token)
                 if let first = entered.answer {
                     Self.expectWholeAnswer(
@@ -112,28 +157,28 @@ struct TokenAnswerMatrixTests {
                 let memory = h.gateway.flow.remembered(id)
                 #expect(memory.token?.value == entered.token)
                 #expect(memory.apiBaseUrl == installation.apiBaseUrl)
-                let fromMemory = try await h.token(installation)
-                Self.expectWholeAnswer(fromMemory, installation, token: entered.token, source: "cache", "memory")
+                let account = "557058:" + UUID().uuidString.lowercased()
+                try await Self.expectEveryServingPath(
+                    h, installation, token: entered.token, at: h.gatewayURL, account: account, userSource: "exchange",
+                    "receiving replica")
 
-                // 2, 3. POST /oauth/token and a user token (?asUser=).
-                try await Self.expectOAuthAndUserAnswers(h, installation, token: entered.token)
-
-                // 4. The other replica, which was running: told by the notification channel, it
+                // 2. The other replica, which was running: told by the notification channel, it
                 // replaces the older token in its memory, base URL included.
-                let deadline = ContinuousClock.now + .seconds(10)
-                while other.flow.remembered(id).token?.value != entered.token, ContinuousClock.now < deadline {
-                    try await Task.sleep(for: .milliseconds(10))
-                }
-                #expect(other.flow.remembered(id).token?.value == entered.token)
+                #expect(
+                    try await Events.wait(within: .seconds(10)) {
+                        other.flow.remembered(id).token?.value == entered.token
+                    })
                 #expect(other.flow.remembered(id).apiBaseUrl == installation.apiBaseUrl)
-                let fromOther = try await h.call(.GET, GatewayHarness.path(installation) + "/token", at: otherURL)
-                Self.expectWholeAnswer(fromOther, installation, token: entered.token, source: "cache", "other replica")
+                try await Self.expectEveryServingPath(
+                    h, installation, token: entered.token, at: otherURL, account: account, userSource: "cache",
+                    "other replica")
 
-                // 5. A replica started afterwards knows nothing but Redis.
+                // 3. A replica started afterwards knows nothing but Redis.
                 try await h.withSecondGateway { freshURL, fresh in
                     #expect(fresh.flow.remembered(id).token == nil)
-                    let fromRedis = try await h.call(.GET, GatewayHarness.path(installation) + "/token", at: freshURL)
-                    Self.expectWholeAnswer(fromRedis, installation, token: entered.token, source: "cache", "Redis")
+                    try await Self.expectEveryServingPath(
+                        h, installation, token: entered.token, at: freshURL, account: account, userSource: "cache",
+                        "fresh replica")
                     // Served from memory now: the same whole answer.
                     #expect(fresh.flow.remembered(id).apiBaseUrl == installation.apiBaseUrl)
                     let again = try await h.call(.GET, GatewayHarness.path(installation) + "/token", at: freshURL)
@@ -145,49 +190,88 @@ struct TokenAnswerMatrixTests {
         }
     }
 
-    /// 2. `POST /oauth/token` (client_credentials with the installation as resource) serves `token`,
-    /// and leaves memory as it was. 3. A user token (`?asUser=`): its answer carries the
-    /// installation's apiBaseUrl too.
-    static func expectOAuthAndUserAnswers(_ h: GatewayHarness, _ installation: EmulatedInstallation, token: String)
-        async throws
-    {
-        let id = installation.installationID
-        // 2. POST /oauth/token (client_credentials with the installation as resource).
+    /// At the replica at `url`: `GET …/token` (source `cache`), `POST /oauth/token`, a user token
+    /// for `account` (`?asUser=`, with `userSource`) and the installation's metadata, each whole.
+    static func expectEveryServingPath(
+        _ h: GatewayHarness, _ installation: EmulatedInstallation, token: String, at url: String, account: String,
+        userSource: String, _ what: String
+    ) async throws {
+        let answer = try await h.call(.GET, GatewayHarness.path(installation) + "/token", at: url)
+        Self.expectWholeAnswer(answer, installation, token: token, source: "cache", what)
+        try await Self.expectOAuthAnswer(h, installation, token: token, at: url, what)
+        try await Self.expectUserAnswer(h, installation, account: account, at: url, source: userSource, what)
+        try await Self.expectMetadata(h, installation, token: token, at: url, what)
+        // What they served from leaves memory as it was.
+        #expect(h.gateway.flow.remembered(installation.installationID).apiBaseUrl == installation.apiBaseUrl)
+    }
+
+    /// `POST /oauth/token` (client_credentials with the installation as resource) serves `token`.
+    static func expectOAuthAnswer(
+        _ h: GatewayHarness, _ installation: EmulatedInstallation, token: String, at url: String, _ what: String
+    ) async throws {
         let oauth = try await h.call(
-            .POST, "/oauth/token", secret: nil,
+            .POST, "/oauth/token", at: url,
             headers: [
                 "content-type": "application/x-www-form-urlencoded",
                 "authorization": GatewayHarness.basic("full", GatewayHarness.callerSecret),
             ], body: "grant_type=client_credentials&resource=\(formEncoded(installation.id))")
-        #expect(oauth.status == 200, "\(oauth.body)")
-        #expect(Set(oauth.json.keys) == ["access_token", "token_type", "expires_in", "apiBaseUrl"])
-        #expect(oauth.json["apiBaseUrl"] as? String == installation.apiBaseUrl)
-        #expect(oauth.json["access_token"] as? String == token)
-        #expect(oauth.json["token_type"] as? String == "Bearer")
+        #expect(oauth.status == 200, "\(what): \(oauth.body)")
+        #expect(Set(oauth.json.keys) == ["access_token", "token_type", "expires_in", "apiBaseUrl"], "\(what)")
+        #expect(oauth.json["apiBaseUrl"] as? String == installation.apiBaseUrl, "\(what)")
+        #expect(oauth.json["access_token"] as? String == token, "\(what)")
+        #expect(oauth.json["token_type"] as? String == "Bearer", "\(what)")
+        #expect(oauth.headers["cache-control"] == "no-store", "\(what)")
+        #expect(oauth.headers["pragma"] == "no-cache", "\(what)")
         let exp = try #require(TokenClaims.expiry(of: token))
         let expiresIn = try #require(oauth.json["expires_in"] as? Int)
         let left = Int(exp - Int64(Date().timeIntervalSince1970))
-        #expect(expiresIn >= left - 5 && expiresIn <= left + 1)
-        // …and what it served from leaves memory as it was.
-        #expect(h.gateway.flow.remembered(id).apiBaseUrl == installation.apiBaseUrl)
+        #expect(expiresIn >= left - 5 && expiresIn <= left + 1, "\(what)")
+    }
 
-        // 3. A user token (?asUser=): its answer carries the installation's apiBaseUrl too.
-        let account = "557058:" + UUID().uuidString.lowercased()
-        let user = try await h.token(installation, query: "asUser=\(account)")
-        #expect(user.status == 200, "\(user.body)")
+    /// A user token (`?asUser=account`): the emulator's latest for that account, with the
+    /// installation's apiBaseUrl, from `source`.
+    static func expectUserAnswer(
+        _ h: GatewayHarness, _ installation: EmulatedInstallation, account: String, at url: String, source: String,
+        _ what: String
+    ) async throws {
+        let user = try await h.call(.GET, GatewayHarness.path(installation) + "/token?asUser=\(account)", at: url)
+        #expect(user.status == 200, "\(what): \(user.body)")
         #expect(
             Set(user.json.keys)
-                == ["installationId", "accountId", "tokenType", "accessToken", "expiresAt", "apiBaseUrl", "source"])
-        #expect(user.json["installationId"] as? String == installation.id)
-        #expect(user.json["accountId"] as? String == account)
-        #expect(user.json["tokenType"] as? String == "Bearer")
+                == ["installationId", "accountId", "tokenType", "accessToken", "expiresAt", "apiBaseUrl", "source"],
+            "\(what)")
+        #expect(user.json["installationId"] as? String == installation.id, "\(what)")
+        #expect(user.json["accountId"] as? String == account, "\(what)")
+        #expect(user.json["tokenType"] as? String == "Bearer", "\(what)")
         let userToken = try #require(user.json["accessToken"] as? String)
-        #expect(userToken == h.emulator.lastUserToken(for: installation, accountId: account))
+        #expect(userToken == h.emulator.lastUserToken(for: installation, accountId: account), "\(what)")
         #expect(
             user.json["expiresAt"] as? String
-                == TokenClaims.expiry(of: userToken).map { RFC3339.string(unixSeconds: $0) })
-        #expect(user.json["apiBaseUrl"] as? String == installation.apiBaseUrl)
-        #expect(user.json["source"] as? String == "exchange")
+                == TokenClaims.expiry(of: userToken).map { RFC3339.string(unixSeconds: $0) }, "\(what)")
+        #expect(user.json["apiBaseUrl"] as? String == installation.apiBaseUrl, "\(what)")
+        #expect(user.json["source"] as? String == source, "\(what)")
+        #expect(user.headers["cache-control"] == "no-store", "\(what)")
+    }
+
+    /// `GET /v1/installations/{id}`: the stored token's expiry and the installation's apiBaseUrl.
+    static func expectMetadata(
+        _ h: GatewayHarness, _ installation: EmulatedInstallation, token: String, at url: String, _ what: String
+    ) async throws {
+        let meta = try await h.call(.GET, GatewayHarness.path(installation), at: url)
+        #expect(meta.status == 200, "\(what): \(meta.body)")
+        #expect(
+            Set(meta.json.keys) == [
+                "installationId", "appId", "cloudId", "apiBaseUrl", "status", "triggerRegistered", "tokenExpiresAt",
+                "lastTokenAt", "triggerKeyId", "createdAt", "updatedAt",
+            ], "\(what)")
+        #expect(meta.json["installationId"] as? String == installation.id, "\(what)")
+        #expect(meta.json["apiBaseUrl"] as? String == installation.apiBaseUrl, "\(what)")
+        #expect(meta.json["cloudId"] as? String == installation.cloudId, "\(what)")
+        #expect(meta.json["status"] as? String == "active", "\(what)")
+        #expect(meta.json["triggerRegistered"] as? Bool == true, "\(what)")
+        #expect(
+            meta.json["tokenExpiresAt"] as? String
+                == TokenClaims.expiry(of: token).map { RFC3339.string(unixSeconds: $0) }, "\(what)")
     }
 
     @Test("a later FIT's apiBaseUrl replaces the earlier one in every answer, on both replicas")
