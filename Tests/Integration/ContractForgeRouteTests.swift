@@ -40,6 +40,22 @@ struct ContractForgeRouteTests {
             #expect(try await h.gateway.store.systemToken(installation.installationID)?.value == system)
             let served = try await h.token(installation)
             #expect(served.json["accessToken"] as? String == system)
+            // The user token is never served: a user token is the exchange's, on either replica.
+            let account = "557058:" + UUID().uuidString.lowercased()
+            let path = GatewayHarness.path(installation) + "/token?asUser=\(account)"
+            let exchanged = try await h.token(installation, query: "asUser=\(account)")
+            #expect(exchanged.status == 200, "\(exchanged.body)")
+            #expect(exchanged.json["source"] as? String == "exchange")
+            let token = try #require(exchanged.json["accessToken"] as? String)
+            #expect(token != user)
+            #expect(token == h.emulator.lastUserToken(for: installation, accountId: account))
+            try await h.withSecondGateway { url in
+                let there = try await h.call(.GET, path, at: url)
+                #expect(there.json["source"] as? String == "cache", "\(there.body)")
+                #expect(there.json["accessToken"] as? String == token)
+                let forced = try await h.call(.POST, GatewayHarness.path(installation) + "/token/refresh", at: url)
+                #expect(forced.json["accessToken"] as? String != user)
+            }
         }
     }
 

@@ -88,6 +88,50 @@ struct SecurityAttackTests {
         }
     }
 
+    @Test("bad FITs for an installation that exists change nothing: its stored state, and another replica's answers")
+    func badInvocationTokensChangeNothingOfAnInstallation() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            #expect(try await h.token(installation).status == 200)
+            let id = installation.installationID
+            // A FIT naming another site, and a later token: were either taken, answers would change.
+            var elsewhere = installation
+            elsewhere.apiBaseUrl = "https://api.atlassian.com/ex/confluence/" + installation.cloudId
+            let moved = elsewhere
+            try await h.withSecondGateway { url, other in
+                let path = GatewayHarness.path(installation)
+                let served = try await h.call(.GET, path + "/token", at: url)
+                #expect(served.status == 200)
+                let before = try await Security.settledSnapshot(of: installation, in: h.gateway.redis)
+                let metadata = try await h.call(.GET, path, at: url)
+                for attack in Self.attacks {
+                    for (route, body) in Self.forgeCalls(h, installation) {
+                        var options = FITOptions()
+                        attack.options(&options)
+                        let fit = try h.emulator.mintFIT(for: moved, options: options)
+                        let token = try h.emulator.mintAccessToken(
+                            for: installation, expiresAt: Date().addingTimeInterval(7000))
+                        let answer = try await h.call(
+                            .POST, route, secret: nil,
+                            headers: [
+                                "authorization": "Bearer \(fit)", "content-type": "application/json",
+                                "x-forge-oauth-system": token,
+                            ], body: body)
+                        #expect(answer.status == 401, "\(attack) on \(route)")
+                        #expect(answer.errorCode == "invalid_invocation_token", "\(attack) on \(route)")
+                    }
+                }
+                #expect(try await Security.snapshot(of: installation, in: h.gateway.redis) == before)
+                #expect(try await h.call(.GET, path, at: url).body == metadata.body)
+                #expect(other.flow.remembered(id).apiBaseUrl == installation.apiBaseUrl)
+                for base in [h.gatewayURL, url] {
+                    let after = try await h.call(.GET, path + "/token", at: base)
+                    #expect(after.body == served.body, "\(base)")
+                }
+            }
+        }
+    }
+
     @Test("a missing, empty or non-bearer authorization is refused with 401 and stores nothing")
     func missingBearerIsRefused() async throws {
         try await GatewayHarness.run { h in

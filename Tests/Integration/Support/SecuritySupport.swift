@@ -82,6 +82,9 @@ enum Security {
         for key in try await self.keys(of: installation, in: redis) {
             out[key] = try await self.values(of: key, in: redis).sorted()
         }
+        // Its place in the installations index (what the listing and the status page read).
+        let indexed = try await redis.send(["ZSCORE", "tg:installations", installation.id])
+        if let score = indexed.string { out["tg:installations"] = [score] }
         return out
     }
 
