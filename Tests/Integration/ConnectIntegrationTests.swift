@@ -219,6 +219,61 @@ struct ConnectIntegrationTests {
         }
     }
 
+    @Test("a refused re-install (new secret, new link) leaves an installed tenant as it was, on both replicas")
+    func refusedReinstallChangesNothing() async throws {
+        try await GatewayHarness.runConnect { h in
+            let (linked, other) = (try await h.installed(), try await h.installed())
+            let tenant = h.emulator.makeConnectTenant(product: "confluence", linkedTo: linked)
+            #expect(try await h.emulator.connectInstall(tenant).status == 204)
+            let key = h.gateway.store.connectTenantKey(tenant.clientKey)
+            let stored = try await h.gateway.redis.send(["HGETALL", key]).array?.compactMap(\.string)
+            let url = "/gateway/issue-panel?issueKey=ABC-8"
+            let jwt = h.emulator.mintConnectJWT(for: tenant, url: url)
+            // The re-install would bring a new secret and link the tenant to another installation.
+            let rotated = h.emulator.rotateSharedSecret(of: tenant)
+            let payload: [String: String] = [
+                "clientKey": tenant.clientKey, "sharedSecret": rotated.sharedSecret, "key": tenant.appKey,
+                "baseUrl": tenant.baseUrl, "eventType": "installed", "productType": "confluence",
+                "installationId": other.id,
+            ]
+            let body = String(
+                decoding: try JSONSerialization.data(withJSONObject: payload, options: [.sortedKeys]), as: UTF8.self)
+            let failures: [(String, (inout SignedInstallOptions) -> Void)] = [
+                ("expired", { $0.expiresAt = Date().addingTimeInterval(-300) }),
+                ("unknown kid", { $0.kid = "11111111-2222-4333-8444-555555555555" }),
+                ("unpublished key", { $0.signWithUnpublishedKey = true }),
+                ("alg none", { $0.algorithm = .none }),
+                ("iss is not the clientKey", { $0.issuer = "someone-else" }),
+                ("qsh mismatch", { $0.qsh = String(repeating: "0", count: 64) }),
+            ]
+            for (name, change) in failures {
+                var options = SignedInstallOptions()
+                options.rawBody = body
+                change(&options)
+                let answer = try await h.emulator.connectInstall(rotated, options: options)
+                #expect(answer.status == 401, "\(name)")
+                #expect(connectErrorCode(answer.body) == "invalid_signed_install", "\(name)")
+            }
+            #expect(try await h.gateway.redis.send(["HGETALL", key]).array?.compactMap(\.string) == stored)
+            // The old secret still verifies, on both replicas, with the old link; the new one does not.
+            let forged = h.emulator.mintConnectJWT(for: rotated, url: url)
+            try await h.withSecondGateway { second in
+                for base in [h.gatewayURL, second] {
+                    let accepted = try await h.verifyConnect(jwt, url: url, base: base)
+                    #expect(accepted.status == 200, "\(base): \(accepted.body)")
+                    #expect(accepted.json["installationId"] as? String == linked.id)
+                    #expect(try await h.verifyConnect(forged, url: url, base: base).status == 401)
+                }
+            }
+            // The same payload, signed as it should be, is taken: the refusals were the signature's.
+            var good = SignedInstallOptions()
+            good.rawBody = body
+            #expect(try await h.emulator.connectInstall(rotated, options: good).status == 204)
+            let now = try await h.verifyConnect(forged, url: url)
+            #expect(now.json["installationId"] as? String == other.id, "\(now.body)")
+        }
+    }
+
     /// A payload, signed and verified, without what an install needs: the same 401, naming it,
     /// and nothing stored.
     static func expectIncompletePayloadsRefused(_ h: GatewayHarness) async throws {
