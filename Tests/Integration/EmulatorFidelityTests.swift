@@ -31,13 +31,9 @@ struct EmulatorFidelityTests {
             #expect(h.emulator.lastDeliveredToken(for: installation) != nil)
 
             @Sendable func check(_ served: GatewayHarness.Answer) throws -> String {
-                #expect(served.status == 200, "\(served.body)")
-                #expect(served.json["source"] as? String == "cache")
-                #expect(served.json["tokenType"] as? String == "Bearer")
-                #expect(served.json["installationId"] as? String == installation.id)
-                #expect(served.json["apiBaseUrl"] as? String == installation.apiBaseUrl)
-                #expect(served.json["expiresAt"] is String)
-                return try #require(served.json["accessToken"] as? String)
+                let token = try #require(served.json["accessToken"] as? String, "\(served.status) \(served.body)")
+                TokenAnswerMatrixTests.expectWholeAnswer(served, installation, token: token, source: "cache", "served")
+                return token
             }
             let token = try check(try await h.token(installation))
             try await h.withSecondGateway { url in

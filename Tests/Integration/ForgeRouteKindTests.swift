@@ -299,12 +299,7 @@ struct ForgeRouteKindTests {
             #expect(try await h.emulator.register(installation).status == 200)
 
             @Sendable func check(_ served: GatewayHarness.Answer) {
-                #expect(served.status == 200, "\(served.body)")
-                #expect(served.json["accessToken"] as? String == token)
-                #expect(served.json["source"] as? String == "cache")
-                #expect(served.json["tokenType"] as? String == "Bearer")
-                #expect(served.json["installationId"] as? String == installation.id)
-                #expect(served.json["apiBaseUrl"] as? String == installation.apiBaseUrl)
+                TokenAnswerMatrixTests.expectWholeAnswer(served, installation, token: token, source: "cache", "served")
                 #expect(
                     served.json["expiresAt"] as? String
                         == RFC3339.string(unixSeconds: Int64(expiresAt.timeIntervalSince1970)))
@@ -499,10 +494,6 @@ struct ForgeRouteKindTests {
 extension GatewayHarness {
     /// `GET …/token` for `installation` on the gateway at `base` (another replica).
     func token(_ installation: EmulatedInstallation, at base: String) async throws -> Answer {
-        var request = HTTPClientRequest(url: base + Self.path(installation) + "/token")
-        request.headers.add(name: "authorization", value: "Bearer \(Self.callerSecret)")
-        let response = try await self.http.execute(request, timeout: .seconds(35))
-        let bytes = try await response.body.collect(upTo: 1 << 20)
-        return Answer(status: Int(response.status.code), headers: [:], body: String(buffer: bytes))
+        try await self.call(.GET, Self.path(installation) + "/token", at: base)
     }
 }
