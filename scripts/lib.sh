@@ -5,7 +5,9 @@
 ensure_packages() {
     local missing=()
     for p in "$@"; do
-        dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+        # Installed means status `install ok installed` (or `hold ok installed`): `dpkg -s` also
+        # succeeds for a removed package whose configuration files are left (`deinstall ok config-files`).
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q ' ok installed$' || missing+=("$p")
     done
     if [ ${#missing[@]} -gt 0 ]; then
         echo "==> installing ${missing[*]} (apt-get)"
@@ -19,6 +21,15 @@ ensure_packages() {
 # free_port: prints a free TCP port on 127.0.0.1.
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+# port_free PORT: succeeds when nothing listens on 127.0.0.1:PORT (binds it as a server would).
+port_free() {
+    python3 -c 'import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.close()' "$1" 2>/dev/null
 }
 
 # wait_for_redis PORT: waits (bounded) until redis on PORT answers PING.

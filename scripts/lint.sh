@@ -4,6 +4,15 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+if ! command -v swift >/dev/null 2>&1; then
+    echo "lint: swift is not on the PATH: install Swift 6.1 or later (https://www.swift.org/install/linux/)" >&2
+    exit 1
+fi
+if ! swift format --version >/dev/null 2>&1; then
+    echo "lint: 'swift format' does not run with $(command -v swift); it comes with Swift 6 toolchains" >&2
+    exit 1
+fi
+
 status=0
 if ! swift format lint --recursive --strict Sources Tests Package.swift; then
     status=1

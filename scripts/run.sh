@@ -6,7 +6,8 @@
 #   GATEWAY_PORT=9090 scripts/run.sh
 #
 # Local settings (a generated encryption key and caller secret) live in var/dev.env; Redis
-# data in var/redis. Ctrl-C stops everything.
+# data in var/redis (moved aside when var/dev.env is made anew); the build's, the gateway's and
+# the emulator's output in var/*.log. The ports must be free. Ctrl-C stops everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -16,18 +17,68 @@ EMULATOR_PORT=${EMULATOR_PORT:-8081}
 REDIS_PORT=${REDIS_PORT:-6390}
 CONFIG=${CONFIG:-release}
 
+if ! command -v swift >/dev/null 2>&1; then
+    echo "swift is not on the PATH: install Swift 6.1 or later (https://www.swift.org/install/linux/) and add its usr/bin to PATH" >&2
+    exit 1
+fi
+
 ensure_packages redis-server redis-tools libhiredis-dev python3 curl
+
+# The ports must be free (Redis's may hold a Redis, which is then used): the readiness checks below
+# must not take another program's answer for ours.
+require_free_port() {
+    local setting=$1 port=$2 example=$3
+    port_free "$port" && return 0
+    echo "port $port ($setting) is in use by another program: stop it, or choose another port, e.g. $setting=$example scripts/run.sh" >&2
+    exit 1
+}
+require_free_port GATEWAY_PORT "$GATEWAY_PORT" 9090
+require_free_port EMULATOR_PORT "$EMULATOR_PORT" 9091
+if ! port_free "$REDIS_PORT" && ! timeout 5 redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; then
+    echo "port $REDIS_PORT (REDIS_PORT) is in use by a program that is not a Redis: stop it, or choose another port, e.g. REDIS_PORT=6391 scripts/run.sh" >&2
+    exit 1
+fi
 
 # Release builds go to their own folder (shared with scripts/bench.sh) so they never wait on,
 # or invalidate, the debug build the tests use.
 SCRATCH=${SCRATCH:-.build-release}
+build_noise="_FILE_OFFSET_BITS|unhandled; explicitly declare"
+mkdir -p var
 echo "==> building token-gateway ($CONFIG; the first build takes several minutes)"
-swift build -c "$CONFIG" --scratch-path "$SCRATCH" --product token-gateway 2>&1 | grep -v -E "_FILE_OFFSET_BITS|unhandled; explicitly declare" | tail -n 20
-[ "${PIPESTATUS[0]}" = 0 ] || { echo "build failed"; exit 1; }
+if ! swift build -c "$CONFIG" --scratch-path "$SCRATCH" --product token-gateway > var/build.log 2>&1; then
+    echo "==> build errors:"
+    grep -E 'error:' var/build.log | head -n 50 || true
+    echo "==> the end of the build output (all of it: var/build.log):"
+    grep -v -E "$build_noise" var/build.log | tail -n 40 || true
+    echo "build failed"
+    exit 1
+fi
+grep -v -E "$build_noise" var/build.log | tail -n 20 || true
 bin="$(swift build -c "$CONFIG" --scratch-path "$SCRATCH" --show-bin-path)/token-gateway"
 
-mkdir -p var/redis
+# leftover_redis_pid: prints the pid of a Redis an earlier run started on var/redis and left
+# running (its pid file names it, and it works in that folder); fails when there is none.
+leftover_redis_pid() {
+    local pid
+    pid=$(cat var/redis/redis.pid 2>/dev/null) || return 1
+    [ -n "$pid" ] && [ "$(readlink "/proc/$pid/cwd" 2>/dev/null)" = "$PWD/var/redis" ] &&
+        grep -q '^redis' "/proc/$pid/comm" 2>/dev/null || return 1
+    echo "$pid"
+}
+
 if [ ! -f var/dev.env ] || ! grep -q "^TOKEN_GATEWAY_CALLERS='" var/dev.env; then
+    # A new encryption key: the Redis data written under the old one could no longer be read.
+    if [ -d var/redis ] && [ -n "$(ls -A var/redis)" ]; then
+        if old_redis=$(leftover_redis_pid); then
+            echo "==> stopping the Redis an earlier run left running on var/redis (pid $old_redis)"
+            kill "$old_redis" 2>/dev/null || true
+            timeout 30 tail --pid="$old_redis" -f /dev/null 2>/dev/null ||
+                { echo "the Redis (pid $old_redis) did not stop; stop it and run again" >&2; exit 1; }
+        fi
+        aside="var/redis.old-$(date +%Y%m%d-%H%M%S)"
+        mv var/redis "$aside"
+        echo "==> new var/dev.env (a new encryption key): moved the Redis data of the old key to $aside"
+    fi
     key=$(head -c 32 /dev/urandom | base64 | tr -d '\n')
     secret=$(head -c 24 /dev/urandom | base64 | tr -d '\n/+=')
     umask 077
@@ -41,27 +92,56 @@ elif ! grep -q '"operator":true' var/dev.env; then
     # Settings from an earlier run: let the dev caller open the status page too.
     sed -i 's/"clientKeys":\["\*"\]}\]'"'"'$/"clientKeys":["*"],"operator":true}]'"'"'/' var/dev.env
 fi
+mkdir -p var/redis
 set -a
 . var/dev.env
 set +a
 
 pids=()
+names=()
 started_redis=no
+# cleanup [STATUS]: stops what this run started, once (Ctrl-C, SIGTERM or any exit), and exits.
 cleanup() {
+    local status=${1:-$?} p deadline=$((SECONDS + 40))
+    trap - EXIT INT TERM
     echo
     echo "==> stopping"
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    # Only a Redis this run started: one that was already there (another run's, another
-    # project's) keeps running.
+    # The gateway finishes requests in flight for up to 35 s: wait at most 40 s, then SIGKILL.
+    for p in "${pids[@]}"; do
+        while kill -0 "$p" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
+        if kill -0 "$p" 2>/dev/null; then
+            echo "==> pid $p did not stop within 40 s: killing it"
+            kill -9 "$p" 2>/dev/null || true
+        fi
+        wait "$p" 2>/dev/null || true
+    done
+    # Only a Redis this run started (or took over from an earlier run): one that was already
+    # there (another run's, another project's) keeps running.
     if [ "$started_redis" = yes ]; then
-        redis-cli -p "$REDIS_PORT" shutdown >/dev/null 2>&1 || true
+        timeout 30 redis-cli -p "$REDIS_PORT" shutdown >/dev/null 2>&1 || true
     fi
+    exit "$status"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'cleanup 130' INT
+trap 'cleanup 143' TERM
 
 if redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
-    echo "==> a Redis already answers on 127.0.0.1:$REDIS_PORT: using it (and leaving it running)"
+    # A Redis an earlier run left running on var/redis, with nobody else connected: take it over.
+    leftover=$(leftover_redis_pid || true)
+    if [ -n "$leftover" ] &&
+        [ "$(redis-cli -p "$REDIS_PORT" info server | tr -d '\r' | sed -n 's/^process_id://p')" = "$leftover" ] &&
+        [ "$(redis-cli -p "$REDIS_PORT" client list | wc -l)" -le 1 ]; then
+        started_redis=yes
+        echo "==> the Redis on 127.0.0.1:$REDIS_PORT is one an earlier run left running: using it, and stopping it at the end"
+    else
+        echo "==> a Redis already answers on 127.0.0.1:$REDIS_PORT: using it (and leaving it running)"
+    fi
+elif old_redis=$(leftover_redis_pid); then
+    # Two servers must not share var/redis.
+    echo "a Redis an earlier run started (pid $old_redis) still works on var/redis, on another port than $REDIS_PORT: stop it (kill $old_redis) or set REDIS_PORT to its port" >&2
+    exit 1
 else
     redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --appendonly yes --dir "$PWD/var/redis" \
         --daemonize yes --logfile "$PWD/var/redis/redis.log" --pidfile "$PWD/var/redis/redis.pid"
@@ -77,18 +157,46 @@ export TOKEN_GATEWAY_FORGE_JWKS_URL="http://127.0.0.1:$EMULATOR_PORT/.well-known
 export TOKEN_GATEWAY_TRIGGER_HOSTS="http://127.0.0.1:$EMULATOR_PORT"
 export TOKEN_GATEWAY_FORGE_GRAPHQL_URL="http://127.0.0.1:$EMULATOR_PORT/graphql"
 
-"$bin" emulate --port "$EMULATOR_PORT" --gateway-url "http://127.0.0.1:$GATEWAY_PORT" --app-id "$TOKEN_GATEWAY_FORGE_APP_ID" &
-pids+=($!)
-"$bin" serve &
-gateway_pid=$!
-pids+=($gateway_pid)
+# Both print here and into var/emulator.log and var/gateway.log (tee -i: Ctrl-C must not stop
+# tee while they shut down and still write).
+"$bin" emulate --port "$EMULATOR_PORT" --gateway-url "http://127.0.0.1:$GATEWAY_PORT" --app-id "$TOKEN_GATEWAY_FORGE_APP_ID" \
+    > >(tee -i var/emulator.log) 2>&1 &
+pids+=("$!")
+names+=(emulator)
+"$bin" serve > >(tee -i var/gateway.log) 2>&1 &
+pids+=("$!")
+names+=(gateway)
+
+# exit_if_one_exited WHEN: when a process this run started has exited, says which (with the end of
+# its log) and exits (cleanup stops the others).
+exit_if_one_exited() {
+    local i gone=no
+    for i in "${!pids[@]}"; do
+        kill -0 "${pids[$i]}" 2>/dev/null && continue
+        gone=yes
+        sleep 0.2
+        echo "==> the ${names[$i]} (pid ${pids[$i]}) exited $1; the end of var/${names[$i]}.log:"
+        tail -n 30 "var/${names[$i]}.log"
+    done
+    [ "$gone" = no ] || exit 1
+}
+
+# Ready when both answer, asked only while both processes this run started still run (their ports
+# were free before), so that no other program's answer counts. At most 60 s.
+ready=no
 for _ in $(seq 1 600); do
-    curl -fsS -o /dev/null "http://127.0.0.1:$GATEWAY_PORT/health/ready" 2>/dev/null && break
-    kill -0 "$gateway_pid" 2>/dev/null || { echo "the gateway exited; see the line above"; exit 1; }
+    exit_if_one_exited "during startup"
+    if curl -fsS -o /dev/null "http://127.0.0.1:$GATEWAY_PORT/health/ready" 2>/dev/null &&
+        curl -fsS -o /dev/null "http://127.0.0.1:$EMULATOR_PORT/admin/stats" 2>/dev/null; then
+        ready=yes
+        break
+    fi
     sleep 0.1
 done
-wait_for_http "http://127.0.0.1:$GATEWAY_PORT/health/ready"
-wait_for_http "http://127.0.0.1:$EMULATOR_PORT/admin/stats"
+if [ "$ready" != yes ]; then
+    echo "the gateway or the emulator did not become ready within 60 s; see var/gateway.log and var/emulator.log" >&2
+    exit 1
+fi
 
 installation=$(curl -fsS -X POST "http://127.0.0.1:$EMULATOR_PORT/admin/installations" |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
@@ -120,4 +228,8 @@ The status page: http://127.0.0.1:$GATEWAY_PORT/status (user "dev", password: \$
 
 Ctrl-C stops the gateway, the emulator and Redis.
 MSG
-wait "${pids[@]}"
+# Until Ctrl-C (cleanup), or until the gateway or the emulator exits on its own: then stop the other.
+rc=0
+wait -n || rc=$?
+exit_if_one_exited "(status $rc)"
+exit 1

@@ -61,7 +61,8 @@ enum StatusPageBrowser {
             return first
         }
         guard let status else {
-            kill(pid, SIGKILL)
+            // SIGTERM: the script leaves through `finally`, which stops chromedriver and Chromium.
+            kill(pid, SIGTERM)
             throw Failure(description: "status_page_check.py did not finish within \(deadline)")
         }
         let out = String(decoding: stdout.data, as: UTF8.self)

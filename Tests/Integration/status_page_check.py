@@ -20,6 +20,7 @@ import base64
 import json
 import os
 import re
+import signal
 import sys
 import urllib.parse
 import urllib.request
@@ -272,7 +273,14 @@ def check_installation(driver, args, history, where):
     check(fact("installation") == args["failing"], f"{where}: installation fact")
 
 
+def stop_on_signal(signum, frame):
+    """SIGTERM or SIGHUP: leave through `finally`, so that chromedriver and Chromium stop too."""
+    raise SystemExit(128 + signum)
+
+
 def main():
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop_on_signal)
     args = json.loads(sys.argv[1])
     os.makedirs(args["screenshots"], exist_ok=True)
     status = api(args, "/v1/status")
@@ -281,11 +289,17 @@ def main():
 
     options = Options()
     options.binary_location = args["chromium"]
+    # Nothing but loopback: no host name resolves except 127.0.0.1 and localhost, and Chromium's own
+    # background traffic (component updates, sync, metrics uploads, default apps) stays off.
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--no-first-run", "--disable-extensions", "--disable-background-networking"):
+                 "--no-first-run", "--disable-extensions", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--metrics-recording-only",
+                 "--disable-default-apps",
+                 "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1 , EXCLUDE localhost"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=args["chromedriver"]))
+    driver = None
     try:
+        driver = webdriver.Chrome(options=options, service=Service(executable_path=args["chromedriver"]))
         driver.set_page_load_timeout(30)
         credentials = base64.b64encode(f"{args['operator']}:{args['secret']}".encode()).decode()
         driver.execute_cdp_cmd("Network.enable", {})
@@ -322,7 +336,8 @@ def main():
             check_installation(driver, args, history, where)
             screenshot(driver, args, f"installation-{width}.png", width)
     finally:
-        driver.quit()
+        if driver is not None:
+            driver.quit()
 
     if FAILURES:
         for failure in FAILURES:
