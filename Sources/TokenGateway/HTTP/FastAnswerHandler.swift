@@ -37,6 +37,10 @@ struct FastAnswer: Sendable {
 /// makes it from the functions the routes use). Answers stay in request order: a request is
 /// answered here only when no request passed on to the router is still being answered on this
 /// connection.
+///
+/// A fast answer is written at once, so a client that sends requests without reading answers
+/// would have them queue up without bound: the connection reads no more while its answers wait
+/// beyond the channel's write-buffer high watermark, and again once they drain.
 final class FastAnswerHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias InboundOut = HTTPServerRequestPart
@@ -58,6 +62,8 @@ final class FastAnswerHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// Answers written since the last flush (flushed when the read burst ends).
     private var unflushed = false
     private var date = HTTPDate()
+    /// A read asked for while the channel was not writable, issued once it is again.
+    private var readHeld = false
 
     init(serverName: String, logger: Logger, answerer: @escaping Answerer) {
         self.serverName = serverName
@@ -95,6 +101,22 @@ final class FastAnswerHandler: ChannelDuplexHandler, RemovableChannelHandler {
             context.flush()
         }
         context.fireChannelReadComplete()
+    }
+
+    func read(context: ChannelHandlerContext) {
+        guard context.channel.isWritable else {
+            self.readHeld = true
+            return
+        }
+        context.read()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if self.readHeld, context.channel.isWritable {
+            self.readHeld = false
+            context.read()
+        }
+        context.fireChannelWritabilityChanged()
     }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
