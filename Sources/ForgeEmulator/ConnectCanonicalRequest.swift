@@ -8,16 +8,20 @@ enum ConnectCanonicalRequest {
     /// `METHOD&path&query` for `url` (a path with query, or an absolute URL), with `basePath`
     /// removed from the path's start.
     static func canonical(method: String, url: String, basePath: String = "") -> String {
+        // Delimiters are bytes (as Atlassian's libraries read them): a `#`, `?` or `&` followed by a
+        // combining mark still delimits, although Swift's characters would join the two.
         var rest = url
-        if let fragment = rest.firstIndex(of: "#") { rest = String(rest[..<fragment]) }
+        if let fragment = rest.utf8.firstIndex(of: UInt8(ascii: "#")) {
+            rest = String(Substring(rest.utf8[..<fragment]))
+        }
         if let components = URLComponents(string: rest), components.scheme != nil {
             rest = components.percentEncodedPath + (components.percentEncodedQuery.map { "?" + $0 } ?? "")
         }
         let path: String
         let query: String
-        if let question = rest.firstIndex(of: "?") {
-            path = String(rest[..<question])
-            query = String(rest[rest.index(after: question)...])
+        if let question = rest.utf8.firstIndex(of: UInt8(ascii: "?")) {
+            path = String(Substring(rest.utf8[..<question]))
+            query = String(Substring(rest.utf8[rest.utf8.index(after: question)...]))
         } else {
             path = rest
             query = ""
@@ -33,27 +37,29 @@ enum ConnectCanonicalRequest {
     }
 
     private static func canonicalPath(_ raw: String, basePath: String) -> String {
-        var path = raw
-        var base = basePath
-        while base.hasSuffix("/") { base.removeLast() }
-        if !base.isEmpty, path == base || path.hasPrefix(base + "/") {
-            path = String(path.dropFirst(base.count))
+        // Bytes throughout, as in `canonical`.
+        var path = Array(raw.utf8)
+        var base = Array(basePath.utf8)
+        let slash = UInt8(ascii: "/")
+        while base.last == slash { base.removeLast() }
+        if !base.isEmpty, path == base || path.starts(with: base + [slash]) {
+            path.removeFirst(base.count)
         }
-        while path.hasPrefix("//") { path.removeFirst() }
-        if path.isEmpty { path = "/" }
-        if !path.hasPrefix("/") { path = "/" + path }
-        if path.count > 1, path.hasSuffix("/") { path.removeLast() }
-        return path.replacingOccurrences(of: "&", with: "%26")
+        while path.starts(with: [slash, slash]) { path.removeFirst() }
+        if path.isEmpty { path = [slash] }
+        if path.first != slash { path.insert(slash, at: 0) }
+        if path.count > 1, path.last == slash { path.removeLast() }
+        return String(decoding: path, as: UTF8.self).replacingOccurrences(of: "&", with: "%26", options: .literal)
     }
 
     private static func canonicalQuery(_ query: String) -> String {
         // Keyed by bytes: names that are only Unicode-equivalent are two parameters.
         var parameters: [[UInt8]: [String]] = [:]
-        for piece in query.split(separator: "&") {
-            let pair = piece.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
-            let name = self.decode(pair[0])
+        for piece in query.utf8.split(separator: UInt8(ascii: "&")) {
+            let pair = piece.split(separator: UInt8(ascii: "="), maxSplits: 1, omittingEmptySubsequences: false)
+            let name = self.decode(Substring(pair[0]))
             if name == "jwt" { continue }
-            parameters[Array(name.utf8), default: []].append(pair.count > 1 ? self.decode(pair[1]) : "")
+            parameters[Array(name.utf8), default: []].append(pair.count > 1 ? self.decode(Substring(pair[1])) : "")
         }
         // Names sorted by their percent-encoded form, values of a repeated name by their decoded form
         // (as Atlassian's libraries do).

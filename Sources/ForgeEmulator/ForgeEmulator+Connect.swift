@@ -256,7 +256,8 @@ extension ForgeEmulator {
         let audience = options.audience ?? [appBaseURL]
         var claims: [(String, JWTClaimValue)] = [
             ("iss", .string(options.issuer ?? tenant.clientKey)),
-            ("sub", .string(tenant.clientKey)),
+            // An account id, as in the lifecycle tokens Atlassian sends (never read by the gateway).
+            ("sub", .string(tenant.accountId)),
             ("iat", .int(iat)),
             ("exp", .int(exp)),
             ("qsh", .string(options.qsh ?? ConnectCanonicalRequest.qsh(method: "POST", url: path, basePath: basePath))),

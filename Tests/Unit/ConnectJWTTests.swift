@@ -199,4 +199,19 @@ struct ConnectJWTTests {
             #expect(ConnectCanonicalRequest.qsh(method: vector.method, url: vector.url) == vector.qsh)
         }
     }
+
+    @Test(
+        "delimiters are bytes: a '#', '?' or '&' followed by a combining mark still delimits, in both implementations",
+        arguments: [
+            ("/a&\u{301}b", "GET&/a%26\u{301}b&"),
+            ("/q?a=1&\u{301}b=2", "GET&/q&%CC%81b=2&a=1"),
+            ("/p?\u{301}x=1", "GET&/p&%CC%81x=1"),
+            ("/p#\u{301}x?y=1", "GET&/p&"),
+            ("https://tenant.example.test/p/?\u{301}=1", "GET&/p&%CC%81=1"),
+            ("/p?a=\u{301}&b", "GET&/p&a=%CC%81&b="),
+        ])
+    func delimitersAreBytes(url: String, canonical: String) {
+        #expect(CanonicalRequest.canonical(method: "GET", url: url) == canonical)
+        #expect(ConnectCanonicalRequest.canonical(method: "GET", url: url) == canonical)
+    }
 }

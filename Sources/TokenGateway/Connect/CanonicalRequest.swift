@@ -40,41 +40,56 @@ public enum CanonicalRequest {
         )
     }
 
-    /// Splits `url` into its path and its query (without `?`), dropping scheme, authority and fragment.
+    /// Splits `url` into its path and its query (without `?`), dropping scheme, authority and
+    /// fragment. Delimiters are found byte by byte, as Atlassian's libraries find them: a `#`, `?`
+    /// or `&` followed by a combining mark is still a delimiter (Swift's characters would join them).
     static func splitURL(_ url: String) -> (path: Substring, query: Substring) {
         var rest = Substring(url)
-        if let hash = rest.firstIndex(of: "#") { rest = rest[..<hash] }
-        if let schemeEnd = rest.range(of: "://"),
-            rest[..<schemeEnd.lowerBound].allSatisfy({ $0.isLetter || $0.isNumber || "+-.".contains($0) }),
-            !rest[..<schemeEnd.lowerBound].isEmpty
+        if let hash = rest.utf8.firstIndex(of: UInt8(ascii: "#")) { rest = Substring(rest.utf8[..<hash]) }
+        let bytes = rest.utf8
+        if let colon = bytes.firstIndex(of: UInt8(ascii: ":")), bytes[colon...].starts(with: "://".utf8),
+            colon > bytes.startIndex, bytes[..<colon].allSatisfy(Self.isSchemeByte)
         {
-            let afterScheme = rest[schemeEnd.upperBound...]
-            let pathStart = afterScheme.firstIndex(where: { $0 == "/" || $0 == "?" }) ?? afterScheme.endIndex
-            rest = afterScheme[pathStart...]
+            let afterScheme = bytes[bytes.index(colon, offsetBy: 3)...]
+            let pathStart =
+                afterScheme.firstIndex(where: { $0 == UInt8(ascii: "/") || $0 == UInt8(ascii: "?") })
+                ?? afterScheme.endIndex
+            rest = Substring(afterScheme[pathStart...])
         }
-        if let question = rest.firstIndex(of: "?") {
-            return (rest[..<question], rest[rest.index(after: question)...])
+        if let question = rest.utf8.firstIndex(of: UInt8(ascii: "?")) {
+            return (Substring(rest.utf8[..<question]), Substring(rest.utf8[rest.utf8.index(after: question)...]))
         }
         return (rest, rest[rest.endIndex...])
     }
 
+    /// A letter, digit, `+`, `-` or `.` (RFC 3986 §3.1).
+    private static func isSchemeByte(_ byte: UInt8) -> Bool {
+        switch byte {
+        case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
+            UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "+"), UInt8(ascii: "-"), UInt8(ascii: "."):
+            true
+        default: false
+        }
+    }
+
     static func canonicalPath(_ rawPath: Substring, basePath: String) -> String {
+        // Byte by byte (see `splitURL`): the base path is a prefix by its bytes.
+        let slash = UInt8(ascii: "/")
         var path = rawPath
         var base = Substring(basePath)
-        while base.last == "/" { base = base.dropLast() }
-        if !base.isEmpty, path.hasPrefix(base) {
-            let remainder = path[path.index(path.startIndex, offsetBy: base.count)...]
-            if remainder.isEmpty || remainder.first == "/" {
+        while base.utf8.last == slash { base = Substring(base.utf8.dropLast()) }
+        if !base.isEmpty, path.utf8.starts(with: base.utf8) {
+            let remainder = Substring(path.utf8[path.utf8.index(path.startIndex, offsetBy: base.utf8.count)...])
+            if remainder.isEmpty || remainder.utf8.first == slash {
                 path = remainder
             }
         }
         // Collapse leading slashes to one.
-        while path.hasPrefix("//") { path = path.dropFirst() }
-        var result = String(path)
-        if result.isEmpty { result = "/" }
-        if !result.hasPrefix("/") { result = "/" + result }
-        if result.count > 1, result.hasSuffix("/") { result.removeLast() }
-        return result.replacingAmpersands()
+        while path.utf8.starts(with: "//".utf8) { path = Substring(path.utf8.dropFirst()) }
+        if path.isEmpty { path = "/" }
+        if path.utf8.first != slash { path = "/" + path }
+        if path.utf8.count > 1, path.utf8.last == slash { path = Substring(path.utf8.dropLast()) }
+        return String(path).replacingAmpersands()
     }
 
     static func canonicalQuery(_ query: Substring) -> String {
@@ -185,11 +200,11 @@ public enum CanonicalRequest {
 
 extension String {
     fileprivate func replacingAmpersands() -> String {
-        guard self.contains("&") else { return self }
+        guard self.utf8.contains(UInt8(ascii: "&")) else { return self }
         var output = ""
         output.reserveCapacity(self.utf8.count + 4)
-        for character in self {
-            if character == "&" { output += "%26" } else { output.append(character) }
+        for scalar in self.unicodeScalars {
+            if scalar == "&" { output += "%26" } else { output.unicodeScalars.append(scalar) }
         }
         return output
     }
