@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import Synchronization
 import Testing
+import _CryptoExtras
 
 @testable import ForgeEmulator
 @testable import TokenGateway
@@ -325,6 +326,46 @@ struct ConnectSignedInstallTests {
             Issue.record("a failed kid is not refetched before its retry time")
             return
         }
+    }
+}
+
+/// An ``InstallKeyIDRegistry`` whose reads can fail.
+final class TestInstallKeyRegistry: InstallKeyIDRegistry {
+    let state = Mutex((kids: Set<String>(), failNext: false, reads: 0))
+
+    func knownInstallKeyIDs() async throws -> Set<String> {
+        let (kids, fail) = self.state.withLock { state in
+            state.reads += 1
+            defer { state.failNext = false }
+            return (state.kids, state.failNext)
+        }
+        if fail { throw CancellationError() }
+        return kids
+    }
+
+    func rememberInstallKeyID(_ kid: String) async throws { self.state.withLock { _ = $0.kids.insert(kid) } }
+}
+
+@Suite("Connect install keys: the registry of known kids")
+struct InstallKeyRegistryTests {
+    @Test("a failed registry read is not an empty registry: the next lookup reads it again")
+    func failedReadIsNotEmpty() async throws {
+        let registry = TestInstallKeyRegistry()
+        registry.state.withLock {
+            $0.kids = ["known-kid"]
+            $0.failNext = true
+        }
+        let pem = try _RSA.Signing.PrivateKey(keySize: .bits2048).publicKey.pemRepresentation
+        let verifier = SignedInstallVerifier(
+            configuration: .init(appBaseURL: "https://x.test"),
+            fetcher: SignedInstallVerifierTestKey.StaticFetcher(pem: pem), registry: registry,
+            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }))
+        _ = try await verifier.publicKey(kid: "made-up-kid")
+        #expect(verifier.cache.withLock { $0.seenKids["made-up-kid"] } == nil)
+        // Redis answers again: the kid another replica verified with is known here too.
+        _ = try await verifier.publicKey(kid: "known-kid")
+        #expect(registry.state.withLock { $0.reads } == 2)
+        #expect(verifier.cache.withLock { $0.seenKids["known-kid"] } != nil)
     }
 }
 

@@ -254,9 +254,15 @@ extension SignedInstallVerifier {
             read.flatMap { now - $0.at < Self.registryRefreshInterval ? $0.kids : nil }
         }
         if known == nil {
-            let kids = (try? await registry.knownInstallKeyIDs()) ?? []
-            self.registryKids.withLock { $0 = (kids, now) }
-            known = kids
+            do {
+                let kids = try await registry.knownInstallKeyIDs()
+                self.registryKids.withLock { $0 = (kids, now) }
+                known = kids
+            } catch {
+                // Not an empty registry: the last read (if any) stands, and the next lookup reads
+                // again, so known `kid`s keep their reserved share once Redis answers.
+                known = self.registryKids.withLock { $0?.kids }
+            }
         }
         if known?.contains(kid) == true {
             self.cache.withLock { $0.keyWasUsed(kid: kid) }
