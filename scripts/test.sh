@@ -22,8 +22,10 @@ cleanup() {
         # Redis may still write into its directory while it stops: wait (at most 10 s) until it is gone.
         timeout 10 tail --pid="$pid" -f /dev/null 2>/dev/null || true
     fi
-    # Gateway processes the integration tests started, should a crashed test have left one behind.
+    # Gateway processes the integration tests started, should a crashed test have left one behind,
+    # and a test process a stopped `swift test` left running.
     pkill -f "$PWD/.build/debug/token-gateway serve" 2>/dev/null || true
+    pkill -f "$PWD/.build/[^ ]*PackageTests.xctest" 2>/dev/null || true
     # Anything else the tests left behind: processes whose command line names the work folder
     # (python, Chromium's profile) and processes working in it (a Redis rewrites its command line
     # but works in its --dir).
