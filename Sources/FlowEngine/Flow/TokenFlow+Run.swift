@@ -208,7 +208,7 @@ extension TokenFlow {
         // comes after what the callers wait for.
         let now = self.now()
         self.execute(actions[...], for: id)
-        if let observer = self.observer { observer.tokenFlow(performs: actions, for: id, at: now) }
+        if let job = self.observer?.tokenFlow(performs: actions, for: id, at: now) { self.submit(job) }
     }
 
     /// The round named by a lease a snapshot took ahead has it: the machine leads. The lease runs

@@ -107,9 +107,11 @@ final class RoundTripRecorder: TokenFlowObserver {
         self.log = Mutex(RoundTripLog(replicaID: replicaID))
     }
 
-    func tokenFlow(performs actions: [FlowAction], for installation: InstallationID, at now: FlowTime) {
-        guard let finished = self.log.withLock({ $0.observe(actions, for: installation, at: now) }) else { return }
-        Task {
+    func tokenFlow(performs actions: [FlowAction], for installation: InstallationID, at now: FlowTime)
+        -> (@Sendable () async -> Void)?
+    {
+        guard let finished = self.log.withLock({ $0.observe(actions, for: installation, at: now) }) else { return nil }
+        return {
             do {
                 try await self.store.recordRoundTrip(installation, finished, now: now)
             } catch {
