@@ -228,8 +228,10 @@ The status page: http://127.0.0.1:$GATEWAY_PORT/status (user "dev", password: \$
 
 Ctrl-C stops the gateway, the emulator and Redis.
 MSG
-# Until Ctrl-C (cleanup), or until the gateway or the emulator exits on its own: then stop the other.
-rc=0
-wait -n || rc=$?
-exit_if_one_exited "(status $rc)"
-exit 1
+# Until Ctrl-C (cleanup), or until the gateway or the emulator exits on its own: then stop the
+# other. (Checked every second rather than with `wait -n`, which misses a child that died of a
+# signal before it was called.)
+while :; do
+    exit_if_one_exited "on its own"
+    sleep 1
+done

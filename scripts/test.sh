@@ -22,10 +22,6 @@ cleanup() {
         # Redis may still write into its directory while it stops: wait (at most 10 s) until it is gone.
         timeout 10 tail --pid="$pid" -f /dev/null 2>/dev/null || true
     fi
-    # Gateway processes the integration tests started, should a crashed test have left one behind,
-    # and a test process a stopped `swift test` left running.
-    pkill -f "$PWD/.build/debug/token-gateway serve" 2>/dev/null || true
-    pkill -f "$PWD/.build/[^ ]*PackageTests.xctest" 2>/dev/null || true
     # Anything else the tests left behind: processes whose command line names the work folder
     # (python, Chromium's profile) and processes working in it (a Redis rewrites its command line
     # but works in its --dir).
@@ -36,14 +32,20 @@ cleanup() {
     rm -rf "$workdir" 2>/dev/null || true
     exit "$status"
 }
-# stop_leftovers SIGNAL: sends SIGNAL to the processes cleanup looks for; fails when there were none.
+# stop_leftovers SIGNAL: sends SIGNAL to the processes cleanup looks for, this run's only (another
+# run in the same checkout keeps its own): a test process a stopped `swift test` left running, the
+# gateways, Redis servers, emulators and browsers the tests started. They all inherited
+# TMPDIR=$workdir, or name the work folder, or work in it. Fails when there were none.
 stop_leftovers() {
-    local found=1 proc
+    local found=1 proc pid
     pkill "-$1" -f -- "$workdir/" 2>/dev/null && found=0
     for proc in /proc/[0-9]*; do
-        case "$(readlink "$proc/cwd" 2>/dev/null)" in
-            "$workdir"/*) kill "-$1" "${proc#/proc/}" 2>/dev/null && found=0 ;;
-        esac
+        pid=${proc#/proc/}
+        [ "$pid" != "$$" ] || continue
+        if case "$(readlink "$proc/cwd" 2>/dev/null)" in "$workdir"/*) true ;; *) false ;; esac ||
+            { tr '\0' '\n' < "$proc/environ"; } 2>/dev/null | grep -qxF "TMPDIR=$workdir"; then
+            kill "-$1" "$pid" 2>/dev/null && found=0
+        fi
     done
     return "$found"
 }

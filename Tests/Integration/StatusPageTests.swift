@@ -61,8 +61,11 @@ enum StatusPageBrowser {
             return first
         }
         guard let status else {
-            // SIGTERM: the script leaves through `finally`, which stops chromedriver and Chromium.
+            // SIGTERM: the script leaves through `finally`, which stops chromedriver and Chromium;
+            // SIGKILL if it has not within 10 s.
             kill(pid, SIGTERM)
+            for _ in 0..<100 where process.isRunning { try? await Task.sleep(for: .milliseconds(100)) }
+            if process.isRunning { kill(pid, SIGKILL) }
             throw Failure(description: "status_page_check.py did not finish within \(deadline)")
         }
         let out = String(decoding: stdout.data, as: UTF8.self)

@@ -53,6 +53,38 @@ private final class RecordingTrigger: TriggerSender {
     }
 }
 
+/// An observer whose work waits until ``open()`` and then records whether it was cancelled.
+private final class GatedObserver: TokenFlowObserver {
+    private let state = Mutex((open: false, waiting: [CheckedContinuation<Void, Never>](), finished: [Bool]()))
+
+    var finished: [Bool] { self.state.withLock { $0.finished } }
+
+    func open() {
+        let waiting = self.state.withLock { state in
+            state.open = true
+            defer { state.waiting = [] }
+            return state.waiting
+        }
+        for continuation in waiting { continuation.resume() }
+    }
+
+    func tokenFlow(performs actions: [FlowAction], for installation: InstallationID, at now: FlowTime)
+        -> (@Sendable () async -> Void)?
+    {
+        return {
+            await withCheckedContinuation { continuation in
+                let ready = self.state.withLock { state in
+                    if !state.open { state.waiting.append(continuation) }
+                    return state.open
+                }
+                if ready { continuation.resume() }
+            }
+            let cancelled = Task.isCancelled
+            self.state.withLock { $0.finished.append(cancelled) }
+        }
+    }
+}
+
 private struct Harness {
     let flow: TokenFlow
     let store: InMemoryTokenStore
@@ -1008,6 +1040,33 @@ struct TokenFlowExecutorTests {
         // After shutdown a caller is refused at once.
         let refused = await h.request()
         #expect(throws: FlowError.shuttingDown) { try refused.get() }
+    }
+
+    @Test("the observer's work runs to its end at shutdown: not cancelled, and run() waits for it")
+    func observerWorkAtShutdown() async throws {
+        let clock = ManualFlowClock()
+        let store = InMemoryTokenStore(now: { clock.now() })
+        let trigger = RecordingTrigger()
+        let observer = GatedObserver()
+        let flow = TokenFlow(
+            configuration: TokenFlowConfiguration(), store: store, trigger: trigger,
+            metrics: FlowMetrics(factory: NOOPMetricsHandler.instance),
+            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), replicaID: "replica-a",
+            observer: observer, clock: clock)
+        let h = Harness(flow: flow, store: store, clock: clock, trigger: trigger)
+        store.install(h.id)
+        let run = Task { try await flow.run() }
+        async let answer = h.request()
+        _ = try #require(await h.nextCall())
+        await clock.waitForSleepers(3)
+        // Shutdown abandons the round; the observer's work for it (and for the round's start) waits.
+        await flow.shutdown()
+        _ = await answer
+        observer.open()
+        try await run.value
+        let finished = observer.finished
+        #expect(!finished.isEmpty)
+        #expect(finished.allSatisfy { !$0 }, "no observer work was cancelled: \(finished)")
     }
 
     @Test("a cancelled caller gets `cancelled`; the round trip it alone waited for is abandoned")

@@ -208,7 +208,12 @@ extension TokenFlow {
         // comes after what the callers wait for.
         let now = self.now()
         self.execute(actions[...], for: id)
-        if let job = self.observer?.tokenFlow(performs: actions, for: id, at: now) { self.submit(job) }
+        if let job = self.observer?.tokenFlow(performs: actions, for: id, at: now) {
+            // Not cancelled when shutdown cancels the flow's work (its child task awaits it): the
+            // record of a round that shutdown abandoned is written whole, within the store's
+            // command timeout.
+            self.submit { await Task { await job() }.value }
+        }
     }
 
     /// The round named by a lease a snapshot took ahead has it: the machine leads. The lease runs

@@ -44,9 +44,9 @@ struct InvocationReplayGuard: Sendable {
         guard reply.string == "OK" else { throw .replayed }
     }
 
-    /// Gives back a claim made by ``claim(_:_:)`` for a call then refused with nothing stored
-    /// (a registration of an uninstalled installation, too many named triggers), so the refusal
-    /// uses nothing up. Best effort: a claim that cannot be deleted just expires.
+    /// Gives back a claim made by ``claim(_:_:)`` for a call then refused with nothing stored (a
+    /// registration of an uninstalled installation, which stays uninstalled), so the refusal uses
+    /// nothing up. Best effort: a claim that cannot be deleted just expires.
     func release(_ id: InstallationID, _ invocation: InvocationContext) async {
         _ = try? await self.store.redis.send(["DEL", self.seenKey(id, jti: invocation.jti)])
     }

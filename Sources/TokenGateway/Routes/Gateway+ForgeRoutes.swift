@@ -89,11 +89,13 @@ extension Gateway {
         let now = FlowTime.now()
         let outcome: GatewayStore.RegistrationOutcome
         let keys: GatewayStore.TriggerKeys?
+        var namedTriggersStored = false
         try await self.replayGuard.claim(id, invocation)
         do {
             // Named triggers first: their count is checked in the same step that stores them, so a
             // change refused there (another registration took the room meanwhile) stores nothing.
             try await self.storeNamedTriggers(namedTriggers, installation: id, now: now, logger: logger)
+            namedTriggersStored = !namedTriggers.isEmpty
             outcome = try await self.store.register(
                 id, triggerURL: url, candidateKeyID: candidate.keyId, candidateKey: candidate.rawPrivateKey,
                 metadata: invocation.metadata, now: now)
@@ -114,8 +116,11 @@ extension Gateway {
                 keys = try await self.store.triggerKeys(id, now: now)
             }
         } catch let error as GatewayError {
-            // 410 (uninstalled) or 400 (too many named triggers): refused before anything was stored.
-            await self.replayGuard.release(id, invocation)
+            // Uninstalled before anything was stored: the 410 uses nothing up. Every other refusal
+            // keeps the claim (a 503's step may have been stored; a 400's FIT is spent).
+            if error.code == FlowError.Code.installationUninstalled.rawValue, !namedTriggersStored {
+                await self.replayGuard.release(id, invocation)
+            }
             throw error
         } catch is EncryptionError {
             // The stored signing key does not open with the key ring (a key removed before `keys
