@@ -269,6 +269,7 @@ extension ForgeEmulator {
             }
             return ((state.triggers[triggerId]?.calls.count ?? 1) - 1, behaviour)
         }
+        self.callRecorded()
         var logger = self.logger
         logger[metadataKey: "installation.id"] = "\(trigger.installationId)"
         logger[metadataKey: "trigger.key"] = "\(trigger.key)"
@@ -360,7 +361,7 @@ extension ForgeEmulator {
                             state.held[id] = continuation
                             return false
                         }
-                        if resumeNow { continuation.resume() }
+                        if resumeNow { continuation.resume() } else { self.callRecorded() }
                     }
                 } onCancel: {
                     let continuation = self.namedTriggers.withLock { $0.held.removeValue(forKey: id) }

@@ -78,6 +78,25 @@ extension ForgeEmulator {
         self.state.withLock { $0.totalTriggerCalls }
     }
 
+    /// An event each time a trigger call (auth or named) has been received and recorded, an auth
+    /// trigger call answered, or a held named-trigger call is waiting, from now on: tests wait on it instead of polling
+    /// ``triggerCalls(for:)``. The stream keeps only the latest event not yet read.
+    public func callEvents() -> AsyncStream<Void> {
+        let (stream, continuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+        let key = self.callListeners.withLock { listeners in
+            defer { listeners.next += 1 }
+            listeners.streams[listeners.next] = continuation
+            return listeners.next
+        }
+        continuation.onTermination = { _ in self.callListeners.withLock { _ = $0.streams.removeValue(forKey: key) } }
+        return stream
+    }
+
+    /// Tells the streams of ``callEvents()`` that a call was recorded.
+    func callRecorded() {
+        for listener in self.callListeners.withLock({ Array($0.streams.values) }) { listener.yield() }
+    }
+
     /// Every trigger call received for `installation`, oldest first.
     public func triggerRecords(for installation: EmulatedInstallation) -> [TriggerRecord] {
         self.state.withLock { $0.record(for: installation)?.triggerRecords ?? [] }
@@ -119,6 +138,7 @@ extension ForgeEmulator {
             }
             return Admission(record: record, index: index, signatureValid: signatureValid)
         }
+        self.callRecorded()
         guard let admission else {
             self.logger.info("Trigger call for an unknown trigger", metadata: ["forge.trigger.id": "\(triggerId)"])
             return .error(404, code: "not_found", message: "no web trigger at this path")
@@ -148,6 +168,7 @@ extension ForgeEmulator {
                 $0.triggerRecords[admission.index].ownDuration = ownDuration
             }
         }
+        self.callRecorded()
         logger.info("Trigger call answered", metadata: ["http.status": "\(answer.status)"])
         return answer
     }

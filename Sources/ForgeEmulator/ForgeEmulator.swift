@@ -126,6 +126,8 @@ public final class ForgeEmulator: Sendable, Service {
     let graphQL: Mutex<EmulatorGraphQLState>
     /// Named triggers; see `ForgeEmulator+NamedTriggers.swift`.
     let namedTriggers = Mutex(EmulatorNamedTriggers())
+    /// The streams of ``callEvents()``.
+    let callListeners = Mutex((next: UInt64(0), streams: [UInt64: AsyncStream<Void>.Continuation]()))
 
     /// Creates an emulator with fresh keys (two 2048-bit RSA keys and an HMAC key).
     /// - Throws: if key generation fails.

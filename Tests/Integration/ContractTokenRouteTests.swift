@@ -107,7 +107,8 @@ struct ContractTokenRouteTests {
             let installation = try await h.installed()
             h.emulator.setFault(.acceptWithoutDelivery, for: installation)
             let waiting = Task { try await h.token(installation, query: "timeout=30000") }
-            #expect(try await Events.wait { h.emulator.triggerCalls(for: installation) == 1 })
+            #expect(
+                try await Events.wait(on: h.emulator.callEvents()) { h.emulator.triggerCalls(for: installation) == 1 })
             // The caller waits for the round trip; Forge pushes a token unasked meanwhile.
             let pushed = try await h.emulator.push(installation)
             #expect(pushed.status == 200)
@@ -126,7 +127,8 @@ struct ContractTokenRouteTests {
             let installation = try await h.installed()
             h.emulator.setFault(.acceptWithoutDelivery, for: installation)
             let first = Task { try await h.token(installation, query: "timeout=30000") }
-            #expect(try await Events.wait { h.emulator.triggerCalls(for: installation) == 1 })
+            #expect(
+                try await Events.wait(on: h.emulator.callEvents()) { h.emulator.triggerCalls(for: installation) == 1 })
             let refresh = Task {
                 try await h.call(.POST, GatewayHarness.path(installation) + "/token/refresh?timeout=30000")
             }

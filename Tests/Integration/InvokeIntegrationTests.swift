@@ -331,7 +331,7 @@ struct InvokeIntegrationTests {
             h.emulator.setNamedTriggerBehaviour(.hang(maximum: .seconds(20)), for: installation, key: "echo")
             async let first = Self.invoke(
                 h, installation, "echo", body: #"{"n":7}"#, query: "timeout=15000", headers: ["idempotency-key": "dup"])
-            #expect(try await Security.eventually { h.emulator.heldNamedTriggerCalls == 1 })
+            #expect(try await Events.wait(on: h.emulator.callEvents()) { h.emulator.heldNamedTriggerCalls == 1 })
             async let second = Self.invoke(
                 h, installation, "echo", body: #"{"n":7}"#, query: "timeout=15000", headers: ["idempotency-key": "dup"])
             h.emulator.releaseHeldNamedTriggerCalls()
@@ -390,7 +390,7 @@ struct InvokeIntegrationTests {
             // the same key, waits for it meanwhile.
             async let first = Self.invoke(
                 h, installation, "echo", body: #"{"n":1}"#, query: "timeout=1000", headers: ["idempotency-key": "circ"])
-            #expect(try await Security.eventually { h.emulator.heldNamedTriggerCalls == 1 })
+            #expect(try await Events.wait(on: h.emulator.callEvents()) { h.emulator.heldNamedTriggerCalls == 1 })
             async let second = Self.invoke(
                 h, installation, "echo", body: #"{"n":1}"#, query: "timeout=15000", headers: ["idempotency-key": "circ"]
             )
@@ -523,7 +523,7 @@ struct InvokeIntegrationTests {
             let installation = try await h.installed()
             h.emulator.setNamedTriggerBehaviour(.hang(maximum: .seconds(20)), for: installation, key: "echo")
             async let held = Self.invoke(h, installation, "echo", query: "timeout=15000")
-            #expect(try await Security.eventually { h.emulator.heldNamedTriggerCalls == 1 })
+            #expect(try await Events.wait(on: h.emulator.callEvents()) { h.emulator.heldNamedTriggerCalls == 1 })
             let refused = try await Self.invoke(h, installation, "echo")
             #expect(refused.status == 503)
             #expect(refused.errorCode == "overloaded")

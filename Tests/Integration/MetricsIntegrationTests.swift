@@ -133,7 +133,8 @@ struct MetricsIntegrationTests {
             let installation = try await h.installed()
             h.emulator.setFault(.acceptWithoutDelivery, for: installation)
             let waiting = Task { try await h.token(installation, query: "timeout=30000") }
-            #expect(try await Events.wait { h.emulator.triggerCalls(for: installation) == 1 })
+            #expect(
+                try await Events.wait(on: h.emulator.callEvents()) { h.emulator.triggerCalls(for: installation) == 1 })
             #expect(try await h.metric("token_gateway_leases_held") == 1)
             let requestId = try #require(h.emulator.triggerRecords(for: installation).first?.requestId)
             let token = try h.emulator.mintAccessToken(for: installation)

@@ -161,10 +161,8 @@ struct ReplicaIntegrationTests {
             h.emulator.setFault(.respondSlowly(.milliseconds(1500)), for: installation)
             async let answer = h.token(0, installation)
             // Wait until the trigger call is in flight, then ask replica 0 to stop.
-            let deadline = ContinuousClock.now + .seconds(20)
-            while h.emulator.triggerCalls(for: installation) == 0, ContinuousClock.now < deadline {
-                try await Task.sleep(for: .milliseconds(5))
-            }
+            #expect(
+                try await Events.wait(on: h.emulator.callEvents()) { h.emulator.triggerCalls(for: installation) > 0 })
             h.replicas[0].signal(SIGTERM)
             let result = try await answer
             #expect(result.status == 200)
@@ -191,10 +189,8 @@ struct ReplicaIntegrationTests {
             h.emulator.setGatewayURL(nowhere.baseURL)
             h.emulator.setFault(.respondSlowly(.milliseconds(500)), for: installation)
             async let answer = h.token(0, installation, query: "timeout=30000")
-            let deadline = ContinuousClock.now + .seconds(20)
-            while h.emulator.triggerCalls(for: installation) == 0, ContinuousClock.now < deadline {
-                try await Task.sleep(for: .milliseconds(5))
-            }
+            #expect(
+                try await Events.wait(on: h.emulator.callEvents()) { h.emulator.triggerCalls(for: installation) > 0 })
             h.replicas[0].signal(SIGTERM)
             let result = try await answer
             #expect(result.status == 502)

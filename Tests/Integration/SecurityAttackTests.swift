@@ -255,7 +255,9 @@ struct SecurityAttackTests {
             let b = try await h.installed()
             h.emulator.setFault(.acceptWithoutDelivery, for: a)
             let waiting = Task { try await h.token(a, query: "timeout=15000") }
-            let triggered = try await Security.eventually { h.emulator.triggerRecords(for: a).first?.requestId != nil }
+            let triggered = try await Events.wait(on: h.emulator.callEvents()) {
+                h.emulator.triggerRecords(for: a).first?.requestId != nil
+            }
             #expect(triggered)
             let requestID = try #require(h.emulator.triggerRecords(for: a).first?.requestId)
             let pendingA = "tg:{\(a.id)}:pending:\(requestID)"

@@ -956,7 +956,7 @@ struct SecurityHardeningTests {
             for installation in [a, b, c] { h.emulator.setFault(.respondSlowly(.seconds(4)), for: installation) }
             try await withThrowingTaskGroup(of: GatewayHarness.Answer.self) { group in
                 group.addTask { try await h.token(a) }
-                #expect(try await Security.eventually { h.emulator.triggerCalls(for: a) >= 1 })
+                #expect(try await Events.wait(on: h.emulator.callEvents()) { h.emulator.triggerCalls(for: a) >= 1 })
                 group.addTask { try await h.token(a) }
                 #expect(
                     try await Security.eventually {
@@ -972,7 +972,7 @@ struct SecurityHardeningTests {
                 #expect(third.headers["retry-after"] != nil)
 
                 group.addTask { try await h.token(b) }
-                #expect(try await Security.eventually { h.emulator.triggerCalls(for: b) >= 1 })
+                #expect(try await Events.wait(on: h.emulator.callEvents()) { h.emulator.triggerCalls(for: b) >= 1 })
                 // Three wait in this process: a fourth, of any installation, is over the total cap.
                 let fourth = try await h.token(c)
                 #expect(fourth.status == 503)

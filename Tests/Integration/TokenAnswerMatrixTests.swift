@@ -84,7 +84,7 @@ struct TokenEntry: Sendable, CustomTestStringConvertible {
         defer { ctx.h.emulator.setFault(.none, for: ctx.installation) }
         let (h, installation) = (ctx.h, ctx.installation)
         let waiting = Task { try await h.token(installation, query: "minValidity=1800&timeout=30000") }
-        #expect(try await Events.wait { h.emulator.triggerCalls(for: installation) == 1 })
+        #expect(try await Events.wait(on: h.emulator.callEvents()) { h.emulator.triggerCalls(for: installation) == 1 })
         let pushed = try await h.emulator.push(installation, to: ctx.gatewayURL)
         #expect(pushed.status == 200, "\(pushed.body)")
         return EnteredToken(token: pushed.token, answer: (try await waiting.value, source: "push"))
@@ -165,7 +165,7 @@ struct TokenAnswerMatrixTests {
                 // 2. The other replica, which was running: told by the notification channel, it
                 // replaces the older token in its memory, base URL included.
                 #expect(
-                    try await Events.wait(within: .seconds(10)) {
+                    try await Events.wait(on: other.flow.notificationEvents()) {
                         other.flow.remembered(id).token?.value == entered.token
                     })
                 #expect(other.flow.remembered(id).apiBaseUrl == installation.apiBaseUrl)
@@ -294,10 +294,11 @@ struct TokenAnswerMatrixTests {
                 #expect(again.body.contains("\"stored\":false"))
                 let here = try await h.token(moved)
                 Self.expectWholeAnswer(here, moved, token: first.token, source: "cache", "receiving replica")
-                let deadline = ContinuousClock.now + .seconds(10)
-                while other.flow.remembered(id).apiBaseUrl != moved.apiBaseUrl, ContinuousClock.now < deadline {
-                    try await Task.sleep(for: .milliseconds(10))
-                }
+                let movedURL = moved.apiBaseUrl
+                #expect(
+                    try await Events.wait(on: other.flow.notificationEvents()) {
+                        other.flow.remembered(id).apiBaseUrl == movedURL
+                    })
                 let there = try await h.call(.GET, GatewayHarness.path(moved) + "/token", at: otherURL)
                 Self.expectWholeAnswer(there, moved, token: first.token, source: "cache", "other replica")
                 let meta = try await h.call(.GET, GatewayHarness.path(moved))
@@ -338,10 +339,10 @@ struct TokenAnswerMatrixTests {
                 }
                 let here = try await h.call(.GET, path)
                 Self.expectWholeAnswer(here, installation, token: token, source: "cache", "receiving replica")
-                let deadline = ContinuousClock.now + .seconds(10)
-                while other.flow.remembered(id).apiBaseUrl != installation.apiBaseUrl, ContinuousClock.now < deadline {
-                    try await Task.sleep(for: .milliseconds(10))
-                }
+                #expect(
+                    try await Events.wait(on: other.flow.notificationEvents()) {
+                        other.flow.remembered(id).apiBaseUrl == installation.apiBaseUrl
+                    })
                 let there = try await h.call(.GET, path, at: otherURL)
                 Self.expectWholeAnswer(there, installation, token: token, source: "cache", "other replica")
             }

@@ -26,7 +26,7 @@ struct TokenFlowIntegrationTests {
             #expect(answer.headers["cache-control"] == "no-store")
             // The caller is answered once the delivery is stored, which can come before the emulator
             // has recorded its own answer to the trigger call: wait for that record.
-            let answered = try await Events.wait(within: .seconds(10)) {
+            let answered = try await Events.wait(within: .seconds(10), on: h.emulator.callEvents()) {
                 h.emulator.triggerRecords(for: installation).first?.answeredStatus != nil
             }
             #expect(answered)

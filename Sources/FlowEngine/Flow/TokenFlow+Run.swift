@@ -15,6 +15,7 @@ extension TokenFlow {
                     await cancelWhenGracefulShutdown {
                         for await notification in self.store.notifications() {
                             await self.handleNotification(notification)
+                            self.notificationHandled()
                         }
                     }
                 } onGracefulShutdown: {

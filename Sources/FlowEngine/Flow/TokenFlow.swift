@@ -119,6 +119,9 @@ public final class TokenFlow: Sendable, Service {
         var announcementsDown = false
         /// Callers of ``subscribed(times:)`` waiting, with the count each waits for.
         var subscriptionWaiters: [(times: Int, continuation: CheckedContinuation<Void, Never>)] = []
+        /// Streams of ``notificationEvents()``, each told when a notification has been handled.
+        var notificationListeners: [UInt64: AsyncStream<Void>.Continuation] = [:]
+        var nextListener: UInt64 = 0
         /// Bumped whenever memory is forgotten or marked unverified: a store read that began
         /// before (``remember(_:_:apiBaseUrl:readAt:)``) is older than what memory now says.
         var memoryGeneration: UInt64 = 0
@@ -736,6 +739,31 @@ public final class TokenFlow: Sendable, Service {
             }
             if now { continuation.resume() }
         }
+    }
+
+    /// An event after each notification from the store this process has handled (an announcement
+    /// of any replica, its own included, or a change of the subscription), from now on: what it
+    /// changed (memory, holds, rounds) is then in place. For tests, which wait on it instead of
+    /// polling; the stream keeps only the latest event not yet read.
+    public func notificationEvents() -> AsyncStream<Void> {
+        let (stream, continuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+        let key = self.state.withLock { s in
+            defer { s.nextListener += 1 }
+            s.notificationListeners[s.nextListener] = continuation
+            return s.nextListener
+        }
+        continuation.onTermination = { _ in
+            self.state.withLock { _ = $0.notificationListeners.removeValue(forKey: key) }
+        }
+        return stream
+    }
+
+    /// Tells the streams of ``notificationEvents()`` that a notification has been handled.
+    func notificationHandled() {
+        let listeners = self.state.withLock { s in
+            s.notificationListeners.isEmpty ? [] : Array(s.notificationListeners.values)
+        }
+        for listener in listeners { listener.yield() }
     }
 
     /// The token and `apiBaseUrl` this process holds in memory for `id`.

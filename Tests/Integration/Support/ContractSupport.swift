@@ -39,3 +39,29 @@ extension GatewayHarness {
         config.triggerHosts = try! TriggerHostAllowList(parsing: config.triggerHosts.description + "," + base)
     }
 }
+
+extension Events {
+    /// Waits, without polling, until `condition` holds: checked now and after each event of
+    /// `events` (a stream made before the check, so no event is missed); false when `deadline`
+    /// passes first.
+    static func wait(
+        within deadline: Duration = .seconds(30), on events: AsyncStream<Void>,
+        until condition: @escaping @Sendable () async throws -> Bool
+    ) async throws -> Bool {
+        try await withThrowingTaskGroup(of: Bool.self) { group in
+            group.addTask {
+                if try await condition() { return true }
+                for await _ in events where try await condition() { return true }
+                return try await condition()
+            }
+            // The deadline only: the wait itself ends on an event.
+            group.addTask {
+                try? await Task.sleep(for: deadline)
+                return false
+            }
+            let first = try await group.next() ?? false
+            group.cancelAll()
+            return first
+        }
+    }
+}
