@@ -686,6 +686,24 @@ private final class JWKSTestServer: Sendable {
         }
     }
 
+    @Test("a token refused for its claims costs no key lookup and no signature check")
+    func claimsBeforeKeys() async throws {
+        let server = JWKSTestServer()
+        server.set("/jwks.json", Self.keyOneJWKS)
+        try await server.run { baseURL in
+            let verifier = Self.verifier(baseURL: baseURL)
+            var wrongAudience = FITFactory.claims()
+            wrongAudience["aud"] = "ari:cloud:ecosystem::app/00000000-0000-0000-0000-000000000000"
+            await expectRejection(verifier, FITFactory.token(claims: wrongAudience), .wrongAudience)
+            let expired = FITFactory.claims(now: Date().addingTimeInterval(-600))
+            await expectRejection(verifier, FITFactory.token(claims: expired), .expired)
+            #expect(server.requestCount == 0)
+            // A good token then looks the key up, once.
+            _ = try await verifier.verify(FITFactory.token(claims: FITFactory.claims()))
+            #expect(server.requestCount == 1)
+        }
+    }
+
     @Test func theStagingJWKSIsTrustedOnlyWhenItIsTheConfiguredJWKS() async throws {
         let server = JWKSTestServer()
         server.set("/jwks.json", Self.keyOneJWKS)
