@@ -45,6 +45,8 @@ public final class Gateway: Sendable {
     /// The main listener's port once it is up (0 before): what OAuth discovery names when the
     /// configured port is 0 (any free port).
     let boundPort = Atomic<Int>(0)
+    /// The store check of `GET /health/ready`, shared and reused for a second.
+    let storeReadiness = ReadinessCheck()
     /// When the graceful shutdown began (nil before).
     let drainBegan = Mutex<ContinuousClock.Instant?>(nil)
     public let replicaID: String

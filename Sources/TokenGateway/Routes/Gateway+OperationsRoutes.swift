@@ -17,12 +17,13 @@ extension Gateway {
                     status: .serviceUnavailable, code: "store_unavailable",
                     message: "the gateway is starting: its listener is not up yet", retryAfter: 1)
             }
-            do {
-                try await self.redis.ping(timeout: .milliseconds(500))
-                return Self.json(.object([("status", "ok"), ("store", "ok")]))
-            } catch {
-                throw GatewayError.storeUnavailable
+            // One store check for every probe asking at once, reused for a second: however many
+            // ask (the route needs no credential), Redis sees one PING at a time.
+            let ready = await self.storeReadiness.isReady {
+                (try? await self.redis.ping(timeout: .milliseconds(500))) != nil
             }
+            guard ready else { throw GatewayError.storeUnavailable }
+            return Self.json(.object([("status", "ok"), ("store", "ok")]))
         }
         router.get("/metrics") { _, _ in
             var out: [UInt8] = []
