@@ -88,6 +88,27 @@ struct SecurityInputTests {
         }
     }
 
+    @Test("a request to switch protocols (h2c upgrade, CONNECT) is answered, then the connection is closed")
+    func protocolSwitchesCloseTheConnection() async throws {
+        try await GatewayHarness.run { h in
+            let port = Self.port(h)
+            for head in [
+                "GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+                "GET /nope HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+                "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+            ] {
+                // What follows is never parsed: sent after the switch, it must not pile up unread
+                // on an open connection.
+                let raw = head + "GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n" + String(repeating: "x", count: 65536)
+                let (received, closed) = try await RawHTTP.exchange(Array(raw.utf8), port: port, timeout: .seconds(10))
+                #expect(closed, "\(head.debugDescription)")
+                #expect(received.components(separatedBy: "HTTP/1.1 ").count == 2, "\(received.debugDescription)")
+                #expect(received.lowercased().contains("\r\nconnection: close\r\n"), "\(head.debugDescription)")
+            }
+            #expect(try await h.call(.GET, "/health/live", secret: nil).status == 200)
+        }
+    }
+
     @Test(
         "HTTP framing: HTTP/1.0 and Connection: close end the connection; a malformed body or a malformed request after one gets one JSON 400 each"
     )

@@ -7,6 +7,11 @@ import NIOHTTP1
 /// such a request's `Connection` field is written as `close` on its way in, and its answer says
 /// `Connection: close` on its way out.
 ///
+/// A request asking to leave HTTP/1 (`CONNECT`, or `Connection: upgrade` with an `Upgrade` field,
+/// such as h2c) is answered with `Connection: close`, and the connection is closed once that answer
+/// is written: the gateway never switches protocols, and NIO's parser reads nothing more after
+/// such a request, so what the client sends next would only pile up unread.
+///
 /// Sits in the HTTP/1 pipeline right after the codec's decoder and encoder, before every other
 /// handler of the gateway's, so it sees every request head and every answer head, in order.
 final class ConnectionCloseHandler: ChannelDuplexHandler, RemovableChannelHandler {
@@ -17,13 +22,19 @@ final class ConnectionCloseHandler: ChannelDuplexHandler, RemovableChannelHandle
 
     /// One entry per request whose answer's head is not written yet: whether it closes the connection.
     private var closes = CircularBuffer<Bool>(initialCapacity: 4)
+    /// A request asking to leave HTTP/1 was read: the last one the parser reads.
+    private var upgradeRequested = false
+    /// The answer being written is the upgrade request's: the connection closes after its end.
+    private var closeAfterAnswer = false
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard case .head(var head) = self.unwrapInboundIn(data) else {
             context.fireChannelRead(data)
             return
         }
-        let closes = !head.isKeepAlive
+        let upgrade = Self.asksToLeaveHTTP1(head)
+        if upgrade { self.upgradeRequested = true }
+        let closes = !head.isKeepAlive || upgrade
         self.closes.append(closes)
         if closes, head.headers["connection"] != ["close"] {
             head.headers.replaceOrAdd(name: "connection", value: "close")
@@ -34,6 +45,13 @@ final class ConnectionCloseHandler: ChannelDuplexHandler, RemovableChannelHandle
     }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        if self.closeAfterAnswer, case .end = self.unwrapOutboundIn(data) {
+            self.closeAfterAnswer = false
+            let written = promise ?? context.eventLoop.makePromise()
+            written.futureResult.whenComplete { [context] _ in context.close(promise: nil) }
+            context.write(data, promise: written)
+            return
+        }
         // An interim answer (1xx) is not the request's answer; an answer to no request (a parser
         // error's) closes the connection on its own.
         guard case .head(var head) = self.unwrapOutboundIn(data), head.status.code >= 200, !self.closes.isEmpty
@@ -41,11 +59,21 @@ final class ConnectionCloseHandler: ChannelDuplexHandler, RemovableChannelHandle
             context.write(data, promise: promise)
             return
         }
-        if self.closes.removeFirst(), !head.headers.contains(name: "connection") {
+        let closes = self.closes.removeFirst()
+        if self.closes.isEmpty, self.upgradeRequested { self.closeAfterAnswer = true }
+        if closes, !head.headers.contains(name: "connection") {
             head.headers.add(name: "Connection", value: "close")
             context.write(self.wrapOutboundOut(.head(head)), promise: promise)
             return
         }
         context.write(data, promise: promise)
+    }
+
+    /// `CONNECT`, or `Connection: upgrade` with an `Upgrade` field: what NIO's parser (llhttp)
+    /// takes for a protocol switch, after which it parses nothing more.
+    static func asksToLeaveHTTP1(_ head: HTTPRequestHead) -> Bool {
+        if head.method == .CONNECT { return true }
+        guard head.headers.contains(name: "upgrade") else { return false }
+        return head.headers[canonicalForm: "connection"].contains { $0.lowercased() == "upgrade" }
     }
 }
