@@ -53,6 +53,33 @@ struct IdleConnectionTests {
         }
     }
 
+    @Test("a client that sends requests and never reads the answers is closed once they have waited the idle timeout")
+    func clientNotReadingIsClosed() async throws {
+        try await GatewayHarness.run(configure: { $0.httpIdleTimeout = .seconds(1) }) { h in
+            let before = try await SameTokenRoundTripTests.sample(h, Self.closed)
+            let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                .channelOption(ChannelOptions.autoRead, value: false)
+                .channelOption(ChannelOptions.socketOption(.so_rcvbuf), value: 4096)
+                .connect(host: "127.0.0.1", port: try FastAnswerTests.port(h.gatewayURL)).get()
+            // Far more pipelined requests for large answers (the metrics page) than the gateway
+            // can answer before its answers back up: it stops reading, and this side's writes wait.
+            let request = "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            channel.writeAndFlush(ByteBuffer(string: String(repeating: request, count: 20000)), promise: nil)
+            // The deadline only: the wait ends when the gateway closes the connection (or, past
+            // the deadline, when this side does).
+            let timedOut = Mutex(false)
+            let deadline = channel.eventLoop.scheduleTask(in: .seconds(30)) {
+                timedOut.withLock { $0 = true }
+                channel.close(promise: nil)
+            }
+            try? await channel.closeFuture.get()
+            deadline.cancel()
+            #expect(!timedOut.withLock { $0 }, "the gateway closed the connection")
+            #expect(try await SameTokenRoundTripTests.sample(h, Self.closed) >= before + 1)
+            #expect(h.allLogs.contains("read no answer for the idle timeout"))
+        }
+    }
+
     @Test("the idle time counts from the end of an answer: a request sent right after a long answer is answered")
     func idleCountsFromTheAnswer() async throws {
         try await GatewayHarness.run(configure: { $0.httpIdleTimeout = .seconds(1) }) { h in

@@ -13,6 +13,10 @@ import NIOHTTP1
 /// complete, so a head's bytes never count as activity.) A connection with a complete request being answered (a caller waiting for its
 /// token) is left alone however long that takes.
 ///
+/// A client that stops reading its answers is closed too: once the channel has stayed unwritable
+/// (answers waiting beyond the write buffer's high watermark) for the idle timeout, whatever is
+/// due to it.
+///
 /// It sits in the HTTP/1 pipeline between the decoder and the request handlers (the fast answers
 /// and Hummingbird's codec), so it sees every request and every answer. (Hummingbird's own idle
 /// timeout sits behind its codec and would not see the fast answers.)
@@ -34,6 +38,8 @@ final class IdleClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// When the head of the request being read came: its body must be in by the timeout after it.
     private var requestBegan = NIODeadline.now()
     private var check: Scheduled<Void>?
+    /// Since when the channel has been unwritable (its answers not read), if it is.
+    private var unwritableSince: NIODeadline?
 
     init(timeout: TimeAmount, closed: Counter, logger: Logger) {
         self.timeout = timeout
@@ -75,6 +81,17 @@ final class IdleClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
         context.fireChannelRead(data)
     }
 
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable {
+            self.unwritableSince = nil
+        } else if self.unwritableSince == nil {
+            let since = NIODeadline.now()
+            self.unwritableSince = since
+            self.schedule(context, at: since + self.timeout)
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         if case .end = self.unwrapOutboundIn(data) {
             self.answersDue = max(0, self.answersDue - 1)
@@ -98,6 +115,15 @@ final class IdleClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     private func timeUp(_ context: ChannelHandlerContext) {
         guard context.channel.isActive else { return }
+        // Answers the client does not read: closed once they have waited the idle timeout.
+        if let since = self.unwritableSince, !context.channel.isWritable {
+            guard NIODeadline.now() >= since + self.timeout else {
+                return self.schedule(context, at: since + self.timeout)
+            }
+            self.closed.increment()
+            self.logger.debug("closed a client connection that read no answer for the idle timeout")
+            return context.close(promise: nil)
+        }
         // A complete request is being answered: the client waits, as it should. The answer's end
         // schedules the next check.
         guard self.nothingToAnswer else { return }
