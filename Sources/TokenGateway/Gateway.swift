@@ -47,6 +47,8 @@ public final class Gateway: Sendable {
     let boundPort = Atomic<Int>(0)
     /// The store check of `GET /health/ready`, shared and reused for a second.
     let storeReadiness = ReadinessCheck()
+    /// Keeps the log lines of refused requests to a few per message and 10 s.
+    let refusalLog = LogThrottle()
     /// When the graceful shutdown began (nil before).
     let drainBegan = Mutex<ContinuousClock.Instant?>(nil)
     public let replicaID: String

@@ -85,6 +85,9 @@ struct SecurityAttackTests {
                     #expect(seen.isEmpty, "\(attack) on \(path): the jti of a refused FIT is not recorded")
                 }
             }
+            // Forty refusals in a moment: a few log lines, not one each.
+            let lines = h.logs.captured.filter { $0.contains("msg=\"invocation token refused\"") }.count
+            #expect((1...20).contains(lines), "\(lines) lines")
         }
     }
 

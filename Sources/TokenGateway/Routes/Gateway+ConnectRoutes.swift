@@ -53,8 +53,8 @@ extension Gateway {
                 }
             }
         } catch let error as SignedInstallError {
-            logger.notice(
-                "Connect signed install refused",
+            self.refusalLog.log(
+                logger, .notice, "Connect signed install refused",
                 metadata: ["connect.event": "\(event.rawValue)", "connect.outcome": "\(error.reason)"])
             throw GatewayError.invalidSignedInstall
         }

@@ -50,7 +50,8 @@ extension Gateway {
                 logger.warning("could not claim a Forge invocation token's jti", metadata: ["installation.id": "\(id)"])
                 throw GatewayError.storeUnavailable
             }
-            logger.notice("invocation token refused", metadata: ["fit.outcome": "\(error.reason)"])
+            self.refusalLog.log(
+                logger, .notice, "invocation token refused", metadata: ["fit.outcome": "\(error.reason)"])
             throw GatewayError.invalidInvocationToken
         } catch {
             self.metrics.countInvocationToken(outcome: "success")
@@ -392,14 +393,15 @@ extension Gateway {
         } catch let error as InvocationTokenError {
             self.metrics.countInvocationToken(outcome: error.reason)
             if error.isForbidden {
-                logger.notice(
-                    "invocation token of a kind this route refuses",
+                self.refusalLog.log(
+                    logger, .notice, "invocation token of a kind this route refuses",
                     metadata: ["fit.outcome": "\(error.reason)", "fit.detail": "\(error.detail ?? "-")"])
                 throw GatewayError(
                     status: .forbidden, code: "forbidden",
                     message: "only invocations from the app's backend (core:endpoint) may call this route")
             }
-            logger.notice("invocation token refused", metadata: ["fit.outcome": "\(error.reason)"])
+            self.refusalLog.log(
+                logger, .notice, "invocation token refused", metadata: ["fit.outcome": "\(error.reason)"])
             throw GatewayError.invalidInvocationToken
         } catch {
             self.metrics.countInvocationToken(outcome: "malformed")

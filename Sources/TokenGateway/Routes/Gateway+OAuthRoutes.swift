@@ -59,7 +59,7 @@ extension Gateway {
             } else if error.status == .serviceUnavailable {
                 logger.info("OAuth token request could not be served now", metadata: metadata)
             } else {
-                logger.notice("OAuth token request refused", metadata: metadata)
+                self.refusalLog.log(logger, .notice, "OAuth token request refused", metadata: metadata)
             }
             return error.response
         } catch {
