@@ -2,6 +2,7 @@ import AsyncHTTPClient
 import FlowEngine
 import Foundation
 import Hummingbird
+import HummingbirdCore
 import Logging
 import Metrics
 import NIOCore
@@ -180,7 +181,8 @@ public final class Gateway: Sendable {
             server: self.httpServer(health: self.configuration.operationsListener == nil, token: true),
             configuration: .init(
                 address: .hostname(self.configuration.host, port: self.configuration.port),
-                serverName: Self.serverName),
+                serverName: Self.serverName,
+                availableConnectionsDelegate: MaximumAvailableConnections(self.configuration.maxConnections)),
             onServerRunning: onServerRunning,
             logger: self.logger)
     }
@@ -194,7 +196,9 @@ public final class Gateway: Sendable {
         return Application(
             router: self.makeOperationsRouter(),
             server: self.httpServer(health: true, token: false),
-            configuration: .init(address: .hostname(listener.host, port: listener.port), serverName: Self.serverName),
+            configuration: .init(
+                address: .hostname(listener.host, port: listener.port), serverName: Self.serverName,
+                availableConnectionsDelegate: MaximumAvailableConnections(self.configuration.maxConnections)),
             onServerRunning: onServerRunning,
             logger: self.logger)
     }

@@ -85,6 +85,8 @@ struct SettingsOptions: ParsableArguments {
     @Option(
         help: "Close a client connection silent this long with no answer due, ms [TOKEN_GATEWAY_HTTP_IDLE_TIMEOUT_MS]")
     var httpIdleTimeoutMs: String?
+    @Option(help: "Client connections each listener holds at once [TOKEN_GATEWAY_MAX_CONNECTIONS]")
+    var maxConnections: String?
 
     /// Flag values keyed by the environment variable they override.
     var flags: [String: String] {
@@ -103,6 +105,7 @@ struct SettingsOptions: ParsableArguments {
             (.opsPort, self.opsPort), (.apiBaseURLPrefixes, self.apiBaseUrlPrefixes),
             (.invokeMaxConcurrency, self.invokeMaxConcurrency), (.eventLoopAffinity, self.eventLoopAffinity),
             (.shutdownTimeout, self.shutdownTimeoutMs), (.httpIdleTimeout, self.httpIdleTimeoutMs),
+            (.maxConnections, self.maxConnections),
         ]
         var out: [String: String] = [:]
         for (setting, value) in pairs { if let value { out[setting.environment] = value } }

@@ -88,6 +88,7 @@ struct ContractRunningTests {
         "TOKEN_GATEWAY_EVENT_LOOP_AFFINITY": "sometimes",
         "TOKEN_GATEWAY_SHUTDOWN_TIMEOUT_MS": "500",
         "TOKEN_GATEWAY_HTTP_IDLE_TIMEOUT_MS": "999",
+        "TOKEN_GATEWAY_MAX_CONNECTIONS": "0",
         // The TLS settings next to a Redis URL that is not rediss://.
         "TOKEN_GATEWAY_REDIS_TLS_CA_FILE": "/etc/token-gateway/redis-ca.pem",
         "TOKEN_GATEWAY_REDIS_TLS_CERT_FILE": "/etc/token-gateway/redis-client.pem",

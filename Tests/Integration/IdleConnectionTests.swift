@@ -80,6 +80,28 @@ struct IdleConnectionTests {
         }
     }
 
+    @Test("a listener holds at most TOKEN_GATEWAY_MAX_CONNECTIONS connections; the next one is served once one closes")
+    func connectionCap() async throws {
+        try await GatewayHarness.run(configure: { $0.maxConnections = 2 }) { h in
+            let port = try FastAnswerTests.port(h.gatewayURL)
+            let first = try await KeptConnection.open(port: port)
+            let second = try await KeptConnection.open(port: port)
+            #expect(try await first.ask("/health/live").hasPrefix("HTTP/1.1 200"))
+            #expect(try await second.ask("/health/live").hasPrefix("HTTP/1.1 200"))
+            // A third connects (into the listen backlog) and asks: not accepted while both stay open,
+            // which are still served meanwhile.
+            let third = try await KeptConnection.open(port: port)
+            third.send("/health/live")
+            #expect(try await first.ask("/health/live").hasPrefix("HTTP/1.1 200"))
+            #expect(try await second.ask("/health/live").hasPrefix("HTTP/1.1 200"))
+            #expect(third.receivedSoFar.isEmpty)
+            try await first.close()
+            #expect(try await third.answer().hasPrefix("HTTP/1.1 200"))
+            try await second.close()
+            try await third.close()
+        }
+    }
+
     @Test("the idle time counts from the end of an answer: a request sent right after a long answer is answered")
     func idleCountsFromTheAnswer() async throws {
         try await GatewayHarness.run(configure: { $0.httpIdleTimeout = .seconds(1) }) { h in
@@ -202,4 +224,85 @@ struct IdleConnectionTests {
         timer.cancel()
         return String(decoding: asker.received.withLock { $0 }, as: UTF8.self)
     }
+}
+
+/// A kept-alive raw connection that asks for one answer at a time (small fast answers).
+final class KeptConnection: ChannelInboundHandler, Sendable {
+    typealias InboundIn = ByteBuffer
+
+    private struct State {
+        var bytes: [UInt8] = []
+        var closed = false
+        var waiter: CheckedContinuation<Void, Never>?
+    }
+
+    private let state = Mutex(State())
+    private let channel = Mutex<(any Channel)?>(nil)
+
+    static func open(port: Int) async throws -> KeptConnection {
+        let connection = KeptConnection()
+        let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(connection) }
+            }
+            .connect(host: "127.0.0.1", port: port).get()
+        connection.channel.withLock { $0 = channel }
+        return connection
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let bytes = Array(self.unwrapInboundIn(data).readableBytesView)
+        self.wake { $0.bytes += bytes }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        self.wake { $0.closed = true }
+    }
+
+    private func wake(_ change: (inout State) -> Void) {
+        let waiter = self.state.withLock { state in
+            change(&state)
+            defer { state.waiter = nil }
+            return state.waiter
+        }
+        waiter?.resume()
+    }
+
+    func send(_ path: String) {
+        let request = ByteBuffer(string: "GET \(path) HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        self.channel.withLock { $0 }?.writeAndFlush(request, promise: nil)
+    }
+
+    /// Bytes received and not yet taken by ``answer()`` (what has arrived by now, without waiting).
+    var receivedSoFar: [UInt8] { self.state.withLock { $0.bytes } }
+
+    /// The next answer: the bytes up to the end of a `{…}` body (fast answers hold no `}` inside);
+    /// what is left if the connection closes first.
+    func answer() async throws -> String {
+        while true {
+            let taken = self.state.withLock { state -> String? in
+                if let end = state.bytes.firstIndex(of: UInt8(ascii: "}")) {
+                    defer { state.bytes.removeFirst(end + 1) }
+                    return String(decoding: state.bytes[...end], as: UTF8.self)
+                }
+                return state.closed ? String(decoding: state.bytes, as: UTF8.self) : nil
+            }
+            if let taken { return taken }
+            await withCheckedContinuation { continuation in
+                let ready = self.state.withLock { state -> Bool in
+                    if state.closed || state.bytes.contains(UInt8(ascii: "}")) { return true }
+                    state.waiter = continuation
+                    return false
+                }
+                if ready { continuation.resume() }
+            }
+        }
+    }
+
+    func ask(_ path: String) async throws -> String {
+        self.send(path)
+        return try await self.answer()
+    }
+
+    func close() async throws { try await self.channel.withLock { $0 }?.close() }
 }

@@ -118,13 +118,17 @@ public struct GatewaySetting: Sendable, Hashable {
         "TOKEN_GATEWAY_HTTP_IDLE_TIMEOUT_MS", "http-idle-timeout-ms",
         "a client connection that sends nothing this long, ms, while no answer is due, is closed (default 75000)")
 
+    public static let maxConnections = GatewaySetting(
+        "TOKEN_GATEWAY_MAX_CONNECTIONS", "max-connections",
+        "client connections each listener holds at once; more wait to be accepted (default 10000)")
+
     public static let all: [GatewaySetting] = [
         .host, .port, .redisURL, .redisTLSCAFile, .redisTLSCertFile, .redisTLSKeyFile, .redisTLSServerName,
         .forgeAppID, .forgeJWKSURL, .triggerHosts, .encryptionKeys, .callers,
         .connectBaseURL, .connectKeysURL, .forgeGraphQLURL, .userExchangesPerMinute, .publicURL, .logLevel,
         .logFormat, .triggerMaxAttempts, .triggerAttemptTimeout, .deliveryGrace, .refreshAheadFraction,
         .breakerThreshold, .breakerOpen, .forgeModuleKeys, .opsHost, .opsPort, .apiBaseURLPrefixes,
-        .invokeMaxConcurrency, .eventLoopAffinity, .shutdownTimeout, .httpIdleTimeout,
+        .invokeMaxConcurrency, .eventLoopAffinity, .shutdownTimeout, .httpIdleTimeout, .maxConnections,
     ]
 
     init(_ environment: String, _ flag: String, _ summary: String, secret: Bool = false) {
@@ -207,6 +211,9 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     /// requests, or in the middle of one's head or body) before it is closed: a client that
     /// opens connections and never finishes its requests cannot hold them.
     public var httpIdleTimeout: Duration = .seconds(75)
+    /// Client connections each listener holds at once; more wait in the listen backlog until one
+    /// closes: a flood of connections cannot exhaust the process's file descriptors or memory.
+    public var maxConnections = 10_000
     public var flow = TokenFlowConfiguration()
     /// Largest request body accepted (bytes); larger bodies get 413 `payload_too_large`.
     public var maxBodySize: Int = 64 * 1024
@@ -493,6 +500,9 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
         }
         if let v = try settings.integer(.httpIdleTimeout, range: 1000...3_600_000) {
             config.httpIdleTimeout = .milliseconds(v)
+        }
+        if let v = try settings.integer(.maxConnections, range: 1...1_000_000) {
+            config.maxConnections = Int(v)
         }
     }
 
