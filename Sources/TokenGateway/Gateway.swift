@@ -49,7 +49,7 @@ public final class Gateway: Sendable {
     /// The store check of `GET /health/ready`, shared and reused for a second.
     let storeReadiness = ReadinessCheck()
     /// Keeps the log lines of refused requests to a few per message and 10 s.
-    let refusalLog = LogThrottle()
+    let refusalLog: LogThrottle
     /// When the graceful shutdown began (nil before).
     let drainBegan = Mutex<ContinuousClock.Instant?>(nil)
     public let replicaID: String
@@ -82,6 +82,7 @@ public final class Gateway: Sendable {
         auditBufferCapacity: Int = AuditBuffer.defaultCapacity
     ) {
         self.configuration = configuration
+        self.refusalLog = LogThrottle(window: configuration.refusalLogWindow)
         self.logger = logger
         self.registry = registry
         self.metrics = GatewayMetrics(factory: GatewayMetricsFactory(registry: registry))

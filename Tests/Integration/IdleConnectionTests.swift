@@ -80,7 +80,9 @@ struct IdleConnectionTests {
         }
     }
 
-    @Test("a listener holds at most TOKEN_GATEWAY_MAX_CONNECTIONS connections; the next one is served once one closes")
+    @Test(
+        "a listener holds at most TOKEN_GATEWAY_MAX_CONNECTIONS connections; the next one is served once one closes",
+        .timeLimit(.minutes(1)))
     func connectionCap() async throws {
         try await GatewayHarness.run(configure: { $0.maxConnections = 2 }) { h in
             let port = try FastAnswerTests.port(h.gatewayURL)

@@ -315,17 +315,16 @@ public final class InvocationTokenVerifier: Sendable {
         guard !unverified.hasICLabel else { throw .isolatedCloud }
         let jwksURL = self.jwksURL(forUnverifiedAPIBaseURL: unverified.app?.apiBaseUrl)
 
-        // 4, 5. Claims and kind, checked before the (costly) key lookup and signature: refusing on
-        // claims not yet verified can only refuse, and a forged token with a wrong `aud`, an
-        // expiry past or a kind the route refuses costs no RSA verification.
+        // 4. Claims, checked before the (costly) key lookup and signature: refusing on claims not
+        // yet verified can only refuse (401, as a bad signature is), and a forged token with a
+        // wrong `aud` or an expiry past costs no RSA verification.
         let claims = unverified
         let checked = try self.checkClaims(claims, now: now)
-        try self.checkKind(claims, policy: policy)
 
-        // 6. The key named by kid, and only that key.
+        // 5. The key named by kid, and only that key.
         let publicKey = try await self.publicKey(kid: kid, jwksURL: jwksURL)
 
-        // 7. Signature (jwt-kit, with a collection holding exactly this key), over the exact header
+        // 6. Signature (jwt-kit, with a collection holding exactly this key), over the exact header
         // and payload bytes the claims were decoded from in step 3: once it holds, those claims are
         // the verified ones, and jwt-kit need not decode them a second time (``SignedPayload``).
         do {
@@ -338,6 +337,10 @@ public final class InvocationTokenVerifier: Sendable {
             throw .malformed("token rejected by the JWT parser")
         }
 
+        // 7. The caller's kind, only now: its refusal is a 403 that tells what the route accepts,
+        // which a token nobody signed must not learn.
+        try self.checkKind(claims, policy: policy)
+
         return self.context(
             claims, installationId: checked.installationId, jti: checked.jti,
             expiresAt: Date(timeIntervalSince1970: checked.exp),
@@ -345,7 +348,7 @@ public final class InvocationTokenVerifier: Sendable {
     }
 
     /// 1. Structure: three base64url parts, JSON header and payload. 2. The algorithm and the key
-    /// id. 3. The claims as sent, decoded once: unverified, they only choose the JWKS; once step 7
+    /// id. 3. The claims as sent, decoded once: unverified, they only choose the JWKS; once step 6
     /// has verified the signature over these bytes, they are the verified claims.
     private static func parseUnverified(_ token: String) throws(InvocationTokenError)
         -> (kid: String, claims: FITClaims)

@@ -214,6 +214,8 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     /// Client connections each listener holds at once; more wait in the listen backlog until one
     /// closes: a flood of connections cannot exhaust the process's file descriptors or memory.
     public var maxConnections = 10_000
+    /// The window in which the log lines of refused requests are kept to a few per message.
+    public var refusalLogWindow: Duration = .seconds(10)
     public var flow = TokenFlowConfiguration()
     /// Largest request body accepted (bytes); larger bodies get 413 `payload_too_large`.
     public var maxBodySize: Int = 64 * 1024

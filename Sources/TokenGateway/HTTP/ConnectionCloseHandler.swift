@@ -26,6 +26,17 @@ final class ConnectionCloseHandler: ChannelDuplexHandler, RemovableChannelHandle
     private var upgradeRequested = false
     /// The answer being written is the upgrade request's: the connection closes after its end.
     private var closeAfterAnswer = false
+    /// That answer is written: the connection is closing.
+    private var lingering = false
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        // The client finished sending while the connection lingers: close it now.
+        if self.lingering, let channelEvent = event as? ChannelEvent, case .inputClosed = channelEvent {
+            context.close(promise: nil)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard case .head(var head) = self.unwrapInboundIn(data) else {
@@ -47,8 +58,20 @@ final class ConnectionCloseHandler: ChannelDuplexHandler, RemovableChannelHandle
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         if self.closeAfterAnswer, case .end = self.unwrapOutboundIn(data) {
             self.closeAfterAnswer = false
+            self.lingering = true
             let written = promise ?? context.eventLoop.makePromise()
-            written.futureResult.whenComplete { [context] _ in context.close(promise: nil) }
+            let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
+            written.futureResult.whenComplete { result in
+                let context = loopBound.value
+                guard case .success = result else { return context.close(promise: nil) }
+                // The close lingers, as a malformed request's does: writing stops (the answer
+                // reaches the client whole), what it still sends is left unread for a moment, then
+                // the connection is closed. Closing at once, with input unread, would reset it.
+                context.close(mode: .output, promise: nil)
+                context.eventLoop.scheduleTask(in: MalformedRequestHandler.lingerTime) {
+                    loopBound.value.close(promise: nil)
+                }
+            }
             context.write(data, promise: written)
             return
         }

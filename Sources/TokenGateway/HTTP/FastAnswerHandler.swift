@@ -74,8 +74,10 @@ final class FastAnswerHandler: ChannelDuplexHandler, RemovableChannelHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch self.unwrapInboundIn(data) {
         case .head(let head):
-            if self.requestsInProgress == 0, self.pending == nil, let request = Self.fastRequest(head),
-                let answer = self.answerer(request)
+            // Not while answers already wait unread: requests read in one burst before reads were
+            // held would each queue an answer; the router writes only as the client reads.
+            if self.requestsInProgress == 0, self.pending == nil, context.channel.isWritable,
+                let request = Self.fastRequest(head), let answer = self.answerer(request)
             {
                 self.pending = (answer, head)
                 return

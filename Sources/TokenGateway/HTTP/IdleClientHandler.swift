@@ -14,8 +14,8 @@ import NIOHTTP1
 /// token) is left alone however long that takes.
 ///
 /// A client that stops reading its answers is closed too: once the channel has stayed unwritable
-/// (answers waiting beyond the write buffer's high watermark) for the idle timeout, whatever is
-/// due to it.
+/// (answers waiting beyond the write buffer's high watermark) for the idle timeout with none of
+/// what waits taken, whatever is due to it. (A slow client still reading a large answer is not.)
 ///
 /// It sits in the HTTP/1 pipeline between the decoder and the request handlers (the fast answers
 /// and Hummingbird's codec), so it sees every request and every answer. (Hummingbird's own idle
@@ -38,8 +38,10 @@ final class IdleClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// When the head of the request being read came: its body must be in by the timeout after it.
     private var requestBegan = NIODeadline.now()
     private var check: Scheduled<Void>?
-    /// Since when the channel has been unwritable (its answers not read), if it is.
+    /// Since when the channel has been unwritable with no progress (its answers not read), if it is.
     private var unwritableSince: NIODeadline?
+    /// The bytes waiting to be written then: fewer later means the client reads.
+    private var waitingBytes = 0
 
     init(timeout: TimeAmount, closed: Counter, logger: Logger) {
         self.timeout = timeout
@@ -87,6 +89,7 @@ final class IdleClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
         } else if self.unwritableSince == nil {
             let since = NIODeadline.now()
             self.unwritableSince = since
+            self.waitingBytes = Self.waitingBytes(context)
             self.schedule(context, at: since + self.timeout)
         }
         context.fireChannelWritabilityChanged()
@@ -104,6 +107,11 @@ final class IdleClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
         context.write(data, promise: promise)
     }
 
+    /// The bytes written to the channel and not yet taken by the socket.
+    private static func waitingBytes(_ context: ChannelHandlerContext) -> Int {
+        (try? context.channel.syncOptions?.getOption(ChannelOptions.bufferedWritableBytes)) ?? 0
+    }
+
     /// Checks at `deadline` (one check pending at a time; a later activity moves the next one).
     private func schedule(_ context: ChannelHandlerContext, at deadline: NIODeadline) {
         guard self.check == nil else { return }
@@ -116,7 +124,14 @@ final class IdleClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private func timeUp(_ context: ChannelHandlerContext) {
         guard context.channel.isActive else { return }
         // Answers the client does not read: closed once they have waited the idle timeout.
-        if let since = self.unwritableSince, !context.channel.isWritable {
+        if var since = self.unwritableSince, !context.channel.isWritable {
+            let waiting = Self.waitingBytes(context)
+            if waiting < self.waitingBytes {
+                // The client took some of it: a slow reader, not a stopped one. Counted afresh.
+                since = NIODeadline.now()
+                self.unwritableSince = since
+            }
+            self.waitingBytes = waiting
             guard NIODeadline.now() >= since + self.timeout else {
                 return self.schedule(context, at: since + self.timeout)
             }

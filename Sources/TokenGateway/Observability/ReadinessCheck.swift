@@ -49,8 +49,11 @@ final class ReadinessCheck: Sendable {
             }
         case .lead:
             let ready = await probe()
+            // A check cut short by its caller's cancellation tells nothing: handed to those who
+            // waited for it, not kept for the next ones.
+            let cancelled = Task.isCancelled
             let waiting = self.state.withLock { state in
-                state.last = (ready, ContinuousClock.now)
+                if !cancelled { state.last = (ready, ContinuousClock.now) }
                 defer { state.waiting = nil }
                 return state.waiting ?? []
             }
