@@ -51,6 +51,17 @@ struct SecurityAttackTests {
         ]
     }
 
+    /// `POST path` as Forge would call it: `fit` as the bearer, `token` as `x-forge-oauth-system`.
+    static func forgeCall(_ h: GatewayHarness, _ path: String, fit: String, token: String, body: String)
+        async throws -> GatewayHarness.Answer
+    {
+        try await h.call(
+            .POST, path, secret: nil,
+            headers: [
+                "authorization": "Bearer \(fit)", "content-type": "application/json", "x-forge-oauth-system": token,
+            ], body: body)
+    }
+
     static func expectRefusedAndNothingStored(
         _ answer: GatewayHarness.Answer, _ h: GatewayHarness, _ installation: EmulatedInstallation,
         _ comment: Comment
@@ -75,12 +86,7 @@ struct SecurityAttackTests {
                     let jti = "attack-" + UUID().uuidString.lowercased()
                     options.jti = jti
                     let fit = try h.emulator.mintFIT(for: installation, options: options)
-                    let answer = try await h.call(
-                        .POST, path, secret: nil,
-                        headers: [
-                            "authorization": "Bearer \(fit)", "content-type": "application/json",
-                            "x-forge-oauth-system": token,
-                        ], body: body)
+                    let answer = try await Self.forgeCall(h, path, fit: fit, token: token, body: body)
                     try await Self.expectRefusedAndNothingStored(answer, h, installation, "\(attack) on \(path)")
                     let seen = try await Security.scan(pattern: "tg:*seen-fit:\(jti)", in: h.gateway.redis)
                     #expect(seen.isEmpty, "\(attack) on \(path): the jti of a refused FIT is not recorded")
@@ -115,12 +121,7 @@ struct SecurityAttackTests {
                         let fit = try h.emulator.mintFIT(for: moved, options: options)
                         let token = try h.emulator.mintAccessToken(
                             for: installation, expiresAt: Date().addingTimeInterval(7000))
-                        let answer = try await h.call(
-                            .POST, route, secret: nil,
-                            headers: [
-                                "authorization": "Bearer \(fit)", "content-type": "application/json",
-                                "x-forge-oauth-system": token,
-                            ], body: body)
+                        let answer = try await Self.forgeCall(h, route, fit: fit, token: token, body: body)
                         #expect(answer.status == 401, "\(attack) on \(route)")
                         #expect(answer.errorCode == "invalid_invocation_token", "\(attack) on \(route)")
                     }
@@ -153,12 +154,7 @@ struct SecurityAttackTests {
                     kind(&options)
                     options.signWithUnpublishedKey = true
                     let fit = try h.emulator.mintFIT(for: installation, options: options)
-                    let answer = try await h.call(
-                        .POST, path, secret: nil,
-                        headers: [
-                            "authorization": "Bearer \(fit)", "content-type": "application/json",
-                            "x-forge-oauth-system": token,
-                        ], body: body)
+                    let answer = try await Self.forgeCall(h, path, fit: fit, token: token, body: body)
                     try await Self.expectRefusedAndNothingStored(answer, h, installation, "\(name) on \(path)")
                 }
             }
