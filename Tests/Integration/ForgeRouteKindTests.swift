@@ -318,6 +318,39 @@ struct ForgeRouteKindTests {
         }
     }
 
+    /// A delivery of a token with under 60 s left, unasked: `{"stored":false}`, its FIT's `jti`
+    /// claimed (a replay is 401) and the FIT's `apiBaseUrl` recorded; the token is never served.
+    static func expectNearlyExpiredDelivery(
+        _ h: GatewayHarness, _ installation: EmulatedInstallation, before: Observed
+    ) async throws {
+        func unclaimed(_ observed: Observed) -> Observed {
+            var observed = observed
+            observed.store = observed.store.filter { !$0.key.contains(":seen-fit:") }
+            return observed
+        }
+        let nearlyExpired = try h.emulator.mintAccessToken(for: installation, expiresAt: Date().addingTimeInterval(30))
+        var fit = FITOptions()
+        fit.jti = "nearly-" + UUID().uuidString.lowercased()
+        let dropped = try await h.emulator.deliver(installation, systemToken: nearlyExpired, requestId: nil, fit: fit)
+        #expect(dropped.status == 200)
+        #expect(dropped.body == #"{"stored":false}"#)
+        #expect(try await Self.seen(h, installation, jti: fit.jti!))
+        #expect(unclaimed(try await Self.observe(h, installation)) == unclaimed(before))
+        let replayed = try await h.emulator.deliver(installation, systemToken: nearlyExpired, requestId: nil, fit: fit)
+        #expect(replayed.status == 401, "\(replayed.body)")
+        // A FIT naming another site: recorded, though the token it came with is not.
+        var moved = FITOptions()
+        moved.apiBaseUrl = "https://api.atlassian.com/ex/confluence/" + installation.cloudId
+        let short = try h.emulator.mintAccessToken(for: installation, expiresAt: Date().addingTimeInterval(30))
+        let recorded = try await h.emulator.deliver(installation, systemToken: short, requestId: nil, fit: moved)
+        #expect(recorded.body == #"{"stored":false}"#)
+        let metadata = try await h.call(.GET, GatewayHarness.path(installation))
+        #expect(metadata.json["apiBaseUrl"] as? String == moved.apiBaseUrl)
+        let served = try await h.token(installation)
+        #expect(served.json["accessToken"] as? String == before.accessToken)
+        #expect(served.json["apiBaseUrl"] as? String == moved.apiBaseUrl)
+    }
+
     @Test(
         "auth-trigger: a token more than 24 h ahead is 400 and stores nothing; under 60 s is stored:false and never served (410 once uninstalled)"
     )
@@ -334,12 +367,9 @@ struct ForgeRouteKindTests {
             #expect(refused.body.contains("invalid_token"))
             #expect(try await Self.observe(h, installation) == before)
 
-            let nearlyExpired = try h.emulator.mintAccessToken(
-                for: installation, expiresAt: Date().addingTimeInterval(30))
-            let dropped = try await h.emulator.deliver(installation, systemToken: nearlyExpired, requestId: nil)
-            #expect(dropped.status == 200)
-            #expect(dropped.body == #"{"stored":false}"#)
-            #expect(try await Self.observe(h, installation) == before)
+            // Under 60 s: not stored, but its FIT is spent (a replay is refused) and its apiBaseUrl
+            // recorded, as for any verified FIT; nothing else changes.
+            try await Self.expectNearlyExpiredDelivery(h, installation, before: before)
 
             // An installation never seen: the short token creates nothing and is not served.
             let unknown = h.emulator.makeInstallation()

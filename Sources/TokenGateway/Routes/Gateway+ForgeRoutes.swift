@@ -205,17 +205,12 @@ extension Gateway {
             logger.notice("refused a delivered token that lives too long", metadata: ["installation.id": "\(id)"])
             throw GatewayError.invalidToken("the system token's exp is more than 24 hours ahead")
         case .nearlyExpired:
-            // Never stored or served (the store refuses a token with under 60 s left). One that
-            // answers a round trip still goes through the store, which ends that round trip (its
-            // callers get `trigger_failed` at once instead of waiting out their deadline); an
-            // unasked one changes nothing at all.
+            // Never stored or served (the store refuses a token with under 60 s left), but it goes
+            // through the store as any delivery does: one that answers a round trip ends it (its
+            // callers get `trigger_failed` at once instead of waiting out their deadline); the FIT's
+            // `jti` is claimed and its `apiBaseUrl` recorded, as for a token that is not newer (for
+            // an installation never seen, nothing changes); uninstalled is 410.
             logger.notice("dropped a nearly expired delivered token", metadata: ["installation.id": "\(id)"])
-            // (Changing nothing, it claims no jti: a replay of it changes nothing either.) Like any
-            // delivery, one for an uninstalled installation is 410.
-            guard requestID != nil else {
-                try await self.refuseIfUninstalled(id)
-                return Self.json(.object([("stored", .bool(false))]))
-            }
         case .acceptable:
             break
         }
@@ -223,18 +218,6 @@ extension Gateway {
             id, token: token, requestID: requestID, invocation: invocation, trace: Self.forgeTrace(request),
             claimingInvocation: true, logger: logger)
         return Self.json(.object([("stored", .bool(stored))]))
-    }
-
-    /// 410 `installation_uninstalled` when the store records the installation as uninstalled; an
-    /// installation never seen passes.
-    func refuseIfUninstalled(_ id: InstallationID) async throws {
-        let record: InstallationRecord?
-        do {
-            record = try await self.store.installation(id)
-        } catch {
-            throw GatewayError.storeUnavailable
-        }
-        if record?.status == .uninstalled { throw GatewayError(FlowError.installationUninstalled) }
     }
 
     /// `POST /forge/lifecycle`: installed/upgraded records the installation (keeping a token that came
