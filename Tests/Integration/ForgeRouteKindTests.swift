@@ -443,7 +443,7 @@ struct ForgeRouteKindTests {
     }
 
     @Test(
-        "auth-trigger: a user token (x-forge-oauth-user) more than 24 h ahead refuses the delivery with 400 and stores nothing; a nearly expired one, or one without a readable exp, changes nothing"
+        "auth-trigger: a user token (x-forge-oauth-user) more than 24 h ahead refuses the delivery with 400 and stores nothing; a nearly expired one makes it 200 stored:false with nothing kept; one without a readable exp is ignored"
     )
     func deliveredUserTokenLifetime() async throws {
         try await GatewayHarness.run { h in
@@ -459,16 +459,20 @@ struct ForgeRouteKindTests {
             #expect(refused.body.contains("invalid_token"))
             #expect(!refused.body.contains(tooLong))
             #expect(try await Self.observe(h, installation) == before)
-            // A nearly expired user token, or one whose exp cannot be read, is never kept (nor any
-            // user token of a delivery): the system token it came with is stored and served.
-            let short = try h.emulator.mintAccessToken(for: installation, expiresAt: Date().addingTimeInterval(30))
+            // A user token whose exp cannot be read is ignored (no user token of a delivery is
+            // kept): the system token it came with is stored and served.
             let opaque = try await h.emulator.deliver(
                 installation, systemToken: newer, requestId: nil, userToken: "opaque-user-token")
             #expect(opaque.status == 200, "\(opaque.body)")
             #expect(opaque.body == #"{"stored":true}"#)
-            let kept = try await h.emulator.deliver(installation, systemToken: newer, requestId: nil, userToken: short)
-            #expect(kept.status == 200)
-            #expect(kept.body == #"{"stored":false}"#)
+            // A nearly expired user token makes the delivery one of a nearly expired token: 200
+            // `{"stored":false}`, and the newer system token it came with is not kept either.
+            let short = try h.emulator.mintAccessToken(for: installation, expiresAt: Date().addingTimeInterval(30))
+            let newest = try h.emulator.mintAccessToken(for: installation, expiresAt: Date().addingTimeInterval(8000))
+            let notKept = try await h.emulator.deliver(
+                installation, systemToken: newest, requestId: nil, userToken: short)
+            #expect(notKept.status == 200)
+            #expect(notKept.body == #"{"stored":false}"#)
             let served = try await h.token(installation)
             #expect(served.json["accessToken"] as? String == newer)
             #expect(served.json["source"] as? String == "cache")

@@ -199,8 +199,12 @@ extension Gateway {
             // id, which is not an error (contract §3): the token is taken as pushed.
             if (1...128).contains(s.utf8.count), s.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) { requestID = s }
         }
-        try self.checkDeliveredUserToken(request, id: id, logger: logger)
-        switch Self.deliveredLifetime(token, now: FlowTime.now()) {
+        let userLifetime = try self.checkDeliveredUserToken(request, id: id, logger: logger)
+        var lifetime = Self.deliveredLifetime(token, now: FlowTime.now())
+        // A delivery is kept only if each of its tokens is (contract §3): with a user token under
+        // 60 s, the delivery is one of a nearly expired token, whatever the system token's `exp`.
+        if lifetime == .acceptable, userLifetime == .nearlyExpired { lifetime = .nearlyExpired }
+        switch lifetime {
         case .tooLong:
             logger.notice("refused a delivered token that lives too long", metadata: ["installation.id": "\(id)"])
             throw GatewayError.invalidToken("the system token's exp is more than 24 hours ahead")
@@ -216,7 +220,7 @@ extension Gateway {
         }
         let stored = try await self.storeDelivery(
             id, token: token, requestID: requestID, invocation: invocation, trace: Self.forgeTrace(request),
-            claimingInvocation: true, logger: logger)
+            claimingInvocation: true, keepable: lifetime == .acceptable, logger: logger)
         return Self.json(.object([("stored", .bool(stored))]))
     }
 
@@ -323,22 +327,25 @@ extension Gateway {
     }
 
     /// The user token a delivery may carry (`x-forge-oauth-user`) is held to the system token's
-    /// 24 h rule (contract §3): one whose `exp` is more than 24 h ahead refuses the whole delivery
-    /// (400 `invalid_token`, nothing stored). The gateway keeps no user token from a delivery (user
-    /// tokens come from the exchange), so one without a readable `exp`, or nearly expired, changes
-    /// nothing and is ignored.
-    func checkDeliveredUserToken(_ request: Request, id: InstallationID, logger: Logger) throws {
-        guard let value = request.headers[.forgeOAuthUser] else { return }
+    /// lifetime rules (contract §3): one whose `exp` is more than 24 h ahead refuses the whole
+    /// delivery (400 `invalid_token`, nothing stored); one with under 60 s left makes the delivery
+    /// one of a nearly expired token (200 `{"stored": false}`, nothing kept). The gateway keeps no
+    /// user token from a delivery (user tokens come from the exchange), so one without a readable
+    /// `exp` changes nothing and is ignored (nil, as when there is none).
+    func checkDeliveredUserToken(_ request: Request, id: InstallationID, logger: Logger) throws -> DeliveredLifetime? {
+        guard let value = request.headers[.forgeOAuthUser] else { return nil }
         // Repeated, the header's values would be read joined (`a, b`) and no `exp` read at all.
         guard request.headers[values: .forgeOAuthUser].count == 1 else {
             throw GatewayError.invalidToken("x-forge-oauth-user must be given once")
         }
         let token = HeaderValue.trimmed(value)
-        guard !token.isEmpty, let exp = TokenClaims.expiry(of: token) else { return }
-        if Self.deliveredLifetime(AccessToken(value: token, expiresAt: exp), now: FlowTime.now()) == .tooLong {
+        guard !token.isEmpty, let exp = TokenClaims.expiry(of: token) else { return nil }
+        let lifetime = Self.deliveredLifetime(AccessToken(value: token, expiresAt: exp), now: FlowTime.now())
+        if lifetime == .tooLong {
             logger.notice("refused a delivered user token that lives too long", metadata: ["installation.id": "\(id)"])
             throw GatewayError.invalidToken("the user token's exp is more than 24 hours ahead")
         }
+        return lifetime
     }
 
     /// A token that came along with a registration or lifecycle call, or nil when the lifetime
@@ -440,17 +447,24 @@ extension Gateway {
     /// one changes nothing and throws ``InvocationTokenError/replayed``.
     func storeDelivery(
         _ id: InstallationID, token: AccessToken, requestID: String?, invocation: InvocationContext,
-        trace: ForgeTrace? = nil, arrival: TokenArrival = .push, claimingInvocation: Bool = false, logger: Logger
+        trace: ForgeTrace? = nil, arrival: TokenArrival = .push, claimingInvocation: Bool = false,
+        keepable: Bool = true, logger: Logger
     )
         async throws -> Bool
     {
         let result: GatewayStore.DeliveryResult
         if let requestID { self.flow.deliveryArriving(id, requestID: requestID) }
         let generation = self.flow.deliveryGeneration()
+        let now = FlowTime.now()
+        // A delivery that must not be kept asks for more validity than its token has: the store
+        // then takes it as it takes a nearly expired one (nothing stored; its round trip ended).
+        let minimumValidity: Duration =
+            keepable
+            ? .seconds(Self.minimumDeliveredRemaining) : .seconds(max(token.expiresAt - now.unixSeconds, 0) + 1)
         do {
             result = try await self.store.storeDeliveredToken(
-                id, token: token, requestID: requestID, metadata: invocation.metadata, now: FlowTime.now(),
-                arrival: arrival, origin: self.flow.replicaID,
+                id, token: token, requestID: requestID, metadata: invocation.metadata, now: now,
+                minimumValidity: minimumValidity, arrival: arrival, origin: self.flow.replicaID,
                 firstUse: claimingInvocation ? self.replayGuard.firstUseKey(id, invocation) : nil)
         } catch is GatewayStore.FirstUseKeyTaken {
             if let requestID { self.flow.deliveryNotStored(id, requestID: requestID) }
