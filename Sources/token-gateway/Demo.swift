@@ -13,7 +13,7 @@ struct Demo: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run the whole RFC-34 flow once: gateway + Forge emulator on Redis, and show what happens.")
 
-    @Option(help: "Redis URL [TOKEN_GATEWAY_REDIS_URL]") var redisUrl: String?
+    @OptionGroup var redis: RedisOptions
     @Option(help: "Installations to create") var installations = 3
     @Option(help: "Concurrent callers in the coalescing step") var concurrency = 50
     @Flag(help: "Show the gateway's and emulator's logs") var verbose = false
@@ -26,9 +26,7 @@ struct Demo: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let redisURL =
-            self.redisUrl ?? ProcessInfo.processInfo.environment["TOKEN_GATEWAY_REDIS_URL"]
-            ?? "redis://127.0.0.1:6379/0"
+        let (redisURL, redisTLS) = try self.redisSettings()
         let quiet = Logger(label: "demo") { _ in SwallowLogHandler() }
         let logger = self.verbose ? makeLogger(label: "demo", format: .logfmt, level: .info) : quiet
         let callerSecret = Base64URL.encode((0..<32).map { _ in UInt8.random(in: 0...255) })
@@ -44,7 +42,8 @@ struct Demo: AsyncParsableCommand {
             var config: GatewayConfiguration
             do {
                 config = try GatewayConfiguration.load(
-                    environment: Self.settings(redisURL: redisURL, callerSecret: callerSecret, emulator: emulator))
+                    environment: Self.settings(redisURL: redisURL, callerSecret: callerSecret, emulator: emulator)
+                        .merging(redisTLS) { own, _ in own })
                 config.storePrefix = storePrefix
             } catch {
                 FileHandle.standardError.write(Data("token-gateway demo: \(error)\n".utf8))
@@ -99,6 +98,26 @@ struct Demo: AsyncParsableCommand {
 }
 
 extension Demo {
+    /// The Redis URL (flag, else `TOKEN_GATEWAY_REDIS_URL`; `@path` reads a file) and the Redis TLS
+    /// settings, as `serve` takes them; everything else is the demo's own.
+    func redisSettings() throws -> (url: String, tls: [String: String]) {
+        let environment = ProcessInfo.processInfo.environment
+        let url: String
+        do {
+            url =
+                try GatewayConfiguration.secretSetting(.redisURL, flag: self.redis.redisUrl, environment: environment)
+                ?? "redis://127.0.0.1:6379/0"
+        } catch {
+            FileHandle.standardError.write(Data("token-gateway demo: \(error)\n".utf8))
+            throw ExitCode(2)
+        }
+        var tls: [String: String] = [:]
+        for setting in [GatewaySetting.redisTLSCAFile, .redisTLSCertFile, .redisTLSKeyFile, .redisTLSServerName] {
+            tls[setting.environment] = self.redis.tlsSetting(setting, environment: environment)
+        }
+        return (url, tls)
+    }
+
     /// Runs `body`, cancelled by Ctrl-C (SIGINT) or SIGTERM, so the demo still deletes its keys
     /// and stops its servers; returns what it threw.
     static func runInterruptibly(_ body: @escaping @Sendable () async throws -> Void) async -> (any Error)? {

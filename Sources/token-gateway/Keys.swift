@@ -31,14 +31,20 @@ struct KeysRewrap: AsyncParsableCommand {
             4. remove the old key. Docs/operations.md "Key rotation" has the details.
             """)
 
-    @Option(help: "Redis URL, or @path (a password here shows in the process list) [TOKEN_GATEWAY_REDIS_URL]")
-    var redisUrl: String?
+    @OptionGroup var redis: RedisOptions
     @Option(
         help: "Key ring, new key first; better @path of a file with it [TOKEN_GATEWAY_ENCRYPTION_KEYS]")
     var encryptionKeys: String?
     @Option(help: "SCAN cursor to resume from (as printed by an interrupted run)") var cursor = "0"
     @Option(help: "Keys per SCAN batch (a hint to Redis)") var batchSize = 500
-    @Option(help: "Log level trace…critical") var logLevel = "info"
+    @Option(help: "Log level trace…critical (default: info) [TOKEN_GATEWAY_LOG_LEVEL]") var logLevel: String?
+
+    /// The log level: the flag, else `TOKEN_GATEWAY_LOG_LEVEL` unless empty, else `info`.
+    var level: String {
+        if let flag = self.logLevel { return flag.lowercased() }
+        let environment = ProcessInfo.processInfo.environment["TOKEN_GATEWAY_LOG_LEVEL"] ?? ""
+        return environment.isEmpty ? "info" : environment.trimmingCharacters(in: .whitespacesAndNewlines).lowercased()
+    }
 
     func validate() throws {
         // A decimal SCAN cursor, or `<slot>:<cursor>:<primary host:port>` with Redis Cluster.
@@ -55,8 +61,9 @@ struct KeysRewrap: AsyncParsableCommand {
         guard (1...100_000).contains(self.batchSize) else {
             throw ValidationError("--batch-size must be in 1…100000")
         }
-        guard Logger.Level(rawValue: self.logLevel.lowercased()) != nil else {
-            throw ValidationError("--log-level must be trace, debug, info, notice, warning, error or critical")
+        guard Logger.Level(rawValue: self.level) != nil else {
+            throw ValidationError(
+                "--log-level / TOKEN_GATEWAY_LOG_LEVEL must be trace, debug, info, notice, warning, error or critical")
         }
     }
 
@@ -66,14 +73,16 @@ struct KeysRewrap: AsyncParsableCommand {
         let keysSetting: String?
         do {
             // Secrets inline on the command line are used, with a warning (the process list shows them).
-            for (setting, flag) in [(GatewaySetting.redisURL, self.redisUrl), (.encryptionKeys, self.encryptionKeys)] {
+            for (setting, flag) in [
+                (GatewaySetting.redisURL, self.redis.redisUrl), (.encryptionKeys, self.encryptionKeys),
+            ] {
                 if let flag, GatewayConfiguration.isInlineSecret(setting, flagValue: flag) {
                     FileHandle.standardError.write(
                         Data("warning: \(GatewayConfiguration.commandLineSecretWarning(setting.environment))\n".utf8))
                 }
             }
             redisText =
-                try GatewayConfiguration.secretSetting(.redisURL, flag: self.redisUrl, environment: environment)
+                try GatewayConfiguration.secretSetting(.redisURL, flag: self.redis.redisUrl, environment: environment)
                 ?? "redis://127.0.0.1:6379/0"
             keysSetting = try GatewayConfiguration.secretSetting(
                 .encryptionKeys, flag: self.encryptionKeys, environment: environment)
@@ -84,8 +93,7 @@ struct KeysRewrap: AsyncParsableCommand {
         let ring: EncryptionKeyRing
         do {
             redisConfiguration = try GatewayConfiguration.redisConfiguration { setting in
-                if setting == .redisURL { return redisText }
-                return environment[setting.environment].flatMap { $0.isEmpty ? nil : $0 }
+                setting == .redisURL ? redisText : self.redis.tlsSetting(setting, environment: environment)
             }
         } catch {
             throw Self.configurationError("\(error)")
@@ -100,7 +108,7 @@ struct KeysRewrap: AsyncParsableCommand {
             throw Self.configurationError("configuration error: \(error)")
         }
         let logger = makeLogger(
-            label: "token-gateway", format: .logfmt, level: Logger.Level(rawValue: self.logLevel.lowercased()) ?? .info)
+            label: "token-gateway", format: .logfmt, level: Logger.Level(rawValue: self.level) ?? .info)
         let redis = RedisClient(configuration: redisConfiguration, logger: logger)
         let rewrap = KeyRewrap(redis: redis, keys: ring, batchSize: self.batchSize, logger: logger)
         print("rewrap start cursor=\(self.cursor) current_key=\(ring.currentKeyId)")

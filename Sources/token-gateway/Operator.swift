@@ -20,8 +20,29 @@ enum OperatorExit {
 /// environment (`TOKEN_GATEWAY_CALLER_SECRET`), never from the command line, so it does not end
 /// up in shell history or `ps`.
 struct CallerOptions: ParsableArguments {
-    @Option(help: "Base URL of the running gateway [TOKEN_GATEWAY_URL]")
-    var gatewayUrl: String = ProcessInfo.processInfo.environment["TOKEN_GATEWAY_URL"] ?? "http://127.0.0.1:8080"
+    @Option(help: "Base URL of the running gateway, http or https [TOKEN_GATEWAY_URL]")
+    var gatewayUrl: String = Self.environmentURL ?? "http://127.0.0.1:8080"
+
+    /// `TOKEN_GATEWAY_URL`, unless unset or empty (an empty setting is an unset one, as for `serve`).
+    static var environmentURL: String? {
+        guard let value = ProcessInfo.processInfo.environment["TOKEN_GATEWAY_URL"], !value.isEmpty else { return nil }
+        return value
+    }
+
+    /// An `http` or `https` URL with a host, and nothing the command would drop or send along
+    /// unasked: no credentials (the caller secret comes from `TOKEN_GATEWAY_CALLER_SECRET`), no
+    /// query, no fragment. Refused: exit 2, naming the setting (never echoing the value, which
+    /// could hold a password).
+    func validate() throws {
+        guard let url = URLComponents(string: self.gatewayUrl), let scheme = url.scheme?.lowercased(),
+            scheme == "http" || scheme == "https", let host = url.host, !host.isEmpty,
+            url.user == nil, url.password == nil, url.query == nil, url.fragment == nil
+        else {
+            throw ValidationError(
+                "--gateway-url / TOKEN_GATEWAY_URL must be an http or https URL with a host, without credentials, query or fragment (for example http://127.0.0.1:8080)"
+            )
+        }
+    }
 
     func secret() throws -> String {
         guard let s = ProcessInfo.processInfo.environment["TOKEN_GATEWAY_CALLER_SECRET"], !s.isEmpty else {

@@ -36,9 +36,9 @@ struct TokenGatewayCommand: AsyncParsableCommand {
 
 /// The settings every gateway-running command accepts; each flag overrides the environment
 /// variable of the same meaning (contract §7).
-struct SettingsOptions: ParsableArguments {
-    @Option(help: "Listen address [TOKEN_GATEWAY_HOST]") var host: String?
-    @Option(help: "Listen port [TOKEN_GATEWAY_PORT]") var port: String?
+/// Where Redis is and how to reach it over TLS: the settings every command that opens the store
+/// takes (`serve`, `check-config`, `keys rewrap`, `demo`).
+struct RedisOptions: ParsableArguments {
     @Option(help: "Redis URL, or @path (a password here shows in the process list) [TOKEN_GATEWAY_REDIS_URL]")
     var redisUrl: String?
     @Option(help: "CA bundle for Redis TLS [TOKEN_GATEWAY_REDIS_TLS_CA_FILE]") var redisTlsCaFile: String?
@@ -46,6 +46,30 @@ struct SettingsOptions: ParsableArguments {
     @Option(help: "Client key for Redis TLS [TOKEN_GATEWAY_REDIS_TLS_KEY_FILE]") var redisTlsKeyFile: String?
     @Option(help: "Name to verify in Redis certificates [TOKEN_GATEWAY_REDIS_TLS_SERVER_NAME]")
     var redisTlsServerName: String?
+
+    /// Flag values keyed by the environment variable they override.
+    var flags: [String: String] {
+        let pairs: [(GatewaySetting, String?)] = [
+            (.redisURL, self.redisUrl), (.redisTLSCAFile, self.redisTlsCaFile),
+            (.redisTLSCertFile, self.redisTlsCertFile), (.redisTLSKeyFile, self.redisTlsKeyFile),
+            (.redisTLSServerName, self.redisTlsServerName),
+        ]
+        var out: [String: String] = [:]
+        for (setting, value) in pairs { if let value { out[setting.environment] = value } }
+        return out
+    }
+
+    /// The TLS settings (not the URL): the flag, else the environment's value unless empty.
+    func tlsSetting(_ setting: GatewaySetting, environment: [String: String]) -> String? {
+        if let flag = self.flags[setting.environment] { return flag }
+        return environment[setting.environment].flatMap { $0.isEmpty ? nil : $0 }
+    }
+}
+
+struct SettingsOptions: ParsableArguments {
+    @Option(help: "Listen address [TOKEN_GATEWAY_HOST]") var host: String?
+    @Option(help: "Listen port [TOKEN_GATEWAY_PORT]") var port: String?
+    @OptionGroup var redis: RedisOptions
     @Option(help: "Expected FIT audience, the app ARI [TOKEN_GATEWAY_FORGE_APP_ID]") var forgeAppId: String?
     @Option(help: "JWKS URL for Forge invocation tokens [TOKEN_GATEWAY_FORGE_JWKS_URL]") var forgeJwksUrl: String?
     @Option(help: "Allow-list of trigger hosts [TOKEN_GATEWAY_TRIGGER_HOSTS]") var triggerHosts: String?
@@ -91,10 +115,8 @@ struct SettingsOptions: ParsableArguments {
     /// Flag values keyed by the environment variable they override.
     var flags: [String: String] {
         let pairs: [(GatewaySetting, String?)] = [
-            (.host, self.host), (.port, self.port), (.redisURL, self.redisUrl), (.forgeAppID, self.forgeAppId),
-            (.redisTLSCAFile, self.redisTlsCaFile), (.redisTLSCertFile, self.redisTlsCertFile),
-            (.redisTLSKeyFile, self.redisTlsKeyFile), (.redisTLSServerName, self.redisTlsServerName),
-            (.forgeJWKSURL, self.forgeJwksUrl), (.triggerHosts, self.triggerHosts),
+            (.host, self.host), (.port, self.port), (.forgeAppID, self.forgeAppId), (.forgeJWKSURL, self.forgeJwksUrl),
+            (.triggerHosts, self.triggerHosts),
             (.encryptionKeys, self.encryptionKeys), (.callers, self.callers), (.connectBaseURL, self.connectBaseUrl),
             (.connectKeysURL, self.connectKeysUrl), (.forgeGraphQLURL, self.forgeGraphqlUrl),
             (.userExchangesPerMinute, self.userExchangesPerMinute), (.publicURL, self.publicUrl),
@@ -107,7 +129,7 @@ struct SettingsOptions: ParsableArguments {
             (.shutdownTimeout, self.shutdownTimeoutMs), (.httpIdleTimeout, self.httpIdleTimeoutMs),
             (.maxConnections, self.maxConnections),
         ]
-        var out: [String: String] = [:]
+        var out = self.redis.flags
         for (setting, value) in pairs { if let value { out[setting.environment] = value } }
         return out
     }

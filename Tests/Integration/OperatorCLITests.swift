@@ -41,11 +41,13 @@ func runCLI(_ arguments: [String], environment: [String: String]) async throws -
             if finished { doneContinuation.finish() }
         }.start()
     }
+    let (exited, exitedContinuation) = AsyncStream<Void>.makeStream()
+    process.terminationHandler = { _ in exitedContinuation.finish() }
     try process.run()
     collect(out.fileHandleForReading, isOut: true)
     collect(err.fileHandleForReading, isOut: false)
     for await _ in done {}
-    while process.isRunning { try await Task.sleep(for: .milliseconds(5)) }
+    for await _ in exited {}
     let (o, e, _) = collected.withLock { $0 }
     return (process.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
 }
@@ -96,12 +98,26 @@ struct OperatorCLITests {
             (["emulate", "--log-level", "loud"], "--log-level must be trace"),
             (["demo", "--installations=-1"], "--installations must be in 1…1000"),
             (["demo", "--concurrency", "0"], "--concurrency must be in 1…10000"),
+            // The caller commands' gateway URL: http or https with a host, and never echoed (it
+            // could hold a password).
+            (["token", "x", "--gateway-url", "localhost:8080"], "--gateway-url / TOKEN_GATEWAY_URL must be"),
+            (["installations", "list", "--gateway-url", "ftp://127.0.0.1"], "--gateway-url / TOKEN_GATEWAY_URL"),
+            (["token", "x", "--gateway-url", "http://u:pw-in-url@127.0.0.1:1"], "--gateway-url / TOKEN_GATEWAY_URL"),
         ]
         for (arguments, reason) in cases {
-            let result = try await runCLI(arguments, environment: [:])
+            let result = try await runCLI(arguments, environment: ["TOKEN_GATEWAY_CALLER_SECRET": "unused-secret"])
             #expect(result.status == 2, "\(arguments): \(result.err)")
             #expect(result.err.contains(reason), "\(arguments): \(result.err)")
+            #expect(!result.err.contains("pw-in-url"), "\(arguments): \(result.err)")
         }
+        // TOKEN_GATEWAY_URL is held to the same rule; set but empty, it is unset (the default).
+        let badVariable = try await runCLI(
+            ["token", "x"], environment: ["TOKEN_GATEWAY_URL": "127.0.0.1:8080", "TOKEN_GATEWAY_CALLER_SECRET": "s"])
+        #expect(badVariable.status == 2, "\(badVariable.err)")
+        #expect(badVariable.err.contains("TOKEN_GATEWAY_URL must be"), "\(badVariable.err)")
+        let emptyVariable = try await runCLI(
+            ["token", "x", "--help"], environment: ["TOKEN_GATEWAY_URL": ""])
+        #expect(emptyVariable.out.contains("default: http://127.0.0.1:8080"), "\(emptyVariable.out)")
         let help = try await runCLI(["keys", "rewrap", "--help"], environment: [:])
         #expect(help.status == 0)
         #expect(help.out.contains("USAGE"), "\(help.out)")

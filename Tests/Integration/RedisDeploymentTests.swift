@@ -155,6 +155,28 @@ struct RedisDeploymentTests {
         try await Self.tokenFlow(redisURL: url, settings: Self.tlsSettings(files, clientCertificate: true))
     }
 
+    @Test("keys rewrap takes the Redis TLS settings as flags, and demo from the environment, as serve does")
+    func tlsSettingsReachEveryCommand() async throws {
+        let files = try RedisTLSFiles.shared.get()
+        let server = try await RedisServerProcess.startTLS(files, mutual: false)
+        let url = "rediss://127.0.0.1:\(server.port)/0"
+        let key = Base64URL.encode([UInt8](repeating: 7, count: 32))
+        let rewrap = ["keys", "rewrap", "--redis-url", url]
+        let tlsFlags = ["--redis-tls-ca-file", files.ca, "--redis-tls-server-name", "localhost"]
+        let keys = ["TOKEN_GATEWAY_ENCRYPTION_KEYS": "k1:\(key)"]
+        let withFlags = try await runCLI(rewrap + tlsFlags, environment: keys)
+        #expect(withFlags.status == 0, "\(withFlags.err)")
+        // Without them the server's certificate (for `localhost`, from the test's own CA) is refused.
+        let without = try await runCLI(rewrap, environment: keys)
+        #expect(without.status == 1, "\(without.err)")
+        let demo = try await runCLI(
+            ["demo", "--installations", "1", "--concurrency", "2"],
+            environment: ["TOKEN_GATEWAY_REDIS_URL": url].merging(Self.tlsSettings(files, clientCertificate: false)) {
+                $1
+            })
+        #expect(demo.status == 0, "\(demo.err)")
+    }
+
     @Test("a server certificate from another CA is never talked to: not ready (503), the log says why")
     func untrustedCertificate() async throws {
         let files = try RedisTLSFiles.shared.get()
@@ -216,6 +238,18 @@ struct RedisDeploymentTests {
         } catch {
             #expect("\(error)".contains("TOKEN_GATEWAY_REDIS_TLS_SERVER_NAME"))
         }
+        // The server name is a DNS name: what would fail every handshake is refused at start-up.
+        for bad in ["redis.example.com:6380", "https://redis.example.com", "10.0.0.7", "redis_1.internal", "a..b"] {
+            do {
+                _ = try Self.redisConfiguration("rediss://127.0.0.1:1/0", ["TOKEN_GATEWAY_REDIS_TLS_SERVER_NAME": bad])
+                Issue.record("accepted the server name \(bad)")
+            } catch {
+                #expect("\(error)".contains("TOKEN_GATEWAY_REDIS_TLS_SERVER_NAME: must be a DNS name"), "\(error)")
+            }
+        }
+        let named = try Self.redisConfiguration(
+            "rediss://127.0.0.1:1/0", ["TOKEN_GATEWAY_REDIS_TLS_SERVER_NAME": "Redis-1.Internal.example.com\n"])
+        #expect(named.tls?.serverName == "redis-1.internal.example.com")
     }
 
     // MARK: ACL users

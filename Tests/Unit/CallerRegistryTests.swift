@@ -205,10 +205,20 @@ import Testing
         for bad in [
             #"{"refreshesPerMinute": -1}"#, #"{"refreshesPerMinute": 1.5}"#, #"{"refreshesPerMinute": "5"}"#,
             #"{"refreshesPerMinute": 2000000}"#, #"{"other": 1}"#, #"[1]"#,
+            // JSON booleans, which Foundation reads as the numbers 1 and 0, are no integers.
+            #"{"refreshesPerMinute": true}"#, #"{"userExchangesPerMinute": false}"#,
         ] {
             #expect(throws: ConfigurationValueError.self, "\(bad)") {
                 try CallerRegistry(json: #"[{"name": "a", "secret": "a-secret-0123456789", "limits": "# + bad + "}]")
             }
+        }
+        // A misspelt field is named as unknown, whatever its value.
+        let misspelt = #"[{"name": "a", "secret": "a-secret-0123456789", "limits": {"refreshPerMinute": "30"}}]"#
+        #expect(throws: ConfigurationValueError.self) { try CallerRegistry(json: misspelt) }
+        do {
+            _ = try CallerRegistry(json: misspelt)
+        } catch let error as ConfigurationValueError {
+            #expect("\(error)".contains("unknown field in \"limits\""), "\(error)")
         }
     }
 }

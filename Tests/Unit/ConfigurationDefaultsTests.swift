@@ -33,6 +33,25 @@ import Testing
     }
 
     @Test(
+        "whitespace around a value (a file's or a YAML block's last newline) is not part of it; only whitespace is unset"
+    )
+    func valuesAreTrimmed() throws {
+        var environment = Self.required
+        environment["TOKEN_GATEWAY_PORT"] = "9090\n"
+        environment["TOKEN_GATEWAY_TRIGGER_HOSTS"] = " *.webtrigger.atlassian.app\n"
+        environment["TOKEN_GATEWAY_REFRESH_AHEAD_FRACTION"] = "0.3\r\n"
+        environment["TOKEN_GATEWAY_LOG_LEVEL"] = "debug\n"
+        environment["TOKEN_GATEWAY_HOST"] = " \n"
+        let config = try GatewayConfiguration.load(environment: environment)
+        #expect(config.port == 9090)
+        #expect(config.triggerHosts.allows("https://a.webtrigger.atlassian.app/x"))
+        #expect(!config.triggerHosts.allows("https://a.hello.atlassian-dev.net/x"))
+        #expect(config.flow.refreshAheadFraction == 0.3)
+        #expect(config.logLevel == .debug)
+        #expect(config.host == "127.0.0.1")
+    }
+
+    @Test(
         "listening on every address without a public URL, or an http public URL off loopback, is warned about (OAuth discovery would name it)"
     )
     func publicURLWarning() throws {

@@ -77,6 +77,15 @@ struct UserTokenExchangeTests {
         #expect(
             Self.classify(200, #"{"data":{"offlineUserAuthToken":{"success":true,"authToken":{"token":"t0k"}}}}"#)
                 == .token(value: "t0k", ttl: nil))
+        // A ttl that is no number (a string, a boolean Foundation reads as 1) is no ttl.
+        for ttl in [#""3600""#, "true"] {
+            #expect(
+                Self.classify(
+                    200,
+                    #"{"data":{"offlineUserAuthToken":{"success":true,"authToken":{"token":"t0k","ttl":"# + ttl + "}}}}"
+                )
+                    == .token(value: "t0k", ttl: nil), "\(ttl)")
+        }
         #expect(
             Self.classify(200, #"{"data":{"offlineUserAuthToken":{"success":true,"authToken":null}}}"#)
                 == .failed(.invalidResponse))

@@ -380,18 +380,20 @@ public struct CallerRegistry: Sendable {
             throw ConfigurationValueError("\(label): \"limits\" must be an object")
         }
         for (key, raw) in object.sorted(by: { $0.key < $1.key }) where !(raw is NSNull) {
-            guard !(raw is String), let number = raw as? NSNumber,
-                let int = Int(exactly: number.doubleValue), (0...1_000_000).contains(int)
-            else {
-                throw ConfigurationValueError(
-                    "\(label): \"limits\".\(key.count <= 40 ? key : "…") must be an integer in 0…1000000")
-            }
-            switch key {
-            case "refreshesPerMinute": limits.refreshesPerMinute = int
-            case "userExchangesPerMinute": limits.userExchangesPerMinute = int
-            default:
+            guard ["refreshesPerMinute", "userExchangesPerMinute"].contains(key) else {
                 throw ConfigurationValueError(
                     "\(label): unknown field in \"limits\" (fields: refreshesPerMinute, userExchangesPerMinute)")
+            }
+            // JSON `true`/`false` arrive as numbers too: they are not integers.
+            guard let number = JSONValue.strictNumber(raw), let int = Int(exactly: number),
+                (0...1_000_000).contains(int)
+            else {
+                throw ConfigurationValueError("\(label): \"limits\".\(key) must be an integer in 0…1000000")
+            }
+            if key == "refreshesPerMinute" {
+                limits.refreshesPerMinute = int
+            } else {
+                limits.userExchangesPerMinute = int
             }
         }
         return limits

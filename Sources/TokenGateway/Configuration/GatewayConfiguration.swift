@@ -509,14 +509,18 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     }
 
     /// The raw values of the settings: a flag (keyed by environment name) wins over the environment;
-    /// an empty environment value counts as unset.
+    /// an empty environment value counts as unset. Whitespace around a value is not part of it (a
+    /// value from a file or a YAML block often ends in a newline), so a value of only whitespace is
+    /// an empty one.
     private struct SettingValues {
         let environment: [String: String]
         let flags: [String: String]
 
         func raw(_ s: GatewaySetting) -> String? {
-            if let v = self.flags[s.environment] { return v }
-            if let v = self.environment[s.environment], !v.isEmpty { return v }
+            if let v = self.flags[s.environment] { return v.trimmingCharacters(in: .whitespacesAndNewlines) }
+            if let v = self.environment[s.environment]?.trimmingCharacters(in: .whitespacesAndNewlines), !v.isEmpty {
+                return v
+            }
             return nil
         }
 
@@ -681,7 +685,17 @@ extension GatewayConfiguration {
                 setting: GatewaySetting.redisTLSKeyFile.environment,
                 problem: "is required with TOKEN_GATEWAY_REDIS_TLS_CERT_FILE")
         }
-        let serverName = raw(.redisTLSServerName)?.trimmingCharacters(in: .whitespaces)
+        let serverName = raw(.redisTLSServerName)?.trimmingCharacters(in: .whitespacesAndNewlines).lowercased()
+        // A DNS name: it is sent as SNI and looked for in the certificates. An address, a port or a
+        // URL here would fail every handshake at run time instead of here.
+        if let serverName, !serverName.isEmpty,
+            !TriggerHostAllowList.isHostname(serverName)
+                || serverName.split(separator: ".").last?.allSatisfy(\.isNumber) == true
+        {
+            throw ConfigurationError(
+                setting: GatewaySetting.redisTLSServerName.environment,
+                problem: "must be a DNS name (letters, digits, '-' and '.'; no scheme, port or IP address)")
+        }
         do {
             redis.tls = try RedisTLS(configuration: tls, serverName: serverName?.isEmpty == false ? serverName : nil)
         } catch {

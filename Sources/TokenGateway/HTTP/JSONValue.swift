@@ -194,6 +194,15 @@ public enum JSONBody {
 }
 
 extension JSONValue {
+    /// A JSON number as `JSONSerialization` reads it, or nil for anything else: a string, and
+    /// `true`/`false` (which it reads as numbers too).
+    static func strictNumber(_ raw: Any) -> Double? {
+        guard !(raw is String), let number = raw as? NSNumber, String(cString: number.objCType) != "c" else {
+            return nil
+        }
+        return number.doubleValue
+    }
+
     /// A JSON `true` or `false` as `JSONSerialization` read it, or nil for anything else. A number
     /// (`1`, `0`) is no boolean, though Foundation's `as? Bool` takes one as such.
     static func strictBool(_ raw: Any) -> Bool? {

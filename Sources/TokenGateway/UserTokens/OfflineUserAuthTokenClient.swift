@@ -206,8 +206,8 @@ public struct OfflineUserAuthTokenClient: Sendable {
                     !token.isEmpty, token.utf8.count <= 16 * 1024
                 else { return .failed(.invalidResponse) }
                 var ttl: Int64? = nil
-                if let n = auth["ttl"] as? NSNumber, n.doubleValue.isFinite, n.doubleValue > 0, n.doubleValue < 1e9 {
-                    ttl = n.int64Value
+                if let raw = auth["ttl"], let n = JSONValue.strictNumber(raw), n.isFinite, n > 0, n < 1e9 {
+                    ttl = Int64(n)
                 }
                 return .token(value: token, ttl: ttl)
             }
