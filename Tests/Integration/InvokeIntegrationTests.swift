@@ -153,6 +153,11 @@ struct InvokeIntegrationTests {
             let timeout = try await Self.invoke(h, installation, "echo", query: "timeout=50")
             #expect(timeout.status == 400)
             #expect(timeout.errorCode == "invalid_parameter")
+            // Given twice (each valid), as on the token route: a proxy could have read the other one.
+            let twice = try await Self.invoke(h, installation, "echo", query: "timeout=100&timeout=30000")
+            #expect(twice.status == 400)
+            #expect(twice.errorCode == "invalid_parameter")
+            #expect(h.emulator.namedTriggerCalls(for: installation, key: "echo").count == 1)
         }
     }
 

@@ -131,6 +131,13 @@ final class AnswerRecorder: Sendable {
     /// Validates every recorded answer against `Docs/openapi.yaml`; fails the test with the
     /// checker's full report when one does not match.
     func check(sourceLocation: SourceLocation = #_sourceLocation) async throws {
+        // Every 401 names its scheme (RFC 9110 §15.5.2), whatever the route.
+        let unchallenged = self.entries.withLock { entries in
+            entries.filter { entry in
+                entry.status == 401 && !entry.headers.keys.contains { $0.lowercased() == "www-authenticate" }
+            }.map { "\($0.method) \($0.template) (\($0.note))" }
+        }
+        #expect(unchallenged.isEmpty, "401 without WWW-Authenticate: \(unchallenged)", sourceLocation: sourceLocation)
         let records: [[String: Any]] = self.entries.withLock { entries in
             entries.map {
                 [

@@ -53,8 +53,11 @@ public struct GatewayError: HTTPResponseError, Sendable, Hashable, CustomStringC
         status: .contentTooLarge, code: "payload_too_large", message: "request body is too large")
     public static let internalError = GatewayError(
         status: .internalServerError, code: "internal_error", message: "internal error")
+    /// 401 for a refused Forge Invocation Token, with the challenge every 401 carries (RFC 9110
+    /// §15.5.2; RFC 6750 §3's `invalid_token`). No realm: it is no caller credential that failed.
     public static let invalidInvocationToken = GatewayError(
-        status: .unauthorized, code: "invalid_invocation_token", message: "the Forge invocation token was refused")
+        status: .unauthorized, code: "invalid_invocation_token", message: "the Forge invocation token was refused",
+        extraHeaders: ["WWW-Authenticate": "Bearer error=\"invalid_token\""])
     public static let missingToken = GatewayError(
         status: .badRequest, code: "missing_token", message: "the x-forge-oauth-system header is required")
     public static let storeUnavailable = GatewayError(

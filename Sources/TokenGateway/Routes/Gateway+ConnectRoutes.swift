@@ -332,8 +332,11 @@ extension GatewayError {
         status: .notFound, code: "tenant_not_found",
         message: "no Connect tenant has the app installed under this clientKey")
 
-    /// 401 naming the failed check of a Connect JWT.
+    /// 401 naming the failed check of a Connect JWT, with the `JWT` challenge (RFC 9110 §15.5.2:
+    /// every 401 carries one).
     public static func invalidConnectJWT(_ error: ConnectJWTError) -> GatewayError {
-        GatewayError(status: .unauthorized, code: "invalid_connect_jwt", message: error.message)
+        GatewayError(
+            status: .unauthorized, code: "invalid_connect_jwt", message: error.message,
+            extraHeaders: ["WWW-Authenticate": "JWT"])
     }
 }

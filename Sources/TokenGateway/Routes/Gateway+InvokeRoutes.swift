@@ -152,7 +152,9 @@ extension Gateway {
         timeout: Duration, idempotencyKey: String?, payload: [UInt8]
     ) {
         var timeout = TokenRequestDefaults.timeout
-        if let raw = request.uri.queryParameters.get("timeout") {
+        // Given twice, a proxy and the gateway could each read a different one: refused, as on the
+        // token route.
+        if let raw = try CallerQuery(request.uri.queryParameters, once: ["timeout"]).get("timeout") {
             guard let v = Int64(raw), TokenRequestDefaults.timeoutMillisecondsRange.contains(v) else {
                 throw GatewayError.invalidParameter("timeout must be an integer number of milliseconds in 100…30000")
             }
