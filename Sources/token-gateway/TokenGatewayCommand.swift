@@ -36,15 +36,24 @@ struct TokenGatewayCommand: AsyncParsableCommand {
 
 /// The settings every gateway-running command accepts; each flag overrides the environment
 /// variable of the same meaning (contract §7).
+extension GatewaySetting {
+    /// A flag's help: the setting's summary (with its default), where to keep a secret one, and the
+    /// environment variable it overrides. One text for the flag, the variable and the docs' table.
+    var help: ArgumentHelp {
+        let secret = self.isSecret ? "; better @path of a file holding it (a value here shows in the process list)" : ""
+        return ArgumentHelp("\(self.summary)\(secret) [\(self.environment)]")
+    }
+}
+
 /// Where Redis is and how to reach it over TLS: the settings every command that opens the store
 /// takes (`serve`, `check-config`, `keys rewrap`, `demo`).
 struct RedisOptions: ParsableArguments {
-    @Option(help: "Redis URL, or @path (a password here shows in the process list) [TOKEN_GATEWAY_REDIS_URL]")
+    @Option(help: GatewaySetting.redisURL.help)
     var redisUrl: String?
-    @Option(help: "CA bundle for Redis TLS [TOKEN_GATEWAY_REDIS_TLS_CA_FILE]") var redisTlsCaFile: String?
-    @Option(help: "Client certificate for Redis TLS [TOKEN_GATEWAY_REDIS_TLS_CERT_FILE]") var redisTlsCertFile: String?
-    @Option(help: "Client key for Redis TLS [TOKEN_GATEWAY_REDIS_TLS_KEY_FILE]") var redisTlsKeyFile: String?
-    @Option(help: "Name to verify in Redis certificates [TOKEN_GATEWAY_REDIS_TLS_SERVER_NAME]")
+    @Option(help: GatewaySetting.redisTLSCAFile.help) var redisTlsCaFile: String?
+    @Option(help: GatewaySetting.redisTLSCertFile.help) var redisTlsCertFile: String?
+    @Option(help: GatewaySetting.redisTLSKeyFile.help) var redisTlsKeyFile: String?
+    @Option(help: GatewaySetting.redisTLSServerName.help)
     var redisTlsServerName: String?
 
     /// Flag values keyed by the environment variable they override.
@@ -67,49 +76,43 @@ struct RedisOptions: ParsableArguments {
 }
 
 struct SettingsOptions: ParsableArguments {
-    @Option(help: "Listen address [TOKEN_GATEWAY_HOST]") var host: String?
-    @Option(help: "Listen port [TOKEN_GATEWAY_PORT]") var port: String?
+    @Option(help: GatewaySetting.host.help) var host: String?
+    @Option(help: GatewaySetting.port.help) var port: String?
     @OptionGroup var redis: RedisOptions
-    @Option(help: "Expected FIT audience, the app ARI [TOKEN_GATEWAY_FORGE_APP_ID]") var forgeAppId: String?
-    @Option(help: "JWKS URL for Forge invocation tokens [TOKEN_GATEWAY_FORGE_JWKS_URL]") var forgeJwksUrl: String?
-    @Option(help: "Allow-list of trigger hosts [TOKEN_GATEWAY_TRIGGER_HOSTS]") var triggerHosts: String?
-    @Option(help: "Module keys allowed on the Forge routes [TOKEN_GATEWAY_FORGE_MODULE_KEYS]") var forgeModuleKeys:
-        String?
-    @Option(help: "Encryption key ring, better @path of a file with it [TOKEN_GATEWAY_ENCRYPTION_KEYS]")
+    @Option(help: GatewaySetting.forgeAppID.help) var forgeAppId: String?
+    @Option(help: GatewaySetting.forgeJWKSURL.help) var forgeJwksUrl: String?
+    @Option(help: GatewaySetting.triggerHosts.help) var triggerHosts: String?
+    @Option(help: GatewaySetting.forgeModuleKeys.help) var forgeModuleKeys: String?
+    @Option(help: GatewaySetting.encryptionKeys.help)
     var encryptionKeys: String?
-    @Option(help: "Callers JSON, better @path of a file with it [TOKEN_GATEWAY_CALLERS]") var callers: String?
-    @Option(help: "Connect app baseUrl [TOKEN_GATEWAY_CONNECT_BASE_URL]") var connectBaseUrl: String?
-    @Option(help: "Connect install keys base URL [TOKEN_GATEWAY_CONNECT_KEYS_URL]") var connectKeysUrl: String?
-    @Option(help: "GraphQL endpoint for user tokens [TOKEN_GATEWAY_FORGE_GRAPHQL_URL]") var forgeGraphqlUrl: String?
-    @Option(help: "User-token exchange budget per minute [TOKEN_GATEWAY_USER_EXCHANGES_PER_MINUTE]")
+    @Option(help: GatewaySetting.callers.help) var callers: String?
+    @Option(help: GatewaySetting.connectBaseURL.help) var connectBaseUrl: String?
+    @Option(help: GatewaySetting.connectKeysURL.help) var connectKeysUrl: String?
+    @Option(help: GatewaySetting.forgeGraphQLURL.help) var forgeGraphqlUrl: String?
+    @Option(help: GatewaySetting.userExchangesPerMinute.help)
     var userExchangesPerMinute: String?
-    @Option(help: "The gateway's public base URL [TOKEN_GATEWAY_PUBLIC_URL]") var publicUrl: String?
-    @Option(help: "Log level trace…critical [TOKEN_GATEWAY_LOG_LEVEL]") var logLevel: String?
-    @Option(help: "Log format logfmt|json [TOKEN_GATEWAY_LOG_FORMAT]") var logFormat: String?
-    @Option(help: "Trigger attempts per round trip [TOKEN_GATEWAY_TRIGGER_MAX_ATTEMPTS]") var triggerMaxAttempts:
-        String?
-    @Option(help: "Trigger call timeout, ms [TOKEN_GATEWAY_TRIGGER_ATTEMPT_TIMEOUT_MS]") var triggerAttemptTimeoutMs:
-        String?
-    @Option(help: "Delivery grace after a 2xx trigger answer, ms [TOKEN_GATEWAY_DELIVERY_GRACE_MS]")
+    @Option(help: GatewaySetting.publicURL.help) var publicUrl: String?
+    @Option(help: GatewaySetting.logLevel.help) var logLevel: String?
+    @Option(help: GatewaySetting.logFormat.help) var logFormat: String?
+    @Option(help: GatewaySetting.triggerMaxAttempts.help) var triggerMaxAttempts: String?
+    @Option(help: GatewaySetting.triggerAttemptTimeout.help) var triggerAttemptTimeoutMs: String?
+    @Option(help: GatewaySetting.deliveryGrace.help)
     var deliveryGraceMs: String?
-    @Option(help: "Refresh-ahead share of a token's lifetime [TOKEN_GATEWAY_REFRESH_AHEAD_FRACTION]")
+    @Option(help: GatewaySetting.refreshAheadFraction.help)
     var refreshAheadFraction: String?
-    @Option(help: "Failed round trips that open a circuit [TOKEN_GATEWAY_BREAKER_THRESHOLD]") var breakerThreshold:
-        String?
-    @Option(help: "Operations listener address [TOKEN_GATEWAY_OPS_HOST]") var opsHost: String?
-    @Option(help: "Operations listener port: health, metrics, operator pages [TOKEN_GATEWAY_OPS_PORT]") var opsPort:
-        String?
-    @Option(help: "Allowed apiBaseUrl prefixes [TOKEN_GATEWAY_API_BASE_URL_PREFIXES]") var apiBaseUrlPrefixes: String?
-    @Option(help: "First open window of a circuit, ms [TOKEN_GATEWAY_BREAKER_OPEN_MS]") var breakerOpenMs: String?
-    @Option(help: "Named-trigger calls of one installation at once per process [TOKEN_GATEWAY_INVOKE_MAX_CONCURRENCY]")
+    @Option(help: GatewaySetting.breakerThreshold.help) var breakerThreshold: String?
+    @Option(help: GatewaySetting.opsHost.help) var opsHost: String?
+    @Option(help: GatewaySetting.opsPort.help) var opsPort: String?
+    @Option(help: GatewaySetting.apiBaseURLPrefixes.help) var apiBaseUrlPrefixes: String?
+    @Option(help: GatewaySetting.breakerOpen.help) var breakerOpenMs: String?
+    @Option(help: GatewaySetting.invokeMaxConcurrency.help)
     var invokeMaxConcurrency: String?
-    @Option(help: "Event-loop threads: shared|pinned (one CPU each) [TOKEN_GATEWAY_EVENT_LOOP_AFFINITY]")
+    @Option(help: GatewaySetting.eventLoopAffinity.help)
     var eventLoopAffinity: String?
-    @Option(help: "Longest graceful shutdown, ms [TOKEN_GATEWAY_SHUTDOWN_TIMEOUT_MS]") var shutdownTimeoutMs: String?
-    @Option(
-        help: "Close a client connection silent this long with no answer due, ms [TOKEN_GATEWAY_HTTP_IDLE_TIMEOUT_MS]")
+    @Option(help: GatewaySetting.shutdownTimeout.help) var shutdownTimeoutMs: String?
+    @Option(help: GatewaySetting.httpIdleTimeout.help)
     var httpIdleTimeoutMs: String?
-    @Option(help: "Client connections each listener holds at once [TOKEN_GATEWAY_MAX_CONNECTIONS]")
+    @Option(help: GatewaySetting.maxConnections.help)
     var maxConnections: String?
 
     /// Flag values keyed by the environment variable they override.

@@ -123,6 +123,25 @@ struct OperatorCLITests {
         #expect(help.out.contains("USAGE"), "\(help.out)")
     }
 
+    @Test("serve --help lists every setting: its flag, its summary and the variable it overrides")
+    func helpListsEverySetting() async throws {
+        let help = try await runCLI(["serve", "--help"], environment: [:])
+        #expect(help.status == 0)
+        // ArgumentParser wraps the text: compare with the whitespace folded.
+        let folded = help.out.split(whereSeparator: \.isWhitespace).joined(separator: " ")
+        for setting in GatewaySetting.all {
+            #expect(folded.contains("--\(setting.flag) <"), "\(setting.flag)")
+            #expect(folded.contains("[\(setting.environment)]"), "\(setting.environment)")
+            #expect(folded.contains(setting.summary.split(whereSeparator: \.isWhitespace).joined(separator: " ")))
+        }
+        let rewrap = try await runCLI(["keys", "rewrap", "--help"], environment: [:])
+        for setting in [
+            GatewaySetting.redisURL, .redisTLSCAFile, .redisTLSCertFile, .redisTLSKeyFile, .redisTLSServerName,
+        ] {
+            #expect(rewrap.out.contains("--\(setting.flag) <"), "\(setting.flag)")
+        }
+    }
+
     @Test("emulate refuses a token lifetime Forge never gives (over 4 h, or under a minute): exit 2, a clear line")
     func emulateRefusesAnUnrealTokenLifetime() async throws {
         for lifetime in ["14401", "59"] {

@@ -47,14 +47,18 @@ public struct GatewaySetting: Sendable, Hashable {
         "TOKEN_GATEWAY_REDIS_TLS_SERVER_NAME", "redis-tls-server-name",
         "name to verify in the Redis servers' certificates (default: the URL's host)")
     public static let forgeAppID = GatewaySetting(
-        "TOKEN_GATEWAY_FORGE_APP_ID", "forge-app-id", "expected FIT aud (required)")
+        "TOKEN_GATEWAY_FORGE_APP_ID", "forge-app-id",
+        "the app ARI, the aud every Forge Invocation Token must carry (required)")
     public static let forgeJWKSURL = GatewaySetting(
-        "TOKEN_GATEWAY_FORGE_JWKS_URL", "forge-jwks-url", "JWKS URL for Forge invocation tokens")
+        "TOKEN_GATEWAY_FORGE_JWKS_URL", "forge-jwks-url",
+        "JWKS URL for Forge invocation tokens (default Forge production's)")
     public static let forgeModuleKeys = GatewaySetting(
         "TOKEN_GATEWAY_FORGE_MODULE_KEYS", "forge-module-keys",
         "comma-separated app.module.key values allowed on the Forge routes (default any)")
     public static let triggerHosts = GatewaySetting(
-        "TOKEN_GATEWAY_TRIGGER_HOSTS", "trigger-hosts", "comma-separated allow-list of trigger URL hosts")
+        "TOKEN_GATEWAY_TRIGGER_HOSTS", "trigger-hosts",
+        "comma-separated allow-list of trigger URL hosts (default *.hello.atlassian-dev.net,*.webtrigger.atlassian.app)"
+    )
     public static let encryptionKeys = GatewaySetting(
         "TOKEN_GATEWAY_ENCRYPTION_KEYS", "encryption-keys", "keyId:base64(32 bytes),… (required)", secret: true)
     public static let callers = GatewaySetting(
@@ -62,14 +66,17 @@ public struct GatewaySetting: Sendable, Hashable {
     public static let connectBaseURL = GatewaySetting(
         "TOKEN_GATEWAY_CONNECT_BASE_URL", "connect-base-url", "the Connect app's baseUrl (unset: Connect routes off)")
     public static let connectKeysURL = GatewaySetting(
-        "TOKEN_GATEWAY_CONNECT_KEYS_URL", "connect-keys-url", "base URL of Connect install public keys")
+        "TOKEN_GATEWAY_CONNECT_KEYS_URL", "connect-keys-url",
+        "base URL of Connect install public keys (default https://connect-install-keys.atlassian.com)")
     public static let forgeGraphQLURL = GatewaySetting(
-        "TOKEN_GATEWAY_FORGE_GRAPHQL_URL", "forge-graphql-url", "GraphQL endpoint for user-token exchanges")
+        "TOKEN_GATEWAY_FORGE_GRAPHQL_URL", "forge-graphql-url",
+        "GraphQL endpoint for user-token exchanges (default https://api.atlassian.com/graphql)")
     public static let userExchangesPerMinute = GatewaySetting(
         "TOKEN_GATEWAY_USER_EXCHANGES_PER_MINUTE", "user-exchanges-per-minute",
         "user-token exchange budget (default 1000)")
     public static let publicURL = GatewaySetting(
-        "TOKEN_GATEWAY_PUBLIC_URL", "public-url", "the gateway's own base URL as callers reach it")
+        "TOKEN_GATEWAY_PUBLIC_URL", "public-url",
+        "the gateway's own base URL as callers reach it (default http://<host>:<port>)")
     public static let opsHost = GatewaySetting(
         "TOKEN_GATEWAY_OPS_HOST", "ops-host", "listen address of the operations listener (default 127.0.0.1)")
     public static let opsPort = GatewaySetting(
