@@ -51,6 +51,32 @@ import Testing
         #expect(config.host == "127.0.0.1")
     }
 
+    @Test("every list setting refuses an empty entry (a doubled or trailing comma), naming the setting")
+    func listsRefuseEmptyEntries() throws {
+        for (variable, value) in [
+            ("TOKEN_GATEWAY_TRIGGER_HOSTS", "*.webtrigger.atlassian.app,,*.hello.atlassian-dev.net"),
+            ("TOKEN_GATEWAY_TRIGGER_HOSTS", "*.webtrigger.atlassian.app,"),
+            ("TOKEN_GATEWAY_API_BASE_URL_PREFIXES", "https://api.atlassian.com/ex/, ,https://example.com/"),
+            ("TOKEN_GATEWAY_FORGE_MODULE_KEYS", "gateway-endpoint,"),
+        ] {
+            var environment = Self.required
+            environment[variable] = value
+            let refusal = Self.refusal(environment)
+            #expect(refusal?.setting == variable, "\(variable)=\(value): \(String(describing: refusal))")
+            #expect(refusal?.problem.contains("comma") == true, "\(String(describing: refusal))")
+        }
+    }
+
+    /// The configuration error loading `environment` gives, or nil when it loads.
+    static func refusal(_ environment: [String: String]) -> ConfigurationError? {
+        do {
+            _ = try GatewayConfiguration.load(environment: environment)
+            return nil
+        } catch {
+            return error
+        }
+    }
+
     @Test(
         "listening on every address without a public URL, or an http public URL off loopback, is warned about (OAuth discovery would name it)"
     )

@@ -421,14 +421,20 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
             guard !keys.isEmpty, keys.allSatisfy({ !$0.isEmpty && $0.utf8.count <= 256 }) else {
                 throw ConfigurationError(
                     setting: GatewaySetting.forgeModuleKeys.environment,
-                    problem: "must be a comma-separated list of non-empty module keys")
+                    problem: "must be a comma-separated list of non-empty module keys (a doubled or trailing comma?)")
             }
             config.forgeModuleKeys = Set(keys)
         }
         if let v = settings.raw(.apiBaseURLPrefixes) {
             let setting = GatewaySetting.apiBaseURLPrefixes.environment
             var prefixes: [String] = []
-            for entry in v.split(separator: ",").map({ $0.trimmingCharacters(in: .whitespaces) }) where !entry.isEmpty {
+            for entry in v.split(separator: ",", omittingEmptySubsequences: false).map({
+                $0.trimmingCharacters(in: .whitespacesAndNewlines)
+            }) {
+                guard !entry.isEmpty else {
+                    throw ConfigurationError(
+                        setting: setting, problem: "has an empty entry (a doubled or trailing comma?)")
+                }
                 guard entry.hasSuffix("/"), URLComponents(string: entry)?.query == nil else {
                     throw ConfigurationError(setting: setting, problem: "each prefix must be a URL ending in /")
                 }

@@ -31,9 +31,10 @@ public struct TriggerHostAllowList: Sendable, Hashable, CustomStringConvertible 
 
     public init(parsing setting: String) throws(ParseError) {
         var entries: [Entry] = []
-        for rawEntry in setting.split(separator: ",") {
-            let entry = rawEntry.trimmingCharacters(in: .whitespaces).lowercased()
-            if entry.isEmpty { continue }
+        for rawEntry in setting.split(separator: ",", omittingEmptySubsequences: false) {
+            let entry = rawEntry.trimmingCharacters(in: .whitespacesAndNewlines).lowercased()
+            // As for every list setting: a doubled or trailing comma is a typo, not "nothing".
+            guard !entry.isEmpty else { throw ParseError(problem: "has an empty entry (a doubled or trailing comma?)") }
             if entry.hasPrefix("http://") || entry.hasPrefix("https://") {
                 guard let c = URLComponents(string: entry), let scheme = c.scheme, let host = c.host, !host.isEmpty,
                     c.user == nil, c.password == nil, c.path.isEmpty || c.path == "/", c.query == nil
