@@ -189,15 +189,16 @@ extension ForgeEmulator {
         let url = authTriggerUrl ?? self.triggerURL(for: installation)
         var headers: [(String, String)] = []
         if let systemToken { headers.append(("x-forge-oauth-system", systemToken)) }
+        let named = triggers ?? self.namedTriggersForRegistration(installation)
+        // Each function knows the key it registers itself under, and runs only calls naming it.
+        self.namedTriggers.withLock { $0.registering(named ?? [:], base: self.baseURL + "/x2/") }
         let answer = try await self.callGateway(
             path: "/forge/register",
             gatewayURL: nil,
             fit: try self.mintFIT(for: installation),
             headers: headers,
             body: try JSONEncoder.emulator.encode(
-                RegisterRequestBody(
-                    authTriggerUrl: url, rotateKey: rotateKey ? true : nil,
-                    triggers: triggers ?? self.namedTriggersForRegistration(installation)))
+                RegisterRequestBody(authTriggerUrl: url, rotateKey: rotateKey ? true : nil, triggers: named))
         )
         if answer.isSuccess, let systemToken { self.rememberDelivered(systemToken, for: installation) }
         guard answer.isSuccess else {

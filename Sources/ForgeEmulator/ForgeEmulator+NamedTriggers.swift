@@ -129,6 +129,18 @@ struct EmulatorNamedTriggers: Sendable {
         let triggerId: String
         var behaviour: NamedTriggerBehaviour
         var calls: [NamedTriggerCall] = []
+        /// The key the function was last registered under with the gateway (its own `key` until
+        /// then): the `trigger` a call must name.
+        var registeredAs: String?
+    }
+
+    /// Notes the key each of the installation's functions is registered under: `triggers` maps a
+    /// key to a URL `base + <trigger id>`.
+    mutating func registering(_ triggers: [String: String?], base: String) {
+        for case (let key, let url?) in triggers where url.hasPrefix(base) {
+            let triggerId = String(url.dropFirst(base.count))
+            self.triggers[triggerId]?.registeredAs = key
+        }
     }
 
     /// Trigger id → trigger.
@@ -145,10 +157,13 @@ struct EmulatorNamedTriggers: Sendable {
     }
 }
 
-/// The body of a named-trigger call: contract §4's fields plus `payload`.
+/// The body of a named-trigger call: contract §4's fields plus `trigger`, `idempotencyKey` and
+/// `payload`.
 struct NamedTriggerCallBody: Decodable, Sendable {
     var requestId: String
     var installationId: String
+    /// The key of the trigger the call is for (signed with the rest).
+    var trigger: String?
     var issuedAt: Double
     var expiresAt: Double
     var idempotencyKey: String?
@@ -309,7 +324,7 @@ extension ForgeEmulator {
                 [
                     "error": [
                         "code": "invalid_request",
-                        "message": "body must be {requestId, installationId, issuedAt, expiresAt, payload}",
+                        "message": "body must be {requestId, installationId, trigger, issuedAt, expiresAt, payload}",
                     ]
                 ])
         }
@@ -317,6 +332,12 @@ extension ForgeEmulator {
             return Self.namedAnswer(
                 400,
                 ["error": ["code": "invalid_request", "message": "installationId is not this trigger's installation"]])
+        }
+        // A call signed for another trigger of the installation (the key is the same for all of
+        // them) is a captured call sent on: not this function's to run.
+        guard callBody.trigger == (trigger.registeredAs ?? trigger.key) else {
+            return Self.namedAnswer(
+                400, ["error": ["code": "invalid_request", "message": "the call is for another trigger"]])
         }
         guard callBody.expiresAt >= Date().timeIntervalSince1970 else {
             return Self.namedAnswer(400, ["error": ["code": "expired", "message": "expiresAt has passed"]])

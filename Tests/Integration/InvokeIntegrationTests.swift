@@ -81,10 +81,11 @@ struct InvokeIntegrationTests {
             #expect(call.signatureValid)
             #expect(call.idempotencyKey == nil)
             #expect(call.signedIdempotencyKey == nil)
-            // The body: exactly the four fields of §4 and the payload, byte for byte.
+            // The body: the four fields of §4, the trigger's key and the payload, byte for byte.
             let body = try #require(Self.json(String(decoding: call.body, as: UTF8.self)) as? [String: Any])
-            #expect(Set(body.keys) == ["requestId", "installationId", "issuedAt", "expiresAt", "payload"])
+            #expect(Set(body.keys) == ["requestId", "installationId", "trigger", "issuedAt", "expiresAt", "payload"])
             #expect(body["installationId"] as? String == installation.id)
+            #expect(body["trigger"] as? String == "echo")
             let issuedAt = try #require((body["issuedAt"] as? NSNumber)?.int64Value)
             let expiresAt = try #require((body["expiresAt"] as? NSNumber)?.int64Value)
             #expect((9...11).contains(expiresAt - issuedAt))
@@ -95,10 +96,13 @@ struct InvokeIntegrationTests {
             let record = try await h.gateway.store.installation(installation.installationID)
             #expect(parsed.keyId == record?.triggerKeyId)
 
-            // The emulator really checks: the same call replayed verifies, a tampered body does not.
+            // The emulator really checks: the same call replayed verifies, a tampered body does not,
+            // and the call sent on to another trigger of the installation (same signing key) is
+            // refused: it names the trigger it was signed for.
             let url = try #require(h.emulator.namedTriggerURL(for: installation, key: "echo"))
-            func send(_ bytes: Data) async throws -> Int {
-                var request = HTTPClientRequest(url: url)
+            let otherURL = h.emulator.defineNamedTrigger(installation, key: "other")
+            func send(_ bytes: Data, to target: String? = nil) async throws -> Int {
+                var request = HTTPClientRequest(url: target ?? url)
                 request.method = .POST
                 request.headers.add(name: "content-type", value: "application/json")
                 request.headers.add(name: "x-token-gateway-signature", value: header)
@@ -108,6 +112,8 @@ struct InvokeIntegrationTests {
                 return Int(response.status.code)
             }
             #expect(try await send(call.body) == 200)
+            #expect(try await send(call.body, to: otherURL) == 400)
+            #expect(h.emulator.namedTriggerCalls(for: installation, key: "other").last?.signatureValid == true)
             let tampered = Data(
                 String(decoding: call.body, as: UTF8.self).replacingOccurrences(of: "KEY-1", with: "KEY-2").utf8)
             #expect(try await send(tampered) == 401)

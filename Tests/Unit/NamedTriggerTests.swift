@@ -90,11 +90,12 @@ import Testing
         let id = InstallationID("ari:cloud:ecosystem::installation/1b7c3c5e-6a3b-4d4f-9e57-2f4d8c1a0b11")!
         let payload = Array(#"{"b":1,"a":[true,null],"s":"é\n"}"#.utf8)
         let body = NamedTriggerInvoker.body(
-            requestID: "inv_1", installation: id, issuedAt: 1_763_906_400, expiresAt: 1_763_906_410, payload: payload)
+            requestID: "inv_1", installation: id, trigger: "set-value", issuedAt: 1_763_906_400,
+            expiresAt: 1_763_906_410, payload: payload)
         let text = String(decoding: body, as: UTF8.self)
         #expect(
             text
-                == #"{"requestId":"inv_1","installationId":"ari:cloud:ecosystem::installation/1b7c3c5e-6a3b-4d4f-9e57-2f4d8c1a0b11","issuedAt":1763906400,"expiresAt":1763906410,"payload":{"b":1,"a":[true,null],"s":"é\n"}}"#
+                == #"{"requestId":"inv_1","installationId":"ari:cloud:ecosystem::installation/1b7c3c5e-6a3b-4d4f-9e57-2f4d8c1a0b11","trigger":"set-value","issuedAt":1763906400,"expiresAt":1763906410,"payload":{"b":1,"a":[true,null],"s":"é\n"}}"#
         )
         // Signed as the auth trigger is: the emulator's parser and verifier accept it.
         let key = TriggerSigningKey.generate()
@@ -128,11 +129,12 @@ import Testing
     func signedBodyNamesTheIdempotencyKey() {
         let id = InstallationID("ari:cloud:ecosystem::installation/1b7c3c5e-6a3b-4d4f-9e57-2f4d8c1a0b11")!
         let body = NamedTriggerInvoker.body(
-            requestID: "inv_1", installation: id, issuedAt: 1, expiresAt: 2, idempotencyKey: #"order "42""#,
+            requestID: "inv_1", installation: id, trigger: "echo", issuedAt: 1, expiresAt: 2,
+            idempotencyKey: #"order "42""#,
             payload: Array("[]".utf8))
         #expect(
             String(decoding: body, as: UTF8.self)
-                == #"{"requestId":"inv_1","installationId":"ari:cloud:ecosystem::installation/1b7c3c5e-6a3b-4d4f-9e57-2f4d8c1a0b11","issuedAt":1,"expiresAt":2,"idempotencyKey":"order \"42\"","payload":[]}"#
+                == #"{"requestId":"inv_1","installationId":"ari:cloud:ecosystem::installation/1b7c3c5e-6a3b-4d4f-9e57-2f4d8c1a0b11","trigger":"echo","issuedAt":1,"expiresAt":2,"idempotencyKey":"order \"42\"","payload":[]}"#
         )
     }
 

@@ -136,19 +136,22 @@ public struct NamedTriggerInvoker: Sendable {
         self.logger = logger
     }
 
-    /// The exact body bytes of a named-trigger call: `{"requestId", "installationId", "issuedAt",
-    /// "expiresAt", "idempotencyKey" (when the caller sent an `Idempotency-Key`), "payload"}` with
-    /// `payload` the caller's JSON, byte for byte. `idempotencyKey` is the caller's key scoped to
-    /// the caller (hex SHA-256 of its name, a newline and the key: what the gateway keeps answers
-    /// under), signed with the rest, so a function that deduplicates on it can neither be made to
-    /// run a captured call again under another key nor mix up two callers' keys.
+    /// The exact body bytes of a named-trigger call: `{"requestId", "installationId", "trigger",
+    /// "issuedAt", "expiresAt", "idempotencyKey" (when the caller sent an `Idempotency-Key`),
+    /// "payload"}` with `payload` the caller's JSON, byte for byte. `trigger` is the key of the
+    /// trigger called: every named trigger of an installation trusts the same signing key, so a
+    /// function that checks it is its own cannot be sent a call captured on its way to another.
+    /// `idempotencyKey` is the caller's key scoped to the caller (hex SHA-256 of its name, a newline
+    /// and the key: what the gateway keeps answers under), signed with the rest, so a function that
+    /// deduplicates on it can neither be made to run a captured call again under another key nor
+    /// mix up two callers' keys.
     public static func body(
-        requestID: String, installation: InstallationID, issuedAt: Int64, expiresAt: Int64,
+        requestID: String, installation: InstallationID, trigger: String, issuedAt: Int64, expiresAt: Int64,
         idempotencyKey: String? = nil, payload: [UInt8]
     ) -> [UInt8] {
         var fields: [(String, JSONValue)] = [
             ("requestId", .string(requestID)), ("installationId", .string(installation.ari)),
-            ("issuedAt", .int(issuedAt)), ("expiresAt", .int(expiresAt)),
+            ("trigger", .string(trigger)), ("issuedAt", .int(issuedAt)), ("expiresAt", .int(expiresAt)),
         ]
         if let idempotencyKey { fields.append(("idempotencyKey", .string(idempotencyKey))) }
         var head = Array(JSONValue.object(fields).serialized().utf8)

@@ -280,7 +280,7 @@ extension Gateway {
         let now = FlowTime.now()
         let expiresAt = now + ContinuousClock.now.duration(to: deadline)
         let body = NamedTriggerInvoker.body(
-            requestID: requestID, installation: id, issuedAt: now.unixSeconds,
+            requestID: requestID, installation: id, trigger: key, issuedAt: now.unixSeconds,
             expiresAt: (expiresAt.nanoseconds + 999_999_999) / 1_000_000_000, idempotencyKey: claim?.digest,
             payload: payload)
         let callStarted = ContinuousClock.now
