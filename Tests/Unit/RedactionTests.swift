@@ -24,6 +24,18 @@ struct RedactionTests {
         }
     }
 
+    @Test("a token, and an answer or probe that holds one, never shows its value")
+    func accessToken() {
+        let token = AccessToken(value: "tok-secret-value", expiresAt: 1_800_000_000, requestID: "rq_1")
+        let answer = TokenAnswer(token: token, source: .cache, apiBaseUrl: "https://api.atlassian.com/ex/jira/1")
+        for value in [token, answer] as [Any] {
+            for text in Self.printed(value) {
+                #expect(!text.contains("tok-secret-value"), "\(text)")
+                #expect(text.contains("1800000000"), "\(text)")
+            }
+        }
+    }
+
     @Test("an exchange's outcome never shows the user token")
     func exchangeOutcome() {
         let outcome = OfflineUserAuthTokenClient.Outcome.token(value: "utok-secret-value", ttl: 900)

@@ -1,7 +1,9 @@
 /// An access token as the gateway holds it: the opaque value and its expiry.
 ///
-/// `description` never shows the value.
-public struct AccessToken: Hashable, Sendable, CustomStringConvertible, CustomDebugStringConvertible {
+/// Its printed and reflected forms (`description`, `dump`, a mirror) never show the value.
+public struct AccessToken: Hashable, Sendable, CustomStringConvertible, CustomDebugStringConvertible,
+    CustomReflectable
+{
     /// The token itself. A secret: never log it.
     public let value: String
     /// Unix seconds of the token's `exp` claim.
@@ -32,6 +34,11 @@ public struct AccessToken: Hashable, Sendable, CustomStringConvertible, CustomDe
 
     public var description: String { "AccessToken(expiresAt: \(self.expiresAt), redacted)" }
     public var debugDescription: String { self.description }
+    public var customMirror: Mirror {
+        Mirror(
+            self, children: ["expiresAt": self.expiresAt, "requestID": self.requestID as Any, "value": "redacted"],
+            displayStyle: .struct)
+    }
 }
 
 /// Where a token handed to a caller came from (contract §2 `source`).
