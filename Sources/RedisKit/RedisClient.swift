@@ -148,6 +148,8 @@ public final class RedisClient: Sendable, Service {
 
     /// Sends `PING` and checks the answer. With a cluster, to every primary of the slot map at
     /// once, and the map must assign every hash slot: the store answers only when every key does.
+    /// A map known to be out of date (a node failed since) is asked for again first; a primary
+    /// that does not answer in time has the map asked for again in the background, for the next ping.
     ///
     /// - Throws: as ``send(_:timeout:)``; ``RedisError/protocolError`` if an answer is not `PONG`;
     ///   ``RedisError/unavailable`` if the cluster leaves a slot without a primary.
@@ -159,9 +161,17 @@ public final class RedisClient: Sendable, Service {
         }
         let deadline = self.deadline(timeout)
         do {
+            if cluster.isMapStale {
+                try? await cluster.rediscover(deadline: deadline)
+            }
             do {
                 try await Self.pingEveryPrimary(cluster, deadline: deadline)
-            } catch let error as RedisError where error != .timeout {
+            } catch let error as RedisError where error == .timeout {
+                // A primary that answers nothing (hung, or its packets dropped) may have failed over; no
+                // time is left for the map here, so it is asked for with a budget of its own.
+                cluster.rediscoverInBackground()
+                throw error
+            } catch is RedisError {
                 // The map may still name a primary that has failed over (nothing else asked since):
                 // ask the cluster for it once more, then ping the primaries it names now.
                 try await cluster.rediscover(deadline: deadline)

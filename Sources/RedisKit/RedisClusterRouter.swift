@@ -9,6 +9,10 @@ final class RedisClusterRouter: Sendable {
     static let maximumRounds = 32
     /// Pause before sending again a command that a node could not take (failover or resharding in progress).
     static let retryPause: Duration = .milliseconds(50)
+    /// How long one node is given to answer a slot-map query before the next candidate is asked too (a node
+    /// that fails lets the next one start at once): a hung node delays a refresh by this much, not by its
+    /// connect timeout.
+    static let mapQueryStagger: Duration = .milliseconds(100)
 
     private struct State {
         var machine: RedisClusterStateMachine
@@ -168,6 +172,7 @@ final class RedisClusterRouter: Sendable {
             switch result {
             case .success(let nodeReplies):
                 self.state.withLock { state in
+                    state.machine.nodeAnswered(node)
                     for (item, reply) in zip(items, nodeReplies) {
                         switch state.machine.replyReceived(reply, from: node) {
                         case .done:
@@ -208,13 +213,13 @@ final class RedisClusterRouter: Sendable {
         if let thrown {
             // Commands may have run on the failed node: not repeated. The map is looked at again in the
             // background so that the next command goes to the right node.
-            Task { try? await self.rediscover(deadline: .now() + TimeAmount(self.configuration.connectTimeout)) }
+            self.rediscoverInBackground()
             throw thrown
         }
         // A slot moved: the redirected commands follow it now; the rest of the map is refreshed in the
         // background (at most every minimum interval), so other moved slots do not each cost a `MOVED`.
         if moved, self.state.withLock({ $0.machine.backgroundRediscoveryDue(now: .now()) }) {
-            Task { try? await self.rediscover(deadline: .now() + TimeAmount(self.configuration.connectTimeout)) }
+            self.rediscoverInBackground()
         }
         return shouldRediscover
     }
@@ -274,6 +279,13 @@ final class RedisClusterRouter: Sendable {
             return
         }
         try await Task.sleep(for: min(Self.retryPause, Duration.nanoseconds(remaining.nanoseconds)))
+    }
+
+    /// Asks for the slot map in a task of its own, with a connect timeout for a budget, for the commands
+    /// that come next.
+    func rediscoverInBackground() {
+        let deadline = NIODeadline.now() + TimeAmount(self.configuration.connectTimeout)
+        Task { try? await self.rediscover(deadline: deadline) }
     }
 
     /// Asks the known nodes, then the seeds, for the slot map (`CLUSTER SHARDS`, or `CLUSTER SLOTS` on servers
@@ -358,44 +370,51 @@ final class RedisClusterRouter: Sendable {
         }
     }
 
-    /// The slot map as the first node that gives a complete one tells it; `CLUSTER SLOTS` when `CLUSTER SHARDS`
-    /// is refused or leaves slots without a primary (some Redis 7 releases report a failed-over shard with no
-    /// slots). When no node gives a complete map, the one covering most slots.
+    /// The slot map as the first node that gives a complete one tells it. The candidates are asked in
+    /// their order, staggered: the next one when the one before fails or has not answered within
+    /// ``mapQueryStagger``, so a node that hangs (its process stopped, its packets dropped) costs a refresh
+    /// that long and not its whole budget. When no node gives a complete map, the one covering most slots.
     private func fetchMap(from candidates: [RedisNodeAddress], deadline: NIODeadline) async throws -> RedisHashSlotMap {
+        enum Event: Sendable {
+            case answered(RedisHashSlotMap?)
+            case staggerElapsed(Int)
+        }
         let eventLoop = self.eventLoopGroup.any()
-        var best: RedisHashSlotMap?
-        for node in candidates {
-            try Task.checkCancellation()
-            let connectDeadline = min(deadline, .now() + TimeAmount(self.configuration.connectTimeout))
-            guard let connection = try? await self.connector.connect(to: node, on: eventLoop, deadline: connectDeadline)
-            else {
-                continue
+        let best = await withTaskGroup(of: Event.self) { group -> RedisHashSlotMap? in
+            var waiting = candidates[...]
+            var asking = 0
+            var timer = 0
+            func askNext(_ group: inout TaskGroup<Event>) {
+                guard let node = waiting.popFirst() else { return }
+                asking += 1
+                group.addTask { .answered(await self.askForMap(node, on: eventLoop, deadline: deadline)) }
+                guard !waiting.isEmpty else { return }
+                timer += 1
+                group.addTask { [timer] in
+                    try? await Task.sleep(for: Self.mapQueryStagger)
+                    return .staggerElapsed(timer)
+                }
             }
-            defer { connection.close() }
-            do {
-                let shards = try await connection.send([["CLUSTER", "SHARDS"]], deadline: deadline)[0]
-                var map: RedisHashSlotMap?
-                switch shards {
-                case .error: map = nil  // before Redis 7: CLUSTER SLOTS only
-                default: map = try RedisHashSlotMap.fromClusterShards(shards, tls: self.configuration.tls != nil)
+            askNext(&group)
+            var best: RedisHashSlotMap?
+            while asking > 0, let event = await group.next() {
+                switch event {
+                case .staggerElapsed(let id):
+                    if id == timer { askNext(&group) }
+                case .answered(let map):
+                    asking -= 1
+                    if let map, map.coversAllSlots {
+                        group.cancelAll()
+                        return map
+                    }
+                    if let map, !map.primaries.isEmpty, map.coveredSlotCount > best?.coveredSlotCount ?? 0 {
+                        best = map
+                    }
+                    askNext(&group)
                 }
-                if map?.coversAllSlots != true {
-                    let slots = try await connection.send([["CLUSTER", "SLOTS"]], deadline: deadline)[0]
-                    let fromSlots = try RedisHashSlotMap.fromClusterSlots(slots)
-                    if fromSlots.coveredSlotCount > map?.coveredSlotCount ?? -1 { map = fromSlots }
-                }
-                if let map, map.coversAllSlots {
-                    return map
-                }
-                if let map, !map.primaries.isEmpty, map.coveredSlotCount > best?.coveredSlotCount ?? 0 {
-                    best = map
-                }
-            } catch let error as RedisError {
-                self.logger.debug(
-                    "Redis Cluster node did not give the slot map",
-                    metadata: ["redis.address": "\(node)", "redis.error": "\(error)"]
-                )
             }
+            group.cancelAll()
+            return best
         }
         if let best {
             self.logger.warning(
@@ -403,8 +422,44 @@ final class RedisClusterRouter: Sendable {
                 metadata: ["redis.slots.covered": "\(best.coveredSlotCount)"])
             return best
         }
+        try Task.checkCancellation()
         self.logger.warning("No Redis Cluster node gave the slot map")
         throw RedisError.unavailable
+    }
+
+    /// One node's slot map (`CLUSTER SHARDS`, or `CLUSTER SLOTS` on servers without it or when it
+    /// leaves slots without a primary: some Redis 7 releases report a failed-over shard with no slots);
+    /// nil when the node cannot be reached or does not answer. A node that fails is remembered as such.
+    private func askForMap(
+        _ node: RedisNodeAddress, on eventLoop: any EventLoop, deadline: NIODeadline
+    ) async -> RedisHashSlotMap? {
+        let connectDeadline = min(deadline, .now() + TimeAmount(self.configuration.connectTimeout))
+        do {
+            let connection = try await self.connector.connect(to: node, on: eventLoop, deadline: connectDeadline)
+            defer { connection.close() }
+            let shards = try await connection.send([["CLUSTER", "SHARDS"]], deadline: deadline)[0]
+            var map: RedisHashSlotMap?
+            switch shards {
+            case .error: map = nil  // before Redis 7: CLUSTER SLOTS only
+            default: map = try RedisHashSlotMap.fromClusterShards(shards, tls: self.configuration.tls != nil)
+            }
+            if map?.coversAllSlots != true {
+                let slots = try await connection.send([["CLUSTER", "SLOTS"]], deadline: deadline)[0]
+                let fromSlots = try RedisHashSlotMap.fromClusterSlots(slots)
+                if fromSlots.coveredSlotCount > map?.coveredSlotCount ?? -1 { map = fromSlots }
+            }
+            self.state.withLock { $0.machine.nodeAnswered(node) }
+            return map
+        } catch {
+            // Asked no more (another node answered first, or the refresh ended): no fault of the node.
+            guard !Task.isCancelled, !(error is CancellationError) else { return nil }
+            self.state.withLock { $0.machine.nodeUnreachable(node) }
+            self.logger.debug(
+                "Redis Cluster node did not give the slot map",
+                metadata: ["redis.address": "\(node)", "redis.error": "\(error)"]
+            )
+            return nil
+        }
     }
 
     /// The primary the slot map names for `slot` (nil without a map).
@@ -441,13 +496,19 @@ final class RedisClusterRouter: Sendable {
         self.state.withLock { $0.machine.map?.coversAllSlots ?? false }
     }
 
-    /// Sends a keyless command (`SCAN`) to one given primary.
+    /// Sends a keyless command (`SCAN`, `PING`) to one given primary. A node that cannot be reached or
+    /// does not answer in time counts as failed (the map is stale, the node asked for it last).
     func send(_ command: [String], to node: RedisNodeAddress, deadline: NIODeadline) async throws -> RedisValue {
         do {
-            return try await self.send([command], [Item(index: 0, asking: false)], to: node, deadline: deadline)[0]
+            let reply = try await self.send([command], [Item(index: 0, asking: false)], to: node, deadline: deadline)[0]
+            self.state.withLock { $0.machine.nodeAnswered(node) }
+            return reply
         } catch let notSent as NotSent {
             self.state.withLock { $0.machine.nodeUnreachable(node) }
             throw notSent.error
+        } catch let error as RedisError where error.isConnectionFailure || error == .timeout {
+            self.state.withLock { $0.machine.nodeUnreachable(node) }
+            throw error
         }
     }
 

@@ -42,6 +42,9 @@ struct RedisClusterStateMachine: Sendable {
     private(set) var isStale = true
     private(set) var isRediscovering = false
     private var lastRediscoveryStart: NIODeadline?
+    /// Nodes that failed (no connection, no answer) since they last answered: asked for the topology
+    /// last, so a hung former primary does not hold up finding its successor.
+    private(set) var unreachable: Set<RedisNodeAddress> = []
 
     /// - Parameters:
     ///   - seeds: the nodes named in the configuration; asked when the known nodes do not answer.
@@ -101,9 +104,17 @@ struct RedisClusterStateMachine: Sendable {
         return now >= last + self.minimumRediscoveryInterval
     }
 
-    /// A node could not be reached (connect failed, or the connection was lost).
+    /// A node could not be reached (connect failed, the connection was lost, or it did not answer in time).
     mutating func nodeUnreachable(_ node: RedisNodeAddress) {
         self.isStale = true
+        self.unreachable.insert(node)
+    }
+
+    /// A node answered: it is asked in its usual place again.
+    mutating func nodeAnswered(_ node: RedisNodeAddress) {
+        if !self.unreachable.isEmpty {
+            self.unreachable.remove(node)
+        }
     }
 
     /// A slot map is wanted (none yet, or it is stale).
@@ -124,6 +135,9 @@ struct RedisClusterStateMachine: Sendable {
         let previous = Set(self.map?.primaries ?? [])
         self.map = map
         self.isRediscovering = false
+        // Only nodes still known are remembered (the set stays as small as the cluster).
+        let known = Set(map.primaries + map.shards.flatMap(\.replicas) + self.seeds)
+        self.unreachable.formIntersection(known)
         // A map that leaves slots unserved (a primary failed, no replica promoted yet) stays open to question.
         self.isStale = !map.coversAllSlots
         return previous.subtracting(map.primaries).sorted { $0.description < $1.description }
@@ -136,14 +150,19 @@ struct RedisClusterStateMachine: Sendable {
     }
 
     /// Where to ask for the topology: the known primaries, then their replicas, then the configured seeds;
-    /// each once.
+    /// each once, and the nodes that failed since they last answered after all the others.
     var candidates: [RedisNodeAddress] {
         var seen: Set<RedisNodeAddress> = []
         var result: [RedisNodeAddress] = []
+        var failed: [RedisNodeAddress] = []
         let known = (self.map?.primaries ?? []) + (self.map?.shards.flatMap(\.replicas) ?? [])
         for node in known + self.seeds where seen.insert(node).inserted {
-            result.append(node)
+            if self.unreachable.contains(node) {
+                failed.append(node)
+            } else {
+                result.append(node)
+            }
         }
-        return result
+        return result + failed
     }
 }

@@ -488,6 +488,43 @@ struct RedisDeploymentTests {
         for node in cluster.nodes { await node.stop() }
     }
 
+    @Test(
+        "Redis Cluster: the primary owning slot 0 hangs (SIGSTOP) and its replica takes over: the readiness ping (500 ms) answers again within a few attempts",
+        .timeLimit(.minutes(3)))
+    func clusterHungPrimaryFailover() async throws {
+        let cluster = try await RedisClusterProcesses.start()
+        let client = RedisClient(configuration: try RedisConfiguration(url: cluster.url), logger: Self.logger)
+        try await client.ping(timeout: .seconds(2))
+        let hungPort = try #require(try Self.primaryPort(owning: 0, cluster: cluster))
+        let hung = try #require(cluster.index(ofPort: hungPort))
+        let live = cluster.nodes.indices.filter { $0 != hung }.map { cluster.nodes[$0].port }
+        cluster.nodes[hung].pause()
+        // Every other node names a new owner of slot 0 (the hung primary's replica, promoted).
+        #expect(
+            await RedisClientTests.eventually(within: .seconds(30)) {
+                live.allSatisfy { port in
+                    let owner = try? Self.primaryPort(owning: 0, cluster: cluster, asking: port)
+                    return owner != nil && owner != hungPort
+                }
+            })
+        // The readiness probe's timeout: the client's map still names the hung node, which
+        // answers nothing; the map is asked for again from the nodes that answer.
+        var failures: [String] = []
+        for _ in 0..<4 {
+            do {
+                try await client.ping(timeout: .milliseconds(500))
+                break
+            } catch {
+                failures.append("\(error)")
+            }
+        }
+        #expect(failures.count < 4, "\(failures)")
+        #expect(client.cluster?.primary(forSlot: 0)?.port != hungPort)
+        await client.shutdown()
+        cluster.nodes[hung].resume()
+        for node in cluster.nodes { await node.kill() }
+    }
+
     /// A caller cancelled while its command is in flight (a `BLPOP` that waits) gets
     /// `CancellationError`, and its node does not count as failed: the map stays as it is.
     static func expectACancelledCallerFailsNoNode(_ client: RedisClient, _ router: RedisClusterRouter) async throws {
@@ -633,9 +670,9 @@ struct RedisDeploymentTests {
         }
     }
 
-    /// The port of the primary that owns `slot`, from `CLUSTER NODES`.
-    static func primaryPort(owning slot: Int, cluster: RedisClusterProcesses) throws -> Int? {
-        let nodesText = try redisCLI(["-p", "\(cluster.nodes[0].port)", "CLUSTER", "NODES"])
+    /// The port of the primary that owns `slot`, from `CLUSTER NODES` (of node 0, or of the node at `port`).
+    static func primaryPort(owning slot: Int, cluster: RedisClusterProcesses, asking port: Int? = nil) throws -> Int? {
+        let nodesText = try redisCLI(["-p", "\(port ?? cluster.nodes[0].port)", "CLUSTER", "NODES"])
         return
             nodesText.split(separator: "\n").compactMap { line -> Int? in
                 let fields = line.split(separator: " ")

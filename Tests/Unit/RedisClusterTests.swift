@@ -299,6 +299,27 @@ import Testing
         #expect(!machine.isRediscovering)
     }
 
+    @Test(
+        "a node that failed is asked for the slot map after every other, until it answers again; only nodes still known are remembered"
+    )
+    func aFailedNodeIsAskedLast() {
+        var machine = Self.known()
+        machine.nodeUnreachable(Self.a)
+        #expect(machine.isStale)
+        #expect(machine.candidates == [Self.b, Self.replicaOfA, Self.seed, Self.a])
+        machine.nodeAnswered(Self.a)
+        #expect(machine.candidates == [Self.a, Self.b, Self.replicaOfA, Self.seed])
+        // a fails over to its replica and leaves the cluster: it is forgotten with the map that drops it.
+        machine.nodeUnreachable(Self.a)
+        _ = machine.rediscoveryRequested(now: Self.now + .milliseconds(200))
+        let promoted = RedisHashSlotMap(shards: [
+            .init(primary: Self.replicaOfA, slots: [0...8191]), .init(primary: Self.b, slots: [8192...16383]),
+        ])
+        _ = machine.rediscoverySucceeded(promoted)
+        #expect(machine.unreachable.isEmpty)
+        #expect(machine.candidates == [Self.replicaOfA, Self.b, Self.seed])
+    }
+
     @Test func anIncompleteMapStaysStaleAndAFailedRediscoveryCanBeRetried() {
         var machine = Machine(seeds: [Self.seed])
         _ = machine.rediscoveryRequested(now: Self.now)

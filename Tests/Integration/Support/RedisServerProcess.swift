@@ -246,6 +246,17 @@ final class RedisServerProcess: Sendable {
         await self.terminate(signal: SIGKILL)
     }
 
+    /// Stops the process with SIGSTOP, as a hung host: the kernel still accepts connections into its
+    /// listen backlog, but nothing is answered. ``resume()`` (or ``kill()``) ends it.
+    func pause() {
+        self.process.withLock { $0 }?.signal(SIGSTOP)
+    }
+
+    /// Continues a process stopped with ``pause()``.
+    func resume() {
+        self.process.withLock { $0 }?.signal(SIGCONT)
+    }
+
     /// Starts the server again on the same port, with the same arguments and directory, after stopping it if it
     /// still runs; returns once it answers `PING`.
     func restart() async throws {
