@@ -19,6 +19,8 @@ final class RedisClusterRouter: Sendable {
         var pools: [RedisNodeAddress: RedisConnectionPool] = [:]
         /// Completed when the running rediscovery ends (successfully or not).
         var rediscovery: EventLoopPromise<Void>?
+        /// Callers waiting for the running rediscovery, besides the one that started it.
+        var rediscoveryWaiters = 0
         /// Pools of nodes that left the map, closed once commands already sent to them are answered.
         var retiring: [ObjectIdentifier: RedisConnectionPool] = [:]
         var isShutDown = false
@@ -297,13 +299,16 @@ final class RedisClusterRouter: Sendable {
         let (decision, promise) = self.state.withLock {
             state -> (RedisClusterStateMachine.Rediscovery, EventLoopPromise<Void>?) in
             let decision = state.machine.rediscoveryRequested(now: .now())
-            if case .start = decision {
-                state.rediscovery = self.eventLoopGroup.any().makePromise(of: Void.self)
+            switch decision {
+            case .start: state.rediscovery = self.eventLoopGroup.any().makePromise(of: Void.self)
+            case .join: state.rediscoveryWaiters += 1
+            case .wait: break
             }
             return (decision, state.rediscovery)
         }
         switch decision {
         case .join:
+            defer { self.state.withLock { $0.rediscoveryWaiters -= 1 } }
             guard let promise else {
                 return
             }
@@ -315,38 +320,53 @@ final class RedisClusterRouter: Sendable {
                 try await Task.sleep(for: .nanoseconds(pause.nanoseconds))
             }
         case .start(let candidates):
-            let result: Result<RedisHashSlotMap, any Error>
-            do {
-                result = .success(try await self.fetchMap(from: candidates, deadline: deadline))
-            } catch {
-                result = .failure(error)
+            guard let promise else {
+                return
             }
-            let removed = self.state.withLock { state -> [RedisConnectionPool] in
-                state.rediscovery = nil
-                switch result {
-                case .success(let map):
-                    let gone = state.machine.rediscoverySucceeded(map)
-                    return gone.compactMap { state.pools.removeValue(forKey: $0) }
-                case .failure:
-                    state.machine.rediscoveryFailed()
-                    return []
-                }
-            }
-            self.retire(removed)
+            // The refresh runs in a task of its own, with at least a connect timeout: a caller that gives
+            // up (cancelled, or at its deadline) ends its own wait only, and whoever joined gets the
+            // refresh's outcome, never that caller's cancellation.
+            let budget = max(deadline, .now() + TimeAmount(self.configuration.connectTimeout))
+            Task { await self.refresh(asking: candidates, deadline: budget, promise: promise) }
+            try await promise.futureResult.awaitRedisResult(deadline: deadline, timeoutError: .timeout)
+        }
+    }
+
+    /// Fetches the slot map, takes it (retiring the pools of former primaries) and completes `promise`
+    /// with the outcome: ``RedisError/unavailable`` when no node gave a map.
+    private func refresh(asking candidates: [RedisNodeAddress], deadline: NIODeadline, promise: EventLoopPromise<Void>)
+        async
+    {
+        let result: Result<RedisHashSlotMap, any Error>
+        do {
+            result = .success(try await self.fetchMap(from: candidates, deadline: deadline))
+        } catch {
+            result = .failure(error)
+        }
+        let removed = self.state.withLock { state -> [RedisConnectionPool] in
+            state.rediscovery = nil
             switch result {
             case .success(let map):
-                promise?.succeed()
-                self.logger.info(
-                    "Redis Cluster slot map",
-                    metadata: [
-                        "redis.cluster.primaries": "\(map.primaries.map(\.description).joined(separator: ","))",
-                        "redis.cluster.complete": "\(map.coversAllSlots)",
-                    ]
-                )
-            case .failure(let error):
-                promise?.fail(error)
-                throw error
+                let gone = state.machine.rediscoverySucceeded(map)
+                return gone.compactMap { state.pools.removeValue(forKey: $0) }
+            case .failure:
+                state.machine.rediscoveryFailed()
+                return []
             }
+        }
+        self.retire(removed)
+        switch result {
+        case .success(let map):
+            promise.succeed()
+            self.logger.info(
+                "Redis Cluster slot map",
+                metadata: [
+                    "redis.cluster.primaries": "\(map.primaries.map(\.description).joined(separator: ","))",
+                    "redis.cluster.complete": "\(map.coversAllSlots)",
+                ]
+            )
+        case .failure(let error):
+            promise.fail(error as? RedisError ?? RedisError.unavailable)
         }
     }
 
@@ -489,6 +509,11 @@ final class RedisClusterRouter: Sendable {
     /// asked for again.
     var isMapStale: Bool {
         self.state.withLock { $0.machine.isStale }
+    }
+
+    /// How many callers wait for the slot-map refresh under way, besides the one that started it.
+    var callersWaitingForRediscovery: Int {
+        self.state.withLock { $0.rediscoveryWaiters }
     }
 
     /// Whether the slot map assigns every hash slot to a primary (false without a map).

@@ -525,6 +525,30 @@ struct RedisDeploymentTests {
         for node in cluster.nodes { await node.kill() }
     }
 
+    @Test(
+        "Redis Cluster: a slot-map refresh whose first caller is cancelled still ends for the callers waiting on it, with a RedisError, never the first caller's cancellation"
+    )
+    func aCancelledRefreshLeaderLeavesTheOthersARedisError() async throws {
+        let silent = [try await SilentServer.start(), try await SilentServer.start()]
+        var configuration = try RedisConfiguration(
+            url: "redis-cluster://" + silent.map { "127.0.0.1:\($0.port)" }.joined(separator: ","))
+        configuration.connectTimeout = .seconds(2)
+        let client = RedisClient(configuration: configuration, logger: Self.logger)
+        let router = try #require(client.cluster)
+        let leader = Task { try await router.rediscover(deadline: .now() + .seconds(3)) }
+        // The leader is asking the first seed (which never answers)…
+        #expect(await RedisClientTests.eventually { silent[0].accepted == 1 })
+        // …when another caller joins its refresh.
+        let follower = Task { try await router.rediscover(deadline: .now() + .seconds(10)) }
+        #expect(await RedisClientTests.eventually { router.callersWaitingForRediscovery == 1 })
+        leader.cancel()
+        await #expect(throws: CancellationError.self) { try await leader.value }
+        let error = await #expect(throws: RedisError.self) { try await follower.value }
+        #expect(error == .unavailable)
+        await client.shutdown()
+        for server in silent { await server.stop() }
+    }
+
     /// A caller cancelled while its command is in flight (a `BLPOP` that waits) gets
     /// `CancellationError`, and its node does not count as failed: the map stays as it is.
     static func expectACancelledCallerFailsNoNode(_ client: RedisClient, _ router: RedisClusterRouter) async throws {
