@@ -177,10 +177,9 @@ public final class RedisClient: Sendable, Service {
                 try await cluster.rediscover(deadline: deadline)
                 try await Self.pingEveryPrimary(cluster, deadline: deadline)
             }
-        } catch let error as RedisError where error.isConnectionFailure || error == .timeout {
+        } catch let error as RedisError where error.meansStoreCannotServe {
             // Counted as a failed command is: a readiness probe that fails is a store error.
-            self.availability.isAvailable.store(false, ordering: .relaxed)
-            self.errors.increment()
+            self.storeFailed(error)
             throw error
         }
     }
@@ -194,6 +193,7 @@ public final class RedisClient: Sendable, Service {
             for primary in primaries {
                 group.addTask {
                     let reply = try await cluster.send(["PING"], to: primary, deadline: deadline)
+                    if case .error(let message) = reply { throw RedisError.server(message) }
                     guard reply.string == "PONG" else { throw RedisError.protocolError }
                 }
             }
@@ -259,13 +259,12 @@ public final class RedisClient: Sendable, Service {
             reply = try await cluster.send(
                 ["SCAN", nodeCursor, "MATCH", pattern, "COUNT", String(count)], to: shard.primary, deadline: deadline
             )
-        } catch let error as RedisError where error.isConnectionFailure || error == .timeout {
-            self.availability.isAvailable.store(false, ordering: .relaxed)
-            self.errors.increment()
+            if case .error(let message) = reply {
+                throw RedisError.server(message)
+            }
+        } catch let error as RedisError where error.meansStoreCannotServe {
+            self.storeFailed(error)
             throw error
-        }
-        if case .error(let message) = reply {
-            throw RedisError.server(message)
         }
         let (next, keys) = try Self.scanReply(reply)
         if next != "0" {
@@ -342,23 +341,36 @@ public final class RedisClient: Sendable, Service {
             throw RedisError.invalidCommand
         }
         do {
+            let replies: [RedisValue]
             if let cluster = self.cluster {
-                let replies = try await cluster.execute(commands, deadline: deadline)
+                replies = try await cluster.execute(commands, deadline: deadline)
                 self.availability.isAvailable.store(true, ordering: .relaxed)
-                return replies
+            } else {
+                let connection = try await self.pool.connection(deadline: deadline)
+                replies = try await connection.send(commands, deadline: deadline)
+                self.availability.isAvailable.store(true, ordering: .relaxed)
+                if replies.contains(where: { RedisError.isReadOnlyReply($0) }) {
+                    self.primaryDemoted()
+                }
             }
-            let connection = try await self.pool.connection(deadline: deadline)
-            let replies = try await connection.send(commands, deadline: deadline)
-            self.availability.isAvailable.store(true, ordering: .relaxed)
-            if replies.contains(where: { RedisError.isReadOnlyReply($0) }) {
-                self.primaryDemoted()
+            // A refusal in the replies (out of memory, a permission the user lacks…): one store error per call.
+            if replies.contains(where: { $0.errorMessage.map(RedisError.meansStoreCannotServe) ?? false }) {
+                self.errors.increment()
             }
             return replies
-        } catch let error as RedisError where error.isConnectionFailure || error == .timeout {
-            self.availability.isAvailable.store(false, ordering: .relaxed)
-            self.errors.increment()
+        } catch let error as RedisError where error.meansStoreCannotServe {
+            self.storeFailed(error)
             throw error
         }
+    }
+
+    /// A call failed because the store cannot serve: counted; when Redis was not reached (not an
+    /// error reply), it is also marked unavailable.
+    private func storeFailed(_ error: RedisError) {
+        if !error.isServerError {
+            self.availability.isAvailable.store(false, ordering: .relaxed)
+        }
+        self.errors.increment()
     }
 
     private func deadline(_ timeout: Duration?) -> NIODeadline {
@@ -368,7 +380,10 @@ public final class RedisClient: Sendable, Service {
 
 /// The names of the metrics a ``RedisClient`` emits.
 public struct RedisMetricNames: Sendable, Hashable {
-    /// Counter of commands and pipelines that failed because Redis was unreachable or did not answer in time.
+    /// Counter of commands and pipelines that failed because the store cannot serve: Redis was
+    /// unreachable or did not answer in time, or refused with an error reply that says so whatever the
+    /// command (``RedisError/meansStoreCannotServe``: out of memory, a replica or a cluster not ready, a
+    /// permission the ACL user lacks…). One per call, however many of its commands failed.
     public var errors: String
 
     /// - Parameter errors: default `redis_client_errors_total`.
@@ -378,6 +393,34 @@ public struct RedisMetricNames: Sendable, Hashable {
 }
 
 extension RedisError {
+    /// Error codes that say the store cannot serve now, whatever the command: out of memory (`OOM`),
+    /// a write sent to a replica (`READONLY`), a cluster or replica not ready (`CLUSTERDOWN`, `TRYAGAIN`,
+    /// `LOADING`, `MASTERDOWN`, `NOREPLICAS`), snapshots failing (`MISCONF`), a script running too
+    /// long (`BUSY`), or the ACL user lacking a permission (`NOPERM`, `NOAUTH`).
+    static let storeRefusalCodes: Set<Substring> = [
+        "OOM", "READONLY", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "MASTERDOWN", "NOREPLICAS", "MISCONF", "BUSY",
+        "NOPERM", "NOAUTH",
+    ]
+
+    /// Whether an error reply is one of ``storeRefusalCodes``, also when raised inside a script (Redis
+    /// 6 wraps it: `ERR Error running script (call to f_…): @user_script:1: -OOM …`).
+    static func meansStoreCannotServe(_ message: String) -> Bool {
+        if Self.storeRefusalCodes.contains(message.prefix(while: { $0 != " " })) {
+            return true
+        }
+        guard message.hasPrefix("ERR Error running script") else {
+            return false
+        }
+        return Self.storeRefusalCodes.contains { message.contains("-\($0) ") }
+    }
+
+    /// Whether the failure means the store cannot serve (what the client's error counter counts):
+    /// Redis unreachable, too slow, or refusing with one of ``storeRefusalCodes``. An ordinary error
+    /// reply (a wrong type, a script's own error) is an answer, not a store failure.
+    public var meansStoreCannotServe: Bool {
+        self.isConnectionFailure || self == .timeout || (self.serverMessage.map(Self.meansStoreCannotServe) ?? false)
+    }
+
     /// A write refused by a replica: `READONLY …`, or (Redis 6) that error raised inside a script,
     /// `ERR Error running script (call to f_…): @user_script:1: -READONLY …`.
     static func isReadOnlyReply(_ reply: RedisValue) -> Bool {

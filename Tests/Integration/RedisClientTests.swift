@@ -4,6 +4,7 @@ import Foundation
 import Logging
 import NIOCore
 import NIOPosix
+import Prometheus
 import Synchronization
 import Testing
 import TokenGateway
@@ -445,6 +446,59 @@ import TokenGateway
             }
             #expect(!client.isAvailable)
         }
+    }
+
+    @Test(
+        "error replies that mean the store cannot serve (OOM, NOPERM) count as store errors, in commands, pipelines and scripts; an ordinary error reply does not"
+    )
+    func refusalsCountAsStoreErrors() async throws {
+        let server = try await RedisServerProcess.start()
+        let prefix = Self.prefix()
+        try await Self.withClient(url: server.url) { admin in
+            _ = try await admin.send(["ACL", "SETUSER", "no-set", "on", ">no-set-password-1", "~*", "+@all", "-set"])
+        }
+        let registry = PrometheusCollectorRegistry()
+        @Sendable func errors() -> Double? {
+            var text: [UInt8] = []
+            registry.emit(into: &text)
+            return sample(String(decoding: text, as: UTF8.self), "store_errors_total")
+        }
+        let url = "redis://no-set:no-set-password-1@127.0.0.1:\(server.port)/0"
+        let client = RedisClient(
+            configuration: try RedisConfiguration(url: url), logger: Self.logger,
+            metricsFactory: PrometheusMetricsFactory(registry: registry),
+            metricNames: RedisMetricNames(errors: "store_errors_total"))
+        // An ordinary error reply (a wrong argument count) is an answer, not a store error.
+        await #expect(throws: RedisError.self) { try await client.send(["GET", prefix + "a", "b"]) }
+        #expect(errors() == 0)
+        // An ACL user without SET: NOPERM.
+        let refused = await #expect(throws: RedisError.self) { try await client.send(["SET", prefix + "k", "v"]) }
+        #expect(refused?.serverErrorPrefix == "NOPERM")
+        #expect(errors() == 1)
+        // Out of memory (noeviction): a write command, a pipeline holding one, and a script are refused.
+        _ = try await client.send(["CONFIG", "SET", "maxmemory-policy", "noeviction"])
+        _ = try await client.send(["CONFIG", "SET", "maxmemory", "1"])
+        let oom = await #expect(throws: RedisError.self) { try await client.send(["INCR", prefix + "n"]) }
+        #expect(oom?.serverErrorPrefix == "OOM")
+        #expect(errors() == 2)
+        let replies = try await client.pipeline([["GET", prefix + "n"], ["LPUSH", prefix + "l", "x"]])
+        #expect(replies.first == .null)
+        if case .error(let message) = replies.last {
+            #expect(message.hasPrefix("OOM"))
+        } else {
+            Issue.record("the pipeline's LPUSH was not refused: \(replies)")
+        }
+        #expect(errors() == 3)
+        await #expect(throws: RedisError.self) {
+            try await client.eval(
+                RedisScript("return redis.call('INCR', KEYS[1])"), keys: [prefix + "n"], arguments: [])
+        }
+        #expect(errors() == 4)
+        // Reads still answer, and count nothing.
+        #expect(try await client.send(["GET", prefix + "n"]) == .null)
+        #expect(errors() == 4)
+        await client.shutdown()
+        await server.stop()
     }
 
     @Test(

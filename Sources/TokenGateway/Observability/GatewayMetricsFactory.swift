@@ -87,7 +87,8 @@ public struct GatewayMetricsFactory: MetricsFactory {
             "Token requests that joined a round trip already in flight in this replica.",
         "token_gateway_tokens_received_total":
             "Tokens delivered by Forge: solicited (answered a pending request) or pushed.",
-        "token_gateway_store_errors_total": "Redis commands that failed because Redis was unreachable or too slow.",
+        "token_gateway_store_errors_total":
+            "Redis commands that failed because the store cannot serve: unreachable, too slow, or refusing (OOM, NOPERM, READONLY, CLUSTERDOWN, LOADING...).",
         "token_gateway_audit_records_dropped_total":
             "Audit records dropped because the audit buffer was full. Should stay 0.",
         "token_gateway_circuits_open": "Circuits this replica opened whose open window has not ended.",
