@@ -4,6 +4,12 @@ import NIOPosix
 import NIOSSL
 import NIOTLS
 
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif
+
 /// One TCP connection to a Redis server (or sentinel), with pipelined requests.
 final class RedisConnection: Sendable {
     /// The underlying channel; its pipeline ends with a ``RedisChannelHandler``.
@@ -76,7 +82,7 @@ final class RedisConnection: Sendable {
                 connecting.whenSuccess { $0.close(promise: nil) }
                 throw RedisConnectError(kind: .connect, detail: "cancelled")
             }
-            throw RedisConnectError(kind: .connect, detail: "\(error)")
+            throw RedisConnectError(kind: RedisConnectError.kind(of: error), detail: "\(error)")
         }
         do {
             try await handshake.futureResult.awaitRedisResult(deadline: deadline, timeoutError: .timeout)
@@ -148,7 +154,11 @@ final class RedisConnection: Sendable {
 /// credentials.
 struct RedisConnectError: Error, CustomStringConvertible {
     enum Kind {
-        /// TCP connect failed (refused, unreachable, name not found, timed out).
+        /// Nothing listens at the address (`ECONNREFUSED`).
+        case refused
+        /// The host name did not resolve.
+        case nameNotResolved
+        /// TCP connect failed otherwise (unreachable, reset, cancelled).
         case connect
         /// The TLS handshake failed (for example the server's certificate did not verify).
         case tls
@@ -158,8 +168,45 @@ struct RedisConnectError: Error, CustomStringConvertible {
     let kind: Kind
     let detail: String
 
+    /// The kind of a failed TCP connect, from SwiftNIO's error.
+    static func kind(of error: any Error) -> Kind {
+        if case ChannelError.connectTimeout = error {
+            return .timeout
+        }
+        if let error = error as? IOError {
+            return error.errnoCode == ECONNREFUSED ? .refused : .connect
+        }
+        guard let error = error as? NIOConnectionError else {
+            return .connect
+        }
+        let failures = error.connectionErrors.map(\.error)
+        if failures.isEmpty, error.dnsAError != nil || error.dnsAAAAError != nil {
+            return .nameNotResolved
+        }
+        if failures.contains(where: { ($0 as? IOError)?.errnoCode == ECONNREFUSED }) {
+            return .refused
+        }
+        if failures.contains(where: { if case ChannelError.connectTimeout = $0 { true } else { false } }) {
+            return .timeout
+        }
+        return .connect
+    }
+
+    /// The cause a connect failure is reported with.
+    var cause: RedisConnectFailure.Cause {
+        switch self.kind {
+        case .refused: .refused
+        case .nameNotResolved: .dns
+        case .connect: .network
+        case .tls: .tls
+        case .timeout: .timeout
+        }
+    }
+
     var description: String {
         switch self.kind {
+        case .refused: "connection refused: \(self.detail)"
+        case .nameNotResolved: "name not resolved: \(self.detail)"
         case .connect: "connect failed: \(self.detail)"
         case .tls: "TLS handshake failed: \(self.detail)"
         case .timeout: "connect timed out: \(self.detail)"

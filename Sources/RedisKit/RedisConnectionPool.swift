@@ -151,11 +151,16 @@ final class RedisConnectionPool: Sendable {
             }
             if let failure {
                 let retryIn = failure.retryAfter - .now()
-                let metadata: Logger.Metadata = [
+                var metadata: Logger.Metadata = [
                     "redis.error": "\(error)",
                     "redis.connect.failures": "\(failure.failures)",
                     "redis.connect.retry_in_ms": "\(max(retryIn.nanoseconds / 1_000_000, 0))",
                 ]
+                // Why, and where: refused, timed out, a name that did not resolve… (never credentials).
+                if let cause = (error as? RedisError)?.connectFailure {
+                    metadata["redis.cause"] = "\(cause.cause.rawValue)"
+                    metadata["redis.address"] = "\(cause.address)"
+                }
                 // Log the transition once; repeated failures of an outage are debug noise.
                 if failure.failures == 1 {
                     self.logger.warning("Redis connect failed", metadata: metadata)

@@ -32,7 +32,8 @@ struct RedisConnector: Sendable {
                 sentinels: sentinels, masterName: masterName, eventLoop: eventLoop, deadline: deadline)
             guard !named.isEmpty else {
                 self.logger.warning("No Redis sentinel named the primary")
-                throw RedisError.unavailable
+                throw RedisError.unavailable(
+                    .noPrimaryNamed, address: sentinels.map(\.description).joined(separator: ","))
             }
             var failure: any Error = RedisError.unavailable
             for primary in named {
@@ -48,15 +49,17 @@ struct RedisConnector: Sendable {
         case .cluster(let seeds):
             // Without a node named (subscriptions, which may use any node): the first seed that answers,
             // each with a connect timeout of its own (one that drops packets does not use up the others').
+            var failure: any Error = RedisError.unavailable
             for seed in seeds {
                 try Task.checkCancellation()
-                if let connection = try? await self.connect(
-                    to: seed, on: eventLoop, deadline: nil, checkRole: false, pushHandler: pushHandler)
-                {
-                    return connection
+                do {
+                    return try await self.connect(
+                        to: seed, on: eventLoop, deadline: nil, checkRole: false, pushHandler: pushHandler)
+                } catch let error as RedisError {
+                    failure = error
                 }
             }
-            throw RedisError.unavailable
+            throw failure
         }
     }
 
@@ -108,7 +111,7 @@ struct RedisConnector: Sendable {
             } else {
                 self.logger.debug("Redis connect failed", metadata: metadata)
             }
-            throw RedisError.unavailable
+            throw RedisError.unavailable(error.cause, address: "\(node)")
         }
     }
 
@@ -139,7 +142,7 @@ struct RedisConnector: Sendable {
                 "Redis connection handshake failed",
                 metadata: ["redis.address": "\(connection.address)", "redis.error": "\(error)"]
             )
-            throw RedisError.unavailable
+            throw RedisError.unavailable(error == .timeout ? .timeout : .handshake, address: connection.address)
         }
         for (index, reply) in replies.enumerated() {
             guard case .error(let message) = reply else {
@@ -147,6 +150,7 @@ struct RedisConnector: Sendable {
             }
             if authenticates, index == 0, Self.refusesCredentials(message) {
                 self.reportRefusedCredentials(message, address: connection.address)
+                throw RedisError.unavailable(.credentials, address: connection.address)
             } else {
                 // Only the reply's description (no command arguments) is logged; once per outage at
                 // error level (a server at `maxclients` refuses every reconnect the same way).
@@ -159,7 +163,7 @@ struct RedisConnector: Sendable {
                     self.logger.debug("Redis rejected the connection handshake again", metadata: metadata)
                 }
             }
-            throw RedisError.unavailable
+            throw RedisError.unavailable(.rejected, address: connection.address)
         }
         if checkRole {
             let role = replies.last?.array?.first?.string
@@ -168,7 +172,7 @@ struct RedisConnector: Sendable {
                     "Redis node announced as primary is not a primary (failover in progress?)",
                     metadata: ["redis.address": "\(connection.address)", "redis.role": "\(role ?? "unknown")"]
                 )
-                throw RedisError.unavailable
+                throw RedisError.unavailable(.notPrimary, address: connection.address)
             }
         }
     }

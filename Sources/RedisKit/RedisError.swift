@@ -1,7 +1,7 @@
 /// An error from ``RedisClient``.
 ///
 /// `==` compares the kind of error and, for ``server(_:)``, the error reply's text.
-/// The description never contains command arguments.
+/// The description never contains command arguments or credentials.
 public struct RedisError: Error, Hashable, CustomStringConvertible {
     private enum Code: Hashable {
         case unavailable
@@ -19,9 +19,27 @@ public struct RedisError: Error, Hashable, CustomStringConvertible {
     /// `nil` for every other error.
     public let serverMessage: String?
 
-    private init(code: Code, serverMessage: String? = nil) {
+    /// Why connecting failed, for an ``unavailable`` error made where the connect failed (not compared).
+    let connectFailure: RedisConnectFailure?
+
+    private init(code: Code, serverMessage: String? = nil, connectFailure: RedisConnectFailure? = nil) {
         self.code = code
         self.serverMessage = serverMessage
+        self.connectFailure = connectFailure
+    }
+
+    /// ``unavailable``, saying why connecting to `address` failed.
+    static func unavailable(_ cause: RedisConnectFailure.Cause, address: String) -> RedisError {
+        RedisError(code: .unavailable, connectFailure: RedisConnectFailure(cause: cause, address: address))
+    }
+
+    public static func == (lhs: RedisError, rhs: RedisError) -> Bool {
+        lhs.code == rhs.code && lhs.serverMessage == rhs.serverMessage
+    }
+
+    public func hash(into hasher: inout Hasher) {
+        hasher.combine(self.code)
+        hasher.combine(self.serverMessage)
     }
 
     /// Redis cannot be reached and the command was not sent: connecting failed, the connection was already
@@ -69,7 +87,8 @@ public struct RedisError: Error, Hashable, CustomStringConvertible {
     public var description: String {
         switch self.code {
         case .unavailable:
-            return "Redis is unavailable"
+            guard let failure = self.connectFailure else { return "Redis is unavailable" }
+            return "Redis is unavailable: \(failure)"
         case .connectionLost:
             return "the Redis connection was lost with the command in flight (it may have run)"
         case .timeout:
@@ -96,5 +115,50 @@ public struct RedisError: Error, Hashable, CustomStringConvertible {
             return text.prefix(200) + "…"
         }
         return String(text)
+    }
+}
+
+/// Why a connection to Redis could not be made: a cause from a fixed set, for logs and metrics, and
+/// the address tried (`host:port`, or the sentinels'); never credentials.
+struct RedisConnectFailure: Sendable, CustomStringConvertible {
+    enum Cause: String, Sendable {
+        /// Nothing listens at the address (`ECONNREFUSED`).
+        case refused
+        /// The host name did not resolve.
+        case dns
+        /// No connection, or no answer to the handshake, within the connect timeout.
+        case timeout
+        /// Another network error (unreachable host or network, reset).
+        case network
+        /// The TLS handshake failed (a certificate that does not verify, …).
+        case tls
+        /// The connection closed or broke during the handshake.
+        case handshake
+        /// The server answered the handshake with an error (`maxclients` reached, protected mode, …).
+        case rejected
+        /// The server refused the user or password.
+        case credentials
+        /// The node named as the primary is not one (a failover under way).
+        case notPrimary = "not_primary"
+        /// No sentinel named the primary.
+        case noPrimaryNamed = "no_primary_named"
+    }
+
+    let cause: Cause
+    let address: String
+
+    var description: String {
+        switch self.cause {
+        case .refused: "connection refused by \(self.address)"
+        case .dns: "the name of \(self.address) did not resolve"
+        case .timeout: "\(self.address) did not answer in time"
+        case .network: "network error reaching \(self.address)"
+        case .tls: "TLS handshake with \(self.address) failed"
+        case .handshake: "the connection to \(self.address) closed during the handshake"
+        case .rejected: "\(self.address) rejected the connection handshake"
+        case .credentials: "\(self.address) refused the credentials"
+        case .notPrimary: "\(self.address) is not the primary"
+        case .noPrimaryNamed: "no sentinel (\(self.address)) named the primary"
+        }
     }
 }

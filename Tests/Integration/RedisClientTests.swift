@@ -501,6 +501,24 @@ import TokenGateway
         await server.stop()
     }
 
+    @Test("a connect that fails is logged at info level with its cause and the address, never the password")
+    func aFailedConnectIsLoggedWithItsCauseAndAddress() async throws {
+        let port = try RedisServerProcess.freeLoopbackPort()
+        let logs = LogSink.memory()
+        let logger = Logger(label: "test") { GatewayLogHandler(label: $0, format: .logfmt, level: .info, sink: logs) }
+        let configuration = try RedisConfiguration(url: "redis://:connect-password-1@127.0.0.1:\(port)/0")
+        try await Self.withClient(configuration: configuration, logger: logger) { client in
+            await #expect(throws: RedisError.unavailable) { try await client.send(["PING"]) }
+        }
+        let warnings = logs.captured.filter { $0.contains("Redis connect failed") }
+        #expect(warnings.count == 1, "\(logs.captured)")
+        let warning = warnings.first ?? ""
+        #expect(warning.contains("level=warning"), "\(warning)")
+        #expect(warning.contains("redis.cause=refused"), "\(warning)")
+        #expect(warning.contains("redis.address=127.0.0.1:\(port)"), "\(warning)")
+        #expect(!logs.captured.joined().contains("connect-password-1"))
+    }
+
     @Test(
         "a server that accepts and then refuses every client (maxclients reached): sends fail with unavailable, never with its error as their reply, and each pool slot backs off instead of reconnecting per send"
     )
