@@ -21,6 +21,7 @@ struct RedisOutageIntegrationTests {
     /// That is the only time bound these tests put on an answer: how fast it comes is a benchmark's
     /// business, that it comes (an answer, not a hang or a reset) is the promise.
     static let hangLimit: Duration = .seconds(10)
+    static let silent = Logger(label: "redis-outage-test") { _ in SwallowHandler() }
 
     // MARK: Kill and restart under load
 
@@ -235,6 +236,59 @@ struct RedisOutageIntegrationTests {
             #expect(Self.tokenInstallation(answer) == installation.id)
         }
         await redis.stop()
+    }
+
+    // MARK: A store that refuses writes
+
+    @Test(
+        "a store that refuses writes (an ACL user without ZADD, then out of memory): the heartbeat and the round-trip history fail instead of passing for written, and the heartbeat says so"
+    )
+    func refusedStatusWritesFail() async throws {
+        let server = try await RedisServerProcess.start()
+        let admin = RedisClient(configuration: try RedisConfiguration(url: server.url), logger: Self.silent)
+        _ = try await admin.send([
+            "ACL", "SETUSER", "no-zadd", "on", ">no-zadd-password-1", "~*", "&*", "+@all", "-zadd",
+        ])
+        let ring = try EncryptionKeyRing(parsing: "k1:" + Data(repeating: 7, count: 32).base64EncodedString())
+        let limited = RedisClient(
+            configuration: try RedisConfiguration(url: "redis://no-zadd:no-zadd-password-1@127.0.0.1:\(server.port)/0"),
+            logger: Self.silent)
+        let installation = try #require(InstallationID(UUID().uuidString.lowercased()))
+        let heartbeat = ReplicaHeartbeatRecord(replicaID: "r1", version: "test", startedAt: 1, lastSeenAt: 2)
+        let roundTrip = RoundTripRecord(startedAt: 1, durationMs: 2, outcome: "success", attempts: 1, replica: "r1")
+        for (client, refusal) in [(limited, "NOPERM"), (admin, "OOM")] {
+            if refusal == "OOM" {
+                _ = try await admin.send(["CONFIG", "SET", "maxmemory-policy", "noeviction"])
+                _ = try await admin.send(["CONFIG", "SET", "maxmemory", "1"])
+            }
+            let store = GatewayStore(redis: client, box: ring, prefix: "refused")
+            let written = await #expect(throws: RedisError.self) {
+                try await store.writeHeartbeat(heartbeat, ttl: .seconds(15))
+            }
+            #expect(written?.serverErrorPrefix.map(String.init) == refusal)
+            let recorded = await #expect(throws: RedisError.self) {
+                try await store.recordRoundTrip(installation, roundTrip, now: FlowTime.now())
+            }
+            #expect(recorded?.serverErrorPrefix.map(String.init) == refusal)
+            // The heartbeat service tells the first failure, with the store's reason.
+            let logs = LogSink.memory()
+            let logger = Logger(label: "test") {
+                GatewayLogHandler(label: $0, format: .logfmt, level: .info, sink: logs)
+            }
+            let service = ReplicaHeartbeat(
+                store: store, replicaID: "r1", version: "test", startedAt: FlowTime.now(), logger: logger)
+            let running = Task { try await service.run() }
+            let told = await Self.eventually {
+                logs.captured.contains { $0.contains("could not write the replica heartbeat") && $0.contains(refusal) }
+            }
+            #expect(told, "\(logs.captured)")
+            running.cancel()
+            try? await running.value
+        }
+        #expect(try await admin.send(["EXISTS", "refused:replicas"]) == .integer(0))
+        await limited.shutdown()
+        await admin.shutdown()
+        await server.stop()
     }
 
     // MARK: Sentinel failover

@@ -96,8 +96,11 @@ extension GatewayStore {
     // MARK: Heartbeats
 
     /// Writes this replica's heartbeat, expiring after `ttl`.
+    ///
+    /// - Throws: ``RedisError``; ``RedisError/server(_:)`` when Redis refuses a write (out of memory, an
+    ///   ACL user without the command).
     public func writeHeartbeat(_ heartbeat: ReplicaHeartbeatRecord, ttl: Duration) async throws {
-        _ = try await self.redis.pipeline([
+        try await self.writeAll([
             [
                 "SET", self.replicaKey(heartbeat.replicaID), "\(heartbeat.version) \(heartbeat.startedAt)", "PX",
                 String(max(ttl.milliseconds, 1)),
@@ -108,8 +111,18 @@ extension GatewayStore {
 
     /// Removes this replica's heartbeat (graceful shutdown), waiting at most `timeout` for Redis.
     public func removeHeartbeat(replicaID: String, timeout: Duration? = nil) async throws {
-        _ = try await self.redis.pipeline(
+        try await self.writeAll(
             [["DEL", self.replicaKey(replicaID)], ["ZREM", self.replicasIndexKey, replicaID]], timeout: timeout)
+    }
+
+    /// Runs `commands` pipelined; the first error reply among their replies is thrown as
+    /// ``RedisError/server(_:)``: a write Redis refused is a failure, not a success.
+    private func writeAll(_ commands: [[String]], timeout: Duration? = nil) async throws {
+        for reply in try await self.redis.pipeline(commands, timeout: timeout) {
+            if case .error(let message) = reply {
+                throw RedisError.server(message)
+            }
+        }
     }
 
     /// The replicas whose heartbeat has not expired, newest start first.
@@ -145,17 +158,19 @@ extension GatewayStore {
     // MARK: Round-trip history
 
     /// Keeps `record` in the installation's capped history and the app-wide log of the last hour.
+    ///
+    /// - Throws: ``RedisError``; ``RedisError/server(_:)`` when Redis refuses a write.
     public func recordRoundTrip(_ id: InstallationID, _ record: RoundTripRecord, now: FlowTime) async throws {
         let key = self.historyKey(id)
         let endedAt = record.startedAt + record.durationMs
         var generator = SystemRandomNumberGenerator()
         let member = record.encoded + " " + String(generator.next() as UInt64, radix: 36)
-        _ = try await self.redis.pipeline([
+        try await self.writeAll([
             ["LPUSH", key, record.encoded],
             ["LTRIM", key, "0", String(Self.historyLength - 1)],
             ["EXPIRE", key, String(7 * 24 * 3600)],
         ])
-        _ = try await self.redis.pipeline([
+        try await self.writeAll([
             ["ZADD", self.recentRoundTripsKey, String(endedAt), member],
             ["ZREMRANGEBYSCORE", self.recentRoundTripsKey, "-inf", "(" + String(now.unixMilliseconds - 3_600_000)],
             ["ZREMRANGEBYRANK", self.recentRoundTripsKey, "0", String(-(Self.recentRoundTripsCap + 1))],

@@ -44,8 +44,10 @@ public struct ReplicaHeartbeat: Service {
                     failing = false
                 } catch {
                     if !failing {
+                        // The error's description holds no secret (a refusal's text without arguments).
                         self.logger.notice(
-                            "could not write the replica heartbeat", metadata: ["replica.id": "\(self.replicaID)"])
+                            "could not write the replica heartbeat",
+                            metadata: ["replica.id": "\(self.replicaID)", "store.error": "\(error)"])
                     }
                     failing = true
                 }
