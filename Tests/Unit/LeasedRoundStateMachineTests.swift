@@ -128,6 +128,49 @@ struct LeasedRoundStateMachineTests {
         #expect(m.stateName(at: graceEnd) == .idle)
     }
 
+    @Test(
+        "a caller's deadline while the round waits to retry a refused trigger is 502; during an attempt 504, and the cut attempt is counted"
+    )
+    func deadlineAnswers() throws {
+        // Waiting to retry after a non-2xx: every attempt made was refused (contract §2: 502).
+        var m = Machine(configuration: config())
+        let callerTimer = try #require(scheduled(self.request(&m, 1, at: self.start)).first)
+        _ = m.leaseAcquired(requestID: "r1", now: self.start)
+        let failed = m.attemptFailed(
+            requestID: "r1", attempt: 1, failure: .httpError, now: self.start + .seconds(1), jitter: 0)
+        #expect(m.stateName(at: self.start + .seconds(1)) == .backingOff)
+        #expect(failed.contains(.recordAttempt(outcome: "http_error")))
+        let late = m.timerFired(callerTimer, now: self.start + .seconds(10), jitter: 0)
+        #expect(late.contains(.fail([WaiterID(1)], .triggerFailed)))
+        #expect(late.contains(.roundFinished(succeeded: false)))
+        #expect(!late.contains { if case .recordAttempt = $0 { return true } else { return false } })
+
+        // During an attempt: no token in time (504); the attempt is counted as timed out.
+        var n = Machine(configuration: config())
+        let timer = try #require(scheduled(self.request(&n, 1, at: self.start)).first)
+        _ = n.leaseAcquired(requestID: "r1", now: self.start)
+        let cut = n.timerFired(timer, now: self.start + .seconds(10), jitter: 0)
+        #expect(cut.contains(.fail([WaiterID(1)], .tokenTimeout)))
+        #expect(cut.contains(.recordAttempt(outcome: "timeout")))
+        #expect(cut.contains(.releaseLease(requestID: "r1")))
+        // Its own outcome, arriving later, is not counted again.
+        #expect(n.attemptFailed(requestID: "r1", attempt: 1, failure: .timeout, now: self.start, jitter: 0).isEmpty)
+    }
+
+    @Test("no retry starts with less than 100 ms before the deadline: the callers get the last attempt's answer")
+    func retryNeedsABudget() {
+        // config(): 2 attempts, base 100 ms (50 ms at jitter 0); the caller's deadline is 10 s.
+        for (failedAt, retried) in [(Duration.milliseconds(9_850), true), (.milliseconds(9_851), false)] {
+            var m = Machine(configuration: config())
+            _ = self.request(&m, 1, at: self.start)
+            _ = m.leaseAcquired(requestID: "r1", now: self.start)
+            let now = self.start + failedAt
+            let a = m.attemptFailed(requestID: "r1", attempt: 1, failure: .transportError, now: now, jitter: 0)
+            #expect((m.stateName(at: now) == .backingOff) == retried, "\(failedAt)")
+            #expect(a.contains(.fail([WaiterID(1)], .triggerFailed)) == !retried, "\(failedAt)")
+        }
+    }
+
     @Test("following: woken by a value, or by the re-read timer; an empty re-read takes the lease over")
     func following() {
         var m = Machine(configuration: config())

@@ -135,7 +135,8 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         case following(recheck: TimerID, delay: Duration)
         case attempting(attempt: Int)
         case awaitingDelivery(attempt: Int, grace: TimerID, recheck: TimerID, delay: Duration)
-        case backingOff(attempt: Int, timer: TimerID)
+        /// Waiting before attempt N+1; `after` is how attempt N failed.
+        case backingOff(attempt: Int, timer: TimerID, after: TriggerFailure)
 
         /// This process holds the lease and leads the round.
         var leads: Bool {
@@ -742,13 +743,15 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
     public mutating func timerFired(_ timer: TimerID, now: FlowTime, jitter: Double) -> [Action] {
         guard case .round(var round) = self.state else { return [] }
         if case .refreshAhead = round.kind, round.waiters.isEmpty, now >= round.deadline {
-            return self.finishRound(round, outcome: round.phase.leads ? .failed : .abandoned, now: now)
+            return Self.attemptCut(round.phase)
+                + self.finishRound(round, outcome: round.phase.leads ? .failed : .abandoned, now: now)
         }
         // A caller's deadline.
         if let (id, _) = round.waiters.first(where: { $0.value.timer == timer }) {
             round.waiters[id] = nil
-            var actions: [Action] = [.fail([id], Value.failure(.tokenTimeout))]
+            var actions: [Action] = [.fail([id], Value.failure(Self.deadlineError(round.phase)))]
             if round.waiters.isEmpty, case .requested = round.kind {
+                actions += Self.attemptCut(round.phase)
                 actions += self.finishRound(round, outcome: round.phase.leads ? .failed : .abandoned, now: now)
             } else {
                 self.state = .round(round)
@@ -772,7 +775,7 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
                 .readStore(requestID: round.requestID),
                 .scheduleTimer(next, deadline: min(now + longer, round.deadline)),
             ]
-        case .backingOff(let attempt, let t) where t == timer:
+        case .backingOff(let attempt, let t, _) where t == timer:
             round.phase = .attempting(attempt: attempt + 1)
             self.state = .round(round)
             return [.recordRetry, self.startAttempt(round, attempt: attempt + 1, now: now)]
@@ -867,21 +870,48 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
             let delay = Backoff.delay(
                 attempt: attempt, base: self.configuration.backoffBase, cap: self.configuration.backoffCap,
                 jitter: jitter)
-            if now + delay < round.deadline {
+            // A retry needs time to be of use: one that would start with less than
+            // ``minimumRetryBudget`` before the deadline is not made.
+            if now + delay + Self.minimumRetryBudget <= round.deadline {
                 let timer = self.makeTimer()
-                round.phase = .backingOff(attempt: attempt, timer: timer)
+                round.phase = .backingOff(attempt: attempt, timer: timer, after: failure)
                 self.state = .round(round)
                 return actions + [.scheduleTimer(timer, deadline: now + delay)]
             }
         }
-        let error: FlowError
+        return actions + self.endRound(round, failing: Self.error(after: failure), outcome: .failed, now: now)
+    }
+
+    /// Least time left before the deadline, once the backoff pause is over, for a retry to be made.
+    static var minimumRetryBudget: Duration { .milliseconds(100) }
+
+    /// The answer for callers of a round whose last attempt failed this way (contract §2): the
+    /// trigger refused or unreachable is 502 `trigger_failed`; no token in time is 504.
+    static func error(after failure: TriggerFailure) -> FlowError {
         switch failure {
         case .httpError, .transportError:
-            error = FlowError(code: .triggerFailed, detail: "last attempt: \(failure.rawValue)")
+            return FlowError(code: .triggerFailed, detail: "last attempt: \(failure.rawValue)")
         case .timeout, .noDelivery:
-            error = FlowError(code: .tokenTimeout, detail: "last attempt: \(failure.rawValue)")
+            return FlowError(code: .tokenTimeout, detail: "last attempt: \(failure.rawValue)")
         }
-        return actions + self.endRound(round, failing: error, outcome: .failed, now: now)
+    }
+
+    /// What a caller whose deadline passes gets: while the round waits to try again after an
+    /// attempt the trigger refused or could not be reached, every attempt made failed so (502);
+    /// otherwise no token came in time (504).
+    static func deadlineError(_ phase: Phase) -> FlowError {
+        if case .backingOff(_, _, let failure) = phase { return Self.error(after: failure) }
+        return FlowError(code: .tokenTimeout)
+    }
+
+    /// The attempt in flight when a deadline ends its round, counted as what it was waiting for
+    /// (its own outcome, arriving later, finds the round gone).
+    static func attemptCut(_ phase: Phase) -> [Action] {
+        switch phase {
+        case .attempting: return [.recordAttempt(outcome: TriggerFailure.timeout.rawValue)]
+        case .awaitingDelivery: return [.recordAttempt(outcome: TriggerFailure.noDelivery.rawValue)]
+        case .acquiringLease, .following, .backingOff: return []
+        }
     }
 
     private mutating func endRound(_ round: Round, failing error: FlowError, outcome: RoundOutcome, now: FlowTime)
@@ -910,7 +940,7 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         switch round.phase {
         case .following(let recheck, _): actions.append(.cancelTimer(recheck))
         case .awaitingDelivery(_, let grace, let recheck, _): actions += [.cancelTimer(grace), .cancelTimer(recheck)]
-        case .backingOff(_, let timer): actions.append(.cancelTimer(timer))
+        case .backingOff(_, let timer, _): actions.append(.cancelTimer(timer))
         case .acquiringLease, .attempting: break
         }
         if round.phase.leads, self.configuration.circuitBreaking {
