@@ -30,6 +30,34 @@ import Testing
         #expect(first != second)
     }
 
+    @Test(
+        "deterministic sealing: the same value and context give the same blob, which opens; another value or context another nonce"
+    )
+    func deterministicSealing() throws {
+        let ring = try EncryptionKeyRing(parsing: "k2:\(Base64URL.encode(Self.keyB)),k1:\(Base64URL.encode(Self.keyA))")
+        let value = Array("https://api.atlassian.com/ex/jira/1".utf8)
+        let sealed = try ring.sealDeterministically(value, context: "tg:{i}:inst:apiBaseUrl")
+        #expect(try ring.sealDeterministically(value, context: "tg:{i}:inst:apiBaseUrl") == sealed)
+        #expect(try ring.open(sealed, context: "tg:{i}:inst:apiBaseUrl") == value)
+        #expect(throws: EncryptionError.authenticationFailed) {
+            try ring.open(sealed, context: "tg:{j}:inst:apiBaseUrl")
+        }
+        // The nonce (the blob's first 12 bytes) depends on the value and the context.
+        func nonce(_ blob: String) -> [UInt8] {
+            Array((Base64URL.decode(String(blob.split(separator: ".")[1])) ?? []).prefix(12))
+        }
+        let others = [
+            try ring.sealDeterministically(
+                Array("https://api.atlassian.com/ex/jira/2".utf8), context: "tg:{i}:inst:apiBaseUrl"),
+            try ring.sealDeterministically(value, context: "tg:{j}:inst:apiBaseUrl"),
+        ]
+        #expect(Set(([sealed] + others).map(nonce)).count == 3)
+        // Under every key of the ring: what a ring with that key first gives.
+        let underEvery = try ring.sealDeterministicallyUnderEveryKey(value, context: "tg:{i}:inst:apiBaseUrl")
+        let k1First = try EncryptionKeyRing(parsing: "k1:\(Base64URL.encode(Self.keyA))")
+        #expect(underEvery == [sealed, try k1First.sealDeterministically(value, context: "tg:{i}:inst:apiBaseUrl")])
+    }
+
     @Test func emptyPlaintextRoundTrips() throws {
         let ring = try EncryptionKeyRing(keys: [(id: "k1", key: SymmetricKey(data: Self.keyA))])
         #expect(try ring.open(try ring.seal([], context: "c"), context: "c") == [])
