@@ -15,6 +15,7 @@ final class GatewayProcess: Sendable {
     let process: Process
     let port: Int
     private let output: LineBox
+    private let exit: ExitSignal
 
     var url: String { "http://127.0.0.1:\(self.port)" }
 
@@ -25,6 +26,48 @@ final class GatewayProcess: Sendable {
         let lines = Mutex<[String]>([])
     }
 
+    /// The process's exit as an event (its termination handler fires it), for any number of waiters.
+    final class ExitSignal: Sendable {
+        private let state = Mutex<(exited: Bool, waiting: [AsyncStream<Void>.Continuation])>((false, []))
+
+        func fire() {
+            let waiting = self.state.withLock { state in
+                state.exited = true
+                defer { state.waiting = [] }
+                return state.waiting
+            }
+            for continuation in waiting { continuation.finish() }
+        }
+
+        /// Returns once the process exited, or when the task is cancelled.
+        func wait() async {
+            let (stream, continuation) = AsyncStream<Void>.makeStream()
+            let exited = self.state.withLock { state in
+                if !state.exited { state.waiting.append(continuation) }
+                return state.exited
+            }
+            if exited { return }
+            for await _ in stream {}
+        }
+
+        /// Whether the process exited within `timeout`.
+        func wait(within timeout: Duration) async -> Bool {
+            await withTaskGroup(of: Bool.self) { group in
+                group.addTask {
+                    await self.wait()
+                    return !Task.isCancelled
+                }
+                group.addTask {
+                    try? await Task.sleep(for: timeout)
+                    return false
+                }
+                let first = await group.next() ?? false
+                group.cancelAll()
+                return first
+            }
+        }
+    }
+
     /// The gateway binary: `TOKEN_GATEWAY_TEST_BINARY`, else `.build/debug/token-gateway` of this checkout.
     static var binary: String {
         if let path = ProcessInfo.processInfo.environment["TOKEN_GATEWAY_TEST_BINARY"], !path.isEmpty { return path }
@@ -33,10 +76,11 @@ final class GatewayProcess: Sendable {
         return root.appendingPathComponent(".build/debug/token-gateway").path
     }
 
-    private init(process: Process, port: Int, output: LineBox) {
+    private init(process: Process, port: Int, output: LineBox, exit: ExitSignal) {
         self.process = process
         self.port = port
         self.output = output
+        self.exit = exit
     }
 
     deinit {
@@ -81,6 +125,8 @@ final class GatewayProcess: Sendable {
             continuation.finish()
         }
         reader.start()
+        let exit = ExitSignal()
+        process.terminationHandler = { _ in exit.fire() }
         try process.run()
         let port = try await withThrowingTaskGroup(of: Int?.self) { group in
             group.addTask {
@@ -105,7 +151,7 @@ final class GatewayProcess: Sendable {
             let log = collected.lines.withLock { $0.suffix(20).joined(separator: "\n") }
             throw StartError(description: "token-gateway did not become ready:\n\(log)")
         }
-        return GatewayProcess(process: process, port: port, output: collected)
+        return GatewayProcess(process: process, port: port, output: collected, exit: exit)
     }
 
     /// Sends a signal.
@@ -115,12 +161,9 @@ final class GatewayProcess: Sendable {
 
     /// Waits for the process to exit (deadline `timeout`, then SIGKILL) and returns its exit status.
     func waitForExit(timeout: Duration = .seconds(30)) async -> Int32 {
-        let deadline = ContinuousClock.now + timeout
-        while self.process.isRunning {
-            if ContinuousClock.now >= deadline {
-                kill(self.process.processIdentifier, SIGKILL)
-            }
-            try? await Task.sleep(for: .milliseconds(10))
+        if await !self.exit.wait(within: timeout) {
+            kill(self.process.processIdentifier, SIGKILL)
+            await self.exit.wait()
         }
         return self.process.terminationStatus
     }
