@@ -118,13 +118,21 @@ public final class RedisClient: Sendable, Service {
     }
 
     /// Sends several commands pipelined on one connection; the replies come back in order. Error replies are
-    /// returned as ``RedisValue/error(_:)``, not thrown. The commands are not a transaction (another
-    /// client's commands may run between them): a script (``eval(_:keys:arguments:timeout:)``) is one step.
+    /// returned as ``RedisValue/error(_:)``, not thrown, except one that says the store cannot serve (out
+    /// of memory, a permission the user lacks, a server still loading its data…): that one fails the call,
+    /// as it fails ``send(_:timeout:)``, so that it is never read as a missing key. The commands are not a
+    /// transaction (another client's commands may run between them, and those before the refused one
+    /// ran): a script (``eval(_:keys:arguments:timeout:)``) is one step.
     ///
-    /// - Throws: ``RedisError/unavailable``, ``RedisError/connectionLost``, ``RedisError/timeout``,
+    /// - Throws: ``RedisError/server(_:)`` for a reply that says the store cannot serve,
+    ///   ``RedisError/unavailable``, ``RedisError/connectionLost``, ``RedisError/timeout``,
     ///   ``RedisError/protocolError``, ``RedisError/invalidCommand``, or `CancellationError`.
     public func pipeline(_ commands: [[String]], timeout: Duration? = nil) async throws -> [RedisValue] {
-        try await self.execute(commands, deadline: self.deadline(timeout))
+        let replies = try await self.execute(commands, deadline: self.deadline(timeout))
+        if let refusal = replies.lazy.compactMap(\.errorMessage).first(where: RedisError.meansStoreCannotServe) {
+            throw RedisError.server(refusal)
+        }
+        return replies
     }
 
     /// Runs the script with `EVALSHA`, and with `EVAL` (which also caches it in Redis) when Redis answers

@@ -481,12 +481,19 @@ import TokenGateway
         let oom = await #expect(throws: RedisError.self) { try await client.send(["INCR", prefix + "n"]) }
         #expect(oom?.serverErrorPrefix == "OOM")
         #expect(errors() == 2)
-        let replies = try await client.pipeline([["GET", prefix + "n"], ["LPUSH", prefix + "l", "x"]])
-        #expect(replies.first == .null)
-        if case .error(let message) = replies.last {
-            #expect(message.hasPrefix("OOM"))
+        // A pipeline with a refused command fails as a whole (read as data, the refusal would pass
+        // for a missing key); an ordinary error reply in one is an answer.
+        let pipelined = await #expect(throws: RedisError.self) {
+            try await client.pipeline([["GET", prefix + "n"], ["LPUSH", prefix + "l", "x"]])
+        }
+        #expect(pipelined?.serverErrorPrefix == "OOM")
+        #expect(errors() == 3)
+        let answered = try await client.pipeline([["GET", prefix + "n"], ["GET", prefix + "n", "extra"]])
+        #expect(answered.first == .null)
+        if case .error(let message) = answered.last {
+            #expect(message.hasPrefix("ERR"))
         } else {
-            Issue.record("the pipeline's LPUSH was not refused: \(replies)")
+            Issue.record("the wrong argument count was not an error reply: \(answered)")
         }
         #expect(errors() == 3)
         await #expect(throws: RedisError.self) {
