@@ -190,8 +190,6 @@ extension ForgeEmulator {
         var headers: [(String, String)] = []
         if let systemToken { headers.append(("x-forge-oauth-system", systemToken)) }
         let named = triggers ?? self.namedTriggersForRegistration(installation)
-        // Each function knows the key it registers itself under, and runs only calls naming it.
-        self.namedTriggers.withLock { $0.registering(named ?? [:], base: self.baseURL + "/x2/") }
         let answer = try await self.callGateway(
             path: "/forge/register",
             gatewayURL: nil,
@@ -201,6 +199,12 @@ extension ForgeEmulator {
                 RegisterRequestBody(authTriggerUrl: url, rotateKey: rotateKey ? true : nil, triggers: named))
         )
         if answer.isSuccess, let systemToken { self.rememberDelivered(systemToken, for: installation) }
+        if answer.isSuccess, let named {
+            // Each function knows the keys it is registered under, and runs only calls naming one.
+            self.namedTriggers.withLock {
+                $0.registered(named, base: self.baseURL + "/x2/", installationId: installation.id)
+            }
+        }
         guard answer.isSuccess else {
             self.logger.info(
                 "Registration refused",

@@ -129,17 +129,29 @@ struct EmulatorNamedTriggers: Sendable {
         let triggerId: String
         var behaviour: NamedTriggerBehaviour
         var calls: [NamedTriggerCall] = []
-        /// The key the function was last registered under with the gateway (its own `key` until
-        /// then): the `trigger` a call must name.
-        var registeredAs: String?
+        /// The keys the gateway accepted the function under (its own `key` until one was): the
+        /// `trigger` a call may name.
+        var registeredAs: Set<String> = []
+
+        /// Whether a call naming `trigger` is this function's to run.
+        func runs(_ trigger: String?) -> Bool {
+            guard let trigger else { return false }
+            return self.registeredAs.isEmpty ? trigger == self.key : self.registeredAs.contains(trigger)
+        }
     }
 
-    /// Notes the key each of the installation's functions is registered under: `triggers` maps a
-    /// key to a URL `base + <trigger id>`.
-    mutating func registering(_ triggers: [String: String?], base: String) {
-        for case (let key, let url?) in triggers where url.hasPrefix(base) {
+    /// Notes the keys the gateway accepted `installationId`'s functions under: `triggers` maps a
+    /// key to a URL `base + <trigger id>`, or to nil (the key removed).
+    mutating func registered(_ triggers: [String: String?], base: String, installationId: String) {
+        for (key, url) in triggers {
+            for id in self.triggers.keys where self.triggers[id]?.installationId == installationId {
+                self.triggers[id]?.registeredAs.remove(key)
+            }
+            guard let url, url.hasPrefix(base) else { continue }
             let triggerId = String(url.dropFirst(base.count))
-            self.triggers[triggerId]?.registeredAs = key
+            if self.triggers[triggerId]?.installationId == installationId {
+                self.triggers[triggerId]?.registeredAs.insert(key)
+            }
         }
     }
 
@@ -335,7 +347,7 @@ extension ForgeEmulator {
         }
         // A call signed for another trigger of the installation (the key is the same for all of
         // them) is a captured call sent on: not this function's to run.
-        guard callBody.trigger == (trigger.registeredAs ?? trigger.key) else {
+        guard trigger.runs(callBody.trigger) else {
             return Self.namedAnswer(
                 400, ["error": ["code": "invalid_request", "message": "the call is for another trigger"]])
         }

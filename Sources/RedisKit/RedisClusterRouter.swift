@@ -312,7 +312,8 @@ final class RedisClusterRouter: Sendable {
             guard let promise else {
                 return
             }
-            try await promise.futureResult.awaitRedisResult(deadline: deadline, timeoutError: .timeout)
+            // Nothing was sent while the map was asked for: out of time, the command is unavailable.
+            try await promise.futureResult.awaitRedisResult(deadline: deadline, timeoutError: .unavailable)
         case .wait(let until):
             // The map was just asked for; give the cluster a moment before asking again.
             let pause = min(until, deadline) - .now()
@@ -328,7 +329,7 @@ final class RedisClusterRouter: Sendable {
             // refresh's outcome, never that caller's cancellation.
             let budget = max(deadline, .now() + TimeAmount(self.configuration.connectTimeout))
             Task { await self.refresh(asking: candidates, deadline: budget, promise: promise) }
-            try await promise.futureResult.awaitRedisResult(deadline: deadline, timeoutError: .timeout)
+            try await promise.futureResult.awaitRedisResult(deadline: deadline, timeoutError: .unavailable)
         }
     }
 

@@ -41,9 +41,10 @@ struct KeysRewrap: AsyncParsableCommand {
 
     /// The log level: the flag, else `TOKEN_GATEWAY_LOG_LEVEL` unless empty, else `info`.
     var level: String {
-        if let flag = self.logLevel { return flag.lowercased() }
-        let environment = ProcessInfo.processInfo.environment["TOKEN_GATEWAY_LOG_LEVEL"] ?? ""
-        return environment.isEmpty ? "info" : environment.trimmingCharacters(in: .whitespacesAndNewlines).lowercased()
+        if let flag = self.logLevel { return flag.trimmingCharacters(in: .whitespacesAndNewlines).lowercased() }
+        let environment = (ProcessInfo.processInfo.environment["TOKEN_GATEWAY_LOG_LEVEL"] ?? "")
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+        return environment.isEmpty ? "info" : environment.lowercased()
     }
 
     func validate() throws {

@@ -68,10 +68,12 @@ struct RedisOptions: ParsableArguments {
         return out
     }
 
-    /// The TLS settings (not the URL): the flag, else the environment's value unless empty.
+    /// The TLS settings (not the URL): the flag, else the environment's value, without the
+    /// whitespace around it, unless empty (as `serve` reads them).
     func tlsSetting(_ setting: GatewaySetting, environment: [String: String]) -> String? {
-        if let flag = self.flags[setting.environment] { return flag }
-        return environment[setting.environment].flatMap { $0.isEmpty ? nil : $0 }
+        let value = (self.flags[setting.environment] ?? environment[setting.environment])?
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+        return value?.isEmpty == false ? value : nil
     }
 }
 

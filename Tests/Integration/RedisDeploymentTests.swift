@@ -238,18 +238,26 @@ struct RedisDeploymentTests {
         } catch {
             #expect("\(error)".contains("TOKEN_GATEWAY_REDIS_TLS_SERVER_NAME"))
         }
-        // The server name is a DNS name: what would fail every handshake is refused at start-up.
-        for bad in ["redis.example.com:6380", "https://redis.example.com", "10.0.0.7", "redis_1.internal", "a..b"] {
+        // The server name is a host name or an IP address: what would fail every handshake is
+        // refused at start-up.
+        for bad in ["redis.example.com:6380", "https://redis.example.com", "redis.example.com/x", "a..b", "[::1]:6380"]
+        {
             do {
                 _ = try Self.redisConfiguration("rediss://127.0.0.1:1/0", ["TOKEN_GATEWAY_REDIS_TLS_SERVER_NAME": bad])
                 Issue.record("accepted the server name \(bad)")
             } catch {
-                #expect("\(error)".contains("TOKEN_GATEWAY_REDIS_TLS_SERVER_NAME: must be a DNS name"), "\(error)")
+                #expect("\(error)".contains("TOKEN_GATEWAY_REDIS_TLS_SERVER_NAME: must be a host name"), "\(error)")
             }
         }
-        let named = try Self.redisConfiguration(
-            "rediss://127.0.0.1:1/0", ["TOKEN_GATEWAY_REDIS_TLS_SERVER_NAME": "Redis-1.Internal.example.com\n"])
-        #expect(named.tls?.serverName == "redis-1.internal.example.com")
+        for (given, taken) in [
+            ("Redis-1.Internal.example.com\n", "redis-1.internal.example.com"),
+            ("redis.example.com.", "redis.example.com"),
+            ("redis_1.internal", "redis_1.internal"), ("10.0.0.7", "10.0.0.7"), ("::1", "::1"),
+        ] {
+            let named = try Self.redisConfiguration(
+                "rediss://127.0.0.1:1/0", ["TOKEN_GATEWAY_REDIS_TLS_SERVER_NAME": given])
+            #expect(named.tls?.serverName == taken, "\(given)")
+        }
     }
 
     // MARK: ACL users

@@ -625,13 +625,27 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
     public static func secretSetting(
         _ s: GatewaySetting, flag: String?, environment: [String: String]
     ) throws(ConfigurationError) -> String? {
-        guard let v = flag ?? environment[s.environment], !v.isEmpty else { return nil }
+        // As `serve` reads it: whitespace around the value is not part of it; empty is unset.
+        guard let v = (flag ?? environment[s.environment])?.trimmingCharacters(in: .whitespacesAndNewlines), !v.isEmpty
+        else { return nil }
         guard v.hasPrefix("@") else { return v }
         return try Self.readSettingFile(String(v.dropFirst()), setting: s)
     }
 }
 
 extension GatewayConfiguration {
+    /// A DNS name (labels of letters, digits, `-` and `_`) or an IP address.
+    static func isTLSServerName(_ name: String) -> Bool {
+        if (try? SocketAddress(ipAddress: name, port: 0)) != nil { return true }
+        return name.utf8.count <= 253
+            && name.split(separator: ".", omittingEmptySubsequences: false).allSatisfy { label in
+                (1...63).contains(label.utf8.count)
+                    && label.utf8.allSatisfy {
+                        ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2D || $0 == 0x5F
+                    }
+            }
+    }
+
     /// The Redis settings: `TOKEN_GATEWAY_REDIS_URL` and, for a `rediss` URL, the TLS files and server name. The
     /// TLS context is made here, once. `raw` gives a setting's value (flag, then environment).
     ///
@@ -698,16 +712,15 @@ extension GatewayConfiguration {
                 setting: GatewaySetting.redisTLSKeyFile.environment,
                 problem: "is required with TOKEN_GATEWAY_REDIS_TLS_CERT_FILE")
         }
-        let serverName = raw(.redisTLSServerName)?.trimmingCharacters(in: .whitespacesAndNewlines).lowercased()
-        // A DNS name: it is sent as SNI and looked for in the certificates. An address, a port or a
-        // URL here would fail every handshake at run time instead of here.
-        if let serverName, !serverName.isEmpty,
-            !TriggerHostAllowList.isHostname(serverName)
-                || serverName.split(separator: ".").last?.allSatisfy(\.isNumber) == true
-        {
+        var serverName = raw(.redisTLSServerName)?.trimmingCharacters(in: .whitespacesAndNewlines).lowercased()
+        if serverName?.hasSuffix(".") == true { serverName?.removeLast() }  // a fully qualified name
+        // A name to send as SNI and look for in the certificates (an IP address: the connected
+        // address is checked instead, as without the setting). A scheme, a port or a path here
+        // would fail every handshake at run time instead of here.
+        if let serverName, !serverName.isEmpty, !Self.isTLSServerName(serverName) {
             throw ConfigurationError(
                 setting: GatewaySetting.redisTLSServerName.environment,
-                problem: "must be a DNS name (letters, digits, '-' and '.'; no scheme, port or IP address)")
+                problem: "must be a host name or an IP address (no scheme, port or path)")
         }
         do {
             redis.tls = try RedisTLS(configuration: tls, serverName: serverName?.isEmpty == false ? serverName : nil)

@@ -14,8 +14,9 @@ struct UserToken: LeasedRoundValue {
     /// User tokens are not refreshed ahead: a caller whose token is too short-lived asks again.
     func isStale(at now: FlowTime, fraction: Double) -> Bool { false }
 
-    /// The machine's own failures as user-token errors: the deadline is `token_timeout` (504), a
-    /// last exchange call that failed is `exchange_failed` (502), the rest are the flow's.
+    /// The machine's own failures as user-token errors: a last exchange call that failed (or a
+    /// deadline while waiting to retry one) is `exchange_failed` (502), any other deadline
+    /// `token_timeout` (504), the rest are the flow's.
     static func failure(_ error: FlowError) -> UserTokenError {
         guard error.code == .triggerFailed else { return .flow(error) }
         return .exchangeFailed(error.detail ?? "the exchange failed")
