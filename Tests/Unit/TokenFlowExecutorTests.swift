@@ -1013,6 +1013,32 @@ struct TokenFlowExecutorTests {
         }
     }
 
+    @Test("memory is swept of expired tokens: an installation nobody asks for again does not keep its token for good")
+    func memorySweep() async throws {
+        try await withFlow { h in
+            var next = 0
+            func deliver(_ count: Int, expiresIn: Int64) {
+                for _ in 0..<count {
+                    next += 1
+                    let hex = String(next, radix: 16)
+                    let suffix = String(repeating: "0", count: 12 - hex.count) + hex
+                    let id = InstallationID("ari:cloud:ecosystem::installation/00000000-0000-4000-8000-\(suffix)")!
+                    h.flow.tokenDelivered(
+                        id, token: AccessToken(value: "t", expiresAt: h.clock.now().unixSeconds + expiresIn),
+                        solicitedBy: nil)
+                }
+            }
+            let interval = TokenFlow.memorySweepInterval
+            deliver(interval + 76, expiresIn: 120)
+            // One sweep ran (after interval - 1 entries): nothing had expired.
+            #expect(h.flow.memoryCount == interval + 76)
+            h.clock.advance(by: .seconds(200))
+            deliver(interval + 76, expiresIn: 3600)
+            // The next sweep dropped every expired token; the fresh ones are all kept.
+            #expect(h.flow.memoryCount == interval + 76)
+        }
+    }
+
     @Test("shutdown fails waiting callers, releases the lease and ends run() with its child tasks")
     func shutdown() async throws {
         let clock = ManualFlowClock()

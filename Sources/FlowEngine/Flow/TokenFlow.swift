@@ -88,6 +88,8 @@ public final class TokenFlow: Sendable, Service {
         /// How many callers wait per installation (the caps).
         var waitersPerInstallation: [InstallationID: Int] = [:]
         var memory: [InstallationID: MemoryEntry] = [:]
+        /// Entries added to `memory` since it was last swept of expired tokens.
+        var rememberedSinceSweep = 0
         /// Installations known to have a registered trigger (refresh-ahead needs one).
         var triggerKnown: Set<InstallationID> = []
         /// Installations whose trigger registration this process has read from the store.
@@ -795,9 +797,11 @@ public final class TokenFlow: Sendable, Service {
     /// taken, from a delivery).
     func remember(_ id: InstallationID, _ token: AccessToken?, apiBaseUrl: String?, readAt: UInt64? = nil) {
         guard token != nil || apiBaseUrl != nil || readAt != nil else { return }
+        let now = self.now().unixSeconds
         self.state.withLock { s in
             if let readAt, readAt != s.memoryGeneration { return }
             guard token != nil || apiBaseUrl != nil || s.memory[id] != nil else { return }
+            if s.memory[id] == nil { Self.sweepIfDue(&s, now: now) }
             var entry = s.memory[id] ?? MemoryEntry()
             if let apiBaseUrl { entry.apiBaseUrl = apiBaseUrl }
             if let token, (entry.token?.expiresAt ?? Int64.min) < token.expiresAt { entry.token = token }
@@ -805,6 +809,27 @@ public final class TokenFlow: Sendable, Service {
             s.memory[id] = entry
         }
     }
+
+    /// Entries added between two sweeps of memory.
+    static var memorySweepInterval: Int { 1024 }
+
+    /// Every ``memorySweepInterval`` new entries, drops those whose token has expired (and those
+    /// with none), unless the installation has a machine here: memory holds one entry per
+    /// installation this process served or heard of, and an installation no caller asks for again
+    /// would otherwise keep its expired token for good. What is dropped is read again from the
+    /// store when asked for.
+    private static func sweepIfDue(_ s: inout State, now: Int64) {
+        s.rememberedSinceSweep += 1
+        guard s.rememberedSinceSweep >= Self.memorySweepInterval else { return }
+        s.rememberedSinceSweep = 0
+        let machines = s.machines
+        s.memory = s.memory.filter { id, entry in
+            (entry.token.map { $0.expiresAt > now } ?? false) || machines[id] != nil
+        }
+    }
+
+    /// Entries held in memory (for tests).
+    var memoryCount: Int { self.state.withLock { $0.memory.count } }
 
     /// What a Forge route takes before storing a delivery, for ``tokenDelivered(_:token:apiBaseUrl:solicitedBy:storedAt:)``:
     /// memory dropped meanwhile (an uninstall) is not filled again with the token stored before it.
