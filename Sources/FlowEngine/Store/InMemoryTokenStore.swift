@@ -388,14 +388,15 @@ public final class InMemoryTokenStore: TokenStore {
         return (outcome, self.triggerMaterial(id, material))
     }
 
-    public func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async throws {
+    public func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async throws -> Bool {
         await self.travel()
         try self.call("extendLease")
         let now = self.now()
-        self.state.withLock { s in
-            guard let lease = s.leases[id], lease.value == requestID, now < lease.until else { return }
+        return self.state.withLock { s in
+            guard let lease = s.leases[id], lease.value == requestID, now < lease.until else { return false }
             s.leases[id]?.until = now + ttl
             s.pending[Self.pendingKey(id, requestID)]?.until = now + ttl
+            return true
         }
     }
 

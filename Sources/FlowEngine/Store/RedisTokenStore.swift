@@ -111,7 +111,7 @@ public struct RedisTokenStore: TokenStore {
         }
     }
 
-    public func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async throws {
+    public func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async throws -> Bool {
         try await self.store.extendLease(id, owner: requestID, ttl: ttl)
     }
 
