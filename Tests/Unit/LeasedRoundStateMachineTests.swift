@@ -171,30 +171,6 @@ struct LeasedRoundStateMachineTests {
         }
     }
 
-    @Test(
-        "a lease that could not be extended: the round follows, makes no attempt of its own, and a value still answers it"
-    )
-    func leaseLost() throws {
-        var m = Machine(configuration: config())
-        _ = self.request(&m, 1, at: self.start)
-        _ = m.leaseAcquired(requestID: "r1", now: self.start)
-        let accepted = m.attemptSucceeded(requestID: "r1", attempt: 1, now: self.start)
-        let timers = scheduled(accepted)
-        let lost = m.leaseLost(requestID: "r1", now: self.start + .milliseconds(10))
-        #expect(lost.contains(.cancelTimer(timers[0])))
-        #expect(lost.contains(.cancelTimer(timers[1])))
-        #expect(m.stateName(at: self.start) == .following)
-        // Not for another round, nor twice.
-        #expect(m.leaseLost(requestID: "r2", now: self.start).isEmpty)
-        #expect(m.leaseLost(requestID: "r1", now: self.start).isEmpty)
-        let value = Credential(expiresAt: self.start.unixSeconds + 3600, roundID: "r1")
-        let answered = m.valueObserved(value, solicitedBy: "r1", now: self.start + .seconds(1))
-        #expect(answered.contains(.succeed([WaiterID(1)], value, .trigger)))
-        // It no longer leads: no verdict, no release.
-        #expect(!answered.contains(.roundFinished(succeeded: true)))
-        #expect(!answered.contains(.releaseLease(requestID: "r1")))
-    }
-
     @Test("following: woken by a value, or by the re-read timer; an empty re-read takes the lease over")
     func following() {
         var m = Machine(configuration: config())

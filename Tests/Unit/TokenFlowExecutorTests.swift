@@ -1013,28 +1013,6 @@ struct TokenFlowExecutorTests {
         }
     }
 
-    @Test(
-        "a lease extension that fails makes the round follow: no more attempts of its own, the delivery still answers")
-    func leaseExtensionFails() async throws {
-        try await withFlow { h in
-            async let first = h.request()
-            let call = try #require(await h.nextCall())
-            // Waiting for the delivery: the caller's deadline, the delivery grace and the re-read.
-            await h.clock.waitForSleepers(3)
-            #expect(h.flow.roundState(h.id) == .awaitingDelivery)
-            // A caller with a later deadline joins: the lease is extended, and the store fails it.
-            h.store.isUnavailable = true
-            async let second = h.request(.init(timeout: .seconds(30)))
-            for _ in 0..<1_000_000 where h.flow.roundState(h.id) != .following { await Task.yield() }
-            #expect(h.flow.roundState(h.id) == .following)
-            h.store.isUnavailable = false
-            h.deliver("tok-1", expiresIn: 3600, requestID: call.requestID)
-            #expect(try await first.get().token.value == "tok-1")
-            #expect(try await second.get().token.value == "tok-1")
-            #expect(h.trigger.callCount == 1)
-        }
-    }
-
     @Test("memory is swept of expired tokens: an installation nobody asks for again does not keep its token for good")
     func memorySweep() async throws {
         try await withFlow { h in

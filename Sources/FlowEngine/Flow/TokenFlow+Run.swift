@@ -255,7 +255,7 @@ extension TokenFlow {
                         id, requestID: requestID, ttl: ttl, respectingHold: respectingHold, unlessNewerThan: newerThan)
                 }
             case .extendLease(let requestID, let ttl):
-                self.submit { await self.extendLease(id, requestID: requestID, ttl: ttl) }
+                self.submit { try? await self.store.extendLease(id, requestID: requestID, ttl: ttl) }
             case .releaseLease(let requestID):
                 if requestID == releasedWithVerdict { continue }
                 if self.dropLease(id, requestID: requestID) {
@@ -309,18 +309,6 @@ extension TokenFlow {
                 }
             }
         }
-    }
-
-    /// Extends the round's lease; when that fails (another owner, or no answer), the round is
-    /// told it no longer knows it leads, and this process forgets the lease.
-    private func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async {
-        if (try? await self.store.extendLease(id, requestID: requestID, ttl: ttl)) == true { return }
-        // Also when the round ended meanwhile (its lease released): then nothing changes.
-        self.logger.debug(
-            "round-trip lease not extended; following the round", metadata: ["installation.id": "\(id)"])
-        _ = self.dropLease(id, requestID: requestID)
-        let now = self.now()
-        self.handle(id) { $0.leaseLost(requestID: requestID, now: now) }
     }
 
     private func takeWaiters(_ ids: [WaiterID]) -> [Waiter] {

@@ -490,26 +490,6 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         return cancelled + [.scheduleTimer(timer, deadline: min(now + delay, round.deadline))]
     }
 
-    /// The lease could not be extended (another owner holds it now, or the store did not
-    /// answer): this process no longer knows it leads. It stops making attempts and follows the
-    /// round: what the attempt under way delivers, or another process's round, answers its
-    /// callers; an empty re-read takes the lease again.
-    public mutating func leaseLost(requestID: String, now: FlowTime) -> [Action] {
-        guard case .round(var round) = self.state, round.requestID == requestID, round.phase.leads else { return [] }
-        var actions: [Action] = []
-        switch round.phase {
-        case .awaitingDelivery(_, let grace, let recheck, _): actions += [.cancelTimer(grace), .cancelTimer(recheck)]
-        case .backingOff(_, let timer, _): actions.append(.cancelTimer(timer))
-        case .attempting, .acquiringLease, .following: break
-        }
-        let delay = self.configuration.pollInitial
-        round.followDelay = delay
-        let timer = self.makeTimer()
-        round.phase = .following(recheck: timer, delay: delay)
-        self.state = .round(round)
-        return actions + [.scheduleTimer(timer, deadline: min(now + delay, round.deadline))]
-    }
-
     /// The lease was not taken because a hold is in force. Callers that do not force a refresh are
     /// answered at once the held way; forced ones go on and take the lease regardless of the hold.
     /// A refresh-ahead round without callers ends.

@@ -388,15 +388,14 @@ public final class InMemoryTokenStore: TokenStore {
         return (outcome, self.triggerMaterial(id, material))
     }
 
-    public func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async throws -> Bool {
+    public func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async throws {
         await self.travel()
         try self.call("extendLease")
         let now = self.now()
-        return self.state.withLock { s in
-            guard let lease = s.leases[id], lease.value == requestID, now < lease.until else { return false }
+        self.state.withLock { s in
+            guard let lease = s.leases[id], lease.value == requestID, now < lease.until else { return }
             s.leases[id]?.until = now + ttl
             s.pending[Self.pendingKey(id, requestID)]?.until = now + ttl
-            return true
         }
     }
 

@@ -111,7 +111,7 @@ public struct RedisTokenStore: TokenStore {
         }
     }
 
-    public func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async throws -> Bool {
+    public func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async throws {
         try await self.store.extendLease(id, owner: requestID, ttl: ttl)
     }
 

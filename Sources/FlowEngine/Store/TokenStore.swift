@@ -38,9 +38,8 @@ public protocol TokenStore: Sendable {
         unlessNewerThan: Int64?, material: TriggerMaterialQuery?
     ) async throws -> (outcome: TokenStoreLeaseOutcome, material: TriggerMaterialRead?)
 
-    /// Extends the lease and the round's pending request, only while `requestID` holds the lease;
-    /// false when it does not.
-    func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async throws -> Bool
+    /// Extends the lease and the round's pending request, only while `requestID` holds the lease.
+    func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async throws
 
     /// Releases the lease, only while `requestID` holds it.
     func releaseLease(_ id: InstallationID, requestID: String) async throws
