@@ -1034,7 +1034,8 @@ struct TokenFlowExecutorTests {
             #expect(h.flow.memoryCount == interval + 76)
             h.clock.advance(by: .seconds(200))
             deliver(interval + 76, expiresIn: 3600)
-            // The next sweep dropped every expired token; the fresh ones are all kept.
+            // The next sweep (after as many new entries as memory held after the last one, at
+            // least the interval) dropped every expired token; the fresh ones are all kept.
             #expect(h.flow.memoryCount == interval + 76)
         }
     }

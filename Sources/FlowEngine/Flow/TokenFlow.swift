@@ -88,8 +88,10 @@ public final class TokenFlow: Sendable, Service {
         /// How many callers wait per installation (the caps).
         var waitersPerInstallation: [InstallationID: Int] = [:]
         var memory: [InstallationID: MemoryEntry] = [:]
-        /// Entries added to `memory` since it was last swept of expired tokens.
+        /// Entries added to `memory` since it was last swept of expired tokens, and how many it
+        /// held after that sweep.
         var rememberedSinceSweep = 0
+        var memoryAfterSweep = 0
         /// Installations known to have a registered trigger (refresh-ahead needs one).
         var triggerKnown: Set<InstallationID> = []
         /// Installations whose trigger registration this process has read from the store.
@@ -813,19 +815,22 @@ public final class TokenFlow: Sendable, Service {
     /// Entries added between two sweeps of memory.
     static var memorySweepInterval: Int { 1024 }
 
-    /// Every ``memorySweepInterval`` new entries, drops those whose token has expired (and those
-    /// with none), unless the installation has a machine here: memory holds one entry per
-    /// installation this process served or heard of, and an installation no caller asks for again
-    /// would otherwise keep its expired token for good. What is dropped is read again from the
-    /// store when asked for.
+    /// Every ``memorySweepInterval`` new entries (or as many as memory held after the last sweep,
+    /// if more: a sweep costs a pass over memory, so each new entry pays for two steps of it at
+    /// most), drops those whose
+    /// token has expired (and those with none), unless the installation has a machine here:
+    /// memory holds one entry per installation this process served or heard of, and an
+    /// installation no caller asks for again would otherwise keep its expired token for good. What
+    /// is dropped is read again from the store when asked for.
     private static func sweepIfDue(_ s: inout State, now: Int64) {
         s.rememberedSinceSweep += 1
-        guard s.rememberedSinceSweep >= Self.memorySweepInterval else { return }
+        guard s.rememberedSinceSweep >= max(Self.memorySweepInterval, s.memoryAfterSweep) else { return }
         s.rememberedSinceSweep = 0
         let machines = s.machines
         s.memory = s.memory.filter { id, entry in
             (entry.token.map { $0.expiresAt > now } ?? false) || machines[id] != nil
         }
+        s.memoryAfterSweep = s.memory.count
     }
 
     /// Entries held in memory (for tests).
