@@ -636,14 +636,8 @@ public struct GatewayConfiguration: Sendable, CustomStringConvertible {
 extension GatewayConfiguration {
     /// A DNS name (labels of letters, digits, `-` and `_`) or an IP address.
     static func isTLSServerName(_ name: String) -> Bool {
-        if (try? SocketAddress(ipAddress: name, port: 0)) != nil { return true }
-        return name.utf8.count <= 253
-            && name.split(separator: ".", omittingEmptySubsequences: false).allSatisfy { label in
-                (1...63).contains(label.utf8.count)
-                    && label.utf8.allSatisfy {
-                        ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2D || $0 == 0x5F
-                    }
-            }
+        (try? SocketAddress(ipAddress: name, port: 0)) != nil
+            || TriggerHostAllowList.isHostname(name, underscores: true)
     }
 
     /// The Redis settings: `TOKEN_GATEWAY_REDIS_URL` and, for a `rediss` URL, the TLS files and server name. The

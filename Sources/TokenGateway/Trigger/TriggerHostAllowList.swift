@@ -104,12 +104,15 @@ public struct TriggerHostAllowList: Sendable, Hashable, CustomStringConvertible 
         TrustRoot.isLoopback(host)
     }
 
-    static func isHostname(_ s: String) -> Bool {
+    /// Lower-case labels of letters, digits and `-` (and `_` with `underscores`: some internal
+    /// names have them), 1–63 each, 253 in all.
+    static func isHostname(_ s: String, underscores: Bool = false) -> Bool {
         !s.isEmpty && s.count <= 253
             && s.split(separator: ".", omittingEmptySubsequences: false).allSatisfy { label in
                 !label.isEmpty && label.count <= 63
                     && label.utf8.allSatisfy {
                         ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2D
+                            || (underscores && $0 == 0x5F)
                     }
             }
     }
