@@ -101,6 +101,46 @@ struct ReplicaIntegrationTests {
         }
     }
 
+    @Test(
+        "a caller that gives up before a slow trigger answers leaves its round trip running: a caller on another replica gets its token, one trigger call, no failure counted"
+    )
+    func roundTripOutlivesItsCallers() async throws {
+        // One failed round trip would open the circuit.
+        try await ReplicaHarness.run(replicas: 2, extraSettings: ["TOKEN_GATEWAY_BREAKER_THRESHOLD": "1"]) { h in
+            let installation = h.emulator.makeInstallation()
+            try await h.emulator.install(installation)
+            // Forge's function starts slowly: it delivers, then answers, 2 s after the call.
+            h.emulator.setFault(.respondSlowly(.seconds(2)), for: installation)
+            let first = try await h.token(0, installation, query: "timeout=300")
+            #expect(first.status == 504)
+            #expect(first.errorCode == "token_timeout")
+            // The trigger call goes on, and replica 0 keeps the lease: replica 1's caller follows
+            // that round trip instead of starting a second one (or meeting an open circuit).
+            let second = try await h.token(1, installation, query: "timeout=10000")
+            #expect(second.status == 200, "\(second.body)")
+            let token = try #require(second.json["accessToken"] as? String)
+            let source = second.json["source"] as? String ?? ""
+            #expect(["trigger", "cache"].contains(source), "\(second.body)")
+            TokenAnswerMatrixTests.expectWholeAnswer(second, installation, token: token, source: source, "second")
+            #expect(h.emulator.triggerCalls(for: installation) == 1)
+            // The call was not expired when the function read it: the gateway's `expiresAt` is
+            // when it stops waiting for the call, not the first caller's deadline.
+            #expect(
+                try await Events.wait(within: .seconds(10), on: h.emulator.callEvents()) {
+                    h.emulator.triggerRecords(for: installation).first?.answeredStatus != nil
+                })
+            #expect(h.emulator.triggerRecords(for: installation).first?.answeredStatus == 200)
+            // No failure was counted: a forced refresh on either replica makes a round trip.
+            h.emulator.setFault(.none, for: installation)
+            for replica in 0..<2 {
+                let refreshed = try await h.call(replica, .POST, GatewayHarness.path(installation) + "/token/refresh")
+                #expect(refreshed.status == 200, "\(refreshed.body)")
+                #expect(refreshed.json["source"] as? String == "trigger")
+            }
+            #expect(h.emulator.triggerCalls(for: installation) == 3)
+        }
+    }
+
     @Test("the circuit opens after consecutive failures, is shared by replicas, and closes after a good probe")
     func circuitBreaker() async throws {
         try await ReplicaHarness.run(

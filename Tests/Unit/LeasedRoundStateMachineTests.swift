@@ -129,7 +129,7 @@ struct LeasedRoundStateMachineTests {
     }
 
     @Test(
-        "a caller's deadline while the round waits to retry a refused trigger is 502; during an attempt 504, and the cut attempt is counted"
+        "a caller's deadline while the round waits to retry a refused trigger is 502 and ends the round; during an attempt 504, and the round sees the attempt through"
     )
     func deadlineAnswers() throws {
         // Waiting to retry after a non-2xx: every attempt made was refused (contract §2: 502).
@@ -143,18 +143,131 @@ struct LeasedRoundStateMachineTests {
         let late = m.timerFired(callerTimer, now: self.start + .seconds(10), jitter: 0)
         #expect(late.contains(.fail([WaiterID(1)], .triggerFailed)))
         #expect(late.contains(.roundFinished(succeeded: false)))
+        #expect(late.contains(.releaseLease(requestID: "r1")))
         #expect(!late.contains { if case .recordAttempt = $0 { return true } else { return false } })
 
-        // During an attempt: no token in time (504); the attempt is counted as timed out.
+        // During an attempt: no token in time (504). The attempt goes on (its timeout is its own),
+        // the round keeps the lease, and its outcome is the round's verdict; nobody waits, so no
+        // retry although one is left.
         var n = Machine(configuration: config())
         let timer = try #require(scheduled(self.request(&n, 1, at: self.start)).first)
         _ = n.leaseAcquired(requestID: "r1", now: self.start)
-        let cut = n.timerFired(timer, now: self.start + .seconds(10), jitter: 0)
-        #expect(cut.contains(.fail([WaiterID(1)], .tokenTimeout)))
-        #expect(cut.contains(.recordAttempt(outcome: "timeout")))
-        #expect(cut.contains(.releaseLease(requestID: "r1")))
-        // Its own outcome, arriving later, is not counted again.
-        #expect(n.attemptFailed(requestID: "r1", attempt: 1, failure: .timeout, now: self.start, jitter: 0).isEmpty)
+        let cut = n.timerFired(timer, now: self.start + .seconds(5), jitter: 0)
+        #expect(cut == [.fail([WaiterID(1)], .tokenTimeout)])
+        #expect(n.stateName(at: self.start + .seconds(5)) == .attempting)
+        let ended = n.attemptFailed(
+            requestID: "r1", attempt: 1, failure: .timeout, now: self.start + .seconds(10), jitter: 0)
+        #expect(
+            ended == [
+                .recordAttempt(outcome: "timeout"), .roundFinished(succeeded: false), .releaseLease(requestID: "r1"),
+            ])
+        #expect(n.stateName(at: self.start + .seconds(10)) == .idle)
+    }
+
+    @Test(
+        "callers gone, the attempt answers 2xx: the lease is extended over the delivery grace, and the delivery is the round's success"
+    )
+    func workOutlivesCallers() throws {
+        var m = Machine(configuration: config())
+        let old = Credential(expiresAt: self.start.unixSeconds + 100)
+        let timer = try #require(scheduled(self.request(&m, 1, current: old, at: self.start)).first)
+        let acquired = m.leaseAcquired(requestID: "r1", now: self.start)
+        #expect(
+            acquired.contains(
+                .startAttempt(requestID: "r1", attempt: 1, expiresAt: self.start + .seconds(10), timeout: .seconds(10)))
+        )
+        _ = m.timerFired(timer, now: self.start + .seconds(10), jitter: 0)
+        // The 2xx after the callers' deadline: the grace (2 s) would end after the lease (10 s + 2 s).
+        let now = self.start + .milliseconds(10_500)
+        let accepted = m.attemptSucceeded(requestID: "r1", attempt: 1, now: now)
+        #expect(accepted.contains(.extendLease(requestID: "r1", ttl: .seconds(4))))
+        #expect(m.stateName(at: now) == .awaitingDelivery)
+        // A re-read of nothing new does not end it…
+        #expect(m.valueObserved(old, solicitedBy: nil, now: now).isEmpty)
+        // …its own value does, as a success.
+        let delivered = m.valueObserved(
+            Credential(expiresAt: now.unixSeconds + 3600, roundID: "r1"), solicitedBy: "r1", now: now)
+        #expect(
+            delivered == [
+                .recordAttempt(outcome: "success"), .cancelTimer(TimerID(2)), .cancelTimer(TimerID(3)),
+                .roundFinished(succeeded: true), .releaseLease(requestID: "r1"),
+            ])
+        #expect(m.stateName(at: now) == .idle)
+    }
+
+    @Test(
+        "a refresh-ahead round a caller joined: the lease covers an attempt that outlives the round's deadline"
+    )
+    func refreshAheadLeaseCoversItsAttempt() throws {
+        var m = Machine(configuration: config())
+        let stale = Credential(expiresAt: self.start.unixSeconds + 50)
+        _ = m.refreshAheadWasRequested(knownExpiry: stale.expiresAt, requestID: "bg", now: self.start)
+        _ = m.leaseAcquired(requestID: "bg", now: self.start)
+        // Attempt 1 fails late; attempt 2 starts 25 s in: it may run until 35 s, past the round's
+        // 30 s deadline and its lease (32 s).
+        let failed = m.attemptFailed(
+            requestID: "bg", attempt: 1, failure: .httpError, now: self.start + .seconds(25), jitter: 0)
+        let backoff = try #require(scheduled(failed).first)
+        let retried = m.timerFired(backoff, now: self.start + .seconds(25), jitter: 0)
+        #expect(retried.contains(.extendLease(requestID: "bg", ttl: .seconds(12))))
+    }
+
+    @Test(
+        "callers answered by the value they had while the work is in flight: the round goes on, and ends with the work's own value"
+    )
+    func olderValueLeavesTheWorkRunning() throws {
+        var m = Machine(configuration: config())
+        let old = Credential(expiresAt: self.start.unixSeconds + 200)
+        _ = self.request(&m, 1, current: old, at: self.start)
+        _ = m.leaseAcquired(requestID: "r1", now: self.start)
+        // A caller asking for less validity joins without the value it had (knownExpiry 0)…
+        _ = m.tokenWasRequested(
+            waiter: WaiterID(2), minValidity: 60, knownExpiry: 0, forced: false, deadline: self.start + .seconds(10),
+            requestID: "r2", now: self.start)
+        // …and a re-read of the old value answers it, not the first: the round goes on.
+        let reread = m.valueObserved(old, solicitedBy: nil, now: self.start + .seconds(1))
+        #expect(reread.contains(.succeed([WaiterID(2)], old, .push)))
+        #expect(!reread.contains(.roundFinished(succeeded: true)))
+        #expect(m.waiterCount == 1)
+        // The first caller's deadline: the attempt is still seen through.
+        let deadline = m.timerFired(TimerID(1), now: self.start + .seconds(10), jitter: 0)
+        #expect(deadline.contains(.fail([WaiterID(1)], .tokenTimeout)))
+        #expect(m.isActive)
+        // The same old value again ends nothing; the round's own does.
+        #expect(m.valueObserved(old, solicitedBy: nil, now: self.start + .seconds(10)).isEmpty)
+        let own = Credential(expiresAt: self.start.unixSeconds + 3600, roundID: "r1")
+        let done = m.valueObserved(own, solicitedBy: "r1", now: self.start + .seconds(10))
+        #expect(done.contains(.roundFinished(succeeded: true)))
+        #expect(!m.isActive)
+    }
+
+    @Test("a lease taken once every caller's deadline has passed: no attempt, the lease goes back")
+    func leaseAfterTheDeadline() {
+        var m = Machine(configuration: config())
+        _ = self.request(&m, 1, at: self.start)
+        let late = m.leaseAcquired(requestID: "r1", now: self.start + .seconds(10))
+        #expect(!late.contains { if case .startAttempt = $0 { return true } else { return false } })
+        #expect(late.contains(.fail([WaiterID(1)], .tokenTimeout)))
+        #expect(late.contains(.releaseLease(requestID: "r1")))
+        #expect(!m.isActive)
+    }
+
+    @Test("a caller joining a round whose callers are gone joins it: no second lease, no second attempt")
+    func joinsARoundWhoseCallersAreGone() throws {
+        var m = Machine(configuration: config())
+        let timer = try #require(scheduled(self.request(&m, 1, at: self.start)).first)
+        _ = m.leaseAcquired(requestID: "r1", now: self.start)
+        _ = m.timerFired(timer, now: self.start + .seconds(10), jitter: 0)
+        let joined = self.request(&m, 2, rid: "r2", at: self.start + .seconds(10))
+        #expect(!joined.contains { if case .acquireLease = $0 { return true } else { return false } })
+        #expect(!joined.contains { if case .startAttempt = $0 { return true } else { return false } })
+        #expect(m.waiterCount == 1)
+        #expect(m.currentRequestID == "r1")
+        // The attempt fails: the new caller's deadline leaves time, so the round tries again.
+        let failed = m.attemptFailed(
+            requestID: "r1", attempt: 1, failure: .httpError, now: self.start + .seconds(11), jitter: 0)
+        #expect(m.stateName(at: self.start + .seconds(11)) == .backingOff)
+        #expect(!failed.contains(.roundFinished(succeeded: false)))
     }
 
     @Test("no retry starts with less than 100 ms before the deadline: the callers get the last attempt's answer")

@@ -360,7 +360,9 @@ struct TokenFlowExecutorTests {
         }
     }
 
-    @Test("a caller cancelled before it is admitted is answered cancelled, and its round is abandoned")
+    @Test(
+        "a caller cancelled before it is admitted is answered cancelled; the trigger call its round made is seen through, then the round ends"
+    )
     func cancelledBeforeAdmission() async throws {
         try await withFlow { h in
             let result = await Task { () -> Result<TokenAnswer, FlowError> in
@@ -368,12 +370,21 @@ struct TokenFlowExecutorTests {
                 return await h.request()
             }.value
             #expect(throws: FlowError.cancelled) { try result.get() }
+            // The round's trigger call had gone out: it answered 2xx, so the round waits out the
+            // delivery grace, with nobody waiting, then ends without trying again.
+            let call = try #require(await h.nextCall())
+            await h.clock.waitForSleepers(2)
+            #expect(h.flow.isRoundActive(h.id))
+            #expect(h.store.leaseOwner(h.id) == call.requestID)
+            h.clock.advance(by: TokenFlowConfiguration().deliveryGrace)
             var turns = 0
-            while h.flow.isRoundActive(h.id), turns < 100_000 {
+            while h.flow.isRoundActive(h.id) || h.store.leaseOwner(h.id) != nil, turns < 100_000 {
                 await Task.yield()
                 turns += 1
             }
             #expect(!h.flow.isRoundActive(h.id))
+            #expect(h.store.leaseOwner(h.id) == nil)
+            #expect(h.trigger.callCount == 1)
         }
     }
 
@@ -1096,16 +1107,39 @@ struct TokenFlowExecutorTests {
         #expect(finished.allSatisfy { !$0 }, "no observer work was cancelled: \(finished)")
     }
 
-    @Test("a cancelled caller gets `cancelled`; the round trip it alone waited for is abandoned")
+    @Test(
+        "a cancelled caller gets `cancelled`; the round trip it alone waited for goes on, holding the lease, and a caller arriving meanwhile joins it"
+    )
     func cancellation() async throws {
         try await withFlow { h in
             let caller = Task { await h.request() }
             let call = try #require(await h.nextCall())
+            // The caller's deadline timer and the round's grace and re-read timers.
             await h.clock.waitForSleepers(3)
             caller.cancel()
             let cancelled = await caller.value
             #expect(throws: FlowError.cancelled) { try cancelled.get() }
-            while h.store.leaseOwner(h.id) == call.requestID { await Task.yield() }
+            // The trigger call answered 2xx: its token may still come, so the round keeps its lease
+            // (no other replica starts a second call) and the next caller joins it.
+            #expect(h.flow.isRoundActive(h.id))
+            #expect(h.store.leaseOwner(h.id) == call.requestID)
+            async let next = h.request()
+            var turns = 0
+            while h.flow.waiterCount(h.id) == 0, turns < 100_000 {
+                await Task.yield()
+                turns += 1
+            }
+            h.deliver("tok-1", expiresIn: 3600, requestID: call.requestID)
+            let answer = try await next.get()
+            #expect(answer.token.value == "tok-1")
+            #expect(answer.source == .trigger)
+            #expect(h.trigger.callCount == 1)
+            turns = 0
+            while h.store.leaseOwner(h.id) != nil, turns < 100_000 {
+                await Task.yield()
+                turns += 1
+            }
+            #expect(h.store.leaseOwner(h.id) == nil)
             #expect(!h.flow.isRoundActive(h.id))
         }
     }

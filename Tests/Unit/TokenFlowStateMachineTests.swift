@@ -227,7 +227,9 @@ struct TokenFlowStateMachineTests {
         #expect(timers(f).isEmpty)
     }
 
-    @Test("the caller's deadline ends its wait with token_timeout and the round with it")
+    @Test(
+        "the caller's deadline ends its wait with token_timeout; the round sees its attempt through, the lease extended to cover it"
+    )
     func callerTimeout() {
         var clock = ManualClock()
         var m = TokenFlowStateMachine(configuration: config())
@@ -235,11 +237,17 @@ struct TokenFlowStateMachineTests {
             waiter: WaiterID(1), minValidity: 300, knownExpiry: 0, forced: false, deadline: clock.now + .seconds(2),
             requestID: "r1", now: clock.now)
         let deadlineTimer = timers(a)[0].0
-        _ = m.leaseAcquired(requestID: "r1", now: clock.now)
+        // The attempt (5 s) would end after the lease (2 s + 2 s of grace): extended to 5 s + 2 s.
+        let acquired = m.leaseAcquired(requestID: "r1", now: clock.now)
+        #expect(acquired.first == .extendLease(requestID: "r1", ttl: .seconds(7)))
         clock.advance(.seconds(2))
         let t = m.timerFired(deadlineTimer, now: clock.now, jitter: 0)
-        #expect(t.contains(.fail([WaiterID(1)], .tokenTimeout)))
-        #expect(t.contains(.releaseLease(requestID: "r1")))
+        #expect(t == [.fail([WaiterID(1)], .tokenTimeout)])
+        #expect(m.isActive)
+        clock.advance(.seconds(3))
+        let f = m.attemptFailed(requestID: "r1", attempt: 1, failure: .timeout, now: clock.now, jitter: 0)
+        #expect(
+            f == [.recordAttempt(outcome: "timeout"), .roundFinished(succeeded: false), .releaseLease(requestID: "r1")])
         #expect(!m.isActive)
     }
 
@@ -260,7 +268,9 @@ struct TokenFlowStateMachineTests {
         #expect(timers(f).count == 1)
     }
 
-    @Test("a cancelled caller gets an answer at once and the round ends when none is left")
+    @Test(
+        "a cancelled caller gets an answer at once; when none is left the round sees its attempt through and makes no other"
+    )
     func cancellation() {
         let clock = ManualClock()
         var m = TokenFlowStateMachine(configuration: config())
@@ -275,13 +285,19 @@ struct TokenFlowStateMachineTests {
         #expect(c1.contains(.fail([WaiterID(1)], .cancelled)))
         #expect(m.isActive)
         let c2 = m.waiterCancelled(WaiterID(2), now: clock.now)
-        #expect(c2.contains(.releaseLease(requestID: "r1")))
-        #expect(!c2.contains(.roundFinished(succeeded: false)))
-        #expect(!m.isActive)
+        #expect(c2 == [.cancelTimer(TimerID(2)), .fail([WaiterID(2)], .cancelled)])
+        #expect(m.isActive)
         #expect(m.waiterCancelled(WaiterID(2), now: clock.now).isEmpty)
+        // The attempt is refused: with nobody waiting, no retry; the round ends failed.
+        let f = m.attemptFailed(requestID: "r1", attempt: 1, failure: .httpError, now: clock.now, jitter: 0)
+        #expect(
+            f == [
+                .recordAttempt(outcome: "http_error"), .roundFinished(succeeded: false), .releaseLease(requestID: "r1"),
+            ])
+        #expect(!m.isActive)
     }
 
-    @Test("a delivery arriving after every caller gave up changes nothing")
+    @Test("a delivery arriving after every caller gave up ends the round a success, answering nobody")
     func lateDelivery() {
         var clock = ManualClock()
         var m = TokenFlowStateMachine(configuration: config())
@@ -291,8 +307,11 @@ struct TokenFlowStateMachineTests {
         _ = m.leaseAcquired(requestID: "r1", now: clock.now)
         clock.advance(.seconds(1))
         _ = m.timerFired(timers(a)[0].0, now: clock.now, jitter: 0)
+        #expect(m.isActive)
         #expect(
-            m.valueObserved(token(clock.now.unixSeconds + 3600, rid: "r1"), solicitedBy: "r1", now: clock.now).isEmpty)
+            m.valueObserved(token(clock.now.unixSeconds + 3600, rid: "r1"), solicitedBy: "r1", now: clock.now) == [
+                .recordAttempt(outcome: "success"), .roundFinished(succeeded: true), .releaseLease(requestID: "r1"),
+            ])
         #expect(m.attemptSucceeded(requestID: "r1", attempt: 1, now: clock.now).isEmpty)
         #expect(!m.isActive)
     }

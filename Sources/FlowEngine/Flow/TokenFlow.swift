@@ -786,6 +786,11 @@ public final class TokenFlow: Sendable, Service {
         self.state.withLock { $0.machines[id]?.isActive == true }
     }
 
+    /// Callers of `id` waiting in this process for its round trip.
+    public func waiterCount(_ id: InstallationID) -> Int {
+        self.state.withLock { $0.machines[id]?.waiterCount ?? 0 }
+    }
+
     /// The state of `id`'s machine in this process (`idle` when it has none).
     public func roundState(_ id: InstallationID) -> TokenFlowStateMachine.StateName {
         let now = self.now()

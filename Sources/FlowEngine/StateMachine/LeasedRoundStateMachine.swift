@@ -145,6 +145,14 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
             case .attempting, .awaitingDelivery, .backingOff: return true
             }
         }
+
+        /// The round's work is under way: an attempt, or the wait for the delivery after its 2xx.
+        var hasWorkInFlight: Bool {
+            switch self {
+            case .attempting, .awaitingDelivery: return true
+            case .acquiringLease, .following, .backingOff: return false
+            }
+        }
     }
 
     enum Kind: Sendable, Hashable {
@@ -176,12 +184,16 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         /// The latest expiry its callers (or its refresh-ahead) found insufficient: the value the
         /// round is to improve on. Kept as callers join, so a join costs no pass over the waiters.
         var knownExpiry: Int64 = 0
+        /// When the work in flight ends at the latest: the attempt's timeout, or the delivery grace
+        /// after its 2xx. A round whose callers are gone goes on until then (``lastCallerLeft``).
+        var workEnds: FlowTime?
     }
 
     enum RoundOutcome {
         case succeeded
         case failed
-        /// Ended without a verdict on the work (callers went away, store down, shutdown).
+        /// Ended without a verdict on the work (callers went away before any was in flight, store
+        /// down, shutdown).
         case abandoned
     }
 
@@ -441,22 +453,26 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
 
     /// This process took the lease: it leads the round and starts attempt 1. `leaseDeadline` is the
     /// deadline the lease was taken for when that was not the round's own (a lease a snapshot took
-    /// for its reader's deadline). The lease is extended to the round's deadline when that is later
-    /// by more than half of ``TokenFlowConfiguration/leaseGrace``: callers that joined while it was
-    /// being taken, or a round led for a caller that waits longer than the one that took it.
+    /// for its reader's deadline). The lease is extended to the round's deadline or the attempt's
+    /// end, whichever is later, when that is later by more than half of
+    /// ``TokenFlowConfiguration/leaseGrace``: callers that joined while it was being taken, a round
+    /// led for a caller that waits longer than the one that took it, or callers that wait less than
+    /// the attempt may take. A lease taken once every caller's deadline has passed goes back.
     public mutating func leaseAcquired(requestID: String, leaseDeadline: FlowTime? = nil, now: FlowTime) -> [Action] {
         guard case .round(var round) = self.state, round.requestID == requestID, case .acquiringLease = round.phase
         else { return [] }
-        round.phase = .attempting(attempt: 1)
-        if let leaseDeadline { round.leaseDeadline = leaseDeadline }
-        var actions: [Action] = []
-        if round.deadline > round.leaseDeadline + self.configuration.leaseGrace / 2 {
-            round.leaseDeadline = round.deadline
-            actions.append(
-                .extendLease(requestID: round.requestID, ttl: self.leaseTTL(deadline: round.deadline, now: now)))
+        guard now < round.deadline else {
+            // Taken after every caller's deadline (their timers not fired yet): nobody can use an
+            // attempt now, so none is made and the lease goes back.
+            return self.endRound(round, failing: FlowError(code: .tokenTimeout), outcome: .abandoned, now: now)
+                + [.releaseLease(requestID: requestID)]
         }
+        if let leaseDeadline { round.leaseDeadline = leaseDeadline }
+        // The lease is extended (in `startAttempt`) to the round's deadline or the attempt's end,
+        // whichever is later, when that is more than half of the grace beyond what it was set for.
+        let attempt = self.startAttempt(&round, attempt: 1, now: now)
         self.state = .round(round)
-        return actions + [self.startAttempt(round, attempt: 1, now: now)]
+        return attempt
     }
 
     /// Another process holds the lease: follow its round. Its value arrives as a notification
@@ -557,12 +573,16 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         let recheck = self.makeTimer()
         let delay = self.configuration.pollInitial
         round.phase = .awaitingDelivery(attempt: attempt, grace: grace, recheck: recheck, delay: delay)
+        // The grace runs out whatever the callers' deadline: a round whose callers are gone waits
+        // for the delivery all the same (``lastCallerLeft``).
+        round.workEnds = now + self.configuration.deliveryGrace
+        let covered = self.coverWork(&round, now: now)
         self.state = .round(round)
         return [
             .readStore(requestID: requestID),
-            .scheduleTimer(grace, deadline: min(now + self.configuration.deliveryGrace, round.deadline)),
-            .scheduleTimer(recheck, deadline: min(now + delay, round.deadline)),
-        ]
+            .scheduleTimer(grace, deadline: now + self.configuration.deliveryGrace),
+            .scheduleTimer(recheck, deadline: Self.recheck(after: delay, round, now: now)),
+        ] + covered
     }
 
     /// Attempt `attempt` failed: back off and retry within the deadline, or fail the callers.
@@ -579,7 +599,8 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
     /// A value was seen: read from the store, delivered to this process, returned by the round's
     /// work, or announced by another process. `solicitedBy` is the round whose work it answered,
     /// if any. Callers it satisfies are answered; the round ends when none is left (a refresh-ahead
-    /// round: once a value later than the one it refreshes arrived).
+    /// round, or one whose work is in flight: once its own value, or one later than the one it
+    /// was to improve on, arrived).
     public mutating func valueObserved(_ value: Value, solicitedBy: String?, now: FlowTime) -> [Action] {
         if case .held(var hold) = self.state, value.expiresAt > (hold.newest?.expiresAt ?? .min) {
             // A later value (a push) during a hold: held callers get it from now on.
@@ -609,6 +630,11 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         var refreshed = true
         if case .refreshAhead(let knownExpiry) = round.kind {
             refreshed = answersThisRound || value.expiresAt > knownExpiry
+        } else if round.phase.hasWorkInFlight, self.configuration.workOutlivesCallers {
+            // Work in flight ends with its own value, or one later than its callers found
+            // insufficient; callers satisfied by an older one (a re-read of what they had) leave
+            // it running, as callers whose deadline passed do (``lastCallerLeft``).
+            refreshed = answersThisRound || value.expiresAt > round.knownExpiry
         }
         guard round.waiters.isEmpty, refreshed else {
             self.state = .round(round)
@@ -742,17 +768,17 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
     /// A timer fired.
     public mutating func timerFired(_ timer: TimerID, now: FlowTime, jitter: Double) -> [Action] {
         guard case .round(var round) = self.state else { return [] }
-        if case .refreshAhead = round.kind, round.waiters.isEmpty, now >= round.deadline {
-            return Self.attemptCut(round.phase)
-                + self.finishRound(round, outcome: round.phase.leads ? .failed : .abandoned, now: now)
+        if case .refreshAhead = round.kind, round.waiters.isEmpty, now >= round.deadline,
+            !(round.phase.hasWorkInFlight && self.configuration.workOutlivesCallers)
+        {
+            return self.finishRound(round, outcome: round.phase.leads ? .failed : .abandoned, now: now)
         }
         // A caller's deadline.
         if let (id, _) = round.waiters.first(where: { $0.value.timer == timer }) {
             round.waiters[id] = nil
             var actions: [Action] = [.fail([id], Value.failure(Self.deadlineError(round.phase)))]
             if round.waiters.isEmpty, case .requested = round.kind {
-                actions += Self.attemptCut(round.phase)
-                actions += self.finishRound(round, outcome: round.phase.leads ? .failed : .abandoned, now: now)
+                actions += self.lastCallerLeft(round, outcome: round.phase.leads ? .failed : .abandoned, now: now)
             } else {
                 self.state = .round(round)
             }
@@ -773,12 +799,12 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
             self.state = .round(round)
             return [
                 .readStore(requestID: round.requestID),
-                .scheduleTimer(next, deadline: min(now + longer, round.deadline)),
+                .scheduleTimer(next, deadline: Self.recheck(after: longer, round, now: now)),
             ]
         case .backingOff(let attempt, let t, _) where t == timer:
-            round.phase = .attempting(attempt: attempt + 1)
+            let started = self.startAttempt(&round, attempt: attempt + 1, now: now)
             self.state = .round(round)
-            return [.recordRetry, self.startAttempt(round, attempt: attempt + 1, now: now)]
+            return [.recordRetry] + started
         default:
             return []
         }
@@ -789,7 +815,7 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         guard case .round(var round) = self.state, let w = round.waiters.removeValue(forKey: waiter) else { return [] }
         var actions: [Action] = [.cancelTimer(w.timer), .fail([waiter], Value.failure(.cancelled))]
         if round.waiters.isEmpty, case .requested = round.kind {
-            actions += self.finishRound(round, outcome: .abandoned, now: now)
+            actions += self.lastCallerLeft(round, outcome: .abandoned, now: now)
         } else {
             self.state = .round(round)
         }
@@ -851,11 +877,58 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         max(deadline - now, .milliseconds(1)) + self.configuration.leaseGrace
     }
 
-    private func startAttempt(_ round: Round, attempt: Int, now: FlowTime) -> Action {
-        let remaining = max(round.deadline - now, .milliseconds(1))
-        return .startAttempt(
-            requestID: round.requestID, attempt: attempt, expiresAt: round.deadline,
-            timeout: min(self.configuration.attemptTimeout, remaining))
+    /// Starts attempt `attempt` of `round`. The attempt has ``TokenFlowConfiguration/attemptTimeout``
+    /// whatever its callers' deadline (they are answered at theirs; the round sees its work
+    /// through, ``lastCallerLeft``), unless ``TokenFlowConfiguration/workOutlivesCallers`` is off;
+    /// `expiresAt` is when this process stops waiting for it, the callers' deadline or the
+    /// attempt's end, whichever is later.
+    private func startAttempt(_ round: inout Round, attempt: Int, now: FlowTime) -> [Action] {
+        var timeout = self.configuration.attemptTimeout
+        var expiresAt = max(round.deadline, now + timeout)
+        if !self.configuration.workOutlivesCallers {
+            timeout = min(timeout, max(round.deadline - now, .milliseconds(1)))
+            expiresAt = round.deadline
+        }
+        round.phase = .attempting(attempt: attempt)
+        round.workEnds = now + timeout
+        let covered = self.coverWork(&round, now: now)
+        return covered + [
+            .startAttempt(requestID: round.requestID, attempt: attempt, expiresAt: expiresAt, timeout: timeout)
+        ]
+    }
+
+    /// The round's last caller left: its deadline passed (`outcome` `failed` when this process
+    /// leads) or it went away (`abandoned`). Work in flight, an attempt or the wait for its
+    /// delivery, is seen through: the round goes on without callers, holding the lease (extended
+    /// to cover the work when needed), so no other process starts a second trigger call while
+    /// this one may still bring a token, the round's verdict is what the work did, and callers
+    /// that arrive meanwhile join it. It makes no further attempt for nobody. Otherwise the
+    /// round ends now.
+    private mutating func lastCallerLeft(_ round: Round, outcome: RoundOutcome, now: FlowTime) -> [Action] {
+        guard round.phase.hasWorkInFlight, self.configuration.workOutlivesCallers else {
+            return self.finishRound(round, outcome: outcome, now: now)
+        }
+        var round = round
+        let covered = self.coverWork(&round, now: now)
+        self.state = .round(round)
+        return covered
+    }
+
+    /// The lease of a round this process leads, extended when the callers' deadline or the work
+    /// in flight ends more than half of ``TokenFlowConfiguration/leaseGrace`` after the instant
+    /// it was set for: it outlives both by the grace. The callers' default deadline (10 s) and the
+    /// attempt timeout (10 s) end together, so a cold round with such callers extends nothing.
+    private func coverWork(_ round: inout Round, now: FlowTime) -> [Action] {
+        let ends = max(round.deadline, round.workEnds ?? round.deadline)
+        guard round.phase.leads, ends > round.leaseDeadline + self.configuration.leaseGrace / 2 else { return [] }
+        round.leaseDeadline = ends
+        return [.extendLease(requestID: round.requestID, ttl: self.leaseTTL(deadline: ends, now: now))]
+    }
+
+    /// When the re-read while awaiting a delivery is due: after `delay`, and not after the callers'
+    /// deadline while they wait (once it has passed, the grace timer ends the wait).
+    private static func recheck(after delay: Duration, _ round: Round, now: FlowTime) -> FlowTime {
+        now < round.deadline ? min(now + delay, round.deadline) : now + delay
     }
 
     private mutating func retryOrFail(
@@ -866,7 +939,9 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         if case .awaitingDelivery(_, let grace, let recheck, _) = round.phase {
             actions += [.cancelTimer(grace), .cancelTimer(recheck)]
         }
-        if attempt < self.configuration.maxAttempts {
+        var anyoneWaits = !round.waiters.isEmpty
+        if case .refreshAhead = round.kind { anyoneWaits = true }
+        if attempt < self.configuration.maxAttempts, anyoneWaits {
             let delay = Backoff.delay(
                 attempt: attempt, base: self.configuration.backoffBase, cap: self.configuration.backoffCap,
                 jitter: jitter)
@@ -902,16 +977,6 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
     static func deadlineError(_ phase: Phase) -> FlowError {
         if case .backingOff(_, _, let failure) = phase { return Self.error(after: failure) }
         return FlowError(code: .tokenTimeout)
-    }
-
-    /// The attempt in flight when a deadline ends its round, counted as what it was waiting for
-    /// (its own outcome, arriving later, finds the round gone).
-    static func attemptCut(_ phase: Phase) -> [Action] {
-        switch phase {
-        case .attempting: return [.recordAttempt(outcome: TriggerFailure.timeout.rawValue)]
-        case .awaitingDelivery: return [.recordAttempt(outcome: TriggerFailure.noDelivery.rawValue)]
-        case .acquiringLease, .following, .backingOff: return []
-        }
     }
 
     private mutating func endRound(_ round: Round, failing error: FlowError, outcome: RoundOutcome, now: FlowTime)

@@ -28,7 +28,8 @@ public enum TriggerFailure: String, Sendable, Hashable {
 public struct TokenFlowConfiguration: Sendable, Hashable {
     /// Trigger attempts per round trip (the first one included). Default 4.
     public var maxAttempts: Int = 4
-    /// Longest wait for one trigger call to answer (bounded by the caller's deadline). Default 10 s.
+    /// Longest wait for one trigger call to answer, whatever its callers' deadline (see
+    /// ``workOutlivesCallers``). Default 10 s.
     public var attemptTimeout: Duration = .seconds(10)
     /// How long after a 2xx from the trigger the token may still arrive before the attempt counts
     /// as `no_delivery`. Default 3 s.
@@ -60,6 +61,13 @@ public struct TokenFlowConfiguration: Sendable, Hashable {
     /// Whether a led round's verdict is reported for circuit breaking (`roundFinished`). Default
     /// true; an owner without a circuit (user-token exchanges) turns it off.
     public var circuitBreaking: Bool = true
+    /// Whether a round sees its work in flight through when its last caller leaves (its deadline
+    /// passed, or it went away): the attempt keeps ``attemptTimeout`` and its delivery grace, the
+    /// lease is kept (extended to cover them), callers arriving meanwhile join, and the verdict is
+    /// the work's own. Default true; an owner whose work costs a budget nobody should spend for a
+    /// caller that left (user-token exchanges) turns it off: its attempts are bounded by the
+    /// callers' deadline and the round ends with its last caller.
+    public var workOutlivesCallers: Bool = true
     /// First open window of a circuit; doubles on every reopening up to `breakerOpenCap`. Default 5 s.
     public var breakerOpenBase: Duration = .seconds(5)
     /// Longest open window. Default 5 min.

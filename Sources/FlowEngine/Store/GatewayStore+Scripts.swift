@@ -166,12 +166,16 @@ enum GatewayScripts {
         return 0
         """)
 
-    /// KEYS: key[, a companion key extended with it]. ARGV: value, ttl ms.
+    /// KEYS: key[, a companion key extended with it]. ARGV: value, ttl ms. Only lengthens: a key
+    /// with more time left keeps it (extensions sent one after the other may land in any order).
+    /// Returns 1 while the key holds our value, else 0.
     static let extendIfOwner = RedisScript(
         """
         if redis.call('GET', KEYS[1]) == ARGV[1] then
-          if KEYS[2] then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
-          return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+          local ttl = tonumber(ARGV[2])
+          if KEYS[2] and redis.call('PTTL', KEYS[2]) < ttl then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
+          if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+          return 1
         end
         return 0
         """)

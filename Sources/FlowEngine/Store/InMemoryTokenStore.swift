@@ -394,8 +394,11 @@ public final class InMemoryTokenStore: TokenStore {
         let now = self.now()
         self.state.withLock { s in
             guard let lease = s.leases[id], lease.value == requestID, now < lease.until else { return }
-            s.leases[id]?.until = now + ttl
-            s.pending[Self.pendingKey(id, requestID)]?.until = now + ttl
+            // Only lengthens, as the Redis script does.
+            s.leases[id]?.until = max(lease.until, now + ttl)
+            if let pending = s.pending[Self.pendingKey(id, requestID)] {
+                s.pending[Self.pendingKey(id, requestID)]?.until = max(pending.until, now + ttl)
+            }
         }
     }
 

@@ -38,7 +38,8 @@ public protocol TokenStore: Sendable {
         unlessNewerThan: Int64?, material: TriggerMaterialQuery?
     ) async throws -> (outcome: TokenStoreLeaseOutcome, material: TriggerMaterialRead?)
 
-    /// Extends the lease and the round's pending request, only while `requestID` holds the lease.
+    /// Extends the lease and the round's pending request to `ttl` from now, only while `requestID`
+    /// holds the lease; never shortens either (extensions may land in any order).
     func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async throws
 
     /// Releases the lease, only while `requestID` holds it.

@@ -116,6 +116,9 @@ public struct HTTPTriggerClient: TriggerSender {
         installation: InstallationID, requestID: String, attempt: Int, issuedAt: FlowTime, expiresAt: FlowTime,
         timeout: Duration, leaseRead: TriggerMaterialRead? = nil
     ) async -> TriggerAttemptResult {
+        // The attempt ends within its timeout, the store reads for its material included: the
+        // round's lease is sized to it.
+        let deadline = ContinuousClock.now + timeout
         var logger = self.logger
         logger[metadataKey: "installation.id"] = "\(installation)"
         logger[metadataKey: "request.id"] = "\(requestID)"
@@ -165,9 +168,13 @@ public struct HTTPTriggerClient: TriggerSender {
             ServiceContext.current ?? .topLevel, into: &request.headers, using: HTTPHeadersInjector())
         // The attempt ends within its timeout, body included (the client's own ends with the head):
         // the status decides, and a body still coming at the deadline is cut off.
-        let deadline = ContinuousClock.now + timeout
+        let left = deadline - ContinuousClock.now
+        guard left > .zero else {
+            logger.warning("trigger attempt's time went on reading its material; not calling")
+            return .failed(.timeout)
+        }
         do {
-            let response = try await self.httpClient.execute(request, timeout: .nanoseconds(timeout.nanoseconds))
+            let response = try await self.httpClient.execute(request, timeout: .nanoseconds(left.nanoseconds))
             _ = try? await response.body.collect(upTo: 64 * 1024, before: deadline)
             if (200..<300).contains(Int(response.status.code)) {
                 logger.debug("trigger accepted", metadata: ["http.status": "\(response.status.code)"])

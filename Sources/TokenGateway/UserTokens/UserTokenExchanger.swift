@@ -71,7 +71,8 @@ public final class UserTokenExchanger: Sendable, Service {
         public init() {}
 
         /// The settings of the round machine: attempts, backoff and lease as above; no circuit
-        /// breaking, no refresh-ahead, no delivery (the exchange call returns the token).
+        /// breaking, no refresh-ahead, no delivery (the exchange call returns the token), and no
+        /// exchange for a caller that left (the budget is spent only for callers waiting).
         var rounds: TokenFlowConfiguration {
             var rounds = TokenFlowConfiguration()
             rounds.maxAttempts = self.maxAttempts
@@ -81,6 +82,7 @@ public final class UserTokenExchanger: Sendable, Service {
             rounds.leaseGrace = self.leaseGrace
             rounds.refreshAheadFraction = 0
             rounds.circuitBreaking = false
+            rounds.workOutlivesCallers = false
             return rounds
         }
 
