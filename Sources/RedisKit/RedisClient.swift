@@ -100,6 +100,9 @@ public final class RedisClient: Sendable, Service {
         self.state = Mutex(State(registrationStream: stream))
     }
 
+    /// How long a command waits for its answer unless the call names a timeout of its own.
+    public var commandTimeout: Duration { self.configuration.commandTimeout }
+
     /// `true` when the last command or connect attempt reached Redis. Cheap: no I/O.
     public var isAvailable: Bool {
         self.availability.isAvailable.load(ordering: .relaxed)

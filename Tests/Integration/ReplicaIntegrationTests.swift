@@ -109,8 +109,9 @@ struct ReplicaIntegrationTests {
         try await ReplicaHarness.run(replicas: 2, extraSettings: ["TOKEN_GATEWAY_BREAKER_THRESHOLD": "1"]) { h in
             let installation = h.emulator.makeInstallation()
             try await h.emulator.install(installation)
-            // Forge's function starts slowly: it delivers, then answers, 2 s after the call.
-            h.emulator.setFault(.respondSlowly(.seconds(2)), for: installation)
+            // Forge's function starts slowly: it delivers, then answers, 4 s after the call, when
+            // the lease taken for the first caller (its 300 ms and 2 s of grace) would have run out.
+            h.emulator.setFault(.respondSlowly(.seconds(4)), for: installation)
             let first = try await h.token(0, installation, query: "timeout=300")
             #expect(first.status == 504)
             #expect(first.errorCode == "token_timeout")

@@ -106,6 +106,33 @@ struct TokenFlowIntegrationTests {
         }
     }
 
+    @Test("a lease extension only lengthens, lease and pending request alike, and only for its owner")
+    func leaseExtensionOnlyLengthens() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let id = installation.installationID
+            let store = RedisTokenStore(store: h.gateway.store)
+            let leaseKey = "tg:{\(installation.id)}:lease"
+            let pendingKey = "tg:{\(installation.id)}:pending:rq_extend_1"
+            func ttl(_ key: String) async throws -> Int64 { try await h.gateway.redis.send(["PTTL", key]).int ?? -3 }
+            #expect(
+                try await store.takeLease(
+                    id, requestID: "rq_extend_1", replicaID: "replica-t", ttl: .seconds(20), respectingHold: false)
+                    == .taken)
+            // Extensions may land in any order: a shorter one after a longer one changes nothing.
+            try await store.extendLease(id, requestID: "rq_extend_1", ttl: .seconds(40))
+            try await store.extendLease(id, requestID: "rq_extend_1", ttl: .seconds(5))
+            #expect(try await ttl(leaseKey) > 30_000)
+            #expect(try await ttl(pendingKey) > 30_000)
+            // Another owner's extension leaves the lease alone.
+            #expect(try await !h.gateway.store.extendLease(id, owner: "rq_other", ttl: .seconds(100)))
+            #expect(try await ttl(leaseKey) <= 40_000)
+            #expect(try await h.gateway.store.extendLease(id, owner: "rq_extend_1", ttl: .seconds(60)))
+            #expect(try await ttl(leaseKey) > 50_000)
+            #expect(try await ttl(pendingKey) > 50_000)
+        }
+    }
+
     @Test("a round's verdict and its lease's release are one step: the lease goes only with its owner")
     func verdictReleasesTheLease() async throws {
         try await GatewayHarness.run { h in

@@ -196,20 +196,75 @@ struct LeasedRoundStateMachineTests {
     }
 
     @Test(
-        "a refresh-ahead round a caller joined: the lease covers an attempt that outlives the round's deadline"
+        "a refresh-ahead round a caller joined: the lease covers a retry that outlives the callers' deadline"
     )
     func refreshAheadLeaseCoversItsAttempt() throws {
         var m = Machine(configuration: config())
         let stale = Credential(expiresAt: self.start.unixSeconds + 50)
         _ = m.refreshAheadWasRequested(knownExpiry: stale.expiresAt, requestID: "bg", now: self.start)
         _ = m.leaseAcquired(requestID: "bg", now: self.start)
-        // Attempt 1 fails late; attempt 2 starts 25 s in: it may run until 35 s, past the round's
-        // 30 s deadline and its lease (32 s).
+        // A caller joins 25 s in (deadline 35 s): the lease is extended to it.
+        let joined = self.request(&m, 1, current: stale, rid: "r1", at: self.start + .seconds(25))
+        #expect(joined.contains(.extendLease(requestID: "bg", ttl: .seconds(12))))
+        // Attempt 1 fails at 29 s; the retry may run until 39 s: the lease is extended again.
+        let failed = m.attemptFailed(
+            requestID: "bg", attempt: 1, failure: .httpError, now: self.start + .seconds(29), jitter: 0)
+        let backoff = try #require(scheduled(failed).first)
+        let retryAt = self.start + .milliseconds(29_050)
+        let retried = m.timerFired(backoff, now: retryAt, jitter: 0)
+        #expect(retried.contains(.extendLease(requestID: "bg", ttl: .seconds(12))))
+    }
+
+    @Test("a refresh-ahead round whose deadline comes during an attempt sees the attempt through")
+    func refreshAheadDeadlineDuringAnAttempt() throws {
+        var m = Machine(configuration: config())
+        let started = m.refreshAheadWasRequested(
+            knownExpiry: self.start.unixSeconds + 50, requestID: "bg", now: self.start)
+        let deadlineTimer = try #require(scheduled(started).first)
+        _ = m.leaseAcquired(requestID: "bg", now: self.start)
         let failed = m.attemptFailed(
             requestID: "bg", attempt: 1, failure: .httpError, now: self.start + .seconds(25), jitter: 0)
-        let backoff = try #require(scheduled(failed).first)
-        let retried = m.timerFired(backoff, now: self.start + .seconds(25), jitter: 0)
-        #expect(retried.contains(.extendLease(requestID: "bg", ttl: .seconds(12))))
+        _ = m.timerFired(try #require(scheduled(failed).first), now: self.start + .seconds(25), jitter: 0)
+        #expect(m.timerFired(deadlineTimer, now: self.start + .seconds(30), jitter: 0).isEmpty)
+        #expect(m.stateName(at: self.start + .seconds(30)) == .attempting)
+        let ended = m.attemptFailed(
+            requestID: "bg", attempt: 2, failure: .timeout, now: self.start + .seconds(35), jitter: 0)
+        #expect(ended.contains(.roundFinished(succeeded: false)))
+        #expect(!m.isActive)
+    }
+
+    @Test(
+        "callers gone while awaiting a delivery: the grace and the re-reads run on past their deadline, never due in the past"
+    )
+    func awaitingDeliveryPastTheDeadline() throws {
+        var m = Machine(configuration: config())
+        let timer = try #require(scheduled(self.request(&m, 1, at: self.start)).first)
+        _ = m.leaseAcquired(requestID: "r1", now: self.start)
+        let accepted = m.attemptSucceeded(requestID: "r1", attempt: 1, now: self.start + .milliseconds(9_900))
+        let deadlines = accepted.compactMap {
+            if case .scheduleTimer(let t, let d) = $0 { return (t, d) } else { return nil }
+        }
+        // The grace is not cut at the callers' deadline (10 s).
+        let grace = try #require(deadlines.first)
+        #expect(grace.1 == self.start + .milliseconds(11_900))
+        let recheck = try #require(deadlines.last)
+        _ = m.timerFired(timer, now: self.start + .seconds(10), jitter: 0)
+        // A re-read after the deadline schedules the next one ahead of now.
+        var now = self.start + .milliseconds(10_010)
+        var next = recheck.0
+        for _ in 0..<3 {
+            let fired = m.timerFired(next, now: now, jitter: 0)
+            #expect(fired.contains(.readStore(requestID: "r1")))
+            let due = try #require(
+                fired.compactMap { if case .scheduleTimer(let t, let d) = $0 { return (t, d) } else { return nil } }
+                    .first)
+            #expect(due.1 > now)
+            (next, now) = (due.0, due.1)
+        }
+        let over = m.timerFired(grace.0, now: self.start + .milliseconds(11_900), jitter: 0)
+        #expect(over.contains(.recordAttempt(outcome: "no_delivery")))
+        #expect(over.contains(.roundFinished(succeeded: false)))
+        #expect(!m.isActive)
     }
 
     @Test(
@@ -218,25 +273,25 @@ struct LeasedRoundStateMachineTests {
     func olderValueLeavesTheWorkRunning() throws {
         var m = Machine(configuration: config())
         let old = Credential(expiresAt: self.start.unixSeconds + 200)
-        _ = self.request(&m, 1, current: old, at: self.start)
+        let first = try #require(scheduled(self.request(&m, 1, current: old, at: self.start)).first)
         _ = m.leaseAcquired(requestID: "r1", now: self.start)
-        // A caller asking for less validity joins without the value it had (knownExpiry 0)…
+        // The first caller's deadline: the attempt is seen through.
+        _ = m.timerFired(first, now: self.start + .seconds(10), jitter: 0)
+        // A caller asking for less validity joins without the value it had (knownExpiry 0), the
+        // only one waiting…
         _ = m.tokenWasRequested(
-            waiter: WaiterID(2), minValidity: 60, knownExpiry: 0, forced: false, deadline: self.start + .seconds(10),
-            requestID: "r2", now: self.start)
-        // …and a re-read of the old value answers it, not the first: the round goes on.
-        let reread = m.valueObserved(old, solicitedBy: nil, now: self.start + .seconds(1))
+            waiter: WaiterID(2), minValidity: 60, knownExpiry: 0, forced: false, deadline: self.start + .seconds(20),
+            requestID: "r2", now: self.start + .seconds(10))
+        // …and a re-read of the old value answers it, but does not end the round.
+        let reread = m.valueObserved(old, solicitedBy: nil, now: self.start + .seconds(11))
         #expect(reread.contains(.succeed([WaiterID(2)], old, .push)))
         #expect(!reread.contains(.roundFinished(succeeded: true)))
-        #expect(m.waiterCount == 1)
-        // The first caller's deadline: the attempt is still seen through.
-        let deadline = m.timerFired(TimerID(1), now: self.start + .seconds(10), jitter: 0)
-        #expect(deadline.contains(.fail([WaiterID(1)], .tokenTimeout)))
+        #expect(!reread.contains(.releaseLease(requestID: "r1")))
+        #expect(m.waiterCount == 0)
         #expect(m.isActive)
-        // The same old value again ends nothing; the round's own does.
-        #expect(m.valueObserved(old, solicitedBy: nil, now: self.start + .seconds(10)).isEmpty)
+        // The round's own value ends it.
         let own = Credential(expiresAt: self.start.unixSeconds + 3600, roundID: "r1")
-        let done = m.valueObserved(own, solicitedBy: "r1", now: self.start + .seconds(10))
+        let done = m.valueObserved(own, solicitedBy: "r1", now: self.start + .seconds(11))
         #expect(done.contains(.roundFinished(succeeded: true)))
         #expect(!m.isActive)
     }

@@ -1144,6 +1144,31 @@ struct TokenFlowExecutorTests {
         }
     }
 
+    @Test(
+        "a caller arriving while a round sees its trigger call through without callers reads the store first: a token stored meanwhile, its announcement lost, answers it"
+    )
+    func callerReadsTheStoreBeforeJoiningACallerlessRound() async throws {
+        try await withFlow { h in
+            let caller = Task { await h.request() }
+            _ = try #require(await h.nextCall())
+            await h.clock.waitForSleepers(3)
+            caller.cancel()
+            let cancelled = await caller.value
+            #expect(throws: FlowError.cancelled) { try cancelled.get() }
+            #expect(h.flow.isRoundActive(h.id))
+            // A token pushed to another replica, whose announcement is lost.
+            h.store.dropsNotifications = true
+            let (stored, _) = h.store.deliver(
+                h.id, token: "tok-pushed", expiresAt: h.clock.now().unixSeconds + 3600, requestID: nil)
+            h.store.dropsNotifications = false
+            #expect(stored)
+            let answer = try await h.request().get()
+            #expect(answer.token.value == "tok-pushed")
+            #expect(answer.source == .cache)
+            #expect(h.trigger.callCount == 1)
+        }
+    }
+
     @Test("the echo of a delivery this process is storing is not read back, even when it overtakes the store's answer")
     func ownDeliveryEchoAheadOfTheStoresAnswer() async throws {
         try await withFlow { h in

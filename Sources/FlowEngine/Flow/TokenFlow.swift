@@ -230,7 +230,7 @@ public final class TokenFlow: Sendable, Service {
         var apiBaseUrl: String?
         /// The hold its machine knows of.
         var hold: RoundTripHold?
-        /// A round trip of this process is in flight for it.
+        /// A round trip of this process with callers waiting is in flight for it.
         var roundActive = false
         /// Its trigger is known to be registered.
         var triggerKnown = false
@@ -240,7 +240,10 @@ public final class TokenFlow: Sendable, Service {
         let nowSeconds = now.unixSeconds
         return self.state.withLock { s -> Remembered in
             let machine = s.machines[id]
-            let roundActive = machine?.isActive ?? false
+            // A round with callers was read for a moment ago: a caller joins it without a read of
+            // its own. One without (a refresh-ahead, or one seeing its trigger call through after
+            // its callers left) may be older than a token stored since: the caller reads first.
+            let roundActive = machine.map { $0.isActive && $0.waiterCount > 0 } ?? false
             var found = Remembered(
                 hold: machine?.hold(at: now), roundActive: roundActive,
                 triggerKnown: roundActive && s.triggerKnown.contains(id))

@@ -27,23 +27,28 @@ extension GatewayStore {
     /// sealed signing key of that version, in one round trip (one script), so material not held
     /// yet is opened without a second round trip. Nil when no trigger is registered or the
     /// installation is not active. A due next key is promoted first, as in
-    /// ``triggerMaterialVersion(_:now:)``.
-    public func readTriggerMaterial(_ id: InstallationID, now: FlowTime, cachedKeyID: String?) async throws
+    /// ``triggerMaterialVersion(_:now:)``. `timeout`: each command's, when shorter than the
+    /// client's own (a trigger attempt's time left).
+    public func readTriggerMaterial(
+        _ id: InstallationID, now: FlowTime, cachedKeyID: String?, timeout: Duration? = nil
+    ) async throws
         -> (version: TriggerMaterialVersion, sealedKey: String?)?
     {
+        let timeout = self.commandTimeout(atMost: timeout)
         let installationKey = self.installationKey(id)
         let signingKey = self.signingKeysKey(id)
         var promoted = false
         while true {
             let reply = try await self.redis.eval(
-                TriggerMaterialScripts.read, keys: [installationKey, signingKey], arguments: [cachedKeyID ?? ""])
+                TriggerMaterialScripts.read, keys: [installationKey, signingKey], arguments: [cachedKeyID ?? ""],
+                timeout: timeout)
             guard let items = reply.array, let read = TriggerMaterialRead(reply: items[...]) else {
                 throw RedisError.protocolError
             }
             if !promoted, Self.nextKeyIsDue(read, now: now) {
                 _ = try await self.redis.eval(
                     TriggerKeyScripts.promoteIfDue, keys: [installationKey, signingKey],
-                    arguments: [String(now.unixSeconds)])
+                    arguments: [String(now.unixSeconds)], timeout: timeout)
                 promoted = true
                 continue
             }
@@ -68,9 +73,11 @@ extension GatewayStore {
 
     /// Opens the trigger material of `version`: reads the sealed signing key (one round trip, none
     /// when `read` is the one ``readTriggerMaterial(_:now:cachedKeyID:)`` returned) and opens it
-    /// and the URL. Nil when the key is gone (rotated away or uninstalled since).
+    /// and the URL. Nil when the key is gone (rotated away or uninstalled since). `timeout` as in
+    /// ``readTriggerMaterial(_:now:cachedKeyID:timeout:)``.
     public func openTriggerMaterial(
-        _ id: InstallationID, version: TriggerMaterialVersion, sealedKey read: String? = nil
+        _ id: InstallationID, version: TriggerMaterialVersion, sealedKey read: String? = nil,
+        timeout: Duration? = nil
     )
         async throws -> TriggerMaterial?
     {
@@ -79,7 +86,9 @@ extension GatewayStore {
         if let read {
             found = read
         } else {
-            found = try await self.redis.send(["HGET", signingKey, "key:" + version.keyID]).string
+            found = try await self.redis.send(
+                ["HGET", signingKey, "key:" + version.keyID], timeout: self.commandTimeout(atMost: timeout)
+            ).string
         }
         guard let sealedKey = found else { return nil }
         let url = try self.open(version.sealedURL, context: self.installationKey(id) + "#triggerUrl", kind: .triggerUrl)
@@ -88,7 +97,15 @@ extension GatewayStore {
     }
 }
 
-/// The script behind ``GatewayStore/readTriggerMaterial(_:now:cachedKeyID:)``. KEYS: the
+extension GatewayStore {
+    /// The client's command timeout, or `limit` when that is shorter (never below 1 ms).
+    func commandTimeout(atMost limit: Duration?) -> Duration? {
+        guard let limit else { return nil }
+        return max(min(limit, self.redis.commandTimeout), .milliseconds(1))
+    }
+}
+
+/// The script behind ``GatewayStore/readTriggerMaterial(_:now:cachedKeyID:timeout:)``. KEYS: the
 /// installation, its signing keys. ARGV: the key id whose material the caller holds ("" for none).
 /// Returns status, sealed trigger URL, current key id, next key's activation time, and the sealed
 /// current key unless its id is ARGV[1].

@@ -44,9 +44,14 @@ public struct HTTPTriggerClient: TriggerSender {
     /// and stored URL; nil when no trigger is registered or the installation is not active.
     /// `leaseRead`: what the store read with the round's lease, used instead of a read of its own
     /// unless a next key is due (the read then promotes it).
-    func material(for installation: InstallationID, leaseRead: TriggerMaterialRead? = nil) async throws
+    func material(
+        for installation: InstallationID, leaseRead: TriggerMaterialRead? = nil,
+        until deadline: ContinuousClock.Instant? = nil
+    ) async throws
         -> TriggerMaterialCache.Entry?
     {
+        // The store reads fit in the attempt's time left.
+        func left() -> Duration? { deadline.map { $0 - ContinuousClock.now } }
         let now = FlowTime.now()
         let read: (version: GatewayStore.TriggerMaterialVersion, sealedKey: String?)?
         if let leaseRead, !GatewayStore.nextKeyIsDue(leaseRead, now: now),
@@ -55,7 +60,7 @@ public struct HTTPTriggerClient: TriggerSender {
             read = GatewayStore.materialInForce(leaseRead)
         } else {
             read = try await self.store.readTriggerMaterial(
-                installation, now: now, cachedKeyID: self.materials.keyID(for: installation))
+                installation, now: now, cachedKeyID: self.materials.keyID(for: installation), timeout: left())
         }
         guard let read else {
             self.materials.forget(installation)
@@ -65,7 +70,7 @@ public struct HTTPTriggerClient: TriggerSender {
         if let entry = self.materials.entry(installation, version: version) { return entry }
         guard
             let opened = try await self.store.openTriggerMaterial(
-                installation, version: version, sealedKey: read.sealedKey)
+                installation, version: version, sealedKey: read.sealedKey, timeout: left())
         else {
             self.materials.forget(installation)
             return nil
@@ -125,7 +130,7 @@ public struct HTTPTriggerClient: TriggerSender {
         logger[metadataKey: "trigger.attempt"] = "\(attempt)"
         let material: TriggerMaterialCache.Entry
         do {
-            guard let m = try await self.material(for: installation, leaseRead: leaseRead) else {
+            guard let m = try await self.material(for: installation, leaseRead: leaseRead, until: deadline) else {
                 logger.warning("no trigger in force for installation (uninstalled, or none registered); not calling")
                 return .notSent
             }
