@@ -72,7 +72,7 @@ extension GatewayStore {
     }
 
     /// Opens the trigger material of `version`: reads the sealed signing key (one round trip, none
-    /// when `read` is the one ``readTriggerMaterial(_:now:cachedKeyID:)`` returned) and opens it
+    /// when `read` is the one ``readTriggerMaterial(_:now:cachedKeyID:timeout:)`` returned) and opens it
     /// and the URL. Nil when the key is gone (rotated away or uninstalled since). `timeout` as in
     /// ``readTriggerMaterial(_:now:cachedKeyID:timeout:)``.
     public func openTriggerMaterial(
