@@ -461,13 +461,26 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
     public mutating func leaseAcquired(requestID: String, leaseDeadline: FlowTime? = nil, now: FlowTime) -> [Action] {
         guard case .round(var round) = self.state, round.requestID == requestID, case .acquiringLease = round.phase
         else { return [] }
-        guard now < round.deadline else {
+        let outlives = self.configuration.workOutlivesCallers
+        guard now < round.deadline || !outlives else {
             // Taken after every caller's deadline (their timers not fired yet): nobody can use an
             // attempt now, so none is made and the lease goes back.
             return self.endRound(round, failing: FlowError(code: .tokenTimeout), outcome: .abandoned, now: now)
                 + [.releaseLease(requestID: requestID)]
         }
         if let leaseDeadline { round.leaseDeadline = leaseDeadline }
+        if !outlives {
+            // Work bounded by the callers' deadline: the lease is extended to it, once.
+            var actions: [Action] = []
+            if round.deadline > round.leaseDeadline + self.configuration.leaseGrace / 2 {
+                round.leaseDeadline = round.deadline
+                actions.append(
+                    .extendLease(requestID: round.requestID, ttl: self.leaseTTL(deadline: round.deadline, now: now)))
+            }
+            let attempt = self.startAttempt(&round, attempt: 1, now: now)
+            self.state = .round(round)
+            return actions + attempt
+        }
         // The lease is extended (in `startAttempt`) to the round's deadline or the attempt's end,
         // whichever is later, when that is more than half of the grace beyond what it was set for.
         let attempt = self.startAttempt(&round, attempt: 1, now: now)
@@ -920,7 +933,9 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
     /// attempt timeout (10 s) end together, so a cold round with such callers extends nothing.
     private func coverWork(_ round: inout Round, now: FlowTime) -> [Action] {
         let ends = max(round.deadline, round.workEnds ?? round.deadline)
-        guard round.phase.leads, ends > round.leaseDeadline + self.configuration.leaseGrace / 2 else { return [] }
+        guard self.configuration.workOutlivesCallers, round.phase.leads,
+            ends > round.leaseDeadline + self.configuration.leaseGrace / 2
+        else { return [] }
         round.leaseDeadline = ends
         return [.extendLease(requestID: round.requestID, ttl: self.leaseTTL(deadline: ends, now: now))]
     }
