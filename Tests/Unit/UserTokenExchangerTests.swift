@@ -301,6 +301,35 @@ struct UserTokenExchangerTests {
     }
 
     @Test(
+        "a forced refresh that reads the token this process's round stored, before the round heard of it, gets a newer one from an exchange of its own"
+    )
+    func forcedRefreshOfTheRoundsOwnToken() async throws {
+        let h = Harness([Self.issued, .token(value: "user-token-2", ttl: 3601)])
+        h.store.holdNextStoreAnswer()
+        try await h.running { () async throws -> Void in
+            let firstAnswered = Mutex(false)
+            let first = Task {
+                defer { firstAnswered.withLock { $0 = true } }
+                return await h.token()
+            }
+            // The round's token is in the store; the round has not heard back from the write.
+            while h.store.storeAnswersHeld < 1 { await Task.yield() }
+            // A caller that already has that token (the first caller on another replica, say)
+            // forces a refresh here: it joins (both wait) or the round ends with its token first.
+            let forced = Task { await h.token(forceRefresh: true) }
+            while h.exchanger.waiting(Self.installation) < 2, !firstAnswered.withLock({ $0 }) { await Task.yield() }
+            h.store.releaseStoreAnswers()
+            #expect(try await first.value.get().token.value == "user-token-1")
+            let refreshed = try await forced.value.get()
+            #expect(refreshed.token.value == "user-token-2")
+            #expect(refreshed.source == .exchange)
+            #expect(h.client.calls.count == 2)
+            #expect(h.store.storedToken(Self.installation, accountId: Self.account.value)?.value == "user-token-2")
+            #expect(h.store.leaseOwner(Self.installation, accountId: Self.account.value) == nil)
+        }
+    }
+
+    @Test(
         "a follower's re-read finds a token a forced refresh in its round refuses: the others get it, the lease is taken and the forced caller gets a new one"
     )
     func followerRereadKeepsAForcedRefresh() async throws {

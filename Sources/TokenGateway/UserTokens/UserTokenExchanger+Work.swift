@@ -356,6 +356,12 @@ extension UserTokenExchanger {
             return .failure(.exchangeFailed("malformed answer"))
         }
         let token = AccessToken(value: value, expiresAt: expiresAt)
+        // Noted before the write: a forced refresh of this token, read from the store before the
+        // machine hears of it, must not be answered with it (``endRoundWithItsStoredToken``).
+        self.state.withLock { s in
+            guard s.flights[job.key]?.machine.currentRequestID == requestID else { return }
+            s.flights[job.key]?.storing = (requestID, value)
+        }
         var stored = false
         do {
             let outcome = try await self.store.store(

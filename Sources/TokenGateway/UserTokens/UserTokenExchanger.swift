@@ -158,6 +158,10 @@ public final class UserTokenExchanger: Sendable, Service {
     struct Flight: Sendable {
         var job: Job
         var machine: UserRoundMachine
+        /// The token an attempt of round `requestID` is storing (or has stored), noted before the
+        /// write, so that a caller who reads it before the machine hears of it is known to have
+        /// read this round's own answer.
+        var storing: (requestID: String, token: String)?
     }
 
     struct TimerKey: Hashable, Sendable {
@@ -375,10 +379,12 @@ public final class UserTokenExchanger: Sendable, Service {
                 ?? Flight(
                     job: job,
                     machine: UserRoundMachine(configuration: configuration.rounds, firstTimerID: waiterID << 20))
+            var actions = Self.endRoundWithItsStoredToken(
+                &flight, refusedBy: job, forced: request.forceRefresh, now: now)
             if !flight.machine.isActive { flight.job = job }
             let requestID =
                 "ux_" + String(waiterID, radix: 36) + "_" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
-            let actions = flight.machine.tokenWasRequested(
+            actions += flight.machine.tokenWasRequested(
                 waiter: WaiterID(waiterID), minValidity: request.minValidity, knownExpiry: job.ignoring?.expiresAt ?? 0,
                 forced: request.forceRefresh, deadline: deadline, requestID: requestID, now: now)
             s.flights[key] = flight.machine.isRetained(at: now) ? flight : nil
@@ -389,6 +395,22 @@ public final class UserTokenExchanger: Sendable, Service {
         }
         self.perform(roundJob, actions)
         return .waiting(waiterID)
+    }
+
+    /// A forced refresh that read the token this process's round is storing, before the round heard
+    /// of it, was sent to replace that very token: the round ends with it first (its callers are
+    /// answered, its lease goes back), so the forced caller starts a round of its own instead of
+    /// being answered with the token it refused. (The machine answers every caller of a round with
+    /// the round's own value, whatever its expiry.)
+    static func endRoundWithItsStoredToken(
+        _ flight: inout Flight, refusedBy job: Job, forced: Bool, now: FlowTime
+    ) -> [UserRoundMachine.Action] {
+        guard forced, let refused = job.ignoring, let storing = flight.storing, storing.token == refused.value,
+            flight.machine.currentRequestID == storing.requestID
+        else { return [] }
+        flight.storing = nil
+        let value = UserToken(token: refused, apiBaseUrl: flight.job.apiBaseUrl, roundID: storing.requestID)
+        return flight.machine.valueObserved(value, solicitedBy: storing.requestID, now: now)
     }
 
     /// Callers of `installation` waiting for a round now (for tests).

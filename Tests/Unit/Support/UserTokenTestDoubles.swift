@@ -33,6 +33,9 @@ final class InMemoryUserTokenStore: UserTokenStore {
         var finishedElsewhere: AccessToken?
         /// While not nil, lease takes wait here (in flight) until released.
         var leaseGate: [CheckedContinuation<Void, Never>]?
+        /// The next token stored is written, then its answer waits here until released.
+        var holdsNextStoreAnswer = false
+        var storeAnswerGate: [CheckedContinuation<Void, Never>] = []
         var turns = CallTurns()
         var dropsNotices = false
         /// The next lease take happens, then its answer is lost (a timeout after the command ran).
@@ -107,6 +110,24 @@ final class InMemoryUserTokenStore: UserTokenStore {
         }
         for take in held { take.resume() }
     }
+
+    /// The next token stored is written (and announced), and then the answer to the process that
+    /// stored it waits, as a call in flight, until ``releaseStoreAnswers()``.
+    func holdNextStoreAnswer() {
+        self.state.withLock { $0.holdsNextStoreAnswer = true }
+    }
+
+    /// Lets the store answers held by ``holdNextStoreAnswer()`` go on.
+    func releaseStoreAnswers() {
+        let held = self.state.withLock { s -> [CheckedContinuation<Void, Never>] in
+            defer { s.storeAnswerGate = [] }
+            return s.storeAnswerGate
+        }
+        for answer in held { answer.resume() }
+    }
+
+    /// How many store answers wait for ``releaseStoreAnswers()``.
+    var storeAnswersHeld: Int { self.state.withLock { $0.storeAnswerGate.count } }
 
     /// How many lease takes wait for ``releaseLeaseTakes()``.
     var leaseTakesHeld: Int { self.state.withLock { $0.leaseGate?.count ?? 0 } }
@@ -201,6 +222,15 @@ final class InMemoryUserTokenStore: UserTokenStore {
             return .stored
         }
         if outcome == .stored { self.announce(.user(id, accountId: accountId)) }
+        await withCheckedContinuation { (answer: CheckedContinuation<Void, Never>) in
+            let waits = self.state.withLock { s -> Bool in
+                guard s.holdsNextStoreAnswer else { return false }
+                s.holdsNextStoreAnswer = false
+                s.storeAnswerGate.append(answer)
+                return true
+            }
+            if !waits { answer.resume() }
+        }
         return outcome
     }
 
