@@ -204,6 +204,32 @@ struct TokenFlowExecutorTests {
         }
     }
 
+    @Test(
+        "a lease a snapshot took ahead is not given back while the round named for it is about to take it over (a caller ending meanwhile on another thread)"
+    )
+    func leaseAheadKeptForTheRoundNamedForIt() {
+        let id = InstallationID("ari:cloud:ecosystem::installation/3f6c2a10-7c1e-4c55-9a57-0d8f1c7b2e41")!
+        let now = FlowTime(unixSeconds: 1_763_906_400)
+        var s = TokenFlow.State()
+        let lease = SnapshotLease(requestID: "rq_ahead", material: nil, expires: now + .seconds(12))
+        s.leaseAhead[id] = lease
+        var machine = TokenFlowStateMachine(configuration: TokenFlowConfiguration(), firstTimerID: 1)
+        let started = machine.tokenWasRequested(
+            waiter: WaiterID(1), minValidity: 300, knownExpiry: 0, forced: false, deadline: now + .seconds(10),
+            requestID: "rq_ahead", now: now)
+        #expect(started.contains { if case .acquireLease(requestID: "rq_ahead", _, _) = $0 { true } else { false } })
+        s.machines[id] = machine
+        // The round started by one caller is named for the lease; a second caller, which joined it
+        // and ends its request before the round's start is performed, leaves the lease alone.
+        #expect(s.takeUnusedLeaseAhead(id, named: "rq_ahead") == nil)
+        #expect(s.leaseAhead[id] == lease)
+        // A lease of another name, or with no round named for it, is given back.
+        #expect(s.takeUnusedLeaseAhead(id, named: "rq_other") == nil)
+        s.machines[id] = nil
+        #expect(s.takeUnusedLeaseAhead(id, named: "rq_ahead") == lease)
+        #expect(s.leaseAhead[id] == nil)
+    }
+
     @Test("callers arriving while this process's round trip is in flight join it: no store read, no lease extension")
     func joinersSkipTheStore() async throws {
         try await withFlow { h in

@@ -130,6 +130,17 @@ public final class TokenFlow: Sendable, Service {
         /// before (``remember(_:_:apiBaseUrl:readAt:)``) is older than what memory now says.
         var memoryGeneration: UInt64 = 0
         var shuttingDown = false
+
+        /// Removes and returns the lease a snapshot took ahead for `id` when it is the one named
+        /// `requestID` and no round has it: not while the installation's round is the one named
+        /// for it, which takes it over in the step that performs its start (another caller, on
+        /// another thread, may end its own request between that round's start and that step).
+        mutating func takeUnusedLeaseAhead(_ id: InstallationID, named requestID: String) -> SnapshotLease? {
+            guard let ahead = self.leaseAhead[id], ahead.requestID == requestID,
+                self.machines[id]?.currentRequestID != requestID
+            else { return nil }
+            return self.leaseAhead.removeValue(forKey: id)
+        }
     }
 
     /// One piece of work an action asked for, run as a child task of ``run()``.
@@ -559,12 +570,9 @@ public final class TokenFlow: Sendable, Service {
     }
 
     /// Gives back the lease a snapshot took ahead for `id`, if it is the one named `requestID` and
-    /// no round has taken it over.
+    /// no round has taken it over or is about to (``State/takeUnusedLeaseAhead(_:named:)``).
     func giveBackLeaseAhead(_ id: InstallationID, named requestID: String) {
-        let unused = self.state.withLock { s -> SnapshotLease? in
-            guard let ahead = s.leaseAhead[id], ahead.requestID == requestID else { return nil }
-            return s.leaseAhead.removeValue(forKey: id)
-        }
+        let unused = self.state.withLock { $0.takeUnusedLeaseAhead(id, named: requestID) }
         guard let unused else { return }
         self.submit { try? await self.store.releaseLease(id, requestID: unused.requestID) }
     }
