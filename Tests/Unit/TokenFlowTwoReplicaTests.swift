@@ -17,6 +17,8 @@ private final class DeliveringTrigger: TriggerSender {
     let misbehaves: Bool
     let replicas = Mutex<[TokenFlow]>([])
     let calls = Mutex(0)
+    /// Trigger calls on their way now.
+    let inFlight = Mutex(0)
 
     init(store: InMemoryTokenStore, clock: ManualFlowClock, seed: UInt64, misbehaves: Bool) {
         self.store = store
@@ -35,6 +37,8 @@ private final class DeliveringTrigger: TriggerSender {
         }
         guard self.store.isActive(installation) else { return .notSent }
         var random = SplitMix64(seed: self.seed &+ UInt64(call))
+        self.inFlight.withLock { $0 += 1 }
+        defer { self.inFlight.withLock { $0 -= 1 } }
         for _ in 0..<Int.random(in: 0..<200, using: &random) { await Task.yield() }
         let replicas = self.replicas.withLock { $0 }
         let flow = replicas[Int.random(in: 0..<replicas.count, using: &random)]
@@ -204,8 +208,7 @@ struct TokenFlowTwoReplicaTests {
                 configuration: TokenFlowConfiguration(), store: store, trigger: trigger,
                 metrics: FlowMetrics(factory: NOOPMetricsHandler.instance),
                 logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }),
-                replicaID: "replica-\(index)",
-                clock: clock)
+                replicaID: "replica-\(index)", clock: clock)
         }
         trigger.replicas.withLock { $0 = flows }
         return try await withThrowingTaskGroup(of: Void.self) { running in
@@ -218,7 +221,8 @@ struct TokenFlowTwoReplicaTests {
                 store.uninstall(Self.id)
             }
             let answers = await Interleaving.answers(
-                callers, clock: clock, seed: UInt64(seed), steps: misbehaving ? 400 : 150
+                callers, clock: clock, seed: UInt64(seed), steps: misbehaving ? 400 : 150,
+                busy: { store.callsInFlight > 0 || trigger.inFlight.withLock { $0 } > 0 }
             ) { index, caller -> Result<Answer, FlowError> in
                 let stored = store.token(Self.id)?.value
                 let request = TokenFlow.Request(minValidity: caller.minValidity ?? 300, forceRefresh: caller.forced)

@@ -305,7 +305,7 @@ struct UserTokenExchangerTests {
     )
     func forcedRefreshOfTheRoundsOwnToken() async throws {
         let h = Harness([Self.issued, .token(value: "user-token-2", ttl: 3601)])
-        h.store.holdNextStoreAnswer()
+        h.store.storeAnswers.hold()
         try await h.running { () async throws -> Void in
             let firstAnswered = Mutex(false)
             let first = Task {
@@ -313,12 +313,12 @@ struct UserTokenExchangerTests {
                 return await h.token()
             }
             // The round's token is in the store; the round has not heard back from the write.
-            while h.store.storeAnswersHeld < 1 { await Task.yield() }
+            while h.store.storeAnswers.heldCount < 1 { await Task.yield() }
             // A caller that already has that token (the first caller on another replica, say)
             // forces a refresh here: it joins (both wait) or the round ends with its token first.
             let forced = Task { await h.token(forceRefresh: true) }
             while h.exchanger.waiting(Self.installation) < 2, !firstAnswered.withLock({ $0 }) { await Task.yield() }
-            h.store.releaseStoreAnswers()
+            h.store.storeAnswers.release()
             #expect(try await first.value.get().token.value == "user-token-1")
             let refreshed = try await forced.value.get()
             #expect(refreshed.token.value == "user-token-2")

@@ -13,6 +13,8 @@ private final class RandomExchange: UserTokenExchangeCall {
     let seed: UInt64
     let misbehaves: Bool
     let calls = Mutex(0)
+    /// Exchange calls on their way now.
+    let inFlight = Mutex(0)
 
     init(seed: UInt64, misbehaves: Bool) {
         self.seed = seed
@@ -27,7 +29,9 @@ private final class RandomExchange: UserTokenExchangeCall {
             return c
         }
         var random = SplitMix64(seed: self.seed &+ UInt64(call))
+        self.inFlight.withLock { $0 += 1 }
         for _ in 0..<Int.random(in: 0..<200, using: &random) { await Task.yield() }
+        self.inFlight.withLock { $0 -= 1 }
         if self.misbehaves, random.chance(0.3) {
             return .failed(random.pick([.httpError(status: 503), .timeout, .transportError]))
         }
@@ -157,7 +161,8 @@ struct UserTokenReplicaTests {
                 store.uninstall(Self.installation)
             }
             let outcomes = await Interleaving.answers(
-                callers, clock: clock, seed: UInt64(seed), steps: misbehaving ? 400 : 150
+                callers, clock: clock, seed: UInt64(seed), steps: misbehaving ? 400 : 150,
+                busy: { store.callsInFlight > 0 || client.inFlight.withLock { $0 } > 0 }
             ) { index, caller -> Result<Answer, UserTokenError> in
                 let stored = store.storedToken(Self.installation, accountId: Self.account.value)
                 let request = UserTokenExchanger.Request(

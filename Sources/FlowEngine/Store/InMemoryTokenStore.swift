@@ -42,6 +42,8 @@ public final class InMemoryTokenStore: TokenStore {
         /// The `timeout` each snapshot was asked with, in order.
         var snapshotTimeouts: [Duration?] = []
         var turns = CallTurns()
+        /// Calls travelling now (``callsInFlight``).
+        var inFlight = 0
     }
 
     private let state = Mutex(State())
@@ -191,9 +193,17 @@ public final class InMemoryTokenStore: TokenStore {
 
     /// Lets other work run for up to ``callTurns`` scheduling turns.
     private func travel() async {
-        let turns = self.state.withLock { $0.turns.next() }
+        let turns = self.state.withLock { s -> Int in
+            s.inFlight += 1
+            return s.turns.next()
+        }
         for _ in 0..<turns { await Task.yield() }
+        self.state.withLock { $0.inFlight -= 1 }
     }
+
+    /// Calls on their way to the store now (a test that moves a manual clock holds it while any
+    /// is: a round trip takes scheduling turns, not clock time).
+    public var callsInFlight: Int { self.state.withLock { $0.inFlight } }
 
     /// While true, every call throws (the store is unreachable).
     public var isUnavailable: Bool {

@@ -47,8 +47,14 @@ enum Interleaving {
     /// steps (the followers' re-reads, the retries' backoff) until all are answered, at most `steps`
     /// of them: 150 (7.5 s) stay below the callers' 10 s deadline, 400 (20 s) go past it. The
     /// answers come in the order they arrived.
+    ///
+    /// The scheduler may leave a call (to the store, or to Atlassian) waiting while the steps run
+    /// out; a follower that then needs its re-read timer (its notice lost) would wait for a clock
+    /// that no longer moves. So, with callers still waiting once the steps are spent, up to 40 more
+    /// (2 s, still short of the deadline) are taken, each once no call is out (`busy` false).
     static func answers<Answer: Sendable>(
         _ callers: [Caller], clock: ManualFlowClock, seed: UInt64, steps: Int,
+        busy: @escaping @Sendable () -> Bool = { false },
         ask: @escaping @Sendable (Int, Caller) async -> Answer
     ) async -> [Answer] {
         await withTaskGroup(of: Answer?.self) { group in
@@ -65,8 +71,10 @@ enum Interleaving {
             let pending = Mutex(callers.count)
             group.addTask {
                 var turns = SplitMix64(seed: seed &+ 1)
-                for _ in 0..<steps where pending.withLock({ $0 }) > 0 {
+                for step in 0..<(steps + 40) where pending.withLock({ $0 }) > 0 {
                     for _ in 0..<(1 + Int.random(in: 0..<30, using: &turns)) { await Task.yield() }
+                    // Bounded, should a call never come back.
+                    if step >= steps { for _ in 0..<100_000 where busy() { await Task.yield() } }
                     clock.advance(by: .milliseconds(50))
                 }
                 return nil

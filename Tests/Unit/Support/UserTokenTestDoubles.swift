@@ -33,10 +33,8 @@ final class InMemoryUserTokenStore: UserTokenStore {
         var finishedElsewhere: AccessToken?
         /// While not nil, lease takes wait here (in flight) until released.
         var leaseGate: [CheckedContinuation<Void, Never>]?
-        /// The next token stored is written, then its answer waits here until released.
-        var holdsNextStoreAnswer = false
-        var storeAnswerGate: [CheckedContinuation<Void, Never>] = []
         var turns = CallTurns()
+        var inFlight = 0
         var dropsNotices = false
         /// The next lease take happens, then its answer is lost (a timeout after the command ran).
         var losesNextLeaseAnswer = false
@@ -111,23 +109,9 @@ final class InMemoryUserTokenStore: UserTokenStore {
         for take in held { take.resume() }
     }
 
-    /// The next token stored is written (and announced), and then the answer to the process that
-    /// stored it waits, as a call in flight, until ``releaseStoreAnswers()``.
-    func holdNextStoreAnswer() {
-        self.state.withLock { $0.holdsNextStoreAnswer = true }
-    }
-
-    /// Lets the store answers held by ``holdNextStoreAnswer()`` go on.
-    func releaseStoreAnswers() {
-        let held = self.state.withLock { s -> [CheckedContinuation<Void, Never>] in
-            defer { s.storeAnswerGate = [] }
-            return s.storeAnswerGate
-        }
-        for answer in held { answer.resume() }
-    }
-
-    /// How many store answers wait for ``releaseStoreAnswers()``.
-    var storeAnswersHeld: Int { self.state.withLock { $0.storeAnswerGate.count } }
+    /// Answers to token writes: while held, a token is written (and announced), and then the
+    /// answer to the process that stored it waits, as a call in flight, until released.
+    let storeAnswers = TestGate()
 
     /// How many lease takes wait for ``releaseLeaseTakes()``.
     var leaseTakesHeld: Int { self.state.withLock { $0.leaseGate?.count ?? 0 } }
@@ -182,10 +166,18 @@ final class InMemoryUserTokenStore: UserTokenStore {
 
     /// Checks the store is reachable, after up to ``callTurns`` scheduling turns of travel.
     private func check() async throws {
-        let turns = self.state.withLock { $0.turns.next() }
+        let turns = self.state.withLock { s -> Int in
+            s.inFlight += 1
+            return s.turns.next()
+        }
         for _ in 0..<turns { await Task.yield() }
+        self.state.withLock { $0.inFlight -= 1 }
         if self.state.withLock({ $0.unreachable }) { throw Unreachable() }
     }
+
+    /// Calls on their way to the store now (a test that moves the manual clock holds it while any
+    /// is: a round trip takes scheduling turns, not clock time).
+    var callsInFlight: Int { self.state.withLock { $0.inFlight } }
 
     private func announce(_ notice: UserTokenNotice) {
         let watchers = self.state.withLock { $0.dropsNotices ? [] : Array($0.watchers.values) }
@@ -222,15 +214,7 @@ final class InMemoryUserTokenStore: UserTokenStore {
             return .stored
         }
         if outcome == .stored { self.announce(.user(id, accountId: accountId)) }
-        await withCheckedContinuation { (answer: CheckedContinuation<Void, Never>) in
-            let waits = self.state.withLock { s -> Bool in
-                guard s.holdsNextStoreAnswer else { return false }
-                s.holdsNextStoreAnswer = false
-                s.storeAnswerGate.append(answer)
-                return true
-            }
-            if !waits { answer.resume() }
-        }
+        await self.storeAnswers.pass()
         return outcome
     }
 
