@@ -180,6 +180,30 @@ struct UserTokenIntegrationTests {
         }
     }
 
+    @Test("a user's exchange lease extension only lengthens it, and only for its owner")
+    func userLeaseExtensionOnlyLengthens() async throws {
+        try await GatewayHarness.run { h in
+            let id = try await h.installed().installationID
+            let store = h.gateway.userTokenStore
+            let account = Self.account()
+            let key = store.leaseKey(id, accountId: account)
+            func ttl() async throws -> Int64 { try await h.gateway.redis.send(["PTTL", key]).int ?? -3 }
+            #expect(try await store.acquireLease(id, accountId: account, owner: "o1", ttl: .seconds(20)))
+            // Extensions may land in any order: a shorter one after a longer one changes nothing.
+            #expect(try await store.extendLease(id, accountId: account, owner: "o1", ttl: .seconds(40)))
+            #expect(try await store.extendLease(id, accountId: account, owner: "o1", ttl: .seconds(5)))
+            #expect(try await ttl() > 30_000)
+            // Another owner's extension leaves the lease alone and says so.
+            #expect(try await !store.extendLease(id, accountId: account, owner: "o2", ttl: .seconds(100)))
+            #expect(try await ttl() <= 40_000)
+            #expect(try await store.extendLease(id, accountId: account, owner: "o1", ttl: .seconds(60)))
+            #expect(try await ttl() > 50_000)
+            #expect(try await store.releaseLease(id, accountId: account, owner: "o1"))
+            #expect(try await !store.extendLease(id, accountId: account, owner: "o1", ttl: .seconds(60)))
+            #expect(try await ttl() == -2)
+        }
+    }
+
     @Test("different users get separate exchanges and separate tokens")
     func differentUsers() async throws {
         try await GatewayHarness.run { h in

@@ -1,6 +1,6 @@
 /// The Lua scripts that keep multi-key changes atomic. Every key of one installation carries
 /// the same hash tag (`{<installation ARI>}`), so the scripts stay valid on a Redis Cluster too.
-enum GatewayScripts {
+public enum GatewayScripts {
     /// Deletes a token hash whose sealed value (`v`) is still ARGV[1]. KEYS: the token.
     static let dropIfUnchanged = RedisScript(
         """
@@ -168,8 +168,9 @@ enum GatewayScripts {
 
     /// KEYS: key[, a companion key extended with it]. ARGV: value, ttl ms. Only lengthens: a key
     /// with more time left keeps it (extensions sent one after the other may land in any order).
-    /// Returns 1 while the key holds our value, else 0.
-    static let extendIfOwner = RedisScript(
+    /// Returns 1 while the key holds our value, else 0. (The user-token store's exchange leases use
+    /// it too.)
+    public static let extendIfOwner = RedisScript(
         """
         if redis.call('GET', KEYS[1]) == ARGV[1] then
           local ttl = tonumber(ARGV[2])

@@ -136,7 +136,7 @@ public struct RedisUserTokenStore: UserTokenStore {
         -> Bool
     {
         let r = try await self.redis.eval(
-            UserTokenScripts.extendLease, keys: [self.leaseKey(id, accountId: accountId)],
+            GatewayScripts.extendIfOwner, keys: [self.leaseKey(id, accountId: accountId)],
             arguments: [owner, String(max(ttl.milliseconds, 1))])
         return r.int == 1
     }
@@ -267,13 +267,6 @@ enum UserTokenScripts {
           redis.call('PUBLISH', ARGV[2], ARGV[3])
           return 1
         end
-        return 0
-        """)
-
-    /// KEYS: lease. ARGV: owner, ttl ms. Extends the lease while `owner` holds it; returns 1 then, else 0.
-    static let extendLease = RedisScript(
-        """
-        if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
         return 0
         """)
 

@@ -85,7 +85,8 @@ public protocol UserTokenStore: Sendable {
     /// Takes the user's exchange lease for `ttl` if nobody holds it.
     func acquireLease(_ id: InstallationID, accountId: String, owner: String, ttl: Duration) async throws -> Bool
 
-    /// Extends the user's exchange lease only while `owner` holds it.
+    /// Extends the user's exchange lease to `ttl` from now only while `owner` holds it; never
+    /// shortens it (extensions may land in any order). True while `owner` holds it.
     @discardableResult
     func extendLease(_ id: InstallationID, accountId: String, owner: String, ttl: Duration) async throws -> Bool
 

@@ -268,7 +268,8 @@ final class InMemoryUserTokenStore: UserTokenStore {
         let key = Key(installation: id, accountId: accountId)
         return self.state.withLock { s in
             guard let lease = s.leases[key], lease.owner == owner, lease.until > now else { return false }
-            s.leases[key] = (owner, now + ttl)
+            // As the Redis script: only lengthens.
+            s.leases[key] = (owner, max(lease.until, now + ttl))
             return true
         }
     }
