@@ -1106,6 +1106,38 @@ struct TokenFlowExecutorTests {
         #expect(throws: FlowError.shuttingDown) { try refused.get() }
     }
 
+    @Test(
+        "a lease a store read took ahead, whose answer comes once the flow has shut down, is given back, not left to run out"
+    )
+    func leaseAheadAnsweredAfterShutdown() async throws {
+        let clock = ManualFlowClock()
+        let store = InMemoryTokenStore(now: { clock.now() })
+        let trigger = RecordingTrigger()
+        let flow = TokenFlow(
+            configuration: TokenFlowConfiguration(), store: store, trigger: trigger,
+            metrics: FlowMetrics(factory: NOOPMetricsHandler.instance),
+            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), replicaID: "replica-a",
+            clock: clock)
+        let h = Harness(flow: flow, store: store, clock: clock, trigger: trigger)
+        store.install(h.id)
+        let run = Task { try await flow.run() }
+        while flow.subscriptionsHandled == 0 { await Task.yield() }
+        // A cold caller's read takes the lease for the round it would start; its answer is on its
+        // way back while the flow shuts down.
+        store.hold(.snapshotAnswer)
+        async let answer = h.request()
+        while store.held(.snapshotAnswer) < 1 { await Task.yield() }
+        #expect(store.leaseOwner(h.id) != nil)
+        await flow.shutdown()
+        try await run.value
+        store.release(.snapshotAnswer)
+        let refused = await answer
+        #expect(throws: FlowError.shuttingDown) { try refused.get() }
+        // Given back before the caller was answered, although run() takes no more work.
+        #expect(store.leaseOwner(h.id) == nil)
+        #expect(trigger.callCount == 0)
+    }
+
     @Test("the observer's work runs to its end at shutdown: not cancelled, and run() waits for it")
     func observerWorkAtShutdown() async throws {
         let clock = ManualFlowClock()

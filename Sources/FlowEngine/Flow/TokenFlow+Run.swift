@@ -31,9 +31,20 @@ extension TokenFlow {
         }
     }
 
-    /// Hands `job` to ``run()``, which runs it as a child task. After shutdown it is dropped.
-    func submit(_ job: @escaping Job) {
-        self.jobs.continuation.yield(job)
+    /// Hands `job` to ``run()``, which runs it as a child task. After shutdown it is dropped
+    /// (returns false).
+    @discardableResult
+    func submit(_ job: @escaping Job) -> Bool {
+        if case .terminated = self.jobs.continuation.yield(job) { return false }
+        return true
+    }
+
+    /// Gives back the lease `requestID` holds for `id`, as a child task of ``run()``, or here once
+    /// ``run()`` takes no more work: a lease taken by a read that ends after shutdown is not left to
+    /// run out (other replicas' callers would wait for it).
+    func giveBackLease(_ id: InstallationID, requestID: String) async {
+        let release: Job = { try? await self.store.releaseLease(id, requestID: requestID) }
+        if !self.submit(release) { await release() }
     }
 
     /// Fails every caller still waiting, releases the leases this process holds, ends the timers

@@ -419,11 +419,9 @@ public final class TokenFlow: Sendable, Service {
             // The script may have run with its answer lost (a timeout) or unread (cancelled): the
             // lease it may have taken is given back (the release script compares the owner). Not
             // when the store could not be reached: the script did not run.
-            if self.store.mayHaveRun(failingWith: error) {
-                self.submit { try? await self.store.releaseLease(id, requestID: intent.requestID) }
-            }
+            if self.store.mayHaveRun(failingWith: error) { await self.giveBackLease(id, requestID: intent.requestID) }
         }
-        if let replaced { self.submit { try? await self.store.releaseLease(id, requestID: replaced.requestID) } }
+        if let replaced { await self.giveBackLease(id, requestID: replaced.requestID) }
         let followers = self.state.withLock { $0.snapshotsInFlight.removeValue(forKey: id) ?? [:] }
         for (number, follower) in followers {
             self.followerTimers.cancel(number)
