@@ -330,6 +330,41 @@ struct UserTokenExchangerTests {
     }
 
     @Test(
+        "a forced refresh that ends its round (the token it refuses was that round's) has its deadline held while the round's lease is released"
+    )
+    func forcedRefreshDeadlineDuringTheRelease() async throws {
+        let h = Harness([Self.issued, .token(value: "user-token-2", ttl: 3601)])
+        h.store.storeAnswers.hold()
+        try await h.running { () async throws -> Void in
+            let first = Task { await h.token() }
+            while h.store.storeAnswers.heldCount < 1 { await Task.yield() }
+            // The round's lease is slow to go back (a slow store).
+            h.store.releases.hold()
+            let answered = Mutex(false)
+            let forced = Task {
+                defer { answered.withLock { $0 = true } }
+                return await h.token(timeout: .seconds(1), forceRefresh: true)
+            }
+            while h.store.releases.heldCount < 1 { await Task.yield() }
+            // Both callers' deadline timers are armed while the release is out.
+            for _ in 0..<100_000 where h.clock.sleeperCount < 2 { await Task.yield() }
+            #expect(h.clock.sleeperCount == 2)
+            h.clock.advance(by: .seconds(1))
+            for _ in 0..<100_000 where !answered.withLock({ $0 }) { await Task.yield() }
+            #expect(answered.withLock { $0 }, "the forced caller is answered at its deadline")
+            h.store.releases.release()
+            h.store.storeAnswers.release()
+            #expect(await forced.value.failure == .timeout)
+            #expect(try await first.value.get().token.value == "user-token-1")
+            #expect(h.client.calls.count == 1)
+            for _ in 0..<100_000 where h.store.leaseOwner(Self.installation, accountId: Self.account.value) != nil {
+                await Task.yield()
+            }
+            #expect(h.store.leaseOwner(Self.installation, accountId: Self.account.value) == nil)
+        }
+    }
+
+    @Test(
         "a follower's re-read finds a token a forced refresh in its round refuses: the others get it, the lease is taken and the forced caller gets a new one"
     )
     func followerRereadKeepsAForcedRefresh() async throws {

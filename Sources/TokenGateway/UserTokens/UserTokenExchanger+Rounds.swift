@@ -24,7 +24,9 @@ extension UserTokenExchanger {
     }
 
     /// Runs the actions of the round of `job`. A lease to give up goes first: the callers are
-    /// answered once it is released, so one that asks again at once finds the user free.
+    /// answered once it is released, so one that asks again at once finds the user free. Timers
+    /// are armed at once all the same: a caller's deadline (that of a forced refresh starting a
+    /// round as the last one ends, in the same step) holds however long the release takes.
     func perform(_ job: Job, _ actions: [UserRoundMachine.Action]) {
         guard !actions.isEmpty else { return }
         let key = job.key
@@ -32,7 +34,9 @@ extension UserTokenExchanger {
         for case .releaseLease(let requestID) in actions {
             rest.removeAll { $0 == .releaseLease(requestID: requestID) }
             guard self.state.withLock({ $0.leasesHeld[key] == requestID }) else { continue }
-            let later = rest
+            let timers = rest.filter { if case .scheduleTimer = $0 { true } else { false } }
+            self.execute(job, timers)
+            let later = rest.filter { if case .scheduleTimer = $0 { false } else { true } }
             let submitted = self.submit {
                 _ = try? await self.store.releaseLease(key.installation, accountId: key.accountId, owner: requestID)
                 self.state.withLock { s in if s.leasesHeld[key] == requestID { s.leasesHeld[key] = nil } }

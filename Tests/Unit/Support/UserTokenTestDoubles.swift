@@ -113,6 +113,9 @@ final class InMemoryUserTokenStore: UserTokenStore {
     /// answer to the process that stored it waits, as a call in flight, until released.
     let storeAnswers = TestGate()
 
+    /// Lease releases: while held, a release waits, as a call in flight, before it takes effect.
+    let releases = TestGate()
+
     /// How many lease takes wait for ``releaseLeaseTakes()``.
     var leaseTakesHeld: Int { self.state.withLock { $0.leaseGate?.count ?? 0 } }
 
@@ -276,6 +279,7 @@ final class InMemoryUserTokenStore: UserTokenStore {
 
     @discardableResult
     func releaseLease(_ id: InstallationID, accountId: String, owner: String) async throws -> Bool {
+        await self.releases.pass()
         try await self.check()
         let key = Key(installation: id, accountId: accountId)
         let released = self.state.withLock { s -> Bool in
