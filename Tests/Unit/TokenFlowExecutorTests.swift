@@ -142,6 +142,24 @@ private struct Harness {
     }
 }
 
+extension Harness {
+    /// A flow on an in-memory store and a manual clock, with the installation in the store; the
+    /// test runs it (`run()`) and shuts it down itself.
+    static func make(observer: (any TokenFlowObserver)? = nil) -> Harness {
+        let clock = ManualFlowClock()
+        let store = InMemoryTokenStore(now: { clock.now() })
+        let trigger = RecordingTrigger()
+        let flow = TokenFlow(
+            configuration: TokenFlowConfiguration(), store: store, trigger: trigger,
+            metrics: FlowMetrics(factory: NOOPMetricsHandler.instance),
+            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), replicaID: "replica-a",
+            observer: observer, clock: clock)
+        let h = Harness(flow: flow, store: store, clock: clock, trigger: trigger)
+        store.install(h.id)
+        return h
+    }
+}
+
 private func withFlow(
     _ configure: (inout TokenFlowConfiguration) -> Void = { _ in },
     metrics: FlowMetrics = FlowMetrics(factory: NOOPMetricsHandler.instance), _ body: (Harness) async throws -> Void
@@ -1079,16 +1097,8 @@ struct TokenFlowExecutorTests {
 
     @Test("shutdown fails waiting callers, releases the lease and ends run() with its child tasks")
     func shutdown() async throws {
-        let clock = ManualFlowClock()
-        let store = InMemoryTokenStore(now: { clock.now() })
-        let trigger = RecordingTrigger()
-        let flow = TokenFlow(
-            configuration: TokenFlowConfiguration(), store: store, trigger: trigger,
-            metrics: FlowMetrics(factory: NOOPMetricsHandler.instance),
-            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), replicaID: "replica-a",
-            clock: clock)
-        let h = Harness(flow: flow, store: store, clock: clock, trigger: trigger)
-        store.install(h.id)
+        let h = Harness.make()
+        let (flow, store, clock) = (h.flow, h.store, h.clock)
         let run = Task { try await flow.run() }
         async let answer = h.request()
         let call = try #require(await h.nextCall())
@@ -1110,16 +1120,8 @@ struct TokenFlowExecutorTests {
         "a lease a store read took ahead, whose answer comes once the flow has shut down, is given back, not left to run out"
     )
     func leaseAheadAnsweredAfterShutdown() async throws {
-        let clock = ManualFlowClock()
-        let store = InMemoryTokenStore(now: { clock.now() })
-        let trigger = RecordingTrigger()
-        let flow = TokenFlow(
-            configuration: TokenFlowConfiguration(), store: store, trigger: trigger,
-            metrics: FlowMetrics(factory: NOOPMetricsHandler.instance),
-            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), replicaID: "replica-a",
-            clock: clock)
-        let h = Harness(flow: flow, store: store, clock: clock, trigger: trigger)
-        store.install(h.id)
+        let h = Harness.make()
+        let (flow, store, trigger) = (h.flow, h.store, h.trigger)
         let run = Task { try await flow.run() }
         while flow.subscriptionsHandled == 0 { await Task.yield() }
         // A cold caller's read takes the lease for the round it would start; its answer is on its
@@ -1140,17 +1142,9 @@ struct TokenFlowExecutorTests {
 
     @Test("the observer's work runs to its end at shutdown: not cancelled, and run() waits for it")
     func observerWorkAtShutdown() async throws {
-        let clock = ManualFlowClock()
-        let store = InMemoryTokenStore(now: { clock.now() })
-        let trigger = RecordingTrigger()
         let observer = GatedObserver()
-        let flow = TokenFlow(
-            configuration: TokenFlowConfiguration(), store: store, trigger: trigger,
-            metrics: FlowMetrics(factory: NOOPMetricsHandler.instance),
-            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), replicaID: "replica-a",
-            observer: observer, clock: clock)
-        let h = Harness(flow: flow, store: store, clock: clock, trigger: trigger)
-        store.install(h.id)
+        let h = Harness.make(observer: observer)
+        let (flow, clock) = (h.flow, h.clock)
         let run = Task { try await flow.run() }
         async let answer = h.request()
         _ = try #require(await h.nextCall())
