@@ -387,15 +387,21 @@ struct LeasedRoundStateMachineTests {
                 .acquireLease(requestID: "r3", ttl: .seconds(12), unlessNewerThan: 0)))
     }
 
-    @Test("a led round that brought no newer value places the hold and enters `held`")
+    @Test(
+        "a led round that brought no newer value places the hold and enters `held`; its callers are answered once the hold is written, or by the earliest of their deadlines"
+    )
     func sameValuePlacesHold() {
         var m = Machine(configuration: config())
         _ = self.request(&m, 1, at: self.start)
         _ = m.leaseAcquired(requestID: "r1", now: self.start)
+        _ = self.request(&m, 2, rid: "r2", at: self.start + .seconds(2))
         let newest = Credential(expiresAt: self.start.unixSeconds + 600)
-        let a = m.roundTripBroughtNoNewerToken(requestID: "r1", newest: newest, now: self.start)
-        #expect(a.contains(.placeHold(requestID: "r1", duration: .seconds(60), releasingLease: true)))
-        #expect(a.contains(.succeed([WaiterID(1)], newest, .trigger)))
+        let a = m.roundTripBroughtNoNewerToken(requestID: "r1", newest: newest, now: self.start + .seconds(3))
+        let hold = a.firstIndex(
+            of: .placeHold(
+                requestID: "r1", duration: .seconds(60), releasingLease: true, answerBy: self.start + .seconds(10)))
+        let answer = a.firstIndex(of: .succeed([WaiterID(1), WaiterID(2)], newest, .trigger))
+        #expect(hold != nil && answer != nil && hold! < answer!)
         #expect(m.stateName(at: self.start) == .held)
         #expect(m.hold(at: self.start)?.newest == newest)
     }

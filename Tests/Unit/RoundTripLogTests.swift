@@ -83,7 +83,7 @@ extension RoundTripLogTests {
         let record = log.observe(
             [
                 .roundFinished(succeeded: true),
-                .placeHold(requestID: "rq_1", duration: .seconds(60), releasingLease: true),
+                .placeHold(requestID: "rq_1", duration: .seconds(60), releasingLease: true, answerBy: nil),
             ], for: Self.installation, at: self.start + .seconds(4))
         #expect(record?.startedAt == (self.start + .seconds(1)).unixMilliseconds)
         #expect(record?.durationMs == 3000)

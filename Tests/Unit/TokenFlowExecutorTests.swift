@@ -1304,3 +1304,54 @@ struct TokenFlowExecutorTests {
         }
     }
 }
+
+extension TokenFlowExecutorTests {
+    @Test(
+        "a round trip that brings no newer token answers its callers once the hold is written, or at their deadline while the write is still out"
+    )
+    func holdWriteDoesNotKeepCallersPastTheirDeadline() async throws {
+        try await withFlow { h in
+            // The stored token has 15 minutes left: too short for the caller, long enough to serve
+            // when Forge hands it out again.
+            let expiresAt = h.clock.now().unixSeconds + 900
+            h.store.deliver(h.id, token: "tok-0", expiresAt: expiresAt, requestID: nil)
+            h.store.hold(.placeHold)
+            let caller = Task { await h.request(.init(minValidity: 3600, timeout: .seconds(2))) }
+            let call = try #require(await h.nextCall())
+            // Forge answers with the token it handed out before: the store keeps the one it has.
+            let (stored, solicited) = h.store.deliver(
+                h.id, token: "tok-0", expiresAt: expiresAt, requestID: call.requestID)
+            #expect(!stored && solicited)
+            while h.store.held(.placeHold) == 0 { await Task.yield() }
+            // The hold's write is out (a slow store); the caller's deadline comes.
+            h.clock.advance(by: .seconds(2))
+            // (Were the caller kept until the write ends, the time limit ends its wait.)
+            let answer = try await withTaskCancellationHandler {
+                try await caller.value.get()
+            } onCancel: {
+                caller.cancel()
+                h.store.release(.placeHold)
+            }
+            #expect(answer.token.value == "tok-0")
+            #expect(answer.token.expiresAt == expiresAt)
+            #expect(answer.source == .trigger)
+            #expect(h.store.held(.placeHold) == 1)
+            #expect(!h.flow.isRoundActive(h.id))
+            // A caller meanwhile is answered from the hold this process knows of: no round trip.
+            let held = try await h.request(.init(minValidity: 3600, timeout: .seconds(2))).get()
+            #expect(held.token.value == "tok-0")
+            #expect(held.source == .cache)
+            // The write ends: the hold is in the store for every replica.
+            h.store.release(.placeHold)
+            while h.store.calls("placeHold") == 0 { await Task.yield() }
+            let lease = try await h.store.takeLease(
+                h.id, requestID: "rq_b", replicaID: "replica-b", ttl: .seconds(5), respectingHold: true,
+                unlessNewerThan: nil)
+            guard case .held = lease else {
+                Issue.record("another replica's lease take should find the hold, found \(lease)")
+                return
+            }
+            #expect(h.trigger.callCount == 1)
+        }
+    }
+}

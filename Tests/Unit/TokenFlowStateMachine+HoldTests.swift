@@ -99,7 +99,10 @@ struct TokenFlowStateMachineHoldTests {
         // The true expiry: 600 s left although every caller asked for 3600.
         #expect(answers.first?.1 == Self.token(known))
         #expect(answers.first?.2 == .trigger)
-        #expect(actions.contains(.placeHold(requestID: "r1", duration: .seconds(60), releasingLease: true)))
+        #expect(
+            actions.contains(
+                .placeHold(
+                    requestID: "r1", duration: .seconds(60), releasingLease: true, answerBy: clock.now + .seconds(10))))
         #expect(!actions.contains(.releaseLease(requestID: "r1")))
         #expect(actions.filter { $0 == .recordAttempt(outcome: "success") }.count == 1)
         #expect(actions.contains(.recordHold(.sameTokenServed)))
@@ -138,7 +141,10 @@ struct TokenFlowStateMachineHoldTests {
         #expect(b.contains(.recordHold(.sameTokenExpiring)))
         #expect(b.contains(.roundFinished(succeeded: false)))
         // The hold is placed all the same: one round trip a minute, not one per request.
-        #expect(b.contains(.placeHold(requestID: "r1", duration: .seconds(60), releasingLease: true)))
+        #expect(
+            b.contains(
+                .placeHold(
+                    requestID: "r1", duration: .seconds(60), releasingLease: true, answerBy: clock.now + .seconds(10))))
 
         // No token at all (the re-delivered one had expired): trigger_failed as well.
         var none = Self.leading(callers: 1, known: 0, clock: clock)
@@ -209,7 +215,10 @@ struct TokenFlowStateMachineHoldTests {
         _ = m.leaseAcquired(requestID: "r1", now: clock.now)
         let c = m.roundTripBroughtNoNewerToken(requestID: "r1", newest: newest, now: clock.now)
         #expect(c.contains(.succeed([WaiterID(1)], newest, .trigger)))
-        #expect(c.contains(.placeHold(requestID: "r1", duration: .seconds(60), releasingLease: true)))
+        #expect(
+            c.contains(
+                .placeHold(
+                    requestID: "r1", duration: .seconds(60), releasingLease: true, answerBy: clock.now + .seconds(10))))
     }
 
     @Test("refresh-ahead starts nothing during the hold, and a refresh-ahead that brings the same token does not loop")
@@ -221,7 +230,8 @@ struct TokenFlowStateMachineHoldTests {
         _ = m.leaseAcquired(requestID: "bg1", now: clock.now)
         _ = m.attemptSucceeded(requestID: "bg1", attempt: 1, now: clock.now)
         let a = m.roundTripBroughtNoNewerToken(requestID: "bg1", newest: Self.token(known), now: clock.now)
-        #expect(a.contains(.placeHold(requestID: "bg1", duration: .seconds(60), releasingLease: true)))
+        // No caller waits on it: nothing to answer by a deadline.
+        #expect(a.contains(.placeHold(requestID: "bg1", duration: .seconds(60), releasingLease: true, answerBy: nil)))
         #expect(a.contains(.recordHold(.sameTokenServed)))
         #expect(!m.isActive)
         let hold = RoundTripHold(until: clock.now + .seconds(60), newest: Self.token(known))

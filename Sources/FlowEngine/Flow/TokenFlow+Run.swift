@@ -272,11 +272,14 @@ extension TokenFlow {
                 if self.dropLease(id, requestID: requestID) {
                     self.submit { try? await self.store.releaseLease(id, requestID: requestID) }
                 }
-            case .placeHold(let requestID, let duration, let releasingLease):
+            case .placeHold(let requestID, let duration, let releasingLease, let answerBy):
                 // The hold first: the actions after it (the callers' answers) run once it is in
-                // the store, so a caller that comes back the moment it is answered finds it.
+                // the store, so a caller that comes back the moment it is answered finds it; or
+                // at the callers' deadline, if the write takes longer.
                 let rest = actions[(index + 1)...]
-                self.placeHold(id, requestID: requestID, duration: duration, releasingLease: releasingLease) {
+                self.placeHold(
+                    id, requestID: requestID, duration: duration, releasingLease: releasingLease, answerBy: answerBy
+                ) {
                     self.execute(rest, for: id)
                 }
                 return
@@ -345,8 +348,11 @@ extension TokenFlow {
         return held
     }
 
+    /// Places the hold as a child task of ``run()`` and runs `then` once it is in the store (or the
+    /// write failed), or at `answerBy` if the write is still out then: callers are not kept past
+    /// their deadline by a slow store.
     private func placeHold(
-        _ id: InstallationID, requestID: String, duration: Duration, releasingLease: Bool,
+        _ id: InstallationID, requestID: String, duration: Duration, releasingLease: Bool, answerBy: FlowTime?,
         then: @escaping @Sendable () -> Void
     ) {
         let released = releasingLease && self.dropLease(id, requestID: requestID)
@@ -354,7 +360,7 @@ extension TokenFlow {
         self.logger.info(
             "round trip brought no newer token; round trips on hold",
             metadata: ["installation.id": "\(id)", "hold.ms": "\(duration.milliseconds)"])
-        self.submit {
+        let write: Job = {
             do {
                 try await self.store.placeHold(
                     id, requestID: requestID, duration: duration, releasingLease: released)
@@ -362,7 +368,29 @@ extension TokenFlow {
                 self.logger.warning("could not place the round-trip hold", metadata: ["installation.id": "\(id)"])
                 if released { try? await self.store.releaseLease(id, requestID: requestID) }
             }
-            then()
+        }
+        guard let answerBy else {
+            self.submit {
+                await write()
+                then()
+            }
+            return
+        }
+        self.submit {
+            await withTaskGroup(of: Bool.self) { group in
+                group.addTask {
+                    await write()
+                    return true
+                }
+                group.addTask {
+                    try? await self.clock.sleep(until: answerBy)
+                    return false
+                }
+                let written = await group.next() ?? true
+                then()
+                // Written: the deadline's wait ends. Otherwise the write goes on to its end.
+                if written { group.cancelAll() }
+            }
         }
     }
 

@@ -82,8 +82,10 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         /// Release the lease (only if still ours).
         case releaseLease(requestID: String)
         /// Put the key's rounds on hold for `duration` (on every process, through the store) and,
-        /// when `releasingLease`, release the lease in the same step.
-        case placeHold(requestID: String, duration: Duration, releasingLease: Bool)
+        /// when `releasingLease`, release the lease in the same step. The actions after it (the
+        /// callers' answers) run once the hold is in the store, or at `answerBy` (the earliest
+        /// deadline of the callers they answer) if the write is still out then.
+        case placeHold(requestID: String, duration: Duration, releasingLease: Bool, answerBy: FlowTime?)
         /// Do the round's work, attempt `attempt` (send the trigger; call the exchange); answer with
         /// `attemptSucceeded` (the value will arrive) / `valueObserved` (it came back) / `attemptFailed`.
         case startAttempt(requestID: String, attempt: Int, expiresAt: FlowTime, timeout: Duration)
@@ -691,9 +693,11 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         for id in ids { actions.append(.cancelTimer(round.waiters[id]!.timer)) }
         let servable = self.servable(newest, now: now)
         // The hold first: a caller that comes back the moment it is answered finds it in force.
+        // A slow write does not keep the callers past their deadline.
         actions += self.finishRound(
             round, outcome: servable != nil ? .succeeded : .failed, now: now,
-            placingHold: Hold(until: now + self.configuration.sameTokenHold, newest: newest))
+            placingHold: Hold(until: now + self.configuration.sameTokenHold, newest: newest),
+            answerBy: round.waiters.values.map(\.deadline).min())
         if !ids.isEmpty { actions.append(self.heldAnswer(for: ids, newest, source: .trigger, now: now)) }
         actions.append(.recordHold(servable != nil ? .sameTokenServed : .sameTokenExpiring))
         return actions
@@ -1014,7 +1018,7 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
     /// (or places `placingHold`, releasing it in the same step) and moves to `held` (a hold placed
     /// or seen during the round) or `idle` (with the refresh-ahead cool-down unless it succeeded).
     private mutating func finishRound(
-        _ round: Round, outcome: RoundOutcome, now: FlowTime, placingHold: Hold? = nil
+        _ round: Round, outcome: RoundOutcome, now: FlowTime, placingHold: Hold? = nil, answerBy: FlowTime? = nil
     ) -> [Action] {
         var actions: [Action] = []
         switch round.phase {
@@ -1033,7 +1037,8 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         if let placingHold {
             actions.append(
                 .placeHold(
-                    requestID: round.requestID, duration: placingHold.until - now, releasingLease: round.phase.leads))
+                    requestID: round.requestID, duration: placingHold.until - now, releasingLease: round.phase.leads,
+                    answerBy: answerBy))
         } else if round.phase.leads {
             actions.append(.releaseLease(requestID: round.requestID))
         }

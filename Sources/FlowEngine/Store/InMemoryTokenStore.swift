@@ -145,6 +145,8 @@ public final class InMemoryTokenStore: TokenStore {
         case snapshotAnswer
         /// Lease takes of a round (``takeLease(_:requestID:replicaID:ttl:respectingHold:unlessNewerThan:)``).
         case takeLease
+        /// Hold writes (``placeHold(_:requestID:duration:releasingLease:)``).
+        case placeHold
     }
 
     /// Calls of this kind from now on wait, as calls in flight, until ``release(_:)``.
@@ -423,6 +425,7 @@ public final class InMemoryTokenStore: TokenStore {
     public func placeHold(_ id: InstallationID, requestID: String, duration: Duration, releasingLease: Bool)
         async throws
     {
+        await self.pass(.placeHold)
         await self.travel()
         try self.call("placeHold")
         let now = self.now()

@@ -37,7 +37,7 @@ struct RoundTripLog {
         // The round a batch ends is named by its lease's release (or the hold placed with it).
         let ending = actions.lazy.compactMap { action -> String? in
             switch action {
-            case .releaseLease(let requestID), .placeHold(let requestID, _, _): return requestID
+            case .releaseLease(let requestID), .placeHold(let requestID, _, _, _): return requestID
             default: return nil
             }
         }.first
@@ -63,7 +63,7 @@ struct RoundTripLog {
                     outcome: succeeded
                         ? "success" : (round.lastOutcome.flatMap { $0 == "success" ? nil : $0 } ?? "failed"),
                     attempts: max(round.attempts, 1), replica: self.replicaID)
-            case .releaseLease(let requestID), .placeHold(let requestID, _, _):
+            case .releaseLease(let requestID), .placeHold(let requestID, _, _, _):
                 // The round ended (with or without a verdict): nothing of it stays open.
                 if self.open[installation]?.requestID == requestID { self.open[installation] = nil }
                 self.markEnded(installation, requestID, at: now)
