@@ -1355,3 +1355,60 @@ extension TokenFlowExecutorTests {
         }
     }
 }
+
+extension TokenFlowExecutorTests {
+    @Test(
+        "callers sharing a store read in flight count in the waiter caps: past them, per installation or in all, a caller is refused at once with overloaded"
+    )
+    func readersCountInTheWaiterCaps() async throws {
+        try await withFlow({
+            $0.maxWaitersPerInstallation = 2
+            $0.maxWaiters = 3
+        }) { h in
+            let other = InstallationID("ari:cloud:ecosystem::installation/0b7d9a35-0f5e-4a8e-9a43-71c7b0a6c2d9")!
+            h.store.install(other)
+            let expiresAt = h.clock.now().unixSeconds + 3600
+            h.store.deliver(h.id, token: "tok-a", expiresAt: expiresAt, requestID: nil)
+            h.store.deliver(other, token: "tok-b", expiresAt: expiresAt, requestID: nil)
+            h.store.holdSnapshots()
+            let otherRequest = { @Sendable () async -> Result<TokenAnswer, FlowError> in
+                do throws(FlowError) {
+                    return .success(try await h.flow.token(for: other, request: .init()))
+                } catch {
+                    return .failure(error)
+                }
+            }
+            // One caller reads the store, a second shares its read: the installation's cap.
+            let reader = Task { await h.request() }
+            while h.store.snapshotsHeld == 0 { await Task.yield() }
+            let sharer = Task { await h.request() }
+            while h.flow.snapshotFollowers(h.id) == 0 { await Task.yield() }
+            // (Were a refused caller kept waiting on the read, the time limit ends its wait.)
+            let release = { @Sendable in h.store.releaseSnapshots() }
+            let refused = await withTaskCancellationHandler {
+                await h.request()
+            } onCancel: {
+                release()
+            }
+            #expect(refused.failure?.code == .overloaded)
+            // Another installation's reader: the cap in all.
+            let otherReader = Task { await otherRequest() }
+            while h.store.snapshotsHeld < 2, !Task.isCancelled { await Task.yield() }
+            let refusedToo = await withTaskCancellationHandler {
+                await otherRequest()
+            } onCancel: {
+                release()
+            }
+            #expect(refusedToo.failure?.code == .overloaded)
+            h.store.releaseSnapshots()
+            for (caller, token) in [(reader, "tok-a"), (sharer, "tok-a"), (otherReader, "tok-b")] {
+                let answer = try await caller.value.get()
+                #expect(answer.token.value == token)
+                #expect(answer.source == .cache)
+            }
+            // The reads are over: the caps are free again.
+            #expect(try await h.request().get().token.value == "tok-a")
+            #expect(h.trigger.callCount == 0)
+        }
+    }
+}

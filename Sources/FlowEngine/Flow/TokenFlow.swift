@@ -87,6 +87,10 @@ public final class TokenFlow: Sendable, Service {
         var waiters: [WaiterID: Waiter] = [:]
         /// How many callers wait per installation (the caps).
         var waitersPerInstallation: [InstallationID: Int] = [:]
+        /// Callers reading the store before they are answered or wait (counted in the caps too),
+        /// per installation and in all.
+        var readersPerInstallation: [InstallationID: Int] = [:]
+        var readers = 0
         var memory: [InstallationID: MemoryEntry] = [:]
         /// Entries added to `memory` since it was last swept of expired tokens, and how many it
         /// held after that sweep.
@@ -135,6 +139,15 @@ public final class TokenFlow: Sendable, Service {
         /// `requestID` and no round has it: not while the installation's round is the one named
         /// for it, which takes it over in the step that performs its start (another caller, on
         /// another thread, may end its own request between that round's start and that step).
+        /// Whether one more caller of `id` would exceed the caps: callers waiting in rounds and
+        /// callers reading the store (sharing a read in flight, or reading for themselves) count
+        /// alike, per installation and in all.
+        func isFull(_ id: InstallationID, _ configuration: TokenFlowConfiguration) -> Bool {
+            (self.waitersPerInstallation[id] ?? 0) + (self.readersPerInstallation[id] ?? 0)
+                >= configuration.maxWaitersPerInstallation
+                || self.waiters.count + self.readers >= configuration.maxWaiters
+        }
+
         mutating func takeUnusedLeaseAhead(_ id: InstallationID, named requestID: String) -> SnapshotLease? {
             guard let ahead = self.leaseAhead[id], ahead.requestID == requestID,
                 self.machines[id]?.currentRequestID != requestID
@@ -319,7 +332,9 @@ public final class TokenFlow: Sendable, Service {
             ttl: max(deadline - start, .milliseconds(1)) + self.configuration.leaseGrace,
             minValidity: request.minValidity, forced: request.forceRefresh, now: start,
             material: self.trigger.triggerMaterialQuery(for: id))
+        try self.startReading(id)
         do {
+            defer { self.doneReading(id) }
             // A token held in memory but not verified (announcements lost, or just back) is
             // served if the store does not answer soon: the read only checks it.
             let verifying =
@@ -361,6 +376,30 @@ public final class TokenFlow: Sendable, Service {
         return try await self.wait(
             for: id, request: request, knownExpiry: snapshot.token?.expiresAt ?? 0, deadline: deadline,
             apiBaseUrl: baseURL, hold: hold, current: snapshot.token, canStartRound: snapshot.triggerRegistered)
+    }
+
+    /// Counts a caller about to read the store (or share a read in flight) in the caps, or refuses
+    /// it with `overloaded` when they are reached: a flood of callers waiting on reads grows
+    /// memory no more than one waiting on rounds. ``doneReading(_:)`` ends the count.
+    private func startReading(_ id: InstallationID) throws(FlowError) {
+        let admitted = self.state.withLock { s -> Bool in
+            guard !s.isFull(id, self.configuration) else { return false }
+            s.readersPerInstallation[id, default: 0] += 1
+            s.readers += 1
+            return true
+        }
+        guard admitted else {
+            self.metrics.overloadedRequests.increment()
+            throw .overloaded
+        }
+    }
+
+    private func doneReading(_ id: InstallationID) {
+        self.state.withLock { s in
+            let left = (s.readersPerInstallation[id] ?? 1) - 1
+            s.readersPerInstallation[id] = left > 0 ? left : nil
+            s.readers -= 1
+        }
     }
 
     /// The installation's snapshot, read once for every caller that needs it while a read is in
@@ -530,14 +569,9 @@ public final class TokenFlow: Sendable, Service {
             requestID = s.leaseAhead[id]?.requestID ?? fresh
             // Caps: a flood of callers (of one installation or of all) cannot grow memory
             // without bound; the excess is refused at once with `overloaded`.
-            let waitingHere = s.waitersPerInstallation[id] ?? 0
-            if waitingHere >= self.configuration.maxWaitersPerInstallation
-                || s.waiters.count >= self.configuration.maxWaiters
-            {
-                return .refused(.overloaded)
-            }
+            if s.isFull(id, self.configuration) { return .refused(.overloaded) }
             s.waiters[waiter] = Waiter(continuation: continuation, installation: id, apiBaseUrl: apiBaseUrl)
-            s.waitersPerInstallation[id] = waitingHere + 1
+            s.waitersPerInstallation[id, default: 0] += 1
             // A round may have ended between this caller's store read and now: the newest token
             // in memory is the one the machine judges.
             var newest = current

@@ -80,10 +80,12 @@ public struct TokenFlowConfiguration: Sendable, Hashable {
     /// The least validity a token must have left to be served when a round trip brought no newer
     /// one, or while the hold lasts (less: 502 `trigger_failed`). Default 60 s.
     public var heldTokenMinimumValidity: Duration = .seconds(60)
-    /// Callers of one installation that may wait in this process for a round trip at once; more
-    /// get `overloaded` (503) at once. Default 1000.
+    /// Callers of one installation that may wait in this process at once, for a round trip or
+    /// for a store read (their own or one they share); more get `overloaded` (503) at once.
+    /// Default 1000.
     public var maxWaitersPerInstallation: Int = 1000
-    /// Callers that may wait in this process at once, over all installations. Default 10,000.
+    /// Callers that may wait in this process at once (as above), over all installations.
+    /// Default 10,000.
     public var maxWaiters: Int = 10_000
 
     public init() {}
