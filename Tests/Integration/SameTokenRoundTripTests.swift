@@ -236,12 +236,11 @@ struct SameTokenRoundTripTests {
             // background round trip asks Forge, which hands out the same token.
             let first = try await h.token(installation)
             TokenAnswerMatrixTests.expectWholeAnswer(first, installation, token: held.token, source: "cache", "first")
-            let deadline = ContinuousClock.now + .seconds(20)
-            while try await Self.hold(h, installation) == nil || h.gateway.flow.isRoundActive(id),
-                ContinuousClock.now < deadline
-            {
-                try await Task.sleep(for: .milliseconds(10))
+            // The hold's announcement, heard by this process, wakes the wait.
+            let holdPlaced = try await Events.wait(within: .seconds(20), on: h.gateway.flow.notificationEvents()) {
+                try await Self.hold(h, installation) != nil && !h.gateway.flow.isRoundActive(id)
             }
+            #expect(holdPlaced)
             #expect(try await Self.hold(h, installation) != nil)
             #expect(!h.gateway.flow.isRoundActive(id))
             #expect(h.emulator.triggerCalls(for: installation) == 1)

@@ -511,13 +511,13 @@ struct TokenFlowIntegrationTests {
             #expect(first.status == 200)
             #expect(first.json["source"] as? String == "cache")
             #expect(first.json["accessToken"] as? String == pushed.token)
-            // …while exactly one background round trip stores the next token.
-            let deadline = ContinuousClock.now + .seconds(20)
-            var stored = try await h.gateway.store.systemToken(installation.installationID)
-            while stored?.value == pushed.token, ContinuousClock.now < deadline {
-                try await Task.sleep(for: .milliseconds(10))
-                stored = try await h.gateway.store.systemToken(installation.installationID)
+            // …while exactly one background round trip stores the next token (its announcement,
+            // heard by this process, wakes the wait).
+            let replaced = try await Events.wait(within: .seconds(20), on: h.gateway.flow.notificationEvents()) {
+                try await h.gateway.store.systemToken(installation.installationID)?.value != pushed.token
             }
+            #expect(replaced)
+            let stored = try await h.gateway.store.systemToken(installation.installationID)
             #expect(stored?.value != pushed.token)
             let second = try await h.token(installation)
             #expect(second.json["source"] as? String == "cache")
