@@ -528,3 +528,67 @@ struct LeasedRoundStateMachineTests {
         #expect(seen == Set(Machine.StateName.allCases))
     }
 }
+
+extension LeasedRoundStateMachineTests {
+    @Test(
+        "a round that lost its lease stops leading: its callers follow, an empty re-read takes the lease again, the attempts go on counting"
+    )
+    func leaseLostFollows() throws {
+        var m = Machine(configuration: config())
+        _ = self.request(&m, 1, at: self.start)
+        _ = m.leaseAcquired(requestID: "r1", now: self.start)
+        let timers = scheduled(m.attemptSucceeded(requestID: "r1", attempt: 1, now: self.start))
+        #expect(timers.count == 2)
+        let t1 = self.start + .milliseconds(100)
+        let lost = m.leaseLost(requestID: "r1", now: t1)
+        #expect(lost.contains(.cancelTimer(timers[0])) && lost.contains(.cancelTimer(timers[1])))
+        // No verdict, no release (the lease is another's), no attempt, no answer.
+        let leading = lost.filter {
+            switch $0 {
+            case .roundFinished, .releaseLease, .startAttempt, .fail, .succeed, .placeHold: return true
+            default: return false
+            }
+        }
+        #expect(leading.isEmpty)
+        #expect(m.stateName(at: t1) == .following)
+        #expect(m.waiterCount == 1)
+        // The old grace timer, were it to fire, does nothing.
+        #expect(m.timerFired(timers[0], now: self.start + .seconds(2), jitter: 0).isEmpty)
+        let recheck = try #require(scheduled(lost).first)
+        let t2 = self.start + .seconds(2)
+        #expect(m.timerFired(recheck, now: t2, jitter: 0) == [.readStore(requestID: "r1")])
+        let retake = m.storeReadEmpty(requestID: "r1", now: t2)
+        #expect(retake.count == 1)
+        guard case .acquireLease(let requestID, _, _) = retake.first else {
+            Issue.record("an empty re-read takes the lease again, got \(retake)")
+            return
+        }
+        #expect(requestID == "r1")
+        let again = m.leaseAcquired(requestID: "r1", now: t2)
+        #expect(again.contains { if case .startAttempt("r1", 2, _, _) = $0 { true } else { false } })
+        // The first attempt's answer, late, is not taken for the second's.
+        #expect(m.attemptFailed(requestID: "r1", attempt: 1, failure: .httpError, now: t2, jitter: 0).isEmpty)
+        // Attempt 2 is the last of 2: its failure answers the caller.
+        let last = m.attemptFailed(requestID: "r1", attempt: 2, failure: .httpError, now: t2, jitter: 0)
+        #expect(last.contains(.fail([WaiterID(1)], .triggerFailed)))
+        #expect(!m.isActive)
+    }
+
+    @Test(
+        "a round nobody waits for ends when it loses its lease; a loss reported for another round, or while following, is ignored"
+    )
+    func leaseLostWithoutCallers() {
+        var m = Machine(configuration: config())
+        _ = m.refreshAheadWasRequested(knownExpiry: self.start.unixSeconds + 50, requestID: "bg", now: self.start)
+        #expect(m.leaseLost(requestID: "bg", now: self.start).isEmpty)
+        _ = m.leaseAcquired(requestID: "bg", now: self.start)
+        #expect(m.leaseLost(requestID: "other", now: self.start).isEmpty)
+        #expect(m.stateName(at: self.start) == .attempting)
+        let lost = m.leaseLost(requestID: "bg", now: self.start + .seconds(1))
+        #expect(!lost.contains(.releaseLease(requestID: "bg")))
+        #expect(!lost.contains(.roundFinished(succeeded: false)))
+        #expect(!m.isActive)
+        // Its answer, late, counts for nothing.
+        #expect(m.attemptSucceeded(requestID: "bg", attempt: 1, now: self.start + .seconds(2)).isEmpty)
+    }
+}

@@ -1412,3 +1412,32 @@ extension TokenFlowExecutorTests {
         }
     }
 }
+
+extension TokenFlowExecutorTests {
+    @Test(
+        "a round whose lease extension finds another owner stops leading: no verdict, no second trigger call, and its caller gets the other replica's token"
+    )
+    func leaseLostToAnotherReplica() async throws {
+        // Attempts outlast the caller's 10 s: the lease taken for the caller is extended.
+        try await withFlow({ $0.attemptTimeout = .seconds(20) }) { h in
+            h.store.hold(.extendLease)
+            defer { h.store.release(.extendLease) }
+            let caller = Task { await h.request() }
+            let call = try #require(await h.nextCall())
+            while h.store.held(.extendLease) == 0 { await Task.yield() }
+            // Meanwhile the lease was lost (a failover dropped it) and another replica took it.
+            try await h.store.releaseLease(h.id, requestID: call.requestID)
+            try await h.otherReplicaLeads()
+            h.store.release(.extendLease)
+            while h.flow.roundState(h.id) != .following, !Task.isCancelled { await Task.yield() }
+            #expect(h.flow.roundState(h.id) == .following)
+            // The other replica's round stores its token: the caller gets it.
+            h.store.deliver(h.id, token: "tok-b", expiresAt: h.clock.now().unixSeconds + 3600, requestID: "rq_other")
+            let answer = try await caller.value.get()
+            #expect(answer.token.value == "tok-b")
+            #expect(h.trigger.callCount == 1)
+            #expect(h.store.calls("recordRoundOutcome") == 0)
+            #expect(h.store.leaseOwner(h.id) == "rq_other")
+        }
+    }
+}

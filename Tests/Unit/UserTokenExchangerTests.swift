@@ -640,3 +640,49 @@ extension Result {
         return nil
     }
 }
+
+extension UserTokenExchangerTests {
+    @Test(
+        "an exchange round whose lease extension finds another owner stops leading: its callers get the token the new owner stores, with no second exchange",
+        .timeLimit(.minutes(1))
+    )
+    func leaseLostToAnotherProcess() async throws {
+        let h = Harness([Self.issued])
+        let account = Self.account.value
+        h.store.holdLeaseTakes()
+        h.store.extensions.hold()
+        h.client.hold()
+        try await h.running { () async throws -> Void in
+            // (The exchanger's run ends once the calls held here are let go.)
+            defer {
+                h.store.extensions.release()
+                h.client.release()
+            }
+            let first = Task { await h.token(timeout: .seconds(1)) }
+            while h.store.leaseTakesHeld < 1 { await Task.yield() }
+            // A caller with a later deadline joins while the lease is taken for the first one's:
+            // once taken, the lease is extended.
+            let second = Task { await h.token(timeout: .seconds(10)) }
+            while h.exchanger.waiting(Self.installation) < 2 { await Task.yield() }
+            h.store.releaseLeaseTakes()
+            while h.store.extensions.heldCount < 1 { await Task.yield() }
+            // Meanwhile the lease was lost and another process took it.
+            let ours = try #require(h.store.leaseOwner(Self.installation, accountId: account))
+            try await h.store.releaseLease(Self.installation, accountId: account, owner: ours)
+            #expect(
+                try await h.store.acquireLease(Self.installation, accountId: account, owner: "other", ttl: .seconds(30))
+            )
+            h.store.extensions.release()
+            while h.exchanger.roundState(Self.installation, accountId: account) != .following, !Task.isCancelled {
+                await Task.yield()
+            }
+            #expect(h.exchanger.roundState(Self.installation, accountId: account) == .following)
+            // The other process stores its token: both callers get it.
+            try await h.storeElsewhere("from-other", validFor: 3600)
+            #expect(try await first.value.get().token.value == "from-other")
+            #expect(try await second.value.get().token.value == "from-other")
+            #expect(h.client.calls.count == 1)
+            #expect(h.store.leaseOwner(Self.installation, accountId: account) == "other")
+        }
+    }
+}

@@ -266,7 +266,7 @@ extension TokenFlow {
                         id, requestID: requestID, ttl: ttl, respectingHold: respectingHold, unlessNewerThan: newerThan)
                 }
             case .extendLease(let requestID, let ttl):
-                self.submit { try? await self.store.extendLease(id, requestID: requestID, ttl: ttl) }
+                self.submit { await self.extendLease(id, requestID: requestID, ttl: ttl) }
             case .releaseLease(let requestID):
                 if requestID == releasedWithVerdict { continue }
                 if self.dropLease(id, requestID: requestID) {
@@ -346,6 +346,18 @@ extension TokenFlow {
         }
         if held { self.metrics.leasesHeld.decrement() }
         return held
+    }
+
+    /// Extends the lease of the round `requestID`; when the store says it is not that round's
+    /// (another owner, or none), the round stops leading (``LeasedRoundStateMachine/leaseLost(requestID:now:)``).
+    /// A store error says nothing either way: the round goes on.
+    private func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async {
+        guard let ours = try? await self.store.extendLease(id, requestID: requestID, ttl: ttl), !ours else { return }
+        guard self.dropLease(id, requestID: requestID) else { return }
+        self.logger.warning(
+            "round trip lost its lease; following instead of leading",
+            metadata: ["installation.id": "\(id)", "request.id": "\(requestID)"])
+        self.handle(id) { $0.leaseLost(requestID: requestID, now: self.now()) }
     }
 
     /// Places the hold as a child task of ``run()`` and runs `then` once it is in the store (or the

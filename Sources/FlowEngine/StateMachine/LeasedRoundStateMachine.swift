@@ -189,6 +189,10 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         /// When the work in flight ends at the latest: the attempt's timeout, or the delivery grace
         /// after its 2xx. A round whose callers are gone goes on until then (``lastCallerLeft``).
         var workEnds: FlowTime?
+        /// The attempts this round has started, over every lease it held: a round that lost its
+        /// lease and takes it again goes on counting (an old attempt's answer is not taken for a
+        /// new one's, and ``TokenFlowConfiguration/maxAttempts`` bounds them all).
+        var attemptsMade = 0
     }
 
     enum RoundOutcome {
@@ -479,13 +483,13 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
                 actions.append(
                     .extendLease(requestID: round.requestID, ttl: self.leaseTTL(deadline: round.deadline, now: now)))
             }
-            let attempt = self.startAttempt(&round, attempt: 1, now: now)
+            let attempt = self.startAttempt(&round, attempt: round.attemptsMade + 1, now: now)
             self.state = .round(round)
             return actions + attempt
         }
         // The lease is extended (in `startAttempt`) to the round's deadline or the attempt's end,
         // whichever is later, when that is more than half of the grace beyond what it was set for.
-        let attempt = self.startAttempt(&round, attempt: 1, now: now)
+        let attempt = self.startAttempt(&round, attempt: round.attemptsMade + 1, now: now)
         self.state = .round(round)
         return attempt
     }
@@ -557,6 +561,30 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         default: self.state = .circuitOpen(until: openUntil, hold: nil)
         }
         return actions
+    }
+
+    /// The lease of the round this process leads (`requestID`) is no longer its own: an extension
+    /// found another owner, or none (a failover lost the key, or this process stalled past the
+    /// lease's end). Another process may lead a round now, so this one stops leading: it gives no
+    /// verdict, makes no retry, and an answer of its attempt in flight counts for nothing (its
+    /// token, if one comes, reaches the callers as any value stored does). Its callers follow: the
+    /// value comes by announcement or by the re-read timer, whose empty re-read takes the lease
+    /// again if nobody holds it (the attempts go on counting). A round nobody waits for ends.
+    public mutating func leaseLost(requestID: String, now: FlowTime) -> [Action] {
+        guard case .round(var round) = self.state, round.requestID == requestID, round.phase.leads else { return [] }
+        var actions: [Action] = []
+        switch round.phase {
+        case .awaitingDelivery(_, let grace, let recheck, _): actions += [.cancelTimer(grace), .cancelTimer(recheck)]
+        case .backingOff(_, let timer, _): actions.append(.cancelTimer(timer))
+        case .acquiringLease, .following, .attempting: break
+        }
+        round.phase = .acquiringLease
+        round.workEnds = nil
+        guard !round.waiters.isEmpty else {
+            return actions + self.finishRound(round, outcome: .abandoned, now: now)
+        }
+        self.state = .round(round)
+        return actions + self.leaseDenied(requestID: requestID, now: now)
     }
 
     /// The store could not be reached while taking the lease (the round fails with
@@ -907,6 +935,7 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
             expiresAt = round.deadline
         }
         round.phase = .attempting(attempt: attempt)
+        round.attemptsMade = attempt
         round.workEnds = now + timeout
         let covered = self.coverWork(&round, now: now)
         return covered + [

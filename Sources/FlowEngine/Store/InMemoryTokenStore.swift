@@ -147,6 +147,8 @@ public final class InMemoryTokenStore: TokenStore {
         case takeLease
         /// Hold writes (``placeHold(_:requestID:duration:releasingLease:)``).
         case placeHold
+        /// Lease extensions (``extendLease(_:requestID:ttl:)``).
+        case extendLease
     }
 
     /// Calls of this kind from now on wait, as calls in flight, until ``release(_:)``.
@@ -400,17 +402,20 @@ public final class InMemoryTokenStore: TokenStore {
         return (outcome, self.triggerMaterial(id, material))
     }
 
-    public func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async throws {
+    @discardableResult
+    public func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async throws -> Bool {
+        await self.pass(.extendLease)
         await self.travel()
         try self.call("extendLease")
         let now = self.now()
-        self.state.withLock { s in
-            guard let lease = s.leases[id], lease.value == requestID, now < lease.until else { return }
+        return self.state.withLock { s in
+            guard let lease = s.leases[id], lease.value == requestID, now < lease.until else { return false }
             // Only lengthens, as the Redis script does.
             s.leases[id]?.until = max(lease.until, now + ttl)
             if let pending = s.pending[Self.pendingKey(id, requestID)] {
                 s.pending[Self.pendingKey(id, requestID)]?.until = max(pending.until, now + ttl)
             }
+            return true
         }
     }
 

@@ -111,7 +111,8 @@ public struct RedisTokenStore: TokenStore {
         }
     }
 
-    public func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async throws {
+    @discardableResult
+    public func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async throws -> Bool {
         try await self.store.extendLease(id, owner: requestID, ttl: ttl)
     }
 

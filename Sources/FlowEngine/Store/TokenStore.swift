@@ -39,8 +39,10 @@ public protocol TokenStore: Sendable {
     ) async throws -> (outcome: TokenStoreLeaseOutcome, material: TriggerMaterialRead?)
 
     /// Extends the lease and the round's pending request to `ttl` from now, only while `requestID`
-    /// holds the lease; never shortens either (extensions may land in any order).
-    func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async throws
+    /// holds the lease; never shortens either (extensions may land in any order). False: the lease
+    /// is not `requestID`'s (another owner, or none).
+    @discardableResult
+    func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async throws -> Bool
 
     /// Releases the lease, only while `requestID` holds it.
     func releaseLease(_ id: InstallationID, requestID: String) async throws

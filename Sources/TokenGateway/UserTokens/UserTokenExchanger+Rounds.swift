@@ -60,8 +60,21 @@ extension UserTokenExchanger {
             case .extendLease(let requestID, let ttl):
                 guard self.state.withLock({ $0.leasesHeld[key] == requestID }) else { continue }
                 self.submit {
-                    _ = try? await self.store.extendLease(
-                        key.installation, accountId: key.accountId, owner: requestID, ttl: ttl)
+                    guard
+                        let ours = try? await self.store.extendLease(
+                            key.installation, accountId: key.accountId, owner: requestID, ttl: ttl), !ours
+                    else { return }
+                    // Not this round's any more (another owner, or none): it stops leading.
+                    let held = self.state.withLock { s -> Bool in
+                        guard s.leasesHeld[key] == requestID else { return false }
+                        s.leasesHeld[key] = nil
+                        return true
+                    }
+                    guard held else { return }
+                    self.logger.warning(
+                        "user-token exchange lost its lease; following instead of leading",
+                        metadata: ["installation.id": "\(key.installation)"])
+                    self.handle(key) { $0.leaseLost(requestID: requestID, now: self.clock.now()) }
                 }
             case .startAttempt(let requestID, let attempt, let expiresAt, let timeout):
                 self.submit {

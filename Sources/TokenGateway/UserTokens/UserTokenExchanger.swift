@@ -413,6 +413,13 @@ public final class UserTokenExchanger: Sendable, Service {
         return flight.machine.valueObserved(value, solicitedBy: storing.requestID, now: now)
     }
 
+    /// The state of a user's round machine now (for tests).
+    func roundState(_ installation: InstallationID, accountId: String) -> UserRoundMachine.StateName {
+        let now = self.clock.now()
+        let key = FlightKey(installation: installation, accountId: accountId)
+        return self.state.withLock { $0.flights[key]?.machine.stateName(at: now) ?? .idle }
+    }
+
     /// Callers of `installation` waiting for a round now (for tests).
     func waiting(_ installation: InstallationID) -> Int {
         self.state.withLock { $0.waitingPerInstallation[installation] ?? 0 }

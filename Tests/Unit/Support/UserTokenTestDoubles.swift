@@ -116,6 +116,9 @@ final class InMemoryUserTokenStore: UserTokenStore {
     /// Lease releases: while held, a release waits, as a call in flight, before it takes effect.
     let releases = TestGate()
 
+    /// Lease extensions: while held, an extension waits, as a call in flight, before it runs.
+    let extensions = TestGate()
+
     /// How many lease takes wait for ``releaseLeaseTakes()``.
     var leaseTakesHeld: Int { self.state.withLock { $0.leaseGate?.count ?? 0 } }
 
@@ -266,6 +269,7 @@ final class InMemoryUserTokenStore: UserTokenStore {
 
     @discardableResult
     func extendLease(_ id: InstallationID, accountId: String, owner: String, ttl: Duration) async throws -> Bool {
+        await self.extensions.pass()
         try await self.check()
         let now = self.clock.now()
         let key = Key(installation: id, accountId: accountId)
