@@ -1316,6 +1316,7 @@ extension TokenFlowExecutorTests {
             let expiresAt = h.clock.now().unixSeconds + 900
             h.store.deliver(h.id, token: "tok-0", expiresAt: expiresAt, requestID: nil)
             h.store.hold(.placeHold)
+            defer { h.store.release(.placeHold) }
             let caller = Task { await h.request(.init(minValidity: 3600, timeout: .seconds(2))) }
             let call = try #require(await h.nextCall())
             // Forge answers with the token it handed out before: the store keeps the one it has.
@@ -1343,7 +1344,7 @@ extension TokenFlowExecutorTests {
             #expect(held.source == .cache)
             // The write ends: the hold is in the store for every replica.
             h.store.release(.placeHold)
-            while h.store.calls("placeHold") == 0 { await Task.yield() }
+            while try await h.store.roundProbe(h.id, requestID: nil).holdRemaining == nil { await Task.yield() }
             let lease = try await h.store.takeLease(
                 h.id, requestID: "rq_b", replicaID: "replica-b", ttl: .seconds(5), respectingHold: true,
                 unlessNewerThan: nil)
@@ -1352,6 +1353,24 @@ extension TokenFlowExecutorTests {
                 return
             }
             #expect(h.trigger.callCount == 1)
+        }
+    }
+
+    @Test("a hold written before the callers' deadline answers them then, and the wait for their deadline ends with it")
+    func holdWrittenBeforeTheDeadline() async throws {
+        try await withFlow { h in
+            let expiresAt = h.clock.now().unixSeconds + 900
+            h.store.deliver(h.id, token: "tok-0", expiresAt: expiresAt, requestID: nil)
+            let caller = Task { await h.request(.init(minValidity: 3600, timeout: .seconds(2))) }
+            let call = try #require(await h.nextCall())
+            h.store.deliver(h.id, token: "tok-0", expiresAt: expiresAt, requestID: call.requestID)
+            // Answered without the clock moving, the hold in the store.
+            let answer = try await caller.value.get()
+            #expect(answer.token.value == "tok-0" && answer.source == .trigger)
+            #expect(try await h.store.roundProbe(h.id, requestID: nil).holdRemaining != nil)
+            // No timer is left waiting.
+            while h.clock.sleeperCount > 0, !Task.isCancelled { await Task.yield() }
+            #expect(h.clock.sleeperCount == 0)
         }
     }
 }
@@ -1406,8 +1425,42 @@ extension TokenFlowExecutorTests {
                 #expect(answer.token.value == token)
                 #expect(answer.source == .cache)
             }
-            // The reads are over: the caps are free again.
-            #expect(try await h.request().get().token.value == "tok-a")
+            // The reads are over: the caps are free again (an installation not in memory reads
+            // the store).
+            let third = InstallationID("ari:cloud:ecosystem::installation/5d0c1f2e-3a4b-4c5d-8e6f-7a8b9c0d1e2f")!
+            h.store.install(third)
+            h.store.deliver(third, token: "tok-c", expiresAt: expiresAt, requestID: nil)
+            #expect(try await h.flow.token(for: third, request: .init()).token.value == "tok-c")
+            #expect(h.trigger.callCount == 0)
+        }
+    }
+
+    @Test(
+        "past the caps, a caller whose token is in memory but unverified (announcements not heard) is served it, as when the store is slow"
+    )
+    func overloadedServesAnUnverifiedToken() async throws {
+        try await withFlow({ $0.maxWaitersPerInstallation = 2 }) { h in
+            h.storeElsewhereUnannounced("tok-1")
+            #expect(try await h.request().get().token.value == "tok-1")
+            h.store.unsubscribe()
+            while h.flow.hearsAnnouncements { await Task.yield() }
+            #expect(h.flow.unverifiedToken(h.id)?.value == "tok-1")
+            // Two callers read the store (to verify the token): the installation's cap.
+            h.store.holdSnapshots()
+            let release = { @Sendable in h.store.releaseSnapshots() }
+            let readers = [Task { await h.request() }, Task { await h.request() }]
+            while h.store.snapshotsHeld + h.flow.snapshotFollowers(h.id) < 2 { await Task.yield() }
+            let served = try await h.request().get()
+            #expect(served.token.value == "tok-1" && served.source == .cache)
+            // A forced refresh wants another token: refused.
+            let forced = await withTaskCancellationHandler {
+                await h.request(.init(forceRefresh: true))
+            } onCancel: {
+                release()
+            }
+            #expect(forced.failure?.code == .overloaded)
+            release()
+            for reader in readers { #expect(try await reader.value.get().token.value == "tok-1") }
             #expect(h.trigger.callCount == 0)
         }
     }

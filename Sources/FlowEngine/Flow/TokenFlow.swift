@@ -135,10 +135,6 @@ public final class TokenFlow: Sendable, Service {
         var memoryGeneration: UInt64 = 0
         var shuttingDown = false
 
-        /// Removes and returns the lease a snapshot took ahead for `id` when it is the one named
-        /// `requestID` and no round has it: not while the installation's round is the one named
-        /// for it, which takes it over in the step that performs its start (another caller, on
-        /// another thread, may end its own request between that round's start and that step).
         /// Whether one more caller of `id` would exceed the caps: callers waiting in rounds and
         /// callers reading the store (sharing a read in flight, or reading for themselves) count
         /// alike, per installation and in all.
@@ -148,6 +144,10 @@ public final class TokenFlow: Sendable, Service {
                 || self.waiters.count + self.readers >= configuration.maxWaiters
         }
 
+        /// Removes and returns the lease a snapshot took ahead for `id` when it is the one named
+        /// `requestID` and no round has it: not while the installation's round is the one named
+        /// for it, which takes it over in the step that performs its start (another caller, on
+        /// another thread, may end its own request between that round's start and that step).
         mutating func takeUnusedLeaseAhead(_ id: InstallationID, named requestID: String) -> SnapshotLease? {
             guard let ahead = self.leaseAhead[id], ahead.requestID == requestID,
                 self.machines[id]?.currentRequestID != requestID
@@ -332,7 +332,7 @@ public final class TokenFlow: Sendable, Service {
             ttl: max(deadline - start, .milliseconds(1)) + self.configuration.leaseGrace,
             minValidity: request.minValidity, forced: request.forceRefresh, now: start,
             material: self.trigger.triggerMaterialQuery(for: id))
-        try self.startReading(id)
+        guard self.startReading(id) else { return try self.answerOverloaded(request, memory: memory, now: nowSeconds) }
         do {
             defer { self.doneReading(id) }
             // A token held in memory but not verified (announcements lost, or just back) is
@@ -378,19 +378,28 @@ public final class TokenFlow: Sendable, Service {
             apiBaseUrl: baseURL, hold: hold, current: snapshot.token, canStartRound: snapshot.triggerRegistered)
     }
 
-    /// Counts a caller about to read the store (or share a read in flight) in the caps, or refuses
-    /// it with `overloaded` when they are reached: a flood of callers waiting on reads grows
+    /// A caller past the caps (``startReading(_:)`` refused it). A token held in memory that
+    /// satisfies it but is not verified (announcements lost: every caller reads the store, only to
+    /// check it) is served, as it would be if the store did not answer soon; else `overloaded`.
+    private func answerOverloaded(_ request: Request, memory: Remembered, now: Int64) throws(FlowError)
+        -> TokenAnswer
+    {
+        if !request.forceRefresh, let t = memory.unverifiedToken, t.expiresAt >= now + request.minValidity {
+            return TokenAnswer(token: t, source: .cache, apiBaseUrl: memory.apiBaseUrl)
+        }
+        self.metrics.overloadedRequests.increment()
+        throw .overloaded
+    }
+
+    /// Counts a caller about to read the store (or share a read in flight) in the caps; false when
+    /// they are reached (the caller is not counted): a flood of callers waiting on reads grows
     /// memory no more than one waiting on rounds. ``doneReading(_:)`` ends the count.
-    private func startReading(_ id: InstallationID) throws(FlowError) {
-        let admitted = self.state.withLock { s -> Bool in
+    private func startReading(_ id: InstallationID) -> Bool {
+        self.state.withLock { s -> Bool in
             guard !s.isFull(id, self.configuration) else { return false }
             s.readersPerInstallation[id, default: 0] += 1
             s.readers += 1
             return true
-        }
-        guard admitted else {
-            self.metrics.overloadedRequests.increment()
-            throw .overloaded
         }
     }
 
