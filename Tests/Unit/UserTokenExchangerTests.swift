@@ -346,9 +346,10 @@ struct UserTokenExchangerTests {
                 return await h.token(timeout: .seconds(1), forceRefresh: true)
             }
             while h.store.releases.heldCount < 1 { await Task.yield() }
-            // Both callers' deadline timers are armed while the release is out.
-            for _ in 0..<100_000 where h.clock.sleeperCount < 2 { await Task.yield() }
-            #expect(h.clock.sleeperCount == 2)
+            // Both callers' deadline timers are armed while the release is out, and the wait
+            // for the deadline of the first round's caller (answered once the release ends, or then).
+            for _ in 0..<100_000 where h.clock.sleeperCount < 3 { await Task.yield() }
+            #expect(h.clock.sleeperCount == 3)
             h.clock.advance(by: .seconds(1))
             for _ in 0..<100_000 where !answered.withLock({ $0 }) { await Task.yield() }
             #expect(answered.withLock { $0 }, "the forced caller is answered at its deadline")
@@ -683,6 +684,39 @@ extension UserTokenExchangerTests {
             #expect(try await second.value.get().token.value == "from-other")
             #expect(h.client.calls.count == 1)
             #expect(h.store.leaseOwner(Self.installation, accountId: account) == "other")
+        }
+    }
+}
+
+extension UserTokenExchangerTests {
+    @Test(
+        "a round's callers are answered once its lease is released, or at their deadline while a slow release is still out",
+        .timeLimit(.minutes(1))
+    )
+    func releaseDoesNotKeepCallersPastTheirDeadline() async throws {
+        let h = Harness([Self.issued])
+        h.store.releases.hold()
+        try await h.running { () async throws -> Void in
+            defer { h.store.releases.release() }
+            let caller = Task { await h.token(timeout: .seconds(1)) }
+            // The exchange brought the token; the round's lease is slow to go back.
+            while h.store.releases.heldCount < 1 { await Task.yield() }
+            h.clock.advance(by: .seconds(1))
+            // (Were the caller kept until the release ends, the time limit ends its wait.)
+            let answer = try await withTaskCancellationHandler {
+                try await caller.value.get()
+            } onCancel: {
+                h.store.releases.release()
+            }
+            #expect(answer.token.value == "user-token-1")
+            #expect(answer.source == .exchange)
+            #expect(h.store.releases.heldCount == 1)
+            h.store.releases.release()
+            while h.store.leaseOwner(Self.installation, accountId: Self.account.value) != nil, !Task.isCancelled {
+                await Task.yield()
+            }
+            #expect(h.store.leaseOwner(Self.installation, accountId: Self.account.value) == nil)
+            #expect(h.client.calls.count == 1)
         }
     }
 }

@@ -24,7 +24,8 @@ extension UserTokenExchanger {
     }
 
     /// Runs the actions of the round of `job`. A lease to give up goes first: the callers are
-    /// answered once it is released, so one that asks again at once finds the user free. Timers
+    /// answered once it is released, so one that asks again at once finds the user free, or at
+    /// the earliest of their deadlines if the release is still out then (a slow store). Timers
     /// are armed at once all the same: a caller's deadline (that of a forced refresh starting a
     /// round as the last one ends, in the same step) holds however long the release takes.
     func perform(_ job: Job, _ actions: [UserRoundMachine.Action]) {
@@ -37,16 +38,55 @@ extension UserTokenExchanger {
             let timers = rest.filter { if case .scheduleTimer = $0 { true } else { false } }
             self.execute(job, timers)
             let later = rest.filter { if case .scheduleTimer = $0 { false } else { true } }
+            let answerBy = self.earliestDeadline(of: later)
             let submitted = self.submit {
-                _ = try? await self.store.releaseLease(key.installation, accountId: key.accountId, owner: requestID)
-                self.state.withLock { s in if s.leasesHeld[key] == requestID { s.leasesHeld[key] = nil } }
-                self.execute(job, later)
+                await self.release(key, owner: requestID, answerBy: answerBy) { self.execute(job, later) }
             }
             // Shutting down: ``run()`` releases the lease once its work has ended.
             if !submitted { self.execute(job, later) }
             return
         }
         self.execute(job, rest)
+    }
+
+    /// Releases the lease `owner` holds and then runs `then`, or at `answerBy` if the release is
+    /// still out then (it goes on to its end).
+    private func release(
+        _ key: FlightKey, owner: String, answerBy: FlowTime?, then: @escaping @Sendable () -> Void
+    ) async {
+        let release: Work = {
+            _ = try? await self.store.releaseLease(key.installation, accountId: key.accountId, owner: owner)
+            self.state.withLock { s in if s.leasesHeld[key] == owner { s.leasesHeld[key] = nil } }
+        }
+        guard let answerBy else {
+            await release()
+            return then()
+        }
+        await withTaskGroup(of: Bool.self) { group in
+            group.addTask {
+                await release()
+                return true
+            }
+            group.addTask {
+                try? await self.clock.sleep(until: answerBy)
+                return false
+            }
+            let released = await group.next() ?? true
+            then()
+            if released { group.cancelAll() }
+        }
+    }
+
+    /// The earliest deadline of the callers these actions answer, if any.
+    private func earliestDeadline(of actions: [UserRoundMachine.Action]) -> FlowTime? {
+        let waiters = actions.flatMap { action -> [WaiterID] in
+            switch action {
+            case .succeed(let waiters, _, _), .fail(let waiters, _): return waiters
+            default: return []
+            }
+        }
+        guard !waiters.isEmpty else { return nil }
+        return self.state.withLock { s in waiters.compactMap { s.slots[$0.raw]?.deadline }.min() }
     }
 
     private func execute(_ job: Job, _ actions: [UserRoundMachine.Action]) {

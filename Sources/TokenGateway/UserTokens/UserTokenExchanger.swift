@@ -150,6 +150,8 @@ public final class UserTokenExchanger: Sendable, Service {
     /// One caller's place: waiting (its continuation once it is attached) or answered before it was.
     struct WaiterSlot {
         let installation: InstallationID
+        /// When the caller is answered at the latest (its request's deadline).
+        let deadline: FlowTime
         var continuation: CheckedContinuation<Outcome, Never>?
         var answer: Outcome?
     }
@@ -368,7 +370,7 @@ public final class UserTokenExchanger: Sendable, Service {
                 return nil
             }
             let waiterID = s.makeID()
-            s.slots[waiterID] = WaiterSlot(installation: key.installation)
+            s.slots[waiterID] = WaiterSlot(installation: key.installation, deadline: deadline)
             s.countWaiter(key.installation, 1)
             if s.shuttingDown {
                 _ = s.answer(waiterID, .failure(.flow(.shuttingDown)))
