@@ -592,3 +592,51 @@ extension LeasedRoundStateMachineTests {
         #expect(m.attemptSucceeded(requestID: "bg", attempt: 1, now: self.start + .seconds(2)).isEmpty)
     }
 }
+
+extension LeasedRoundStateMachineTests {
+    @Test(
+        "a lease taken again after it was lost is set for the callers' deadline: the next attempt's work is covered by an extension of its own"
+    )
+    func leaseRetakenCoversTheNextAttempt() {
+        var c = config()
+        c.attemptTimeout = .seconds(10)
+        var m = Machine(configuration: c)
+        // A caller with 3 s: the first attempt (10 s) extends the lease past its deadline.
+        _ = m.tokenWasRequested(
+            waiter: WaiterID(1), minValidity: 300, knownExpiry: 0, forced: false, deadline: self.start + .seconds(3),
+            requestID: "r1", now: self.start)
+        let first = m.leaseAcquired(requestID: "r1", now: self.start)
+        #expect(first.contains { if case .extendLease("r1", _) = $0 { true } else { false } })
+        #expect(m.isAttempting("r1", attempt: 1))
+        let t1 = self.start + .milliseconds(100)
+        _ = m.leaseLost(requestID: "r1", now: t1)
+        #expect(!m.isAttempting("r1", attempt: 1))
+        _ = m.storeReadEmpty(requestID: "r1", now: t1)
+        let again = m.leaseAcquired(requestID: "r1", now: t1)
+        #expect(again.contains { if case .startAttempt("r1", 2, _, _) = $0 { true } else { false } })
+        #expect(again.contains(.extendLease(requestID: "r1", ttl: .seconds(12))))
+    }
+
+    @Test("a lease taken again after it was lost, with every attempt made, makes none more and goes back")
+    func leaseRetakenAtTheAttemptCap() {
+        var m = Machine(configuration: config())
+        _ = self.request(&m, 1, at: self.start)
+        _ = m.leaseAcquired(requestID: "r1", now: self.start)
+        let failed = m.attemptFailed(requestID: "r1", attempt: 1, failure: .httpError, now: self.start, jitter: 0)
+        guard case .scheduleTimer(let backoff, _) = failed.last else {
+            Issue.record("a retry is scheduled, got \(failed)")
+            return
+        }
+        _ = m.timerFired(backoff, now: self.start + .milliseconds(100), jitter: 0)
+        #expect(m.isAttempting("r1", attempt: 2))
+        let t1 = self.start + .milliseconds(200)
+        _ = m.leaseLost(requestID: "r1", now: t1)
+        _ = m.storeReadEmpty(requestID: "r1", now: t1)
+        let again = m.leaseAcquired(requestID: "r1", now: t1)
+        #expect(!again.contains { if case .startAttempt = $0 { true } else { false } })
+        #expect(again.contains(.releaseLease(requestID: "r1")))
+        #expect(again.contains(.fail([WaiterID(1)], .tokenTimeout)))
+        #expect(!again.contains(.roundFinished(succeeded: false)))
+        #expect(!m.isActive)
+    }
+}

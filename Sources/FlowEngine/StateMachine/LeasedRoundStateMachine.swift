@@ -235,6 +235,12 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         return nil
     }
 
+    /// True while this process leads the current round (it holds the round's lease).
+    public var isLeading: Bool {
+        if case .round(let r) = self.state { return r.phase.leads }
+        return false
+    }
+
     /// Number of callers currently waiting.
     public var waiterCount: Int {
         if case .round(let r) = self.state { return r.waiters.count }
@@ -475,6 +481,11 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
                 + [.releaseLease(requestID: requestID)]
         }
         if let leaseDeadline { round.leaseDeadline = leaseDeadline }
+        guard round.attemptsMade < self.configuration.maxAttempts else {
+            // Taken again after it was lost, every attempt made: none more, the lease goes back.
+            return self.endRound(round, failing: FlowError(code: .tokenTimeout), outcome: .abandoned, now: now)
+                + [.releaseLease(requestID: requestID)]
+        }
         if !outlives {
             // Work bounded by the callers' deadline: the lease is extended to it, once.
             var actions: [Action] = []
@@ -580,11 +591,23 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         }
         round.phase = .acquiringLease
         round.workEnds = nil
+        // A lease taken again is set for the callers' deadline: the work of the next attempt is
+        // covered by an extension of its own.
+        round.leaseDeadline = round.deadline
         guard !round.waiters.isEmpty else {
             return actions + self.finishRound(round, outcome: .abandoned, now: now)
         }
         self.state = .round(round)
         return actions + self.leaseDenied(requestID: requestID, now: now)
+    }
+
+    /// Whether the round `requestID` is making attempt `attempt` now (an attempt's outcome that
+    /// arrives once its round moved on, such as a lost lease, counts for nothing).
+    public func isAttempting(_ requestID: String, attempt: Int) -> Bool {
+        guard case .round(let round) = self.state, round.requestID == requestID,
+            case .attempting(let current) = round.phase
+        else { return false }
+        return current == attempt
     }
 
     /// The store could not be reached while taking the lease (the round fails with

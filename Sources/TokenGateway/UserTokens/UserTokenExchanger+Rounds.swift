@@ -111,10 +111,15 @@ extension UserTokenExchanger {
                         return true
                     }
                     guard held else { return }
+                    var led = false
+                    self.handle(key) { m in
+                        led = m.currentRequestID == requestID && m.isLeading
+                        return m.leaseLost(requestID: requestID, now: self.clock.now())
+                    }
+                    guard led else { return }
                     self.logger.warning(
                         "user-token exchange lost its lease; following instead of leading",
                         metadata: ["installation.id": "\(key.installation)"])
-                    self.handle(key) { $0.leaseLost(requestID: requestID, now: self.clock.now()) }
                 }
             case .startAttempt(let requestID, let attempt, let expiresAt, let timeout):
                 self.submit {

@@ -166,8 +166,11 @@ extension UserTokenExchanger {
             case .value(let value):
                 return m.valueObserved(value, solicitedBy: requestID, now: now)
             case .failure(let error):
+                // Not once the round moved on (its lease was lost meanwhile): nobody waits for it.
+                guard m.isAttempting(requestID, attempt: attempt) else { return [] }
                 return m.roundEnded(requestID: requestID, failing: error, now: now)
             case .systemTokenRefused:
+                guard m.isAttempting(requestID, attempt: attempt) else { return [] }
                 return m.roundEnded(
                     requestID: requestID, failing: .exchangeFailed("the system token was refused"), now: now)
             case .retryable(let failure):
