@@ -57,6 +57,7 @@ extension TokenFlow {
             let held = s.leasesHeld
             let ahead = s.leaseAhead
             s.leasesHeld.removeAll()
+            s.leaseTakes.removeAll()
             s.leaseMaterial.removeAll()
             s.leaseAhead.removeAll()
             return (Array(s.machines.keys), held, ahead)
@@ -266,7 +267,8 @@ extension TokenFlow {
                         id, requestID: requestID, ttl: ttl, respectingHold: respectingHold, unlessNewerThan: newerThan)
                 }
             case .extendLease(let requestID, let ttl):
-                self.submit { await self.extendLease(id, requestID: requestID, ttl: ttl) }
+                let take = self.state.withLock { $0.leaseTakes[id] }
+                self.submit { await self.extendLease(id, requestID: requestID, ttl: ttl, take: take) }
             case .releaseLease(let requestID):
                 if requestID == releasedWithVerdict { continue }
                 if self.dropLease(id, requestID: requestID) {
@@ -336,11 +338,13 @@ extension TokenFlow {
         }
     }
 
-    /// Forgets the lease `requestID` holds (true when this process held it).
-    func dropLease(_ id: InstallationID, requestID: String) -> Bool {
+    /// Forgets the lease `requestID` holds (true when this process held it), only the take `take`
+    /// of it when given.
+    func dropLease(_ id: InstallationID, requestID: String, take: UInt64? = nil) -> Bool {
         let held = self.state.withLock { s -> Bool in
-            guard s.leasesHeld[id] == requestID else { return false }
+            guard s.leasesHeld[id] == requestID, take == nil || s.leaseTakes[id] == take else { return false }
             s.leasesHeld[id] = nil
+            s.leaseTakes[id] = nil
             s.leaseMaterial[id] = nil
             return true
         }
@@ -350,10 +354,11 @@ extension TokenFlow {
 
     /// Extends the lease of the round `requestID`; when the store says it is not that round's
     /// (another owner, or none), the round stops leading (``LeasedRoundStateMachine/leaseLost(requestID:now:)``).
-    /// A store error says nothing either way: the round goes on.
-    private func extendLease(_ id: InstallationID, requestID: String, ttl: Duration) async {
+    /// A store error says nothing either way: the round goes on. `take`: the take of the lease the
+    /// extension is for; an answer about an earlier take than the one held now is not this one's.
+    private func extendLease(_ id: InstallationID, requestID: String, ttl: Duration, take: UInt64?) async {
         guard let ours = try? await self.store.extendLease(id, requestID: requestID, ttl: ttl), !ours else { return }
-        guard self.dropLease(id, requestID: requestID) else { return }
+        guard self.dropLease(id, requestID: requestID, take: take ?? .max) else { return }
         self.logger.warning(
             "round trip lost its lease; following instead of leading",
             metadata: ["installation.id": "\(id)", "request.id": "\(requestID)"])

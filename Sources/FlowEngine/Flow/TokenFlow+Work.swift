@@ -15,6 +15,8 @@ extension TokenFlow {
                 let kept = self.state.withLock { s -> Bool in
                     guard !s.shuttingDown else { return false }
                     s.leasesHeld[id] = requestID
+                    s.nextLeaseTake += 1
+                    s.leaseTakes[id] = s.nextLeaseTake
                     s.leaseMaterial[id] = material.map { LeaseMaterial(requestID: requestID, read: $0) }
                     return true
                 }

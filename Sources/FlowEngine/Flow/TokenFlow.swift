@@ -107,6 +107,10 @@ public final class TokenFlow: Sendable, Service {
         var nextWaiter: UInt64 = 0
         var nextTimerBase: UInt64 = 0
         var leasesHeld: [InstallationID: String] = [:]
+        /// Which take of the lease `leasesHeld` names (a round that lost its lease takes it again
+        /// under the same request id): an extension's answer concerns the take it was sent for.
+        var leaseTakes: [InstallationID: UInt64] = [:]
+        var nextLeaseTake: UInt64 = 0
         /// The trigger material read with a lease this process took, kept for that round's first
         /// trigger call (keyed by installation, with the round's request id).
         var leaseMaterial: [InstallationID: LeaseMaterial] = [:]
@@ -626,6 +630,8 @@ public final class TokenFlow: Sendable, Service {
             guard !s.shuttingDown, let ahead = s.leaseAhead[id], ahead.requestID == requestID else { return nil }
             s.leaseAhead[id] = nil
             s.leasesHeld[id] = requestID
+            s.nextLeaseTake += 1
+            s.leaseTakes[id] = s.nextLeaseTake
             s.leaseMaterial[id] = ahead.material.map { LeaseMaterial(requestID: requestID, read: $0) }
             return ahead
         }

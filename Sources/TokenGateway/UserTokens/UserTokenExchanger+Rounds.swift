@@ -56,7 +56,11 @@ extension UserTokenExchanger {
     ) async {
         let release: Work = {
             _ = try? await self.store.releaseLease(key.installation, accountId: key.accountId, owner: owner)
-            self.state.withLock { s in if s.leasesHeld[key] == owner { s.leasesHeld[key] = nil } }
+            self.state.withLock { s in
+                guard s.leasesHeld[key] == owner else { return }
+                s.leasesHeld[key] = nil
+                s.leaseTakes[key] = nil
+            }
         }
         guard let answerBy else {
             await release()
@@ -98,7 +102,8 @@ extension UserTokenExchanger {
                 // process stored meanwhile is the answer, without an exchange.
                 self.submit { await self.acquireLease(job, requestID: requestID, ttl: ttl) }
             case .extendLease(let requestID, let ttl):
-                guard self.state.withLock({ $0.leasesHeld[key] == requestID }) else { continue }
+                let take = self.state.withLock { s in s.leasesHeld[key] == requestID ? s.leaseTakes[key] : nil }
+                guard let take else { continue }
                 self.submit {
                     guard
                         let ours = try? await self.store.extendLease(
@@ -106,8 +111,10 @@ extension UserTokenExchanger {
                     else { return }
                     // Not this round's any more (another owner, or none): it stops leading.
                     let held = self.state.withLock { s -> Bool in
-                        guard s.leasesHeld[key] == requestID else { return false }
+                        // Not when the lease was taken again since (an answer about an older take).
+                        guard s.leasesHeld[key] == requestID, s.leaseTakes[key] == take else { return false }
                         s.leasesHeld[key] = nil
+                        s.leaseTakes[key] = nil
                         return true
                     }
                     guard held else { return }

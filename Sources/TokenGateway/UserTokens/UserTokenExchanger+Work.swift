@@ -87,6 +87,8 @@ extension UserTokenExchanger {
         let kept = self.state.withLock { s -> Bool in
             guard !s.shuttingDown else { return false }
             s.leasesHeld[key] = requestID
+            s.nextLeaseTake += 1
+            s.leaseTakes[key] = s.nextLeaseTake
             return true
         }
         guard kept else {
@@ -106,6 +108,7 @@ extension UserTokenExchanger {
             && self.state.withLock { s -> Bool in
                 guard s.leasesHeld[key] == requestID else { return false }
                 s.leasesHeld[key] = nil
+                s.leaseTakes[key] = nil
                 return true
             }
         if unused {

@@ -176,6 +176,10 @@ public final class UserTokenExchanger: Sendable, Service {
         var slots: [UInt64: WaiterSlot] = [:]
         /// The round (lease owner) of each user whose exchange lease this process holds.
         var leasesHeld: [FlightKey: String] = [:]
+        /// Which take of the lease `leasesHeld` names (a round that lost its lease takes it again
+        /// under the same request id): an extension's answer concerns the take it was sent for.
+        var leaseTakes: [FlightKey: UInt64] = [:]
+        var nextLeaseTake: UInt64 = 0
         var nextID: UInt64 = 0
         /// Waiters over all flights, and per installation (the caps).
         var waiting = 0
@@ -508,6 +512,7 @@ public final class UserTokenExchanger: Sendable, Service {
             s.flights.removeAll()
             let held = s.leasesHeld
             s.leasesHeld.removeAll()
+            s.leaseTakes.removeAll()
             return (ended, held)
         }
         self.timers.cancelAll()
