@@ -23,3 +23,31 @@ public struct SystemFlowClock: FlowClock {
         }
     }
 }
+
+extension FlowClock {
+    /// Runs `work`, and `then` once it has ended, or at `deadline` if it is still running then
+    /// (it goes on to its end, awaited here): callers answered after a store write are not kept
+    /// past their deadline by a slow store. `then` runs once; without a deadline, after `work`.
+    public func run(
+        _ work: @escaping @Sendable () async -> Void, thenBy deadline: FlowTime?, _ then: @Sendable () -> Void
+    ) async {
+        guard let deadline else {
+            await work()
+            return then()
+        }
+        await withTaskGroup(of: Bool.self) { group in
+            group.addTask {
+                await work()
+                return true
+            }
+            group.addTask {
+                try? await self.sleep(until: deadline)
+                return false
+            }
+            let done = await group.next() ?? true
+            then()
+            // Done: the wait for the deadline ends. Otherwise the work goes on to its end.
+            if done { group.cancelAll() }
+        }
+    }
+}

@@ -386,29 +386,7 @@ extension TokenFlow {
                 if released { try? await self.store.releaseLease(id, requestID: requestID) }
             }
         }
-        guard let answerBy else {
-            self.submit {
-                await write()
-                then()
-            }
-            return
-        }
-        self.submit {
-            await withTaskGroup(of: Bool.self) { group in
-                group.addTask {
-                    await write()
-                    return true
-                }
-                group.addTask {
-                    try? await self.clock.sleep(until: answerBy)
-                    return false
-                }
-                let written = await group.next() ?? true
-                then()
-                // Written: the deadline's wait ends. Otherwise the write goes on to its end.
-                if written { group.cancelAll() }
-            }
-        }
+        self.submit { await self.clock.run(write, thenBy: answerBy, then) }
     }
 
     // MARK: - Timers

@@ -62,23 +62,7 @@ extension UserTokenExchanger {
                 s.leaseTakes[key] = nil
             }
         }
-        guard let answerBy else {
-            await release()
-            return then()
-        }
-        await withTaskGroup(of: Bool.self) { group in
-            group.addTask {
-                await release()
-                return true
-            }
-            group.addTask {
-                try? await self.clock.sleep(until: answerBy)
-                return false
-            }
-            let released = await group.next() ?? true
-            then()
-            if released { group.cancelAll() }
-        }
+        await self.clock.run(release, thenBy: answerBy, then)
     }
 
     /// The earliest deadline of the callers these actions answer, if any.
