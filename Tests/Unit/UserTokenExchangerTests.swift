@@ -300,24 +300,36 @@ struct UserTokenExchangerTests {
         }
     }
 
+    typealias FirstCaller = Task<Result<UserTokenExchanger.Answer, UserTokenError>, Never>
+
+    /// Runs `body` while a first caller's round (its exchange brings `user-token-1`, the next one
+    /// `user-token-2`) has written its token to the store and not heard back from the write: with
+    /// the running harness, that caller, and whether it has been answered yet.
+    static func whileTheFirstRoundStoresItsToken(
+        _ body: @Sendable (Harness, FirstCaller, _ answered: @Sendable () -> Bool) async throws -> Void
+    ) async throws {
+        let h = Harness([Self.issued, .token(value: "user-token-2", ttl: 3601)])
+        h.store.storeAnswers.hold()
+        try await h.running { () async throws -> Void in
+            let answered = Mutex(false)
+            let first = Task {
+                defer { answered.withLock { $0 = true } }
+                return await h.token()
+            }
+            while h.store.storeAnswers.heldCount < 1 { await Task.yield() }
+            try await body(h, first) { answered.withLock { $0 } }
+        }
+    }
+
     @Test(
         "a forced refresh that reads the token this process's round stored, before the round heard of it, gets a newer one from an exchange of its own"
     )
     func forcedRefreshOfTheRoundsOwnToken() async throws {
-        let h = Harness([Self.issued, .token(value: "user-token-2", ttl: 3601)])
-        h.store.storeAnswers.hold()
-        try await h.running { () async throws -> Void in
-            let firstAnswered = Mutex(false)
-            let first = Task {
-                defer { firstAnswered.withLock { $0 = true } }
-                return await h.token()
-            }
-            // The round's token is in the store; the round has not heard back from the write.
-            while h.store.storeAnswers.heldCount < 1 { await Task.yield() }
+        try await Self.whileTheFirstRoundStoresItsToken { h, first, firstAnswered async throws in
             // A caller that already has that token (the first caller on another replica, say)
             // forces a refresh here: it joins (both wait) or the round ends with its token first.
             let forced = Task { await h.token(forceRefresh: true) }
-            while h.exchanger.waiting(Self.installation) < 2, !firstAnswered.withLock({ $0 }) { await Task.yield() }
+            while h.exchanger.waiting(Self.installation) < 2, !firstAnswered() { await Task.yield() }
             h.store.storeAnswers.release()
             #expect(try await first.value.get().token.value == "user-token-1")
             let refreshed = try await forced.value.get()
@@ -333,11 +345,7 @@ struct UserTokenExchangerTests {
         "a forced refresh that ends its round (the token it refuses was that round's) has its deadline held while the round's lease is released"
     )
     func forcedRefreshDeadlineDuringTheRelease() async throws {
-        let h = Harness([Self.issued, .token(value: "user-token-2", ttl: 3601)])
-        h.store.storeAnswers.hold()
-        try await h.running { () async throws -> Void in
-            let first = Task { await h.token() }
-            while h.store.storeAnswers.heldCount < 1 { await Task.yield() }
+        try await Self.whileTheFirstRoundStoresItsToken { h, first, _ async throws in
             // The round's lease is slow to go back (a slow store).
             h.store.releases.hold()
             let answered = Mutex(false)
