@@ -1494,3 +1494,41 @@ extension TokenFlowExecutorTests {
         }
     }
 }
+
+extension TokenFlowExecutorTests {
+    @Test(
+        "a round that lost its lease and takes it again sends its next trigger call with the material read with the new lease"
+    )
+    func leaseRetakenServesItsMaterial() async throws {
+        try await withFlow({ $0.attemptTimeout = .seconds(20) }) { h in
+            let read = TriggerMaterialRead(
+                status: "active", sealedURL: "sealed-url", keyID: "key-2", nextActivatesAt: nil, sealedKey: "sealed-key"
+            )
+            h.store.setTriggerMaterial(read, for: h.id)
+            h.store.hold(.extendLease)
+            defer { h.store.release(.extendLease) }
+            let caller = Task { await h.request() }
+            var calls = h.trigger.calls.makeAsyncIterator()
+            let first = try #require(await calls.next())
+            #expect(first.material == read)
+            while h.store.held(.extendLease) == 0, !Task.isCancelled { await Task.yield() }
+            // The lease was lost meanwhile (a failover dropped it), and nobody holds it now.
+            try await h.store.releaseLease(h.id, requestID: first.requestID)
+            h.store.release(.extendLease)
+            // The round follows. A re-read finds nothing and takes the lease again, with the
+            // material: the follower's timer, or the store read of the first call's 2xx when its
+            // answer comes after the loss.
+            while h.flow.roundState(h.id) != .following, h.trigger.callCount < 2, !Task.isCancelled {
+                await Task.yield()
+            }
+            h.clock.advance(by: .milliseconds(50))
+            let second = try #require(await calls.next())
+            #expect(second.requestID == first.requestID)
+            #expect(second.attempt == 2)
+            #expect(second.material == read)
+            h.deliver("tok-1", expiresIn: 3600, requestID: second.requestID)
+            #expect(try await caller.value.get().token.value == "tok-1")
+            #expect(h.store.calls("takeLease") == 1)
+        }
+    }
+}

@@ -667,24 +667,7 @@ extension UserTokenExchangerTests {
                 h.store.extensions.release()
                 h.client.release()
             }
-            let first = Task { await h.token(timeout: .seconds(1)) }
-            while h.store.leaseTakesHeld < 1 { await Task.yield() }
-            // A caller with a later deadline joins while the lease is taken for the first one's:
-            // once taken, the lease is extended.
-            let second = Task { await h.token(timeout: .seconds(10)) }
-            while h.exchanger.waiting(Self.installation) < 2 { await Task.yield() }
-            h.store.releaseLeaseTakes()
-            while h.store.extensions.heldCount < 1 { await Task.yield() }
-            // Meanwhile the lease was lost and another process took it.
-            let ours = try #require(h.store.leaseOwner(Self.installation, accountId: account))
-            try await h.store.releaseLease(Self.installation, accountId: account, owner: ours)
-            #expect(
-                try await h.store.acquireLease(Self.installation, accountId: account, owner: "other", ttl: .seconds(30))
-            )
-            h.store.extensions.release()
-            while h.exchanger.roundState(Self.installation, accountId: account) != .following, !Task.isCancelled {
-                await Task.yield()
-            }
+            let (first, second) = try await Self.twoCallersLoseTheirLease(h, takenBy: "other")
             #expect(h.exchanger.roundState(Self.installation, accountId: account) == .following)
             // The other process stores its token: both callers get it.
             try await h.storeElsewhere("from-other", validFor: 3600)
@@ -725,6 +708,73 @@ extension UserTokenExchangerTests {
             }
             #expect(h.store.leaseOwner(Self.installation, accountId: Self.account.value) == nil)
             #expect(h.client.calls.count == 1)
+        }
+    }
+}
+
+extension UserTokenExchangerTests {
+    /// Two callers (deadlines 1 s and 10 s) start a round whose lease, taken for the first one's
+    /// deadline, is extended for the second's; the extension's answer is held while the lease is
+    /// lost (and then held by `takenBy`, when given), so the round follows. Lease takes, store
+    /// extensions and exchange calls must be held when it is called.
+    static func twoCallersLoseTheirLease(_ h: Harness, takenBy other: String?) async throws -> (
+        first: Task<Result<UserTokenExchanger.Answer, UserTokenError>, Never>,
+        second: Task<Result<UserTokenExchanger.Answer, UserTokenError>, Never>
+    ) {
+        let account = Self.account.value
+        let first = Task { await h.token(timeout: .seconds(1)) }
+        while h.store.leaseTakesHeld < 1, !Task.isCancelled { await Task.yield() }
+        // A caller with a later deadline joins while the lease is taken for the first one's: once
+        // taken, the lease is extended.
+        let second = Task { await h.token(timeout: .seconds(10)) }
+        while h.exchanger.waiting(Self.installation) < 2, !Task.isCancelled { await Task.yield() }
+        h.store.releaseLeaseTakes()
+        while h.store.extensions.heldCount < 1, !Task.isCancelled { await Task.yield() }
+        // Meanwhile the lease was lost (and maybe another process took it).
+        let ours = try #require(h.store.leaseOwner(Self.installation, accountId: account))
+        try await h.store.releaseLease(Self.installation, accountId: account, owner: ours)
+        if let other {
+            #expect(
+                try await h.store.acquireLease(Self.installation, accountId: account, owner: other, ttl: .seconds(30)))
+        }
+        h.store.extensions.release()
+        while h.exchanger.roundState(Self.installation, accountId: account) != .following, !Task.isCancelled {
+            await Task.yield()
+        }
+        return (first, second)
+    }
+
+    @Test(
+        "a round that lost its lease and takes it again reads the store before its next exchange: a token stored meanwhile is the answer",
+        .timeLimit(.minutes(1))
+    )
+    func leaseRetakenRereadsFirst() async throws {
+        let h = Harness([Self.issued, .token(value: "user-token-2", ttl: 3600)])
+        h.store.holdLeaseTakes()
+        h.store.extensions.hold()
+        h.client.hold()
+        try await h.running { () async throws -> Void in
+            defer {
+                h.store.releaseLeaseTakes()
+                h.store.extensions.release()
+                h.client.release()
+            }
+            let (first, second) = try await Self.twoCallersLoseTheirLease(h, takenBy: nil)
+            // The re-read finds nothing and the lease is taken again; meanwhile another process
+            // stores the user's token, its notice lost.
+            h.store.holdLeaseTakes()
+            h.clock.advance(by: .milliseconds(50))
+            while h.store.leaseTakesHeld < 1, !Task.isCancelled { await Task.yield() }
+            try await h.storeElsewhere("from-other", validFor: 3600, notice: false)
+            h.store.releaseLeaseTakes()
+            // Either the callers are answered, or a second exchange starts.
+            while h.exchanger.waiting(Self.installation) > 0, h.client.calls.count < 2, !Task.isCancelled {
+                await Task.yield()
+            }
+            #expect(h.client.calls.count == 1)
+            h.client.release()
+            #expect(try await first.value.get().token.value == "from-other")
+            #expect(try await second.value.get().token.value == "from-other")
         }
     }
 }

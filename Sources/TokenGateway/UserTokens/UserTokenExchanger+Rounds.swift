@@ -56,11 +56,7 @@ extension UserTokenExchanger {
     ) async {
         let release: Work = {
             _ = try? await self.store.releaseLease(key.installation, accountId: key.accountId, owner: owner)
-            self.state.withLock { s in
-                guard s.leasesHeld[key] == owner else { return }
-                s.leasesHeld[key] = nil
-                s.leaseTakes[key] = nil
-            }
+            self.state.withLock { s in _ = s.forgetLease(key, owner: owner) }
         }
         await self.clock.run(release, thenBy: answerBy, then)
     }
@@ -94,13 +90,8 @@ extension UserTokenExchanger {
                             key.installation, accountId: key.accountId, owner: requestID, ttl: ttl), !ours
                     else { return }
                     // Not this round's any more (another owner, or none): it stops leading.
-                    let held = self.state.withLock { s -> Bool in
-                        // Not when the lease was taken again since (an answer about an older take).
-                        guard s.leasesHeld[key] == requestID, s.leaseTakes[key] == take else { return false }
-                        s.leasesHeld[key] = nil
-                        s.leaseTakes[key] = nil
-                        return true
-                    }
+                    // Not when the lease was taken again since (an answer about an older take).
+                    let held = self.state.withLock { s in s.forgetLease(key, owner: requestID, take: take) }
                     guard held else { return }
                     var led = false
                     self.handle(key) { m in

@@ -89,6 +89,7 @@ extension UserTokenExchanger {
             s.leasesHeld[key] = requestID
             s.nextLeaseTake += 1
             s.leaseTakes[key] = s.nextLeaseTake
+            s.recheckDue[key] = s.nextLeaseTake
             return true
         }
         guard kept else {
@@ -105,12 +106,7 @@ extension UserTokenExchanger {
         // leads with it, so it goes back instead of keeping the user's next exchange waiting.
         let unused =
             !led
-            && self.state.withLock { s -> Bool in
-                guard s.leasesHeld[key] == requestID else { return false }
-                s.leasesHeld[key] = nil
-                s.leaseTakes[key] = nil
-                return true
-            }
+            && self.state.withLock { s in s.forgetLease(key, owner: requestID) }
         if unused {
             _ = try? await self.store.releaseLease(key.installation, accountId: key.accountId, owner: requestID)
         }
@@ -145,13 +141,19 @@ extension UserTokenExchanger {
         case systemTokenRefused
     }
 
-    /// Attempt `attempt` of the round `requestID`, which this process leads: first the store once
-    /// more (another process may have just finished), then one exchange call, and one more with a
+    /// Attempt `attempt` of the round `requestID`, which this process leads: the first attempt
+    /// under a take of the lease reads the store once more (another process may have just
+    /// finished; after a lease lost and taken again, it likely has), then one exchange call, and one more with a
     /// fresh system token when the first was answered 401. Outcomes are recorded in the store
     /// (the token cached, a refusal or a rate limit remembered) before the machine hears of them.
     func attempt(_ job: Job, requestID: String, attempt: Int, deadline: FlowTime, timeout: Duration) async {
         var end: AttemptEnd
-        switch attempt == 1 ? await self.recheck(job, requestID: requestID) : .exchange {
+        // The first attempt under a take of the lease reads the store once more; later ones do not.
+        let recheck = self.state.withLock { s -> Bool in
+            guard let take = s.recheckDue.removeValue(forKey: job.key) else { return false }
+            return s.leasesHeld[job.key] == requestID && s.leaseTakes[job.key] == take
+        }
+        switch recheck ? await self.recheck(job, requestID: requestID) : .exchange {
         case .answered:
             return
         case .settled(let settled):

@@ -180,6 +180,10 @@ public final class UserTokenExchanger: Sendable, Service {
         /// under the same request id): an extension's answer concerns the take it was sent for.
         var leaseTakes: [FlightKey: UInt64] = [:]
         var nextLeaseTake: UInt64 = 0
+        /// The take of the lease whose first attempt has not started yet: that attempt reads the
+        /// store once more before its exchange (attempt 1, or the next one after a lease lost and
+        /// taken again, when the other process has likely just stored a token).
+        var recheckDue: [FlightKey: UInt64] = [:]
         var nextID: UInt64 = 0
         /// Waiters over all flights, and per installation (the caps).
         var waiting = 0
@@ -188,6 +192,16 @@ public final class UserTokenExchanger: Sendable, Service {
         /// Per installation, the system token the exchange last refused (401) and when a fresh one
         /// was last forced for such a refusal (see ``SystemTokenRefusals``).
         var refusals = SystemTokenRefusals()
+
+        /// Forgets the lease `owner` holds on `key` (only its take `take`, when given); true when
+        /// this process held it.
+        mutating func forgetLease(_ key: FlightKey, owner: String, take: UInt64? = nil) -> Bool {
+            guard self.leasesHeld[key] == owner, take == nil || self.leaseTakes[key] == take else { return false }
+            self.leasesHeld[key] = nil
+            self.leaseTakes[key] = nil
+            self.recheckDue[key] = nil
+            return true
+        }
 
         mutating func makeID() -> UInt64 {
             self.nextID += 1
@@ -513,6 +527,7 @@ public final class UserTokenExchanger: Sendable, Service {
             let held = s.leasesHeld
             s.leasesHeld.removeAll()
             s.leaseTakes.removeAll()
+            s.recheckDue.removeAll()
             return (ended, held)
         }
         self.timers.cancelAll()
