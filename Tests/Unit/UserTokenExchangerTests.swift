@@ -1,5 +1,6 @@
 import Logging
 import Metrics
+import Prometheus
 import Synchronization
 import Testing
 
@@ -23,6 +24,7 @@ struct UserTokenExchangerTests {
 
         init(
             _ answers: [OfflineUserAuthTokenClient.Outcome],
+            metrics: any MetricsFactory = NOOPMetricsHandler.instance,
             configure: (inout UserTokenExchanger.Configuration) -> Void = { _ in }
         ) {
             self.store = InMemoryUserTokenStore(clock: self.clock)
@@ -37,7 +39,7 @@ struct UserTokenExchangerTests {
             configure(&configuration)
             self.exchanger = UserTokenExchanger(
                 configuration: configuration, store: self.store, systemTokens: self.systemTokens, client: self.client,
-                metrics: UserExchangeMetrics(factory: NOOPMetricsHandler.instance),
+                metrics: UserExchangeMetrics(factory: metrics),
                 audit: AuditLog(logger: Logger(label: "test.audit")), logger: Logger(label: "test"),
                 clock: self.clock, jitter: { 0.5 })
         }
@@ -68,13 +70,14 @@ struct UserTokenExchangerTests {
 
         func token(
             timeout: Duration = .seconds(10), forceRefresh: Bool = false,
+            installation: InstallationID = UserTokenExchangerTests.installation,
             account: UserAccountID = UserTokenExchangerTests.account,
             admit: @Sendable () async throws(UserTokenError) -> Void = {}
         ) async -> Result<UserTokenExchanger.Answer, UserTokenError> {
             do {
                 return .success(
                     try await self.exchanger.token(
-                        for: UserTokenExchangerTests.installation, accountId: account,
+                        for: installation, accountId: account,
                         request: .init(timeout: timeout, forceRefresh: forceRefresh), admit: admit))
             } catch {
                 return .failure(error)
@@ -775,6 +778,75 @@ extension UserTokenExchangerTests {
             h.client.release()
             #expect(try await first.value.get().token.value == "from-other")
             #expect(try await second.value.get().token.value == "from-other")
+        }
+    }
+}
+
+extension UserTokenExchangerTests {
+    static let otherInstallation = InstallationID(
+        "ari:cloud:ecosystem::installation/8f4c7a1e-0000-4000-8000-0000000000b2")!
+
+    @Test(
+        "the waiter caps count user-token callers from their store read on: past them (per installation, in all) a caller gets overloaded at once, counted",
+        .timeLimit(.minutes(1))
+    )
+    func waiterCapsCountReaders() async throws {
+        let registry = PrometheusCollectorRegistry()
+        let h = Harness(
+            [Self.issued, .token(value: "user-token-b", ttl: 3600)],
+            metrics: PrometheusMetricsFactory(registry: registry)
+        ) {
+            $0.maxWaitersPerInstallation = 2
+            $0.maxWaiters = 3
+        }
+        h.store.install(
+            Self.otherInstallation,
+            .init(apiBaseUrl: "https://api.atlassian.com/ex/jira/\(Self.cloud)", cloudId: Self.cloud))
+        @Sendable func isOverloaded(_ answer: Result<UserTokenExchanger.Answer, UserTokenError>) -> Bool {
+            if case .failure(.flow(.overloaded)) = answer { return true }
+            return false
+        }
+        h.store.snapshots.hold()
+        h.client.hold()
+        try await h.running { () async throws -> Void in
+            defer {
+                h.store.snapshots.release()
+                h.client.release()
+            }
+            // Two callers of one installation read the store (their reads held): a third is over
+            // the installation's cap before it reads.
+            let a = [Task { await h.token() }, Task { await h.token() }]
+            while h.store.snapshots.heldCount < 2, !Task.isCancelled { await Task.yield() }
+            #expect(isOverloaded(await h.token()))
+            // One of another installation reads too: a fourth, of any installation, is over the total.
+            let b = Task { await h.token(installation: Self.otherInstallation) }
+            while h.store.snapshots.heldCount < 3, !Task.isCancelled { await Task.yield() }
+            #expect(isOverloaded(await h.token(installation: Self.otherInstallation)))
+            // The reads end; the callers wait for their exchanges (held), and count as waiters now.
+            h.store.snapshots.release()
+            while h.exchanger.waiting(Self.installation) < 2 || h.exchanger.waiting(Self.otherInstallation) < 1,
+                !Task.isCancelled
+            {
+                await Task.yield()
+            }
+            #expect(isOverloaded(await h.token()))
+            #expect(h.store.snapshots.heldCount == 0)
+            h.client.release()
+            // One exchange per installation (the two in either order): the first installation's
+            // callers share theirs.
+            let (a0, a1) = (try await a[0].value.get().token.value, try await a[1].value.get().token.value)
+            let b0 = try await b.value.get().token.value
+            #expect(a0 == a1)
+            #expect(Set([a0, b0]) == ["user-token-1", "user-token-b"])
+            #expect(h.client.calls.count == 2)
+            // Once answered, there is room again.
+            #expect(try await h.token().get().source == .cache)
+            var bytes: [UInt8] = []
+            registry.emit(into: &bytes)
+            let line = String(decoding: bytes, as: UTF8.self).split(separator: "\n").first {
+                $0.hasPrefix("token_gateway_overloaded_requests_total ")
+            }
+            #expect(line.flatMap { Double($0.split(separator: " ").last ?? "") } == 3)
         }
     }
 }

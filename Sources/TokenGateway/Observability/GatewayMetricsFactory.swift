@@ -104,7 +104,7 @@ public struct GatewayMetricsFactory: MetricsFactory {
         "token_gateway_undecryptable_secrets_total":
             "Sealed values read from Redis that no key of the ring opens, by kind. Should stay 0.",
         "token_gateway_overloaded_requests_total":
-            "System-token requests refused with 503 overloaded because too many callers waited.",
+            "Token requests (system and user tokens) refused with 503 overloaded because too many callers waited.",
         "token_gateway_invocations_total": "Named-trigger calls, by how they ended.",
         "token_gateway_invocation_duration_seconds": "Time spent calling a named trigger (all attempts).",
         "token_gateway_memory_returned_bytes_total": "Resident memory given back to the system by the heap trim.",

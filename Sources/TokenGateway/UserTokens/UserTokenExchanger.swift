@@ -62,10 +62,12 @@ public final class UserTokenExchanger: Sendable, Service {
         /// The hold after a 429 that came without a readable `Retry-After`. Default 60 s (one budget window).
         public var defaultRetryAfter: Duration = .seconds(60)
 
-        /// Callers of one installation that may wait for user tokens in this process at once;
-        /// more get `overloaded` (503). Default 1000.
+        /// Callers of one installation that may wait for user tokens in this process at once (from
+        /// their store read on: reading, being admitted, or waiting for a round); more get
+        /// `overloaded` (503). Default 1000.
         public var maxWaitersPerInstallation: Int = 1000
-        /// Callers that may wait for user tokens in this process at once. Default 10,000.
+        /// Callers that may wait for user tokens in this process at once, counted the same way.
+        /// Default 10,000.
         public var maxWaiters: Int = 10_000
 
         public init() {}
@@ -188,6 +190,10 @@ public final class UserTokenExchanger: Sendable, Service {
         /// Waiters over all flights, and per installation (the caps).
         var waiting = 0
         var waitingPerInstallation: [InstallationID: Int] = [:]
+        /// Callers not waiting for a round yet: reading the store, or being admitted (the caps
+        /// count them too).
+        var readers = 0
+        var readersPerInstallation: [InstallationID: Int] = [:]
         var shuttingDown = false
         /// Per installation, the system token the exchange last refused (401) and when a fresh one
         /// was last forced for such a refusal (see ``SystemTokenRefusals``).
@@ -206,6 +212,22 @@ public final class UserTokenExchanger: Sendable, Service {
         mutating func makeID() -> UInt64 {
             self.nextID += 1
             return self.nextID
+        }
+
+        /// Whether one more caller of `installation` would exceed the caps; `excludingOne`: the
+        /// caller asking is counted among the readers already (it is about to wait instead).
+        func isFull(_ installation: InstallationID, _ configuration: Configuration, excludingOne: Bool) -> Bool {
+            let own = excludingOne ? 1 : 0
+            let here =
+                (self.waitingPerInstallation[installation] ?? 0) + (self.readersPerInstallation[installation] ?? 0)
+            return here - own >= configuration.maxWaitersPerInstallation
+                || self.waiting + self.readers - own >= configuration.maxWaiters
+        }
+
+        mutating func countReader(_ installation: InstallationID, _ delta: Int) {
+            self.readers += delta
+            let now = (self.readersPerInstallation[installation] ?? 0) + delta
+            self.readersPerInstallation[installation] = now > 0 ? now : nil
         }
 
         mutating func countWaiter(_ installation: InstallationID, _ delta: Int) {
@@ -291,6 +313,19 @@ public final class UserTokenExchanger: Sendable, Service {
     {
         let start = self.clock.now()
         let deadline = start + request.timeout
+        // The caller counts in the caps from its store read on, until it waits for a round (the
+        // count moves in one step) or has its answer.
+        let counted = self.state.withLock { s -> Bool in
+            guard !s.isFull(installation, self.configuration, excludingOne: false) else { return false }
+            s.countReader(installation, 1)
+            return true
+        }
+        guard counted else {
+            self.metrics.countOverloaded()
+            throw .flow(.overloaded)
+        }
+        var reading = true
+        defer { if reading { self.state.withLock { $0.countReader(installation, -1) } } }
         let snapshot: UserTokenSnapshot
         do {
             snapshot = try await self.store.snapshot(
@@ -329,11 +364,13 @@ public final class UserTokenExchanger: Sendable, Service {
         while true {
             switch self.join(job, request: request, deadline: deadline, admitted: admitted) {
             case .waiting(let waiterID):
+                reading = false
                 return try await self.outcome(of: waiterID, key: job.key).get()
             case .needsAdmission:
                 try await self.admitCaller(job, admit)
                 admitted = true
             case .overloaded:
+                self.metrics.countOverloaded()
                 throw .flow(.overloaded)
             }
         }
@@ -373,20 +410,20 @@ public final class UserTokenExchanger: Sendable, Service {
 
     /// Adds a waiter to the user's machine (creating it when there is none), which joins it to the
     /// round in flight or starts one; a caller not `admitted` is added only when it joins a round
-    /// in flight. A waiter is answered at once when the process shuts down.
+    /// in flight. A waiter is answered at once when the process shuts down. The caller, counted
+    /// as a reader until now, counts as a waiter from this step on.
     private func join(_ job: Job, request: Request, deadline: FlowTime, admitted: Bool) -> Registration {
         let key = job.key
         let configuration = self.configuration
         let now = self.clock.now()
         var needsAdmission = false
         let registered = self.state.withLock { s -> (UInt64, Job, [UserRoundMachine.Action])? in
-            guard s.waiting < configuration.maxWaiters,
-                (s.waitingPerInstallation[key.installation] ?? 0) < configuration.maxWaitersPerInstallation
-            else { return nil }
+            guard !s.isFull(key.installation, configuration, excludingOne: true) else { return nil }
             guard admitted || s.flights[key]?.machine.isActive == true else {
                 needsAdmission = true
                 return nil
             }
+            s.countReader(key.installation, -1)
             let waiterID = s.makeID()
             s.slots[waiterID] = WaiterSlot(installation: key.installation, deadline: deadline)
             s.countWaiter(key.installation, 1)

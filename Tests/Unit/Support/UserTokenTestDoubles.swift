@@ -119,6 +119,9 @@ final class InMemoryUserTokenStore: UserTokenStore {
     /// Lease extensions: while held, an extension waits, as a call in flight, before it runs.
     let extensions = TestGate()
 
+    /// Snapshot reads: while held, a read waits, as a call in flight, before it reads.
+    let snapshots = TestGate()
+
     /// How many lease takes wait for ``releaseLeaseTakes()``.
     var leaseTakesHeld: Int { self.state.withLock { $0.leaseGate?.count ?? 0 } }
 
@@ -193,6 +196,7 @@ final class InMemoryUserTokenStore: UserTokenStore {
     // MARK: UserTokenStore
 
     func snapshot(_ id: InstallationID, accountId: String, timeout: Duration?) async throws -> UserTokenSnapshot {
+        await self.snapshots.pass()
         try await self.check()
         let now = self.clock.now()
         let key = Key(installation: id, accountId: accountId)
