@@ -718,8 +718,9 @@ extension UserTokenExchangerTests {
 extension UserTokenExchangerTests {
     /// Two callers (deadlines 1 s and 10 s) start a round whose lease, taken for the first one's
     /// deadline, is extended for the second's; the extension's answer is held while the lease is
-    /// lost (and then held by `takenBy`, when given), so the round follows. Lease takes, store
-    /// extensions and exchange calls must be held when it is called.
+    /// lost (and then held by `takenBy`, when given), so the round follows; attempt 1's exchange
+    /// call is in flight. Lease takes, store extensions and exchange calls must be held when it is
+    /// called.
     static func twoCallersLoseTheirLease(_ h: Harness, takenBy other: String?) async throws -> (
         first: Task<Result<UserTokenExchanger.Answer, UserTokenError>, Never>,
         second: Task<Result<UserTokenExchanger.Answer, UserTokenError>, Never>
@@ -733,9 +734,13 @@ extension UserTokenExchangerTests {
         while h.exchanger.waiting(Self.installation) < 2, !Task.isCancelled { await Task.yield() }
         h.store.releaseLeaseTakes()
         while h.store.extensions.heldCount < 1, !Task.isCancelled { await Task.yield() }
-        // Meanwhile the lease was lost (and maybe another process took it).
+        await h.client.waitForCalls(1)
+        // Meanwhile the lease was lost (and maybe another process took it), with no notice (as in
+        // a failover): the round hears of it from the extension only.
         let ours = try #require(h.store.leaseOwner(Self.installation, accountId: account))
+        h.store.dropsNotices = true
         try await h.store.releaseLease(Self.installation, accountId: account, owner: ours)
+        h.store.dropsNotices = false
         if let other {
             #expect(
                 try await h.store.acquireLease(Self.installation, accountId: account, owner: other, ttl: .seconds(30)))

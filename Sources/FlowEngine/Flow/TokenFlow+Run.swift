@@ -288,9 +288,11 @@ extension TokenFlow {
             case .recordHold(let event):
                 self.metrics.countHold(event)
             case .startAttempt(let requestID, let attempt, let expiresAt, let timeout):
+                let material = self.takeLeaseMaterial(id, requestID: requestID)
                 self.submit {
                     await self.sendTrigger(
-                        id, requestID: requestID, attempt: attempt, expiresAt: expiresAt, timeout: timeout)
+                        id, requestID: requestID, attempt: attempt, expiresAt: expiresAt, timeout: timeout,
+                        material: material)
                 }
             case .readStore(let requestID):
                 self.submit { await self.readStore(id, requestID: requestID) }
@@ -317,13 +319,27 @@ extension TokenFlow {
                 releasedWithVerdict = release
                 self.submit { await self.recordRound(id, succeeded: succeeded, releasingLease: releasing) }
             case .recordAttempt(let outcome):
-                self.metrics.countAttempt(outcome: outcome)
-                if outcome != "success" {
-                    self.logger.notice(
-                        "trigger attempt failed",
-                        metadata: ["installation.id": "\(id)", "trigger.outcome": "\(outcome)"])
-                }
+                self.recordAttempt(id, outcome: outcome)
             }
+        }
+    }
+
+    private func recordAttempt(_ id: InstallationID, outcome: String) {
+        self.metrics.countAttempt(outcome: outcome)
+        if outcome != "success" {
+            self.logger.notice(
+                "trigger attempt failed", metadata: ["installation.id": "\(id)", "trigger.outcome": "\(outcome)"])
+        }
+    }
+
+    /// The material read with the round's lease, for the first call made under it (attempt 1, or
+    /// the next one after the lease was lost and taken again); taken in the step that starts the
+    /// attempt, so a late task of an older attempt cannot take it. Later attempts read anew (nil).
+    private func takeLeaseMaterial(_ id: InstallationID, requestID: String) -> TriggerMaterialRead? {
+        self.state.withLock { s -> TriggerMaterialRead? in
+            guard let kept = s.leaseMaterial[id], kept.requestID == requestID else { return nil }
+            s.leaseMaterial[id] = nil
+            return kept.read
         }
     }
 

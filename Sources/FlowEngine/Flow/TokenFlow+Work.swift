@@ -73,20 +73,14 @@ extension TokenFlow {
         }
     }
 
-    func sendTrigger(_ id: InstallationID, requestID: String, attempt: Int, expiresAt: FlowTime, timeout: Duration)
-        async
-    {
+    func sendTrigger(
+        _ id: InstallationID, requestID: String, attempt: Int, expiresAt: FlowTime, timeout: Duration,
+        material: TriggerMaterialRead?
+    ) async {
         let started = self.now()
         self.logger.debug(
             "sending auth trigger",
             metadata: ["installation.id": "\(id)", "request.id": "\(requestID)", "trigger.attempt": "\(attempt)"])
-        // The material read with the round's lease serves the first call made under it (attempt 1,
-        // or the next one after the lease was lost and taken again); later attempts read anew.
-        let material = self.state.withLock { s -> TriggerMaterialRead? in
-            guard let kept = s.leaseMaterial[id], kept.requestID == requestID else { return nil }
-            s.leaseMaterial[id] = nil
-            return kept.read
-        }
         let result = await self.trigger.sendTrigger(
             installation: id, requestID: requestID, attempt: attempt, issuedAt: started, expiresAt: expiresAt,
             timeout: timeout, material: material)

@@ -111,8 +111,8 @@ public final class TokenFlow: Sendable, Service {
         /// under the same request id): an extension's answer concerns the take it was sent for.
         var leaseTakes: [InstallationID: UInt64] = [:]
         var nextLeaseTake: UInt64 = 0
-        /// The trigger material read with a lease this process took, kept for that round's first
-        /// trigger call (keyed by installation, with the round's request id).
+        /// The trigger material read with a lease this process took, kept for the first trigger
+        /// call made under that take (keyed by installation, with the round's request id).
         var leaseMaterial: [InstallationID: LeaseMaterial] = [:]
         /// The store snapshots this process is reading, per installation, with the callers that
         /// arrived meanwhile and wait for the same answer.

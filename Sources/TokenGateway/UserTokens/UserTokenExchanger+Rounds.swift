@@ -104,9 +104,18 @@ extension UserTokenExchanger {
                         metadata: ["installation.id": "\(key.installation)"])
                 }
             case .startAttempt(let requestID, let attempt, let expiresAt, let timeout):
+                // The first attempt under a take of the lease reads the store once more; decided
+                // here, in the step that starts it, so a late task of an older attempt cannot take it.
+                let recheck = self.state.withLock { s -> Bool in
+                    guard s.leasesHeld[key] == requestID, let take = s.leaseTakes[key], s.recheckDue[key] == take
+                    else { return false }
+                    s.recheckDue[key] = nil
+                    return true
+                }
                 self.submit {
                     await self.attempt(
-                        job, requestID: requestID, attempt: attempt, deadline: expiresAt, timeout: timeout)
+                        job, requestID: requestID, attempt: attempt, deadline: expiresAt, timeout: timeout,
+                        recheck: recheck)
                 }
             case .readStore(let requestID):
                 self.submit { await self.readStore(job, requestID: requestID) }

@@ -141,18 +141,15 @@ extension UserTokenExchanger {
         case systemTokenRefused
     }
 
-    /// Attempt `attempt` of the round `requestID`, which this process leads: the first attempt
-    /// under a take of the lease reads the store once more (another process may have just
+    /// Attempt `attempt` of the round `requestID`, which this process leads: with `recheck` (the
+    /// first attempt under a take of the lease) the store once more (another process may have just
     /// finished; after a lease lost and taken again, it likely has), then one exchange call, and one more with a
     /// fresh system token when the first was answered 401. Outcomes are recorded in the store
     /// (the token cached, a refusal or a rate limit remembered) before the machine hears of them.
-    func attempt(_ job: Job, requestID: String, attempt: Int, deadline: FlowTime, timeout: Duration) async {
+    func attempt(
+        _ job: Job, requestID: String, attempt: Int, deadline: FlowTime, timeout: Duration, recheck: Bool
+    ) async {
         var end: AttemptEnd
-        // The first attempt under a take of the lease reads the store once more; later ones do not.
-        let recheck = self.state.withLock { s -> Bool in
-            guard let take = s.recheckDue.removeValue(forKey: job.key) else { return false }
-            return s.leasesHeld[job.key] == requestID && s.leaseTakes[job.key] == take
-        }
         switch recheck ? await self.recheck(job, requestID: requestID) : .exchange {
         case .answered:
             return

@@ -214,14 +214,12 @@ public final class UserTokenExchanger: Sendable, Service {
             return self.nextID
         }
 
-        /// Whether one more caller of `installation` would exceed the caps; `excludingOne`: the
-        /// caller asking is counted among the readers already (it is about to wait instead).
-        func isFull(_ installation: InstallationID, _ configuration: Configuration, excludingOne: Bool) -> Bool {
-            let own = excludingOne ? 1 : 0
+        /// Whether one more caller of `installation` would exceed the caps (readers and waiters alike).
+        func isFull(_ installation: InstallationID, _ configuration: Configuration) -> Bool {
             let here =
                 (self.waitingPerInstallation[installation] ?? 0) + (self.readersPerInstallation[installation] ?? 0)
-            return here - own >= configuration.maxWaitersPerInstallation
-                || self.waiting + self.readers - own >= configuration.maxWaiters
+            return here >= configuration.maxWaitersPerInstallation
+                || self.waiting + self.readers >= configuration.maxWaiters
         }
 
         mutating func countReader(_ installation: InstallationID, _ delta: Int) {
@@ -316,7 +314,7 @@ public final class UserTokenExchanger: Sendable, Service {
         // The caller counts in the caps from its store read on, until it waits for a round (the
         // count moves in one step) or has its answer.
         let counted = self.state.withLock { s -> Bool in
-            guard !s.isFull(installation, self.configuration, excludingOne: false) else { return false }
+            guard !s.isFull(installation, self.configuration) else { return false }
             s.countReader(installation, 1)
             return true
         }
@@ -369,9 +367,6 @@ public final class UserTokenExchanger: Sendable, Service {
             case .needsAdmission:
                 try await self.admitCaller(job, admit)
                 admitted = true
-            case .overloaded:
-                self.metrics.countOverloaded()
-                throw .flow(.overloaded)
             }
         }
     }
@@ -394,8 +389,6 @@ public final class UserTokenExchanger: Sendable, Service {
         case waiting(UInt64)
         /// No round is in flight, so the caller would start one: it must be admitted first.
         case needsAdmission
-        /// The waiter caps are reached.
-        case overloaded
     }
 
     /// Waits for `waiterID`'s answer: the round's value or failure, the caller's deadline (the
@@ -411,18 +404,14 @@ public final class UserTokenExchanger: Sendable, Service {
     /// Adds a waiter to the user's machine (creating it when there is none), which joins it to the
     /// round in flight or starts one; a caller not `admitted` is added only when it joins a round
     /// in flight. A waiter is answered at once when the process shuts down. The caller, counted
-    /// as a reader until now, counts as a waiter from this step on.
+    /// as a reader until now, counts as a waiter from this step on (the caps were checked when it
+    /// began to read: the move changes no total).
     private func join(_ job: Job, request: Request, deadline: FlowTime, admitted: Bool) -> Registration {
         let key = job.key
         let configuration = self.configuration
         let now = self.clock.now()
-        var needsAdmission = false
         let registered = self.state.withLock { s -> (UInt64, Job, [UserRoundMachine.Action])? in
-            guard !s.isFull(key.installation, configuration, excludingOne: true) else { return nil }
-            guard admitted || s.flights[key]?.machine.isActive == true else {
-                needsAdmission = true
-                return nil
-            }
+            guard admitted || s.flights[key]?.machine.isActive == true else { return nil }
             s.countReader(key.installation, -1)
             let waiterID = s.makeID()
             s.slots[waiterID] = WaiterSlot(installation: key.installation, deadline: deadline)
@@ -447,9 +436,7 @@ public final class UserTokenExchanger: Sendable, Service {
             s.flights[key] = flight.machine.isRetained(at: now) ? flight : nil
             return (waiterID, flight.job, actions)
         }
-        guard let (waiterID, roundJob, actions) = registered else {
-            return needsAdmission ? .needsAdmission : .overloaded
-        }
+        guard let (waiterID, roundJob, actions) = registered else { return .needsAdmission }
         self.perform(roundJob, actions)
         return .waiting(waiterID)
     }
