@@ -1532,3 +1532,26 @@ extension TokenFlowExecutorTests {
         }
     }
 }
+
+extension TokenFlowExecutorTests {
+    @Test(
+        "the store becoming unreachable while a caller follows another replica's round: a still-valid token in memory answers it, shorter than it asked for"
+    )
+    func storeDownWhileFollowingServesMemory() async throws {
+        try await withFlow { h in
+            // In memory: a token with 100 s left. The caller wants 300 s; another replica leads.
+            h.deliver("tok-short", expiresIn: 100, requestID: nil)
+            try await h.otherReplicaLeads()
+            let caller = Task { await h.request(.init(minValidity: 300)) }
+            while h.flow.roundState(h.id) != .following, !Task.isCancelled { await Task.yield() }
+            // Redis goes down: the follower's re-read fails.
+            h.store.isUnavailable = true
+            h.clock.advance(by: .milliseconds(50))
+            let answer = try await caller.value.get()
+            #expect(answer.token.value == "tok-short")
+            #expect(answer.source == .cache)
+            #expect(h.flow.roundState(h.id) == .idle)
+            #expect(h.trigger.callCount == 0)
+        }
+    }
+}

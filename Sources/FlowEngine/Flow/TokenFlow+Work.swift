@@ -63,7 +63,9 @@ extension TokenFlow {
         } catch {
             self.logger.warning(
                 "store unavailable while taking the lease", metadata: ["installation.id": "\(id)", "error": "\(error)"])
-            self.handle(id) { $0.storeFailed(requestID: requestID, now: self.now()) }
+            // (Memory read before the machine's step, which holds the lock.)
+            let fallback = self.memoryFallback(id)
+            self.handle(id) { $0.storeFailed(requestID: requestID, fallback: fallback, now: self.now()) }
             // The take may have happened with its answer lost (a timeout): a lease no round of this
             // process goes on with is given back (the release script compares the owner).
             let goesOn = self.state.withLock { $0.machines[id]?.currentRequestID == requestID }
@@ -144,8 +146,17 @@ extension TokenFlow {
                 return actions
             }
         } catch {
-            self.handle(id) { $0.storeFailed(requestID: requestID, now: self.now()) }
+            // (Memory read before the machine's step, which holds the lock.)
+            let fallback = self.memoryFallback(id)
+            self.handle(id) { $0.storeFailed(requestID: requestID, fallback: fallback, now: self.now()) }
         }
+    }
+
+    /// A still-valid token this process holds for `id`, verified or not: what its callers get
+    /// while the store cannot be reached (contract: `store_unavailable` only without one).
+    func memoryFallback(_ id: InstallationID) -> AccessToken? {
+        let now = self.now().unixSeconds
+        return self.state.withLock { s in s.memory[id]?.token.flatMap { $0.expiresAt > now ? $0 : nil } }
     }
 
     /// Records the verdict of a round trip this process led (releasing its lease in the same step

@@ -611,19 +611,36 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
     }
 
     /// The store could not be reached while taking the lease (the round fails with
-    /// `store_unavailable`) or while following (the next re-read retries).
-    public mutating func storeFailed(requestID: String, now: FlowTime) -> [Action] {
+    /// `store_unavailable`) or while following (the next re-read retries). A still-valid value this
+    /// process holds (`fallback`: its memory) first answers the callers that do not force a
+    /// refresh, whatever validity they asked for, as a caller that finds the store unreachable is
+    /// answered (source `cache`); a round whose callers are all answered so ends.
+    public mutating func storeFailed(requestID: String, fallback: Value? = nil, now: FlowTime) -> [Action] {
         guard case .round(var round) = self.state, round.requestID == requestID else { return [] }
+        var answered: [Action] = []
         switch round.phase {
-        case .acquiringLease:
-            return self.endRound(round, failing: .storeUnavailable, outcome: .abandoned, now: now)
-        case .following(_, let delay):
+        case .acquiringLease, .following:
+            if let fallback, fallback.expiresAt > now.unixSeconds {
+                let ids = round.waiters.filter { !$0.value.forced }.keys.sorted { $0.raw < $1.raw }
+                if !ids.isEmpty {
+                    answered = ids.map { .cancelTimer(round.waiters[$0]!.timer) } + [.succeed(ids, fallback, .cache)]
+                    for id in ids { round.waiters[id] = nil }
+                }
+            }
+        default:
+            return []
+        }
+        switch round.phase {
+        case .following(_, let delay) where answered.isEmpty || !round.waiters.isEmpty:
             let timer = self.makeTimer()
             round.phase = .following(recheck: timer, delay: delay)
             self.state = .round(round)
-            return [.scheduleTimer(timer, deadline: min(now + delay, round.deadline))]
+            return answered + [.scheduleTimer(timer, deadline: min(now + delay, round.deadline))]
+        case .following:
+            // Every caller answered from memory: nobody waits for the round followed.
+            return answered + self.finishRound(round, outcome: .abandoned, now: now)
         default:
-            return []
+            return answered + self.endRound(round, failing: .storeUnavailable, outcome: .abandoned, now: now)
         }
     }
 
