@@ -1549,9 +1549,40 @@ extension TokenFlowExecutorTests {
             h.clock.advance(by: .milliseconds(50))
             let answer = try await caller.value.get()
             #expect(answer.token.value == "tok-short")
+            #expect(answer.token.expiresAt == h.clock.now().unixSeconds + 100)
             #expect(answer.source == .cache)
             #expect(h.flow.roundState(h.id) == .idle)
             #expect(h.trigger.callCount == 0)
+            #expect(h.store.leaseOwner(h.id) == "rq_other")
+        }
+    }
+
+    @Test(
+        "the store becoming unreachable while a round takes the lease: a still-valid token in memory answers the callers that do not force a refresh; a forced one gets store_unavailable"
+    )
+    func storeDownAtTheLeaseServesMemory() async throws {
+        try await withFlow { h in
+            h.deliver("tok-short", expiresIn: 100, requestID: nil)
+            let expiresAt = h.clock.now().unixSeconds + 100
+            try await h.otherReplicaLeads()
+            let caller = Task { await h.request(.init(minValidity: 300)) }
+            while h.flow.roundState(h.id) != .following, !Task.isCancelled { await Task.yield() }
+            let forced = Task { await h.request(.init(forceRefresh: true)) }
+            while h.flow.waiterCount(h.id) < 2, !Task.isCancelled { await Task.yield() }
+            // The other replica's round ends without a token; the follower's re-read finds nothing
+            // and takes the lease, and Redis stops answering then.
+            try await h.store.releaseLease(h.id, requestID: "rq_other")
+            await h.holdTheTakeAfterAnEmptyReread()
+            h.store.isUnavailable = true
+            h.store.release(.takeLease)
+            let answer = try await caller.value.get()
+            #expect(answer.token.value == "tok-short")
+            #expect(answer.token.expiresAt == expiresAt)
+            #expect(answer.source == .cache)
+            #expect(await forced.value.failure?.code == .storeUnavailable)
+            #expect(h.flow.roundState(h.id) == .idle)
+            #expect(h.trigger.callCount == 0)
+            #expect(h.store.leaseOwner(h.id) == nil)
         }
     }
 }

@@ -446,63 +446,80 @@ struct TokenFlowStateMachineTests {
         let deadline = clock.now + .seconds(10)
         // The token in memory has 100 s left; both callers want 300 s.
         let memory = token(clock.now.unixSeconds + 100)
-        _ = m.tokenWasRequested(
-            waiter: WaiterID(1), minValidity: 300, knownExpiry: memory.expiresAt, forced: false, deadline: deadline,
-            requestID: "r1", now: clock.now)
-        _ = m.tokenWasRequested(
-            waiter: WaiterID(2), minValidity: 300, knownExpiry: memory.expiresAt, forced: true, deadline: deadline,
-            requestID: "r2", now: clock.now)
+        let t1 = timers(
+            m.tokenWasRequested(
+                waiter: WaiterID(1), minValidity: 300, knownExpiry: memory.expiresAt, forced: false,
+                deadline: deadline, requestID: "r1", now: clock.now))
+        let t2 = timers(
+            m.tokenWasRequested(
+                waiter: WaiterID(2), minValidity: 300, knownExpiry: memory.expiresAt, forced: true, deadline: deadline,
+                requestID: "r2", now: clock.now))
         let a = m.storeFailed(requestID: "r1", fallback: memory, now: clock.now)
-        #expect(a.contains(.succeed([WaiterID(1)], memory, .cache)))
-        #expect(a.contains(.fail([WaiterID(2)], .storeUnavailable)))
+        #expect(
+            a == [
+                .cancelTimer(t1[0].0), .succeed([WaiterID(1)], memory, .cache), .cancelTimer(t2[0].0),
+                .fail([WaiterID(2)], .storeUnavailable),
+            ])
         #expect(!m.isActive)
         // A token that has run out answers nobody.
         var n = TokenFlowStateMachine(configuration: config())
-        _ = n.tokenWasRequested(
-            waiter: WaiterID(1), minValidity: 300, knownExpiry: 0, forced: false, deadline: deadline, requestID: "r1",
-            now: clock.now)
+        let t = timers(
+            n.tokenWasRequested(
+                waiter: WaiterID(1), minValidity: 300, knownExpiry: 0, forced: false, deadline: deadline,
+                requestID: "r1", now: clock.now))
         let expired = token(clock.now.unixSeconds)
         #expect(
-            n.storeFailed(requestID: "r1", fallback: expired, now: clock.now).contains(
-                .fail([WaiterID(1)], .storeUnavailable)))
+            n.storeFailed(requestID: "r1", fallback: expired, now: clock.now) == [
+                .cancelTimer(t[0].0), .fail([WaiterID(1)], .storeUnavailable),
+            ])
     }
 
     @Test(
         "the store failing while following: a still-valid token in memory answers the callers that do not force a refresh; the round ends when none is left, else the re-read retries"
     )
-    func storeDownWhileFollowingServesMemory() {
+    func storeDownWhileFollowingServesMemory() throws {
         var clock = ManualClock()
         var m = TokenFlowStateMachine(configuration: config())
         let deadline = clock.now + .seconds(10)
         let memory = token(clock.now.unixSeconds + 100)
-        _ = m.tokenWasRequested(
-            waiter: WaiterID(1), minValidity: 300, knownExpiry: memory.expiresAt, forced: false, deadline: deadline,
-            requestID: "r1", now: clock.now)
-        _ = m.leaseDenied(requestID: "r1", now: clock.now)
+        let t1 = timers(
+            m.tokenWasRequested(
+                waiter: WaiterID(1), minValidity: 300, knownExpiry: memory.expiresAt, forced: false,
+                deadline: deadline, requestID: "r1", now: clock.now))
+        let reread = try #require(timers(m.leaseDenied(requestID: "r1", now: clock.now)).first)
         clock.advance(.milliseconds(50))
         // Without a token in memory: the next re-read retries.
         let retry = m.storeFailed(requestID: "r1", now: clock.now)
-        #expect(timers(retry).count == 1)
+        let next = try #require(timers(retry).first)
+        #expect(retry == [.cancelTimer(reread.0), .scheduleTimer(next.0, deadline: clock.now + .milliseconds(50))])
         #expect(m.stateName(at: clock.now) == .following)
-        _ = m.tokenWasRequested(
-            waiter: WaiterID(2), minValidity: 300, knownExpiry: memory.expiresAt, forced: true, deadline: deadline,
-            requestID: "r2", now: clock.now)
+        let t2 = timers(
+            m.tokenWasRequested(
+                waiter: WaiterID(2), minValidity: 300, knownExpiry: memory.expiresAt, forced: true, deadline: deadline,
+                requestID: "r2", now: clock.now))
         // With one: the caller that does not force is answered; the forced one goes on following.
         let first = m.storeFailed(requestID: "r1", fallback: memory, now: clock.now)
-        #expect(first.contains(.succeed([WaiterID(1)], memory, .cache)))
-        #expect(timers(first).count == 1)
+        let third = try #require(timers(first).first)
+        #expect(
+            first == [
+                .cancelTimer(t1[0].0), .succeed([WaiterID(1)], memory, .cache), .cancelTimer(next.0),
+                .scheduleTimer(third.0, deadline: clock.now + .milliseconds(50)),
+            ])
         #expect(m.stateName(at: clock.now) == .following)
         #expect(m.waiterCount == 1)
-        // Only callers that do not force: answered, and the round ends.
+        #expect(t2.count == 1)
+        // Only callers that do not force: answered, and the round ends (no lease to give back).
         var n = TokenFlowStateMachine(configuration: config())
-        _ = n.tokenWasRequested(
-            waiter: WaiterID(1), minValidity: 300, knownExpiry: memory.expiresAt, forced: false, deadline: deadline,
-            requestID: "r1", now: clock.now)
-        _ = n.leaseDenied(requestID: "r1", now: clock.now)
-        let answered = n.storeFailed(requestID: "r1", fallback: memory, now: clock.now)
-        #expect(answered.contains(.succeed([WaiterID(1)], memory, .cache)))
+        let u = timers(
+            n.tokenWasRequested(
+                waiter: WaiterID(1), minValidity: 300, knownExpiry: memory.expiresAt, forced: false,
+                deadline: deadline, requestID: "r1", now: clock.now))
+        let followed = try #require(timers(n.leaseDenied(requestID: "r1", now: clock.now)).first)
+        #expect(
+            n.storeFailed(requestID: "r1", fallback: memory, now: clock.now) == [
+                .cancelTimer(u[0].0), .succeed([WaiterID(1)], memory, .cache), .cancelTimer(followed.0),
+            ])
         #expect(!n.isActive)
-        #expect(timers(answered).isEmpty)
     }
 
     @Test("uninstall fails every waiting caller with installation_uninstalled")

@@ -203,10 +203,24 @@ extension TokenFlow {
     func handle(
         _ id: InstallationID, creating: Bool = false, _ event: (inout TokenFlowStateMachine) -> [FlowAction]
     ) {
+        self.step(id, creating: creating) { machine, _ in event(&machine) }
+    }
+
+    /// As ``handle(_:creating:_:)``, the event also given the token this process holds for the
+    /// installation in memory (verified or not), read in the same step.
+    func handle(
+        _ id: InstallationID, remembering event: (inout TokenFlowStateMachine, AccessToken?) -> [FlowAction]
+    ) {
+        self.step(id, creating: false) { machine, s in event(&machine, s.memory[id]?.token) }
+    }
+
+    private func step(
+        _ id: InstallationID, creating: Bool, _ event: (inout TokenFlowStateMachine, inout State) -> [FlowAction]
+    ) {
         let now = self.now()
         let actions = self.state.withLock { s -> [FlowAction] in
             guard var machine = s.machines[id] ?? (creating ? self.makeMachine(&s) : nil) else { return [] }
-            let actions = event(&machine)
+            let actions = event(&machine, &s)
             s.machines[id] = machine.isRetained(at: now) ? machine : nil
             return actions
         }

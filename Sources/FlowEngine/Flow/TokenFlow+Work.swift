@@ -63,9 +63,7 @@ extension TokenFlow {
         } catch {
             self.logger.warning(
                 "store unavailable while taking the lease", metadata: ["installation.id": "\(id)", "error": "\(error)"])
-            // (Memory read before the machine's step, which holds the lock.)
-            let fallback = self.memoryFallback(id)
-            self.handle(id) { $0.storeFailed(requestID: requestID, fallback: fallback, now: self.now()) }
+            self.storeFailed(id, requestID: requestID, whileFollowingOnly: false)
             // The take may have happened with its answer lost (a timeout): a lease no round of this
             // process goes on with is given back (the release script compares the owner).
             let goesOn = self.state.withLock { $0.machines[id]?.currentRequestID == requestID }
@@ -146,17 +144,24 @@ extension TokenFlow {
                 return actions
             }
         } catch {
-            // (Memory read before the machine's step, which holds the lock.)
-            let fallback = self.memoryFallback(id)
-            self.handle(id) { $0.storeFailed(requestID: requestID, fallback: fallback, now: self.now()) }
+            // Only a follower's re-read: one that fails once the round moved on (its lease take in
+            // flight, started meanwhile) leaves the round to that take.
+            self.storeFailed(id, requestID: requestID, whileFollowingOnly: true)
         }
     }
 
-    /// A still-valid token this process holds for `id`, verified or not: what its callers get
-    /// while the store cannot be reached (contract: `store_unavailable` only without one).
-    func memoryFallback(_ id: InstallationID) -> AccessToken? {
-        let now = self.now().unixSeconds
-        return self.state.withLock { s in s.memory[id]?.token.flatMap { $0.expiresAt > now ? $0 : nil } }
+    /// The store could not be reached for the round `requestID`: the machine hears of it with the
+    /// still-valid token this process holds in memory (verified or not, read in the same step),
+    /// which its callers get (contract: `store_unavailable` only without one).
+    private func storeFailed(_ id: InstallationID, requestID: String, whileFollowingOnly: Bool) {
+        let now = self.now()
+        self.handle(
+            id,
+            remembering: { m, token in
+                guard !whileFollowingOnly || m.stateName(at: now) == .following else { return [] }
+                let fallback = token.flatMap { $0.expiresAt > now.unixSeconds ? $0 : nil }
+                return m.storeFailed(requestID: requestID, fallback: fallback, now: now)
+            })
     }
 
     /// Records the verdict of a round trip this process led (releasing its lease in the same step

@@ -614,7 +614,8 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
     /// `store_unavailable`) or while following (the next re-read retries). A still-valid value this
     /// process holds (`fallback`: its memory) first answers the callers that do not force a
     /// refresh, whatever validity they asked for, as a caller that finds the store unreachable is
-    /// answered (source `cache`); a round whose callers are all answered so ends.
+    /// answered (source `cache`); a requested round whose callers are all answered so ends (a
+    /// refresh-ahead round goes on following).
     public mutating func storeFailed(requestID: String, fallback: Value? = nil, now: FlowTime) -> [Action] {
         guard case .round(var round) = self.state, round.requestID == requestID else { return [] }
         var answered: [Action] = []
@@ -631,14 +632,17 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
             return []
         }
         switch round.phase {
-        case .following(_, let delay) where answered.isEmpty || !round.waiters.isEmpty:
+        case .following where !answered.isEmpty && round.waiters.isEmpty && round.kind == .requested:
+            // Every caller answered from memory: nobody waits for the round followed.
+            return answered + self.finishRound(round, outcome: .abandoned, now: now)
+        case .following(let previous, let delay):
+            // The next re-read (the previous timer cancelled: the failed read may not be its own).
             let timer = self.makeTimer()
             round.phase = .following(recheck: timer, delay: delay)
             self.state = .round(round)
-            return answered + [.scheduleTimer(timer, deadline: min(now + delay, round.deadline))]
-        case .following:
-            // Every caller answered from memory: nobody waits for the round followed.
-            return answered + self.finishRound(round, outcome: .abandoned, now: now)
+            return answered + [
+                .cancelTimer(previous), .scheduleTimer(timer, deadline: min(now + delay, round.deadline)),
+            ]
         default:
             return answered + self.endRound(round, failing: .storeUnavailable, outcome: .abandoned, now: now)
         }
