@@ -1586,3 +1586,25 @@ extension TokenFlowExecutorTests {
         }
     }
 }
+
+extension TokenFlowExecutorTests {
+    @Test(
+        "an extension's 'not ours' concerns the take of the lease it was sent for: an answer about an earlier take, or another round, drops nothing"
+    )
+    func leaseDropConcernsItsTake() async throws {
+        try await withFlow { h in
+            // The round rq_1 holds its second take of the lease (it lost the first and took it again).
+            let held = h.flow.state.withLock { s -> UInt64 in
+                s.leasesHeld[h.id] = "rq_1"
+                s.nextLeaseTake += 2
+                s.leaseTakes[h.id] = s.nextLeaseTake
+                return s.nextLeaseTake
+            }
+            #expect(!h.flow.dropLease(h.id, requestID: "rq_1", take: held - 1))
+            #expect(!h.flow.dropLease(h.id, requestID: "rq_2", take: held))
+            #expect(h.flow.state.withLock { ($0.leasesHeld[h.id], $0.leaseTakes[h.id]) } == ("rq_1", held))
+            #expect(h.flow.dropLease(h.id, requestID: "rq_1", take: held))
+            #expect(h.flow.state.withLock { ($0.leasesHeld[h.id], $0.leaseTakes[h.id]) } == (nil, nil))
+        }
+    }
+}

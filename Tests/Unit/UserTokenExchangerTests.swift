@@ -855,3 +855,28 @@ extension UserTokenExchangerTests {
         }
     }
 }
+
+extension UserTokenExchangerTests {
+    @Test(
+        "a lease is forgotten only for its owner, and only for the take named when one is: its re-read due goes with it"
+    )
+    func forgetLeaseConcernsItsTake() {
+        let key = UserTokenExchanger.FlightKey(installation: Self.installation, accountId: Self.account.value)
+        var s = UserTokenExchanger.State()
+        s.leasesHeld[key] = "ux_1"
+        s.nextLeaseTake = 2
+        s.leaseTakes[key] = 2
+        s.recheckDue[key] = 2
+        let older = s.forgetLease(key, owner: "ux_1", take: 1)
+        let another = s.forgetLease(key, owner: "ux_2")
+        #expect(!older && !another)
+        #expect(s.leasesHeld[key] == "ux_1" && s.leaseTakes[key] == 2 && s.recheckDue[key] == 2)
+        let current = s.forgetLease(key, owner: "ux_1", take: 2)
+        #expect(current)
+        #expect(s.leasesHeld[key] == nil && s.leaseTakes[key] == nil && s.recheckDue[key] == nil)
+        s.leasesHeld[key] = "ux_1"
+        s.leaseTakes[key] = 3
+        let any = s.forgetLease(key, owner: "ux_1")
+        #expect(any && s.leasesHeld[key] == nil)
+    }
+}
