@@ -265,10 +265,7 @@ import TokenGateway
                 _ = try await client.send(["PUBLISH", channel, "m\(index)"])
             }
             #expect(
-                await Self.eventually {
-                    logs.messages.contains(
-                        "Redis subscription consumer fell behind: messages dropped; subscribing again")
-                })
+                await logs.wait(for: "Redis subscription consumer fell behind: messages dropped; subscribing again"))
             // What is left of the messages, then the new subscription's event: the cue to re-read state.
             var messages: [RedisPubSubEvent] = []
             while let event = await iterator.next(), event != .subscribed { messages.append(event) }
@@ -727,11 +724,7 @@ import TokenGateway
                     })
                 #expect(try await client.send(["SET", prefix + "k", "after"]) == .status("OK"))
                 // The client heard the sentinel's `+switch-master` announcement.
-                #expect(
-                    await Self.eventually(within: .seconds(20)) {
-                        logs.messages.contains("Redis sentinel announced a new primary")
-                    }
-                )
+                #expect(await logs.wait(within: .seconds(20), for: "Redis sentinel announced a new primary"))
             }
         }
         try await Self.withClient(url: replica.url) { newPrimary async throws in
@@ -798,9 +791,9 @@ extension RedisClientTests {
         try await Self.withClient(url: sentinel.url) { sentinelAdmin in
             try await Self.withClient(configuration: configuration, logger: logs.logger) { client async throws in
                 #expect(await Self.everyCommandLands(on: primary.port, client))
-                #expect(await Self.eventually { logs.messages.contains("Redis subscription up") })
+                #expect(await logs.wait(for: "Redis subscription up"))
                 proxy.hold()
-                #expect(await Self.eventually { logs.messages.contains("Redis subscription connection down") })
+                #expect(await logs.wait(for: "Redis subscription connection down"))
                 #expect(await Self.sentinelFailover(sentinelAdmin, masterName, to: replica.port))
                 // The failover is over (`+switch-master` announced while the watch was down): the sentinel's
                 // own record of the primary moves only then, after it already names the promoted replica.
@@ -836,17 +829,43 @@ extension RedisClientTests {
     }
 }
 
+/// Announces each change of something tests wait on to the streams made before it, so a wait
+/// wakes on the change itself (``ChangeSignal/wait(within:until:)``), not on a poll.
+final class ChangeSignal: Sendable {
+    private let listeners = Mutex<(next: Int, streams: [Int: AsyncStream<Void>.Continuation])>((0, [:]))
+
+    func changed() {
+        for listener in self.listeners.withLock({ Array($0.streams.values) }) { listener.yield() }
+    }
+
+    /// Waits until `condition` holds: checked now and after each change; false when `timeout`
+    /// passes first.
+    func wait(within timeout: Duration, until condition: @escaping @Sendable () -> Bool) async -> Bool {
+        let (stream, continuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+        let key = self.listeners.withLock { l in
+            defer { l.next += 1 }
+            l.streams[l.next] = continuation
+            return l.next
+        }
+        defer { self.listeners.withLock { _ = $0.streams.removeValue(forKey: key) } }
+        return (try? await Events.wait(within: timeout, on: stream, until: condition)) ?? false
+    }
+}
+
 /// Collects the events of a subscription stream (one consumer task) so tests can wait for them.
 final class RedisPubSubRecorder: Sendable {
     private let state = Mutex<(events: [RedisPubSubEvent], finished: Bool)>(([], false))
     private let consumer = Mutex<Task<Void, Never>?>(nil)
+    private let signal = ChangeSignal()
 
     init(_ stream: AsyncStream<RedisPubSubEvent>) {
         let task = Task { [weak self] in
             for await event in stream {
                 self?.state.withLock { $0.events.append(event) }
+                self?.signal.changed()
             }
             self?.state.withLock { $0.finished = true }
+            self?.signal.changed()
         }
         self.consumer.withLock { $0 = task }
     }
@@ -861,22 +880,30 @@ final class RedisPubSubRecorder: Sendable {
     }
 
     /// Waits until the events received so far satisfy `condition`, for at most `timeout`.
-    func wait(within timeout: Duration = .seconds(10), _ condition: ([RedisPubSubEvent]) -> Bool) async -> Bool {
-        await RedisClientTests.eventually(within: timeout) { condition(self.events) }
+    func wait(
+        within timeout: Duration = .seconds(10), _ condition: @escaping @Sendable ([RedisPubSubEvent]) -> Bool
+    ) async -> Bool {
+        await self.signal.wait(within: timeout) { condition(self.events) }
     }
 
     /// Waits until the stream has ended, for at most `timeout`.
     func waitUntilFinished(within timeout: Duration = .seconds(10)) async -> Bool {
-        await RedisClientTests.eventually(within: timeout) { self.state.withLock { $0.finished } }
+        await self.signal.wait(within: timeout) { self.state.withLock { $0.finished } }
     }
 }
 
 /// Log messages of one client, for asserting on what it logged.
 final class RedisTestLogs: Sendable {
     private let recorded = Mutex<[String]>([])
+    private let signal = ChangeSignal()
 
     var messages: [String] {
         self.recorded.withLock { $0 }
+    }
+
+    /// Waits until a message equal to `message` has been logged, for at most `timeout`.
+    func wait(within timeout: Duration = .seconds(10), for message: String) async -> Bool {
+        await self.signal.wait(within: timeout) { self.messages.contains(message) }
     }
 
     var logger: Logger {
@@ -895,6 +922,7 @@ final class RedisTestLogs: Sendable {
 
         func log(event: LogEvent) {
             self.logs.recorded.withLock { $0.append("\(event.message)") }
+            self.logs.signal.changed()
         }
     }
 }
