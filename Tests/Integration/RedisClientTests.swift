@@ -829,29 +829,6 @@ extension RedisClientTests {
     }
 }
 
-/// Announces each change of something tests wait on to the streams made before it, so a wait
-/// wakes on the change itself (``ChangeSignal/wait(within:until:)``), not on a poll.
-final class ChangeSignal: Sendable {
-    private let listeners = Mutex<(next: Int, streams: [Int: AsyncStream<Void>.Continuation])>((0, [:]))
-
-    func changed() {
-        for listener in self.listeners.withLock({ Array($0.streams.values) }) { listener.yield() }
-    }
-
-    /// Waits until `condition` holds: checked now and after each change; false when `timeout`
-    /// passes first.
-    func wait(within timeout: Duration, until condition: @escaping @Sendable () -> Bool) async -> Bool {
-        let (stream, continuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
-        let key = self.listeners.withLock { l in
-            defer { l.next += 1 }
-            l.streams[l.next] = continuation
-            return l.next
-        }
-        defer { self.listeners.withLock { _ = $0.streams.removeValue(forKey: key) } }
-        return (try? await Events.wait(within: timeout, on: stream, until: condition)) ?? false
-    }
-}
-
 /// Collects the events of a subscription stream (one consumer task) so tests can wait for them.
 final class RedisPubSubRecorder: Sendable {
     private let state = Mutex<(events: [RedisPubSubEvent], finished: Bool)>(([], false))

@@ -225,7 +225,7 @@ struct RedisOutageIntegrationTests {
                     (try? await h.call(0, .GET, "/health/ready"))?.status == 200
                 })
             // Once the store answers, `ready` is logged (once) with the address it listens on.
-            #expect(await Self.eventually { replica.lines.contains { $0.contains("msg=ready") } })
+            #expect(await replica.waitForLine(within: .seconds(20)) { $0.contains("msg=ready") })
             #expect(
                 replica.lines.filter { $0.contains("msg=ready") && $0.contains("listen.port=\(replica.port)") }.count
                     == 1)

@@ -51,8 +51,7 @@ struct ReplicaIntegrationTests {
             replicas: 2, redisURL: "redis://nochannels:nochannels-pw-5@127.0.0.1:\(server.port)/0"
         ) { h in
             for replica in h.replicas {
-                #expect(
-                    try await Events.wait { replica.lines.contains { $0.contains("store announcements not heard") } })
+                #expect(await replica.waitForLine { $0.contains("store announcements not heard") })
             }
             let installation = h.emulator.makeInstallation()
             try await h.emulator.install(installation)

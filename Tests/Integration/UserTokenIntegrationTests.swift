@@ -158,8 +158,8 @@ struct UserTokenIntegrationTests {
             let account = Self.account()
             let seen = NoticeLog()
             try await withThrowingTaskGroup(of: Void.self) { group throws -> Void in
-                group.addTask { await store.watch { notice in seen.notices.withLock { $0.append(notice) } } }
-                #expect(try await Security.eventually { seen.notices.withLock { $0.contains(.resync) } })
+                group.addTask { await store.watch { notice in seen.append(notice) } }
+                #expect(await seen.wait { $0.contains(.resync) })
                 let now = FlowTime.now()
                 #expect(
                     try await store.store(
@@ -172,8 +172,7 @@ struct UserTokenIntegrationTests {
                 #expect(try await !store.releaseLease(id, accountId: account, owner: "someone else"))
                 #expect(try await store.releaseLease(id, accountId: account, owner: "o1"))
                 let expected = UserTokenNotice.user(id, accountId: account)
-                #expect(
-                    try await Security.eventually { seen.notices.withLock { $0.filter { $0 == expected }.count >= 3 } })
+                #expect(await seen.wait { $0.filter { $0 == expected }.count >= 3 })
                 #expect(seen.notices.withLock { $0.filter { $0 == expected }.count } == 3)
                 group.cancelAll()
             }
@@ -601,4 +600,17 @@ extension GatewayHarness {
 /// The notices a test saw.
 final class NoticeLog: Sendable {
     let notices = Mutex<[UserTokenNotice]>([])
+    private let signal = ChangeSignal()
+
+    func append(_ notice: UserTokenNotice) {
+        self.notices.withLock { $0.append(notice) }
+        self.signal.changed()
+    }
+
+    /// Waits until the notices seen so far satisfy `condition`, for at most `timeout`.
+    func wait(
+        within timeout: Duration = .seconds(10), until condition: @escaping @Sendable ([UserTokenNotice]) -> Bool
+    ) async -> Bool {
+        await self.signal.wait(within: timeout) { condition(self.notices.withLock { $0 }) }
+    }
 }

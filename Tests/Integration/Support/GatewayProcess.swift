@@ -24,6 +24,14 @@ final class GatewayProcess: Sendable {
 
     final class LineBox: Sendable {
         let lines = Mutex<[String]>([])
+        let signal = ChangeSignal()
+    }
+
+    /// Waits until a line the process wrote satisfies `condition`, for at most `timeout`.
+    func waitForLine(
+        within timeout: Duration = .seconds(30), where condition: @escaping @Sendable (String) -> Bool
+    ) async -> Bool {
+        await self.output.signal.wait(within: timeout) { self.lines.contains(where: condition) }
     }
 
     /// The process's exit as an event (its termination handler fires it), for any number of waiters.
@@ -119,6 +127,7 @@ final class GatewayProcess: Sendable {
                     let line = String(decoding: buffer[buffer.startIndex..<nl], as: UTF8.self)
                     buffer.removeSubrange(buffer.startIndex...nl)
                     collected.lines.withLock { $0.append(line) }
+                    collected.signal.changed()
                     continuation.yield(line)
                 }
             }
