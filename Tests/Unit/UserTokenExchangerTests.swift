@@ -54,6 +54,17 @@ struct UserTokenExchangerTests {
             }
         }
 
+        /// Runs the exchanger while `body` runs, with the calls through `gates` held from the
+        /// start; they are let go when `body` ends, however it ends (the exchanger's run ends only
+        /// once the calls held are let go).
+        func running<T: Sendable>(holding gates: [TestGate], _ body: @Sendable () async throws -> T) async throws -> T {
+            for gate in gates { gate.hold() }
+            return try await self.running {
+                defer { for gate in gates { gate.release() } }
+                return try await body()
+            }
+        }
+
         /// Another process stores the user's token `value`, valid for `seconds` (cached 10 s less);
         /// with `notice` false, the store's notice of it is lost.
         func storeElsewhere(_ value: String, validFor seconds: Int64, notice: Bool = true) async throws {
@@ -662,14 +673,7 @@ extension UserTokenExchangerTests {
         let h = Harness([Self.issued])
         let account = Self.account.value
         h.store.holdLeaseTakes()
-        h.store.extensions.hold()
-        h.client.hold()
-        try await h.running { () async throws -> Void in
-            // (The exchanger's run ends once the calls held here are let go.)
-            defer {
-                h.store.extensions.release()
-                h.client.release()
-            }
+        try await h.running(holding: [h.store.extensions, h.client.gate]) { () async throws -> Void in
             let (first, second) = try await Self.twoCallersLoseTheirLease(h, takenBy: "other")
             #expect(h.exchanger.roundState(Self.installation, accountId: account) == .following)
             // The other process stores its token: both callers get it.
@@ -689,9 +693,7 @@ extension UserTokenExchangerTests {
     )
     func releaseDoesNotKeepCallersPastTheirDeadline() async throws {
         let h = Harness([Self.issued])
-        h.store.releases.hold()
-        try await h.running { () async throws -> Void in
-            defer { h.store.releases.release() }
+        try await h.running(holding: [h.store.releases]) { () async throws -> Void in
             let caller = Task { await h.token(timeout: .seconds(1)) }
             // The exchange brought the token; the round's lease is slow to go back.
             while h.store.releases.heldCount < 1 { await Task.yield() }
@@ -759,14 +761,8 @@ extension UserTokenExchangerTests {
     func leaseRetakenRereadsFirst() async throws {
         let h = Harness([Self.issued, .token(value: "user-token-2", ttl: 3600)])
         h.store.holdLeaseTakes()
-        h.store.extensions.hold()
-        h.client.hold()
-        try await h.running { () async throws -> Void in
-            defer {
-                h.store.releaseLeaseTakes()
-                h.store.extensions.release()
-                h.client.release()
-            }
+        try await h.running(holding: [h.store.extensions, h.client.gate]) { () async throws -> Void in
+            defer { h.store.releaseLeaseTakes() }
             let (first, second) = try await Self.twoCallersLoseTheirLease(h, takenBy: nil)
             // The re-read finds nothing and the lease is taken again; meanwhile another process
             // stores the user's token, its notice lost.
@@ -811,13 +807,7 @@ extension UserTokenExchangerTests {
             if case .failure(.flow(.overloaded)) = answer { return true }
             return false
         }
-        h.store.snapshots.hold()
-        h.client.hold()
-        try await h.running { () async throws -> Void in
-            defer {
-                h.store.snapshots.release()
-                h.client.release()
-            }
+        try await h.running(holding: [h.store.snapshots, h.client.gate]) { () async throws -> Void in
             // Two callers of one installation read the store (their reads held): a third is over
             // the installation's cap before it reads.
             let a = [Task { await h.token() }, Task { await h.token() }]

@@ -390,7 +390,8 @@ final class ScriptedExchangeCall: UserTokenExchangeCall {
     }
 
     private let state = Mutex(State())
-    private let gate = TestGate()
+    /// Held, the exchange calls wait until it is released.
+    let gate = TestGate()
 
     /// Answers in order; the last one repeats.
     init(_ answers: [OfflineUserAuthTokenClient.Outcome]) {
