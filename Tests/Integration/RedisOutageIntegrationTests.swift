@@ -238,6 +238,40 @@ struct RedisOutageIntegrationTests {
         await redis.stop()
     }
 
+    // MARK: Redis lost during a round trip this replica leads
+
+    @Test(
+        "Redis lost while this replica leads a round trip: Forge's delivery cannot be stored, and the caller gets the still-valid token held in memory (source cache), not a 502 or 504",
+        .timeLimit(.minutes(2)))
+    func lostWhileLeading() async throws {
+        let redis = try await RedisServerProcess.start()
+        try await ReplicaHarness.run(replicas: 1, redisURL: redis.url) { h in
+            let installation = h.emulator.makeInstallation()
+            try await h.emulator.install(installation)
+            // A token with 200 s left, pushed to the replica, which holds it in memory: a caller
+            // that wants 300 s (the default) starts a round trip.
+            let pushed = try await h.emulator.push(installation, expiresAt: Date().addingTimeInterval(200))
+            #expect(pushed.status == 200)
+            // Forge's function starts slowly; Redis is killed while it runs.
+            h.emulator.setFault(.respondSlowly(.milliseconds(1500)), for: installation)
+            let calls = h.emulator.callEvents()
+            async let answer = h.token(0, installation, query: "timeout=8000")
+            #expect(try await Events.wait(on: calls) { h.emulator.triggerCalls(for: installation) == 1 })
+            await redis.kill()
+            let served = try await answer
+            TokenAnswerMatrixTests.expectWholeAnswer(
+                served, installation, token: pushed.token, source: "cache", "served while Redis is down")
+            // The delivery was refused (it could not be stored), so the trigger call failed; the
+            // caller was answered without a second one.
+            #expect(
+                try await Events.wait(on: calls) {
+                    h.emulator.triggerRecords(for: installation).first?.answeredStatus != nil
+                })
+            #expect(h.emulator.triggerRecords(for: installation).map(\.answeredStatus) == [502])
+        }
+        await redis.stop()
+    }
+
     // MARK: A store that refuses writes
 
     @Test(

@@ -20,6 +20,7 @@ private final class RecordingTrigger: TriggerSender {
     private let continuation: AsyncStream<Call>.Continuation
     private let answer = Mutex<TriggerAttemptResult>(.accepted)
     private let count = Mutex(0)
+    private let hook = Mutex<(@Sendable (Call) -> Void)?>(nil)
 
     init() {
         (self.calls, self.continuation) = AsyncStream.makeStream(of: Call.self)
@@ -28,6 +29,9 @@ private final class RecordingTrigger: TriggerSender {
     var callCount: Int { self.count.withLock { $0 } }
 
     func answer(with result: TriggerAttemptResult) { self.answer.withLock { $0 = result } }
+
+    /// Runs `body` with each call before it is answered (what happens on Forge's side meanwhile).
+    func whenCalled(_ body: (@Sendable (Call) -> Void)?) { self.hook.withLock { $0 = body } }
 
     func triggerMaterialQuery(for installation: InstallationID) -> TriggerMaterialQuery? {
         TriggerMaterialQuery(heldKeyID: "key-held")
@@ -47,8 +51,9 @@ private final class RecordingTrigger: TriggerSender {
         timeout: Duration, material: TriggerMaterialRead?
     ) async -> TriggerAttemptResult {
         self.count.withLock { $0 += 1 }
-        self.continuation.yield(
-            Call(installation: installation, requestID: requestID, attempt: attempt, material: material))
+        let call = Call(installation: installation, requestID: requestID, attempt: attempt, material: material)
+        self.hook.withLock { $0 }?(call)
+        self.continuation.yield(call)
         return self.answer.withLock { $0 }
     }
 }
@@ -1588,6 +1593,86 @@ extension TokenFlowExecutorTests {
 }
 
 extension TokenFlowExecutorTests {
+    @Test(
+        "the store becoming unreachable while this process leads the round: its trigger call fails (the delivery cannot be stored), the re-read before the retry fails, a still-valid token in memory answers the caller that does not force a refresh; the forced one's round goes on and gets the token once the store is back"
+    )
+    func storeDownWhileLeadingServesMemory() async throws {
+        try await withFlow { h in
+            h.deliver("tok-short", expiresIn: 100, requestID: nil)
+            let expiresAt = h.clock.now().unixSeconds + 100
+            // Forge's call of the gateway fails as Redis stops answering: the trigger answers 502.
+            h.trigger.answer(with: .failed(.httpError))
+            h.trigger.whenCalled { _ in h.store.isUnavailable = true }
+            // Both callers join the round before its lease is taken.
+            h.store.hold(.takeLease)
+            let caller = Task { await h.request(.init(minValidity: 300)) }
+            let forced = Task { await h.request(.init(forceRefresh: true)) }
+            while h.flow.waiterCount(h.id) < 2, !Task.isCancelled { await Task.yield() }
+            h.store.release(.takeLease)
+            let answer = try await caller.value.get()
+            #expect(answer.token.value == "tok-short")
+            #expect(answer.token.expiresAt == expiresAt)
+            #expect(answer.source == .cache)
+            #expect(h.flow.roundState(h.id) == .backingOff)
+            #expect(h.flow.waiterCount(h.id) == 1)
+            let first = try #require(await h.nextCall())
+            // The store is back: the retry's trigger call delivers.
+            h.trigger.whenCalled(nil)
+            h.trigger.answer(with: .accepted)
+            h.store.isUnavailable = false
+            h.clock.advance(by: .seconds(2))
+            let second = try #require(await h.nextCall())
+            #expect(second.requestID == first.requestID)
+            #expect(second.attempt == 2)
+            h.deliver("tok-new", expiresIn: 3600, requestID: second.requestID)
+            let refreshed = try await forced.value.get()
+            #expect(refreshed.token.value == "tok-new")
+            #expect(refreshed.source == .trigger)
+            #expect(h.trigger.callCount == 2)
+        }
+    }
+
+    @Test(
+        "the store becoming unreachable while this process leads the round for callers that do not force a refresh: all are answered from memory and no retry is made for nobody"
+    )
+    func storeDownWhileLeadingEndsTheRound() async throws {
+        try await withFlow { h in
+            h.deliver("tok-short", expiresIn: 100, requestID: nil)
+            h.trigger.answer(with: .failed(.httpError))
+            h.trigger.whenCalled { _ in h.store.isUnavailable = true }
+            let answer = try await h.request(.init(minValidity: 300)).get()
+            #expect(answer.token.value == "tok-short")
+            #expect(answer.source == .cache)
+            #expect(h.flow.roundState(h.id) == .idle)
+            // No retry later either: the backoff timer went with the round.
+            h.store.isUnavailable = false
+            h.clock.advance(by: .seconds(30))
+            #expect(h.flow.roundState(h.id) == .idle)
+            #expect(h.trigger.callCount == 1)
+        }
+    }
+
+    @Test(
+        "a failed attempt whose token was stored all the same (its announcement lost) ends the round at once: the re-read before the retry finds it"
+    )
+    func failedAttemptRereadFindsTheToken() async throws {
+        try await withFlow { h in
+            let expiresAt = h.clock.now().unixSeconds + 3600
+            // The trigger's answer is lost (a timeout), yet the delivery landed and was stored.
+            h.trigger.answer(with: .failed(.timeout))
+            h.trigger.whenCalled { call in
+                h.store.dropsNotifications = true
+                h.store.deliver(h.id, token: "tok-late", expiresAt: expiresAt, requestID: call.requestID)
+            }
+            let answer = try await h.request().get()
+            #expect(answer.token.value == "tok-late")
+            #expect(answer.token.expiresAt == expiresAt)
+            #expect(answer.source == .trigger)
+            #expect(h.flow.roundState(h.id) == .idle)
+            #expect(h.trigger.callCount == 1)
+        }
+    }
+
     @Test(
         "an extension's 'not ours' concerns the take of the lease it was sent for: an answer about an earlier take, or another round, drops nothing"
     )

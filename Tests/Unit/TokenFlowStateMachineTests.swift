@@ -514,6 +514,78 @@ struct TokenFlowStateMachineTests {
         #expect(!n.isActive)
     }
 
+    @Test(
+        "a failed attempt re-reads the store as its retry waits (unless the owner turns that off): a token stored all the same, or a store gone, is found then"
+    )
+    func failedAttemptRereads() throws {
+        let now = ManualClock().now
+        for rereads in [true, false] {
+            var c = config()
+            c.rereadsAfterFailedAttempt = rereads
+            var m = TokenFlowStateMachine(configuration: c)
+            _ = requested(&m, 1, knownExpiry: 0, deadline: now + .seconds(10), requestID: "r1", now: now)
+            _ = m.leaseAcquired(requestID: "r1", now: now)
+            let failed = m.attemptFailed(requestID: "r1", attempt: 1, failure: .httpError, now: now, jitter: 0)
+            let backoff = try #require(timers(failed).first)
+            let reread: [FlowAction] = rereads ? [.readStore(requestID: "r1")] : []
+            #expect(
+                failed
+                    == [.recordAttempt(outcome: "http_error")] + reread + [
+                        .scheduleTimer(backoff.0, deadline: backoff.1)
+                    ])
+            #expect(m.stateName(at: now) == .backingOff)
+        }
+    }
+
+    @Test(
+        "the store failing while this process leads the round: a still-valid token in memory answers the callers that do not force a refresh; the round's work goes on for the others, or for nobody once in flight, and no retry is made for nobody"
+    )
+    func storeDownWhileLeadingServesMemory() throws {
+        let now = ManualClock().now
+        let deadline = now + .seconds(10)
+        let memory = token(now.unixSeconds + 100)
+        // Backing off with a forced caller: the other is answered, the retry stays due.
+        var m = TokenFlowStateMachine(configuration: config())
+        let t1 = requested(&m, 1, knownExpiry: memory.expiresAt, deadline: deadline, requestID: "r1", now: now)
+        _ = requested(&m, 2, knownExpiry: memory.expiresAt, forced: true, deadline: deadline, requestID: "r2", now: now)
+        _ = m.leaseAcquired(requestID: "r1", now: now)
+        _ = m.attemptFailed(requestID: "r1", attempt: 1, failure: .httpError, now: now, jitter: 0)
+        #expect(
+            m.storeFailed(requestID: "r1", fallback: memory, now: now) == [
+                .cancelTimer(t1), .succeed([WaiterID(1)], memory, .cache),
+            ])
+        #expect(m.stateName(at: now) == .backingOff)
+        #expect(m.waiterCount == 1)
+        // Without a token in memory, or with one that ran out: nobody is answered, nothing changes.
+        #expect(m.storeFailed(requestID: "r1", now: now) == [])
+        #expect(m.storeFailed(requestID: "r1", fallback: token(now.unixSeconds), now: now) == [])
+        #expect(m.waiterCount == 1)
+        // Backing off for callers that do not force: answered, and the round ends (no retry, the
+        // lease goes back, no verdict for the circuit).
+        var n = TokenFlowStateMachine(configuration: config())
+        let u = requested(&n, 1, knownExpiry: memory.expiresAt, deadline: deadline, requestID: "r1", now: now)
+        _ = n.leaseAcquired(requestID: "r1", now: now)
+        let failed = n.attemptFailed(requestID: "r1", attempt: 1, failure: .httpError, now: now, jitter: 0)
+        let backoff = try #require(timers(failed).first)
+        #expect(
+            n.storeFailed(requestID: "r1", fallback: memory, now: now) == [
+                .cancelTimer(u), .succeed([WaiterID(1)], memory, .cache), .cancelTimer(backoff.0),
+                .releaseLease(requestID: "r1"),
+            ])
+        #expect(!n.isActive)
+        // Awaiting a delivery: answered, and the work in flight is seen through for nobody.
+        var o = TokenFlowStateMachine(configuration: config())
+        let v = requested(&o, 1, knownExpiry: memory.expiresAt, deadline: deadline, requestID: "r1", now: now)
+        _ = o.leaseAcquired(requestID: "r1", now: now)
+        _ = o.attemptSucceeded(requestID: "r1", attempt: 1, now: now)
+        #expect(
+            o.storeFailed(requestID: "r1", fallback: memory, now: now) == [
+                .cancelTimer(v), .succeed([WaiterID(1)], memory, .cache),
+            ])
+        #expect(o.stateName(at: now) == .awaitingDelivery)
+        #expect(o.waiterCount == 0)
+    }
+
     @Test("uninstall fails every waiting caller with installation_uninstalled")
     func uninstall() {
         let clock = ManualClock()

@@ -63,7 +63,7 @@ extension TokenFlow {
         } catch {
             self.logger.warning(
                 "store unavailable while taking the lease", metadata: ["installation.id": "\(id)", "error": "\(error)"])
-            self.storeFailed(id, requestID: requestID, whileFollowingOnly: false)
+            self.storeFailed(id, requestID: requestID, unlessTakingLease: false)
             // The take may have happened with its answer lost (a timeout): a lease no round of this
             // process goes on with is given back (the release script compares the owner).
             let goesOn = self.state.withLock { $0.machines[id]?.currentRequestID == requestID }
@@ -144,21 +144,21 @@ extension TokenFlow {
                 return actions
             }
         } catch {
-            // Only a follower's re-read: one that fails once the round moved on (its lease take in
-            // flight, started meanwhile) leaves the round to that take.
-            self.storeFailed(id, requestID: requestID, whileFollowingOnly: true)
+            // A re-read that fails once the round moved on to a lease take (in flight, started
+            // meanwhile) leaves the round to that take.
+            self.storeFailed(id, requestID: requestID, unlessTakingLease: true)
         }
     }
 
     /// The store could not be reached for the round `requestID`: the machine hears of it with the
     /// still-valid token this process holds in memory (verified or not, read in the same step),
     /// which its callers get (contract: `store_unavailable` only without one).
-    private func storeFailed(_ id: InstallationID, requestID: String, whileFollowingOnly: Bool) {
+    private func storeFailed(_ id: InstallationID, requestID: String, unlessTakingLease: Bool) {
         let now = self.now()
         self.handle(
             id,
             remembering: { m, token in
-                guard !whileFollowingOnly || m.stateName(at: now) == .following else { return [] }
+                guard !unlessTakingLease || m.stateName(at: now) != .acquiringLease else { return [] }
                 let fallback = token.flatMap { $0.expiresAt > now.unixSeconds ? $0 : nil }
                 return m.storeFailed(requestID: requestID, fallback: fallback, now: now)
             })

@@ -610,30 +610,30 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         return current == attempt
     }
 
-    /// The store could not be reached while taking the lease (the round fails with
-    /// `store_unavailable`) or while following (the next re-read retries). A still-valid value this
-    /// process holds (`fallback`: its memory) first answers the callers that do not force a
-    /// refresh, whatever validity they asked for, as a caller that finds the store unreachable is
-    /// answered (source `cache`); a requested round whose callers are all answered so ends (a
-    /// refresh-ahead round goes on following).
+    /// The store could not be reached for the round `requestID`: while taking the lease (the
+    /// round fails with `store_unavailable`), while following (the next re-read retries), or while
+    /// this process leads it (its work goes on: a delivery cannot be stored meanwhile, but the
+    /// store may come back). A still-valid value this process holds (`fallback`: its memory) first
+    /// answers the callers that do not force a refresh, whatever validity they asked for, as a
+    /// caller that finds the store unreachable is answered (source `cache`). A requested round
+    /// whose callers are all answered so ends, as when its last caller leaves (a refresh-ahead
+    /// round goes on).
     public mutating func storeFailed(requestID: String, fallback: Value? = nil, now: FlowTime) -> [Action] {
         guard case .round(var round) = self.state, round.requestID == requestID else { return [] }
         var answered: [Action] = []
-        switch round.phase {
-        case .acquiringLease, .following:
-            if let fallback, fallback.expiresAt > now.unixSeconds {
-                let ids = round.waiters.filter { !$0.value.forced }.keys.sorted { $0.raw < $1.raw }
-                if !ids.isEmpty {
-                    answered = ids.map { .cancelTimer(round.waiters[$0]!.timer) } + [.succeed(ids, fallback, .cache)]
-                    for id in ids { round.waiters[id] = nil }
-                }
+        if let fallback, fallback.expiresAt > now.unixSeconds {
+            let ids = round.waiters.filter { !$0.value.forced }.keys.sorted { $0.raw < $1.raw }
+            if !ids.isEmpty {
+                answered = ids.map { .cancelTimer(round.waiters[$0]!.timer) } + [.succeed(ids, fallback, .cache)]
+                for id in ids { round.waiters[id] = nil }
             }
-        default:
-            return []
         }
+        let everyoneAnswered = !answered.isEmpty && round.waiters.isEmpty && round.kind == .requested
         switch round.phase {
-        case .following where !answered.isEmpty && round.waiters.isEmpty && round.kind == .requested:
-            // Every caller answered from memory: nobody waits for the round followed.
+        case .acquiringLease:
+            return answered + self.endRound(round, failing: .storeUnavailable, outcome: .abandoned, now: now)
+        case .following where everyoneAnswered:
+            // Nobody waits for the round followed.
             return answered + self.finishRound(round, outcome: .abandoned, now: now)
         case .following(let previous, let delay):
             // The next re-read (the previous timer cancelled: the failed read may not be its own).
@@ -643,8 +643,13 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
             return answered + [
                 .cancelTimer(previous), .scheduleTimer(timer, deadline: min(now + delay, round.deadline)),
             ]
-        default:
-            return answered + self.endRound(round, failing: .storeUnavailable, outcome: .abandoned, now: now)
+        case .attempting, .awaitingDelivery, .backingOff:
+            guard everyoneAnswered else {
+                self.state = .round(round)
+                return answered
+            }
+            // Work in flight is seen through; a retry is not made for nobody.
+            return answered + self.lastCallerLeft(round, outcome: .abandoned, now: now)
         }
     }
 
@@ -1043,6 +1048,9 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
                 let timer = self.makeTimer()
                 round.phase = .backingOff(attempt: attempt, timer: timer, after: failure)
                 self.state = .round(round)
+                if self.configuration.rereadsAfterFailedAttempt {
+                    actions.append(.readStore(requestID: round.requestID))
+                }
                 return actions + [.scheduleTimer(timer, deadline: now + delay)]
             }
         }

@@ -68,6 +68,12 @@ public struct TokenFlowConfiguration: Sendable, Hashable {
     /// caller that left (user-token exchanges) turns it off: its attempts are bounded by the
     /// callers' deadline and the round ends with its last caller.
     public var workOutlivesCallers: Bool = true
+    /// Whether a failed attempt re-reads the store as its retry waits: the work's value may have
+    /// been stored although the attempt's own answer failed (a trigger's token arrives by a
+    /// delivery of its own), and a store that cannot be reached is found then (its callers get a
+    /// still-valid value held in memory, ``LeasedRoundStateMachine/storeFailed(requestID:fallback:now:)``).
+    /// Default true; an owner whose attempt returns the value itself (user-token exchanges) turns it off.
+    public var rereadsAfterFailedAttempt: Bool = true
     /// First open window of a circuit; doubles on every reopening up to `breakerOpenCap`. Default 5 s.
     public var breakerOpenBase: Duration = .seconds(5)
     /// Longest open window. Default 5 min.

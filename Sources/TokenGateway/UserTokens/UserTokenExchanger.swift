@@ -85,6 +85,7 @@ public final class UserTokenExchanger: Sendable, Service {
             rounds.refreshAheadFraction = 0
             rounds.circuitBreaking = false
             rounds.workOutlivesCallers = false
+            rounds.rereadsAfterFailedAttempt = false
             return rounds
         }
 
