@@ -21,6 +21,8 @@ private final class RecordingTrigger: TriggerSender {
     private let answer = Mutex<TriggerAttemptResult>(.accepted)
     private let count = Mutex(0)
     private let hook = Mutex<(@Sendable (Call) -> Void)?>(nil)
+    /// Calls wait here, once recorded, before they are answered (while held).
+    let gate = TestGate()
 
     init() {
         (self.calls, self.continuation) = AsyncStream.makeStream(of: Call.self)
@@ -54,6 +56,7 @@ private final class RecordingTrigger: TriggerSender {
         let call = Call(installation: installation, requestID: requestID, attempt: attempt, material: material)
         self.hook.withLock { $0 }?(call)
         self.continuation.yield(call)
+        await self.gate.pass()
         return self.answer.withLock { $0 }
     }
 }
@@ -1600,24 +1603,24 @@ extension TokenFlowExecutorTests {
         try await withFlow { h in
             h.deliver("tok-short", expiresIn: 100, requestID: nil)
             let expiresAt = h.clock.now().unixSeconds + 100
-            // Forge's call of the gateway fails as Redis stops answering: the trigger answers 502.
             h.trigger.answer(with: .failed(.httpError))
-            h.trigger.whenCalled { _ in h.store.isUnavailable = true }
-            // Both callers join the round before its lease is taken.
-            h.store.hold(.takeLease)
+            h.trigger.gate.hold()
+            defer { h.trigger.gate.release() }
             let caller = Task { await h.request(.init(minValidity: 300)) }
+            // The trigger call is in flight when a forced refresh joins the round.
+            let first = try #require(await h.nextCall())
             let forced = Task { await h.request(.init(forceRefresh: true)) }
             while h.flow.waiterCount(h.id) < 2, !Task.isCancelled { await Task.yield() }
-            h.store.release(.takeLease)
+            // Forge's call of the gateway fails as Redis stops answering: the trigger answers 502.
+            h.store.isUnavailable = true
+            h.trigger.gate.release()
             let answer = try await caller.value.get()
             #expect(answer.token.value == "tok-short")
             #expect(answer.token.expiresAt == expiresAt)
             #expect(answer.source == .cache)
             #expect(h.flow.roundState(h.id) == .backingOff)
             #expect(h.flow.waiterCount(h.id) == 1)
-            let first = try #require(await h.nextCall())
             // The store is back: the retry's trigger call delivers.
-            h.trigger.whenCalled(nil)
             h.trigger.answer(with: .accepted)
             h.store.isUnavailable = false
             h.clock.advance(by: .seconds(2))
@@ -1643,11 +1646,10 @@ extension TokenFlowExecutorTests {
             let answer = try await h.request(.init(minValidity: 300)).get()
             #expect(answer.token.value == "tok-short")
             #expect(answer.source == .cache)
+            // The round ended (its retry with it), giving its lease back and no verdict.
             #expect(h.flow.roundState(h.id) == .idle)
-            // No retry later either: the backoff timer went with the round.
-            h.store.isUnavailable = false
-            h.clock.advance(by: .seconds(30))
-            #expect(h.flow.roundState(h.id) == .idle)
+            while h.store.calls("releaseLease") < 1, !Task.isCancelled { await Task.yield() }
+            #expect(h.store.calls("recordRoundOutcome") + h.store.calls("recordRoundOutcomeReleasingLease") == 0)
             #expect(h.trigger.callCount == 1)
         }
     }

@@ -586,6 +586,40 @@ struct TokenFlowStateMachineTests {
         #expect(o.waiterCount == 0)
     }
 
+    @Test(
+        "the store failing while leading, for callers all answered from memory: an attempt in flight is seen through for nobody; a refresh-ahead round goes on retrying"
+    )
+    func storeDownWhileLeadingKeepsWork() throws {
+        let now = ManualClock().now
+        let deadline = now + .seconds(10)
+        let memory = token(now.unixSeconds + 100)
+        var m = TokenFlowStateMachine(configuration: config())
+        let t = requested(&m, 1, knownExpiry: memory.expiresAt, deadline: deadline, requestID: "r1", now: now)
+        _ = m.leaseAcquired(requestID: "r1", now: now)
+        #expect(
+            m.storeFailed(requestID: "r1", fallback: memory, now: now) == [
+                .cancelTimer(t), .succeed([WaiterID(1)], memory, .cache),
+            ])
+        #expect(m.isAttempting("r1", attempt: 1))
+        // Its failure then ends the round with a verdict and no retry.
+        let failed = m.attemptFailed(requestID: "r1", attempt: 1, failure: .httpError, now: now, jitter: 0)
+        #expect(failed.contains(.releaseLease(requestID: "r1")))
+        #expect(timers(failed).isEmpty)
+        #expect(!m.isActive)
+        // A refresh-ahead round that a caller joined: the caller is answered, the retry stays due.
+        var r = TokenFlowStateMachine(configuration: config())
+        _ = r.refreshAheadWasRequested(knownExpiry: memory.expiresAt, requestID: "bg", now: now)
+        let u = requested(&r, 1, knownExpiry: memory.expiresAt, deadline: deadline, requestID: "r2", now: now)
+        _ = r.leaseAcquired(requestID: "bg", now: now)
+        _ = r.attemptFailed(requestID: "bg", attempt: 1, failure: .timeout, now: now, jitter: 0)
+        #expect(
+            r.storeFailed(requestID: "bg", fallback: memory, now: now) == [
+                .cancelTimer(u), .succeed([WaiterID(1)], memory, .cache),
+            ])
+        #expect(r.stateName(at: now) == .backingOff)
+        #expect(r.isRefreshingAhead)
+    }
+
     @Test("uninstall fails every waiting caller with installation_uninstalled")
     func uninstall() {
         let clock = ManualClock()
