@@ -106,6 +106,45 @@ struct TokenFlowIntegrationTests {
         }
     }
 
+    @Test(
+        "a delivery marks the round's pending request answered for the rest of its lifetime: a re-read tells it from one that expired unanswered, and a second delivery for it answers nothing"
+    )
+    func pendingAnsweredIsTold() async throws {
+        try await GatewayHarness.run { h in
+            let installation = try await h.installed()
+            let id = installation.installationID
+            let store = RedisTokenStore(store: h.gateway.store)
+            let pendingKey = "tg:{\(installation.id)}:pending:rq_answer_1"
+            #expect(
+                try await store.takeLease(
+                    id, requestID: "rq_answer_1", replicaID: "replica-t", ttl: .seconds(20), respectingHold: false)
+                    == .taken)
+            var probe = try await store.roundProbe(id, requestID: "rq_answer_1")
+            #expect(probe.pendingOpen && !probe.pendingAnswered)
+            func deliver(_ value: String, expiresIn: Int64) async throws -> GatewayStore.DeliveryResult {
+                try await h.gateway.store.storeDeliveredToken(
+                    id, token: AccessToken(value: value, expiresAt: FlowTime.now().unixSeconds + expiresIn),
+                    requestID: "rq_answer_1", metadata: .init(appId: nil), now: FlowTime.now())
+            }
+            let first = try await deliver("tok-answer", expiresIn: 3600)
+            #expect(first.outcome == .stored && first.solicited)
+            probe = try await store.roundProbe(id, requestID: "rq_answer_1")
+            #expect(!probe.pendingOpen && probe.pendingAnswered)
+            #expect(probe.token?.value == "tok-answer" && probe.token?.requestID == "rq_answer_1")
+            // The mark keeps the request's lifetime.
+            let left = try await h.gateway.redis.send(["PTTL", pendingKey]).int ?? -3
+            #expect(left > 0 && left <= 20_000)
+            // A second delivery for it (a redelivery) answers nothing.
+            let second = try await deliver("tok-again", expiresIn: 3700)
+            #expect(second.outcome == .stored && !second.solicited)
+            #expect(try await store.roundProbe(id, requestID: "rq_answer_1").token?.requestID == nil)
+            // Expired (deleted here): neither open nor answered.
+            _ = try await h.gateway.redis.send(["DEL", pendingKey])
+            probe = try await store.roundProbe(id, requestID: "rq_answer_1")
+            #expect(!probe.pendingOpen && !probe.pendingAnswered)
+        }
+    }
+
     @Test("a lease extension only lengthens, lease and pending request alike, and only for its owner")
     func leaseExtensionOnlyLengthens() async throws {
         try await GatewayHarness.run { h in

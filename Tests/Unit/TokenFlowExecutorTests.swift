@@ -1676,6 +1676,30 @@ extension TokenFlowExecutorTests {
     }
 
     @Test(
+        "a pending request that expired unanswered (with a lease whose extension failed) is no delivery: the re-reads place no hold, and the round goes on to its token"
+    )
+    func expiredPendingIsNoDelivery() async throws {
+        try await withFlow { h in
+            h.trigger.whenCalled { call in
+                if call.attempt == 1 { h.store.expirePending(h.id, requestID: call.requestID) }
+            }
+            let caller = Task { await h.request() }
+            let first = try #require(await h.nextCall())
+            // The delivery grace runs out with nothing delivered; the retry is made.
+            h.clock.advance(by: .seconds(3))
+            while h.flow.roundState(h.id) != .backingOff, !Task.isCancelled { await Task.yield() }
+            h.clock.advance(by: .seconds(1))
+            let second = try #require(await h.nextCall())
+            #expect(second.requestID == first.requestID && second.attempt == 2)
+            h.deliver("tok-late", expiresIn: 3600, requestID: second.requestID)
+            let answer = try await caller.value.get()
+            #expect(answer.token.value == "tok-late")
+            #expect(h.store.calls("placeHold") == 0)
+            #expect(h.flow.holdUntil(h.id) == nil)
+        }
+    }
+
+    @Test(
         "an extension's 'not ours' concerns the take of the lease it was sent for: an answer about an earlier take, or another round, drops nothing"
     )
     func leaseDropConcernsItsTake() async throws {

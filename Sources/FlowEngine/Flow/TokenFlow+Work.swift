@@ -132,9 +132,11 @@ extension TokenFlow {
                     let solicited = token.requestID == requestID ? requestID : nil
                     actions += m.valueObserved(token, solicitedBy: solicited, now: now)
                 }
-                if !probe.pendingOpen, probe.token?.requestID != requestID, m.currentRequestID == requestID {
-                    // Consumed by a delivery that did not replace the token (ignored unless this
-                    // process leads the round trip: only the leader records a pending request).
+                if probe.pendingAnswered, probe.token?.requestID != requestID, m.currentRequestID == requestID {
+                    // Answered by a delivery that did not replace the token (ignored unless this
+                    // process leads the round trip: only the leader records a pending request). A
+                    // pending request that expired unanswered, with a lease whose extension failed,
+                    // says nothing of a delivery: the round goes on.
                     actions += m.roundTripBroughtNoNewerToken(requestID: requestID, newest: probe.token, now: now)
                 }
                 if let hold, m.isActive { actions += m.holdObserved(hold, now: now) }

@@ -13,6 +13,8 @@ public enum GatewayScripts {
     /// answers `indexed` 1: there is nothing to index). The FIT's
     /// apiBaseUrl and cloudId replace the recorded ones (the latest FIT wins; `base <ari>` is
     /// published when the apiBaseUrl changed, a first one included).
+    /// A delivery that answers a pending request marks it answered (`=`, for the rest of its
+    /// lifetime): a round's re-read tells a request answered from one that expired.
     /// KEYS: installation, token, pending. ARGV: exp, sealed, now, requestId, channel, ari,
     /// appId, apiBaseUrl, cloudId, least exp to store (unix s), how the token came when unsolicited
     /// (`push` when empty). Returns {stored(1)/notNewer(0)/uninstalled(-1), created, solicited,
@@ -44,7 +46,13 @@ public enum GatewayScripts {
         end
         if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'cloudId', ARGV[9]) end
         local solicited = ''
-        if ARGV[4] ~= '' and redis.call('DEL', KEYS[3]) == 1 then solicited = ARGV[4] end
+        if ARGV[4] ~= '' then
+          local p = redis.call('GET', KEYS[3])
+          if p and p ~= '=' then
+            redis.call('SET', KEYS[3], '=', 'KEEPTTL')
+            solicited = ARGV[4]
+          end
+        end
         local cur = tonumber(redis.call('HGET', KEYS[2], 'exp') or '0')
         local exp = tonumber(ARGV[1])
         local stored = 0

@@ -352,6 +352,9 @@ public final class GatewayStore: Sendable {
         /// The pending request of the round trip is still there (no delivery answered it yet).
         /// Always false for a request id that never had one (a follower's).
         public var pendingOpen: Bool
+        /// A delivery answered the round trip's pending request (it is marked so until it
+        /// expires). False for one that expired unanswered, or never was.
+        public var pendingAnswered = false
         /// How long the installation's round trips stay on hold (nil: no hold).
         public var holdRemaining: Duration?
         /// The installation was uninstalled.
@@ -366,7 +369,7 @@ public final class GatewayStore: Sendable {
         // The pending request first: a pipeline is not one step, and a delivery that lands between
         // two of its commands must not look like one that consumed the request without storing
         // its token (read the other way round, the old token and no pending request).
-        var commands: [[String]] = requestID.map { [["EXISTS", self.pendingKey(id, requestID: $0)]] } ?? []
+        var commands: [[String]] = requestID.map { [["GET", self.pendingKey(id, requestID: $0)]] } ?? []
         let first = commands.count
         commands += [
             ["HMGET", tokenKey, "exp", "v", "rid", "at"],
@@ -382,7 +385,8 @@ public final class GatewayStore: Sendable {
         return RoundProbe(
             token: await self.openTokenOrDrop(key: tokenKey, exp: tok[0], sealed: tok[1], rid: tok[2], at: tok[3]),
             apiBaseUrl: self.openAPIBaseURL(installation[0].string, id),
-            pendingOpen: requestID != nil && replies[0].int == 1,
+            pendingOpen: requestID != nil && replies[0].string.map { $0 != "=" } == true,
+            pendingAnswered: requestID != nil && replies[0].string == "=",
             holdRemaining: Self.remaining(replies[first + 2]), uninstalled: installation[1].string == "uninstalled")
     }
 
@@ -431,7 +435,7 @@ public final class GatewayStore: Sendable {
     }
 
     /// Stores a delivered token atomically: only if its expiry is strictly later than the stored
-    /// one's; the key expires with the token; a matching pending request is consumed; every
+    /// one's; the key expires with the token; a matching pending request is marked answered; every
     /// process is notified (`token <ari> <requestId|->`, with ` same` when the delivery answered a
     /// pending request without replacing the token). The FIT's `apiBaseUrl` and `cloudId` replace
     /// the recorded ones (the latest FIT wins). A token with less than `minimumValidity` left at

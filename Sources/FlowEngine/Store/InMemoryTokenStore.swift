@@ -85,7 +85,10 @@ public final class InMemoryTokenStore: TokenStore {
         let (stored, solicited) = self.state.withLock { s -> (Bool, Bool) in
             guard s.installations[id]?.active != false else { return (false, false) }
             var solicited = false
-            if let requestID, let p = s.pending.removeValue(forKey: Self.pendingKey(id, requestID)), now < p.until {
+            if let requestID, let p = s.pending[Self.pendingKey(id, requestID)], now < p.until, p.value != Self.answered
+            {
+                // Marked answered for the rest of its lifetime, as the script does.
+                s.pending[Self.pendingKey(id, requestID)]?.value = Self.answered
                 solicited = true
             }
             let current = s.tokens[id]?.expiresAt ?? 0
@@ -120,9 +123,20 @@ public final class InMemoryTokenStore: TokenStore {
     public func pendingOwner(_ id: InstallationID, requestID: String) -> String? {
         let now = self.now()
         return self.state.withLock { s in
-            s.pending[Self.pendingKey(id, requestID)].flatMap { now < $0.until ? $0.value : nil }
+            s.pending[Self.pendingKey(id, requestID)].flatMap {
+                now < $0.until && $0.value != Self.answered ? $0.value : nil
+            }
         }
     }
+
+    /// Round `requestID`'s pending request runs out unanswered now, as its key does when the lease
+    /// it was extended with is not (an extension that failed).
+    public func expirePending(_ id: InstallationID, requestID: String) {
+        _ = self.state.withLock { $0.pending.removeValue(forKey: Self.pendingKey(id, requestID)) }
+    }
+
+    /// The value of a pending request a delivery answered (the script's `=`).
+    private static let answered = "="
 
     /// While true, announcements are lost (as while a subscriber reconnects).
     public var dropsNotifications: Bool {
@@ -446,11 +460,13 @@ public final class InMemoryTokenStore: TokenStore {
         try self.call("roundProbe")
         let now = self.now()
         return self.state.withLock { s in
-            let pendingOpen = requestID.flatMap { s.pending[Self.pendingKey(id, $0)] }.map { now < $0.until } ?? false
+            let pending = requestID.flatMap { s.pending[Self.pendingKey(id, $0)] }.flatMap { now < $0.until ? $0 : nil }
             return TokenStoreProbe(
                 token: s.tokens[id].flatMap { $0.expiresAt > now.unixSeconds ? $0 : nil },
-                apiBaseUrl: s.installations[id]?.apiBaseUrl, pendingOpen: pendingOpen,
-                holdRemaining: Self.remaining(s.holds[id], now: now), uninstalled: s.installations[id]?.active == false)
+                apiBaseUrl: s.installations[id]?.apiBaseUrl,
+                pendingOpen: pending.map { $0.value != Self.answered } ?? false,
+                pendingAnswered: pending?.value == Self.answered, holdRemaining: Self.remaining(s.holds[id], now: now),
+                uninstalled: s.installations[id]?.active == false)
         }
     }
 

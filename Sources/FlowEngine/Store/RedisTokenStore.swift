@@ -129,8 +129,8 @@ public struct RedisTokenStore: TokenStore {
     public func roundProbe(_ id: InstallationID, requestID: String?) async throws -> TokenStoreProbe {
         let p = try await self.store.roundProbe(id, requestID: requestID)
         return TokenStoreProbe(
-            token: p.token, apiBaseUrl: p.apiBaseUrl, pendingOpen: p.pendingOpen, holdRemaining: p.holdRemaining,
-            uninstalled: p.uninstalled)
+            token: p.token, apiBaseUrl: p.apiBaseUrl, pendingOpen: p.pendingOpen, pendingAnswered: p.pendingAnswered,
+            holdRemaining: p.holdRemaining, uninstalled: p.uninstalled)
     }
 
     public func recordRoundOutcome(

@@ -223,17 +223,22 @@ public struct TokenStoreProbe: Sendable, Hashable {
     /// The round's pending request is still open (no delivery answered it yet). Always false for
     /// a request id that never had one (a follower's).
     public var pendingOpen: Bool
+    /// A delivery answered the round's pending request. False for one that expired unanswered (with
+    /// a lease whose extension failed, say): that says nothing of a delivery.
+    public var pendingAnswered: Bool
     /// How long the installation's rounds stay on hold (nil: no hold).
     public var holdRemaining: Duration?
     /// The installation was uninstalled (a follower whose notice of it was lost learns it here).
     public var uninstalled: Bool
 
     public init(
-        token: AccessToken?, apiBaseUrl: String?, pendingOpen: Bool, holdRemaining: Duration?, uninstalled: Bool = false
+        token: AccessToken?, apiBaseUrl: String?, pendingOpen: Bool, pendingAnswered: Bool = false,
+        holdRemaining: Duration?, uninstalled: Bool = false
     ) {
         self.token = token
         self.apiBaseUrl = apiBaseUrl
         self.pendingOpen = pendingOpen
+        self.pendingAnswered = pendingAnswered
         self.holdRemaining = holdRemaining
         self.uninstalled = uninstalled
     }
