@@ -285,7 +285,8 @@ struct ContractRunningTests {
                             + "\r\nContent-Length: 100\r\n\r\ngrant_type"))
                 // …and a caller that waits up to 30 s for a trigger call that is never answered.
                 let inFlight = Task { try? await h.token(0, installation, query: "timeout=30000") }
-                #expect(try await Events.wait { holder.connections == 1 })
+                #expect(await holder.waitForConnections(1))
+                #expect(holder.connections == 1)
                 gateway.signal(SIGTERM)
                 #expect(try await Events.wait { await Self.refused(port: gateway.port) })
                 // Draining: the operations listener still answers, and says the replica is going.
@@ -347,7 +348,8 @@ struct ContractRunningTests {
                 let gateway = h.replicas[0]
                 let inFlight = Task { try await h.token(0, installation, query: "timeout=30000") }
                 // The trigger call is in flight (held, unanswered): the caller is waiting.
-                #expect(try await Events.wait { holder.connections == 1 })
+                #expect(await holder.waitForConnections(1))
+                #expect(holder.connections == 1)
                 gateway.signal(signal)
                 // New connections are refused while the process still runs for its request in flight.
                 #expect(try await Events.wait { await Self.refused(port: gateway.port) })

@@ -38,18 +38,18 @@ struct RedisOutageIntegrationTests {
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask { await load.run() }
                 // Load with Redis up; halfway through, kill it (SIGKILL: no shutdown, connections reset).
-                #expect(await Self.eventually { load.answers(in: .up) >= perPhase / 2 })
+                #expect(await load.waitForAnswers(perPhase / 2, in: .up))
                 await redis.kill()
                 load.setPhase(.down)
 
                 try await Self.expectOutageAnswers(h, warm: warm, cold: cold)
                 // The load's share for the outage is answered against the dead store.
-                #expect(await Self.eventually { load.answers(in: .down) >= perPhase })
+                #expect(await load.waitForAnswers(perPhase, in: .down))
 
                 try await redis.restart()
                 load.setPhase(.restarted)
                 await Self.expectRecovered(h, warm + cold)
-                #expect(await Self.eventually { load.answers(in: .restarted) >= perPhase })
+                #expect(await load.waitForAnswers(perPhase, in: .restarted))
                 load.stop()
                 try await group.waitForAll()
             }
@@ -570,6 +570,8 @@ final class OutageLoad: Sendable {
     let warm: [EmulatedInstallation]
     let cold: [EmulatedInstallation]
     private let state = Mutex(State())
+    /// Told of every answer recorded.
+    private let answered = ChangeSignal()
 
     init(harness: ReplicaHarness, warm: [EmulatedInstallation], cold: [EmulatedInstallation]) {
         self.harness = harness
@@ -582,6 +584,12 @@ final class OutageLoad: Sendable {
     /// Answers to requests sent in `phase`.
     func answers(in phase: Phase) -> Int {
         self.state.withLock { $0.outcomes.count { $0.phase == phase } }
+    }
+
+    /// Waits (woken by each answer recorded) until at least `count` answers to requests sent in
+    /// `phase` came; false after 20 s.
+    func waitForAnswers(_ count: Int, in phase: Phase) async -> Bool {
+        await self.answered.wait(within: .seconds(20)) { self.answers(in: phase) >= count }
     }
 
     func setPhase(_ phase: Phase) {
@@ -646,6 +654,7 @@ final class OutageLoad: Sendable {
             }
             outcome.elapsed = ContinuousClock.now - started
             self.state.withLock { $0.outcomes.append(outcome) }
+            self.answered.changed()
         }
     }
 

@@ -107,41 +107,62 @@ struct TokenFlowIntegrationTests {
     }
 
     @Test(
-        "a delivery marks the round's pending request answered for the rest of its lifetime: a re-read tells it from one that expired unanswered, and a second delivery for it answers nothing"
+        "a delivery marks the round's pending request answered (its time to live kept) until the round ends: a re-read tells it from one that expired unanswered, a redelivery answers nothing, and the lease's release deletes it"
     )
     func pendingAnsweredIsTold() async throws {
         try await GatewayHarness.run { h in
             let installation = try await h.installed()
             let id = installation.installationID
             let store = RedisTokenStore(store: h.gateway.store)
-            let pendingKey = "tg:{\(installation.id)}:pending:rq_answer_1"
-            #expect(
+            func pendingKey(_ rid: String) -> String { "tg:{\(installation.id)}:pending:\(rid)" }
+            func take(_ rid: String) async throws -> Bool {
                 try await store.takeLease(
-                    id, requestID: "rq_answer_1", replicaID: "replica-t", ttl: .seconds(20), respectingHold: false)
-                    == .taken)
-            var probe = try await store.roundProbe(id, requestID: "rq_answer_1")
-            #expect(probe.pendingOpen && !probe.pendingAnswered)
-            func deliver(_ value: String, expiresIn: Int64) async throws -> GatewayStore.DeliveryResult {
+                    id, requestID: rid, replicaID: "replica-t", ttl: .seconds(20), respectingHold: false) == .taken
+            }
+            func deliver(_ value: String, expiresIn: Int64, _ rid: String?) async throws -> GatewayStore.DeliveryResult
+            {
                 try await h.gateway.store.storeDeliveredToken(
                     id, token: AccessToken(value: value, expiresAt: FlowTime.now().unixSeconds + expiresIn),
-                    requestID: "rq_answer_1", metadata: .init(appId: nil), now: FlowTime.now())
+                    requestID: rid, metadata: .init(appId: nil), now: FlowTime.now())
             }
-            let first = try await deliver("tok-answer", expiresIn: 3600)
-            #expect(first.outcome == .stored && first.solicited)
+            // A token is stored; Forge answers the round with an older one (not stored).
+            #expect(try await deliver("tok-stored", expiresIn: 3600, nil).outcome == .stored)
+            #expect(try await take("rq_answer_1"))
+            var probe = try await store.roundProbe(id, requestID: "rq_answer_1")
+            #expect(probe.pendingOpen && !probe.pendingAnswered)
+            let answered = try await deliver("tok-cached", expiresIn: 1800, "rq_answer_1")
+            #expect(answered.outcome == .notNewer && answered.solicited)
             probe = try await store.roundProbe(id, requestID: "rq_answer_1")
             #expect(!probe.pendingOpen && probe.pendingAnswered)
-            #expect(probe.token?.value == "tok-answer" && probe.token?.requestID == "rq_answer_1")
-            // The mark keeps the request's lifetime.
-            let left = try await h.gateway.redis.send(["PTTL", pendingKey]).int ?? -3
+            #expect(probe.token?.value == "tok-stored" && probe.token?.requestID != "rq_answer_1")
+            let left = try await h.gateway.redis.send(["PTTL", pendingKey("rq_answer_1")]).int ?? -3
             #expect(left > 0 && left <= 20_000)
-            // A second delivery for it (a redelivery) answers nothing.
-            let second = try await deliver("tok-again", expiresIn: 3700)
-            #expect(second.outcome == .stored && !second.solicited)
+            // A redelivery answers nothing more (a newer token is stored as a push).
+            let again = try await deliver("tok-newer", expiresIn: 3700, "rq_answer_1")
+            #expect(again.outcome == .stored && !again.solicited)
             #expect(try await store.roundProbe(id, requestID: "rq_answer_1").token?.requestID == nil)
-            // Expired (deleted here): neither open nor answered.
-            _ = try await h.gateway.redis.send(["DEL", pendingKey])
-            probe = try await store.roundProbe(id, requestID: "rq_answer_1")
+            // The round ends: lease and pending request go together.
+            try await store.releaseLease(id, requestID: "rq_answer_1")
+            #expect(try await h.gateway.redis.send(["EXISTS", pendingKey("rq_answer_1")]).int == 0)
+            // Expired unanswered (deleted here): neither open nor answered.
+            #expect(try await take("rq_answer_2"))
+            _ = try await h.gateway.redis.send(["DEL", pendingKey("rq_answer_2")])
+            probe = try await store.roundProbe(id, requestID: "rq_answer_2")
             #expect(!probe.pendingOpen && !probe.pendingAnswered)
+            try await store.releaseLease(id, requestID: "rq_answer_2")
+            // A verdict and a hold that release the lease take the pending request with it.
+            for (rid, end) in [("rq_answer_3", "verdict"), ("rq_answer_4", "hold")] {
+                #expect(try await take(rid))
+                if end == "verdict" {
+                    _ = try await store.recordRoundOutcome(
+                        id, succeeded: true, threshold: 5, openBase: .seconds(5), openCap: .seconds(300),
+                        now: FlowTime.now(), releasingLease: rid)
+                } else {
+                    try await store.placeHold(id, requestID: rid, duration: .seconds(1), releasingLease: true)
+                }
+                #expect(try await h.gateway.redis.send(["EXISTS", pendingKey(rid)]).int == 0, "\(end)")
+                #expect(try await h.gateway.redis.send(["EXISTS", "tg:{\(installation.id)}:lease"]).int == 0, "\(end)")
+            }
         }
     }
 

@@ -1676,12 +1676,12 @@ extension TokenFlowExecutorTests {
     }
 
     @Test(
-        "a pending request that expired unanswered (with a lease whose extension failed) is no delivery: the re-reads place no hold, and the round goes on to its token"
+        "a pending request that expired unanswered (with its lease, whose extension failed) is no delivery: the re-reads place no hold, and the round goes on to its token"
     )
     func expiredPendingIsNoDelivery() async throws {
         try await withFlow { h in
             h.trigger.whenCalled { call in
-                if call.attempt == 1 { h.store.expirePending(h.id, requestID: call.requestID) }
+                if call.attempt == 1 { h.store.expireLease(h.id, requestID: call.requestID) }
             }
             let caller = Task { await h.request() }
             let first = try #require(await h.nextCall())
@@ -1694,8 +1694,31 @@ extension TokenFlowExecutorTests {
             h.deliver("tok-late", expiresIn: 3600, requestID: second.requestID)
             let answer = try await caller.value.get()
             #expect(answer.token.value == "tok-late")
+            // Its pending request gone, the delivery is stored as a push.
+            #expect(answer.source == .push)
             #expect(h.store.calls("placeHold") == 0)
             #expect(h.flow.holdUntil(h.id) == nil)
+        }
+    }
+
+    @Test(
+        "a pending request answered by a delivery that did not replace the token, its announcement lost: the re-read after the 2xx finds it answered, places the hold and answers with the newest token"
+    )
+    func answeredPendingFoundByReread() async throws {
+        try await withFlow { h in
+            h.deliver("tok-held", expiresIn: 1000, requestID: nil)
+            let expiresAt = h.clock.now().unixSeconds + 1000
+            // Forge hands out its cached token again; the announcement of it is lost.
+            h.trigger.whenCalled { call in
+                h.store.dropsNotifications = true
+                h.store.deliver(h.id, token: "tok-held", expiresAt: expiresAt, requestID: call.requestID)
+            }
+            let answer = try await h.request(.init(minValidity: 3000)).get()
+            #expect(answer.token.value == "tok-held")
+            #expect(answer.token.expiresAt == expiresAt)
+            #expect(answer.source == .trigger)
+            #expect(h.flow.holdUntil(h.id) != nil)
+            #expect(h.trigger.callCount == 1)
         }
     }
 

@@ -112,7 +112,7 @@ extension TokenFlow {
 
     /// Reads the token, the round trip's pending request and the hold, and feeds what it found to
     /// the machine: the token (solicited when this round stored it), a delivery that answered this
-    /// round without replacing the token (its pending request consumed), a hold, or nothing.
+    /// round without replacing the token (its pending request marked answered), a hold, or nothing.
     func readStore(_ id: InstallationID, requestID: String) async {
         do {
             let generation = self.memoryGenerationNow()

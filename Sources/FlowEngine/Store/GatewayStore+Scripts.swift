@@ -13,8 +13,9 @@ public enum GatewayScripts {
     /// answers `indexed` 1: there is nothing to index). The FIT's
     /// apiBaseUrl and cloudId replace the recorded ones (the latest FIT wins; `base <ari>` is
     /// published when the apiBaseUrl changed, a first one included).
-    /// A delivery that answers a pending request marks it answered (`=`, for the rest of its
-    /// lifetime): a round's re-read tells a request answered from one that expired.
+    /// A delivery that answers a pending request marks it answered (`=`, until the round ends and
+    /// deletes it with its lease, or it expires): a round's re-read tells a request answered from
+    /// one that expired.
     /// KEYS: installation, token, pending. ARGV: exp, sealed, now, requestId, channel, ari,
     /// appId, apiBaseUrl, cloudId, least exp to store (unix s), how the token came when unsolicited
     /// (`push` when empty). Returns {stored(1)/notNewer(0)/uninstalled(-1), created, solicited,
@@ -49,7 +50,9 @@ public enum GatewayScripts {
         if ARGV[4] ~= '' then
           local p = redis.call('GET', KEYS[3])
           if p and p ~= '=' then
-            redis.call('SET', KEYS[3], '=', 'KEEPTTL')
+            local left = redis.call('PTTL', KEYS[3])
+            if left < 1 then left = 60000 end
+            redis.call('SET', KEYS[3], '=', 'PX', left)
             solicited = ARGV[4]
           end
         end
@@ -167,9 +170,11 @@ public enum GatewayScripts {
         return 1
         """)
 
-    /// Deletes or extends a key only while it still holds our value. KEYS: key. ARGV: value[, ttl ms].
+    /// Deletes a key only while it still holds our value, and a companion key of ours (named for
+    /// that value) in any case. KEYS: key[, companion]. ARGV: value. Returns 1 when the key was ours.
     static let releaseIfOwner = RedisScript(
         """
+        if KEYS[2] then redis.call('DEL', KEYS[2]) end
         if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
         return 0
         """)
@@ -190,23 +195,32 @@ public enum GatewayScripts {
         """)
 
     /// Puts an installation's round trips on hold and, when asked, releases the lease if the
-    /// round trip still holds it; announces the hold.
-    /// KEYS: hold, lease. ARGV: request id, hold ms, release (1/0), channel, ari.
+    /// round trip still holds it (its pending request goes with the round in any case); announces
+    /// the hold.
+    /// KEYS: hold, lease, pending. ARGV: request id, hold ms, release (1/0), channel, ari.
     static let placeHold = RedisScript(
         """
         redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-        if ARGV[3] == '1' and redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+        if ARGV[3] == '1' then
+          if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+          redis.call('DEL', KEYS[3])
+        end
         redis.call('PUBLISH', ARGV[4], 'hold ' .. ARGV[5])
         return 1
         """)
 
     /// Records the outcome of a round trip for the installation's circuit breaker and, when
-    /// ARGV[6] is not empty, releases the round's lease in the same step while ARGV[6] holds it.
-    /// KEYS: breaker, lease (one hash slot). ARGV: succeeded (1/0), threshold, base window ms, cap
-    /// ms, now ms, the lease's owner ("" to leave the lease). Returns {opened (1/0), openUntil ms}.
+    /// ARGV[6] is not empty, releases the round's lease in the same step while ARGV[6] holds it
+    /// (its pending request goes with the round in any case).
+    /// KEYS: breaker, lease, pending (one hash slot). ARGV: succeeded (1/0), threshold, base window
+    /// ms, cap ms, now ms, the lease's owner ("" to leave the lease). Returns {opened (1/0),
+    /// openUntil ms}.
     static let recordRound = RedisScript(
         """
-        if ARGV[6] ~= '' and redis.call('GET', KEYS[2]) == ARGV[6] then redis.call('DEL', KEYS[2]) end
+        if ARGV[6] ~= '' then
+          if redis.call('GET', KEYS[2]) == ARGV[6] then redis.call('DEL', KEYS[2]) end
+          redis.call('DEL', KEYS[3])
+        end
         if ARGV[1] == '1' then
           redis.call('DEL', KEYS[1])
           return {0, 0}

@@ -367,8 +367,8 @@ public final class GatewayStore: Sendable {
     public func roundProbe(_ id: InstallationID, requestID: String?) async throws -> RoundProbe {
         let tokenKey = self.systemTokenKey(id)
         // The pending request first: a pipeline is not one step, and a delivery that lands between
-        // two of its commands must not look like one that consumed the request without storing
-        // its token (read the other way round, the old token and no pending request).
+        // two of its commands must not look like one that answered the request without storing
+        // its token (read the other way round, the old token and the request answered).
         var commands: [[String]] = requestID.map { [["GET", self.pendingKey(id, requestID: $0)]] } ?? []
         let first = commands.count
         commands += [
@@ -490,7 +490,8 @@ public final class GatewayStore: Sendable {
         async throws
     {
         _ = try await self.redis.eval(
-            GatewayScripts.placeHold, keys: [self.holdKey(id), self.leaseKey(id)],
+            GatewayScripts.placeHold,
+            keys: [self.holdKey(id), self.leaseKey(id), self.pendingKey(id, requestID: requestID)],
             arguments: [
                 requestID, String(max(duration.milliseconds, 1)), releasingLease ? "1" : "0", self.channel, id.ari,
             ])
@@ -506,10 +507,13 @@ public final class GatewayStore: Sendable {
         return r.int == 1
     }
 
-    /// Releases the lease only while `owner` holds it (compare, then delete).
+    /// Releases the lease only while `owner` holds it (compare, then delete), and the round trip's
+    /// pending request (named like the lease's owner) with it.
     @discardableResult
     public func releaseLease(_ id: InstallationID, owner: String) async throws -> Bool {
-        let r = try await self.redis.eval(GatewayScripts.releaseIfOwner, keys: [self.leaseKey(id)], arguments: [owner])
+        let r = try await self.redis.eval(
+            GatewayScripts.releaseIfOwner, keys: [self.leaseKey(id), self.pendingKey(id, requestID: owner)],
+            arguments: [owner])
         return r.int == 1
     }
 
@@ -523,7 +527,8 @@ public final class GatewayStore: Sendable {
         releasingLease owner: String? = nil
     ) async throws -> Int64? {
         let r = try await self.redis.eval(
-            GatewayScripts.recordRound, keys: [self.breakerKey(id), self.leaseKey(id)],
+            GatewayScripts.recordRound,
+            keys: [self.breakerKey(id), self.leaseKey(id), self.pendingKey(id, requestID: owner ?? "")],
             arguments: [
                 succeeded ? "1" : "0", String(threshold), String(openBase.milliseconds), String(openCap.milliseconds),
                 String(now.unixMilliseconds), owner ?? "",

@@ -129,10 +129,13 @@ public final class InMemoryTokenStore: TokenStore {
         }
     }
 
-    /// Round `requestID`'s pending request runs out unanswered now, as its key does when the lease
-    /// it was extended with is not (an extension that failed).
-    public func expirePending(_ id: InstallationID, requestID: String) {
-        _ = self.state.withLock { $0.pending.removeValue(forKey: Self.pendingKey(id, requestID)) }
+    /// Round `requestID`'s lease and pending request run out now, unanswered, as their keys do
+    /// together when an extension of theirs failed.
+    public func expireLease(_ id: InstallationID, requestID: String) {
+        self.state.withLock { s in
+            if s.leases[id]?.value == requestID { s.leases[id] = nil }
+            s.pending[Self.pendingKey(id, requestID)] = nil
+        }
     }
 
     /// The value of a pending request a delivery answered (the script's `=`).
@@ -438,6 +441,7 @@ public final class InMemoryTokenStore: TokenStore {
         try self.call("releaseLease")
         self.state.withLock { s in
             if s.leases[id]?.value == requestID { s.leases[id] = nil }
+            s.pending[Self.pendingKey(id, requestID)] = nil
         }
     }
 
@@ -450,7 +454,10 @@ public final class InMemoryTokenStore: TokenStore {
         let now = self.now()
         self.state.withLock { s in
             s.holds[id] = Expiring(value: requestID, until: now + duration)
-            if releasingLease, s.leases[id]?.value == requestID { s.leases[id] = nil }
+            if releasingLease {
+                if s.leases[id]?.value == requestID { s.leases[id] = nil }
+                s.pending[Self.pendingKey(id, requestID)] = nil
+            }
         }
         self.publish(.holdPlaced(id))
     }
@@ -490,6 +497,7 @@ public final class InMemoryTokenStore: TokenStore {
         try self.call("recordRoundOutcomeReleasingLease")
         return self.state.withLock { s in
             if s.leases[id]?.value == requestID { s.leases[id] = nil }
+            s.pending[Self.pendingKey(id, requestID)] = nil
             return Self.record(
                 &s, id, succeeded: succeeded, threshold: threshold, openBase: openBase, openCap: openCap, now: now)
         }

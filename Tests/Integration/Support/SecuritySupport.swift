@@ -116,11 +116,24 @@ final class LoopbackListener: Sendable {
     final class Accepted: Sendable {
         let count = Atomic<Int>(0)
         let held = Mutex<[any Channel]>([])
+        /// Told of every connection accepted.
+        let signal = ChangeSignal()
+
+        func accept() {
+            self.count.add(1, ordering: .relaxed)
+            self.signal.changed()
+        }
     }
 
     var port: Int { self.channel.localAddress?.port ?? 0 }
     /// Connections accepted so far.
     var connections: Int { self.accepted.count.load(ordering: .relaxed) }
+
+    /// Waits (woken by each connection accepted) until at least `count` were; false when `timeout`
+    /// passes first.
+    func waitForConnections(_ count: Int, within timeout: Duration = .seconds(30)) async -> Bool {
+        await self.accepted.signal.wait(within: timeout) { self.connections >= count }
+    }
     /// `http://127.0.0.1:<port>`.
     var baseURL: String { "http://127.0.0.1:\(self.port)" }
 
@@ -135,7 +148,7 @@ final class LoopbackListener: Sendable {
         let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { child in
-                accepted.count.add(1, ordering: .relaxed)
+                accepted.accept()
                 guard holding else { return child.close() }
                 accepted.held.withLock { $0.append(child) }
                 return child.eventLoop.makeSucceededVoidFuture()
@@ -183,7 +196,7 @@ extension LoopbackListener {
         let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { child in
-                accepted.count.add(1, ordering: .relaxed)
+                accepted.accept()
                 if hold { accepted.held.withLock { $0.append(child) } }
                 return child.eventLoop.makeCompletedFuture {
                     try child.pipeline.syncOperations.addHandler(FixedAnswer(answer, hold: hold))
