@@ -575,6 +575,41 @@ extension LeasedRoundStateMachineTests {
     }
 
     @Test(
+        "an attempt in flight when the round lost its lease is counted once when it ends (a 2xx as success), and decides nothing; one already answered 2xx is counted at the loss"
+    )
+    func lostAttemptCounted() {
+        var m = Machine(configuration: config())
+        _ = self.request(&m, 1, at: self.start)
+        _ = m.leaseAcquired(requestID: "r1", now: self.start)
+        let t1 = self.start + .milliseconds(100)
+        #expect(!m.leaseLost(requestID: "r1", now: t1).contains { if case .recordAttempt = $0 { true } else { false } })
+        // The round takes the lease again and makes attempt 2; attempt 1 then fails: counted only.
+        _ = m.storeReadEmpty(requestID: "r1", now: t1)
+        _ = m.leaseAcquired(requestID: "r1", now: t1)
+        #expect(m.isAttempting("r1", attempt: 2))
+        #expect(
+            m.attemptFailed(requestID: "r1", attempt: 1, failure: .timeout, now: t1, jitter: 0) == [
+                .recordAttempt(outcome: "timeout")
+            ])
+        #expect(m.isAttempting("r1", attempt: 2))
+        // Once.
+        #expect(m.attemptFailed(requestID: "r1", attempt: 1, failure: .timeout, now: t1, jitter: 0).isEmpty)
+        // Attempt 2 answers 2xx and the lease is lost again while its delivery is awaited: counted
+        // as a success at once.
+        _ = m.attemptSucceeded(requestID: "r1", attempt: 2, now: t1)
+        let lost = m.leaseLost(requestID: "r1", now: t1)
+        #expect(
+            lost.filter { if case .recordAttempt = $0 { true } else { false } } == [.recordAttempt(outcome: "success")])
+        // A lost attempt that answers 2xx: a success, and the round goes on following.
+        var n = Machine(configuration: config())
+        _ = self.request(&n, 1, at: self.start)
+        _ = n.leaseAcquired(requestID: "r1", now: self.start)
+        _ = n.leaseLost(requestID: "r1", now: t1)
+        #expect(n.attemptSucceeded(requestID: "r1", attempt: 1, now: t1) == [.recordAttempt(outcome: "success")])
+        #expect(n.stateName(at: t1) == .following)
+    }
+
+    @Test(
         "a round nobody waits for ends when it loses its lease; a loss reported for another round, or while following, is ignored"
     )
     func leaseLostWithoutCallers() {

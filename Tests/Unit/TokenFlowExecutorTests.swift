@@ -1476,11 +1476,15 @@ extension TokenFlowExecutorTests {
 
 extension TokenFlowExecutorTests {
     @Test(
-        "a round whose lease extension finds another owner stops leading: no verdict, no second trigger call, and its caller gets the other replica's token"
+        "a round whose lease extension finds another owner stops leading: no verdict, no second trigger call, and its caller gets the other replica's token; its trigger call (answered 2xx) is counted"
     )
     func leaseLostToAnotherReplica() async throws {
+        let registry = PrometheusCollectorRegistry()
         // Attempts outlast the caller's 10 s: the lease taken for the caller is extended.
-        try await withFlow({ $0.attemptTimeout = .seconds(20) }) { h in
+        try await withFlow(
+            { $0.attemptTimeout = .seconds(20) },
+            metrics: FlowMetrics(factory: PrometheusMetricsFactory(registry: registry))
+        ) { h in
             h.store.hold(.extendLease)
             defer { h.store.release(.extendLease) }
             let caller = Task { await h.request() }
@@ -1499,6 +1503,12 @@ extension TokenFlowExecutorTests {
             #expect(h.trigger.callCount == 1)
             #expect(h.store.calls("recordRoundOutcome") == 0)
             #expect(h.store.leaseOwner(h.id) == "rq_other")
+            var bytes: [UInt8] = []
+            registry.emit(into: &bytes)
+            let attempts = String(decoding: bytes, as: UTF8.self).split(separator: "\n").filter {
+                $0.hasPrefix("token_gateway_trigger_attempts_total{") && !$0.hasSuffix(" 0")
+            }
+            #expect(attempts == [#"token_gateway_trigger_attempts_total{outcome="success"} 1"#], "\(attempts)")
         }
     }
 }

@@ -193,6 +193,9 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         /// lease and takes it again goes on counting (an old attempt's answer is not taken for a
         /// new one's, and ``TokenFlowConfiguration/maxAttempts`` bounds them all).
         var attemptsMade = 0
+        /// An attempt still in flight when the round lost its lease: it no longer decides anything,
+        /// but its outcome is counted when it ends (``attemptFailed`` / ``attemptSucceeded``).
+        var lostAttempt: Int?
     }
 
     enum RoundOutcome {
@@ -585,9 +588,12 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         guard case .round(var round) = self.state, round.requestID == requestID, round.phase.leads else { return [] }
         var actions: [Action] = []
         switch round.phase {
-        case .awaitingDelivery(_, let grace, let recheck, _): actions += [.cancelTimer(grace), .cancelTimer(recheck)]
+        case .awaitingDelivery(_, let grace, let recheck, _):
+            // The attempt answered 2xx; its delivery, if it comes, answers as any value stored does.
+            actions += [.cancelTimer(grace), .cancelTimer(recheck), .recordAttempt(outcome: "success")]
         case .backingOff(_, let timer, _): actions.append(.cancelTimer(timer))
-        case .acquiringLease, .following, .attempting: break
+        case .attempting(let attempt): round.lostAttempt = attempt
+        case .acquiringLease, .following: break
         }
         round.phase = .acquiringLease
         round.workEnds = nil
@@ -599,6 +605,17 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         }
         self.state = .round(round)
         return actions + self.leaseDenied(requestID: requestID, now: now)
+    }
+
+    /// The outcome of an attempt the round lost its lease during (``leaseLost``): counted (a 2xx as
+    /// `success`: its delivery, if it comes, answers as any value stored does), and nothing else.
+    /// Nil for any other attempt.
+    private mutating func countLostAttempt(requestID: String, attempt: Int, outcome: String) -> [Action]? {
+        guard case .round(var round) = self.state, round.requestID == requestID, round.lostAttempt == attempt
+        else { return nil }
+        round.lostAttempt = nil
+        self.state = .round(round)
+        return [.recordAttempt(outcome: outcome)]
     }
 
     /// Whether the round `requestID` is making attempt `attempt` now (an attempt's outcome that
@@ -658,6 +675,9 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
     /// Attempt `attempt` succeeded and its value will arrive by delivery (the trigger answered 2xx):
     /// wait up to ``TokenFlowConfiguration/deliveryGrace`` for it, re-reading the store as a safety net.
     public mutating func attemptSucceeded(requestID: String, attempt: Int, now: FlowTime) -> [Action] {
+        if let counted = self.countLostAttempt(requestID: requestID, attempt: attempt, outcome: "success") {
+            return counted
+        }
         guard case .round(var round) = self.state, round.requestID == requestID,
             case .attempting(let current) = round.phase, current == attempt
         else { return [] }
@@ -681,6 +701,9 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
     public mutating func attemptFailed(
         requestID: String, attempt: Int, failure: TriggerFailure, now: FlowTime, jitter: Double
     ) -> [Action] {
+        if let counted = self.countLostAttempt(requestID: requestID, attempt: attempt, outcome: failure.rawValue) {
+            return counted
+        }
         guard case .round(let round) = self.state, round.requestID == requestID,
             case .attempting(let current) = round.phase, current == attempt
         else { return [] }
