@@ -43,7 +43,7 @@ extension TokenFlow {
     /// ``run()`` takes no more work: a lease taken by a read that ends after shutdown is not left to
     /// run out (other replicas' callers would wait for it).
     func giveBackLease(_ id: InstallationID, requestID: String) async {
-        let release: Job = { try? await self.store.releaseLease(id, requestID: requestID) }
+        let release: Job = { await self.releaseLease(id, requestID: requestID) }
         if !self.submit(release) { await release() }
     }
 
@@ -109,6 +109,15 @@ extension TokenFlow {
                     "store announcements subscribed: remembered tokens are read from the store again before they are served",
                     metadata: ["installations": "\(marked)"])
             }
+            // The store answers again: the leases rounds could not give back meanwhile go back
+            // first (compared with their owner: one that ran out and was taken by another round
+            // stays), so the re-reads below that take a lease do not find them.
+            let owed = self.state.withLock { s in
+                defer { s.releasesOwed.removeAll() }
+                // Not one a round of this process holds again by now.
+                return s.releasesOwed.filter { s.leasesHeld[$0.key] != $0.value }
+            }
+            for (id, requestID) in owed { await self.releaseLease(id, requestID: requestID) }
             for (id, requestID) in active { await self.readStore(id, requestID: requestID) }
         case .unsubscribed:
             // Until the subscription is back, another replica's uninstall or newer token would go
@@ -257,7 +266,7 @@ extension TokenFlow {
             return actions
         }
         if !led, self.dropLease(id, requestID: lease.requestID) {
-            self.submit { try? await self.store.releaseLease(id, requestID: lease.requestID) }
+            self.submit { await self.releaseLease(id, requestID: lease.requestID) }
         }
     }
 
@@ -286,7 +295,7 @@ extension TokenFlow {
             case .releaseLease(let requestID):
                 if requestID == releasedWithVerdict { continue }
                 if self.dropLease(id, requestID: requestID) {
-                    self.submit { try? await self.store.releaseLease(id, requestID: requestID) }
+                    self.submit { await self.releaseLease(id, requestID: requestID) }
                 }
             case .placeHold(let requestID, let duration, let releasingLease, let answerBy):
                 // The hold first: the actions after it (the callers' answers) run once it is in
@@ -335,6 +344,22 @@ extension TokenFlow {
             case .recordAttempt(let outcome):
                 self.recordAttempt(id, outcome: outcome)
             }
+        }
+    }
+
+    /// Gives the lease of the round `requestID` back; one whose release fails is owed
+    /// (``State/releasesOwed``) and given back once the store's announcements are heard again.
+    func releaseLease(_ id: InstallationID, requestID: String) async {
+        do {
+            try await self.store.releaseLease(id, requestID: requestID)
+        } catch {
+            self.oweRelease(id, requestID: requestID)
+        }
+    }
+
+    func oweRelease(_ id: InstallationID, requestID: String) {
+        self.state.withLock { s in
+            if !s.shuttingDown { s.releasesOwed[id] = requestID }
         }
     }
 
@@ -413,7 +438,7 @@ extension TokenFlow {
                     id, requestID: requestID, duration: duration, releasingLease: released)
             } catch {
                 self.logger.warning("could not place the round-trip hold", metadata: ["installation.id": "\(id)"])
-                if released { try? await self.store.releaseLease(id, requestID: requestID) }
+                if released { await self.releaseLease(id, requestID: requestID) }
             }
         }
         self.submit { await self.clock.run(write, thenBy: answerBy, then) }

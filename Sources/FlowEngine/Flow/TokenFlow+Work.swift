@@ -21,7 +21,7 @@ extension TokenFlow {
                     return true
                 }
                 guard kept else {
-                    try? await self.store.releaseLease(id, requestID: requestID)
+                    await self.releaseLease(id, requestID: requestID)
                     return
                 }
                 self.metrics.leasesHeld.increment()
@@ -34,7 +34,7 @@ extension TokenFlow {
                 // The round ended while the lease was being taken (its callers were answered by
                 // another round's token, or went away): nobody leads with it, so it goes back.
                 if !led, self.dropLease(id, requestID: requestID) {
-                    try? await self.store.releaseLease(id, requestID: requestID)
+                    await self.releaseLease(id, requestID: requestID)
                 }
             case .busy:
                 self.handle(id) { $0.leaseDenied(requestID: requestID, now: self.now()) }
@@ -68,7 +68,7 @@ extension TokenFlow {
             // process goes on with is given back (the release script compares the owner).
             let goesOn = self.state.withLock { $0.machines[id]?.currentRequestID == requestID }
             if !goesOn, self.store.mayHaveRun(failingWith: error) {
-                try? await self.store.releaseLease(id, requestID: requestID)
+                await self.releaseLease(id, requestID: requestID)
             }
         }
     }
@@ -193,6 +193,7 @@ extension TokenFlow {
             self.handle(id, creating: openUntil != nil) { $0.circuitObserved(openUntil: openUntil, now: self.now()) }
         } catch {
             self.logger.warning("could not record round-trip outcome", metadata: ["installation.id": "\(id)"])
+            if let requestID { self.oweRelease(id, requestID: requestID) }
         }
     }
 }

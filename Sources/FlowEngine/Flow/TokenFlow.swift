@@ -114,6 +114,10 @@ public final class TokenFlow: Sendable, Service {
         /// The trigger material read with a lease this process took, kept for the first trigger
         /// call made under that take (keyed by installation, with the round's request id).
         var leaseMaterial: [InstallationID: LeaseMaterial] = [:]
+        /// Leases of rounds that ended while the store could not be reached (their release
+        /// failed): given back once the store's announcements are heard again, so the next round,
+        /// on any replica, does not wait for them to run out (request id per installation).
+        var releasesOwed: [InstallationID: String] = [:]
         /// The store snapshots this process is reading, per installation, with the callers that
         /// arrived meanwhile and wait for the same answer.
         var snapshotsInFlight: [InstallationID: [UInt64: SnapshotFollower]] = [:]
@@ -619,7 +623,7 @@ public final class TokenFlow: Sendable, Service {
     func giveBackLeaseAhead(_ id: InstallationID, named requestID: String) {
         let unused = self.state.withLock { $0.takeUnusedLeaseAhead(id, named: requestID) }
         guard let unused else { return }
-        self.submit { try? await self.store.releaseLease(id, requestID: unused.requestID) }
+        self.submit { await self.releaseLease(id, requestID: unused.requestID) }
     }
 
     /// Takes over the lease a snapshot took ahead when it is the one named `requestID`: this
