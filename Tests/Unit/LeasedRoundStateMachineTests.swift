@@ -607,6 +607,30 @@ extension LeasedRoundStateMachineTests {
         _ = n.leaseLost(requestID: "r1", now: t1)
         #expect(n.attemptSucceeded(requestID: "r1", attempt: 1, now: t1) == [.recordAttempt(outcome: "success")])
         #expect(n.stateName(at: t1) == .following)
+        // Its own value arriving first (stored before the trigger answers) counts it, once, though
+        // the round ends with it; the late 2xx counts nothing more.
+        var o = Machine(configuration: config())
+        _ = self.request(&o, 1, at: self.start)
+        _ = o.leaseAcquired(requestID: "r1", now: self.start)
+        _ = o.leaseLost(requestID: "r1", now: t1)
+        let own = Credential(expiresAt: self.start.unixSeconds + 3600, roundID: "r1")
+        let delivered = o.valueObserved(own, solicitedBy: "r1", now: t1)
+        #expect(delivered.filter { if case .recordAttempt = $0 { true } else { false } }.count == 1)
+        #expect(!o.isActive)
+        #expect(o.attemptSucceeded(requestID: "r1", attempt: 1, now: t1).isEmpty)
+        #expect(!o.isRetained(at: t1))
+        // A round that ends before its lost call does (nobody waits): the call is counted when it
+        // ends all the same, and the machine is kept until then.
+        var q = Machine(configuration: config())
+        _ = q.refreshAheadWasRequested(knownExpiry: self.start.unixSeconds + 50, requestID: "bg", now: self.start)
+        _ = q.leaseAcquired(requestID: "bg", now: self.start)
+        _ = q.leaseLost(requestID: "bg", now: t1)
+        #expect(!q.isActive)
+        #expect(q.isRetained(at: t1 + .seconds(3600)))
+        #expect(
+            q.attemptFailed(requestID: "bg", attempt: 1, failure: .transportError, now: t1, jitter: 0) == [
+                .recordAttempt(outcome: "transport_error")
+            ])
     }
 
     @Test(
@@ -623,8 +647,12 @@ extension LeasedRoundStateMachineTests {
         #expect(!lost.contains(.releaseLease(requestID: "bg")))
         #expect(!lost.contains(.roundFinished(succeeded: false)))
         #expect(!m.isActive)
-        // Its answer, late, counts for nothing.
-        #expect(m.attemptSucceeded(requestID: "bg", attempt: 1, now: self.start + .seconds(2)).isEmpty)
+        // Its answer, late, decides nothing (it is only counted).
+        #expect(
+            m.attemptSucceeded(requestID: "bg", attempt: 1, now: self.start + .seconds(2)) == [
+                .recordAttempt(outcome: "success")
+            ])
+        #expect(!m.isActive)
     }
 }
 

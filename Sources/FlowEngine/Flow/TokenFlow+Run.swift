@@ -42,8 +42,10 @@ extension TokenFlow {
     /// Gives back the lease `requestID` holds for `id`, as a child task of ``run()``, or here once
     /// ``run()`` takes no more work: a lease taken by a read that ends after shutdown is not left to
     /// run out (other replicas' callers would wait for it).
-    func giveBackLease(_ id: InstallationID, requestID: String) async {
-        let release: Job = { await self.releaseLease(id, requestID: requestID) }
+    /// `known`: the lease was taken (else a take whose answer was lost may have set it: a failed
+    /// release of it is not owed).
+    func giveBackLease(_ id: InstallationID, requestID: String, known: Bool = true) async {
+        let release: Job = { await self.releaseLease(id, requestID: requestID, owingOnFailure: known) }
         if !self.submit(release) { await release() }
     }
 
@@ -115,9 +117,14 @@ extension TokenFlow {
             let owed = self.state.withLock { s in
                 defer { s.releasesOwed.removeAll() }
                 // Not one a round of this process holds again by now.
-                return s.releasesOwed.filter { s.leasesHeld[$0.key] != $0.value }
+                return s.releasesOwed.flatMap { id, owed in
+                    owed.filter { s.leasesHeld[id] != $0 }.map { (id, $0) }
+                }
             }
-            for (id, requestID) in owed { await self.releaseLease(id, requestID: requestID) }
+            // All at once: a store still slow holds the announcements up for one command at most.
+            await withDiscardingTaskGroup { group in
+                for (id, requestID) in owed { group.addTask { await self.releaseLease(id, requestID: requestID) } }
+            }
             for (id, requestID) in active { await self.readStore(id, requestID: requestID) }
         case .unsubscribed:
             // Until the subscription is back, another replica's uninstall or newer token would go
@@ -348,18 +355,22 @@ extension TokenFlow {
     }
 
     /// Gives the lease of the round `requestID` back; one whose release fails is owed
-    /// (``State/releasesOwed``) and given back once the store's announcements are heard again.
-    func releaseLease(_ id: InstallationID, requestID: String) async {
+    /// (``State/releasesOwed``) and given back once the store's announcements are heard again,
+    /// unless `owingOnFailure` is false (a lease a failed take may or may not have set).
+    func releaseLease(_ id: InstallationID, requestID: String, owingOnFailure: Bool = true) async {
         do {
             try await self.store.releaseLease(id, requestID: requestID)
         } catch {
-            self.oweRelease(id, requestID: requestID)
+            if owingOnFailure { self.oweRelease(id, requestID: requestID) }
         }
     }
 
     func oweRelease(_ id: InstallationID, requestID: String) {
         self.state.withLock { s in
-            if !s.shuttingDown { s.releasesOwed[id] = requestID }
+            // A few per installation at most (this process holds one lease of it at a time).
+            if !s.shuttingDown, s.releasesOwed[id, default: []].count < 4 {
+                s.releasesOwed[id, default: []].insert(requestID)
+            }
         }
     }
 

@@ -68,7 +68,7 @@ extension TokenFlow {
             // process goes on with is given back (the release script compares the owner).
             let goesOn = self.state.withLock { $0.machines[id]?.currentRequestID == requestID }
             if !goesOn, self.store.mayHaveRun(failingWith: error) {
-                await self.releaseLease(id, requestID: requestID)
+                await self.releaseLease(id, requestID: requestID, owingOnFailure: false)
             }
         }
     }

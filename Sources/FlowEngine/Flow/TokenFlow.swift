@@ -114,10 +114,11 @@ public final class TokenFlow: Sendable, Service {
         /// The trigger material read with a lease this process took, kept for the first trigger
         /// call made under that take (keyed by installation, with the round's request id).
         var leaseMaterial: [InstallationID: LeaseMaterial] = [:]
-        /// Leases of rounds that ended while the store could not be reached (their release
-        /// failed): given back once the store's announcements are heard again, so the next round,
-        /// on any replica, does not wait for them to run out (request id per installation).
-        var releasesOwed: [InstallationID: String] = [:]
+        /// Leases this process held whose release failed (the store could not be reached): given
+        /// back once the store's announcements are heard again, so the next round, on any
+        /// replica, does not wait for them to run out (request ids per installation; a lease a
+        /// failed take may or may not have set is not owed).
+        var releasesOwed: [InstallationID: Set<String>] = [:]
         /// The store snapshots this process is reading, per installation, with the callers that
         /// arrived meanwhile and wait for the same answer.
         var snapshotsInFlight: [InstallationID: [UInt64: SnapshotFollower]] = [:]
@@ -475,7 +476,9 @@ public final class TokenFlow: Sendable, Service {
             // The script may have run with its answer lost (a timeout) or unread (cancelled): the
             // lease it may have taken is given back (the release script compares the owner). Not
             // when the store could not be reached: the script did not run.
-            if self.store.mayHaveRun(failingWith: error) { await self.giveBackLease(id, requestID: intent.requestID) }
+            if self.store.mayHaveRun(failingWith: error) {
+                await self.giveBackLease(id, requestID: intent.requestID, known: false)
+            }
         }
         if let replaced { await self.giveBackLease(id, requestID: replaced.requestID) }
         let followers = self.state.withLock { $0.snapshotsInFlight.removeValue(forKey: id) ?? [:] }

@@ -193,9 +193,12 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
         /// lease and takes it again goes on counting (an old attempt's answer is not taken for a
         /// new one's, and ``TokenFlowConfiguration/maxAttempts`` bounds them all).
         var attemptsMade = 0
-        /// An attempt still in flight when the round lost its lease: it no longer decides anything,
-        /// but its outcome is counted when it ends (``attemptFailed`` / ``attemptSucceeded``).
-        var lostAttempt: Int?
+    }
+
+    /// An attempt still in flight when its round lost its lease.
+    struct LostAttempt: Hashable {
+        var requestID: String
+        var attempt: Int
     }
 
     enum RoundOutcome {
@@ -215,6 +218,11 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
 
     private var state: State = .idle(refreshNotBefore: nil)
     private var nextTimer: UInt64 = 0
+    /// Attempts in flight when their round lost its lease: they decide nothing any more, but each
+    /// is counted once when it ends (``attemptFailed``, ``attemptSucceeded``, or its round's own
+    /// value arriving first), whatever the round does meanwhile. Every call ends (its timeout), so
+    /// this empties; kept to a few all the same.
+    private var lostAttempts: Set<LostAttempt> = []
     public let configuration: TokenFlowConfiguration
 
     /// - Parameter firstTimerID: timer ids start after this value; an owner that creates many
@@ -288,6 +296,7 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
     /// Whether the machine still knows something at `now` (a round, a hold, an open circuit, a
     /// refresh-ahead cool-down); when false, the owner may drop it.
     public func isRetained(at now: FlowTime) -> Bool {
+        if !self.lostAttempts.isEmpty { return true }
         switch self.state {
         case .round: return true
         case .idle(let notBefore): return notBefore.map { now < $0 } ?? false
@@ -592,7 +601,10 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
             // The attempt answered 2xx; its delivery, if it comes, answers as any value stored does.
             actions += [.cancelTimer(grace), .cancelTimer(recheck), .recordAttempt(outcome: "success")]
         case .backingOff(_, let timer, _): actions.append(.cancelTimer(timer))
-        case .attempting(let attempt): round.lostAttempt = attempt
+        case .attempting(let attempt):
+            if self.lostAttempts.count < 8 {
+                self.lostAttempts.insert(LostAttempt(requestID: requestID, attempt: attempt))
+            }
         case .acquiringLease, .following: break
         }
         round.phase = .acquiringLease
@@ -611,10 +623,7 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
     /// `success`: its delivery, if it comes, answers as any value stored does), and nothing else.
     /// Nil for any other attempt.
     private mutating func countLostAttempt(requestID: String, attempt: Int, outcome: String) -> [Action]? {
-        guard case .round(var round) = self.state, round.requestID == requestID, round.lostAttempt == attempt
-        else { return nil }
-        round.lostAttempt = nil
-        self.state = .round(round)
+        guard self.lostAttempts.remove(LostAttempt(requestID: requestID, attempt: attempt)) != nil else { return nil }
         return [.recordAttempt(outcome: outcome)]
     }
 
@@ -717,6 +726,16 @@ public struct LeasedRoundStateMachine<Value: LeasedRoundValue>: Sendable {
     /// round, or one whose work is in flight: once its own value, or one later than the one it
     /// was to improve on, arrived).
     public mutating func valueObserved(_ value: Value, solicitedBy: String?, now: FlowTime) -> [Action] {
+        // A lost attempt's own value (stored before its trigger answers): the call succeeded.
+        var counted: [Action] = []
+        if let solicitedBy, let lost = self.lostAttempts.first(where: { $0.requestID == solicitedBy }) {
+            self.lostAttempts.remove(lost)
+            counted = [.recordAttempt(outcome: "success")]
+        }
+        return counted + self.observe(value, solicitedBy: solicitedBy, now: now)
+    }
+
+    private mutating func observe(_ value: Value, solicitedBy: String?, now: FlowTime) -> [Action] {
         if case .held(var hold) = self.state, value.expiresAt > (hold.newest?.expiresAt ?? .min) {
             // A later value (a push) during a hold: held callers get it from now on.
             hold.newest = value
