@@ -141,6 +141,17 @@ private struct Harness {
         while self.store.held(.takeLease) < 1 { await Task.yield() }
     }
 
+    /// A token with 100 s left in memory, and a caller that wants 300 s: this process leads the
+    /// round, and the store stops answering during its trigger call (Forge's delivery cannot be
+    /// stored: the trigger answers 502). Returns the caller's answer.
+    func leadIntoStoreOutage() async throws -> TokenAnswer {
+        self.deliver("tok-short", expiresIn: 100, requestID: nil)
+        self.trigger.answer(with: .failed(.httpError))
+        let store = self.store
+        self.trigger.whenCalled { _ in store.isUnavailable = true }
+        return try await self.request(.init(minValidity: 300)).get()
+    }
+
     func request(_ options: TokenFlow.Request = .init()) async -> Result<TokenAnswer, FlowError> {
         do {
             return .success(try await self.flow.token(for: self.id, request: options))
@@ -1650,10 +1661,7 @@ extension TokenFlowExecutorTests {
     )
     func storeDownWhileLeadingEndsTheRound() async throws {
         try await withFlow { h in
-            h.deliver("tok-short", expiresIn: 100, requestID: nil)
-            h.trigger.answer(with: .failed(.httpError))
-            h.trigger.whenCalled { _ in h.store.isUnavailable = true }
-            let answer = try await h.request(.init(minValidity: 300)).get()
+            let answer = try await h.leadIntoStoreOutage()
             #expect(answer.token.value == "tok-short")
             #expect(answer.source == .cache)
             // The round ended (its retry with it), giving its lease back and no verdict.
@@ -1669,11 +1677,7 @@ extension TokenFlowExecutorTests {
     )
     func owedReleaseGoesBack() async throws {
         try await withFlow { h in
-            h.deliver("tok-short", expiresIn: 100, requestID: nil)
-            h.trigger.answer(with: .failed(.httpError))
-            h.trigger.whenCalled { _ in h.store.isUnavailable = true }
-            let answer = try await h.request(.init(minValidity: 300)).get()
-            #expect(answer.source == .cache)
+            #expect(try await h.leadIntoStoreOutage().source == .cache)
             // The round ended; its lease could not be given back, and is owed.
             let owed = { h.flow.state.withLock { $0.releasesOwed[h.id] ?? [] } }
             while owed().isEmpty, !Task.isCancelled { await Task.yield() }
