@@ -272,6 +272,44 @@ struct RedisOutageIntegrationTests {
         await redis.stop()
     }
 
+    @Test(
+        "a round trip's lease this replica could not give back while Redis was down goes back once Redis is back, not when it runs out",
+        .timeLimit(.minutes(2)))
+    func leaseGoesBackAfterTheOutage() async throws {
+        // Kept on disk: the lease taken before the outage is there again after the restart.
+        let redis = try await RedisServerProcess.start(
+            extraArguments: ["--appendonly", "yes", "--appendfsync", "always"])
+        try await ReplicaHarness.run(replicas: 1, redisURL: redis.url) { h in
+            let installation = h.emulator.makeInstallation()
+            try await h.emulator.install(installation)
+            let pushed = try await h.emulator.push(installation, expiresAt: Date().addingTimeInterval(200))
+            #expect(pushed.status == 200)
+            h.emulator.setFault(.respondSlowly(.milliseconds(1500)), for: installation)
+            let calls = h.emulator.callEvents()
+            // The lease is taken for the caller's 30 s (2 s more): it cannot run out in this test.
+            async let answer = h.token(0, installation, query: "timeout=30000")
+            #expect(try await Events.wait(on: calls) { h.emulator.triggerCalls(for: installation) == 1 })
+            await redis.kill()
+            #expect(try await answer.json["source"] as? String == "cache")
+            try await redis.restart()
+            // Once the replica hears Redis again it gives the lease back, and says so.
+            let replica = h.replicas[0]
+            #expect(
+                await replica.waitForLine(within: .seconds(20)) {
+                    $0.contains("gave back the round-trip leases") && $0.contains("leases=1")
+                })
+            let admin = RedisClient(configuration: try RedisConfiguration(url: redis.url), logger: Self.silent)
+            #expect(try await admin.send(["EXISTS", "tg:{\(installation.id)}:lease"]).int == 0)
+            await admin.shutdown()
+            // The next caller's round trip starts at once.
+            h.emulator.setFault(.none, for: installation)
+            let refreshed = try await h.call(0, .POST, GatewayHarness.path(installation) + "/token/refresh")
+            #expect(refreshed.status == 200, "\(refreshed.body)")
+            #expect(refreshed.json["source"] as? String == "trigger")
+        }
+        await redis.stop()
+    }
+
     // MARK: A store that refuses writes
 
     @Test(

@@ -125,6 +125,11 @@ extension TokenFlow {
             await withDiscardingTaskGroup { group in
                 for (id, requestID) in owed { group.addTask { await self.releaseLease(id, requestID: requestID) } }
             }
+            if !owed.isEmpty {
+                self.logger.info(
+                    "gave back the round-trip leases this replica could not release while the store was unreachable",
+                    metadata: ["leases": "\(owed.count)"])
+            }
             for (id, requestID) in active { await self.readStore(id, requestID: requestID) }
         case .unsubscribed:
             // Until the subscription is back, another replica's uninstall or newer token would go
