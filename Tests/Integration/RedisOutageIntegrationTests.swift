@@ -246,19 +246,7 @@ struct RedisOutageIntegrationTests {
     func lostWhileLeading() async throws {
         let redis = try await RedisServerProcess.start()
         try await ReplicaHarness.run(replicas: 1, redisURL: redis.url) { h in
-            let installation = h.emulator.makeInstallation()
-            try await h.emulator.install(installation)
-            // A token with 200 s left, pushed to the replica, which holds it in memory: a caller
-            // that wants 300 s (the default) starts a round trip.
-            let pushed = try await h.emulator.push(installation, expiresAt: Date().addingTimeInterval(200))
-            #expect(pushed.status == 200)
-            // Forge's function starts slowly; Redis is killed while it runs.
-            h.emulator.setFault(.respondSlowly(.milliseconds(1500)), for: installation)
-            let calls = h.emulator.callEvents()
-            async let answer = h.token(0, installation, query: "timeout=8000")
-            #expect(try await Events.wait(on: calls) { h.emulator.triggerCalls(for: installation) == 1 })
-            await redis.kill()
-            let served = try await answer
+            let (installation, pushed, served, calls) = try await Self.leadIntoOutage(h, redis, timeoutMs: 8000)
             TokenAnswerMatrixTests.expectWholeAnswer(
                 served, installation, token: pushed.token, source: "cache", "served while Redis is down")
             // The delivery was refused (it could not be stored), so the trigger call failed; the
@@ -272,6 +260,25 @@ struct RedisOutageIntegrationTests {
         await redis.stop()
     }
 
+    /// A token with 200 s left, pushed to replica 0, which holds it in memory; a caller that wants
+    /// 300 s (the default, with `timeoutMs`) starts a round trip there; Forge's function starts
+    /// slowly, and Redis is killed while it runs. Returns the installation, the push, the caller's
+    /// answer and the emulator's call events.
+    static func leadIntoOutage(_ h: ReplicaHarness, _ redis: RedisServerProcess, timeoutMs: Int) async throws
+        -> (EmulatedInstallation, ForgeEmulator.DeliveryResult, GatewayHarness.Answer, AsyncStream<Void>)
+    {
+        let installation = h.emulator.makeInstallation()
+        try await h.emulator.install(installation)
+        let pushed = try await h.emulator.push(installation, expiresAt: Date().addingTimeInterval(200))
+        #expect(pushed.status == 200)
+        h.emulator.setFault(.respondSlowly(.milliseconds(1500)), for: installation)
+        let calls = h.emulator.callEvents()
+        async let answer = h.token(0, installation, query: "timeout=\(timeoutMs)")
+        #expect(try await Events.wait(on: calls) { h.emulator.triggerCalls(for: installation) == 1 })
+        await redis.kill()
+        return (installation, pushed, try await answer, calls)
+    }
+
     @Test(
         "a round trip's lease this replica could not give back while Redis was down goes back once Redis is back, not when it runs out",
         .timeLimit(.minutes(2)))
@@ -280,17 +287,9 @@ struct RedisOutageIntegrationTests {
         let redis = try await RedisServerProcess.start(
             extraArguments: ["--appendonly", "yes", "--appendfsync", "always"])
         try await ReplicaHarness.run(replicas: 1, redisURL: redis.url) { h in
-            let installation = h.emulator.makeInstallation()
-            try await h.emulator.install(installation)
-            let pushed = try await h.emulator.push(installation, expiresAt: Date().addingTimeInterval(200))
-            #expect(pushed.status == 200)
-            h.emulator.setFault(.respondSlowly(.milliseconds(1500)), for: installation)
-            let calls = h.emulator.callEvents()
             // The lease is taken for the caller's 30 s (2 s more): it cannot run out in this test.
-            async let answer = h.token(0, installation, query: "timeout=30000")
-            #expect(try await Events.wait(on: calls) { h.emulator.triggerCalls(for: installation) == 1 })
-            await redis.kill()
-            #expect(try await answer.json["source"] as? String == "cache")
+            let (installation, _, served, _) = try await Self.leadIntoOutage(h, redis, timeoutMs: 30000)
+            #expect(served.json["source"] as? String == "cache")
             try await redis.restart()
             // Once the replica hears Redis again it gives the lease back, and says so.
             let replica = h.replicas[0]
