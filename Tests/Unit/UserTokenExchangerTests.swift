@@ -356,6 +356,33 @@ struct UserTokenExchangerTests {
     }
 
     @Test(
+        "an exchange lease whose release failed while the store was unreachable goes back on the next resync, not when it runs out"
+    )
+    func owedReleaseGoesBackOnResync() async throws {
+        let h = Harness([Self.issued])
+        try await h.running(holding: [h.store.releases]) { () async throws -> Void in
+            let caller = Task { await h.token() }
+            // The round's release is on its way when the store stops answering.
+            while h.store.releases.heldCount < 1, !Task.isCancelled { await Task.yield() }
+            h.store.setUnreachable(true)
+            h.store.releases.release()
+            #expect(try await caller.value.get().token.value == "user-token-1")
+            let key = UserTokenExchanger.FlightKey(installation: Self.installation, accountId: Self.account.value)
+            let owed = { h.exchanger.state.withLock { $0.releasesOwed[key] ?? [] } }
+            while owed().isEmpty, !Task.isCancelled { await Task.yield() }
+            let owner = try #require(h.store.leaseOwner(Self.installation, accountId: Self.account.value))
+            #expect(owed() == [owner])
+            // The store answers again, and its notices are subscribed again: the lease goes back.
+            h.store.setUnreachable(false)
+            h.store.resubscribe()
+            while h.store.leaseOwner(Self.installation, accountId: Self.account.value) != nil, !Task.isCancelled {
+                await Task.yield()
+            }
+            #expect(owed().isEmpty)
+        }
+    }
+
+    @Test(
         "a forced refresh that ends its round (the token it refuses was that round's) has its deadline held while the round's lease is released"
     )
     func forcedRefreshDeadlineDuringTheRelease() async throws {

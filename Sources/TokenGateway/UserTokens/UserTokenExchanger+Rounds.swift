@@ -55,7 +55,7 @@ extension UserTokenExchanger {
         _ key: FlightKey, owner: String, answerBy: FlowTime?, then: @escaping @Sendable () -> Void
     ) async {
         let release: Work = {
-            _ = try? await self.store.releaseLease(key.installation, accountId: key.accountId, owner: owner)
+            await self.giveBack(key, owner: owner)
             self.state.withLock { s in _ = s.forgetLease(key, owner: owner) }
         }
         await self.clock.run(release, thenBy: answerBy, then)

@@ -93,7 +93,7 @@ extension UserTokenExchanger {
             return true
         }
         guard kept else {
-            _ = try? await self.store.releaseLease(key.installation, accountId: key.accountId, owner: requestID)
+            await self.giveBack(key, owner: requestID)
             return
         }
         var led = false
@@ -107,9 +107,7 @@ extension UserTokenExchanger {
         let unused =
             !led
             && self.state.withLock { s in s.forgetLease(key, owner: requestID) }
-        if unused {
-            _ = try? await self.store.releaseLease(key.installation, accountId: key.accountId, owner: requestID)
-        }
+        if unused { await self.giveBack(key, owner: requestID) }
     }
 
     /// Reads what the store says of the user and feeds it to the round `requestID`, which does

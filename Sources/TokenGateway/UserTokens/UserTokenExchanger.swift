@@ -199,6 +199,10 @@ public final class UserTokenExchanger: Sendable, Service {
         /// Per installation, the system token the exchange last refused (401) and when a fresh one
         /// was last forced for such a refusal (see ``SystemTokenRefusals``).
         var refusals = SystemTokenRefusals()
+        /// Exchange leases this process held whose release failed (the store could not be
+        /// reached): given back on the next resync (the store's notices subscribed again), so the
+        /// user's next exchange, on any replica, does not wait for them to run out.
+        var releasesOwed: [FlightKey: Set<String>] = [:]
 
         /// Forgets the lease `owner` holds on `key` (only its take `take`, when given); true when
         /// this process held it.
@@ -518,7 +522,22 @@ public final class UserTokenExchanger: Sendable, Service {
         }
     }
 
-    /// Wakes the followers a notice concerns: they read the store again.
+    /// Gives the exchange lease `owner` holds back; one whose release fails is owed
+    /// (``State/releasesOwed``) and given back on the next resync.
+    func giveBack(_ key: FlightKey, owner: String) async {
+        do {
+            _ = try await self.store.releaseLease(key.installation, accountId: key.accountId, owner: owner)
+        } catch {
+            self.state.withLock { s in
+                if !s.shuttingDown, s.releasesOwed[key, default: []].count < 4 {
+                    s.releasesOwed[key, default: []].insert(owner)
+                }
+            }
+        }
+    }
+
+    /// Wakes the followers a notice concerns: they read the store again. On a resync (the store
+    /// heard again), the leases owed go back first.
     func noticed(_ notice: UserTokenNotice) {
         let now = self.clock.now()
         let concerned = self.state.withLock { s -> [(Job, String)] in
@@ -536,7 +555,25 @@ public final class UserTokenExchanger: Sendable, Service {
                 return (flight.job, requestID)
             }
         }
-        for (job, requestID) in concerned { self.submit { await self.readStore(job, requestID: requestID) } }
+        let owed = self.state.withLock { s -> [(FlightKey, String)] in
+            guard case .resync = notice else { return [] }
+            defer { s.releasesOwed.removeAll() }
+            // Owed only once a round is done with its lease (request ids are not reused).
+            return s.releasesOwed.flatMap { key, owners in owners.map { (key, $0) } }
+        }
+        guard !owed.isEmpty else {
+            for (job, requestID) in concerned { self.submit { await self.readStore(job, requestID: requestID) } }
+            return
+        }
+        self.submit {
+            await withDiscardingTaskGroup { group in
+                for (key, owner) in owed { group.addTask { await self.giveBack(key, owner: owner) } }
+            }
+            self.logger.info(
+                "gave back the user-token exchange leases this replica could not release while the store was unreachable",
+                metadata: ["leases": "\(owed.count)"])
+            for (job, requestID) in concerned { self.submit { await self.readStore(job, requestID: requestID) } }
+        }
     }
 
     /// Ends every round still in flight, answering its callers (503 `shutting_down`); later

@@ -149,6 +149,12 @@ final class InMemoryUserTokenStore: UserTokenStore {
         self.state.withLock { $0.tokens[key] = (token, FlowTime(unixSeconds: cacheUntil)) }
     }
 
+    /// Tells the watchers their subscription is back (a resync), as the Redis store does after a
+    /// reconnection.
+    func resubscribe() {
+        self.announce(.resync)
+    }
+
     func setUnreachable(_ unreachable: Bool) {
         self.state.withLock { $0.unreachable = unreachable }
     }
