@@ -1679,7 +1679,7 @@ extension TokenFlowExecutorTests {
         try await withFlow { h in
             #expect(try await h.leadIntoStoreOutage().source == .cache)
             // The round ended; its lease could not be given back, and is owed.
-            let owed = { h.flow.state.withLock { $0.releasesOwed[h.id] ?? [] } }
+            let owed = { h.flow.state.withLock { $0.releasesOwed.owners(of: h.id) } }
             while owed().isEmpty, !Task.isCancelled { await Task.yield() }
             let first = try #require(h.store.leaseOwner(h.id))
             #expect(owed() == [first])

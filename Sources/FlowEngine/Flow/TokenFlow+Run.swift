@@ -115,20 +115,19 @@ extension TokenFlow {
             // first (compared with their owner: one that ran out and was taken by another round
             // stays), so the re-reads below that take a lease do not find them.
             let owed = self.state.withLock { s in
-                defer { s.releasesOwed.removeAll() }
-                // Not one a round of this process holds again by now.
-                return s.releasesOwed.flatMap { id, owed in
-                    owed.filter { s.leasesHeld[id] != $0 }.map { (id, $0) }
-                }
+                // Not one a round of this process holds again by now (it stays owed).
+                s.releasesOwed.take { id, requestID in s.leasesHeld[id] != requestID }
             }
             // All at once: a store still slow holds the announcements up for one command at most.
-            await withDiscardingTaskGroup { group in
+            // One that fails again stays owed, for the next subscription.
+            let given = await withTaskGroup(of: Bool.self) { group in
                 for (id, requestID) in owed { group.addTask { await self.releaseLease(id, requestID: requestID) } }
+                return await group.reduce(0) { $0 + ($1 ? 1 : 0) }
             }
-            if !owed.isEmpty {
+            if given > 0 {
                 self.logger.info(
                     "gave back the round-trip leases this replica could not release while the store was unreachable",
-                    metadata: ["leases": "\(owed.count)"])
+                    metadata: ["leases": "\(given)"])
             }
             for (id, requestID) in active { await self.readStore(id, requestID: requestID) }
         case .unsubscribed:
@@ -362,20 +361,20 @@ extension TokenFlow {
     /// Gives the lease of the round `requestID` back; one whose release fails is owed
     /// (``State/releasesOwed``) and given back once the store's announcements are heard again,
     /// unless `owingOnFailure` is false (a lease a failed take may or may not have set).
-    func releaseLease(_ id: InstallationID, requestID: String, owingOnFailure: Bool = true) async {
+    @discardableResult
+    func releaseLease(_ id: InstallationID, requestID: String, owingOnFailure: Bool = true) async -> Bool {
         do {
             try await self.store.releaseLease(id, requestID: requestID)
+            return true
         } catch {
             if owingOnFailure { self.oweRelease(id, requestID: requestID) }
+            return false
         }
     }
 
     func oweRelease(_ id: InstallationID, requestID: String) {
         self.state.withLock { s in
-            // A few per installation at most (this process holds one lease of it at a time).
-            if !s.shuttingDown, s.releasesOwed[id, default: []].count < 4 {
-                s.releasesOwed[id, default: []].insert(requestID)
-            }
+            if !s.shuttingDown { s.releasesOwed.owe(id, owner: requestID) }
         }
     }
 

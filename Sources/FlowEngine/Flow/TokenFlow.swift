@@ -114,11 +114,10 @@ public final class TokenFlow: Sendable, Service {
         /// The trigger material read with a lease this process took, kept for the first trigger
         /// call made under that take (keyed by installation, with the round's request id).
         var leaseMaterial: [InstallationID: LeaseMaterial] = [:]
-        /// Leases this process held whose release failed (the store could not be reached): given
-        /// back once the store's announcements are heard again, so the next round, on any
-        /// replica, does not wait for them to run out (request ids per installation; a lease a
-        /// failed take may or may not have set is not owed).
-        var releasesOwed: [InstallationID: Set<String>] = [:]
+        /// Leases this process held whose release failed: given back once the store's
+        /// announcements are heard again (a lease a failed take may or may not have set is not
+        /// owed).
+        var releasesOwed = OwedReleases<InstallationID>()
         /// The store snapshots this process is reading, per installation, with the callers that
         /// arrived meanwhile and wait for the same answer.
         var snapshotsInFlight: [InstallationID: [UInt64: SnapshotFollower]] = [:]

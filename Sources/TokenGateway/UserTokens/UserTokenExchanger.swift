@@ -199,10 +199,9 @@ public final class UserTokenExchanger: Sendable, Service {
         /// Per installation, the system token the exchange last refused (401) and when a fresh one
         /// was last forced for such a refusal (see ``SystemTokenRefusals``).
         var refusals = SystemTokenRefusals()
-        /// Exchange leases this process held whose release failed (the store could not be
-        /// reached): given back on the next resync (the store's notices subscribed again), so the
-        /// user's next exchange, on any replica, does not wait for them to run out.
-        var releasesOwed: [FlightKey: Set<String>] = [:]
+        /// Exchange leases this process held whose release failed: given back on the next resync
+        /// (the store's notices subscribed again).
+        var releasesOwed = OwedReleases<FlightKey>()
 
         /// Forgets the lease `owner` holds on `key` (only its take `take`, when given); true when
         /// this process held it.
@@ -524,15 +523,16 @@ public final class UserTokenExchanger: Sendable, Service {
 
     /// Gives the exchange lease `owner` holds back; one whose release fails is owed
     /// (``State/releasesOwed``) and given back on the next resync.
-    func giveBack(_ key: FlightKey, owner: String) async {
+    @discardableResult
+    func giveBack(_ key: FlightKey, owner: String) async -> Bool {
         do {
             _ = try await self.store.releaseLease(key.installation, accountId: key.accountId, owner: owner)
+            return true
         } catch {
             self.state.withLock { s in
-                if !s.shuttingDown, s.releasesOwed[key, default: []].count < 4 {
-                    s.releasesOwed[key, default: []].insert(owner)
-                }
+                if !s.shuttingDown { s.releasesOwed.owe(key, owner: owner) }
             }
+            return false
         }
     }
 
@@ -557,21 +557,24 @@ public final class UserTokenExchanger: Sendable, Service {
         }
         let owed = self.state.withLock { s -> [(FlightKey, String)] in
             guard case .resync = notice else { return [] }
-            defer { s.releasesOwed.removeAll() }
-            // Owed only once a round is done with its lease (request ids are not reused).
-            return s.releasesOwed.flatMap { key, owners in owners.map { (key, $0) } }
+            // Not one a round of this process holds (it stays owed).
+            return s.releasesOwed.take { key, owner in s.leasesHeld[key] != owner }
         }
         guard !owed.isEmpty else {
             for (job, requestID) in concerned { self.submit { await self.readStore(job, requestID: requestID) } }
             return
         }
         self.submit {
-            await withDiscardingTaskGroup { group in
+            // One that fails again stays owed, for the next resync.
+            let given = await withTaskGroup(of: Bool.self) { group in
                 for (key, owner) in owed { group.addTask { await self.giveBack(key, owner: owner) } }
+                return await group.reduce(0) { $0 + ($1 ? 1 : 0) }
             }
-            self.logger.info(
-                "gave back the user-token exchange leases this replica could not release while the store was unreachable",
-                metadata: ["leases": "\(owed.count)"])
+            if given > 0 {
+                self.logger.info(
+                    "gave back the user-token exchange leases this replica could not release while the store was unreachable",
+                    metadata: ["leases": "\(given)"])
+            }
             for (job, requestID) in concerned { self.submit { await self.readStore(job, requestID: requestID) } }
         }
     }
