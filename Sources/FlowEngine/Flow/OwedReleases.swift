@@ -25,6 +25,17 @@ public struct OwedReleases<Key: Hashable & Sendable>: Sendable {
         return taken
     }
 
+    /// Gives `owed` back all at once with `release` (true when it went through): a store still slow
+    /// holds the caller up for one command at most. Returns how many went through.
+    public static func giveBack(
+        _ owed: [(Key, String)], with release: @escaping @Sendable (Key, String) async -> Bool
+    ) async -> Int {
+        await withTaskGroup(of: Bool.self) { group in
+            for (key, owner) in owed { group.addTask { await release(key, owner) } }
+            return await group.reduce(0) { $0 + ($1 ? 1 : 0) }
+        }
+    }
+
     /// The owners owed on `key`.
     public func owners(of key: Key) -> Set<String> { self.owed[key] ?? [] }
 

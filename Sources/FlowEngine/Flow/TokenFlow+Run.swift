@@ -118,12 +118,8 @@ extension TokenFlow {
                 // Not one a round of this process holds again by now (it stays owed).
                 s.releasesOwed.take { id, requestID in s.leasesHeld[id] != requestID }
             }
-            // All at once: a store still slow holds the announcements up for one command at most.
             // One that fails again stays owed, for the next subscription.
-            let given = await withTaskGroup(of: Bool.self) { group in
-                for (id, requestID) in owed { group.addTask { await self.releaseLease(id, requestID: requestID) } }
-                return await group.reduce(0) { $0 + ($1 ? 1 : 0) }
-            }
+            let given = await OwedReleases.giveBack(owed) { await self.releaseLease($0, requestID: $1) }
             if given > 0 {
                 self.logger.info(
                     "gave back the round-trip leases this replica could not release while the store was unreachable",

@@ -566,10 +566,7 @@ public final class UserTokenExchanger: Sendable, Service {
         }
         self.submit {
             // One that fails again stays owed, for the next resync.
-            let given = await withTaskGroup(of: Bool.self) { group in
-                for (key, owner) in owed { group.addTask { await self.giveBack(key, owner: owner) } }
-                return await group.reduce(0) { $0 + ($1 ? 1 : 0) }
-            }
+            let given = await OwedReleases.giveBack(owed) { await self.giveBack($0, owner: $1) }
             if given > 0 {
                 self.logger.info(
                     "gave back the user-token exchange leases this replica could not release while the store was unreachable",
